@@ -1,0 +1,85 @@
+//! The `ApprovalSink` trait: asking a person.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::{ClassifiedError, ErrorClass};
+use crate::event::Actor;
+use crate::ids::{EventId, RunId, TaskId};
+use crate::tool::RiskClass;
+
+/// A question to a person: may this call go ahead?
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ApprovalRequest {
+    /// Id of this request (echoed in the `approval.decided` event).
+    pub id: EventId,
+    /// The run, if any.
+    pub run_id: Option<RunId>,
+    /// The task, if any.
+    pub task_id: Option<TaskId>,
+    /// Who wants to make the call.
+    pub subject: Actor,
+    /// The tool.
+    pub tool: String,
+    /// The arguments, with secrets redacted.
+    pub arguments: Value,
+    /// The tool's risk class.
+    pub risk: RiskClass,
+    /// Why policy asks (the rule's reason).
+    pub reason: String,
+}
+
+/// A person's answer.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApprovalDecision {
+    /// Whether the call may go ahead.
+    pub approved: bool,
+    /// Who decided (`person:NAME`, or `system` for a timeout or a sink that cannot ask).
+    pub decided_by: Actor,
+    /// Why, if they said.
+    pub reason: Option<String>,
+}
+
+/// A failed approval request (the surface is gone, the request was cancelled).
+pub type ApprovalError = ClassifiedError;
+
+/// Where approval requests go: a terminal prompt, a desktop dialog, a web control plane.
+///
+/// # Contract
+/// - **Timeouts**: the sink may wait as long as a person takes; the caller bounds the wait and
+///   cancels `cancel` when it gives up, after which the sink should withdraw the question.
+/// - **Cancellation**: on `cancel`, return an error of class `cancelled`.
+/// - **Errors**: a sink that cannot ask anyone returns a denial decided by `system`, not an error,
+///   so that "nobody to ask" is recorded as a decision.
+#[async_trait::async_trait]
+pub trait ApprovalSink: Send + Sync {
+    /// Asks, and waits for the answer.
+    async fn request(
+        &self,
+        request: ApprovalRequest,
+        cancel: CancellationToken,
+    ) -> Result<ApprovalDecision, ApprovalError>;
+}
+
+/// A sink that denies everything: the default where there is no person to ask.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DenyAll;
+
+#[async_trait::async_trait]
+impl ApprovalSink for DenyAll {
+    async fn request(
+        &self,
+        request: ApprovalRequest,
+        cancel: CancellationToken,
+    ) -> Result<ApprovalDecision, ApprovalError> {
+        if cancel.is_cancelled() {
+            return Err(ClassifiedError::new(ErrorClass::Cancelled, "approval request cancelled"));
+        }
+        Ok(ApprovalDecision {
+            approved: false,
+            decided_by: Actor::System,
+            reason: Some(format!("no one to ask about {}: denied", request.tool)),
+        })
+    }
+}

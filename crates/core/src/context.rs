@@ -1,0 +1,72 @@
+//! What every call across a capability boundary carries.
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::event::Actor;
+use crate::ids::{RunId, TaskId};
+
+/// The context of one call to a tool, a model or a session.
+///
+/// # Cancellation
+/// `cancel` is cancelled when the caller gives up (run cancelled, timeout, person said stop).
+/// Implementations should watch it at every await point that can take long and return an error
+/// of class `cancelled` promptly; the caller also drops the future, so work that must be undone
+/// (a child process) has to be tied to drop as well.
+///
+/// # Timeouts
+/// `timeout` is the caller's budget for this call. The caller enforces it (it cancels the token
+/// and drops the future when it runs out); implementations may use it to size their own waits.
+#[derive(Clone, Debug)]
+pub struct CallContext {
+    /// The run the call belongs to, if any.
+    pub run_id: Option<RunId>,
+    /// The task the call belongs to, if any.
+    pub task_id: Option<TaskId>,
+    /// Who is calling.
+    pub actor: Actor,
+    /// Cancelled when the caller gives up.
+    pub cancel: CancellationToken,
+    /// The caller's time budget.
+    pub timeout: Option<Duration>,
+    /// Where to report progress, if the caller listens.
+    pub progress: Option<mpsc::UnboundedSender<Progress>>,
+}
+
+impl CallContext {
+    /// A context for `actor` with a fresh token and no run, budget or progress listener.
+    pub fn new(actor: Actor) -> Self {
+        CallContext {
+            run_id: None,
+            task_id: None,
+            actor,
+            cancel: CancellationToken::new(),
+            timeout: None,
+            progress: None,
+        }
+    }
+
+    /// Reports progress if anyone listens; never blocks and never fails.
+    pub fn report_progress(&self, progress: Progress) {
+        if let Some(tx) = &self.progress {
+            let _ = tx.send(progress);
+        }
+    }
+}
+
+/// A progress report from a long call.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// Work done so far, in the implementation's unit.
+    pub done: f64,
+    /// Total work, when known.
+    pub total: Option<f64>,
+    /// A short message for a person.
+    pub message: Option<String>,
+    /// Anything else the implementation wants to pass on.
+    #[serde(default)]
+    pub detail: Value,
+}

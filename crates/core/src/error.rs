@@ -1,0 +1,117 @@
+//! Error classes shared by every capability.
+//!
+//! A failure policy retries "on named error classes", so every error that crosses a trait
+//! boundary carries one [`ErrorClass`]. The string forms are stable and appear in events, task
+//! graphs (`retry.on: [timeout, tool_error]`) and the CLI.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+macro_rules! error_classes {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// What kind of failure something was, for retry decisions and reporting.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+        #[serde(rename_all = "snake_case")]
+        pub enum ErrorClass {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl ErrorClass {
+            /// Every class, in declaration order.
+            pub const ALL: &'static [ErrorClass] = &[$(ErrorClass::$variant,)*];
+
+            /// The stable string form.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(ErrorClass::$variant => $name,)* }
+            }
+        }
+
+        impl FromStr for ErrorClass {
+            type Err = ErrorClassError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($name => Ok(ErrorClass::$variant),)*
+                    _ => Err(ErrorClassError { input: s.to_string() }),
+                }
+            }
+        }
+    };
+}
+
+error_classes! {
+    /// Arguments did not match the tool's input schema; the model can fix and retry.
+    InvalidArguments => "invalid_arguments",
+    /// Policy denied the call.
+    PolicyDenied => "policy_denied",
+    /// A person denied the call, or nobody answered in time.
+    ApprovalDenied => "approval_denied",
+    /// The call ran out of time.
+    Timeout => "timeout",
+    /// The call was cancelled by its caller.
+    Cancelled => "cancelled",
+    /// The tool ran and reported failure.
+    ToolError => "tool_error",
+    /// The sandbox could not be set up or a sandbox limit was hit.
+    SandboxError => "sandbox_error",
+    /// The model provider asked us to slow down.
+    ModelRateLimit => "model_rate_limit",
+    /// The model provider returned an error.
+    ModelError => "model_error",
+    /// No model provider could be reached.
+    ModelUnavailable => "model_unavailable",
+    /// A run's budget (tokens, cost, tasks) is spent.
+    BudgetExceeded => "budget_exceeded",
+    /// A session failed (terminal died, browser crashed).
+    SessionError => "session_error",
+    /// A bug or an unexpected state in the runtime.
+    Internal => "internal",
+}
+
+/// The error for an unknown error class name.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown error class {input:?} (known: {known})", known = ErrorClass::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "))]
+pub struct ErrorClassError {
+    input: String,
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl ErrorClass {
+    /// Whether a failure of this class may succeed when tried again unchanged. Failure policies
+    /// still name the classes they retry; this is the default set.
+    pub const fn is_transient(self) -> bool {
+        matches!(
+            self,
+            ErrorClass::Timeout
+                | ErrorClass::ToolError
+                | ErrorClass::ModelRateLimit
+                | ErrorClass::ModelError
+                | ErrorClass::ModelUnavailable
+        )
+    }
+}
+
+/// An error with a class and a message, as it crosses a capability boundary.
+///
+/// Messages must never contain secrets; they are recorded in events.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, thiserror::Error)]
+#[error("{class}: {message}")]
+pub struct ClassifiedError {
+    /// The error class.
+    pub class: ErrorClass,
+    /// What went wrong and where, in one line.
+    pub message: String,
+}
+
+impl ClassifiedError {
+    /// An error of `class` saying `message`.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        ClassifiedError { class, message: message.into() }
+    }
+}

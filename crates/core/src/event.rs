@@ -1,0 +1,545 @@
+//! Events: the one record of everything that happens.
+//!
+//! A capability describes what happened as a [`NewEvent`] and hands it to an
+//! [`EventSink`](crate::EventSink). The log gives it a sequence number and links it into a hash
+//! chain, and from then on it is an [`Envelope`].
+//!
+//! # Canonical form and hash chain
+//!
+//! The hash of an envelope is `BLAKE3(prev_hash ‖ canonical_bytes)`, where `prev_hash` is the hash
+//! of the envelope with the previous sequence number (32 zero bytes for the first) and
+//! `canonical_bytes` is, in order, with every integer big-endian and `lp(x)` meaning the `u32`
+//! byte length of `x` followed by `x`:
+//!
+//! | field | bytes |
+//! | --- | --- |
+//! | `seq` | `u64` |
+//! | `run_id` | 16 bytes of the UUID |
+//! | `task_id` | `0x00`, or `0x01` then 16 bytes of the UUID |
+//! | `actor` | `lp(UTF-8 of the actor string, such as "agent:writer")` |
+//! | `kind` | `lp(UTF-8 of the kind, such as "task.completed")` |
+//! | `time` | `u64` nanoseconds since the Unix epoch |
+//! | `payload` | `lp(canonical JSON of the payload)` |
+//!
+//! Canonical JSON is compact JSON (no spaces) with the keys of every object sorted by their UTF-8
+//! bytes, strings escaped as `serde_json` escapes them (only `"`, `\` and control characters;
+//! everything else literal UTF-8), and numbers written as `serde_json` writes them (integers in
+//! decimal, floats in their shortest round-trip form). [`canonical_json`] produces it; the payload
+//! of an exported envelope re-encoded by these rules gives back the hashed bytes. This is what a
+//! third-party verifier implements; `docs/audit-format.md` has a worked example.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::ids::{RunId, TaskId};
+use crate::time::Timestamp;
+
+/// Who did something.
+///
+/// Written as a string: `agent:NAME`, `tool:NAME`, `person:NAME` or `system`.
+///
+/// ```
+/// use agent_runtime_core::Actor;
+/// let a: Actor = "agent:writer".parse().unwrap();
+/// assert_eq!(a, Actor::Agent("writer".into()));
+/// assert_eq!(Actor::System.to_string(), "system");
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Actor {
+    /// An agent, by its name in the task graph.
+    Agent(String),
+    /// A tool, by its registry name.
+    Tool(String),
+    /// A person, by the name the approval surface reports.
+    Person(String),
+    /// The runtime itself (scheduler, store, gateway).
+    System,
+}
+
+/// The error for a string that is not an actor.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid actor {input:?}: expected agent:NAME, tool:NAME, person:NAME or system")]
+pub struct ActorError {
+    input: String,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Agent(n) => write!(f, "agent:{n}"),
+            Actor::Tool(n) => write!(f, "tool:{n}"),
+            Actor::Person(n) => write!(f, "person:{n}"),
+            Actor::System => f.write_str("system"),
+        }
+    }
+}
+
+impl FromStr for Actor {
+    type Err = ActorError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ActorError { input: s.to_string() };
+        if s == "system" {
+            return Ok(Actor::System);
+        }
+        let (kind, name) = s.split_once(':').ok_or_else(err)?;
+        if name.is_empty() {
+            return Err(err());
+        }
+        match kind {
+            "agent" => Ok(Actor::Agent(name.to_string())),
+            "tool" => Ok(Actor::Tool(name.to_string())),
+            "person" => Ok(Actor::Person(name.to_string())),
+            _ => Err(err()),
+        }
+    }
+}
+
+impl TryFrom<String> for Actor {
+    type Error = ActorError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Actor> for String {
+    fn from(a: Actor) -> String {
+        a.to_string()
+    }
+}
+
+impl schemars::JsonSchema for Actor {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Actor".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^(system|(agent|tool|person):.+)$",
+            "description": "Who did it: agent:NAME, tool:NAME, person:NAME or system"
+        })
+    }
+}
+
+macro_rules! event_kinds {
+    ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
+        /// What kind of fact an event records.
+        ///
+        /// The string forms (`run.started`, `tool.completed`, ...) are stable: they are stored,
+        /// exported and queried by.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+        pub enum EventKind {
+            $($(#[$doc])* #[serde(rename = $name)] $variant,)*
+        }
+
+        impl EventKind {
+            /// Every kind, in declaration order.
+            pub const ALL: &'static [EventKind] = &[$(EventKind::$variant,)*];
+
+            /// The stable string form.
+            pub const fn as_str(self) -> &'static str {
+                match self { $(EventKind::$variant => $name,)* }
+            }
+        }
+
+        impl FromStr for EventKind {
+            type Err = EventKindError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                match s {
+                    $($name => Ok(EventKind::$variant),)*
+                    _ => Err(EventKindError { input: s.to_string() }),
+                }
+            }
+        }
+    };
+}
+
+event_kinds! {
+    /// A run was created from a task graph (payload: graph digest, seed, limits).
+    RunCreated => "run.created",
+    /// A run started executing.
+    RunStarted => "run.started",
+    /// A run was resumed after its process stopped.
+    RunResumed => "run.resumed",
+    /// A run finished with every task done or skipped.
+    RunCompleted => "run.completed",
+    /// A run failed.
+    RunFailed => "run.failed",
+    /// A run was cancelled.
+    RunCancelled => "run.cancelled",
+    /// A task entered the graph (declared or spawned by an agent).
+    TaskSpawned => "task.spawned",
+    /// A task was dispatched to run.
+    TaskStarted => "task.started",
+    /// A task finished with an output.
+    TaskCompleted => "task.completed",
+    /// An attempt of a task failed (payload names the error class).
+    TaskFailed => "task.failed",
+    /// A failed attempt will be retried after a backoff.
+    TaskRetryScheduled => "task.retry_scheduled",
+    /// A task was skipped by its failure policy or because an upstream task was.
+    TaskSkipped => "task.skipped",
+    /// A task was cancelled.
+    TaskCancelled => "task.cancelled",
+    /// A tool call was requested (payload: tool, argument digest).
+    ToolRequested => "tool.requested",
+    /// Policy decided on a tool call (payload: a `PolicyEnvelope`).
+    PolicyDecided => "policy.decided",
+    /// A tool call started executing.
+    ToolStarted => "tool.started",
+    /// A tool reported progress.
+    ToolProgress => "tool.progress",
+    /// A tool call returned a result.
+    ToolCompleted => "tool.completed",
+    /// A tool call failed.
+    ToolFailed => "tool.failed",
+    /// A model call was made.
+    ModelRequested => "model.requested",
+    /// A model call returned.
+    ModelCompleted => "model.completed",
+    /// A model call failed.
+    ModelFailed => "model.failed",
+    /// A person was asked to approve something.
+    ApprovalRequested => "approval.requested",
+    /// A person (or a timeout) decided an approval request.
+    ApprovalDecided => "approval.decided",
+    /// A terminal or browser session opened.
+    SessionOpened => "session.opened",
+    /// A session produced output.
+    SessionOutput => "session.output",
+    /// A session received input.
+    SessionInput => "session.input",
+    /// A session closed.
+    SessionClosed => "session.closed",
+    /// A reading of the clock that a decision depends on.
+    ClockObserved => "clock.observed",
+    /// A random draw that a decision depends on.
+    RandomDrawn => "random.drawn",
+    /// A free-form note by a person or the system.
+    Note => "note",
+}
+
+/// The error for an unknown event kind.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown event kind {input:?} (kinds look like run.started, task.completed, tool.failed)")]
+pub struct EventKindError {
+    input: String,
+}
+
+impl fmt::Display for EventKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A 32-byte BLAKE3 hash, written as 64 lowercase hex digits.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Hash32(pub [u8; 32]);
+
+impl Hash32 {
+    /// The `prev_hash` of the first event: 32 zero bytes.
+    pub const GENESIS: Hash32 = Hash32([0; 32]);
+
+    /// From a slice that must be 32 bytes long.
+    pub fn from_slice(bytes: &[u8]) -> Option<Self> {
+        bytes.try_into().ok().map(Hash32)
+    }
+}
+
+impl fmt::Display for Hash32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for Hash32 {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Hash32({self})")
+    }
+}
+
+/// The error for a string that is not 64 hex digits.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid hash {input:?}: expected 64 hex digits")]
+pub struct HashError {
+    input: String,
+}
+
+impl FromStr for Hash32 {
+    type Err = HashError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(|_| HashError { input: s.to_string() })?;
+        Ok(Hash32(out))
+    }
+}
+
+impl TryFrom<String> for Hash32 {
+    type Error = HashError;
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        s.parse()
+    }
+}
+
+impl From<Hash32> for String {
+    fn from(h: Hash32) -> String {
+        h.to_string()
+    }
+}
+
+impl schemars::JsonSchema for Hash32 {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Hash32".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^[0-9a-f]{64}$",
+            "description": "BLAKE3 hash, 64 lowercase hex digits"
+        })
+    }
+}
+
+/// An event as a capability describes it, before the log numbers and chains it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+pub struct NewEvent {
+    /// The run the event belongs to.
+    pub run_id: RunId,
+    /// The task, when the event is about one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    /// Who did it.
+    pub actor: Actor,
+    /// What kind of fact it is.
+    pub kind: EventKind,
+    /// When, by the run's clock.
+    pub time: Timestamp,
+    /// The fact itself. Never contains secrets: redact before building the event.
+    pub payload: Value,
+}
+
+impl NewEvent {
+    /// The canonical bytes of everything but the sequence number (see the module docs), which a
+    /// log computes once, off its writer, and hashes after the sequence number.
+    pub fn canonical_body(&self) -> Vec<u8> {
+        let payload = canonical_json(&self.payload);
+        let mut out = self.canonical_header();
+        put_lp(&mut out, &payload);
+        out
+    }
+
+    /// The canonical bytes of the metadata (run, task, actor, kind, time), without the payload:
+    /// a log that seals payloads binds the ciphertext to these as associated data.
+    pub fn canonical_header(&self) -> Vec<u8> {
+        let actor = self.actor.to_string();
+        let kind = self.kind.as_str();
+        let mut out = Vec::with_capacity(64 + actor.len() + kind.len());
+        out.extend_from_slice(self.run_id.as_bytes());
+        match &self.task_id {
+            Some(t) => {
+                out.push(1);
+                out.extend_from_slice(t.as_bytes());
+            }
+            None => out.push(0),
+        }
+        put_lp(&mut out, actor.as_bytes());
+        put_lp(&mut out, kind.as_bytes());
+        out.extend_from_slice(&self.time.as_unix_nanos().to_be_bytes());
+        out
+    }
+}
+
+fn put_lp(out: &mut Vec<u8>, bytes: &[u8]) {
+    // Lengths over 4 GiB cannot occur: payloads are capped far below that by every log.
+    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+    out.extend_from_slice(&len.to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// An event as the log holds it: numbered, chained and hashed.
+///
+/// This is the published audit record (`schemas/audit-envelope.schema.json`); one per line in a
+/// `jsonl` export.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[schemars(title = "Audit envelope")]
+pub struct Envelope {
+    /// Position in the log, from 1, without gaps.
+    pub seq: u64,
+    /// The run the event belongs to.
+    pub run_id: RunId,
+    /// The task, when the event is about one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    /// Who did it.
+    pub actor: Actor,
+    /// What kind of fact it is.
+    pub kind: EventKind,
+    /// When, by the run's clock.
+    pub time: Timestamp,
+    /// The fact itself.
+    pub payload: Value,
+    /// Hash of the envelope at `seq - 1` (zeros for the first).
+    pub prev_hash: Hash32,
+    /// `BLAKE3(prev_hash ‖ canonical bytes)`.
+    pub hash: Hash32,
+}
+
+impl Envelope {
+    /// Numbers and chains `event` after `prev_hash`.
+    pub fn seal(seq: u64, prev_hash: Hash32, event: NewEvent) -> Envelope {
+        let hash = chain_hash(&prev_hash, seq, &event.canonical_body());
+        let NewEvent { run_id, task_id, actor, kind, time, payload } = event;
+        Envelope { seq, run_id, task_id, actor, kind, time, payload, prev_hash, hash }
+    }
+
+    /// The hash this envelope should have given its fields and `prev_hash`.
+    pub fn computed_hash(&self) -> Hash32 {
+        chain_hash(&self.prev_hash, self.seq, &self.to_new_event().canonical_body())
+    }
+
+    /// The event without its place in the log.
+    pub fn to_new_event(&self) -> NewEvent {
+        NewEvent {
+            run_id: self.run_id,
+            task_id: self.task_id,
+            actor: self.actor.clone(),
+            kind: self.kind,
+            time: self.time,
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// `BLAKE3(prev_hash ‖ u64_be(seq) ‖ body)`, where `body` is [`NewEvent::canonical_body`].
+pub fn chain_hash(prev_hash: &Hash32, seq: u64, body: &[u8]) -> Hash32 {
+    let mut h = blake3::Hasher::new();
+    h.update(&prev_hash.0);
+    h.update(&seq.to_be_bytes());
+    h.update(body);
+    Hash32(*h.finalize().as_bytes())
+}
+
+/// The canonical JSON bytes of `value` (see the module docs).
+///
+/// Written by hand rather than with `serde_json::to_vec` because the key order of a
+/// `serde_json::Map` depends on a cargo feature (`preserve_order`) that any crate in a build can
+/// switch on; the hash must not.
+///
+/// ```
+/// let v = serde_json::json!({"b": 1, "a": [true, null, "x"]});
+/// assert_eq!(agent_runtime_core::canonical_json(&v), br#"{"a":[true,null,"x"],"b":1}"#);
+/// ```
+pub fn canonical_json(value: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    write_canonical(value, &mut out);
+    out
+}
+
+fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+            out.push(b'{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_json_string(k, out);
+                out.push(b':');
+                if let Some(v) = map.get(k) {
+                    write_canonical(v, out);
+                }
+            }
+            out.push(b'}');
+        }
+        Value::Array(items) => {
+            out.push(b'[');
+            for (i, v) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(b',');
+                }
+                write_canonical(v, out);
+            }
+            out.push(b']');
+        }
+        Value::String(s) => write_json_string(s, out),
+        // Scalars: serde_json's own writer is the documented form.
+        other => {
+            // Writing a scalar Value into a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut *out, other);
+        }
+    }
+}
+
+fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(payload: Value) -> NewEvent {
+        NewEvent {
+            run_id: RunId::from_bytes([1; 16]),
+            task_id: None,
+            actor: Actor::System,
+            kind: EventKind::Note,
+            time: Timestamp::from_unix_nanos(5),
+            payload,
+        }
+    }
+
+    #[test]
+    fn canonical_json_sorts_keys_at_every_depth() {
+        let v = serde_json::json!({"z": {"y": 1, "x": 2}, "a": "é\n"});
+        assert_eq!(canonical_json(&v), "{\"a\":\"é\\n\",\"z\":{\"x\":2,\"y\":1}}".as_bytes());
+    }
+
+    #[test]
+    fn hash_changes_with_any_field() {
+        let base = Envelope::seal(1, Hash32::GENESIS, event(serde_json::json!({"k": 1})));
+        assert_eq!(base.computed_hash(), base.hash);
+        let mut changed = base.clone();
+        changed.payload = serde_json::json!({"k": 2});
+        assert_ne!(changed.computed_hash(), base.hash);
+        let mut changed = base.clone();
+        changed.seq = 2;
+        assert_ne!(changed.computed_hash(), base.hash);
+        let mut changed = base.clone();
+        changed.actor = Actor::Agent("a".into());
+        assert_ne!(changed.computed_hash(), base.hash);
+        let mut changed = base.clone();
+        changed.prev_hash = Hash32([9; 32]);
+        assert_ne!(changed.computed_hash(), base.hash);
+    }
+
+    #[test]
+    fn json_round_trip_keeps_the_hash() {
+        let e = Envelope::seal(3, Hash32([7; 32]), event(serde_json::json!({"f": 1.5, "s": "x"})));
+        let text = serde_json::to_string(&e).unwrap();
+        let back: Envelope = serde_json::from_str(&text).unwrap();
+        assert_eq!(back.computed_hash(), e.hash);
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_its_string() {
+        for k in EventKind::ALL {
+            assert_eq!(k.as_str().parse::<EventKind>().unwrap(), *k);
+        }
+        assert!("run.exploded".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn actor_strings() {
+        assert!("agent:".parse::<Actor>().is_err());
+        assert!("robot:x".parse::<Actor>().is_err());
+        assert_eq!("person:ann:b".parse::<Actor>().unwrap(), Actor::Person("ann:b".into()));
+    }
+}

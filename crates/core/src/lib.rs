@@ -1,0 +1,70 @@
+//! # agent-runtime-core
+//!
+//! The shared language of agent-runtime: the plain types and traits every capability crate
+//! speaks, and nothing else. Like a protocol crate, it holds no machinery: no database, no
+//! scheduler, no network.
+//!
+//! - **Ids** ([`RunId`], [`TaskId`], [`AgentId`], [`EventId`], [`SessionId`]): time-ordered UUIDs
+//!   from an [`IdGenerator`], seeded for reproducible runs.
+//! - **Time** ([`Clock`], [`SystemClock`], [`ManualClock`], [`Timestamp`]): nothing reads the wall
+//!   clock directly, so tests and the simulator own time.
+//! - **Events** ([`NewEvent`], [`Envelope`], [`EventKind`], [`Actor`]): every fact enters the log
+//!   once; [`Envelope`]s are hash-chained in a documented canonical form ([`event`] module).
+//! - **Policy** ([`PolicyEnvelope`], [`Effect`]): the record of a decision about a tool call.
+//! - **Traits** the capabilities implement: [`Tool`] (gateway, toolkit), [`ModelProvider`] (model
+//!   fabric), [`Session`] and [`ApprovalSink`] (sessions and the human loop), [`EventSink`] and
+//!   [`EventSource`] (the log). Each states its contract for cancellation, timeouts, streaming and
+//!   error classes; every error crossing them carries an [`ErrorClass`].
+//!
+//! ```
+//! use agent_runtime_core::{Actor, Envelope, EventKind, Hash32, NewEvent, RunId, Timestamp};
+//! use serde_json::json;
+//!
+//! let event = NewEvent {
+//!     run_id: RunId::from_bytes([1; 16]),
+//!     task_id: None,
+//!     actor: Actor::System,
+//!     kind: EventKind::RunStarted,
+//!     time: Timestamp::EPOCH,
+//!     payload: json!({"graph": "demo"}),
+//! };
+//! let first = Envelope::seal(1, Hash32::GENESIS, event);
+//! assert_eq!(first.computed_hash(), first.hash);
+//! ```
+//!
+//! What it does not do: store, schedule or execute anything. See `agent-runtime-store` for the
+//! event log and the other `agent-runtime-*` crates for the capabilities.
+
+#![warn(missing_docs)]
+
+pub mod approval;
+pub mod context;
+pub mod error;
+pub mod event;
+pub mod ids;
+pub mod model;
+pub mod policy;
+pub mod random;
+pub mod schema;
+pub mod session;
+pub mod sink;
+pub mod time;
+pub mod tool;
+
+pub use approval::{ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, DenyAll};
+pub use async_trait::async_trait;
+pub use context::{CallContext, Progress};
+pub use error::{ClassifiedError, ErrorClass};
+pub use event::{Actor, Envelope, EventKind, Hash32, NewEvent, canonical_json, chain_hash};
+pub use ids::{AgentId, EventId, IdGenerator, RunId, SessionId, TaskId};
+pub use model::{
+    FinishReason, Message, ModelDelta, ModelError, ModelProvider, ModelRequest, ModelResponse,
+    ModelStream, Role, ToolCall, ToolSpec, Usage,
+};
+pub use policy::{Effect, PolicyEnvelope};
+pub use random::SeededRng;
+pub use session::{Session, SessionError, SessionInput, SessionKind, SessionOutput};
+pub use sink::{Appended, EventQuery, EventSink, EventSource, SinkError};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp};
+pub use tokio_util::sync::CancellationToken;
+pub use tool::{RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource};

@@ -1,0 +1,186 @@
+//! The `ModelProvider` trait: anything that answers a chat request.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+use crate::context::CallContext;
+use crate::error::{ClassifiedError, ErrorClass};
+
+/// Who wrote a message.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// Instructions.
+    System,
+    /// The person or the task's input.
+    User,
+    /// The model.
+    Assistant,
+    /// A tool's result.
+    Tool,
+}
+
+/// A tool call the model asked for.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolCall {
+    /// The provider's id for the call, echoed in the tool message that answers it.
+    pub id: String,
+    /// Registry name of the tool.
+    pub name: String,
+    /// Arguments as JSON.
+    pub arguments: Value,
+}
+
+/// One message of a conversation.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// Who wrote it.
+    pub role: Role,
+    /// Its text.
+    pub content: String,
+    /// Tool calls the assistant asked for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tool_calls: Vec<ToolCall>,
+    /// For a tool message: the call it answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl Message {
+    /// A message of `role` with `content` and nothing else.
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+    }
+}
+
+/// A tool as offered to the model.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ToolSpec {
+    /// Registry name.
+    pub name: String,
+    /// What it does.
+    pub description: String,
+    /// JSON Schema of its arguments.
+    pub input_schema: Value,
+}
+
+/// A chat request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelRequest {
+    /// The provider's model name.
+    pub model: String,
+    /// The conversation so far.
+    pub messages: Vec<Message>,
+    /// Tools the model may call.
+    #[serde(default)]
+    pub tools: Vec<ToolSpec>,
+    /// Cap on output tokens.
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    #[serde(default)]
+    pub temperature: Option<f32>,
+}
+
+/// Why the model stopped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// It gave its answer.
+    Stop,
+    /// It wants tool results.
+    ToolCalls,
+    /// It hit `max_tokens`.
+    Length,
+    /// The provider filtered the output.
+    ContentFilter,
+}
+
+/// Tokens used by a call.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// Prompt tokens.
+    pub input_tokens: u64,
+    /// Completion tokens.
+    pub output_tokens: u64,
+}
+
+/// A complete answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ModelResponse {
+    /// The assistant's message (text and tool calls).
+    pub message: Message,
+    /// Why it stopped.
+    pub finish: FinishReason,
+    /// Tokens used.
+    pub usage: Usage,
+}
+
+/// A piece of a streamed answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "type")]
+pub enum ModelDelta {
+    /// More text.
+    Text {
+        /// The new text.
+        text: String,
+    },
+    /// The whole answer, always last.
+    Done {
+        /// The assembled response.
+        response: ModelResponse,
+    },
+}
+
+/// The receiving end of a streamed answer. It ends with a [`ModelDelta::Done`] or an error.
+pub type ModelStream = mpsc::Receiver<Result<ModelDelta, ModelError>>;
+
+/// A failed model call, with the provider's retry hint when it gave one.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+#[error("{error}")]
+pub struct ModelError {
+    /// Class and message. Never contains the API key or request headers.
+    pub error: ClassifiedError,
+    /// How long the provider asked us to wait before retrying.
+    pub retry_after: Option<Duration>,
+}
+
+impl ModelError {
+    /// An error of `class` with `message` and no retry hint.
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
+        ModelError { error: ClassifiedError::new(class, message), retry_after: None }
+    }
+}
+
+/// Something that answers chat requests: a remote API or a local model.
+///
+/// # Contract
+/// - **Cancellation and timeouts**: see [`CallContext`]; dropping the future or the stream must
+///   abort the underlying request.
+/// - **Streaming**: [`ModelProvider::stream`] sends text deltas as they come and one final
+///   [`ModelDelta::Done`]; the default implementation calls [`ModelProvider::complete`] and sends
+///   only `Done`.
+/// - **Errors**: class `model_rate_limit` (with `retry_after` when the provider said),
+///   `model_error`, `model_unavailable`, `timeout`, `cancelled`.
+/// - **Secrets**: API keys stay inside the provider; they never appear in errors, events or
+///   `Debug` output.
+#[async_trait::async_trait]
+pub trait ModelProvider: Send + Sync {
+    /// The provider's id in the registry (`openai`, `local`, ...).
+    fn id(&self) -> &str;
+
+    /// Answers `request` in one piece.
+    async fn complete(&self, request: ModelRequest, ctx: CallContext) -> Result<ModelResponse, ModelError>;
+
+    /// Answers `request` as a stream.
+    async fn stream(&self, request: ModelRequest, ctx: CallContext) -> Result<ModelStream, ModelError> {
+        let response = self.complete(request, ctx).await?;
+        let (tx, rx) = mpsc::channel(1);
+        // The receiver is alive (we hold it) and the channel has room for one item.
+        let _ = tx.try_send(Ok(ModelDelta::Done { response }));
+        Ok(rx)
+    }
+}

@@ -1,0 +1,177 @@
+//! Time as a dependency.
+//!
+//! Nothing in the runtime reads the wall clock directly: it asks a [`Clock`]. Live runs use
+//! [`SystemClock`]; tests and the simulator use [`ManualClock`], which only moves when told to,
+//! so the timestamps that enter the event log are reproducible.
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// A point in time: nanoseconds since the Unix epoch (UTC).
+///
+/// In JSON it is an RFC 3339 string with nanoseconds (`"2026-11-27T14:36:53.000000001Z"`), because
+/// a nanosecond count does not fit a JavaScript number. In the canonical hashing form it is the
+/// big-endian `u64` of nanoseconds.
+///
+/// ```
+/// use agent_runtime_core::Timestamp;
+/// let t: Timestamp = "2026-01-02T03:04:05.000000006Z".parse().unwrap();
+/// assert_eq!(t.to_string(), "2026-01-02T03:04:05.000000006Z");
+/// ```
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(u64);
+
+impl Timestamp {
+    /// The Unix epoch, where a [`ManualClock`] starts unless told otherwise.
+    pub const EPOCH: Timestamp = Timestamp(0);
+
+    /// From nanoseconds since the Unix epoch.
+    pub const fn from_unix_nanos(nanos: u64) -> Self {
+        Timestamp(nanos)
+    }
+
+    /// Nanoseconds since the Unix epoch.
+    pub const fn as_unix_nanos(self) -> u64 {
+        self.0
+    }
+
+    /// Milliseconds since the Unix epoch (what time-ordered ids carry).
+    pub const fn as_unix_millis(self) -> u64 {
+        self.0 / 1_000_000
+    }
+
+    /// This time plus `d`, saturating at the far future.
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Timestamp(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+    }
+
+    /// How long from `earlier` to `self`; zero when `earlier` is later.
+    pub fn saturating_duration_since(self, earlier: Timestamp) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+
+    fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_nanos(self.0)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_nanos(self.to_system_time()))
+    }
+}
+
+/// The error for a string that is not an RFC 3339 UTC time.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid timestamp {input:?}: expected RFC 3339 such as 2026-01-02T03:04:05Z ({reason})")]
+pub struct TimestampError {
+    input: String,
+    reason: String,
+}
+
+impl FromStr for Timestamp {
+    type Err = TimestampError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = |reason: String| TimestampError { input: s.to_string(), reason };
+        let st = humantime::parse_rfc3339_weak(s).map_err(|e| err(e.to_string()))?;
+        let d = st
+            .duration_since(UNIX_EPOCH)
+            .map_err(|_| err("before 1970".into()))?;
+        let nanos = u64::try_from(d.as_nanos()).map_err(|_| err("after year 2554".into()))?;
+        Ok(Timestamp(nanos))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+impl schemars::JsonSchema for Timestamp {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Timestamp".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "format": "date-time",
+            "description": "RFC 3339 UTC time with up to nine fractional digits"
+        })
+    }
+}
+
+/// A source of the current time.
+///
+/// Implementations must be cheap to call and monotonic enough for ordering events: a clock that
+/// goes backwards produces events whose times go backwards, which the log accepts but which makes
+/// time-range queries surprising.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// The current time.
+    fn now(&self) -> Timestamp;
+}
+
+/// The operating system's wall clock.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or(Duration::ZERO);
+        Timestamp(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+    }
+}
+
+/// A clock that moves only when told to: the simulator's virtual clock and the tests' clock.
+///
+/// Clones share the same time.
+///
+/// ```
+/// use agent_runtime_core::{Clock, ManualClock, Timestamp};
+/// use std::time::Duration;
+/// let clock = ManualClock::new(Timestamp::EPOCH);
+/// clock.advance(Duration::from_millis(5));
+/// assert_eq!(clock.now().as_unix_millis(), 5);
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct ManualClock {
+    nanos: Arc<AtomicU64>,
+}
+
+impl ManualClock {
+    /// A clock showing `start`.
+    pub fn new(start: Timestamp) -> Self {
+        ManualClock { nanos: Arc::new(AtomicU64::new(start.0)) }
+    }
+
+    /// Moves the clock forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let add = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.nanos.fetch_add(add, Ordering::SeqCst);
+    }
+
+    /// Sets the clock to `t` (which may be earlier: the caller owns time).
+    pub fn set(&self, t: Timestamp) {
+        self.nanos.store(t.0, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now(&self) -> Timestamp {
+        Timestamp(self.nanos.load(Ordering::SeqCst))
+    }
+}
