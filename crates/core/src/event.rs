@@ -326,31 +326,51 @@ impl NewEvent {
     /// The canonical bytes of everything but the sequence number (see the module docs), which a
     /// log computes once, off its writer, and hashes after the sequence number.
     pub fn canonical_body(&self) -> Vec<u8> {
-        let payload = canonical_json(&self.payload);
         let mut out = self.canonical_header();
-        put_lp(&mut out, &payload);
+        push_canonical_payload(&mut out, &canonical_json(&self.payload));
         out
     }
 
     /// The canonical bytes of the metadata (run, task, actor, kind, time), without the payload:
     /// a log that seals payloads binds the ciphertext to these as associated data.
     pub fn canonical_header(&self) -> Vec<u8> {
-        let actor = self.actor.to_string();
-        let kind = self.kind.as_str();
-        let mut out = Vec::with_capacity(64 + actor.len() + kind.len());
-        out.extend_from_slice(self.run_id.as_bytes());
-        match &self.task_id {
-            Some(t) => {
-                out.push(1);
-                out.extend_from_slice(t.as_bytes());
-            }
-            None => out.push(0),
-        }
-        put_lp(&mut out, actor.as_bytes());
-        put_lp(&mut out, kind.as_bytes());
-        out.extend_from_slice(&self.time.as_unix_nanos().to_be_bytes());
-        out
+        canonical_header(
+            &self.run_id,
+            self.task_id.as_ref(),
+            &self.actor.to_string(),
+            self.kind.as_str(),
+            self.time,
+        )
     }
+}
+
+/// The canonical header bytes from the stored parts of an event (see the module docs).
+pub fn canonical_header(
+    run_id: &RunId,
+    task_id: Option<&TaskId>,
+    actor: &str,
+    kind: &str,
+    time: Timestamp,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + actor.len() + kind.len());
+    out.extend_from_slice(run_id.as_bytes());
+    match task_id {
+        Some(t) => {
+            out.push(1);
+            out.extend_from_slice(t.as_bytes());
+        }
+        None => out.push(0),
+    }
+    put_lp(&mut out, actor.as_bytes());
+    put_lp(&mut out, kind.as_bytes());
+    out.extend_from_slice(&time.as_unix_nanos().to_be_bytes());
+    out
+}
+
+/// Appends the canonical payload bytes (already canonical JSON) to a canonical header, giving
+/// the canonical body.
+pub fn push_canonical_payload(header: &mut Vec<u8>, payload_json: &[u8]) {
+    put_lp(header, payload_json);
 }
 
 fn put_lp(out: &mut Vec<u8>, bytes: &[u8]) {

@@ -55,7 +55,10 @@ pub use approval::{ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSin
 pub use async_trait::async_trait;
 pub use context::{CallContext, Progress};
 pub use error::{ClassifiedError, ErrorClass};
-pub use event::{Actor, Envelope, EventKind, Hash32, NewEvent, canonical_json, chain_hash};
+pub use event::{
+    Actor, Envelope, EventKind, Hash32, NewEvent, canonical_header, canonical_json, chain_hash,
+    push_canonical_payload,
+};
 pub use ids::{AgentId, EventId, IdGenerator, RunId, SessionId, TaskId};
 pub use model::{
     FinishReason, Message, ModelDelta, ModelError, ModelProvider, ModelRequest, ModelResponse,
@@ -64,7 +67,7 @@ pub use model::{
 pub use policy::{Effect, PolicyEnvelope};
 pub use random::SeededRng;
 pub use session::{Session, SessionError, SessionInput, SessionKind, SessionOutput};
-pub use sink::{Appended, EventQuery, EventSink, EventSource, SinkError};
+pub use sink::{Appended, EventQuery, EventSink, EventSource, MemoryLog, SinkError};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use tokio_util::sync::CancellationToken;
 pub use tool::{RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource};

@@ -62,3 +62,86 @@ pub trait EventSource: Send + Sync {
     /// The events matching `query`, in sequence order.
     async fn query(&self, query: EventQuery) -> Result<Vec<Envelope>, SinkError>;
 }
+
+/// An event log in memory: numbers and chains events exactly as a durable log does, and keeps
+/// them until dropped. For tests, the simulator without a store, and embedders that need no
+/// persistence.
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use agent_runtime_core::{Actor, EventKind, EventQuery, EventSink, EventSource, MemoryLog, NewEvent, RunId, Timestamp};
+/// let log = MemoryLog::default();
+/// let run_id = RunId::from_bytes([1; 16]);
+/// let ev = NewEvent { run_id, task_id: None, actor: Actor::System, kind: EventKind::Note,
+///                     time: Timestamp::EPOCH, payload: serde_json::json!({}) };
+/// let landed = log.append(vec![ev]).await.unwrap();
+/// assert_eq!(landed[0].seq, 1);
+/// assert_eq!(log.query(EventQuery::default()).await.unwrap().len(), 1);
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     let waker = std::task::Waker::noop();
+/// #     let mut cx = std::task::Context::from_waker(&waker);
+/// #     let mut f = std::pin::pin!(f);
+/// #     loop { if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) { return v; } }
+/// # }
+/// ```
+#[derive(Debug, Default)]
+pub struct MemoryLog {
+    events: std::sync::Mutex<Vec<Envelope>>,
+}
+
+impl MemoryLog {
+    /// Appends without async (the memory log never waits).
+    pub fn append_now(&self, events: Vec<NewEvent>) -> Vec<Appended> {
+        let mut log = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = Vec::with_capacity(events.len());
+        for event in events {
+            let prev = log.last().map_or(Hash32::GENESIS, |e| e.hash);
+            let seq = log.len() as u64 + 1;
+            let env = Envelope::seal(seq, prev, event);
+            out.push(Appended { seq, hash: env.hash });
+            log.push(env);
+        }
+        out
+    }
+
+    /// The events matching `query`, without async.
+    pub fn query_now(&self, query: &EventQuery) -> Vec<Envelope> {
+        let log = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        log.iter()
+            .filter(|e| query.matches(e))
+            .take(query.limit.unwrap_or(usize::MAX))
+            .cloned()
+            .collect()
+    }
+
+    /// Every event, in order.
+    pub fn all(&self) -> Vec<Envelope> {
+        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl EventQuery {
+    /// Whether `e` matches every condition of the query but `limit`.
+    pub fn matches(&self, e: &Envelope) -> bool {
+        self.run_id.is_none_or(|r| r == e.run_id)
+            && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
+            && self.since.is_none_or(|t| e.time >= t)
+            && self.until.is_none_or(|t| e.time < t)
+            && self.after_seq.is_none_or(|s| e.seq > s)
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSink for MemoryLog {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, SinkError> {
+        Ok(self.append_now(events))
+    }
+}
+
+#[async_trait::async_trait]
+impl EventSource for MemoryLog {
+    async fn query(&self, query: EventQuery) -> Result<Vec<Envelope>, SinkError> {
+        Ok(self.query_now(&query))
+    }
+}

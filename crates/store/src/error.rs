@@ -1,0 +1,137 @@
+//! The store's errors. Each names what failed and the database it failed on.
+
+use std::path::PathBuf;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file or its directory could not be created or opened.
+    #[error("cannot open event database {path}: {detail}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// What the operating system or SQLite said.
+        detail: String,
+    },
+    /// Read-only open of a database that does not exist.
+    #[error("no event database at {path}")]
+    NotFound {
+        /// The path looked at.
+        path: PathBuf,
+    },
+    /// The file is not an event database, or is damaged (truncated, overwritten).
+    #[error("event database {path} is damaged{at}: {detail}", at = .after_seq.map(|s| format!(" after sequence {s}")).unwrap_or_default())]
+    Damaged {
+        /// The database file.
+        path: PathBuf,
+        /// The last sequence number read intact, when reading had begun.
+        after_seq: Option<u64>,
+        /// What SQLite said.
+        detail: String,
+    },
+    /// The database is encrypted and no key source was given.
+    #[error("event database {path} is encrypted: set AGENT_RUNTIME_PASSPHRASE to its passphrase")]
+    MissingKey {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// A new encrypted database needs a key source.
+    #[error("no key to encrypt the new event database {path}: set AGENT_RUNTIME_PASSPHRASE, or ask for a plaintext database by name (--plaintext)")]
+    NoKeyForNewDatabase {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The passphrase does not unlock the database's data key.
+    #[error("wrong passphrase for event database {path}: its data key does not unlock")]
+    WrongKey {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The database was written by a newer or unknown format.
+    #[error("event database {path} has format {found}; this build reads format {expected}")]
+    Format {
+        /// The database file.
+        path: PathBuf,
+        /// The format found.
+        found: String,
+        /// The format this build writes.
+        expected: String,
+    },
+    /// An event could not be decrypted or decoded.
+    #[error("event {seq} in {path} cannot be read: {detail}")]
+    BadEvent {
+        /// The database file.
+        path: PathBuf,
+        /// Its sequence number.
+        seq: u64,
+        /// Why.
+        detail: String,
+    },
+    /// An event is larger than the store accepts.
+    #[error("event payload of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The payload's canonical size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Append on a store opened read-only.
+    #[error("event database {path} is open read-only")]
+    ReadOnly {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// The writer stopped (the store was closed, or a write failed and the writer shut down).
+    #[error("event database {path}: the writer has stopped: {detail}")]
+    WriterGone {
+        /// The database file.
+        path: PathBuf,
+        /// Why, when known.
+        detail: String,
+    },
+    /// A SQLite error while reading or writing.
+    #[error("event database {path}: {detail}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        detail: String,
+    },
+    /// An I/O error on an export or bundle.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A bundle or export file that cannot be parsed.
+    #[error("{path} line {line}: {detail}")]
+    BadBundle {
+        /// The bundle file.
+        path: PathBuf,
+        /// The 1-based line number.
+        line: u64,
+        /// What is wrong.
+        detail: String,
+    },
+}
+
+impl From<StoreError> for agent_runtime_core::SinkError {
+    fn from(e: StoreError) -> Self {
+        agent_runtime_core::SinkError { message: e.to_string() }
+    }
+}
+
+/// Maps a SQLite error to `Damaged` when it means the file is corrupt, else `Sqlite`.
+pub(crate) fn sqlite_error(path: &std::path::Path, e: rusqlite::Error, after_seq: Option<u64>) -> StoreError {
+    use rusqlite::ffi::ErrorCode;
+    if let rusqlite::Error::SqliteFailure(f, _) = &e
+        && matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
+    {
+        return StoreError::Damaged { path: path.to_path_buf(), after_seq, detail: e.to_string() };
+    }
+    StoreError::Sqlite { path: path.to_path_buf(), detail: e.to_string() }
+}

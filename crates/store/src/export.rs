@@ -1,0 +1,290 @@
+//! Exports: `jsonl` (one audit envelope per line), `otlp` (OpenTelemetry log records, OTLP/JSON,
+//! one `ExportLogsServiceRequest` per line as the OpenTelemetry file exporter writes them) and
+//! `bundle` (a header line, every envelope, and the chain head: verifiable offline with
+//! [`verify_bundle`](crate::verify_bundle)).
+
+use std::io::Write;
+use std::str::FromStr;
+
+use agent_runtime_core::{EventQuery, Hash32, RunId, TaskId, Timestamp};
+use serde_json::json;
+
+use crate::error::{StoreError, sqlite_error};
+use crate::pipeline::ordered_parallel;
+use crate::store::{RawRow, Store};
+use crate::verify::{BundleHeader, BundleTrailer, ChainHead};
+
+const BATCH: usize = 2048;
+const OTLP_RECORDS_PER_LINE: usize = 512;
+
+/// An export format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExportFormat {
+    /// One audit envelope (the published schema) per line.
+    Jsonl,
+    /// OpenTelemetry log records, OTLP/JSON, one export request per line.
+    Otlp,
+    /// Header, every envelope, chain head: verifiable offline.
+    Bundle,
+}
+
+impl FromStr for ExportFormat {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "jsonl" => Ok(ExportFormat::Jsonl),
+            "otlp" => Ok(ExportFormat::Otlp),
+            "bundle" => Ok(ExportFormat::Bundle),
+            other => Err(format!("unknown export format {other:?}: use jsonl, otlp or bundle")),
+        }
+    }
+}
+
+/// What an export wrote.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct ExportSummary {
+    /// Events written.
+    pub events: u64,
+    /// Bytes written.
+    pub bytes: u64,
+}
+
+struct CountingWriter<W> {
+    inner: W,
+    bytes: u64,
+}
+
+impl<W: Write> Write for CountingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bytes += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+impl Store {
+    /// Writes the events matching `query` to `out` in `format`.
+    ///
+    /// A bundle must hold the chain from its start, so it takes no filter: `query` must be the
+    /// default (the whole log).
+    pub fn export(&self, query: &EventQuery, format: ExportFormat, out: impl Write + Send) -> Result<ExportSummary, StoreError> {
+        let path = self.inner.path.clone();
+        let io_err = |source| StoreError::Io { what: "cannot write export for", path: path.clone(), source };
+        if format == ExportFormat::Bundle && *query != EventQuery::default() {
+            return Err(StoreError::BadEvent {
+                path: path.clone(),
+                seq: 0,
+                detail: "a bundle holds the whole chain; it cannot be filtered by run, kind, time or sequence".into(),
+            });
+        }
+        let mut out = CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, out), bytes: 0 };
+        if format == ExportFormat::Bundle {
+            serde_json::to_writer(&mut out, &BundleHeader { agent_runtime_bundle: 1 }).map_err(|e| io_err(e.into()))?;
+            out.write_all(b"\n").map_err(io_err)?;
+        }
+        let reader = &self.inner.reader;
+        let mut events = 0u64;
+        let mut last: Option<(u64, Hash32)> = None;
+        let mut write_err: Option<StoreError> = None;
+        let mut otlp_pending: Vec<serde_json::Value> = Vec::new();
+        ordered_parallel(
+            |emit| scan_query(&reader.lock().unwrap_or_else(|p| p.into_inner()), &path, query, emit),
+            |rows: Vec<RawRow>| -> Result<(Vec<u8>, Vec<serde_json::Value>, Option<(u64, Hash32)>, u64), StoreError> {
+                let mut buf = Vec::with_capacity(rows.len() * 900);
+                let mut records = Vec::new();
+                let n = rows.len() as u64;
+                let mut tail = None;
+                for r in rows {
+                    let plain = self.open_payload(&r)?;
+                    tail = Some((r.seq, Hash32::from_slice(&r.hash).unwrap_or_default()));
+                    match format {
+                        ExportFormat::Otlp => records.push(otlp_record(&r, &plain)),
+                        _ => write_envelope_line(&r, &plain, &mut buf),
+                    }
+                }
+                Ok((buf, records, tail, n))
+            },
+            |res| match res {
+                Ok((buf, records, tail, n)) => {
+                    let written = if format == ExportFormat::Otlp {
+                        otlp_pending.extend(records);
+                        flush_otlp(&mut out, &mut otlp_pending, false)
+                    } else {
+                        out.write_all(&buf)
+                    };
+                    if let Err(e) = written {
+                        write_err = Some(io_err(e));
+                        return false;
+                    }
+                    events += n;
+                    if tail.is_some() {
+                        last = tail;
+                    }
+                    true
+                }
+                Err(e) => {
+                    write_err = Some(e);
+                    false
+                }
+            },
+        )?;
+        if let Some(e) = write_err {
+            return Err(e);
+        }
+        if format == ExportFormat::Otlp {
+            flush_otlp(&mut out, &mut otlp_pending, true).map_err(io_err)?;
+        }
+        if format == ExportFormat::Bundle {
+            let (seq, hash) = last.unwrap_or((0, Hash32::GENESIS));
+            serde_json::to_writer(&mut out, &BundleTrailer { chain_head: ChainHead { seq, hash } }).map_err(|e| io_err(e.into()))?;
+            out.write_all(b"\n").map_err(io_err)?;
+        }
+        out.flush().map_err(io_err)?;
+        Ok(ExportSummary { events, bytes: out.bytes })
+    }
+}
+
+fn scan_query(
+    conn: &rusqlite::Connection,
+    path: &std::path::Path,
+    query: &EventQuery,
+    emit: &mut dyn FnMut(Vec<RawRow>) -> bool,
+) -> Result<(), StoreError> {
+    if *query == EventQuery::default() {
+        return crate::verify::scan_rows(conn, path, emit);
+    }
+    // Filtered exports are small enough to read through the query path in pages.
+    let mut after = query.after_seq.unwrap_or(0);
+    let mut remaining = query.limit.unwrap_or(usize::MAX);
+    loop {
+        let page = BATCH.min(remaining);
+        if page == 0 {
+            return Ok(());
+        }
+        let mut q = query.clone();
+        q.after_seq = Some(after);
+        q.limit = Some(page);
+        let (sql, args) = crate::store::query_sql_for_export(&q);
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| sqlite_error(path, e, Some(after)))?;
+        let rows = stmt
+            .query_map(rusqlite::params_from_iter(args.iter()), RawRow::from_row)
+            .map_err(|e| sqlite_error(path, e, Some(after)))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| sqlite_error(path, e, Some(after)))?;
+        let n = rows.len();
+        if let Some(r) = rows.last() {
+            after = r.seq;
+        }
+        remaining -= n;
+        if n == 0 || !emit(rows) || n < page {
+            return Ok(());
+        }
+    }
+}
+
+/// Writes one envelope as a JSON line, byte for byte what `serde_json::to_string(&Envelope)`
+/// writes (a test holds it to that), without parsing the payload: the stored payload is already
+/// canonical JSON. This is what makes export fast.
+fn write_envelope_line(r: &RawRow, payload: &[u8], out: &mut Vec<u8>) {
+    use std::io::Write as _;
+    let _ = write!(out, "{{\"seq\":{},\"run_id\":\"{}\"", r.seq, RunId::from_bytes(r.run_id));
+    if let Some(t) = r.task_id {
+        let _ = write!(out, ",\"task_id\":\"{}\"", TaskId::from_bytes(t));
+    }
+    out.extend_from_slice(b",\"actor\":");
+    let _ = serde_json::to_writer(&mut *out, &r.actor);
+    out.extend_from_slice(b",\"kind\":");
+    let _ = serde_json::to_writer(&mut *out, &r.kind);
+    let _ = write!(out, ",\"time\":\"{}\",\"payload\":", Timestamp::from_unix_nanos(r.time_ns));
+    out.extend_from_slice(payload);
+    let _ = write!(out, ",\"prev_hash\":\"{}\",\"hash\":\"{}\"}}\n", hex::encode(&r.prev_hash), hex::encode(&r.hash));
+}
+
+fn otlp_record(r: &RawRow, payload: &[u8]) -> serde_json::Value {
+    let severity = if r.kind.ends_with(".failed") { (17, "ERROR") } else { (9, "INFO") };
+    let mut attributes = vec![
+        json!({"key": "agent_runtime.seq", "value": {"intValue": r.seq.to_string()}}),
+        json!({"key": "agent_runtime.run_id", "value": {"stringValue": RunId::from_bytes(r.run_id).to_string()}}),
+        json!({"key": "agent_runtime.actor", "value": {"stringValue": r.actor}}),
+        json!({"key": "agent_runtime.kind", "value": {"stringValue": r.kind}}),
+        json!({"key": "agent_runtime.prev_hash", "value": {"stringValue": hex::encode(&r.prev_hash)}}),
+        json!({"key": "agent_runtime.hash", "value": {"stringValue": hex::encode(&r.hash)}}),
+    ];
+    if let Some(t) = r.task_id {
+        attributes.push(json!({"key": "agent_runtime.task_id", "value": {"stringValue": TaskId::from_bytes(t).to_string()}}));
+    }
+    let mut rec = json!({
+        "timeUnixNano": r.time_ns.to_string(),
+        "observedTimeUnixNano": r.time_ns.to_string(),
+        "severityNumber": severity.0,
+        "severityText": severity.1,
+        "eventName": r.kind,
+        "body": {"stringValue": String::from_utf8_lossy(payload)},
+        "attributes": attributes,
+        // The run is the trace: every event of a run shares its trace id.
+        "traceId": hex::encode(r.run_id),
+    });
+    if let Some(t) = r.task_id {
+        // A task is a span within the run; OTLP span ids are 8 bytes.
+        rec["spanId"] = json!(hex::encode(&t[8..]));
+    }
+    rec
+}
+
+fn flush_otlp(out: &mut impl Write, pending: &mut Vec<serde_json::Value>, all: bool) -> std::io::Result<()> {
+    while pending.len() >= OTLP_RECORDS_PER_LINE || (all && !pending.is_empty()) {
+        let take = pending.len().min(OTLP_RECORDS_PER_LINE);
+        let records: Vec<_> = pending.drain(..take).collect();
+        let line = json!({
+            "resourceLogs": [{
+                "resource": {"attributes": [{"key": "service.name", "value": {"stringValue": "agent-runtime"}}]},
+                "scopeLogs": [{
+                    "scope": {"name": "agent-runtime.audit", "version": env!("CARGO_PKG_VERSION")},
+                    "logRecords": records,
+                }],
+            }],
+        });
+        serde_json::to_writer(&mut *out, &line)?;
+        out.write_all(b"\n")?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_runtime_core::{Actor, Envelope, EventKind, NewEvent};
+
+    #[test]
+    fn hand_written_line_equals_serde() {
+        for task in [None, Some(TaskId::from_bytes([4; 16]))] {
+            let ev = NewEvent {
+                run_id: RunId::from_bytes([3; 16]),
+                task_id: task,
+                actor: Actor::Agent("wr\"iter".into()),
+                kind: EventKind::ToolCompleted,
+                time: Timestamp::from_unix_nanos(1_764_254_213_123_456_789),
+                payload: json!({"z": [1, 2.5, "é\u{1}"], "a": null}),
+            };
+            let env = Envelope::seal(9, Hash32([1; 32]), ev.clone());
+            let raw = RawRow {
+                seq: 9,
+                run_id: [3; 16],
+                task_id: task.map(|t| *t.as_bytes()),
+                actor: ev.actor.to_string(),
+                kind: ev.kind.as_str().into(),
+                time_ns: ev.time.as_unix_nanos(),
+                payload: agent_runtime_core::canonical_json(&ev.payload),
+                prev_hash: vec![1; 32],
+                hash: env.hash.0.to_vec(),
+            };
+            let mut line = Vec::new();
+            write_envelope_line(&raw, &raw.payload, &mut line);
+            let expected = serde_json::to_string(&env).unwrap() + "\n";
+            assert_eq!(String::from_utf8(line).unwrap(), expected);
+        }
+    }
+}

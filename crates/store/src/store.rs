@@ -1,0 +1,622 @@
+//! The store itself: opening, the group-committing writer, queries and follow.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use agent_runtime_core::{
+    Actor, Appended, Envelope, EventKind, EventQuery, Hash32, NewEvent, RunId, TaskId, Timestamp,
+    canonical_header, canonical_json, chain_hash, push_canonical_payload,
+};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::config::{Durability, Encryption, StoreConfig};
+use crate::crypto::{self, KdfParams, PayloadCipher};
+use crate::error::{StoreError, sqlite_error};
+
+/// The on-disk format this build writes and reads.
+pub(crate) const FORMAT: &str = "1";
+/// Most events one group commit takes; more wait for the next.
+const MAX_BATCH_EVENTS: usize = 16 * 1024;
+/// Requests queued for the writer before appenders wait (backpressure).
+const QUEUE_DEPTH: usize = 1024;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS events (
+    seq       INTEGER PRIMARY KEY,
+    run_id    BLOB NOT NULL,
+    task_id   BLOB,
+    actor     TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    time_ns   INTEGER NOT NULL,
+    payload   BLOB NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash      BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id, seq);
+CREATE INDEX IF NOT EXISTS events_by_kind ON events(kind, seq);
+CREATE INDEX IF NOT EXISTS events_by_time ON events(time_ns, seq);
+";
+
+pub(crate) const SELECT_COLUMNS: &str =
+    "seq, run_id, task_id, actor, kind, time_ns, payload, prev_hash, hash";
+
+/// An event prepared for the writer: everything that does not depend on its place in the log is
+/// computed by the appender, so the single writer only numbers, hashes and inserts.
+pub(crate) struct Prepared {
+    run_id: [u8; 16],
+    task_id: Option<[u8; 16]>,
+    actor: String,
+    kind: &'static str,
+    time_ns: i64,
+    /// Canonical body (header and payload) for the chain hash.
+    body: Vec<u8>,
+    /// What goes in the payload column: canonical JSON, or its sealed form.
+    stored: Vec<u8>,
+}
+
+enum Reply {
+    Async(oneshot::Sender<Result<Vec<Appended>, StoreError>>),
+}
+
+struct WriteRequest {
+    events: Vec<Prepared>,
+    reply: Reply,
+}
+
+/// A row as stored.
+pub(crate) struct RawRow {
+    pub seq: u64,
+    pub run_id: [u8; 16],
+    pub task_id: Option<[u8; 16]>,
+    pub actor: String,
+    pub kind: String,
+    pub time_ns: u64,
+    pub payload: Vec<u8>,
+    pub prev_hash: Vec<u8>,
+    pub hash: Vec<u8>,
+}
+
+impl RawRow {
+    pub(crate) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+        let seq: i64 = row.get(0)?;
+        let run: Vec<u8> = row.get(1)?;
+        let task: Option<Vec<u8>> = row.get(2)?;
+        let time: i64 = row.get(5)?;
+        Ok(RawRow {
+            seq: u64::try_from(seq).unwrap_or(0),
+            run_id: fixed16(&run),
+            task_id: task.as_deref().map(fixed16),
+            actor: row.get(3)?,
+            kind: row.get(4)?,
+            time_ns: u64::try_from(time).unwrap_or(0),
+            payload: row.get(6)?,
+            prev_hash: row.get(7)?,
+            hash: row.get(8)?,
+        })
+    }
+
+    /// The canonical header of this row's metadata.
+    pub(crate) fn header(&self) -> Vec<u8> {
+        canonical_header(
+            &RunId::from_bytes(self.run_id),
+            self.task_id.map(TaskId::from_bytes).as_ref(),
+            &self.actor,
+            &self.kind,
+            Timestamp::from_unix_nanos(self.time_ns),
+        )
+    }
+}
+
+/// A malformed id column (wrong length) reads as all-0xff so that the hash check flags the row
+/// instead of the read failing.
+fn fixed16(b: &[u8]) -> [u8; 16] {
+    b.try_into().unwrap_or([0xff; 16])
+}
+
+pub(crate) struct Inner {
+    pub(crate) path: PathBuf,
+    pub(crate) cipher: Option<PayloadCipher>,
+    pub(crate) max_payload_bytes: usize,
+    pub(crate) reader: Mutex<Connection>,
+    tx: Option<mpsc::Sender<WriteRequest>>,
+    writer: Option<JoinHandle<()>>,
+    pub(crate) last_seq: watch::Receiver<u64>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the queue lets the writer finish what is queued and exit.
+        self.tx.take();
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
+    }
+}
+
+/// The embedded event log: one SQLite file in WAL mode, one writer thread that group-commits,
+/// a hash chain over every event, payloads sealed at rest.
+///
+/// Cloning is cheap and shares the writer. The writer stops when the last clone is dropped,
+/// after committing everything queued.
+///
+/// ```
+/// use agent_runtime_core::{Actor, EventKind, EventQuery, NewEvent, RunId, Timestamp};
+/// use agent_runtime_store::{Store, StoreConfig};
+///
+/// let dir = tempfile::tempdir().unwrap();
+/// let store = Store::open(StoreConfig::plaintext(dir.path().join("events.db"))).unwrap();
+/// let run_id = RunId::from_bytes([1; 16]);
+/// let event = NewEvent { run_id, task_id: None, actor: Actor::System, kind: EventKind::RunStarted,
+///                        time: Timestamp::EPOCH, payload: serde_json::json!({"graph": "demo"}) };
+/// let landed = store.append_blocking(vec![event]).unwrap();
+/// assert_eq!(landed[0].seq, 1);
+/// let back = store.query_blocking(&EventQuery { run_id: Some(run_id), ..Default::default() }).unwrap();
+/// assert_eq!(back[0].payload["graph"], "demo");
+/// assert!(store.verify().unwrap().problem.is_none());
+/// ```
+#[derive(Clone)]
+pub struct Store {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.inner.path)
+            .field("encrypted", &self.inner.cipher.is_some())
+            .finish()
+    }
+}
+
+fn set_pragmas(conn: &Connection, path: &Path, durability: Durability, write: bool) -> Result<(), StoreError> {
+    let err = |e| sqlite_error(path, e, None);
+    conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+    if write {
+        let mode: String = conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)).map_err(err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Open { path: path.to_path_buf(), detail: format!("cannot switch to WAL mode (got {mode})") });
+        }
+        let sync = match durability {
+            Durability::Full => "FULL",
+            Durability::Normal => "NORMAL",
+        };
+        conn.execute_batch(&format!("PRAGMA synchronous={sync};")).map_err(err)?;
+    }
+    Ok(())
+}
+
+fn get_meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
+    conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0)).optional()
+}
+
+fn meta_string(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    Ok(get_meta(conn, key)?.map(|v| String::from_utf8_lossy(&v).into_owned()))
+}
+
+impl Store {
+    /// Opens (creating when needed, unless read-only) the database `config` names.
+    ///
+    /// Errors: the file cannot be created; it is not an event database or is damaged; it is
+    /// encrypted and no passphrase was given, or the wrong one; a new encrypted database has no
+    /// key source.
+    pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        let path = config.path.clone();
+        if config.read_only && !path.exists() {
+            return Err(StoreError::NotFound { path });
+        }
+        if !config.read_only
+            && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| StoreError::Open { path: path.clone(), detail: format!("cannot create {}: {e}", dir.display()) })?;
+        }
+        let flags = if config.read_only {
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        } else {
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX
+        };
+        let open = |flags| {
+            Connection::open_with_flags(&path, flags).map_err(|e| match sqlite_error(&path, e, None) {
+                StoreError::Sqlite { path, detail } => StoreError::Open { path, detail },
+                other => other,
+            })
+        };
+        let conn = open(flags)?;
+        set_pragmas(&conn, &path, config.durability, !config.read_only)?;
+        if !config.read_only {
+            init_schema(&conn, &config)?;
+        }
+        let cipher = unlock(&conn, &config)?;
+        let head = read_head(&conn, &path)?;
+        let (last_tx, last_rx) = watch::channel(head.map_or(0, |h| h.0));
+
+        let (tx, writer) = if config.read_only {
+            (None, None)
+        } else {
+            let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+            let writer_conn = conn;
+            let wpath = path.clone();
+            let handle = std::thread::Builder::new()
+                .name("agent-runtime-store-writer".into())
+                .spawn(move || writer_loop(writer_conn, wpath, rx, last_tx))
+                .map_err(|e| StoreError::Open { path: path.clone(), detail: format!("cannot start writer thread: {e}") })?;
+            (Some(tx), Some(handle))
+        };
+        let reader = open(if config.read_only { flags } else { OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX })?;
+        set_pragmas(&reader, &path, config.durability, false)?;
+
+        Ok(Store {
+            inner: Arc::new(Inner {
+                path,
+                cipher,
+                max_payload_bytes: config.max_payload_bytes,
+                reader: Mutex::new(reader),
+                tx,
+                writer,
+                last_seq: last_rx,
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    /// Whether payloads are sealed.
+    pub fn is_encrypted(&self) -> bool {
+        self.inner.cipher.is_some()
+    }
+
+    fn prepare(&self, event: NewEvent) -> Result<Prepared, StoreError> {
+        let payload = canonical_json(&event.payload);
+        if payload.len() > self.inner.max_payload_bytes {
+            return Err(StoreError::TooLarge { size: payload.len(), limit: self.inner.max_payload_bytes });
+        }
+        let header = event.canonical_header();
+        let stored = match &self.inner.cipher {
+            Some(c) => c.seal(&payload, &header),
+            None => payload.clone(),
+        };
+        let mut body = header;
+        push_canonical_payload(&mut body, &payload);
+        Ok(Prepared {
+            run_id: *event.run_id.as_bytes(),
+            task_id: event.task_id.map(|t| *t.as_bytes()),
+            actor: event.actor.to_string(),
+            kind: event.kind.as_str(),
+            // Nanoseconds fit i64 until the year 2262.
+            time_ns: i64::try_from(event.time.as_unix_nanos()).unwrap_or(i64::MAX),
+            body,
+            stored,
+        })
+    }
+
+    /// Appends `events` as one batch; returns once the batch is durable (see [`Durability`]).
+    pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        let prepared = events.into_iter().map(|e| self.prepare(e)).collect::<Result<Vec<_>, _>>()?;
+        let tx = self.inner.tx.as_ref().ok_or_else(|| StoreError::ReadOnly { path: self.inner.path.clone() })?;
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let gone = |detail: &str| StoreError::WriterGone { path: self.inner.path.clone(), detail: detail.into() };
+        tx.send(WriteRequest { events: prepared, reply: Reply::Async(reply_tx) })
+            .await
+            .map_err(|_| gone("queue closed"))?;
+        reply_rx.await.map_err(|_| gone("no reply"))?
+    }
+
+    /// [`Store::append`] for code without an async runtime. Blocks the calling thread.
+    pub fn append_blocking(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        crate::block_on::block_on(self.append(events))
+    }
+
+    /// The events matching `query`, in sequence order, payloads decrypted.
+    pub fn query_blocking(&self, query: &EventQuery) -> Result<Vec<Envelope>, StoreError> {
+        let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let (sql, args) = query_sql(query);
+        let path = &self.inner.path;
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| sqlite_error(path, e, None))?;
+        let mut rows = stmt.query(rusqlite::params_from_iter(args.iter())).map_err(|e| sqlite_error(path, e, None))?;
+        let mut out = Vec::new();
+        let mut last = None;
+        while let Some(row) = rows.next().map_err(|e| sqlite_error(path, e, last))? {
+            let raw = RawRow::from_row(row).map_err(|e| sqlite_error(path, e, last))?;
+            last = Some(raw.seq);
+            out.push(self.decode(raw)?);
+        }
+        Ok(out)
+    }
+
+    /// The plaintext canonical payload of a row.
+    pub(crate) fn open_payload(&self, raw: &RawRow) -> Result<Vec<u8>, StoreError> {
+        match &self.inner.cipher {
+            None => Ok(raw.payload.clone()),
+            Some(c) => c.open(&raw.payload, &raw.header()).ok_or_else(|| StoreError::BadEvent {
+                path: self.inner.path.clone(),
+                seq: raw.seq,
+                detail: "payload does not decrypt (tampered, or sealed under another key)".into(),
+            }),
+        }
+    }
+
+    pub(crate) fn decode(&self, raw: RawRow) -> Result<Envelope, StoreError> {
+        let bad = |detail: String| StoreError::BadEvent { path: self.inner.path.clone(), seq: raw.seq, detail };
+        let plain = self.open_payload(&raw)?;
+        let payload = serde_json::from_slice(&plain).map_err(|e| bad(format!("payload is not JSON: {e}")))?;
+        let actor: Actor = raw.actor.parse().map_err(|e| bad(format!("{e}")))?;
+        let kind: EventKind = raw.kind.parse().map_err(|e| bad(format!("{e}")))?;
+        Ok(Envelope {
+            seq: raw.seq,
+            run_id: RunId::from_bytes(raw.run_id),
+            task_id: raw.task_id.map(TaskId::from_bytes),
+            actor,
+            kind,
+            time: Timestamp::from_unix_nanos(raw.time_ns),
+            payload,
+            prev_hash: Hash32::from_slice(&raw.prev_hash).ok_or_else(|| bad("prev_hash is not 32 bytes".into()))?,
+            hash: Hash32::from_slice(&raw.hash).ok_or_else(|| bad("hash is not 32 bytes".into()))?,
+        })
+    }
+
+    /// The sequence number and hash of the newest event, if any.
+    pub fn head(&self) -> Result<Option<(u64, Hash32)>, StoreError> {
+        let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+        read_head(&conn, &self.inner.path)
+    }
+
+    /// Follows the log: returns events after `after_seq` matching `query`, waiting up to
+    /// `wait` for new ones to be committed (by this process, or by another: those are noticed
+    /// by polling within `wait`). An empty result means nothing new in time.
+    pub fn follow_blocking(&self, query: &EventQuery, after_seq: u64, wait: Duration) -> Result<Vec<Envelope>, StoreError> {
+        let mut q = query.clone();
+        q.after_seq = Some(after_seq.max(query.after_seq.unwrap_or(0)));
+        let found = self.query_blocking(&q)?;
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        let mut rx = self.inner.last_seq.clone();
+        let seen = *rx.borrow_and_update();
+        // Wait for an in-process commit, or for the poll interval to pass.
+        let _ = crate::block_on::block_on_timeout(async { rx.wait_for(|s| *s > seen).await.map(|_| ()) }, wait);
+        self.query_blocking(&q)
+    }
+}
+
+fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError> {
+    let path = &config.path;
+    let err = |e| sqlite_error(path, e, None);
+    // IMMEDIATE: two processes creating the same database at once serialize here.
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
+    let result = (|| -> Result<(), StoreError> {
+        conn.execute_batch(SCHEMA).map_err(err)?;
+        match meta_string(conn, "format").map_err(err)? {
+            Some(f) if f == FORMAT => return Ok(()),
+            Some(f) => {
+                return Err(StoreError::Format { path: path.clone(), found: f, expected: FORMAT.into() });
+            }
+            None => {}
+        }
+        let put = |k: &str, v: &[u8]| conn.execute("INSERT INTO meta(key, value) VALUES (?1, ?2)", params![k, v]).map(|_| ());
+        put("format", FORMAT.as_bytes()).map_err(err)?;
+        match config.encryption {
+            Encryption::Plaintext => put("encryption", b"none").map_err(err)?,
+            Encryption::Encrypted => {
+                let pass = config.passphrase.as_ref().ok_or_else(|| StoreError::NoKeyForNewDatabase { path: path.clone() })?;
+                let mut salt = [0u8; 16];
+                crypto::random_bytes(&mut salt);
+                let mut data_key = zeroize::Zeroizing::new([0u8; 32]);
+                crypto::random_bytes(data_key.as_mut());
+                let kek = crypto::derive_kek(pass.as_bytes(), &salt, config.kdf)
+                    .map_err(|d| StoreError::Open { path: path.clone(), detail: format!("key derivation failed: {d}") })?;
+                let wrapped = crypto::wrap_key(&kek, &data_key);
+                let kdf = serde_json::to_vec(&config.kdf).unwrap_or_default();
+                put("encryption", b"xchacha20poly1305").map_err(err)?;
+                put("key_source", b"passphrase-argon2id").map_err(err)?;
+                put("kdf", &kdf).map_err(err)?;
+                put("salt", &salt).map_err(err)?;
+                put("wrapped_key", &wrapped).map_err(err)?;
+            }
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => conn.execute_batch("COMMIT").map_err(err),
+        Err(e) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            Err(e)
+        }
+    }
+}
+
+fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCipher>, StoreError> {
+    let path = &config.path;
+    let not_ours = |detail: String| StoreError::Damaged { path: path.clone(), after_seq: None, detail };
+    let err = |e| sqlite_error(path, e, None);
+    let format = meta_string(conn, "format").map_err(|e| match e {
+        rusqlite::Error::SqliteFailure(..) => match sqlite_error(path, e, None) {
+            StoreError::Sqlite { detail, .. } => not_ours(format!("not an agent-runtime event database ({detail})")),
+            other => other,
+        },
+        e => err(e),
+    })?;
+    match format {
+        Some(f) if f == FORMAT => {}
+        Some(f) => return Err(StoreError::Format { path: path.clone(), found: f, expected: FORMAT.into() }),
+        None => return Err(not_ours("not an agent-runtime event database (no format marker)".into())),
+    }
+    let encryption = meta_string(conn, "encryption").map_err(err)?.unwrap_or_default();
+    match encryption.as_str() {
+        "none" => Ok(None),
+        "xchacha20poly1305" => {
+            let pass = config.passphrase.as_ref().ok_or_else(|| StoreError::MissingKey { path: path.clone() })?;
+            let missing = |what: &str| not_ours(format!("encryption metadata {what} is missing"));
+            let salt = get_meta(conn, "salt").map_err(err)?.ok_or_else(|| missing("salt"))?;
+            let wrapped = get_meta(conn, "wrapped_key").map_err(err)?.ok_or_else(|| missing("wrapped_key"))?;
+            let kdf: KdfParams = get_meta(conn, "kdf")
+                .map_err(err)?
+                .and_then(|v| serde_json::from_slice(&v).ok())
+                .ok_or_else(|| missing("kdf"))?;
+            let kek = crypto::derive_kek(pass.as_bytes(), &salt, kdf).map_err(|d| not_ours(format!("bad key derivation parameters: {d}")))?;
+            let data_key = crypto::unwrap_key(&kek, &wrapped).ok_or_else(|| StoreError::WrongKey { path: path.clone() })?;
+            Ok(Some(PayloadCipher::new(&data_key)))
+        }
+        other => Err(StoreError::Format { path: path.clone(), found: format!("encryption {other:?}"), expected: "none or xchacha20poly1305".into() }),
+    }
+}
+
+pub(crate) fn read_head(conn: &Connection, path: &Path) -> Result<Option<(u64, Hash32)>, StoreError> {
+    let row: Option<(i64, Vec<u8>)> = conn
+        .query_row("SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .map_err(|e| sqlite_error(path, e, None))?;
+    Ok(row.map(|(s, h)| (u64::try_from(s).unwrap_or(0), Hash32::from_slice(&h).unwrap_or_default())))
+}
+
+/// The head recorded in `meta` at each commit: lets verify notice events cut off the end.
+pub(crate) fn read_recorded_head(conn: &Connection, path: &Path) -> Result<Option<u64>, StoreError> {
+    let v = get_meta(conn, "head_seq").map_err(|e| sqlite_error(path, e, None))?;
+    Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok()).map(u64::from_be_bytes))
+}
+
+pub(crate) fn query_sql_for_export(q: &EventQuery) -> (String, Vec<rusqlite::types::Value>) {
+    query_sql(q)
+}
+
+fn query_sql(q: &EventQuery) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value as V;
+    let mut sql = format!("SELECT {SELECT_COLUMNS} FROM events WHERE 1=1");
+    let mut args: Vec<V> = Vec::new();
+    if let Some(r) = &q.run_id {
+        sql.push_str(" AND run_id = ?");
+        args.push(V::Blob(r.as_bytes().to_vec()));
+    }
+    if !q.kinds.is_empty() {
+        sql.push_str(" AND kind IN (");
+        for (i, k) in q.kinds.iter().enumerate() {
+            sql.push_str(if i == 0 { "?" } else { ",?" });
+            args.push(V::Text(k.as_str().to_string()));
+        }
+        sql.push(')');
+    }
+    if let Some(t) = q.since {
+        sql.push_str(" AND time_ns >= ?");
+        args.push(V::Integer(i64::try_from(t.as_unix_nanos()).unwrap_or(i64::MAX)));
+    }
+    if let Some(t) = q.until {
+        sql.push_str(" AND time_ns < ?");
+        args.push(V::Integer(i64::try_from(t.as_unix_nanos()).unwrap_or(i64::MAX)));
+    }
+    if let Some(s) = q.after_seq {
+        sql.push_str(" AND seq > ?");
+        args.push(V::Integer(i64::try_from(s).unwrap_or(i64::MAX)));
+    }
+    sql.push_str(" ORDER BY seq");
+    if let Some(l) = q.limit {
+        sql.push_str(" LIMIT ?");
+        args.push(V::Integer(i64::try_from(l).unwrap_or(i64::MAX)));
+    }
+    (sql, args)
+}
+
+fn writer_loop(mut conn: Connection, path: PathBuf, mut rx: mpsc::Receiver<WriteRequest>, last_seq: watch::Sender<u64>) {
+    let mut batch: Vec<WriteRequest> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        let mut n = first.events.len();
+        batch.push(first);
+        while n < MAX_BATCH_EVENTS {
+            match rx.try_recv() {
+                Ok(req) => {
+                    n += req.events.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        match commit_batch(&mut conn, &path, &batch) {
+            Ok((results, head)) => {
+                let _ = last_seq.send(head);
+                for (req, res) in batch.drain(..).zip(results) {
+                    let Reply::Async(tx) = req.reply;
+                    let _ = tx.send(Ok(res));
+                }
+            }
+            Err(detail) => {
+                for req in batch.drain(..) {
+                    let Reply::Async(tx) = req.reply;
+                    let _ = tx.send(Err(StoreError::Sqlite { path: path.clone(), detail: format!("append failed, nothing written: {detail}") }));
+                }
+            }
+        }
+    }
+    // Leave a checkpointed database behind so that the file alone holds every event.
+    let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
+}
+
+/// Numbers, chains and inserts every event of `batch` in one transaction.
+fn commit_batch(conn: &mut Connection, path: &Path, batch: &[WriteRequest]) -> Result<(Vec<Vec<Appended>>, u64), String> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| e.to_string())?;
+    // Re-read the head inside the write lock: another process may have appended since.
+    let head = read_head(&tx, path).map_err(|e| e.to_string())?;
+    let (mut seq, mut prev) = head.unwrap_or((0, Hash32::GENESIS));
+    let mut results = Vec::with_capacity(batch.len());
+    {
+        let mut stmt = tx
+            .prepare_cached("INSERT INTO events (seq, run_id, task_id, actor, kind, time_ns, payload, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
+            .map_err(|e| e.to_string())?;
+        for req in batch {
+            let mut landed = Vec::with_capacity(req.events.len());
+            for ev in &req.events {
+                seq += 1;
+                let hash = chain_hash(&prev, seq, &ev.body);
+                stmt.execute(params![
+                    i64::try_from(seq).unwrap_or(i64::MAX),
+                    &ev.run_id[..],
+                    ev.task_id.as_ref().map(|t| &t[..]),
+                    ev.actor,
+                    ev.kind,
+                    ev.time_ns,
+                    ev.stored,
+                    &prev.0[..],
+                    &hash.0[..],
+                ])
+                .map_err(|e| e.to_string())?;
+                landed.push(Appended { seq, hash });
+                prev = hash;
+            }
+            results.push(landed);
+        }
+    }
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES ('head_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [&seq.to_be_bytes()[..]],
+    )
+    .map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| e.to_string())?;
+    Ok((results, seq))
+}
+
+#[agent_runtime_core::async_trait]
+impl agent_runtime_core::EventSink for Store {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, agent_runtime_core::SinkError> {
+        Store::append(self, events).await.map_err(Into::into)
+    }
+}
+
+#[agent_runtime_core::async_trait]
+impl agent_runtime_core::EventSource for Store {
+    async fn query(&self, query: EventQuery) -> Result<Vec<Envelope>, agent_runtime_core::SinkError> {
+        let store = self.clone();
+        let run = move || store.query_blocking(&query);
+        let result = match tokio::runtime::Handle::try_current() {
+            Ok(h) => h.spawn_blocking(run).await.map_err(|e| StoreError::WriterGone { path: self.inner.path.clone(), detail: e.to_string() })?,
+            Err(_) => run(),
+        };
+        result.map_err(Into::into)
+    }
+}

@@ -1,0 +1,436 @@
+//! Verification of the hash chain, over a database or an exported bundle.
+
+use std::fmt;
+use std::io::BufRead;
+use std::path::Path;
+
+use agent_runtime_core::{Envelope, Hash32, chain_hash, push_canonical_payload};
+use serde::Serialize;
+
+use crate::error::{StoreError, sqlite_error};
+use crate::pipeline::ordered_parallel;
+use crate::store::{RawRow, SELECT_COLUMNS, Store, read_recorded_head};
+
+const BATCH: usize = 2048;
+/// How far from its place an event is looked for when its hash does not match its place.
+const REORDER_WINDOW: u64 = 64;
+
+/// What is wrong at the first broken place in a chain.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ProblemKind {
+    /// An event's content differs from what was hashed.
+    PayloadChanged,
+    /// A sequence number is missing.
+    EventMissing,
+    /// An event sits at another place than the one it was written at.
+    OrderChanged,
+    /// An event does not link to the one before it.
+    ChainBroken,
+    /// Payloads do not decrypt: the data key is not the one they were sealed under.
+    WrongKey,
+    /// Events are missing from the end (the recorded head is further on).
+    TailMissing,
+    /// The file could not be read past this point.
+    Damaged,
+}
+
+impl fmt::Display for ProblemKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ProblemKind::PayloadChanged => "payload changed",
+            ProblemKind::EventMissing => "event missing",
+            ProblemKind::OrderChanged => "order changed",
+            ProblemKind::ChainBroken => "chain broken",
+            ProblemKind::WrongKey => "wrong key",
+            ProblemKind::TailMissing => "events missing at the end",
+            ProblemKind::Damaged => "file damaged",
+        })
+    }
+}
+
+/// The first broken place in a chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Problem {
+    /// The first sequence number that does not verify.
+    pub seq: u64,
+    /// What is wrong there.
+    pub kind: ProblemKind,
+    /// Details in words.
+    pub detail: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "sequence {}: {}: {}", self.seq, self.kind, self.detail)
+    }
+}
+
+/// The outcome of a verification.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VerifyReport {
+    /// Events that verified before the first problem (all of them when there is none).
+    pub events: u64,
+    /// Sequence number of the last event that verified.
+    pub last_seq: u64,
+    /// Hash of the last event that verified: the chain head when there is no problem.
+    pub head: Hash32,
+    /// The first problem, if any.
+    pub problem: Option<Problem>,
+}
+
+/// One row's check, made on a worker.
+pub(crate) struct Checked {
+    seq: u64,
+    prev_hash: Hash32,
+    hash: Hash32,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    Ok,
+    HashMismatch { body: Vec<u8> },
+    Undecryptable,
+    Malformed(String),
+}
+
+/// Walks checked rows in order and finds the first problem.
+struct ChainChecker {
+    expected_seq: u64,
+    prev: Hash32,
+    events: u64,
+    /// An undecryptable row waiting to see whether the next one is too (then: wrong key).
+    undecryptable: Option<u64>,
+    problem: Option<Problem>,
+}
+
+impl ChainChecker {
+    fn new() -> Self {
+        ChainChecker { expected_seq: 1, prev: Hash32::GENESIS, events: 0, undecryptable: None, problem: None }
+    }
+
+    /// Returns false once a problem is found.
+    fn push(&mut self, c: Checked) -> bool {
+        if self.problem.is_some() {
+            return false;
+        }
+        if let Some(seq) = self.undecryptable.take() {
+            let kind = if matches!(c.outcome, Outcome::Undecryptable) { ProblemKind::WrongKey } else { ProblemKind::PayloadChanged };
+            let detail = if kind == ProblemKind::WrongKey {
+                "payloads do not decrypt under this database's data key".to_string()
+            } else {
+                "payload does not decrypt: its ciphertext or metadata was changed".to_string()
+            };
+            self.problem = Some(Problem { seq, kind, detail });
+            return false;
+        }
+        let fail = |kind, detail: String| Some(Problem { seq: c.seq, kind, detail });
+        if c.seq != self.expected_seq {
+            self.problem = if c.seq > self.expected_seq {
+                Some(Problem {
+                    seq: self.expected_seq,
+                    kind: ProblemKind::EventMissing,
+                    detail: format!("the sequence jumps from {} to {}", self.expected_seq - 1, c.seq),
+                })
+            } else {
+                fail(ProblemKind::OrderChanged, format!("sequence {} appears after {}", c.seq, self.expected_seq - 1))
+            };
+            return false;
+        }
+        match c.outcome {
+            Outcome::Ok if c.prev_hash == self.prev => {}
+            Outcome::Ok => {
+                self.problem = fail(
+                    ProblemKind::ChainBroken,
+                    format!("its prev_hash does not match the hash of event {}", c.seq - 1),
+                );
+                return false;
+            }
+            Outcome::Undecryptable => {
+                self.undecryptable = Some(c.seq);
+                self.expected_seq += 1;
+                return true;
+            }
+            Outcome::Malformed(detail) => {
+                self.problem = fail(ProblemKind::PayloadChanged, detail);
+                return false;
+            }
+            Outcome::HashMismatch { body } => {
+                // Written at another place? Then it was moved (swapped, or renumbered after a
+                // deletion); otherwise its content changed.
+                let lo = c.seq.saturating_sub(REORDER_WINDOW).max(1);
+                let written_at = (lo..=c.seq + REORDER_WINDOW)
+                    .filter(|&m| m != c.seq)
+                    .find(|&m| chain_hash(&c.prev_hash, m, &body) == c.hash);
+                self.problem = match written_at {
+                    Some(m) => fail(
+                        ProblemKind::OrderChanged,
+                        format!("the event here was written as sequence {m} (events were moved or removed)"),
+                    ),
+                    None if c.prev_hash != self.prev => fail(
+                        ProblemKind::ChainBroken,
+                        format!("its prev_hash does not match event {} and its hash does not match its content", c.seq - 1),
+                    ),
+                    None => fail(ProblemKind::PayloadChanged, "its content does not match its hash".into()),
+                };
+                return false;
+            }
+        }
+        self.prev = c.hash;
+        self.expected_seq += 1;
+        self.events += 1;
+        true
+    }
+
+    fn finish(mut self, recorded_head: Option<u64>, what: &str) -> VerifyReport {
+        if self.problem.is_none()
+            && let Some(seq) = self.undecryptable.take()
+        {
+            self.problem = Some(Problem {
+                seq,
+                kind: ProblemKind::PayloadChanged,
+                detail: "payload does not decrypt: its ciphertext or metadata was changed".into(),
+            });
+        }
+        let last_seq = self.expected_seq - 1;
+        if self.problem.is_none()
+            && let Some(head) = recorded_head
+            && head > last_seq
+        {
+            self.problem = Some(Problem {
+                seq: last_seq + 1,
+                kind: ProblemKind::TailMissing,
+                detail: format!("the {what} records {head} events but only {last_seq} are present"),
+            });
+        }
+        VerifyReport { events: self.events, last_seq: self.events, head: self.prev, problem: self.problem }
+    }
+}
+
+impl Store {
+    /// Verifies the whole chain: every event's hash against its content and place, every link,
+    /// and the recorded head. Decrypts every payload, spreading the work over the cores.
+    ///
+    /// A returned report with a `problem` means the log was changed; `Err` means it could not be
+    /// read at all.
+    pub fn verify(&self) -> Result<VerifyReport, StoreError> {
+        let path = self.inner.path.clone();
+        let recorded_head = {
+            let reader = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+            read_recorded_head(&reader, &path)?
+        };
+        let reader = &self.inner.reader;
+        let mut checker = ChainChecker::new();
+        let mut damaged: Option<StoreError> = None;
+        let result = ordered_parallel(
+            |emit| scan_rows(&reader.lock().unwrap_or_else(|p| p.into_inner()), &path, emit),
+            |rows: Vec<RawRow>| rows.into_iter().map(|r| self.check_row(r)).collect::<Vec<_>>(),
+            |checked| checked.into_iter().all(|c| checker.push(c)),
+        );
+        if let Err(e) = result {
+            damaged = Some(e);
+        }
+        if let Some(StoreError::Damaged { after_seq, detail, .. }) = &damaged
+            && checker.problem.is_none()
+        {
+            let seq = after_seq.map_or(1, |s| s + 1);
+            checker.problem = Some(Problem { seq, kind: ProblemKind::Damaged, detail: detail.clone() });
+            return Ok(checker.finish(None, "database"));
+        }
+        if let Some(e) = damaged {
+            return Err(e);
+        }
+        Ok(checker.finish(recorded_head, "database"))
+    }
+
+    fn check_row(&self, r: RawRow) -> Checked {
+        let (prev_hash, hash) = match (Hash32::from_slice(&r.prev_hash), Hash32::from_slice(&r.hash)) {
+            (Some(p), Some(h)) => (p, h),
+            _ => {
+                return Checked {
+                    seq: r.seq,
+                    prev_hash: Hash32::GENESIS,
+                    hash: Hash32::GENESIS,
+                    outcome: Outcome::Malformed("its hash columns are not 32 bytes".into()),
+                };
+            }
+        };
+        let header = r.header();
+        let plain = match &self.inner.cipher {
+            None => r.payload,
+            Some(c) => match c.open(&r.payload, &header) {
+                Some(p) => p,
+                None => return Checked { seq: r.seq, prev_hash, hash, outcome: Outcome::Undecryptable },
+            },
+        };
+        let mut body = header;
+        push_canonical_payload(&mut body, &plain);
+        let outcome = if chain_hash(&prev_hash, r.seq, &body) == hash { Outcome::Ok } else { Outcome::HashMismatch { body } };
+        Checked { seq: r.seq, prev_hash, hash, outcome }
+    }
+}
+
+/// Reads every row in sequence order in batches; a read error becomes `Damaged` after the last
+/// sequence number read.
+pub(crate) fn scan_rows(
+    conn: &rusqlite::Connection,
+    path: &Path,
+    emit: &mut dyn FnMut(Vec<RawRow>) -> bool,
+) -> Result<(), StoreError> {
+    let mut last: Option<u64> = None;
+    let damaged = |e: rusqlite::Error, last: Option<u64>| match sqlite_error(path, e, last) {
+        StoreError::Sqlite { path, detail } => StoreError::Damaged { path, after_seq: last, detail },
+        other => other,
+    };
+    let mut stmt = conn
+        .prepare(&format!("SELECT {SELECT_COLUMNS} FROM events ORDER BY seq"))
+        .map_err(|e| damaged(e, None))?;
+    let mut rows = stmt.query([]).map_err(|e| damaged(e, None))?;
+    let mut batch = Vec::with_capacity(BATCH);
+    loop {
+        let row = match rows.next() {
+            Ok(Some(row)) => row,
+            Ok(None) => break,
+            Err(e) => return Err(damaged(e, last)),
+        };
+        let raw = RawRow::from_row(row).map_err(|e| damaged(e, last))?;
+        last = Some(raw.seq);
+        batch.push(raw);
+        if batch.len() == BATCH && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))) {
+            return Ok(());
+        }
+    }
+    if !batch.is_empty() {
+        emit(batch);
+    }
+    Ok(())
+}
+
+/// The first line of a bundle.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub(crate) struct BundleHeader {
+    pub agent_runtime_bundle: u32,
+}
+
+/// The last line of a bundle: the chain head it must end at.
+#[derive(Debug, Serialize, serde::Deserialize)]
+pub(crate) struct BundleTrailer {
+    pub chain_head: ChainHead,
+}
+
+/// The head of a chain: how many events and the last hash.
+#[derive(Debug, Clone, Copy, Serialize, serde::Deserialize)]
+pub(crate) struct ChainHead {
+    pub seq: u64,
+    pub hash: Hash32,
+}
+
+/// Verifies a bundle written by `export --format bundle`, offline: no database and no key.
+///
+/// ```no_run
+/// let report = agent_runtime_store::verify_bundle(std::path::Path::new("audit.bundle.jsonl")).unwrap();
+/// assert!(report.problem.is_none());
+/// ```
+pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
+    let file = std::fs::File::open(path).map_err(|source| StoreError::Io { what: "cannot open bundle", path: path.to_path_buf(), source })?;
+    let mut lines = std::io::BufReader::new(file).lines();
+    let bad = |line: u64, detail: String| StoreError::BadBundle { path: path.to_path_buf(), line, detail };
+    let io = |source| StoreError::Io { what: "cannot read bundle", path: path.to_path_buf(), source };
+    let first = lines.next().transpose().map_err(io)?.ok_or_else(|| bad(1, "empty file: not a bundle".into()))?;
+    let header: BundleHeader = serde_json::from_str(&first).map_err(|_| bad(1, "not an agent-runtime bundle (no bundle header)".into()))?;
+    if header.agent_runtime_bundle != 1 {
+        return Err(bad(1, format!("bundle version {} is not supported (this build reads 1)", header.agent_runtime_bundle)));
+    }
+    let mut checker = ChainChecker::new();
+    let mut trailer: Option<(u64, ChainHead)> = None;
+    let mut line_no = 1u64;
+    let mut read_error: Option<StoreError> = None;
+    let result = ordered_parallel(
+        |emit| {
+            let mut batch = Vec::with_capacity(BATCH);
+            for line in lines.by_ref() {
+                line_no += 1;
+                let line = line.map_err(io)?;
+                if trailer.is_some() {
+                    return Err(bad(line_no, "data after the chain head".into()));
+                }
+                if line.starts_with("{\"chain_head\"") {
+                    let t: BundleTrailer = serde_json::from_str(&line).map_err(|e| bad(line_no, format!("bad chain head: {e}")))?;
+                    trailer = Some((line_no, t.chain_head));
+                    continue;
+                }
+                batch.push((line_no, line));
+                if batch.len() == BATCH && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))) {
+                    return Ok(());
+                }
+            }
+            if !batch.is_empty() {
+                emit(batch);
+            }
+            Ok(())
+        },
+        |lines: Vec<(u64, String)>| {
+            lines
+                .into_iter()
+                .map(|(n, l)| match serde_json::from_str::<Envelope>(&l) {
+                    Ok(env) => {
+                        let body = env.to_new_event().canonical_body();
+                        let outcome = if chain_hash(&env.prev_hash, env.seq, &body) == env.hash {
+                            Outcome::Ok
+                        } else {
+                            Outcome::HashMismatch { body }
+                        };
+                        Ok(Checked { seq: env.seq, prev_hash: env.prev_hash, hash: env.hash, outcome })
+                    }
+                    Err(e) => Err(bad(n, format!("not an audit envelope: {e}"))),
+                })
+                .collect::<Vec<_>>()
+        },
+        |checked| {
+            for c in checked {
+                match c {
+                    Ok(c) => {
+                        if !checker.push(c) {
+                            return false;
+                        }
+                    }
+                    Err(e) => {
+                        read_error = Some(e);
+                        return false;
+                    }
+                }
+            }
+            true
+        },
+    );
+    result?;
+    if let Some(e) = read_error {
+        return Err(e);
+    }
+    if checker.problem.is_some() {
+        return Ok(checker.finish(None, "bundle"));
+    }
+    match trailer {
+        None => {
+            let seq = checker.expected_seq;
+            let mut report = checker.finish(None, "bundle");
+            report.problem = Some(Problem {
+                seq,
+                kind: ProblemKind::TailMissing,
+                detail: "the bundle has no chain head: it was cut short".into(),
+            });
+            Ok(report)
+        }
+        Some((_, head)) => {
+            let mut report = checker.finish(Some(head.seq), "bundle's chain head");
+            if report.problem.is_none() && (head.seq != report.last_seq || head.hash != report.head) {
+                report.problem = Some(Problem {
+                    seq: head.seq,
+                    kind: ProblemKind::ChainBroken,
+                    detail: format!("the chain ends at {} with hash {} but the chain head says {} with {}", report.last_seq, report.head, head.seq, head.hash),
+                });
+            }
+            Ok(report)
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! Append, query, follow, verify and export against a real SQLite file.
+
+mod common;
+
+use std::time::Duration;
+
+use agent_runtime_core::{Envelope, EventKind, EventQuery, RunId, Timestamp};
+use agent_runtime_store::{ExportFormat, ProblemKind, Store, StoreConfig, StoreError, verify_bundle};
+use common::*;
+
+#[test]
+fn encrypted_round_trip_and_payloads_are_not_in_clear() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("e.db");
+    let store = open_encrypted(&path);
+    assert!(store.is_encrypted());
+    let mut evs = events(1, 20);
+    evs[3].payload = serde_json::json!({"secret_marker": "PLAINTEXT-CANARY-1234"});
+    let landed = store.append_blocking(evs.clone()).unwrap();
+    assert_eq!(landed.iter().map(|a| a.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    let back = store.query_blocking(&EventQuery::default()).unwrap();
+    assert_eq!(back.len(), 20);
+    for (b, e) in back.iter().zip(&evs) {
+        assert_eq!(b.to_new_event(), *e);
+        assert_eq!(b.computed_hash(), b.hash);
+    }
+    drop(store);
+    let bytes = std::fs::read(&path).unwrap();
+    let canary = b"PLAINTEXT-CANARY-1234";
+    assert!(!bytes.windows(canary.len()).any(|w| w == canary), "payload found in clear in the database file");
+}
+
+#[test]
+fn plaintext_only_by_name_and_queries_work_without_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("p.db");
+    // No passphrase and no --plaintext: refused, and nothing half-made is left behind that
+    // would later open as plaintext.
+    let err = Store::open(StoreConfig::new(&path)).unwrap_err();
+    assert!(matches!(err, StoreError::NoKeyForNewDatabase { .. }), "{err}");
+    let store = Store::open(StoreConfig::plaintext(&path)).unwrap();
+    assert!(!store.is_encrypted());
+    store.append_blocking(events(2, 5)).unwrap();
+    assert_eq!(store.verify().unwrap().events, 5);
+}
+
+#[test]
+fn queries_by_run_kind_time_and_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_encrypted(&dir.path().join("q.db"));
+    store.append_blocking(events(1, 30)).unwrap();
+    store.append_blocking(events(2, 30)).unwrap();
+    let run2 = RunId::from_bytes([2; 16]);
+    let by_run = store.query_blocking(&EventQuery { run_id: Some(run2), ..Default::default() }).unwrap();
+    assert_eq!(by_run.len(), 30);
+    assert!(by_run.iter().all(|e| e.run_id == run2));
+    let by_kind = store.query_blocking(&EventQuery { kinds: vec![EventKind::TaskStarted], ..Default::default() }).unwrap();
+    assert_eq!(by_kind.len(), 20);
+    let by_time = store
+        .query_blocking(&EventQuery {
+            since: Some(Timestamp::from_unix_nanos(5_000_000_000)),
+            until: Some(Timestamp::from_unix_nanos(10_000_000_000)),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(by_time.len(), 10); // i in 5..10 for both runs
+    let page = store.query_blocking(&EventQuery { after_seq: Some(55), limit: Some(3), ..Default::default() }).unwrap();
+    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![56, 57, 58]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_concurrent_appenders_form_one_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_encrypted(&dir.path().join("c.db"));
+    let mut tasks = Vec::new();
+    for run in 0..16u8 {
+        let store = store.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut seqs = Vec::new();
+            for chunk in events(run, 200).chunks(7) {
+                for a in store.append(chunk.to_vec()).await.unwrap() {
+                    seqs.push(a.seq);
+                }
+            }
+            seqs
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        let seqs = t.await.unwrap();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one appender's events keep their order");
+        all.extend(seqs);
+    }
+    all.sort_unstable();
+    assert_eq!(all, (1..=3200).collect::<Vec<_>>());
+    let report = store.verify().unwrap();
+    assert_eq!((report.events, report.problem), (3200, None));
+    // Each run's events come back in the order that run appended them.
+    for run in 0..16u8 {
+        let got = store.query_blocking(&EventQuery { run_id: Some(RunId::from_bytes([run; 16])), ..Default::default() }).unwrap();
+        let is: Vec<u64> = got.iter().map(|e| e.payload["i"].as_u64().unwrap()).collect();
+        assert_eq!(is, (1..=200).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn follow_sees_events_committed_after_it_started_waiting() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_encrypted(&dir.path().join("f.db"));
+    store.append_blocking(events(1, 3)).unwrap();
+    let writer = store.clone();
+    let t = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        writer.append_blocking(events(1, 2)).unwrap();
+    });
+    let mut seen = Vec::new();
+    for _ in 0..50 {
+        seen.extend(store.follow_blocking(&EventQuery::default(), seen.last().map_or(3, |e: &Envelope| e.seq), Duration::from_millis(200)).unwrap());
+        if seen.len() >= 2 {
+            break;
+        }
+    }
+    t.join().unwrap();
+    assert_eq!(seen.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![4, 5]);
+}
+
+#[test]
+fn empty_append_and_oversized_payload() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::plaintext(dir.path().join("o.db"))).unwrap();
+    assert!(store.append_blocking(vec![]).unwrap().is_empty());
+    let mut big = event(1, 1);
+    big.payload = serde_json::json!({"blob": "y".repeat(17 * 1024 * 1024)});
+    let err = store.append_blocking(vec![event(1, 2), big]).unwrap_err();
+    assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+    // The batch was refused whole: nothing half-written.
+    assert_eq!(store.head().unwrap(), None);
+}
+
+#[test]
+fn read_only_open_needs_an_existing_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Store::open(StoreConfig::plaintext(dir.path().join("none.db")).read_only()).unwrap_err();
+    assert!(err.to_string().contains("no event database at"), "{err}");
+    assert!(!dir.path().join("none.db").exists());
+    let path = dir.path().join("r.db");
+    Store::open(StoreConfig::plaintext(&path)).unwrap().append_blocking(events(1, 2)).unwrap();
+    let ro = Store::open(StoreConfig::plaintext(&path).read_only()).unwrap();
+    assert_eq!(ro.verify().unwrap().events, 2);
+    assert!(matches!(ro.append_blocking(events(1, 1)).unwrap_err(), StoreError::ReadOnly { .. }));
+}
+
+#[test]
+fn jsonl_export_round_trips_and_rechains() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_encrypted(&dir.path().join("x.db"));
+    store.append_blocking(events(1, 5000)).unwrap();
+    let mut out = Vec::new();
+    let summary = store.export(&EventQuery::default(), ExportFormat::Jsonl, &mut out).unwrap();
+    assert_eq!(summary.events, 5000);
+    assert_eq!(summary.bytes as usize, out.len());
+    let text = String::from_utf8(out).unwrap();
+    let mut prev = agent_runtime_core::Hash32::GENESIS;
+    for (i, line) in text.lines().enumerate() {
+        let env: Envelope = serde_json::from_str(line).unwrap();
+        assert_eq!(env.seq, i as u64 + 1);
+        assert_eq!(env.prev_hash, prev);
+        assert_eq!(env.computed_hash(), env.hash, "an exported envelope re-hashes to its hash");
+        prev = env.hash;
+    }
+    // Filtered export.
+    let mut out = Vec::new();
+    let q = EventQuery { kinds: vec![EventKind::TaskStarted], ..Default::default() };
+    assert_eq!(store.export(&q, ExportFormat::Jsonl, &mut out).unwrap().events, 1666);
+}
+
+#[test]
+fn otlp_export_is_otlp_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_encrypted(&dir.path().join("o.db"));
+    store.append_blocking(events(7, 1100)).unwrap();
+    let mut out = Vec::new();
+    store.export(&EventQuery::default(), ExportFormat::Otlp, &mut out).unwrap();
+    let mut records = 0;
+    for line in String::from_utf8(out).unwrap().lines() {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        let recs = v["resourceLogs"][0]["scopeLogs"][0]["logRecords"].as_array().unwrap();
+        for r in recs {
+            assert_eq!(r["traceId"].as_str().unwrap(), "07".repeat(16));
+            assert!(r["timeUnixNano"].as_str().unwrap().parse::<u64>().is_ok());
+            let body: serde_json::Value = serde_json::from_str(r["body"]["stringValue"].as_str().unwrap()).unwrap();
+            assert_eq!(body["run"], 7);
+        }
+        records += recs.len();
+    }
+    assert_eq!(records, 1100);
+}
+
+#[test]
+fn bundle_verifies_offline_and_catches_edits() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open_encrypted(&dir.path().join("b.db"));
+    store.append_blocking(events(1, 3000)).unwrap();
+    let bundle = dir.path().join("audit.bundle.jsonl");
+    store.export(&EventQuery::default(), ExportFormat::Bundle, std::fs::File::create(&bundle).unwrap()).unwrap();
+    drop(store);
+    let report = verify_bundle(&bundle).unwrap();
+    assert_eq!((report.events, report.problem.clone()), (3000, None));
+
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Change one payload value.
+    let edited = text.replacen("\"i\":1234,", "\"i\":1235,", 1);
+    std::fs::write(&bundle, &edited).unwrap();
+    let p = verify_bundle(&bundle).unwrap().problem.unwrap();
+    assert_eq!((p.seq, p.kind), (1234, ProblemKind::PayloadChanged));
+    // Drop an event.
+    let mut dropped = lines.clone();
+    dropped.remove(100); // line 100 is seq 100 (line 0 is the header)
+    std::fs::write(&bundle, dropped.join("\n") + "\n").unwrap();
+    let p = verify_bundle(&bundle).unwrap().problem.unwrap();
+    assert_eq!((p.seq, p.kind), (100, ProblemKind::EventMissing));
+    // Cut short.
+    std::fs::write(&bundle, lines[..2000].join("\n") + "\n").unwrap();
+    let p = verify_bundle(&bundle).unwrap().problem.unwrap();
+    assert_eq!((p.seq, p.kind), (2000, ProblemKind::TailMissing));
+    // Not a bundle.
+    std::fs::write(&bundle, "hello\n").unwrap();
+    let err = verify_bundle(&bundle).unwrap_err();
+    assert!(err.to_string().contains("line 1"), "{err}");
+    // A bundle cannot be filtered.
+    let store = open_encrypted(&dir.path().join("b.db"));
+    let q = EventQuery { run_id: Some(RunId::from_bytes([1; 16])), ..Default::default() };
+    assert!(store.export(&q, ExportFormat::Bundle, Vec::new()).is_err());
+}
