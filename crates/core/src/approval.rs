@@ -74,7 +74,10 @@ impl ApprovalSink for DenyAll {
         cancel: CancellationToken,
     ) -> Result<ApprovalDecision, ApprovalError> {
         if cancel.is_cancelled() {
-            return Err(ClassifiedError::new(ErrorClass::Cancelled, "approval request cancelled"));
+            return Err(ClassifiedError::new(
+                ErrorClass::Cancelled,
+                "approval request cancelled",
+            ));
         }
         Ok(ApprovalDecision {
             approved: false,

@@ -100,7 +100,9 @@ impl ErrorClass {
 /// An error with a class and a message, as it crosses a capability boundary.
 ///
 /// Messages must never contain secrets; they are recorded in events.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, thiserror::Error)]
+#[derive(
+    Clone, Debug, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, thiserror::Error,
+)]
 #[error("{class}: {message}")]
 pub struct ClassifiedError {
     /// The error class.
@@ -112,6 +114,9 @@ pub struct ClassifiedError {
 impl ClassifiedError {
     /// An error of `class` saying `message`.
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        ClassifiedError { class, message: message.into() }
+        ClassifiedError {
+            class,
+            message: message.into(),
+        }
     }
 }

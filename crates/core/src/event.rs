@@ -81,7 +81,9 @@ impl fmt::Display for Actor {
 impl FromStr for Actor {
     type Err = ActorError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ActorError { input: s.to_string() };
+        let err = || ActorError {
+            input: s.to_string(),
+        };
         if s == "system" {
             return Ok(Actor::System);
         }
@@ -273,7 +275,9 @@ impl FromStr for Hash32 {
     type Err = HashError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let mut out = [0u8; 32];
-        hex::decode_to_slice(s, &mut out).map_err(|_| HashError { input: s.to_string() })?;
+        hex::decode_to_slice(s, &mut out).map_err(|_| HashError {
+            input: s.to_string(),
+        })?;
         Ok(Hash32(out))
     }
 }
@@ -412,13 +416,34 @@ impl Envelope {
     /// Numbers and chains `event` after `prev_hash`.
     pub fn seal(seq: u64, prev_hash: Hash32, event: NewEvent) -> Envelope {
         let hash = chain_hash(&prev_hash, seq, &event.canonical_body());
-        let NewEvent { run_id, task_id, actor, kind, time, payload } = event;
-        Envelope { seq, run_id, task_id, actor, kind, time, payload, prev_hash, hash }
+        let NewEvent {
+            run_id,
+            task_id,
+            actor,
+            kind,
+            time,
+            payload,
+        } = event;
+        Envelope {
+            seq,
+            run_id,
+            task_id,
+            actor,
+            kind,
+            time,
+            payload,
+            prev_hash,
+            hash,
+        }
     }
 
     /// The hash this envelope should have given its fields and `prev_hash`.
     pub fn computed_hash(&self) -> Hash32 {
-        chain_hash(&self.prev_hash, self.seq, &self.to_new_event().canonical_body())
+        chain_hash(
+            &self.prev_hash,
+            self.seq,
+            &self.to_new_event().canonical_body(),
+        )
     }
 
     /// The event without its place in the log.
@@ -440,6 +465,24 @@ pub fn chain_hash(prev_hash: &Hash32, seq: u64, body: &[u8]) -> Hash32 {
     h.update(&prev_hash.0);
     h.update(&seq.to_be_bytes());
     h.update(body);
+    Hash32(*h.finalize().as_bytes())
+}
+
+/// [`chain_hash`] of the body made of `header` (see [`canonical_header`]) and the canonical
+/// `payload` JSON, without building the body: what a verifier that reads stored parts uses.
+pub fn chain_hash_parts(
+    prev_hash: &Hash32,
+    seq: u64,
+    header: &[u8],
+    payload_json: &[u8],
+) -> Hash32 {
+    let mut h = blake3::Hasher::new();
+    h.update(&prev_hash.0);
+    h.update(&seq.to_be_bytes());
+    h.update(header);
+    let len = u32::try_from(payload_json.len()).unwrap_or(u32::MAX);
+    h.update(&len.to_be_bytes());
+    h.update(payload_json);
     Hash32(*h.finalize().as_bytes())
 }
 
@@ -516,10 +559,47 @@ mod tests {
         }
     }
 
+    /// The worked example of `docs/audit-format.md`: if this changes, the format changed.
+    #[test]
+    fn worked_example_of_the_audit_format() {
+        let ev = NewEvent {
+            run_id: "01936f9e-1c3a-7c4d-8e5f-0a1b2c3d4e5f".parse().unwrap(),
+            task_id: None,
+            actor: Actor::Agent("writer".into()),
+            kind: EventKind::TaskCompleted,
+            time: "2026-01-02T03:04:05Z".parse().unwrap(),
+            payload: serde_json::json!({"output": {"text": "hi"}, "attempt": 1}),
+        };
+        let mut canonical = 1u64.to_be_bytes().to_vec();
+        canonical.extend(ev.canonical_body());
+        assert_eq!(
+            hex::encode(&canonical),
+            "000000000000000101936f9e1c3a7c4d8e5f0a1b2c3d4e5f000000000c6167656e743a7772697465720000000e7461736b2e636f6d706c657465641886caf21c963200000000247b22617474656d7074223a312c226f7574707574223a7b2274657874223a226869227d7d"
+        );
+        let env = Envelope::seal(1, Hash32::GENESIS, ev);
+        assert_eq!(
+            env.hash.to_string(),
+            "b07ac6a3d5f386f8c83f63304b4d5a7a2c28ac9b76bc5c1da3e5d17c3e0a9390"
+        );
+    }
+
     #[test]
     fn canonical_json_sorts_keys_at_every_depth() {
         let v = serde_json::json!({"z": {"y": 1, "x": 2}, "a": "é\n"});
-        assert_eq!(canonical_json(&v), "{\"a\":\"é\\n\",\"z\":{\"x\":2,\"y\":1}}".as_bytes());
+        assert_eq!(
+            canonical_json(&v),
+            "{\"a\":\"é\\n\",\"z\":{\"x\":2,\"y\":1}}".as_bytes()
+        );
+    }
+
+    #[test]
+    fn chain_hash_parts_equals_chain_hash_of_the_body() {
+        let e = event(serde_json::json!({"a": [1, 2]}));
+        let payload = canonical_json(&e.payload);
+        assert_eq!(
+            chain_hash_parts(&Hash32([3; 32]), 7, &e.canonical_header(), &payload),
+            chain_hash(&Hash32([3; 32]), 7, &e.canonical_body())
+        );
     }
 
     #[test]
@@ -542,7 +622,11 @@ mod tests {
 
     #[test]
     fn json_round_trip_keeps_the_hash() {
-        let e = Envelope::seal(3, Hash32([7; 32]), event(serde_json::json!({"f": 1.5, "s": "x"})));
+        let e = Envelope::seal(
+            3,
+            Hash32([7; 32]),
+            event(serde_json::json!({"f": 1.5, "s": "x"})),
+        );
         let text = serde_json::to_string(&e).unwrap();
         let back: Envelope = serde_json::from_str(&text).unwrap();
         assert_eq!(back.computed_hash(), e.hash);
@@ -560,6 +644,9 @@ mod tests {
     fn actor_strings() {
         assert!("agent:".parse::<Actor>().is_err());
         assert!("robot:x".parse::<Actor>().is_err());
-        assert_eq!("person:ann:b".parse::<Actor>().unwrap(), Actor::Person("ann:b".into()));
+        assert_eq!(
+            "person:ann:b".parse::<Actor>().unwrap(),
+            Actor::Person("ann:b".into())
+        );
     }
 }

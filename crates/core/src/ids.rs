@@ -17,7 +17,9 @@ use crate::time::Clock;
 
 /// The error for a string that is not an id of the expected kind.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {kind} id {input:?}: expected a UUID such as 01936f9e-1c3a-7c4d-8e5f-0a1b2c3d4e5f")]
+#[error(
+    "invalid {kind} id {input:?}: expected a UUID such as 01936f9e-1c3a-7c4d-8e5f-0a1b2c3d4e5f"
+)]
 pub struct IdError {
     kind: &'static str,
     input: String,
@@ -145,7 +147,10 @@ pub struct IdGenerator {
 impl IdGenerator {
     /// Ids whose random bits come from a generator seeded with `seed`: reproducible.
     pub fn seeded(seed: u64, clock: Arc<dyn Clock>) -> Self {
-        IdGenerator { clock, rng: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))) }
+        IdGenerator {
+            clock,
+            rng: Arc::new(Mutex::new(ChaCha8Rng::seed_from_u64(seed))),
+        }
     }
 
     /// Ids whose random bits come from a generator seeded by the operating system.

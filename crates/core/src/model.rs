@@ -52,7 +52,12 @@ pub struct Message {
 impl Message {
     /// A message of `role` with `content` and nothing else.
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message { role, content: content.into(), tool_calls: Vec::new(), tool_call_id: None }
+        Message {
+            role,
+            content: content.into(),
+            tool_calls: Vec::new(),
+            tool_call_id: None,
+        }
     }
 }
 
@@ -151,7 +156,10 @@ pub struct ModelError {
 impl ModelError {
     /// An error of `class` with `message` and no retry hint.
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Self {
-        ModelError { error: ClassifiedError::new(class, message), retry_after: None }
+        ModelError {
+            error: ClassifiedError::new(class, message),
+            retry_after: None,
+        }
     }
 }
 
@@ -173,10 +181,18 @@ pub trait ModelProvider: Send + Sync {
     fn id(&self) -> &str;
 
     /// Answers `request` in one piece.
-    async fn complete(&self, request: ModelRequest, ctx: CallContext) -> Result<ModelResponse, ModelError>;
+    async fn complete(
+        &self,
+        request: ModelRequest,
+        ctx: CallContext,
+    ) -> Result<ModelResponse, ModelError>;
 
     /// Answers `request` as a stream.
-    async fn stream(&self, request: ModelRequest, ctx: CallContext) -> Result<ModelStream, ModelError> {
+    async fn stream(
+        &self,
+        request: ModelRequest,
+        ctx: CallContext,
+    ) -> Result<ModelStream, ModelError> {
         let response = self.complete(request, ctx).await?;
         let (tx, rx) = mpsc::channel(1);
         // The receiver is alive (we hold it) and the channel has room for one item.

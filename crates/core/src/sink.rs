@@ -99,7 +99,10 @@ impl MemoryLog {
             let prev = log.last().map_or(Hash32::GENESIS, |e| e.hash);
             let seq = log.len() as u64 + 1;
             let env = Envelope::seal(seq, prev, event);
-            out.push(Appended { seq, hash: env.hash });
+            out.push(Appended {
+                seq,
+                hash: env.hash,
+            });
             log.push(env);
         }
         out
@@ -117,7 +120,10 @@ impl MemoryLog {
 
     /// Every event, in order.
     pub fn all(&self) -> Vec<Envelope> {
-        self.events.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.events
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 

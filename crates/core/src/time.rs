@@ -47,7 +47,10 @@ impl Timestamp {
 
     /// This time plus `d`, saturating at the far future.
     pub fn saturating_add(self, d: Duration) -> Self {
-        Timestamp(self.0.saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)))
+        Timestamp(
+            self.0
+                .saturating_add(u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        )
     }
 
     /// How long from `earlier` to `self`; zero when `earlier` is later.
@@ -62,7 +65,11 @@ impl Timestamp {
 
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", humantime::format_rfc3339_nanos(self.to_system_time()))
+        write!(
+            f,
+            "{}",
+            humantime::format_rfc3339_nanos(self.to_system_time())
+        )
     }
 }
 
@@ -77,7 +84,10 @@ pub struct TimestampError {
 impl FromStr for Timestamp {
     type Err = TimestampError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = |reason: String| TimestampError { input: s.to_string(), reason };
+        let err = |reason: String| TimestampError {
+            input: s.to_string(),
+            reason,
+        };
         let st = humantime::parse_rfc3339_weak(s).map_err(|e| err(e.to_string()))?;
         let d = st
             .duration_since(UNIX_EPOCH)
@@ -155,7 +165,9 @@ pub struct ManualClock {
 impl ManualClock {
     /// A clock showing `start`.
     pub fn new(start: Timestamp) -> Self {
-        ManualClock { nanos: Arc::new(AtomicU64::new(start.0)) }
+        ManualClock {
+            nanos: Arc::new(AtomicU64::new(start.0)),
+        }
     }
 
     /// Moves the clock forward by `d`.

@@ -7,7 +7,19 @@ use crate::context::CallContext;
 use crate::error::{ClassifiedError, ErrorClass};
 
 /// How much harm a tool can do; the safe default policy keys on it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+#[derive(
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum RiskClass {
     /// Reads data, changes nothing.
@@ -66,7 +78,10 @@ pub struct ToolOutput {
 impl ToolOutput {
     /// A complete output.
     pub fn new(value: Value) -> Self {
-        ToolOutput { value, truncated: false }
+        ToolOutput {
+            value,
+            truncated: false,
+        }
     }
 }
 

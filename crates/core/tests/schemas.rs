@@ -30,7 +30,17 @@ fn a_sealed_envelope_validates_against_its_schema_shape() {
     // The schema names every field the serializer writes.
     let schema = agent_runtime_core::schema::schema_of::<agent_runtime_core::Envelope>();
     let props = schema["properties"].as_object().unwrap();
-    for field in ["seq", "run_id", "task_id", "actor", "kind", "time", "payload", "prev_hash", "hash"] {
+    for field in [
+        "seq",
+        "run_id",
+        "task_id",
+        "actor",
+        "kind",
+        "time",
+        "payload",
+        "prev_hash",
+        "hash",
+    ] {
         assert!(props.contains_key(field), "schema lacks {field}");
     }
 }

@@ -60,16 +60,27 @@ impl Default for KdfParams {
     /// The OWASP-recommended minimum for Argon2id (19 MiB, 2 passes, 1 lane): tens of
     /// milliseconds per open.
     fn default() -> Self {
-        KdfParams { m_kib: 19 * 1024, t: 2, p: 1 }
+        KdfParams {
+            m_kib: 19 * 1024,
+            t: 2,
+            p: 1,
+        }
     }
 }
 
 /// Derives the key-encryption key from a passphrase.
-pub(crate) fn derive_kek(passphrase: &[u8], salt: &[u8], params: KdfParams) -> Result<Zeroizing<[u8; 32]>, String> {
-    let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32)).map_err(|e| e.to_string())?;
+pub(crate) fn derive_kek(
+    passphrase: &[u8],
+    salt: &[u8],
+    params: KdfParams,
+) -> Result<Zeroizing<[u8; 32]>, String> {
+    let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32))
+        .map_err(|e| e.to_string())?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p);
     let mut out = Zeroizing::new([0u8; 32]);
-    argon.hash_password_into(passphrase, salt, out.as_mut()).map_err(|e| e.to_string())?;
+    argon
+        .hash_password_into(passphrase, salt, out.as_mut())
+        .map_err(|e| e.to_string())?;
     Ok(out)
 }
 
@@ -110,7 +121,9 @@ fn open_with(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Option<Vec<u8>> {
     let (nonce, ct) = sealed.split_at(NONCE_LEN);
     let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
     let cipher = XChaCha20Poly1305::new(&Key::from(*key));
-    cipher.decrypt(&XNonce::from(nonce), Payload { msg: ct, aad }).ok()
+    cipher
+        .decrypt(&XNonce::from(nonce), Payload { msg: ct, aad })
+        .ok()
 }
 
 /// Seals and opens payloads under one data key.
@@ -120,7 +133,9 @@ pub(crate) struct PayloadCipher {
 
 impl PayloadCipher {
     pub(crate) fn new(data_key: &[u8; 32]) -> Self {
-        PayloadCipher { cipher: XChaCha20Poly1305::new(&Key::from(*data_key)) }
+        PayloadCipher {
+            cipher: XChaCha20Poly1305::new(&Key::from(*data_key)),
+        }
     }
 
     /// `0x01 ‖ nonce ‖ ciphertext ‖ tag` of `plaintext`, bound to `header`.
@@ -129,13 +144,40 @@ impl PayloadCipher {
         random_bytes(&mut nonce);
         let ct = self
             .cipher
-            .encrypt(&XNonce::from(nonce), Payload { msg: plaintext, aad: header })
+            .encrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: plaintext,
+                    aad: header,
+                },
+            )
             .unwrap_or_default();
         let mut out = Vec::with_capacity(1 + NONCE_LEN + ct.len());
         out.push(SEALED_V1);
         out.extend_from_slice(&nonce);
         out.extend_from_slice(&ct);
         out
+    }
+
+    /// Opens a sealed payload into `out` (cleared first), reusing its allocation; false when it
+    /// does not authenticate.
+    pub(crate) fn open_into(&self, sealed: &[u8], header: &[u8], out: &mut Vec<u8>) -> bool {
+        use chacha20poly1305::AeadInOut;
+        out.clear();
+        let Some((&version, rest)) = sealed.split_first() else {
+            return false;
+        };
+        if version != SEALED_V1 || rest.len() < NONCE_LEN + 16 {
+            return false;
+        }
+        let (nonce, ct) = rest.split_at(NONCE_LEN);
+        let Ok(nonce) = <[u8; NONCE_LEN]>::try_from(nonce) else {
+            return false;
+        };
+        out.extend_from_slice(ct);
+        self.cipher
+            .decrypt_in_place(&XNonce::from(nonce), header, out)
+            .is_ok()
     }
 
     /// The plaintext of a sealed payload; `None` when it does not authenticate.
@@ -146,7 +188,15 @@ impl PayloadCipher {
         }
         let (nonce, ct) = rest.split_at(NONCE_LEN);
         let nonce: [u8; NONCE_LEN] = nonce.try_into().ok()?;
-        self.cipher.decrypt(&XNonce::from(nonce), Payload { msg: ct, aad: header }).ok()
+        self.cipher
+            .decrypt(
+                &XNonce::from(nonce),
+                Payload {
+                    msg: ct,
+                    aad: header,
+                },
+            )
+            .ok()
     }
 }
 
@@ -169,10 +219,28 @@ mod tests {
 
     #[test]
     fn wrapped_key_opens_only_with_its_kek() {
-        let kek = derive_kek(b"pw", b"0123456789abcdef", KdfParams { m_kib: 64, t: 1, p: 1 }).unwrap();
+        let kek = derive_kek(
+            b"pw",
+            b"0123456789abcdef",
+            KdfParams {
+                m_kib: 64,
+                t: 1,
+                p: 1,
+            },
+        )
+        .unwrap();
         let wrapped = wrap_key(&kek, &[3; 32]);
         assert_eq!(*unwrap_key(&kek, &wrapped).unwrap(), [3; 32]);
-        let other = derive_kek(b"pw2", b"0123456789abcdef", KdfParams { m_kib: 64, t: 1, p: 1 }).unwrap();
+        let other = derive_kek(
+            b"pw2",
+            b"0123456789abcdef",
+            KdfParams {
+                m_kib: 64,
+                t: 1,
+                p: 1,
+            },
+        )
+        .unwrap();
         assert!(unwrap_key(&other, &wrapped).is_none());
     }
 }

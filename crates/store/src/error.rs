@@ -36,7 +36,9 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// A new encrypted database needs a key source.
-    #[error("no key to encrypt the new event database {path}: set AGENT_RUNTIME_PASSPHRASE, or ask for a plaintext database by name (--plaintext)")]
+    #[error(
+        "no key to encrypt the new event database {path}: set AGENT_RUNTIME_PASSPHRASE, or ask for a plaintext database by name (--plaintext)"
+    )]
     NoKeyForNewDatabase {
         /// The database file.
         path: PathBuf,
@@ -121,17 +123,30 @@ pub enum StoreError {
 
 impl From<StoreError> for agent_runtime_core::SinkError {
     fn from(e: StoreError) -> Self {
-        agent_runtime_core::SinkError { message: e.to_string() }
+        agent_runtime_core::SinkError {
+            message: e.to_string(),
+        }
     }
 }
 
 /// Maps a SQLite error to `Damaged` when it means the file is corrupt, else `Sqlite`.
-pub(crate) fn sqlite_error(path: &std::path::Path, e: rusqlite::Error, after_seq: Option<u64>) -> StoreError {
+pub(crate) fn sqlite_error(
+    path: &std::path::Path,
+    e: rusqlite::Error,
+    after_seq: Option<u64>,
+) -> StoreError {
     use rusqlite::ffi::ErrorCode;
     if let rusqlite::Error::SqliteFailure(f, _) = &e
         && matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
     {
-        return StoreError::Damaged { path: path.to_path_buf(), after_seq, detail: e.to_string() };
+        return StoreError::Damaged {
+            path: path.to_path_buf(),
+            after_seq,
+            detail: e.to_string(),
+        };
     }
-    StoreError::Sqlite { path: path.to_path_buf(), detail: e.to_string() }
+    StoreError::Sqlite {
+        path: path.to_path_buf(),
+        detail: e.to_string(),
+    }
 }

@@ -35,7 +35,9 @@ impl FromStr for ExportFormat {
             "jsonl" => Ok(ExportFormat::Jsonl),
             "otlp" => Ok(ExportFormat::Otlp),
             "bundle" => Ok(ExportFormat::Bundle),
-            other => Err(format!("unknown export format {other:?}: use jsonl, otlp or bundle")),
+            other => Err(format!(
+                "unknown export format {other:?}: use jsonl, otlp or bundle"
+            )),
         }
     }
 }
@@ -47,6 +49,18 @@ pub struct ExportSummary {
     pub events: u64,
     /// Bytes written.
     pub bytes: u64,
+}
+
+/// One batch of rows, encoded on a worker.
+struct Encoded {
+    /// jsonl or bundle lines.
+    buf: Vec<u8>,
+    /// OTLP log records.
+    records: Vec<serde_json::Value>,
+    /// Sequence and hash of the batch's last row.
+    tail: Option<(u64, Hash32)>,
+    /// Rows in the batch.
+    n: u64,
 }
 
 struct CountingWriter<W> {
@@ -70,9 +84,18 @@ impl Store {
     ///
     /// A bundle must hold the chain from its start, so it takes no filter: `query` must be the
     /// default (the whole log).
-    pub fn export(&self, query: &EventQuery, format: ExportFormat, out: impl Write + Send) -> Result<ExportSummary, StoreError> {
+    pub fn export(
+        &self,
+        query: &EventQuery,
+        format: ExportFormat,
+        out: impl Write,
+    ) -> Result<ExportSummary, StoreError> {
         let path = self.inner.path.clone();
-        let io_err = |source| StoreError::Io { what: "cannot write export for", path: path.clone(), source };
+        let io_err = |source| StoreError::Io {
+            what: "cannot write export for",
+            path: path.clone(),
+            source,
+        };
         if format == ExportFormat::Bundle && *query != EventQuery::default() {
             return Err(StoreError::BadEvent {
                 path: path.clone(),
@@ -80,9 +103,18 @@ impl Store {
                 detail: "a bundle holds the whole chain; it cannot be filtered by run, kind, time or sequence".into(),
             });
         }
-        let mut out = CountingWriter { inner: std::io::BufWriter::with_capacity(1 << 20, out), bytes: 0 };
+        let mut out = CountingWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, out),
+            bytes: 0,
+        };
         if format == ExportFormat::Bundle {
-            serde_json::to_writer(&mut out, &BundleHeader { agent_runtime_bundle: 1 }).map_err(|e| io_err(e.into()))?;
+            serde_json::to_writer(
+                &mut out,
+                &BundleHeader {
+                    agent_runtime_bundle: 1,
+                },
+            )
+            .map_err(|e| io_err(e.into()))?;
             out.write_all(b"\n").map_err(io_err)?;
         }
         let reader = &self.inner.reader;
@@ -91,24 +123,42 @@ impl Store {
         let mut write_err: Option<StoreError> = None;
         let mut otlp_pending: Vec<serde_json::Value> = Vec::new();
         ordered_parallel(
-            |emit| scan_query(&reader.lock().unwrap_or_else(|p| p.into_inner()), &path, query, emit),
-            |rows: Vec<RawRow>| -> Result<(Vec<u8>, Vec<serde_json::Value>, Option<(u64, Hash32)>, u64), StoreError> {
+            |emit| {
+                scan_query(
+                    &reader.lock().unwrap_or_else(|p| p.into_inner()),
+                    &path,
+                    query,
+                    emit,
+                )
+            },
+            |rows: Vec<RawRow>| -> Result<Encoded, StoreError> {
                 let mut buf = Vec::with_capacity(rows.len() * 900);
                 let mut records = Vec::new();
                 let n = rows.len() as u64;
                 let mut tail = None;
+                let mut scratch = Vec::with_capacity(1024);
                 for r in rows {
-                    let plain = self.open_payload(&r)?;
+                    let plain = self.open_payload_into(&r, &mut scratch)?;
                     tail = Some((r.seq, Hash32::from_slice(&r.hash).unwrap_or_default()));
                     match format {
-                        ExportFormat::Otlp => records.push(otlp_record(&r, &plain)),
-                        _ => write_envelope_line(&r, &plain, &mut buf),
+                        ExportFormat::Otlp => records.push(otlp_record(&r, plain)),
+                        _ => write_envelope_line(&r, plain, &mut buf),
                     }
                 }
-                Ok((buf, records, tail, n))
+                Ok(Encoded {
+                    buf,
+                    records,
+                    tail,
+                    n,
+                })
             },
             |res| match res {
-                Ok((buf, records, tail, n)) => {
+                Ok(Encoded {
+                    buf,
+                    records,
+                    tail,
+                    n,
+                }) => {
                     let written = if format == ExportFormat::Otlp {
                         otlp_pending.extend(records);
                         flush_otlp(&mut out, &mut otlp_pending, false)
@@ -139,11 +189,20 @@ impl Store {
         }
         if format == ExportFormat::Bundle {
             let (seq, hash) = last.unwrap_or((0, Hash32::GENESIS));
-            serde_json::to_writer(&mut out, &BundleTrailer { chain_head: ChainHead { seq, hash } }).map_err(|e| io_err(e.into()))?;
+            serde_json::to_writer(
+                &mut out,
+                &BundleTrailer {
+                    chain_head: ChainHead { seq, hash },
+                },
+            )
+            .map_err(|e| io_err(e.into()))?;
             out.write_all(b"\n").map_err(io_err)?;
         }
         out.flush().map_err(io_err)?;
-        Ok(ExportSummary { events, bytes: out.bytes })
+        Ok(ExportSummary {
+            events,
+            bytes: out.bytes,
+        })
     }
 }
 
@@ -168,7 +227,9 @@ fn scan_query(
         q.after_seq = Some(after);
         q.limit = Some(page);
         let (sql, args) = crate::store::query_sql_for_export(&q);
-        let mut stmt = conn.prepare_cached(&sql).map_err(|e| sqlite_error(path, e, Some(after)))?;
+        let mut stmt = conn
+            .prepare_cached(&sql)
+            .map_err(|e| sqlite_error(path, e, Some(after)))?;
         let rows = stmt
             .query_map(rusqlite::params_from_iter(args.iter()), RawRow::from_row)
             .map_err(|e| sqlite_error(path, e, Some(after)))?
@@ -190,7 +251,12 @@ fn scan_query(
 /// canonical JSON. This is what makes export fast.
 fn write_envelope_line(r: &RawRow, payload: &[u8], out: &mut Vec<u8>) {
     use std::io::Write as _;
-    let _ = write!(out, "{{\"seq\":{},\"run_id\":\"{}\"", r.seq, RunId::from_bytes(r.run_id));
+    let _ = write!(
+        out,
+        "{{\"seq\":{},\"run_id\":\"{}\"",
+        r.seq,
+        RunId::from_bytes(r.run_id)
+    );
     if let Some(t) = r.task_id {
         let _ = write!(out, ",\"task_id\":\"{}\"", TaskId::from_bytes(t));
     }
@@ -198,13 +264,26 @@ fn write_envelope_line(r: &RawRow, payload: &[u8], out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, &r.actor);
     out.extend_from_slice(b",\"kind\":");
     let _ = serde_json::to_writer(&mut *out, &r.kind);
-    let _ = write!(out, ",\"time\":\"{}\",\"payload\":", Timestamp::from_unix_nanos(r.time_ns));
+    let _ = write!(
+        out,
+        ",\"time\":\"{}\",\"payload\":",
+        Timestamp::from_unix_nanos(r.time_ns)
+    );
     out.extend_from_slice(payload);
-    let _ = write!(out, ",\"prev_hash\":\"{}\",\"hash\":\"{}\"}}\n", hex::encode(&r.prev_hash), hex::encode(&r.hash));
+    let _ = writeln!(
+        out,
+        ",\"prev_hash\":\"{}\",\"hash\":\"{}\"}}",
+        hex::encode(&r.prev_hash),
+        hex::encode(&r.hash)
+    );
 }
 
 fn otlp_record(r: &RawRow, payload: &[u8]) -> serde_json::Value {
-    let severity = if r.kind.ends_with(".failed") { (17, "ERROR") } else { (9, "INFO") };
+    let severity = if r.kind.ends_with(".failed") {
+        (17, "ERROR")
+    } else {
+        (9, "INFO")
+    };
     let mut attributes = vec![
         json!({"key": "agent_runtime.seq", "value": {"intValue": r.seq.to_string()}}),
         json!({"key": "agent_runtime.run_id", "value": {"stringValue": RunId::from_bytes(r.run_id).to_string()}}),
@@ -234,7 +313,11 @@ fn otlp_record(r: &RawRow, payload: &[u8]) -> serde_json::Value {
     rec
 }
 
-fn flush_otlp(out: &mut impl Write, pending: &mut Vec<serde_json::Value>, all: bool) -> std::io::Result<()> {
+fn flush_otlp(
+    out: &mut impl Write,
+    pending: &mut Vec<serde_json::Value>,
+    all: bool,
+) -> std::io::Result<()> {
     while pending.len() >= OTLP_RECORDS_PER_LINE || (all && !pending.is_empty()) {
         let take = pending.len().min(OTLP_RECORDS_PER_LINE);
         let records: Vec<_> = pending.drain(..take).collect();

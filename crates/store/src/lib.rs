@@ -44,6 +44,7 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 mod block_on;
 mod config;
 mod crypto;
@@ -54,7 +55,9 @@ mod stats;
 mod store;
 mod verify;
 
-pub use config::{DB_ENV, Durability, Encryption, PASSPHRASE_ENV, Passphrase, StoreConfig, default_db_path};
+pub use config::{
+    DB_ENV, Durability, Encryption, PASSPHRASE_ENV, Passphrase, StoreConfig, default_db_path,
+};
 pub use crypto::KdfParams;
 pub use error::StoreError;
 pub use export::{ExportFormat, ExportSummary};

@@ -20,7 +20,9 @@ where
     U: Send,
     E: Send,
 {
-    let workers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(1, 8);
+    let workers = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .clamp(1, 8);
     let (batch_tx, batch_rx) = sync_channel::<(u64, Vec<T>)>(workers * 2);
     let batch_rx: Mutex<Receiver<(u64, Vec<T>)>> = Mutex::new(batch_rx);
     let stop = AtomicBool::new(false);
@@ -70,7 +72,14 @@ where
         stop.store(true, Ordering::Relaxed);
         drop(result_rx);
         // Drain until the reader has gone, so a reader blocked on a full queue sees the stop.
-        while batch_rx.lock().unwrap_or_else(|p| p.into_inner()).recv().is_ok() {}
-        reader.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+        while batch_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .recv()
+            .is_ok()
+        {}
+        reader
+            .join()
+            .unwrap_or_else(|p| std::panic::resume_unwind(p))
     })
 }

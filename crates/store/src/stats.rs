@@ -41,8 +41,12 @@ impl Store {
         let mut kinds = BTreeMap::new();
         let mut events = 0;
         {
-            let mut stmt = conn.prepare("SELECT kind, count(*) FROM events GROUP BY kind").map_err(err)?;
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))).map_err(err)?;
+            let mut stmt = conn
+                .prepare("SELECT kind, count(*) FROM events GROUP BY kind")
+                .map_err(err)?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+                .map_err(err)?;
             for row in rows {
                 let (k, n) = row.map_err(err)?;
                 let n = u64::try_from(n).unwrap_or(0);
@@ -50,14 +54,31 @@ impl Store {
                 kinds.insert(k, n);
             }
         }
-        let runs: i64 = conn.query_row("SELECT count(DISTINCT run_id) FROM events", [], |r| r.get(0)).map_err(err)?;
+        let runs: i64 = conn
+            .query_row("SELECT count(DISTINCT run_id) FROM events", [], |r| {
+                r.get(0)
+            })
+            .map_err(err)?;
         let time_at = |order: &str| -> Result<Option<String>, StoreError> {
             let t: Option<i64> = conn
-                .query_row(&format!("SELECT time_ns FROM events ORDER BY seq {order} LIMIT 1"), [], |r| r.get(0))
+                .query_row(
+                    &format!("SELECT time_ns FROM events ORDER BY seq {order} LIMIT 1"),
+                    [],
+                    |r| r.get(0),
+                )
                 .map(Some)
-                .or_else(|e| if matches!(e, rusqlite::Error::QueryReturnedNoRows) { Ok(None) } else { Err(e) })
+                .or_else(|e| {
+                    if matches!(e, rusqlite::Error::QueryReturnedNoRows) {
+                        Ok(None)
+                    } else {
+                        Err(e)
+                    }
+                })
                 .map_err(err)?;
-            Ok(t.map(|t| agent_runtime_core::Timestamp::from_unix_nanos(u64::try_from(t).unwrap_or(0)).to_string()))
+            Ok(t.map(|t| {
+                agent_runtime_core::Timestamp::from_unix_nanos(u64::try_from(t).unwrap_or(0))
+                    .to_string()
+            }))
         };
         let first_time = time_at("ASC")?;
         let last_time = time_at("DESC")?;

@@ -4,7 +4,7 @@ use std::fmt;
 use std::io::BufRead;
 use std::path::Path;
 
-use agent_runtime_core::{Envelope, Hash32, chain_hash, push_canonical_payload};
+use agent_runtime_core::{Envelope, Hash32, chain_hash, chain_hash_parts, push_canonical_payload};
 use serde::Serialize;
 
 use crate::error::{StoreError, sqlite_error};
@@ -106,7 +106,13 @@ struct ChainChecker {
 
 impl ChainChecker {
     fn new() -> Self {
-        ChainChecker { expected_seq: 1, prev: Hash32::GENESIS, events: 0, undecryptable: None, problem: None }
+        ChainChecker {
+            expected_seq: 1,
+            prev: Hash32::GENESIS,
+            events: 0,
+            undecryptable: None,
+            problem: None,
+        }
     }
 
     /// Returns false once a problem is found.
@@ -115,7 +121,11 @@ impl ChainChecker {
             return false;
         }
         if let Some(seq) = self.undecryptable.take() {
-            let kind = if matches!(c.outcome, Outcome::Undecryptable) { ProblemKind::WrongKey } else { ProblemKind::PayloadChanged };
+            let kind = if matches!(c.outcome, Outcome::Undecryptable) {
+                ProblemKind::WrongKey
+            } else {
+                ProblemKind::PayloadChanged
+            };
             let detail = if kind == ProblemKind::WrongKey {
                 "payloads do not decrypt under this database's data key".to_string()
             } else {
@@ -124,16 +134,29 @@ impl ChainChecker {
             self.problem = Some(Problem { seq, kind, detail });
             return false;
         }
-        let fail = |kind, detail: String| Some(Problem { seq: c.seq, kind, detail });
+        let fail = |kind, detail: String| {
+            Some(Problem {
+                seq: c.seq,
+                kind,
+                detail,
+            })
+        };
         if c.seq != self.expected_seq {
             self.problem = if c.seq > self.expected_seq {
                 Some(Problem {
                     seq: self.expected_seq,
                     kind: ProblemKind::EventMissing,
-                    detail: format!("the sequence jumps from {} to {}", self.expected_seq - 1, c.seq),
+                    detail: format!(
+                        "the sequence jumps from {} to {}",
+                        self.expected_seq - 1,
+                        c.seq
+                    ),
                 })
             } else {
-                fail(ProblemKind::OrderChanged, format!("sequence {} appears after {}", c.seq, self.expected_seq - 1))
+                fail(
+                    ProblemKind::OrderChanged,
+                    format!("sequence {} appears after {}", c.seq, self.expected_seq - 1),
+                )
             };
             return false;
         }
@@ -142,7 +165,10 @@ impl ChainChecker {
             Outcome::Ok => {
                 self.problem = fail(
                     ProblemKind::ChainBroken,
-                    format!("its prev_hash does not match the hash of event {}", c.seq - 1),
+                    format!(
+                        "its prev_hash does not match the hash of event {}",
+                        c.seq - 1
+                    ),
                 );
                 return false;
             }
@@ -165,13 +191,21 @@ impl ChainChecker {
                 self.problem = match written_at {
                     Some(m) => fail(
                         ProblemKind::OrderChanged,
-                        format!("the event here was written as sequence {m} (events were moved or removed)"),
+                        format!(
+                            "the event here was written as sequence {m} (events were moved or removed)"
+                        ),
                     ),
                     None if c.prev_hash != self.prev => fail(
                         ProblemKind::ChainBroken,
-                        format!("its prev_hash does not match event {} and its hash does not match its content", c.seq - 1),
+                        format!(
+                            "its prev_hash does not match event {} and its hash does not match its content",
+                            c.seq - 1
+                        ),
                     ),
-                    None => fail(ProblemKind::PayloadChanged, "its content does not match its hash".into()),
+                    None => fail(
+                        ProblemKind::PayloadChanged,
+                        "its content does not match its hash".into(),
+                    ),
                 };
                 return false;
             }
@@ -203,7 +237,12 @@ impl ChainChecker {
                 detail: format!("the {what} records {head} events but only {last_seq} are present"),
             });
         }
-        VerifyReport { events: self.events, last_seq: self.events, head: self.prev, problem: self.problem }
+        VerifyReport {
+            events: self.events,
+            last_seq: self.events,
+            head: self.prev,
+            problem: self.problem,
+        }
     }
 }
 
@@ -223,18 +262,35 @@ impl Store {
         let mut checker = ChainChecker::new();
         let mut damaged: Option<StoreError> = None;
         let result = ordered_parallel(
-            |emit| scan_rows(&reader.lock().unwrap_or_else(|p| p.into_inner()), &path, emit),
-            |rows: Vec<RawRow>| rows.into_iter().map(|r| self.check_row(r)).collect::<Vec<_>>(),
+            |emit| {
+                scan_rows(
+                    &reader.lock().unwrap_or_else(|p| p.into_inner()),
+                    &path,
+                    emit,
+                )
+            },
+            |rows: Vec<RawRow>| {
+                let mut scratch = Vec::with_capacity(1024);
+                rows.into_iter()
+                    .map(|r| self.check_row(r, &mut scratch))
+                    .collect::<Vec<_>>()
+            },
             |checked| checked.into_iter().all(|c| checker.push(c)),
         );
         if let Err(e) = result {
             damaged = Some(e);
         }
-        if let Some(StoreError::Damaged { after_seq, detail, .. }) = &damaged
+        if let Some(StoreError::Damaged {
+            after_seq, detail, ..
+        }) = &damaged
             && checker.problem.is_none()
         {
             let seq = after_seq.map_or(1, |s| s + 1);
-            checker.problem = Some(Problem { seq, kind: ProblemKind::Damaged, detail: detail.clone() });
+            checker.problem = Some(Problem {
+                seq,
+                kind: ProblemKind::Damaged,
+                detail: detail.clone(),
+            });
             return Ok(checker.finish(None, "database"));
         }
         if let Some(e) = damaged {
@@ -243,8 +299,11 @@ impl Store {
         Ok(checker.finish(recorded_head, "database"))
     }
 
-    fn check_row(&self, r: RawRow) -> Checked {
-        let (prev_hash, hash) = match (Hash32::from_slice(&r.prev_hash), Hash32::from_slice(&r.hash)) {
+    fn check_row(&self, r: RawRow, scratch: &mut Vec<u8>) -> Checked {
+        let (prev_hash, hash) = match (
+            Hash32::from_slice(&r.prev_hash),
+            Hash32::from_slice(&r.hash),
+        ) {
             (Some(p), Some(h)) => (p, h),
             _ => {
                 return Checked {
@@ -256,17 +315,34 @@ impl Store {
             }
         };
         let header = r.header();
-        let plain = match &self.inner.cipher {
-            None => r.payload,
-            Some(c) => match c.open(&r.payload, &header) {
-                Some(p) => p,
-                None => return Checked { seq: r.seq, prev_hash, hash, outcome: Outcome::Undecryptable },
-            },
+        let plain: &[u8] = match &self.inner.cipher {
+            None => &r.payload,
+            Some(c) => {
+                if !c.open_into(&r.payload, &header, scratch) {
+                    return Checked {
+                        seq: r.seq,
+                        prev_hash,
+                        hash,
+                        outcome: Outcome::Undecryptable,
+                    };
+                }
+                scratch
+            }
         };
-        let mut body = header;
-        push_canonical_payload(&mut body, &plain);
-        let outcome = if chain_hash(&prev_hash, r.seq, &body) == hash { Outcome::Ok } else { Outcome::HashMismatch { body } };
-        Checked { seq: r.seq, prev_hash, hash, outcome }
+        let outcome = if chain_hash_parts(&prev_hash, r.seq, &header, plain) == hash {
+            Outcome::Ok
+        } else {
+            // Only on failure: the body, to look for the place it was written at.
+            let mut body = header;
+            push_canonical_payload(&mut body, plain);
+            Outcome::HashMismatch { body }
+        };
+        Checked {
+            seq: r.seq,
+            prev_hash,
+            hash,
+            outcome,
+        }
     }
 }
 
@@ -279,7 +355,11 @@ pub(crate) fn scan_rows(
 ) -> Result<(), StoreError> {
     let mut last: Option<u64> = None;
     let damaged = |e: rusqlite::Error, last: Option<u64>| match sqlite_error(path, e, last) {
-        StoreError::Sqlite { path, detail } => StoreError::Damaged { path, after_seq: last, detail },
+        StoreError::Sqlite { path, detail } => StoreError::Damaged {
+            path,
+            after_seq: last,
+            detail,
+        },
         other => other,
     };
     let mut stmt = conn
@@ -332,14 +412,37 @@ pub(crate) struct ChainHead {
 /// assert!(report.problem.is_none());
 /// ```
 pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
-    let file = std::fs::File::open(path).map_err(|source| StoreError::Io { what: "cannot open bundle", path: path.to_path_buf(), source })?;
+    let file = std::fs::File::open(path).map_err(|source| StoreError::Io {
+        what: "cannot open bundle",
+        path: path.to_path_buf(),
+        source,
+    })?;
     let mut lines = std::io::BufReader::new(file).lines();
-    let bad = |line: u64, detail: String| StoreError::BadBundle { path: path.to_path_buf(), line, detail };
-    let io = |source| StoreError::Io { what: "cannot read bundle", path: path.to_path_buf(), source };
-    let first = lines.next().transpose().map_err(io)?.ok_or_else(|| bad(1, "empty file: not a bundle".into()))?;
-    let header: BundleHeader = serde_json::from_str(&first).map_err(|_| bad(1, "not an agent-runtime bundle (no bundle header)".into()))?;
+    let bad = |line: u64, detail: String| StoreError::BadBundle {
+        path: path.to_path_buf(),
+        line,
+        detail,
+    };
+    let io = |source| StoreError::Io {
+        what: "cannot read bundle",
+        path: path.to_path_buf(),
+        source,
+    };
+    let first = lines
+        .next()
+        .transpose()
+        .map_err(io)?
+        .ok_or_else(|| bad(1, "empty file: not a bundle".into()))?;
+    let header: BundleHeader = serde_json::from_str(&first)
+        .map_err(|_| bad(1, "not an agent-runtime bundle (no bundle header)".into()))?;
     if header.agent_runtime_bundle != 1 {
-        return Err(bad(1, format!("bundle version {} is not supported (this build reads 1)", header.agent_runtime_bundle)));
+        return Err(bad(
+            1,
+            format!(
+                "bundle version {} is not supported (this build reads 1)",
+                header.agent_runtime_bundle
+            ),
+        ));
     }
     let mut checker = ChainChecker::new();
     let mut trailer: Option<(u64, ChainHead)> = None;
@@ -355,12 +458,15 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
                     return Err(bad(line_no, "data after the chain head".into()));
                 }
                 if line.starts_with("{\"chain_head\"") {
-                    let t: BundleTrailer = serde_json::from_str(&line).map_err(|e| bad(line_no, format!("bad chain head: {e}")))?;
+                    let t: BundleTrailer = serde_json::from_str(&line)
+                        .map_err(|e| bad(line_no, format!("bad chain head: {e}")))?;
                     trailer = Some((line_no, t.chain_head));
                     continue;
                 }
                 batch.push((line_no, line));
-                if batch.len() == BATCH && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))) {
+                if batch.len() == BATCH
+                    && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                {
                     return Ok(());
                 }
             }
@@ -380,7 +486,12 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
                         } else {
                             Outcome::HashMismatch { body }
                         };
-                        Ok(Checked { seq: env.seq, prev_hash: env.prev_hash, hash: env.hash, outcome })
+                        Ok(Checked {
+                            seq: env.seq,
+                            prev_hash: env.prev_hash,
+                            hash: env.hash,
+                            outcome,
+                        })
                     }
                     Err(e) => Err(bad(n, format!("not an audit envelope: {e}"))),
                 })
@@ -423,11 +534,15 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
         }
         Some((_, head)) => {
             let mut report = checker.finish(Some(head.seq), "bundle's chain head");
-            if report.problem.is_none() && (head.seq != report.last_seq || head.hash != report.head) {
+            if report.problem.is_none() && (head.seq != report.last_seq || head.hash != report.head)
+            {
                 report.problem = Some(Problem {
                     seq: head.seq,
                     kind: ProblemKind::ChainBroken,
-                    detail: format!("the chain ends at {} with hash {} but the chain head says {} with {}", report.last_seq, report.head, head.seq, head.hash),
+                    detail: format!(
+                        "the chain ends at {} with hash {} but the chain head says {} with {}",
+                        report.last_seq, report.head, head.seq, head.hash
+                    ),
                 });
             }
             Ok(report)

@@ -7,10 +7,16 @@ use agent_runtime_core::{Actor, EventKind, NewEvent, RunId, TaskId, Timestamp};
 use agent_runtime_store::{KdfParams, Passphrase, Store, StoreConfig};
 
 /// A cheap Argon2id cost so tests open databases quickly.
-pub const CHEAP_KDF: KdfParams = KdfParams { m_kib: 256, t: 1, p: 1 };
+pub const CHEAP_KDF: KdfParams = KdfParams {
+    m_kib: 256,
+    t: 1,
+    p: 1,
+};
 
 pub fn encrypted_config(path: &Path, pass: &str) -> StoreConfig {
-    StoreConfig::new(path).passphrase(Passphrase::new(pass)).kdf(CHEAP_KDF)
+    StoreConfig::new(path)
+        .passphrase(Passphrase::new(pass))
+        .kdf(CHEAP_KDF)
 }
 
 pub fn open_encrypted(path: &Path) -> Store {
@@ -20,9 +26,17 @@ pub fn open_encrypted(path: &Path) -> Store {
 pub fn event(run: u8, i: u64) -> NewEvent {
     NewEvent {
         run_id: RunId::from_bytes([run; 16]),
-        task_id: if i % 2 == 0 { Some(TaskId::from_bytes([i as u8; 16])) } else { None },
+        task_id: if i.is_multiple_of(2) {
+            Some(TaskId::from_bytes([i as u8; 16]))
+        } else {
+            None
+        },
         actor: Actor::Agent(format!("agent-{run}")),
-        kind: if i % 3 == 0 { EventKind::TaskStarted } else { EventKind::ToolCompleted },
+        kind: if i.is_multiple_of(3) {
+            EventKind::TaskStarted
+        } else {
+            EventKind::ToolCompleted
+        },
         time: Timestamp::from_unix_nanos(1_000_000_000 * i),
         payload: serde_json::json!({"i": i, "run": run, "text": "x".repeat(64)}),
     }

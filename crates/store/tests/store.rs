@@ -5,7 +5,9 @@ mod common;
 use std::time::Duration;
 
 use agent_runtime_core::{Envelope, EventKind, EventQuery, RunId, Timestamp};
-use agent_runtime_store::{ExportFormat, ProblemKind, Store, StoreConfig, StoreError, verify_bundle};
+use agent_runtime_store::{
+    ExportFormat, ProblemKind, Store, StoreConfig, StoreError, verify_bundle,
+};
 use common::*;
 
 #[test]
@@ -17,7 +19,10 @@ fn encrypted_round_trip_and_payloads_are_not_in_clear() {
     let mut evs = events(1, 20);
     evs[3].payload = serde_json::json!({"secret_marker": "PLAINTEXT-CANARY-1234"});
     let landed = store.append_blocking(evs.clone()).unwrap();
-    assert_eq!(landed.iter().map(|a| a.seq).collect::<Vec<_>>(), (1..=20).collect::<Vec<_>>());
+    assert_eq!(
+        landed.iter().map(|a| a.seq).collect::<Vec<_>>(),
+        (1..=20).collect::<Vec<_>>()
+    );
     let back = store.query_blocking(&EventQuery::default()).unwrap();
     assert_eq!(back.len(), 20);
     for (b, e) in back.iter().zip(&evs) {
@@ -27,7 +32,10 @@ fn encrypted_round_trip_and_payloads_are_not_in_clear() {
     drop(store);
     let bytes = std::fs::read(&path).unwrap();
     let canary = b"PLAINTEXT-CANARY-1234";
-    assert!(!bytes.windows(canary.len()).any(|w| w == canary), "payload found in clear in the database file");
+    assert!(
+        !bytes.windows(canary.len()).any(|w| w == canary),
+        "payload found in clear in the database file"
+    );
 }
 
 #[test]
@@ -37,7 +45,10 @@ fn plaintext_only_by_name_and_queries_work_without_key() {
     // No passphrase and no --plaintext: refused, and nothing half-made is left behind that
     // would later open as plaintext.
     let err = Store::open(StoreConfig::new(&path)).unwrap_err();
-    assert!(matches!(err, StoreError::NoKeyForNewDatabase { .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::NoKeyForNewDatabase { .. }),
+        "{err}"
+    );
     let store = Store::open(StoreConfig::plaintext(&path)).unwrap();
     assert!(!store.is_encrypted());
     store.append_blocking(events(2, 5)).unwrap();
@@ -51,10 +62,20 @@ fn queries_by_run_kind_time_and_sequence() {
     store.append_blocking(events(1, 30)).unwrap();
     store.append_blocking(events(2, 30)).unwrap();
     let run2 = RunId::from_bytes([2; 16]);
-    let by_run = store.query_blocking(&EventQuery { run_id: Some(run2), ..Default::default() }).unwrap();
+    let by_run = store
+        .query_blocking(&EventQuery {
+            run_id: Some(run2),
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(by_run.len(), 30);
     assert!(by_run.iter().all(|e| e.run_id == run2));
-    let by_kind = store.query_blocking(&EventQuery { kinds: vec![EventKind::TaskStarted], ..Default::default() }).unwrap();
+    let by_kind = store
+        .query_blocking(&EventQuery {
+            kinds: vec![EventKind::TaskStarted],
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(by_kind.len(), 20);
     let by_time = store
         .query_blocking(&EventQuery {
@@ -64,8 +85,17 @@ fn queries_by_run_kind_time_and_sequence() {
         })
         .unwrap();
     assert_eq!(by_time.len(), 10); // i in 5..10 for both runs
-    let page = store.query_blocking(&EventQuery { after_seq: Some(55), limit: Some(3), ..Default::default() }).unwrap();
-    assert_eq!(page.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![56, 57, 58]);
+    let page = store
+        .query_blocking(&EventQuery {
+            after_seq: Some(55),
+            limit: Some(3),
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(
+        page.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![56, 57, 58]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -88,7 +118,10 @@ async fn many_concurrent_appenders_form_one_chain() {
     let mut all = Vec::new();
     for t in tasks {
         let seqs = t.await.unwrap();
-        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "one appender's events keep their order");
+        assert!(
+            seqs.windows(2).all(|w| w[0] < w[1]),
+            "one appender's events keep their order"
+        );
         all.extend(seqs);
     }
     all.sort_unstable();
@@ -97,8 +130,16 @@ async fn many_concurrent_appenders_form_one_chain() {
     assert_eq!((report.events, report.problem), (3200, None));
     // Each run's events come back in the order that run appended them.
     for run in 0..16u8 {
-        let got = store.query_blocking(&EventQuery { run_id: Some(RunId::from_bytes([run; 16])), ..Default::default() }).unwrap();
-        let is: Vec<u64> = got.iter().map(|e| e.payload["i"].as_u64().unwrap()).collect();
+        let got = store
+            .query_blocking(&EventQuery {
+                run_id: Some(RunId::from_bytes([run; 16])),
+                ..Default::default()
+            })
+            .unwrap();
+        let is: Vec<u64> = got
+            .iter()
+            .map(|e| e.payload["i"].as_u64().unwrap())
+            .collect();
         assert_eq!(is, (1..=200).collect::<Vec<_>>());
     }
 }
@@ -115,7 +156,15 @@ fn follow_sees_events_committed_after_it_started_waiting() {
     });
     let mut seen = Vec::new();
     for _ in 0..50 {
-        seen.extend(store.follow_blocking(&EventQuery::default(), seen.last().map_or(3, |e: &Envelope| e.seq), Duration::from_millis(200)).unwrap());
+        seen.extend(
+            store
+                .follow_blocking(
+                    &EventQuery::default(),
+                    seen.last().map_or(3, |e: &Envelope| e.seq),
+                    Duration::from_millis(200),
+                )
+                .unwrap(),
+        );
         if seen.len() >= 2 {
             break;
         }
@@ -140,14 +189,21 @@ fn empty_append_and_oversized_payload() {
 #[test]
 fn read_only_open_needs_an_existing_database() {
     let dir = tempfile::tempdir().unwrap();
-    let err = Store::open(StoreConfig::plaintext(dir.path().join("none.db")).read_only()).unwrap_err();
+    let err =
+        Store::open(StoreConfig::plaintext(dir.path().join("none.db")).read_only()).unwrap_err();
     assert!(err.to_string().contains("no event database at"), "{err}");
     assert!(!dir.path().join("none.db").exists());
     let path = dir.path().join("r.db");
-    Store::open(StoreConfig::plaintext(&path)).unwrap().append_blocking(events(1, 2)).unwrap();
+    Store::open(StoreConfig::plaintext(&path))
+        .unwrap()
+        .append_blocking(events(1, 2))
+        .unwrap();
     let ro = Store::open(StoreConfig::plaintext(&path).read_only()).unwrap();
     assert_eq!(ro.verify().unwrap().events, 2);
-    assert!(matches!(ro.append_blocking(events(1, 1)).unwrap_err(), StoreError::ReadOnly { .. }));
+    assert!(matches!(
+        ro.append_blocking(events(1, 1)).unwrap_err(),
+        StoreError::ReadOnly { .. }
+    ));
 }
 
 #[test]
@@ -156,7 +212,9 @@ fn jsonl_export_round_trips_and_rechains() {
     let store = open_encrypted(&dir.path().join("x.db"));
     store.append_blocking(events(1, 5000)).unwrap();
     let mut out = Vec::new();
-    let summary = store.export(&EventQuery::default(), ExportFormat::Jsonl, &mut out).unwrap();
+    let summary = store
+        .export(&EventQuery::default(), ExportFormat::Jsonl, &mut out)
+        .unwrap();
     assert_eq!(summary.events, 5000);
     assert_eq!(summary.bytes as usize, out.len());
     let text = String::from_utf8(out).unwrap();
@@ -165,13 +223,26 @@ fn jsonl_export_round_trips_and_rechains() {
         let env: Envelope = serde_json::from_str(line).unwrap();
         assert_eq!(env.seq, i as u64 + 1);
         assert_eq!(env.prev_hash, prev);
-        assert_eq!(env.computed_hash(), env.hash, "an exported envelope re-hashes to its hash");
+        assert_eq!(
+            env.computed_hash(),
+            env.hash,
+            "an exported envelope re-hashes to its hash"
+        );
         prev = env.hash;
     }
     // Filtered export.
     let mut out = Vec::new();
-    let q = EventQuery { kinds: vec![EventKind::TaskStarted], ..Default::default() };
-    assert_eq!(store.export(&q, ExportFormat::Jsonl, &mut out).unwrap().events, 1666);
+    let q = EventQuery {
+        kinds: vec![EventKind::TaskStarted],
+        ..Default::default()
+    };
+    assert_eq!(
+        store
+            .export(&q, ExportFormat::Jsonl, &mut out)
+            .unwrap()
+            .events,
+        1666
+    );
 }
 
 #[test]
@@ -180,15 +251,20 @@ fn otlp_export_is_otlp_json() {
     let store = open_encrypted(&dir.path().join("o.db"));
     store.append_blocking(events(7, 1100)).unwrap();
     let mut out = Vec::new();
-    store.export(&EventQuery::default(), ExportFormat::Otlp, &mut out).unwrap();
+    store
+        .export(&EventQuery::default(), ExportFormat::Otlp, &mut out)
+        .unwrap();
     let mut records = 0;
     for line in String::from_utf8(out).unwrap().lines() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
-        let recs = v["resourceLogs"][0]["scopeLogs"][0]["logRecords"].as_array().unwrap();
+        let recs = v["resourceLogs"][0]["scopeLogs"][0]["logRecords"]
+            .as_array()
+            .unwrap();
         for r in recs {
             assert_eq!(r["traceId"].as_str().unwrap(), "07".repeat(16));
             assert!(r["timeUnixNano"].as_str().unwrap().parse::<u64>().is_ok());
-            let body: serde_json::Value = serde_json::from_str(r["body"]["stringValue"].as_str().unwrap()).unwrap();
+            let body: serde_json::Value =
+                serde_json::from_str(r["body"]["stringValue"].as_str().unwrap()).unwrap();
             assert_eq!(body["run"], 7);
         }
         records += recs.len();
@@ -202,7 +278,13 @@ fn bundle_verifies_offline_and_catches_edits() {
     let store = open_encrypted(&dir.path().join("b.db"));
     store.append_blocking(events(1, 3000)).unwrap();
     let bundle = dir.path().join("audit.bundle.jsonl");
-    store.export(&EventQuery::default(), ExportFormat::Bundle, std::fs::File::create(&bundle).unwrap()).unwrap();
+    store
+        .export(
+            &EventQuery::default(),
+            ExportFormat::Bundle,
+            std::fs::File::create(&bundle).unwrap(),
+        )
+        .unwrap();
     drop(store);
     let report = verify_bundle(&bundle).unwrap();
     assert_eq!((report.events, report.problem.clone()), (3000, None));
@@ -230,6 +312,9 @@ fn bundle_verifies_offline_and_catches_edits() {
     assert!(err.to_string().contains("line 1"), "{err}");
     // A bundle cannot be filtered.
     let store = open_encrypted(&dir.path().join("b.db"));
-    let q = EventQuery { run_id: Some(RunId::from_bytes([1; 16])), ..Default::default() };
+    let q = EventQuery {
+        run_id: Some(RunId::from_bytes([1; 16])),
+        ..Default::default()
+    };
     assert!(store.export(&q, ExportFormat::Bundle, Vec::new()).is_err());
 }

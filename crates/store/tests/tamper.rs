@@ -13,7 +13,11 @@ fn filled(dir: &tempfile::TempDir, n: u64) -> std::path::PathBuf {
 }
 
 fn problem(path: &std::path::Path) -> agent_runtime_store::Problem {
-    open_encrypted(path).verify().unwrap().problem.expect("verify should find a problem")
+    open_encrypted(path)
+        .verify()
+        .unwrap()
+        .problem
+        .expect("verify should find a problem")
 }
 
 #[test]
@@ -21,7 +25,10 @@ fn intact_log_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 500);
     let report = open_encrypted(&path).verify().unwrap();
-    assert_eq!((report.events, report.last_seq, report.problem), (500, 500, None));
+    assert_eq!(
+        (report.events, report.last_seq, report.problem),
+        (500, 500, None)
+    );
 }
 
 #[test]
@@ -30,9 +37,14 @@ fn flipped_payload_byte_is_named() {
     let path = filled(&dir, 500);
     // Flip one byte in the middle of event 321's sealed payload.
     let conn = rusqlite::Connection::open(&path).unwrap();
-    let mut payload: Vec<u8> = conn.query_row("SELECT payload FROM events WHERE seq = 321", [], |r| r.get(0)).unwrap();
+    let mut payload: Vec<u8> = conn
+        .query_row("SELECT payload FROM events WHERE seq = 321", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
     payload[40] ^= 0x01;
-    conn.execute("UPDATE events SET payload = ?1 WHERE seq = 321", [payload]).unwrap();
+    conn.execute("UPDATE events SET payload = ?1 WHERE seq = 321", [payload])
+        .unwrap();
     drop(conn);
     let p = problem(&path);
     assert_eq!((p.seq, p.kind), (321, ProblemKind::PayloadChanged), "{p}");
@@ -42,9 +54,20 @@ fn flipped_payload_byte_is_named() {
 fn flipped_byte_in_a_plaintext_log_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("p.db");
-    Store::open(StoreConfig::plaintext(&path)).unwrap().append_blocking(events(1, 50)).unwrap();
-    tamper(&path, "UPDATE events SET payload = CAST(replace(CAST(payload AS TEXT), '\"i\":17', '\"i\":71') AS BLOB) WHERE seq = 17");
-    let p = Store::open(StoreConfig::plaintext(&path)).unwrap().verify().unwrap().problem.unwrap();
+    Store::open(StoreConfig::plaintext(&path))
+        .unwrap()
+        .append_blocking(events(1, 50))
+        .unwrap();
+    tamper(
+        &path,
+        "UPDATE events SET payload = CAST(replace(CAST(payload AS TEXT), '\"i\":17', '\"i\":71') AS BLOB) WHERE seq = 17",
+    );
+    let p = Store::open(StoreConfig::plaintext(&path))
+        .unwrap()
+        .verify()
+        .unwrap()
+        .problem
+        .unwrap();
     assert_eq!((p.seq, p.kind), (17, ProblemKind::PayloadChanged), "{p}");
 }
 
@@ -52,7 +75,10 @@ fn flipped_byte_in_a_plaintext_log_is_named() {
 fn changed_metadata_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 50);
-    tamper(&path, "UPDATE events SET actor = 'person:mallory' WHERE seq = 9");
+    tamper(
+        &path,
+        "UPDATE events SET actor = 'person:mallory' WHERE seq = 9",
+    );
     let p = problem(&path);
     assert_eq!(p.seq, 9, "{p}");
 }
@@ -79,7 +105,10 @@ fn deleted_tail_is_named() {
 fn swapped_events_are_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 500);
-    tamper(&path, "UPDATE events SET seq = -1 WHERE seq = 200; UPDATE events SET seq = 200 WHERE seq = 201; UPDATE events SET seq = 201 WHERE seq = -1;");
+    tamper(
+        &path,
+        "UPDATE events SET seq = -1 WHERE seq = 200; UPDATE events SET seq = 200 WHERE seq = 201; UPDATE events SET seq = 201 WHERE seq = -1;",
+    );
     let p = problem(&path);
     assert_eq!((p.seq, p.kind), (200, ProblemKind::OrderChanged), "{p}");
     assert!(p.detail.contains("written as sequence 201"), "{p}");
@@ -90,7 +119,10 @@ fn payload_moved_between_rows_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 100);
     // Sealed payloads are bound to their row's metadata: a copied ciphertext does not open.
-    tamper(&path, "UPDATE events SET payload = (SELECT payload FROM events WHERE seq = 11) WHERE seq = 13");
+    tamper(
+        &path,
+        "UPDATE events SET payload = (SELECT payload FROM events WHERE seq = 11) WHERE seq = 13",
+    );
     let p = problem(&path);
     assert_eq!((p.seq, p.kind), (13, ProblemKind::PayloadChanged), "{p}");
 }
@@ -102,8 +134,14 @@ fn wrong_passphrase_is_refused_without_echoing_it() {
     let err = Store::open(encrypted_config(&path, "not the passphrase")).unwrap_err();
     assert!(matches!(err, StoreError::WrongKey { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains("wrong passphrase") && msg.contains("t.db"), "{msg}");
-    assert!(!msg.contains("not the passphrase"), "the passphrase leaked into the error");
+    assert!(
+        msg.contains("wrong passphrase") && msg.contains("t.db"),
+        "{msg}"
+    );
+    assert!(
+        !msg.contains("not the passphrase"),
+        "the passphrase leaked into the error"
+    );
     assert!(!format!("{err:?}").contains("not the passphrase"));
 }
 
@@ -124,7 +162,8 @@ fn swapped_data_key_reads_as_wrong_key() {
     let other = dir.path().join("other.db");
     drop(open_encrypted(&other));
     let conn = rusqlite::Connection::open(&path).unwrap();
-    conn.execute("ATTACH DATABASE ?1 AS other", [other.to_str().unwrap()]).unwrap();
+    conn.execute("ATTACH DATABASE ?1 AS other", [other.to_str().unwrap()])
+        .unwrap();
     conn.execute_batch("UPDATE main.meta SET value = (SELECT value FROM other.meta WHERE key = 'wrapped_key') WHERE key = 'wrapped_key'; UPDATE main.meta SET value = (SELECT value FROM other.meta WHERE key = 'salt') WHERE key = 'salt';").unwrap();
     drop(conn);
     let p = problem(&path);
@@ -136,16 +175,25 @@ fn truncated_database_file_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 5000);
     let len = std::fs::metadata(&path).unwrap().len();
-    assert!(len > 100_000, "the database should be checkpointed into the main file on close");
+    assert!(
+        len > 100_000,
+        "the database should be checkpointed into the main file on close"
+    );
     let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     f.set_len(len / 2).unwrap();
     drop(f);
     match Store::open(encrypted_config(&path, "test passphrase")) {
-        Err(e) => assert!(e.to_string().contains("damaged") || e.to_string().contains("malformed"), "{e}"),
+        Err(e) => assert!(
+            e.to_string().contains("damaged") || e.to_string().contains("malformed"),
+            "{e}"
+        ),
         Ok(store) => match store.verify() {
             Ok(report) => {
                 let p = report.problem.expect("a truncated file must not verify");
-                assert!(matches!(p.kind, ProblemKind::Damaged | ProblemKind::TailMissing), "{p}");
+                assert!(
+                    matches!(p.kind, ProblemKind::Damaged | ProblemKind::TailMissing),
+                    "{p}"
+                );
                 assert!(p.seq > 1, "names where reading stopped: {p}");
             }
             Err(e) => assert!(e.to_string().contains("damaged"), "{e}"),
@@ -159,11 +207,21 @@ fn a_file_that_is_not_a_database_is_named() {
     let path = dir.path().join("junk.db");
     std::fs::write(&path, vec![0x42u8; 8192]).unwrap();
     let err = Store::open(encrypted_config(&path, "x")).unwrap_err();
-    assert!(matches!(err, StoreError::Damaged { .. } | StoreError::Open { .. }), "{err}");
+    assert!(
+        matches!(err, StoreError::Damaged { .. } | StoreError::Open { .. }),
+        "{err}"
+    );
     assert!(err.to_string().contains("junk.db"), "{err}");
     // An SQLite database of something else.
     let other = dir.path().join("other.db");
-    rusqlite::Connection::open(&other).unwrap().execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);").unwrap();
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x); INSERT INTO t VALUES (1);")
+        .unwrap();
     let err = Store::open(StoreConfig::plaintext(&other).read_only()).unwrap_err();
-    assert!(err.to_string().contains("not an agent-runtime event database"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("not an agent-runtime event database"),
+        "{err}"
+    );
 }

@@ -1,0 +1,393 @@
+//! `agent-runtime audit verify|export|tail|stats` and `bench store`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agent_runtime_core::{Envelope, EventKind, EventQuery, RunId, Timestamp};
+use agent_runtime_store::{ExportFormat, VerifyReport, verify_bundle};
+use anyhow::Context;
+use clap::{Args, Subcommand};
+
+use crate::common::{CliError, GlobalArgs};
+
+/// Audit log subcommands.
+#[derive(Subcommand)]
+pub enum AuditCommand {
+    /// Check the hash chain; exit 1 and name the first broken sequence number when it fails.
+    Verify(VerifyArgs),
+    /// Write events as jsonl, otlp (OpenTelemetry logs, OTLP/JSON) or a verifiable bundle.
+    Export(ExportArgs),
+    /// Print the newest events, and with --follow keep printing new ones.
+    Tail(TailArgs),
+    /// Count events by kind and run; show the chain head.
+    Stats(JsonFlag),
+}
+
+#[derive(Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Verify an exported bundle instead of the database (needs no key).
+    #[arg(long, value_name = "FILE")]
+    pub bundle: Option<PathBuf>,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Which events (shared by export and tail).
+#[derive(Args, Clone)]
+pub struct Filter {
+    /// Only this run's events.
+    #[arg(long, value_name = "RUN_ID")]
+    pub run: Option<String>,
+    /// Only these kinds (repeat or comma-separate: --kind task.failed,tool.failed).
+    #[arg(long, value_delimiter = ',')]
+    pub kind: Vec<String>,
+    /// Only events at or after this time (RFC 3339).
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only events before this time (RFC 3339).
+    #[arg(long)]
+    pub until: Option<String>,
+}
+
+impl Filter {
+    fn to_query(&self) -> Result<EventQuery, CliError> {
+        let usage = |e: String| CliError::Usage(e);
+        Ok(EventQuery {
+            run_id: self
+                .run
+                .as_deref()
+                .map(|r| r.parse::<RunId>())
+                .transpose()
+                .map_err(|e| usage(format!("--run: {e}")))?,
+            kinds: self
+                .kind
+                .iter()
+                .map(|k| k.parse::<EventKind>())
+                .collect::<Result<_, _>>()
+                .map_err(|e| usage(format!("--kind: {e}")))?,
+            since: self
+                .since
+                .as_deref()
+                .map(str::parse::<Timestamp>)
+                .transpose()
+                .map_err(|e| usage(format!("--since: {e}")))?,
+            until: self
+                .until
+                .as_deref()
+                .map(str::parse::<Timestamp>)
+                .transpose()
+                .map_err(|e| usage(format!("--until: {e}")))?,
+            after_seq: None,
+            limit: None,
+        })
+    }
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// jsonl, otlp or bundle.
+    #[arg(long, default_value = "jsonl")]
+    pub format: String,
+    /// Write here instead of standard output.
+    #[arg(short = 'o', long = "output", value_name = "FILE")]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Print a JSON summary (to standard error when exporting to standard output).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Args)]
+pub struct TailArgs {
+    /// How many of the newest events to print first.
+    #[arg(short = 'n', long, default_value_t = 20)]
+    pub lines: usize,
+    /// Keep printing new events as they are committed (Ctrl-C to stop).
+    #[arg(short, long)]
+    pub follow: bool,
+    #[command(flatten)]
+    pub filter: Filter,
+    /// Print each event as a JSON line (the audit envelope).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(cmd: AuditCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    match cmd {
+        AuditCommand::Verify(args) => verify(args, global),
+        AuditCommand::Export(args) => export(args, global),
+        AuditCommand::Tail(args) => tail(args, global),
+        AuditCommand::Stats(args) => stats(args, global),
+    }
+}
+
+/// Prints a verification report; exit 1 when it found a problem.
+pub fn print_report(report: &VerifyReport, source: &str, json: bool) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"source": source, "ok": report.problem.is_none(), "report": report})
+        );
+    } else if let Some(p) = &report.problem {
+        println!(
+            "FAILED {source}: {p} ({} events verified before it)",
+            report.events
+        );
+    } else {
+        println!(
+            "ok {source}: {} events, chain head {} at sequence {}",
+            report.events, report.head, report.last_seq
+        );
+    }
+    if report.problem.is_some() {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn verify(args: VerifyArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if let Some(bundle) = &args.bundle {
+        let report = verify_bundle(bundle)?;
+        return Ok(print_report(
+            &report,
+            &bundle.display().to_string(),
+            args.json,
+        ));
+    }
+    let store = global.open_store_read_only()?;
+    let report = store.verify()?;
+    Ok(print_report(
+        &report,
+        &store.path().display().to_string(),
+        args.json,
+    ))
+}
+
+fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let format: ExportFormat = args
+        .format
+        .parse()
+        .map_err(|e: String| CliError::Usage(format!("--format: {e}")))?;
+    let query = args.filter.to_query()?;
+    if format == ExportFormat::Bundle && query != EventQuery::default() {
+        return Err(CliError::Usage("--format bundle holds the whole chain: it cannot be combined with --run, --kind, --since or --until".into()).into());
+    }
+    let store = global.open_store_read_only()?;
+    let summary = match &args.output {
+        Some(path) => {
+            // Write beside the target and rename, so a failed export leaves no half file.
+            let tmp = path.with_extension("partial");
+            let file = std::fs::File::create(&tmp)
+                .with_context(|| format!("cannot create {}", tmp.display()))?;
+            let summary = store.export(&query, format, file);
+            match summary {
+                Ok(s) => {
+                    std::fs::rename(&tmp, path)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    s
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&tmp);
+                    return Err(e.into());
+                }
+            }
+        }
+        None => store.export(&query, format, std::io::stdout().lock())?,
+    };
+    let line = if args.json {
+        serde_json::json!({"events": summary.events, "bytes": summary.bytes, "format": args.format, "output": args.output}).to_string()
+    } else {
+        format!(
+            "exported {} events ({} bytes) as {} to {}",
+            summary.events,
+            summary.bytes,
+            args.format,
+            args.output
+                .as_ref()
+                .map_or("standard output".into(), |p| p.display().to_string())
+        )
+    };
+    if args.output.is_some() {
+        println!("{line}")
+    } else {
+        eprintln!("{line}")
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One event as a line for people.
+pub fn human_line(e: &Envelope) -> String {
+    let task = e.task_id.map(|t| format!(" task={t}")).unwrap_or_default();
+    let payload = agent_runtime_core::canonical_json(&e.payload);
+    let mut payload = String::from_utf8_lossy(&payload).into_owned();
+    if payload.len() > 160 {
+        let mut cut = 157;
+        while !payload.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        payload.truncate(cut);
+        payload.push_str("...");
+    }
+    format!(
+        "{:>6} {} {:<22} {:<20} run={}{} {}",
+        e.seq,
+        e.time,
+        e.kind.as_str(),
+        e.actor.to_string(),
+        e.run_id,
+        task,
+        payload
+    )
+}
+
+fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let query = args.filter.to_query()?;
+    let store = global.open_store_read_only()?;
+    // The newest N matching events: find where they start, then read forward.
+    let head = store.head()?.map_or(0, |h| h.0);
+    let mut start = 0u64;
+    if args.lines > 0 {
+        let mut q = query.clone();
+        q.after_seq = Some(0);
+        // Walk back in pages from the head until N matching events are behind us.
+        let mut from = head;
+        let mut found = 0usize;
+        while from > 0 && found < args.lines {
+            let page_start = from.saturating_sub(4096);
+            let mut pq = query.clone();
+            pq.after_seq = Some(page_start);
+            pq.limit = Some((from - page_start) as usize);
+            let page = store.query_blocking(&pq)?;
+            let page: Vec<_> = page.into_iter().filter(|e| e.seq <= from).collect();
+            for e in page.iter().rev() {
+                found += 1;
+                start = e.seq - 1;
+                if found == args.lines {
+                    break;
+                }
+            }
+            from = page_start;
+        }
+        if found == 0 {
+            start = head;
+        }
+    } else {
+        start = head;
+    }
+    let mut out = std::io::stdout().lock();
+    let mut print = |events: &[Envelope]| -> std::io::Result<()> {
+        for e in events {
+            if args.json {
+                serde_json::to_writer(&mut out, e)?;
+                out.write_all(b"\n")?;
+            } else {
+                writeln!(out, "{}", human_line(e))?;
+            }
+        }
+        out.flush()
+    };
+    let mut q = query.clone();
+    q.after_seq = Some(start);
+    let first = store.query_blocking(&q)?;
+    let mut last = first.last().map_or(start, |e| e.seq).max(start);
+    if print(&first).is_err() {
+        return Ok(ExitCode::SUCCESS); // reader went away (a closed pipe)
+    }
+    if !args.follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let new = store.follow_blocking(&query, last, Duration::from_millis(250))?;
+        if let Some(e) = new.last() {
+            last = e.seq;
+        }
+        if print(&new).is_err() {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+fn stats(args: JsonFlag, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let store = global.open_store_read_only()?;
+    let s = store.stats()?;
+    if args.json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("database   {}", s.path);
+    println!("size       {} bytes", s.bytes);
+    println!(
+        "encrypted  {}",
+        if s.encrypted {
+            "yes (XChaCha20-Poly1305)"
+        } else {
+            "no (plaintext)"
+        }
+    );
+    println!("events     {}", s.events);
+    println!("runs       {}", s.runs);
+    if let (Some(a), Some(b)) = (&s.first_time, &s.last_time) {
+        println!("time       {a} .. {b}");
+    }
+    println!(
+        "head       {} {}",
+        s.head_seq,
+        s.head_hash.as_deref().unwrap_or("-")
+    );
+    for (k, n) in &s.kinds {
+        println!("  {k:<24} {n}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Arguments of `bench store`.
+#[derive(Args)]
+pub struct StoreBenchArgs {
+    /// Events per measurement.
+    #[arg(long, default_value_t = 200_000)]
+    pub events: u64,
+    /// Payload size in bytes.
+    #[arg(long, default_value_t = 512)]
+    pub payload_bytes: usize,
+    /// Events per append call.
+    #[arg(long, default_value_t = 1000)]
+    pub batch: usize,
+    /// Concurrent appenders.
+    #[arg(long, default_value_t = 4)]
+    pub appenders: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn bench(args: StoreBenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    if args.events == 0 || args.batch == 0 || args.appenders == 0 {
+        return Err(
+            CliError::Usage("--events, --batch and --appenders must be at least 1".into()).into(),
+        );
+    }
+    let report = agent_runtime_store::bench::run(&agent_runtime_store::bench::BenchConfig {
+        events: args.events,
+        payload_bytes: args.payload_bytes,
+        batch: args.batch,
+        appenders: args.appenders,
+    })?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!("{}", report.summary());
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,55 @@
+//! What every subcommand shares: global options, opening the store, error kinds.
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+/// Options every subcommand accepts.
+#[derive(Args, Debug, Clone)]
+pub struct GlobalArgs {
+    /// The event database (default: agent-runtime/events.db under the user's data directory).
+    #[arg(long, global = true, env = "AGENT_RUNTIME_DB", value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Create or open the database without encryption (payloads stored in clear).
+    #[arg(long, global = true)]
+    pub plaintext: bool,
+}
+
+/// An error that decides the exit code.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// Bad arguments or input: exit 2.
+    #[error("{0}")]
+    Usage(String),
+    /// A check failed (verification, a failed run): exit 1.
+    #[error("{0}")]
+    Failed(String),
+}
+
+impl CliError {
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Usage(_) => 2,
+            CliError::Failed(_) => 1,
+        }
+    }
+}
+
+impl GlobalArgs {
+    /// The store configuration these options and the environment describe.
+    pub fn store_config(&self) -> agent_runtime_store::StoreConfig {
+        agent_runtime_store::StoreConfig::from_env(self.db.clone(), self.plaintext)
+    }
+
+    /// Opens (creating if needed) the event database for appending.
+    pub fn open_store(&self) -> anyhow::Result<agent_runtime_store::Store> {
+        Ok(agent_runtime_store::Store::open(self.store_config())?)
+    }
+
+    /// Opens an existing event database for reading only.
+    pub fn open_store_read_only(&self) -> anyhow::Result<agent_runtime_store::Store> {
+        Ok(agent_runtime_store::Store::open(
+            self.store_config().read_only(),
+        )?)
+    }
+}

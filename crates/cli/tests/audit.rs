@@ -1,0 +1,218 @@
+//! The `audit` and `demo` commands, driven as a person would from a shell.
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+
+fn cli(db: &std::path::Path) -> Command {
+    let mut cmd = Command::cargo_bin("agent-runtime").unwrap();
+    cmd.env("AGENT_RUNTIME_PASSPHRASE", "cli test passphrase")
+        .env_remove("AGENT_RUNTIME_DB")
+        .arg("--db")
+        .arg(db);
+    cmd
+}
+
+fn demo(dir: &tempfile::TempDir) -> std::path::PathBuf {
+    let db = dir.path().join("events.db");
+    cli(&db)
+        .arg("demo")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("verified   14 events"))
+        .stdout(predicate::str::contains("exported   14 events"));
+    db
+}
+
+#[test]
+fn demo_then_verify_tail_stats_export() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    cli(&db)
+        .args(["audit", "verify"])
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with("ok "));
+    cli(&db)
+        .args(["audit", "verify", "--json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("\"ok\":true"));
+    cli(&db)
+        .args(["audit", "tail", "-n", "2"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("task.completed")
+                .and(predicate::str::contains("run.completed")),
+        )
+        .stdout(predicate::function(|s: &str| s.lines().count() == 2));
+    cli(&db)
+        .args(["audit", "stats", "--json"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("\"events\":14")
+                .and(predicate::str::contains("\"encrypted\":true")),
+        );
+    let out = dir.path().join("x.jsonl");
+    cli(&db)
+        .args(["audit", "export", "--kind", "task.completed", "-o"])
+        .arg(&out)
+        .assert()
+        .success();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(text.lines().count(), 2);
+    let otlp = dir.path().join("x.otlp.jsonl");
+    cli(&db)
+        .args(["audit", "export", "--format", "otlp", "-o"])
+        .arg(&otlp)
+        .assert()
+        .success();
+    assert!(
+        std::fs::read_to_string(&otlp)
+            .unwrap()
+            .contains("resourceLogs")
+    );
+}
+
+#[test]
+fn bundle_verifies_offline_without_key_or_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    let bundle = dir.path().join("audit.bundle");
+    cli(&db)
+        .args(["audit", "export", "--format", "bundle", "-o"])
+        .arg(&bundle)
+        .assert()
+        .success();
+    std::fs::remove_file(&db).unwrap();
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .env_remove("AGENT_RUNTIME_PASSPHRASE")
+        .args(["audit", "verify", "--bundle"])
+        .arg(&bundle)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("14 events"));
+}
+
+#[test]
+fn tampered_log_fails_verify_with_exit_1_naming_the_sequence() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    conn.execute_batch("DELETE FROM events WHERE seq = 6")
+        .unwrap();
+    drop(conn);
+    cli(&db).args(["audit", "verify"]).assert().code(1).stdout(
+        predicate::str::contains("FAILED")
+            .and(predicate::str::contains("sequence 6: event missing")),
+    );
+}
+
+#[test]
+fn bad_input_gives_one_line_and_the_right_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    // Usage errors: exit 2.
+    for args in [
+        vec!["audit", "export", "--format", "xml"],
+        vec!["audit", "tail", "--kind", "no.such"],
+        vec!["audit", "tail", "--run", "not-a-uuid"],
+        vec!["audit", "export", "--format", "bundle", "--kind", "note"],
+        vec!["audit", "frobnicate"],
+    ] {
+        let out = cli(&db).args(&args).assert().code(2).get_output().clone();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+            "{args:?}: {err}"
+        );
+    }
+    // Wrong passphrase: one line, exit 1, the passphrase not echoed.
+    let out = Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .env("AGENT_RUNTIME_PASSPHRASE", "hunter2-wrong")
+        .arg("--db")
+        .arg(&db)
+        .args(["audit", "verify"])
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("wrong passphrase") && !err.contains("hunter2"),
+        "{err}"
+    );
+    // Missing key.
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .env_remove("AGENT_RUNTIME_PASSPHRASE")
+        .arg("--db")
+        .arg(&db)
+        .args(["audit", "stats"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "is encrypted: set AGENT_RUNTIME_PASSPHRASE",
+        ));
+    // No database.
+    cli(&dir.path().join("missing.db"))
+        .args(["audit", "verify"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("no event database at"));
+    // A new database needs a key or --plaintext.
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .env_remove("AGENT_RUNTIME_PASSPHRASE")
+        .arg("--db")
+        .arg(dir.path().join("new.db"))
+        .arg("demo")
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("--plaintext"));
+}
+
+#[test]
+fn plaintext_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("plain.db");
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .env_remove("AGENT_RUNTIME_PASSPHRASE")
+        .args(["--plaintext", "--db"])
+        .arg(&db)
+        .arg("demo")
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("(plaintext)"));
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .env_remove("AGENT_RUNTIME_PASSPHRASE")
+        .arg("--db")
+        .arg(&db)
+        .args(["audit", "verify"])
+        .assert()
+        .success();
+}
+
+#[test]
+fn bench_store_prints_json_with_a_baseline() {
+    let out = Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .args([
+            "bench", "store", "--events", "2000", "--batch", "100", "--json",
+        ])
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["baseline_sqlite_insert"]["per_second"].as_f64().unwrap() > 0.0);
+    assert!(v["encrypted_vs_baseline"].as_f64().unwrap() > 0.0);
+    assert_eq!(v["verify_encrypted"]["events"], 2000);
+    assert_eq!(v["export_jsonl_encrypted"]["events"], 2000);
+}
