@@ -70,6 +70,7 @@ pub struct StoreConfig {
     pub(crate) kdf: KdfParams,
     pub(crate) read_only: bool,
     pub(crate) max_payload_bytes: usize,
+    pub(crate) use_keyring: bool,
 }
 
 impl StoreConfig {
@@ -83,6 +84,7 @@ impl StoreConfig {
             kdf: KdfParams::default(),
             read_only: false,
             max_payload_bytes: 16 * 1024 * 1024,
+            use_keyring: cfg!(feature = "os-keyring"),
         }
     }
 
@@ -130,6 +132,14 @@ impl StoreConfig {
     /// Sets the Argon2id cost for a new database (tests use a cheap one).
     pub fn kdf(mut self, k: KdfParams) -> Self {
         self.kdf = k;
+        self
+    }
+
+    /// Whether a new encrypted database without a passphrase may keep its key in the OS keyring
+    /// (on by default when built with the `os-keyring` feature). A passphrase, when given, is
+    /// always used instead.
+    pub fn os_keyring(mut self, allow: bool) -> Self {
+        self.use_keyring = allow;
         self
     }
 

@@ -36,12 +36,23 @@ pub enum StoreError {
         path: PathBuf,
     },
     /// A new encrypted database needs a key source.
-    #[error(
-        "no key to encrypt the new event database {path}: set AGENT_RUNTIME_PASSPHRASE, or ask for a plaintext database by name (--plaintext)"
-    )]
+    #[error("no key to encrypt the new event database {path}{why}: set AGENT_RUNTIME_PASSPHRASE, or ask for a plaintext database by name (--plaintext)",
+        why = .keyring.as_ref().map(|k| format!(" (no OS keyring: {k})")).unwrap_or_default())]
     NoKeyForNewDatabase {
         /// The database file.
         path: PathBuf,
+        /// Why the OS keyring could not be used, when it was tried.
+        keyring: Option<String>,
+    },
+    /// The database's key lives in the OS keyring, which cannot give it.
+    #[error(
+        "the key of event database {path} is in the OS keyring, which cannot give it: {detail}"
+    )]
+    Keyring {
+        /// The database file.
+        path: PathBuf,
+        /// What the keyring said.
+        detail: String,
     },
     /// The passphrase does not unlock the database's data key.
     #[error("wrong passphrase for event database {path}: its data key does not unlock")]

@@ -270,12 +270,21 @@ fn write_envelope_line(r: &RawRow, payload: &[u8], out: &mut Vec<u8>) {
         Timestamp::from_unix_nanos(r.time_ns)
     );
     out.extend_from_slice(payload);
-    let _ = writeln!(
-        out,
-        ",\"prev_hash\":\"{}\",\"hash\":\"{}\"}}",
-        hex::encode(&r.prev_hash),
-        hex::encode(&r.hash)
-    );
+    out.extend_from_slice(b",\"prev_hash\":\"");
+    push_hex(out, &r.prev_hash);
+    out.extend_from_slice(b"\",\"hash\":\"");
+    push_hex(out, &r.hash);
+    out.extend_from_slice(b"\"}\n");
+}
+
+/// Lowercase hex of `bytes` appended to `out` (the `hex` crate's iterator is slow on this path).
+fn push_hex(out: &mut Vec<u8>, bytes: &[u8]) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    out.reserve(bytes.len() * 2);
+    for b in bytes {
+        out.push(DIGITS[usize::from(b >> 4)]);
+        out.push(DIGITS[usize::from(b & 0x0f)]);
+    }
 }
 
 fn otlp_record(r: &RawRow, payload: &[u8]) -> serde_json::Value {

@@ -50,6 +50,7 @@ mod config;
 mod crypto;
 mod error;
 mod export;
+mod keyring;
 mod pipeline;
 mod stats;
 mod store;
@@ -61,6 +62,7 @@ pub use config::{
 pub use crypto::KdfParams;
 pub use error::StoreError;
 pub use export::{ExportFormat, ExportSummary};
+pub use keyring::KEYRING_SERVICE;
 pub use stats::Stats;
 pub use store::Store;
 pub use verify::{Problem, ProblemKind, VerifyReport, verify_bundle};

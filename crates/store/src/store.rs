@@ -39,6 +39,10 @@ CREATE TABLE IF NOT EXISTS events (
 CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id, seq);
 CREATE INDEX IF NOT EXISTS events_by_kind ON events(kind, seq);
 CREATE INDEX IF NOT EXISTS events_by_time ON events(time_ns, seq);
+CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
+    BEGIN SELECT RAISE(ABORT, 'agent-runtime events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
+    BEGIN SELECT RAISE(ABORT, 'agent-runtime events are append-only'); END;
 ";
 
 /// Writer connection settings, shared with the benchmark's baseline so the comparison is fair: a
@@ -508,27 +512,46 @@ fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError
         match config.encryption {
             Encryption::Plaintext => put("encryption", b"none").map_err(err)?,
             Encryption::Encrypted => {
-                let pass = config
-                    .passphrase
-                    .as_ref()
-                    .ok_or_else(|| StoreError::NoKeyForNewDatabase { path: path.clone() })?;
-                let mut salt = [0u8; 16];
-                crypto::random_bytes(&mut salt);
                 let mut data_key = zeroize::Zeroizing::new([0u8; 32]);
                 crypto::random_bytes(data_key.as_mut());
-                let kek = crypto::derive_kek(pass.as_bytes(), &salt, config.kdf).map_err(|d| {
-                    StoreError::Open {
-                        path: path.clone(),
-                        detail: format!("key derivation failed: {d}"),
-                    }
-                })?;
-                let wrapped = crypto::wrap_key(&kek, &data_key);
-                let kdf = serde_json::to_vec(&config.kdf).unwrap_or_default();
                 put("encryption", b"xchacha20poly1305").map_err(err)?;
-                put("key_source", b"passphrase-argon2id").map_err(err)?;
-                put("kdf", &kdf).map_err(err)?;
-                put("salt", &salt).map_err(err)?;
-                put("wrapped_key", &wrapped).map_err(err)?;
+                match &config.passphrase {
+                    Some(pass) => {
+                        let mut salt = [0u8; 16];
+                        crypto::random_bytes(&mut salt);
+                        let kek = crypto::derive_kek(pass.as_bytes(), &salt, config.kdf).map_err(
+                            |d| StoreError::Open {
+                                path: path.clone(),
+                                detail: format!("key derivation failed: {d}"),
+                            },
+                        )?;
+                        let kdf = serde_json::to_vec(&config.kdf).unwrap_or_default();
+                        put("key_source", b"passphrase-argon2id").map_err(err)?;
+                        put("kdf", &kdf).map_err(err)?;
+                        put("salt", &salt).map_err(err)?;
+                        put("wrapped_key", &crypto::wrap_key(&kek, &data_key)).map_err(err)?;
+                    }
+                    None if config.use_keyring => {
+                        let mut id = [0u8; 16];
+                        crypto::random_bytes(&mut id);
+                        let key_id = hex::encode(id);
+                        let kek = crate::keyring::create_kek(&key_id).map_err(|detail| {
+                            StoreError::NoKeyForNewDatabase {
+                                path: path.clone(),
+                                keyring: Some(detail),
+                            }
+                        })?;
+                        put("key_source", b"os-keyring").map_err(err)?;
+                        put("key_id", key_id.as_bytes()).map_err(err)?;
+                        put("wrapped_key", &crypto::wrap_key(&kek, &data_key)).map_err(err)?;
+                    }
+                    None => {
+                        return Err(StoreError::NoKeyForNewDatabase {
+                            path: path.clone(),
+                            keyring: None,
+                        });
+                    }
+                }
             }
         }
         Ok(())
@@ -580,23 +603,39 @@ fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCiphe
     match encryption.as_str() {
         "none" => Ok(None),
         "xchacha20poly1305" => {
-            let pass = config
-                .passphrase
-                .as_ref()
-                .ok_or_else(|| StoreError::MissingKey { path: path.clone() })?;
             let missing = |what: &str| not_ours(format!("encryption metadata {what} is missing"));
-            let salt = get_meta(conn, "salt")
-                .map_err(err)?
-                .ok_or_else(|| missing("salt"))?;
             let wrapped = get_meta(conn, "wrapped_key")
                 .map_err(err)?
                 .ok_or_else(|| missing("wrapped_key"))?;
-            let kdf: KdfParams = get_meta(conn, "kdf")
+            let source = meta_string(conn, "key_source")
                 .map_err(err)?
-                .and_then(|v| serde_json::from_slice(&v).ok())
-                .ok_or_else(|| missing("kdf"))?;
-            let kek = crypto::derive_kek(pass.as_bytes(), &salt, kdf)
-                .map_err(|d| not_ours(format!("bad key derivation parameters: {d}")))?;
+                .unwrap_or_else(|| "passphrase-argon2id".into());
+            let kek = match source.as_str() {
+                "os-keyring" => {
+                    let key_id = meta_string(conn, "key_id")
+                        .map_err(err)?
+                        .ok_or_else(|| missing("key_id"))?;
+                    crate::keyring::load_kek(&key_id).map_err(|detail| StoreError::Keyring {
+                        path: path.clone(),
+                        detail,
+                    })?
+                }
+                _ => {
+                    let pass = config
+                        .passphrase
+                        .as_ref()
+                        .ok_or_else(|| StoreError::MissingKey { path: path.clone() })?;
+                    let salt = get_meta(conn, "salt")
+                        .map_err(err)?
+                        .ok_or_else(|| missing("salt"))?;
+                    let kdf: KdfParams = get_meta(conn, "kdf")
+                        .map_err(err)?
+                        .and_then(|v| serde_json::from_slice(&v).ok())
+                        .ok_or_else(|| missing("kdf"))?;
+                    crypto::derive_kek(pass.as_bytes(), &salt, kdf)
+                        .map_err(|d| not_ours(format!("bad key derivation parameters: {d}")))?
+                }
+            };
             let data_key = crypto::unwrap_key(&kek, &wrapped)
                 .ok_or_else(|| StoreError::WrongKey { path: path.clone() })?;
             Ok(Some(PayloadCipher::new(&data_key)))

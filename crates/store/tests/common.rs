@@ -46,8 +46,18 @@ pub fn events(run: u8, n: u64) -> Vec<NewEvent> {
     (1..=n).map(|i| event(run, i)).collect()
 }
 
+/// Opens the database behind the store's back, as an attacker would: without the triggers that
+/// keep honest tools from changing events.
+pub fn tamper_conn(path: &Path) -> rusqlite::Connection {
+    let conn = rusqlite::Connection::open(path).expect("open for tampering");
+    conn.execute_batch(
+        "DROP TRIGGER events_append_only_update; DROP TRIGGER events_append_only_delete;",
+    )
+    .expect("drop append-only triggers");
+    conn
+}
+
 /// Runs SQL against the database behind the store's back (to tamper with it).
 pub fn tamper(path: &Path, sql: &str) {
-    let conn = rusqlite::Connection::open(path).expect("open for tampering");
-    conn.execute_batch(sql).expect("tamper sql");
+    tamper_conn(path).execute_batch(sql).expect("tamper sql");
 }

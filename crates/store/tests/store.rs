@@ -44,7 +44,7 @@ fn plaintext_only_by_name_and_queries_work_without_key() {
     let path = dir.path().join("p.db");
     // No passphrase and no --plaintext: refused, and nothing half-made is left behind that
     // would later open as plaintext.
-    let err = Store::open(StoreConfig::new(&path)).unwrap_err();
+    let err = Store::open(StoreConfig::new(&path).os_keyring(false)).unwrap_err();
     assert!(
         matches!(err, StoreError::NoKeyForNewDatabase { .. }),
         "{err}"

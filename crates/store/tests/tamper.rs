@@ -21,6 +21,22 @@ fn problem(path: &std::path::Path) -> agent_runtime_store::Problem {
 }
 
 #[test]
+fn honest_sql_cannot_change_or_delete_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 5);
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    for sql in [
+        "UPDATE events SET kind = 'note' WHERE seq = 1",
+        "DELETE FROM events WHERE seq = 5",
+    ] {
+        let err = conn.execute_batch(sql).unwrap_err();
+        assert!(err.to_string().contains("append-only"), "{err}");
+    }
+    drop(conn);
+    assert_eq!(open_encrypted(&path).verify().unwrap().problem, None);
+}
+
+#[test]
 fn intact_log_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 500);
@@ -36,7 +52,7 @@ fn flipped_payload_byte_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 500);
     // Flip one byte in the middle of event 321's sealed payload.
-    let conn = rusqlite::Connection::open(&path).unwrap();
+    let conn = tamper_conn(&path);
     let mut payload: Vec<u8> = conn
         .query_row("SELECT payload FROM events WHERE seq = 321", [], |r| {
             r.get(0)
@@ -161,7 +177,7 @@ fn swapped_data_key_reads_as_wrong_key() {
     // Another database with the same passphrase has another data key.
     let other = dir.path().join("other.db");
     drop(open_encrypted(&other));
-    let conn = rusqlite::Connection::open(&path).unwrap();
+    let conn = tamper_conn(&path);
     conn.execute("ATTACH DATABASE ?1 AS other", [other.to_str().unwrap()])
         .unwrap();
     conn.execute_batch("UPDATE main.meta SET value = (SELECT value FROM other.meta WHERE key = 'wrapped_key') WHERE key = 'wrapped_key'; UPDATE main.meta SET value = (SELECT value FROM other.meta WHERE key = 'salt') WHERE key = 'salt';").unwrap();
