@@ -100,31 +100,11 @@ impl FromStr for Actor {
     }
 }
 
-impl TryFrom<String> for Actor {
-    type Error = ActorError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<Actor> for String {
-    fn from(a: Actor) -> String {
-        a.to_string()
-    }
-}
-
-impl schemars::JsonSchema for Actor {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Actor".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": "^(system|(agent|tool|person):.+)$",
-            "description": "Who did it: agent:NAME, tool:NAME, person:NAME or system"
-        })
-    }
-}
+string_type!(Actor, ActorError, "Actor", {
+    "type": "string",
+    "pattern": "^(system|(agent|tool|person):.+)$",
+    "description": "Who did it: agent:NAME, tool:NAME, person:NAME or system"
+});
 
 macro_rules! event_kinds {
     ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
@@ -282,31 +262,11 @@ impl FromStr for Hash32 {
     }
 }
 
-impl TryFrom<String> for Hash32 {
-    type Error = HashError;
-    fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
-    }
-}
-
-impl From<Hash32> for String {
-    fn from(h: Hash32) -> String {
-        h.to_string()
-    }
-}
-
-impl schemars::JsonSchema for Hash32 {
-    fn schema_name() -> std::borrow::Cow<'static, str> {
-        "Hash32".into()
-    }
-    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-        schemars::json_schema!({
-            "type": "string",
-            "pattern": "^[0-9a-f]{64}$",
-            "description": "BLAKE3 hash, 64 lowercase hex digits"
-        })
-    }
-}
+string_type!(Hash32, HashError, "Hash32", {
+    "type": "string",
+    "pattern": "^[0-9a-f]{64}$",
+    "description": "BLAKE3 hash, 64 lowercase hex digits"
+});
 
 /// An event as a capability describes it, before the log numbers and chains it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]

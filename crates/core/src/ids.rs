@@ -72,31 +72,11 @@ macro_rules! define_id {
             }
         }
 
-        impl TryFrom<String> for $name {
-            type Error = IdError;
-            fn try_from(s: String) -> Result<Self, Self::Error> {
-                s.parse()
-            }
-        }
-
-        impl From<$name> for String {
-            fn from(id: $name) -> String {
-                id.to_string()
-            }
-        }
-
-        impl schemars::JsonSchema for $name {
-            fn schema_name() -> std::borrow::Cow<'static, str> {
-                stringify!($name).into()
-            }
-            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
-                schemars::json_schema!({
-                    "type": "string",
-                    "format": "uuid",
-                    "description": concat!("Time-ordered ", $kind, " id (UUID version 7)")
-                })
-            }
-        }
+        string_type!($name, IdError, stringify!($name), {
+            "type": "string",
+            "format": "uuid",
+            "description": concat!("Time-ordered ", $kind, " id (UUID version 7)")
+        });
     };
 }
 

@@ -37,6 +37,34 @@
 
 #![warn(missing_docs)]
 
+/// Implements `TryFrom<String>` (through `FromStr`), `From<T> for String` (through `Display`)
+/// and a string `JsonSchema` for a type that serde writes as a string.
+macro_rules! string_type {
+    ($ty:ty, $err:ty, $name:expr, $schema:tt) => {
+        impl TryFrom<String> for $ty {
+            type Error = $err;
+            fn try_from(s: String) -> Result<Self, Self::Error> {
+                s.parse()
+            }
+        }
+
+        impl From<$ty> for String {
+            fn from(v: $ty) -> String {
+                v.to_string()
+            }
+        }
+
+        impl schemars::JsonSchema for $ty {
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                schemars::json_schema!($schema)
+            }
+        }
+    };
+}
+
 pub mod approval;
 pub mod context;
 pub mod error;

@@ -219,28 +219,15 @@ mod tests {
 
     #[test]
     fn wrapped_key_opens_only_with_its_kek() {
-        let kek = derive_kek(
-            b"pw",
-            b"0123456789abcdef",
-            KdfParams {
-                m_kib: 64,
-                t: 1,
-                p: 1,
-            },
-        )
-        .unwrap();
+        const CHEAP: KdfParams = KdfParams {
+            m_kib: 64,
+            t: 1,
+            p: 1,
+        };
+        let kek = derive_kek(b"pw", b"0123456789abcdef", CHEAP).unwrap();
         let wrapped = wrap_key(&kek, &[3; 32]);
         assert_eq!(*unwrap_key(&kek, &wrapped).unwrap(), [3; 32]);
-        let other = derive_kek(
-            b"pw2",
-            b"0123456789abcdef",
-            KdfParams {
-                m_kib: 64,
-                t: 1,
-                p: 1,
-            },
-        )
-        .unwrap();
+        let other = derive_kek(b"pw2", b"0123456789abcdef", CHEAP).unwrap();
         assert!(unwrap_key(&other, &wrapped).is_none());
     }
 }
