@@ -8,7 +8,6 @@ cd "$(dirname "$0")/.."
 # The event log's OS-keyring test runs a private D-Bus session bus with gnome-keyring.
 missing=()
 command -v dbus-daemon >/dev/null 2>&1 || missing+=(dbus-daemon)
-command -v dbus-send >/dev/null 2>&1 || missing+=(dbus-bin)
 command -v gnome-keyring-daemon >/dev/null 2>&1 || missing+=(gnome-keyring)
 if [ ${#missing[@]} -gt 0 ]; then
     apt-get update

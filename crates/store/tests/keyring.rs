@@ -68,26 +68,21 @@ fn start_secret_service(home: &std::path::Path) -> Daemons {
         let mut stdin = keyring.stdin.take().expect("keyring stdin");
         stdin.write_all(b"login-password").expect("unlock keyring");
     }
-    // Wait until the Secret Service answers on the bus.
-    for _ in 0..100 {
-        let ok = Command::new("dbus-send")
-            .args([
-                "--session",
-                "--print-reply",
-                "--dest=org.freedesktop.secrets",
-                "/org/freedesktop/secrets",
-                "org.freedesktop.DBus.Peer.Ping",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false);
-        if ok {
+    // Wait until the Secret Service stores and returns a secret (it starts asynchronously).
+    let probe = keyring::Entry::new("agent-runtime-test", "readiness-probe").expect("probe entry");
+    let mut ready = false;
+    for _ in 0..200 {
+        if probe.set_password("probe").is_ok() && probe.get_password().is_ok() {
+            let _ = probe.delete_credential();
+            ready = true;
             break;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert!(
+        ready,
+        "gnome-keyring did not come up on the private session bus within 10 s"
+    );
     Daemons {
         children: vec![keyring, bus],
     }
