@@ -101,7 +101,8 @@ fn tampered_log_fails_verify_with_exit_1_naming_the_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let db = demo(&dir);
     let conn = rusqlite::Connection::open(&db).unwrap();
-    conn.execute_batch("DELETE FROM events WHERE seq = 6")
+    // As an attacker would: past the append-only triggers.
+    conn.execute_batch("DROP TRIGGER events_append_only_delete; DELETE FROM events WHERE seq = 6")
         .unwrap();
     drop(conn);
     cli(&db).args(["audit", "verify"]).assert().code(1).stdout(
@@ -215,4 +216,41 @@ fn bench_store_prints_json_with_a_baseline() {
     assert!(v["encrypted_vs_baseline"].as_f64().unwrap() > 0.0);
     assert_eq!(v["verify_encrypted"]["events"], 2000);
     assert_eq!(v["export_jsonl_encrypted"]["events"], 2000);
+}
+
+#[test]
+fn tail_follow_sees_events_another_process_appends() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    let mut follower = std::process::Command::new(&bin)
+        .env("AGENT_RUNTIME_PASSPHRASE", "cli test passphrase")
+        .arg("--db")
+        .arg(&db)
+        .args([
+            "audit",
+            "tail",
+            "-n",
+            "0",
+            "--follow",
+            "--kind",
+            "run.completed",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follower.stdout.take().unwrap();
+    // Another process appends a second run while the follower waits.
+    cli(&db).arg("demo").assert().success();
+    let mut line = String::new();
+    let got = BufReader::new(stdout).read_line(&mut line);
+    let _ = follower.kill();
+    let _ = follower.wait();
+    got.unwrap();
+    assert!(line.contains("run.completed"), "{line}");
+    assert!(
+        line.trim_start().starts_with("28 "),
+        "the second run's last event is sequence 28: {line}"
+    );
 }
