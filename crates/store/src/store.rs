@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agent_runtime_core::{
     Actor, Appended, Envelope, EventKind, EventQuery, Hash32, NewEvent, RunId, TaskId, Timestamp,
-    canonical_header, canonical_json, chain_hash, push_canonical_payload,
+    canonical_header, canonical_json, chain_hash_parts,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -63,10 +63,13 @@ pub(crate) struct Prepared {
     actor: String,
     kind: &'static str,
     time_ns: i64,
-    /// Canonical body (header and payload) for the chain hash.
-    body: Vec<u8>,
-    /// What goes in the payload column: canonical JSON, or its sealed form.
-    stored: Vec<u8>,
+    /// Canonical header, hashed before the payload.
+    header: Vec<u8>,
+    /// Canonical payload JSON.
+    payload: Vec<u8>,
+    /// The sealed payload for the payload column; `None` in a plaintext log, where the column
+    /// holds `payload` itself.
+    sealed: Option<Vec<u8>>,
 }
 
 enum Reply {
@@ -351,12 +354,11 @@ impl Store {
             });
         }
         let header = event.canonical_header();
-        let stored = match &self.inner.cipher {
-            Some(c) => c.seal(&payload, &header),
-            None => payload.clone(),
-        };
-        let mut body = header;
-        push_canonical_payload(&mut body, &payload);
+        let sealed = self
+            .inner
+            .cipher
+            .as_ref()
+            .map(|c| c.seal(&payload, &header));
         Ok(Prepared {
             run_id: *event.run_id.as_bytes(),
             task_id: event.task_id.map(|t| *t.as_bytes()),
@@ -364,8 +366,9 @@ impl Store {
             kind: event.kind.as_str(),
             // Nanoseconds fit i64 until the year 2262.
             time_ns: i64::try_from(event.time.as_unix_nanos()).unwrap_or(i64::MAX),
-            body,
-            stored,
+            header,
+            payload,
+            sealed,
         })
     }
 
@@ -826,7 +829,7 @@ fn commit_batch(
             let mut landed = Vec::with_capacity(req.events.len());
             for ev in &req.events {
                 seq += 1;
-                let hash = chain_hash(&prev, seq, &ev.body);
+                let hash = chain_hash_parts(&prev, seq, &ev.header, &ev.payload);
                 stmt.execute(params![
                     i64::try_from(seq).unwrap_or(i64::MAX),
                     &ev.run_id[..],
@@ -834,7 +837,7 @@ fn commit_batch(
                     ev.actor,
                     ev.kind,
                     ev.time_ns,
-                    ev.stored,
+                    ev.sealed.as_ref().unwrap_or(&ev.payload),
                     &prev.0[..],
                     &hash.0[..],
                 ])
