@@ -1,0 +1,745 @@
+//! Gateway subcommands: `tools`, `mcp`, `policy`, and `bench gateway`.
+//!
+//! Every command assembles the gateway from the same files: `--config` (default
+//! `.agent-runtime/gateway.yaml` when it exists), `--policy` (default: the configuration's, else
+//! the safe defaults) and `--mcp-config` (default: the configuration's, else
+//! `.agent-runtime/mcp.json` when it exists).
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime_core::{
+    Actor, ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, CallContext,
+    CancellationToken, ClassifiedError, ErrorClass, EventSink, MemoryLog,
+};
+use agent_runtime_gateway::config::{Options, assemble};
+use agent_runtime_gateway::mcp::{McpConfig, McpManager, McpServerConfig, describe_server};
+use agent_runtime_gateway::{Gateway, GatewayError};
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::common::{CliError, GlobalArgs};
+
+/// Gateway subcommands (flattened into the top level).
+#[derive(Subcommand)]
+pub enum GatewayCommand {
+    /// List, describe and call tools through the gateway.
+    #[command(subcommand)]
+    Tools(ToolsCommand),
+    /// MCP servers: list and add configured servers, serve the registry over MCP.
+    #[command(subcommand)]
+    Mcp(McpCommand),
+    /// Check what the policy decides about a call, and why.
+    #[command(subcommand)]
+    Policy(PolicyCommand),
+}
+
+/// Where the gateway's configuration comes from.
+#[derive(Args, Clone, Debug, Default)]
+pub struct GatewayOpts {
+    /// The gateway configuration (YAML): workspace, command tools, hooks, policy and MCP files.
+    #[arg(long, env = "AGENT_RUNTIME_GATEWAY_CONFIG", value_name = "PATH")]
+    pub config: Option<PathBuf>,
+    /// The policy file (YAML), overriding the configuration's.
+    #[arg(long, value_name = "PATH")]
+    pub policy: Option<PathBuf>,
+    /// The MCP servers file (JSON `mcpServers` format), overriding the configuration's.
+    #[arg(long = "mcp-config", value_name = "PATH")]
+    pub mcp_config: Option<PathBuf>,
+}
+
+/// `tools ...`
+#[derive(Subcommand)]
+pub enum ToolsCommand {
+    /// List every tool (native, command and MCP).
+    List(ListArgs),
+    /// Show a tool's descriptor: description, input schema, risk class, source.
+    Describe(DescribeArgs),
+    /// Call a tool through the whole pipeline (validation, policy, approval, sandbox, audit).
+    Call(CallArgs),
+}
+
+/// Arguments of `tools list`.
+#[derive(Args)]
+pub struct ListArgs {
+    #[command(flatten)]
+    opts: GatewayOpts,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `tools describe`.
+#[derive(Args)]
+pub struct DescribeArgs {
+    /// The tool's registry name.
+    name: String,
+    #[command(flatten)]
+    opts: GatewayOpts,
+}
+
+/// Arguments of `tools call`.
+#[derive(Args)]
+pub struct CallArgs {
+    /// The tool's registry name.
+    name: String,
+    /// The arguments, as a JSON object.
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// The agent the call is made for (recorded as `agent:NAME`; policy rules may match it).
+    #[arg(long, default_value = "cli")]
+    agent: String,
+    /// Time limit in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[command(flatten)]
+    opts: GatewayOpts,
+}
+
+/// `mcp ...`
+#[derive(Subcommand)]
+pub enum McpCommand {
+    /// List configured MCP servers (with `--tools`, connect and list their tools).
+    List(McpListArgs),
+    /// Add a server to the MCP servers file.
+    Add(McpAddArgs),
+    /// Serve the gateway's registry, policy applied, to an MCP host.
+    Serve(McpServeArgs),
+}
+
+/// Arguments of `mcp list`.
+#[derive(Args)]
+pub struct McpListArgs {
+    #[command(flatten)]
+    opts: GatewayOpts,
+    /// Connect to each server and list its tools.
+    #[arg(long)]
+    tools: bool,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Arguments of `mcp add`.
+#[derive(Args)]
+pub struct McpAddArgs {
+    /// The server's name (its tools become `NAME.tool`).
+    name: String,
+    /// The program of a stdio server.
+    #[arg(long, conflicts_with = "url", required_unless_present = "url")]
+    command: Option<String>,
+    /// An argument of the program (repeat for several).
+    #[arg(long = "arg", allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// An environment variable `KEY=VALUE` (`KEY=${HOST_VAR}` passes a host variable as a secret).
+    #[arg(long = "env")]
+    env: Vec<String>,
+    /// The URL of a streamable HTTP server.
+    #[arg(long)]
+    url: Option<String>,
+    /// An HTTP header `NAME=VALUE` for a URL server (`Authorization=Bearer ${TOKEN}`).
+    #[arg(long = "header", requires = "url")]
+    headers: Vec<String>,
+    /// Time limit of one call, in milliseconds.
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    #[command(flatten)]
+    opts: GatewayOpts,
+}
+
+/// Arguments of `mcp serve`.
+#[derive(Args)]
+pub struct McpServeArgs {
+    /// Speak MCP on stdin and stdout.
+    #[arg(long, required_unless_present = "http")]
+    stdio: bool,
+    /// Listen for streamable HTTP on this address (`127.0.0.1:8808`; port 0 picks one).
+    #[arg(long, value_name = "ADDR", conflicts_with = "stdio")]
+    http: Option<String>,
+    /// The agent calls are recorded for.
+    #[arg(long, default_value = "mcp")]
+    agent: String,
+    #[command(flatten)]
+    opts: GatewayOpts,
+}
+
+/// `policy ...`
+#[derive(Subcommand)]
+pub enum PolicyCommand {
+    /// Show which rule decides about a call and why, without running it.
+    Check(CheckArgs),
+}
+
+/// Arguments of `policy check`.
+#[derive(Args)]
+pub struct CheckArgs {
+    /// The tool's registry name.
+    #[arg(long)]
+    tool: String,
+    /// The arguments, as a JSON object.
+    #[arg(long, default_value = "{}")]
+    args: String,
+    /// The agent the call would be made for.
+    #[arg(long, default_value = "cli")]
+    agent: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    opts: GatewayOpts,
+}
+
+/// Arguments of `bench gateway`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Iterations of the native pipeline figure.
+    #[arg(long, default_value_t = 20_000)]
+    pub iterations: usize,
+}
+
+/// `println!` that ignores a closed stdout (`| head`) instead of panicking.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), $($t)*);
+    }};
+}
+
+const DEFAULT_CONFIG: &str = ".agent-runtime/gateway.yaml";
+const DEFAULT_MCP: &str = ".agent-runtime/mcp.json";
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn options(opts: &GatewayOpts) -> Options {
+    let config = opts
+        .config
+        .clone()
+        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+    let mut mcp = opts.mcp_config.clone();
+    if mcp.is_none() && config.is_none() {
+        mcp = Some(PathBuf::from(DEFAULT_MCP)).filter(|p| p.exists());
+    }
+    Options {
+        config,
+        policy: opts.policy.clone(),
+        mcp,
+    }
+}
+
+fn gateway_error(e: GatewayError) -> anyhow::Error {
+    match e {
+        GatewayError::Read { .. }
+        | GatewayError::Parse { .. }
+        | GatewayError::InvalidTool { .. }
+        | GatewayError::Duplicate(_)
+        | GatewayError::Policy { .. } => CliError::Usage(e.to_string()).into(),
+        other => CliError::Failed(other.to_string()).into(),
+    }
+}
+
+fn parse_args(text: &str) -> anyhow::Result<Value> {
+    let v: Value = serde_json::from_str(text)
+        .map_err(|e| CliError::Usage(format!("--args is not valid JSON: {e}")))?;
+    if !v.is_object() {
+        return Err(CliError::Usage("--args must be a JSON object".into()).into());
+    }
+    Ok(v)
+}
+
+fn agent(name: &str) -> anyhow::Result<Actor> {
+    format!("agent:{name}")
+        .parse()
+        .map_err(|e| CliError::Usage(format!("--agent: {e}")).into())
+}
+
+/// Asks on the terminal; denies (decided by `system`) when there is no terminal.
+struct TerminalApproval;
+
+#[agent_runtime_core::async_trait]
+impl ApprovalSink for TerminalApproval {
+    async fn request(
+        &self,
+        request: ApprovalRequest,
+        cancel: CancellationToken,
+    ) -> Result<ApprovalDecision, ApprovalError> {
+        if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+            return Ok(ApprovalDecision {
+                approved: false,
+                decided_by: Actor::System,
+                reason: Some(format!("no terminal to ask about {}: denied", request.tool)),
+            });
+        }
+        let ask = tokio::task::spawn_blocking(move || {
+            let mut err = std::io::stderr();
+            let _ = writeln!(
+                err,
+                "\n{} wants to call {} ({:?}) with\n{}\nbecause policy says: {}\nAllow? [y/N] ",
+                request.subject,
+                request.tool,
+                request.risk,
+                serde_json::to_string_pretty(&request.arguments).unwrap_or_default(),
+                request.reason
+            );
+            let mut line = String::new();
+            let _ = std::io::stdin().lock().read_line(&mut line);
+            matches!(line.trim(), "y" | "Y" | "yes")
+        });
+        tokio::select! {
+            r = ask => {
+                let approved = r.unwrap_or(false);
+                let who = std::env::var("USER").unwrap_or_else(|_| "terminal".into());
+                Ok(ApprovalDecision {
+                    approved,
+                    decided_by: Actor::Person(who),
+                    reason: Some(if approved { "approved on the terminal" } else { "denied on the terminal" }.into()),
+                })
+            }
+            _ = cancel.cancelled() => Err(ClassifiedError::new(ErrorClass::Cancelled, "approval request cancelled")),
+        }
+    }
+}
+
+/// Builds the gateway and connects MCP servers; MCP failures are printed as warnings.
+async fn build(
+    opts: &GatewayOpts,
+    events: Arc<dyn EventSink>,
+    approval: Arc<dyn ApprovalSink>,
+    quiet: bool,
+) -> anyhow::Result<(Gateway, McpManager)> {
+    let assembled = assemble(&options(opts)).map_err(gateway_error)?;
+    let registry = assembled.registry.clone();
+    let (gateway, mcp) = assembled
+        .into_gateway(events, approval)
+        .map_err(gateway_error)?;
+    let mut redactor = gateway.redactor().clone();
+    let (manager, errors) = McpManager::start(&mcp, registry, &mut redactor)
+        .await
+        .map_err(gateway_error)?;
+    if !quiet {
+        for e in errors {
+            eprintln!("warning: {e}");
+        }
+    }
+    Ok((gateway, manager))
+}
+
+pub fn run(cmd: GatewayCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    match cmd {
+        GatewayCommand::Tools(ToolsCommand::List(a)) => list(a),
+        GatewayCommand::Tools(ToolsCommand::Describe(a)) => describe(a),
+        GatewayCommand::Tools(ToolsCommand::Call(a)) => call(a, global),
+        GatewayCommand::Mcp(McpCommand::List(a)) => mcp_list(a),
+        GatewayCommand::Mcp(McpCommand::Add(a)) => mcp_add(a),
+        GatewayCommand::Mcp(McpCommand::Serve(a)) => mcp_serve(a, global),
+        GatewayCommand::Policy(PolicyCommand::Check(a)) => check(a),
+    }
+}
+
+fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let descriptors = rt.block_on(async {
+        let (gw, manager) = build(
+            &a.opts,
+            Arc::new(MemoryLog::default()),
+            Arc::new(TerminalApproval),
+            false,
+        )
+        .await?;
+        let d = gw.descriptors();
+        manager.shutdown().await;
+        anyhow::Ok(d)
+    })?;
+    if a.json {
+        say!("{}", serde_json::to_string_pretty(&descriptors)?);
+    } else {
+        let width = descriptors.iter().map(|d| d.name.len()).max().unwrap_or(4);
+        for d in &descriptors {
+            let risk = serde_json::to_value(d.risk)?
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let first = d.description.lines().next().unwrap_or_default();
+            say!("{:width$}  {:7}  {}", d.name, risk, first);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn describe(a: DescribeArgs) -> anyhow::Result<ExitCode> {
+    let rt = runtime()?;
+    let d = rt.block_on(async {
+        let (gw, manager) = build(
+            &a.opts,
+            Arc::new(MemoryLog::default()),
+            Arc::new(TerminalApproval),
+            false,
+        )
+        .await?;
+        let d = gw.registry().get(&a.name).map(|e| e.descriptor().clone());
+        manager.shutdown().await;
+        anyhow::Ok((d, gw.registry().names()))
+    })?;
+    match d {
+        (Some(d), _) => {
+            say!("{}", serde_json::to_string_pretty(&d)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        (None, names) => Err(CliError::Usage(format!(
+            "unknown tool {:?}; known tools: {}",
+            a.name,
+            names.join(", ")
+        ))
+        .into()),
+    }
+}
+
+fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let args = parse_args(&a.args)?;
+    let actor = agent(&a.agent)?;
+    let rt = runtime()?;
+    let store = global.open_store()?;
+    let result = rt.block_on(async {
+        let (gw, manager) =
+            build(&a.opts, Arc::new(store), Arc::new(TerminalApproval), false).await?;
+        let mut ctx = CallContext::new(actor);
+        ctx.timeout = a.timeout_ms.map(Duration::from_millis);
+        let cancel = ctx.cancel.clone();
+        tokio::spawn(async move {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                cancel.cancel();
+            }
+        });
+        let r = gw.call(&a.name, args, ctx).await;
+        manager.shutdown().await;
+        anyhow::Ok(r)
+    })?;
+    match result {
+        Ok(out) => {
+            match &out.value {
+                Value::String(s) => say!("{s}"),
+                v => say!("{}", serde_json::to_string_pretty(v)?),
+            }
+            if out.truncated {
+                eprintln!("note: output truncated to the gateway's cap");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) if e.class == ErrorClass::InvalidArguments => {
+            Err(CliError::Usage(e.to_string()).into())
+        }
+        Err(e) => Err(CliError::Failed(e.to_string()).into()),
+    }
+}
+
+fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
+    let args = parse_args(&a.args)?;
+    let actor = agent(&a.agent)?;
+    let rt = runtime()?;
+    let report = rt.block_on(async {
+        let (gw, manager) = build(
+            &a.opts,
+            Arc::new(MemoryLog::default()),
+            Arc::new(TerminalApproval),
+            true,
+        )
+        .await?;
+        let risk = gw.registry().get(&a.tool).map(|e| e.descriptor().risk);
+        let r = gw.check(&a.tool, args, &actor).await;
+        manager.shutdown().await;
+        anyhow::Ok((r, risk))
+    })?;
+    let (report, risk) = match report {
+        (Ok(r), risk) => (r, risk),
+        (Err(e), _) => return Err(CliError::Usage(e.to_string()).into()),
+    };
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["risk"] = serde_json::to_value(risk)?;
+        say!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let d = &report.decision;
+    say!(
+        "tool:       {} ({})",
+        report.tool,
+        risk.map(|r| format!("{r:?}").to_lowercase())
+            .unwrap_or_default()
+    );
+    say!("decision:   {}", d.effect.as_str());
+    say!("rule:       {} (decided by {})", d.rule, report.decided_by);
+    say!("reason:     {}", d.reason);
+    if let Some(first) = report.trace.iter().position(|t| t.matched) {
+        say!("rules in order (first match decides):");
+        for (i, t) in report.trace.iter().enumerate() {
+            let mark = if i == first {
+                "=>"
+            } else if t.matched {
+                " +"
+            } else {
+                "  "
+            };
+            say!(
+                "  {mark} {:28} {:5} {}",
+                t.rule,
+                t.effect.as_str(),
+                if t.matched { "matches" } else { "-" }
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mcp_path(opts: &GatewayOpts) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &opts.mcp_config {
+        return Ok(p.clone());
+    }
+    let o = options(opts);
+    if let Some(c) = &o.config {
+        let file = agent_runtime_gateway::config::GatewayFile::load(c).map_err(gateway_error)?;
+        if let Some(m) = file.mcp {
+            return Ok(m);
+        }
+    }
+    Ok(PathBuf::from(DEFAULT_MCP))
+}
+
+fn load_mcp(path: &Path) -> anyhow::Result<McpConfig> {
+    if path.exists() {
+        McpConfig::load(path).map_err(gateway_error)
+    } else {
+        Ok(McpConfig::default())
+    }
+}
+
+fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
+    let path = mcp_path(&a.opts)?;
+    let config = load_mcp(&path)?;
+    let mut servers: Vec<Value> = config
+        .servers
+        .iter()
+        .map(|(n, s)| describe_server(n, s))
+        .collect();
+    if a.tools {
+        let rt = runtime()?;
+        let tools = rt.block_on(async {
+            let registry = Arc::new(agent_runtime_gateway::Registry::new());
+            let mut redactor = agent_runtime_gateway::Redactor::new();
+            let (manager, errors) = McpManager::start(&config, registry.clone(), &mut redactor)
+                .await
+                .map_err(gateway_error)?;
+            manager.shutdown().await;
+            anyhow::Ok((registry.descriptors(), errors))
+        })?;
+        for s in &mut servers {
+            let name = s["name"].as_str().unwrap_or_default().to_string();
+            let prefix = format!("{name}.");
+            s["tools"] = json!(
+                tools
+                    .0
+                    .iter()
+                    .filter(|d| d.name.starts_with(&prefix))
+                    .map(|d| &d.name)
+                    .collect::<Vec<_>>()
+            );
+            if let Some(e) = tools
+                .1
+                .iter()
+                .find(|e| e.to_string().contains(&format!("{name:?}")))
+            {
+                s["error"] = json!(e.to_string());
+            }
+        }
+    }
+    if a.json {
+        say!(
+            "{}",
+            serde_json::to_string_pretty(&json!({"file": path, "servers": servers}))?
+        );
+    } else if servers.is_empty() {
+        say!("no MCP servers in {}", path.display());
+    } else {
+        for s in &servers {
+            let target = s["url"].as_str().map(String::from).unwrap_or_else(|| {
+                let mut words = vec![s["command"].as_str().unwrap_or_default().to_string()];
+                words.extend(
+                    s["args"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|a| a.as_str().map(String::from)),
+                );
+                words.join(" ")
+            });
+            say!(
+                "{}  {}  {}",
+                s["name"].as_str().unwrap_or_default(),
+                s["transport"].as_str().unwrap_or_default(),
+                target
+            );
+            if let Some(tools) = s["tools"].as_array() {
+                for t in tools {
+                    say!("    {}", t.as_str().unwrap_or_default());
+                }
+            }
+            if let Some(e) = s["error"].as_str() {
+                say!("    error: {e}");
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
+    let path = mcp_path(&a.opts)?;
+    let mut config = load_mcp(&path)?;
+    if config.servers.contains_key(&a.name) {
+        return Err(CliError::Usage(format!(
+            "server {:?} is already in {}",
+            a.name,
+            path.display()
+        ))
+        .into());
+    }
+    let mut env = std::collections::BTreeMap::new();
+    for kv in &a.env {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--env {kv:?}: expected KEY=VALUE")))?;
+        env.insert(k.to_string(), v.to_string());
+    }
+    let mut headers = std::collections::BTreeMap::new();
+    for kv in &a.headers {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| CliError::Usage(format!("--header {kv:?}: expected NAME=VALUE")))?;
+        headers.insert(k.to_string(), v.to_string());
+    }
+    config.servers.insert(
+        a.name.clone(),
+        McpServerConfig {
+            command: a.command,
+            args: a.args,
+            env,
+            url: a.url,
+            headers,
+            timeout_ms: a.timeout_ms,
+            ..McpServerConfig::default()
+        },
+    );
+    // Validate the whole file as it will be read back.
+    let text = serde_json::to_string(&config)?;
+    McpConfig::parse(&text, &path).map_err(gateway_error)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    config.save(&path).map_err(gateway_error)?;
+    say!("added {} to {}", a.name, path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let actor = agent(&a.agent)?;
+    let rt = runtime()?;
+    let store = global.open_store()?;
+    rt.block_on(async {
+        // Nobody can be asked from here (stdin carries the protocol, or there is no terminal
+        // behind an HTTP server): `ask` means deny.
+        let (gw, manager) = build(
+            &a.opts,
+            Arc::new(store),
+            Arc::new(agent_runtime_core::DenyAll),
+            false,
+        )
+        .await?;
+        let r = match &a.http {
+            Some(addr) => {
+                let stop = CancellationToken::new();
+                let on_signal = stop.clone();
+                tokio::spawn(async move {
+                    if tokio::signal::ctrl_c().await.is_ok() {
+                        on_signal.cancel();
+                    }
+                });
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                tokio::spawn(async move {
+                    if let Ok(bound) = rx.await {
+                        eprintln!("agent-runtime: MCP over streamable HTTP at http://{bound}/mcp");
+                    }
+                });
+                agent_runtime_gateway::mcp::server::serve_http(gw, actor, addr, stop, Some(tx))
+                    .await
+            }
+            None => agent_runtime_gateway::mcp::server::serve_stdio(gw, actor).await,
+        };
+        manager.shutdown().await;
+        r.map_err(gateway_error)
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn bench(args: BenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    use agent_runtime_gateway::bench::{BenchSetup, run};
+    let dir = std::env::temp_dir().join(format!(
+        "agent-runtime-bench-gateway-{}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let ws = std::fs::canonicalize(&dir)?;
+    let store_full = agent_runtime_store::Store::open(
+        agent_runtime_store::StoreConfig::plaintext(ws.join("full.db")),
+    )?;
+    let store_normal = agent_runtime_store::Store::open(
+        agent_runtime_store::StoreConfig::plaintext(ws.join("normal.db"))
+            .durability(agent_runtime_store::Durability::Normal),
+    )?;
+    let npm = Path::new(
+        ".test-deps/npm/node_modules/@modelcontextprotocol/server-everything/dist/index.js",
+    );
+    let mcp_server = npm.exists().then(|| McpServerConfig {
+        command: Some("node".into()),
+        args: vec![npm.display().to_string(), "stdio".into()],
+        ..McpServerConfig::default()
+    });
+    let setup = BenchSetup {
+        sinks: vec![
+            (
+                "memory_log".into(),
+                Arc::new(MemoryLog::default()) as Arc<dyn EventSink>,
+            ),
+            (
+                "store_normal".into(),
+                Arc::new(store_normal) as Arc<dyn EventSink>,
+            ),
+            (
+                "store_full".into(),
+                Arc::new(store_full.clone()) as Arc<dyn EventSink>,
+            ),
+        ],
+        concurrent_sink: ("store_full".into(), Arc::new(store_full)),
+        mcp_server,
+        workspace: ws.clone(),
+        native_iterations: args.iterations,
+        mcp_iterations: 2000,
+        sandbox_iterations: 50,
+        concurrent_calls: 1000,
+    };
+    let rt = runtime()?;
+    let report = rt.block_on(run(setup));
+    let _ = std::fs::remove_dir_all(&ws);
+    let out = json!({"bench": "gateway", "results": report});
+    if args.json {
+        say!("{}", serde_json::to_string(&out)?);
+    } else {
+        say!("{}", serde_json::to_string_pretty(&out)?);
+    }
+    Ok(ExitCode::SUCCESS)
+}

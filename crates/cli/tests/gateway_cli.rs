@@ -1,0 +1,533 @@
+//! `agent-runtime tools|policy|mcp` and the MCP server's interop with the official TypeScript SDK.
+//!
+//! The MCP tests need node and `.test-deps/npm` (run `scripts/test-deps.sh`); they fail naming
+//! what is missing.
+
+use std::path::{Path, PathBuf};
+
+use assert_cmd::Command;
+use predicates::prelude::*;
+use serde_json::Value;
+
+struct Env {
+    dir: tempfile::TempDir,
+}
+
+impl Env {
+    fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(&ws).unwrap();
+        std::fs::write(
+            dir.path().join("gateway.yaml"),
+            r#"
+workspace: ["ws"]
+policy: policy.yaml
+tools:
+  - name: fs.write
+    description: Write a file in the workspace
+    risk: write
+    input_schema:
+      type: object
+      properties: { path: { type: string }, text: { type: string } }
+      required: [path, text]
+    command: ["/bin/sh", "-c", "printf %s \"$1\" > \"$0\"", "{path}", "{text}"]
+  - name: sh.run
+    description: Run a shell script
+    risk: exec
+    input_schema: { type: object, properties: { script: { type: string } }, required: [script] }
+    command: ["/bin/sh", "-c", "{script}"]
+"#,
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("policy.yaml"),
+            r#"
+workspace: ["ws"]
+rules:
+  - id: no-shell-meta
+    tools: ["sh.run"]
+    when: [ { shell_metacharacters: { arg: script } } ]
+    effect: deny
+    reason: shell metacharacters are not allowed
+"#,
+        )
+        .unwrap();
+        Env { dir }
+    }
+
+    fn cmd(&self) -> Command {
+        let mut c = Command::cargo_bin("agent-runtime").unwrap();
+        c.current_dir(self.dir.path())
+            .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+            .arg("--db")
+            .arg(self.dir.path().join("events.db"))
+            .arg("--plaintext");
+        c
+    }
+
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("gateway.yaml")
+    }
+}
+
+#[test]
+fn tools_list_and_describe() {
+    let env = Env::new();
+    env.cmd()
+        .args(["tools", "list", "--config"])
+        .arg(env.config())
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("builtin.echo").and(predicate::str::contains("fs.write")));
+    let out = env
+        .cmd()
+        .args(["tools", "list", "--json", "--config"])
+        .arg(env.config())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "sh.run" && t["risk"] == "exec")
+    );
+    env.cmd()
+        .args(["tools", "describe", "fs.write", "--config"])
+        .arg(env.config())
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("\"input_schema\"")
+                .and(predicate::str::contains("\"command\"")),
+        );
+    env.cmd()
+        .args(["tools", "describe", "nope", "--config"])
+        .arg(env.config())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unknown tool"));
+}
+
+#[test]
+fn tools_call_through_the_pipeline() {
+    let env = Env::new();
+    env.cmd()
+        .args([
+            "tools",
+            "call",
+            "builtin.echo",
+            "--args",
+            r#"{"text":"hello"}"#,
+        ])
+        .assert()
+        .success()
+        .stdout("hello\n");
+    // Bad arguments: exit 2 with what to fix.
+    env.cmd()
+        .args([
+            "tools",
+            "call",
+            "builtin.echo",
+            "--args",
+            r#"{"txt":"hello"}"#,
+        ])
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains("invalid_arguments")
+                .and(predicate::str::contains("\"text\" is a required property")),
+        );
+    env.cmd()
+        .args(["tools", "call", "builtin.echo", "--args", "not json"])
+        .assert()
+        .code(2);
+    // A write inside the workspace runs (sandboxed); outside it is denied.
+    env.cmd()
+        .args([
+            "tools",
+            "call",
+            "fs.write",
+            "--args",
+            r#"{"path":"note.txt","text":"hi"}"#,
+            "--config",
+        ])
+        .arg(env.config())
+        .assert()
+        .success();
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("ws/note.txt")).unwrap(),
+        "hi"
+    );
+    env.cmd()
+        .args([
+            "tools",
+            "call",
+            "fs.write",
+            "--args",
+            r#"{"path":"../escape.txt","text":"hi"}"#,
+            "--config",
+        ])
+        .arg(env.config())
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("policy_denied")
+                .and(predicate::str::contains("default.write-outside")),
+        );
+    assert!(!env.dir.path().join("escape.txt").exists());
+    // Exec asks; with no terminal, nobody can approve.
+    env.cmd()
+        .args([
+            "tools",
+            "call",
+            "sh.run",
+            "--args",
+            r#"{"script":"echo hi"}"#,
+            "--config",
+        ])
+        .arg(env.config())
+        .assert()
+        .code(1)
+        .stderr(
+            predicate::str::contains("approval_denied")
+                .and(predicate::str::contains("no terminal")),
+        );
+}
+
+#[test]
+fn policy_check_names_the_rule() {
+    let env = Env::new();
+    env.cmd()
+        .args([
+            "policy",
+            "check",
+            "--tool",
+            "sh.run",
+            "--args",
+            r#"{"script":"ls; rm -rf /"}"#,
+            "--config",
+        ])
+        .arg(env.config())
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("decision:   deny")
+                .and(predicate::str::contains("no-shell-meta"))
+                .and(predicate::str::contains(
+                    "shell metacharacters are not allowed",
+                )),
+        );
+    let out = env
+        .cmd()
+        .args([
+            "policy",
+            "check",
+            "--json",
+            "--tool",
+            "fs.write",
+            "--args",
+            r#"{"path":"/etc/passwd","text":"x"}"#,
+            "--config",
+        ])
+        .arg(env.config())
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["decision"]["effect"], "deny");
+    assert_eq!(v["decision"]["rule"], "default.write-outside");
+    assert_eq!(v["risk"], "write");
+    env.cmd()
+        .args(["policy", "check", "--tool", "nope", "--args", "{}"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unknown tool"));
+}
+
+fn npm() -> PathBuf {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.test-deps/npm/node_modules/@modelcontextprotocol");
+    assert!(
+        p.join("server-everything/dist/index.js").exists() && p.join("sdk/package.json").exists(),
+        "the MCP CLI tests need .test-deps/npm (server-everything and the TypeScript SDK): run scripts/test-deps.sh"
+    );
+    assert!(
+        std::process::Command::new("node")
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success()),
+        "the MCP CLI tests need node (Debian package nodejs): run scripts/test-deps.sh"
+    );
+    p
+}
+
+#[test]
+fn mcp_add_list_and_call_a_server() {
+    let npm = npm();
+    let env = Env::new();
+    let server = npm.join("server-everything/dist/index.js");
+    env.cmd()
+        .args(["mcp", "add", "everything", "--command", "node", "--arg"])
+        .arg(&server)
+        .args(["--arg", "stdio"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("added everything"));
+    env.cmd()
+        .args(["mcp", "add", "everything", "--command", "node"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("already"));
+    env.cmd()
+        .args(["mcp", "list", "--tools"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("everything  stdio")
+                .and(predicate::str::contains("everything.echo")),
+        );
+    env.cmd()
+        .args([
+            "tools",
+            "call",
+            "everything.echo",
+            "--args",
+            r#"{"message":"via mcp"}"#,
+        ])
+        .assert()
+        .success()
+        .stdout("Echo: via mcp\n");
+}
+
+#[test]
+fn mcp_serve_stdio_interoperates_with_the_typescript_sdk() {
+    let npm = npm();
+    let env = Env::new();
+    // The served registry includes an MCP server of its own, for progress and cancellation
+    // end to end: TypeScript client -> agent-runtime -> server-everything.
+    let everything = npm.join("server-everything/dist/index.js");
+    std::fs::write(
+        env.dir.path().join("mcp.json"),
+        format!(
+            r#"{{"mcpServers": {{"everything": {{"command": "node", "args": [{:?}, "stdio"]}}}}}}"#,
+            everything.display().to_string()
+        ),
+    )
+    .unwrap();
+    let mut config = std::fs::read_to_string(env.config()).unwrap();
+    config.push_str("mcp: mcp.json\n");
+    std::fs::write(env.config(), config).unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    let sdk = npm.join("sdk/dist/esm");
+    let script = format!(
+        r#"
+import {{ Client }} from "file://{sdk}/client/index.js";
+import {{ StdioClientTransport }} from "file://{sdk}/client/stdio.js";
+const transport = new StdioClientTransport({{
+  command: {bin:?},
+  args: ["--db", {db:?}, "--plaintext", "mcp", "serve", "--stdio", "--config", {config:?}],
+  cwd: {cwd:?},
+}});
+const client = new Client({{ name: "interop-test", version: "1.0.0" }});
+await client.connect(transport);
+const tools = await client.listTools();
+const echo = await client.callTool({{ name: "builtin.echo", arguments: {{ text: "from typescript" }} }});
+const bad = await client.callTool({{ name: "builtin.echo", arguments: {{ nope: 1 }} }});
+const denied = await client.callTool({{ name: "fs.write", arguments: {{ path: "/etc/x", text: "x" }} }});
+const asked = await client.callTool({{ name: "sh.run", arguments: {{ script: "id" }} }});
+const progress = [];
+const long = await client.callTool(
+  {{ name: "everything.trigger-long-running-operation", arguments: {{ duration: 0.3, steps: 3 }} }},
+  undefined,
+  {{ onprogress: (p) => progress.push(p) }},
+);
+const abort = new AbortController();
+setTimeout(() => abort.abort("enough"), 300);
+const t0 = Date.now();
+let cancelled = null;
+try {{
+  await client.callTool(
+    {{ name: "everything.trigger-long-running-operation", arguments: {{ duration: 30, steps: 30 }} }},
+    undefined,
+    {{ signal: abort.signal }},
+  );
+}} catch (e) {{ cancelled = {{ error: String(e), ms: Date.now() - t0 }}; }}
+const after = await client.callTool({{ name: "builtin.echo", arguments: {{ text: "still serving" }} }});
+console.log(JSON.stringify({{ tools: tools.tools, echo, bad, denied, asked, long, progress, cancelled, after }}));
+await client.close();
+"#,
+        sdk = sdk.display(),
+        bin = bin.display().to_string(),
+        db = env.dir.path().join("events.db").display().to_string(),
+        config = env.config().display().to_string(),
+        cwd = env.dir.path().display().to_string(),
+    );
+    let out = std::process::Command::new("node")
+        .args(["--input-type=module", "-e", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "node failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let names: Vec<&str> = v["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        names.contains(&"builtin.echo") && names.contains(&"fs.write"),
+        "{names:?}"
+    );
+    let echo_tool = v["tools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "builtin.echo")
+        .unwrap();
+    assert_eq!(echo_tool["annotations"]["readOnlyHint"], true);
+    assert_eq!(v["echo"]["isError"], false);
+    assert_eq!(v["echo"]["content"][0]["text"], "from typescript");
+    assert_eq!(v["bad"]["isError"], true);
+    assert!(
+        v["bad"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_arguments"),
+        "{}",
+        v["bad"]
+    );
+    assert_eq!(v["denied"]["isError"], true);
+    assert!(
+        v["denied"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("policy_denied"),
+        "{}",
+        v["denied"]
+    );
+    assert!(
+        v["asked"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("approval_denied"),
+        "{}",
+        v["asked"]
+    );
+    assert!(
+        v["long"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("completed"),
+        "{}",
+        v["long"]
+    );
+    assert_eq!(
+        v["progress"].as_array().unwrap().len(),
+        3,
+        "{}",
+        v["progress"]
+    );
+    assert!(
+        v["cancelled"]["ms"].as_u64().unwrap() < 10_000,
+        "{}",
+        v["cancelled"]
+    );
+    assert_eq!(v["after"]["content"][0]["text"], "still serving");
+}
+
+#[test]
+fn mcp_serve_http_interoperates_with_the_typescript_sdk() {
+    let npm = npm();
+    let env = Env::new();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    let mut server = std::process::Command::new(&bin)
+        .current_dir(env.dir.path())
+        .arg("--db")
+        .arg(env.dir.path().join("events.db"))
+        .args([
+            "--plaintext",
+            "mcp",
+            "serve",
+            "--http",
+            &format!("127.0.0.1:{port}"),
+            "--config",
+        ])
+        .arg(env.config())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if let Ok(Some(status)) = server.try_wait() {
+            panic!("mcp serve --http exited early: {status}");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "mcp serve --http did not listen"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _guard = Kill(server);
+    let sdk = npm.join("sdk/dist/esm");
+    let script = format!(
+        r#"
+import {{ Client }} from "file://{sdk}/client/index.js";
+import {{ StreamableHTTPClientTransport }} from "file://{sdk}/client/streamableHttp.js";
+const client = new Client({{ name: "interop-http", version: "1.0.0" }});
+await client.connect(new StreamableHTTPClientTransport(new URL("http://127.0.0.1:{port}/mcp")));
+const tools = await client.listTools();
+const echo = await client.callTool({{ name: "builtin.echo", arguments: {{ text: "over http" }} }});
+const denied = await client.callTool({{ name: "fs.write", arguments: {{ path: "/etc/x", text: "x" }} }});
+console.log(JSON.stringify({{ tools: tools.tools.map(t => t.name), echo, denied }}));
+await client.close();
+"#,
+        sdk = sdk.display(),
+    );
+    let out = std::process::Command::new("node")
+        .args(["--input-type=module", "-e", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "node failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        v["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t == "builtin.echo"),
+        "{v}"
+    );
+    assert_eq!(v["echo"]["content"][0]["text"], "over http");
+    assert_eq!(v["denied"]["isError"], true);
+    assert!(
+        v["denied"]["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("policy_denied"),
+        "{}",
+        v["denied"]
+    );
+}

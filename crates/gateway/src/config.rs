@@ -1,0 +1,257 @@
+//! The gateway configuration file and the assembly of a [`Gateway`] from it.
+//!
+//! ```yaml
+//! workspace: ["."]              # read-write roots; relative to this file
+//! read_roots: ["/usr/share/dict"]
+//! policy: policy.yaml           # default: the safe defaults
+//! mcp: mcp.json                 # MCP servers (also the `mcpServers` format of desktop hosts)
+//! builtins: true                # builtin.echo and builtin.noop
+//! limits: { default_timeout_ms: 120000, max_output_bytes: 262144, approval_timeout_ms: 600000 }
+//! tools:                        # sandboxed command tools
+//!   - name: grep
+//!     risk: read
+//!     command: ["grep", "-rn", "--", "{pattern}", "."]
+//!     input_schema: { type: object, properties: { pattern: { type: string } }, required: [pattern] }
+//! hooks:
+//!   - name: audit-hook
+//!     command: ["/usr/local/bin/my-hook"]
+//!     phases: [pre]
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime_core::{ApprovalSink, EventSink};
+use serde::{Deserialize, Serialize};
+
+use crate::builtin;
+use crate::error::GatewayError;
+use crate::gateway::{Gateway, GatewayBuilder, GatewayConfig};
+use crate::hooks::{CommandHook, CommandHookConfig};
+use crate::mcp::McpConfig;
+use crate::policy::Policy;
+use crate::redact::Redactor;
+use crate::registry::Registry;
+use crate::sandbox::{CommandTool, CommandToolConfig, SandboxSettings};
+
+/// Pipeline limits as written in the file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsFile {
+    /// Default time limit of a call.
+    #[serde(default)]
+    pub default_timeout_ms: Option<u64>,
+    /// Output cap in bytes.
+    #[serde(default)]
+    pub max_output_bytes: Option<usize>,
+    /// How long to wait for a person.
+    #[serde(default)]
+    pub approval_timeout_ms: Option<u64>,
+}
+
+/// The gateway configuration file.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayFile {
+    /// Workspace roots (read-write in the sandbox; the policy's `$workspace` when the policy
+    /// names none).
+    #[serde(default)]
+    pub workspace: Vec<PathBuf>,
+    /// Extra read-only roots for every command tool.
+    #[serde(default)]
+    pub read_roots: Vec<PathBuf>,
+    /// The policy file.
+    #[serde(default)]
+    pub policy: Option<PathBuf>,
+    /// The MCP servers file.
+    #[serde(default)]
+    pub mcp: Option<PathBuf>,
+    /// Whether to register `builtin.echo` and `builtin.noop` (default true).
+    #[serde(default)]
+    pub builtins: Option<bool>,
+    /// Pipeline limits.
+    #[serde(default)]
+    pub limits: LimitsFile,
+    /// Command tools.
+    #[serde(default)]
+    pub tools: Vec<CommandToolConfig>,
+    /// External hooks.
+    #[serde(default)]
+    pub hooks: Vec<CommandHookConfig>,
+}
+
+impl GatewayFile {
+    /// Reads a configuration file; relative paths in it are made relative to its folder.
+    pub fn load(path: &Path) -> Result<GatewayFile, GatewayError> {
+        let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut file: GatewayFile =
+            serde_yaml_ng::from_str(&text).map_err(|e| GatewayError::Parse {
+                what: path.display().to_string(),
+                message: e.to_string(),
+            })?;
+        let base =
+            std::path::absolute(path.parent().unwrap_or(Path::new("."))).map_err(|source| {
+                GatewayError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            })?;
+        let fix = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        file.workspace.iter_mut().for_each(fix);
+        file.read_roots.iter_mut().for_each(fix);
+        file.policy.iter_mut().for_each(fix);
+        file.mcp.iter_mut().for_each(fix);
+        for t in &mut file.tools {
+            t.read_roots.iter_mut().for_each(fix);
+        }
+        Ok(file)
+    }
+}
+
+/// What to assemble a gateway from (the CLI's options).
+#[derive(Clone, Debug, Default)]
+pub struct Options {
+    /// The configuration file, if any.
+    pub config: Option<PathBuf>,
+    /// A policy file overriding the configuration's.
+    pub policy: Option<PathBuf>,
+    /// An MCP servers file overriding the configuration's.
+    pub mcp: Option<PathBuf>,
+}
+
+/// Everything loaded from the configuration, before MCP servers are connected.
+pub struct Assembled {
+    /// The registry with builtin and command tools.
+    pub registry: Arc<Registry>,
+    /// The policy.
+    pub policy: Policy,
+    /// Hooks.
+    pub hooks: Vec<CommandHook>,
+    /// The redactor with the secrets of command tools' environments.
+    pub redactor: Redactor,
+    /// Pipeline limits.
+    pub config: GatewayConfig,
+    /// MCP servers to connect.
+    pub mcp: McpConfig,
+    /// Sandbox settings.
+    pub sandbox: Arc<SandboxSettings>,
+}
+
+impl std::fmt::Debug for Assembled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Assembled")
+            .field("registry", &self.registry)
+            .finish()
+    }
+}
+
+/// Loads configuration, policy and command tools.
+pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
+    let file = match &opts.config {
+        Some(p) => GatewayFile::load(p)?,
+        None => GatewayFile::default(),
+    };
+    let workspace = if file.workspace.is_empty() {
+        vec![
+            std::env::current_dir().map_err(|source| GatewayError::Read {
+                path: ".".into(),
+                source,
+            })?,
+        ]
+    } else {
+        file.workspace.clone()
+    };
+    let policy_path = opts.policy.clone().or(file.policy.clone());
+    let policy = match &policy_path {
+        Some(p) => Policy::load(p)?,
+        None => Policy::defaults(workspace.clone())?,
+    };
+    let write_roots: Vec<PathBuf> = workspace
+        .iter()
+        .map(|w| {
+            std::fs::canonicalize(w).map_err(|source| GatewayError::Read {
+                path: w.clone(),
+                source,
+            })
+        })
+        .collect::<Result<_, _>>()?;
+    let sandbox = Arc::new(SandboxSettings::new(write_roots, file.read_roots.clone()));
+    let registry = Arc::new(Registry::new());
+    if file.builtins.unwrap_or(true) {
+        for t in builtin::builtins() {
+            registry.register(t)?;
+        }
+    }
+    let mut redactor = Redactor::new();
+    for t in file.tools {
+        registry.register_command(CommandTool::new(t, sandbox.clone(), &mut redactor)?)?;
+    }
+    let hooks = file
+        .hooks
+        .into_iter()
+        .map(CommandHook::new)
+        .collect::<Result<Vec<_>, _>>()?;
+    let mcp_path = opts.mcp.clone().or(file.mcp.clone());
+    let mcp = match &mcp_path {
+        Some(p) => McpConfig::load(p)?,
+        None => McpConfig::default(),
+    };
+    // MCP servers' `${VAR}` values are secrets of this gateway too.
+    for server in mcp.servers.values() {
+        for v in server.env.values() {
+            if let Some(value) = v
+                .strip_prefix("${")
+                .and_then(|r| r.strip_suffix('}'))
+                .and_then(|var| std::env::var(var).ok())
+            {
+                redactor.add_secret(value);
+            }
+        }
+    }
+    let mut config = GatewayConfig::default();
+    if let Some(ms) = file.limits.default_timeout_ms {
+        config.default_timeout = Duration::from_millis(ms);
+    }
+    if let Some(b) = file.limits.max_output_bytes {
+        config.max_output_bytes = b;
+    }
+    if let Some(ms) = file.limits.approval_timeout_ms {
+        config.approval_timeout = Duration::from_millis(ms);
+    }
+    Ok(Assembled {
+        registry,
+        policy,
+        hooks,
+        redactor,
+        config,
+        mcp,
+        sandbox,
+    })
+}
+
+impl Assembled {
+    /// Builds the gateway (MCP servers not yet connected: see [`crate::mcp::McpManager`]).
+    pub fn into_gateway(
+        self,
+        events: Arc<dyn EventSink>,
+        approval: Arc<dyn ApprovalSink>,
+    ) -> Result<(Gateway, McpConfig), GatewayError> {
+        let mut b = GatewayBuilder::new(self.registry, events)
+            .policy(self.policy)
+            .approval(approval)
+            .redactor(self.redactor)
+            .config(self.config);
+        for h in self.hooks {
+            b = b.hook(Arc::new(h));
+        }
+        Ok((b.build()?, self.mcp))
+    }
+}

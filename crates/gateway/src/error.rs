@@ -1,0 +1,53 @@
+//! Errors of configuration and setup (a tool call's own failures are core's `ToolError`).
+
+use std::path::PathBuf;
+
+/// A failure to load or assemble the gateway: a bad configuration, a bad policy, a duplicate tool.
+///
+/// Messages say what was being done and to which file or tool; they never contain secret values.
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    /// A file could not be read.
+    #[error("reading {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A configuration or policy file did not parse.
+    #[error("parsing {what}: {message}")]
+    Parse {
+        /// Which file or document.
+        what: String,
+        /// The parser's message.
+        message: String,
+    },
+    /// A tool's declaration is unusable (bad name, bad schema, bad template).
+    #[error("tool {name:?}: {message}")]
+    InvalidTool {
+        /// The tool's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// Two tools have the same registry name.
+    #[error("tool {0:?} is registered twice")]
+    Duplicate(String),
+    /// A policy rule is unusable.
+    #[error("policy rule {rule:?}: {message}")]
+    Policy {
+        /// The rule's id.
+        rule: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// An MCP server could not be configured or reached.
+    #[error("MCP server {server:?}: {message}")]
+    Mcp {
+        /// The server's configured name.
+        server: String,
+        /// What went wrong.
+        message: String,
+    },
+}

@@ -1,0 +1,769 @@
+//! The invocation pipeline every call goes through.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use agent_runtime_core::{
+    Actor, ApprovalRequest, ApprovalSink, CallContext, ClassifiedError, Clock, DenyAll, Effect,
+    ErrorClass, EventKind, EventSink, IdGenerator, NewEvent, PolicyEnvelope, RunId, SystemClock,
+    Tool, ToolDescriptor, ToolError, ToolOutput,
+};
+use serde_json::{Value, json};
+
+use crate::hooks::{Hook, HookCall, PostAction, PreAction};
+use crate::policy::{Decision, Policy, PolicyInput, RuleTrace, SandboxMode};
+use crate::redact::Redactor;
+use crate::registry::{RegisteredTool, Registry};
+
+/// Limits of the pipeline.
+#[derive(Clone, Debug)]
+pub struct GatewayConfig {
+    /// Time limit of a call when neither the caller nor the tool sets a shorter one.
+    pub default_timeout: Duration,
+    /// Largest output returned and recorded, in bytes of JSON; longer outputs are truncated.
+    pub max_output_bytes: usize,
+    /// How long an approval may take before the call is denied.
+    pub approval_timeout: Duration,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig {
+            default_timeout: Duration::from_secs(120),
+            max_output_bytes: 256 * 1024,
+            approval_timeout: Duration::from_secs(600),
+        }
+    }
+}
+
+/// Assembles a [`Gateway`].
+pub struct GatewayBuilder {
+    registry: Arc<Registry>,
+    policy: Option<Policy>,
+    hooks: Vec<Arc<dyn Hook>>,
+    approval: Arc<dyn ApprovalSink>,
+    events: Arc<dyn EventSink>,
+    clock: Arc<dyn Clock>,
+    ids: Option<IdGenerator>,
+    redactor: Redactor,
+    config: GatewayConfig,
+    run_id: Option<RunId>,
+}
+
+impl GatewayBuilder {
+    /// A builder recording into `events`, with the safe default policy, no hooks and an approval
+    /// sink that denies everything.
+    pub fn new(registry: Arc<Registry>, events: Arc<dyn EventSink>) -> Self {
+        GatewayBuilder {
+            registry,
+            policy: None,
+            hooks: Vec::new(),
+            approval: Arc::new(DenyAll),
+            events,
+            clock: Arc::new(SystemClock),
+            ids: None,
+            redactor: Redactor::new(),
+            config: GatewayConfig::default(),
+            run_id: None,
+        }
+    }
+
+    /// Sets the policy.
+    pub fn policy(mut self, policy: Policy) -> Self {
+        self.policy = Some(policy);
+        self
+    }
+
+    /// Adds a hook (hooks run in the order added).
+    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
+        self.hooks.push(hook);
+        self
+    }
+
+    /// Sets where approval requests go.
+    pub fn approval(mut self, sink: Arc<dyn ApprovalSink>) -> Self {
+        self.approval = sink;
+        self
+    }
+
+    /// Sets the clock of event timestamps.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Sets the id generator (seeded for reproducible tests).
+    pub fn ids(mut self, ids: IdGenerator) -> Self {
+        self.ids = Some(ids);
+        self
+    }
+
+    /// Sets the redactor (with the secret values it must hide).
+    pub fn redactor(mut self, redactor: Redactor) -> Self {
+        self.redactor = redactor;
+        self
+    }
+
+    /// Sets the limits.
+    pub fn config(mut self, config: GatewayConfig) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The run recorded for calls whose context names none (default: a fresh id).
+    pub fn run_id(mut self, run_id: RunId) -> Self {
+        self.run_id = Some(run_id);
+        self
+    }
+
+    /// Builds the gateway.
+    pub fn build(self) -> Result<Gateway, crate::GatewayError> {
+        let policy = match self.policy {
+            Some(p) => p,
+            None => Policy::defaults(Vec::new())?,
+        };
+        let ids = self
+            .ids
+            .unwrap_or_else(|| IdGenerator::random(self.clock.clone()));
+        let run_id = self.run_id.unwrap_or_else(|| ids.run_id());
+        Ok(Gateway {
+            inner: Arc::new(Inner {
+                registry: self.registry,
+                policy: RwLock::new(Arc::new(policy)),
+                hooks: self.hooks,
+                approval: self.approval,
+                events: self.events,
+                clock: self.clock,
+                ids,
+                redactor: self.redactor,
+                config: self.config,
+                run_id,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    registry: Arc<Registry>,
+    policy: RwLock<Arc<Policy>>,
+    hooks: Vec<Arc<dyn Hook>>,
+    approval: Arc<dyn ApprovalSink>,
+    events: Arc<dyn EventSink>,
+    clock: Arc<dyn Clock>,
+    ids: IdGenerator,
+    redactor: Redactor,
+    config: GatewayConfig,
+    run_id: RunId,
+}
+
+/// The tool gateway: one pipeline for every call (validate, hooks, policy, approval, execute
+/// with timeout and cancellation, cap, record). Cheap to clone; clones share everything.
+#[derive(Clone)]
+pub struct Gateway {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("registry", &self.inner.registry)
+            .finish()
+    }
+}
+
+/// The result of a dry run of the pipeline's checks (`policy check`).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct CheckReport {
+    /// The tool.
+    pub tool: String,
+    /// The arguments the policy saw (after pre-call hooks).
+    pub arguments: Value,
+    /// The decision.
+    pub decision: Decision,
+    /// Who decided: `policy` or `hook:NAME`.
+    pub decided_by: String,
+    /// Every rule and whether it matched.
+    pub trace: Vec<RuleTrace>,
+}
+
+struct CallRecord<'a> {
+    run_id: RunId,
+    task_id: Option<agent_runtime_core::TaskId>,
+    tool: &'a str,
+    call_id: String,
+}
+
+impl Gateway {
+    /// The registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.inner.registry
+    }
+
+    /// The current policy.
+    pub fn policy(&self) -> Arc<Policy> {
+        self.inner
+            .policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces the policy (calls already past their decision are not affected).
+    pub fn set_policy(&self, policy: Policy) {
+        *self.inner.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    /// The redactor.
+    pub fn redactor(&self) -> &Redactor {
+        &self.inner.redactor
+    }
+
+    /// The run id recorded for calls whose context has none.
+    pub fn default_run_id(&self) -> RunId {
+        self.inner.run_id
+    }
+
+    /// Every tool's descriptor.
+    pub fn descriptors(&self) -> Vec<ToolDescriptor> {
+        self.inner.registry.descriptors()
+    }
+
+    /// A handle to tool `name` that implements core's [`Tool`] by calling through this gateway,
+    /// so a scheduler holding `Arc<dyn Tool>` gets validation, policy and the audit trail.
+    pub fn tool_handle(&self, name: &str) -> Option<GatewayTool> {
+        let entry = self.inner.registry.get(name)?;
+        Some(GatewayTool {
+            gateway: self.clone(),
+            descriptor: entry.descriptor().clone(),
+        })
+    }
+
+    /// Handles for every tool.
+    pub fn tool_handles(&self) -> Vec<Arc<dyn Tool>> {
+        self.inner
+            .registry
+            .descriptors()
+            .into_iter()
+            .map(|descriptor| {
+                Arc::new(GatewayTool {
+                    gateway: self.clone(),
+                    descriptor,
+                }) as Arc<dyn Tool>
+            })
+            .collect()
+    }
+
+    fn unknown(&self, name: &str) -> ToolError {
+        let names = self.inner.registry.names();
+        let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
+        ClassifiedError::new(
+            ErrorClass::InvalidArguments,
+            format!("unknown tool {name:?}; known tools: {}", shown.join(", ")),
+        )
+    }
+
+    /// Runs validation, hooks and policy without executing or recording anything.
+    pub async fn check(
+        &self,
+        name: &str,
+        args: Value,
+        actor: &Actor,
+    ) -> Result<CheckReport, ToolError> {
+        let entry = self
+            .inner
+            .registry
+            .get(name)
+            .ok_or_else(|| self.unknown(name))?;
+        entry.validate(&args)?;
+        let (args, hook_denial) = self.run_pre_hooks(&entry, name, args, actor).await?;
+        let policy = self.policy();
+        let input = PolicyInput {
+            tool: name,
+            risk: entry.descriptor().risk,
+            actor,
+            arguments: &args,
+        };
+        let trace = policy.explain(&input);
+        let (decision, decided_by) = match hook_denial {
+            Some((hook, reason)) => (
+                Decision {
+                    effect: Effect::Deny,
+                    rule: format!("hook:{hook}"),
+                    reason,
+                    sandbox: SandboxMode::Bubblewrap,
+                },
+                format!("hook:{hook}"),
+            ),
+            None => (policy.decide(&input), "policy".to_string()),
+        };
+        Ok(CheckReport {
+            tool: name.to_string(),
+            arguments: args,
+            decision,
+            decided_by,
+            trace,
+        })
+    }
+
+    /// Pre-call hooks; returns the final arguments, or the denying hook and its reason.
+    async fn run_pre_hooks(
+        &self,
+        entry: &RegisteredTool,
+        name: &str,
+        mut args: Value,
+        actor: &Actor,
+    ) -> Result<(Value, Option<(String, String)>), ToolError> {
+        for hook in &self.inner.hooks {
+            if !hook.applies_to(name) {
+                continue;
+            }
+            let call = HookCall {
+                tool: name,
+                actor,
+                arguments: &args,
+            };
+            match hook.pre_call(&call).await? {
+                PreAction::Continue => {}
+                PreAction::Deny(reason) => {
+                    return Ok((args, Some((hook.name().to_string(), reason))));
+                }
+                PreAction::Rewrite(new_args) => {
+                    entry.validate(&new_args).map_err(|e| {
+                        ClassifiedError::new(
+                            e.class,
+                            format!(
+                                "hook {} rewrote the arguments badly: {}",
+                                hook.name(),
+                                e.message
+                            ),
+                        )
+                    })?;
+                    args = new_args;
+                }
+            }
+        }
+        Ok((args, None))
+    }
+
+    fn event(
+        &self,
+        rec: &CallRecord<'_>,
+        actor: Actor,
+        kind: EventKind,
+        payload: Value,
+    ) -> NewEvent {
+        NewEvent {
+            run_id: rec.run_id,
+            task_id: rec.task_id,
+            actor,
+            kind,
+            time: self.inner.clock.now(),
+            payload,
+        }
+    }
+
+    fn failed_event(&self, rec: &CallRecord<'_>, err: &ToolError) -> NewEvent {
+        self.event(
+            rec,
+            Actor::Tool(rec.tool.to_string()),
+            EventKind::ToolFailed,
+            json!({"tool": rec.tool, "call_id": rec.call_id, "class": err.class,
+                   "message": self.inner.redactor.redact_str(&err.message)}),
+        )
+    }
+
+    async fn append(&self, events: Vec<NewEvent>) -> Result<(), ToolError> {
+        self.inner
+            .events
+            .append(events)
+            .await
+            .map(|_| ())
+            .map_err(|e| {
+                ClassifiedError::new(
+                    ErrorClass::Internal,
+                    format!(
+                        "audit log unavailable, call not run: {}",
+                        self.inner.redactor.redact_str(&e.message)
+                    ),
+                )
+            })
+    }
+
+    /// Calls tool `name` with `args` through the whole pipeline.
+    ///
+    /// Records `tool.requested`, `policy.decided` (a [`PolicyEnvelope`]), the approval events
+    /// when asked, `tool.started` and `tool.completed` or `tool.failed`, with secrets redacted.
+    /// Nothing runs unless its request and decision were recorded first.
+    pub async fn call(
+        &self,
+        name: &str,
+        args: Value,
+        ctx: CallContext,
+    ) -> Result<ToolOutput, ToolError> {
+        let inner = &*self.inner;
+        let rec = CallRecord {
+            run_id: ctx.run_id.unwrap_or(inner.run_id),
+            task_id: ctx.task_id,
+            tool: name,
+            call_id: inner.ids.event_id().to_string(),
+        };
+        let requested = |args: &Value| {
+            self.event(
+                &rec,
+                ctx.actor.clone(),
+                EventKind::ToolRequested,
+                json!({"tool": name, "call_id": rec.call_id,
+                       "arguments_digest": PolicyEnvelope::digest_arguments(args),
+                       "arguments": inner.redactor.redact(args)}),
+            )
+        };
+        let Some(entry) = inner.registry.get(name) else {
+            let err = self.unknown(name);
+            self.append(vec![requested(&args), self.failed_event(&rec, &err)])
+                .await?;
+            return Err(err);
+        };
+        if let Err(err) = entry.validate(&args) {
+            self.append(vec![requested(&args), self.failed_event(&rec, &err)])
+                .await?;
+            return Err(err);
+        }
+        let mut batch = vec![requested(&args)];
+        let (args, hook_denial) = match self.run_pre_hooks(&entry, name, args, &ctx.actor).await {
+            Ok(v) => v,
+            Err(err) => {
+                batch.push(self.failed_event(&rec, &err));
+                self.append(batch).await?;
+                return Err(err);
+            }
+        };
+        let policy = self.policy();
+        let risk = entry.descriptor().risk;
+        let (decision, decided_by) = match hook_denial {
+            Some((hook, reason)) => (
+                Decision {
+                    effect: Effect::Deny,
+                    rule: format!("hook:{hook}"),
+                    reason,
+                    sandbox: SandboxMode::Bubblewrap,
+                },
+                format!("hook:{hook}"),
+            ),
+            None => (
+                policy.decide(&PolicyInput {
+                    tool: name,
+                    risk,
+                    actor: &ctx.actor,
+                    arguments: &args,
+                }),
+                "policy".to_string(),
+            ),
+        };
+        let digest = PolicyEnvelope::digest_arguments(&args);
+        let envelope = |effect: Effect, decided_by: String| PolicyEnvelope {
+            subject: ctx.actor.clone(),
+            tool: name.to_string(),
+            arguments_digest: digest,
+            rule: decision.rule.clone(),
+            effect,
+            reason: decision.reason.clone(),
+            decided_by,
+        };
+        let decided = |env: PolicyEnvelope| {
+            self.event(
+                &rec,
+                Actor::System,
+                EventKind::PolicyDecided,
+                serde_json::to_value(&env).unwrap_or(Value::Null),
+            )
+        };
+        batch.push(decided(envelope(decision.effect, decided_by)));
+
+        match decision.effect {
+            Effect::Deny => {
+                let err = ClassifiedError::new(
+                    ErrorClass::PolicyDenied,
+                    format!("{name} denied by {}: {}", decision.rule, decision.reason),
+                );
+                batch.push(self.failed_event(&rec, &err));
+                self.append(batch).await?;
+                return Err(err);
+            }
+            Effect::Ask => {
+                let request = ApprovalRequest {
+                    id: inner.ids.event_id(),
+                    run_id: ctx.run_id,
+                    task_id: ctx.task_id,
+                    subject: ctx.actor.clone(),
+                    tool: name.to_string(),
+                    arguments: inner.redactor.redact(&args),
+                    risk,
+                    reason: decision.reason.clone(),
+                };
+                batch.push(self.event(
+                    &rec,
+                    Actor::System,
+                    EventKind::ApprovalRequested,
+                    json!({"request_id": request.id.to_string(), "call_id": rec.call_id,
+                           "tool": name, "risk": risk, "reason": decision.reason}),
+                ));
+                self.append(std::mem::take(&mut batch)).await?;
+                let request_id = request.id.to_string();
+                let answer = self.ask(request, &ctx).await;
+                let (approved, by, why) = match &answer {
+                    Ok(d) => (d.approved, d.decided_by.clone(), d.reason.clone()),
+                    Err(e) => (false, Actor::System, Some(e.message.clone())),
+                };
+                batch.push(self.event(
+                    &rec,
+                    by.clone(),
+                    EventKind::ApprovalDecided,
+                    json!({"request_id": request_id, "call_id": rec.call_id, "approved": approved,
+                           "decided_by": by.to_string(), "reason": why}),
+                ));
+                let final_effect = if approved {
+                    Effect::Allow
+                } else {
+                    Effect::Deny
+                };
+                batch.push(decided(envelope(final_effect, by.to_string())));
+                if !approved {
+                    let err = match answer {
+                        Err(e) if e.class == ErrorClass::Cancelled => e,
+                        _ => ClassifiedError::new(
+                            ErrorClass::ApprovalDenied,
+                            format!(
+                                "{name} needs approval ({}) and {by} denied it{}",
+                                decision.reason,
+                                why.map(|w| format!(": {w}")).unwrap_or_default()
+                            ),
+                        ),
+                    };
+                    batch.push(self.failed_event(&rec, &err));
+                    self.append(batch).await?;
+                    return Err(err);
+                }
+            }
+            Effect::Allow => {}
+        }
+
+        let timeout = [
+            ctx.timeout,
+            entry.timeout(),
+            Some(inner.config.default_timeout),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .unwrap_or(inner.config.default_timeout);
+        batch.push(self.event(
+            &rec,
+            Actor::Tool(name.to_string()),
+            EventKind::ToolStarted,
+            json!({"tool": name, "call_id": rec.call_id, "timeout_ms": timeout.as_millis() as u64,
+                   "sandbox": entry.command().map(|_| decision.sandbox)}),
+        ));
+        self.append(batch).await?;
+
+        let started = Instant::now();
+        let result = self
+            .execute(&entry, args.clone(), &ctx, timeout, decision.sandbox)
+            .await;
+        let result = match result {
+            Ok(out) => self.post_process(name, &ctx.actor, &args, out).await,
+            Err(e) => Err(e),
+        };
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        match result {
+            Ok(out) => {
+                self.append(vec![self.event(
+                    &rec,
+                    Actor::Tool(name.to_string()),
+                    EventKind::ToolCompleted,
+                    json!({"tool": name, "call_id": rec.call_id, "output": inner.redactor.redact(&out.value),
+                           "truncated": out.truncated, "duration_us": elapsed_us}),
+                )])
+                .await?;
+                Ok(out)
+            }
+            Err(err) => {
+                let err = ClassifiedError::new(err.class, inner.redactor.redact_str(&err.message));
+                self.append(vec![self.failed_event(&rec, &err)]).await?;
+                Err(err)
+            }
+        }
+    }
+
+    async fn ask(
+        &self,
+        request: ApprovalRequest,
+        ctx: &CallContext,
+    ) -> Result<agent_runtime_core::ApprovalDecision, ToolError> {
+        let cancel = ctx.cancel.child_token();
+        let wait = self.inner.config.approval_timeout;
+        let fut = self.inner.approval.request(request, cancel.clone());
+        tokio::select! {
+            r = fut => r,
+            _ = tokio::time::sleep(wait) => {
+                cancel.cancel();
+                Ok(agent_runtime_core::ApprovalDecision {
+                    approved: false,
+                    decided_by: Actor::System,
+                    reason: Some(format!("nobody answered within {} s", wait.as_secs())),
+                })
+            }
+            _ = ctx.cancel.cancelled() => {
+                cancel.cancel();
+                Err(ClassifiedError::new(ErrorClass::Cancelled, "call cancelled while waiting for approval"))
+            }
+        }
+    }
+
+    async fn execute(
+        &self,
+        entry: &RegisteredTool,
+        args: Value,
+        ctx: &CallContext,
+        timeout: Duration,
+        sandbox: SandboxMode,
+    ) -> Result<ToolOutput, ToolError> {
+        let name = &entry.descriptor().name;
+        let mut child = ctx.clone();
+        child.cancel = ctx.cancel.child_token();
+        child.timeout = Some(timeout);
+        let token = child.cancel.clone();
+        let fut = async {
+            match entry.command() {
+                Some(cmd) => cmd.run(args, child, sandbox).await,
+                None => entry.tool().call(args, child).await,
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = ctx.cancel.cancelled() => {
+                token.cancel();
+                Err(ClassifiedError::new(ErrorClass::Cancelled, format!("{name} cancelled by its caller")))
+            }
+            r = fut => r,
+            // Command tools enforce the same limit themselves and report which limit was hit;
+            // this is the backstop.
+            _ = tokio::time::sleep(if entry.command().is_some() { timeout + Duration::from_millis(500) } else { timeout }) => {
+                token.cancel();
+                Err(ClassifiedError::new(
+                    ErrorClass::Timeout,
+                    format!("{name} did not finish within {} ms and was stopped", timeout.as_millis()),
+                ))
+            }
+        }
+    }
+
+    async fn post_process(
+        &self,
+        name: &str,
+        actor: &Actor,
+        args: &Value,
+        mut out: ToolOutput,
+    ) -> Result<ToolOutput, ToolError> {
+        for hook in &self.inner.hooks {
+            if !hook.applies_to(name) {
+                continue;
+            }
+            let call = HookCall {
+                tool: name,
+                actor,
+                arguments: args,
+            };
+            match hook.post_call(&call, &out).await? {
+                PostAction::Continue => {}
+                PostAction::Deny(reason) => {
+                    return Err(ClassifiedError::new(
+                        ErrorClass::PolicyDenied,
+                        format!(
+                            "output of {name} withheld by hook {}: {reason}",
+                            hook.name()
+                        ),
+                    ));
+                }
+                PostAction::Replace(o) => out = o,
+            }
+        }
+        if self.inner.redactor.has_secrets() {
+            out.value = redact_values_only(&self.inner.redactor, &out.value);
+        }
+        Ok(cap_output(out, self.inner.config.max_output_bytes))
+    }
+}
+
+fn redact_values_only(r: &Redactor, v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(r.redact_str(s)),
+        Value::Array(items) => {
+            Value::Array(items.iter().map(|i| redact_values_only(r, i)).collect())
+        }
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), redact_values_only(r, v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Cuts `out` to at most `max` bytes of JSON: a long string is cut at a character boundary,
+/// anything else longer than `max` becomes the start of its JSON text. Marks it truncated.
+pub fn cap_output(mut out: ToolOutput, max: usize) -> ToolOutput {
+    match &mut out.value {
+        Value::String(s) => {
+            if s.len() > max {
+                truncate_at_char(s, max);
+                out.truncated = true;
+            }
+        }
+        Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        other => {
+            let text = serde_json::to_string(other).unwrap_or_default();
+            if text.len() > max {
+                let mut text = text;
+                truncate_at_char(&mut text, max);
+                out.value = Value::String(text);
+                out.truncated = true;
+            }
+        }
+    }
+    out
+}
+
+fn truncate_at_char(s: &mut String, max: usize) {
+    let mut end = max.min(s.len());
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s.truncate(end);
+}
+
+/// A registry tool seen through the gateway: implements core's [`Tool`], and every call goes
+/// through the whole pipeline.
+#[derive(Clone)]
+pub struct GatewayTool {
+    gateway: Gateway,
+    descriptor: ToolDescriptor,
+}
+
+impl std::fmt::Debug for GatewayTool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayTool")
+            .field("name", &self.descriptor.name)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl Tool for GatewayTool {
+    fn descriptor(&self) -> &ToolDescriptor {
+        &self.descriptor
+    }
+
+    async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
+        self.gateway.call(&self.descriptor.name, args, ctx).await
+    }
+}

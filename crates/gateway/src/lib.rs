@@ -1,0 +1,76 @@
+//! # agent-runtime-gateway
+//!
+//! Every tool call an agent makes goes through one gateway: checked against the tool's schema,
+//! decided by policy, approved by a person when the policy says so, run natively, in an OS
+//! sandbox or on an MCP server, and recorded in the event log.
+//!
+//! - **Registry** ([`Registry`]): native tools (core's [`Tool`](agent_runtime_core::Tool)),
+//!   sandboxed command tools declared in configuration ([`sandbox`]), and MCP servers' tools
+//!   ([`mcp`]), each with a [`ToolDescriptor`](agent_runtime_core::ToolDescriptor) and an argument
+//!   validator compiled once.
+//! - **Pipeline** ([`Gateway::call`]): validate, pre-call hooks, policy, approval (core's
+//!   [`ApprovalSink`](agent_runtime_core::ApprovalSink)), execute with timeout and cancellation,
+//!   post-call hooks, cap the output, record `tool.requested`, `policy.decided` (a
+//!   [`PolicyEnvelope`](agent_runtime_core::PolicyEnvelope)), `tool.started` and `tool.completed`
+//!   or `tool.failed`, secrets redacted ([`redact`]).
+//! - **Policy** ([`policy`]): ordered YAML rules over tool-name globs, callers and argument
+//!   predicates (paths inside or outside roots after resolving symlinks, programs and their
+//!   arguments, URL hosts), with safe defaults; **hooks** ([`hooks`]) in Rust or as external
+//!   commands speaking JSON.
+//! - **MCP** ([`mcp`]): a client of stdio and streamable HTTP MCP servers through the official
+//!   Rust SDK (`rmcp`), tools namespaced by server, restarted with backoff; and a server
+//!   ([`mcp::server`]) exposing the registry, policy applied, over stdio or streamable HTTP.
+//! - **Sandbox** ([`sandbox`]): command tools run under bubblewrap with resource limits and a
+//!   pids cgroup; see `docs/sandbox.md`.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use agent_runtime_core::{Actor, CallContext, MemoryLog};
+//! use agent_runtime_gateway::{builtin, GatewayBuilder, Registry};
+//! use serde_json::json;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let registry = Arc::new(Registry::new());
+//! for tool in builtin::builtins() {
+//!     registry.register(tool).unwrap();
+//! }
+//! let log = Arc::new(MemoryLog::default());
+//! let gateway = GatewayBuilder::new(registry, log.clone()).build().unwrap();
+//! let ctx = CallContext::new(Actor::Agent("writer".into()));
+//! let out = gateway.call("builtin.echo", json!({"text": "hi"}), ctx.clone()).await.unwrap();
+//! assert_eq!(out.value, json!("hi"));
+//! // Bad arguments never reach the tool, and the error says what to fix.
+//! let err = gateway.call("builtin.echo", json!({"txt": "hi"}), ctx).await.unwrap_err();
+//! assert_eq!(err.class.as_str(), "invalid_arguments");
+//! // requested, decided, started, completed; then requested, failed.
+//! assert_eq!(log.all().len(), 6);
+//! # });
+//! ```
+//!
+//! What it does not do: choose which tool to call (the agent loop does), store events (it hands
+//! them to an [`EventSink`](agent_runtime_core::EventSink)), or sandbox on systems other than
+//! Linux.
+
+#![warn(missing_docs)]
+
+pub mod bench;
+pub mod builtin;
+pub mod config;
+pub mod error;
+pub mod gateway;
+pub mod glob;
+pub mod hooks;
+pub mod mcp;
+pub mod paths;
+pub mod policy;
+pub mod redact;
+pub mod registry;
+pub mod sandbox;
+
+pub use error::GatewayError;
+pub use gateway::{CheckReport, Gateway, GatewayBuilder, GatewayConfig, GatewayTool, cap_output};
+pub use hooks::{CommandHook, CommandHookConfig, Hook, HookCall, PostAction, PreAction};
+pub use policy::{Decision, Policy, PolicyInput, SandboxMode};
+pub use redact::Redactor;
+pub use registry::{RegisteredTool, Registry};
+pub use sandbox::{CommandTool, CommandToolConfig, Limits, SandboxSettings};

@@ -1,0 +1,817 @@
+//! MCP: a client of MCP servers (their tools join the registry as `server.tool`) and a server
+//! exposing the registry to MCP hosts, both through the official Rust SDK (`rmcp`).
+//!
+//! # Configuration
+//!
+//! A JSON (or YAML) file in the `mcpServers` format desktop MCP hosts use, with a few optional
+//! fields of our own:
+//!
+//! ```json
+//! {
+//!   "mcpServers": {
+//!     "everything": { "command": "node", "args": ["server-everything/dist/index.js", "stdio"] },
+//!     "files": { "command": "npx", "args": ["@modelcontextprotocol/server-filesystem", "/work"],
+//!                "env": { "TOKEN": "${FILES_TOKEN}" }, "timeout_ms": 30000, "risk": "write" }
+//!   }
+//! }
+//! ```
+//!
+//! `env` values of the form `${NAME}` are read from the host's environment and redacted from
+//! every record. `risk` overrides the risk class that is otherwise read from each tool's
+//! annotations (`readOnlyHint` gives `read`, `openWorldHint` gives `network`, anything else
+//! `write`). Servers with a `url` speak streamable HTTP (`http://` or `https://`, TLS by rustls).
+//!
+//! # Failures
+//!
+//! A slow call times out (the server's `timeout_ms`, or the call's budget); a cancelled call
+//! sends `notifications/cancelled`; a server that exits is restarted with exponential backoff
+//! while its in-flight calls fail with a `tool_error` naming the server; malformed messages are
+//! the SDK's to reject and never hang a call beyond its timeout.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agent_runtime_core::{
+    CallContext, ClassifiedError, ErrorClass, Progress, RiskClass, Tool, ToolDescriptor, ToolError,
+    ToolOutput, ToolSource,
+};
+use rmcp::model::{
+    CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientRequest,
+    NumberOrString, ProgressToken, ServerResult,
+};
+use rmcp::service::PeerRequestOptions;
+use rmcp::service::{NotificationContext, RunningService};
+use rmcp::{ClientHandler, RoleClient, ServiceExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::sync::{Notify, mpsc};
+
+use crate::error::GatewayError;
+use crate::redact::Redactor;
+use crate::registry::Registry;
+
+pub mod server;
+
+/// One MCP server as configured.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct McpServerConfig {
+    /// The program of a stdio server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+    /// Its arguments.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Its environment (added to a scrubbed one: `PATH`, `HOME`, `LANG` are kept).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Its working folder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    /// The URL of a streamable HTTP server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// HTTP headers sent to a streamable HTTP server (`"Authorization": "Bearer ${TOKEN}"`);
+    /// `${NAME}` in a value is the host's variable, treated as a secret.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, String>,
+    /// Time limit of one call, in milliseconds (default 60000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+    /// Risk class of every tool of this server, overriding the tools' annotations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk: Option<RiskClass>,
+    /// Skip this server.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub disabled: bool,
+}
+
+/// The MCP servers file.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct McpConfig {
+    /// Servers by name (the namespace of their tools).
+    #[serde(rename = "mcpServers", alias = "servers", default)]
+    pub servers: BTreeMap<String, McpServerConfig>,
+}
+
+impl McpConfig {
+    /// Reads a servers file (JSON, or YAML when the name ends in `.yaml`/`.yml`).
+    pub fn load(path: &Path) -> Result<McpConfig, GatewayError> {
+        let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        McpConfig::parse(&text, path)
+    }
+
+    /// Parses a servers file; `path` names it in errors and picks the format.
+    pub fn parse(text: &str, path: &Path) -> Result<McpConfig, GatewayError> {
+        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
+        let parsed: Result<McpConfig, String> = if yaml {
+            serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+        } else {
+            serde_json::from_str(text).map_err(|e| e.to_string())
+        };
+        let config = parsed.map_err(|message| GatewayError::Parse {
+            what: path.display().to_string(),
+            message,
+        })?;
+        for (name, s) in &config.servers {
+            crate::registry::check_name(name).map_err(|_| GatewayError::Mcp {
+                server: name.clone(),
+                message: "server names are 1-128 characters of a-z, 0-9, '_', '.', '-'".into(),
+            })?;
+            if s.command.is_none() == s.url.is_none() {
+                return Err(GatewayError::Mcp {
+                    server: name.clone(),
+                    message: "give exactly one of `command` (stdio) or `url` (streamable HTTP)"
+                        .into(),
+                });
+            }
+        }
+        Ok(config)
+    }
+
+    /// Writes the file as JSON in the `mcpServers` format.
+    pub fn save(&self, path: &Path) -> Result<(), GatewayError> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| GatewayError::Parse {
+            what: path.display().to_string(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(path, text + "\n").map_err(|source| GatewayError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+}
+
+/// Installs the process-wide TLS crypto provider (ring) once, for `https` MCP servers.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Fails only when another provider is installed already, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A registry name for a server's tool: `server.tool`, the tool's name lower-cased with other
+/// characters than `a-z0-9_.-` replaced by `_`.
+pub fn namespaced(server: &str, tool: &str) -> String {
+    let t: String = tool
+        .chars()
+        .map(|c| {
+            let c = c.to_ascii_lowercase();
+            if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("{server}.{t}")
+}
+
+type ProgressMap = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Progress>>>>;
+
+/// The client side's handler of server notifications.
+#[derive(Clone)]
+struct Handler {
+    progress: ProgressMap,
+    tools_changed: Arc<Notify>,
+}
+
+impl ClientHandler for Handler {
+    fn on_progress(
+        &self,
+        params: rmcp::model::ProgressNotificationParam,
+        _context: NotificationContext<RoleClient>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        let key = token_key(&params.progress_token);
+        if let Some(tx) = self
+            .progress
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            let _ = tx.send(Progress {
+                done: params.progress,
+                total: params.total,
+                message: params.message.clone(),
+                detail: Value::Null,
+            });
+        }
+        std::future::ready(())
+    }
+
+    fn on_tool_list_changed(
+        &self,
+        _context: NotificationContext<RoleClient>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        self.tools_changed.notify_one();
+        std::future::ready(())
+    }
+}
+
+fn token_key(t: &ProgressToken) -> String {
+    match &t.0 {
+        NumberOrString::Number(n) => format!("n{n}"),
+        NumberOrString::String(s) => format!("s{s}"),
+    }
+}
+
+type Client = RunningService<RoleClient, Handler>;
+
+/// Whether a session has ended: cancelled, or its transport closed (the server exited).
+fn closed(c: &Client) -> bool {
+    c.is_closed() || c.peer().is_transport_closed()
+}
+
+/// One connected (or restarting) MCP server.
+pub struct McpServer {
+    name: String,
+    config: McpServerConfig,
+    env: Vec<(String, String)>,
+    headers: Vec<(String, String)>,
+    client: tokio::sync::RwLock<Option<Arc<Client>>>,
+    progress: ProgressMap,
+    tools_changed: Arc<Notify>,
+    generation: AtomicU64,
+    pid: std::sync::atomic::AtomicU32,
+    suspect: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for McpServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpServer")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+/// `value` with every `${NAME}` replaced by the host's variable, each registered as a secret.
+fn expand_secrets(
+    server: &str,
+    value: &str,
+    redactor: &mut Redactor,
+) -> Result<String, GatewayError> {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
+        out.push_str(&rest[..start]);
+        let var = &rest[start + 2..start + len];
+        let v = std::env::var(var).map_err(|_| GatewayError::Mcp {
+            server: server.to_string(),
+            message: format!("environment variable {var} is not set"),
+        })?;
+        redactor.add_secret(v.clone());
+        out.push_str(&v);
+        rest = &rest[start + len + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+impl McpServer {
+    /// A server from its configuration; `${NAME}` environment values are read now and
+    /// registered with `redactor`.
+    pub fn new(
+        name: &str,
+        config: McpServerConfig,
+        redactor: &mut Redactor,
+    ) -> Result<Arc<Self>, GatewayError> {
+        let mut env = Vec::new();
+        for (k, v) in &config.env {
+            let value = match v.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+                Some(var) => {
+                    let value = std::env::var(var).map_err(|_| GatewayError::Mcp {
+                        server: name.to_string(),
+                        message: format!("environment variable {var} is not set"),
+                    })?;
+                    redactor.add_secret(value.clone());
+                    value
+                }
+                None => v.clone(),
+            };
+            env.push((k.clone(), value));
+        }
+        let mut headers = Vec::new();
+        for (k, v) in &config.headers {
+            headers.push((k.clone(), expand_secrets(name, v, redactor)?));
+        }
+        Ok(Arc::new(McpServer {
+            name: name.to_string(),
+            config,
+            env,
+            headers,
+            client: tokio::sync::RwLock::new(None),
+            progress: Arc::default(),
+            tools_changed: Arc::new(Notify::new()),
+            generation: AtomicU64::new(0),
+            pid: std::sync::atomic::AtomicU32::new(0),
+            suspect: std::sync::atomic::AtomicBool::new(false),
+        }))
+    }
+
+    /// The server's configured name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn err(&self, message: impl std::fmt::Display) -> GatewayError {
+        GatewayError::Mcp {
+            server: self.name.clone(),
+            message: message.to_string(),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.timeout_ms.unwrap_or(60_000))
+    }
+
+    /// Starts the server process and initializes the session.
+    pub async fn connect(&self) -> Result<(), GatewayError> {
+        let handler = Handler {
+            progress: self.progress.clone(),
+            tools_changed: self.tools_changed.clone(),
+        };
+        let client = match (&self.config.command, &self.config.url) {
+            (Some(program), _) => {
+                let mut cmd = tokio::process::Command::new(program);
+                cmd.args(&self.config.args).env_clear();
+                for keep in ["PATH", "HOME", "LANG", "TMPDIR", "NODE_PATH"] {
+                    if let Some(v) = std::env::var_os(keep) {
+                        cmd.env(keep, v);
+                    }
+                }
+                cmd.envs(self.env.iter().cloned());
+                if let Some(cwd) = &self.config.cwd {
+                    cmd.current_dir(cwd);
+                }
+                let (transport, _stderr) = rmcp::transport::TokioChildProcess::builder(cmd)
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                    .map_err(|e| self.err(format!("cannot start {program}: {e}")))?;
+                self.pid
+                    .store(transport.id().unwrap_or(0), Ordering::Relaxed);
+                let init = handler.serve(transport);
+                tokio::time::timeout(self.timeout(), init)
+                    .await
+                    .map_err(|_| self.err("no answer to initialize in time"))?
+                    .map_err(|e| self.err(format!("initialize failed: {e}")))?
+            }
+            (None, Some(url)) => {
+                install_crypto_provider();
+                use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+                let mut config = StreamableHttpClientTransportConfig::with_uri(url.clone());
+                let mut custom = std::collections::HashMap::new();
+                for (k, v) in &self.headers {
+                    if k.eq_ignore_ascii_case("authorization")
+                        && let Some(token) = v.strip_prefix("Bearer ")
+                    {
+                        config = config.auth_header(token);
+                        continue;
+                    }
+                    let name = http::HeaderName::from_bytes(k.as_bytes())
+                        .map_err(|_| self.err(format!("invalid header name {k:?}")))?;
+                    let value = http::HeaderValue::from_str(v)
+                        .map_err(|_| self.err(format!("invalid value for header {k:?}")))?;
+                    custom.insert(name, value);
+                }
+                let config = config.custom_headers(custom);
+                let transport = rmcp::transport::StreamableHttpClientTransport::from_config(config);
+                let init = handler.serve(transport);
+                tokio::time::timeout(self.timeout(), init)
+                    .await
+                    .map_err(|_| self.err("no answer to initialize in time"))?
+                    .map_err(|e| self.err(format!("initialize failed: {e}")))?
+            }
+            (None, None) => return Err(self.err("neither command nor url")),
+        };
+        *self.client.write().await = Some(Arc::new(client));
+        self.generation.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    async fn current(&self) -> Option<Arc<Client>> {
+        self.client.read().await.clone()
+    }
+
+    /// The process id of a stdio server's current process (0 when none).
+    pub fn pid(&self) -> u32 {
+        self.pid.load(Ordering::Relaxed)
+    }
+
+    /// The current session's peer: the bare `rmcp` client, for measurements and for uses the
+    /// gateway does not cover. Calls made through it bypass policy and the audit trail.
+    pub async fn peer(&self) -> Option<rmcp::Peer<RoleClient>> {
+        self.current().await.map(|c| c.peer().clone())
+    }
+
+    /// How many times the server has been (re)connected.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
+    }
+
+    /// Whether the session answers a `tools/list` within a few seconds.
+    async fn healthy(&self) -> bool {
+        let Some(client) = self.current().await else {
+            return false;
+        };
+        let peer = client.peer().clone();
+        // Straight to the wire: `Peer::list_tools` may answer from its cache.
+        let listing = peer.send_request(ClientRequest::ListToolsRequest(
+            rmcp::model::ListToolsRequest::default(),
+        ));
+        matches!(
+            tokio::time::timeout(Duration::from_secs(3), listing).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Whether the session is up.
+    pub async fn is_up(&self) -> bool {
+        self.current().await.is_some_and(|c| !closed(&c))
+    }
+
+    /// Lists the server's tools as registry tools.
+    pub async fn tools(self: &Arc<Self>) -> Result<Vec<Arc<dyn Tool>>, GatewayError> {
+        let client = self
+            .current()
+            .await
+            .ok_or_else(|| self.err("not connected"))?;
+        let listed = tokio::time::timeout(self.timeout(), client.peer().list_all_tools())
+            .await
+            .map_err(|_| self.err("tools/list timed out"))?
+            .map_err(|e| self.err(format!("tools/list failed: {e}")))?;
+        let mut out: Vec<Arc<dyn Tool>> = Vec::new();
+        for t in listed {
+            let ann = t.annotations.as_ref();
+            let risk = self.config.risk.unwrap_or_else(|| {
+                if ann.and_then(|a| a.read_only_hint) == Some(true) {
+                    RiskClass::Read
+                } else if ann.and_then(|a| a.open_world_hint) == Some(true) {
+                    RiskClass::Network
+                } else {
+                    RiskClass::Write
+                }
+            });
+            let descriptor = ToolDescriptor {
+                name: namespaced(&self.name, &t.name),
+                description: t.description.as_deref().unwrap_or_default().to_string(),
+                input_schema: Value::Object((*t.input_schema).clone()),
+                output_schema: t
+                    .output_schema
+                    .as_ref()
+                    .map(|s| Value::Object((**s).clone())),
+                risk,
+                source: ToolSource::Mcp {
+                    server: self.name.clone(),
+                },
+            };
+            out.push(Arc::new(McpTool {
+                descriptor,
+                remote: t.name.to_string(),
+                server: self.clone(),
+            }));
+        }
+        Ok(out)
+    }
+
+    async fn call(
+        &self,
+        remote: &str,
+        args: Value,
+        ctx: CallContext,
+    ) -> Result<ToolOutput, ToolError> {
+        let fail = |m: String| {
+            ClassifiedError::new(
+                ErrorClass::ToolError,
+                format!("MCP server {}: {m}", self.name),
+            )
+        };
+        let client = match self.current().await {
+            Some(c) if !closed(&c) => c,
+            _ => return Err(fail("not running (restarting); try again shortly".into())),
+        };
+        let arguments = match args {
+            Value::Object(m) => m,
+            Value::Null => serde_json::Map::new(),
+            _ => {
+                return Err(ClassifiedError::new(
+                    ErrorClass::InvalidArguments,
+                    "arguments must be an object",
+                ));
+            }
+        };
+        let params = CallToolRequestParams::new(remote.to_string()).with_arguments(arguments);
+        let limit = ctx
+            .timeout
+            .map_or(self.timeout(), |t| t.min(self.timeout()));
+        let peer = client.peer().clone();
+        let gone = |_| {
+            fail(format!(
+                "stopped during the call to {remote}; it will be restarted"
+            ))
+        };
+        let request = ClientRequest::CallToolRequest(CallToolRequest::new(params));
+        // The SDK gives every request its own progress token; route that one to the caller.
+        let handle = peer
+            .send_request_with_option(request, PeerRequestOptions::no_options())
+            .await
+            .map_err(gone)?;
+        let id = handle.id.clone();
+        let key = token_key(&handle.progress_token);
+        let mut guard = ProgressGuard {
+            map: self.progress.clone(),
+            key: None,
+        };
+        if let Some(tx) = ctx.progress.clone() {
+            self.progress
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key.clone(), tx);
+            guard.key = Some(key);
+        }
+        let closed = async {
+            while !closed(&client) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let cancel_remote = |reason: &str| {
+            let peer = peer.clone();
+            let note = CancelledNotificationParam::new(Some(id.clone()), Some(reason.to_string()));
+            async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), peer.notify_cancelled(note)).await;
+            }
+        };
+        let result = tokio::select! {
+            r = handle.await_response() => r,
+            _ = ctx.cancel.cancelled() => {
+                cancel_remote("cancelled by the caller").await;
+                return Err(ClassifiedError::new(ErrorClass::Cancelled, format!("call to {}.{remote} cancelled", self.name)));
+            }
+            _ = tokio::time::sleep(limit) => {
+                cancel_remote("timed out").await;
+                self.suspect.store(true, Ordering::Relaxed);
+                return Err(ClassifiedError::new(
+                    ErrorClass::Timeout,
+                    format!("MCP server {} did not answer {remote} within {} ms", self.name, limit.as_millis()),
+                ));
+            }
+            _ = closed => return Err(fail(format!("stopped during the call to {remote}; it will be restarted"))),
+        };
+        drop(guard);
+        let result = result.map_err(|e| match e {
+            rmcp::ServiceError::TransportClosed | rmcp::ServiceError::TransportSend(_) => fail(
+                format!("stopped during the call to {remote}; it will be restarted"),
+            ),
+            rmcp::ServiceError::McpError(e) if e.code == rmcp::model::ErrorCode::INVALID_PARAMS => {
+                ClassifiedError::new(
+                    ErrorClass::InvalidArguments,
+                    format!("{remote}: {}", e.message),
+                )
+            }
+            other => fail(format!("{remote}: {other}")),
+        })?;
+        let result = match result {
+            ServerResult::CallToolResult(r) => r,
+            other => {
+                let kind = serde_json::to_value(&other)
+                    .ok()
+                    .and_then(|v| v.get("resultType").cloned());
+                return Err(fail(format!(
+                    "{remote}: unexpected reply to tools/call ({kind:?})"
+                )));
+            }
+        };
+        let value = serde_json::to_value(&result).unwrap_or(Value::Null);
+        let text = text_of(&value);
+        if result.is_error == Some(true) {
+            return Err(fail(format!(
+                "{remote} failed: {}",
+                text.unwrap_or_else(|| value.to_string())
+            )));
+        }
+        let out = match (value.get("structuredContent"), text) {
+            (Some(s), _) if !s.is_null() => s.clone(),
+            (_, Some(t)) => Value::String(t),
+            _ => value.get("content").cloned().unwrap_or(Value::Null),
+        };
+        Ok(ToolOutput::new(out))
+    }
+}
+
+/// The text of a result whose content is only text blocks, joined by newlines.
+fn text_of(result: &Value) -> Option<String> {
+    let content = result.get("content")?.as_array()?;
+    let mut parts = Vec::new();
+    for c in content {
+        if c.get("type").and_then(Value::as_str) != Some("text") {
+            return None;
+        }
+        parts.push(
+            c.get("text")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string(),
+        );
+    }
+    (!parts.is_empty()).then(|| parts.join("\n"))
+}
+
+struct ProgressGuard {
+    map: ProgressMap,
+    key: Option<String>,
+}
+
+impl Drop for ProgressGuard {
+    fn drop(&mut self) {
+        if let Some(k) = &self.key {
+            self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(k);
+        }
+    }
+}
+
+/// A tool of an MCP server, as the registry holds it.
+pub struct McpTool {
+    descriptor: ToolDescriptor,
+    remote: String,
+    server: Arc<McpServer>,
+}
+
+impl std::fmt::Debug for McpTool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpTool")
+            .field("name", &self.descriptor.name)
+            .finish()
+    }
+}
+
+#[async_trait::async_trait]
+impl Tool for McpTool {
+    fn descriptor(&self) -> &ToolDescriptor {
+        &self.descriptor
+    }
+
+    async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
+        self.server.call(&self.remote, args, ctx).await
+    }
+}
+
+/// Connects configured servers, registers their tools, follows `tools/list_changed` and
+/// restarts servers that exit, with exponential backoff.
+pub struct McpManager {
+    servers: Vec<Arc<McpServer>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for McpManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("McpManager")
+            .field("servers", &self.servers)
+            .finish()
+    }
+}
+
+/// The first wait before restarting a server, doubled after each failure up to 30 s.
+const BACKOFF_START: Duration = Duration::from_millis(200);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+impl McpManager {
+    /// Connects every enabled server of `config` and registers its tools in `registry`.
+    /// Servers that fail to start are reported (with the error) and retried in the background.
+    pub async fn start(
+        config: &McpConfig,
+        registry: Arc<Registry>,
+        redactor: &mut Redactor,
+    ) -> Result<(McpManager, Vec<GatewayError>), GatewayError> {
+        let mut servers = Vec::new();
+        for (name, cfg) in &config.servers {
+            if !cfg.disabled {
+                servers.push(McpServer::new(name, cfg.clone(), redactor)?);
+            }
+        }
+        // Connect all at once: a slow or broken server costs its own timeout, not the sum.
+        let mut connecting = tokio::task::JoinSet::new();
+        for (i, server) in servers.iter().enumerate() {
+            let (server, registry) = (server.clone(), registry.clone());
+            connecting.spawn(async move { (i, connect_and_register(&server, &registry).await) });
+        }
+        let mut results = Vec::new();
+        while let Some(done) = connecting.join_next().await {
+            match done {
+                Ok(r) => results.push(r),
+                Err(e) => results.push((
+                    usize::MAX,
+                    Err(GatewayError::Mcp {
+                        server: "?".into(),
+                        message: format!("connect task failed: {e}"),
+                    }),
+                )),
+            }
+        }
+        results.sort_by_key(|(i, _)| *i);
+        let mut errors = Vec::new();
+        for (_, r) in results {
+            match r {
+                Ok(errs) => errors.extend(errs),
+                Err(e) => errors.push(e),
+            }
+        }
+        let tasks = servers
+            .iter()
+            .map(|s| tokio::spawn(supervise(s.clone(), registry.clone())))
+            .collect();
+        Ok((McpManager { servers, tasks }, errors))
+    }
+
+    /// The servers.
+    pub fn servers(&self) -> &[Arc<McpServer>] {
+        &self.servers
+    }
+
+    /// Stops supervising and closes every session.
+    pub async fn shutdown(self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+        for s in &self.servers {
+            if let Some(c) = s.client.write().await.take()
+                && let Ok(c) = Arc::try_unwrap(c)
+            {
+                let _ = tokio::time::timeout(Duration::from_secs(2), c.cancel()).await;
+            }
+        }
+    }
+}
+
+impl Drop for McpManager {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+async fn connect_and_register(
+    server: &Arc<McpServer>,
+    registry: &Registry,
+) -> Result<Vec<GatewayError>, GatewayError> {
+    server.connect().await?;
+    let tools = server.tools().await?;
+    Ok(registry.replace_source(&server.name, tools))
+}
+
+async fn supervise(server: Arc<McpServer>, registry: Arc<Registry>) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        tokio::select! {
+            _ = server.tools_changed.notified() => {
+                if let Ok(tools) = server.tools().await {
+                    registry.replace_source(&server.name, tools);
+                }
+                continue;
+            }
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        }
+        if server.suspect.swap(false, Ordering::Relaxed)
+            && server.is_up().await
+            && !server.healthy().await
+        {
+            // A call timed out or its transport failed and the session does not answer a
+            // listing either (an HTTP server restarted under us forgets our session): start over.
+            if let Some(c) = server.client.write().await.take() {
+                c.cancellation_token().cancel();
+            }
+        }
+        if server.is_up().await {
+            backoff = BACKOFF_START;
+            continue;
+        }
+        *server.client.write().await = None;
+        tokio::time::sleep(backoff).await;
+        if connect_and_register(&server, &registry).await.is_err() {
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        } else {
+            backoff = BACKOFF_START;
+        }
+    }
+}
+
+/// A summary of a server for `mcp list`.
+pub fn describe_server(name: &str, s: &McpServerConfig) -> Value {
+    json!({
+        "name": name,
+        "transport": if s.url.is_some() { "streamable_http" } else { "stdio" },
+        "command": s.command, "args": s.args, "url": s.url,
+        "env": s.env.keys().collect::<Vec<_>>(),
+        "headers": s.headers.keys().collect::<Vec<_>>(),
+        "disabled": s.disabled,
+    })
+}

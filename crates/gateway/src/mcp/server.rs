@@ -1,0 +1,213 @@
+//! The MCP server: the registry, policy applied, for any MCP host.
+//!
+//! `tools/list` lists every registry tool (risk classes become annotations: `read` sets
+//! `readOnlyHint`, `network` sets `openWorldHint`); `tools/call` goes through the whole gateway
+//! pipeline as `agent:mcp` (or the name given), so validation errors, policy denials and
+//! approval refusals come back as tool results with `isError: true` and a message the model can
+//! act on. Progress is forwarded when the request carries a progress token; a
+//! `notifications/cancelled` cancels the call.
+
+use agent_runtime_core::{Actor, CallContext, RiskClass, ToolDescriptor};
+use rmcp::model::{
+    CallToolRequestParams, CallToolResponse, CallToolResult, Implementation, ListToolsResult,
+    PaginatedRequestParams, ProgressNotificationParam, ServerCapabilities, ServerConfig,
+};
+use rmcp::service::RequestContext;
+use rmcp::{ErrorData as McpError, RoleServer, ServerHandler, ServiceExt};
+use serde_json::{Value, json};
+
+use crate::error::GatewayError;
+use crate::gateway::Gateway;
+
+/// The gateway as an MCP server handler.
+#[derive(Clone, Debug)]
+pub struct GatewayServer {
+    gateway: Gateway,
+    actor: Actor,
+}
+
+impl GatewayServer {
+    /// A server exposing `gateway`'s registry; calls are made as `actor`.
+    pub fn new(gateway: Gateway, actor: Actor) -> Self {
+        GatewayServer { gateway, actor }
+    }
+
+    fn tools(&self) -> Result<ListToolsResult, McpError> {
+        let tools: Vec<Value> = self.gateway.descriptors().iter().map(tool_json).collect();
+        serde_json::from_value(json!({ "tools": tools }))
+            .map_err(|e| McpError::internal_error(format!("cannot list tools: {e}"), None))
+    }
+
+    async fn call(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> Result<CallToolResponse, McpError> {
+        let mut ctx = CallContext::new(self.actor.clone());
+        ctx.cancel = context.ct.child_token();
+        let args = Value::Object(request.arguments.unwrap_or_default());
+        let forward = match context.meta.get_progress_token() {
+            Some(token) => {
+                let (tx, mut rx) =
+                    tokio::sync::mpsc::unbounded_channel::<agent_runtime_core::Progress>();
+                ctx.progress = Some(tx);
+                let peer = context.peer.clone();
+                Some(tokio::spawn(async move {
+                    while let Some(p) = rx.recv().await {
+                        let mut n = ProgressNotificationParam::new(token.clone(), p.done);
+                        n.total = p.total;
+                        n.message = p.message;
+                        let _ = peer.notify_progress(n).await;
+                    }
+                }))
+            }
+            None => None,
+        };
+        let result = self.gateway.call(&request.name, args, ctx).await;
+        if let Some(f) = forward {
+            f.abort();
+        }
+        let body = match result {
+            Ok(out) => {
+                let text = match &out.value {
+                    Value::String(s) => s.clone(),
+                    other => other.to_string(),
+                };
+                let mut r = json!({"content": [{"type": "text", "text": text}], "isError": false});
+                if out.value.is_object() {
+                    r["structuredContent"] = out.value.clone();
+                }
+                r
+            }
+            Err(e) => {
+                json!({"content": [{"type": "text", "text": format!("{}: {}", e.class, e.message)}],
+                            "isError": true})
+            }
+        };
+        let result: CallToolResult = serde_json::from_value(body).map_err(|e| {
+            McpError::internal_error(format!("cannot encode the result: {e}"), None)
+        })?;
+        Ok(CallToolResponse::Complete(result))
+    }
+}
+
+fn tool_json(d: &ToolDescriptor) -> Value {
+    let schema = if d.input_schema.is_object() {
+        d.input_schema.clone()
+    } else {
+        json!({"type": "object"})
+    };
+    let mut t = json!({
+        "name": d.name,
+        "description": d.description,
+        "inputSchema": schema,
+        "annotations": {
+            "readOnlyHint": d.risk == RiskClass::Read,
+            "destructiveHint": matches!(d.risk, RiskClass::Write | RiskClass::Exec),
+            "openWorldHint": d.risk == RiskClass::Network,
+        },
+    });
+    if let Some(o) = d
+        .output_schema
+        .as_ref()
+        .filter(|o| o.get("type") == Some(&json!("object")))
+    {
+        t["outputSchema"] = o.clone();
+    }
+    t
+}
+
+impl ServerHandler for GatewayServer {
+    fn get_info(&self) -> ServerConfig {
+        ServerConfig::new(ServerCapabilities::builder().enable_tools().build())
+            .with_server_info(Implementation::new(
+                "agent-runtime",
+                env!("CARGO_PKG_VERSION"),
+            ))
+            .with_instructions(
+                "Tools of the agent-runtime gateway; every call is checked by policy and recorded.",
+            )
+    }
+
+    fn list_tools(
+        &self,
+        _request: Option<PaginatedRequestParams>,
+        _context: RequestContext<RoleServer>,
+    ) -> impl Future<Output = Result<ListToolsResult, McpError>> + Send + '_ {
+        std::future::ready(self.tools())
+    }
+
+    fn call_tool(
+        &self,
+        request: CallToolRequestParams,
+        context: RequestContext<RoleServer>,
+    ) -> impl Future<Output = Result<CallToolResponse, McpError>> + Send + '_ {
+        self.call(request, context)
+    }
+}
+
+/// Serves `gateway` over this process's stdin and stdout until the client disconnects.
+pub async fn serve_stdio(gateway: Gateway, actor: Actor) -> Result<(), GatewayError> {
+    let err = |m: String| GatewayError::Mcp {
+        server: "stdio".into(),
+        message: m,
+    };
+    let running = GatewayServer::new(gateway, actor)
+        .serve(rmcp::transport::stdio())
+        .await
+        .map_err(|e| err(format!("initialize failed: {e}")))?;
+    running.waiting().await.map_err(|e| err(e.to_string()))?;
+    Ok(())
+}
+
+/// Serves `gateway` as a streamable HTTP MCP endpoint on `addr` (for example `127.0.0.1:8808`)
+/// until `stop` is cancelled. `bound` receives the address actually bound (useful with port 0).
+///
+/// Only loopback `Host` headers are accepted (protection against DNS rebinding), as the SDK
+/// does by default.
+pub async fn serve_http(
+    gateway: Gateway,
+    actor: Actor,
+    addr: &str,
+    stop: agent_runtime_core::CancellationToken,
+    bound: Option<tokio::sync::oneshot::Sender<std::net::SocketAddr>>,
+) -> Result<(), GatewayError> {
+    use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
+    use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
+    let err = |m: String| GatewayError::Mcp {
+        server: format!("http {addr}"),
+        message: m,
+    };
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| err(format!("cannot listen: {e}")))?;
+    let local = listener.local_addr().map_err(|e| err(e.to_string()))?;
+    if let Some(tx) = bound {
+        let _ = tx.send(local);
+    }
+    let mut config = StreamableHttpServerConfig::default();
+    config.cancellation_token = stop.child_token();
+    let server = GatewayServer::new(gateway, actor);
+    let service = StreamableHttpService::new(
+        move || Ok(server.clone()),
+        std::sync::Arc::new(LocalSessionManager::default()),
+        config,
+    );
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => r.map_err(|e| err(format!("accept: {e}")))?,
+            _ = stop.cancelled() => return Ok(()),
+        };
+        let service = service.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, hyper_util::service::TowerToHyperService::new(service));
+            tokio::select! {
+                _ = conn => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}

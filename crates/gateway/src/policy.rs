@@ -1,0 +1,817 @@
+//! The policy engine: ordered rules that allow, deny or ask about a tool call.
+//!
+//! A policy is a YAML document of rules. The first rule whose every condition matches decides;
+//! after the configured rules come the safe defaults (unless `defaults: false`):
+//!
+//! | rule | when | effect |
+//! | --- | --- | --- |
+//! | `default.read` | risk `read` | allow |
+//! | `default.write-inside` | risk `write`, every path argument inside the workspace | allow |
+//! | `default.write-outside` | risk `write`, some path argument outside the workspace | deny |
+//! | `default.write-unknown` | risk `write`, no path argument to check | ask |
+//! | `default.exec` | risk `exec` | ask |
+//! | `default.network` | risk `network` | ask |
+//! | `default.deny` | anything else | deny |
+//!
+//! ```yaml
+//! workspace: ["."]            # relative to the policy file
+//! rules:
+//!   - id: no-shell-tricks
+//!     tools: ["sh.*"]
+//!     when:
+//!       - shell_metacharacters: { arg: command }
+//!     effect: deny
+//!     reason: shell metacharacters are not allowed
+//!   - id: git-read-only
+//!     tools: ["sh.run"]
+//!     when:
+//!       - program: { arg: command, any: ["git"] }
+//!       - argument: { arg: command, any: ["status", "log", "diff"] }
+//!     effect: allow
+//!     reason: read-only git commands
+//! ```
+//!
+//! Path conditions resolve each path against the first workspace root, follow symlinks that
+//! exist and apply `..` after them, so `link/../x` and a symlink out of the workspace are seen
+//! for what they are. Program and argument conditions match globs on Unicode scalar values, so a
+//! look-alike (`ｒｍ`) never matches an allow rule written for `rm`.
+
+use std::path::{Path, PathBuf};
+
+use agent_runtime_core::{Actor, Effect, RiskClass};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::GatewayError;
+use crate::glob::{any_match, glob_match};
+use crate::paths::{is_within, resolve};
+
+/// Whether a command tool runs in the sandbox.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxMode {
+    /// In the OS sandbox (bubblewrap plus resource limits): the default.
+    #[default]
+    Bubblewrap,
+    /// Without a sandbox: only when a policy rule names it for the tool.
+    None,
+}
+
+/// The argument selector of a condition: a top-level key, a JSON pointer (`/a/0/b`), a list of
+/// them, or `@paths` for every top-level key that conventionally holds a path.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum ArgSelector {
+    /// One key or pointer.
+    One(String),
+    /// Several keys or pointers.
+    Many(Vec<String>),
+}
+
+/// Top-level argument keys that `@paths` selects.
+pub const PATH_KEYS: &[&str] = &[
+    "path",
+    "paths",
+    "file",
+    "files",
+    "file_path",
+    "filename",
+    "dir",
+    "directory",
+    "source",
+    "destination",
+    "dest",
+    "target",
+    "cwd",
+    "root",
+    "from",
+    "to",
+    "output",
+];
+
+impl ArgSelector {
+    fn keys(&self) -> Vec<&str> {
+        match self {
+            ArgSelector::One(s) => vec![s.as_str()],
+            ArgSelector::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// Every string the selector finds in `args` (arrays of strings are flattened).
+    pub fn strings<'a>(&self, args: &'a Value) -> Vec<&'a str> {
+        let mut out = Vec::new();
+        for key in self.keys() {
+            if key == "@paths" {
+                for k in PATH_KEYS {
+                    collect_strings(args.get(*k), &mut out);
+                }
+            } else if key.starts_with('/') {
+                collect_strings(args.pointer(key), &mut out);
+            } else {
+                collect_strings(args.get(key), &mut out);
+            }
+        }
+        out
+    }
+}
+
+fn collect_strings<'a>(v: Option<&'a Value>, out: &mut Vec<&'a str>) {
+    match v {
+        Some(Value::String(s)) => out.push(s),
+        Some(Value::Array(items)) => {
+            for i in items {
+                collect_strings(Some(i), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// One condition of a rule; a rule matches when all of its conditions do. Written in YAML as a
+/// map with one key, the condition's name: `- path_outside: { arg: path, roots: [$workspace] }`.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case", try_from = "ConditionMap")]
+pub enum Condition {
+    /// Every selected path (at least one) resolves inside one of `roots`.
+    PathInside {
+        /// Which arguments hold paths.
+        arg: ArgSelector,
+        /// Roots; `$workspace` stands for the workspace roots.
+        roots: Vec<String>,
+    },
+    /// Some selected path resolves outside all of `roots` (or cannot be resolved safely).
+    PathOutside {
+        /// Which arguments hold paths.
+        arg: ArgSelector,
+        /// Roots; `$workspace` stands for the workspace roots.
+        roots: Vec<String>,
+    },
+    /// The command's program (its first word, or the first array element) matches a glob, by
+    /// its full text or its base name.
+    Program {
+        /// Which argument holds the command (a string or an array of strings).
+        arg: ArgSelector,
+        /// Globs.
+        any: Vec<String>,
+    },
+    /// Some word of the command after the program matches a glob.
+    Argument {
+        /// Which argument holds the command.
+        arg: ArgSelector,
+        /// Globs.
+        any: Vec<String>,
+    },
+    /// The selected string contains shell metacharacters (`; | & $ \` < > ( ) { }`, newlines, NUL).
+    ShellMetacharacters {
+        /// Which argument holds the command.
+        arg: ArgSelector,
+    },
+    /// Every selected URL (at least one) has a host matching one of the globs.
+    UrlHostIn {
+        /// Which arguments hold URLs.
+        arg: ArgSelector,
+        /// Host globs (`example.com`, `*.example.com`).
+        hosts: Vec<String>,
+    },
+    /// Some selected URL has no host matching the globs (or does not parse, or has no host).
+    UrlHostNotIn {
+        /// Which arguments hold URLs.
+        arg: ArgSelector,
+        /// Host globs.
+        hosts: Vec<String>,
+    },
+    /// Some selected string matches a glob.
+    Matches {
+        /// Which arguments.
+        arg: ArgSelector,
+        /// Globs.
+        any: Vec<String>,
+    },
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArgRoots {
+    arg: ArgSelector,
+    roots: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArgAny {
+    arg: ArgSelector,
+    any: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArgOnly {
+    arg: ArgSelector,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ArgHosts {
+    arg: ArgSelector,
+    hosts: Vec<String>,
+}
+
+/// The YAML form of a [`Condition`]: a map with exactly one of these keys.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConditionMap {
+    path_inside: Option<ArgRoots>,
+    path_outside: Option<ArgRoots>,
+    program: Option<ArgAny>,
+    argument: Option<ArgAny>,
+    shell_metacharacters: Option<ArgOnly>,
+    url_host_in: Option<ArgHosts>,
+    url_host_not_in: Option<ArgHosts>,
+    matches: Option<ArgAny>,
+}
+
+impl TryFrom<ConditionMap> for Condition {
+    type Error = String;
+    fn try_from(m: ConditionMap) -> Result<Self, String> {
+        let mut out = Vec::new();
+        if let Some(c) = m.path_inside {
+            out.push(Condition::PathInside {
+                arg: c.arg,
+                roots: c.roots,
+            });
+        }
+        if let Some(c) = m.path_outside {
+            out.push(Condition::PathOutside {
+                arg: c.arg,
+                roots: c.roots,
+            });
+        }
+        if let Some(c) = m.program {
+            out.push(Condition::Program {
+                arg: c.arg,
+                any: c.any,
+            });
+        }
+        if let Some(c) = m.argument {
+            out.push(Condition::Argument {
+                arg: c.arg,
+                any: c.any,
+            });
+        }
+        if let Some(c) = m.shell_metacharacters {
+            out.push(Condition::ShellMetacharacters { arg: c.arg });
+        }
+        if let Some(c) = m.url_host_in {
+            out.push(Condition::UrlHostIn {
+                arg: c.arg,
+                hosts: c.hosts,
+            });
+        }
+        if let Some(c) = m.url_host_not_in {
+            out.push(Condition::UrlHostNotIn {
+                arg: c.arg,
+                hosts: c.hosts,
+            });
+        }
+        if let Some(c) = m.matches {
+            out.push(Condition::Matches {
+                arg: c.arg,
+                any: c.any,
+            });
+        }
+        if out.len() != 1 {
+            return Err(format!(
+                "a condition is a map with exactly one key (path_inside, path_outside, program, \
+                 argument, shell_metacharacters, url_host_in, url_host_not_in, matches); got {}",
+                out.len()
+            ));
+        }
+        Ok(out.remove(0))
+    }
+}
+
+/// A rule as written in the policy file.
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Rule {
+    /// A unique id, recorded in every decision the rule makes.
+    pub id: String,
+    /// Tool-name globs; empty means every tool.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tools: Vec<String>,
+    /// Caller globs over the actor string (`agent:writer`, `agent:*`); empty means anyone.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub agents: Vec<String>,
+    /// Risk classes; empty means any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub risk: Vec<RiskClass>,
+    /// Conditions on the arguments; all must match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<Condition>,
+    /// What to do.
+    pub effect: Effect,
+    /// Why, for the log and the approval prompt.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// For command tools: `none` lets the tool run without the sandbox.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandbox: Option<SandboxMode>,
+}
+
+/// A policy file.
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    /// Format version (1).
+    #[serde(default)]
+    pub version: Option<u32>,
+    /// Workspace roots, relative to the policy file's folder (default: the current folder).
+    #[serde(default)]
+    pub workspace: Vec<PathBuf>,
+    /// Ordered rules.
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+    /// Whether the safe defaults follow the rules (default true).
+    #[serde(default)]
+    pub defaults: Option<bool>,
+}
+
+/// What the policy decided about one call.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Decision {
+    /// Allow, deny or ask.
+    pub effect: Effect,
+    /// The deciding rule's id.
+    pub rule: String,
+    /// Why.
+    pub reason: String,
+    /// The sandbox mode the rule grants (command tools only).
+    pub sandbox: SandboxMode,
+}
+
+/// What a policy is asked about.
+#[derive(Clone, Copy, Debug)]
+pub struct PolicyInput<'a> {
+    /// The tool's registry name.
+    pub tool: &'a str,
+    /// Its risk class.
+    pub risk: RiskClass,
+    /// Who calls.
+    pub actor: &'a Actor,
+    /// The validated arguments.
+    pub arguments: &'a Value,
+}
+
+#[derive(Clone, Debug)]
+enum Compiled {
+    PathInside(Vec<PathBuf>),
+    PathOutside(Vec<PathBuf>),
+    Program(Vec<String>),
+    Argument(Vec<String>),
+    ShellMeta,
+    UrlIn(Vec<String>),
+    UrlNotIn(Vec<String>),
+    Matches(Vec<String>),
+}
+
+#[derive(Clone, Debug)]
+struct CompiledRule {
+    rule: Rule,
+    conditions: Vec<(Compiled, ArgSelector)>,
+}
+
+/// A loaded policy: rules compiled, roots resolved.
+#[derive(Clone, Debug)]
+pub struct Policy {
+    rules: Vec<CompiledRule>,
+    workspace: Vec<PathBuf>,
+}
+
+/// One line of [`Policy::explain`].
+#[derive(Clone, Debug, Serialize)]
+pub struct RuleTrace {
+    /// The rule's id.
+    pub rule: String,
+    /// Whether it matched.
+    pub matched: bool,
+    /// Its effect.
+    pub effect: Effect,
+}
+
+const SHELL_META: &[char] = &[
+    ';', '|', '&', '$', '`', '<', '>', '(', ')', '{', '}', '\n', '\r', '\0',
+];
+
+impl Policy {
+    /// The safe defaults alone, with `workspace` as the workspace roots.
+    pub fn defaults(workspace: Vec<PathBuf>) -> Result<Policy, GatewayError> {
+        Policy::from_file(PolicyFile::default(), workspace_or_cwd(workspace)?)
+    }
+
+    /// Parses a policy from YAML; relative workspace roots are taken from `base`.
+    pub fn from_yaml(text: &str, base: &Path) -> Result<Policy, GatewayError> {
+        let mut file: PolicyFile =
+            serde_yaml_ng::from_str(text).map_err(|e| GatewayError::Parse {
+                what: "policy".into(),
+                message: e.to_string(),
+            })?;
+        // Roots in rules, like the workspace, are relative to the policy file.
+        for rule in &mut file.rules {
+            for c in &mut rule.when {
+                if let Condition::PathInside { roots, .. } | Condition::PathOutside { roots, .. } =
+                    c
+                {
+                    for r in roots.iter_mut() {
+                        if r != "$workspace" && Path::new(r.as_str()).is_relative() {
+                            *r = base.join(r.as_str()).display().to_string();
+                        }
+                    }
+                }
+            }
+        }
+        let roots: Vec<PathBuf> = file.workspace.iter().map(|r| base.join(r)).collect();
+        let roots = if roots.is_empty() {
+            workspace_or_cwd(Vec::new())?
+        } else {
+            roots
+        };
+        Policy::from_file(file, roots)
+    }
+
+    /// Reads and parses a policy file.
+    pub fn load(path: &Path) -> Result<Policy, GatewayError> {
+        let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let base = path
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(base).map_err(|source| GatewayError::Read {
+            path: base.to_path_buf(),
+            source,
+        })?;
+        Policy::from_yaml(&text, &base).map_err(|e| match e {
+            GatewayError::Parse { message, .. } => GatewayError::Parse {
+                what: path.display().to_string(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Builds a policy from a parsed file and resolved workspace roots.
+    pub fn from_file(file: PolicyFile, workspace: Vec<PathBuf>) -> Result<Policy, GatewayError> {
+        let workspace: Vec<PathBuf> = workspace
+            .iter()
+            .map(|r| resolve_root(r))
+            .collect::<Result<_, _>>()?;
+        let mut rules = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let defaults = file.defaults.unwrap_or(true);
+        let mut all = file.rules;
+        if defaults {
+            all.extend(default_rules());
+        }
+        for rule in all {
+            if rule.id.is_empty() {
+                return Err(GatewayError::Policy {
+                    rule: rule.id,
+                    message: "empty id".into(),
+                });
+            }
+            if !seen.insert(rule.id.clone()) {
+                return Err(GatewayError::Policy {
+                    rule: rule.id.clone(),
+                    message: "duplicate rule id".into(),
+                });
+            }
+            let mut conditions = Vec::new();
+            for c in &rule.when {
+                conditions.push(compile(c, &workspace, &rule.id)?);
+            }
+            rules.push(CompiledRule { rule, conditions });
+        }
+        Ok(Policy { rules, workspace })
+    }
+
+    /// The resolved workspace roots.
+    pub fn workspace(&self) -> &[PathBuf] {
+        &self.workspace
+    }
+
+    /// The rules in evaluation order (configured rules, then defaults).
+    pub fn rules(&self) -> impl Iterator<Item = &Rule> {
+        self.rules.iter().map(|r| &r.rule)
+    }
+
+    /// Decides about one call. With no matching rule (only possible with `defaults: false`),
+    /// the call is denied by the implicit rule `default.deny`.
+    pub fn decide(&self, input: &PolicyInput<'_>) -> Decision {
+        let base = self
+            .workspace
+            .first()
+            .map(PathBuf::as_path)
+            .unwrap_or(Path::new("/"));
+        for r in &self.rules {
+            if self.rule_matches(r, input, base) {
+                return Decision {
+                    effect: r.rule.effect,
+                    rule: r.rule.id.clone(),
+                    reason: r.rule.reason.clone().unwrap_or_else(|| {
+                        format!("rule {} says {}", r.rule.id, r.rule.effect.as_str())
+                    }),
+                    sandbox: r.rule.sandbox.unwrap_or_default(),
+                };
+            }
+        }
+        Decision {
+            effect: Effect::Deny,
+            rule: "default.deny".into(),
+            reason: "no rule allows this call".into(),
+            sandbox: SandboxMode::Bubblewrap,
+        }
+    }
+
+    /// Every rule with whether it matches, in order (for `policy check`).
+    pub fn explain(&self, input: &PolicyInput<'_>) -> Vec<RuleTrace> {
+        let base = self
+            .workspace
+            .first()
+            .map(PathBuf::as_path)
+            .unwrap_or(Path::new("/"));
+        self.rules
+            .iter()
+            .map(|r| RuleTrace {
+                rule: r.rule.id.clone(),
+                matched: self.rule_matches(r, input, base),
+                effect: r.rule.effect,
+            })
+            .collect()
+    }
+
+    fn rule_matches(&self, r: &CompiledRule, input: &PolicyInput<'_>, base: &Path) -> bool {
+        let rule = &r.rule;
+        if !rule.tools.is_empty() && !any_match(&rule.tools, input.tool) {
+            return false;
+        }
+        if !rule.risk.is_empty() && !rule.risk.contains(&input.risk) {
+            return false;
+        }
+        if !rule.agents.is_empty() && !any_match(&rule.agents, &input.actor.to_string()) {
+            return false;
+        }
+        r.conditions
+            .iter()
+            .all(|(c, sel)| condition_matches(c, sel, input.arguments, base))
+    }
+}
+
+fn workspace_or_cwd(roots: Vec<PathBuf>) -> Result<Vec<PathBuf>, GatewayError> {
+    if !roots.is_empty() {
+        return Ok(roots);
+    }
+    let cwd = std::env::current_dir().map_err(|source| GatewayError::Read {
+        path: PathBuf::from("."),
+        source,
+    })?;
+    Ok(vec![cwd])
+}
+
+fn resolve_root(root: &Path) -> Result<PathBuf, GatewayError> {
+    let text = root.to_str().ok_or_else(|| GatewayError::Policy {
+        rule: "workspace".into(),
+        message: format!("root {} is not UTF-8", root.display()),
+    })?;
+    let cwd = std::env::current_dir().map_err(|source| GatewayError::Read {
+        path: PathBuf::from("."),
+        source,
+    })?;
+    resolve(text, &cwd).ok_or_else(|| GatewayError::Policy {
+        rule: "workspace".into(),
+        message: format!("root {text} cannot be resolved"),
+    })
+}
+
+fn expand_roots(
+    roots: &[String],
+    workspace: &[PathBuf],
+    rule: &str,
+) -> Result<Vec<PathBuf>, GatewayError> {
+    let mut out = Vec::new();
+    for r in roots {
+        if r == "$workspace" {
+            out.extend(workspace.iter().cloned());
+        } else {
+            out.push(
+                resolve_root(Path::new(r)).map_err(|e| GatewayError::Policy {
+                    rule: rule.to_string(),
+                    message: e.to_string(),
+                })?,
+            );
+        }
+    }
+    Ok(out)
+}
+
+fn compile(
+    c: &Condition,
+    workspace: &[PathBuf],
+    rule: &str,
+) -> Result<(Compiled, ArgSelector), GatewayError> {
+    Ok(match c {
+        Condition::PathInside { arg, roots } => (
+            Compiled::PathInside(expand_roots(roots, workspace, rule)?),
+            arg.clone(),
+        ),
+        Condition::PathOutside { arg, roots } => (
+            Compiled::PathOutside(expand_roots(roots, workspace, rule)?),
+            arg.clone(),
+        ),
+        Condition::Program { arg, any } => (Compiled::Program(any.clone()), arg.clone()),
+        Condition::Argument { arg, any } => (Compiled::Argument(any.clone()), arg.clone()),
+        Condition::ShellMetacharacters { arg } => (Compiled::ShellMeta, arg.clone()),
+        Condition::UrlHostIn { arg, hosts } => (Compiled::UrlIn(lower(hosts)), arg.clone()),
+        Condition::UrlHostNotIn { arg, hosts } => (Compiled::UrlNotIn(lower(hosts)), arg.clone()),
+        Condition::Matches { arg, any } => (Compiled::Matches(any.clone()), arg.clone()),
+    })
+}
+
+fn lower(v: &[String]) -> Vec<String> {
+    v.iter().map(|s| s.to_ascii_lowercase()).collect()
+}
+
+fn inside_any(path: &str, roots: &[PathBuf], base: &Path) -> bool {
+    match resolve(path, base) {
+        Some(p) => roots.iter().any(|r| is_within(&p, r)),
+        None => false,
+    }
+}
+
+/// The words of a command: an array of strings as given, or a string split on whitespace with
+/// simple single and double quotes honoured.
+pub fn command_words(v: &Value) -> Vec<String> {
+    match v {
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|i| i.as_str().map(String::from))
+            .collect(),
+        Value::String(s) => split_words(s),
+        _ => Vec::new(),
+    }
+}
+
+fn split_words(s: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut in_word = false;
+    let mut quote: Option<char> = None;
+    for ch in s.chars() {
+        match quote {
+            Some(q) if ch == q => quote = None,
+            Some(_) => cur.push(ch),
+            None if ch == '\'' || ch == '"' => {
+                quote = Some(ch);
+                in_word = true;
+            }
+            None if ch.is_whitespace() => {
+                if in_word {
+                    out.push(std::mem::take(&mut cur));
+                    in_word = false;
+                }
+            }
+            None => {
+                cur.push(ch);
+                in_word = true;
+            }
+        }
+    }
+    if in_word {
+        out.push(cur);
+    }
+    out
+}
+
+fn selected_commands<'a>(sel: &ArgSelector, args: &'a Value) -> Vec<&'a Value> {
+    let mut out = Vec::new();
+    for key in sel.keys() {
+        let v = if key.starts_with('/') {
+            args.pointer(key)
+        } else {
+            args.get(key)
+        };
+        if let Some(v) = v {
+            out.push(v);
+        }
+    }
+    out
+}
+
+fn url_host(text: &str) -> Option<String> {
+    let u = url::Url::parse(text).ok()?;
+    u.host_str()
+        .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
+}
+
+fn condition_matches(c: &Compiled, sel: &ArgSelector, args: &Value, base: &Path) -> bool {
+    match c {
+        Compiled::PathInside(roots) => {
+            let paths = sel.strings(args);
+            !paths.is_empty() && paths.iter().all(|p| inside_any(p, roots, base))
+        }
+        Compiled::PathOutside(roots) => sel
+            .strings(args)
+            .iter()
+            .any(|p| !inside_any(p, roots, base)),
+        Compiled::Program(globs) => selected_commands(sel, args).iter().any(|v| {
+            let words = command_words(v);
+            words.first().is_some_and(|prog| {
+                let base_name = prog.rsplit('/').next().unwrap_or(prog);
+                any_match(globs, prog) || any_match(globs, base_name)
+            })
+        }),
+        Compiled::Argument(globs) => selected_commands(sel, args)
+            .iter()
+            .any(|v| command_words(v).iter().skip(1).any(|w| any_match(globs, w))),
+        Compiled::ShellMeta => sel.strings(args).iter().any(|s| s.contains(SHELL_META)),
+        Compiled::UrlIn(hosts) => {
+            let urls = sel.strings(args);
+            !urls.is_empty()
+                && urls
+                    .iter()
+                    .all(|u| url_host(u).is_some_and(|h| hosts.iter().any(|g| glob_match(g, &h))))
+        }
+        Compiled::UrlNotIn(hosts) => sel
+            .strings(args)
+            .iter()
+            .any(|u| !url_host(u).is_some_and(|h| hosts.iter().any(|g| glob_match(g, &h)))),
+        Compiled::Matches(globs) => sel.strings(args).iter().any(|s| any_match(globs, s)),
+    }
+}
+
+fn default_rules() -> Vec<Rule> {
+    let paths = || ArgSelector::One("@paths".into());
+    let ws = || vec!["$workspace".to_string()];
+    let rule =
+        |id: &str, risk: RiskClass, when: Vec<Condition>, effect: Effect, reason: &str| Rule {
+            id: id.into(),
+            tools: Vec::new(),
+            agents: Vec::new(),
+            risk: vec![risk],
+            when,
+            effect,
+            reason: Some(reason.into()),
+            sandbox: None,
+        };
+    vec![
+        rule(
+            "default.read",
+            RiskClass::Read,
+            vec![],
+            Effect::Allow,
+            "read-only tools are allowed",
+        ),
+        rule(
+            "default.write-inside",
+            RiskClass::Write,
+            vec![Condition::PathInside {
+                arg: paths(),
+                roots: ws(),
+            }],
+            Effect::Allow,
+            "writes inside the workspace are allowed",
+        ),
+        rule(
+            "default.write-outside",
+            RiskClass::Write,
+            vec![Condition::PathOutside {
+                arg: paths(),
+                roots: ws(),
+            }],
+            Effect::Deny,
+            "writes outside the workspace are denied",
+        ),
+        rule(
+            "default.write-unknown",
+            RiskClass::Write,
+            vec![],
+            Effect::Ask,
+            "a write whose target the policy cannot see needs approval",
+        ),
+        rule(
+            "default.exec",
+            RiskClass::Exec,
+            vec![],
+            Effect::Ask,
+            "running programs needs approval",
+        ),
+        rule(
+            "default.network",
+            RiskClass::Network,
+            vec![],
+            Effect::Ask,
+            "network access needs approval",
+        ),
+    ]
+}

@@ -1,0 +1,112 @@
+//! Redaction of secrets before anything is recorded or shown.
+//!
+//! Two rules: the value of any object key that names a secret (`token`, `password`, `api_key`,
+//! `authorization`, ...) is replaced, and any occurrence of a registered secret value (the values
+//! of environment variables handed to tools, MCP server tokens) is replaced wherever it appears in
+//! a string. Redaction is applied to event payloads, approval requests and error messages.
+
+use serde_json::Value;
+
+/// The text that stands in for a redacted secret.
+pub const REDACTED: &str = "[REDACTED]";
+
+/// Replaces secrets in JSON values and strings.
+#[derive(Clone, Debug, Default)]
+pub struct Redactor {
+    values: Vec<String>,
+}
+
+const SECRET_KEY_PARTS: &[&str] = &[
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "apikey",
+    "api_key",
+    "api-key",
+    "authorization",
+    "cookie",
+    "credential",
+    "private_key",
+    "privatekey",
+];
+
+/// Whether an object key names a secret.
+pub fn is_secret_key(key: &str) -> bool {
+    let lower = key.to_ascii_lowercase();
+    SECRET_KEY_PARTS.iter().any(|p| lower.contains(p))
+}
+
+impl Redactor {
+    /// A redactor that knows no secret values (key names still apply).
+    pub fn new() -> Self {
+        Redactor::default()
+    }
+
+    /// Registers a secret value; values shorter than 4 bytes are ignored (they would redact
+    /// ordinary text).
+    pub fn add_secret(&mut self, value: impl Into<String>) {
+        let v = value.into();
+        if v.len() >= 4 && !self.values.contains(&v) {
+            self.values.push(v);
+            // Longest first, so a secret containing another is replaced whole.
+            self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        }
+    }
+
+    /// Whether any secret values are registered.
+    pub fn has_secrets(&self) -> bool {
+        !self.values.is_empty()
+    }
+
+    /// `text` with every registered secret value replaced.
+    pub fn redact_str(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for v in &self.values {
+            if out.contains(v.as_str()) {
+                out = out.replace(v.as_str(), REDACTED);
+            }
+        }
+        out
+    }
+
+    /// `value` with secret keys and secret values replaced.
+    pub fn redact(&self, value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| {
+                        let v = if is_secret_key(k) && !v.is_null() {
+                            Value::String(REDACTED.to_string())
+                        } else {
+                            self.redact(v)
+                        };
+                        (self.redact_str(k), v)
+                    })
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.redact(v)).collect()),
+            Value::String(s) if !self.values.is_empty() => Value::String(self.redact_str(s)),
+            other => other.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keys_and_values_are_redacted() {
+        let mut r = Redactor::new();
+        r.add_secret("hunter22");
+        let v = json!({"path": "x", "API_KEY": "abc", "nested": [{"authToken": 1}],
+                       "note": "pw is hunter22!"});
+        let out = r.redact(&v);
+        assert_eq!(out["API_KEY"], REDACTED);
+        assert_eq!(out["nested"][0]["authToken"], REDACTED);
+        assert_eq!(out["note"], "pw is [REDACTED]!");
+        assert_eq!(out["path"], "x");
+    }
+}

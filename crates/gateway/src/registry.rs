@@ -1,0 +1,246 @@
+//! The tool registry: every tool the gateway can call, with its argument validator compiled once.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use agent_runtime_core::{
+    ClassifiedError, ErrorClass, Tool, ToolDescriptor, ToolError, ToolSource,
+};
+use serde_json::Value;
+
+use crate::error::GatewayError;
+use crate::sandbox::CommandTool;
+
+/// How many schema errors an `invalid_arguments` message lists.
+const MAX_REPORTED_ERRORS: usize = 8;
+
+/// A tool in the registry.
+pub struct RegisteredTool {
+    tool: Arc<dyn Tool>,
+    command: Option<Arc<CommandTool>>,
+    validator: jsonschema::Validator,
+}
+
+impl std::fmt::Debug for RegisteredTool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegisteredTool")
+            .field("name", &self.descriptor().name)
+            .finish()
+    }
+}
+
+impl RegisteredTool {
+    /// The tool's descriptor.
+    pub fn descriptor(&self) -> &ToolDescriptor {
+        self.tool.descriptor()
+    }
+
+    /// The tool itself.
+    pub fn tool(&self) -> &Arc<dyn Tool> {
+        &self.tool
+    }
+
+    /// The command tool behind this entry, when it is one (the pipeline hands it the sandbox
+    /// mode the policy granted).
+    pub fn command(&self) -> Option<&Arc<CommandTool>> {
+        self.command.as_ref()
+    }
+
+    /// The tool's own time limit, if it declares one.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.command.as_ref().and_then(|c| c.timeout())
+    }
+
+    /// Checks `args` against the input schema; the error lists what is wrong and where, in
+    /// words a model can act on.
+    pub fn validate(&self, args: &Value) -> Result<(), ToolError> {
+        if self.validator.is_valid(args) {
+            return Ok(());
+        }
+        let errors: Vec<String> = self
+            .validator
+            .iter_errors(args)
+            .take(MAX_REPORTED_ERRORS)
+            .map(|e| {
+                let at = e.instance_path().to_string();
+                let at = if at.is_empty() {
+                    "(root)".to_string()
+                } else {
+                    at
+                };
+                format!("at {at}: {}", truncate_chars(&e.to_string(), 200))
+            })
+            .collect();
+        Err(ClassifiedError::new(
+            ErrorClass::InvalidArguments,
+            format!(
+                "arguments do not match the input schema of {}: {}",
+                self.descriptor().name,
+                errors.join("; ")
+            ),
+        ))
+    }
+}
+
+fn truncate_chars(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_string()
+    } else {
+        let mut out: String = s.chars().take(max).collect();
+        out.push('…');
+        out
+    }
+}
+
+/// Checks a registry name: `[a-z0-9_.-]+`, at most 128 bytes.
+pub fn check_name(name: &str) -> Result<(), GatewayError> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| matches!(b, b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-'));
+    if ok {
+        Ok(())
+    } else {
+        Err(GatewayError::InvalidTool {
+            name: name.to_string(),
+            message: "names are 1-128 characters of a-z, 0-9, '_', '.', '-'".into(),
+        })
+    }
+}
+
+/// Every tool the gateway knows: native, command and MCP tools under one namespace.
+///
+/// Readers take a cheap snapshot of one entry ([`Registry::get`]); MCP servers replace their
+/// tools when they announce a change ([`Registry::replace_source`]).
+#[derive(Default)]
+pub struct Registry {
+    tools: RwLock<BTreeMap<String, Arc<RegisteredTool>>>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("tools", &self.names())
+            .finish()
+    }
+}
+
+fn compile(descriptor: &ToolDescriptor) -> Result<jsonschema::Validator, GatewayError> {
+    jsonschema::validator_for(&descriptor.input_schema).map_err(|e| GatewayError::InvalidTool {
+        name: descriptor.name.clone(),
+        message: format!("input schema does not compile: {e}"),
+    })
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Registry::default()
+    }
+
+    fn entry(
+        tool: Arc<dyn Tool>,
+        command: Option<Arc<CommandTool>>,
+    ) -> Result<RegisteredTool, GatewayError> {
+        let d = tool.descriptor();
+        check_name(&d.name)?;
+        let validator = compile(d)?;
+        Ok(RegisteredTool {
+            tool,
+            command,
+            validator,
+        })
+    }
+
+    fn insert(&self, entry: RegisteredTool) -> Result<(), GatewayError> {
+        let name = entry.descriptor().name.clone();
+        let mut map = self.tools.write().unwrap_or_else(|p| p.into_inner());
+        if map.contains_key(&name) {
+            return Err(GatewayError::Duplicate(name));
+        }
+        map.insert(name, Arc::new(entry));
+        Ok(())
+    }
+
+    /// Adds a native (or any other) tool.
+    pub fn register(&self, tool: Arc<dyn Tool>) -> Result<(), GatewayError> {
+        self.insert(Self::entry(tool, None)?)
+    }
+
+    /// Adds a sandboxed command tool.
+    pub fn register_command(&self, tool: CommandTool) -> Result<(), GatewayError> {
+        let tool = Arc::new(tool);
+        let as_tool: Arc<dyn Tool> = tool.clone();
+        self.insert(Self::entry(as_tool, Some(tool))?)
+    }
+
+    /// Replaces every tool of MCP server `server` with `tools` (after a `tools/list_changed`).
+    /// Tools that fail to compile are skipped and returned as errors; the rest are registered.
+    pub fn replace_source(&self, server: &str, tools: Vec<Arc<dyn Tool>>) -> Vec<GatewayError> {
+        let mut errors = Vec::new();
+        let mut entries = Vec::new();
+        for t in tools {
+            match Self::entry(t, None) {
+                Ok(e) => entries.push(e),
+                Err(e) => errors.push(e),
+            }
+        }
+        let mut map = self.tools.write().unwrap_or_else(|p| p.into_inner());
+        map.retain(
+            |_, e| !matches!(&e.descriptor().source, ToolSource::Mcp { server: s } if s == server),
+        );
+        for e in entries {
+            let name = e.descriptor().name.clone();
+            match map.entry(name) {
+                std::collections::btree_map::Entry::Occupied(o) => {
+                    errors.push(GatewayError::Duplicate(o.key().clone()));
+                }
+                std::collections::btree_map::Entry::Vacant(v) => {
+                    v.insert(Arc::new(e));
+                }
+            }
+        }
+        errors
+    }
+
+    /// The tool called `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<RegisteredTool>> {
+        self.tools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    /// Every tool name, sorted.
+    pub fn names(&self) -> Vec<String> {
+        self.tools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    /// Every descriptor, sorted by name.
+    pub fn descriptors(&self) -> Vec<ToolDescriptor> {
+        self.tools
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|e| e.descriptor().clone())
+            .collect()
+    }
+
+    /// How many tools are registered.
+    pub fn len(&self) -> usize {
+        self.tools.read().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no tool is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,945 @@
+//! Command tools: programs declared in configuration, run in an OS sandbox.
+//!
+//! # The sandbox (Linux)
+//!
+//! Each call runs under [bubblewrap](https://github.com/containers/bubblewrap) (`bwrap`, the
+//! Debian package `bubblewrap`), with resource limits set on the process before `bwrap` starts:
+//!
+//! - **Namespaces**: new user, pid, network, ipc, uts and cgroup namespaces (`--unshare-all`); the
+//!   network namespace has no interface but a downed loopback, so no socket reaches anything.
+//! - **Filesystem**: an empty root with `/usr` (and the `/bin`, `/lib*` links) read-only, a few
+//!   files of `/etc` (loader cache, passwd, group, hosts, ...) read-only, a fresh `/proc`, a minimal
+//!   `/dev`, a private `/tmp`; the workspace roots bound read-write and the tool's extra read roots
+//!   bound read-only. Nothing else of the host exists inside.
+//! - **Environment**: cleared; only `PATH`, `HOME=/tmp`, `LANG`, `TMPDIR` and the tool's declared
+//!   variables.
+//! - **Limits**: `RLIMIT_CPU`, `RLIMIT_AS` (memory), `RLIMIT_FSIZE`, `RLIMIT_NOFILE`, no core
+//!   files; the number of processes by a pids cgroup when one can be created, else by
+//!   `RLIMIT_NPROC` (which the kernel does not apply to root, so root without a pids cgroup is
+//!   refused); wall time by the gateway, which kills the whole tree: `bwrap` runs the command as
+//!   the init of its pid namespace with `--die-with-parent`, so killing `bwrap` kills every
+//!   process inside, and the cgroup is emptied as well.
+//! - **Output**: stdout and stderr are each read up to a cap; past it the tree is killed and the
+//!   output returned marked truncated.
+//!
+//! When `bwrap` is missing or cannot set up its namespaces, the call fails with a
+//! `sandbox_error` naming the cause. It runs without the sandbox only when the policy rule that
+//! allowed it says `sandbox: none`.
+
+use std::collections::BTreeMap;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use agent_runtime_core::{
+    CallContext, ClassifiedError, ErrorClass, RiskClass, Tool, ToolDescriptor, ToolError,
+    ToolOutput, ToolSource,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::error::GatewayError;
+use crate::policy::SandboxMode;
+use crate::redact::Redactor;
+
+/// Resource limits of one command call.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// CPU seconds (`RLIMIT_CPU`).
+    pub cpu_secs: u64,
+    /// Address space in MiB (`RLIMIT_AS`).
+    pub memory_mb: u64,
+    /// Processes and threads at once.
+    pub processes: u64,
+    /// Largest file the command may write, in MiB (`RLIMIT_FSIZE`).
+    pub file_size_mb: u64,
+    /// Open files (`RLIMIT_NOFILE`).
+    pub open_files: u64,
+    /// Bytes kept of stdout and of stderr each.
+    pub output_bytes: usize,
+    /// Wall time in milliseconds.
+    pub wall_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            cpu_secs: 30,
+            memory_mb: 1024,
+            processes: 64,
+            file_size_mb: 64,
+            open_files: 256,
+            output_bytes: 1 << 20,
+            wall_ms: 60_000,
+        }
+    }
+}
+
+/// A command tool as declared in the gateway configuration.
+///
+/// ```yaml
+/// - name: grep
+///   description: Search the workspace
+///   risk: read
+///   input_schema:
+///     type: object
+///     properties: { pattern: { type: string }, path: { type: string } }
+///     required: [pattern]
+///   command: ["grep", "-rn", "--", "{pattern}", "{path}"]
+///   limits: { cpu_secs: 5, wall_ms: 10000 }
+/// ```
+///
+/// Each element of `command` is one word: `{name}` alone is replaced by the argument (an array
+/// gives several words, a missing or null argument none); `{name}` inside a longer word is
+/// replaced by its text. No shell is involved, so metacharacters in arguments are just text.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandToolConfig {
+    /// Registry name.
+    pub name: String,
+    /// What it does, for the model.
+    #[serde(default)]
+    pub description: String,
+    /// JSON Schema of the arguments (default: any object).
+    #[serde(default = "any_object")]
+    pub input_schema: Value,
+    /// JSON Schema of the output, if promised.
+    #[serde(default)]
+    pub output_schema: Option<Value>,
+    /// Risk class.
+    pub risk: RiskClass,
+    /// Program and argument templates.
+    pub command: Vec<String>,
+    /// A template written to the command's stdin.
+    #[serde(default)]
+    pub stdin: Option<String>,
+    /// Environment variables: a literal value, or `${NAME}` to pass the host's value (treated as
+    /// a secret: redacted from every record).
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    /// Extra folders visible read-only inside the sandbox.
+    #[serde(default)]
+    pub read_roots: Vec<PathBuf>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+fn any_object() -> Value {
+    json!({"type": "object"})
+}
+
+/// Where command tools may write and read: shared by every command tool of a gateway.
+#[derive(Clone, Debug)]
+pub struct SandboxSettings {
+    /// Folders bound read-write (the workspace roots).
+    pub write_roots: Vec<PathBuf>,
+    /// Folders bound read-only for every command tool.
+    pub read_roots: Vec<PathBuf>,
+    /// The `bwrap` binary, if found.
+    pub bwrap: Option<PathBuf>,
+}
+
+impl SandboxSettings {
+    /// Settings with `bwrap` looked up on `PATH`.
+    pub fn new(write_roots: Vec<PathBuf>, read_roots: Vec<PathBuf>) -> Self {
+        SandboxSettings {
+            write_roots,
+            read_roots,
+            bwrap: find_in_path("bwrap"),
+        }
+    }
+}
+
+/// Finds `program` on `PATH`.
+pub fn find_in_path(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| is_executable(p))
+}
+
+fn is_executable(p: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
+
+/// Checks that the sandbox works here by running `true` in it; the error names what is missing.
+pub fn probe(settings: &SandboxSettings) -> Result<(), String> {
+    let Some(bwrap) = &settings.bwrap else {
+        return Err(
+            "bubblewrap (bwrap) is not on PATH; install the Debian package `bubblewrap` \
+                    (scripts/test-deps.sh does)"
+                .into(),
+        );
+    };
+    let mut cmd = std::process::Command::new(bwrap);
+    cmd.args(bwrap_args(settings, &[], Path::new("/")))
+        .arg("true")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let out = cmd
+        .output()
+        .map_err(|e| format!("cannot start {}: {e}", bwrap.display()))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "bubblewrap cannot create its namespaces here: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+const SYSTEM_DIRS: &[&str] = &[
+    "/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32",
+];
+const ETC_FILES: &[&str] = &[
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/localtime",
+    "/etc/mime.types",
+];
+
+fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) -> Vec<String> {
+    let mut a: Vec<String> = [
+        "--unshare-all",
+        "--die-with-parent",
+        "--new-session",
+        "--clearenv",
+        "--setenv",
+        "PATH",
+        "/usr/local/bin:/usr/bin:/bin",
+        "--setenv",
+        "HOME",
+        "/tmp",
+        "--setenv",
+        "TMPDIR",
+        "/tmp",
+        "--setenv",
+        "LANG",
+        "C.UTF-8",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    for dir in SYSTEM_DIRS {
+        let p = Path::new(dir);
+        match std::fs::symlink_metadata(p) {
+            Ok(m) if m.file_type().is_symlink() => {
+                if let Ok(target) = std::fs::read_link(p) {
+                    a.extend([
+                        "--symlink".into(),
+                        target.display().to_string(),
+                        dir.to_string(),
+                    ]);
+                }
+            }
+            Ok(m) if m.is_dir() => a.extend(["--ro-bind".into(), dir.to_string(), dir.to_string()]),
+            _ => {}
+        }
+    }
+    for f in ETC_FILES {
+        a.extend(["--ro-bind-try".into(), f.to_string(), f.to_string()]);
+    }
+    a.extend(
+        ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    for r in settings.read_roots.iter().chain(extra_read) {
+        a.extend([
+            "--ro-bind-try".into(),
+            r.display().to_string(),
+            r.display().to_string(),
+        ]);
+    }
+    for w in &settings.write_roots {
+        a.extend([
+            "--bind".into(),
+            w.display().to_string(),
+            w.display().to_string(),
+        ]);
+    }
+    // The root bwrap builds is a tmpfs: make it read-only once everything is mounted, so only
+    // the workspace roots and the private /tmp are writable.
+    a.extend(["--remount-ro".into(), "/".into()]);
+    a.extend(["--chdir".into(), chdir.display().to_string()]);
+    a
+}
+
+/// A command tool: implements core's [`Tool`] (running sandboxed), and [`CommandTool::run`]
+/// takes the sandbox mode the policy granted.
+#[derive(Debug)]
+pub struct CommandTool {
+    descriptor: ToolDescriptor,
+    config: CommandToolConfig,
+    settings: Arc<SandboxSettings>,
+    env: Vec<(String, String)>,
+}
+
+impl CommandTool {
+    /// A command tool from its declaration; `${NAME}` environment values are read from the
+    /// host now and registered with `redactor` as secrets.
+    pub fn new(
+        config: CommandToolConfig,
+        settings: Arc<SandboxSettings>,
+        redactor: &mut Redactor,
+    ) -> Result<Self, GatewayError> {
+        let bad = |message: String| GatewayError::InvalidTool {
+            name: config.name.clone(),
+            message,
+        };
+        if config.command.is_empty() {
+            return Err(bad("command is empty".into()));
+        }
+        if config.command[0].contains('{') {
+            return Err(bad(
+                "the program (first word of command) cannot be a template".into(),
+            ));
+        }
+        let mut env = Vec::new();
+        for (k, v) in &config.env {
+            let value = match v.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
+                Some(var) => {
+                    let value = std::env::var(var)
+                        .map_err(|_| bad(format!("environment variable {var} is not set")))?;
+                    redactor.add_secret(value.clone());
+                    value
+                }
+                None => v.clone(),
+            };
+            env.push((k.clone(), value));
+        }
+        let descriptor = ToolDescriptor {
+            name: config.name.clone(),
+            description: config.description.clone(),
+            input_schema: config.input_schema.clone(),
+            output_schema: config.output_schema.clone(),
+            risk: config.risk,
+            source: ToolSource::Command,
+        };
+        Ok(CommandTool {
+            descriptor,
+            config,
+            settings,
+            env,
+        })
+    }
+
+    /// The tool's wall-time limit.
+    pub fn timeout(&self) -> Option<Duration> {
+        Some(Duration::from_millis(self.config.limits.wall_ms))
+    }
+
+    /// The command line for `args` (program first).
+    pub fn render(&self, args: &Value) -> Result<Vec<String>, ToolError> {
+        let mut out = Vec::new();
+        for word in &self.config.command {
+            if let Some(name) = whole_placeholder(word) {
+                match args.get(name) {
+                    None | Some(Value::Null) => {}
+                    Some(Value::Array(items)) => {
+                        for i in items {
+                            out.push(scalar_text(name, i)?);
+                        }
+                    }
+                    Some(v) => out.push(scalar_text(name, v)?),
+                }
+            } else {
+                out.push(substitute(word, args)?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Runs the command with `args`: in the sandbox, or directly when `mode` is
+    /// [`SandboxMode::None`] (which only a policy rule can grant).
+    pub async fn run(
+        &self,
+        args: Value,
+        ctx: CallContext,
+        mode: SandboxMode,
+    ) -> Result<ToolOutput, ToolError> {
+        let argv = self.render(&args)?;
+        let stdin = match &self.config.stdin {
+            Some(t) => Some(substitute(t, &args)?),
+            None => None,
+        };
+        let limits = &self.config.limits;
+        let chdir = self
+            .settings
+            .write_roots
+            .first()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let mut cgroup = None;
+        let mut cmd = match mode {
+            SandboxMode::Bubblewrap => {
+                let Some(bwrap) = &self.settings.bwrap else {
+                    return Err(sandbox_error(
+                        "bubblewrap (bwrap) is not installed, so the command cannot be sandboxed; \
+                         install the Debian package `bubblewrap`, or allow this tool with \
+                         `sandbox: none` in the policy",
+                    ));
+                };
+                let mut cmd = tokio::process::Command::new(bwrap);
+                cmd.args(bwrap_args(&self.settings, &self.config.read_roots, &chdir));
+                for (k, v) in &self.env {
+                    cmd.arg("--setenv").arg(k).arg(v);
+                }
+                cmd.arg("--").args(&argv);
+                cmd
+            }
+            SandboxMode::None => {
+                let mut cmd = tokio::process::Command::new(&argv[0]);
+                cmd.args(&argv[1..])
+                    .env_clear()
+                    .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                    .env("LANG", "C.UTF-8")
+                    .envs(self.env.iter().cloned())
+                    .current_dir(&chdir)
+                    .process_group(0);
+                cmd
+            }
+        };
+        let nproc = match Cgroup::create(limits.processes) {
+            Ok(cg) => {
+                cgroup = Some(cg);
+                None
+            }
+            Err(why) => {
+                // SAFETY: geteuid has no preconditions.
+                if unsafe { libc::geteuid() } == 0 {
+                    return Err(sandbox_error(format!(
+                        "cannot limit the number of processes: no pids cgroup ({why}) and \
+                         RLIMIT_NPROC does not apply to root"
+                    )));
+                }
+                Some(own_process_count().saturating_add(limits.processes))
+            }
+        };
+        let procs_fd = cgroup.as_ref().map(|c| c.procs_fd);
+        let rl = RawLimits {
+            cpu: limits.cpu_secs,
+            memory: limits.memory_mb.saturating_mul(1 << 20),
+            fsize: limits.file_size_mb.saturating_mul(1 << 20),
+            nofile: limits.open_files,
+            nproc,
+        };
+        // SAFETY: the closure only calls async-signal-safe functions (setrlimit, getpid, write)
+        // and allocates nothing.
+        unsafe {
+            cmd.pre_exec(move || rl.apply(procs_fd));
+        }
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = cmd.spawn().map_err(|e| {
+            sandbox_error(format!(
+                "cannot start {}: {e}",
+                if mode == SandboxMode::None {
+                    &argv[0]
+                } else {
+                    "bwrap"
+                }
+            ))
+        })?;
+        let pid = child.id();
+        if let Some(cg) = &mut cgroup {
+            cg.close_procs_fd();
+        }
+        if let (Some(text), Some(mut w)) = (stdin, child.stdin.take()) {
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let _ = w.write_all(text.as_bytes()).await;
+            });
+        }
+        let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
+            return Err(sandbox_error("no output pipes"));
+        };
+        let cap = limits.output_bytes;
+        let out_fut = read_capped(stdout, cap);
+        let err_fut = read_capped(stderr, cap);
+        tokio::pin!(out_fut, err_fut);
+        let wall = ctx
+            .timeout
+            .map_or(Duration::from_millis(limits.wall_ms), |t| {
+                t.min(Duration::from_millis(limits.wall_ms))
+            });
+        let deadline = tokio::time::sleep(wall);
+        tokio::pin!(deadline);
+        let (mut out, mut err) = (None, None);
+        let mut overflow = false;
+        let mut stop: Option<ErrorClass> = None;
+        while !(overflow || out.is_some() && err.is_some()) {
+            tokio::select! {
+                r = &mut out_fut, if out.is_none() => { overflow |= r.1; out = Some(r.0); }
+                r = &mut err_fut, if err.is_none() => { overflow |= r.1; err = Some(r.0); }
+                _ = &mut deadline => { stop = Some(ErrorClass::Timeout); break; }
+                _ = ctx.cancel.cancelled() => { stop = Some(ErrorClass::Cancelled); break; }
+            }
+        }
+        let killed = overflow || stop.is_some();
+        if killed {
+            kill_tree(&mut child, pid, mode, cgroup.as_ref());
+        }
+        let status = tokio::time::timeout(Duration::from_secs(5), child.wait()).await;
+        let pids_hit = cgroup.as_ref().is_some_and(Cgroup::limit_hit);
+        if let Some(cg) = cgroup.take() {
+            // Kill stragglers now; removing the emptied cgroup can wait for the kernel to finish
+            // tearing the pid namespace down, off the call's path.
+            cg.kill_all();
+            tokio::spawn(cg.release());
+        }
+        let name = &self.descriptor.name;
+        let pids_note = if pids_hit {
+            format!("; the process limit ({}) was reached", limits.processes)
+        } else {
+            String::new()
+        };
+        match stop {
+            Some(ErrorClass::Timeout) => {
+                return Err(ClassifiedError::new(
+                    ErrorClass::Timeout,
+                    format!(
+                        "{name}: wall time limit of {} ms reached; process tree killed{pids_note}",
+                        wall.as_millis()
+                    ),
+                ));
+            }
+            Some(_) => {
+                return Err(ClassifiedError::new(
+                    ErrorClass::Cancelled,
+                    format!("{name}: cancelled; process tree killed"),
+                ));
+            }
+            None => {}
+        }
+        let status = match status {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                return Err(sandbox_error(format!(
+                    "{name}: waiting for the command: {e}"
+                )));
+            }
+            Err(_) => {
+                return Err(sandbox_error(format!(
+                    "{name}: the command did not exit after being killed"
+                )));
+            }
+        };
+        let stdout = String::from_utf8_lossy(&out.unwrap_or_default()).into_owned();
+        let stderr = String::from_utf8_lossy(&err.unwrap_or_default()).into_owned();
+        if overflow {
+            return Ok(ToolOutput {
+                value: json!({"exit_code": null, "stdout": stdout, "stderr": stderr,
+                              "note": format!("output limit of {cap} bytes reached; process tree killed")}),
+                truncated: true,
+            });
+        }
+        // bwrap's own failures (a root that cannot be bound, namespaces refused) exit 1 with
+        // its message on stderr before the command ever ran.
+        if mode == SandboxMode::Bubblewrap
+            && status.code() == Some(1)
+            && stderr.starts_with("bwrap: ")
+        {
+            return Err(sandbox_error(format!(
+                "{name}: the sandbox could not be set up: {}",
+                stderr.lines().next().unwrap_or_default()
+            )));
+        }
+        // bwrap reports a signal death of the command as 128 + the signal number.
+        let signal = status.signal().or_else(|| {
+            status
+                .code()
+                .filter(|c| mode == SandboxMode::Bubblewrap && *c > 128 && *c < 160)
+                .map(|c| c - 128)
+        });
+        match signal {
+            Some(libc::SIGXCPU) => Err(sandbox_error(format!(
+                "{name}: CPU time limit of {} s reached; process killed",
+                limits.cpu_secs
+            ))),
+            Some(libc::SIGXFSZ) => Err(sandbox_error(format!(
+                "{name}: file size limit of {} MiB reached; process killed",
+                limits.file_size_mb
+            ))),
+            Some(sig) => Ok(ToolOutput::new(json!({
+                "exit_code": null, "signal": sig, "stdout": stdout, "stderr": stderr,
+                "note": format!("killed by signal {sig}{pids_note}"),
+                "duration_ms": started.elapsed().as_millis() as u64,
+            }))),
+            None => Ok(ToolOutput::new(json!({
+                "exit_code": status.code(), "stdout": stdout, "stderr": stderr,
+                "duration_ms": started.elapsed().as_millis() as u64,
+            }))),
+        }
+    }
+}
+
+fn kill_tree(
+    child: &mut tokio::process::Child,
+    pid: Option<u32>,
+    mode: SandboxMode,
+    cgroup: Option<&Cgroup>,
+) {
+    if let (SandboxMode::None, Some(pid)) = (mode, pid) {
+        // SAFETY: killing our own child's process group; a stale id is harmless (ESRCH).
+        unsafe {
+            libc::kill(-(pid as i32), libc::SIGKILL);
+        }
+    }
+    let _ = child.start_kill();
+    if let Some(cg) = cgroup {
+        cg.kill_all();
+    }
+}
+
+fn sandbox_error(message: impl Into<String>) -> ToolError {
+    ClassifiedError::new(ErrorClass::SandboxError, message)
+}
+
+fn whole_placeholder(word: &str) -> Option<&str> {
+    let inner = word.strip_prefix('{')?.strip_suffix('}')?;
+    (!inner.is_empty()
+        && inner
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    .then_some(inner)
+}
+
+fn scalar_text(name: &str, v: &Value) -> Result<String, ToolError> {
+    match v {
+        Value::String(s) => Ok(s.clone()),
+        Value::Number(n) => Ok(n.to_string()),
+        Value::Bool(b) => Ok(b.to_string()),
+        _ => Err(ClassifiedError::new(
+            ErrorClass::InvalidArguments,
+            format!("argument {name} must be a string, number, boolean or array of them"),
+        )),
+    }
+}
+
+fn substitute(template: &str, args: &Value) -> Result<String, ToolError> {
+    let mut out = String::new();
+    let mut rest = template;
+    while let Some(start) = rest.find('{') {
+        out.push_str(&rest[..start]);
+        let after = &rest[start..];
+        match after
+            .find('}')
+            .and_then(|end| whole_placeholder(&after[..=end]).map(|n| (n, end)))
+        {
+            Some((name, end)) => {
+                let v = args.get(name).filter(|v| !v.is_null()).ok_or_else(|| {
+                    ClassifiedError::new(
+                        ErrorClass::InvalidArguments,
+                        format!("argument {name} is required"),
+                    )
+                })?;
+                out.push_str(&scalar_text(name, v)?);
+                rest = &after[end + 1..];
+            }
+            None => {
+                out.push('{');
+                rest = &after[1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+async fn read_capped<R: AsyncRead + Unpin>(mut r: R, cap: usize) -> (Vec<u8>, bool) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        match r.read(&mut chunk).await {
+            Ok(0) | Err(_) => return (buf, false),
+            Ok(n) => {
+                if buf.len() + n > cap {
+                    let room = cap - buf.len();
+                    buf.extend_from_slice(&chunk[..room]);
+                    return (buf, true);
+                }
+                buf.extend_from_slice(&chunk[..n]);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct RawLimits {
+    cpu: u64,
+    memory: u64,
+    fsize: u64,
+    nofile: u64,
+    nproc: Option<u64>,
+}
+
+impl RawLimits {
+    fn apply(&self, procs_fd: Option<i32>) -> std::io::Result<()> {
+        // Soft limit first (SIGXCPU, reported as the CPU limit), the hard one a second later.
+        set_limit2(libc::RLIMIT_CPU, self.cpu, self.cpu.saturating_add(1))?;
+        set_limit(libc::RLIMIT_AS, self.memory)?;
+        set_limit(libc::RLIMIT_FSIZE, self.fsize)?;
+        set_limit(libc::RLIMIT_NOFILE, self.nofile)?;
+        set_limit(libc::RLIMIT_CORE, 0)?;
+        if let Some(n) = self.nproc {
+            set_limit(libc::RLIMIT_NPROC, n)?;
+        }
+        if let Some(fd) = procs_fd {
+            // Join the pids cgroup: write our pid in decimal, without allocating.
+            // SAFETY: getpid has no preconditions.
+            let mut pid = unsafe { libc::getpid() } as u64;
+            let mut digits = [0u8; 20];
+            let mut i = digits.len();
+            loop {
+                i -= 1;
+                digits[i] = b'0' + (pid % 10) as u8;
+                pid /= 10;
+                if pid == 0 {
+                    break;
+                }
+            }
+            let len = digits.len() - i;
+            // SAFETY: fd is an open descriptor of cgroup.procs; the buffer outlives the call.
+            let n = unsafe { libc::write(fd, digits[i..].as_ptr().cast(), len) };
+            if n < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(())
+    }
+}
+
+fn set_limit(resource: libc::__rlimit_resource_t, value: u64) -> std::io::Result<()> {
+    set_limit2(resource, value, value)
+}
+
+fn set_limit2(resource: libc::__rlimit_resource_t, soft: u64, hard: u64) -> std::io::Result<()> {
+    let lim = libc::rlimit {
+        rlim_cur: soft as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
+    };
+    // SAFETY: setrlimit reads a valid rlimit struct.
+    if unsafe { libc::setrlimit(resource, &lim) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn own_process_count() -> u64 {
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    let mut n = 0u64;
+    for e in dir.flatten() {
+        let name = e.file_name();
+        if !name.to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(status) = std::fs::read_to_string(e.path().join("status")) {
+            let mine = status.lines().any(|l| {
+                l.strip_prefix("Uid:")
+                    .and_then(|r| r.split_whitespace().next())
+                    == Some(&uid.to_string())
+            });
+            let threads: u64 = status
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("Threads:")
+                        .and_then(|r| r.trim().parse().ok())
+                })
+                .unwrap_or(1);
+            if mine {
+                n += threads;
+            }
+        }
+    }
+    n
+}
+
+static CGROUP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A pids cgroup for one call: created before the command starts, emptied and removed after.
+struct Cgroup {
+    dir: PathBuf,
+    procs_fd: i32,
+    procs_file: Option<std::fs::File>,
+    removed: bool,
+}
+
+impl Cgroup {
+    fn create(max: u64) -> Result<Cgroup, String> {
+        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+        let mut candidates = Vec::new();
+        for line in own.lines() {
+            let mut parts = line.splitn(3, ':');
+            let (_, controllers, path) = (
+                parts.next(),
+                parts.next().unwrap_or(""),
+                parts.next().unwrap_or(""),
+            );
+            if controllers.split(',').any(|c| c == "pids") {
+                candidates
+                    .push(PathBuf::from("/sys/fs/cgroup/pids").join(path.trim_start_matches('/')));
+            } else if controllers.is_empty() {
+                for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                    let base = PathBuf::from(root).join(path.trim_start_matches('/'));
+                    let ok = std::fs::read_to_string(base.join("cgroup.subtree_control"))
+                        .is_ok_and(|c| c.split_whitespace().any(|c| c == "pids"));
+                    if ok {
+                        candidates.push(base);
+                    }
+                }
+            }
+        }
+        let mut last = "no pids controller".to_string();
+        for base in candidates {
+            let dir = base.join(format!(
+                "agent-runtime-{}-{}",
+                std::process::id(),
+                CGROUP_SEQ.fetch_add(1, Ordering::Relaxed)
+            ));
+            if let Err(e) = std::fs::create_dir(&dir) {
+                last = format!("{}: {e}", dir.display());
+                continue;
+            }
+            let setup = std::fs::write(dir.join("pids.max"), max.to_string()).and_then(|_| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(dir.join("cgroup.procs"))
+            });
+            match setup {
+                Ok(file) => {
+                    use std::os::fd::AsRawFd;
+                    let procs_fd = file.as_raw_fd();
+                    return Ok(Cgroup {
+                        dir,
+                        procs_fd,
+                        procs_file: Some(file),
+                        removed: false,
+                    });
+                }
+                Err(e) => {
+                    last = format!("{}: {e}", dir.display());
+                    let _ = std::fs::remove_dir(&dir);
+                }
+            }
+        }
+        Err(last)
+    }
+
+    /// Kills what is left and removes the cgroup, waiting up to a second for the processes to go.
+    async fn release(mut self) {
+        self.procs_file = None;
+        for _ in 0..100 {
+            self.kill_all();
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                self.removed = true;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn close_procs_fd(&mut self) {
+        self.procs_file = None;
+    }
+
+    fn limit_hit(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("pids.events")).is_ok_and(|t| {
+            t.lines()
+                .any(|l| l.strip_prefix("max ").is_some_and(|n| n.trim() != "0"))
+        })
+    }
+
+    fn kill_all(&self) {
+        if std::fs::write(self.dir.join("cgroup.kill"), "1").is_ok() {
+            return;
+        }
+        for _ in 0..3 {
+            let Ok(procs) = std::fs::read_to_string(self.dir.join("cgroup.procs")) else {
+                return;
+            };
+            let pids: Vec<i32> = procs
+                .lines()
+                .filter_map(|l| l.trim().parse().ok())
+                .collect();
+            if pids.is_empty() {
+                return;
+            }
+            for p in pids {
+                // SAFETY: sending a signal has no memory-safety preconditions.
+                unsafe {
+                    libc::kill(p, libc::SIGKILL);
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Cgroup {
+    fn drop(&mut self) {
+        if self.removed {
+            return;
+        }
+        self.procs_file = None;
+        self.kill_all();
+        if std::fs::remove_dir(&self.dir).is_err() {
+            // Processes take a moment to leave after SIGKILL; retry off the caller's thread.
+            let dir = self.dir.clone();
+            std::thread::spawn(move || {
+                for _ in 0..50 {
+                    std::thread::sleep(Duration::from_millis(20));
+                    if let Ok(procs) = std::fs::read_to_string(dir.join("cgroup.procs")) {
+                        for p in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                            // SAFETY: as above.
+                            unsafe {
+                                libc::kill(p, libc::SIGKILL);
+                            }
+                        }
+                    }
+                    if std::fs::remove_dir(&dir).is_ok() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Tool for CommandTool {
+    fn descriptor(&self) -> &ToolDescriptor {
+        &self.descriptor
+    }
+
+    /// Runs sandboxed (direct callers never get `sandbox: none`; the gateway passes the mode
+    /// its policy granted through [`CommandTool::run`]).
+    async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
+        self.run(args, ctx, SandboxMode::Bubblewrap).await
+    }
+}

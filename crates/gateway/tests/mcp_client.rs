@@ -1,0 +1,683 @@
+//! The MCP client against the reference servers from the npm registry, over stdio.
+//!
+//! Needs node and `.test-deps/npm` (run `scripts/test-deps.sh`); fails naming what is missing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime_core::{
+    Actor, CallContext, ErrorClass, EventKind, MemoryLog, RiskClass, ToolSource,
+};
+use agent_runtime_gateway::mcp::{McpConfig, McpManager, McpServerConfig};
+use agent_runtime_gateway::{Gateway, GatewayBuilder, Policy, Redactor, Registry};
+use serde_json::json;
+
+fn npm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../.test-deps/npm/node_modules/@modelcontextprotocol")
+}
+
+fn server_js(package: &str) -> String {
+    let p = npm_dir().join(package).join("dist/index.js");
+    assert!(
+        p.exists(),
+        "the MCP tests need the npm package @modelcontextprotocol/{package} in .test-deps/npm: run scripts/test-deps.sh ({} is missing)",
+        p.display()
+    );
+    assert!(
+        agent_runtime_gateway::sandbox::find_in_path("node").is_some(),
+        "the MCP tests need node on PATH (Debian package nodejs): run scripts/test-deps.sh"
+    );
+    p.display().to_string()
+}
+
+fn everything(timeout_ms: Option<u64>) -> McpServerConfig {
+    McpServerConfig {
+        command: Some("node".into()),
+        args: vec![server_js("server-everything"), "stdio".into()],
+        timeout_ms,
+        ..McpServerConfig::default()
+    }
+}
+
+async fn start(servers: Vec<(&str, McpServerConfig)>) -> (Gateway, McpManager, Arc<MemoryLog>) {
+    let config = McpConfig {
+        servers: servers
+            .into_iter()
+            .map(|(n, c)| (n.to_string(), c))
+            .collect(),
+    };
+    let registry = Arc::new(Registry::new());
+    let mut redactor = Redactor::new();
+    let (manager, errors) = McpManager::start(&config, registry.clone(), &mut redactor)
+        .await
+        .unwrap();
+    assert!(errors.is_empty(), "{errors:?}");
+    let log = Arc::new(MemoryLog::default());
+    let ws = tempfile::tempdir().unwrap().keep();
+    let gw = GatewayBuilder::new(registry, log.clone())
+        .policy(Policy::defaults(vec![ws]).unwrap())
+        .redactor(redactor)
+        .build()
+        .unwrap();
+    (gw, manager, log)
+}
+
+fn ctx() -> CallContext {
+    CallContext::new(Actor::Agent("tester".into()))
+}
+
+#[tokio::test]
+async fn lists_and_calls_tools_of_server_everything() {
+    let (gw, manager, log) = start(vec![("everything", everything(None))]).await;
+    let names = gw.registry().names();
+    for want in [
+        "everything.echo",
+        "everything.get-sum",
+        "everything.trigger-long-running-operation",
+    ] {
+        assert!(
+            names.iter().any(|n| n == want),
+            "{want} missing from {names:?}"
+        );
+    }
+    let echo = gw.registry().get("everything.echo").unwrap();
+    assert_eq!(
+        echo.descriptor().source,
+        ToolSource::Mcp {
+            server: "everything".into()
+        }
+    );
+    let out = gw
+        .call("everything.echo", json!({"message": "hi"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("Echo: hi"));
+    let out = gw
+        .call("everything.get-sum", json!({"a": 2, "b": 3}), ctx())
+        .await
+        .unwrap();
+    assert!(out.value.to_string().contains('5'), "{}", out.value);
+    // Schema errors are caught before the server sees them.
+    let err = gw
+        .call("everything.echo", json!({"msg": 1}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments, "{err}");
+    assert!(err.message.contains("message"), "{err}");
+    assert!(log.all().iter().any(|e| e.kind == EventKind::ToolCompleted));
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn server_errors_are_tool_errors() {
+    let (gw, manager, _log) = start(vec![("everything", everything(None))]).await;
+    // Straight to the tool, past the gateway's validation: the server refuses.
+    let tool = gw.registry().get("everything.get-sum").unwrap();
+    let err = tool
+        .tool()
+        .call(json!({"a": "two"}), ctx())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.class,
+            ErrorClass::ToolError | ErrorClass::InvalidArguments
+        ),
+        "{err}"
+    );
+    assert!(err.message.contains("get-sum"), "{err}");
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn progress_is_passed_through() {
+    let (gw, manager, _log) = start(vec![("everything", everything(None))]).await;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut c = ctx();
+    c.progress = Some(tx);
+    let out = gw
+        .call(
+            "everything.trigger-long-running-operation",
+            json!({"duration": 0.3, "steps": 3}),
+            c,
+        )
+        .await
+        .unwrap();
+    assert!(
+        out.value.as_str().unwrap().contains("completed"),
+        "{}",
+        out.value
+    );
+    let mut seen = Vec::new();
+    while let Ok(p) = rx.try_recv() {
+        seen.push(p);
+    }
+    assert_eq!(seen.len(), 3, "{seen:?}");
+    assert_eq!((seen[2].done, seen[2].total), (3.0, Some(3.0)));
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn cancellation_and_timeouts_end_calls_promptly() {
+    let (gw, manager, _log) = start(vec![("everything", everything(Some(500)))]).await;
+    let long = json!({"duration": 30, "steps": 30});
+    let started = std::time::Instant::now();
+    let err = gw
+        .call(
+            "everything.trigger-long-running-operation",
+            long.clone(),
+            ctx(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Timeout, "{err}");
+    assert!(err.message.contains("500 ms"), "{err}");
+    let c = ctx();
+    let token = c.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        token.cancel();
+    });
+    let err = gw
+        .call("everything.trigger-long-running-operation", long, c)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Cancelled, "{err}");
+    assert!(started.elapsed() < Duration::from_secs(20));
+    // The server is still usable afterwards.
+    let out = gw
+        .call("everything.echo", json!({"message": "still here"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("Echo: still here"));
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_server_killed_mid_call_fails_the_call_and_is_restarted() {
+    let (gw, manager, _log) = start(vec![("everything", everything(None))]).await;
+    let server = manager.servers()[0].clone();
+    let pid = server.pid();
+    assert!(pid > 0);
+    let generation = server.generation();
+    let call = gw.call(
+        "everything.trigger-long-running-operation",
+        json!({"duration": 30, "steps": 30}),
+        ctx(),
+    );
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        // SAFETY: signalling the server process this test started.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    };
+    let (result, ()) = tokio::join!(call, killer);
+    let err = result.unwrap_err();
+    assert_eq!(err.class, ErrorClass::ToolError, "{err}");
+    assert!(
+        err.message.contains("everything") && err.message.contains("stopped"),
+        "{err}"
+    );
+    // The supervisor restarts it with backoff.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !(server.generation() > generation && server.is_up().await) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server was not restarted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(server.pid(), pid);
+    let out = gw
+        .call("everything.echo", json!({"message": "back"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("Echo: back"));
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn broken_servers_give_clear_errors_and_never_hang() {
+    let config = McpConfig {
+        servers: [
+            (
+                "garbage".to_string(),
+                McpServerConfig {
+                    command: Some("/bin/sh".into()),
+                    args: vec!["-c".into(), "echo 'this is not json-rpc'; echo '{\"jsonrpc\":\"2.0\",\"id\":\"x\"'; sleep 30".into()],
+                    timeout_ms: Some(1000),
+                    ..McpServerConfig::default()
+                },
+            ),
+            (
+                "quits".to_string(),
+                McpServerConfig {
+                    command: Some("/bin/sh".into()),
+                    args: vec!["-c".into(), "exit 1".into()],
+                    timeout_ms: Some(1000),
+                    ..McpServerConfig::default()
+                },
+            ),
+            (
+                "missing".to_string(),
+                McpServerConfig { command: Some("/nonexistent/server".into()), ..McpServerConfig::default() },
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let registry = Arc::new(Registry::new());
+    let started = std::time::Instant::now();
+    let (manager, errors) = McpManager::start(&config, registry.clone(), &mut Redactor::new())
+        .await
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 3, "{text:?}");
+    assert!(text.iter().any(|t| t.contains("\"garbage\"")), "{text:?}");
+    assert!(text.iter().any(|t| t.contains("\"quits\"")), "{text:?}");
+    assert!(
+        text.iter()
+            .any(|t| t.contains("\"missing\"") && t.contains("cannot start")),
+        "{text:?}"
+    );
+    assert!(registry.is_empty());
+    drop(manager);
+}
+
+#[tokio::test]
+async fn filesystem_server_reads_inside_its_roots_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    std::fs::write(root.join("hello.txt"), "hello from the filesystem server").unwrap();
+    let fs = McpServerConfig {
+        command: Some("node".into()),
+        args: vec![server_js("server-filesystem"), root.display().to_string()],
+        ..McpServerConfig::default()
+    };
+    let (gw, manager, _log) = start(vec![("files", fs)]).await;
+    let d = gw
+        .registry()
+        .get("files.read_text_file")
+        .expect("files.read_text_file")
+        .descriptor()
+        .clone();
+    assert_eq!(d.risk, RiskClass::Read);
+    assert_eq!(
+        gw.registry()
+            .get("files.write_file")
+            .unwrap()
+            .descriptor()
+            .risk,
+        RiskClass::Write
+    );
+    let p = root.join("hello.txt").display().to_string();
+    let out = gw
+        .call("files.read_text_file", json!({"path": p}), ctx())
+        .await
+        .unwrap();
+    assert!(
+        out.value
+            .to_string()
+            .contains("hello from the filesystem server"),
+        "{}",
+        out.value
+    );
+    let err = gw
+        .call(
+            "files.read_text_file",
+            json!({"path": "/etc/passwd"}),
+            ctx(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::ToolError, "{err}");
+    // The gateway's own policy still applies to MCP tools: a write outside the workspace is denied.
+    let err = gw
+        .call(
+            "files.write_file",
+            json!({"path": root.join("x.txt").display().to_string(), "content": "x"}),
+            ctx(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::PolicyDenied, "{err}");
+    manager.shutdown().await;
+}
+
+#[test]
+fn desktop_mcp_servers_format_is_accepted() {
+    let text = r#"{"mcpServers": {
+        "everything": {"command": "npx", "args": ["-y", "@modelcontextprotocol/server-everything"]},
+        "web": {"url": "http://127.0.0.1:3001/mcp"}
+    }}"#;
+    let c = McpConfig::parse(text, Path::new("mcp.json")).unwrap();
+    assert_eq!(c.servers.len(), 2);
+    assert_eq!(
+        c.servers["everything"].args[1],
+        "@modelcontextprotocol/server-everything"
+    );
+    let err = McpConfig::parse(
+        r#"{"mcpServers": {"Bad Name": {"command": "x"}}}"#,
+        Path::new("m.json"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("Bad Name"), "{err}");
+    let err = McpConfig::parse(r#"{"mcpServers": {"x": {}}}"#, Path::new("m.json")).unwrap_err();
+    assert!(err.to_string().contains("exactly one of"), "{err}");
+    let y = McpConfig::parse("servers:\n  e:\n    command: node\n", Path::new("m.yaml")).unwrap();
+    assert_eq!(y.servers["e"].command.as_deref(), Some("node"));
+}
+
+#[tokio::test]
+async fn tools_list_changed_is_honoured() {
+    // A server written with the official TypeScript SDK that adds a tool after connecting,
+    // which makes the SDK send notifications/tools/list_changed.
+    let sdk = npm_dir().join("sdk/dist/esm");
+    assert!(
+        sdk.exists(),
+        "the MCP tests need @modelcontextprotocol/sdk in .test-deps/npm: run scripts/test-deps.sh"
+    );
+    let script = format!(
+        r#"
+import {{ McpServer }} from "file://{sdk}/server/mcp.js";
+import {{ StdioServerTransport }} from "file://{sdk}/server/stdio.js";
+const server = new McpServer({{ name: "dynamic", version: "1.0.0" }});
+server.registerTool("first", {{ description: "the first tool" }}, async () => ({{ content: [{{ type: "text", text: "one" }}] }}));
+await server.connect(new StdioServerTransport());
+setTimeout(() => {{
+  server.registerTool("second", {{ description: "added later" }}, async () => ({{ content: [{{ type: "text", text: "two" }}] }}));
+}}, 500);
+"#,
+        sdk = sdk.display()
+    );
+    let cfg = McpServerConfig {
+        command: Some("node".into()),
+        args: vec!["--input-type=module".into(), "-e".into(), script],
+        ..McpServerConfig::default()
+    };
+    let (gw, manager, _log) = start(vec![("dyn", cfg)]).await;
+    assert!(gw.registry().get("dyn.first").is_some());
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while gw.registry().get("dyn.second").is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "dyn.second never appeared: {:?}",
+            gw.registry().names()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let out = gw.call("dyn.second", json!({}), ctx()).await;
+    // The TS SDK marks tools without annotations as write-capable; the default policy asks for
+    // writes it cannot locate, and nobody is there to approve.
+    assert_eq!(out.unwrap_err().class, ErrorClass::ApprovalDenied);
+    manager.shutdown().await;
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn wait_for_port(port: u16) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .is_err()
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "server on port {port} did not come up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn streamable_http_client_against_server_everything() {
+    let js = server_js("server-everything");
+    let port = free_port();
+    let _server = tokio::process::Command::new("node")
+        .arg(js)
+        .arg("streamableHttp")
+        .env("PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_port(port).await;
+    let cfg = McpServerConfig {
+        url: Some(format!("http://127.0.0.1:{port}/mcp")),
+        ..McpServerConfig::default()
+    };
+    let (gw, manager, _log) = start(vec![("web", cfg)]).await;
+    assert!(
+        gw.registry().get("web.echo").is_some(),
+        "{:?}",
+        gw.registry().names()
+    );
+    let out = gw
+        .call("web.echo", json!({"message": "over http"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("Echo: over http"));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut c = ctx();
+    c.progress = Some(tx);
+    gw.call(
+        "web.trigger-long-running-operation",
+        json!({"duration": 0.2, "steps": 2}),
+        c,
+    )
+    .await
+    .unwrap();
+    let mut n = 0;
+    while rx.try_recv().is_ok() {
+        n += 1;
+    }
+    assert_eq!(n, 2);
+    // Errors from the server.
+    let tool = gw.registry().get("web.get-sum").unwrap();
+    let err = tool
+        .tool()
+        .call(json!({"a": "two"}), ctx())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            err.class,
+            ErrorClass::ToolError | ErrorClass::InvalidArguments
+        ),
+        "{err}"
+    );
+    // Cancellation.
+    let c = ctx();
+    let token = c.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        token.cancel();
+    });
+    let long = json!({"duration": 30, "steps": 30});
+    let err = gw
+        .call("web.trigger-long-running-operation", long.clone(), c)
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Cancelled, "{err}");
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn streamable_http_server_killed_mid_call_then_back() {
+    let js = server_js("server-everything");
+    let port = free_port();
+    let spawn = || {
+        tokio::process::Command::new("node")
+            .arg(&js)
+            .arg("streamableHttp")
+            .env("PORT", port.to_string())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap()
+    };
+    let mut first = spawn();
+    wait_for_port(port).await;
+    let cfg = McpServerConfig {
+        url: Some(format!("http://127.0.0.1:{port}/mcp")),
+        timeout_ms: Some(5000),
+        ..McpServerConfig::default()
+    };
+    let (gw, manager, _log) = start(vec![("web", cfg)]).await;
+    let server = manager.servers()[0].clone();
+    let generation = server.generation();
+    let call = gw.call(
+        "web.trigger-long-running-operation",
+        json!({"duration": 30, "steps": 30}),
+        ctx(),
+    );
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        first.kill().await.unwrap();
+    };
+    let started = std::time::Instant::now();
+    let (result, ()) = tokio::join!(call, killer);
+    let err = result.unwrap_err();
+    assert!(
+        matches!(err.class, ErrorClass::ToolError | ErrorClass::Timeout),
+        "{err}"
+    );
+    assert!(err.message.contains("web"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(15));
+    // Back on the same port: the client reconnects (a new session) and calls work again.
+    let _second = spawn();
+    wait_for_port(port).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let last = match gw
+            .call("web.echo", json!({"message": "again"}), ctx())
+            .await
+        {
+            Ok(out) => {
+                assert_eq!(out.value, json!("Echo: again"));
+                break;
+            }
+            Err(e) => e,
+        };
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no recovery (generation {}): {last}",
+            server.generation()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _ = generation;
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn garbage_in_the_middle_of_a_session_does_not_hang_a_call() {
+    let sdk = npm_dir().join("sdk/dist/esm");
+    assert!(
+        sdk.exists(),
+        "the MCP tests need @modelcontextprotocol/sdk in .test-deps/npm: run scripts/test-deps.sh"
+    );
+    let script = format!(
+        r#"
+import {{ McpServer }} from "file://{sdk}/server/mcp.js";
+import {{ StdioServerTransport }} from "file://{sdk}/server/stdio.js";
+const server = new McpServer({{ name: "noisy", version: "1.0.0" }});
+server.registerTool("garble", {{ description: "writes garbage and never answers", annotations: {{ readOnlyHint: true }} }}, async () => {{
+  process.stdout.write("this is not JSON-RPC\n{{\"jsonrpc\":\"2.0\",\"id\":99999,\"result\":{{}}}}\n{{broken\n");
+  await new Promise((r) => setTimeout(r, 60000));
+  return {{ content: [] }};
+}});
+server.registerTool("ok", {{ description: "answers", annotations: {{ readOnlyHint: true }} }}, async () => ({{ content: [{{ type: "text", text: "fine" }}] }}));
+await server.connect(new StdioServerTransport());
+"#,
+        sdk = sdk.display()
+    );
+    let cfg = McpServerConfig {
+        command: Some("node".into()),
+        args: vec!["--input-type=module".into(), "-e".into(), script],
+        timeout_ms: Some(1000),
+        ..McpServerConfig::default()
+    };
+    let (gw, manager, _log) = start(vec![("noisy", cfg)]).await;
+    let started = std::time::Instant::now();
+    let err = gw.call("noisy.garble", json!({}), ctx()).await.unwrap_err();
+    assert!(
+        matches!(err.class, ErrorClass::Timeout | ErrorClass::ToolError),
+        "{err}"
+    );
+    assert!(err.message.contains("noisy"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // The session survives the noise, or is restarted; either way calls work again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        match gw.call("noisy.ok", json!({}), ctx()).await {
+            Ok(out) => {
+                assert_eq!(out.value, json!("fine"));
+                break;
+            }
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "server never recovered: {e}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    manager.shutdown().await;
+}
+
+#[tokio::test]
+async fn streamable_http_headers_and_tokens_are_sent_and_redacted() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // A fake server that records the first request's head and answers 500.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let captured = tokio::spawn(async move {
+        let (mut s, _) = listener.accept().await.unwrap();
+        let mut buf = vec![0u8; 8192];
+        let n = s.read(&mut buf).await.unwrap();
+        let _ = s.write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+        String::from_utf8_lossy(&buf[..n]).to_lowercase()
+    });
+    // PATH stands in for a secret (setting a variable could race with other tests' threads).
+    let secret = std::env::var("PATH").unwrap();
+    let cfg = McpServerConfig {
+        url: Some(format!("http://127.0.0.1:{port}/mcp")),
+        headers: [
+            ("Authorization".to_string(), "Bearer ${PATH}".to_string()),
+            ("X-Team".to_string(), "blue".to_string()),
+        ]
+        .into_iter()
+        .collect(),
+        timeout_ms: Some(3000),
+        ..McpServerConfig::default()
+    };
+    let config = McpConfig {
+        servers: [("h".to_string(), cfg)].into_iter().collect(),
+    };
+    let registry = Arc::new(Registry::new());
+    let mut redactor = Redactor::new();
+    let (manager, errors) = McpManager::start(&config, registry, &mut redactor)
+        .await
+        .unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), captured)
+        .await
+        .unwrap()
+        .unwrap();
+    let want = format!("authorization: bearer {}", secret.to_lowercase());
+    assert!(head.contains(&want), "{head}");
+    assert!(head.contains("x-team: blue"), "{head}");
+    assert_eq!(errors.len(), 1, "the fake server cannot initialize");
+    assert!(!errors[0].to_string().contains(&secret));
+    assert_eq!(redactor.redact_str(&secret), "[REDACTED]");
+    drop(manager);
+}

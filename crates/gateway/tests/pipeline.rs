@@ -1,0 +1,596 @@
+//! The invocation pipeline: validation, policy, approval, timeout, cancellation, output cap,
+//! redaction, hooks and the events it records.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use agent_runtime_core::CancellationToken;
+use agent_runtime_core::{
+    Actor, ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, CallContext, Effect,
+    Envelope, ErrorClass, EventKind, EventSink, Hash32, MemoryLog, NewEvent, PolicyEnvelope,
+    RiskClass, SinkError, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource,
+};
+use agent_runtime_gateway::{
+    CommandHook, CommandHookConfig, Gateway, GatewayBuilder, GatewayConfig, Hook, HookCall, Policy,
+    PostAction, PreAction, Redactor, Registry,
+};
+use serde_json::{Value, json};
+
+#[derive(Clone, Copy)]
+enum Behaviour {
+    Echo,
+    Sleep,
+    Big,
+    Leak,
+}
+
+struct TestTool {
+    d: ToolDescriptor,
+    calls: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<Value>>>,
+    behaviour: Behaviour,
+    cancelled: Arc<AtomicUsize>,
+}
+
+#[async_trait::async_trait]
+impl Tool for TestTool {
+    fn descriptor(&self) -> &ToolDescriptor {
+        &self.d
+    }
+    async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.seen.lock().unwrap().push(args.clone());
+        match self.behaviour {
+            Behaviour::Echo => Ok(ToolOutput::new(args)),
+            Behaviour::Sleep => {
+                let c = ctx.cancel.clone();
+                let flag = self.cancelled.clone();
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(30)) => Ok(ToolOutput::new(json!("late"))),
+                    _ = c.cancelled() => { flag.fetch_add(1, Ordering::SeqCst); Err(ToolError::tool("stopped")) }
+                }
+            }
+            Behaviour::Big => Ok(ToolOutput::new(json!("é".repeat(10_000)))),
+            Behaviour::Leak => Ok(ToolOutput::new(
+                json!({"note": "the key is hunter2-secret", "token_count": 3}),
+            )),
+        }
+    }
+}
+
+struct Handles {
+    calls: Arc<AtomicUsize>,
+    seen: Arc<std::sync::Mutex<Vec<Value>>>,
+    cancelled: Arc<AtomicUsize>,
+}
+
+fn tool(name: &str, risk: RiskClass, behaviour: Behaviour) -> (Arc<dyn Tool>, Handles) {
+    let h = Handles {
+        calls: Arc::default(),
+        seen: Arc::default(),
+        cancelled: Arc::default(),
+    };
+    let t = TestTool {
+        d: ToolDescriptor {
+            name: name.into(),
+            description: "test".into(),
+            input_schema: json!({"type": "object",
+                "properties": {"text": {"type": "string"}, "path": {"type": "string"},
+                               "api_key": {"type": "string"}, "n": {"type": "integer", "minimum": 0}},
+                "additionalProperties": false}),
+            output_schema: None,
+            risk,
+            source: ToolSource::Native,
+        },
+        calls: h.calls.clone(),
+        seen: h.seen.clone(),
+        behaviour,
+        cancelled: h.cancelled.clone(),
+    };
+    (Arc::new(t), h)
+}
+
+struct Approve;
+
+#[async_trait::async_trait]
+impl ApprovalSink for Approve {
+    async fn request(
+        &self,
+        _r: ApprovalRequest,
+        _c: CancellationToken,
+    ) -> Result<ApprovalDecision, ApprovalError> {
+        Ok(ApprovalDecision {
+            approved: true,
+            decided_by: Actor::Person("ann".into()),
+            reason: Some("fine".into()),
+        })
+    }
+}
+
+fn ctx() -> CallContext {
+    CallContext::new(Actor::Agent("tester".into()))
+}
+
+fn kinds(log: &MemoryLog) -> Vec<EventKind> {
+    log.all().iter().map(|e| e.kind).collect()
+}
+
+fn envelopes(log: &MemoryLog) -> Vec<PolicyEnvelope> {
+    log.all()
+        .iter()
+        .filter(|e| e.kind == EventKind::PolicyDecided)
+        .map(|e| serde_json::from_value(e.payload.clone()).unwrap())
+        .collect()
+}
+
+fn gateway(tools: Vec<Arc<dyn Tool>>, log: Arc<MemoryLog>) -> GatewayBuilder {
+    let reg = Arc::new(Registry::new());
+    for t in tools {
+        reg.register(t).unwrap();
+    }
+    let ws = tempfile::tempdir().unwrap().keep();
+    GatewayBuilder::new(reg, log).policy(Policy::defaults(vec![ws]).unwrap())
+}
+
+fn verify_chain(log: &MemoryLog) {
+    let mut prev = Hash32::GENESIS;
+    for e in log.all() {
+        assert_eq!(e.prev_hash, prev);
+        assert_eq!(e.computed_hash(), e.hash);
+        prev = e.hash;
+    }
+}
+
+#[tokio::test]
+async fn allowed_call_records_request_decision_start_result() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let out = gw
+        .call("t.read", json!({"text": "hi"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!({"text": "hi"}));
+    assert_eq!(h.calls.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        kinds(&log),
+        [
+            EventKind::ToolRequested,
+            EventKind::PolicyDecided,
+            EventKind::ToolStarted,
+            EventKind::ToolCompleted
+        ]
+    );
+    let env = &envelopes(&log)[0];
+    assert_eq!(env.effect, Effect::Allow);
+    assert_eq!(env.rule, "default.read");
+    assert_eq!(env.decided_by, "policy");
+    assert_eq!(env.subject, Actor::Agent("tester".into()));
+    assert_eq!(
+        env.arguments_digest,
+        PolicyEnvelope::digest_arguments(&json!({"text": "hi"}))
+    );
+    let all = log.all();
+    assert_eq!(all[0].actor, Actor::Agent("tester".into()));
+    assert_eq!(all[3].payload["output"], json!({"text": "hi"}));
+    verify_chain(&log);
+}
+
+#[tokio::test]
+async fn invalid_arguments_never_reach_the_tool() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    for (args, needle) in [
+        (json!({"n": -1}), "/n"),
+        (json!({"n": "three"}), "/n"),
+        (json!({"bogus": 1}), "bogus"),
+        (json!([1, 2]), "(root)"),
+    ] {
+        let err = gw.call("t.read", args.clone(), ctx()).await.unwrap_err();
+        assert_eq!(err.class, ErrorClass::InvalidArguments, "{args}");
+        assert!(err.message.contains(needle), "{args}: {}", err.message);
+        assert!(err.message.contains("t.read"), "{}", err.message);
+    }
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    let err = gw.call("no.such", json!({}), ctx()).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments);
+    assert!(
+        err.message.contains("unknown tool") && err.message.contains("t.read"),
+        "{}",
+        err.message
+    );
+    assert!(
+        kinds(&log)
+            .iter()
+            .all(|k| matches!(k, EventKind::ToolRequested | EventKind::ToolFailed))
+    );
+}
+
+#[tokio::test]
+async fn denied_call_is_recorded_and_not_run() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.write", RiskClass::Write, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let err = gw
+        .call("t.write", json!({"path": "/etc/passwd"}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::PolicyDenied);
+    assert!(
+        err.message.contains("default.write-outside"),
+        "{}",
+        err.message
+    );
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        kinds(&log),
+        [
+            EventKind::ToolRequested,
+            EventKind::PolicyDecided,
+            EventKind::ToolFailed
+        ]
+    );
+    assert_eq!(envelopes(&log)[0].effect, Effect::Deny);
+}
+
+#[tokio::test]
+async fn ask_without_a_person_is_denied_and_with_one_runs() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.exec", RiskClass::Exec, Behaviour::Echo);
+    let gw = gateway(vec![t.clone()], log.clone()).build().unwrap();
+    let err = gw.call("t.exec", json!({}), ctx()).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::ApprovalDenied);
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(
+        kinds(&log),
+        [
+            EventKind::ToolRequested,
+            EventKind::PolicyDecided,
+            EventKind::ApprovalRequested,
+            EventKind::ApprovalDecided,
+            EventKind::PolicyDecided,
+            EventKind::ToolFailed
+        ]
+    );
+    let envs = envelopes(&log);
+    assert_eq!(
+        (envs[0].effect, envs[0].decided_by.as_str()),
+        (Effect::Ask, "policy")
+    );
+    assert_eq!(
+        (envs[1].effect, envs[1].decided_by.as_str()),
+        (Effect::Deny, "system")
+    );
+
+    let log = Arc::new(MemoryLog::default());
+    let gw = gateway(vec![t], log.clone())
+        .approval(Arc::new(Approve))
+        .build()
+        .unwrap();
+    gw.call("t.exec", json!({}), ctx()).await.unwrap();
+    assert_eq!(h.calls.load(Ordering::SeqCst), 1);
+    let envs = envelopes(&log);
+    assert_eq!(
+        (envs[1].effect, envs[1].decided_by.as_str()),
+        (Effect::Allow, "person:ann")
+    );
+    assert_eq!(kinds(&log).last(), Some(&EventKind::ToolCompleted));
+}
+
+#[tokio::test]
+async fn timeout_stops_the_tool() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.slow", RiskClass::Read, Behaviour::Sleep);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let mut c = ctx();
+    c.timeout = Some(Duration::from_millis(50));
+    let err = gw.call("t.slow", json!({}), c).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Timeout, "{err}");
+    assert_eq!(kinds(&log).last(), Some(&EventKind::ToolFailed));
+    assert_eq!(log.all().last().unwrap().payload["class"], "timeout");
+    let _ = h;
+}
+
+#[tokio::test]
+async fn cancellation_reaches_the_tool() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.slow", RiskClass::Read, Behaviour::Sleep);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let c = ctx();
+    let token = c.cancel.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        token.cancel();
+    });
+    let err = gw.call("t.slow", json!({}), c).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Cancelled);
+    assert_eq!(h.calls.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn long_output_is_capped_and_marked() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.big", RiskClass::Read, Behaviour::Big);
+    let config = GatewayConfig {
+        max_output_bytes: 101,
+        ..GatewayConfig::default()
+    };
+    let gw = gateway(vec![t], log.clone())
+        .config(config)
+        .build()
+        .unwrap();
+    let out = gw.call("t.big", json!({}), ctx()).await.unwrap();
+    assert!(out.truncated);
+    let s = out.value.as_str().unwrap();
+    assert!(s.len() <= 101 && s.len() >= 99, "{}", s.len());
+    assert_eq!(log.all().last().unwrap().payload["truncated"], true);
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_log() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.leak", RiskClass::Read, Behaviour::Leak);
+    let mut r = Redactor::new();
+    r.add_secret("hunter2-secret");
+    let gw = gateway(vec![t], log.clone()).redactor(r).build().unwrap();
+    let out = gw
+        .call("t.leak", json!({"api_key": "sk-live-123456"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value["note"], "the key is [REDACTED]");
+    assert_eq!(
+        out.value["token_count"], 3,
+        "returned output keeps non-secret keys"
+    );
+    let text = serde_json::to_string(&log.all()).unwrap();
+    assert!(!text.contains("sk-live-123456"), "{text}");
+    assert!(!text.contains("hunter2-secret"), "{text}");
+    assert!(text.contains("[REDACTED]"));
+}
+
+struct RustHook;
+
+#[async_trait::async_trait]
+impl Hook for RustHook {
+    fn name(&self) -> &str {
+        "guard"
+    }
+    async fn pre_call(&self, call: &HookCall<'_>) -> Result<PreAction, ToolError> {
+        Ok(match call.arguments.get("text").and_then(Value::as_str) {
+            Some("forbidden") => PreAction::Deny("forbidden text".into()),
+            Some("rewrite-me") => PreAction::Rewrite(json!({"text": "rewritten"})),
+            Some("rewrite-badly") => PreAction::Rewrite(json!({"text": 5})),
+            _ => PreAction::Continue,
+        })
+    }
+    async fn post_call(
+        &self,
+        _call: &HookCall<'_>,
+        out: &ToolOutput,
+    ) -> Result<PostAction, ToolError> {
+        if out.value.to_string().contains("classified") {
+            return Ok(PostAction::Replace(ToolOutput::new(json!("[withheld]"))));
+        }
+        Ok(PostAction::Continue)
+    }
+}
+
+#[tokio::test]
+async fn rust_hooks_deny_rewrite_and_redact() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone())
+        .hook(Arc::new(RustHook))
+        .build()
+        .unwrap();
+    let err = gw
+        .call("t.read", json!({"text": "forbidden"}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::PolicyDenied);
+    let env = envelopes(&log).pop().unwrap();
+    assert_eq!(
+        (env.decided_by.as_str(), env.effect),
+        ("hook:guard", Effect::Deny)
+    );
+
+    let out = gw
+        .call("t.read", json!({"text": "rewrite-me"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!({"text": "rewritten"}));
+    assert_eq!(
+        h.seen.lock().unwrap().last().unwrap(),
+        &json!({"text": "rewritten"})
+    );
+    // The decision is about the rewritten arguments.
+    let env = envelopes(&log).pop().unwrap();
+    assert_eq!(
+        env.arguments_digest,
+        PolicyEnvelope::digest_arguments(&json!({"text": "rewritten"}))
+    );
+
+    let err = gw
+        .call("t.read", json!({"text": "rewrite-badly"}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments);
+    assert!(err.message.contains("hook guard"), "{}", err.message);
+
+    let out = gw
+        .call("t.read", json!({"text": "classified plans"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("[withheld]"));
+    let text = serde_json::to_string(&log.all()).unwrap();
+    assert!(
+        !text.contains("classified plans\"}")
+            || !text.contains("\"output\":{\"text\":\"classified")
+    );
+}
+
+fn sh_hook(name: &str, script: &str) -> Arc<dyn Hook> {
+    Arc::new(
+        CommandHook::new(CommandHookConfig {
+            name: name.into(),
+            command: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            tools: vec![],
+            phases: vec![],
+            timeout_ms: Some(5000),
+        })
+        .unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn external_hooks_speak_json_and_fail_closed() {
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let cases = [
+        (
+            r#"cat >/dev/null; echo '{"action":"deny","reason":"not today"}'"#,
+            Some("not today"),
+        ),
+        (r#"cat >/dev/null; exit 3"#, Some("hook ext failed")),
+        (r#"cat >/dev/null; echo 'not json'"#, Some("invalid JSON")),
+        (
+            r#"cat >/dev/null; echo '{"action":"explode"}'"#,
+            Some("unknown action"),
+        ),
+    ];
+    for (script, want) in cases {
+        let log = Arc::new(MemoryLog::default());
+        let gw = gateway(vec![t.clone()], log.clone())
+            .hook(sh_hook("ext", script))
+            .build()
+            .unwrap();
+        let err = gw
+            .call("t.read", json!({"text": "x"}), ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::PolicyDenied, "{script}");
+        assert!(
+            err.message.contains(want.unwrap()),
+            "{script}: {}",
+            err.message
+        );
+    }
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+
+    // Rewrite in pre, replace in post (the script answers by phase).
+    let script = r#"input=$(cat); case "$input" in
+        *'"phase":"pre"'*) echo '{"action":"rewrite","arguments":{"text":"from-hook"}}' ;;
+        *) echo '{"action":"replace","output":"redacted by hook"}' ;; esac"#;
+    let log = Arc::new(MemoryLog::default());
+    let gw = gateway(vec![t], log.clone())
+        .hook(sh_hook("ext", script))
+        .build()
+        .unwrap();
+    let out = gw
+        .call("t.read", json!({"text": "x"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("redacted by hook"));
+    assert_eq!(
+        h.seen.lock().unwrap().last().unwrap(),
+        &json!({"text": "from-hook"})
+    );
+}
+
+struct BrokenSink;
+
+#[async_trait::async_trait]
+impl EventSink for BrokenSink {
+    async fn append(
+        &self,
+        _e: Vec<NewEvent>,
+    ) -> Result<Vec<agent_runtime_core::Appended>, SinkError> {
+        Err(SinkError {
+            message: "disk on fire".into(),
+        })
+    }
+}
+
+#[tokio::test]
+async fn nothing_runs_unrecorded() {
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let reg = Arc::new(Registry::new());
+    reg.register(t).unwrap();
+    let gw = GatewayBuilder::new(reg, Arc::new(BrokenSink))
+        .build()
+        .unwrap();
+    let err = gw.call("t.read", json!({}), ctx()).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Internal);
+    assert!(
+        err.message.contains("audit log unavailable"),
+        "{}",
+        err.message
+    );
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test]
+async fn tool_handles_go_through_the_pipeline() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.write", RiskClass::Write, Behaviour::Echo);
+    let gw: Gateway = gateway(vec![t], log.clone()).build().unwrap();
+    let handle: Arc<dyn Tool> = Arc::new(gw.tool_handle("t.write").unwrap());
+    assert_eq!(handle.descriptor().name, "t.write");
+    let err = handle
+        .call(json!({"path": "/etc/x"}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::PolicyDenied);
+    assert_eq!(gw.tool_handles().len(), 1);
+    let all: Vec<Envelope> = log.all();
+    assert_eq!(all.len(), 3);
+}
+
+#[tokio::test]
+async fn duplicate_and_badly_named_tools_are_refused() {
+    let reg = Registry::new();
+    let (t, _) = tool("t.a", RiskClass::Read, Behaviour::Echo);
+    reg.register(t.clone()).unwrap();
+    assert!(reg.register(t).unwrap_err().to_string().contains("twice"));
+    let (bad, _) = tool("Bad Name", RiskClass::Read, Behaviour::Echo);
+    assert!(reg.register(bad).is_err());
+}
+
+#[tokio::test]
+async fn secrets_of_configured_servers_and_tools_are_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    // PATH stands in for a secret: every process has it, and setting a variable here could race
+    // with other tests' threads reading the environment.
+    let secret = std::env::var("PATH").unwrap();
+    std::fs::write(
+        dir.path().join("mcp.json"),
+        r#"{"mcpServers": {"x": {"command": "true", "env": {"TOKEN": "${PATH}"}}}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        "workspace: [\".\"]\nmcp: mcp.json\n",
+    )
+    .unwrap();
+    let opts = agent_runtime_gateway::config::Options {
+        config: Some(dir.path().join("gateway.yaml")),
+        ..Default::default()
+    };
+    let assembled = agent_runtime_gateway::config::assemble(&opts).unwrap();
+    let log = Arc::new(MemoryLog::default());
+    let (gw, _mcp) = assembled
+        .into_gateway(log.clone(), Arc::new(agent_runtime_core::DenyAll))
+        .unwrap();
+    let out = gw
+        .call(
+            "builtin.echo",
+            json!({"text": format!("token is {secret}")}),
+            ctx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("token is [REDACTED]"));
+    let text = serde_json::to_string(&log.all()).unwrap();
+    assert!(!text.contains(&secret), "{text}");
+}

@@ -1,0 +1,740 @@
+//! Policy decisions, table-driven, with hostile arguments.
+
+use std::path::{Path, PathBuf};
+
+use agent_runtime_core::{Actor, Effect, RiskClass};
+use agent_runtime_gateway::policy::{Policy, PolicyInput};
+use serde_json::{Value, json};
+
+const POLICY: &str = r#"
+version: 1
+workspace: ["ws"]
+rules:
+  - id: no-shell-meta
+    tools: ["sh.run"]
+    when: [ { shell_metacharacters: { arg: command } } ]
+    effect: deny
+    reason: shell metacharacters are not allowed
+  - id: no-rm
+    tools: ["sh.run"]
+    when: [ { program: { arg: command, any: ["rm", "sudo", "dd"] } } ]
+    effect: deny
+    reason: destructive programs are not allowed
+  - id: git-readonly
+    tools: ["sh.run"]
+    when:
+      - program: { arg: command, any: ["git"] }
+      - argument: { arg: command, any: ["status", "log", "diff"] }
+    effect: allow
+    reason: read-only git
+  - id: ls-allowed
+    tools: ["sh.run"]
+    when: [ { program: { arg: command, any: ["ls"] } } ]
+    effect: allow
+  - id: fetch-allowlist
+    tools: ["web.fetch"]
+    when: [ { url_host_in: { arg: url, hosts: ["example.com", "*.example.com"] } } ]
+    effect: allow
+  - id: fetch-others
+    tools: ["web.fetch"]
+    effect: deny
+    reason: host not on the allow-list
+  - id: reader-cannot-write
+    agents: ["agent:reader"]
+    risk: [write]
+    effect: deny
+  - id: read-outside-asks
+    tools: ["fs.read"]
+    when: [ { path_outside: { arg: path, roots: ["$workspace"] } } ]
+    effect: ask
+"#;
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    policy: Policy,
+}
+
+fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let ws = root.join("ws");
+    std::fs::create_dir_all(ws.join("sub")).unwrap();
+    std::fs::create_dir_all(root.join("outside")).unwrap();
+    std::os::unix::fs::symlink(root.join("outside"), ws.join("escape")).unwrap();
+    std::os::unix::fs::symlink("/etc", ws.join("etc-link")).unwrap();
+    std::os::unix::fs::symlink("/nonexistent-outside/file", ws.join("dangling")).unwrap();
+    std::os::unix::fs::symlink("sub", ws.join("inner-link")).unwrap();
+    let policy = Policy::from_yaml(POLICY, &root).unwrap();
+    Fixture {
+        _dir: dir,
+        root,
+        policy,
+    }
+}
+
+fn decide(f: &Fixture, tool: &str, risk: RiskClass, actor: &str, args: &Value) -> (Effect, String) {
+    let actor: Actor = actor.parse().unwrap();
+    let d = f.policy.decide(&PolicyInput {
+        tool,
+        risk,
+        actor: &actor,
+        arguments: args,
+    });
+    (d.effect, d.rule)
+}
+
+fn check(f: &Fixture, cases: &[(&str, RiskClass, &str, Value, Effect, &str)]) {
+    let mut failures = Vec::new();
+    for (tool, risk, actor, args, effect, rule) in cases {
+        let got = decide(f, tool, *risk, actor, args);
+        if got != (*effect, rule.to_string()) {
+            failures.push(format!(
+                "{tool} {args}: want {effect:?} by {rule}, got {got:?}"
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn write_paths_inside_and_outside_the_workspace() {
+    use Effect::*;
+    use RiskClass::Write;
+    let f = fixture();
+    let ws = f.root.join("ws");
+    let a = "agent:writer";
+    let out = f.root.join("outside/x").display().to_string();
+    let inside_abs = ws.join("sub/x").display().to_string();
+    check(
+        &f,
+        &[
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "a.txt"}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "sub/../b.txt"}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "new/deeper/file"}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": inside_abs}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "inner-link/x"}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "../outside/x"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "sub/../../outside/x"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": out}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "escape/x"}),
+                Deny,
+                "default.write-outside",
+            ),
+            // `escape/..` is the parent of the symlink's target, as the kernel sees it.
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "escape/../ws/x"}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "escape/../outside/y"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "etc-link/passwd"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "dangling"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "/etc/passwd"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "/"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "a\u{0}/../../x"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"paths": ["a", "../../etc/x"]}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"source": "a", "destination": "/tmp/x"}),
+                Deny,
+                "default.write-outside",
+            ),
+            // Look-alikes of `..` are ordinary names: they stay inside.
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "\u{ff0e}\u{ff0e}/outside/x"}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "\u{2024}\u{2024}/x"}),
+                Allow,
+                "default.write-inside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "~/x"}),
+                Allow,
+                "default.write-inside",
+            ),
+            // Nothing to check: a person decides.
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"content": "x"}),
+                Ask,
+                "default.write-unknown",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": 42}),
+                Ask,
+                "default.write-unknown",
+            ),
+            // Per-agent rule comes first.
+            (
+                "fs.write",
+                Write,
+                "agent:reader",
+                json!({"path": "a.txt"}),
+                Deny,
+                "reader-cannot-write",
+            ),
+        ],
+    );
+}
+
+#[test]
+fn commands_programs_and_shell_metacharacters() {
+    use Effect::*;
+    use RiskClass::Exec;
+    let f = fixture();
+    let a = "agent:dev";
+    let cases: Vec<(&str, RiskClass, &str, Value, Effect, &str)> = vec![
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls -la"}),
+            Allow,
+            "ls-allowed",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": ["ls", "-la"]}),
+            Allow,
+            "ls-allowed",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls; rm -rf /"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls && curl http://x"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls | sh"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls $(whoami)"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls `id`"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls > /etc/passwd"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls\nrm -rf /"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "ls\u{0}rm"}),
+            Deny,
+            "no-shell-meta",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "rm -rf /"}),
+            Deny,
+            "no-rm",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "/bin/rm -rf /"}),
+            Deny,
+            "no-rm",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "'rm' -rf /"}),
+            Deny,
+            "no-rm",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": ["rm", "-rf", "/"]}),
+            Deny,
+            "no-rm",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "sudo ls"}),
+            Deny,
+            "no-rm",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "git status"}),
+            Allow,
+            "git-readonly",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "git push"}),
+            Ask,
+            "default.exec",
+        ),
+        // Look-alikes never match an allow rule written for the ASCII name.
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "\u{ff4c}\u{ff53} -la"}),
+            Ask,
+            "default.exec",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "l\u{200b}s"}),
+            Ask,
+            "default.exec",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "\u{ff52}\u{ff4d} -rf /"}),
+            Ask,
+            "default.exec",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": ""}),
+            Ask,
+            "default.exec",
+        ),
+        ("sh.run", Exec, a, json!({}), Ask, "default.exec"),
+    ];
+    check(&f, &cases);
+}
+
+#[test]
+fn url_host_allow_list() {
+    use Effect::*;
+    use RiskClass::Network;
+    let f = fixture();
+    let a = "agent:web";
+    let cases: Vec<(&str, RiskClass, &str, Value, Effect, &str)> = vec![
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://example.com/x"}),
+            Allow,
+            "fetch-allowlist",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://api.example.com/"}),
+            Allow,
+            "fetch-allowlist",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://EXAMPLE.com/"}),
+            Allow,
+            "fetch-allowlist",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://example.com./"}),
+            Allow,
+            "fetch-allowlist",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://example.com.evil.org/"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://evil.org/?u=https://example.com"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://example.com@evil.org/"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://evil.org\\@example.com/"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://ex\u{0430}mple.com/"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "file:///etc/passwd"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "not a url"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "http://127.0.0.1/"}),
+            Deny,
+            "fetch-others",
+        ),
+        ("web.fetch", Network, a, json!({}), Deny, "fetch-others"),
+    ];
+    check(&f, &cases);
+}
+
+#[test]
+fn reads_and_defaults() {
+    use Effect::*;
+    let f = fixture();
+    let a = "agent:any";
+    let cases: Vec<(&str, RiskClass, &str, Value, Effect, &str)> = vec![
+        (
+            "fs.read",
+            RiskClass::Read,
+            a,
+            json!({"path": "a.txt"}),
+            Allow,
+            "default.read",
+        ),
+        (
+            "fs.read",
+            RiskClass::Read,
+            a,
+            json!({"path": "/etc/shadow"}),
+            Ask,
+            "read-outside-asks",
+        ),
+        (
+            "fs.read",
+            RiskClass::Read,
+            a,
+            json!({"path": "escape/secret"}),
+            Ask,
+            "read-outside-asks",
+        ),
+        (
+            "other.read",
+            RiskClass::Read,
+            a,
+            json!({"path": "/etc/shadow"}),
+            Allow,
+            "default.read",
+        ),
+        ("x.exec", RiskClass::Exec, a, json!({}), Ask, "default.exec"),
+        (
+            "x.net",
+            RiskClass::Network,
+            a,
+            json!({}),
+            Ask,
+            "default.network",
+        ),
+    ];
+    check(&f, &cases);
+}
+
+#[test]
+fn without_defaults_nothing_is_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Policy::from_yaml("defaults: false\nrules: []\n", dir.path()).unwrap();
+    let actor = Actor::System;
+    let d = p.decide(&PolicyInput {
+        tool: "t",
+        risk: RiskClass::Read,
+        actor: &actor,
+        arguments: &json!({}),
+    });
+    assert_eq!((d.effect, d.rule.as_str()), (Effect::Deny, "default.deny"));
+}
+
+#[test]
+fn bad_policies_are_rejected_with_the_rule_named() {
+    let base = Path::new("/");
+    let err = Policy::from_yaml(
+        "rules:\n  - id: a\n    effect: allow\n  - id: a\n    effect: deny\n",
+        base,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("duplicate rule id") && err.contains("\"a\""),
+        "{err}"
+    );
+    let err = Policy::from_yaml("rules:\n  - id: a\n    effect: maybe\n", base)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("maybe"), "{err}");
+    let err = Policy::from_yaml("rules:\n  - id: a\n    effect: allow\n    wen: []\n", base)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("wen"), "{err}");
+    let err = Policy::from_yaml(
+        "rules:\n  - id: a\n    effect: allow\n    when: [ { path_sideways: { arg: p } } ]\n",
+        base,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("path_sideways"), "{err}");
+}
+
+#[test]
+fn explain_lists_every_rule() {
+    let f = fixture();
+    let actor = Actor::Agent("dev".into());
+    let args = json!({"command": "ls; rm"});
+    let trace = f.policy.explain(&PolicyInput {
+        tool: "sh.run",
+        risk: RiskClass::Exec,
+        actor: &actor,
+        arguments: &args,
+    });
+    assert_eq!(trace[0].rule, "no-shell-meta");
+    assert!(trace[0].matched);
+    assert!(trace.iter().any(|t| t.rule == "default.exec" && t.matched));
+    assert!(trace.iter().any(|t| t.rule == "default.read" && !t.matched));
+}
+
+#[test]
+fn the_example_policy_and_mcp_file_load() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let p = Policy::load(&root.join("policy.yaml")).unwrap();
+    let actor = Actor::Agent("dev".into());
+    let args = json!({"command": "ls; rm -rf /"});
+    let d = p.decide(&PolicyInput {
+        tool: "sh.run",
+        risk: RiskClass::Exec,
+        actor: &actor,
+        arguments: &args,
+    });
+    assert_eq!(
+        (d.effect, d.rule.as_str()),
+        (Effect::Deny, "no-shell-tricks")
+    );
+    let secrets = root.join("../.secrets/key").display().to_string();
+    let args = json!({"path": secrets});
+    let d = p.decide(&PolicyInput {
+        tool: "fs.read",
+        risk: RiskClass::Read,
+        actor: &actor,
+        arguments: &args,
+    });
+    assert_eq!(d.rule, "no-secrets-folder");
+    let m = agent_runtime_gateway::mcp::McpConfig::load(&root.join("mcp.json")).unwrap();
+    assert_eq!(m.servers.len(), 2);
+}

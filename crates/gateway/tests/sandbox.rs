@@ -1,0 +1,385 @@
+//! The sandbox of command tools: every escape attempt is contained and reported clearly.
+//!
+//! Needs bubblewrap (`scripts/test-deps.sh` installs it) and `/usr/bin/python3` (Debian's
+//! python3, present on the project's machines); the tests fail naming what is missing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use agent_runtime_core::{
+    Actor, CallContext, ErrorClass, MemoryLog, RiskClass, ToolError, ToolOutput,
+};
+use agent_runtime_gateway::sandbox::{
+    CommandTool, CommandToolConfig, Limits, SandboxSettings, probe,
+};
+use agent_runtime_gateway::{GatewayBuilder, Policy, Redactor, Registry, SandboxMode};
+use serde_json::{Value, json};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    ws: PathBuf,
+    settings: Arc<SandboxSettings>,
+}
+
+fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let ws = root.join("ws");
+    std::fs::create_dir_all(&ws).unwrap();
+    std::fs::create_dir_all(root.join("outside")).unwrap();
+    std::fs::write(root.join("outside/secret.txt"), "TOP-SECRET-CONTENT").unwrap();
+    std::os::unix::fs::symlink(root.join("outside"), ws.join("link")).unwrap();
+    let settings = Arc::new(SandboxSettings::new(vec![ws.clone()], vec![]));
+    if let Err(e) = probe(&settings) {
+        panic!(
+            "the sandbox tests need a working bubblewrap: {e}. Run scripts/test-deps.sh as root."
+        );
+    }
+    assert!(
+        Path::new("/usr/bin/python3").exists(),
+        "the sandbox tests need /usr/bin/python3 (Debian package python3)"
+    );
+    Env {
+        _dir: dir,
+        root,
+        ws,
+        settings,
+    }
+}
+
+fn sh_tool(env: &Env, limits: Limits) -> CommandTool {
+    let config = CommandToolConfig {
+        name: "sh.run".into(),
+        description: "run a shell script".into(),
+        input_schema: json!({"type": "object", "properties": {"script": {"type": "string"}}, "required": ["script"]}),
+        output_schema: None,
+        risk: RiskClass::Exec,
+        command: vec!["/bin/sh".into(), "-c".into(), "{script}".into()],
+        stdin: None,
+        env: Default::default(),
+        read_roots: vec![],
+        limits,
+    };
+    CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap()
+}
+
+async fn run(env: &Env, limits: Limits, script: &str) -> Result<ToolOutput, ToolError> {
+    let tool = sh_tool(env, limits);
+    tool.run(
+        json!({"script": script}),
+        CallContext::new(Actor::System),
+        SandboxMode::Bubblewrap,
+    )
+    .await
+}
+
+fn ok(r: Result<ToolOutput, ToolError>) -> Value {
+    match r {
+        Ok(o) => o.value,
+        Err(e) => panic!("expected output, got {e}"),
+    }
+}
+
+#[tokio::test]
+async fn writes_inside_the_workspace_work() {
+    let env = env();
+    let v = ok(run(&env, Limits::default(), "echo hi > out.txt && pwd").await);
+    assert_eq!(v["exit_code"], 0, "{v}");
+    assert_eq!(
+        std::fs::read_to_string(env.ws.join("out.txt")).unwrap(),
+        "hi\n"
+    );
+    assert_eq!(
+        v["stdout"].as_str().unwrap().trim(),
+        env.ws.display().to_string()
+    );
+}
+
+#[tokio::test]
+async fn writing_outside_the_roots_fails() {
+    let env = env();
+    let target = env.root.join("outside/new.txt");
+    for script in [
+        format!("echo x > {}", target.display()),
+        "echo x > /usr/evil".into(),
+        "echo x > /etc/evil".into(),
+        "mkdir /evil".into(),
+    ] {
+        let v = ok(run(&env, Limits::default(), &script).await);
+        assert_ne!(v["exit_code"], 0, "{script}: {v}");
+    }
+    assert!(!target.exists());
+    assert!(!Path::new("/usr/evil").exists() && !Path::new("/etc/evil").exists());
+}
+
+#[tokio::test]
+async fn reading_outside_the_read_roots_fails() {
+    let env = env();
+    let secret = env.root.join("outside/secret.txt");
+    for script in [
+        format!("cat {}", secret.display()),
+        "cat /etc/shadow".into(),
+        "ls /root".into(),
+    ] {
+        let v = ok(run(&env, Limits::default(), &script).await);
+        assert_ne!(v["exit_code"], 0, "{script}: {v}");
+        assert!(!v["stdout"].as_str().unwrap().contains("TOP-SECRET"), "{v}");
+    }
+}
+
+#[tokio::test]
+async fn a_symlink_out_of_the_workspace_leads_nowhere() {
+    let env = env();
+    let v = ok(run(&env, Limits::default(), "cat link/secret.txt").await);
+    assert_ne!(v["exit_code"], 0, "{v}");
+    assert!(!v["stdout"].as_str().unwrap().contains("TOP-SECRET"));
+    let v = ok(run(&env, Limits::default(), "echo x > link/planted.txt").await);
+    assert_ne!(v["exit_code"], 0, "{v}");
+    assert!(!env.root.join("outside/planted.txt").exists());
+}
+
+#[tokio::test]
+async fn sockets_reach_nothing_not_even_the_hosts_loopback() {
+    let env = env();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let script = format!(
+        "/usr/bin/python3 -c 'import socket; socket.create_connection((\"127.0.0.1\", {port}), timeout=2); print(\"CONNECTED\")'"
+    );
+    let v = ok(run(&env, Limits::default(), &script).await);
+    assert_ne!(v["exit_code"], 0, "{v}");
+    assert!(!v["stdout"].as_str().unwrap().contains("CONNECTED"));
+    assert!(
+        v["stderr"].as_str().unwrap().contains("Connection refused"),
+        "{v}"
+    );
+}
+
+#[tokio::test]
+async fn the_environment_is_scrubbed() {
+    let env = env();
+    let v = ok(run(&env, Limits::default(), "env").await);
+    let out = v["stdout"].as_str().unwrap();
+    let allowed = ["PATH", "HOME", "LANG", "TMPDIR", "PWD", "SHLVL", "_"];
+    for (k, _) in std::env::vars() {
+        if !allowed.contains(&k.as_str()) {
+            assert!(
+                !out.contains(&format!("{k}=")),
+                "{k} leaked into the sandbox: {out}"
+            );
+        }
+    }
+    assert!(out.contains("PATH=/usr/local/bin:/usr/bin:/bin"), "{out}");
+    assert!(out.contains("HOME=/tmp"), "{out}");
+}
+
+#[tokio::test]
+async fn a_fork_bomb_hits_the_process_limit_and_is_killed() {
+    let env = env();
+    let limits = Limits {
+        processes: 32,
+        wall_ms: 3000,
+        ..Limits::default()
+    };
+    let err = run(&env, limits, "b() { b | b & }; b; sleep 60")
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::Timeout, "{err}");
+    assert!(
+        err.message.contains("process limit (32) was reached"),
+        "{err}"
+    );
+    assert!(err.message.contains("process tree killed"), "{err}");
+}
+
+#[tokio::test]
+async fn a_memory_hog_is_refused_memory() {
+    let env = env();
+    let limits = Limits {
+        memory_mb: 256,
+        ..Limits::default()
+    };
+    let v = ok(run(
+        &env,
+        limits,
+        "/usr/bin/python3 -c 'b = bytearray(2 * 1024 ** 3); print(\"GOT\")'",
+    )
+    .await);
+    assert_ne!(v["exit_code"], 0, "{v}");
+    assert!(v["stderr"].as_str().unwrap().contains("MemoryError"), "{v}");
+    assert!(!v["stdout"].as_str().unwrap().contains("GOT"));
+}
+
+#[tokio::test]
+async fn an_endless_loop_hits_the_cpu_limit() {
+    let env = env();
+    let limits = Limits {
+        cpu_secs: 1,
+        wall_ms: 20_000,
+        ..Limits::default()
+    };
+    let err = run(&env, limits, "while :; do :; done").await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::SandboxError, "{err}");
+    assert!(err.message.contains("CPU time limit of 1 s"), "{err}");
+}
+
+#[tokio::test]
+async fn a_sleeper_hits_the_wall_time_limit() {
+    let env = env();
+    let limits = Limits {
+        wall_ms: 300,
+        ..Limits::default()
+    };
+    let err = run(&env, limits, "sleep 30").await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Timeout, "{err}");
+    assert!(err.message.contains("wall time limit of 300 ms"), "{err}");
+}
+
+#[tokio::test]
+async fn a_flood_of_output_is_capped() {
+    let env = env();
+    let limits = Limits {
+        output_bytes: 10_000,
+        ..Limits::default()
+    };
+    let out = run(&env, limits, "yes flood").await.unwrap();
+    assert!(out.truncated);
+    assert_eq!(out.value["stdout"].as_str().unwrap().len(), 10_000);
+    assert!(
+        out.value["note"].as_str().unwrap().contains("output limit"),
+        "{}",
+        out.value
+    );
+}
+
+#[tokio::test]
+async fn a_big_file_hits_the_file_size_limit() {
+    let env = env();
+    let limits = Limits {
+        file_size_mb: 1,
+        ..Limits::default()
+    };
+    let err = run(&env, limits, "head -c 10485760 /dev/zero > big.bin")
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::SandboxError, "{err}");
+    assert!(err.message.contains("file size limit of 1 MiB"), "{err}");
+    assert!(std::fs::metadata(env.ws.join("big.bin")).unwrap().len() <= 1 << 20);
+}
+
+#[tokio::test]
+async fn arguments_are_words_not_shell() {
+    let env = env();
+    let config = CommandToolConfig {
+        name: "echo".into(),
+        description: String::new(),
+        input_schema: json!({"type": "object"}),
+        output_schema: None,
+        risk: RiskClass::Read,
+        command: vec![
+            "echo".into(),
+            "{text}".into(),
+            "n={n}".into(),
+            "{many}".into(),
+        ],
+        stdin: None,
+        env: Default::default(),
+        read_roots: vec![],
+        limits: Limits::default(),
+    };
+    let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
+    let args = json!({"text": "; touch pwned $(touch pwned2)", "n": 3, "many": ["a", "b"]});
+    let out = tool
+        .run(
+            args,
+            CallContext::new(Actor::System),
+            SandboxMode::Bubblewrap,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        out.value["stdout"],
+        "; touch pwned $(touch pwned2) n=3 a b\n"
+    );
+    assert!(!env.ws.join("pwned").exists() && !env.ws.join("pwned2").exists());
+}
+
+#[tokio::test]
+async fn without_bubblewrap_the_call_fails_unless_policy_says_sandbox_none() {
+    let env = env();
+    let settings = Arc::new(SandboxSettings {
+        bwrap: None,
+        ..(*env.settings).clone()
+    });
+    let mk = || {
+        let config = CommandToolConfig {
+            name: "sh.run".into(),
+            description: String::new(),
+            input_schema: json!({"type": "object"}),
+            output_schema: None,
+            risk: RiskClass::Exec,
+            command: vec!["/bin/sh".into(), "-c".into(), "echo unsandboxed".into()],
+            stdin: None,
+            env: Default::default(),
+            read_roots: vec![],
+            limits: Limits::default(),
+        };
+        CommandTool::new(config, settings.clone(), &mut Redactor::new()).unwrap()
+    };
+    let run_with = |policy: &str| {
+        let reg = Arc::new(Registry::new());
+        reg.register_command(mk()).unwrap();
+        let policy = Policy::from_yaml(policy, &env.ws).unwrap();
+        GatewayBuilder::new(reg, Arc::new(MemoryLog::default()))
+            .policy(policy)
+            .build()
+            .unwrap()
+    };
+    let ctx = CallContext::new(Actor::Agent("a".into()));
+    let gw = run_with("rules:\n  - id: allow-sh\n    tools: [sh.run]\n    effect: allow\n");
+    let err = gw.call("sh.run", json!({}), ctx.clone()).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::SandboxError);
+    assert!(err.message.contains("bubblewrap"), "{err}");
+    let gw = run_with(
+        "rules:\n  - id: allow-sh\n    tools: [sh.run]\n    effect: allow\n    sandbox: none\n",
+    );
+    let out = gw.call("sh.run", json!({}), ctx).await.unwrap();
+    assert_eq!(out.value["stdout"], "unsandboxed\n");
+}
+
+#[tokio::test]
+async fn a_sandbox_that_cannot_be_built_is_a_sandbox_error() {
+    let env = env();
+    let missing = env.root.join("no-such-workspace");
+    let settings = Arc::new(SandboxSettings {
+        write_roots: vec![missing],
+        ..(*env.settings).clone()
+    });
+    let config = CommandToolConfig {
+        name: "t".into(),
+        description: String::new(),
+        input_schema: json!({"type": "object"}),
+        output_schema: None,
+        risk: RiskClass::Exec,
+        command: vec!["true".into()],
+        stdin: None,
+        env: Default::default(),
+        read_roots: vec![],
+        limits: Limits::default(),
+    };
+    let tool = CommandTool::new(config, settings, &mut Redactor::new()).unwrap();
+    let err = tool
+        .run(
+            json!({}),
+            CallContext::new(Actor::System),
+            SandboxMode::Bubblewrap,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::SandboxError, "{err}");
+    assert!(
+        err.message.contains("could not be set up") && err.message.contains("bwrap"),
+        "{err}"
+    );
+}
