@@ -109,6 +109,10 @@ pub struct ClassifiedError {
     pub class: ErrorClass,
     /// What went wrong and where, in one line.
     pub message: String,
+    /// Structured detail a program (or a model) can act on, such as the list of schema
+    /// violations behind an `invalid_arguments` error. Never holds secrets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub details: Option<serde_json::Value>,
 }
 
 impl ClassifiedError {
@@ -117,6 +121,13 @@ impl ClassifiedError {
         ClassifiedError {
             class,
             message: message.into(),
+            details: None,
         }
+    }
+
+    /// The same error with structured `details`.
+    pub fn with_details(mut self, details: serde_json::Value) -> Self {
+        self.details = Some(details);
+        self
     }
 }

@@ -271,7 +271,9 @@ string_type!(Hash32, HashError, "Hash32", {
 /// An event as a capability describes it, before the log numbers and chains it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NewEvent {
-    /// The run the event belongs to.
+    /// The run the event belongs to. Every event belongs to a run: work done outside a task
+    /// graph (a tool called from the command line or by an MCP host) is recorded under a run the
+    /// caller opens for that session, so that it can be queried and exported like any other.
     pub run_id: RunId,
     /// The task, when the event is about one.
     #[serde(default, skip_serializing_if = "Option::is_none")]

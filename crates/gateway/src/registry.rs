@@ -58,7 +58,7 @@ impl RegisteredTool {
         if self.validator.is_valid(args) {
             return Ok(());
         }
-        let errors: Vec<String> = self
+        let errors: Vec<(String, String)> = self
             .validator
             .iter_errors(args)
             .take(MAX_REPORTED_ERRORS)
@@ -69,17 +69,27 @@ impl RegisteredTool {
                 } else {
                     at
                 };
-                format!("at {at}: {}", truncate_chars(&e.to_string(), 200))
+                (at, truncate_chars(&e.to_string(), 200))
             })
             .collect();
+        let words: Vec<String> = errors
+            .iter()
+            .map(|(at, what)| format!("at {at}: {what}"))
+            .collect();
+        // The same list as data, for a model or a program to act on field by field.
+        let details = serde_json::json!({
+            "tool": self.descriptor().name,
+            "errors": errors.iter().map(|(at, what)| serde_json::json!({"at": at, "error": what})).collect::<Vec<_>>(),
+        });
         Err(ClassifiedError::new(
             ErrorClass::InvalidArguments,
             format!(
                 "arguments do not match the input schema of {}: {}",
                 self.descriptor().name,
-                errors.join("; ")
+                words.join("; ")
             ),
-        ))
+        )
+        .with_details(details))
     }
 }
 

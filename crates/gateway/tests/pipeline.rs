@@ -192,6 +192,21 @@ async fn invalid_arguments_never_reach_the_tool() {
         assert_eq!(err.class, ErrorClass::InvalidArguments, "{args}");
         assert!(err.message.contains(needle), "{args}: {}", err.message);
         assert!(err.message.contains("t.read"), "{}", err.message);
+        // The same facts as data: one entry per violation, with where it is.
+        let details = err
+            .details
+            .as_ref()
+            .expect("invalid_arguments carries details");
+        assert_eq!(details["tool"], "t.read");
+        let errors = details["errors"].as_array().unwrap();
+        assert!(!errors.is_empty());
+        assert!(
+            errors
+                .iter()
+                .any(|e| e["at"].as_str().unwrap().contains(needle)
+                    || e["error"].as_str().unwrap().contains(needle)),
+            "{details}"
+        );
     }
     assert_eq!(h.calls.load(Ordering::SeqCst), 0);
     let err = gw.call("no.such", json!({}), ctx()).await.unwrap_err();

@@ -1,0 +1,730 @@
+//! Workforce subcommands: run, replay, resume, runs, simulate, and `bench workforce`.
+
+use std::collections::BTreeMap;
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use agent_runtime_core::{
+    CancellationToken, EventKind, EventQuery, EventSink, EventSource, MemoryLog, NewEvent, RunId,
+    SystemClock, Timestamp,
+};
+use agent_runtime_workforce::driver::{self, DriverError, NoModels, Observer, Outcome, RunOptions};
+use agent_runtime_workforce::engine::{Engine, RunStatus};
+use agent_runtime_workforce::sim::{self, Shape, SimConfig};
+use agent_runtime_workforce::state::RunSummary;
+use agent_runtime_workforce::tools::ToolRegistry;
+use clap::{Args, Subcommand};
+use serde_json::{Value, json};
+
+use crate::common::{CliError, GlobalArgs};
+
+/// Workforce subcommands (flattened into the top level).
+#[derive(Subcommand)]
+pub enum WorkforceCommand {
+    /// Run a task graph (YAML or JSON) and print its final outputs.
+    Run(RunArgs),
+    /// Re-execute a recorded run against its recorded results and check the events match.
+    Replay(ReplayArgs),
+    /// Finish a run whose process died, without re-running completed tasks.
+    Resume(ResumeArgs),
+    /// List and inspect recorded runs.
+    #[command(subcommand)]
+    Runs(RunsCommand),
+    /// Run the real scheduler on a virtual clock with synthetic tasks and failures.
+    Simulate(SimulateArgs),
+}
+
+/// Arguments of `run`.
+#[derive(Args)]
+pub struct RunArgs {
+    /// The task graph file (`.yaml`, `.yml` or `.json`).
+    pub flow: PathBuf,
+    /// Seed of the run's ids, retry jitter and other random draws.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `replay`.
+#[derive(Args)]
+pub struct ReplayArgs {
+    /// The run's id (see `runs list`).
+    pub run_id: String,
+    /// Print the report as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `resume`.
+#[derive(Args)]
+pub struct ResumeArgs {
+    /// The run's id (see `runs list`).
+    pub run_id: String,
+    /// Print the outcome as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `runs list` and `runs show`.
+#[derive(Subcommand)]
+pub enum RunsCommand {
+    /// Every run in the database: id, name, status, start, duration.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run: status, timings and a table of its tasks.
+    Show {
+        /// The run's id.
+        run_id: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Arguments of `simulate`.
+#[derive(Args)]
+pub struct SimulateArgs {
+    /// Agents.
+    #[arg(long, default_value_t = 10)]
+    pub agents: u32,
+    /// Tasks.
+    #[arg(long, default_value_t = 1000)]
+    pub tasks: u32,
+    /// Graph shape: chain, fanout, layered or random.
+    #[arg(long, default_value = "layered")]
+    pub shape: String,
+    /// Probability that a synthetic call fails, in [0, 1].
+    #[arg(long, default_value_t = 0.0)]
+    pub failure_rate: f64,
+    /// Seed of the graph, durations, failures and run.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Tasks of one agent at once.
+    #[arg(long, default_value_t = 4)]
+    pub agent_concurrency: u32,
+    /// Where the events go: `memory` (kept until the end), `store` (the database, --db) or
+    /// `none` (dropped: measures the scheduler alone).
+    #[arg(long, default_value = "memory")]
+    pub log: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `bench workforce`.
+#[derive(Args)]
+pub struct BenchArgs {
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Smaller sizes (10,000 simulated tasks, 1,000 live agents) for a quick look.
+    #[arg(long)]
+    pub quick: bool,
+}
+
+pub fn run(cmd: WorkforceCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    match cmd {
+        WorkforceCommand::Run(args) => run_flow(args, global),
+        WorkforceCommand::Replay(args) => replay(args, global),
+        WorkforceCommand::Resume(args) => resume(args, global),
+        WorkforceCommand::Runs(RunsCommand::List { json }) => runs_list(json, global),
+        WorkforceCommand::Runs(RunsCommand::Show { run_id, json }) => {
+            runs_show(&run_id, json, global)
+        }
+        WorkforceCommand::Simulate(args) => simulate(args, global),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn parse_run_id(s: &str) -> anyhow::Result<RunId> {
+    s.parse()
+        .map_err(|e| CliError::Usage(format!("{e}")).into())
+}
+
+fn driver_error(e: DriverError) -> anyhow::Error {
+    match e {
+        DriverError::Unavailable(m) => CliError::Usage(m).into(),
+        DriverError::NoRun(id) => CliError::Usage(format!(
+            "no run {id} in the event log (see `agent-runtime runs list`)"
+        ))
+        .into(),
+        DriverError::Finished { .. } | DriverError::Diverged { .. } => {
+            CliError::Failed(e.to_string()).into()
+        }
+        other => anyhow::Error::new(other),
+    }
+}
+
+/// Live progress: one rewritten line on a terminal, plain lines otherwise (on stderr).
+struct Progress {
+    tty: bool,
+    state: Mutex<Counts>,
+}
+
+#[derive(Default)]
+struct Counts {
+    done: u64,
+    running: i64,
+    failed: u64,
+    retried: u64,
+    skipped: u64,
+}
+
+impl Progress {
+    fn new() -> Self {
+        Progress {
+            tty: std::io::stderr().is_terminal(),
+            state: Mutex::new(Counts::default()),
+        }
+    }
+    fn finish(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn on_events(&self, events: &[NewEvent], engine: &Engine) {
+        let mut c = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut err = std::io::stderr().lock();
+        for e in events {
+            let name = e.task_id.and_then(|t| engine.task_name(t)).unwrap_or("");
+            let line = match e.kind {
+                EventKind::TaskStarted => {
+                    c.running += 1;
+                    let attempt = e.payload["attempt"].as_u64().unwrap_or(1);
+                    Some(if attempt > 1 {
+                        format!("task {name}: started (attempt {attempt})")
+                    } else {
+                        format!("task {name}: started")
+                    })
+                }
+                EventKind::TaskCompleted => {
+                    if e.payload.get("substituted").is_none() {
+                        c.running -= 1;
+                    }
+                    c.done += 1;
+                    Some(format!("task {name}: completed"))
+                }
+                EventKind::TaskFailed => {
+                    c.running -= 1;
+                    c.failed += 1;
+                    Some(format!(
+                        "task {name}: failed ({}: {})",
+                        e.payload["class"].as_str().unwrap_or("?"),
+                        e.payload["message"].as_str().unwrap_or("")
+                    ))
+                }
+                EventKind::TaskRetryScheduled => {
+                    c.retried += 1;
+                    Some(format!(
+                        "task {name}: retry in {} ms",
+                        e.payload["delay_ms"].as_u64().unwrap_or(0)
+                    ))
+                }
+                EventKind::TaskSkipped => {
+                    c.skipped += 1;
+                    Some(format!(
+                        "task {name}: skipped ({})",
+                        e.payload["reason"].as_str().unwrap_or("")
+                    ))
+                }
+                EventKind::TaskCancelled if e.payload.get("request").is_none() => {
+                    c.running -= 1;
+                    Some(format!("task {name}: cancelled"))
+                }
+                EventKind::TaskSpawned => Some(format!("task {name}: spawned")),
+                _ => None,
+            };
+            if !self.tty
+                && let Some(l) = line
+            {
+                let _ = writeln!(err, "{l}");
+            }
+        }
+        if self.tty {
+            let _ = write!(
+                err,
+                "\r\x1b[2Kdone {}  running {}  failed {}  retried {}  skipped {}",
+                c.done,
+                c.running.max(0),
+                c.failed,
+                c.retried,
+                c.skipped
+            );
+            let _ = err.flush();
+        }
+    }
+}
+
+fn options(
+    global: &GlobalArgs,
+    seed: u64,
+    progress: Arc<Progress>,
+) -> anyhow::Result<(RunOptions, agent_runtime_store::Store)> {
+    let store = global.open_store()?;
+    let opts = RunOptions {
+        seed,
+        sink: Arc::new(store.clone()),
+        clock: Arc::new(SystemClock),
+        tools: Arc::new(ToolRegistry::with_native_tools()),
+        models: Arc::new(NoModels),
+        observer: Some(progress),
+    };
+    Ok((opts, store))
+}
+
+fn report_outcome(
+    out: &Outcome,
+    json_out: bool,
+    wall: std::time::Duration,
+) -> anyhow::Result<ExitCode> {
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(out)?);
+    } else {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for t in &out.tasks {
+            *counts
+                .entry(format!("{:?}", t.status).to_lowercase())
+                .or_default() += 1;
+        }
+        let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        println!(
+            "run {}: {} in {:.2}s ({} tasks: {})",
+            out.run_id,
+            format!("{:?}", out.status).to_lowercase(),
+            wall.as_secs_f64(),
+            out.tasks.len(),
+            counts.join(", ")
+        );
+        println!("log hash: {}", out.log_hash);
+        println!("outputs:");
+        println!("{}", serde_json::to_string_pretty(&out.outputs)?);
+    }
+    match out.status {
+        RunStatus::Completed => Ok(ExitCode::SUCCESS),
+        RunStatus::Failed => Err(CliError::Failed(format!(
+            "run {} failed: {}",
+            out.run_id,
+            out.error.clone().unwrap_or_default()
+        ))
+        .into()),
+        RunStatus::Cancelled => {
+            Err(CliError::Failed(format!("run {} was cancelled", out.run_id)).into())
+        }
+        RunStatus::Running => {
+            Err(CliError::Failed(format!("run {} did not finish", out.run_id)).into())
+        }
+    }
+}
+
+fn cancel_on_ctrl_c(token: CancellationToken) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            token.cancel();
+        }
+    });
+}
+
+fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let graph = agent_runtime_workforce::load_graph(&args.flow).map_err(|e| match e {
+        agent_runtime_workforce::GraphError::Io { .. } => CliError::Usage(e.to_string()),
+        other => CliError::Usage(other.to_string()),
+    })?;
+    let progress = Arc::new(Progress::new());
+    let (opts, _store) = options(global, args.seed, progress.clone())?;
+    let rt = runtime()?;
+    let started = Instant::now();
+    let out = rt.block_on(async {
+        let token = CancellationToken::new();
+        cancel_on_ctrl_c(token.clone());
+        driver::run_graph_with_cancel(graph, opts, token).await
+    });
+    progress.finish();
+    let out = out.map_err(driver_error)?;
+    report_outcome(&out, args.json, started.elapsed())
+}
+
+fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let run_id = parse_run_id(&args.run_id)?;
+    let store = global.open_store_read_only()?;
+    let rt = runtime()?;
+    let report = rt
+        .block_on(driver::replay(&store, run_id))
+        .map_err(driver_error)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "replay of run {}: {} events match ({}{})",
+            report.run_id,
+            report.events,
+            format!("{:?}", report.status).to_lowercase(),
+            if report.finished {
+                ""
+            } else {
+                ", not finished: resume it"
+            }
+        );
+        println!("log hash: {}", report.log_hash);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let run_id = parse_run_id(&args.run_id)?;
+    let progress = Arc::new(Progress::new());
+    let (opts, store) = options(global, 0, progress.clone())?;
+    let rt = runtime()?;
+    let started = Instant::now();
+    let out = rt.block_on(driver::resume(&store, run_id, opts));
+    progress.finish();
+    let out = out.map_err(driver_error)?;
+    report_outcome(&out, args.json, started.elapsed())
+}
+
+fn query(
+    store: &agent_runtime_store::Store,
+    q: EventQuery,
+) -> anyhow::Result<Vec<agent_runtime_core::Envelope>> {
+    let rt = runtime()?;
+    rt.block_on(EventSource::query(store, q))
+        .map_err(|e| anyhow::anyhow!(e.message))
+}
+
+fn duration(s: &RunSummary) -> String {
+    match s.ended {
+        Some(end) => format!(
+            "{:.2}s",
+            end.saturating_duration_since(s.created).as_secs_f64()
+        ),
+        None => "-".into(),
+    }
+}
+
+fn short_time(t: Timestamp) -> String {
+    let s = t.to_string();
+    // 2026-11-27T14:36:53.123456789Z -> 2026-11-27 14:36:53
+    s.get(..19).map_or(s.clone(), |p| p.replace('T', " "))
+}
+
+fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let store = global.open_store_read_only()?;
+    let kinds = vec![
+        EventKind::RunCreated,
+        EventKind::RunCompleted,
+        EventKind::RunFailed,
+        EventKind::RunCancelled,
+    ];
+    let events = query(
+        &store,
+        EventQuery {
+            kinds,
+            ..EventQuery::default()
+        },
+    )?;
+    let mut by_run: BTreeMap<RunId, Vec<agent_runtime_core::Envelope>> = BTreeMap::new();
+    let mut order: Vec<RunId> = Vec::new();
+    for e in events {
+        if e.kind == EventKind::RunCreated {
+            order.push(e.run_id);
+        }
+        by_run.entry(e.run_id).or_default().push(e);
+    }
+    let summaries: Vec<RunSummary> = order
+        .iter()
+        .filter_map(|id| by_run.get(id).and_then(|ev| RunSummary::fold(ev)))
+        .collect();
+    if json_out {
+        let rows: Vec<Value> = summaries
+            .iter()
+            .map(|s| json!({"run_id": s.run_id, "name": s.name, "status": s.status, "created": s.created, "ended": s.ended, "seed": s.seed}))
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if summaries.is_empty() {
+        println!("no runs");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<36}  {:<20}  {:<11}  {:<19}  {:>9}",
+        "RUN", "NAME", "STATUS", "CREATED (UTC)", "DURATION"
+    );
+    for s in &summaries {
+        println!(
+            "{:<36}  {:<20}  {:<11}  {:<19}  {:>9}",
+            s.run_id.to_string(),
+            s.name.clone().unwrap_or_default(),
+            s.status,
+            short_time(s.created),
+            duration(s)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let run_id = parse_run_id(run_id)?;
+    let store = global.open_store_read_only()?;
+    let events = query(
+        &store,
+        EventQuery {
+            run_id: Some(run_id),
+            ..EventQuery::default()
+        },
+    )?;
+    let Some(s) = RunSummary::fold(&events) else {
+        return Err(CliError::Usage(format!(
+            "no run {run_id} in the event log (see `agent-runtime runs list`)"
+        ))
+        .into());
+    };
+    if json_out {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("run:      {}", s.run_id);
+    println!("name:     {}", s.name.clone().unwrap_or_default());
+    println!("status:   {}", s.status);
+    println!("seed:     {}", s.seed);
+    println!("created:  {}", s.created);
+    println!(
+        "ended:    {}",
+        s.ended.map_or("-".into(), |t| t.to_string())
+    );
+    println!("duration: {}", duration(&s));
+    println!("events:   {}  retries: {}", s.events, s.retries);
+    if let Some(e) = &s.error {
+        println!("error:    {e}");
+    }
+    println!();
+    println!(
+        "{:<24}  {:<10}  {:>8}  {:>10}  ERROR",
+        "TASK", "STATUS", "ATTEMPTS", "DURATION"
+    );
+    for t in &s.tasks {
+        let d = match (t.started, t.ended) {
+            (Some(a), Some(b)) => format!("{:.3}s", b.saturating_duration_since(a).as_secs_f64()),
+            _ => "-".into(),
+        };
+        println!(
+            "{:<24}  {:<10}  {:>8}  {:>10}  {}",
+            t.id,
+            t.status,
+            t.attempts,
+            d,
+            t.error.clone().unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let shape: Shape = args.shape.parse().map_err(CliError::Usage)?;
+    if !(0.0..=1.0).contains(&args.failure_rate) {
+        return Err(CliError::Usage("--failure-rate must be between 0 and 1".into()).into());
+    }
+    if args.tasks == 0 || args.agents == 0 {
+        return Err(CliError::Usage("--tasks and --agents must be at least 1".into()).into());
+    }
+    let cfg = SimConfig {
+        agent_concurrency: args.agent_concurrency.max(1),
+        ..SimConfig::new(args.agents, args.tasks, shape, args.failure_rate, args.seed)
+    };
+    let sink: Arc<dyn EventSink> = match args.log.as_str() {
+        "memory" => Arc::new(MemoryLog::default()),
+        "store" => {
+            let store = global.open_store()?;
+            let run_id = sim::run_id_of(&cfg);
+            let q = EventQuery {
+                run_id: Some(run_id),
+                limit: Some(1),
+                ..EventQuery::default()
+            };
+            if !query(&store, q)?.is_empty() {
+                return Err(CliError::Usage(format!(
+                    "run {run_id} (this seed's simulation) is already in the database; use another --seed or --db"
+                ))
+                .into());
+            }
+            Arc::new(store)
+        }
+        "none" => Arc::new(agent_runtime_workforce::bench::NullSink),
+        other => {
+            return Err(
+                CliError::Usage(format!("unknown --log `{other}` (memory, store, none)")).into(),
+            );
+        }
+    };
+    let rt = runtime()?;
+    let report = rt.block_on(sim::simulate(&cfg, sink))?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "simulated {} tasks over {} agents ({:?}, failure rate {}, seed {})",
+        cfg.tasks, cfg.agents, shape, cfg.failure_rate, cfg.seed
+    );
+    println!(
+        "run:               {} ({})",
+        report.run_id,
+        format!("{:?}", report.status).to_lowercase()
+    );
+    println!(
+        "tasks done:        {} (skipped {})",
+        report.tasks_done, report.tasks_skipped
+    );
+    println!("retries:           {}", report.retries);
+    println!(
+        "virtual makespan:  {:.3}s",
+        report.virtual_makespan_ms as f64 / 1000.0
+    );
+    println!(
+        "wall time:         {:.1} ms ({:.0} ns per task)",
+        report.wall_ms, report.ns_per_task
+    );
+    println!("decisions/s:       {:.0}", report.decisions_per_sec);
+    println!(
+        "peak memory:       {}",
+        report
+            .peak_memory_bytes
+            .map_or("unknown".into(), |b| format!(
+                "{:.1} MiB",
+                b as f64 / 1048576.0
+            ))
+    );
+    println!("events:            {}", report.events);
+    println!("log hash:          {}", report.log_hash);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    use agent_runtime_workforce::bench::{NullSink, live_agents, scaling, sim_point};
+    let (sim_tasks, live_n, sizes): (u32, u32, Vec<u32>) = if args.quick {
+        (10_000, 1_000, vec![1_000, 10_000])
+    } else {
+        (100_000, 10_000, vec![1_000, 10_000, 100_000])
+    };
+    let tool_ms = 2_000;
+    // A store of its own in a temporary directory unless --db names one.
+    let tmp = std::env::temp_dir().join(format!(
+        "agent-runtime-bench-workforce-{}",
+        std::process::id()
+    ));
+    let store_path = global.db.clone().unwrap_or_else(|| tmp.join("events.db"));
+    if global.db.is_none() {
+        std::fs::create_dir_all(&tmp)?;
+    }
+    let store =
+        agent_runtime_store::Store::open(agent_runtime_store::StoreConfig::plaintext(&store_path))?;
+    let rt = runtime()?;
+    let say = |m: &str| {
+        if !args.json {
+            eprintln!("{m}");
+        }
+    };
+    let result = rt.block_on(async {
+        // First, while the process is small, so that resident memory measures the live agents.
+        say(&format!(
+            "live: {live_n} agent tasks each awaiting a {tool_ms} ms tool, writing to the store"
+        ));
+        let live = live_agents(live_n, tool_ms, Arc::new(store.clone())).await?;
+        say(&format!(
+            "simulator: {sim_tasks} tasks, 1000 agents, layered, no log (baseline)"
+        ));
+        let null = sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(NullSink)).await?;
+        say("simulator: same, in-memory log");
+        let memory = sim_point(
+            sim_tasks,
+            1000,
+            Shape::Layered,
+            Arc::new(MemoryLog::default()),
+        )
+        .await?;
+        say("simulator: same, writing to the store");
+        let stored = sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(store.clone())).await?;
+        say(&format!("scaling: {sizes:?} tasks, in-memory log"));
+        let scale = scaling(&sizes, || {
+            Arc::new(MemoryLog::default()) as Arc<dyn EventSink>
+        })
+        .await?;
+        anyhow::Ok((null, memory, stored, live, scale))
+    });
+    drop(store);
+    if global.db.is_none() {
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    let (null, memory, stored, live, scale) = result?;
+    let point = |r: &agent_runtime_workforce::sim::SimReport| {
+        json!({
+            "tasks": r.config.tasks, "wall_ms": r.wall_ms, "ns_per_task": r.ns_per_task,
+            "decisions_per_sec": r.decisions_per_sec, "events": r.events, "log_hash": r.log_hash,
+            "peak_memory_bytes": r.peak_memory_bytes,
+        })
+    };
+    let report = json!({
+        "simulator_layered_1000_agents": {
+            "goal_ns_per_task": 2000,
+            "baseline_no_log": point(&null),
+            "memory_log": point(&memory),
+            "store": point(&stored),
+        },
+        "live_agents": {
+            "goal_bytes_per_agent": 16384,
+            "goal_overhead_pct": 5.0,
+            "result": live,
+        },
+        "scaling": { "goal": "vs_n_log_n <= 1", "points": scale },
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "simulator ({} tasks, 1000 agents, layered), ns per task:",
+            null.config.tasks
+        );
+        println!("  no log (baseline) {:>10.0}", null.ns_per_task);
+        println!("  in-memory log     {:>10.0}", memory.ns_per_task);
+        println!(
+            "  store             {:>10.0}   (goal 2000)",
+            stored.ns_per_task
+        );
+        println!(
+            "live agents: {} each awaiting {} ms",
+            live.agents, live.tool_ms
+        );
+        println!(
+            "  wall {:.0} ms, overhead {:.1}% (goal 5%)",
+            live.wall_ms, live.overhead_pct
+        );
+        println!(
+            "  memory per live agent {} (goal 16384 bytes)",
+            live.bytes_per_agent
+                .map_or("unknown".into(), |b| format!("{b:.0} bytes"))
+        );
+        println!("scaling (ns per task; vs n log n, goal <= 1):");
+        for p in &scale {
+            println!(
+                "  {:>7} tasks {:>10.0}   {:.2}",
+                p.tasks, p.ns_per_task, p.vs_n_log_n
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

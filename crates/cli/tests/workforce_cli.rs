@@ -1,0 +1,314 @@
+//! `agent-runtime run / replay / resume / runs / simulate` end to end, with a plaintext database
+//! in a temporary directory.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use agent_runtime_core::{EventKind, EventQuery, RunId};
+use agent_runtime_store::{Store, StoreConfig};
+use assert_cmd::Command;
+use predicates::prelude::*;
+use serde_json::Value;
+
+fn examples() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
+}
+
+fn cli(db: &Path) -> Command {
+    let mut c = Command::cargo_bin("agent-runtime").unwrap();
+    c.env_remove("AGENT_RUNTIME_DB")
+        .arg("--db")
+        .arg(db)
+        .arg("--plaintext");
+    c
+}
+
+fn json_of(out: &[u8]) -> Value {
+    serde_json::from_slice(out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(out)))
+}
+
+fn events(db: &Path, run_id: RunId) -> Vec<agent_runtime_core::Envelope> {
+    let store = Store::open(StoreConfig::plaintext(db).read_only()).unwrap();
+    store
+        .query_blocking(&EventQuery {
+            run_id: Some(run_id),
+            ..EventQuery::default()
+        })
+        .unwrap()
+}
+
+#[test]
+fn run_prints_outputs_and_replay_gives_the_same_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let out = cli(&db)
+        .arg("run")
+        .arg(examples().join("hello.yaml"))
+        .args(["--seed", "5", "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome = json_of(&out.stdout);
+    assert_eq!(outcome["status"], "completed");
+    assert_eq!(outcome["outputs"]["sentence"]["text"], "Hello, world!");
+    // Not a terminal: progress comes as plain lines on stderr.
+    assert!(String::from_utf8_lossy(&out.stderr).contains("task sentence: completed"));
+    let run_id = outcome["run_id"].as_str().unwrap().to_string();
+    let hash = outcome["log_hash"].as_str().unwrap().to_string();
+
+    cli(&db)
+        .args(["replay", &run_id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(&hash));
+    cli(&db)
+        .args(["runs", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(&run_id).and(predicate::str::contains("hello")));
+    cli(&db)
+        .args(["runs", "show", &run_id])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("status:   completed")
+                .and(predicate::str::contains("sentence")),
+        );
+    cli(&db)
+        .args(["resume", &run_id])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("already ended"));
+}
+
+#[test]
+fn human_output_lists_outputs_and_failure_policies_work() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    cli(&db)
+        .arg("run")
+        .arg(examples().join("failure-policies.yaml"))
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("cached answer / from the backup")
+                .and(predicate::str::contains("log hash:")),
+        );
+}
+
+#[test]
+fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = dir.path().join("bad.yaml");
+    std::fs::write(
+        &flow,
+        "tasks:\n  - { id: a, tool: fail, args: { message: boom } }\n",
+    )
+    .unwrap();
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("failed").and(predicate::str::contains("a")));
+
+    std::fs::write(
+        &flow,
+        "tasks:\n  - id: fetch\n    tool: echo\n  - id: b\n    tool: echo\n    needs: [fetc]\n",
+    )
+    .unwrap();
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "bad.yaml:6:5: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)",
+        ));
+
+    std::fs::write(&flow, "tasks:\n  - { id: a, tool: ecoh }\n").unwrap();
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("did you mean `echo`"));
+
+    std::fs::write(
+        &flow,
+        "tasks:\n  - { id: a, tool: echo, needs: [b] }\n  - { id: b, tool: echo, needs: [a] }\n",
+    )
+    .unwrap();
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("dependency cycle a -> b -> a"));
+
+    cli(&db).args(["replay", "not-a-run"]).assert().code(2);
+    cli(&db)
+        .args(["runs", "show", "019b76da-a800-72cf-aefc-92e4edb9b0ae"])
+        .assert()
+        .code(2);
+}
+
+#[test]
+fn simulate_is_deterministic_in_its_seed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let sim = |seed: &str| {
+        let out = cli(&db)
+            .args([
+                "simulate",
+                "--agents",
+                "4",
+                "--tasks",
+                "300",
+                "--shape",
+                "layered",
+                "--failure-rate",
+                "0.1",
+                "--seed",
+                seed,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        json_of(&out.stdout)
+    };
+    let a = sim("1");
+    let b = sim("1");
+    let c = sim("2");
+    assert_eq!(a["log_hash"], b["log_hash"]);
+    assert_ne!(a["log_hash"], c["log_hash"]);
+    assert_eq!(
+        a["tasks_done"].as_u64().unwrap() + a["tasks_skipped"].as_u64().unwrap(),
+        300
+    );
+    cli(&db)
+        .args(["simulate", "--shape", "ring"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unknown shape"));
+}
+
+#[test]
+fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = dir.path().join("chain.yaml");
+    let out_file = dir.path().join("out.txt");
+    let mut yaml = String::from("name: chain\ntasks:\n");
+    for i in 0..8 {
+        let needs = if i == 0 {
+            String::new()
+        } else {
+            format!(", needs: [s{}]", i - 1)
+        };
+        yaml.push_str(&format!("  - {{ id: s{i}, tool: sleep, args: {{ ms: 250 }}, retry: {{ backoff: 1ms }}{needs} }}\n"));
+    }
+    yaml.push_str(&format!(
+        "  - {{ id: write, tool: write_file, needs: [s7], args: {{ path: {:?}, text: \"done\" }}, retry: {{ backoff: 1ms }} }}\n",
+        out_file.display().to_string()
+    ));
+    std::fs::write(&flow, yaml).unwrap();
+
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    let mut child = std::process::Command::new(bin)
+        .env_remove("AGENT_RUNTIME_DB")
+        .arg("--db")
+        .arg(&db)
+        .arg("--plaintext")
+        .arg("run")
+        .arg(&flow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Wait until two tasks are done (not a timing assertion: only a bound on waiting).
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let run_id = loop {
+        assert!(Instant::now() < deadline, "the run never got going");
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(store) = Store::open(StoreConfig::plaintext(&db).read_only()) else {
+            continue;
+        };
+        let Ok(done) = store.query_blocking(&EventQuery {
+            kinds: vec![EventKind::TaskCompleted],
+            ..EventQuery::default()
+        }) else {
+            continue;
+        };
+        if done.len() >= 2 {
+            break done[0].run_id;
+        }
+    };
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let before = events(&db, run_id);
+    assert!(
+        before.iter().all(|e| e.kind != EventKind::RunCompleted),
+        "killed too late"
+    );
+    let completed_before: Vec<_> = before
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskCompleted)
+        .map(|e| e.task_id)
+        .collect();
+
+    cli(&db)
+        .args(["runs", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("interrupted"));
+    let out = cli(&db)
+        .args(["resume", &run_id.to_string(), "--json"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome = json_of(&out.stdout);
+    assert_eq!(outcome["status"], "completed");
+    assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "done");
+    // The same outcome as a run that was never interrupted.
+    let db2 = dir.path().join("uninterrupted.db");
+    let out2 = cli(&db2)
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(out2.status.success());
+    assert_eq!(json_of(&out2.stdout)["outputs"], outcome["outputs"]);
+
+    let after = events(&db, run_id);
+    for t in completed_before {
+        let starts = after
+            .iter()
+            .filter(|e| e.kind == EventKind::TaskStarted && e.task_id == t)
+            .count();
+        assert_eq!(starts, 1, "a task completed before the kill ran again");
+    }
+    assert!(after.iter().any(|e| e.kind == EventKind::RunResumed));
+    cli(&db)
+        .args(["replay", &run_id.to_string()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            outcome["log_hash"].as_str().unwrap(),
+        ));
+}

@@ -1,0 +1,232 @@
+//! Whole-subsystem measurements behind `agent-runtime bench workforce` and the criterion
+//! benches: simulator cost per task against different logs, live agents waiting on a slow tool,
+//! and how cost grows with the number of tasks. Figures, not assertions.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_runtime_core::{
+    Appended, CallContext, EventSink, FinishReason, Hash32, Message, ModelError, ModelProvider,
+    ModelRequest, ModelResponse, NewEvent, Role, SinkError, SystemClock, ToolCall, Usage,
+    async_trait,
+};
+use serde_json::json;
+
+use crate::driver::{self, RunOptions, StaticModels};
+use crate::graph::{AgentSpec, RunLimits, TaskGraph, TaskSpec};
+use crate::sim::{Shape, SimConfig, SimReport, current_memory_bytes, simulate};
+use crate::tools::ToolRegistry;
+
+/// A sink that drops events: the baseline that isolates the scheduler and event building.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NullSink;
+
+#[async_trait]
+impl EventSink for NullSink {
+    async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, SinkError> {
+        Ok(events
+            .iter()
+            .map(|_| Appended {
+                seq: 0,
+                hash: Hash32::GENESIS,
+            })
+            .collect())
+    }
+}
+
+/// One simulator measurement.
+pub async fn sim_point(
+    tasks: u32,
+    agents: u32,
+    shape: Shape,
+    sink: Arc<dyn EventSink>,
+) -> Result<SimReport, crate::sim::SimError> {
+    simulate(&SimConfig::new(agents, tasks, shape, 0.0, 1), sink).await
+}
+
+/// What the live-agents measurement found.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct LiveReport {
+    /// Agent tasks alive at once.
+    pub agents: u32,
+    /// How long each agent's tool call waits, ms.
+    pub tool_ms: u64,
+    /// Wall time of the whole run, ms.
+    pub wall_ms: f64,
+    /// `(wall - tool_ms) / tool_ms`, percent.
+    pub overhead_pct: f64,
+    /// Resident memory before the run, bytes.
+    pub rss_before: Option<u64>,
+    /// Highest resident memory sampled during the run, bytes.
+    pub rss_peak: Option<u64>,
+    /// `(rss_peak - rss_before) / agents`, bytes.
+    pub bytes_per_agent: Option<f64>,
+    /// Events written.
+    pub events: u64,
+    /// The run's status.
+    pub status: crate::engine::RunStatus,
+}
+
+/// A model that asks once for `sleep {ms}` and then answers.
+struct SleepyModel(u64);
+
+#[async_trait]
+impl ModelProvider for SleepyModel {
+    fn id(&self) -> &str {
+        "bench"
+    }
+    async fn complete(
+        &self,
+        req: ModelRequest,
+        _ctx: CallContext,
+    ) -> Result<ModelResponse, ModelError> {
+        let usage = Usage {
+            input_tokens: 1,
+            output_tokens: 1,
+        };
+        if req.messages.last().is_some_and(|m| m.role == Role::User) {
+            let mut message = Message::new(Role::Assistant, "");
+            message.tool_calls = vec![ToolCall {
+                id: "1".into(),
+                name: "sleep".into(),
+                arguments: json!({"ms": self.0}),
+            }];
+            return Ok(ModelResponse {
+                message,
+                finish: FinishReason::ToolCalls,
+                usage,
+            });
+        }
+        Ok(ModelResponse {
+            message: Message::new(Role::Assistant, "ok"),
+            finish: FinishReason::Stop,
+            usage,
+        })
+    }
+}
+
+/// Runs `agents` agent tasks at once, each calling a tool that waits `tool_ms`, through the real
+/// driver on the current tokio runtime; samples resident memory while they wait.
+pub async fn live_agents(
+    agents: u32,
+    tool_ms: u64,
+    sink: Arc<dyn EventSink>,
+) -> Result<LiveReport, driver::DriverError> {
+    let n = agents.max(1);
+    let graph = TaskGraph {
+        name: Some(format!("bench-live-{n}")),
+        limits: RunLimits {
+            concurrency: n,
+            max_tasks: n,
+            max_spawn_depth: 0,
+            ..RunLimits::default()
+        },
+        agents: [(
+            "w".to_string(),
+            AgentSpec {
+                instructions: String::new(),
+                model: "bench/m".into(),
+                tools: vec!["sleep".into()],
+                max_turns: 3,
+                concurrency: n,
+            },
+        )]
+        .into_iter()
+        .collect(),
+        tasks: (0..n)
+            .map(|i| TaskSpec {
+                id: format!("a{i}"),
+                agent: Some("w".into()),
+                prompt: Some("wait".into()),
+                tool: None,
+                args: None,
+                needs: Vec::new(),
+                priority: 0,
+                timeout: None,
+                retry: None,
+                on_failure: Default::default(),
+            })
+            .collect(),
+    };
+    let mut models: std::collections::BTreeMap<String, Arc<dyn ModelProvider>> = Default::default();
+    models.insert("bench".into(), Arc::new(SleepyModel(tool_ms)));
+    let opts = RunOptions {
+        seed: 1,
+        sink,
+        clock: Arc::new(SystemClock),
+        tools: Arc::new(ToolRegistry::with_native_tools()),
+        models: Arc::new(StaticModels(models)),
+        observer: None,
+    };
+    let before = current_memory_bytes();
+    let stop = agent_runtime_core::CancellationToken::new();
+    let sampler = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut peak = 0u64;
+            loop {
+                peak = peak.max(current_memory_bytes().unwrap_or(0));
+                tokio::select! {
+                    _ = stop.cancelled() => return peak,
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                }
+            }
+        })
+    };
+    let started = Instant::now();
+    let out = driver::run_graph(graph, opts).await?;
+    let wall = started.elapsed();
+    stop.cancel();
+    let peak = sampler.await.ok().filter(|&p| p > 0);
+    let wall_ms = wall.as_secs_f64() * 1000.0;
+    Ok(LiveReport {
+        agents: n,
+        tool_ms,
+        wall_ms,
+        overhead_pct: (wall_ms - tool_ms as f64) / tool_ms.max(1) as f64 * 100.0,
+        rss_before: before,
+        rss_peak: peak,
+        bytes_per_agent: match (before, peak) {
+            (Some(b), Some(p)) => Some(p.saturating_sub(b) as f64 / f64::from(n)),
+            _ => None,
+        },
+        events: out.events,
+        status: out.status,
+    })
+}
+
+/// One point of the scaling curve.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ScalePoint {
+    /// Tasks.
+    pub tasks: u32,
+    /// Wall nanoseconds per task.
+    pub ns_per_task: f64,
+    /// This point's cost per task over the first point's, divided by what `n log n` growth
+    /// allows (`log n / log n0`): at most 1 means no worse than `n log n`.
+    pub vs_n_log_n: f64,
+}
+
+/// Simulator cost at each size (layered, 1,000 agents or fewer), against an in-memory log.
+pub async fn scaling(
+    sizes: &[u32],
+    sink: impl Fn() -> Arc<dyn EventSink>,
+) -> Result<Vec<ScalePoint>, crate::sim::SimError> {
+    let mut out: Vec<ScalePoint> = Vec::new();
+    for &n in sizes {
+        let r = sim_point(n, 1000.min(n), Shape::Layered, sink()).await?;
+        let vs = match out.first() {
+            Some(first) => {
+                let allowed = (f64::from(n)).ln() / (f64::from(first.tasks)).ln();
+                (r.ns_per_task / first.ns_per_task) / allowed
+            }
+            None => 1.0,
+        };
+        out.push(ScalePoint {
+            tasks: n,
+            ns_per_task: r.ns_per_task,
+            vs_n_log_n: vs,
+        });
+    }
+    Ok(out)
+}

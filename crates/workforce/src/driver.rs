@@ -1,0 +1,666 @@
+//! Drivers: run, replay and resume a run against an event log.
+//!
+//! The driver is the only part that touches the world. It loops:
+//!
+//! 1. append the pending batch (an input event and the events the engine derived from it) to
+//!    the log, and wait until the log has it;
+//! 2. only then perform the engine's effects: start tool and model calls, each in its own tokio
+//!    task, or cancel them;
+//! 3. wait for the next call result, the engine's next timer, or a cancellation request, and turn
+//!    it into an input event (stamped by the clock) that the engine applies.
+//!
+//! Because every result enters the log before the engine acts on it, [`replay`] can feed the
+//! recorded inputs to a fresh engine and must get the same events back, and [`resume`] can rebuild
+//! the engine after a crash and go on. Calls that were in flight when the process died have no
+//! recorded result: resume fails their attempts with class `internal` ("interrupted"), and the
+//! task's retry policy decides. **Tools must therefore tolerate being called again** for a call
+//! whose result was not recorded (make repeats harmless, or use `on_failure` instead of retry).
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime_core::{
+    Actor, CallContext, CancellationToken, Clock, Envelope, ErrorClass, EventQuery, EventSink,
+    EventSource, ModelProvider, ModelRequest, NewEvent, RunId, Timestamp, ToolError, ToolOutput,
+    ToolSpec, async_trait,
+};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+
+use crate::engine::{Effect, Engine, EngineError, RunStatus, SPAWN_TOOL, TaskView, is_input};
+use crate::graph::{TaskGraph, TaskKind, suggestion};
+use crate::state::LogHasher;
+
+/// Calls tools by name: the seam the gateway fills (policy, sandbox, MCP) and that
+/// [`ToolRegistry`](crate::tools::ToolRegistry) fills with native tools.
+#[async_trait]
+pub trait ToolInvoker: Send + Sync {
+    /// Every tool's name, sorted.
+    fn names(&self) -> Vec<String>;
+    /// How the model sees a tool.
+    fn spec(&self, name: &str) -> Option<ToolSpec>;
+    /// Calls a tool once.
+    async fn invoke(
+        &self,
+        name: &str,
+        args: Value,
+        ctx: CallContext,
+    ) -> Result<ToolOutput, ToolError>;
+}
+
+/// Finds the model provider for the provider part of a route (`openai` in `openai/gpt-4o`).
+pub trait ModelRouter: Send + Sync {
+    /// The provider, if configured.
+    fn provider(&self, provider: &str) -> Option<Arc<dyn ModelProvider>>;
+}
+
+/// A router with no providers: agent tasks fail with `model_unavailable`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoModels;
+
+impl ModelRouter for NoModels {
+    fn provider(&self, _: &str) -> Option<Arc<dyn ModelProvider>> {
+        None
+    }
+}
+
+/// A router over a fixed map of providers.
+#[derive(Clone, Default)]
+pub struct StaticModels(pub BTreeMap<String, Arc<dyn ModelProvider>>);
+
+impl ModelRouter for StaticModels {
+    fn provider(&self, provider: &str) -> Option<Arc<dyn ModelProvider>> {
+        self.0.get(provider).cloned()
+    }
+}
+
+/// Sees every batch of events as it is recorded (for progress displays).
+pub trait Observer: Send + Sync {
+    /// Called after each batch is durable; `engine` names tasks ([`Engine::task_name`]).
+    fn on_events(&self, events: &[NewEvent], engine: &Engine);
+}
+
+/// A clock that follows tokio's clock from a starting time, so that tests with paused tokio time
+/// get reproducible timestamps while timers still fire.
+#[derive(Debug)]
+pub struct TokioClock {
+    base: Timestamp,
+    start: tokio::time::Instant,
+}
+
+impl TokioClock {
+    /// A clock showing `base` now.
+    pub fn new(base: Timestamp) -> Self {
+        TokioClock {
+            base,
+            start: tokio::time::Instant::now(),
+        }
+    }
+}
+
+impl Clock for TokioClock {
+    fn now(&self) -> Timestamp {
+        self.base.saturating_add(self.start.elapsed())
+    }
+}
+
+/// What a run needs from the world.
+#[derive(Clone)]
+pub struct RunOptions {
+    /// Seeds ids, jitter and every other random draw.
+    pub seed: u64,
+    /// Where events go.
+    pub sink: Arc<dyn EventSink>,
+    /// Stamps input events.
+    pub clock: Arc<dyn Clock>,
+    /// Tools.
+    pub tools: Arc<dyn ToolInvoker>,
+    /// Models.
+    pub models: Arc<dyn ModelRouter>,
+    /// Progress listener.
+    pub observer: Option<Arc<dyn Observer>>,
+}
+
+/// How a run ended.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct Outcome {
+    /// The run.
+    pub run_id: RunId,
+    /// Its final status.
+    pub status: RunStatus,
+    /// Outputs of the tasks nothing depends on.
+    pub outputs: BTreeMap<String, Value>,
+    /// Every task's status.
+    pub tasks: Vec<TaskView>,
+    /// The per-run log hash (see [`crate::state::LogHasher`]).
+    pub log_hash: String,
+    /// Events in the run's log.
+    pub events: u64,
+    /// Why the run failed, when it did.
+    pub error: Option<String>,
+}
+
+/// Why a run could not be driven.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The log refused an append or a read.
+    #[error("event log: {0}")]
+    Log(String),
+    /// The engine rejected the log.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The graph names a tool or provider that is not available.
+    #[error("{0}")]
+    Unavailable(String),
+    /// No such run in the log.
+    #[error("no run {0} in the event log")]
+    NoRun(RunId),
+    /// The run has already ended.
+    #[error("run {run_id} already ended ({status}); nothing to resume")]
+    Finished {
+        /// The run.
+        run_id: RunId,
+        /// How it ended.
+        status: String,
+    },
+    /// Replay produced other events than the recorded ones.
+    #[error(
+        "replay diverged at event {index} (seq {seq}): recorded {recorded}, replay produced {produced}"
+    )]
+    Diverged {
+        /// Position in the run's events, from 0.
+        index: usize,
+        /// Sequence number of the recorded event.
+        seq: u64,
+        /// The recorded event, summarized.
+        recorded: String,
+        /// What replay produced there, summarized.
+        produced: String,
+    },
+    /// Nothing can happen any more, yet the run has not ended (a bug).
+    #[error("the run stalled with {0} tasks open and nothing in flight")]
+    Stalled(usize),
+}
+
+/// Checks that every tool and model provider the graph names is available.
+pub fn check_available(
+    graph: &TaskGraph,
+    tools: &dyn ToolInvoker,
+    models: &dyn ModelRouter,
+) -> Result<(), DriverError> {
+    let names = tools.names();
+    let known = |n: &str| names.iter().any(|x| x == n);
+    let hint = |n: &str| suggestion(n, names.iter().map(String::as_str));
+    for t in &graph.tasks {
+        if let TaskKind::Tool { tool, .. } = t.kind()
+            && !known(tool)
+        {
+            return Err(DriverError::Unavailable(format!(
+                "task `{}`: unknown tool `{tool}`{} (available: {})",
+                t.id,
+                hint(tool),
+                names.join(", ")
+            )));
+        }
+    }
+    for (name, a) in &graph.agents {
+        for tool in &a.tools {
+            if tool != SPAWN_TOOL && !known(tool) {
+                return Err(DriverError::Unavailable(format!(
+                    "agent `{name}`: unknown tool `{tool}`{}",
+                    hint(tool)
+                )));
+            }
+        }
+        let used = graph.tasks.iter().any(|t| t.agent.as_deref() == Some(name));
+        let (provider, _) = crate::engine::split_route(&a.model);
+        if used && models.provider(&provider).is_none() {
+            return Err(DriverError::Unavailable(format!(
+                "agent `{name}`: no model provider `{provider}` is configured (route `{}`)",
+                a.model
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Runs `graph` to its end and returns the outcome.
+pub async fn run_graph(graph: TaskGraph, opts: RunOptions) -> Result<Outcome, DriverError> {
+    run_graph_with_cancel(graph, opts, CancellationToken::new()).await
+}
+
+/// Runs `graph`; cancelling `cancel` records a cancellation request and ends the run.
+pub async fn run_graph_with_cancel(
+    graph: TaskGraph,
+    opts: RunOptions,
+    cancel: CancellationToken,
+) -> Result<Outcome, DriverError> {
+    check_available(&graph, opts.tools.as_ref(), opts.models.as_ref())?;
+    let now = opts.clock.now();
+    let run_id = agent_runtime_core::IdGenerator::seeded(
+        opts.seed,
+        Arc::new(agent_runtime_core::ManualClock::new(now)),
+    )
+    .run_id();
+    let created = Engine::created_event(run_id, &graph, opts.seed, now);
+    let mut engine = Engine::create(&created)?;
+    let mut driver = Driver::new(opts, LogHasher::new(), 0);
+    driver.drive(&mut engine, vec![created], cancel).await
+}
+
+/// The result of a replay.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct ReplayReport {
+    /// The run.
+    pub run_id: RunId,
+    /// Events checked.
+    pub events: u64,
+    /// The per-run log hash of the recorded events.
+    pub log_hash: String,
+    /// The status replay reached.
+    pub status: RunStatus,
+    /// Whether the recorded run had ended.
+    pub finished: bool,
+}
+
+/// Loads a run's events from `source`.
+pub async fn load_run(
+    source: &dyn EventSource,
+    run_id: RunId,
+) -> Result<Vec<Envelope>, DriverError> {
+    let events = source
+        .query(EventQuery {
+            run_id: Some(run_id),
+            ..EventQuery::default()
+        })
+        .await
+        .map_err(|e| DriverError::Log(e.message))?;
+    if events.is_empty() {
+        return Err(DriverError::NoRun(run_id));
+    }
+    Ok(events)
+}
+
+fn summarize(e: &NewEvent) -> String {
+    let mut p =
+        String::from_utf8_lossy(&agent_runtime_core::canonical_json(&e.payload)).into_owned();
+    if p.len() > 120 {
+        let mut cut = 117;
+        while !p.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        p.truncate(cut);
+        p.push_str("...");
+    }
+    format!("{} by {} at {} {p}", e.kind, e.actor, e.time)
+}
+
+/// Re-runs the engine over recorded events: every input as recorded, every derived event
+/// compared with the recorded one. Calls no tool and no model.
+fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverError> {
+    let first = events[0].to_new_event();
+    let mut engine = Engine::create(&first)?;
+    hasher.update(&first);
+    let mut pos = 1;
+    loop {
+        for produced in engine.take_events() {
+            let Some(rec) = events.get(pos) else {
+                return Err(DriverError::Diverged {
+                    index: pos,
+                    seq: 0,
+                    recorded: "the end of the log".into(),
+                    produced: summarize(&produced),
+                });
+            };
+            let rec = rec.to_new_event();
+            if rec.canonical_body() != produced.canonical_body() {
+                return Err(DriverError::Diverged {
+                    index: pos,
+                    seq: events[pos].seq,
+                    recorded: summarize(&rec),
+                    produced: summarize(&produced),
+                });
+            }
+            hasher.update(&rec);
+            pos += 1;
+        }
+        engine.take_effects();
+        let Some(next) = events.get(pos) else { break };
+        let next = next.to_new_event();
+        if !is_input(&next) {
+            return Err(DriverError::Diverged {
+                index: pos,
+                seq: events[pos].seq,
+                recorded: summarize(&next),
+                produced: "nothing (the engine derives no event here)".into(),
+            });
+        }
+        engine.apply(&next)?;
+        hasher.update(&next);
+        pos += 1;
+    }
+    Ok(engine)
+}
+
+/// Replays a recorded run: re-executes the scheduler against the recorded results and checks
+/// that the same events come out. A mismatch names the first diverging event.
+pub async fn replay(source: &dyn EventSource, run_id: RunId) -> Result<ReplayReport, DriverError> {
+    let events = load_run(source, run_id).await?;
+    replay_events(&events)
+}
+
+/// [`replay`] over events already loaded (one run's, in order).
+pub fn replay_events(events: &[Envelope]) -> Result<ReplayReport, DriverError> {
+    let Some(first) = events.first() else {
+        return Err(DriverError::Log("no events".into()));
+    };
+    let mut hasher = LogHasher::new();
+    let engine = refold(events, &mut hasher)?;
+    Ok(ReplayReport {
+        run_id: first.run_id,
+        events: hasher.count(),
+        log_hash: hasher.hex(),
+        status: engine.status(),
+        finished: engine.is_finished(),
+    })
+}
+
+/// Finishes a run whose process stopped: rebuilds the engine from the log (checking it as
+/// replay does), records `run.resumed` (which fails in-flight attempts with class `internal`
+/// so their retry policy applies), and drives the run to its end. Completed tasks are not run
+/// again. `opts.seed` is ignored: the run's own seed is in the log.
+pub async fn resume(
+    source: &dyn EventSource,
+    run_id: RunId,
+    opts: RunOptions,
+) -> Result<Outcome, DriverError> {
+    let events = load_run(source, run_id).await?;
+    let mut hasher = LogHasher::new();
+    let mut engine = refold(&events, &mut hasher)?;
+    if engine.is_finished() {
+        return Err(DriverError::Finished {
+            run_id,
+            status: format!("{:?}", engine.status()).to_lowercase(),
+        });
+    }
+    check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
+    let resumed = engine.resumed_event(opts.clock.now());
+    engine.apply(&resumed)?;
+    let count = hasher.count();
+    let mut driver = Driver::new(opts, hasher, count);
+    driver
+        .drive(&mut engine, vec![resumed], CancellationToken::new())
+        .await
+}
+
+enum Done {
+    Tool {
+        call: u64,
+        tool: String,
+        result: Result<Value, (ErrorClass, String)>,
+    },
+    Model {
+        call: u64,
+        result: Result<agent_runtime_core::ModelResponse, (ErrorClass, String)>,
+    },
+}
+
+struct Driver {
+    opts: RunOptions,
+    hasher: LogHasher,
+    events: u64,
+    inflight: HashMap<u64, (CancellationToken, tokio::task::AbortHandle)>,
+    specs: HashMap<String, ToolSpec>,
+}
+
+impl Driver {
+    fn new(opts: RunOptions, hasher: LogHasher, events: u64) -> Self {
+        Driver {
+            opts,
+            hasher,
+            events,
+            inflight: HashMap::new(),
+            specs: HashMap::new(),
+        }
+    }
+
+    async fn record(&mut self, batch: Vec<NewEvent>, engine: &Engine) -> Result<(), DriverError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        for e in &batch {
+            self.hasher.update(e);
+        }
+        self.events += batch.len() as u64;
+        if let Some(o) = &self.opts.observer {
+            self.opts
+                .sink
+                .append(batch.clone())
+                .await
+                .map_err(|e| DriverError::Log(e.message))?;
+            o.on_events(&batch, engine);
+        } else {
+            self.opts
+                .sink
+                .append(batch)
+                .await
+                .map_err(|e| DriverError::Log(e.message))?;
+        }
+        Ok(())
+    }
+
+    async fn drive(
+        &mut self,
+        engine: &mut Engine,
+        first: Vec<NewEvent>,
+        cancel: CancellationToken,
+    ) -> Result<Outcome, DriverError> {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
+        let mut batch = first;
+        let mut cancel_requested = false;
+        loop {
+            batch.extend(engine.take_events());
+            let effects = engine.take_effects();
+            self.record(std::mem::take(&mut batch), engine).await?;
+            for effect in effects {
+                self.perform(engine.run_id(), effect, &tx);
+            }
+            if engine.is_finished() {
+                break;
+            }
+            let deadline = engine.next_deadline();
+            if deadline.is_none() && self.inflight.is_empty() {
+                return Err(DriverError::Stalled(
+                    engine
+                        .task_views()
+                        .iter()
+                        .filter(|t| !t.status.is_terminal())
+                        .count(),
+                ));
+            }
+            let wait = deadline.map(|d| d.saturating_duration_since(self.opts.clock.now()));
+            let input = tokio::select! {
+                biased;
+                _ = cancel.cancelled(), if !cancel_requested => {
+                    cancel_requested = true;
+                    engine.cancel_run_event(self.opts.clock.now(), "cli", "cancelled by the user")
+                }
+                Some(done) = rx.recv() => self.input_of(engine, done),
+                _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
+                    let now = self.opts.clock.now();
+                    match deadline {
+                        // The sleep can end a hair early by the clock's reading; wait again.
+                        Some(d) if now < d => continue,
+                        _ => engine.clock_event(now),
+                    }
+                }
+            };
+            engine.apply(&input)?;
+            batch.push(input);
+            // Group-record: every result already waiting goes into the same batch, each
+            // followed by what the engine derived from it; effects wait for the append.
+            while batch.len() < 4096 && !engine.is_finished() {
+                let Ok(done) = rx.try_recv() else { break };
+                batch.extend(engine.take_events());
+                let input = self.input_of(engine, done);
+                engine.apply(&input)?;
+                batch.push(input);
+            }
+        }
+        for (_, (token, abort)) in self.inflight.drain() {
+            token.cancel();
+            abort.abort();
+        }
+        let error = if engine.status() == RunStatus::Failed {
+            Some(self.failure_reason(engine))
+        } else {
+            None
+        };
+        Ok(Outcome {
+            run_id: engine.run_id(),
+            status: engine.status(),
+            outputs: engine.final_outputs(),
+            tasks: engine.task_views(),
+            log_hash: self.hasher.hex(),
+            events: self.events,
+            error,
+        })
+    }
+
+    fn input_of(&mut self, engine: &Engine, done: Done) -> NewEvent {
+        let now = self.opts.clock.now();
+        match done {
+            Done::Tool { call, tool, result } => {
+                self.inflight.remove(&call);
+                engine.tool_result_event(call, &tool, now, result)
+            }
+            Done::Model { call, result } => {
+                self.inflight.remove(&call);
+                engine.model_result_event(call, now, result.as_ref().map_err(Clone::clone))
+            }
+        }
+    }
+
+    fn failure_reason(&self, engine: &Engine) -> String {
+        let failed: Vec<String> = engine
+            .task_views()
+            .into_iter()
+            .filter(|t| t.status == crate::engine::TaskStatus::Failed)
+            .map(|t| t.id)
+            .collect();
+        format!("task(s) failed: {}", failed.join(", "))
+    }
+
+    /// A tool's spec for the model, cached: descriptors do not change during a run.
+    fn spec(&mut self, name: &str) -> Option<ToolSpec> {
+        if let Some(s) = self.specs.get(name) {
+            return Some(s.clone());
+        }
+        let spec = if name == SPAWN_TOOL {
+            Some(spawn_spec())
+        } else {
+            self.opts.tools.spec(name)
+        }?;
+        self.specs.insert(name.to_string(), spec.clone());
+        Some(spec)
+    }
+
+    fn perform(&mut self, run_id: RunId, effect: Effect, tx: &mpsc::UnboundedSender<Done>) {
+        match effect {
+            Effect::Cancel { call } => {
+                if let Some((token, abort)) = self.inflight.remove(&call) {
+                    token.cancel();
+                    abort.abort();
+                }
+            }
+            Effect::CallTool {
+                call,
+                task_id,
+                actor,
+                tool,
+                args,
+                timeout,
+                ..
+            } => {
+                let token = CancellationToken::new();
+                let mut ctx = CallContext::new(actor);
+                ctx.run_id = Some(run_id);
+                ctx.task_id = Some(task_id);
+                ctx.cancel = token.clone();
+                ctx.timeout = timeout;
+                let tools = self.opts.tools.clone();
+                let tx = tx.clone();
+                let handle = tokio::spawn(async move {
+                    let result = tools
+                        .invoke(&tool, args, ctx)
+                        .await
+                        .map(|o| o.value)
+                        .map_err(|e| (e.class, e.message));
+                    let _ = tx.send(Done::Tool { call, tool, result });
+                });
+                self.inflight.insert(call, (token, handle.abort_handle()));
+            }
+            Effect::CallModel {
+                call,
+                task_id,
+                agent,
+                provider,
+                model,
+                messages,
+                tools,
+                timeout,
+                ..
+            } => {
+                let token = CancellationToken::new();
+                let mut ctx = CallContext::new(Actor::Agent(agent));
+                ctx.run_id = Some(run_id);
+                ctx.task_id = Some(task_id);
+                ctx.cancel = token.clone();
+                ctx.timeout = timeout;
+                let specs: Vec<ToolSpec> = tools.iter().filter_map(|t| self.spec(t)).collect();
+                let request = ModelRequest {
+                    model,
+                    messages,
+                    tools: specs,
+                    max_tokens: None,
+                    temperature: None,
+                };
+                let router = self.opts.models.clone();
+                let tx = tx.clone();
+                let handle = tokio::spawn(async move {
+                    let result = match router.provider(&provider) {
+                        Some(p) => p
+                            .complete(request, ctx)
+                            .await
+                            .map_err(|e| (e.error.class, e.error.message)),
+                        None => Err((
+                            ErrorClass::ModelUnavailable,
+                            format!("no model provider `{provider}`"),
+                        )),
+                    };
+                    let _ = tx.send(Done::Model { call, result });
+                });
+                self.inflight.insert(call, (token, handle.abort_handle()));
+            }
+        }
+    }
+}
+
+/// How the model sees the `spawn_task` pseudo-tool.
+pub fn spawn_spec() -> ToolSpec {
+    ToolSpec {
+        name: SPAWN_TOOL.into(),
+        description:
+            "Add a sub-task to the running task graph; it runs on its own and the run waits for it."
+                .into(),
+        input_schema: json!({
+            "type": "object",
+            "properties": {
+                "prompt": {"type": "string", "description": "What the sub-task should do"},
+                "agent": {"type": "string", "description": "Which agent does it (default: yourself)"}
+            },
+            "required": ["prompt"]
+        }),
+    }
+}

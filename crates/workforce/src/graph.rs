@@ -1,0 +1,1109 @@
+//! Task graphs: the file format, parsing with located errors, and validation.
+//!
+//! A graph names **agents** (instructions, model route, allowed tools, limits) and **tasks**. A
+//! task is either an *agent task* (`agent` + `prompt`) or a *direct tool step* (`tool` + `args`).
+//! Tasks depend on each other through `needs` and through templates in their inputs
+//! (`{{ tasks.fetch.output.text }}`), which add the dependency implicitly.
+//!
+//! The published schema is `schemas/task-graph.schema.json` ([`task_graph_schema`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use agent_runtime_core::ErrorClass;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::template;
+
+/// A whole task graph, as written in a YAML or JSON file.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "Task graph")]
+pub struct TaskGraph {
+    /// A name for the graph, shown in `runs list`.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Limits of the whole run.
+    #[serde(default)]
+    pub limits: RunLimits,
+    /// Agents by name.
+    #[serde(default)]
+    pub agents: BTreeMap<String, AgentSpec>,
+    /// The tasks, in any order (dependencies decide the order of execution).
+    pub tasks: Vec<TaskSpec>,
+}
+
+/// Limits of a run.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RunLimits {
+    /// Tasks running at once, across the run.
+    #[serde(default = "default_concurrency")]
+    pub concurrency: u32,
+    /// Tasks in the run, declared and spawned together.
+    #[serde(default = "default_max_tasks")]
+    pub max_tasks: u32,
+    /// How deep agents may spawn sub-tasks of sub-tasks (0: no spawning).
+    #[serde(default = "default_spawn_depth")]
+    pub max_spawn_depth: u32,
+    /// Calls of one tool running at once, by tool name.
+    #[serde(default)]
+    pub tools: BTreeMap<String, u32>,
+    /// Model calls to one provider running at once, by provider (the part of a model route
+    /// before `/`).
+    #[serde(default)]
+    pub providers: BTreeMap<String, u32>,
+    /// What the run may spend.
+    #[serde(default)]
+    pub budget: Budget,
+}
+
+fn default_concurrency() -> u32 {
+    8
+}
+fn default_max_tasks() -> u32 {
+    10_000
+}
+fn default_spawn_depth() -> u32 {
+    2
+}
+
+impl Default for RunLimits {
+    fn default() -> Self {
+        RunLimits {
+            concurrency: default_concurrency(),
+            max_tasks: default_max_tasks(),
+            max_spawn_depth: default_spawn_depth(),
+            tools: BTreeMap::new(),
+            providers: BTreeMap::new(),
+            budget: Budget::default(),
+        }
+    }
+}
+
+/// What a run may spend; the run fails with `budget_exceeded` when it is spent.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Model tokens (input and output) across the run.
+    #[serde(default)]
+    pub tokens: Option<u64>,
+    /// Model calls across the run.
+    #[serde(default)]
+    pub model_calls: Option<u64>,
+}
+
+/// An agent: who works on agent tasks.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentSpec {
+    /// The system instructions.
+    #[serde(default)]
+    pub instructions: String,
+    /// The model route, `provider/model` (for example `openai/gpt-4o-mini`).
+    pub model: String,
+    /// Tools the agent may call, by registry name. `spawn_task` lets it add sub-tasks.
+    #[serde(default)]
+    pub tools: Vec<String>,
+    /// Model calls per task attempt before it fails with `budget_exceeded`.
+    #[serde(default = "default_max_turns")]
+    pub max_turns: u32,
+    /// Tasks of this agent running at once.
+    #[serde(default = "default_agent_concurrency")]
+    pub concurrency: u32,
+}
+
+fn default_max_turns() -> u32 {
+    8
+}
+fn default_agent_concurrency() -> u32 {
+    4
+}
+
+/// One task of the graph.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TaskSpec {
+    /// Unique id: letters, digits, `_` and `-`.
+    pub id: String,
+    /// For an agent task: the agent's name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<String>,
+    /// For an agent task: what to do (templated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+    /// For a direct tool step: the tool's registry name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    /// For a direct tool step: its arguments (templated: any string may hold
+    /// `{{ tasks.ID.output... }}`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Value>,
+    /// Tasks that must finish first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub needs: Vec<String>,
+    /// Higher runs first among ready tasks (default 0).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub priority: i32,
+    /// Time budget of one attempt, such as `30s` or `500ms`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(with = "Option<String>")]
+    #[serde(with = "opt_duration")]
+    pub timeout: Option<Duration>,
+    /// Retries of failed attempts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryPolicy>,
+    /// What happens when the task has failed for good.
+    #[serde(default, skip_serializing_if = "OnFailure::is_default")]
+    pub on_failure: OnFailure,
+}
+
+fn is_zero(v: &i32) -> bool {
+    *v == 0
+}
+
+/// Retries with exponential backoff and seeded jitter.
+///
+/// The delay before retry `n` (from 1) is `min(backoff * 2^(n-1), max_backoff)`, times a factor
+/// drawn uniformly from `[1 - jitter, 1 + jitter]` from the run's seeded random source.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Delay before the first retry.
+    #[serde(default = "default_backoff", with = "duration_str")]
+    #[schemars(with = "String")]
+    pub backoff: Duration,
+    /// Cap on the delay.
+    #[serde(default = "default_max_backoff", with = "duration_str")]
+    #[schemars(with = "String")]
+    pub max_backoff: Duration,
+    /// Relative jitter in `[0, 1]`.
+    #[serde(default = "default_jitter")]
+    pub jitter: f64,
+    /// Error classes worth retrying (default: timeout, tool_error, model_rate_limit,
+    /// model_error, model_unavailable, internal).
+    #[serde(default = "default_retry_on")]
+    pub on: Vec<ErrorClass>,
+}
+
+fn default_attempts() -> u32 {
+    3
+}
+fn default_backoff() -> Duration {
+    Duration::from_millis(200)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_jitter() -> f64 {
+    0.2
+}
+/// The error classes retried when a retry policy does not name any.
+pub fn default_retry_on() -> Vec<ErrorClass> {
+    let mut v: Vec<ErrorClass> = ErrorClass::ALL
+        .iter()
+        .copied()
+        .filter(|c| c.is_transient())
+        .collect();
+    v.push(ErrorClass::Internal);
+    v
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            max_attempts: default_attempts(),
+            backoff: default_backoff(),
+            max_backoff: default_max_backoff(),
+            jitter: default_jitter(),
+            on: default_retry_on(),
+        }
+    }
+}
+
+/// What happens to the run when a task has failed for good (retries spent or not retryable).
+///
+/// Written `fail_run`, `skip`, `{ continue_with: VALUE }` or `{ fallback: TASK }`.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum OnFailure {
+    /// The run fails (the default).
+    #[default]
+    FailRun,
+    /// The task is skipped, and so are the tasks that need it.
+    Skip,
+    /// The task completes with this output instead.
+    ContinueWith(Value),
+    /// The named task runs in its place; its output becomes this task's output.
+    Fallback(String),
+}
+
+impl Serialize for OnFailure {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        match self {
+            OnFailure::FailRun => s.serialize_str("fail_run"),
+            OnFailure::Skip => s.serialize_str("skip"),
+            OnFailure::ContinueWith(v) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("continue_with", v)?;
+                m.end()
+            }
+            OnFailure::Fallback(t) => {
+                let mut m = s.serialize_map(Some(1))?;
+                m.serialize_entry("fallback", t)?;
+                m.end()
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for OnFailure {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        const EXPECTED: &str =
+            "expected fail_run, skip, { continue_with: VALUE } or { fallback: TASK }";
+        let v = Value::deserialize(d)?;
+        match &v {
+            Value::String(s) if s == "fail_run" => Ok(OnFailure::FailRun),
+            Value::String(s) if s == "skip" => Ok(OnFailure::Skip),
+            Value::Object(m) if m.len() == 1 => match m.iter().next() {
+                Some((k, v)) if k == "continue_with" => Ok(OnFailure::ContinueWith(v.clone())),
+                Some((k, Value::String(t))) if k == "fallback" => {
+                    Ok(OnFailure::Fallback(t.clone()))
+                }
+                Some((k, _)) if k == "fallback" => {
+                    Err(D::Error::custom("fallback must name a task"))
+                }
+                Some((k, _)) => Err(D::Error::custom(format!(
+                    "unknown policy `{k}`{}; {EXPECTED}",
+                    suggestion(k, ["continue_with", "fallback"])
+                ))),
+                None => Err(D::Error::custom(EXPECTED)),
+            },
+            Value::String(s) => Err(D::Error::custom(format!(
+                "unknown policy `{s}`{}; {EXPECTED}",
+                suggestion(s, ["fail_run", "skip"])
+            ))),
+            _ => Err(D::Error::custom(EXPECTED)),
+        }
+    }
+}
+
+impl JsonSchema for OnFailure {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "OnFailure".into()
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "What happens when the task has failed for good",
+            "oneOf": [
+                {"type": "string", "enum": ["fail_run", "skip"]},
+                {"type": "object", "properties": {"continue_with": {}}, "required": ["continue_with"], "additionalProperties": false},
+                {"type": "object", "properties": {"fallback": {"type": "string"}}, "required": ["fallback"], "additionalProperties": false}
+            ]
+        })
+    }
+}
+
+impl OnFailure {
+    fn is_default(&self) -> bool {
+        matches!(self, OnFailure::FailRun)
+    }
+}
+
+/// Which kind of work a task does.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TaskKind<'a> {
+    /// An agent loop.
+    Agent {
+        /// The agent's name.
+        agent: &'a str,
+        /// The templated prompt.
+        prompt: &'a str,
+    },
+    /// One tool call.
+    Tool {
+        /// The tool's name.
+        tool: &'a str,
+        /// The templated arguments.
+        args: &'a Value,
+    },
+}
+
+static NULL: Value = Value::Null;
+
+impl TaskSpec {
+    /// The task's kind (valid after [`TaskGraph::validate`]).
+    pub fn kind(&self) -> TaskKind<'_> {
+        match (&self.agent, &self.tool) {
+            (Some(agent), _) => TaskKind::Agent {
+                agent,
+                prompt: self.prompt.as_deref().unwrap_or(""),
+            },
+            (None, Some(tool)) => TaskKind::Tool {
+                tool,
+                args: self.args.as_ref().unwrap_or(&NULL),
+            },
+            (None, None) => TaskKind::Tool {
+                tool: "",
+                args: &NULL,
+            },
+        }
+    }
+
+    /// Ids of upstream tasks referenced in the task's templates.
+    pub fn template_refs(&self) -> BTreeSet<String> {
+        let mut out = BTreeSet::new();
+        if let Some(p) = &self.prompt {
+            template::collect_refs_str(p, &mut out);
+        }
+        if let Some(a) = &self.args {
+            template::collect_refs(a, &mut out);
+        }
+        out
+    }
+}
+
+mod duration_str {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&humantime::format_duration(*d))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write e.g. 500ms, 30s, 2m"
+            ))
+        })
+    }
+}
+
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => super::duration_str::serialize(d, s),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        match s {
+            None => Ok(None),
+            Some(s) => humantime::parse_duration(&s).map(Some).map_err(|e| {
+                serde::de::Error::custom(format!(
+                    "invalid duration {s:?} ({e}); write e.g. 500ms, 30s, 2m"
+                ))
+            }),
+        }
+    }
+}
+
+/// The JSON Schema of a task graph file (published as `schemas/task-graph.schema.json`).
+pub fn task_graph_schema() -> Value {
+    serde_json::to_value(schemars::schema_for!(TaskGraph)).unwrap_or(Value::Null)
+}
+
+/// Where in a file something is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    /// The file (or `<input>`).
+    pub file: PathBuf,
+    /// 1-based line, 0 when unknown.
+    pub line: usize,
+    /// 1-based column, 0 when unknown.
+    pub column: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}", self.file.display())
+        } else {
+            write!(f, "{}:{}:{}", self.file.display(), self.line, self.column)
+        }
+    }
+}
+
+/// A task graph that cannot be used, with where and why.
+#[derive(Debug, thiserror::Error)]
+pub enum GraphError {
+    /// The file could not be read.
+    #[error("cannot read task graph {}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid YAML/JSON, or a field has the wrong shape.
+    #[error("{at}: {field}: {message}")]
+    Syntax {
+        /// Where.
+        at: Location,
+        /// The field path, such as `tasks[1].retry.backoff`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The graph is well formed but does not make sense.
+    #[error("{at}: {field}: {message}")]
+    Invalid {
+        /// Where (the best location found for the field).
+        at: Location,
+        /// The field path, such as `tasks[2].needs`.
+        field: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The dependencies form a cycle.
+    #[error("{at}: tasks: dependency cycle {}", path.join(" -> "))]
+    Cycle {
+        /// Where the first task of the cycle is declared.
+        at: Location,
+        /// The task ids of the cycle, the first repeated at the end.
+        path: Vec<String>,
+    },
+}
+
+/// Reads and validates a task graph file (`.json` as JSON, anything else as YAML).
+pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
+    let text = std::fs::read_to_string(path).map_err(|source| GraphError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_graph(&text, path)
+}
+
+/// Parses and validates a task graph from `text`; `file` names it in errors. JSON when the text
+/// starts with `{`, YAML otherwise (JSON is YAML, but serde_json reports better positions).
+pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
+    let graph: TaskGraph = if text.trim_start().starts_with('{') {
+        let mut de = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+            let field = path_string(e.path());
+            let inner = e.into_inner();
+            let message = strip_position(&inner.to_string(), &field);
+            GraphError::Syntax {
+                at: Location {
+                    file: file.to_path_buf(),
+                    line: inner.line(),
+                    column: inner.column(),
+                },
+                field,
+                message,
+            }
+        })?
+    } else {
+        let de = serde_yaml_ng::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            let field = path_string(e.path());
+            let inner = e.into_inner();
+            let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let message = strip_position(&inner.to_string(), &field);
+            GraphError::Syntax {
+                at: Location {
+                    file: file.to_path_buf(),
+                    line,
+                    column,
+                },
+                field,
+                message,
+            }
+        })?
+    };
+    graph.validate_in(text, file)?;
+    Ok(graph)
+}
+
+fn path_string(p: &serde_path_to_error::Path) -> String {
+    let s = p.to_string();
+    if s == "." { "(top level)".into() } else { s }
+}
+
+fn strip_position(msg: &str, field: &str) -> String {
+    // Both parsers append " at line L column C", and the YAML one starts with the field path;
+    // both are reported separately.
+    let msg = match msg.find(" at line ") {
+        Some(i) => &msg[..i],
+        None => msg,
+    };
+    msg.strip_prefix(field)
+        .and_then(|m| m.strip_prefix(": "))
+        .unwrap_or(msg)
+        .to_string()
+}
+
+/// The closest of `candidates` to `name`, when close enough to be a likely typo.
+pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(name, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// ` (did you mean `x`?)` or nothing.
+pub fn suggestion<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    closest(name, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
+}
+
+/// Finds the best location of a task's field in the source text: the line of the task's `id`,
+/// then the first line after it mentioning `field`. Best effort: 0:0 when nothing matches.
+fn locate(text: &str, file: &Path, task: Option<&str>, field: &str) -> Location {
+    let mut start_line = 0;
+    if let Some(id) = task {
+        let pats = [
+            format!("id: {id}"),
+            format!("\"id\": \"{id}\""),
+            format!("id: \"{id}\""),
+            format!("id: '{id}'"),
+        ];
+        if let Some((n, _)) = text.lines().enumerate().find(|(_, l)| {
+            pats.iter().any(|p| {
+                l.find(p.as_str()).is_some_and(|i| {
+                    let rest = &l[i + p.len()..];
+                    rest.is_empty() || rest.starts_with([' ', ',', '}', '"', '\'', '#'])
+                })
+            })
+        }) {
+            start_line = n;
+        } else {
+            return Location {
+                file: file.to_path_buf(),
+                line: 0,
+                column: 0,
+            };
+        }
+    }
+    let keys = [format!("{field}:"), format!("\"{field}\"")];
+    for (n, l) in text.lines().enumerate().skip(start_line) {
+        if let Some(col) = keys.iter().filter_map(|k| l.find(k.as_str())).min() {
+            return Location {
+                file: file.to_path_buf(),
+                line: n + 1,
+                column: col + 1,
+            };
+        }
+    }
+    Location {
+        file: file.to_path_buf(),
+        line: start_line + 1,
+        column: 1,
+    }
+}
+
+fn valid_id(id: &str) -> bool {
+    !id.is_empty()
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+}
+
+impl TaskGraph {
+    /// Checks the graph without source text (errors have no line numbers).
+    pub fn validate(&self) -> Result<(), GraphError> {
+        self.validate_in("", Path::new("<graph>"))
+    }
+
+    /// Checks ids, references, task kinds, limits and cycles; `text` and `file` locate errors.
+    pub fn validate_in(&self, text: &str, file: &Path) -> Result<(), GraphError> {
+        let invalid = |task: Option<(usize, &str)>, field: &str, message: String| {
+            let (fpath, tid) = match task {
+                Some((i, id)) => (format!("tasks[{i}].{field}"), Some(id)),
+                None => (field.to_string(), None),
+            };
+            let key = field.rsplit('.').next().unwrap_or(field);
+            let key = key.split('[').next().unwrap_or(key);
+            GraphError::Invalid {
+                at: locate(text, file, tid, key),
+                field: fpath,
+                message,
+            }
+        };
+        if self.tasks.is_empty() {
+            return Err(invalid(
+                None,
+                "tasks",
+                "a graph needs at least one task".into(),
+            ));
+        }
+        if self.limits.concurrency == 0 {
+            return Err(invalid(
+                None,
+                "limits.concurrency",
+                "must be at least 1".into(),
+            ));
+        }
+        if self.tasks.len() as u64 > u64::from(self.limits.max_tasks) {
+            return Err(invalid(
+                None,
+                "limits.max_tasks",
+                format!(
+                    "the graph declares {} tasks, more than max_tasks {}",
+                    self.tasks.len(),
+                    self.limits.max_tasks
+                ),
+            ));
+        }
+        for (name, a) in &self.agents {
+            if !valid_id(name) {
+                return Err(invalid(
+                    None,
+                    "agents",
+                    format!("invalid agent name {name:?}: use letters, digits, _ and -"),
+                ));
+            }
+            if a.concurrency == 0 || a.max_turns == 0 {
+                return Err(invalid(
+                    None,
+                    &format!("agents.{name}"),
+                    "concurrency and max_turns must be at least 1".into(),
+                ));
+            }
+            if a.model.trim().is_empty() {
+                return Err(invalid(
+                    None,
+                    &format!("agents.{name}.model"),
+                    "the model route is empty".into(),
+                ));
+            }
+        }
+        let mut ids: BTreeMap<&str, usize> = BTreeMap::new();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if !valid_id(&t.id) {
+                return Err(invalid(
+                    Some((i, &t.id)),
+                    "id",
+                    format!("invalid task id {:?}: use letters, digits, _ and -", t.id),
+                ));
+            }
+            if ids.insert(&t.id, i).is_some() {
+                return Err(invalid(
+                    Some((i, &t.id)),
+                    "id",
+                    format!("duplicate task id `{}`", t.id),
+                ));
+            }
+        }
+        let names = || ids.keys().copied();
+        for (i, t) in self.tasks.iter().enumerate() {
+            let at = Some((i, t.id.as_str()));
+            match (&t.agent, &t.tool) {
+                (Some(_), Some(_)) => {
+                    return Err(invalid(
+                        at,
+                        "tool",
+                        "a task has either `agent` (agent task) or `tool` (tool step), not both"
+                            .into(),
+                    ));
+                }
+                (None, None) => {
+                    return Err(invalid(
+                        at,
+                        "id",
+                        "a task needs `agent` (agent task) or `tool` (tool step)".into(),
+                    ));
+                }
+                (Some(agent), None) => {
+                    if !self.agents.contains_key(agent) {
+                        return Err(invalid(
+                            at,
+                            "agent",
+                            format!(
+                                "unknown agent `{agent}`{}",
+                                suggestion(agent, self.agents.keys().map(String::as_str))
+                            ),
+                        ));
+                    }
+                    if t.args.is_some() {
+                        return Err(invalid(
+                            at,
+                            "args",
+                            "`args` belongs to tool steps; an agent task takes `prompt`".into(),
+                        ));
+                    }
+                }
+                (None, Some(tool)) => {
+                    if tool.is_empty() {
+                        return Err(invalid(at, "tool", "the tool name is empty".into()));
+                    }
+                    if t.prompt.is_some() {
+                        return Err(invalid(
+                            at,
+                            "prompt",
+                            "`prompt` belongs to agent tasks; a tool step takes `args`".into(),
+                        ));
+                    }
+                }
+            }
+            for n in &t.needs {
+                if !ids.contains_key(n.as_str()) {
+                    return Err(invalid(
+                        at,
+                        "needs",
+                        format!("unknown task `{n}`{}", suggestion(n, names())),
+                    ));
+                }
+                if n == &t.id {
+                    return Err(GraphError::Cycle {
+                        at: locate(text, file, Some(&t.id), "needs"),
+                        path: vec![n.clone(), n.clone()],
+                    });
+                }
+            }
+            for r in t.template_refs() {
+                if !ids.contains_key(r.as_str()) {
+                    let field = if t.agent.is_some() { "prompt" } else { "args" };
+                    return Err(invalid(
+                        at,
+                        field,
+                        format!(
+                            "template refers to unknown task `{r}`{}",
+                            suggestion(&r, names())
+                        ),
+                    ));
+                }
+            }
+            if let Err(e) = template::check(t) {
+                let field = if t.agent.is_some() { "prompt" } else { "args" };
+                return Err(invalid(at, field, e));
+            }
+            if let Some(r) = &t.retry {
+                if r.max_attempts == 0 {
+                    return Err(invalid(
+                        at,
+                        "retry.max_attempts",
+                        "must be at least 1".into(),
+                    ));
+                }
+                if !(0.0..=1.0).contains(&r.jitter) {
+                    return Err(invalid(
+                        at,
+                        "retry.jitter",
+                        "must be between 0 and 1".into(),
+                    ));
+                }
+            }
+            if let OnFailure::Fallback(f) = &t.on_failure {
+                if !ids.contains_key(f.as_str()) {
+                    return Err(invalid(
+                        at,
+                        "on_failure",
+                        format!("unknown fallback task `{f}`{}", suggestion(f, names())),
+                    ));
+                }
+                if f == &t.id {
+                    return Err(invalid(
+                        at,
+                        "on_failure",
+                        "a task cannot be its own fallback".into(),
+                    ));
+                }
+            }
+        }
+        // Fallback tasks are held back until their task fails, so no task may wait for one.
+        let deps = self.dependencies();
+        let held = self.fallback_targets();
+        for (i, d) in deps.iter().enumerate() {
+            if let Some(&f) = d.iter().find(|f| held.contains(f)) {
+                return Err(invalid(
+                    Some((i, &self.tasks[i].id)),
+                    "needs",
+                    format!(
+                        "`{}` is a fallback task (it runs only when the task it stands in for fails), so no task can need it",
+                        self.tasks[f].id
+                    ),
+                ));
+            }
+        }
+        if let Some(cycle) = find_cycle(&deps) {
+            let at = locate(text, file, Some(&self.tasks[cycle[0]].id), "needs");
+            return Err(GraphError::Cycle {
+                at,
+                path: cycle.iter().map(|&i| self.tasks[i].id.clone()).collect(),
+            });
+        }
+        Ok(())
+    }
+
+    /// For each task (by index), the indices of the tasks it depends on: `needs` plus template
+    /// references, sorted and without repeats.
+    pub fn dependencies(&self) -> Vec<Vec<usize>> {
+        let ids: BTreeMap<&str, usize> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        self.tasks
+            .iter()
+            .map(|t| {
+                let mut d: BTreeSet<usize> = t
+                    .needs
+                    .iter()
+                    .filter_map(|n| ids.get(n.as_str()).copied())
+                    .collect();
+                for r in t.template_refs() {
+                    if let Some(&i) = ids.get(r.as_str()) {
+                        d.insert(i);
+                    }
+                }
+                d.into_iter().collect()
+            })
+            .collect()
+    }
+
+    /// Indices of tasks that are some task's fallback (held back until needed).
+    pub fn fallback_targets(&self) -> BTreeSet<usize> {
+        let ids: BTreeMap<&str, usize> = self
+            .tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
+            .collect();
+        self.tasks
+            .iter()
+            .filter_map(|t| match &t.on_failure {
+                OnFailure::Fallback(f) => ids.get(f.as_str()).copied(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A digest of the graph's canonical JSON, recorded in `run.created`.
+    pub fn digest(&self) -> String {
+        let v = serde_json::to_value(self).unwrap_or(Value::Null);
+        blake3::hash(&agent_runtime_core::canonical_json(&v))
+            .to_hex()
+            .to_string()
+    }
+}
+
+/// Finds a cycle in a dependency list; returns its task indices with the first repeated last.
+fn find_cycle(deps: &[Vec<usize>]) -> Option<Vec<usize>> {
+    // Iterative three-colour depth-first search, in index order for a deterministic answer.
+    let n = deps.len();
+    let mut colour = vec![0u8; n]; // 0 new, 1 on stack, 2 done
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    for root in 0..n {
+        if colour[root] != 0 {
+            continue;
+        }
+        stack.push((root, 0));
+        colour[root] = 1;
+        while let Some(&mut (v, ref mut next)) = stack.last_mut() {
+            if let Some(&w) = deps[v].get(*next) {
+                *next += 1;
+                match colour[w] {
+                    0 => {
+                        colour[w] = 1;
+                        stack.push((w, 0));
+                    }
+                    1 => {
+                        // The path from w to v on the stack, then w again. Dependencies point
+                        // upstream, so reverse it to read in execution order.
+                        let pos = stack.iter().position(|&(x, _)| x == w).unwrap_or(0);
+                        let mut cycle: Vec<usize> = stack[pos..].iter().map(|&(x, _)| x).collect();
+                        cycle.push(w);
+                        cycle.reverse();
+                        return Some(cycle);
+                    }
+                    _ => {}
+                }
+            } else {
+                colour[v] = 2;
+                stack.pop();
+            }
+        }
+    }
+    None
+}
+
+/// Topological rank of each task: the length of the longest dependency chain above it.
+pub fn topo_ranks(deps: &[Vec<usize>]) -> Vec<u32> {
+    let n = deps.len();
+    let mut rank = vec![0u32; n];
+    let mut indeg = vec![0usize; n];
+    let mut down: Vec<Vec<usize>> = vec![Vec::new(); n];
+    for (i, d) in deps.iter().enumerate() {
+        indeg[i] = d.len();
+        for &u in d {
+            down[u].push(i);
+        }
+    }
+    let mut queue: std::collections::VecDeque<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    while let Some(u) = queue.pop_front() {
+        for &v in &down[u] {
+            rank[v] = rank[v].max(rank[u] + 1);
+            indeg[v] -= 1;
+            if indeg[v] == 0 {
+                queue.push_back(v);
+            }
+        }
+    }
+    rank
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<TaskGraph, GraphError> {
+        parse_graph(text, Path::new("flow.yaml"))
+    }
+
+    #[test]
+    fn parses_yaml_with_every_feature() {
+        let g = parse(
+            r#"
+name: demo
+limits: { concurrency: 2, tools: { echo: 1 } }
+agents:
+  writer: { model: "test/echo", tools: [echo], max_turns: 3 }
+tasks:
+  - id: fetch
+    tool: echo
+    args: { text: hi }
+    timeout: 2s
+    retry: { max_attempts: 4, backoff: 10ms, on: [timeout, tool_error] }
+    on_failure: skip
+  - id: write
+    agent: writer
+    prompt: "Summarize {{ tasks.fetch.output.text }}"
+    on_failure: { continue_with: "none" }
+  - id: alt
+    tool: echo
+    args: {}
+  - id: last
+    tool: echo
+    needs: [write]
+    args: { a: 1 }
+    on_failure: { fallback: alt }
+"#,
+        )
+        .unwrap();
+        assert_eq!(g.tasks.len(), 4);
+        assert_eq!(g.tasks[0].timeout, Some(Duration::from_secs(2)));
+        assert_eq!(g.tasks[0].on_failure, OnFailure::Skip);
+        assert_eq!(
+            g.tasks[1].on_failure,
+            OnFailure::ContinueWith(Value::String("none".into()))
+        );
+        assert_eq!(g.tasks[3].on_failure, OnFailure::Fallback("alt".into()));
+        assert_eq!(g.dependencies()[1], vec![0]);
+    }
+
+    #[test]
+    fn syntax_errors_name_line_column_and_field() {
+        let e = parse("tasks:\n  - id: a\n    tool: echo\n    nedds: [b]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("flow.yaml:4:"), "{e}");
+        assert!(e.contains("tasks[0]"), "{e}");
+        assert!(e.contains("nedds"), "{e}");
+        let e = parse("tasks:\n  - id: a\n    tool: echo\n    timeout: soon\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tasks[0].timeout"), "{e}");
+        assert!(e.contains("invalid duration"), "{e}");
+    }
+
+    #[test]
+    fn json_errors_have_positions_too() {
+        let e = parse_graph(
+            "{\"tasks\": [{\"id\": \"a\", \"tool\": 5}]}",
+            Path::new("f.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("f.json:1:"), "{e}");
+        assert!(e.contains("tasks[0].tool"), "{e}");
+    }
+
+    #[test]
+    fn unknown_reference_suggests_the_closest_name() {
+        let e = parse(
+            "tasks:\n  - id: fetch\n    tool: echo\n  - id: b\n    tool: echo\n    needs: [fetc]\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(
+            e,
+            "flow.yaml:6:5: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)"
+        );
+        let e = parse("tasks:\n  - id: fetch\n    tool: echo\n  - id: b\n    tool: echo\n    args: { x: \"{{ tasks.fech.output }}\" }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("unknown task `fech` (did you mean `fetch`?)"),
+            "{e}"
+        );
+        let e =
+            parse("agents: { writer: { model: a/b } }\ntasks:\n  - id: x\n    agent: writter\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            e.contains("unknown agent `writter` (did you mean `writer`?)"),
+            "{e}"
+        );
+        assert!(e.starts_with("flow.yaml:4:5"), "{e}");
+    }
+
+    #[test]
+    fn cycles_are_named_as_paths() {
+        let e = parse(
+            "tasks:\n  - { id: a, tool: echo, needs: [c] }\n  - { id: b, tool: echo, needs: [a] }\n  - { id: c, tool: echo, needs: [b] }\n",
+        )
+        .unwrap_err();
+        match &e {
+            GraphError::Cycle { path, at } => {
+                assert_eq!(path.first(), path.last());
+                assert_eq!(path.len(), 4);
+                assert!(at.line >= 2);
+            }
+            other => panic!("{other}"),
+        }
+        assert!(
+            e.to_string().contains("dependency cycle a -> b -> c -> a"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn task_kind_errors() {
+        let e = parse("tasks:\n  - { id: a }\n").unwrap_err().to_string();
+        assert!(e.contains("needs `agent`"), "{e}");
+        let e = parse("tasks:\n  - { id: a, tool: x, needs: [a] }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cycle a -> a"), "{e}");
+        let e = parse("tasks:\n  - { id: a, tool: x }\n  - { id: a, tool: x }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("duplicate task id"), "{e}");
+    }
+
+    #[test]
+    fn ranks_follow_the_longest_chain() {
+        let deps = vec![vec![], vec![0], vec![0, 1], vec![]];
+        assert_eq!(topo_ranks(&deps), vec![0, 1, 2, 0]);
+    }
+}

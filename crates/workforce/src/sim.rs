@@ -1,0 +1,404 @@
+//! The simulator: the real [`Engine`] on a virtual clock, with synthetic model calls whose
+//! durations and failures come from a seeded random source.
+//!
+//! Every synthetic result is recorded as an input event exactly as a live run records a real
+//! one, so the simulated log replays like any other (`agent-runtime replay` works on it) and the
+//! same seed gives the same log hash.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agent_runtime_core::{
+    ErrorClass, EventSink, FinishReason, IdGenerator, ManualClock, Message, ModelResponse,
+    NewEvent, Role, SeededRng, Timestamp, Usage,
+};
+
+use crate::engine::{Effect, Engine, RunStatus, TaskStatus};
+use crate::graph::{AgentSpec, OnFailure, RetryPolicy, RunLimits, TaskGraph, TaskSpec};
+use crate::state::LogHasher;
+
+/// The shape of a synthetic graph.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Shape {
+    /// Each task needs the one before.
+    Chain,
+    /// One root; every other task needs it.
+    Fanout,
+    /// Layers as wide as there are agents (at least √tasks); each task needs up to two tasks of
+    /// the layer above.
+    Layered,
+    /// Each task needs up to three random tasks among the hundred before it.
+    Random,
+}
+
+impl std::str::FromStr for Shape {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "chain" => Ok(Shape::Chain),
+            "fanout" => Ok(Shape::Fanout),
+            "layered" => Ok(Shape::Layered),
+            "random" => Ok(Shape::Random),
+            _ => Err(format!(
+                "unknown shape `{s}` (chain, fanout, layered, random)"
+            )),
+        }
+    }
+}
+
+/// What to simulate.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct SimConfig {
+    /// Agents.
+    pub agents: u32,
+    /// Tasks.
+    pub tasks: u32,
+    /// Graph shape.
+    pub shape: Shape,
+    /// Probability that a synthetic model call fails (retried up to 3 attempts, then skipped).
+    pub failure_rate: f64,
+    /// Seed of the graph, the durations, the failures and the run.
+    pub seed: u64,
+    /// Tasks of one agent at once.
+    pub agent_concurrency: u32,
+    /// Tasks at once across the run (default: agents × agent_concurrency).
+    pub concurrency: Option<u32>,
+    /// Shortest synthetic call, in virtual milliseconds.
+    pub min_ms: u64,
+    /// Longest synthetic call, in virtual milliseconds.
+    pub max_ms: u64,
+    /// Events per append to the sink.
+    pub batch: usize,
+}
+
+impl SimConfig {
+    /// A configuration with the defaults for everything but the essentials.
+    pub fn new(agents: u32, tasks: u32, shape: Shape, failure_rate: f64, seed: u64) -> Self {
+        SimConfig {
+            agents,
+            tasks,
+            shape,
+            failure_rate,
+            seed,
+            agent_concurrency: 4,
+            concurrency: None,
+            min_ms: 50,
+            max_ms: 1000,
+            batch: 4096,
+        }
+    }
+}
+
+/// What a simulation measured.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct SimReport {
+    /// The configuration.
+    pub config: SimConfig,
+    /// The run id.
+    pub run_id: String,
+    /// How the run ended.
+    pub status: RunStatus,
+    /// Tasks completed.
+    pub tasks_done: u64,
+    /// Tasks skipped after their retries were spent.
+    pub tasks_skipped: u64,
+    /// Retries scheduled.
+    pub retries: u64,
+    /// Virtual time from start to end, ms.
+    pub virtual_makespan_ms: u64,
+    /// Wall time of the whole simulation (graph building excluded), ms.
+    pub wall_ms: f64,
+    /// Scheduling decisions (dispatches, calls, retries).
+    pub decisions: u64,
+    /// Decisions per wall second.
+    pub decisions_per_sec: f64,
+    /// Wall nanoseconds per task.
+    pub ns_per_task: f64,
+    /// Peak resident memory of the process (Linux `VmHWM`), bytes.
+    pub peak_memory_bytes: Option<u64>,
+    /// Events written.
+    pub events: u64,
+    /// The per-run log hash.
+    pub log_hash: String,
+}
+
+/// Builds the synthetic graph of a configuration (deterministic in the seed).
+pub fn synth_graph(cfg: &SimConfig) -> TaskGraph {
+    let n = cfg.tasks.max(1) as usize;
+    let agents = cfg.agents.max(1);
+    let mut rng = SeededRng::new(cfg.seed ^ 0x6A09_E667_F3BC_C909);
+    let width = (n as f64).sqrt().ceil() as usize;
+    let digits = n.to_string().len();
+    let id = |i: usize| format!("t{i:0digits$}");
+    let mut tasks = Vec::with_capacity(n);
+    let retry = RetryPolicy {
+        max_attempts: 3,
+        backoff: Duration::from_millis(100),
+        ..RetryPolicy::default()
+    };
+    for i in 0..n {
+        let needs: BTreeSet<usize> = match cfg.shape {
+            Shape::Chain => (i > 0).then(|| i - 1).into_iter().collect(),
+            Shape::Fanout => (i > 0).then_some(0).into_iter().collect(),
+            Shape::Layered => {
+                let w = width.max(agents as usize);
+                let layer = i / w;
+                if layer == 0 {
+                    BTreeSet::new()
+                } else {
+                    let start = (layer - 1) * w;
+                    (0..2)
+                        .map(|_| start + rng.below(w as u64) as usize)
+                        .collect()
+                }
+            }
+            Shape::Random => {
+                if i == 0 {
+                    BTreeSet::new()
+                } else {
+                    let lo = i.saturating_sub(100);
+                    let k = rng.below(4) as usize;
+                    (0..k)
+                        .map(|_| lo + rng.below((i - lo) as u64) as usize)
+                        .collect()
+                }
+            }
+        };
+        tasks.push(TaskSpec {
+            id: id(i),
+            agent: Some(format!("a{}", i as u32 % agents)),
+            prompt: Some("work".into()),
+            tool: None,
+            args: None,
+            needs: needs.into_iter().map(id).collect(),
+            priority: 0,
+            timeout: None,
+            retry: Some(retry.clone()),
+            on_failure: OnFailure::Skip,
+        });
+    }
+    let agent_specs: BTreeMap<String, AgentSpec> = (0..agents)
+        .map(|a| {
+            (
+                format!("a{a}"),
+                AgentSpec {
+                    instructions: String::new(),
+                    model: "sim/model".into(),
+                    tools: Vec::new(),
+                    max_turns: 1,
+                    concurrency: cfg.agent_concurrency.max(1),
+                },
+            )
+        })
+        .collect();
+    TaskGraph {
+        name: Some(format!("sim-{:?}-{}x{}", cfg.shape, cfg.agents, cfg.tasks).to_lowercase()),
+        limits: RunLimits {
+            concurrency: cfg
+                .concurrency
+                .unwrap_or(agents.saturating_mul(cfg.agent_concurrency.max(1)))
+                .max(1),
+            max_tasks: cfg.tasks.max(1),
+            max_spawn_depth: 0,
+            ..RunLimits::default()
+        },
+        agents: agent_specs,
+        tasks,
+    }
+}
+
+/// A simulation that could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum SimError {
+    /// The engine refused the graph or an event.
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineError),
+    /// The sink refused an append.
+    #[error("event log: {0}")]
+    Log(String),
+}
+
+/// The start of virtual time: 2026-01-01T00:00:00Z.
+pub const SIM_EPOCH: Timestamp = Timestamp::from_unix_nanos(1_767_225_600_000_000_000);
+
+/// Runs a simulation, writing its events to `sink`.
+pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimReport, SimError> {
+    let graph = synth_graph(cfg);
+    let started = Instant::now();
+    let clock = Arc::new(ManualClock::new(SIM_EPOCH));
+    let run_id = run_id_of(cfg);
+    let created = Engine::created_sim_event(run_id, cfg, &graph, SIM_EPOCH);
+    let mut engine = Engine::start(run_id, graph, cfg.seed, SIM_EPOCH);
+    let mut rng = SeededRng::new(cfg.seed ^ 0x9E37_79B9_7F4A_7C15);
+    let mut pending: BinaryHeap<Reverse<(Timestamp, u64, u64, bool)>> = BinaryHeap::new();
+    let mut cancelled: BTreeSet<u64> = BTreeSet::new();
+    let mut seq = 0u64;
+    let mut buffer: Vec<NewEvent> = Vec::with_capacity(cfg.batch.max(1) + 64);
+    // Batches go to a writer task, so that the log writes while the engine computes; one
+    // writer keeps them in order, and the bounded queue keeps memory bounded.
+    let (writer, mut batches) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(2);
+    // The writer also folds the log hash, off the engine's path.
+    let write_task = tokio::spawn(async move {
+        let mut hasher = LogHasher::new();
+        while let Some(batch) = batches.recv().await {
+            for e in &batch {
+                hasher.update(e);
+            }
+            sink.append(batch)
+                .await
+                .map_err(|e| SimError::Log(e.message))?;
+        }
+        Ok::<LogHasher, SimError>(hasher)
+    });
+    let mut retries = 0u64;
+    let response = ModelResponse {
+        message: Message::new(Role::Assistant, "done"),
+        finish: FinishReason::Stop,
+        usage: Usage {
+            input_tokens: 12,
+            output_tokens: 4,
+        },
+    };
+    let response_json = serde_json::to_value(&response).unwrap_or(serde_json::Value::Null);
+    let span = cfg.max_ms.saturating_sub(cfg.min_ms) + 1;
+    buffer.push(created);
+    loop {
+        for e in engine.take_events() {
+            if e.kind == agent_runtime_core::EventKind::TaskRetryScheduled {
+                retries += 1;
+            }
+            buffer.push(e);
+        }
+        for effect in engine.take_effects() {
+            match effect {
+                Effect::CallModel { call, .. } | Effect::CallTool { call, .. } => {
+                    let ms = cfg.min_ms + rng.below(span);
+                    let fail = rng.next_f64() < cfg.failure_rate;
+                    seq += 1;
+                    pending.push(Reverse((
+                        engine.now().saturating_add(Duration::from_millis(ms)),
+                        seq,
+                        call,
+                        fail,
+                    )));
+                }
+                Effect::Cancel { call } => {
+                    cancelled.insert(call);
+                }
+            }
+        }
+        if buffer.len() >= cfg.batch.max(1) {
+            let full = std::mem::replace(&mut buffer, Vec::with_capacity(cfg.batch.max(1) + 64));
+            if writer.send(full).await.is_err() {
+                break;
+            }
+        }
+        if engine.is_finished() {
+            break;
+        }
+        let deadline = engine.next_deadline();
+        let next_done = pending.peek().map(|Reverse((t, ..))| *t);
+        let completion_first = match (next_done, deadline) {
+            (Some(t), Some(d)) => t <= d,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let input = match (completion_first, deadline) {
+            (true, _) => {
+                let Some(Reverse((t, _, call, fail))) = pending.pop() else {
+                    break;
+                };
+                if cancelled.remove(&call) {
+                    continue;
+                }
+                clock.set(t);
+                if fail {
+                    engine.model_result_event(
+                        call,
+                        t,
+                        Err((ErrorClass::ModelError, "simulated failure".to_string())),
+                    )
+                } else {
+                    engine.model_response_json_event(call, t, response_json.clone())
+                }
+            }
+            (false, Some(d)) => {
+                clock.set(d);
+                engine.clock_event(d)
+            }
+            (false, None) => break,
+        };
+        engine.apply(&input)?;
+        buffer.push(input);
+    }
+    if !buffer.is_empty() {
+        let _ = writer.send(buffer).await;
+    }
+    drop(writer);
+    let hasher = match write_task.await {
+        Ok(Ok(h)) => h,
+        Ok(Err(e)) => return Err(e),
+        Err(e) => return Err(SimError::Log(format!("event writer stopped: {e}"))),
+    };
+    let wall = started.elapsed();
+    let views = engine.task_views();
+    let done = views
+        .iter()
+        .filter(|t| t.status == TaskStatus::Completed)
+        .count() as u64;
+    let skipped = views
+        .iter()
+        .filter(|t| t.status == TaskStatus::Skipped)
+        .count() as u64;
+    let secs = wall.as_secs_f64().max(1e-9);
+    Ok(SimReport {
+        config: cfg.clone(),
+        run_id: run_id.to_string(),
+        status: engine.status(),
+        tasks_done: done,
+        tasks_skipped: skipped,
+        retries,
+        virtual_makespan_ms: engine
+            .now()
+            .saturating_duration_since(SIM_EPOCH)
+            .as_millis() as u64,
+        wall_ms: secs * 1000.0,
+        decisions: engine.decisions(),
+        decisions_per_sec: engine.decisions() as f64 / secs,
+        ns_per_task: secs * 1e9 / f64::from(cfg.tasks.max(1)),
+        peak_memory_bytes: peak_memory_bytes(),
+        events: hasher.count(),
+        log_hash: hasher.hex(),
+    })
+}
+
+/// The run id a simulation gets: a function of its seed alone (the virtual clock always starts
+/// at [`SIM_EPOCH`]), so the same configuration writes the same events.
+pub fn run_id_of(cfg: &SimConfig) -> agent_runtime_core::RunId {
+    IdGenerator::seeded(cfg.seed, Arc::new(ManualClock::new(SIM_EPOCH))).run_id()
+}
+
+/// The process's peak resident memory (Linux `VmHWM`), when known.
+pub fn peak_memory_bytes() -> Option<u64> {
+    proc_status_kb("VmHWM:").map(|kb| kb * 1024)
+}
+
+/// The process's current resident memory (Linux `VmRSS`), when known.
+pub fn current_memory_bytes() -> Option<u64> {
+    proc_status_kb("VmRSS:").map(|kb| kb * 1024)
+}
+
+fn proc_status_kb(key: &str) -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with(key))?;
+    line[key.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}

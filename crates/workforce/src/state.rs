@@ -1,0 +1,373 @@
+//! Run state as a fold over events: summaries for `runs list` / `runs show`, the per-run log
+//! hash, and a checker that a run never exceeded its limits.
+
+use std::collections::BTreeMap;
+
+use agent_runtime_core::{Envelope, EventKind, NewEvent, RunId, TaskId, Timestamp};
+use serde_json::Value;
+
+use crate::graph::TaskGraph;
+
+/// The per-run log hash: BLAKE3 over, for each of the run's events in order, its index (`u64`
+/// big-endian, from 0), the length of its canonical body (`u64` big-endian) and the body
+/// ([`NewEvent::canonical_body`]). Independent of where the run sits in the store's global chain.
+#[derive(Clone, Debug, Default)]
+pub struct LogHasher {
+    hasher: blake3::Hasher,
+    count: u64,
+}
+
+impl LogHasher {
+    /// An empty hash.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// Adds the next event.
+    pub fn update(&mut self, e: &NewEvent) {
+        let body = e.canonical_body();
+        self.update_body(&body);
+    }
+    /// Adds the next event's canonical body.
+    pub fn update_body(&mut self, body: &[u8]) {
+        self.hasher.update(&self.count.to_be_bytes());
+        self.hasher.update(&(body.len() as u64).to_be_bytes());
+        self.hasher.update(body);
+        self.count += 1;
+    }
+    /// Events hashed.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+    /// The hash so far, 64 hex digits.
+    pub fn hex(&self) -> String {
+        self.hasher.finalize().to_hex().to_string()
+    }
+}
+
+/// The log hash of a run's events.
+pub fn log_hash(events: &[Envelope]) -> String {
+    let mut h = LogHasher::new();
+    for e in events {
+        h.update(&e.to_new_event());
+    }
+    h.hex()
+}
+
+/// One task's line in `runs show`.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct TaskRow {
+    /// Graph id.
+    pub id: String,
+    /// Last known status.
+    pub status: String,
+    /// Attempts started.
+    pub attempts: u32,
+    /// When the first attempt started.
+    pub started: Option<Timestamp>,
+    /// When the task ended.
+    pub ended: Option<Timestamp>,
+    /// The last error, `class: message`.
+    pub error: Option<String>,
+}
+
+/// A run as its events tell it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct RunSummary {
+    /// The run.
+    pub run_id: RunId,
+    /// The graph's name.
+    pub name: Option<String>,
+    /// The seed.
+    pub seed: u64,
+    /// `running`, `completed`, `failed`, `cancelled`, or `interrupted` (no end and the process
+    /// is gone: resume it).
+    pub status: String,
+    /// When it was created.
+    pub created: Timestamp,
+    /// When it ended.
+    pub ended: Option<Timestamp>,
+    /// Events.
+    pub events: u64,
+    /// Retries scheduled.
+    pub retries: u32,
+    /// Tasks, in graph then spawn order.
+    pub tasks: Vec<TaskRow>,
+    /// Outputs of the final tasks, when completed.
+    pub outputs: Value,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl RunSummary {
+    /// Folds one run's events (the first must be `run.created`); `None` otherwise.
+    pub fn fold(events: &[Envelope]) -> Option<RunSummary> {
+        let first = events.first()?;
+        if first.kind != EventKind::RunCreated {
+            return None;
+        }
+        let p = &first.payload;
+        let graph: Option<TaskGraph> = crate::engine::graph_of_created(p).ok();
+        let mut s = RunSummary {
+            run_id: first.run_id,
+            name: p.get("name").and_then(Value::as_str).map(String::from),
+            seed: p.get("seed").and_then(Value::as_u64).unwrap_or(0),
+            status: "running".into(),
+            created: first.time,
+            ended: None,
+            events: 0,
+            retries: 0,
+            tasks: Vec::new(),
+            outputs: Value::Null,
+            error: None,
+        };
+        let mut rows: BTreeMap<TaskId, usize> = BTreeMap::new();
+        let mut order: Vec<TaskRow> = Vec::new();
+        if let Some(g) = &graph {
+            // Declared tasks' ids are a pure function of run.created: regenerate them.
+            for (t, tid) in g.tasks.iter().zip(declared_task_ids(first, g)) {
+                rows.insert(tid, order.len());
+                order.push(TaskRow {
+                    id: t.id.clone(),
+                    status: "pending".into(),
+                    ..TaskRow::default()
+                });
+            }
+        }
+        for e in events {
+            s.events += 1;
+            let row = e.task_id.and_then(|tid| {
+                if let Some(&i) = rows.get(&tid) {
+                    return Some(i);
+                }
+                if e.kind == EventKind::TaskSpawned {
+                    let id = e
+                        .payload
+                        .get("task")
+                        .and_then(Value::as_str)
+                        .unwrap_or("?")
+                        .to_string();
+                    order.push(TaskRow {
+                        id,
+                        status: "pending".into(),
+                        ..TaskRow::default()
+                    });
+                    rows.insert(tid, order.len() - 1);
+                    return Some(order.len() - 1);
+                }
+                None
+            });
+            match e.kind {
+                EventKind::RunCompleted => {
+                    s.status = "completed".into();
+                    s.ended = Some(e.time);
+                    s.outputs = e.payload.get("outputs").cloned().unwrap_or(Value::Null);
+                }
+                EventKind::RunFailed => {
+                    s.status = "failed".into();
+                    s.ended = Some(e.time);
+                    s.error = Some(format!(
+                        "task `{}` failed: {}: {}",
+                        e.payload.get("task").and_then(Value::as_str).unwrap_or("?"),
+                        e.payload
+                            .get("class")
+                            .and_then(Value::as_str)
+                            .unwrap_or("?"),
+                        e.payload
+                            .get("message")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                    ));
+                }
+                EventKind::RunCancelled => {
+                    s.status = "cancelled".into();
+                    s.ended = Some(e.time);
+                }
+                EventKind::TaskRetryScheduled => s.retries += 1,
+                _ => {}
+            }
+            if let Some(r) = row {
+                apply_task_event(&mut order[r], e);
+            }
+        }
+        if s.status == "running" && s.ended.is_none() {
+            s.status = "interrupted".into();
+        }
+        s.tasks = order;
+        Some(s)
+    }
+}
+
+/// The task ids the engine gives the declared tasks of a run (a pure function of `run.created`).
+fn declared_task_ids(created: &Envelope, graph: &TaskGraph) -> Vec<TaskId> {
+    let seed = created
+        .payload
+        .get("seed")
+        .and_then(Value::as_u64)
+        .unwrap_or(0);
+    let clock = std::sync::Arc::new(agent_runtime_core::ManualClock::new(created.time));
+    let ids = agent_runtime_core::IdGenerator::seeded(seed, clock);
+    graph.tasks.iter().map(|_| ids.task_id()).collect()
+}
+
+fn apply_task_event(row: &mut TaskRow, e: &Envelope) {
+    match e.kind {
+        EventKind::TaskStarted => {
+            row.status = "running".into();
+            row.attempts += 1;
+            row.started.get_or_insert(e.time);
+        }
+        EventKind::TaskCompleted => {
+            row.status = "completed".into();
+            row.ended = Some(e.time);
+        }
+        EventKind::TaskFailed => {
+            row.status = "failed".into();
+            row.ended = Some(e.time);
+            row.error = Some(format!(
+                "{}: {}",
+                e.payload
+                    .get("class")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?"),
+                e.payload
+                    .get("message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("")
+            ));
+        }
+        EventKind::TaskRetryScheduled => {
+            row.status = "retrying".into();
+            row.ended = None;
+        }
+        EventKind::TaskSkipped => {
+            row.status = "skipped".into();
+            row.ended = Some(e.time);
+        }
+        EventKind::TaskCancelled if e.payload.get("request").is_none() => {
+            row.status = "cancelled".into();
+            row.ended = Some(e.time);
+        }
+        _ => {}
+    }
+}
+
+/// Peak concurrency seen in a run's log, by scope (`global`, `agent:NAME`, `tool:NAME`,
+/// `provider:NAME`).
+pub type Peaks = BTreeMap<String, u32>;
+
+/// Checks from the log alone that a run never had more tasks or calls running at once than its
+/// limits allow, and returns the peaks seen. Errors name the first event that broke a limit.
+pub fn check_limits(events: &[Envelope]) -> Result<Peaks, String> {
+    let first = events.first().ok_or("no events")?;
+    let graph = crate::engine::graph_of_created(&first.payload).map_err(|e| e.to_string())?;
+    let l = &graph.limits;
+    let mut limit_of: BTreeMap<String, u32> = BTreeMap::new();
+    limit_of.insert("global".into(), l.concurrency);
+    for (n, a) in &graph.agents {
+        limit_of.insert(format!("agent:{n}"), a.concurrency);
+    }
+    for (n, &v) in &l.tools {
+        limit_of.insert(format!("tool:{n}"), v);
+    }
+    for (n, &v) in &l.providers {
+        limit_of.insert(format!("provider:{n}"), v);
+    }
+    let mut now: BTreeMap<String, u32> = BTreeMap::new();
+    let mut peaks: Peaks = BTreeMap::new();
+    // Running attempts: task -> scopes held; running calls: call -> (task, scope).
+    let mut tasks: BTreeMap<TaskId, Vec<String>> = BTreeMap::new();
+    let mut calls: BTreeMap<u64, (Option<TaskId>, String)> = BTreeMap::new();
+    let call_of = |e: &Envelope| e.payload.get("call").and_then(Value::as_u64);
+    let dec = |now: &mut BTreeMap<String, u32>, scope: &str| {
+        if let Some(v) = now.get_mut(scope) {
+            *v = v.saturating_sub(1);
+        }
+    };
+    for e in events {
+        let mut inc: Vec<String> = Vec::new();
+        match e.kind {
+            EventKind::TaskStarted => {
+                let mut scopes = vec!["global".to_string()];
+                if let agent_runtime_core::Actor::Agent(a) = &e.actor {
+                    scopes.push(format!("agent:{a}"));
+                }
+                if let Some(tid) = e.task_id {
+                    tasks.insert(tid, scopes.clone());
+                }
+                inc.extend(scopes);
+            }
+            EventKind::ToolRequested | EventKind::ModelRequested => {
+                let scope = if e.kind == EventKind::ToolRequested {
+                    format!(
+                        "tool:{}",
+                        e.payload.get("tool").and_then(Value::as_str).unwrap_or("")
+                    )
+                } else {
+                    format!(
+                        "provider:{}",
+                        e.payload
+                            .get("provider")
+                            .and_then(Value::as_str)
+                            .unwrap_or("")
+                    )
+                };
+                if let Some(c) = call_of(e) {
+                    calls.insert(c, (e.task_id, scope.clone()));
+                }
+                inc.push(scope);
+            }
+            EventKind::ToolCompleted
+            | EventKind::ToolFailed
+            | EventKind::ModelCompleted
+            | EventKind::ModelFailed => {
+                if let Some((_, scope)) = call_of(e).and_then(|c| calls.remove(&c)) {
+                    dec(&mut now, &scope);
+                }
+            }
+            EventKind::TaskCompleted
+            | EventKind::TaskFailed
+            | EventKind::TaskCancelled
+            | EventKind::TaskSkipped
+            | EventKind::RunResumed => {
+                let ended: Vec<TaskId> = if e.kind == EventKind::RunResumed {
+                    tasks.keys().copied().collect()
+                } else {
+                    e.task_id.into_iter().collect()
+                };
+                for tid in ended {
+                    if let Some(scopes) = tasks.remove(&tid) {
+                        for s in scopes {
+                            dec(&mut now, &s);
+                        }
+                    }
+                    let gone: Vec<u64> = calls
+                        .iter()
+                        .filter(|(_, (t, _))| *t == Some(tid))
+                        .map(|(c, _)| *c)
+                        .collect();
+                    for c in gone {
+                        if let Some((_, s)) = calls.remove(&c) {
+                            dec(&mut now, &s);
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        for s in inc {
+            let v = now.entry(s.clone()).or_default();
+            *v += 1;
+            let peak = peaks.entry(s.clone()).or_default();
+            *peak = (*peak).max(*v);
+            if let Some(&lim) = limit_of.get(&s)
+                && *v > lim
+            {
+                return Err(format!(
+                    "event seq {} ({}): {s} has {} running, limit {lim}",
+                    e.seq, e.kind, *v
+                ));
+            }
+        }
+    }
+    Ok(peaks)
+}

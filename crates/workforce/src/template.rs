@@ -1,0 +1,188 @@
+//! Templates: task inputs that refer to upstream outputs.
+//!
+//! A template is `{{ tasks.ID.output }}` or `{{ tasks.ID.output.FIELD.FIELD... }}` (array items
+//! by number: `.items.0`). When a string is exactly one template, it is replaced by the JSON value
+//! itself (an object stays an object); inside longer text, the value is written in: strings as
+//! they are, anything else as compact JSON. A missing field renders as `null`.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde_json::Value;
+
+use crate::graph::TaskSpec;
+
+/// One `{{ ... }}` found in a string: byte range and parsed reference.
+struct Found<'a> {
+    start: usize,
+    end: usize,
+    task: &'a str,
+    path: Vec<&'a str>,
+}
+
+fn scan(s: &str) -> Result<Vec<Found<'_>>, String> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(i) = s[pos..].find("{{") {
+        let start = pos + i;
+        let Some(j) = s[start + 2..].find("}}") else {
+            return Err(format!("unclosed template at byte {start}: missing `}}}}`"));
+        };
+        let end = start + 2 + j + 2;
+        let inner = s[start + 2..end - 2].trim();
+        let mut parts = inner.split('.');
+        let (Some("tasks"), Some(task), Some("output")) =
+            (parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!(
+                "template `{{{{ {inner} }}}}` must look like {{{{ tasks.ID.output }}}} or {{{{ tasks.ID.output.FIELD }}}}"
+            ));
+        };
+        let path: Vec<&str> = parts.collect();
+        if task.is_empty() || path.iter().any(|p| p.is_empty()) {
+            return Err(format!("template `{{{{ {inner} }}}}` has an empty part"));
+        }
+        out.push(Found {
+            start,
+            end,
+            task,
+            path,
+        });
+        pos = end;
+    }
+    Ok(out)
+}
+
+/// Adds the task ids referenced in `s` to `out` (ignores malformed templates; [`check`] reports
+/// them).
+pub fn collect_refs_str(s: &str, out: &mut BTreeSet<String>) {
+    if let Ok(found) = scan(s) {
+        out.extend(found.into_iter().map(|f| f.task.to_string()));
+    }
+}
+
+/// Adds the task ids referenced anywhere in `v` to `out`.
+pub fn collect_refs(v: &Value, out: &mut BTreeSet<String>) {
+    match v {
+        Value::String(s) => collect_refs_str(s, out),
+        Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
+        Value::Object(m) => m.values().for_each(|x| collect_refs(x, out)),
+        _ => {}
+    }
+}
+
+/// Checks every template of a task is well formed.
+pub fn check(task: &TaskSpec) -> Result<(), String> {
+    fn walk(v: &Value) -> Result<(), String> {
+        match v {
+            Value::String(s) => scan(s).map(|_| ()),
+            Value::Array(a) => a.iter().try_for_each(walk),
+            Value::Object(m) => m.values().try_for_each(walk),
+            _ => Ok(()),
+        }
+    }
+    if let Some(p) = &task.prompt {
+        scan(p)?;
+    }
+    if let Some(a) = &task.args {
+        walk(a)?;
+    }
+    Ok(())
+}
+
+fn lookup<'v>(
+    outputs: &'v BTreeMap<String, Value>,
+    task: &str,
+    path: &[&str],
+) -> Option<&'v Value> {
+    let mut v = outputs.get(task)?;
+    for p in path {
+        v = match v {
+            Value::Object(m) => m.get(*p)?,
+            Value::Array(a) => a.get(p.parse::<usize>().ok()?)?,
+            _ => return None,
+        };
+    }
+    Some(v)
+}
+
+/// Renders the templates of a string against upstream outputs (task id to output).
+pub fn render_str(s: &str, outputs: &BTreeMap<String, Value>) -> Value {
+    let Ok(found) = scan(s) else {
+        return Value::String(s.to_string());
+    };
+    if found.is_empty() {
+        return Value::String(s.to_string());
+    }
+    if found.len() == 1 && found[0].start == 0 && found[0].end == s.len() {
+        return lookup(outputs, found[0].task, &found[0].path)
+            .cloned()
+            .unwrap_or(Value::Null);
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut pos = 0;
+    for f in &found {
+        out.push_str(&s[pos..f.start]);
+        match lookup(outputs, f.task, &f.path) {
+            Some(Value::String(t)) => out.push_str(t),
+            Some(v) => out.push_str(&v.to_string()),
+            None => out.push_str("null"),
+        }
+        pos = f.end;
+    }
+    out.push_str(&s[pos..]);
+    Value::String(out)
+}
+
+/// Renders every string in `v`.
+pub fn render(v: &Value, outputs: &BTreeMap<String, Value>) -> Value {
+    match v {
+        Value::String(s) => render_str(s, outputs),
+        Value::Array(a) => Value::Array(a.iter().map(|x| render(x, outputs)).collect()),
+        Value::Object(m) => Value::Object(
+            m.iter()
+                .map(|(k, x)| (k.clone(), render(x, outputs)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// Renders to text (for prompts): a string as it is, anything else as JSON.
+pub fn render_text(s: &str, outputs: &BTreeMap<String, Value>) -> String {
+    match render_str(s, outputs) {
+        Value::String(t) => t,
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn whole_templates_keep_their_type_and_embedded_ones_interpolate() {
+        let mut o = BTreeMap::new();
+        o.insert("a".to_string(), json!({"text": "hi", "n": [1, 2]}));
+        assert_eq!(render(&json!("{{ tasks.a.output.n }}"), &o), json!([1, 2]));
+        assert_eq!(
+            render(
+                &json!("x {{tasks.a.output.text}} {{ tasks.a.output.n.1 }}"),
+                &o
+            ),
+            json!("x hi 2")
+        );
+        assert_eq!(
+            render(&json!({"k": ["{{ tasks.a.output.missing }}"]}), &o),
+            json!({"k": [null]})
+        );
+    }
+
+    #[test]
+    fn malformed_templates_are_reported() {
+        assert!(scan("{{ tasks.a }}").is_err());
+        assert!(scan("{{ tasks.a.output").is_err());
+        assert!(scan("{{ inputs.x }}").is_err());
+        assert!(scan("plain").unwrap().is_empty());
+    }
+}

@@ -1,0 +1,725 @@
+//! Runs through the live driver on paused tokio time: templates, every failure policy, limits,
+//! determinism, replay, resume after a crash, cancellation and the agent loop.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agent_runtime_core::{CancellationToken, Envelope, EventKind, MemoryLog, TaskId};
+use agent_runtime_workforce::driver::{self, DriverError, RunOptions, TokioClock};
+use agent_runtime_workforce::engine::{Engine, RunStatus, TaskStatus};
+use agent_runtime_workforce::state::{RunSummary, check_limits};
+use common::*;
+use serde_json::json;
+
+fn name_of(events: &[Envelope], tid: Option<TaskId>) -> String {
+    let engine = Engine::create(&events[0].to_new_event()).unwrap();
+    tid.and_then(|t| engine.task_name(t).map(String::from))
+        .unwrap_or_default()
+}
+
+fn count(events: &[Envelope], kind: EventKind, task: &str) -> usize {
+    events
+        .iter()
+        .filter(|e| e.kind == kind && name_of(events, e.task_id) == task)
+        .count()
+}
+
+fn status_of(out: &driver::Outcome, task: &str) -> TaskStatus {
+    out.tasks
+        .iter()
+        .find(|t| t.id == task)
+        .map(|t| t.status)
+        .unwrap()
+}
+
+#[test]
+fn tool_steps_pass_outputs_through_templates() {
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - { id: a, tool: echo, args: { text: hello, n: [1, 2] } }
+  - { id: b, tool: concat, args: { parts: ["{{ tasks.a.output.text }}", "{{ tasks.a.output.n }}"], sep: " " } }
+  - { id: c, tool: echo, needs: [a], args: { whole: "{{ tasks.a.output.n }}" } }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs["b"], json!({"text": "hello [1,2]"}));
+    assert_eq!(out.outputs["c"], json!({"whole": [1, 2]}));
+    let ev = events(&log);
+    assert_eq!(ev.first().unwrap().kind, EventKind::RunCreated);
+    assert_eq!(ev.last().unwrap().kind, EventKind::RunCompleted);
+    check_limits(&ev).unwrap();
+}
+
+#[test]
+fn retries_back_off_exponentially_with_recorded_jitter() {
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - id: f
+    tool: flaky
+    args: { key: f, fail: 2 }
+    retry: { max_attempts: 3, backoff: 100ms, jitter: 0.5, on: [tool_error] }
+"#,
+        ),
+        3,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs["f"]["calls"], 3);
+    let ev = events(&log);
+    let delays: Vec<u64> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskRetryScheduled)
+        .map(|e| e.payload["delay_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(delays.len(), 2);
+    assert!((50..=150).contains(&delays[0]), "{delays:?}");
+    assert!((100..=300).contains(&delays[1]), "{delays:?}");
+    // Each jitter draw is recorded before the retry it shapes.
+    let draws = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::RandomDrawn)
+        .count();
+    assert_eq!(draws, 2);
+    // The retry really waited: the last attempt started at least the two delays after the first.
+    let starts: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskStarted)
+        .map(|e| e.time)
+        .collect();
+    let waited = starts[2].saturating_duration_since(starts[0]);
+    assert!(
+        waited >= Duration::from_millis(delays[0] + delays[1]),
+        "{waited:?}"
+    );
+}
+
+#[test]
+fn retries_only_on_named_classes_then_fail_the_run() {
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - id: f
+    tool: flaky
+    args: { key: f, fail: 5, class: invalid_arguments }
+    retry: { max_attempts: 3, on: [tool_error, timeout] }
+  - { id: after, tool: echo, needs: [f], args: {} }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Failed);
+    let ev = events(&log);
+    assert_eq!(
+        count(&ev, EventKind::TaskStarted, "f"),
+        1,
+        "invalid_arguments is not retried"
+    );
+    assert_eq!(count(&ev, EventKind::TaskStarted, "after"), 0);
+    let failed = ev.iter().find(|e| e.kind == EventKind::RunFailed).unwrap();
+    assert_eq!(failed.payload["task"], "f");
+    assert_eq!(failed.payload["class"], "invalid_arguments");
+    assert!(out.error.unwrap().contains('f'));
+}
+
+#[test]
+fn retries_stop_at_max_attempts() {
+    let (out, log) = run(
+        graph(
+            "tasks:\n  - { id: f, tool: flaky, args: { key: f, fail: 9 }, retry: { max_attempts: 4, backoff: 1ms } }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Failed);
+    assert_eq!(count(&events(&log), EventKind::TaskStarted, "f"), 4);
+}
+
+#[test]
+fn skip_skips_the_subtree_and_the_run_goes_on() {
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - { id: bad, tool: fail, args: {}, on_failure: skip }
+  - { id: down, tool: echo, needs: [bad], args: {} }
+  - { id: downer, tool: echo, needs: [down], args: {} }
+  - { id: other, tool: echo, args: { ok: true } }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    for t in ["bad", "down", "downer"] {
+        assert_eq!(status_of(&out, t), TaskStatus::Skipped, "{t}");
+    }
+    assert_eq!(status_of(&out, "other"), TaskStatus::Completed);
+    let ev = events(&log);
+    let reason = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskSkipped)
+        .nth(1)
+        .unwrap();
+    assert_eq!(reason.payload["reason"], "upstream task `bad` was skipped");
+}
+
+#[test]
+fn continue_with_substitutes_the_output() {
+    let (out, _) = run(
+        graph(
+            r#"
+tasks:
+  - { id: bad, tool: fail, args: {}, on_failure: { continue_with: { text: default } } }
+  - { id: use, tool: echo, args: { got: "{{ tasks.bad.output.text }}" } }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs["use"], json!({"got": "default"}));
+}
+
+#[test]
+fn fallback_runs_in_place_and_unused_fallbacks_are_skipped() {
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - { id: primary, tool: fail, args: {}, on_failure: { fallback: backup } }
+  - { id: backup, tool: echo, args: { from: backup } }
+  - { id: use, tool: echo, args: { got: "{{ tasks.primary.output.from }}" } }
+  - { id: fine, tool: echo, args: {}, on_failure: { fallback: spare } }
+  - { id: spare, tool: echo, args: {} }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs["use"], json!({"got": "backup"}));
+    assert_eq!(status_of(&out, "primary"), TaskStatus::Completed);
+    assert_eq!(status_of(&out, "spare"), TaskStatus::Skipped);
+    assert_eq!(count(&events(&log), EventKind::TaskStarted, "spare"), 0);
+}
+
+#[test]
+fn timeouts_fail_attempts_and_are_retried_as_timeout() {
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - id: slow
+    tool: sleep
+    args: { ms: 10000 }
+    timeout: 100ms
+    retry: { max_attempts: 2, backoff: 10ms, on: [timeout] }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Failed);
+    let ev = events(&log);
+    let fails: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskFailed)
+        .collect();
+    assert_eq!(fails.len(), 2);
+    assert_eq!(fails[0].payload["class"], "timeout");
+    assert!(ev.iter().any(|e| e.kind == EventKind::ClockObserved));
+}
+
+const MIXED: &str = r#"
+limits: { concurrency: 3, tools: { flaky: 2 } }
+agents:
+  w: { model: script/m, tools: [echo], concurrency: 2 }
+tasks:
+  - { id: a, tool: flaky, args: { key: a, fail: 1, ms: 30 }, retry: { backoff: 20ms, max_attempts: 5 } }
+  - { id: b, tool: flaky, args: { key: b, ms: 50 }, retry: { backoff: 1ms } }
+  - { id: c, tool: flaky, args: { key: c, fail: 2, ms: 10 }, retry: { max_attempts: 6, backoff: 5ms } }
+  - { id: d, agent: w, prompt: "use {{ tasks.a.output.key }}", retry: { backoff: 1ms } }
+  - { id: e, agent: w, prompt: "plain", needs: [b], retry: { backoff: 1ms } }
+  - { id: f, agent: w, prompt: "third", priority: 5, retry: { backoff: 1ms } }
+  - { id: g, tool: sleep, args: { ms: 40 }, needs: [c, d], retry: { backoff: 1ms } }
+  - { id: h, tool: concat, args: { parts: ["{{ tasks.d.output.text }}", "{{ tasks.e.output.text }}"] }, retry: { backoff: 1ms } }
+"#;
+
+#[test]
+fn same_seed_same_log_and_other_seed_other_log() {
+    let (a, _) = run(graph(MIXED), 42);
+    let (b, _) = run(graph(MIXED), 42);
+    let (c, _) = run(graph(MIXED), 43);
+    assert_eq!(a.status, RunStatus::Completed);
+    assert_eq!(a.log_hash, b.log_hash);
+    assert_eq!(a.outputs, b.outputs);
+    assert_ne!(a.log_hash, c.log_hash);
+    assert_eq!(a.outputs, c.outputs, "outputs do not depend on the seed");
+}
+
+#[test]
+fn limits_are_never_exceeded_and_are_reached() {
+    let (out, log) = run(graph(MIXED), 5);
+    assert_eq!(out.status, RunStatus::Completed);
+    let peaks = check_limits(&events(&log)).unwrap();
+    assert!(peaks["global"] <= 3);
+    assert!(peaks["tool:flaky"] <= 2);
+    assert!(peaks["agent:w"] <= 2);
+    let (_, log) = run(
+        graph(
+            "limits: { concurrency: 4, tools: { sleep: 2 } }\ntasks:\n  - { id: a, tool: sleep, args: { ms: 10 } }\n  - { id: b, tool: sleep, args: { ms: 10 } }\n  - { id: c, tool: sleep, args: { ms: 10 } }\n  - { id: d, tool: echo, args: {} }\n  - { id: e, tool: sleep, args: { ms: 10 } }\n",
+        ),
+        1,
+    );
+    let peaks = check_limits(&events(&log)).unwrap();
+    assert_eq!(peaks["tool:sleep"], 2);
+}
+
+#[test]
+fn ready_set_order_is_priority_then_rank_then_id() {
+    let (_, log) = run(
+        graph(
+            "limits: { concurrency: 1 }\ntasks:\n  - { id: z, tool: echo, args: {} }\n  - { id: b, tool: echo, args: {} }\n  - { id: a, tool: echo, args: {}, needs: [z] }\n  - { id: y, tool: echo, args: {}, priority: 3 }\n",
+        ),
+        1,
+    );
+    let ev = events(&log);
+    let order: Vec<String> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskStarted)
+        .map(|e| name_of(&ev, e.task_id))
+        .collect();
+    assert_eq!(order, ["y", "b", "z", "a"]);
+}
+
+#[test]
+fn replay_reproduces_the_run_and_names_the_first_divergence() {
+    let (out, log) = run(graph(MIXED), 9);
+    let ev = events(&log);
+    let report = driver::replay_events(&ev).unwrap();
+    assert_eq!(report.log_hash, out.log_hash);
+    assert_eq!(report.events as usize, ev.len());
+    assert!(report.finished);
+    // Change a recorded tool output: the events derived from it no longer match.
+    let mut tampered = ev.clone();
+    // (A tool step's output: an agent's tool results only feed its recorded model calls.)
+    let i = tampered
+        .iter()
+        .position(|e| e.kind == EventKind::ToolCompleted && e.actor.to_string() == "tool:flaky")
+        .unwrap();
+    tampered[i].payload["output"] = json!({"key": "forged", "calls": 1});
+    match driver::replay_events(&tampered) {
+        Err(DriverError::Diverged {
+            index, recorded, ..
+        }) => {
+            assert!(index > i, "{index} {i}");
+            assert!(recorded.contains("task.completed"), "{recorded}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A derived event that the engine would not produce is named.
+    let mut extra = ev.clone();
+    let j = extra
+        .iter()
+        .position(|e| e.kind == EventKind::TaskStarted)
+        .unwrap();
+    extra[j].payload["attempt"] = json!(7);
+    let err = driver::replay_events(&extra).unwrap_err().to_string();
+    assert!(err.contains(&format!("event {j}")), "{err}");
+}
+
+fn resume_from(prefix: &[Envelope], seed_for_new: u64) -> (driver::Outcome, Vec<Envelope>) {
+    let log = Arc::new(MemoryLog::default());
+    log.append_now(prefix.iter().map(Envelope::to_new_event).collect());
+    let run_id = prefix[0].run_id;
+    let rt = rt();
+    let out = rt
+        .block_on(async {
+            let opts = RunOptions {
+                seed: seed_for_new,
+                sink: log.clone(),
+                clock: Arc::new(TokioClock::new(prefix.last().unwrap().time)),
+                tools: registry(),
+                models: models(),
+                observer: None,
+            };
+            driver::resume(log.as_ref(), run_id, opts).await
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    (out, events(&log))
+}
+
+#[test]
+fn resume_after_a_crash_at_every_batch_boundary_finishes_without_redoing_work() {
+    let (full, log) = run(graph(MIXED), 11);
+    let ev = events(&log);
+    // A crash can only leave the log at a batch boundary: just before an input event.
+    let cuts: Vec<usize> = (1..ev.len())
+        .filter(|&i| agent_runtime_workforce::engine::is_input(&ev[i].to_new_event()))
+        .collect();
+    assert!(cuts.len() > 5);
+    for &cut in &cuts {
+        let prefix = &ev[..cut];
+        let done_before: Vec<String> = prefix
+            .iter()
+            .filter(|e| e.kind == EventKind::TaskCompleted)
+            .map(|e| name_of(prefix, e.task_id))
+            .collect();
+        let (out, after) = resume_from(prefix, 999);
+        assert_eq!(out.status, RunStatus::Completed, "cut {cut}");
+        assert_eq!(out.outputs["h"], full.outputs["h"], "cut {cut}");
+        assert_eq!(out.run_id, full.run_id);
+        for t in &done_before {
+            let restarted = after[cut..]
+                .iter()
+                .filter(|e| e.kind == EventKind::TaskStarted && &name_of(&after, e.task_id) == t)
+                .count();
+            assert_eq!(restarted, 0, "cut {cut}: completed task {t} ran again");
+        }
+        // The resumed log is itself replayable and within limits.
+        let report = driver::replay_events(&after).unwrap();
+        assert_eq!(report.log_hash, out.log_hash, "cut {cut}");
+        check_limits(&after).unwrap();
+    }
+}
+
+#[test]
+fn resume_retries_in_flight_attempts_through_their_policy() {
+    let g = "tasks:\n  - { id: s, tool: sleep, args: { ms: 100 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: t, tool: sleep, args: { ms: 100 } }\n";
+    let (_, log) = run(graph(g), 1);
+    let ev = events(&log);
+    // Cut right after both calls were requested, before any result.
+    let cut = ev
+        .iter()
+        .position(|e| e.kind == EventKind::ToolCompleted)
+        .unwrap();
+    let (out, after) = resume_from(&ev[..cut], 0);
+    assert_eq!(
+        out.status,
+        RunStatus::Failed,
+        "t has no retry policy: interrupted means failed"
+    );
+    let resumed = after
+        .iter()
+        .position(|e| e.kind == EventKind::RunResumed)
+        .unwrap();
+    let fails: Vec<_> = after[resumed..]
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskFailed)
+        .collect();
+    assert_eq!(fails[0].payload["class"], "internal");
+    assert!(
+        after[resumed..]
+            .iter()
+            .any(|e| e.kind == EventKind::TaskRetryScheduled)
+    );
+    let g2 = "tasks:\n  - { id: s, tool: sleep, args: { ms: 100 }, retry: { max_attempts: 2, backoff: 1ms } }\n";
+    let (_, log) = run(graph(g2), 1);
+    let ev = events(&log);
+    let cut = ev
+        .iter()
+        .position(|e| e.kind == EventKind::ToolCompleted)
+        .unwrap();
+    let (out, _) = resume_from(&ev[..cut], 0);
+    assert_eq!(out.status, RunStatus::Completed);
+    // A finished run cannot be resumed.
+    let log2 = Arc::new(MemoryLog::default());
+    log2.append_now(ev.iter().map(Envelope::to_new_event).collect());
+    let err = rt()
+        .block_on(driver::resume(
+            log2.as_ref(),
+            ev[0].run_id,
+            RunOptions {
+                seed: 0,
+                sink: log2.clone(),
+                clock: Arc::new(TokioClock::new(T0)),
+                tools: registry(),
+                models: models(),
+                observer: None,
+            },
+        ))
+        .unwrap_err();
+    assert!(matches!(err, DriverError::Finished { .. }), "{err}");
+}
+
+#[test]
+fn cancelling_a_run_stops_everything() {
+    let g = graph(
+        "tasks:\n  - { id: a, tool: sleep, args: { ms: 5000 } }\n  - { id: b, tool: sleep, args: { ms: 5000 } }\n  - { id: c, tool: echo, needs: [a], args: {} }\n",
+    );
+    let log = Arc::new(MemoryLog::default());
+    let token = CancellationToken::new();
+    let out = rt()
+        .block_on(async {
+            let t = token.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                t.cancel();
+            });
+            let opts = RunOptions {
+                seed: 1,
+                sink: log.clone(),
+                clock: Arc::new(TokioClock::new(T0)),
+                tools: registry(),
+                models: models(),
+                observer: None,
+            };
+            driver::run_graph_with_cancel(g, opts, token).await
+        })
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Cancelled);
+    let ev = events(&log);
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventKind::TaskCancelled)
+            .count(),
+        2
+    );
+    assert!(ev.iter().all(|e| e.kind != EventKind::ToolCompleted));
+    assert_eq!(
+        driver::replay_events(&ev).unwrap().status,
+        RunStatus::Cancelled
+    );
+    assert_eq!(RunSummary::fold(&ev).unwrap().status, "cancelled");
+}
+
+#[test]
+fn cancelling_a_subtree_leaves_the_rest_running() {
+    let g = graph(
+        "tasks:\n  - { id: a, tool: echo, args: {} }\n  - { id: b, tool: echo, needs: [a], args: {} }\n  - { id: c, tool: echo, needs: [b], args: {} }\n  - { id: x, tool: echo, args: {} }\n",
+    );
+    let created = Engine::created_event(agent_runtime_core::RunId::from_bytes([3; 16]), &g, 1, T0);
+    let mut engine = Engine::create(&created).unwrap();
+    engine.take_events();
+    let effects = engine.take_effects();
+    assert_eq!(effects.len(), 2, "a and x start");
+    let cancel = engine.cancel_task_event(T0, "ann", "b").unwrap();
+    engine.apply(&cancel).unwrap();
+    let ev = engine.take_events();
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventKind::TaskCancelled)
+            .count(),
+        2,
+        "b and c"
+    );
+    for effect in effects {
+        let call = match effect {
+            agent_runtime_workforce::Effect::CallTool { call, .. } => call,
+            other => panic!("{other:?}"),
+        };
+        let done = engine.tool_result_event(call, "echo", T0, Ok(json!({})));
+        engine.apply(&done).unwrap();
+    }
+    assert_eq!(engine.status(), RunStatus::Completed);
+    let views = engine.task_views();
+    assert_eq!(views[2].status, TaskStatus::Cancelled);
+    assert_eq!(views[3].status, TaskStatus::Completed);
+}
+
+#[test]
+fn agent_tasks_loop_through_model_and_tools() {
+    let (out, log) = run(
+        graph(
+            r#"
+agents:
+  w: { model: script/m, tools: [echo], max_turns: 3, instructions: "be brief" }
+tasks:
+  - { id: fetch, tool: echo, args: { text: data } }
+  - { id: think, agent: w, prompt: "summarize {{ tasks.fetch.output.text }}" }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    let text = out.outputs["think"]["text"].as_str().unwrap();
+    assert!(text.contains("summarize data"), "{text}");
+    let ev = events(&log);
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventKind::ModelRequested)
+            .count(),
+        2
+    );
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventKind::ToolRequested)
+            .count(),
+        2
+    );
+    assert_eq!(driver::replay_events(&ev).unwrap().log_hash, out.log_hash);
+}
+
+#[test]
+fn agents_fail_at_their_turn_limit_and_retry_rate_limits() {
+    let (out, log) = run(
+        graph(
+            "agents:\n  w: { model: script/m, tools: [echo], max_turns: 2 }\ntasks:\n  - { id: l, agent: w, prompt: loop, on_failure: skip }\n  - { id: r, agent: w, prompt: ratelimit, retry: { max_attempts: 2, backoff: 1ms, on: [model_rate_limit] }, on_failure: { continue_with: gave up } }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    let ev = events(&log);
+    let l_fail = ev
+        .iter()
+        .find(|e| e.kind == EventKind::TaskFailed && name_of(&ev, e.task_id) == "l")
+        .unwrap();
+    assert_eq!(l_fail.payload["class"], "budget_exceeded");
+    assert_eq!(count(&ev, EventKind::TaskStarted, "r"), 2);
+    assert_eq!(out.outputs["r"], json!("gave up"));
+}
+
+#[test]
+fn agents_spawn_sub_tasks_within_limits() {
+    let (out, log) = run(
+        graph(
+            "limits: { max_spawn_depth: 1 }\nagents:\n  w: { model: script/m, tools: [spawn_task] }\ntasks:\n  - { id: boss, agent: w, prompt: spawn helpers }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    let ev = events(&log);
+    let spawned: Vec<_> = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskSpawned)
+        .collect();
+    assert_eq!(spawned.len(), 1);
+    assert_eq!(spawned[0].payload["task"], "boss.1");
+    assert!(
+        out.tasks
+            .iter()
+            .any(|t| t.id == "boss.1" && t.status == TaskStatus::Completed)
+    );
+    assert_eq!(driver::replay_events(&ev).unwrap().log_hash, out.log_hash);
+    let summary = RunSummary::fold(&ev).unwrap();
+    assert_eq!(summary.tasks.len(), 2);
+    assert_eq!(summary.tasks[1].status, "completed");
+    // Depth 0 forbids spawning: the agent gets an error and answers anyway.
+    let (out, log) = run(
+        graph(
+            "limits: { max_spawn_depth: 0 }\nagents:\n  w: { model: script/m, tools: [spawn_task] }\ntasks:\n  - { id: boss, agent: w, prompt: spawn helpers }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    assert!(
+        events(&log)
+            .iter()
+            .all(|e| e.kind != EventKind::TaskSpawned)
+    );
+    assert!(
+        out.outputs["boss"]["text"]
+            .as_str()
+            .unwrap()
+            .contains("max_spawn_depth")
+    );
+}
+
+#[test]
+fn provider_limits_hold_model_calls() {
+    let (out, log) = run(
+        graph(
+            "limits: { providers: { script: 1 } }\nagents:\n  w: { model: script/m, tools: [echo], concurrency: 4 }\ntasks:\n  - { id: a, agent: w, prompt: one }\n  - { id: b, agent: w, prompt: two }\n  - { id: c, agent: w, prompt: three }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    let peaks = check_limits(&events(&log)).unwrap();
+    assert_eq!(peaks["provider:script"], 1);
+    assert!(peaks["agent:w"] >= 2);
+}
+
+#[test]
+fn unknown_tools_are_refused_before_the_run_starts() {
+    let log = Arc::new(MemoryLog::default());
+    let err = rt()
+        .block_on(driver::run_graph(
+            graph("tasks:\n  - { id: a, tool: ecoh, args: {} }\n"),
+            RunOptions {
+                seed: 1,
+                sink: log.clone(),
+                clock: Arc::new(TokioClock::new(T0)),
+                tools: registry(),
+                models: models(),
+                observer: None,
+            },
+        ))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("unknown tool `ecoh` (did you mean `echo`?)"),
+        "{err}"
+    );
+    assert!(log.all().is_empty());
+}
+
+#[test]
+fn run_summary_folds_status_and_task_table() {
+    let (_, log) = run(
+        graph(
+            "tasks:\n  - { id: ok, tool: echo, args: {} }\n  - { id: bad, tool: fail, args: { message: boom } }\n",
+        ),
+        1,
+    );
+    let s = RunSummary::fold(&events(&log)).unwrap();
+    assert_eq!(s.status, "failed");
+    assert!(s.error.as_deref().unwrap().contains("boom"));
+    let bad = s.tasks.iter().find(|t| t.id == "bad").unwrap();
+    assert_eq!(bad.status, "failed");
+    assert_eq!(bad.attempts, 1);
+    assert_eq!(bad.error.as_deref(), Some("tool_error: boom"));
+}
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A random graph of tool steps: each task needs some earlier ones, fails a few times with a
+    /// transient class, and has a random policy.
+    fn graph_yaml(seed: u64, n: usize, concurrency: u32) -> String {
+        let mut rng = agent_runtime_core::SeededRng::new(seed);
+        let mut y =
+            format!("limits: {{ concurrency: {concurrency}, tools: {{ flaky: 2 }} }}\ntasks:\n");
+        for i in 0..n {
+            let needs: Vec<String> = (0..i)
+                .filter(|_| rng.below(4) == 0)
+                .map(|j| format!("t{j}"))
+                .collect();
+            let fail = rng.below(3);
+            let policy = match rng.below(3) {
+                0 => "skip".to_string(),
+                1 => "{ continue_with: 0 }".to_string(),
+                _ => "skip".to_string(),
+            };
+            y.push_str(&format!(
+                "  - {{ id: t{i}, tool: flaky, args: {{ key: t{i}, fail: {fail}, ms: {} }}, needs: [{}], retry: {{ max_attempts: 2, backoff: 3ms }}, on_failure: {policy}, priority: {} }}\n",
+                rng.below(30),
+                needs.join(", "),
+                rng.below(3)
+            ));
+        }
+        y
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 16, ..ProptestConfig::default() })]
+
+        #[test]
+        fn live_runs_replay_finish_and_respect_limits(seed in any::<u64>(), n in 1usize..14, concurrency in 1u32..5) {
+            let g = graph(&graph_yaml(seed, n, concurrency));
+            let (out, log) = run(g.clone(), seed);
+            prop_assert_eq!(out.status, RunStatus::Completed);
+            prop_assert!(out.tasks.iter().all(|t| t.status.is_terminal()));
+            let ev = events(&log);
+            let report = driver::replay_events(&ev).unwrap();
+            prop_assert_eq!(&report.log_hash, &out.log_hash);
+            let peaks = check_limits(&ev).unwrap();
+            prop_assert!(peaks["global"] <= concurrency);
+            let (again, _) = run(g, seed);
+            prop_assert_eq!(&again.log_hash, &out.log_hash);
+        }
+    }
+}

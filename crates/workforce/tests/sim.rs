@@ -1,0 +1,86 @@
+//! The simulator: determinism over seeds and shapes, replayability, limits, and properties.
+
+use std::sync::Arc;
+
+use agent_runtime_core::{EventQuery, MemoryLog};
+use agent_runtime_workforce::driver;
+use agent_runtime_workforce::engine::RunStatus;
+use agent_runtime_workforce::sim::{Shape, SimConfig, simulate};
+use agent_runtime_workforce::state::{check_limits, log_hash};
+use proptest::prelude::*;
+
+fn sim(
+    cfg: &SimConfig,
+) -> (
+    agent_runtime_workforce::sim::SimReport,
+    Vec<agent_runtime_core::Envelope>,
+) {
+    let log = Arc::new(MemoryLog::default());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .unwrap();
+    let report = rt.block_on(simulate(cfg, log.clone())).unwrap();
+    (report, log.query_now(&EventQuery::default()))
+}
+
+#[test]
+fn same_seed_same_hash_other_seed_other_hash() {
+    for shape in [Shape::Chain, Shape::Fanout, Shape::Layered, Shape::Random] {
+        let cfg = SimConfig::new(5, 200, shape, 0.1, 7);
+        let (a, ev) = sim(&cfg);
+        let (b, _) = sim(&cfg);
+        let (c, _) = sim(&SimConfig {
+            seed: 8,
+            ..cfg.clone()
+        });
+        assert_eq!(a.log_hash, b.log_hash, "{shape:?}");
+        assert_ne!(a.log_hash, c.log_hash, "{shape:?}");
+        assert_eq!(a.status, RunStatus::Completed);
+        assert_eq!(a.tasks_done + a.tasks_skipped, 200);
+        assert!(a.retries > 0, "{shape:?}: 10% failures must cause retries");
+        assert_eq!(log_hash(&ev), a.log_hash, "the written log hashes the same");
+        assert_eq!(a.events as usize, ev.len());
+    }
+}
+
+#[test]
+fn a_simulated_run_replays_like_a_live_one() {
+    let (report, ev) = sim(&SimConfig::new(3, 150, Shape::Random, 0.2, 99));
+    let replay = driver::replay_events(&ev).unwrap();
+    assert_eq!(replay.log_hash, report.log_hash);
+    check_limits(&ev).unwrap();
+}
+
+#[test]
+fn chains_take_the_sum_of_their_durations() {
+    let (chain, _) = sim(&SimConfig::new(4, 50, Shape::Chain, 0.0, 1));
+    let (fan, _) = sim(&SimConfig::new(4, 50, Shape::Fanout, 0.0, 1));
+    assert!(chain.virtual_makespan_ms >= 50 * 50);
+    assert!(fan.virtual_makespan_ms < chain.virtual_makespan_ms);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn any_seed_and_shape_is_deterministic_replayable_and_within_limits(
+        seed in any::<u64>(),
+        shape in prop_oneof![Just(Shape::Chain), Just(Shape::Fanout), Just(Shape::Layered), Just(Shape::Random)],
+        agents in 1u32..6,
+        tasks in 1u32..80,
+        failure_rate in 0.0f64..0.5,
+        agent_concurrency in 1u32..4,
+        concurrency in 1u32..8,
+    ) {
+        let cfg = SimConfig { agent_concurrency, concurrency: Some(concurrency), ..SimConfig::new(agents, tasks, shape, failure_rate, seed) };
+        let (a, ev) = sim(&cfg);
+        let (b, _) = sim(&cfg);
+        prop_assert_eq!(&a.log_hash, &b.log_hash);
+        prop_assert_eq!(a.status, RunStatus::Completed);
+        prop_assert_eq!(a.tasks_done + a.tasks_skipped, u64::from(tasks));
+        let replay = driver::replay_events(&ev).unwrap();
+        prop_assert_eq!(&replay.log_hash, &a.log_hash);
+        let peaks = check_limits(&ev).unwrap();
+        prop_assert!(peaks["global"] <= concurrency);
+    }
+}
