@@ -51,6 +51,8 @@ error_classes! {
     Timeout => "timeout",
     /// The call was cancelled by its caller.
     Cancelled => "cancelled",
+    /// The process stopped (crash, kill -9) while the call was in flight; found on resume.
+    Interrupted => "interrupted",
     /// The tool ran and reported failure.
     ToolError => "tool_error",
     /// The sandbox could not be set up or a sandbox limit was hit.
@@ -89,6 +91,7 @@ impl ErrorClass {
         matches!(
             self,
             ErrorClass::Timeout
+                | ErrorClass::Interrupted
                 | ErrorClass::ToolError
                 | ErrorClass::ModelRateLimit
                 | ErrorClass::ModelError

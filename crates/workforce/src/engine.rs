@@ -839,9 +839,8 @@ impl Engine {
                     if self.tasks[i as usize].status == TaskStatus::Running {
                         self.attempt_failed(
                             i,
-                            ErrorClass::Internal,
-                            "interrupted: the process stopped while this attempt was in flight"
-                                .into(),
+                            ErrorClass::Interrupted,
+                            "the process stopped while this attempt was in flight".into(),
                         );
                     }
                 }

@@ -188,7 +188,7 @@ pub struct RetryPolicy {
     #[serde(default = "default_jitter")]
     pub jitter: f64,
     /// Error classes worth retrying (default: timeout, tool_error, model_rate_limit,
-    /// model_error, model_unavailable, internal).
+    /// model_error, model_unavailable, interrupted).
     #[serde(default = "default_retry_on")]
     pub on: Vec<ErrorClass>,
 }
@@ -207,13 +207,11 @@ fn default_jitter() -> f64 {
 }
 /// The error classes retried when a retry policy does not name any.
 pub fn default_retry_on() -> Vec<ErrorClass> {
-    let mut v: Vec<ErrorClass> = ErrorClass::ALL
+    ErrorClass::ALL
         .iter()
         .copied()
         .filter(|c| c.is_transient())
-        .collect();
-    v.push(ErrorClass::Internal);
-    v
+        .collect()
 }
 
 impl Default for RetryPolicy {

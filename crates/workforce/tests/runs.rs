@@ -410,7 +410,7 @@ fn resume_retries_in_flight_attempts_through_their_policy() {
         .iter()
         .filter(|e| e.kind == EventKind::TaskFailed)
         .collect();
-    assert_eq!(fails[0].payload["class"], "internal");
+    assert_eq!(fails[0].payload["class"], "interrupted");
     assert!(
         after[resumed..]
             .iter()
