@@ -232,7 +232,7 @@ fn tail_follow_sees_events_another_process_appends() {
             "audit",
             "tail",
             "-n",
-            "0",
+            "1",
             "--follow",
             "--kind",
             "run.completed",
@@ -241,16 +241,35 @@ fn tail_follow_sees_events_another_process_appends() {
         .spawn()
         .unwrap();
     let stdout = follower.stdout.take().unwrap();
-    // Another process appends a second run while the follower waits.
+    // Lines arrive on a channel so that a follower that never prints fails the test in bounded
+    // time instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next = |what: &str| {
+        rx.recv_timeout(std::time::Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("no {what} from tail --follow within 60 s"))
+            .unwrap()
+    };
+    // The newest matching event first: once it is printed, the follower is following.
+    let first = next("first line");
+    assert!(
+        first.trim_start().starts_with("14 ") && first.contains("run.completed"),
+        "{first}"
+    );
+    // Another process appends a second run.
     cli(&db).arg("demo").assert().success();
-    let mut line = String::new();
-    let got = BufReader::new(stdout).read_line(&mut line);
+    let second = next("line for the second run");
     let _ = follower.kill();
     let _ = follower.wait();
-    got.unwrap();
-    assert!(line.contains("run.completed"), "{line}");
+    assert!(second.contains("run.completed"), "{second}");
     assert!(
-        line.trim_start().starts_with("28 "),
-        "the second run's last event is sequence 28: {line}"
+        second.trim_start().starts_with("28 "),
+        "the second run's last event is sequence 28: {second}"
     );
 }
