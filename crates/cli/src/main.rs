@@ -43,6 +43,12 @@ enum Command {
     Bench(bench::BenchCommand),
 }
 
+/// mimalloc: the scheduler and the event log allocate and free many small objects across
+/// threads, where it is markedly faster than the system allocator (see the Workforce section of
+/// docs/benchmarks.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -303,6 +303,7 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverE
     let mut engine = Engine::create(&first)?;
     hasher.update(&first);
     let mut pos = 1;
+    let (mut rec_body, mut produced_body) = (Vec::new(), Vec::new());
     loop {
         for produced in engine.take_events() {
             let Some(rec) = events.get(pos) else {
@@ -314,7 +315,11 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverE
                 });
             };
             let rec = rec.to_new_event();
-            if rec.canonical_body() != produced.canonical_body() {
+            rec_body.clear();
+            crate::state::write_canonical_body(&rec, &mut rec_body);
+            produced_body.clear();
+            crate::state::write_canonical_body(&produced, &mut produced_body);
+            if rec_body != produced_body {
                 return Err(DriverError::Diverged {
                     index: pos,
                     seq: events[pos].seq,
@@ -484,7 +489,7 @@ impl Driver {
                 biased;
                 _ = cancel.cancelled(), if !cancel_requested => {
                     cancel_requested = true;
-                    engine.cancel_run_event(self.opts.clock.now(), "cli", "cancelled by the user")
+                    (engine.cancel_run_event(self.opts.clock.now(), "cli", "cancelled by the user"), None)
                 }
                 Some(done) = rx.recv() => self.input_of(engine, done),
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
@@ -492,19 +497,19 @@ impl Driver {
                     match deadline {
                         // The sleep can end a hair early by the clock's reading; wait again.
                         Some(d) if now < d => continue,
-                        _ => engine.clock_event(now),
+                        _ => (engine.clock_event(now), None),
                     }
                 }
             };
-            engine.apply(&input)?;
-            batch.push(input);
+            engine.apply_with(&input.0, input.1)?;
+            batch.push(input.0);
             // Group-record: every result already waiting goes into the same batch, each
             // followed by what the engine derived from it; effects wait for the append.
             while batch.len() < 4096 && !engine.is_finished() {
                 let Ok(done) = rx.try_recv() else { break };
                 batch.extend(engine.take_events());
-                let input = self.input_of(engine, done);
-                engine.apply(&input)?;
+                let (input, response) = self.input_of(engine, done);
+                engine.apply_with(&input, response)?;
                 batch.push(input);
             }
         }
@@ -528,16 +533,25 @@ impl Driver {
         })
     }
 
-    fn input_of(&mut self, engine: &Engine, done: Done) -> NewEvent {
+    /// The input recording a call's result, with the typed model response it was built from
+    /// (so the engine need not read it back from the payload).
+    fn input_of(
+        &mut self,
+        engine: &Engine,
+        done: Done,
+    ) -> (NewEvent, Option<agent_runtime_core::ModelResponse>) {
         let now = self.opts.clock.now();
         match done {
             Done::Tool { call, tool, result } => {
                 self.inflight.remove(&call);
-                engine.tool_result_event(call, &tool, now, result)
+                (engine.tool_result_event(call, &tool, now, result), None)
             }
             Done::Model { call, result } => {
                 self.inflight.remove(&call);
-                engine.model_result_event(call, now, result.as_ref().map_err(Clone::clone))
+                match result {
+                    Ok(r) => (engine.model_result_event(call, now, Ok(&r)), Some(r)),
+                    Err(e) => (engine.model_result_event(call, now, Err(e)), None),
+                }
             }
         }
     }
@@ -613,15 +627,15 @@ impl Driver {
                 ..
             } => {
                 let token = CancellationToken::new();
-                let mut ctx = CallContext::new(Actor::Agent(agent));
+                let mut ctx = CallContext::new(Actor::Agent(agent.to_string()));
                 ctx.run_id = Some(run_id);
                 ctx.task_id = Some(task_id);
                 ctx.cancel = token.clone();
                 ctx.timeout = timeout;
                 let specs: Vec<ToolSpec> = tools.iter().filter_map(|t| self.spec(t)).collect();
                 let request = ModelRequest {
-                    model,
-                    messages,
+                    model: model.to_string(),
+                    messages: Arc::unwrap_or_clone(messages),
                     tools: specs,
                     max_tokens: None,
                     temperature: None,

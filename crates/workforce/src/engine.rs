@@ -79,7 +79,7 @@ pub enum Effect {
         /// The task making the call.
         task_id: TaskId,
         /// The task's graph id.
-        task: String,
+        task: Arc<str>,
         /// Who calls (the agent, or the system for a tool step).
         actor: Actor,
         /// Registry name.
@@ -96,17 +96,18 @@ pub enum Effect {
         /// The task making the call.
         task_id: TaskId,
         /// The task's graph id.
-        task: String,
+        task: Arc<str>,
         /// The agent's name.
-        agent: String,
+        agent: Arc<str>,
         /// The provider part of the route.
-        provider: String,
+        provider: Arc<str>,
         /// The model part of the route.
-        model: String,
-        /// The conversation.
-        messages: Vec<Message>,
+        model: Arc<str>,
+        /// The conversation, shared with the engine (which copies it only if it must add to it
+        /// while the effect is still held).
+        messages: Arc<Vec<Message>>,
         /// Tools offered to the model (registry names, and `spawn_task` when allowed).
-        tools: Vec<String>,
+        tools: Arc<[String]>,
         /// The task's attempt timeout.
         timeout: Option<Duration>,
     },
@@ -177,8 +178,19 @@ pub enum RunStatus {
 struct Key {
     prio: i32,
     rank: u32,
+    /// The first 8 bytes of `id`, big-endian, zero-padded: comparing them orders ids as the
+    /// strings do whenever they differ, so most comparisons never touch the strings.
+    id_prefix: u64,
     id: Arc<str>,
     idx: u32,
+}
+
+/// See [`Key::id_prefix`].
+fn id_prefix(id: &str) -> u64 {
+    let mut bytes = [0u8; 8];
+    let n = id.len().min(8);
+    bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
+    u64::from_be_bytes(bytes)
 }
 
 impl Ord for Key {
@@ -186,6 +198,7 @@ impl Ord for Key {
         o.prio
             .cmp(&self.prio)
             .then(self.rank.cmp(&o.rank))
+            .then(self.id_prefix.cmp(&o.id_prefix))
             .then_with(|| self.id.cmp(&o.id))
             .then(self.idx.cmp(&o.idx))
     }
@@ -231,7 +244,7 @@ impl Slot {
 
 #[derive(Debug)]
 struct AgentRun {
-    messages: Vec<Message>,
+    messages: Arc<Vec<Message>>,
     turns: u32,
     pending: Vec<u64>,
 }
@@ -284,11 +297,11 @@ enum Timer {
 
 #[derive(Debug)]
 struct AgentInfo {
-    name: String,
-    provider: String,
-    model: String,
+    name: Arc<str>,
+    provider: Arc<str>,
+    model: Arc<str>,
     instructions: String,
-    tools: Vec<String>,
+    tools: Arc<[String]>,
     max_turns: u32,
     slot: Slot,
 }
@@ -410,15 +423,15 @@ impl Engine {
             let (provider, model) = split_route(&a.model);
             agent_index.insert(name.clone(), agents.len() as u32);
             agents.push(AgentInfo {
-                name: name.clone(),
-                provider,
-                model,
+                name: name.as_str().into(),
+                provider: provider.into(),
+                model: model.into(),
                 instructions: a.instructions.clone(),
                 tools: {
                     let mut t = a.tools.clone();
                     t.sort();
                     t.dedup();
-                    t
+                    t.into()
                 },
                 max_turns: a.max_turns,
                 slot: Slot::new(a.concurrency),
@@ -788,6 +801,17 @@ impl Engine {
     /// Applies one input event. Derived events and effects accumulate for the take methods.
     /// Inputs after the run ended are accepted and change nothing.
     pub fn apply(&mut self, event: &NewEvent) -> Result<(), EngineError> {
+        self.apply_with(event, None)
+    }
+
+    /// [`Engine::apply`] for an input whose `model.completed` payload was built from `response`
+    /// (by [`Engine::model_result_event`] or [`Engine::model_response_json_event`]): uses the
+    /// typed response instead of reading it back from the payload, which gives the same value.
+    pub(crate) fn apply_with(
+        &mut self,
+        event: &NewEvent,
+        response: Option<ModelResponse>,
+    ) -> Result<(), EngineError> {
         if !is_input(event) || event.kind == EventKind::RunCreated {
             return Err(bad(event.kind, "not an input event of a running engine"));
         }
@@ -826,10 +850,13 @@ impl Engine {
             }
             EventKind::ToolFailed => self.on_tool_result(call()?, Err(failure())),
             EventKind::ModelCompleted => {
-                let response = ModelResponse::deserialize(
-                    event.payload.get("response").unwrap_or(&Value::Null),
-                )
-                .map_err(|e| bad(event.kind, format!("bad response: {e}")))?;
+                let response = match response {
+                    Some(r) => r,
+                    None => ModelResponse::deserialize(
+                        event.payload.get("response").unwrap_or(&Value::Null),
+                    )
+                    .map_err(|e| bad(event.kind, format!("bad response: {e}")))?,
+                };
                 self.on_model_result(call()?, Ok(response));
             }
             EventKind::ModelFailed => self.on_model_result(call()?, Err(failure())),
@@ -880,6 +907,7 @@ impl Engine {
         Key {
             prio: t.spec.priority,
             rank: t.rank,
+            id_prefix: id_prefix(&t.id),
             id: t.id.clone(),
             idx,
         }
@@ -936,7 +964,7 @@ impl Engine {
         let timeout = t.spec.timeout;
         let task_id = t.task_id;
         let actor = t.agent.map_or(Actor::System, |a| {
-            Actor::Agent(self.agents[a as usize].name.clone())
+            Actor::Agent(self.agents[a as usize].name.to_string())
         });
         if let Some(a) = t.agent {
             self.agents[a as usize].slot.used += 1;
@@ -962,7 +990,7 @@ impl Engine {
             }
             messages.push(Message::new(Role::User, prompt));
             self.tasks[idx as usize].live = Some(AgentRun {
-                messages,
+                messages: Arc::new(messages),
                 turns: 0,
                 pending: Vec::new(),
             });
@@ -1054,11 +1082,11 @@ impl Engine {
         }
         self.decisions += 1;
         let t = &self.tasks[task as usize];
-        let (task_id, name, timeout) = (t.task_id, t.id.to_string(), t.spec.timeout);
+        let (task_id, name, timeout) = (t.task_id, t.id.clone(), t.spec.timeout);
         match kind {
             CallKind::Tool => {
                 let actor = t.agent.map_or(Actor::System, |a| {
-                    Actor::Agent(self.agents[a as usize].name.clone())
+                    Actor::Agent(self.agents[a as usize].name.to_string())
                 });
                 self.emit(
                     Some(task_id),
@@ -1083,8 +1111,8 @@ impl Engine {
                 let tools = agent.tools.clone();
                 let payload = json!({
                     "call": call,
-                    "provider": agent.provider,
-                    "model": agent.model,
+                    "provider": &*agent.provider,
+                    "model": &*agent.model,
                     "turn": live.turns + 1,
                     "messages": live.messages.len(),
                 });
@@ -1095,11 +1123,11 @@ impl Engine {
                     agent: agent.name.clone(),
                     provider: agent.provider.clone(),
                     model: agent.model.clone(),
-                    messages: live.messages.clone(),
+                    messages: Arc::clone(&live.messages),
                     tools,
                     timeout,
                 };
-                let actor = Actor::Agent(agent.name.clone());
+                let actor = Actor::Agent(agent.name.to_string());
                 self.emit(Some(task_id), actor, EventKind::ModelRequested, payload);
                 self.effects.push(effect);
             }
@@ -1190,8 +1218,11 @@ impl Engine {
             return;
         }
         self.model_calls += 1;
-        let provider = self.agents[a as usize].provider.clone();
-        let res = Some(provider).filter(|p| self.provider_slots.contains_key(p));
+        let provider = &self.agents[a as usize].provider;
+        let res = self
+            .provider_slots
+            .contains_key(&**provider)
+            .then(|| provider.to_string());
         let call = self.new_call(idx, CallKind::Model, res, String::new(), Value::Null, None);
         if let Some(live) = self.tasks[idx as usize].live.as_mut() {
             live.pending.push(call);
@@ -1244,7 +1275,7 @@ impl Engine {
         msg.tool_call_id = info.tool_call_id;
         let t = &mut self.tasks[idx as usize];
         if let Some(live) = t.live.as_mut() {
-            live.messages.push(msg);
+            Arc::make_mut(&mut live.messages).push(msg);
             live.pending.retain(|&c| c != call);
             if live.pending.is_empty() {
                 self.request_model(idx);
@@ -1287,7 +1318,7 @@ impl Engine {
             };
             live.pending.retain(|&c| c != call);
             live.turns += 1;
-            live.messages.push(response.message);
+            Arc::make_mut(&mut live.messages).push(response.message);
             live.turns
         };
         if calls.is_empty() {
@@ -1311,7 +1342,7 @@ impl Engine {
                 );
                 m.tool_call_id = Some(tc.id);
                 if let Some(live) = self.tasks[idx as usize].live.as_mut() {
-                    live.messages.push(m);
+                    Arc::make_mut(&mut live.messages).push(m);
                 }
                 continue;
             }
@@ -1323,7 +1354,7 @@ impl Engine {
                 let mut m = Message::new(Role::Tool, reply);
                 m.tool_call_id = Some(tc.id);
                 if let Some(live) = self.tasks[idx as usize].live.as_mut() {
-                    live.messages.push(m);
+                    Arc::make_mut(&mut live.messages).push(m);
                 }
                 continue;
             }
@@ -1500,8 +1531,9 @@ impl Engine {
         if was_open {
             self.open = self.open.saturating_sub(1);
         }
-        let dependents = self.tasks[idx as usize].dependents.clone();
-        for d in dependents {
+        // `make_ready` leaves `dependents` alone: walk it in place rather than copy it.
+        for j in 0..self.tasks[idx as usize].dependents.len() {
+            let d = self.tasks[idx as usize].dependents[j];
             let t = &mut self.tasks[d as usize];
             t.waiting_on = t.waiting_on.saturating_sub(1);
             if t.waiting_on == 0 && t.status == TaskStatus::Pending {
@@ -1783,5 +1815,47 @@ pub fn split_route(route: &str) -> (String, String) {
     match route.split_once('/') {
         Some((p, m)) => (p.to_string(), m.to_string()),
         None => (route.to_string(), route.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_order_is_the_id_order() {
+        let ids = [
+            "",
+            "a",
+            "a-",
+            "a.1",
+            "a.10",
+            "a.2",
+            "ab",
+            "abcdefgh",
+            "abcdefgh.1",
+            "abcdefgi",
+            "b",
+            "t000001",
+            "t000010",
+            "t00001",
+            "t0000100",
+            "t00001000",
+            "Z",
+            "_x",
+            "é",
+        ];
+        for x in ids {
+            for y in ids {
+                let key = |id: &str| Key {
+                    prio: 0,
+                    rank: 0,
+                    id_prefix: id_prefix(id),
+                    id: id.into(),
+                    idx: 0,
+                };
+                assert_eq!(key(x).cmp(&key(y)), x.cmp(y), "{x} vs {y}");
+            }
+        }
     }
 }

@@ -237,21 +237,31 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     let mut cancelled: BTreeSet<u64> = BTreeSet::new();
     let mut seq = 0u64;
     let mut buffer: Vec<NewEvent> = Vec::with_capacity(cfg.batch.max(1) + 64);
-    // Batches go to a writer task, so that the log writes while the engine computes; one
-    // writer keeps them in order, and the bounded queue keeps memory bounded.
+    // Batches go through two tasks, so that the log writes while the engine computes: the first
+    // folds the log hash, the second appends to the sink; the hash of a batch is thus computed
+    // while the sink still writes the batch before it. Each stage keeps the batches in order,
+    // and the bounded queues keep memory bounded.
     let (writer, mut batches) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(2);
-    // The writer also folds the log hash, off the engine's path.
-    let write_task = tokio::spawn(async move {
+    let (to_sink, mut hashed) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(2);
+    let hash_task = tokio::spawn(async move {
         let mut hasher = LogHasher::new();
         while let Some(batch) = batches.recv().await {
             for e in &batch {
                 hasher.update(e);
             }
+            if to_sink.send(batch).await.is_err() {
+                break;
+            }
+        }
+        hasher
+    });
+    let write_task = tokio::spawn(async move {
+        while let Some(batch) = hashed.recv().await {
             sink.append(batch)
                 .await
                 .map_err(|e| SimError::Log(e.message))?;
         }
-        Ok::<LogHasher, SimError>(hasher)
+        Ok::<(), SimError>(())
     });
     let mut retries = 0u64;
     let response = ModelResponse {
@@ -317,33 +327,38 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                 }
                 clock.set(t);
                 if fail {
-                    engine.model_result_event(
+                    let input = engine.model_result_event(
                         call,
                         t,
                         Err((ErrorClass::ModelError, "simulated failure".to_string())),
-                    )
+                    );
+                    (input, None)
                 } else {
-                    engine.model_response_json_event(call, t, response_json.clone())
+                    let input = engine.model_response_json_event(call, t, response_json.clone());
+                    // The payload is `response_json`, the serialized `response`.
+                    (input, Some(response.clone()))
                 }
             }
             (false, Some(d)) => {
                 clock.set(d);
-                engine.clock_event(d)
+                (engine.clock_event(d), None)
             }
             (false, None) => break,
         };
-        engine.apply(&input)?;
-        buffer.push(input);
+        engine.apply_with(&input.0, input.1)?;
+        buffer.push(input.0);
     }
     if !buffer.is_empty() {
         let _ = writer.send(buffer).await;
     }
     drop(writer);
-    let hasher = match write_task.await {
-        Ok(Ok(h)) => h,
+    let hasher = hash_task.await;
+    match write_task.await {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => return Err(e),
         Err(e) => return Err(SimError::Log(format!("event writer stopped: {e}"))),
-    };
+    }
+    let hasher = hasher.map_err(|e| SimError::Log(format!("log hasher stopped: {e}")))?;
     let wall = started.elapsed();
     let views = engine.task_views();
     let done = views
