@@ -292,9 +292,25 @@ impl NewEvent {
     /// The canonical bytes of everything but the sequence number (see the module docs), which a
     /// log computes once, off its writer, and hashes after the sequence number.
     pub fn canonical_body(&self) -> Vec<u8> {
-        let mut out = self.canonical_header();
-        push_canonical_payload(&mut out, &canonical_json(&self.payload));
+        let mut out = Vec::with_capacity(128);
+        self.write_canonical_body(&mut out);
         out
+    }
+
+    /// Appends [`NewEvent::canonical_body`] to `out` without intermediate allocations: the
+    /// header, the actor and the canonical payload are written in place.
+    pub fn write_canonical_body(&self, out: &mut Vec<u8>) {
+        write_header(
+            out,
+            &self.run_id,
+            self.task_id.as_ref(),
+            &self.actor,
+            self.kind.as_str(),
+            self.time,
+        );
+        let at = reserve_len(out);
+        write_canonical_json(&self.payload, out);
+        patch_len(out, at);
     }
 
     /// The canonical bytes of the metadata (run, task, actor, kind, time), without the payload:
@@ -319,6 +335,20 @@ pub fn canonical_header(
     time: Timestamp,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + actor.len() + kind.len());
+    write_header(&mut out, run_id, task_id, &actor, kind, time);
+    out
+}
+
+/// Appends the canonical header: the one place its layout is written down in code.
+fn write_header(
+    out: &mut Vec<u8>,
+    run_id: &RunId,
+    task_id: Option<&TaskId>,
+    actor: &dyn fmt::Display,
+    kind: &str,
+    time: Timestamp,
+) {
+    use std::io::Write as _;
     out.extend_from_slice(run_id.as_bytes());
     match task_id {
         Some(t) => {
@@ -327,16 +357,31 @@ pub fn canonical_header(
         }
         None => out.push(0),
     }
-    put_lp(&mut out, actor.as_bytes());
-    put_lp(&mut out, kind.as_bytes());
+    let at = reserve_len(out);
+    // Writing into a Vec cannot fail.
+    let _ = write!(out, "{actor}");
+    patch_len(out, at);
+    put_lp(out, kind.as_bytes());
     out.extend_from_slice(&time.as_unix_nanos().to_be_bytes());
-    out
 }
 
 /// Appends the canonical payload bytes (already canonical JSON) to a canonical header, giving
 /// the canonical body.
 pub fn push_canonical_payload(header: &mut Vec<u8>, payload_json: &[u8]) {
     put_lp(header, payload_json);
+}
+
+/// Leaves room for a length prefix; [`patch_len`] fills it in once what follows is written.
+fn reserve_len(out: &mut Vec<u8>) -> usize {
+    let at = out.len();
+    out.extend_from_slice(&[0; 4]);
+    at
+}
+
+/// Writes the length of what follows the 4 bytes at `at` into them.
+fn patch_len(out: &mut [u8], at: usize) {
+    let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
+    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
 }
 
 fn put_lp(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -460,35 +505,34 @@ pub fn chain_hash_parts(
 /// ```
 pub fn canonical_json(value: &Value) -> Vec<u8> {
     let mut out = Vec::with_capacity(128);
-    write_canonical(value, &mut out);
+    write_canonical_json(value, &mut out);
     out
 }
 
-fn write_canonical(value: &Value, out: &mut Vec<u8>) {
+/// Appends [`canonical_json`] of `value` to `out`.
+pub fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
     match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+        Value::Object(map) if maps_iterate_sorted() => {
+            // Keys already come in byte order: write them as they iterate.
             out.push(b'{');
-            for (i, k) in keys.into_iter().enumerate() {
+            for (i, (k, v)) in map.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
                 write_json_string(k, out);
                 out.push(b':');
-                if let Some(v) = map.get(k) {
-                    write_canonical(v, out);
-                }
+                write_canonical_json(v, out);
             }
             out.push(b'}');
         }
+        Value::Object(map) => write_object_sorted(map, out),
         Value::Array(items) => {
             out.push(b'[');
             for (i, v) in items.iter().enumerate() {
                 if i > 0 {
                     out.push(b',');
                 }
-                write_canonical(v, out);
+                write_canonical_json(v, out);
             }
             out.push(b']');
         }
@@ -499,6 +543,39 @@ fn write_canonical(value: &Value, out: &mut Vec<u8>) {
             let _ = serde_json::to_writer(&mut *out, other);
         }
     }
+}
+
+/// Writes an object with its keys sorted by their bytes, whatever order the map keeps.
+fn write_object_sorted(map: &serde_json::Map<String, Value>, out: &mut Vec<u8>) {
+    let mut keys: Vec<&String> = map.keys().collect();
+    keys.sort_unstable_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
+    out.push(b'{');
+    for (i, k) in keys.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_json_string(k, out);
+        out.push(b':');
+        if let Some(v) = map.get(k) {
+            write_canonical_json(v, out);
+        }
+    }
+    out.push(b'}');
+}
+
+/// Whether every `serde_json::Map` of this build iterates its keys in byte order: true unless
+/// some crate switched on serde_json's `preserve_order` feature (then maps keep insertion order
+/// and objects go through the sorting path). Probed once.
+fn maps_iterate_sorted() -> bool {
+    static SORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *SORTED.get_or_init(|| {
+        let mut m = serde_json::Map::new();
+        for k in ["b", "c", "a", "B", "ab", "é", "z"] {
+            m.insert(k.to_string(), Value::Null);
+        }
+        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
+        keys == ["B", "a", "ab", "b", "c", "z", "é"]
+    })
 }
 
 fn write_json_string(s: &str, out: &mut Vec<u8>) {
@@ -542,6 +619,21 @@ mod tests {
         assert_eq!(
             env.hash.to_string(),
             "b07ac6a3d5f386f8c83f63304b4d5a7a2c28ac9b76bc5c1da3e5d17c3e0a9390"
+        );
+    }
+
+    #[test]
+    fn the_fast_and_the_sorting_object_writers_agree() {
+        let v = serde_json::json!({"é": 1, "z": {"b": [1, {"y": null, "x": "q"}], "a": 2.5}, "B": true, "a": "x"});
+        let Value::Object(map) = &v else {
+            unreachable!()
+        };
+        let mut sorted = Vec::new();
+        write_object_sorted(map, &mut sorted);
+        assert_eq!(canonical_json(&v), sorted);
+        assert!(
+            maps_iterate_sorted(),
+            "this build's serde_json maps are sorted (no preserve_order)"
         );
     }
 

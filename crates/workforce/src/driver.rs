@@ -316,9 +316,9 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverE
             };
             let rec = rec.to_new_event();
             rec_body.clear();
-            crate::state::write_canonical_body(&rec, &mut rec_body);
+            rec.write_canonical_body(&mut rec_body);
             produced_body.clear();
-            crate::state::write_canonical_body(&produced, &mut produced_body);
+            produced.write_canonical_body(&mut produced_body);
             if rec_body != produced_body {
                 return Err(DriverError::Diverged {
                     index: pos,

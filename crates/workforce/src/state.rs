@@ -31,7 +31,7 @@ impl LogHasher {
     pub fn update(&mut self, e: &NewEvent) {
         let mut body = std::mem::take(&mut self.body);
         body.clear();
-        write_canonical_body(e, &mut body);
+        e.write_canonical_body(&mut body);
         self.update_body(&body);
         self.body = body;
     }
@@ -49,100 +49,6 @@ impl LogHasher {
     /// The hash so far, 64 hex digits.
     pub fn hex(&self) -> String {
         self.hasher.finalize().to_hex().to_string()
-    }
-}
-
-/// Appends [`NewEvent::canonical_body`] of `e` to `out`, byte for byte, without allocating
-/// when `out` has room (the header, the actor's name and the canonical payload are written in
-/// place).
-pub fn write_canonical_body(e: &NewEvent, out: &mut Vec<u8>) {
-    use std::io::Write as _;
-    out.extend_from_slice(e.run_id.as_bytes());
-    match &e.task_id {
-        Some(t) => {
-            out.push(1);
-            out.extend_from_slice(t.as_bytes());
-        }
-        None => out.push(0),
-    }
-    let at = out.len();
-    out.extend_from_slice(&[0; 4]);
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{}", e.actor);
-    patch_len(out, at);
-    put_lp(out, e.kind.as_str().as_bytes());
-    out.extend_from_slice(&e.time.as_unix_nanos().to_be_bytes());
-    let at = out.len();
-    out.extend_from_slice(&[0; 4]);
-    write_canonical_json(&e.payload, out);
-    patch_len(out, at);
-}
-
-fn put_lp(out: &mut Vec<u8>, bytes: &[u8]) {
-    let len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
-    out.extend_from_slice(&len.to_be_bytes());
-    out.extend_from_slice(bytes);
-}
-
-/// Writes the length of what follows the 4 bytes at `at` into them (as core's `put_lp` does).
-fn patch_len(out: &mut [u8], at: usize) {
-    let len = u32::try_from(out.len() - at - 4).unwrap_or(u32::MAX);
-    out[at..at + 4].copy_from_slice(&len.to_be_bytes());
-}
-
-/// Whether every `serde_json::Map` of this build iterates its keys in byte order: true unless
-/// some crate switched on serde_json's `preserve_order` feature (then maps keep insertion order
-/// and objects are written through core's sorting writer). Probed once.
-fn maps_iterate_sorted() -> bool {
-    static SORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *SORTED.get_or_init(|| {
-        let mut m = serde_json::Map::new();
-        for k in ["b", "c", "a", "B", "ab"] {
-            m.insert(k.to_string(), Value::Null);
-        }
-        let keys: Vec<&str> = m.keys().map(String::as_str).collect();
-        keys == ["B", "a", "ab", "b", "c"]
-    })
-}
-
-/// [`agent_runtime_core::canonical_json`] written into `out`: the same bytes, but objects whose
-/// keys already iterate in byte order (every `serde_json::Map` without the `preserve_order`
-/// feature) are written as they iterate, without collecting, sorting and looking up keys.
-pub fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
-    match value {
-        Value::Object(map) => {
-            if !maps_iterate_sorted() {
-                out.extend_from_slice(&agent_runtime_core::canonical_json(value));
-                return;
-            }
-            out.push(b'{');
-            for (i, (k, v)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                let _ = serde_json::to_writer(&mut *out, k.as_str());
-                out.push(b':');
-                write_canonical_json(v, out);
-            }
-            out.push(b'}');
-        }
-        Value::Array(items) => {
-            out.push(b'[');
-            for (i, v) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_canonical_json(v, out);
-            }
-            out.push(b']');
-        }
-        // Strings and scalars: serde_json's own writer, as core uses.
-        Value::String(s) => {
-            let _ = serde_json::to_writer(&mut *out, s.as_str());
-        }
-        other => {
-            let _ = serde_json::to_writer(&mut *out, other);
-        }
     }
 }
 
@@ -509,19 +415,6 @@ mod tests {
             }
         }
         out
-    }
-
-    #[test]
-    fn written_body_is_the_canonical_body() {
-        let mut buf = Vec::new();
-        for e in events() {
-            buf.clear();
-            write_canonical_body(&e, &mut buf);
-            assert_eq!(buf, e.canonical_body());
-            let mut json = Vec::new();
-            write_canonical_json(&e.payload, &mut json);
-            assert_eq!(json, agent_runtime_core::canonical_json(&e.payload));
-        }
     }
 
     #[test]
