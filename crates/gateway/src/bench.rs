@@ -58,6 +58,23 @@ fn summary(mut d: Vec<Duration>) -> Value {
            "p99_us": round(pct(0.99)), "max_us": round(pct(1.0))})
 }
 
+/// Rounds of each interleaved comparison: the added time is reported as the median over the
+/// rounds of (p50 of the measured path - p50 of its baseline), which a burst of load on a shared
+/// machine moves less than one long run.
+const ROUNDS: usize = 5;
+
+fn p50_us(d: &[Duration]) -> f64 {
+    let mut d = d.to_vec();
+    d.sort();
+    d.get(d.len().saturating_sub(1) / 2)
+        .map_or(0.0, |x| x.as_nanos() as f64 / 1000.0)
+}
+
+fn median(mut x: Vec<f64>) -> f64 {
+    x.sort_by(f64::total_cmp);
+    x.get(x.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+}
+
 fn round(x: f64) -> f64 {
     (x * 10.0).round() / 10.0
 }
@@ -217,36 +234,43 @@ async fn mcp(setup: &BenchSetup) -> Value {
         Vec::with_capacity(n),
     );
     let mut errors = 0usize;
-    for _ in 0..n {
-        let t = Instant::now();
-        if !bare().await {
-            errors += 1;
-        }
-        db.push(t.elapsed());
-        let t = Instant::now();
-        if gw
-            .call("everything.echo", args.clone(), ctx())
-            .await
-            .is_err()
-        {
-            errors += 1;
-        }
-        dg.push(t.elapsed());
-        if let Some(tool) = &direct {
+    let per_round = n.div_ceil(ROUNDS);
+    let (mut added_rounds, mut pct_rounds) = (Vec::new(), Vec::new());
+    for i in 0..n {
+        // Alternate which path goes first, so that neither always follows the other.
+        let order: [u8; 3] = if i % 2 == 0 { [0, 1, 2] } else { [2, 1, 0] };
+        for which in order {
             let t = Instant::now();
-            if tool.tool().call(args.clone(), ctx()).await.is_err() {
-                errors += 1;
-            }
-            dd.push(t.elapsed());
+            let ok = match which {
+                0 => bare().await,
+                1 => gw
+                    .call("everything.echo", args.clone(), ctx())
+                    .await
+                    .is_ok(),
+                _ => match &direct {
+                    Some(tool) => tool.tool().call(args.clone(), ctx()).await.is_ok(),
+                    None => continue,
+                },
+            };
+            let e = t.elapsed();
+            errors += usize::from(!ok);
+            [&mut db, &mut dg, &mut dd][which as usize].push(e);
+        }
+        if (i + 1) % per_round == 0 || i + 1 == n {
+            let from = db.len() - ((i % per_round) + 1);
+            let (b, g) = (p50_us(&db[from..]), p50_us(&dg[from..]));
+            added_rounds.push(g - b);
+            pct_rounds.push(100.0 * (g - b) / b.max(1.0));
         }
     }
     manager.shutdown().await;
     let b = summary(db);
     let g = summary(dg);
-    let added = g["p50_us"].as_f64().unwrap_or(0.0) - b["p50_us"].as_f64().unwrap_or(0.0);
-    let base = b["p50_us"].as_f64().unwrap_or(1.0).max(1.0);
+    let added = median(added_rounds.clone());
     json!({"bare_rmcp": b, "gateway": g, "mcp_tool_without_pipeline": summary(dd), "errors": errors,
-           "added_p50_us": round(added), "added_p50_pct": round(100.0 * added / base),
+           "rounds": added_rounds.len(),
+           "added_p50_us_per_round": added_rounds.iter().map(|x| round(*x)).collect::<Vec<_>>(),
+           "added_p50_us": round(added), "added_p50_pct": round(median(pct_rounds)),
            "goal": {"added_pct": 10, "added_us": 50},
            "what": "everything.echo over stdio; the gateway path records to the first sink"})
 }
@@ -278,29 +302,47 @@ async fn sandbox(setup: &BenchSetup) -> Value {
     let n = setup.sandbox_iterations;
     let (mut plain, mut boxed) = (Vec::with_capacity(n), Vec::with_capacity(n));
     let mut errors = 0usize;
+    let per_round = n.div_ceil(ROUNDS).max(1);
+    let mut added_rounds = Vec::new();
     for i in 0..n + 3 {
-        let t = Instant::now();
-        let ok = tokio::process::Command::new(&true_bin)
-            .status()
-            .await
-            .is_ok_and(|s| s.success());
-        let e1 = t.elapsed();
-        let t = Instant::now();
-        let r = tool.run(json!({}), ctx(), SandboxMode::Bubblewrap).await;
-        let e2 = t.elapsed();
-        if !ok || !r.is_ok_and(|o| o.value["exit_code"] == 0) {
-            errors += 1;
-        }
+        let plain_spawn = || async {
+            let t = Instant::now();
+            let ok = tokio::process::Command::new(&true_bin)
+                .status()
+                .await
+                .is_ok_and(|s| s.success());
+            (t.elapsed(), ok)
+        };
+        let sandboxed = || async {
+            let t = Instant::now();
+            let r = tool.run(json!({}), ctx(), SandboxMode::Bubblewrap).await;
+            (t.elapsed(), r.is_ok_and(|o| o.value["exit_code"] == 0))
+        };
+        // Alternate which goes first.
+        let ((e1, ok1), (e2, ok2)) = if i % 2 == 0 {
+            let a = plain_spawn().await;
+            (a, sandboxed().await)
+        } else {
+            let b = sandboxed().await;
+            (plain_spawn().await, b)
+        };
+        errors += usize::from(!ok1) + usize::from(!ok2);
         if i >= 3 {
             plain.push(e1);
             boxed.push(e2);
+            let k = i - 3;
+            if (k + 1) % per_round == 0 || k + 1 == n {
+                let from = plain.len() - ((k % per_round) + 1);
+                added_rounds.push(p50_us(&boxed[from..]) - p50_us(&plain[from..]));
+            }
         }
     }
     let p = summary(plain);
     let b = summary(boxed);
-    let added_ms =
-        (b["p50_us"].as_f64().unwrap_or(0.0) - p["p50_us"].as_f64().unwrap_or(0.0)) / 1000.0;
+    let added_ms = median(added_rounds.clone()) / 1000.0;
     json!({"plain_spawn": p, "sandboxed": b, "errors": errors,
+           "rounds": added_rounds.len(),
+           "added_p50_ms_per_round": added_rounds.iter().map(|x| round(*x / 1000.0)).collect::<Vec<_>>(),
            "added_p50_ms": round(added_ms), "goal": {"added_p50_ms": 5},
            "what": "`true` under bubblewrap with rlimits and a pids cgroup vs tokio::process `true`"})
 }

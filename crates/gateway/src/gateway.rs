@@ -407,16 +407,18 @@ impl Gateway {
             tool: name,
             call_id: inner.ids.event_id().to_string(),
         };
-        let requested = |args: &Value| {
+        let requested_with = |args: &Value, digest: &agent_runtime_core::Hash32| {
             self.event(
                 &rec,
                 ctx.actor.clone(),
                 EventKind::ToolRequested,
                 json!({"tool": name, "call_id": rec.call_id,
-                       "arguments_digest": PolicyEnvelope::digest_arguments(args),
+                       "arguments_digest": digest,
                        "arguments": inner.redactor.redact(args)}),
             )
         };
+        let requested =
+            |args: &Value| requested_with(args, &PolicyEnvelope::digest_arguments(args));
         let Some(entry) = inner.registry.get(name) else {
             let err = self.unknown(name);
             self.append(vec![requested(&args), self.failed_event(&rec, &err)])
@@ -428,14 +430,23 @@ impl Gateway {
                 .await?;
             return Err(err);
         }
-        let mut batch = vec![requested(&args)];
-        let (args, hook_denial) = match self.run_pre_hooks(&entry, name, args, &ctx.actor).await {
-            Ok(v) => v,
-            Err(err) => {
-                batch.push(self.failed_event(&rec, &err));
-                self.append(batch).await?;
-                return Err(err);
+        // The digest of the arguments as requested; the policy's envelope carries the digest
+        // of the arguments after the pre-call hooks, which is the same when no hook applies.
+        let requested_digest = PolicyEnvelope::digest_arguments(&args);
+        let mut batch = Vec::with_capacity(4);
+        batch.push(requested_with(&args, &requested_digest));
+        let hooks_apply = inner.hooks.iter().any(|h| h.applies_to(name));
+        let (args, hook_denial) = if hooks_apply {
+            match self.run_pre_hooks(&entry, name, args, &ctx.actor).await {
+                Ok(v) => v,
+                Err(err) => {
+                    batch.push(self.failed_event(&rec, &err));
+                    self.append(batch).await?;
+                    return Err(err);
+                }
             }
+        } else {
+            (args, None)
         };
         let policy = self.policy();
         let risk = entry.descriptor().risk;
@@ -459,7 +470,11 @@ impl Gateway {
                 "policy".to_string(),
             ),
         };
-        let digest = PolicyEnvelope::digest_arguments(&args);
+        let digest = if hooks_apply {
+            PolicyEnvelope::digest_arguments(&args)
+        } else {
+            requested_digest
+        };
         let envelope = |effect: Effect, decided_by: String| PolicyEnvelope {
             subject: ctx.actor.clone(),
             tool: name.to_string(),
@@ -566,11 +581,17 @@ impl Gateway {
         self.append(batch).await?;
 
         let started = Instant::now();
+        // The arguments are kept for the post-call hooks only; without any, they move.
+        let (call_args, kept_args) = if hooks_apply {
+            (args.clone(), args)
+        } else {
+            (args, Value::Null)
+        };
         let result = self
-            .execute(&entry, args.clone(), &ctx, timeout, decision.sandbox)
+            .execute(&entry, call_args, &ctx, timeout, decision.sandbox)
             .await;
         let result = match result {
-            Ok(out) => self.post_process(name, &ctx.actor, &args, out).await,
+            Ok(out) => self.post_process(name, &ctx.actor, &kept_args, out).await,
             Err(e) => Err(e),
         };
         let elapsed_us = started.elapsed().as_micros() as u64;
@@ -721,9 +742,21 @@ pub fn cap_output(mut out: ToolOutput, max: usize) -> ToolOutput {
         }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
         other => {
-            let text = serde_json::to_string(other).unwrap_or_default();
-            if text.len() > max {
-                let mut text = text;
+            // Measure the serialized size without building the text; build it only to cut it.
+            struct Count(usize);
+            impl std::io::Write for Count {
+                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                    self.0 += b.len();
+                    Ok(b.len())
+                }
+                fn flush(&mut self) -> std::io::Result<()> {
+                    Ok(())
+                }
+            }
+            let mut size = Count(0);
+            let _ = serde_json::to_writer(&mut size, other);
+            if size.0 > max {
+                let mut text = serde_json::to_string(other).unwrap_or_default();
                 truncate_at_char(&mut text, max);
                 out.value = Value::String(text);
                 out.truncated = true;

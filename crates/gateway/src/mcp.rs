@@ -40,7 +40,7 @@ use agent_runtime_core::{
 };
 use rmcp::model::{
     CallToolRequest, CallToolRequestParams, CancelledNotificationParam, ClientRequest,
-    NumberOrString, ProgressToken, ServerResult,
+    ContentBlock, NumberOrString, ProgressToken, ServerResult,
 };
 use rmcp::service::PeerRequestOptions;
 use rmcp::service::{NotificationContext, RunningService};
@@ -80,6 +80,11 @@ pub struct McpServerConfig {
     /// Time limit of one call, in milliseconds (default 60000).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_ms: Option<u64>,
+    /// Time limit for starting the server and the `initialize` handshake, in milliseconds
+    /// (default 20000): a cold start (`npx` fetching, node loading modules) says nothing about
+    /// how fast calls are answered, so it has its own limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub startup_timeout_ms: Option<u64>,
     /// Risk class of every tool of this server, overriding the tools' annotations.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub risk: Option<RiskClass>,
@@ -333,6 +338,11 @@ impl McpServer {
         Duration::from_millis(self.config.timeout_ms.unwrap_or(60_000))
     }
 
+    /// How long starting and initializing may take.
+    fn startup_timeout(&self) -> Duration {
+        Duration::from_millis(self.config.startup_timeout_ms.unwrap_or(20_000))
+    }
+
     /// Starts the server process and initializes the session.
     pub async fn connect(&self) -> Result<(), GatewayError> {
         let handler = Handler {
@@ -359,7 +369,7 @@ impl McpServer {
                 self.pid
                     .store(transport.id().unwrap_or(0), Ordering::Relaxed);
                 let init = handler.serve(transport);
-                tokio::time::timeout(self.timeout(), init)
+                tokio::time::timeout(self.startup_timeout(), init)
                     .await
                     .map_err(|_| self.err("no answer to initialize in time"))?
                     .map_err(|e| self.err(format!("initialize failed: {e}")))?
@@ -385,7 +395,7 @@ impl McpServer {
                 let config = config.custom_headers(custom);
                 let transport = rmcp::transport::StreamableHttpClientTransport::from_config(config);
                 let init = handler.serve(transport);
-                tokio::time::timeout(self.timeout(), init)
+                tokio::time::timeout(self.startup_timeout(), init)
                     .await
                     .map_err(|_| self.err("no answer to initialize in time"))?
                     .map_err(|e| self.err(format!("initialize failed: {e}")))?
@@ -590,39 +600,42 @@ impl McpServer {
                 )));
             }
         };
-        let value = serde_json::to_value(&result).unwrap_or(Value::Null);
-        let text = text_of(&value);
+        let mut result = result;
+        // Read the result as it came, without turning it into a JSON value first.
+        let text = text_of(&mut result.content);
         if result.is_error == Some(true) {
             return Err(fail(format!(
                 "{remote} failed: {}",
-                text.unwrap_or_else(|| value.to_string())
+                text.unwrap_or_else(|| serde_json::to_value(&result)
+                    .unwrap_or(Value::Null)
+                    .to_string())
             )));
         }
-        let out = match (value.get("structuredContent"), text) {
-            (Some(s), _) if !s.is_null() => s.clone(),
+        let out = match (result.structured_content.take(), text) {
+            (Some(s), _) if !s.is_null() => s,
             (_, Some(t)) => Value::String(t),
-            _ => value.get("content").cloned().unwrap_or(Value::Null),
+            _ => serde_json::to_value(&result.content).unwrap_or(Value::Null),
         };
         Ok(ToolOutput::new(out))
     }
 }
 
-/// The text of a result whose content is only text blocks, joined by newlines.
-fn text_of(result: &Value) -> Option<String> {
-    let content = result.get("content")?.as_array()?;
-    let mut parts = Vec::new();
-    for c in content {
-        if c.get("type").and_then(Value::as_str) != Some("text") {
-            return None;
-        }
-        parts.push(
-            c.get("text")
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_string(),
-        );
+/// The text of a result whose content is only text blocks, joined by newlines (taken out of
+/// the blocks, which are left empty); `None`, and the blocks untouched, otherwise.
+fn text_of(content: &mut [ContentBlock]) -> Option<String> {
+    if content.is_empty() || content.iter().any(|c| c.as_text().is_none()) {
+        return None;
     }
-    (!parts.is_empty()).then(|| parts.join("\n"))
+    let mut texts = content.iter_mut().filter_map(|c| match c {
+        ContentBlock::Text(t) => Some(std::mem::take(&mut t.text)),
+        _ => None,
+    });
+    let mut out = texts.next().unwrap_or_default();
+    for t in texts {
+        out.push('\n');
+        out.push_str(&t);
+    }
+    Some(out)
 }
 
 struct ProgressGuard {
@@ -630,10 +643,27 @@ struct ProgressGuard {
     key: Option<String>,
 }
 
+/// How long a call's progress route outlives its response. `rmcp` hands each notification to a
+/// task of its own, so the last progress notification of a call, sent by the server before the
+/// response, can reach our handler after the response has: keep routing for a moment so it is
+/// not lost (and so that a relaying MCP server can forward it before its own response).
+const PROGRESS_GRACE: Duration = Duration::from_millis(25);
+
 impl Drop for ProgressGuard {
     fn drop(&mut self) {
-        if let Some(k) = &self.key {
-            self.map.lock().unwrap_or_else(|p| p.into_inner()).remove(k);
+        let Some(k) = self.key.take() else { return };
+        let map = self.map.clone();
+        let remove = move || {
+            map.lock().unwrap_or_else(|p| p.into_inner()).remove(&k);
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(h) => {
+                h.spawn(async move {
+                    tokio::time::sleep(PROGRESS_GRACE).await;
+                    remove();
+                });
+            }
+            Err(_) => remove(),
         }
     }
 }

@@ -7,8 +7,9 @@
 //!
 //! - **Namespaces**: new user, pid, network, ipc, uts and cgroup namespaces (`--unshare-all`); the
 //!   network namespace has no interface but a downed loopback, so no socket reaches anything.
-//! - **Filesystem**: an empty root with `/usr` (and the `/bin`, `/lib*` links) read-only, a few
-//!   files of `/etc` (loader cache, passwd, group, hosts, ...) read-only, a fresh `/proc`, a minimal
+//! - **Filesystem**: an empty root with `/usr` (and the `/bin`, `/lib*` links) read-only, as
+//!   `/etc` a read-only copy of a few of its files (loader cache, passwd, group, hosts, ...;
+//!   made once per process, one bind instead of one per file), a fresh `/proc`, a minimal
 //!   `/dev`, a private `/tmp`; the workspace roots bound read-write and the tool's extra read roots
 //!   bound read-only. Nothing else of the host exists inside.
 //! - **Environment**: cleared; only `PATH`, `HOME=/tmp`, `LANG`, `TMPDIR` and the tool's declared
@@ -16,9 +17,10 @@
 //! - **Limits**: `RLIMIT_CPU`, `RLIMIT_AS` (memory), `RLIMIT_FSIZE`, `RLIMIT_NOFILE`, no core
 //!   files; the number of processes by a pids cgroup when one can be created, else by
 //!   `RLIMIT_NPROC` (which the kernel does not apply to root, so root without a pids cgroup is
-//!   refused); wall time by the gateway, which kills the whole tree: `bwrap` runs the command as
-//!   the init of its pid namespace with `--die-with-parent`, so killing `bwrap` kills every
-//!   process inside, and the cgroup is emptied as well.
+//!   refused; emptied cgroups are pooled and reused rather than made and removed per call);
+//!   wall time by the gateway, which kills the whole tree: `bwrap` runs the command as the init
+//!   of its pid namespace with `--die-with-parent`, so killing `bwrap` kills every process
+//!   inside, and the cgroup is emptied as well.
 //! - **Output**: stdout and stderr are each read up to a cap; past it the tree is killed and the
 //!   output returned marked truncated.
 //!
@@ -213,6 +215,85 @@ const ETC_FILES: &[&str] = &[
     "/etc/mime.types",
 ];
 
+/// A private copy of the [`ETC_FILES`] that exist, made once per process in the temporary
+/// folder (a fresh folder only this user can write), bound read-only as the sandbox's `/etc`.
+/// `None` (then each entry is bound on its own) when it cannot be made.
+fn etc_copy() -> Option<&'static Path> {
+    static DIR: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    DIR.get_or_init(|| {
+        let tmp = std::env::temp_dir();
+        remove_stale_etc_copies(&tmp);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let tmp = std::fs::canonicalize(&tmp).unwrap_or(tmp);
+        let dir = tmp.join(format!("agent-runtime-etc-{}-{nanos}", std::process::id()));
+        // create_dir fails if anything is there already, so the folder is ours.
+        std::fs::create_dir(&dir).ok()?;
+        let made = (|| -> std::io::Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755))?;
+            for f in ETC_FILES {
+                let src = Path::new(f);
+                if std::fs::symlink_metadata(src).is_ok() {
+                    copy_entry(src, &dir.join(src.strip_prefix("/etc").unwrap_or(src)))?;
+                }
+            }
+            Ok(())
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&dir);
+            return None;
+        }
+        Some(dir)
+    })
+    .as_deref()
+}
+
+/// Copies a file, a symlink (as a symlink) or a folder of them.
+fn copy_entry(src: &Path, dst: &Path) -> std::io::Result<()> {
+    let meta = std::fs::symlink_metadata(src)?;
+    if meta.file_type().is_symlink() {
+        std::os::unix::fs::symlink(std::fs::read_link(src)?, dst)
+    } else if meta.is_dir() {
+        std::fs::create_dir(dst)?;
+        for e in std::fs::read_dir(src)? {
+            let e = e?;
+            copy_entry(&e.path(), &dst.join(e.file_name()))?;
+        }
+        Ok(())
+    } else if meta.is_file() {
+        std::fs::copy(src, dst).map(|_| ())
+    } else {
+        Ok(())
+    }
+}
+
+/// Removes the `/etc` copies of processes that have exited.
+fn remove_stale_etc_copies(tmp: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let Ok(dir) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("agent-runtime-etc-"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let mine = std::fs::symlink_metadata(e.path()).is_ok_and(|m| m.is_dir() && m.uid() == uid);
+        if mine && pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+}
+
 fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) -> Vec<String> {
     let mut a: Vec<String> = [
         "--unshare-all",
@@ -251,8 +332,23 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
             _ => {}
         }
     }
-    for f in ETC_FILES {
-        a.extend(["--ro-bind-try".into(), f.to_string(), f.to_string()]);
+    // The copy must not be reachable through a writable root (a workspace at or above the
+    // temporary folder), or a command could change the /etc of later calls.
+    let under_write_root = |dir: &Path| {
+        settings.write_roots.iter().any(|w| {
+            let w = std::fs::canonicalize(w).unwrap_or_else(|_| w.clone());
+            dir.starts_with(&w)
+        })
+    };
+    match etc_copy().filter(|d| !under_write_root(d)) {
+        // One read-only bind of a copy of the few /etc entries, rather than one per entry:
+        // each read-only bind costs bubblewrap a mount, a remount and a parse of the mount table.
+        Some(dir) => a.extend(["--ro-bind".into(), dir.display().to_string(), "/etc".into()]),
+        None => {
+            for f in ETC_FILES {
+                a.extend(["--ro-bind-try".into(), f.to_string(), f.to_string()]);
+            }
+        }
     }
     a.extend(
         ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
@@ -288,6 +384,10 @@ pub struct CommandTool {
     config: CommandToolConfig,
     settings: Arc<SandboxSettings>,
     env: Vec<(String, String)>,
+    /// Where the command starts: the first workspace root.
+    chdir: PathBuf,
+    /// `bwrap`'s options up to the command, built once: the settings never change.
+    bwrap_argv: Vec<String>,
 }
 
 impl CommandTool {
@@ -331,11 +431,23 @@ impl CommandTool {
             risk: config.risk,
             source: ToolSource::Command,
         };
+        let chdir = settings
+            .write_roots
+            .first()
+            .cloned()
+            .unwrap_or_else(|| PathBuf::from("/"));
+        let mut bwrap_argv = bwrap_args(&settings, &config.read_roots, &chdir);
+        for (k, v) in &env {
+            bwrap_argv.extend(["--setenv".into(), k.clone(), v.clone()]);
+        }
+        bwrap_argv.push("--".into());
         Ok(CommandTool {
             descriptor,
             config,
             settings,
             env,
+            chdir,
+            bwrap_argv,
         })
     }
 
@@ -379,12 +491,7 @@ impl CommandTool {
             None => None,
         };
         let limits = &self.config.limits;
-        let chdir = self
-            .settings
-            .write_roots
-            .first()
-            .cloned()
-            .unwrap_or_else(|| PathBuf::from("/"));
+        let chdir = &self.chdir;
         let mut cgroup = None;
         let mut cmd = match mode {
             SandboxMode::Bubblewrap => {
@@ -396,11 +503,7 @@ impl CommandTool {
                     ));
                 };
                 let mut cmd = tokio::process::Command::new(bwrap);
-                cmd.args(bwrap_args(&self.settings, &self.config.read_roots, &chdir));
-                for (k, v) in &self.env {
-                    cmd.arg("--setenv").arg(k).arg(v);
-                }
-                cmd.arg("--").args(&argv);
+                cmd.args(&self.bwrap_argv).args(&argv);
                 cmd
             }
             SandboxMode::None => {
@@ -410,7 +513,7 @@ impl CommandTool {
                     .env("PATH", "/usr/local/bin:/usr/bin:/bin")
                     .env("LANG", "C.UTF-8")
                     .envs(self.env.iter().cloned())
-                    .current_dir(&chdir)
+                    .current_dir(chdir)
                     .process_group(0);
                 cmd
             }
@@ -783,86 +886,204 @@ fn own_process_count() -> u64 {
 
 static CGROUP_SEQ: AtomicU64 = AtomicU64::new(0);
 
-/// A pids cgroup for one call: created before the command starts, emptied and removed after.
+/// Emptied pids cgroups kept for the next calls, so that a call does not pay for `mkdir` and
+/// `rmdir` on the cgroup file system (and for finding the hierarchy) on its path.
+struct CgroupPool {
+    /// The folder new cgroups are made in, found once.
+    base: Result<PathBuf, String>,
+    free: std::sync::Mutex<Vec<PooledCgroup>>,
+}
+
+/// A cgroup with no process in it, ready for a call.
+struct PooledCgroup {
+    dir: PathBuf,
+    /// The `pids.max` it holds.
+    max: u64,
+    /// The `max` count of `pids.events` when it was emptied (the counter never goes down).
+    events: u64,
+}
+
+/// At most this many emptied cgroups are kept; more are removed.
+const CGROUP_POOL_MAX: usize = 4;
+
+fn cgroup_pool() -> &'static CgroupPool {
+    static POOL: std::sync::OnceLock<CgroupPool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| {
+        let base = find_cgroup_base();
+        if let Ok(b) = &base {
+            remove_stale_cgroups(b);
+        }
+        CgroupPool {
+            base,
+            free: std::sync::Mutex::new(Vec::new()),
+        }
+    })
+}
+
+/// The gateway's own cgroup in a hierarchy with the pids controller: the cgroup v1 `pids`
+/// hierarchy, or a cgroup v2 one with `pids` delegated. The first where a child can be made wins.
+fn find_cgroup_base() -> Result<PathBuf, String> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
+    let mut candidates = Vec::new();
+    for line in own.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (
+            parts.next(),
+            parts.next().unwrap_or(""),
+            parts.next().unwrap_or(""),
+        );
+        if controllers.split(',').any(|c| c == "pids") {
+            candidates
+                .push(PathBuf::from("/sys/fs/cgroup/pids").join(path.trim_start_matches('/')));
+        } else if controllers.is_empty() {
+            for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                let base = PathBuf::from(root).join(path.trim_start_matches('/'));
+                let ok = std::fs::read_to_string(base.join("cgroup.subtree_control"))
+                    .is_ok_and(|c| c.split_whitespace().any(|c| c == "pids"));
+                if ok {
+                    candidates.push(base);
+                }
+            }
+        }
+    }
+    let mut last = "no pids controller".to_string();
+    for base in candidates {
+        let probe = base.join(format!("agent-runtime-{}-probe", std::process::id()));
+        match std::fs::create_dir(&probe) {
+            Ok(()) => {
+                let _ = std::fs::remove_dir(&probe);
+                return Ok(base);
+            }
+            Err(e) => last = format!("{}: {e}", probe.display()),
+        }
+    }
+    Err(last)
+}
+
+/// Removes the empty cgroups that gateways which have exited left in their pool.
+fn remove_stale_cgroups(base: &Path) {
+    let Ok(dir) = std::fs::read_dir(base) else {
+        return;
+    };
+    for e in dir.flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("agent-runtime-"))
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists() {
+            let _ = std::fs::remove_dir(e.path());
+        }
+    }
+}
+
+fn pids_events_max(dir: &Path) -> u64 {
+    std::fs::read_to_string(dir.join("pids.events"))
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("max ").and_then(|n| n.trim().parse().ok()))
+        })
+        .unwrap_or(0)
+}
+
+/// A pids cgroup for one call: taken from the pool (or created) before the command starts,
+/// emptied after, and returned to the pool once no process is left in it (or removed).
 struct Cgroup {
     dir: PathBuf,
     procs_fd: i32,
     procs_file: Option<std::fs::File>,
+    max: u64,
+    /// `pids.events` `max` count before the call.
+    events: u64,
     removed: bool,
 }
 
 impl Cgroup {
     fn create(max: u64) -> Result<Cgroup, String> {
-        let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| e.to_string())?;
-        let mut candidates = Vec::new();
-        for line in own.lines() {
-            let mut parts = line.splitn(3, ':');
-            let (_, controllers, path) = (
-                parts.next(),
-                parts.next().unwrap_or(""),
-                parts.next().unwrap_or(""),
-            );
-            if controllers.split(',').any(|c| c == "pids") {
-                candidates
-                    .push(PathBuf::from("/sys/fs/cgroup/pids").join(path.trim_start_matches('/')));
-            } else if controllers.is_empty() {
-                for root in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
-                    let base = PathBuf::from(root).join(path.trim_start_matches('/'));
-                    let ok = std::fs::read_to_string(base.join("cgroup.subtree_control"))
-                        .is_ok_and(|c| c.split_whitespace().any(|c| c == "pids"));
-                    if ok {
-                        candidates.push(base);
-                    }
+        let pool = cgroup_pool();
+        let base = pool.base.as_ref().map_err(Clone::clone)?;
+        let pooled = pool.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let (dir, events) = match pooled {
+            Some(p) => {
+                if p.max != max
+                    && let Err(e) = std::fs::write(p.dir.join("pids.max"), max.to_string())
+                {
+                    let _ = std::fs::remove_dir(&p.dir);
+                    return Err(format!("{}: {e}", p.dir.display()));
                 }
+                (p.dir, p.events)
             }
-        }
-        let mut last = "no pids controller".to_string();
-        for base in candidates {
-            let dir = base.join(format!(
-                "agent-runtime-{}-{}",
-                std::process::id(),
-                CGROUP_SEQ.fetch_add(1, Ordering::Relaxed)
-            ));
-            if let Err(e) = std::fs::create_dir(&dir) {
-                last = format!("{}: {e}", dir.display());
-                continue;
-            }
-            let setup = std::fs::write(dir.join("pids.max"), max.to_string()).and_then(|_| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(dir.join("cgroup.procs"))
-            });
-            match setup {
-                Ok(file) => {
-                    use std::os::fd::AsRawFd;
-                    let procs_fd = file.as_raw_fd();
-                    return Ok(Cgroup {
-                        dir,
-                        procs_fd,
-                        procs_file: Some(file),
-                        removed: false,
-                    });
-                }
-                Err(e) => {
-                    last = format!("{}: {e}", dir.display());
+            None => {
+                let dir = base.join(format!(
+                    "agent-runtime-{}-{}",
+                    std::process::id(),
+                    CGROUP_SEQ.fetch_add(1, Ordering::Relaxed)
+                ));
+                std::fs::create_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+                if let Err(e) = std::fs::write(dir.join("pids.max"), max.to_string()) {
                     let _ = std::fs::remove_dir(&dir);
+                    return Err(format!("{}: {e}", dir.display()));
                 }
+                (dir, 0)
+            }
+        };
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .open(dir.join("cgroup.procs"))
+        {
+            Ok(file) => {
+                use std::os::fd::AsRawFd;
+                let procs_fd = file.as_raw_fd();
+                Ok(Cgroup {
+                    dir,
+                    procs_fd,
+                    procs_file: Some(file),
+                    max,
+                    events,
+                    removed: false,
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_dir(&dir);
+                Err(format!("{}: {e}", dir.display()))
             }
         }
-        Err(last)
     }
 
-    /// Kills what is left and removes the cgroup, waiting up to a second for the processes to go.
+    /// Kills what is left and, once the cgroup is empty, returns it to the pool (or removes it
+    /// when the pool is full), waiting up to a second for the processes to go.
     async fn release(mut self) {
         self.procs_file = None;
         for _ in 0..100 {
             self.kill_all();
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                self.removed = true;
-                return;
+            if self.is_empty() {
+                let mut free = cgroup_pool().free.lock().unwrap_or_else(|p| p.into_inner());
+                if free.len() < CGROUP_POOL_MAX {
+                    free.push(PooledCgroup {
+                        dir: self.dir.clone(),
+                        max: self.max,
+                        events: pids_events_max(&self.dir),
+                    });
+                    self.removed = true;
+                    return;
+                }
+                drop(free);
+                if std::fs::remove_dir(&self.dir).is_ok() {
+                    self.removed = true;
+                    return;
+                }
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    fn is_empty(&self) -> bool {
+        std::fs::read_to_string(self.dir.join("cgroup.procs")).is_ok_and(|p| p.trim().is_empty())
     }
 
     fn close_procs_fd(&mut self) {
@@ -870,10 +1091,7 @@ impl Cgroup {
     }
 
     fn limit_hit(&self) -> bool {
-        std::fs::read_to_string(self.dir.join("pids.events")).is_ok_and(|t| {
-            t.lines()
-                .any(|l| l.strip_prefix("max ").is_some_and(|n| n.trim() != "0"))
-        })
+        pids_events_max(&self.dir) > self.events
     }
 
     fn kill_all(&self) {
@@ -941,5 +1159,43 @@ impl Tool for CommandTool {
     /// its policy granted through [`CommandTool::run`]).
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         self.run(args, ctx, SandboxMode::Bubblewrap).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn etc_target(args: &[String]) -> Option<&str> {
+        args.windows(3)
+            .find(|w| w[0] == "--ro-bind" && w[2] == "/etc")
+            .map(|w| w[1].as_str())
+    }
+
+    #[test]
+    fn etc_is_one_read_only_copy_unless_a_writable_root_holds_it() {
+        let ws = std::env::temp_dir().join("agent-runtime-etc-test-ws");
+        let settings = SandboxSettings {
+            write_roots: vec![ws],
+            read_roots: vec![],
+            bwrap: None,
+        };
+        let args = bwrap_args(&settings, &[], Path::new("/"));
+        if let Some(copy) = etc_copy() {
+            assert_eq!(etc_target(&args), Some(copy.to_str().unwrap()));
+            assert!(!args.iter().any(|a| a == "/etc/passwd"));
+        }
+        // A workspace at or above the temporary folder could change the copy: bind each entry.
+        let settings = SandboxSettings {
+            write_roots: vec![std::env::temp_dir()],
+            read_roots: vec![],
+            bwrap: None,
+        };
+        let args = bwrap_args(&settings, &[], Path::new("/"));
+        assert_eq!(etc_target(&args), None);
+        assert!(
+            args.windows(3)
+                .any(|w| w[0] == "--ro-bind-try" && w[1] == "/etc/passwd")
+        );
     }
 }

@@ -247,6 +247,7 @@ async fn broken_servers_give_clear_errors_and_never_hang() {
                     command: Some("/bin/sh".into()),
                     args: vec!["-c".into(), "echo 'this is not json-rpc'; echo '{\"jsonrpc\":\"2.0\",\"id\":\"x\"'; sleep 30".into()],
                     timeout_ms: Some(1000),
+                    startup_timeout_ms: Some(1000),
                     ..McpServerConfig::default()
                 },
             ),
@@ -256,6 +257,7 @@ async fn broken_servers_give_clear_errors_and_never_hang() {
                     command: Some("/bin/sh".into()),
                     args: vec!["-c".into(), "exit 1".into()],
                     timeout_ms: Some(1000),
+                    startup_timeout_ms: Some(1000),
                     ..McpServerConfig::default()
                 },
             ),
@@ -659,6 +661,7 @@ async fn streamable_http_headers_and_tokens_are_sent_and_redacted() {
         .into_iter()
         .collect(),
         timeout_ms: Some(3000),
+        startup_timeout_ms: Some(3000),
         ..McpServerConfig::default()
     };
     let config = McpConfig {

@@ -64,8 +64,16 @@ impl GatewayServer {
             None => None,
         };
         let result = self.gateway.call(&request.name, args, ctx).await;
-        if let Some(f) = forward {
-            f.abort();
+        if let Some(mut f) = forward {
+            // The call's context (and with it the progress sender) is gone now, so the forwarder
+            // ends once it has sent what is queued: let it, so that every progress notification
+            // reaches the client before the result does. Bounded, in case a sender lingers.
+            if tokio::time::timeout(std::time::Duration::from_secs(1), &mut f)
+                .await
+                .is_err()
+            {
+                f.abort();
+            }
         }
         let body = match result {
             Ok(out) => {
