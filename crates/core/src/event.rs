@@ -339,6 +339,18 @@ pub fn canonical_header(
     out
 }
 
+/// Appends [`canonical_header`] to `out` (for readers that reuse one buffer per row).
+pub fn write_canonical_header(
+    out: &mut Vec<u8>,
+    run_id: &RunId,
+    task_id: Option<&TaskId>,
+    actor: &str,
+    kind: &str,
+    time: Timestamp,
+) {
+    write_header(out, run_id, task_id, &actor, kind, time);
+}
+
 /// Appends the canonical header: the one place its layout is written down in code.
 fn write_header(
     out: &mut Vec<u8>,

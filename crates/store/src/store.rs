@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use agent_runtime_core::{
     Actor, Appended, Envelope, EventKind, EventQuery, Hash32, NewEvent, RunId, TaskId, Timestamp,
-    canonical_header, canonical_json, chain_hash_parts,
+    canonical_json, chain_hash_parts,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -97,13 +97,14 @@ pub(crate) struct RawRow {
 impl RawRow {
     pub(crate) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         let seq: i64 = row.get(0)?;
-        let run: Vec<u8> = row.get(1)?;
-        let task: Option<Vec<u8>> = row.get(2)?;
+        // Ids are read in place (no allocation): this runs once per event in verify and export.
+        let run_id = fixed16(row.get_ref(1)?.as_blob()?);
+        let task_id = row.get_ref(2)?.as_blob_or_null()?.map(fixed16);
         let time: i64 = row.get(5)?;
         Ok(RawRow {
             seq: u64::try_from(seq).unwrap_or(0),
-            run_id: fixed16(&run),
-            task_id: task.as_deref().map(fixed16),
+            run_id,
+            task_id,
             actor: row.get(3)?,
             kind: row.get(4)?,
             time_ns: u64::try_from(time).unwrap_or(0),
@@ -115,13 +116,68 @@ impl RawRow {
 
     /// The canonical header of this row's metadata.
     pub(crate) fn header(&self) -> Vec<u8> {
-        canonical_header(
+        let mut out = Vec::with_capacity(80);
+        self.as_ref().header_into(&mut out);
+        out
+    }
+
+    /// The row's columns, borrowed.
+    pub(crate) fn as_ref(&self) -> RowRef<'_> {
+        RowRef {
+            seq: self.seq,
+            run_id: self.run_id,
+            task_id: self.task_id,
+            actor: &self.actor,
+            kind: &self.kind,
+            time_ns: self.time_ns,
+            payload: &self.payload,
+            prev_hash: &self.prev_hash,
+            hash: &self.hash,
+        }
+    }
+}
+
+/// A row's columns borrowed from SQLite's row buffer: what a reader that checks rows where it
+/// reads them uses, without copying them out.
+pub(crate) struct RowRef<'a> {
+    pub seq: u64,
+    pub run_id: [u8; 16],
+    pub task_id: Option<[u8; 16]>,
+    pub actor: &'a str,
+    pub kind: &'a str,
+    pub time_ns: u64,
+    pub payload: &'a [u8],
+    pub prev_hash: &'a [u8],
+    pub hash: &'a [u8],
+}
+
+impl<'a> RowRef<'a> {
+    pub(crate) fn from_row(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<RowRef<'a>> {
+        let seq: i64 = row.get(0)?;
+        let time: i64 = row.get(5)?;
+        Ok(RowRef {
+            seq: u64::try_from(seq).unwrap_or(0),
+            run_id: fixed16(row.get_ref(1)?.as_blob()?),
+            task_id: row.get_ref(2)?.as_blob_or_null()?.map(fixed16),
+            actor: row.get_ref(3)?.as_str()?,
+            kind: row.get_ref(4)?.as_str()?,
+            time_ns: u64::try_from(time).unwrap_or(0),
+            payload: row.get_ref(6)?.as_blob()?,
+            prev_hash: row.get_ref(7)?.as_blob()?,
+            hash: row.get_ref(8)?.as_blob()?,
+        })
+    }
+
+    /// Appends the canonical header of this row's metadata to `out`.
+    pub(crate) fn header_into(&self, out: &mut Vec<u8>) {
+        agent_runtime_core::write_canonical_header(
+            out,
             &RunId::from_bytes(self.run_id),
             self.task_id.map(TaskId::from_bytes).as_ref(),
-            &self.actor,
-            &self.kind,
+            self.actor,
+            self.kind,
             Timestamp::from_unix_nanos(self.time_ns),
-        )
+        );
     }
 }
 
