@@ -68,6 +68,7 @@ pub struct ActorError {
 }
 
 impl fmt::Display for Actor {
+    // Must write exactly what `write_bytes` writes (the hashed form); a test holds them equal.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Actor::Agent(n) => write!(f, "agent:{n}"),
@@ -75,6 +76,21 @@ impl fmt::Display for Actor {
             Actor::Person(n) => write!(f, "person:{n}"),
             Actor::System => f.write_str("system"),
         }
+    }
+}
+
+impl Actor {
+    /// Appends the string form (what `Display` writes) without going through the formatter:
+    /// this runs for every event appended and verified.
+    fn write_bytes(&self, out: &mut Vec<u8>) {
+        let (prefix, name): (&[u8], &str) = match self {
+            Actor::Agent(n) => (b"agent:", n),
+            Actor::Tool(n) => (b"tool:", n),
+            Actor::Person(n) => (b"person:", n),
+            Actor::System => (b"system", ""),
+        };
+        out.extend_from_slice(prefix);
+        out.extend_from_slice(name.as_bytes());
     }
 }
 
@@ -304,7 +320,7 @@ impl NewEvent {
             out,
             &self.run_id,
             self.task_id.as_ref(),
-            &self.actor,
+            ActorText::Parsed(&self.actor),
             self.kind.as_str(),
             self.time,
         );
@@ -316,13 +332,16 @@ impl NewEvent {
     /// The canonical bytes of the metadata (run, task, actor, kind, time), without the payload:
     /// a log that seals payloads binds the ciphertext to these as associated data.
     pub fn canonical_header(&self) -> Vec<u8> {
-        canonical_header(
+        let mut out = Vec::with_capacity(80);
+        write_header(
+            &mut out,
             &self.run_id,
             self.task_id.as_ref(),
-            &self.actor.to_string(),
+            ActorText::Parsed(&self.actor),
             self.kind.as_str(),
             self.time,
-        )
+        );
+        out
     }
 }
 
@@ -335,7 +354,7 @@ pub fn canonical_header(
     time: Timestamp,
 ) -> Vec<u8> {
     let mut out = Vec::with_capacity(64 + actor.len() + kind.len());
-    write_header(&mut out, run_id, task_id, &actor, kind, time);
+    write_header(&mut out, run_id, task_id, ActorText::Raw(actor), kind, time);
     out
 }
 
@@ -348,19 +367,25 @@ pub fn write_canonical_header(
     kind: &str,
     time: Timestamp,
 ) {
-    write_header(out, run_id, task_id, &actor, kind, time);
+    write_header(out, run_id, task_id, ActorText::Raw(actor), kind, time);
 }
 
 /// Appends the canonical header: the one place its layout is written down in code.
+/// An actor as it reaches the header writer: parsed, or the stored string.
+#[derive(Clone, Copy)]
+enum ActorText<'a> {
+    Parsed(&'a Actor),
+    Raw(&'a str),
+}
+
 fn write_header(
     out: &mut Vec<u8>,
     run_id: &RunId,
     task_id: Option<&TaskId>,
-    actor: &dyn fmt::Display,
+    actor: ActorText<'_>,
     kind: &str,
     time: Timestamp,
 ) {
-    use std::io::Write as _;
     out.extend_from_slice(run_id.as_bytes());
     match task_id {
         Some(t) => {
@@ -370,8 +395,10 @@ fn write_header(
         None => out.push(0),
     }
     let at = reserve_len(out);
-    // Writing into a Vec cannot fail.
-    let _ = write!(out, "{actor}");
+    match actor {
+        ActorText::Parsed(a) => a.write_bytes(out),
+        ActorText::Raw(s) => out.extend_from_slice(s.as_bytes()),
+    }
     patch_len(out, at);
     put_lp(out, kind.as_bytes());
     out.extend_from_slice(&time.as_unix_nanos().to_be_bytes());
@@ -704,6 +731,20 @@ mod tests {
             assert_eq!(k.as_str().parse::<EventKind>().unwrap(), *k);
         }
         assert!("run.exploded".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn actor_bytes_equal_its_display() {
+        for a in [
+            Actor::Agent("w".into()),
+            Actor::Tool("t.x".into()),
+            Actor::Person("ann".into()),
+            Actor::System,
+        ] {
+            let mut out = Vec::new();
+            a.write_bytes(&mut out);
+            assert_eq!(out, a.to_string().into_bytes());
+        }
     }
 
     #[test]
