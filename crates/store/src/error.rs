@@ -161,3 +161,20 @@ pub(crate) fn sqlite_error(
         detail: e.to_string(),
     }
 }
+
+/// An error while reading the log in order: whatever SQLite says, the file cannot be read past
+/// `after_seq`, so it is reported as damaged there.
+pub(crate) fn read_error(
+    path: &std::path::Path,
+    e: rusqlite::Error,
+    after_seq: Option<u64>,
+) -> StoreError {
+    match sqlite_error(path, e, after_seq) {
+        StoreError::Sqlite { path, detail } => StoreError::Damaged {
+            path,
+            after_seq,
+            detail,
+        },
+        other => other,
+    }
+}

@@ -7,7 +7,7 @@ use std::path::Path;
 use agent_runtime_core::{Envelope, Hash32, chain_hash, chain_hash_parts, push_canonical_payload};
 use serde::Serialize;
 
-use crate::error::{StoreError, sqlite_error};
+use crate::error::{StoreError, read_error};
 use crate::pipeline::ordered_parallel;
 use crate::store::{RawRow, RowRef, SELECT_COLUMNS, Store, read_recorded_head};
 
@@ -355,14 +355,7 @@ impl Store {
     fn check_block(&self, start: i64, end: i64, out: &mut Vec<Checked>) -> Result<(), StoreError> {
         let path = &self.inner.path;
         let mut last = u64::try_from(start).ok().filter(|&s| s > 0);
-        let damaged = |e: rusqlite::Error, last: Option<u64>| match sqlite_error(path, e, last) {
-            StoreError::Sqlite { path, detail } => StoreError::Damaged {
-                path,
-                after_seq: last,
-                detail,
-            },
-            other => other,
-        };
+        let damaged = |e, last| read_error(path, e, last);
         BLOCK_READER.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(p, _)| p != path) {
@@ -462,14 +455,7 @@ pub(crate) fn scan_rows(
     emit: &mut dyn FnMut(Vec<RawRow>) -> bool,
 ) -> Result<(), StoreError> {
     let mut last: Option<u64> = None;
-    let damaged = |e: rusqlite::Error, last: Option<u64>| match sqlite_error(path, e, last) {
-        StoreError::Sqlite { path, detail } => StoreError::Damaged {
-            path,
-            after_seq: last,
-            detail,
-        },
-        other => other,
-    };
+    let damaged = |e, last| read_error(path, e, last);
     let mut stmt = conn
         .prepare(&format!("SELECT {SELECT_COLUMNS} FROM events ORDER BY seq"))
         .map_err(|e| damaged(e, None))?;
