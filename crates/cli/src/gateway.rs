@@ -309,6 +309,21 @@ impl ApprovalSink for TerminalApproval {
 }
 
 /// Builds the gateway and connects MCP servers; MCP failures are printed as warnings.
+/// Builds the gateway only to look at it (nothing is called, so nothing is recorded), and shuts
+/// its MCP servers down again.
+async fn inspect<T>(opts: &GatewayOpts, look: impl FnOnce(&Gateway) -> T) -> anyhow::Result<T> {
+    let (gw, manager) = build(
+        opts,
+        Arc::new(MemoryLog::default()),
+        Arc::new(TerminalApproval),
+        false,
+    )
+    .await?;
+    let out = look(&gw);
+    manager.shutdown().await;
+    Ok(out)
+}
+
 async fn build(
     opts: &GatewayOpts,
     events: Arc<dyn EventSink>,
@@ -346,18 +361,7 @@ pub fn run(cmd: GatewayCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode>
 
 fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
-    let descriptors = rt.block_on(async {
-        let (gw, manager) = build(
-            &a.opts,
-            Arc::new(MemoryLog::default()),
-            Arc::new(TerminalApproval),
-            false,
-        )
-        .await?;
-        let d = gw.descriptors();
-        manager.shutdown().await;
-        anyhow::Ok(d)
-    })?;
+    let descriptors = rt.block_on(inspect(&a.opts, |gw| gw.descriptors()))?;
     if a.json {
         say!("{}", serde_json::to_string_pretty(&descriptors)?);
     } else {
@@ -376,18 +380,10 @@ fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
 
 fn describe(a: DescribeArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
-    let d = rt.block_on(async {
-        let (gw, manager) = build(
-            &a.opts,
-            Arc::new(MemoryLog::default()),
-            Arc::new(TerminalApproval),
-            false,
-        )
-        .await?;
+    let d = rt.block_on(inspect(&a.opts, |gw| {
         let d = gw.registry().get(&a.name).map(|e| e.descriptor().clone());
-        manager.shutdown().await;
-        anyhow::Ok((d, gw.registry().names()))
-    })?;
+        (d, gw.registry().names())
+    }))?;
     match d {
         (Some(d), _) => {
             say!("{}", serde_json::to_string_pretty(&d)?);

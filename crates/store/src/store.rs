@@ -96,21 +96,17 @@ pub(crate) struct RawRow {
 
 impl RawRow {
     pub(crate) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-        let seq: i64 = row.get(0)?;
-        // Ids are read in place (no allocation): this runs once per event in verify and export.
-        let run_id = fixed16(row.get_ref(1)?.as_blob()?);
-        let task_id = row.get_ref(2)?.as_blob_or_null()?.map(fixed16);
-        let time: i64 = row.get(5)?;
+        let r = RowRef::from_row(row)?;
         Ok(RawRow {
-            seq: u64::try_from(seq).unwrap_or(0),
-            run_id,
-            task_id,
-            actor: row.get(3)?,
-            kind: row.get(4)?,
-            time_ns: u64::try_from(time).unwrap_or(0),
-            payload: row.get(6)?,
-            prev_hash: row.get(7)?,
-            hash: row.get(8)?,
+            seq: r.seq,
+            run_id: r.run_id,
+            task_id: r.task_id,
+            actor: r.actor.to_string(),
+            kind: r.kind.to_string(),
+            time_ns: r.time_ns,
+            payload: r.payload.to_vec(),
+            prev_hash: r.prev_hash.to_vec(),
+            hash: r.hash.to_vec(),
         })
     }
 
@@ -482,17 +478,9 @@ impl Store {
 
     /// The plaintext canonical payload of a row.
     pub(crate) fn open_payload(&self, raw: &RawRow) -> Result<Vec<u8>, StoreError> {
-        match &self.inner.cipher {
-            None => Ok(raw.payload.clone()),
-            Some(c) => c
-                .open(&raw.payload, &raw.header())
-                .ok_or_else(|| StoreError::BadEvent {
-                    path: self.inner.path.clone(),
-                    seq: raw.seq,
-                    detail: "payload does not decrypt (tampered, or sealed under another key)"
-                        .into(),
-                }),
-        }
+        let mut scratch = Vec::new();
+        self.open_payload_into(raw, &mut scratch)
+            .map(<[u8]>::to_vec)
     }
 
     /// The plaintext canonical payload of a row, decrypted into `scratch` when sealed.

@@ -1251,14 +1251,18 @@ impl Engine {
 
     // ---- results -----------------------------------------------------------------------
 
+    /// Ends `call` and returns it if its task is still running (a result for a call that was
+    /// cancelled, or whose task moved on, is dropped).
+    fn end_live_call(&mut self, call: u64) -> Option<CallInfo> {
+        let info = self.end_call(call, false)?;
+        (self.tasks[info.task as usize].status == TaskStatus::Running).then_some(info)
+    }
+
     fn on_tool_result(&mut self, call: u64, result: Result<Value, (ErrorClass, String)>) {
-        let Some(info) = self.end_call(call, false) else {
+        let Some(info) = self.end_live_call(call) else {
             return;
         };
         let idx = info.task;
-        if self.tasks[idx as usize].status != TaskStatus::Running {
-            return;
-        }
         if self.tasks[idx as usize].agent.is_none() {
             match result {
                 Ok(v) => self.complete(idx, v, false),
@@ -1284,13 +1288,10 @@ impl Engine {
     }
 
     fn on_model_result(&mut self, call: u64, result: Result<ModelResponse, (ErrorClass, String)>) {
-        let Some(info) = self.end_call(call, false) else {
+        let Some(info) = self.end_live_call(call) else {
             return;
         };
         let idx = info.task;
-        if self.tasks[idx as usize].status != TaskStatus::Running {
-            return;
-        }
         let response = match result {
             Ok(r) => r,
             Err((class, message)) => return self.attempt_failed(idx, class, message),
