@@ -188,7 +188,11 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let summary = match &args.output {
         Some(path) => {
             // Write beside the target and rename, so a failed export leaves no half file.
-            let tmp = path.with_extension("partial");
+            // `NAME.partial` beside `NAME` (not `with_extension`, which would make `a.jsonl` and
+            // `a.otlp` share `a.partial`, or clobber a file of that name).
+            let mut tmp_name = path.as_os_str().to_owned();
+            tmp_name.push(".partial");
+            let tmp = std::path::PathBuf::from(tmp_name);
             let file = std::fs::File::create(&tmp)
                 .with_context(|| format!("cannot create {}", tmp.display()))?;
             let summary = store.export(&query, format, file);
