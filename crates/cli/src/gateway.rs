@@ -262,7 +262,7 @@ fn agent(name: &str) -> anyhow::Result<Actor> {
 }
 
 /// Asks on the terminal; denies (decided by `system`) when there is no terminal.
-struct TerminalApproval;
+pub(crate) struct TerminalApproval;
 
 #[agent_runtime_core::async_trait]
 impl ApprovalSink for TerminalApproval {
@@ -308,7 +308,6 @@ impl ApprovalSink for TerminalApproval {
     }
 }
 
-/// Builds the gateway and connects MCP servers; MCP failures are printed as warnings.
 /// Builds the gateway only to look at it (nothing is called, so nothing is recorded), and shuts
 /// its MCP servers down again.
 async fn inspect<T>(opts: &GatewayOpts, look: impl FnOnce(&Gateway) -> T) -> anyhow::Result<T> {
@@ -324,7 +323,11 @@ async fn inspect<T>(opts: &GatewayOpts, look: impl FnOnce(&Gateway) -> T) -> any
     Ok(out)
 }
 
-async fn build(
+/// Builds the gateway and connects MCP servers; MCP failures are printed as warnings unless
+/// `quiet`. Besides the configured tools, the gateway has the workforce's native tools (`echo`,
+/// `concat`, `sleep`, `read_file`, `write_file`, `fail`), so that task graphs call them through
+/// policy and audit too; a configured tool of the same name takes precedence.
+pub(crate) async fn build(
     opts: &GatewayOpts,
     events: Arc<dyn EventSink>,
     approval: Arc<dyn ApprovalSink>,
@@ -332,6 +335,11 @@ async fn build(
 ) -> anyhow::Result<(Gateway, McpManager)> {
     let assembled = assemble(&options(opts)).map_err(gateway_error)?;
     let registry = assembled.registry.clone();
+    for tool in agent_runtime_workforce::tools::native_tools() {
+        if registry.get(&tool.descriptor().name).is_none() {
+            registry.register(tool).map_err(gateway_error)?;
+        }
+    }
     let (gateway, mcp) = assembled
         .into_gateway(events, approval)
         .map_err(gateway_error)?;

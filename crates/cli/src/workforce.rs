@@ -20,6 +20,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::common::{CliError, GlobalArgs};
+use crate::gateway::{GatewayOpts, TerminalApproval};
 
 /// Workforce subcommands (flattened into the top level).
 #[derive(Subcommand)]
@@ -35,6 +36,22 @@ pub enum WorkforceCommand {
     Runs(RunsCommand),
     /// Run the real scheduler on a virtual clock with synthetic tasks and failures.
     Simulate(SimulateArgs),
+    /// Ask a running run (in another process) to cancel itself, or one task and everything
+    /// downstream of it.
+    Cancel(CancelArgs),
+}
+
+/// Arguments of `cancel`.
+#[derive(Args)]
+pub struct CancelArgs {
+    /// The run's id (see `runs list`).
+    pub run_id: String,
+    /// Cancel only this task (graph id) and the tasks that need it, directly or not.
+    #[arg(long)]
+    pub task: Option<String>,
+    /// Why (recorded with the request).
+    #[arg(long, default_value = "cancelled by the user")]
+    pub reason: String,
 }
 
 /// Arguments of `run`.
@@ -48,6 +65,8 @@ pub struct RunArgs {
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub gateway: GatewayOpts,
 }
 
 /// Arguments of `replay`.
@@ -68,6 +87,8 @@ pub struct ResumeArgs {
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub gateway: GatewayOpts,
 }
 
 /// `runs list` and `runs show`.
@@ -140,6 +161,7 @@ pub fn run(cmd: WorkforceCommand, global: &GlobalArgs) -> anyhow::Result<ExitCod
             runs_show(&run_id, json, global)
         }
         WorkforceCommand::Simulate(args) => simulate(args, global),
+        WorkforceCommand::Cancel(args) => cancel(args, global),
     }
 }
 
@@ -271,21 +293,62 @@ impl Observer for Progress {
     }
 }
 
-fn options(
-    global: &GlobalArgs,
+/// What a run or resume needs: the store, and the gateway's tools (policy, sandbox, MCP,
+/// audit) in front of every tool call. The gateway records its audit events in the same store
+/// under the run's id; replay tells them from the run's own (see
+/// `driver::is_workforce_event`).
+async fn options(
+    store: &agent_runtime_store::Store,
     seed: u64,
+    gateway: &GatewayOpts,
     progress: Arc<Progress>,
-) -> anyhow::Result<(RunOptions, agent_runtime_store::Store)> {
-    let store = global.open_store()?;
+) -> anyhow::Result<(RunOptions, agent_runtime_gateway::mcp::McpManager)> {
+    let sink: Arc<dyn EventSink> = Arc::new(store.clone());
+    let (gw, manager) =
+        crate::gateway::build(gateway, sink.clone(), Arc::new(TerminalApproval), false).await?;
     let opts = RunOptions {
         seed,
-        sink: Arc::new(store.clone()),
+        sink,
         clock: Arc::new(SystemClock),
-        tools: Arc::new(ToolRegistry::with_native_tools()),
+        tools: Arc::new(ToolRegistry::from_tools(gw.tool_handles())),
         models: Arc::new(NoModels),
         observer: Some(progress),
     };
-    Ok((opts, store))
+    Ok((opts, manager))
+}
+
+/// Cancellation requests for any run, from `run.cancel_requested` events that `agent-runtime
+/// cancel` appends from another process after now; the driver keeps those for its own run.
+/// A thread polls the store; it ends with the process.
+fn follow_cancel_requests(
+    store: &agent_runtime_store::Store,
+) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<driver::ControlRequest>> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut after = store.head()?.map_or(0, |(seq, _)| seq);
+    let store = store.clone();
+    let query = EventQuery {
+        kinds: vec![EventKind::RunCancelRequested],
+        ..EventQuery::default()
+    };
+    std::thread::Builder::new()
+        .name("cancel-requests".into())
+        .spawn(move || {
+            while !tx.is_closed() {
+                let Ok(found) =
+                    store.follow_blocking(&query, after, std::time::Duration::from_millis(200))
+                else {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    continue;
+                };
+                for e in found {
+                    after = after.max(e.seq);
+                    if let Some(r) = driver::ControlRequest::from_event(&e) {
+                        let _ = tx.send(r);
+                    }
+                }
+            }
+        })?;
+    Ok(rx)
 }
 
 fn report_outcome(
@@ -346,14 +409,18 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         other => CliError::Usage(other.to_string()),
     })?;
     let progress = Arc::new(Progress::new());
-    let (opts, _store) = options(global, args.seed, progress.clone())?;
+    let store = global.open_store()?;
+    let controls = follow_cancel_requests(&store)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
+        let (opts, mcp) = options(&store, args.seed, &args.gateway, progress.clone()).await?;
         let token = CancellationToken::new();
         cancel_on_ctrl_c(token.clone());
-        driver::run_graph_with_cancel(graph, opts, token).await
-    });
+        let out = driver::run_graph_controlled(graph, opts, token, Some(controls)).await;
+        mcp.shutdown().await;
+        anyhow::Ok(out)
+    })?;
     progress.finish();
     let out = out.map_err(driver_error)?;
     report_outcome(&out, args.json, started.elapsed())
@@ -388,10 +455,18 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let run_id = parse_run_id(&args.run_id)?;
     let progress = Arc::new(Progress::new());
-    let (opts, store) = options(global, 0, progress.clone())?;
+    let store = global.open_store()?;
+    let controls = follow_cancel_requests(&store)?;
     let rt = runtime()?;
     let started = Instant::now();
-    let out = rt.block_on(driver::resume(&store, run_id, opts));
+    let out = rt.block_on(async {
+        let (opts, mcp) = options(&store, 0, &args.gateway, progress.clone()).await?;
+        let token = CancellationToken::new();
+        cancel_on_ctrl_c(token.clone());
+        let out = driver::resume_controlled(&store, run_id, opts, token, Some(controls)).await;
+        mcp.shutdown().await;
+        anyhow::Ok(out)
+    })?;
     progress.finish();
     let out = out.map_err(driver_error)?;
     report_outcome(&out, args.json, started.elapsed())
@@ -420,6 +495,69 @@ fn short_time(t: Timestamp) -> String {
     let s = t.to_string();
     // 2026-11-27T14:36:53.123456789Z -> 2026-11-27 14:36:53
     s.get(..19).map_or(s.clone(), |p| p.replace('T', " "))
+}
+
+fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let run_id = parse_run_id(&args.run_id)?;
+    let store = global.open_store()?;
+    let events = query(
+        &store,
+        EventQuery {
+            run_id: Some(run_id),
+            ..EventQuery::default()
+        },
+    )?;
+    let events: Vec<_> = events
+        .into_iter()
+        .filter(|e| driver::is_workforce_event(e.kind, &e.payload))
+        .collect();
+    let Some(summary) = RunSummary::fold(&events) else {
+        return Err(CliError::Usage(format!(
+            "no run {run_id} in the event log (see `agent-runtime runs list`)"
+        ))
+        .into());
+    };
+    if summary.ended.is_some() {
+        return Err(CliError::Failed(format!(
+            "run {run_id} already ended ({}); nothing to cancel",
+            summary.status
+        ))
+        .into());
+    }
+    if let Some(task) = &args.task
+        && !summary.tasks.iter().any(|t| &t.id == task)
+    {
+        let hint = agent_runtime_workforce::graph::suggestion(
+            task,
+            summary.tasks.iter().map(|t| t.id.as_str()),
+        );
+        return Err(CliError::Usage(format!("run {run_id} has no task `{task}`{hint}")).into());
+    }
+    let who = std::env::var("USER").unwrap_or_else(|_| "terminal".into());
+    let mut payload = serde_json::Map::new();
+    if let Some(task) = &args.task {
+        payload.insert("task".into(), Value::from(task.as_str()));
+    }
+    payload.insert("reason".into(), Value::from(args.reason.as_str()));
+    let request = NewEvent {
+        run_id,
+        task_id: None,
+        actor: agent_runtime_core::Actor::Person(who),
+        kind: EventKind::RunCancelRequested,
+        time: agent_runtime_core::Clock::now(&SystemClock),
+        payload: Value::Object(payload),
+    };
+    let appended = store.append_blocking(vec![request])?;
+    let seq = appended.first().map_or(0, |a| a.seq);
+    match &args.task {
+        Some(task) => println!(
+            "asked run {run_id} to cancel task `{task}` and everything downstream of it (event {seq}); the process running it records the cancellation"
+        ),
+        None => println!(
+            "asked run {run_id} to cancel (event {seq}); the process running it records the cancellation"
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -488,6 +626,10 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
             ..EventQuery::default()
         },
     )?;
+    let events: Vec<_> = events
+        .into_iter()
+        .filter(|e| driver::is_workforce_event(e.kind, &e.payload))
+        .collect();
     let Some(s) = RunSummary::fold(&events) else {
         return Err(CliError::Usage(format!(
             "no run {run_id} in the event log (see `agent-runtime runs list`)"

@@ -59,6 +59,19 @@ fn run_prints_outputs_and_replay_gives_the_same_hash() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("task sentence: completed"));
     let run_id = outcome["run_id"].as_str().unwrap().to_string();
     let hash = outcome["log_hash"].as_str().unwrap().to_string();
+    // Every tool step went through the gateway: its policy decisions and audit trail are in
+    // the run's log, beside the run's own events (which replay compares below).
+    let logged = events(&db, run_id.parse().unwrap());
+    let decided = logged
+        .iter()
+        .filter(|e| e.kind == EventKind::PolicyDecided)
+        .count();
+    let requested = logged
+        .iter()
+        .filter(|e| e.kind == EventKind::ToolRequested && e.payload.get("call").is_some())
+        .count();
+    assert!(requested > 0);
+    assert_eq!(decided, requested, "one policy decision per tool call");
 
     cli(&db)
         .args(["replay", &run_id])
@@ -225,7 +238,10 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
     std::fs::write(&flow, yaml).unwrap();
 
     let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    // The gateway's default policy lets `write_file` write inside the workspace, which is the
+    // working directory: the temporary directory here.
     let mut child = std::process::Command::new(bin)
+        .current_dir(dir.path())
         .env_remove("AGENT_RUNTIME_DB")
         .arg("--db")
         .arg(&db)
@@ -273,6 +289,7 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .success()
         .stdout(predicate::str::contains("interrupted"));
     let out = cli(&db)
+        .current_dir(dir.path())
         .args(["resume", &run_id.to_string(), "--json"])
         .output()
         .unwrap();
@@ -287,6 +304,7 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
     // The same outcome as a run that was never interrupted.
     let db2 = dir.path().join("uninterrupted.db");
     let out2 = cli(&db2)
+        .current_dir(dir.path())
         .arg("run")
         .arg(&flow)
         .arg("--json")
@@ -311,4 +329,136 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .stdout(predicate::str::contains(
             outcome["log_hash"].as_str().unwrap(),
         ));
+}
+
+/// Polls the store until `what` finds something in the run's events (a bound on waiting, not
+/// a timing assertion).
+fn wait_for<T>(db: &Path, what: impl Fn(&[agent_runtime_core::Envelope]) -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "gave up waiting for the run");
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(store) = Store::open(StoreConfig::plaintext(db).read_only()) else {
+            continue;
+        };
+        let Ok(all) = store.query_blocking(&EventQuery::default()) else {
+            continue;
+        };
+        if let Some(found) = what(&all) {
+            return found;
+        }
+    }
+}
+
+#[test]
+fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = dir.path().join("two-branches.yaml");
+    std::fs::write(
+        &flow,
+        "name: two-branches\ntasks:\n\
+         - { id: slow, tool: sleep, args: { ms: 600000 } }\n\
+         - { id: after-slow, tool: echo, needs: [slow], args: { x: 1 } }\n\
+         - { id: side, tool: sleep, needs: [gate], args: { ms: 10 } }\n\
+         - { id: gate, tool: sleep, args: { ms: 600000 } }\n",
+    )
+    .unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    let mut child = std::process::Command::new(bin)
+        .env_remove("AGENT_RUNTIME_DB")
+        .arg("--db")
+        .arg(&db)
+        .arg("--plaintext")
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_id = wait_for(&db, |all| {
+        let started = all
+            .iter()
+            .filter(|e| e.kind == EventKind::TaskStarted)
+            .count();
+        (started >= 2).then(|| all[0].run_id)
+    });
+    let id = run_id.to_string();
+
+    // Bad requests change nothing.
+    cli(&db)
+        .args(["cancel", &id, "--task", "slo"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no task `slo`").and(predicate::str::contains("slow")));
+    cli(&db).args(["cancel", "not-a-run-id"]).assert().code(2);
+
+    cli(&db)
+        .args(["cancel", &id, "--task", "slow"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("cancel task `slow`"));
+    // The run goes on with the other branch until it is cancelled too.
+    wait_for(&db, |all| {
+        all.iter()
+            .any(|e| e.kind == EventKind::TaskCancelled && e.payload.get("request").is_none())
+            .then_some(())
+    });
+    cli(&db)
+        .args(["cancel", &id, "--reason", "enough"])
+        .assert()
+        .success();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the run did not stop after cancel"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
+    assert!(!status.success(), "a cancelled run exits non-zero");
+    let outcome = json_of(stdout.as_bytes());
+    assert_eq!(outcome["status"], "cancelled");
+    let status_of = |task: &str| {
+        outcome["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == task)
+            .map(|t| t["status"].as_str().unwrap().to_string())
+            .unwrap()
+    };
+    assert_eq!(status_of("slow"), "cancelled");
+    assert_ne!(status_of("after-slow"), "completed");
+
+    // Both requests and the run's answers are in the log, by a person.
+    let logged = events(&db, run_id);
+    assert_eq!(
+        logged
+            .iter()
+            .filter(|e| e.kind == EventKind::RunCancelRequested)
+            .count(),
+        2
+    );
+    assert!(logged.iter().any(|e| e.kind == EventKind::TaskCancelled
+        && matches!(e.actor, agent_runtime_core::Actor::Person(_))));
+    cli(&db)
+        .args(["replay", &id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            outcome["log_hash"].as_str().unwrap(),
+        ));
+    // An ended run cannot be cancelled.
+    cli(&db)
+        .args(["cancel", &id])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("already ended"));
 }

@@ -168,6 +168,10 @@ event_kinds! {
     RunFailed => "run.failed",
     /// A run was cancelled.
     RunCancelled => "run.cancelled",
+    /// Someone asked a running run to cancel itself or a subtree (payload: `task`, `reason`).
+    /// Not an input of the run: the process driving it records `run.cancelled` or
+    /// `task.cancelled` when it acts on the request.
+    RunCancelRequested => "run.cancel_requested",
     /// A task entered the graph (declared or spawned by an agent).
     TaskSpawned => "task.spawned",
     /// A task was dispatched to run.

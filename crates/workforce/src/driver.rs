@@ -81,6 +81,77 @@ pub trait Observer: Send + Sync {
     fn on_events(&self, events: &[NewEvent], engine: &Engine);
 }
 
+/// A request from outside the run's process (a person at another terminal, an embedding
+/// application) that the driver records as an input before acting on it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlRequest {
+    /// Cancel the whole run.
+    CancelRun {
+        /// The run it is meant for; a request for another run is ignored.
+        run_id: Option<RunId>,
+        /// Who asks (recorded as `person:BY`).
+        by: String,
+        /// Why.
+        reason: String,
+    },
+    /// Cancel a task and everything downstream of it.
+    CancelTask {
+        /// The run it is meant for; a request for another run is ignored.
+        run_id: Option<RunId>,
+        /// Who asks (recorded as `person:BY`).
+        by: String,
+        /// The task's graph id; an unknown or finished task is ignored.
+        task: String,
+    },
+}
+
+impl ControlRequest {
+    /// The request a `run.cancel_requested` event carries (payload `task` for a subtree,
+    /// `reason`), asked by the event's actor; `None` for another kind of event.
+    pub fn from_event(e: &Envelope) -> Option<ControlRequest> {
+        if e.kind != agent_runtime_core::EventKind::RunCancelRequested {
+            return None;
+        }
+        let by = match &e.actor {
+            Actor::Person(p) | Actor::Agent(p) | Actor::Tool(p) => p.clone(),
+            Actor::System => "system".to_string(),
+        };
+        let text = |k: &str| e.payload.get(k).and_then(Value::as_str).map(str::to_string);
+        Some(match text("task") {
+            Some(task) => ControlRequest::CancelTask {
+                run_id: Some(e.run_id),
+                by,
+                task,
+            },
+            None => ControlRequest::CancelRun {
+                run_id: Some(e.run_id),
+                by,
+                reason: text("reason").unwrap_or_else(|| "cancel requested".into()),
+            },
+        })
+    }
+}
+
+/// Whether an event of a run's log is the workforce's own (what replay compares), rather than
+/// a record other parts write under the same run id: the gateway's audit trail of each tool
+/// call (`policy.decided`, `approval.*`, `tool.started`, `tool.progress`, and `tool.*` events
+/// that carry the gateway's string `call_id`), and cancellation requests
+/// (`run.cancel_requested`, which the run answers with its own `run.cancelled` or
+/// `task.cancelled` input). The workforce's tool events carry its numeric `call` instead.
+pub fn is_workforce_event(kind: agent_runtime_core::EventKind, payload: &Value) -> bool {
+    use agent_runtime_core::EventKind as K;
+    match kind {
+        K::PolicyDecided
+        | K::ApprovalRequested
+        | K::ApprovalDecided
+        | K::ToolStarted
+        | K::ToolProgress
+        | K::RunCancelRequested => false,
+        K::ToolRequested | K::ToolCompleted | K::ToolFailed => payload.get("call_id").is_none(),
+        _ => true,
+    }
+}
+
 /// A clock that follows tokio's clock from a starting time, so that tests with paused tokio time
 /// get reproducible timestamps while timers still fire.
 #[derive(Debug)]
@@ -236,6 +307,31 @@ pub async fn run_graph_with_cancel(
     opts: RunOptions,
     cancel: CancellationToken,
 ) -> Result<Outcome, DriverError> {
+    run_graph_controlled(graph, opts, cancel, None).await
+}
+
+/// Runs `graph`, acting on `controls` as they come (each recorded as an input first: a
+/// cancelled subtree or run is in the log, so replay reaches the same end). Cancelling
+/// `cancel` cancels the run, as from the terminal.
+///
+/// ```no_run
+/// # async fn demo(graph: agent_runtime_workforce::graph::TaskGraph,
+/// #               opts: agent_runtime_workforce::driver::RunOptions) {
+/// use agent_runtime_core::CancellationToken;
+/// use agent_runtime_workforce::driver::{ControlRequest, run_graph_controlled};
+/// let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+/// let run = tokio::spawn(run_graph_controlled(graph, opts, CancellationToken::new(), Some(rx)));
+/// // Later, from anywhere: stop `review` and everything that needs it.
+/// let _ = tx.send(ControlRequest::CancelTask { run_id: None, by: "ana".into(), task: "review".into() });
+/// let outcome = run.await;
+/// # }
+/// ```
+pub async fn run_graph_controlled(
+    graph: TaskGraph,
+    opts: RunOptions,
+    cancel: CancellationToken,
+    controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
+) -> Result<Outcome, DriverError> {
     check_available(&graph, opts.tools.as_ref(), opts.models.as_ref())?;
     let now = opts.clock.now();
     let run_id = agent_runtime_core::IdGenerator::seeded(
@@ -246,7 +342,9 @@ pub async fn run_graph_with_cancel(
     let created = Engine::created_event(run_id, &graph, opts.seed, now);
     let mut engine = Engine::create(&created)?;
     let mut driver = Driver::new(opts, LogHasher::new(), 0);
-    driver.drive(&mut engine, vec![created], cancel).await
+    driver
+        .drive(&mut engine, vec![created], cancel, controls)
+        .await
 }
 
 /// The result of a replay.
@@ -279,7 +377,10 @@ pub async fn load_run(
     if events.is_empty() {
         return Err(DriverError::NoRun(run_id));
     }
-    Ok(events)
+    Ok(events
+        .into_iter()
+        .filter(|e| is_workforce_event(e.kind, &e.payload))
+        .collect())
 }
 
 fn summarize(e: &NewEvent) -> String {
@@ -357,6 +458,21 @@ pub async fn replay(source: &dyn EventSource, run_id: RunId) -> Result<ReplayRep
 
 /// [`replay`] over events already loaded (one run's, in order).
 pub fn replay_events(events: &[Envelope]) -> Result<ReplayReport, DriverError> {
+    // Other parts' records under the run's id (the gateway's audit trail) are not replayed.
+    let owned: Vec<Envelope>;
+    let events = if events
+        .iter()
+        .all(|e| is_workforce_event(e.kind, &e.payload))
+    {
+        events
+    } else {
+        owned = events
+            .iter()
+            .filter(|e| is_workforce_event(e.kind, &e.payload))
+            .cloned()
+            .collect();
+        &owned
+    };
     let Some(first) = events.first() else {
         return Err(DriverError::Log("no events".into()));
     };
@@ -380,6 +496,17 @@ pub async fn resume(
     run_id: RunId,
     opts: RunOptions,
 ) -> Result<Outcome, DriverError> {
+    resume_controlled(source, run_id, opts, CancellationToken::new(), None).await
+}
+
+/// [`resume`], acting on `cancel` and `controls` as [`run_graph_controlled`] does.
+pub async fn resume_controlled(
+    source: &dyn EventSource,
+    run_id: RunId,
+    opts: RunOptions,
+    cancel: CancellationToken,
+    controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
+) -> Result<Outcome, DriverError> {
     let events = load_run(source, run_id).await?;
     let mut hasher = LogHasher::new();
     let mut engine = refold(&events, &mut hasher)?;
@@ -395,7 +522,7 @@ pub async fn resume(
     let count = hasher.count();
     let mut driver = Driver::new(opts, hasher, count);
     driver
-        .drive(&mut engine, vec![resumed], CancellationToken::new())
+        .drive(&mut engine, vec![resumed], cancel, controls)
         .await
 }
 
@@ -460,8 +587,13 @@ impl Driver {
         engine: &mut Engine,
         first: Vec<NewEvent>,
         cancel: CancellationToken,
+        controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
     ) -> Result<Outcome, DriverError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
+        // A closed channel stands in for "no controls": `recv` on it returns `None` at once,
+        // which the select below disables.
+        let mut controls = controls.unwrap_or_else(|| mpsc::unbounded_channel().1);
+        let mut controls_open = true;
         let mut batch = first;
         let mut cancel_requested = false;
         loop {
@@ -490,6 +622,26 @@ impl Driver {
                 _ = cancel.cancelled(), if !cancel_requested => {
                     cancel_requested = true;
                     (engine.cancel_run_event(self.opts.clock.now(), "cli", "cancelled by the user"), None)
+                }
+                request = controls.recv(), if controls_open => {
+                    let Some(request) = request else {
+                        controls_open = false;
+                        continue;
+                    };
+                    let now = self.opts.clock.now();
+                    let mine = |id: &Option<RunId>| id.is_none_or(|id| id == engine.run_id());
+                    match request {
+                        ControlRequest::CancelRun { run_id, by, reason } if mine(&run_id) => {
+                            (engine.cancel_run_event(now, &by, &reason), None)
+                        }
+                        ControlRequest::CancelTask { run_id, by, task } if mine(&run_id) => {
+                            match engine.cancel_task_event(now, &by, &task) {
+                                Some(e) => (e, None),
+                                None => continue,
+                            }
+                        }
+                        _ => continue,
+                    }
                 }
                 Some(done) = rx.recv() => self.input_of(engine, done),
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {

@@ -33,13 +33,17 @@ impl ToolRegistry {
 
     /// A registry with every native tool of this module.
     pub fn with_native_tools() -> Self {
+        Self::from_tools(native_tools())
+    }
+
+    /// A registry of `tools` (a later tool of the same name replaces an earlier one); for
+    /// example the gateway's tool handles, so that every call goes through its policy,
+    /// sandbox and audit.
+    pub fn from_tools(tools: impl IntoIterator<Item = Arc<dyn Tool>>) -> Self {
         let mut r = Self::new();
-        r.register(Arc::new(Native::echo()));
-        r.register(Arc::new(Native::concat()));
-        r.register(Arc::new(Native::sleep()));
-        r.register(Arc::new(Native::read_file()));
-        r.register(Arc::new(Native::write_file()));
-        r.register(Arc::new(Native::fail()));
+        for t in tools {
+            r.register(t);
+        }
         r
     }
 
@@ -90,6 +94,18 @@ enum Which {
     ReadFile,
     WriteFile,
     Fail,
+}
+
+/// Every native tool of this module, for a registry of one's own or the gateway's.
+pub fn native_tools() -> Vec<Arc<dyn Tool>> {
+    vec![
+        Arc::new(Native::echo()),
+        Arc::new(Native::concat()),
+        Arc::new(Native::sleep()),
+        Arc::new(Native::read_file()),
+        Arc::new(Native::write_file()),
+        Arc::new(Native::fail()),
+    ]
 }
 
 /// One of the native tools.

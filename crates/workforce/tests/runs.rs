@@ -6,8 +6,8 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_runtime_core::{CancellationToken, Envelope, EventKind, MemoryLog, TaskId};
-use agent_runtime_workforce::driver::{self, DriverError, RunOptions, TokioClock};
+use agent_runtime_core::{Actor, CancellationToken, Envelope, EventKind, MemoryLog, TaskId};
+use agent_runtime_workforce::driver::{self, ControlRequest, DriverError, RunOptions, TokioClock};
 use agent_runtime_workforce::engine::{Engine, RunStatus, TaskStatus};
 use agent_runtime_workforce::state::{RunSummary, check_limits};
 use common::*;
@@ -722,4 +722,89 @@ mod properties {
             prop_assert_eq!(&again.log_hash, &out.log_hash);
         }
     }
+}
+
+#[test]
+fn control_requests_are_recorded_before_they_act_and_foreign_events_are_not_replayed() {
+    let g = graph(
+        "tasks:\n  - { id: slow, tool: sleep, args: { ms: 60000 } }\n  - { id: after, tool: echo, needs: [slow], args: {} }\n  - { id: quick, tool: sleep, args: { ms: 20 } }\n",
+    );
+    let log = Arc::new(MemoryLog::default());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let other_run = agent_runtime_core::RunId::from_bytes([9; 16]);
+    let out = rt()
+        .block_on(async {
+            let opts = RunOptions {
+                seed: 1,
+                sink: log.clone(),
+                clock: Arc::new(TokioClock::new(T0)),
+                tools: registry(),
+                models: models(),
+                observer: None,
+            };
+            let run = tokio::spawn(driver::run_graph_controlled(
+                g,
+                opts,
+                CancellationToken::new(),
+                Some(rx),
+            ));
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            // Ignored: meant for another run, and a task the graph does not have.
+            tx.send(ControlRequest::CancelRun {
+                run_id: Some(other_run),
+                by: "eve".into(),
+                reason: "not yours".into(),
+            })
+            .unwrap();
+            tx.send(ControlRequest::CancelTask {
+                run_id: None,
+                by: "ann".into(),
+                task: "nope".into(),
+            })
+            .unwrap();
+            tx.send(ControlRequest::CancelTask {
+                run_id: None,
+                by: "ann".into(),
+                task: "slow".into(),
+            })
+            .unwrap();
+            run.await.unwrap()
+        })
+        .unwrap();
+    // `quick` finished; `slow` and `after` were cancelled; the run ends on its own.
+    assert_eq!(out.status, RunStatus::Completed);
+    let status: Vec<(String, TaskStatus)> =
+        out.tasks.iter().map(|t| (t.id.clone(), t.status)).collect();
+    assert!(status.contains(&("slow".into(), TaskStatus::Cancelled)));
+    assert!(status.contains(&("after".into(), TaskStatus::Cancelled)));
+    assert!(status.contains(&("quick".into(), TaskStatus::Completed)));
+    let mut ev = events(&log);
+    let by_ann: Vec<&Envelope> = ev
+        .iter()
+        .filter(|e| e.actor == Actor::Person("ann".into()))
+        .collect();
+    assert_eq!(by_ann.len(), 1, "one request acted on, recorded once");
+    assert_eq!(by_ann[0].kind, EventKind::TaskCancelled);
+    assert!(ev.iter().all(|e| e.actor != Actor::Person("eve".into())));
+
+    // Records that other parts write under the run's id (the gateway's audit trail, a
+    // cancellation request) do not disturb replay, wherever they sit.
+    let mut foreign = ev[1].clone();
+    foreign.kind = EventKind::PolicyDecided;
+    foreign.payload = json!({"rule": "default.read"});
+    let mut gateway_tool = ev[1].clone();
+    gateway_tool.kind = EventKind::ToolCompleted;
+    gateway_tool.payload = json!({"call_id": "0192", "output": {}});
+    let mut request = ev[1].clone();
+    request.kind = EventKind::RunCancelRequested;
+    request.payload = json!({"task": "slow"});
+    ev.insert(2, foreign);
+    ev.insert(3, gateway_tool);
+    ev.insert(4, request);
+    let report = driver::replay_events(&ev).unwrap();
+    assert_eq!(report.log_hash, out.log_hash);
+    // A workforce event that is out of place still diverges.
+    let mut bad = ev.clone();
+    bad.swap(5, 6);
+    assert!(driver::replay_events(&bad).is_err());
 }
