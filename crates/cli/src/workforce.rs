@@ -319,28 +319,33 @@ async fn options(
 
 /// Cancellation requests for any run, from `run.cancel_requested` events that `agent-runtime
 /// cancel` appends from another process after now; the driver keeps those for its own run.
-/// A thread polls the store; it ends with the process.
+/// A thread polls the store a few times a second (an indexed lookup by kind; polling rather
+/// than following, which would wake on every commit of the run itself). Dropping the returned
+/// guard stops the thread and waits for it, so that its handle on the store is gone before the
+/// store closes (and checkpoints).
 fn follow_cancel_requests(
     store: &agent_runtime_store::Store,
-) -> anyhow::Result<tokio::sync::mpsc::UnboundedReceiver<driver::ControlRequest>> {
+) -> anyhow::Result<(
+    tokio::sync::mpsc::UnboundedReceiver<driver::ControlRequest>,
+    StopOnDrop,
+)> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let mut after = store.head()?.map_or(0, |(seq, _)| seq);
     let store = store.clone();
-    let query = EventQuery {
-        kinds: vec![EventKind::RunCancelRequested],
-        ..EventQuery::default()
-    };
-    std::thread::Builder::new()
+    let handle = std::thread::Builder::new()
         .name("cancel-requests".into())
         .spawn(move || {
-            while !tx.is_closed() {
-                let Ok(found) =
-                    store.follow_blocking(&query, after, std::time::Duration::from_millis(200))
-                else {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    continue;
+            while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(std::time::Duration::from_millis(150))
+            {
+                let query = EventQuery {
+                    kinds: vec![EventKind::RunCancelRequested],
+                    after_seq: Some(after),
+                    ..EventQuery::default()
                 };
-                for e in found {
+                // A failed read is tried again at the next tick.
+                for e in store.query_blocking(&query).unwrap_or_default() {
                     after = after.max(e.seq);
                     if let Some(r) = driver::ControlRequest::from_event(&e) {
                         let _ = tx.send(r);
@@ -348,7 +353,28 @@ fn follow_cancel_requests(
                 }
             }
         })?;
-    Ok(rx)
+    Ok((
+        rx,
+        StopOnDrop {
+            stop: Some(stop),
+            handle: Some(handle),
+        },
+    ))
+}
+
+/// Stops a helper thread (by closing its channel) and joins it when dropped.
+struct StopOnDrop {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
 }
 
 fn report_outcome(
@@ -410,7 +436,7 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     })?;
     let progress = Arc::new(Progress::new());
     let store = global.open_store()?;
-    let controls = follow_cancel_requests(&store)?;
+    let (controls, _follower) = follow_cancel_requests(&store)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
@@ -456,7 +482,7 @@ fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let run_id = parse_run_id(&args.run_id)?;
     let progress = Arc::new(Progress::new());
     let store = global.open_store()?;
-    let controls = follow_cancel_requests(&store)?;
+    let (controls, _follower) = follow_cancel_requests(&store)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
