@@ -580,11 +580,22 @@ pub fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
             out.push(b']');
         }
         Value::String(s) => write_json_string(s, out),
-        // Scalars: serde_json's own writer is the documented form.
-        other => {
-            // Writing a scalar Value into a Vec cannot fail.
-            let _ = serde_json::to_writer(&mut *out, other);
-        }
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(b) => out.extend_from_slice(if *b { b"true" } else { b"false" }),
+        Value::Number(n) => write_json_number(n, out),
+    }
+}
+
+/// Writes a number as `serde_json` does: integers in decimal (both use `itoa`, a test holds
+/// them equal), floats through `serde_json` itself.
+fn write_json_number(n: &serde_json::Number, out: &mut Vec<u8>) {
+    if let Some(u) = n.as_u64() {
+        out.extend_from_slice(itoa::Buffer::new().format(u).as_bytes());
+    } else if let Some(i) = n.as_i64() {
+        out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+    } else {
+        // Writing a number into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *out, n);
     }
 }
 
@@ -621,7 +632,42 @@ fn maps_iterate_sorted() -> bool {
     })
 }
 
+/// Whether `bytes` hold a byte JSON must escape (`"`, `\\`, or a control character below
+/// 0x20), tested eight bytes at a time with the classic "has zero / has less" word tricks
+/// (exact for "any": a borrow can only flag bytes above one that matched).
+fn needs_escape(bytes: &[u8]) -> bool {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let has_zero = |x: u64| x.wrapping_sub(ONES) & !x & HIGH != 0;
+    let mut chunks = bytes.chunks_exact(8);
+    for chunk in &mut chunks {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_le_bytes(word);
+        let control = x.wrapping_sub(ONES * 0x20) & !x & HIGH != 0;
+        if control
+            || has_zero(x ^ (ONES * u64::from(b'"')))
+            || has_zero(x ^ (ONES * u64::from(b'\\')))
+        {
+            return true;
+        }
+    }
+    chunks
+        .remainder()
+        .iter()
+        .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
+}
+
 fn write_json_string(s: &str, out: &mut Vec<u8>) {
+    // Most strings (keys, ids, names) need no escape: copy them as they are, which is what
+    // serde_json writes for them; anything else goes through serde_json's escaper.
+    if !needs_escape(s.as_bytes()) {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return;
+    }
     // Writing a &str into a Vec cannot fail.
     let _ = serde_json::to_writer(&mut *out, s);
 }
@@ -678,6 +724,71 @@ mod tests {
             maps_iterate_sorted(),
             "this build's serde_json maps are sorted (no preserve_order)"
         );
+    }
+
+    #[test]
+    fn needs_escape_finds_every_escaped_byte_at_every_position() {
+        for background in [b'a', b' ', b'!', b']', 0x80, 0xff] {
+            for len in 0..20 {
+                for pos in 0..len {
+                    for b in 0u8..=255 {
+                        let mut bytes = vec![background; len];
+                        bytes[pos] = b;
+                        let expected = b < 0x20 || b == b'"' || b == b'\\';
+                        assert_eq!(needs_escape(&bytes), expected, "{len} {pos} {b}");
+                    }
+                }
+            }
+        }
+        assert!(!needs_escape("é日本 🦀 plain ~\u{7f}".as_bytes()));
+    }
+
+    #[test]
+    fn scalars_and_strings_are_written_as_serde_json_writes_them() {
+        let strings = [
+            "",
+            "plain",
+            "é ü 日本",
+            "quote\"",
+            "back\\slash",
+            "nl\n",
+            "tab\t",
+            "\u{0}",
+            "\u{1f}",
+            "\u{7f}",
+            "\u{2028}",
+            "mixed \"a\"\r\n\u{8}\u{c}",
+            "emoji 🦀",
+        ];
+        for s in strings {
+            let v = Value::String(s.to_string());
+            assert_eq!(canonical_json(&v), serde_json::to_vec(&v).unwrap(), "{s:?}");
+        }
+        let numbers = serde_json::json!([
+            0,
+            1,
+            -1,
+            42,
+            u64::MAX,
+            i64::MIN,
+            i64::MAX,
+            0.0,
+            -0.0,
+            1.5,
+            1e300,
+            0.1,
+            -2.5e-8,
+            100.0
+        ]);
+        let Value::Array(numbers) = numbers else {
+            unreachable!()
+        };
+        for n in numbers
+            .into_iter()
+            .chain([Value::Null, Value::Bool(true), Value::Bool(false)])
+        {
+            assert_eq!(canonical_json(&n), serde_json::to_vec(&n).unwrap(), "{n}");
+        }
     }
 
     #[test]

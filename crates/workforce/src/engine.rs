@@ -13,6 +13,7 @@
 
 use std::cmp::{Ordering, Reverse};
 use std::collections::{BTreeMap, BinaryHeap, HashMap};
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -253,7 +254,6 @@ struct AgentRun {
 struct TaskState {
     id: Arc<str>,
     task_id: TaskId,
-    spec: TaskSpec,
     dependents: Vec<u32>,
     waiting_on: u32,
     rank: u32,
@@ -289,6 +289,95 @@ struct CallInfo {
     tool_call_id: Option<String>,
 }
 
+/// Hashes keys the engine makes itself (call numbers, task UUIDs) with a multiplication per
+/// word: the calls map is touched several times per call, where SipHash (built against hostile
+/// keys, which these are not) showed in profiles.
+#[derive(Clone, Copy, Debug, Default)]
+struct FastHasher(u64);
+
+impl Hasher for FastHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.write_u64(u64::from_le_bytes(word));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        // Fibonacci hashing: the high bits (the table's tags) mix all of `n`, the low bits (its
+        // bucket) stay distinct for sequential numbers.
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
+/// The engine's calls in flight or queued, by number.
+type Calls = HashMap<u64, CallInfo, BuildHasherDefault<FastHasher>>;
+
+/// A JSON object from its entries. Cheaper than `json!`, which sends every value through
+/// serde (copying strings) where these are moved in.
+fn object<const N: usize>(entries: [(&str, Value); N]) -> Value {
+    let mut m = serde_json::Map::new();
+    for (k, v) in entries {
+        m.insert(k.to_string(), v);
+    }
+    Value::Object(m)
+}
+
+/// The keys of a payload the engine writes for every task, built once: each payload is a
+/// clone with its values written in by position. Cloning a map copies its keys without the
+/// comparisons that inserting them one by one makes, which showed in profiles.
+#[derive(Debug)]
+struct Shape(Value);
+
+impl Shape {
+    /// `keys` in byte order: the order a map iterates them in, with or without serde_json's
+    /// `preserve_order` (which keeps the insertion order, the same here).
+    fn new(keys: &[&str]) -> Shape {
+        debug_assert!(keys.windows(2).all(|w| w[0] < w[1]), "sorted keys");
+        Shape(Value::Object(
+            keys.iter().map(|k| (k.to_string(), Value::Null)).collect(),
+        ))
+    }
+    /// The payload with `values` for the keys, in the order given to [`Shape::new`].
+    fn fill<const N: usize>(&self, values: [Value; N]) -> Value {
+        let mut v = self.0.clone();
+        if let Value::Object(m) = &mut v {
+            debug_assert_eq!(m.len(), N);
+            for (slot, x) in m.values_mut().zip(values) {
+                *slot = x;
+            }
+        }
+        v
+    }
+}
+
+/// The shapes of the per-task payloads.
+#[derive(Debug)]
+struct Shapes {
+    /// `model.requested`.
+    model_requested: Shape,
+    /// `model.completed`.
+    model_completed: Shape,
+    /// `task.completed` without `substituted`.
+    completed: Shape,
+    /// An agent's output.
+    agent_output: Shape,
+}
+
+impl Shapes {
+    fn new() -> Shapes {
+        Shapes {
+            model_requested: Shape::new(&["call", "messages", "model", "provider", "turn"]),
+            model_completed: Shape::new(&["call", "response"]),
+            completed: Shape::new(&["attempt", "output"]),
+            agent_output: Shape::new(&["text", "turns"]),
+        }
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 enum Timer {
     Retry { task: u32, attempt: u32 },
@@ -310,6 +399,7 @@ struct AgentInfo {
 #[derive(Debug)]
 pub struct Engine {
     run_id: RunId,
+    /// The graph as it stands: its specs (declared, then spawned) are indexed like `tasks`.
     graph: TaskGraph,
     seed: u64,
     now: Timestamp,
@@ -318,7 +408,7 @@ pub struct Engine {
     rng: SeededRng,
     tasks: Vec<TaskState>,
     by_id: HashMap<Arc<str>, u32>,
-    by_task_id: HashMap<TaskId, u32>,
+    by_task_id: HashMap<TaskId, u32, BuildHasherDefault<FastHasher>>,
     agents: Vec<AgentInfo>,
     agent_index: BTreeMap<String, u32>,
     ready: BinaryHeap<Reverse<Key>>,
@@ -327,7 +417,7 @@ pub struct Engine {
     provider_slots: BTreeMap<String, Slot>,
     timers: BinaryHeap<Reverse<(Timestamp, u64, Timer)>>,
     timer_seq: u64,
-    calls: HashMap<u64, CallInfo>,
+    calls: Calls,
     next_call: u64,
     outputs: BTreeMap<String, Value>,
     open: u32,
@@ -337,6 +427,7 @@ pub struct Engine {
     events: Vec<NewEvent>,
     effects: Vec<Effect>,
     decisions: u64,
+    shapes: Shapes,
 }
 
 /// A compact view of one task, for reports.
@@ -407,15 +498,17 @@ impl Engine {
         Self::build(run_id, graph, seed, time)
     }
 
-    fn build(run_id: RunId, mut graph: TaskGraph, seed: u64, now: Timestamp) -> Engine {
+    fn build(run_id: RunId, graph: TaskGraph, seed: u64, now: Timestamp) -> Engine {
         let clock = Arc::new(ManualClock::new(now));
         let ids = IdGenerator::seeded(seed, clock.clone());
         let deps = graph.dependencies();
         let ranks = topo_ranks(&deps);
         let held = graph.fallback_targets();
-        let mut referenced: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+        let mut referenced: std::collections::HashSet<String> = std::collections::HashSet::new();
         for t in &graph.tasks {
-            referenced.extend(t.template_refs());
+            t.for_each_template_ref(&mut |r| {
+                referenced.insert(r.to_string());
+            });
         }
         let mut agents = Vec::new();
         let mut agent_index = BTreeMap::new();
@@ -449,22 +542,24 @@ impl Engine {
             .iter()
             .map(|(k, &v)| (k.clone(), Slot::new(v)))
             .collect();
-        // The specs move into the task states; the engine's graph keeps agents and limits.
-        let specs = std::mem::take(&mut graph.tasks);
+        // The specs stay where they are, in the graph, indexed like the task states: copying
+        // them into the states made each state twice as large, and a hundred thousand of them
+        // were a cost of fresh memory to fault in.
+        let specs = &graph.tasks;
+        // Hashed for the lookup of every task's agent; the ordered index stays for spawns.
+        let agent_of: HashMap<&str, u32> =
+            agent_index.iter().map(|(k, &v)| (k.as_str(), v)).collect();
         let mut tasks: Vec<TaskState> = Vec::with_capacity(specs.len());
         let mut by_id = HashMap::with_capacity(specs.len());
-        for (i, spec) in specs.into_iter().enumerate() {
+        for (i, spec) in specs.iter().enumerate() {
             let id: Arc<str> = Arc::from(spec.id.as_str());
-            let keeps_output = held.contains(&i) || referenced.contains(&spec.id);
-            let agent = spec
-                .agent
-                .as_ref()
-                .and_then(|a| agent_index.get(a).copied());
+            let keeps_output =
+                held.contains(&i) || (!referenced.is_empty() && referenced.contains(&spec.id));
+            let agent = spec.agent.as_deref().and_then(|a| agent_of.get(a).copied());
             by_id.insert(id.clone(), i as u32);
             tasks.push(TaskState {
                 id,
                 task_id: ids.task_id(),
-                spec,
                 dependents: Vec::new(),
                 waiting_on: deps[i].len() as u32,
                 rank: ranks[i],
@@ -518,7 +613,7 @@ impl Engine {
             provider_slots,
             timers: BinaryHeap::new(),
             timer_seq: 0,
-            calls: HashMap::new(),
+            calls: Calls::default(),
             next_call: 1,
             outputs: BTreeMap::new(),
             open,
@@ -528,6 +623,7 @@ impl Engine {
             events: Vec::new(),
             effects: Vec::new(),
             decisions: 0,
+            shapes: Shapes::new(),
             tasks,
             graph,
         };
@@ -559,10 +655,7 @@ impl Engine {
     }
     /// The run's graph as it stands: declared tasks, then spawned ones.
     pub fn graph(&self) -> TaskGraph {
-        TaskGraph {
-            tasks: self.tasks.iter().map(|t| t.spec.clone()).collect(),
-            ..self.graph.clone()
-        }
+        self.graph.clone()
     }
     /// The engine's time: that of the last input.
     pub fn now(&self) -> Timestamp {
@@ -621,6 +714,15 @@ impl Engine {
     /// Effects since the last call.
     pub fn take_effects(&mut self) -> Vec<Effect> {
         std::mem::take(&mut self.effects)
+    }
+    /// [`Engine::take_events`] as a drain: the engine keeps its buffer for the next input
+    /// instead of growing a new one each time.
+    pub fn drain_events(&mut self) -> std::vec::Drain<'_, NewEvent> {
+        self.events.drain(..)
+    }
+    /// [`Engine::take_effects`] as a drain (see [`Engine::drain_events`]).
+    pub fn drain_effects(&mut self) -> std::vec::Drain<'_, Effect> {
+        self.effects.drain(..)
     }
 
     /// When the engine next needs a `clock.observed` input (a retry is due or an attempt times
@@ -739,15 +841,13 @@ impl Engine {
             .calls
             .get(&call)
             .map(|c| self.tasks[c.task as usize].task_id);
-        let mut payload = serde_json::Map::new();
-        payload.insert("call".into(), Value::from(call));
-        payload.insert("response".into(), response);
+        let payload = self.shapes.model_completed.fill([call.into(), response]);
         self.input(
             task_id,
             Actor::System,
             EventKind::ModelCompleted,
             time,
-            Value::Object(payload),
+            payload,
         )
     }
 
@@ -905,7 +1005,7 @@ impl Engine {
     fn key(&self, idx: u32) -> Key {
         let t = &self.tasks[idx as usize];
         Key {
-            prio: t.spec.priority,
+            prio: self.graph.tasks[idx as usize].priority,
             rank: t.rank,
             id_prefix: id_prefix(&t.id),
             id: t.id.clone(),
@@ -939,7 +1039,7 @@ impl Engine {
                     }));
                     continue;
                 }
-            } else if let Some(tool) = self.tasks[idx as usize].spec.tool.as_deref()
+            } else if let Some(tool) = self.graph.tasks[idx as usize].tool.as_deref()
                 && let Some(slot) = self.tool_slots.get_mut(tool)
                 && slot.full()
             {
@@ -961,7 +1061,7 @@ impl Engine {
         t.status = TaskStatus::Running;
         t.attempt += 1;
         let attempt = t.attempt;
-        let timeout = t.spec.timeout;
+        let timeout = self.graph.tasks[idx as usize].timeout;
         let task_id = t.task_id;
         let actor = t.agent.map_or(Actor::System, |a| {
             Actor::Agent(self.agents[a as usize].name.to_string())
@@ -973,7 +1073,7 @@ impl Engine {
             Some(task_id),
             actor,
             EventKind::TaskStarted,
-            json!({"attempt": attempt}),
+            object([("attempt", attempt.into())]),
         );
         if let Some(d) = timeout {
             let at = self.now.saturating_add(d);
@@ -982,8 +1082,8 @@ impl Engine {
         let t = &self.tasks[idx as usize];
         if let Some(a) = t.agent {
             let agent = &self.agents[a as usize];
-            let prompt =
-                template::render_text(t.spec.prompt.as_deref().unwrap_or(""), &self.outputs);
+            let spec = &self.graph.tasks[idx as usize];
+            let prompt = template::render_text(spec.prompt.as_deref().unwrap_or(""), &self.outputs);
             let mut messages = Vec::with_capacity(2);
             if !agent.instructions.is_empty() {
                 messages.push(Message::new(Role::System, agent.instructions.clone()));
@@ -996,9 +1096,9 @@ impl Engine {
             });
             self.request_model(idx);
         } else {
-            let tool = t.spec.tool.clone().unwrap_or_default();
-            let args =
-                template::render(t.spec.args.as_ref().unwrap_or(&Value::Null), &self.outputs);
+            let spec = &self.graph.tasks[idx as usize];
+            let tool = spec.tool.clone().unwrap_or_default();
+            let args = template::render(spec.args.as_ref().unwrap_or(&Value::Null), &self.outputs);
             let call = self.new_call(
                 idx,
                 CallKind::Tool,
@@ -1082,7 +1182,8 @@ impl Engine {
         }
         self.decisions += 1;
         let t = &self.tasks[task as usize];
-        let (task_id, name, timeout) = (t.task_id, t.id.clone(), t.spec.timeout);
+        let timeout = self.graph.tasks[task as usize].timeout;
+        let (task_id, name) = (t.task_id, t.id.clone());
         match kind {
             CallKind::Tool => {
                 let actor = t.agent.map_or(Actor::System, |a| {
@@ -1109,13 +1210,13 @@ impl Engine {
                 let Some(live) = t.live.as_ref() else { return };
                 let agent = &self.agents[a as usize];
                 let tools = agent.tools.clone();
-                let payload = json!({
-                    "call": call,
-                    "provider": &*agent.provider,
-                    "model": &*agent.model,
-                    "turn": live.turns + 1,
-                    "messages": live.messages.len(),
-                });
+                let payload = self.shapes.model_requested.fill([
+                    call.into(),
+                    live.messages.len().into(),
+                    Value::String(agent.model.to_string()),
+                    Value::String(agent.provider.to_string()),
+                    (live.turns + 1).into(),
+                ]);
                 let effect = Effect::CallModel {
                     call,
                     task_id,
@@ -1310,21 +1411,29 @@ impl Engine {
             return;
         };
         let max_turns = self.agents[a as usize].max_turns;
-        let allowed = self.agents[a as usize].tools.clone();
-        let calls = response.message.tool_calls.clone();
-        let text = response.message.content.clone();
+        let message = response.message;
         let turns = {
             let Some(live) = self.tasks[idx as usize].live.as_mut() else {
                 return;
             };
             live.pending.retain(|&c| c != call);
             live.turns += 1;
-            Arc::make_mut(&mut live.messages).push(response.message);
             live.turns
         };
-        if calls.is_empty() {
-            return self.complete(idx, json!({ "text": text, "turns": turns }), false);
+        if message.tool_calls.is_empty() {
+            // A final answer ends the attempt and its conversation: the message need not join
+            // it, and its text moves into the output.
+            let output = self
+                .shapes
+                .agent_output
+                .fill([Value::String(message.content), turns.into()]);
+            return self.complete(idx, output, false);
         }
+        let calls = message.tool_calls.clone();
+        if let Some(live) = self.tasks[idx as usize].live.as_mut() {
+            Arc::make_mut(&mut live.messages).push(message);
+        }
+        let allowed = self.agents[a as usize].tools.clone();
         if turns >= max_turns {
             return self.attempt_failed(
                 idx,
@@ -1398,8 +1507,7 @@ impl Engine {
             .ok_or("spawn_task needs a `prompt` string")?;
         let agent = match args.get("agent").and_then(Value::as_str) {
             Some(a) => a.to_string(),
-            None => self.tasks[parent as usize]
-                .spec
+            None => self.graph.tasks[parent as usize]
                 .agent
                 .clone()
                 .unwrap_or_default(),
@@ -1413,8 +1521,8 @@ impl Engine {
         let p = &mut self.tasks[parent as usize];
         p.spawned += 1;
         let id = format!("{}.{}", p.id, p.spawned);
-        let priority = p.spec.priority;
         let rank = p.rank + 1;
+        let ps = &self.graph.tasks[parent as usize];
         let spec = TaskSpec {
             id: id.clone(),
             agent: Some(agent.clone()),
@@ -1422,9 +1530,9 @@ impl Engine {
             tool: None,
             args: None,
             needs: Vec::new(),
-            priority,
-            timeout: p.spec.timeout,
-            retry: p.spec.retry.clone(),
+            priority: ps.priority,
+            timeout: ps.timeout,
+            retry: ps.retry.clone(),
             on_failure: OnFailure::Skip,
         };
         self.clock.set(self.now);
@@ -1434,10 +1542,10 @@ impl Engine {
         self.by_id.insert(name.clone(), idx);
         self.by_task_id.insert(task_id, idx);
         self.tasks[parent as usize].children.push(idx);
+        self.graph.tasks.push(spec);
         self.tasks.push(TaskState {
             id: name,
             task_id,
-            spec,
             dependents: Vec::new(),
             waiting_on: 0,
             rank,
@@ -1480,7 +1588,7 @@ impl Engine {
                 Timer::Timeout { task, attempt } => {
                     let t = &self.tasks[task as usize];
                     if t.status == TaskStatus::Running && t.attempt == attempt {
-                        let d = t.spec.timeout.unwrap_or_default();
+                        let d = self.graph.tasks[task as usize].timeout.unwrap_or_default();
                         self.attempt_failed(
                             task,
                             ErrorClass::Timeout,
@@ -1510,25 +1618,25 @@ impl Engine {
         let (task_id, attempt) = (t.task_id, t.attempt);
         let keep = t.keeps_output || !t.fallback_owners.is_empty();
         let owners = std::mem::take(&mut t.fallback_owners);
-        let kept = (keep || !owners.is_empty()).then(|| output.clone());
-        let mut payload = serde_json::Map::new();
-        payload.insert("attempt".into(), Value::from(attempt));
-        payload.insert("output".into(), output);
-        if substituted {
-            payload.insert("substituted".into(), Value::Bool(true));
+        if keep {
+            let id = t.id.to_string();
+            self.outputs.insert(id, output.clone());
         }
+        let payload = if substituted {
+            object([
+                ("attempt", attempt.into()),
+                ("output", output),
+                ("substituted", Value::Bool(true)),
+            ])
+        } else {
+            self.shapes.completed.fill([attempt.into(), output])
+        };
         self.emit(
             Some(task_id),
             Actor::System,
             EventKind::TaskCompleted,
-            Value::Object(payload),
+            payload,
         );
-        if let Some(out) = &kept
-            && keep
-        {
-            self.outputs
-                .insert(self.tasks[idx as usize].id.to_string(), out.clone());
-        }
         if was_open {
             self.open = self.open.saturating_sub(1);
         }
@@ -1543,7 +1651,9 @@ impl Engine {
         }
         for o in owners {
             if self.tasks[o as usize].status == TaskStatus::AwaitingFallback {
-                self.complete(o, kept.clone().unwrap_or(Value::Null), true);
+                // Kept above: a task with fallback owners keeps its output.
+                let out = self.outputs.get(&*self.tasks[idx as usize].id).cloned();
+                self.complete(o, out.unwrap_or(Value::Null), true);
             }
         }
     }
@@ -1558,7 +1668,7 @@ impl Engine {
             EventKind::TaskFailed,
             json!({"attempt": attempt, "class": class, "message": message}),
         );
-        let policy = self.tasks[idx as usize].spec.retry.clone();
+        let policy = self.graph.tasks[idx as usize].retry.clone();
         if let Some(p) = policy
             && p.on.contains(&class)
             && attempt < p.max_attempts
@@ -1601,7 +1711,7 @@ impl Engine {
     }
 
     fn failed_for_good(&mut self, idx: u32, class: ErrorClass, message: String) {
-        let policy = self.tasks[idx as usize].spec.on_failure.clone();
+        let policy = self.graph.tasks[idx as usize].on_failure.clone();
         match policy {
             OnFailure::FailRun => {
                 self.tasks[idx as usize].status = TaskStatus::Failed;
@@ -1775,7 +1885,16 @@ impl Engine {
             };
             *counts.entry(k).or_default() += 1;
         }
-        let payload = json!({"outputs": self.final_outputs(), "tasks": counts});
+        // Built in place: `json!` would serialize every output afresh.
+        let outputs: serde_json::Map<String, Value> = self.final_outputs().into_iter().collect();
+        let counts: serde_json::Map<String, Value> = counts
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), Value::from(v)))
+            .collect();
+        let payload = object([
+            ("outputs", Value::Object(outputs)),
+            ("tasks", Value::Object(counts)),
+        ]);
         self.emit(None, Actor::System, EventKind::RunCompleted, payload);
     }
 

@@ -367,6 +367,17 @@ impl TaskSpec {
         }
         out
     }
+
+    /// Calls `f` with each upstream task id referenced in the task's templates (repeats
+    /// included), without collecting them.
+    pub fn for_each_template_ref(&self, f: &mut dyn FnMut(&str)) {
+        if let Some(p) = &self.prompt {
+            template::for_each_ref_str(p, f);
+        }
+        if let Some(a) = &self.args {
+            template::for_each_ref(a, f);
+        }
+    }
 }
 
 mod duration_str {
@@ -845,44 +856,52 @@ impl TaskGraph {
     /// For each task (by index), the indices of the tasks it depends on: `needs` plus template
     /// references, sorted and without repeats.
     pub fn dependencies(&self) -> Vec<Vec<usize>> {
-        let ids: BTreeMap<&str, usize> = self
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.id.as_str(), i))
-            .collect();
+        // A hash map and a sorted vector per task: a run's graph can hold a hundred thousand
+        // tasks, and ordered maps of strings cost several times more here.
+        let ids = self.index();
         self.tasks
             .iter()
             .map(|t| {
-                let mut d: BTreeSet<usize> = t
+                let mut d: Vec<usize> = t
                     .needs
                     .iter()
                     .filter_map(|n| ids.get(n.as_str()).copied())
                     .collect();
-                for r in t.template_refs() {
-                    if let Some(&i) = ids.get(r.as_str()) {
-                        d.insert(i);
+                t.for_each_template_ref(&mut |r| {
+                    if let Some(&i) = ids.get(r) {
+                        d.push(i);
                     }
-                }
-                d.into_iter().collect()
+                });
+                d.sort_unstable();
+                d.dedup();
+                d
             })
+            .collect()
+    }
+
+    /// Task id to index.
+    fn index(&self) -> std::collections::HashMap<&str, usize> {
+        self.tasks
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.id.as_str(), i))
             .collect()
     }
 
     /// Indices of tasks that are some task's fallback (held back until needed).
     pub fn fallback_targets(&self) -> BTreeSet<usize> {
-        let ids: BTreeMap<&str, usize> = self
-            .tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.id.as_str(), i))
-            .collect();
-        self.tasks
-            .iter()
-            .filter_map(|t| match &t.on_failure {
-                OnFailure::Fallback(f) => ids.get(f.as_str()).copied(),
-                _ => None,
-            })
+        let mut fallbacks = self.tasks.iter().filter_map(|t| match &t.on_failure {
+            OnFailure::Fallback(f) => Some(f.as_str()),
+            _ => None,
+        });
+        // Most graphs have no fallback: then no index is needed.
+        let Some(first) = fallbacks.next() else {
+            return BTreeSet::new();
+        };
+        let ids = self.index();
+        std::iter::once(first)
+            .chain(fallbacks)
+            .filter_map(|f| ids.get(f).copied())
             .collect()
     }
 

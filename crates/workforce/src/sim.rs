@@ -240,13 +240,34 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     // Batches go through two tasks, so that the log writes while the engine computes: the first
     // folds the log hash, the second appends to the sink; the hash of a batch is thus computed
     // while the sink still writes the batch before it. Each stage keeps the batches in order,
-    // and the bounded queues keep memory bounded.
-    let (writer, mut batches) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(2);
-    let (to_sink, mut hashed) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(2);
+    // and the bounded queues keep memory bounded: one batch waits per stage, which keeps the
+    // stages busy (measured) and holds fewer events at once than two.
+    //
+    // Every synthetic answer is the same response: the engine loop records `model.completed`
+    // with a null `response` (the engine reads the typed response, not the payload), and the
+    // hashing stage writes the response in before it hashes the event. Copying it there takes
+    // a dozen allocations per task off the engine's thread, the simulation's critical path.
+    let response = ModelResponse {
+        message: Message::new(Role::Assistant, "done"),
+        finish: FinishReason::Stop,
+        usage: Usage {
+            input_tokens: 12,
+            output_tokens: 4,
+        },
+    };
+    let response_json = serde_json::to_value(&response).unwrap_or(serde_json::Value::Null);
+    let (writer, mut batches) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(1);
+    let (to_sink, mut hashed) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(1);
     let hash_task = tokio::spawn(async move {
         let mut hasher = LogHasher::new();
-        while let Some(batch) = batches.recv().await {
-            for e in &batch {
+        while let Some(mut batch) = batches.recv().await {
+            for e in &mut batch {
+                if e.kind == agent_runtime_core::EventKind::ModelCompleted
+                    && let Some(r) = e.payload.get_mut("response")
+                    && r.is_null()
+                {
+                    *r = response_json.clone();
+                }
                 hasher.update(e);
             }
             if to_sink.send(batch).await.is_err() {
@@ -264,32 +285,24 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         Ok::<(), SimError>(())
     });
     let mut retries = 0u64;
-    let response = ModelResponse {
-        message: Message::new(Role::Assistant, "done"),
-        finish: FinishReason::Stop,
-        usage: Usage {
-            input_tokens: 12,
-            output_tokens: 4,
-        },
-    };
-    let response_json = serde_json::to_value(&response).unwrap_or(serde_json::Value::Null);
     let span = cfg.max_ms.saturating_sub(cfg.min_ms) + 1;
     buffer.push(created);
     loop {
-        for e in engine.take_events() {
+        for e in engine.drain_events() {
             if e.kind == agent_runtime_core::EventKind::TaskRetryScheduled {
                 retries += 1;
             }
             buffer.push(e);
         }
-        for effect in engine.take_effects() {
+        let now = engine.now();
+        for effect in engine.drain_effects() {
             match effect {
                 Effect::CallModel { call, .. } | Effect::CallTool { call, .. } => {
                     let ms = cfg.min_ms + rng.below(span);
                     let fail = rng.next_f64() < cfg.failure_rate;
                     seq += 1;
                     pending.push(Reverse((
-                        engine.now().saturating_add(Duration::from_millis(ms)),
+                        now.saturating_add(Duration::from_millis(ms)),
                         seq,
                         call,
                         fail,
@@ -334,8 +347,8 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                     );
                     (input, None)
                 } else {
-                    let input = engine.model_response_json_event(call, t, response_json.clone());
-                    // The payload is `response_json`, the serialized `response`.
+                    // The hashing stage writes the serialized `response` in (see above).
+                    let input = engine.model_response_json_event(call, t, serde_json::Value::Null);
                     (input, Some(response.clone()))
                 }
             }

@@ -19,15 +19,22 @@ struct Found<'a> {
     path: Vec<&'a str>,
 }
 
+/// The byte offset of the first `cc` (`{{` or `}}`) in `s` at or after `from`. A byte loop:
+/// `str::find` sets up a two-way searcher per call, which costs more than the short prompts
+/// and arguments it searches.
+fn find_pair(s: &str, from: usize, c: u8) -> Option<usize> {
+    let b = s.as_bytes();
+    (from..b.len().saturating_sub(1)).find(|&i| b[i] == c && b[i + 1] == c)
+}
+
 fn scan(s: &str) -> Result<Vec<Found<'_>>, String> {
     let mut out = Vec::new();
     let mut pos = 0;
-    while let Some(i) = s[pos..].find("{{") {
-        let start = pos + i;
-        let Some(j) = s[start + 2..].find("}}") else {
+    while let Some(start) = find_pair(s, pos, b'{') {
+        let Some(close) = find_pair(s, start + 2, b'}') else {
             return Err(format!("unclosed template at byte {start}: missing `}}}}`"));
         };
-        let end = start + 2 + j + 2;
+        let end = close + 2;
         let inner = s[start + 2..end - 2].trim();
         let mut parts = inner.split('.');
         let (Some("tasks"), Some(task), Some("output")) =
@@ -55,17 +62,32 @@ fn scan(s: &str) -> Result<Vec<Found<'_>>, String> {
 /// Adds the task ids referenced in `s` to `out` (ignores malformed templates; [`check`] reports
 /// them).
 pub fn collect_refs_str(s: &str, out: &mut BTreeSet<String>) {
-    if let Ok(found) = scan(s) {
-        out.extend(found.into_iter().map(|f| f.task.to_string()));
-    }
+    for_each_ref_str(s, &mut |r| {
+        out.insert(r.to_string());
+    });
 }
 
 /// Adds the task ids referenced anywhere in `v` to `out`.
 pub fn collect_refs(v: &Value, out: &mut BTreeSet<String>) {
+    for_each_ref(v, &mut |r| {
+        out.insert(r.to_string());
+    });
+}
+
+/// Calls `f` with each task id referenced in `s`, in order, repeats included (ignores malformed
+/// templates, as [`collect_refs_str`] does).
+pub fn for_each_ref_str(s: &str, f: &mut dyn FnMut(&str)) {
+    if let Ok(found) = scan(s) {
+        found.iter().for_each(|x| f(x.task));
+    }
+}
+
+/// Calls `f` with each task id referenced anywhere in `v` (see [`for_each_ref_str`]).
+pub fn for_each_ref(v: &Value, f: &mut dyn FnMut(&str)) {
     match v {
-        Value::String(s) => collect_refs_str(s, out),
-        Value::Array(a) => a.iter().for_each(|x| collect_refs(x, out)),
-        Value::Object(m) => m.values().for_each(|x| collect_refs(x, out)),
+        Value::String(s) => for_each_ref_str(s, f),
+        Value::Array(a) => a.iter().for_each(|x| for_each_ref(x, f)),
+        Value::Object(m) => m.values().for_each(|x| for_each_ref(x, f)),
         _ => {}
     }
 }
@@ -184,5 +206,11 @@ mod tests {
         assert!(scan("{{ tasks.a.output").is_err());
         assert!(scan("{{ inputs.x }}").is_err());
         assert!(scan("plain").unwrap().is_empty());
+        assert!(scan("{").unwrap().is_empty());
+        assert!(scan("{x}}").unwrap().is_empty());
+        assert!(scan("é{{").is_err());
+        assert!(scan("{{{ tasks.a.output }}}").is_err());
+        let found = scan("é{{ tasks.a.output }}}").unwrap();
+        assert_eq!((found[0].start, found[0].end, found[0].task), (2, 22, "a"));
     }
 }
