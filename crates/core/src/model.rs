@@ -1,5 +1,6 @@
 //! The `ModelProvider` trait: anything that answers a chat request.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -73,21 +74,44 @@ pub struct ToolSpec {
 }
 
 /// A chat request.
+///
+/// The conversation and the tool list are shared, not owned: an agent sends its whole
+/// conversation again at every turn and the same tools every time, and with thousands of agents
+/// alive, copying them per call (and freeing the copies) was most of the scheduler's overhead.
+/// Providers read them through the `Arc`; the caller appends to its conversation with
+/// `Arc::make_mut`, which copies only when a provider still holds the previous turn.
+///
+/// ```
+/// use std::sync::Arc;
+/// use agent_runtime_core::{Message, ModelRequest, Role};
+/// let request = ModelRequest {
+///     model: "gpt-4o".into(),
+///     messages: Arc::new(vec![Message::new(Role::User, "hello")]),
+///     tools: Arc::from(Vec::new()),
+///     max_tokens: None,
+///     temperature: None,
+/// };
+/// assert_eq!(request.messages.len(), 1);
+/// ```
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelRequest {
     /// The provider's model name.
     pub model: String,
     /// The conversation so far.
-    pub messages: Vec<Message>,
+    pub messages: Arc<Vec<Message>>,
     /// Tools the model may call.
-    #[serde(default)]
-    pub tools: Vec<ToolSpec>,
+    #[serde(default = "no_tools")]
+    pub tools: Arc<[ToolSpec]>,
     /// Cap on output tokens.
     #[serde(default)]
     pub max_tokens: Option<u32>,
     /// Sampling temperature.
     #[serde(default)]
     pub temperature: Option<f32>,
+}
+
+fn no_tools() -> Arc<[ToolSpec]> {
+    Arc::from(Vec::new())
 }
 
 /// Why the model stopped.

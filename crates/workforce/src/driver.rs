@@ -16,7 +16,7 @@
 //! task's retry policy decides. **Tools must therefore tolerate being called again** for a call
 //! whose result was not recorded (make repeats harmless, or use `on_failure` instead of retry).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -538,12 +538,74 @@ enum Done {
     },
 }
 
+/// Events per append, at most: bounds the memory a burst of results takes and the time one
+/// append holds the writer.
+const MAX_BATCH: usize = 4096;
+
+/// A batch handed to the [`Writer`], with what waits for it to be durable.
+struct Pending {
+    effects: Vec<Effect>,
+    /// A copy for the observer, when there is one.
+    observed: Option<Vec<NewEvent>>,
+}
+
+/// Appends batches to the sink one after another, in the order sent (one task, so the log's
+/// order is the driver's), and acknowledges each once it is durable. It also folds the per-run
+/// log hash, off the scheduler's path.
+struct Writer {
+    batches: Option<mpsc::UnboundedSender<Vec<NewEvent>>>,
+    acks: mpsc::UnboundedReceiver<Result<(), String>>,
+    task: tokio::task::JoinHandle<LogHasher>,
+}
+
+impl Writer {
+    fn start(sink: Arc<dyn EventSink>, mut hasher: LogHasher) -> Writer {
+        let (batches, mut incoming) = mpsc::unbounded_channel::<Vec<NewEvent>>();
+        let (ack, acks) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            while let Some(batch) = incoming.recv().await {
+                for e in &batch {
+                    hasher.update(e);
+                }
+                let result = sink.append(batch).await.map(|_| ()).map_err(|e| e.message);
+                let failed = result.is_err();
+                // After a failed append nothing more is written: the log must not have a gap.
+                if ack.send(result).is_err() || failed {
+                    break;
+                }
+            }
+            hasher
+        });
+        Writer {
+            batches: Some(batches),
+            acks,
+            task,
+        }
+    }
+
+    fn send(&self, batch: Vec<NewEvent>) -> Result<(), DriverError> {
+        self.batches
+            .as_ref()
+            .and_then(|b| b.send(batch).ok())
+            .ok_or_else(|| DriverError::Log("the event writer stopped".into()))
+    }
+
+    /// Waits for everything sent to be written; returns the log hash.
+    async fn finish(mut self) -> Result<LogHasher, DriverError> {
+        drop(self.batches.take());
+        (&mut self.task)
+            .await
+            .map_err(|e| DriverError::Log(format!("the event writer stopped: {e}")))
+    }
+}
+
 struct Driver {
     opts: RunOptions,
     hasher: LogHasher,
     events: u64,
     inflight: HashMap<u64, (CancellationToken, tokio::task::AbortHandle)>,
     specs: HashMap<String, ToolSpec>,
+    agent_specs: HashMap<Arc<str>, Arc<[ToolSpec]>>,
 }
 
 impl Driver {
@@ -554,32 +616,8 @@ impl Driver {
             events,
             inflight: HashMap::new(),
             specs: HashMap::new(),
+            agent_specs: HashMap::new(),
         }
-    }
-
-    async fn record(&mut self, batch: Vec<NewEvent>, engine: &Engine) -> Result<(), DriverError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        for e in &batch {
-            self.hasher.update(e);
-        }
-        self.events += batch.len() as u64;
-        if let Some(o) = &self.opts.observer {
-            self.opts
-                .sink
-                .append(batch.clone())
-                .await
-                .map_err(|e| DriverError::Log(e.message))?;
-            o.on_events(&batch, engine);
-        } else {
-            self.opts
-                .sink
-                .append(batch)
-                .await
-                .map_err(|e| DriverError::Log(e.message))?;
-        }
-        Ok(())
     }
 
     async fn drive(
@@ -594,20 +632,44 @@ impl Driver {
         // which the select below disables.
         let mut controls = controls.unwrap_or_else(|| mpsc::unbounded_channel().1);
         let mut controls_open = true;
+        let mut writer = Writer::start(self.opts.sink.clone(), std::mem::take(&mut self.hasher));
+        // Batches handed to the writer and not yet durable, oldest first, each with the effects
+        // that wait for it; and the batch being gathered meanwhile, with its effects.
+        let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut batch = first;
+        let mut effects: Vec<Effect> = Vec::new();
         let mut cancel_requested = false;
         loop {
             batch.extend(engine.take_events());
-            let effects = engine.take_effects();
-            self.record(std::mem::take(&mut batch), engine).await?;
-            for effect in effects {
-                self.perform(engine.run_id(), effect, &tx);
+            effects.extend(engine.take_effects());
+            // The next batch goes to the writer as soon as the writer is idle; while it writes,
+            // results keep coming in and the engine keeps deriving (nothing it derives leaves the
+            // process before its batch is durable), so the log's writing and the scheduler's
+            // work overlap and the next batch groups everything that came meanwhile.
+            if !batch.is_empty() && (pending.is_empty() || batch.len() >= MAX_BATCH) {
+                self.events += batch.len() as u64;
+                let observed = self.opts.observer.is_some().then(|| batch.clone());
+                pending.push_back(Pending {
+                    effects: std::mem::take(&mut effects),
+                    observed,
+                });
+                writer.send(std::mem::take(&mut batch))?;
+            } else if batch.is_empty() && pending.is_empty() {
+                // Nothing new to record: effects (if any) wait for nothing.
+                for effect in std::mem::take(&mut effects) {
+                    self.perform(engine.run_id(), effect, &tx);
+                }
             }
-            if engine.is_finished() {
+            let finished = engine.is_finished();
+            if finished && pending.is_empty() && batch.is_empty() {
                 break;
             }
-            let deadline = engine.next_deadline();
-            if deadline.is_none() && self.inflight.is_empty() {
+            let deadline = if finished {
+                None
+            } else {
+                engine.next_deadline()
+            };
+            if !finished && deadline.is_none() && self.inflight.is_empty() && pending.is_empty() {
                 return Err(DriverError::Stalled(
                     engine
                         .task_views()
@@ -619,11 +681,27 @@ impl Driver {
             let wait = deadline.map(|d| d.saturating_duration_since(self.opts.clock.now()));
             let input = tokio::select! {
                 biased;
-                _ = cancel.cancelled(), if !cancel_requested => {
+                ack = writer.acks.recv(), if !pending.is_empty() => {
+                    match ack {
+                        Some(Ok(())) => {}
+                        Some(Err(message)) => return Err(DriverError::Log(message)),
+                        None => return Err(DriverError::Log("the event writer stopped".into())),
+                    }
+                    if let Some(done) = pending.pop_front() {
+                        if let (Some(o), Some(events)) = (&self.opts.observer, &done.observed) {
+                            o.on_events(events, engine);
+                        }
+                        for effect in done.effects {
+                            self.perform(engine.run_id(), effect, &tx);
+                        }
+                    }
+                    continue;
+                }
+                _ = cancel.cancelled(), if !cancel_requested && !finished => {
                     cancel_requested = true;
                     (engine.cancel_run_event(self.opts.clock.now(), "cli", "cancelled by the user"), None)
                 }
-                request = controls.recv(), if controls_open => {
+                request = controls.recv(), if controls_open && !finished => {
                     let Some(request) = request else {
                         controls_open = false;
                         continue;
@@ -643,7 +721,7 @@ impl Driver {
                         _ => continue,
                     }
                 }
-                Some(done) = rx.recv() => self.input_of(engine, done),
+                Some(done) = rx.recv(), if !finished => self.input_of(engine, done),
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
                     let now = self.opts.clock.now();
                     match deadline {
@@ -657,7 +735,7 @@ impl Driver {
             batch.push(input.0);
             // Group-record: every result already waiting goes into the same batch, each
             // followed by what the engine derived from it; effects wait for the append.
-            while batch.len() < 4096 && !engine.is_finished() {
+            while batch.len() < MAX_BATCH && !engine.is_finished() {
                 let Ok(done) = rx.try_recv() else { break };
                 batch.extend(engine.take_events());
                 let (input, response) = self.input_of(engine, done);
@@ -665,6 +743,7 @@ impl Driver {
                 batch.push(input);
             }
         }
+        self.hasher = writer.finish().await?;
         for (_, (token, abort)) in self.inflight.drain() {
             token.cancel();
             abort.abort();
@@ -716,6 +795,17 @@ impl Driver {
             .map(|t| t.id)
             .collect();
         format!("task(s) failed: {}", failed.join(", "))
+    }
+
+    /// The tools an agent offers its model, built once per agent and shared by every request
+    /// (descriptors do not change during a run).
+    fn agent_specs(&mut self, agent: &Arc<str>, tools: &[String]) -> Arc<[ToolSpec]> {
+        if let Some(specs) = self.agent_specs.get(agent) {
+            return specs.clone();
+        }
+        let specs: Arc<[ToolSpec]> = tools.iter().filter_map(|t| self.spec(t)).collect();
+        self.agent_specs.insert(agent.clone(), specs.clone());
+        specs
     }
 
     /// A tool's spec for the model, cached: descriptors do not change during a run.
@@ -784,10 +874,10 @@ impl Driver {
                 ctx.task_id = Some(task_id);
                 ctx.cancel = token.clone();
                 ctx.timeout = timeout;
-                let specs: Vec<ToolSpec> = tools.iter().filter_map(|t| self.spec(t)).collect();
+                let specs = self.agent_specs(&agent, &tools);
                 let request = ModelRequest {
                     model: model.to_string(),
-                    messages: Arc::unwrap_or_clone(messages),
+                    messages,
                     tools: specs,
                     max_tokens: None,
                     temperature: None,
