@@ -812,7 +812,11 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         say(&format!(
             "live: {live_n} agent tasks each awaiting a {tool_ms} ms tool, writing to the store"
         ));
+        let commits_before = store.writer_stats().commits;
         let live = live_agents(live_n, tool_ms, Arc::new(store.clone())).await?;
+        let live_commits = store.writer_stats().commits - commits_before;
+        say("live: same, events dropped (baseline: the driver and tokio alone)");
+        let live_no_log = live_agents(live_n, tool_ms, Arc::new(NullSink)).await?;
         say(&format!(
             "simulator: {sim_tasks} tasks, 1000 agents, layered, no log (baseline)"
         ));
@@ -832,13 +836,13 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             Arc::new(MemoryLog::default()) as Arc<dyn EventSink>
         })
         .await?;
-        anyhow::Ok((null, memory, stored, live, scale))
+        anyhow::Ok((null, memory, stored, live, live_commits, live_no_log, scale))
     });
     drop(store);
     if global.db.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    let (null, memory, stored, live, scale) = result?;
+    let (null, memory, stored, live, live_commits, live_no_log, scale) = result?;
     let point = |r: &agent_runtime_workforce::sim::SimReport| {
         json!({
             "tasks": r.config.tasks, "wall_ms": r.wall_ms, "ns_per_task": r.ns_per_task,
@@ -852,11 +856,18 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             "baseline_no_log": point(&null),
             "memory_log": point(&memory),
             "store": point(&stored),
+            "store_over_no_log": stored.ns_per_task / null.ns_per_task.max(1e-9),
         },
         "live_agents": {
             "goal_bytes_per_agent": 16384,
             "goal_overhead_pct": 5.0,
             "result": live,
+            "store_commits": live_commits,
+            "baseline_no_log": {
+                "wall_ms": live_no_log.wall_ms,
+                "overhead_pct": live_no_log.overhead_pct,
+                "events": live_no_log.events,
+            },
         },
         "scaling": { "goal": "vs_n_log_n <= 1", "points": scale },
     });
@@ -880,6 +891,14 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         println!(
             "  wall {:.0} ms, overhead {:.1}% (goal 5%)",
             live.wall_ms, live.overhead_pct
+        );
+        println!(
+            "  {} events in {} durable commits",
+            live.events, live_commits
+        );
+        println!(
+            "  events dropped (baseline): wall {:.0} ms, overhead {:.1}%",
+            live_no_log.wall_ms, live_no_log.overhead_pct
         );
         println!(
             "  memory per live agent {} (goal 16384 bytes)",

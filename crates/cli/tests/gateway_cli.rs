@@ -531,3 +531,94 @@ await client.close();
         v["denied"]
     );
 }
+
+#[test]
+fn a_task_graph_runs_mcp_and_sandboxed_tools_through_the_gateway() {
+    let npm = npm();
+    let env = Env::new();
+    let mcp = env.dir.path().join("mcp.json");
+    std::fs::write(
+        &mcp,
+        format!(
+            r#"{{"mcpServers": {{"everything": {{"command": "node", "args": [{:?}, "stdio"]}}}}}}"#,
+            npm.join("server-everything/dist/index.js")
+                .display()
+                .to_string()
+        ),
+    )
+    .unwrap();
+    let flow = env.dir.path().join("flow.yaml");
+    std::fs::write(
+        &flow,
+        r#"
+name: through-the-gateway
+tasks:
+  - { id: hello, tool: everything.echo, args: { message: "from a flow" } }
+  - { id: save, tool: fs.write, args: { path: "saved.txt", text: "{{ tasks.hello.output }}" } }
+  - { id: escape, tool: fs.write, args: { path: "../escape.txt", text: "x" }, on_failure: { continue_with: "refused" } }
+  - { id: shell, tool: sh.run, args: { script: "id" }, on_failure: { continue_with: "not approved" } }
+"#,
+    )
+    .unwrap();
+    let out = env
+        .cmd()
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .arg("--config")
+        .arg(env.config())
+        .arg("--mcp-config")
+        .arg(&mcp)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["status"], "completed");
+    // The MCP server's answer fed the sandboxed write.
+    assert_eq!(
+        std::fs::read_to_string(env.dir.path().join("ws/saved.txt")).unwrap(),
+        "Echo: from a flow"
+    );
+    // Policy denied the write outside the workspace and, with no terminal to ask, the exec.
+    assert!(!env.dir.path().join("escape.txt").exists());
+    assert_eq!(outcome["outputs"]["escape"], "refused");
+    assert_eq!(outcome["outputs"]["shell"], "not approved");
+    let run_id = outcome["run_id"].as_str().unwrap().to_string();
+
+    // The gateway's audit trail is in the run: decisions, the approval it could not get.
+    let events = env
+        .cmd()
+        .args(["audit", "export", "--format", "jsonl", "--run", &run_id])
+        .output()
+        .unwrap();
+    assert!(events.status.success());
+    let lines: Vec<Value> = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let kinds = |k: &str| lines.iter().filter(|e| e["kind"] == k).count();
+    assert_eq!(
+        kinds("policy.decided"),
+        5,
+        "four calls, one asked and then denied"
+    );
+    assert_eq!(kinds("approval.requested"), 1);
+    assert_eq!(kinds("approval.decided"), 1);
+    assert!(
+        lines
+            .iter()
+            .any(|e| e["kind"] == "tool.failed" && e["payload"]["class"] == "policy_denied")
+    );
+    // And replay, which calls nothing, reaches the same log hash past those records.
+    env.cmd()
+        .args(["replay", &run_id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            outcome["log_hash"].as_str().unwrap(),
+        ));
+}
