@@ -767,6 +767,11 @@ fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         "wall time:         {:.1} ms ({:.0} ns per task)",
         report.wall_ms, report.ns_per_task
     );
+    if let Some(cpu) = report.scheduler_cpu_ns_per_task {
+        println!(
+            "scheduler CPU:     {cpu:.0} ns per task (its own thread; the log's work is on others)"
+        );
+    }
     println!("decisions/s:       {:.0}", report.decisions_per_sec);
     println!(
         "peak memory:       {}",
@@ -846,6 +851,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let point = |r: &agent_runtime_workforce::sim::SimReport| {
         json!({
             "tasks": r.config.tasks, "wall_ms": r.wall_ms, "ns_per_task": r.ns_per_task,
+            "scheduler_cpu_ns_per_task": r.scheduler_cpu_ns_per_task,
             "decisions_per_sec": r.decisions_per_sec, "events": r.events, "log_hash": r.log_hash,
             "peak_memory_bytes": r.peak_memory_bytes,
         })
@@ -883,6 +889,16 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         println!(
             "  store             {:>10.0}   (goal 2000)",
             stored.ns_per_task
+        );
+        let cpu = |r: &agent_runtime_workforce::sim::SimReport| {
+            r.scheduler_cpu_ns_per_task
+                .map_or("unknown".into(), |c| format!("{c:.0}"))
+        };
+        println!(
+            "  scheduler thread CPU per task: {} no log, {} memory, {} store",
+            cpu(&null),
+            cpu(&memory),
+            cpu(&stored)
         );
         println!(
             "live agents: {} each awaiting {} ms",

@@ -115,8 +115,12 @@ pub struct SimReport {
     pub decisions: u64,
     /// Decisions per wall second.
     pub decisions_per_sec: f64,
-    /// Wall nanoseconds per task.
+    /// Wall nanoseconds per task, until every event is in the log.
     pub ns_per_task: f64,
+    /// CPU nanoseconds per task of the scheduler's own thread (the engine loop: deciding,
+    /// building events, handing batches on), while hashing and the log run on other threads.
+    /// `None` where the platform has no per-thread CPU clock.
+    pub scheduler_cpu_ns_per_task: Option<f64>,
     /// Peak resident memory of the process (Linux `VmHWM`), bytes.
     pub peak_memory_bytes: Option<u64>,
     /// Events written.
@@ -228,6 +232,9 @@ pub const SIM_EPOCH: Timestamp = Timestamp::from_unix_nanos(1_767_225_600_000_00
 pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimReport, SimError> {
     let graph = synth_graph(cfg);
     let started = Instant::now();
+    // The engine's own CPU time, summed over the stretches between awaits (the task may move
+    // between threads at an await; within a stretch it stays on one).
+    let mut engine_cpu = CpuMeter::start();
     let clock = Arc::new(ManualClock::new(SIM_EPOCH));
     let run_id = run_id_of(cfg);
     let created = Engine::created_sim_event(run_id, cfg, &graph, SIM_EPOCH);
@@ -315,7 +322,10 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         }
         if buffer.len() >= cfg.batch.max(1) {
             let full = std::mem::replace(&mut buffer, Vec::with_capacity(cfg.batch.max(1) + 64));
-            if writer.send(full).await.is_err() {
+            engine_cpu.pause();
+            let sent = writer.send(full).await;
+            engine_cpu.resume();
+            if sent.is_err() {
                 break;
             }
         }
@@ -361,6 +371,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         engine.apply_with(&input.0, input.1)?;
         buffer.push(input.0);
     }
+    engine_cpu.pause();
     if !buffer.is_empty() {
         let _ = writer.send(buffer).await;
     }
@@ -398,6 +409,9 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         decisions: engine.decisions(),
         decisions_per_sec: engine.decisions() as f64 / secs,
         ns_per_task: secs * 1e9 / f64::from(cfg.tasks.max(1)),
+        scheduler_cpu_ns_per_task: engine_cpu
+            .total_ns()
+            .map(|ns| ns as f64 / f64::from(cfg.tasks.max(1))),
         peak_memory_bytes: peak_memory_bytes(),
         events: hasher.count(),
         log_hash: hasher.hex(),
@@ -429,4 +443,51 @@ fn proc_status_kb(key: &str) -> Option<u64> {
         .trim()
         .parse()
         .ok()
+}
+
+/// Sums the calling thread's CPU time over stretches of work.
+struct CpuMeter {
+    total: Option<u64>,
+    since: Option<u64>,
+}
+
+impl CpuMeter {
+    fn start() -> Self {
+        let since = thread_cpu_ns();
+        CpuMeter {
+            total: since.map(|_| 0),
+            since,
+        }
+    }
+    fn pause(&mut self) {
+        if let (Some(total), Some(since), Some(now)) = (self.total, self.since, thread_cpu_ns()) {
+            self.total = Some(total + now.saturating_sub(since));
+        }
+        self.since = None;
+    }
+    fn resume(&mut self) {
+        self.since = thread_cpu_ns();
+    }
+    fn total_ns(&self) -> Option<u64> {
+        self.total
+    }
+}
+
+/// The calling thread's CPU time, nanoseconds.
+#[cfg(unix)]
+fn thread_cpu_ns() -> Option<u64> {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant both Linux and
+    // macOS define.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+/// No per-thread CPU clock here.
+#[cfg(not(unix))]
+fn thread_cpu_ns() -> Option<u64> {
+    None
 }
