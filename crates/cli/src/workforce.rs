@@ -523,26 +523,30 @@ fn short_time(t: Timestamp) -> String {
     s.get(..19).map_or(s.clone(), |p| p.replace('T', " "))
 }
 
-fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let run_id = parse_run_id(&args.run_id)?;
-    let store = global.open_store()?;
-    let events = query(
-        &store,
+/// A run's summary, from its own events (not the gateway's records under its id).
+fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
+    let events: Vec<_> = query(
+        store,
         EventQuery {
             run_id: Some(run_id),
             ..EventQuery::default()
         },
-    )?;
-    let events: Vec<_> = events
-        .into_iter()
-        .filter(|e| driver::is_workforce_event(e.kind, &e.payload))
-        .collect();
-    let Some(summary) = RunSummary::fold(&events) else {
-        return Err(CliError::Usage(format!(
+    )?
+    .into_iter()
+    .filter(|e| driver::is_workforce_event(e.kind, &e.payload))
+    .collect();
+    RunSummary::fold(&events).ok_or_else(|| {
+        CliError::Usage(format!(
             "no run {run_id} in the event log (see `agent-runtime runs list`)"
         ))
-        .into());
-    };
+        .into()
+    })
+}
+
+fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let run_id = parse_run_id(&args.run_id)?;
+    let store = global.open_store()?;
+    let summary = run_summary(&store, run_id)?;
     if summary.ended.is_some() {
         return Err(CliError::Failed(format!(
             "run {run_id} already ended ({}); nothing to cancel",
@@ -645,23 +649,7 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let run_id = parse_run_id(run_id)?;
     let store = global.open_store_read_only()?;
-    let events = query(
-        &store,
-        EventQuery {
-            run_id: Some(run_id),
-            ..EventQuery::default()
-        },
-    )?;
-    let events: Vec<_> = events
-        .into_iter()
-        .filter(|e| driver::is_workforce_event(e.kind, &e.payload))
-        .collect();
-    let Some(s) = RunSummary::fold(&events) else {
-        return Err(CliError::Usage(format!(
-            "no run {run_id} in the event log (see `agent-runtime runs list`)"
-        ))
-        .into());
-    };
+    let s = run_summary(&store, run_id)?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
