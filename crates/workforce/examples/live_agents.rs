@@ -1,10 +1,14 @@
 //! Live agents against an in-memory log or no log, to separate the scheduler's overhead from
 //! the store's: `cargo run --release -p agent-runtime-workforce --example live_agents -- 10000 2000 none`.
+//! Uses mimalloc, as the `agent-runtime` binary does.
 
 use std::sync::Arc;
 
 use agent_runtime_core::{EventSink, MemoryLog};
 use agent_runtime_workforce::bench::{NullSink, live_agents};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

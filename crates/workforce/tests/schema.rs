@@ -27,6 +27,20 @@ fn example_graphs_are_valid() {
     // Other files in examples/ (gateway configuration, policies) are not task graphs.
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
     for name in ["hello.yaml", "failure-policies.yaml", "agents.json"] {
-        agent_runtime_workforce::load_graph(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+        let graph =
+            agent_runtime_workforce::load_graph(&dir.join(name)).unwrap_or_else(|e| panic!("{e}"));
+        // A live run starts its engine from the loaded graph; replay and resume from the copy in
+        // `run.created`: the two must be the same graph.
+        let created = agent_runtime_workforce::engine::Engine::created_event(
+            agent_runtime_core::RunId::from_bytes([1; 16]),
+            &graph,
+            7,
+            agent_runtime_core::Timestamp::from_unix_nanos(0),
+        );
+        let back = agent_runtime_workforce::engine::graph_of_created(&created.payload).unwrap();
+        assert_eq!(
+            back, graph,
+            "{name}: the graph changes in its JSON round trip"
+        );
     }
 }
