@@ -318,20 +318,20 @@ async fn options(
 }
 
 /// Cancellation requests for any run, from `run.cancel_requested` events that `agent-runtime
-/// cancel` appends from another process after now; the driver keeps those for its own run.
+/// cancel` appends after sequence number `after`; the driver keeps those for its own run.
 /// A thread polls the store a few times a second (an indexed lookup by kind; polling rather
 /// than following, which would wake on every commit of the run itself). Dropping the returned
 /// guard stops the thread and waits for it, so that its handle on the store is gone before the
 /// store closes (and checkpoints).
 fn follow_cancel_requests(
     store: &agent_runtime_store::Store,
+    mut after: u64,
 ) -> anyhow::Result<(
     tokio::sync::mpsc::UnboundedReceiver<driver::ControlRequest>,
     StopOnDrop,
 )> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let mut after = store.head()?.map_or(0, |(seq, _)| seq);
     let store = store.clone();
     let handle = std::thread::Builder::new()
         .name("cancel-requests".into())
@@ -436,7 +436,8 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     })?;
     let progress = Arc::new(Progress::new());
     let store = global.open_store()?;
-    let (controls, _follower) = follow_cancel_requests(&store)?;
+    let head = store.head()?.map_or(0, |(seq, _)| seq);
+    let (controls, _follower) = follow_cancel_requests(&store, head)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
@@ -482,7 +483,14 @@ fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let run_id = parse_run_id(&args.run_id)?;
     let progress = Arc::new(Progress::new());
     let store = global.open_store()?;
-    let (controls, _follower) = follow_cancel_requests(&store)?;
+    // Requests made after the run's last own event were never acted on (the process that drove
+    // it had died): they take effect now, as do those made while it resumes.
+    let last_own = own_events(&store, run_id)?.iter().map(|e| e.seq).max();
+    let after = match last_own {
+        Some(seq) => seq,
+        None => store.head()?.map_or(0, |(seq, _)| seq),
+    };
+    let (controls, _follower) = follow_cancel_requests(&store, after)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
@@ -523,9 +531,12 @@ fn short_time(t: Timestamp) -> String {
     s.get(..19).map_or(s.clone(), |p| p.replace('T', " "))
 }
 
-/// A run's summary, from its own events (not the gateway's records under its id).
-fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
-    let events: Vec<_> = query(
+/// A run's own events, in order (not the gateway's records, nor requests, under its id).
+fn own_events(
+    store: &agent_runtime_store::Store,
+    run_id: RunId,
+) -> anyhow::Result<Vec<agent_runtime_core::Envelope>> {
+    Ok(query(
         store,
         EventQuery {
             run_id: Some(run_id),
@@ -534,7 +545,12 @@ fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Res
     )?
     .into_iter()
     .filter(|e| driver::is_workforce_event(e.kind, &e.payload))
-    .collect();
+    .collect())
+}
+
+/// A run's summary, from its own events.
+fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
+    let events = own_events(store, run_id)?;
     RunSummary::fold(&events).ok_or_else(|| {
         CliError::Usage(format!(
             "no run {run_id} in the event log (see `agent-runtime runs list`)"

@@ -462,3 +462,70 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
         .code(1)
         .stderr(predicate::str::contains("already ended"));
 }
+
+#[test]
+fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = dir.path().join("stuck.yaml");
+    std::fs::write(
+        &flow,
+        "name: stuck\ntasks:\n\
+         - { id: forever, tool: sleep, args: { ms: 600000 }, retry: { backoff: 1ms } }\n\
+         - { id: after, tool: echo, needs: [forever], args: {} }\n\
+         - { id: other, tool: echo, args: { done: true } }\n",
+    )
+    .unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    let mut child = std::process::Command::new(bin)
+        .env_remove("AGENT_RUNTIME_DB")
+        .arg("--db")
+        .arg(&db)
+        .arg("--plaintext")
+        .arg("run")
+        .arg(&flow)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_id = wait_for(&db, |all| {
+        all.iter()
+            .any(|e| e.kind == EventKind::TaskCompleted)
+            .then(|| all[0].run_id)
+    });
+    child.kill().unwrap(); // SIGKILL: nobody drives the run now
+    child.wait().unwrap();
+    let id = run_id.to_string();
+    cli(&db)
+        .args(["cancel", &id, "--task", "forever"])
+        .assert()
+        .success();
+    // Without the request, resume would retry `forever` and wait ten minutes.
+    let out = cli(&db).args(["resume", &id, "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome = json_of(&out.stdout);
+    assert_eq!(outcome["status"], "completed");
+    let status = |task: &str| {
+        outcome["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == task)
+            .map(|t| t["status"].clone())
+            .unwrap()
+    };
+    assert_eq!(status("forever"), "cancelled");
+    assert_eq!(status("after"), "cancelled");
+    assert_eq!(status("other"), "completed");
+    cli(&db)
+        .args(["replay", &id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            outcome["log_hash"].as_str().unwrap(),
+        ));
+}
