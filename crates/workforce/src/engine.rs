@@ -450,12 +450,16 @@ impl Engine {
             actor: Actor::System,
             kind: EventKind::RunCreated,
             time,
-            payload: json!({
-                "name": graph.name,
-                "seed": seed,
-                "digest": graph.digest(),
-                "graph": graph,
-            }),
+            payload: {
+                // Serialized once: the digest is of the same JSON the event carries.
+                let graph_json = serde_json::to_value(graph).unwrap_or(Value::Null);
+                json!({
+                    "name": graph.name,
+                    "seed": seed,
+                    "digest": crate::graph::digest_of_json(&graph_json),
+                    "graph": graph_json,
+                })
+            },
         }
     }
 

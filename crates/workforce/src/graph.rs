@@ -907,11 +907,15 @@ impl TaskGraph {
 
     /// A digest of the graph's canonical JSON, recorded in `run.created`.
     pub fn digest(&self) -> String {
-        let v = serde_json::to_value(self).unwrap_or(Value::Null);
-        blake3::hash(&agent_runtime_core::canonical_json(&v))
-            .to_hex()
-            .to_string()
+        digest_of_json(&serde_json::to_value(self).unwrap_or(Value::Null))
     }
+}
+
+/// [`TaskGraph::digest`] of a graph already serialized with `serde_json::to_value`.
+pub fn digest_of_json(graph: &Value) -> String {
+    blake3::hash(&agent_runtime_core::canonical_json(graph))
+        .to_hex()
+        .to_string()
 }
 
 /// Finds a cycle in a dependency list; returns its task indices with the first repeated last.
