@@ -316,6 +316,7 @@ async fn inspect<T>(opts: &GatewayOpts, look: impl FnOnce(&Gateway) -> T) -> any
         Arc::new(MemoryLog::default()),
         Arc::new(TerminalApproval),
         false,
+        Natives::WithWorkforce,
     )
     .await?;
     let out = look(&gw);
@@ -323,21 +324,35 @@ async fn inspect<T>(opts: &GatewayOpts, look: impl FnOnce(&Gateway) -> T) -> any
     Ok(out)
 }
 
+/// Which tools a gateway built here offers besides the configured ones.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Natives {
+    /// Also the workforce's native tools (`echo`, `concat`, `sleep`, `read_file`,
+    /// `write_file`, `fail`), so that task graphs call them through policy and audit too, and
+    /// `tools list/describe/call` show what a graph can call. A configured tool of the same
+    /// name takes precedence.
+    WithWorkforce,
+    /// Only the configured tools (and the builtins): what `mcp serve` offers its clients, who
+    /// have no use for the workforce's test helpers.
+    ConfiguredOnly,
+}
+
 /// Builds the gateway and connects MCP servers; MCP failures are printed as warnings unless
-/// `quiet`. Besides the configured tools, the gateway has the workforce's native tools (`echo`,
-/// `concat`, `sleep`, `read_file`, `write_file`, `fail`), so that task graphs call them through
-/// policy and audit too; a configured tool of the same name takes precedence.
+/// `quiet`.
 pub(crate) async fn build(
     opts: &GatewayOpts,
     events: Arc<dyn EventSink>,
     approval: Arc<dyn ApprovalSink>,
     quiet: bool,
+    natives: Natives,
 ) -> anyhow::Result<(Gateway, McpManager)> {
     let assembled = assemble(&options(opts)).map_err(gateway_error)?;
     let registry = assembled.registry.clone();
-    for tool in agent_runtime_workforce::tools::native_tools() {
-        if registry.get(&tool.descriptor().name).is_none() {
-            registry.register(tool).map_err(gateway_error)?;
+    if natives == Natives::WithWorkforce {
+        for tool in agent_runtime_workforce::tools::native_tools() {
+            if registry.get(&tool.descriptor().name).is_none() {
+                registry.register(tool).map_err(gateway_error)?;
+            }
         }
     }
     let (gateway, mcp) = assembled
@@ -412,8 +427,14 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let store = global.open_store()?;
     let result = rt.block_on(async {
-        let (gw, manager) =
-            build(&a.opts, Arc::new(store), Arc::new(TerminalApproval), false).await?;
+        let (gw, manager) = build(
+            &a.opts,
+            Arc::new(store),
+            Arc::new(TerminalApproval),
+            false,
+            Natives::WithWorkforce,
+        )
+        .await?;
         let mut ctx = CallContext::new(actor);
         ctx.timeout = a.timeout_ms.map(Duration::from_millis);
         let cancel = ctx.cancel.clone();
@@ -454,6 +475,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
             Arc::new(MemoryLog::default()),
             Arc::new(TerminalApproval),
             true,
+            Natives::WithWorkforce,
         )
         .await?;
         let risk = gw.registry().get(&a.tool).map(|e| e.descriptor().risk);
@@ -662,6 +684,7 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             Arc::new(store),
             Arc::new(agent_runtime_core::DenyAll),
             false,
+            Natives::ConfiguredOnly,
         )
         .await?;
         let r = match &a.http {

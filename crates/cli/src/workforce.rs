@@ -304,8 +304,14 @@ async fn options(
     progress: Arc<Progress>,
 ) -> anyhow::Result<(RunOptions, agent_runtime_gateway::mcp::McpManager)> {
     let sink: Arc<dyn EventSink> = Arc::new(store.clone());
-    let (gw, manager) =
-        crate::gateway::build(gateway, sink.clone(), Arc::new(TerminalApproval), false).await?;
+    let (gw, manager) = crate::gateway::build(
+        gateway,
+        sink.clone(),
+        Arc::new(TerminalApproval),
+        false,
+        crate::gateway::Natives::WithWorkforce,
+    )
+    .await?;
     let opts = RunOptions {
         seed,
         sink,

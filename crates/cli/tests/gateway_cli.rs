@@ -93,6 +93,13 @@ fn tools_list_and_describe() {
             .iter()
             .any(|t| t["name"] == "sh.run" && t["risk"] == "exec")
     );
+    // What a task graph can call: the workforce's native tools are listed too.
+    assert!(
+        v.as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == "write_file" && t["risk"] == "write")
+    );
     env.cmd()
         .args(["tools", "describe", "fs.write", "--config"])
         .arg(env.config())
@@ -381,6 +388,11 @@ await client.close();
         .collect();
     assert!(
         names.contains(&"builtin.echo") && names.contains(&"fs.write"),
+        "{names:?}"
+    );
+    // The workforce's native tools are for task graphs, not for MCP clients.
+    assert!(
+        !names.contains(&"write_file") && !names.contains(&"fail"),
         "{names:?}"
     );
     let echo_tool = v["tools"]
