@@ -1,11 +1,12 @@
-//! Criterion benches of the scheduler: the simulator per task with no log, with the in-memory
-//! log, and the engine alone on one task's life cycle. Run with
-//! `cargo bench -p agent-runtime-workforce --bench scheduler`.
+//! Criterion benches of the scheduler: the simulator per task with no log and with the
+//! in-memory log, and a live run of 1,000 agent tasks each awaiting a 20 ms tool through the real
+//! driver (events dropped: the time over 20 ms is the driver's, the engine's and tokio's).
+//! Run with `cargo bench -p agent-runtime-workforce --bench scheduler`.
 
 use std::sync::Arc;
 
 use agent_runtime_core::MemoryLog;
-use agent_runtime_workforce::bench::NullSink;
+use agent_runtime_workforce::bench::{NullSink, live_agents};
 use agent_runtime_workforce::sim::{Shape, SimConfig, simulate};
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 
@@ -39,5 +40,23 @@ fn sim(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, sim);
+fn live(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let mut g = c.benchmark_group("live_agents");
+    g.sample_size(10);
+    let agents = 1_000u32;
+    g.throughput(Throughput::Elements(u64::from(agents)));
+    g.bench_function(BenchmarkId::new("tool_20ms_null_log", agents), |b| {
+        b.iter(|| {
+            rt.block_on(live_agents(agents, 20, Arc::new(NullSink)))
+                .unwrap()
+        })
+    });
+    g.finish();
+}
+
+criterion_group!(benches, sim, live);
 criterion_main!(benches);
