@@ -133,22 +133,37 @@ impl ControlRequest {
 }
 
 /// Whether an event of a run's log is the workforce's own (what replay compares), rather than
-/// a record other parts write under the same run id: the gateway's audit trail of each tool
-/// call (`policy.decided`, `approval.*`, `tool.started`, `tool.progress`, and `tool.*` events
-/// that carry the gateway's string `call_id`), and cancellation requests
-/// (`run.cancel_requested`, which the run answers with its own `run.cancelled` or
-/// `task.cancelled` input). The workforce's tool events carry its numeric `call` instead.
+/// a record that another part writes under the same run id: the gateway's audit trail of each
+/// tool call (`policy.decided`, `approval.*`, `tool.started`, and `tool.*` events with the
+/// gateway's string `call_id`), cancellation requests (`run.cancel_requested`, which the run
+/// answers with its own `run.cancelled` or `task.cancelled` input), and whatever kinds other
+/// parts add later. Only the kinds the scheduler derives or consumes count, and its tool and
+/// model events only with its numeric `call`.
 pub fn is_workforce_event(kind: agent_runtime_core::EventKind, payload: &Value) -> bool {
     use agent_runtime_core::EventKind as K;
     match kind {
-        K::PolicyDecided
-        | K::ApprovalRequested
-        | K::ApprovalDecided
-        | K::ToolStarted
-        | K::ToolProgress
-        | K::RunCancelRequested => false,
-        K::ToolRequested | K::ToolCompleted | K::ToolFailed => payload.get("call_id").is_none(),
-        _ => true,
+        K::RunCreated
+        | K::RunStarted
+        | K::RunResumed
+        | K::RunCompleted
+        | K::RunFailed
+        | K::RunCancelled
+        | K::TaskSpawned
+        | K::TaskStarted
+        | K::TaskCompleted
+        | K::TaskFailed
+        | K::TaskRetryScheduled
+        | K::TaskSkipped
+        | K::TaskCancelled
+        | K::ClockObserved
+        | K::RandomDrawn => true,
+        K::ToolRequested
+        | K::ToolCompleted
+        | K::ToolFailed
+        | K::ModelRequested
+        | K::ModelCompleted
+        | K::ModelFailed => payload.get("call").is_some_and(Value::is_u64),
+        _ => false,
     }
 }
 

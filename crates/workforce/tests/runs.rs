@@ -798,13 +798,21 @@ fn control_requests_are_recorded_before_they_act_and_foreign_events_are_not_repl
     let mut request = ev[1].clone();
     request.kind = EventKind::RunCancelRequested;
     request.payload = json!({"task": "slow"});
+    let mut note = ev[1].clone();
+    note.kind = EventKind::Note;
+    note.payload = json!({"text": "a person's remark on the run"});
+    let mut model_audit = ev[1].clone();
+    model_audit.kind = EventKind::ModelCompleted;
+    model_audit.payload = json!({"call_id": "0193", "usage": {}});
     ev.insert(2, foreign);
     ev.insert(3, gateway_tool);
     ev.insert(4, request);
+    ev.insert(5, note);
+    ev.insert(6, model_audit);
     let report = driver::replay_events(&ev).unwrap();
     assert_eq!(report.log_hash, out.log_hash);
     // A workforce event that is out of place still diverges.
     let mut bad = ev.clone();
-    bad.swap(5, 6);
+    bad.swap(7, 8);
     assert!(driver::replay_events(&bad).is_err());
 }
