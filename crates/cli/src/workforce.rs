@@ -436,27 +436,53 @@ fn cancel_on_ctrl_c(token: CancellationToken) {
 }
 
 fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let graph = agent_runtime_workforce::load_graph(&args.flow).map_err(|e| match e {
-        agent_runtime_workforce::GraphError::Io { .. } => CliError::Usage(e.to_string()),
-        other => CliError::Usage(other.to_string()),
-    })?;
-    let progress = Arc::new(Progress::new());
+    let graph = agent_runtime_workforce::load_graph(&args.flow)
+        .map_err(|e| CliError::Usage(e.to_string()))?;
     let store = global.open_store()?;
     let head = store.head()?.map_or(0, |(seq, _)| seq);
-    let (controls, _follower) = follow_cancel_requests(&store, head)?;
+    drive(
+        &store,
+        args.seed,
+        &args.gateway,
+        head,
+        args.json,
+        |opts, token, controls| driver::run_graph_controlled(graph, opts, token, Some(controls)),
+    )
+}
+
+/// What `run` and `resume` share: the gateway's tools, cancellation requests made after
+/// sequence number `requests_after`, Ctrl-C, the progress display and the final report.
+fn drive<Go, Fut>(
+    store: &agent_runtime_store::Store,
+    seed: u64,
+    gateway: &GatewayOpts,
+    requests_after: u64,
+    json_out: bool,
+    go: Go,
+) -> anyhow::Result<ExitCode>
+where
+    Go: FnOnce(
+        RunOptions,
+        CancellationToken,
+        tokio::sync::mpsc::UnboundedReceiver<driver::ControlRequest>,
+    ) -> Fut,
+    Fut: std::future::Future<Output = Result<Outcome, DriverError>>,
+{
+    let progress = Arc::new(Progress::new());
+    let (controls, _follower) = follow_cancel_requests(store, requests_after)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
-        let (opts, mcp) = options(&store, args.seed, &args.gateway, progress.clone()).await?;
+        let (opts, mcp) = options(store, seed, gateway, progress.clone()).await?;
         let token = CancellationToken::new();
         cancel_on_ctrl_c(token.clone());
-        let out = driver::run_graph_controlled(graph, opts, token, Some(controls)).await;
+        let out = go(opts, token, controls).await;
         mcp.shutdown().await;
         anyhow::Ok(out)
     })?;
     progress.finish();
     let out = out.map_err(driver_error)?;
-    report_outcome(&out, args.json, started.elapsed())
+    report_outcome(&out, json_out, started.elapsed())
 }
 
 fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -487,7 +513,6 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 
 fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let run_id = parse_run_id(&args.run_id)?;
-    let progress = Arc::new(Progress::new());
     let store = global.open_store()?;
     // Requests made after the run's last own event were never acted on (the process that drove
     // it had died): they take effect now, as do those made while it resumes.
@@ -496,20 +521,16 @@ fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         Some(seq) => seq,
         None => store.head()?.map_or(0, |(seq, _)| seq),
     };
-    let (controls, _follower) = follow_cancel_requests(&store, after)?;
-    let rt = runtime()?;
-    let started = Instant::now();
-    let out = rt.block_on(async {
-        let (opts, mcp) = options(&store, 0, &args.gateway, progress.clone()).await?;
-        let token = CancellationToken::new();
-        cancel_on_ctrl_c(token.clone());
-        let out = driver::resume_controlled(&store, run_id, opts, token, Some(controls)).await;
-        mcp.shutdown().await;
-        anyhow::Ok(out)
-    })?;
-    progress.finish();
-    let out = out.map_err(driver_error)?;
-    report_outcome(&out, args.json, started.elapsed())
+    drive(
+        &store,
+        0,
+        &args.gateway,
+        after,
+        args.json,
+        |opts, token, controls| {
+            driver::resume_controlled(&store, run_id, opts, token, Some(controls))
+        },
+    )
 }
 
 fn query(

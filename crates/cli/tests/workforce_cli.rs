@@ -37,6 +37,66 @@ fn events(db: &Path, run_id: RunId) -> Vec<agent_runtime_core::Envelope> {
         .unwrap()
 }
 
+/// `agent-runtime run FLOW` in the background, in `cwd`, with stdout piped when `json`.
+fn spawn_run(db: &Path, flow: &Path, cwd: &Path, json: bool) -> std::process::Child {
+    let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"));
+    c.current_dir(cwd)
+        .env_remove("AGENT_RUNTIME_DB")
+        .arg("--db")
+        .arg(db)
+        .arg("--plaintext")
+        .arg("run")
+        .arg(flow)
+        .stderr(std::process::Stdio::null());
+    if json {
+        c.arg("--json").stdout(std::process::Stdio::piped());
+    } else {
+        c.stdout(std::process::Stdio::null());
+    }
+    c.spawn().unwrap()
+}
+
+/// Polls the store until `what` finds something in the run's events (a bound on waiting, not
+/// a timing assertion).
+fn wait_for<T>(db: &Path, what: impl Fn(&[agent_runtime_core::Envelope]) -> Option<T>) -> T {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "gave up waiting for the run");
+        std::thread::sleep(Duration::from_millis(50));
+        let Ok(store) = Store::open(StoreConfig::plaintext(db).read_only()) else {
+            continue;
+        };
+        let Ok(all) = store.query_blocking(&EventQuery::default()) else {
+            continue;
+        };
+        if let Some(found) = what(&all) {
+            return found;
+        }
+    }
+}
+
+/// The JSON a command printed, after checking it succeeded (stderr shown if not).
+fn succeeded(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    json_of(&out.stdout)
+}
+
+/// A task's status in a printed outcome.
+fn task_status(outcome: &Value, task: &str) -> String {
+    outcome["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["id"] == task)
+        .and_then(|t| t["status"].as_str())
+        .unwrap_or_else(|| panic!("no task {task} in {outcome}"))
+        .to_string()
+}
+
 #[test]
 fn run_prints_outputs_and_replay_gives_the_same_hash() {
     let dir = tempfile::tempdir().unwrap();
@@ -47,12 +107,7 @@ fn run_prints_outputs_and_replay_gives_the_same_hash() {
         .args(["--seed", "5", "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let outcome = json_of(&out.stdout);
+    let outcome = succeeded(&out);
     assert_eq!(outcome["status"], "completed");
     assert_eq!(outcome["outputs"]["sentence"]["text"], "Hello, world!");
     // Not a terminal: progress comes as plain lines on stderr.
@@ -237,39 +292,17 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
     ));
     std::fs::write(&flow, yaml).unwrap();
 
-    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
     // The gateway's default policy lets `write_file` write inside the workspace, which is the
     // working directory: the temporary directory here.
-    let mut child = std::process::Command::new(bin)
-        .current_dir(dir.path())
-        .env_remove("AGENT_RUNTIME_DB")
-        .arg("--db")
-        .arg(&db)
-        .arg("--plaintext")
-        .arg("run")
-        .arg(&flow)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    // Wait until two tasks are done (not a timing assertion: only a bound on waiting).
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let run_id = loop {
-        assert!(Instant::now() < deadline, "the run never got going");
-        std::thread::sleep(Duration::from_millis(50));
-        let Ok(store) = Store::open(StoreConfig::plaintext(&db).read_only()) else {
-            continue;
-        };
-        let Ok(done) = store.query_blocking(&EventQuery {
-            kinds: vec![EventKind::TaskCompleted],
-            ..EventQuery::default()
-        }) else {
-            continue;
-        };
-        if done.len() >= 2 {
-            break done[0].run_id;
-        }
-    };
+    let mut child = spawn_run(&db, &flow, dir.path(), false);
+    // Wait until two tasks are done.
+    let run_id = wait_for(&db, |all| {
+        let done: Vec<_> = all
+            .iter()
+            .filter(|e| e.kind == EventKind::TaskCompleted)
+            .collect();
+        (done.len() >= 2).then(|| done[0].run_id)
+    });
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = events(&db, run_id);
@@ -293,12 +326,7 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .args(["resume", &run_id.to_string(), "--json"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let outcome = json_of(&out.stdout);
+    let outcome = succeeded(&out);
     assert_eq!(outcome["status"], "completed");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "done");
     // The same outcome as a run that was never interrupted.
@@ -310,8 +338,7 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .arg("--json")
         .output()
         .unwrap();
-    assert!(out2.status.success());
-    assert_eq!(json_of(&out2.stdout)["outputs"], outcome["outputs"]);
+    assert_eq!(succeeded(&out2)["outputs"], outcome["outputs"]);
 
     let after = events(&db, run_id);
     for t in completed_before {
@@ -331,25 +358,6 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         ));
 }
 
-/// Polls the store until `what` finds something in the run's events (a bound on waiting, not
-/// a timing assertion).
-fn wait_for<T>(db: &Path, what: impl Fn(&[agent_runtime_core::Envelope]) -> Option<T>) -> T {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        assert!(Instant::now() < deadline, "gave up waiting for the run");
-        std::thread::sleep(Duration::from_millis(50));
-        let Ok(store) = Store::open(StoreConfig::plaintext(db).read_only()) else {
-            continue;
-        };
-        let Ok(all) = store.query_blocking(&EventQuery::default()) else {
-            continue;
-        };
-        if let Some(found) = what(&all) {
-            return found;
-        }
-    }
-}
-
 #[test]
 fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
     let dir = tempfile::tempdir().unwrap();
@@ -364,19 +372,7 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
          - { id: gate, tool: sleep, args: { ms: 600000 } }\n",
     )
     .unwrap();
-    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
-    let mut child = std::process::Command::new(bin)
-        .env_remove("AGENT_RUNTIME_DB")
-        .arg("--db")
-        .arg(&db)
-        .arg("--plaintext")
-        .arg("run")
-        .arg(&flow)
-        .arg("--json")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&db, &flow, dir.path(), true);
     let run_id = wait_for(&db, |all| {
         let started = all
             .iter()
@@ -425,17 +421,8 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
     assert!(!status.success(), "a cancelled run exits non-zero");
     let outcome = json_of(stdout.as_bytes());
     assert_eq!(outcome["status"], "cancelled");
-    let status_of = |task: &str| {
-        outcome["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["id"] == task)
-            .map(|t| t["status"].as_str().unwrap().to_string())
-            .unwrap()
-    };
-    assert_eq!(status_of("slow"), "cancelled");
-    assert_ne!(status_of("after-slow"), "completed");
+    assert_eq!(task_status(&outcome, "slow"), "cancelled");
+    assert_ne!(task_status(&outcome, "after-slow"), "completed");
 
     // Both requests and the run's answers are in the log, by a person.
     let logged = events(&db, run_id);
@@ -476,18 +463,7 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
          - { id: other, tool: echo, args: { done: true } }\n",
     )
     .unwrap();
-    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
-    let mut child = std::process::Command::new(bin)
-        .env_remove("AGENT_RUNTIME_DB")
-        .arg("--db")
-        .arg(&db)
-        .arg("--plaintext")
-        .arg("run")
-        .arg(&flow)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = spawn_run(&db, &flow, dir.path(), false);
     let run_id = wait_for(&db, |all| {
         all.iter()
             .any(|e| e.kind == EventKind::TaskCompleted)
@@ -501,26 +477,11 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
         .assert()
         .success();
     // Without the request, resume would retry `forever` and wait ten minutes.
-    let out = cli(&db).args(["resume", &id, "--json"]).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let outcome = json_of(&out.stdout);
+    let outcome = succeeded(&cli(&db).args(["resume", &id, "--json"]).output().unwrap());
     assert_eq!(outcome["status"], "completed");
-    let status = |task: &str| {
-        outcome["tasks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|t| t["id"] == task)
-            .map(|t| t["status"].clone())
-            .unwrap()
-    };
-    assert_eq!(status("forever"), "cancelled");
-    assert_eq!(status("after"), "cancelled");
-    assert_eq!(status("other"), "completed");
+    assert_eq!(task_status(&outcome, "forever"), "cancelled");
+    assert_eq!(task_status(&outcome, "after"), "cancelled");
+    assert_eq!(task_status(&outcome, "other"), "completed");
     cli(&db)
         .args(["replay", &id])
         .assert()
