@@ -687,6 +687,28 @@ mod tests {
         }
     }
 
+    /// A payload read back from the log must be the payload written, or replay sees other
+    /// numbers than the run did: serde_json's default float parser reads these shortest forms
+    /// one unit in the last place off; core turns on its `float_roundtrip` feature.
+    #[test]
+    fn floats_read_back_from_canonical_json_are_the_floats_written() {
+        for f in [
+            1.0715660391465826e-75_f64,
+            -1.81996730402717e-179,
+            -1.603964615428183e143,
+            -9.643915712060552e-234,
+            0.1,
+        ] {
+            let written = canonical_json(&serde_json::json!({ "x": f }));
+            let back: Value = serde_json::from_slice(&written).unwrap();
+            assert_eq!(
+                back["x"].as_f64().map(f64::to_bits),
+                Some(f.to_bits()),
+                "{f:e}"
+            );
+        }
+    }
+
     /// The worked example of `docs/audit-format.md`: if this changes, the format changed.
     #[test]
     fn worked_example_of_the_audit_format() {

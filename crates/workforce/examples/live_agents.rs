@@ -24,6 +24,9 @@ fn main() {
         .expect("runtime");
     match rt.block_on(live_agents(n, ms, sink)) {
         Ok(r) => println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default()),
-        Err(e) => eprintln!("error: {e}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
     }
 }

@@ -12,7 +12,7 @@
 //! Because every result enters the log before the engine acts on it, [`replay`] can feed the
 //! recorded inputs to a fresh engine and must get the same events back, and [`resume`] can rebuild
 //! the engine after a crash and go on. Calls that were in flight when the process died have no
-//! recorded result: resume fails their attempts with class `internal` ("interrupted"), and the
+//! recorded result: resume fails their attempts with class `interrupted`, and the
 //! task's retry policy decides. **Tools must therefore tolerate being called again** for a call
 //! whose result was not recorded (make repeats harmless, or use `on_failure` instead of retry).
 
@@ -107,15 +107,16 @@ pub enum ControlRequest {
 
 impl ControlRequest {
     /// The request a `run.cancel_requested` event carries (payload `task` for a subtree,
-    /// `reason`), asked by the event's actor; `None` for another kind of event.
+    /// `reason`), asked by the event's actor; `None` for another kind of event, or one not by a
+    /// person (the run records the cancellation as the person's, so nobody else may ask).
     pub fn from_event(e: &Envelope) -> Option<ControlRequest> {
         if e.kind != agent_runtime_core::EventKind::RunCancelRequested {
             return None;
         }
-        let by = match &e.actor {
-            Actor::Person(p) | Actor::Agent(p) | Actor::Tool(p) => p.clone(),
-            Actor::System => "system".to_string(),
+        let Actor::Person(by) = &e.actor else {
+            return None;
         };
+        let by = by.clone();
         let text = |k: &str| e.payload.get(k).and_then(Value::as_str).map(str::to_string);
         Some(match text("task") {
             Some(task) => ControlRequest::CancelTask {
@@ -395,13 +396,15 @@ pub async fn load_run(
         })
         .await
         .map_err(|e| DriverError::Log(e.message))?;
+    // A run id with only other parts' records (a stray cancellation request, say) is no run.
+    let events: Vec<Envelope> = events
+        .into_iter()
+        .filter(|e| is_workforce_event(e.kind, &e.payload))
+        .collect();
     if events.is_empty() {
         return Err(DriverError::NoRun(run_id));
     }
-    Ok(events
-        .into_iter()
-        .filter(|e| is_workforce_event(e.kind, &e.payload))
-        .collect())
+    Ok(events)
 }
 
 fn summarize(e: &NewEvent) -> String {
@@ -421,7 +424,10 @@ fn summarize(e: &NewEvent) -> String {
 /// Re-runs the engine over recorded events: every input as recorded, every derived event
 /// compared with the recorded one. Calls no tool and no model.
 fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverError> {
-    let first = events[0].to_new_event();
+    let first = events
+        .first()
+        .ok_or_else(|| DriverError::Log("no events".into()))?
+        .to_new_event();
     let mut engine = Engine::create(&first)?;
     hasher.update(&first);
     let mut pos = 1;
@@ -509,7 +515,7 @@ pub fn replay_events(events: &[Envelope]) -> Result<ReplayReport, DriverError> {
 }
 
 /// Finishes a run whose process stopped: rebuilds the engine from the log (checking it as
-/// replay does), records `run.resumed` (which fails in-flight attempts with class `internal`
+/// replay does), records `run.resumed` (which fails in-flight attempts with class `interrupted`
 /// so their retry policy applies), and drives the run to its end. Completed tasks are not run
 /// again. `opts.seed` is ignored: the run's own seed is in the log.
 pub async fn resume(
@@ -765,10 +771,6 @@ impl Driver {
             }
         }
         self.hasher = writer.finish().await?;
-        for (_, (token, abort)) in self.inflight.drain() {
-            token.cancel();
-            abort.abort();
-        }
         let error = if engine.status() == RunStatus::Failed {
             Some(self.failure_reason(engine))
         } else {
@@ -869,11 +871,14 @@ impl Driver {
                 let tools = self.opts.tools.clone();
                 let tx = tx.clone();
                 let handle = tokio::spawn(async move {
-                    let result = tools
-                        .invoke(&tool, args, ctx)
-                        .await
-                        .map(|o| o.value)
-                        .map_err(|e| (e.class, e.message));
+                    let result = unless_panicked(async {
+                        tools
+                            .invoke(&tool, args, ctx)
+                            .await
+                            .map(|o| o.value)
+                            .map_err(|e| (e.class, e.message))
+                    })
+                    .await;
                     let _ = tx.send(Done::Tool { call, tool, result });
                 });
                 self.inflight.insert(call, (token, handle.abort_handle()));
@@ -906,20 +911,47 @@ impl Driver {
                 let router = self.opts.models.clone();
                 let tx = tx.clone();
                 let handle = tokio::spawn(async move {
-                    let result = match router.provider(&provider) {
-                        Some(p) => p
-                            .complete(request, ctx)
-                            .await
-                            .map_err(|e| (e.error.class, e.error.message)),
-                        None => Err((
-                            ErrorClass::ModelUnavailable,
-                            format!("no model provider `{provider}`"),
-                        )),
-                    };
+                    let result = unless_panicked(async {
+                        match router.provider(&provider) {
+                            Some(p) => p
+                                .complete(request, ctx)
+                                .await
+                                .map_err(|e| (e.error.class, e.error.message)),
+                            None => Err((
+                                ErrorClass::ModelUnavailable,
+                                format!("no model provider `{provider}`"),
+                            )),
+                        }
+                    })
+                    .await;
                     let _ = tx.send(Done::Model { call, result });
                 });
                 self.inflight.insert(call, (token, handle.abort_handle()));
             }
+        }
+    }
+}
+
+/// A call's result, or class `internal` when the tool or provider panicked: the attempt then
+/// fails and the task's failure policy decides, instead of the run waiting forever for a result
+/// that will never come.
+async fn unless_panicked<T>(
+    call: impl std::future::Future<Output = Result<T, (ErrorClass, String)>>,
+) -> Result<T, (ErrorClass, String)> {
+    use futures_util::FutureExt;
+    std::panic::AssertUnwindSafe(call)
+        .catch_unwind()
+        .await
+        .unwrap_or_else(|_| Err((ErrorClass::Internal, "the call panicked".into())))
+}
+
+impl Drop for Driver {
+    /// Calls still in flight when the driver stops (the run ended, or driving it failed) are
+    /// cancelled: nothing would record their results.
+    fn drop(&mut self) {
+        for (_, (token, abort)) in self.inflight.drain() {
+            token.cancel();
+            abort.abort();
         }
     }
 }

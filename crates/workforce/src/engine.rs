@@ -482,7 +482,7 @@ impl Engine {
     }
 
     /// Starts an engine from a `run.created` event; the derived events (`run.started`, first
-    /// dispatches) and effects wait in [`Engine::take_events`] and [`Engine::take_effects`].
+    /// dispatches) and effects wait in [`Engine::drain_events`] and [`Engine::drain_effects`].
     pub fn create(event: &NewEvent) -> Result<Engine, EngineError> {
         if event.kind != EventKind::RunCreated {
             return Err(bad(event.kind, "a run's first event must be run.created"));
@@ -711,20 +711,12 @@ impl Engine {
             .collect()
     }
 
-    /// Derived events since the last call.
-    pub fn take_events(&mut self) -> Vec<NewEvent> {
-        std::mem::take(&mut self.events)
-    }
-    /// Effects since the last call.
-    pub fn take_effects(&mut self) -> Vec<Effect> {
-        std::mem::take(&mut self.effects)
-    }
-    /// [`Engine::take_events`] as a drain: the engine keeps its buffer for the next input
-    /// instead of growing a new one each time.
+    /// Derived events since the last call, drained: the engine keeps its buffer for the next
+    /// input instead of growing a new one each time.
     pub fn drain_events(&mut self) -> std::vec::Drain<'_, NewEvent> {
         self.events.drain(..)
     }
-    /// [`Engine::take_effects`] as a drain (see [`Engine::drain_events`]).
+    /// Effects since the last call, drained (see [`Engine::drain_events`]).
     pub fn drain_effects(&mut self) -> std::vec::Drain<'_, Effect> {
         self.effects.drain(..)
     }
@@ -1066,11 +1058,9 @@ impl Engine {
         t.attempt += 1;
         let attempt = t.attempt;
         let timeout = self.graph.tasks[idx as usize].timeout;
-        let task_id = t.task_id;
-        let actor = t.agent.map_or(Actor::System, |a| {
-            Actor::Agent(self.agents[a as usize].name.to_string())
-        });
-        if let Some(a) = t.agent {
+        let (task_id, agent) = (t.task_id, t.agent);
+        let actor = self.actor_of(agent);
+        if let Some(a) = agent {
             self.agents[a as usize].slot.used += 1;
         }
         self.emit(
@@ -1114,6 +1104,13 @@ impl Engine {
             // The slot was checked in pump.
             self.start_call(call);
         }
+    }
+
+    /// Who acts for a task: its agent, or the system for a direct tool step.
+    fn actor_of(&self, agent: Option<u32>) -> Actor {
+        agent.map_or(Actor::System, |a| {
+            Actor::Agent(self.agents[a as usize].name.to_string())
+        })
     }
 
     fn new_call(
@@ -1190,9 +1187,7 @@ impl Engine {
         let (task_id, name) = (t.task_id, t.id.clone());
         match kind {
             CallKind::Tool => {
-                let actor = t.agent.map_or(Actor::System, |a| {
-                    Actor::Agent(self.agents[a as usize].name.to_string())
-                });
+                let actor = self.actor_of(t.agent);
                 self.emit(
                     Some(task_id),
                     actor.clone(),
@@ -1401,7 +1396,10 @@ impl Engine {
             Ok(r) => r,
             Err((class, message)) => return self.attempt_failed(idx, class, message),
         };
-        self.tokens += response.usage.input_tokens + response.usage.output_tokens;
+        self.tokens = self
+            .tokens
+            .saturating_add(response.usage.input_tokens)
+            .saturating_add(response.usage.output_tokens);
         if let Some(max) = self.graph.limits.budget.tokens
             && self.tokens > max
         {
@@ -1711,7 +1709,9 @@ impl Engine {
             json!({"purpose": "retry_jitter", "value": draw}),
         );
         let u = (draw >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0;
-        base.mul_f64((1.0 + p.jitter * u).max(0.0))
+        // `mul_f64` panics past `Duration::MAX`, which a huge backoff with jitter reaches.
+        Duration::try_from_secs_f64(base.as_secs_f64() * (1.0 + p.jitter * u).max(0.0))
+            .unwrap_or(Duration::MAX)
     }
 
     fn failed_for_good(&mut self, idx: u32, class: ErrorClass, message: String) {

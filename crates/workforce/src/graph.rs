@@ -661,6 +661,19 @@ impl TaskGraph {
                 "must be at least 1".into(),
             ));
         }
+        // A zero limit would hold every task that needs the tool or provider forever.
+        for (scope, limits) in [
+            ("limits.tools", &self.limits.tools),
+            ("limits.providers", &self.limits.providers),
+        ] {
+            if let Some((name, _)) = limits.iter().find(|(_, v)| **v == 0) {
+                return Err(invalid(
+                    None,
+                    scope,
+                    format!("the limit of `{name}` must be at least 1"),
+                ));
+            }
+        }
         if self.tasks.len() as u64 > u64::from(self.limits.max_tasks) {
             return Err(invalid(
                 None,
@@ -904,14 +917,10 @@ impl TaskGraph {
             .filter_map(|f| ids.get(f).copied())
             .collect()
     }
-
-    /// A digest of the graph's canonical JSON, recorded in `run.created`.
-    pub fn digest(&self) -> String {
-        digest_of_json(&serde_json::to_value(self).unwrap_or(Value::Null))
-    }
 }
 
-/// [`TaskGraph::digest`] of a graph already serialized with `serde_json::to_value`.
+/// The digest recorded in `run.created`: BLAKE3 of the canonical JSON of a graph serialized
+/// with `serde_json::to_value`.
 pub fn digest_of_json(graph: &Value) -> String {
     blake3::hash(&agent_runtime_core::canonical_json(graph))
         .to_hex()
@@ -1120,6 +1129,13 @@ tasks:
             .unwrap_err()
             .to_string();
         assert!(e.contains("duplicate task id"), "{e}");
+        let e = parse("limits: { tools: { x: 0 } }\ntasks:\n  - { id: a, tool: x }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("limits.tools") && e.contains("`x` must be at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

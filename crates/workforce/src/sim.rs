@@ -223,6 +223,9 @@ pub enum SimError {
     /// The sink refused an append.
     #[error("event log: {0}")]
     Log(String),
+    /// Nothing can happen any more, yet the run has not ended (a bug).
+    #[error("the simulation stalled with {0} tasks open and nothing in flight")]
+    Stalled(usize),
 }
 
 /// The start of virtual time: 2026-01-01T00:00:00Z.
@@ -242,6 +245,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     let mut rng = SeededRng::new(cfg.seed ^ 0x9E37_79B9_7F4A_7C15);
     let mut pending: BinaryHeap<Reverse<(Timestamp, u64, u64, bool)>> = BinaryHeap::new();
     let mut cancelled: BTreeSet<u64> = BTreeSet::new();
+    let mut tool_calls: BTreeMap<u64, String> = BTreeMap::new();
     let mut seq = 0u64;
     let mut buffer: Vec<NewEvent> = Vec::with_capacity(cfg.batch.max(1) + 64);
     // Batches go through two tasks, so that the log writes while the engine computes: the first
@@ -249,11 +253,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     // while the sink still writes the batch before it. Each stage keeps the batches in order,
     // and the bounded queues keep memory bounded: one batch waits per stage, which keeps the
     // stages busy (measured) and holds fewer events at once than two.
-    //
-    // Every synthetic answer is the same response: the engine loop records `model.completed`
-    // with a null `response` (the engine reads the typed response, not the payload), and the
-    // hashing stage writes the response in before it hashes the event. Copying it there takes
-    // a dozen allocations per task off the engine's thread, the simulation's critical path.
+    // Every synthetic answer is the same response, serialized once.
     let response = ModelResponse {
         message: Message::new(Role::Assistant, "done"),
         finish: FinishReason::Stop,
@@ -267,14 +267,8 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     let (to_sink, mut hashed) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(1);
     let hash_task = tokio::spawn(async move {
         let mut hasher = LogHasher::new();
-        while let Some(mut batch) = batches.recv().await {
-            for e in &mut batch {
-                if e.kind == agent_runtime_core::EventKind::ModelCompleted
-                    && let Some(r) = e.payload.get_mut("response")
-                    && r.is_null()
-                {
-                    *r = response_json.clone();
-                }
+        while let Some(batch) = batches.recv().await {
+            for e in &batch {
                 hasher.update(e);
             }
             if to_sink.send(batch).await.is_err() {
@@ -305,6 +299,10 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         for effect in engine.drain_effects() {
             match effect {
                 Effect::CallModel { call, .. } | Effect::CallTool { call, .. } => {
+                    // Synthetic agents have no tools, but a tool call gets a tool's result.
+                    if let Effect::CallTool { tool, .. } = &effect {
+                        tool_calls.insert(call, tool.clone());
+                    }
                     let ms = cfg.min_ms + rng.below(span);
                     let fail = rng.next_f64() < cfg.failure_rate;
                     seq += 1;
@@ -338,7 +336,14 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
             (Some(t), Some(d)) => t <= d,
             (Some(_), None) => true,
             (None, Some(_)) => false,
-            (None, None) => break,
+            (None, None) => {
+                let open = engine
+                    .task_views()
+                    .iter()
+                    .filter(|t| !t.status.is_terminal())
+                    .count();
+                return Err(SimError::Stalled(open));
+            }
         };
         let input = match (completion_first, deadline) {
             (true, _) => {
@@ -346,10 +351,18 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                     break;
                 };
                 if cancelled.remove(&call) {
+                    tool_calls.remove(&call);
                     continue;
                 }
                 clock.set(t);
-                if fail {
+                if let Some(tool) = tool_calls.remove(&call) {
+                    let result = if fail {
+                        Err((ErrorClass::ToolError, "simulated failure".to_string()))
+                    } else {
+                        Ok(serde_json::Value::Null)
+                    };
+                    (engine.tool_result_event(call, &tool, t, result), None)
+                } else if fail {
                     let input = engine.model_result_event(
                         call,
                         t,
@@ -357,8 +370,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                     );
                     (input, None)
                 } else {
-                    // The hashing stage writes the serialized `response` in (see above).
-                    let input = engine.model_response_json_event(call, t, serde_json::Value::Null);
+                    let input = engine.model_response_json_event(call, t, response_json.clone());
                     (input, Some(response.clone()))
                 }
             }

@@ -493,12 +493,12 @@ fn cancelling_a_subtree_leaves_the_rest_running() {
     );
     let created = Engine::created_event(agent_runtime_core::RunId::from_bytes([3; 16]), &g, 1, T0);
     let mut engine = Engine::create(&created).unwrap();
-    engine.take_events();
-    let effects = engine.take_effects();
+    engine.drain_events();
+    let effects: Vec<_> = engine.drain_effects().collect();
     assert_eq!(effects.len(), 2, "a and x start");
     let cancel = engine.cancel_task_event(T0, "ann", "b").unwrap();
     engine.apply(&cancel).unwrap();
-    let ev = engine.take_events();
+    let ev: Vec<_> = engine.drain_events().collect();
     assert_eq!(
         ev.iter()
             .filter(|e| e.kind == EventKind::TaskCancelled)
@@ -815,4 +815,26 @@ fn control_requests_are_recorded_before_they_act_and_foreign_events_are_not_repl
     let mut bad = ev.clone();
     bad.swap(7, 8);
     assert!(driver::replay_events(&bad).is_err());
+}
+
+#[test]
+fn a_tool_that_panics_fails_its_attempt_instead_of_hanging_the_run() {
+    let (out, log) = run(
+        graph(
+            "tasks:\n  - { id: boom, tool: flaky, args: { panic: true }, on_failure: { continue_with: recovered } }\n  - { id: calm, tool: echo, args: { ok: true } }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs["boom"], json!("recovered"));
+    let failed: Vec<Envelope> = events(&log)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::TaskFailed)
+        .collect();
+    assert_eq!(failed.len(), 1);
+    assert_eq!(failed[0].payload["class"], "internal");
+    assert_eq!(
+        driver::replay_events(&events(&log)).unwrap().log_hash,
+        out.log_hash
+    );
 }

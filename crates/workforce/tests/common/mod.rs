@@ -16,7 +16,8 @@ use agent_runtime_workforce::tools::ToolRegistry;
 use serde_json::{Value, json};
 
 /// `flaky`: fails with `class` (default tool_error) the first `fail` times it is called with the
-/// same `key`, then returns `{key, calls}`; waits `ms` (tokio time) first.
+/// same `key`, then returns `{key, calls}`; waits `ms` (tokio time) first; panics when `panic`
+/// is given.
 pub struct Flaky {
     d: ToolDescriptor,
     calls: Mutex<BTreeMap<String, u64>>,
@@ -44,6 +45,9 @@ impl Tool for Flaky {
         &self.d
     }
     async fn call(&self, args: Value, _ctx: CallContext) -> Result<ToolOutput, ToolError> {
+        if args.get("panic").is_some() {
+            panic!("flaky was asked to panic");
+        }
         if let Some(ms) = args.get("ms").and_then(Value::as_u64) {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
@@ -193,12 +197,4 @@ pub fn run(g: TaskGraph, seed: u64) -> (Outcome, Arc<MemoryLog>) {
 
 pub fn events(log: &MemoryLog) -> Vec<Envelope> {
     log.query_now(&EventQuery::default())
-}
-
-pub fn kinds(log: &MemoryLog, task: Option<&str>, outcome: &Outcome) -> Vec<String> {
-    let _ = (task, outcome);
-    events(log)
-        .iter()
-        .map(|e| e.kind.as_str().to_string())
-        .collect()
 }
