@@ -54,10 +54,14 @@ fn seal_into(key: &[u8; 32], msg: &[u8], aad: &[u8], out: &mut Vec<u8>) {
     let start = out.len();
     out.extend_from_slice(msg);
     // Sealing only fails for messages over 256 GiB; payloads are capped far below.
-    if let Some((k, n)) = xchacha(key, &nonce)
-        && let Ok(tag) = k.seal_in_place_separate_tag(n, Aad::from(aad), &mut out[start..])
-    {
-        out.extend_from_slice(tag.as_ref());
+    match xchacha(key, &nonce).and_then(|(k, n)| {
+        k.seal_in_place_separate_tag(n, Aad::from(aad), &mut out[start..])
+            .ok()
+    }) {
+        Some(tag) => out.extend_from_slice(tag.as_ref()),
+        // Fail closed: never leave the plaintext where the ciphertext should be (the result
+        // then does not authenticate, which readers report).
+        None => out[start..].fill(0),
     }
 }
 

@@ -88,6 +88,13 @@ pub enum StoreError {
         /// The limit.
         limit: usize,
     },
+    /// An event's time is past what the log stores (nanoseconds since 1970 in an `i64`, until
+    /// 2262): stored, it would no longer match the time its hash and seal cover.
+    #[error("event time {time} is after 2262-04-11, the latest time the event log stores")]
+    TimeOutOfRange {
+        /// The event's time.
+        time: String,
+    },
     /// Append on a store opened read-only.
     #[error("event database {path} is open read-only")]
     ReadOnly {

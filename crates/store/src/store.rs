@@ -330,6 +330,9 @@ impl Store {
             })
         };
         let conn = open(flags)?;
+        if !config.read_only {
+            refuse_foreign(&conn, &path)?;
+        }
         set_pragmas(&conn, &path, config.durability, !config.read_only)?;
         if !config.read_only {
             init_schema(&conn, &config)?;
@@ -398,6 +401,12 @@ impl Store {
     }
 
     fn prepare(&self, event: NewEvent) -> Result<Prepared, StoreError> {
+        // Nanoseconds fit i64 until 2262; a later time could not be stored as the hash and the
+        // seal saw it, so the event is refused rather than made unreadable.
+        let time_ns =
+            i64::try_from(event.time.as_unix_nanos()).map_err(|_| StoreError::TimeOutOfRange {
+                time: event.time.to_string(),
+            })?;
         let payload = canonical_json(&event.payload);
         if payload.len() > self.inner.max_payload_bytes {
             return Err(StoreError::TooLarge {
@@ -416,8 +425,7 @@ impl Store {
             task_id: event.task_id.map(|t| *t.as_bytes()),
             actor: event.actor.to_string(),
             kind: event.kind.as_str(),
-            // Nanoseconds fit i64 until the year 2262.
-            time_ns: i64::try_from(event.time.as_unix_nanos()).unwrap_or(i64::MAX),
+            time_ns,
             header,
             payload,
             sealed,
@@ -555,12 +563,40 @@ impl Store {
         }
         let mut rx = self.inner.last_seq.clone();
         let seen = *rx.borrow_and_update();
-        // Wait for an in-process commit, or for the poll interval to pass.
-        let _ = crate::block_on::block_on_timeout(
+        // Wait for an in-process commit, or for the poll interval to pass. A read-only store
+        // has no writer, so nothing will ever notify: then just wait the interval.
+        let waited = crate::block_on::block_on_timeout(
             async { rx.wait_for(|s| *s > seen).await.map(|_| ()) },
             wait,
         );
+        if matches!(waited, Some(Err(_))) {
+            std::thread::sleep(wait);
+        }
         self.query_blocking(&q)
+    }
+}
+
+/// Refuses an existing SQLite file that is not an event database (it has tables of its own),
+/// before anything (journal mode, schema, format marker) is written into it.
+fn refuse_foreign(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    let foreign: Option<String> = conn
+        .query_row(
+            "SELECT name FROM sqlite_master WHERE type = 'table' \
+             AND name NOT IN ('meta', 'events') AND name NOT LIKE 'sqlite_%' LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()
+        .map_err(|e| sqlite_error(path, e, None))?;
+    match foreign {
+        Some(table) => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            after_seq: None,
+            detail: format!(
+                "not an agent-runtime event database (it has a table `{table}`); nothing was written"
+            ),
+        }),
+        None => Ok(()),
     }
 }
 
@@ -701,7 +737,7 @@ fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCiphe
                         detail,
                     })?
                 }
-                _ => {
+                "passphrase-argon2id" => {
                     let pass = config
                         .passphrase
                         .as_ref()
@@ -715,6 +751,14 @@ fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCiphe
                         .ok_or_else(|| missing("kdf"))?;
                     crypto::derive_kek(pass.as_bytes(), &salt, kdf)
                         .map_err(|d| not_ours(format!("bad key derivation parameters: {d}")))?
+                }
+                // Written by a newer build, or damaged: guessing would only fail later.
+                other => {
+                    return Err(StoreError::Format {
+                        path: path.clone(),
+                        found: format!("key source {other:?}"),
+                        expected: "os-keyring or passphrase-argon2id".into(),
+                    });
                 }
             };
             let data_key = crypto::unwrap_key(&kek, &wrapped)

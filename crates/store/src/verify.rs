@@ -282,7 +282,7 @@ impl Store {
             // never change (the log is append-only), so the blocks form one consistent log.
             Some((lo, hi)) => ordered_parallel(
                 |emit| {
-                    let mut start = lo.min(1) - 1;
+                    let mut start = lo.min(1).saturating_sub(1);
                     while start < hi {
                         let end = start.saturating_add(BLOCK).min(hi);
                         if !emit(vec![(start, end)]) {

@@ -184,6 +184,36 @@ fn empty_append_and_oversized_payload() {
     assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
     // The batch was refused whole: nothing half-written.
     assert_eq!(store.head().unwrap(), None);
+    // A time past what the log stores (2262) is refused, not stored unreadable.
+    let mut late = event(1, 3);
+    late.time = agent_runtime_core::Timestamp::from_unix_nanos(u64::MAX / 2 + 1);
+    let err = store.append_blocking(vec![event(1, 2), late]).unwrap_err();
+    assert!(matches!(err, StoreError::TimeOutOfRange { .. }), "{err}");
+    assert!(err.to_string().contains("2262"), "{err}");
+    assert_eq!(store.head().unwrap(), None);
+}
+
+#[test]
+fn following_a_read_only_store_waits_instead_of_spinning() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.db");
+    Store::open(StoreConfig::plaintext(&path))
+        .unwrap()
+        .append_blocking(events(1, 2))
+        .unwrap();
+    let reader = Store::open(StoreConfig::plaintext(&path).read_only()).unwrap();
+    // Nothing new and no writer in this process: the call returns empty after the interval
+    // (the bound checked is generous: a spin would return at once).
+    let started = std::time::Instant::now();
+    let found = reader
+        .follow_blocking(
+            &EventQuery::default(),
+            2,
+            std::time::Duration::from_millis(200),
+        )
+        .unwrap();
+    assert!(found.is_empty());
+    assert!(started.elapsed() >= std::time::Duration::from_millis(190));
 }
 
 #[test]
@@ -262,10 +292,15 @@ fn otlp_export_is_otlp_json() {
             .unwrap();
         for r in recs {
             assert_eq!(r["traceId"].as_str().unwrap(), "07".repeat(16));
-            assert!(r["timeUnixNano"].as_str().unwrap().parse::<u64>().is_ok());
             let body: serde_json::Value =
                 serde_json::from_str(r["body"]["stringValue"].as_str().unwrap()).unwrap();
             assert_eq!(body["run"], 7);
+            // The event's own time (`event(run, i)` is at i seconds), as OTLP's decimal string.
+            let i = body["i"].as_u64().unwrap();
+            assert_eq!(
+                r["timeUnixNano"].as_str().unwrap(),
+                (i * 1_000_000_000).to_string()
+            );
         }
         records += recs.len();
     }

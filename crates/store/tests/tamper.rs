@@ -240,4 +240,18 @@ fn a_file_that_is_not_a_database_is_named() {
             .contains("not an agent-runtime event database"),
         "{err}"
     );
+    // Opened for writing, it is refused too, and left as it was.
+    let before = std::fs::read(&other).unwrap();
+    let err = Store::open(StoreConfig::plaintext(&other)).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("not an agent-runtime event database (it has a table `t`)"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&other).unwrap(), before);
+    let conn = rusqlite::Connection::open(&other).unwrap();
+    let journal: String = conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(journal, "delete");
 }
