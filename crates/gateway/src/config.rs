@@ -204,14 +204,11 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
         Some(p) => McpConfig::load(p)?,
         None => McpConfig::default(),
     };
-    // MCP servers' `${VAR}` values are secrets of this gateway too.
+    // MCP servers' `${VAR}` values, in their environment and in their HTTP headers (a bearer
+    // token), are secrets of this gateway too: a tool may echo them.
     for server in mcp.servers.values() {
-        for v in server.env.values() {
-            if let Some(value) = v
-                .strip_prefix("${")
-                .and_then(|r| r.strip_suffix('}'))
-                .and_then(|var| std::env::var(var).ok())
-            {
+        for v in server.env.values().chain(server.headers.values()) {
+            for value in crate::mcp::referenced_env_values(v) {
                 redactor.add_secret(value);
             }
         }

@@ -284,7 +284,26 @@ impl Gateway {
             arguments: &args,
         };
         let trace = policy.explain(&input);
-        let (decision, decided_by) = match hook_denial {
+        let (decision, decided_by) = self.decide(&policy, hook_denial, &input);
+        Ok(CheckReport {
+            tool: name.to_string(),
+            arguments: args,
+            decision,
+            decided_by,
+            trace,
+        })
+    }
+
+    /// The decision on a call and who made it: a pre-call hook's denial if one denied, else
+    /// the policy's. The reason is redacted: it goes into events and errors, and a hook or a
+    /// rule may quote the arguments.
+    fn decide(
+        &self,
+        policy: &Policy,
+        hook_denial: Option<(String, String)>,
+        input: &PolicyInput<'_>,
+    ) -> (Decision, String) {
+        let (mut decision, decided_by) = match hook_denial {
             Some((hook, reason)) => (
                 Decision {
                     effect: Effect::Deny,
@@ -294,15 +313,10 @@ impl Gateway {
                 },
                 format!("hook:{hook}"),
             ),
-            None => (policy.decide(&input), "policy".to_string()),
+            None => (policy.decide(input), "policy".to_string()),
         };
-        Ok(CheckReport {
-            tool: name.to_string(),
-            arguments: args,
-            decision,
-            decided_by,
-            trace,
-        })
+        decision.reason = self.inner.redactor.redact_str(&decision.reason);
+        (decision, decided_by)
     }
 
     /// Pre-call hooks; returns the final arguments, or the denying hook and its reason.
@@ -372,7 +386,18 @@ impl Gateway {
         )
     }
 
+    /// Records events before the tool runs; if the log refuses them, the call does not run.
     async fn append(&self, events: Vec<NewEvent>) -> Result<(), ToolError> {
+        self.append_or(events, "call not run").await
+    }
+
+    /// Records a call's outcome, after the tool ran.
+    async fn append_outcome(&self, events: Vec<NewEvent>) -> Result<(), ToolError> {
+        self.append_or(events, "the call ran but its outcome is not recorded")
+            .await
+    }
+
+    async fn append_or(&self, events: Vec<NewEvent>, consequence: &str) -> Result<(), ToolError> {
         self.inner
             .events
             .append(events)
@@ -382,7 +407,7 @@ impl Gateway {
                 ClassifiedError::new(
                     ErrorClass::Internal,
                     format!(
-                        "audit log unavailable, call not run: {}",
+                        "audit log unavailable, {consequence}: {}",
                         self.inner.redactor.redact_str(&e.message)
                     ),
                 )
@@ -450,26 +475,16 @@ impl Gateway {
         };
         let policy = self.policy();
         let risk = entry.descriptor().risk;
-        let (decision, decided_by) = match hook_denial {
-            Some((hook, reason)) => (
-                Decision {
-                    effect: Effect::Deny,
-                    rule: format!("hook:{hook}"),
-                    reason,
-                    sandbox: SandboxMode::Bubblewrap,
-                },
-                format!("hook:{hook}"),
-            ),
-            None => (
-                policy.decide(&PolicyInput {
-                    tool: name,
-                    risk,
-                    actor: &ctx.actor,
-                    arguments: &args,
-                }),
-                "policy".to_string(),
-            ),
-        };
+        let (decision, decided_by) = self.decide(
+            &policy,
+            hook_denial,
+            &PolicyInput {
+                tool: name,
+                risk,
+                actor: &ctx.actor,
+                arguments: &args,
+            },
+        );
         let digest = if hooks_apply {
             PolicyEnvelope::digest_arguments(&args)
         } else {
@@ -526,8 +541,16 @@ impl Gateway {
                 let request_id = request.id.to_string();
                 let answer = self.ask(request, &ctx).await;
                 let (approved, by, why) = match &answer {
-                    Ok(d) => (d.approved, d.decided_by.clone(), d.reason.clone()),
-                    Err(e) => (false, Actor::System, Some(e.message.clone())),
+                    Ok(d) => (
+                        d.approved,
+                        d.decided_by.clone(),
+                        d.reason.as_deref().map(|r| inner.redactor.redact_str(r)),
+                    ),
+                    Err(e) => (
+                        false,
+                        Actor::System,
+                        Some(inner.redactor.redact_str(&e.message)),
+                    ),
                 };
                 batch.push(self.event(
                     &rec,
@@ -597,7 +620,7 @@ impl Gateway {
         let elapsed_us = started.elapsed().as_micros() as u64;
         match result {
             Ok(out) => {
-                self.append(vec![self.event(
+                self.append_outcome(vec![self.event(
                     &rec,
                     Actor::Tool(name.to_string()),
                     EventKind::ToolCompleted,
@@ -609,7 +632,8 @@ impl Gateway {
             }
             Err(err) => {
                 let err = ClassifiedError::new(err.class, inner.redactor.redact_str(&err.message));
-                self.append(vec![self.failed_event(&rec, &err)]).await?;
+                self.append_outcome(vec![self.failed_event(&rec, &err)])
+                    .await?;
                 Err(err)
             }
         }

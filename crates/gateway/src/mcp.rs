@@ -255,6 +255,22 @@ impl std::fmt::Debug for McpServer {
     }
 }
 
+/// The host's values of the variables `value` names as `${NAME}` (unset ones skipped).
+pub(crate) fn referenced_env_values(value: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = value;
+    while let Some(start) = rest.find("${") {
+        let Some(len) = rest[start..].find('}') else {
+            break;
+        };
+        if let Ok(v) = std::env::var(&rest[start + 2..start + len]) {
+            out.push(v);
+        }
+        rest = &rest[start + len + 1..];
+    }
+    out
+}
+
 /// `value` with every `${NAME}` replaced by the host's variable, each registered as a secret.
 fn expand_secrets(
     server: &str,

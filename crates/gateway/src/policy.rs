@@ -663,14 +663,28 @@ pub fn command_words(v: &Value) -> Vec<String> {
 }
 
 fn split_words(s: &str) -> Vec<String> {
+    // Quotes and backslashes as `sh` reads them, so that `r\m` or `"r"m` is the program `rm`
+    // a rule names, not a different word that slips past it.
     let mut out = Vec::new();
     let mut cur = String::new();
     let mut in_word = false;
     let mut quote: Option<char> = None;
-    for ch in s.chars() {
+    let mut chars = s.chars().peekable();
+    while let Some(ch) = chars.next() {
         match quote {
             Some(q) if ch == q => quote = None,
+            // In double quotes a backslash escapes only these; elsewhere it stays.
+            Some('"') if ch == '\\' && matches!(chars.peek(), Some('$' | '`' | '"' | '\\')) => {
+                cur.extend(chars.next());
+            }
             Some(_) => cur.push(ch),
+            // A backslash before a newline joins the lines; before anything else it quotes it.
+            None if ch == '\\' => {
+                if let Some(next) = chars.next().filter(|c| *c != '\n') {
+                    cur.push(next);
+                    in_word = true;
+                }
+            }
             None if ch == '\'' || ch == '"' => {
                 quote = Some(ch);
                 in_word = true;

@@ -11,9 +11,18 @@ use serde_json::Value;
 pub const REDACTED: &str = "[REDACTED]";
 
 /// Replaces secrets in JSON values and strings.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Default)]
 pub struct Redactor {
     values: Vec<String>,
+}
+
+impl std::fmt::Debug for Redactor {
+    // By hand: the derived form would print every secret it hides.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redactor")
+            .field("secrets", &self.values.len())
+            .finish()
+    }
 }
 
 const SECRET_KEY_PARTS: &[&str] = &[

@@ -64,12 +64,18 @@ impl RegisteredTool {
             .take(MAX_REPORTED_ERRORS)
             .map(|e| {
                 let at = e.instance_path().to_string();
+                let mut what = e.to_string();
+                // The message quotes the bad value; under a secret-looking key (as `api_key`),
+                // that value is what `tool.requested` hides, so the error hides it too.
+                if at.split('/').any(crate::redact::is_secret_key) {
+                    what = what.replace(&e.instance().to_string(), crate::redact::REDACTED);
+                }
                 let at = if at.is_empty() {
                     "(root)".to_string()
                 } else {
                     at
                 };
-                (at, truncate_chars(&e.to_string(), 200))
+                (at, truncate_chars(&what, 200))
             })
             .collect();
         let words: Vec<String> = errors

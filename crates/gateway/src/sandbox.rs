@@ -299,7 +299,6 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
         "--unshare-all",
         "--die-with-parent",
         "--new-session",
-        "--clearenv",
         "--setenv",
         "PATH",
         "/usr/local/bin:/usr/bin:/bin",
@@ -378,7 +377,6 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
 
 /// A command tool: implements core's [`Tool`] (running sandboxed), and [`CommandTool::run`]
 /// takes the sandbox mode the policy granted.
-#[derive(Debug)]
 pub struct CommandTool {
     descriptor: ToolDescriptor,
     config: CommandToolConfig,
@@ -388,6 +386,20 @@ pub struct CommandTool {
     chdir: PathBuf,
     /// `bwrap`'s options up to the command, built once: the settings never change.
     bwrap_argv: Vec<String>,
+}
+
+impl std::fmt::Debug for CommandTool {
+    // By hand: the environment holds the tool's secrets; only its variable names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CommandTool")
+            .field("name", &self.descriptor.name)
+            .field("command", &self.config.command)
+            .field(
+                "env",
+                &self.env.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 impl CommandTool {
@@ -436,10 +448,10 @@ impl CommandTool {
             .first()
             .cloned()
             .unwrap_or_else(|| PathBuf::from("/"));
+        // The tool's environment (its secrets among it) is not put on bwrap's command line,
+        // which every local user can read in /proc: bwrap gets it as its own environment,
+        // cleared of everything else, and passes it on.
         let mut bwrap_argv = bwrap_args(&settings, &config.read_roots, &chdir);
-        for (k, v) in &env {
-            bwrap_argv.extend(["--setenv".into(), k.clone(), v.clone()]);
-        }
         bwrap_argv.push("--".into());
         Ok(CommandTool {
             descriptor,
@@ -503,7 +515,10 @@ impl CommandTool {
                     ));
                 };
                 let mut cmd = tokio::process::Command::new(bwrap);
-                cmd.args(&self.bwrap_argv).args(&argv);
+                cmd.args(&self.bwrap_argv)
+                    .args(&argv)
+                    .env_clear()
+                    .envs(self.env.iter().cloned());
                 cmd
             }
             SandboxMode::None => {

@@ -31,6 +31,7 @@ struct TestTool {
     seen: Arc<std::sync::Mutex<Vec<Value>>>,
     behaviour: Behaviour,
     cancelled: Arc<AtomicUsize>,
+    tokens: Arc<std::sync::Mutex<Vec<CancellationToken>>>,
 }
 
 #[async_trait::async_trait]
@@ -41,6 +42,9 @@ impl Tool for TestTool {
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         self.seen.lock().unwrap().push(args.clone());
+        // Kept beyond the call, so a test can see whether the gateway cancelled it even when
+        // the gateway dropped the call's future.
+        self.tokens.lock().unwrap().push(ctx.cancel.clone());
         match self.behaviour {
             Behaviour::Echo => Ok(ToolOutput::new(args)),
             Behaviour::Sleep => {
@@ -63,6 +67,7 @@ struct Handles {
     calls: Arc<AtomicUsize>,
     seen: Arc<std::sync::Mutex<Vec<Value>>>,
     cancelled: Arc<AtomicUsize>,
+    tokens: Arc<std::sync::Mutex<Vec<CancellationToken>>>,
 }
 
 fn tool(name: &str, risk: RiskClass, behaviour: Behaviour) -> (Arc<dyn Tool>, Handles) {
@@ -70,6 +75,7 @@ fn tool(name: &str, risk: RiskClass, behaviour: Behaviour) -> (Arc<dyn Tool>, Ha
         calls: Arc::default(),
         seen: Arc::default(),
         cancelled: Arc::default(),
+        tokens: Arc::default(),
     };
     let t = TestTool {
         d: ToolDescriptor {
@@ -87,6 +93,7 @@ fn tool(name: &str, risk: RiskClass, behaviour: Behaviour) -> (Arc<dyn Tool>, Ha
         seen: h.seen.clone(),
         behaviour,
         cancelled: h.cancelled.clone(),
+        tokens: h.tokens.clone(),
     };
     (Arc::new(t), h)
 }
@@ -305,7 +312,10 @@ async fn timeout_stops_the_tool() {
     assert_eq!(err.class, ErrorClass::Timeout, "{err}");
     assert_eq!(kinds(&log).last(), Some(&EventKind::ToolFailed));
     assert_eq!(log.all().last().unwrap().payload["class"], "timeout");
-    let _ = h;
+    assert!(
+        h.tokens.lock().unwrap()[0].is_cancelled(),
+        "the tool is told to stop"
+    );
 }
 
 #[tokio::test]
@@ -322,6 +332,27 @@ async fn cancellation_reaches_the_tool() {
     let err = gw.call("t.slow", json!({}), c).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::Cancelled);
     assert_eq!(h.calls.load(Ordering::SeqCst), 1);
+    assert!(h.tokens.lock().unwrap()[0].is_cancelled());
+}
+
+#[tokio::test]
+async fn a_secret_argument_is_not_quoted_in_a_validation_error() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let err = gw
+        .call("t.read", json!({"api_key": ["sk-live-abcdef123"]}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments);
+    assert!(err.message.contains("/api_key"), "{}", err.message);
+    assert!(
+        !err.message.contains("sk-live-abcdef123"),
+        "{}",
+        err.message
+    );
+    let text = serde_json::to_string(&log.all()).unwrap();
+    assert!(!text.contains("sk-live-abcdef123"), "{text}");
 }
 
 #[tokio::test]
@@ -439,11 +470,14 @@ async fn rust_hooks_deny_rewrite_and_redact() {
         .await
         .unwrap();
     assert_eq!(out.value, json!("[withheld]"));
-    let text = serde_json::to_string(&log.all()).unwrap();
-    assert!(
-        !text.contains("classified plans\"}")
-            || !text.contains("\"output\":{\"text\":\"classified")
-    );
+    // What the log records as the output is what the hook put in its place.
+    let completed = log
+        .all()
+        .into_iter()
+        .rev()
+        .find(|e| e.kind == EventKind::ToolCompleted)
+        .unwrap();
+    assert_eq!(completed.payload["output"], json!("[withheld]"));
 }
 
 fn sh_hook(name: &str, script: &str) -> Arc<dyn Hook> {
@@ -513,18 +547,61 @@ async fn external_hooks_speak_json_and_fail_closed() {
     );
 }
 
-struct BrokenSink;
+/// A log that takes `accepts` appends, then refuses every one.
+struct BrokenSink {
+    accepts: AtomicUsize,
+}
+
+impl BrokenSink {
+    fn refusing_after(accepts: usize) -> Arc<Self> {
+        Arc::new(BrokenSink {
+            accepts: AtomicUsize::new(accepts),
+        })
+    }
+}
 
 #[async_trait::async_trait]
 impl EventSink for BrokenSink {
     async fn append(
         &self,
-        _e: Vec<NewEvent>,
+        e: Vec<NewEvent>,
     ) -> Result<Vec<agent_runtime_core::Appended>, SinkError> {
-        Err(SinkError {
-            message: "disk on fire".into(),
-        })
+        let took = self
+            .accepts
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1));
+        match took {
+            Ok(_) => Ok(e
+                .iter()
+                .map(|_| agent_runtime_core::Appended {
+                    seq: 0,
+                    hash: Hash32::GENESIS,
+                })
+                .collect()),
+            Err(_) => Err(SinkError {
+                message: "disk on fire".into(),
+            }),
+        }
     }
+}
+
+#[tokio::test]
+async fn an_outcome_that_cannot_be_recorded_says_the_call_ran() {
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let reg = Arc::new(Registry::new());
+    reg.register(t).unwrap();
+    // The request, decision and start are recorded; the outcome is not.
+    let gw = GatewayBuilder::new(reg, BrokenSink::refusing_after(1))
+        .build()
+        .unwrap();
+    let err = gw.call("t.read", json!({}), ctx()).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Internal);
+    assert_eq!(h.calls.load(Ordering::SeqCst), 1);
+    assert!(
+        err.message
+            .contains("the call ran but its outcome is not recorded"),
+        "{}",
+        err.message
+    );
 }
 
 #[tokio::test]
@@ -532,13 +609,13 @@ async fn nothing_runs_unrecorded() {
     let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
     let reg = Arc::new(Registry::new());
     reg.register(t).unwrap();
-    let gw = GatewayBuilder::new(reg, Arc::new(BrokenSink))
+    let gw = GatewayBuilder::new(reg, BrokenSink::refusing_after(0))
         .build()
         .unwrap();
     let err = gw.call("t.read", json!({}), ctx()).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::Internal);
     assert!(
-        err.message.contains("audit log unavailable"),
+        err.message.contains("audit log unavailable, call not run"),
         "{}",
         err.message
     );
@@ -580,7 +657,8 @@ async fn secrets_of_configured_servers_and_tools_are_redacted() {
     let secret = std::env::var("PATH").unwrap();
     std::fs::write(
         dir.path().join("mcp.json"),
-        r#"{"mcpServers": {"x": {"command": "true", "env": {"TOKEN": "${PATH}"}}}}"#,
+        r#"{"mcpServers": {"x": {"command": "true", "env": {"TOKEN": "${PATH}"}},
+                           "y": {"url": "http://127.0.0.1:9/mcp", "headers": {"Authorization": "Bearer ${HOME}"}}}}"#,
     )
     .unwrap();
     std::fs::write(
@@ -606,6 +684,18 @@ async fn secrets_of_configured_servers_and_tools_are_redacted() {
         .await
         .unwrap();
     assert_eq!(out.value, json!("token is [REDACTED]"));
+    // A header's `${VAR}` (HOME stands in for a bearer token) is a secret of the gateway too.
+    let bearer = std::env::var("HOME").unwrap();
+    let out = gw
+        .call(
+            "builtin.echo",
+            json!({"text": format!("sent Bearer {bearer}")}),
+            ctx(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(out.value, json!("sent Bearer [REDACTED]"));
     let text = serde_json::to_string(&log.all()).unwrap();
     assert!(!text.contains(&secret), "{text}");
+    assert!(!text.contains(&format!("Bearer {bearer}")), "{text}");
 }

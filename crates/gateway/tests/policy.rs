@@ -412,6 +412,23 @@ fn commands_programs_and_shell_metacharacters() {
             Deny,
             "no-rm",
         ),
+        // A backslash or a quote in the middle does not hide the program from the rule.
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "r\\m -rf /"}),
+            Deny,
+            "no-rm",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "\"r\"m -rf /"}),
+            Deny,
+            "no-rm",
+        ),
         (
             "sh.run",
             Exec,

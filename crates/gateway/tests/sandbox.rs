@@ -383,3 +383,42 @@ async fn a_sandbox_that_cannot_be_built_is_a_sandbox_error() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_command_sees_its_own_environment_and_nothing_of_the_host() {
+    let env = env();
+    let mut config_env = std::collections::BTreeMap::new();
+    // `PATH` comes from the host (`${PATH}`): a secret by declaration, so it is handed to the
+    // sandbox as an environment variable, never as a command-line argument.
+    config_env.insert("FROM_HOST".to_string(), "${PATH}".to_string());
+    config_env.insert("GREETING".to_string(), "hello".to_string());
+    let config = CommandToolConfig {
+        name: "sh.env".into(),
+        description: "print the environment".into(),
+        input_schema: json!({"type": "object"}),
+        output_schema: None,
+        risk: RiskClass::Exec,
+        command: vec!["/bin/sh".into(), "-c".into(), "env".into()],
+        stdin: None,
+        env: config_env,
+        read_roots: vec![],
+        limits: Limits::default(),
+    };
+    let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
+    let v = ok(tool
+        .run(
+            json!({}),
+            CallContext::new(Actor::System),
+            SandboxMode::Bubblewrap,
+        )
+        .await);
+    let out = v["stdout"].as_str().unwrap();
+    assert!(out.contains("GREETING=hello"), "{out}");
+    let host_path = std::env::var("PATH").unwrap();
+    assert!(out.contains(&format!("FROM_HOST={host_path}")), "{out}");
+    // The test process's own variables (cargo sets these) stay outside.
+    assert!(!out.contains("CARGO_PKG_NAME"), "{out}");
+    assert!(out.contains("HOME=/tmp"), "{out}");
+    // And the tool's description never carries the secret values.
+    assert!(!format!("{tool:?}").contains(&host_path));
+}
