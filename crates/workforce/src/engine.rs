@@ -503,8 +503,7 @@ impl Engine {
     }
 
     fn build(run_id: RunId, graph: TaskGraph, seed: u64, now: Timestamp) -> Engine {
-        let clock = Arc::new(ManualClock::new(now));
-        let ids = IdGenerator::seeded(seed, clock.clone());
+        let (clock, ids) = run_ids(seed, now);
         let deps = graph.dependencies();
         let ranks = topo_ranks(&deps);
         let held = graph.fallback_targets();
@@ -1025,18 +1024,15 @@ impl Engine {
             if self.tasks[idx as usize].status != TaskStatus::Ready {
                 continue;
             }
-            if let Some(a) = self.tasks[idx as usize].agent {
-                let slot = &mut self.agents[a as usize].slot;
-                if slot.full() {
-                    self.tasks[idx as usize].status = TaskStatus::Blocked;
-                    slot.waiting.push(Reverse(Waiter {
-                        key,
-                        what: WaiterRef::Task(idx),
-                    }));
-                    continue;
-                }
-            } else if let Some(tool) = self.graph.tasks[idx as usize].tool.as_deref()
-                && let Some(slot) = self.tool_slots.get_mut(tool)
+            // An agent task needs a place with its agent; a tool step, with its tool if limited.
+            let slot = match self.tasks[idx as usize].agent {
+                Some(a) => Some(&mut self.agents[a as usize].slot),
+                None => self.graph.tasks[idx as usize]
+                    .tool
+                    .as_deref()
+                    .and_then(|tool| self.tool_slots.get_mut(tool)),
+            };
+            if let Some(slot) = slot
                 && slot.full()
             {
                 self.tasks[idx as usize].status = TaskStatus::Blocked;
@@ -1912,6 +1908,15 @@ impl Engine {
             payload,
         });
     }
+}
+
+/// A run's clock and id generator, from its seed and its `run.created` time: the declared
+/// tasks take the first task ids, in graph order, then spawned tasks the next ones. Whoever
+/// needs a run's task ids (the engine, [`crate::state::RunSummary`]) starts here.
+pub(crate) fn run_ids(seed: u64, created: Timestamp) -> (Arc<ManualClock>, IdGenerator) {
+    let clock = Arc::new(ManualClock::new(created));
+    let ids = IdGenerator::seeded(seed, clock.clone());
+    (clock, ids)
 }
 
 /// The graph a `run.created` payload describes: `graph` (the graph itself) or `simulation` (the

@@ -195,16 +195,9 @@ impl RunSummary {
                     s.status = "failed".into();
                     s.ended = Some(e.time);
                     s.error = Some(format!(
-                        "task `{}` failed: {}: {}",
+                        "task `{}` failed: {}",
                         e.payload.get("task").and_then(Value::as_str).unwrap_or("?"),
-                        e.payload
-                            .get("class")
-                            .and_then(Value::as_str)
-                            .unwrap_or("?"),
-                        e.payload
-                            .get("message")
-                            .and_then(Value::as_str)
-                            .unwrap_or("")
+                        failure_text(&e.payload)
                     ));
                 }
                 EventKind::RunCancelled => {
@@ -233,9 +226,18 @@ fn declared_task_ids(created: &Envelope, graph: &TaskGraph) -> Vec<TaskId> {
         .get("seed")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let clock = std::sync::Arc::new(agent_runtime_core::ManualClock::new(created.time));
-    let ids = agent_runtime_core::IdGenerator::seeded(seed, clock);
+    let (_, ids) = crate::engine::run_ids(seed, created.time);
     graph.tasks.iter().map(|_| ids.task_id()).collect()
+}
+
+/// `CLASS: MESSAGE` of a failure's payload (`task.failed`, `run.failed`).
+fn failure_text(payload: &Value) -> String {
+    let field = |k: &str| payload.get(k).and_then(Value::as_str);
+    format!(
+        "{}: {}",
+        field("class").unwrap_or("?"),
+        field("message").unwrap_or("")
+    )
 }
 
 fn apply_task_event(row: &mut TaskRow, e: &Envelope) {
@@ -252,17 +254,7 @@ fn apply_task_event(row: &mut TaskRow, e: &Envelope) {
         EventKind::TaskFailed => {
             row.status = "failed".into();
             row.ended = Some(e.time);
-            row.error = Some(format!(
-                "{}: {}",
-                e.payload
-                    .get("class")
-                    .and_then(Value::as_str)
-                    .unwrap_or("?"),
-                e.payload
-                    .get("message")
-                    .and_then(Value::as_str)
-                    .unwrap_or("")
-            ));
+            row.error = Some(failure_text(&e.payload));
         }
         EventKind::TaskRetryScheduled => {
             row.status = "retrying".into();
