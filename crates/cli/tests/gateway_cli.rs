@@ -204,6 +204,34 @@ fn tools_call_through_the_pipeline() {
 }
 
 #[test]
+fn a_policy_without_a_workspace_uses_the_gateways() {
+    let env = Env::new();
+    std::fs::write(env.dir.path().join("bare-policy.yaml"), "rules: []\n").unwrap();
+    // The configuration given by a bare file name, relative to the working directory.
+    let check = |path: &str| {
+        env.cmd()
+            .args(["policy", "check", "--json", "--tool", "fs.write", "--args"])
+            .arg(format!(r#"{{"path":{path:?},"text":"x"}}"#))
+            .args(["--config", "gateway.yaml", "--policy", "bare-policy.yaml"])
+            .output()
+            .unwrap()
+    };
+    // Beside the workspace `ws` (inside the working directory, but not the workspace).
+    let beside = env.dir.path().join("beside.txt").display().to_string();
+    let out = check(&beside);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["decision"]["rule"], "default.write-outside", "{v}");
+    let inside = env.dir.path().join("ws/in.txt").display().to_string();
+    let v: Value = serde_json::from_slice(&check(&inside).stdout).unwrap();
+    assert_eq!(v["decision"]["rule"], "default.write-inside", "{v}");
+}
+
+#[test]
 fn policy_check_names_the_rule() {
     let env = Env::new();
     env.cmd()

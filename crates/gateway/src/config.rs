@@ -93,13 +93,7 @@ impl GatewayFile {
                 what: path.display().to_string(),
                 message: e.to_string(),
             })?;
-        let base =
-            std::path::absolute(path.parent().unwrap_or(Path::new("."))).map_err(|source| {
-                GatewayError::Read {
-                    path: path.to_path_buf(),
-                    source,
-                }
-            })?;
+        let base = crate::policy::base_dir(path)?;
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {
                 *p = base.join(&*p);
@@ -171,7 +165,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     };
     let policy_path = opts.policy.clone().or(file.policy.clone());
     let policy = match &policy_path {
-        Some(p) => Policy::load(p)?,
+        Some(p) => Policy::load_in(p, &workspace)?,
         None => Policy::defaults(workspace.clone())?,
     };
     let write_roots: Vec<PathBuf> = workspace

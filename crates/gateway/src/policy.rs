@@ -410,6 +410,16 @@ impl Policy {
 
     /// Parses a policy from YAML; relative workspace roots are taken from `base`.
     pub fn from_yaml(text: &str, base: &Path) -> Result<Policy, GatewayError> {
+        Policy::from_yaml_in(text, base, &[])
+    }
+
+    /// [`Policy::from_yaml`], with `workspace` as the default workspace (see
+    /// [`Policy::load_in`]).
+    pub fn from_yaml_in(
+        text: &str,
+        base: &Path,
+        workspace: &[PathBuf],
+    ) -> Result<Policy, GatewayError> {
         let mut file: PolicyFile =
             serde_yaml_ng::from_str(text).map_err(|e| GatewayError::Parse {
                 what: "policy".into(),
@@ -431,7 +441,7 @@ impl Policy {
         }
         let roots: Vec<PathBuf> = file.workspace.iter().map(|r| base.join(r)).collect();
         let roots = if roots.is_empty() {
-            workspace_or_cwd(Vec::new())?
+            workspace_or_cwd(workspace.to_vec())?
         } else {
             roots
         };
@@ -440,19 +450,19 @@ impl Policy {
 
     /// Reads and parses a policy file.
     pub fn load(path: &Path) -> Result<Policy, GatewayError> {
+        Policy::load_in(path, &[])
+    }
+
+    /// [`Policy::load`], with `workspace` as the workspace when the file names none (the
+    /// gateway passes its own, so that policy and sandbox agree on it); empty means the
+    /// current directory.
+    pub fn load_in(path: &Path, workspace: &[PathBuf]) -> Result<Policy, GatewayError> {
         let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Read {
             path: path.to_path_buf(),
             source,
         })?;
-        let base = path
-            .parent()
-            .filter(|p| !p.as_os_str().is_empty())
-            .unwrap_or(Path::new("."));
-        let base = std::path::absolute(base).map_err(|source| GatewayError::Read {
-            path: base.to_path_buf(),
-            source,
-        })?;
-        Policy::from_yaml(&text, &base).map_err(|e| match e {
+        let base = base_dir(path)?;
+        Policy::from_yaml_in(&text, &base, workspace).map_err(|e| match e {
             GatewayError::Parse { message, .. } => GatewayError::Parse {
                 what: path.display().to_string(),
                 message,
@@ -566,6 +576,19 @@ impl Policy {
             .iter()
             .all(|(c, sel)| condition_matches(c, sel, input.arguments, base))
     }
+}
+
+/// The absolute folder of a configuration file, against which its relative paths resolve
+/// (`.` for a bare file name, whose parent is the empty path).
+pub(crate) fn base_dir(path: &Path) -> Result<PathBuf, GatewayError> {
+    let base = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::path::absolute(base).map_err(|source| GatewayError::Read {
+        path: base.to_path_buf(),
+        source,
+    })
 }
 
 fn workspace_or_cwd(roots: Vec<PathBuf>) -> Result<Vec<PathBuf>, GatewayError> {
