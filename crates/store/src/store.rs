@@ -338,7 +338,11 @@ impl Store {
             init_schema(&conn, &config)?;
         }
         let cipher = unlock(&conn, &config)?;
-        let head = read_head(&conn, &path)?;
+        // A reader opens a damaged head too, so that verify can say what is wrong with it.
+        let head = match read_head(&conn, &path) {
+            Err(StoreError::Damaged { .. }) if config.read_only => None,
+            other => other?,
+        };
         let (last_tx, last_rx) = watch::channel(head.map_or(0, |h| h.0));
 
         let counters = Arc::new(WriterCounters::default());
@@ -785,12 +789,16 @@ pub(crate) fn read_head(
         )
         .optional()
         .map_err(|e| sqlite_error(path, e, None))?;
-    Ok(row.map(|(s, h)| {
-        (
-            u64::try_from(s).unwrap_or(0),
-            Hash32::from_slice(&h).unwrap_or_default(),
-        )
-    }))
+    // A malformed head must not become a fresh start: chaining onto it would hide the damage.
+    row.map(|(s, h)| match (u64::try_from(s), Hash32::from_slice(&h)) {
+        (Ok(seq), Some(hash)) => Ok((seq, hash)),
+        _ => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            after_seq: None,
+            detail: format!("the newest event (sequence {s}) has a malformed sequence or hash"),
+        }),
+    })
+    .transpose()
 }
 
 /// The head recorded in `meta` at each commit: lets verify notice events cut off the end.

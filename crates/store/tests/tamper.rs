@@ -255,3 +255,20 @@ fn a_file_that_is_not_a_database_is_named() {
         .unwrap();
     assert_eq!(journal, "delete");
 }
+
+#[test]
+fn a_malformed_newest_event_is_not_chained_onto() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 5);
+    tamper(&path, "UPDATE events SET hash = x'00' WHERE seq = 5;");
+    // Opening to append refuses: chaining onto a made-up head would hide the damage.
+    let err = Store::open(encrypted_config(&path, "test passphrase")).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("sequence 5"), "{err}");
+    // Verify (which opens for reading) still names the broken event.
+    let report = Store::open(encrypted_config(&path, "test passphrase").read_only())
+        .unwrap()
+        .verify()
+        .unwrap();
+    assert_eq!(report.problem.map(|p| p.seq), Some(5));
+}

@@ -1303,14 +1303,22 @@ impl Engine {
         let Some(a) = self.tasks[idx as usize].agent else {
             return;
         };
-        if let Some(max) = self.graph.limits.budget.model_calls
+        let budget = &self.graph.limits.budget;
+        let spent = if let Some(max) = budget.model_calls
             && self.model_calls >= max
         {
-            self.attempt_failed(
-                idx,
-                ErrorClass::BudgetExceeded,
-                format!("the run's budget of {max} model calls is spent"),
-            );
+            Some(format!("the run's budget of {max} model calls is spent"))
+        } else if let Some(max) = budget.tokens
+            && self.tokens >= max
+        {
+            // Checked before the call too, not only after: once spent, no further (paid) call
+            // is made by tasks whose failure policy lets the run go on.
+            Some(format!("the run's budget of {max} tokens is spent"))
+        } else {
+            None
+        };
+        if let Some(why) = spent {
+            self.attempt_failed(idx, ErrorClass::BudgetExceeded, why);
             return;
         }
         self.model_calls += 1;

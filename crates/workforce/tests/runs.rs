@@ -838,3 +838,29 @@ fn a_tool_that_panics_fails_its_attempt_instead_of_hanging_the_run() {
         out.log_hash
     );
 }
+
+#[test]
+fn a_spent_token_budget_stops_further_model_calls() {
+    // Each scripted answer costs 15 tokens; the budget is spent after the first.
+    let (out, log) = run(
+        graph(
+            "limits: { concurrency: 1, budget: { tokens: 15 } }\nagents:\n  w: { model: script/m, tools: [] }\ntasks:\n  - { id: a, agent: w, prompt: hi, on_failure: skip }\n  - { id: b, agent: w, prompt: hi, needs: [a], on_failure: skip }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    let ev = events(&log);
+    // One call only: `b` is refused before it asks the model.
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventKind::ModelRequested)
+            .count(),
+        1
+    );
+    let b_fail = ev
+        .iter()
+        .find(|e| e.kind == EventKind::TaskFailed && name_of(&ev, e.task_id) == "b")
+        .unwrap();
+    assert_eq!(b_fail.payload["class"], "budget_exceeded");
+    assert_eq!(driver::replay_events(&ev).unwrap().log_hash, out.log_hash);
+}
