@@ -101,13 +101,31 @@ fn tampered_log_fails_verify_with_exit_1_naming_the_sequence() {
     let dir = tempfile::tempdir().unwrap();
     let db = demo(&dir);
     let conn = rusqlite::Connection::open(&db).unwrap();
-    // As an attacker would: past the append-only triggers.
-    conn.execute_batch("DROP TRIGGER events_append_only_delete; DELETE FROM events WHERE seq = 6")
+    // As an attacker would: past the append-only trigger, one byte of event 6's sealed payload.
+    let (first, prev, mut body): (i64, Vec<u8>, Vec<u8>) = conn
+        .query_row(
+            "SELECT first_seq, prev_hash, body FROM frames WHERE first_seq <= 6 ORDER BY first_seq DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
         .unwrap();
+    let at = agent_runtime_store::frame::records(first as u64, &prev, &body)
+        .map(Result::unwrap)
+        .find(|r| r.seq == 6)
+        .map(|r| r.payload.as_ptr() as usize - body.as_ptr() as usize)
+        .unwrap();
+    body[at + 20] ^= 0x01;
+    conn.execute_batch("DROP TRIGGER frames_append_only_update")
+        .unwrap();
+    conn.execute(
+        "UPDATE frames SET body = ?1 WHERE first_seq = ?2",
+        rusqlite::params![body, first],
+    )
+    .unwrap();
     drop(conn);
     cli(&db).args(["audit", "verify"]).assert().code(1).stdout(
         predicate::str::contains("FAILED")
-            .and(predicate::str::contains("sequence 6: event missing")),
+            .and(predicate::str::contains("sequence 6: payload changed")),
     );
 }
 

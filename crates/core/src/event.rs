@@ -349,6 +349,108 @@ impl NewEvent {
     }
 }
 
+/// A [`NewEvent`] with its canonical body computed: the header, then the length-prefixed
+/// canonical payload (see the module docs), which is what a log hashes and stores.
+///
+/// A pipeline that hashes and stores each event hands this on instead of the `NewEvent`, so
+/// that the payload is serialized once, on the thread that built it while it is still in cache,
+/// and its `serde_json::Value` is freed there. Logs that keep canonical bytes
+/// ([`EventSink::append_encoded`](crate::EventSink::append_encoded)) take it as it is.
+///
+/// ```
+/// use agent_runtime_core::{Actor, EncodedEvent, EventKind, NewEvent, RunId, Timestamp};
+///
+/// let event = NewEvent { run_id: RunId::from_bytes([1; 16]), task_id: None, actor: Actor::System,
+///                        kind: EventKind::Note, time: Timestamp::EPOCH,
+///                        payload: serde_json::json!({"b": 1, "a": 2}) };
+/// let encoded = EncodedEvent::new(event.clone());
+/// assert_eq!(encoded.body(), event.canonical_body());
+/// assert_eq!(encoded.payload_json(), br#"{"a":2,"b":1}"#);
+/// assert_eq!(encoded.to_new_event().unwrap(), event);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct EncodedEvent {
+    run_id: RunId,
+    task_id: Option<TaskId>,
+    actor: Actor,
+    kind: EventKind,
+    time: Timestamp,
+    body: Vec<u8>,
+    header_len: usize,
+}
+
+impl EncodedEvent {
+    /// Encodes `event`, dropping its `Value`.
+    pub fn new(event: NewEvent) -> EncodedEvent {
+        let mut body = Vec::with_capacity(160);
+        write_header(
+            &mut body,
+            &event.run_id,
+            event.task_id.as_ref(),
+            ActorText::Parsed(&event.actor),
+            event.kind.as_str(),
+            event.time,
+        );
+        let header_len = body.len();
+        let at = reserve_len(&mut body);
+        write_canonical_json(&event.payload, &mut body);
+        patch_len(&mut body, at);
+        EncodedEvent {
+            run_id: event.run_id,
+            task_id: event.task_id,
+            actor: event.actor,
+            kind: event.kind,
+            time: event.time,
+            body,
+            header_len,
+        }
+    }
+
+    /// The run.
+    pub fn run_id(&self) -> RunId {
+        self.run_id
+    }
+    /// The task, if any.
+    pub fn task_id(&self) -> Option<TaskId> {
+        self.task_id
+    }
+    /// Who did it.
+    pub fn actor(&self) -> &Actor {
+        &self.actor
+    }
+    /// What kind of fact it is.
+    pub fn kind(&self) -> EventKind {
+        self.kind
+    }
+    /// When.
+    pub fn time(&self) -> Timestamp {
+        self.time
+    }
+    /// The canonical body: [`NewEvent::canonical_body`].
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+    /// The canonical header: [`NewEvent::canonical_header`].
+    pub fn header(&self) -> &[u8] {
+        &self.body[..self.header_len]
+    }
+    /// The canonical payload JSON.
+    pub fn payload_json(&self) -> &[u8] {
+        &self.body[self.header_len + 4..]
+    }
+    /// The event back, its payload parsed again (for logs that keep values).
+    pub fn to_new_event(&self) -> Result<NewEvent, serde_json::Error> {
+        Ok(NewEvent {
+            run_id: self.run_id,
+            task_id: self.task_id,
+            actor: self.actor.clone(),
+            kind: self.kind,
+            time: self.time,
+            payload: serde_json::from_slice(self.payload_json())?,
+        })
+    }
+}
+
 /// The canonical header bytes from the stored parts of an event (see the module docs).
 pub fn canonical_header(
     run_id: &RunId,

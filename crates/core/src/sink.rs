@@ -3,7 +3,7 @@
 //! The embedded default is `agent-runtime-store` (SQLite). A team deployment can put the log on
 //! another database by implementing these two traits.
 
-use crate::event::{Envelope, EventKind, Hash32, NewEvent};
+use crate::event::{EncodedEvent, Envelope, EventKind, Hash32, NewEvent};
 use crate::ids::RunId;
 use crate::time::Timestamp;
 
@@ -37,6 +37,20 @@ pub struct SinkError {
 pub trait EventSink: Send + Sync {
     /// Appends `events` as one batch and returns where each landed.
     async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, SinkError>;
+
+    /// Appends events whose canonical bytes are already computed, under the same contract.
+    /// Logs that store canonical bytes override this to use them as they are; the default
+    /// parses each payload back and calls [`EventSink::append`].
+    async fn append_encoded(&self, events: Vec<EncodedEvent>) -> Result<Vec<Appended>, SinkError> {
+        let decoded = events
+            .iter()
+            .map(EncodedEvent::to_new_event)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| SinkError {
+                message: format!("an encoded event's payload is not JSON: {e}"),
+            })?;
+        self.append(decoded).await
+    }
 }
 
 /// Which events to read.

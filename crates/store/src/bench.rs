@@ -197,6 +197,25 @@ fn append_all(
     Ok(Rate::new(events.len() as u64, start))
 }
 
+/// The baseline's table: a row per event with run, kind and time indexes, what a plain SQLite
+/// event log looks like (and the store's own layout before frames, format 1).
+const BASELINE_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS events (
+    seq       INTEGER PRIMARY KEY,
+    run_id    BLOB NOT NULL,
+    task_id   BLOB,
+    actor     TEXT NOT NULL,
+    kind      TEXT NOT NULL,
+    time_ns   INTEGER NOT NULL,
+    payload   BLOB NOT NULL,
+    prev_hash BLOB NOT NULL,
+    hash      BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id, seq);
+CREATE INDEX IF NOT EXISTS events_by_kind ON events(kind, seq);
+CREATE INDEX IF NOT EXISTS events_by_time ON events(time_ns, seq);
+";
+
 fn baseline(path: &std::path::Path, events: &[NewEvent], batch: usize) -> Result<Rate, StoreError> {
     let err = |e: rusqlite::Error| StoreError::Sqlite {
         path: path.to_path_buf(),
@@ -208,7 +227,7 @@ fn baseline(path: &std::path::Path, events: &[NewEvent], batch: usize) -> Result
         crate::store::WRITER_TUNING
     ))
     .map_err(err)?;
-    conn.execute_batch(crate::store::SCHEMA).map_err(err)?;
+    conn.execute_batch(BASELINE_SCHEMA).map_err(err)?;
     // The same bytes the store writes: ids, strings, canonical payload, two 32-byte hashes.
     let rows: Vec<_> = events
         .iter()

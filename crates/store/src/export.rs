@@ -9,7 +9,7 @@ use std::str::FromStr;
 use agent_runtime_core::{EventQuery, Hash32, RunId, TaskId, Timestamp};
 use serde_json::json;
 
-use crate::error::{StoreError, sqlite_error};
+use crate::error::StoreError;
 use crate::pipeline::ordered_parallel;
 use crate::store::{RawRow, Store};
 use crate::verify::{BundleHeader, BundleTrailer, ChainHead};
@@ -138,7 +138,7 @@ impl Store {
                 let mut tail = None;
                 let mut scratch = Vec::with_capacity(1024);
                 for r in rows {
-                    let plain = self.open_payload_into(&r, &mut scratch)?;
+                    let plain = self.open_payload_into(&r.as_record(), &mut scratch)?;
                     tail = Some((r.seq, Hash32::from_slice(&r.hash).unwrap_or_default()));
                     match format {
                         ExportFormat::Otlp => records.push(otlp_record(&r, plain)),
@@ -206,44 +206,39 @@ impl Store {
     }
 }
 
+/// Reads the events `query` selects in order, in batches of copied records.
 fn scan_query(
     conn: &rusqlite::Connection,
     path: &std::path::Path,
     query: &EventQuery,
     emit: &mut dyn FnMut(Vec<RawRow>) -> bool,
 ) -> Result<(), StoreError> {
-    if *query == EventQuery::default() {
-        return crate::verify::scan_rows(conn, path, emit);
+    let mut batch = Vec::with_capacity(BATCH);
+    let mut failed = None;
+    let mut stopped = false;
+    crate::store::scan_events(conn, path, query, &mut |rec| match rec {
+        Ok(r) => {
+            batch.push(RawRow::from_record(&r));
+            if batch.len() == BATCH
+                && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+            {
+                stopped = true;
+                return false;
+            }
+            true
+        }
+        Err(e) => {
+            failed = Some(e);
+            false
+        }
+    })?;
+    if let Some(e) = failed {
+        return Err(e);
     }
-    // Filtered exports are small enough to read through the query path in pages.
-    let mut after = query.after_seq.unwrap_or(0);
-    let mut remaining = query.limit.unwrap_or(usize::MAX);
-    loop {
-        let page = BATCH.min(remaining);
-        if page == 0 {
-            return Ok(());
-        }
-        let mut q = query.clone();
-        q.after_seq = Some(after);
-        q.limit = Some(page);
-        let (sql, args) = crate::store::query_sql_for_export(&q);
-        let mut stmt = conn
-            .prepare_cached(&sql)
-            .map_err(|e| sqlite_error(path, e, Some(after)))?;
-        let rows = stmt
-            .query_map(rusqlite::params_from_iter(args.iter()), RawRow::from_row)
-            .map_err(|e| sqlite_error(path, e, Some(after)))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| sqlite_error(path, e, Some(after)))?;
-        let n = rows.len();
-        if let Some(r) = rows.last() {
-            after = r.seq;
-        }
-        remaining -= n;
-        if n == 0 || !emit(rows) || n < page {
-            return Ok(());
-        }
+    if !stopped && !batch.is_empty() {
+        emit(batch);
     }
+    Ok(())
 }
 
 /// Writes one envelope as a JSON line, byte for byte what `serde_json::to_string(&Envelope)`
@@ -369,6 +364,7 @@ mod tests {
                 actor: ev.actor.to_string(),
                 kind: ev.kind.as_str().into(),
                 time_ns: ev.time.as_unix_nanos(),
+                header: ev.canonical_header(),
                 payload: agent_runtime_core::canonical_json(&ev.payload),
                 prev_hash: vec![1; 32],
                 hash: env.hash.0.to_vec(),

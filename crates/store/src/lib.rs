@@ -50,6 +50,7 @@ mod config;
 mod crypto;
 mod error;
 mod export;
+pub mod frame;
 mod keyring;
 mod pipeline;
 mod stats;

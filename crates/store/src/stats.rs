@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use crate::error::{StoreError, sqlite_error};
+use crate::error::StoreError;
 use crate::store::Store;
 
 /// What `audit stats` shows.
@@ -37,51 +37,37 @@ impl Store {
     pub fn stats(&self) -> Result<Stats, StoreError> {
         let path = &self.inner.path;
         let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let err = |e| sqlite_error(path, e, None);
-        let mut kinds = BTreeMap::new();
+        // One pass over the records (their metadata is in clear: nothing is decrypted).
+        let mut kinds: BTreeMap<String, u64> = BTreeMap::new();
         let mut events = 0;
-        {
-            let mut stmt = conn
-                .prepare("SELECT kind, count(*) FROM events GROUP BY kind")
-                .map_err(err)?;
-            let rows = stmt
-                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-                .map_err(err)?;
-            for row in rows {
-                let (k, n) = row.map_err(err)?;
-                let n = u64::try_from(n).unwrap_or(0);
-                events += n;
-                kinds.insert(k, n);
-            }
-        }
-        let runs: i64 = conn
-            .query_row("SELECT count(DISTINCT run_id) FROM events", [], |r| {
-                r.get(0)
-            })
-            .map_err(err)?;
-        let time_at = |order: &str| -> Result<Option<String>, StoreError> {
-            let t: Option<i64> = conn
-                .query_row(
-                    &format!("SELECT time_ns FROM events ORDER BY seq {order} LIMIT 1"),
-                    [],
-                    |r| r.get(0),
-                )
-                .map(Some)
-                .or_else(|e| {
-                    if matches!(e, rusqlite::Error::QueryReturnedNoRows) {
-                        Ok(None)
-                    } else {
-                        Err(e)
+        let mut runs = std::collections::BTreeSet::new();
+        let mut times: Option<(u64, u64)> = None;
+        let mut failed = None;
+        crate::store::scan_events(&conn, path, &Default::default(), &mut |rec| match rec {
+            Ok(r) => {
+                events += 1;
+                match kinds.get_mut(r.kind) {
+                    Some(n) => *n += 1,
+                    None => {
+                        kinds.insert(r.kind.to_string(), 1);
                     }
-                })
-                .map_err(err)?;
-            Ok(t.map(|t| {
-                agent_runtime_core::Timestamp::from_unix_nanos(u64::try_from(t).unwrap_or(0))
-                    .to_string()
-            }))
-        };
-        let first_time = time_at("ASC")?;
-        let last_time = time_at("DESC")?;
+                }
+                runs.insert(r.run_id);
+                times = Some(times.map_or((r.time_ns, r.time_ns), |(first, _)| (first, r.time_ns)));
+                true
+            }
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let show = |t: u64| agent_runtime_core::Timestamp::from_unix_nanos(t).to_string();
+        let first_time = times.map(|(t, _)| show(t));
+        let last_time = times.map(|(_, t)| show(t));
+        let runs = runs.len() as i64;
         drop(conn);
         let head = self.head()?;
         let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);

@@ -6,8 +6,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use agent_runtime_core::{
-    Actor, Appended, Envelope, EventKind, EventQuery, Hash32, NewEvent, RunId, TaskId, Timestamp,
-    canonical_json, chain_hash_parts,
+    Actor, Appended, EncodedEvent, Envelope, EventKind, EventQuery, Hash32, NewEvent, RunId,
+    TaskId, Timestamp, chain_hash,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -15,60 +15,64 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{Durability, Encryption, StoreConfig};
 use crate::crypto::{self, KdfParams, PayloadCipher};
 use crate::error::{StoreError, sqlite_error};
+use crate::frame::{EventRecord, FrameBuilder, FrameError, MAX_FRAME_EVENTS};
 
-/// The on-disk format this build writes and reads.
-pub(crate) const FORMAT: &str = "1";
+/// The on-disk format this build writes and reads: 2 is frames (see [`crate::frame`]); 1 was a
+/// row per event.
+pub(crate) const FORMAT: &str = "2";
 /// Most events one group commit takes; more wait for the next.
 const MAX_BATCH_EVENTS: usize = 16 * 1024;
 /// Requests queued for the writer before appenders wait (backpressure).
 const QUEUE_DEPTH: usize = 1024;
 
+/// The tables. `frames` holds the events (a row per run of consecutive events, see
+/// [`crate::frame`]); `frame_runs` says which frames hold a run's events, so that a run's events
+/// are found without reading the others. Kind and time are filtered while reading: an index
+/// entry per event is what made a row per event slow, and frames carry their time range.
 pub(crate) const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BLOB NOT NULL) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS events (
-    seq       INTEGER PRIMARY KEY,
-    run_id    BLOB NOT NULL,
-    task_id   BLOB,
-    actor     TEXT NOT NULL,
-    kind      TEXT NOT NULL,
-    time_ns   INTEGER NOT NULL,
-    payload   BLOB NOT NULL,
+CREATE TABLE IF NOT EXISTS frames (
+    first_seq INTEGER PRIMARY KEY,
+    last_seq  INTEGER NOT NULL,
+    min_time  INTEGER NOT NULL,
+    max_time  INTEGER NOT NULL,
     prev_hash BLOB NOT NULL,
-    hash      BLOB NOT NULL
+    last_hash BLOB NOT NULL,
+    body      BLOB NOT NULL
 );
-CREATE INDEX IF NOT EXISTS events_by_run ON events(run_id, seq);
-CREATE INDEX IF NOT EXISTS events_by_kind ON events(kind, seq);
-CREATE INDEX IF NOT EXISTS events_by_time ON events(time_ns, seq);
-CREATE TRIGGER IF NOT EXISTS events_append_only_update BEFORE UPDATE ON events
+CREATE TABLE IF NOT EXISTS frame_runs (
+    run_id    BLOB NOT NULL,
+    first_seq INTEGER NOT NULL,
+    PRIMARY KEY (run_id, first_seq)
+) WITHOUT ROWID;
+CREATE TRIGGER IF NOT EXISTS frames_append_only_update BEFORE UPDATE ON frames
     BEGIN SELECT RAISE(ABORT, 'agent-runtime events are append-only'); END;
-CREATE TRIGGER IF NOT EXISTS events_append_only_delete BEFORE DELETE ON events
+CREATE TRIGGER IF NOT EXISTS frames_append_only_delete BEFORE DELETE ON frames
+    BEGIN SELECT RAISE(ABORT, 'agent-runtime events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS frame_runs_append_only_update BEFORE UPDATE ON frame_runs
+    BEGIN SELECT RAISE(ABORT, 'agent-runtime events are append-only'); END;
+CREATE TRIGGER IF NOT EXISTS frame_runs_append_only_delete BEFORE DELETE ON frame_runs
     BEGIN SELECT RAISE(ABORT, 'agent-runtime events are append-only'); END;
 ";
 
 /// Writer connection settings, shared with the benchmark's baseline so the comparison is fair: a
-/// larger page cache keeps the three secondary indexes' hot pages in memory, and a larger
-/// auto-checkpoint threshold makes checkpoints (which copy the WAL into the main file and fsync
-/// it) rarer and larger.
+/// larger page cache keeps hot index pages in memory, and a larger auto-checkpoint threshold
+/// makes checkpoints (which copy the WAL into the main file and fsync it) rarer and larger.
 pub(crate) const WRITER_TUNING: &str =
-    "PRAGMA cache_size = -65536; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;";
+    "PRAGMA cache_size = -8192; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;";
 
-pub(crate) const SELECT_COLUMNS: &str =
-    "seq, run_id, task_id, actor, kind, time_ns, payload, prev_hash, hash";
+/// The columns every frame reader selects, in this order.
+pub(crate) const FRAME_COLUMNS: &str = "first_seq, last_seq, prev_hash, last_hash, body";
 
 /// An event prepared for the writer: everything that does not depend on its place in the log is
-/// computed by the appender, so the single writer only numbers, hashes and inserts.
+/// computed by the appender, so the single writer only numbers, hashes and copies.
 pub(crate) struct Prepared {
     run_id: [u8; 16],
-    task_id: Option<[u8; 16]>,
-    actor: String,
-    kind: &'static str,
     time_ns: i64,
-    /// Canonical header, hashed before the payload.
-    header: Vec<u8>,
-    /// Canonical payload JSON.
-    payload: Vec<u8>,
-    /// The sealed payload for the payload column; `None` in a plaintext log, where the column
-    /// holds `payload` itself.
+    /// The canonical body, which the chain hash covers.
+    event: EncodedEvent,
+    /// The sealed payload as stored; `None` in a plaintext log, which stores the canonical
+    /// payload itself.
     sealed: Option<Vec<u8>>,
 }
 
@@ -81,7 +85,7 @@ struct WriteRequest {
     reply: Reply,
 }
 
-/// A row as stored.
+/// An event record copied out of its frame: what crosses threads in export and verify.
 pub(crate) struct RawRow {
     pub seq: u64,
     pub run_id: [u8; 16],
@@ -89,43 +93,38 @@ pub(crate) struct RawRow {
     pub actor: String,
     pub kind: String,
     pub time_ns: u64,
+    pub header: Vec<u8>,
     pub payload: Vec<u8>,
     pub prev_hash: Vec<u8>,
     pub hash: Vec<u8>,
 }
 
 impl RawRow {
-    pub(crate) fn from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
-        let r = RowRef::from_row(row)?;
-        Ok(RawRow {
+    pub(crate) fn from_record(r: &EventRecord<'_>) -> RawRow {
+        RawRow {
             seq: r.seq,
             run_id: r.run_id,
             task_id: r.task_id,
             actor: r.actor.to_string(),
             kind: r.kind.to_string(),
             time_ns: r.time_ns,
+            header: r.header.to_vec(),
             payload: r.payload.to_vec(),
             prev_hash: r.prev_hash.to_vec(),
             hash: r.hash.to_vec(),
-        })
+        }
     }
 
-    /// The canonical header of this row's metadata.
-    pub(crate) fn header(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(80);
-        self.as_ref().header_into(&mut out);
-        out
-    }
-
-    /// The row's columns, borrowed.
-    pub(crate) fn as_ref(&self) -> RowRef<'_> {
-        RowRef {
+    /// The record, borrowed.
+    pub(crate) fn as_record(&self) -> EventRecord<'_> {
+        EventRecord {
             seq: self.seq,
             run_id: self.run_id,
             task_id: self.task_id,
             actor: &self.actor,
             kind: &self.kind,
             time_ns: self.time_ns,
+            header: &self.header,
             payload: &self.payload,
             prev_hash: &self.prev_hash,
             hash: &self.hash,
@@ -133,54 +132,29 @@ impl RawRow {
     }
 }
 
-/// A row's columns borrowed from SQLite's row buffer: what a reader that checks rows where it
-/// reads them uses, without copying them out.
-pub(crate) struct RowRef<'a> {
-    pub seq: u64,
-    pub run_id: [u8; 16],
-    pub task_id: Option<[u8; 16]>,
-    pub actor: &'a str,
-    pub kind: &'a str,
-    pub time_ns: u64,
-    pub payload: &'a [u8],
-    pub prev_hash: &'a [u8],
-    pub hash: &'a [u8],
-}
-
-impl<'a> RowRef<'a> {
-    pub(crate) fn from_row(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<RowRef<'a>> {
-        let seq: i64 = row.get(0)?;
-        let time: i64 = row.get(5)?;
-        Ok(RowRef {
-            seq: u64::try_from(seq).unwrap_or(0),
-            run_id: fixed16(row.get_ref(1)?.as_blob()?),
-            task_id: row.get_ref(2)?.as_blob_or_null()?.map(fixed16),
-            actor: row.get_ref(3)?.as_str()?,
-            kind: row.get_ref(4)?.as_str()?,
-            time_ns: u64::try_from(time).unwrap_or(0),
-            payload: row.get_ref(6)?.as_blob()?,
-            prev_hash: row.get_ref(7)?.as_blob()?,
-            hash: row.get_ref(8)?.as_blob()?,
-        })
+/// Reads the frames a statement selected (columns [`FRAME_COLUMNS`]) and hands each of their
+/// records to `each` until it returns false. A record that cannot be read is `Err`, with the
+/// sequence number it would have had. Returns whether `each` wanted more.
+pub(crate) fn for_each_record(
+    rows: &mut rusqlite::Rows<'_>,
+    last_read: &mut Option<u64>,
+    each: &mut dyn FnMut(Result<EventRecord<'_>, FrameError>) -> bool,
+) -> rusqlite::Result<bool> {
+    while let Some(row) = rows.next()? {
+        let first: i64 = row.get(0)?;
+        let first = u64::try_from(first).unwrap_or(0);
+        let prev = row.get_ref(2)?.as_blob()?;
+        let body = row.get_ref(4)?.as_blob()?;
+        for rec in crate::frame::records(first, prev, body) {
+            if let Ok(r) = &rec {
+                *last_read = Some(r.seq);
+            }
+            if !each(rec) {
+                return Ok(false);
+            }
+        }
     }
-
-    /// Appends the canonical header of this row's metadata to `out`.
-    pub(crate) fn header_into(&self, out: &mut Vec<u8>) {
-        agent_runtime_core::write_canonical_header(
-            out,
-            &RunId::from_bytes(self.run_id),
-            self.task_id.map(TaskId::from_bytes).as_ref(),
-            self.actor,
-            self.kind,
-            Timestamp::from_unix_nanos(self.time_ns),
-        );
-    }
-}
-
-/// A malformed id column (wrong length) reads as all-0xff so that the hash check flags the row
-/// instead of the read failing.
-fn fixed16(b: &[u8]) -> [u8; 16] {
-    b.try_into().unwrap_or([0xff; 16])
+    Ok(true)
 }
 
 pub(crate) struct Inner {
@@ -404,40 +378,46 @@ impl Store {
         self.inner.cipher.is_some()
     }
 
-    fn prepare(&self, event: NewEvent) -> Result<Prepared, StoreError> {
+    fn prepare(&self, event: EncodedEvent) -> Result<Prepared, StoreError> {
         // Nanoseconds fit i64 until 2262; a later time could not be stored as the hash and the
         // seal saw it, so the event is refused rather than made unreadable.
-        let time_ns =
-            i64::try_from(event.time.as_unix_nanos()).map_err(|_| StoreError::TimeOutOfRange {
-                time: event.time.to_string(),
-            })?;
-        let payload = canonical_json(&event.payload);
-        if payload.len() > self.inner.max_payload_bytes {
+        let time_ns = i64::try_from(event.time().as_unix_nanos()).map_err(|_| {
+            StoreError::TimeOutOfRange {
+                time: event.time().to_string(),
+            }
+        })?;
+        let size = event.payload_json().len();
+        if size > self.inner.max_payload_bytes {
             return Err(StoreError::TooLarge {
-                size: payload.len(),
+                size,
                 limit: self.inner.max_payload_bytes,
             });
         }
-        let header = event.canonical_header();
         let sealed = self
             .inner
             .cipher
             .as_ref()
-            .map(|c| c.seal(&payload, &header));
+            .map(|c| c.seal(event.payload_json(), event.header()));
         Ok(Prepared {
-            run_id: *event.run_id.as_bytes(),
-            task_id: event.task_id.map(|t| *t.as_bytes()),
-            actor: event.actor.to_string(),
-            kind: event.kind.as_str(),
+            run_id: *event.run_id().as_bytes(),
             time_ns,
-            header,
-            payload,
+            event,
             sealed,
         })
     }
 
     /// Appends `events` as one batch; returns once the batch is durable (see [`Durability`]).
     pub async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, StoreError> {
+        self.append_encoded(events.into_iter().map(EncodedEvent::new).collect())
+            .await
+    }
+
+    /// [`Store::append`] for events already encoded (see [`EncodedEvent`]): their canonical
+    /// bytes are hashed and stored as they are.
+    pub async fn append_encoded(
+        &self,
+        events: Vec<EncodedEvent>,
+    ) -> Result<Vec<Appended>, StoreError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -470,46 +450,41 @@ impl Store {
     /// The events matching `query`, in sequence order, payloads decrypted.
     pub fn query_blocking(&self, query: &EventQuery) -> Result<Vec<Envelope>, StoreError> {
         let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let (sql, args) = query_sql(query);
-        let path = &self.inner.path;
-        let mut stmt = conn
-            .prepare_cached(&sql)
-            .map_err(|e| sqlite_error(path, e, None))?;
-        let mut rows = stmt
-            .query(rusqlite::params_from_iter(args.iter()))
-            .map_err(|e| sqlite_error(path, e, None))?;
         let mut out = Vec::new();
-        let mut last = None;
-        while let Some(row) = rows.next().map_err(|e| sqlite_error(path, e, last))? {
-            let raw = RawRow::from_row(row).map_err(|e| sqlite_error(path, e, last))?;
-            last = Some(raw.seq);
-            out.push(self.decode(raw)?);
+        let mut failed = None;
+        scan_events(&conn, &self.inner.path, query, &mut |rec| match rec
+            .and_then(|r| self.decode(&r))
+        {
+            Ok(env) => {
+                out.push(env);
+                true
+            }
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
+        })?;
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(out),
         }
-        Ok(out)
     }
 
-    /// The plaintext canonical payload of a row.
-    pub(crate) fn open_payload(&self, raw: &RawRow) -> Result<Vec<u8>, StoreError> {
-        let mut scratch = Vec::new();
-        self.open_payload_into(raw, &mut scratch)
-            .map(<[u8]>::to_vec)
-    }
-
-    /// The plaintext canonical payload of a row, decrypted into `scratch` when sealed.
+    /// The plaintext canonical payload of a record, decrypted into `scratch` when sealed.
     pub(crate) fn open_payload_into<'a>(
         &self,
-        raw: &'a RawRow,
+        r: &EventRecord<'a>,
         scratch: &'a mut Vec<u8>,
     ) -> Result<&'a [u8], StoreError> {
         match &self.inner.cipher {
-            None => Ok(&raw.payload),
+            None => Ok(r.payload),
             Some(c) => {
-                if c.open_into(&raw.payload, &raw.header(), scratch) {
+                if c.open_into(r.payload, r.header, scratch) {
                     Ok(scratch)
                 } else {
                     Err(StoreError::BadEvent {
                         path: self.inner.path.clone(),
-                        seq: raw.seq,
+                        seq: r.seq,
                         detail: "payload does not decrypt (tampered, or sealed under another key)"
                             .into(),
                     })
@@ -518,29 +493,29 @@ impl Store {
         }
     }
 
-    pub(crate) fn decode(&self, raw: RawRow) -> Result<Envelope, StoreError> {
+    pub(crate) fn decode(&self, r: &EventRecord<'_>) -> Result<Envelope, StoreError> {
         let bad = |detail: String| StoreError::BadEvent {
             path: self.inner.path.clone(),
-            seq: raw.seq,
+            seq: r.seq,
             detail,
         };
-        let plain = self.open_payload(&raw)?;
+        let mut scratch = Vec::new();
+        let plain = self.open_payload_into(r, &mut scratch)?;
         let payload =
-            serde_json::from_slice(&plain).map_err(|e| bad(format!("payload is not JSON: {e}")))?;
-        let actor: Actor = raw.actor.parse().map_err(|e| bad(format!("{e}")))?;
-        let kind: EventKind = raw.kind.parse().map_err(|e| bad(format!("{e}")))?;
+            serde_json::from_slice(plain).map_err(|e| bad(format!("payload is not JSON: {e}")))?;
+        let actor: Actor = r.actor.parse().map_err(|e| bad(format!("{e}")))?;
+        let kind: EventKind = r.kind.parse().map_err(|e| bad(format!("{e}")))?;
         Ok(Envelope {
-            seq: raw.seq,
-            run_id: RunId::from_bytes(raw.run_id),
-            task_id: raw.task_id.map(TaskId::from_bytes),
+            seq: r.seq,
+            run_id: RunId::from_bytes(r.run_id),
+            task_id: r.task_id.map(TaskId::from_bytes),
             actor,
             kind,
-            time: Timestamp::from_unix_nanos(raw.time_ns),
+            time: Timestamp::from_unix_nanos(r.time_ns),
             payload,
-            prev_hash: Hash32::from_slice(&raw.prev_hash)
+            prev_hash: Hash32::from_slice(r.prev_hash)
                 .ok_or_else(|| bad("prev_hash is not 32 bytes".into()))?,
-            hash: Hash32::from_slice(&raw.hash)
-                .ok_or_else(|| bad("hash is not 32 bytes".into()))?,
+            hash: Hash32::from_slice(r.hash).ok_or_else(|| bad("hash is not 32 bytes".into()))?,
         })
     }
 
@@ -586,7 +561,7 @@ fn refuse_foreign(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let foreign: Option<String> = conn
         .query_row(
             "SELECT name FROM sqlite_master WHERE type = 'table' \
-             AND name NOT IN ('meta', 'events') AND name NOT LIKE 'sqlite_%' LIMIT 1",
+             AND name NOT IN ('meta', 'events', 'frames', 'frame_runs') AND name NOT LIKE 'sqlite_%' LIMIT 1",
             [],
             |r| r.get(0),
         )
@@ -783,7 +758,7 @@ pub(crate) fn read_head(
 ) -> Result<Option<(u64, Hash32)>, StoreError> {
     let row: Option<(i64, Vec<u8>)> = conn
         .query_row(
-            "SELECT seq, hash FROM events ORDER BY seq DESC LIMIT 1",
+            "SELECT last_seq, last_hash FROM frames ORDER BY first_seq DESC LIMIT 1",
             [],
             |r| Ok((r.get(0)?, r.get(1)?)),
         )
@@ -811,48 +786,84 @@ pub(crate) fn read_recorded_head(
         .map(u64::from_be_bytes))
 }
 
-pub(crate) fn query_sql_for_export(q: &EventQuery) -> (String, Vec<rusqlite::types::Value>) {
-    query_sql(q)
-}
-
-fn query_sql(q: &EventQuery) -> (String, Vec<rusqlite::types::Value>) {
+/// Hands every event matching `query` to `each`, in sequence order, until it returns false or
+/// `query.limit` events were handed. Frames are chosen by run (through `frame_runs`), sequence
+/// and time range; each of their records is then filtered on everything the query names.
+pub(crate) fn scan_events(
+    conn: &Connection,
+    path: &Path,
+    query: &EventQuery,
+    each: &mut dyn FnMut(Result<EventRecord<'_>, StoreError>) -> bool,
+) -> Result<(), StoreError> {
     use rusqlite::types::Value as V;
-    let mut sql = format!("SELECT {SELECT_COLUMNS} FROM events WHERE 1=1");
+    let after = query.after_seq.unwrap_or(0);
+    // A frame holding a sequence number after `after` starts after this (frames are bounded).
+    let lowest_start = i64::try_from(after.saturating_sub(MAX_FRAME_EVENTS)).unwrap_or(i64::MAX);
+    let after_i = i64::try_from(after).unwrap_or(i64::MAX);
     let mut args: Vec<V> = Vec::new();
-    if let Some(r) = &q.run_id {
-        sql.push_str(" AND run_id = ?");
-        args.push(V::Blob(r.as_bytes().to_vec()));
-    }
-    if !q.kinds.is_empty() {
-        sql.push_str(" AND kind IN (");
-        for (i, k) in q.kinds.iter().enumerate() {
-            sql.push_str(if i == 0 { "?" } else { ",?" });
-            args.push(V::Text(k.as_str().to_string()));
+    let mut sql = match &query.run_id {
+        Some(run) => {
+            args.push(V::Blob(run.as_bytes().to_vec()));
+            // CROSS JOIN keeps SQLite reading the run's frames, not every frame.
+            "SELECT f.first_seq, f.last_seq, f.prev_hash, f.last_hash, f.body \
+             FROM frame_runs r CROSS JOIN frames f ON f.first_seq = r.first_seq \
+             WHERE r.run_id = ? AND r.first_seq > ?"
+                .to_string()
         }
-        sql.push(')');
+        None => format!("SELECT {FRAME_COLUMNS} FROM frames f WHERE f.first_seq > ?"),
+    };
+    args.push(V::Integer(lowest_start));
+    sql.push_str(" AND f.last_seq > ?");
+    args.push(V::Integer(after_i));
+    let nanos = |t: Timestamp| i64::try_from(t.as_unix_nanos()).unwrap_or(i64::MAX);
+    if let Some(t) = query.since {
+        sql.push_str(" AND f.max_time >= ?");
+        args.push(V::Integer(nanos(t)));
     }
-    if let Some(t) = q.since {
-        sql.push_str(" AND time_ns >= ?");
-        args.push(V::Integer(
-            i64::try_from(t.as_unix_nanos()).unwrap_or(i64::MAX),
-        ));
+    if let Some(t) = query.until {
+        sql.push_str(" AND f.min_time < ?");
+        args.push(V::Integer(nanos(t)));
     }
-    if let Some(t) = q.until {
-        sql.push_str(" AND time_ns < ?");
-        args.push(V::Integer(
-            i64::try_from(t.as_unix_nanos()).unwrap_or(i64::MAX),
-        ));
+    sql.push_str(" ORDER BY f.first_seq");
+    let since = query.since.map(Timestamp::as_unix_nanos);
+    let until = query.until.map(Timestamp::as_unix_nanos);
+    let run = query.run_id.map(|r| *r.as_bytes());
+    let mut remaining = query.limit.unwrap_or(usize::MAX);
+    if remaining == 0 {
+        return Ok(());
     }
-    if let Some(s) = q.after_seq {
-        sql.push_str(" AND seq > ?");
-        args.push(V::Integer(i64::try_from(s).unwrap_or(i64::MAX)));
-    }
-    sql.push_str(" ORDER BY seq");
-    if let Some(l) = q.limit {
-        sql.push_str(" LIMIT ?");
-        args.push(V::Integer(i64::try_from(l).unwrap_or(i64::MAX)));
-    }
-    (sql, args)
+    let mut stmt = conn
+        .prepare_cached(&sql)
+        .map_err(|e| sqlite_error(path, e, None))?;
+    let mut rows = stmt
+        .query(rusqlite::params_from_iter(args.iter()))
+        .map_err(|e| sqlite_error(path, e, None))?;
+    let mut last = None;
+    for_each_record(&mut rows, &mut last, &mut |rec| {
+        let r = match rec {
+            Ok(r) => r,
+            Err(e) => {
+                each(Err(StoreError::BadEvent {
+                    path: path.to_path_buf(),
+                    seq: e.seq,
+                    detail: format!("its frame is damaged: {}", e.detail),
+                }));
+                return false;
+            }
+        };
+        let wanted = r.seq > after
+            && run.is_none_or(|id| id == r.run_id)
+            && (query.kinds.is_empty() || query.kinds.iter().any(|k| k.as_str() == r.kind))
+            && since.is_none_or(|t| r.time_ns >= t)
+            && until.is_none_or(|t| r.time_ns < t);
+        if !wanted {
+            return true;
+        }
+        remaining -= 1;
+        each(Ok(r)) && remaining > 0
+    })
+    .map_err(|e| sqlite_error(path, e, last))?;
+    Ok(())
 }
 
 fn writer_loop(
@@ -863,6 +874,7 @@ fn writer_loop(
     counters: Arc<WriterCounters>,
 ) {
     let mut batch: Vec<WriteRequest> = Vec::new();
+    let mut frame = FrameBuilder::new();
     while let Some(first) = rx.blocking_recv() {
         let mut n = first.events.len();
         batch.push(first);
@@ -875,7 +887,7 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
-        match commit_batch(&mut conn, &path, &batch) {
+        match commit_batch(&mut conn, &path, &batch, &mut frame) {
             Ok((results, head)) => {
                 let _ = last_seq.send(head);
                 counters
@@ -904,11 +916,12 @@ fn writer_loop(
     let _ = conn.execute_batch("PRAGMA wal_checkpoint(TRUNCATE);");
 }
 
-/// Numbers, chains and inserts every event of `batch` in one transaction.
+/// Numbers and chains every event of `batch` and writes them as frames, in one transaction.
 fn commit_batch(
     conn: &mut Connection,
     path: &Path,
     batch: &[WriteRequest],
+    frame: &mut FrameBuilder,
 ) -> Result<(Vec<Vec<Appended>>, u64), String> {
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -918,31 +931,61 @@ fn commit_batch(
     let (mut seq, mut prev) = head.unwrap_or((0, Hash32::GENESIS));
     let mut results = Vec::with_capacity(batch.len());
     {
-        let mut stmt = tx
-            .prepare_cached("INSERT INTO events (seq, run_id, task_id, actor, kind, time_ns, payload, prev_hash, hash) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")
+        let mut insert_frame = tx
+            .prepare_cached("INSERT INTO frames (first_seq, last_seq, min_time, max_time, prev_hash, last_hash, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
             .map_err(|e| e.to_string())?;
+        let mut insert_run = tx
+            .prepare_cached("INSERT OR IGNORE INTO frame_runs (run_id, first_seq) VALUES (?1, ?2)")
+            .map_err(|e| e.to_string())?;
+        let mut flush = |frame: &mut FrameBuilder| -> Result<(), String> {
+            if frame.is_empty() {
+                return Ok(());
+            }
+            let first = i64::try_from(frame.first_seq).unwrap_or(i64::MAX);
+            let last = i64::try_from(frame.first_seq + frame.count - 1).unwrap_or(i64::MAX);
+            insert_frame
+                .execute(params![
+                    first,
+                    last,
+                    frame.min_time,
+                    frame.max_time,
+                    &frame.prev_hash.0[..],
+                    &frame.last_hash.0[..],
+                    &frame.body,
+                ])
+                .map_err(|e| e.to_string())?;
+            for run in &frame.runs {
+                insert_run
+                    .execute(params![&run[..], first])
+                    .map_err(|e| e.to_string())?;
+            }
+            frame.reset();
+            Ok(())
+        };
+        frame.reset();
         for req in batch {
             let mut landed = Vec::with_capacity(req.events.len());
             for ev in &req.events {
+                if frame.is_full() {
+                    flush(frame)?;
+                }
                 seq += 1;
-                let hash = chain_hash_parts(&prev, seq, &ev.header, &ev.payload);
-                stmt.execute(params![
-                    i64::try_from(seq).unwrap_or(i64::MAX),
-                    &ev.run_id[..],
-                    ev.task_id.as_ref().map(|t| &t[..]),
-                    ev.actor,
-                    ev.kind,
+                let hash = chain_hash(&prev, seq, ev.event.body());
+                frame.push(
+                    seq,
+                    prev,
+                    &ev.run_id,
                     ev.time_ns,
-                    ev.sealed.as_ref().unwrap_or(&ev.payload),
-                    &prev.0[..],
-                    &hash.0[..],
-                ])
-                .map_err(|e| e.to_string())?;
+                    ev.event.header(),
+                    ev.sealed.as_deref().unwrap_or(ev.event.payload_json()),
+                    hash,
+                );
                 landed.push(Appended { seq, hash });
                 prev = hash;
             }
             results.push(landed);
         }
+        flush(frame)?;
     }
     tx.execute(
         "INSERT INTO meta(key, value) VALUES ('head_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -960,6 +1003,15 @@ impl agent_runtime_core::EventSink for Store {
         events: Vec<NewEvent>,
     ) -> Result<Vec<Appended>, agent_runtime_core::SinkError> {
         Store::append(self, events).await.map_err(Into::into)
+    }
+
+    async fn append_encoded(
+        &self,
+        events: Vec<EncodedEvent>,
+    ) -> Result<Vec<Appended>, agent_runtime_core::SinkError> {
+        Store::append_encoded(self, events)
+            .await
+            .map_err(Into::into)
     }
 }
 

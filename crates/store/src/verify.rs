@@ -8,8 +8,9 @@ use agent_runtime_core::{Envelope, Hash32, chain_hash, chain_hash_parts, push_ca
 use serde::Serialize;
 
 use crate::error::{StoreError, read_error};
+use crate::frame::{EventRecord, MAX_FRAME_EVENTS};
 use crate::pipeline::ordered_parallel;
-use crate::store::{RawRow, RowRef, SELECT_COLUMNS, Store, read_recorded_head};
+use crate::store::{FRAME_COLUMNS, RawRow, Store, for_each_record, read_recorded_head};
 
 const BATCH: usize = 2048;
 /// Rows per block when workers read the log themselves.
@@ -98,9 +99,24 @@ pub(crate) struct Checked {
 
 enum Outcome {
     Ok,
-    HashMismatch { body: Vec<u8> },
+    HashMismatch {
+        body: Vec<u8>,
+    },
     Undecryptable,
     Malformed(String),
+    /// The frame holding it is inconsistent or cannot be read.
+    Damaged(String),
+}
+
+impl Checked {
+    fn damaged(seq: u64, detail: String) -> Checked {
+        Checked {
+            seq,
+            prev_hash: Hash32::GENESIS,
+            hash: Hash32::GENESIS,
+            outcome: Outcome::Damaged(detail),
+        }
+    }
 }
 
 /// Walks checked rows in order and finds the first problem.
@@ -150,6 +166,12 @@ impl ChainChecker {
                 detail,
             })
         };
+        // A frame that cannot be read or contradicts itself is named where it goes wrong,
+        // whatever place the checker expected.
+        if let Outcome::Damaged(detail) = &c.outcome {
+            self.problem = fail(ProblemKind::Damaged, detail.clone());
+            return false;
+        }
         if c.seq != self.expected_seq {
             self.problem = if c.seq > self.expected_seq {
                 Some(Problem {
@@ -190,6 +212,8 @@ impl ChainChecker {
                 self.problem = fail(ProblemKind::PayloadChanged, detail);
                 return false;
             }
+            // Handled before the sequence check.
+            Outcome::Damaged(_) => return false,
             Outcome::HashMismatch { body } => {
                 // Written at another place? Then it was moved (swapped, or renumbered after a
                 // deletion); otherwise its content changed.
@@ -267,9 +291,11 @@ impl Store {
             let reader = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
             let head = read_recorded_head(&reader, &path)?;
             let bounds: Option<(i64, i64)> = reader
-                .query_row("SELECT min(seq), max(seq) FROM events", [], |r| {
-                    Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?))
-                })
+                .query_row(
+                    "SELECT min(first_seq), max(last_seq) FROM frames",
+                    [],
+                    |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
+                )
                 .ok()
                 .map(|(lo, hi)| (lo.unwrap_or(1), hi.unwrap_or(0)));
             (head, bounds)
@@ -375,33 +401,31 @@ impl Store {
             };
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {SELECT_COLUMNS} FROM events WHERE seq > ?1 AND seq <= ?2 ORDER BY seq"
+                    "SELECT {FRAME_COLUMNS} FROM frames WHERE first_seq > ?1 AND first_seq <= ?2 ORDER BY first_seq"
                 ))
                 .map_err(|e| damaged(e, last))?;
             let mut rows = stmt.query([start, end]).map_err(|e| damaged(e, last))?;
             let mut scratch = Vec::with_capacity(1024);
-            let mut header = Vec::with_capacity(80);
             loop {
                 let row = match rows.next() {
                     Ok(Some(row)) => row,
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(damaged(e, last)),
                 };
-                let r = RowRef::from_row(row).map_err(|e| damaged(e, last))?;
-                last = Some(r.seq);
-                out.push(self.check_ref(&r, &mut scratch, &mut header));
+                let frame = FrameRow::from_row(row).map_err(|e| damaged(e, last))?;
+                frame.check(self, &mut scratch, out);
+                last = Some(frame.last_seq);
             }
         })
     }
 
     fn check_row(&self, r: RawRow, scratch: &mut Vec<u8>) -> Checked {
-        let mut header = Vec::with_capacity(80);
-        self.check_ref(&r.as_ref(), scratch, &mut header)
+        self.check_record(&r.as_record(), scratch)
     }
 
-    /// Checks one row: decrypts its payload into `scratch` and re-hashes it with its header,
-    /// built in `header` (both reused from row to row).
-    fn check_ref(&self, r: &RowRef<'_>, scratch: &mut Vec<u8>, header: &mut Vec<u8>) -> Checked {
+    /// Checks one record: decrypts its payload into `scratch` (reused from record to record)
+    /// and re-hashes it with its header.
+    fn check_record(&self, r: &EventRecord<'_>, scratch: &mut Vec<u8>) -> Checked {
         let (prev_hash, hash) = match (Hash32::from_slice(r.prev_hash), Hash32::from_slice(r.hash))
         {
             (Some(p), Some(h)) => (p, h),
@@ -410,16 +434,14 @@ impl Store {
                     seq: r.seq,
                     prev_hash: Hash32::GENESIS,
                     hash: Hash32::GENESIS,
-                    outcome: Outcome::Malformed("its hash columns are not 32 bytes".into()),
+                    outcome: Outcome::Malformed("its frame's prev_hash is not 32 bytes".into()),
                 };
             }
         };
-        header.clear();
-        r.header_into(header);
         let plain: &[u8] = match &self.inner.cipher {
             None => r.payload,
             Some(c) => {
-                if !c.open_into(r.payload, header, scratch) {
+                if !c.open_into(r.payload, r.header, scratch) {
                     return Checked {
                         seq: r.seq,
                         prev_hash,
@@ -430,11 +452,11 @@ impl Store {
                 scratch
             }
         };
-        let outcome = if chain_hash_parts(&prev_hash, r.seq, header, plain) == hash {
+        let outcome = if chain_hash_parts(&prev_hash, r.seq, r.header, plain) == hash {
             Outcome::Ok
         } else {
             // Only on failure: the body, to look for the place it was written at.
-            let mut body = header.clone();
+            let mut body = r.header.to_vec();
             push_canonical_payload(&mut body, plain);
             Outcome::HashMismatch { body }
         };
@@ -447,8 +469,75 @@ impl Store {
     }
 }
 
-/// Reads every row in sequence order in batches; a read error becomes `Damaged` after the last
-/// sequence number read.
+/// A frame row as verify reads it, borrowed from SQLite's row buffer.
+struct FrameRow<'a> {
+    first_seq: u64,
+    last_seq: u64,
+    prev_hash: &'a [u8],
+    last_hash: &'a [u8],
+    body: &'a [u8],
+}
+
+impl<'a> FrameRow<'a> {
+    fn from_row(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<FrameRow<'a>> {
+        let seq =
+            |i| -> rusqlite::Result<u64> { Ok(u64::try_from(row.get::<_, i64>(i)?).unwrap_or(0)) };
+        Ok(FrameRow {
+            first_seq: seq(0)?,
+            last_seq: seq(1)?,
+            prev_hash: row.get_ref(2)?.as_blob()?,
+            last_hash: row.get_ref(3)?.as_blob()?,
+            body: row.get_ref(4)?.as_blob()?,
+        })
+    }
+
+    /// Checks every record of the frame, then that the frame's own columns agree with them:
+    /// its last sequence number, its last hash (what the next append chains onto) and its size.
+    fn check(&self, store: &Store, scratch: &mut Vec<u8>, out: &mut Vec<Checked>) {
+        let mut last: Option<(u64, &[u8])> = None;
+        for rec in crate::frame::records(self.first_seq, self.prev_hash, self.body) {
+            match rec {
+                Ok(r) => {
+                    out.push(store.check_record(&r, scratch));
+                    last = Some((r.seq, r.hash));
+                }
+                Err(e) => {
+                    out.push(Checked::damaged(
+                        e.seq,
+                        format!("its frame cannot be read: {}", e.detail),
+                    ));
+                    return;
+                }
+            }
+        }
+        let damaged = |seq, detail: String| Checked::damaged(seq, detail);
+        match last {
+            None => out.push(damaged(
+                self.first_seq,
+                format!("its frame (sequence {}) holds no events", self.first_seq),
+            )),
+            Some((seq, _)) if seq != self.last_seq => out.push(damaged(
+                seq.min(self.last_seq) + 1,
+                format!(
+                    "its frame starts at {} and says it ends at {}, but holds events up to {seq}",
+                    self.first_seq, self.last_seq
+                ),
+            )),
+            Some((seq, hash)) if hash != self.last_hash => out.push(damaged(
+                seq,
+                "its frame's recorded last hash is not this event's hash".into(),
+            )),
+            Some((seq, _)) if seq - self.first_seq + 1 > MAX_FRAME_EVENTS => out.push(damaged(
+                self.first_seq + MAX_FRAME_EVENTS,
+                format!("its frame holds more than {MAX_FRAME_EVENTS} events"),
+            )),
+            Some(_) => {}
+        }
+    }
+}
+
+/// Reads every event in sequence order in batches; a read error becomes `Damaged` after the
+/// last sequence number read.
 pub(crate) fn scan_rows(
     conn: &rusqlite::Connection,
     path: &Path,
@@ -457,27 +546,42 @@ pub(crate) fn scan_rows(
     let mut last: Option<u64> = None;
     let damaged = |e, last| read_error(path, e, last);
     let mut stmt = conn
-        .prepare(&format!("SELECT {SELECT_COLUMNS} FROM events ORDER BY seq"))
+        .prepare(&format!(
+            "SELECT {FRAME_COLUMNS} FROM frames ORDER BY first_seq"
+        ))
         .map_err(|e| damaged(e, None))?;
     let mut rows = stmt.query([]).map_err(|e| damaged(e, None))?;
     let mut batch = Vec::with_capacity(BATCH);
-    loop {
-        let row = match rows.next() {
-            Ok(Some(row)) => row,
-            Ok(None) => break,
-            Err(e) => return Err(damaged(e, last)),
-        };
-        let raw = RawRow::from_row(row).map_err(|e| damaged(e, last))?;
-        last = Some(raw.seq);
-        batch.push(raw);
-        if batch.len() == BATCH && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH))) {
-            return Ok(());
+    let mut unreadable = None;
+    let mut stopped = false;
+    for_each_record(&mut rows, &mut last, &mut |rec| match rec {
+        Ok(r) => {
+            batch.push(RawRow::from_record(&r));
+            if batch.len() == BATCH
+                && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+            {
+                stopped = true;
+                return false;
+            }
+            true
         }
+        Err(e) => {
+            unreadable = Some(e);
+            false
+        }
+    })
+    .map_err(|e| damaged(e, last))?;
+    if !stopped && !batch.is_empty() && !emit(std::mem::take(&mut batch)) {
+        return Ok(());
     }
-    if !batch.is_empty() {
-        emit(batch);
+    match unreadable {
+        Some(e) => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            after_seq: e.seq.checked_sub(1),
+            detail: format!("a frame cannot be read: {}", e.detail),
+        }),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// The first line of a bundle.

@@ -26,8 +26,10 @@ fn honest_sql_cannot_change_or_delete_events() {
     let path = filled(&dir, 5);
     let conn = rusqlite::Connection::open(&path).unwrap();
     for sql in [
-        "UPDATE events SET kind = 'note' WHERE seq = 1",
-        "DELETE FROM events WHERE seq = 5",
+        "UPDATE frames SET last_seq = 9 WHERE first_seq = 1",
+        "DELETE FROM frames",
+        "UPDATE frame_runs SET first_seq = 2",
+        "DELETE FROM frame_runs",
     ] {
         let err = conn.execute_batch(sql).unwrap_err();
         assert!(err.to_string().contains("append-only"), "{err}");
@@ -52,16 +54,16 @@ fn flipped_payload_byte_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = filled(&dir, 500);
     // Flip one byte in the middle of event 321's sealed payload.
-    let conn = tamper_conn(&path);
-    let mut payload: Vec<u8> = conn
-        .query_row("SELECT payload FROM events WHERE seq = 321", [], |r| {
-            r.get(0)
-        })
-        .unwrap();
-    payload[40] ^= 0x01;
-    conn.execute("UPDATE events SET payload = ?1 WHERE seq = 321", [payload])
-        .unwrap();
-    drop(conn);
+    with_event_rows(&path, |conn| {
+        let mut payload: Vec<u8> = conn
+            .query_row("SELECT payload FROM events WHERE seq = 321", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        payload[40] ^= 0x01;
+        conn.execute("UPDATE events SET payload = ?1 WHERE seq = 321", [payload])
+            .unwrap();
+    });
     let p = problem(&path);
     assert_eq!((p.seq, p.kind), (321, ProblemKind::PayloadChanged), "{p}");
 }
@@ -271,4 +273,98 @@ fn a_malformed_newest_event_is_not_chained_onto() {
         .verify()
         .unwrap();
     assert_eq!(report.problem.map(|p| p.seq), Some(5));
+}
+
+/// Where a record sits in its frame's blob: (first_seq, body, offset of the record's payload).
+fn payload_offset(path: &std::path::Path, seq: u64) -> (i64, Vec<u8>, usize) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    let (first, prev, body): (i64, Vec<u8>, Vec<u8>) = conn
+        .query_row(
+            "SELECT first_seq, prev_hash, body FROM frames WHERE first_seq <= ?1 ORDER BY first_seq DESC LIMIT 1",
+            [seq as i64],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    let offset = agent_runtime_store::frame::records(first as u64, &prev, &body)
+        .map(Result::unwrap)
+        .find(|r| r.seq == seq)
+        .map(|r| r.payload.as_ptr() as usize - body.as_ptr() as usize)
+        .unwrap();
+    (first, body, offset)
+}
+
+fn replace_body(path: &std::path::Path, first: i64, body: Vec<u8>) {
+    tamper_conn(path)
+        .execute(
+            "UPDATE frames SET body = ?1 WHERE first_seq = ?2",
+            rusqlite::params![body, first],
+        )
+        .unwrap();
+}
+
+#[test]
+fn a_flipped_byte_inside_a_frame_of_many_events_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 500);
+    let (first, mut body, at) = payload_offset(&path, 321);
+    assert!(
+        first < 321,
+        "event 321 should share its frame with earlier ones"
+    );
+    body[at + 30] ^= 0x01;
+    replace_body(&path, first, body);
+    let p = problem(&path);
+    assert_eq!((p.seq, p.kind), (321, ProblemKind::PayloadChanged), "{p}");
+}
+
+#[test]
+fn a_cut_frame_is_named_at_the_first_event_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 500);
+    let (first, mut body, at) = payload_offset(&path, 250);
+    body.truncate(at + 5);
+    replace_body(&path, first, body);
+    let p = problem(&path);
+    assert_eq!((p.seq, p.kind), (250, ProblemKind::Damaged), "{p}");
+    assert!(p.detail.contains("frame"), "{p}");
+    // Reading it says so too, naming the event, instead of returning a short answer.
+    let err = open_encrypted(&path)
+        .query_blocking(&Default::default())
+        .unwrap_err();
+    assert!(err.to_string().contains("250"), "{err}");
+}
+
+#[test]
+fn a_frame_whose_columns_contradict_its_events_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 500);
+    // Claims a further event: the next append would leave a hole.
+    tamper(&path, "SELECT 1"); // one event per frame from here on
+    tamper_conn(&path)
+        .execute_batch("UPDATE frames SET last_seq = 501 WHERE first_seq = 500")
+        .unwrap();
+    let p = problem(&path);
+    assert_eq!((p.seq, p.kind), (501, ProblemKind::Damaged), "{p}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 500);
+    // A recorded last hash other than the last event's: the next append would chain onto it.
+    tamper_conn(&path)
+        .execute_batch("UPDATE frames SET last_hash = zeroblob(32)")
+        .unwrap();
+    let p = problem(&path);
+    assert_eq!((p.seq, p.kind), (500, ProblemKind::Damaged), "{p}");
+}
+
+#[test]
+fn a_database_of_the_row_per_event_format_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 3);
+    tamper_conn(&path)
+        .execute_batch("UPDATE meta SET value = CAST('1' AS BLOB) WHERE key = 'format'")
+        .unwrap();
+    let err = Store::open(encrypted_config(&path, "test passphrase")).unwrap_err();
+    assert!(matches!(err, StoreError::Format { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(msg.contains("\"1\"") || msg.contains(" 1"), "{msg}");
 }

@@ -21,9 +21,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::{
-    Actor, CallContext, CancellationToken, Clock, Envelope, ErrorClass, EventQuery, EventSink,
-    EventSource, ModelProvider, ModelRequest, NewEvent, RunId, Timestamp, ToolError, ToolOutput,
-    ToolSpec, async_trait,
+    Actor, CallContext, CancellationToken, Clock, EncodedEvent, Envelope, ErrorClass, EventQuery,
+    EventSink, EventSource, ModelProvider, ModelRequest, NewEvent, RunId, Timestamp, ToolError,
+    ToolOutput, ToolSpec, async_trait,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -580,21 +580,25 @@ struct Pending {
 /// order is the driver's), and acknowledges each once it is durable. It also folds the per-run
 /// log hash, off the scheduler's path.
 struct Writer {
-    batches: Option<mpsc::UnboundedSender<Vec<NewEvent>>>,
+    batches: Option<mpsc::UnboundedSender<Vec<EncodedEvent>>>,
     acks: mpsc::UnboundedReceiver<Result<(), String>>,
     task: tokio::task::JoinHandle<LogHasher>,
 }
 
 impl Writer {
     fn start(sink: Arc<dyn EventSink>, mut hasher: LogHasher) -> Writer {
-        let (batches, mut incoming) = mpsc::unbounded_channel::<Vec<NewEvent>>();
+        let (batches, mut incoming) = mpsc::unbounded_channel::<Vec<EncodedEvent>>();
         let (ack, acks) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
             while let Some(batch) = incoming.recv().await {
                 for e in &batch {
-                    hasher.update(e);
+                    hasher.update_encoded(e);
                 }
-                let result = sink.append(batch).await.map(|_| ()).map_err(|e| e.message);
+                let result = sink
+                    .append_encoded(batch)
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.message);
                 let failed = result.is_err();
                 // After a failed append nothing more is written: the log must not have a gap.
                 if ack.send(result).is_err() || failed {
@@ -610,7 +614,10 @@ impl Writer {
         }
     }
 
+    /// Hands `batch` on, encoded here: the events were just built on this thread, so their
+    /// payloads are serialized while in cache, and once.
     fn send(&self, batch: Vec<NewEvent>) -> Result<(), DriverError> {
+        let batch = batch.into_iter().map(EncodedEvent::new).collect();
         self.batches
             .as_ref()
             .and_then(|b| b.send(batch).ok())

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::{
-    ErrorClass, EventSink, FinishReason, IdGenerator, ManualClock, Message, ModelResponse,
-    NewEvent, Role, SeededRng, Timestamp, Usage,
+    EncodedEvent, ErrorClass, EventSink, FinishReason, IdGenerator, ManualClock, Message,
+    ModelResponse, Role, SeededRng, Timestamp, Usage,
 };
 
 use crate::engine::{Effect, Engine, RunStatus, TaskStatus};
@@ -247,7 +247,9 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     let mut cancelled: BTreeSet<u64> = BTreeSet::new();
     let mut tool_calls: BTreeMap<u64, String> = BTreeMap::new();
     let mut seq = 0u64;
-    let mut buffer: Vec<NewEvent> = Vec::with_capacity(cfg.batch.max(1) + 64);
+    // Events are encoded as they leave the engine, while their payloads are still in this
+    // thread's cache; the stages after it hash and store those bytes as they are.
+    let mut buffer: Vec<EncodedEvent> = Vec::with_capacity(cfg.batch.max(1) + 64);
     // Batches go through two tasks, so that the log writes while the engine computes: the first
     // folds the log hash, the second appends to the sink; the hash of a batch is thus computed
     // while the sink still writes the batch before it. Each stage keeps the batches in order,
@@ -263,13 +265,13 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         },
     };
     let response_json = serde_json::to_value(&response).unwrap_or(serde_json::Value::Null);
-    let (writer, mut batches) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(1);
-    let (to_sink, mut hashed) = tokio::sync::mpsc::channel::<Vec<NewEvent>>(1);
+    let (writer, mut batches) = tokio::sync::mpsc::channel::<Vec<EncodedEvent>>(1);
+    let (to_sink, mut hashed) = tokio::sync::mpsc::channel::<Vec<EncodedEvent>>(1);
     let hash_task = tokio::spawn(async move {
         let mut hasher = LogHasher::new();
         while let Some(batch) = batches.recv().await {
             for e in &batch {
-                hasher.update(e);
+                hasher.update_encoded(e);
             }
             if to_sink.send(batch).await.is_err() {
                 break;
@@ -279,7 +281,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     });
     let write_task = tokio::spawn(async move {
         while let Some(batch) = hashed.recv().await {
-            sink.append(batch)
+            sink.append_encoded(batch)
                 .await
                 .map_err(|e| SimError::Log(e.message))?;
         }
@@ -287,13 +289,13 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     });
     let mut retries = 0u64;
     let span = cfg.max_ms.saturating_sub(cfg.min_ms) + 1;
-    buffer.push(created);
+    buffer.push(EncodedEvent::new(created));
     loop {
         for e in engine.drain_events() {
             if e.kind == agent_runtime_core::EventKind::TaskRetryScheduled {
                 retries += 1;
             }
-            buffer.push(e);
+            buffer.push(EncodedEvent::new(e));
         }
         let now = engine.now();
         for effect in engine.drain_effects() {
@@ -381,7 +383,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
             (false, None) => break,
         };
         engine.apply_with(&input.0, input.1)?;
-        buffer.push(input.0);
+        buffer.push(EncodedEvent::new(input.0));
     }
     engine_cpu.pause();
     if !buffer.is_empty() {

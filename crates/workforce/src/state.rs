@@ -44,9 +44,12 @@ impl LogHasher {
         self.count += 1;
         self.maybe_flush();
     }
+    /// Adds the next event, already encoded: the same bytes as [`LogHasher::update`].
+    pub fn update_encoded(&mut self, e: &agent_runtime_core::EncodedEvent) {
+        self.update_body(e.body());
+    }
     /// Adds the next event's canonical body: the definition [`LogHasher::update`] is tested
     /// against.
-    #[cfg(test)]
     fn update_body(&mut self, body: &[u8]) {
         self.pending.extend_from_slice(&self.count.to_be_bytes());
         self.pending
