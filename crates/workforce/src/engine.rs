@@ -12,9 +12,8 @@
 //! (together with the events it derives, as one batch) *before* it performs the effects.
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BTreeMap, BinaryHeap, HashMap};
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::Arc;
+use std::collections::{BTreeMap, BinaryHeap};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use agent_runtime_core::{
@@ -24,7 +23,8 @@ use agent_runtime_core::{
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::graph::{OnFailure, RetryPolicy, TaskGraph, TaskSpec, topo_ranks};
+use crate::graph::{OnFailure, RetryPolicy, TaskGraph, TaskLists, TaskSpec};
+use crate::hashing::FastMap;
 use crate::template;
 
 /// The pseudo-tool an agent calls to add a sub-task to the running graph.
@@ -179,19 +179,41 @@ pub enum RunStatus {
 struct Key {
     prio: i32,
     rank: u32,
-    /// The first 8 bytes of `id`, big-endian, zero-padded: comparing them orders ids as the
-    /// strings do whenever they differ, so most comparisons never touch the strings.
+    /// The first 8 bytes of the id, big-endian, zero-padded, then its length: when both ids
+    /// are at most 8 bytes long, or their first 8 bytes differ, these order them as the strings
+    /// do (a shorter id with the same prefix is a prefix of the longer one).
     id_prefix: u64,
-    id: Arc<str>,
+    id_len: u32,
+    /// The id, when longer than 8 bytes: for the other cases. Short ids (a simulation's) carry
+    /// no string, so that a task's state need not hold one for its keys.
+    long_id: Option<Arc<str>>,
     idx: u32,
 }
 
-/// See [`Key::id_prefix`].
-fn id_prefix(id: &str) -> u64 {
-    let mut bytes = [0u8; 8];
-    let n = id.len().min(8);
-    bytes[..n].copy_from_slice(&id.as_bytes()[..n]);
-    u64::from_be_bytes(bytes)
+impl Key {
+    fn new(prio: i32, rank: u32, id: &str, idx: u32) -> Key {
+        let mut prefix = [0u8; 8];
+        let n = id.len().min(8);
+        prefix[..n].copy_from_slice(&id.as_bytes()[..n]);
+        Key {
+            prio,
+            rank,
+            id_prefix: u64::from_be_bytes(prefix),
+            id_len: id.len() as u32,
+            long_id: (id.len() > 8).then(|| Arc::from(id)),
+            idx,
+        }
+    }
+
+    /// The order of the ids (see [`Key::id_prefix`]).
+    fn id_order(&self, o: &Key) -> Ordering {
+        self.id_prefix
+            .cmp(&o.id_prefix)
+            .then_with(|| match (&self.long_id, &o.long_id) {
+                (Some(a), Some(b)) => a.cmp(b),
+                _ => self.id_len.cmp(&o.id_len),
+            })
+    }
 }
 
 impl Ord for Key {
@@ -199,8 +221,7 @@ impl Ord for Key {
         o.prio
             .cmp(&self.prio)
             .then(self.rank.cmp(&o.rank))
-            .then(self.id_prefix.cmp(&o.id_prefix))
-            .then_with(|| self.id.cmp(&o.id))
+            .then_with(|| self.id_order(o))
             .then(self.idx.cmp(&o.idx))
     }
 }
@@ -243,31 +264,88 @@ impl Slot {
     }
 }
 
+/// An agent task's conversation during an attempt.
 #[derive(Debug)]
 struct AgentRun {
     messages: Arc<Vec<Message>>,
     turns: u32,
-    pending: Vec<u64>,
 }
 
+/// What a running attempt holds, in a slot of [`Engine::attempts`] that its task points to
+/// while it runs: idle tasks carry none of it, and a slot's call list keeps its capacity from
+/// one attempt to the next.
+#[derive(Debug, Default)]
+struct Attempt {
+    /// Its calls, queued or started, in the order made. An agent asks its model again once
+    /// they are all answered.
+    calls: Vec<u64>,
+    /// For an agent task: its conversation.
+    agent: Option<AgentRun>,
+    /// The conversation buffer of an earlier attempt in this slot, emptied, kept when no call
+    /// held it any more: the next agent attempt here fills it instead of allocating one.
+    spare_messages: Option<Arc<Vec<Message>>>,
+}
+
+/// One task of the run. Kept small, as a run may hold a hundred thousand: what only some tasks
+/// need (spawning, fallbacks, a running attempt) lives in the engine's side tables, and its
+/// graph id in its spec.
 #[derive(Debug)]
 struct TaskState {
-    id: Arc<str>,
     task_id: TaskId,
-    dependents: Vec<u32>,
     waiting_on: u32,
+    /// The topological rank (the longest chain of dependencies above the task), which orders
+    /// the ready set: each dependency raises it as it completes, so it is whole once the task
+    /// is ready, without a pass over the graph at the start.
     rank: u32,
-    status: TaskStatus,
     attempt: u32,
-    depth: u32,
-    children: Vec<u32>,
-    fallback_owners: Vec<u32>,
+    agent: Option<u32>,
+    /// Its slot in [`Engine::attempts`] while an attempt runs.
+    running: Option<u32>,
+    status: TaskStatus,
     /// Whether the output is kept for templates, fallbacks and the run's final outputs.
     keeps_output: bool,
-    agent: Option<u32>,
-    live: Option<AgentRun>,
-    calls: Vec<u64>,
-    spawned: u32,
+}
+
+/// A task's output as the engine keeps it, for templates, fallbacks and the run's final outputs.
+#[derive(Clone, Debug)]
+enum Output {
+    /// An agent's final answer, kept as its parts: as JSON (`{"text": ..., "turns": ...}`) it
+    /// is an object, whose map allocates room for eleven entries, some 700 bytes a task.
+    Answer { text: String, turns: u32 },
+    /// Anything else: a tool's result, a substitute.
+    Value(Value),
+}
+
+impl Output {
+    /// The output as JSON: what `task.completed` records.
+    fn into_value(self, shapes: &Shapes) -> Value {
+        match self {
+            Output::Answer { text, turns } => shapes
+                .agent_output
+                .fill([Value::String(text), turns.into()]),
+            Output::Value(v) => v,
+        }
+    }
+}
+
+/// The kept outputs, as templates read them.
+struct KeptOutputs<'a>(&'a Engine);
+
+impl template::Outputs for KeptOutputs<'_> {
+    fn output(&self, id: &str) -> Option<std::borrow::Cow<'_, Value>> {
+        let engine = self.0;
+        let idx = engine.index_of(id)?;
+        engine.output_value(idx)
+    }
+}
+
+/// What spawning adds to a task (the spawned and the spawning ones).
+#[derive(Debug, Default)]
+struct Lineage {
+    /// How many spawns deep the task is (0 for a declared task).
+    depth: u32,
+    /// Sub-tasks it spawned, in order (their ids are numbered by it).
+    children: Vec<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -280,41 +358,25 @@ enum CallKind {
 struct CallInfo {
     task: u32,
     kind: CallKind,
+    started: bool,
     /// The slot it holds or waits for: tool or provider name, if limited.
     resource: Option<String>,
-    started: bool,
-    /// For a queued call: what to send when it starts.
+    /// For a tool call (boxed: model calls, the most, need none of it).
+    request: Option<Box<ToolRequest>>,
+}
+
+/// What a tool call sends, and the model's id for it.
+#[derive(Debug)]
+struct ToolRequest {
+    /// Taken when the call starts.
     tool: String,
+    /// Taken when the call starts.
     args: Value,
     tool_call_id: Option<String>,
 }
 
-/// Hashes keys the engine makes itself (call numbers, task UUIDs) with a multiplication per
-/// word: the calls map is touched several times per call, where SipHash (built against hostile
-/// keys, which these are not) showed in profiles.
-#[derive(Clone, Copy, Debug, Default)]
-struct FastHasher(u64);
-
-impl Hasher for FastHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for chunk in bytes.chunks(8) {
-            let mut word = [0u8; 8];
-            word[..chunk.len()].copy_from_slice(chunk);
-            self.write_u64(u64::from_le_bytes(word));
-        }
-    }
-    fn write_u64(&mut self, n: u64) {
-        // Fibonacci hashing: the high bits (the table's tags) mix all of `n`, the low bits (its
-        // bucket) stay distinct for sequential numbers.
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
-}
-
 /// The engine's calls in flight or queued, by number.
-type Calls = HashMap<u64, CallInfo, BuildHasherDefault<FastHasher>>;
+type Calls = FastMap<u64, CallInfo>;
 
 /// A JSON object from its entries. Cheaper than `json!`, which sends every value through
 /// serde (copying strings) where these are moved in.
@@ -407,8 +469,20 @@ pub struct Engine {
     ids: IdGenerator,
     rng: SeededRng,
     tasks: Vec<TaskState>,
-    by_id: HashMap<Arc<str>, u32>,
-    by_task_id: HashMap<TaskId, u32, BuildHasherDefault<FastHasher>>,
+    /// For each declared task, the tasks that need it (spawned tasks are needed by none).
+    dependents: TaskLists,
+    /// Lineage of the tasks that spawned or were spawned.
+    lineage: BTreeMap<u32, Lineage>,
+    /// For a fallback task, the failed tasks waiting for its output.
+    fallback_owners: BTreeMap<u32, Vec<u32>>,
+    /// Running attempts' slots; `free_attempts` are those not in use.
+    attempts: Vec<Attempt>,
+    free_attempts: Vec<u32>,
+    /// Graph id to task, built on first use: a run that never looks a task up by name (a
+    /// simulation) never pays for it.
+    by_id: OnceLock<FastMap<String, u32>>,
+    /// Task id to task, built on first use like `by_id`.
+    by_task_id: OnceLock<FastMap<TaskId, u32>>,
     agents: Vec<AgentInfo>,
     agent_index: BTreeMap<String, u32>,
     ready: BinaryHeap<Reverse<Key>>,
@@ -419,7 +493,8 @@ pub struct Engine {
     timer_seq: u64,
     calls: Calls,
     next_call: u64,
-    outputs: BTreeMap<String, Value>,
+    /// Kept outputs (see [`TaskState::keeps_output`]), by task.
+    outputs: BTreeMap<u32, Output>,
     open: u32,
     status: RunStatus,
     tokens: u64,
@@ -504,8 +579,8 @@ impl Engine {
 
     fn build(run_id: RunId, graph: TaskGraph, seed: u64, now: Timestamp) -> Engine {
         let (clock, ids) = run_ids(seed, now);
-        let deps = graph.dependencies();
-        let ranks = topo_ranks(&deps);
+        let deps = graph.dependency_lists();
+        let dependents = deps.inverse();
         let held = graph.fallback_targets();
         let mut referenced: std::collections::HashSet<String> = std::collections::HashSet::new();
         for t in &graph.tasks {
@@ -550,55 +625,34 @@ impl Engine {
         // were a cost of fresh memory to fault in.
         let specs = &graph.tasks;
         // Hashed for the lookup of every task's agent; the ordered index stays for spawns.
-        let agent_of: HashMap<&str, u32> =
+        let agent_of: FastMap<&str, u32> =
             agent_index.iter().map(|(k, &v)| (k.as_str(), v)).collect();
         let mut tasks: Vec<TaskState> = Vec::with_capacity(specs.len());
-        let mut by_id = HashMap::with_capacity(specs.len());
         for (i, spec) in specs.iter().enumerate() {
-            let id: Arc<str> = Arc::from(spec.id.as_str());
-            let keeps_output =
-                held.contains(&i) || (!referenced.is_empty() && referenced.contains(&spec.id));
-            let agent = spec.agent.as_deref().and_then(|a| agent_of.get(a).copied());
-            by_id.insert(id.clone(), i as u32);
+            let is_held = held.contains(&i);
+            let keeps_output = is_held
+                || dependents.get(i).is_empty()
+                || (!referenced.is_empty() && referenced.contains(&spec.id));
             tasks.push(TaskState {
-                id,
                 task_id: ids.task_id(),
-                dependents: Vec::new(),
-                waiting_on: deps[i].len() as u32,
-                rank: ranks[i],
-                status: if held.contains(&i) {
+                waiting_on: deps.get(i).len() as u32,
+                rank: 0,
+                attempt: 0,
+                agent: spec.agent.as_deref().and_then(|a| agent_of.get(a).copied()),
+                running: None,
+                status: if is_held {
                     TaskStatus::Held
                 } else {
                     TaskStatus::Pending
                 },
-                attempt: 0,
-                depth: 0,
-                children: Vec::new(),
-                fallback_owners: Vec::new(),
                 keeps_output,
-                agent,
-                live: None,
-                calls: Vec::new(),
-                spawned: 0,
             });
         }
-        for (i, d) in deps.iter().enumerate() {
-            for &u in d {
-                tasks[u].dependents.push(i as u32);
-            }
-        }
-        for t in &mut tasks {
-            t.keeps_output |= t.dependents.is_empty();
-        }
+        drop(deps);
         let open = tasks
             .iter()
             .filter(|t| t.status != TaskStatus::Held)
             .count() as u32;
-        let by_task_id = tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.task_id, i as u32))
-            .collect();
         let mut e = Engine {
             run_id,
             seed,
@@ -606,8 +660,13 @@ impl Engine {
             clock,
             ids,
             rng: SeededRng::new(seed),
-            by_id,
-            by_task_id,
+            dependents,
+            lineage: BTreeMap::new(),
+            fallback_owners: BTreeMap::new(),
+            attempts: Vec::new(),
+            free_attempts: Vec::new(),
+            by_id: OnceLock::new(),
+            by_task_id: OnceLock::new(),
             agents,
             agent_index,
             ready: BinaryHeap::new(),
@@ -643,6 +702,11 @@ impl Engine {
                 e.make_ready(i);
             }
         }
+        // The first dispatches come at once, two events and an effect each: room for them now,
+        // as growing the buffers by doubling would touch twice the memory, fresh pages all.
+        let first = e.ready.len().min(e.graph.limits.concurrency as usize);
+        e.events.reserve(2 * first);
+        e.effects.reserve(first);
         e.pump();
         e.check_done();
         e
@@ -676,16 +740,29 @@ impl Engine {
     pub fn decisions(&self) -> u64 {
         self.decisions
     }
-    /// Outputs of completed tasks, by task id.
-    pub fn outputs(&self) -> &BTreeMap<String, Value> {
-        &self.outputs
+    /// Outputs of completed tasks, by task id (those kept for templates, fallbacks and the
+    /// run's final outputs).
+    pub fn outputs(&self) -> BTreeMap<String, Value> {
+        self.outputs
+            .keys()
+            .filter_map(|&i| Some((self.name(i).to_string(), self.output_value(i)?.into_owned())))
+            .collect()
+    }
+
+    /// The kept output of a task as JSON.
+    fn output_value(&self, idx: u32) -> Option<std::borrow::Cow<'_, Value>> {
+        Some(match self.outputs.get(&idx)? {
+            Output::Value(v) => std::borrow::Cow::Borrowed(v),
+            answer => std::borrow::Cow::Owned(answer.clone().into_value(&self.shapes)),
+        })
     }
     /// Every task, in declaration then spawn order.
     pub fn task_views(&self) -> Vec<TaskView> {
         self.tasks
             .iter()
-            .map(|t| TaskView {
-                id: t.id.to_string(),
+            .zip(&self.graph.tasks)
+            .map(|(t, spec)| TaskView {
+                id: spec.id.clone(),
                 status: t.status,
                 attempts: t.attempt,
             })
@@ -693,21 +770,52 @@ impl Engine {
     }
     /// The graph id of a task.
     pub fn task_name(&self, task_id: TaskId) -> Option<&str> {
-        self.by_task_id
-            .get(&task_id)
-            .map(|&i| &*self.tasks[i as usize].id)
+        let by_task_id = self.by_task_id.get_or_init(|| {
+            let mut m = FastMap::with_capacity_and_hasher(self.tasks.len(), Default::default());
+            for (i, t) in self.tasks.iter().enumerate() {
+                m.insert(t.task_id, i as u32);
+            }
+            m
+        });
+        by_task_id.get(&task_id).map(|&i| self.name(i))
+    }
+
+    /// The graph id of a task.
+    fn name(&self, idx: u32) -> &str {
+        &self.graph.tasks[idx as usize].id
+    }
+
+    /// The task of a graph id.
+    fn index_of(&self, name: &str) -> Option<u32> {
+        let by_id = self.by_id.get_or_init(|| {
+            let mut m = FastMap::with_capacity_and_hasher(self.tasks.len(), Default::default());
+            // In task order, so that a repeated id (in a graph not validated) means its last task.
+            for (i, spec) in self.graph.tasks.iter().enumerate() {
+                m.insert(spec.id.clone(), i as u32);
+            }
+            m
+        });
+        by_id.get(name).copied()
     }
     /// Outputs of the tasks nothing depends on (the run's results).
     pub fn final_outputs(&self) -> BTreeMap<String, Value> {
-        self.tasks
-            .iter()
-            .filter(|t| t.dependents.is_empty() && t.status == TaskStatus::Completed)
-            .filter_map(|t| {
-                self.outputs
-                    .get(&*t.id)
-                    .map(|v| (t.id.to_string(), v.clone()))
+        self.final_outputs_by_id().collect()
+    }
+
+    /// [`Engine::final_outputs`], in id order: what a map collects from without sorting.
+    fn final_outputs_by_id(&self) -> impl Iterator<Item = (String, Value)> + '_ {
+        let mut finals: Vec<u32> = (0..self.tasks.len() as u32)
+            .filter(|&i| {
+                self.dependents.get(i as usize).is_empty()
+                    && self.tasks[i as usize].status == TaskStatus::Completed
+                    && self.outputs.contains_key(&i)
             })
-            .collect()
+            .collect();
+        finals.sort_by(|&a, &b| self.name(a).cmp(self.name(b)));
+        finals.into_iter().filter_map(|i| {
+            let v = self.output_value(i)?;
+            Some((self.name(i).to_string(), v.into_owned()))
+        })
     }
 
     /// Derived events since the last call, drained: the engine keeps its buffer for the next
@@ -784,7 +892,7 @@ impl Engine {
 
     /// A request to cancel a task and everything downstream of it; `None` for an unknown task.
     pub fn cancel_task_event(&self, time: Timestamp, by: &str, task: &str) -> Option<NewEvent> {
-        let idx = *self.by_id.get(task)?;
+        let idx = self.index_of(task)?;
         Some(self.input(
             Some(self.tasks[idx as usize].task_id),
             Actor::Person(by.into()),
@@ -982,9 +1090,8 @@ impl Engine {
                     .get("task")
                     .and_then(Value::as_str)
                     .unwrap_or("");
-                let idx = *self
-                    .by_id
-                    .get(task)
+                let idx = self
+                    .index_of(task)
                     .ok_or_else(|| bad(event.kind, format!("unknown task {task}")))?;
                 self.cancel_subtree(idx);
             }
@@ -998,14 +1105,8 @@ impl Engine {
     // ---- dispatch ----------------------------------------------------------------------
 
     fn key(&self, idx: u32) -> Key {
-        let t = &self.tasks[idx as usize];
-        Key {
-            prio: self.graph.tasks[idx as usize].priority,
-            rank: t.rank,
-            id_prefix: id_prefix(&t.id),
-            id: t.id.clone(),
-            idx,
-        }
+        let spec = &self.graph.tasks[idx as usize];
+        Key::new(spec.priority, self.tasks[idx as usize].rank, &spec.id, idx)
     }
 
     fn make_ready(&mut self, idx: u32) {
@@ -1049,7 +1150,15 @@ impl Engine {
     fn start_attempt(&mut self, idx: u32) {
         self.decisions += 1;
         self.running += 1;
+        let slot = match self.free_attempts.pop() {
+            Some(slot) => slot,
+            None => {
+                self.attempts.push(Attempt::default());
+                self.attempts.len() as u32 - 1
+            }
+        };
         let t = &mut self.tasks[idx as usize];
+        t.running = Some(slot);
         t.status = TaskStatus::Running;
         t.attempt += 1;
         let attempt = t.attempt;
@@ -1073,29 +1182,34 @@ impl Engine {
         if let Some(a) = t.agent {
             let agent = &self.agents[a as usize];
             let spec = &self.graph.tasks[idx as usize];
-            let prompt = template::render_text(spec.prompt.as_deref().unwrap_or(""), &self.outputs);
-            let mut messages = Vec::with_capacity(2);
-            if !agent.instructions.is_empty() {
-                messages.push(Message::new(Role::System, agent.instructions.clone()));
-            }
-            messages.push(Message::new(Role::User, prompt));
-            self.tasks[idx as usize].live = Some(AgentRun {
-                messages: Arc::new(messages),
-                turns: 0,
-                pending: Vec::new(),
-            });
+            let prompt =
+                template::render_text(spec.prompt.as_deref().unwrap_or(""), &KeptOutputs(self));
+            let system = (!agent.instructions.is_empty())
+                .then(|| Message::new(Role::System, agent.instructions.clone()));
+            let attempt = &mut self.attempts[slot as usize];
+            let mut messages = attempt.spare_messages.take().unwrap_or_default();
+            // The spare is empty and not shared: `make_mut` copies nothing.
+            let conversation = Arc::make_mut(&mut messages);
+            conversation.extend(system);
+            conversation.push(Message::new(Role::User, prompt));
+            attempt.agent = Some(AgentRun { messages, turns: 0 });
             self.request_model(idx);
         } else {
             let spec = &self.graph.tasks[idx as usize];
             let tool = spec.tool.clone().unwrap_or_default();
-            let args = template::render(spec.args.as_ref().unwrap_or(&Value::Null), &self.outputs);
+            let args = template::render(
+                spec.args.as_ref().unwrap_or(&Value::Null),
+                &KeptOutputs(self),
+            );
             let call = self.new_call(
                 idx,
                 CallKind::Tool,
                 Some(tool.clone()).filter(|k| self.tool_slots.contains_key(k)),
-                tool,
-                args,
-                None,
+                Some(ToolRequest {
+                    tool,
+                    args,
+                    tool_call_id: None,
+                }),
             );
             // The slot was checked in pump.
             self.start_call(call);
@@ -1114,9 +1228,7 @@ impl Engine {
         task: u32,
         kind: CallKind,
         resource: Option<String>,
-        tool: String,
-        args: Value,
-        tool_call_id: Option<String>,
+        request: Option<ToolRequest>,
     ) -> u64 {
         let call = self.next_call;
         self.next_call += 1;
@@ -1125,15 +1237,32 @@ impl Engine {
             CallInfo {
                 task,
                 kind,
-                resource,
                 started: false,
-                tool,
-                args,
-                tool_call_id,
+                resource,
+                request: request.map(Box::new),
             },
         );
-        self.tasks[task as usize].calls.push(call);
+        if let Some(attempt) = self.attempt_mut(task) {
+            attempt.calls.push(call);
+        }
         call
+    }
+
+    /// The running attempt of a task.
+    fn attempt_mut(&mut self, task: u32) -> Option<&mut Attempt> {
+        let slot = self.tasks[task as usize].running?;
+        Some(&mut self.attempts[slot as usize])
+    }
+
+    /// The conversation of a running agent task.
+    fn agent_run(&self, task: u32) -> Option<&AgentRun> {
+        let slot = self.tasks[task as usize].running?;
+        self.attempts[slot as usize].agent.as_ref()
+    }
+
+    /// [`Engine::agent_run`], to add to.
+    fn agent_run_mut(&mut self, task: u32) -> Option<&mut AgentRun> {
+        self.attempt_mut(task)?.agent.as_mut()
     }
 
     fn slot_of(&mut self, kind: CallKind, resource: &str) -> Option<&mut Slot> {
@@ -1170,8 +1299,10 @@ impl Engine {
         };
         info.started = true;
         let (kind, task, resource) = (info.kind, info.task, info.resource.clone());
-        let tool = std::mem::take(&mut info.tool);
-        let args = std::mem::take(&mut info.args);
+        let (tool, args) = match info.request.as_deref_mut() {
+            Some(r) => (std::mem::take(&mut r.tool), std::mem::take(&mut r.args)),
+            None => (String::new(), Value::Null),
+        };
         if let Some(res) = resource
             && let Some(slot) = self.slot_of(kind, &res)
         {
@@ -1180,7 +1311,8 @@ impl Engine {
         self.decisions += 1;
         let t = &self.tasks[task as usize];
         let timeout = self.graph.tasks[task as usize].timeout;
-        let (task_id, name) = (t.task_id, t.id.clone());
+        // Made for the effect: most tasks make one call, and a task's state holds no string.
+        let (task_id, name) = (t.task_id, Arc::<str>::from(self.name(task)));
         match kind {
             CallKind::Tool => {
                 let actor = self.actor_of(t.agent);
@@ -1202,7 +1334,9 @@ impl Engine {
             }
             CallKind::Model => {
                 let Some(a) = t.agent else { return };
-                let Some(live) = t.live.as_ref() else { return };
+                let Some(live) = self.agent_run(task) else {
+                    return;
+                };
                 let agent = &self.agents[a as usize];
                 let tools = agent.tools.clone();
                 let payload = self.shapes.model_requested.fill([
@@ -1233,7 +1367,9 @@ impl Engine {
     /// Ends a call: frees its slot and lets the best waiter in.
     fn end_call(&mut self, call: u64, cancel: bool) -> Option<CallInfo> {
         let info = self.calls.remove(&call)?;
-        self.tasks[info.task as usize].calls.retain(|&c| c != call);
+        if let Some(attempt) = self.attempt_mut(info.task) {
+            attempt.calls.retain(|&c| c != call);
+        }
         if cancel && info.started {
             self.effects.push(Effect::Cancel { call });
         }
@@ -1327,20 +1463,31 @@ impl Engine {
             .provider_slots
             .contains_key(&**provider)
             .then(|| provider.to_string());
-        let call = self.new_call(idx, CallKind::Model, res, String::new(), Value::Null, None);
-        if let Some(live) = self.tasks[idx as usize].live.as_mut() {
-            live.pending.push(call);
-        }
+        let call = self.new_call(idx, CallKind::Model, res, None);
         self.start_or_queue(call);
     }
 
     /// Ends the running attempt of a task: frees its slots and abandons its calls.
     fn end_attempt(&mut self, idx: u32) {
-        let calls = std::mem::take(&mut self.tasks[idx as usize].calls);
-        for c in calls {
-            self.end_call(c, true);
+        if let Some(slot) = self.tasks[idx as usize].running {
+            let mut calls = std::mem::take(&mut self.attempts[slot as usize].calls);
+            // The slot stays the task's until its calls are ended: ending one can start another
+            // call waiting for the same resource, and that call reads the conversation.
+            for &c in &calls {
+                self.end_call(c, true);
+            }
+            calls.clear();
+            let attempt = &mut self.attempts[slot as usize];
+            attempt.calls = calls;
+            if let Some(mut run) = attempt.agent.take()
+                && let Some(conversation) = Arc::get_mut(&mut run.messages)
+            {
+                conversation.clear();
+                attempt.spare_messages = Some(run.messages);
+            }
+            self.tasks[idx as usize].running = None;
+            self.free_attempts.push(slot);
         }
-        self.tasks[idx as usize].live = None;
         if self.tasks[idx as usize].status == TaskStatus::Running {
             // A transitional state: the caller sets where the task goes next.
             self.tasks[idx as usize].status = TaskStatus::Pending;
@@ -1369,7 +1516,7 @@ impl Engine {
         let idx = info.task;
         if self.tasks[idx as usize].agent.is_none() {
             match result {
-                Ok(v) => self.complete(idx, v, false),
+                Ok(v) => self.complete(idx, Output::Value(v), false),
                 Err((class, message)) => self.attempt_failed(idx, class, message),
             }
             return;
@@ -1380,12 +1527,13 @@ impl Engine {
             Err((class, message)) => format!("error ({class}): {message}"),
         };
         let mut msg = Message::new(Role::Tool, content);
-        msg.tool_call_id = info.tool_call_id;
-        let t = &mut self.tasks[idx as usize];
-        if let Some(live) = t.live.as_mut() {
+        msg.tool_call_id = info.request.and_then(|r| r.tool_call_id);
+        if let Some(attempt) = self.attempt_mut(idx)
+            && let Some(live) = attempt.agent.as_mut()
+        {
             Arc::make_mut(&mut live.messages).push(msg);
-            live.pending.retain(|&c| c != call);
-            if live.pending.is_empty() {
+            // The call left `calls` as it ended: the model is asked again once none is left.
+            if attempt.calls.is_empty() {
                 self.request_model(idx);
             }
         }
@@ -1419,24 +1567,23 @@ impl Engine {
         let max_turns = self.agents[a as usize].max_turns;
         let message = response.message;
         let turns = {
-            let Some(live) = self.tasks[idx as usize].live.as_mut() else {
+            let Some(live) = self.agent_run_mut(idx) else {
                 return;
             };
-            live.pending.retain(|&c| c != call);
             live.turns += 1;
             live.turns
         };
         if message.tool_calls.is_empty() {
             // A final answer ends the attempt and its conversation: the message need not join
             // it, and its text moves into the output.
-            let output = self
-                .shapes
-                .agent_output
-                .fill([Value::String(message.content), turns.into()]);
+            let output = Output::Answer {
+                text: message.content,
+                turns,
+            };
             return self.complete(idx, output, false);
         }
         let calls = message.tool_calls.clone();
-        if let Some(live) = self.tasks[idx as usize].live.as_mut() {
+        if let Some(live) = self.agent_run_mut(idx) {
             Arc::make_mut(&mut live.messages).push(message);
         }
         let allowed = self.agents[a as usize].tools.clone();
@@ -1457,7 +1604,7 @@ impl Engine {
                     ),
                 );
                 m.tool_call_id = Some(tc.id);
-                if let Some(live) = self.tasks[idx as usize].live.as_mut() {
+                if let Some(live) = self.agent_run_mut(idx) {
                     Arc::make_mut(&mut live.messages).push(m);
                 }
                 continue;
@@ -1469,23 +1616,25 @@ impl Engine {
                 };
                 let mut m = Message::new(Role::Tool, reply);
                 m.tool_call_id = Some(tc.id);
-                if let Some(live) = self.tasks[idx as usize].live.as_mut() {
+                if let Some(live) = self.agent_run_mut(idx) {
                     Arc::make_mut(&mut live.messages).push(m);
                 }
                 continue;
             }
             let res = Some(tc.name.clone()).filter(|k| self.tool_slots.contains_key(k));
-            let call = self.new_call(idx, CallKind::Tool, res, tc.name, tc.arguments, Some(tc.id));
-            if let Some(live) = self.tasks[idx as usize].live.as_mut() {
-                live.pending.push(call);
-            }
+            let request = ToolRequest {
+                tool: tc.name,
+                args: tc.arguments,
+                tool_call_id: Some(tc.id),
+            };
+            let call = self.new_call(idx, CallKind::Tool, res, Some(request));
             self.start_or_queue(call);
         }
+        // Every tool call refused (or a spawn): nothing to wait for.
         if self.tasks[idx as usize].status == TaskStatus::Running
-            && self.tasks[idx as usize]
-                .live
-                .as_ref()
-                .is_some_and(|l| l.pending.is_empty())
+            && self
+                .attempt_mut(idx)
+                .is_some_and(|a| a.agent.is_some() && a.calls.is_empty())
         {
             self.request_model(idx);
         }
@@ -1500,7 +1649,7 @@ impl Engine {
                 limits.max_tasks
             ));
         }
-        let depth = self.tasks[parent as usize].depth + 1;
+        let depth = self.lineage.get(&parent).map_or(0, |l| l.depth) + 1;
         if depth > limits.max_spawn_depth {
             return Err(format!(
                 "spawn depth {depth} exceeds max_spawn_depth = {}",
@@ -1524,9 +1673,9 @@ impl Engine {
                 crate::graph::suggestion(&agent, self.agent_index.keys().map(String::as_str))
             ));
         };
-        let p = &mut self.tasks[parent as usize];
-        p.spawned += 1;
-        let id = format!("{}.{}", p.id, p.spawned);
+        let p = &self.tasks[parent as usize];
+        let siblings = self.lineage.get(&parent).map_or(0, |l| l.children.len());
+        let id = format!("{}.{}", self.name(parent), siblings + 1);
         let rank = p.rank + 1;
         let ps = &self.graph.tasks[parent as usize];
         let spec = TaskSpec {
@@ -1544,30 +1693,34 @@ impl Engine {
         self.clock.set(self.now);
         let task_id = self.ids.task_id();
         let idx = self.tasks.len() as u32;
-        let name: Arc<str> = Arc::from(id.as_str());
-        self.by_id.insert(name.clone(), idx);
-        self.by_task_id.insert(task_id, idx);
-        self.tasks[parent as usize].children.push(idx);
+        // The indexes, when built, take the task in; otherwise they will find it when built.
+        if let Some(by_id) = self.by_id.get_mut() {
+            by_id.insert(id.clone(), idx);
+        }
+        if let Some(by_task_id) = self.by_task_id.get_mut() {
+            by_task_id.insert(task_id, idx);
+        }
+        self.lineage.entry(parent).or_default().children.push(idx);
+        self.lineage.insert(
+            idx,
+            Lineage {
+                depth,
+                children: Vec::new(),
+            },
+        );
         self.graph.tasks.push(spec);
         self.tasks.push(TaskState {
-            id: name,
             task_id,
-            dependents: Vec::new(),
             waiting_on: 0,
             rank,
-            status: TaskStatus::Pending,
             attempt: 0,
-            depth,
-            children: Vec::new(),
-            fallback_owners: Vec::new(),
-            keeps_output: true,
             agent: Some(ai),
-            live: None,
-            calls: Vec::new(),
-            spawned: 0,
+            running: None,
+            status: TaskStatus::Pending,
+            keeps_output: true,
         });
         self.open += 1;
-        let parent_id = self.tasks[parent as usize].id.to_string();
+        let parent_id = self.name(parent).to_string();
         self.emit(
             Some(task_id),
             Actor::Agent(agent.clone()),
@@ -1616,18 +1769,18 @@ impl Engine {
 
     // ---- outcomes ----------------------------------------------------------------------
 
-    fn complete(&mut self, idx: u32, output: Value, substituted: bool) {
+    fn complete(&mut self, idx: u32, output: Output, substituted: bool) {
         self.end_attempt(idx);
         let t = &mut self.tasks[idx as usize];
         let was_open = !t.status.is_terminal() && t.status != TaskStatus::Held;
         t.status = TaskStatus::Completed;
         let (task_id, attempt) = (t.task_id, t.attempt);
-        let keep = t.keeps_output || !t.fallback_owners.is_empty();
-        let owners = std::mem::take(&mut t.fallback_owners);
+        let owners = self.fallback_owners.remove(&idx).unwrap_or_default();
+        let keep = t.keeps_output || !owners.is_empty();
         if keep {
-            let id = t.id.to_string();
-            self.outputs.insert(id, output.clone());
+            self.outputs.insert(idx, output.clone());
         }
+        let output = output.into_value(&self.shapes);
         let payload = if substituted {
             object([
                 ("attempt", attempt.into()),
@@ -1647,9 +1800,11 @@ impl Engine {
             self.open = self.open.saturating_sub(1);
         }
         // `make_ready` leaves `dependents` alone: walk it in place rather than copy it.
-        for j in 0..self.tasks[idx as usize].dependents.len() {
-            let d = self.tasks[idx as usize].dependents[j];
+        let rank = self.tasks[idx as usize].rank;
+        for j in 0..self.dependents.get(idx as usize).len() {
+            let d = self.dependents.get(idx as usize)[j];
             let t = &mut self.tasks[d as usize];
+            t.rank = t.rank.max(rank + 1);
             t.waiting_on = t.waiting_on.saturating_sub(1);
             if t.waiting_on == 0 && t.status == TaskStatus::Pending {
                 self.make_ready(d);
@@ -1658,8 +1813,8 @@ impl Engine {
         for o in owners {
             if self.tasks[o as usize].status == TaskStatus::AwaitingFallback {
                 // Kept above: a task with fallback owners keeps its output.
-                let out = self.outputs.get(&*self.tasks[idx as usize].id).cloned();
-                self.complete(o, out.unwrap_or(Value::Null), true);
+                let out = self.outputs.get(&idx).cloned();
+                self.complete(o, out.unwrap_or(Output::Value(Value::Null)), true);
             }
         }
     }
@@ -1724,21 +1879,21 @@ impl Engine {
             OnFailure::FailRun => {
                 self.tasks[idx as usize].status = TaskStatus::Failed;
                 self.open = self.open.saturating_sub(1);
-                let id = self.tasks[idx as usize].id.to_string();
+                let id = self.name(idx).to_string();
                 self.fail_run(&id, class, &message);
             }
             OnFailure::Skip => self.skip(idx, "failed; on_failure: skip".into()),
-            OnFailure::ContinueWith(v) => self.complete(idx, v, true),
+            OnFailure::ContinueWith(v) => self.complete(idx, Output::Value(v), true),
             OnFailure::Fallback(f) => {
-                let Some(&fi) = self.by_id.get(f.as_str()) else {
+                let Some(fi) = self.index_of(&f) else {
                     return self.fail_run(&f, ErrorClass::Internal, "fallback task vanished");
                 };
                 self.tasks[idx as usize].status = TaskStatus::AwaitingFallback;
                 let ft = &self.tasks[fi as usize];
                 match ft.status {
                     TaskStatus::Completed => {
-                        let out = self.outputs.get(&*ft.id).cloned().unwrap_or(Value::Null);
-                        self.complete(idx, out, true);
+                        let out = self.outputs.get(&fi).cloned();
+                        self.complete(idx, out.unwrap_or(Output::Value(Value::Null)), true);
                     }
                     TaskStatus::Skipped | TaskStatus::Cancelled | TaskStatus::Failed => {
                         self.skip(
@@ -1747,14 +1902,14 @@ impl Engine {
                         );
                     }
                     TaskStatus::Held => {
-                        self.tasks[fi as usize].fallback_owners.push(idx);
+                        self.fallback_owners.entry(fi).or_default().push(idx);
                         self.tasks[fi as usize].status = TaskStatus::Pending;
                         self.open += 1;
                         if self.tasks[fi as usize].waiting_on == 0 {
                             self.make_ready(fi);
                         }
                     }
-                    _ => self.tasks[fi as usize].fallback_owners.push(idx),
+                    _ => self.fallback_owners.entry(fi).or_default().push(idx),
                 }
             }
         }
@@ -1774,7 +1929,7 @@ impl Engine {
             let t = &mut self.tasks[i as usize];
             t.status = TaskStatus::Skipped;
             let task_id = t.task_id;
-            let name = t.id.to_string();
+            let name = self.graph.tasks[i as usize].id.clone();
             if was_open {
                 self.open = self.open.saturating_sub(1);
             }
@@ -1784,9 +1939,8 @@ impl Engine {
                 EventKind::TaskSkipped,
                 json!({"reason": reason}),
             );
-            let t = &mut self.tasks[i as usize];
-            let mut next: Vec<u32> = t.dependents.clone();
-            next.extend(std::mem::take(&mut t.fallback_owners));
+            let mut next: Vec<u32> = self.dependents.get(i as usize).to_vec();
+            next.extend(self.fallback_owners.remove(&i).unwrap_or_default());
             // Reverse so that the stack visits them in declaration order.
             for d in next.into_iter().rev() {
                 stack.push((d, format!("upstream task `{name}` was skipped")));
@@ -1801,17 +1955,19 @@ impl Engine {
             if !seen.insert(i) {
                 continue;
             }
-            let t = &self.tasks[i as usize];
-            for &d in t
+            let children = self.lineage.get(&i).map_or(&[][..], |l| &l.children);
+            let owners = self.fallback_owners.get(&i).map_or(&[][..], Vec::as_slice);
+            for &d in self
                 .dependents
+                .get(i as usize)
                 .iter()
-                .chain(t.children.iter())
-                .chain(t.fallback_owners.iter())
+                .chain(children)
+                .chain(owners)
             {
                 stack.push(d);
             }
         }
-        let root_name = self.tasks[root as usize].id.to_string();
+        let root_name = self.name(root).to_string();
         for i in seen {
             self.cancel_task(i, &format!("cancelled with `{root_name}` and its subtree"));
         }
@@ -1894,7 +2050,7 @@ impl Engine {
             *counts.entry(k).or_default() += 1;
         }
         // Built in place: `json!` would serialize every output afresh.
-        let outputs: serde_json::Map<String, Value> = self.final_outputs().into_iter().collect();
+        let outputs: serde_json::Map<String, Value> = self.final_outputs_by_id().collect();
         let counts: serde_json::Map<String, Value> = counts
             .into_iter()
             .map(|(k, v)| (k.to_string(), Value::from(v)))
@@ -1984,13 +2140,7 @@ mod tests {
         ];
         for x in ids {
             for y in ids {
-                let key = |id: &str| Key {
-                    prio: 0,
-                    rank: 0,
-                    id_prefix: id_prefix(id),
-                    id: id.into(),
-                    idx: 0,
-                };
+                let key = |id: &str| Key::new(0, 0, id, 0);
                 assert_eq!(key(x).cmp(&key(y)), x.cmp(y), "{x} vs {y}");
             }
         }

@@ -17,6 +17,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::hashing::FastMap;
 use crate::template;
 
 /// A whole task graph, as written in a YAML or JSON file.
@@ -869,36 +870,44 @@ impl TaskGraph {
     /// For each task (by index), the indices of the tasks it depends on: `needs` plus template
     /// references, sorted and without repeats.
     pub fn dependencies(&self) -> Vec<Vec<usize>> {
-        // A hash map and a sorted vector per task: a run's graph can hold a hundred thousand
-        // tasks, and ordered maps of strings cost several times more here.
-        let ids = self.index();
-        self.tasks
-            .iter()
-            .map(|t| {
-                let mut d: Vec<usize> = t
-                    .needs
-                    .iter()
-                    .filter_map(|n| ids.get(n.as_str()).copied())
-                    .collect();
-                t.for_each_template_ref(&mut |r| {
-                    if let Some(&i) = ids.get(r) {
-                        d.push(i);
-                    }
-                });
-                d.sort_unstable();
-                d.dedup();
-                d
-            })
+        let lists = self.dependency_lists();
+        (0..lists.len())
+            .map(|i| lists.get(i).iter().map(|&u| u as usize).collect())
             .collect()
     }
 
-    /// Task id to index.
-    fn index(&self) -> std::collections::HashMap<&str, usize> {
-        self.tasks
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.id.as_str(), i))
-            .collect()
+    /// [`TaskGraph::dependencies`] as [`TaskLists`]: what the engine builds a run from.
+    pub(crate) fn dependency_lists(&self) -> TaskLists {
+        let ids = self.index();
+        // Room for the `needs` (templates rarely add more): the array is not copied as it grows.
+        let needs = self.tasks.iter().map(|t| t.needs.len()).sum();
+        let mut lists = TaskLists::with_capacity(self.tasks.len(), needs);
+        // One task's dependencies, sorted and deduplicated here before they join the lists.
+        let mut one: Vec<u32> = Vec::new();
+        for t in &self.tasks {
+            one.clear();
+            one.extend(t.needs.iter().filter_map(|n| ids.get(n)));
+            t.for_each_template_ref(&mut |r| {
+                if let Some(i) = ids.get(r) {
+                    one.push(i);
+                }
+            });
+            one.sort_unstable();
+            one.dedup();
+            lists.push(&one);
+        }
+        lists
+    }
+
+    /// Task id to index (the last task of an id, should ids repeat in a graph not validated).
+    fn index(&self) -> IdIndex<'_> {
+        let mut ids = IdIndex::default();
+        // Room for short ids, the common case: only the table's control bytes are written now.
+        ids.short.reserve(self.tasks.len());
+        for (i, t) in self.tasks.iter().enumerate() {
+            ids.insert(&t.id, i as u32);
+        }
+        ids
     }
 
     /// Indices of tasks that are some task's fallback (held back until needed).
@@ -914,8 +923,107 @@ impl TaskGraph {
         let ids = self.index();
         std::iter::once(first)
             .chain(fallbacks)
-            .filter_map(|f| ids.get(f).copied())
+            .filter_map(|f| ids.get(f).map(|i| i as usize))
             .collect()
+    }
+}
+
+/// Task ids to indices. An id of at most 8 bytes (most are) is its own key, packed in a word:
+/// a lookup then compares words, where keys of `&str` would each be followed into the graph's
+/// strings, scattered in memory, a cache miss apiece in a graph of a hundred thousand tasks.
+#[derive(Debug, Default)]
+struct IdIndex<'a> {
+    short: FastMap<u64, u32>,
+    long: FastMap<&'a str, u32>,
+}
+
+impl<'a> IdIndex<'a> {
+    /// The word of an id of at most 8 bytes without a NUL byte (which the zero padding would
+    /// make ambiguous): its bytes, zero-padded.
+    fn word(id: &str) -> Option<u64> {
+        if id.len() > 8 || id.as_bytes().contains(&0) {
+            return None;
+        }
+        let mut bytes = [0u8; 8];
+        bytes[..id.len()].copy_from_slice(id.as_bytes());
+        Some(u64::from_le_bytes(bytes))
+    }
+
+    fn insert(&mut self, id: &'a str, i: u32) {
+        match Self::word(id) {
+            Some(w) => self.short.insert(w, i),
+            None => self.long.insert(id, i),
+        };
+    }
+
+    fn get(&self, id: &str) -> Option<u32> {
+        match Self::word(id) {
+            Some(w) => self.short.get(&w),
+            None => self.long.get(id),
+        }
+        .copied()
+    }
+}
+
+/// One list of task indices per task, all in one array (compressed rows): a graph can hold a
+/// hundred thousand tasks, and a vector per task cost an allocation each and several times the
+/// memory, all of it fresh pages for the kernel to clear.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct TaskLists {
+    /// Where each task's list starts in `items`, then where the last one ends.
+    starts: Vec<u32>,
+    items: Vec<u32>,
+}
+
+impl TaskLists {
+    fn with_capacity(tasks: usize, items: usize) -> Self {
+        let mut starts = Vec::with_capacity(tasks + 1);
+        starts.push(0);
+        TaskLists {
+            starts,
+            items: Vec::with_capacity(items),
+        }
+    }
+
+    /// Appends the list of the next task.
+    fn push(&mut self, list: &[u32]) {
+        self.items.extend_from_slice(list);
+        self.starts.push(self.items.len() as u32);
+    }
+
+    /// Tasks listed.
+    pub(crate) fn len(&self) -> usize {
+        self.starts.len().saturating_sub(1)
+    }
+
+    /// The list of task `i`; empty past the tasks listed.
+    pub(crate) fn get(&self, i: usize) -> &[u32] {
+        match (self.starts.get(i), self.starts.get(i + 1)) {
+            (Some(&start), Some(&end)) => &self.items[start as usize..end as usize],
+            _ => &[],
+        }
+    }
+
+    /// The inverse lists: for each task, the tasks whose lists hold it, in increasing order.
+    pub(crate) fn inverse(&self) -> TaskLists {
+        let n = self.len();
+        // Counting sort: sizes, then starts, then the items placed in task order.
+        let mut starts = vec![0u32; n + 1];
+        for &j in &self.items {
+            starts[j as usize + 1] += 1;
+        }
+        for j in 0..n {
+            starts[j + 1] += starts[j];
+        }
+        let mut next = starts.clone();
+        let mut items = vec![0u32; self.items.len()];
+        for i in 0..n {
+            for &j in self.get(i) {
+                items[next[j as usize] as usize] = i as u32;
+                next[j as usize] += 1;
+            }
+        }
+        TaskLists { starts, items }
     }
 }
 
@@ -967,24 +1075,26 @@ fn find_cycle(deps: &[Vec<usize>]) -> Option<Vec<usize>> {
     None
 }
 
-/// Topological rank of each task: the length of the longest dependency chain above it.
+/// Topological rank of each task: the length of the longest dependency chain above it. (The
+/// engine raises each task's rank as its dependencies complete instead.)
 pub fn topo_ranks(deps: &[Vec<usize>]) -> Vec<u32> {
     let n = deps.len();
-    let mut rank = vec![0u32; n];
-    let mut indeg = vec![0usize; n];
-    let mut down: Vec<Vec<usize>> = vec![Vec::new(); n];
-    for (i, d) in deps.iter().enumerate() {
-        indeg[i] = d.len();
-        for &u in d {
-            down[u].push(i);
-        }
+    let mut lists = TaskLists::with_capacity(n, deps.iter().map(Vec::len).sum());
+    for d in deps {
+        let d: Vec<u32> = d.iter().map(|&u| u as u32).collect();
+        lists.push(&d);
     }
-    let mut queue: std::collections::VecDeque<usize> = (0..n).filter(|&i| indeg[i] == 0).collect();
+    let dependents = lists.inverse();
+    let mut rank = vec![0u32; n];
+    let mut waiting: Vec<usize> = deps.iter().map(Vec::len).collect();
+    let mut queue: std::collections::VecDeque<usize> =
+        (0..n).filter(|&i| waiting[i] == 0).collect();
     while let Some(u) = queue.pop_front() {
-        for &v in &down[u] {
+        for &v in dependents.get(u) {
+            let v = v as usize;
             rank[v] = rank[v].max(rank[u] + 1);
-            indeg[v] -= 1;
-            if indeg[v] == 0 {
+            waiting[v] -= 1;
+            if waiting[v] == 0 {
                 queue.push_back(v);
             }
         }
@@ -1142,5 +1252,42 @@ tasks:
     fn ranks_follow_the_longest_chain() {
         let deps = vec![vec![], vec![0], vec![0, 1], vec![]];
         assert_eq!(topo_ranks(&deps), vec![0, 1, 2, 0]);
+    }
+
+    #[test]
+    fn ids_short_and_long_find_their_tasks() {
+        let ids = ["a", "abcdefgh", "abcdefghi", "abcdefgh\0", "a\0", "é", ""];
+        let mut index = IdIndex::default();
+        for (i, id) in ids.iter().enumerate() {
+            index.insert(id, i as u32);
+        }
+        for (i, id) in ids.iter().enumerate() {
+            assert_eq!(index.get(id), Some(i as u32), "{id:?}");
+        }
+        assert_eq!(index.get("abcdefg"), None);
+        assert_eq!(index.get("abcdefghij"), None);
+    }
+
+    #[test]
+    fn dependency_lists_and_their_inverse() {
+        let g = parse(
+            "tasks:\n  - { id: a, tool: echo }\n  - { id: b, tool: echo, needs: [a, a] }\n  - { id: c, tool: echo, needs: [b], args: { x: '{{ tasks.a.output }}' } }\n",
+        )
+        .unwrap();
+        let deps = g.dependency_lists();
+        assert_eq!(
+            (deps.get(0), deps.get(1), deps.get(2)),
+            (&[][..], &[0][..], &[0, 1][..])
+        );
+        let dependents = deps.inverse();
+        assert_eq!(
+            (
+                dependents.get(0),
+                dependents.get(1),
+                dependents.get(2),
+                dependents.get(3)
+            ),
+            (&[1, 2][..], &[2][..], &[][..], &[][..])
+        );
     }
 }

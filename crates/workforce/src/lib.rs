@@ -59,6 +59,7 @@ pub mod bench;
 pub mod driver;
 pub mod engine;
 pub mod graph;
+mod hashing;
 pub mod sim;
 pub mod state;
 pub mod template;

@@ -5,6 +5,7 @@
 //! itself (an object stays an object); inside longer text, the value is written in: strings as
 //! they are, anything else as compact JSON. A missing field renders as `null`.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde_json::Value;
@@ -111,24 +112,41 @@ pub fn check(task: &TaskSpec) -> Result<(), String> {
     Ok(())
 }
 
-fn lookup<'v>(
-    outputs: &'v BTreeMap<String, Value>,
+/// Where templates find upstream outputs.
+pub trait Outputs {
+    /// The output of the task `id`, if it has one: borrowed when it is kept as a value, made
+    /// when it is kept in another form.
+    fn output(&self, id: &str) -> Option<Cow<'_, Value>>;
+}
+
+/// Outputs by task id.
+impl Outputs for BTreeMap<String, Value> {
+    fn output(&self, id: &str) -> Option<Cow<'_, Value>> {
+        self.get(id).map(Cow::Borrowed)
+    }
+}
+
+/// Calls `f` with the value at `path` in the output of `task`, if there is one.
+fn lookup<R>(
+    outputs: &(impl Outputs + ?Sized),
     task: &str,
     path: &[&str],
-) -> Option<&'v Value> {
-    let mut v = outputs.get(task)?;
+    f: impl FnOnce(Option<&Value>) -> R,
+) -> R {
+    let output = outputs.output(task);
+    let mut v = output.as_deref();
     for p in path {
         v = match v {
-            Value::Object(m) => m.get(*p)?,
-            Value::Array(a) => a.get(p.parse::<usize>().ok()?)?,
-            _ => return None,
+            Some(Value::Object(m)) => m.get(*p),
+            Some(Value::Array(a)) => p.parse::<usize>().ok().and_then(|i| a.get(i)),
+            _ => None,
         };
     }
-    Some(v)
+    f(v)
 }
 
 /// Renders the templates of a string against upstream outputs (task id to output).
-pub fn render_str(s: &str, outputs: &BTreeMap<String, Value>) -> Value {
+pub fn render_str(s: &str, outputs: &(impl Outputs + ?Sized)) -> Value {
     let Ok(found) = scan(s) else {
         return Value::String(s.to_string());
     };
@@ -136,19 +154,19 @@ pub fn render_str(s: &str, outputs: &BTreeMap<String, Value>) -> Value {
         return Value::String(s.to_string());
     }
     if found.len() == 1 && found[0].start == 0 && found[0].end == s.len() {
-        return lookup(outputs, found[0].task, &found[0].path)
-            .cloned()
-            .unwrap_or(Value::Null);
+        return lookup(outputs, found[0].task, &found[0].path, |v| {
+            v.cloned().unwrap_or(Value::Null)
+        });
     }
     let mut out = String::with_capacity(s.len());
     let mut pos = 0;
     for f in &found {
         out.push_str(&s[pos..f.start]);
-        match lookup(outputs, f.task, &f.path) {
+        lookup(outputs, f.task, &f.path, |v| match v {
             Some(Value::String(t)) => out.push_str(t),
             Some(v) => out.push_str(&v.to_string()),
             None => out.push_str("null"),
-        }
+        });
         pos = f.end;
     }
     out.push_str(&s[pos..]);
@@ -156,7 +174,7 @@ pub fn render_str(s: &str, outputs: &BTreeMap<String, Value>) -> Value {
 }
 
 /// Renders every string in `v`.
-pub fn render(v: &Value, outputs: &BTreeMap<String, Value>) -> Value {
+pub fn render(v: &Value, outputs: &(impl Outputs + ?Sized)) -> Value {
     match v {
         Value::String(s) => render_str(s, outputs),
         Value::Array(a) => Value::Array(a.iter().map(|x| render(x, outputs)).collect()),
@@ -170,7 +188,7 @@ pub fn render(v: &Value, outputs: &BTreeMap<String, Value>) -> Value {
 }
 
 /// Renders to text (for prompts): a string as it is, anything else as JSON.
-pub fn render_text(s: &str, outputs: &BTreeMap<String, Value>) -> String {
+pub fn render_text(s: &str, outputs: &(impl Outputs + ?Sized)) -> String {
     match render_str(s, outputs) {
         Value::String(t) => t,
         other => other.to_string(),
