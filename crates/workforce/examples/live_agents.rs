@@ -1,6 +1,7 @@
 //! Live agents against an in-memory log or no log, to separate the scheduler's overhead from
 //! the store's: `cargo run --release -p agent-runtime-workforce --example live_agents -- 10000 2000 none`.
-//! Uses mimalloc, as the `agent-runtime` binary does.
+//! Uses mimalloc and turns transparent huge pages off, as the `agent-runtime` binary does (see
+//! its `main.rs` for why).
 
 use std::sync::Arc;
 
@@ -11,6 +12,9 @@ use agent_runtime_workforce::bench::{NullSink, live_agents};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
+    // SAFETY: PR_SET_THP_DISABLE touches no memory; an error (an old kernel) only costs speed.
+    #[cfg(target_os = "linux")]
+    let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
     let args: Vec<String> = std::env::args().collect();
     let n: u32 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10_000);
     let ms: u64 = args.get(2).and_then(|a| a.parse().ok()).unwrap_or(2_000);

@@ -869,11 +869,11 @@ impl Driver {
                 timeout,
                 ..
             } => {
-                let token = CancellationToken::new();
+                // The context's own fresh token is the call's (one allocation per call, not two).
                 let mut ctx = CallContext::new(actor);
+                let token = ctx.cancel.clone();
                 ctx.run_id = Some(run_id);
                 ctx.task_id = Some(task_id);
-                ctx.cancel = token.clone();
                 ctx.timeout = timeout;
                 let tools = self.opts.tools.clone();
                 let tx = tx.clone();
@@ -901,11 +901,10 @@ impl Driver {
                 timeout,
                 ..
             } => {
-                let token = CancellationToken::new();
                 let mut ctx = CallContext::new(Actor::Agent(agent.to_string()));
+                let token = ctx.cancel.clone();
                 ctx.run_id = Some(run_id);
                 ctx.task_id = Some(task_id);
-                ctx.cancel = token.clone();
                 ctx.timeout = timeout;
                 let specs = self.agent_specs(&agent, &tools);
                 let request = ModelRequest {
