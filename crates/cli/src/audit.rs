@@ -313,9 +313,13 @@ fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     loop {
+        // Every event up to the head read here is looked at by the next call: later calls start
+        // past it, so a filter that matches nothing does not re-read the log at every poll.
+        let head = store.head()?.map_or(0, |(seq, _)| seq);
         let new = store.follow_blocking(&query, last, Duration::from_millis(250))?;
+        last = last.max(head);
         if let Some(e) = new.last() {
-            last = e.seq;
+            last = last.max(e.seq);
         }
         if print(&new).is_err() {
             return Ok(ExitCode::SUCCESS);
