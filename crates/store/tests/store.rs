@@ -157,6 +157,30 @@ fn queries_across_frames_and_interleaved_runs() {
     assert_eq!(store.verify().unwrap().events, 5000);
 }
 
+/// Appending events already encoded is the same as appending them: same hashes, same envelopes.
+#[tokio::test]
+async fn encoded_appends_store_what_plain_appends_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let plain = open_encrypted(&dir.path().join("plain.db"));
+    let encoded = open_encrypted(&dir.path().join("encoded.db"));
+    let landed = plain.append(events(3, 40)).await.unwrap();
+    let landed_encoded = encoded
+        .append_encoded(
+            events(3, 40)
+                .into_iter()
+                .map(agent_runtime_core::EncodedEvent::new)
+                .collect(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(landed, landed_encoded);
+    assert_eq!(
+        plain.query_blocking(&EventQuery::default()).unwrap(),
+        encoded.query_blocking(&EventQuery::default()).unwrap()
+    );
+    assert!(encoded.verify().unwrap().problem.is_none());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_concurrent_appenders_form_one_chain() {
     let dir = tempfile::tempdir().unwrap();

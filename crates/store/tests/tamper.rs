@@ -368,3 +368,29 @@ fn a_database_of_the_row_per_event_format_is_refused_by_name() {
     let msg = err.to_string();
     assert!(msg.contains("\"1\"") || msg.contains(" 1"), "{msg}");
 }
+
+#[test]
+fn a_frame_that_links_to_another_chain_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 3000);
+    let second: i64 = rusqlite::Connection::open(&path)
+        .unwrap()
+        .query_row(
+            "SELECT first_seq FROM frames WHERE first_seq > 1 ORDER BY first_seq LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    tamper_conn(&path)
+        .execute(
+            "UPDATE frames SET prev_hash = zeroblob(32) WHERE first_seq = ?1",
+            [second],
+        )
+        .unwrap();
+    let p = problem(&path);
+    assert_eq!(
+        (p.seq, p.kind),
+        (second as u64, ProblemKind::ChainBroken),
+        "{p}"
+    );
+}
