@@ -406,6 +406,46 @@ impl EncodedEvent {
         }
     }
 
+    /// An encoded event from its payload's canonical JSON, for a producer that writes payload
+    /// bytes itself (the simulator's constant answers). The bytes must be canonical JSON (see
+    /// the module docs): a log stores them as they are, and verifying an export re-derives them
+    /// from the parsed payload, so any other form fails verification. Debug builds check it.
+    pub fn from_canonical_payload(
+        run_id: RunId,
+        task_id: Option<TaskId>,
+        actor: Actor,
+        kind: EventKind,
+        time: Timestamp,
+        payload_json: &[u8],
+    ) -> EncodedEvent {
+        debug_assert!(
+            serde_json::from_slice::<Value>(payload_json)
+                .is_ok_and(|v| canonical_json(&v) == payload_json),
+            "not canonical JSON: {}",
+            String::from_utf8_lossy(payload_json)
+        );
+        let mut body = Vec::with_capacity(96 + payload_json.len());
+        write_header(
+            &mut body,
+            &run_id,
+            task_id.as_ref(),
+            ActorText::Parsed(&actor),
+            kind.as_str(),
+            time,
+        );
+        let header_len = body.len();
+        put_lp(&mut body, payload_json);
+        EncodedEvent {
+            run_id,
+            task_id,
+            actor,
+            kind,
+            time,
+            body,
+            header_len,
+        }
+    }
+
     /// The run.
     pub fn run_id(&self) -> RunId {
         self.run_id
