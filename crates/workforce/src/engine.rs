@@ -920,7 +920,7 @@ impl Engine {
                 Actor::Tool(tool.into()),
                 EventKind::ToolCompleted,
                 time,
-                json!({"call": call, "output": output}),
+                object([("call", call.into()), ("output", output)]),
             ),
             Err((class, message)) => self.input(
                 task_id,
@@ -1320,7 +1320,11 @@ impl Engine {
                     Some(task_id),
                     actor.clone(),
                     EventKind::ToolRequested,
-                    json!({"call": call, "tool": tool, "args": args}),
+                    object([
+                        ("args", args.clone()),
+                        ("call", call.into()),
+                        ("tool", Value::String(tool.clone())),
+                    ]),
                 );
                 self.effects.push(Effect::CallTool {
                     call,
