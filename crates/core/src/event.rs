@@ -382,28 +382,17 @@ pub struct EncodedEvent {
 impl EncodedEvent {
     /// Encodes `event`, dropping its `Value`.
     pub fn new(event: NewEvent) -> EncodedEvent {
-        let mut body = Vec::with_capacity(160);
-        write_header(
-            &mut body,
-            &event.run_id,
-            event.task_id.as_ref(),
-            ActorText::Parsed(&event.actor),
-            event.kind.as_str(),
-            event.time,
-        );
-        let header_len = body.len();
-        let at = reserve_len(&mut body);
-        write_canonical_json(&event.payload, &mut body);
-        patch_len(&mut body, at);
-        EncodedEvent {
-            run_id: event.run_id,
-            task_id: event.task_id,
-            actor: event.actor,
-            kind: event.kind,
-            time: event.time,
-            body,
-            header_len,
-        }
+        let NewEvent {
+            run_id,
+            task_id,
+            actor,
+            kind,
+            time,
+            payload,
+        } = event;
+        EncodedEvent::encode(run_id, task_id, actor, kind, time, 160, |out| {
+            write_canonical_json(&payload, out)
+        })
     }
 
     /// An encoded event from its payload's canonical JSON, for a producer that writes payload
@@ -424,7 +413,23 @@ impl EncodedEvent {
             "not canonical JSON: {}",
             String::from_utf8_lossy(payload_json)
         );
-        let mut body = Vec::with_capacity(96 + payload_json.len());
+        let capacity = 96 + payload_json.len();
+        EncodedEvent::encode(run_id, task_id, actor, kind, time, capacity, |out| {
+            out.extend_from_slice(payload_json)
+        })
+    }
+
+    /// Writes the header, then the payload `write_payload` writes, length-prefixed.
+    fn encode(
+        run_id: RunId,
+        task_id: Option<TaskId>,
+        actor: Actor,
+        kind: EventKind,
+        time: Timestamp,
+        capacity: usize,
+        write_payload: impl FnOnce(&mut Vec<u8>),
+    ) -> EncodedEvent {
+        let mut body = Vec::with_capacity(capacity);
         write_header(
             &mut body,
             &run_id,
@@ -434,7 +439,9 @@ impl EncodedEvent {
             time,
         );
         let header_len = body.len();
-        put_lp(&mut body, payload_json);
+        let at = reserve_len(&mut body);
+        write_payload(&mut body);
+        patch_len(&mut body, at);
         EncodedEvent {
             run_id,
             task_id,

@@ -124,10 +124,11 @@ impl Store {
         let mut otlp_pending: Vec<serde_json::Value> = Vec::new();
         ordered_parallel(
             |emit| {
-                scan_query(
+                crate::store::scan_batches(
                     &reader.lock().unwrap_or_else(|p| p.into_inner()),
                     &path,
                     query,
+                    BATCH,
                     emit,
                 )
             },
@@ -204,41 +205,6 @@ impl Store {
             bytes: out.bytes,
         })
     }
-}
-
-/// Reads the events `query` selects in order, in batches of copied records.
-fn scan_query(
-    conn: &rusqlite::Connection,
-    path: &std::path::Path,
-    query: &EventQuery,
-    emit: &mut dyn FnMut(Vec<RawRow>) -> bool,
-) -> Result<(), StoreError> {
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut failed = None;
-    let mut stopped = false;
-    crate::store::scan_events(conn, path, query, &mut |rec| match rec {
-        Ok(r) => {
-            batch.push(RawRow::from_record(&r));
-            if batch.len() == BATCH
-                && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
-            {
-                stopped = true;
-                return false;
-            }
-            true
-        }
-        Err(e) => {
-            failed = Some(e);
-            false
-        }
-    })?;
-    if let Some(e) = failed {
-        return Err(e);
-    }
-    if !stopped && !batch.is_empty() {
-        emit(batch);
-    }
-    Ok(())
 }
 
 /// Writes one envelope as a JSON line, byte for byte what `serde_json::to_string(&Envelope)`

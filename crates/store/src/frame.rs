@@ -23,6 +23,8 @@
 //! Independent verifiers can read a database with [`records`]; `docs/audit-format.md` has the
 //! table definitions.
 
+use std::collections::BTreeSet;
+
 use agent_runtime_core::Hash32;
 
 /// Most events one frame holds. Part of the format: readers rely on it to find the frames that
@@ -206,8 +208,8 @@ pub(crate) struct FrameBuilder {
     pub min_time: i64,
     pub max_time: i64,
     pub body: Vec<u8>,
-    /// The distinct runs in the frame, in first-seen order (usually one).
-    pub runs: Vec<[u8; 16]>,
+    /// The distinct runs in the frame (usually one).
+    pub runs: BTreeSet<[u8; 16]>,
 }
 
 impl FrameBuilder {
@@ -220,7 +222,7 @@ impl FrameBuilder {
             min_time: i64::MAX,
             max_time: i64::MIN,
             body: Vec::with_capacity(FRAME_TARGET_BYTES + 4096),
-            runs: Vec::new(),
+            runs: BTreeSet::new(),
         }
     }
 
@@ -253,9 +255,7 @@ impl FrameBuilder {
         self.last_hash = hash;
         self.min_time = self.min_time.min(time_ns);
         self.max_time = self.max_time.max(time_ns);
-        if !self.runs.contains(run_id) {
-            self.runs.push(*run_id);
-        }
+        self.runs.insert(*run_id);
         push_record(&mut self.body, header, payload, &hash);
     }
 

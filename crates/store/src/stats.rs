@@ -42,32 +42,21 @@ impl Store {
         let mut events = 0;
         let mut runs = std::collections::BTreeSet::new();
         let mut times: Option<(u64, u64)> = None;
-        let mut failed = None;
-        crate::store::scan_events(&conn, path, &Default::default(), &mut |rec| match rec {
-            Ok(r) => {
-                events += 1;
-                match kinds.get_mut(r.kind) {
-                    Some(n) => *n += 1,
-                    None => {
-                        kinds.insert(r.kind.to_string(), 1);
-                    }
+        crate::store::scan_events(&conn, path, &Default::default(), &mut |r| {
+            events += 1;
+            match kinds.get_mut(r.kind) {
+                Some(n) => *n += 1,
+                None => {
+                    kinds.insert(r.kind.to_string(), 1);
                 }
-                runs.insert(r.run_id);
-                times = Some(times.map_or((r.time_ns, r.time_ns), |(first, _)| (first, r.time_ns)));
-                true
             }
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
+            runs.insert(r.run_id);
+            times = Some(times.map_or((r.time_ns, r.time_ns), |(first, _)| (first, r.time_ns)));
+            Ok(true)
         })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
         let show = |t: u64| agent_runtime_core::Timestamp::from_unix_nanos(t).to_string();
         let first_time = times.map(|(t, _)| show(t));
         let last_time = times.map(|(_, t)| show(t));
-        let runs = runs.len() as i64;
         drop(conn);
         let head = self.head()?;
         let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
@@ -78,7 +67,7 @@ impl Store {
             bytes: size(path) + size(std::path::Path::new(&wal)),
             encrypted: self.is_encrypted(),
             events,
-            runs: u64::try_from(runs).unwrap_or(0),
+            runs: runs.len() as u64,
             kinds,
             first_time,
             last_time,

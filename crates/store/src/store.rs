@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use crate::config::{Durability, Encryption, StoreConfig};
 use crate::crypto::{self, KdfParams, PayloadCipher};
 use crate::error::{StoreError, sqlite_error};
-use crate::frame::{EventRecord, FrameBuilder, FrameError, MAX_FRAME_EVENTS};
+use crate::frame::{EventRecord, FrameBuilder, MAX_FRAME_EVENTS};
 
 /// The on-disk format this build writes and reads: 2 is frames (see [`crate::frame`]); 1 was a
 /// row per event.
@@ -67,7 +67,7 @@ pub(crate) const FRAME_COLUMNS: &str = "first_seq, last_seq, prev_hash, last_has
 /// An event prepared for the writer: everything that does not depend on its place in the log is
 /// computed by the appender, so the single writer only numbers, hashes and copies.
 pub(crate) struct Prepared {
-    run_id: [u8; 16],
+    /// The event's time as stored (checked to fit).
     time_ns: i64,
     /// The canonical body, which the chain hash covers.
     event: EncodedEvent,
@@ -130,31 +130,6 @@ impl RawRow {
             hash: &self.hash,
         }
     }
-}
-
-/// Reads the frames a statement selected (columns [`FRAME_COLUMNS`]) and hands each of their
-/// records to `each` until it returns false. A record that cannot be read is `Err`, with the
-/// sequence number it would have had. Returns whether `each` wanted more.
-pub(crate) fn for_each_record(
-    rows: &mut rusqlite::Rows<'_>,
-    last_read: &mut Option<u64>,
-    each: &mut dyn FnMut(Result<EventRecord<'_>, FrameError>) -> bool,
-) -> rusqlite::Result<bool> {
-    while let Some(row) = rows.next()? {
-        let first: i64 = row.get(0)?;
-        let first = u64::try_from(first).unwrap_or(0);
-        let prev = row.get_ref(2)?.as_blob()?;
-        let body = row.get_ref(4)?.as_blob()?;
-        for rec in crate::frame::records(first, prev, body) {
-            if let Ok(r) = &rec {
-                *last_read = Some(r.seq);
-            }
-            if !each(rec) {
-                return Ok(false);
-            }
-        }
-    }
-    Ok(true)
 }
 
 pub(crate) struct Inner {
@@ -399,7 +374,6 @@ impl Store {
             .as_ref()
             .map(|c| c.seal(event.payload_json(), event.header()));
         Ok(Prepared {
-            run_id: *event.run_id().as_bytes(),
             time_ns,
             event,
             sealed,
@@ -451,23 +425,11 @@ impl Store {
     pub fn query_blocking(&self, query: &EventQuery) -> Result<Vec<Envelope>, StoreError> {
         let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::new();
-        let mut failed = None;
-        scan_events(&conn, &self.inner.path, query, &mut |rec| match rec
-            .and_then(|r| self.decode(&r))
-        {
-            Ok(env) => {
-                out.push(env);
-                true
-            }
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
+        scan_events(&conn, &self.inner.path, query, &mut |r| {
+            out.push(self.decode(&r)?);
+            Ok(true)
         })?;
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(out),
-        }
+        Ok(out)
     }
 
     /// The plaintext canonical payload of a record, decrypted into `scratch` when sealed.
@@ -786,14 +748,15 @@ pub(crate) fn read_recorded_head(
         .map(u64::from_be_bytes))
 }
 
-/// Hands every event matching `query` to `each`, in sequence order, until it returns false or
-/// `query.limit` events were handed. Frames are chosen by run (through `frame_runs`), sequence
-/// and time range; each of their records is then filtered on everything the query names.
+/// Hands every event matching `query` to `each`, in sequence order, until it returns
+/// `Ok(false)` or an error, or `query.limit` events were handed. Frames are chosen by run
+/// (through `frame_runs`), sequence and time range; each of their records is then filtered on
+/// everything the query names. A record that cannot be read is `BadEvent` naming its sequence.
 pub(crate) fn scan_events(
     conn: &Connection,
     path: &Path,
     query: &EventQuery,
-    each: &mut dyn FnMut(Result<EventRecord<'_>, StoreError>) -> bool,
+    each: &mut dyn FnMut(EventRecord<'_>) -> Result<bool, StoreError>,
 ) -> Result<(), StoreError> {
     use rusqlite::types::Value as V;
     let after = query.after_seq.unwrap_or(0);
@@ -839,31 +802,66 @@ pub(crate) fn scan_events(
         .query(rusqlite::params_from_iter(args.iter()))
         .map_err(|e| sqlite_error(path, e, None))?;
     let mut last = None;
-    for_each_record(&mut rows, &mut last, &mut |rec| {
-        let r = match rec {
-            Ok(r) => r,
-            Err(e) => {
-                each(Err(StoreError::BadEvent {
-                    path: path.to_path_buf(),
-                    seq: e.seq,
-                    detail: format!("its frame is damaged: {}", e.detail),
-                }));
-                return false;
+    let sql_error = |e, last| sqlite_error(path, e, last);
+    while let Some(row) = rows.next().map_err(|e| sql_error(e, last))? {
+        let first: i64 = row.get(0).map_err(|e| sql_error(e, last))?;
+        let prev = row.get_ref(2).and_then(|v| Ok(v.as_blob()?));
+        let body = row.get_ref(4).and_then(|v| Ok(v.as_blob()?));
+        let (prev, body) = (
+            prev.map_err(|e| sql_error(e, last))?,
+            body.map_err(|e| sql_error(e, last))?,
+        );
+        for rec in crate::frame::records(u64::try_from(first).unwrap_or(0), prev, body) {
+            let r = rec.map_err(|e| StoreError::BadEvent {
+                path: path.to_path_buf(),
+                seq: e.seq,
+                detail: format!("its frame is damaged: {}", e.detail),
+            })?;
+            last = Some(r.seq);
+            let wanted = r.seq > after
+                && run.is_none_or(|id| id == r.run_id)
+                && (query.kinds.is_empty() || query.kinds.iter().any(|k| k.as_str() == r.kind))
+                && since.is_none_or(|t| r.time_ns >= t)
+                && until.is_none_or(|t| r.time_ns < t);
+            if !wanted {
+                continue;
             }
-        };
-        let wanted = r.seq > after
-            && run.is_none_or(|id| id == r.run_id)
-            && (query.kinds.is_empty() || query.kinds.iter().any(|k| k.as_str() == r.kind))
-            && since.is_none_or(|t| r.time_ns >= t)
-            && until.is_none_or(|t| r.time_ns < t);
-        if !wanted {
-            return true;
+            remaining -= 1;
+            if !each(r)? || remaining == 0 {
+                return Ok(());
+            }
         }
-        remaining -= 1;
-        each(Ok(r)) && remaining > 0
-    })
-    .map_err(|e| sqlite_error(path, e, last))?;
+    }
     Ok(())
+}
+
+/// [`scan_events`] in batches of copied records, for readers that hand the work to other
+/// threads. Events read before one that cannot be read are emitted before the error returns.
+pub(crate) fn scan_batches(
+    conn: &Connection,
+    path: &Path,
+    query: &EventQuery,
+    batch_size: usize,
+    emit: &mut dyn FnMut(Vec<RawRow>) -> bool,
+) -> Result<(), StoreError> {
+    let mut batch = Vec::with_capacity(batch_size);
+    let mut stopped = false;
+    let scanned = scan_events(conn, path, query, &mut |r| {
+        batch.push(RawRow::from_record(&r));
+        if batch.len() == batch_size
+            && !emit(std::mem::replace(
+                &mut batch,
+                Vec::with_capacity(batch_size),
+            ))
+        {
+            stopped = true;
+        }
+        Ok(!stopped)
+    });
+    if !stopped && !batch.is_empty() && !emit(batch) {
+        return Ok(());
+    }
+    scanned
 }
 
 fn writer_loop(
@@ -974,7 +972,7 @@ fn commit_batch(
                 frame.push(
                     seq,
                     prev,
-                    &ev.run_id,
+                    ev.event.run_id().as_bytes(),
                     ev.time_ns,
                     ev.event.header(),
                     ev.sealed.as_deref().unwrap_or(ev.event.payload_json()),

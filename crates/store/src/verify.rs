@@ -10,7 +10,7 @@ use serde::Serialize;
 use crate::error::{StoreError, read_error};
 use crate::frame::{EventRecord, MAX_FRAME_EVENTS};
 use crate::pipeline::ordered_parallel;
-use crate::store::{FRAME_COLUMNS, RawRow, Store, for_each_record, read_recorded_head};
+use crate::store::{FRAME_COLUMNS, RawRow, Store, read_recorded_head, scan_batches};
 
 const BATCH: usize = 2048;
 /// Rows per block when workers read the log themselves.
@@ -510,78 +510,58 @@ impl<'a> FrameRow<'a> {
                 }
             }
         }
-        let damaged = |seq, detail: String| Checked::damaged(seq, detail);
         match last {
-            None => out.push(damaged(
+            None => out.push(Checked::damaged(
                 self.first_seq,
                 format!("its frame (sequence {}) holds no events", self.first_seq),
             )),
-            Some((seq, _)) if seq != self.last_seq => out.push(damaged(
+            Some((seq, _)) if seq != self.last_seq => out.push(Checked::damaged(
                 seq.min(self.last_seq) + 1,
                 format!(
                     "its frame starts at {} and says it ends at {}, but holds events up to {seq}",
                     self.first_seq, self.last_seq
                 ),
             )),
-            Some((seq, hash)) if hash != self.last_hash => out.push(damaged(
+            Some((seq, hash)) if hash != self.last_hash => out.push(Checked::damaged(
                 seq,
                 "its frame's recorded last hash is not this event's hash".into(),
             )),
-            Some((seq, _)) if seq - self.first_seq + 1 > MAX_FRAME_EVENTS => out.push(damaged(
-                self.first_seq + MAX_FRAME_EVENTS,
-                format!("its frame holds more than {MAX_FRAME_EVENTS} events"),
-            )),
+            Some((seq, _)) if seq - self.first_seq + 1 > MAX_FRAME_EVENTS => {
+                out.push(Checked::damaged(
+                    self.first_seq + MAX_FRAME_EVENTS,
+                    format!("its frame holds more than {MAX_FRAME_EVENTS} events"),
+                ))
+            }
             Some(_) => {}
         }
     }
 }
 
-/// Reads every event in sequence order in batches; a read error becomes `Damaged` after the
-/// last sequence number read.
+/// Reads every event in sequence order in batches; what stops the reading becomes `Damaged`
+/// after the last sequence number read.
 pub(crate) fn scan_rows(
     conn: &rusqlite::Connection,
     path: &Path,
     emit: &mut dyn FnMut(Vec<RawRow>) -> bool,
 ) -> Result<(), StoreError> {
     let mut last: Option<u64> = None;
-    let damaged = |e, last| read_error(path, e, last);
-    let mut stmt = conn
-        .prepare(&format!(
-            "SELECT {FRAME_COLUMNS} FROM frames ORDER BY first_seq"
-        ))
-        .map_err(|e| damaged(e, None))?;
-    let mut rows = stmt.query([]).map_err(|e| damaged(e, None))?;
-    let mut batch = Vec::with_capacity(BATCH);
-    let mut unreadable = None;
-    let mut stopped = false;
-    for_each_record(&mut rows, &mut last, &mut |rec| match rec {
-        Ok(r) => {
-            batch.push(RawRow::from_record(&r));
-            if batch.len() == BATCH
-                && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
-            {
-                stopped = true;
-                return false;
-            }
-            true
-        }
-        Err(e) => {
-            unreadable = Some(e);
-            false
-        }
-    })
-    .map_err(|e| damaged(e, last))?;
-    if !stopped && !batch.is_empty() && !emit(std::mem::take(&mut batch)) {
-        return Ok(());
-    }
-    match unreadable {
-        Some(e) => Err(StoreError::Damaged {
+    let scanned = scan_batches(conn, path, &Default::default(), BATCH, &mut |rows| {
+        last = rows.last().map(|r| r.seq).or(last);
+        emit(rows)
+    });
+    scanned.map_err(|e| match e {
+        StoreError::BadEvent { seq, detail, .. } => StoreError::Damaged {
             path: path.to_path_buf(),
-            after_seq: e.seq.checked_sub(1),
-            detail: format!("a frame cannot be read: {}", e.detail),
-        }),
-        None => Ok(()),
-    }
+            after_seq: seq.checked_sub(1),
+            detail,
+        },
+        StoreError::Sqlite { path, detail } => StoreError::Damaged {
+            path,
+            after_seq: last,
+            detail,
+        },
+        other => other,
+    })
 }
 
 /// The first line of a bundle.

@@ -364,9 +364,12 @@ fn a_database_of_the_row_per_event_format_is_refused_by_name() {
         .execute_batch("UPDATE meta SET value = CAST('1' AS BLOB) WHERE key = 'format'")
         .unwrap();
     let err = Store::open(encrypted_config(&path, "test passphrase")).unwrap_err();
-    assert!(matches!(err, StoreError::Format { .. }), "{err}");
-    let msg = err.to_string();
-    assert!(msg.contains("\"1\"") || msg.contains(" 1"), "{msg}");
+    match &err {
+        StoreError::Format {
+            found, expected, ..
+        } => assert_eq!((found.as_str(), expected.as_str()), ("1", "2"), "{err}"),
+        other => panic!("expected a format error, got {other}"),
+    }
 }
 
 #[test]

@@ -354,7 +354,9 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                 return Err(SimError::Stalled(open));
             }
         };
-        let input = match (completion_first, deadline) {
+        // The input, the typed response the engine applies, and whether the recorded payload is
+        // the spliced `completed_payload`.
+        let (input, response, spliced) = match (completion_first, deadline) {
             (true, _) => {
                 let Some(Reverse((t, _, call, fail))) = pending.pop() else {
                     break;
@@ -370,14 +372,18 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                     } else {
                         Ok(serde_json::Value::Null)
                     };
-                    (engine.tool_result_event(call, &tool, t, result), None)
+                    (
+                        engine.tool_result_event(call, &tool, t, result),
+                        None,
+                        false,
+                    )
                 } else if fail {
                     let input = engine.model_result_event(
                         call,
                         t,
                         Err((ErrorClass::ModelError, "simulated failure".to_string())),
                     );
-                    (input, None)
+                    (input, None, false)
                 } else {
                     let input = engine.model_response_json_event(call, t, serde_json::Value::Null);
                     completed_payload.clear();
@@ -387,26 +393,28 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                     completed_payload.extend_from_slice(b",\"response\":");
                     completed_payload.extend_from_slice(&response_json);
                     completed_payload.push(b'}');
-                    engine.apply_with(&input, Some(response.clone()))?;
-                    buffer.push(EncodedEvent::from_canonical_payload(
-                        input.run_id,
-                        input.task_id,
-                        input.actor,
-                        input.kind,
-                        input.time,
-                        &completed_payload,
-                    ));
-                    continue;
+                    (input, Some(response.clone()), true)
                 }
             }
             (false, Some(d)) => {
                 clock.set(d);
-                (engine.clock_event(d), None)
+                (engine.clock_event(d), None, false)
             }
             (false, None) => break,
         };
-        engine.apply_with(&input.0, input.1)?;
-        buffer.push(EncodedEvent::new(input.0));
+        engine.apply_with(&input, response)?;
+        buffer.push(if spliced {
+            EncodedEvent::from_canonical_payload(
+                input.run_id,
+                input.task_id,
+                input.actor,
+                input.kind,
+                input.time,
+                &completed_payload,
+            )
+        } else {
+            EncodedEvent::new(input)
+        });
     }
     engine_cpu.pause();
     if !buffer.is_empty() {
