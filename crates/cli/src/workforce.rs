@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use agent_runtime_core::{
-    CancellationToken, EventKind, EventQuery, EventSink, EventSource, MemoryLog, NewEvent, RunId,
-    SystemClock, Timestamp,
+    CancellationToken, EncodedEvent, EventKind, EventQuery, EventSink, EventSource, MemoryLog,
+    NewEvent, RunId, SystemClock, Timestamp,
 };
 use agent_runtime_workforce::driver::{self, DriverError, NoModels, Observer, Outcome, RunOptions};
 use agent_runtime_workforce::engine::{Engine, RunStatus};
@@ -220,15 +220,32 @@ impl Progress {
 }
 
 impl Observer for Progress {
-    fn on_events(&self, events: &[NewEvent], engine: &Engine) {
+    fn on_events(&self, events: &[EncodedEvent], engine: &Engine) {
         let mut c = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut err = std::io::stderr().lock();
         for e in events {
-            let name = e.task_id.and_then(|t| engine.task_name(t)).unwrap_or("");
-            let line = match e.kind {
+            let kind = e.kind();
+            if !matches!(
+                kind,
+                EventKind::TaskStarted
+                    | EventKind::TaskCompleted
+                    | EventKind::TaskFailed
+                    | EventKind::TaskRetryScheduled
+                    | EventKind::TaskSkipped
+                    | EventKind::TaskCancelled
+                    | EventKind::TaskSpawned
+            ) {
+                continue;
+            }
+            // The log's bytes are canonical JSON the engine wrote; a payload that does not parse
+            // only loses its details on this line.
+            let payload: serde_json::Value =
+                serde_json::from_slice(e.payload_json()).unwrap_or_default();
+            let name = e.task_id().and_then(|t| engine.task_name(t)).unwrap_or("");
+            let line = match kind {
                 EventKind::TaskStarted => {
                     c.running += 1;
-                    let attempt = e.payload["attempt"].as_u64().unwrap_or(1);
+                    let attempt = payload["attempt"].as_u64().unwrap_or(1);
                     Some(if attempt > 1 {
                         format!("task {name}: started (attempt {attempt})")
                     } else {
@@ -236,7 +253,7 @@ impl Observer for Progress {
                     })
                 }
                 EventKind::TaskCompleted => {
-                    if e.payload.get("substituted").is_none() {
+                    if payload.get("substituted").is_none() {
                         c.running -= 1;
                     }
                     c.done += 1;
@@ -247,25 +264,25 @@ impl Observer for Progress {
                     c.failed += 1;
                     Some(format!(
                         "task {name}: failed ({}: {})",
-                        e.payload["class"].as_str().unwrap_or("?"),
-                        e.payload["message"].as_str().unwrap_or("")
+                        payload["class"].as_str().unwrap_or("?"),
+                        payload["message"].as_str().unwrap_or("")
                     ))
                 }
                 EventKind::TaskRetryScheduled => {
                     c.retried += 1;
                     Some(format!(
                         "task {name}: retry in {} ms",
-                        e.payload["delay_ms"].as_u64().unwrap_or(0)
+                        payload["delay_ms"].as_u64().unwrap_or(0)
                     ))
                 }
                 EventKind::TaskSkipped => {
                     c.skipped += 1;
                     Some(format!(
                         "task {name}: skipped ({})",
-                        e.payload["reason"].as_str().unwrap_or("")
+                        payload["reason"].as_str().unwrap_or("")
                     ))
                 }
-                EventKind::TaskCancelled if e.payload.get("request").is_none() => {
+                EventKind::TaskCancelled if payload.get("request").is_none() => {
                     c.running -= 1;
                     Some(format!("task {name}: cancelled"))
                 }

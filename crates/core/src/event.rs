@@ -419,6 +419,38 @@ impl EncodedEvent {
         })
     }
 
+    /// An encoded event whose payload is the JSON object `write` builds, member by member,
+    /// straight into the event's bytes: no `Value` is built, so a producer that writes an event
+    /// per task (the scheduler) skips the allocations of building one and the work of encoding
+    /// and dropping it. The writer checks nothing at run time; debug builds check that keys come
+    /// in byte order, which is what makes the bytes canonical.
+    ///
+    /// ```
+    /// use agent_runtime_core::{Actor, EncodedEvent, EventKind, NewEvent, RunId, Timestamp};
+    ///
+    /// let run_id = RunId::from_bytes([1; 16]);
+    /// let encoded = EncodedEvent::with_object(run_id, None, Actor::System, EventKind::Note,
+    ///     Timestamp::EPOCH, |o| { o.u64("attempt", 2).str("name", "fetch \"a\""); });
+    /// assert_eq!(encoded.payload_json(), br#"{"attempt":2,"name":"fetch \"a\""}"#);
+    /// let value = NewEvent { run_id, task_id: None, actor: Actor::System, kind: EventKind::Note,
+    ///     time: Timestamp::EPOCH, payload: serde_json::json!({"name": "fetch \"a\"", "attempt": 2}) };
+    /// assert_eq!(encoded, EncodedEvent::new(value));
+    /// ```
+    pub fn with_object(
+        run_id: RunId,
+        task_id: Option<TaskId>,
+        actor: Actor,
+        kind: EventKind,
+        time: Timestamp,
+        write: impl FnOnce(&mut ObjectWriter<'_>),
+    ) -> EncodedEvent {
+        EncodedEvent::encode(run_id, task_id, actor, kind, time, 192, |out| {
+            let mut object = ObjectWriter::start(out);
+            write(&mut object);
+            object.finish();
+        })
+    }
+
     /// Writes the header, then the payload `write_payload` writes, length-prefixed.
     fn encode(
         run_id: RunId,
@@ -821,6 +853,89 @@ fn write_json_string(s: &str, out: &mut Vec<u8>) {
     let _ = serde_json::to_writer(&mut *out, s);
 }
 
+/// Writes a canonical JSON object member by member (see [`EncodedEvent::with_object`]). Keys
+/// must come in byte order, each once; values are written as [`canonical_json`] writes them.
+pub struct ObjectWriter<'a> {
+    out: &'a mut Vec<u8>,
+    members: usize,
+    /// The last key written, to check the order in debug builds.
+    #[cfg(debug_assertions)]
+    last_key: Option<String>,
+}
+
+impl<'a> ObjectWriter<'a> {
+    fn start(out: &'a mut Vec<u8>) -> ObjectWriter<'a> {
+        out.push(b'{');
+        ObjectWriter {
+            out,
+            members: 0,
+            #[cfg(debug_assertions)]
+            last_key: None,
+        }
+    }
+
+    fn finish(self) {
+        self.out.push(b'}');
+    }
+
+    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+        #[cfg(debug_assertions)]
+        {
+            if let Some(last) = &self.last_key {
+                assert!(
+                    last.as_bytes() < key.as_bytes(),
+                    "object keys out of byte order: {last:?} then {key:?}"
+                );
+            }
+            self.last_key = Some(key.to_string());
+        }
+        if self.members > 0 {
+            self.out.push(b',');
+        }
+        self.members += 1;
+        write_json_string(key, self.out);
+        self.out.push(b':');
+        self.out
+    }
+
+    /// An unsigned integer member.
+    pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
+        let out = self.key(key);
+        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        self
+    }
+
+    /// A `true` or `false` member.
+    pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
+        let out = self.key(key);
+        out.extend_from_slice(if value { b"true" } else { b"false" });
+        self
+    }
+
+    /// A string member.
+    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        let out = self.key(key);
+        write_json_string(value, out);
+        self
+    }
+
+    /// A member holding any JSON value, written canonically.
+    pub fn value(&mut self, key: &str, value: &Value) -> &mut Self {
+        let out = self.key(key);
+        write_canonical_json(value, out);
+        self
+    }
+
+    /// A member holding an object that `write` builds.
+    pub fn object(&mut self, key: &str, write: impl FnOnce(&mut ObjectWriter<'_>)) -> &mut Self {
+        let out = self.key(key);
+        let mut inner = ObjectWriter::start(out);
+        write(&mut inner);
+        inner.finish();
+        self
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1040,6 +1155,52 @@ mod tests {
         assert_eq!(
             "person:ann:b".parse::<Actor>().unwrap(),
             Actor::Person("ann:b".into())
+        );
+    }
+
+    /// An object written member by member is byte for byte what encoding the same value
+    /// gives: escapes, nesting, every kind of member.
+    #[test]
+    fn object_writer_matches_canonical_json() {
+        let nested = serde_json::json!({"z": [1, -2, 2.5, null], "a": {"y": "é\n", "b": true}});
+        let encoded = EncodedEvent::with_object(
+            RunId::from_bytes([1; 16]),
+            None,
+            Actor::System,
+            EventKind::Note,
+            Timestamp::from_unix_nanos(5),
+            |o| {
+                o.value("args", &nested)
+                    .u64("call", u64::MAX)
+                    .bool("done", false)
+                    .object("output", |o| {
+                        o.str("text", "line\n\"quoted\" \u{1}").u64("turns", 0);
+                    })
+                    .object("zero", |_| {})
+                    .str("\u{7f}key", "");
+            },
+        );
+        let value = serde_json::json!({
+            "args": nested, "call": u64::MAX, "done": false,
+            "output": {"text": "line\n\"quoted\" \u{1}", "turns": 0}, "zero": {}, "\u{7f}key": "",
+        });
+        assert_eq!(encoded, EncodedEvent::new(event(value.clone())));
+        assert_eq!(encoded.to_new_event().unwrap().payload, value);
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "object keys out of byte order")]
+    fn object_writer_refuses_unsorted_keys_in_debug_builds() {
+        EncodedEvent::with_object(
+            RunId::from_bytes([1; 16]),
+            None,
+            Actor::System,
+            EventKind::Note,
+            Timestamp::EPOCH,
+            |o| {
+                o.u64("turn", 1).u64("call", 2);
+            },
         );
     }
 }

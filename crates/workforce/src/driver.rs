@@ -78,7 +78,9 @@ impl ModelRouter for StaticModels {
 /// Sees every batch of events as it is recorded (for progress displays).
 pub trait Observer: Send + Sync {
     /// Called after each batch is durable; `engine` names tasks ([`Engine::task_name`]).
-    fn on_events(&self, events: &[NewEvent], engine: &Engine);
+    /// Each event comes as the log records it; [`EncodedEvent::payload_json`] is its payload's
+    /// canonical JSON, for an observer that reads one.
+    fn on_events(&self, events: &[EncodedEvent], engine: &Engine);
 }
 
 /// A request from outside the run's process (a person at another terminal, an embedding
@@ -365,7 +367,12 @@ pub async fn run_graph_controlled(
     let mut engine = Engine::start(run_id, graph, opts.seed, now);
     let mut driver = Driver::new(opts, LogHasher::new(), 0);
     driver
-        .drive(&mut engine, vec![created], cancel, controls)
+        .drive(
+            &mut engine,
+            vec![EncodedEvent::new(created)],
+            cancel,
+            controls,
+        )
         .await
 }
 
@@ -408,8 +415,25 @@ pub async fn load_run(
 }
 
 fn summarize(e: &NewEvent) -> String {
-    let mut p =
-        String::from_utf8_lossy(&agent_runtime_core::canonical_json(&e.payload)).into_owned();
+    summarize_parts(
+        e.kind,
+        &e.actor,
+        e.time,
+        &agent_runtime_core::canonical_json(&e.payload),
+    )
+}
+
+fn summarize_encoded(e: &EncodedEvent) -> String {
+    summarize_parts(e.kind(), e.actor(), e.time(), e.payload_json())
+}
+
+fn summarize_parts(
+    kind: agent_runtime_core::EventKind,
+    actor: &agent_runtime_core::Actor,
+    time: agent_runtime_core::Timestamp,
+    payload_json: &[u8],
+) -> String {
+    let mut p = String::from_utf8_lossy(payload_json).into_owned();
     if p.len() > 120 {
         let mut cut = 117;
         while !p.is_char_boundary(cut) {
@@ -418,7 +442,7 @@ fn summarize(e: &NewEvent) -> String {
         p.truncate(cut);
         p.push_str("...");
     }
-    format!("{} by {} at {} {p}", e.kind, e.actor, e.time)
+    format!("{kind} by {actor} at {time} {p}")
 }
 
 /// Re-runs the engine over recorded events: every input as recorded, every derived event
@@ -431,7 +455,7 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverE
     let mut engine = Engine::create(&first)?;
     hasher.update(&first);
     let mut pos = 1;
-    let (mut rec_body, mut produced_body) = (Vec::new(), Vec::new());
+    let mut rec_body = Vec::new();
     loop {
         for produced in engine.drain_events() {
             let Some(rec) = events.get(pos) else {
@@ -439,20 +463,18 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverE
                     index: pos,
                     seq: 0,
                     recorded: "the end of the log".into(),
-                    produced: summarize(&produced),
+                    produced: summarize_encoded(&produced),
                 });
             };
             let rec = rec.to_new_event();
             rec_body.clear();
             rec.write_canonical_body(&mut rec_body);
-            produced_body.clear();
-            produced.write_canonical_body(&mut produced_body);
-            if rec_body != produced_body {
+            if rec_body != produced.body() {
                 return Err(DriverError::Diverged {
                     index: pos,
                     seq: events[pos].seq,
                     recorded: summarize(&rec),
-                    produced: summarize(&produced),
+                    produced: summarize_encoded(&produced),
                 });
             }
             hasher.update(&rec);
@@ -549,7 +571,12 @@ pub async fn resume_controlled(
     let count = hasher.count();
     let mut driver = Driver::new(opts, hasher, count);
     driver
-        .drive(&mut engine, vec![resumed], cancel, controls)
+        .drive(
+            &mut engine,
+            vec![EncodedEvent::new(resumed)],
+            cancel,
+            controls,
+        )
         .await
 }
 
@@ -573,7 +600,7 @@ const MAX_BATCH: usize = 4096;
 struct Pending {
     effects: Vec<Effect>,
     /// A copy for the observer, when there is one.
-    observed: Option<Vec<NewEvent>>,
+    observed: Option<Vec<EncodedEvent>>,
 }
 
 /// Appends batches to the sink one after another, in the order sent (one task, so the log's
@@ -614,10 +641,9 @@ impl Writer {
         }
     }
 
-    /// Hands `batch` on, encoded here: the events were just built on this thread, so their
-    /// payloads are serialized while in cache, and once.
-    fn send(&self, batch: Vec<NewEvent>) -> Result<(), DriverError> {
-        let batch = batch.into_iter().map(EncodedEvent::new).collect();
+    /// Hands `batch` on. Its events were encoded on the scheduler's thread as they were made
+    /// (their payloads serialized while in cache, and once).
+    fn send(&self, batch: Vec<EncodedEvent>) -> Result<(), DriverError> {
         self.batches
             .as_ref()
             .and_then(|b| b.send(batch).ok())
@@ -657,7 +683,7 @@ impl Driver {
     async fn drive(
         &mut self,
         engine: &mut Engine,
-        first: Vec<NewEvent>,
+        first: Vec<EncodedEvent>,
         cancel: CancellationToken,
         controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
     ) -> Result<Outcome, DriverError> {
@@ -766,7 +792,7 @@ impl Driver {
                 }
             };
             engine.apply_with(&input.0, input.1)?;
-            batch.push(input.0);
+            batch.push(EncodedEvent::new(input.0));
             // Group-record: every result already waiting goes into the same batch, each
             // followed by what the engine derived from it; effects wait for the append.
             while batch.len() < MAX_BATCH && !engine.is_finished() {
@@ -774,7 +800,7 @@ impl Driver {
                 batch.extend(engine.drain_events());
                 let (input, response) = self.input_of(engine, done);
                 engine.apply_with(&input, response)?;
-                batch.push(input);
+                batch.push(EncodedEvent::new(input));
             }
         }
         self.hasher = writer.finish().await?;

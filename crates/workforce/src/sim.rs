@@ -299,10 +299,10 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     buffer.push(EncodedEvent::new(created));
     loop {
         for e in engine.drain_events() {
-            if e.kind == agent_runtime_core::EventKind::TaskRetryScheduled {
+            if e.kind() == agent_runtime_core::EventKind::TaskRetryScheduled {
                 retries += 1;
             }
-            buffer.push(EncodedEvent::new(e));
+            buffer.push(e);
         }
         let now = engine.now();
         for effect in engine.drain_effects() {

@@ -501,7 +501,7 @@ fn cancelling_a_subtree_leaves_the_rest_running() {
     let ev: Vec<_> = engine.drain_events().collect();
     assert_eq!(
         ev.iter()
-            .filter(|e| e.kind == EventKind::TaskCancelled)
+            .filter(|e| e.kind() == EventKind::TaskCancelled)
             .count(),
         2,
         "b and c"
