@@ -134,3 +134,21 @@ impl ClassifiedError {
         self
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events record a class by its string form, written either through serde or through
+    /// `as_str`: the two must be one form, and parse back.
+    #[test]
+    fn serde_form_is_the_string_form() {
+        for &class in ErrorClass::ALL {
+            assert_eq!(
+                serde_json::to_value(class).unwrap(),
+                serde_json::Value::String(class.as_str().into())
+            );
+            assert_eq!(class.as_str().parse::<ErrorClass>().unwrap(), class);
+        }
+    }
+}

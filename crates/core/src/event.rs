@@ -395,30 +395,6 @@ impl EncodedEvent {
         })
     }
 
-    /// An encoded event from its payload's canonical JSON, for a producer that writes payload
-    /// bytes itself (the simulator's constant answers). The bytes must be canonical JSON (see
-    /// the module docs): a log stores them as they are, and verifying an export re-derives them
-    /// from the parsed payload, so any other form fails verification. Debug builds check it.
-    pub fn from_canonical_payload(
-        run_id: RunId,
-        task_id: Option<TaskId>,
-        actor: Actor,
-        kind: EventKind,
-        time: Timestamp,
-        payload_json: &[u8],
-    ) -> EncodedEvent {
-        debug_assert!(
-            serde_json::from_slice::<Value>(payload_json)
-                .is_ok_and(|v| canonical_json(&v) == payload_json),
-            "not canonical JSON: {}",
-            String::from_utf8_lossy(payload_json)
-        );
-        let capacity = 96 + payload_json.len();
-        EncodedEvent::encode(run_id, task_id, actor, kind, time, capacity, |out| {
-            out.extend_from_slice(payload_json)
-        })
-    }
-
     /// An encoded event whose payload is the JSON object `write` builds, member by member,
     /// straight into the event's bytes: no `Value` is built, so a producer that writes an event
     /// per task (the scheduler) skips the allocations of building one and the work of encoding
@@ -444,7 +420,7 @@ impl EncodedEvent {
         time: Timestamp,
         write: impl FnOnce(&mut ObjectWriter<'_>),
     ) -> EncodedEvent {
-        EncodedEvent::encode(run_id, task_id, actor, kind, time, 192, |out| {
+        EncodedEvent::encode(run_id, task_id, actor, kind, time, 256, |out| {
             let mut object = ObjectWriter::start(out);
             write(&mut object);
             object.finish();
@@ -854,7 +830,9 @@ fn write_json_string(s: &str, out: &mut Vec<u8>) {
 }
 
 /// Writes a canonical JSON object member by member (see [`EncodedEvent::with_object`]). Keys
-/// must come in byte order, each once; values are written as [`canonical_json`] writes them.
+/// are names the code knows: they must come in byte order, each once, and need no escape
+/// (debug builds check both). Values are written as [`canonical_json`] writes them; an object
+/// with keys known only at run time goes in whole, as a `Value`.
 pub struct ObjectWriter<'a> {
     out: &'a mut Vec<u8>,
     members: usize,
@@ -878,9 +856,13 @@ impl<'a> ObjectWriter<'a> {
         self.out.push(b'}');
     }
 
-    fn key(&mut self, key: &str) -> &mut Vec<u8> {
+    fn key(&mut self, key: &'static str) -> &mut Vec<u8> {
         #[cfg(debug_assertions)]
         {
+            assert!(
+                !needs_escape(key.as_bytes()),
+                "object key {key:?} needs escapes"
+            );
             if let Some(last) = &self.last_key {
                 assert!(
                     last.as_bytes() < key.as_bytes(),
@@ -889,49 +871,79 @@ impl<'a> ObjectWriter<'a> {
             }
             self.last_key = Some(key.to_string());
         }
+        // Keys are names the code knows (`'static`), checked in debug builds to need no escape:
+        // written as they are, with one reservation for the member's punctuation.
+        let out = &mut *self.out;
+        out.reserve(key.len() + 24);
         if self.members > 0 {
-            self.out.push(b',');
+            out.push(b',');
         }
         self.members += 1;
-        write_json_string(key, self.out);
-        self.out.push(b':');
-        self.out
+        out.push(b'"');
+        out.extend_from_slice(key.as_bytes());
+        out.extend_from_slice(b"\":");
+        out
     }
 
     /// An unsigned integer member.
-    pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
+    pub fn u64(&mut self, key: &'static str, value: u64) -> &mut Self {
         let out = self.key(key);
         out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
         self
     }
 
     /// A `true` or `false` member.
-    pub fn bool(&mut self, key: &str, value: bool) -> &mut Self {
+    pub fn bool(&mut self, key: &'static str, value: bool) -> &mut Self {
         let out = self.key(key);
         out.extend_from_slice(if value { b"true" } else { b"false" });
         self
     }
 
     /// A string member.
-    pub fn str(&mut self, key: &str, value: &str) -> &mut Self {
+    pub fn str(&mut self, key: &'static str, value: &str) -> &mut Self {
         let out = self.key(key);
         write_json_string(value, out);
         self
     }
 
     /// A member holding any JSON value, written canonically.
-    pub fn value(&mut self, key: &str, value: &Value) -> &mut Self {
+    pub fn value(&mut self, key: &'static str, value: &Value) -> &mut Self {
         let out = self.key(key);
         write_canonical_json(value, out);
         self
     }
 
     /// A member holding an object that `write` builds.
-    pub fn object(&mut self, key: &str, write: impl FnOnce(&mut ObjectWriter<'_>)) -> &mut Self {
+    pub fn object(
+        &mut self,
+        key: &'static str,
+        write: impl FnOnce(&mut ObjectWriter<'_>),
+    ) -> &mut Self {
         let out = self.key(key);
         let mut inner = ObjectWriter::start(out);
         write(&mut inner);
         inner.finish();
+        self
+    }
+
+    /// A member holding an array of objects, one per item, each built by `write`.
+    pub fn objects<T>(
+        &mut self,
+        key: &'static str,
+        items: impl IntoIterator<Item = T>,
+        mut write: impl FnMut(&mut ObjectWriter<'_>, T),
+    ) -> &mut Self {
+        let out = self.key(key);
+        out.push(b'[');
+        for (i, item) in items.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            let mut inner = ObjectWriter::start(out);
+            write(&mut inner, item);
+            inner.finish();
+        }
+        out.push(b']');
         self
     }
 }
@@ -1186,6 +1198,22 @@ mod tests {
         });
         assert_eq!(encoded, EncodedEvent::new(event(value.clone())));
         assert_eq!(encoded.to_new_event().unwrap().payload, value);
+    }
+
+    #[cfg(debug_assertions)]
+    #[test]
+    #[should_panic(expected = "needs escapes")]
+    fn object_writer_refuses_keys_that_need_escapes_in_debug_builds() {
+        EncodedEvent::with_object(
+            RunId::from_bytes([1; 16]),
+            None,
+            Actor::System,
+            EventKind::Note,
+            Timestamp::EPOCH,
+            |o| {
+                o.u64("a\"b", 1);
+            },
+        );
     }
 
     #[cfg(debug_assertions)]

@@ -24,6 +24,18 @@ pub enum Role {
     Tool,
 }
 
+impl Role {
+    /// The string form serde gives it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+}
+
 /// A tool call the model asked for.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ToolCall {
@@ -128,6 +140,18 @@ pub enum FinishReason {
     ContentFilter,
 }
 
+impl FinishReason {
+    /// The string form serde gives it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::ToolCalls => "tool_calls",
+            FinishReason::Length => "length",
+            FinishReason::ContentFilter => "content_filter",
+        }
+    }
+}
+
 /// Tokens used by a call.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Usage {
@@ -146,6 +170,45 @@ pub struct ModelResponse {
     pub finish: FinishReason,
     /// Tokens used.
     pub usage: Usage,
+}
+
+impl ModelResponse {
+    /// Writes the response's members as canonical JSON, the form a log records (the same bytes
+    /// as `canonical_json(&serde_json::to_value(self))`), without building a `Value`: the
+    /// scheduler records one response per model call.
+    ///
+    /// ```
+    /// use agent_runtime_core::{Actor, EncodedEvent, EventKind, FinishReason, Message, ModelResponse,
+    ///                          Role, RunId, Timestamp, Usage, canonical_json};
+    ///
+    /// let response = ModelResponse { message: Message::new(Role::Assistant, "hi"),
+    ///                                finish: FinishReason::Stop, usage: Usage::default() };
+    /// let event = EncodedEvent::with_object(RunId::from_bytes([1; 16]), None, Actor::System,
+    ///     EventKind::Note, Timestamp::EPOCH, |o| response.write_canonical(o));
+    /// assert_eq!(event.payload_json(), canonical_json(&serde_json::to_value(&response).unwrap()));
+    /// ```
+    pub fn write_canonical(&self, o: &mut crate::ObjectWriter<'_>) {
+        let message = &self.message;
+        o.str("finish", self.finish.as_str())
+            .object("message", |o| {
+                o.str("content", &message.content)
+                    .str("role", message.role.as_str());
+                if let Some(id) = &message.tool_call_id {
+                    o.str("tool_call_id", id);
+                }
+                if !message.tool_calls.is_empty() {
+                    o.objects("tool_calls", &message.tool_calls, |o, call| {
+                        o.value("arguments", &call.arguments)
+                            .str("id", &call.id)
+                            .str("name", &call.name);
+                    });
+                }
+            })
+            .object("usage", |o| {
+                o.u64("input_tokens", self.usage.input_tokens)
+                    .u64("output_tokens", self.usage.output_tokens);
+            });
+    }
 }
 
 /// A piece of a streamed answer.
@@ -222,5 +285,73 @@ pub trait ModelProvider: Send + Sync {
         // The receiver is alive (we hold it) and the channel has room for one item.
         let _ = tx.try_send(Ok(ModelDelta::Done { response }));
         Ok(rx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn written(response: &ModelResponse) -> Vec<u8> {
+        crate::EncodedEvent::with_object(
+            crate::RunId::from_bytes([1; 16]),
+            None,
+            crate::Actor::System,
+            crate::EventKind::Note,
+            crate::Timestamp::EPOCH,
+            |o| response.write_canonical(o),
+        )
+        .payload_json()
+        .to_vec()
+    }
+
+    /// The hand-written canonical form is serde's form, canonicalized: every optional part,
+    /// every role and finish reason, strings that need escapes.
+    #[test]
+    fn write_canonical_is_the_canonical_serde_form() {
+        let mut asked = Message::new(Role::Assistant, "tab\t \"q\" é \u{1}");
+        asked.tool_calls = vec![
+            ToolCall {
+                id: "c1".into(),
+                name: "fetch".into(),
+                arguments: serde_json::json!({"url": "https://x", "a": [1, 2.5, null], "n": {"z": 1, "b": 2}}),
+            },
+            ToolCall {
+                id: "c\"2".into(),
+                name: "t".into(),
+                arguments: Value::Null,
+            },
+        ];
+        let mut answer = Message::new(Role::Tool, "ok");
+        answer.tool_call_id = Some("c1".into());
+        let messages = [
+            asked,
+            answer,
+            Message::new(Role::User, ""),
+            Message::new(Role::System, "s"),
+        ];
+        let finishes = [
+            FinishReason::Stop,
+            FinishReason::ToolCalls,
+            FinishReason::Length,
+            FinishReason::ContentFilter,
+        ];
+        for (i, message) in messages.into_iter().enumerate() {
+            for finish in finishes {
+                let response = ModelResponse {
+                    message: message.clone(),
+                    finish,
+                    usage: Usage {
+                        input_tokens: i as u64,
+                        output_tokens: u64::MAX,
+                    },
+                };
+                let value = serde_json::to_value(&response).unwrap();
+                assert_eq!(
+                    String::from_utf8(written(&response)).unwrap(),
+                    String::from_utf8(crate::canonical_json(&value)).unwrap()
+                );
+            }
+        }
     }
 }

@@ -101,87 +101,100 @@ pub trait EventSource: Send + Sync {
 /// ```
 #[derive(Debug, Default)]
 pub struct MemoryLog {
-    events: std::sync::Mutex<Vec<Envelope>>,
+    /// Each event as encoded, with its chain hash; its number is its position plus one.
+    /// Envelopes (with parsed payloads) are built when read: a simulation appends far more
+    /// than anyone reads back, and parsing every payload at append was most of its cost.
+    events: std::sync::Mutex<Vec<(EncodedEvent, Hash32)>>,
 }
 
 impl MemoryLog {
     /// Appends without async (the memory log never waits).
     pub fn append_now(&self, events: Vec<NewEvent>) -> Vec<Appended> {
-        let mut log = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = Vec::with_capacity(events.len());
-        for event in events {
-            let prev = log.last().map_or(Hash32::GENESIS, |e| e.hash);
-            let seq = log.len() as u64 + 1;
-            let env = Envelope::seal(seq, prev, event);
-            out.push(Appended {
-                seq,
-                hash: env.hash,
-            });
-            log.push(env);
-        }
-        out
+        let encoded = events.into_iter().map(EncodedEvent::new).collect();
+        self.push_encoded(encoded)
     }
 
-    /// [`EventSink::append_encoded`] without async: hashes the events' bytes as they are and
-    /// parses each payload once (the log keeps values). A payload that is not JSON appends
-    /// nothing.
+    /// [`MemoryLog::append_now`] for encoded events: checks that each payload is JSON (without
+    /// building it), then keeps the bytes as they are. Fails, appending nothing, when one
+    /// payload is not JSON.
     pub fn append_encoded_now(
         &self,
         events: Vec<EncodedEvent>,
     ) -> Result<Vec<Appended>, serde_json::Error> {
-        let payloads = events
-            .iter()
-            .map(|e| serde_json::from_slice(e.payload_json()))
-            .collect::<Result<Vec<serde_json::Value>, _>>()?;
+        for e in &events {
+            serde_json::from_slice::<serde::de::IgnoredAny>(e.payload_json())?;
+        }
+        Ok(self.push_encoded(events))
+    }
+
+    fn push_encoded(&self, events: Vec<EncodedEvent>) -> Vec<Appended> {
         let mut log = self.events.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = Vec::with_capacity(events.len());
-        for (event, payload) in events.iter().zip(payloads) {
-            let prev_hash = log.last().map_or(Hash32::GENESIS, |e| e.hash);
+        for event in events {
+            let prev_hash = log.last().map_or(Hash32::GENESIS, |(_, h)| *h);
             let seq = log.len() as u64 + 1;
             let hash = crate::event::chain_hash(&prev_hash, seq, event.body());
             out.push(Appended { seq, hash });
-            log.push(Envelope {
-                seq,
-                run_id: event.run_id(),
-                task_id: event.task_id(),
-                actor: event.actor().clone(),
-                kind: event.kind(),
-                time: event.time(),
-                payload,
-                prev_hash,
-                hash,
-            });
+            log.push((event, hash));
         }
-        Ok(out)
+        out
     }
 
     /// The events matching `query`, without async.
     pub fn query_now(&self, query: &EventQuery) -> Vec<Envelope> {
         let log = self.events.lock().unwrap_or_else(|p| p.into_inner());
-        log.iter()
-            .filter(|e| query.matches(e))
-            .take(query.limit.unwrap_or(usize::MAX))
-            .cloned()
-            .collect()
+        let mut out = Vec::new();
+        for (i, (event, hash)) in log.iter().enumerate() {
+            if out.len() >= query.limit.unwrap_or(usize::MAX) {
+                break;
+            }
+            let seq = i as u64 + 1;
+            if query.matches_parts(seq, event.run_id(), event.kind(), event.time()) {
+                let prev_hash = match i {
+                    0 => Hash32::GENESIS,
+                    _ => log[i - 1].1,
+                };
+                out.push(envelope(seq, prev_hash, *hash, event));
+            }
+        }
+        out
     }
 
     /// Every event, in order.
     pub fn all(&self) -> Vec<Envelope> {
-        self.events
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.query_now(&EventQuery::default())
+    }
+}
+
+/// The envelope of an event the log holds.
+fn envelope(seq: u64, prev_hash: Hash32, hash: Hash32, event: &EncodedEvent) -> Envelope {
+    Envelope {
+        seq,
+        run_id: event.run_id(),
+        task_id: event.task_id(),
+        actor: event.actor().clone(),
+        kind: event.kind(),
+        time: event.time(),
+        // Every payload was checked to be JSON when it was appended (or encoded from a value).
+        payload: serde_json::from_slice(event.payload_json()).unwrap_or_default(),
+        prev_hash,
+        hash,
     }
 }
 
 impl EventQuery {
     /// Whether `e` matches every condition of the query but `limit`.
     pub fn matches(&self, e: &Envelope) -> bool {
-        self.run_id.is_none_or(|r| r == e.run_id)
-            && (self.kinds.is_empty() || self.kinds.contains(&e.kind))
-            && self.since.is_none_or(|t| e.time >= t)
-            && self.until.is_none_or(|t| e.time < t)
-            && self.after_seq.is_none_or(|s| e.seq > s)
+        self.matches_parts(e.seq, e.run_id, e.kind, e.time)
+    }
+
+    /// [`EventQuery::matches`] on an event's number, run, kind and time.
+    pub fn matches_parts(&self, seq: u64, run_id: RunId, kind: EventKind, time: Timestamp) -> bool {
+        self.run_id.is_none_or(|r| r == run_id)
+            && (self.kinds.is_empty() || self.kinds.contains(&kind))
+            && self.since.is_none_or(|t| time >= t)
+            && self.until.is_none_or(|t| time < t)
+            && self.after_seq.is_none_or(|s| seq > s)
     }
 }
 
@@ -231,5 +244,49 @@ mod tests {
             .unwrap();
         assert_eq!(landed_plain, landed_encoded);
         assert_eq!(plain.all(), encoded.all());
+    }
+
+    /// Reads build envelopes from the kept bytes: numbers, chain links and filters as a
+    /// durable log gives them.
+    #[test]
+    fn queries_filter_number_and_chain_the_kept_events() {
+        let log = MemoryLog::default();
+        let event = |i: u8, kind| NewEvent {
+            run_id: RunId::from_bytes([i % 2; 16]),
+            task_id: None,
+            actor: Actor::System,
+            kind,
+            time: Timestamp::from_unix_nanos(u64::from(i)),
+            payload: serde_json::json!({"i": i}),
+        };
+        log.append_now((0..6).map(|i| event(i, EventKind::Note)).collect());
+        log.append_now(vec![event(6, EventKind::RunStarted)]);
+        let all = log.all();
+        assert_eq!(all.len(), 7);
+        for (i, e) in all.iter().enumerate() {
+            assert_eq!(e.seq, i as u64 + 1);
+            assert_eq!(e.payload["i"], i);
+            let prev = if i == 0 {
+                Hash32::GENESIS
+            } else {
+                all[i - 1].hash
+            };
+            assert_eq!(e.prev_hash, prev);
+            assert_eq!(e.hash, e.computed_hash());
+        }
+        let odd = log.query_now(&EventQuery {
+            run_id: Some(RunId::from_bytes([1; 16])),
+            after_seq: Some(2),
+            limit: Some(2),
+            ..EventQuery::default()
+        });
+        assert_eq!(odd.iter().map(|e| e.seq).collect::<Vec<_>>(), [4, 6]);
+        let started = log.query_now(&EventQuery {
+            kinds: vec![EventKind::RunStarted],
+            since: Some(Timestamp::from_unix_nanos(1)),
+            until: Some(Timestamp::from_unix_nanos(7)),
+            ..EventQuery::default()
+        });
+        assert_eq!(started, all[6..].to_vec());
     }
 }

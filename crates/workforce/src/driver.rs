@@ -739,7 +739,9 @@ impl Driver {
                 ));
             }
             let wait = deadline.map(|d| d.saturating_duration_since(self.opts.clock.now()));
-            let input = tokio::select! {
+            // An input event to apply and record, or a call's result (applied and encoded in
+            // one step, see `record_result`).
+            let input: Result<NewEvent, Done> = tokio::select! {
                 biased;
                 ack = writer.acks.recv(), if !pending.is_empty() => {
                     match ack {
@@ -759,7 +761,7 @@ impl Driver {
                 }
                 _ = cancel.cancelled(), if !cancel_requested && !finished => {
                     cancel_requested = true;
-                    (engine.cancel_run_event(self.opts.clock.now(), "cli", "cancelled by the user"), None)
+                    Ok(engine.cancel_run_event(self.opts.clock.now(), "cli", "cancelled by the user"))
                 }
                 request = controls.recv(), if controls_open && !finished => {
                     let Some(request) = request else {
@@ -770,37 +772,41 @@ impl Driver {
                     let mine = |id: &Option<RunId>| id.is_none_or(|id| id == engine.run_id());
                     match request {
                         ControlRequest::CancelRun { run_id, by, reason } if mine(&run_id) => {
-                            (engine.cancel_run_event(now, &by, &reason), None)
+                            Ok(engine.cancel_run_event(now, &by, &reason))
                         }
                         ControlRequest::CancelTask { run_id, by, task } if mine(&run_id) => {
                             match engine.cancel_task_event(now, &by, &task) {
-                                Some(e) => (e, None),
+                                Some(e) => Ok(e),
                                 None => continue,
                             }
                         }
                         _ => continue,
                     }
                 }
-                Some(done) = rx.recv(), if !finished => self.input_of(engine, done),
+                Some(done) = rx.recv(), if !finished => Err(done),
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
                     let now = self.opts.clock.now();
                     match deadline {
                         // The sleep can end a hair early by the clock's reading; wait again.
                         Some(d) if now < d => continue,
-                        _ => (engine.clock_event(now), None),
+                        _ => Ok(engine.clock_event(now)),
                     }
                 }
             };
-            engine.apply_with(&input.0, input.1)?;
-            batch.push(EncodedEvent::new(input.0));
+            batch.push(match input {
+                Ok(event) => {
+                    engine.apply(&event)?;
+                    EncodedEvent::new(event)
+                }
+                Err(done) => self.record_result(engine, done),
+            });
             // Group-record: every result already waiting goes into the same batch, each
             // followed by what the engine derived from it; effects wait for the append.
             while batch.len() < MAX_BATCH && !engine.is_finished() {
                 let Ok(done) = rx.try_recv() else { break };
                 batch.extend(engine.drain_events());
-                let (input, response) = self.input_of(engine, done);
-                engine.apply_with(&input, response)?;
-                batch.push(EncodedEvent::new(input));
+                let input = self.record_result(engine, done);
+                batch.push(input);
             }
         }
         self.hasher = writer.finish().await?;
@@ -820,25 +826,17 @@ impl Driver {
         })
     }
 
-    /// The input recording a call's result, with the typed model response it was built from
-    /// (so the engine need not read it back from the payload).
-    fn input_of(
-        &mut self,
-        engine: &Engine,
-        done: Done,
-    ) -> (NewEvent, Option<agent_runtime_core::ModelResponse>) {
+    /// Applies a call's result to the engine and returns the input event recording it.
+    fn record_result(&mut self, engine: &mut Engine, done: Done) -> EncodedEvent {
         let now = self.opts.clock.now();
         match done {
             Done::Tool { call, tool, result } => {
                 self.inflight.remove(&call);
-                (engine.tool_result_event(call, &tool, now, result), None)
+                engine.apply_tool_result(call, &tool, now, result)
             }
             Done::Model { call, result } => {
                 self.inflight.remove(&call);
-                match result {
-                    Ok(r) => (engine.model_result_event(call, now, Ok(&r)), Some(r)),
-                    Err(e) => (engine.model_result_event(call, now, Err(e)), None),
-                }
+                engine.apply_model_result(call, now, result)
             }
         }
     }

@@ -419,8 +419,6 @@ impl Shape {
 /// The shapes of the per-task payloads.
 #[derive(Debug)]
 struct Shapes {
-    /// `model.completed`.
-    model_completed: Shape,
     /// An agent's output.
     agent_output: Shape,
 }
@@ -428,7 +426,6 @@ struct Shapes {
 impl Shapes {
     fn new() -> Shapes {
         Shapes {
-            model_completed: Shape::new(&["call", "response"]),
             agent_output: Shape::new(&["text", "turns"]),
         }
     }
@@ -896,6 +893,101 @@ impl Engine {
         ))
     }
 
+    /// Records a tool call's result and applies it, in one step: the input event comes back
+    /// encoded, for the caller to log before acting on what the engine derived from it. The
+    /// same as [`Engine::apply`] on [`Engine::tool_result_event`], without building the event
+    /// as a `Value` and reading it back.
+    pub fn apply_tool_result(
+        &mut self,
+        call: u64,
+        tool: &str,
+        time: Timestamp,
+        result: Result<Value, (ErrorClass, String)>,
+    ) -> EncodedEvent {
+        let time = time.max(self.now);
+        let actor = Actor::Tool(tool.into());
+        let task_id = self.task_of_call(call);
+        let event = match &result {
+            Ok(output) => self.input_object(task_id, actor, EventKind::ToolCompleted, time, |o| {
+                o.u64("call", call).value("output", output);
+            }),
+            Err((class, message)) => {
+                self.input_object(task_id, actor, EventKind::ToolFailed, time, |o| {
+                    o.u64("call", call)
+                        .str("class", class.as_str())
+                        .str("message", message);
+                })
+            }
+        };
+        if self.enter_input(time) {
+            self.on_tool_result(call, result);
+            self.settle();
+        }
+        event
+    }
+
+    /// [`Engine::apply_tool_result`] for a model call's result.
+    pub fn apply_model_result(
+        &mut self,
+        call: u64,
+        time: Timestamp,
+        result: Result<ModelResponse, (ErrorClass, String)>,
+    ) -> EncodedEvent {
+        let time = time.max(self.now);
+        let task_id = self.task_of_call(call);
+        let event = match &result {
+            Ok(response) => self.input_object(
+                task_id,
+                Actor::System,
+                EventKind::ModelCompleted,
+                time,
+                |o| {
+                    o.u64("call", call)
+                        .object("response", |o| response.write_canonical(o));
+                },
+            ),
+            Err((class, message)) => {
+                self.input_object(task_id, Actor::System, EventKind::ModelFailed, time, |o| {
+                    o.u64("call", call)
+                        .str("class", class.as_str())
+                        .str("message", message);
+                })
+            }
+        };
+        if self.enter_input(time) {
+            self.on_model_result(call, result);
+            self.settle();
+        }
+        event
+    }
+
+    fn task_of_call(&self, call: u64) -> Option<TaskId> {
+        self.calls
+            .get(&call)
+            .map(|c| self.tasks[c.task as usize].task_id)
+    }
+
+    fn input_object(
+        &self,
+        task_id: Option<TaskId>,
+        actor: Actor,
+        kind: EventKind,
+        time: Timestamp,
+        write: impl FnOnce(&mut ObjectWriter<'_>),
+    ) -> EncodedEvent {
+        EncodedEvent::with_object(self.run_id, task_id, actor, kind, time, write)
+    }
+
+    /// What every input does first: time moves on to the input's; whether the run still takes
+    /// inputs (after it ended they change nothing).
+    fn enter_input(&mut self, time: Timestamp) -> bool {
+        if time > self.now {
+            self.now = time;
+            self.clock.set(self.now);
+        }
+        self.status == RunStatus::Running
+    }
+
     /// The input recording a tool call's result.
     pub fn tool_result_event(
         &self,
@@ -924,28 +1016,6 @@ impl Engine {
                 json!({"call": call, "class": class, "message": message}),
             ),
         }
-    }
-
-    /// The `model.completed` input for a response already in JSON form (as
-    /// `serde_json::to_value(&ModelResponse)` gives), for callers that reuse one.
-    pub fn model_response_json_event(
-        &self,
-        call: u64,
-        time: Timestamp,
-        response: Value,
-    ) -> NewEvent {
-        let task_id = self
-            .calls
-            .get(&call)
-            .map(|c| self.tasks[c.task as usize].task_id);
-        let payload = self.shapes.model_completed.fill([call.into(), response]);
-        self.input(
-            task_id,
-            Actor::System,
-            EventKind::ModelCompleted,
-            time,
-            payload,
-        )
     }
 
     /// The input recording a model call's result.
@@ -998,25 +1068,10 @@ impl Engine {
     /// Applies one input event. Derived events and effects accumulate for the take methods.
     /// Inputs after the run ended are accepted and change nothing.
     pub fn apply(&mut self, event: &NewEvent) -> Result<(), EngineError> {
-        self.apply_with(event, None)
-    }
-
-    /// [`Engine::apply`] for an input whose `model.completed` payload was built from `response`
-    /// (by [`Engine::model_result_event`] or [`Engine::model_response_json_event`]): uses the
-    /// typed response instead of reading it back from the payload, which gives the same value.
-    pub(crate) fn apply_with(
-        &mut self,
-        event: &NewEvent,
-        response: Option<ModelResponse>,
-    ) -> Result<(), EngineError> {
         if !is_input(event) || event.kind == EventKind::RunCreated {
             return Err(bad(event.kind, "not an input event of a running engine"));
         }
-        if event.time > self.now {
-            self.now = event.time;
-            self.clock.set(self.now);
-        }
-        if self.status != RunStatus::Running {
+        if !self.enter_input(event.time) {
             return Ok(());
         }
         let call = || {
@@ -1047,13 +1102,10 @@ impl Engine {
             }
             EventKind::ToolFailed => self.on_tool_result(call()?, Err(failure())),
             EventKind::ModelCompleted => {
-                let response = match response {
-                    Some(r) => r,
-                    None => ModelResponse::deserialize(
-                        event.payload.get("response").unwrap_or(&Value::Null),
-                    )
-                    .map_err(|e| bad(event.kind, format!("bad response: {e}")))?,
-                };
+                let response = ModelResponse::deserialize(
+                    event.payload.get("response").unwrap_or(&Value::Null),
+                )
+                .map_err(|e| bad(event.kind, format!("bad response: {e}")))?;
                 self.on_model_result(call()?, Ok(response));
             }
             EventKind::ModelFailed => self.on_model_result(call()?, Err(failure())),
@@ -1091,9 +1143,14 @@ impl Engine {
             }
             _ => {}
         }
+        self.settle();
+        Ok(())
+    }
+
+    /// What every applied input does last: start what can start, end the run if it is done.
+    fn settle(&mut self) {
         self.pump();
         self.check_done();
-        Ok(())
     }
 
     // ---- dispatch ----------------------------------------------------------------------

@@ -255,7 +255,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     // while the sink still writes the batch before it. Each stage keeps the batches in order,
     // and the bounded queues keep memory bounded: one batch waits per stage, which keeps the
     // stages busy (measured) and holds fewer events at once than two.
-    // Every synthetic answer is the same response, serialized once.
+    // Every synthetic answer is the same response.
     let response = ModelResponse {
         message: Message::new(Role::Assistant, "done"),
         finish: FinishReason::Stop,
@@ -264,14 +264,6 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
             output_tokens: 4,
         },
     };
-    // Its canonical JSON, spliced into each `model.completed` payload as the log records it
-    // (`{"call":N,"response":...}`, keys in canonical order): building and encoding a copy of
-    // the same value per task was a tenth of the scheduler's time. The engine gets the typed
-    // response, so it never reads this part of the payload.
-    let response_json = agent_runtime_core::canonical_json(
-        &serde_json::to_value(&response).unwrap_or(serde_json::Value::Null),
-    );
-    let mut completed_payload: Vec<u8> = Vec::with_capacity(response_json.len() + 40);
     let (writer, mut batches) = tokio::sync::mpsc::channel::<Vec<EncodedEvent>>(1);
     let (to_sink, mut hashed) = tokio::sync::mpsc::channel::<Vec<EncodedEvent>>(1);
     let hash_task = tokio::spawn(async move {
@@ -354,9 +346,9 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                 return Err(SimError::Stalled(open));
             }
         };
-        // The input, the typed response the engine applies, and whether the recorded payload is
-        // the spliced `completed_payload`.
-        let (input, response, spliced) = match (completion_first, deadline) {
+        // Results go in through the engine's typed inputs, which encode the recorded event as
+        // they apply it; the clock goes in as an event.
+        let input = match (completion_first, deadline) {
             (true, _) => {
                 let Some(Reverse((t, _, call, fail))) = pending.pop() else {
                     break;
@@ -372,49 +364,26 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
                     } else {
                         Ok(serde_json::Value::Null)
                     };
-                    (
-                        engine.tool_result_event(call, &tool, t, result),
-                        None,
-                        false,
-                    )
+                    engine.apply_tool_result(call, &tool, t, result)
                 } else if fail {
-                    let input = engine.model_result_event(
+                    engine.apply_model_result(
                         call,
                         t,
                         Err((ErrorClass::ModelError, "simulated failure".to_string())),
-                    );
-                    (input, None, false)
+                    )
                 } else {
-                    let input = engine.model_response_json_event(call, t, serde_json::Value::Null);
-                    completed_payload.clear();
-                    completed_payload.extend_from_slice(b"{\"call\":");
-                    completed_payload
-                        .extend_from_slice(itoa::Buffer::new().format(call).as_bytes());
-                    completed_payload.extend_from_slice(b",\"response\":");
-                    completed_payload.extend_from_slice(&response_json);
-                    completed_payload.push(b'}');
-                    (input, Some(response.clone()), true)
+                    engine.apply_model_result(call, t, Ok(response.clone()))
                 }
             }
             (false, Some(d)) => {
                 clock.set(d);
-                (engine.clock_event(d), None, false)
+                let tick = engine.clock_event(d);
+                engine.apply(&tick)?;
+                EncodedEvent::new(tick)
             }
             (false, None) => break,
         };
-        engine.apply_with(&input, response)?;
-        buffer.push(if spliced {
-            EncodedEvent::from_canonical_payload(
-                input.run_id,
-                input.task_id,
-                input.actor,
-                input.kind,
-                input.time,
-                &completed_payload,
-            )
-        } else {
-            EncodedEvent::new(input)
-        });
+        buffer.push(input);
     }
     engine_cpu.pause();
     if !buffer.is_empty() {

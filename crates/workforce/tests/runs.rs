@@ -864,3 +864,101 @@ fn a_spent_token_budget_stops_further_model_calls() {
     assert_eq!(b_fail.payload["class"], "budget_exceeded");
     assert_eq!(driver::replay_events(&ev).unwrap().log_hash, out.log_hash);
 }
+
+/// The typed inputs the driver and the simulator use (`apply_tool_result`,
+/// `apply_model_result`) record and do what applying the same result as an event does: same
+/// input bytes, same derived events, same outcome. Replay depends on it: it reads results back
+/// as events.
+#[test]
+fn typed_results_equal_results_applied_as_events() {
+    use agent_runtime_core::{
+        EncodedEvent, ErrorClass, FinishReason, Message, ModelResponse, Role, ToolCall, Usage,
+    };
+    use agent_runtime_workforce::Effect;
+    let g = graph(
+        r#"
+agents:
+  w: { model: p/m, tools: [echo], max_turns: 3 }
+tasks:
+  - { id: a, tool: echo, args: { text: "x" } }
+  - { id: b, tool: echo, args: {}, retry: { max_attempts: 2, backoff: 1ms } }
+  - { id: c, agent: w, prompt: "go", needs: [a], retry: { max_attempts: 2, backoff: 1ms, on: [model_error] } }
+"#,
+    );
+    let created = Engine::created_event(agent_runtime_core::RunId::from_bytes([4; 16]), &g, 1, T0);
+    let mut by_event = Engine::create(&created).unwrap();
+    let mut typed = Engine::create(&created).unwrap();
+    let mut asked = Message::new(Role::Assistant, "\"calling\"\n");
+    asked.tool_calls = vec![ToolCall {
+        id: "t1".into(),
+        name: "echo".into(),
+        arguments: json!({"text": "é", "n": [1, 2.5]}),
+    }];
+    let answers = [
+        Err((ErrorClass::ModelError, "overloaded \"now\"".to_string())),
+        Ok(ModelResponse {
+            message: asked,
+            finish: FinishReason::ToolCalls,
+            usage: Usage {
+                input_tokens: 3,
+                output_tokens: 2,
+            },
+        }),
+        Ok(ModelResponse {
+            message: Message::new(Role::Assistant, "done"),
+            finish: FinishReason::Stop,
+            usage: Usage::default(),
+        }),
+    ];
+    let mut answers = answers.into_iter();
+    let mut tool_results = 0;
+    let mut time = T0;
+    for _ in 0..40 {
+        let derived: Vec<EncodedEvent> = by_event.drain_events().collect();
+        assert_eq!(derived, typed.drain_events().collect::<Vec<_>>());
+        let effects: Vec<Effect> = by_event.drain_effects().collect();
+        typed.drain_effects();
+        if by_event.is_finished() {
+            break;
+        }
+        time = time.saturating_add(Duration::from_millis(5));
+        for effect in effects {
+            let (as_event, as_typed) = match effect {
+                Effect::CallTool {
+                    call, tool, args, ..
+                } => {
+                    tool_results += 1;
+                    // The second tool result fails once, to go through a failure too.
+                    let result = if tool_results == 2 {
+                        Err((ErrorClass::ToolError, "exit 1".to_string()))
+                    } else {
+                        Ok(json!({"echo": args}))
+                    };
+                    let event = by_event.tool_result_event(call, &tool, time, result.clone());
+                    (event, typed.apply_tool_result(call, &tool, time, result))
+                }
+                Effect::CallModel { call, .. } => {
+                    let result = answers.next().expect("three model calls");
+                    let event = by_event.model_result_event(
+                        call,
+                        time,
+                        result.as_ref().map_err(Clone::clone),
+                    );
+                    (event, typed.apply_model_result(call, time, result))
+                }
+                Effect::Cancel { .. } => continue,
+            };
+            by_event.apply(&as_event).unwrap();
+            assert_eq!(EncodedEvent::new(as_event), as_typed);
+        }
+        if let Some(d) = by_event.next_deadline() {
+            let tick = by_event.clock_event(d.max(time));
+            by_event.apply(&tick).unwrap();
+            typed.apply(&tick).unwrap();
+        }
+    }
+    assert_eq!(by_event.status(), RunStatus::Completed);
+    assert_eq!(typed.status(), RunStatus::Completed);
+    assert_eq!(by_event.final_outputs(), typed.final_outputs());
+    assert!(tool_results >= 3, "{tool_results}");
+}
