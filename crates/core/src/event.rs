@@ -926,6 +926,42 @@ impl<'a> ObjectWriter<'a> {
         self
     }
 
+    /// A member holding an object whose keys are known only at run time (task ids, say):
+    /// `entries` in byte order of their keys, each key once (debug builds check), keys escaped
+    /// as needed, each value written by `write` into its slot.
+    pub fn entries<K: AsRef<str>, T>(
+        &mut self,
+        key: &'static str,
+        entries: impl IntoIterator<Item = (K, T)>,
+        mut write: impl FnMut(Slot<'_>, T),
+    ) -> &mut Self {
+        let out = self.key(key);
+        out.push(b'{');
+        #[cfg(debug_assertions)]
+        let mut last: Option<String> = None;
+        for (i, (k, item)) in entries.into_iter().enumerate() {
+            let k = k.as_ref();
+            #[cfg(debug_assertions)]
+            {
+                if let Some(last) = &last {
+                    assert!(
+                        last.as_bytes() < k.as_bytes(),
+                        "object keys out of byte order: {last:?} then {k:?}"
+                    );
+                }
+                last = Some(k.to_string());
+            }
+            if i > 0 {
+                out.push(b',');
+            }
+            write_json_string(k, out);
+            out.push(b':');
+            write(Slot { out: &mut *out }, item);
+        }
+        out.push(b'}');
+        self
+    }
+
     /// A member holding an array of objects, one per item, each built by `write`.
     pub fn objects<T>(
         &mut self,
@@ -945,6 +981,33 @@ impl<'a> ObjectWriter<'a> {
         }
         out.push(b']');
         self
+    }
+}
+
+/// Where one value of an [`ObjectWriter::entries`] object goes: write exactly one.
+pub struct Slot<'a> {
+    out: &'a mut Vec<u8>,
+}
+
+impl Slot<'_> {
+    /// An unsigned integer.
+    pub fn u64(self, value: u64) {
+        self.out
+            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+    }
+    /// A string.
+    pub fn str(self, value: &str) {
+        write_json_string(value, self.out);
+    }
+    /// Any JSON value, written canonically.
+    pub fn value(self, value: &Value) {
+        write_canonical_json(value, self.out);
+    }
+    /// An object that `write` builds.
+    pub fn object(self, write: impl FnOnce(&mut ObjectWriter<'_>)) {
+        let mut inner = ObjectWriter::start(self.out);
+        write(&mut inner);
+        inner.finish();
     }
 }
 
@@ -1189,12 +1252,23 @@ mod tests {
                         o.str("text", "line\n\"quoted\" \u{1}").u64("turns", 0);
                     })
                     .object("zero", |_| {})
-                    .str("\u{7f}key", "");
+                    .entries(
+                        "\u{7f}key",
+                        [("a\"b", 1u64), ("b", 2), ("é", 3)],
+                        |slot, n| match n {
+                            1 => slot.u64(7),
+                            2 => slot.str("\n"),
+                            _ => slot.object(|o| {
+                                o.value("v", &serde_json::json!([{"y": 1, "x": 2}]));
+                            }),
+                        },
+                    );
             },
         );
         let value = serde_json::json!({
             "args": nested, "call": u64::MAX, "done": false,
-            "output": {"text": "line\n\"quoted\" \u{1}", "turns": 0}, "zero": {}, "\u{7f}key": "",
+            "output": {"text": "line\n\"quoted\" \u{1}", "turns": 0}, "zero": {},
+            "\u{7f}key": {"a\"b": 7, "b": "\n", "é": {"v": [{"x": 2, "y": 1}]}},
         });
         assert_eq!(encoded, EncodedEvent::new(event(value.clone())));
         assert_eq!(encoded.to_new_event().unwrap().payload, value);

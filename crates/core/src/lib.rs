@@ -84,9 +84,9 @@ pub use async_trait::async_trait;
 pub use context::{CallContext, Progress};
 pub use error::{ClassifiedError, ErrorClass};
 pub use event::{
-    Actor, EncodedEvent, Envelope, EventKind, Hash32, NewEvent, ObjectWriter, canonical_header,
-    canonical_json, chain_hash, chain_hash_parts, push_canonical_payload, write_canonical_header,
-    write_canonical_json,
+    Actor, EncodedEvent, Envelope, EventKind, Hash32, NewEvent, ObjectWriter, Slot,
+    canonical_header, canonical_json, chain_hash, chain_hash_parts, push_canonical_payload,
+    write_canonical_header, write_canonical_json,
 };
 pub use ids::{AgentId, EventId, IdGenerator, RunId, SessionId, TaskId};
 pub use model::{

@@ -592,11 +592,38 @@ enum Done {
     },
 }
 
-/// Events per append, at most: bounds the memory a burst of results takes and the time one
-/// append holds the writer.
+/// Events gathered before the batch goes to the writer even though the writer is busy: bounds
+/// the memory a burst of results takes.
 const MAX_BATCH: usize = 4096;
 
-/// A batch handed to the [`Writer`], with what waits for it to be durable.
+/// Events per piece handed to the writer. A burst (a run starting ten thousand tasks derives
+/// twenty thousand events at once) goes in pieces, each acknowledged on its own, so the first
+/// calls start once their own piece is durable instead of after the whole burst; the writer
+/// appends the pieces that queue up behind the one it writes as one batch, so a burst still
+/// costs few commits.
+const PIECE: usize = 2048;
+
+/// Events the writer appends as one batch, at most, when pieces queue up.
+const MAX_APPEND: usize = 8192;
+
+/// Moves what the engine derived into the batch being gathered, each effect marked with how
+/// many of the batch's events must be durable before it may be performed. Events and effects
+/// are always taken together: the engine's marks count the events it holds.
+fn take_derived(
+    engine: &mut Engine,
+    batch: &mut Vec<EncodedEvent>,
+    effects: &mut Vec<(usize, Effect)>,
+) {
+    let base = batch.len();
+    batch.extend(engine.drain_events());
+    effects.extend(
+        engine
+            .drain_marked_effects()
+            .map(|(mark, effect)| (base + mark, effect)),
+    );
+}
+
+/// A piece of a batch handed to the [`Writer`], with what waits for it to be durable.
 struct Pending {
     effects: Vec<Effect>,
     /// A copy for the observer, when there is one.
@@ -617,7 +644,15 @@ impl Writer {
         let (batches, mut incoming) = mpsc::unbounded_channel::<Vec<EncodedEvent>>();
         let (ack, acks) = mpsc::unbounded_channel();
         let task = tokio::spawn(async move {
-            while let Some(batch) = incoming.recv().await {
+            while let Some(mut batch) = incoming.recv().await {
+                // Pieces that queued up while the last append ran go in with this one: one
+                // commit, one acknowledgement per piece.
+                let mut pieces = 1;
+                while batch.len() < MAX_APPEND {
+                    let Ok(more) = incoming.try_recv() else { break };
+                    batch.extend(more);
+                    pieces += 1;
+                }
                 for e in &batch {
                     hasher.update_encoded(e);
                 }
@@ -627,8 +662,13 @@ impl Writer {
                     .map(|_| ())
                     .map_err(|e| e.message);
                 let failed = result.is_err();
+                for _ in 0..pieces {
+                    if ack.send(result.clone()).is_err() {
+                        return hasher;
+                    }
+                }
                 // After a failed append nothing more is written: the log must not have a gap.
-                if ack.send(result).is_err() || failed {
+                if failed {
                     break;
                 }
             }
@@ -697,26 +737,45 @@ impl Driver {
         // that wait for it; and the batch being gathered meanwhile, with its effects.
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut batch = first;
-        let mut effects: Vec<Effect> = Vec::new();
+        // The effects waiting for `batch`, each with how many of its events must be durable
+        // before it may be performed.
+        let mut effects: Vec<(usize, Effect)> = Vec::new();
         let mut cancel_requested = false;
         loop {
-            batch.extend(engine.drain_events());
-            effects.extend(engine.drain_effects());
+            take_derived(engine, &mut batch, &mut effects);
             // The next batch goes to the writer as soon as the writer is idle; while it writes,
             // results keep coming in and the engine keeps deriving (nothing it derives leaves the
             // process before its batch is durable), so the log's writing and the scheduler's
             // work overlap and the next batch groups everything that came meanwhile.
             if !batch.is_empty() && (pending.is_empty() || batch.len() >= MAX_BATCH) {
                 self.events += batch.len() as u64;
-                let observed = self.opts.observer.is_some().then(|| batch.clone());
-                pending.push_back(Pending {
-                    effects: std::mem::take(&mut effects),
-                    observed,
-                });
-                writer.send(std::mem::take(&mut batch))?;
+                let mut effects = std::mem::take(&mut effects).into_iter().peekable();
+                let mut events = std::mem::take(&mut batch).into_iter();
+                let mut sent = 0;
+                loop {
+                    let piece: Vec<EncodedEvent> = events.by_ref().take(PIECE).collect();
+                    if piece.is_empty() {
+                        break;
+                    }
+                    sent += piece.len();
+                    let mut waiting = Vec::new();
+                    while let Some((_, effect)) = effects.next_if(|(mark, _)| *mark <= sent) {
+                        waiting.push(effect);
+                    }
+                    let observed = self.opts.observer.is_some().then(|| piece.clone());
+                    pending.push_back(Pending {
+                        effects: waiting,
+                        observed,
+                    });
+                    writer.send(piece)?;
+                }
+                // Marks never pass the batch's end; any left wait for its last piece.
+                if let Some(last) = pending.back_mut() {
+                    last.effects.extend(effects.map(|(_, e)| e));
+                }
             } else if batch.is_empty() && pending.is_empty() {
                 // Nothing new to record: effects (if any) wait for nothing.
-                for effect in std::mem::take(&mut effects) {
+                for (_, effect) in std::mem::take(&mut effects) {
                     self.perform(engine.run_id(), effect, &tx);
                 }
             }
@@ -804,7 +863,7 @@ impl Driver {
             // followed by what the engine derived from it; effects wait for the append.
             while batch.len() < MAX_BATCH && !engine.is_finished() {
                 let Ok(done) = rx.try_recv() else { break };
-                batch.extend(engine.drain_events());
+                take_derived(engine, &mut batch, &mut effects);
                 let input = self.record_result(engine, done);
                 batch.push(input);
             }

@@ -492,6 +492,9 @@ pub struct Engine {
     model_calls: u64,
     events: Vec<EncodedEvent>,
     effects: Vec<Effect>,
+    /// For each effect, how many of the events in `events` were derived before it: the events
+    /// that must be durable before it may be performed (its request among them).
+    effect_marks: Vec<usize>,
     decisions: u64,
     shapes: Shapes,
 }
@@ -675,6 +678,7 @@ impl Engine {
             model_calls: 0,
             events: Vec::new(),
             effects: Vec::new(),
+            effect_marks: Vec::new(),
             decisions: 0,
             shapes: Shapes::new(),
             tasks,
@@ -698,6 +702,7 @@ impl Engine {
         let first = e.ready.len().min(e.graph.limits.concurrency as usize);
         e.events.reserve(2 * first);
         e.effects.reserve(first);
+        e.effect_marks.reserve(first);
         e.pump();
         e.check_done();
         e
@@ -795,6 +800,14 @@ impl Engine {
 
     /// [`Engine::final_outputs`], in id order: what a map collects from without sorting.
     fn final_outputs_by_id(&self) -> impl Iterator<Item = (String, Value)> + '_ {
+        self.final_tasks_by_id().filter_map(|i| {
+            let v = self.output_value(i)?;
+            Some((self.name(i).to_string(), v.into_owned()))
+        })
+    }
+
+    /// The tasks whose outputs are the run's final outputs, in byte order of their ids.
+    fn final_tasks_by_id(&self) -> impl Iterator<Item = u32> + '_ {
         let mut finals: Vec<u32> = (0..self.tasks.len() as u32)
             .filter(|&i| {
                 self.dependents.get(i as usize).is_empty()
@@ -803,10 +816,7 @@ impl Engine {
             })
             .collect();
         finals.sort_by(|&a, &b| self.name(a).cmp(self.name(b)));
-        finals.into_iter().filter_map(|i| {
-            let v = self.output_value(i)?;
-            Some((self.name(i).to_string(), v.into_owned()))
-        })
+        finals.into_iter()
     }
 
     /// Derived events since the last call, drained: the engine keeps its buffer for the next
@@ -816,7 +826,21 @@ impl Engine {
     }
     /// Effects since the last call, drained (see [`Engine::drain_events`]).
     pub fn drain_effects(&mut self) -> std::vec::Drain<'_, Effect> {
+        self.effect_marks.clear();
         self.effects.drain(..)
+    }
+
+    /// [`Engine::drain_effects`], each effect with how many of the events that
+    /// [`Engine::drain_events`] hands out (or just handed out, if called first) must be durable
+    /// before it may be performed. A driver that drains both together can record a long burst
+    /// of events in pieces and start each effect once its own piece is durable.
+    pub fn drain_marked_effects(&mut self) -> impl Iterator<Item = (usize, Effect)> + '_ {
+        self.effect_marks.drain(..).zip(self.effects.drain(..))
+    }
+
+    fn push_effect(&mut self, effect: Effect) {
+        self.effect_marks.push(self.events.len());
+        self.effects.push(effect);
     }
 
     /// When the engine next needs a `clock.observed` input (a retry is due or an attempt times
@@ -1372,7 +1396,7 @@ impl Engine {
                         o.value("args", &args).u64("call", call).str("tool", &tool);
                     },
                 );
-                self.effects.push(Effect::CallTool {
+                self.push_effect(Effect::CallTool {
                     call,
                     task_id,
                     task: name,
@@ -1410,7 +1434,7 @@ impl Engine {
                         .str("provider", &provider)
                         .u64("turn", turn);
                 });
-                self.effects.push(effect);
+                self.push_effect(effect);
             }
         }
     }
@@ -1422,7 +1446,7 @@ impl Engine {
             attempt.calls.retain(|&c| c != call);
         }
         if cancel && info.started {
-            self.effects.push(Effect::Cancel { call });
+            self.push_effect(Effect::Cancel { call });
         }
         if info.started
             && let Some(res) = info.resource.clone()
@@ -2091,27 +2115,51 @@ impl Engine {
             }
         }
         self.status = RunStatus::Completed;
-        let mut counts: BTreeMap<&str, u32> = BTreeMap::new();
+        // In byte order of the names, as the payload lists them; a count of zero is left out.
+        let mut counts = [
+            ("cancelled", 0u64),
+            ("completed", 0),
+            ("other", 0),
+            ("skipped", 0),
+        ];
         for t in &self.tasks {
             let k = match t.status {
-                TaskStatus::Completed => "completed",
-                TaskStatus::Skipped => "skipped",
-                TaskStatus::Cancelled => "cancelled",
-                _ => "other",
+                TaskStatus::Cancelled => 0,
+                TaskStatus::Completed => 1,
+                TaskStatus::Skipped => 3,
+                _ => 2,
             };
-            *counts.entry(k).or_default() += 1;
+            counts[k].1 += 1;
         }
-        // Built in place: `json!` would serialize every output afresh.
-        let outputs: serde_json::Map<String, Value> = self.final_outputs_by_id().collect();
-        let counts: serde_json::Map<String, Value> = counts
-            .into_iter()
-            .map(|(k, v)| (k.to_string(), Value::from(v)))
-            .collect();
-        let payload = object([
-            ("outputs", Value::Object(outputs)),
-            ("tasks", Value::Object(counts)),
-        ]);
-        self.emit(None, Actor::System, EventKind::RunCompleted, payload);
+        // Written straight from the kept outputs: a run's final outputs can be thousands.
+        let finals: Vec<u32> = self.final_tasks_by_id().collect();
+        let event = EncodedEvent::with_object(
+            self.run_id,
+            None,
+            Actor::System,
+            EventKind::RunCompleted,
+            self.now,
+            |o| {
+                o.entries(
+                    "outputs",
+                    finals
+                        .iter()
+                        .filter_map(|&i| Some((self.name(i), self.outputs.get(&i)?))),
+                    |slot, output| match output {
+                        Output::Answer { text, turns } => slot.object(|o| {
+                            o.str("text", text).u64("turns", u64::from(*turns));
+                        }),
+                        Output::Value(v) => slot.value(v),
+                    },
+                )
+                .entries(
+                    "tasks",
+                    counts.iter().filter(|(_, n)| *n > 0).map(|&(k, n)| (k, n)),
+                    |slot, n| slot.u64(n),
+                );
+            },
+        );
+        self.events.push(event);
     }
 
     fn emit(&mut self, task_id: Option<TaskId>, actor: Actor, kind: EventKind, payload: Value) {

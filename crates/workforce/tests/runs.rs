@@ -962,3 +962,117 @@ tasks:
     assert_eq!(by_event.final_outputs(), typed.final_outputs());
     assert!(tool_results >= 3, "{tool_results}");
 }
+
+/// A burst of calls goes to the log in pieces, and each call starts only once the piece holding
+/// its `tool.requested` is durable: a sink that is slow to make appends durable, and a tool that
+/// checks, when called, that its request is already in the durable log.
+#[test]
+fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
+    use agent_runtime_core::{
+        Appended, CallContext, EncodedEvent, EventSink, NewEvent, RiskClass, SinkError, Tool,
+        ToolDescriptor, ToolError, ToolOutput, ToolSource, async_trait,
+    };
+    use std::collections::BTreeSet;
+    use std::sync::Mutex;
+
+    /// The `n` of every `tool.requested` the log holds durably, and the appends made.
+    #[derive(Default)]
+    struct Durable {
+        requested: Mutex<BTreeSet<u64>>,
+        appends: Mutex<Vec<usize>>,
+    }
+    struct SlowSink(Arc<MemoryLog>, Arc<Durable>);
+    #[async_trait]
+    impl EventSink for SlowSink {
+        async fn append(
+            &self,
+            events: Vec<NewEvent>,
+        ) -> Result<Vec<agent_runtime_core::Appended>, SinkError> {
+            self.append_encoded(events.into_iter().map(EncodedEvent::new).collect())
+                .await
+        }
+        async fn append_encoded(
+            &self,
+            events: Vec<EncodedEvent>,
+        ) -> Result<Vec<Appended>, SinkError> {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let n: Vec<u64> = events
+                .iter()
+                .filter(|e| e.kind() == EventKind::ToolRequested)
+                .filter_map(|e| {
+                    let p: serde_json::Value = serde_json::from_slice(e.payload_json()).ok()?;
+                    p["args"]["n"].as_u64()
+                })
+                .collect();
+            self.1.appends.lock().unwrap().push(events.len());
+            let landed = self
+                .0
+                .append_now(events.iter().map(|e| e.to_new_event().unwrap()).collect());
+            self.1.requested.lock().unwrap().extend(n);
+            Ok(landed)
+        }
+    }
+    struct Check(ToolDescriptor, Arc<Durable>);
+    #[async_trait]
+    impl Tool for Check {
+        fn descriptor(&self) -> &ToolDescriptor {
+            &self.0
+        }
+        async fn call(
+            &self,
+            args: serde_json::Value,
+            _ctx: CallContext,
+        ) -> Result<ToolOutput, ToolError> {
+            let n = args["n"].as_u64().unwrap_or(u64::MAX);
+            let durable = self.1.requested.lock().unwrap().contains(&n);
+            Ok(ToolOutput::new(json!({"durable": durable})))
+        }
+    }
+
+    let durable = Arc::new(Durable::default());
+    let mut tools = agent_runtime_workforce::tools::ToolRegistry::with_native_tools();
+    tools.register(Arc::new(Check(
+        ToolDescriptor {
+            name: "check".into(),
+            description: "reports whether its request was durable when it ran".into(),
+            input_schema: json!({"type": "object"}),
+            output_schema: None,
+            risk: RiskClass::Read,
+            source: ToolSource::Native,
+        },
+        durable.clone(),
+    )));
+    let n = 5000;
+    let mut yaml = format!("limits: {{ concurrency: {n}, max_tasks: {n} }}\ntasks:\n");
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "  - {{ id: t{i:05}, tool: check, args: {{ n: {i} }} }}\n"
+        ));
+    }
+    let log = Arc::new(MemoryLog::default());
+    let out = rt()
+        .block_on(driver::run_graph(
+            graph(&yaml),
+            RunOptions {
+                seed: 1,
+                sink: Arc::new(SlowSink(log.clone(), durable.clone())),
+                clock: Arc::new(TokioClock::new(T0)),
+                tools: Arc::new(tools),
+                models: models(),
+                observer: None,
+            },
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs.len(), n);
+    for (id, output) in &out.outputs {
+        assert_eq!(
+            output["durable"], true,
+            "{id} ran before its request was durable"
+        );
+    }
+    // The burst (run.created, run.started, then a task.started and a tool.requested per task)
+    // went in more than one append: the first calls did not wait for all of it.
+    let appends = durable.appends.lock().unwrap().clone();
+    assert!(appends[0] < 2 * n + 2, "{appends:?}");
+}
