@@ -913,6 +913,19 @@ impl<'a> ObjectWriter<'a> {
         self
     }
 
+    /// A member holding JSON already written canonically (by [`canonical_json`], say), copied
+    /// as it is. Debug builds check that it is canonical.
+    pub fn canonical(&mut self, key: &'static str, canonical_json_bytes: &[u8]) -> &mut Self {
+        debug_assert!(
+            serde_json::from_slice::<Value>(canonical_json_bytes)
+                .is_ok_and(|v| canonical_json(&v) == canonical_json_bytes),
+            "not canonical JSON: {}",
+            String::from_utf8_lossy(canonical_json_bytes)
+        );
+        self.key(key).extend_from_slice(canonical_json_bytes);
+        self
+    }
+
     /// A member holding an object that `write` builds.
     pub fn object(
         &mut self,
@@ -1251,6 +1264,7 @@ mod tests {
                     .object("output", |o| {
                         o.str("text", "line\n\"quoted\" \u{1}").u64("turns", 0);
                     })
+                    .canonical("raw", br#"{"a":[1,"x"],"b":null}"#)
                     .object("zero", |_| {})
                     .entries(
                         "\u{7f}key",
@@ -1268,6 +1282,7 @@ mod tests {
         let value = serde_json::json!({
             "args": nested, "call": u64::MAX, "done": false,
             "output": {"text": "line\n\"quoted\" \u{1}", "turns": 0}, "zero": {},
+            "raw": {"a": [1, "x"], "b": null},
             "\u{7f}key": {"a\"b": 7, "b": "\n", "é": {"v": [{"x": 2, "y": 1}]}},
         });
         assert_eq!(encoded, EncodedEvent::new(event(value.clone())));

@@ -360,19 +360,14 @@ pub async fn run_graph_controlled(
     graph
         .validate()
         .map_err(|e| EngineError::Graph(e.to_string()))?;
-    let created = Engine::created_event(run_id, &graph, opts.seed, now);
+    let created = Engine::created_event_encoded(run_id, &graph, opts.seed, now);
     // The engine starts from the graph itself rather than from the event's copy of it (as replay
     // and resume do): the same graph (a test holds every example equal to its JSON round trip)
     // without parsing it back, which was a tenth of a 10,000-task run's start.
     let mut engine = Engine::start(run_id, graph, opts.seed, now);
     let mut driver = Driver::new(opts, LogHasher::new(), 0);
     driver
-        .drive(
-            &mut engine,
-            vec![EncodedEvent::new(created)],
-            cancel,
-            controls,
-        )
+        .drive(&mut engine, vec![created], cancel, controls)
         .await
 }
 

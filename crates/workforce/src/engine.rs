@@ -513,23 +513,44 @@ pub struct TaskView {
 impl Engine {
     /// The `run.created` event that starts a run of `graph` with `seed` at `time`.
     pub fn created_event(run_id: RunId, graph: &TaskGraph, seed: u64, time: Timestamp) -> NewEvent {
-        NewEvent {
+        let encoded = Engine::created_event_encoded(run_id, graph, seed, time);
+        // The payload is canonical JSON this function just wrote: it parses.
+        encoded.to_new_event().unwrap_or_else(|_| NewEvent {
             run_id,
             task_id: None,
             actor: Actor::System,
             kind: EventKind::RunCreated,
             time,
-            payload: {
-                // Serialized once: the digest is of the same JSON the event carries.
-                let graph_json = serde_json::to_value(graph).unwrap_or(Value::Null);
-                json!({
-                    "name": graph.name,
-                    "seed": seed,
-                    "digest": crate::graph::digest_of_json(&graph_json),
-                    "graph": graph_json,
-                })
+            payload: Value::Null,
+        })
+    }
+
+    /// [`Engine::created_event`], encoded: the graph is serialized and made canonical once,
+    /// and its digest taken of the same bytes the event carries.
+    pub fn created_event_encoded(
+        run_id: RunId,
+        graph: &TaskGraph,
+        seed: u64,
+        time: Timestamp,
+    ) -> EncodedEvent {
+        let graph_json =
+            agent_runtime_core::canonical_json(&serde_json::to_value(graph).unwrap_or(Value::Null));
+        let digest = crate::graph::digest_of_canonical(&graph_json);
+        EncodedEvent::with_object(
+            run_id,
+            None,
+            Actor::System,
+            EventKind::RunCreated,
+            time,
+            |o| {
+                o.str("digest", &digest).canonical("graph", &graph_json);
+                match &graph.name {
+                    Some(name) => o.str("name", name),
+                    None => o.value("name", &Value::Null),
+                };
+                o.u64("seed", seed);
             },
-        }
+        )
     }
 
     /// The `run.created` event of a simulation: the configuration instead of the graph (the

@@ -1030,9 +1030,12 @@ impl TaskLists {
 /// The digest recorded in `run.created`: BLAKE3 of the canonical JSON of a graph serialized
 /// with `serde_json::to_value`.
 pub fn digest_of_json(graph: &Value) -> String {
-    blake3::hash(&agent_runtime_core::canonical_json(graph))
-        .to_hex()
-        .to_string()
+    digest_of_canonical(&agent_runtime_core::canonical_json(graph))
+}
+
+/// [`digest_of_json`] of a graph's canonical JSON, already written.
+pub fn digest_of_canonical(graph_json: &[u8]) -> String {
+    blake3::hash(graph_json).to_hex().to_string()
 }
 
 /// Finds a cycle in a dependency list; returns its task indices with the first repeated last.
