@@ -515,7 +515,7 @@ impl Engine {
     pub fn created_event(run_id: RunId, graph: &TaskGraph, seed: u64, time: Timestamp) -> NewEvent {
         let encoded = Engine::created_event_encoded(run_id, graph, seed, time);
         // The payload is canonical JSON this function just wrote: it parses.
-        encoded.to_new_event().unwrap_or_else(|_| NewEvent {
+        encoded.to_new_event().unwrap_or(NewEvent {
             run_id,
             task_id: None,
             actor: Actor::System,
