@@ -668,6 +668,17 @@ impl Envelope {
 
 /// `BLAKE3(prev_hash ‖ u64_be(seq) ‖ body)`, where `body` is [`NewEvent::canonical_body`].
 pub fn chain_hash(prev_hash: &Hash32, seq: u64, body: &[u8]) -> Hash32 {
+    // Most events fit one BLAKE3 chunk (1 KiB) with the link: hashed in one call from a stack
+    // copy, which skips the incremental hasher's buffering and tree bookkeeping (a sixth of the
+    // hashing cost of a store append). The bytes hashed are the same either way.
+    const CHUNK: usize = 1024;
+    if body.len() <= CHUNK - 40 {
+        let mut buf = [0u8; CHUNK];
+        buf[..32].copy_from_slice(&prev_hash.0);
+        buf[32..40].copy_from_slice(&seq.to_be_bytes());
+        buf[40..40 + body.len()].copy_from_slice(body);
+        return Hash32(*blake3::hash(&buf[..40 + body.len()]).as_bytes());
+    }
     let mut h = blake3::Hasher::new();
     h.update(&prev_hash.0);
     h.update(&seq.to_be_bytes());
@@ -1319,5 +1330,24 @@ mod tests {
                 o.u64("turn", 1).u64("call", 2);
             },
         );
+    }
+
+    /// The one-call path for bodies that fit one BLAKE3 chunk hashes the same bytes as the
+    /// incremental one: sizes on both sides of the cut, and far past it.
+    #[test]
+    fn chain_hash_is_blake3_of_link_and_body_at_every_size() {
+        for len in [0, 1, 63, 64, 983, 984, 985, 1024, 5000] {
+            let body: Vec<u8> = (0..len).map(|i| (i * 7 % 251) as u8).collect();
+            let prev = Hash32([9; 32]);
+            let mut h = blake3::Hasher::new();
+            h.update(&prev.0);
+            h.update(&42u64.to_be_bytes());
+            h.update(&body);
+            assert_eq!(
+                chain_hash(&prev, 42, &body),
+                Hash32(*h.finalize().as_bytes()),
+                "{len}"
+            );
+        }
     }
 }
