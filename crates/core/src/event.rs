@@ -1304,32 +1304,30 @@ mod tests {
     #[test]
     #[should_panic(expected = "needs escapes")]
     fn object_writer_refuses_keys_that_need_escapes_in_debug_builds() {
+        note_with(|o| {
+            o.u64("a\"b", 1);
+        });
+    }
+
+    /// A note whose payload `write` builds.
+    fn note_with(write: impl FnOnce(&mut ObjectWriter<'_>)) -> EncodedEvent {
         EncodedEvent::with_object(
             RunId::from_bytes([1; 16]),
             None,
             Actor::System,
             EventKind::Note,
             Timestamp::EPOCH,
-            |o| {
-                o.u64("a\"b", 1);
-            },
-        );
+            write,
+        )
     }
 
     #[cfg(debug_assertions)]
     #[test]
     #[should_panic(expected = "object keys out of byte order")]
     fn object_writer_refuses_unsorted_keys_in_debug_builds() {
-        EncodedEvent::with_object(
-            RunId::from_bytes([1; 16]),
-            None,
-            Actor::System,
-            EventKind::Note,
-            Timestamp::EPOCH,
-            |o| {
-                o.u64("turn", 1).u64("call", 2);
-            },
-        );
+        note_with(|o| {
+            o.u64("turn", 1).u64("call", 2);
+        });
     }
 
     /// The one-call path for bodies that fit one BLAKE3 chunk hashes the same bytes as the

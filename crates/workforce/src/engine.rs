@@ -958,9 +958,7 @@ impl Engine {
             }),
             Err((class, message)) => {
                 self.input_object(task_id, actor, EventKind::ToolFailed, time, |o| {
-                    o.u64("call", call)
-                        .str("class", class.as_str())
-                        .str("message", message);
+                    write_failure(o, call, *class, message)
                 })
             }
         };
@@ -993,9 +991,7 @@ impl Engine {
             ),
             Err((class, message)) => {
                 self.input_object(task_id, Actor::System, EventKind::ModelFailed, time, |o| {
-                    o.u64("call", call)
-                        .str("class", class.as_str())
-                        .str("message", message);
+                    write_failure(o, call, *class, message)
                 })
             }
         };
@@ -1006,6 +1002,7 @@ impl Engine {
         event
     }
 
+    /// The task a call belongs to, if the call is known.
     fn task_of_call(&self, call: u64) -> Option<TaskId> {
         self.calls
             .get(&call)
@@ -1041,10 +1038,7 @@ impl Engine {
         time: Timestamp,
         result: Result<Value, (ErrorClass, String)>,
     ) -> NewEvent {
-        let task_id = self
-            .calls
-            .get(&call)
-            .map(|c| self.tasks[c.task as usize].task_id);
+        let task_id = self.task_of_call(call);
         match result {
             Ok(output) => self.input(
                 task_id,
@@ -1070,10 +1064,7 @@ impl Engine {
         time: Timestamp,
         result: Result<&ModelResponse, (ErrorClass, String)>,
     ) -> NewEvent {
-        let task_id = self
-            .calls
-            .get(&call)
-            .map(|c| self.tasks[c.task as usize].task_id);
+        let task_id = self.task_of_call(call);
         match result {
             Ok(r) => self.input(
                 task_id,
@@ -2213,6 +2204,13 @@ impl Engine {
             write,
         ));
     }
+}
+
+/// The payload of `tool.failed` and `model.failed`: the call, the error class and the message.
+fn write_failure(o: &mut ObjectWriter<'_>, call: u64, class: ErrorClass, message: &str) {
+    o.u64("call", call)
+        .str("class", class.as_str())
+        .str("message", message);
 }
 
 /// A run's clock and id generator, from its seed and its `run.created` time: the declared
