@@ -678,20 +678,34 @@ mod properties {
     use proptest::prelude::*;
 
     /// A random graph of tool steps: each task needs some earlier ones, fails a few times with a
-    /// transient class, and has a random policy.
-    fn graph_yaml(seed: u64, n: usize, concurrency: u32) -> String {
+    /// transient class, and has a random policy: skip, continue_with, fail_run, or a fallback
+    /// task of its own (which may fail too). Also returns whether any task has `fail_run`.
+    fn graph_yaml(seed: u64, n: usize, concurrency: u32) -> (String, bool) {
         let mut rng = agent_runtime_core::SeededRng::new(seed);
         let mut y =
             format!("limits: {{ concurrency: {concurrency}, tools: {{ flaky: 2 }} }}\ntasks:\n");
+        let mut fail_run = false;
         for i in 0..n {
             let needs: Vec<String> = (0..i)
                 .filter(|_| rng.below(4) == 0)
                 .map(|j| format!("t{j}"))
                 .collect();
             let fail = rng.below(3);
-            let policy = match rng.below(3) {
-                0 => "skip".to_string(),
+            let policy = match rng.below(5) {
                 1 => "{ continue_with: 0 }".to_string(),
+                2 => {
+                    // Nothing needs a fallback task: it runs only in place of `t{i}`.
+                    y.push_str(&format!(
+                        "  - {{ id: f{i}, tool: flaky, args: {{ key: f{i}, fail: {}, ms: {} }}, retry: {{ max_attempts: 2, backoff: 3ms }}, on_failure: skip }}\n",
+                        rng.below(3),
+                        rng.below(30),
+                    ));
+                    format!("{{ fallback: f{i} }}")
+                }
+                3 => {
+                    fail_run = true;
+                    "fail_run".to_string()
+                }
                 _ => "skip".to_string(),
             };
             y.push_str(&format!(
@@ -701,7 +715,33 @@ mod properties {
                 rng.below(3)
             ));
         }
-        y
+        (y, fail_run)
+    }
+
+    /// The generator reaches every policy's paths: over a range of seeds, some fallback task
+    /// runs in place of its task, some is skipped as not needed, and some run fails; every run
+    /// replays to its own hash.
+    #[test]
+    fn generated_graphs_reach_fallbacks_and_failures() {
+        let (mut ran, mut not_needed, mut failed) = (0, 0, 0);
+        for seed in 0..40u64 {
+            let (yaml, _) = graph_yaml(seed, 10, 3);
+            let (out, log) = run(graph(&yaml), seed);
+            let report = driver::replay_events(&events(&log)).unwrap();
+            assert_eq!(report.log_hash, out.log_hash, "seed {seed}");
+            for t in out.tasks.iter().filter(|t| t.id.starts_with('f')) {
+                match t.status {
+                    TaskStatus::Completed | TaskStatus::Failed => ran += 1,
+                    TaskStatus::Skipped => not_needed += 1,
+                    _ => {}
+                }
+            }
+            failed += usize::from(out.status == RunStatus::Failed);
+        }
+        assert!(
+            ran > 0 && not_needed > 0 && failed > 0,
+            "{ran} {not_needed} {failed}"
+        );
     }
 
     proptest! {
@@ -709,10 +749,15 @@ mod properties {
 
         #[test]
         fn live_runs_replay_finish_and_respect_limits(seed in any::<u64>(), n in 1usize..14, concurrency in 1u32..5) {
-            let g = graph(&graph_yaml(seed, n, concurrency));
+            let (yaml, fail_run) = graph_yaml(seed, n, concurrency);
+            let g = graph(&yaml);
             let (out, log) = run(g.clone(), seed);
-            prop_assert_eq!(out.status, RunStatus::Completed);
-            prop_assert!(out.tasks.iter().all(|t| t.status.is_terminal()));
+            if fail_run {
+                prop_assert!(matches!(out.status, RunStatus::Completed | RunStatus::Failed), "{:?}", out.status);
+            } else {
+                prop_assert_eq!(out.status, RunStatus::Completed);
+                prop_assert!(out.tasks.iter().all(|t| t.status.is_terminal()));
+            }
             let ev = events(&log);
             let report = driver::replay_events(&ev).unwrap();
             prop_assert_eq!(&report.log_hash, &out.log_hash);
