@@ -202,7 +202,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     // token), are secrets of this gateway too: a tool may echo them.
     for server in mcp.servers.values() {
         for v in server.env.values().chain(server.headers.values()) {
-            for value in crate::mcp::referenced_env_values(v) {
+            for value in crate::redact::referenced_env_values(v) {
                 redactor.add_secret(value);
             }
         }

@@ -255,48 +255,6 @@ impl std::fmt::Debug for McpServer {
     }
 }
 
-/// The host's values of the variables `value` names as `${NAME}` (unset ones skipped).
-pub(crate) fn referenced_env_values(value: &str) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = value;
-    while let Some(start) = rest.find("${") {
-        let Some(len) = rest[start..].find('}') else {
-            break;
-        };
-        if let Ok(v) = std::env::var(&rest[start + 2..start + len]) {
-            out.push(v);
-        }
-        rest = &rest[start + len + 1..];
-    }
-    out
-}
-
-/// `value` with every `${NAME}` replaced by the host's variable, each registered as a secret.
-fn expand_secrets(
-    server: &str,
-    value: &str,
-    redactor: &mut Redactor,
-) -> Result<String, GatewayError> {
-    let mut out = String::new();
-    let mut rest = value;
-    while let Some(start) = rest.find("${") {
-        let Some(len) = rest[start..].find('}') else {
-            break;
-        };
-        out.push_str(&rest[..start]);
-        let var = &rest[start + 2..start + len];
-        let v = std::env::var(var).map_err(|_| GatewayError::Mcp {
-            server: server.to_string(),
-            message: format!("environment variable {var} is not set"),
-        })?;
-        redactor.add_secret(v.clone());
-        out.push_str(&v);
-        rest = &rest[start + len + 1..];
-    }
-    out.push_str(rest);
-    Ok(out)
-}
-
 impl McpServer {
     /// A server from its configuration; `${NAME}` environment values are read now and
     /// registered with `redactor`.
@@ -305,24 +263,19 @@ impl McpServer {
         config: McpServerConfig,
         redactor: &mut Redactor,
     ) -> Result<Arc<Self>, GatewayError> {
+        let mut expand = |v: &str| {
+            crate::redact::expand_env(v, redactor).map_err(|var| GatewayError::Mcp {
+                server: name.to_string(),
+                message: format!("environment variable {var} is not set"),
+            })
+        };
         let mut env = Vec::new();
         for (k, v) in &config.env {
-            let value = match v.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
-                Some(var) => {
-                    let value = std::env::var(var).map_err(|_| GatewayError::Mcp {
-                        server: name.to_string(),
-                        message: format!("environment variable {var} is not set"),
-                    })?;
-                    redactor.add_secret(value.clone());
-                    value
-                }
-                None => v.clone(),
-            };
-            env.push((k.clone(), value));
+            env.push((k.clone(), expand(v)?));
         }
         let mut headers = Vec::new();
         for (k, v) in &config.headers {
-            headers.push((k.clone(), expand_secrets(name, v, redactor)?));
+            headers.push((k.clone(), expand(v)?));
         }
         Ok(Arc::new(McpServer {
             name: name.to_string(),

@@ -424,15 +424,8 @@ impl CommandTool {
         }
         let mut env = Vec::new();
         for (k, v) in &config.env {
-            let value = match v.strip_prefix("${").and_then(|r| r.strip_suffix('}')) {
-                Some(var) => {
-                    let value = std::env::var(var)
-                        .map_err(|_| bad(format!("environment variable {var} is not set")))?;
-                    redactor.add_secret(value.clone());
-                    value
-                }
-                None => v.clone(),
-            };
+            let value = crate::redact::expand_env(v, redactor)
+                .map_err(|var| bad(format!("environment variable {var} is not set")))?;
             env.push((k.clone(), value));
         }
         let descriptor = ToolDescriptor {
