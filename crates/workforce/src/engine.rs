@@ -1303,7 +1303,7 @@ impl Engine {
     /// Who acts for a task: its agent, or the system for a direct tool step.
     fn actor_of(&self, agent: Option<u32>) -> Actor {
         agent.map_or(Actor::System, |a| {
-            Actor::Agent(self.agents[a as usize].name.to_string())
+            Actor::Agent(String::from(&*self.agents[a as usize].name))
         })
     }
 
@@ -1437,7 +1437,7 @@ impl Engine {
                     tools,
                     timeout,
                 };
-                let actor = Actor::Agent(agent.name.to_string());
+                let actor = Actor::Agent(String::from(&*agent.name));
                 let (model, provider) = (Arc::clone(&agent.model), Arc::clone(&agent.provider));
                 self.emit_object(Some(task_id), actor, EventKind::ModelRequested, |o| {
                     o.u64("call", call)
@@ -1549,7 +1549,7 @@ impl Engine {
         let res = self
             .provider_slots
             .contains_key(&**provider)
-            .then(|| provider.to_string());
+            .then(|| String::from(&**provider));
         let call = self.new_call(idx, CallKind::Model, res, None);
         self.start_or_queue(call);
     }
@@ -1610,7 +1610,9 @@ impl Engine {
         }
         let content = match &result {
             Ok(Value::String(s)) => s.clone(),
-            Ok(v) => v.to_string(),
+            // What `Display` writes, through a byte writer instead of the formatting machinery
+            // (a tenth of the driver's work per tool result went to it).
+            Ok(v) => serde_json::to_string(v).unwrap_or_default(),
             Err((class, message)) => format!("error ({class}): {message}"),
         };
         let mut msg = Message::new(Role::Tool, content);

@@ -191,7 +191,8 @@ pub fn render(v: &Value, outputs: &(impl Outputs + ?Sized)) -> Value {
 pub fn render_text(s: &str, outputs: &(impl Outputs + ?Sized)) -> String {
     match render_str(s, outputs) {
         Value::String(t) => t,
-        other => other.to_string(),
+        // `Display`'s text, written without the formatting machinery.
+        other => serde_json::to_string(&other).unwrap_or_default(),
     }
 }
 
