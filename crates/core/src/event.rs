@@ -756,7 +756,7 @@ pub fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
 
 /// Writes a number as `serde_json` does: integers in decimal (both use `itoa`, a test holds
 /// them equal), floats through `serde_json` itself.
-fn write_json_number(n: &serde_json::Number, out: &mut Vec<u8>) {
+pub(crate) fn write_json_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     if let Some(u) = n.as_u64() {
         out.extend_from_slice(itoa::Buffer::new().format(u).as_bytes());
     } else if let Some(i) = n.as_i64() {
@@ -826,7 +826,7 @@ fn needs_escape(bytes: &[u8]) -> bool {
         .any(|&b| b < 0x20 || b == b'"' || b == b'\\')
 }
 
-fn write_json_string(s: &str, out: &mut Vec<u8>) {
+pub(crate) fn write_json_string(s: &str, out: &mut Vec<u8>) {
     // Most strings (keys, ids, names) need no escape: copy them as they are, which is what
     // serde_json writes for them; anything else goes through serde_json's escaper.
     if !needs_escape(s.as_bytes()) {

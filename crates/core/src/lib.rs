@@ -66,6 +66,7 @@ macro_rules! string_type {
 }
 
 pub mod approval;
+pub mod canonical;
 pub mod context;
 pub mod error;
 pub mod event;
@@ -81,6 +82,7 @@ pub mod tool;
 
 pub use approval::{ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, DenyAll};
 pub use async_trait::async_trait;
+pub use canonical::{CanonicalError, write_canonical};
 pub use context::{CallContext, Progress};
 pub use error::{ClassifiedError, ErrorClass};
 pub use event::{

@@ -533,8 +533,12 @@ impl Engine {
         seed: u64,
         time: Timestamp,
     ) -> EncodedEvent {
-        let graph_json =
-            agent_runtime_core::canonical_json(&serde_json::to_value(graph).unwrap_or(Value::Null));
+        // Written straight from the graph, without a `Value` of it (a large graph's start was
+        // mostly building one); a graph always has a JSON form, so the fallback is never used.
+        let mut graph_json = Vec::with_capacity(256 * graph.tasks.len().max(1));
+        if agent_runtime_core::write_canonical(graph, &mut graph_json).is_err() {
+            graph_json = b"null".to_vec();
+        }
         let digest = crate::graph::digest_of_canonical(&graph_json);
         EncodedEvent::with_object(
             run_id,

@@ -42,5 +42,12 @@ fn example_graphs_are_valid() {
             back, graph,
             "{name}: the graph changes in its JSON round trip"
         );
+        // `run.created` writes the graph with `write_canonical`; its digest is of those bytes
+        // and must be the one of the graph's JSON value.
+        assert_eq!(
+            created.payload["digest"],
+            agent_runtime_workforce::graph::digest_of_json(&serde_json::to_value(&graph).unwrap()),
+            "{name}"
+        );
     }
 }
