@@ -109,6 +109,16 @@ pub enum StoreError {
         /// Why, when known.
         detail: String,
     },
+    /// SQLite could not do the work now (the database is locked or busy past the wait, memory
+    /// ran out, the call was interrupted): nothing is known to be wrong with the file, and the
+    /// same call may succeed later. A check that meets this has checked nothing.
+    #[error("event database {path} could not be read or written now ({detail}); try again")]
+    Busy {
+        /// The database file.
+        path: PathBuf,
+        /// What SQLite said.
+        detail: String,
+    },
     /// A SQLite error while reading or writing.
     #[error("event database {path}: {detail}")]
     Sqlite {
@@ -147,21 +157,34 @@ impl From<StoreError> for agent_runtime_core::SinkError {
     }
 }
 
-/// Maps a SQLite error to `Damaged` when it means the file is corrupt, else `Sqlite`.
+/// Maps a SQLite error to `Damaged` when it means the file is corrupt, to `Busy` when it says
+/// only that the work cannot be done now, else to `Sqlite`.
 pub(crate) fn sqlite_error(
     path: &std::path::Path,
     e: rusqlite::Error,
     after_seq: Option<u64>,
 ) -> StoreError {
     use rusqlite::ffi::ErrorCode;
-    if let rusqlite::Error::SqliteFailure(f, _) = &e
-        && matches!(f.code, ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase)
-    {
-        return StoreError::Damaged {
-            path: path.to_path_buf(),
-            after_seq,
-            detail: e.to_string(),
-        };
+    if let rusqlite::Error::SqliteFailure(f, _) = &e {
+        match f.code {
+            ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                return StoreError::Damaged {
+                    path: path.to_path_buf(),
+                    after_seq,
+                    detail: e.to_string(),
+                };
+            }
+            ErrorCode::DatabaseBusy
+            | ErrorCode::DatabaseLocked
+            | ErrorCode::OutOfMemory
+            | ErrorCode::OperationInterrupted => {
+                return StoreError::Busy {
+                    path: path.to_path_buf(),
+                    detail: e.to_string(),
+                };
+            }
+            _ => {}
+        }
     }
     StoreError::Sqlite {
         path: path.to_path_buf(),
@@ -169,8 +192,8 @@ pub(crate) fn sqlite_error(
     }
 }
 
-/// An error while reading the log in order: whatever SQLite says, the file cannot be read past
-/// `after_seq`, so it is reported as damaged there.
+/// An error while reading the log in order: unless SQLite says only that it cannot read now
+/// (`Busy`), the file cannot be read past `after_seq`, so it is reported as damaged there.
 pub(crate) fn read_error(
     path: &std::path::Path,
     e: rusqlite::Error,
@@ -183,5 +206,49 @@ pub(crate) fn read_error(
             detail,
         },
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rusqlite::ffi;
+
+    fn failure(code: std::ffi::c_int) -> rusqlite::Error {
+        rusqlite::Error::SqliteFailure(ffi::Error::new(code), None)
+    }
+
+    /// A verifier that meets a locked or busy database must say it could not check, not that
+    /// the file is damaged; corruption and other read failures still are damage.
+    #[test]
+    fn busy_is_not_damage() {
+        let path = std::path::Path::new("/x/events.db");
+        for code in [
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_NOMEM,
+            ffi::SQLITE_INTERRUPT,
+        ] {
+            let e = read_error(path, failure(code), Some(7));
+            assert!(matches!(e, StoreError::Busy { .. }), "{code}: {e:?}");
+            assert!(e.to_string().contains("try again"), "{e}");
+        }
+        for code in [ffi::SQLITE_CORRUPT, ffi::SQLITE_IOERR, ffi::SQLITE_NOTADB] {
+            let e = read_error(path, failure(code), Some(7));
+            assert!(
+                matches!(
+                    e,
+                    StoreError::Damaged {
+                        after_seq: Some(7),
+                        ..
+                    }
+                ),
+                "{code}: {e:?}"
+            );
+        }
+        assert!(matches!(
+            sqlite_error(path, failure(ffi::SQLITE_CONSTRAINT), None),
+            StoreError::Sqlite { .. }
+        ));
     }
 }
