@@ -149,6 +149,20 @@ pub struct BenchArgs {
     /// Smaller sizes (10,000 simulated tasks, 1,000 live agents) for a quick look.
     #[arg(long)]
     pub quick: bool,
+    /// Only this part (the JSON then has only its section).
+    #[arg(long, value_enum)]
+    pub only: Option<BenchPart>,
+}
+
+/// A part of `bench workforce`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchPart {
+    /// Live agents awaiting a slow tool, with the store and without a log.
+    Live,
+    /// The simulator with no log, an in-memory log and the store.
+    Simulator,
+    /// Simulator cost per task as the task count grows.
+    Scaling,
 }
 
 pub fn run(cmd: WorkforceCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -868,42 +882,60 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             eprintln!("{m}");
         }
     };
+    let wants = |part: BenchPart| args.only.is_none_or(|only| only == part);
     let result = rt.block_on(async {
         // First, while the process is small, so that resident memory measures the live agents.
-        say(&format!(
-            "live: {live_n} agent tasks each awaiting a {tool_ms} ms tool, writing to the store"
-        ));
-        let commits_before = store.writer_stats().commits;
-        let live = live_agents(live_n, tool_ms, Arc::new(store.clone())).await?;
-        let live_commits = store.writer_stats().commits - commits_before;
-        say("live: same, events dropped (baseline: the driver and tokio alone)");
-        let live_no_log = live_agents(live_n, tool_ms, Arc::new(NullSink)).await?;
-        say(&format!(
-            "simulator: {sim_tasks} tasks, 1000 agents, layered, no log (baseline)"
-        ));
-        let null = sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(NullSink)).await?;
-        say("simulator: same, in-memory log");
-        let memory = sim_point(
-            sim_tasks,
-            1000,
-            Shape::Layered,
-            Arc::new(MemoryLog::default()),
-        )
-        .await?;
-        say("simulator: same, writing to the store");
-        let stored = sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(store.clone())).await?;
-        say(&format!("scaling: {sizes:?} tasks, in-memory log"));
-        let scale = scaling(&sizes, || {
-            Arc::new(MemoryLog::default()) as Arc<dyn EventSink>
-        })
-        .await?;
-        anyhow::Ok((null, memory, stored, live, live_commits, live_no_log, scale))
+        let live = if wants(BenchPart::Live) {
+            say(&format!(
+                "live: {live_n} agent tasks each awaiting a {tool_ms} ms tool, writing to the store"
+            ));
+            let commits_before = store.writer_stats().commits;
+            let live = live_agents(live_n, tool_ms, Arc::new(store.clone())).await?;
+            let live_commits = store.writer_stats().commits - commits_before;
+            say("live: same, events dropped (baseline: the driver and tokio alone)");
+            let live_no_log = live_agents(live_n, tool_ms, Arc::new(NullSink)).await?;
+            Some((live, live_commits, live_no_log))
+        } else {
+            None
+        };
+        let sim = if wants(BenchPart::Simulator) {
+            say(&format!(
+                "simulator: {sim_tasks} tasks, 1000 agents, layered, no log (baseline)"
+            ));
+            let null = sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(NullSink)).await?;
+            say("simulator: same, in-memory log");
+            let memory = sim_point(
+                sim_tasks,
+                1000,
+                Shape::Layered,
+                Arc::new(MemoryLog::default()),
+            )
+            .await?;
+            say("simulator: same, writing to the store");
+            let stored =
+                sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(store.clone())).await?;
+            Some((null, memory, stored))
+        } else {
+            None
+        };
+        let scale = if wants(BenchPart::Scaling) {
+            say(&format!("scaling: {sizes:?} tasks, in-memory log"));
+            Some(
+                scaling(&sizes, || {
+                    Arc::new(MemoryLog::default()) as Arc<dyn EventSink>
+                })
+                .await?,
+            )
+        } else {
+            None
+        };
+        anyhow::Ok((live, sim, scale))
     });
     drop(store);
     if global.db.is_none() {
         let _ = std::fs::remove_dir_all(&tmp);
     }
-    let (null, memory, stored, live, live_commits, live_no_log, scale) = result?;
+    let (live, sim, scale) = result?;
     let point = |r: &agent_runtime_workforce::sim::SimReport| {
         json!({
             "tasks": r.config.tasks, "wall_ms": r.wall_ms, "ns_per_task": r.ns_per_task,
@@ -912,30 +944,46 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             "peak_memory_bytes": r.peak_memory_bytes,
         })
     };
-    let report = json!({
-        "simulator_layered_1000_agents": {
-            "goal_ns_per_task": 2000,
-            "baseline_no_log": point(&null),
-            "memory_log": point(&memory),
-            "store": point(&stored),
-            "store_over_no_log": stored.ns_per_task / null.ns_per_task.max(1e-9),
-        },
-        "live_agents": {
-            "goal_bytes_per_agent": 16384,
-            "goal_overhead_pct": 5.0,
-            "result": live,
-            "store_commits": live_commits,
-            "baseline_no_log": {
-                "wall_ms": live_no_log.wall_ms,
-                "overhead_pct": live_no_log.overhead_pct,
-                "events": live_no_log.events,
-            },
-        },
-        "scaling": { "goal": "vs_n_log_n <= 1", "points": scale },
-    });
+    let mut report = serde_json::Map::new();
+    if let Some((null, memory, stored)) = &sim {
+        report.insert(
+            "simulator_layered_1000_agents".into(),
+            json!({
+                "goal_ns_per_task": 2000,
+                "baseline_no_log": point(null),
+                "memory_log": point(memory),
+                "store": point(stored),
+                "store_over_no_log": stored.ns_per_task / null.ns_per_task.max(1e-9),
+            }),
+        );
+    }
+    if let Some((live, live_commits, live_no_log)) = &live {
+        report.insert(
+            "live_agents".into(),
+            json!({
+                "goal_bytes_per_agent": 16384,
+                "goal_overhead_pct": 5.0,
+                "result": live,
+                "store_commits": live_commits,
+                "baseline_no_log": {
+                    "wall_ms": live_no_log.wall_ms,
+                    "overhead_pct": live_no_log.overhead_pct,
+                    "events": live_no_log.events,
+                },
+            }),
+        );
+    }
+    if let Some(scale) = &scale {
+        report.insert(
+            "scaling".into(),
+            json!({ "goal": "vs_n_log_n <= 1", "points": scale }),
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Some((null, memory, stored)) = &sim {
         println!(
             "simulator ({} tasks, 1000 agents, layered), ns per task:",
             null.config.tasks
@@ -952,10 +1000,12 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         };
         println!(
             "  scheduler thread CPU per task: {} no log, {} memory, {} store",
-            cpu(&null),
-            cpu(&memory),
-            cpu(&stored)
+            cpu(null),
+            cpu(memory),
+            cpu(stored)
         );
+    }
+    if let Some((live, live_commits, live_no_log)) = &live {
         println!(
             "live agents: {} each awaiting {} ms",
             live.agents, live.tool_ms
@@ -977,8 +1027,10 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             live.bytes_per_agent
                 .map_or("unknown".into(), |b| format!("{b:.0} bytes"))
         );
+    }
+    if let Some(scale) = &scale {
         println!("scaling (ns per task; vs n log n, goal <= 1):");
-        for p in &scale {
+        for p in scale {
             println!(
                 "  {:>7} tasks {:>10.0}   {:.2}",
                 p.tasks, p.ns_per_task, p.vs_n_log_n

@@ -271,6 +271,39 @@ fn simulate_is_deterministic_in_its_seed() {
         .stderr(predicate::str::contains("unknown shape"));
 }
 
+/// `bench workforce --only simulator` runs that part alone: its section and no other, the same
+/// simulated run's hash whatever log it went to. A part that does not exist is a usage error.
+#[test]
+fn bench_workforce_runs_one_part_with_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let out = cli(&db)
+        .args([
+            "bench",
+            "workforce",
+            "--quick",
+            "--only",
+            "simulator",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let report = succeeded(&out);
+    let sections: Vec<&String> = report.as_object().unwrap().keys().collect();
+    assert_eq!(sections, ["simulator_layered_1000_agents"]);
+    let sim = &report["simulator_layered_1000_agents"];
+    for log in ["baseline_no_log", "memory_log", "store"] {
+        assert_eq!(sim[log]["tasks"], 10_000, "{log}");
+        assert_eq!(sim[log]["events"], 40_003, "{log}");
+        assert_eq!(sim[log]["log_hash"], sim["store"]["log_hash"], "{log}");
+    }
+    cli(&db)
+        .args(["bench", "workforce", "--only", "everything"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("everything"));
+}
+
 #[test]
 fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
     let dir = tempfile::tempdir().unwrap();
