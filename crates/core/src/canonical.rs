@@ -276,46 +276,26 @@ impl<'a> Seq<'a> {
     }
 }
 
-impl ser::SerializeSeq for Seq<'_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), CanonicalError> {
-        self.element(v)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.finish()
-    }
+/// serde has one trait per kind of sequence and of struct; each of ours does the same thing.
+macro_rules! forward {
+    ($ty:ident: $($trait:ident :: $method:ident => $to:ident),*) => {$(
+        impl ser::$trait for $ty<'_> {
+            type Ok = ();
+            type Error = CanonicalError;
+            fn $method<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), CanonicalError> {
+                self.$to(v)
+            }
+            fn end(self) -> Result<(), CanonicalError> {
+                self.finish()
+            }
+        }
+    )*};
 }
-impl ser::SerializeTuple for Seq<'_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_element<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), CanonicalError> {
-        self.element(v)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.finish()
-    }
-}
-impl ser::SerializeTupleStruct for Seq<'_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), CanonicalError> {
-        self.element(v)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.finish()
-    }
-}
-impl ser::SerializeTupleVariant for Seq<'_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_field<T: Serialize + ?Sized>(&mut self, v: &T) -> Result<(), CanonicalError> {
-        self.element(v)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.finish()
-    }
-}
+
+forward!(Seq: SerializeSeq::serialize_element => element,
+    SerializeTuple::serialize_element => element,
+    SerializeTupleStruct::serialize_field => element,
+    SerializeTupleVariant::serialize_field => element);
 
 /// An object being written: its members go to the output as they come, each noted by where its
 /// key starts, where its value starts and where it ends; `finish` puts them in byte order of
@@ -427,34 +407,28 @@ fn between_quotes(key: &[u8]) -> &[u8] {
     key.get(1..key.len().saturating_sub(1)).unwrap_or(&[])
 }
 
-impl ser::SerializeStruct for Object<'_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        v: &T,
-    ) -> Result<(), CanonicalError> {
-        self.field(key, v)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.finish()
-    }
+/// Struct fields have `'static` names; both struct kinds write them the same way.
+macro_rules! struct_fields {
+    ($($trait:ident),*) => {$(
+        impl ser::$trait for Object<'_> {
+            type Ok = ();
+            type Error = CanonicalError;
+            fn serialize_field<T: Serialize + ?Sized>(
+                &mut self,
+                key: &'static str,
+                v: &T,
+            ) -> Result<(), CanonicalError> {
+                self.field(key, v)
+            }
+            fn end(self) -> Result<(), CanonicalError> {
+                self.finish()
+            }
+        }
+    )*};
 }
-impl ser::SerializeStructVariant for Object<'_> {
-    type Ok = ();
-    type Error = CanonicalError;
-    fn serialize_field<T: Serialize + ?Sized>(
-        &mut self,
-        key: &'static str,
-        v: &T,
-    ) -> Result<(), CanonicalError> {
-        self.field(key, v)
-    }
-    fn end(self) -> Result<(), CanonicalError> {
-        self.finish()
-    }
-}
+
+struct_fields!(SerializeStruct, SerializeStructVariant);
+
 impl ser::SerializeMap for Object<'_> {
     type Ok = ();
     type Error = CanonicalError;

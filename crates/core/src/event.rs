@@ -874,13 +874,7 @@ impl<'a> ObjectWriter<'a> {
                 !needs_escape(key.as_bytes()),
                 "object key {key:?} needs escapes"
             );
-            if let Some(last) = &self.last_key {
-                assert!(
-                    last.as_bytes() < key.as_bytes(),
-                    "object keys out of byte order: {last:?} then {key:?}"
-                );
-            }
-            self.last_key = Some(key.to_string());
+            check_key_order(&mut self.last_key, key);
         }
         // Keys are names the code knows (`'static`), checked in debug builds to need no escape:
         // written as they are, with one reservation for the member's punctuation.
@@ -966,15 +960,7 @@ impl<'a> ObjectWriter<'a> {
         for (i, (k, item)) in entries.into_iter().enumerate() {
             let k = k.as_ref();
             #[cfg(debug_assertions)]
-            {
-                if let Some(last) = &last {
-                    assert!(
-                        last.as_bytes() < k.as_bytes(),
-                        "object keys out of byte order: {last:?} then {k:?}"
-                    );
-                }
-                last = Some(k.to_string());
-            }
+            check_key_order(&mut last, k);
             if i > 0 {
                 out.push(b',');
             }
@@ -1006,6 +992,19 @@ impl<'a> ObjectWriter<'a> {
         out.push(b']');
         self
     }
+}
+
+/// Debug builds' check that an object's keys come in byte order, each once: `last` is the key
+/// before `key`, and becomes `key`.
+#[cfg(debug_assertions)]
+fn check_key_order(last: &mut Option<String>, key: &str) {
+    if let Some(last) = last.as_deref() {
+        assert!(
+            last.as_bytes() < key.as_bytes(),
+            "object keys out of byte order: {last:?} then {key:?}"
+        );
+    }
+    *last = Some(key.to_string());
 }
 
 /// Where one value of an [`ObjectWriter::entries`] object goes: write exactly one.

@@ -378,18 +378,9 @@ struct ToolRequest {
 /// The engine's calls in flight or queued, by number.
 type Calls = FastMap<u64, CallInfo>;
 
-/// A JSON object from its entries. Cheaper than `json!`, which sends every value through
-/// serde (copying strings) where these are moved in.
-fn object<const N: usize>(entries: [(&str, Value); N]) -> Value {
-    let mut m = serde_json::Map::new();
-    for (k, v) in entries {
-        m.insert(k.to_string(), v);
-    }
-    Value::Object(m)
-}
-
-/// The keys of a payload the engine writes for every task, built once: each payload is a
-/// clone with its values written in by position. Cloning a map copies its keys without the
+/// The keys of an object the engine builds as a `Value` for every task (an agent's output, as
+/// templates and final outputs read it), built once: each is a clone with its values written in
+/// by position. Cloning a map copies its keys without the
 /// comparisons that inserting them one by one makes, which showed in profiles.
 #[derive(Debug)]
 struct Shape(Value);
@@ -416,7 +407,7 @@ impl Shape {
     }
 }
 
-/// The shapes of the per-task payloads.
+/// The shapes of the per-task values.
 #[derive(Debug)]
 struct Shapes {
     /// An agent's output.
@@ -513,16 +504,7 @@ pub struct TaskView {
 impl Engine {
     /// The `run.created` event that starts a run of `graph` with `seed` at `time`.
     pub fn created_event(run_id: RunId, graph: &TaskGraph, seed: u64, time: Timestamp) -> NewEvent {
-        let encoded = Engine::created_event_encoded(run_id, graph, seed, time);
-        // The payload is canonical JSON this function just wrote: it parses.
-        encoded.to_new_event().unwrap_or(NewEvent {
-            run_id,
-            task_id: None,
-            actor: Actor::System,
-            kind: EventKind::RunCreated,
-            time,
-            payload: Value::Null,
-        })
+        decoded(Engine::created_event_encoded(run_id, graph, seed, time))
     }
 
     /// [`Engine::created_event`], encoded: the graph is serialized and made canonical once,
@@ -953,20 +935,8 @@ impl Engine {
         time: Timestamp,
         result: Result<Value, (ErrorClass, String)>,
     ) -> EncodedEvent {
-        let time = time.max(self.now);
-        let actor = Actor::Tool(tool.into());
-        let task_id = self.task_of_call(call);
-        let event = match &result {
-            Ok(output) => self.input_object(task_id, actor, EventKind::ToolCompleted, time, |o| {
-                o.u64("call", call).value("output", output);
-            }),
-            Err((class, message)) => {
-                self.input_object(task_id, actor, EventKind::ToolFailed, time, |o| {
-                    write_failure(o, call, *class, message)
-                })
-            }
-        };
-        if self.enter_input(time) {
+        let event = self.tool_result_input(call, tool, time, &result);
+        if self.enter_input(event.time()) {
             self.on_tool_result(call, result);
             self.settle();
         }
@@ -980,26 +950,8 @@ impl Engine {
         time: Timestamp,
         result: Result<ModelResponse, (ErrorClass, String)>,
     ) -> EncodedEvent {
-        let time = time.max(self.now);
-        let task_id = self.task_of_call(call);
-        let event = match &result {
-            Ok(response) => self.input_object(
-                task_id,
-                Actor::System,
-                EventKind::ModelCompleted,
-                time,
-                |o| {
-                    o.u64("call", call)
-                        .object("response", |o| response.write_canonical(o));
-                },
-            ),
-            Err((class, message)) => {
-                self.input_object(task_id, Actor::System, EventKind::ModelFailed, time, |o| {
-                    write_failure(o, call, *class, message)
-                })
-            }
-        };
-        if self.enter_input(time) {
+        let event = self.model_result_input(call, time, result.as_ref());
+        if self.enter_input(event.time()) {
             self.on_model_result(call, result);
             self.settle();
         }
@@ -1011,6 +963,54 @@ impl Engine {
         self.calls
             .get(&call)
             .map(|c| self.tasks[c.task as usize].task_id)
+    }
+
+    /// The input event recording a tool call's result, encoded: what both
+    /// [`Engine::apply_tool_result`] and [`Engine::tool_result_event`] record. An input never
+    /// goes back in time: it takes the engine's time if it is earlier.
+    fn tool_result_input(
+        &self,
+        call: u64,
+        tool: &str,
+        time: Timestamp,
+        result: &Result<Value, (ErrorClass, String)>,
+    ) -> EncodedEvent {
+        let (task_id, actor) = (self.task_of_call(call), Actor::Tool(tool.into()));
+        let time = time.max(self.now);
+        match result {
+            Ok(output) => self.input_object(task_id, actor, EventKind::ToolCompleted, time, |o| {
+                o.u64("call", call).value("output", output);
+            }),
+            Err((class, message)) => {
+                self.input_object(task_id, actor, EventKind::ToolFailed, time, |o| {
+                    write_failure(o, call, *class, message)
+                })
+            }
+        }
+    }
+
+    /// [`Engine::tool_result_input`] for a model call's result.
+    fn model_result_input(
+        &self,
+        call: u64,
+        time: Timestamp,
+        result: Result<&ModelResponse, &(ErrorClass, String)>,
+    ) -> EncodedEvent {
+        let (task_id, actor) = (self.task_of_call(call), Actor::System);
+        let time = time.max(self.now);
+        match result {
+            Ok(response) => {
+                self.input_object(task_id, actor, EventKind::ModelCompleted, time, |o| {
+                    o.u64("call", call)
+                        .object("response", |o| response.write_canonical(o));
+                })
+            }
+            Err((class, message)) => {
+                self.input_object(task_id, actor, EventKind::ModelFailed, time, |o| {
+                    write_failure(o, call, *class, message)
+                })
+            }
+        }
     }
 
     fn input_object(
@@ -1042,23 +1042,7 @@ impl Engine {
         time: Timestamp,
         result: Result<Value, (ErrorClass, String)>,
     ) -> NewEvent {
-        let task_id = self.task_of_call(call);
-        match result {
-            Ok(output) => self.input(
-                task_id,
-                Actor::Tool(tool.into()),
-                EventKind::ToolCompleted,
-                time,
-                object([("call", call.into()), ("output", output)]),
-            ),
-            Err((class, message)) => self.input(
-                task_id,
-                Actor::Tool(tool.into()),
-                EventKind::ToolFailed,
-                time,
-                json!({"call": call, "class": class, "message": message}),
-            ),
-        }
+        decoded(self.tool_result_input(call, tool, time, &result))
     }
 
     /// The input recording a model call's result.
@@ -1068,23 +1052,7 @@ impl Engine {
         time: Timestamp,
         result: Result<&ModelResponse, (ErrorClass, String)>,
     ) -> NewEvent {
-        let task_id = self.task_of_call(call);
-        match result {
-            Ok(r) => self.input(
-                task_id,
-                Actor::System,
-                EventKind::ModelCompleted,
-                time,
-                json!({"call": call, "response": r}),
-            ),
-            Err((class, message)) => self.input(
-                task_id,
-                Actor::System,
-                EventKind::ModelFailed,
-                time,
-                json!({"call": call, "class": class, "message": message}),
-            ),
-        }
+        decoded(self.model_result_input(call, time, result.as_ref().copied()))
     }
 
     fn input(
@@ -2201,15 +2169,23 @@ impl Engine {
         kind: EventKind,
         write: impl FnOnce(&mut ObjectWriter<'_>),
     ) {
-        self.events.push(EncodedEvent::with_object(
-            self.run_id,
-            task_id,
-            actor,
-            kind,
-            self.now,
-            write,
-        ));
+        let event = self.input_object(task_id, actor, kind, self.now, write);
+        self.events.push(event);
     }
+}
+
+/// An event the engine encoded itself, as a `NewEvent` (for callers that apply or keep
+/// values). Its payload is canonical JSON the engine just wrote, so it parses; should that ever
+/// fail, the payload is `null` rather than a panic.
+fn decoded(event: EncodedEvent) -> NewEvent {
+    event.to_new_event().unwrap_or_else(|_| NewEvent {
+        run_id: event.run_id(),
+        task_id: event.task_id(),
+        actor: event.actor().clone(),
+        kind: event.kind(),
+        time: event.time(),
+        payload: Value::Null,
+    })
 }
 
 /// The payload of `tool.failed` and `model.failed`: the call, the error class and the message.
