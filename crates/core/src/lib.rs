@@ -98,7 +98,9 @@ pub use model::{
 pub use policy::{Effect, PolicyEnvelope};
 pub use random::SeededRng;
 pub use session::{Session, SessionError, SessionInput, SessionKind, SessionOutput};
-pub use sink::{Appended, EventQuery, EventSink, EventSource, MemoryLog, SinkError};
+pub use sink::{
+    AppendStream, Appended, EventQuery, EventSink, EventSource, MemoryLog, PendingAppend, SinkError,
+};
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use tokio_util::sync::CancellationToken;
 pub use tool::{RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource};

@@ -51,6 +51,84 @@ pub trait EventSink: Send + Sync {
             })?;
         self.append(decoded).await
     }
+
+    /// Hands `events` to the log as the next batch of `stream` and returns once the batch has
+    /// its place in the log's order, usually before it is durable; the returned
+    /// [`PendingAppend`] resolves as [`EventSink::append_encoded`] would have. Batches of one
+    /// stream land in the order their calls returned, so a producer can go on working (and
+    /// submit more) while the log writes, and keep its order.
+    ///
+    /// **No gaps**: once a batch of `stream` fails, the stream is failed and every batch of it
+    /// that was submitted after that one is refused too, even one already queued; a log of
+    /// `stream`'s batches is thus always a prefix of what was submitted.
+    ///
+    /// Errors found before the batch is queued (a payload too large, a closed log, a failed
+    /// stream) come back here; errors while writing come from the pending append. Dropping the
+    /// pending append does not withdraw the batch. The default appends at once and returns
+    /// the finished result: it keeps both promises but overlaps nothing.
+    async fn submit_encoded(
+        &self,
+        events: Vec<EncodedEvent>,
+        stream: &AppendStream,
+    ) -> Result<PendingAppend, SinkError> {
+        stream.check()?;
+        let landed = self.append_encoded(events).await;
+        if landed.is_err() {
+            stream.fail();
+        }
+        Ok(Box::pin(std::future::ready(landed)))
+    }
+}
+
+/// A batch handed to a log by [`EventSink::submit_encoded`]: resolves to where its events
+/// landed once they are durable, or to the error that kept all of them out.
+pub type PendingAppend = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Vec<Appended>, SinkError>> + Send + 'static>,
+>;
+
+/// The batches one producer submits that must land without a gap (see
+/// [`EventSink::submit_encoded`]). Clones share the stream.
+///
+/// ```
+/// use agent_runtime_core::AppendStream;
+/// let stream = AppendStream::new();
+/// assert!(stream.check().is_ok());
+/// stream.fail();
+/// assert!(stream.check().unwrap_err().message.contains("earlier batch"));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct AppendStream {
+    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl AppendStream {
+    /// A new stream, not failed.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Marks the stream failed: a batch of it did not land, so no later one may.
+    pub fn fail(&self) {
+        self.failed
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Whether a batch of the stream failed.
+    pub fn has_failed(&self) -> bool {
+        self.failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// `Ok` while no batch of the stream failed; the error to refuse a batch with otherwise.
+    pub fn check(&self) -> Result<(), SinkError> {
+        if self.has_failed() {
+            return Err(SinkError {
+                message: "an earlier batch of this stream failed to append, so later ones are \
+                          refused (the log must not have a gap)"
+                    .into(),
+            });
+        }
+        Ok(())
+    }
 }
 
 /// Which events to read.
@@ -244,6 +322,69 @@ mod tests {
             .unwrap();
         assert_eq!(landed_plain, landed_encoded);
         assert_eq!(plain.all(), encoded.all());
+    }
+
+    /// The default `submit_encoded` keeps the no-gap promise: once a batch fails, the stream
+    /// refuses the rest, while a batch that landed resolves to where it landed.
+    #[test]
+    fn the_default_submit_fails_the_stream_with_its_batch() {
+        struct Flaky(MemoryLog, std::sync::atomic::AtomicBool);
+        #[async_trait::async_trait]
+        impl EventSink for Flaky {
+            async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, SinkError> {
+                if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                    return Err(SinkError {
+                        message: "disk full".into(),
+                    });
+                }
+                Ok(self.0.append_now(events))
+            }
+        }
+        let note = |i: u64| {
+            EncodedEvent::new(NewEvent {
+                run_id: RunId::from_bytes([1; 16]),
+                task_id: None,
+                actor: Actor::System,
+                kind: EventKind::Note,
+                time: Timestamp::from_unix_nanos(i),
+                payload: serde_json::json!({ "i": i }),
+            })
+        };
+        let sink = Flaky(
+            MemoryLog::default(),
+            std::sync::atomic::AtomicBool::new(false),
+        );
+        let stream = AppendStream::new();
+        // Nothing here waits on anything outside: polling until ready is enough.
+        fn run<T>(f: impl std::future::Future<Output = T>) -> T {
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            let mut f = std::pin::pin!(f);
+            loop {
+                if let std::task::Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+                    return v;
+                }
+            }
+        }
+        let landed = run(async {
+            let pending = sink.submit_encoded(vec![note(1)], &stream).await?;
+            pending.await
+        });
+        assert_eq!(landed.unwrap()[0].seq, 1);
+        sink.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        let failed = run(async {
+            let pending = sink.submit_encoded(vec![note(2)], &stream).await?;
+            pending.await
+        });
+        assert_eq!(failed.unwrap_err().message, "disk full");
+        assert!(stream.has_failed());
+        sink.1.store(false, std::sync::atomic::Ordering::SeqCst);
+        let refused = run(async {
+            sink.submit_encoded(vec![note(3)], &stream)
+                .await
+                .map(|_| ())
+        });
+        assert!(refused.unwrap_err().message.contains("earlier batch"));
+        assert_eq!(sink.0.all().len(), 1);
     }
 
     /// Reads build envelopes from the kept bytes: numbers, chain links and filters as a

@@ -109,6 +109,15 @@ pub enum StoreError {
         /// Why, when known.
         detail: String,
     },
+    /// A batch of an [`agent_runtime_core::AppendStream`] is refused because an earlier batch of
+    /// the same stream failed: appending it would leave a gap in the producer's events.
+    #[error(
+        "event database {path}: an earlier batch of this stream failed to append, so this one is refused (the log must not have a gap)"
+    )]
+    StreamFailed {
+        /// The database file.
+        path: PathBuf,
+    },
     /// SQLite could not do the work now (the database is locked or busy past the wait, memory
     /// ran out, the call was interrupted): nothing is known to be wrong with the file, and the
     /// same call may succeed later. A check that meets this has checked nothing.

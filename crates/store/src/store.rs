@@ -6,8 +6,8 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use agent_runtime_core::{
-    Actor, Appended, EncodedEvent, Envelope, EventKind, EventQuery, Hash32, NewEvent, RunId,
-    TaskId, Timestamp, chain_hash,
+    Actor, AppendStream, Appended, EncodedEvent, Envelope, EventKind, EventQuery, Hash32, NewEvent,
+    RunId, TaskId, Timestamp, chain_hash,
 };
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -82,7 +82,36 @@ enum Reply {
 
 struct WriteRequest {
     events: Vec<Prepared>,
+    /// The producer's stream, if it submitted through one: refused once the stream failed.
+    stream: Option<AppendStream>,
     reply: Reply,
+}
+
+/// A batch queued by [`Store::submit_encoded`]: resolves to where its events landed once they
+/// are durable, or to the error that kept them out (then none of them is in the log).
+#[must_use = "the batch is written either way; await it to know that it is durable"]
+#[derive(Debug)]
+pub struct PendingBatch {
+    reply: oneshot::Receiver<Result<Vec<Appended>, StoreError>>,
+    path: PathBuf,
+}
+
+impl std::future::Future for PendingBatch {
+    type Output = Result<Vec<Appended>, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.reply).poll(cx).map(|r| {
+            r.unwrap_or_else(|_| {
+                Err(StoreError::WriterGone {
+                    path: self.path.clone(),
+                    detail: "no reply".into(),
+                })
+            })
+        })
+    }
 }
 
 /// An event record copied out of its frame: what crosses threads in export and verify.
@@ -392,9 +421,62 @@ impl Store {
         &self,
         events: Vec<EncodedEvent>,
     ) -> Result<Vec<Appended>, StoreError> {
-        if events.is_empty() {
-            return Ok(Vec::new());
+        self.queue(events, None).await?.await
+    }
+
+    /// Queues `events` as the next batch of `stream` and returns once it is queued, before it
+    /// is durable; the returned [`PendingBatch`] resolves as [`Store::append_encoded`] would
+    /// have. See [`EventSink::submit_encoded`](agent_runtime_core::EventSink::submit_encoded)
+    /// for the promises: batches keep the order of their calls, and once one of `stream`'s
+    /// batches fails, the stream's later batches are refused ([`StoreError::StreamFailed`]).
+    ///
+    /// ```
+    /// # use agent_runtime_core::{Actor, AppendStream, EncodedEvent, EventKind, NewEvent, RunId, Timestamp};
+    /// # use agent_runtime_store::{Store, StoreConfig};
+    /// # let dir = tempfile::tempdir().unwrap();
+    /// # let store = Store::open(StoreConfig::plaintext(dir.path().join("events.db"))).unwrap();
+    /// let note = |i: u64| EncodedEvent::new(NewEvent {
+    ///     run_id: RunId::from_bytes([1; 16]), task_id: None, actor: Actor::System,
+    ///     kind: EventKind::Note, time: Timestamp::from_unix_nanos(i),
+    ///     payload: serde_json::json!({"i": i}) });
+    /// let stream = AppendStream::new();
+    /// let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    /// rt.block_on(async {
+    ///     let first = store.submit_encoded(vec![note(1), note(2)], &stream).await.unwrap();
+    ///     let second = store.submit_encoded(vec![note(3)], &stream).await.unwrap();
+    ///     assert_eq!(second.await.unwrap()[0].seq, 3);
+    ///     assert_eq!(first.await.unwrap()[1].seq, 2);
+    /// });
+    /// ```
+    pub async fn submit_encoded(
+        &self,
+        events: Vec<EncodedEvent>,
+        stream: &AppendStream,
+    ) -> Result<PendingBatch, StoreError> {
+        if stream.has_failed() {
+            return Err(StoreError::StreamFailed {
+                path: self.inner.path.clone(),
+            });
         }
+        self.queue(events, Some(stream.clone())).await
+    }
+
+    async fn queue(
+        &self,
+        events: Vec<EncodedEvent>,
+        stream: Option<AppendStream>,
+    ) -> Result<PendingBatch, StoreError> {
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let pending = PendingBatch {
+            reply: reply_rx,
+            path: self.inner.path.clone(),
+        };
+        if events.is_empty() {
+            let _ = reply_tx.send(Ok(Vec::new()));
+            return Ok(pending);
+        }
+        // A batch refused here was never queued, and its producer learns so before it can
+        // submit another: the stream need not fail.
         let prepared = events
             .into_iter()
             .map(|e| self.prepare(e))
@@ -402,18 +484,17 @@ impl Store {
         let tx = self.inner.tx.as_ref().ok_or_else(|| StoreError::ReadOnly {
             path: self.inner.path.clone(),
         })?;
-        let (reply_tx, reply_rx) = oneshot::channel();
-        let gone = |detail: &str| StoreError::WriterGone {
-            path: self.inner.path.clone(),
-            detail: detail.into(),
-        };
         tx.send(WriteRequest {
             events: prepared,
+            stream,
             reply: Reply::Async(reply_tx),
         })
         .await
-        .map_err(|_| gone("queue closed"))?;
-        reply_rx.await.map_err(|_| gone("no reply"))?
+        .map_err(|_| StoreError::WriterGone {
+            path: self.inner.path.clone(),
+            detail: "queue closed".into(),
+        })?;
+        Ok(pending)
     }
 
     /// [`Store::append`] for code without an async runtime. Blocks the calling thread.
@@ -885,6 +966,26 @@ fn writer_loop(
                 Err(_) => break,
             }
         }
+        // A batch behind a failed one of its stream is refused, not written: the producer's
+        // events must stay a prefix of what it submitted. (Batches before it were committed or
+        // failed before this point: the queue is taken in order.)
+        if batch
+            .iter()
+            .any(|r| r.stream.as_ref().is_some_and(AppendStream::has_failed))
+        {
+            for req in std::mem::take(&mut batch) {
+                if req.stream.as_ref().is_some_and(AppendStream::has_failed) {
+                    n -= req.events.len();
+                    let Reply::Async(tx) = req.reply;
+                    let _ = tx.send(Err(StoreError::StreamFailed { path: path.clone() }));
+                } else {
+                    batch.push(req);
+                }
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
         match commit_batch(&mut conn, &path, &batch, &mut frame) {
             Ok((results, head)) => {
                 let _ = last_seq.send(head);
@@ -901,6 +1002,9 @@ fn writer_loop(
             }
             Err(detail) => {
                 for req in batch.drain(..) {
+                    if let Some(stream) = &req.stream {
+                        stream.fail();
+                    }
                     let Reply::Async(tx) = req.reply;
                     let _ = tx.send(Err(StoreError::Sqlite {
                         path: path.clone(),
@@ -1010,6 +1114,15 @@ impl agent_runtime_core::EventSink for Store {
         Store::append_encoded(self, events)
             .await
             .map_err(Into::into)
+    }
+
+    async fn submit_encoded(
+        &self,
+        events: Vec<EncodedEvent>,
+        stream: &AppendStream,
+    ) -> Result<agent_runtime_core::PendingAppend, agent_runtime_core::SinkError> {
+        let pending = Store::submit_encoded(self, events, stream).await?;
+        Ok(Box::pin(async move { pending.await.map_err(Into::into) }))
     }
 }
 

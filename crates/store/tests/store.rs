@@ -478,3 +478,85 @@ fn store_line(store: &Store) -> Vec<u8> {
     store.export(&q, ExportFormat::Jsonl, &mut out).unwrap();
     out
 }
+
+/// A batch that fails fails its stream: the stream's batch queued behind it is refused rather
+/// than written (the producer's events stay a prefix, with no gap), later submits of the stream
+/// are refused at once, and appends outside the stream go on.
+#[tokio::test]
+async fn a_failed_batch_refuses_the_rest_of_its_stream() {
+    use agent_runtime_core::{AppendStream, EncodedEvent, NewEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store = Store::open(StoreConfig::plaintext(&path)).unwrap();
+    // Behind the store's back, a trigger makes a frame holding the marker fail to insert.
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    conn.execute_batch(
+        "CREATE TRIGGER test_poison BEFORE INSERT ON frames WHEN instr(NEW.body, 'POISON') > 0 \
+         BEGIN SELECT RAISE(ABORT, 'poisoned by the test'); END;",
+    )
+    .unwrap();
+    let encode = |evs: Vec<NewEvent>| evs.into_iter().map(EncodedEvent::new).collect::<Vec<_>>();
+    let stream = AppendStream::new();
+    let first = store.submit_encoded(encode(events(1, 3)), &stream).await;
+    assert_eq!(first.unwrap().await.unwrap().len(), 3);
+    // 16,384 events fill the writer's transaction, so the batch behind goes in another one and
+    // meets the stream's check instead of failing with it.
+    let mut poisoned = events(1, 16_384);
+    poisoned[100].payload = serde_json::json!({"marker": "POISON"});
+    let failing = store
+        .submit_encoded(encode(poisoned), &stream)
+        .await
+        .unwrap();
+    let behind = store.submit_encoded(encode(events(1, 2)), &stream).await;
+    let err = failing.await.unwrap_err();
+    assert!(matches!(err, StoreError::Sqlite { .. }), "{err}");
+    assert!(err.to_string().contains("poisoned by the test"), "{err}");
+    let err = match behind {
+        Ok(pending) => pending.await.unwrap_err(),
+        Err(e) => e,
+    };
+    assert!(matches!(err, StoreError::StreamFailed { .. }), "{err}");
+    assert!(stream.has_failed());
+    let again = store.submit_encoded(encode(events(1, 1)), &stream).await;
+    assert!(matches!(again, Err(StoreError::StreamFailed { .. })));
+    // Outside the stream the log goes on, right after the last batch that landed.
+    let other = store.append_encoded(encode(events(2, 2))).await.unwrap();
+    assert_eq!(other.iter().map(|a| a.seq).collect::<Vec<_>>(), [4, 5]);
+    assert_eq!(
+        store.query_blocking(&EventQuery::default()).unwrap().len(),
+        5
+    );
+    assert!(store.verify().unwrap().problem.is_none());
+}
+
+/// Batches submitted one after another land in that order while several are in flight.
+#[tokio::test]
+async fn submitted_batches_land_in_submission_order() {
+    use agent_runtime_core::{AppendStream, EncodedEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::plaintext(dir.path().join("o.db"))).unwrap();
+    let stream = AppendStream::new();
+    let mut pending = Vec::new();
+    for i in 0..50u64 {
+        let batch = (1..=i % 7 + 1)
+            .map(|j| EncodedEvent::new(event(1, i * 10 + j)))
+            .collect();
+        pending.push(store.submit_encoded(batch, &stream).await.unwrap());
+    }
+    let mut next = 1;
+    for p in pending {
+        for landed in p.await.unwrap() {
+            assert_eq!(landed.seq, next);
+            next += 1;
+        }
+    }
+    let back = store.query_blocking(&EventQuery::default()).unwrap();
+    let order: Vec<u64> = back
+        .iter()
+        .map(|e| e.payload["i"].as_u64().unwrap())
+        .collect();
+    let mut sorted = order.clone();
+    sorted.sort();
+    assert_eq!(order, sorted);
+    assert_eq!(back.len() as u64, next - 1);
+}

@@ -17,13 +17,14 @@
 //! whose result was not recorded (make repeats harmless, or use `on_failure` instead of retry).
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::{
-    Actor, CallContext, CancellationToken, Clock, EncodedEvent, Envelope, ErrorClass, EventQuery,
-    EventSink, EventSource, ModelProvider, ModelRequest, NewEvent, RunId, Timestamp, ToolError,
-    ToolOutput, ToolSpec, async_trait,
+    Actor, AppendStream, CallContext, CancellationToken, Clock, EncodedEvent, Envelope, ErrorClass,
+    EventQuery, EventSink, EventSource, ModelProvider, ModelRequest, NewEvent, PendingAppend,
+    RunId, Timestamp, ToolError, ToolOutput, ToolSpec, async_trait,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -591,15 +592,12 @@ enum Done {
 /// the memory a burst of results takes.
 const MAX_BATCH: usize = 4096;
 
-/// Events per piece handed to the writer. A burst (a run starting ten thousand tasks derives
-/// twenty thousand events at once) goes in pieces, each acknowledged on its own, so the first
-/// calls start once their own piece is durable instead of after the whole burst; the writer
-/// appends the pieces that queue up behind the one it writes as one batch, so a burst still
-/// costs few commits.
+/// Events per piece submitted to the log. A burst (a run starting ten thousand tasks derives
+/// twenty thousand events at once) goes in pieces, each durable on its own, so the first calls
+/// start once their own piece is durable instead of after the whole burst; the store's writer
+/// commits the pieces that queue up behind the one it writes as one transaction, so a burst
+/// still costs few commits.
 const PIECE: usize = 2048;
-
-/// Events the writer appends as one batch, at most, when pieces queue up.
-const MAX_APPEND: usize = 8192;
 
 /// Moves what the engine derived into the batch being gathered, each effect marked with how
 /// many of the batch's events must be durable before it may be performed. Events and effects
@@ -618,79 +616,35 @@ fn take_derived(
     );
 }
 
-/// A piece of a batch handed to the [`Writer`], with what waits for it to be durable.
+/// A piece submitted to the log and not yet known durable, with what waits for it.
 struct Pending {
+    /// Resolves once the piece is durable.
+    landed: PendingAppend,
     effects: Vec<Effect>,
     /// A copy for the observer, when there is one.
     observed: Option<Vec<EncodedEvent>>,
 }
 
-/// Appends batches to the sink one after another, in the order sent (one task, so the log's
-/// order is the driver's), and acknowledges each once it is durable. It also folds the per-run
-/// log hash, off the scheduler's path.
-struct Writer {
-    batches: Option<mpsc::UnboundedSender<Vec<EncodedEvent>>>,
-    acks: mpsc::UnboundedReceiver<Result<(), String>>,
-    task: tokio::task::JoinHandle<LogHasher>,
+/// Waits until the oldest pending piece is durable and takes it off the queue. Cancel-safe (it
+/// sits in a `select!`): the piece leaves the queue only once it is durable.
+async fn next_durable(pending: &mut VecDeque<Pending>) -> Result<Pending, DriverError> {
+    let Some(oldest) = pending.front_mut() else {
+        return std::future::pending().await;
+    };
+    (&mut oldest.landed)
+        .await
+        .map_err(|e| DriverError::Log(e.message))?;
+    pending
+        .pop_front()
+        .ok_or_else(|| DriverError::Log("a pending piece went missing".into()))
 }
 
-impl Writer {
-    fn start(sink: Arc<dyn EventSink>, mut hasher: LogHasher) -> Writer {
-        let (batches, mut incoming) = mpsc::unbounded_channel::<Vec<EncodedEvent>>();
-        let (ack, acks) = mpsc::unbounded_channel();
-        let task = tokio::spawn(async move {
-            while let Some(mut batch) = incoming.recv().await {
-                // Pieces that queued up while the last append ran go in with this one: one
-                // commit, one acknowledgement per piece.
-                let mut pieces = 1;
-                while batch.len() < MAX_APPEND {
-                    let Ok(more) = incoming.try_recv() else { break };
-                    batch.extend(more);
-                    pieces += 1;
-                }
-                for e in &batch {
-                    hasher.update_encoded(e);
-                }
-                let result = sink
-                    .append_encoded(batch)
-                    .await
-                    .map(|_| ())
-                    .map_err(|e| e.message);
-                let failed = result.is_err();
-                for _ in 0..pieces {
-                    if ack.send(result.clone()).is_err() {
-                        return hasher;
-                    }
-                }
-                // After a failed append nothing more is written: the log must not have a gap.
-                if failed {
-                    break;
-                }
-            }
-            hasher
-        });
-        Writer {
-            batches: Some(batches),
-            acks,
-            task,
-        }
-    }
-
-    /// Hands `batch` on. Its events were encoded on the scheduler's thread as they were made
-    /// (their payloads serialized while in cache, and once).
-    fn send(&self, batch: Vec<EncodedEvent>) -> Result<(), DriverError> {
-        self.batches
-            .as_ref()
-            .and_then(|b| b.send(batch).ok())
-            .ok_or_else(|| DriverError::Log("the event writer stopped".into()))
-    }
-
-    /// Waits for everything sent to be written; returns the log hash.
-    async fn finish(mut self) -> Result<LogHasher, DriverError> {
-        drop(self.batches.take());
-        (&mut self.task)
-            .await
-            .map_err(|e| DriverError::Log(format!("the event writer stopped: {e}")))
+/// [`next_durable`] without waiting: the oldest piece, if it is durable already.
+fn durable_now(pending: &mut VecDeque<Pending>) -> Option<Result<Pending, DriverError>> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(next_durable(pending)).poll(&mut cx) {
+        std::task::Poll::Ready(r) => Some(r),
+        std::task::Poll::Pending => None,
     }
 }
 
@@ -727,9 +681,10 @@ impl Driver {
         // which the select below disables.
         let mut controls = controls.unwrap_or_else(|| mpsc::unbounded_channel().1);
         let mut controls_open = true;
-        let mut writer = Writer::start(self.opts.sink.clone(), std::mem::take(&mut self.hasher));
-        // Batches handed to the writer and not yet durable, oldest first, each with the effects
-        // that wait for it; and the batch being gathered meanwhile, with its effects.
+        // The run's batches land in submission order and without a gap (see `submit_encoded`).
+        let stream = AppendStream::new();
+        // Pieces submitted and not yet durable, oldest first, each with the effects that wait
+        // for it; and the batch being gathered meanwhile, with its effects.
         let mut pending: VecDeque<Pending> = VecDeque::new();
         let mut batch = first;
         // The effects waiting for `batch`, each with how many of its events must be durable
@@ -762,11 +717,20 @@ impl Driver {
                         waiting.push(effect);
                     }
                     let observed = self.opts.observer.is_some().then(|| piece.clone());
+                    for e in &piece {
+                        self.hasher.update_encoded(e);
+                    }
+                    let landed = self
+                        .opts
+                        .sink
+                        .submit_encoded(piece, &stream)
+                        .await
+                        .map_err(|e| DriverError::Log(e.message))?;
                     pending.push_back(Pending {
+                        landed,
                         effects: waiting,
                         observed,
                     });
-                    writer.send(piece)?;
                 }
                 // Marks never pass the batch's end; any left wait for its last piece.
                 if let Some(last) = pending.back_mut() {
@@ -801,20 +765,8 @@ impl Driver {
             // one step, see `record_result`).
             let input: Result<NewEvent, Done> = tokio::select! {
                 biased;
-                ack = writer.acks.recv(), if !pending.is_empty() => {
-                    match ack {
-                        Some(Ok(())) => {}
-                        Some(Err(message)) => return Err(DriverError::Log(message)),
-                        None => return Err(DriverError::Log("the event writer stopped".into())),
-                    }
-                    if let Some(done) = pending.pop_front() {
-                        if let (Some(o), Some(events)) = (&self.opts.observer, &done.observed) {
-                            o.on_events(events, engine);
-                        }
-                        for effect in done.effects {
-                            self.perform(engine.run_id(), effect, &tx);
-                        }
-                    }
+                done = next_durable(&mut pending), if !pending.is_empty() => {
+                    self.durable(done?, engine, &tx);
                     continue;
                 }
                 _ = cancel.cancelled(), if !cancel_requested && !finished => {
@@ -865,9 +817,13 @@ impl Driver {
                 take_derived(engine, &mut batch, &mut effects);
                 let input = self.record_result(engine, done);
                 batch.push(input);
+                // A piece that became durable meanwhile lets its calls start now rather than
+                // after this stretch (thousands of results in a burst).
+                if let Some(done) = durable_now(&mut pending) {
+                    self.durable(done?, engine, &tx);
+                }
             }
         }
-        self.hasher = writer.finish().await?;
         let error = if engine.status() == RunStatus::Failed {
             Some(self.failure_reason(engine))
         } else {
@@ -882,6 +838,17 @@ impl Driver {
             events: self.events,
             error,
         })
+    }
+
+    /// A piece is durable: the observer sees its events and the effects that waited for it are
+    /// performed.
+    fn durable(&mut self, done: Pending, engine: &Engine, tx: &mpsc::UnboundedSender<Done>) {
+        if let (Some(o), Some(events)) = (&self.opts.observer, &done.observed) {
+            o.on_events(events, engine);
+        }
+        for effect in done.effects {
+            self.perform(engine.run_id(), effect, tx);
+        }
     }
 
     /// Applies a call's result to the engine and returns the input event recording it.

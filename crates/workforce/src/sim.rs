@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::{
-    EncodedEvent, ErrorClass, EventSink, FinishReason, IdGenerator, ManualClock, Message,
-    ModelResponse, Role, SeededRng, Timestamp, Usage,
+    AppendStream, EncodedEvent, ErrorClass, EventSink, FinishReason, IdGenerator, ManualClock,
+    Message, ModelResponse, PendingAppend, Role, SeededRng, Timestamp, Usage,
 };
 
 use crate::engine::{Effect, Engine, RunStatus, TaskStatus};
@@ -278,11 +278,22 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         }
         hasher
     });
+    // One batch is queued behind the one the sink writes (see `EventSink::submit_encoded`),
+    // so a store's writer goes from one to the next without waiting for this task.
     let write_task = tokio::spawn(async move {
+        let stream = AppendStream::new();
+        let mut in_flight: Option<PendingAppend> = None;
         while let Some(batch) = hashed.recv().await {
-            sink.append_encoded(batch)
+            let pending = sink
+                .submit_encoded(batch, &stream)
                 .await
                 .map_err(|e| SimError::Log(e.message))?;
+            if let Some(before) = in_flight.replace(pending) {
+                before.await.map_err(|e| SimError::Log(e.message))?;
+            }
+        }
+        if let Some(last) = in_flight {
+            last.await.map_err(|e| SimError::Log(e.message))?;
         }
         Ok::<(), SimError>(())
     });

@@ -1008,55 +1008,150 @@ tasks:
     assert!(tool_results >= 3, "{tool_results}");
 }
 
+/// The `n` of every `tool.requested` a test log holds durably, the appends made, and how many
+/// pieces were submitted and not yet durable at most.
+#[derive(Default)]
+struct Durable {
+    requested: std::sync::Mutex<std::collections::BTreeSet<u64>>,
+    appends: std::sync::Mutex<Vec<usize>>,
+    in_flight: std::sync::atomic::AtomicUsize,
+    most_in_flight: std::sync::atomic::AtomicUsize,
+}
+
+impl Durable {
+    /// Records `events` as durable in `log`, after a delay.
+    async fn write(
+        &self,
+        log: &MemoryLog,
+        events: Vec<agent_runtime_core::EncodedEvent>,
+    ) -> Vec<agent_runtime_core::Appended> {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let n: Vec<u64> = events
+            .iter()
+            .filter(|e| e.kind() == EventKind::ToolRequested)
+            .filter_map(|e| {
+                let p: serde_json::Value = serde_json::from_slice(e.payload_json()).ok()?;
+                p["args"]["n"].as_u64()
+            })
+            .collect();
+        self.appends.lock().unwrap().push(events.len());
+        let landed = log.append_encoded_now(events).unwrap();
+        self.requested.lock().unwrap().extend(n);
+        landed
+    }
+}
+
+/// A log that makes appends durable slowly, one at a time, and answers each call only then
+/// (`EventSink::submit_encoded`'s default: the driver waits for each piece as it submits it).
+struct SlowSink(Arc<MemoryLog>, Arc<Durable>);
+
+#[agent_runtime_core::async_trait]
+impl agent_runtime_core::EventSink for SlowSink {
+    async fn append(
+        &self,
+        events: Vec<agent_runtime_core::NewEvent>,
+    ) -> Result<Vec<agent_runtime_core::Appended>, agent_runtime_core::SinkError> {
+        let encoded = events
+            .into_iter()
+            .map(agent_runtime_core::EncodedEvent::new)
+            .collect();
+        self.append_encoded(encoded).await
+    }
+    async fn append_encoded(
+        &self,
+        events: Vec<agent_runtime_core::EncodedEvent>,
+    ) -> Result<Vec<agent_runtime_core::Appended>, agent_runtime_core::SinkError> {
+        Ok(self.1.write(&self.0, events).await)
+    }
+}
+
+/// A log that queues submitted pieces and makes them durable slowly, in order, on a task of its
+/// own, as the store's writer does: the driver has several pieces in flight at once.
+struct QueueSink {
+    queue: tokio::sync::mpsc::UnboundedSender<(
+        Vec<agent_runtime_core::EncodedEvent>,
+        tokio::sync::oneshot::Sender<Vec<agent_runtime_core::Appended>>,
+    )>,
+    durable: Arc<Durable>,
+}
+
+impl QueueSink {
+    /// Call inside a runtime: the writing task starts here.
+    fn start(log: Arc<MemoryLog>, durable: Arc<Durable>) -> QueueSink {
+        let (queue, mut incoming) = tokio::sync::mpsc::unbounded_channel::<(
+            Vec<agent_runtime_core::EncodedEvent>,
+            tokio::sync::oneshot::Sender<Vec<agent_runtime_core::Appended>>,
+        )>();
+        let writer = durable.clone();
+        tokio::spawn(async move {
+            while let Some((events, reply)) = incoming.recv().await {
+                let landed = writer.write(&log, events).await;
+                writer
+                    .in_flight
+                    .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                let _ = reply.send(landed);
+            }
+        });
+        QueueSink { queue, durable }
+    }
+}
+
+#[agent_runtime_core::async_trait]
+impl agent_runtime_core::EventSink for QueueSink {
+    async fn append(
+        &self,
+        events: Vec<agent_runtime_core::NewEvent>,
+    ) -> Result<Vec<agent_runtime_core::Appended>, agent_runtime_core::SinkError> {
+        let encoded = events
+            .into_iter()
+            .map(agent_runtime_core::EncodedEvent::new)
+            .collect();
+        self.append_encoded(encoded).await
+    }
+    async fn append_encoded(
+        &self,
+        events: Vec<agent_runtime_core::EncodedEvent>,
+    ) -> Result<Vec<agent_runtime_core::Appended>, agent_runtime_core::SinkError> {
+        self.submit_encoded(events, &agent_runtime_core::AppendStream::new())
+            .await?
+            .await
+    }
+    async fn submit_encoded(
+        &self,
+        events: Vec<agent_runtime_core::EncodedEvent>,
+        stream: &agent_runtime_core::AppendStream,
+    ) -> Result<agent_runtime_core::PendingAppend, agent_runtime_core::SinkError> {
+        stream.check()?;
+        let (reply, landed) = tokio::sync::oneshot::channel();
+        let now = self
+            .durable
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        self.durable
+            .most_in_flight
+            .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
+        self.queue.send((events, reply)).unwrap();
+        Ok(Box::pin(async move {
+            landed.await.map_err(|_| agent_runtime_core::SinkError {
+                message: "the test log stopped".into(),
+            })
+        }))
+    }
+}
+
 /// A burst of calls goes to the log in pieces, and each call starts only once the piece holding
-/// its `tool.requested` is durable: a sink that is slow to make appends durable, and a tool that
-/// checks, when called, that its request is already in the durable log.
+/// its `tool.requested` is durable: a log that is slow to make appends durable, and a tool that
+/// checks, when called, that its request is already in the durable log. Both with a log that
+/// answers each append only once it is durable and with one that queues pieces (the driver then
+/// has several in flight).
 #[test]
 fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
     use agent_runtime_core::{
-        Appended, CallContext, EncodedEvent, EventSink, NewEvent, RiskClass, SinkError, Tool,
-        ToolDescriptor, ToolError, ToolOutput, ToolSource, async_trait,
+        CallContext, EventSink, RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource,
+        async_trait,
     };
-    use std::collections::BTreeSet;
-    use std::sync::Mutex;
 
-    /// The `n` of every `tool.requested` the log holds durably, and the appends made.
-    #[derive(Default)]
-    struct Durable {
-        requested: Mutex<BTreeSet<u64>>,
-        appends: Mutex<Vec<usize>>,
-    }
-    struct SlowSink(Arc<MemoryLog>, Arc<Durable>);
-    #[async_trait]
-    impl EventSink for SlowSink {
-        async fn append(
-            &self,
-            events: Vec<NewEvent>,
-        ) -> Result<Vec<agent_runtime_core::Appended>, SinkError> {
-            self.append_encoded(events.into_iter().map(EncodedEvent::new).collect())
-                .await
-        }
-        async fn append_encoded(
-            &self,
-            events: Vec<EncodedEvent>,
-        ) -> Result<Vec<Appended>, SinkError> {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-            let n: Vec<u64> = events
-                .iter()
-                .filter(|e| e.kind() == EventKind::ToolRequested)
-                .filter_map(|e| {
-                    let p: serde_json::Value = serde_json::from_slice(e.payload_json()).ok()?;
-                    p["args"]["n"].as_u64()
-                })
-                .collect();
-            self.1.appends.lock().unwrap().push(events.len());
-            let landed = self
-                .0
-                .append_now(events.iter().map(|e| e.to_new_event().unwrap()).collect());
-            self.1.requested.lock().unwrap().extend(n);
-            Ok(landed)
-        }
-    }
     struct Check(ToolDescriptor, Arc<Durable>);
     #[async_trait]
     impl Tool for Check {
@@ -1074,19 +1169,6 @@ fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
         }
     }
 
-    let durable = Arc::new(Durable::default());
-    let mut tools = agent_runtime_workforce::tools::ToolRegistry::with_native_tools();
-    tools.register(Arc::new(Check(
-        ToolDescriptor {
-            name: "check".into(),
-            description: "reports whether its request was durable when it ran".into(),
-            input_schema: json!({"type": "object"}),
-            output_schema: None,
-            risk: RiskClass::Read,
-            source: ToolSource::Native,
-        },
-        durable.clone(),
-    )));
     let n = 5000;
     let mut yaml = format!("limits: {{ concurrency: {n}, max_tasks: {n} }}\ntasks:\n");
     for i in 0..n {
@@ -1094,30 +1176,60 @@ fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
             "  - {{ id: t{i:05}, tool: check, args: {{ n: {i} }} }}\n"
         ));
     }
-    let log = Arc::new(MemoryLog::default());
-    let out = rt()
-        .block_on(driver::run_graph(
-            graph(&yaml),
-            RunOptions {
-                seed: 1,
-                sink: Arc::new(SlowSink(log.clone(), durable.clone())),
-                clock: Arc::new(TokioClock::new(T0)),
-                tools: Arc::new(tools),
-                models: models(),
-                observer: None,
+    for queued in [false, true] {
+        let durable = Arc::new(Durable::default());
+        let mut tools = agent_runtime_workforce::tools::ToolRegistry::with_native_tools();
+        tools.register(Arc::new(Check(
+            ToolDescriptor {
+                name: "check".into(),
+                description: "reports whether its request was durable when it ran".into(),
+                input_schema: json!({"type": "object"}),
+                output_schema: None,
+                risk: RiskClass::Read,
+                source: ToolSource::Native,
             },
-        ))
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(out.status, RunStatus::Completed);
-    assert_eq!(out.outputs.len(), n);
-    for (id, output) in &out.outputs {
-        assert_eq!(
-            output["durable"], true,
-            "{id} ran before its request was durable"
-        );
+            durable.clone(),
+        )));
+        let log = Arc::new(MemoryLog::default());
+        let rt = rt();
+        let sink: Arc<dyn EventSink> = if queued {
+            let _in = rt.enter();
+            Arc::new(QueueSink::start(log.clone(), durable.clone()))
+        } else {
+            Arc::new(SlowSink(log.clone(), durable.clone()))
+        };
+        let out = rt
+            .block_on(driver::run_graph(
+                graph(&yaml),
+                RunOptions {
+                    seed: 1,
+                    sink,
+                    clock: Arc::new(TokioClock::new(T0)),
+                    tools: Arc::new(tools),
+                    models: models(),
+                    observer: None,
+                },
+            ))
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(out.status, RunStatus::Completed);
+        assert_eq!(out.outputs.len(), n);
+        for (id, output) in &out.outputs {
+            assert_eq!(
+                output["durable"], true,
+                "{id} ran before its request was durable (queued log: {queued})"
+            );
+        }
+        // The burst (run.created, run.started, then a task.started and a tool.requested per
+        // task) went in more than one append: the first calls did not wait for all of it.
+        let appends = durable.appends.lock().unwrap().clone();
+        assert!(appends[0] < 2 * n + 2, "{appends:?}");
+        // Every event the driver counted is in the log, in the order it was submitted.
+        assert_eq!(log.all().len() as u64, out.events);
+        let most = durable
+            .most_in_flight
+            .load(std::sync::atomic::Ordering::SeqCst);
+        if queued {
+            assert!(most > 1, "the driver never had two pieces in flight");
+        }
     }
-    // The burst (run.created, run.started, then a task.started and a tool.requested per task)
-    // went in more than one append: the first calls did not wait for all of it.
-    let appends = durable.appends.lock().unwrap().clone();
-    assert!(appends[0] < 2 * n + 2, "{appends:?}");
 }
