@@ -1,6 +1,7 @@
 //! What every subcommand shares: global options, opening the store, error kinds.
 
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 use clap::Args;
 
@@ -35,10 +36,35 @@ impl CliError {
     }
 }
 
+/// The store's passphrase, moved out of the environment by [`take_passphrase_from_env`].
+static PASSPHRASE: OnceLock<agent_runtime_store::Passphrase> = OnceLock::new();
+
+/// Moves the store's passphrase ([`agent_runtime_store::PASSPHRASE_ENV`]) from the environment
+/// into this process's memory. Every child process (a command tool, a policy hook, an MCP
+/// server) inherits the environment unless it is cleared for it; hooks keep it, so the
+/// passphrase must not be there.
+///
+/// # Safety
+/// No other thread may run (the rule of [`std::env::remove_var`]): call it first in `main`.
+pub unsafe fn take_passphrase_from_env() {
+    let name = agent_runtime_store::PASSPHRASE_ENV;
+    if let Some(p) = std::env::var_os(name) {
+        // SAFETY: the caller promises that this thread is the only one.
+        unsafe { std::env::remove_var(name) };
+        if let Some(p) = p.to_str().filter(|p| !p.is_empty()) {
+            let _ = PASSPHRASE.set(agent_runtime_store::Passphrase::new(p));
+        }
+    }
+}
+
 impl GlobalArgs {
     /// The store configuration these options and the environment describe.
     pub fn store_config(&self) -> agent_runtime_store::StoreConfig {
-        agent_runtime_store::StoreConfig::from_env(self.db.clone(), self.plaintext)
+        let config = agent_runtime_store::StoreConfig::from_env(self.db.clone(), self.plaintext);
+        match PASSPHRASE.get() {
+            Some(p) => config.passphrase(p.clone()),
+            None => config,
+        }
     }
 
     /// Opens (creating if needed) the event database for appending.

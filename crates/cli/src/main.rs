@@ -50,6 +50,8 @@ enum Command {
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
+    // SAFETY: nothing has started a thread yet.
+    unsafe { common::take_passphrase_from_env() };
     no_transparent_huge_pages();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

@@ -662,3 +662,46 @@ tasks:
             outcome["log_hash"].as_str().unwrap(),
         ));
 }
+
+/// The store's passphrase leaves the environment when the command line starts: a hook (a
+/// program the configuration names, which inherits the environment) never sees it.
+#[test]
+fn hooks_do_not_inherit_the_store_passphrase() {
+    let env = Env::new();
+    let seen = env.dir.path().join("hook-env.txt");
+    let config = env.dir.path().join("hooked.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"
+workspace: ["ws"]
+hooks:
+  - name: env-dump
+    command: ["/bin/sh", "-c", "env > '{}'; cat > /dev/null; echo '{{\"action\":\"continue\"}}'"]
+    phases: [pre]
+"#,
+            seen.display()
+        ),
+    )
+    .unwrap();
+    env.cmd()
+        .env("AGENT_RUNTIME_PASSPHRASE", "canary-passphrase-7731")
+        .env("HOOK_SEES_THIS", "yes")
+        .args([
+            "tools",
+            "call",
+            "builtin.echo",
+            "--args",
+            r#"{"text":"hello"}"#,
+            "--config",
+        ])
+        .arg(&config)
+        .assert()
+        .success()
+        .stdout("hello\n");
+    let dumped = std::fs::read_to_string(&seen).expect("the hook ran");
+    // The hook got the rest of the environment, not the passphrase.
+    assert!(dumped.contains("HOOK_SEES_THIS=yes"), "{dumped}");
+    assert!(!dumped.contains("canary-passphrase-7731"));
+    assert!(!dumped.contains("AGENT_RUNTIME_PASSPHRASE"));
+}
