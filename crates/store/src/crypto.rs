@@ -109,9 +109,26 @@ fn os_seed() -> [u8; 32] {
     seed
 }
 
-/// Fills `buf` from the thread's CSPRNG.
+/// Fills `buf` from the thread's CSPRNG (nonces).
 pub(crate) fn random_bytes(buf: &mut [u8]) {
     NONCE_RNG.with(|r| r.borrow_mut().fill_bytes(buf));
+}
+
+/// Fills `buf` with key material (data keys, key-encryption keys, salts, key ids) straight from
+/// the operating system. Unlike nonces, keys get no fallback: if the OS source fails, a key made
+/// from anything weaker (a clock) could be guessed, so the caller refuses to create one.
+pub(crate) fn key_material(buf: &mut [u8]) -> Result<(), String> {
+    key_material_from(buf, getrandom::fill)
+}
+
+fn key_material_from(
+    buf: &mut [u8],
+    source: impl FnOnce(&mut [u8]) -> Result<(), getrandom::Error>,
+) -> Result<(), String> {
+    source(buf).map_err(|e| {
+        buf.fill(0);
+        format!("the operating system's random source failed ({e}); no key was made from anything weaker")
+    })
 }
 
 /// Argon2id cost parameters, stored with the wrapped key.
@@ -207,6 +224,22 @@ impl PayloadCipher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Keys come from the OS source or not at all: a failing source is an error, and the
+    /// buffer holds nothing from it.
+    #[test]
+    fn key_material_has_no_weak_fallback() {
+        let mut key = [7u8; 32];
+        let err = key_material_from(&mut key, |_| Err(getrandom::Error::UNSUPPORTED)).unwrap_err();
+        assert!(err.contains("random source failed"), "{err}");
+        assert_eq!(key, [0; 32]);
+        let mut a = [0u8; 32];
+        let mut b = [0u8; 32];
+        key_material(&mut a).unwrap();
+        key_material(&mut b).unwrap();
+        assert_ne!(a, b);
+        assert_ne!(a, [0; 32]);
+    }
 
     impl PayloadCipher {
         fn open(&self, sealed: &[u8], header: &[u8]) -> Option<Vec<u8>> {

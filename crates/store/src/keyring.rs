@@ -20,7 +20,7 @@ pub(crate) fn account(key_id: &str) -> String {
 #[cfg(feature = "os-keyring")]
 pub(crate) fn create_kek(key_id: &str) -> Result<Zeroizing<[u8; 32]>, String> {
     let mut kek = Zeroizing::new([0u8; 32]);
-    crate::crypto::random_bytes(kek.as_mut());
+    crate::crypto::key_material(kek.as_mut())?;
     let entry =
         keyring::Entry::new(KEYRING_SERVICE, &account(key_id)).map_err(|e| e.to_string())?;
     entry.set_secret(kek.as_ref()).map_err(|e| e.to_string())?;

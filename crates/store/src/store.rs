@@ -651,13 +651,17 @@ fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError
         match config.encryption {
             Encryption::Plaintext => put("encryption", b"none").map_err(err)?,
             Encryption::Encrypted => {
+                let no_key = |detail: String| StoreError::Open {
+                    path: path.clone(),
+                    detail: format!("cannot create its key: {detail}"),
+                };
                 let mut data_key = zeroize::Zeroizing::new([0u8; 32]);
-                crypto::random_bytes(data_key.as_mut());
+                crypto::key_material(data_key.as_mut()).map_err(no_key)?;
                 put("encryption", b"xchacha20poly1305").map_err(err)?;
                 match &config.passphrase {
                     Some(pass) => {
                         let mut salt = [0u8; 16];
-                        crypto::random_bytes(&mut salt);
+                        crypto::key_material(&mut salt).map_err(no_key)?;
                         let kek = crypto::derive_kek(pass.as_bytes(), &salt, config.kdf).map_err(
                             |d| StoreError::Open {
                                 path: path.clone(),
@@ -672,7 +676,7 @@ fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError
                     }
                     None if config.use_keyring => {
                         let mut id = [0u8; 16];
-                        crypto::random_bytes(&mut id);
+                        crypto::key_material(&mut id).map_err(no_key)?;
                         let key_id = hex::encode(id);
                         let kek = crate::keyring::create_kek(&key_id).map_err(|detail| {
                             StoreError::NoKeyForNewDatabase {
