@@ -774,16 +774,13 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
 
 fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let shape: Shape = args.shape.parse().map_err(CliError::Usage)?;
-    if !(0.0..=1.0).contains(&args.failure_rate) {
-        return Err(CliError::Usage("--failure-rate must be between 0 and 1".into()).into());
-    }
-    if args.tasks == 0 || args.agents == 0 {
-        return Err(CliError::Usage("--tasks and --agents must be at least 1".into()).into());
-    }
     let cfg = SimConfig {
         agent_concurrency: args.agent_concurrency.max(1),
         ..SimConfig::new(args.agents, args.tasks, shape, args.failure_rate, args.seed)
     };
+    // Named as the options are: the configuration's field names are the flags' without `--`.
+    cfg.check()
+        .map_err(|e| CliError::Usage(format!("simulate: {}", e.replace('_', "-"))))?;
     let sink: Arc<dyn EventSink> = match args.log.as_str() {
         "memory" => Arc::new(MemoryLog::default()),
         "store" => {

@@ -269,6 +269,19 @@ fn simulate_is_deterministic_in_its_seed() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("unknown shape"));
+    // Sizes past the simulator's bounds are refused before anything is built.
+    for (flag, value, says) in [
+        ("--tasks", "4000000000", "tasks is 4000000000"),
+        ("--agents", "0", "agents is 0"),
+        ("--failure-rate", "1.5", "failure-rate is 1.5"),
+    ] {
+        cli(&db)
+            .args(["simulate", flag, value])
+            .timeout(std::time::Duration::from_secs(30))
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(says));
+    }
 }
 
 /// `bench workforce --only simulator` runs that part alone: its section and no other, the same

@@ -2212,6 +2212,8 @@ pub fn graph_of_created(payload: &Value) -> Result<TaskGraph, EngineError> {
     } else if let Some(cfg) = payload.get("simulation") {
         let cfg = crate::sim::SimConfig::deserialize(cfg)
             .map_err(|e| EngineError::Graph(e.to_string()))?;
+        cfg.check()
+            .map_err(|e| EngineError::Graph(format!("run.created's simulation: {e}")))?;
         crate::sim::synth_graph(&cfg)
     } else {
         return Err(EngineError::Graph(

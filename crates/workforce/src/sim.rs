@@ -90,6 +90,68 @@ impl SimConfig {
             batch: 4096,
         }
     }
+
+    /// Most tasks a simulation builds: each costs about a kilobyte while the run lasts.
+    pub const MAX_TASKS: u32 = 10_000_000;
+    /// Most agents.
+    pub const MAX_AGENTS: u32 = 1_000_000;
+    /// Longest synthetic call, in virtual milliseconds (about 11.6 days).
+    pub const MAX_CALL_MS: u64 = 1_000_000_000;
+    /// Most events per append.
+    pub const MAX_BATCH: usize = 1 << 20;
+
+    /// Checks that the configuration can run: counts within bounds, a failure rate in [0, 1],
+    /// call durations in order. The configuration also arrives from a recorded `run.created`
+    /// (replay and resume rebuild the graph from it), where a forged or damaged one must not
+    /// make the process build billions of tasks.
+    ///
+    /// ```
+    /// use agent_runtime_workforce::sim::{Shape, SimConfig};
+    /// assert!(SimConfig::new(10, 100, Shape::Layered, 0.1, 1).check().is_ok());
+    /// let err = SimConfig::new(10, u32::MAX, Shape::Layered, 0.1, 1).check().unwrap_err();
+    /// assert!(err.contains("tasks"), "{err}");
+    /// ```
+    pub fn check(&self) -> Result<(), String> {
+        if !(1..=Self::MAX_TASKS).contains(&self.tasks) {
+            return Err(format!(
+                "tasks is {}; it must be between 1 and {}",
+                self.tasks,
+                Self::MAX_TASKS
+            ));
+        }
+        if !(1..=Self::MAX_AGENTS).contains(&self.agents) {
+            return Err(format!(
+                "agents is {}; it must be between 1 and {}",
+                self.agents,
+                Self::MAX_AGENTS
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.failure_rate) {
+            return Err(format!(
+                "failure_rate is {}; it must be between 0 and 1",
+                self.failure_rate
+            ));
+        }
+        if self.agent_concurrency == 0 || self.concurrency == Some(0) {
+            return Err("agent_concurrency and concurrency must be at least 1".into());
+        }
+        if self.min_ms > self.max_ms || self.max_ms > Self::MAX_CALL_MS {
+            return Err(format!(
+                "min_ms {} and max_ms {} must be in order and at most {}",
+                self.min_ms,
+                self.max_ms,
+                Self::MAX_CALL_MS
+            ));
+        }
+        if !(1..=Self::MAX_BATCH).contains(&self.batch) {
+            return Err(format!(
+                "batch is {}; it must be between 1 and {}",
+                self.batch,
+                Self::MAX_BATCH
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// What a simulation measured.
@@ -223,6 +285,9 @@ pub enum SimError {
     /// The sink refused an append.
     #[error("event log: {0}")]
     Log(String),
+    /// The configuration cannot run (see [`SimConfig::check`]).
+    #[error("simulation: {0}")]
+    Config(String),
     /// Nothing can happen any more, yet the run has not ended (a bug).
     #[error("the simulation stalled with {0} tasks open and nothing in flight")]
     Stalled(usize),
@@ -233,6 +298,7 @@ pub const SIM_EPOCH: Timestamp = Timestamp::from_unix_nanos(1_767_225_600_000_00
 
 /// Runs a simulation, writing its events to `sink`.
 pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimReport, SimError> {
+    cfg.check().map_err(SimError::Config)?;
     let graph = synth_graph(cfg);
     let started = Instant::now();
     // The engine's own CPU time, summed over the stretches between awaits (the task may move

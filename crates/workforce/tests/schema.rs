@@ -51,3 +51,68 @@ fn example_graphs_are_valid() {
         );
     }
 }
+
+/// A simulated run's `run.created` holds its configuration, and replay and resume rebuild the
+/// graph from it: a forged or damaged size is refused, naming the field, before anything is
+/// built.
+#[test]
+fn a_recorded_simulation_past_the_bounds_is_refused() {
+    use agent_runtime_workforce::sim::{Shape, SimConfig};
+    let ok = SimConfig::new(3, 20, Shape::Chain, 0.0, 1);
+    let payload =
+        |cfg: &SimConfig| serde_json::json!({"name": "sim", "seed": 1, "simulation": cfg});
+    let graph = agent_runtime_workforce::engine::graph_of_created(&payload(&ok)).unwrap();
+    assert_eq!(graph.tasks.len(), 20);
+    for (bad, says) in [
+        (
+            SimConfig {
+                tasks: u32::MAX,
+                ..ok.clone()
+            },
+            "tasks is 4294967295",
+        ),
+        (
+            SimConfig {
+                agents: 0,
+                ..ok.clone()
+            },
+            "agents is 0",
+        ),
+        (
+            SimConfig {
+                max_ms: u64::MAX,
+                ..ok.clone()
+            },
+            "max_ms",
+        ),
+        (
+            SimConfig {
+                min_ms: 5,
+                max_ms: 4,
+                ..ok.clone()
+            },
+            "min_ms",
+        ),
+        (
+            SimConfig {
+                batch: 0,
+                ..ok.clone()
+            },
+            "batch is 0",
+        ),
+        (
+            SimConfig {
+                failure_rate: 2.0,
+                ..ok.clone()
+            },
+            "failure_rate is 2",
+        ),
+    ] {
+        let err = agent_runtime_workforce::engine::graph_of_created(&payload(&bad)).unwrap_err();
+        let err = err.to_string();
+        assert!(
+            err.contains("run.created's simulation") && err.contains(says),
+            "{err}"
+        );
+    }
+}
