@@ -112,20 +112,16 @@ impl SimConfig {
     /// assert!(err.contains("tasks"), "{err}");
     /// ```
     pub fn check(&self) -> Result<(), String> {
-        if !(1..=Self::MAX_TASKS).contains(&self.tasks) {
-            return Err(format!(
-                "tasks is {}; it must be between 1 and {}",
-                self.tasks,
-                Self::MAX_TASKS
-            ));
-        }
-        if !(1..=Self::MAX_AGENTS).contains(&self.agents) {
-            return Err(format!(
-                "agents is {}; it must be between 1 and {}",
-                self.agents,
-                Self::MAX_AGENTS
-            ));
-        }
+        let count = |name: &str, value: u64, max: u64| {
+            if (1..=max).contains(&value) {
+                Ok(())
+            } else {
+                Err(format!("{name} is {value}; it must be between 1 and {max}"))
+            }
+        };
+        count("tasks", self.tasks.into(), Self::MAX_TASKS.into())?;
+        count("agents", self.agents.into(), Self::MAX_AGENTS.into())?;
+        count("batch", self.batch as u64, Self::MAX_BATCH as u64)?;
         if !(0.0..=1.0).contains(&self.failure_rate) {
             return Err(format!(
                 "failure_rate is {}; it must be between 0 and 1",
@@ -141,13 +137,6 @@ impl SimConfig {
                 self.min_ms,
                 self.max_ms,
                 Self::MAX_CALL_MS
-            ));
-        }
-        if !(1..=Self::MAX_BATCH).contains(&self.batch) {
-            return Err(format!(
-                "batch is {}; it must be between 1 and {}",
-                self.batch,
-                Self::MAX_BATCH
             ));
         }
         Ok(())

@@ -1041,6 +1041,14 @@ impl Durable {
     }
 }
 
+/// Test logs take plain events as the store does: encoded, then appended as encoded.
+fn encoded(events: Vec<agent_runtime_core::NewEvent>) -> Vec<agent_runtime_core::EncodedEvent> {
+    events
+        .into_iter()
+        .map(agent_runtime_core::EncodedEvent::new)
+        .collect()
+}
+
 /// A log that makes appends durable slowly, one at a time, and answers each call only then
 /// (`EventSink::submit_encoded`'s default: the driver waits for each piece as it submits it).
 struct SlowSink(Arc<MemoryLog>, Arc<Durable>);
@@ -1051,11 +1059,7 @@ impl agent_runtime_core::EventSink for SlowSink {
         &self,
         events: Vec<agent_runtime_core::NewEvent>,
     ) -> Result<Vec<agent_runtime_core::Appended>, agent_runtime_core::SinkError> {
-        let encoded = events
-            .into_iter()
-            .map(agent_runtime_core::EncodedEvent::new)
-            .collect();
-        self.append_encoded(encoded).await
+        self.append_encoded(encoded(events)).await
     }
     async fn append_encoded(
         &self,
@@ -1102,11 +1106,7 @@ impl agent_runtime_core::EventSink for QueueSink {
         &self,
         events: Vec<agent_runtime_core::NewEvent>,
     ) -> Result<Vec<agent_runtime_core::Appended>, agent_runtime_core::SinkError> {
-        let encoded = events
-            .into_iter()
-            .map(agent_runtime_core::EncodedEvent::new)
-            .collect();
-        self.append_encoded(encoded).await
+        self.append_encoded(encoded(events)).await
     }
     async fn append_encoded(
         &self,
