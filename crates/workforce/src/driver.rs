@@ -676,13 +676,35 @@ impl Driver {
         cancel: CancellationToken,
         controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
     ) -> Result<Outcome, DriverError> {
+        // The run's batches land in submission order and without a gap (see `submit_encoded`).
+        let stream = AppendStream::new();
+        let hashing = self.hasher.offload();
+        let outcome = self
+            .drive_with(engine, first, cancel, controls, &stream)
+            .await;
+        // Reclaimed whether the run ended well or not, so that the hashing task always ends.
+        let reclaimed = self.hasher.reclaim(hashing).await;
+        let outcome = outcome?;
+        reclaimed.map_err(DriverError::Log)?;
+        Ok(Outcome {
+            log_hash: self.hasher.hex(),
+            ..outcome
+        })
+    }
+
+    async fn drive_with(
+        &mut self,
+        engine: &mut Engine,
+        first: Vec<EncodedEvent>,
+        cancel: CancellationToken,
+        controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
+        stream: &AppendStream,
+    ) -> Result<Outcome, DriverError> {
         let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
         // A closed channel stands in for "no controls": `recv` on it returns `None` at once,
         // which the select below disables.
         let mut controls = controls.unwrap_or_else(|| mpsc::unbounded_channel().1);
         let mut controls_open = true;
-        // The run's batches land in submission order and without a gap (see `submit_encoded`).
-        let stream = AppendStream::new();
         // Pieces submitted and not yet durable, oldest first, each with the effects that wait
         // for it; and the batch being gathered meanwhile, with its effects.
         let mut pending: VecDeque<Pending> = VecDeque::new();
@@ -723,7 +745,7 @@ impl Driver {
                     let landed = self
                         .opts
                         .sink
-                        .submit_encoded(piece, &stream)
+                        .submit_encoded(piece, stream)
                         .await
                         .map_err(|e| DriverError::Log(e.message))?;
                     pending.push_back(Pending {
@@ -834,7 +856,8 @@ impl Driver {
             status: engine.status(),
             outputs: engine.final_outputs(),
             tasks: engine.task_views(),
-            log_hash: self.hasher.hex(),
+            // `drive` fills it in once the offloaded hash is back.
+            log_hash: String::new(),
             events: self.events,
             error,
         })

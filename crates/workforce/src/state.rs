@@ -22,7 +22,12 @@ pub struct LogHasher {
     hasher: blake3::Hasher,
     count: u64,
     pending: Vec<u8>,
+    /// Where full blocks go instead of `hasher` while it is away (see [`LogHasher::offload`]).
+    blocks: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
 }
+
+/// BLAKE3 folding a [`LogHasher`]'s blocks on a task of its own; see [`LogHasher::offload`].
+pub struct OffloadedHash(tokio::task::JoinHandle<blake3::Hasher>);
 
 /// Bytes gathered before they go to BLAKE3: 64 chunks, enough for its widest SIMD batches.
 const FLUSH_AT: usize = 64 * 1024;
@@ -60,9 +65,47 @@ impl LogHasher {
     }
     fn maybe_flush(&mut self) {
         if self.pending.len() >= FLUSH_AT {
-            self.hasher.update(&self.pending);
-            self.pending.clear();
+            match &self.blocks {
+                Some(blocks) => {
+                    let full =
+                        std::mem::replace(&mut self.pending, Vec::with_capacity(FLUSH_AT + 4096));
+                    // A closed channel means the task is gone; `reclaim` reports that.
+                    let _ = blocks.send(full);
+                }
+                None => {
+                    self.hasher.update(&self.pending);
+                    self.pending.clear();
+                }
+            }
         }
+    }
+
+    /// Hands BLAKE3 to a task of its own (call inside a tokio runtime): from now on the caller
+    /// only frames events into 64 KiB blocks (a copy) and the task hashes them, in order. The
+    /// driver does this so that a run's scheduler thread does not spend a tenth of its time on
+    /// the log hash. [`LogHasher::reclaim`] brings the hash back; until then [`LogHasher::hex`]
+    /// does not see the blocks sent away.
+    pub fn offload(&mut self) -> OffloadedHash {
+        let (blocks, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+        let mut hasher = std::mem::take(&mut self.hasher);
+        self.blocks = Some(blocks);
+        OffloadedHash(tokio::spawn(async move {
+            while let Some(block) = incoming.recv().await {
+                hasher.update(&block);
+            }
+            hasher
+        }))
+    }
+
+    /// Waits for the offloaded task to hash every block sent to it and takes the hash back.
+    /// Errors if the task was lost (the runtime shut down under it).
+    pub async fn reclaim(&mut self, away: OffloadedHash) -> Result<(), String> {
+        drop(self.blocks.take());
+        self.hasher = away
+            .0
+            .await
+            .map_err(|e| format!("the log hash task stopped: {e}"))?;
+        Ok(())
     }
     /// Events hashed.
     pub fn count(&self) -> u64 {
