@@ -366,7 +366,13 @@ pub struct PolicyInput<'a> {
 enum Compiled {
     PathInside(Vec<PathBuf>),
     PathOutside(Vec<PathBuf>),
-    Program(Vec<String>),
+    Program {
+        globs: Vec<String>,
+        /// Whether a program given by path also matches by its file's base name: for deny and
+        /// ask rules (catching `/bin/rm` as `rm` is the safe side), not for allow rules (a
+        /// file named `git` that an agent wrote is not `git`).
+        by_base_name: bool,
+    },
     Argument(Vec<String>),
     ShellMeta,
     UrlIn(Vec<String>),
@@ -499,7 +505,7 @@ impl Policy {
             }
             let mut conditions = Vec::new();
             for c in &rule.when {
-                conditions.push(compile(c, &workspace, &rule.id)?);
+                conditions.push(compile(c, &workspace, &rule.id, rule.effect)?);
             }
             rules.push(CompiledRule { rule, conditions });
         }
@@ -642,6 +648,7 @@ fn compile(
     c: &Condition,
     workspace: &[PathBuf],
     rule: &str,
+    effect: Effect,
 ) -> Result<(Compiled, ArgSelector), GatewayError> {
     Ok(match c {
         Condition::PathInside { arg, roots } => (
@@ -652,7 +659,13 @@ fn compile(
             Compiled::PathOutside(expand_roots(roots, workspace, rule)?),
             arg.clone(),
         ),
-        Condition::Program { arg, any } => (Compiled::Program(any.clone()), arg.clone()),
+        Condition::Program { arg, any } => (
+            Compiled::Program {
+                globs: any.clone(),
+                by_base_name: effect != Effect::Allow,
+            },
+            arg.clone(),
+        ),
         Condition::Argument { arg, any } => (Compiled::Argument(any.clone()), arg.clone()),
         Condition::ShellMetacharacters { arg } => (Compiled::ShellMeta, arg.clone()),
         Condition::UrlHostIn { arg, hosts } => (Compiled::UrlIn(lower(hosts)), arg.clone()),
@@ -761,11 +774,16 @@ fn condition_matches(c: &Compiled, sel: &ArgSelector, args: &Value, base: &Path)
             .strings(args)
             .iter()
             .any(|p| !inside_any(p, roots, base)),
-        Compiled::Program(globs) => selected_commands(sel, args).iter().any(|v| {
+        Compiled::Program {
+            globs,
+            by_base_name,
+        } => selected_commands(sel, args).iter().any(|v| {
             let words = command_words(v);
+            // A bare name is whatever PATH finds, and matches as it is; a path matches by its
+            // full text, and by its base name only where `by_base_name` allows.
             words.first().is_some_and(|prog| {
                 let base_name = prog.rsplit('/').next().unwrap_or(prog);
-                any_match(globs, prog) || any_match(globs, base_name)
+                any_match(globs, prog) || (*by_base_name && any_match(globs, base_name))
             })
         }),
         Compiled::Argument(globs) => selected_commands(sel, args)

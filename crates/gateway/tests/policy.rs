@@ -469,6 +469,49 @@ fn commands_programs_and_shell_metacharacters() {
             Ask,
             "default.exec",
         ),
+        // An allow rule trusts a program name only where PATH finds it: a file named `git` in
+        // the workspace (one an agent may have written) or elsewhere is not `git` to it.
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "./git status"}),
+            Ask,
+            "default.exec",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": ["ws/tools/git", "log"]}),
+            Ask,
+            "default.exec",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "/usr/bin/git diff"}),
+            Ask,
+            "default.exec",
+        ),
+        // A deny rule catches the name wherever the file is.
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "/bin/rm -rf ws"}),
+            Deny,
+            "no-rm",
+        ),
+        (
+            "sh.run",
+            Exec,
+            a,
+            json!({"command": "./sudo ls"}),
+            Deny,
+            "no-rm",
+        ),
         // Look-alikes never match an allow rule written for the ASCII name.
         (
             "sh.run",
