@@ -17,13 +17,26 @@ use crate::graph::TaskGraph;
 /// checks them against `canonical_body`). The buffer goes to BLAKE3 in large pieces: fed whole
 /// chunks at once, BLAKE3 hashes many of them in parallel SIMD lanes, where event-sized updates
 /// would compress one block at a time. The hash of a stream does not depend on how it is cut.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct LogHasher {
     hasher: blake3::Hasher,
     count: u64,
     pending: Vec<u8>,
     /// Where full blocks go instead of `hasher` while it is away (see [`LogHasher::offload`]).
     blocks: Option<tokio::sync::mpsc::UnboundedSender<Vec<u8>>>,
+}
+
+/// A clone hashes on its own: while the original's blocks are away (see [`LogHasher::offload`]),
+/// the clone does not send to the original's task, and it does not see those blocks.
+impl Clone for LogHasher {
+    fn clone(&self) -> Self {
+        LogHasher {
+            hasher: self.hasher.clone(),
+            count: self.count,
+            pending: self.pending.clone(),
+            blocks: None,
+        }
+    }
 }
 
 /// BLAKE3 folding a [`LogHasher`]'s blocks on a task of its own; see [`LogHasher::offload`].
@@ -84,7 +97,7 @@ impl LogHasher {
     /// only frames events into 64 KiB blocks (a copy) and the task hashes them, in order. The
     /// driver does this so that a run's scheduler thread does not spend a tenth of its time on
     /// the log hash. [`LogHasher::reclaim`] brings the hash back; until then [`LogHasher::hex`]
-    /// does not see the blocks sent away.
+    /// (and a clone) does not see the blocks sent away.
     pub fn offload(&mut self) -> OffloadedHash {
         let (blocks, mut incoming) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
         let mut hasher = std::mem::take(&mut self.hasher);
@@ -486,6 +499,41 @@ mod tests {
         }
         assert_eq!(fast.hex(), reference.hex());
         assert_eq!(fast.count(), reference.count());
+    }
+
+    /// Hashing offloaded to a task gives the same hash as hashing in place, across many blocks,
+    /// and a clone taken meanwhile neither disturbs it nor sends to its task.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn offloaded_hashing_gives_the_same_hash() {
+        let mut inline = LogHasher::new();
+        let mut offloaded = LogHasher::new();
+        let away = offloaded.offload();
+        let mut clone = None;
+        for round in 0..400 {
+            for e in events() {
+                inline.update(&e);
+                offloaded.update(&e);
+            }
+            if round == 200 {
+                clone = Some(offloaded.clone());
+            }
+        }
+        let mut clone = clone.unwrap();
+        for e in events() {
+            clone.update(&e);
+        }
+        // A clone that kept a line to the task would keep it waiting: fail rather than hang.
+        tokio::time::timeout(std::time::Duration::from_secs(60), offloaded.reclaim(away))
+            .await
+            .expect("the hashing task ended")
+            .unwrap();
+        drop(clone);
+        assert_eq!(offloaded.count(), inline.count());
+        assert_eq!(offloaded.hex(), inline.hex());
+        assert!(
+            offloaded.count() * 60 > 4 * 64 * 1024,
+            "too few blocks to send any away"
+        );
     }
 
     /// The buffered hasher gives the hash of the definition, across several flushes.
