@@ -182,7 +182,9 @@ async fn a_fork_bomb_hits_the_process_limit_and_is_killed() {
         wall_ms: 3000,
         ..Limits::default()
     };
-    let err = run(&env, limits, "b() { b | b & }; b; sleep 60")
+    // `exec`, not a fork, keeps the shell alive until the wall limit: a shell that forks `sleep`
+    // after the bomb has taken every process slot gets "Cannot fork" and ends on its own.
+    let err = run(&env, limits, "b() { b | b & }; b; exec sleep 60")
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Timeout, "{err}");
