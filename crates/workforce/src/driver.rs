@@ -721,18 +721,23 @@ impl Driver {
             // work overlap and the next batch groups everything that came meanwhile.
             if !batch.is_empty() && (pending.is_empty() || batch.len() >= MAX_BATCH) {
                 self.events += batch.len() as u64;
-                let mut effects = std::mem::take(&mut effects).into_iter().peekable();
+                // Drained, not taken: the vector keeps its room for the next batch's effects.
+                let mut effects = effects.drain(..).peekable();
                 // The next batch starts with room for as many: growing a vector of events by
                 // doubling copies it again and again (a few percent of the driver's work).
                 let room = batch.len().min(2 * MAX_BATCH);
-                let mut events =
-                    std::mem::replace(&mut batch, Vec::with_capacity(room)).into_iter();
+                let mut whole = std::mem::replace(&mut batch, Vec::with_capacity(room));
+                // Pieces are cut from the back, so that the first stays in the batch's own
+                // vector (a batch of one piece is not copied at all) and every other event is
+                // copied once.
+                let mut pieces = Vec::with_capacity(whole.len().div_ceil(PIECE));
+                while whole.len() > PIECE {
+                    let cut = (whole.len() - 1) / PIECE * PIECE;
+                    pieces.push(whole.split_off(cut));
+                }
+                pieces.push(whole);
                 let mut sent = 0;
-                loop {
-                    let piece: Vec<EncodedEvent> = events.by_ref().take(PIECE).collect();
-                    if piece.is_empty() {
-                        break;
-                    }
+                for piece in pieces.into_iter().rev() {
                     sent += piece.len();
                     let mut waiting = Vec::new();
                     while let Some((_, effect)) = effects.next_if(|(mark, _)| *mark <= sent) {
