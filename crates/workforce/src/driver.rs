@@ -721,8 +721,6 @@ impl Driver {
             // work overlap and the next batch groups everything that came meanwhile.
             if !batch.is_empty() && (pending.is_empty() || batch.len() >= MAX_BATCH) {
                 self.events += batch.len() as u64;
-                // Drained, not taken: the vector keeps its room for the next batch's effects.
-                let mut effects = effects.drain(..).peekable();
                 // The next batch starts with room for as many: growing a vector of events by
                 // doubling copies it again and again (a few percent of the driver's work).
                 let room = batch.len().min(2 * MAX_BATCH);
@@ -736,13 +734,26 @@ impl Driver {
                     pieces.push(whole.split_off(cut));
                 }
                 pieces.push(whole);
+                pieces.reverse();
+                // Each piece's effects: those marked at or before its end (marks are in order),
+                // counted first so that each list is allocated once; marks never pass the
+                // batch's end, and any left wait for the last piece. Drained, not taken: the
+                // vector keeps its room for the next batch's effects.
+                debug_assert!(effects.windows(2).all(|w| w[0].0 <= w[1].0));
+                let mut ends = Vec::with_capacity(pieces.len());
                 let mut sent = 0;
-                for piece in pieces.into_iter().rev() {
+                for piece in &pieces {
                     sent += piece.len();
-                    let mut waiting = Vec::new();
-                    while let Some((_, effect)) = effects.next_if(|(mark, _)| *mark <= sent) {
-                        waiting.push(effect);
-                    }
+                    ends.push(effects.partition_point(|(mark, _)| *mark <= sent));
+                }
+                if let Some(last) = ends.last_mut() {
+                    *last = effects.len();
+                }
+                let mut effects = effects.drain(..).map(|(_, effect)| effect);
+                let mut taken = 0;
+                for (piece, end) in pieces.into_iter().zip(ends) {
+                    let waiting: Vec<Effect> = effects.by_ref().take(end - taken).collect();
+                    taken = end;
                     let observed = self.opts.observer.is_some().then(|| piece.clone());
                     for e in &piece {
                         self.hasher.update_encoded(e);
@@ -758,10 +769,6 @@ impl Driver {
                         effects: waiting,
                         observed,
                     });
-                }
-                // Marks never pass the batch's end; any left wait for its last piece.
-                if let Some(last) = pending.back_mut() {
-                    last.effects.extend(effects.map(|(_, e)| e));
                 }
             } else if batch.is_empty() && pending.is_empty() {
                 // Nothing new to record: effects (if any) wait for nothing.
