@@ -16,7 +16,7 @@
 
 use serde::ser::{self, Serialize};
 
-use crate::event::{write_canonical_json, write_json_number, write_json_string};
+use crate::event::{write_canonical_json, write_integer, write_json_number, write_json_string};
 
 /// Why a value has no JSON form (what `serde_json::to_value` would refuse).
 #[derive(Debug, thiserror::Error)]
@@ -55,8 +55,20 @@ struct Canonical<'a> {
     out: &'a mut Vec<u8>,
 }
 
-fn write_integer<I: itoa::Integer>(out: &mut Vec<u8>, v: I) {
-    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
+/// serde has one method per integer type; each writes the integer (in quotes as an object key).
+macro_rules! integers {
+    (quoted: $quoted:expr; $($f:ident: $t:ty),*) => {$(
+        fn $f(self, v: $t) -> Result<(), CanonicalError> {
+            if $quoted {
+                self.out.push(b'"');
+            }
+            write_integer(self.out, v);
+            if $quoted {
+                self.out.push(b'"');
+            }
+            Ok(())
+        }
+    )*};
 }
 
 impl<'a> ser::Serializer for Canonical<'a> {
@@ -75,38 +87,9 @@ impl<'a> ser::Serializer for Canonical<'a> {
             .extend_from_slice(if v { b"true" } else { b"false" });
         Ok(())
     }
-    fn serialize_i8(self, v: i8) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_i16(self, v: i16) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_i32(self, v: i32) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_i64(self, v: i64) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u8(self, v: u8) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u16(self, v: u16) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u32(self, v: u32) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
-    fn serialize_u64(self, v: u64) -> Result<(), CanonicalError> {
-        write_integer(self.out, v);
-        Ok(())
-    }
+    integers!(quoted: false; serialize_i8: i8, serialize_i16: i16, serialize_i32: i32,
+        serialize_i64: i64, serialize_u8: u8, serialize_u16: u16, serialize_u32: u32,
+        serialize_u64: u64);
     // The rare kinds whose JSON form depends on serde_json's own rules (128-bit integers, f32)
     // go through a `Value`, so they cannot drift from it.
     fn serialize_i128(self, v: i128) -> Result<(), CanonicalError> {
@@ -460,17 +443,6 @@ fn key_must_be_a_string() -> CanonicalError {
     CanonicalError("key must be a string".into())
 }
 
-macro_rules! integer_keys {
-    ($($f:ident: $t:ty),*) => {$(
-        fn $f(self, v: $t) -> Result<(), CanonicalError> {
-            self.out.push(b'"');
-            write_integer(self.out, v);
-            self.out.push(b'"');
-            Ok(())
-        }
-    )*};
-}
-
 impl ser::Serializer for MapKey<'_> {
     type Ok = ();
     type Error = CanonicalError;
@@ -482,7 +454,7 @@ impl ser::Serializer for MapKey<'_> {
     type SerializeStruct = ser::Impossible<(), CanonicalError>;
     type SerializeStructVariant = ser::Impossible<(), CanonicalError>;
 
-    integer_keys!(serialize_i8: i8, serialize_i16: i16, serialize_i32: i32, serialize_i64: i64,
+    integers!(quoted: true; serialize_i8: i8, serialize_i16: i16, serialize_i32: i32, serialize_i64: i64,
         serialize_i128: i128, serialize_u8: u8, serialize_u16: u16, serialize_u32: u32,
         serialize_u64: u64, serialize_u128: u128);
 

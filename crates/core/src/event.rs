@@ -421,9 +421,7 @@ impl EncodedEvent {
         write: impl FnOnce(&mut ObjectWriter<'_>),
     ) -> EncodedEvent {
         EncodedEvent::encode(run_id, task_id, actor, kind, time, 256, |out| {
-            let mut object = ObjectWriter::start(out);
-            write(&mut object);
-            object.finish();
+            Slot { out }.object(write)
         })
     }
 
@@ -758,13 +756,18 @@ pub fn write_canonical_json(value: &Value, out: &mut Vec<u8>) {
 /// them equal), floats through `serde_json` itself.
 pub(crate) fn write_json_number(n: &serde_json::Number, out: &mut Vec<u8>) {
     if let Some(u) = n.as_u64() {
-        out.extend_from_slice(itoa::Buffer::new().format(u).as_bytes());
+        write_integer(out, u);
     } else if let Some(i) = n.as_i64() {
-        out.extend_from_slice(itoa::Buffer::new().format(i).as_bytes());
+        write_integer(out, i);
     } else {
         // Writing a number into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, n);
     }
+}
+
+/// Writes an integer in decimal, as `serde_json` does (both use `itoa`).
+pub(crate) fn write_integer<I: itoa::Integer>(out: &mut Vec<u8>, v: I) {
+    out.extend_from_slice(itoa::Buffer::new().format(v).as_bytes());
 }
 
 /// Writes an object with its keys sorted by their bytes, whatever order the map keeps.
@@ -867,6 +870,13 @@ impl<'a> ObjectWriter<'a> {
         self.out.push(b'}');
     }
 
+    /// The value of the member `key`, for a value written by code that also writes it
+    /// elsewhere (an [`ObjectWriter::entries`] value, say): write exactly one, as with
+    /// `entries`' slots.
+    pub fn member(&mut self, key: &'static str) -> Slot<'_> {
+        Slot { out: self.key(key) }
+    }
+
     fn key(&mut self, key: &'static str) -> &mut Vec<u8> {
         #[cfg(debug_assertions)]
         {
@@ -892,29 +902,26 @@ impl<'a> ObjectWriter<'a> {
 
     /// An unsigned integer member.
     pub fn u64(&mut self, key: &'static str, value: u64) -> &mut Self {
-        let out = self.key(key);
-        out.extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        self.member(key).u64(value);
         self
     }
 
     /// A `true` or `false` member.
     pub fn bool(&mut self, key: &'static str, value: bool) -> &mut Self {
-        let out = self.key(key);
-        out.extend_from_slice(if value { b"true" } else { b"false" });
+        self.key(key)
+            .extend_from_slice(if value { b"true" } else { b"false" });
         self
     }
 
     /// A string member.
     pub fn str(&mut self, key: &'static str, value: &str) -> &mut Self {
-        let out = self.key(key);
-        write_json_string(value, out);
+        self.member(key).str(value);
         self
     }
 
     /// A member holding any JSON value, written canonically.
     pub fn value(&mut self, key: &'static str, value: &Value) -> &mut Self {
-        let out = self.key(key);
-        write_canonical_json(value, out);
+        self.member(key).value(value);
         self
     }
 
@@ -937,10 +944,7 @@ impl<'a> ObjectWriter<'a> {
         key: &'static str,
         write: impl FnOnce(&mut ObjectWriter<'_>),
     ) -> &mut Self {
-        let out = self.key(key);
-        let mut inner = ObjectWriter::start(out);
-        write(&mut inner);
-        inner.finish();
+        self.member(key).object(write);
         self
     }
 
@@ -985,9 +989,7 @@ impl<'a> ObjectWriter<'a> {
             if i > 0 {
                 out.push(b',');
             }
-            let mut inner = ObjectWriter::start(out);
-            write(&mut inner, item);
-            inner.finish();
+            Slot { out: &mut *out }.object(|o| write(o, item));
         }
         out.push(b']');
         self
@@ -1015,8 +1017,7 @@ pub struct Slot<'a> {
 impl Slot<'_> {
     /// An unsigned integer.
     pub fn u64(self, value: u64) {
-        self.out
-            .extend_from_slice(itoa::Buffer::new().format(value).as_bytes());
+        write_integer(self.out, value);
     }
     /// A string.
     pub fn str(self, value: &str) {

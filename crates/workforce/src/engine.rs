@@ -317,6 +317,17 @@ enum Output {
 }
 
 impl Output {
+    /// Writes the output as `task.completed` and `run.completed` record it (the JSON of
+    /// [`Output::into_value`]).
+    fn write(&self, slot: agent_runtime_core::Slot<'_>) {
+        match self {
+            Output::Answer { text, turns } => slot.object(|o| {
+                o.str("text", text).u64("turns", u64::from(*turns));
+            }),
+            Output::Value(v) => slot.value(v),
+        }
+    }
+
     /// The output as JSON: what `task.completed` records.
     fn into_value(self, shapes: &Shapes) -> Value {
         match self {
@@ -1844,12 +1855,7 @@ impl Engine {
             EventKind::TaskCompleted,
             |o| {
                 o.u64("attempt", attempt.into());
-                match &output {
-                    Output::Answer { text, turns } => o.object("output", |o| {
-                        o.str("text", text).u64("turns", (*turns).into());
-                    }),
-                    Output::Value(v) => o.value("output", v),
-                };
+                output.write(o.member("output"));
                 if substituted {
                     o.bool("substituted", true);
                 }
@@ -2131,12 +2137,7 @@ impl Engine {
                     finals
                         .iter()
                         .filter_map(|&i| Some((self.name(i), self.outputs.get(&i)?))),
-                    |slot, output| match output {
-                        Output::Answer { text, turns } => slot.object(|o| {
-                            o.str("text", text).u64("turns", u64::from(*turns));
-                        }),
-                        Output::Value(v) => slot.value(v),
-                    },
+                    |slot, output| output.write(slot),
                 )
                 .entries(
                     "tasks",
