@@ -35,12 +35,14 @@ impl fmt::Debug for Passphrase {
 /// How durable an append is when it returns.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Durability {
-    /// `PRAGMA synchronous=FULL`: the write-ahead log is fsynced at every group commit, so an
-    /// event whose append returned survives a process crash and a power loss. The default.
+    /// The write-ahead log is fsynced after every group commit and before its appends return,
+    /// so an event whose append returned survives a process crash and a power loss. The
+    /// default. (SQLite's `synchronous=FULL` promise, kept by a thread of the store's own so
+    /// that the writer commits the next batch while the disk confirms this one.)
     #[default]
     Full,
-    /// `PRAGMA synchronous=NORMAL`: survives a process crash (kill -9), but the last commits
-    /// before a power loss or OS crash may be lost. Faster on slow disks.
+    /// `PRAGMA synchronous=NORMAL` alone: survives a process crash (kill -9), but the last
+    /// commits before a power loss or OS crash may be lost. Faster on slow disks.
     Normal,
 }
 

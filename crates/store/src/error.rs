@@ -118,6 +118,18 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// The events were written, but the disk did not confirm them (the fsync of the
+    /// write-ahead log failed), so they may not survive a power loss. The store takes no more
+    /// appends: reopen it, and check it with `verify`, once the disk is sound.
+    #[error(
+        "event database {path}: the disk did not confirm the write ({detail}); the events may be lost on power loss, and the store takes no more appends until it is reopened"
+    )]
+    NotDurable {
+        /// The database file.
+        path: PathBuf,
+        /// What the operating system said.
+        detail: String,
+    },
     /// SQLite could not do the work now (the database is locked or busy past the wait, memory
     /// ran out, the call was interrupted): nothing is known to be wrong with the file, and the
     /// same call may succeed later. A check that meets this has checked nothing.

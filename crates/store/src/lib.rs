@@ -6,8 +6,9 @@
 //!
 //! - **Append-only, group-committed.** One writer thread takes every queued batch, numbers and
 //!   chains it, and commits it in one transaction; [`Store::append`] returns only once its batch
-//!   is durable. Durability is `PRAGMA synchronous=FULL` in WAL mode by default (the WAL is
-//!   fsynced at each group commit: survives power loss); [`Durability::Normal`] trades the last
+//!   is durable. By default ([`Durability::Full`]) the WAL is fsynced after each group commit
+//!   and before its appends return: they survive power loss; the fsync runs on a thread of its
+//!   own while the writer commits the next batch. [`Durability::Normal`] trades the last
 //!   commits before a power loss for speed.
 //! - **Tamper-evident.** `hash = BLAKE3(prev_hash ‖ canonical bytes)`; the canonical form is
 //!   documented in [`agent_runtime_core::event`] and `docs/audit-format.md`. [`Store::verify`]

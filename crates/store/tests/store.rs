@@ -560,3 +560,81 @@ async fn submitted_batches_land_in_submission_order() {
     assert_eq!(order, sorted);
     assert_eq!(back.len() as u64, next - 1);
 }
+
+/// With `Durability::Full` an append returns only after an fsync of the write-ahead log that
+/// began after its commit: the sync count has moved by the time the append returns, and one
+/// fsync may cover several commits. With `Durability::Normal` nothing is fsynced per commit.
+#[tokio::test]
+async fn full_durability_answers_after_the_log_is_synced() {
+    use agent_runtime_store::Durability;
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::plaintext(dir.path().join("f.db"))).unwrap();
+    for i in 0..5u64 {
+        let before = store.writer_stats();
+        store.append(events(1, 10)).await.unwrap();
+        let after = store.writer_stats();
+        assert!(
+            after.syncs > before.syncs,
+            "append {i}: {before:?} -> {after:?}"
+        );
+    }
+    // Many appenders at once: every one is answered after a sync, and syncs are shared.
+    let handles: Vec<_> = (0..20)
+        .map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.append(events(3, 50)).await.map(|v| v.len()) })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.await.unwrap().unwrap(), 50);
+    }
+    let stats = store.writer_stats();
+    assert!(
+        stats.syncs >= 1 && stats.syncs <= stats.commits,
+        "{stats:?}"
+    );
+    assert!(store.verify().unwrap().problem.is_none());
+
+    let normal =
+        Store::open(StoreConfig::plaintext(dir.path().join("n.db")).durability(Durability::Normal))
+            .unwrap();
+    normal.append(events(1, 10)).await.unwrap();
+    let stats = normal.writer_stats();
+    assert_eq!((stats.commits, stats.syncs), (1, 0), "{stats:?}");
+}
+
+/// An fsync that cannot be done (here: the write-ahead log was removed behind the store's
+/// back, so the store cannot open it to sync it) fails the appends it covered with
+/// `NotDurable`, fails their stream, and every later append is refused the same way: nothing is
+/// written after events that may be lost.
+#[tokio::test]
+async fn a_failed_log_sync_refuses_every_later_append() {
+    use agent_runtime_core::{AppendStream, EncodedEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("w.db");
+    let store = Store::open(StoreConfig::plaintext(&path)).unwrap();
+    let wal = dir.path().join("w.db-wal");
+    assert!(
+        wal.exists(),
+        "SQLite keeps the log file while the store is open"
+    );
+    std::fs::remove_file(&wal).unwrap();
+    let stream = AppendStream::new();
+    let encoded = events(1, 3).into_iter().map(EncodedEvent::new).collect();
+    let err = store
+        .submit_encoded(encoded, &stream)
+        .await
+        .unwrap()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, StoreError::NotDurable { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("w.db") && text.contains("did not confirm"),
+        "{text}"
+    );
+    assert!(stream.has_failed());
+    let later = store.append(events(2, 1)).await.unwrap_err();
+    assert!(matches!(later, StoreError::NotDurable { .. }), "{later}");
+    assert_eq!(store.writer_stats().syncs, 0);
+}
