@@ -1,7 +1,8 @@
 //! Live agents against an in-memory log or no log, to separate the scheduler's overhead from
 //! the store's: `cargo run --release -p agent-runtime-workforce --example live_agents -- 10000 2000 none`.
 //! Uses mimalloc and turns transparent huge pages off, as the `agent-runtime` binary does (see
-//! its `main.rs` for why).
+//! its `main.rs` for why); the binary also sends the usual alignments to `mi_malloc` directly,
+//! which this example leaves out (about 3 % of the driver's instructions).
 
 use std::sync::Arc;
 

@@ -16,7 +16,7 @@
 //! task's retry policy decides. **Tools must therefore tolerate being called again** for a call
 //! whose result was not recorded (make repeats harmless, or use `on_failure` instead of retry).
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,6 +31,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{Effect, Engine, EngineError, RunStatus, SPAWN_TOOL, TaskView, is_input};
 use crate::graph::{TaskGraph, TaskKind, suggestion};
+use crate::hashing::FastMap;
 use crate::state::LogHasher;
 
 /// Calls tools by name: the seam the gateway fills (policy, sandbox, MCP) and that
@@ -652,9 +653,10 @@ struct Driver {
     opts: RunOptions,
     hasher: LogHasher,
     events: u64,
-    inflight: HashMap<u64, (CancellationToken, tokio::task::AbortHandle)>,
-    specs: HashMap<String, ToolSpec>,
-    agent_specs: HashMap<Arc<str>, Arc<[ToolSpec]>>,
+    // Looked up by call and by name, never iterated into anything recorded (see `hashing`).
+    inflight: FastMap<u64, (CancellationToken, tokio::task::AbortHandle)>,
+    specs: FastMap<String, ToolSpec>,
+    agent_specs: FastMap<Arc<str>, Arc<[ToolSpec]>>,
 }
 
 impl Driver {
@@ -663,9 +665,9 @@ impl Driver {
             opts,
             hasher,
             events,
-            inflight: HashMap::new(),
-            specs: HashMap::new(),
-            agent_specs: HashMap::new(),
+            inflight: FastMap::default(),
+            specs: FastMap::default(),
+            agent_specs: FastMap::default(),
         }
     }
 
