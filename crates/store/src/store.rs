@@ -1078,7 +1078,12 @@ fn sync_wal(db: &Path, wal: &mut Option<std::fs::File>) -> Result<(), String> {
             let mut name = db.as_os_str().to_owned();
             name.push("-wal");
             let path = PathBuf::from(name);
-            let file = std::fs::File::open(&path)
+            // Opened for writing, though nothing is written through it: Windows flushes only
+            // through a handle with write access.
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
                 .map_err(|e| format!("cannot open {} to sync it: {e}", path.display()))?;
             #[cfg(unix)]
             {
