@@ -482,6 +482,23 @@ pub enum GraphError {
         /// What is wrong.
         message: String,
     },
+    /// The graph is larger than a graph in its format may be ([`MAX_GRAPH_BYTES`],
+    /// [`MAX_YAML_GRAPH_BYTES`]).
+    #[error(
+        "task graph {} is over {} MiB, the most a {format} graph may have{hint}",
+        path.display(),
+        limit >> 20
+    )]
+    TooLarge {
+        /// The file.
+        path: PathBuf,
+        /// The limit it is over, in bytes.
+        limit: usize,
+        /// `JSON` or `YAML`.
+        format: &'static str,
+        /// What to do instead, if anything.
+        hint: &'static str,
+    },
     /// The dependencies form a cycle.
     #[error("{at}: tasks: dependency cycle {}", path.join(" -> "))]
     Cycle {
@@ -492,19 +509,69 @@ pub enum GraphError {
     },
 }
 
-/// Reads and validates a task graph file (`.json` as JSON, anything else as YAML).
+/// The largest task graph accepted, in bytes (16 MiB: a JSON graph of about 100,000 tasks).
+/// The bound is on memory: a graph's values become `serde_json` values, and a 2 MB JSON file of
+/// nested empty lists took 260 MB to load and run (`agent-runtime run`).
+pub const MAX_GRAPH_BYTES: usize = 16 << 20;
+
+/// The largest YAML task graph accepted, in bytes. The YAML parser first turns the whole text
+/// into parser events: the 2 MB file above, as YAML, took 490 MB and twice the time.
+pub const MAX_YAML_GRAPH_BYTES: usize = 4 << 20;
+
+/// The deepest nesting of `[` and `{` a YAML graph may have, checked before it is parsed. The
+/// YAML parser takes time quadratic in the depth of flow collections (200,000 levels, 400 KB:
+/// over a minute; 40,000 levels: 3 s), and the deserializer refuses a structure deeper than
+/// 128 levels only after the parser is done. Brackets inside strings count too (telling them
+/// apart would need a YAML scanner, and an apostrophe in a plain scalar could then hide a deep
+/// nest), so the bound leaves room above 128.
+pub const MAX_YAML_FLOW_DEPTH: usize = 256;
+
+/// Reads and validates a task graph file (JSON when it starts with `{`, YAML otherwise). A file
+/// over [`MAX_GRAPH_BYTES`] is refused without being read whole.
 pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
-    let text = std::fs::read_to_string(path).map_err(|source| GraphError::Io {
+    use std::io::Read;
+    let io = |source| GraphError::Io {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut text = String::new();
+    // One byte past the limit tells a file at the limit from a larger one; reading through
+    // `take` also bounds a pipe or a device, whose size the file system does not know.
+    std::fs::File::open(path)
+        .map_err(io)?
+        .take(MAX_GRAPH_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(io)?;
     parse_graph(&text, path)
 }
 
 /// Parses and validates a task graph from `text`; `file` names it in errors. JSON when the text
 /// starts with `{`, YAML otherwise (JSON is YAML, but serde_json reports better positions).
+/// Refuses a text over [`MAX_GRAPH_BYTES`] (JSON) or [`MAX_YAML_GRAPH_BYTES`] (YAML), and YAML
+/// nested deeper than [`MAX_YAML_FLOW_DEPTH`], before parsing it.
 pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
-    let graph: TaskGraph = if text.trim_start().starts_with('{') {
+    let json = text.trim_start().starts_with('{');
+    let (limit, format, hint) = if json {
+        (MAX_GRAPH_BYTES, "JSON", "")
+    } else {
+        (
+            MAX_YAML_GRAPH_BYTES,
+            "YAML",
+            " (write a larger graph as JSON, which may have up to 16 MiB)",
+        )
+    };
+    if text.len() > limit {
+        return Err(GraphError::TooLarge {
+            path: file.to_path_buf(),
+            limit,
+            format,
+            hint,
+        });
+    }
+    if !json {
+        check_yaml_depth(text, file)?;
+    }
+    let graph: TaskGraph = if json {
         let mut de = serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let field = path_string(e.path());
@@ -540,6 +607,40 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     };
     graph.validate_in(text, file)?;
     Ok(graph)
+}
+
+/// Refuses YAML whose brackets nest deeper than [`MAX_YAML_FLOW_DEPTH`], naming the line and
+/// column of the first bracket past it.
+fn check_yaml_depth(text: &str, file: &Path) -> Result<(), GraphError> {
+    let mut depth = 0usize;
+    let (mut line, mut line_start) = (1usize, 0usize);
+    for (i, b) in text.bytes().enumerate() {
+        match b {
+            b'\n' => {
+                line += 1;
+                line_start = i + 1;
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > MAX_YAML_FLOW_DEPTH {
+                    return Err(GraphError::Syntax {
+                        at: Location {
+                            file: file.to_path_buf(),
+                            line,
+                            column: text[line_start..i].chars().count() + 1,
+                        },
+                        field: "(top level)".into(),
+                        message: format!(
+                            "brackets nested more than {MAX_YAML_FLOW_DEPTH} levels deep"
+                        ),
+                    });
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 fn path_string(p: &serde_path_to_error::Path) -> String {
@@ -1167,6 +1268,76 @@ tasks:
             .to_string();
         assert!(e.contains("tasks[0].timeout"), "{e}");
         assert!(e.contains("invalid duration"), "{e}");
+    }
+
+    /// Deeply nested YAML is refused before the parser sees it (the parser's time grows with
+    /// the square of the depth), at the first bracket past the bound; brackets that stay
+    /// within it, in strings too, are fine.
+    #[test]
+    fn deep_yaml_nesting_is_refused_before_parsing() {
+        let deep = format!(
+            "tasks:\n  - id: t\n    tool: echo\n    args: {{x: {}{}}}\n",
+            "[".repeat(5_000),
+            "]".repeat(5_000)
+        );
+        let e = parse(&deep).unwrap_err();
+        let GraphError::Syntax { at, message, .. } = &e else {
+            panic!("{e:?}")
+        };
+        // `    args: {x: ` puts the map's brace at column 11 of line 4 (level 1) and the first
+        // `[` at column 15, so level 257 is the 256th `[`, at column 15 + 255.
+        assert_eq!((at.line, at.column), (4, 15 + 255), "{e}");
+        assert!(message.contains("nested more than 256 levels"), "{e}");
+        let fine =
+            "tasks:\n  - id: t\n    tool: echo\n    args: {x: \"[[[[[[[[[[\", y: [[[[1]]]]}\n";
+        let g = parse(fine).unwrap();
+        assert_eq!(
+            g.tasks[0].args.as_ref().unwrap()["y"],
+            serde_json::json!([[[[1]]]])
+        );
+    }
+
+    /// Graphs over the size limits are refused with the limit and what to do; a file is read
+    /// only up to the limit.
+    #[test]
+    fn oversized_graphs_are_refused() {
+        let mut yaml = String::from("tasks:\n  - id: t\n    tool: echo\n# ");
+        yaml.push_str(&"x".repeat(MAX_YAML_GRAPH_BYTES));
+        let e = parse(&yaml).unwrap_err();
+        assert!(
+            matches!(e, GraphError::TooLarge { format: "YAML", .. }),
+            "{e:?}"
+        );
+        let text = e.to_string();
+        assert!(
+            text.contains("flow.yaml is over 4 MiB") && text.contains("as JSON"),
+            "{text}"
+        );
+        // The same size as JSON is within its limit (and fails on what it says instead).
+        let json = format!(
+            "{{\"tasks\": [], \"name\": \"{}\"}}",
+            "x".repeat(MAX_YAML_GRAPH_BYTES)
+        );
+        assert!(!matches!(parse(&json), Err(GraphError::TooLarge { .. })));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.json");
+        let mut big = String::from("{\"tasks\": [], \"name\": \"");
+        big.push_str(&"x".repeat(MAX_GRAPH_BYTES));
+        big.push_str("\"}");
+        std::fs::write(&path, &big).unwrap();
+        let e = load_graph(&path).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                GraphError::TooLarge {
+                    format: "JSON",
+                    limit: MAX_GRAPH_BYTES,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(e.to_string().contains("big.json is over 16 MiB"), "{e}");
     }
 
     #[test]
