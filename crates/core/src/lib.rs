@@ -79,6 +79,7 @@ pub mod session;
 pub mod sink;
 pub mod time;
 pub mod tool;
+pub mod yaml;
 
 pub use approval::{ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, DenyAll};
 pub use async_trait::async_trait;

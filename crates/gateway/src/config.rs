@@ -89,9 +89,9 @@ impl GatewayFile {
             source,
         })?;
         let mut file: GatewayFile =
-            serde_yaml_ng::from_str(&text).map_err(|e| GatewayError::Parse {
+            crate::yaml_from_str(&text).map_err(|message| GatewayError::Parse {
                 what: path.display().to_string(),
-                message: e.to_string(),
+                message,
             })?;
         let base = crate::policy::base_dir(path)?;
         let fix = |p: &mut PathBuf| {

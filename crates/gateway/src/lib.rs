@@ -74,3 +74,14 @@ pub use policy::{Decision, Policy, PolicyInput, SandboxMode};
 pub use redact::Redactor;
 pub use registry::{RegisteredTool, Registry};
 pub use sandbox::{CommandTool, CommandToolConfig, Limits, SandboxSettings};
+
+/// `serde_yaml_ng::from_str`, after refusing text nested too deep for the YAML parser to take
+/// in reasonable time (see [`agent_runtime_core::yaml`]); errors as text, for the caller to
+/// place.
+pub(crate) fn yaml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    use agent_runtime_core::yaml::{MAX_YAML_FLOW_DEPTH, flow_nesting_past, too_deep_message};
+    if let Some((line, column)) = flow_nesting_past(text, MAX_YAML_FLOW_DEPTH) {
+        return Err(too_deep_message(line, column));
+    }
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+}

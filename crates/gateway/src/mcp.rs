@@ -115,7 +115,7 @@ impl McpConfig {
     pub fn parse(text: &str, path: &Path) -> Result<McpConfig, GatewayError> {
         let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
         let parsed: Result<McpConfig, String> = if yaml {
-            serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+            crate::yaml_from_str(text)
         } else {
             serde_json::from_str(text).map_err(|e| e.to_string())
         };

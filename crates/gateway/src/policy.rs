@@ -427,9 +427,9 @@ impl Policy {
         workspace: &[PathBuf],
     ) -> Result<Policy, GatewayError> {
         let mut file: PolicyFile =
-            serde_yaml_ng::from_str(text).map_err(|e| GatewayError::Parse {
+            crate::yaml_from_str(text).map_err(|message| GatewayError::Parse {
                 what: "policy".into(),
-                message: e.to_string(),
+                message,
             })?;
         // Roots in rules, like the workspace, are relative to the policy file.
         for rule in &mut file.rules {

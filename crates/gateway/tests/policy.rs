@@ -751,6 +751,14 @@ fn bad_policies_are_rejected_with_the_rule_named() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("path_sideways"), "{err}");
+    // Nesting the YAML parser would take quadratic time over is refused before it runs,
+    // at the first bracket too deep (line 2: `  - ` then 257 brackets).
+    let deep = format!("rules:\n  - {}{}\n", "[".repeat(5_000), "]".repeat(5_000));
+    let err = Policy::from_yaml(&deep, base).unwrap_err().to_string();
+    assert!(
+        err.contains("line 2 column 261: brackets nested more than 256 levels deep"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -518,14 +518,6 @@ pub const MAX_GRAPH_BYTES: usize = 16 << 20;
 /// into parser events: the 2 MB file above, as YAML, took 490 MB and twice the time.
 pub const MAX_YAML_GRAPH_BYTES: usize = 4 << 20;
 
-/// The deepest nesting of `[` and `{` a YAML graph may have, checked before it is parsed. The
-/// YAML parser takes time quadratic in the depth of flow collections (200,000 levels, 400 KB:
-/// over a minute; 40,000 levels: 3 s), and the deserializer refuses a structure deeper than
-/// 128 levels only after the parser is done. Brackets inside strings count too (telling them
-/// apart would need a YAML scanner, and an apostrophe in a plain scalar could then hide a deep
-/// nest), so the bound leaves room above 128.
-pub const MAX_YAML_FLOW_DEPTH: usize = 256;
-
 /// Reads and validates a task graph file (JSON when it starts with `{`, YAML otherwise). A file
 /// over [`MAX_GRAPH_BYTES`] is refused without being read whole.
 pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
@@ -548,7 +540,8 @@ pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
 /// Parses and validates a task graph from `text`; `file` names it in errors. JSON when the text
 /// starts with `{`, YAML otherwise (JSON is YAML, but serde_json reports better positions).
 /// Refuses a text over [`MAX_GRAPH_BYTES`] (JSON) or [`MAX_YAML_GRAPH_BYTES`] (YAML), and YAML
-/// nested deeper than [`MAX_YAML_FLOW_DEPTH`], before parsing it.
+/// nested deeper than [`MAX_YAML_FLOW_DEPTH`](agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH),
+/// before parsing it (see [`agent_runtime_core::yaml`]).
 pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     let json = text.trim_start().starts_with('{');
     let (limit, format, hint) = if json {
@@ -568,8 +561,24 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
             hint,
         });
     }
-    if !json {
-        check_yaml_depth(text, file)?;
+    if !json
+        && let Some((line, column)) = agent_runtime_core::yaml::flow_nesting_past(
+            text,
+            agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH,
+        )
+    {
+        return Err(GraphError::Syntax {
+            at: Location {
+                file: file.to_path_buf(),
+                line,
+                column,
+            },
+            field: "(top level)".into(),
+            message: format!(
+                "brackets nested more than {} levels deep",
+                agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH
+            ),
+        });
     }
     let graph: TaskGraph = if json {
         let mut de = serde_json::Deserializer::from_str(text);
@@ -607,40 +616,6 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     };
     graph.validate_in(text, file)?;
     Ok(graph)
-}
-
-/// Refuses YAML whose brackets nest deeper than [`MAX_YAML_FLOW_DEPTH`], naming the line and
-/// column of the first bracket past it.
-fn check_yaml_depth(text: &str, file: &Path) -> Result<(), GraphError> {
-    let mut depth = 0usize;
-    let (mut line, mut line_start) = (1usize, 0usize);
-    for (i, b) in text.bytes().enumerate() {
-        match b {
-            b'\n' => {
-                line += 1;
-                line_start = i + 1;
-            }
-            b'[' | b'{' => {
-                depth += 1;
-                if depth > MAX_YAML_FLOW_DEPTH {
-                    return Err(GraphError::Syntax {
-                        at: Location {
-                            file: file.to_path_buf(),
-                            line,
-                            column: text[line_start..i].chars().count() + 1,
-                        },
-                        field: "(top level)".into(),
-                        message: format!(
-                            "brackets nested more than {MAX_YAML_FLOW_DEPTH} levels deep"
-                        ),
-                    });
-                }
-            }
-            b']' | b'}' => depth = depth.saturating_sub(1),
-            _ => {}
-        }
-    }
-    Ok(())
 }
 
 fn path_string(p: &serde_path_to_error::Path) -> String {
