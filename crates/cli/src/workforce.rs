@@ -197,7 +197,7 @@ fn driver_error(e: DriverError) -> anyhow::Error {
             "no run {id} in the event log (see `agent-runtime runs list`)"
         ))
         .into(),
-        DriverError::Finished { .. } | DriverError::Diverged { .. } => {
+        DriverError::Finished { .. } | DriverError::Diverged { .. } | DriverError::Claimed(_) => {
             CliError::Failed(e.to_string()).into()
         }
         other => anyhow::Error::new(other),
@@ -695,10 +695,13 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
         by_run.entry(e.run_id).or_default().push(e);
     }
-    let summaries: Vec<RunSummary> = order
+    let mut summaries: Vec<RunSummary> = order
         .iter()
         .filter_map(|id| by_run.get(id).and_then(|ev| RunSummary::fold(ev)))
         .collect();
+    for s in &mut summaries {
+        mark_running(&store, s)?;
+    }
     if json_out {
         let rows: Vec<Value> = summaries
             .iter()
@@ -728,10 +731,20 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// A run without an end is `interrupted` in its events; it is `running` while a process
+/// holds its claim (see `Store::claim_run`).
+fn mark_running(store: &agent_runtime_store::Store, s: &mut RunSummary) -> anyhow::Result<()> {
+    if s.status == "interrupted" && store.run_is_claimed(s.run_id)? {
+        s.status = "running".into();
+    }
+    Ok(())
+}
+
 fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let run_id = parse_run_id(run_id)?;
     let store = global.open_store_read_only()?;
-    let s = run_summary(&store, run_id)?;
+    let mut s = run_summary(&store, run_id)?;
+    mark_running(&store, &mut s)?;
     if json_out {
         println!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);

@@ -349,6 +349,22 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
             .collect();
         (done.len() >= 2).then(|| done[0].run_id)
     });
+    // While the first process drives the run, it is listed as running, and resuming it is
+    // refused, naming that process: two drivers would run its tools twice.
+    cli(&db)
+        .args(["runs", "show", &run_id.to_string()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("status:   running"));
+    cli(&db)
+        .current_dir(dir.path())
+        .args(["resume", &run_id.to_string()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(format!(
+            "run {run_id} is being driven by process {}",
+            child.id()
+        )));
     child.kill().unwrap(); // SIGKILL
     child.wait().unwrap();
     let before = events(&db, run_id);

@@ -100,7 +100,8 @@ pub use policy::{Effect, PolicyEnvelope};
 pub use random::SeededRng;
 pub use session::{Session, SessionError, SessionInput, SessionKind, SessionOutput};
 pub use sink::{
-    AppendStream, Appended, EventQuery, EventSink, EventSource, MemoryLog, PendingAppend, SinkError,
+    AppendStream, Appended, EventQuery, EventSink, EventSource, MemoryLog, PendingAppend, RunClaim,
+    SinkError,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp};
 pub use tokio_util::sync::CancellationToken;

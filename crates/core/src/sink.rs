@@ -78,6 +78,48 @@ pub trait EventSink: Send + Sync {
         }
         Ok(Box::pin(std::future::ready(landed)))
     }
+
+    /// Claims `run_id` for the caller, who is about to drive it (start it, or resume it): while
+    /// the returned [`RunClaim`] lives, claiming the same run again fails, in this process or,
+    /// for a log that several processes share, in another. Two drivers of one run would
+    /// interleave their events and run its tools twice. The claim ends when it is dropped, and
+    /// with the process however it ends (kill -9 included), so a run whose driver died can be
+    /// resumed at once.
+    ///
+    /// The default claims nothing: right for a log that only its own process writes and whose
+    /// owner drives each run once, such as [`MemoryLog`].
+    fn claim_run(&self, run_id: RunId) -> Result<RunClaim, SinkError> {
+        let _ = run_id;
+        Ok(RunClaim::unguarded())
+    }
+}
+
+/// A run claimed by [`EventSink::claim_run`]; dropping it releases the run.
+#[must_use = "the run is released as soon as the claim is dropped"]
+pub struct RunClaim {
+    _guard: Option<Box<dyn std::any::Any + Send + Sync>>,
+}
+
+impl RunClaim {
+    /// A claim that holds `guard` (a lock, a lease) until it is dropped.
+    pub fn new(guard: impl std::any::Any + Send + Sync) -> RunClaim {
+        RunClaim {
+            _guard: Some(Box::new(guard)),
+        }
+    }
+
+    /// A claim that guards nothing (see [`EventSink::claim_run`]'s default).
+    pub fn unguarded() -> RunClaim {
+        RunClaim { _guard: None }
+    }
+}
+
+impl std::fmt::Debug for RunClaim {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RunClaim")
+            .field("guarded", &self._guard.is_some())
+            .finish()
+    }
 }
 
 /// A batch handed to a log by [`EventSink::submit_encoded`]: resolves to where its events

@@ -118,6 +118,19 @@ pub enum StoreError {
         /// The database file.
         path: PathBuf,
     },
+    /// A run is being driven by someone else (see [`crate::Store::claim_run`]).
+    #[error(
+        "run {run_id} is being driven by {holder} (its claim is in {}-runs); wait for it to end, or stop it, before resuming",
+        path.display()
+    )]
+    RunClaimed {
+        /// The database file.
+        path: PathBuf,
+        /// The run.
+        run_id: String,
+        /// Who holds it: `process PID`, or `another process`.
+        holder: String,
+    },
     /// The events were written, but the disk did not confirm them (the fsync of the
     /// write-ahead log failed), so they may not survive a power loss. The store takes no more
     /// appends: reopen it, and check it with `verify`, once the disk is sound.

@@ -382,6 +382,109 @@ impl Store {
         }
     }
 
+    /// Claims `run_id` for this process (see
+    /// [`EventSink::claim_run`](agent_runtime_core::EventSink::claim_run)): an exclusive lock on
+    /// the file `PATH-runs/RUN_ID` next to the database, which the OS releases when the file is
+    /// closed or the process dies. The file holds the claiming process's id, which a refused
+    /// claim names. The files stay (one small file per run ever driven): deleting a lock file
+    /// while another process may be opening it would let two processes hold "the" lock.
+    ///
+    /// Errors: [`StoreError::RunClaimed`] while another claim on the run lives (in any process);
+    /// [`StoreError::ReadOnly`] on a read-only store; [`StoreError::Open`] when the folder or
+    /// the file cannot be made.
+    pub fn claim_run(&self, run_id: RunId) -> Result<std::fs::File, StoreError> {
+        use std::io::{Read, Seek, Write};
+        if self.inner.tx.is_none() {
+            return Err(StoreError::ReadOnly {
+                path: self.inner.path.clone(),
+            });
+        }
+        let path = self.claim_path(run_id);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let failed = |e: std::io::Error| StoreError::Open {
+            path: self.inner.path.clone(),
+            detail: format!("cannot claim run {run_id} through {}: {e}", path.display()),
+        };
+        std::fs::create_dir_all(dir).map_err(failed)?;
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(failed)?;
+        // A probe ([`Store::run_is_claimed`]) holds the lock for microseconds: a few short
+        // retries keep it from refusing a claim; a driver holds it for the whole run.
+        let mut locked = file.try_lock();
+        for _ in 0..20 {
+            if !matches!(locked, Err(std::fs::TryLockError::WouldBlock)) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+            locked = file.try_lock();
+        }
+        match locked {
+            Ok(()) => {
+                // The holder's process id, for the message of a refused claim; the claim
+                // holds without it.
+                let _ = file
+                    .set_len(0)
+                    .and_then(|()| file.rewind())
+                    .and_then(|()| write!(file, "{}", std::process::id()))
+                    .and_then(|()| file.flush());
+                Ok(file)
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                Err(StoreError::RunClaimed {
+                    path: self.inner.path.clone(),
+                    run_id: run_id.to_string(),
+                    holder: if holder.chars().all(|c| c.is_ascii_digit()) && !holder.is_empty() {
+                        format!("process {holder}")
+                    } else {
+                        "another process".to_string()
+                    },
+                })
+            }
+            Err(std::fs::TryLockError::Error(e)) => Err(failed(e)),
+        }
+    }
+
+    /// Whether some process holds a claim on `run_id` now (see [`Store::claim_run`]): a run
+    /// that has not ended is being driven when it is claimed, and was interrupted when not.
+    /// Works on a read-only store. The probe takes a shared lock for an instant, which a claim
+    /// made in that instant waits out.
+    pub fn run_is_claimed(&self, run_id: RunId) -> Result<bool, StoreError> {
+        let path = self.claim_path(run_id);
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+            Err(e) => {
+                return Err(StoreError::Open {
+                    path: self.inner.path.clone(),
+                    detail: format!("cannot read the claim {}: {e}", path.display()),
+                });
+            }
+        };
+        match file.try_lock_shared() {
+            Ok(()) => Ok(false),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => Err(StoreError::Open {
+                path: self.inner.path.clone(),
+                detail: format!("cannot probe the claim {}: {e}", path.display()),
+            }),
+        }
+    }
+
+    /// `PATH-runs/RUN_ID`, where a run's claim lives.
+    fn claim_path(&self, run_id: RunId) -> PathBuf {
+        let mut dir = self.inner.path.as_os_str().to_owned();
+        dir.push("-runs");
+        PathBuf::from(dir).join(run_id.to_string())
+    }
+
     /// Whether payloads are sealed.
     pub fn is_encrypted(&self) -> bool {
         self.inner.cipher.is_some()
@@ -1326,6 +1429,14 @@ impl agent_runtime_core::EventSink for Store {
     ) -> Result<agent_runtime_core::PendingAppend, agent_runtime_core::SinkError> {
         let pending = Store::submit_encoded(self, events, stream).await?;
         Ok(Box::pin(async move { pending.await.map_err(Into::into) }))
+    }
+
+    fn claim_run(
+        &self,
+        run_id: RunId,
+    ) -> Result<agent_runtime_core::RunClaim, agent_runtime_core::SinkError> {
+        let lock = Store::claim_run(self, run_id)?;
+        Ok(agent_runtime_core::RunClaim::new(lock))
     }
 }
 

@@ -638,3 +638,52 @@ async fn a_failed_log_sync_refuses_every_later_append() {
     assert!(matches!(later, StoreError::NotDurable { .. }), "{later}");
     assert_eq!(store.writer_stats().syncs, 0);
 }
+
+/// A run claim is exclusive while it lives, in this process as in others, names the holder
+/// when refused, ends when dropped, and is refused on a read-only store.
+#[test]
+fn a_run_is_claimed_by_one_holder_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("c.db");
+    let store = Store::open(StoreConfig::plaintext(&path)).unwrap();
+    let (a, b) = (RunId::from_bytes([1; 16]), RunId::from_bytes([2; 16]));
+    assert!(!store.run_is_claimed(a).unwrap());
+    let claim = store.claim_run(a).unwrap();
+    assert!(store.run_is_claimed(a).unwrap());
+    assert!(!store.run_is_claimed(b).unwrap());
+    // A second handle on the same database, as another part of the program would have.
+    let other = Store::open(StoreConfig::plaintext(&path)).unwrap();
+    let err = other.claim_run(a).unwrap_err();
+    assert!(matches!(err, StoreError::RunClaimed { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!(
+            "run {a} is being driven by process {}",
+            std::process::id()
+        )),
+        "{text}"
+    );
+    let claim_b = other.claim_run(b).unwrap();
+    drop(claim);
+    // The file stays; the probe sees that nobody holds it, and leaves it free.
+    assert!(!other.run_is_claimed(a).unwrap());
+    let again = other.claim_run(a).unwrap();
+    drop((again, claim_b));
+    // Through the trait, as the driver claims.
+    let sink: &dyn agent_runtime_core::EventSink = &store;
+    let held = sink.claim_run(a).unwrap();
+    let refused = agent_runtime_core::EventSink::claim_run(&other, a).unwrap_err();
+    assert!(
+        refused.message.contains("is being driven by"),
+        "{}",
+        refused.message
+    );
+    drop(held);
+    drop((store, other));
+    let reader = Store::open(StoreConfig::plaintext(&path).read_only()).unwrap();
+    assert!(matches!(
+        reader.claim_run(a),
+        Err(StoreError::ReadOnly { .. })
+    ));
+    assert!(!reader.run_is_claimed(a).unwrap());
+}

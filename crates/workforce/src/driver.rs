@@ -272,6 +272,9 @@ pub enum DriverError {
     /// Nothing can happen any more, yet the run has not ended (a bug).
     #[error("the run stalled with {0} tasks open and nothing in flight")]
     Stalled(usize),
+    /// Someone else drives the run (see [`EventSink::claim_run`]): the log's own message.
+    #[error("{0}")]
+    Claimed(String),
 }
 
 /// Checks that every tool and model provider the graph names is available.
@@ -362,6 +365,11 @@ pub async fn run_graph_controlled(
     graph
         .validate()
         .map_err(|e| EngineError::Graph(e.to_string()))?;
+    // Held until the run is driven to its end: nobody may resume it meanwhile.
+    let _claim = opts
+        .sink
+        .claim_run(run_id)
+        .map_err(|e| DriverError::Claimed(e.message))?;
     let created = Engine::created_event_encoded(run_id, &graph, opts.seed, now);
     // The engine starts from the graph itself rather than from the event's copy of it (as replay
     // and resume do): the same graph (a test holds every example equal to its JSON round trip)
@@ -553,6 +561,13 @@ pub async fn resume_controlled(
     cancel: CancellationToken,
     controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
 ) -> Result<Outcome, DriverError> {
+    // Claimed before the run's events are read, and held until it is driven to its end: a
+    // second resume, or the process still driving it, makes this one fail instead of driving
+    // the run twice.
+    let _claim = opts
+        .sink
+        .claim_run(run_id)
+        .map_err(|e| DriverError::Claimed(e.message))?;
     let events = load_run(source, run_id).await?;
     let mut hasher = LogHasher::new();
     let mut engine = refold(&events, &mut hasher)?;

@@ -167,8 +167,9 @@ pub struct RunSummary {
     pub name: Option<String>,
     /// The seed.
     pub seed: u64,
-    /// `running`, `completed`, `failed`, `cancelled`, or `interrupted` (no end and the process
-    /// is gone: resume it).
+    /// `completed`, `failed`, `cancelled`, or `interrupted` (no end in the events). Whether an
+    /// unended run is still being driven is not in its events: the command line asks the
+    /// store whether the run is claimed (`Store::run_is_claimed`) and shows `running` then.
     pub status: String,
     /// When it was created.
     pub created: Timestamp,
