@@ -286,6 +286,43 @@ fn simulate_is_deterministic_in_its_seed() {
 
 /// `bench workforce --only simulator` runs that part alone: its section and no other, the same
 /// simulated run's hash whatever log it went to. A part that does not exist is a usage error.
+/// A simulation's run id follows from its seed, so two processes simulating one seed into one
+/// database would interleave their events: the run is claimed first, and a held claim (here
+/// the test's own) makes `simulate` fail, naming the holder.
+#[test]
+fn a_simulation_whose_run_is_claimed_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let store = Store::open(StoreConfig::plaintext(&db)).unwrap();
+    let claim = store
+        .claim_run(agent_runtime_workforce::sim::run_id_of(
+            &agent_runtime_workforce::sim::SimConfig::new(
+                4,
+                50,
+                agent_runtime_workforce::sim::Shape::Layered,
+                0.0,
+                9,
+            ),
+        ))
+        .unwrap();
+    let sim = || {
+        let mut c = cli(&db);
+        c.args([
+            "simulate", "--agents", "4", "--tasks", "50", "--seed", "9", "--log", "store",
+        ]);
+        c
+    };
+    sim()
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(format!(
+            "is being driven by process {}",
+            std::process::id()
+        )));
+    drop(claim);
+    sim().assert().success();
+}
+
 #[test]
 fn bench_workforce_runs_one_part_with_only() {
     let dir = tempfile::tempdir().unwrap();

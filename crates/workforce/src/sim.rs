@@ -288,6 +288,11 @@ pub const SIM_EPOCH: Timestamp = Timestamp::from_unix_nanos(1_767_225_600_000_00
 /// Runs a simulation, writing its events to `sink`.
 pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimReport, SimError> {
     cfg.check().map_err(SimError::Config)?;
+    // A configuration's run id is fixed (see `run_id_of`): two processes simulating the same
+    // one into a shared log would interleave their events, so the run is claimed first.
+    let _claim = sink
+        .claim_run(run_id_of(cfg))
+        .map_err(|e| SimError::Log(e.message))?;
     let graph = synth_graph(cfg);
     let started = Instant::now();
     // The engine's own CPU time, summed over the stretches between awaits (the task may move
