@@ -4,6 +4,10 @@
 //! by number: `.items.0`). When a string is exactly one template, it is replaced by the JSON value
 //! itself (an object stays an object); inside longer text, the value is written in: strings as
 //! they are, anything else as compact JSON. A missing field renders as `null`.
+//!
+//! Only `{{ tasks. ... }}` is a template (and `{{ task. ... }}`, refused as a typo of it): any
+//! other `{{ ... }}` is text, kept as it is, so that tool arguments and prompts can carry other
+//! template languages (GitHub Actions' `${{ secrets.TOKEN }}`, Jinja, Handlebars).
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -28,15 +32,31 @@ fn find_pair(s: &str, from: usize, c: u8) -> Option<usize> {
     (from..b.len().saturating_sub(1)).find(|&i| b[i] == c && b[i + 1] == c)
 }
 
+/// Whether the text inside `{{ }}` (or after an unclosed `{{`) is meant as one of ours: its
+/// first dotted part is `tasks` (or `task`, a typo the parse below then reports).
+fn is_ours(inner: &str) -> bool {
+    let head = inner.trim_start().split('.').next().unwrap_or("").trim();
+    head == "tasks" || head == "task"
+}
+
 fn scan(s: &str) -> Result<Vec<Found<'_>>, String> {
     let mut out = Vec::new();
     let mut pos = 0;
     while let Some(start) = find_pair(s, pos, b'{') {
         let Some(close) = find_pair(s, start + 2, b'}') else {
-            return Err(format!("unclosed template at byte {start}: missing `}}}}`"));
+            if is_ours(&s[start + 2..]) {
+                return Err(format!("unclosed template at byte {start}: missing `}}}}`"));
+            }
+            break;
         };
         let end = close + 2;
         let inner = s[start + 2..end - 2].trim();
+        if !is_ours(inner) {
+            // Someone else's template, or text: kept. The next `{{` may start inside it
+            // (`{{{ tasks.a.output }}}` is a template in braces).
+            pos = start + 1;
+            continue;
+        }
         let mut parts = inner.split('.');
         let (Some("tasks"), Some(task), Some("output")) =
             (parts.next(), parts.next(), parts.next())
@@ -223,13 +243,49 @@ mod tests {
     fn malformed_templates_are_reported() {
         assert!(scan("{{ tasks.a }}").is_err());
         assert!(scan("{{ tasks.a.output").is_err());
-        assert!(scan("{{ inputs.x }}").is_err());
+        assert!(scan("x {{ tasks .a.output }}").is_err());
+        let Err(typo) = scan("{{ task.a.output }}") else {
+            panic!("a typo of `tasks` was taken")
+        };
+        assert!(
+            typo.contains("must look like {{ tasks.ID.output }}"),
+            "{typo}"
+        );
+        assert!(scan("{{ tasks..output }}").is_err());
         assert!(scan("plain").unwrap().is_empty());
         assert!(scan("{").unwrap().is_empty());
         assert!(scan("{x}}").unwrap().is_empty());
-        assert!(scan("é{{").is_err());
-        assert!(scan("{{{ tasks.a.output }}}").is_err());
         let found = scan("é{{ tasks.a.output }}}").unwrap();
         assert_eq!((found[0].start, found[0].end, found[0].task), (2, 22, "a"));
+        // A template in braces: the braces stay.
+        let found = scan("{{{ tasks.a.output }}}").unwrap();
+        assert_eq!((found[0].start, found[0].end, found[0].task), (1, 21, "a"));
+    }
+
+    /// Other template languages pass through untouched, next to ours.
+    #[test]
+    fn other_templates_are_text() {
+        for text in [
+            "token: ${{ secrets.TOKEN }}",
+            "{{ name }} and {{ inputs.x }}",
+            "{% if x %}{{ x | upper }}{% endif %}",
+            "unclosed {{ name",
+            "é{{",
+        ] {
+            assert!(scan(text).unwrap().is_empty(), "{text}");
+        }
+        let mut o = BTreeMap::new();
+        o.insert("a".to_string(), json!({"text": "hi"}));
+        assert_eq!(
+            render(
+                &json!("run: ${{ github.sha }} after {{ tasks.a.output.text }}, then {{ name }}"),
+                &o
+            ),
+            json!("run: ${{ github.sha }} after hi, then {{ name }}")
+        );
+        assert_eq!(
+            render(&json!("{{{ tasks.a.output.text }}}"), &o),
+            json!("{hi}")
+        );
     }
 }
