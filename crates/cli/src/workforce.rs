@@ -661,14 +661,18 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     };
     let appended = store.append_blocking(vec![request])?;
     let seq = appended.first().map_or(0, |a| a.seq);
-    match &args.task {
-        Some(task) => println!(
-            "asked run {run_id} to cancel task `{task}` and everything downstream of it (event {seq}); the process running it records the cancellation"
-        ),
-        None => println!(
-            "asked run {run_id} to cancel (event {seq}); the process running it records the cancellation"
-        ),
-    }
+    let what = match &args.task {
+        Some(task) => format!("task `{task}` and everything downstream of it"),
+        None => "the run".to_string(),
+    };
+    let when = if store.run_is_claimed(run_id)? {
+        "the process running it records the cancellation".to_string()
+    } else {
+        format!(
+            "no process runs it now: the cancellation takes effect when it is resumed (`agent-runtime resume {run_id}`)"
+        )
+    };
+    println!("asked run {run_id} to cancel {what} (event {seq}); {when}");
     Ok(ExitCode::SUCCESS)
 }
 

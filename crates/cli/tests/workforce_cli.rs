@@ -493,7 +493,10 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
         .args(["cancel", &id, "--task", "slow"])
         .assert()
         .success()
-        .stdout(predicate::str::contains("cancel task `slow`"));
+        .stdout(predicate::str::contains("cancel task `slow`"))
+        .stdout(predicate::str::contains(
+            "the process running it records the cancellation",
+        ));
     // The run goes on with the other branch until it is cancelled too.
     wait_for(&db, |all| {
         all.iter()
@@ -574,7 +577,10 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
     cli(&db)
         .args(["cancel", &id, "--task", "forever"])
         .assert()
-        .success();
+        .success()
+        .stdout(predicate::str::contains(format!(
+            "no process runs it now: the cancellation takes effect when it is resumed (`agent-runtime resume {id}`)"
+        )));
     // Without the request, resume would retry `forever` and wait ten minutes.
     let outcome = succeeded(&cli(&db).args(["resume", &id, "--json"]).output().unwrap());
     assert_eq!(outcome["status"], "completed");
