@@ -386,13 +386,12 @@ impl Store {
     /// [`EventSink::claim_run`](agent_runtime_core::EventSink::claim_run)): an exclusive lock on
     /// the file `PATH-runs/RUN_ID` next to the database, which the OS releases when the file is
     /// closed or the process dies. The file holds the claiming process's id, which a refused
-    /// claim names. The files stay (one small file per run ever driven): deleting a lock file
-    /// while another process may be opening it would let two processes hold "the" lock.
+    /// claim names. Dropping the [`RunLock`] removes the file (on Unix; elsewhere it stays).
     ///
     /// Errors: [`StoreError::RunClaimed`] while another claim on the run lives (in any process);
     /// [`StoreError::ReadOnly`] on a read-only store; [`StoreError::Open`] when the folder or
     /// the file cannot be made.
-    pub fn claim_run(&self, run_id: RunId) -> Result<std::fs::File, StoreError> {
+    pub fn claim_run(&self, run_id: RunId) -> Result<RunLock, StoreError> {
         use std::io::{Read, Seek, Write};
         if self.inner.tx.is_none() {
             return Err(StoreError::ReadOnly {
@@ -406,50 +405,58 @@ impl Store {
             detail: format!("cannot claim run {run_id} through {}: {e}", path.display()),
         };
         std::fs::create_dir_all(dir).map_err(failed)?;
-        let mut file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .map_err(failed)?;
-        // A probe ([`Store::run_is_claimed`]) holds the lock for microseconds: a few short
-        // retries keep it from refusing a claim; a driver holds it for the whole run.
-        let mut locked = file.try_lock();
-        for _ in 0..20 {
-            if !matches!(locked, Err(std::fs::TryLockError::WouldBlock)) {
-                break;
+        // A holder removes the file before it unlocks it: a lock taken on a file the path no
+        // longer names is worthless, and the claim starts over on the path's new file. A probe
+        // ([`Store::run_is_claimed`]) holds the lock for microseconds: a few short waits keep
+        // it from refusing a claim, while a driver holds the lock for its whole run.
+        let mut waits = 0;
+        for _ in 0..100 {
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .map_err(failed)?;
+            match file.try_lock() {
+                Ok(()) => {
+                    if !names_file(&path, &file) {
+                        continue;
+                    }
+                    // The holder's process id, for the message of a refused claim; the claim
+                    // holds without it.
+                    let _ = file
+                        .set_len(0)
+                        .and_then(|()| file.rewind())
+                        .and_then(|()| write!(file, "{}", std::process::id()))
+                        .and_then(|()| file.flush());
+                    return Ok(RunLock { file, path });
+                }
+                Err(std::fs::TryLockError::WouldBlock) if waits < 20 => {
+                    waits += 1;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    let mut holder = String::new();
+                    let _ = file.read_to_string(&mut holder);
+                    let holder = holder.trim();
+                    return Err(StoreError::RunClaimed {
+                        path: self.inner.path.clone(),
+                        run_id: run_id.to_string(),
+                        holder: if holder.chars().all(|c| c.is_ascii_digit()) && !holder.is_empty()
+                        {
+                            format!("process {holder}")
+                        } else {
+                            "another process".to_string()
+                        },
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(failed(e)),
             }
-            std::thread::sleep(Duration::from_millis(5));
-            locked = file.try_lock();
         }
-        match locked {
-            Ok(()) => {
-                // The holder's process id, for the message of a refused claim; the claim
-                // holds without it.
-                let _ = file
-                    .set_len(0)
-                    .and_then(|()| file.rewind())
-                    .and_then(|()| write!(file, "{}", std::process::id()))
-                    .and_then(|()| file.flush());
-                Ok(file)
-            }
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let mut holder = String::new();
-                let _ = file.read_to_string(&mut holder);
-                let holder = holder.trim();
-                Err(StoreError::RunClaimed {
-                    path: self.inner.path.clone(),
-                    run_id: run_id.to_string(),
-                    holder: if holder.chars().all(|c| c.is_ascii_digit()) && !holder.is_empty() {
-                        format!("process {holder}")
-                    } else {
-                        "another process".to_string()
-                    },
-                })
-            }
-            Err(std::fs::TryLockError::Error(e)) => Err(failed(e)),
-        }
+        Err(failed(std::io::Error::other(
+            "the claim file kept being replaced",
+        )))
     }
 
     /// Whether some process holds a claim on `run_id` now (see [`Store::claim_run`]): a run
@@ -1057,6 +1064,44 @@ pub(crate) fn scan_batches(
         return Ok(());
     }
     scanned
+}
+
+/// A run claimed by [`Store::claim_run`]. Dropping it removes the claim file (on Unix), then
+/// unlocks it.
+#[derive(Debug)]
+pub struct RunLock {
+    file: std::fs::File,
+    path: PathBuf,
+}
+
+impl Drop for RunLock {
+    fn drop(&mut self) {
+        // Removed while still locked (the file closes after this): a claimant that opened the
+        // old file finds, once it gets the lock, that the path no longer names it, and starts
+        // over (see `claim_run`). Windows cannot remove a file another process has open, so
+        // the file stays there.
+        #[cfg(unix)]
+        let _ = std::fs::remove_file(&self.path);
+        let _ = &self.file;
+    }
+}
+
+/// Whether `path` names `file` now (Unix: same device and inode); elsewhere claim files are
+/// never removed, so it always does.
+fn names_file(path: &Path, file: &std::fs::File) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        match (std::fs::metadata(path), file.metadata()) {
+            (Ok(p), Ok(f)) => p.dev() == f.dev() && p.ino() == f.ino(),
+            _ => false,
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (path, file);
+        true
+    }
 }
 
 /// Where a commit's replies go: straight to the appenders ([`Durability::Normal`]), or to the
