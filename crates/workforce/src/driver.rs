@@ -1007,6 +1007,43 @@ impl CallStarter {
         Some(spec)
     }
 
+    /// A call's context: the run, the task, the budget and the call's token.
+    fn context(
+        &self,
+        actor: Actor,
+        task_id: agent_runtime_core::TaskId,
+        timeout: Option<Duration>,
+        token: &CancellationToken,
+    ) -> CallContext {
+        let mut ctx = CallContext::new(actor);
+        ctx.cancel = token.clone();
+        ctx.run_id = Some(self.run_id);
+        ctx.task_id = Some(task_id);
+        ctx.timeout = timeout;
+        ctx
+    }
+
+    /// Runs `call` as a task of its own until it ends, or until `token` is cancelled (then it
+    /// is dropped unfinished and nothing is sent); its result goes to the driver as `done_of`
+    /// makes it.
+    fn spawn_call<T: Send + 'static>(
+        &self,
+        token: CancellationToken,
+        call: impl std::future::Future<Output = Result<T, (ErrorClass, String)>> + Send + 'static,
+        done_of: impl FnOnce(Result<T, (ErrorClass, String)>) -> Done + Send + 'static,
+    ) {
+        let done = self.done.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                biased;
+                _ = token.cancelled() => {}
+                result = unless_panicked(call) => {
+                    let _ = done.send(done_of(result));
+                }
+            }
+        });
+    }
+
     fn start(&mut self, effect: Effect, token: CancellationToken) {
         match effect {
             Effect::Cancel { .. } => {}
@@ -1019,27 +1056,20 @@ impl CallStarter {
                 timeout,
                 ..
             } => {
-                let mut ctx = CallContext::new(actor);
-                ctx.cancel = token.clone();
-                ctx.run_id = Some(self.run_id);
-                ctx.task_id = Some(task_id);
-                ctx.timeout = timeout;
-                let (tools, done) = (self.tools.clone(), self.done.clone());
-                tokio::spawn(async move {
-                    tokio::select! {
-                        biased;
-                        _ = token.cancelled() => {}
-                        result = unless_panicked(async {
-                            tools
-                                .invoke(&tool, args, ctx)
-                                .await
-                                .map(|o| o.value)
-                                .map_err(|e| (e.class, e.message))
-                        }) => {
-                            let _ = done.send(Done::Tool { call, tool, result });
-                        }
-                    }
-                });
+                let ctx = self.context(actor, task_id, timeout, &token);
+                let tools = self.tools.clone();
+                let name = tool.clone();
+                self.spawn_call(
+                    token,
+                    async move {
+                        tools
+                            .invoke(&name, args, ctx)
+                            .await
+                            .map(|o| o.value)
+                            .map_err(|e| (e.class, e.message))
+                    },
+                    move |result| Done::Tool { call, tool, result },
+                );
             }
             Effect::CallModel {
                 call,
@@ -1052,11 +1082,8 @@ impl CallStarter {
                 timeout,
                 ..
             } => {
-                let mut ctx = CallContext::new(Actor::Agent(String::from(&*agent)));
-                ctx.cancel = token.clone();
-                ctx.run_id = Some(self.run_id);
-                ctx.task_id = Some(task_id);
-                ctx.timeout = timeout;
+                let actor = Actor::Agent(String::from(&*agent));
+                let ctx = self.context(actor, task_id, timeout, &token);
                 let request = ModelRequest {
                     model: String::from(&*model),
                     messages,
@@ -1064,27 +1091,23 @@ impl CallStarter {
                     max_tokens: None,
                     temperature: None,
                 };
-                let (router, done) = (self.models.clone(), self.done.clone());
-                tokio::spawn(async move {
-                    tokio::select! {
-                        biased;
-                        _ = token.cancelled() => {}
-                        result = unless_panicked(async {
-                            match router.provider(&provider) {
-                                Some(p) => p
-                                    .complete(request, ctx)
-                                    .await
-                                    .map_err(|e| (e.error.class, e.error.message)),
-                                None => Err((
-                                    ErrorClass::ModelUnavailable,
-                                    format!("no model provider `{provider}`"),
-                                )),
-                            }
-                        }) => {
-                            let _ = done.send(Done::Model { call, result });
+                let router = self.models.clone();
+                self.spawn_call(
+                    token,
+                    async move {
+                        match router.provider(&provider) {
+                            Some(p) => p
+                                .complete(request, ctx)
+                                .await
+                                .map_err(|e| (e.error.class, e.error.message)),
+                            None => Err((
+                                ErrorClass::ModelUnavailable,
+                                format!("no model provider `{provider}`"),
+                            )),
                         }
-                    }
-                });
+                    },
+                    move |result| Done::Model { call, result },
+                );
             }
         }
     }
