@@ -60,11 +60,9 @@ impl Store {
         drop(conn);
         let head = self.head()?;
         let size = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
-        let mut wal = path.as_os_str().to_owned();
-        wal.push("-wal");
         Ok(Stats {
             path: path.display().to_string(),
-            bytes: size(path) + size(std::path::Path::new(&wal)),
+            bytes: size(path) + size(&crate::store::beside(path, "-wal")),
             encrypted: self.is_encrypted(),
             events,
             runs: runs.len() as u64,

@@ -430,7 +430,7 @@ impl Store {
                         .and_then(|()| file.rewind())
                         .and_then(|()| write!(file, "{}", std::process::id()))
                         .and_then(|()| file.flush());
-                    return Ok(RunLock { file, path });
+                    return Ok(RunLock { _file: file, path });
                 }
                 Err(std::fs::TryLockError::WouldBlock) if waits < 20 => {
                     waits += 1;
@@ -487,9 +487,7 @@ impl Store {
 
     /// `PATH-runs/RUN_ID`, where a run's claim lives.
     fn claim_path(&self, run_id: RunId) -> PathBuf {
-        let mut dir = self.inner.path.as_os_str().to_owned();
-        dir.push("-runs");
-        PathBuf::from(dir).join(run_id.to_string())
+        beside(&self.inner.path, "-runs").join(run_id.to_string())
     }
 
     /// Whether payloads are sealed.
@@ -1070,7 +1068,8 @@ pub(crate) fn scan_batches(
 /// unlocks it.
 #[derive(Debug)]
 pub struct RunLock {
-    file: std::fs::File,
+    /// Held for its lock, which lives as long as the open file.
+    _file: std::fs::File,
     path: PathBuf,
 }
 
@@ -1082,7 +1081,6 @@ impl Drop for RunLock {
         // the file stays there.
         #[cfg(unix)]
         let _ = std::fs::remove_file(&self.path);
-        let _ = &self.file;
     }
 }
 
@@ -1102,6 +1100,13 @@ fn names_file(path: &Path, file: &std::fs::File) -> bool {
         let _ = (path, file);
         true
     }
+}
+
+/// The file or folder named as the database with `suffix` added (`PATH-wal`, `PATH-runs`).
+pub(crate) fn beside(db: &Path, suffix: &str) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
 }
 
 /// Where a commit's replies go: straight to the appenders ([`Durability::Normal`]), or to the
@@ -1223,9 +1228,7 @@ fn sync_wal(db: &Path, wal: &mut Option<std::fs::File>) -> Result<(), String> {
     let file = match wal {
         Some(file) => file,
         None => {
-            let mut name = db.as_os_str().to_owned();
-            name.push("-wal");
-            let path = PathBuf::from(name);
+            let path = beside(db, "-wal");
             // Opened for writing, though nothing is written through it: Windows flushes only
             // through a handle with write access.
             let file = std::fs::OpenOptions::new()

@@ -277,6 +277,14 @@ pub enum DriverError {
     Claimed(String),
 }
 
+/// Claims `run_id` in the run's log for the caller, who drives it (see
+/// [`EventSink::claim_run`]).
+fn claim(opts: &RunOptions, run_id: RunId) -> Result<agent_runtime_core::RunClaim, DriverError> {
+    opts.sink
+        .claim_run(run_id)
+        .map_err(|e| DriverError::Claimed(e.message))
+}
+
 /// Checks that every tool and model provider the graph names is available.
 pub fn check_available(
     graph: &TaskGraph,
@@ -366,10 +374,7 @@ pub async fn run_graph_controlled(
         .validate()
         .map_err(|e| EngineError::Graph(e.to_string()))?;
     // Held until the run is driven to its end: nobody may resume it meanwhile.
-    let _claim = opts
-        .sink
-        .claim_run(run_id)
-        .map_err(|e| DriverError::Claimed(e.message))?;
+    let _claim = claim(&opts, run_id)?;
     let created = Engine::created_event_encoded(run_id, &graph, opts.seed, now);
     // The engine starts from the graph itself rather than from the event's copy of it (as replay
     // and resume do): the same graph (a test holds every example equal to its JSON round trip)
@@ -564,10 +569,7 @@ pub async fn resume_controlled(
     // Claimed before the run's events are read, and held until it is driven to its end: a
     // second resume, or the process still driving it, makes this one fail instead of driving
     // the run twice.
-    let _claim = opts
-        .sink
-        .claim_run(run_id)
-        .map_err(|e| DriverError::Claimed(e.message))?;
+    let _claim = claim(&opts, run_id)?;
     let events = load_run(source, run_id).await?;
     let mut hasher = LogHasher::new();
     let mut engine = refold(&events, &mut hasher)?;
@@ -978,7 +980,26 @@ struct CallStarter {
 impl CallStarter {
     async fn run(mut self, mut starts: mpsc::UnboundedReceiver<(Effect, CancellationToken)>) {
         while let Some((effect, token)) = starts.recv().await {
-            self.start(effect, token);
+            // The only code of the embedder's that runs here is `ToolInvoker::spec`, for a
+            // model call's tool list. A panic there fails that call, as a panicking call does,
+            // instead of ending this task: every later call would then never start, and the
+            // run would wait for their results forever.
+            let model_call = match &effect {
+                Effect::CallModel { call, .. } => Some(*call),
+                _ => None,
+            };
+            let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.start(effect, token)
+            }));
+            if let (Err(_), Some(call)) = (started, model_call) {
+                let _ = self.done.send(Done::Model {
+                    call,
+                    result: Err((
+                        ErrorClass::Internal,
+                        "listing the agent's tools panicked".into(),
+                    )),
+                });
+            }
         }
     }
 

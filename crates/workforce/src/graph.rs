@@ -526,24 +526,26 @@ pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
         path: path.to_path_buf(),
         source,
     };
-    let mut text = String::new();
+    let mut bytes = Vec::new();
     // One byte past the limit tells a file at the limit from a larger one; reading through
-    // `take` also bounds a pipe or a device, whose size the file system does not know.
+    // `take` also bounds a pipe or a device, whose size the file system does not know. Bytes,
+    // not text: the cut may split a character, and the file is too large anyway.
     std::fs::File::open(path)
         .map_err(io)?
         .take(MAX_GRAPH_BYTES as u64 + 1)
-        .read_to_string(&mut text)
+        .read_to_end(&mut bytes)
         .map_err(io)?;
+    if bytes.len() > MAX_GRAPH_BYTES {
+        let json = bytes.trim_ascii_start().starts_with(b"{");
+        return Err(too_large(path, json));
+    }
+    let text = String::from_utf8(bytes)
+        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
     parse_graph(&text, path)
 }
 
-/// Parses and validates a task graph from `text`; `file` names it in errors. JSON when the text
-/// starts with `{`, YAML otherwise (JSON is YAML, but serde_json reports better positions).
-/// Refuses a text over [`MAX_GRAPH_BYTES`] (JSON) or [`MAX_YAML_GRAPH_BYTES`] (YAML), and YAML
-/// nested deeper than [`MAX_YAML_FLOW_DEPTH`](agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH),
-/// before parsing it (see [`agent_runtime_core::yaml`]).
-pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
-    let json = text.trim_start().starts_with('{');
+/// The error for a graph over its format's limit.
+fn too_large(file: &Path, json: bool) -> GraphError {
     let (limit, format, hint) = if json {
         (MAX_GRAPH_BYTES, "JSON", "")
     } else {
@@ -553,13 +555,29 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
             " (write a larger graph as JSON, which may have up to 16 MiB)",
         )
     };
-    if text.len() > limit {
-        return Err(GraphError::TooLarge {
-            path: file.to_path_buf(),
-            limit,
-            format,
-            hint,
-        });
+    GraphError::TooLarge {
+        path: file.to_path_buf(),
+        limit,
+        format,
+        hint,
+    }
+}
+
+/// Parses and validates a task graph from `text`; `file` names it in errors. JSON when the text
+/// starts with `{`, YAML otherwise (JSON is YAML, but serde_json reports better positions).
+/// Refuses a text over [`MAX_GRAPH_BYTES`] (JSON) or [`MAX_YAML_GRAPH_BYTES`] (YAML), and YAML
+/// nested deeper than [`MAX_YAML_FLOW_DEPTH`](agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH),
+/// before parsing it (see [`agent_runtime_core::yaml`]).
+pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
+    let json = text.trim_start().starts_with('{');
+    if text.len()
+        > (if json {
+            MAX_GRAPH_BYTES
+        } else {
+            MAX_YAML_GRAPH_BYTES
+        })
+    {
+        return Err(too_large(file, json));
     }
     if !json
         && let Some((line, column)) = agent_runtime_core::yaml::flow_nesting_past(
@@ -1313,6 +1331,19 @@ tasks:
             "{e:?}"
         );
         assert!(e.to_string().contains("big.json is over 16 MiB"), "{e}");
+        // Two-byte characters, so that with one prefix or the other the read stops inside
+        // one: still "too large", not "not UTF-8".
+        for prefix in ["{\"name\": \"", " {\"name\": \""] {
+            let mut big = String::from(prefix);
+            big.push_str(&"é".repeat(MAX_GRAPH_BYTES / 2 + 1));
+            big.push_str("\"}");
+            std::fs::write(&path, &big).unwrap();
+            let e = load_graph(&path).unwrap_err();
+            assert!(
+                matches!(e, GraphError::TooLarge { format: "JSON", .. }),
+                "{e:?}"
+            );
+        }
     }
 
     #[test]

@@ -290,8 +290,9 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     cfg.check().map_err(SimError::Config)?;
     // A configuration's run id is fixed (see `run_id_of`): two processes simulating the same
     // one into a shared log would interleave their events, so the run is claimed first.
+    let run_id = run_id_of(cfg);
     let _claim = sink
-        .claim_run(run_id_of(cfg))
+        .claim_run(run_id)
         .map_err(|e| SimError::Log(e.message))?;
     let graph = synth_graph(cfg);
     let started = Instant::now();
@@ -299,7 +300,6 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     // between threads at an await; within a stretch it stays on one).
     let mut engine_cpu = CpuMeter::start();
     let clock = Arc::new(ManualClock::new(SIM_EPOCH));
-    let run_id = run_id_of(cfg);
     let created = Engine::created_sim_event(run_id, cfg, &graph, SIM_EPOCH);
     let mut engine = Engine::start(run_id, graph, cfg.seed, SIM_EPOCH);
     let mut rng = SeededRng::new(cfg.seed ^ 0x9E37_79B9_7F4A_7C15);

@@ -1233,3 +1233,54 @@ fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
         }
     }
 }
+
+/// A tool list that panics while a model call is being started fails that call's attempt
+/// (class `internal`) instead of stopping every later call and leaving the run waiting.
+#[test]
+fn a_tool_list_that_panics_fails_the_model_call_instead_of_hanging_the_run() {
+    struct PanickySpecs(Arc<agent_runtime_workforce::tools::ToolRegistry>);
+    #[agent_runtime_core::async_trait]
+    impl driver::ToolInvoker for PanickySpecs {
+        fn names(&self) -> Vec<String> {
+            driver::ToolInvoker::names(&*self.0)
+        }
+        fn spec(&self, _name: &str) -> Option<agent_runtime_core::ToolSpec> {
+            panic!("no tool list today");
+        }
+        async fn invoke(
+            &self,
+            name: &str,
+            args: serde_json::Value,
+            ctx: agent_runtime_core::CallContext,
+        ) -> Result<agent_runtime_core::ToolOutput, agent_runtime_core::ToolError> {
+            self.0.invoke(name, args, ctx).await
+        }
+    }
+    let log = Arc::new(MemoryLog::default());
+    let out = rt()
+        .block_on(async {
+            let opts = RunOptions {
+                seed: 1,
+                sink: log.clone(),
+                clock: Arc::new(TokioClock::new(T0)),
+                tools: Arc::new(PanickySpecs(registry())),
+                models: models(),
+                observer: None,
+            };
+            let g = graph(
+                "agents:\n  w: { model: script/m, tools: [echo] }\ntasks:\n  - { id: a, agent: w, prompt: hi, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
+            );
+            // Paused time jumps to this deadline if the run waits on nothing: a hang fails.
+            tokio::time::timeout(Duration::from_secs(3600), driver::run_graph(g, opts)).await
+        })
+        .expect("the run hung")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status, RunStatus::Completed);
+    let failed: Vec<Envelope> = events(&log)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::TaskFailed)
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].payload["class"], "internal");
+    assert_eq!(out.outputs["b"], json!({"ok": true}));
+}
