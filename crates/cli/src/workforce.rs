@@ -152,6 +152,10 @@ pub struct BenchArgs {
     /// Only this part (the JSON then has only its section).
     #[arg(long, value_enum)]
     pub only: Option<BenchPart>,
+    /// Write to an encrypted store (a fixed bench passphrase) instead of a plaintext one:
+    /// what a run costs in the default configuration, payloads sealed at rest.
+    #[arg(long)]
+    pub encrypted: bool,
 }
 
 /// A part of `bench workforce`.
@@ -322,6 +326,23 @@ impl Observer for Progress {
             let _ = err.flush();
         }
     }
+}
+
+/// CPU time of the store's writer and sync threads between two readings, per unit (task or
+/// agent), ns: how near the single writer is to bounding a run.
+fn store_threads(
+    before: &agent_runtime_store::WriterStats,
+    after: &agent_runtime_store::WriterStats,
+    units: u32,
+) -> serde_json::Value {
+    let per = |a: Option<u64>, b: Option<u64>| {
+        a.zip(b)
+            .map(|(a, b)| b.saturating_sub(a) as f64 / f64::from(units.max(1)))
+    };
+    json!({
+        "writer_cpu_ns": per(before.writer_cpu_ns, after.writer_cpu_ns),
+        "sync_cpu_ns": per(before.sync_cpu_ns, after.sync_cpu_ns),
+    })
 }
 
 /// What a run or resume needs: the store, and the gateway's tools (policy, sandbox, MCP,
@@ -888,8 +909,15 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     if global.db.is_none() {
         std::fs::create_dir_all(&tmp)?;
     }
-    let store =
-        agent_runtime_store::Store::open(agent_runtime_store::StoreConfig::plaintext(&store_path))?;
+    let config = if args.encrypted {
+        // The bench's own passphrase, never a user's: the store is the bench's (or --db's).
+        agent_runtime_store::StoreConfig::new(&store_path)
+            .passphrase(agent_runtime_store::Passphrase::new("agent-runtime-bench"))
+            .os_keyring(false)
+    } else {
+        agent_runtime_store::StoreConfig::plaintext(&store_path)
+    };
+    let store = agent_runtime_store::Store::open(config)?;
     let rt = runtime()?;
     let say = |m: &str| {
         if !args.json {
@@ -903,9 +931,13 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             say(&format!(
                 "live: {live_n} agent tasks each awaiting a {tool_ms} ms tool, writing to the store"
             ));
-            let commits_before = store.writer_stats().commits;
+            let before = store.writer_stats();
             let live = live_agents(live_n, tool_ms, Arc::new(store.clone())).await?;
-            let live_commits = store.writer_stats().commits - commits_before;
+            let after = store.writer_stats();
+            let live_commits = json!({
+                "commits": after.commits - before.commits,
+                "threads_per_agent": store_threads(&before, &after, live_n),
+            });
             say("live: same, events dropped (baseline: the driver and tokio alone)");
             let live_no_log = live_agents(live_n, tool_ms, Arc::new(NullSink)).await?;
             Some((live, live_commits, live_no_log))
@@ -926,9 +958,11 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             )
             .await?;
             say("simulator: same, writing to the store");
+            let before = store.writer_stats();
             let stored =
                 sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(store.clone())).await?;
-            Some((null, memory, stored))
+            let threads = store_threads(&before, &store.writer_stats(), sim_tasks);
+            Some((null, memory, stored, threads))
         } else {
             None
         };
@@ -959,7 +993,8 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         })
     };
     let mut report = serde_json::Map::new();
-    if let Some((null, memory, stored)) = &sim {
+    report.insert("store_encrypted".into(), json!(args.encrypted));
+    if let Some((null, memory, stored, threads)) = &sim {
         report.insert(
             "simulator_layered_1000_agents".into(),
             json!({
@@ -968,6 +1003,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 "memory_log": point(memory),
                 "store": point(stored),
                 "store_over_no_log": stored.ns_per_task / null.ns_per_task.max(1e-9),
+                "store_threads_per_task": threads,
             }),
         );
     }
@@ -978,7 +1014,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 "goal_bytes_per_agent": 16384,
                 "goal_overhead_pct": 5.0,
                 "result": live,
-                "store_commits": live_commits,
+                "store": live_commits,
                 "baseline_no_log": {
                     "wall_ms": live_no_log.wall_ms,
                     "overhead_pct": live_no_log.overhead_pct,
@@ -997,7 +1033,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         println!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    if let Some((null, memory, stored)) = &sim {
+    if let Some((null, memory, stored, _)) = &sim {
         println!(
             "simulator ({} tasks, 1000 agents, layered), ns per task:",
             null.config.tasks

@@ -163,10 +163,12 @@ impl RawRow {
 
 pub(crate) struct Inner {
     pub(crate) path: PathBuf,
-    pub(crate) cipher: Option<PayloadCipher>,
+    pub(crate) cipher: Option<Arc<PayloadCipher>>,
     pub(crate) max_payload_bytes: usize,
     pub(crate) reader: Mutex<Connection>,
     tx: Option<mpsc::Sender<WriteRequest>>,
+    /// In an encrypted store, the thread that seals payloads between the queue and the writer.
+    sealer: Option<JoinHandle<()>>,
     writer: Option<JoinHandle<()>>,
     pub(crate) last_seq: watch::Receiver<u64>,
     counters: Arc<WriterCounters>,
@@ -177,6 +179,9 @@ struct WriterCounters {
     commits: std::sync::atomic::AtomicU64,
     events: std::sync::atomic::AtomicU64,
     syncs: std::sync::atomic::AtomicU64,
+    /// CPU time of the writer and sync threads so far, ns (`u64::MAX`: no per-thread clock).
+    writer_cpu_ns: std::sync::atomic::AtomicU64,
+    sync_cpu_ns: std::sync::atomic::AtomicU64,
 }
 
 /// What the writer has done since the store was opened.
@@ -189,12 +194,22 @@ pub struct WriterStats {
     /// With [`Durability::Full`], fsyncs of the write-ahead log: one covers every commit
     /// finished before it began, so there are at most as many as commits.
     pub syncs: u64,
+    /// CPU time the writer thread has used, ns, as of its last commit: with the store's
+    /// throughput, how close the single writer is to being the bottleneck. `None` where the
+    /// platform has no per-thread CPU clock.
+    pub writer_cpu_ns: Option<u64>,
+    /// The same for the thread that fsyncs the log ([`Durability::Full`] only), as of its last
+    /// fsync.
+    pub sync_cpu_ns: Option<u64>,
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        // Closing the queue lets the writer finish what is queued and exit.
+        // Closing the queue lets the sealer and then the writer finish what is queued and exit.
         self.tx.take();
+        if let Some(sealer) = self.sealer.take() {
+            let _ = sealer.join();
+        }
         if let Some(w) = self.writer.take() {
             let _ = w.join();
         }
@@ -313,7 +328,7 @@ impl Store {
         if !config.read_only {
             init_schema(&conn, &config)?;
         }
-        let cipher = unlock(&conn, &config)?;
+        let cipher = unlock(&conn, &config)?.map(Arc::new);
         // A reader opens a damaged head too, so that verify can say what is wrong with it.
         let head = match read_head(&conn, &path) {
             Err(StoreError::Damaged { .. }) if config.read_only => None,
@@ -322,8 +337,8 @@ impl Store {
         let (last_tx, last_rx) = watch::channel(head.map_or(0, |h| h.0));
 
         let counters = Arc::new(WriterCounters::default());
-        let (tx, writer) = if config.read_only {
-            (None, None)
+        let (tx, sealer, writer) = if config.read_only {
+            (None, None, None)
         } else {
             let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
             let writer_conn = conn;
@@ -338,13 +353,20 @@ impl Store {
                 .name("agent-runtime-store-writer".into())
                 .spawn({
                     let counters = counters.clone();
-                    move || writer_loop(writer_conn, wpath, rx, replies, counters)
+                    let encrypted = cipher.is_some();
+                    move || writer_loop(writer_conn, wpath, rx, replies, counters, encrypted)
                 })
                 .map_err(|e| StoreError::Open {
                     path: path.clone(),
                     detail: format!("cannot start writer thread: {e}"),
                 })?;
-            (Some(tx), Some(handle))
+            match &cipher {
+                Some(cipher) => {
+                    let (entry, sealer) = start_sealer(&path, cipher.clone(), tx)?;
+                    (Some(entry), Some(sealer), Some(handle))
+                }
+                None => (Some(tx), None, Some(handle)),
+            }
         };
         let reader = open(if config.read_only {
             flags
@@ -360,6 +382,7 @@ impl Store {
                 max_payload_bytes: config.max_payload_bytes,
                 reader: Mutex::new(reader),
                 tx,
+                sealer,
                 writer,
                 last_seq: last_rx,
                 counters,
@@ -379,6 +402,8 @@ impl Store {
             commits: self.inner.counters.commits.load(Relaxed),
             events: self.inner.counters.events.load(Relaxed),
             syncs: self.inner.counters.syncs.load(Relaxed),
+            writer_cpu_ns: cpu_figure(self.inner.counters.writer_cpu_ns.load(Relaxed)),
+            sync_cpu_ns: cpu_figure(self.inner.counters.sync_cpu_ns.load(Relaxed)),
         }
     }
 
@@ -510,15 +535,12 @@ impl Store {
                 limit: self.inner.max_payload_bytes,
             });
         }
-        let sealed = self
-            .inner
-            .cipher
-            .as_ref()
-            .map(|c| c.seal(event.payload_json(), event.header()));
+        // An encrypted store's payloads are sealed by its sealer thread, not here on the
+        // producer's (see `start_sealer`).
         Ok(Prepared {
             time_ns,
             event,
-            sealed,
+            sealed: None,
         })
     }
 
@@ -1165,6 +1187,15 @@ impl WalSyncer {
     }
 }
 
+/// A thread's CPU time as the counters keep it: `u64::MAX` where there is no clock.
+fn cpu_now() -> u64 {
+    agent_runtime_core::thread_cpu_ns().unwrap_or(u64::MAX)
+}
+
+fn cpu_figure(kept: u64) -> Option<u64> {
+    (kept != u64::MAX).then_some(kept)
+}
+
 fn wal_sync_loop(
     db: &Path,
     rx: &std::sync::mpsc::Receiver<Committed>,
@@ -1197,6 +1228,9 @@ fn wal_sync_loop(
                     }
                 }
                 drop(spent);
+                counters
+                    .sync_cpu_ns
+                    .store(cpu_now(), std::sync::atomic::Ordering::Relaxed);
             }
             Err(detail) => {
                 let _ = failed.set(detail.clone());
@@ -1253,12 +1287,45 @@ fn sync_wal(db: &Path, wal: &mut Option<std::fs::File>) -> Result<(), String> {
         .map_err(|e| format!("fsync of the write-ahead log failed: {e}"))
 }
 
+/// Starts an encrypted store's sealer: a thread between the queue and the writer that seals
+/// every payload, batch after batch in queue order, and hands the batch on. Sealing
+/// (XChaCha20-Poly1305, a few hundred nanoseconds a payload) thus runs beside both the
+/// producers and the writer: a live run's driver submits its events itself, and sealing them
+/// there put it on the run's critical path. Returns the queue's entry.
+fn start_sealer(
+    path: &Path,
+    cipher: Arc<PayloadCipher>,
+    writer: mpsc::Sender<WriteRequest>,
+) -> Result<(mpsc::Sender<WriteRequest>, JoinHandle<()>), StoreError> {
+    let (entry, mut incoming) = mpsc::channel::<WriteRequest>(QUEUE_DEPTH);
+    let handle = std::thread::Builder::new()
+        .name("agent-runtime-store-sealer".into())
+        .spawn(move || {
+            while let Some(mut req) = incoming.blocking_recv() {
+                for ev in &mut req.events {
+                    ev.sealed = Some(cipher.seal(ev.event.payload_json(), ev.event.header()));
+                }
+                // The writer's queue closes only when the writer is gone, which the appenders
+                // then learn from their dropped replies.
+                if writer.blocking_send(req).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|e| StoreError::Open {
+            path: path.to_path_buf(),
+            detail: format!("cannot start the sealer thread: {e}"),
+        })?;
+    Ok((entry, handle))
+}
+
 fn writer_loop(
     mut conn: Connection,
     path: PathBuf,
     mut rx: mpsc::Receiver<WriteRequest>,
     replies: Replies,
     counters: Arc<WriterCounters>,
+    encrypted: bool,
 ) {
     let mut batch: Vec<WriteRequest> = Vec::new();
     let mut frame = FrameBuilder::new();
@@ -1304,7 +1371,7 @@ fn writer_loop(
             }
             continue;
         }
-        match commit_batch(&mut conn, &path, &batch, &mut frame) {
+        match commit_batch(&mut conn, &path, &batch, &mut frame, encrypted) {
             Ok((results, head)) => {
                 counters
                     .commits
@@ -1312,6 +1379,9 @@ fn writer_loop(
                 counters
                     .events
                     .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+                counters
+                    .writer_cpu_ns
+                    .store(cpu_now(), std::sync::atomic::Ordering::Relaxed);
                 match &replies {
                     Replies::AtCommit(last_seq) => {
                         let _ = last_seq.send(head);
@@ -1378,6 +1448,7 @@ fn commit_batch(
     path: &Path,
     batch: &[WriteRequest],
     frame: &mut FrameBuilder,
+    encrypted: bool,
 ) -> Result<(Vec<Vec<Appended>>, u64), String> {
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
@@ -1425,6 +1496,12 @@ fn commit_batch(
                 if frame.is_full() {
                     flush(frame)?;
                 }
+                // Fail closed: an encrypted store never stores a payload the sealer missed.
+                let stored = match (&ev.sealed, encrypted) {
+                    (Some(sealed), _) => sealed.as_slice(),
+                    (None, false) => ev.event.payload_json(),
+                    (None, true) => return Err("a payload reached the writer unsealed".into()),
+                };
                 seq += 1;
                 let hash = chain_hash(&prev, seq, ev.event.body());
                 frame.push(
@@ -1433,7 +1510,7 @@ fn commit_batch(
                     ev.event.run_id().as_bytes(),
                     ev.time_ns,
                     ev.event.header(),
-                    ev.sealed.as_deref().unwrap_or(ev.event.payload_json()),
+                    stored,
                     hash,
                 );
                 landed.push(Appended { seq, hash });

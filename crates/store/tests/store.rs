@@ -38,6 +38,68 @@ fn encrypted_round_trip_and_payloads_are_not_in_clear() {
     );
 }
 
+/// An encrypted store seals payloads on a thread of its own between the queue and the writer:
+/// batches submitted back to back, from two producers at once, land whole, in submission order
+/// per producer, every payload sealed (none in clear on disk) and opening to what was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_batches_submitted_back_to_back_are_sealed_in_order() {
+    use agent_runtime_core::{AppendStream, EncodedEvent};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let store = open_encrypted(&path);
+    let producers: Vec<_> = (1..=2u8)
+        .map(|run| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let stream = AppendStream::new();
+                let mut pending = Vec::new();
+                for b in 0..40u64 {
+                    let batch: Vec<EncodedEvent> = (0..25u64)
+                        .map(|i| {
+                            let mut e = event(run, b * 25 + i);
+                            e.payload =
+                                serde_json::json!({"canary": format!("CLEAR-{run}-{b}-{i}")});
+                            EncodedEvent::new(e)
+                        })
+                        .collect();
+                    pending.push(store.submit_encoded(batch, &stream).await.unwrap());
+                }
+                let mut seqs = Vec::new();
+                for p in pending {
+                    seqs.extend(p.await.unwrap().into_iter().map(|a| a.seq));
+                }
+                seqs
+            })
+        })
+        .collect();
+    for p in producers {
+        let seqs = p.await.unwrap();
+        assert_eq!(seqs.len(), 1000);
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "out of order");
+    }
+    let back = store.query_blocking(&EventQuery::default()).unwrap();
+    assert_eq!(back.len(), 2000);
+    for run in 1..=2u8 {
+        let texts: Vec<String> = back
+            .iter()
+            .filter(|e| e.run_id == RunId::from_bytes([run; 16]))
+            .map(|e| e.payload["canary"].as_str().unwrap().to_string())
+            .collect();
+        let expected: Vec<String> = (0..40u64)
+            .flat_map(|b| (0..25u64).map(move |i| format!("CLEAR-{run}-{b}-{i}")))
+            .collect();
+        assert_eq!(texts, expected);
+    }
+    assert!(store.verify().unwrap().problem.is_none());
+    drop(back);
+    drop(store);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(
+        !bytes.windows(6).any(|w| w == b"CLEAR-"),
+        "a payload was stored in clear"
+    );
+}
+
 #[test]
 fn plaintext_only_by_name_and_queries_work_without_key() {
     let dir = tempfile::tempdir().unwrap();
@@ -593,6 +655,11 @@ async fn full_durability_answers_after_the_log_is_synced() {
         stats.syncs >= 1 && stats.syncs <= stats.commits,
         "{stats:?}"
     );
+    // The writer's and the sync thread's CPU time are kept where the platform has the clock.
+    if cfg!(unix) {
+        assert!(stats.writer_cpu_ns.is_some_and(|ns| ns > 0), "{stats:?}");
+        assert!(stats.sync_cpu_ns.is_some_and(|ns| ns > 0), "{stats:?}");
+    }
     assert!(store.verify().unwrap().problem.is_none());
 
     let normal =

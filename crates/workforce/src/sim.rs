@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use agent_runtime_core::{
     AppendStream, EncodedEvent, ErrorClass, EventSink, FinishReason, IdGenerator, ManualClock,
-    Message, ModelResponse, PendingAppend, Role, SeededRng, Timestamp, Usage,
+    Message, ModelResponse, PendingAppend, Role, SeededRng, Timestamp, Usage, thread_cpu_ns,
 };
 
 use crate::engine::{Effect, Engine, RunStatus, TaskStatus};
@@ -556,23 +556,4 @@ impl CpuMeter {
     fn total_ns(&self) -> Option<u64> {
         self.total
     }
-}
-
-/// The calling thread's CPU time, nanoseconds.
-#[cfg(unix)]
-fn thread_cpu_ns() -> Option<u64> {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant both Linux and
-    // macOS define.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
-
-/// No per-thread CPU clock here.
-#[cfg(not(unix))]
-fn thread_cpu_ns() -> Option<u64> {
-    None
 }
