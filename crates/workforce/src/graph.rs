@@ -636,9 +636,33 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     Ok(graph)
 }
 
+/// Segments of a field path shown before the rest is elided: a value nested a hundred levels
+/// deep would otherwise print a path of a hundred `[0]`s.
+const SHOWN_PATH_SEGMENTS: usize = 8;
+
 fn path_string(p: &serde_path_to_error::Path) -> String {
-    let s = p.to_string();
-    if s == "." { "(top level)".into() } else { s }
+    let segments: Vec<_> = p.iter().collect();
+    if segments.is_empty() {
+        return "(top level)".into();
+    }
+    let mut out = String::new();
+    for (i, segment) in segments.iter().take(SHOWN_PATH_SEGMENTS).enumerate() {
+        use serde_path_to_error::Segment;
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if i > 0 {
+                    out.push('.');
+                }
+                out.push_str(key);
+            }
+            Segment::Unknown => out.push_str(if i > 0 { ".?" } else { "?" }),
+        }
+    }
+    if segments.len() > SHOWN_PATH_SEGMENTS {
+        out.push_str(&format!("... ({} levels deep)", segments.len()));
+    }
+    out
 }
 
 fn strip_position(msg: &str, field: &str) -> String {
@@ -648,10 +672,15 @@ fn strip_position(msg: &str, field: &str) -> String {
         Some(i) => &msg[..i],
         None => msg,
     };
-    msg.strip_prefix(field)
+    let msg = msg
+        .strip_prefix(field)
         .and_then(|m| m.strip_prefix(": "))
-        .unwrap_or(msg)
-        .to_string()
+        .unwrap_or(msg);
+    // serde_json stops at 128 levels of nesting with a bare "recursion limit exceeded".
+    if msg == "recursion limit exceeded" {
+        return "arrays and objects nested more than 128 levels deep".into();
+    }
+    msg.to_string()
 }
 
 /// The closest of `candidates` to `name`, when close enough to be a likely typo.
@@ -1288,6 +1317,35 @@ tasks:
             g.tasks[0].args.as_ref().unwrap()["y"],
             serde_json::json!([[[[1]]]])
         );
+    }
+
+    /// A JSON graph nested past serde_json's limit says so, with a field path cut short
+    /// rather than a hundred levels of `[0]`.
+    #[test]
+    fn deep_json_nesting_is_refused_with_a_short_path() {
+        let deep = format!(
+            r#"{{"tasks":[{{"id":"t","tool":"echo","args":{{"x":{}{}}}}}]}}"#,
+            "[".repeat(200),
+            "]".repeat(200)
+        );
+        let e = parse_graph(&deep, Path::new("flow.json")).unwrap_err();
+        let GraphError::Syntax { field, message, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert!(field.starts_with("tasks[0].args.x[0][0]"), "{field}");
+        assert!(field.ends_with("levels deep)"), "{field}");
+        assert!(field.len() < 60, "{field}");
+        assert!(message.contains("nested more than 128 levels"), "{e}");
+        // Paths within the bound are shown whole.
+        let e = parse_graph(
+            r#"{"tasks":[{"id":"t","tool":"echo","timeout":"soon"}]}"#,
+            Path::new("flow.json"),
+        )
+        .unwrap_err();
+        let GraphError::Syntax { field, .. } = &e else {
+            panic!("{e:?}")
+        };
+        assert_eq!(field, "tasks[0].timeout");
     }
 
     /// Graphs over the size limits are refused with the limit and what to do; a file is read
