@@ -347,6 +347,31 @@ fn bench_workforce_runs_one_part_with_only() {
         assert_eq!(sim[log]["events"], 40_003, "{log}");
         assert_eq!(sim[log]["log_hash"], sim["store"]["log_hash"], "{log}");
     }
+    assert_eq!(sim["store_encrypted"], false);
+    assert!(
+        sim["store_threads_per_task"]["writer_cpu_ns"]
+            .as_f64()
+            .is_some_and(|ns| ns > 0.0)
+    );
+    // Against an encrypted store (sealed by the store's sealer thread): the same events.
+    let encrypted_db = dir.path().join("enc.db");
+    let out = cli(&encrypted_db)
+        .args([
+            "bench",
+            "workforce",
+            "--quick",
+            "--only",
+            "simulator",
+            "--encrypted",
+            "--json",
+        ])
+        .output()
+        .unwrap();
+    let report = succeeded(&out);
+    let enc = &report["simulator_layered_1000_agents"];
+    assert_eq!(enc["store_encrypted"], true);
+    assert_eq!(enc["store"]["log_hash"], sim["store"]["log_hash"]);
+    assert_eq!(enc["store"]["events"], 40_003);
     cli(&db)
         .args(["bench", "workforce", "--only", "everything"])
         .assert()

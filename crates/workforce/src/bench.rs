@@ -78,10 +78,54 @@ pub struct LiveReport {
     pub events: u64,
     /// The run's status.
     pub status: crate::engine::RunStatus,
+    /// When, after the run started, the first and the last agent's first model call began, ms:
+    /// the start-up and the spread of the calls that ask for the tool.
+    pub first_calls_ms: [f64; 2],
+    /// When the first and the last agent's second model call began (after its tool returned),
+    /// ms. Less `tool_ms`, the gap to `first_calls_ms` is what a tool call costs around its
+    /// own waiting (recording the request durably, starting it, recording its result).
+    pub second_calls_ms: [f64; 2],
 }
 
-/// A model that asks once for `sleep {ms}` and then answers.
-struct SleepyModel(u64);
+/// The earliest and latest of a set of instants, as nanoseconds since an origin.
+#[derive(Debug)]
+struct Span {
+    first: std::sync::atomic::AtomicU64,
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Span {
+    fn new() -> Self {
+        Span {
+            first: std::sync::atomic::AtomicU64::new(u64::MAX),
+            last: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+    fn mark(&self, ns: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.first.fetch_min(ns, Relaxed);
+        self.last.fetch_max(ns, Relaxed);
+    }
+    /// `[first, last]` in ms after `offset_ns` (zeros when nothing was marked).
+    fn ms_after(&self, offset_ns: u64) -> [f64; 2] {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (first, last) = (self.first.load(Relaxed), self.last.load(Relaxed));
+        if first == u64::MAX {
+            return [0.0, 0.0];
+        }
+        let ms = |ns: u64| ns.saturating_sub(offset_ns) as f64 / 1e6;
+        [ms(first), ms(last)]
+    }
+}
+
+/// A model that asks once for `sleep {ms}` and then answers, noting when each of its two
+/// calls per agent began.
+struct SleepyModel {
+    ms: u64,
+    origin: Instant,
+    first: Span,
+    second: Span,
+}
 
 #[async_trait]
 impl ModelProvider for SleepyModel {
@@ -97,12 +141,14 @@ impl ModelProvider for SleepyModel {
             input_tokens: 1,
             output_tokens: 1,
         };
+        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if req.messages.last().is_some_and(|m| m.role == Role::User) {
+            self.first.mark(now);
             let mut message = Message::new(Role::Assistant, "");
             message.tool_calls = vec![ToolCall {
                 id: "1".into(),
                 name: "sleep".into(),
-                arguments: json!({"ms": self.0}),
+                arguments: json!({"ms": self.ms}),
             }];
             return Ok(ModelResponse {
                 message,
@@ -110,6 +156,7 @@ impl ModelProvider for SleepyModel {
                 usage,
             });
         }
+        self.second.mark(now);
         Ok(ModelResponse {
             message: Message::new(Role::Assistant, "ok"),
             finish: FinishReason::Stop,
@@ -162,7 +209,14 @@ pub async fn live_agents(
             .collect(),
     };
     let mut models: std::collections::BTreeMap<String, Arc<dyn ModelProvider>> = Default::default();
-    models.insert("bench".into(), Arc::new(SleepyModel(tool_ms)));
+    let origin = Instant::now();
+    let model = Arc::new(SleepyModel {
+        ms: tool_ms,
+        origin,
+        first: Span::new(),
+        second: Span::new(),
+    });
+    models.insert("bench".into(), model.clone());
     let opts = RunOptions {
         seed: 1,
         sink,
@@ -187,6 +241,7 @@ pub async fn live_agents(
         })
     };
     let started = Instant::now();
+    let offset_ns = u64::try_from(started.duration_since(origin).as_nanos()).unwrap_or(0);
     let out = driver::run_graph(graph, opts).await?;
     let wall = started.elapsed();
     stop.cancel();
@@ -205,6 +260,8 @@ pub async fn live_agents(
         },
         events: out.events,
         status: out.status,
+        first_calls_ms: model.first.ms_after(offset_ns),
+        second_calls_ms: model.second.ms_after(offset_ns),
     })
 }
 
