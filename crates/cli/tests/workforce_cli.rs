@@ -323,11 +323,9 @@ fn a_simulation_whose_run_is_claimed_is_refused() {
     sim().assert().success();
 }
 
-#[test]
-fn bench_workforce_runs_one_part_with_only() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let out = cli(&db)
+/// `bench workforce --quick --only simulator --json [EXTRA]` against `db`: its one section.
+fn bench_simulator(db: &Path, extra: &[&str]) -> Value {
+    let out = cli(db)
         .args([
             "bench",
             "workforce",
@@ -336,12 +334,20 @@ fn bench_workforce_runs_one_part_with_only() {
             "simulator",
             "--json",
         ])
+        .args(extra)
         .output()
         .unwrap();
     let report = succeeded(&out);
     let sections: Vec<&String> = report.as_object().unwrap().keys().collect();
     assert_eq!(sections, ["simulator_layered_1000_agents"]);
-    let sim = &report["simulator_layered_1000_agents"];
+    report["simulator_layered_1000_agents"].clone()
+}
+
+#[test]
+fn bench_workforce_runs_one_part_with_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let sim = bench_simulator(&db, &[]);
     for log in ["baseline_no_log", "memory_log", "store"] {
         assert_eq!(sim[log]["tasks"], 10_000, "{log}");
         assert_eq!(sim[log]["events"], 40_003, "{log}");
@@ -354,21 +360,7 @@ fn bench_workforce_runs_one_part_with_only() {
             .is_some_and(|ns| ns > 0.0)
     );
     // Against an encrypted store (sealed by the store's sealer thread): the same events.
-    let encrypted_db = dir.path().join("enc.db");
-    let out = cli(&encrypted_db)
-        .args([
-            "bench",
-            "workforce",
-            "--quick",
-            "--only",
-            "simulator",
-            "--encrypted",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    let report = succeeded(&out);
-    let enc = &report["simulator_layered_1000_agents"];
+    let enc = bench_simulator(&dir.path().join("enc.db"), &["--encrypted"]);
     assert_eq!(enc["store_encrypted"], true);
     assert_eq!(enc["store"]["log_hash"], sim["store"]["log_hash"]);
     assert_eq!(enc["store"]["events"], 40_003);
