@@ -660,7 +660,10 @@ fn path_string(p: &serde_path_to_error::Path) -> String {
         }
     }
     if segments.len() > SHOWN_PATH_SEGMENTS {
-        out.push_str(&format!("... ({} levels deep)", segments.len()));
+        out.push_str(&format!(
+            " ... ({} more)",
+            segments.len() - SHOWN_PATH_SEGMENTS
+        ));
     }
     out
 }
@@ -1333,7 +1336,7 @@ tasks:
             panic!("{e:?}")
         };
         assert!(field.starts_with("tasks[0].args.x[0][0]"), "{field}");
-        assert!(field.ends_with("levels deep)"), "{field}");
+        assert!(field.ends_with(" more)"), "{field}");
         assert!(field.len() < 60, "{field}");
         assert!(message.contains("nested more than 128 levels"), "{e}");
         // Paths within the bound are shown whole.
