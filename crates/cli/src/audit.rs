@@ -15,7 +15,8 @@ use crate::common::{CliError, GlobalArgs};
 /// Audit log subcommands.
 #[derive(Subcommand)]
 pub enum AuditCommand {
-    /// Check the hash chain; exit 1 and name the first broken sequence number when it fails.
+    /// Check the hash chain; exit 1 and name the first broken sequence number when it fails,
+    /// exit 3 when the log could not be checked (no database, wrong key, unreadable).
     Verify(VerifyArgs),
     /// Write events as jsonl, otlp (OpenTelemetry logs, OTLP/JSON) or a verifiable bundle.
     Export(ExportArgs),
@@ -158,16 +159,18 @@ pub fn print_report(report: &VerifyReport, source: &str, json: bool) -> ExitCode
 }
 
 fn verify(args: VerifyArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    // A report with a problem exits 1 (`print_report`); not getting a report at all exits 3.
+    let not_verified = |e: anyhow::Error| CliError::NotVerified(e);
     if let Some(bundle) = &args.bundle {
-        let report = verify_bundle(bundle)?;
+        let report = verify_bundle(bundle).map_err(|e| not_verified(e.into()))?;
         return Ok(print_report(
             &report,
             &bundle.display().to_string(),
             args.json,
         ));
     }
-    let store = global.open_store_read_only()?;
-    let report = store.verify()?;
+    let store = global.open_store_read_only().map_err(not_verified)?;
+    let report = store.verify().map_err(|e| not_verified(e.into()))?;
     Ok(print_report(
         &report,
         &store.path().display().to_string(),

@@ -25,6 +25,11 @@ pub enum CliError {
     /// A check failed (verification, a failed run): exit 1.
     #[error("{0}")]
     Failed(String),
+    /// `audit verify` could not check the log at all (no database, a wrong key, a locked or
+    /// unreadable file): exit 3, so that a script tells "not checked" from "checked and found
+    /// changed" (exit 1).
+    #[error(transparent)]
+    NotVerified(anyhow::Error),
 }
 
 impl CliError {
@@ -32,6 +37,7 @@ impl CliError {
         match self {
             CliError::Usage(_) => 2,
             CliError::Failed(_) => 1,
+            CliError::NotVerified(_) => 3,
         }
     }
 }

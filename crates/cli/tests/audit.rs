@@ -148,7 +148,8 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
             "{args:?}: {err}"
         );
     }
-    // Wrong passphrase: one line, exit 1, the passphrase not echoed.
+    // Wrong passphrase: one line, exit 3 (not verified: unlike 1, nothing was found changed),
+    // the passphrase not echoed.
     let out = Command::cargo_bin("agent-runtime")
         .unwrap()
         .env("AGENT_RUNTIME_PASSPHRASE", "hunter2-wrong")
@@ -156,7 +157,7 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         .arg(&db)
         .args(["audit", "verify"])
         .assert()
-        .code(1)
+        .code(3)
         .get_output()
         .clone();
     let err = String::from_utf8_lossy(&out.stderr);
@@ -177,12 +178,23 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         .stderr(predicate::str::contains(
             "is encrypted: set AGENT_RUNTIME_PASSPHRASE",
         ));
-    // No database.
+    // No database, no bundle: not verified, exit 3; other commands keep exit 1.
     cli(&dir.path().join("missing.db"))
         .args(["audit", "verify"])
         .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no event database at"));
+    cli(&dir.path().join("missing.db"))
+        .args(["audit", "stats"])
+        .assert()
         .code(1)
         .stderr(predicate::str::contains("no event database at"));
+    cli(&db)
+        .args(["audit", "verify", "--bundle"])
+        .arg(dir.path().join("missing.bundle"))
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("missing.bundle"));
     // A new database needs a key or --plaintext.
     Command::cargo_bin("agent-runtime")
         .unwrap()
