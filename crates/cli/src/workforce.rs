@@ -498,6 +498,12 @@ fn cancel_on_ctrl_c(token: CancellationToken) {
 fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let graph = agent_runtime_workforce::load_graph(&args.flow)
         .map_err(|e| CliError::Usage(e.to_string()))?;
+    for field in secret_looking_arguments(&graph) {
+        eprintln!(
+            "warning: {field} looks like a secret written into the graph; the run's events \
+             record it as written (docs/workforce.md: give secrets to tools through the gateway)"
+        );
+    }
     let store = global.open_store()?;
     let head = store.head()?.map_or(0, |(seq, _)| seq);
     drive(
@@ -508,6 +514,45 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         args.json,
         |opts, token, controls| driver::run_graph_controlled(graph, opts, token, Some(controls)),
     )
+}
+
+/// Fields of the graph's tool arguments that look like secrets written in: a string of at least
+/// eight characters under a key that names one (`api_key`, `token`, ...) and not a template.
+/// The run records its arguments as written, so these end up in the event log (replay needs
+/// exactly what the scheduler read); the gateway's own audit trail redacts them.
+fn secret_looking_arguments(graph: &agent_runtime_workforce::TaskGraph) -> Vec<String> {
+    fn walk(path: &str, value: &Value, found: &mut Vec<String>) {
+        match value {
+            Value::Object(map) => {
+                for (key, v) in map {
+                    let here = format!("{path}.{key}");
+                    match v {
+                        Value::String(text)
+                            if agent_runtime_gateway::redact::is_secret_key(key)
+                                && text.len() >= 8
+                                && !text.contains("{{") =>
+                        {
+                            found.push(here)
+                        }
+                        _ => walk(&here, v, found),
+                    }
+                }
+            }
+            Value::Array(items) => {
+                for (i, v) in items.iter().enumerate() {
+                    walk(&format!("{path}[{i}]"), v, found);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut found = Vec::new();
+    for task in &graph.tasks {
+        if let Some(args) = &task.args {
+            walk(&format!("task {} args", task.id), args, &mut found);
+        }
+    }
+    found
 }
 
 /// What `run` and `resume` share: the gateway's tools, cancellation requests made after

@@ -168,6 +168,34 @@ fn human_output_lists_outputs_and_failure_policies_work() {
         );
 }
 
+/// A secret written into a graph's tool arguments is run as written (replay needs it), with a
+/// warning naming the field; short values, templates and ordinary keys are not warned about.
+#[test]
+fn a_secret_written_into_a_graph_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = dir.path().join("secret.yaml");
+    std::fs::write(
+        &flow,
+        "tasks:\n  - id: a\n    tool: echo\n    args: { text: hi, auth: { api_key: sk-live-0123456789 }, token: ab, max_tokens: 100 }\n  - id: b\n    tool: echo\n    needs: [a]\n    args: { password: \"{{ tasks.a.output.text }}-suffix\" }\n",
+    )
+    .unwrap();
+    let out = cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .success()
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let warnings: Vec<&str> = err.lines().filter(|l| l.starts_with("warning:")).collect();
+    assert_eq!(warnings.len(), 1, "{err}");
+    assert!(
+        warnings[0].contains("task a args.auth.api_key") && !warnings[0].contains("sk-live"),
+        "{err}"
+    );
+}
+
 #[test]
 fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
     let dir = tempfile::tempdir().unwrap();
