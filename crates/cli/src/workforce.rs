@@ -969,6 +969,9 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         agent_runtime_store::StoreConfig::plaintext(&store_path)
     };
     let store = agent_runtime_store::Store::open(config)?;
+    // What the store is, not what was asked: a database named by --db keeps the mode it was
+    // created with.
+    let encrypted = store.is_encrypted();
     let rt = runtime()?;
     let say = |m: &str| {
         if !args.json {
@@ -985,13 +988,13 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             let before = store.writer_stats();
             let live = live_agents(live_n, tool_ms, Arc::new(store.clone())).await?;
             let after = store.writer_stats();
-            let live_commits = json!({
+            let live_store = json!({
                 "commits": after.commits - before.commits,
                 "threads_per_agent": store_threads(&before, &after, live_n),
             });
             say("live: same, events dropped (baseline: the driver and tokio alone)");
             let live_no_log = live_agents(live_n, tool_ms, Arc::new(NullSink)).await?;
-            Some((live, live_commits, live_no_log))
+            Some((live, live_store, live_no_log))
         } else {
             None
         };
@@ -1053,20 +1056,20 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 "memory_log": point(memory),
                 "store": point(stored),
                 "store_over_no_log": stored.ns_per_task / null.ns_per_task.max(1e-9),
-                "store_encrypted": args.encrypted,
+                "store_encrypted": encrypted,
                 "store_threads_per_task": threads,
             }),
         );
     }
-    if let Some((live, live_commits, live_no_log)) = &live {
+    if let Some((live, live_store, live_no_log)) = &live {
         report.insert(
             "live_agents".into(),
             json!({
                 "goal_bytes_per_agent": 16384,
                 "goal_overhead_pct": 5.0,
-                "store_encrypted": args.encrypted,
+                "store_encrypted": encrypted,
                 "result": live,
-                "store": live_commits,
+                "store": live_store,
                 "baseline_no_log": {
                     "wall_ms": live_no_log.wall_ms,
                     "overhead_pct": live_no_log.overhead_pct,
@@ -1109,7 +1112,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             cpu(stored)
         );
     }
-    if let Some((live, live_commits, live_no_log)) = &live {
+    if let Some((live, live_store, live_no_log)) = &live {
         println!(
             "live agents: {} each awaiting {} ms",
             live.agents, live.tool_ms
@@ -1120,7 +1123,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
         println!(
             "  {} events in {} durable commits",
-            live.events, live_commits
+            live.events, live_store["commits"]
         );
         println!(
             "  events dropped (baseline): wall {:.0} ms, overhead {:.1}%",

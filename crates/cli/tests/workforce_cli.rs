@@ -371,6 +371,33 @@ fn bench_simulator(db: &Path, extra: &[&str]) -> Value {
     report["simulator_layered_1000_agents"].clone()
 }
 
+/// The live part's plain report: the commits line says how many (a number, not the JSON the
+/// report's store section holds).
+#[test]
+fn bench_workforce_live_prints_its_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = cli(&dir.path().join("ev.db"))
+        .args(["bench", "workforce", "--quick", "--only", "live"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.contains("durable commits"))
+        .unwrap_or_else(|| panic!("{text}"));
+    let commits = line
+        .trim()
+        .split(' ')
+        .nth(3)
+        .and_then(|n| n.parse::<u64>().ok());
+    assert!(commits.is_some_and(|n| n > 0), "{line}");
+}
+
 #[test]
 fn bench_workforce_runs_one_part_with_only() {
     let dir = tempfile::tempdir().unwrap();

@@ -45,11 +45,15 @@ pub fn flow_nesting_past(text: &str, max: usize) -> Option<(usize, usize)> {
     None
 }
 
-/// The message for text that [`flow_nesting_past`] refused.
+/// What is wrong with text that [`flow_nesting_past`] refused, for a caller that reports the
+/// place itself.
+pub fn too_deep() -> String {
+    format!("brackets nested more than {MAX_YAML_FLOW_DEPTH} levels deep")
+}
+
+/// The message for text that [`flow_nesting_past`] refused at (`line`, `column`).
 pub fn too_deep_message(line: usize, column: usize) -> String {
-    format!(
-        "line {line} column {column}: brackets nested more than {MAX_YAML_FLOW_DEPTH} levels deep"
-    )
+    format!("line {line} column {column}: {}", too_deep())
 }
 
 #[cfg(test)]

@@ -732,7 +732,7 @@ fn a_run_is_claimed_by_one_holder_at_a_time() {
     );
     let claim_b = other.claim_run(b).unwrap();
     drop(claim);
-    // The file stays; the probe sees that nobody holds it, and leaves it free.
+    // Released: the probe sees that nobody holds it, and leaves it free.
     assert!(!other.run_is_claimed(a).unwrap());
     let again = other.claim_run(a).unwrap();
     drop((again, claim_b));

@@ -592,18 +592,15 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
                 column,
             },
             field: "(top level)".into(),
-            message: format!(
-                "brackets nested more than {} levels deep",
-                agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH
-            ),
+            message: agent_runtime_core::yaml::too_deep(),
         });
     }
     let graph: TaskGraph = if json {
         let mut de = serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(&mut de).map_err(|e| {
-            let field = path_string(e.path());
+            let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
-            let message = strip_position(&inner.to_string(), &field);
+            let message = strip_position(&inner.to_string(), &full);
             GraphError::Syntax {
                 at: Location {
                     file: file.to_path_buf(),
@@ -617,10 +614,10 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     } else {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
-            let field = path_string(e.path());
+            let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
             let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
-            let message = strip_position(&inner.to_string(), &field);
+            let message = strip_position(&inner.to_string(), &full);
             GraphError::Syntax {
                 at: Location {
                     file: file.to_path_buf(),
@@ -668,15 +665,16 @@ fn path_string(p: &serde_path_to_error::Path) -> String {
     out
 }
 
-fn strip_position(msg: &str, field: &str) -> String {
-    // Both parsers append " at line L column C", and the YAML one starts with the field path;
-    // both are reported separately.
+/// The parser's message without its position and its leading field path (`path`, as the
+/// parser writes it, whole), both of which the error reports separately.
+fn strip_position(msg: &str, path: &str) -> String {
+    // Both parsers append " at line L column C", and the YAML one starts with the field path.
     let msg = match msg.find(" at line ") {
         Some(i) => &msg[..i],
         None => msg,
     };
     let msg = msg
-        .strip_prefix(field)
+        .strip_prefix(path)
         .and_then(|m| m.strip_prefix(": "))
         .unwrap_or(msg);
     // serde_json stops at 128 levels of nesting with a bare "recursion limit exceeded".

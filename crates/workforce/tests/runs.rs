@@ -13,6 +13,21 @@ use agent_runtime_workforce::state::{RunSummary, check_limits};
 use common::*;
 use serde_json::json;
 
+/// A run's options on the paused tokio clock from `T0`, seed 1, with the scripted models.
+fn opts_at_t0(
+    sink: Arc<dyn agent_runtime_core::EventSink>,
+    tools: Arc<dyn driver::ToolInvoker>,
+) -> RunOptions {
+    RunOptions {
+        seed: 1,
+        sink,
+        clock: Arc::new(TokioClock::new(T0)),
+        tools,
+        models: models(),
+        observer: None,
+    }
+}
+
 fn name_of(events: &[Envelope], tid: Option<TaskId>) -> String {
     let engine = Engine::create(&events[0].to_new_event()).unwrap();
     tid.and_then(|t| engine.task_name(t).map(String::from))
@@ -459,14 +474,7 @@ fn cancelling_a_run_stops_everything() {
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 t.cancel();
             });
-            let opts = RunOptions {
-                seed: 1,
-                sink: log.clone(),
-                clock: Arc::new(TokioClock::new(T0)),
-                tools: registry(),
-                models: models(),
-                observer: None,
-            };
+            let opts = opts_at_t0(log.clone(), registry());
             driver::run_graph_with_cancel(g, opts, token).await
         })
         .unwrap();
@@ -638,14 +646,7 @@ fn unknown_tools_are_refused_before_the_run_starts() {
     let err = rt()
         .block_on(driver::run_graph(
             graph("tasks:\n  - { id: a, tool: ecoh, args: {} }\n"),
-            RunOptions {
-                seed: 1,
-                sink: log.clone(),
-                clock: Arc::new(TokioClock::new(T0)),
-                tools: registry(),
-                models: models(),
-                observer: None,
-            },
+            opts_at_t0(log.clone(), registry()),
         ))
         .unwrap_err()
         .to_string();
@@ -779,14 +780,7 @@ fn control_requests_are_recorded_before_they_act_and_foreign_events_are_not_repl
     let other_run = agent_runtime_core::RunId::from_bytes([9; 16]);
     let out = rt()
         .block_on(async {
-            let opts = RunOptions {
-                seed: 1,
-                sink: log.clone(),
-                clock: Arc::new(TokioClock::new(T0)),
-                tools: registry(),
-                models: models(),
-                observer: None,
-            };
+            let opts = opts_at_t0(log.clone(), registry());
             let run = tokio::spawn(driver::run_graph_controlled(
                 g,
                 opts,
@@ -1201,14 +1195,7 @@ fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
         let out = rt
             .block_on(driver::run_graph(
                 graph(&yaml),
-                RunOptions {
-                    seed: 1,
-                    sink,
-                    clock: Arc::new(TokioClock::new(T0)),
-                    tools: Arc::new(tools),
-                    models: models(),
-                    observer: None,
-                },
+                opts_at_t0(sink, Arc::new(tools)),
             ))
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(out.status, RunStatus::Completed);
@@ -1259,14 +1246,7 @@ fn a_tool_list_that_panics_fails_the_model_call_instead_of_hanging_the_run() {
     let log = Arc::new(MemoryLog::default());
     let out = rt()
         .block_on(async {
-            let opts = RunOptions {
-                seed: 1,
-                sink: log.clone(),
-                clock: Arc::new(TokioClock::new(T0)),
-                tools: Arc::new(PanickySpecs(registry())),
-                models: models(),
-                observer: None,
-            };
+            let opts = opts_at_t0(log.clone(), Arc::new(PanickySpecs(registry())));
             let g = graph(
                 "agents:\n  w: { model: script/m, tools: [echo] }\ntasks:\n  - { id: a, agent: w, prompt: hi, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
             );
