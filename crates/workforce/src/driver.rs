@@ -379,7 +379,7 @@ pub async fn run_graph_controlled(
     // The engine starts from the graph itself rather than from the event's copy of it (as replay
     // and resume do): the same graph (a test holds every example equal to its JSON round trip)
     // without parsing it back, which was a tenth of a 10,000-task run's start.
-    let mut engine = Engine::start(run_id, graph, opts.seed, now);
+    let mut engine = Engine::start_in_steps(run_id, graph, opts.seed, now, PUMP_STEP);
     let mut driver = Driver::new(opts, LogHasher::new(), 0);
     driver
         .drive(&mut engine, vec![created], cancel, controls)
@@ -581,6 +581,8 @@ pub async fn resume_controlled(
     }
     check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
     let resumed = engine.resumed_event(opts.clock.now());
+    // The recorded events were folded in whole pumps; from here on, as in a fresh run.
+    engine.set_pump_step(Some(PUMP_STEP));
     engine.apply(&resumed)?;
     let count = hasher.count();
     let mut driver = Driver::new(opts, hasher, count);
@@ -616,6 +618,10 @@ const MAX_BATCH: usize = 4096;
 /// commits the pieces that queue up behind the one it writes as one transaction, so a burst
 /// still costs few commits.
 const PIECE: usize = 2048;
+
+/// Most attempts the engine starts in one step of a pump: a step derives about a piece of
+/// events (two per attempt), handed to the log before the next step.
+const PUMP_STEP: u32 = (PIECE / 2) as u32;
 
 /// Moves what the engine derived into the batch being gathered, each effect marked with how
 /// many of the batch's events must be durable before it may be performed. Events and effects
@@ -745,11 +751,15 @@ impl Driver {
         let mut cancel_requested = false;
         loop {
             take_derived(engine, &mut batch, &mut effects);
+            // The engine stopped a pump at its step (a burst: a run starting thousands of tasks
+            // at once): what it derived so far goes to the log now, so that the writer works on
+            // it while the engine derives the rest.
+            let pumping = engine.is_pumping();
             // The next batch goes to the writer as soon as the writer is idle; while it writes,
             // results keep coming in and the engine keeps deriving (nothing it derives leaves the
             // process before its batch is durable), so the log's writing and the scheduler's
             // work overlap and the next batch groups everything that came meanwhile.
-            if !batch.is_empty() && (pending.is_empty() || batch.len() >= MAX_BATCH) {
+            if !batch.is_empty() && (pending.is_empty() || batch.len() >= MAX_BATCH || pumping) {
                 self.events += batch.len() as u64;
                 // The next batch starts with room for as many: growing a vector of events by
                 // doubling copies it again and again (a few percent of the driver's work).
@@ -805,6 +815,15 @@ impl Driver {
                 for (_, effect) in std::mem::take(&mut effects) {
                     self.perform(effect, &launch);
                 }
+            }
+            if pumping {
+                // No input until the pump is done (the engine would finish it first anyway):
+                // the events stay those of one pump. Calls whose piece is durable start now.
+                while let Some(done) = durable_now(&mut pending) {
+                    self.durable(done?, engine, &launch);
+                }
+                engine.pump_more();
+                continue;
             }
             let finished = engine.is_finished();
             if finished && pending.is_empty() && batch.is_empty() {
@@ -876,7 +895,7 @@ impl Driver {
             });
             // Group-record: every result already waiting goes into the same batch, each
             // followed by what the engine derived from it; effects wait for the append.
-            while batch.len() < MAX_BATCH && !engine.is_finished() {
+            while batch.len() < MAX_BATCH && !engine.is_finished() && !engine.is_pumping() {
                 let Ok(done) = rx.try_recv() else { break };
                 take_derived(engine, &mut batch, &mut effects);
                 let input = self.record_result(engine, done);

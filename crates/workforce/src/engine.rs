@@ -499,6 +499,12 @@ pub struct Engine {
     effect_marks: Vec<usize>,
     decisions: u64,
     shapes: Shapes,
+    /// Most attempts one pump starts before it stops (see [`Engine::set_pump_step`]); `None`:
+    /// no limit.
+    pump_step: Option<u32>,
+    /// A pump stopped at its step with tasks left to start: it goes on before anything else
+    /// (see [`Engine::pump_more`]), so the events come out as from one pump.
+    pump_unfinished: bool,
 }
 
 /// A compact view of one task, for reports.
@@ -580,16 +586,36 @@ impl Engine {
             .and_then(Value::as_u64)
             .ok_or_else(|| bad(event.kind, "no seed"))?;
         let graph = graph_of_created(&event.payload)?;
-        Ok(Self::build(event.run_id, graph, seed, event.time))
+        Ok(Self::build(event.run_id, graph, seed, event.time, None))
     }
 
     /// Starts an engine for a graph already validated (as [`Engine::create`] would from its
     /// `run.created` event, without the round trip through JSON).
     pub fn start(run_id: RunId, graph: TaskGraph, seed: u64, time: Timestamp) -> Engine {
-        Self::build(run_id, graph, seed, time)
+        Self::build(run_id, graph, seed, time, None)
     }
 
-    fn build(run_id: RunId, graph: TaskGraph, seed: u64, now: Timestamp) -> Engine {
+    /// [`Engine::start`] with pumps of at most `step` attempts each (see
+    /// [`Engine::set_pump_step`]): a run that starts thousands of tasks at once derives its
+    /// first events in steps, which its driver can hand to the log while the engine derives the
+    /// rest.
+    pub fn start_in_steps(
+        run_id: RunId,
+        graph: TaskGraph,
+        seed: u64,
+        time: Timestamp,
+        step: u32,
+    ) -> Engine {
+        Self::build(run_id, graph, seed, time, Some(step.max(1)))
+    }
+
+    fn build(
+        run_id: RunId,
+        graph: TaskGraph,
+        seed: u64,
+        now: Timestamp,
+        pump_step: Option<u32>,
+    ) -> Engine {
         let (clock, ids) = run_ids(seed, now);
         let deps = graph.dependency_lists();
         let dependents = deps.inverse();
@@ -699,6 +725,8 @@ impl Engine {
             effect_marks: Vec::new(),
             decisions: 0,
             shapes: Shapes::new(),
+            pump_step,
+            pump_unfinished: false,
             tasks,
             graph,
         };
@@ -717,13 +745,46 @@ impl Engine {
         }
         // The first dispatches come at once, two events and an effect each: room for them now,
         // as growing the buffers by doubling would touch twice the memory, fresh pages all.
-        let first = e.ready.len().min(e.graph.limits.concurrency as usize);
+        let first = e
+            .ready
+            .len()
+            .min(e.graph.limits.concurrency as usize)
+            .min(e.pump_step.map_or(usize::MAX, |s| s as usize));
         e.events.reserve(2 * first);
         e.effects.reserve(first);
         e.effect_marks.reserve(first);
-        e.pump();
-        e.check_done();
+        e.settle();
         e
+    }
+
+    /// Limits each pump (starting the ready tasks that slots allow) to `step` attempts, or lifts
+    /// the limit (`None`). A pump that stops at its step leaves [`Engine::is_pumping`] true;
+    /// [`Engine::pump_more`] goes on. The events are the same as with no limit: a pump left
+    /// unfinished is finished before any input is applied, whoever applies it.
+    pub fn set_pump_step(&mut self, step: Option<u32>) {
+        self.pump_step = step.map(|s| s.max(1));
+    }
+
+    /// Whether the last pump stopped at its step with tasks left to start.
+    pub fn is_pumping(&self) -> bool {
+        self.pump_unfinished
+    }
+
+    /// Goes on with an unfinished pump for one more step; a no-op when there is none.
+    pub fn pump_more(&mut self) {
+        if self.pump_unfinished {
+            self.settle();
+        }
+    }
+
+    /// Finishes an unfinished pump at once. Every input does this first, so that it meets the
+    /// state one whole pump would have left; but the events it then derives are the pump's and
+    /// belong before the input's in the log, so a caller that records inputs finishes the pump
+    /// and takes its events (and effects) before it applies an input.
+    pub fn finish_pump(&mut self) {
+        while self.pump_unfinished {
+            self.settle();
+        }
     }
 
     /// The run's id.
@@ -946,6 +1007,7 @@ impl Engine {
         time: Timestamp,
         result: Result<Value, (ErrorClass, String)>,
     ) -> EncodedEvent {
+        self.finish_pump();
         let event = self.tool_result_input(call, tool, time, &result);
         if self.enter_input(event.time()) {
             self.on_tool_result(call, result);
@@ -961,6 +1023,7 @@ impl Engine {
         time: Timestamp,
         result: Result<ModelResponse, (ErrorClass, String)>,
     ) -> EncodedEvent {
+        self.finish_pump();
         let event = self.model_result_input(call, time, result.as_ref());
         if self.enter_input(event.time()) {
             self.on_model_result(call, result);
@@ -1090,6 +1153,7 @@ impl Engine {
         if !is_input(event) || event.kind == EventKind::RunCreated {
             return Err(bad(event.kind, "not an input event of a running engine"));
         }
+        self.finish_pump();
         if !self.enter_input(event.time) {
             return Ok(());
         }
@@ -1169,7 +1233,9 @@ impl Engine {
     /// What every applied input does last: start what can start, end the run if it is done.
     fn settle(&mut self) {
         self.pump();
-        self.check_done();
+        if !self.pump_unfinished {
+            self.check_done();
+        }
     }
 
     // ---- dispatch ----------------------------------------------------------------------
@@ -1187,7 +1253,15 @@ impl Engine {
 
     /// Starts ready tasks while slots allow, in ready-set order.
     fn pump(&mut self) {
+        self.pump_unfinished = false;
+        let mut budget = self.pump_step.unwrap_or(u32::MAX);
         while self.status == RunStatus::Running && self.running < self.graph.limits.concurrency {
+            if budget == 0 {
+                // Only if something is left to look at: a pump that ends exactly at its step
+                // is finished.
+                self.pump_unfinished = !self.ready.is_empty();
+                break;
+            }
             let Some(Reverse(key)) = self.ready.pop() else {
                 break;
             };
@@ -1214,6 +1288,7 @@ impl Engine {
                 continue;
             }
             self.start_attempt(idx);
+            budget -= 1;
         }
     }
 

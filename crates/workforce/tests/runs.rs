@@ -1002,6 +1002,91 @@ tasks:
     assert!(tool_results >= 3, "{tool_results}");
 }
 
+/// A pump stopped at its step (the driver hands a burst to the log in steps) derives exactly
+/// what one whole pump derives, whether it is gone on with step by step or an input arrives
+/// while it is unfinished: replay and resume fold recorded runs in whole pumps.
+#[test]
+fn pumps_in_steps_derive_what_whole_pumps_derive() {
+    use agent_runtime_core::{EncodedEvent, RunId};
+    use agent_runtime_workforce::Effect;
+    let mut yaml = String::from(
+        "limits: { concurrency: 23, tools: { echo: 9 } }\ntasks:\n  - { id: root, tool: echo, args: {} }\n",
+    );
+    for i in 0..60 {
+        let needs = if i % 2 == 0 { "[root]" } else { "[]" };
+        yaml += &format!(
+            "  - {{ id: t{i:02}, tool: {}, args: {{ n: {i} }}, needs: {needs}, priority: {} }}\n",
+            if i % 3 == 0 { "echo" } else { "upper" },
+            i % 4
+        );
+    }
+    let g = graph(&yaml);
+    let run_id = RunId::from_bytes([5; 16]);
+    let created = Engine::created_event(run_id, &g, 3, T0);
+    let mut whole = Engine::create(&created).unwrap();
+    let mut stepped = Engine::start_in_steps(run_id, g, 3, T0, 4);
+    let mut unfinished = 0;
+    let mut time = T0;
+    // What each engine derived since the last comparison.
+    let (mut stepped_events, mut stepped_effects) = (Vec::<EncodedEvent>::new(), Vec::new());
+    let (mut whole_events, mut whole_effects) = (Vec::<EncodedEvent>::new(), Vec::<Effect>::new());
+    for round in 0..200 {
+        // Even rounds drive the stepped engine step by step, as the driver does, and compare;
+        // in odd rounds the results arrive while its pump is unfinished, and it is finished at
+        // once, as a caller that records inputs does first.
+        if round % 2 == 0 {
+            while stepped.is_pumping() {
+                unfinished += 1;
+                stepped_events.extend(stepped.drain_events());
+                stepped_effects.extend(stepped.drain_effects());
+                stepped.pump_more();
+            }
+        } else if stepped.is_pumping() {
+            unfinished += 1;
+            stepped.finish_pump();
+        }
+        stepped_events.extend(stepped.drain_events());
+        stepped_effects.extend(stepped.drain_effects());
+        let answered = whole_effects.len();
+        whole_events.extend(whole.drain_events());
+        whole_effects.extend(whole.drain_effects());
+        let to_answer = whole_effects[answered..].to_vec();
+        if round % 2 == 0 {
+            assert_eq!(stepped_events, whole_events, "round {round}");
+            assert_eq!(stepped_effects, whole_effects, "round {round}");
+            stepped_events.clear();
+            stepped_effects.clear();
+            whole_events.clear();
+            whole_effects.clear();
+        }
+        if whole.is_finished() && round % 2 == 0 {
+            break;
+        }
+        time = time.saturating_add(Duration::from_millis(5));
+        for effect in to_answer {
+            let Effect::CallTool {
+                call, tool, args, ..
+            } = effect
+            else {
+                continue;
+            };
+            let result = Ok(json!({ "echo": args }));
+            let as_whole = whole.apply_tool_result(call, &tool, time, result.clone());
+            let as_stepped = stepped.apply_tool_result(call, &tool, time, result);
+            assert_eq!(as_whole, as_stepped);
+            stepped_events.push(as_stepped);
+            whole_events.push(as_whole);
+        }
+    }
+    assert_eq!(whole.status(), RunStatus::Completed);
+    assert_eq!(stepped.status(), RunStatus::Completed);
+    assert_eq!(whole.final_outputs(), stepped.final_outputs());
+    assert!(
+        unfinished >= 5,
+        "the pumps never stopped at their step: {unfinished}"
+    );
+}
+
 /// The `n` of every `tool.requested` a test log holds durably, the appends made, and how many
 /// pieces were submitted and not yet durable at most.
 #[derive(Default)]
@@ -1212,6 +1297,11 @@ fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
         assert!(appends[0] < 2 * n + 2, "{appends:?}");
         // Every event the driver counted is in the log, in the order it was submitted.
         assert_eq!(log.all().len() as u64, out.events);
+        // The engine started the burst in steps, each handed to the log before the next was
+        // derived; replay, which folds it in one pump, derives the same events.
+        let replayed = driver::replay_events(&log.all()).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(replayed.log_hash, out.log_hash);
+        assert_eq!(replayed.status, RunStatus::Completed);
         let most = durable
             .most_in_flight
             .load(std::sync::atomic::Ordering::SeqCst);
