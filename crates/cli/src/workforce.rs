@@ -1076,6 +1076,8 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     "events": live_no_log.events,
                     "first_calls_ms": live_no_log.first_calls_ms,
                     "second_calls_ms": live_no_log.second_calls_ms,
+                    "tool_starts_ms": live_no_log.tool_starts_ms,
+                    "tool_ends_ms": live_no_log.tool_ends_ms,
                 },
             }),
         );

@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use agent_runtime_core::{
     Appended, CallContext, EventSink, FinishReason, Hash32, Message, ModelError, ModelProvider,
-    ModelRequest, ModelResponse, NewEvent, Role, SinkError, SystemClock, ToolCall, Usage,
-    async_trait,
+    ModelRequest, ModelResponse, NewEvent, Role, SinkError, SystemClock, Tool, ToolCall,
+    ToolDescriptor, ToolError, ToolOutput, Usage, async_trait,
 };
 use serde_json::json;
 
@@ -85,6 +85,11 @@ pub struct LiveReport {
     /// ms. Less `tool_ms`, the gap to `first_calls_ms` is what a tool call costs around its
     /// own waiting (recording the request durably, starting it, recording its result).
     pub second_calls_ms: [f64; 2],
+    /// When the first and the last agent's tool began, ms: after its request was durable.
+    pub tool_starts_ms: [f64; 2],
+    /// When the first and the last agent's tool returned, ms; the gap to `second_calls_ms` is
+    /// recording the result durably and starting the next model call.
+    pub tool_ends_ms: [f64; 2],
 }
 
 /// The earliest and latest of a set of instants, as nanoseconds since an origin.
@@ -165,6 +170,37 @@ impl ModelProvider for SleepyModel {
     }
 }
 
+/// The native `sleep` tool, noting when each call began and returned.
+struct TimedSleep {
+    inner: crate::tools::Native,
+    origin: Instant,
+    starts: Span,
+    ends: Span,
+}
+
+impl TimedSleep {
+    fn now(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+#[async_trait]
+impl Tool for TimedSleep {
+    fn descriptor(&self) -> &ToolDescriptor {
+        self.inner.descriptor()
+    }
+    async fn call(
+        &self,
+        args: serde_json::Value,
+        ctx: CallContext,
+    ) -> Result<ToolOutput, ToolError> {
+        self.starts.mark(self.now());
+        let out = self.inner.call(args, ctx).await;
+        self.ends.mark(self.now());
+        out
+    }
+}
+
 /// Runs `agents` agent tasks at once, each calling a tool that waits `tool_ms`, through the real
 /// driver on the current tokio runtime; samples resident memory while they wait.
 pub async fn live_agents(
@@ -217,11 +253,19 @@ pub async fn live_agents(
         second: Span::new(),
     });
     models.insert("bench".into(), model.clone());
+    let sleep = Arc::new(TimedSleep {
+        inner: crate::tools::Native::sleep(),
+        origin,
+        starts: Span::new(),
+        ends: Span::new(),
+    });
+    let mut tools = ToolRegistry::with_native_tools();
+    tools.register(sleep.clone());
     let opts = RunOptions {
         seed: 1,
         sink,
         clock: Arc::new(SystemClock),
-        tools: Arc::new(ToolRegistry::with_native_tools()),
+        tools: Arc::new(tools),
         models: Arc::new(StaticModels(models)),
         observer: None,
     };
@@ -262,6 +306,8 @@ pub async fn live_agents(
         status: out.status,
         first_calls_ms: model.first.ms_after(offset_ns),
         second_calls_ms: model.second.ms_after(offset_ns),
+        tool_starts_ms: sleep.starts.ms_after(offset_ns),
+        tool_ends_ms: sleep.ends.ms_after(offset_ns),
     })
 }
 
@@ -299,4 +345,37 @@ pub async fn scaling(
         });
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The live report's instants follow each agent's path: first model call, its tool (which
+    /// waits its full time), the second model call. Causal order only, no timing goal.
+    #[test]
+    fn live_report_marks_each_step_of_the_agents_path() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt
+            .block_on(live_agents(40, 30, Arc::new(NullSink)))
+            .unwrap();
+        assert_eq!(r.status, crate::engine::RunStatus::Completed);
+        let [call1, tool_start, tool_end, call2] = [
+            r.first_calls_ms,
+            r.tool_starts_ms,
+            r.tool_ends_ms,
+            r.second_calls_ms,
+        ];
+        for span in [call1, tool_start, tool_end, call2] {
+            assert!(span[0] > 0.0 && span[0] <= span[1], "{r:?}");
+        }
+        assert!(call1[0] <= tool_start[0], "{r:?}");
+        assert!(tool_end[0] >= tool_start[0] + 30.0, "{r:?}");
+        assert!(call2[1] >= tool_end[1], "{r:?}");
+        assert!(r.wall_ms >= call2[1], "{r:?}");
+    }
 }
