@@ -370,12 +370,10 @@ pub async fn run_graph_controlled(
         Arc::new(agent_runtime_core::ManualClock::new(now)),
     )
     .run_id();
-    graph
-        .validate()
-        .map_err(|e| EngineError::Graph(e.to_string()))?;
+    let (validated, created) = validate_and_encode(&graph, run_id, opts.seed, now);
+    validated.map_err(|e| EngineError::Graph(e.to_string()))?;
     // Held until the run is driven to its end: nobody may resume it meanwhile.
     let _claim = claim(&opts, run_id)?;
-    let created = Engine::created_event_encoded(run_id, &graph, opts.seed, now);
     // The engine starts from the graph itself rather than from the event's copy of it (as replay
     // and resume do): the same graph (a test holds every example equal to its JSON round trip)
     // without parsing it back, which was a tenth of a 10,000-task run's start.
@@ -384,6 +382,41 @@ pub async fn run_graph_controlled(
     driver
         .drive(&mut engine, vec![created], cancel, controls)
         .await
+}
+
+/// Tasks from which a graph's validation and its `run.created` encoding run on two threads.
+const PARALLEL_START_TASKS: usize = 1000;
+
+/// Validates `graph` and, meanwhile on a second thread when the graph is large, encodes its
+/// `run.created` event: two independent reads of the graph, each a few milliseconds for ten
+/// thousand tasks, on the critical path of every call of the run. The event is thrown away if
+/// the graph is invalid.
+fn validate_and_encode(
+    graph: &TaskGraph,
+    run_id: RunId,
+    seed: u64,
+    now: agent_runtime_core::Timestamp,
+) -> (Result<(), crate::graph::GraphError>, EncodedEvent) {
+    let encode = || Engine::created_event_encoded(run_id, graph, seed, now);
+    if graph.tasks.len() < PARALLEL_START_TASKS {
+        return (graph.validate(), encode());
+    }
+    std::thread::scope(|scope| {
+        match std::thread::Builder::new()
+            .name("agent-runtime-run-created".into())
+            .spawn_scoped(scope, encode)
+        {
+            Ok(encoding) => {
+                let validated = graph.validate();
+                match encoding.join() {
+                    Ok(created) => (validated, created),
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }
+            // No thread to be had: one after the other.
+            Err(_) => (graph.validate(), encode()),
+        }
+    })
 }
 
 /// The result of a replay.

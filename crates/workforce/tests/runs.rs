@@ -640,6 +640,26 @@ fn provider_limits_hold_model_calls() {
     assert!(peaks["agent:w"] >= 2);
 }
 
+/// A large graph is validated while its `run.created` is encoded on another thread; an
+/// invalid one is still refused before anything is recorded, with the cycle named.
+#[test]
+fn a_large_invalid_graph_is_refused_before_anything_is_recorded() {
+    let mut yaml = String::from("tasks:\n");
+    for i in 0..1500 {
+        yaml += &format!("  - {{ id: t{i:04}, tool: echo, args: {{}} }}\n");
+    }
+    let mut g = graph(&yaml);
+    g.tasks[0].needs = vec!["t1499".into()];
+    g.tasks[1499].needs = vec!["t0000".into()];
+    let log = Arc::new(MemoryLog::default());
+    let err = rt()
+        .block_on(driver::run_graph(g, opts_at_t0(log.clone(), registry())))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("t0000 -> t1499 -> t0000"), "{err}");
+    assert!(log.all().is_empty());
+}
+
 #[test]
 fn unknown_tools_are_refused_before_the_run_starts() {
     let log = Arc::new(MemoryLog::default());
