@@ -490,7 +490,15 @@ fn summarize_parts(
 
 /// Re-runs the engine over recorded events: every input as recorded, every derived event
 /// compared with the recorded one. Calls no tool and no model.
-fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverError> {
+/// Rebuilds a run's engine from its recorded events, checking that the engine derives what the
+/// log holds. Also returns what the engine derived past the log's end: a burst goes to the log
+/// in pieces, each durable on its own, so a process that stopped can leave the log ending
+/// inside what one input derived. Those events were never durable, so none of their effects
+/// was performed.
+fn refold(
+    events: &[Envelope],
+    hasher: &mut LogHasher,
+) -> Result<(Engine, Vec<EncodedEvent>), DriverError> {
     let first = events
         .first()
         .ok_or_else(|| DriverError::Log("no events".into()))?
@@ -499,15 +507,17 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverE
     hasher.update(&first);
     let mut pos = 1;
     let mut rec_body = Vec::new();
+    let mut derived: Vec<EncodedEvent> = Vec::new();
     loop {
-        for produced in engine.drain_events() {
+        derived.extend(engine.drain_events());
+        let mut produced_events = derived.drain(..);
+        while let Some(produced) = produced_events.next() {
             let Some(rec) = events.get(pos) else {
-                return Err(DriverError::Diverged {
-                    index: pos,
-                    seq: 0,
-                    recorded: "the end of the log".into(),
-                    produced: summarize_encoded(&produced),
-                });
+                // The log ends inside this input's derived events.
+                let mut unrecorded = vec![produced];
+                unrecorded.extend(produced_events);
+                engine.drain_effects();
+                return Ok((engine, unrecorded));
             };
             let rec = rec.to_new_event();
             rec_body.clear();
@@ -538,7 +548,7 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Engine, DriverE
         hasher.update(&next);
         pos += 1;
     }
-    Ok(engine)
+    Ok((engine, Vec::new()))
 }
 
 /// Replays a recorded run: re-executes the scheduler against the recorded results and checks
@@ -569,13 +579,19 @@ pub fn replay_events(events: &[Envelope]) -> Result<ReplayReport, DriverError> {
         return Err(DriverError::Log("no events".into()));
     };
     let mut hasher = LogHasher::new();
-    let engine = refold(events, &mut hasher)?;
+    let (engine, unrecorded) = refold(events, &mut hasher)?;
+    // A log that ends inside a burst is a run that stopped, whatever the engine reached.
+    let finished = engine.is_finished() && unrecorded.is_empty();
     Ok(ReplayReport {
         run_id: first.run_id,
         events: hasher.count(),
         log_hash: hasher.hex(),
-        status: engine.status(),
-        finished: engine.is_finished(),
+        status: if finished {
+            engine.status()
+        } else {
+            RunStatus::Running
+        },
+        finished,
     })
 }
 
@@ -605,28 +621,26 @@ pub async fn resume_controlled(
     let _claim = claim(&opts, run_id)?;
     let events = load_run(source, run_id).await?;
     let mut hasher = LogHasher::new();
-    let mut engine = refold(&events, &mut hasher)?;
-    if engine.is_finished() {
+    // Events the engine derived past the log's end are recorded first, as they were derived
+    // (see `refold`); `run.resumed` then treats their calls as any call in flight.
+    let (mut engine, mut first) = refold(&events, &mut hasher)?;
+    if engine.is_finished() && first.is_empty() {
         return Err(DriverError::Finished {
             run_id,
             status: format!("{:?}", engine.status()).to_lowercase(),
         });
     }
     check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
-    let resumed = engine.resumed_event(opts.clock.now());
-    // The recorded events were folded in whole pumps; from here on, as in a fresh run.
-    engine.set_pump_step(Some(PUMP_STEP));
-    engine.apply(&resumed)?;
+    if !engine.is_finished() {
+        let resumed = engine.resumed_event(opts.clock.now());
+        // The recorded events were folded in whole pumps; from here on, as in a fresh run.
+        engine.set_pump_step(Some(PUMP_STEP));
+        engine.apply(&resumed)?;
+        first.push(EncodedEvent::new(resumed));
+    }
     let count = hasher.count();
     let mut driver = Driver::new(opts, hasher, count);
-    driver
-        .drive(
-            &mut engine,
-            vec![EncodedEvent::new(resumed)],
-            cancel,
-            controls,
-        )
-        .await
+    driver.drive(&mut engine, first, cancel, controls).await
 }
 
 enum Done {

@@ -401,6 +401,61 @@ fn resume_after_a_crash_at_every_batch_boundary_finishes_without_redoing_work() 
     }
 }
 
+/// A burst (thousands of tasks started at once) goes to the log in pieces, each durable on its
+/// own, so a crash can leave only the first pieces of it: the log then ends inside what the
+/// engine derived from one input. Resume records the rest before `run.resumed` (which sends
+/// every started attempt through its retry policy, as for any crash) and finishes; replay
+/// accepts the interrupted log, and the resumed one.
+#[test]
+fn resume_after_a_crash_inside_a_burst_records_the_rest_and_finishes() {
+    let n = 3000;
+    let mut yaml = format!("limits: {{ concurrency: {n}, max_tasks: {n} }}\ntasks:\n");
+    for i in 0..n {
+        yaml += &format!(
+            "  - {{ id: t{i:04}, tool: echo, args: {{ n: {i} }}, retry: {{ max_attempts: 2, backoff: 1ms, on: [interrupted] }} }}\n"
+        );
+    }
+    let (full, log) = run(graph(&yaml), 5);
+    let ev = events(&log);
+    // run.created, run.started, then a task.started and a tool.requested per task.
+    for cut in [2, 3, 1000, 2049, 2 + 2 * n - 1] {
+        let prefix = &ev[..cut];
+        assert!(
+            prefix[1..]
+                .iter()
+                .all(|e| !agent_runtime_workforce::engine::is_input(&e.to_new_event())),
+            "cut {cut} is not inside the start burst"
+        );
+        let interrupted =
+            driver::replay_events(prefix).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        assert!(!interrupted.finished, "cut {cut}");
+        let (out, after) = resume_from(prefix, 999);
+        assert_eq!(out.status, RunStatus::Completed, "cut {cut}");
+        assert_eq!(out.outputs.len(), n, "cut {cut}");
+        assert_eq!(out.outputs, full.outputs, "cut {cut}");
+        // What the log had is kept as it was; the burst's rest comes before run.resumed.
+        assert_eq!(&after[..cut], prefix, "cut {cut}");
+        let resumed_at = after
+            .iter()
+            .position(|e| e.kind == EventKind::RunResumed)
+            .unwrap();
+        assert_eq!(resumed_at, 2 + 2 * n, "cut {cut}");
+        let report = driver::replay_events(&after).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
+        assert_eq!(report.log_hash, out.log_hash, "cut {cut}");
+        check_limits(&after).unwrap();
+    }
+    // A log that lost only its last event, `run.completed`: the run had ended in the engine
+    // but not in the log; resume records the end and nothing else.
+    let last = ev.len() - 1;
+    assert_eq!(ev[last].kind, EventKind::RunCompleted);
+    let report = driver::replay_events(&ev[..last]).unwrap();
+    assert!(!report.finished);
+    let (out, after) = resume_from(&ev[..last], 999);
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.log_hash, full.log_hash);
+    assert_eq!(after, ev);
+}
+
 #[test]
 fn resume_retries_in_flight_attempts_through_their_policy() {
     let g = "tasks:\n  - { id: s, tool: sleep, args: { ms: 100 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: t, tool: sleep, args: { ms: 100 } }\n";
