@@ -371,7 +371,8 @@ fn resume_from(prefix: &[Envelope], seed_for_new: u64) -> (driver::Outcome, Vec<
 fn resume_after_a_crash_at_every_batch_boundary_finishes_without_redoing_work() {
     let (full, log) = run(graph(MIXED), 11);
     let ev = events(&log);
-    // A crash can only leave the log at a batch boundary: just before an input event.
+    // Every batch boundary: just before an input event. (A crash can also leave the log inside
+    // a burst's pieces: see the next test.)
     let cuts: Vec<usize> = (1..ev.len())
         .filter(|&i| agent_runtime_workforce::engine::is_input(&ev[i].to_new_event()))
         .collect();
