@@ -630,8 +630,8 @@ pub async fn resume_controlled(
             status: format!("{:?}", engine.status()).to_lowercase(),
         });
     }
-    check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
     if !engine.is_finished() {
+        check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
         let resumed = engine.resumed_event(opts.clock.now());
         // The recorded events were folded in whole pumps; from here on, as in a fresh run.
         engine.set_pump_step(Some(PUMP_STEP));
