@@ -380,7 +380,7 @@ pub async fn run_graph_controlled(
     let mut engine = Engine::start_in_steps(run_id, graph, opts.seed, now, PUMP_STEP);
     let mut driver = Driver::new(opts, LogHasher::new(), 0);
     driver
-        .drive(&mut engine, vec![created], cancel, controls)
+        .drive(&mut engine, vec![created], Vec::new(), cancel, controls)
         .await
 }
 
@@ -490,15 +490,21 @@ fn summarize_parts(
 
 /// Re-runs the engine over recorded events: every input as recorded, every derived event
 /// compared with the recorded one. Calls no tool and no model.
+/// A run's engine rebuilt from its log by [`refold`].
+struct Refolded {
+    engine: Engine,
+    /// What the engine derived past the log's end: a burst goes to the log in pieces, each
+    /// durable on its own, so a process that stopped can leave the log ending inside what one
+    /// input derived. These events never were durable.
+    unrecorded: Vec<EncodedEvent>,
+    /// The calls requested in `unrecorded`: never made, since a call waits for its request to
+    /// be durable.
+    unperformed: Vec<Effect>,
+}
+
 /// Rebuilds a run's engine from its recorded events, checking that the engine derives what the
-/// log holds. Also returns what the engine derived past the log's end: a burst goes to the log
-/// in pieces, each durable on its own, so a process that stopped can leave the log ending
-/// inside what one input derived. Those events were never durable, so none of their effects
-/// was performed.
-fn refold(
-    events: &[Envelope],
-    hasher: &mut LogHasher,
-) -> Result<(Engine, Vec<EncodedEvent>), DriverError> {
+/// log holds.
+fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Refolded, DriverError> {
     let first = events
         .first()
         .ok_or_else(|| DriverError::Log("no events".into()))?
@@ -510,29 +516,25 @@ fn refold(
     let mut derived: Vec<EncodedEvent> = Vec::new();
     loop {
         derived.extend(engine.drain_events());
-        let mut produced_events = derived.drain(..);
-        while let Some(produced) = produced_events.next() {
-            let Some(rec) = events.get(pos) else {
-                // The log ends inside this input's derived events.
-                let mut unrecorded = vec![produced];
-                unrecorded.extend(produced_events);
-                engine.drain_effects();
-                return Ok((engine, unrecorded));
-            };
-            let rec = rec.to_new_event();
-            rec_body.clear();
-            rec.write_canonical_body(&mut rec_body);
-            if rec_body != produced.body() {
-                return Err(DriverError::Diverged {
-                    index: pos,
-                    seq: events[pos].seq,
-                    recorded: summarize(&rec),
-                    produced: summarize_encoded(&produced),
-                });
-            }
-            hasher.update(&rec);
-            pos += 1;
+        let left = events.len() - pos;
+        if left < derived.len() {
+            // The log ends inside what this input derived. The effects marked past its end
+            // (see `Engine::drain_marked_effects`) waited for events that never were durable.
+            let unperformed = engine
+                .drain_marked_effects()
+                .filter(|(mark, e)| *mark > left && !matches!(e, Effect::Cancel { .. }))
+                .map(|(_, e)| e)
+                .collect();
+            let unrecorded = derived.split_off(left);
+            check_derived(&derived, events, &mut pos, hasher, &mut rec_body)?;
+            return Ok(Refolded {
+                engine,
+                unrecorded,
+                unperformed,
+            });
         }
+        check_derived(&derived, events, &mut pos, hasher, &mut rec_body)?;
+        derived.clear();
         engine.drain_effects();
         let Some(next) = events.get(pos) else { break };
         let next = next.to_new_event();
@@ -548,7 +550,38 @@ fn refold(
         hasher.update(&next);
         pos += 1;
     }
-    Ok((engine, Vec::new()))
+    Ok(Refolded {
+        engine,
+        unrecorded: Vec::new(),
+        unperformed: Vec::new(),
+    })
+}
+
+/// Checks `derived` against the recorded events from `pos` on (there are at least as many),
+/// hashing them and moving `pos` past them.
+fn check_derived(
+    derived: &[EncodedEvent],
+    events: &[Envelope],
+    pos: &mut usize,
+    hasher: &mut LogHasher,
+    rec_body: &mut Vec<u8>,
+) -> Result<(), DriverError> {
+    for (produced, recorded) in derived.iter().zip(&events[*pos..]) {
+        let rec = recorded.to_new_event();
+        rec_body.clear();
+        rec.write_canonical_body(rec_body);
+        if *rec_body != produced.body() {
+            return Err(DriverError::Diverged {
+                index: *pos,
+                seq: recorded.seq,
+                recorded: summarize(&rec),
+                produced: summarize_encoded(produced),
+            });
+        }
+        hasher.update(&rec);
+        *pos += 1;
+    }
+    Ok(())
 }
 
 /// Replays a recorded run: re-executes the scheduler against the recorded results and checks
@@ -579,7 +612,9 @@ pub fn replay_events(events: &[Envelope]) -> Result<ReplayReport, DriverError> {
         return Err(DriverError::Log("no events".into()));
     };
     let mut hasher = LogHasher::new();
-    let (engine, unrecorded) = refold(events, &mut hasher)?;
+    let Refolded {
+        engine, unrecorded, ..
+    } = refold(events, &mut hasher)?;
     // A log that ends inside a burst is a run that stopped, whatever the engine reached.
     let finished = engine.is_finished() && unrecorded.is_empty();
     Ok(ReplayReport {
@@ -622,8 +657,13 @@ pub async fn resume_controlled(
     let events = load_run(source, run_id).await?;
     let mut hasher = LogHasher::new();
     // Events the engine derived past the log's end are recorded first, as they were derived
-    // (see `refold`); `run.resumed` then treats their calls as any call in flight.
-    let (mut engine, mut first) = refold(&events, &mut hasher)?;
+    // (see `refold`); `run.resumed` names their calls, never made, and they are made now
+    // instead of failing as interrupted.
+    let Refolded {
+        mut engine,
+        unrecorded: mut first,
+        unperformed,
+    } = refold(&events, &mut hasher)?;
     if engine.is_finished() && first.is_empty() {
         return Err(DriverError::Finished {
             run_id,
@@ -632,7 +672,8 @@ pub async fn resume_controlled(
     }
     if !engine.is_finished() {
         check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
-        let resumed = engine.resumed_event(opts.clock.now());
+        let calls: Vec<u64> = unperformed.iter().filter_map(Effect::call).collect();
+        let resumed = engine.resumed_event_unstarted(opts.clock.now(), &calls);
         // The recorded events were folded in whole pumps; from here on, as in a fresh run.
         engine.set_pump_step(Some(PUMP_STEP));
         engine.apply(&resumed)?;
@@ -640,7 +681,9 @@ pub async fn resume_controlled(
     }
     let count = hasher.count();
     let mut driver = Driver::new(opts, hasher, count);
-    driver.drive(&mut engine, first, cancel, controls).await
+    driver
+        .drive(&mut engine, first, unperformed, cancel, controls)
+        .await
 }
 
 enum Done {
@@ -742,6 +785,7 @@ impl Driver {
         &mut self,
         engine: &mut Engine,
         first: Vec<EncodedEvent>,
+        first_effects: Vec<Effect>,
         cancel: CancellationToken,
         controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
     ) -> Result<Outcome, DriverError> {
@@ -749,7 +793,7 @@ impl Driver {
         let stream = AppendStream::new();
         let hashing = self.hasher.offload();
         let outcome = self
-            .drive_with(engine, first, cancel, controls, &stream)
+            .drive_with(engine, first, first_effects, cancel, controls, &stream)
             .await;
         // Reclaimed whether the run ended well or not, so that the hashing task always ends.
         let reclaimed = self.hasher.reclaim(hashing).await;
@@ -765,6 +809,7 @@ impl Driver {
         &mut self,
         engine: &mut Engine,
         first: Vec<EncodedEvent>,
+        first_effects: Vec<Effect>,
         cancel: CancellationToken,
         controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
         stream: &AppendStream,
@@ -794,7 +839,13 @@ impl Driver {
         let mut batch = first;
         // The effects waiting for `batch`, each with how many of its events must be durable
         // before it may be performed.
-        let mut effects: Vec<(usize, Effect)> = Vec::new();
+        // `first_effects` wait for all of `first`; those whose call the engine no longer has
+        // in flight (its attempt failed meanwhile) are not made.
+        let mut effects: Vec<(usize, Effect)> = first_effects
+            .into_iter()
+            .filter(|e| e.call().is_some_and(|c| engine.is_in_flight(c)))
+            .map(|e| (batch.len(), e))
+            .collect();
         let mut cancel_requested = false;
         loop {
             take_derived(engine, &mut batch, &mut effects);

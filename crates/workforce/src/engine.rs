@@ -119,6 +119,16 @@ pub enum Effect {
     },
 }
 
+impl Effect {
+    /// The call a tool or model effect makes; `None` for a cancellation.
+    pub fn call(&self) -> Option<u64> {
+        match self {
+            Effect::CallTool { call, .. } | Effect::CallModel { call, .. } => Some(*call),
+            Effect::Cancel { .. } => None,
+        }
+    }
+}
+
 /// Where a task is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -944,6 +954,11 @@ impl Engine {
         None
     }
 
+    /// Whether `call` is started and not answered.
+    pub fn is_in_flight(&self, call: u64) -> bool {
+        self.calls.get(&call).is_some_and(|c| c.started)
+    }
+
     /// Calls started and not yet answered.
     pub fn in_flight(&self) -> usize {
         self.calls.values().filter(|c| c.started).count()
@@ -964,13 +979,22 @@ impl Engine {
 
     /// The `run.resumed` input.
     pub fn resumed_event(&self, time: Timestamp) -> NewEvent {
-        self.input(
-            None,
-            Actor::System,
-            EventKind::RunResumed,
-            time,
-            json!({"in_flight": self.in_flight()}),
-        )
+        self.resumed_event_unstarted(time, &[])
+    }
+
+    /// [`Engine::resumed_event`] naming calls that were requested but certainly never made: the
+    /// driver makes a call only once its request is durable, so the calls requested in events
+    /// past the log's end (see `refold` in the driver) were not. Their attempts are kept, not
+    /// failed as interrupted, and the resuming driver makes the calls.
+    pub fn resumed_event_unstarted(&self, time: Timestamp, unstarted: &[u64]) -> NewEvent {
+        let mut payload = json!({"in_flight": self.in_flight()});
+        if !unstarted.is_empty() {
+            let mut calls = unstarted.to_vec();
+            calls.sort_unstable();
+            calls.dedup();
+            payload["unstarted_calls"] = json!(calls);
+        }
+        self.input(None, Actor::System, EventKind::RunResumed, time, payload)
     }
 
     /// A request to cancel the run.
@@ -1194,8 +1218,16 @@ impl Engine {
             EventKind::ModelFailed => self.on_model_result(call()?, Err(failure())),
             EventKind::ClockObserved => self.on_tick(),
             EventKind::RunResumed => {
+                let unstarted: std::collections::BTreeSet<u64> = event
+                    .payload
+                    .get("unstarted_calls")
+                    .and_then(Value::as_array)
+                    .map(|calls| calls.iter().filter_map(Value::as_u64).collect())
+                    .unwrap_or_default();
                 for i in 0..self.tasks.len() as u32 {
-                    if self.tasks[i as usize].status == TaskStatus::Running {
+                    if self.tasks[i as usize].status == TaskStatus::Running
+                        && !self.only_unstarted_calls(i, &unstarted)
+                    {
                         self.attempt_failed(
                             i,
                             ErrorClass::Interrupted,
@@ -1228,6 +1260,23 @@ impl Engine {
         }
         self.settle();
         Ok(())
+    }
+
+    /// Whether every call the running attempt of `task` has started is one of `unstarted`
+    /// (and it has started one): then nothing of the attempt reached the world.
+    fn only_unstarted_calls(&self, task: u32, unstarted: &std::collections::BTreeSet<u64>) -> bool {
+        if unstarted.is_empty() {
+            return false;
+        }
+        let Some(slot) = self.tasks[task as usize].running else {
+            return false;
+        };
+        let mut started = self.attempts[slot as usize]
+            .calls
+            .iter()
+            .filter(|c| self.calls.get(c).is_some_and(|info| info.started))
+            .peekable();
+        started.peek().is_some() && started.all(|c| unstarted.contains(c))
     }
 
     /// What every applied input does last: start what can start, end the run if it is done.

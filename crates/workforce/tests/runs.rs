@@ -404,9 +404,10 @@ fn resume_after_a_crash_at_every_batch_boundary_finishes_without_redoing_work() 
 
 /// A burst (thousands of tasks started at once) goes to the log in pieces, each durable on its
 /// own, so a crash can leave only the first pieces of it: the log then ends inside what the
-/// engine derived from one input. Resume records the rest before `run.resumed` (which sends
-/// every started attempt through its retry policy, as for any crash) and finishes; replay
-/// accepts the interrupted log, and the resumed one.
+/// engine derived from one input. Resume records the rest before `run.resumed`, makes the
+/// calls requested there (never made: a call waits for its request to be durable) and sends
+/// only the attempts whose calls may have been made through their retry policy; replay accepts
+/// the interrupted log, and the resumed one.
 #[test]
 fn resume_after_a_crash_inside_a_burst_records_the_rest_and_finishes() {
     let n = 3000;
@@ -441,6 +442,27 @@ fn resume_after_a_crash_inside_a_burst_records_the_rest_and_finishes() {
             .position(|e| e.kind == EventKind::RunResumed)
             .unwrap();
         assert_eq!(resumed_at, 2 + 2 * n, "cut {cut}");
+        // A call whose request was durable may have been made: its attempt is interrupted and
+        // retried. The others were never made: `run.resumed` names them and they are made now,
+        // in the same attempt.
+        let requested: std::collections::BTreeSet<Option<TaskId>> = prefix
+            .iter()
+            .filter(|e| e.kind == EventKind::ToolRequested)
+            .map(|e| e.task_id)
+            .collect();
+        let unstarted = after[resumed_at].payload["unstarted_calls"]
+            .as_array()
+            .map_or(0, Vec::len);
+        assert_eq!(unstarted, n - requested.len(), "cut {cut}");
+        let mut attempts: std::collections::BTreeMap<Option<TaskId>, usize> = Default::default();
+        for e in after.iter().filter(|e| e.kind == EventKind::TaskStarted) {
+            *attempts.entry(e.task_id).or_default() += 1;
+        }
+        assert_eq!(attempts.len(), n, "cut {cut}");
+        for (task, made) in &attempts {
+            let expected = if requested.contains(task) { 2 } else { 1 };
+            assert_eq!(*made, expected, "cut {cut}: {task:?}");
+        }
         let report = driver::replay_events(&after).unwrap_or_else(|e| panic!("cut {cut}: {e}"));
         assert_eq!(report.log_hash, out.log_hash, "cut {cut}");
         check_limits(&after).unwrap();
