@@ -75,14 +75,26 @@ fn wait_for<T>(db: &Path, what: impl Fn(&[agent_runtime_core::Envelope]) -> Opti
     }
 }
 
-/// The JSON a command printed, after checking it succeeded (stderr shown if not).
-fn succeeded(out: &std::process::Output) -> Value {
+/// Checks that a command succeeded, showing its stderr if not.
+fn assert_succeeded(out: &std::process::Output) {
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The JSON a command printed, after checking it succeeded.
+fn succeeded(out: &std::process::Output) -> Value {
+    assert_succeeded(out);
     json_of(&out.stdout)
+}
+
+/// Writes the graph `yaml` to `dir/name` and returns its path.
+fn write_flow(dir: &Path, name: &str, yaml: &str) -> PathBuf {
+    let flow = dir.join(name);
+    std::fs::write(&flow, yaml).unwrap();
+    flow
 }
 
 /// A task's status in a printed outcome.
@@ -174,12 +186,11 @@ fn human_output_lists_outputs_and_failure_policies_work() {
 fn a_secret_written_into_a_graph_is_warned_about() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ev.db");
-    let flow = dir.path().join("secret.yaml");
-    std::fs::write(
-        &flow,
+    let flow = write_flow(
+        dir.path(),
+        "secret.yaml",
         "tasks:\n  - id: a\n    tool: echo\n    args: { text: hi, auth: { api_key: sk-live-0123456789 }, token: ab, max_tokens: 100 }\n  - id: b\n    tool: echo\n    needs: [a]\n    args: { password: \"{{ tasks.a.output.text }}-suffix\" }\n",
-    )
-    .unwrap();
+    );
     let out = cli(&db)
         .arg("run")
         .arg(&flow)
@@ -200,12 +211,11 @@ fn a_secret_written_into_a_graph_is_warned_about() {
 fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ev.db");
-    let flow = dir.path().join("bad.yaml");
-    std::fs::write(
-        &flow,
+    let flow = write_flow(
+        dir.path(),
+        "bad.yaml",
         "tasks:\n  - { id: a, tool: fail, args: { message: boom } }\n",
-    )
-    .unwrap();
+    );
     cli(&db)
         .arg("run")
         .arg(&flow)
@@ -380,11 +390,7 @@ fn bench_workforce_live_prints_its_commits() {
         .args(["bench", "workforce", "--quick", "--only", "live"])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_succeeded(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -533,16 +539,15 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
 fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ev.db");
-    let flow = dir.path().join("two-branches.yaml");
-    std::fs::write(
-        &flow,
+    let flow = write_flow(
+        dir.path(),
+        "two-branches.yaml",
         "name: two-branches\ntasks:\n\
          - { id: slow, tool: sleep, args: { ms: 600000 } }\n\
          - { id: after-slow, tool: echo, needs: [slow], args: { x: 1 } }\n\
          - { id: side, tool: sleep, needs: [gate], args: { ms: 10 } }\n\
          - { id: gate, tool: sleep, args: { ms: 600000 } }\n",
-    )
-    .unwrap();
+    );
     let mut child = spawn_run(&db, &flow, dir.path(), true);
     let run_id = wait_for(&db, |all| {
         let started = all
@@ -628,15 +633,14 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
 fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ev.db");
-    let flow = dir.path().join("stuck.yaml");
-    std::fs::write(
-        &flow,
+    let flow = write_flow(
+        dir.path(),
+        "stuck.yaml",
         "name: stuck\ntasks:\n\
          - { id: forever, tool: sleep, args: { ms: 600000 }, retry: { backoff: 1ms } }\n\
          - { id: after, tool: echo, needs: [forever], args: {} }\n\
          - { id: other, tool: echo, args: { done: true } }\n",
-    )
-    .unwrap();
+    );
     let mut child = spawn_run(&db, &flow, dir.path(), false);
     let run_id = wait_for(&db, |all| {
         all.iter()

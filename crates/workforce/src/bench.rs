@@ -92,22 +92,26 @@ pub struct LiveReport {
     pub tool_ends_ms: [f64; 2],
 }
 
-/// The earliest and latest of a set of instants, as nanoseconds since an origin.
+/// The earliest and latest of a set of instants, as nanoseconds since `origin`.
 #[derive(Debug)]
 struct Span {
+    origin: Instant,
     first: std::sync::atomic::AtomicU64,
     last: std::sync::atomic::AtomicU64,
 }
 
 impl Span {
-    fn new() -> Self {
+    fn new(origin: Instant) -> Self {
         Span {
+            origin,
             first: std::sync::atomic::AtomicU64::new(u64::MAX),
             last: std::sync::atomic::AtomicU64::new(0),
         }
     }
-    fn mark(&self, ns: u64) {
+    /// Notes this instant.
+    fn mark(&self) {
         use std::sync::atomic::Ordering::Relaxed;
+        let ns = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         self.first.fetch_min(ns, Relaxed);
         self.last.fetch_max(ns, Relaxed);
     }
@@ -127,7 +131,6 @@ impl Span {
 /// calls per agent began.
 struct SleepyModel {
     ms: u64,
-    origin: Instant,
     first: Span,
     second: Span,
 }
@@ -146,9 +149,8 @@ impl ModelProvider for SleepyModel {
             input_tokens: 1,
             output_tokens: 1,
         };
-        let now = u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
         if req.messages.last().is_some_and(|m| m.role == Role::User) {
-            self.first.mark(now);
+            self.first.mark();
             let mut message = Message::new(Role::Assistant, "");
             message.tool_calls = vec![ToolCall {
                 id: "1".into(),
@@ -161,7 +163,7 @@ impl ModelProvider for SleepyModel {
                 usage,
             });
         }
-        self.second.mark(now);
+        self.second.mark();
         Ok(ModelResponse {
             message: Message::new(Role::Assistant, "ok"),
             finish: FinishReason::Stop,
@@ -173,15 +175,8 @@ impl ModelProvider for SleepyModel {
 /// The native `sleep` tool, noting when each call began and returned.
 struct TimedSleep {
     inner: crate::tools::Native,
-    origin: Instant,
     starts: Span,
     ends: Span,
-}
-
-impl TimedSleep {
-    fn now(&self) -> u64 {
-        u64::try_from(self.origin.elapsed().as_nanos()).unwrap_or(u64::MAX)
-    }
 }
 
 #[async_trait]
@@ -194,9 +189,9 @@ impl Tool for TimedSleep {
         args: serde_json::Value,
         ctx: CallContext,
     ) -> Result<ToolOutput, ToolError> {
-        self.starts.mark(self.now());
+        self.starts.mark();
         let out = self.inner.call(args, ctx).await;
-        self.ends.mark(self.now());
+        self.ends.mark();
         out
     }
 }
@@ -248,16 +243,14 @@ pub async fn live_agents(
     let origin = Instant::now();
     let model = Arc::new(SleepyModel {
         ms: tool_ms,
-        origin,
-        first: Span::new(),
-        second: Span::new(),
+        first: Span::new(origin),
+        second: Span::new(origin),
     });
     models.insert("bench".into(), model.clone());
     let sleep = Arc::new(TimedSleep {
         inner: crate::tools::Native::sleep(),
-        origin,
-        starts: Span::new(),
-        ends: Span::new(),
+        starts: Span::new(origin),
+        ends: Span::new(origin),
     });
     let mut tools = ToolRegistry::with_native_tools();
     tools.register(sleep.clone());
