@@ -182,9 +182,10 @@ async fn a_fork_bomb_hits_the_process_limit_and_is_killed() {
         wall_ms: 3000,
         ..Limits::default()
     };
-    // `exec`, not a fork, keeps the shell alive until the wall limit: a shell that forks `sleep`
-    // after the bomb has taken every process slot gets "Cannot fork" and ends on its own.
-    let err = run(&env, limits, "b() { b | b & }; b; exec sleep 60")
+    // The top shell forks once, before the bomb exists (`b &`), then `exec`s: a shell that forks
+    // after the bomb has taken every process slot gets "Cannot fork" and ends on its own, before
+    // the wall limit. (`b; exec ...` forked both halves of `b | b` from the top shell: a race.)
+    let err = run(&env, limits, "b() { b | b & }; b & exec sleep 60")
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::Timeout, "{err}");
@@ -193,6 +194,27 @@ async fn a_fork_bomb_hits_the_process_limit_and_is_killed() {
         "{err}"
     );
     assert!(err.message.contains("process tree killed"), "{err}");
+}
+
+#[tokio::test]
+async fn a_fork_bomb_that_ends_on_its_own_says_the_process_limit_was_reached() {
+    let env = env();
+    let limits = Limits {
+        processes: 16,
+        wall_ms: 20_000,
+        ..Limits::default()
+    };
+    // Foreground recursion: every level waits for its children, the leaves fail to fork, and
+    // the tree folds up by itself well before the wall limit.
+    let v = ok(run(&env, limits, "b() { b | b; }; b").await);
+    assert_ne!(v["exit_code"], 0, "{v}");
+    assert_eq!(
+        v["note"], "the process limit (16) was reached; remaining processes killed",
+        "{v}"
+    );
+    // A command that stays under the limit carries no note.
+    let v = ok(run(&env, Limits::default(), "true").await);
+    assert!(v.get("note").is_none(), "{v}");
 }
 
 #[tokio::test]
