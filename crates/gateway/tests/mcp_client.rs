@@ -55,7 +55,10 @@ async fn start(servers: Vec<(&str, McpServerConfig)>) -> (Gateway, McpManager, A
         .unwrap();
     assert!(errors.is_empty(), "{errors:?}");
     let log = Arc::new(MemoryLog::default());
-    let ws = tempfile::tempdir().unwrap().keep();
+    // The policy only needs the root to exist; nothing is written in it. Under the target dir,
+    // not a kept temp dir, so test runs leave nothing behind in /tmp.
+    let ws = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-client-workspace");
+    std::fs::create_dir_all(&ws).unwrap();
     let gw = GatewayBuilder::new(registry, log.clone())
         .policy(Policy::defaults(vec![ws]).unwrap())
         .redactor(redactor)

@@ -136,7 +136,10 @@ fn gateway(tools: Vec<Arc<dyn Tool>>, log: Arc<MemoryLog>) -> GatewayBuilder {
     for t in tools {
         reg.register(t).unwrap();
     }
-    let ws = tempfile::tempdir().unwrap().keep();
+    // The policy only needs the root to exist; nothing is written in it. Under the target dir,
+    // not a kept temp dir, so test runs leave nothing behind in /tmp.
+    let ws = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("pipeline-workspace");
+    std::fs::create_dir_all(&ws).unwrap();
     GatewayBuilder::new(reg, log).policy(Policy::defaults(vec![ws]).unwrap())
 }
 
