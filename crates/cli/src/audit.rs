@@ -136,19 +136,21 @@ pub fn run(cmd: AuditCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 /// Prints a verification report; exit 1 when it found a problem.
 pub fn print_report(report: &VerifyReport, source: &str, json: bool) -> ExitCode {
     if json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({"source": source, "ok": report.problem.is_none(), "report": report})
         );
     } else if let Some(p) = &report.problem {
-        println!(
+        outln!(
             "FAILED {source}: {p} ({} events verified before it)",
             report.events
         );
     } else {
-        println!(
+        outln!(
             "ok {source}: {} events, chain head {} at sequence {}",
-            report.events, report.head, report.last_seq
+            report.events,
+            report.head,
+            report.last_seq
         );
     }
     if report.problem.is_some() {
@@ -227,7 +229,7 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         )
     };
     if args.output.is_some() {
-        println!("{line}")
+        outln!("{line}")
     } else {
         eprintln!("{line}")
     }
@@ -309,9 +311,8 @@ fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     q.after_seq = Some(start);
     let first = store.query_blocking(&q)?;
     let mut last = first.last().map_or(start, |e| e.seq).max(start);
-    if print(&first).is_err() {
-        return Ok(ExitCode::SUCCESS); // reader went away (a closed pipe)
-    }
+    // A reader that went away (a closed pipe) ends the command with 141, see `main`.
+    print(&first)?;
     if !args.follow {
         return Ok(ExitCode::SUCCESS);
     }
@@ -324,9 +325,7 @@ fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         if let Some(e) = new.last() {
             last = last.max(e.seq);
         }
-        if print(&new).is_err() {
-            return Ok(ExitCode::SUCCESS);
-        }
+        print(&new)?;
     }
 }
 
@@ -334,12 +333,12 @@ fn stats(args: JsonFlag, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let store = global.open_store_read_only()?;
     let s = store.stats()?;
     if args.json {
-        println!("{}", serde_json::to_string(&s)?);
+        outln!("{}", serde_json::to_string(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("database   {}", s.path);
-    println!("size       {} bytes", s.bytes);
-    println!(
+    outln!("database   {}", s.path);
+    outln!("size       {} bytes", s.bytes);
+    outln!(
         "encrypted  {}",
         if s.encrypted {
             "yes (XChaCha20-Poly1305)"
@@ -347,18 +346,18 @@ fn stats(args: JsonFlag, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             "no (plaintext)"
         }
     );
-    println!("events     {}", s.events);
-    println!("runs       {}", s.runs);
+    outln!("events     {}", s.events);
+    outln!("runs       {}", s.runs);
     if let (Some(a), Some(b)) = (&s.first_time, &s.last_time) {
-        println!("time       {a} .. {b}");
+        outln!("time       {a} .. {b}");
     }
-    println!(
+    outln!(
         "head       {} {}",
         s.head_seq,
         s.head_hash.as_deref().unwrap_or("-")
     );
     for (k, n) in &s.kinds {
-        println!("  {k:<24} {n}");
+        outln!("  {k:<24} {n}");
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -396,9 +395,9 @@ pub fn bench(args: StoreBenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitC
         appenders: args.appenders,
     })?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!("{}", report.summary());
+        outln!("{}", report.summary());
     }
     Ok(ExitCode::SUCCESS)
 }

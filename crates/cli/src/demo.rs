@@ -129,8 +129,8 @@ pub fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let summary = store.export(&query, ExportFormat::Jsonl, file)?;
-    println!("run        {run_id}");
-    println!(
+    outln!("run        {run_id}");
+    outln!(
         "database   {} ({})",
         store.path().display(),
         if store.is_encrypted() {
@@ -139,27 +139,28 @@ pub fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             "plaintext"
         }
     );
-    println!(
+    outln!(
         "appended   {n} events, sequence {}..{}",
         landed[0].seq,
         landed[n - 1].seq
     );
     match &report.problem {
-        None => println!(
+        None => outln!(
             "verified   {} events, chain head {}",
-            report.events, report.head
+            report.events,
+            report.head
         ),
         Some(p) => {
-            println!("verify FAILED: {p}");
+            outln!("verify FAILED: {p}");
             return Ok(ExitCode::from(1));
         }
     }
-    println!(
+    outln!(
         "exported   {} events to {}",
         summary.events,
         output.display()
     );
-    println!(
+    outln!(
         "next       agent-runtime audit tail --db {} --run {run_id}",
         store.path().display()
     );

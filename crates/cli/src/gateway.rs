@@ -203,13 +203,6 @@ pub struct BenchArgs {
     pub iterations: usize,
 }
 
-/// `println!` that ignores a closed stdout (`| head`) instead of panicking.
-macro_rules! say {
-    ($($t:tt)*) => {{
-        let _ = writeln!(std::io::stdout().lock(), $($t)*);
-    }};
-}
-
 const DEFAULT_CONFIG: &str = ".agent-runtime/gateway.yaml";
 const DEFAULT_MCP: &str = ".agent-runtime/mcp.json";
 
@@ -386,7 +379,7 @@ fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
     let rt = runtime()?;
     let descriptors = rt.block_on(inspect(&a.opts, |gw| gw.descriptors()))?;
     if a.json {
-        say!("{}", serde_json::to_string_pretty(&descriptors)?);
+        outln!("{}", serde_json::to_string_pretty(&descriptors)?);
     } else {
         let width = descriptors.iter().map(|d| d.name.len()).max().unwrap_or(4);
         for d in &descriptors {
@@ -395,7 +388,7 @@ fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default()
                 .to_string();
             let first = d.description.lines().next().unwrap_or_default();
-            say!("{:width$}  {:7}  {}", d.name, risk, first);
+            outln!("{:width$}  {:7}  {}", d.name, risk, first);
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -409,7 +402,7 @@ fn describe(a: DescribeArgs) -> anyhow::Result<ExitCode> {
     }))?;
     match d {
         (Some(d), _) => {
-            say!("{}", serde_json::to_string_pretty(&d)?);
+            outln!("{}", serde_json::to_string_pretty(&d)?);
             Ok(ExitCode::SUCCESS)
         }
         (None, names) => Err(CliError::Usage(format!(
@@ -450,8 +443,8 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(out) => {
             match &out.value {
-                Value::String(s) => say!("{s}"),
-                v => say!("{}", serde_json::to_string_pretty(v)?),
+                Value::String(s) => outln!("{s}"),
+                v => outln!("{}", serde_json::to_string_pretty(v)?),
             }
             if out.truncated {
                 eprintln!("note: output truncated to the gateway's cap");
@@ -490,21 +483,21 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         let mut v = serde_json::to_value(&report)?;
         v["risk"] = serde_json::to_value(risk)?;
-        say!("{}", serde_json::to_string_pretty(&v)?);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(ExitCode::SUCCESS);
     }
     let d = &report.decision;
-    say!(
+    outln!(
         "tool:       {} ({})",
         report.tool,
         risk.map(|r| format!("{r:?}").to_lowercase())
             .unwrap_or_default()
     );
-    say!("decision:   {}", d.effect.as_str());
-    say!("rule:       {} (decided by {})", d.rule, report.decided_by);
-    say!("reason:     {}", d.reason);
+    outln!("decision:   {}", d.effect.as_str());
+    outln!("rule:       {} (decided by {})", d.rule, report.decided_by);
+    outln!("reason:     {}", d.reason);
     if let Some(first) = report.trace.iter().position(|t| t.matched) {
-        say!("rules in order (first match decides):");
+        outln!("rules in order (first match decides):");
         for (i, t) in report.trace.iter().enumerate() {
             let mark = if i == first {
                 "=>"
@@ -513,7 +506,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
             } else {
                 "  "
             };
-            say!(
+            outln!(
                 "  {mark} {:28} {:5} {}",
                 t.rule,
                 t.effect.as_str(),
@@ -586,12 +579,12 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
         }
     }
     if a.json {
-        say!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&json!({"file": path, "servers": servers}))?
         );
     } else if servers.is_empty() {
-        say!("no MCP servers in {}", path.display());
+        outln!("no MCP servers in {}", path.display());
     } else {
         for s in &servers {
             let target = s["url"].as_str().map(String::from).unwrap_or_else(|| {
@@ -605,7 +598,7 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
                 );
                 words.join(" ")
             });
-            say!(
+            outln!(
                 "{}  {}  {}",
                 s["name"].as_str().unwrap_or_default(),
                 s["transport"].as_str().unwrap_or_default(),
@@ -613,11 +606,11 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
             );
             if let Some(tools) = s["tools"].as_array() {
                 for t in tools {
-                    say!("    {}", t.as_str().unwrap_or_default());
+                    outln!("    {}", t.as_str().unwrap_or_default());
                 }
             }
             if let Some(e) = s["error"].as_str() {
-                say!("    error: {e}");
+                outln!("    error: {e}");
             }
         }
     }
@@ -668,7 +661,7 @@ fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(dir)?;
     }
     config.save(&path).map_err(gateway_error)?;
-    say!("added {} to {}", a.name, path.display());
+    outln!("added {} to {}", a.name, path.display());
     Ok(ExitCode::SUCCESS)
 }
 
@@ -764,9 +757,9 @@ pub fn bench(args: BenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     let _ = std::fs::remove_dir_all(&ws);
     let out = json!({"bench": "gateway", "results": report});
     if args.json {
-        say!("{}", serde_json::to_string(&out)?);
+        outln!("{}", serde_json::to_string(&out)?);
     } else {
-        say!("{}", serde_json::to_string_pretty(&out)?);
+        outln!("{}", serde_json::to_string_pretty(&out)?);
     }
     Ok(ExitCode::SUCCESS)
 }

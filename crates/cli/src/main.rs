@@ -4,6 +4,19 @@
 //! turns errors into one clear line and an exit code (0 ok, 1 failed, 2 usage; see
 //! `docs/errors.md`).
 
+/// `println!` for a command's output. A reader that went away (`agent-runtime runs list | head -1`)
+/// ends the process quietly with exit code 141, as SIGPIPE ends C tools, where `println!` would
+/// panic. SIGPIPE itself stays ignored: with its default action, a tool or MCP server that exits
+/// early would kill the runtime writing to its standard input.
+macro_rules! outln {
+    () => {
+        $crate::write_stdout(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::write_stdout(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
 mod audit;
 mod bench;
 mod common;
@@ -126,6 +139,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(code) => code,
+        // Output written through a writer rather than `outln!` (exports, `audit tail`).
+        Err(err) if is_broken_pipe(&err) => ExitCode::from(BROKEN_PIPE_EXIT),
         Err(err) => {
             let code = err
                 .downcast_ref::<CliError>()
@@ -134,6 +149,30 @@ fn main() -> ExitCode {
             ExitCode::from(code)
         }
     }
+}
+
+/// The exit code of a command whose standard output was closed by its reader: 128 + SIGPIPE,
+/// what a shell reports for a tool SIGPIPE killed.
+const BROKEN_PIPE_EXIT: u8 = 141;
+
+/// Writes a command's output (see `outln!`).
+fn write_stdout(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(i32::from(BROKEN_PIPE_EXIT));
+        }
+        eprintln!("error: cannot write to standard output: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// Whether `err` came from writing to a closed pipe.
+fn is_broken_pipe(err: &anyhow::Error) -> bool {
+    err.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Turns transparent huge pages off for this process (Linux; elsewhere, or on failure, nothing

@@ -449,7 +449,7 @@ fn report_outcome(
     wall: std::time::Duration,
 ) -> anyhow::Result<ExitCode> {
     if json_out {
-        println!("{}", serde_json::to_string_pretty(out)?);
+        outln!("{}", serde_json::to_string_pretty(out)?);
     } else {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for t in &out.tasks {
@@ -458,7 +458,7 @@ fn report_outcome(
                 .or_default() += 1;
         }
         let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
-        println!(
+        outln!(
             "run {}: {} in {:.2}s ({} tasks: {})",
             out.run_id,
             format!("{:?}", out.status).to_lowercase(),
@@ -466,9 +466,9 @@ fn report_outcome(
             out.tasks.len(),
             counts.join(", ")
         );
-        println!("log hash: {}", out.log_hash);
-        println!("outputs:");
-        println!("{}", serde_json::to_string_pretty(&out.outputs)?);
+        outln!("log hash: {}", out.log_hash);
+        outln!("outputs:");
+        outln!("{}", serde_json::to_string_pretty(&out.outputs)?);
     }
     match out.status {
         RunStatus::Completed => Ok(ExitCode::SUCCESS),
@@ -598,9 +598,9 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         .block_on(driver::replay(&store, run_id))
         .map_err(driver_error)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        println!(
+        outln!(
             "replay of run {}: {} events match ({}{})",
             report.run_id,
             report.events,
@@ -611,7 +611,7 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 ", not finished: resume it"
             }
         );
-        println!("log hash: {}", report.log_hash);
+        outln!("log hash: {}", report.log_hash);
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -738,7 +738,7 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             "no process runs it now: the cancellation takes effect when it is resumed (`agent-runtime resume {run_id}`)"
         )
     };
-    println!("asked run {run_id} to cancel {what} (event {seq}); {when}");
+    outln!("asked run {run_id} to cancel {what} (event {seq}); {when}");
     Ok(ExitCode::SUCCESS)
 }
 
@@ -777,19 +777,23 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|s| json!({"run_id": s.run_id, "name": s.name, "status": s.status, "created": s.created, "ended": s.ended, "seed": s.seed}))
             .collect();
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(ExitCode::SUCCESS);
     }
     if summaries.is_empty() {
-        println!("no runs");
+        outln!("no runs");
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "{:<36}  {:<20}  {:<11}  {:<19}  {:>9}",
-        "RUN", "NAME", "STATUS", "CREATED (UTC)", "DURATION"
+        "RUN",
+        "NAME",
+        "STATUS",
+        "CREATED (UTC)",
+        "DURATION"
     );
     for s in &summaries {
-        println!(
+        outln!(
             "{:<36}  {:<20}  {:<11}  {:<19}  {:>9}",
             s.run_id.to_string(),
             s.name.clone().unwrap_or_default(),
@@ -816,34 +820,37 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
     let mut s = run_summary(&store, run_id)?;
     mark_running(&store, &mut s)?;
     if json_out {
-        println!("{}", serde_json::to_string_pretty(&s)?);
+        outln!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!("run:      {}", s.run_id);
-    println!("name:     {}", s.name.clone().unwrap_or_default());
-    println!("status:   {}", s.status);
-    println!("seed:     {}", s.seed);
-    println!("created:  {}", s.created);
-    println!(
+    outln!("run:      {}", s.run_id);
+    outln!("name:     {}", s.name.clone().unwrap_or_default());
+    outln!("status:   {}", s.status);
+    outln!("seed:     {}", s.seed);
+    outln!("created:  {}", s.created);
+    outln!(
         "ended:    {}",
         s.ended.map_or("-".into(), |t| t.to_string())
     );
-    println!("duration: {}", duration(&s));
-    println!("events:   {}  retries: {}", s.events, s.retries);
+    outln!("duration: {}", duration(&s));
+    outln!("events:   {}  retries: {}", s.events, s.retries);
     if let Some(e) = &s.error {
-        println!("error:    {e}");
+        outln!("error:    {e}");
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<24}  {:<10}  {:>8}  {:>10}  ERROR",
-        "TASK", "STATUS", "ATTEMPTS", "DURATION"
+        "TASK",
+        "STATUS",
+        "ATTEMPTS",
+        "DURATION"
     );
     for t in &s.tasks {
         let d = match (t.started, t.ended) {
             (Some(a), Some(b)) => format!("{:.3}s", b.saturating_duration_since(a).as_secs_f64()),
             _ => "-".into(),
         };
-        println!(
+        outln!(
             "{:<24}  {:<10}  {:>8}  {:>10}  {}",
             t.id,
             t.status,
@@ -866,22 +873,8 @@ fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         .map_err(|e| CliError::Usage(format!("simulate: {}", e.replace('_', "-"))))?;
     let sink: Arc<dyn EventSink> = match args.log.as_str() {
         "memory" => Arc::new(MemoryLog::default()),
-        "store" => {
-            let store = global.open_store()?;
-            let run_id = sim::run_id_of(&cfg);
-            let q = EventQuery {
-                run_id: Some(run_id),
-                limit: Some(1),
-                ..EventQuery::default()
-            };
-            if !query(&store, q)?.is_empty() {
-                return Err(CliError::Usage(format!(
-                    "run {run_id} (this seed's simulation) is already in the database; use another --seed or --db"
-                ))
-                .into());
-            }
-            Arc::new(store)
-        }
+        // A database that already holds this seed's run is refused by the simulation itself.
+        "store" => Arc::new(global.open_store()?),
         "none" => Arc::new(agent_runtime_workforce::bench::NullSink),
         other => {
             return Err(
@@ -892,38 +885,44 @@ fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let rt = runtime()?;
     let report = rt.block_on(sim::simulate(&cfg, sink))?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "simulated {} tasks over {} agents ({:?}, failure rate {}, seed {})",
-        cfg.tasks, cfg.agents, shape, cfg.failure_rate, cfg.seed
+        cfg.tasks,
+        cfg.agents,
+        shape,
+        cfg.failure_rate,
+        cfg.seed
     );
-    println!(
+    outln!(
         "run:               {} ({})",
         report.run_id,
         format!("{:?}", report.status).to_lowercase()
     );
-    println!(
+    outln!(
         "tasks done:        {} (skipped {})",
-        report.tasks_done, report.tasks_skipped
+        report.tasks_done,
+        report.tasks_skipped
     );
-    println!("retries:           {}", report.retries);
-    println!(
+    outln!("retries:           {}", report.retries);
+    outln!(
         "virtual makespan:  {:.3}s",
         report.virtual_makespan_ms as f64 / 1000.0
     );
-    println!(
+    outln!(
         "wall time:         {:.1} ms ({:.0} ns per task)",
-        report.wall_ms, report.ns_per_task
+        report.wall_ms,
+        report.ns_per_task
     );
     if let Some(cpu) = report.scheduler_cpu_ns_per_task {
-        println!(
+        outln!(
             "scheduler CPU:     {cpu:.0} ns per task (its own thread; the log's work is on others)"
         );
     }
-    println!("decisions/s:       {:.0}", report.decisions_per_sec);
-    println!(
+    outln!("decisions/s:       {:.0}", report.decisions_per_sec);
+    outln!(
         "peak memory:       {}",
         report
             .peak_memory_bytes
@@ -932,8 +931,8 @@ fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
                 b as f64 / 1048576.0
             ))
     );
-    println!("events:            {}", report.events);
-    println!("log hash:          {}", report.log_hash);
+    outln!("events:            {}", report.events);
+    outln!("log hash:          {}", report.log_hash);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -1089,17 +1088,17 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
     if let Some((null, memory, stored, _)) = &sim {
-        println!(
+        outln!(
             "simulator ({} tasks, 1000 agents, layered), ns per task:",
             null.config.tasks
         );
-        println!("  no log (baseline) {:>10.0}", null.ns_per_task);
-        println!("  in-memory log     {:>10.0}", memory.ns_per_task);
-        println!(
+        outln!("  no log (baseline) {:>10.0}", null.ns_per_task);
+        outln!("  in-memory log     {:>10.0}", memory.ns_per_task);
+        outln!(
             "  store             {:>10.0}   (goal 2000)",
             stored.ns_per_task
         );
@@ -1107,7 +1106,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             r.scheduler_cpu_ns_per_task
                 .map_or("unknown".into(), |c| format!("{c:.0}"))
         };
-        println!(
+        outln!(
             "  scheduler thread CPU per task: {} no log, {} memory, {} store",
             cpu(null),
             cpu(memory),
@@ -1115,34 +1114,40 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some((live, live_store, live_no_log)) = &live {
-        println!(
+        outln!(
             "live agents: {} each awaiting {} ms",
-            live.agents, live.tool_ms
+            live.agents,
+            live.tool_ms
         );
-        println!(
+        outln!(
             "  wall {:.0} ms, overhead {:.1}% (goal 5%)",
-            live.wall_ms, live.overhead_pct
+            live.wall_ms,
+            live.overhead_pct
         );
-        println!(
+        outln!(
             "  {} events in {} durable commits",
-            live.events, live_store["commits"]
+            live.events,
+            live_store["commits"]
         );
-        println!(
+        outln!(
             "  events dropped (baseline): wall {:.0} ms, overhead {:.1}%",
-            live_no_log.wall_ms, live_no_log.overhead_pct
+            live_no_log.wall_ms,
+            live_no_log.overhead_pct
         );
-        println!(
+        outln!(
             "  memory per live agent {} (goal 16384 bytes)",
             live.bytes_per_agent
                 .map_or("unknown".into(), |b| format!("{b:.0} bytes"))
         );
     }
     if let Some(scale) = &scale {
-        println!("scaling (ns per task; vs n log n, goal <= 1):");
+        outln!("scaling (ns per task; vs n log n, goal <= 1):");
         for p in scale {
-            println!(
+            outln!(
                 "  {:>7} tasks {:>10.0}   {:.2}",
-                p.tasks, p.ns_per_task, p.vs_n_log_n
+                p.tasks,
+                p.ns_per_task,
+                p.vs_n_log_n
             );
         }
     }

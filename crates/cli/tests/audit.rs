@@ -303,3 +303,44 @@ fn tail_follow_sees_events_another_process_appends() {
         "the second run's last event is sequence 28: {second}"
     );
 }
+
+/// A standard output whose reader is already gone (`agent-runtime ... | head -0`).
+#[cfg(unix)]
+fn closed_pipe() -> std::process::Stdio {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    // SAFETY: `fds` has room for the two descriptors `pipe` writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: both descriptors were just made and are owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    drop(read);
+    std::process::Stdio::from(write)
+}
+
+#[cfg(unix)]
+#[test]
+fn a_reader_that_goes_away_ends_the_command_quietly_with_141() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    // `println!` output (stats, runs list) and writer output (export, tail) alike.
+    for args in [
+        &["audit", "stats"][..],
+        &["runs", "list"],
+        &["audit", "export"],
+        &["audit", "tail"],
+    ] {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+            .env("AGENT_RUNTIME_PASSPHRASE", "cli test passphrase")
+            .env_remove("AGENT_RUNTIME_DB")
+            .arg("--db")
+            .arg(&db)
+            .args(args)
+            .stdout(closed_pipe())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(141), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(!stderr.contains("error"), "{args:?}: {stderr}");
+    }
+}

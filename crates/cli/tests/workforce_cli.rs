@@ -322,11 +322,10 @@ fn simulate_is_deterministic_in_its_seed() {
     }
 }
 
-/// `bench workforce --only simulator` runs that part alone: its section and no other, the same
-/// simulated run's hash whatever log it went to. A part that does not exist is a usage error.
 /// A simulation's run id follows from its seed, so two processes simulating one seed into one
 /// database would interleave their events: the run is claimed first, and a held claim (here
-/// the test's own) makes `simulate` fail, naming the holder.
+/// the test's own) makes `simulate` fail, naming the holder; once simulated, the seed's run is
+/// in the database, and simulating it again is refused.
 #[test]
 fn a_simulation_whose_run_is_claimed_is_refused() {
     let dir = tempfile::tempdir().unwrap();
@@ -359,6 +358,11 @@ fn a_simulation_whose_run_is_claimed_is_refused() {
         )));
     drop(claim);
     sim().assert().success();
+    // Done once, the same seed cannot be simulated into the database again.
+    sim().assert().code(1).stderr(
+        predicate::str::contains("is already in it")
+            .and(predicate::str::contains("follows from its seed")),
+    );
 }
 
 /// `bench workforce --quick --only simulator --json [EXTRA]` against `db`: its one section.
@@ -404,6 +408,8 @@ fn bench_workforce_live_prints_its_commits() {
     assert!(commits.is_some_and(|n| n > 0), "{line}");
 }
 
+/// `bench workforce --only simulator` runs that part alone: its section and no other, the same
+/// simulated run's hash whatever log it went to. A part that does not exist is a usage error.
 #[test]
 fn bench_workforce_runs_one_part_with_only() {
     let dir = tempfile::tempdir().unwrap();

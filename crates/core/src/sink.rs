@@ -92,6 +92,17 @@ pub trait EventSink: Send + Sync {
         let _ = run_id;
         Ok(RunClaim::unguarded())
     }
+
+    /// [`EventSink::claim_run`] for a run about to be created: refused as well when the log
+    /// already holds events of `run_id`. Run ids are drawn from a run's seed and clock (so that
+    /// a run is reproducible), and two runs with the same seed started in the same millisecond,
+    /// or a simulation configuration run twice, draw the same id; appending the second run
+    /// would interleave two runs under one id, which neither replay nor resume can untangle.
+    ///
+    /// The default only claims: right for logs that cannot look up a run.
+    fn claim_new_run(&self, run_id: RunId) -> Result<RunClaim, SinkError> {
+        self.claim_run(run_id)
+    }
 }
 
 /// A run claimed by [`EventSink::claim_run`]; dropping it releases the run.
@@ -328,6 +339,18 @@ impl EventSink for MemoryLog {
         self.append_encoded_now(events).map_err(|e| SinkError {
             message: format!("an encoded event's payload is not JSON: {e}"),
         })
+    }
+
+    fn claim_new_run(&self, run_id: RunId) -> Result<RunClaim, SinkError> {
+        let log = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if log.iter().any(|(e, _)| e.run_id() == run_id) {
+            return Err(SinkError {
+                message: format!(
+                    "run {run_id} is already in the in-memory log; a new run needs a new id"
+                ),
+            });
+        }
+        Ok(RunClaim::unguarded())
     }
 }
 

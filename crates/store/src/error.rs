@@ -131,6 +131,18 @@ pub enum StoreError {
         /// Who holds it: `process PID`, or `another process`.
         holder: String,
     },
+    /// A new run was to be created under an id the log already holds (see
+    /// `EventSink::claim_new_run`); nothing was written.
+    #[error(
+        "event database {path}: run {run_id} is already in it; a new run needs a new id (the same seed in the same millisecond, or a simulation configuration run again, draws the same one)",
+        path = path.display()
+    )]
+    RunExists {
+        /// The database file.
+        path: PathBuf,
+        /// The run.
+        run_id: String,
+    },
     /// The events were written, but the disk did not confirm them (the fsync of the
     /// write-ahead log failed), so they may not survive a power loss. The store takes no more
     /// appends: reopen it, and check it with `verify`, once the disk is sound.

@@ -487,6 +487,28 @@ impl Store {
         )))
     }
 
+    /// [`Store::claim_run`] for a run about to be created: refused with
+    /// [`StoreError::RunExists`] when the database already holds events of `run_id`. The check
+    /// runs under the claim, so no other process can start the run in between.
+    pub fn claim_new_run(&self, run_id: RunId) -> Result<RunLock, StoreError> {
+        let lock = self.claim_run(run_id)?;
+        if self.has_run(run_id)? {
+            return Err(StoreError::RunExists {
+                path: self.inner.path.clone(),
+                run_id: run_id.to_string(),
+            });
+        }
+        Ok(lock)
+    }
+
+    /// Whether the database holds any event of `run_id` (one index lookup).
+    pub fn has_run(&self, run_id: RunId) -> Result<bool, StoreError> {
+        let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+        conn.prepare_cached("SELECT 1 FROM frame_runs WHERE run_id = ?1 LIMIT 1")
+            .and_then(|mut st| st.exists([&run_id.as_bytes()[..]]))
+            .map_err(|e| crate::error::sqlite_error(&self.inner.path, e, None))
+    }
+
     /// Whether some process holds a claim on `run_id` now (see [`Store::claim_run`]): a run
     /// that has not ended is being driven when it is claimed, and was interrupted when not.
     /// Works on a read-only store. The probe takes a shared lock for an instant, which a claim
@@ -1564,6 +1586,14 @@ impl agent_runtime_core::EventSink for Store {
         run_id: RunId,
     ) -> Result<agent_runtime_core::RunClaim, agent_runtime_core::SinkError> {
         let lock = Store::claim_run(self, run_id)?;
+        Ok(agent_runtime_core::RunClaim::new(lock))
+    }
+
+    fn claim_new_run(
+        &self,
+        run_id: RunId,
+    ) -> Result<agent_runtime_core::RunClaim, agent_runtime_core::SinkError> {
+        let lock = Store::claim_new_run(self, run_id)?;
         Ok(agent_runtime_core::RunClaim::new(lock))
     }
 }

@@ -755,6 +755,40 @@ fn a_run_is_claimed_by_one_holder_at_a_time() {
     assert!(!reader.run_is_claimed(a).unwrap());
 }
 
+/// A new run's claim is refused, naming the run and the database, when the database already
+/// holds events of that run (an id drawn twice), and nothing is claimed; other runs are free.
+#[test]
+fn a_new_run_cannot_take_an_id_already_in_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("n.db");
+    let store = Store::open(StoreConfig::plaintext(&path)).unwrap();
+    let (a, b) = (RunId::from_bytes([1; 16]), RunId::from_bytes([2; 16]));
+    assert!(!store.has_run(a).unwrap());
+    drop(store.claim_new_run(a).unwrap());
+    store.append_blocking(events(1, 3)).unwrap();
+    assert!(store.has_run(a).unwrap());
+    assert!(!store.has_run(b).unwrap());
+    let err = store.claim_new_run(a).unwrap_err();
+    assert!(matches!(err, StoreError::RunExists { .. }), "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("run {a} is already in it")),
+        "{text}"
+    );
+    assert!(text.contains("n.db"), "{text}");
+    // The refused claim was let go, and resuming the run still claims it.
+    assert!(!store.run_is_claimed(a).unwrap());
+    drop(store.claim_run(a).unwrap());
+    let refused = agent_runtime_core::EventSink::claim_new_run(&store, a).unwrap_err();
+    assert!(
+        refused.message.contains("already in it"),
+        "{}",
+        refused.message
+    );
+    drop(agent_runtime_core::EventSink::claim_new_run(&store, b).unwrap());
+    assert_eq!(store.head().unwrap().map(|(seq, _)| seq), Some(3));
+}
+
 /// Claims released and taken again from several threads at once, each through its own open
 /// file: never two holders at a time, and a released claim leaves no file behind (Unix), so
 /// that `DB-runs` does not fill up with one file per run.

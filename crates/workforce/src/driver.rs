@@ -272,7 +272,8 @@ pub enum DriverError {
     /// Nothing can happen any more, yet the run has not ended (a bug).
     #[error("the run stalled with {0} tasks open and nothing in flight")]
     Stalled(usize),
-    /// Someone else drives the run (see [`EventSink::claim_run`]): the log's own message.
+    /// Someone else drives the run (see [`EventSink::claim_run`]), or a new run's id is already
+    /// in the log (see [`EventSink::claim_new_run`]): the log's own message.
     #[error("{0}")]
     Claimed(String),
 }
@@ -372,8 +373,12 @@ pub async fn run_graph_controlled(
     .run_id();
     let (validated, created) = validate_and_encode(&graph, run_id, opts.seed, now);
     validated.map_err(|e| EngineError::Graph(e.to_string()))?;
-    // Held until the run is driven to its end: nobody may resume it meanwhile.
-    let _claim = claim(&opts, run_id)?;
+    // Held until the run is driven to its end: nobody may resume it meanwhile. Refused when
+    // the id was drawn before (the same seed in the same millisecond): nothing is written.
+    let _claim = opts
+        .sink
+        .claim_new_run(run_id)
+        .map_err(|e| DriverError::Claimed(e.message))?;
     // The engine starts from the graph itself rather than from the event's copy of it (as replay
     // and resume do): the same graph (a test holds every example equal to its JSON round trip)
     // without parsing it back, which was a tenth of a 10,000-task run's start.

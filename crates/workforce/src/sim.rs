@@ -289,11 +289,15 @@ pub const SIM_EPOCH: Timestamp = Timestamp::from_unix_nanos(1_767_225_600_000_00
 pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimReport, SimError> {
     cfg.check().map_err(SimError::Config)?;
     // A configuration's run id is fixed (see `run_id_of`): two processes simulating the same
-    // one into a shared log would interleave their events, so the run is claimed first.
+    // one into a shared log would interleave their events, so the run is claimed first, and a
+    // log that already holds it (the same configuration simulated before) is refused.
     let run_id = run_id_of(cfg);
-    let _claim = sink
-        .claim_run(run_id)
-        .map_err(|e| SimError::Log(e.message))?;
+    let _claim = sink.claim_new_run(run_id).map_err(|e| {
+        SimError::Log(format!(
+            "{} (a simulation's run id follows from its seed)",
+            e.message
+        ))
+    })?;
     let graph = synth_graph(cfg);
     let started = Instant::now();
     // The engine's own CPU time, summed over the stretches between awaits (the task may move

@@ -275,6 +275,48 @@ fn same_seed_same_log_and_other_seed_other_log() {
     assert_eq!(a.outputs, c.outputs, "outputs do not depend on the seed");
 }
 
+/// Run ids follow from the seed and the clock: a second run with the same seed at the same
+/// instant draws the same id, and is refused before it writes anything, instead of mixing two
+/// runs under one id in the log.
+#[test]
+fn a_run_whose_id_is_already_in_the_log_is_refused_before_it_writes() {
+    let log = Arc::new(MemoryLog::default());
+    let rt = rt();
+    let first = rt
+        .block_on(driver::run_graph(
+            graph(MIXED),
+            opts_at_t0(log.clone(), registry()),
+        ))
+        .unwrap();
+    let written = events(&log).len();
+    // A fresh runtime, so that the paused clock reads `T0` again.
+    let err = common::rt()
+        .block_on(driver::run_graph(
+            graph(MIXED),
+            opts_at_t0(log.clone(), registry()),
+        ))
+        .unwrap_err();
+    assert!(matches!(err, DriverError::Claimed(_)), "{err}");
+    assert!(
+        err.to_string()
+            .contains(&format!("run {} is already in", first.run_id)),
+        "{err}"
+    );
+    assert_eq!(events(&log).len(), written);
+    // Another seed draws another id and runs.
+    let other = rt
+        .block_on(driver::run_graph(
+            graph(MIXED),
+            RunOptions {
+                seed: 2,
+                ..opts_at_t0(log.clone(), registry())
+            },
+        ))
+        .unwrap();
+    assert_ne!(other.run_id, first.run_id);
+    assert_eq!(other.status, RunStatus::Completed);
+}
+
 #[test]
 fn limits_are_never_exceeded_and_are_reached() {
     let (out, log) = run(graph(MIXED), 5);
