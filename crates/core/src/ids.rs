@@ -133,6 +133,18 @@ impl IdGenerator {
         }
     }
 
+    /// [`IdGenerator::seeded`] on ChaCha stream `stream`: the draws of one stream share
+    /// nothing with another's for the same seed, so ids of two kinds of things drawn from one
+    /// seed at one instant (a run's id and its first task's) never coincide.
+    pub fn seeded_stream(seed: u64, stream: u64, clock: Arc<dyn Clock>) -> Self {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        rng.set_stream(stream);
+        IdGenerator {
+            clock,
+            rng: Arc::new(Mutex::new(rng)),
+        }
+    }
+
     /// Ids whose random bits come from a generator seeded by the operating system.
     pub fn random(clock: Arc<dyn Clock>) -> Self {
         Self::seeded(os_random_u64(), clock)

@@ -366,11 +366,7 @@ pub async fn run_graph_controlled(
 ) -> Result<Outcome, DriverError> {
     check_available(&graph, opts.tools.as_ref(), opts.models.as_ref())?;
     let now = opts.clock.now();
-    let run_id = agent_runtime_core::IdGenerator::seeded(
-        opts.seed,
-        Arc::new(agent_runtime_core::ManualClock::new(now)),
-    )
-    .run_id();
+    let run_id = crate::engine::run_id_for(opts.seed, now);
     let (validated, created) = validate_and_encode(&graph, run_id, opts.seed, now);
     validated.map_err(|e| EngineError::Graph(e.to_string()))?;
     // Held until the run is driven to its end: nobody may resume it meanwhile. Refused when

@@ -2320,6 +2320,15 @@ fn write_failure(o: &mut ObjectWriter<'_>, call: u64, class: ErrorClass, message
         .str("message", message);
 }
 
+/// The ChaCha stream run ids are drawn from; task ids come from the default stream 0.
+const RUN_ID_STREAM: u64 = 1;
+
+/// The id of a run created at `created` with `seed`: reproducible, and drawn apart from the
+/// run's task ids (see [`run_ids`]), which the same seed and instant would otherwise repeat.
+pub fn run_id_for(seed: u64, created: Timestamp) -> RunId {
+    IdGenerator::seeded_stream(seed, RUN_ID_STREAM, Arc::new(ManualClock::new(created))).run_id()
+}
+
 /// A run's clock and id generator, from its seed and its `run.created` time: the declared
 /// tasks take the first task ids, in graph order, then spawned tasks the next ones. Whoever
 /// needs a run's task ids (the engine, [`crate::state::RunSummary`]) starts here.

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::{
-    AppendStream, EncodedEvent, ErrorClass, EventSink, FinishReason, IdGenerator, ManualClock,
-    Message, ModelResponse, PendingAppend, Role, SeededRng, Timestamp, Usage, thread_cpu_ns,
+    AppendStream, EncodedEvent, ErrorClass, EventSink, FinishReason, ManualClock, Message,
+    ModelResponse, PendingAppend, Role, SeededRng, Timestamp, Usage, thread_cpu_ns,
 };
 
 use crate::engine::{Effect, Engine, RunStatus, TaskStatus};
@@ -510,7 +510,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
 /// The run id a simulation gets: a function of its seed alone (the virtual clock always starts
 /// at [`SIM_EPOCH`]), so the same configuration writes the same events.
 pub fn run_id_of(cfg: &SimConfig) -> agent_runtime_core::RunId {
-    IdGenerator::seeded(cfg.seed, Arc::new(ManualClock::new(SIM_EPOCH))).run_id()
+    crate::engine::run_id_for(cfg.seed, SIM_EPOCH)
 }
 
 /// The process's peak resident memory (Linux `VmHWM`), when known.

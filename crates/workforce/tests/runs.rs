@@ -317,6 +317,19 @@ fn a_run_whose_id_is_already_in_the_log_is_refused_before_it_writes() {
     assert_eq!(other.status, RunStatus::Completed);
 }
 
+/// A run's id and its tasks' ids come from one seed and one instant, on separate streams: no
+/// task shares its run's id (the first task's id once did).
+#[test]
+fn no_task_shares_its_runs_id() {
+    for seed in [1, 2, 42] {
+        let (out, log) = run(graph(MIXED), seed);
+        let run = out.run_id.as_bytes();
+        let tasks: Vec<_> = events(&log).iter().filter_map(|e| e.task_id).collect();
+        assert!(!tasks.is_empty());
+        assert!(tasks.iter().all(|t| t.as_bytes() != run), "seed {seed}");
+    }
+}
+
 #[test]
 fn limits_are_never_exceeded_and_are_reached() {
     let (out, log) = run(graph(MIXED), 5);
