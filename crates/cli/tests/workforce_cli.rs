@@ -406,6 +406,12 @@ fn bench_workforce_live_prints_its_commits() {
         .nth(3)
         .and_then(|n| n.parse::<u64>().ok());
     assert!(commits.is_some_and(|n| n > 0), "{line}");
+    // The same run again in the same process, warm, beside the cold first one.
+    assert!(
+        text.lines()
+            .any(|l| l.trim_start().starts_with("again, warm: wall ")),
+        "{text}"
+    );
 }
 
 /// `bench workforce --only simulator` runs that part alone: its section and no other, the same

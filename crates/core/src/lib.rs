@@ -103,6 +103,6 @@ pub use sink::{
     AppendStream, Appended, EventQuery, EventSink, EventSource, MemoryLog, PendingAppend, RunClaim,
     SinkError,
 };
-pub use time::{Clock, ManualClock, SystemClock, Timestamp, thread_cpu_ns};
+pub use time::{Clock, ManualClock, SystemClock, Timestamp, process_cpu_ns, thread_cpu_ns};
 pub use tokio_util::sync::CancellationToken;
 pub use tool::{RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource};

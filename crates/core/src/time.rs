@@ -201,20 +201,31 @@ impl Clock for ManualClock {
 ///     assert!(b >= a);
 /// }
 /// ```
-#[cfg(unix)]
 pub fn thread_cpu_ns() -> Option<u64> {
+    #[cfg(unix)]
+    return cpu_clock_ns(libc::CLOCK_THREAD_CPUTIME_ID);
+    #[cfg(not(unix))]
+    None
+}
+
+/// The whole process's CPU time so far (every thread, user and system), in nanoseconds
+/// (`CLOCK_PROCESS_CPUTIME_ID`), or `None` where the platform has no such clock. For
+/// measurements only, like [`thread_cpu_ns`].
+pub fn process_cpu_ns() -> Option<u64> {
+    #[cfg(unix)]
+    return cpu_clock_ns(libc::CLOCK_PROCESS_CPUTIME_ID);
+    #[cfg(not(unix))]
+    None
+}
+
+#[cfg(unix)]
+fn cpu_clock_ns(clock: libc::clockid_t) -> Option<u64> {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant both Linux and
-    // macOS define.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    // SAFETY: `ts` is a valid, writable timespec; both clock ids are constants Linux and macOS
+    // define.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
-}
-
-/// No per-thread CPU clock here.
-#[cfg(not(unix))]
-pub fn thread_cpu_ns() -> Option<u64> {
-    None
 }

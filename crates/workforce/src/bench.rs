@@ -78,6 +78,11 @@ pub struct LiveReport {
     pub events: u64,
     /// The run's status.
     pub status: crate::engine::RunStatus,
+    /// CPU time of the whole process during the run (every thread: driver, tokio workers, the
+    /// log's threads), per agent, ns: what the run costs the machine, steadier than wall time
+    /// on a shared one. Work left to finish after the run returned (its engine's drop) is not
+    /// counted.
+    pub cpu_ns_per_agent: Option<f64>,
     /// When, after the run started, the first and the last agent's first model call began, ms:
     /// the start-up and the spread of the calls that ask for the tool.
     pub first_calls_ms: [f64; 2],
@@ -278,9 +283,13 @@ pub async fn live_agents(
         })
     };
     let started = Instant::now();
+    let cpu_before = agent_runtime_core::process_cpu_ns();
     let offset_ns = u64::try_from(started.duration_since(origin).as_nanos()).unwrap_or(0);
     let out = driver::run_graph(graph, opts).await?;
     let wall = started.elapsed();
+    let cpu = cpu_before
+        .zip(agent_runtime_core::process_cpu_ns())
+        .map(|(a, b)| b.saturating_sub(a));
     stop.cancel();
     let peak = sampler.await.ok().filter(|&p| p > 0);
     let wall_ms = wall.as_secs_f64() * 1000.0;
@@ -297,6 +306,7 @@ pub async fn live_agents(
         },
         events: out.events,
         status: out.status,
+        cpu_ns_per_agent: cpu.map(|ns| ns as f64 / f64::from(n.max(1))),
         first_calls_ms: model.first.ms_after(offset_ns),
         second_calls_ms: model.second.ms_after(offset_ns),
         tool_starts_ms: sleep.starts.ms_after(offset_ns),
@@ -370,5 +380,15 @@ mod tests {
         assert!(tool_end[0] >= tool_start[0] + 30.0, "{r:?}");
         assert!(call2[1] >= tool_end[1], "{r:?}");
         assert!(r.wall_ms >= call2[1], "{r:?}");
+        // The run cost some CPU, and no more than every core of the machine for its wall time.
+        #[cfg(unix)]
+        {
+            let cpu_ms = r.cpu_ns_per_agent.expect("a process CPU clock") * 40.0 / 1e6;
+            let cores = std::thread::available_parallelism().map_or(64, |n| n.get()) as f64;
+            assert!(
+                cpu_ms > 0.0 && cpu_ms <= r.wall_ms * cores,
+                "{cpu_ms} ms, {r:?}"
+            );
+        }
     }
 }

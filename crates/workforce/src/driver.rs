@@ -380,9 +380,22 @@ pub async fn run_graph_controlled(
     // without parsing it back, which was a tenth of a 10,000-task run's start.
     let mut engine = Engine::start_in_steps(run_id, graph, opts.seed, now, PUMP_STEP);
     let mut driver = Driver::new(opts, LogHasher::new(), 0);
-    driver
+    let outcome = driver
         .drive(&mut engine, vec![created], Vec::new(), cancel, controls)
-        .await
+        .await;
+    drop_off_path(engine);
+    outcome
+}
+
+/// Drops a finished run's engine where its caller does not wait for it: freeing ten thousand
+/// tasks' state takes milliseconds, which a run's result need not include. Small engines are
+/// dropped at once.
+fn drop_off_path(engine: Engine) {
+    if engine.task_count() >= PARALLEL_START_TASKS
+        && let Ok(rt) = tokio::runtime::Handle::try_current()
+    {
+        drop(rt.spawn_blocking(move || drop(engine)));
+    }
 }
 
 /// Tasks from which a graph's validation and its `run.created` encoding run on two threads.
@@ -682,9 +695,11 @@ pub async fn resume_controlled(
     }
     let count = hasher.count();
     let mut driver = Driver::new(opts, hasher, count);
-    driver
+    let outcome = driver
         .drive(&mut engine, first, unperformed, cancel, controls)
-        .await
+        .await;
+    drop_off_path(engine);
+    outcome
 }
 
 enum Done {
@@ -848,6 +863,8 @@ impl Driver {
             .map(|e| (batch.len(), e))
             .collect();
         let mut cancel_requested = false;
+        // The outcome, once the run has finished and every event is handed to the log.
+        let mut prebuilt: Option<Outcome> = None;
         loop {
             take_derived(engine, &mut batch, &mut effects);
             // The engine stopped a pump at its step (a burst: a run starting thousands of tasks
@@ -928,6 +945,12 @@ impl Driver {
             if finished && pending.is_empty() && batch.is_empty() {
                 break;
             }
+            // Once every event is handed to the log, nothing changes the run but durability:
+            // its outcome (thousands of outputs take milliseconds) is built while the last
+            // pieces are committed and synced, not after.
+            if finished && batch.is_empty() && prebuilt.is_none() {
+                prebuilt = Some(self.outcome(engine));
+            }
             let deadline = if finished {
                 None
             } else {
@@ -1006,21 +1029,26 @@ impl Driver {
                 }
             }
         }
+        Ok(prebuilt.unwrap_or_else(|| self.outcome(engine)))
+    }
+
+    /// The run's outcome as the engine and the count of recorded events have it; `drive` fills
+    /// in the log hash once the offloaded hash is back.
+    fn outcome(&self, engine: &Engine) -> Outcome {
         let error = if engine.status() == RunStatus::Failed {
             Some(self.failure_reason(engine))
         } else {
             None
         };
-        Ok(Outcome {
+        Outcome {
             run_id: engine.run_id(),
             status: engine.status(),
             outputs: engine.final_outputs(),
             tasks: engine.task_views(),
-            // `drive` fills it in once the offloaded hash is back.
             log_hash: String::new(),
             events: self.events,
             error,
-        })
+        }
     }
 
     /// A piece is durable: the observer sees its events and the effects that waited for it are

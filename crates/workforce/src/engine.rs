@@ -841,6 +841,10 @@ impl Engine {
             answer => std::borrow::Cow::Owned(answer.clone().into_value(&self.shapes)),
         })
     }
+    /// How many tasks the run has: declared and spawned.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
     /// Every task, in declaration then spawn order.
     pub fn task_views(&self) -> Vec<TaskView> {
         self.tasks
