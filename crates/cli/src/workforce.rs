@@ -371,6 +371,9 @@ async fn options(
         tools: Arc::new(ToolRegistry::from_tools(gw.tool_handles())),
         models: Arc::new(NoModels),
         observer: Some(progress),
+        // `{{ secrets.NAME }}` reads AGENT_RUNTIME_SECRET_NAME, and nothing else of the
+        // environment.
+        secrets: Arc::new(agent_runtime_core::EnvSecrets),
     };
     Ok((opts, manager))
 }
@@ -501,7 +504,8 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     for field in secret_looking_arguments(&graph) {
         eprintln!(
             "warning: {field} looks like a secret written into the graph; the run's events \
-             record it as written (docs/workforce.md: give secrets to tools through the gateway)"
+             record it as written (write `{{{{ secrets.NAME }}}}` and set \
+             AGENT_RUNTIME_SECRET_NAME instead, see docs/workforce.md)"
         );
     }
     let store = global.open_store()?;

@@ -683,3 +683,66 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
             outcome["log_hash"].as_str().unwrap(),
         ));
 }
+
+/// `{{ secrets.NAME }}` end to end: `run` reads AGENT_RUNTIME_SECRET_NAME, the tool gets the
+/// value, and neither the run's events nor the gateway's audit trail nor the printed outputs
+/// hold it; `replay` needs no secret. Without the variable the call fails, naming the secret.
+#[test]
+fn run_fills_secrets_for_the_call_and_records_none() {
+    const VALUE: &str = "cli-s3cr3t-9f8e7d";
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = write_flow(
+        dir.path(),
+        "secret.yaml",
+        "tasks:\n  - { id: a, tool: echo, args: { text: \"Bearer {{ secrets.TOKEN }}\" } }\n",
+    );
+    let out = cli(&db)
+        .env("AGENT_RUNTIME_SECRET_TOKEN", VALUE)
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let outcome = succeeded(&out);
+    assert_eq!(
+        outcome["outputs"]["a"]["text"], "Bearer [REDACTED]",
+        "{outcome}"
+    );
+    let run_id = outcome["run_id"].as_str().unwrap().to_string();
+    // Every event of the database: the run's and the gateway's audit trail.
+    let store = Store::open(StoreConfig::plaintext(&db).read_only()).unwrap();
+    let logged = store.query_blocking(&EventQuery::default()).unwrap();
+    drop(store);
+    assert!(logged.iter().any(|e| e.kind == EventKind::PolicyDecided));
+    // The gateway recorded the arguments the call was made with, masked.
+    assert!(
+        logged.iter().any(|e| e.kind == EventKind::ToolRequested
+            && e.payload["arguments"]["text"] == "Bearer [REDACTED]"),
+        "{logged:?}"
+    );
+    let text = serde_json::to_string(&logged).unwrap();
+    assert!(!text.contains(VALUE), "{text}");
+    assert!(text.contains("Bearer {{ secrets.TOKEN }}"), "{text}");
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(VALUE));
+    cli(&db)
+        .env_remove("AGENT_RUNTIME_SECRET_TOKEN")
+        .args(["replay", &run_id])
+        .assert()
+        .success();
+    // Unset: the call fails and says which secret.
+    let out = cli(&db)
+        .env_remove("AGENT_RUNTIME_SECRET_TOKEN")
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("secret `TOKEN` is not set"), "{all}");
+}

@@ -20,7 +20,7 @@ use crate::ids::{RunId, TaskId};
 /// # Timeouts
 /// `timeout` is the caller's budget for this call. The caller enforces it (it cancels the token
 /// and drops the future when it runs out); implementations may use it to size their own waits.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct CallContext {
     /// The run the call belongs to, if any.
     pub run_id: Option<RunId>,
@@ -34,6 +34,25 @@ pub struct CallContext {
     pub timeout: Option<Duration>,
     /// Where to report progress, if the caller listens.
     pub progress: Option<mpsc::UnboundedSender<Progress>>,
+    /// Secret values the caller put into this call's arguments (a task graph's
+    /// `{{ secrets.NAME }}`): whoever records or returns anything about the call replaces them
+    /// with `[REDACTED]`, as it does its own secrets. Empty for most calls. Never printed by
+    /// `Debug`.
+    pub secrets: Vec<String>,
+}
+
+impl std::fmt::Debug for CallContext {
+    // By hand: the derived form would print the secrets.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CallContext")
+            .field("run_id", &self.run_id)
+            .field("task_id", &self.task_id)
+            .field("actor", &self.actor)
+            .field("timeout", &self.timeout)
+            .field("progress", &self.progress.is_some())
+            .field("secrets", &self.secrets.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CallContext {
@@ -46,6 +65,7 @@ impl CallContext {
             cancel: CancellationToken::new(),
             timeout: None,
             progress: None,
+            secrets: Vec::new(),
         }
     }
 

@@ -75,6 +75,7 @@ pub mod model;
 pub mod policy;
 pub mod random;
 pub mod schema;
+pub mod secret;
 pub mod session;
 pub mod sink;
 pub mod time;
@@ -98,6 +99,7 @@ pub use model::{
 };
 pub use policy::{Effect, PolicyEnvelope};
 pub use random::SeededRng;
+pub use secret::{EnvSecrets, NoSecrets, Redactor, SecretSource, StaticSecrets};
 pub use session::{Session, SessionError, SessionInput, SessionKind, SessionOutput};
 pub use sink::{
     AppendStream, Appended, EventQuery, EventSink, EventSource, MemoryLog, PendingAppend, RunClaim,

@@ -191,6 +191,9 @@ struct CallRecord<'a> {
     task_id: Option<agent_runtime_core::TaskId>,
     tool: &'a str,
     call_id: String,
+    /// The gateway's redactor, with the call's own secrets (`CallContext::secrets`) added
+    /// when it has any.
+    redactor: std::borrow::Cow<'a, Redactor>,
 }
 
 impl Gateway {
@@ -284,7 +287,8 @@ impl Gateway {
             arguments: &args,
         };
         let trace = policy.explain(&input);
-        let (decision, decided_by) = self.decide(&policy, hook_denial, &input);
+        let (decision, decided_by) =
+            self.decide(&policy, hook_denial, &input, &self.inner.redactor);
         Ok(CheckReport {
             tool: name.to_string(),
             arguments: args,
@@ -302,6 +306,7 @@ impl Gateway {
         policy: &Policy,
         hook_denial: Option<(String, String)>,
         input: &PolicyInput<'_>,
+        redactor: &Redactor,
     ) -> (Decision, String) {
         let (mut decision, decided_by) = match hook_denial {
             Some((hook, reason)) => (
@@ -315,7 +320,7 @@ impl Gateway {
             ),
             None => (policy.decide(input), "policy".to_string()),
         };
-        decision.reason = self.inner.redactor.redact_str(&decision.reason);
+        decision.reason = redactor.redact_str(&decision.reason);
         (decision, decided_by)
     }
 
@@ -382,7 +387,7 @@ impl Gateway {
             Actor::Tool(rec.tool.to_string()),
             EventKind::ToolFailed,
             json!({"tool": rec.tool, "call_id": rec.call_id, "class": err.class,
-                   "message": self.inner.redactor.redact_str(&err.message)}),
+                   "message": rec.redactor.redact_str(&err.message)}),
         )
     }
 
@@ -426,11 +431,21 @@ impl Gateway {
         ctx: CallContext,
     ) -> Result<ToolOutput, ToolError> {
         let inner = &*self.inner;
+        let redactor = if ctx.secrets.is_empty() {
+            std::borrow::Cow::Borrowed(&inner.redactor)
+        } else {
+            let mut r = inner.redactor.clone();
+            for value in &ctx.secrets {
+                r.add_secret(value.clone());
+            }
+            std::borrow::Cow::Owned(r)
+        };
         let rec = CallRecord {
             run_id: ctx.run_id.unwrap_or(inner.run_id),
             task_id: ctx.task_id,
             tool: name,
             call_id: inner.ids.event_id().to_string(),
+            redactor,
         };
         let requested_with = |args: &Value, digest: &agent_runtime_core::Hash32| {
             self.event(
@@ -439,7 +454,7 @@ impl Gateway {
                 EventKind::ToolRequested,
                 json!({"tool": name, "call_id": rec.call_id,
                        "arguments_digest": digest,
-                       "arguments": inner.redactor.redact(args)}),
+                       "arguments": rec.redactor.redact(args)}),
             )
         };
         let requested =
@@ -484,6 +499,7 @@ impl Gateway {
                 actor: &ctx.actor,
                 arguments: &args,
             },
+            &rec.redactor,
         );
         let digest = if hooks_apply {
             PolicyEnvelope::digest_arguments(&args)
@@ -526,7 +542,7 @@ impl Gateway {
                     task_id: ctx.task_id,
                     subject: ctx.actor.clone(),
                     tool: name.to_string(),
-                    arguments: inner.redactor.redact(&args),
+                    arguments: rec.redactor.redact(&args),
                     risk,
                     reason: decision.reason.clone(),
                 };
@@ -544,12 +560,12 @@ impl Gateway {
                     Ok(d) => (
                         d.approved,
                         d.decided_by.clone(),
-                        d.reason.as_deref().map(|r| inner.redactor.redact_str(r)),
+                        d.reason.as_deref().map(|r| rec.redactor.redact_str(r)),
                     ),
                     Err(e) => (
                         false,
                         Actor::System,
-                        Some(inner.redactor.redact_str(&e.message)),
+                        Some(rec.redactor.redact_str(&e.message)),
                     ),
                 };
                 batch.push(self.event(
@@ -614,7 +630,10 @@ impl Gateway {
             .execute(&entry, call_args, &ctx, timeout, decision.sandbox)
             .await;
         let result = match result {
-            Ok(out) => self.post_process(name, &ctx.actor, &kept_args, out).await,
+            Ok(out) => {
+                self.post_process(name, &ctx.actor, &kept_args, out, &rec.redactor)
+                    .await
+            }
             Err(e) => Err(e),
         };
         let elapsed_us = started.elapsed().as_micros() as u64;
@@ -624,14 +643,14 @@ impl Gateway {
                     &rec,
                     Actor::Tool(name.to_string()),
                     EventKind::ToolCompleted,
-                    json!({"tool": name, "call_id": rec.call_id, "output": inner.redactor.redact(&out.value),
+                    json!({"tool": name, "call_id": rec.call_id, "output": rec.redactor.redact(&out.value),
                            "truncated": out.truncated, "duration_us": elapsed_us}),
                 )])
                 .await?;
                 Ok(out)
             }
             Err(err) => {
-                let err = ClassifiedError::new(err.class, inner.redactor.redact_str(&err.message));
+                let err = ClassifiedError::new(err.class, rec.redactor.redact_str(&err.message));
                 self.append_outcome(vec![self.failed_event(&rec, &err)])
                     .await?;
                 Err(err)
@@ -708,6 +727,7 @@ impl Gateway {
         actor: &Actor,
         args: &Value,
         mut out: ToolOutput,
+        redactor: &Redactor,
     ) -> Result<ToolOutput, ToolError> {
         for hook in &self.inner.hooks {
             if !hook.applies_to(name) {
@@ -732,25 +752,10 @@ impl Gateway {
                 PostAction::Replace(o) => out = o,
             }
         }
-        if self.inner.redactor.has_secrets() {
-            out.value = redact_values_only(&self.inner.redactor, &out.value);
+        if redactor.has_secrets() {
+            out.value = redactor.redact_values(&out.value);
         }
         Ok(cap_output(out, self.inner.config.max_output_bytes))
-    }
-}
-
-fn redact_values_only(r: &Redactor, v: &Value) -> Value {
-    match v {
-        Value::String(s) => Value::String(r.redact_str(s)),
-        Value::Array(items) => {
-            Value::Array(items.iter().map(|i| redact_values_only(r, i)).collect())
-        }
-        Value::Object(map) => Value::Object(
-            map.iter()
-                .map(|(k, v)| (k.clone(), redact_values_only(r, v)))
-                .collect(),
-        ),
-        other => other.clone(),
     }
 }
 

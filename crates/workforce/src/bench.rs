@@ -266,6 +266,7 @@ pub async fn live_agents(
         tools: Arc::new(tools),
         models: Arc::new(StaticModels(models)),
         observer: None,
+        secrets: Arc::new(agent_runtime_core::NoSecrets),
     };
     let before = current_memory_bytes();
     let stop = agent_runtime_core::CancellationToken::new();

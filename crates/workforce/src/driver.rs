@@ -24,7 +24,7 @@ use std::time::Duration;
 use agent_runtime_core::{
     Actor, AppendStream, CallContext, CancellationToken, Clock, EncodedEvent, Envelope, ErrorClass,
     EventQuery, EventSink, EventSource, ModelProvider, ModelRequest, NewEvent, PendingAppend,
-    RunId, Timestamp, ToolError, ToolOutput, ToolSpec, async_trait,
+    RunId, SecretSource, Timestamp, ToolError, ToolOutput, ToolSpec, async_trait,
 };
 use serde_json::{Value, json};
 use tokio::sync::mpsc;
@@ -211,6 +211,9 @@ pub struct RunOptions {
     pub models: Arc<dyn ModelRouter>,
     /// Progress listener.
     pub observer: Option<Arc<dyn Observer>>,
+    /// Where the `{{ secrets.NAME }}` of tool steps' arguments come from (see
+    /// [`agent_runtime_core::SecretSource`]); [`agent_runtime_core::NoSecrets`] for none.
+    pub secrets: Arc<dyn SecretSource>,
 }
 
 /// How a run ended.
@@ -836,6 +839,7 @@ impl Driver {
         let (launch, starts) = mpsc::unbounded_channel::<(Effect, CancellationToken)>();
         tokio::spawn(
             CallStarter {
+                secrets: self.opts.secrets.clone(),
                 run_id: engine.run_id(),
                 tools: self.opts.tools.clone(),
                 models: self.opts.models.clone(),
@@ -1120,6 +1124,7 @@ struct CallStarter {
     models: Arc<dyn ModelRouter>,
     specs: FastMap<String, ToolSpec>,
     agent_specs: FastMap<Arc<str>, Arc<[ToolSpec]>>,
+    secrets: Arc<dyn SecretSource>,
     done: mpsc::UnboundedSender<Done>,
 }
 
@@ -1219,21 +1224,46 @@ impl CallStarter {
                 task_id,
                 actor,
                 tool,
-                args,
+                mut args,
+                secret_args,
                 timeout,
                 ..
             } => {
                 let ctx = self.context(actor, task_id, timeout, &token);
                 let tools = self.tools.clone();
                 let name = tool.clone();
+                // The call alone gets the secrets' values; what it returns is redacted before
+                // it is recorded (a tool may echo its arguments, or put them in an error).
+                let mut used = Vec::new();
+                let filled = match &secret_args {
+                    Some(declared) => crate::template::fill_secrets(
+                        declared,
+                        &mut args,
+                        self.secrets.as_ref(),
+                        &mut used,
+                    ),
+                    None => Ok(()),
+                };
+                let mut redactor = agent_runtime_core::Redactor::new();
+                for value in &used {
+                    redactor.add_secret(value.clone());
+                }
+                // A tool behind the gateway records the call in its own audit trail.
+                let mut ctx = ctx;
+                ctx.secrets = used;
                 self.spawn_call(
                     token,
                     async move {
-                        tools
-                            .invoke(&name, args, ctx)
-                            .await
-                            .map(|o| o.value)
-                            .map_err(|e| (e.class, e.message))
+                        if let Err(e) = filled {
+                            return Err((ErrorClass::InvalidArguments, e));
+                        }
+                        let result = tools.invoke(&name, args, ctx).await;
+                        if !redactor.has_secrets() {
+                            return result.map(|o| o.value).map_err(|e| (e.class, e.message));
+                        }
+                        result
+                            .map(|o| redactor.redact_values(&o.value))
+                            .map_err(|e| (e.class, redactor.redact_str(&e.message)))
                     },
                     move |result| Done::Tool { call, tool, result },
                 );

@@ -85,8 +85,12 @@ pub enum Effect {
         actor: Actor,
         /// Registry name.
         tool: String,
-        /// Rendered arguments.
+        /// Rendered arguments, as recorded.
         args: Value,
+        /// The graph's own arguments of this tool step, when they name secrets
+        /// (`{{ secrets.NAME }}`): whoever makes the call fills those in, and only those (see
+        /// [`crate::template::fill_secrets`]). `None` for agents' calls.
+        secret_args: Option<Arc<Value>>,
         /// The task's attempt timeout, for the tool's information.
         timeout: Option<Duration>,
     },
@@ -1510,6 +1514,14 @@ impl Engine {
         let (task_id, name) = (t.task_id, Arc::<str>::from(self.name(task)));
         match kind {
             CallKind::Tool => {
+                // Only a tool step the graph declares may name secrets: an agent's call takes
+                // its arguments from the model.
+                let secret_args = match (t.agent, &self.graph.tasks[task as usize].args) {
+                    (None, Some(declared)) if crate::template::names_secrets(declared) => {
+                        Some(Arc::new(declared.clone()))
+                    }
+                    _ => None,
+                };
                 let actor = self.actor_of(t.agent);
                 self.emit_object(
                     Some(task_id),
@@ -1526,6 +1538,7 @@ impl Engine {
                     actor,
                     tool,
                     args,
+                    secret_args,
                     timeout,
                 });
             }

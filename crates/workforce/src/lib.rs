@@ -45,6 +45,7 @@
 //!     tools: Arc::new(ToolRegistry::with_native_tools()),
 //!     models: Arc::new(driver::NoModels),
 //!     observer: None,
+//!     secrets: Arc::new(agent_runtime_core::NoSecrets),
 //! })).unwrap();
 //! assert_eq!(outcome.outputs["b"]["text"], "hi!");
 //! ```

@@ -8,6 +8,10 @@
 //! Only `{{ tasks. ... }}` is a template (and `{{ task. ... }}`, refused as a typo of it): any
 //! other `{{ ... }}` is text, kept as it is, so that tool arguments and prompts can carry other
 //! template languages (GitHub Actions' `${{ secrets.TOKEN }}`, Jinja, Handlebars).
+//!
+//! `{{ secrets.NAME }}` in a tool step's arguments is not rendered either: events record it as
+//! written, and the call alone gets the value (see [`fill_secrets`]). Preceded by `$` it is
+//! GitHub Actions' syntax, and text.
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
@@ -113,23 +117,143 @@ pub fn for_each_ref(v: &Value, f: &mut dyn FnMut(&str)) {
     }
 }
 
-/// Checks every template of a task is well formed.
+/// Each `{{ secrets.NAME }}` in `s`: its byte range and `NAME` as written (checked by
+/// [`check`]). `${{ secrets.NAME }}` is GitHub Actions' and not one.
+fn secret_refs(s: &str) -> Vec<(usize, usize, &str)> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while let Some(start) = find_pair(s, pos, b'{') {
+        let Some(close) = find_pair(s, start + 2, b'}') else {
+            break;
+        };
+        let inner = s[start + 2..close].trim();
+        match inner.strip_prefix("secrets.") {
+            Some(name) if start == 0 || s.as_bytes()[start - 1] != b'$' => {
+                out.push((start, close + 2, name.trim()));
+                pos = close + 2;
+            }
+            _ => pos = start + 1,
+        }
+    }
+    out
+}
+
+/// Whether any string in `v` names a secret.
+pub fn names_secrets(v: &Value) -> bool {
+    match v {
+        Value::String(s) => !secret_refs(s).is_empty(),
+        Value::Array(a) => a.iter().any(names_secrets),
+        Value::Object(m) => m.values().any(names_secrets),
+        _ => false,
+    }
+}
+
+/// Checks every template of a task is well formed, and that secrets are named only where a
+/// call, and nothing recorded, gets their values.
 pub fn check(task: &TaskSpec) -> Result<(), String> {
-    fn walk(v: &Value) -> Result<(), String> {
+    fn walk(v: &Value, at: &mut String) -> Result<(), String> {
         match v {
-            Value::String(s) => scan(s).map(|_| ()),
-            Value::Array(a) => a.iter().try_for_each(walk),
-            Value::Object(m) => m.values().try_for_each(walk),
+            Value::String(s) => {
+                let templates = scan(s)?;
+                for (_, _, name) in secret_refs(s) {
+                    if name.is_empty()
+                        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                    {
+                        return Err(format!(
+                            "secret name `{name}` at args{at} must be letters, digits and `_`"
+                        ));
+                    }
+                    if !templates.is_empty() {
+                        // The upstream output would be rendered into the recorded string, and
+                        // could bring a `{{ secrets.NAME }}` of its own.
+                        return Err(format!(
+                            "args{at} names a secret and takes an upstream output; a string may do one or the other"
+                        ));
+                    }
+                }
+                Ok(())
+            }
+            Value::Array(a) => a.iter().enumerate().try_for_each(|(i, x)| {
+                let len = at.len();
+                at.push_str(&format!("[{i}]"));
+                let r = walk(x, at);
+                at.truncate(len);
+                r
+            }),
+            Value::Object(m) => m.iter().try_for_each(|(k, x)| {
+                let len = at.len();
+                at.push('.');
+                at.push_str(k);
+                let r = walk(x, at);
+                at.truncate(len);
+                r
+            }),
             _ => Ok(()),
         }
     }
     if let Some(p) = &task.prompt {
         scan(p)?;
+        if !secret_refs(p).is_empty() {
+            return Err(
+                "`{{ secrets.NAME }}` goes only into a tool step's arguments \
+                        (a prompt is sent to the model and recorded)"
+                    .into(),
+            );
+        }
     }
     if let Some(a) = &task.args {
-        walk(a)?;
+        walk(a, &mut String::new())?;
     }
     Ok(())
+}
+
+/// Fills in the secrets of a tool step's call: each `{{ secrets.NAME }}` of `rendered` (the
+/// arguments as recorded) at a place where the graph's own arguments `declared` wrote it, with
+/// the value from `secrets`; each value used is added to `used`, for redacting the call's
+/// result. Only strings the graph wrote are filled ([`check`] keeps upstream outputs out of
+/// them): a `{{ secrets.NAME }}` that arrived in an upstream output, which a model may have
+/// written, stays text.
+///
+/// Errors: the name of a secret that is not set.
+pub fn fill_secrets(
+    declared: &Value,
+    rendered: &mut Value,
+    secrets: &dyn agent_runtime_core::SecretSource,
+    used: &mut Vec<String>,
+) -> Result<(), String> {
+    match (declared, rendered) {
+        (Value::String(d), Value::String(r)) if d == r => {
+            let refs = secret_refs(d);
+            if refs.is_empty() {
+                return Ok(());
+            }
+            let mut out = String::with_capacity(d.len());
+            let mut pos = 0;
+            for (start, end, name) in refs {
+                let value = secrets
+                    .secret(name)
+                    .ok_or_else(|| format!("secret `{name}` is not set"))?;
+                out.push_str(&d[pos..start]);
+                out.push_str(&value);
+                used.push(value);
+                pos = end;
+            }
+            out.push_str(&d[pos..]);
+            *r = out;
+            Ok(())
+        }
+        (Value::Object(dm), Value::Object(rm)) => {
+            dm.iter().try_for_each(|(k, dv)| match rm.get_mut(k) {
+                Some(rv) => fill_secrets(dv, rv, secrets, used),
+                None => Ok(()),
+            })
+        }
+        (Value::Array(da), Value::Array(ra)) => da
+            .iter()
+            .zip(ra.iter_mut())
+            .try_for_each(|(dv, rv)| fill_secrets(dv, rv, secrets, used)),
+        _ => Ok(()),
+    }
 }
 
 /// Where templates find upstream outputs.

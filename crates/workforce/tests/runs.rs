@@ -25,6 +25,7 @@ fn opts_at_t0(
         tools,
         models: models(),
         observer: None,
+        secrets: Arc::new(agent_runtime_core::NoSecrets),
     }
 }
 
@@ -415,6 +416,7 @@ fn resume_from(prefix: &[Envelope], seed_for_new: u64) -> (driver::Outcome, Vec<
                 tools: registry(),
                 models: models(),
                 observer: None,
+                secrets: Arc::new(agent_runtime_core::NoSecrets),
             };
             driver::resume(log.as_ref(), run_id, opts).await
         })
@@ -587,6 +589,7 @@ fn resume_retries_in_flight_attempts_through_their_policy() {
                 tools: registry(),
                 models: models(),
                 observer: None,
+                secrets: Arc::new(agent_runtime_core::NoSecrets),
             },
         ))
         .unwrap_err();
@@ -1506,4 +1509,173 @@ fn a_tool_list_that_panics_fails_the_model_call_instead_of_hanging_the_run() {
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].payload["class"], "internal");
     assert_eq!(out.outputs["b"], json!({"ok": true}));
+}
+
+/// `capture`: notes the arguments it was called with and returns them, as a tool that echoes
+/// its token would.
+struct Capture {
+    d: agent_runtime_core::ToolDescriptor,
+    seen: std::sync::Mutex<Vec<serde_json::Value>>,
+}
+
+#[agent_runtime_core::async_trait]
+impl agent_runtime_core::Tool for Capture {
+    fn descriptor(&self) -> &agent_runtime_core::ToolDescriptor {
+        &self.d
+    }
+    async fn call(
+        &self,
+        args: serde_json::Value,
+        _ctx: agent_runtime_core::CallContext,
+    ) -> Result<agent_runtime_core::ToolOutput, agent_runtime_core::ToolError> {
+        self.seen.lock().unwrap().push(args.clone());
+        if args.get("fail").is_some() {
+            return Err(agent_runtime_core::ClassifiedError::new(
+                agent_runtime_core::ErrorClass::ToolError,
+                format!("refused {args}"),
+            ));
+        }
+        Ok(agent_runtime_core::ToolOutput::new(json!({ "echo": args })))
+    }
+}
+
+const SECRET_FLOW: &str = r#"
+tasks:
+  - id: a
+    tool: capture
+    args: { auth: "Bearer {{ secrets.TOKEN }}", nested: [{ key: "{{secrets.TOKEN}}" }], gha: "${{ secrets.TOKEN }}", plain: x }
+  - id: inj
+    tool: concat
+    args: { parts: ["{{ secr", "ets.TOKEN }}"] }
+  - id: c
+    tool: capture
+    args: { text: "{{ tasks.inj.output.text }}" }
+  - id: f
+    tool: capture
+    args: { fail: yes, auth: "{{ secrets.TOKEN }}" }
+    on_failure: skip
+"#;
+
+/// Runs `SECRET_FLOW` with `secrets`: the capture tool, the outcome and the log.
+fn run_with_secrets(
+    secrets: Arc<dyn agent_runtime_core::SecretSource>,
+) -> (Arc<Capture>, driver::Outcome, Arc<MemoryLog>) {
+    let capture = Arc::new(Capture {
+        d: agent_runtime_core::ToolDescriptor {
+            name: "capture".into(),
+            description: "notes its arguments".into(),
+            input_schema: json!({"type": "object"}),
+            output_schema: None,
+            risk: agent_runtime_core::RiskClass::Read,
+            source: agent_runtime_core::ToolSource::Native,
+        },
+        seen: std::sync::Mutex::new(Vec::new()),
+    });
+    let mut tools = agent_runtime_workforce::tools::ToolRegistry::with_native_tools();
+    tools.register(capture.clone());
+    let log = Arc::new(MemoryLog::default());
+    let out = rt()
+        .block_on(driver::run_graph(
+            graph(SECRET_FLOW),
+            RunOptions {
+                secrets,
+                ..opts_at_t0(log.clone(), Arc::new(tools))
+            },
+        ))
+        .unwrap();
+    (capture, out, log)
+}
+
+/// `{{ secrets.NAME }}` reaches the tool step's call and nothing recorded: the events keep the
+/// text, the call's output and error are redacted, replay needs no secret. A reference that
+/// arrives in an upstream output, or in GitHub Actions' `${{ }}`, stays text.
+#[test]
+fn secrets_reach_the_call_and_never_the_log() {
+    const VALUE: &str = "s3cr3t-value-1";
+    let secrets = Arc::new(agent_runtime_core::StaticSecrets::new([("TOKEN", VALUE)]));
+    let (capture, out, log) = run_with_secrets(secrets);
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    let seen = capture.seen.lock().unwrap().clone();
+    let a = seen.iter().find(|s| s.get("plain").is_some()).unwrap();
+    assert_eq!(a["auth"], format!("Bearer {VALUE}"));
+    assert_eq!(a["nested"][0]["key"], VALUE);
+    assert_eq!(a["gha"], "${{ secrets.TOKEN }}");
+    let c = seen.iter().find(|s| s.get("text").is_some()).unwrap();
+    assert_eq!(
+        c["text"], "{{ secrets.TOKEN }}",
+        "an upstream output is not filled in"
+    );
+    assert!(
+        seen.iter()
+            .any(|s| s["auth"] == VALUE && s.get("fail").is_some())
+    );
+    // Nothing recorded holds the value; the request holds the text, the result the mask.
+    let all = events(&log);
+    let text = serde_json::to_string(&all).unwrap();
+    assert!(!text.contains(VALUE), "{text}");
+    assert_eq!(out.outputs["a"]["echo"]["auth"], "Bearer [REDACTED]");
+    let requested = all
+        .iter()
+        .find(|e| e.kind == EventKind::ToolRequested && e.payload["tool"] == "capture")
+        .unwrap();
+    assert_eq!(
+        requested.payload["args"]["auth"],
+        "Bearer {{ secrets.TOKEN }}"
+    );
+    let failed = all
+        .iter()
+        .find(|e| e.kind == EventKind::ToolFailed)
+        .unwrap();
+    assert!(
+        failed.payload["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"auth\":\"[REDACTED]\"")),
+        "{}",
+        failed.payload
+    );
+    // Replay feeds back the recorded (redacted) results and calls nothing.
+    let report = driver::replay_events(&all).unwrap();
+    assert_eq!(report.log_hash, out.log_hash);
+}
+
+/// A secret that is not set fails the call that names it, which is never made, and the
+/// message names the secret.
+#[test]
+fn a_missing_secret_fails_its_call_without_making_it() {
+    let (capture, out, log) = run_with_secrets(Arc::new(agent_runtime_core::NoSecrets));
+    assert_eq!(out.status, RunStatus::Failed, "{out:?}");
+    let seen = capture.seen.lock().unwrap().clone();
+    assert!(seen.iter().all(|s| s.get("plain").is_none()), "{seen:?}");
+    let failed = events(&log)
+        .into_iter()
+        .find(|e| e.kind == EventKind::ToolFailed)
+        .unwrap();
+    let text = failed.payload.to_string();
+    assert!(text.contains("secret `TOKEN` is not set"), "{text}");
+    assert!(text.contains("invalid_arguments"), "{text}");
+}
+
+/// Secrets go only where a call, and nothing recorded, gets them.
+#[test]
+fn secrets_are_refused_where_they_would_be_recorded() {
+    for (yaml, want) in [
+        (
+            "agents: { w: { model: script/m } }\ntasks:\n  - { id: a, agent: w, prompt: \"use {{ secrets.TOKEN }}\" }\n",
+            "goes only into a tool step's arguments",
+        ),
+        (
+            "tasks:\n  - { id: u, tool: echo, args: {} }\n  - { id: a, tool: echo, args: { t: \"{{ secrets.TOKEN }} {{ tasks.u.output }}\" } }\n",
+            "args.t names a secret and takes an upstream output",
+        ),
+        (
+            "tasks:\n  - { id: a, tool: echo, args: { t: [\"{{ secrets.MY-TOKEN }}\"] } }\n",
+            "secret name `MY-TOKEN` at args.t[0] must be letters, digits and `_`",
+        ),
+    ] {
+        let err = agent_runtime_workforce::graph::parse_graph(yaml, std::path::Path::new("s.yaml"))
+            .and_then(|g| g.validate().map(|_| g))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(want), "{err}");
+    }
 }

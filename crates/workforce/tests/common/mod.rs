@@ -188,6 +188,7 @@ pub fn run(g: TaskGraph, seed: u64) -> (Outcome, Arc<MemoryLog>) {
                 tools: registry(),
                 models: models(),
                 observer: None,
+                secrets: Arc::new(agent_runtime_core::NoSecrets),
             };
             driver::run_graph(g, opts).await
         })
