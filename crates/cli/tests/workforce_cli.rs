@@ -724,6 +724,11 @@ fn run_fills_secrets_for_the_call_and_records_none() {
     let text = serde_json::to_string(&logged).unwrap();
     assert!(!text.contains(VALUE), "{text}");
     assert!(text.contains("Bearer {{ secrets.TOKEN }}"), "{text}");
+    // Nor a digest of the arguments that would confirm a guess of the secret.
+    let filled = agent_runtime_core::PolicyEnvelope::digest_arguments(
+        &serde_json::json!({ "text": format!("Bearer {VALUE}") }),
+    );
+    assert!(!text.contains(&filled.to_string()), "{text}");
     assert!(!String::from_utf8_lossy(&out.stderr).contains(VALUE));
     cli(&db)
         .env_remove("AGENT_RUNTIME_SECRET_TOKEN")

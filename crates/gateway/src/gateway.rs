@@ -447,6 +447,15 @@ impl Gateway {
             call_id: inner.ids.event_id().to_string(),
             redactor,
         };
+        // A digest of arguments that hold the call's own secrets would let anyone holding the
+        // log confirm a guessed secret: those are digested as redacted.
+        let digest_of = |args: &Value| {
+            if ctx.secrets.is_empty() {
+                PolicyEnvelope::digest_arguments(args)
+            } else {
+                PolicyEnvelope::digest_arguments(&rec.redactor.redact_values(args))
+            }
+        };
         let requested_with = |args: &Value, digest: &agent_runtime_core::Hash32| {
             self.event(
                 &rec,
@@ -457,8 +466,7 @@ impl Gateway {
                        "arguments": rec.redactor.redact(args)}),
             )
         };
-        let requested =
-            |args: &Value| requested_with(args, &PolicyEnvelope::digest_arguments(args));
+        let requested = |args: &Value| requested_with(args, &digest_of(args));
         let Some(entry) = inner.registry.get(name) else {
             let err = self.unknown(name);
             self.append(vec![requested(&args), self.failed_event(&rec, &err)])
@@ -472,7 +480,7 @@ impl Gateway {
         }
         // The digest of the arguments as requested; the policy's envelope carries the digest
         // of the arguments after the pre-call hooks, which is the same when no hook applies.
-        let requested_digest = PolicyEnvelope::digest_arguments(&args);
+        let requested_digest = digest_of(&args);
         let mut batch = Vec::with_capacity(4);
         batch.push(requested_with(&args, &requested_digest));
         let hooks_apply = inner.hooks.iter().any(|h| h.applies_to(name));
@@ -502,7 +510,7 @@ impl Gateway {
             &rec.redactor,
         );
         let digest = if hooks_apply {
-            PolicyEnvelope::digest_arguments(&args)
+            digest_of(&args)
         } else {
             requested_digest
         };
