@@ -180,8 +180,8 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 /// the first touch the kernel then clears 2 MiB at a time: a run with 10,000 live agents grew
 /// ~30 % more resident memory and spent almost half its CPU time in `clear_page_erms`, and its
 /// overhead over the agents' own waiting was about 1.5 times as high (`agent-runtime bench
-/// workforce`). The setting is inherited by child processes (tools the gateway runs), which
-/// at worst lose the same optimization.
+/// workforce`). Linux keeps the setting through fork and exec; the gateway gives the host's
+/// policy back to every process it starts (tools, MCP servers, hooks).
 fn no_transparent_huge_pages() {
     #[cfg(target_os = "linux")]
     // SAFETY: PR_SET_THP_DISABLE takes its flag as an unsigned long and touches no memory; an

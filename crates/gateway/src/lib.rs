@@ -55,6 +55,7 @@
 
 pub mod bench;
 pub mod builtin;
+mod child;
 pub mod config;
 pub mod error;
 pub mod gateway;

@@ -555,6 +555,7 @@ impl CommandTool {
         unsafe {
             cmd.pre_exec(move || rl.apply(procs_fd));
         }
+        crate::child::with_default_thp(&mut cmd);
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

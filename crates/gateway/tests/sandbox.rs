@@ -446,3 +446,31 @@ async fn the_command_sees_its_own_environment_and_nothing_of_the_host() {
     // And the tool's description never carries the secret values.
     assert!(!format!("{tool:?}").contains(&host_path));
 }
+
+/// A command runs with the host's huge-page policy even when the gateway's process turned huge
+/// pages off for itself (as the `agent-runtime` binary does): Linux keeps that setting through
+/// fork and exec, so the gateway gives it back to each child.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_command_does_not_inherit_the_gateways_huge_page_setting() {
+    let env = env();
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    if !status.contains("THP_enabled:\t1") {
+        eprintln!("skipped: this kernel has no transparent huge pages to give back");
+        return;
+    }
+    // SAFETY: PR_SET_THP_DISABLE takes no pointers; it changes this test process only.
+    assert_eq!(
+        unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) },
+        0
+    );
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    assert!(status.contains("THP_enabled:\t0"), "{status}");
+    let v = ok(run(
+        &env,
+        Limits::default(),
+        "grep THP_enabled /proc/self/status",
+    )
+    .await);
+    assert_eq!(v["stdout"], "THP_enabled:\t1\n", "{v}");
+}
