@@ -751,3 +751,57 @@ fn run_fills_secrets_for_the_call_and_records_none() {
     );
     assert!(all.contains("secret `TOKEN` is not set"), "{all}");
 }
+
+/// A run whose claim is held elsewhere is refused after the claim's short wait, and that wait
+/// happens off the async threads: a task on the same single-threaded runtime keeps running
+/// through it.
+#[test]
+fn a_claim_waits_off_the_async_threads() {
+    use agent_runtime_workforce::driver::{self, NoModels, RunOptions};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let store = Store::open(StoreConfig::plaintext(&db)).unwrap();
+    let at = agent_runtime_core::Timestamp::from_unix_nanos(1_767_225_600_000_000_000);
+    let held = Store::open(StoreConfig::plaintext(&db))
+        .unwrap()
+        .claim_run(agent_runtime_workforce::engine::run_id_for(7, at))
+        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let err = rt.block_on(async {
+        let t = ticks.clone();
+        let ticker = tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                t.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        });
+        let graph = agent_runtime_workforce::graph::parse_graph(
+            "tasks:\n  - { id: a, tool: echo, args: {} }\n",
+            Path::new("c.yaml"),
+        )
+        .unwrap();
+        let opts = RunOptions {
+            seed: 7,
+            sink: std::sync::Arc::new(store.clone()),
+            clock: std::sync::Arc::new(agent_runtime_core::ManualClock::new(at)),
+            tools: std::sync::Arc::new(
+                agent_runtime_workforce::tools::ToolRegistry::with_native_tools(),
+            ),
+            models: std::sync::Arc::new(NoModels),
+            observer: None,
+            secrets: std::sync::Arc::new(agent_runtime_core::NoSecrets),
+        };
+        let err = driver::run_graph(graph, opts).await.unwrap_err();
+        ticker.abort();
+        err
+    });
+    drop(held);
+    assert!(err.to_string().contains("is being driven by"), "{err}");
+    // The claim waits about 100 ms before it gives up: the ticker ran meanwhile.
+    let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
+    assert!(n >= 5, "the runtime was blocked: {n} ticks");
+}

@@ -281,12 +281,30 @@ pub enum DriverError {
     Claimed(String),
 }
 
-/// Claims `run_id` in the run's log for the caller, who drives it (see
-/// [`EventSink::claim_run`]).
-fn claim(opts: &RunOptions, run_id: RunId) -> Result<agent_runtime_core::RunClaim, DriverError> {
-    opts.sink
-        .claim_run(run_id)
-        .map_err(|e| DriverError::Claimed(e.message))
+/// Claims `run_id` in the log for the caller, who drives it: a new run (see
+/// [`EventSink::claim_new_run`]) or one to resume ([`EventSink::claim_run`]). Off the async
+/// threads: a claim may wait out another holder's probe and looks the run up in the log.
+pub(crate) async fn claim(
+    sink: &Arc<dyn EventSink>,
+    run_id: RunId,
+    new_run: bool,
+) -> Result<agent_runtime_core::RunClaim, agent_runtime_core::SinkError> {
+    let sink = sink.clone();
+    let take = move || {
+        if new_run {
+            sink.claim_new_run(run_id)
+        } else {
+            sink.claim_run(run_id)
+        }
+    };
+    match tokio::runtime::Handle::try_current() {
+        Ok(rt) => rt.spawn_blocking(take).await.unwrap_or_else(|e| {
+            Err(agent_runtime_core::SinkError {
+                message: format!("claiming run {run_id} failed: {e}"),
+            })
+        }),
+        Err(_) => take(),
+    }
 }
 
 /// Checks that every tool and model provider the graph names is available.
@@ -374,9 +392,8 @@ pub async fn run_graph_controlled(
     validated.map_err(|e| EngineError::Graph(e.to_string()))?;
     // Held until the run is driven to its end: nobody may resume it meanwhile. Refused when
     // the id was drawn before (the same seed in the same millisecond): nothing is written.
-    let _claim = opts
-        .sink
-        .claim_new_run(run_id)
+    let _claim = claim(&opts.sink, run_id, true)
+        .await
         .map_err(|e| DriverError::Claimed(e.message))?;
     // The engine starts from the graph itself rather than from the event's copy of it (as replay
     // and resume do): the same graph (a test holds every example equal to its JSON round trip)
@@ -670,7 +687,9 @@ pub async fn resume_controlled(
     // Claimed before the run's events are read, and held until it is driven to its end: a
     // second resume, or the process still driving it, makes this one fail instead of driving
     // the run twice.
-    let _claim = claim(&opts, run_id)?;
+    let _claim = claim(&opts.sink, run_id, false)
+        .await
+        .map_err(|e| DriverError::Claimed(e.message))?;
     let events = load_run(source, run_id).await?;
     let mut hasher = LogHasher::new();
     // Events the engine derived past the log's end are recorded first, as they were derived

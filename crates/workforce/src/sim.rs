@@ -292,12 +292,14 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     // one into a shared log would interleave their events, so the run is claimed first, and a
     // log that already holds it (the same configuration simulated before) is refused.
     let run_id = run_id_of(cfg);
-    let _claim = sink.claim_new_run(run_id).map_err(|e| {
-        SimError::Log(format!(
-            "{} (a simulation's run id follows from its seed)",
-            e.message
-        ))
-    })?;
+    let _claim = crate::driver::claim(&sink, run_id, true)
+        .await
+        .map_err(|e| {
+            SimError::Log(format!(
+                "{} (a simulation's run id follows from its seed)",
+                e.message
+            ))
+        })?;
     let graph = synth_graph(cfg);
     let started = Instant::now();
     // The engine's own CPU time, summed over the stretches between awaits (the task may move
