@@ -141,7 +141,8 @@ pub struct TaskSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tool: Option<String>,
     /// For a direct tool step: its arguments (templated: any string may hold
-    /// `{{ tasks.ID.output... }}`).
+    /// `{{ tasks.ID.output... }}`, or `{{ secrets.NAME }}`, which only the call gets and no
+    /// event records).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub args: Option<Value>,
     /// Tasks that must finish first.
