@@ -23,3 +23,5 @@ export CARGO_INCREMENTAL=0
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 cargo test --workspace --locked
+# Public docs: broken or private intra-doc links fail (reuses clippy's dependency metadata).
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --locked

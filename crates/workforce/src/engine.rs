@@ -2341,7 +2341,7 @@ fn write_failure(o: &mut ObjectWriter<'_>, call: u64, class: ErrorClass, message
 const RUN_ID_STREAM: u64 = 1;
 
 /// The id of a run created at `created` with `seed`: reproducible, and drawn apart from the
-/// run's task ids (see [`run_ids`]), which the same seed and instant would otherwise repeat.
+/// run's task ids, which the same seed and instant would otherwise repeat.
 pub fn run_id_for(seed: u64, created: Timestamp) -> RunId {
     IdGenerator::seeded_stream(seed, RUN_ID_STREAM, Arc::new(ManualClock::new(created))).run_id()
 }
