@@ -54,11 +54,14 @@ impl Redactor {
         Redactor::default()
     }
 
+    /// The shortest secret value a redactor replaces: shorter ones would redact ordinary text.
+    pub const MIN_SECRET_LEN: usize = 4;
+
     /// Registers a secret value; values shorter than 4 bytes are ignored (they would redact
     /// ordinary text).
     pub fn add_secret(&mut self, value: impl Into<String>) {
         let v = value.into();
-        if v.len() >= 4 && !self.values.contains(&v) {
+        if v.len() >= Self::MIN_SECRET_LEN && !self.values.contains(&v) {
             self.values.push(v);
             // Longest first, so a secret containing another is replaced whole.
             self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));

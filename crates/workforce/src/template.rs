@@ -214,7 +214,7 @@ pub fn check(task: &TaskSpec) -> Result<(), String> {
 /// them): a `{{ secrets.NAME }}` that arrived in an upstream output, which a model may have
 /// written, stays text.
 ///
-/// Errors: the name of a secret that is not set.
+/// Errors: the name of a secret that is not set, or whose value is too short to redact.
 pub fn fill_secrets(
     declared: &Value,
     rendered: &mut Value,
@@ -233,6 +233,14 @@ pub fn fill_secrets(
                 let value = secrets
                     .secret(name)
                     .ok_or_else(|| format!("secret `{name}` is not set"))?;
+                // A value the redactor would not replace could come back in the call's result
+                // and be recorded: refused rather than leaked.
+                if value.len() < agent_runtime_core::Redactor::MIN_SECRET_LEN {
+                    return Err(format!(
+                        "secret `{name}` is shorter than {} bytes, too short to keep out of the log",
+                        agent_runtime_core::Redactor::MIN_SECRET_LEN
+                    ));
+                }
                 out.push_str(&d[pos..start]);
                 out.push_str(&value);
                 used.push(value);

@@ -1518,6 +1518,13 @@ struct Capture {
     seen: std::sync::Mutex<Vec<serde_json::Value>>,
 }
 
+impl Capture {
+    /// The arguments of every call so far.
+    fn lock_seen(&self) -> Vec<serde_json::Value> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
 #[agent_runtime_core::async_trait]
 impl agent_runtime_core::Tool for Capture {
     fn descriptor(&self) -> &agent_runtime_core::ToolDescriptor {
@@ -1595,7 +1602,7 @@ fn secrets_reach_the_call_and_never_the_log() {
     let secrets = Arc::new(agent_runtime_core::StaticSecrets::new([("TOKEN", VALUE)]));
     let (capture, out, log) = run_with_secrets(secrets);
     assert_eq!(out.status, RunStatus::Completed, "{out:?}");
-    let seen = capture.seen.lock().unwrap().clone();
+    let seen = capture.lock_seen();
     let a = seen.iter().find(|s| s.get("plain").is_some()).unwrap();
     assert_eq!(a["auth"], format!("Bearer {VALUE}"));
     assert_eq!(a["nested"][0]["key"], VALUE);
@@ -1644,7 +1651,7 @@ fn secrets_reach_the_call_and_never_the_log() {
 fn a_missing_secret_fails_its_call_without_making_it() {
     let (capture, out, log) = run_with_secrets(Arc::new(agent_runtime_core::NoSecrets));
     assert_eq!(out.status, RunStatus::Failed, "{out:?}");
-    let seen = capture.seen.lock().unwrap().clone();
+    let seen = capture.lock_seen();
     assert!(seen.iter().all(|s| s.get("plain").is_none()), "{seen:?}");
     let failed = events(&log)
         .into_iter()
@@ -1653,6 +1660,23 @@ fn a_missing_secret_fails_its_call_without_making_it() {
     let text = failed.payload.to_string();
     assert!(text.contains("secret `TOKEN` is not set"), "{text}");
     assert!(text.contains("invalid_arguments"), "{text}");
+}
+
+/// A secret too short to be redacted (it would match ordinary text) is refused rather than
+/// handed to a call whose result might carry it into the log.
+#[test]
+fn a_secret_too_short_to_redact_fails_its_call() {
+    let (capture, out, log) =
+        run_with_secrets(Arc::new(agent_runtime_core::StaticSecrets::new([(
+            "TOKEN", "abc",
+        )])));
+    assert_eq!(out.status, RunStatus::Failed, "{out:?}");
+    assert!(capture.lock_seen().iter().all(|s| s.get("plain").is_none()));
+    let text = serde_json::to_string(&events(&log)).unwrap();
+    assert!(
+        text.contains("secret `TOKEN` is shorter than 4 bytes"),
+        "{text}"
+    );
 }
 
 /// Secrets go only where a call, and nothing recorded, gets them.
