@@ -1157,6 +1157,16 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             live.bytes_per_agent
                 .map_or("unknown".into(), |b| format!("{b:.0} bytes"))
         );
+        let cpu = |r: &agent_runtime_workforce::bench::LiveReport| {
+            r.cpu_ns_per_agent
+                .map_or("unknown".into(), |ns| format!("{:.1} µs", ns / 1000.0))
+        };
+        outln!(
+            "  process CPU per agent: {} cold, {} warm, {} without a log",
+            cpu(live),
+            cpu(warm),
+            cpu(live_no_log)
+        );
     }
     if let Some(scale) = &scale {
         outln!("scaling (ns per task; vs n log n, goal <= 1):");

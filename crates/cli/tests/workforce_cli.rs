@@ -412,6 +412,12 @@ fn bench_workforce_live_prints_its_commits() {
             .any(|l| l.trim_start().starts_with("again, warm: wall ")),
         "{text}"
     );
+    #[cfg(unix)]
+    assert!(
+        text.lines()
+            .any(|l| l.contains("process CPU per agent: ") && l.matches(" µs").count() == 3),
+        "{text}"
+    );
 }
 
 /// `bench workforce --only simulator` runs that part alone: its section and no other, the same
