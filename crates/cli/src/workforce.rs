@@ -44,7 +44,7 @@ pub enum WorkforceCommand {
 /// Arguments of `cancel`.
 #[derive(Args)]
 pub struct CancelArgs {
-    /// The run's id (see `runs list`).
+    /// The run's id (see `runs list`), 4 or more of its first hex digits, or `last`.
     pub run_id: String,
     /// Cancel only this task (graph id) and the tasks that need it, directly or not.
     #[arg(long)]
@@ -72,7 +72,7 @@ pub struct RunArgs {
 /// Arguments of `replay`.
 #[derive(Args)]
 pub struct ReplayArgs {
-    /// The run's id (see `runs list`).
+    /// The run's id (see `runs list`), 4 or more of its first hex digits, or `last`.
     pub run_id: String,
     /// Print the report as JSON.
     #[arg(long)]
@@ -82,7 +82,7 @@ pub struct ReplayArgs {
 /// Arguments of `resume`.
 #[derive(Args)]
 pub struct ResumeArgs {
-    /// The run's id (see `runs list`).
+    /// The run's id (see `runs list`), 4 or more of its first hex digits, or `last`.
     pub run_id: String,
     /// Print the outcome as JSON.
     #[arg(long)]
@@ -102,7 +102,7 @@ pub enum RunsCommand {
     },
     /// One run: status, timings and a table of its tasks.
     Show {
-        /// The run's id.
+        /// The run's id, 4 or more of its first hex digits, or `last`.
         run_id: String,
         /// Print JSON.
         #[arg(long)]
@@ -189,9 +189,58 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .build()?)
 }
 
-fn parse_run_id(s: &str) -> anyhow::Result<RunId> {
-    s.parse()
-        .map_err(|e| CliError::Usage(format!("{e}")).into())
+/// The run `arg` names: a whole id, `last` (the run created most recently), or a prefix of
+/// one (4 or more hex digits, dashes optional) that only one run of the database starts with.
+fn resolve_run_id(store: &agent_runtime_store::Store, arg: &str) -> anyhow::Result<RunId> {
+    if let Ok(id) = arg.parse::<RunId>() {
+        return Ok(id);
+    }
+    let usage = |m: String| -> anyhow::Error { CliError::Usage(m).into() };
+    let hex = |id: &RunId| id.to_string().replace('-', "");
+    let mut ids = store.run_ids()?;
+    if arg == "last" {
+        // Ids sort by creation time; the newest with a `run.created` is the last run (a
+        // gateway's own ids are in the log too).
+        ids.reverse();
+        for id in ids {
+            let q = EventQuery {
+                run_id: Some(id),
+                kinds: vec![EventKind::RunCreated],
+                limit: Some(1),
+                ..EventQuery::default()
+            };
+            if !query(store, q)?.is_empty() {
+                return Ok(id);
+            }
+        }
+        return Err(usage("no runs in the event log yet".into()));
+    }
+    let prefix = arg.to_ascii_lowercase().replace('-', "");
+    if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(usage(format!(
+            "invalid run id {arg:?}: expected a run id (see `agent-runtime runs list`), 4 or more \
+             of its first hex digits, or `last`"
+        )));
+    }
+    let matching: Vec<RunId> = ids
+        .into_iter()
+        .filter(|id| hex(id).starts_with(&prefix))
+        .collect();
+    match matching.as_slice() {
+        [one] => Ok(*one),
+        [] => Err(usage(format!(
+            "no run {arg} in the event log (see `agent-runtime runs list`)"
+        ))),
+        many => {
+            let shown: Vec<String> = many.iter().take(3).map(ToString::to_string).collect();
+            Err(usage(format!(
+                "run id {arg} matches {} runs ({}{}); give more of it",
+                many.len(),
+                shown.join(", "),
+                if many.len() > 3 { ", ..." } else { "" }
+            )))
+        }
+    }
 }
 
 fn driver_error(e: DriverError) -> anyhow::Error {
@@ -595,8 +644,8 @@ where
 }
 
 fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let run_id = parse_run_id(&args.run_id)?;
     let store = global.open_store_read_only()?;
+    let run_id = resolve_run_id(&store, &args.run_id)?;
     let rt = runtime()?;
     let report = rt
         .block_on(driver::replay(&store, run_id))
@@ -621,8 +670,8 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let run_id = parse_run_id(&args.run_id)?;
     let store = global.open_store()?;
+    let run_id = resolve_run_id(&store, &args.run_id)?;
     // Requests made after the run's last own event were never acted on (the process that drove
     // it had died): they take effect now, as do those made while it resumes.
     let last_own = own_events(&store, run_id)?.iter().map(|e| e.seq).max();
@@ -696,8 +745,8 @@ fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Res
 }
 
 fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let run_id = parse_run_id(&args.run_id)?;
     let store = global.open_store()?;
+    let run_id = resolve_run_id(&store, &args.run_id)?;
     let summary = run_summary(&store, run_id)?;
     if summary.ended.is_some() {
         return Err(CliError::Failed(format!(
@@ -819,8 +868,8 @@ fn mark_running(store: &agent_runtime_store::Store, s: &mut RunSummary) -> anyho
 }
 
 fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let run_id = parse_run_id(run_id)?;
     let store = global.open_store_read_only()?;
+    let run_id = resolve_run_id(&store, run_id)?;
     let mut s = run_summary(&store, run_id)?;
     mark_running(&store, &mut s)?;
     if json_out {

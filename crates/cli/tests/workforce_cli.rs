@@ -811,3 +811,69 @@ fn a_claim_waits_off_the_async_threads() {
     let n = ticks.load(std::sync::atomic::Ordering::Relaxed);
     assert!(n >= 5, "the runtime was blocked: {n} ticks");
 }
+
+/// A run can be named by its whole id, by `last`, or by a prefix only it has; an ambiguous or
+/// unknown prefix is a usage error that says so.
+#[test]
+fn runs_are_named_by_last_or_a_unique_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = write_flow(
+        dir.path(),
+        "p.yaml",
+        "tasks:\n  - { id: a, tool: echo, args: {} }\n",
+    );
+    let mut ids = Vec::new();
+    for seed in ["1", "2"] {
+        let out = cli(&db)
+            .arg("run")
+            .arg(&flow)
+            .args(["--seed", seed, "--json"])
+            .output()
+            .unwrap();
+        ids.push(succeeded(&out)["run_id"].as_str().unwrap().to_string());
+        // Another millisecond, so that the ids sort in creation order.
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let show = |name: &str| {
+        let out = cli(&db)
+            .args(["runs", "show", name, "--json"])
+            .output()
+            .unwrap();
+        succeeded(&out)["run_id"].as_str().unwrap().to_string()
+    };
+    assert_eq!(show("last"), ids[1]);
+    // The random tail tells the two apart: the whole id less its last character is unique.
+    let whole = &ids[0];
+    assert_eq!(show(&whole[..whole.len() - 1]), ids[0]);
+    assert_eq!(show(&whole.replace('-', "")[..30].to_uppercase()), ids[0]);
+    // What both ids start with (at least the first several digits: the creation time).
+    let common: String = ids[0]
+        .chars()
+        .zip(ids[1].chars())
+        .take_while(|(a, b)| a == b)
+        .map(|(a, _)| a)
+        .collect();
+    assert!(common.len() >= 4, "{ids:?}");
+    cli(&db)
+        .args(["runs", "show", &common])
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains("matches 2 runs")
+                .and(predicate::str::contains("give more of it")),
+        );
+    cli(&db)
+        .args(["replay", "ffffffff"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("no run ffffffff in the event log"));
+    cli(&db)
+        .args(["runs", "show", "abc"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "4 or more of its first hex digits, or `last`",
+        ));
+    cli(&db).args(["replay", "last"]).assert().success();
+}

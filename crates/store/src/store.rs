@@ -501,6 +501,29 @@ impl Store {
         Ok(lock)
     }
 
+    /// Every run id the database holds events of (workforce runs, and the ids a gateway
+    /// records its calls under), in byte order, which for the runtime's UUIDv7 ids is creation
+    /// order to the millisecond. One pass over an index.
+    pub fn run_ids(&self) -> Result<Vec<RunId>, StoreError> {
+        let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = |e| crate::error::sqlite_error(&self.inner.path, e, None);
+        let mut st = conn
+            .prepare_cached("SELECT DISTINCT run_id FROM frame_runs ORDER BY run_id")
+            .map_err(failed)?;
+        let rows = st
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))
+            .map_err(failed)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let bytes = row.map_err(failed)?;
+            // A row that is not 16 bytes was not written by this store; verify reports it.
+            if let Ok(b) = <[u8; 16]>::try_from(bytes.as_slice()) {
+                out.push(RunId::from_bytes(b));
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the database holds any event of `run_id` (one index lookup).
     pub fn has_run(&self, run_id: RunId) -> Result<bool, StoreError> {
         let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
