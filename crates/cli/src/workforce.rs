@@ -59,9 +59,10 @@ pub struct CancelArgs {
 pub struct RunArgs {
     /// The task graph file (`.yaml`, `.yml` or `.json`).
     pub flow: PathBuf,
-    /// Seed of the run's ids, retry jitter and other random draws.
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of the run's ids, retry jitter and other random draws (default: a random one; the
+    /// run records its seed, see `runs show`).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
@@ -559,9 +560,12 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
     let store = global.open_store()?;
     let head = store.head()?.map_or(0, |(seq, _)| seq);
+    // A fixed default would give runs started in the same millisecond (a script starting
+    // several at once) the same id; the one the run gets is recorded in it either way.
+    let seed = args.seed.unwrap_or_else(agent_runtime_core::os_random_u64);
     drive(
         &store,
-        args.seed,
+        seed,
         &args.gateway,
         head,
         args.json,

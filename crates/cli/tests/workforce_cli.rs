@@ -877,3 +877,31 @@ fn runs_are_named_by_last_or_a_unique_prefix() {
         ));
     cli(&db).args(["replay", "last"]).assert().success();
 }
+
+/// Without `--seed` each run draws a random seed and records it: two runs started together
+/// cannot draw the same id (a fixed default did, within one millisecond), and `runs show`
+/// tells the seed to replay the run with.
+#[test]
+fn runs_without_a_seed_get_their_own_and_record_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = write_flow(
+        dir.path(),
+        "s.yaml",
+        "tasks:\n  - { id: a, tool: echo, args: {} }\n",
+    );
+    let children: Vec<_> = (0..2)
+        .map(|_| spawn_run(&db, &flow, dir.path(), true))
+        .collect();
+    let mut seeds = Vec::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let run_id = succeeded(&out)["run_id"].as_str().unwrap().to_string();
+        let shown = cli(&db)
+            .args(["runs", "show", &run_id, "--json"])
+            .output()
+            .unwrap();
+        seeds.push(succeeded(&shown)["seed"].as_u64().unwrap());
+    }
+    assert_ne!(seeds[0], seeds[1]);
+}

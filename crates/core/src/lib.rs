@@ -92,7 +92,7 @@ pub use event::{
     canonical_header, canonical_json, chain_hash, chain_hash_parts, push_canonical_payload,
     write_canonical_header, write_canonical_json,
 };
-pub use ids::{AgentId, EventId, IdGenerator, RunId, SessionId, TaskId};
+pub use ids::{AgentId, EventId, IdGenerator, RunId, SessionId, TaskId, os_random_u64};
 pub use model::{
     FinishReason, Message, ModelDelta, ModelError, ModelProvider, ModelRequest, ModelResponse,
     ModelStream, Role, ToolCall, ToolSpec, Usage,
