@@ -833,6 +833,15 @@ impl TaskGraph {
                     "the model route is empty".into(),
                 ));
             }
+            if template::names_secret_str(&a.instructions) {
+                return Err(invalid(
+                    None,
+                    &format!("agents.{name}.instructions"),
+                    "`{{ secrets.NAME }}` goes only into a tool step's arguments \
+                     (instructions are sent to the model and recorded)"
+                        .into(),
+                ));
+            }
         }
         let mut ids: BTreeMap<&str, usize> = BTreeMap::new();
         for (i, t) in self.tasks.iter().enumerate() {

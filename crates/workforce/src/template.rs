@@ -138,10 +138,15 @@ fn secret_refs(s: &str) -> Vec<(usize, usize, &str)> {
     out
 }
 
+/// Whether `s` names a secret (`{{ secrets.NAME }}`).
+pub fn names_secret_str(s: &str) -> bool {
+    !secret_refs(s).is_empty()
+}
+
 /// Whether any string in `v` names a secret.
 pub fn names_secrets(v: &Value) -> bool {
     match v {
-        Value::String(s) => !secret_refs(s).is_empty(),
+        Value::String(s) => names_secret_str(s),
         Value::Array(a) => a.iter().any(names_secrets),
         Value::Object(m) => m.values().any(names_secrets),
         _ => false,

@@ -1688,6 +1688,10 @@ fn secrets_are_refused_where_they_would_be_recorded() {
             "goes only into a tool step's arguments",
         ),
         (
+            "agents: { w: { model: script/m, instructions: \"key {{ secrets.TOKEN }}\" } }\ntasks:\n  - { id: a, agent: w, prompt: hi }\n",
+            "agents.w.instructions: `{{ secrets.NAME }}` goes only into a tool step's arguments",
+        ),
+        (
             "tasks:\n  - { id: u, tool: echo, args: {} }\n  - { id: a, tool: echo, args: { t: \"{{ secrets.TOKEN }} {{ tasks.u.output }}\" } }\n",
             "args.t names a secret and takes an upstream output",
         ),
