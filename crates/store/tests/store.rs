@@ -789,6 +789,25 @@ fn a_new_run_cannot_take_an_id_already_in_the_log() {
     assert_eq!(store.head().unwrap().map(|(seq, _)| seq), Some(3));
 }
 
+/// `run_ids` lists each run the database holds events of once, in byte order, whatever order
+/// and however many frames they were written in.
+#[test]
+fn run_ids_lists_each_run_once_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::plaintext(dir.path().join("r.db"))).unwrap();
+    assert!(store.run_ids().unwrap().is_empty());
+    for run in [3u8, 1, 2, 3, 1] {
+        store.append_blocking(events(run, 2)).unwrap();
+    }
+    let ids: Vec<[u8; 16]> = store
+        .run_ids()
+        .unwrap()
+        .iter()
+        .map(|id| *id.as_bytes())
+        .collect();
+    assert_eq!(ids, vec![[1u8; 16], [2; 16], [3; 16]]);
+}
+
 /// Claims released and taken again from several threads at once, each through its own open
 /// file: never two holders at a time, and a released claim leaves no file behind (Unix), so
 /// that `DB-runs` does not fill up with one file per run.
