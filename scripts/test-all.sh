@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every test of the workspace on a fresh machine: installs the system and npm packages the
-# tests need (scripts/test-deps.sh), then checks formatting, lints and runs the tests.
+# tests need (scripts/test-deps.sh), then checks formatting, lints, runs the tests and builds the
+# docs.
 # This is the README's test command, and what .ci/run calls.
 set -euo pipefail
 cd "$(dirname "$0")/.."
