@@ -97,6 +97,15 @@ fn write_flow(dir: &Path, name: &str, yaml: &str) -> PathBuf {
     flow
 }
 
+/// A temporary directory holding the graph `yaml` as `name`, and the path of a database in it
+/// (not created yet): the directory, the database, the graph.
+fn flow_in_tempdir(name: &str, yaml: &str) -> (tempfile::TempDir, PathBuf, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let flow = write_flow(dir.path(), name, yaml);
+    (dir, db, flow)
+}
+
 /// A task's status in a printed outcome.
 fn task_status(outcome: &Value, task: &str) -> String {
     outcome["tasks"]
@@ -184,10 +193,7 @@ fn human_output_lists_outputs_and_failure_policies_work() {
 /// warning naming the field; short values, templates and ordinary keys are not warned about.
 #[test]
 fn a_secret_written_into_a_graph_is_warned_about() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let flow = write_flow(
-        dir.path(),
+    let (_dir, db, flow) = flow_in_tempdir(
         "secret.yaml",
         "tasks:\n  - id: a\n    tool: echo\n    args: { text: hi, auth: { api_key: sk-live-0123456789 }, token: ab, max_tokens: 100 }\n  - id: b\n    tool: echo\n    needs: [a]\n    args: { password: \"{{ tasks.a.output.text }}-suffix\" }\n",
     );
@@ -209,10 +215,7 @@ fn a_secret_written_into_a_graph_is_warned_about() {
 
 #[test]
 fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let flow = write_flow(
-        dir.path(),
+    let (_dir, db, flow) = flow_in_tempdir(
         "bad.yaml",
         "tasks:\n  - { id: a, tool: fail, args: { message: boom } }\n",
     );
@@ -555,10 +558,7 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
 
 #[test]
 fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let flow = write_flow(
-        dir.path(),
+    let (dir, db, flow) = flow_in_tempdir(
         "two-branches.yaml",
         "name: two-branches\ntasks:\n\
          - { id: slow, tool: sleep, args: { ms: 600000 } }\n\
@@ -649,10 +649,7 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
 
 #[test]
 fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let flow = write_flow(
-        dir.path(),
+    let (dir, db, flow) = flow_in_tempdir(
         "stuck.yaml",
         "name: stuck\ntasks:\n\
          - { id: forever, tool: sleep, args: { ms: 600000 }, retry: { backoff: 1ms } }\n\
@@ -696,10 +693,7 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
 #[test]
 fn run_fills_secrets_for_the_call_and_records_none() {
     const VALUE: &str = "cli-s3cr3t-9f8e7d";
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let flow = write_flow(
-        dir.path(),
+    let (_dir, db, flow) = flow_in_tempdir(
         "secret.yaml",
         "tasks:\n  - { id: a, tool: echo, args: { text: \"Bearer {{ secrets.TOKEN }}\" } }\n",
     );
@@ -816,13 +810,8 @@ fn a_claim_waits_off_the_async_threads() {
 /// unknown prefix is a usage error that says so.
 #[test]
 fn runs_are_named_by_last_or_a_unique_prefix() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let flow = write_flow(
-        dir.path(),
-        "p.yaml",
-        "tasks:\n  - { id: a, tool: echo, args: {} }\n",
-    );
+    let (_dir, db, flow) =
+        flow_in_tempdir("p.yaml", "tasks:\n  - { id: a, tool: echo, args: {} }\n");
     let mut ids = Vec::new();
     for seed in ["1", "2"] {
         let out = cli(&db)
@@ -883,13 +872,8 @@ fn runs_are_named_by_last_or_a_unique_prefix() {
 /// tells the seed to replay the run with.
 #[test]
 fn runs_without_a_seed_get_their_own_and_record_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let flow = write_flow(
-        dir.path(),
-        "s.yaml",
-        "tasks:\n  - { id: a, tool: echo, args: {} }\n",
-    );
+    let (dir, db, flow) =
+        flow_in_tempdir("s.yaml", "tasks:\n  - { id: a, tool: echo, args: {} }\n");
     let children: Vec<_> = (0..2)
         .map(|_| spawn_run(&db, &flow, dir.path(), true))
         .collect();

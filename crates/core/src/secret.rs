@@ -68,6 +68,14 @@ impl Redactor {
         }
     }
 
+    /// This redactor with `values` registered too (see [`Redactor::add_secret`]).
+    pub fn with_secrets(mut self, values: &[String]) -> Self {
+        for v in values {
+            self.add_secret(v.as_str());
+        }
+        self
+    }
+
     /// Whether any secret values are registered.
     pub fn has_secrets(&self) -> bool {
         !self.values.is_empty()
@@ -91,36 +99,32 @@ impl Redactor {
         if self.values.is_empty() {
             return value.clone();
         }
-        match value {
-            Value::Object(map) => Value::Object(
-                map.iter()
-                    .map(|(k, v)| (self.redact_str(k), self.redact_values(v)))
-                    .collect(),
-            ),
-            Value::Array(items) => {
-                Value::Array(items.iter().map(|v| self.redact_values(v)).collect())
-            }
-            Value::String(s) => Value::String(self.redact_str(s)),
-            other => other.clone(),
-        }
+        self.walk(value, false)
     }
 
     /// `value` with secret keys and secret values replaced.
     pub fn redact(&self, value: &Value) -> Value {
+        self.walk(value, true)
+    }
+
+    /// [`Redactor::redact`] when `by_key`, else [`Redactor::redact_values`].
+    fn walk(&self, value: &Value, by_key: bool) -> Value {
         match value {
             Value::Object(map) => Value::Object(
                 map.iter()
                     .map(|(k, v)| {
-                        let v = if is_secret_key(k) && !v.is_null() {
+                        let v = if by_key && is_secret_key(k) && !v.is_null() {
                             Value::String(REDACTED.to_string())
                         } else {
-                            self.redact(v)
+                            self.walk(v, by_key)
                         };
                         (self.redact_str(k), v)
                     })
                     .collect(),
             ),
-            Value::Array(items) => Value::Array(items.iter().map(|v| self.redact(v)).collect()),
+            Value::Array(items) => {
+                Value::Array(items.iter().map(|v| self.walk(v, by_key)).collect())
+            }
             Value::String(s) if !self.values.is_empty() => Value::String(self.redact_str(s)),
             other => other.clone(),
         }

@@ -434,11 +434,7 @@ impl Gateway {
         let redactor = if ctx.secrets.is_empty() {
             std::borrow::Cow::Borrowed(&inner.redactor)
         } else {
-            let mut r = inner.redactor.clone();
-            for value in &ctx.secrets {
-                r.add_secret(value.clone());
-            }
-            std::borrow::Cow::Owned(r)
+            std::borrow::Cow::Owned(inner.redactor.clone().with_secrets(&ctx.secrets))
         };
         let rec = CallRecord {
             run_id: ctx.run_id.unwrap_or(inner.run_id),

@@ -700,18 +700,21 @@ impl CommandTool {
                 "note": format!("killed by signal {sig}{pids_note}"),
                 "duration_ms": started.elapsed().as_millis() as u64,
             }))),
-            // A command whose forks were refused often ends on its own ("Cannot fork"); say
-            // why, or the agent sees only an exit code.
-            None if pids_hit => Ok(ToolOutput::new(json!({
-                "exit_code": status.code(), "stdout": stdout, "stderr": stderr,
-                "note": format!("the process limit ({}) was reached; remaining processes killed",
-                                limits.processes),
-                "duration_ms": started.elapsed().as_millis() as u64,
-            }))),
-            None => Ok(ToolOutput::new(json!({
-                "exit_code": status.code(), "stdout": stdout, "stderr": stderr,
-                "duration_ms": started.elapsed().as_millis() as u64,
-            }))),
+            None => {
+                let mut value = json!({
+                    "exit_code": status.code(), "stdout": stdout, "stderr": stderr,
+                    "duration_ms": started.elapsed().as_millis() as u64,
+                });
+                // A command whose forks were refused often ends on its own ("Cannot fork"):
+                // say why, or the agent sees only an exit code.
+                if pids_hit {
+                    value["note"] = json!(format!(
+                        "the process limit ({}) was reached; remaining processes killed",
+                        limits.processes
+                    ));
+                }
+                Ok(ToolOutput::new(value))
+            }
         }
     }
 }

@@ -522,8 +522,6 @@ fn summarize_parts(
     format!("{kind} by {actor} at {time} {p}")
 }
 
-/// Re-runs the engine over recorded events: every input as recorded, every derived event
-/// compared with the recorded one. Calls no tool and no model.
 /// A run's engine rebuilt from its log by [`refold`].
 struct Refolded {
     engine: Engine,
@@ -536,8 +534,8 @@ struct Refolded {
     unperformed: Vec<Effect>,
 }
 
-/// Rebuilds a run's engine from its recorded events, checking that the engine derives what the
-/// log holds.
+/// Rebuilds a run's engine from its recorded events: every input applied as recorded, every
+/// derived event compared with the recorded one. Calls no tool and no model.
 fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Refolded, DriverError> {
     let first = events
         .first()
@@ -1248,41 +1246,39 @@ impl CallStarter {
                 timeout,
                 ..
             } => {
-                let ctx = self.context(actor, task_id, timeout, &token);
+                let mut ctx = self.context(actor, task_id, timeout, &token);
                 let tools = self.tools.clone();
                 let name = tool.clone();
                 // The call alone gets the secrets' values; what it returns is redacted before
                 // it is recorded (a tool may echo its arguments, or put them in an error).
-                let mut used = Vec::new();
                 let filled = match &secret_args {
                     Some(declared) => crate::template::fill_secrets(
                         declared,
                         &mut args,
                         self.secrets.as_ref(),
-                        &mut used,
+                        &mut ctx.secrets,
                     ),
                     None => Ok(()),
                 };
-                let mut redactor = agent_runtime_core::Redactor::new();
-                for value in &used {
-                    redactor.add_secret(value.clone());
-                }
-                // A tool behind the gateway records the call in its own audit trail.
-                let mut ctx = ctx;
-                ctx.secrets = used;
+                // A tool behind the gateway redacts them in its own audit trail (`ctx.secrets`).
+                let redactor = agent_runtime_core::Redactor::new().with_secrets(&ctx.secrets);
                 self.spawn_call(
                     token,
                     async move {
                         if let Err(e) = filled {
                             return Err((ErrorClass::InvalidArguments, e));
                         }
-                        let result = tools.invoke(&name, args, ctx).await;
+                        let result = tools
+                            .invoke(&name, args, ctx)
+                            .await
+                            .map(|o| o.value)
+                            .map_err(|e| (e.class, e.message));
                         if !redactor.has_secrets() {
-                            return result.map(|o| o.value).map_err(|e| (e.class, e.message));
+                            return result;
                         }
                         result
-                            .map(|o| redactor.redact_values(&o.value))
-                            .map_err(|e| (e.class, redactor.redact_str(&e.message)))
+                            .map(|v| redactor.redact_values(&v))
+                            .map_err(|(class, m)| (class, redactor.redact_str(&m)))
                     },
                     move |result| Done::Tool { call, tool, result },
                 );

@@ -833,14 +833,8 @@ impl TaskGraph {
                     "the model route is empty".into(),
                 ));
             }
-            if template::names_secret_str(&a.instructions) {
-                return Err(invalid(
-                    None,
-                    &format!("agents.{name}.instructions"),
-                    "`{{ secrets.NAME }}` goes only into a tool step's arguments \
-                     (instructions are sent to the model and recorded)"
-                        .into(),
-                ));
+            if let Err(e) = template::refuse_secrets(&a.instructions, "an agent's instructions") {
+                return Err(invalid(None, &format!("agents.{name}.instructions"), e));
             }
         }
         let mut ids: BTreeMap<&str, usize> = BTreeMap::new();

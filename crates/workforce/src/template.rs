@@ -139,8 +139,20 @@ fn secret_refs(s: &str) -> Vec<(usize, usize, &str)> {
 }
 
 /// Whether `s` names a secret (`{{ secrets.NAME }}`).
-pub fn names_secret_str(s: &str) -> bool {
+fn names_secret_str(s: &str) -> bool {
     !secret_refs(s).is_empty()
+}
+
+/// Refuses a secret named in text that reaches the model and the log (`what`: a prompt, an
+/// agent's instructions), where no call could get its value.
+pub fn refuse_secrets(text: &str, what: &str) -> Result<(), String> {
+    if names_secret_str(text) {
+        return Err(format!(
+            "`{{{{ secrets.NAME }}}}` goes only into a tool step's arguments ({what} is sent to \
+             the model and recorded)"
+        ));
+    }
+    Ok(())
 }
 
 /// Whether any string in `v` names a secret.
@@ -198,13 +210,7 @@ pub fn check(task: &TaskSpec) -> Result<(), String> {
     }
     if let Some(p) = &task.prompt {
         scan(p)?;
-        if !secret_refs(p).is_empty() {
-            return Err(
-                "`{{ secrets.NAME }}` goes only into a tool step's arguments \
-                        (a prompt is sent to the model and recorded)"
-                    .into(),
-            );
-        }
+        refuse_secrets(p, "a prompt")?;
     }
     if let Some(a) = &task.args {
         walk(a, &mut String::new())?;
