@@ -37,7 +37,8 @@ fn events(db: &Path, run_id: RunId) -> Vec<agent_runtime_core::Envelope> {
         .unwrap()
 }
 
-/// `agent-runtime run FLOW` in the background, in `cwd`, with stdout piped when `json`.
+/// `agent-runtime run FLOW` in the background, in `cwd`, with stdout and stderr piped when `json`
+/// (so that a failed run says why), both discarded otherwise.
 fn spawn_run(db: &Path, flow: &Path, cwd: &Path, json: bool) -> std::process::Child {
     let mut c = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"));
     c.current_dir(cwd)
@@ -46,12 +47,14 @@ fn spawn_run(db: &Path, flow: &Path, cwd: &Path, json: bool) -> std::process::Ch
         .arg(db)
         .arg("--plaintext")
         .arg("run")
-        .arg(flow)
-        .stderr(std::process::Stdio::null());
+        .arg(flow);
     if json {
-        c.arg("--json").stdout(std::process::Stdio::piped());
+        c.arg("--json")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
     } else {
-        c.stdout(std::process::Stdio::null());
+        c.stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
     }
     c.spawn().unwrap()
 }

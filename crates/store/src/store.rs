@@ -254,17 +254,19 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// How long a connection waits for another one's lock before giving up with
+/// [`StoreError::Busy`].
+const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn set_pragmas(conn: &Connection, path: &Path, write: bool) -> Result<(), StoreError> {
     let err = |e| sqlite_error(path, e, None);
-    conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+    conn.busy_timeout(BUSY_TIMEOUT).map_err(err)?;
     if write {
         // Larger pages make each commit write fewer, fuller pages; it only takes effect on a new
         // database (before WAL mode is set) and is a no-op on an existing one.
         conn.execute_batch("PRAGMA page_size = 16384;")
             .map_err(err)?;
-        let mode: String = conn
-            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
-            .map_err(err)?;
+        let mode = switch_to_wal(conn).map_err(err)?;
         if !mode.eq_ignore_ascii_case("wal") {
             return Err(StoreError::Open {
                 path: path.to_path_buf(),
@@ -278,6 +280,29 @@ fn set_pragmas(conn: &Connection, path: &Path, write: bool) -> Result<(), StoreE
             .map_err(err)?;
     }
     Ok(())
+}
+
+/// Sets WAL mode, waiting out other connections as the busy timeout would.
+///
+/// On a new database the switch writes the file's header: SQLite takes a read lock, then upgrades
+/// it, and does not call the busy handler for that upgrade (it could deadlock), so a second
+/// process creating the same database at that moment got "database is locked" at once. Waiting
+/// here is safe because nothing else is held on this connection yet.
+fn switch_to_wal(conn: &Connection) -> rusqlite::Result<String> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    let mut pause = Duration::from_millis(1);
+    loop {
+        match conn.query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0)) {
+            Err(rusqlite::Error::SqliteFailure(f, _))
+                if f.code == rusqlite::ErrorCode::DatabaseBusy
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
 }
 
 fn get_meta(conn: &Connection, key: &str) -> rusqlite::Result<Option<Vec<u8>>> {
