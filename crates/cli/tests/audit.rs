@@ -189,6 +189,14 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("no event database at"));
+    // An empty file is no database yet, not a damaged one (which would exit 1).
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    cli(&empty)
+        .args(["audit", "verify"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains("no event database at"));
     cli(&db)
         .args(["audit", "verify", "--bundle"])
         .arg(dir.path().join("missing.bundle"))

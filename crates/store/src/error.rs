@@ -13,7 +13,8 @@ pub enum StoreError {
         /// What the operating system or SQLite said.
         detail: String,
     },
-    /// Read-only open of a database that does not exist.
+    /// Read-only open of a database that does not exist, or of a file with no tables yet (empty,
+    /// or a new database whose creator has not committed them).
     #[error("no event database at {path}")]
     NotFound {
         /// The path looked at.

@@ -351,6 +351,11 @@ impl Store {
         let conn = open(flags)?;
         if !config.read_only {
             refuse_foreign(&conn, &path)?;
+        } else if is_blank(&conn, &path)? {
+            // An empty file (created by hand, or by a writer that has not committed its tables
+            // yet) holds no event database: saying it is damaged would send a user looking for
+            // damage.
+            return Err(StoreError::NotFound { path });
         }
         set_pragmas(&conn, &path, !config.read_only)?;
         if !config.read_only {
@@ -806,6 +811,13 @@ impl Store {
         }
         self.query_blocking(&q)
     }
+}
+
+/// Whether the file has no tables at all: empty, or a new database whose creator has not
+/// committed its tables yet.
+fn is_blank(conn: &Connection, path: &Path) -> Result<bool, StoreError> {
+    conn.query_row("SELECT count(*) = 0 FROM sqlite_master", [], |r| r.get(0))
+        .map_err(|e| sqlite_error(path, e, None))
 }
 
 /// Refuses an existing SQLite file that is not an event database (it has tables of its own),

@@ -368,6 +368,16 @@ fn read_only_open_needs_an_existing_database() {
         Store::open(StoreConfig::plaintext(dir.path().join("none.db")).read_only()).unwrap_err();
     assert!(err.to_string().contains("no event database at"), "{err}");
     assert!(!dir.path().join("none.db").exists());
+    // An empty file (touched, or a new database whose creator has not committed its tables) is
+    // no database yet, not a damaged one; opening it to read leaves it empty.
+    let empty = dir.path().join("empty.db");
+    std::fs::write(&empty, b"").unwrap();
+    let err = Store::open(StoreConfig::plaintext(&empty).read_only()).unwrap_err();
+    assert!(matches!(err, StoreError::NotFound { .. }), "{err}");
+    assert_eq!(std::fs::metadata(&empty).unwrap().len(), 0);
+    // A writer makes it one.
+    Store::open(StoreConfig::plaintext(&empty)).unwrap();
+    assert!(Store::open(StoreConfig::plaintext(&empty).read_only()).is_ok());
     let path = dir.path().join("r.db");
     Store::open(StoreConfig::plaintext(&path))
         .unwrap()
