@@ -1,8 +1,9 @@
 //! What every subcommand shares: global options, opening the store, error kinds.
 
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
+use agent_runtime_core::{EnvSecrets, Redactor, StaticSecrets};
 use clap::Args;
 
 /// Options every subcommand accepts.
@@ -42,25 +43,107 @@ impl CliError {
     }
 }
 
-/// The store's passphrase, moved out of the environment by [`take_passphrase_from_env`].
+/// The store's passphrase, moved out of the environment by [`take_secrets_from_env`].
 static PASSPHRASE: OnceLock<agent_runtime_store::Passphrase> = OnceLock::new();
 
-/// Moves the store's passphrase ([`agent_runtime_store::PASSPHRASE_ENV`]) from the environment
-/// into this process's memory. Every child process (a command tool, a policy hook, an MCP
-/// server) inherits the environment unless it is cleared for it; hooks keep it, so the
-/// passphrase must not be there.
+/// The graph secrets (`AGENT_RUNTIME_SECRET_NAME`), moved out of the environment by
+/// [`take_secrets_from_env`].
+static GRAPH_SECRETS: OnceLock<Arc<StaticSecrets>> = OnceLock::new();
+
+/// Moves the store's passphrase ([`agent_runtime_store::PASSPHRASE_ENV`]) and the graph secrets
+/// ([`EnvSecrets::PREFIX`]`NAME`) from the environment into this process's memory, and installs
+/// a panic hook that masks their values.
+///
+/// Every child process (a command tool, a policy hook, an MCP server) inherits the environment
+/// unless it is cleared for it; hooks keep it, so secrets must not be there: a graph's secret
+/// reaches only the call whose arguments name it. A panic's message may quote the data it
+/// choked on; the hook prints it with every secret value masked.
 ///
 /// # Safety
 /// No other thread may run (the rule of [`std::env::remove_var`]): call it first in `main`.
-pub unsafe fn take_passphrase_from_env() {
+pub unsafe fn take_secrets_from_env() {
+    let mut redactor = Redactor::new();
     let name = agent_runtime_store::PASSPHRASE_ENV;
     if let Some(p) = std::env::var_os(name) {
         // SAFETY: the caller promises that this thread is the only one.
         unsafe { std::env::remove_var(name) };
         if let Some(p) = p.to_str().filter(|p| !p.is_empty()) {
+            redactor.add_secret(p);
             let _ = PASSPHRASE.set(agent_runtime_store::Passphrase::new(p));
         }
     }
+    let mut secrets = Vec::new();
+    for (key, value) in std::env::vars_os() {
+        let Some(secret) = key
+            .to_str()
+            .and_then(|k| k.strip_prefix(EnvSecrets::PREFIX))
+        else {
+            continue;
+        };
+        // A value that is not UTF-8 cannot be filled into JSON arguments: the graph's call
+        // finds the secret unset and says so, as it would with `EnvSecrets`.
+        if let Some(value) = value.to_str() {
+            redactor.add_secret(value);
+            secrets.push((secret.to_string(), value.to_string()));
+        }
+        // SAFETY: as above.
+        unsafe { std::env::remove_var(&key) };
+    }
+    let _ = GRAPH_SECRETS.set(Arc::new(StaticSecrets::new(secrets)));
+    std::panic::set_hook(Box::new(move |info| print_panic(info, &redactor)));
+}
+
+/// The graph secrets [`take_secrets_from_env`] took (none if it was not called).
+pub fn graph_secrets() -> Arc<StaticSecrets> {
+    GRAPH_SECRETS.get().cloned().unwrap_or_default()
+}
+
+/// What the standard panic hook prints, with secret values masked in the message.
+fn print_panic(info: &std::panic::PanicHookInfo<'_>, redactor: &Redactor) {
+    let message = info
+        .payload()
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| info.payload().downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "Box<dyn Any>".into());
+    let thread = std::thread::current();
+    let location = info.location().map(|l| l.to_string());
+    let backtrace = std::backtrace::Backtrace::capture();
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured)
+        .then(|| backtrace.to_string());
+    // One write, so that lines of two threads panicking at once do not interleave.
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        panic_report(
+            thread.name().unwrap_or("<unnamed>"),
+            location.as_deref(),
+            &message,
+            backtrace.as_deref(),
+            redactor,
+        )
+        .as_bytes(),
+    );
+}
+
+/// The text of [`print_panic`].
+fn panic_report(
+    thread: &str,
+    location: Option<&str>,
+    message: &str,
+    backtrace: Option<&str>,
+    redactor: &Redactor,
+) -> String {
+    let at = location.map(|l| format!(" at {l}")).unwrap_or_default();
+    let tail = match backtrace {
+        Some(b) => format!("stack backtrace:\n{b}"),
+        None => {
+            "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace".into()
+        }
+    };
+    format!(
+        "\nthread '{thread}' panicked{at}:\n{}\n{tail}\n",
+        redactor.redact_str(message)
+    )
 }
 
 impl GlobalArgs {
@@ -83,5 +166,35 @@ impl GlobalArgs {
         Ok(agent_runtime_store::Store::open(
             self.store_config().read_only(),
         )?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A panic's message is printed with every secret value masked, the rest as the standard
+    /// hook prints it.
+    #[test]
+    fn a_panic_report_masks_secret_values() {
+        let mut redactor = Redactor::new();
+        redactor.add_secret("hunter2-passphrase");
+        redactor.add_secret("ghp_token_value");
+        let report = panic_report(
+            "main",
+            Some("src/x.rs:1:2"),
+            "bad header Bearer ghp_token_value for hunter2-passphrase",
+            None,
+            &redactor,
+        );
+        assert!(!report.contains("ghp_token_value"), "{report}");
+        assert!(!report.contains("hunter2"), "{report}");
+        assert!(
+            report.contains(
+                "thread 'main' panicked at src/x.rs:1:2:\nbad header Bearer [REDACTED] for [REDACTED]\n"
+            ),
+            "{report}"
+        );
+        assert!(report.contains("RUST_BACKTRACE=1"), "{report}");
     }
 }

@@ -120,7 +120,7 @@ unsafe impl std::alloc::GlobalAlloc for MiMallocPlain {
 
 fn main() -> ExitCode {
     // SAFETY: nothing has started a thread yet.
-    unsafe { common::take_passphrase_from_env() };
+    unsafe { common::take_secrets_from_env() };
     no_transparent_huge_pages();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,

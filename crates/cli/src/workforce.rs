@@ -423,7 +423,7 @@ async fn options(
         observer: Some(progress),
         // `{{ secrets.NAME }}` reads AGENT_RUNTIME_SECRET_NAME, and nothing else of the
         // environment.
-        secrets: Arc::new(agent_runtime_core::EnvSecrets),
+        secrets: crate::common::graph_secrets(),
     };
     Ok((opts, manager))
 }

@@ -663,10 +663,11 @@ tasks:
         ));
 }
 
-/// The store's passphrase leaves the environment when the command line starts: a hook (a
-/// program the configuration names, which inherits the environment) never sees it.
+/// The store's passphrase and the graph secrets leave the environment when the command line
+/// starts: a hook (a program the configuration names, which inherits the environment) never
+/// sees them.
 #[test]
-fn hooks_do_not_inherit_the_store_passphrase() {
+fn hooks_do_not_inherit_the_store_passphrase_or_secrets() {
     let env = Env::new();
     let seen = env.dir.path().join("hook-env.txt");
     let config = env.dir.path().join("hooked.yaml");
@@ -686,6 +687,7 @@ hooks:
     .unwrap();
     env.cmd()
         .env("AGENT_RUNTIME_PASSPHRASE", "canary-passphrase-7731")
+        .env("AGENT_RUNTIME_SECRET_GH_TOKEN", "canary-secret-5519")
         .env("HOOK_SEES_THIS", "yes")
         .args([
             "tools",
@@ -704,4 +706,6 @@ hooks:
     assert!(dumped.contains("HOOK_SEES_THIS=yes"), "{dumped}");
     assert!(!dumped.contains("canary-passphrase-7731"));
     assert!(!dumped.contains("AGENT_RUNTIME_PASSPHRASE"));
+    assert!(!dumped.contains("canary-secret-5519"));
+    assert!(!dumped.contains("AGENT_RUNTIME_SECRET_"));
 }

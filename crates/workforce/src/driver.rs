@@ -1159,13 +1159,11 @@ impl CallStarter {
             let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.start(effect, token)
             }));
-            if let (Err(_), Some(call)) = (started, model_call) {
+            if let (Err(panic), Some(call)) = (started, model_call) {
+                let message = panicked("listing the agent's tools", panic.as_ref());
                 let _ = self.done.send(Done::Model {
                     call,
-                    result: Err((
-                        ErrorClass::Internal,
-                        "listing the agent's tools panicked".into(),
-                    )),
+                    result: Err((ErrorClass::Internal, message)),
                 });
             }
         }
@@ -1268,11 +1266,16 @@ impl CallStarter {
                         if let Err(e) = filled {
                             return Err((ErrorClass::InvalidArguments, e));
                         }
-                        let result = tools
-                            .invoke(&name, args, ctx)
-                            .await
-                            .map(|o| o.value)
-                            .map_err(|e| (e.class, e.message));
+                        // Caught here rather than around the whole call, so that the panic's
+                        // message is redacted like any other error.
+                        let result = unless_panicked(async {
+                            tools
+                                .invoke(&name, args, ctx)
+                                .await
+                                .map(|o| o.value)
+                                .map_err(|e| (e.class, e.message))
+                        })
+                        .await;
                         if !redactor.has_secrets() {
                             return result;
                         }
@@ -1327,7 +1330,8 @@ impl CallStarter {
 
 /// A call's result, or class `internal` when the tool or provider panicked: the attempt then
 /// fails and the task's failure policy decides, instead of the run waiting forever for a result
-/// that will never come.
+/// that will never come. The error quotes the panic's message (the first
+/// [`PANIC_MESSAGE_CHARS`] characters): what an embedder needs to find the bug.
 async fn unless_panicked<T>(
     call: impl std::future::Future<Output = Result<T, (ErrorClass, String)>>,
 ) -> Result<T, (ErrorClass, String)> {
@@ -1335,7 +1339,26 @@ async fn unless_panicked<T>(
     std::panic::AssertUnwindSafe(call)
         .catch_unwind()
         .await
-        .unwrap_or_else(|_| Err((ErrorClass::Internal, "the call panicked".into())))
+        .unwrap_or_else(|panic| Err((ErrorClass::Internal, panicked("the call", panic.as_ref()))))
+}
+
+/// Most characters of a panic's message a call's error quotes.
+const PANIC_MESSAGE_CHARS: usize = 500;
+
+/// "WHAT panicked: MESSAGE", from a panic's payload.
+fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> String {
+    let message = payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
+    match message {
+        Some(m) if m.chars().count() > PANIC_MESSAGE_CHARS => format!(
+            "{what} panicked: {}...",
+            m.chars().take(PANIC_MESSAGE_CHARS).collect::<String>()
+        ),
+        Some(m) => format!("{what} panicked: {m}"),
+        None => format!("{what} panicked"),
+    }
 }
 
 impl Drop for Driver {

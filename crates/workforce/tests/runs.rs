@@ -1028,6 +1028,11 @@ fn a_tool_that_panics_fails_its_attempt_instead_of_hanging_the_run() {
         .collect();
     assert_eq!(failed.len(), 1);
     assert_eq!(failed[0].payload["class"], "internal");
+    // The panic's message says what went wrong.
+    assert_eq!(
+        failed[0].payload["message"],
+        "the call panicked: flaky was asked to panic"
+    );
     assert_eq!(
         driver::replay_events(&events(&log)).unwrap().log_hash,
         out.log_hash
@@ -1508,6 +1513,10 @@ fn a_tool_list_that_panics_fails_the_model_call_instead_of_hanging_the_run() {
         .collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].payload["class"], "internal");
+    assert_eq!(
+        failed[0].payload["message"],
+        "listing the agent's tools panicked: no tool list today"
+    );
     assert_eq!(out.outputs["b"], json!({"ok": true}));
 }
 
@@ -1536,6 +1545,9 @@ impl agent_runtime_core::Tool for Capture {
         _ctx: agent_runtime_core::CallContext,
     ) -> Result<agent_runtime_core::ToolOutput, agent_runtime_core::ToolError> {
         self.seen.lock().unwrap().push(args.clone());
+        if args.get("panic").is_some() {
+            panic!("capture choked on {args}");
+        }
         if args.get("fail").is_some() {
             return Err(agent_runtime_core::ClassifiedError::new(
                 agent_runtime_core::ErrorClass::ToolError,
@@ -1560,6 +1572,10 @@ tasks:
   - id: f
     tool: capture
     args: { fail: yes, auth: "{{ secrets.TOKEN }}" }
+    on_failure: skip
+  - id: p
+    tool: capture
+    args: { panic: yes, auth: "{{ secrets.TOKEN }}" }
     on_failure: skip
 "#;
 
@@ -1639,6 +1655,23 @@ fn secrets_reach_the_call_and_never_the_log() {
             .is_some_and(|m| m.contains("\"auth\":\"[REDACTED]\"")),
         "{}",
         failed.payload
+    );
+    // A call that panics quoting its arguments: the message is recorded, masked.
+    let panicked = all
+        .iter()
+        .find(|e| {
+            e.kind == EventKind::ToolFailed
+                && e.payload["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("the call panicked: capture choked on"))
+        })
+        .unwrap_or_else(|| panic!("{all:?}"));
+    assert!(
+        panicked.payload["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("\"auth\":\"[REDACTED]\"")),
+        "{}",
+        panicked.payload
     );
     // Replay feeds back the recorded (redacted) results and calls nothing.
     let report = driver::replay_events(&all).unwrap();
