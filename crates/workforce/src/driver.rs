@@ -1266,24 +1266,26 @@ impl CallStarter {
                         if let Err(e) = filled {
                             return Err((ErrorClass::InvalidArguments, e));
                         }
-                        // Caught here rather than around the whole call, so that the panic's
-                        // message is redacted like any other error.
-                        let result = unless_panicked(async {
-                            tools
-                                .invoke(&name, args, ctx)
-                                .await
-                                .map(|o| o.value)
-                                .map_err(|e| (e.class, e.message))
-                        })
-                        .await;
-                        if !redactor.has_secrets() {
-                            return result;
-                        }
-                        result
-                            .map(|v| redactor.redact_values(&v))
-                            .map_err(|(class, m)| (class, redactor.redact_str(&m)))
+                        tools
+                            .invoke(&name, args, ctx)
+                            .await
+                            .map(|o| o.value)
+                            .map_err(|e| (e.class, e.message))
                     },
-                    move |result| Done::Tool { call, tool, result },
+                    // Redacted once the call has ended, however it ended: a panic's message may
+                    // quote the arguments too. (Here rather than in the call's future, which
+                    // every waiting call holds: smaller.)
+                    move |result| Done::Tool {
+                        call,
+                        tool,
+                        result: if redactor.has_secrets() {
+                            result
+                                .map(|v| redactor.redact_values(&v))
+                                .map_err(|(class, m)| (class, redactor.redact_str(&m)))
+                        } else {
+                            result
+                        },
+                    },
                 );
             }
             Effect::CallModel {
