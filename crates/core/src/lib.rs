@@ -106,5 +106,5 @@ pub use sink::{
     SinkError,
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp, process_cpu_ns, thread_cpu_ns};
-pub use tokio_util::sync::CancellationToken;
+pub use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 pub use tool::{RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource};

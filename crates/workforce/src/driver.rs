@@ -1220,14 +1220,12 @@ impl CallStarter {
         done_of: impl FnOnce(Result<T, (ErrorClass, String)>) -> Done + Send + 'static,
     ) {
         let done = self.done.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                biased;
-                _ = token.cancelled() => {}
-                result = unless_panicked(call) => {
-                    let _ = done.send(done_of(result));
-                }
-            }
+        tokio::spawn(CallTask {
+            cancelled: token.cancelled_owned(),
+            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call)),
+            finish: Some(move |result| {
+                let _ = done.send(done_of(result));
+            }),
         });
     }
 
@@ -1330,18 +1328,54 @@ impl CallStarter {
     }
 }
 
-/// A call's result, or class `internal` when the tool or provider panicked: the attempt then
-/// fails and the task's failure policy decides, instead of the run waiting forever for a result
-/// that will never come. The error quotes the panic's message (the first
-/// [`PANIC_MESSAGE_CHARS`] characters): what an embedder needs to find the bug.
-async fn unless_panicked<T>(
-    call: impl std::future::Future<Output = Result<T, (ErrorClass, String)>>,
-) -> Result<T, (ErrorClass, String)> {
-    use futures_util::FutureExt;
-    std::panic::AssertUnwindSafe(call)
-        .catch_unwind()
-        .await
-        .unwrap_or_else(|panic| Err((ErrorClass::Internal, panicked("the call", panic.as_ref()))))
+pin_project_lite::pin_project! {
+    /// A call's task: the call until it ends, then `finish` with its result; or nothing once the
+    /// call's token is cancelled (checked first at every wake-up: a cancelled call's result is
+    /// not wanted even if it is ready).
+    ///
+    /// A panic in the call becomes its result, class `internal` with the panic's message (its
+    /// first 500 characters): the attempt then fails and the task's failure policy decides,
+    /// instead of the run waiting forever for a result that will never come.
+    ///
+    /// Written out rather than as an `async` block around `select!`: such a block keeps the
+    /// call future it was given as well as the one it polls, so every waiting call's task was
+    /// 920 to 968 bytes where the call itself is under 300.
+    struct CallTask<F, D> {
+        #[pin]
+        cancelled: agent_runtime_core::WaitForCancellationFutureOwned,
+        #[pin]
+        call: futures_util::future::CatchUnwind<std::panic::AssertUnwindSafe<F>>,
+        finish: Option<D>,
+    }
+}
+
+impl<T, F, D> std::future::Future for CallTask<F, D>
+where
+    F: std::future::Future<Output = Result<T, (ErrorClass, String)>>,
+    D: FnOnce(Result<T, (ErrorClass, String)>),
+{
+    type Output = ();
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<()> {
+        use std::task::Poll;
+        let this = self.project();
+        if this.cancelled.poll(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        let Poll::Ready(ended) = this.call.poll(cx) else {
+            return Poll::Pending;
+        };
+        let result = ended.unwrap_or_else(|panic| {
+            Err((ErrorClass::Internal, panicked("the call", panic.as_ref())))
+        });
+        if let Some(finish) = this.finish.take() {
+            finish(result);
+        }
+        Poll::Ready(())
+    }
 }
 
 /// Most characters of a panic's message a call's error quotes.
@@ -1388,5 +1422,71 @@ pub fn spawn_spec() -> ToolSpec {
             },
             "required": ["prompt"]
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every call waiting on a slow tool or model holds one `CallTask`: what it adds to the call
+    /// future is memory per live agent. An `async` block around `select!` added about 650 bytes
+    /// (it kept the call it was given as well as the one it polled).
+    #[test]
+    fn a_call_task_adds_little_to_its_call() {
+        let payload = [0u8; 256];
+        let call = async move {
+            tokio::task::yield_now().await;
+            Ok::<usize, (ErrorClass, String)>(payload.len())
+        };
+        let call_size = std::mem::size_of_val(&call);
+        let (done, _rx) = mpsc::unbounded_channel::<usize>();
+        let task = CallTask {
+            cancelled: CancellationToken::new().cancelled_owned(),
+            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call)),
+            finish: Some(move |r: Result<usize, (ErrorClass, String)>| {
+                let _ = done.send(r.unwrap_or(0));
+            }),
+        };
+        let added = std::mem::size_of_val(&task) - call_size;
+        assert!(added <= 160, "a call task adds {added} bytes to its call");
+    }
+
+    /// A cancelled call's result is not handed on, even when the call is ready; a call that
+    /// panics is handed on as class `internal` with its message.
+    #[tokio::test]
+    async fn a_call_task_honours_cancellation_and_reports_panics() {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let token = CancellationToken::new();
+        token.cancel();
+        let sent = tx.clone();
+        CallTask {
+            cancelled: token.cancelled_owned(),
+            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+                Ok::<u8, (ErrorClass, String)>(1)
+            })),
+            finish: Some(move |r| {
+                let _ = sent.send(r);
+            }),
+        }
+        .await;
+        assert!(rx.try_recv().is_err(), "a cancelled call's result was sent");
+        CallTask {
+            cancelled: CancellationToken::new().cancelled_owned(),
+            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+                if std::hint::black_box(true) {
+                    panic!("tool bug {}", 7);
+                }
+                Ok(0)
+            })),
+            finish: Some(move |r: Result<u8, (ErrorClass, String)>| {
+                let _ = tx.send(r);
+            }),
+        }
+        .await;
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            Err((ErrorClass::Internal, "the call panicked: tool bug 7".into()))
+        );
     }
 }
