@@ -1740,3 +1740,29 @@ fn secrets_are_refused_where_they_would_be_recorded() {
         assert!(err.contains(want), "{err}");
     }
 }
+
+/// A caller that stops waiting for a run (here a timeout drops `run_graph`'s future) stops the
+/// run: nothing is recorded afterwards (the slow call's result would be, a minute in). Guards
+/// any change that moves the driver onto a task of its own (tried in session 10), which must
+/// then abort that task.
+#[test]
+fn dropping_a_runs_future_stops_the_run() {
+    let log = Arc::new(MemoryLog::default());
+    rt().block_on(async {
+        let opts = opts_at_t0(log.clone(), registry());
+        let g = graph(
+            "tasks:\n  - { id: slow, tool: sleep, args: { ms: 60000 } }\n  - { id: after, tool: echo, needs: [slow], args: { x: 1 } }\n",
+        );
+        let gave_up =
+            tokio::time::timeout(Duration::from_secs(1), driver::run_graph(g, opts)).await;
+        assert!(gave_up.is_err(), "the run ended within a second: {gave_up:?}");
+        let recorded = log.all().len();
+        assert!(recorded > 0);
+        // Paused time jumps past the slow call's end.
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        let after = log.all();
+        let kinds: Vec<EventKind> = after[recorded..].iter().map(|e| e.kind).collect();
+        assert!(kinds.is_empty(), "recorded after the run was dropped: {kinds:?}");
+        assert!(after.iter().all(|e| e.kind != EventKind::ToolCompleted));
+    });
+}
