@@ -100,12 +100,8 @@ pub fn graph_secrets() -> Arc<StaticSecrets> {
 
 /// What the standard panic hook prints, with secret values masked in the message.
 fn print_panic(info: &std::panic::PanicHookInfo<'_>, redactor: &Redactor) {
-    let message = info
-        .payload()
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| info.payload().downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "Box<dyn Any>".into());
+    let message =
+        agent_runtime_core::error::panic_message(info.payload()).unwrap_or("Box<dyn Any>");
     let thread = std::thread::current();
     let location = info.location().map(|l| l.to_string());
     let backtrace = std::backtrace::Backtrace::capture();
@@ -117,7 +113,7 @@ fn print_panic(info: &std::panic::PanicHookInfo<'_>, redactor: &Redactor) {
         panic_report(
             thread.name().unwrap_or("<unnamed>"),
             location.as_deref(),
-            &message,
+            message,
             backtrace.as_deref(),
             redactor,
         )

@@ -135,6 +135,20 @@ impl ClassifiedError {
     }
 }
 
+/// The message a panic was raised with (`panic!("...")` gives a `&str` or a `String`), if it
+/// has one: what a runtime that catches a panic reports instead of the panic itself.
+///
+/// ```
+/// let caught = std::panic::catch_unwind(|| panic!("bad index {}", 3)).unwrap_err();
+/// assert_eq!(agent_runtime_core::error::panic_message(caught.as_ref()), Some("bad index 3"));
+/// ```
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> Option<&str> {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1383,11 +1383,7 @@ const PANIC_MESSAGE_CHARS: usize = 500;
 
 /// "WHAT panicked: MESSAGE", from a panic's payload.
 fn panicked(what: &str, payload: &(dyn std::any::Any + Send)) -> String {
-    let message = payload
-        .downcast_ref::<&str>()
-        .copied()
-        .or_else(|| payload.downcast_ref::<String>().map(String::as_str));
-    match message {
+    match agent_runtime_core::error::panic_message(payload) {
         Some(m) if m.chars().count() > PANIC_MESSAGE_CHARS => format!(
             "{what} panicked: {}...",
             m.chars().take(PANIC_MESSAGE_CHARS).collect::<String>()
