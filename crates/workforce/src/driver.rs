@@ -1220,13 +1220,9 @@ impl CallStarter {
         done_of: impl FnOnce(Result<T, (ErrorClass, String)>) -> Done + Send + 'static,
     ) {
         let done = self.done.clone();
-        tokio::spawn(CallTask {
-            cancelled: token.cancelled_owned(),
-            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call)),
-            finish: Some(move |result| {
-                let _ = done.send(done_of(result));
-            }),
-        });
+        tokio::spawn(CallTask::new(token, call, move |result| {
+            let _ = done.send(done_of(result));
+        }));
     }
 
     fn start(&mut self, effect: Effect, token: CancellationToken) {
@@ -1349,6 +1345,17 @@ pin_project_lite::pin_project! {
     }
 }
 
+impl<F: std::future::Future, D> CallTask<F, D> {
+    /// `call` until it ends, then `finish` with its result, unless `token` is cancelled first.
+    fn new(token: CancellationToken, call: F, finish: D) -> Self {
+        CallTask {
+            cancelled: token.cancelled_owned(),
+            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call)),
+            finish: Some(finish),
+        }
+    }
+}
+
 impl<T, F, D> std::future::Future for CallTask<F, D>
 where
     F: std::future::Future<Output = Result<T, (ErrorClass, String)>>,
@@ -1437,13 +1444,13 @@ mod tests {
         };
         let call_size = std::mem::size_of_val(&call);
         let (done, _rx) = mpsc::unbounded_channel::<usize>();
-        let task = CallTask {
-            cancelled: CancellationToken::new().cancelled_owned(),
-            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(call)),
-            finish: Some(move |r: Result<usize, (ErrorClass, String)>| {
+        let task = CallTask::new(
+            CancellationToken::new(),
+            call,
+            move |r: Result<usize, (ErrorClass, String)>| {
                 let _ = done.send(r.unwrap_or(0));
-            }),
-        };
+            },
+        );
         let added = std::mem::size_of_val(&task) - call_size;
         assert!(added <= 160, "a call task adds {added} bytes to its call");
     }
@@ -1456,29 +1463,25 @@ mod tests {
         let token = CancellationToken::new();
         token.cancel();
         let sent = tx.clone();
-        CallTask {
-            cancelled: token.cancelled_owned(),
-            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
-                Ok::<u8, (ErrorClass, String)>(1)
-            })),
-            finish: Some(move |r| {
-                let _ = sent.send(r);
-            }),
-        }
+        let ready = async { Ok::<u8, (ErrorClass, String)>(1) };
+        CallTask::new(token, ready, move |r| {
+            let _ = sent.send(r);
+        })
         .await;
         assert!(rx.try_recv().is_err(), "a cancelled call's result was sent");
-        CallTask {
-            cancelled: CancellationToken::new().cancelled_owned(),
-            call: futures_util::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
-                if std::hint::black_box(true) {
-                    panic!("tool bug {}", 7);
-                }
-                Ok(0)
-            })),
-            finish: Some(move |r: Result<u8, (ErrorClass, String)>| {
+        let buggy = async {
+            if std::hint::black_box(true) {
+                panic!("tool bug {}", 7);
+            }
+            Ok(0)
+        };
+        CallTask::new(
+            CancellationToken::new(),
+            buggy,
+            move |r: Result<u8, (ErrorClass, String)>| {
                 let _ = tx.send(r);
-            }),
-        }
+            },
+        )
         .await;
         assert_eq!(
             rx.try_recv().unwrap(),
