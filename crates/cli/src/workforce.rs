@@ -657,16 +657,20 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
+        // A run that has not ended is either still being driven or was interrupted; only the
+        // second wants a resume (which the first would refuse).
+        let unfinished = if report.finished {
+            ""
+        } else if store.run_is_claimed(run_id)? {
+            ", not finished: another process is driving it"
+        } else {
+            ", not finished: resume it"
+        };
         outln!(
-            "replay of run {}: {} events match ({}{})",
+            "replay of run {}: {} events match ({}{unfinished})",
             report.run_id,
             report.events,
             format!("{:?}", report.status).to_lowercase(),
-            if report.finished {
-                ""
-            } else {
-                ", not finished: resume it"
-            }
         );
         outln!("log hash: {}", report.log_hash);
     }

@@ -496,6 +496,13 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .success()
         .stdout(predicate::str::contains("status:   running"));
     cli(&db)
+        .args(["replay", &run_id.to_string()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "not finished: another process is driving it",
+        ));
+    cli(&db)
         .current_dir(dir.path())
         .args(["resume", &run_id.to_string()])
         .assert()
@@ -522,6 +529,11 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .assert()
         .success()
         .stdout(predicate::str::contains("interrupted"));
+    cli(&db)
+        .args(["replay", &run_id.to_string()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("not finished: resume it"));
     let out = cli(&db)
         .current_dir(dir.path())
         .args(["resume", &run_id.to_string(), "--json"])
