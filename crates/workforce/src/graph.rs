@@ -540,9 +540,30 @@ pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
         let json = bytes.trim_ascii_start().starts_with(b"{");
         return Err(too_large(path, json));
     }
-    let text = String::from_utf8(bytes)
-        .map_err(|e| io(std::io::Error::new(std::io::ErrorKind::InvalidData, e)))?;
+    let text = String::from_utf8(bytes).map_err(|e| not_utf8(path, &e))?;
     parse_graph(&text, path)
+}
+
+/// The error for a file that is not UTF-8 text, at the line and column of its first bad byte
+/// (the column counts characters, as an editor's does).
+fn not_utf8(path: &Path, e: &std::string::FromUtf8Error) -> GraphError {
+    let bytes = e.as_bytes();
+    let at = e.utf8_error().valid_up_to();
+    // Everything before `at` is valid UTF-8.
+    let before = std::str::from_utf8(&bytes[..at]).unwrap_or_default();
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    GraphError::Syntax {
+        at: Location {
+            file: path.to_path_buf(),
+            line: before.matches('\n').count() + 1,
+            column: before[line_start..].chars().count() + 1,
+        },
+        field: "(top level)".into(),
+        message: format!(
+            "not UTF-8 text (byte 0x{:02x}); save the file as UTF-8",
+            bytes[at]
+        ),
+    }
 }
 
 /// The error for a graph over its format's limit.
@@ -1407,6 +1428,30 @@ tasks:
                 "{e:?}"
             );
         }
+    }
+
+    /// A file that is not UTF-8 (saved as Latin-1, say) is refused at its first bad byte, by
+    /// line and column, like any other syntax error.
+    #[test]
+    fn a_graph_that_is_not_utf8_names_where() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("latin1.yaml");
+        let mut bytes = "tasks:\n  - { id: caf".as_bytes().to_vec();
+        bytes.push(0xe9); // é in Latin-1
+        bytes.extend_from_slice(b", tool: echo }\n");
+        std::fs::write(&path, &bytes).unwrap();
+        let e = load_graph(&path).unwrap_err();
+        assert!(matches!(e, GraphError::Syntax { .. }), "{e:?}");
+        assert!(
+            e.to_string().ends_with(
+                "latin1.yaml:2:14: (top level): not UTF-8 text (byte 0xe9); save the file as UTF-8"
+            ),
+            "{e}"
+        );
+        // Columns count characters: a valid two-byte character before the bad byte is one.
+        std::fs::write(&path, b"name: \xc3\xa9\xff\n").unwrap();
+        let e = load_graph(&path).unwrap_err().to_string();
+        assert!(e.contains("latin1.yaml:1:8: "), "{e}");
     }
 
     #[test]
