@@ -549,7 +549,7 @@ fn cancel_on_ctrl_c(token: CancellationToken) {
 }
 
 fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let graph = agent_runtime_workforce::load_graph(&args.flow)
+    let (graph, text) = agent_runtime_workforce::load_graph_source(&args.flow)
         .map_err(|e| CliError::Usage(e.to_string()))?;
     for field in secret_looking_arguments(&graph) {
         eprintln!(
@@ -569,7 +569,15 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         &args.gateway,
         head,
         args.json,
-        |opts, token, controls| driver::run_graph_controlled(graph, opts, token, Some(controls)),
+        |opts, token, controls| {
+            // Checked here, where the graph's text is at hand, so that an unknown tool is
+            // named by line and column; the driver checks again, without them.
+            let tools = graph.check_tools_in(&text, &args.flow, &opts.tools.names());
+            async move {
+                tools.map_err(|e| DriverError::Unavailable(e.to_string()))?;
+                driver::run_graph_controlled(graph, opts, token, Some(controls)).await
+            }
+        },
     )
 }
 

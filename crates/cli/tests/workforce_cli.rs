@@ -904,3 +904,30 @@ fn runs_without_a_seed_get_their_own_and_record_it() {
     }
     assert_ne!(seeds[0], seeds[1]);
 }
+
+/// A tool step naming a tool the runtime does not have is refused before anything runs, by
+/// file, line, column and field, with the closest tool's name.
+#[test]
+fn an_unknown_tool_is_named_where_the_graph_says_it() {
+    let (_dir, db, flow) = flow_in_tempdir(
+        "typo.yaml",
+        "tasks:\n  - { id: first, tool: echo, args: {} }\n  - id: second\n    tool: ecoh\n    args: {}\n",
+    );
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "typo.yaml:4:5: tasks[1].tool: unknown tool `ecoh` (did you mean `echo`?)",
+        ));
+    // Nothing ran.
+    if let Ok(store) = Store::open(StoreConfig::plaintext(&db).read_only()) {
+        assert!(
+            store
+                .query_blocking(&EventQuery::default())
+                .unwrap()
+                .is_empty()
+        );
+    }
+}

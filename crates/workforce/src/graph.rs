@@ -522,6 +522,12 @@ pub const MAX_YAML_GRAPH_BYTES: usize = 4 << 20;
 /// Reads and validates a task graph file (JSON when it starts with `{`, YAML otherwise). A file
 /// over [`MAX_GRAPH_BYTES`] is refused without being read whole.
 pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
+    load_graph_source(path).map(|(graph, _)| graph)
+}
+
+/// [`load_graph`], also returning the file's text: what later checks locate their errors in
+/// (see [`TaskGraph::check_tools_in`]).
+pub fn load_graph_source(path: &Path) -> Result<(TaskGraph, String), GraphError> {
     use std::io::Read;
     let io = |source| GraphError::Io {
         path: path.to_path_buf(),
@@ -541,7 +547,8 @@ pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
         return Err(too_large(path, json));
     }
     let text = String::from_utf8(bytes).map_err(|e| not_utf8(path, &e))?;
-    parse_graph(&text, path)
+    let graph = parse_graph(&text, path)?;
+    Ok((graph, text))
 }
 
 /// The error for a file that is not UTF-8 text, at the line and column of its first bad byte
@@ -774,6 +781,34 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl TaskGraph {
+    /// Checks that every tool step names one of `available` (a runtime's tools), locating the
+    /// first that does not in `text` (the graph's source, read from `file`), with the closest
+    /// name as a suggestion. What `driver::check_available` also checks, without a location,
+    /// when a run starts.
+    pub fn check_tools_in(
+        &self,
+        text: &str,
+        file: &Path,
+        available: &[String],
+    ) -> Result<(), GraphError> {
+        for (i, t) in self.tasks.iter().enumerate() {
+            if let TaskKind::Tool { tool, .. } = t.kind()
+                && !available.iter().any(|a| a == tool)
+            {
+                return Err(GraphError::Invalid {
+                    at: locate(text, file, Some(&t.id), "tool"),
+                    field: format!("tasks[{i}].tool"),
+                    message: format!(
+                        "unknown tool `{tool}`{} (available: {})",
+                        suggestion(tool, available.iter().map(String::as_str)),
+                        available.join(", ")
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the graph without source text (errors have no line numbers).
     pub fn validate(&self) -> Result<(), GraphError> {
         self.validate_in("", Path::new("<graph>"))
@@ -1428,6 +1463,26 @@ tasks:
                 "{e:?}"
             );
         }
+    }
+
+    /// An unknown tool is located at the task's `tool` field, with the closest name.
+    #[test]
+    fn an_unknown_tool_is_located() {
+        let text = "tasks:\n  - { id: a, tool: echo }\n  - id: b\n    tool: ecoh\n";
+        let g = parse_graph(text, Path::new("t.yaml")).unwrap();
+        let tools = vec!["echo".to_string(), "sleep".to_string()];
+        let e = g
+            .check_tools_in(text, Path::new("t.yaml"), &tools)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.yaml:4:5: tasks[1].tool: unknown tool `ecoh` (did you mean `echo`?) (available: echo, sleep)"
+        );
+        assert!(
+            g.check_tools_in(text, Path::new("t.yaml"), &["echo".into(), "ecoh".into()])
+                .is_ok()
+        );
     }
 
     /// A file that is not UTF-8 (saved as Latin-1, say) is refused at its first bad byte, by
