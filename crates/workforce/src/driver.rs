@@ -1148,22 +1148,41 @@ struct CallStarter {
 impl CallStarter {
     async fn run(mut self, mut starts: mpsc::UnboundedReceiver<(Effect, CancellationToken)>) {
         while let Some((effect, token)) = starts.recv().await {
-            // The only code of the embedder's that runs here is `ToolInvoker::spec`, for a
-            // model call's tool list. A panic there fails that call, as a panicking call does,
-            // instead of ending this task: every later call would then never start, and the
-            // run would wait for their results forever.
-            let model_call = match &effect {
-                Effect::CallModel { call, .. } => Some(*call),
+            // The embedder's code that runs here: `ToolInvoker::spec`, for a model call's tool
+            // list, and `SecretSource::secret`, for a tool step that names secrets. A panic
+            // there fails that call, as a panicking call does, instead of ending this task or
+            // leaving the call unanswered: the run would wait for its result forever.
+            let may_panic = match &effect {
+                Effect::CallModel { call, .. } => Some((*call, None)),
+                Effect::CallTool {
+                    call,
+                    tool,
+                    secret_args: Some(_),
+                    ..
+                } => Some((*call, Some(tool.clone()))),
                 _ => None,
             };
             let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 self.start(effect, token)
             }));
-            if let (Err(panic), Some(call)) = (started, model_call) {
-                let message = panicked("listing the agent's tools", panic.as_ref());
-                let _ = self.done.send(Done::Model {
-                    call,
-                    result: Err((ErrorClass::Internal, message)),
+            if let (Err(panic), Some((call, tool))) = (started, may_panic) {
+                let _ = self.done.send(match tool {
+                    None => Done::Model {
+                        call,
+                        result: Err((
+                            ErrorClass::Internal,
+                            panicked("listing the agent's tools", panic.as_ref()),
+                        )),
+                    },
+                    // Without the panic's message: a secret source's may quote a secret.
+                    Some(tool) => Done::Tool {
+                        call,
+                        tool,
+                        result: Err((
+                            ErrorClass::Internal,
+                            "reading the call's secrets panicked".into(),
+                        )),
+                    },
                 });
             }
         }

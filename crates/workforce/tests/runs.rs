@@ -1520,6 +1520,48 @@ fn a_tool_list_that_panics_fails_the_model_call_instead_of_hanging_the_run() {
     assert_eq!(out.outputs["b"], json!({"ok": true}));
 }
 
+/// A secret source that panics fails the call that asked it (class `internal`, without the
+/// panic's message, which may quote a secret) instead of leaving the run waiting for a result
+/// that never comes.
+#[test]
+fn a_secret_source_that_panics_fails_the_call_instead_of_hanging_the_run() {
+    struct PanickyVault;
+    impl agent_runtime_core::SecretSource for PanickyVault {
+        fn secret(&self, _name: &str) -> Option<String> {
+            panic!("vault said hunter2-value");
+        }
+    }
+    let log = Arc::new(MemoryLog::default());
+    let out = rt()
+        .block_on(async {
+            let opts = RunOptions {
+                secrets: Arc::new(PanickyVault),
+                ..opts_at_t0(log.clone(), registry())
+            };
+            let g = graph(
+                "tasks:\n  - { id: a, tool: echo, args: { auth: \"{{ secrets.TOKEN }}\" }, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
+            );
+            // Paused time jumps to this deadline if the run waits on nothing: a hang fails.
+            tokio::time::timeout(Duration::from_secs(3600), driver::run_graph(g, opts)).await
+        })
+        .expect("the run hung")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status, RunStatus::Completed);
+    let failed: Vec<Envelope> = events(&log)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::TaskFailed)
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:?}");
+    assert_eq!(failed[0].payload["class"], "internal");
+    assert_eq!(
+        failed[0].payload["message"],
+        "reading the call's secrets panicked"
+    );
+    assert_eq!(out.outputs["b"], json!({"ok": true}));
+    let text = serde_json::to_string(&events(&log)).unwrap();
+    assert!(!text.contains("hunter2-value"), "{text}");
+}
+
 /// `capture`: notes the arguments it was called with and returns them, as a tool that echoes
 /// its token would.
 struct Capture {
