@@ -229,9 +229,7 @@ fn resolve_run_id(store: &agent_runtime_store::Store, arg: &str) -> anyhow::Resu
         .collect();
     match matching.as_slice() {
         [one] => Ok(*one),
-        [] => Err(usage(format!(
-            "no run {arg} in the event log (see `agent-runtime runs list`)"
-        ))),
+        [] => Err(no_run(arg)),
         many => {
             let shown: Vec<String> = many.iter().take(3).map(ToString::to_string).collect();
             Err(usage(format!(
@@ -247,10 +245,7 @@ fn resolve_run_id(store: &agent_runtime_store::Store, arg: &str) -> anyhow::Resu
 fn driver_error(e: DriverError) -> anyhow::Error {
     match e {
         DriverError::Unavailable(m) => CliError::Usage(m).into(),
-        DriverError::NoRun(id) => CliError::Usage(format!(
-            "no run {id} in the event log (see `agent-runtime runs list`)"
-        ))
-        .into(),
+        DriverError::NoRun(id) => no_run(id),
         DriverError::Finished { .. } | DriverError::Diverged { .. } | DriverError::Claimed(_) => {
             CliError::Failed(e.to_string()).into()
         }
@@ -421,8 +416,8 @@ async fn options(
         tools: Arc::new(ToolRegistry::from_tools(gw.tool_handles())),
         models: Arc::new(NoModels),
         observer: Some(progress),
-        // `{{ secrets.NAME }}` reads AGENT_RUNTIME_SECRET_NAME, and nothing else of the
-        // environment.
+        // `{{ secrets.NAME }}` reads AGENT_RUNTIME_SECRET_NAME, which `main` moved out of the
+        // environment into memory, and nothing else.
         secrets: crate::common::graph_secrets(),
     };
     Ok((opts, manager))
@@ -752,12 +747,15 @@ fn own_events(
 /// A run's summary, from its own events.
 fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
     let events = own_events(store, run_id)?;
-    RunSummary::fold(&events).ok_or_else(|| {
-        CliError::Usage(format!(
-            "no run {run_id} in the event log (see `agent-runtime runs list`)"
-        ))
-        .into()
-    })
+    RunSummary::fold(&events).ok_or_else(|| no_run(run_id))
+}
+
+/// The usage error for a run the database does not hold.
+fn no_run(name: impl std::fmt::Display) -> anyhow::Error {
+    CliError::Usage(format!(
+        "no run {name} in the event log (see `agent-runtime runs list`)"
+    ))
+    .into()
 }
 
 fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {

@@ -321,10 +321,9 @@ pub fn check_available(
             && !known(tool)
         {
             return Err(DriverError::Unavailable(format!(
-                "task `{}`: unknown tool `{tool}`{} (available: {})",
+                "task `{}`: {}",
                 t.id,
-                hint(tool),
-                names.join(", ")
+                crate::graph::unknown_tool(tool, &names)
             )));
         }
     }

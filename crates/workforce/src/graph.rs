@@ -728,6 +728,16 @@ pub fn suggestion<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>)
     closest(name, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
 }
 
+/// "unknown tool `X` (did you mean `Y`?) (available: ...)": what a graph naming a tool the
+/// runtime does not have is told, with or without a location.
+pub fn unknown_tool(tool: &str, available: &[String]) -> String {
+    format!(
+        "unknown tool `{tool}`{} (available: {})",
+        suggestion(tool, available.iter().map(String::as_str)),
+        available.join(", ")
+    )
+}
+
 /// Finds the best location of a task's field in the source text: the line of the task's `id`,
 /// then the first line after it mentioning `field`. Best effort: 0:0 when nothing matches.
 fn locate(text: &str, file: &Path, task: Option<&str>, field: &str) -> Location {
@@ -798,11 +808,7 @@ impl TaskGraph {
                 return Err(GraphError::Invalid {
                     at: locate(text, file, Some(&t.id), "tool"),
                     field: format!("tasks[{i}].tool"),
-                    message: format!(
-                        "unknown tool `{tool}`{} (available: {})",
-                        suggestion(tool, available.iter().map(String::as_str)),
-                        available.join(", ")
-                    ),
+                    message: unknown_tool(tool, available),
                 });
             }
         }
