@@ -1495,29 +1495,44 @@ fn a_tool_list_that_panics_fails_the_model_call_instead_of_hanging_the_run() {
         }
     }
     let log = Arc::new(MemoryLog::default());
+    let message = one_internal_failure(
+        opts_at_t0(log.clone(), Arc::new(PanickySpecs(registry()))),
+        &log,
+        "agents:\n  w: { model: script/m, tools: [echo] }\ntasks:\n  - { id: a, agent: w, prompt: hi, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
+    );
+    assert_eq!(
+        message,
+        "listing the agent's tools panicked: no tool list today"
+    );
+}
+
+/// Runs `yaml` (a task `a` whose call fails, skipped, and a task `b` that echoes
+/// `{ok: true}`) on paused time, failing the test if the run hangs; checks that it completes
+/// with exactly one failed attempt, of class `internal`, and returns that failure's message.
+fn one_internal_failure(opts: RunOptions, log: &MemoryLog, yaml: &str) -> String {
     let out = rt()
         .block_on(async {
-            let opts = opts_at_t0(log.clone(), Arc::new(PanickySpecs(registry())));
-            let g = graph(
-                "agents:\n  w: { model: script/m, tools: [echo] }\ntasks:\n  - { id: a, agent: w, prompt: hi, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
-            );
             // Paused time jumps to this deadline if the run waits on nothing: a hang fails.
-            tokio::time::timeout(Duration::from_secs(3600), driver::run_graph(g, opts)).await
+            tokio::time::timeout(
+                Duration::from_secs(3600),
+                driver::run_graph(graph(yaml), opts),
+            )
+            .await
         })
         .expect("the run hung")
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.status, RunStatus::Completed);
-    let failed: Vec<Envelope> = events(&log)
+    let failed: Vec<Envelope> = events(log)
         .into_iter()
         .filter(|e| e.kind == EventKind::TaskFailed)
         .collect();
     assert_eq!(failed.len(), 1, "{failed:?}");
     assert_eq!(failed[0].payload["class"], "internal");
-    assert_eq!(
-        failed[0].payload["message"],
-        "listing the agent's tools panicked: no tool list today"
-    );
     assert_eq!(out.outputs["b"], json!({"ok": true}));
+    failed[0].payload["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
 }
 
 /// A secret source that panics fails the call that asked it (class `internal`, without the
@@ -1532,32 +1547,16 @@ fn a_secret_source_that_panics_fails_the_call_instead_of_hanging_the_run() {
         }
     }
     let log = Arc::new(MemoryLog::default());
-    let out = rt()
-        .block_on(async {
-            let opts = RunOptions {
-                secrets: Arc::new(PanickyVault),
-                ..opts_at_t0(log.clone(), registry())
-            };
-            let g = graph(
-                "tasks:\n  - { id: a, tool: echo, args: { auth: \"{{ secrets.TOKEN }}\" }, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
-            );
-            // Paused time jumps to this deadline if the run waits on nothing: a hang fails.
-            tokio::time::timeout(Duration::from_secs(3600), driver::run_graph(g, opts)).await
-        })
-        .expect("the run hung")
-        .unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(out.status, RunStatus::Completed);
-    let failed: Vec<Envelope> = events(&log)
-        .into_iter()
-        .filter(|e| e.kind == EventKind::TaskFailed)
-        .collect();
-    assert_eq!(failed.len(), 1, "{failed:?}");
-    assert_eq!(failed[0].payload["class"], "internal");
-    assert_eq!(
-        failed[0].payload["message"],
-        "reading the call's secrets panicked"
+    let opts = RunOptions {
+        secrets: Arc::new(PanickyVault),
+        ..opts_at_t0(log.clone(), registry())
+    };
+    let message = one_internal_failure(
+        opts,
+        &log,
+        "tasks:\n  - { id: a, tool: echo, args: { auth: \"{{ secrets.TOKEN }}\" }, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
     );
-    assert_eq!(out.outputs["b"], json!({"ok": true}));
+    assert_eq!(message, "reading the call's secrets panicked");
     let text = serde_json::to_string(&events(&log)).unwrap();
     assert!(!text.contains("hunter2-value"), "{text}");
 }
