@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agent_runtime_core::{Envelope, EventKind, EventQuery, RunId, Timestamp};
+use agent_runtime_core::{Envelope, EventKind, EventQuery, Timestamp};
 use agent_runtime_store::{ExportFormat, VerifyReport, verify_bundle};
 use anyhow::Context;
 use clap::{Args, Subcommand};
@@ -46,7 +46,7 @@ pub struct VerifyArgs {
 /// Which events (shared by export and tail).
 #[derive(Args, Clone)]
 pub struct Filter {
-    /// Only this run's events.
+    /// Only this run's events: its id, 4 or more of its first hex digits, or `last`.
     #[arg(long, value_name = "RUN_ID")]
     pub run: Option<String>,
     /// Only these kinds (repeat or comma-separate: --kind task.failed,tool.failed).
@@ -61,15 +61,11 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The query, but for `--run`, which needs the store to resolve (see [`Filter::resolve_run`]).
     fn to_query(&self) -> Result<EventQuery, CliError> {
         let usage = |e: String| CliError::Usage(e);
         Ok(EventQuery {
-            run_id: self
-                .run
-                .as_deref()
-                .map(|r| r.parse::<RunId>())
-                .transpose()
-                .map_err(|e| usage(format!("--run: {e}")))?,
+            run_id: None,
             kinds: self
                 .kind
                 .iter()
@@ -91,6 +87,25 @@ impl Filter {
             after_seq: None,
             limit: None,
         })
+    }
+
+    /// `--run` as the workforce commands take a run: a whole id, `last`, or the start of an id.
+    fn resolve_run(
+        &self,
+        store: &agent_runtime_store::Store,
+        query: &mut EventQuery,
+    ) -> anyhow::Result<()> {
+        if let Some(arg) = &self.run {
+            let id = crate::workforce::resolve_run_id(store, arg).map_err(|e| {
+                match e.downcast::<CliError>() {
+                    Ok(CliError::Usage(m)) => CliError::Usage(format!("--run: {m}")).into(),
+                    Ok(other) => other.into(),
+                    Err(e) => e,
+                }
+            })?;
+            query.run_id = Some(id);
+        }
+        Ok(())
     }
 }
 
@@ -185,11 +200,12 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         .format
         .parse()
         .map_err(|e: String| CliError::Usage(format!("--format: {e}")))?;
-    let query = args.filter.to_query()?;
-    if format == ExportFormat::Bundle && query != EventQuery::default() {
+    let mut query = args.filter.to_query()?;
+    if format == ExportFormat::Bundle && (query != EventQuery::default() || args.filter.run.is_some()) {
         return Err(CliError::Usage("--format bundle holds the whole chain: it cannot be combined with --run, --kind, --since or --until".into()).into());
     }
     let store = global.open_store_read_only()?;
+    args.filter.resolve_run(&store, &mut query)?;
     let summary = match &args.output {
         Some(path) => {
             // Write beside the target and rename, so a failed export leaves no half file.
@@ -262,8 +278,9 @@ pub fn human_line(e: &Envelope) -> String {
 }
 
 fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let query = args.filter.to_query()?;
+    let mut query = args.filter.to_query()?;
     let store = global.open_store_read_only()?;
+    args.filter.resolve_run(&store, &mut query)?;
     // The newest N matching events: find where they start, then read forward.
     let head = store.head()?.map_or(0, |h| h.0);
     let mut start = 0u64;

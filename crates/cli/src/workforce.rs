@@ -192,7 +192,10 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 /// The run `arg` names: a whole id, `last` (the run created most recently), or a prefix of
 /// one (4 or more hex digits, dashes optional) that only one run of the database starts with.
-fn resolve_run_id(store: &agent_runtime_store::Store, arg: &str) -> anyhow::Result<RunId> {
+pub(crate) fn resolve_run_id(
+    store: &agent_runtime_store::Store,
+    arg: &str,
+) -> anyhow::Result<RunId> {
     if let Ok(id) = arg.parse::<RunId>() {
         return Ok(id);
     }
