@@ -319,11 +319,17 @@ impl Observer for Progress {
                     })
                 }
                 EventKind::TaskCompleted => {
+                    c.done += 1;
                     if payload.get("substituted").is_none() {
                         c.running -= 1;
+                        Some(format!("task {name}: completed"))
+                    } else {
+                        let policy = e.task_id().and_then(|t| engine.on_failure_of(t));
+                        Some(format!(
+                            "task {name}: completed ({})",
+                            agent_runtime_workforce::state::substitution_note(policy)
+                        ))
                     }
-                    c.done += 1;
-                    Some(format!("task {name}: completed"))
                 }
                 EventKind::TaskFailed => {
                     c.running -= 1;
@@ -920,13 +926,18 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
             (Some(a), Some(b)) => format!("{:.3}s", b.saturating_duration_since(a).as_secs_f64()),
             _ => "-".into(),
         };
+        // A substituted output follows the error that caused it.
+        let error = match (&t.error, &t.substituted) {
+            (Some(e), Some(note)) => format!("{e}; {note}"),
+            (e, note) => e.clone().or_else(|| note.clone()).unwrap_or_default(),
+        };
         outln!(
             "{:<24}  {:<10}  {:>8}  {:>10}  {}",
             t.id,
             t.status,
             t.attempts,
             d,
-            t.error.clone().unwrap_or_default()
+            error
         );
     }
     Ok(ExitCode::SUCCESS)

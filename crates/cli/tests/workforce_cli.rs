@@ -189,7 +189,42 @@ fn human_output_lists_outputs_and_failure_policies_work() {
         .stdout(
             predicate::str::contains("cached answer / from the backup")
                 .and(predicate::str::contains("log hash:")),
+        )
+        // The progress lines say where a substituted output came from.
+        .stderr(
+            predicate::str::contains("task primary: completed (output from fallback `backup`)")
+                .and(predicate::str::contains(
+                    "task flaky_then_default: completed (output from continue_with)",
+                ))
+                .and(predicate::str::contains("task backup: completed\n")),
         );
+    // So does `runs show`, after the error that caused it; a task that completed on its own
+    // has no note.
+    let out = cli(&db)
+        .args(["runs", "show", "last", "--json"])
+        .output()
+        .unwrap();
+    let shown = succeeded(&out);
+    let task = |id: &str| {
+        shown["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(task("primary")["status"], "completed");
+    assert_eq!(task("primary")["substituted"], "output from fallback `backup`");
+    assert_eq!(task("flaky_then_default")["substituted"], "output from continue_with");
+    assert!(task("backup").get("substituted").is_none());
+    cli(&db)
+        .args(["runs", "show", "last"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "timeout: attempt 1 timed out after 100ms; output from fallback `backup`",
+        ));
 }
 
 /// A secret written into a graph's tool arguments is run as written (replay needs it), with a

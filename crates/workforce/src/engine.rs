@@ -863,6 +863,14 @@ impl Engine {
     }
     /// The graph id of a task.
     pub fn task_name(&self, task_id: TaskId) -> Option<&str> {
+        self.index_of_task_id(task_id).map(|i| self.name(i))
+    }
+    /// The `on_failure` policy of a task, declared or spawned.
+    pub fn on_failure_of(&self, task_id: TaskId) -> Option<&crate::graph::OnFailure> {
+        self.index_of_task_id(task_id)
+            .map(|i| &self.graph.tasks[i as usize].on_failure)
+    }
+    fn index_of_task_id(&self, task_id: TaskId) -> Option<u32> {
         let by_task_id = self.by_task_id.get_or_init(|| {
             let mut m = FastMap::with_capacity_and_hasher(self.tasks.len(), Default::default());
             for (i, t) in self.tasks.iter().enumerate() {
@@ -870,7 +878,7 @@ impl Engine {
             }
             m
         });
-        by_task_id.get(&task_id).map(|&i| self.name(i))
+        by_task_id.get(&task_id).copied()
     }
 
     /// The graph id of a task.

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use agent_runtime_core::{Envelope, EventKind, NewEvent, RunId, TaskId, Timestamp};
 use serde_json::Value;
 
-use crate::graph::TaskGraph;
+use crate::graph::{OnFailure, TaskGraph};
 
 /// The per-run log hash: BLAKE3 over, for each of the run's events in order, its index (`u64`
 /// big-endian, from 0), the length of its canonical body (`u64` big-endian) and the body
@@ -156,6 +156,21 @@ pub struct TaskRow {
     pub ended: Option<Timestamp>,
     /// The last error, `class: message`.
     pub error: Option<String>,
+    /// Set when the task failed for good and completed with another output, saying where it
+    /// came from (see [`substitution_note`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub substituted: Option<String>,
+}
+
+/// Where the output of a task that failed for good and still completed came from: its
+/// `on_failure` policy, as `runs show` and the progress lines say it. `None` when the policy is
+/// not known (a spawned task, in a fold over the log alone).
+pub fn substitution_note(policy: Option<&OnFailure>) -> String {
+    match policy {
+        Some(OnFailure::Fallback(task)) => format!("output from fallback `{task}`"),
+        Some(OnFailure::ContinueWith(_)) => "output from continue_with".into(),
+        _ => "output substituted".into(),
+    }
 }
 
 /// A run as its events tell it.
@@ -268,7 +283,11 @@ impl RunSummary {
                 _ => {}
             }
             if let Some(r) = row {
-                apply_task_event(&mut order[r], e);
+                let policy = graph
+                    .as_ref()
+                    .and_then(|g| g.tasks.get(r))
+                    .map(|t| &t.on_failure);
+                apply_task_event(&mut order[r], e, policy);
             }
         }
         if s.status == "running" && s.ended.is_none() {
@@ -300,7 +319,7 @@ fn failure_text(payload: &Value) -> String {
     )
 }
 
-fn apply_task_event(row: &mut TaskRow, e: &Envelope) {
+fn apply_task_event(row: &mut TaskRow, e: &Envelope, policy: Option<&OnFailure>) {
     match e.kind {
         EventKind::TaskStarted => {
             row.status = "running".into();
@@ -310,6 +329,9 @@ fn apply_task_event(row: &mut TaskRow, e: &Envelope) {
         EventKind::TaskCompleted => {
             row.status = "completed".into();
             row.ended = Some(e.time);
+            if e.payload.get("substituted").and_then(Value::as_bool) == Some(true) {
+                row.substituted = Some(substitution_note(policy));
+            }
         }
         EventKind::TaskFailed => {
             row.status = "failed".into();
