@@ -516,11 +516,12 @@ fn report_outcome(
         }
         let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         outln!(
-            "run {}: {} in {:.2}s ({} tasks: {})",
+            "run {}: {} in {:.2}s ({} task{}: {})",
             out.run_id,
             format!("{:?}", out.status).to_lowercase(),
             wall.as_secs_f64(),
             out.tasks.len(),
+            if out.tasks.len() == 1 { "" } else { "s" },
             counts.join(", ")
         );
         outln!("log hash: {}", out.log_hash);
