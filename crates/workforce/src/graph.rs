@@ -702,10 +702,12 @@ fn strip_position(msg: &str, path: &str) -> String {
         Some(i) => &msg[..i],
         None => msg,
     };
-    let msg = msg
-        .strip_prefix(path)
-        .and_then(|m| m.strip_prefix(": "))
-        .unwrap_or(msg);
+    // The YAML parser's path can stop short of the field: a value's own check (a duration)
+    // fails with the path of the mapping holding it (`tasks[0]` for `tasks[0].timeout`).
+    let msg = match msg.split_once(": ") {
+        Some((prefix, rest)) if !prefix.is_empty() && path.starts_with(prefix) => rest,
+        _ => msg,
+    };
     // serde_json stops at 128 levels of nesting with a bare "recursion limit exceeded".
     if msg == "recursion limit exceeded" {
         return "arrays and objects nested more than 128 levels deep".into();
@@ -741,22 +743,32 @@ pub fn unknown_tool(tool: &str, available: &[String]) -> String {
 /// Finds the best location of a task's field in the source text: the line of the task's `id`,
 /// then the first line after it mentioning `field`. Best effort: 0:0 when nothing matches.
 fn locate(text: &str, file: &Path, task: Option<&str>, field: &str) -> Location {
+    locate_nth(text, file, task.map(|id| (id, 0)), field)
+}
+
+/// [`locate`] for the `nth` task (from 0) with that id: a duplicate id is the second one.
+fn locate_nth(text: &str, file: &Path, task: Option<(&str, usize)>, field: &str) -> Location {
     let mut start_line = 0;
-    if let Some(id) = task {
+    if let Some((id, nth)) = task {
         let pats = [
             format!("id: {id}"),
             format!("\"id\": \"{id}\""),
             format!("id: \"{id}\""),
             format!("id: '{id}'"),
         ];
-        if let Some((n, _)) = text.lines().enumerate().find(|(_, l)| {
-            pats.iter().any(|p| {
-                l.find(p.as_str()).is_some_and(|i| {
-                    let rest = &l[i + p.len()..];
-                    rest.is_empty() || rest.starts_with([' ', ',', '}', '"', '\'', '#'])
+        if let Some((n, _)) = text
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| {
+                pats.iter().any(|p| {
+                    l.find(p.as_str()).is_some_and(|i| {
+                        let rest = &l[i + p.len()..];
+                        rest.is_empty() || rest.starts_with([' ', ',', '}', '"', '\'', '#'])
+                    })
                 })
             })
-        }) {
+            .nth(nth)
+        {
             start_line = n;
         } else {
             return Location {
@@ -908,12 +920,13 @@ impl TaskGraph {
                     format!("invalid task id {:?}: use letters, digits, _ and -", t.id),
                 ));
             }
-            if ids.insert(&t.id, i).is_some() {
-                return Err(invalid(
-                    Some((i, &t.id)),
-                    "id",
-                    format!("duplicate task id `{}`", t.id),
-                ));
+            if let Some(first) = ids.insert(&t.id, i) {
+                // Located at the second task with the id, which is the one in error.
+                return Err(GraphError::Invalid {
+                    at: locate_nth(text, file, Some((&t.id, 1)), "id"),
+                    field: format!("tasks[{i}].id"),
+                    message: format!("duplicate task id `{}` (tasks[{first}] has it)", t.id),
+                });
             }
         }
         let names = || ids.keys().copied();
@@ -1355,8 +1368,11 @@ tasks:
         let e = parse("tasks:\n  - id: a\n    tool: echo\n    timeout: soon\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("tasks[0].timeout"), "{e}");
-        assert!(e.contains("invalid duration"), "{e}");
+        // The field once: the YAML parser's own path (`tasks[0]`) is not repeated.
+        assert!(
+            e.contains("tasks[0].timeout: invalid duration \"soon\""),
+            "{e}"
+        );
     }
 
     /// Deeply nested YAML is refused before the parser sees it (the parser's time grows with
@@ -1587,7 +1603,10 @@ tasks:
         let e = parse("tasks:\n  - { id: a, tool: x }\n  - { id: a, tool: x }\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("duplicate task id"), "{e}");
+        assert!(
+            e.contains(":3:") && e.contains("tasks[1].id: duplicate task id `a` (tasks[0] has it)"),
+            "{e}"
+        );
         let e = parse("limits: { tools: { x: 0 } }\ntasks:\n  - { id: a, tool: x }\n")
             .unwrap_err()
             .to_string();
