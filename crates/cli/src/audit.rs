@@ -201,7 +201,9 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         .parse()
         .map_err(|e: String| CliError::Usage(format!("--format: {e}")))?;
     let mut query = args.filter.to_query()?;
-    if format == ExportFormat::Bundle && (query != EventQuery::default() || args.filter.run.is_some()) {
+    if format == ExportFormat::Bundle
+        && (query != EventQuery::default() || args.filter.run.is_some())
+    {
         return Err(CliError::Usage("--format bundle holds the whole chain: it cannot be combined with --run, --kind, --since or --until".into()).into());
     }
     let store = global.open_store_read_only()?;

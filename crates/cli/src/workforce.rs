@@ -248,6 +248,7 @@ pub(crate) fn resolve_run_id(
 fn driver_error(e: DriverError) -> anyhow::Error {
     match e {
         DriverError::Unavailable(m) => CliError::Usage(m).into(),
+        DriverError::Arguments { .. } => CliError::Usage(e.to_string()).into(),
         DriverError::NoRun(id) => no_run(id),
         DriverError::Finished { .. } | DriverError::Diverged { .. } | DriverError::Claimed(_) => {
             CliError::Failed(e.to_string()).into()
@@ -577,7 +578,13 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         |opts, token, controls| {
             // Checked here, where the graph's text is at hand, so that an unknown tool is
             // named by line and column; the driver checks again, without them.
-            let tools = graph.check_tools_in(&text, &args.flow, &opts.tools.names());
+            let tools = graph
+                .check_tools_in(&text, &args.flow, &opts.tools.names())
+                .and_then(|()| {
+                    graph.check_args_in(&text, &args.flow, |tool, a| {
+                        opts.tools.check_args(tool, a).map_err(|e| e.message)
+                    })
+                });
             async move {
                 tools.map_err(|e| DriverError::Unavailable(e.to_string()))?;
                 driver::run_graph_controlled(graph, opts, token, Some(controls)).await

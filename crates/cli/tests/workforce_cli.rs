@@ -215,8 +215,14 @@ fn human_output_lists_outputs_and_failure_policies_work() {
             .clone()
     };
     assert_eq!(task("primary")["status"], "completed");
-    assert_eq!(task("primary")["substituted"], "output from fallback `backup`");
-    assert_eq!(task("flaky_then_default")["substituted"], "output from continue_with");
+    assert_eq!(
+        task("primary")["substituted"],
+        "output from fallback `backup`"
+    );
+    assert_eq!(
+        task("flaky_then_default")["substituted"],
+        "output from continue_with"
+    );
     assert!(task("backup").get("substituted").is_none());
     cli(&db)
         .args(["runs", "show", "last"])
@@ -299,6 +305,32 @@ fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
             "bad.yaml:4:5: tasks[1].tool: unknown tool `ecoh` (did you mean `echo`?)",
         ));
     assert_eq!(count(), before, "the refused run recorded events");
+
+    // Arguments the tool's schema refuses, when the graph fixes them, are refused the same way;
+    // so is a missing `args` that the tool needs.
+    std::fs::write(
+        &flow,
+        "tasks:\n  - { id: first, tool: echo, args: {} }\n  - id: nap\n    tool: sleep\n    args: { ms: soon }\n",
+    )
+    .unwrap();
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "bad.yaml:5:5: tasks[1].args: arguments do not match the input schema of sleep: at /ms: \"soon\" is not of type \"integer\"",
+        ));
+    std::fs::write(&flow, "tasks:\n  - id: bare\n    tool: echo\n").unwrap();
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "bad.yaml:3:5: tasks[0].args: missing, and `echo` needs them:",
+        ));
+    assert_eq!(count(), before, "the refused runs recorded events");
 
     std::fs::write(
         &flow,
@@ -953,9 +985,10 @@ fn runs_are_named_by_last_or_a_unique_prefix() {
         .args(["audit", "tail", "--run", &common])
         .assert()
         .code(2)
-        .stderr(predicate::str::starts_with("error: --run: run id").and(
-            predicate::str::contains("matches 2 runs"),
-        ));
+        .stderr(
+            predicate::str::starts_with("error: --run: run id")
+                .and(predicate::str::contains("matches 2 runs")),
+        );
 }
 
 /// Without `--seed` each run draws a random seed and records it: two runs started together

@@ -130,4 +130,13 @@ pub trait Tool: Send + Sync {
 
     /// Runs the tool once.
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError>;
+
+    /// Checks `args` as a call would before running the tool (against the input schema, for
+    /// the gateway's tools), without running, recording or asking anything. A scheduler uses it
+    /// to refuse a task graph whose tool step has fixed arguments the tool would refuse, before
+    /// the run starts. The default accepts everything: the call still validates.
+    fn check_args(&self, args: &Value) -> Result<(), ToolError> {
+        let _ = args;
+        Ok(())
+    }
 }

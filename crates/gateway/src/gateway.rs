@@ -231,6 +231,18 @@ impl Gateway {
         self.inner.registry.descriptors()
     }
 
+    /// Checks `args` against tool `name`'s input schema, as a call does first, without running
+    /// hooks or policy and without recording anything. Errors as a call's validation does
+    /// (`invalid_arguments`, values under secret-looking keys hidden), or for an unknown tool.
+    pub fn check_args(&self, name: &str, args: &Value) -> Result<(), ToolError> {
+        let entry = self
+            .inner
+            .registry
+            .get(name)
+            .ok_or_else(|| self.unknown(name))?;
+        entry.validate(args)
+    }
+
     /// A handle to tool `name` that implements core's [`Tool`] by calling through this gateway,
     /// so a scheduler holding `Arc<dyn Tool>` gets validation, policy and the audit trail.
     pub fn tool_handle(&self, name: &str) -> Option<GatewayTool> {
@@ -831,5 +843,9 @@ impl Tool for GatewayTool {
 
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         self.gateway.call(&self.descriptor.name, args, ctx).await
+    }
+
+    fn check_args(&self, args: &Value) -> Result<(), ToolError> {
+        self.gateway.check_args(&self.descriptor.name, args)
     }
 }

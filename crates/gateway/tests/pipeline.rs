@@ -233,6 +233,29 @@ async fn invalid_arguments_never_reach_the_tool() {
     );
 }
 
+/// `check_args` (the gateway's and its tool handles') validates as a call does, and runs,
+/// records and asks nothing.
+#[tokio::test]
+async fn checking_arguments_validates_as_a_call_and_records_nothing() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let handle = gw.tool_handle("t.read").unwrap();
+    let bad = json!({"n": "three"});
+    let by_call = gw.call("t.read", bad.clone(), ctx()).await.unwrap_err();
+    let seen_by_call = log.all().len();
+    for checked in [gw.check_args("t.read", &bad), handle.check_args(&bad)] {
+        let err = checked.unwrap_err();
+        assert_eq!(err.class, ErrorClass::InvalidArguments);
+        assert_eq!(err.message, by_call.message);
+    }
+    assert!(gw.check_args("t.read", &json!({"n": 3})).is_ok());
+    let err = gw.check_args("no.such", &json!({})).unwrap_err();
+    assert!(err.message.contains("unknown tool"), "{}", err.message);
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    assert_eq!(log.all().len(), seen_by_call, "a check recorded events");
+}
+
 #[tokio::test]
 async fn denied_call_is_recorded_and_not_run() {
     let log = Arc::new(MemoryLog::default());

@@ -49,6 +49,13 @@ pub trait ToolInvoker: Send + Sync {
         args: Value,
         ctx: CallContext,
     ) -> Result<ToolOutput, ToolError>;
+    /// Checks arguments as a call of tool `name` would, without calling it (see
+    /// [`Tool::check_args`](agent_runtime_core::Tool::check_args)). The default accepts
+    /// everything.
+    fn check_args(&self, name: &str, args: &Value) -> Result<(), ToolError> {
+        let _ = (name, args);
+        Ok(())
+    }
 }
 
 /// Finds the model provider for the provider part of a route (`openai` in `openai/gpt-4o`).
@@ -247,6 +254,14 @@ pub enum DriverError {
     /// The graph names a tool or provider that is not available.
     #[error("{0}")]
     Unavailable(String),
+    /// A tool step's fixed arguments are refused by its tool (see [`check_fixed_args`]).
+    #[error("task `{task}`: args: {message}")]
+    Arguments {
+        /// The task's graph id.
+        task: String,
+        /// The tool's refusal.
+        message: String,
+    },
     /// No such run in the log.
     #[error("no run {0} in the event log")]
     NoRun(RunId),
@@ -348,6 +363,22 @@ pub fn check_available(
     Ok(())
 }
 
+/// Checks the arguments of every tool step whose arguments are fixed in the graph (see
+/// [`TaskGraph::fixed_tool_args`]) as the tool would check a call, so that a graph whose step
+/// the tool would refuse is refused before the run starts. `run_graph*` does this;
+/// [`TaskGraph::check_args_in`] does it with a location in the graph's text.
+pub fn check_fixed_args(graph: &TaskGraph, tools: &dyn ToolInvoker) -> Result<(), DriverError> {
+    for (_, id, tool, args) in graph.fixed_tool_args() {
+        tools
+            .check_args(tool, args)
+            .map_err(|e| DriverError::Arguments {
+                task: id.to_string(),
+                message: e.message,
+            })?;
+    }
+    Ok(())
+}
+
 /// Runs `graph` to its end and returns the outcome.
 pub async fn run_graph(graph: TaskGraph, opts: RunOptions) -> Result<Outcome, DriverError> {
     run_graph_with_cancel(graph, opts, CancellationToken::new()).await
@@ -385,6 +416,7 @@ pub async fn run_graph_controlled(
     controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
 ) -> Result<Outcome, DriverError> {
     check_available(&graph, opts.tools.as_ref(), opts.models.as_ref())?;
+    check_fixed_args(&graph, opts.tools.as_ref())?;
     let now = opts.clock.now();
     let run_id = crate::engine::run_id_for(opts.seed, now);
     let (validated, created) = validate_and_encode(&graph, run_id, opts.seed, now);

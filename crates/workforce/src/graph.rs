@@ -827,6 +827,57 @@ impl TaskGraph {
         Ok(())
     }
 
+    /// The tool steps whose arguments are fixed in the graph: no `{{ tasks... }}` template and
+    /// no `{{ secrets... }}` anywhere in them, so that they are sent as written. Each as (index,
+    /// task id, tool, arguments); absent arguments are `null`, as the call gets them.
+    pub fn fixed_tool_args(&self) -> impl Iterator<Item = (usize, &str, &str, &Value)> {
+        const NO_ARGS: &Value = &Value::Null;
+        self.tasks.iter().enumerate().filter_map(|(i, t)| {
+            let TaskKind::Tool { tool, .. } = t.kind() else {
+                return None;
+            };
+            let args = t.args.as_ref().unwrap_or(NO_ARGS);
+            let mut templated = false;
+            crate::template::for_each_ref(args, &mut |_| templated = true);
+            (!templated && !crate::template::names_secrets(args)).then_some((
+                i,
+                t.id.as_str(),
+                tool,
+                args,
+            ))
+        })
+    }
+
+    /// Checks each tool step's fixed arguments (see [`TaskGraph::fixed_tool_args`]) with
+    /// `check` (the tool's own check: `driver::ToolInvoker::check_args`), locating the first
+    /// refused in `text` (the graph's source, read from `file`) at the step's `args` (its
+    /// `tool` when it has none).
+    pub fn check_args_in(
+        &self,
+        text: &str,
+        file: &Path,
+        mut check: impl FnMut(&str, &Value) -> Result<(), String>,
+    ) -> Result<(), GraphError> {
+        for (i, id, tool, args) in self.fixed_tool_args() {
+            if let Err(message) = check(tool, args) {
+                let (field, message) = if self.tasks[i].args.is_some() {
+                    ("args", message)
+                } else {
+                    (
+                        "tool",
+                        format!("missing, and `{tool}` needs them: {message}"),
+                    )
+                };
+                return Err(GraphError::Invalid {
+                    at: locate(text, file, Some(id), field),
+                    field: format!("tasks[{i}].args"),
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the graph without source text (errors have no line numbers).
     pub fn validate(&self) -> Result<(), GraphError> {
         self.validate_in("", Path::new("<graph>"))
@@ -1484,6 +1535,51 @@ tasks:
                 matches!(e, GraphError::TooLarge { format: "JSON", .. }),
                 "{e:?}"
             );
+        }
+    }
+
+    /// Only arguments sent as written are checked before a run: templated ones and ones naming
+    /// secrets wait for the call. A refusal is located at the step's `args`, or at its `tool`
+    /// when it has none.
+    #[test]
+    fn fixed_tool_arguments_are_checked_and_located() {
+        let text = "tasks:\n  - { id: a, tool: echo, args: { text: hi } }\n  - id: b\n    tool: sleep\n    args: { ms: soon }\n  - { id: c, tool: sleep, args: { ms: '{{ tasks.a.output.text }}' } }\n  - { id: d, tool: sleep, args: { ms: '{{ secrets.MS }}' } }\n  - id: e\n    tool: sleep\n";
+        let g = parse_graph(text, Path::new("t.yaml")).unwrap();
+        let fixed: Vec<(usize, &str)> = g.fixed_tool_args().map(|(i, id, ..)| (i, id)).collect();
+        assert_eq!(fixed, [(0, "a"), (1, "b"), (4, "e")]);
+        // A check that refuses every `sleep` whose `ms` is not a number.
+        let mut seen = Vec::new();
+        let check = |tool: &str, args: &Value| {
+            seen.push(tool.to_string());
+            match (tool, args.get("ms")) {
+                ("sleep", Some(v)) if !v.is_u64() => Err(format!("ms is {v}, not a number")),
+                ("sleep", None) => Err("ms is missing".to_string()),
+                _ => Ok(()),
+            }
+        };
+        let e = g
+            .check_args_in(text, Path::new("t.yaml"), check)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(e, "t.yaml:5:5: tasks[1].args: ms is \"soon\", not a number");
+        assert_eq!(seen, ["echo", "sleep"], "stops at the first refusal");
+        let without_b = text.replace("    args: { ms: soon }\n", "    args: { ms: 5 }\n");
+        let g = parse_graph(&without_b, Path::new("t.yaml")).unwrap();
+        let e = g
+            .check_args_in(&without_b, Path::new("t.yaml"), |tool, args| {
+                check_ms(tool, args)
+            })
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.yaml:9:5: tasks[4].args: missing, and `sleep` needs them: ms is missing"
+        );
+        fn check_ms(tool: &str, args: &Value) -> Result<(), String> {
+            match (tool, args.get("ms")) {
+                ("sleep", None) => Err("ms is missing".to_string()),
+                _ => Ok(()),
+            }
         }
     }
 

@@ -84,6 +84,16 @@ impl ToolInvoker for ToolRegistry {
         };
         tool.call(args, ctx).await
     }
+
+    fn check_args(&self, name: &str, args: &Value) -> Result<(), ToolError> {
+        match self.tools.get(name) {
+            Some(tool) => tool.check_args(args),
+            None => Err(ClassifiedError::new(
+                ErrorClass::InvalidArguments,
+                format!("unknown tool `{name}`"),
+            )),
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]

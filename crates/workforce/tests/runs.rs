@@ -1807,3 +1807,58 @@ fn dropping_a_runs_future_stops_the_run() {
         assert!(after.iter().all(|e| e.kind != EventKind::ToolCompleted));
     });
 }
+
+/// A tool step whose fixed arguments its tool refuses stops the run before it starts: nothing
+/// is recorded, and the error names the task. Templated arguments wait for the call.
+#[test]
+fn fixed_arguments_a_tool_refuses_stop_the_run_before_it_starts() {
+    struct StrictSleep(Arc<agent_runtime_workforce::tools::ToolRegistry>);
+    #[agent_runtime_core::async_trait]
+    impl driver::ToolInvoker for StrictSleep {
+        fn names(&self) -> Vec<String> {
+            driver::ToolInvoker::names(&*self.0)
+        }
+        fn spec(&self, name: &str) -> Option<agent_runtime_core::ToolSpec> {
+            self.0.spec(name)
+        }
+        async fn invoke(
+            &self,
+            name: &str,
+            args: serde_json::Value,
+            ctx: agent_runtime_core::CallContext,
+        ) -> Result<agent_runtime_core::ToolOutput, agent_runtime_core::ToolError> {
+            self.0.invoke(name, args, ctx).await
+        }
+        fn check_args(
+            &self,
+            name: &str,
+            args: &serde_json::Value,
+        ) -> Result<(), agent_runtime_core::ToolError> {
+            if name == "sleep" && !args["ms"].is_u64() {
+                return Err(agent_runtime_core::ClassifiedError::new(
+                    agent_runtime_core::ErrorClass::InvalidArguments,
+                    "ms must be a number",
+                ));
+            }
+            Ok(())
+        }
+    }
+    let log = Arc::new(MemoryLog::default());
+    let err = rt()
+        .block_on(driver::run_graph(
+            graph("tasks:\n  - { id: a, tool: echo, args: { text: '5' } }\n  - { id: nap, tool: sleep, args: { ms: soon } }\n"),
+            opts_at_t0(log.clone(), Arc::new(StrictSleep(registry()))),
+        ))
+        .unwrap_err();
+    assert_eq!(err.to_string(), "task `nap`: args: ms must be a number");
+    assert!(log.all().is_empty(), "{:?}", log.all());
+    // The same step with its argument from upstream is checked when the call is made.
+    let out = rt()
+        .block_on(driver::run_graph(
+            graph("tasks:\n  - { id: a, tool: echo, args: { text: '5' } }\n  - { id: nap, tool: sleep, needs: [a], args: { ms: '{{ tasks.a.output.text }}' }, on_failure: skip }\n"),
+            opts_at_t0(log.clone(), Arc::new(StrictSleep(registry()))),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status, RunStatus::Completed);
+    assert!(!log.all().is_empty());
+}
