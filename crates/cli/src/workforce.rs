@@ -584,9 +584,20 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     graph.check_args_in(&text, &args.flow, |tool, a| {
                         opts.tools.check_args(tool, a).map_err(|e| e.message)
                     })
+                })
+                .map_err(|e| e.to_string())
+                .and_then(|()| {
+                    graph
+                        .check_models_in(&text, &args.flow, |p| opts.models.provider(p).is_some())
+                        .map_err(|e| {
+                            format!(
+                                "{e}; the command line has no model providers yet: run agent \
+                                 tasks through the library (docs/workforce.md, Agent tasks)"
+                            )
+                        })
                 });
             async move {
-                tools.map_err(|e| DriverError::Unavailable(e.to_string()))?;
+                tools.map_err(DriverError::Unavailable)?;
                 driver::run_graph_controlled(graph, opts, token, Some(controls)).await
             }
         },

@@ -332,6 +332,21 @@ fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
         ));
     assert_eq!(count(), before, "the refused runs recorded events");
 
+    // The example of agent tasks: the command line has no model provider yet, and says so
+    // where the graph uses one.
+    cli(&db)
+        .arg("run")
+        .arg(examples().join("agents.json"))
+        .assert()
+        .code(2)
+        .stderr(
+            predicate::str::contains(
+                "agents.json:16:25: tasks[1].agent: agent `researcher` routes to `openai/gpt-4o-mini`, and no model provider `openai` is configured",
+            )
+            .and(predicate::str::contains("docs/workforce.md, Agent tasks")),
+        );
+    assert_eq!(count(), before, "the refused run recorded events");
+
     std::fs::write(
         &flow,
         "tasks:\n  - { id: a, tool: echo, needs: [b] }\n  - { id: b, tool: echo, needs: [a] }\n",

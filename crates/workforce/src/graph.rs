@@ -827,6 +827,38 @@ impl TaskGraph {
         Ok(())
     }
 
+    /// Checks that the model provider of every agent a task uses is configured
+    /// (`has_provider`: the provider part of a route, before `/`), locating the first task whose
+    /// agent's is not at its `agent` field. What `driver::check_available` also checks, without
+    /// a location.
+    pub fn check_models_in(
+        &self,
+        text: &str,
+        file: &Path,
+        has_provider: impl Fn(&str) -> bool,
+    ) -> Result<(), GraphError> {
+        for (i, t) in self.tasks.iter().enumerate() {
+            let Some(name) = t.agent.as_deref() else {
+                continue;
+            };
+            let Some(agent) = self.agents.get(name) else {
+                continue;
+            };
+            let (provider, _) = crate::engine::split_route(&agent.model);
+            if !has_provider(&provider) {
+                return Err(GraphError::Invalid {
+                    at: locate(text, file, Some(&t.id), "agent"),
+                    field: format!("tasks[{i}].agent"),
+                    message: format!(
+                        "agent `{name}` routes to `{}`, and no model provider `{provider}` is configured",
+                        agent.model
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// The tool steps whose arguments are fixed in the graph: no `{{ tasks... }}` template and
     /// no `{{ secrets... }}` anywhere in them, so that they are sent as written. Each as (index,
     /// task id, tool, arguments); absent arguments are `null`, as the call gets them.
@@ -1581,6 +1613,26 @@ tasks:
                 _ => Ok(()),
             }
         }
+    }
+
+    /// A task whose agent routes to a provider that is not configured is located at its
+    /// `agent` field; tasks of agents whose provider is configured pass.
+    #[test]
+    fn an_agent_without_its_provider_is_located() {
+        let text = "agents:\n  w: { model: local/m }\n  r: { model: openai/gpt }\ntasks:\n  - { id: a, agent: w, prompt: hi }\n  - id: b\n    agent: r\n    prompt: hi\n";
+        let g = parse_graph(text, Path::new("t.yaml")).unwrap();
+        let e = g
+            .check_models_in(text, Path::new("t.yaml"), |p| p == "local")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "t.yaml:7:5: tasks[1].agent: agent `r` routes to `openai/gpt`, and no model provider `openai` is configured"
+        );
+        assert!(
+            g.check_models_in(text, Path::new("t.yaml"), |p| p == "local" || p == "openai")
+                .is_ok()
+        );
     }
 
     /// An unknown tool is located at the task's `tool` field, with the closest name.
