@@ -879,19 +879,41 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         outln!("no runs");
         return Ok(ExitCode::SUCCESS);
     }
+    // The name column is as wide as the longest name, up to 40 characters (longer names are
+    // cut, with `…`), so that the columns after it line up.
+    const NAME_MAX: usize = 40;
+    let names: Vec<String> = summaries
+        .iter()
+        .map(|s| {
+            let name = s.name.clone().unwrap_or_default();
+            if name.chars().count() > NAME_MAX {
+                let mut cut: String = name.chars().take(NAME_MAX - 1).collect();
+                cut.push('…');
+                cut
+            } else {
+                name
+            }
+        })
+        .collect();
+    let width = names
+        .iter()
+        .map(|n| n.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(4);
     outln!(
-        "{:<36}  {:<20}  {:<11}  {:<19}  {:>9}",
+        "{:<36}  {:<width$}  {:<11}  {:<19}  {:>9}",
         "RUN",
         "NAME",
         "STATUS",
         "CREATED (UTC)",
         "DURATION"
     );
-    for s in &summaries {
+    for (s, name) in summaries.iter().zip(&names) {
         outln!(
-            "{:<36}  {:<20}  {:<11}  {:<19}  {:>9}",
+            "{:<36}  {:<width$}  {:<11}  {:<19}  {:>9}",
             s.run_id.to_string(),
-            s.name.clone().unwrap_or_default(),
+            name,
             s.status,
             short_time(s.created),
             duration(s)

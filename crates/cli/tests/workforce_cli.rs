@@ -231,6 +231,17 @@ fn human_output_lists_outputs_and_failure_policies_work() {
         .stdout(predicate::str::contains(
             "timeout: attempt 1 timed out after 100ms; output from fallback `backup`",
         ));
+    // `runs list` sizes its name column to the names, so the status column lines up.
+    let out = cli(&db).args(["runs", "list"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[1].contains("failure-policies  completed"), "{text}");
+    assert_eq!(
+        lines[0].find("STATUS"),
+        lines[1].find("completed"),
+        "{text}"
+    );
 }
 
 /// A secret written into a graph's tool arguments is run as written (replay needs it), with a
