@@ -14,7 +14,7 @@ use agent_runtime_core::{
 use agent_runtime_workforce::driver::{self, DriverError, NoModels, Observer, Outcome, RunOptions};
 use agent_runtime_workforce::engine::{Engine, RunStatus};
 use agent_runtime_workforce::sim::{self, Shape, SimConfig};
-use agent_runtime_workforce::state::RunSummary;
+use agent_runtime_workforce::state::{RunFold, RunSummary};
 use agent_runtime_workforce::tools::ToolRegistry;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
@@ -713,7 +713,8 @@ fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let run_id = resolve_run_id(&store, &args.run_id)?;
     // Requests made after the run's last own event were never acted on (the process that drove
     // it had died): they take effect now, as do those made while it resumes.
-    let last_own = own_events(&store, run_id)?.iter().map(|e| e.seq).max();
+    let mut last_own = None;
+    each_own_event(&store, run_id, |e| last_own = Some(e.seq))?;
     let after = match last_own {
         Some(seq) => seq,
         None => store.head()?.map_or(0, |(seq, _)| seq),
@@ -756,26 +757,52 @@ fn short_time(t: Timestamp) -> String {
 }
 
 /// A run's own events, in order (not the gateway's records, nor requests, under its id).
-fn own_events(
+/// Calls `f` with each of a run's own events (see `driver::is_workforce_event`), in order,
+/// reading them a page at a time: a run of millions of events is never in memory at once.
+fn each_own_event(
     store: &agent_runtime_store::Store,
     run_id: RunId,
-) -> anyhow::Result<Vec<agent_runtime_core::Envelope>> {
-    Ok(query(
-        store,
-        EventQuery {
-            run_id: Some(run_id),
-            ..EventQuery::default()
-        },
-    )?
-    .into_iter()
-    .filter(|e| driver::is_workforce_event(e.kind, &e.payload))
-    .collect())
+    mut f: impl FnMut(&agent_runtime_core::Envelope),
+) -> anyhow::Result<()> {
+    const PAGE: usize = 4096;
+    let rt = runtime()?;
+    let mut after = 0;
+    loop {
+        let page = rt
+            .block_on(EventSource::query(
+                store,
+                EventQuery {
+                    run_id: Some(run_id),
+                    after_seq: Some(after),
+                    limit: Some(PAGE),
+                    ..EventQuery::default()
+                },
+            ))
+            .map_err(|e| anyhow::anyhow!(e.message))?;
+        for e in &page {
+            if driver::is_workforce_event(e.kind, &e.payload) {
+                f(e);
+            }
+        }
+        match page.last() {
+            Some(last) if page.len() == PAGE => after = last.seq,
+            _ => return Ok(()),
+        }
+    }
 }
 
 /// A run's summary, from its own events.
 fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
-    let events = own_events(store, run_id)?;
-    RunSummary::fold(&events).ok_or_else(|| no_run(run_id))
+    let mut fold: Option<Option<RunFold>> = None;
+    each_own_event(store, run_id, |e| {
+        let fold = fold.get_or_insert_with(|| RunFold::new(e));
+        if let Some(fold) = fold {
+            fold.push(e);
+        }
+    })?;
+    fold.flatten()
+        .map(RunFold::finish)
+        .ok_or_else(|| no_run(run_id))
 }
 
 /// The usage error for a run the database does not hold.

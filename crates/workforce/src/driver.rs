@@ -553,6 +553,130 @@ fn summarize_parts(
     format!("{kind} by {actor} at {time} {p}")
 }
 
+/// Events read per query while a run is refolded: the refold holds a page (and a burst the
+/// engine derived, when larger) rather than the whole run, so replaying or resuming a run of
+/// millions of events takes memory for its tasks, not for its log.
+const REFOLD_PAGE: usize = 4096;
+
+/// A run's recorded events (its workforce events only, see [`is_workforce_event`]), read
+/// forward through a window: from a slice, or from a log a page at a time.
+struct Recorded<'a> {
+    from: RecordedFrom<'a>,
+    /// Events consumed before the window: the index, among the run's events, of the window's
+    /// first.
+    index: usize,
+}
+
+enum RecordedFrom<'a> {
+    Slice {
+        events: &'a [Envelope],
+        next: usize,
+    },
+    Log {
+        source: &'a dyn EventSource,
+        run_id: RunId,
+        /// The last sequence number read (other parts' records included).
+        after_seq: u64,
+        window: std::collections::VecDeque<Envelope>,
+        /// Whether the log had no more of the run's events when last asked.
+        exhausted: bool,
+        /// Events asked for per query (at least).
+        page: usize,
+    },
+}
+
+impl<'a> Recorded<'a> {
+    fn slice(events: &'a [Envelope]) -> Self {
+        Recorded {
+            from: RecordedFrom::Slice { events, next: 0 },
+            index: 0,
+        }
+    }
+    fn log(source: &'a dyn EventSource, run_id: RunId) -> Self {
+        Self::log_paged(source, run_id, REFOLD_PAGE)
+    }
+    fn log_paged(source: &'a dyn EventSource, run_id: RunId, page: usize) -> Self {
+        Recorded {
+            from: RecordedFrom::Log {
+                source,
+                run_id,
+                after_seq: 0,
+                window: std::collections::VecDeque::new(),
+                exhausted: false,
+                page: page.max(1),
+            },
+            index: 0,
+        }
+    }
+
+    /// Makes at least `n` events available in the window when the run has them, reading pages
+    /// as needed; returns how many are available (fewer than `n` only at the run's end).
+    async fn ensure(&mut self, n: usize) -> Result<usize, DriverError> {
+        match &mut self.from {
+            RecordedFrom::Slice { events, next } => Ok(n.min(events.len() - *next)),
+            RecordedFrom::Log {
+                source,
+                run_id,
+                after_seq,
+                window,
+                exhausted,
+                page,
+            } => {
+                while window.len() < n && !*exhausted {
+                    let limit = (*page).max(n - window.len());
+                    let page = source
+                        .query(EventQuery {
+                            run_id: Some(*run_id),
+                            after_seq: Some(*after_seq),
+                            limit: Some(limit),
+                            ..EventQuery::default()
+                        })
+                        .await
+                        .map_err(|e| DriverError::Log(e.message))?;
+                    *exhausted = page.len() < limit;
+                    if let Some(last) = page.last() {
+                        *after_seq = last.seq;
+                    }
+                    window.extend(
+                        page.into_iter()
+                            .filter(|e| is_workforce_event(e.kind, &e.payload)),
+                    );
+                }
+                Ok(n.min(window.len()))
+            }
+        }
+    }
+
+    /// The `i`th event of the window (made available by [`Recorded::ensure`]).
+    fn get(&self, i: usize) -> Option<&Envelope> {
+        match &self.from {
+            RecordedFrom::Slice { events, next } => events.get(next + i),
+            RecordedFrom::Log { window, .. } => window.get(i),
+        }
+    }
+
+    /// Drops the window's first `k` events.
+    fn advance(&mut self, k: usize) {
+        match &mut self.from {
+            RecordedFrom::Slice { events, next } => *next = (*next + k).min(events.len()),
+            RecordedFrom::Log { window, .. } => {
+                window.drain(..k.min(window.len()));
+            }
+        }
+        self.index += k;
+    }
+}
+
+/// Runs a future that never waits (a refold over a slice: nothing in it awaits anything that
+/// is not ready) on this thread; `None` if it waited after all.
+fn ready<T>(f: impl std::future::Future<Output = T>) -> Option<T> {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    match std::pin::pin!(f).poll(&mut cx) {
+        std::task::Poll::Ready(v) => Some(v),
+        std::task::Poll::Pending => None,
+    }
+}
+
 /// A run's engine rebuilt from its log by [`refold`].
 struct Refolded {
     engine: Engine,
@@ -567,19 +691,27 @@ struct Refolded {
 
 /// Rebuilds a run's engine from its recorded events: every input applied as recorded, every
 /// derived event compared with the recorded one. Calls no tool and no model.
-fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Refolded, DriverError> {
-    let first = events
-        .first()
-        .ok_or_else(|| DriverError::Log("no events".into()))?
-        .to_new_event();
+async fn refold(
+    rec: &mut Recorded<'_>,
+    run_id: Option<RunId>,
+    hasher: &mut LogHasher,
+) -> Result<Refolded, DriverError> {
+    if rec.ensure(1).await? == 0 {
+        return Err(match run_id {
+            Some(id) => DriverError::NoRun(id),
+            None => DriverError::Log("no events".into()),
+        });
+    }
+    let first = rec.get(0).map(Envelope::to_new_event);
+    let first = first.ok_or_else(|| DriverError::Log("no events".into()))?;
     let mut engine = Engine::create(&first)?;
     hasher.update(&first);
-    let mut pos = 1;
+    rec.advance(1);
     let mut rec_body = Vec::new();
     let mut derived: Vec<EncodedEvent> = Vec::new();
     loop {
         derived.extend(engine.drain_events());
-        let left = events.len() - pos;
+        let left = rec.ensure(derived.len()).await?;
         if left < derived.len() {
             // The log ends inside what this input derived. The effects marked past its end
             // (see `Engine::drain_marked_effects`) waited for events that never were durable.
@@ -589,29 +721,32 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Refolded, Drive
                 .map(|(_, e)| e)
                 .collect();
             let unrecorded = derived.split_off(left);
-            check_derived(&derived, events, &mut pos, hasher, &mut rec_body)?;
+            check_derived(&derived, rec, hasher, &mut rec_body)?;
             return Ok(Refolded {
                 engine,
                 unrecorded,
                 unperformed,
             });
         }
-        check_derived(&derived, events, &mut pos, hasher, &mut rec_body)?;
+        check_derived(&derived, rec, hasher, &mut rec_body)?;
         derived.clear();
         engine.drain_effects();
-        let Some(next) = events.get(pos) else { break };
-        let next = next.to_new_event();
+        if rec.ensure(1).await? == 0 {
+            break;
+        }
+        let Some(recorded) = rec.get(0) else { break };
+        let next = recorded.to_new_event();
         if !is_input(&next) {
             return Err(DriverError::Diverged {
-                index: pos,
-                seq: events[pos].seq,
+                index: rec.index,
+                seq: recorded.seq,
                 recorded: summarize(&next),
                 produced: "nothing (the engine derives no event here)".into(),
             });
         }
         engine.apply(&next)?;
         hasher.update(&next);
-        pos += 1;
+        rec.advance(1);
     }
     Ok(Refolded {
         engine,
@@ -620,38 +755,70 @@ fn refold(events: &[Envelope], hasher: &mut LogHasher) -> Result<Refolded, Drive
     })
 }
 
-/// Checks `derived` against the recorded events from `pos` on (there are at least as many),
-/// hashing them and moving `pos` past them.
+/// Checks `derived` against the window's first events (there are at least as many), hashing
+/// them and moving the window past them.
 fn check_derived(
     derived: &[EncodedEvent],
-    events: &[Envelope],
-    pos: &mut usize,
+    rec: &mut Recorded<'_>,
     hasher: &mut LogHasher,
     rec_body: &mut Vec<u8>,
 ) -> Result<(), DriverError> {
-    for (produced, recorded) in derived.iter().zip(&events[*pos..]) {
-        let rec = recorded.to_new_event();
+    for (i, produced) in derived.iter().enumerate() {
+        let Some(recorded) = rec.get(i) else {
+            return Err(DriverError::Log(
+                "the log ended inside a checked stretch".into(),
+            ));
+        };
+        let ev = recorded.to_new_event();
         rec_body.clear();
-        rec.write_canonical_body(rec_body);
+        ev.write_canonical_body(rec_body);
         if *rec_body != produced.body() {
             return Err(DriverError::Diverged {
-                index: *pos,
+                index: rec.index + i,
                 seq: recorded.seq,
-                recorded: summarize(&rec),
+                recorded: summarize(&ev),
                 produced: summarize_encoded(produced),
             });
         }
-        hasher.update(&rec);
-        *pos += 1;
+        hasher.update(&ev);
     }
+    rec.advance(derived.len());
     Ok(())
 }
 
 /// Replays a recorded run: re-executes the scheduler against the recorded results and checks
 /// that the same events come out. A mismatch names the first diverging event.
+///
+/// The run's events are read a page at a time, so the memory a replay takes follows the run's
+/// tasks, not the length of its log.
 pub async fn replay(source: &dyn EventSource, run_id: RunId) -> Result<ReplayReport, DriverError> {
-    let events = load_run(source, run_id).await?;
-    replay_events(&events)
+    let mut hasher = LogHasher::new();
+    let refolded = refold(
+        &mut Recorded::log(source, run_id),
+        Some(run_id),
+        &mut hasher,
+    )
+    .await?;
+    Ok(replay_report(run_id, refolded, &hasher))
+}
+
+fn replay_report(run_id: RunId, refolded: Refolded, hasher: &LogHasher) -> ReplayReport {
+    let Refolded {
+        engine, unrecorded, ..
+    } = refolded;
+    // A log that ends inside a burst is a run that stopped, whatever the engine reached.
+    let finished = engine.is_finished() && unrecorded.is_empty();
+    ReplayReport {
+        run_id,
+        events: hasher.count(),
+        log_hash: hasher.hex(),
+        status: if finished {
+            engine.status()
+        } else {
+            RunStatus::Running
+        },
+        finished,
+    }
 }
 
 /// [`replay`] over events already loaded (one run's, in order).
@@ -675,22 +842,9 @@ pub fn replay_events(events: &[Envelope]) -> Result<ReplayReport, DriverError> {
         return Err(DriverError::Log("no events".into()));
     };
     let mut hasher = LogHasher::new();
-    let Refolded {
-        engine, unrecorded, ..
-    } = refold(events, &mut hasher)?;
-    // A log that ends inside a burst is a run that stopped, whatever the engine reached.
-    let finished = engine.is_finished() && unrecorded.is_empty();
-    Ok(ReplayReport {
-        run_id: first.run_id,
-        events: hasher.count(),
-        log_hash: hasher.hex(),
-        status: if finished {
-            engine.status()
-        } else {
-            RunStatus::Running
-        },
-        finished,
-    })
+    let refolded = ready(refold(&mut Recorded::slice(events), None, &mut hasher))
+        .ok_or_else(|| DriverError::Log("replaying the events waited for a read".into()))??;
+    Ok(replay_report(first.run_id, refolded, &hasher))
 }
 
 /// Finishes a run whose process stopped: rebuilds the engine from the log (checking it as
@@ -719,7 +873,6 @@ pub async fn resume_controlled(
     let _claim = claim(&opts.sink, run_id, false)
         .await
         .map_err(|e| DriverError::Claimed(e.message))?;
-    let events = load_run(source, run_id).await?;
     let mut hasher = LogHasher::new();
     // Events the engine derived past the log's end are recorded first, as they were derived
     // (see `refold`); `run.resumed` names their calls, never made, and they are made now
@@ -728,7 +881,12 @@ pub async fn resume_controlled(
         mut engine,
         unrecorded: mut first,
         unperformed,
-    } = refold(&events, &mut hasher)?;
+    } = refold(
+        &mut Recorded::log(source, run_id),
+        Some(run_id),
+        &mut hasher,
+    )
+    .await?;
     if engine.is_finished() && first.is_empty() {
         return Err(DriverError::Finished {
             run_id,
@@ -1481,6 +1639,70 @@ pub fn spawn_spec() -> ToolSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Refolding a run from a log a few events at a time gives what refolding it whole does,
+    /// for the whole log and for every prefix of it (a process that stopped anywhere): the same
+    /// hash, count, status and unrecorded rest, or the same error.
+    #[test]
+    fn a_paged_refold_matches_a_whole_one_at_every_cut() {
+        use agent_runtime_core::{EventSink, MemoryLog, Timestamp};
+        let yaml = "limits: { concurrency: 3 }\ntasks:\n  - { id: a, tool: echo, args: { x: 1 } }\n  - { id: b, tool: echo, args: { x: 2 } }\n  - { id: c, tool: echo, args: { x: 3 } }\n  - { id: d, tool: echo, args: { x: 4 } }\n  - { id: f, tool: fail, args: { message: no }, retry: { max_attempts: 3, backoff: 1ms, on: [tool_error] }, on_failure: { fallback: g } }\n  - { id: g, tool: echo, args: { y: 1 } }\n  - { id: h, tool: concat, needs: [a, b, f], args: { parts: ['{{ tasks.a.output.x }}', '{{ tasks.f.output.y }}'] } }\n";
+        let graph = crate::graph::parse_graph(yaml, std::path::Path::new("p.yaml")).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .start_paused(true)
+            .build()
+            .unwrap();
+        let log = Arc::new(MemoryLog::default());
+        let opts = RunOptions {
+            seed: 3,
+            sink: log.clone(),
+            clock: Arc::new(TokioClock::new(Timestamp::EPOCH)),
+            tools: Arc::new(crate::tools::ToolRegistry::with_native_tools()),
+            models: Arc::new(NoModels),
+            observer: None,
+            secrets: Arc::new(agent_runtime_core::NoSecrets),
+        };
+        let out = rt.block_on(run_graph(graph, opts)).unwrap();
+        let events = log.all();
+        assert!(events.len() > 20, "{}", events.len());
+        let summary = |r: Result<Refolded, DriverError>, hasher: &LogHasher| match r {
+            Ok(r) => format!(
+                "{:?} {} {} {} {}",
+                r.engine.status(),
+                r.unrecorded.len(),
+                r.unperformed.len(),
+                hasher.count(),
+                hasher.hex()
+            ),
+            Err(e) => format!("error: {e}"),
+        };
+        for cut in 1..=events.len() {
+            let prefix = &events[..cut];
+            let mut whole = LogHasher::new();
+            let expected = summary(
+                ready(refold(&mut Recorded::slice(prefix), None, &mut whole)).unwrap(),
+                &whole,
+            );
+            let cut_log = MemoryLog::default();
+            rt.block_on(cut_log.append(prefix.iter().map(Envelope::to_new_event).collect()))
+                .unwrap();
+            for page in [1, 2, 3, 5, 64] {
+                let mut paged = LogHasher::new();
+                let got = rt.block_on(refold(
+                    &mut Recorded::log_paged(&cut_log, out.run_id, page),
+                    Some(out.run_id),
+                    &mut paged,
+                ));
+                assert_eq!(summary(got, &paged), expected, "cut {cut}, page {page}");
+            }
+        }
+        let mut whole = LogHasher::new();
+        ready(refold(&mut Recorded::slice(&events), None, &mut whole))
+            .unwrap()
+            .unwrap();
+        assert_eq!(whole.hex(), out.log_hash);
+    }
 
     /// Every call waiting on a slow tool or model holds one `CallTask`: what it adds to the call
     /// future is memory per live agent. An `async` block around `select!` added about 650 bytes

@@ -203,15 +203,48 @@ pub struct RunSummary {
 }
 
 impl RunSummary {
-    /// Folds one run's events (the first must be `run.created`); `None` otherwise.
+    /// Folds one run's events (the first must be `run.created`); `None` otherwise. See
+    /// [`RunFold`] to fold events as they are read.
     pub fn fold(events: &[Envelope]) -> Option<RunSummary> {
-        let first = events.first()?;
+        let mut fold = RunFold::new(events.first()?)?;
+        for e in events {
+            fold.push(e);
+        }
+        Some(fold.finish())
+    }
+}
+
+/// A [`RunSummary`] folded one event at a time, so that a run's events can be read a page at
+/// a time: memory follows the run's tasks, not the length of its log.
+///
+/// ```
+/// # use agent_runtime_workforce::state::{RunFold, RunSummary};
+/// # fn summarize(events: &[agent_runtime_core::Envelope]) -> Option<RunSummary> {
+/// let mut fold = RunFold::new(events.first()?)?;
+/// for e in events {
+///     fold.push(e);
+/// }
+/// Some(fold.finish())
+/// # }
+/// ```
+#[derive(Debug)]
+pub struct RunFold {
+    summary: RunSummary,
+    graph: Option<TaskGraph>,
+    rows: BTreeMap<TaskId, usize>,
+    order: Vec<TaskRow>,
+}
+
+impl RunFold {
+    /// Starts a fold at a run's first event, its `run.created` (`None` for any other); push
+    /// that event too.
+    pub fn new(first: &Envelope) -> Option<RunFold> {
         if first.kind != EventKind::RunCreated {
             return None;
         }
         let p = &first.payload;
         let graph: Option<TaskGraph> = crate::engine::graph_of_created(p).ok();
-        let mut s = RunSummary {
+        let summary = RunSummary {
             run_id: first.run_id,
             name: p.get("name").and_then(Value::as_str).map(String::from),
             seed: p.get("seed").and_then(Value::as_u64).unwrap_or(0),
@@ -237,64 +270,79 @@ impl RunSummary {
                 });
             }
         }
-        for e in events {
-            s.events += 1;
-            let row = e.task_id.and_then(|tid| {
-                if let Some(&i) = rows.get(&tid) {
-                    return Some(i);
-                }
-                if e.kind == EventKind::TaskSpawned {
-                    let id = e
-                        .payload
-                        .get("task")
-                        .and_then(Value::as_str)
-                        .unwrap_or("?")
-                        .to_string();
-                    order.push(TaskRow {
-                        id,
-                        status: "pending".into(),
-                        ..TaskRow::default()
-                    });
-                    rows.insert(tid, order.len() - 1);
-                    return Some(order.len() - 1);
-                }
-                None
-            });
-            match e.kind {
-                EventKind::RunCompleted => {
-                    s.status = "completed".into();
-                    s.ended = Some(e.time);
-                    s.outputs = e.payload.get("outputs").cloned().unwrap_or(Value::Null);
-                }
-                EventKind::RunFailed => {
-                    s.status = "failed".into();
-                    s.ended = Some(e.time);
-                    s.error = Some(format!(
-                        "task `{}` failed: {}",
-                        e.payload.get("task").and_then(Value::as_str).unwrap_or("?"),
-                        failure_text(&e.payload)
-                    ));
-                }
-                EventKind::RunCancelled => {
-                    s.status = "cancelled".into();
-                    s.ended = Some(e.time);
-                }
-                EventKind::TaskRetryScheduled => s.retries += 1,
-                _ => {}
+        Some(RunFold {
+            summary,
+            graph,
+            rows,
+            order,
+        })
+    }
+
+    /// Folds the run's next event (its `run.created` first).
+    pub fn push(&mut self, e: &Envelope) {
+        let s = &mut self.summary;
+        s.events += 1;
+        let row = e.task_id.and_then(|tid| {
+            if let Some(&i) = self.rows.get(&tid) {
+                return Some(i);
             }
-            if let Some(r) = row {
-                let policy = graph
-                    .as_ref()
-                    .and_then(|g| g.tasks.get(r))
-                    .map(|t| &t.on_failure);
-                apply_task_event(&mut order[r], e, policy);
+            if e.kind == EventKind::TaskSpawned {
+                let id = e
+                    .payload
+                    .get("task")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_string();
+                self.order.push(TaskRow {
+                    id,
+                    status: "pending".into(),
+                    ..TaskRow::default()
+                });
+                self.rows.insert(tid, self.order.len() - 1);
+                return Some(self.order.len() - 1);
             }
+            None
+        });
+        match e.kind {
+            EventKind::RunCompleted => {
+                s.status = "completed".into();
+                s.ended = Some(e.time);
+                s.outputs = e.payload.get("outputs").cloned().unwrap_or(Value::Null);
+            }
+            EventKind::RunFailed => {
+                s.status = "failed".into();
+                s.ended = Some(e.time);
+                s.error = Some(format!(
+                    "task `{}` failed: {}",
+                    e.payload.get("task").and_then(Value::as_str).unwrap_or("?"),
+                    failure_text(&e.payload)
+                ));
+            }
+            EventKind::RunCancelled => {
+                s.status = "cancelled".into();
+                s.ended = Some(e.time);
+            }
+            EventKind::TaskRetryScheduled => s.retries += 1,
+            _ => {}
         }
+        if let Some(r) = row {
+            let policy = self
+                .graph
+                .as_ref()
+                .and_then(|g| g.tasks.get(r))
+                .map(|t| &t.on_failure);
+            apply_task_event(&mut self.order[r], e, policy);
+        }
+    }
+
+    /// The summary of the events pushed.
+    pub fn finish(self) -> RunSummary {
+        let mut s = self.summary;
         if s.status == "running" && s.ended.is_none() {
             s.status = "interrupted".into();
         }
-        s.tasks = order;
-        Some(s)
+        s.tasks = self.order;
+        s
     }
 }
 
