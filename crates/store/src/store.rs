@@ -1055,16 +1055,9 @@ pub(crate) fn read_recorded_head(
         .map(u64::from_be_bytes))
 }
 
-/// Hands every event matching `query` to `each`, in sequence order, until it returns
-/// `Ok(false)` or an error, or `query.limit` events were handed. Frames are chosen by run
-/// (through `frame_runs`), sequence and time range; each of their records is then filtered on
-/// everything the query names. A record that cannot be read is `BadEvent` naming its sequence.
-pub(crate) fn scan_events(
-    conn: &Connection,
-    path: &Path,
-    query: &EventQuery,
-    each: &mut dyn FnMut(EventRecord<'_>) -> Result<bool, StoreError>,
-) -> Result<(), StoreError> {
+/// The SQL and arguments that select the frames which may hold events matching `query`, in
+/// sequence order (see [`scan_events`]).
+fn scan_sql(query: &EventQuery) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value as V;
     let after = query.after_seq.unwrap_or(0);
     // A frame holding a sequence number after `after` starts after this (frames are bounded).
@@ -1094,7 +1087,30 @@ pub(crate) fn scan_events(
         sql.push_str(" AND f.min_time < ?");
         args.push(V::Integer(nanos(t)));
     }
-    sql.push_str(" ORDER BY f.first_seq");
+    // By the run index's own order when filtering by run: it is the same order (the join
+    // equates the two), but SQLite does not see that for `f.first_seq` and sorted every
+    // matching frame, blobs included, through a temporary B-tree first. A query of a run's
+    // first page paid for sorting all of its frames.
+    sql.push_str(if query.run_id.is_some() {
+        " ORDER BY r.first_seq"
+    } else {
+        " ORDER BY f.first_seq"
+    });
+    (sql, args)
+}
+
+/// Hands every event matching `query` to `each`, in sequence order, until it returns
+/// `Ok(false)` or an error, or `query.limit` events were handed. Frames are chosen by run
+/// (through `frame_runs`), sequence and time range; each of their records is then filtered on
+/// everything the query names. A record that cannot be read is `BadEvent` naming its sequence.
+pub(crate) fn scan_events(
+    conn: &Connection,
+    path: &Path,
+    query: &EventQuery,
+    each: &mut dyn FnMut(EventRecord<'_>) -> Result<bool, StoreError>,
+) -> Result<(), StoreError> {
+    let after = query.after_seq.unwrap_or(0);
+    let (sql, args) = scan_sql(query);
     let since = query.since.map(Timestamp::as_unix_nanos);
     let until = query.until.map(Timestamp::as_unix_nanos);
     let run = query.run_id.map(|r| *r.as_bytes());
@@ -1677,5 +1693,59 @@ impl agent_runtime_core::EventSource for Store {
             Err(_) => run(),
         };
         result.map_err(Into::into)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every query shape reads frames in index order: no temporary B-tree, which for a run's
+    /// query meant sorting all of the run's frames, blobs included, before the first row.
+    #[test]
+    fn frame_scans_never_sort() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("plan.db");
+        drop(Store::open(crate::StoreConfig::plaintext(&path)).unwrap());
+        let conn = Connection::open(&path).unwrap();
+        let run = Some(RunId::from_bytes([7; 16]));
+        let t = Some(Timestamp::from_unix_nanos(1_000));
+        let shapes = [
+            EventQuery::default(),
+            EventQuery {
+                run_id: run,
+                ..EventQuery::default()
+            },
+            EventQuery {
+                run_id: run,
+                after_seq: Some(5000),
+                limit: Some(10),
+                since: t,
+                until: t,
+                ..EventQuery::default()
+            },
+            EventQuery {
+                after_seq: Some(5000),
+                since: t,
+                ..EventQuery::default()
+            },
+        ];
+        for q in shapes {
+            let (sql, args) = scan_sql(&q);
+            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+            let plan: Vec<String> = stmt
+                .query_map(rusqlite::params_from_iter(args.iter()), |row| row.get(3))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            assert!(
+                plan.iter().all(|step| !step.contains("TEMP B-TREE")),
+                "{q:?}: {plan:?}"
+            );
+            assert!(
+                plan.iter().any(|step| step.contains("SEARCH")),
+                "{q:?}: {plan:?}"
+            );
+        }
     }
 }
