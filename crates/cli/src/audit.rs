@@ -209,28 +209,38 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let store = global.open_store_read_only()?;
     args.filter.resolve_run(&store, &mut query)?;
     let summary = match &args.output {
-        Some(path) => {
-            // Write beside the target and rename, so a failed export leaves no half file.
-            // `NAME.partial` beside `NAME` (not `with_extension`, which would make `a.jsonl` and
-            // `a.otlp` share `a.partial`, or clobber a file of that name).
-            let mut tmp_name = path.as_os_str().to_owned();
-            tmp_name.push(".partial");
-            let tmp = std::path::PathBuf::from(tmp_name);
-            let file = std::fs::File::create(&tmp)
-                .with_context(|| format!("cannot create {}", tmp.display()))?;
-            let summary = store.export(&query, format, file);
-            match summary {
-                Ok(s) => {
-                    std::fs::rename(&tmp, path)
-                        .with_context(|| format!("cannot write {}", path.display()))?;
-                    s
-                }
-                Err(e) => {
-                    let _ = std::fs::remove_file(&tmp);
-                    return Err(e.into());
+        Some(path) => match ExportTarget::of(path)? {
+            ExportTarget::Stream => {
+                // A device or a pipe (`/dev/stdout`, a FIFO): written as it is. Renaming a file
+                // onto it would replace the device node itself.
+                let file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .with_context(|| format!("cannot open {}", path.display()))?;
+                store.export(&query, format, file)?
+            }
+            ExportTarget::File(target) => {
+                // Write beside the target and rename, so a failed export leaves no half file.
+                // `NAME.partial` beside `NAME` (not `with_extension`, which would make `a.jsonl`
+                // and `a.otlp` share `a.partial`, or clobber a file of that name).
+                let mut tmp_name = target.as_os_str().to_owned();
+                tmp_name.push(".partial");
+                let tmp = std::path::PathBuf::from(tmp_name);
+                let file = std::fs::File::create(&tmp)
+                    .with_context(|| format!("cannot create {}", tmp.display()))?;
+                match store.export(&query, format, file) {
+                    Ok(s) => {
+                        std::fs::rename(&tmp, &target)
+                            .with_context(|| format!("cannot write {}", path.display()))?;
+                        s
+                    }
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&tmp);
+                        return Err(e.into());
+                    }
                 }
             }
-        }
+        },
         None => store.export(&query, format, std::io::stdout().lock())?,
     };
     let line = if args.json {
@@ -252,6 +262,38 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{line}")
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Where an export to a named output goes.
+enum ExportTarget {
+    /// A regular file, new or existing: written beside it and renamed onto it. A symbolic link
+    /// is followed, so the file it names is replaced and the link stays.
+    File(PathBuf),
+    /// Anything else that exists (a character device, a FIFO, a socket): written in place.
+    Stream,
+}
+
+impl ExportTarget {
+    fn of(path: &std::path::Path) -> anyhow::Result<ExportTarget> {
+        match std::fs::metadata(path) {
+            Ok(m) if m.is_file() => Ok(ExportTarget::File(
+                std::fs::canonicalize(path)
+                    .with_context(|| format!("cannot resolve {}", path.display()))?,
+            )),
+            Ok(m) if m.is_dir() => Err(CliError::Usage(format!(
+                "-o {}: is a directory; name a file",
+                path.display()
+            ))
+            .into()),
+            Ok(_) => Ok(ExportTarget::Stream),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Ok(ExportTarget::File(path.to_path_buf()))
+            }
+            Err(e) => {
+                Err(anyhow::Error::new(e).context(format!("cannot write {}", path.display())))
+            }
+        }
+    }
 }
 
 /// One event as a line for people.

@@ -352,3 +352,60 @@ fn a_reader_that_goes_away_ends_the_command_quietly_with_141() {
         assert!(!stderr.contains("error"), "{args:?}: {stderr}");
     }
 }
+
+/// `-o` onto something that is not a regular file is written in place: a FIFO stays a FIFO
+/// (renaming a finished file onto it would replace the node, as it once replaced `/dev/null`),
+/// a symbolic link stays a link and its file gets the export, and a directory is refused.
+#[cfg(unix)]
+#[test]
+fn export_writes_through_pipes_and_links_without_replacing_them() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    let fifo = dir.path().join("events.fifo");
+    assert!(
+        std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(&fifo).unwrap())
+    };
+    cli(&db)
+        .args(["audit", "export", "--format", "jsonl", "-o"])
+        .arg(&fifo)
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("exported 14 events"));
+    // Checked before joining: a reader of a FIFO that was replaced would wait forever.
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert_eq!(reader.join().unwrap().lines().count(), 14);
+    assert!(!dir.path().join("events.fifo.partial").exists());
+
+    let real = dir.path().join("real.jsonl");
+    std::fs::write(&real, "old").unwrap();
+    let link = dir.path().join("link.jsonl");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    cli(&db)
+        .args(["audit", "export", "-o"])
+        .arg(&link)
+        .assert()
+        .success();
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(std::fs::read_to_string(&real).unwrap().lines().count(), 14);
+
+    cli(&db)
+        .args(["audit", "export", "-o"])
+        .arg(dir.path())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("is a directory"));
+}
