@@ -281,94 +281,54 @@ fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
         .code(1)
         .stderr(predicate::str::contains("failed").and(predicate::str::contains("a")));
 
-    std::fs::write(
-        &flow,
-        "tasks:\n  - id: fetch\n    tool: echo\n  - id: b\n    tool: echo\n    needs: [fetc]\n",
-    )
-    .unwrap();
-    cli(&db)
-        .arg("run")
-        .arg(&flow)
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains(
-            "bad.yaml:6:5: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)",
-        ));
-
-    // An unknown tool, named where the graph says it, before anything runs.
+    // Each refused graph: exit 2, the message (located where the graph says it), and nothing
+    // recorded, since every check runs before the run starts.
     let count = || {
         Store::open(StoreConfig::plaintext(&db).read_only()).map_or(0, |s| {
             s.query_blocking(&EventQuery::default()).unwrap().len()
         })
     };
     let before = count();
-    std::fs::write(
-        &flow,
+    let refused = |yaml: &str, message: &str| {
+        std::fs::write(&flow, yaml).unwrap();
+        cli(&db)
+            .arg("run")
+            .arg(&flow)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(message));
+        assert_eq!(count(), before, "the refused run recorded events: {yaml}");
+    };
+    refused(
+        "tasks:\n  - id: fetch\n    tool: echo\n  - id: b\n    tool: echo\n    needs: [fetc]\n",
+        "bad.yaml:6:5: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)",
+    );
+    refused(
+        "tasks:\n  - { id: a, tool: echo, needs: [b] }\n  - { id: b, tool: echo, needs: [a] }\n",
+        "dependency cycle a -> b -> a",
+    );
+    // An unknown tool.
+    refused(
         "tasks:\n  - { id: first, tool: echo, args: {} }\n  - id: second\n    tool: ecoh\n",
-    )
-    .unwrap();
-    cli(&db)
-        .arg("run")
-        .arg(&flow)
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains(
-            "bad.yaml:4:5: tasks[1].tool: unknown tool `ecoh` (did you mean `echo`?)",
-        ));
-    assert_eq!(count(), before, "the refused run recorded events");
-
-    // Arguments the tool's schema refuses, when the graph fixes them, are refused the same way;
-    // so is a missing `args` that the tool needs.
-    std::fs::write(
-        &flow,
+        "bad.yaml:4:5: tasks[1].tool: unknown tool `ecoh` (did you mean `echo`?)",
+    );
+    // Arguments the tool's schema refuses, when the graph fixes them; a missing `args` that the
+    // tool needs.
+    refused(
         "tasks:\n  - { id: first, tool: echo, args: {} }\n  - id: nap\n    tool: sleep\n    args: { ms: soon }\n",
-    )
-    .unwrap();
-    cli(&db)
-        .arg("run")
-        .arg(&flow)
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains(
-            "bad.yaml:5:5: tasks[1].args: arguments do not match the input schema of sleep: at /ms: \"soon\" is not of type \"integer\"",
-        ));
-    std::fs::write(&flow, "tasks:\n  - id: bare\n    tool: echo\n").unwrap();
-    cli(&db)
-        .arg("run")
-        .arg(&flow)
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains(
-            "bad.yaml:3:5: tasks[0].args: missing, and `echo` needs them:",
-        ));
-    assert_eq!(count(), before, "the refused runs recorded events");
-
+        "bad.yaml:5:5: tasks[1].args: arguments do not match the input schema of sleep: at /ms: \"soon\" is not of type \"integer\"",
+    );
+    refused(
+        "tasks:\n  - id: bare\n    tool: echo\n",
+        "bad.yaml:3:5: tasks[0].args: missing, and `echo` needs them:",
+    );
     // The example of agent tasks: the command line has no model provider yet, and says so
     // where the graph uses one.
-    cli(&db)
-        .arg("run")
-        .arg(examples().join("agents.json"))
-        .assert()
-        .code(2)
-        .stderr(
-            predicate::str::contains(
-                "agents.json:16:25: tasks[1].agent: agent `researcher` routes to `openai/gpt-4o-mini`, and no model provider `openai` is configured",
-            )
-            .and(predicate::str::contains("docs/workforce.md, Agent tasks")),
-        );
-    assert_eq!(count(), before, "the refused run recorded events");
-
-    std::fs::write(
-        &flow,
-        "tasks:\n  - { id: a, tool: echo, needs: [b] }\n  - { id: b, tool: echo, needs: [a] }\n",
-    )
-    .unwrap();
-    cli(&db)
-        .arg("run")
-        .arg(&flow)
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("dependency cycle a -> b -> a"));
+    let agents = std::fs::read_to_string(examples().join("agents.json")).unwrap();
+    refused(
+        &agents,
+        "bad.yaml:16:25: tasks[1].agent: agent `researcher` routes to `openai/gpt-4o-mini`, and no model provider `openai` is configured; the command line has no model providers yet: run agent tasks through the library (docs/workforce.md, Agent tasks)",
+    );
 
     cli(&db).args(["replay", "not-a-run"]).assert().code(2);
     cli(&db)
