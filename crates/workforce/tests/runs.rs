@@ -1476,27 +1476,13 @@ fn calls_of_a_burst_start_only_once_their_own_request_is_durable() {
 /// (class `internal`) instead of stopping every later call and leaving the run waiting.
 #[test]
 fn a_tool_list_that_panics_fails_the_model_call_instead_of_hanging_the_run() {
-    struct PanickySpecs(Arc<agent_runtime_workforce::tools::ToolRegistry>);
-    #[agent_runtime_core::async_trait]
-    impl driver::ToolInvoker for PanickySpecs {
-        fn names(&self) -> Vec<String> {
-            driver::ToolInvoker::names(&*self.0)
-        }
-        fn spec(&self, _name: &str) -> Option<agent_runtime_core::ToolSpec> {
-            panic!("no tool list today");
-        }
-        async fn invoke(
-            &self,
-            name: &str,
-            args: serde_json::Value,
-            ctx: agent_runtime_core::CallContext,
-        ) -> Result<agent_runtime_core::ToolOutput, agent_runtime_core::ToolError> {
-            self.0.invoke(name, args, ctx).await
-        }
-    }
+    let panicky = Altered {
+        spec: Some(|_| panic!("no tool list today")),
+        ..Altered::default()
+    };
     let log = Arc::new(MemoryLog::default());
     let message = one_internal_failure(
-        opts_at_t0(log.clone(), Arc::new(PanickySpecs(registry()))),
+        opts_at_t0(log.clone(), Arc::new(panicky)),
         &log,
         "agents:\n  w: { model: script/m, tools: [echo] }\ntasks:\n  - { id: a, agent: w, prompt: hi, on_failure: skip }\n  - { id: b, tool: echo, args: { ok: true } }\n",
     );
@@ -1812,28 +1798,8 @@ fn dropping_a_runs_future_stops_the_run() {
 /// is recorded, and the error names the task. Templated arguments wait for the call.
 #[test]
 fn fixed_arguments_a_tool_refuses_stop_the_run_before_it_starts() {
-    struct StrictSleep(Arc<agent_runtime_workforce::tools::ToolRegistry>);
-    #[agent_runtime_core::async_trait]
-    impl driver::ToolInvoker for StrictSleep {
-        fn names(&self) -> Vec<String> {
-            driver::ToolInvoker::names(&*self.0)
-        }
-        fn spec(&self, name: &str) -> Option<agent_runtime_core::ToolSpec> {
-            self.0.spec(name)
-        }
-        async fn invoke(
-            &self,
-            name: &str,
-            args: serde_json::Value,
-            ctx: agent_runtime_core::CallContext,
-        ) -> Result<agent_runtime_core::ToolOutput, agent_runtime_core::ToolError> {
-            self.0.invoke(name, args, ctx).await
-        }
-        fn check_args(
-            &self,
-            name: &str,
-            args: &serde_json::Value,
-        ) -> Result<(), agent_runtime_core::ToolError> {
+    let strict = || Altered {
+        check_args: Some(|name, args| {
             if name == "sleep" && !args["ms"].is_u64() {
                 return Err(agent_runtime_core::ClassifiedError::new(
                     agent_runtime_core::ErrorClass::InvalidArguments,
@@ -1841,13 +1807,14 @@ fn fixed_arguments_a_tool_refuses_stop_the_run_before_it_starts() {
                 ));
             }
             Ok(())
-        }
-    }
+        }),
+        ..Altered::default()
+    };
     let log = Arc::new(MemoryLog::default());
     let err = rt()
         .block_on(driver::run_graph(
             graph("tasks:\n  - { id: a, tool: echo, args: { text: '5' } }\n  - { id: nap, tool: sleep, args: { ms: soon } }\n"),
-            opts_at_t0(log.clone(), Arc::new(StrictSleep(registry()))),
+            opts_at_t0(log.clone(), Arc::new(strict())),
         ))
         .unwrap_err();
     assert_eq!(err.to_string(), "task `nap`: args: ms must be a number");
@@ -1856,9 +1823,58 @@ fn fixed_arguments_a_tool_refuses_stop_the_run_before_it_starts() {
     let out = rt()
         .block_on(driver::run_graph(
             graph("tasks:\n  - { id: a, tool: echo, args: { text: '5' } }\n  - { id: nap, tool: sleep, needs: [a], args: { ms: '{{ tasks.a.output.text }}' }, on_failure: skip }\n"),
-            opts_at_t0(log.clone(), Arc::new(StrictSleep(registry()))),
+            opts_at_t0(log.clone(), Arc::new(strict())),
         ))
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(out.status, RunStatus::Completed);
     assert!(!log.all().is_empty());
+}
+
+/// The native tools, with `spec` or `check_args` replaced when set: a tool list that
+/// misbehaves in one way.
+struct Altered {
+    inner: Arc<agent_runtime_workforce::tools::ToolRegistry>,
+    spec: Option<fn(&str) -> Option<agent_runtime_core::ToolSpec>>,
+    check_args: Option<fn(&str, &serde_json::Value) -> Result<(), agent_runtime_core::ToolError>>,
+}
+
+impl Default for Altered {
+    fn default() -> Self {
+        Altered {
+            inner: registry(),
+            spec: None,
+            check_args: None,
+        }
+    }
+}
+
+#[agent_runtime_core::async_trait]
+impl driver::ToolInvoker for Altered {
+    fn names(&self) -> Vec<String> {
+        driver::ToolInvoker::names(&*self.inner)
+    }
+    fn spec(&self, name: &str) -> Option<agent_runtime_core::ToolSpec> {
+        match self.spec {
+            Some(spec) => spec(name),
+            None => self.inner.spec(name),
+        }
+    }
+    async fn invoke(
+        &self,
+        name: &str,
+        args: serde_json::Value,
+        ctx: agent_runtime_core::CallContext,
+    ) -> Result<agent_runtime_core::ToolOutput, agent_runtime_core::ToolError> {
+        self.inner.invoke(name, args, ctx).await
+    }
+    fn check_args(
+        &self,
+        name: &str,
+        args: &serde_json::Value,
+    ) -> Result<(), agent_runtime_core::ToolError> {
+        match self.check_args {
+            Some(check) => check(name, args),
+            None => self.inner.check_args(name, args),
+        }
+    }
 }
