@@ -1835,8 +1835,10 @@ fn fixed_arguments_a_tool_refuses_stop_the_run_before_it_starts() {
 struct Altered {
     inner: Arc<agent_runtime_workforce::tools::ToolRegistry>,
     spec: Option<fn(&str) -> Option<agent_runtime_core::ToolSpec>>,
-    check_args: Option<fn(&str, &serde_json::Value) -> Result<(), agent_runtime_core::ToolError>>,
+    check_args: Option<ArgsCheck>,
 }
+
+type ArgsCheck = fn(&str, &serde_json::Value) -> Result<(), agent_runtime_core::ToolError>;
 
 impl Default for Altered {
     fn default() -> Self {
