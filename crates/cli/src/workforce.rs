@@ -1038,7 +1038,7 @@ fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
-        "simulated {} tasks over {} agents ({:?}, failure rate {}, seed {})",
+        "simulated {} tasks over {} agents ({}, failure rate {}, seed {})",
         cfg.tasks,
         cfg.agents,
         shape,

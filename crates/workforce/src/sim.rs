@@ -34,6 +34,24 @@ pub enum Shape {
     Random,
 }
 
+impl Shape {
+    /// The name the command line takes (`chain`, `fanout`, `layered`, `random`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Chain => "chain",
+            Shape::Fanout => "fanout",
+            Shape::Layered => "layered",
+            Shape::Random => "random",
+        }
+    }
+}
+
+impl std::fmt::Display for Shape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 impl std::str::FromStr for Shape {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
@@ -250,7 +268,7 @@ pub fn synth_graph(cfg: &SimConfig) -> TaskGraph {
         })
         .collect();
     TaskGraph {
-        name: Some(format!("sim-{:?}-{}x{}", cfg.shape, cfg.agents, cfg.tasks).to_lowercase()),
+        name: Some(format!("sim-{}-{}x{}", cfg.shape, cfg.agents, cfg.tasks)),
         limits: RunLimits {
             concurrency: cfg
                 .concurrency
