@@ -72,6 +72,7 @@ pub mod error;
 pub mod event;
 pub mod ids;
 pub mod model;
+pub mod names;
 pub mod policy;
 pub mod random;
 pub mod schema;

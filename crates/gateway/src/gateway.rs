@@ -273,7 +273,11 @@ impl Gateway {
         let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
         ClassifiedError::new(
             ErrorClass::InvalidArguments,
-            format!("unknown tool {name:?}; known tools: {}", shown.join(", ")),
+            format!(
+                "unknown tool {name:?}{}; known tools: {}",
+                agent_runtime_core::names::suggestion(name, names.iter().map(String::as_str)),
+                shown.join(", ")
+            ),
         )
     }
 

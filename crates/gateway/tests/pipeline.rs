@@ -252,6 +252,14 @@ async fn checking_arguments_validates_as_a_call_and_records_nothing() {
     assert!(gw.check_args("t.read", &json!({"n": 3})).is_ok());
     let err = gw.check_args("no.such", &json!({})).unwrap_err();
     assert!(err.message.contains("unknown tool"), "{}", err.message);
+    // A likely typo gets the closest name.
+    let err = gw.check_args("t.raed", &json!({})).unwrap_err();
+    assert!(
+        err.message
+            .starts_with("unknown tool \"t.raed\" (did you mean `t.read`?); known tools: t.read"),
+        "{}",
+        err.message
+    );
     assert_eq!(h.calls.load(Ordering::SeqCst), 0);
     assert_eq!(log.all().len(), seen_by_call, "a check recorded events");
 }

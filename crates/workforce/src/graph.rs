@@ -715,20 +715,7 @@ fn strip_position(msg: &str, path: &str) -> String {
     msg.to_string()
 }
 
-/// The closest of `candidates` to `name`, when close enough to be a likely typo.
-pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (strsim::damerau_levenshtein(name, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
-        .min()
-        .map(|(_, c)| c)
-}
-
-/// ` (did you mean `x`?)` or nothing.
-pub fn suggestion<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
-    closest(name, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
-}
+pub use agent_runtime_core::names::{closest, suggestion};
 
 /// "unknown tool `X` (did you mean `Y`?) (available: ...)": what a graph naming a tool the
 /// runtime does not have is told, with or without a location.

@@ -1,0 +1,30 @@
+//! Suggestions for mistyped names: the tool, task or agent a user most likely meant.
+
+/// The closest of `candidates` to `name`, when close enough to be a likely typo: at most two
+/// edits (transpositions count as one), or a third of the candidate's length for long names.
+///
+/// ```
+/// use agent_runtime_core::names::closest;
+/// assert_eq!(closest("ecoh", ["echo", "sleep"]), Some("echo"));
+/// assert_eq!(closest("write", ["echo", "sleep"]), None);
+/// ```
+pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::damerau_levenshtein(name, c), c))
+        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        .min()
+        .map(|(_, c)| c)
+}
+
+/// `` (did you mean `x`?)`` when a candidate is close to `name` (see [`closest`]), or nothing:
+/// for the end of an error message.
+///
+/// ```
+/// use agent_runtime_core::names::suggestion;
+/// assert_eq!(suggestion("fetc", ["fetch"]), " (did you mean `fetch`?)");
+/// assert_eq!(suggestion("zzz", ["fetch"]), "");
+/// ```
+pub fn suggestion<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
+    closest(name, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
+}
