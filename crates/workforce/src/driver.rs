@@ -1704,6 +1704,54 @@ mod tests {
         assert_eq!(whole.hex(), out.log_hash);
     }
 
+    /// The same over a simulated run with failures and retries (agents, model calls, random
+    /// draws), at cuts spread over its log, with pages of several sizes.
+    #[test]
+    fn a_paged_refold_matches_a_whole_one_over_a_simulated_run() {
+        use agent_runtime_core::{EventSink, MemoryLog};
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let cfg = crate::sim::SimConfig::new(3, 120, crate::sim::Shape::Random, 0.25, 17);
+        let log = Arc::new(MemoryLog::default());
+        let report = rt
+            .block_on(crate::sim::simulate(&cfg, log.clone()))
+            .unwrap();
+        assert!(report.retries > 0);
+        let events = log.all();
+        let run_id = events[0].run_id;
+        for cut in (1..=events.len()).step_by(37).chain([events.len()]) {
+            let prefix = &events[..cut];
+            let mut whole = LogHasher::new();
+            let expected = ready(refold(&mut Recorded::slice(prefix), None, &mut whole))
+                .unwrap()
+                .map(|r| (r.engine.status(), r.unrecorded.len(), r.unperformed.len()))
+                .map_err(|e| e.to_string());
+            let cut_log = MemoryLog::default();
+            rt.block_on(cut_log.append(prefix.iter().map(Envelope::to_new_event).collect()))
+                .unwrap();
+            for page in [1, 7, REFOLD_PAGE] {
+                let mut paged = LogHasher::new();
+                let got = rt
+                    .block_on(refold(
+                        &mut Recorded::log_paged(&cut_log, run_id, page),
+                        Some(run_id),
+                        &mut paged,
+                    ))
+                    .map(|r| (r.engine.status(), r.unrecorded.len(), r.unperformed.len()))
+                    .map_err(|e| e.to_string());
+                assert_eq!(got, expected, "cut {cut}, page {page}");
+                assert_eq!(paged.hex(), whole.hex(), "cut {cut}, page {page}");
+            }
+        }
+        let mut whole = LogHasher::new();
+        ready(refold(&mut Recorded::slice(&events), None, &mut whole))
+            .unwrap()
+            .unwrap();
+        assert_eq!(whole.hex(), report.log_hash);
+    }
+
     /// Every call waiting on a slow tool or model holds one `CallTask`: what it adds to the call
     /// future is memory per live agent. An `async` block around `select!` added about 650 bytes
     /// (it kept the call it was given as well as the one it polled).
