@@ -757,11 +757,12 @@ fn short_time(t: Timestamp) -> String {
 }
 
 /// A run's own events, in order (not the gateway's records, nor requests, under its id).
-/// Calls `f` with each of a run's own events (see `driver::is_workforce_event`), in order,
-/// reading them a page at a time: a run of millions of events is never in memory at once.
-fn each_own_event(
+/// Calls `f` with each event `query` matches, in order, reading them a page at a time (the
+/// query's `after_seq` and `limit` are the pager's): a log of millions of events is never in
+/// memory at once.
+fn each_event(
     store: &agent_runtime_store::Store,
-    run_id: RunId,
+    query: EventQuery,
     mut f: impl FnMut(&agent_runtime_core::Envelope),
 ) -> anyhow::Result<()> {
     const PAGE: usize = 4096;
@@ -772,23 +773,36 @@ fn each_own_event(
             .block_on(EventSource::query(
                 store,
                 EventQuery {
-                    run_id: Some(run_id),
                     after_seq: Some(after),
                     limit: Some(PAGE),
-                    ..EventQuery::default()
+                    ..query.clone()
                 },
             ))
             .map_err(|e| anyhow::anyhow!(e.message))?;
-        for e in &page {
-            if driver::is_workforce_event(e.kind, &e.payload) {
-                f(e);
-            }
-        }
+        page.iter().for_each(&mut f);
         match page.last() {
             Some(last) if page.len() == PAGE => after = last.seq,
             _ => return Ok(()),
         }
     }
+}
+
+/// Calls `f` with each of a run's own events (see `driver::is_workforce_event`), in order, a
+/// page at a time.
+fn each_own_event(
+    store: &agent_runtime_store::Store,
+    run_id: RunId,
+    mut f: impl FnMut(&agent_runtime_core::Envelope),
+) -> anyhow::Result<()> {
+    let query = EventQuery {
+        run_id: Some(run_id),
+        ..EventQuery::default()
+    };
+    each_event(store, query, |e| {
+        if driver::is_workforce_event(e.kind, &e.payload) {
+            f(e);
+        }
+    })
 }
 
 /// A run's summary, from its own events.
@@ -872,24 +886,29 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         EventKind::RunFailed,
         EventKind::RunCancelled,
     ];
-    let events = query(
+    // Folded as the events are read, a page at a time, keeping of each run only what the
+    // list shows: a `run.created` holds the run's whole graph.
+    let mut folds: BTreeMap<RunId, RunFold> = BTreeMap::new();
+    let mut order: Vec<RunId> = Vec::new();
+    each_event(
         &store,
         EventQuery {
             kinds,
             ..EventQuery::default()
         },
+        |e| {
+            if let Some(fold) = RunFold::run_only(e) {
+                order.push(e.run_id);
+                folds.insert(e.run_id, fold);
+            }
+            if let Some(fold) = folds.get_mut(&e.run_id) {
+                fold.push(e);
+            }
+        },
     )?;
-    let mut by_run: BTreeMap<RunId, Vec<agent_runtime_core::Envelope>> = BTreeMap::new();
-    let mut order: Vec<RunId> = Vec::new();
-    for e in events {
-        if e.kind == EventKind::RunCreated {
-            order.push(e.run_id);
-        }
-        by_run.entry(e.run_id).or_default().push(e);
-    }
     let mut summaries: Vec<RunSummary> = order
         .iter()
-        .filter_map(|id| by_run.get(id).and_then(|ev| RunSummary::fold(ev)))
+        .filter_map(|id| folds.remove(id).map(RunFold::finish))
         .collect();
     for s in &mut summaries {
         mark_running(&store, s)?;

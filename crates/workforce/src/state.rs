@@ -230,6 +230,8 @@ impl RunSummary {
 #[derive(Debug)]
 pub struct RunFold {
     summary: RunSummary,
+    /// Whether tasks are folded (see [`RunFold::run_only`]).
+    tasks: bool,
     graph: Option<TaskGraph>,
     rows: BTreeMap<TaskId, usize>,
     order: Vec<TaskRow>,
@@ -239,11 +241,27 @@ impl RunFold {
     /// Starts a fold at a run's first event, its `run.created` (`None` for any other); push
     /// that event too.
     pub fn new(first: &Envelope) -> Option<RunFold> {
+        Self::start(first, true)
+    }
+
+    /// [`RunFold::new`] for the run alone: status, times, counts and error, but no task rows
+    /// and no outputs, so the graph in `run.created` is not rebuilt (a simulation's is
+    /// synthesized again from its configuration) and nothing large is kept. What `runs list`
+    /// needs of each run.
+    pub fn run_only(first: &Envelope) -> Option<RunFold> {
+        Self::start(first, false)
+    }
+
+    fn start(first: &Envelope, tasks: bool) -> Option<RunFold> {
         if first.kind != EventKind::RunCreated {
             return None;
         }
         let p = &first.payload;
-        let graph: Option<TaskGraph> = crate::engine::graph_of_created(p).ok();
+        let graph: Option<TaskGraph> = if tasks {
+            crate::engine::graph_of_created(p).ok()
+        } else {
+            None
+        };
         let summary = RunSummary {
             run_id: first.run_id,
             name: p.get("name").and_then(Value::as_str).map(String::from),
@@ -272,6 +290,7 @@ impl RunFold {
         }
         Some(RunFold {
             summary,
+            tasks,
             graph,
             rows,
             order,
@@ -282,7 +301,7 @@ impl RunFold {
     pub fn push(&mut self, e: &Envelope) {
         let s = &mut self.summary;
         s.events += 1;
-        let row = e.task_id.and_then(|tid| {
+        let row = e.task_id.filter(|_| self.tasks).and_then(|tid| {
             if let Some(&i) = self.rows.get(&tid) {
                 return Some(i);
             }
@@ -307,7 +326,9 @@ impl RunFold {
             EventKind::RunCompleted => {
                 s.status = "completed".into();
                 s.ended = Some(e.time);
-                s.outputs = e.payload.get("outputs").cloned().unwrap_or(Value::Null);
+                if self.tasks {
+                    s.outputs = e.payload.get("outputs").cloned().unwrap_or(Value::Null);
+                }
             }
             EventKind::RunFailed => {
                 s.status = "failed".into();

@@ -741,6 +741,19 @@ fn agents_spawn_sub_tasks_within_limits() {
     let summary = RunSummary::fold(&ev).unwrap();
     assert_eq!(summary.tasks.len(), 2);
     assert_eq!(summary.tasks[1].status, "completed");
+    // Folded for the run alone (`runs list`): the same run, without task rows or outputs.
+    let mut light = agent_runtime_workforce::state::RunFold::run_only(&ev[0]).unwrap();
+    ev.iter().for_each(|e| light.push(e));
+    let light = light.finish();
+    assert!(light.tasks.is_empty() && light.outputs.is_null());
+    assert_eq!(
+        RunSummary {
+            tasks: Vec::new(),
+            outputs: serde_json::Value::Null,
+            ..summary.clone()
+        },
+        light
+    );
     // Depth 0 forbids spawning: the agent gets an error and answers anyway.
     let (out, log) = run(
         graph(
