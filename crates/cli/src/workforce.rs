@@ -585,6 +585,24 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                         opts.tools.check_args(tool, a).map_err(|e| e.message)
                     })
                 })
+                .and_then(|()| {
+                    // The secrets come from this process's environment: known now.
+                    graph.check_secrets_in(&text, &args.flow, |name| {
+                        match opts.secrets.secret(name) {
+                            None => Err(format!(
+                                "secret `{name}` is not set: set AGENT_RUNTIME_SECRET_{name}"
+                            )),
+                            Some(v) if v.len() < agent_runtime_core::Redactor::MIN_SECRET_LEN => {
+                                Err(format!(
+                                    "secret `{name}` is shorter than {} bytes, too short to keep \
+                                     out of the log",
+                                    agent_runtime_core::Redactor::MIN_SECRET_LEN
+                                ))
+                            }
+                            Some(_) => Ok(()),
+                        }
+                    })
+                })
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
                     graph

@@ -814,6 +814,37 @@ impl TaskGraph {
         Ok(())
     }
 
+    /// Checks each `{{ secrets.NAME }}` of the tool steps' arguments with `check` (whether the
+    /// run's secret source has a usable value), locating the first refused at the step's
+    /// `args`. For a caller whose secrets are known before the run, as the command line's
+    /// environment is; the run itself fails the call of a step whose secret is missing.
+    pub fn check_secrets_in(
+        &self,
+        text: &str,
+        file: &Path,
+        mut check: impl FnMut(&str) -> Result<(), String>,
+    ) -> Result<(), GraphError> {
+        for (i, t) in self.tasks.iter().enumerate() {
+            let (TaskKind::Tool { .. }, Some(args)) = (t.kind(), &t.args) else {
+                continue;
+            };
+            let mut refused = None;
+            crate::template::for_each_secret(args, &mut |name| {
+                if refused.is_none() {
+                    refused = check(name).err();
+                }
+            });
+            if let Some(message) = refused {
+                return Err(GraphError::Invalid {
+                    at: locate(text, file, Some(&t.id), "args"),
+                    field: format!("tasks[{i}].args"),
+                    message,
+                });
+            }
+        }
+        Ok(())
+    }
+
     /// Checks that the model provider of every agent a task uses is configured
     /// (`has_provider`: the provider part of a route, before `/`), locating the first task whose
     /// agent's is not at its `agent` field. What `driver::check_available` also checks, without
@@ -1600,6 +1631,28 @@ tasks:
                 _ => Ok(()),
             }
         }
+    }
+
+    /// Each secret a tool step names is checked, in order; GitHub Actions' `${{ secrets.X }}`
+    /// is text, not one of ours. The first refused is located at its step's `args`.
+    #[test]
+    fn named_secrets_are_checked_and_located() {
+        let text = "tasks:\n  - { id: a, tool: echo, args: { ci: '${{ secrets.GH }}' } }\n  - id: b\n    tool: echo\n    args: { auth: 'Bearer {{ secrets.TOKEN }}', more: ['{{ secrets.KEY }}'] }\n";
+        let g = parse_graph(text, Path::new("t.yaml")).unwrap();
+        let mut asked = Vec::new();
+        let e = g
+            .check_secrets_in(text, Path::new("t.yaml"), |name| {
+                asked.push(name.to_string());
+                if name == "KEY" {
+                    Err(format!("secret `{name}` is not set"))
+                } else {
+                    Ok(())
+                }
+            })
+            .unwrap_err()
+            .to_string();
+        assert_eq!(asked, ["TOKEN", "KEY"]);
+        assert_eq!(e, "t.yaml:5:5: tasks[1].args: secret `KEY` is not set");
     }
 
     /// A task whose agent routes to a provider that is not configured is located at its

@@ -138,6 +138,17 @@ fn secret_refs(s: &str) -> Vec<(usize, usize, &str)> {
     out
 }
 
+/// Calls `f` with the name of each `{{ secrets.NAME }}` anywhere in `v`, in order, repeats
+/// included.
+pub fn for_each_secret(v: &Value, f: &mut dyn FnMut(&str)) {
+    match v {
+        Value::String(s) => secret_refs(s).iter().for_each(|(_, _, name)| f(name)),
+        Value::Array(a) => a.iter().for_each(|x| for_each_secret(x, f)),
+        Value::Object(m) => m.values().for_each(|x| for_each_secret(x, f)),
+        _ => {}
+    }
+}
+
 /// Whether `s` names a secret (`{{ secrets.NAME }}`).
 fn names_secret_str(s: &str) -> bool {
     !secret_refs(s).is_empty()
