@@ -980,8 +980,9 @@ impl TaskGraph {
                 None,
                 "limits.max_tasks",
                 format!(
-                    "the graph declares {} tasks, more than max_tasks {}",
+                    "the graph declares {} task{}, more than max_tasks {}",
                     self.tasks.len(),
+                    if self.tasks.len() == 1 { "" } else { "s" },
                     self.limits.max_tasks
                 ),
             ));
