@@ -774,7 +774,6 @@ fn short_time(t: Timestamp) -> String {
     s.get(..19).map_or(s.clone(), |p| p.replace('T', " "))
 }
 
-/// A run's own events, in order (not the gateway's records, nor requests, under its id).
 /// Calls `f` with each event `query` matches, in order, reading them a page at a time (the
 /// query's `after_seq` and `limit` are the pager's): a log of millions of events is never in
 /// memory at once.
@@ -805,8 +804,8 @@ fn each_event(
     }
 }
 
-/// Calls `f` with each of a run's own events (see `driver::is_workforce_event`), in order, a
-/// page at a time.
+/// Calls `f` with each of a run's own events (see `driver::is_workforce_event`: not the
+/// gateway's records, nor requests, under its id), in order, a page at a time.
 fn each_own_event(
     store: &agent_runtime_store::Store,
     run_id: RunId,
