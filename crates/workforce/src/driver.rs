@@ -1642,12 +1642,53 @@ pub fn spawn_spec() -> ToolSpec {
 mod tests {
     use super::*;
 
+    /// Refolds `events` (a run's log, or a prefix of it) whole and from a log holding them, a
+    /// page of each size in `pages` at a time, and checks that both give the same engine
+    /// status, unrecorded rest, unperformed calls and hash, or the same error.
+    fn paged_refolds_match(
+        rt: &tokio::runtime::Runtime,
+        events: &[Envelope],
+        run_id: RunId,
+        pages: &[usize],
+    ) {
+        use agent_runtime_core::{EventSink, MemoryLog};
+        let summary = |r: Result<Refolded, DriverError>, hasher: &LogHasher| match r {
+            Ok(r) => format!(
+                "{:?} {} {} {} {}",
+                r.engine.status(),
+                r.unrecorded.len(),
+                r.unperformed.len(),
+                hasher.count(),
+                hasher.hex()
+            ),
+            Err(e) => format!("error: {e}"),
+        };
+        let mut whole = LogHasher::new();
+        let expected = summary(
+            ready(refold(&mut Recorded::slice(events), None, &mut whole)).unwrap(),
+            &whole,
+        );
+        let log = MemoryLog::default();
+        rt.block_on(log.append(events.iter().map(Envelope::to_new_event).collect()))
+            .unwrap();
+        for &page in pages {
+            let mut paged = LogHasher::new();
+            let got = rt.block_on(refold(
+                &mut Recorded::log_paged(&log, run_id, page),
+                Some(run_id),
+                &mut paged,
+            ));
+            let cut = events.len();
+            assert_eq!(summary(got, &paged), expected, "cut {cut}, page {page}");
+        }
+    }
+
     /// Refolding a run from a log a few events at a time gives what refolding it whole does,
     /// for the whole log and for every prefix of it (a process that stopped anywhere): the same
     /// hash, count, status and unrecorded rest, or the same error.
     #[test]
     fn a_paged_refold_matches_a_whole_one_at_every_cut() {
-        use agent_runtime_core::{EventSink, MemoryLog, Timestamp};
+        use agent_runtime_core::{MemoryLog, Timestamp};
         let yaml = "limits: { concurrency: 3 }\ntasks:\n  - { id: a, tool: echo, args: { x: 1 } }\n  - { id: b, tool: echo, args: { x: 2 } }\n  - { id: c, tool: echo, args: { x: 3 } }\n  - { id: d, tool: echo, args: { x: 4 } }\n  - { id: f, tool: fail, args: { message: no }, retry: { max_attempts: 3, backoff: 1ms, on: [tool_error] }, on_failure: { fallback: g } }\n  - { id: g, tool: echo, args: { y: 1 } }\n  - { id: h, tool: concat, needs: [a, b, f], args: { parts: ['{{ tasks.a.output.x }}', '{{ tasks.f.output.y }}'] } }\n";
         let graph = crate::graph::parse_graph(yaml, std::path::Path::new("p.yaml")).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1668,36 +1709,8 @@ mod tests {
         let out = rt.block_on(run_graph(graph, opts)).unwrap();
         let events = log.all();
         assert!(events.len() > 20, "{}", events.len());
-        let summary = |r: Result<Refolded, DriverError>, hasher: &LogHasher| match r {
-            Ok(r) => format!(
-                "{:?} {} {} {} {}",
-                r.engine.status(),
-                r.unrecorded.len(),
-                r.unperformed.len(),
-                hasher.count(),
-                hasher.hex()
-            ),
-            Err(e) => format!("error: {e}"),
-        };
         for cut in 1..=events.len() {
-            let prefix = &events[..cut];
-            let mut whole = LogHasher::new();
-            let expected = summary(
-                ready(refold(&mut Recorded::slice(prefix), None, &mut whole)).unwrap(),
-                &whole,
-            );
-            let cut_log = MemoryLog::default();
-            rt.block_on(cut_log.append(prefix.iter().map(Envelope::to_new_event).collect()))
-                .unwrap();
-            for page in [1, 2, 3, 5, 64] {
-                let mut paged = LogHasher::new();
-                let got = rt.block_on(refold(
-                    &mut Recorded::log_paged(&cut_log, out.run_id, page),
-                    Some(out.run_id),
-                    &mut paged,
-                ));
-                assert_eq!(summary(got, &paged), expected, "cut {cut}, page {page}");
-            }
+            paged_refolds_match(&rt, &events[..cut], out.run_id, &[1, 2, 3, 5, 64]);
         }
         let mut whole = LogHasher::new();
         ready(refold(&mut Recorded::slice(&events), None, &mut whole))
@@ -1710,7 +1723,7 @@ mod tests {
     /// draws), at cuts spread over its log, with pages of several sizes.
     #[test]
     fn a_paged_refold_matches_a_whole_one_over_a_simulated_run() {
-        use agent_runtime_core::{EventSink, MemoryLog};
+        use agent_runtime_core::MemoryLog;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -1724,28 +1737,7 @@ mod tests {
         let events = log.all();
         let run_id = events[0].run_id;
         for cut in (1..=events.len()).step_by(37).chain([events.len()]) {
-            let prefix = &events[..cut];
-            let mut whole = LogHasher::new();
-            let expected = ready(refold(&mut Recorded::slice(prefix), None, &mut whole))
-                .unwrap()
-                .map(|r| (r.engine.status(), r.unrecorded.len(), r.unperformed.len()))
-                .map_err(|e| e.to_string());
-            let cut_log = MemoryLog::default();
-            rt.block_on(cut_log.append(prefix.iter().map(Envelope::to_new_event).collect()))
-                .unwrap();
-            for page in [1, 7, REFOLD_PAGE] {
-                let mut paged = LogHasher::new();
-                let got = rt
-                    .block_on(refold(
-                        &mut Recorded::log_paged(&cut_log, run_id, page),
-                        Some(run_id),
-                        &mut paged,
-                    ))
-                    .map(|r| (r.engine.status(), r.unrecorded.len(), r.unperformed.len()))
-                    .map_err(|e| e.to_string());
-                assert_eq!(got, expected, "cut {cut}, page {page}");
-                assert_eq!(paged.hex(), whole.hex(), "cut {cut}, page {page}");
-            }
+            paged_refolds_match(&rt, &events[..cut], run_id, &[1, 7, REFOLD_PAGE]);
         }
         let mut whole = LogHasher::new();
         ready(refold(&mut Recorded::slice(&events), None, &mut whole))
