@@ -59,13 +59,44 @@ pub enum SandboxMode {
 
 /// The argument selector of a condition: a top-level key, a JSON pointer (`/a/0/b`), a list of
 /// them, or `@paths` for every top-level key that conventionally holds a path.
-#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum ArgSelector {
     /// One key or pointer.
     One(String),
     /// Several keys or pointers.
     Many(Vec<String>),
+}
+
+/// By hand rather than `untagged`, whose error for anything else is "data did not match any
+/// variant of untagged enum ArgSelector": this one says what `arg` takes.
+impl<'de> Deserialize<'de> for ArgSelector {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Selector;
+        impl<'de> serde::de::Visitor<'de> for Selector {
+            type Value = ArgSelector;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "an argument's key, a JSON pointer (`/options/path`), a list of them, or \
+                     `@paths`",
+                )
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ArgSelector, E> {
+                Ok(ArgSelector::One(v.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<ArgSelector, A::Error> {
+                let mut all = Vec::new();
+                while let Some(one) = seq.next_element::<String>()? {
+                    all.push(one);
+                }
+                Ok(ArgSelector::Many(all))
+            }
+        }
+        d.deserialize_any(Selector)
+    }
 }
 
 /// Top-level argument keys that `@paths` selects.

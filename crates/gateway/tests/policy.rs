@@ -751,6 +751,24 @@ fn bad_policies_are_rejected_with_the_rule_named() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("path_sideways"), "{err}");
+    // A selector that is neither a key, a pointer nor a list says what `arg` takes.
+    let err = Policy::from_yaml(
+        "rules:\n  - id: a\n    effect: deny\n    when: [ { matches: { arg: { x: 1 }, any: ['*'] } } ]\n",
+        base,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("rules[0].when[0].matches.arg")
+            && err.contains("expected an argument's key, a JSON pointer"),
+        "{err}"
+    );
+    // Lists of keys and pointers still load.
+    Policy::from_yaml(
+        "rules:\n  - id: a\n    effect: deny\n    when: [ { matches: { arg: [command, /opts/x], any: ['*'] } } ]\n",
+        base,
+    )
+    .unwrap();
     // Nesting the YAML parser would take quadratic time over is refused before it runs,
     // at the first bracket too deep (line 2: `  - ` then 257 brackets).
     let deep = format!("rules:\n  - {}{}\n", "[".repeat(5_000), "]".repeat(5_000));
