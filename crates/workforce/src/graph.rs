@@ -646,6 +646,7 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
             let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
             let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let (line, column) = yaml_key_at(text, &e_path_key(&full), line, column);
             let message = strip_position(&inner.to_string(), &full);
             GraphError::Syntax {
                 at: Location {
@@ -660,6 +661,37 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     };
     graph.validate_in(text, file)?;
     Ok(graph)
+}
+
+/// The last key of a field path as serde_path_to_error writes it (`tasks[0].on_failure` →
+/// `on_failure`), or nothing when it ends at an index.
+fn e_path_key(path: &str) -> String {
+    let last = path.rsplit('.').next().unwrap_or(path);
+    if last.contains('[') || last.contains('?') {
+        String::new()
+    } else {
+        last.to_string()
+    }
+}
+
+/// Where the YAML parser's error about field `key` points, moved onto the key itself: a
+/// value's own check (an `on_failure` policy, a duration) fails with the position of the
+/// mapping holding it, lines before the key. Searches forward from the reported line; keeps the
+/// parser's position when the key is not found.
+fn yaml_key_at(text: &str, key: &str, line: usize, column: usize) -> (usize, usize) {
+    if key.is_empty() || line == 0 {
+        return (line, column);
+    }
+    let pattern = format!("{key}:");
+    let found = text.lines().enumerate().skip(line - 1).find_map(|(n, l)| {
+        l.match_indices(&pattern)
+            .find(|(i, _)| {
+                *i == 0
+                    || !l.as_bytes()[i - 1].is_ascii_alphanumeric() && l.as_bytes()[i - 1] != b'_'
+            })
+            .map(|(i, _)| (n + 1, i + 1))
+    });
+    found.unwrap_or((line, column))
 }
 
 /// Segments of a field path shown before the rest is elided: a value nested a hundred levels
@@ -1470,11 +1502,23 @@ tasks:
         let e = parse("tasks:\n  - id: a\n    tool: echo\n    timeout: soon\n")
             .unwrap_err()
             .to_string();
-        // The field once: the YAML parser's own path (`tasks[0]`) is not repeated.
+        // The field once: the YAML parser's own path (`tasks[0]`) is not repeated. And at the
+        // field's line: the parser points at the task's mapping, two lines up.
         assert!(
-            e.contains("tasks[0].timeout: invalid duration \"soon\""),
+            e.starts_with("flow.yaml:4:5: tasks[0].timeout: invalid duration \"soon\""),
             "{e}"
         );
+        let e = parse("tasks:\n  - id: a\n    tool: echo\n    args: {}\n    on_failure: maybe\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("flow.yaml:5:5: tasks[0].on_failure: unknown policy `maybe`"),
+            "{e}"
+        );
+        let e = parse("tasks:\n  - { id: a, tool: echo, on_failure: maybe }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("flow.yaml:2:26: tasks[0].on_failure"), "{e}");
     }
 
     /// Deeply nested YAML is refused before the parser sees it (the parser's time grows with
