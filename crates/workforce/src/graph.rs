@@ -646,7 +646,7 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
             let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
             let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
-            let (line, column) = yaml_key_at(text, &e_path_key(&full), line, column);
+            let (line, column) = yaml_key_at(text, &last_key(&full), line, column);
             let message = strip_position(&inner.to_string(), &full);
             GraphError::Syntax {
                 at: Location {
@@ -665,7 +665,7 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
 
 /// The last key of a field path as serde_path_to_error writes it (`tasks[0].on_failure` →
 /// `on_failure`), or nothing when it ends at an index.
-fn e_path_key(path: &str) -> String {
+fn last_key(path: &str) -> String {
     let last = path.rsplit('.').next().unwrap_or(path);
     if last.contains('[') || last.contains('?') {
         String::new()
@@ -686,8 +686,9 @@ fn yaml_key_at(text: &str, key: &str, line: usize, column: usize) -> (usize, usi
     let found = text.lines().enumerate().skip(line - 1).find_map(|(n, l)| {
         l.match_indices(&pattern)
             .find(|(i, _)| {
-                *i == 0
-                    || !l.as_bytes()[i - 1].is_ascii_alphanumeric() && l.as_bytes()[i - 1] != b'_'
+                // The key itself, not the end of a longer one (`my_timeout:`).
+                let before = i.checked_sub(1).map(|b| l.as_bytes()[b]);
+                !before.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
             })
             .map(|(i, _)| (n + 1, i + 1))
     });
