@@ -154,7 +154,7 @@ pub struct TaskRow {
     pub started: Option<Timestamp>,
     /// When the task ended.
     pub ended: Option<Timestamp>,
-    /// The last error, `class: message`.
+    /// The last error, `class: message`, or why it was cancelled.
     pub error: Option<String>,
     /// Set when the task failed for good and completed with another output, saying where it
     /// came from (see [`substitution_note`]).
@@ -198,7 +198,8 @@ pub struct RunSummary {
     pub tasks: Vec<TaskRow>,
     /// Outputs of the final tasks, when completed.
     pub outputs: Value,
-    /// Why it failed.
+    /// Why it failed (`task `T` failed: CLASS: MESSAGE`), or why it was cancelled and by whom
+    /// (`REASON (person:NAME)`).
     pub error: Option<String>,
 }
 
@@ -342,6 +343,8 @@ impl RunFold {
             EventKind::RunCancelled => {
                 s.status = "cancelled".into();
                 s.ended = Some(e.time);
+                let reason = e.payload.get("reason").and_then(Value::as_str);
+                s.error = Some(format!("{} ({})", reason.unwrap_or("cancelled"), e.actor));
             }
             EventKind::TaskRetryScheduled => s.retries += 1,
             _ => {}
@@ -363,6 +366,14 @@ impl RunFold {
             s.status = "interrupted".into();
         }
         s.tasks = self.order;
+        // A run that ended leaves the tasks it never started: they will not run.
+        if s.ended.is_some() {
+            for t in &mut s.tasks {
+                if t.status == "pending" {
+                    t.status = "not run".into();
+                }
+            }
+        }
         s
     }
 }
@@ -418,6 +429,9 @@ fn apply_task_event(row: &mut TaskRow, e: &Envelope, policy: Option<&OnFailure>)
         EventKind::TaskCancelled if e.payload.get("request").is_none() => {
             row.status = "cancelled".into();
             row.ended = Some(e.time);
+            if let Some(reason) = e.payload.get("reason").and_then(Value::as_str) {
+                row.error = Some(reason.to_string());
+            }
         }
         _ => {}
     }

@@ -627,7 +627,23 @@ fn cancelling_a_run_stops_everything() {
         driver::replay_events(&ev).unwrap().status,
         RunStatus::Cancelled
     );
-    assert_eq!(RunSummary::fold(&ev).unwrap().status, "cancelled");
+    // `runs show`: why and by whom, each running task's reason, and a task never started is
+    // `not run` (it waited on `a`).
+    let summary = RunSummary::fold(&ev).unwrap();
+    assert_eq!(summary.status, "cancelled");
+    let cancelled = ev
+        .iter()
+        .find(|e| e.kind == EventKind::RunCancelled)
+        .unwrap();
+    let reason = cancelled.payload["reason"].as_str().unwrap();
+    assert_eq!(
+        summary.error.as_deref(),
+        Some(format!("{reason} ({})", cancelled.actor).as_str())
+    );
+    let row = |id: &str| summary.tasks.iter().find(|t| t.id == id).unwrap().clone();
+    assert_eq!(row("a").status, "cancelled");
+    assert!(row("a").error.is_some_and(|e| !e.is_empty()));
+    assert_eq!(row("c").status, "not run");
 }
 
 #[test]
