@@ -1290,6 +1290,9 @@ impl Driver {
     }
 
     fn failure_reason(&self, engine: &Engine) -> String {
+        if let Some(failure) = engine.failure() {
+            return failure.to_string();
+        }
         let failed: Vec<String> = engine
             .task_views()
             .into_iter()

@@ -512,6 +512,8 @@ pub struct Engine {
     /// that must be durable before it may be performed (its request among them).
     effect_marks: Vec<usize>,
     decisions: u64,
+    /// Why the run failed, as `run.failed` says it: `task `T` failed: CLASS: MESSAGE`.
+    failure: Option<String>,
     shapes: Shapes,
     /// Most attempts one pump starts before it stops (see [`Engine::set_pump_step`]); `None`:
     /// no limit.
@@ -738,6 +740,7 @@ impl Engine {
             effects: Vec::new(),
             effect_marks: Vec::new(),
             decisions: 0,
+            failure: None,
             shapes: Shapes::new(),
             pump_step,
             pump_unfinished: false,
@@ -824,6 +827,10 @@ impl Engine {
     /// Whether the run has ended.
     pub fn is_finished(&self) -> bool {
         self.status != RunStatus::Running
+    }
+    /// Why the run failed (`task `T` failed: CLASS: MESSAGE`), once it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
     /// Dispatch decisions made so far (tasks started, calls issued, retries scheduled).
     pub fn decisions(&self) -> u64 {
@@ -2212,6 +2219,7 @@ impl Engine {
     }
 
     fn fail_run(&mut self, task: &str, class: ErrorClass, message: &str) {
+        self.failure = Some(format!("task `{task}` failed: {class}: {message}"));
         self.end_run(RunStatus::Failed, &format!("task `{task}` failed"));
         self.emit(
             None,

@@ -366,11 +366,12 @@ impl RunFold {
             s.status = "interrupted".into();
         }
         s.tasks = self.order;
-        // A run that ended leaves the tasks it never started: they will not run.
+        // The tasks an ended run never started were cancelled with it (the engine's outcome
+        // says so too), though no event names them.
         if s.ended.is_some() {
             for t in &mut s.tasks {
                 if t.status == "pending" {
-                    t.status = "not run".into();
+                    t.status = "cancelled".into();
                 }
             }
         }

@@ -142,7 +142,21 @@ tasks:
     let failed = ev.iter().find(|e| e.kind == EventKind::RunFailed).unwrap();
     assert_eq!(failed.payload["task"], "f");
     assert_eq!(failed.payload["class"], "invalid_arguments");
-    assert!(out.error.unwrap().contains('f'));
+    // The outcome says why, as `run.failed` and `runs show` do.
+    assert_eq!(
+        out.error.unwrap(),
+        format!(
+            "task `f` failed: invalid_arguments: {}",
+            failed.payload["message"].as_str().unwrap()
+        )
+    );
+    assert_eq!(
+        RunSummary::fold(&ev).unwrap().error.unwrap(),
+        format!(
+            "task `f` failed: invalid_arguments: {}",
+            failed.payload["message"].as_str().unwrap()
+        )
+    );
 }
 
 #[test]
@@ -627,8 +641,8 @@ fn cancelling_a_run_stops_everything() {
         driver::replay_events(&ev).unwrap().status,
         RunStatus::Cancelled
     );
-    // `runs show`: why and by whom, each running task's reason, and a task never started is
-    // `not run` (it waited on `a`).
+    // `runs show`: why and by whom, each running task's reason, and a task never started (it
+    // waited on `a`) is cancelled too, as the outcome says.
     let summary = RunSummary::fold(&ev).unwrap();
     assert_eq!(summary.status, "cancelled");
     let cancelled = ev
@@ -643,7 +657,11 @@ fn cancelling_a_run_stops_everything() {
     let row = |id: &str| summary.tasks.iter().find(|t| t.id == id).unwrap().clone();
     assert_eq!(row("a").status, "cancelled");
     assert!(row("a").error.is_some_and(|e| !e.is_empty()));
-    assert_eq!(row("c").status, "not run");
+    assert_eq!(row("c").status, "cancelled");
+    assert_eq!(
+        out.tasks.iter().find(|t| t.id == "c").unwrap().status,
+        TaskStatus::Cancelled
+    );
 }
 
 #[test]
