@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 macro_rules! error_classes {
     ($($(#[$doc:meta])* $variant:ident => $name:literal,)*) => {
         /// What kind of failure something was, for retry decisions and reporting.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
         #[serde(rename_all = "snake_case")]
         pub enum ErrorClass {
             $($(#[$doc])* $variant,)*
@@ -71,11 +71,34 @@ error_classes! {
     Internal => "internal",
 }
 
-/// The error for an unknown error class name.
+/// The error for an unknown error class name: the closest class when it looks like a typo,
+/// and every class.
 #[derive(Debug, thiserror::Error)]
-#[error("unknown error class {input:?} (known: {known})", known = ErrorClass::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", "))]
+#[error(
+    "unknown error class {input:?}{hint} (known: {known})",
+    hint = crate::names::suggestion(input, ErrorClass::ALL.iter().map(|c| c.as_str())),
+    known = ErrorClass::ALL.iter().map(|c| c.as_str()).collect::<Vec<_>>().join(", ")
+)]
 pub struct ErrorClassError {
     input: String,
+}
+
+/// By name, as [`FromStr`] reads it, so that a typo in a task graph's `retry.on` gets the
+/// closest class (serde's derive lists every variant and suggests none).
+impl<'de> Deserialize<'de> for ErrorClass {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Name;
+        impl serde::de::Visitor<'_> for Name {
+            type Value = ErrorClass;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an error class name (`timeout`, `tool_error`, ...)")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<ErrorClass, E> {
+                v.parse().map_err(E::custom)
+            }
+        }
+        d.deserialize_str(Name)
+    }
 }
 
 impl fmt::Display for ErrorClass {
@@ -163,6 +186,27 @@ mod tests {
                 serde_json::Value::String(class.as_str().into())
             );
             assert_eq!(class.as_str().parse::<ErrorClass>().unwrap(), class);
+            let back: ErrorClass =
+                serde_json::from_value(serde_json::Value::String(class.as_str().into())).unwrap();
+            assert_eq!(back, class);
         }
+    }
+
+    /// A misspelt class gets the closest one; a far-off name only the list.
+    #[test]
+    fn an_unknown_class_suggests_the_closest() {
+        let e = serde_json::from_str::<ErrorClass>("\"tool_eror\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("unknown error class \"tool_eror\" (did you mean `tool_error`?) (known: invalid_arguments,"),
+            "{e}"
+        );
+        let e = "zebra".parse::<ErrorClass>().unwrap_err().to_string();
+        assert!(
+            e.starts_with("unknown error class \"zebra\" (known: "),
+            "{e}"
+        );
+        assert!(serde_json::from_str::<ErrorClass>("5").is_err());
     }
 }
