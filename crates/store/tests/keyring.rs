@@ -40,13 +40,15 @@ fn start_secret_service(home: &std::path::Path) -> Daemons {
     // start another gnome-keyring for it (locked, since nobody unlocks it), which takes the
     // name from ours: the test failed that way on a loaded machine.
     let config = home.join("bus.conf");
+    // The bus's socket goes in the test's own folder, removed with it: `unix:tmpdir=/tmp` left
+    // a `dbus-*` socket file in /tmp at every run.
     std::fs::write(
         &config,
         r#"<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
   <type>session</type>
-  <listen>unix:tmpdir=/tmp</listen>
+  <listen>unix:dir=HOME</listen>
   <auth>EXTERNAL</auth>
   <policy context="default">
     <allow send_destination="*" eavesdrop="true"/>
@@ -54,7 +56,8 @@ fn start_secret_service(home: &std::path::Path) -> Daemons {
     <allow own="*"/>
   </policy>
 </busconfig>
-"#,
+"#
+        .replace("HOME", &home.display().to_string()),
     )
     .expect("write the bus configuration");
     let mut bus = Command::new("dbus-daemon")
