@@ -588,18 +588,15 @@ fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 .and_then(|()| {
                     // The secrets come from this process's environment: known now.
                     graph.check_secrets_in(&text, &args.flow, |name| {
-                        match opts.secrets.secret(name) {
-                            None => Err(format!(
-                                "secret `{name}` is not set: set AGENT_RUNTIME_SECRET_{name}"
-                            )),
-                            Some(v) if v.len() < agent_runtime_core::Redactor::MIN_SECRET_LEN => {
-                                Err(format!(
-                                    "secret `{name}` is shorter than {} bytes, too short to keep \
-                                     out of the log",
-                                    agent_runtime_core::Redactor::MIN_SECRET_LEN
-                                ))
+                        match agent_runtime_workforce::template::usable_secret(
+                            opts.secrets.as_ref(),
+                            name,
+                        ) {
+                            Ok(_) => Ok(()),
+                            Err(e) if opts.secrets.secret(name).is_none() => {
+                                Err(format!("{e}: set AGENT_RUNTIME_SECRET_{name}"))
                             }
-                            Some(_) => Ok(()),
+                            Err(e) => Err(e),
                         }
                     })
                 })

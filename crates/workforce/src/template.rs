@@ -229,6 +229,26 @@ pub fn check(task: &TaskSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// The value of secret `name` from `secrets`, if it may go into a call. Errors (naming the
+/// secret, never its value) when it is not set, or too short to redact: a value the redactor
+/// would not replace could come back in the call's result and be recorded, so it is refused
+/// rather than leaked.
+pub fn usable_secret(
+    secrets: &dyn agent_runtime_core::SecretSource,
+    name: &str,
+) -> Result<String, String> {
+    let value = secrets
+        .secret(name)
+        .ok_or_else(|| format!("secret `{name}` is not set"))?;
+    if value.len() < agent_runtime_core::Redactor::MIN_SECRET_LEN {
+        return Err(format!(
+            "secret `{name}` is shorter than {} bytes, too short to keep out of the log",
+            agent_runtime_core::Redactor::MIN_SECRET_LEN
+        ));
+    }
+    Ok(value)
+}
+
 /// Fills in the secrets of a tool step's call: each `{{ secrets.NAME }}` of `rendered` (the
 /// arguments as recorded) at a place where the graph's own arguments `declared` wrote it, with
 /// the value from `secrets`; each value used is added to `used`, for redacting the call's
@@ -252,17 +272,7 @@ pub fn fill_secrets(
             let mut out = String::with_capacity(d.len());
             let mut pos = 0;
             for (start, end, name) in refs {
-                let value = secrets
-                    .secret(name)
-                    .ok_or_else(|| format!("secret `{name}` is not set"))?;
-                // A value the redactor would not replace could come back in the call's result
-                // and be recorded: refused rather than leaked.
-                if value.len() < agent_runtime_core::Redactor::MIN_SECRET_LEN {
-                    return Err(format!(
-                        "secret `{name}` is shorter than {} bytes, too short to keep out of the log",
-                        agent_runtime_core::Redactor::MIN_SECRET_LEN
-                    ));
-                }
+                let value = usable_secret(secrets, name)?;
                 out.push_str(&d[pos..start]);
                 out.push_str(&value);
                 used.push(value);
