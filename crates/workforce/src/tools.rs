@@ -76,23 +76,23 @@ impl ToolInvoker for ToolRegistry {
         args: Value,
         ctx: CallContext,
     ) -> Result<ToolOutput, ToolError> {
-        let Some(tool) = self.tools.get(name) else {
-            return Err(ClassifiedError::new(
-                ErrorClass::InvalidArguments,
-                format!("unknown tool `{name}`"),
-            ));
-        };
-        tool.call(args, ctx).await
+        self.get(name)?.call(args, ctx).await
     }
 
     fn check_args(&self, name: &str, args: &Value) -> Result<(), ToolError> {
-        match self.tools.get(name) {
-            Some(tool) => tool.check_args(args),
-            None => Err(ClassifiedError::new(
+        self.get(name)?.check_args(args)
+    }
+}
+
+impl ToolRegistry {
+    /// Tool `name`, or the `invalid_arguments` error a call of an unknown tool gets.
+    fn get(&self, name: &str) -> Result<&Arc<dyn Tool>, ToolError> {
+        self.tools.get(name).ok_or_else(|| {
+            ClassifiedError::new(
                 ErrorClass::InvalidArguments,
                 format!("unknown tool `{name}`"),
-            )),
-        }
+            )
+        })
     }
 }
 
