@@ -1247,11 +1247,9 @@ impl Driver {
     /// The run's outcome as the engine and the count of recorded events have it; `drive` fills
     /// in the log hash once the offloaded hash is back.
     fn outcome(&self, engine: &Engine) -> Outcome {
-        let error = if engine.status() == RunStatus::Failed {
-            Some(self.failure_reason(engine))
-        } else {
-            None
-        };
+        // Set exactly when the run failed: `run.failed` comes only from a task that failed
+        // for good.
+        let error = engine.failure().map(String::from);
         Outcome {
             run_id: engine.run_id(),
             status: engine.status(),
@@ -1287,19 +1285,6 @@ impl Driver {
                 engine.apply_model_result(call, now, result)
             }
         }
-    }
-
-    fn failure_reason(&self, engine: &Engine) -> String {
-        if let Some(failure) = engine.failure() {
-            return failure.to_string();
-        }
-        let failed: Vec<String> = engine
-            .task_views()
-            .into_iter()
-            .filter(|t| t.status == crate::engine::TaskStatus::Failed)
-            .map(|t| t.id)
-            .collect();
-        format!("task(s) failed: {}", failed.join(", "))
     }
 
     /// Hands a call to the [`CallStarter`] with a fresh token, kept to cancel the call; a

@@ -2219,7 +2219,7 @@ impl Engine {
     }
 
     fn fail_run(&mut self, task: &str, class: ErrorClass, message: &str) {
-        self.failure = Some(format!("task `{task}` failed: {class}: {message}"));
+        self.failure = Some(crate::state::run_failed_text(task, class.as_str(), message));
         self.end_run(RunStatus::Failed, &format!("task `{task}` failed"));
         self.emit(
             None,

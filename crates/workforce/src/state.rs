@@ -233,7 +233,8 @@ pub struct RunFold {
     summary: RunSummary,
     /// Whether tasks are folded (see [`RunFold::run_only`]).
     tasks: bool,
-    graph: Option<TaskGraph>,
+    /// The declared tasks' `on_failure`, by row (all the fold needs of the graph).
+    policies: Vec<OnFailure>,
     rows: BTreeMap<TaskId, usize>,
     order: Vec<TaskRow>,
 }
@@ -278,21 +279,24 @@ impl RunFold {
         };
         let mut rows: BTreeMap<TaskId, usize> = BTreeMap::new();
         let mut order: Vec<TaskRow> = Vec::new();
-        if let Some(g) = &graph {
+        let mut policies = Vec::new();
+        if let Some(g) = graph {
             // Declared tasks' ids are a pure function of run.created: regenerate them.
-            for (t, tid) in g.tasks.iter().zip(declared_task_ids(first, g)) {
+            let ids = declared_task_ids(first, &g);
+            for (t, tid) in g.tasks.into_iter().zip(ids) {
                 rows.insert(tid, order.len());
                 order.push(TaskRow {
-                    id: t.id.clone(),
+                    id: t.id,
                     status: "pending".into(),
                     ..TaskRow::default()
                 });
+                policies.push(t.on_failure);
             }
         }
         Some(RunFold {
             summary,
             tasks,
-            graph,
+            policies,
             rows,
             order,
         })
@@ -334,10 +338,11 @@ impl RunFold {
             EventKind::RunFailed => {
                 s.status = "failed".into();
                 s.ended = Some(e.time);
-                s.error = Some(format!(
-                    "task `{}` failed: {}",
-                    e.payload.get("task").and_then(Value::as_str).unwrap_or("?"),
-                    failure_text(&e.payload)
+                let field = |k: &str| e.payload.get(k).and_then(Value::as_str);
+                s.error = Some(run_failed_text(
+                    field("task").unwrap_or("?"),
+                    field("class").unwrap_or("?"),
+                    field("message").unwrap_or(""),
                 ));
             }
             EventKind::RunCancelled => {
@@ -350,12 +355,7 @@ impl RunFold {
             _ => {}
         }
         if let Some(r) = row {
-            let policy = self
-                .graph
-                .as_ref()
-                .and_then(|g| g.tasks.get(r))
-                .map(|t| &t.on_failure);
-            apply_task_event(&mut self.order[r], e, policy);
+            apply_task_event(&mut self.order[r], e, self.policies.get(r));
         }
     }
 
@@ -388,6 +388,12 @@ fn declared_task_ids(created: &Envelope, graph: &TaskGraph) -> Vec<TaskId> {
         .unwrap_or(0);
     let (_, ids) = crate::engine::run_ids(seed, created.time);
     graph.tasks.iter().map(|_| ids.task_id()).collect()
+}
+
+/// Why a run failed, as the engine's outcome and `runs show` say it:
+/// `task `T` failed: CLASS: MESSAGE`.
+pub(crate) fn run_failed_text(task: &str, class: &str, message: &str) -> String {
+    format!("task `{task}` failed: {class}: {message}")
 }
 
 /// `CLASS: MESSAGE` of a failure's payload (`task.failed`, `run.failed`).
