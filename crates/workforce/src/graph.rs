@@ -760,6 +760,23 @@ pub fn unknown_tool(tool: &str, available: &[String]) -> String {
     )
 }
 
+/// The error for field `tasks[i].FIELD` of task `id`, located in `text` (read from `file`) at
+/// the task's `located_at` key: usually the field itself, or another key when the field is
+/// absent (a missing `args` is shown at the step's `tool`).
+fn task_error(
+    (text, file): (&str, &Path),
+    (i, id): (usize, &str),
+    field: &str,
+    located_at: &str,
+    message: String,
+) -> GraphError {
+    GraphError::Invalid {
+        at: locate(text, file, Some(id), located_at),
+        field: format!("tasks[{i}].{field}"),
+        message,
+    }
+}
+
 /// Finds the best location of a task's field in the source text: the line of the task's `id`,
 /// then the first line after it mentioning `field`. Best effort: 0:0 when nothing matches.
 fn locate(text: &str, file: &Path, task: Option<&str>, field: &str) -> Location {
@@ -837,11 +854,13 @@ impl TaskGraph {
             if let TaskKind::Tool { tool, .. } = t.kind()
                 && !available.iter().any(|a| a == tool)
             {
-                return Err(GraphError::Invalid {
-                    at: locate(text, file, Some(&t.id), "tool"),
-                    field: format!("tasks[{i}].tool"),
-                    message: unknown_tool(tool, available),
-                });
+                return Err(task_error(
+                    (text, file),
+                    (i, &t.id),
+                    "tool",
+                    "tool",
+                    unknown_tool(tool, available),
+                ));
             }
         }
         Ok(())
@@ -868,11 +887,13 @@ impl TaskGraph {
                 }
             });
             if let Some(message) = refused {
-                return Err(GraphError::Invalid {
-                    at: locate(text, file, Some(&t.id), "args"),
-                    field: format!("tasks[{i}].args"),
+                return Err(task_error(
+                    (text, file),
+                    (i, &t.id),
+                    "args",
+                    "args",
                     message,
-                });
+                ));
             }
         }
         Ok(())
@@ -897,14 +918,16 @@ impl TaskGraph {
             };
             let (provider, _) = crate::engine::split_route(&agent.model);
             if !has_provider(&provider) {
-                return Err(GraphError::Invalid {
-                    at: locate(text, file, Some(&t.id), "agent"),
-                    field: format!("tasks[{i}].agent"),
-                    message: format!(
+                return Err(task_error(
+                    (text, file),
+                    (i, &t.id),
+                    "agent",
+                    "agent",
+                    format!(
                         "agent `{name}` routes to `{}`, and no model provider `{provider}` is configured",
                         agent.model
                     ),
-                });
+                ));
             }
         }
         Ok(())
@@ -943,7 +966,7 @@ impl TaskGraph {
     ) -> Result<(), GraphError> {
         for (i, id, tool, args) in self.fixed_tool_args() {
             if let Err(message) = check(tool, args) {
-                let (field, message) = if self.tasks[i].args.is_some() {
+                let (located_at, message) = if self.tasks[i].args.is_some() {
                     ("args", message)
                 } else {
                     (
@@ -951,11 +974,13 @@ impl TaskGraph {
                         format!("missing, and `{tool}` needs them: {message}"),
                     )
                 };
-                return Err(GraphError::Invalid {
-                    at: locate(text, file, Some(id), field),
-                    field: format!("tasks[{i}].args"),
+                return Err(task_error(
+                    (text, file),
+                    (i, id),
+                    "args",
+                    located_at,
                     message,
-                });
+                ));
             }
         }
         Ok(())
