@@ -35,6 +35,9 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// Every shape, in the order `--help` lists them.
+    pub const ALL: [Shape; 4] = [Shape::Chain, Shape::Fanout, Shape::Layered, Shape::Random];
+
     /// The name the command line takes (`chain`, `fanout`, `layered`, `random`).
     pub fn name(self) -> &'static str {
         match self {
@@ -55,15 +58,13 @@ impl std::fmt::Display for Shape {
 impl std::str::FromStr for Shape {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "chain" => Ok(Shape::Chain),
-            "fanout" => Ok(Shape::Fanout),
-            "layered" => Ok(Shape::Layered),
-            "random" => Ok(Shape::Random),
-            _ => Err(format!(
-                "unknown shape `{s}` (chain, fanout, layered, random)"
-            )),
-        }
+        Shape::ALL
+            .into_iter()
+            .find(|shape| shape.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Shape::ALL.iter().map(|shape| shape.name()).collect();
+                format!("unknown shape `{s}` ({})", names.join(", "))
+            })
     }
 }
 

@@ -84,3 +84,16 @@ proptest! {
         prop_assert!(peaks["global"] <= concurrency);
     }
 }
+
+/// Each shape's name is the one `--shape` takes back, and an unknown one lists them all.
+#[test]
+fn shapes_parse_from_their_names() {
+    for shape in Shape::ALL {
+        assert_eq!(shape.name().parse::<Shape>(), Ok(shape));
+        assert_eq!(shape.to_string(), shape.name());
+    }
+    assert_eq!(
+        "weird".parse::<Shape>(),
+        Err("unknown shape `weird` (chain, fanout, layered, random)".to_string())
+    );
+}
