@@ -635,13 +635,18 @@ impl<'a> Recorded<'a> {
                         })
                         .await
                         .map_err(|e| DriverError::Log(e.message))?;
-                    *exhausted = page.len() < limit;
-                    if let Some(last) = page.last() {
-                        *after_seq = last.seq;
+                    // A source that ignored `after_seq` would hand the same events again and
+                    // this loop would never end: only later events count, and a page without
+                    // one is the end.
+                    let before = *after_seq;
+                    let new = page.iter().filter(|e| e.seq > before).count();
+                    *exhausted = page.len() < limit || new == 0;
+                    if let Some(last) = page.iter().map(|e| e.seq).max() {
+                        *after_seq = last.max(before);
                     }
                     window.extend(
                         page.into_iter()
-                            .filter(|e| is_workforce_event(e.kind, &e.payload)),
+                            .filter(|e| e.seq > before && is_workforce_event(e.kind, &e.payload)),
                     );
                 }
                 Ok(n.min(window.len()))

@@ -1927,3 +1927,45 @@ impl driver::ToolInvoker for Altered {
         }
     }
 }
+
+/// A log whose reads ignore `after_seq` and `limit` (handing the whole run every time) still
+/// replays to the end, with the same report: replay reads a page at a time and must not loop
+/// on the same events.
+#[test]
+fn a_replay_ends_even_when_the_log_ignores_paging() {
+    struct Unpaged(Arc<MemoryLog>);
+    #[agent_runtime_core::async_trait]
+    impl agent_runtime_core::EventSource for Unpaged {
+        async fn query(
+            &self,
+            q: agent_runtime_core::EventQuery,
+        ) -> Result<Vec<Envelope>, agent_runtime_core::SinkError> {
+            let whole = agent_runtime_core::EventQuery {
+                after_seq: None,
+                limit: None,
+                ..q
+            };
+            self.0.query(whole).await
+        }
+    }
+    // More events than a page (4,096), so that replay asks for a second one.
+    let n = 1100;
+    let mut yaml = format!("limits: {{ concurrency: 64, max_tasks: {n} }}\ntasks:\n");
+    for i in 0..n {
+        yaml += &format!("  - {{ id: t{i}, tool: echo, args: {{ n: {i} }} }}\n");
+    }
+    let (out, log) = run(graph(&yaml), 1);
+    assert!(out.events > 4096, "{}", out.events);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let report = rt().block_on(driver::replay(&Unpaged(log), out.run_id));
+        let _ = tx.send(report.map(|r| (r.log_hash, r.events, r.finished)));
+    });
+    let report = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the replay never ended")
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.0, out.log_hash);
+    assert_eq!(report.1, out.events);
+    assert!(report.2);
+}
