@@ -6,6 +6,10 @@
 //! secret value (the values of environment variables handed to tools, MCP server tokens, the
 //! secrets a task graph names) is replaced wherever it appears in a string. It is applied to
 //! event payloads, approval requests, tool results and error messages.
+//!
+//! A value is also looked for in the forms a tool is likely to hand it back in: hexadecimal,
+//! base64 (standard and URL-safe, wherever it falls in the encoded text), percent-encoded and
+//! JSON-escaped. See [`Redactor::add_secret`].
 
 use serde_json::Value;
 
@@ -15,14 +19,17 @@ pub const REDACTED: &str = "[REDACTED]";
 /// Replaces secrets in JSON values and strings.
 #[derive(Clone, Default)]
 pub struct Redactor {
+    /// What is replaced: each secret and its encoded forms, longest first.
     values: Vec<String>,
+    /// Secrets registered (their forms not counted).
+    secrets: usize,
 }
 
 impl std::fmt::Debug for Redactor {
     // By hand: the derived form would print every secret it hides.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Redactor")
-            .field("secrets", &self.values.len())
+            .field("secrets", &self.secrets)
             .finish()
     }
 }
@@ -57,15 +64,43 @@ impl Redactor {
     /// The shortest secret value a redactor replaces: shorter ones would redact ordinary text.
     pub const MIN_SECRET_LEN: usize = 4;
 
+    /// The shortest encoded form of a secret that is replaced (see [`Redactor::add_secret`]):
+    /// a base64 stretch of a few characters would turn up by chance in any long encoded blob.
+    pub const MIN_FORM_LEN: usize = 8;
+
     /// Registers a secret value; values shorter than 4 bytes are ignored (they would redact
     /// ordinary text).
+    ///
+    /// Its encoded forms of at least [`Redactor::MIN_FORM_LEN`] characters are replaced too:
+    /// a tool may well return what it was given encoded (a header it echoes, a file it wrote).
+    /// Base64 is matched wherever the value sits in the encoded text: only the characters that
+    /// the value's bits alone decide are looked for, so the encoding of a longer text that
+    /// contains the value is caught as well, and is left partly masked.
+    ///
+    /// ```
+    /// use agent_runtime_core::Redactor;
+    /// let mut r = Redactor::new();
+    /// r.add_secret("sk-live-42");
+    /// // "Bearer sk-live-42" in base64; the characters the secret decides are replaced.
+    /// assert_eq!(r.redact_str("QmVhcmVyIHNrLWxpdmUtNDI="), "QmVhcmVyIH[REDACTED]I=");
+    /// assert_eq!(r.redact_str("736b2d6c6976652d3432"), "[REDACTED]");
+    /// assert_eq!(r.redact_str("key=sk-live-42"), "key=[REDACTED]");
+    /// ```
     pub fn add_secret(&mut self, value: impl Into<String>) {
         let v = value.into();
-        if v.len() >= Self::MIN_SECRET_LEN && !self.values.contains(&v) {
-            self.values.push(v);
-            // Longest first, so a secret containing another is replaced whole.
-            self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
+        if v.len() < Self::MIN_SECRET_LEN || self.values.contains(&v) {
+            return;
         }
+        self.secrets += 1;
+        let forms = encoded_forms(v.as_bytes());
+        self.values.push(v);
+        for form in forms {
+            if form.len() >= Self::MIN_FORM_LEN && !self.values.contains(&form) {
+                self.values.push(form);
+            }
+        }
+        // Longest first, so a secret containing another is replaced whole.
+        self.values.sort_by_key(|v| std::cmp::Reverse(v.len()));
     }
 
     /// This redactor with `values` registered too (see [`Redactor::add_secret`]).
@@ -129,6 +164,48 @@ impl Redactor {
             other => other.clone(),
         }
     }
+}
+
+/// The forms other than itself in which a secret may come back from a tool: hexadecimal (both
+/// cases), base64 in the standard and the URL-safe alphabet at each of the three places a value
+/// can start within a 3-byte group, percent-encoding (RFC 3986, upper-case hex) and JSON string
+/// escaping. Forms equal to the value are left out.
+fn encoded_forms(value: &[u8]) -> Vec<String> {
+    use base64::Engine as _;
+    let mut forms = vec![hex::encode(value), hex::encode_upper(value)];
+    for engine in [
+        &base64::engine::general_purpose::STANDARD_NO_PAD,
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD,
+    ] {
+        for offset in 0..3usize {
+            // The value after `offset` bytes of anything: a character of the encoding is the
+            // value's alone when its 6 bits all fall within the value's bits.
+            let mut shifted = vec![0u8; offset];
+            shifted.extend_from_slice(value);
+            let text = engine.encode(&shifted);
+            let first = (8 * offset).div_ceil(6);
+            let end = 8 * (offset + value.len()) / 6;
+            if let Some(core) = text.get(first..end) {
+                forms.push(core.to_string());
+            }
+        }
+    }
+    let mut percent = String::with_capacity(value.len() * 3);
+    for &b in value {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            percent.push(char::from(b));
+        } else {
+            percent.push_str(&format!("%{b:02X}"));
+        }
+    }
+    forms.push(percent);
+    if let Ok(text) = std::str::from_utf8(value) {
+        let quoted = serde_json::Value::String(text.to_string()).to_string();
+        forms.push(quoted[1..quoted.len() - 1].to_string());
+    }
+    let own = String::from_utf8_lossy(value);
+    forms.retain(|f| *f != own);
+    forms
 }
 
 /// Where a run finds the secrets a task graph names as `{{ secrets.NAME }}`.
@@ -236,6 +313,55 @@ mod tests {
             json!({"tokens": 5, "echo": ["Bearer [REDACTED]"], "[REDACTED]": true})
         );
         assert_eq!(Redactor::new().redact_values(&v), v);
+    }
+
+    /// A secret handed back encoded is caught: hex in either case, base64 in either alphabet
+    /// wherever it starts within the encoded text (any prefix, any suffix), percent-encoded and
+    /// JSON-escaped.
+    #[test]
+    fn encoded_forms_of_a_secret_are_redacted() {
+        use base64::Engine as _;
+        use base64::engine::general_purpose::{STANDARD, URL_SAFE};
+        // Bytes whose base64 holds `+` and `/` (or `-` and `_`), a quote, a backslash, a space.
+        const SECRET: &str = "k>?~ \\\"x~?>>>?";
+        let mut r = Redactor::new();
+        r.add_secret(SECRET);
+        for prefix in ["", "a", "ab", "abc", "Authorization: Bearer "] {
+            for suffix in ["", "!", "!!", "!!!"] {
+                let text = format!("{prefix}{SECRET}{suffix}");
+                for encoded in [STANDARD.encode(&text), URL_SAFE.encode(&text)] {
+                    let out = r.redact_str(&encoded);
+                    assert!(out.contains(REDACTED), "{prefix:?} {suffix:?}: {out}");
+                }
+            }
+        }
+        let hex = hex::encode(SECRET);
+        assert_eq!(r.redact_str(&format!("0x{hex}")), "0x[REDACTED]");
+        assert_eq!(
+            r.redact_str(&hex.to_uppercase()),
+            REDACTED,
+            "upper-case hex"
+        );
+        assert_eq!(
+            r.redact_str("?t=k%3E%3F~%20%5C%22x~%3F%3E%3E%3E%3F&x=1"),
+            "?t=[REDACTED]&x=1"
+        );
+        let json = serde_json::to_string(&json!({"token": SECRET})).unwrap();
+        assert_eq!(r.redact_str(&json), r#"{"token":"[REDACTED]"}"#);
+        assert!(!format!("{r:?}").contains("x~"));
+    }
+
+    /// The encoded forms of a short secret are left alone when they are shorter than
+    /// `MIN_FORM_LEN`: five base64 characters would turn up by chance in a long blob. The
+    /// value itself still counts from 4 bytes.
+    #[test]
+    fn short_forms_are_not_looked_for() {
+        let mut r = Redactor::new();
+        r.add_secret("abcd");
+        assert_eq!(r.redact_str("YWJjZA"), "YWJjZA", "base64 of a 4-byte value");
+        assert_eq!(r.redact_str("61626364"), REDACTED, "hex is 8 characters");
+        assert_eq!(r.redact_str("xabcdx"), "x[REDACTED]x");
+        assert_eq!(format!("{r:?}"), "Redactor { secrets: 1 }");
     }
 
     #[test]

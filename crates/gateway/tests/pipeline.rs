@@ -733,3 +733,56 @@ async fn secrets_of_configured_servers_and_tools_are_redacted() {
     assert!(!text.contains(&secret), "{text}");
     assert!(!text.contains(&format!("Bearer {bearer}")), "{text}");
 }
+
+/// A configured secret that a command tool hands back encoded (base64 from coreutils, hex from
+/// `od`, at any offset in the output) is redacted in the output and in the log, as the value
+/// itself is.
+#[tokio::test]
+async fn a_secret_a_tool_returns_encoded_is_redacted() {
+    let dir = tempfile::tempdir().unwrap();
+    // PATH stands in for a secret (see above).
+    let secret = std::env::var("PATH").unwrap();
+    std::fs::write(
+        dir.path().join("gateway.yaml"),
+        r#"workspace: ["."]
+tools:
+  - name: encode
+    description: prints its token encoded
+    risk: read
+    input_schema: { type: object, properties: { prefix: { type: string } } }
+    command: ["/bin/sh", "-c", "printf '%s%s' \"$1\" \"$API_TOKEN\" | base64 -w0; echo; printf %s \"$API_TOKEN\" | od -An -tx1 -v | tr -d ' \\n'", "sh", "{prefix}"]
+    env: { API_TOKEN: "${PATH}" }
+"#,
+    )
+    .unwrap();
+    let opts = agent_runtime_gateway::config::Options {
+        config: Some(dir.path().join("gateway.yaml")),
+        ..Default::default()
+    };
+    let assembled = agent_runtime_gateway::config::assemble(&opts).unwrap();
+    let log = Arc::new(MemoryLog::default());
+    let (gw, _mcp) = assembled
+        .into_gateway(log.clone(), Arc::new(agent_runtime_core::DenyAll))
+        .unwrap();
+    use base64::Engine as _;
+    let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
+    for prefix in ["", "a", "ab", "Bearer "] {
+        let out = gw
+            .call("encode", json!({ "prefix": prefix }), ctx())
+            .await
+            .unwrap();
+        let stdout = out.value["stdout"].as_str().unwrap_or_default().to_string();
+        let plain = base64::engine::general_purpose::STANDARD.encode(format!("{prefix}{secret}"));
+        assert_eq!(out.value["exit_code"], 0, "{}", out.value);
+        assert!(!stdout.contains(&plain), "{prefix:?}: {stdout}");
+        assert!(!stdout.contains(&hex), "{prefix:?}: {stdout}");
+        assert_eq!(
+            stdout.matches("[REDACTED]").count(),
+            2,
+            "{prefix:?}: {stdout}"
+        );
+    }
+    let text = serde_json::to_string(&log.all()).unwrap();
+    assert!(!text.contains(&hex), "{text}");
+    assert!(!text.contains(&secret), "{text}");
+}
