@@ -304,6 +304,12 @@ pub enum SimError {
 /// The start of virtual time: 2026-01-01T00:00:00Z.
 pub const SIM_EPOCH: Timestamp = Timestamp::from_unix_nanos(1_767_225_600_000_000_000);
 
+/// Batches a simulation lets its sink hold before it waits for the oldest to be durable: enough
+/// to cover a store's fsync of the earliest while it writes the next ones (measured against 1,
+/// 8 and 16 in `docs/benchmarks.md`), few enough to bound the events held (about 1.2 MB a
+/// batch of 4,096).
+const SINK_DEPTH: usize = 4;
+
 /// Runs a simulation, writing its events to `sink`.
 pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimReport, SimError> {
     cfg.check().map_err(SimError::Config)?;
@@ -363,21 +369,35 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         }
         hasher
     });
-    // One batch is queued behind the one the sink writes (see `EventSink::submit_encoded`),
-    // so a store's writer goes from one to the next without waiting for this task.
+    // Batches are queued behind the one the sink writes (see `EventSink::submit_encoded`), so
+    // a store's writer goes from one to the next without waiting for this task, and up to
+    // `SINK_DEPTH` of them may be waiting to be durable: a store answers a batch only after
+    // its fsync, and waiting for each batch in turn left the scheduler idle for as long as the
+    // disk took.
     let write_task = tokio::spawn(async move {
         let stream = AppendStream::new();
-        let mut in_flight: Option<PendingAppend> = None;
+        let mut in_flight: std::collections::VecDeque<PendingAppend> =
+            std::collections::VecDeque::with_capacity(SINK_DEPTH + 1);
         while let Some(batch) = hashed.recv().await {
-            let pending = sink
-                .submit_encoded(batch, &stream)
-                .await
-                .map_err(|e| SimError::Log(e.message))?;
-            if let Some(before) = in_flight.replace(pending) {
-                before.await.map_err(|e| SimError::Log(e.message))?;
+            let pending = match sink.submit_encoded(batch, &stream).await {
+                Ok(pending) => pending,
+                Err(refused) => {
+                    // Refused because an earlier batch failed, most likely: that batch's error
+                    // says why, this one only that the stream stopped.
+                    for before in in_flight {
+                        before.await.map_err(|e| SimError::Log(e.message))?;
+                    }
+                    return Err(SimError::Log(refused.message));
+                }
+            };
+            in_flight.push_back(pending);
+            while in_flight.len() > SINK_DEPTH {
+                if let Some(before) = in_flight.pop_front() {
+                    before.await.map_err(|e| SimError::Log(e.message))?;
+                }
             }
         }
-        if let Some(last) = in_flight {
+        for last in in_flight {
             last.await.map_err(|e| SimError::Log(e.message))?;
         }
         Ok::<(), SimError>(())

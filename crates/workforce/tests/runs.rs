@@ -1969,3 +1969,36 @@ fn a_replay_ends_even_when_the_log_ignores_paging() {
     assert_eq!(report.1, out.events);
     assert!(report.2);
 }
+
+/// A log that refuses a batch stops the run with the log's own words, also when the driver
+/// has several pieces of a burst in flight (a log refuses every piece after a failed one and
+/// only the failed one says why): no hang, and no tool runs whose request was not recorded.
+#[test]
+fn a_log_that_refuses_a_batch_stops_the_run_with_its_message() {
+    let mut yaml = String::from("limits: { concurrency: 3000, max_tasks: 3000 }\ntasks:\n");
+    for i in 0..3000 {
+        yaml.push_str(&format!(
+            "  - {{ id: t{i}, tool: echo, args: {{ text: x }} }}\n"
+        ));
+    }
+    let g = graph(&yaml);
+    for accepts in [0, 1, 2, 3, 5] {
+        let log = Arc::new(RefusingLog {
+            accepts: accepts.into(),
+        });
+        let err = rt()
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(600),
+                    driver::run_graph(g.clone(), opts_at_t0(log, registry())),
+                )
+                .await
+            })
+            .expect("the run stops")
+            .expect_err("the log refused a batch");
+        assert!(
+            matches!(&err, DriverError::Log(m) if m.contains("disk full at /var/log/events.db")),
+            "after {accepts}: {err}"
+        );
+    }
+}

@@ -1,5 +1,7 @@
 //! The simulator: determinism over seeds and shapes, replayability, limits, and properties.
 
+mod common;
+
 use std::sync::Arc;
 
 use agent_runtime_core::{EventQuery, MemoryLog};
@@ -96,4 +98,29 @@ fn shapes_parse_from_their_names() {
         "weird".parse::<Shape>(),
         Err("unknown shape `weird` (chain, fanout, layered, random)".to_string())
     );
+}
+
+/// A log that refuses a batch mid-run stops the simulation with the log's own message, wherever
+/// the refused batch falls among those the simulator lets the log hold at once: no hang, and no
+/// report of a run whose events were lost.
+#[test]
+fn a_log_that_refuses_a_batch_stops_the_simulation_with_its_message() {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    for accepts in [0, 1, 2, 5, 9] {
+        let mut cfg = SimConfig::new(20, 20_000, Shape::Layered, 0.0, 1);
+        cfg.batch = 256;
+        let log = Arc::new(common::RefusingLog {
+            accepts: accepts.into(),
+        });
+        let err = rt
+            .block_on(simulate(&cfg, log))
+            .expect_err("the log refused a batch");
+        assert!(
+            err.to_string().contains("disk full at /var/log/events.db"),
+            "after {accepts}: {err}"
+        );
+    }
 }

@@ -199,3 +199,35 @@ pub fn run(g: TaskGraph, seed: u64) -> (Outcome, Arc<MemoryLog>) {
 pub fn events(log: &MemoryLog) -> Vec<Envelope> {
     log.query_now(&EventQuery::default())
 }
+
+/// A log that takes `accepts` batches and refuses every one after, saying why ("disk full at
+/// /var/log/events.db").
+pub struct RefusingLog {
+    pub accepts: std::sync::atomic::AtomicUsize,
+}
+
+#[agent_runtime_core::async_trait]
+impl agent_runtime_core::EventSink for RefusingLog {
+    async fn append(
+        &self,
+        events: Vec<agent_runtime_core::NewEvent>,
+    ) -> Result<Vec<agent_runtime_core::Appended>, agent_runtime_core::SinkError> {
+        use std::sync::atomic::Ordering::SeqCst;
+        if self
+            .accepts
+            .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
+            .is_err()
+        {
+            return Err(agent_runtime_core::SinkError {
+                message: "disk full at /var/log/events.db".into(),
+            });
+        }
+        Ok(vec![
+            agent_runtime_core::Appended {
+                seq: 0,
+                hash: agent_runtime_core::Hash32::GENESIS,
+            };
+            events.len()
+        ])
+    }
+}
