@@ -683,6 +683,20 @@ async fn duplicate_and_badly_named_tools_are_refused() {
     assert!(reg.register(bad).is_err());
 }
 
+/// The gateway that `--config DIR/gateway.yaml` assembles, recording to a log of its own.
+fn configured_gateway(dir: &std::path::Path) -> (agent_runtime_gateway::Gateway, Arc<MemoryLog>) {
+    let opts = agent_runtime_gateway::config::Options {
+        config: Some(dir.join("gateway.yaml")),
+        ..Default::default()
+    };
+    let assembled = agent_runtime_gateway::config::assemble(&opts).unwrap();
+    let log = Arc::new(MemoryLog::default());
+    let (gw, _mcp) = assembled
+        .into_gateway(log.clone(), Arc::new(agent_runtime_core::DenyAll))
+        .unwrap();
+    (gw, log)
+}
+
 #[tokio::test]
 async fn secrets_of_configured_servers_and_tools_are_redacted() {
     let dir = tempfile::tempdir().unwrap();
@@ -700,15 +714,7 @@ async fn secrets_of_configured_servers_and_tools_are_redacted() {
         "workspace: [\".\"]\nmcp: mcp.json\n",
     )
     .unwrap();
-    let opts = agent_runtime_gateway::config::Options {
-        config: Some(dir.path().join("gateway.yaml")),
-        ..Default::default()
-    };
-    let assembled = agent_runtime_gateway::config::assemble(&opts).unwrap();
-    let log = Arc::new(MemoryLog::default());
-    let (gw, _mcp) = assembled
-        .into_gateway(log.clone(), Arc::new(agent_runtime_core::DenyAll))
-        .unwrap();
+    let (gw, log) = configured_gateway(dir.path());
     let out = gw
         .call(
             "builtin.echo",
@@ -755,15 +761,7 @@ tools:
 "#,
     )
     .unwrap();
-    let opts = agent_runtime_gateway::config::Options {
-        config: Some(dir.path().join("gateway.yaml")),
-        ..Default::default()
-    };
-    let assembled = agent_runtime_gateway::config::assemble(&opts).unwrap();
-    let log = Arc::new(MemoryLog::default());
-    let (gw, _mcp) = assembled
-        .into_gateway(log.clone(), Arc::new(agent_runtime_core::DenyAll))
-        .unwrap();
+    let (gw, log) = configured_gateway(dir.path());
     use base64::Engine as _;
     let hex: String = secret.bytes().map(|b| format!("{b:02x}")).collect();
     for prefix in ["", "a", "ab", "Bearer "] {
