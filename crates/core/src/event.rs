@@ -83,13 +83,25 @@ impl Actor {
     /// Appends the string form (what `Display` writes) without going through the formatter:
     /// this runs for every event appended and verified.
     fn write_bytes(&self, out: &mut Vec<u8>) {
-        let (prefix, name): (&[u8], &str) = match self {
-            Actor::Agent(n) => (b"agent:", n),
-            Actor::Tool(n) => (b"tool:", n),
-            Actor::Person(n) => (b"person:", n),
-            Actor::System => (b"system", ""),
+        // Each prefix copied where its length is known (no `memcpy` call for a few bytes).
+        let name = match self {
+            Actor::Agent(n) => {
+                out.extend_from_slice(b"agent:");
+                n
+            }
+            Actor::Tool(n) => {
+                out.extend_from_slice(b"tool:");
+                n
+            }
+            Actor::Person(n) => {
+                out.extend_from_slice(b"person:");
+                n
+            }
+            Actor::System => {
+                out.extend_from_slice(b"system");
+                return;
+            }
         };
-        out.extend_from_slice(prefix);
         out.extend_from_slice(name.as_bytes());
     }
 }
@@ -1033,8 +1045,14 @@ pub struct Slot<'a> {
 
 impl Slot<'_> {
     /// An unsigned integer.
+    #[inline]
     pub fn u64(self, value: u64) {
-        write_integer(self.out, value);
+        // Most are one digit (attempts, turns, counts): no formatting, no copy.
+        if value < 10 {
+            self.out.push(b'0' + value as u8);
+        } else {
+            write_integer(self.out, value);
+        }
     }
     /// A string.
     pub fn str(self, value: &str) {
@@ -1290,7 +1308,10 @@ mod tests {
                     .u64("call", u64::MAX)
                     .bool("done", false)
                     .object("output", |o| {
-                        o.str("text", "line\n\"quoted\" \u{1}").u64("turns", 0);
+                        o.str("text", "line\n\"quoted\" \u{1}")
+                            .u64("turns", 0)
+                            .u64("v10", 10)
+                            .u64("v9", 9);
                     })
                     .canonical("raw", br#"{"a":[1,"x"],"b":null}"#)
                     .object("zero", |_| {})
@@ -1309,7 +1330,8 @@ mod tests {
         );
         let value = serde_json::json!({
             "args": nested, "call": u64::MAX, "done": false,
-            "output": {"text": "line\n\"quoted\" \u{1}", "turns": 0}, "zero": {},
+            "output": {"text": "line\n\"quoted\" \u{1}", "turns": 0, "v10": 10, "v9": 9},
+            "zero": {},
             "raw": {"a": [1, "x"], "b": null},
             "\u{7f}key": {"a\"b": 7, "b": "\n", "é": {"v": [{"x": 2, "y": 1}]}},
         });
