@@ -64,18 +64,16 @@ impl Redactor {
     /// The shortest secret value a redactor replaces: shorter ones would redact ordinary text.
     pub const MIN_SECRET_LEN: usize = 4;
 
-    /// The shortest encoded form of a secret that is replaced (see [`Redactor::add_secret`]):
-    /// a base64 stretch of a few characters would turn up by chance in any long encoded blob.
-    pub const MIN_FORM_LEN: usize = 8;
-
     /// Registers a secret value; values shorter than 4 bytes are ignored (they would redact
     /// ordinary text).
     ///
-    /// Its encoded forms of at least [`Redactor::MIN_FORM_LEN`] characters are replaced too:
-    /// a tool may well return what it was given encoded (a header it echoes, a file it wrote).
-    /// Base64 is matched wherever the value sits in the encoded text: only the characters that
-    /// the value's bits alone decide are looked for, so the encoding of a longer text that
-    /// contains the value is caught as well, and is left partly masked.
+    /// Its encoded forms are replaced too: a tool may well return what it was given encoded (a
+    /// header it echoes, a file it wrote). Base64 is matched wherever the value sits in the
+    /// encoded text: only the characters that the value's bits alone decide are looked for, so
+    /// the encoding of a longer text that contains the value is caught as well, and is left
+    /// partly masked. A form is looked for only when it carries at least the 32 bits of the
+    /// shortest value (8 hex digits, 6 base64 characters): a shorter one would turn up by
+    /// chance in any long encoded blob.
     ///
     /// ```
     /// use agent_runtime_core::Redactor;
@@ -95,7 +93,7 @@ impl Redactor {
         let forms = encoded_forms(v.as_bytes());
         self.values.push(v);
         for form in forms {
-            if form.len() >= Self::MIN_FORM_LEN && !self.values.contains(&form) {
+            if !self.values.contains(&form) {
                 self.values.push(form);
             }
         }
@@ -169,10 +167,18 @@ impl Redactor {
 /// The forms other than itself in which a secret may come back from a tool: hexadecimal (both
 /// cases), base64 in the standard and the URL-safe alphabet at each of the three places a value
 /// can start within a 3-byte group, percent-encoding (RFC 3986, upper-case hex) and JSON string
-/// escaping. Forms equal to the value are left out.
+/// escaping. Forms equal to the value are left out, and so are forms that carry fewer than 32
+/// bits (see [`Redactor::add_secret`]); percent-encoding and JSON escaping keep every byte of
+/// the value, so they carry as much as it does.
 fn encoded_forms(value: &[u8]) -> Vec<String> {
     use base64::Engine as _;
-    let mut forms = vec![hex::encode(value), hex::encode_upper(value)];
+    /// Characters that carry 32 bits or more: 4 bits each in hex, 6 in base64.
+    const MIN_HEX: usize = 8;
+    const MIN_BASE64: usize = 6;
+    let mut forms = Vec::new();
+    if 2 * value.len() >= MIN_HEX {
+        forms.extend([hex::encode(value), hex::encode_upper(value)]);
+    }
     for engine in [
         &base64::engine::general_purpose::STANDARD_NO_PAD,
         &base64::engine::general_purpose::URL_SAFE_NO_PAD,
@@ -185,7 +191,7 @@ fn encoded_forms(value: &[u8]) -> Vec<String> {
             let text = engine.encode(&shifted);
             let first = (8 * offset).div_ceil(6);
             let end = 8 * (offset + value.len()) / 6;
-            if let Some(core) = text.get(first..end) {
+            if let Some(core) = text.get(first..end).filter(|c| c.len() >= MIN_BASE64) {
                 forms.push(core.to_string());
             }
         }
@@ -351,17 +357,33 @@ mod tests {
         assert!(!format!("{r:?}").contains("x~"));
     }
 
-    /// The encoded forms of a short secret are left alone when they are shorter than
-    /// `MIN_FORM_LEN`: five base64 characters would turn up by chance in a long blob. The
-    /// value itself still counts from 4 bytes.
+    /// Encoded forms that carry fewer than 32 bits are left alone: the 4 or 5 base64
+    /// characters that a 4-byte value alone decides would turn up by chance in a long blob.
+    /// From 5 bytes, base64 is caught at every offset. Percent and JSON forms keep the value's
+    /// bytes and count as it does, from 4 bytes.
     #[test]
     fn short_forms_are_not_looked_for() {
+        use base64::Engine as _;
         let mut r = Redactor::new();
         r.add_secret("abcd");
         assert_eq!(r.redact_str("YWJjZA"), "YWJjZA", "base64 of a 4-byte value");
         assert_eq!(r.redact_str("61626364"), REDACTED, "hex is 8 characters");
         assert_eq!(r.redact_str("xabcdx"), "x[REDACTED]x");
         assert_eq!(format!("{r:?}"), "Redactor { secrets: 1 }");
+        let mut r = Redactor::new();
+        r.add_secret("a b\\");
+        assert_eq!(r.redact_str("q=a%20b%5C&"), "q=[REDACTED]&");
+        assert_eq!(r.redact_str(r#"{"k":"a b\\"}"#), r#"{"k":"[REDACTED]"}"#);
+        let mut r = Redactor::new();
+        r.add_secret("k3y!5");
+        for prefix in ["", "a", "ab"] {
+            let encoded =
+                base64::engine::general_purpose::STANDARD.encode(format!("{prefix}k3y!5"));
+            assert!(
+                r.redact_str(&encoded).contains(REDACTED),
+                "{prefix:?}: {encoded}"
+            );
+        }
     }
 
     #[test]
