@@ -73,8 +73,8 @@ pub trait EventSink: Send + Sync {
     ) -> Result<PendingAppend, SinkError> {
         stream.check()?;
         let landed = self.append_encoded(events).await;
-        if landed.is_err() {
-            stream.fail();
+        if let Err(e) = &landed {
+            stream.fail(e.message.as_str());
         }
         Ok(Box::pin(std::future::ready(landed)))
     }
@@ -146,12 +146,15 @@ pub type PendingAppend = std::pin::Pin<
 /// use agent_runtime_core::AppendStream;
 /// let stream = AppendStream::new();
 /// assert!(stream.check().is_ok());
-/// stream.fail();
-/// assert!(stream.check().unwrap_err().message.contains("earlier batch"));
+/// stream.fail("disk full");
+/// let refused = stream.check().unwrap_err().message;
+/// assert!(refused.contains("earlier batch") && refused.contains("disk full"), "{refused}");
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct AppendStream {
-    failed: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Why the first batch that failed did: a later refusal says so, since its producer may
+    /// see the refusal before (or instead of) that batch's own error.
+    failed: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl AppendStream {
@@ -160,27 +163,34 @@ impl AppendStream {
         Self::default()
     }
 
-    /// Marks the stream failed: a batch of it did not land, so no later one may.
-    pub fn fail(&self) {
-        self.failed
-            .store(true, std::sync::atomic::Ordering::Release);
+    /// Marks the stream failed: a batch of it did not land (`cause` says why, in one line), so
+    /// no later one may. The first cause is kept.
+    pub fn fail(&self, cause: impl Into<String>) {
+        let _ = self.failed.set(cause.into());
     }
 
     /// Whether a batch of the stream failed.
     pub fn has_failed(&self) -> bool {
-        self.failed.load(std::sync::atomic::Ordering::Acquire)
+        self.failed.get().is_some()
     }
 
-    /// `Ok` while no batch of the stream failed; the error to refuse a batch with otherwise.
+    /// Why the stream failed, once it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failed.get().map(String::as_str)
+    }
+
+    /// `Ok` while no batch of the stream failed; the error to refuse a batch with otherwise,
+    /// which names the failure.
     pub fn check(&self) -> Result<(), SinkError> {
-        if self.has_failed() {
-            return Err(SinkError {
-                message: "an earlier batch of this stream failed to append, so later ones are \
-                          refused (the log must not have a gap)"
-                    .into(),
-            });
+        match self.failure() {
+            Some(cause) => Err(SinkError {
+                message: format!(
+                    "an earlier batch of this stream failed to append ({cause}), so later ones \
+                     are refused (the log must not have a gap)"
+                ),
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 }
 
@@ -448,7 +458,12 @@ mod tests {
                 .await
                 .map(|_| ())
         });
-        assert!(refused.unwrap_err().message.contains("earlier batch"));
+        let refused = refused.unwrap_err().message;
+        assert!(refused.contains("earlier batch"), "{refused}");
+        assert!(
+            refused.contains("(disk full)"),
+            "the refusal names the failure: {refused}"
+        );
         assert_eq!(sink.0.all().len(), 1);
     }
 

@@ -113,11 +113,13 @@ pub enum StoreError {
     /// A batch of an [`agent_runtime_core::AppendStream`] is refused because an earlier batch of
     /// the same stream failed: appending it would leave a gap in the producer's events.
     #[error(
-        "event database {path}: an earlier batch of this stream failed to append, so this one is refused (the log must not have a gap)"
+        "event database {path}: an earlier batch of this stream failed to append ({cause}), so this one is refused (the log must not have a gap)"
     )]
     StreamFailed {
         /// The database file.
         path: PathBuf,
+        /// Why the earlier batch failed.
+        cause: String,
     },
     /// A run is being driven by someone else (see [`crate::Store::claim_run`]).
     #[error(

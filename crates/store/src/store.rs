@@ -666,9 +666,10 @@ impl Store {
         events: Vec<EncodedEvent>,
         stream: &AppendStream,
     ) -> Result<PendingBatch, StoreError> {
-        if stream.has_failed() {
+        if let Some(cause) = stream.failure() {
             return Err(StoreError::StreamFailed {
                 path: self.inner.path.clone(),
+                cause: cause.to_string(),
             });
         }
         self.queue(events, Some(stream.clone())).await
@@ -1347,7 +1348,7 @@ fn wal_sync_loop(
 /// fails, so that nothing is appended after the gap that a power loss could leave.
 fn refuse_not_durable(db: &Path, reply: Reply, stream: Option<&AppendStream>, detail: &str) {
     if let Some(stream) = stream {
-        stream.fail();
+        stream.fail(format!("not known to be on disk: {detail}"));
     }
     let Reply::Async(tx) = reply;
     let _ = tx.send(Err(StoreError::NotDurable {
@@ -1450,10 +1451,14 @@ fn writer_loop(
             .any(|r| r.stream.as_ref().is_some_and(AppendStream::has_failed))
         {
             for req in std::mem::take(&mut batch) {
-                if req.stream.as_ref().is_some_and(AppendStream::has_failed) {
+                if let Some(cause) = req.stream.as_ref().and_then(AppendStream::failure) {
                     n -= req.events.len();
+                    let cause = cause.to_string();
                     let Reply::Async(tx) = req.reply;
-                    let _ = tx.send(Err(StoreError::StreamFailed { path: path.clone() }));
+                    let _ = tx.send(Err(StoreError::StreamFailed {
+                        path: path.clone(),
+                        cause,
+                    }));
                 } else {
                     batch.push(req);
                 }
@@ -1523,7 +1528,7 @@ fn writer_loop(
             Err(detail) => {
                 for req in batch.drain(..) {
                     if let Some(stream) = &req.stream {
-                        stream.fail();
+                        stream.fail(detail.as_str());
                     }
                     let Reply::Async(tx) = req.reply;
                     let _ = tx.send(Err(StoreError::Sqlite {

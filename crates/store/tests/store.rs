@@ -588,6 +588,10 @@ async fn a_failed_batch_refuses_the_rest_of_its_stream() {
         Err(e) => e,
     };
     assert!(matches!(err, StoreError::StreamFailed { .. }), "{err}");
+    assert!(
+        err.to_string().contains("poisoned by the test"),
+        "names the failure: {err}"
+    );
     assert!(stream.has_failed());
     let again = store.submit_encoded(encode(events(1, 1)), &stream).await;
     assert!(matches!(again, Err(StoreError::StreamFailed { .. })));

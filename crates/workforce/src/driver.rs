@@ -971,21 +971,6 @@ struct Pending {
     observed: Option<Vec<EncodedEvent>>,
 }
 
-/// The error to stop a run with when the log refused a piece: the error of an earlier piece
-/// still pending, if one failed (a log refuses every piece after a failed one of the same
-/// stream, and only the failed one says why), else the refusal itself.
-async fn first_failure(
-    pending: VecDeque<Pending>,
-    refused: agent_runtime_core::SinkError,
-) -> DriverError {
-    for piece in pending {
-        if let Err(e) = piece.landed.await {
-            return DriverError::Log(e.message);
-        }
-    }
-    DriverError::Log(refused.message)
-}
-
 /// Waits until the oldest pending piece is durable and takes it off the queue. Cancel-safe (it
 /// sits in a `select!`): the piece leaves the queue only once it is durable.
 async fn next_durable(pending: &mut VecDeque<Pending>) -> Result<Pending, DriverError> {
@@ -1146,10 +1131,14 @@ impl Driver {
                     for e in &piece {
                         self.hasher.update_encoded(e);
                     }
-                    let landed = match self.opts.sink.submit_encoded(piece, stream).await {
-                        Ok(landed) => landed,
-                        Err(refused) => return Err(first_failure(pending, refused).await),
-                    };
+                    // A refusal after a failed piece names that piece's failure (see
+                    // `AppendStream::check`).
+                    let landed = self
+                        .opts
+                        .sink
+                        .submit_encoded(piece, stream)
+                        .await
+                        .map_err(|e| DriverError::Log(e.message))?;
                     pending.push_back(Pending {
                         landed,
                         effects: waiting,

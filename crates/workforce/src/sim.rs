@@ -379,17 +379,12 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
         let mut in_flight: std::collections::VecDeque<PendingAppend> =
             std::collections::VecDeque::with_capacity(SINK_DEPTH + 1);
         while let Some(batch) = hashed.recv().await {
-            let pending = match sink.submit_encoded(batch, &stream).await {
-                Ok(pending) => pending,
-                Err(refused) => {
-                    // Refused because an earlier batch failed, most likely: that batch's error
-                    // says why, this one only that the stream stopped.
-                    for before in in_flight {
-                        before.await.map_err(|e| SimError::Log(e.message))?;
-                    }
-                    return Err(SimError::Log(refused.message));
-                }
-            };
+            // A refusal after a failed batch names that batch's failure (see
+            // `AppendStream::check`).
+            let pending = sink
+                .submit_encoded(batch, &stream)
+                .await
+                .map_err(|e| SimError::Log(e.message))?;
             in_flight.push_back(pending);
             while in_flight.len() > SINK_DEPTH {
                 if let Some(before) = in_flight.pop_front() {
