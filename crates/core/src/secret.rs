@@ -90,7 +90,7 @@ impl Redactor {
             return;
         }
         self.secrets += 1;
-        let forms = encoded_forms(v.as_bytes());
+        let forms = encoded_forms(&v);
         self.values.push(v);
         for form in forms {
             if !self.values.contains(&form) {
@@ -170,14 +170,15 @@ impl Redactor {
 /// escaping. Forms equal to the value are left out, and so are forms that carry fewer than 32
 /// bits (see [`Redactor::add_secret`]); percent-encoding and JSON escaping keep every byte of
 /// the value, so they carry as much as it does.
-fn encoded_forms(value: &[u8]) -> Vec<String> {
+fn encoded_forms(value: &str) -> Vec<String> {
     use base64::Engine as _;
+    let bytes = value.as_bytes();
     /// Characters that carry 32 bits or more: 4 bits each in hex, 6 in base64.
     const MIN_HEX: usize = 8;
     const MIN_BASE64: usize = 6;
     let mut forms = Vec::new();
-    if 2 * value.len() >= MIN_HEX {
-        forms.extend([hex::encode(value), hex::encode_upper(value)]);
+    if 2 * bytes.len() >= MIN_HEX {
+        forms.extend([hex::encode(bytes), hex::encode_upper(bytes)]);
     }
     for engine in [
         &base64::engine::general_purpose::STANDARD_NO_PAD,
@@ -187,17 +188,17 @@ fn encoded_forms(value: &[u8]) -> Vec<String> {
             // The value after `offset` bytes of anything: a character of the encoding is the
             // value's alone when its 6 bits all fall within the value's bits.
             let mut shifted = vec![0u8; offset];
-            shifted.extend_from_slice(value);
+            shifted.extend_from_slice(bytes);
             let text = engine.encode(&shifted);
             let first = (8 * offset).div_ceil(6);
-            let end = 8 * (offset + value.len()) / 6;
+            let end = 8 * (offset + bytes.len()) / 6;
             if let Some(core) = text.get(first..end).filter(|c| c.len() >= MIN_BASE64) {
                 forms.push(core.to_string());
             }
         }
     }
     let mut percent = String::with_capacity(value.len() * 3);
-    for &b in value {
+    for &b in bytes {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
             percent.push(char::from(b));
         } else {
@@ -205,12 +206,9 @@ fn encoded_forms(value: &[u8]) -> Vec<String> {
         }
     }
     forms.push(percent);
-    if let Ok(text) = std::str::from_utf8(value) {
-        let quoted = serde_json::Value::String(text.to_string()).to_string();
-        forms.push(quoted[1..quoted.len() - 1].to_string());
-    }
-    let own = String::from_utf8_lossy(value);
-    forms.retain(|f| *f != own);
+    let quoted = serde_json::Value::String(value.to_string()).to_string();
+    forms.push(quoted[1..quoted.len() - 1].to_string());
+    forms.retain(|f| f != value);
     forms
 }
 
