@@ -114,7 +114,7 @@ pub struct ExportArgs {
     /// jsonl, otlp or bundle.
     #[arg(long, default_value = "jsonl")]
     pub format: String,
-    /// Write here instead of standard output.
+    /// Write here instead of standard output (`-` is standard output too).
     #[arg(short = 'o', long = "output", value_name = "FILE")]
     pub output: Option<PathBuf>,
     #[command(flatten)]
@@ -208,7 +208,9 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
     let store = global.open_store_read_only()?;
     args.filter.resolve_run(&store, &mut query)?;
-    let summary = match &args.output {
+    // `-o -` is standard output, as for most tools, not a file named `-`.
+    let output = args.output.as_ref().filter(|p| p.as_os_str() != "-");
+    let summary = match output {
         Some(path) => match ExportTarget::of(path)? {
             ExportTarget::Stream => {
                 // A device or a pipe (`/dev/stdout`, a FIFO): written as it is. Renaming a file
@@ -244,19 +246,17 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         None => store.export(&query, format, std::io::stdout().lock())?,
     };
     let line = if args.json {
-        serde_json::json!({"events": summary.events, "bytes": summary.bytes, "format": args.format, "output": args.output}).to_string()
+        serde_json::json!({"events": summary.events, "bytes": summary.bytes, "format": args.format, "output": output}).to_string()
     } else {
         format!(
             "exported {} events ({} bytes) as {} to {}",
             summary.events,
             summary.bytes,
             args.format,
-            args.output
-                .as_ref()
-                .map_or("standard output".into(), |p| p.display().to_string())
+            output.map_or("standard output".into(), |p| p.display().to_string())
         )
     };
-    if args.output.is_some() {
+    if output.is_some() {
         outln!("{line}")
     } else {
         eprintln!("{line}")

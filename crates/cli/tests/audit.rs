@@ -355,7 +355,8 @@ fn a_reader_that_goes_away_ends_the_command_quietly_with_141() {
 
 /// `-o` onto something that is not a regular file is written in place: a FIFO stays a FIFO
 /// (renaming a finished file onto it would replace the node, as it once replaced `/dev/null`),
-/// a symbolic link stays a link and its file gets the export, and a directory is refused.
+/// a symbolic link stays a link and its file gets the export, a directory is refused, and `-` is
+/// standard output.
 #[cfg(unix)]
 #[test]
 fn export_writes_through_pipes_and_links_without_replacing_them() {
@@ -408,4 +409,19 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("is a directory"));
+
+    // `-o -` is standard output, not a file named `-` in the working directory.
+    let out = cli(&db)
+        .current_dir(dir.path())
+        .args(["audit", "export", "-o", "-"])
+        .assert()
+        .success()
+        .stderr(predicate::str::contains("to standard output"));
+    assert_eq!(
+        String::from_utf8_lossy(&out.get_output().stdout)
+            .lines()
+            .count(),
+        14
+    );
+    assert!(!dir.path().join("-").exists());
 }
