@@ -366,11 +366,11 @@ impl RunFold {
             s.status = "interrupted".into();
         }
         s.tasks = self.order;
-        // The tasks an ended run never started were cancelled with it (the engine's outcome
-        // says so too), though no event names them.
+        // The tasks an ended run left open were cancelled with it, as the engine's outcome says,
+        // though no event names them: those it never started, and those waiting for a retry.
         if s.ended.is_some() {
             for t in &mut s.tasks {
-                if t.status == "pending" {
+                if matches!(t.status.as_str(), "pending" | "retrying") {
                     t.status = "cancelled".into();
                 }
             }

@@ -613,7 +613,7 @@ fn resume_retries_in_flight_attempts_through_their_policy() {
 #[test]
 fn cancelling_a_run_stops_everything() {
     let g = graph(
-        "tasks:\n  - { id: a, tool: sleep, args: { ms: 5000 } }\n  - { id: b, tool: sleep, args: { ms: 5000 } }\n  - { id: c, tool: echo, needs: [a], args: {} }\n",
+        "tasks:\n  - { id: a, tool: sleep, args: { ms: 5000 } }\n  - { id: b, tool: sleep, args: { ms: 5000 } }\n  - { id: c, tool: echo, needs: [a], args: {} }\n  - { id: r, tool: fail, args: { message: m }, retry: { max_attempts: 3, backoff: 10s } }\n",
     );
     let log = Arc::new(MemoryLog::default());
     let token = CancellationToken::new();
@@ -658,10 +658,16 @@ fn cancelling_a_run_stops_everything() {
     assert_eq!(row("a").status, "cancelled");
     assert!(row("a").error.is_some_and(|e| !e.is_empty()));
     assert_eq!(row("c").status, "cancelled");
-    assert_eq!(
-        out.tasks.iter().find(|t| t.id == "c").unwrap().status,
-        TaskStatus::Cancelled
-    );
+    // `r` failed once and was waiting for its retry: cancelled with the run, in the outcome and
+    // in `runs show` alike, not left `retrying`.
+    assert!(ev.iter().any(|e| e.kind == EventKind::TaskRetryScheduled));
+    assert_eq!(row("r").status, "cancelled");
+    for id in ["c", "r"] {
+        assert_eq!(
+            out.tasks.iter().find(|t| t.id == id).unwrap().status,
+            TaskStatus::Cancelled
+        );
+    }
 }
 
 #[test]
