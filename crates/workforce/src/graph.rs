@@ -1227,7 +1227,54 @@ impl TaskGraph {
                 path: cycle.iter().map(|&i| self.tasks[i].id.clone()).collect(),
             });
         }
+        if !held.is_empty()
+            && let Some((task, message)) = self.fallback_that_could_never_run(deps)
+        {
+            return Err(invalid(
+                Some((task, &self.tasks[task].id)),
+                "on_failure",
+                message,
+            ));
+        }
         Ok(())
+    }
+
+    /// A task that failed waits for its fallback's output, so a fallback that waits (through
+    /// its dependencies or its own fallback) for the task it stands in for could never run: the
+    /// run would stall when that task fails, or, with fallbacks that stand in for each other,
+    /// hold them all back and start none. Found as a cycle once each task also waits for its
+    /// fallback; `waits`, the dependencies, are known to have none alone. Returns the task whose
+    /// `on_failure` names such a fallback, and why.
+    fn fallback_that_could_never_run(&self, mut waits: Vec<Vec<usize>>) -> Option<(usize, String)> {
+        let ids = self.index();
+        for (i, t) in self.tasks.iter().enumerate() {
+            if let OnFailure::Fallback(f) = &t.on_failure
+                && let Some(f) = ids.get(f)
+            {
+                waits[i].push(f as usize);
+            }
+        }
+        let cycle = find_cycle(&waits)?;
+        // The cycle reads in execution order: a task that waits for its fallback follows it.
+        let fallback_of = |i: usize| match &self.tasks[i].on_failure {
+            OnFailure::Fallback(f) => ids.get(f).map(|f| f as usize),
+            OnFailure::FailRun | OnFailure::Skip | OnFailure::ContinueWith(_) => None,
+        };
+        let (fallback, task) = cycle
+            .windows(2)
+            .map(|w| (w[0], w[1]))
+            .find(|&(f, t)| fallback_of(t) == Some(f))
+            .unwrap_or((cycle[0], cycle[0]));
+        let path: Vec<&str> = cycle.iter().map(|&i| self.tasks[i].id.as_str()).collect();
+        Some((
+            task,
+            format!(
+                "fallback `{}` could never run for `{}`: it waits for it, through dependencies and fallbacks ({})",
+                self.tasks[fallback].id,
+                self.tasks[task].id,
+                path.join(" -> ")
+            ),
+        ))
     }
 
     /// For each task (by index), the indices of the tasks it depends on: `needs` plus template
@@ -1829,6 +1876,54 @@ tasks:
             "{e}"
         );
         assert!(e.starts_with("flow.yaml:4:5"), "{e}");
+    }
+
+    /// Fallbacks that could never run are refused before a run, where they would stall it.
+    #[test]
+    fn fallbacks_that_could_never_run_are_refused() {
+        let fails = "tool: fail, args: { message: m }";
+        let refused = |tasks: &str| parse(&format!("tasks:\n{tasks}")).unwrap_err().to_string();
+        let e = refused(&format!(
+            "  - {{ id: a, {fails}, on_failure: {{ fallback: a }} }}\n"
+        ));
+        assert!(
+            e.contains("tasks[0].on_failure: a task cannot be its own fallback"),
+            "{e}"
+        );
+        let e = refused(&format!(
+            "  - {{ id: a, {fails}, on_failure: {{ fallback: b }} }}\n  - {{ id: b, tool: echo, args: {{}} }}\n  - {{ id: c, tool: echo, needs: [b], args: {{}} }}\n"
+        ));
+        assert!(e.contains("tasks[2].needs: `b` is a fallback task"), "{e}");
+        // The fallback needs the task it stands in for: directly, through a template, or
+        // through another task.
+        for b in [
+            "{ id: b, tool: echo, needs: [a], args: {} }",
+            "{ id: b, tool: echo, args: { text: '{{ tasks.a.output.text }}' } }",
+            "{ id: b, tool: echo, needs: [c], args: {} }\n  - { id: c, tool: echo, needs: [a], args: {} }",
+        ] {
+            let e = refused(&format!(
+                "  - {{ id: a, {fails}, on_failure: {{ fallback: b }} }}\n  - {b}\n"
+            ));
+            assert!(
+                e.starts_with("flow.yaml:2:48: tasks[0].on_failure: fallback `b` could never run for `a`: it waits for it"),
+                "{e}"
+            );
+            assert!(
+                e.contains("(a -> b -> a)") || e.contains("(a -> c -> b -> a)"),
+                "{e}"
+            );
+        }
+        // Fallbacks that stand in for each other: both held back, neither would ever start.
+        let e = refused(&format!(
+            "  - {{ id: a, {fails}, on_failure: {{ fallback: b }} }}\n  - {{ id: b, {fails}, on_failure: {{ fallback: a }} }}\n"
+        ));
+        assert!(e.contains("on_failure: fallback `"), "{e}");
+        assert!(e.contains("could never run"), "{e}");
+        // A chain of fallbacks is fine, and so is a fallback that needs another task.
+        parse(&format!(
+            "tasks:\n  - {{ id: a, {fails}, on_failure: {{ fallback: b }} }}\n  - {{ id: b, {fails}, needs: [d], on_failure: {{ fallback: c }} }}\n  - {{ id: c, tool: echo, args: {{}} }}\n  - {{ id: d, tool: echo, args: {{}} }}\n"
+        ))
+        .unwrap();
     }
 
     #[test]
