@@ -2238,7 +2238,11 @@ impl Engine {
         }
         for i in 0..self.tasks.len() as u32 {
             let t = &mut self.tasks[i as usize];
-            if !t.status.is_terminal() {
+            // A task waiting for its fallback has failed for good, as its last event says; the
+            // run's end only means no fallback will stand in for it.
+            if t.status == TaskStatus::AwaitingFallback {
+                t.status = TaskStatus::Failed;
+            } else if !t.status.is_terminal() {
                 t.status = TaskStatus::Cancelled;
             }
         }

@@ -928,9 +928,26 @@ mod properties {
         (y, fail_run)
     }
 
+    /// Where the outcome and `runs show` (a fold over the log alone) disagree about a task's
+    /// final status, if anywhere.
+    fn status_disagreement(out: &driver::Outcome, ev: &[Envelope]) -> Option<String> {
+        let summary = RunSummary::fold(ev).unwrap();
+        out.tasks.iter().find_map(|t| {
+            let shown = &summary.tasks.iter().find(|r| r.id == t.id)?.status;
+            let status = match t.status {
+                TaskStatus::Completed => "completed",
+                TaskStatus::Failed => "failed",
+                TaskStatus::Skipped => "skipped",
+                TaskStatus::Cancelled => "cancelled",
+                other => return Some(format!("task {} ended {other:?}", t.id)),
+            };
+            (shown != status).then(|| format!("task {}: outcome {status}, runs show {shown}", t.id))
+        })
+    }
+
     /// The generator reaches every policy's paths: over a range of seeds, some fallback task
     /// runs in place of its task, some is skipped as not needed, and some run fails; every run
-    /// replays to its own hash.
+    /// replays to its own hash, and `runs show` tells each task's end as the outcome does.
     #[test]
     fn generated_graphs_reach_fallbacks_and_failures() {
         let (mut ran, mut not_needed, mut failed) = (0, 0, 0);
@@ -939,6 +956,11 @@ mod properties {
             let (out, log) = run(graph(&yaml), seed);
             let report = driver::replay_events(&events(&log)).unwrap();
             assert_eq!(report.log_hash, out.log_hash, "seed {seed}");
+            assert_eq!(
+                status_disagreement(&out, &events(&log)),
+                None,
+                "seed {seed}"
+            );
             for t in out.tasks.iter().filter(|t| t.id.starts_with('f')) {
                 match t.status {
                     TaskStatus::Completed | TaskStatus::Failed => ran += 1,
@@ -971,6 +993,7 @@ mod properties {
             let ev = events(&log);
             let report = driver::replay_events(&ev).unwrap();
             prop_assert_eq!(&report.log_hash, &out.log_hash);
+            prop_assert_eq!(status_disagreement(&out, &ev), None);
             let peaks = check_limits(&ev).unwrap();
             prop_assert!(peaks["global"] <= concurrency);
             let (again, _) = run(g, seed);
