@@ -1,7 +1,8 @@
 //! Suggestions for mistyped names: the tool, task or agent a user most likely meant.
 
 /// The closest of `candidates` to `name`, when close enough to be a likely typo: at most two
-/// edits (transpositions count as one), or a third of the candidate's length for long names.
+/// edits (transpositions count as one), or a third of the candidate's length for long names, and
+/// fewer edits than the longer name has characters (something of it was typed right).
 ///
 /// ```
 /// use agent_runtime_core::names::closest;
@@ -12,7 +13,11 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(name, c), c))
-        .filter(|(d, c)| *d <= 2.max(c.len() / 3))
+        // A distance as large as the longer name means every character differs: `zz` is no
+        // typo of `a`, though only two edits apart.
+        .filter(|(d, c)| {
+            *d <= 2.max(c.len() / 3) && *d < name.chars().count().max(c.chars().count())
+        })
         .min()
         .map(|(_, c)| c)
 }
@@ -24,6 +29,8 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// use agent_runtime_core::names::suggestion;
 /// assert_eq!(suggestion("fetc", ["fetch"]), " (did you mean `fetch`?)");
 /// assert_eq!(suggestion("zzz", ["fetch"]), "");
+/// assert_eq!(suggestion("zz", ["a", "b"]), "");
+/// assert_eq!(suggestion("aa", ["a", "b"]), " (did you mean `a`?)");
 /// ```
 pub fn suggestion<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
     closest(name, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
