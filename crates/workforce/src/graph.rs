@@ -392,9 +392,13 @@ mod duration_str {
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(|e| {
-            serde::de::Error::custom(format!(
+        parse(&String::deserialize(d)?)
+    }
+
+    /// A duration as written in a graph (`500ms`, `30s`, `2m`).
+    pub fn parse<E: serde::de::Error>(s: &str) -> Result<Duration, E> {
+        humantime::parse_duration(s).map_err(|e| {
+            E::custom(format!(
                 "invalid duration {s:?} ({e}); write e.g. 500ms, 30s, 2m"
             ))
         })
@@ -415,14 +419,7 @@ mod opt_duration {
 
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
-        match s {
-            None => Ok(None),
-            Some(s) => humantime::parse_duration(&s).map(Some).map_err(|e| {
-                serde::de::Error::custom(format!(
-                    "invalid duration {s:?} ({e}); write e.g. 500ms, 30s, 2m"
-                ))
-            }),
-        }
+        s.map(|s| super::duration_str::parse(&s)).transpose()
     }
 }
 
