@@ -1169,6 +1169,14 @@ impl TaskGraph {
                 let field = if t.agent.is_some() { "prompt" } else { "args" };
                 return Err(invalid(at, field, e));
             }
+            // `timeout: 0` often means "no limit" elsewhere; here it would end every attempt.
+            if t.timeout == Some(Duration::ZERO) {
+                return Err(invalid(
+                    at,
+                    "timeout",
+                    "0 would end every attempt at once; leave `timeout` out for no limit".into(),
+                ));
+            }
             if let Some(r) = &t.retry {
                 if r.max_attempts == 0 {
                     return Err(invalid(
@@ -1873,6 +1881,22 @@ tasks:
             "{e}"
         );
         assert!(e.starts_with("flow.yaml:4:5"), "{e}");
+    }
+
+    #[test]
+    fn a_zero_timeout_is_refused() {
+        for t in ["0", "0s", "0ms"] {
+            let e = parse(&format!(
+                "tasks:\n  - id: a\n    tool: sleep\n    args: {{ ms: 10 }}\n    timeout: {t}\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(
+                e.starts_with("flow.yaml:5:5: tasks[0].timeout: 0 would end every attempt at once"),
+                "{e}"
+            );
+        }
+        parse("tasks:\n  - { id: a, tool: sleep, args: { ms: 10 }, timeout: 1ms }\n").unwrap();
     }
 
     /// Fallbacks that could never run are refused before a run, where they would stall it.
