@@ -57,7 +57,7 @@ pub struct CancelArgs {
 /// Arguments of `run`.
 #[derive(Args)]
 pub struct RunArgs {
-    /// The task graph file (`.yaml`, `.yml` or `.json`).
+    /// The task graph file (`.yaml`, `.yml` or `.json`), or `-` for standard input.
     pub flow: PathBuf,
     /// Seed of the run's ids, retry jitter and other random draws (default: a random one; the
     /// run records its seed, see `runs show`).
@@ -554,9 +554,15 @@ fn cancel_on_ctrl_c(token: CancellationToken) {
     });
 }
 
-fn run_flow(args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let (graph, text) = agent_runtime_workforce::load_graph_source(&args.flow)
-        .map_err(|e| CliError::Usage(e.to_string()))?;
+fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let loaded = if args.flow.as_os_str() == "-" {
+        // Errors then name `<stdin>`, as the checks below do.
+        args.flow = PathBuf::from("<stdin>");
+        agent_runtime_workforce::read_graph_source(std::io::stdin().lock(), &args.flow)
+    } else {
+        agent_runtime_workforce::load_graph_source(&args.flow)
+    };
+    let (graph, text) = loaded.map_err(|e| CliError::Usage(e.to_string()))?;
     for field in secret_looking_arguments(&graph) {
         eprintln!(
             "warning: {field} looks like a secret written into the graph; the run's events \

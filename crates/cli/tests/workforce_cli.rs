@@ -177,6 +177,38 @@ fn run_prints_outputs_and_replay_gives_the_same_hash() {
         .stderr(predicate::str::contains("already ended"));
 }
 
+/// `run -` reads the graph from standard input (a script that generates one pipes it in), and
+/// an error in it is located in `<stdin>`.
+#[test]
+fn run_reads_a_graph_from_standard_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let hello = std::fs::read_to_string(examples().join("hello.yaml")).unwrap();
+    let out = cli(&db)
+        .args(["run", "-", "--seed", "5", "--json"])
+        .write_stdin(hello)
+        .output()
+        .unwrap();
+    let outcome = succeeded(&out);
+    assert_eq!(outcome["outputs"]["sentence"]["text"], "Hello, world!");
+    cli(&db)
+        .args(["run", "-"])
+        .write_stdin("tasks:\n  - { id: a, tool: ecoh, args: {} }\n")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::starts_with(
+            "error: <stdin>:2:14: tasks[0].tool: unknown tool `ecoh` (did you mean `echo`?",
+        ));
+    cli(&db)
+        .args(["run", "-"])
+        .write_stdin("tasks: 3\n")
+        .assert()
+        .code(2)
+        .stderr(predicate::str::starts_with(
+            "error: <stdin>:1:1: tasks: invalid type",
+        ));
+}
+
 #[test]
 fn human_output_lists_outputs_and_failure_policies_work() {
     let dir = tempfile::tempdir().unwrap();

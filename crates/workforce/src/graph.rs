@@ -525,6 +525,29 @@ pub fn load_graph(path: &Path) -> Result<TaskGraph, GraphError> {
 /// [`load_graph`], also returning the file's text: what later checks locate their errors in
 /// (see [`TaskGraph::check_tools_in`]).
 pub fn load_graph_source(path: &Path) -> Result<(TaskGraph, String), GraphError> {
+    let file = std::fs::File::open(path).map_err(|source| GraphError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    read_graph_source(file, path)
+}
+
+/// [`load_graph_source`] from any reader (standard input, say); `path` names it in errors.
+///
+/// ```
+/// use std::path::Path;
+/// let text = "tasks:\n  - { id: a, tool: echo, args: { text: hi } }\n";
+/// let (graph, _) =
+///     agent_runtime_workforce::graph::read_graph_source(text.as_bytes(), Path::new("<stdin>"))
+///         .unwrap();
+/// assert_eq!(graph.tasks[0].id, "a");
+/// let err = agent_runtime_workforce::graph::read_graph_source(&b"tasks: 3"[..], Path::new("<stdin>"));
+/// assert!(err.unwrap_err().to_string().starts_with("<stdin>:1:1: tasks: invalid type"));
+/// ```
+pub fn read_graph_source(
+    reader: impl std::io::Read,
+    path: &Path,
+) -> Result<(TaskGraph, String), GraphError> {
     use std::io::Read;
     let io = |source| GraphError::Io {
         path: path.to_path_buf(),
@@ -534,8 +557,7 @@ pub fn load_graph_source(path: &Path) -> Result<(TaskGraph, String), GraphError>
     // One byte past the limit tells a file at the limit from a larger one; reading through
     // `take` also bounds a pipe or a device, whose size the file system does not know. Bytes,
     // not text: the cut may split a character, and the file is too large anyway.
-    std::fs::File::open(path)
-        .map_err(io)?
+    reader
         .take(MAX_GRAPH_BYTES as u64 + 1)
         .read_to_end(&mut bytes)
         .map_err(io)?;

@@ -67,5 +67,7 @@ pub mod template;
 pub mod tools;
 
 pub use engine::{Effect, Engine, EngineError, RunStatus, TaskStatus};
-pub use graph::{GraphError, TaskGraph, load_graph, load_graph_source, parse_graph};
+pub use graph::{
+    GraphError, TaskGraph, load_graph, load_graph_source, parse_graph, read_graph_source,
+};
 pub use state::{LogHasher, RunSummary, log_hash};
