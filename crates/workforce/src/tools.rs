@@ -258,8 +258,8 @@ impl Tool for Native {
                 }
             }
             Which::ReadFile => {
-                let path = arg_str(&args, "path")?;
-                let text = tokio_fs_read(path).await?;
+                let path = arg_str(&args, "path")?.to_string();
+                let text = off_the_runtime(&ctx, move || read_text_file(&path)).await?;
                 let bytes = text.len();
                 Ok(ToolOutput::new(json!({"text": text, "bytes": bytes})))
             }
@@ -267,10 +267,9 @@ impl Tool for Native {
                 let path = arg_str(&args, "path")?.to_string();
                 let text = arg_str(&args, "text")?.to_string();
                 let bytes = text.len();
-                let p = path.clone();
-                std::fs::write(&p, text)
-                    .map_err(|e| ClassifiedError::tool(format!("cannot write {path}: {e}")))?;
-                Ok(ToolOutput::new(json!({"path": path, "bytes": bytes})))
+                let out = json!({"path": path, "bytes": bytes});
+                off_the_runtime(&ctx, move || write_text_file(&path, &text)).await?;
+                Ok(ToolOutput::new(out))
             }
             Which::Fail => {
                 let class = args
@@ -288,8 +287,177 @@ impl Tool for Native {
     }
 }
 
-async fn tokio_fs_read(path: &str) -> Result<String, ToolError> {
-    // Small files only; a blocking read keeps the feature set of tokio small.
-    std::fs::read_to_string(path)
-        .map_err(|e| ClassifiedError::tool(format!("cannot read {path}: {e}")))
+/// The largest file `read_file` reads: its text is recorded whole in the run's log, whose
+/// payloads are capped at 16 MiB too.
+pub const READ_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Runs file work on tokio's blocking threads: a read of a slow disk (or anything else that
+/// blocks) on the runtime's own threads held up every other task of the run, and with two of
+/// them blocked on this machine's two cores, timers stopped firing. The call ends when the
+/// work does or when it is cancelled (a timeout, the run's end); cancelled work runs on to its
+/// end unobserved, which the checks in [`regular_file`] keep short.
+async fn off_the_runtime<T: Send + 'static>(
+    ctx: &CallContext,
+    work: impl FnOnce() -> Result<T, ToolError> + Send + 'static,
+) -> Result<T, ToolError> {
+    let task = tokio::task::spawn_blocking(work);
+    tokio::select! {
+        joined = task => joined.unwrap_or_else(|e| Err(ClassifiedError::new(
+            ErrorClass::Internal,
+            format!("the file work stopped: {e}"),
+        ))),
+        _ = ctx.cancel.cancelled() => Err(ClassifiedError::new(ErrorClass::Cancelled, "cancelled")),
+    }
+}
+
+/// Refuses what is not a regular file, before opening it: opening a named pipe waits for its
+/// other end, and a device such as `/dev/zero` never ends.
+fn regular_file(path: &str, verb: &str) -> Result<Option<std::fs::Metadata>, ToolError> {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_file() => Ok(Some(m)),
+        Ok(m) => {
+            let what = if m.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file (a pipe, socket or device)"
+            };
+            Err(ClassifiedError::tool(format!(
+                "cannot {verb} {path}: it is {what}"
+            )))
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(ClassifiedError::tool(format!("cannot {verb} {path}: {e}"))),
+    }
+}
+
+fn read_text_file(path: &str) -> Result<String, ToolError> {
+    use std::io::Read;
+    let cannot = |e: std::io::Error| ClassifiedError::tool(format!("cannot read {path}: {e}"));
+    let too_large = |size: u64| {
+        ClassifiedError::tool(format!(
+            "cannot read {path}: it has {size} bytes, over read_file's limit of {READ_FILE_MAX_BYTES}"
+        ))
+    };
+    if let Some(m) = regular_file(path, "read")?
+        && m.len() > READ_FILE_MAX_BYTES
+    {
+        return Err(too_large(m.len()));
+    }
+    let mut bytes = Vec::new();
+    // Bounded again while reading: the file may have grown since.
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(READ_FILE_MAX_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > READ_FILE_MAX_BYTES {
+        return Err(too_large(bytes.len() as u64));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        ClassifiedError::tool(format!(
+            "cannot read {path}: not UTF-8 text (byte {} is not)",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+fn write_text_file(path: &str, text: &str) -> Result<(), ToolError> {
+    regular_file(path, "write")?;
+    std::fs::write(path, text)
+        .map_err(|e| ClassifiedError::tool(format!("cannot write {path}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agent_runtime_core::Actor;
+
+    async fn call(tool: Native, args: Value) -> Result<Value, String> {
+        tool.call(args, CallContext::new(Actor::System))
+            .await
+            .map(|o| o.value)
+            .map_err(|e| e.message)
+    }
+
+    /// `read_file` reads regular files only, bounded: a named pipe would wait for a writer,
+    /// `/dev/zero` would never end, a directory cannot be read; a file over the limit and one
+    /// that is not UTF-8 are refused with their reasons. `write_file` will not write into a pipe
+    /// either (opening it would wait for a reader).
+    #[tokio::test]
+    async fn file_tools_refuse_what_would_block_or_never_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+        let read = |path: String| call(Native::read_file(), json!({"path": path}));
+
+        std::fs::write(at("a.txt"), "hello").unwrap();
+        assert_eq!(
+            read(at("a.txt")).await.unwrap(),
+            json!({"text": "hello", "bytes": 5})
+        );
+        assert!(
+            read(at("gone.txt"))
+                .await
+                .unwrap_err()
+                .contains("No such file")
+        );
+        let e = read(dir.path().to_string_lossy().into_owned())
+            .await
+            .unwrap_err();
+        assert!(e.ends_with("it is a directory"), "{e}");
+        #[cfg(unix)]
+        {
+            let e = read("/dev/zero".into()).await.unwrap_err();
+            assert!(e.contains("not a regular file"), "{e}");
+            let fifo = at("pipe");
+            assert!(
+                std::process::Command::new("mkfifo")
+                    .arg(&fifo)
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            let e = read(fifo.clone()).await.unwrap_err();
+            assert!(e.contains("not a regular file"), "{e}");
+            let e = call(Native::write_file(), json!({"path": fifo, "text": "x"}))
+                .await
+                .unwrap_err();
+            assert!(
+                e.contains("cannot write") && e.contains("not a regular file"),
+                "{e}"
+            );
+        }
+        std::fs::write(at("latin1.txt"), b"caf\xe9").unwrap();
+        let e = read(at("latin1.txt")).await.unwrap_err();
+        assert!(e.ends_with("not UTF-8 text (byte 3 is not)"), "{e}");
+        let big = std::fs::File::create(at("big.bin")).unwrap();
+        big.set_len(READ_FILE_MAX_BYTES + 1).unwrap();
+        let e = read(at("big.bin")).await.unwrap_err();
+        assert!(e.contains("over read_file's limit"), "{e}");
+
+        let out = call(
+            Native::write_file(),
+            json!({"path": at("b.txt"), "text": "hi"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(out["bytes"], 2);
+        assert_eq!(std::fs::read_to_string(at("b.txt")).unwrap(), "hi");
+    }
+
+    /// A cancelled call ends at once, whatever its file work is doing.
+    #[tokio::test]
+    async fn a_cancelled_file_call_ends() {
+        let ctx = CallContext::new(Actor::System);
+        ctx.cancel.cancel();
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        // Work that would wait forever, as a read of a stuck disk does.
+        let e = off_the_runtime(&ctx, move || {
+            let _ = rx.recv();
+            Ok(())
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(e.class, ErrorClass::Cancelled);
+        drop(tx);
+    }
 }
