@@ -1997,7 +1997,29 @@ impl Engine {
 
     // ---- outcomes ----------------------------------------------------------------------
 
+    /// Completes `idx`, then each task waiting for it as its fallback, depth first (an owner's
+    /// own owners before the next owner). Iterative: a chain of twenty thousand fallbacks
+    /// overflowed the stack when this recursed.
     fn complete(&mut self, idx: u32, output: Output, substituted: bool) {
+        let owners = self.complete_one(idx, output, substituted);
+        let mut stack = vec![(idx, owners.into_iter())];
+        while let Some((source, owners)) = stack.last_mut() {
+            let source = *source;
+            let Some(o) = owners.next() else {
+                stack.pop();
+                continue;
+            };
+            if self.tasks[o as usize].status == TaskStatus::AwaitingFallback {
+                // Kept by `complete_one`: a task with fallback owners keeps its output.
+                let out = self.outputs.get(&source).cloned();
+                let next = self.complete_one(o, out.unwrap_or(Output::Value(Value::Null)), true);
+                stack.push((o, next.into_iter()));
+            }
+        }
+    }
+
+    /// Completes `idx` alone; returns the tasks waiting for it as their fallback.
+    fn complete_one(&mut self, idx: u32, output: Output, substituted: bool) -> Vec<u32> {
         self.end_attempt(idx);
         let t = &mut self.tasks[idx as usize];
         let was_open = !t.status.is_terminal() && t.status != TaskStatus::Held;
@@ -2034,13 +2056,7 @@ impl Engine {
                 self.make_ready(d);
             }
         }
-        for o in owners {
-            if self.tasks[o as usize].status == TaskStatus::AwaitingFallback {
-                // Kept above: a task with fallback owners keeps its output.
-                let out = self.outputs.get(&idx).cloned();
-                self.complete(o, out.unwrap_or(Output::Value(Value::Null)), true);
-            }
-        }
+        owners
     }
 
     fn attempt_failed(&mut self, idx: u32, class: ErrorClass, message: String) {

@@ -237,6 +237,26 @@ tasks:
     assert_eq!(count(&events(&log), EventKind::TaskStarted, "spare"), 0);
 }
 
+/// A long chain of fallbacks (each task's fallback fails over to the next) completes: the last
+/// one's output reaches the first. Completing the chain once recursed a frame per link and
+/// overflowed the stack at twenty thousand.
+#[test]
+fn a_long_fallback_chain_completes() {
+    let n = 10_000;
+    let mut yaml = format!("limits: {{ max_tasks: {} }}\ntasks:\n", n + 1);
+    for i in 0..n {
+        yaml.push_str(&format!(
+            "  - {{ id: f{i}, tool: fail, args: {{}}, on_failure: {{ fallback: f{} }} }}\n",
+            i + 1
+        ));
+    }
+    yaml.push_str(&format!("  - {{ id: f{n}, tool: echo, args: {{ end: true }} }}\n"));
+    let (out, _) = run(graph(&yaml), 1);
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs["f0"], json!({"end": true}));
+    assert_eq!(status_of(&out, "f0"), TaskStatus::Completed);
+}
+
 #[test]
 fn timeouts_fail_attempts_and_are_retried_as_timeout() {
     let (out, log) = run(
