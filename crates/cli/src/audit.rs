@@ -10,7 +10,7 @@ use agent_runtime_store::{ExportFormat, VerifyReport, verify_bundle};
 use anyhow::Context;
 use clap::{Args, Subcommand};
 
-use crate::common::{CliError, GlobalArgs};
+use crate::common::{CliError, GlobalArgs, terminal_text};
 
 /// Audit log subcommands.
 #[derive(Subcommand)]
@@ -296,7 +296,8 @@ impl ExportTarget {
     }
 }
 
-/// One event as a line for people.
+/// One event as a line for people. The payload's JSON escapes C0 controls, not DEL or C1, and
+/// the actor is any text: the line goes through [`terminal_text`].
 pub fn human_line(e: &Envelope) -> String {
     let task = e.task_id.map(|t| format!(" task={t}")).unwrap_or_default();
     let payload = agent_runtime_core::canonical_json(&e.payload);
@@ -309,7 +310,7 @@ pub fn human_line(e: &Envelope) -> String {
         payload.truncate(cut);
         payload.push_str("...");
     }
-    format!(
+    let line = format!(
         "{:>6} {} {:<22} {:<20} run={}{} {}",
         e.seq,
         e.time,
@@ -318,7 +319,11 @@ pub fn human_line(e: &Envelope) -> String {
         e.run_id,
         task,
         payload
-    )
+    );
+    match terminal_text(&line) {
+        std::borrow::Cow::Borrowed(_) => line,
+        escaped => escaped.into_owned(),
+    }
 }
 
 fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {

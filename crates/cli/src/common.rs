@@ -1,5 +1,6 @@
 //! What every subcommand shares: global options, opening the store, error kinds.
 
+use std::borrow::Cow;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
@@ -41,6 +42,33 @@ impl CliError {
             CliError::NotVerified(_) => 3,
         }
     }
+}
+
+/// `text` made safe to print on one terminal line: each control character is written as the
+/// escape Rust's `char::escape_default` gives it, everything else is left as it is.
+///
+/// Control characters are those of Unicode's `Cc` category ([`char::is_control`]): C0 (U+0000
+/// to U+001F, with newline, carriage return, tab and ESC), DEL (U+007F) and C1 (U+0080 to
+/// U+009F, where U+009B is a CSI on some terminals). Newline, carriage return and tab become
+/// `\n`, `\r` and `\t`, the others `\u{1b}`-style escapes. So a graph's name, a tool's message or
+/// an error read from the event log can neither break a line or a table nor send escape
+/// sequences (clear the screen, retitle the window) to the user's terminal. A backslash is left
+/// as it is: the result is for reading, not for turning back into the text (that is what
+/// `--json` is for). Text without control characters, the usual case, is borrowed.
+pub fn terminal_text(text: &str) -> Cow<'_, str> {
+    let Some(first) = text.find(char::is_control) else {
+        return Cow::Borrowed(text);
+    };
+    let mut out = String::with_capacity(text.len() + 8);
+    out.push_str(&text[..first]);
+    for c in text[first..].chars() {
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// The store's passphrase, moved out of the environment by [`take_secrets_from_env`].
@@ -192,5 +220,29 @@ mod tests {
             "{report}"
         );
         assert!(report.contains("RUST_BACKTRACE=1"), "{report}");
+    }
+
+    /// Clean text is borrowed; every class of control character is escaped, the text around
+    /// it kept.
+    #[test]
+    fn terminal_text_escapes_control_characters_only() {
+        let clean = "run é 日本 \\n";
+        assert!(matches!(terminal_text(clean), Cow::Borrowed(t) if t == clean));
+        assert!(matches!(terminal_text(""), Cow::Borrowed("")));
+        for (text, shown) in [
+            ("a\nb\r\tc", "a\\nb\\r\\tc"),
+            ("\u{1b}[2J\u{0}\u{7}", "\\u{1b}[2J\\u{0}\\u{7}"),
+            ("del\u{7f}", "del\\u{7f}"),
+            (
+                "c1 \u{80}\u{9b}31m\u{9f} é",
+                "c1 \\u{80}\\u{9b}31m\\u{9f} é",
+            ),
+        ] {
+            let out = terminal_text(text);
+            assert!(matches!(out, Cow::Owned(_)), "{text:?}");
+            assert_eq!(out, shown);
+        }
+        // The last character before C1 and the first after it are not controls.
+        assert_eq!(terminal_text("\u{7e}\u{a0}"), "\u{7e}\u{a0}");
     }
 }

@@ -189,7 +189,8 @@ fn no_transparent_huge_pages() {
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1 as libc::c_ulong, 0, 0, 0) };
 }
 
-/// The error and its causes on one line, without a backtrace.
+/// The error and its causes on one line, without a backtrace, with control characters escaped
+/// (a failed run's error may quote a tool's output; see `common::terminal_text`).
 fn one_line(err: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in err.chain() {
@@ -199,5 +200,5 @@ fn one_line(err: &anyhow::Error) -> String {
             parts.push(text);
         }
     }
-    parts.join(": ").replace('\n', " ")
+    common::terminal_text(&parts.join(": ")).into_owned()
 }

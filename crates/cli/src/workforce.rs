@@ -19,7 +19,7 @@ use agent_runtime_workforce::tools::ToolRegistry;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::common::{CliError, GlobalArgs};
+use crate::common::{CliError, GlobalArgs, terminal_text};
 use crate::gateway::{GatewayOpts, TerminalApproval};
 
 /// Workforce subcommands (flattened into the top level).
@@ -362,10 +362,11 @@ impl Observer for Progress {
                 EventKind::TaskSpawned => Some(format!("task {name}: spawned")),
                 _ => None,
             };
+            // A message or reason comes from a tool or the graph: its control characters are escaped.
             if !self.tty
                 && let Some(l) = line
             {
-                let _ = writeln!(err, "{l}");
+                let _ = writeln!(err, "{}", terminal_text(&l));
             }
         }
         if self.tty {
@@ -527,7 +528,10 @@ fn report_outcome(
         );
         outln!("log hash: {}", out.log_hash);
         outln!("outputs:");
-        outln!("{}", serde_json::to_string_pretty(&out.outputs)?);
+        // serde_json escapes C0 controls in strings, not DEL or C1: escape those line by line.
+        for line in serde_json::to_string_pretty(&out.outputs)?.lines() {
+            outln!("{}", terminal_text(line));
+        }
     }
     match out.status {
         RunStatus::Completed => Ok(ExitCode::SUCCESS),
@@ -951,7 +955,8 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let names: Vec<String> = summaries
         .iter()
         .map(|s| {
-            let name = s.name.clone().unwrap_or_default();
+            // Escaped first, so that the column is as wide as what is printed.
+            let name = terminal_text(s.name.as_deref().unwrap_or_default()).into_owned();
             if name.chars().count() > NAME_MAX {
                 let mut cut: String = name.chars().take(NAME_MAX - 1).collect();
                 cut.push('…');
@@ -1007,7 +1012,10 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
         return Ok(ExitCode::SUCCESS);
     }
     outln!("run:      {}", s.run_id);
-    outln!("name:     {}", s.name.clone().unwrap_or_default());
+    outln!(
+        "name:     {}",
+        terminal_text(s.name.as_deref().unwrap_or_default())
+    );
     outln!("status:   {}", s.status);
     outln!("seed:     {}", s.seed);
     outln!("created:  {}", s.created);
@@ -1018,7 +1026,7 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
     outln!("duration: {}", duration(&s));
     outln!("events:   {}  retries: {}", s.events, s.retries);
     if let Some(e) = &s.error {
-        outln!("error:    {e}");
+        outln!("error:    {}", terminal_text(e));
     }
     outln!();
     outln!(
@@ -1044,7 +1052,7 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
             t.status,
             t.attempts,
             d,
-            error
+            terminal_text(&error)
         );
     }
     Ok(ExitCode::SUCCESS)

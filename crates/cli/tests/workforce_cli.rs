@@ -1044,3 +1044,94 @@ fn runs_without_a_seed_get_their_own_and_record_it() {
     }
     assert_ne!(seeds[0], seeds[1]);
 }
+
+/// Text from a graph, a tool or the log reaches the terminal with its control characters
+/// escaped: a name or a tool's message with a newline, ESC or a C1 control neither breaks a
+/// line or a table nor sends escape sequences to the terminal.
+#[test]
+fn control_characters_from_graphs_and_tools_are_printed_escaped() {
+    const GRAPH: &str = r#"name: "line1\nline2\u001b[31mRED"
+tasks:
+  - id: broken
+    tool: fail
+    args: { message: "bad\nline\u001b[2Jend" }
+    on_failure: skip
+  - id: said
+    tool: echo
+    args: { text: "csi\u009b31m" }
+"#;
+    const NAME: &str = r"line1\nline2\u{1b}[31mRED";
+    const MESSAGE: &str = r"bad\nline\u{1b}[2Jend";
+    let (_dir, db, flow) = flow_in_tempdir("controls.yaml", GRAPH);
+    // No ESC, and no C1 control (U+0080..U+009F is 0xC2 0x80..0x9F in UTF-8).
+    let printable = |what: &str, bytes: &[u8]| {
+        let text = String::from_utf8_lossy(bytes);
+        assert!(!bytes.contains(&0x1b), "{what} printed ESC: {text:?}");
+        assert!(
+            !text.chars().any(|c| ('\u{80}'..='\u{9f}').contains(&c)),
+            "{what} printed a C1 control: {text:?}"
+        );
+        text.into_owned()
+    };
+    let out = cli(&db).arg("run").arg(&flow).output().unwrap();
+    assert_succeeded(&out);
+    let stdout = printable("run's stdout", &out.stdout);
+    let stderr = printable("run's stderr", &out.stderr);
+    assert!(stdout.contains(r"csi\u{9b}31m"), "{stdout}");
+    assert!(
+        stderr.contains(&format!("task broken: failed (tool_error: {MESSAGE})\n")),
+        "{stderr}"
+    );
+
+    let out = cli(&db).args(["runs", "list"]).output().unwrap();
+    assert_succeeded(&out);
+    let list = printable("runs list", &out.stdout);
+    assert_eq!(list.lines().count(), 2, "{list}");
+    assert!(list.contains(NAME), "{list}");
+
+    let out = cli(&db).args(["runs", "show", "last"]).output().unwrap();
+    assert_succeeded(&out);
+    let show = printable("runs show", &out.stdout);
+    assert!(show.contains(&format!("name:     {NAME}\n")), "{show}");
+    let row = show
+        .lines()
+        .find(|l| l.starts_with("broken "))
+        .unwrap_or_else(|| panic!("no row for `broken`: {show}"));
+    assert!(row.contains(MESSAGE), "{show}");
+
+    // The JSON output keeps the text as it was.
+    let out = cli(&db)
+        .args(["runs", "show", "last", "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(succeeded(&out)["name"], "line1\nline2\u{1b}[31mRED");
+
+    // A run that fails on the message: its `error:` line and `runs show`'s are escaped too.
+    std::fs::write(&flow, GRAPH.replace("    on_failure: skip\n", "")).unwrap();
+    let out = cli(&db).arg("run").arg(&flow).output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    printable("failed run's stdout", &out.stdout);
+    let stderr = printable("failed run's stderr", &out.stderr);
+    let error = stderr
+        .lines()
+        .find(|l| l.starts_with("error: "))
+        .unwrap_or_else(|| panic!("no error line: {stderr}"));
+    assert!(error.contains(MESSAGE), "{stderr}");
+    let out = cli(&db).args(["runs", "show", "last"]).output().unwrap();
+    assert_succeeded(&out);
+    let show = printable("runs show of the failed run", &out.stdout);
+    let error = show
+        .lines()
+        .find(|l| l.starts_with("error:    "))
+        .unwrap_or_else(|| panic!("no error line: {show}"));
+    assert!(error.contains(MESSAGE), "{show}");
+
+    // `audit tail` prints an event a line: the payload's JSON escapes C0, the C1 is escaped.
+    let out = cli(&db)
+        .args(["audit", "tail", "-n", "100"])
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let tail = printable("audit tail", &out.stdout);
+    assert!(tail.contains(r"csi\u{9b}31m"), "{tail}");
+}
