@@ -1050,9 +1050,12 @@ impl Driver {
         // Calls are started by a task of their own (see `CallStarter`); it ends when `launch`
         // is dropped with this function.
         let (launch, starts) = mpsc::unbounded_channel::<(Effect, CancellationToken)>();
+        let run_secrets = run_secret_values(engine.graph_ref(), self.opts.secrets.as_ref());
         tokio::spawn(
             CallStarter {
                 secrets: self.opts.secrets.clone(),
+                redactor: Arc::new(agent_runtime_core::Redactor::new().with_secrets(&run_secrets)),
+                run_secrets,
                 run_id: engine.run_id(),
                 tools: self.opts.tools.clone(),
                 models: self.opts.models.clone(),
@@ -1328,7 +1331,29 @@ struct CallStarter {
     specs: FastMap<String, ToolSpec>,
     agent_specs: FastMap<Arc<str>, Arc<[ToolSpec]>>,
     secrets: Arc<dyn SecretSource>,
+    /// The values of every secret the run's tool steps name (see [`run_secret_values`]).
+    run_secrets: Vec<String>,
+    /// A redactor of `run_secrets`, built once.
+    redactor: Arc<agent_runtime_core::Redactor>,
     done: mpsc::UnboundedSender<Done>,
+}
+
+/// The values of the secrets the run's tool steps name, those its source has. Every tool
+/// call's result is redacted with all of them, not only those of the call that names them: a
+/// secret one call writes may come back in another's output (a file written, then read). A
+/// secret that is not set, or a source that panics, is left to fail the call that names it.
+fn run_secret_values(graph: &TaskGraph, source: &dyn SecretSource) -> Vec<String> {
+    graph
+        .secret_names()
+        .into_iter()
+        .filter_map(|name| {
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                crate::template::usable_secret(source, &name).ok()
+            }))
+            .ok()
+            .flatten()
+        })
+        .collect()
 }
 
 impl CallStarter {
@@ -1457,8 +1482,20 @@ impl CallStarter {
                     ),
                     None => Ok(()),
                 };
-                // A tool behind the gateway redacts them in its own audit trail (`ctx.secrets`).
-                let redactor = agent_runtime_core::Redactor::new().with_secrets(&ctx.secrets);
+                // Every call's result is redacted with all the run's secrets, its own among
+                // them; a tool behind the gateway redacts them in its own audit trail
+                // (`ctx.secrets`) too.
+                for s in &self.run_secrets {
+                    if !ctx.secrets.contains(s) {
+                        ctx.secrets.push(s.clone());
+                    }
+                }
+                // As many values as the run's only when the call's own are all among them.
+                let redactor = if ctx.secrets.len() == self.run_secrets.len() {
+                    self.redactor.clone()
+                } else {
+                    Arc::new(agent_runtime_core::Redactor::new().with_secrets(&ctx.secrets))
+                };
                 self.spawn_call(
                     token,
                     async move {

@@ -816,6 +816,10 @@ impl Engine {
     pub fn graph(&self) -> TaskGraph {
         self.graph.clone()
     }
+    /// [`Engine::graph`], borrowed.
+    pub(crate) fn graph_ref(&self) -> &TaskGraph {
+        &self.graph
+    }
     /// The engine's time: that of the last input.
     pub fn now(&self) -> Timestamp {
         self.now

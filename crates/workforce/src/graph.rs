@@ -885,6 +885,22 @@ impl TaskGraph {
         Ok(())
     }
 
+    /// The names of the secrets the tool steps' arguments name (`{{ secrets.NAME }}`), each
+    /// once, in byte order.
+    pub fn secret_names(&self) -> BTreeSet<String> {
+        let mut names = BTreeSet::new();
+        for t in &self.tasks {
+            if let (TaskKind::Tool { .. }, Some(args)) = (t.kind(), &t.args) {
+                crate::template::for_each_secret(args, &mut |name| {
+                    if !names.contains(name) {
+                        names.insert(name.to_string());
+                    }
+                });
+            }
+        }
+        names
+    }
+
     /// Checks each `{{ secrets.NAME }}` of the tool steps' arguments with `check` (whether the
     /// run's secret source has a usable value), locating the first refused at the step's
     /// `args`. For a caller whose secrets are known before the run, as the command line's

@@ -250,7 +250,9 @@ fn a_long_fallback_chain_completes() {
             i + 1
         ));
     }
-    yaml.push_str(&format!("  - {{ id: f{n}, tool: echo, args: {{ end: true }} }}\n"));
+    yaml.push_str(&format!(
+        "  - {{ id: f{n}, tool: echo, args: {{ end: true }} }}\n"
+    ));
     let (out, _) = run(graph(&yaml), 1);
     assert_eq!(out.status, RunStatus::Completed);
     assert_eq!(out.outputs["f0"], json!({"end": true}));
@@ -1799,6 +1801,39 @@ fn secrets_reach_the_call_and_never_the_log() {
     // Replay feeds back the recorded (redacted) results and calls nothing.
     let report = driver::replay_events(&all).unwrap();
     assert_eq!(report.log_hash, out.log_hash);
+}
+
+/// A secret one call writes and another reads back is redacted in the second call's result
+/// too, though that call names no secret: every call's result is redacted with all the run's
+/// secrets.
+#[test]
+fn a_secret_read_back_by_another_call_is_redacted() {
+    const VALUE: &str = "s3cr3t-value-2";
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("out.txt");
+    let flow = format!(
+        "tasks:\n  - {{ id: w, tool: write_file, args: {{ path: '{0}', text: 'tok={{{{ secrets.TOKEN }}}}' }} }}\n  - {{ id: r, tool: read_file, needs: [w], args: {{ path: '{0}' }} }}\n",
+        file.display()
+    );
+    let log = Arc::new(MemoryLog::default());
+    let out = rt()
+        .block_on(driver::run_graph(
+            graph(&flow),
+            RunOptions {
+                secrets: Arc::new(agent_runtime_core::StaticSecrets::new([("TOKEN", VALUE)])),
+                ..opts_at_t0(log.clone(), registry())
+            },
+        ))
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    assert_eq!(
+        std::fs::read_to_string(&file).unwrap(),
+        format!("tok={VALUE}"),
+        "the call got the value"
+    );
+    assert_eq!(out.outputs["r"]["text"], "tok=[REDACTED]");
+    let text = serde_json::to_string(&events(&log)).unwrap();
+    assert!(!text.contains(VALUE), "{text}");
 }
 
 /// A secret that is not set fails the call that names it, which is never made, and the
