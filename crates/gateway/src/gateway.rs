@@ -775,13 +775,21 @@ impl Gateway {
         if redactor.has_secrets() {
             out.value = redactor.redact_values(&out.value);
         }
-        Ok(cap_output(out, self.inner.config.max_output_bytes))
+        cap_output(out, self.inner.config.max_output_bytes).map_err(|size| {
+            ClassifiedError::tool(format!(
+                "the output of {name} is {size} bytes of JSON, over the gateway's limit of {} \
+                 (limits.max_output_bytes); a cut would not be JSON",
+                self.inner.config.max_output_bytes
+            ))
+        })
     }
 }
 
-/// Cuts `out` to at most `max` bytes of JSON: a long string is cut at a character boundary,
-/// anything else longer than `max` becomes the start of its JSON text. Marks it truncated.
-pub fn cap_output(mut out: ToolOutput, max: usize) -> ToolOutput {
+/// Caps `out` at `max` bytes of JSON. A long string is cut at a character boundary and marked
+/// truncated: text cut short is still text. A longer object or array is refused with its size:
+/// cut, it would be a string of broken JSON where the caller expects a structure, and a
+/// downstream step reading a field of it would get nothing, silently.
+pub fn cap_output(mut out: ToolOutput, max: usize) -> Result<ToolOutput, usize> {
     match &mut out.value {
         Value::String(s) => {
             if s.len() > max {
@@ -791,7 +799,7 @@ pub fn cap_output(mut out: ToolOutput, max: usize) -> ToolOutput {
         }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
         other => {
-            // Measure the serialized size without building the text; build it only to cut it.
+            // Measure the serialized size without building the text.
             struct Count(usize);
             impl std::io::Write for Count {
                 fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
@@ -805,14 +813,11 @@ pub fn cap_output(mut out: ToolOutput, max: usize) -> ToolOutput {
             let mut size = Count(0);
             let _ = serde_json::to_writer(&mut size, other);
             if size.0 > max {
-                let mut text = serde_json::to_string(other).unwrap_or_default();
-                truncate_at_char(&mut text, max);
-                out.value = Value::String(text);
-                out.truncated = true;
+                return Err(size.0);
             }
         }
     }
-    out
+    Ok(out)
 }
 
 fn truncate_at_char(s: &mut String, max: usize) {

@@ -406,6 +406,33 @@ async fn long_output_is_capped_and_marked() {
     let s = out.value.as_str().unwrap();
     assert!(s.len() <= 101 && s.len() >= 99, "{}", s.len());
     assert_eq!(log.all().last().unwrap().payload["truncated"], true);
+
+    // A structure over the limit is refused with its size, not cut into broken JSON text.
+    let (echo, _h) = tool("t.echo", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![echo], log.clone())
+        .config(GatewayConfig {
+            max_output_bytes: 101,
+            ..GatewayConfig::default()
+        })
+        .build()
+        .unwrap();
+    let err = gw
+        .call("t.echo", json!({"text": "x".repeat(200)}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::ToolError);
+    assert!(
+        err.message.starts_with(
+            "the output of t.echo is 211 bytes of JSON, over the gateway's limit of 101"
+        ),
+        "{}",
+        err.message
+    );
+    let last = log.all().last().unwrap().clone();
+    assert_eq!(last.kind, EventKind::ToolFailed);
+    // Small structures pass as they are.
+    let out = gw.call("t.echo", json!({"text": "x"}), ctx()).await.unwrap();
+    assert_eq!((out.value, out.truncated), (json!({"text": "x"}), false));
 }
 
 #[tokio::test]
