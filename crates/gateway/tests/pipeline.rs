@@ -431,7 +431,10 @@ async fn long_output_is_capped_and_marked() {
     let last = log.all().last().unwrap().clone();
     assert_eq!(last.kind, EventKind::ToolFailed);
     // Small structures pass as they are.
-    let out = gw.call("t.echo", json!({"text": "x"}), ctx()).await.unwrap();
+    let out = gw
+        .call("t.echo", json!({"text": "x"}), ctx())
+        .await
+        .unwrap();
     assert_eq!((out.value, out.truncated), (json!({"text": "x"}), false));
 }
 
