@@ -450,32 +450,38 @@ fn follow_cancel_requests(
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let store = store.clone();
+    let poll = move |after: &mut u64| {
+        // Everything up to the head read before the query is looked at by it: the next tick
+        // starts there, so a long run's log is not read again at every tick (kinds are
+        // filtered while reading, not through an index).
+        let head = store.head().ok().flatten().map_or(0, |(seq, _)| seq);
+        let query = EventQuery {
+            kinds: vec![EventKind::RunCancelRequested],
+            after_seq: Some(*after),
+            ..EventQuery::default()
+        };
+        // A failed read is tried again at the next tick.
+        let Ok(found) = store.query_blocking(&query) else {
+            return;
+        };
+        *after = (*after).max(head);
+        for e in found {
+            *after = (*after).max(e.seq);
+            if let Some(r) = driver::ControlRequest::from_event(&e) {
+                let _ = tx.send(r);
+            }
+        }
+    };
+    // The requests already made are queued before the run is driven: a resume applies them
+    // before it starts anything (see `driver::resume_controlled`).
+    poll(&mut after);
     let handle = std::thread::Builder::new()
         .name("cancel-requests".into())
         .spawn(move || {
             while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(std::time::Duration::from_millis(150))
             {
-                // Everything up to the head read before the query is looked at by it: the next
-                // tick starts there, so a long run's log is not read again at every tick (kinds
-                // are filtered while reading, not through an index).
-                let head = store.head().ok().flatten().map_or(0, |(seq, _)| seq);
-                let query = EventQuery {
-                    kinds: vec![EventKind::RunCancelRequested],
-                    after_seq: Some(after),
-                    ..EventQuery::default()
-                };
-                // A failed read is tried again at the next tick.
-                let Ok(found) = store.query_blocking(&query) else {
-                    continue;
-                };
-                after = after.max(head);
-                for e in found {
-                    after = after.max(e.seq);
-                    if let Some(r) = driver::ControlRequest::from_event(&e) {
-                        let _ = tx.send(r);
-                    }
-                }
+                poll(&mut after);
             }
         })?;
     Ok((

@@ -792,6 +792,33 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
     assert_eq!(task_status(&outcome, "forever"), "cancelled");
     assert_eq!(task_status(&outcome, "after"), "cancelled");
     assert_eq!(task_status(&outcome, "other"), "completed");
+    // The request acted before anything started: `forever`, in flight when the process died,
+    // was not started again (its retry policy would have), and no tool call began after the
+    // resume.
+    let all = events(&db, run_id);
+    let resumed = all
+        .iter()
+        .position(|e| e.kind == EventKind::RunResumed)
+        .unwrap_or(all.len());
+    let started_after: Vec<_> = all[resumed..]
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::TaskStarted | EventKind::ToolStarted))
+        .map(|e| (e.kind, e.payload.clone()))
+        .collect();
+    assert!(
+        started_after
+            .iter()
+            .all(|(k, _)| *k != EventKind::ToolStarted),
+        "{started_after:?}"
+    );
+    let cancelled = all
+        .iter()
+        .position(|e| e.kind == EventKind::TaskCancelled && e.payload.get("request").is_some())
+        .unwrap();
+    assert!(
+        cancelled < resumed,
+        "the request is applied before the run resumes"
+    );
     cli(&db)
         .args(["replay", &id])
         .assert()

@@ -900,6 +900,20 @@ pub async fn resume_controlled(
             status: format!("{:?}", engine.status()).to_lowercase(),
         });
     }
+    let mut controls = controls;
+    if !engine.is_finished()
+        && let Some(queued) = controls.as_mut()
+    {
+        // Requests made while no process drove the run (queued before this call) act before
+        // anything starts: a run cancelled meanwhile starts no call.
+        while let Ok(request) = queued.try_recv() {
+            let Some(event) = control_event(&engine, opts.clock.now(), request) else {
+                continue;
+            };
+            engine.apply(&event)?;
+            first.push(EncodedEvent::new(event));
+        }
+    }
     if !engine.is_finished() {
         check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
         let calls: Vec<u64> = unperformed.iter().filter_map(Effect::call).collect();
@@ -916,6 +930,21 @@ pub async fn resume_controlled(
         .await;
     drop_off_path(engine);
     outcome
+}
+
+/// The input event that carries out `request`, if it is for this run and still has something
+/// to cancel.
+fn control_event(engine: &Engine, now: Timestamp, request: ControlRequest) -> Option<NewEvent> {
+    let mine = |id: &Option<RunId>| id.is_none_or(|id| id == engine.run_id());
+    match request {
+        ControlRequest::CancelRun { run_id, by, reason } if mine(&run_id) => {
+            Some(engine.cancel_run_event(now, &by, &reason))
+        }
+        ControlRequest::CancelTask { run_id, by, task } if mine(&run_id) => {
+            engine.cancel_task_event(now, &by, &task)
+        }
+        _ => None,
+    }
 }
 
 enum Done {
@@ -1205,19 +1234,9 @@ impl Driver {
                         controls_open = false;
                         continue;
                     };
-                    let now = self.opts.clock.now();
-                    let mine = |id: &Option<RunId>| id.is_none_or(|id| id == engine.run_id());
-                    match request {
-                        ControlRequest::CancelRun { run_id, by, reason } if mine(&run_id) => {
-                            Ok(engine.cancel_run_event(now, &by, &reason))
-                        }
-                        ControlRequest::CancelTask { run_id, by, task } if mine(&run_id) => {
-                            match engine.cancel_task_event(now, &by, &task) {
-                                Some(e) => Ok(e),
-                                None => continue,
-                            }
-                        }
-                        _ => continue,
+                    match control_event(engine, self.opts.clock.now(), request) {
+                        Some(event) => Ok(event),
+                        None => continue,
                     }
                 }
                 Some(done) = rx.recv(), if !finished => Err(done),
