@@ -1215,6 +1215,10 @@ impl TaskGraph {
                     "0 would end every attempt at once; leave `timeout` out for no limit".into(),
                 ));
             }
+            // Calls count time in whole milliseconds: less would be no time at all.
+            if t.timeout.is_some_and(|d| d < Duration::from_millis(1)) {
+                return Err(invalid(at, "timeout", "must be at least 1ms".into()));
+            }
             if let Some(r) = &t.retry {
                 if r.max_attempts == 0 {
                     return Err(invalid(
@@ -1228,6 +1232,19 @@ impl TaskGraph {
                         at,
                         "retry.jitter",
                         "must be between 0 and 1".into(),
+                    ));
+                }
+            }
+            if let OnFailure::ContinueWith(v) = &t.on_failure {
+                let mut refs = std::collections::BTreeSet::new();
+                template::collect_refs(v, &mut refs);
+                if let Some(r) = refs.first() {
+                    return Err(invalid(
+                        at,
+                        "on_failure",
+                        format!(
+                            "continue_with is used as written, so `{{{{ tasks.{r}... }}}}` would stay text; to stand in with another task's output, use {{ fallback: TASK }}"
+                        ),
                     ));
                 }
             }
@@ -1935,6 +1952,27 @@ tasks:
             );
         }
         parse("tasks:\n  - { id: a, tool: sleep, args: { ms: 10 }, timeout: 1ms }\n").unwrap();
+        let e = parse("tasks:\n  - { id: a, tool: sleep, args: { ms: 10 }, timeout: 100us }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("tasks[0].timeout: must be at least 1ms"), "{e}");
+    }
+
+    /// `continue_with` is a value used as written: a template in it is refused rather than
+    /// recorded as the task's output, text and all.
+    #[test]
+    fn a_template_in_continue_with_is_refused() {
+        let e = parse(
+            "tasks:\n  - { id: src, tool: echo, args: { v: 1 } }\n  - { id: a, tool: fail, args: {}, on_failure: { continue_with: { got: '{{ tasks.src.output.v }}' } } }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tasks[1].on_failure: continue_with is used as written, so `{{ tasks.src... }}` would stay text"),
+            "{e}"
+        );
+        // Other braces are text, as in arguments.
+        parse("tasks:\n  - { id: a, tool: fail, args: {}, on_failure: { continue_with: '{{ other }}' } }\n").unwrap();
     }
 
     /// Fallbacks that could never run are refused before a run, where they would stall it.
