@@ -49,9 +49,10 @@ pub struct CancelArgs {
     /// Cancel only this task (graph id) and the tasks that need it, directly or not.
     #[arg(long)]
     pub task: Option<String>,
-    /// Why (recorded with the request).
-    #[arg(long, default_value = "cancelled by the user")]
-    pub reason: String,
+    /// Why (recorded with the request and given as each cancelled task's reason; default for
+    /// a whole run: "cancelled by the user").
+    #[arg(long)]
+    pub reason: Option<String>,
 }
 
 /// Arguments of `run`.
@@ -882,7 +883,16 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     if let Some(task) = &args.task {
         payload.insert("task".into(), Value::from(task.as_str()));
     }
-    payload.insert("reason".into(), Value::from(args.reason.as_str()));
+    match (&args.reason, &args.task) {
+        (Some(reason), _) => {
+            payload.insert("reason".into(), Value::from(reason.as_str()));
+        }
+        (None, None) => {
+            payload.insert("reason".into(), Value::from("cancelled by the user"));
+        }
+        // A task's cancellation says itself what was cancelled with what.
+        (None, Some(_)) => {}
+    }
     let request = NewEvent {
         run_id,
         task_id: None,

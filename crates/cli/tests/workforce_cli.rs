@@ -699,7 +699,7 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
     cli(&db).args(["cancel", "not-a-run-id"]).assert().code(2);
 
     cli(&db)
-        .args(["cancel", &id, "--task", "slow"])
+        .args(["cancel", &id, "--task", "slow", "--reason", "too slow"])
         .assert()
         .success()
         .stdout(predicate::str::contains("cancel task `slow`"))
@@ -746,6 +746,14 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
     );
     assert!(logged.iter().any(|e| e.kind == EventKind::TaskCancelled
         && matches!(e.actor, agent_runtime_core::Actor::Person(_))));
+    // The task's reason reaches `runs show`, after what it was cancelled with.
+    cli(&db)
+        .args(["runs", "show", &id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "cancelled with `slow` and its subtree: too slow",
+        ));
     cli(&db)
         .args(["replay", &id])
         .assert()

@@ -113,6 +113,8 @@ pub enum ControlRequest {
         by: String,
         /// The task's graph id; an unknown or finished task is ignored.
         task: String,
+        /// Why, if said: recorded, and given as each cancelled task's reason.
+        reason: Option<String>,
     },
 }
 
@@ -134,6 +136,7 @@ impl ControlRequest {
                 run_id: Some(e.run_id),
                 by,
                 task,
+                reason: text("reason"),
             },
             None => ControlRequest::CancelRun {
                 run_id: Some(e.run_id),
@@ -405,7 +408,9 @@ pub async fn run_graph_with_cancel(
 /// let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
 /// let run = tokio::spawn(run_graph_controlled(graph, opts, CancellationToken::new(), Some(rx)));
 /// // Later, from anywhere: stop `review` and everything that needs it.
-/// let _ = tx.send(ControlRequest::CancelTask { run_id: None, by: "ana".into(), task: "review".into() });
+/// let _ = tx.send(ControlRequest::CancelTask {
+///     run_id: None, by: "ana".into(), task: "review".into(), reason: Some("out of scope".into()),
+/// });
 /// let outcome = run.await;
 /// # }
 /// ```
@@ -940,9 +945,12 @@ fn control_event(engine: &Engine, now: Timestamp, request: ControlRequest) -> Op
         ControlRequest::CancelRun { run_id, by, reason } if mine(&run_id) => {
             Some(engine.cancel_run_event(now, &by, &reason))
         }
-        ControlRequest::CancelTask { run_id, by, task } if mine(&run_id) => {
-            engine.cancel_task_event(now, &by, &task)
-        }
+        ControlRequest::CancelTask {
+            run_id,
+            by,
+            task,
+            reason,
+        } if mine(&run_id) => engine.cancel_task_event(now, &by, &task, reason.as_deref()),
         _ => None,
     }
 }

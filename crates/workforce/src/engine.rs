@@ -1035,15 +1035,26 @@ impl Engine {
         )
     }
 
-    /// A request to cancel a task and everything downstream of it; `None` for an unknown task.
-    pub fn cancel_task_event(&self, time: Timestamp, by: &str, task: &str) -> Option<NewEvent> {
+    /// A request to cancel a task and everything downstream of it, and why if said; `None` for
+    /// an unknown task.
+    pub fn cancel_task_event(
+        &self,
+        time: Timestamp,
+        by: &str,
+        task: &str,
+        reason: Option<&str>,
+    ) -> Option<NewEvent> {
         let idx = self.index_of(task)?;
+        let payload = match reason {
+            Some(reason) => json!({"request": true, "task": task, "reason": reason}),
+            None => json!({"request": true, "task": task}),
+        };
         Some(self.input(
             Some(self.tasks[idx as usize].task_id),
             Actor::Person(by.into()),
             EventKind::TaskCancelled,
             time,
-            json!({"request": true, "task": task}),
+            payload,
         ))
     }
 
@@ -1281,7 +1292,8 @@ impl Engine {
                 let idx = self
                     .index_of(task)
                     .ok_or_else(|| bad(event.kind, format!("unknown task {task}")))?;
-                self.cancel_subtree(idx);
+                let reason = event.payload.get("reason").and_then(Value::as_str);
+                self.cancel_subtree(idx, reason);
             }
             _ => {}
         }
@@ -2192,7 +2204,7 @@ impl Engine {
         }
     }
 
-    fn cancel_subtree(&mut self, root: u32) {
+    fn cancel_subtree(&mut self, root: u32, reason: Option<&str>) {
         let mut seen = std::collections::BTreeSet::new();
         let mut stack = vec![root];
         while let Some(i) = stack.pop() {
@@ -2211,9 +2223,12 @@ impl Engine {
                 stack.push(d);
             }
         }
-        let root_name = self.name(root).to_string();
+        let mut why = format!("cancelled with `{}` and its subtree", self.name(root));
+        if let Some(reason) = reason {
+            why = format!("{why}: {reason}");
+        }
         for i in seen {
-            self.cancel_task(i, &format!("cancelled with `{root_name}` and its subtree"));
+            self.cancel_task(i, &why);
         }
     }
 

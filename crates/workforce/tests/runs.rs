@@ -702,7 +702,7 @@ fn cancelling_a_subtree_leaves_the_rest_running() {
     engine.drain_events();
     let effects: Vec<_> = engine.drain_effects().collect();
     assert_eq!(effects.len(), 2, "a and x start");
-    let cancel = engine.cancel_task_event(T0, "ann", "b").unwrap();
+    let cancel = engine.cancel_task_event(T0, "ann", "b", None).unwrap();
     engine.apply(&cancel).unwrap();
     let ev: Vec<_> = engine.drain_events().collect();
     assert_eq!(
@@ -1053,12 +1053,14 @@ fn control_requests_are_recorded_before_they_act_and_foreign_events_are_not_repl
                 run_id: None,
                 by: "ann".into(),
                 task: "nope".into(),
+                reason: None,
             })
             .unwrap();
             tx.send(ControlRequest::CancelTask {
                 run_id: None,
                 by: "ann".into(),
                 task: "slow".into(),
+                reason: Some("too slow".into()),
             })
             .unwrap();
             run.await.unwrap()
@@ -1078,6 +1080,17 @@ fn control_requests_are_recorded_before_they_act_and_foreign_events_are_not_repl
         .collect();
     assert_eq!(by_ann.len(), 1, "one request acted on, recorded once");
     assert_eq!(by_ann[0].kind, EventKind::TaskCancelled);
+    // The reason is recorded with the request and given to each task cancelled, which
+    // `runs show` prints.
+    assert_eq!(by_ann[0].payload["reason"], "too slow");
+    let summary = RunSummary::fold(&ev).unwrap();
+    for id in ["slow", "after"] {
+        let row = summary.tasks.iter().find(|t| t.id == id).unwrap();
+        assert_eq!(
+            row.error.as_deref(),
+            Some("cancelled with `slow` and its subtree: too slow")
+        );
+    }
     assert!(ev.iter().all(|e| e.actor != Actor::Person("eve".into())));
 
     // Records that other parts write under the run's id (the gateway's audit trail, a
