@@ -345,6 +345,12 @@ pub fn check_available(
             )));
         }
     }
+    if let Some(tool) = graph.limits.tools.keys().find(|t| !known(t)) {
+        return Err(DriverError::Unavailable(format!(
+            "limits.tools: {}",
+            crate::graph::unknown_tool(tool, &names)
+        )));
+    }
     for (name, a) in &graph.agents {
         for tool in &a.tools {
             if tool != SPAWN_TOOL && !known(tool) {

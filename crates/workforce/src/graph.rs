@@ -498,13 +498,28 @@ pub enum GraphError {
         hint: &'static str,
     },
     /// The dependencies form a cycle.
-    #[error("{at}: tasks: dependency cycle {}", path.join(" -> "))]
+    #[error("{at}: tasks: dependency cycle {}", cycle_text(path))]
     Cycle {
         /// Where the first task of the cycle is declared.
         at: Location,
         /// The task ids of the cycle, the first repeated at the end.
         path: Vec<String>,
     },
+}
+
+/// A cycle's path as `a -> b -> c -> a`; a long one keeps its ends and says how many tasks
+/// it leaves out between (a cycle through 50,000 tasks made an error line of half a megabyte).
+fn cycle_text(path: &[String]) -> String {
+    const ENDS: usize = 8;
+    if path.len() <= 2 * ENDS + 1 {
+        return path.join(" -> ");
+    }
+    format!(
+        "{} -> ... ({} more) ... -> {}",
+        path[..ENDS].join(" -> "),
+        path.len() - 2 * ENDS,
+        path[path.len() - ENDS..].join(" -> ")
+    )
 }
 
 /// The largest task graph accepted, in bytes (16 MiB: a JSON graph of about 100,000 tasks).
@@ -851,6 +866,44 @@ fn locate_nth(text: &str, file: &Path, task: Option<(&str, usize)>, field: &str)
     }
 }
 
+/// Where the keys `path` lead in `text`, each looked for (as `KEY:` or `"KEY"`, or as a bare
+/// word for the last, a list item) at or after the one before: `agents` then `w` then `tools`.
+/// Best effort, as [`locate`]: the last key found, or 0:0 when the first is not.
+fn locate_path(text: &str, file: &Path, path: &[&str]) -> Location {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut at: Option<(usize, usize)> = None;
+    for (k, key) in path.iter().enumerate() {
+        let pats = if k + 1 == path.len() {
+            vec![format!("{key}:"), format!("\"{key}\""), key.to_string()]
+        } else {
+            vec![format!("{key}:"), format!("\"{key}\"")]
+        };
+        let (from_line, from_col) = at.map_or((0, 0), |(l, c)| (l, c + 1));
+        let found = lines.iter().enumerate().skip(from_line).find_map(|(n, l)| {
+            let start = if n == from_line {
+                from_col.min(l.len())
+            } else {
+                0
+            };
+            let rest = l.get(start..)?;
+            pats.iter()
+                .filter_map(|p| rest.find(p.as_str()))
+                .min()
+                .map(|c| (n, start + c))
+        });
+        match found {
+            Some(pos) => at = Some(pos),
+            None => break,
+        }
+    }
+    let (line, column) = at.map_or((0, 0), |(l, c)| (l + 1, c + 1));
+    Location {
+        file: file.to_path_buf(),
+        line,
+        column,
+    }
+}
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id
@@ -869,9 +922,10 @@ impl TaskGraph {
         file: &Path,
         available: &[String],
     ) -> Result<(), GraphError> {
+        let known = |tool: &str| available.iter().any(|a| a == tool);
         for (i, t) in self.tasks.iter().enumerate() {
             if let TaskKind::Tool { tool, .. } = t.kind()
-                && !available.iter().any(|a| a == tool)
+                && !known(tool)
             {
                 return Err(task_error(
                     (text, file),
@@ -881,6 +935,32 @@ impl TaskGraph {
                     unknown_tool(tool, available),
                 ));
             }
+        }
+        let unknown_at = |path: &[&str], field: String, tool: &str| GraphError::Invalid {
+            at: locate_path(text, file, path),
+            field,
+            message: unknown_tool(tool, available),
+        };
+        for (name, a) in &self.agents {
+            if let Some(tool) = a
+                .tools
+                .iter()
+                .find(|t| t.as_str() != crate::engine::SPAWN_TOOL && !known(t))
+            {
+                return Err(unknown_at(
+                    &["agents", name, "tools", tool],
+                    format!("agents.{name}.tools"),
+                    tool,
+                ));
+            }
+        }
+        // A limit on a tool no step or agent can call limits nothing: most likely a typo.
+        if let Some(tool) = self.limits.tools.keys().find(|t| !known(t)) {
+            return Err(unknown_at(
+                &["limits", "tools", tool],
+                "limits.tools".into(),
+                tool,
+            ));
         }
         Ok(())
     }
@@ -1325,14 +1405,14 @@ impl TaskGraph {
             .map(|w| (w[0], w[1]))
             .find(|&(f, t)| fallback_of(t) == Some(f))
             .unwrap_or((cycle[0], cycle[0]));
-        let path: Vec<&str> = cycle.iter().map(|&i| self.tasks[i].id.as_str()).collect();
+        let path: Vec<String> = cycle.iter().map(|&i| self.tasks[i].id.clone()).collect();
         Some((
             task,
             format!(
                 "fallback `{}` could never run for `{}`: it waits for it, through dependencies and fallbacks ({})",
                 self.tasks[fallback].id,
                 self.tasks[task].id,
-                path.join(" -> ")
+                cycle_text(&path)
             ),
         ))
     }
@@ -1871,6 +1951,30 @@ tasks:
             g.check_tools_in(text, Path::new("t.yaml"), &["echo".into(), "ecoh".into()])
                 .is_ok()
         );
+
+        // An agent's tool and a tool's limit, located where they are written.
+        let tools = vec!["echo".to_string(), "read_file".to_string()];
+        let check = |text: &str| {
+            parse_graph(text, Path::new("t.yaml"))
+                .unwrap()
+                .check_tools_in(text, Path::new("t.yaml"), &tools)
+                .map_err(|e| e.to_string())
+        };
+        let e = check(
+            "limits:\n  tools: { echo: 1 }\nagents:\n  w:\n    model: a/b\n    tools: [echo, spawn_task, read_fil]\ntasks:\n  - { id: a, agent: w, prompt: hi }\n",
+        )
+        .unwrap_err();
+        assert_eq!(
+            e,
+            "t.yaml:6:31: agents.w.tools: unknown tool `read_fil` (did you mean `read_file`?) (available: echo, read_file)"
+        );
+        let e = check("limits: { tools: { ecoh: 1 } }\ntasks:\n  - { id: a, tool: echo }\n")
+            .unwrap_err();
+        assert_eq!(
+            e,
+            "t.yaml:1:20: limits.tools: unknown tool `ecoh` (did you mean `echo`?) (available: echo, read_file)"
+        );
+        check("limits: { tools: { echo: 1 } }\ntasks:\n  - { id: a, tool: echo }\n").unwrap();
     }
 
     /// A file that is not UTF-8 (saved as Latin-1, say) is refused at its first bad byte, by
@@ -2041,6 +2145,19 @@ tasks:
             e.to_string().contains("dependency cycle a -> b -> c -> a"),
             "{e}"
         );
+        // A long cycle keeps its ends, and its full path stays in the error's field.
+        let mut yaml = "tasks:\n".to_string();
+        for i in 0..1000 {
+            yaml.push_str(&format!(
+                "  - {{ id: t{i}, tool: echo, needs: [t{}] }}\n",
+                (i + 1) % 1000
+            ));
+        }
+        let e = parse(&yaml).unwrap_err();
+        let text = e.to_string();
+        assert!(text.len() < 300, "{text}");
+        assert!(text.contains(" -> ... (985 more) ... -> "), "{text}");
+        assert!(matches!(&e, GraphError::Cycle { path, .. } if path.len() == 1001));
     }
 
     #[test]
