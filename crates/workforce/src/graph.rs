@@ -734,7 +734,12 @@ fn yaml_key_at(text: &str, key: &str, line: usize, column: usize) -> (usize, usi
 const SHOWN_PATH_SEGMENTS: usize = 8;
 
 fn path_string(p: &serde_path_to_error::Path) -> String {
-    let segments: Vec<_> = p.iter().collect();
+    let mut segments: Vec<_> = p.iter().collect();
+    // A key the parser never got to (the file ends, a comma trails) says nothing: it is left
+    // off, rather than shown as `?`.
+    while matches!(segments.last(), Some(serde_path_to_error::Segment::Unknown)) {
+        segments.pop();
+    }
     if segments.is_empty() {
         return "(top level)".into();
     }
@@ -2077,6 +2082,26 @@ tasks:
         );
         // Other braces are text, as in arguments.
         parse("tasks:\n  - { id: a, tool: fail, args: {}, on_failure: { continue_with: '{{ other }}' } }\n").unwrap();
+    }
+
+    /// Where the parser stopped before a key (a cut file, a trailing comma), the field is the
+    /// last one known, not `?`.
+    #[test]
+    fn a_cut_json_file_names_the_last_known_field() {
+        let e = parse_graph(
+            r#"{"tasks": [{"id": "a", "tool": "echo""#,
+            Path::new("t.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "t.json:1:37: tasks[0]: EOF while parsing an object");
+        let e = parse_graph(
+            r#"{"tasks": [{"id": "a", "tool": "echo"}], }"#,
+            Path::new("t.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert_eq!(e, "t.json:1:42: (top level): trailing comma");
     }
 
     /// Fallbacks that could never run are refused before a run, where they would stall it.
