@@ -2018,6 +2018,10 @@ impl Engine {
     /// overflowed the stack when this recursed.
     fn complete(&mut self, idx: u32, output: Output, substituted: bool) {
         let owners = self.complete_one(idx, output, substituted);
+        // Most tasks stand in for none: no stack for them.
+        if owners.is_empty() {
+            return;
+        }
         let mut stack = vec![(idx, owners.into_iter())];
         while let Some((source, owners)) = stack.last_mut() {
             let source = *source;
