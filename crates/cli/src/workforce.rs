@@ -509,10 +509,13 @@ impl Drop for StopOnDrop {
     }
 }
 
+/// Prints the outcome; `wall` is this process's time, which for a resumed run is only its
+/// part (`runs show` has the whole).
 fn report_outcome(
     out: &Outcome,
     json_out: bool,
     wall: std::time::Duration,
+    resumed: bool,
 ) -> anyhow::Result<ExitCode> {
     if json_out {
         outln!("{}", serde_json::to_string_pretty(out)?);
@@ -525,10 +528,11 @@ fn report_outcome(
         }
         let counts: Vec<String> = counts.iter().map(|(k, v)| format!("{v} {k}")).collect();
         outln!(
-            "run {}: {} in {:.2}s ({} task{}: {})",
+            "run {}: {} in {:.2}s{} ({} task{}: {})",
             out.run_id,
             format!("{:?}", out.status).to_lowercase(),
             wall.as_secs_f64(),
+            if resumed { " of this resume" } else { "" },
             out.tasks.len(),
             if out.tasks.len() == 1 { "" } else { "s" },
             counts.join(", ")
@@ -592,6 +596,7 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         &args.gateway,
         head,
         args.json,
+        false,
         |opts, token, controls| {
             // Checked here, where the graph's text is at hand, so that an unknown tool is
             // named by line and column; the driver checks again, without them.
@@ -683,6 +688,7 @@ fn drive<Go, Fut>(
     gateway: &GatewayOpts,
     requests_after: u64,
     json_out: bool,
+    resuming: bool,
     go: Go,
 ) -> anyhow::Result<ExitCode>
 where
@@ -707,7 +713,7 @@ where
     })?;
     progress.finish();
     let out = out.map_err(driver_error)?;
-    report_outcome(&out, json_out, started.elapsed())
+    report_outcome(&out, json_out, started.elapsed(), resuming)
 }
 
 fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -757,6 +763,7 @@ fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         &args.gateway,
         after,
         args.json,
+        true,
         |opts, token, controls| {
             driver::resume_controlled(&store, run_id, opts, token, Some(controls))
         },
