@@ -911,20 +911,6 @@ pub async fn resume_controlled(
             status: format!("{:?}", engine.status()).to_lowercase(),
         });
     }
-    let mut controls = controls;
-    if !engine.is_finished()
-        && let Some(queued) = controls.as_mut()
-    {
-        // Requests made while no process drove the run (queued before this call) act before
-        // anything starts: a run cancelled meanwhile starts no call.
-        while let Ok(request) = queued.try_recv() {
-            let Some(event) = control_event(&engine, opts.clock.now(), request) else {
-                continue;
-            };
-            engine.apply(&event)?;
-            first.push(EncodedEvent::new(event));
-        }
-    }
     if !engine.is_finished() {
         check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
         let calls: Vec<u64> = unperformed.iter().filter_map(Effect::call).collect();
@@ -1125,6 +1111,26 @@ impl Driver {
             .filter(|e| e.call().is_some_and(|c| engine.is_in_flight(c)))
             .map(|e| (batch.len(), e))
             .collect();
+        // Requests already queued (for a resume: made while no process drove the run) act
+        // before any call starts: each is recorded after what came before it, as it would be
+        // had it come in the loop below, and the calls it cancels are never made.
+        let mut queued = false;
+        while !engine.is_finished() {
+            let Ok(request) = controls.try_recv() else {
+                break;
+            };
+            let Some(event) = control_event(engine, self.opts.clock.now(), request) else {
+                continue;
+            };
+            take_derived(engine, &mut batch, &mut effects);
+            engine.apply(&event)?;
+            batch.push(EncodedEvent::new(event));
+            queued = true;
+        }
+        if queued {
+            take_derived(engine, &mut batch, &mut effects);
+            effects.retain(|(_, e)| e.call().is_none_or(|c| engine.is_in_flight(c)));
+        }
         let mut cancel_requested = false;
         // The outcome, once the run has finished and every event is handed to the log.
         let mut prebuilt: Option<Outcome> = None;

@@ -460,6 +460,65 @@ fn resume_from(prefix: &[Envelope], seed_for_new: u64) -> (driver::Outcome, Vec<
     (out, events(&log))
 }
 
+/// A cancellation requested while no process drove the run acts when it is resumed, after the
+/// resume has interrupted the attempts that were in flight and before any call starts: the
+/// task it frees a slot for starts in this process and is not taken for interrupted, the
+/// cancelled task's retry never runs, and the log replays.
+#[test]
+fn a_request_queued_before_resume_acts_after_it_and_replays() {
+    let g = graph(
+        "limits: { concurrency: 2 }\ntasks:\n  - { id: p0, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: p1, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: q, tool: sleep, args: { ms: 10 } }\n",
+    );
+    let (_, log) = run(g, 3);
+    let ev = events(&log);
+    // The crash: both sleeps in flight, `q` waiting for a slot.
+    let cut = ev
+        .iter()
+        .position(|e| e.kind == EventKind::ToolCompleted)
+        .unwrap();
+    let prefix = &ev[..cut];
+    assert_eq!(count(prefix, EventKind::TaskStarted, "p1"), 1);
+    let resumed = Arc::new(MemoryLog::default());
+    resumed.append_now(prefix.iter().map(Envelope::to_new_event).collect());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(ControlRequest::CancelTask {
+        run_id: None,
+        by: "ann".into(),
+        task: "p1".into(),
+        reason: None,
+    })
+    .unwrap();
+    let out = rt()
+        .block_on(driver::resume_controlled(
+            resumed.as_ref(),
+            prefix[0].run_id,
+            RunOptions {
+                clock: Arc::new(TokioClock::new(prefix.last().unwrap().time)),
+                ..opts_at_t0(resumed.clone(), registry())
+            },
+            CancellationToken::new(),
+            Some(rx),
+        ))
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    assert_eq!(status_of(&out, "p0"), TaskStatus::Completed);
+    assert_eq!(status_of(&out, "p1"), TaskStatus::Cancelled);
+    assert_eq!(status_of(&out, "q"), TaskStatus::Completed);
+    let all = events(&resumed);
+    assert_eq!(
+        count(&all, EventKind::TaskStarted, "p1"),
+        1,
+        "p1 never retried"
+    );
+    assert_eq!(
+        count(&all, EventKind::TaskFailed, "q"),
+        0,
+        "q was not interrupted"
+    );
+    let report = driver::replay_events(&all).unwrap();
+    assert_eq!(report.log_hash, out.log_hash);
+}
+
 #[test]
 fn resume_after_a_crash_at_every_batch_boundary_finishes_without_redoing_work() {
     let (full, log) = run(graph(MIXED), 11);
