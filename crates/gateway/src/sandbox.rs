@@ -679,25 +679,39 @@ impl CommandTool {
                 stderr.lines().next().unwrap_or_default()
             )));
         }
-        // bwrap reports a signal death of the command as 128 + the signal number.
-        let signal = status.signal().or_else(|| {
-            status
-                .code()
-                .filter(|c| mode == SandboxMode::Bubblewrap && *c > 128 && *c < 160)
-                .map(|c| c - 128)
-        });
+        // bwrap reports a signal death of the command as 128 + the signal number, which a
+        // command exiting with that status (`exit 137`) looks the same as.
+        let reported = status
+            .code()
+            .filter(|c| mode == SandboxMode::Bubblewrap && *c > 128 && *c < 160);
+        let mut signal = status.signal().or(reported.map(|c| c - 128));
+        // A process cannot have used more CPU time than the wall time it ran for on every core:
+        // a status 152 that came sooner is the command's own, not the CPU limit's SIGXCPU.
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        if signal == Some(libc::SIGXCPU)
+            && reported.is_some()
+            && started.elapsed().as_secs_f64() * cores < limits.cpu_secs as f64
+        {
+            signal = None;
+        }
+        let alike = match reported {
+            Some(code) => format!(
+                " (or the command exited with status {code}, which the sandbox reports alike)"
+            ),
+            None => String::new(),
+        };
         match signal {
             Some(libc::SIGXCPU) => Err(sandbox_error(format!(
                 "{name}: CPU time limit of {} s reached; process killed",
                 limits.cpu_secs
             ))),
             Some(libc::SIGXFSZ) => Err(sandbox_error(format!(
-                "{name}: file size limit of {} MiB reached; process killed",
+                "{name}: file size limit of {} MiB reached; process killed{alike}",
                 limits.file_size_mb
             ))),
             Some(sig) => Ok(ToolOutput::new(json!({
                 "exit_code": null, "signal": sig, "stdout": stdout, "stderr": stderr,
-                "note": format!("killed by signal {sig}{pids_note}"),
+                "note": format!("killed by signal {sig}{alike}{pids_note}"),
                 "duration_ms": started.elapsed().as_millis() as u64,
             }))),
             None => {

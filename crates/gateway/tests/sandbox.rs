@@ -248,6 +248,24 @@ async fn an_endless_loop_hits_the_cpu_limit() {
     assert!(err.message.contains("CPU time limit of 1 s"), "{err}");
 }
 
+/// A command's own exit status of 129 to 159 is what the sandbox reports for a death by
+/// signal: one that came too soon to be the CPU limit's is the command's exit status, and a
+/// signal's note says it may be either.
+#[tokio::test]
+async fn an_exit_status_above_128_is_not_taken_for_a_limit() {
+    let env = env();
+    let out = ok(run(&env, Limits::default(), "exit 152").await);
+    assert_eq!(out["exit_code"], 152, "{out}");
+    let out = ok(run(&env, Limits::default(), "exit 137").await);
+    assert_eq!(out["signal"], 9, "{out}");
+    assert!(
+        out["note"]
+            .as_str()
+            .is_some_and(|n| n.contains("or the command exited with status 137")),
+        "{out}"
+    );
+}
+
 #[tokio::test]
 async fn a_sleeper_hits_the_wall_time_limit() {
     let env = env();
