@@ -469,14 +469,18 @@ impl CommandTool {
                 match args.get(name) {
                     None | Some(Value::Null) => {}
                     Some(Value::Array(items)) => {
-                        for i in items {
+                        // A null item is no word, as a null value is.
+                        for i in items.iter().filter(|i| !i.is_null()) {
                             out.push(scalar_text(name, i)?);
                         }
                     }
                     Some(v) => out.push(scalar_text(name, v)?),
                 }
             } else {
-                out.push(substitute(word, args)?);
+                out.push(checked_word(
+                    &format!("word `{word}`"),
+                    substitute(word, args)?,
+                )?);
             }
         }
         Ok(out)
@@ -764,16 +768,40 @@ fn whole_placeholder(word: &str) -> Option<&str> {
     .then_some(inner)
 }
 
+/// Linux's limit on one word of a command line (`MAX_ARG_STRLEN`, 32 pages).
+const MAX_WORD_BYTES: usize = 128 * 1024;
+
 fn scalar_text(name: &str, v: &Value) -> Result<String, ToolError> {
-    match v {
-        Value::String(s) => Ok(s.clone()),
-        Value::Number(n) => Ok(n.to_string()),
-        Value::Bool(b) => Ok(b.to_string()),
-        _ => Err(ClassifiedError::new(
-            ErrorClass::InvalidArguments,
-            format!("argument {name} must be a string, number, boolean or array of them"),
-        )),
+    let text = match v {
+        Value::String(s) => s.clone(),
+        Value::Number(n) => n.to_string(),
+        Value::Bool(b) => b.to_string(),
+        _ => {
+            return Err(ClassifiedError::new(
+                ErrorClass::InvalidArguments,
+                format!("argument {name} must be a string, number, boolean or array of them"),
+            ));
+        }
+    };
+    checked_word(&format!("argument {name}"), text)
+}
+
+/// Refuses, as the caller's mistake, a word no command line can carry: starting the command
+/// failed with a `sandbox_error` the caller could not tell from a broken sandbox.
+fn checked_word(what: &str, word: String) -> Result<String, ToolError> {
+    let bad = |why: String| ClassifiedError::new(ErrorClass::InvalidArguments, why);
+    if word.contains('\0') {
+        return Err(bad(format!(
+            "{what} contains a NUL byte, which a command line cannot carry"
+        )));
     }
+    if word.len() > MAX_WORD_BYTES {
+        return Err(bad(format!(
+            "{what} makes a command-line word of {} bytes, over the system's limit of {MAX_WORD_BYTES}; pass large data on stdin",
+            word.len()
+        )));
+    }
+    Ok(word)
 }
 
 fn substitute(template: &str, args: &Value) -> Result<String, ToolError> {

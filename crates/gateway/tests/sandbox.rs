@@ -345,6 +345,31 @@ async fn arguments_are_words_not_shell() {
         "; touch pwned $(touch pwned2) n=3 a b\n"
     );
     assert!(!env.ws.join("pwned").exists() && !env.ws.join("pwned2").exists());
+
+    // A null item is no word, as a null value is.
+    let words = tool
+        .render(&json!({"text": "t", "n": 1, "many": ["a", null, "b"]}))
+        .unwrap();
+    assert_eq!(words, ["echo", "t", "n=1", "a", "b"]);
+    // A word no command line can carry is the caller's mistake, not the sandbox's.
+    for (args, says) in [
+        (
+            json!({"text": "a\u{0}b", "n": 1}),
+            "argument text contains a NUL byte",
+        ),
+        (
+            json!({"text": "t", "n": "1\u{0}"}),
+            "argument n contains a NUL byte",
+        ),
+        (
+            json!({"text": "x".repeat(200_000), "n": 1}),
+            "argument text makes a command-line word of 200000 bytes",
+        ),
+    ] {
+        let err = tool.render(&args).unwrap_err();
+        assert_eq!(err.class, ErrorClass::InvalidArguments, "{err}");
+        assert!(err.message.starts_with(says), "{err}");
+    }
 }
 
 #[tokio::test]
