@@ -552,9 +552,11 @@ fn report_outcome(
             out.error.clone().unwrap_or_default()
         ))
         .into()),
-        RunStatus::Cancelled => {
-            Err(CliError::Failed(format!("run {} was cancelled", out.run_id)).into())
-        }
+        RunStatus::Cancelled => Err(CliError::Failed(match &out.error {
+            Some(why) => format!("run {} was cancelled: {why}", out.run_id),
+            None => format!("run {} was cancelled", out.run_id),
+        })
+        .into()),
         RunStatus::Running => {
             Err(CliError::Failed(format!("run {} did not finish", out.run_id)).into())
         }

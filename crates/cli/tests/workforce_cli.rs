@@ -732,6 +732,13 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
     assert!(!status.success(), "a cancelled run exits non-zero");
     let outcome = json_of(stdout.as_bytes());
     assert_eq!(outcome["status"], "cancelled");
+    // Why, and by whom, as `runs show` says it.
+    assert!(
+        outcome["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("enough (person:")),
+        "{outcome}"
+    );
     assert_eq!(task_status(&outcome, "slow"), "cancelled");
     assert_ne!(task_status(&outcome, "after-slow"), "completed");
 

@@ -241,7 +241,8 @@ pub struct Outcome {
     pub log_hash: String,
     /// Events in the run's log.
     pub events: u64,
-    /// Why the run failed, when it did.
+    /// Why the run failed or was cancelled, when it did: `task `T` failed: CLASS: MESSAGE`,
+    /// or `REASON (ACTOR)`.
     pub error: Option<String>,
 }
 
@@ -1296,8 +1297,8 @@ impl Driver {
     /// The run's outcome as the engine and the count of recorded events have it; `drive` fills
     /// in the log hash once the offloaded hash is back.
     fn outcome(&self, engine: &Engine) -> Outcome {
-        // Set exactly when the run failed: `run.failed` comes only from a task that failed
-        // for good.
+        // Set exactly when the run failed (`run.failed` comes only from a task that failed for
+        // good) or was cancelled.
         let error = engine.failure().map(String::from);
         Outcome {
             run_id: engine.run_id(),

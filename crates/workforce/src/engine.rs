@@ -512,7 +512,8 @@ pub struct Engine {
     /// that must be durable before it may be performed (its request among them).
     effect_marks: Vec<usize>,
     decisions: u64,
-    /// Why the run failed, as `run.failed` says it: `task `T` failed: CLASS: MESSAGE`.
+    /// Why the run failed, as `run.failed` says it (`task `T` failed: CLASS: MESSAGE`), or
+    /// why it was cancelled.
     failure: Option<String>,
     shapes: Shapes,
     /// Most attempts one pump starts before it stops (see [`Engine::set_pump_step`]); `None`:
@@ -832,7 +833,8 @@ impl Engine {
     pub fn is_finished(&self) -> bool {
         self.status != RunStatus::Running
     }
-    /// Why the run failed (`task `T` failed: CLASS: MESSAGE`), once it has.
+    /// Why the run failed (`task `T` failed: CLASS: MESSAGE`) or was cancelled (`REASON
+    /// (ACTOR)`), once it has.
     pub fn failure(&self) -> Option<&str> {
         self.failure.as_deref()
     }
@@ -1281,6 +1283,7 @@ impl Engine {
                     .and_then(Value::as_str)
                     .unwrap_or("cancelled")
                     .to_string();
+                self.failure = Some(crate::state::run_cancelled_text(&reason, &event.actor));
                 self.end_run(RunStatus::Cancelled, &reason);
             }
             EventKind::TaskCancelled => {

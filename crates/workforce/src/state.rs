@@ -349,7 +349,7 @@ impl RunFold {
                 s.status = "cancelled".into();
                 s.ended = Some(e.time);
                 let reason = e.payload.get("reason").and_then(Value::as_str);
-                s.error = Some(format!("{} ({})", reason.unwrap_or("cancelled"), e.actor));
+                s.error = Some(run_cancelled_text(reason.unwrap_or("cancelled"), &e.actor));
             }
             EventKind::TaskRetryScheduled => s.retries += 1,
             _ => {}
@@ -394,6 +394,11 @@ fn declared_task_ids(created: &Envelope, graph: &TaskGraph) -> Vec<TaskId> {
 /// `task `T` failed: CLASS: MESSAGE`.
 pub(crate) fn run_failed_text(task: &str, class: &str, message: &str) -> String {
     format!("task `{task}` failed: {class}: {message}")
+}
+
+/// Why a run was cancelled, as the engine's outcome and `runs show` say it: `REASON (ACTOR)`.
+pub(crate) fn run_cancelled_text(reason: &str, by: &agent_runtime_core::Actor) -> String {
+    format!("{reason} ({by})")
 }
 
 /// `CLASS: MESSAGE` of a failure's payload (`task.failed`, `run.failed`).
