@@ -735,7 +735,10 @@ fn cancelling_a_run_stops_everything() {
         summary.error.as_deref(),
         Some(format!("{reason} ({})", cancelled.actor).as_str())
     );
-    assert_eq!(out.error, summary.error, "the outcome says why, as runs show does");
+    assert_eq!(
+        out.error, summary.error,
+        "the outcome says why, as runs show does"
+    );
     let row = |id: &str| summary.tasks.iter().find(|t| t.id == id).unwrap().clone();
     assert_eq!(row("a").status, "cancelled");
     assert!(row("a").error.is_some_and(|e| !e.is_empty()));
