@@ -679,7 +679,11 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
         serde_path_to_error::deserialize(de).map_err(|e| {
             let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
-            let (line, column) = inner.location().map_or((0, 0), |l| (l.line(), l.column()));
+            let (line, column) = inner.location().map_or_else(
+                // The parser gives no place for a second document: it is where it starts.
+                || second_yaml_document(text).map_or((0, 0), |line| (line, 1)),
+                |l| (l.line(), l.column()),
+            );
             let (line, column) = yaml_key_at(text, &last_key(&full), line, column);
             let message = strip_position(&inner.to_string(), &full);
             GraphError::Syntax {
@@ -695,6 +699,21 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     };
     graph.validate_in(text, file)?;
     Ok(graph)
+}
+
+/// The line (from 1) of the `---` that starts a second YAML document, if there is one.
+fn second_yaml_document(text: &str) -> Option<usize> {
+    let mut content = false;
+    for (n, l) in text.lines().enumerate() {
+        if l.starts_with("---") {
+            if content {
+                return Some(n + 1);
+            }
+        } else if !l.trim().is_empty() && !l.trim_start().starts_with('#') {
+            content = true;
+        }
+    }
+    None
 }
 
 /// The last key of a field path as serde_path_to_error writes it (`tasks[0].on_failure` →
@@ -2082,6 +2101,19 @@ tasks:
         );
         // Other braces are text, as in arguments.
         parse("tasks:\n  - { id: a, tool: fail, args: {}, on_failure: { continue_with: '{{ other }}' } }\n").unwrap();
+    }
+
+    /// A second YAML document is refused where it starts.
+    #[test]
+    fn a_second_yaml_document_is_located() {
+        let e = parse_graph(
+            "# flow\n---\ntasks: [{ id: a, tool: echo }]\n---\ntasks: []\n",
+            Path::new("t.yaml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("t.yaml:4:1: (top level): "), "{e}");
+        assert!(e.contains("more than one document"), "{e}");
     }
 
     /// Where the parser stopped before a key (a cut file, a trailing comma), the field is the
