@@ -1123,6 +1123,9 @@ impl Driver {
             let Some(event) = control_event(engine, self.opts.clock.now(), request) else {
                 continue;
             };
+            // A pump the engine stopped at its step is finished first, as replay derives it
+            // whole before the next input.
+            engine.finish_pump();
             take_derived(engine, &mut batch, &mut effects);
             engine.apply(&event)?;
             batch.push(EncodedEvent::new(event));
