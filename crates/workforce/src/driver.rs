@@ -326,7 +326,9 @@ pub(crate) async fn claim(
     }
 }
 
-/// Checks that every tool and model provider the graph names is available.
+/// Checks that every tool and model provider the graph's tasks and agents use is available.
+/// (A new run's `limits.tools` is checked too, by [`check_limited_tools`]; a recorded run's is
+/// not, as a limit on a tool nobody calls does nothing.)
 pub fn check_available(
     graph: &TaskGraph,
     tools: &dyn ToolInvoker,
@@ -345,12 +347,6 @@ pub fn check_available(
                 crate::graph::unknown_tool(tool, &names)
             )));
         }
-    }
-    if let Some(tool) = graph.limits.tools.keys().find(|t| !known(t)) {
-        return Err(DriverError::Unavailable(format!(
-            "limits.tools: {}",
-            crate::graph::unknown_tool(tool, &names)
-        )));
     }
     for (name, a) in &graph.agents {
         for tool in &a.tools {
@@ -371,6 +367,19 @@ pub fn check_available(
         }
     }
     Ok(())
+}
+
+/// Checks that every tool the graph's `limits.tools` names is available: a misspelt name would
+/// leave the tool it meant without its limit.
+pub fn check_limited_tools(graph: &TaskGraph, tools: &dyn ToolInvoker) -> Result<(), DriverError> {
+    let names = tools.names();
+    match graph.limits.tools.keys().find(|t| !names.contains(t)) {
+        Some(tool) => Err(DriverError::Unavailable(format!(
+            "limits.tools: {}",
+            crate::graph::unknown_tool(tool, &names)
+        ))),
+        None => Ok(()),
+    }
 }
 
 /// Checks the arguments of every tool step whose arguments are fixed in the graph (see
@@ -428,6 +437,7 @@ pub async fn run_graph_controlled(
     controls: Option<mpsc::UnboundedReceiver<ControlRequest>>,
 ) -> Result<Outcome, DriverError> {
     check_available(&graph, opts.tools.as_ref(), opts.models.as_ref())?;
+    check_limited_tools(&graph, opts.tools.as_ref())?;
     check_fixed_args(&graph, opts.tools.as_ref())?;
     let now = opts.clock.now();
     let run_id = crate::engine::run_id_for(opts.seed, now);

@@ -2434,7 +2434,7 @@ pub fn graph_of_created(payload: &Value) -> Result<TaskGraph, EngineError> {
         ));
     };
     graph
-        .validate()
+        .validate_recorded()
         .map_err(|e| EngineError::Graph(e.to_string()))?;
     Ok(graph)
 }

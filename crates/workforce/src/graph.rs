@@ -449,6 +449,14 @@ impl fmt::Display for Location {
     }
 }
 
+/// Which of [`TaskGraph`]'s checks to run: all of them for a graph about to start a run, the
+/// engine's own for one read back from a log.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Checks {
+    New,
+    Recorded,
+}
+
 /// A task graph that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -1132,6 +1140,20 @@ impl TaskGraph {
 
     /// Checks ids, references, task kinds, limits and cycles; `text` and `file` locate errors.
     pub fn validate_in(&self, text: &str, file: &Path) -> Result<(), GraphError> {
+        self.checked(text, file, Checks::New)
+    }
+
+    /// Checks a graph read back from a run's log: only what the engine relies on (ids,
+    /// references, task kinds, limits, cycles), not the checks that refuse authoring mistakes
+    /// (a zero timeout, a template in `continue_with`, a fallback that could never run). Those
+    /// were added after runs were recorded with such graphs, and a recorded run must stay
+    /// replayable and resumable as it ran.
+    pub fn validate_recorded(&self) -> Result<(), GraphError> {
+        self.checked("", Path::new("<graph>"), Checks::Recorded)
+    }
+
+    fn checked(&self, text: &str, file: &Path, checks: Checks) -> Result<(), GraphError> {
+        let authoring = checks == Checks::New;
         let invalid = |task: Option<(usize, &str)>, field: &str, message: String| {
             let (fpath, tid) = match task {
                 Some((i, id)) => (format!("tasks[{i}].{field}"), Some(id)),
@@ -1312,7 +1334,7 @@ impl TaskGraph {
                 return Err(invalid(at, field, e));
             }
             // `timeout: 0` often means "no limit" elsewhere; here it would end every attempt.
-            if t.timeout == Some(Duration::ZERO) {
+            if authoring && t.timeout == Some(Duration::ZERO) {
                 return Err(invalid(
                     at,
                     "timeout",
@@ -1320,7 +1342,7 @@ impl TaskGraph {
                 ));
             }
             // Calls count time in whole milliseconds: less would be no time at all.
-            if t.timeout.is_some_and(|d| d < Duration::from_millis(1)) {
+            if authoring && t.timeout.is_some_and(|d| d < Duration::from_millis(1)) {
                 return Err(invalid(at, "timeout", "must be at least 1ms".into()));
             }
             if let Some(r) = &t.retry {
@@ -1339,7 +1361,9 @@ impl TaskGraph {
                     ));
                 }
             }
-            if let OnFailure::ContinueWith(v) = &t.on_failure {
+            if let OnFailure::ContinueWith(v) = &t.on_failure
+                && authoring
+            {
                 let mut refs = std::collections::BTreeSet::new();
                 template::collect_refs(v, &mut refs);
                 if let Some(r) = refs.first() {
@@ -1391,7 +1415,8 @@ impl TaskGraph {
                 path: cycle.iter().map(|&i| self.tasks[i].id.clone()).collect(),
             });
         }
-        if !held.is_empty()
+        if authoring
+            && !held.is_empty()
             && let Some((task, message)) = self.fallback_that_could_never_run(deps)
         {
             return Err(invalid(

@@ -2162,3 +2162,67 @@ fn a_log_that_refuses_a_batch_stops_the_run_with_its_message() {
         );
     }
 }
+
+/// Graphs that later versions refuse as authoring mistakes (a zero timeout, a template in
+/// `continue_with`, a fallback that waits for its own task, a limit on a tool that does not
+/// exist) were accepted before, so logs hold runs of them: such a run still resumes and replays.
+#[test]
+fn runs_recorded_before_newer_graph_checks_still_resume_and_replay() {
+    let cases = [
+        (
+            "zero timeout",
+            json!({"tasks": [{"id": "a", "tool": "sleep", "args": {"ms": 10}, "timeout": "0s"}]}),
+            true,
+        ),
+        (
+            "template in continue_with",
+            json!({"tasks": [
+                {"id": "a", "tool": "flaky", "args": {"fail": 1},
+                 "on_failure": {"continue_with": "{{ tasks.b.output }}"}},
+                {"id": "b", "tool": "echo", "args": {}}
+            ]}),
+            true,
+        ),
+        (
+            "fallback waiting for its task",
+            json!({"tasks": [
+                // `a` succeeds, as it must have in a recorded run that ended (had it failed,
+                // the run would have stalled, as it does now if resumed before `a` ends).
+                {"id": "a", "tool": "flaky", "args": {}, "on_failure": {"fallback": "b"}},
+                {"id": "b", "tool": "echo", "needs": ["a"], "args": {}},
+                {"id": "c", "tool": "echo", "args": {}}
+            ]}),
+            true,
+        ),
+        (
+            "limit on an unknown tool",
+            json!({"limits": {"tools": {"no_such_tool": 1}}, "tasks": [{"id": "a", "tool": "echo", "args": {}}]}),
+            false,
+        ),
+    ];
+    for (what, graph_json, refused_now) in cases {
+        let g: agent_runtime_workforce::graph::TaskGraph =
+            serde_json::from_value(graph_json).unwrap();
+        if refused_now {
+            assert!(g.validate().is_err(), "{what}: a new run of it is refused");
+        } else {
+            let refused = rt().block_on(driver::run_graph(
+                g.clone(),
+                opts_at_t0(Arc::new(MemoryLog::default()), registry()),
+            ));
+            assert!(
+                matches!(refused, Err(DriverError::Unavailable(ref m)) if m.contains("no_such_tool")),
+                "{what}: {refused:?}"
+            );
+        }
+        let run_id = agent_runtime_core::RunId::from_bytes([9; 16]);
+        let created = Engine::created_event(run_id, &g, 1, T0);
+        let log = MemoryLog::default();
+        log.append_now(vec![created]);
+        let (out, ev) = resume_from(&events(&log), 1);
+        assert_ne!(out.status, RunStatus::Running, "{what}");
+        let report = driver::replay_events(&ev).unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert!(report.finished, "{what}");
+        assert_eq!(report.status, out.status, "{what}");
+    }
+}
