@@ -519,6 +519,67 @@ fn a_request_queued_before_resume_acts_after_it_and_replays() {
     assert_eq!(report.log_hash, out.log_hash);
 }
 
+/// As above, when the resume frees more slots than the engine starts in one step (1,024): the
+/// request waits until the engine has derived every start, as replay derives them before the
+/// next input. Were it applied mid-pump, the task it cancels would be cancelled before its
+/// start here and after it in replay, and the log would not replay.
+#[test]
+fn a_request_queued_before_a_resume_that_starts_thousands_replays() {
+    const WAVE: usize = 1100;
+    let mut yaml = format!(
+        "limits: {{ concurrency: {WAVE}, max_tasks: {} }}\ntasks:\n",
+        2 * WAVE
+    );
+    for i in 0..2 * WAVE {
+        yaml.push_str(&format!(
+            "  - {{ id: t{i:04}, tool: sleep, args: {{ ms: 5000 }}, on_failure: skip }}\n"
+        ));
+    }
+    let (_, log) = run(graph(&yaml), 5);
+    let ev = events(&log);
+    // The crash: the first wave in flight, the second waiting for slots.
+    let cut = ev
+        .iter()
+        .position(|e| e.kind == EventKind::ToolCompleted)
+        .unwrap();
+    let prefix = &ev[..cut];
+    // Among the second wave's last starts, past the engine's first step.
+    let late = format!("t{:04}", 2 * WAVE - 2);
+    let names = Engine::create(&prefix[0].to_new_event()).unwrap();
+    let started = |e: &Envelope| {
+        e.kind == EventKind::TaskStarted
+            && e.task_id.and_then(|t| names.task_name(t)) == Some(late.as_str())
+    };
+    assert!(!prefix.iter().any(started));
+    let resumed = Arc::new(MemoryLog::default());
+    resumed.append_now(prefix.iter().map(Envelope::to_new_event).collect());
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tx.send(ControlRequest::CancelTask {
+        run_id: None,
+        by: "ann".into(),
+        task: late.clone(),
+        reason: None,
+    })
+    .unwrap();
+    let out = rt()
+        .block_on(driver::resume_controlled(
+            resumed.as_ref(),
+            prefix[0].run_id,
+            RunOptions {
+                clock: Arc::new(TokioClock::new(prefix.last().unwrap().time)),
+                ..opts_at_t0(resumed.clone(), registry())
+            },
+            CancellationToken::new(),
+            Some(rx),
+        ))
+        .unwrap();
+    assert_eq!(status_of(&out, &late), TaskStatus::Cancelled);
+    assert_eq!(status_of(&out, "t2199"), TaskStatus::Completed);
+    let all = events(&resumed);
+    let report = driver::replay_events(&all).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.log_hash, out.log_hash);
+}
+
 #[test]
 fn resume_after_a_crash_at_every_batch_boundary_finishes_without_redoing_work() {
     let (full, log) = run(graph(MIXED), 11);
