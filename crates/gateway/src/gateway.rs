@@ -778,17 +778,20 @@ impl Gateway {
         cap_output(out, self.inner.config.max_output_bytes).map_err(|size| {
             ClassifiedError::tool(format!(
                 "the output of {name} is {size} bytes of JSON, over the gateway's limit of {} \
-                 (limits.max_output_bytes); a cut would not be JSON",
+                 (limits.max_output_bytes) even with every string in it emptied",
                 self.inner.config.max_output_bytes
             ))
         })
     }
 }
 
-/// Caps `out` at `max` bytes of JSON. A long string is cut at a character boundary and marked
-/// truncated: text cut short is still text. A longer object or array is refused with its size:
-/// cut, it would be a string of broken JSON where the caller expects a structure, and a
-/// downstream step reading a field of it would get nothing, silently.
+/// Caps `out` at `max` bytes of JSON, marking it `truncated` when anything was cut. A long
+/// string is cut at a character boundary: text cut short is still text. An object or array over
+/// the limit keeps its shape and has its longest strings cut (all to one length, the longest the
+/// limit allows), so a command's `exit_code` and the start of its `stdout` and `stderr` survive
+/// a flood on one of them: cut anywhere else it would be a string of broken JSON where the
+/// caller reads fields. Refused with the structure's size (`Err(size)`) only when it is over
+/// the limit even with every string emptied.
 pub fn cap_output(mut out: ToolOutput, max: usize) -> Result<ToolOutput, usize> {
     match &mut out.value {
         Value::String(s) => {
@@ -799,25 +802,74 @@ pub fn cap_output(mut out: ToolOutput, max: usize) -> Result<ToolOutput, usize> 
         }
         Value::Null | Value::Bool(_) | Value::Number(_) => {}
         other => {
-            // Measure the serialized size without building the text.
-            struct Count(usize);
-            impl std::io::Write for Count {
-                fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-                    self.0 += b.len();
-                    Ok(b.len())
+            let size = json_size(other);
+            if size > max {
+                if !cut_longest_strings(other, size - max) || json_size(other) > max {
+                    return Err(size);
                 }
-                fn flush(&mut self) -> std::io::Result<()> {
-                    Ok(())
-                }
-            }
-            let mut size = Count(0);
-            let _ = serde_json::to_writer(&mut size, other);
-            if size.0 > max {
-                return Err(size.0);
+                out.truncated = true;
             }
         }
     }
     Ok(out)
+}
+
+/// The size of `value` as JSON text, measured without building the text.
+fn json_size(value: &Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut size = Count(0);
+    let _ = serde_json::to_writer(&mut size, value);
+    size.0
+}
+
+/// Cuts every string in `value` longer than some length `keep` down to it, with `keep` the
+/// largest that removes at least `excess` bytes; false (and nothing cut) if even emptying them
+/// all would not. Each byte cut from a string takes at least one byte off its JSON (an escape
+/// is longer than its byte), so the JSON shrinks by `excess` or more.
+fn cut_longest_strings(value: &mut Value, excess: usize) -> bool {
+    fn lengths(v: &Value, out: &mut Vec<usize>) {
+        match v {
+            Value::String(s) => out.push(s.len()),
+            Value::Array(a) => a.iter().for_each(|v| lengths(v, out)),
+            Value::Object(o) => o.values().for_each(|v| lengths(v, out)),
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+    fn cut(v: &mut Value, keep: usize) {
+        match v {
+            Value::String(s) => truncate_at_char(s, keep),
+            Value::Array(a) => a.iter_mut().for_each(|v| cut(v, keep)),
+            Value::Object(o) => o.values_mut().for_each(|v| cut(v, keep)),
+            Value::Null | Value::Bool(_) | Value::Number(_) => {}
+        }
+    }
+    let mut lens = Vec::new();
+    lengths(value, &mut lens);
+    let removed = |keep: usize| -> usize { lens.iter().map(|&l| l.saturating_sub(keep)).sum() };
+    if removed(0) < excess {
+        return false;
+    }
+    // The largest `keep` with removed(keep) >= excess: removed only falls as keep grows.
+    let (mut lo, mut hi) = (0, lens.iter().copied().max().unwrap_or(0));
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if removed(mid) >= excess {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    cut(value, lo);
+    true
 }
 
 fn truncate_at_char(s: &mut String, max: usize) {
@@ -856,5 +908,63 @@ impl Tool for GatewayTool {
 
     fn check_args(&self, args: &Value) -> Result<(), ToolError> {
         self.gateway.check_args(&self.descriptor.name, args)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn capped(value: Value, max: usize) -> Result<ToolOutput, usize> {
+        cap_output(ToolOutput::new(value), max)
+    }
+
+    #[test]
+    fn a_flood_on_one_stream_cuts_that_stream_only() {
+        let out = capped(
+            json!({"exit_code": 0, "stdout": "a".repeat(10_000), "stderr": "warn", "truncated": false}),
+            300,
+        )
+        .unwrap();
+        assert!(out.truncated);
+        assert_eq!(out.value["exit_code"], 0);
+        assert_eq!(out.value["stderr"], "warn");
+        let stdout = out.value["stdout"].as_str().unwrap();
+        assert!(stdout.chars().all(|c| c == 'a'));
+        let size = serde_json::to_string(&out.value).unwrap().len();
+        // As much as fits is kept: the limit less the rest of the object.
+        assert!(size <= 300 && size > 290, "{size}");
+    }
+
+    #[test]
+    fn strings_are_cut_to_one_length_and_escapes_counted() {
+        // Two long strings, one of quotes (two bytes of JSON each), in an array in an object.
+        let out = capped(
+            json!({"a": ["\"".repeat(400), "é".repeat(300)], "b": "short"}),
+            500,
+        )
+        .unwrap();
+        assert!(out.truncated);
+        let text = serde_json::to_string(&out.value).unwrap();
+        assert!(text.len() <= 500, "{}", text.len());
+        assert_eq!(out.value["b"], "short");
+        let quotes = out.value["a"][0].as_str().unwrap();
+        let accents = out.value["a"][1].as_str().unwrap();
+        assert!(!quotes.is_empty() && !accents.is_empty());
+        assert!(
+            quotes.len().abs_diff(accents.len()) <= 1,
+            "{quotes} {accents}"
+        );
+    }
+
+    #[test]
+    fn a_structure_that_cannot_fit_is_refused_and_one_that_fits_is_untouched() {
+        assert_eq!(capped(json!([1, 2, 3, 4, 5]), 5).unwrap_err(), 11);
+        assert_eq!(capped(json!({"k": "v"}), 5).unwrap_err(), 9);
+        let out = capped(json!({"k": "v"}), 9).unwrap();
+        assert_eq!((out.value, out.truncated), (json!({"k": "v"}), false));
+        let out = capped(json!("x".repeat(20)), 5).unwrap();
+        assert_eq!((out.value, out.truncated), (json!("xxxxx"), true));
     }
 }

@@ -768,8 +768,9 @@ fn whole_placeholder(word: &str) -> Option<&str> {
     .then_some(inner)
 }
 
-/// Linux's limit on one word of a command line (`MAX_ARG_STRLEN`, 32 pages).
-const MAX_WORD_BYTES: usize = 128 * 1024;
+/// The longest word of a command line Linux takes: `MAX_ARG_STRLEN` (32 pages) counts the
+/// word's terminating NUL.
+const MAX_WORD_BYTES: usize = 128 * 1024 - 1;
 
 fn scalar_text(name: &str, v: &Value) -> Result<String, ToolError> {
     let text = match v {

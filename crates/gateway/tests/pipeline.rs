@@ -407,7 +407,7 @@ async fn long_output_is_capped_and_marked() {
     assert!(s.len() <= 101 && s.len() >= 99, "{}", s.len());
     assert_eq!(log.all().last().unwrap().payload["truncated"], true);
 
-    // A structure over the limit is refused with its size, not cut into broken JSON text.
+    // A structure over the limit keeps its shape: its strings are cut, and it is marked.
     let (echo, _h) = tool("t.echo", RiskClass::Read, Behaviour::Echo);
     let gw = gateway(vec![echo], log.clone())
         .config(GatewayConfig {
@@ -416,17 +416,35 @@ async fn long_output_is_capped_and_marked() {
         })
         .build()
         .unwrap();
-    let err = gw
-        .call("t.echo", json!({"text": "x".repeat(200)}), ctx())
+    let out = gw
+        .call("t.echo", json!({"n": 3, "text": "x".repeat(200)}), ctx())
         .await
-        .unwrap_err();
+        .unwrap();
+    assert!(out.truncated);
+    assert_eq!(out.value["n"], 3);
+    let text = out.value["text"].as_str().unwrap();
+    assert!(text.len() > 50 && text.len() < 101, "{}", text.len());
+    assert!(serde_json::to_string(&out.value).unwrap().len() <= 101);
+    assert_eq!(log.all().last().unwrap().payload["truncated"], true);
+    // One that is over the limit even with its strings emptied is refused with its size, not
+    // cut into broken JSON text.
+    let (echo, _h) = tool("t.echo", RiskClass::Read, Behaviour::Echo);
+    let gw20 = gateway(vec![echo], log.clone())
+        .config(GatewayConfig {
+            max_output_bytes: 20,
+            ..GatewayConfig::default()
+        })
+        .build()
+        .unwrap();
+    let args = json!({"n": 12345, "path": "p", "api_key": ""});
+    let err = gw20.call("t.echo", args.clone(), ctx()).await.unwrap_err();
     assert_eq!(err.class, ErrorClass::ToolError);
-    assert!(
-        err.message.starts_with(
-            "the output of t.echo is 211 bytes of JSON, over the gateway's limit of 101"
-        ),
-        "{}",
-        err.message
+    assert_eq!(
+        err.message,
+        format!(
+            "the output of t.echo is {} bytes of JSON, over the gateway's limit of 20 (limits.max_output_bytes) even with every string in it emptied",
+            serde_json::to_string(&args).unwrap().len()
+        )
     );
     let last = log.all().last().unwrap().clone();
     assert_eq!(last.kind, EventKind::ToolFailed);

@@ -517,3 +517,57 @@ async fn a_command_does_not_inherit_the_gateways_huge_page_setting() {
     .await);
     assert_eq!(v["stdout"], "THP_enabled:\t1\n", "{v}");
 }
+
+/// A command may print up to its `output_bytes` (1 MiB by default), more than the gateway's
+/// `max_output_bytes` (256 KiB): the call still succeeds, with its exit code, its whole stderr
+/// and the start of its stdout, marked truncated.
+#[tokio::test]
+async fn output_over_the_gateway_limit_keeps_exit_code_and_stderr() {
+    let env = env();
+    let reg = Arc::new(Registry::new());
+    reg.register_command(sh_tool(&env, Limits::default()))
+        .unwrap();
+    let gw = GatewayBuilder::new(reg, Arc::new(MemoryLog::default()))
+        .policy(
+            Policy::from_yaml(
+                "rules:\n  - id: allow-sh\n    tools: [sh.run]\n    effect: allow\n",
+                &env.ws,
+            )
+            .unwrap(),
+        )
+        .build()
+        .unwrap();
+    let out = gw
+        .call(
+            "sh.run",
+            json!({"script": "head -c 600000 /dev/zero | tr '\\0' x; echo done >&2; exit 3"}),
+            CallContext::new(Actor::Agent("a".into())),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert!(out.truncated);
+    assert_eq!(out.value["exit_code"], 3);
+    assert_eq!(out.value["stderr"], "done\n");
+    let stdout = out.value["stdout"].as_str().unwrap();
+    assert!(stdout.len() > 200_000 && stdout.bytes().all(|b| b == b'x'));
+    assert!(serde_json::to_string(&out.value).unwrap().len() <= 256 * 1024);
+}
+
+/// The longest word Linux takes (131,071 bytes: its limit counts the terminating NUL) runs; one
+/// byte more is the caller's mistake, refused before anything starts.
+#[tokio::test]
+async fn the_longest_word_linux_takes_runs_and_one_more_byte_is_refused() {
+    let env = env();
+    let script = |len: usize| format!("echo ok #{}", "x".repeat(len - 9));
+    let out = ok(run(&env, Limits::default(), &script(131_071)).await);
+    assert_eq!(out["stdout"], "ok\n", "{out}");
+    let err = run(&env, Limits::default(), &script(131_072))
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments, "{err}");
+    assert!(
+        err.message
+            .starts_with("argument script makes a command-line word of 131072 bytes, over the system's limit of 131071"),
+        "{err}"
+    );
+}
