@@ -311,23 +311,53 @@ async fn off_the_runtime<T: Send + 'static>(
 }
 
 /// Refuses what is not a regular file, before opening it: opening a named pipe waits for its
-/// other end, and a device such as `/dev/zero` never ends.
+/// other end, and a device such as `/dev/zero` never ends. (Checked again on the open handle by
+/// [`open_regular`]: the path may be replaced in between.)
 fn regular_file(path: &str, verb: &str) -> Result<Option<std::fs::Metadata>, ToolError> {
     match std::fs::metadata(path) {
-        Ok(m) if m.is_file() => Ok(Some(m)),
-        Ok(m) => {
-            let what = if m.is_dir() {
-                "a directory"
-            } else {
-                "not a regular file (a pipe, socket or device)"
-            };
-            Err(ClassifiedError::tool(format!(
-                "cannot {verb} {path}: it is {what}"
-            )))
-        }
+        Ok(m) => is_regular(path, verb, m).map(Some),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ClassifiedError::tool(format!("cannot {verb} {path}: {e}"))),
     }
+}
+
+fn is_regular(
+    path: &str,
+    verb: &str,
+    m: std::fs::Metadata,
+) -> Result<std::fs::Metadata, ToolError> {
+    if m.is_file() {
+        return Ok(m);
+    }
+    let what = if m.is_dir() {
+        "a directory"
+    } else {
+        "not a regular file (a pipe, socket or device)"
+    };
+    Err(ClassifiedError::tool(format!(
+        "cannot {verb} {path}: it is {what}"
+    )))
+}
+
+/// Opens `path` without waiting for a pipe's other end (`O_NONBLOCK`, which changes nothing
+/// for a regular file) and checks that what was opened is a regular file: a path checked by
+/// [`regular_file`] may have been replaced by a pipe or a device before the open. Writing
+/// opens without truncating, so nothing is lost if the check refuses.
+fn open_regular(
+    path: &str,
+    verb: &str,
+    options: &mut std::fs::OpenOptions,
+) -> Result<(std::fs::File, std::fs::Metadata), ToolError> {
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(options, libc::O_NONBLOCK);
+    let file = options
+        .open(path)
+        .map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
+    let meta = file
+        .metadata()
+        .map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
+    let meta = is_regular(path, verb, meta)?;
+    Ok((file, meta))
 }
 
 fn read_text_file(path: &str) -> Result<String, ToolError> {
@@ -343,11 +373,13 @@ fn read_text_file(path: &str) -> Result<String, ToolError> {
     {
         return Err(too_large(m.len()));
     }
+    let (file, meta) = open_regular(path, "read", std::fs::OpenOptions::new().read(true))?;
+    if meta.len() > READ_FILE_MAX_BYTES {
+        return Err(too_large(meta.len()));
+    }
     let mut bytes = Vec::new();
     // Bounded again while reading: the file may have grown since.
-    std::fs::File::open(path)
-        .map_err(cannot)?
-        .take(READ_FILE_MAX_BYTES + 1)
+    file.take(READ_FILE_MAX_BYTES + 1)
         .read_to_end(&mut bytes)
         .map_err(cannot)?;
     if bytes.len() as u64 > READ_FILE_MAX_BYTES {
@@ -362,9 +394,16 @@ fn read_text_file(path: &str) -> Result<String, ToolError> {
 }
 
 fn write_text_file(path: &str, text: &str) -> Result<(), ToolError> {
+    use std::io::Write;
     regular_file(path, "write")?;
-    std::fs::write(path, text)
-        .map_err(|e| ClassifiedError::tool(format!("cannot write {path}: {e}")))
+    let (mut file, _) = open_regular(
+        path,
+        "write",
+        std::fs::OpenOptions::new().write(true).create(true),
+    )?;
+    let cannot = |e: std::io::Error| ClassifiedError::tool(format!("cannot write {path}: {e}"));
+    file.set_len(0).map_err(cannot)?;
+    file.write_all(text.as_bytes()).map_err(cannot)
 }
 
 #[cfg(test)]
@@ -442,6 +481,59 @@ mod tests {
         .unwrap();
         assert_eq!(out["bytes"], 2);
         assert_eq!(std::fs::read_to_string(at("b.txt")).unwrap(), "hi");
+        // Over a longer file: nothing of the old text is left behind.
+        std::fs::write(at("c.txt"), "a longer old text").unwrap();
+        call(
+            Native::write_file(),
+            json!({"path": at("c.txt"), "text": "new"}),
+        )
+        .await
+        .unwrap();
+        assert_eq!(std::fs::read_to_string(at("c.txt")).unwrap(), "new");
+    }
+
+    /// A path that passed the check by name may be a pipe by the time it is opened: the open
+    /// does not wait for the pipe's other end, and what was opened is checked again.
+    #[cfg(unix)]
+    #[test]
+    fn a_pipe_swapped_in_after_the_check_is_refused_without_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("swapped").to_string_lossy().into_owned();
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let read = open_regular(&path, "read", std::fs::OpenOptions::new().read(true))
+                .map(|_| ())
+                .map_err(|e| e.message);
+            let write = open_regular(
+                &path,
+                "write",
+                std::fs::OpenOptions::new().write(true).create(true),
+            )
+            .map(|_| ())
+            .map_err(|e| e.message);
+            let _ = tx.send((read, write));
+        });
+        let (read, write) = rx
+            .recv_timeout(std::time::Duration::from_secs(20))
+            .expect("opening a pipe waited for its other end");
+        assert!(
+            read.unwrap_err()
+                .ends_with("not a regular file (a pipe, socket or device)")
+        );
+        // With no reader, opening to write fails at once (ENXIO) rather than waiting.
+        assert!(
+            write
+                .unwrap_err()
+                .starts_with(&format!("cannot write {fifo}: "))
+        );
     }
 
     /// A cancelled call ends at once, whatever its file work is doing.
