@@ -1406,6 +1406,9 @@ fn run_secret_values(graph: &TaskGraph, source: &dyn SecretSource) -> Vec<String
             .ok()
             .flatten()
         })
+        // Two names may share a value: once is enough.
+        .collect::<std::collections::BTreeSet<String>>()
+        .into_iter()
         .collect()
 }
 
@@ -1535,6 +1538,9 @@ impl CallStarter {
                     ),
                     None => Ok(()),
                 };
+                // The run's redactor serves when the call's own values are all among the
+                // run's; one read since the run started may differ (a rotated secret).
+                let own_are_known = ctx.secrets.iter().all(|s| self.run_secrets.contains(s));
                 // Every call's result is redacted with all the run's secrets, its own among
                 // them; a tool behind the gateway redacts them in its own audit trail
                 // (`ctx.secrets`) too.
@@ -1543,8 +1549,7 @@ impl CallStarter {
                         ctx.secrets.push(s.clone());
                     }
                 }
-                // As many values as the run's only when the call's own are all among them.
-                let redactor = if ctx.secrets.len() == self.run_secrets.len() {
+                let redactor = if own_are_known {
                     self.redactor.clone()
                 } else {
                     Arc::new(agent_runtime_core::Redactor::new().with_secrets(&ctx.secrets))

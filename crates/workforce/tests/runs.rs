@@ -1973,6 +1973,42 @@ fn a_secret_read_back_by_another_call_is_redacted() {
     assert!(!text.contains(VALUE), "{text}");
 }
 
+/// A secret read again when its call is made may have changed since the run started (a
+/// vault rotating it): the new value is redacted too, also when two names shared the old one.
+#[test]
+fn a_secret_rotated_during_the_run_is_redacted() {
+    struct RotatingVault(std::sync::atomic::AtomicUsize);
+    impl agent_runtime_core::SecretSource for RotatingVault {
+        fn secret(&self, name: &str) -> Option<String> {
+            // The run reads both names once when it starts; every read after is rotated.
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Some(if n < 2 || name == "OTHER" {
+                "shared-value-1".into()
+            } else {
+                "rotated-value-2".into()
+            })
+        }
+    }
+    let log = Arc::new(MemoryLog::default());
+    let out = rt()
+        .block_on(driver::run_graph(
+            graph(
+                "tasks:\n  - { id: a, tool: echo, args: { t: \"{{ secrets.TOKEN }}\" } }\n  - { id: b, tool: echo, args: { t: \"{{ secrets.OTHER }}\" } }\n",
+            ),
+            RunOptions {
+                secrets: Arc::new(RotatingVault(Default::default())),
+                ..opts_at_t0(log.clone(), registry())
+            },
+        ))
+        .unwrap();
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    assert_eq!(out.outputs["a"]["t"], "[REDACTED]");
+    assert_eq!(out.outputs["b"]["t"], "[REDACTED]");
+    let text = serde_json::to_string(&events(&log)).unwrap();
+    assert!(!text.contains("rotated-value"), "{text}");
+    assert!(!text.contains("shared-value"), "{text}");
+}
+
 /// A secret that is not set fails the call that names it, which is never made, and the
 /// message names the secret.
 #[test]
