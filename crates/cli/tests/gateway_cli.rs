@@ -709,3 +709,96 @@ hooks:
     assert!(!dumped.contains("canary-secret-5519"));
     assert!(!dumped.contains("AGENT_RUNTIME_SECRET_"));
 }
+
+/// A command tool with `success_exit_codes` fails the call on any other status, so a task
+/// graph's retry and `on_failure` act on it; without it the status is output.
+#[test]
+fn success_exit_codes_make_a_failing_command_a_failed_step() {
+    let env = Env::new();
+    std::fs::write(
+        env.config(),
+        r#"
+workspace: ["ws"]
+tools:
+  - name: check
+    risk: read
+    input_schema: { type: object, properties: { script: { type: string } }, required: [script] }
+    command: ["/bin/sh", "-c", "{script}"]
+    success_exit_codes: [0, 1]
+  - name: check.loose
+    risk: read
+    input_schema: { type: object, properties: { script: { type: string } }, required: [script] }
+    command: ["/bin/sh", "-c", "{script}"]
+"#,
+    )
+    .unwrap();
+    let flow = env.dir.path().join("flow.yaml");
+    std::fs::write(
+        &flow,
+        r#"
+tasks:
+  - id: strict
+    tool: check
+    args: { script: "echo checking; echo 3 problems found >&2; exit 3" }
+    retry: { max_attempts: 2, backoff: 1ms, on: [tool_error] }
+    on_failure: { continue_with: "handled" }
+  - { id: allowed, tool: check, args: { script: "exit 1" } }
+  - { id: loose, tool: check.loose, args: { script: "exit 3" } }
+"#,
+    )
+    .unwrap();
+    let out = env
+        .cmd()
+        .arg("run")
+        .arg(&flow)
+        .arg("--json")
+        .arg("--config")
+        .arg(env.config())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(outcome["outputs"]["strict"], "handled", "{outcome}");
+    assert_eq!(outcome["outputs"]["allowed"]["exit_code"], 1, "{outcome}");
+    assert_eq!(outcome["outputs"]["loose"]["exit_code"], 3, "{outcome}");
+    let run_id = outcome["run_id"].as_str().unwrap().to_string();
+    let events = env
+        .cmd()
+        .args(["audit", "export", "--format", "jsonl", "--run", &run_id])
+        .output()
+        .unwrap();
+    let failures: Vec<Value> = String::from_utf8_lossy(&events.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["kind"] == "tool.failed")
+        .collect();
+    // Each attempt failed once in the gateway's own record and once in the run's.
+    assert!(failures.len() >= 2, "{failures:?}");
+    for f in &failures {
+        assert_eq!(f["payload"]["class"], "tool_error", "{f}");
+        let m = f["payload"]["message"].as_str().unwrap();
+        assert!(
+            m.contains("check: exited with status 3 (success_exit_codes: 0, 1): 3 problems found"),
+            "{m}"
+        );
+    }
+
+    // An empty list is refused where the configuration is read.
+    std::fs::write(
+        env.config(),
+        "workspace: [\"ws\"]\ntools:\n  - { name: bad, risk: read, command: [\"/bin/true\"], success_exit_codes: [] }\n",
+    )
+    .unwrap();
+    env.cmd()
+        .args(["tools", "list", "--config"])
+        .arg(env.config())
+        .assert()
+        .failure()
+        .stderr(predicate::str::contains(
+            "success_exit_codes is empty, so no call could succeed",
+        ));
+}

@@ -291,6 +291,7 @@ async fn sandbox(setup: &BenchSetup) -> Value {
         env: Default::default(),
         read_roots: vec![],
         limits: Limits::default(),
+        success_exit_codes: None,
     };
     let tool = match CommandTool::new(config, settings, &mut Redactor::new()) {
         Ok(t) => t,

@@ -130,6 +130,14 @@ pub struct CommandToolConfig {
     /// Resource limits.
     #[serde(default)]
     pub limits: Limits,
+    /// The exit statuses that count as success. Absent (the default), every exit status is
+    /// output for the caller to read (an agent reads a failing test run like any result).
+    /// Given, any other status, or death by a signal, fails the call as `tool_error` naming
+    /// the status and the last line of stderr, so that a task graph's `retry` and
+    /// `on_failure` act on it. A command killed for passing `limits.output_bytes` is output
+    /// either way (marked truncated).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_exit_codes: Option<Vec<i32>>,
 }
 
 fn any_object() -> Value {
@@ -422,6 +430,15 @@ impl CommandTool {
                 "the program (first word of command) cannot be a template".into(),
             ));
         }
+        if config
+            .success_exit_codes
+            .as_ref()
+            .is_some_and(Vec::is_empty)
+        {
+            return Err(bad(
+                "success_exit_codes is empty, so no call could succeed; leave it out to have every exit status returned as output".into(),
+            ));
+        }
         let mut env = Vec::new();
         for (k, v) in &config.env {
             let value = crate::redact::expand_env(v, redactor)
@@ -454,6 +471,11 @@ impl CommandTool {
             chdir,
             bwrap_argv,
         })
+    }
+
+    /// The declaration the tool was made from.
+    pub fn config(&self) -> &CommandToolConfig {
+        &self.config
     }
 
     /// The tool's wall-time limit.
@@ -713,12 +735,35 @@ impl CommandTool {
                 "{name}: file size limit of {} MiB reached; process killed{alike}",
                 limits.file_size_mb
             ))),
+            Some(sig) if self.config.success_exit_codes.is_some() => {
+                Err(ClassifiedError::tool(format!(
+                    "{name}: killed by signal {sig}{alike}{pids_note}{}",
+                    last_line(&stderr)
+                )))
+            }
             Some(sig) => Ok(ToolOutput::new(json!({
                 "exit_code": null, "signal": sig, "stdout": stdout, "stderr": stderr,
                 "note": format!("killed by signal {sig}{alike}{pids_note}"),
                 "duration_ms": started.elapsed().as_millis() as u64,
             }))),
             None => {
+                if let (Some(ok), Some(code)) = (&self.config.success_exit_codes, status.code())
+                    && !ok.contains(&code)
+                {
+                    let pids = if pids_hit {
+                        format!(
+                            " after the process limit ({}) was reached",
+                            limits.processes
+                        )
+                    } else {
+                        String::new()
+                    };
+                    return Err(ClassifiedError::tool(format!(
+                        "{name}: exited with status {code}{pids} (success_exit_codes: {}){}",
+                        ok.iter().map(i32::to_string).collect::<Vec<_>>().join(", "),
+                        last_line(&stderr)
+                    )));
+                }
                 let mut value = json!({
                     "exit_code": status.code(), "stdout": stdout, "stderr": stderr,
                     "duration_ms": started.elapsed().as_millis() as u64,
@@ -752,6 +797,19 @@ fn kill_tree(
     let _ = child.start_kill();
     if let Some(cg) = cgroup {
         cg.kill_all();
+    }
+}
+
+/// The last non-empty line of a failed command's stderr, for its error (`: LINE`, or nothing):
+/// what a command says last is usually why it failed. Long lines are cut.
+fn last_line(stderr: &str) -> String {
+    const MAX_CHARS: usize = 300;
+    match stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+        None => String::new(),
+        Some(line) if line.chars().count() > MAX_CHARS => {
+            format!(": {}...", line.chars().take(MAX_CHARS).collect::<String>())
+        }
+        Some(line) => format!(": {line}"),
     }
 }
 

@@ -60,6 +60,7 @@ fn sh_tool(env: &Env, limits: Limits) -> CommandTool {
         env: Default::default(),
         read_roots: vec![],
         limits,
+        success_exit_codes: None,
     };
     CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap()
 }
@@ -329,6 +330,7 @@ async fn arguments_are_words_not_shell() {
         env: Default::default(),
         read_roots: vec![],
         limits: Limits::default(),
+        success_exit_codes: None,
     };
     let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
     let args = json!({"text": "; touch pwned $(touch pwned2)", "n": 3, "many": ["a", "b"]});
@@ -391,6 +393,7 @@ async fn without_bubblewrap_the_call_fails_unless_policy_says_sandbox_none() {
             env: Default::default(),
             read_roots: vec![],
             limits: Limits::default(),
+            success_exit_codes: None,
         };
         CommandTool::new(config, settings.clone(), &mut Redactor::new()).unwrap()
     };
@@ -434,6 +437,7 @@ async fn a_sandbox_that_cannot_be_built_is_a_sandbox_error() {
         env: Default::default(),
         read_roots: vec![],
         limits: Limits::default(),
+        success_exit_codes: None,
     };
     let tool = CommandTool::new(config, settings, &mut Redactor::new()).unwrap();
     let err = tool
@@ -470,6 +474,7 @@ async fn the_command_sees_its_own_environment_and_nothing_of_the_host() {
         env: config_env,
         read_roots: vec![],
         limits: Limits::default(),
+        success_exit_codes: None,
     };
     let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
     let v = ok(tool
@@ -568,6 +573,39 @@ async fn the_longest_word_linux_takes_runs_and_one_more_byte_is_refused() {
     assert!(
         err.message
             .starts_with("argument script makes a command-line word of 131072 bytes, over the system's limit of 131071"),
+        "{err}"
+    );
+}
+
+/// With `success_exit_codes`, another status or a signal fails the call, naming the status and
+/// the last line of stderr; a listed status is output.
+#[tokio::test]
+async fn success_exit_codes_turn_other_statuses_into_failures() {
+    let env = env();
+    let mut tool = sh_tool(&env, Limits::default());
+    let mut config = tool.config().clone();
+    config.success_exit_codes = Some(vec![0, 2]);
+    tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
+    let call = |script: &str| {
+        tool.run(
+            json!({"script": script}),
+            CallContext::new(Actor::System),
+            SandboxMode::Bubblewrap,
+        )
+    };
+    assert_eq!(ok(call("exit 2").await)["exit_code"], 2);
+    let err = call("echo first >&2; echo 'last words  ' >&2; echo >&2; exit 5")
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::ToolError, "{err}");
+    assert_eq!(
+        err.message,
+        "sh.run: exited with status 5 (success_exit_codes: 0, 2): last words"
+    );
+    let err = call("kill -KILL $$").await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::ToolError, "{err}");
+    assert!(
+        err.message.starts_with("sh.run: killed by signal 9"),
         "{err}"
     );
 }
