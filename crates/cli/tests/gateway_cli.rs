@@ -69,6 +69,43 @@ rules:
     fn config(&self) -> PathBuf {
         self.dir.path().join("gateway.yaml")
     }
+
+    /// `run FLOW --json --config gateway.yaml EXTRA...` of `flow` (YAML), which must succeed;
+    /// its outcome.
+    fn run_json(&self, flow: &str, extra: &[&std::ffi::OsStr]) -> Value {
+        let path = self.dir.path().join("flow.yaml");
+        std::fs::write(&path, flow).unwrap();
+        let out = self
+            .cmd()
+            .arg("run")
+            .arg(&path)
+            .arg("--json")
+            .arg("--config")
+            .arg(self.config())
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The events of run `run_id`, as `audit export --format jsonl` gives them.
+    fn run_events(&self, run_id: &str) -> Vec<Value> {
+        let out = self
+            .cmd()
+            .args(["audit", "export", "--format", "jsonl", "--run", run_id])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
 }
 
 #[test]
@@ -587,9 +624,7 @@ fn a_task_graph_runs_mcp_and_sandboxed_tools_through_the_gateway() {
         ),
     )
     .unwrap();
-    let flow = env.dir.path().join("flow.yaml");
-    std::fs::write(
-        &flow,
+    let outcome = env.run_json(
         r#"
 name: through-the-gateway
 tasks:
@@ -598,25 +633,8 @@ tasks:
   - { id: escape, tool: fs.write, args: { path: "../escape.txt", text: "x" }, on_failure: { continue_with: "refused" } }
   - { id: shell, tool: sh.run, args: { script: "id" }, on_failure: { continue_with: "not approved" } }
 "#,
-    )
-    .unwrap();
-    let out = env
-        .cmd()
-        .arg("run")
-        .arg(&flow)
-        .arg("--json")
-        .arg("--config")
-        .arg(env.config())
-        .arg("--mcp-config")
-        .arg(&mcp)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &["--mcp-config".as_ref(), mcp.as_os_str()],
     );
-    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["status"], "completed");
     // The MCP server's answer fed the sandboxed write.
     assert_eq!(
@@ -630,16 +648,7 @@ tasks:
     let run_id = outcome["run_id"].as_str().unwrap().to_string();
 
     // The gateway's audit trail is in the run: decisions, the approval it could not get.
-    let events = env
-        .cmd()
-        .args(["audit", "export", "--format", "jsonl", "--run", &run_id])
-        .output()
-        .unwrap();
-    assert!(events.status.success());
-    let lines: Vec<Value> = String::from_utf8_lossy(&events.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let lines = env.run_events(&run_id);
     let kinds = |k: &str| lines.iter().filter(|e| e["kind"] == k).count();
     assert_eq!(
         kinds("policy.decided"),
@@ -732,9 +741,7 @@ tools:
 "#,
     )
     .unwrap();
-    let flow = env.dir.path().join("flow.yaml");
-    std::fs::write(
-        &flow,
+    let outcome = env.run_json(
         r#"
 tasks:
   - id: strict
@@ -745,39 +752,19 @@ tasks:
   - { id: allowed, tool: check, args: { script: "exit 1" } }
   - { id: loose, tool: check.loose, args: { script: "exit 3" } }
 "#,
-    )
-    .unwrap();
-    let out = env
-        .cmd()
-        .arg("run")
-        .arg(&flow)
-        .arg("--json")
-        .arg("--config")
-        .arg(env.config())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        &[],
     );
-    let outcome: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(outcome["outputs"]["strict"], "handled", "{outcome}");
     assert_eq!(outcome["outputs"]["allowed"]["exit_code"], 1, "{outcome}");
     assert_eq!(outcome["outputs"]["loose"]["exit_code"], 3, "{outcome}");
     let run_id = outcome["run_id"].as_str().unwrap().to_string();
-    let events = env
-        .cmd()
-        .args(["audit", "export", "--format", "jsonl", "--run", &run_id])
-        .output()
-        .unwrap();
-    let failures: Vec<Value> = String::from_utf8_lossy(&events.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+    let failures: Vec<Value> = env
+        .run_events(&run_id)
+        .into_iter()
         .filter(|e| e["kind"] == "tool.failed")
         .collect();
-    // Each attempt failed once in the gateway's own record and once in the run's.
-    assert!(failures.len() >= 2, "{failures:?}");
+    // Both attempts, each recorded by the gateway and by the run.
+    assert_eq!(failures.len(), 4, "{failures:#?}");
     for f in &failures {
         assert_eq!(f["payload"]["class"], "tool_error", "{f}");
         let m = f["payload"]["message"].as_str().unwrap();

@@ -411,6 +411,17 @@ mod tests {
     use super::*;
     use agent_runtime_core::Actor;
 
+    #[cfg(unix)]
+    fn make_fifo(path: &str) {
+        let c = std::ffi::CString::new(path).unwrap();
+        // SAFETY: a NUL-terminated path that outlives the call.
+        assert_eq!(
+            unsafe { libc::mkfifo(c.as_ptr(), 0o600) },
+            0,
+            "mkfifo {path}"
+        );
+    }
+
     async fn call(tool: Native, args: Value) -> Result<Value, String> {
         tool.call(args, CallContext::new(Actor::System))
             .await
@@ -448,13 +459,7 @@ mod tests {
             let e = read("/dev/zero".into()).await.unwrap_err();
             assert!(e.contains("not a regular file"), "{e}");
             let fifo = at("pipe");
-            assert!(
-                std::process::Command::new("mkfifo")
-                    .arg(&fifo)
-                    .status()
-                    .unwrap()
-                    .success()
-            );
+            make_fifo(&fifo);
             let e = read(fifo.clone()).await.unwrap_err();
             assert!(e.contains("not a regular file"), "{e}");
             let e = call(Native::write_file(), json!({"path": fifo, "text": "x"}))
@@ -499,13 +504,7 @@ mod tests {
     fn a_pipe_swapped_in_after_the_check_is_refused_without_waiting() {
         let dir = tempfile::tempdir().unwrap();
         let fifo = dir.path().join("swapped").to_string_lossy().into_owned();
-        assert!(
-            std::process::Command::new("mkfifo")
-                .arg(&fifo)
-                .status()
-                .unwrap()
-                .success()
-        );
+        make_fifo(&fifo);
         let (tx, rx) = std::sync::mpsc::channel();
         let path = fifo.clone();
         std::thread::spawn(move || {

@@ -460,31 +460,28 @@ fn resume_from(prefix: &[Envelope], seed_for_new: u64) -> (driver::Outcome, Vec<
     (out, events(&log))
 }
 
-/// A cancellation requested while no process drove the run acts when it is resumed, after the
-/// resume has interrupted the attempts that were in flight and before any call starts: the
-/// task it frees a slot for starts in this process and is not taken for interrupted, the
-/// cancelled task's retry never runs, and the log replays.
-#[test]
-fn a_request_queued_before_resume_acts_after_it_and_replays() {
-    let g = graph(
-        "limits: { concurrency: 2 }\ntasks:\n  - { id: p0, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: p1, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: q, tool: sleep, args: { ms: 10 } }\n",
-    );
-    let (_, log) = run(g, 3);
-    let ev = events(&log);
-    // The crash: both sleeps in flight, `q` waiting for a slot.
+/// A run's log as a crash before any tool call returned leaves it.
+fn before_the_first_result(ev: &[Envelope]) -> &[Envelope] {
     let cut = ev
         .iter()
         .position(|e| e.kind == EventKind::ToolCompleted)
         .unwrap();
-    let prefix = &ev[..cut];
-    assert_eq!(count(prefix, EventKind::TaskStarted, "p1"), 1);
+    &ev[..cut]
+}
+
+/// Resumes the run `prefix` holds with a request to cancel `task` already queued (made while
+/// no process drove the run); returns the outcome and the whole log.
+fn resume_with_a_queued_cancel(
+    prefix: &[Envelope],
+    task: &str,
+) -> (driver::Outcome, Vec<Envelope>) {
     let resumed = Arc::new(MemoryLog::default());
     resumed.append_now(prefix.iter().map(Envelope::to_new_event).collect());
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     tx.send(ControlRequest::CancelTask {
         run_id: None,
         by: "ann".into(),
-        task: "p1".into(),
+        task: task.into(),
         reason: None,
     })
     .unwrap();
@@ -500,11 +497,28 @@ fn a_request_queued_before_resume_acts_after_it_and_replays() {
             Some(rx),
         ))
         .unwrap();
+    (out, events(&resumed))
+}
+
+/// A cancellation requested while no process drove the run acts when it is resumed, after the
+/// resume has interrupted the attempts that were in flight and before any call starts: the
+/// task it frees a slot for starts in this process and is not taken for interrupted, the
+/// cancelled task's retry never runs, and the log replays.
+#[test]
+fn a_request_queued_before_resume_acts_after_it_and_replays() {
+    let g = graph(
+        "limits: { concurrency: 2 }\ntasks:\n  - { id: p0, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: p1, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: q, tool: sleep, args: { ms: 10 } }\n",
+    );
+    let (_, log) = run(g, 3);
+    let ev = events(&log);
+    // The crash: both sleeps in flight, `q` waiting for a slot.
+    let prefix = before_the_first_result(&ev);
+    assert_eq!(count(prefix, EventKind::TaskStarted, "p1"), 1);
+    let (out, all) = resume_with_a_queued_cancel(prefix, "p1");
     assert_eq!(out.status, RunStatus::Completed, "{out:?}");
     assert_eq!(status_of(&out, "p0"), TaskStatus::Completed);
     assert_eq!(status_of(&out, "p1"), TaskStatus::Cancelled);
     assert_eq!(status_of(&out, "q"), TaskStatus::Completed);
-    let all = events(&resumed);
     assert_eq!(
         count(&all, EventKind::TaskStarted, "p1"),
         1,
@@ -538,11 +552,7 @@ fn a_request_queued_before_a_resume_that_starts_thousands_replays() {
     let (_, log) = run(graph(&yaml), 5);
     let ev = events(&log);
     // The crash: the first wave in flight, the second waiting for slots.
-    let cut = ev
-        .iter()
-        .position(|e| e.kind == EventKind::ToolCompleted)
-        .unwrap();
-    let prefix = &ev[..cut];
+    let prefix = before_the_first_result(&ev);
     // Among the second wave's last starts, past the engine's first step.
     let late = format!("t{:04}", 2 * WAVE - 2);
     let names = Engine::create(&prefix[0].to_new_event()).unwrap();
@@ -551,31 +561,9 @@ fn a_request_queued_before_a_resume_that_starts_thousands_replays() {
             && e.task_id.and_then(|t| names.task_name(t)) == Some(late.as_str())
     };
     assert!(!prefix.iter().any(started));
-    let resumed = Arc::new(MemoryLog::default());
-    resumed.append_now(prefix.iter().map(Envelope::to_new_event).collect());
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    tx.send(ControlRequest::CancelTask {
-        run_id: None,
-        by: "ann".into(),
-        task: late.clone(),
-        reason: None,
-    })
-    .unwrap();
-    let out = rt()
-        .block_on(driver::resume_controlled(
-            resumed.as_ref(),
-            prefix[0].run_id,
-            RunOptions {
-                clock: Arc::new(TokioClock::new(prefix.last().unwrap().time)),
-                ..opts_at_t0(resumed.clone(), registry())
-            },
-            CancellationToken::new(),
-            Some(rx),
-        ))
-        .unwrap();
+    let (out, all) = resume_with_a_queued_cancel(prefix, &late);
     assert_eq!(status_of(&out, &late), TaskStatus::Cancelled);
     assert_eq!(status_of(&out, "t2199"), TaskStatus::Completed);
-    let all = events(&resumed);
     let report = driver::replay_events(&all).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.log_hash, out.log_hash);
 }
