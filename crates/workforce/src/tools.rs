@@ -357,6 +357,24 @@ fn open_regular(
         .metadata()
         .map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
     let meta = is_regular(path, verb, meta)?;
+    // Blocking again for the reads and writes: a regular file ignores the flag on local
+    // filesystems, but a FUSE or network one may not, and would answer EAGAIN.
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let fd = file.as_raw_fd();
+        // SAFETY: `fd` is the open descriptor `file` owns for the length of these calls.
+        let cleared = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
+        };
+        if !cleared {
+            return Err(ClassifiedError::tool(format!(
+                "cannot {verb} {path}: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+    }
     Ok((file, meta))
 }
 
@@ -495,6 +513,24 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(std::fs::read_to_string(at("c.txt")).unwrap(), "new");
+    }
+
+    /// The handle of a regular file is blocking again once checked.
+    #[cfg(unix)]
+    #[test]
+    fn an_opened_regular_file_blocks_as_usual() {
+        use std::os::fd::AsRawFd;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.txt").to_string_lossy().into_owned();
+        let (file, _) = open_regular(
+            &path,
+            "write",
+            std::fs::OpenOptions::new().write(true).create(true),
+        )
+        .unwrap();
+        // SAFETY: reading the flags of a descriptor `file` owns.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        assert!(flags >= 0 && flags & libc::O_NONBLOCK == 0, "{flags:#x}");
     }
 
     /// A path that passed the check by name may be a pipe by the time it is opened: the open
