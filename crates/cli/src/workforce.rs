@@ -62,7 +62,7 @@ pub struct RunArgs {
     pub flow: PathBuf,
     /// Seed of the run's ids, retry jitter and other random draws (default: a random one; the
     /// run records its seed, see `runs show`).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub seed: Option<u64>,
     /// Print the outcome as JSON.
     #[arg(long)]
@@ -125,10 +125,12 @@ pub struct SimulateArgs {
     #[arg(long, default_value = "layered")]
     pub shape: String,
     /// Probability that a synthetic call fails, in [0, 1].
-    #[arg(long, default_value_t = 0.0)]
+    // Negative numbers are taken as values, so `-0.1` is told it is out of range rather than
+    // "unexpected argument '-0'".
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub failure_rate: f64,
     /// Seed of the graph, durations, failures and run.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
     /// Tasks of one agent at once.
     #[arg(long, default_value_t = 4)]

@@ -417,6 +417,9 @@ fn simulate_is_deterministic_in_its_seed() {
         ("--tasks", "4000000000", "tasks is 4000000000"),
         ("--agents", "0", "agents is 0"),
         ("--failure-rate", "1.5", "failure-rate is 1.5"),
+        // A negative value is a value, not an unknown flag `-0`.
+        ("--failure-rate", "-0.1", "failure-rate is -0.1"),
+        ("--seed", "-1", "invalid value '-1' for '--seed <SEED>'"),
     ] {
         cli(&db)
             .args(["simulate", flag, value])
