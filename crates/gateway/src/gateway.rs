@@ -670,7 +670,14 @@ impl Gateway {
                 Ok(out)
             }
             Err(err) => {
-                let err = ClassifiedError::new(err.class, rec.redactor.redact_str(&err.message));
+                // Cut after redaction, never before: a cut through a secret would leave a
+                // prefix of it that redaction no longer recognizes.
+                let mut message = rec.redactor.redact_str(&err.message);
+                if message.len() > MAX_ERROR_BYTES {
+                    truncate_at_char(&mut message, MAX_ERROR_BYTES);
+                    message.push_str("...");
+                }
+                let err = ClassifiedError::new(err.class, message);
                 self.append_outcome(vec![self.failed_event(&rec, &err)])
                     .await?;
                 Err(err)
@@ -785,32 +792,39 @@ impl Gateway {
     }
 }
 
-/// Caps `out` at `max` bytes of JSON, marking it `truncated` when anything was cut. A long
-/// string is cut at a character boundary: text cut short is still text. An object or array over
-/// the limit keeps its shape and has its longest strings cut (all to one length, the longest the
-/// limit allows), so a command's `exit_code` and the start of its `stdout` and `stderr` survive
-/// a flood on one of them: cut anywhere else it would be a string of broken JSON where the
-/// caller reads fields. Refused with the structure's size (`Err(size)`) only when it is over
-/// the limit even with every string emptied.
+/// The longest error message a call's failure carries (a command's last line of stderr can be
+/// as long as its output): cut, after redaction, with `...` added.
+pub const MAX_ERROR_BYTES: usize = 2000;
+
+/// Caps `out` at `max` bytes of JSON, marking it `truncated` when anything was cut. Strings are
+/// cut at a character boundary: text cut short is still text. A string is cut to fit; an
+/// object or array over the limit keeps its shape and has its longest strings cut (all to one
+/// length, the longest the limit allows), so a command's `exit_code` and the start of its
+/// `stdout` and `stderr` survive a flood on one of them: cut anywhere else it would be a string
+/// of broken JSON where the caller reads fields. An object cut gains `"truncated": true` (when
+/// it has no such key), which a caller that keeps only the value still sees. Refused with the
+/// value's size (`Err(size)`) only when it is over the limit even with every string emptied.
 pub fn cap_output(mut out: ToolOutput, max: usize) -> Result<ToolOutput, usize> {
-    match &mut out.value {
-        Value::String(s) => {
-            if s.len() > max {
-                truncate_at_char(s, max);
-                out.truncated = true;
-            }
-        }
-        Value::Null | Value::Bool(_) | Value::Number(_) => {}
-        other => {
-            let size = json_size(other);
-            if size > max {
-                if !cut_longest_strings(other, size - max) || json_size(other) > max {
-                    return Err(size);
-                }
-                out.truncated = true;
-            }
-        }
+    if matches!(out.value, Value::Null | Value::Bool(_) | Value::Number(_)) {
+        return Ok(out);
     }
+    let size = json_size(&out.value);
+    if size <= max {
+        return Ok(out);
+    }
+    let marked = matches!(&out.value, Value::Object(o) if !o.contains_key("truncated"));
+    // `,"truncated":true`, or without the comma in an empty object.
+    let mark = if marked { 17 } else { 0 };
+    if !cut_longest_strings(&mut out.value, (size - max).saturating_add(mark)) {
+        return Err(size);
+    }
+    if let (true, Value::Object(o)) = (marked, &mut out.value) {
+        o.insert("truncated".into(), Value::Bool(true));
+    }
+    if json_size(&out.value) > max {
+        return Err(size);
+    }
+    out.truncated = true;
     Ok(out)
 }
 
@@ -831,44 +845,73 @@ fn json_size(value: &Value) -> usize {
     size.0
 }
 
-/// Cuts every string in `value` longer than some length `keep` down to it, with `keep` the
-/// largest that removes at least `excess` bytes; false (and nothing cut) if even emptying them
-/// all would not. Each byte cut from a string takes at least one byte off its JSON (an escape
-/// is longer than its byte), so the JSON shrinks by `excess` or more.
+/// The bytes `s` takes inside a JSON string as serde_json writes it: `"`, `\` and the control
+/// characters are escaped (`\n`, or `\u0000` for those without a short form).
+fn escaped_len(s: &str) -> usize {
+    s.bytes()
+        .map(|b| match b {
+            b'"' | b'\\' | b'\n' | b'\r' | b'\t' | 0x08 | 0x0c => 2,
+            0..=0x1f => 6,
+            _ => 1,
+        })
+        .sum()
+}
+
+/// Where a string is cut to keep at most `keep` bytes: the character boundary at or before.
+fn cut_point(s: &str, keep: usize) -> usize {
+    let mut end = keep.min(s.len());
+    while end > 0 && !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    end
+}
+
+/// Cuts every string in `value` longer than some length `keep` (in bytes) down to it, with
+/// `keep` the largest that takes at least `excess` bytes off the JSON (counting escapes as
+/// they are written); false, and nothing cut, if even emptying every string would not.
 fn cut_longest_strings(value: &mut Value, excess: usize) -> bool {
-    fn lengths(v: &Value, out: &mut Vec<usize>) {
+    fn strings<'v>(v: &'v Value, out: &mut Vec<&'v str>) {
         match v {
-            Value::String(s) => out.push(s.len()),
-            Value::Array(a) => a.iter().for_each(|v| lengths(v, out)),
-            Value::Object(o) => o.values().for_each(|v| lengths(v, out)),
+            Value::String(s) => out.push(s),
+            Value::Array(a) => a.iter().for_each(|v| strings(v, out)),
+            Value::Object(o) => o.values().for_each(|v| strings(v, out)),
             Value::Null | Value::Bool(_) | Value::Number(_) => {}
         }
     }
     fn cut(v: &mut Value, keep: usize) {
         match v {
-            Value::String(s) => truncate_at_char(s, keep),
+            Value::String(s) => s.truncate(cut_point(s, keep)),
             Value::Array(a) => a.iter_mut().for_each(|v| cut(v, keep)),
             Value::Object(o) => o.values_mut().for_each(|v| cut(v, keep)),
             Value::Null | Value::Bool(_) | Value::Number(_) => {}
         }
     }
-    let mut lens = Vec::new();
-    lengths(value, &mut lens);
-    let removed = |keep: usize| -> usize { lens.iter().map(|&l| l.saturating_sub(keep)).sum() };
-    if removed(0) < excess {
-        return false;
-    }
-    // The largest `keep` with removed(keep) >= excess: removed only falls as keep grows.
-    let (mut lo, mut hi) = (0, lens.iter().copied().max().unwrap_or(0));
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        if removed(mid) >= excess {
-            lo = mid;
-        } else {
-            hi = mid - 1;
+    let keep = {
+        let mut all = Vec::new();
+        strings(value, &mut all);
+        // The JSON bytes a cut to `keep` takes off: the escaped length of what goes.
+        let removed = |keep: usize| -> usize {
+            all.iter()
+                .filter(|s| s.len() > keep)
+                .map(|s| escaped_len(&s[cut_point(s, keep)..]))
+                .sum()
+        };
+        if removed(0) < excess {
+            return false;
         }
-    }
-    cut(value, lo);
+        // The largest `keep` with removed(keep) >= excess: removed only falls as keep grows.
+        let (mut lo, mut hi) = (0, all.iter().map(|s| s.len()).max().unwrap_or(0));
+        while lo < hi {
+            let mid = lo + (hi - lo).div_ceil(2);
+            if removed(mid) >= excess {
+                lo = mid;
+            } else {
+                hi = mid - 1;
+            }
+        }
+        lo
+    };
+    cut(value, keep);
     true
 }
 
@@ -923,11 +966,12 @@ mod tests {
     #[test]
     fn a_flood_on_one_stream_cuts_that_stream_only() {
         let out = capped(
-            json!({"exit_code": 0, "stdout": "a".repeat(10_000), "stderr": "warn", "truncated": false}),
+            json!({"exit_code": 0, "stdout": "a".repeat(10_000), "stderr": "warn"}),
             300,
         )
         .unwrap();
         assert!(out.truncated);
+        assert_eq!(out.value["truncated"], true, "marked in the value too");
         assert_eq!(out.value["exit_code"], 0);
         assert_eq!(out.value["stderr"], "warn");
         let stdout = out.value["stdout"].as_str().unwrap();
@@ -958,6 +1002,27 @@ mod tests {
         );
     }
 
+    /// Control characters take six bytes of JSON each (`\u0000`): what fits is counted in
+    /// JSON bytes, so a flood of them is cut to fit rather than refused.
+    #[test]
+    fn escapes_count_as_the_bytes_they_take() {
+        let out = capped(
+            json!({"stdout": "\u{0}".repeat(60_000), "exit_code": 0}),
+            262_144,
+        )
+        .unwrap();
+        let size = serde_json::to_string(&out.value).unwrap().len();
+        assert!(size <= 262_144 && size > 262_144 - 12, "{size}");
+        assert_eq!(out.value["exit_code"], 0);
+        // A string alone, as JSON, the same way.
+        let out = capped(json!("\u{1}".repeat(1000)), 602).unwrap();
+        assert_eq!(out.value.as_str().unwrap().len(), 100);
+        assert!(out.truncated);
+        // An object's own `truncated` is left as it is.
+        let out = capped(json!({"truncated": "partly", "s": "x".repeat(100)}), 60).unwrap();
+        assert_eq!(out.value["truncated"], "partly");
+    }
+
     #[test]
     fn a_structure_that_cannot_fit_is_refused_and_one_that_fits_is_untouched() {
         assert_eq!(capped(json!([1, 2, 3, 4, 5]), 5).unwrap_err(), 11);
@@ -965,6 +1030,7 @@ mod tests {
         let out = capped(json!({"k": "v"}), 9).unwrap();
         assert_eq!((out.value, out.truncated), (json!({"k": "v"}), false));
         let out = capped(json!("x".repeat(20)), 5).unwrap();
-        assert_eq!((out.value, out.truncated), (json!("xxxxx"), true));
+        // Counted as JSON: the quotes take two of the five bytes.
+        assert_eq!((out.value, out.truncated), (json!("xxx"), true));
     }
 }

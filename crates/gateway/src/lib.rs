@@ -69,7 +69,9 @@ pub mod registry;
 pub mod sandbox;
 
 pub use error::GatewayError;
-pub use gateway::{CheckReport, Gateway, GatewayBuilder, GatewayConfig, GatewayTool, cap_output};
+pub use gateway::{
+    CheckReport, Gateway, GatewayBuilder, GatewayConfig, GatewayTool, MAX_ERROR_BYTES, cap_output,
+};
 pub use hooks::{CommandHook, CommandHookConfig, Hook, HookCall, PostAction, PreAction};
 pub use policy::{Decision, Policy, PolicyInput, SandboxMode};
 pub use redact::Redactor;

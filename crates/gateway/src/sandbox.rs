@@ -710,6 +710,14 @@ impl CommandTool {
         let reported = status
             .code()
             .filter(|c| mode == SandboxMode::Bubblewrap && *c > 128 && *c < 160);
+        // A status the tool lists as success is the command's own, whatever it looks like.
+        let reported = reported.filter(|c| {
+            !self
+                .config
+                .success_exit_codes
+                .as_ref()
+                .is_some_and(|ok| ok.contains(c))
+        });
         let mut signal = status.signal().or(reported.map(|c| c - 128));
         // A process cannot have used more CPU time than the wall time it ran for on every core:
         // a status 152 that came sooner is the command's own, not the CPU limit's SIGXCPU.
@@ -801,14 +809,11 @@ fn kill_tree(
 }
 
 /// The last non-empty line of a failed command's stderr, for its error (`: LINE`, or nothing):
-/// what a command says last is usually why it failed. Long lines are cut.
+/// what a command says last is usually why it failed. Not cut here: the gateway cuts long
+/// messages after redacting them, so no cut goes through a secret.
 fn last_line(stderr: &str) -> String {
-    const MAX_CHARS: usize = 300;
     match stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
         None => String::new(),
-        Some(line) if line.chars().count() > MAX_CHARS => {
-            format!(": {}...", line.chars().take(MAX_CHARS).collect::<String>())
-        }
         Some(line) => format!(": {line}"),
     }
 }

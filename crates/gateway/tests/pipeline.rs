@@ -23,6 +23,8 @@ enum Behaviour {
     Sleep,
     Big,
     Leak,
+    /// Fails with the argument `text` as its message.
+    Fail,
 }
 
 struct TestTool {
@@ -47,6 +49,9 @@ impl Tool for TestTool {
         self.tokens.lock().unwrap().push(ctx.cancel.clone());
         match self.behaviour {
             Behaviour::Echo => Ok(ToolOutput::new(args)),
+            Behaviour::Fail => Err(agent_runtime_core::ClassifiedError::tool(
+                args["text"].as_str().unwrap_or_default(),
+            )),
             Behaviour::Sleep => {
                 let c = ctx.cancel.clone();
                 let flag = self.cancelled.clone();
@@ -404,7 +409,8 @@ async fn long_output_is_capped_and_marked() {
     let out = gw.call("t.big", json!({}), ctx()).await.unwrap();
     assert!(out.truncated);
     let s = out.value.as_str().unwrap();
-    assert!(s.len() <= 101 && s.len() >= 99, "{}", s.len());
+    // 101 bytes of JSON: the quotes and 49 two-byte characters, cut at a character boundary.
+    assert_eq!(s.len(), 98);
     assert_eq!(log.all().last().unwrap().payload["truncated"], true);
 
     // A structure over the limit keeps its shape: its strings are cut, and it is marked.
@@ -476,6 +482,33 @@ async fn secrets_never_reach_the_log() {
     assert!(!text.contains("sk-live-123456"), "{text}");
     assert!(!text.contains("hunter2-secret"), "{text}");
     assert!(text.contains("[REDACTED]"));
+}
+
+/// A long error message is cut after it is redacted: a secret across the cut is hidden whole,
+/// not left as a prefix that no longer matches it.
+#[tokio::test]
+async fn a_long_error_is_cut_after_redaction() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.fail", RiskClass::Read, Behaviour::Fail);
+    let mut r = Redactor::new();
+    r.add_secret("hunter2-secret");
+    let gw = gateway(vec![t], log.clone()).redactor(r).build().unwrap();
+    let text = format!("{}hunter2-secret{}", "x".repeat(1995), "y".repeat(5000));
+    let err = gw
+        .call("t.fail", json!({ "text": text }), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.message.len(),
+        agent_runtime_gateway::MAX_ERROR_BYTES + 3
+    );
+    assert!(
+        err.message.ends_with("x[REDA..."),
+        "{}",
+        &err.message[1990..]
+    );
+    let logged = serde_json::to_string(&log.all()).unwrap();
+    assert!(!logged.contains("hunter"), "{logged}");
 }
 
 struct RustHook;

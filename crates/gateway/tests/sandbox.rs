@@ -551,6 +551,7 @@ async fn output_over_the_gateway_limit_keeps_exit_code_and_stderr() {
         .await
         .unwrap_or_else(|e| panic!("{e}"));
     assert!(out.truncated);
+    assert_eq!(out.value["truncated"], true);
     assert_eq!(out.value["exit_code"], 3);
     assert_eq!(out.value["stderr"], "done\n");
     let stdout = out.value["stdout"].as_str().unwrap();
@@ -584,7 +585,7 @@ async fn success_exit_codes_turn_other_statuses_into_failures() {
     let env = env();
     let mut tool = sh_tool(&env, Limits::default());
     let mut config = tool.config().clone();
-    config.success_exit_codes = Some(vec![0, 2]);
+    config.success_exit_codes = Some(vec![0, 2, 130]);
     tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
     let call = |script: &str| {
         tool.run(
@@ -594,13 +595,19 @@ async fn success_exit_codes_turn_other_statuses_into_failures() {
         )
     };
     assert_eq!(ok(call("exit 2").await)["exit_code"], 2);
+    // Listed, a status bubblewrap would report for a signal (128 + 2) is the command's own.
+    let out = ok(call("exit 130").await);
+    assert_eq!(
+        (&out["exit_code"], &out["signal"]),
+        (&json!(130), &Value::Null)
+    );
     let err = call("echo first >&2; echo 'last words  ' >&2; echo >&2; exit 5")
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::ToolError, "{err}");
     assert_eq!(
         err.message,
-        "sh.run: exited with status 5 (success_exit_codes: 0, 2): last words"
+        "sh.run: exited with status 5 (success_exit_codes: 0, 2, 130): last words"
     );
     let err = call("kill -KILL $$").await.unwrap_err();
     assert_eq!(err.class, ErrorClass::ToolError, "{err}");

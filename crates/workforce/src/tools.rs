@@ -350,9 +350,17 @@ fn open_regular(
 ) -> Result<(std::fs::File, std::fs::Metadata), ToolError> {
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::custom_flags(options, libc::O_NONBLOCK);
-    let file = options
-        .open(path)
-        .map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
+    let opened = match options.open(path) {
+        // A file under a lease (a Samba oplock, an NFS delegation) refuses a non-blocking open
+        // until the lease is broken; a pipe never answers so, so the open may wait for it.
+        #[cfg(unix)]
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+            std::os::unix::fs::OpenOptionsExt::custom_flags(options, 0);
+            options.open(path)
+        }
+        other => other,
+    };
+    let file = opened.map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
     let meta = file
         .metadata()
         .map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
