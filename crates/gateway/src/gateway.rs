@@ -398,11 +398,13 @@ impl Gateway {
     }
 
     fn failed_event(&self, rec: &CallRecord<'_>, err: &ToolError) -> NewEvent {
+        // The name is the caller's text until it is found in the registry: redacted too.
+        let tool = rec.redactor.redact_str(rec.tool);
         self.event(
             rec,
-            Actor::Tool(rec.tool.to_string()),
+            Actor::Tool(tool.clone()),
             EventKind::ToolFailed,
-            json!({"tool": rec.tool, "call_id": rec.call_id, "class": err.class,
+            json!({"tool": tool, "call_id": rec.call_id, "class": err.class,
                    "message": rec.redactor.redact_str(&err.message)}),
         )
     }
@@ -473,19 +475,21 @@ impl Gateway {
                 &rec,
                 ctx.actor.clone(),
                 EventKind::ToolRequested,
-                json!({"tool": name, "call_id": rec.call_id,
+                json!({"tool": rec.redactor.redact_str(name), "call_id": rec.call_id,
                        "arguments_digest": digest,
                        "arguments": rec.redactor.redact(args)}),
             )
         };
         let requested = |args: &Value| requested_with(args, &digest_of(args));
         let Some(entry) = inner.registry.get(name) else {
-            let err = self.unknown(name);
+            let err = redacted_error(&rec.redactor, self.unknown(name));
             self.append(vec![requested(&args), self.failed_event(&rec, &err)])
                 .await?;
             return Err(err);
         };
         if let Err(err) = entry.validate(&args) {
+            // A schema error quotes the argument it refuses, which may be a secret.
+            let err = redacted_error(&rec.redactor, err);
             self.append(vec![requested(&args), self.failed_event(&rec, &err)])
                 .await?;
             return Err(err);
@@ -670,14 +674,7 @@ impl Gateway {
                 Ok(out)
             }
             Err(err) => {
-                // Cut after redaction, never before: a cut through a secret would leave a
-                // prefix of it that redaction no longer recognizes.
-                let mut message = rec.redactor.redact_str(&err.message);
-                if message.len() > MAX_ERROR_BYTES {
-                    truncate_at_char(&mut message, MAX_ERROR_BYTES);
-                    message.push_str("...");
-                }
-                let err = ClassifiedError::new(err.class, message);
+                let err = redacted_error(&rec.redactor, err);
                 self.append_outcome(vec![self.failed_event(&rec, &err)])
                     .await?;
                 Err(err)
@@ -789,6 +786,22 @@ impl Gateway {
                 self.inner.config.max_output_bytes
             ))
         })
+    }
+}
+
+/// `err` as the caller gets it: message and details redacted, then the message cut at
+/// [`MAX_ERROR_BYTES`]. Cut after redaction, never before: a cut through a secret would leave a
+/// prefix of it that redaction no longer recognizes.
+fn redacted_error(redactor: &Redactor, err: ToolError) -> ToolError {
+    let mut message = redactor.redact_str(&err.message);
+    if message.len() > MAX_ERROR_BYTES {
+        truncate_at_char(&mut message, MAX_ERROR_BYTES);
+        message.push_str("...");
+    }
+    ClassifiedError {
+        class: err.class,
+        message,
+        details: err.details.map(|d| redactor.redact_values(&d)),
     }
 }
 

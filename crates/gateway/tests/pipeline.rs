@@ -484,6 +484,32 @@ async fn secrets_never_reach_the_log() {
     assert!(text.contains("[REDACTED]"));
 }
 
+/// An error the gateway itself makes quotes what the caller sent (a schema error the value it
+/// refuses, an unknown tool its name): what the caller gets back is redacted as the log is.
+#[tokio::test]
+async fn errors_returned_to_the_caller_are_redacted() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let mut r = Redactor::new();
+    r.add_secret("supersecretvalue123");
+    let gw = gateway(vec![t], log.clone()).redactor(r).build().unwrap();
+    let err = gw
+        .call("t.read", json!({"n": "supersecretvalue123"}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments);
+    let returned = format!("{} {:?}", err.message, err.details);
+    assert!(returned.contains("[REDACTED]"), "{returned}");
+    assert!(!returned.contains("supersecret"), "{returned}");
+    let err = gw
+        .call("nosuch-supersecretvalue123", json!({}), ctx())
+        .await
+        .unwrap_err();
+    assert!(!err.message.contains("supersecret"), "{}", err.message);
+    let logged = serde_json::to_string(&log.all()).unwrap();
+    assert!(!logged.contains("supersecret"), "{logged}");
+}
+
 /// A long error message is cut after it is redacted: a secret across the cut is hidden whole,
 /// not left as a prefix that no longer matches it.
 #[tokio::test]
