@@ -97,3 +97,30 @@ async fn the_registry_served_over_streamable_http() {
         .unwrap()
         .unwrap();
 }
+
+/// The endpoint has no authentication, so an address other machines can reach is refused,
+/// naming it, and nothing is served.
+#[tokio::test]
+async fn an_address_beyond_loopback_is_refused() {
+    let served = GatewayBuilder::new(Arc::new(Registry::new()), Arc::new(MemoryLog::default()))
+        .build()
+        .unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        serve_http(
+            served,
+            Actor::Agent("remote".into()),
+            "0.0.0.0:0",
+            CancellationToken::new(),
+            Some(tx),
+        ),
+    )
+    .await
+    .expect("refused at once")
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("refusing to serve on 0.0.0.0:"), "{err}");
+    assert!(err.contains("loopback addresses only"), "{err}");
+    assert!(rx.await.is_err(), "no address was handed out");
+}

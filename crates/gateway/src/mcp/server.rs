@@ -171,8 +171,8 @@ pub async fn serve_stdio(gateway: Gateway, actor: Actor) -> Result<(), GatewayEr
 /// Serves `gateway` as a streamable HTTP MCP endpoint on `addr` (for example `127.0.0.1:8808`)
 /// until `stop` is cancelled. `bound` receives the address actually bound (useful with port 0).
 ///
-/// Only loopback `Host` headers are accepted (protection against DNS rebinding), as the SDK
-/// does by default.
+/// Only loopback addresses are served (the endpoint has no authentication), and only loopback
+/// `Host` headers accepted (protection against DNS rebinding), as the SDK does by default.
 pub async fn serve_http(
     gateway: Gateway,
     actor: Actor,
@@ -190,6 +190,15 @@ pub async fn serve_http(
         .await
         .map_err(|e| err(format!("cannot listen: {e}")))?;
     let local = listener.local_addr().map_err(|e| err(e.to_string()))?;
+    // The endpoint has no authentication: anyone who can reach it calls the tools as `actor`
+    // (the `Host` check stops DNS rebinding, not a client that sets the header itself).
+    if !local.ip().is_loopback() {
+        return Err(err(format!(
+            "refusing to serve on {local}: the MCP endpoint has no authentication, so it listens \
+             on loopback addresses only (127.0.0.1, [::1]); put a proxy with authentication in \
+             front of it to reach it from elsewhere"
+        )));
+    }
     if let Some(tx) = bound {
         let _ = tx.send(local);
     }
