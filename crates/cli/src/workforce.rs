@@ -1088,7 +1088,7 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
 fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let shape: Shape = args.shape.parse().map_err(CliError::Usage)?;
     let cfg = SimConfig {
-        agent_concurrency: args.agent_concurrency.max(1),
+        agent_concurrency: args.agent_concurrency,
         ..SimConfig::new(args.agents, args.tasks, shape, args.failure_rate, args.seed)
     };
     // Named as the options are: the configuration's field names are the flags' without `--`.

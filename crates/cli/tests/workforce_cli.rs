@@ -420,6 +420,12 @@ fn simulate_is_deterministic_in_its_seed() {
         // A negative value is a value, not an unknown flag `-0`.
         ("--failure-rate", "-0.1", "failure-rate is -0.1"),
         ("--seed", "-1", "invalid value '-1' for '--seed <SEED>'"),
+        // Refused as the library refuses it, not run as 1.
+        (
+            "--agent-concurrency",
+            "0",
+            "agent-concurrency and concurrency must be at least 1",
+        ),
     ] {
         cli(&db)
             .args(["simulate", flag, value])
