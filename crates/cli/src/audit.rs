@@ -454,6 +454,23 @@ pub fn bench(args: StoreBenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitC
             CliError::Usage("--events, --batch and --appenders must be at least 1".into()).into(),
         );
     }
+    // Checked before any event is built: the bench holds every event in memory first.
+    let max_payload = agent_runtime_store::MAX_PAYLOAD_BYTES;
+    if args.payload_bytes > max_payload {
+        return Err(CliError::Usage(format!(
+            "--payload-bytes {} is over the store's limit of {max_payload} bytes per payload",
+            args.payload_bytes
+        ))
+        .into());
+    }
+    const MAX_BENCH_BYTES: u64 = 2 << 30;
+    if (args.payload_bytes as u64).saturating_mul(args.events) > MAX_BENCH_BYTES {
+        return Err(CliError::Usage(format!(
+            "--events {} of --payload-bytes {} is over {MAX_BENCH_BYTES} bytes of events, which the bench builds in memory first",
+            args.events, args.payload_bytes
+        ))
+        .into());
+    }
     let report = agent_runtime_store::bench::run(&agent_runtime_store::bench::BenchConfig {
         events: args.events,
         payload_bytes: args.payload_bytes,

@@ -256,6 +256,31 @@ fn bench_store_prints_json_with_a_baseline() {
     assert_eq!(v["export_jsonl_encrypted"]["events"], 2000);
 }
 
+/// Sizes the bench could not hold are refused before any event is built (a payload of 100 GB
+/// ran the machine out of memory first).
+#[test]
+fn bench_store_refuses_sizes_up_front() {
+    for (args, says) in [
+        (
+            ["--payload-bytes", "99999999999", "--events", "1"],
+            "--payload-bytes 99999999999 is over the store's limit of 16777216",
+        ),
+        (
+            ["--payload-bytes", "100000", "--events", "100000"],
+            "which the bench builds in memory first",
+        ),
+    ] {
+        Command::cargo_bin("agent-runtime")
+            .unwrap()
+            .args(["bench", "store"])
+            .args(args)
+            .timeout(std::time::Duration::from_secs(30))
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(says));
+    }
+}
+
 #[test]
 fn tail_follow_sees_events_another_process_appends() {
     use std::io::{BufRead, BufReader};

@@ -75,6 +75,9 @@ pub struct StoreConfig {
     pub(crate) use_keyring: bool,
 }
 
+/// The largest canonical payload a store takes in one event, by default.
+pub const MAX_PAYLOAD_BYTES: usize = 16 * 1024 * 1024;
+
 impl StoreConfig {
     /// An encrypted database at `path` (key still to be given).
     pub fn new(path: impl Into<PathBuf>) -> Self {
@@ -85,7 +88,7 @@ impl StoreConfig {
             durability: Durability::Full,
             kdf: KdfParams::default(),
             read_only: false,
-            max_payload_bytes: 16 * 1024 * 1024,
+            max_payload_bytes: MAX_PAYLOAD_BYTES,
             use_keyring: cfg!(feature = "os-keyring"),
         }
     }

@@ -59,7 +59,8 @@ mod store;
 mod verify;
 
 pub use config::{
-    DB_ENV, Durability, Encryption, PASSPHRASE_ENV, Passphrase, StoreConfig, default_db_path,
+    DB_ENV, Durability, Encryption, MAX_PAYLOAD_BYTES, PASSPHRASE_ENV, Passphrase, StoreConfig,
+    default_db_path,
 };
 pub use crypto::KdfParams;
 pub use error::StoreError;
