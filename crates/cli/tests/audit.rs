@@ -256,6 +256,18 @@ fn bench_store_prints_json_with_a_baseline() {
     assert_eq!(v["export_jsonl_encrypted"]["events"], 2000);
 }
 
+/// No iterations would report a p50 of 0 µs, which reads as the goal met: refused.
+#[test]
+fn bench_gateway_refuses_zero_iterations() {
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .args(["bench", "gateway", "--iterations", "0"])
+        .timeout(std::time::Duration::from_secs(30))
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--iterations must be at least 1"));
+}
+
 /// Sizes the bench could not hold are refused before any event is built (a payload of 100 GB
 /// ran the machine out of memory first).
 #[test]
