@@ -834,9 +834,8 @@ pub fn cap_output(mut out: ToolOutput, max: usize) -> Result<ToolOutput, usize> 
     if let (true, Value::Object(o)) = (marked, &mut out.value) {
         o.insert("truncated".into(), Value::Bool(true));
     }
-    if json_size(&out.value) > max {
-        return Err(size);
-    }
+    // Every byte cut took at least one off the JSON, and the mark was counted in.
+    debug_assert!(json_size(&out.value) <= max);
     out.truncated = true;
     Ok(out)
 }
@@ -893,7 +892,7 @@ fn cut_longest_strings(value: &mut Value, excess: usize) -> bool {
     }
     fn cut(v: &mut Value, keep: usize) {
         match v {
-            Value::String(s) => s.truncate(cut_point(s, keep)),
+            Value::String(s) => truncate_at_char(s, keep),
             Value::Array(a) => a.iter_mut().for_each(|v| cut(v, keep)),
             Value::Object(o) => o.values_mut().for_each(|v| cut(v, keep)),
             Value::Null | Value::Bool(_) | Value::Number(_) => {}
@@ -929,11 +928,7 @@ fn cut_longest_strings(value: &mut Value, excess: usize) -> bool {
 }
 
 fn truncate_at_char(s: &mut String, max: usize) {
-    let mut end = max.min(s.len());
-    while end > 0 && !s.is_char_boundary(end) {
-        end -= 1;
-    }
-    s.truncate(end);
+    s.truncate(cut_point(s, max));
 }
 
 /// A registry tool seen through the gateway: implements core's [`Tool`], and every call goes

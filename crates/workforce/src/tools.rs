@@ -295,7 +295,7 @@ pub const READ_FILE_MAX_BYTES: u64 = 16 * 1024 * 1024;
 /// blocks) on the runtime's own threads held up every other task of the run, and with two of
 /// them blocked on this machine's two cores, timers stopped firing. The call ends when the
 /// work does or when it is cancelled (a timeout, the run's end); cancelled work runs on to its
-/// end unobserved, which the checks in [`regular_file`] keep short.
+/// end unobserved, which the checks in [`open_regular`] keep short.
 async fn off_the_runtime<T: Send + 'static>(
     ctx: &CallContext,
     work: impl FnOnce() -> Result<T, ToolError> + Send + 'static,
@@ -310,15 +310,21 @@ async fn off_the_runtime<T: Send + 'static>(
     }
 }
 
-/// Refuses what is not a regular file, before opening it: opening a named pipe waits for its
-/// other end, and a device such as `/dev/zero` never ends. (Checked again on the open handle by
-/// [`open_regular`]: the path may be replaced in between.)
-fn regular_file(path: &str, verb: &str) -> Result<Option<std::fs::Metadata>, ToolError> {
+/// Refuses, by its path, what `write_file` should not write: a directory, a pipe, a device.
+/// Checked before the open so the message says what the path is (opening a pipe without a
+/// reader fails with a bare "No such device or address"); [`open_regular`] checks the handle
+/// again, as the path may be replaced in between. A path that does not exist yet is fine.
+fn regular_file(path: &str, verb: &str) -> Result<(), ToolError> {
     match std::fs::metadata(path) {
-        Ok(m) => is_regular(path, verb, m).map(Some),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(ClassifiedError::tool(format!("cannot {verb} {path}: {e}"))),
+        Ok(m) => is_regular(path, verb, m).map(drop),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(cannot(verb, path, e)),
     }
+}
+
+/// A file tool's failure: `cannot VERB PATH: WHY`.
+fn cannot(verb: &str, path: &str, why: impl std::fmt::Display) -> ToolError {
+    ClassifiedError::tool(format!("cannot {verb} {path}: {why}"))
 }
 
 fn is_regular(
@@ -334,9 +340,7 @@ fn is_regular(
     } else {
         "not a regular file (a pipe, socket or device)"
     };
-    Err(ClassifiedError::tool(format!(
-        "cannot {verb} {path}: it is {what}"
-    )))
+    Err(cannot(verb, path, format_args!("it is {what}")))
 }
 
 /// Opens `path` without waiting for a pipe's other end (`O_NONBLOCK`, which changes nothing
@@ -360,10 +364,8 @@ fn open_regular(
         }
         other => other,
     };
-    let file = opened.map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
-    let meta = file
-        .metadata()
-        .map_err(|e| ClassifiedError::tool(format!("cannot {verb} {path}: {e}")))?;
+    let file = opened.map_err(|e| cannot(verb, path, e))?;
+    let meta = file.metadata().map_err(|e| cannot(verb, path, e))?;
     let meta = is_regular(path, verb, meta)?;
     // Blocking again for the reads and writes: a regular file ignores the flag on local
     // filesystems, but a FUSE or network one may not, and would answer EAGAIN.
@@ -377,10 +379,7 @@ fn open_regular(
             flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_NONBLOCK) == 0
         };
         if !cleared {
-            return Err(ClassifiedError::tool(format!(
-                "cannot {verb} {path}: {}",
-                std::io::Error::last_os_error()
-            )));
+            return Err(cannot(verb, path, std::io::Error::last_os_error()));
         }
     }
     Ok((file, meta))
@@ -388,17 +387,12 @@ fn open_regular(
 
 fn read_text_file(path: &str) -> Result<String, ToolError> {
     use std::io::Read;
-    let cannot = |e: std::io::Error| ClassifiedError::tool(format!("cannot read {path}: {e}"));
     let too_large = |size: u64| {
         ClassifiedError::tool(format!(
             "cannot read {path}: it has {size} bytes, over read_file's limit of {READ_FILE_MAX_BYTES}"
         ))
     };
-    if let Some(m) = regular_file(path, "read")?
-        && m.len() > READ_FILE_MAX_BYTES
-    {
-        return Err(too_large(m.len()));
-    }
+    // No check by path first, as writing has: the open waits for nothing and is checked.
     let (file, meta) = open_regular(path, "read", std::fs::OpenOptions::new().read(true))?;
     if meta.len() > READ_FILE_MAX_BYTES {
         return Err(too_large(meta.len()));
@@ -407,7 +401,7 @@ fn read_text_file(path: &str) -> Result<String, ToolError> {
     // Bounded again while reading: the file may have grown since.
     file.take(READ_FILE_MAX_BYTES + 1)
         .read_to_end(&mut bytes)
-        .map_err(cannot)?;
+        .map_err(|e| cannot("read", path, e))?;
     if bytes.len() as u64 > READ_FILE_MAX_BYTES {
         return Err(too_large(bytes.len() as u64));
     }
@@ -427,9 +421,9 @@ fn write_text_file(path: &str, text: &str) -> Result<(), ToolError> {
         "write",
         std::fs::OpenOptions::new().write(true).create(true),
     )?;
-    let cannot = |e: std::io::Error| ClassifiedError::tool(format!("cannot write {path}: {e}"));
-    file.set_len(0).map_err(cannot)?;
-    file.write_all(text.as_bytes()).map_err(cannot)
+    file.set_len(0).map_err(|e| cannot("write", path, e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| cannot("write", path, e))
 }
 
 #[cfg(test)]
