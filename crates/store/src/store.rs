@@ -333,6 +333,11 @@ impl Store {
                 detail: format!("cannot create {}: {e}", dir.display()),
             })?;
         }
+        if !config.read_only
+            && matches!(std::fs::symlink_metadata(&path), Err(e) if e.kind() == std::io::ErrorKind::NotFound)
+        {
+            create_whole(&config)?;
+        }
         let flags = if config.read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
@@ -842,6 +847,62 @@ fn refuse_foreign(conn: &Connection, path: &Path) -> Result<(), StoreError> {
             ),
         }),
         None => Ok(()),
+    }
+}
+
+/// Creates the database `config` names, which does not exist yet, whole or not at all: it is
+/// built under a temporary name beside it and hard-linked into place. So a creation that fails
+/// (no key for an encrypted database, a full disk) leaves no file that later reads as "no event
+/// database", and no process ever opens half a database. When another process creates the same
+/// database meanwhile, its link wins and this one's copy is dropped: both then open the same
+/// file, as [`Store::open`] allows.
+fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
+    let path = &config.path;
+    // Unique to this call: threads of one process may create the same database at once.
+    static CREATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = CREATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = beside(path, &format!(".creating-{}-{n}", std::process::id()));
+    let remove_tmp = || {
+        for suffix in ["", "-wal", "-shm", "-journal"] {
+            let _ = std::fs::remove_file(beside(&tmp, suffix));
+        }
+    };
+    // A leftover of a crashed process that had this process id and count.
+    remove_tmp();
+    let failed = |detail: String| StoreError::Open {
+        path: path.clone(),
+        detail,
+    };
+    let built = (|| {
+        let conn = Connection::open_with_flags(
+            &tmp,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(|e| failed(format!("cannot create {}: {e}", tmp.display())))?;
+        set_pragmas(&conn, path, true)?;
+        init_schema(&conn, config)?;
+        // Closing the last connection checkpoints the write-ahead log into the file.
+        conn.close().map_err(|(_, e)| sqlite_error(path, e, None))
+    })();
+    if let Err(e) = built {
+        remove_tmp();
+        return Err(e);
+    }
+    let linked = std::fs::hard_link(&tmp, path);
+    remove_tmp();
+    match linked {
+        Ok(()) => {
+            // The new name is durable once its folder is.
+            let dir = path.parent().filter(|d| !d.as_os_str().is_empty());
+            let _ = std::fs::File::open(dir.unwrap_or(Path::new("."))).and_then(|d| d.sync_all());
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        // A file system without hard links (FAT, some network mounts): create in place, as
+        // the opener does with a blank file.
+        Err(_) => Ok(()),
     }
 }
 

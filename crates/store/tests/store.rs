@@ -111,6 +111,13 @@ fn plaintext_only_by_name_and_queries_work_without_key() {
         matches!(err, StoreError::NoKeyForNewDatabase { .. }),
         "{err}"
     );
+    // Not even an empty database file (which `runs list` would call "no event database"), nor
+    // the temporary one it was being built in.
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
     let store = Store::open(StoreConfig::plaintext(&path)).unwrap();
     assert!(!store.is_encrypted());
     store.append_blocking(events(2, 5)).unwrap();
