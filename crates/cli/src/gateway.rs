@@ -229,13 +229,10 @@ fn options(opts: &GatewayOpts) -> Options {
 }
 
 fn gateway_error(e: GatewayError) -> anyhow::Error {
-    match e {
-        GatewayError::Read { .. }
-        | GatewayError::Parse { .. }
-        | GatewayError::InvalidTool { .. }
-        | GatewayError::Duplicate(_)
-        | GatewayError::Policy { .. } => CliError::Usage(e.to_string()).into(),
-        other => CliError::Failed(other.to_string()).into(),
+    if e.is_configuration() {
+        CliError::Usage(e.to_string()).into()
+    } else {
+        CliError::Failed(e.to_string()).into()
     }
 }
 
@@ -619,48 +616,26 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
 
 fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
     let path = mcp_path(&a.opts)?;
-    let mut config = load_mcp(&path)?;
-    if config.servers.contains_key(&a.name) {
-        return Err(CliError::Usage(format!(
-            "server {:?} is already in {}",
-            a.name,
-            path.display()
-        ))
-        .into());
-    }
-    let mut env = std::collections::BTreeMap::new();
-    for kv in &a.env {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| CliError::Usage(format!("--env {kv:?}: expected KEY=VALUE")))?;
-        env.insert(k.to_string(), v.to_string());
-    }
-    let mut headers = std::collections::BTreeMap::new();
-    for kv in &a.headers {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| CliError::Usage(format!("--header {kv:?}: expected NAME=VALUE")))?;
-        headers.insert(k.to_string(), v.to_string());
-    }
-    config.servers.insert(
-        a.name.clone(),
-        McpServerConfig {
-            command: a.command,
-            args: a.args,
-            env,
-            url: a.url,
-            headers,
-            timeout_ms: a.timeout_ms,
-            ..McpServerConfig::default()
-        },
-    );
-    // Validate the whole file as it will be read back.
-    let text = serde_json::to_string(&config)?;
-    McpConfig::parse(&text, &path).map_err(gateway_error)?;
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
-    }
-    config.save(&path).map_err(gateway_error)?;
+    let pairs = |flag: &str, what: &str, items: &[String]| {
+        items
+            .iter()
+            .map(|kv| {
+                kv.split_once('=')
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .ok_or_else(|| CliError::Usage(format!("{flag} {kv:?}: expected {what}=VALUE")))
+            })
+            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+    };
+    let server = McpServerConfig {
+        command: a.command,
+        args: a.args,
+        env: pairs("--env", "KEY", &a.env)?,
+        url: a.url,
+        headers: pairs("--header", "NAME", &a.headers)?,
+        timeout_ms: a.timeout_ms,
+        ..McpServerConfig::default()
+    };
+    McpConfig::add_server(&path, &a.name, &server).map_err(gateway_error)?;
     outln!("added {} to {}", a.name, path.display());
     Ok(ExitCode::SUCCESS)
 }

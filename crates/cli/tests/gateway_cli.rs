@@ -310,11 +310,99 @@ fn policy_check_names_the_rule() {
     assert_eq!(v["decision"]["effect"], "deny");
     assert_eq!(v["decision"]["rule"], "default.write-outside");
     assert_eq!(v["risk"], "write");
+    // The report shows the arguments as the call's event would record them: redacted.
+    let out = env
+        .cmd()
+        .args([
+            "policy",
+            "check",
+            "--json",
+            "--tool",
+            "fs.write",
+            "--args",
+            r#"{"path":"ws/a","text":"x","api_key":"hunter2-secret"}"#,
+            "--config",
+        ])
+        .arg(env.config())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("hunter2-secret"), "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["arguments"]["api_key"], "[REDACTED]");
     env.cmd()
         .args(["policy", "check", "--tool", "nope", "--args", "{}"])
         .assert()
         .code(2)
         .stderr(predicate::str::contains("unknown tool"));
+}
+
+/// A mistake in a configuration, policy or servers file exits 2 (bad input, as documented) and
+/// names the file; `mcp add` refuses an entry that could only fail later, and writes nothing.
+#[test]
+fn configuration_mistakes_exit_2_naming_the_file() {
+    let env = Env::new();
+    let mut config = std::fs::read_to_string(env.config()).unwrap();
+    config.push_str(
+        "  - name: sh.run\n    description: again\n    risk: read\n    input_schema: { type: object }\n    command: [/bin/true]\n",
+    );
+    let twice = env.dir.path().join("twice.yaml");
+    std::fs::write(&twice, config).unwrap();
+    env.cmd()
+        .args(["tools", "list", "--config"])
+        .arg(&twice)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(format!(
+            "{}: tool \"sh.run\" is registered twice",
+            twice.display()
+        )));
+    let policy = env.dir.path().join("policy.yaml");
+    std::fs::write(&policy, "version: 7\nrules: []\n").unwrap();
+    env.cmd()
+        .args(["tools", "list", "--config"])
+        .arg(env.config())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("policy.yaml").and(predicate::str::contains("version 7")));
+
+    let add = |extra: &[&str]| {
+        let mut c = env.cmd();
+        c.args(["mcp", "add", "srv", "--mcp-config", "servers.json"])
+            .args(extra);
+        c.assert()
+    };
+    add(&["--url", "localhost:8080/mcp"])
+        .code(2)
+        .stderr(predicate::str::contains("must be http:// or https://"));
+    add(&["--url", "http://[::1/mcp"])
+        .code(2)
+        .stderr(predicate::str::contains("`url` is not a valid URL"));
+    add(&["--command", "node", "--env", "=value"])
+        .code(2)
+        .stderr(predicate::str::contains("name \"\" is empty"));
+    add(&["--command", "node", "--timeout-ms", "0"])
+        .code(2)
+        .stderr(predicate::str::contains("`timeout_ms` must be at least 1"));
+    add(&["--command", ""])
+        .code(2)
+        .stderr(predicate::str::contains(
+            "servers.json: MCP server \"srv\": `command` is empty",
+        ));
+    assert!(!env.dir.path().join("servers.json").exists());
+    // A file with an unusable entry: named with the server when it is read.
+    std::fs::write(
+        env.dir.path().join("servers.json"),
+        r#"{"mcpServers": {"srv": {"command": "node", "headers": {"A": "b"}}}}"#,
+    )
+    .unwrap();
+    env.cmd()
+        .args(["mcp", "list", "--mcp-config", "servers.json"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "servers.json: MCP server \"srv\": `headers` are sent to `url` servers only",
+        ));
 }
 
 fn npm() -> PathBuf {

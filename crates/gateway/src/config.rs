@@ -165,7 +165,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     };
     let policy_path = opts.policy.clone().or(file.policy.clone());
     let policy = match &policy_path {
-        Some(p) => Policy::load_in(p, &workspace)?,
+        Some(p) => Policy::load_in(p, &workspace).map_err(|e| e.in_file(p))?,
         None => Policy::defaults(workspace.clone())?,
     };
     let write_roots: Vec<PathBuf> = workspace
@@ -185,14 +185,21 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
         }
     }
     let mut redactor = Redactor::new();
+    // What the configuration file declares is wrong in that file.
+    let in_config = |e: GatewayError| match &opts.config {
+        Some(p) => e.in_file(p),
+        None => e,
+    };
     for t in file.tools {
-        registry.register_command(CommandTool::new(t, sandbox.clone(), &mut redactor)?)?;
+        let tool = CommandTool::new(t, sandbox.clone(), &mut redactor).map_err(in_config)?;
+        registry.register_command(tool).map_err(in_config)?;
     }
     let hooks = file
         .hooks
         .into_iter()
         .map(CommandHook::new)
-        .collect::<Result<Vec<_>, _>>()?;
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(in_config)?;
     let mcp_path = opts.mcp.clone().or(file.mcp.clone());
     let mcp = match &mcp_path {
         Some(p) => McpConfig::load(p)?,

@@ -42,6 +42,15 @@ pub enum GatewayError {
         /// What is wrong.
         message: String,
     },
+    /// Something a configuration, policy or MCP servers file declares is unusable: the file,
+    /// then what is wrong in it. Always a problem of the file's content, never of the world.
+    #[error("{}: {source}", path.display())]
+    InFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        source: Box<GatewayError>,
+    },
     /// An MCP server could not be configured or reached.
     #[error("MCP server {server:?}: {message}")]
     Mcp {
@@ -50,4 +59,26 @@ pub enum GatewayError {
         /// What went wrong.
         message: String,
     },
+}
+
+impl GatewayError {
+    /// `self`, placed in the file `path` unless it names a file already (a read or parse error,
+    /// or one placed before).
+    pub fn in_file(self, path: &std::path::Path) -> GatewayError {
+        match self {
+            GatewayError::Read { .. }
+            | GatewayError::Parse { .. }
+            | GatewayError::InFile { .. } => self,
+            other => GatewayError::InFile {
+                path: path.to_path_buf(),
+                source: Box::new(other),
+            },
+        }
+    }
+
+    /// Whether the error is the configuration's fault (exit 2 in the CLI) rather than a
+    /// failure to reach something it names (an MCP server that does not answer).
+    pub fn is_configuration(&self) -> bool {
+        !matches!(self, GatewayError::Mcp { .. })
+    }
 }

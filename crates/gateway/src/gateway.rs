@@ -176,7 +176,7 @@ impl std::fmt::Debug for Gateway {
 pub struct CheckReport {
     /// The tool.
     pub tool: String,
-    /// The arguments the policy saw (after pre-call hooks).
+    /// The arguments the policy saw (after pre-call hooks), redacted.
     pub arguments: Value,
     /// The decision.
     pub decision: Decision,
@@ -307,7 +307,8 @@ impl Gateway {
             self.decide(&policy, hook_denial, &input, &self.inner.redactor);
         Ok(CheckReport {
             tool: name.to_string(),
-            arguments: args,
+            // A report is shown and printed: redacted as the call's event would be.
+            arguments: self.inner.redactor.redact(&args),
             decision,
             decided_by,
             trace,

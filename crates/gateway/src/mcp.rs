@@ -53,6 +53,7 @@ use crate::error::GatewayError;
 use crate::redact::Redactor;
 use crate::registry::Registry;
 
+mod edit;
 pub mod server;
 
 /// One MCP server as configured.
@@ -113,43 +114,128 @@ impl McpConfig {
 
     /// Parses a servers file; `path` names it in errors and picks the format.
     pub fn parse(text: &str, path: &Path) -> Result<McpConfig, GatewayError> {
-        let yaml = path.extension().is_some_and(|e| e == "yaml" || e == "yml");
-        let parsed: Result<McpConfig, String> = if yaml {
+        let config = if is_yaml(path) {
             crate::yaml_from_str(text)
         } else {
             serde_json::from_str(text).map_err(|e| e.to_string())
-        };
-        let config = parsed.map_err(|message| GatewayError::Parse {
+        }
+        .map_err(|message| GatewayError::Parse {
             what: path.display().to_string(),
             message,
         })?;
-        for (name, s) in &config.servers {
-            crate::registry::check_name(name).map_err(|_| GatewayError::Mcp {
-                server: name.clone(),
-                message: "server names are 1-128 characters of a-z, 0-9, '_', '.', '-'".into(),
-            })?;
-            if s.command.is_none() == s.url.is_none() {
-                return Err(GatewayError::Mcp {
-                    server: name.clone(),
-                    message: "give exactly one of `command` (stdio) or `url` (streamable HTTP)"
-                        .into(),
-                });
-            }
+        let config: McpConfig = config;
+        for (name, server) in &config.servers {
+            check_server(name, server).map_err(|e| e.in_file(path))?;
         }
         Ok(config)
     }
 
-    /// Writes the file as JSON in the `mcpServers` format.
+    /// Writes the file (JSON, or YAML when the name ends in `.yaml`/`.yml`) in the
+    /// `mcpServers` format, replacing it at once (a crash leaves the old file or the new one).
+    ///
+    /// Only what [`McpConfig`] holds is written: to add a server to a file that other programs
+    /// share, keeping their keys, use [`McpConfig::add_server`].
     pub fn save(&self, path: &Path) -> Result<(), GatewayError> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| GatewayError::Parse {
+        let text = if is_yaml(path) {
+            serde_yaml_ng::to_string(self).map_err(|e| e.to_string())
+        } else {
+            serde_json::to_string_pretty(self)
+                .map(|t| t + "\n")
+                .map_err(|e| e.to_string())
+        }
+        .map_err(|message| GatewayError::Parse {
             what: path.display().to_string(),
-            message: e.to_string(),
+            message,
         })?;
-        std::fs::write(path, text + "\n").map_err(|source| GatewayError::Read {
-            path: path.to_path_buf(),
-            source,
-        })
+        edit::write_atomically(path, text.as_bytes())
     }
+}
+
+/// Whether a servers file is read as YAML (by its name).
+fn is_yaml(path: &Path) -> bool {
+    path.extension().is_some_and(|e| e == "yaml" || e == "yml")
+}
+
+/// Whether one server's entry can be used, checked when the file is read so that a mistake is
+/// reported with its file and server before anything starts, not as a transport error later.
+/// Messages never quote a URL or a header or environment value: they may hold a token.
+pub fn check_server(name: &str, s: &McpServerConfig) -> Result<(), GatewayError> {
+    let fail = |message: String| {
+        Err(GatewayError::Mcp {
+            server: name.to_string(),
+            message,
+        })
+    };
+    if crate::registry::check_name(name).is_err() {
+        return fail("server names are 1-128 characters of a-z, 0-9, '_', '.', '-'".into());
+    }
+    match (&s.command, &s.url) {
+        (Some(_), Some(_)) | (None, None) => {
+            return fail("give exactly one of `command` (stdio) or `url` (streamable HTTP)".into());
+        }
+        (Some(command), None) => {
+            if command.trim().is_empty() {
+                return fail("`command` is empty".into());
+            }
+            if !s.headers.is_empty() {
+                return fail(
+                    "`headers` are sent to `url` servers only; this one has a `command`".into(),
+                );
+            }
+        }
+        (None, Some(url)) => {
+            if !s.args.is_empty() || !s.env.is_empty() || s.cwd.is_some() {
+                return fail(
+                    "`args`, `env` and `cwd` belong to `command` servers; this one has a `url`"
+                        .into(),
+                );
+            }
+            match url::Url::parse(url) {
+                Err(e) => return fail(format!("`url` is not a valid URL ({e})")),
+                Ok(u) if !matches!(u.scheme(), "http" | "https") => {
+                    return fail(format!(
+                        "`url` must be http:// or https://, not {}://",
+                        u.scheme()
+                    ));
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    let nul = |t: &str| t.contains('\0');
+    if s.command.as_deref().is_some_and(nul) || s.args.iter().any(|a| nul(a)) {
+        return fail("`command` and `args` cannot contain a NUL character".into());
+    }
+    for (key, value) in &s.env {
+        if key.is_empty() || key.contains('=') || nul(key) {
+            return fail(format!(
+                "environment variable name {key:?} is empty or holds '=' or NUL"
+            ));
+        }
+        if nul(value) {
+            return fail(format!("the value of environment variable {key} holds NUL"));
+        }
+    }
+    for (key, value) in &s.headers {
+        if http::HeaderName::from_bytes(key.as_bytes()).is_err() {
+            return fail(format!("{key:?} is not a valid HTTP header name"));
+        }
+        // `${NAME}` is checked as written; the variable's value is checked when read.
+        if http::HeaderValue::from_str(value).is_err() {
+            return fail(format!(
+                "the value of header {key} holds characters a header cannot carry"
+            ));
+        }
+    }
+    for (field, ms) in [
+        ("timeout_ms", s.timeout_ms),
+        ("startup_timeout_ms", s.startup_timeout_ms),
+    ] {
+        if ms == Some(0) {
+            return fail(format!("`{field}` must be at least 1"));
+        }
+    }
+    Ok(())
 }
 
 /// Installs the process-wide TLS crypto provider (ring) once, for `https` MCP servers.
@@ -263,6 +349,7 @@ impl McpServer {
         config: McpServerConfig,
         redactor: &mut Redactor,
     ) -> Result<Arc<Self>, GatewayError> {
+        check_server(name, &config)?;
         let mut expand = |v: &str| {
             crate::redact::expand_env(v, redactor).map_err(|var| GatewayError::Mcp {
                 server: name.to_string(),

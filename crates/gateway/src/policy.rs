@@ -349,11 +349,15 @@ pub struct Rule {
     pub sandbox: Option<SandboxMode>,
 }
 
+/// The policy file format this build reads (`version: 1`; a file without `version` is read as
+/// this one).
+pub const POLICY_VERSION: u32 = 1;
+
 /// A policy file.
 #[derive(Clone, Debug, Default, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFile {
-    /// Format version (1).
+    /// Format version ([`POLICY_VERSION`]; other versions are refused).
     #[serde(default)]
     pub version: Option<u32>,
     /// Workspace roots, relative to the policy file's folder (default: the current folder).
@@ -462,6 +466,15 @@ impl Policy {
                 what: "policy".into(),
                 message,
             })?;
+        if let Some(v) = file.version.filter(|v| *v != POLICY_VERSION) {
+            return Err(GatewayError::Parse {
+                what: "policy".into(),
+                message: format!(
+                    "version {v} is not a policy format this build reads (it reads version \
+                     {POLICY_VERSION})"
+                ),
+            });
+        }
         // Roots in rules, like the workspace, are relative to the policy file.
         for rule in &mut file.rules {
             for c in &mut rule.when {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use agent_runtime_core::{
     Actor, CallContext, ErrorClass, EventKind, MemoryLog, RiskClass, ToolSource,
 };
-use agent_runtime_gateway::mcp::{McpConfig, McpManager, McpServerConfig};
+use agent_runtime_gateway::mcp::{McpConfig, McpManager, McpServer, McpServerConfig};
 use agent_runtime_gateway::{Gateway, GatewayBuilder, Policy, Redactor, Registry};
 use serde_json::json;
 
@@ -373,6 +373,191 @@ fn desktop_mcp_servers_format_is_accepted() {
     assert!(err.to_string().contains("exactly one of"), "{err}");
     let y = McpConfig::parse("servers:\n  e:\n    command: node\n", Path::new("m.yaml")).unwrap();
     assert_eq!(y.servers["e"].command.as_deref(), Some("node"));
+}
+
+/// Entries that could only fail later (at connect, with the transport's own words) are refused
+/// when the file is read, naming the file and the server, without quoting URLs or values.
+#[test]
+fn unusable_server_entries_are_refused_naming_file_and_server() {
+    let cases = [
+        (r#"{"command": ""}"#, "`command` is empty"),
+        (
+            r#"{"url": "not a url?token=s3cret"}"#,
+            "`url` is not a valid URL",
+        ),
+        (r#"{"url": "ftp://h/mcp?token=s3cret"}"#, "not ftp://"),
+        (
+            r#"{"command": "node", "headers": {"X-Key": "v"}}"#,
+            "`headers` are sent to `url` servers only",
+        ),
+        (
+            r#"{"url": "http://127.0.0.1:1/mcp", "env": {"A": "b"}}"#,
+            "belong to `command` servers",
+        ),
+        (
+            r#"{"command": "node", "env": {"": "s3cret"}}"#,
+            "name \"\" is empty",
+        ),
+        (r#"{"command": "node", "env": {"A=B": "c"}}"#, "holds '='"),
+        (
+            r#"{"url": "http://127.0.0.1:1/mcp", "headers": {"Bad Name": "v"}}"#,
+            "not a valid HTTP header name",
+        ),
+        (
+            r#"{"url": "http://127.0.0.1:1/mcp", "headers": {"X": "s3cret\nInjected: 1"}}"#,
+            "characters a header cannot carry",
+        ),
+        (
+            r#"{"command": "node", "timeout_ms": 0}"#,
+            "`timeout_ms` must be at least 1",
+        ),
+        (
+            r#"{"command": "node", "startup_timeout_ms": 0}"#,
+            "`startup_timeout_ms` must be at least 1",
+        ),
+    ];
+    for (entry, expected) in cases {
+        let text = format!(r#"{{"mcpServers": {{"srv": {entry}}}}}"#);
+        let err = McpConfig::parse(&text, Path::new("conf/mcp.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("conf/mcp.json: MCP server \"srv\": ") && err.contains(expected),
+            "{entry}: {err}"
+        );
+        assert!(
+            !err.contains("s3cret"),
+            "{entry}: a value was quoted: {err}"
+        );
+        // A configuration built in code gets the same check before anything starts.
+        let config: McpConfig = serde_json::from_str(&text).unwrap();
+        let Err(err) = McpServer::new("srv", config.servers["srv"].clone(), &mut Redactor::new())
+        else {
+            panic!("{entry}: accepted in code");
+        };
+        assert!(err.to_string().contains(expected), "{entry}: {err}");
+    }
+}
+
+fn dir_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+fn stdio(command: &str) -> McpServerConfig {
+    McpServerConfig {
+        command: Some(command.into()),
+        ..McpServerConfig::default()
+    }
+}
+
+/// A servers file shared with a desktop host keeps the host's keys, and is replaced whole.
+#[test]
+fn adding_a_server_keeps_everything_else_in_the_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("claude_desktop_config.json");
+    std::fs::write(
+        &path,
+        r#"{"globalShortcut": "Ctrl+Space",
+            "mcpServers": {"old": {"command": "node", "type": "stdio", "disabled": true}}}"#,
+    )
+    .unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640)).unwrap();
+    McpConfig::add_server(&path, "new", &stdio("npx")).unwrap();
+    let doc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(
+        doc,
+        json!({"globalShortcut": "Ctrl+Space", "mcpServers": {
+            "old": {"command": "node", "type": "stdio", "disabled": true},
+            "new": {"command": "npx"}}})
+    );
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o640, "the file's permissions were not kept");
+    assert_eq!(dir_names(dir.path()), ["claude_desktop_config.json"]);
+
+    // A second server of the same name: refused, the file untouched.
+    let before = std::fs::read(&path).unwrap();
+    let err = McpConfig::add_server(&path, "new", &stdio("other"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("claude_desktop_config.json") && err.contains("\"new\": is in the file"),
+        "{err}"
+    );
+    // An unusable entry: refused before the file is touched.
+    let err = McpConfig::add_server(&path, "bad", &stdio(""))
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`command` is empty"), "{err}");
+    assert_eq!(std::fs::read(&path).unwrap(), before);
+
+    // A file that does not exist is created, with its folder, private to its owner.
+    let fresh = dir.path().join("sub/mcp.json");
+    McpConfig::add_server(&fresh, "a", &stdio("node")).unwrap();
+    assert_eq!(McpConfig::load(&fresh).unwrap().servers["a"], stdio("node"));
+    let mode = std::fs::metadata(&fresh).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // A link (a dotfile manager's) stays a link; its target changes.
+    let link = dir.path().join("link.json");
+    std::os::unix::fs::symlink(&fresh, &link).unwrap();
+    McpConfig::add_server(&link, "b", &stdio("node")).unwrap();
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(McpConfig::load(&fresh).unwrap().servers.len(), 2);
+}
+
+#[test]
+fn adding_to_a_yaml_file_writes_yaml_and_refuses_to_drop_comments() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mcp.yaml");
+    std::fs::write(&path, "servers:\n  a:\n    command: node\nowner: me\n").unwrap();
+    McpConfig::add_server(&path, "b", &stdio("npx")).unwrap();
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(!text.trim_start().starts_with('{'), "not YAML: {text}");
+    let doc: serde_json::Value = serde_yaml_ng::from_str(&text).unwrap();
+    assert_eq!(
+        doc,
+        json!({"servers": {"a": {"command": "node"}, "b": {"command": "npx"}}, "owner": "me"})
+    );
+    let commented = "# my servers\nservers:\n  a:\n    command: node\n";
+    std::fs::write(&path, commented).unwrap();
+    let err = McpConfig::add_server(&path, "b", &stdio("npx"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("has comments") && err.contains("b:\n  command: npx"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), commented);
+}
+
+/// Adds from many threads at once all land: none reads the file while another replaces it.
+#[test]
+fn concurrent_adds_lose_no_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("mcp.json");
+    let adders: Vec<_> = (0..8)
+        .map(|i| {
+            let path = path.clone();
+            std::thread::spawn(move || McpConfig::add_server(&path, &format!("s{i}"), &stdio("x")))
+        })
+        .collect();
+    for a in adders {
+        a.join().unwrap().unwrap();
+    }
+    assert_eq!(McpConfig::load(&path).unwrap().servers.len(), 8);
+    assert_eq!(dir_names(dir.path()), ["mcp.json"]);
 }
 
 #[tokio::test]

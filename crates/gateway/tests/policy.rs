@@ -763,6 +763,37 @@ fn bad_policies_are_rejected_with_the_rule_named() {
             && err.contains("expected an argument's key, a JSON pointer"),
         "{err}"
     );
+    // A format from another build is refused rather than read by guesswork; version 1, or
+    // none, is this build's.
+    let err = Policy::from_yaml("version: 2\nrules: []\n", base)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("version 2 is not a policy format this build reads"),
+        "{err}"
+    );
+    Policy::from_yaml("version: 1\nrules: []\n", base).unwrap();
+    // Rule errors of a file name the file.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &file,
+        "version: 1\nrules:\n  - {id: a, effect: allow}\n  - {id: a, effect: deny}\n",
+    )
+    .unwrap();
+    let err = agent_runtime_gateway::config::assemble(&agent_runtime_gateway::config::Options {
+        policy: Some(file.clone()),
+        ..Default::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with(&format!(
+            "{}: policy rule \"a\": duplicate rule id",
+            file.display()
+        )),
+        "{err}"
+    );
     // Lists of keys and pointers still load.
     Policy::from_yaml(
         "rules:\n  - id: a\n    effect: deny\n    when: [ { matches: { arg: [command, /opts/x], any: ['*'] } } ]\n",

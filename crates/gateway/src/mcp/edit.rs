@@ -1,0 +1,269 @@
+//! Changing an MCP servers file in place: the file is often shared with desktop MCP hosts,
+//! which keep keys of their own in it, so it is edited as a document (every key kept), not
+//! rewritten from [`McpConfig`]; and it is replaced at once, so that a crash or a full disk
+//! leaves the old file or the new one, never half of one.
+
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::{McpConfig, McpServerConfig, check_server, is_yaml};
+use crate::error::GatewayError;
+
+impl McpConfig {
+    /// Adds the server `name` to the servers file at `path`, creating the file (and its folder)
+    /// when it does not exist.
+    ///
+    /// Everything else in the file is kept: other servers, keys this runtime does not know
+    /// (a desktop host's settings), the `servers` spelling of a YAML file. JSON objects come
+    /// out with their keys sorted. A YAML file with comments is refused rather than rewritten
+    /// without them; the error shows the entry to paste in by hand. The entry is checked as
+    /// loading checks it, and an existing server of that name is an error. Concurrent adds to
+    /// files of one folder are serialized (an advisory lock on the folder), so none is lost.
+    ///
+    /// ```no_run
+    /// use agent_runtime_gateway::mcp::{McpConfig, McpServerConfig};
+    /// # fn main() -> Result<(), agent_runtime_gateway::GatewayError> {
+    /// let server = McpServerConfig {
+    ///     command: Some("npx".into()),
+    ///     args: vec!["-y".into(), "@modelcontextprotocol/server-everything".into()],
+    ///     ..McpServerConfig::default()
+    /// };
+    /// McpConfig::add_server(".agent-runtime/mcp.json".as_ref(), "everything", &server)?;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn add_server(
+        path: &Path,
+        name: &str,
+        server: &McpServerConfig,
+    ) -> Result<(), GatewayError> {
+        let read = |source| GatewayError::Read {
+            path: path.to_path_buf(),
+            source,
+        };
+        check_server(name, server).map_err(|e| e.in_file(path))?;
+        let target = resolve_target(path).map_err(read)?;
+        let dir = folder_of(&target);
+        std::fs::create_dir_all(&dir).map_err(read)?;
+        let _lock = FolderLock::take(&dir).map_err(read)?;
+        let text = match std::fs::read_to_string(&target) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(read(e)),
+        };
+        // A blank file (just created with `touch`) is an empty list of servers.
+        if !text.trim().is_empty() {
+            let existing = McpConfig::parse(&text, path)?;
+            if existing.servers.contains_key(name) {
+                return Err(GatewayError::Mcp {
+                    server: name.to_string(),
+                    message: "is in the file already".into(),
+                }
+                .in_file(path));
+            }
+        }
+        let new_text = if is_yaml(path) {
+            with_server_yaml(&text, name, server)
+        } else {
+            with_server_json(&text, name, server)
+        }
+        .map_err(|message| GatewayError::Parse {
+            what: path.display().to_string(),
+            message,
+        })?;
+        // What is written must read back as the file plus this server.
+        McpConfig::parse(&new_text, path)?;
+        write_atomically(&target, new_text.as_bytes())
+    }
+}
+
+/// The servers key a document uses: `servers` when only that spelling is there, else the
+/// desktop hosts' `mcpServers`.
+fn servers_key(has: impl Fn(&str) -> bool) -> &'static str {
+    if has("servers") && !has("mcpServers") {
+        "servers"
+    } else {
+        "mcpServers"
+    }
+}
+
+fn with_server_json(text: &str, name: &str, server: &McpServerConfig) -> Result<String, String> {
+    use serde_json::Value;
+    let mut doc: Value = if text.trim().is_empty() {
+        Value::Object(Default::default())
+    } else {
+        serde_json::from_str(text).map_err(|e| e.to_string())?
+    };
+    let root = doc.as_object_mut().ok_or("the file is not a JSON object")?;
+    let key = servers_key(|k| root.contains_key(k));
+    let servers = root
+        .entry(key)
+        .or_insert_with(|| Value::Object(Default::default()));
+    if servers.is_null() {
+        *servers = Value::Object(Default::default());
+    }
+    let servers = servers
+        .as_object_mut()
+        .ok_or_else(|| format!("`{key}` is not an object"))?;
+    servers.insert(
+        name.to_string(),
+        serde_json::to_value(server).map_err(|e| e.to_string())?,
+    );
+    serde_json::to_string_pretty(&doc)
+        .map(|t| t + "\n")
+        .map_err(|e| e.to_string())
+}
+
+fn with_server_yaml(text: &str, name: &str, server: &McpServerConfig) -> Result<String, String> {
+    use serde_yaml_ng::{Mapping, Value};
+    if has_yaml_comment(text) {
+        let entry = serde_yaml_ng::to_string(&Mapping::from_iter([(
+            Value::String(name.to_string()),
+            serde_yaml_ng::to_value(server).map_err(|e| e.to_string())?,
+        )]))
+        .map_err(|e| e.to_string())?;
+        return Err(format!(
+            "the file has comments, which rewriting it would lose; add the server under its \
+             servers key by hand:\n{}",
+            entry.trim_end()
+        ));
+    }
+    let mut doc: Value = if text.trim().is_empty() {
+        Value::Mapping(Mapping::new())
+    } else {
+        serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?
+    };
+    let root = doc
+        .as_mapping_mut()
+        .ok_or("the file is not a YAML mapping")?;
+    let key = servers_key(|k| root.contains_key(k));
+    let servers = root
+        .entry(Value::String(key.into()))
+        .or_insert_with(|| Value::Mapping(Mapping::new()));
+    if servers.is_null() {
+        *servers = Value::Mapping(Mapping::new());
+    }
+    let servers = servers
+        .as_mapping_mut()
+        .ok_or_else(|| format!("`{key}` is not a mapping"))?;
+    servers.insert(
+        Value::String(name.to_string()),
+        serde_yaml_ng::to_value(server).map_err(|e| e.to_string())?,
+    );
+    serde_yaml_ng::to_string(&doc).map_err(|e| e.to_string())
+}
+
+/// Whether YAML text may hold a comment: a `#` that starts a line or follows a blank. A `#`
+/// so placed inside a quoted string counts too: telling them apart needs a YAML scanner, and
+/// the cost of the mistake is only a refusal to rewrite.
+fn has_yaml_comment(text: &str) -> bool {
+    text.lines().any(|line| {
+        line.trim_start().starts_with('#') || line.contains(" #") || line.contains("\t#")
+    })
+}
+
+/// The file a write to `path` must replace: a symbolic link (a dotfile manager's) is followed,
+/// so the link stays and its target changes.
+fn resolve_target(path: &Path) -> std::io::Result<PathBuf> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
+fn folder_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// An exclusive advisory lock (`flock`) on a folder, released when dropped. The folder, not the
+/// file, is locked: the file is replaced by a rename, and a lock on the old file would let a
+/// waiter go on to read what is no longer the file.
+struct FolderLock(std::fs::File);
+
+impl FolderLock {
+    fn take(dir: &Path) -> std::io::Result<FolderLock> {
+        use std::os::fd::AsRawFd;
+        let handle = std::fs::File::open(dir)?;
+        loop {
+            // SAFETY: flock on a descriptor this function owns; no memory is passed.
+            if unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(FolderLock(handle));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
+impl Drop for FolderLock {
+    fn drop(&mut self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: as in `take`; closing the handle would release the lock as well.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Replaces `target` with `bytes`: written beside it, flushed to disk, renamed over it. The
+/// new file keeps the old one's permissions; a new file is private to its owner (0600), as
+/// it may hold tokens written in clear.
+pub(crate) fn write_atomically(target: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
+    let fail = |source| GatewayError::Read {
+        path: target.to_path_buf(),
+        source,
+    };
+    let mode = match std::fs::metadata(target) {
+        Ok(m) => m.permissions().mode() & 0o7777,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0o600,
+        Err(e) => return Err(fail(e)),
+    };
+    let dir = folder_of(target);
+    let file_name = target
+        .file_name()
+        .ok_or_else(|| fail(std::io::Error::other("the path names no file")))?;
+    let mut tmp_name = std::ffi::OsString::from(".");
+    tmp_name.push(file_name);
+    // Unique to this write: threads of one process may write at once.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tmp_name.push(format!(".{}-{n}.tmp", std::process::id()));
+    let tmp = dir.join(tmp_name);
+    let written = (|| {
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        // `mode` at creation is filtered by the umask; the old file's bits are meant exactly.
+        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, target)?;
+        // The rename is durable once the folder is.
+        std::fs::File::open(&dir)?.sync_all()
+    })();
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(fail(e));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comments_are_seen_where_yaml_allows_them() {
+        assert!(has_yaml_comment("# servers\nservers: {}\n"));
+        assert!(has_yaml_comment("servers:\n  a: {command: x} # mine\n"));
+        assert!(!has_yaml_comment("servers:\n  a: {command: 'x#y'}\n"));
+    }
+}
