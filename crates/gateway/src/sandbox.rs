@@ -592,14 +592,11 @@ impl CommandTool {
         .kill_on_drop(true);
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(|e| {
-            sandbox_error(format!(
-                "cannot start {}: {e}",
-                if mode == SandboxMode::None {
-                    &argv[0]
-                } else {
-                    "bwrap"
-                }
-            ))
+            if mode == SandboxMode::None {
+                cannot_run(&self.descriptor.name, &argv[0], &e.to_string())
+            } else {
+                sandbox_error(format!("{}: cannot start bwrap: {e}", self.descriptor.name))
+            }
         })?;
         let pid = child.id();
         if let Some(cg) = &mut cgroup {
@@ -695,7 +692,19 @@ impl CommandTool {
             });
         }
         // bwrap's own failures (a root that cannot be bound, namespaces refused) exit 1 with
-        // its message on stderr before the command ever ran.
+        // its message on stderr before the command ever ran. The last of them, executing the
+        // program, fails for the tool's own reason (a missing program), not the sandbox's.
+        if mode == SandboxMode::Bubblewrap
+            && status.code() == Some(1)
+            && let Some(why) = stderr
+                .lines()
+                .next()
+                .and_then(|l| l.strip_prefix("bwrap: execvp "))
+                .and_then(|l| l.rsplit_once(": "))
+                .map(|(_, why)| why)
+        {
+            return Err(cannot_run(name, &argv[0], why));
+        }
         if mode == SandboxMode::Bubblewrap
             && status.code() == Some(1)
             && stderr.starts_with("bwrap: ")
@@ -816,6 +825,15 @@ fn last_line(stderr: &str) -> String {
         None => String::new(),
         Some(line) => format!(": {line}"),
     }
+}
+
+/// The tool's program could not be executed (missing, not executable): the tool's failure,
+/// which a retry policy on `tool_error` and `on_failure` act on, not a broken sandbox.
+fn cannot_run(tool: &str, program: &str, why: &str) -> ToolError {
+    ClassifiedError::new(
+        ErrorClass::ToolError,
+        format!("{tool}: cannot run {program:?}: {why}"),
+    )
 }
 
 fn sandbox_error(message: impl Into<String>) -> ToolError {

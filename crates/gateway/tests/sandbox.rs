@@ -455,6 +455,52 @@ async fn a_sandbox_that_cannot_be_built_is_a_sandbox_error() {
     );
 }
 
+/// A program that is missing, or not executable, is the tool's failure (`tool_error`, which
+/// retry and `on_failure` act on), in the sandbox and without it, never a broken sandbox.
+#[tokio::test]
+async fn a_program_that_cannot_run_is_a_tool_error() {
+    let env = env();
+    let not_executable = env.ws.join("data.txt");
+    std::fs::write(&not_executable, "x").unwrap();
+    let cases = [
+        ("/nonexistent/prog".to_string(), "No such file or directory"),
+        (
+            "no-such-program-anywhere".to_string(),
+            "No such file or directory",
+        ),
+        (not_executable.display().to_string(), "Permission denied"),
+    ];
+    for (program, why) in cases {
+        let config = CommandToolConfig {
+            name: "t".into(),
+            description: String::new(),
+            input_schema: json!({"type": "object"}),
+            output_schema: None,
+            risk: RiskClass::Exec,
+            command: vec![program.clone()],
+            stdin: None,
+            env: Default::default(),
+            read_roots: vec![],
+            limits: Limits::default(),
+            success_exit_codes: None,
+        };
+        let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
+        for mode in [SandboxMode::Bubblewrap, SandboxMode::None] {
+            let err = tool
+                .run(json!({}), CallContext::new(Actor::System), mode)
+                .await
+                .unwrap_err();
+            assert_eq!(err.class, ErrorClass::ToolError, "{mode:?}: {err}");
+            assert!(
+                err.message
+                    .starts_with(&format!("t: cannot run {program:?}: "))
+                    && err.message.contains(why),
+                "{mode:?}: {err}"
+            );
+        }
+    }
+}
+
 #[tokio::test]
 async fn the_command_sees_its_own_environment_and_nothing_of_the_host() {
     let env = env();
