@@ -448,7 +448,7 @@ pub struct StoreBenchArgs {
     pub json: bool,
 }
 
-pub fn bench(args: StoreBenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn bench(args: StoreBenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     if args.events == 0 || args.batch == 0 || args.appenders == 0 {
         return Err(
             CliError::Usage("--events, --batch and --appenders must be at least 1".into()).into(),
@@ -471,12 +471,15 @@ pub fn bench(args: StoreBenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitC
         ))
         .into());
     }
-    let report = agent_runtime_store::bench::run(&agent_runtime_store::bench::BenchConfig {
-        events: args.events,
-        payload_bytes: args.payload_bytes,
-        batch: args.batch,
-        appenders: args.appenders,
-    })?;
+    let report = agent_runtime_store::bench::run_under(
+        &agent_runtime_store::bench::BenchConfig {
+            events: args.events,
+            payload_bytes: args.payload_bytes,
+            batch: args.batch,
+            appenders: args.appenders,
+        },
+        &global.bench_folder()?,
+    )?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -185,6 +185,29 @@ impl GlobalArgs {
         Ok(agent_runtime_store::Store::open(self.store_config())?)
     }
 
+    /// Where `bench store` and `bench gateway` make their temporary databases: beside the
+    /// database `--db` names (so the figures are those of its disk), else under the system's
+    /// temporary folder (`TMPDIR`). They make databases of their own, in both modes, so
+    /// `--plaintext` does not apply to them.
+    pub fn bench_folder(&self) -> anyhow::Result<std::path::PathBuf> {
+        let Some(db) = &self.db else {
+            return Ok(std::env::temp_dir());
+        };
+        let folder = match db.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => std::path::PathBuf::from("."),
+        };
+        if !folder.is_dir() {
+            return Err(CliError::Usage(format!(
+                "--db {}: the folder {} does not exist (the bench measures beside the database --db names)",
+                db.display(),
+                folder.display()
+            ))
+            .into());
+        }
+        Ok(folder)
+    }
+
     /// Opens an existing event database for reading only.
     pub fn open_store_read_only(&self) -> anyhow::Result<agent_runtime_store::Store> {
         Ok(agent_runtime_store::Store::open(

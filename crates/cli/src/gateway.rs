@@ -681,13 +681,13 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub fn bench(args: BenchArgs, _global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     use agent_runtime_gateway::bench::{BenchSetup, run};
     // No calls would report a p50 of 0 µs, which reads as a goal met.
     if args.iterations == 0 {
         return Err(CliError::Usage("--iterations must be at least 1".into()).into());
     }
-    let dir = std::env::temp_dir().join(format!(
+    let dir = global.bench_folder()?.join(format!(
         "agent-runtime-bench-gateway-{}",
         std::process::id()
     ));

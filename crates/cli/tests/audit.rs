@@ -240,8 +240,20 @@ fn plaintext_by_name() {
 
 #[test]
 fn bench_store_prints_json_with_a_baseline() {
+    // The bench measures beside the database --db names (its disk), in a folder it removes.
+    let dir = tempfile::tempdir().unwrap();
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .arg("--db")
+        .arg(dir.path().join("missing/x.db"))
+        .args(["bench", "store", "--events", "10"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("missing does not exist"));
     let out = Command::cargo_bin("agent-runtime")
         .unwrap()
+        .arg("--db")
+        .arg(dir.path().join("x.db"))
         .args([
             "bench", "store", "--events", "2000", "--batch", "100", "--json",
         ])
@@ -254,6 +266,7 @@ fn bench_store_prints_json_with_a_baseline() {
     assert!(v["encrypted_vs_baseline"].as_f64().unwrap() > 0.0);
     assert_eq!(v["verify_encrypted"]["events"], 2000);
     assert_eq!(v["export_jsonl_encrypted"]["events"], 2000);
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
 /// No iterations would report a p50 of 0 µs, which reads as the goal met: refused.

@@ -272,10 +272,15 @@ fn baseline(path: &std::path::Path, events: &[NewEvent], batch: usize) -> Result
     Ok(Rate::new(events.len() as u64, start))
 }
 
-/// Runs every measurement in a temporary directory.
+/// Runs every measurement in a temporary directory under the system's temporary folder.
 pub fn run(cfg: &BenchConfig) -> Result<BenchReport, StoreError> {
-    let dir =
-        std::env::temp_dir().join(format!("agent-runtime-bench-store-{}", std::process::id()));
+    run_under(cfg, &std::env::temp_dir())
+}
+
+/// Runs every measurement in a temporary directory made in `parent` (removed afterwards), so
+/// that the figures are those of the disk `parent` is on.
+pub fn run_under(cfg: &BenchConfig, parent: &std::path::Path) -> Result<BenchReport, StoreError> {
+    let dir = parent.join(format!("agent-runtime-bench-store-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|source| StoreError::Io {
         what: "cannot create bench directory",
