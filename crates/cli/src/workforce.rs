@@ -1116,7 +1116,7 @@ fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         cfg.tasks,
         cfg.agents,
         shape,
-        cfg.failure_rate,
+        short_number(cfg.failure_rate),
         cfg.seed
     );
     outln!(
@@ -1399,4 +1399,27 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `x` as Rust writes it, or in scientific notation when that is shorter (`1e-320`, not a 0
+/// followed by 320 digits).
+fn short_number(x: f64) -> String {
+    let plain = x.to_string();
+    let scientific = format!("{x:e}");
+    if scientific.len() < plain.len() {
+        scientific
+    } else {
+        plain
+    }
+}
+
+#[cfg(test)]
+mod number_tests {
+    #[test]
+    fn numbers_are_written_short() {
+        assert_eq!(super::short_number(0.05), "0.05");
+        assert_eq!(super::short_number(1.0), "1");
+        assert_eq!(super::short_number(1e-320), "1e-320");
+        assert_eq!(super::short_number(0.000001), "1e-6");
+    }
 }
