@@ -460,6 +460,70 @@ fn mcp_add_list_and_call_a_server() {
         .stdout("Echo: via mcp\n");
 }
 
+/// Malformed params of a method the server has are "invalid params" (-32602), not "method not
+/// found" (-32601), which would send a client looking for a method that is there; a method it
+/// does not have is still -32601.
+#[test]
+fn mcp_serve_answers_malformed_params_with_invalid_params() {
+    use std::io::{BufRead, BufReader, Write};
+    let env = Env::new();
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+        .current_dir(env.dir.path())
+        .arg("--db")
+        .arg(env.dir.path().join("events.db"))
+        .args(["--plaintext", "mcp", "serve", "--stdio", "--config"])
+        .arg(env.config())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    for line in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":5,"arguments":{"k":"hunter2-secret"}}}"#,
+        r#"{"jsonrpc":"2.0","id":4,"method":"no/such/method"}"#,
+    ] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
+    // Answers are read on a thread, so that a server that never answers fails the test
+    // instead of hanging it.
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut errors = std::collections::BTreeMap::new();
+    while errors.len() < 2 {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("an answer within 30 s");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if let Some(id) = v["id"].as_i64().filter(|id| *id >= 2) {
+            errors.insert(id, v["error"].clone());
+        }
+    }
+    drop(stdin);
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(errors[&2]["code"], -32602, "{errors:?}");
+    assert!(
+        errors[&2]["message"]
+            .as_str()
+            .unwrap()
+            .contains("invalid params for tools/call"),
+        "{errors:?}"
+    );
+    assert!(!format!("{errors:?}").contains("hunter2-secret"));
+    assert_eq!(errors[&4]["code"], -32601, "{errors:?}");
+}
+
 #[test]
 fn mcp_serve_stdio_interoperates_with_the_typescript_sdk() {
     let npm = npm();

@@ -152,6 +152,33 @@ impl ServerHandler for GatewayServer {
     ) -> impl Future<Output = Result<CallToolResponse, McpError>> + Send + '_ {
         self.call(request, context)
     }
+
+    /// A request the SDK could not read as one it knows comes here. For the methods this
+    /// server implements that means their params are malformed: JSON-RPC's "invalid params"
+    /// (-32602), where the SDK would answer "method not found" (-32601) and send a client
+    /// looking for a method that is there. The message describes the params expected without
+    /// quoting the ones sent (they may hold secrets).
+    fn on_custom_request(
+        &self,
+        request: rmcp::model::CustomRequest,
+        _context: RequestContext<RoleServer>,
+    ) -> impl Future<Output = Result<rmcp::model::CustomResult, McpError>> + Send + '_ {
+        let expected = match request.method.as_str() {
+            "tools/call" => Some(
+                "invalid params for tools/call: expected an object with `name` (a string) and \
+                 optionally `arguments` (an object)",
+            ),
+            _ => None,
+        };
+        std::future::ready(Err(match expected {
+            Some(message) => McpError::invalid_params(message, None),
+            None => McpError::new(
+                rmcp::model::ErrorCode::METHOD_NOT_FOUND,
+                request.method,
+                None,
+            ),
+        }))
+    }
 }
 
 /// Serves `gateway` over this process's stdin and stdout until the client disconnects.
