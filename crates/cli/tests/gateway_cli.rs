@@ -291,42 +291,26 @@ fn policy_check_names_the_rule() {
                     "shell metacharacters are not allowed",
                 )),
         );
-    let out = env
-        .cmd()
-        .args([
-            "policy",
-            "check",
-            "--json",
-            "--tool",
-            "fs.write",
-            "--args",
-            r#"{"path":"/etc/passwd","text":"x"}"#,
-            "--config",
-        ])
-        .arg(env.config())
-        .output()
-        .unwrap();
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    // `policy check --json` of a call to fs.write; its standard output.
+    let check_write = |args: &str| {
+        let out = env
+            .cmd()
+            .args([
+                "policy", "check", "--json", "--tool", "fs.write", "--args", args,
+            ])
+            .arg("--config")
+            .arg(env.config())
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let v: Value =
+        serde_json::from_str(&check_write(r#"{"path":"/etc/passwd","text":"x"}"#)).unwrap();
     assert_eq!(v["decision"]["effect"], "deny");
     assert_eq!(v["decision"]["rule"], "default.write-outside");
     assert_eq!(v["risk"], "write");
     // The report shows the arguments as the call's event would record them: redacted.
-    let out = env
-        .cmd()
-        .args([
-            "policy",
-            "check",
-            "--json",
-            "--tool",
-            "fs.write",
-            "--args",
-            r#"{"path":"ws/a","text":"x","api_key":"hunter2-secret"}"#,
-            "--config",
-        ])
-        .arg(env.config())
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = check_write(r#"{"path":"ws/a","text":"x","api_key":"hunter2-secret"}"#);
     assert!(!text.contains("hunter2-secret"), "{text}");
     let v: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(v["arguments"]["api_key"], "[REDACTED]");

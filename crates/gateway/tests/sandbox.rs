@@ -48,19 +48,33 @@ fn env() -> Env {
     }
 }
 
-fn sh_tool(env: &Env, limits: Limits) -> CommandTool {
-    let config = CommandToolConfig {
-        name: "sh.run".into(),
-        description: "run a shell script".into(),
-        input_schema: json!({"type": "object", "properties": {"script": {"type": "string"}}, "required": ["script"]}),
+/// A command tool's configuration with the tests' defaults: no arguments required, risk
+/// `exec`, no environment, no limits of its own.
+fn exec_config(name: &str, command: Vec<String>) -> CommandToolConfig {
+    CommandToolConfig {
+        name: name.into(),
+        description: String::new(),
+        input_schema: json!({"type": "object"}),
         output_schema: None,
         risk: RiskClass::Exec,
-        command: vec!["/bin/sh".into(), "-c".into(), "{script}".into()],
+        command,
         stdin: None,
         env: Default::default(),
         read_roots: vec![],
-        limits,
+        limits: Limits::default(),
         success_exit_codes: None,
+    }
+}
+
+fn sh_tool(env: &Env, limits: Limits) -> CommandTool {
+    let config = CommandToolConfig {
+        description: "run a shell script".into(),
+        input_schema: json!({"type": "object", "properties": {"script": {"type": "string"}}, "required": ["script"]}),
+        limits,
+        ..exec_config(
+            "sh.run",
+            vec!["/bin/sh".into(), "-c".into(), "{script}".into()],
+        )
     };
     CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap()
 }
@@ -315,22 +329,16 @@ async fn a_big_file_hits_the_file_size_limit() {
 async fn arguments_are_words_not_shell() {
     let env = env();
     let config = CommandToolConfig {
-        name: "echo".into(),
-        description: String::new(),
-        input_schema: json!({"type": "object"}),
-        output_schema: None,
         risk: RiskClass::Read,
-        command: vec![
-            "echo".into(),
-            "{text}".into(),
-            "n={n}".into(),
-            "{many}".into(),
-        ],
-        stdin: None,
-        env: Default::default(),
-        read_roots: vec![],
-        limits: Limits::default(),
-        success_exit_codes: None,
+        ..exec_config(
+            "echo",
+            vec![
+                "echo".into(),
+                "{text}".into(),
+                "n={n}".into(),
+                "{many}".into(),
+            ],
+        )
     };
     let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
     let args = json!({"text": "; touch pwned $(touch pwned2)", "n": 3, "many": ["a", "b"]});
@@ -382,19 +390,10 @@ async fn without_bubblewrap_the_call_fails_unless_policy_says_sandbox_none() {
         ..(*env.settings).clone()
     });
     let mk = || {
-        let config = CommandToolConfig {
-            name: "sh.run".into(),
-            description: String::new(),
-            input_schema: json!({"type": "object"}),
-            output_schema: None,
-            risk: RiskClass::Exec,
-            command: vec!["/bin/sh".into(), "-c".into(), "echo unsandboxed".into()],
-            stdin: None,
-            env: Default::default(),
-            read_roots: vec![],
-            limits: Limits::default(),
-            success_exit_codes: None,
-        };
+        let config = exec_config(
+            "sh.run",
+            vec!["/bin/sh".into(), "-c".into(), "echo unsandboxed".into()],
+        );
         CommandTool::new(config, settings.clone(), &mut Redactor::new()).unwrap()
     };
     let run_with = |policy: &str| {
@@ -426,19 +425,7 @@ async fn a_sandbox_that_cannot_be_built_is_a_sandbox_error() {
         write_roots: vec![missing],
         ..(*env.settings).clone()
     });
-    let config = CommandToolConfig {
-        name: "t".into(),
-        description: String::new(),
-        input_schema: json!({"type": "object"}),
-        output_schema: None,
-        risk: RiskClass::Exec,
-        command: vec!["true".into()],
-        stdin: None,
-        env: Default::default(),
-        read_roots: vec![],
-        limits: Limits::default(),
-        success_exit_codes: None,
-    };
+    let config = exec_config("t", vec!["true".into()]);
     let tool = CommandTool::new(config, settings, &mut Redactor::new()).unwrap();
     let err = tool
         .run(
@@ -471,19 +458,7 @@ async fn a_program_that_cannot_run_is_a_tool_error() {
         (not_executable.display().to_string(), "Permission denied"),
     ];
     for (program, why) in cases {
-        let config = CommandToolConfig {
-            name: "t".into(),
-            description: String::new(),
-            input_schema: json!({"type": "object"}),
-            output_schema: None,
-            risk: RiskClass::Exec,
-            command: vec![program.clone()],
-            stdin: None,
-            env: Default::default(),
-            read_roots: vec![],
-            limits: Limits::default(),
-            success_exit_codes: None,
-        };
+        let config = exec_config("t", vec![program.clone()]);
         let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
         for mode in [SandboxMode::Bubblewrap, SandboxMode::None] {
             let err = tool
@@ -510,17 +485,9 @@ async fn the_command_sees_its_own_environment_and_nothing_of_the_host() {
     config_env.insert("FROM_HOST".to_string(), "${PATH}".to_string());
     config_env.insert("GREETING".to_string(), "hello".to_string());
     let config = CommandToolConfig {
-        name: "sh.env".into(),
         description: "print the environment".into(),
-        input_schema: json!({"type": "object"}),
-        output_schema: None,
-        risk: RiskClass::Exec,
-        command: vec!["/bin/sh".into(), "-c".into(), "env".into()],
-        stdin: None,
         env: config_env,
-        read_roots: vec![],
-        limits: Limits::default(),
-        success_exit_codes: None,
+        ..exec_config("sh.env", vec!["/bin/sh".into(), "-c".into(), "env".into()])
     };
     let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
     let v = ok(tool
