@@ -114,7 +114,7 @@ impl McpConfig {
 
     /// Parses a servers file; `path` names it in errors and picks the format.
     pub fn parse(text: &str, path: &Path) -> Result<McpConfig, GatewayError> {
-        let config = if is_yaml(path) {
+        let config: McpConfig = if is_yaml(path) {
             crate::yaml_from_str(text)
         } else {
             serde_json::from_str(text).map_err(|e| e.to_string())
@@ -123,7 +123,6 @@ impl McpConfig {
             what: path.display().to_string(),
             message,
         })?;
-        let config: McpConfig = config;
         for (name, server) in &config.servers {
             check_server(name, server).map_err(|e| e.in_file(path))?;
         }
@@ -131,7 +130,8 @@ impl McpConfig {
     }
 
     /// Writes the file (JSON, or YAML when the name ends in `.yaml`/`.yml`) in the
-    /// `mcpServers` format, replacing it at once (a crash leaves the old file or the new one).
+    /// `mcpServers` format, replacing it at once (a crash leaves the old file or the new one;
+    /// a symbolic link stays a link).
     ///
     /// Only what [`McpConfig`] holds is written: to add a server to a file that other programs
     /// share, keeping their keys, use [`McpConfig::add_server`].

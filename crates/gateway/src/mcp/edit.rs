@@ -74,7 +74,7 @@ impl McpConfig {
         })?;
         // What is written must read back as the file plus this server.
         McpConfig::parse(&new_text, path)?;
-        write_atomically(&target, new_text.as_bytes())
+        write_atomically(path, new_text.as_bytes())
     }
 }
 
@@ -209,14 +209,15 @@ impl Drop for FolderLock {
     }
 }
 
-/// Replaces `target` with `bytes`: written beside it, flushed to disk, renamed over it. The
-/// new file keeps the old one's permissions; a new file is private to its owner (0600), as
-/// it may hold tokens written in clear.
-pub(crate) fn write_atomically(target: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
+/// Replaces the file at `path` (a link's target) with `bytes`: written beside it, flushed to
+/// disk, renamed over it. The new file keeps the old one's permissions; a new file is private
+/// to its owner (0600), as it may hold tokens written in clear.
+pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
     let fail = |source| GatewayError::Read {
-        path: target.to_path_buf(),
+        path: path.to_path_buf(),
         source,
     };
+    let target = &resolve_target(path).map_err(fail)?;
     let mode = match std::fs::metadata(target) {
         Ok(m) => m.permissions().mode() & 0o7777,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0o600,
