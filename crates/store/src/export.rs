@@ -103,6 +103,11 @@ impl Store {
                 detail: "a bundle holds the whole chain; it cannot be filtered by run, kind, time or sequence".into(),
             });
         }
+        if format == ExportFormat::Bundle {
+            // A bundle says "the whole chain": not of a log whose end was cut off.
+            let reader = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+            crate::store::check_tail(&reader, &path)?;
+        }
         let mut out = CountingWriter {
             inner: std::io::BufWriter::with_capacity(1 << 20, out),
             bytes: 0,

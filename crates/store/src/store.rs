@@ -372,6 +372,10 @@ impl Store {
             Err(StoreError::Damaged { .. }) if config.read_only => None,
             other => other?,
         };
+        if !config.read_only {
+            // The next commit would record a new head over the evidence of the cut.
+            check_tail(&conn, &path)?;
+        }
         let (last_tx, last_rx) = watch::channel(head.map_or(0, |h| h.0));
 
         let counters = Arc::new(WriterCounters::default());
@@ -1105,6 +1109,33 @@ pub(crate) fn read_head(
         }),
     })
     .transpose()
+}
+
+/// Refuses a log whose end was cut off: the head recorded in the same transaction as the
+/// newest events is past the newest event present (`present`), which no commit, crash or
+/// rollback leaves, only a change behind the store's back. A writer would record a new head over
+/// that evidence, and a bundle would hand out the shorter chain as a whole one.
+pub(crate) fn check_tail(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+    // One read transaction: both heads from one snapshot, though other processes commit.
+    let tx = conn
+        .unchecked_transaction()
+        .map_err(|e| sqlite_error(path, e, None))?;
+    let present = read_head(&tx, path)?.map_or(0, |h| h.0);
+    let recorded = read_recorded_head(&tx, path)?;
+    drop(tx);
+    match recorded {
+        Some(recorded) if recorded > present => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            after_seq: Some(present),
+            detail: format!(
+                "it records {recorded} events but only {present} are present: its end was cut \
+                 off. Nothing is written to it or bundled from it, so that the evidence stays; \
+                 `audit verify` reports it, and `audit export --format jsonl` still reads what \
+                 is left"
+            ),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The head recorded in `meta` at each commit: lets verify notice events cut off the end.

@@ -13,7 +13,8 @@ fn filled(dir: &tempfile::TempDir, n: u64) -> std::path::PathBuf {
 }
 
 fn problem(path: &std::path::Path) -> agent_runtime_store::Problem {
-    open_encrypted(path)
+    Store::open(encrypted_config(path, "test passphrase").read_only())
+        .unwrap()
         .verify()
         .unwrap()
         .problem
@@ -117,6 +118,52 @@ fn deleted_tail_is_named() {
     tamper(&path, "DELETE FROM events WHERE seq > 490");
     let p = problem(&path);
     assert_eq!((p.seq, p.kind), (491, ProblemKind::TailMissing), "{p}");
+}
+
+/// A log whose end was cut off keeps the evidence: no writer opens it (its next commit would
+/// record a new head over the cut), and no bundle is made of it (it would verify on its own as
+/// a whole chain); it can still be read.
+#[test]
+fn a_cut_off_end_is_neither_written_over_nor_bundled() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let store = open_encrypted(&path);
+    // Two commits, two frames: the newest is cut off.
+    store.append_blocking(events(1, 300)).unwrap();
+    store.append_blocking(events(2, 200)).unwrap();
+    drop(store);
+    let conn = tamper_conn(&path);
+    conn.execute_batch("DELETE FROM frames WHERE first_seq = (SELECT max(first_seq) FROM frames)")
+        .unwrap();
+    drop(conn);
+    let Err(err) = Store::open(encrypted_config(&path, "test passphrase")) else {
+        panic!("a writer opened a log whose end was cut off");
+    };
+    assert!(
+        matches!(err, StoreError::Damaged { .. })
+            && err.to_string().contains("records 500 events but only")
+            && err.to_string().contains("cut off"),
+        "{err}"
+    );
+    let reader = Store::open(encrypted_config(&path, "test passphrase").read_only()).unwrap();
+    let err = reader
+        .export(
+            &agent_runtime_core::EventQuery::default(),
+            agent_runtime_store::ExportFormat::Bundle,
+            Vec::new(),
+        )
+        .unwrap_err();
+    assert!(err.to_string().contains("cut off"), "{err}");
+    let mut jsonl = Vec::new();
+    let summary = reader
+        .export(
+            &agent_runtime_core::EventQuery::default(),
+            agent_runtime_store::ExportFormat::Jsonl,
+            &mut jsonl,
+        )
+        .unwrap();
+    assert_eq!(summary.events, 300);
+    assert_eq!(problem(&path).kind, ProblemKind::TailMissing);
 }
 
 #[test]
