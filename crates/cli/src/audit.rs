@@ -222,14 +222,8 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 store.export(&query, format, file)?
             }
             ExportTarget::File(target) => {
-                // Write beside the target and rename, so a failed export leaves no half file.
-                // `NAME.partial` beside `NAME` (not `with_extension`, which would make `a.jsonl`
-                // and `a.otlp` share `a.partial`, or clobber a file of that name).
-                let mut tmp_name = target.as_os_str().to_owned();
-                tmp_name.push(".partial");
-                let tmp = std::path::PathBuf::from(tmp_name);
-                let file = std::fs::File::create(&tmp)
-                    .with_context(|| format!("cannot create {}", tmp.display()))?;
+                refuse_the_database(path, &target, store.path())?;
+                let (tmp, file) = create_partial(&target)?;
                 match store.export(&query, format, file) {
                     Ok(s) => {
                         std::fs::rename(&tmp, &target)
@@ -273,8 +267,76 @@ enum ExportTarget {
     Stream,
 }
 
+/// Refuses an output that is the database being exported, or one of its companion files:
+/// renaming the export over it would destroy the log it was read from.
+fn refuse_the_database(
+    given: &std::path::Path,
+    target: &std::path::Path,
+    db: &std::path::Path,
+) -> anyhow::Result<()> {
+    let resolved = |p: &std::path::Path| -> Option<PathBuf> {
+        std::fs::canonicalize(p).ok().or_else(|| {
+            let parent = match p.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            Some(std::fs::canonicalize(parent).ok()?.join(p.file_name()?))
+        })
+    };
+    let (Some(target), Some(db)) = (resolved(target), resolved(db)) else {
+        return Ok(());
+    };
+    for suffix in ["", "-wal", "-shm", "-journal"] {
+        let mut companion = db.as_os_str().to_owned();
+        companion.push(suffix);
+        if target.as_os_str() == companion {
+            return Err(CliError::Usage(format!(
+                "-o {}: is the event database being exported{}; name another file",
+                given.display(),
+                if suffix.is_empty() {
+                    String::new()
+                } else {
+                    format!(" (its {suffix} file)")
+                }
+            ))
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// Creates the file an export to `target` is written in before it is renamed onto `target`:
+/// `NAME.partial-PID` beside `NAME`, created new (two exports to one name at once each write
+/// their own). It gets the mode of the file it will replace, or `0600` for a new one: an export
+/// holds the payloads in clear, whatever the database's encryption.
+fn create_partial(target: &std::path::Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let mode = std::fs::metadata(target).map_or(0o600, |m| m.permissions().mode() & 0o7777);
+    // `NAME.partial-PID` beside `NAME` (not `with_extension`, which would make `a.jsonl` and
+    // `a.otlp` share one name, or clobber a file of that name).
+    let mut name = target.as_os_str().to_owned();
+    name.push(format!(".partial-{}", std::process::id()));
+    let tmp = PathBuf::from(name);
+    // A leftover of a process that had this id and was killed mid-export.
+    let _ = std::fs::remove_file(&tmp);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(&tmp)
+        .with_context(|| format!("cannot create {}", tmp.display()))?;
+    // The mode given at creation is filtered by the umask; the replaced file's is meant exactly.
+    file.set_permissions(std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
+    Ok((tmp, file))
+}
+
 impl ExportTarget {
     fn of(path: &std::path::Path) -> anyhow::Result<ExportTarget> {
+        // A link to a file not there yet: the file it names is created, and the link stays.
+        if let Ok(target) = dangling_link_target(path) {
+            return Ok(ExportTarget::File(target));
+        }
         match std::fs::metadata(path) {
             Ok(m) if m.is_file() => Ok(ExportTarget::File(
                 std::fs::canonicalize(path)
@@ -294,6 +356,31 @@ impl ExportTarget {
             }
         }
     }
+}
+
+/// Where a symbolic link that names nothing (yet) points, links followed to the end; an error
+/// when `path` is not such a link.
+fn dangling_link_target(path: &std::path::Path) -> std::io::Result<PathBuf> {
+    let not_dangling = || std::io::Error::other("not a dangling link");
+    if std::fs::metadata(path).is_ok() {
+        return Err(not_dangling());
+    }
+    let mut at = path.to_path_buf();
+    // As many links as the kernel follows (ELOOP after 40).
+    for _ in 0..40 {
+        if !std::fs::symlink_metadata(&at)?.file_type().is_symlink() {
+            return Err(not_dangling());
+        }
+        let next = std::fs::read_link(&at)?;
+        at = match at.parent() {
+            Some(dir) if next.is_relative() => dir.join(next),
+            _ => next,
+        };
+        if std::fs::symlink_metadata(&at).is_err() {
+            return Ok(at);
+        }
+    }
+    Err(not_dangling())
 }
 
 /// One event as a line for people. The payload's JSON escapes C0 controls, not DEL or C1, and

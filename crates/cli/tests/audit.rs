@@ -452,6 +452,22 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
             .is_symlink()
     );
     assert_eq!(std::fs::read_to_string(&real).unwrap().lines().count(), 14);
+    // A link to a file not there yet: the file is created, the link stays.
+    let dangling = dir.path().join("dangling.jsonl");
+    std::os::unix::fs::symlink("made-by-export.jsonl", &dangling).unwrap();
+    cli(&db)
+        .args(["audit", "export", "-o"])
+        .arg(&dangling)
+        .assert()
+        .success();
+    assert!(
+        std::fs::symlink_metadata(&dangling)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let made = dir.path().join("made-by-export.jsonl");
+    assert_eq!(std::fs::read_to_string(&made).unwrap().lines().count(), 14);
 
     cli(&db)
         .args(["audit", "export", "-o"])
@@ -474,4 +490,55 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
         14
     );
     assert!(!dir.path().join("-").exists());
+}
+
+/// An export never replaces the database it reads, and never loosens a file's permissions: it
+/// holds the payloads in clear.
+#[test]
+fn export_keeps_the_database_and_file_permissions() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let db = demo(&dir);
+    for target in [db.clone(), dir.path().join("events.db-wal")] {
+        cli(&db)
+            .args(["audit", "export", "-o"])
+            .arg(&target)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(
+                "is the event database being exported",
+            ));
+    }
+    // Named another way (through `..`), still the database.
+    cli(&db)
+        .current_dir(dir.path())
+        .args(["audit", "export", "-o", "../"])
+        .arg(format!(
+            "{}/events.db",
+            dir.path().file_name().unwrap().to_string_lossy()
+        ))
+        .assert()
+        .code(2);
+    cli(&db).args(["audit", "verify"]).assert().success();
+
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    let private = dir.path().join("private.bundle");
+    std::fs::write(&private, "old").unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o640)).unwrap();
+    let fresh = dir.path().join("fresh.bundle");
+    for target in [&private, &fresh] {
+        cli(&db)
+            .args(["audit", "export", "--format", "bundle", "-o"])
+            .arg(target)
+            .assert()
+            .success();
+    }
+    assert_eq!(mode(&private), 0o640);
+    assert_eq!(mode(&fresh), 0o600);
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("partial"))
+        .collect();
+    assert!(names.is_empty(), "{names:?}");
 }
