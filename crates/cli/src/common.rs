@@ -208,6 +208,14 @@ impl GlobalArgs {
         Ok(folder)
     }
 
+    /// Opens an existing event database for appending: a `--db` that names nothing is "no
+    /// event database", not a new one (resume and cancel work on what the database holds).
+    pub fn open_existing_store(&self) -> anyhow::Result<agent_runtime_store::Store> {
+        Ok(agent_runtime_store::Store::open(
+            self.store_config().must_exist(),
+        )?)
+    }
+
     /// Opens an existing event database for reading only.
     pub fn open_store_read_only(&self) -> anyhow::Result<agent_runtime_store::Store> {
         Ok(agent_runtime_store::Store::open(

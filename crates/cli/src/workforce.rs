@@ -751,7 +751,7 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let store = global.open_store()?;
+    let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
     // Requests made after the run's last own event were never acted on (the process that drove
     // it had died): they take effect now, as do those made while it resumes.
@@ -870,7 +870,7 @@ fn no_run(name: impl std::fmt::Display) -> anyhow::Error {
 }
 
 fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let store = global.open_store()?;
+    let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
     let summary = run_summary(&store, run_id)?;
     if summary.ended.is_some() {

@@ -189,6 +189,16 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("no event database at"));
+    // Commands that work on what a database holds never create one for a mistyped --db.
+    for args in [&["cancel", "last"][..], &["resume", "last"][..]] {
+        cli(&dir.path().join("typo.db"))
+            .args(args)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains("no event database at"));
+    }
+    assert!(!dir.path().join("typo.db").exists());
+    assert!(!dir.path().join("typo.db-runs").exists());
     // An empty file is no database yet, not a damaged one (which would exit 1).
     let empty = dir.path().join("empty.db");
     std::fs::write(&empty, b"").unwrap();

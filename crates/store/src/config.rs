@@ -71,6 +71,7 @@ pub struct StoreConfig {
     pub(crate) durability: Durability,
     pub(crate) kdf: KdfParams,
     pub(crate) read_only: bool,
+    pub(crate) must_exist: bool,
     pub(crate) max_payload_bytes: usize,
     pub(crate) use_keyring: bool,
 }
@@ -88,6 +89,7 @@ impl StoreConfig {
             durability: Durability::Full,
             kdf: KdfParams::default(),
             read_only: false,
+            must_exist: false,
             max_payload_bytes: MAX_PAYLOAD_BYTES,
             use_keyring: cfg!(feature = "os-keyring"),
         }
@@ -151,6 +153,16 @@ impl StoreConfig {
     /// Opens without a writer: queries, verify and export only; the file must exist.
     pub fn read_only(mut self) -> Self {
         self.read_only = true;
+        self
+    }
+
+    /// Opens for writing only a database that exists already ([`StoreError::NotFound`]
+    /// otherwise): for work on what a database holds (resuming or cancelling a run), where a
+    /// path that names nothing is a mistake that must not become a new, empty database.
+    ///
+    /// [`StoreError::NotFound`]: crate::StoreError::NotFound
+    pub fn must_exist(mut self) -> Self {
+        self.must_exist = true;
         self
     }
 

@@ -322,7 +322,7 @@ impl Store {
     /// key source.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let path = config.path.clone();
-        if config.read_only && !path.exists() {
+        if (config.read_only || config.must_exist) && !path.exists() {
             return Err(StoreError::NotFound { path });
         }
         if !config.read_only
