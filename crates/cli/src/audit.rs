@@ -179,7 +179,14 @@ fn verify(args: VerifyArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     // A report with a problem exits 1 (`print_report`); not getting a report at all exits 3.
     let not_verified = |e: anyhow::Error| CliError::NotVerified(e);
     if let Some(bundle) = &args.bundle {
-        let report = verify_bundle(bundle).map_err(|e| not_verified(e.into()))?;
+        // A bundle that is not well formed was checked, and found not intact: exit 1, as for
+        // a broken chain; only one that could not be read at all is "not verified".
+        let report = verify_bundle(bundle).map_err(|e| match e {
+            agent_runtime_store::StoreError::BadBundle { .. } => {
+                CliError::Failed(e.to_string()).into()
+            }
+            other => not_verified(other.into()),
+        })?;
         return Ok(print_report(
             &report,
             &bundle.display().to_string(),

@@ -94,6 +94,38 @@ fn bundle_verifies_offline_without_key_or_database() {
         .assert()
         .success()
         .stdout(predicate::str::contains("14 events"));
+
+    // A bundle that is not well formed was checked and found not intact: exit 1, naming the
+    // line. Only one that cannot be read at all is "not verified" (exit 3).
+    let text = std::fs::read_to_string(&bundle).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let cut_mid_line = &text[..text.len() - lines.last().unwrap().len() / 2 - 1];
+    let with_line_3 = |extra: &str| {
+        let mut l = lines.clone();
+        l.insert(2, extra);
+        l.join("\n") + "\n"
+    };
+    for (content, says) in [
+        (with_line_3(""), "line 3: an empty line"),
+        (with_line_3("garbage"), "line 3: not an audit envelope"),
+        (cut_mid_line.to_string(), "line 16:"),
+    ] {
+        let bad = dir.path().join("bad.bundle");
+        std::fs::write(&bad, content).unwrap();
+        cli(&db)
+            .args(["audit", "verify", "--bundle"])
+            .arg(&bad)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(says));
+    }
+    // An endless line is refused after a bounded read, not read into memory whole.
+    cli(&db)
+        .args(["audit", "verify", "--bundle", "/dev/zero"])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("line 1: a line longer than"));
 }
 
 #[test]

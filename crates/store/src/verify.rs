@@ -1,7 +1,7 @@
 //! Verification of the hash chain, over a database or an exported bundle.
 
 use std::fmt;
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use agent_runtime_core::{Envelope, Hash32, chain_hash, chain_hash_parts, push_canonical_payload};
@@ -583,6 +583,47 @@ pub(crate) struct ChainHead {
     pub hash: Hash32,
 }
 
+/// The longest line a bundle may hold: an envelope carries one payload (at most
+/// [`crate::MAX_PAYLOAD_BYTES`] by default, a store may allow more) and a few hundred bytes
+/// more. Longer is not a bundle: a file like `/dev/zero` must not be read whole as one line.
+const MAX_BUNDLE_LINE: u64 = 4 * crate::MAX_PAYLOAD_BYTES as u64;
+
+/// The lines of a bundle (`\n` or `\r\n` ended), each a line of text or, for one longer than
+/// [`MAX_BUNDLE_LINE`] or not UTF-8, what is wrong with it.
+struct BundleLines<R> {
+    reader: R,
+}
+
+impl<R: BufRead> Iterator for BundleLines<R> {
+    type Item = std::io::Result<Result<String, String>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let mut buf = Vec::new();
+        match (&mut self.reader)
+            .take(MAX_BUNDLE_LINE + 1)
+            .read_until(b'\n', &mut buf)
+        {
+            Err(e) => Some(Err(e)),
+            Ok(0) => None,
+            Ok(_) => {
+                if buf.last() == Some(&b'\n') {
+                    buf.pop();
+                    if buf.last() == Some(&b'\r') {
+                        buf.pop();
+                    }
+                } else if buf.len() as u64 > MAX_BUNDLE_LINE {
+                    return Some(Ok(Err(format!(
+                        "a line longer than {MAX_BUNDLE_LINE} bytes"
+                    ))));
+                }
+                Some(Ok(
+                    String::from_utf8(buf).map_err(|_| "a line that is not UTF-8 text".into())
+                ))
+            }
+        }
+    }
+}
+
 /// Verifies a bundle written by `export --format bundle`, offline: no database and no key.
 ///
 /// ```no_run
@@ -595,7 +636,9 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut lines = std::io::BufReader::new(file).lines();
+    let mut lines = BundleLines {
+        reader: std::io::BufReader::new(file),
+    };
     let bad = |line: u64, detail: String| StoreError::BadBundle {
         path: path.to_path_buf(),
         line,
@@ -610,7 +653,8 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
         .next()
         .transpose()
         .map_err(io)?
-        .ok_or_else(|| bad(1, "empty file: not a bundle".into()))?;
+        .ok_or_else(|| bad(1, "empty file: not a bundle".into()))?
+        .map_err(|why| bad(1, format!("{why}: not an agent-runtime bundle")))?;
     let header: BundleHeader = serde_json::from_str(&first)
         .map_err(|_| bad(1, "not an agent-runtime bundle (no bundle header)".into()))?;
     if header.agent_runtime_bundle != 1 {
@@ -631,7 +675,13 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
             let mut batch = Vec::with_capacity(BATCH);
             for line in lines.by_ref() {
                 line_no += 1;
-                let line = line.map_err(io)?;
+                let line = line.map_err(io)?.map_err(|why| bad(line_no, why))?;
+                if line.is_empty() {
+                    return Err(bad(
+                        line_no,
+                        "an empty line (a bundle holds one JSON record per line)".into(),
+                    ));
+                }
                 if trailer.is_some() {
                     return Err(bad(line_no, "data after the chain head".into()));
                 }
