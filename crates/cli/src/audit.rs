@@ -182,9 +182,7 @@ fn verify(args: VerifyArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         // A bundle that is not well formed was checked, and found not intact: exit 1, as for
         // a broken chain; only one that could not be read at all is "not verified".
         let report = verify_bundle(bundle).map_err(|e| match e {
-            agent_runtime_store::StoreError::BadBundle { .. } => {
-                CliError::Failed(e.to_string()).into()
-            }
+            agent_runtime_store::StoreError::BadBundle { .. } => CliError::Failed(e.to_string()),
             other => not_verified(other.into()),
         })?;
         return Ok(print_report(
