@@ -154,12 +154,41 @@ impl Default for KdfParams {
     }
 }
 
+impl KdfParams {
+    /// The most memory a key derivation may ask for: 1 GiB, 50 times the default. The
+    /// parameters are read from the database, and a file changed to ask for terabytes or
+    /// billions of passes must fail at once, not hang every command or exhaust memory.
+    pub const MAX_M_KIB: u32 = 1024 * 1024;
+    /// The most passes: 64 (the default is 2).
+    pub const MAX_T: u32 = 64;
+    /// The most lanes: 64 (the default is 1).
+    pub const MAX_P: u32 = 64;
+
+    /// Whether the costs are within [`KdfParams::MAX_M_KIB`], [`KdfParams::MAX_T`] and
+    /// [`KdfParams::MAX_P`]; what is over them when not.
+    pub fn check_bounds(&self) -> Result<(), String> {
+        for (name, value, max) in [
+            ("memory (m_kib)", self.m_kib, Self::MAX_M_KIB),
+            ("passes (t)", self.t, Self::MAX_T),
+            ("lanes (p)", self.p, Self::MAX_P),
+        ] {
+            if value > max {
+                return Err(format!(
+                    "Argon2id {name} of {value} is over the limit of {max}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Derives the key-encryption key from a passphrase.
 pub(crate) fn derive_kek(
     passphrase: &[u8],
     salt: &[u8],
     params: KdfParams,
 ) -> Result<Zeroizing<[u8; 32]>, String> {
+    params.check_bounds()?;
     let p = argon2::Params::new(params.m_kib, params.t, params.p, Some(32))
         .map_err(|e| e.to_string())?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, p);

@@ -166,6 +166,39 @@ fn a_cut_off_end_is_neither_written_over_nor_bundled() {
     assert_eq!(problem(&path).kind, ProblemKind::TailMissing);
 }
 
+/// Key derivation costs changed in the file to absurd values fail at once, naming them: they
+/// would otherwise hang every command (billions of passes) or exhaust memory (terabytes).
+#[test]
+fn absurd_key_derivation_costs_are_refused_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 5);
+    for (kdf, says) in [
+        (
+            r#"{"m_kib":8,"t":4000000000,"p":1}"#,
+            "passes (t) of 4000000000",
+        ),
+        (
+            r#"{"m_kib":3000000000,"t":1,"p":1}"#,
+            "memory (m_kib) of 3000000000",
+        ),
+    ] {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute(
+            "UPDATE meta SET value = ?1 WHERE key = 'kdf'",
+            [kdf.as_bytes()],
+        )
+        .unwrap();
+        drop(conn);
+        let Err(err) = Store::open(encrypted_config(&path, "test passphrase").read_only()) else {
+            panic!("opened with {kdf}");
+        };
+        assert!(
+            matches!(err, StoreError::Damaged { .. }) && err.to_string().contains(says),
+            "{err}"
+        );
+    }
+}
+
 #[test]
 fn swapped_events_are_named() {
     let dir = tempfile::tempdir().unwrap();
