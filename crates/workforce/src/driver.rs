@@ -922,9 +922,29 @@ pub async fn resume_controlled(
             status: format!("{:?}", engine.status()).to_lowercase(),
         });
     }
+    // Requests made while no process drove the run act before `run.resumed`: a task cancelled
+    // meanwhile is cancelled, not failed as interrupted (which, without a retry, failed the
+    // whole run before the cancel was read).
+    let mut controls = controls;
+    let mut unperformed = unperformed;
+    if let Some(queue) = controls.as_mut() {
+        let mut effects: Vec<(usize, Effect)> = unperformed.drain(..).map(|e| (0, e)).collect();
+        apply_queued_controls(
+            &mut engine,
+            queue,
+            opts.clock.now(),
+            &mut first,
+            &mut effects,
+        )?;
+        unperformed = effects.into_iter().map(|(_, e)| e).collect();
+    }
     if !engine.is_finished() {
         check_available(&engine.graph(), opts.tools.as_ref(), opts.models.as_ref())?;
-        let calls: Vec<u64> = unperformed.iter().filter_map(Effect::call).collect();
+        let calls: Vec<u64> = unperformed
+            .iter()
+            .filter_map(Effect::call)
+            .filter(|c| engine.is_in_flight(*c))
+            .collect();
         let resumed = engine.resumed_event_unstarted(opts.clock.now(), &calls);
         // The recorded events were folded in whole pumps; from here on, as in a fresh run.
         engine.set_pump_step(Some(PUMP_STEP));
@@ -938,6 +958,39 @@ pub async fn resume_controlled(
         .await;
     drop_off_path(engine);
     outcome
+}
+
+/// Applies the control requests already queued in `controls` (for a resume: made while no
+/// process drove the run), each recorded in `batch` after what came before it, as it would be
+/// had it come while the run was driven; the effects of calls no longer in flight are dropped.
+fn apply_queued_controls(
+    engine: &mut Engine,
+    controls: &mut mpsc::UnboundedReceiver<ControlRequest>,
+    now: Timestamp,
+    batch: &mut Vec<EncodedEvent>,
+    effects: &mut Vec<(usize, Effect)>,
+) -> Result<(), DriverError> {
+    let mut queued = false;
+    while !engine.is_finished() {
+        let Ok(request) = controls.try_recv() else {
+            break;
+        };
+        let Some(event) = control_event(engine, now, request) else {
+            continue;
+        };
+        // A pump the engine stopped at its step is finished first, as replay derives it
+        // whole before the next input.
+        engine.finish_pump();
+        take_derived(engine, batch, effects);
+        engine.apply(&event)?;
+        batch.push(EncodedEvent::new(event));
+        queued = true;
+    }
+    if queued {
+        take_derived(engine, batch, effects);
+        effects.retain(|(_, e)| e.call().is_none_or(|c| engine.is_in_flight(c)));
+    }
+    Ok(())
 }
 
 /// The input event that carries out `request`, if it is for this run and still has something
@@ -1122,29 +1175,15 @@ impl Driver {
             .filter(|e| e.call().is_some_and(|c| engine.is_in_flight(c)))
             .map(|e| (batch.len(), e))
             .collect();
-        // Requests already queued (for a resume: made while no process drove the run) act
-        // before any call starts: each is recorded after what came before it, as it would be
-        // had it come in the loop below, and the calls it cancels are never made.
-        let mut queued = false;
-        while !engine.is_finished() {
-            let Ok(request) = controls.try_recv() else {
-                break;
-            };
-            let Some(event) = control_event(engine, self.opts.clock.now(), request) else {
-                continue;
-            };
-            // A pump the engine stopped at its step is finished first, as replay derives it
-            // whole before the next input.
-            engine.finish_pump();
-            take_derived(engine, &mut batch, &mut effects);
-            engine.apply(&event)?;
-            batch.push(EncodedEvent::new(event));
-            queued = true;
-        }
-        if queued {
-            take_derived(engine, &mut batch, &mut effects);
-            effects.retain(|(_, e)| e.call().is_none_or(|c| engine.is_in_flight(c)));
-        }
+        // Requests already queued act before any call starts, and the calls they cancel are
+        // never made.
+        apply_queued_controls(
+            engine,
+            &mut controls,
+            self.opts.clock.now(),
+            &mut batch,
+            &mut effects,
+        )?;
         let mut cancel_requested = false;
         // The outcome, once the run has finished and every event is handed to the log.
         let mut prebuilt: Option<Outcome> = None;

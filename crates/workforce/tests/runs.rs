@@ -500,12 +500,13 @@ fn resume_with_a_queued_cancel(
     (out, events(&resumed))
 }
 
-/// A cancellation requested while no process drove the run acts when it is resumed, after the
-/// resume has interrupted the attempts that were in flight and before any call starts: the
+/// A cancellation requested while no process drove the run acts when it is resumed, before
+/// the resume interrupts the attempts that were in flight and before any call starts: the
 /// task it frees a slot for starts in this process and is not taken for interrupted, the
-/// cancelled task's retry never runs, and the log replays.
+/// cancelled task is cancelled (not failed as interrupted, so its retry never runs), and the
+/// log replays.
 #[test]
-fn a_request_queued_before_resume_acts_after_it_and_replays() {
+fn a_request_queued_before_resume_acts_first_and_replays() {
     let g = graph(
         "limits: { concurrency: 2 }\ntasks:\n  - { id: p0, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: p1, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: q, tool: sleep, args: { ms: 10 } }\n",
     );
@@ -529,6 +530,40 @@ fn a_request_queued_before_resume_acts_after_it_and_replays() {
         0,
         "q was not interrupted"
     );
+    assert_eq!(
+        count(&all, EventKind::TaskFailed, "p1"),
+        0,
+        "p1 was cancelled, not interrupted"
+    );
+    let report = driver::replay_events(&all).unwrap();
+    assert_eq!(report.log_hash, out.log_hash);
+}
+
+/// The case that failed whole runs: a task without `retry`, in flight when the process died
+/// and cancelled before the resume. Interrupted first, it failed the run (`fail_run`) before
+/// the cancel was read; cancelled first, it and what needs it are cancelled and the rest of
+/// the run completes.
+#[test]
+fn a_cancel_queued_for_an_in_flight_task_without_retry_does_not_fail_the_run() {
+    let g = graph(
+        "tasks:\n  - { id: a, tool: sleep, args: { ms: 5000 }, retry: { max_attempts: 2, backoff: 1ms } }\n  - { id: b, tool: sleep, args: { ms: 5000 } }\n  - { id: c, tool: sleep, args: { ms: 10 }, needs: [a, b] }\n  - { id: d, tool: sleep, args: { ms: 10 }, needs: [b] }\n  - { id: e, tool: sleep, args: { ms: 10 }, needs: [a] }\n",
+    );
+    let (_, log) = run(g, 5);
+    let ev = events(&log);
+    let prefix = before_the_first_result(&ev);
+    assert_eq!(count(prefix, EventKind::TaskStarted, "b"), 1);
+    let (out, all) = resume_with_a_queued_cancel(prefix, "b");
+    assert_eq!(out.status, RunStatus::Completed, "{out:?}");
+    assert_eq!(status_of(&out, "a"), TaskStatus::Completed);
+    assert_eq!(status_of(&out, "e"), TaskStatus::Completed);
+    for cancelled in ["b", "c", "d"] {
+        assert_eq!(
+            status_of(&out, cancelled),
+            TaskStatus::Cancelled,
+            "{cancelled}"
+        );
+    }
+    assert_eq!(count(&all, EventKind::TaskFailed, "b"), 0);
     let report = driver::replay_events(&all).unwrap();
     assert_eq!(report.log_hash, out.log_hash);
 }
