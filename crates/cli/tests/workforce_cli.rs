@@ -816,9 +816,9 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
     assert_eq!(task_status(&outcome, "forever"), "cancelled");
     assert_eq!(task_status(&outcome, "after"), "cancelled");
     assert_eq!(task_status(&outcome, "other"), "completed");
-    // The request acted as the run resumed, before anything started: `forever`, in flight when
-    // the process died, was not started again (its retry policy would have), and no tool call
-    // began after the resume.
+    // The request acted as the run resumed, before anything started and before the attempts in
+    // flight were interrupted: `forever`, in flight when the process died, was not started
+    // again (its retry policy would have), and no tool call began after the resume.
     let all = events(&db, run_id);
     let resumed = all
         .iter()
@@ -840,8 +840,8 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
         .position(|e| e.kind == EventKind::TaskCancelled && e.payload.get("request").is_some())
         .unwrap();
     assert!(
-        cancelled > resumed,
-        "the request is recorded after the resume, which it follows in replay"
+        cancelled < resumed,
+        "the request is recorded before run.resumed, which would have interrupted `forever`"
     );
     assert!(
         started_after
