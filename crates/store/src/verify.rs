@@ -287,9 +287,11 @@ impl Store {
     /// read at all.
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let path = self.inner.path.clone();
-        let (recorded_head, bounds) = {
+        let (recorded_head, bounds, index) = {
             let reader = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
             let head = read_recorded_head(&reader, &path)?;
+            // An index that cannot be read is reported after the chain is checked.
+            let index = read_run_index(&reader, &path);
             let bounds: Option<(i64, i64)> = reader
                 .query_row(
                     "SELECT min(first_seq), max(last_seq) FROM frames",
@@ -298,8 +300,9 @@ impl Store {
                 )
                 .ok()
                 .map(|(lo, hi)| (lo.unwrap_or(1), hi.unwrap_or(0)));
-            (head, bounds)
+            (head, bounds, index)
         };
+        let index_ok = index.as_ref().ok();
         let mut checker = ChainChecker::new();
         let mut damaged: Option<StoreError> = None;
         let result = match bounds {
@@ -321,7 +324,7 @@ impl Store {
                 |blocks: Vec<(i64, i64)>| {
                     let mut out = Vec::with_capacity(BLOCK as usize);
                     for (start, end) in blocks {
-                        self.check_block(start, end, &mut out)?;
+                        self.check_block(start, end, index_ok, &mut out)?;
                     }
                     Ok(out)
                 },
@@ -374,11 +377,41 @@ impl Store {
         if let Some(e) = damaged {
             return Err(e);
         }
-        Ok(checker.finish(recorded_head, "database"))
+        let mut report = checker.finish(recorded_head, "database");
+        // Index rows for frames that do not exist (every frame's own rows were checked above),
+        // or an index that cannot be read: after the chain's own problems, a cut-off end
+        // included, which leave such rows behind.
+        if report.problem.is_none() && bounds.is_some() {
+            report.problem = match &index {
+                Ok(RunIndex {
+                    orphan: Some(orphan),
+                    ..
+                }) => Some(Problem {
+                    seq: *orphan,
+                    kind: ProblemKind::Damaged,
+                    detail: format!(
+                        "the run index names a frame at sequence {orphan}, which the log does not hold"
+                    ),
+                }),
+                Ok(_) => None,
+                Err(e) => Some(Problem {
+                    seq: 1,
+                    kind: ProblemKind::Damaged,
+                    detail: e.to_string(),
+                }),
+            };
+        }
+        Ok(report)
     }
 
     /// Reads and checks the rows with `start < seq <= end` through a connection of this thread.
-    fn check_block(&self, start: i64, end: i64, out: &mut Vec<Checked>) -> Result<(), StoreError> {
+    fn check_block(
+        &self,
+        start: i64,
+        end: i64,
+        index: Option<&RunIndex>,
+        out: &mut Vec<Checked>,
+    ) -> Result<(), StoreError> {
         let path = &self.inner.path;
         let mut last = u64::try_from(start).ok().filter(|&s| s > 0);
         let damaged = |e, last| read_error(path, e, last);
@@ -401,7 +434,7 @@ impl Store {
             };
             let mut stmt = conn
                 .prepare_cached(&format!(
-                    "SELECT {FRAME_COLUMNS} FROM frames WHERE first_seq > ?1 AND first_seq <= ?2 ORDER BY first_seq"
+                    "SELECT {FRAME_COLUMNS}, min_time, max_time FROM frames WHERE first_seq > ?1 AND first_seq <= ?2 ORDER BY first_seq"
                 ))
                 .map_err(|e| damaged(e, last))?;
             let mut rows = stmt.query([start, end]).map_err(|e| damaged(e, last))?;
@@ -413,7 +446,7 @@ impl Store {
                     Err(e) => return Err(damaged(e, last)),
                 };
                 let frame = FrameRow::from_row(row).map_err(|e| damaged(e, last))?;
-                frame.check(self, &mut scratch, out);
+                frame.check(self, index, &mut scratch, out);
                 last = Some(frame.last_seq);
             }
         })
@@ -469,6 +502,56 @@ impl Store {
     }
 }
 
+/// The run index (`frame_runs`) as verify checks it: for each frame, by its first sequence
+/// number, the runs it says the frame holds events of, sorted.
+pub(crate) struct RunIndex {
+    runs: std::collections::HashMap<u64, Vec<[u8; 16]>>,
+    /// The lowest first sequence number the index names that no frame has.
+    orphan: Option<u64>,
+}
+
+/// Reads the whole run index: one row per run and frame, a small table beside the frames.
+fn read_run_index(conn: &rusqlite::Connection, path: &Path) -> Result<RunIndex, StoreError> {
+    let damaged = |detail: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        after_seq: None,
+        detail,
+    };
+    let sql_err = |e: rusqlite::Error| damaged(format!("the run index cannot be read: {e}"));
+    let mut stmt = conn
+        .prepare(
+            "SELECT r.run_id, r.first_seq, f.first_seq IS NOT NULL FROM frame_runs r \
+             LEFT JOIN frames f ON f.first_seq = r.first_seq",
+        )
+        .map_err(sql_err)?;
+    let mut rows = stmt.query([]).map_err(sql_err)?;
+    let mut runs: std::collections::HashMap<u64, Vec<[u8; 16]>> = Default::default();
+    let mut orphan: Option<u64> = None;
+    while let Some(row) = rows.next().map_err(sql_err)? {
+        let first_seq = u64::try_from(row.get::<_, i64>(1).map_err(sql_err)?).unwrap_or(0);
+        let run: [u8; 16] = row
+            .get_ref(0)
+            .map_err(sql_err)?
+            .as_blob()
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| {
+                damaged(format!(
+                    "the run index's entry for the frame at sequence {first_seq} has no 16-byte run id"
+                ))
+            })?;
+        if !row.get::<_, bool>(2).map_err(sql_err)? {
+            orphan = Some(orphan.map_or(first_seq, |o| o.min(first_seq)));
+            continue;
+        }
+        runs.entry(first_seq).or_default().push(run);
+    }
+    for list in runs.values_mut() {
+        list.sort_unstable();
+    }
+    Ok(RunIndex { runs, orphan })
+}
+
 /// A frame row as verify reads it, borrowed from SQLite's row buffer.
 struct FrameRow<'a> {
     first_seq: u64,
@@ -476,6 +559,8 @@ struct FrameRow<'a> {
     prev_hash: &'a [u8],
     last_hash: &'a [u8],
     body: &'a [u8],
+    min_time: i64,
+    max_time: i64,
 }
 
 impl<'a> FrameRow<'a> {
@@ -488,18 +573,37 @@ impl<'a> FrameRow<'a> {
             prev_hash: row.get_ref(2)?.as_blob()?,
             last_hash: row.get_ref(3)?.as_blob()?,
             body: row.get_ref(4)?.as_blob()?,
+            min_time: row.get(5)?,
+            max_time: row.get(6)?,
         })
     }
 
     /// Checks every record of the frame, then that the frame's own columns agree with them:
-    /// its last sequence number, its last hash (what the next append chains onto) and its size.
-    fn check(&self, store: &Store, scratch: &mut Vec<u8>, out: &mut Vec<Checked>) {
+    /// its last sequence number, its last hash (what the next append chains onto), its size,
+    /// and what queries select frames by, which the chain does not cover: its time bounds and
+    /// its runs in the run index. A frame left out of a run's index or a time range hides its
+    /// events from `export --run`, `--since` and `runs show` while the chain stays whole.
+    fn check(
+        &self,
+        store: &Store,
+        index: Option<&RunIndex>,
+        scratch: &mut Vec<u8>,
+        out: &mut Vec<Checked>,
+    ) {
         let mut last: Option<(u64, &[u8])> = None;
+        let mut runs: Vec<[u8; 16]> = Vec::new();
+        let (mut min_time, mut max_time) = (i64::MAX, i64::MIN);
         for rec in crate::frame::records(self.first_seq, self.prev_hash, self.body) {
             match rec {
                 Ok(r) => {
                     out.push(store.check_record(&r, scratch));
                     last = Some((r.seq, r.hash));
+                    if !runs.contains(&r.run_id) {
+                        runs.push(r.run_id);
+                    }
+                    let time = i64::try_from(r.time_ns).unwrap_or(i64::MAX);
+                    min_time = min_time.min(time);
+                    max_time = max_time.max(time);
                 }
                 Err(e) => {
                     out.push(Checked::damaged(
@@ -532,7 +636,37 @@ impl<'a> FrameRow<'a> {
                     format!("its frame holds more than {MAX_FRAME_EVENTS} events"),
                 ))
             }
-            Some(_) => {}
+            Some(_) if (self.min_time, self.max_time) != (min_time, max_time) => {
+                out.push(Checked::damaged(
+                    self.first_seq,
+                    format!(
+                        "its frame's time bounds ({}..{}) are not its events' times \
+                         ({min_time}..{max_time}): a query by time would skip or misplace them",
+                        self.min_time, self.max_time
+                    ),
+                ))
+            }
+            Some(_) => {
+                let Some(index) = index else {
+                    return;
+                };
+                runs.sort_unstable();
+                let indexed = index
+                    .runs
+                    .get(&self.first_seq)
+                    .map_or(&[][..], Vec::as_slice);
+                if indexed != runs.as_slice() {
+                    out.push(Checked::damaged(
+                        self.first_seq,
+                        format!(
+                            "the run index lists {} run(s) for its frame, whose events belong \
+                             to {}: a query by run would skip or misplace them",
+                            indexed.len(),
+                            runs.len()
+                        ),
+                    ))
+                }
+            }
         }
     }
 }

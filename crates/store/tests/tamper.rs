@@ -436,6 +436,55 @@ fn a_frame_whose_columns_contradict_its_events_is_named() {
     assert_eq!((p.seq, p.kind), (500, ProblemKind::Damaged), "{p}");
 }
 
+/// What queries select frames by (the run index, the time bounds) is outside the chain: a
+/// change there hid events from `export --run`, `--since` and `runs show` while verify said
+/// the log was whole. Verify checks them against the events.
+#[test]
+fn a_changed_run_index_or_time_bound_is_named() {
+    let last_frame = |path: &std::path::Path| -> i64 {
+        rusqlite::Connection::open(path)
+            .unwrap()
+            .query_row("SELECT max(first_seq) FROM frames", [], |r| r.get(0))
+            .unwrap()
+    };
+    let cases: [(&str, &str); 4] = [
+        (
+            "DELETE FROM frame_runs WHERE first_seq = {F}",
+            "the run index lists 0 run(s) for its frame, whose events belong to 1",
+        ),
+        (
+            "INSERT INTO frame_runs VALUES (zeroblob(16), {F})",
+            "the run index lists 2 run(s) for its frame, whose events belong to 1",
+        ),
+        (
+            "UPDATE frames SET min_time = 0, max_time = 0 WHERE first_seq = {F}",
+            "its frame's time bounds (0..0) are not its events' times",
+        ),
+        (
+            "INSERT INTO frame_runs VALUES (zeroblob(16), 99999)",
+            "the run index names a frame at sequence 99999",
+        ),
+    ];
+    for (sql, says) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let store = open_encrypted(&path);
+        store.append_blocking(events(1, 300)).unwrap();
+        store.append_blocking(events(1, 200)).unwrap();
+        drop(store);
+        let frame = last_frame(&path);
+        tamper_conn(&path)
+            .execute_batch(&sql.replace("{F}", &frame.to_string()))
+            .unwrap();
+        let p = problem(&path);
+        assert_eq!(p.kind, ProblemKind::Damaged, "{sql}: {p}");
+        assert!(p.detail.contains(says), "{sql}: {p}");
+        if !sql.contains("99999") {
+            assert_eq!(p.seq, frame as u64, "{sql}: {p}");
+        }
+    }
+}
+
 #[test]
 fn a_database_of_the_row_per_event_format_is_refused_by_name() {
     let dir = tempfile::tempdir().unwrap();
