@@ -584,3 +584,77 @@ fn export_keeps_the_database_and_file_permissions() {
         .collect();
     assert!(names.is_empty(), "{names:?}");
 }
+
+/// Readers work on read-only media (an archive, a folder the reader cannot write), where
+/// SQLite cannot make the shared-memory file a WAL database is read through: the file alone
+/// is read when its write-ahead log is empty, and a log that holds events is refused, naming
+/// what to do, rather than read without them. The reader is a user who cannot write the
+/// folder: `nobody` when the tests run as root (root writes anywhere), else the test's user.
+#[test]
+fn readers_work_on_read_only_media() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let set_mode = |p: &std::path::Path, mode| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap()
+    };
+    set_mode(dir.path(), 0o755);
+    // A copy of the binary another user can run, wherever the build is.
+    let bin = dir.path().join("agent-runtime");
+    std::fs::copy(assert_cmd::cargo::cargo_bin("agent-runtime"), &bin).unwrap();
+    set_mode(&bin, 0o755);
+    let archive = dir.path().join("archive");
+    std::fs::create_dir(&archive).unwrap();
+    let db = archive.join("events.db");
+    cli(&db).arg("--plaintext").arg("demo").assert().success();
+    // The same database copied while a writer had events in its write-ahead log.
+    let pending = dir.path().join("pending");
+    std::fs::create_dir(&pending).unwrap();
+    let writer = rusqlite::Connection::open(&db).unwrap();
+    writer
+        .execute_batch("PRAGMA wal_autocheckpoint = 0; INSERT INTO meta VALUES ('note', x'00');")
+        .unwrap();
+    for name in ["events.db", "events.db-wal"] {
+        std::fs::copy(archive.join(name), pending.join(name)).unwrap();
+    }
+    drop(writer);
+    for folder in [&archive, &pending] {
+        for entry in std::fs::read_dir(folder).unwrap() {
+            set_mode(&entry.unwrap().path(), 0o444);
+        }
+        set_mode(folder, 0o555);
+    }
+    let reader = |db: &std::path::Path, args: &[&str]| {
+        // SAFETY: geteuid has no preconditions.
+        let mut cmd = if unsafe { libc::geteuid() } == 0 {
+            let mut c = Command::new("setpriv");
+            c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+                .arg(&bin);
+            c
+        } else {
+            Command::new(&bin)
+        };
+        cmd.env_remove("AGENT_RUNTIME_DB")
+            .env_remove("AGENT_RUNTIME_PASSPHRASE")
+            .arg("--db")
+            .arg(db)
+            .args(args);
+        cmd.assert()
+    };
+    reader(&db, &["audit", "verify"])
+        .success()
+        .stdout(predicate::str::contains("14 events"));
+    reader(&db, &["runs", "list"]).success();
+    reader(&db, &["audit", "export", "--format", "bundle"])
+        .success()
+        .stdout(predicate::str::contains("chain_head"));
+    assert!(!archive.join("events.db-shm").exists());
+    reader(&pending.join("events.db"), &["audit", "verify"])
+        .code(3)
+        .stderr(predicate::str::contains(
+            "copy the database with its -wal file to a folder you can write",
+        ));
+    // The temporary folder is removed as the test's user.
+    for folder in [&archive, &pending] {
+        set_mode(folder, 0o755);
+    }
+}

@@ -169,6 +169,8 @@ pub(crate) struct Inner {
     pub(crate) cipher: Option<Arc<PayloadCipher>>,
     pub(crate) max_payload_bytes: usize,
     pub(crate) reader: Mutex<Connection>,
+    /// Whether readers open the file as immutable (see [`open_reader`]).
+    pub(crate) immutable: bool,
     tx: Option<mpsc::Sender<WriteRequest>>,
     /// In an encrypted store, the thread that seals payloads between the queue and the writer.
     sealer: Option<JoinHandle<()>>,
@@ -282,6 +284,68 @@ fn set_pragmas(conn: &Connection, path: &Path, write: bool) -> Result<(), StoreE
     Ok(())
 }
 
+/// A read-only connection to `path`; with `immutable`, one that reads the file alone, without
+/// the write-ahead log's shared-memory file (SQLite's `immutable=1`).
+pub(crate) fn read_only_connection(path: &Path, immutable: bool) -> rusqlite::Result<Connection> {
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if !immutable {
+        return Connection::open_with_flags(path, flags);
+    }
+    // A URI escapes the characters it gives a meaning to.
+    let mut uri = String::from("file:");
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => uri.push_str("%25"),
+            '?' => uri.push_str("%3f"),
+            '#' => uri.push_str("%23"),
+            c => uri.push(c),
+        }
+    }
+    uri.push_str("?immutable=1");
+    Connection::open_with_flags(uri, flags | OpenFlags::SQLITE_OPEN_URI)
+}
+
+/// Opens `path` for reading. A database in WAL mode is read through a shared-memory file
+/// beside it (`PATH-shm`), which a reader must be able to create: on read-only media (an
+/// archive, a folder the reader cannot write) it cannot, and every read failed with "attempt
+/// to write a readonly database". Such a file is then read as immutable, which is exact when
+/// its write-ahead log is empty or absent (everything is in the file); with a log that holds
+/// events it is refused, naming what to do, rather than read without them. Returns the
+/// connection and whether it is immutable.
+fn open_reader(path: &Path) -> Result<(Connection, bool), StoreError> {
+    let open_error = |e| match sqlite_error(path, e, None) {
+        StoreError::Sqlite { path, detail } => StoreError::Open { path, detail },
+        other => other,
+    };
+    let conn = read_only_connection(path, false).map_err(open_error)?;
+    match conn.query_row("SELECT count(*) FROM sqlite_master", [], |_| Ok(())) {
+        Err(rusqlite::Error::SqliteFailure(f, _))
+            if matches!(
+                f.code,
+                rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen
+            ) =>
+        {
+            drop(conn);
+            let wal = beside(path, "-wal");
+            if std::fs::metadata(&wal).is_ok_and(|m| m.len() > 0) {
+                return Err(StoreError::Open {
+                    path: path.to_path_buf(),
+                    detail: format!(
+                        "cannot read it here: its write-ahead log ({}) holds events, and reading \
+                         them needs a file beside it ({}) that cannot be created in this folder; \
+                         copy the database with its -wal file to a folder you can write",
+                        wal.display(),
+                        beside(path, "-shm").display()
+                    ),
+                });
+            }
+            Ok((read_only_connection(path, true).map_err(open_error)?, true))
+        }
+        // Anything else is for the steps after to report, as they always have.
+        _ => Ok((conn, false)),
+    }
+}
+
 /// Sets WAL mode, waiting out other connections as the busy timeout would.
 ///
 /// On a new database the switch writes the file's header: SQLite takes a read lock, then upgrades
@@ -353,7 +417,11 @@ impl Store {
                 }
             })
         };
-        let conn = open(flags)?;
+        let (conn, immutable) = if config.read_only {
+            open_reader(&path)?
+        } else {
+            (open(flags)?, false)
+        };
         if !config.read_only {
             refuse_foreign(&conn, &path)?;
         } else if is_blank(&conn, &path)? {
@@ -410,11 +478,16 @@ impl Store {
                 None => (Some(tx), None, Some(handle)),
             }
         };
-        let reader = open(if config.read_only {
-            flags
+        let reader = if config.read_only {
+            read_only_connection(&path, immutable).map_err(|e| {
+                match sqlite_error(&path, e, None) {
+                    StoreError::Sqlite { path, detail } => StoreError::Open { path, detail },
+                    other => other,
+                }
+            })?
         } else {
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX
-        })?;
+            open(OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX)?
+        };
         set_pragmas(&reader, &path, false)?;
 
         Ok(Store {
@@ -423,6 +496,7 @@ impl Store {
                 cipher,
                 max_payload_bytes: config.max_payload_bytes,
                 reader: Mutex::new(reader),
+                immutable,
                 tx,
                 sealer,
                 writer,

@@ -418,12 +418,8 @@ impl Store {
         BLOCK_READER.with(|cell| {
             let mut slot = cell.borrow_mut();
             if slot.as_ref().is_none_or(|(p, _)| p != path) {
-                let conn = rusqlite::Connection::open_with_flags(
-                    path,
-                    rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY
-                        | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
-                )
-                .map_err(|e| damaged(e, last))?;
+                let conn = crate::store::read_only_connection(path, self.inner.immutable)
+                    .map_err(|e| damaged(e, last))?;
                 // Memory-mapped reads save a copy per page on a full scan; a no-op where the
                 // platform does not support it.
                 let _ = conn.execute_batch("PRAGMA mmap_size = 1073741824;");
