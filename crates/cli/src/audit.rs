@@ -176,13 +176,46 @@ pub fn print_report(report: &VerifyReport, source: &str, json: bool) -> ExitCode
 }
 
 fn verify(args: VerifyArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    // A report with a problem exits 1 (`print_report`); not getting a report at all exits 3.
-    let not_verified = |e: anyhow::Error| CliError::NotVerified(e);
+    // A report with a problem exits 1 (`print_report`), as does a file found damaged before
+    // any report could be made (checked, and found changed); not getting to look at all (no
+    // database, a wrong key, a locked file) exits 3. With --json, either is a JSON line too.
+    let source = args
+        .bundle
+        .clone()
+        .unwrap_or_else(|| global.store_config().path().to_path_buf());
+    let json = args.json;
+    let not_verified = |e: anyhow::Error| {
+        let damaged = matches!(
+            e.downcast_ref::<agent_runtime_store::StoreError>(),
+            Some(agent_runtime_store::StoreError::Damaged { .. })
+        );
+        if json {
+            outln!(
+                "{}",
+                serde_json::json!({"source": source.display().to_string(), "ok": false,
+                                   "checked": damaged, "error": e.to_string()})
+            );
+        }
+        if damaged {
+            CliError::Failed(e.to_string())
+        } else {
+            CliError::NotVerified(e)
+        }
+    };
     if let Some(bundle) = &args.bundle {
         // A bundle that is not well formed was checked, and found not intact: exit 1, as for
         // a broken chain; only one that could not be read at all is "not verified".
         let report = verify_bundle(bundle).map_err(|e| match e {
-            agent_runtime_store::StoreError::BadBundle { .. } => CliError::Failed(e.to_string()),
+            agent_runtime_store::StoreError::BadBundle { .. } => {
+                if json {
+                    outln!(
+                        "{}",
+                        serde_json::json!({"source": bundle.display().to_string(), "ok": false,
+                                           "checked": true, "error": e.to_string()})
+                    );
+                }
+                CliError::Failed(e.to_string())
+            }
             other => not_verified(other.into()),
         })?;
         return Ok(print_report(

@@ -221,6 +221,40 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("no event database at"));
+    // A folder is named as such, for readers and writers alike.
+    for args in [&["audit", "verify"][..], &["demo"][..]] {
+        cli(dir.path())
+            .args(args)
+            .assert()
+            .stderr(predicate::str::contains("is a folder, not a database file"));
+    }
+    // A file found damaged was checked: exit 1, as for a changed event (here it is no SQLite
+    // file at all); with --json, a JSON line says so too.
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "just some notes, long enough to be read as a header............................................................................").unwrap();
+    let out = cli(&text)
+        .args(["audit", "verify", "--json"])
+        .assert()
+        .code(1)
+        .get_output()
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["ok"].as_bool(), v["checked"].as_bool()),
+        (Some(false), Some(true))
+    );
+    // Not checked at all (no database): exit 3, and the JSON line says that.
+    let out = cli(&dir.path().join("missing.db"))
+        .args(["audit", "verify", "--json"])
+        .assert()
+        .code(3)
+        .get_output()
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (v["ok"].as_bool(), v["checked"].as_bool()),
+        (Some(false), Some(false))
+    );
     // Commands that work on what a database holds never create one for a mistyped --db.
     for args in [&["cancel", "last"][..], &["resume", "last"][..]] {
         cli(&dir.path().join("typo.db"))

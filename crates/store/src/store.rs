@@ -386,6 +386,12 @@ impl Store {
     /// key source.
     pub fn open(config: StoreConfig) -> Result<Store, StoreError> {
         let path = config.path.clone();
+        if path.is_dir() {
+            return Err(StoreError::Open {
+                path,
+                detail: "is a folder, not a database file".into(),
+            });
+        }
         if (config.read_only || config.must_exist) && !path.exists() {
             return Err(StoreError::NotFound { path });
         }
@@ -1165,22 +1171,44 @@ pub(crate) fn read_head(
     conn: &Connection,
     path: &Path,
 ) -> Result<Option<(u64, Hash32)>, StoreError> {
-    let row: Option<(i64, Vec<u8>)> = conn
+    // Columns of the wrong type (NULL, text) are read as absent and reported as damage below,
+    // not as SQLite's "Invalid column type" naming no event.
+    // first_seq, last_seq, last_hash, each absent when not of its type.
+    type HeadRow = (Option<i64>, Option<i64>, Option<Vec<u8>>);
+    let row: Option<HeadRow> = conn
         .query_row(
-            "SELECT last_seq, last_hash FROM frames ORDER BY first_seq DESC LIMIT 1",
+            "SELECT first_seq, last_seq, last_hash FROM frames ORDER BY first_seq DESC LIMIT 1",
             [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| {
+                Ok((
+                    r.get::<_, i64>(0).ok(),
+                    r.get::<_, i64>(1).ok(),
+                    r.get::<_, Vec<u8>>(2).ok(),
+                ))
+            },
         )
         .optional()
         .map_err(|e| sqlite_error(path, e, None))?;
     // A malformed head must not become a fresh start: chaining onto it would hide the damage.
-    row.map(|(s, h)| match (u64::try_from(s), Hash32::from_slice(&h)) {
-        (Ok(seq), Some(hash)) => Ok((seq, hash)),
-        _ => Err(StoreError::Damaged {
-            path: path.to_path_buf(),
-            after_seq: None,
-            detail: format!("the newest event (sequence {s}) has a malformed sequence or hash"),
-        }),
+    let damaged = |detail: String| StoreError::Damaged {
+        path: path.to_path_buf(),
+        after_seq: None,
+        detail,
+    };
+    row.map(|(first, last, hash)| {
+        match (
+            last.and_then(|s| u64::try_from(s).ok()),
+            hash.as_deref().and_then(Hash32::from_slice),
+        ) {
+            (Some(seq), Some(hash)) => Ok((seq, hash)),
+            (Some(seq), None) => Err(damaged(format!(
+                "the newest event (sequence {seq}) has a missing or malformed hash"
+            ))),
+            (None, _) => Err(damaged(format!(
+                "the newest frame (from sequence {}) has no readable last sequence number",
+                first.map_or("?".to_string(), |f| f.to_string())
+            ))),
+        }
     })
     .transpose()
 }

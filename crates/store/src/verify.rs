@@ -321,18 +321,27 @@ impl Store {
                     }
                     Ok(())
                 },
+                // What a block checked before a row failed to read is kept: the report counts
+                // the events verified before the damage, not before the block.
                 |blocks: Vec<(i64, i64)>| {
                     let mut out = Vec::with_capacity(BLOCK as usize);
                     for (start, end) in blocks {
-                        self.check_block(start, end, index_ok, &mut out)?;
+                        if let Err(e) = self.check_block(start, end, index_ok, &mut out) {
+                            return (out, Some(e));
+                        }
                     }
-                    Ok(out)
+                    (out, None)
                 },
-                |checked: Result<Vec<Checked>, StoreError>| match checked {
-                    Ok(checked) => checked.into_iter().all(|c| checker.push(c)),
-                    Err(e) => {
-                        damaged = Some(e);
-                        false
+                |(checked, error): (Vec<Checked>, Option<StoreError>)| {
+                    if !checked.into_iter().all(|c| checker.push(c)) {
+                        return false;
+                    }
+                    match error {
+                        Some(e) => {
+                            damaged = Some(e);
+                            false
+                        }
+                        None => true,
                     }
                 },
             ),
@@ -441,7 +450,11 @@ impl Store {
                     Ok(None) => return Ok(()),
                     Err(e) => return Err(damaged(e, last)),
                 };
-                let frame = FrameRow::from_row(row).map_err(|e| damaged(e, last))?;
+                let frame = FrameRow::from_row(row).map_err(|e| StoreError::Damaged {
+                    path: path.clone(),
+                    after_seq: last,
+                    detail: format!("a frame's columns do not hold their types ({e})"),
+                })?;
                 frame.check(self, index, &mut scratch, out);
                 last = Some(frame.last_seq);
             }

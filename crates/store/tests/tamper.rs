@@ -526,3 +526,38 @@ fn a_frame_that_links_to_another_chain_is_named() {
         "{p}"
     );
 }
+
+/// A frame whose columns hold the wrong types is damage at its first event, reported with the
+/// events verified before it (not "before its block"), and an unreadable head is named as such.
+#[test]
+fn frames_with_columns_of_the_wrong_type_are_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.db");
+    let store = open_encrypted(&path);
+    store.append_blocking(events(1, 49)).unwrap();
+    store.append_blocking(events(1, 20)).unwrap();
+    drop(store);
+    tamper_conn(&path)
+        .execute_batch("UPDATE frames SET body = CAST(body AS TEXT) || 'x' WHERE first_seq = 50")
+        .unwrap();
+    let report = Store::open(encrypted_config(&path, "test passphrase").read_only())
+        .unwrap()
+        .verify()
+        .unwrap();
+    let p = report.problem.expect("a problem");
+    assert_eq!((p.seq, p.kind), (50, ProblemKind::Damaged), "{p}");
+    assert!(p.detail.contains("do not hold their types"), "{p}");
+    assert_eq!(report.events, 49);
+
+    tamper_conn(&path)
+        .execute_batch("UPDATE frames SET last_seq = 'abc' WHERE first_seq = 50")
+        .unwrap();
+    let Err(err) = Store::open(encrypted_config(&path, "test passphrase")) else {
+        panic!("a writer opened a log whose head is unreadable");
+    };
+    assert!(
+        err.to_string()
+            .contains("the newest frame (from sequence 50) has no readable last sequence number"),
+        "{err}"
+    );
+}
