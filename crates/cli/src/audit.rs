@@ -64,7 +64,7 @@ impl Filter {
     /// The query, but for `--run`, which needs the store to resolve (see [`Filter::resolve_run`]).
     fn to_query(&self) -> Result<EventQuery, CliError> {
         let usage = |e: String| CliError::Usage(e);
-        Ok(EventQuery {
+        let query = EventQuery {
             run_id: None,
             kinds: self
                 .kind
@@ -86,7 +86,15 @@ impl Filter {
                 .map_err(|e| usage(format!("--until: {e}")))?,
             after_seq: None,
             limit: None,
-        })
+        };
+        if let (Some(since), Some(until)) = (query.since, query.until)
+            && since > until
+        {
+            return Err(usage(format!(
+                "--since {since} is after --until {until}: no event can match"
+            )));
+        }
+        Ok(query)
     }
 
     /// `--run` as the workforce commands take a run: a whole id, `last`, or the start of an id.

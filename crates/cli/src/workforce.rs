@@ -204,10 +204,11 @@ pub(crate) fn resolve_run_id(
     }
     let usage = |m: String| -> anyhow::Error { CliError::Usage(m).into() };
     let hex = |id: &RunId| id.to_string().replace('-', "");
-    let mut ids = store.run_ids()?;
     if arg == "last" {
-        // Ids sort by creation time; the newest with a `run.created` is the last run (a
-        // gateway's own ids are in the log too).
+        // The run that began last in the log with a `run.created` (a gateway's own ids are in
+        // the log too): not the newest id, since a simulation's id follows from its seed and
+        // virtual clock.
+        let mut ids = store.run_ids_in_log_order()?;
         ids.reverse();
         for id in ids {
             let q = EventQuery {
@@ -223,13 +224,15 @@ pub(crate) fn resolve_run_id(
         return Err(usage("no runs in the event log yet".into()));
     }
     let prefix = arg.to_ascii_lowercase().replace('-', "");
-    if prefix.len() < 4 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if prefix.len() < 4 || prefix.len() > 32 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(usage(format!(
-            "invalid run id {arg:?}: expected a run id (see `agent-runtime runs list`), 4 or more \
-             of its first hex digits, or `last`"
+            "invalid run id {}: expected a run id (see `agent-runtime runs list`), 4 to 32 of \
+             its first hex digits, or `last`",
+            shown_arg(arg)
         )));
     }
-    let matching: Vec<RunId> = ids
+    let matching: Vec<RunId> = store
+        .run_ids()?
         .into_iter()
         .filter(|id| hex(id).starts_with(&prefix))
         .collect();
@@ -864,9 +867,28 @@ fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Res
 /// The usage error for a run the database does not hold.
 fn no_run(name: impl std::fmt::Display) -> anyhow::Error {
     CliError::Usage(format!(
-        "no run {name} in the event log (see `agent-runtime runs list`)"
+        "no run {} in the event log (see `agent-runtime runs list`)",
+        shown_arg(&name.to_string())
     ))
     .into()
+}
+
+/// An argument as an error quotes it: at most 80 characters, so that a pasted megabyte makes
+/// a one-line error, not a megabyte of it; quoted and escaped unless it is plain ASCII.
+pub(crate) fn shown_arg(arg: &str) -> String {
+    const MAX: usize = 80;
+    let (head, rest) = match arg.char_indices().nth(MAX) {
+        None => (arg, String::new()),
+        Some((cut, _)) => (
+            &arg[..cut],
+            format!("... ({} characters)", arg.chars().count()),
+        ),
+    };
+    if !head.is_empty() && head.chars().all(|c| c.is_ascii_graphic()) {
+        format!("{head}{rest}")
+    } else {
+        format!("{head:?}{rest}")
+    }
 }
 
 fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {

@@ -221,6 +221,30 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("no event database at"));
+    // A time range that cannot hold anything is refused; RFC 3339 offsets are read.
+    cli(&db)
+        .args([
+            "audit",
+            "export",
+            "--since",
+            "2026-01-02T00:00:00Z",
+            "--until",
+            "2026-01-01T00:00:00Z",
+        ])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("is after --until"));
+    cli(&db)
+        .args([
+            "audit",
+            "export",
+            "--since",
+            "2000-01-01T01:00:00+01:00",
+            "--until",
+            "2100-01-01t00:00:00z",
+        ])
+        .assert()
+        .success();
     // A folder is named as such, for readers and writers alike.
     for args in [&["audit", "verify"][..], &["demo"][..]] {
         cli(dir.path())

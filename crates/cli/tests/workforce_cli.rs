@@ -479,6 +479,46 @@ fn a_simulation_whose_run_is_claimed_is_refused() {
     );
 }
 
+/// `last` is the run that began last in the log, a simulation's too (its id and times follow
+/// from its seed and virtual clock, so the newest id was another run); a pasted id too long is
+/// refused as one, and quoted short.
+#[test]
+fn last_is_the_run_begun_last_even_a_simulation() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    cli(&db)
+        .arg("run")
+        .arg(examples().join("hello.yaml"))
+        .assert()
+        .success();
+    let out = cli(&db)
+        .args([
+            "simulate", "--agents", "2", "--tasks", "10", "--seed", "4", "--log", "store", "--json",
+        ])
+        .output()
+        .unwrap();
+    let sim = succeeded(&out)["run_id"].as_str().unwrap().to_string();
+    cli(&db)
+        .args(["replay", "last"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(format!("replay of run {sim}")));
+    let long = "a".repeat(40);
+    cli(&db)
+        .args(["runs", "show", &long])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("invalid run id"));
+    let huge = "z".repeat(100_000);
+    let out = cli(&db).args(["runs", "show", &huge]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        out.stderr.len() < 400,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `bench workforce --quick --only simulator --json [EXTRA]` against `db`: its one section.
 fn bench_simulator(db: &Path, extra: &[&str]) -> Value {
     let out = cli(db)
@@ -1048,7 +1088,7 @@ fn runs_are_named_by_last_or_a_unique_prefix() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains(
-            "4 or more of its first hex digits, or `last`",
+            "4 to 32 of its first hex digits, or `last`",
         ));
     cli(&db).args(["replay", "last"]).assert().success();
     // The audit commands' `--run` takes the same names.

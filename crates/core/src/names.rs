@@ -4,12 +4,22 @@
 /// edits (transpositions count as one), or a third of the candidate's length for long names, and
 /// fewer edits than the longer name has characters (something of it was typed right).
 ///
+/// A candidate that differs from `name` in case alone is the closest of all, however short.
+///
 /// ```
 /// use agent_runtime_core::names::closest;
 /// assert_eq!(closest("ecoh", ["echo", "sleep"]), Some("echo"));
 /// assert_eq!(closest("write", ["echo", "sleep"]), None);
+/// assert_eq!(closest("A", ["a", "b"]), Some("a"));
 /// ```
 pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+    let candidates: Vec<&'a str> = candidates.into_iter().collect();
+    if let Some(same) = candidates
+        .iter()
+        .find(|c| c.to_lowercase() == name.to_lowercase())
+    {
+        return Some(same);
+    }
     candidates
         .into_iter()
         .map(|c| (strsim::damerau_levenshtein(name, c), c))

@@ -88,13 +88,64 @@ impl FromStr for Timestamp {
             input: s.to_string(),
             reason,
         };
-        let st = humantime::parse_rfc3339_weak(s).map_err(|e| err(e.to_string()))?;
+        if s.get(..4)
+            .and_then(|y| y.parse::<u32>().ok())
+            .is_some_and(|y| y < 1970)
+        {
+            return Err(err("before 1970".into()));
+        }
+        // RFC 3339 allows a lower-case `t` and `z` and a numeric offset; the parser takes `T`
+        // and `Z` alone.
+        let upper_t;
+        let s_norm = if s.as_bytes().get(10) == Some(&b't') {
+            upper_t = format!("{}T{}", &s[..10], &s[11..]);
+            upper_t.as_str()
+        } else {
+            s
+        };
+        let (utc, offset_secs) = split_offset(s_norm);
+        let st = humantime::parse_rfc3339_weak(&utc).map_err(|e| err(e.to_string()))?;
         let d = st
             .duration_since(UNIX_EPOCH)
             .map_err(|_| err("before 1970".into()))?;
-        let nanos = u64::try_from(d.as_nanos()).map_err(|_| err("after year 2554".into()))?;
+        let nanos = i128::try_from(d.as_nanos()).unwrap_or(i128::MAX)
+            - i128::from(offset_secs) * 1_000_000_000;
+        if nanos < 0 {
+            return Err(err("before 1970".into()));
+        }
+        let nanos = u64::try_from(nanos).map_err(|_| err("after year 2554".into()))?;
         Ok(Timestamp(nanos))
     }
+}
+
+/// `s` with its zone written as `Z`, and the offset it had east of UTC in seconds: `z` and
+/// `+00:00` are `Z`; `+01:00` is an hour east (so UTC is an hour earlier). Text without a
+/// zone, or with one that is not an offset, is returned as it is, for the parser to judge.
+fn split_offset(s: &str) -> (std::borrow::Cow<'_, str>, i64) {
+    if let Some(base) = s.strip_suffix('z') {
+        return (format!("{base}Z").into(), 0);
+    }
+    let b = s.as_bytes();
+    let n = b.len();
+    // `...T03:04:05+01:00`: the offset comes after the time's seconds.
+    if n >= 6
+        && s.contains(['T', 't', ' '])
+        && matches!(b[n - 6], b'+' | b'-')
+        && b[n - 3] == b':'
+        && [n - 5, n - 4, n - 2, n - 1]
+            .iter()
+            .all(|&i| b[i].is_ascii_digit())
+        && s[..n - 6]
+            .rfind(':')
+            .is_some_and(|colon| colon > s[..n - 6].find(['T', 't', ' ']).unwrap_or(n))
+    {
+        let digits = |i: usize| i64::from(b[i] - b'0');
+        let secs =
+            (digits(n - 5) * 10 + digits(n - 4)) * 3600 + (digits(n - 2) * 10 + digits(n - 1)) * 60;
+        let sign = if b[n - 6] == b'-' { -1 } else { 1 };
+        return (format!("{}Z", &s[..n - 6]).into(), sign * secs);
+    }
+    (s.into(), 0)
 }
 
 impl Serialize for Timestamp {
@@ -228,4 +279,40 @@ fn cpu_clock_ns(clock: libc::clockid_t) -> Option<u64> {
     // define.
     let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     (rc == 0).then(|| ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Timestamp;
+
+    fn parse(s: &str) -> Result<u64, String> {
+        s.parse::<Timestamp>()
+            .map(|t| t.0)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn rfc_3339_zones_are_read() {
+        let utc = parse("2026-01-02T03:04:05Z").unwrap();
+        assert_eq!(parse("2026-01-02T03:04:05z").unwrap(), utc);
+        assert_eq!(parse("2026-01-02t03:04:05z").unwrap(), utc);
+        assert_eq!(parse("2026-01-02T03:04:05+00:00").unwrap(), utc);
+        assert_eq!(parse("2026-01-02T04:04:05+01:00").unwrap(), utc);
+        assert_eq!(parse("2026-01-01T22:04:05-05:00").unwrap(), utc);
+        assert_eq!(
+            parse("2026-01-02T04:04:05.5+01:00").unwrap(),
+            utc + 500_000_000
+        );
+        assert!(
+            parse("1969-12-31T23:59:59Z")
+                .unwrap_err()
+                .contains("before 1970")
+        );
+        assert!(
+            parse("1970-01-01T00:30:00+01:00")
+                .unwrap_err()
+                .contains("before 1970")
+        );
+        assert!(parse("2026-01-02").is_err());
+    }
 }

@@ -643,6 +643,30 @@ impl Store {
         Ok(out)
     }
 
+    /// Every run id the database holds events of, in the order of each run's first event in
+    /// the log: the last is the run that began last, whatever its id or its events' times say
+    /// (a simulation's run carries a virtual time). One pass over an index.
+    pub fn run_ids_in_log_order(&self) -> Result<Vec<RunId>, StoreError> {
+        let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = |e| crate::error::sqlite_error(&self.inner.path, e, None);
+        let mut st = conn
+            .prepare_cached(
+                "SELECT run_id, min(first_seq) AS first FROM frame_runs GROUP BY run_id ORDER BY first, run_id",
+            )
+            .map_err(failed)?;
+        let rows = st
+            .query_map([], |row| row.get::<_, Vec<u8>>(0))
+            .map_err(failed)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let bytes = row.map_err(failed)?;
+            if let Ok(b) = <[u8; 16]>::try_from(bytes.as_slice()) {
+                out.push(RunId::from_bytes(b));
+            }
+        }
+        Ok(out)
+    }
+
     /// Whether the database holds any event of `run_id` (one index lookup).
     pub fn has_run(&self, run_id: RunId) -> Result<bool, StoreError> {
         let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
