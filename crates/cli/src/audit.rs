@@ -525,6 +525,17 @@ fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             last = last.max(e.seq);
         }
         print(&new)?;
+        // Events are recorded with the time they happen at: once the clock is past --until,
+        // what comes next is later still (a simulation's virtual times aside), so following
+        // ends there instead of waiting forever for nothing.
+        if let Some(until) = query.until
+            && std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .is_ok_and(|now| now.as_nanos() >= u128::from(until.as_unix_nanos()))
+            && new.is_empty()
+        {
+            return Ok(ExitCode::SUCCESS);
+        }
     }
 }
 

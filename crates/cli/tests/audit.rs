@@ -221,6 +221,29 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains("no event database at"));
+    // Following up to a time already past ends, with what there was, instead of waiting.
+    cli(&db)
+        .args([
+            "audit",
+            "tail",
+            "--follow",
+            "--until",
+            "2100-01-01T00:00:00Z",
+        ])
+        .timeout(std::time::Duration::from_secs(1))
+        .assert()
+        .failure();
+    cli(&db)
+        .args([
+            "audit",
+            "tail",
+            "--follow",
+            "--until",
+            "2001-01-01T00:00:00Z",
+        ])
+        .timeout(std::time::Duration::from_secs(60))
+        .assert()
+        .success();
     // A time range that cannot hold anything is refused; RFC 3339 offsets are read.
     cli(&db)
         .args([

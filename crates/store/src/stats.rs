@@ -22,9 +22,10 @@ pub struct Stats {
     pub runs: u64,
     /// Events per kind.
     pub kinds: BTreeMap<String, u64>,
-    /// Time of the first and last event (by sequence).
+    /// The earliest event time. Not necessarily the first event's: a simulation's events
+    /// carry virtual times, and several processes append to one log.
     pub first_time: Option<String>,
-    /// Time of the last event.
+    /// The latest event time.
     pub last_time: Option<String>,
     /// Sequence number and hash of the newest event.
     pub head_seq: u64,
@@ -51,7 +52,9 @@ impl Store {
                 }
             }
             runs.insert(r.run_id);
-            times = Some(times.map_or((r.time_ns, r.time_ns), |(first, _)| (first, r.time_ns)));
+            times = Some(times.map_or((r.time_ns, r.time_ns), |(earliest, latest)| {
+                (earliest.min(r.time_ns), latest.max(r.time_ns))
+            }));
             Ok(true)
         })?;
         let show = |t: u64| agent_runtime_core::Timestamp::from_unix_nanos(t).to_string();
