@@ -294,7 +294,10 @@ impl Store {
             let index = read_run_index(&reader, &path);
             let bounds: Option<(i64, i64)> = reader
                 .query_row(
-                    "SELECT min(first_seq), max(last_seq) FROM frames",
+                    // Blocks are cut by first sequence numbers: the bounds rest on the key
+                    // alone, so that a frame whose other columns were changed is still read
+                    // (and named) by the blocks, not sent to the slower path below.
+                    "SELECT min(first_seq), max(first_seq) FROM frames",
                     [],
                     |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
                 )

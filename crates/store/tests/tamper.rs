@@ -560,4 +560,7 @@ fn frames_with_columns_of_the_wrong_type_are_named() {
             .contains("the newest frame (from sequence 50) has no readable last sequence number"),
         "{err}"
     );
+    // Verify names it too (it read the log past it before, by another path, and said ok).
+    let p = problem(&path);
+    assert_eq!((p.seq, p.kind), (50, ProblemKind::Damaged), "{p}");
 }
