@@ -519,6 +519,41 @@ fn last_is_the_run_begun_last_even_a_simulation() {
     );
 }
 
+/// A run whose start the log no longer shows (here the run index leaves its first frame out)
+/// is named with the place, and sent to `audit verify`, which names the damage.
+#[test]
+fn a_run_without_its_start_is_named_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let out = cli(&db)
+        .arg("run")
+        .arg(examples().join("hello.yaml"))
+        .arg("--json")
+        .output()
+        .unwrap();
+    let id = succeeded(&out)["run_id"].as_str().unwrap().to_string();
+    let conn = rusqlite::Connection::open(&db).unwrap();
+    let frames: i64 = conn
+        .query_row("SELECT count(*) FROM frames", [], |r| r.get(0))
+        .unwrap();
+    assert!(frames > 1, "the run should span frames");
+    conn.execute_batch(
+        "DROP TRIGGER frame_runs_append_only_delete; \
+         DELETE FROM frame_runs WHERE first_seq = (SELECT min(first_seq) FROM frames);",
+    )
+    .unwrap();
+    drop(conn);
+    cli(&db).args(["replay", &id]).assert().code(1).stderr(
+        predicate::str::contains(format!("run {id}: its first event in the log is"))
+            .and(predicate::str::contains("audit verify")),
+    );
+    cli(&db)
+        .args(["audit", "verify"])
+        .assert()
+        .code(1)
+        .stdout(predicate::str::contains("the run index lists 0 run(s)"));
+}
+
 /// `bench workforce --quick --only simulator --json [EXTRA]` against `db`: its one section.
 fn bench_simulator(db: &Path, extra: &[&str]) -> Value {
     let out = cli(db)

@@ -731,8 +731,19 @@ async fn refold(
             None => DriverError::Log("no events".into()),
         });
     }
-    let first = rec.get(0).map(Envelope::to_new_event);
-    let first = first.ok_or_else(|| DriverError::Log("no events".into()))?;
+    let Some(envelope) = rec.get(0) else {
+        return Err(DriverError::Log("no events".into()));
+    };
+    // A run whose start is not where its events begin: a log that lost events, or an index
+    // that leaves some out. Named with the run and the place, for `audit verify` to pursue.
+    if envelope.kind != agent_runtime_core::EventKind::RunCreated {
+        return Err(DriverError::Log(format!(
+            "run {}: its first event in the log is {} at sequence {}, not run.created: the log \
+             lacks the run's start (`agent-runtime audit verify` checks the log)",
+            envelope.run_id, envelope.kind, envelope.seq
+        )));
+    }
+    let first = envelope.to_new_event();
     let mut engine = Engine::create(&first)?;
     hasher.update(&first);
     rec.advance(1);
