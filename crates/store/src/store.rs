@@ -624,11 +624,23 @@ impl Store {
     /// records its calls under), in byte order, which for the runtime's UUIDv7 ids is creation
     /// order to the millisecond. One pass over an index.
     pub fn run_ids(&self) -> Result<Vec<RunId>, StoreError> {
+        self.run_ids_by("SELECT DISTINCT run_id FROM frame_runs ORDER BY run_id")
+    }
+
+    /// Every run id the database holds events of, in the order of each run's first event in
+    /// the log: the last is the run that began last, whatever its id or its events' times say
+    /// (a simulation's run carries a virtual time). One pass over an index.
+    pub fn run_ids_in_log_order(&self) -> Result<Vec<RunId>, StoreError> {
+        self.run_ids_by(
+            "SELECT run_id, min(first_seq) AS first FROM frame_runs GROUP BY run_id ORDER BY first, run_id",
+        )
+    }
+
+    /// The run ids `sql` selects (in its first column), in its order.
+    fn run_ids_by(&self, sql: &str) -> Result<Vec<RunId>, StoreError> {
         let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
         let failed = |e| crate::error::sqlite_error(&self.inner.path, e, None);
-        let mut st = conn
-            .prepare_cached("SELECT DISTINCT run_id FROM frame_runs ORDER BY run_id")
-            .map_err(failed)?;
+        let mut st = conn.prepare_cached(sql).map_err(failed)?;
         let rows = st
             .query_map([], |row| row.get::<_, Vec<u8>>(0))
             .map_err(failed)?;
@@ -636,30 +648,6 @@ impl Store {
         for row in rows {
             let bytes = row.map_err(failed)?;
             // A row that is not 16 bytes was not written by this store; verify reports it.
-            if let Ok(b) = <[u8; 16]>::try_from(bytes.as_slice()) {
-                out.push(RunId::from_bytes(b));
-            }
-        }
-        Ok(out)
-    }
-
-    /// Every run id the database holds events of, in the order of each run's first event in
-    /// the log: the last is the run that began last, whatever its id or its events' times say
-    /// (a simulation's run carries a virtual time). One pass over an index.
-    pub fn run_ids_in_log_order(&self) -> Result<Vec<RunId>, StoreError> {
-        let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-        let failed = |e| crate::error::sqlite_error(&self.inner.path, e, None);
-        let mut st = conn
-            .prepare_cached(
-                "SELECT run_id, min(first_seq) AS first FROM frame_runs GROUP BY run_id ORDER BY first, run_id",
-            )
-            .map_err(failed)?;
-        let rows = st
-            .query_map([], |row| row.get::<_, Vec<u8>>(0))
-            .map_err(failed)?;
-        let mut out = Vec::new();
-        for row in rows {
-            let bytes = row.map_err(failed)?;
             if let Ok(b) = <[u8; 16]>::try_from(bytes.as_slice()) {
                 out.push(RunId::from_bytes(b));
             }
