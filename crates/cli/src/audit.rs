@@ -267,20 +267,22 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     .with_context(|| format!("cannot open {}", path.display()))?;
                 store.export(&query, format, file)?
             }
-            ExportTarget::File(target) => {
+            ExportTarget::File => {
+                let target = agent_runtime_core::fs::link_target(path)
+                    .with_context(|| format!("cannot resolve {}", path.display()))?;
                 refuse_the_database(path, &target, store.path())?;
-                let (tmp, file) = create_partial(&target)?;
-                match store.export(&query, format, file) {
-                    Ok(s) => {
-                        std::fs::rename(&tmp, &target)
-                            .with_context(|| format!("cannot write {}", path.display()))?;
-                        s
+                // Written beside the target and renamed onto it: a failed export leaves no
+                // half file, and the replaced file's permissions are kept.
+                agent_runtime_core::fs::replace(path, |f| {
+                    store.export(&query, format, f).map_err(anyhow::Error::from)
+                })
+                .map_err(|e| {
+                    if e.is::<std::io::Error>() {
+                        e.context(format!("cannot write {}", path.display()))
+                    } else {
+                        e
                     }
-                    Err(e) => {
-                        let _ = std::fs::remove_file(&tmp);
-                        return Err(e.into());
-                    }
-                }
+                })?
             }
         },
         None => store.export(&query, format, std::io::stdout().lock())?,
@@ -306,9 +308,10 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 
 /// Where an export to a named output goes.
 enum ExportTarget {
-    /// A regular file, new or existing: written beside it and renamed onto it. A symbolic link
-    /// is followed, so the file it names is replaced and the link stays.
-    File(PathBuf),
+    /// A regular file, new or existing (see [`agent_runtime_core::fs::replace`]): written
+    /// beside it and renamed onto it; a symbolic link is followed, so the file it names is
+    /// replaced or made and the link stays.
+    File,
     /// Anything else that exists (a character device, a FIFO, a socket): written in place.
     Stream,
 }
@@ -351,82 +354,23 @@ fn refuse_the_database(
     Ok(())
 }
 
-/// Creates the file an export to `target` is written in before it is renamed onto `target`:
-/// `NAME.partial-PID` beside `NAME`, created new (two exports to one name at once each write
-/// their own). It gets the mode of the file it will replace, or `0600` for a new one: an export
-/// holds the payloads in clear, whatever the database's encryption.
-fn create_partial(target: &std::path::Path) -> anyhow::Result<(PathBuf, std::fs::File)> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let mode = std::fs::metadata(target).map_or(0o600, |m| m.permissions().mode() & 0o7777);
-    // `NAME.partial-PID` beside `NAME` (not `with_extension`, which would make `a.jsonl` and
-    // `a.otlp` share one name, or clobber a file of that name).
-    let mut name = target.as_os_str().to_owned();
-    name.push(format!(".partial-{}", std::process::id()));
-    let tmp = PathBuf::from(name);
-    // A leftover of a process that had this id and was killed mid-export.
-    let _ = std::fs::remove_file(&tmp);
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)
-        .with_context(|| format!("cannot create {}", tmp.display()))?;
-    // The mode given at creation is filtered by the umask; the replaced file's is meant exactly.
-    file.set_permissions(std::fs::Permissions::from_mode(mode))
-        .with_context(|| format!("cannot set the mode of {}", tmp.display()))?;
-    Ok((tmp, file))
-}
-
 impl ExportTarget {
     fn of(path: &std::path::Path) -> anyhow::Result<ExportTarget> {
-        // A link to a file not there yet: the file it names is created, and the link stays.
-        if let Ok(target) = dangling_link_target(path) {
-            return Ok(ExportTarget::File(target));
-        }
         match std::fs::metadata(path) {
-            Ok(m) if m.is_file() => Ok(ExportTarget::File(
-                std::fs::canonicalize(path)
-                    .with_context(|| format!("cannot resolve {}", path.display()))?,
-            )),
+            Ok(m) if m.is_file() => Ok(ExportTarget::File),
             Ok(m) if m.is_dir() => Err(CliError::Usage(format!(
                 "-o {}: is a directory; name a file",
                 path.display()
             ))
             .into()),
             Ok(_) => Ok(ExportTarget::Stream),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                Ok(ExportTarget::File(path.to_path_buf()))
-            }
+            // A new file, or a link to a file not made yet.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ExportTarget::File),
             Err(e) => {
                 Err(anyhow::Error::new(e).context(format!("cannot write {}", path.display())))
             }
         }
     }
-}
-
-/// Where a symbolic link that names nothing (yet) points, links followed to the end; an error
-/// when `path` is not such a link.
-fn dangling_link_target(path: &std::path::Path) -> std::io::Result<PathBuf> {
-    let not_dangling = || std::io::Error::other("not a dangling link");
-    if std::fs::metadata(path).is_ok() {
-        return Err(not_dangling());
-    }
-    let mut at = path.to_path_buf();
-    // As many links as the kernel follows (ELOOP after 40).
-    for _ in 0..40 {
-        if !std::fs::symlink_metadata(&at)?.file_type().is_symlink() {
-            return Err(not_dangling());
-        }
-        let next = std::fs::read_link(&at)?;
-        at = match at.parent() {
-            Some(dir) if next.is_relative() => dir.join(next),
-            _ => next,
-        };
-        if std::fs::symlink_metadata(&at).is_err() {
-            return Ok(at);
-        }
-    }
-    Err(not_dangling())
 }
 
 /// One event as a line for people. The payload's JSON escapes C0 controls, not DEL or C1, and

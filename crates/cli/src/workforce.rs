@@ -226,7 +226,7 @@ pub(crate) fn resolve_run_id(
     let prefix = arg.to_ascii_lowercase().replace('-', "");
     if prefix.len() < 4 || prefix.len() > 32 || !prefix.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(usage(format!(
-            "invalid run id {}: expected a run id (see `agent-runtime runs list`), 4 to 32 of \
+            "invalid run id {:?}: expected a run id (see `agent-runtime runs list`), 4 to 32 of \
              its first hex digits, or `last`",
             shown_arg(arg)
         )));
@@ -873,21 +873,13 @@ fn no_run(name: impl std::fmt::Display) -> anyhow::Error {
     .into()
 }
 
-/// An argument as an error quotes it: at most 80 characters, so that a pasted megabyte makes
-/// a one-line error, not a megabyte of it; quoted and escaped unless it is plain ASCII.
-pub(crate) fn shown_arg(arg: &str) -> String {
-    const MAX: usize = 80;
-    let (head, rest) = match arg.char_indices().nth(MAX) {
-        None => (arg, String::new()),
-        Some((cut, _)) => (
-            &arg[..cut],
-            format!("... ({} characters)", arg.chars().count()),
-        ),
-    };
-    if !head.is_empty() && head.chars().all(|c| c.is_ascii_graphic()) {
-        format!("{head}{rest}")
-    } else {
-        format!("{head:?}{rest}")
+/// An argument as an error quotes it: at most 80 characters, so that a pasted megabyte makes a
+/// one-line error, not a megabyte of it. (Control characters are escaped where every error is
+/// printed, see `main::one_line`.)
+pub(crate) fn shown_arg(arg: &str) -> std::borrow::Cow<'_, str> {
+    match arg.char_indices().nth(80) {
+        None => arg.into(),
+        Some((cut, _)) => format!("{}... ({} characters)", &arg[..cut], arg.chars().count()).into(),
     }
 }
 

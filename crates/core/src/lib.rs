@@ -32,6 +32,9 @@
 //! assert_eq!(first.computed_hash(), first.hash);
 //! ```
 //!
+//! One utility beyond types and traits: [`fs::replace`], the one way the crates replace a file a
+//! person names (an MCP servers file, an export) whole.
+//!
 //! What it does not do: store, schedule or execute anything. See `agent-runtime-store` for the
 //! event log and the other `agent-runtime-*` crates for the capabilities.
 
@@ -70,6 +73,7 @@ pub mod canonical;
 pub mod context;
 pub mod error;
 pub mod event;
+pub mod fs;
 pub mod ids;
 pub mod model;
 pub mod names;

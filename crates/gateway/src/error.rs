@@ -15,6 +15,14 @@ pub enum GatewayError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// A file could not be written (an MCP servers file being changed).
+    #[error("writing {path}: {source}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A configuration or policy file did not parse.
     #[error("parsing {what}: {message}")]
     Parse {
@@ -77,8 +85,9 @@ impl GatewayError {
     }
 
     /// Whether the error is the configuration's fault (exit 2 in the CLI) rather than a
-    /// failure to reach something it names (an MCP server that does not answer).
+    /// failure to reach something it names (an MCP server that does not answer) or to write a
+    /// file.
     pub fn is_configuration(&self) -> bool {
-        !matches!(self, GatewayError::Mcp { .. })
+        !matches!(self, GatewayError::Mcp { .. } | GatewayError::Write { .. })
     }
 }

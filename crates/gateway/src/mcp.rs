@@ -147,7 +147,11 @@ impl McpConfig {
             what: path.display().to_string(),
             message,
         })?;
-        edit::write_atomically(path, text.as_bytes())
+        agent_runtime_core::fs::replace(path, |f| std::io::Write::write_all(f, text.as_bytes()))
+            .map_err(|source| GatewayError::Write {
+                path: path.to_path_buf(),
+                source,
+            })
     }
 }
 

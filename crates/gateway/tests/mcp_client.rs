@@ -515,6 +515,18 @@ fn adding_a_server_keeps_everything_else_in_the_file() {
             .is_symlink()
     );
     assert_eq!(McpConfig::load(&fresh).unwrap().servers.len(), 2);
+    // A link to a file not made yet: the file is made, the link stays.
+    let dangling = dir.path().join("dangling.json");
+    std::os::unix::fs::symlink("made-by-add.json", &dangling).unwrap();
+    McpConfig::add_server(&dangling, "c", &stdio("node")).unwrap();
+    assert!(
+        std::fs::symlink_metadata(&dangling)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    let made = dir.path().join("made-by-add.json");
+    assert_eq!(McpConfig::load(&made).unwrap().servers["c"], stdio("node"));
 }
 
 #[test]

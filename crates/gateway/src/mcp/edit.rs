@@ -4,8 +4,9 @@
 //! leaves the old file or the new one, never half of one.
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
+
+use agent_runtime_core::fs::{folder_of, link_target};
 
 use super::{McpConfig, McpServerConfig, check_server, is_yaml};
 use crate::error::GatewayError;
@@ -42,11 +43,16 @@ impl McpConfig {
             path: path.to_path_buf(),
             source,
         };
+        let write = |source| GatewayError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
         check_server(name, server).map_err(|e| e.in_file(path))?;
-        let target = resolve_target(path).map_err(read)?;
+        // A link (a dotfile manager's) is followed, even to a file not made yet.
+        let target = link_target(path).map_err(read)?;
         let dir = folder_of(&target);
-        std::fs::create_dir_all(&dir).map_err(read)?;
-        let _lock = FolderLock::take(&dir).map_err(read)?;
+        std::fs::create_dir_all(&dir).map_err(write)?;
+        let _lock = FolderLock::take(&dir).map_err(write)?;
         let text = match std::fs::read_to_string(&target) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -74,7 +80,7 @@ impl McpConfig {
         })?;
         // What is written must read back as the file plus this server.
         McpConfig::parse(&new_text, path)?;
-        write_atomically(path, new_text.as_bytes())
+        agent_runtime_core::fs::replace(path, |f| f.write_all(new_text.as_bytes())).map_err(write)
     }
 }
 
@@ -163,22 +169,6 @@ fn has_yaml_comment(text: &str) -> bool {
     })
 }
 
-/// The file a write to `path` must replace: a symbolic link (a dotfile manager's) is followed,
-/// so the link stays and its target changes.
-fn resolve_target(path: &Path) -> std::io::Result<PathBuf> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_symlink() => std::fs::canonicalize(path),
-        _ => Ok(path.to_path_buf()),
-    }
-}
-
-fn folder_of(path: &Path) -> PathBuf {
-    match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    }
-}
-
 /// An exclusive advisory lock (`flock`) on a folder, released when dropped. The folder, not the
 /// file, is locked: the file is replaced by a rename, and a lock on the old file would let a
 /// waiter go on to read what is no longer the file.
@@ -207,54 +197,6 @@ impl Drop for FolderLock {
         // SAFETY: as in `take`; closing the handle would release the lock as well.
         unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
     }
-}
-
-/// Replaces the file at `path` (a link's target) with `bytes`: written beside it, flushed to
-/// disk, renamed over it. The new file keeps the old one's permissions; a new file is private
-/// to its owner (0600), as it may hold tokens written in clear.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), GatewayError> {
-    let fail = |source| GatewayError::Read {
-        path: path.to_path_buf(),
-        source,
-    };
-    let target = &resolve_target(path).map_err(fail)?;
-    let mode = match std::fs::metadata(target) {
-        Ok(m) => m.permissions().mode() & 0o7777,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0o600,
-        Err(e) => return Err(fail(e)),
-    };
-    let dir = folder_of(target);
-    let file_name = target
-        .file_name()
-        .ok_or_else(|| fail(std::io::Error::other("the path names no file")))?;
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(file_name);
-    // Unique to this write: threads of one process may write at once.
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    tmp_name.push(format!(".{}-{n}.tmp", std::process::id()));
-    let tmp = dir.join(tmp_name);
-    let written = (|| {
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(&tmp)?;
-        // `mode` at creation is filtered by the umask; the old file's bits are meant exactly.
-        file.set_permissions(std::fs::Permissions::from_mode(mode))?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&tmp, target)?;
-        // The rename is durable once the folder is.
-        std::fs::File::open(&dir)?.sync_all()
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(fail(e));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
