@@ -289,9 +289,16 @@ impl Store {
         let path = self.inner.path.clone();
         let (recorded_head, bounds, index) = {
             let reader = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-            let head = read_recorded_head(&reader, &path)?;
+            // One snapshot for the head, the index and the bounds: a frame another process
+            // commits meanwhile would otherwise fall inside the bounds with its index rows
+            // missing from the index read before it, and read as damage.
+            let snapshot = reader
+                .unchecked_transaction()
+                .map_err(|e| crate::error::sqlite_error(&path, e, None))?;
+            let reader = &*snapshot;
+            let head = read_recorded_head(reader, &path)?;
             // An index that cannot be read is reported after the chain is checked.
-            let index = read_run_index(&reader, &path);
+            let index = read_run_index(reader, &path);
             let bounds: Option<(i64, i64)> = reader
                 .query_row(
                     // Blocks are cut by first sequence numbers: the bounds rest on the key
@@ -303,6 +310,7 @@ impl Store {
                 )
                 .ok()
                 .map(|(lo, hi)| (lo.unwrap_or(1), hi.unwrap_or(0)));
+            drop(snapshot);
             (head, bounds, index)
         };
         let index_ok = index.as_ref().ok();
@@ -602,6 +610,9 @@ impl<'a> FrameRow<'a> {
         scratch: &mut Vec<u8>,
         out: &mut Vec<Checked>,
     ) {
+        // A problem of the frame's query columns is placed at its first event, before its
+        // records' own checks, which are taken back: the report counts what verified before it.
+        let start = out.len();
         let mut last: Option<(u64, &[u8])> = None;
         let mut runs: Vec<[u8; 16]> = Vec::new();
         let (mut min_time, mut max_time) = (i64::MAX, i64::MIN);
@@ -649,6 +660,7 @@ impl<'a> FrameRow<'a> {
                 ))
             }
             Some(_) if (self.min_time, self.max_time) != (min_time, max_time) => {
+                out.truncate(start);
                 out.push(Checked::damaged(
                     self.first_seq,
                     format!(
@@ -668,13 +680,21 @@ impl<'a> FrameRow<'a> {
                     .get(&self.first_seq)
                     .map_or(&[][..], Vec::as_slice);
                 if indexed != runs.as_slice() {
+                    let listed = if indexed.len() == runs.len() {
+                        "other runs than those its events belong to".to_string()
+                    } else {
+                        format!(
+                            "{} run(s) for its frame, whose events belong to {}",
+                            indexed.len(),
+                            runs.len()
+                        )
+                    };
+                    out.truncate(start);
                     out.push(Checked::damaged(
                         self.first_seq,
                         format!(
-                            "the run index lists {} run(s) for its frame, whose events belong \
-                             to {}: a query by run would skip or misplace them",
-                            indexed.len(),
-                            runs.len()
+                            "the run index lists {listed}: a query by run would skip or \
+                             misplace them"
                         ),
                     ))
                 }

@@ -447,7 +447,7 @@ fn a_changed_run_index_or_time_bound_is_named() {
             .query_row("SELECT max(first_seq) FROM frames", [], |r| r.get(0))
             .unwrap()
     };
-    let cases: [(&str, &str); 4] = [
+    let cases: [(&str, &str); 5] = [
         (
             "DELETE FROM frame_runs WHERE first_seq = {F}",
             "the run index lists 0 run(s) for its frame, whose events belong to 1",
@@ -455,6 +455,10 @@ fn a_changed_run_index_or_time_bound_is_named() {
         (
             "INSERT INTO frame_runs VALUES (zeroblob(16), {F})",
             "the run index lists 2 run(s) for its frame, whose events belong to 1",
+        ),
+        (
+            "UPDATE frame_runs SET run_id = zeroblob(16) WHERE first_seq = {F}",
+            "the run index lists other runs than those its events belong to",
         ),
         (
             "UPDATE frames SET min_time = 0, max_time = 0 WHERE first_seq = {F}",
@@ -476,11 +480,17 @@ fn a_changed_run_index_or_time_bound_is_named() {
         tamper_conn(&path)
             .execute_batch(&sql.replace("{F}", &frame.to_string()))
             .unwrap();
-        let p = problem(&path);
+        let report = Store::open(encrypted_config(&path, "test passphrase").read_only())
+            .unwrap()
+            .verify()
+            .unwrap();
+        let p = report.problem.expect("a problem");
         assert_eq!(p.kind, ProblemKind::Damaged, "{sql}: {p}");
         assert!(p.detail.contains(says), "{sql}: {p}");
         if !sql.contains("99999") {
             assert_eq!(p.seq, frame as u64, "{sql}: {p}");
+            // What verified before it: the events before the frame, not the frame's own.
+            assert_eq!(report.events, frame as u64 - 1, "{sql}: {p}");
         }
     }
 }
