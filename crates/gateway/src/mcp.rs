@@ -162,6 +162,7 @@ fn is_yaml(path: &Path) -> bool {
 
 /// Whether one server's entry can be used, checked when the file is read so that a mistake is
 /// reported with its file and server before anything starts, not as a transport error later.
+/// A `disabled` entry is checked for its name only.
 /// Messages never quote a URL or a header or environment value: they may hold a token.
 pub fn check_server(name: &str, s: &McpServerConfig) -> Result<(), GatewayError> {
     let fail = |message: String| {
@@ -172,6 +173,11 @@ pub fn check_server(name: &str, s: &McpServerConfig) -> Result<(), GatewayError>
     };
     if crate::registry::check_name(name).is_err() {
         return fail("server names are 1-128 characters of a-z, 0-9, '_', '.', '-'".into());
+    }
+    // An entry switched off (often a stale one, in a file a desktop host shares) is never
+    // started: it must not stop the file from loading.
+    if s.disabled {
+        return Ok(());
     }
     match (&s.command, &s.url) {
         (Some(_), Some(_)) | (None, None) => {
@@ -221,8 +227,14 @@ pub fn check_server(name: &str, s: &McpServerConfig) -> Result<(), GatewayError>
         }
     }
     for (key, value) in &s.headers {
+        // Not quoted: a header written whole as its name (`Authorization: Bearer TOKEN=`,
+        // cut at the token's own `=`) would put the token in the message.
         if http::HeaderName::from_bytes(key.as_bytes()).is_err() {
-            return fail(format!("{key:?} is not a valid HTTP header name"));
+            return fail(
+                "a header's name is not a valid HTTP header name (a header is given as \
+                 `NAME=VALUE`, not `NAME: VALUE`)"
+                    .into(),
+            );
         }
         // `${NAME}` is checked as written; the variable's value is checked when read.
         if http::HeaderValue::from_str(value).is_err() {

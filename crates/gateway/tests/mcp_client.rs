@@ -408,6 +408,10 @@ fn unusable_server_entries_are_refused_naming_file_and_server() {
             "characters a header cannot carry",
         ),
         (
+            r#"{"url": "http://127.0.0.1:1/mcp", "headers": {"Authorization: Bearer s3cret": "v"}}"#,
+            "not a valid HTTP header name",
+        ),
+        (
             r#"{"command": "node", "timeout_ms": 0}"#,
             "`timeout_ms` must be at least 1",
         ),
@@ -437,6 +441,21 @@ fn unusable_server_entries_are_refused_naming_file_and_server() {
         };
         assert!(err.to_string().contains(expected), "{entry}: {err}");
     }
+}
+
+/// An entry switched off is never started, so a stale one does not stop the file loading.
+#[test]
+fn a_disabled_entry_is_checked_for_its_name_only() {
+    let text = r#"{"mcpServers": {"old": {"url": "ws://gone/mcp", "timeout_ms": 0, "disabled": true},
+                                  "ok": {"command": "node"}}}"#;
+    let c = McpConfig::parse(text, Path::new("mcp.json")).unwrap();
+    assert_eq!(c.servers.len(), 2);
+    let err = McpConfig::parse(
+        r#"{"mcpServers": {"Bad Name": {"disabled": true}}}"#,
+        Path::new("mcp.json"),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("server names are"), "{err}");
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
