@@ -290,6 +290,24 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         (v["ok"].as_bool(), v["checked"].as_bool()),
         (Some(false), Some(true))
     );
+    // Another program's SQLite file given by mistake is not checked (exit 3): no alarm for a
+    // typo in --db.
+    let other = dir.path().join("other.sqlite");
+    rusqlite::Connection::open(&other)
+        .unwrap()
+        .execute_batch("CREATE TABLE t(x);")
+        .unwrap();
+    let out = cli(&other)
+        .args(["audit", "verify", "--json"])
+        .assert()
+        .code(3)
+        .stderr(predicate::str::contains(
+            "not an agent-runtime event database",
+        ))
+        .get_output()
+        .clone();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["checked"].as_bool(), Some(false));
     // Not checked at all (no database): exit 3, and the JSON line says that.
     let out = cli(&dir.path().join("missing.db"))
         .args(["audit", "verify", "--json"])

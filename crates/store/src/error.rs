@@ -30,6 +30,15 @@ pub enum StoreError {
         /// What SQLite said.
         detail: String,
     },
+    /// The file is an SQLite database of something else (another program's, or an empty
+    /// one's tables without the log's format marker): not an event database, and not touched.
+    #[error("{path}: not an agent-runtime event database ({detail}); nothing was read or written")]
+    NotEventDatabase {
+        /// The file.
+        path: PathBuf,
+        /// What tells it apart.
+        detail: String,
+    },
     /// The database is encrypted and no key source was given.
     #[error("event database {path} is encrypted: set AGENT_RUNTIME_PASSPHRASE to its passphrase")]
     MissingKey {

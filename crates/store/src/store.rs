@@ -935,12 +935,9 @@ fn refuse_foreign(conn: &Connection, path: &Path) -> Result<(), StoreError> {
         .optional()
         .map_err(|e| sqlite_error(path, e, None))?;
     match foreign {
-        Some(table) => Err(StoreError::Damaged {
+        Some(table) => Err(StoreError::NotEventDatabase {
             path: path.to_path_buf(),
-            after_seq: None,
-            detail: format!(
-                "not an agent-runtime event database (it has a table `{table}`); nothing was written"
-            ),
+            detail: format!("it has a table `{table}`"),
         }),
         None => Ok(()),
     }
@@ -1096,11 +1093,13 @@ fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCiphe
         detail,
     };
     let err = |e| sqlite_error(path, e, None);
+    let foreign = |detail: String| StoreError::NotEventDatabase {
+        path: path.clone(),
+        detail,
+    };
     let format = meta_string(conn, "format").map_err(|e| match e {
         rusqlite::Error::SqliteFailure(..) => match sqlite_error(path, e, None) {
-            StoreError::Sqlite { detail, .. } => {
-                not_ours(format!("not an agent-runtime event database ({detail})"))
-            }
+            StoreError::Sqlite { detail, .. } => foreign(detail),
             other => other,
         },
         e => err(e),
@@ -1114,11 +1113,7 @@ fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCiphe
                 expected: FORMAT.into(),
             });
         }
-        None => {
-            return Err(not_ours(
-                "not an agent-runtime event database (no format marker)".into(),
-            ));
-        }
+        None => return Err(foreign("no format marker".into())),
     }
     let encryption = meta_string(conn, "encryption")
         .map_err(err)?
