@@ -544,7 +544,7 @@ impl CommandTool {
                 let mut cmd = tokio::process::Command::new(&argv[0]);
                 cmd.args(&argv[1..])
                     .env_clear()
-                    .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+                    .env("PATH", UNSANDBOXED_PATH)
                     .env("LANG", "C.UTF-8")
                     .envs(self.env.iter().cloned())
                     .current_dir(chdir)
@@ -593,7 +593,21 @@ impl CommandTool {
         let started = Instant::now();
         let mut child = cmd.spawn().map_err(|e| {
             if mode == SandboxMode::None {
-                cannot_run(&self.descriptor.name, &argv[0], &e.to_string())
+                // Only the program's own failure is the tool's: a missing working folder or a
+                // limit that could not be set fails starting it too, and is the sandbox's.
+                let path = self
+                    .env
+                    .iter()
+                    .find(|(k, _)| k == "PATH")
+                    .map_or(UNSANDBOXED_PATH, |(_, v)| v.as_str());
+                if e.raw_os_error() == Some(libc::ENOEXEC) || !runnable(&argv[0], path, chdir) {
+                    cannot_run(&self.descriptor.name, &argv[0], &e.to_string())
+                } else {
+                    sandbox_error(format!(
+                        "{}: cannot start the command: {e}",
+                        self.descriptor.name
+                    ))
+                }
             } else {
                 sandbox_error(format!("{}: cannot start bwrap: {e}", self.descriptor.name))
             }
@@ -824,6 +838,25 @@ fn last_line(stderr: &str) -> String {
     match stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
         None => String::new(),
         Some(line) => format!(": {line}"),
+    }
+}
+
+/// The `PATH` a command run without the sandbox gets, unless its `env` sets one.
+const UNSANDBOXED_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+
+/// Whether `program` names an executable file: a path (relative to `cwd`) when it holds a
+/// `/`, else a name found in `path`'s folders, as `execvp` looks.
+fn runnable(program: &str, path: &str, cwd: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.contains('/') {
+        executable(&cwd.join(program))
+    } else {
+        path.split(':')
+            .filter(|d| !d.is_empty())
+            .any(|d| executable(&Path::new(d).join(program)))
     }
 }
 

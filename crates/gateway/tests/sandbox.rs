@@ -440,6 +440,18 @@ async fn a_sandbox_that_cannot_be_built_is_a_sandbox_error() {
         err.message.contains("could not be set up") && err.message.contains("bwrap"),
         "{err}"
     );
+    // Without the sandbox, the same missing folder fails starting a program that is there:
+    // the sandbox's failure too, not the program's (it would be retried as a tool_error).
+    let err = tool
+        .run(
+            json!({}),
+            CallContext::new(Actor::System),
+            SandboxMode::None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::SandboxError, "{err}");
+    assert!(err.message.contains("cannot start the command"), "{err}");
 }
 
 /// A program that is missing, or not executable, is the tool's failure (`tool_error`, which
