@@ -471,11 +471,16 @@ fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         print(&new)?;
         // Events are recorded with the time they happen at: once the clock is past --until,
         // what comes next is later still (a simulation's virtual times aside), so following
-        // ends there instead of waiting forever for nothing.
+        // ends there instead of waiting forever for nothing. Not at once: an event stamped
+        // just before --until may reach the log a little later (a group commit, another
+        // process), so it ends after a grace period with nothing new.
+        const GRACE: Duration = Duration::from_secs(5);
         if let Some(until) = query.until
             && std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
-                .is_ok_and(|now| now.as_nanos() >= u128::from(until.as_unix_nanos()))
+                .is_ok_and(|now| {
+                    now.as_nanos() >= u128::from(until.as_unix_nanos()) + GRACE.as_nanos()
+                })
             && new.is_empty()
         {
             return Ok(ExitCode::SUCCESS);

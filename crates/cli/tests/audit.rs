@@ -232,7 +232,7 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
         ])
         .timeout(std::time::Duration::from_secs(1))
         .assert()
-        .failure();
+        .interrupted();
     cli(&db)
         .args([
             "audit",
@@ -701,7 +701,10 @@ fn readers_work_on_read_only_media() {
     let bin = dir.path().join("agent-runtime");
     std::fs::copy(assert_cmd::cargo::cargo_bin("agent-runtime"), &bin).unwrap();
     set_mode(&bin, 0o755);
-    let archive = dir.path().join("archive");
+    // A name with the characters a SQLite URI gives meanings to, and one not UTF-8.
+    let archive = dir
+        .path()
+        .join(<std::ffi::OsStr as std::os::unix::ffi::OsStrExt>::from_bytes(b"arch ive%3f?#\xff"));
     std::fs::create_dir(&archive).unwrap();
     let db = archive.join("events.db");
     cli(&db).arg("--plaintext").arg("demo").assert().success();
@@ -747,6 +750,10 @@ fn readers_work_on_read_only_media() {
         .success()
         .stdout(predicate::str::contains("chain_head"));
     assert!(!archive.join("events.db-shm").exists());
+    // Read as immutable, it would never show new events: following is refused, not silent.
+    reader(&db, &["audit", "tail", "--follow"])
+        .code(1)
+        .stderr(predicate::str::contains("read as an immutable file"));
     reader(&pending.join("events.db"), &["audit", "verify"])
         .code(3)
         .stderr(predicate::str::contains(

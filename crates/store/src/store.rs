@@ -291,14 +291,15 @@ pub(crate) fn read_only_connection(path: &Path, immutable: bool) -> rusqlite::Re
     if !immutable {
         return Connection::open_with_flags(path, flags);
     }
-    // A URI escapes the characters it gives a meaning to.
+    // Every byte of the path but plain ASCII is percent-encoded: a URI gives `%`, `?` and `#`
+    // meanings, and a path need not be UTF-8.
+    use std::os::unix::ffi::OsStrExt;
     let mut uri = String::from("file:");
-    for c in path.to_string_lossy().chars() {
-        match c {
-            '%' => uri.push_str("%25"),
-            '?' => uri.push_str("%3f"),
-            '#' => uri.push_str("%23"),
-            c => uri.push(c),
+    for &b in path.as_os_str().as_bytes() {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(char::from(b));
+        } else {
+            uri.push_str(&format!("%{b:02X}"));
         }
     }
     uri.push_str("?immutable=1");
@@ -887,13 +888,26 @@ impl Store {
 
     /// Follows the log: returns events after `after_seq` matching `query`, waiting up to
     /// `wait` for new ones to be committed (by this process, or by another: those are noticed
-    /// by polling within `wait`). An empty result means nothing new in time.
+    /// by polling within `wait`). An empty result means nothing new in time. Refused on a store
+    /// read as immutable (a reader on read-only media, see `Store::open`), which would never
+    /// see new events.
     pub fn follow_blocking(
         &self,
         query: &EventQuery,
         after_seq: u64,
         wait: Duration,
     ) -> Result<Vec<Envelope>, StoreError> {
+        // Read as immutable (read-only media), the file is never looked at anew: a writer's
+        // later events would not be seen, and following would wait forever saying nothing.
+        if self.inner.immutable {
+            return Err(StoreError::Open {
+                path: self.inner.path.clone(),
+                detail: "it is read as an immutable file (its folder cannot hold the files a \
+                         live reader needs), so new events would not be seen; follow it from a \
+                         folder you can write"
+                    .into(),
+            });
+        }
         let mut q = query.clone();
         q.after_seq = Some(after_seq.max(query.after_seq.unwrap_or(0)));
         let found = self.query_blocking(&q)?;
