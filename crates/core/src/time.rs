@@ -140,10 +140,18 @@ fn split_offset(s: &str) -> (std::borrow::Cow<'_, str>, i64) {
             .is_some_and(|colon| colon > s[..n - 6].find(['T', 't', ' ']).unwrap_or(n))
     {
         let digits = |i: usize| i64::from(b[i] - b'0');
-        let secs =
-            (digits(n - 5) * 10 + digits(n - 4)) * 3600 + (digits(n - 2) * 10 + digits(n - 1)) * 60;
-        let sign = if b[n - 6] == b'-' { -1 } else { 1 };
-        return (format!("{}Z", &s[..n - 6]).into(), sign * secs);
+        let (hours, minutes) = (
+            digits(n - 5) * 10 + digits(n - 4),
+            digits(n - 2) * 10 + digits(n - 1),
+        );
+        // An offset out of range (`+25:99`) is left for the parser to refuse.
+        if hours <= 23 && minutes <= 59 {
+            let sign = if b[n - 6] == b'-' { -1 } else { 1 };
+            return (
+                format!("{}Z", &s[..n - 6]).into(),
+                sign * (hours * 3600 + minutes * 60),
+            );
+        }
     }
     (s.into(), 0)
 }
@@ -314,5 +322,6 @@ mod tests {
                 .contains("before 1970")
         );
         assert!(parse("2026-01-02").is_err());
+        assert!(parse("2026-01-02T03:04:05+25:99").is_err());
     }
 }

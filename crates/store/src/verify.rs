@@ -839,6 +839,7 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
     let result = ordered_parallel(
         |emit| {
             let mut batch = Vec::with_capacity(BATCH);
+            let mut batch_bytes = 0u64;
             for line in lines.by_ref() {
                 line_no += 1;
                 let line = line.map_err(io)?.map_err(|why| bad(line_no, why))?;
@@ -857,11 +858,17 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
                     trailer = Some((line_no, t.chain_head));
                     continue;
                 }
+                batch_bytes += line.len() as u64;
                 batch.push((line_no, line));
-                if batch.len() == BATCH
+                // Bounded by bytes too: lines of up to 64 MiB each, a batch of them by count
+                // alone could hold tens of GiB.
+                if (batch.len() == BATCH || batch_bytes >= MAX_BUNDLE_LINE)
                     && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
                 {
                     return Ok(());
+                }
+                if batch.is_empty() {
+                    batch_bytes = 0;
                 }
             }
             if !batch.is_empty() {
