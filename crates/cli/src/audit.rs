@@ -192,10 +192,15 @@ fn verify(args: VerifyArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         .clone()
         .unwrap_or_else(|| global.store_config().path().to_path_buf());
     let json = args.json;
+    // A database found damaged, or a bundle that is not well formed, was checked and found
+    // not intact: exit 1, as for a broken chain.
     let not_verified = |e: anyhow::Error| {
         let damaged = matches!(
             e.downcast_ref::<agent_runtime_store::StoreError>(),
-            Some(agent_runtime_store::StoreError::Damaged { .. })
+            Some(
+                agent_runtime_store::StoreError::Damaged { .. }
+                    | agent_runtime_store::StoreError::BadBundle { .. }
+            )
         );
         if json {
             outln!(
@@ -211,21 +216,7 @@ fn verify(args: VerifyArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
     };
     if let Some(bundle) = &args.bundle {
-        // A bundle that is not well formed was checked, and found not intact: exit 1, as for
-        // a broken chain; only one that could not be read at all is "not verified".
-        let report = verify_bundle(bundle).map_err(|e| match e {
-            agent_runtime_store::StoreError::BadBundle { .. } => {
-                if json {
-                    outln!(
-                        "{}",
-                        serde_json::json!({"source": bundle.display().to_string(), "ok": false,
-                                           "checked": true, "error": e.to_string()})
-                    );
-                }
-                CliError::Failed(e.to_string())
-            }
-            other => not_verified(other.into()),
-        })?;
+        let report = verify_bundle(bundle).map_err(|e| not_verified(e.into()))?;
         return Ok(print_report(
             &report,
             &bundle.display().to_string(),

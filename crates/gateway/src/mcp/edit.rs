@@ -52,7 +52,11 @@ impl McpConfig {
         let target = link_target(path).map_err(read)?;
         let dir = folder_of(&target);
         std::fs::create_dir_all(&dir).map_err(write)?;
-        let _lock = FolderLock::take(&dir).map_err(write)?;
+        // An exclusive lock (std's `flock`) on the folder, held until this returns. The folder,
+        // not the file: the file is replaced by a rename, and a lock on the old file would let
+        // a waiter go on to read what is no longer the file.
+        let folder = std::fs::File::open(&dir).map_err(write)?;
+        folder.lock().map_err(write)?;
         let text = match std::fs::read_to_string(&target) {
             Ok(text) => text,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -167,36 +171,6 @@ fn has_yaml_comment(text: &str) -> bool {
     text.lines().any(|line| {
         line.trim_start().starts_with('#') || line.contains(" #") || line.contains("\t#")
     })
-}
-
-/// An exclusive advisory lock (`flock`) on a folder, released when dropped. The folder, not the
-/// file, is locked: the file is replaced by a rename, and a lock on the old file would let a
-/// waiter go on to read what is no longer the file.
-struct FolderLock(std::fs::File);
-
-impl FolderLock {
-    fn take(dir: &Path) -> std::io::Result<FolderLock> {
-        use std::os::fd::AsRawFd;
-        let handle = std::fs::File::open(dir)?;
-        loop {
-            // SAFETY: flock on a descriptor this function owns; no memory is passed.
-            if unsafe { libc::flock(handle.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(FolderLock(handle));
-            }
-            let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
-                return Err(e);
-            }
-        }
-    }
-}
-
-impl Drop for FolderLock {
-    fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: as in `take`; closing the handle would release the lock as well.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
-    }
 }
 
 #[cfg(test)]
