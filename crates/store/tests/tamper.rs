@@ -12,13 +12,25 @@ fn filled(dir: &tempfile::TempDir, n: u64) -> std::path::PathBuf {
     path
 }
 
-fn problem(path: &std::path::Path) -> agent_runtime_store::Problem {
+/// What verify says of the database, read only (as `audit verify` opens it).
+fn report(path: &std::path::Path) -> agent_runtime_store::VerifyReport {
     Store::open(encrypted_config(path, "test passphrase").read_only())
         .unwrap()
         .verify()
         .unwrap()
-        .problem
-        .expect("verify should find a problem")
+}
+
+fn problem(path: &std::path::Path) -> agent_runtime_store::Problem {
+    report(path).problem.expect("verify should find a problem")
+}
+
+/// A database of `first` events of run 1 and then `second` of run 2, in two commits: two frames.
+fn in_two_frames(dir: &tempfile::TempDir, first: u64, second: u64) -> std::path::PathBuf {
+    let path = dir.path().join("t.db");
+    let store = open_encrypted(&path);
+    store.append_blocking(events(1, first)).unwrap();
+    store.append_blocking(events(2, second)).unwrap();
+    path
 }
 
 #[test]
@@ -126,12 +138,8 @@ fn deleted_tail_is_named() {
 #[test]
 fn a_cut_off_end_is_neither_written_over_nor_bundled() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    let store = open_encrypted(&path);
-    // Two commits, two frames: the newest is cut off.
-    store.append_blocking(events(1, 300)).unwrap();
-    store.append_blocking(events(2, 200)).unwrap();
-    drop(store);
+    // Two frames: the newest is cut off.
+    let path = in_two_frames(&dir, 300, 200);
     let conn = tamper_conn(&path);
     conn.execute_batch("DELETE FROM frames WHERE first_seq = (SELECT max(first_seq) FROM frames)")
         .unwrap();
@@ -348,10 +356,7 @@ fn a_malformed_newest_event_is_not_chained_onto() {
     assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
     assert!(err.to_string().contains("sequence 5"), "{err}");
     // Verify (which opens for reading) still names the broken event.
-    let report = Store::open(encrypted_config(&path, "test passphrase").read_only())
-        .unwrap()
-        .verify()
-        .unwrap();
+    let report = report(&path);
     assert_eq!(report.problem.map(|p| p.seq), Some(5));
 }
 
@@ -471,19 +476,12 @@ fn a_changed_run_index_or_time_bound_is_named() {
     ];
     for (sql, says) in cases {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("t.db");
-        let store = open_encrypted(&path);
-        store.append_blocking(events(1, 300)).unwrap();
-        store.append_blocking(events(1, 200)).unwrap();
-        drop(store);
+        let path = in_two_frames(&dir, 300, 200);
         let frame = last_frame(&path);
         tamper_conn(&path)
             .execute_batch(&sql.replace("{F}", &frame.to_string()))
             .unwrap();
-        let report = Store::open(encrypted_config(&path, "test passphrase").read_only())
-            .unwrap()
-            .verify()
-            .unwrap();
+        let report = report(&path);
         let p = report.problem.expect("a problem");
         assert_eq!(p.kind, ProblemKind::Damaged, "{sql}: {p}");
         assert!(p.detail.contains(says), "{sql}: {p}");
@@ -542,18 +540,11 @@ fn a_frame_that_links_to_another_chain_is_named() {
 #[test]
 fn frames_with_columns_of_the_wrong_type_are_named() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("t.db");
-    let store = open_encrypted(&path);
-    store.append_blocking(events(1, 49)).unwrap();
-    store.append_blocking(events(1, 20)).unwrap();
-    drop(store);
+    let path = in_two_frames(&dir, 49, 20);
     tamper_conn(&path)
         .execute_batch("UPDATE frames SET body = CAST(body AS TEXT) || 'x' WHERE first_seq = 50")
         .unwrap();
-    let report = Store::open(encrypted_config(&path, "test passphrase").read_only())
-        .unwrap()
-        .verify()
-        .unwrap();
+    let report = report(&path);
     let p = report.problem.expect("a problem");
     assert_eq!((p.seq, p.kind), (50, ProblemKind::Damaged), "{p}");
     assert!(p.detail.contains("do not hold their types"), "{p}");
