@@ -228,7 +228,7 @@ pub(crate) fn resolve_run_id(
         return Err(usage(format!(
             "invalid run id {:?}: expected a run id (see `agent-runtime runs list`), 4 to 32 of \
              its first hex digits, or `last`",
-            shown_arg(arg)
+            agent_runtime_core::names::shown(arg)
         )));
     }
     let matching: Vec<RunId> = store
@@ -868,19 +868,9 @@ fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Res
 fn no_run(name: impl std::fmt::Display) -> anyhow::Error {
     CliError::Usage(format!(
         "no run {} in the event log (see `agent-runtime runs list`)",
-        shown_arg(&name.to_string())
+        agent_runtime_core::names::shown(&name.to_string())
     ))
     .into()
-}
-
-/// An argument as an error quotes it: at most 80 characters, so that a pasted megabyte makes a
-/// one-line error, not a megabyte of it. (Control characters are escaped where every error is
-/// printed, see `main::one_line`.)
-pub(crate) fn shown_arg(arg: &str) -> std::borrow::Cow<'_, str> {
-    match arg.char_indices().nth(80) {
-        None => arg.into(),
-        Some((cut, _)) => format!("{}... ({} characters)", &arg[..cut], arg.chars().count()).into(),
-    }
 }
 
 fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {

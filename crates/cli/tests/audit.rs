@@ -180,6 +180,37 @@ fn bad_input_gives_one_line_and_the_right_exit_code() {
             "{args:?}: {err}"
         );
     }
+    // A mistyped kind is suggested; a pasted megabyte is quoted short.
+    cli(&db)
+        .args(["audit", "tail", "--kind", "task.complete"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "--kind: unknown event kind \"task.complete\" (did you mean `task.completed`?)",
+        ));
+    let long = "k".repeat(100_000);
+    let out = cli(&db)
+        .args(["audit", "export", "--kind", &long])
+        .assert()
+        .code(2)
+        .get_output()
+        .clone();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.len() < 400 && err.contains("(100000 characters)"),
+        "{err}"
+    );
+    // A text file as --db is named as what it is, not as a broken event database.
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "hello\n").unwrap();
+    cli(&text)
+        .args(["runs", "list"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "does not begin as an SQLite database does: not an event database",
+        ));
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), "hello\n");
     // Wrong passphrase: one line, exit 3 (not verified: unlike 1, nothing was found changed),
     // the passphrase not echoed.
     let out = Command::cargo_bin("agent-runtime")

@@ -236,11 +236,32 @@ event_kinds! {
     Note => "note",
 }
 
-/// The error for an unknown event kind.
+/// The error for an unknown event kind. It quotes the input short (see
+/// [`crate::names::shown`]) and names the closest kind when there is one.
+///
+/// ```
+/// use agent_runtime_core::EventKind;
+/// let err = "task.complete".parse::<EventKind>().unwrap_err();
+/// assert_eq!(
+///     err.to_string(),
+///     "unknown event kind \"task.complete\" (did you mean `task.completed`?)"
+/// );
+/// ```
 #[derive(Debug, thiserror::Error)]
-#[error("unknown event kind {input:?} (kinds look like run.started, task.completed, tool.failed)")]
+#[error(
+    "unknown event kind {:?}{}",
+    crate::names::shown(input),
+    suggestion_or_examples(input)
+)]
 pub struct EventKindError {
     input: String,
+}
+
+fn suggestion_or_examples(input: &str) -> String {
+    match crate::names::closest(input, EventKind::ALL.iter().map(|k| k.as_str())) {
+        Some(kind) => format!(" (did you mean `{kind}`?)"),
+        None => " (kinds look like run.started, task.completed, tool.failed)".into(),
+    }
 }
 
 impl fmt::Display for EventKind {

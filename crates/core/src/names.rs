@@ -20,8 +20,12 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
     {
         return Some(same);
     }
+    let name_chars = name.chars().count();
     candidates
         .into_iter()
+        // Lengths that differ by more than the edits allowed can't match; skipping them keeps a
+        // pasted megabyte from costing a megabyte-by-name table per candidate.
+        .filter(|c| name_chars.abs_diff(c.chars().count()) <= 2.max(c.len() / 3))
         .map(|c| (strsim::damerau_levenshtein(name, c), c))
         // A distance as large as the longer name means every character differs: `zz` is no
         // typo of `a`, though only two edits apart.
@@ -44,4 +48,19 @@ pub fn closest<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) ->
 /// ```
 pub fn suggestion<'a>(name: &str, candidates: impl IntoIterator<Item = &'a str>) -> String {
     closest(name, candidates).map_or(String::new(), |c| format!(" (did you mean `{c}`?)"))
+}
+
+/// An argument as an error message quotes it: at most 80 characters, then `... (N characters)`,
+/// so that a pasted megabyte makes a one-line error, not a megabyte of one.
+///
+/// ```
+/// use agent_runtime_core::names::shown;
+/// assert_eq!(shown("fetch"), "fetch");
+/// assert_eq!(shown(&"x".repeat(100)), format!("{}... (100 characters)", "x".repeat(80)));
+/// ```
+pub fn shown(arg: &str) -> std::borrow::Cow<'_, str> {
+    match arg.char_indices().nth(80) {
+        None => arg.into(),
+        Some((cut, _)) => format!("{}... ({} characters)", &arg[..cut], arg.chars().count()).into(),
+    }
 }

@@ -75,7 +75,10 @@ impl fmt::Display for Timestamp {
 
 /// The error for a string that is not an RFC 3339 UTC time.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid timestamp {input:?}: expected RFC 3339 such as 2026-01-02T03:04:05Z ({reason})")]
+#[error(
+    "invalid timestamp {:?}: expected RFC 3339 such as 2026-01-02T03:04:05Z ({reason})",
+    crate::names::shown(input)
+)]
 pub struct TimestampError {
     input: String,
     reason: String,
@@ -88,16 +91,26 @@ impl FromStr for Timestamp {
             input: s.to_string(),
             reason,
         };
-        if s.get(..4)
-            .and_then(|y| y.parse::<u32>().ok())
-            .is_some_and(|y| y < 1970)
-        {
-            return Err(err("before 1970".into()));
-        }
+        // The parser reads no year before 1970. The last day of 1969 west of Greenwich can
+        // still be 1970 in UTC (`1969-12-31T23:00:00-02:00`): it is read as the first day of
+        // 1970, a day earlier.
+        let mut day_before = false;
+        let year_1969;
+        let s = match s.get(..4).and_then(|y| y.parse::<u32>().ok()) {
+            Some(y) if y < 1970 => match s.strip_prefix("1969-12-31") {
+                Some(rest) if s.is_char_boundary(10) => {
+                    day_before = true;
+                    year_1969 = format!("1970-01-01{rest}");
+                    year_1969.as_str()
+                }
+                _ => return Err(err("before 1970".into())),
+            },
+            _ => s,
+        };
         // RFC 3339 allows a lower-case `t` and `z` and a numeric offset; the parser takes `T`
         // and `Z` alone.
         let upper_t;
-        let s_norm = if s.as_bytes().get(10) == Some(&b't') {
+        let s_norm = if s.as_bytes().get(10) == Some(&b't') && s.is_char_boundary(11) {
             upper_t = format!("{}T{}", &s[..10], &s[11..]);
             upper_t.as_str()
         } else {
@@ -109,7 +122,12 @@ impl FromStr for Timestamp {
             .duration_since(UNIX_EPOCH)
             .map_err(|_| err("before 1970".into()))?;
         let nanos = i128::try_from(d.as_nanos()).unwrap_or(i128::MAX)
-            - i128::from(offset_secs) * 1_000_000_000;
+            - i128::from(offset_secs) * 1_000_000_000
+            - if day_before {
+                86_400 * 1_000_000_000
+            } else {
+                0
+            };
         if nanos < 0 {
             return Err(err("before 1970".into()));
         }
@@ -321,6 +339,23 @@ mod tests {
                 .unwrap_err()
                 .contains("before 1970")
         );
+        // The last day of 1969 west of Greenwich may be 1970 in UTC.
+        assert_eq!(
+            parse("1969-12-31T23:00:00-02:00").unwrap(),
+            parse("1970-01-01T01:00:00Z").unwrap()
+        );
+        assert_eq!(parse("1969-12-31t22:00:00.25-02:00").unwrap(), 250_000_000);
+        for before in [
+            "1969-12-31T23:00:00-00:30",
+            "1969-12-31T23:00:00Z",
+            "1969-12-30T23:00:00-02:00",
+            "0001-01-01T00:00:00Z",
+        ] {
+            assert!(
+                parse(before).unwrap_err().contains("before 1970"),
+                "{before}"
+            );
+        }
         assert!(parse("2026-01-02").is_err());
         assert!(parse("2026-01-02T03:04:05+25:99").is_err());
     }

@@ -226,10 +226,19 @@ pub(crate) fn sqlite_error(
     if let rusqlite::Error::SqliteFailure(f, _) = &e {
         match f.code {
             ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase => {
+                let detail = if f.code == ErrorCode::NotADatabase && !begins_as_sqlite(path) {
+                    // SQLite's "file is not a database" reads as if an event database broke;
+                    // most often the path names some other file.
+                    "it does not begin as an SQLite database does: not an event database, \
+                     or one whose first page was overwritten"
+                        .to_string()
+                } else {
+                    e.to_string()
+                };
                 return StoreError::Damaged {
                     path: path.to_path_buf(),
                     after_seq,
-                    detail: e.to_string(),
+                    detail,
                 };
             }
             ErrorCode::DatabaseBusy
@@ -247,6 +256,17 @@ pub(crate) fn sqlite_error(
     StoreError::Sqlite {
         path: path.to_path_buf(),
         detail: e.to_string(),
+    }
+}
+
+/// Whether the file's first 16 bytes are SQLite's header string (true when it can't be read:
+/// then nothing better can be said than what SQLite said).
+fn begins_as_sqlite(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut header = [0u8; 16];
+    match std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut header)) {
+        Ok(()) => &header == b"SQLite format 3\0",
+        Err(e) => e.kind() != std::io::ErrorKind::UnexpectedEof,
     }
 }
 

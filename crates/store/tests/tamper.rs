@@ -318,6 +318,26 @@ fn a_file_that_is_not_a_database_is_named() {
         "{err}"
     );
     assert!(err.to_string().contains("junk.db"), "{err}");
+    // What SQLite says ("file is not a database") reads as if an event database broke: a file
+    // that doesn't begin as SQLite's do is named as that, opened for writing or reading, short
+    // or long, and left as it was.
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "hello\n").unwrap();
+    for (file, config) in [
+        (&path, StoreConfig::plaintext(&path)),
+        (&path, StoreConfig::plaintext(&path).read_only()),
+        (&text, StoreConfig::plaintext(&text)),
+        (&text, StoreConfig::plaintext(&text).read_only()),
+    ] {
+        let before = std::fs::read(file).unwrap();
+        let err = Store::open(config).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("does not begin as an SQLite database does: not an event database"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read(file).unwrap(), before);
+    }
     // An SQLite database of something else.
     let other = dir.path().join("other.db");
     rusqlite::Connection::open(&other)
