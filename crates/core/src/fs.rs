@@ -52,8 +52,8 @@ pub fn folder_of(path: &Path) -> PathBuf {
 }
 
 /// Replaces the file `path` names (a link's target, see [`link_target`]) with what `write`
-/// writes, whole or not at all: `write` fills a new file beside it (`.NAME.partial-PID-N`,
-/// created new, so concurrent writers never share one), which is flushed to disk and renamed
+/// writes, whole or not at all: `write` fills a new file beside it (`.NAME.partial-PID-N`, see
+/// [`temp_beside`]; created new, so concurrent writers never share one), which is flushed to disk and renamed
 /// over the target once `write` succeeds, and removed when anything fails. The new file keeps
 /// the replaced one's permissions; a new one is private to its owner (`0600`), since what users
 /// write this way (exported payloads, tokens in a servers file) is often not for others.
@@ -72,22 +72,18 @@ pub fn replace<T, E: From<io::Error>>(
     write: impl FnOnce(&mut File) -> Result<T, E>,
 ) -> Result<T, E> {
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let target = link_target(path)?;
     let mode = match std::fs::metadata(&target) {
         Ok(m) => m.permissions().mode() & 0o7777,
         Err(e) if e.kind() == io::ErrorKind::NotFound => 0o600,
         Err(e) => return Err(e.into()),
     };
-    let name = target
-        .file_name()
-        .ok_or_else(|| io::Error::other(format!("{}: names no file", path.display())))?;
+    if target.file_name().is_none() {
+        return Err(io::Error::other(format!("{}: names no file", path.display())).into());
+    }
     let dir = folder_of(&target);
-    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let mut tmp_name = std::ffi::OsString::from(".");
-    tmp_name.push(name);
-    tmp_name.push(format!(".partial-{}-{n}", std::process::id()));
-    let tmp = dir.join(tmp_name);
+    remove_stale_temps(&target, "partial");
+    let tmp = temp_beside(&target, "partial");
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -107,4 +103,141 @@ pub fn replace<T, E: From<io::Error>>(
         let _ = std::fs::remove_file(&tmp);
     }
     result
+}
+
+/// The longest file name most file systems take (Linux's `NAME_MAX`), in bytes.
+const NAME_MAX: usize = 255;
+
+/// Bytes a temporary name leaves free for what SQLite adds to a database's name (`-journal`).
+const SQLITE_SUFFIX_ROOM: usize = 8;
+
+/// How long a temporary file must have gone unwritten before [`remove_stale_temps`] takes it
+/// for a leftover: the writer that made it was killed. No creation or export stalls that long
+/// between writes.
+pub const STALE_TEMP_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// A new name beside `target` for a file that becomes `target` once whole:
+/// `.NAME.TAG-PID-N`, hidden, unique to this process and call. `NAME` is cut short when needed
+/// so that the name, with room for SQLite's `-journal` after it, stays within the 255 bytes
+/// file systems allow: a target whose name is near that long still gets a temporary file.
+///
+/// ```
+/// use std::path::Path;
+/// let tmp = agent_runtime_core::fs::temp_beside(Path::new("/data/out.jsonl"), "partial");
+/// let name = tmp.file_name().unwrap().to_str().unwrap();
+/// assert!(name.starts_with(".out.jsonl.partial-"), "{name}");
+/// assert_eq!(tmp.parent(), Some(Path::new("/data")));
+///
+/// let long = format!("/data/{}", "x".repeat(250));
+/// let tmp = agent_runtime_core::fs::temp_beside(Path::new(&long), "partial");
+/// assert!(tmp.file_name().unwrap().len() <= 255 - 8);
+/// ```
+pub fn temp_beside(target: &Path, tag: &str) -> PathBuf {
+    static TEMPS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = TEMPS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tail = format!(".{tag}-{}-{n}", std::process::id());
+    let mut name = temp_prefix(target, tag);
+    name.push(tail);
+    target.with_file_name(name)
+}
+
+/// `.NAME` as [`temp_beside`] writes it for `target`, cut short to leave room for the longest
+/// tail a tag, two 20-digit numbers and SQLite's suffix can make.
+fn temp_prefix(target: &Path, tag: &str) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let name = target.file_name().map(OsStrExt::as_bytes).unwrap_or(b"");
+    let room = NAME_MAX - SQLITE_SUFFIX_ROOM - (tag.len() + 2 * 20 + 3) - 1;
+    let mut prefix = Vec::with_capacity(1 + name.len().min(room));
+    prefix.push(b'.');
+    prefix.extend_from_slice(&name[..name.len().min(room)]);
+    std::ffi::OsString::from_vec(prefix)
+}
+
+/// Removes the temporary files that [`temp_beside`] named for `target` and `tag` and that no
+/// one has written for [`STALE_TEMP_AFTER`]: leftovers of a process killed while it wrote
+/// (a `kill -9` mid-export or mid-creation). Another process's file still being written is
+/// never this old. Best effort: what cannot be listed or removed stays. Returns how many were
+/// removed.
+pub fn remove_stale_temps(target: &Path, tag: &str) -> usize {
+    use std::os::unix::ffi::OsStrExt;
+    let mut prefix = temp_prefix(target, tag);
+    prefix.push(format!(".{tag}-"));
+    let Ok(entries) = std::fs::read_dir(folder_of(target)) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.as_bytes().strip_prefix(prefix.as_bytes()) else {
+            continue;
+        };
+        // `PID-N`, and SQLite's `-wal`, `-shm` or `-journal` after it.
+        let rest = [b"-wal".as_slice(), b"-shm", b"-journal"]
+            .iter()
+            .find_map(|s| rest.strip_suffix(*s))
+            .unwrap_or(rest);
+        let numbers = rest.split(|&b| b == b'-').collect::<Vec<_>>();
+        if numbers.len() != 2
+            || numbers
+                .iter()
+                .any(|n| n.is_empty() || !n.iter().all(u8::is_ascii_digit))
+        {
+            continue;
+        }
+        let stale = entry
+            .metadata()
+            .ok()
+            .filter(std::fs::Metadata::is_file)
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_TEMP_AFTER);
+        if stale && std::fs::remove_file(entry.path()).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn temporary_names_fit_and_stale_ones_go() {
+        let dir = tempfile::tempdir().unwrap();
+        // A name of 255 bytes, the most a file system takes: its temporary file still fits.
+        let target = dir.path().join("n".repeat(255));
+        std::fs::write(&target, "old").unwrap();
+        replace(&target, |f| std::io::Write::write_all(f, b"new")).unwrap();
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "new");
+
+        let fresh = temp_beside(&target, "partial");
+        std::fs::write(&fresh, "").unwrap();
+        let stale = temp_beside(&target, "partial");
+        std::fs::write(&stale, "").unwrap();
+        let stale_wal = PathBuf::from(format!("{}-wal", stale.display()));
+        std::fs::write(&stale_wal, "").unwrap();
+        let other_tag = temp_beside(&target, "creating");
+        std::fs::write(&other_tag, "").unwrap();
+        let lookalike = dir.path().join(format!(
+            "{}.partial-notes",
+            temp_prefix(&target, "partial").to_string_lossy()
+        ));
+        std::fs::write(&lookalike, "").unwrap();
+        let old =
+            std::time::SystemTime::now() - STALE_TEMP_AFTER - std::time::Duration::from_secs(1);
+        for path in [&stale, &stale_wal, &other_tag, &lookalike] {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(old)
+                .unwrap();
+        }
+        assert_eq!(remove_stale_temps(&target, "partial"), 2);
+        assert!(!stale.exists() && !stale_wal.exists());
+        // A file written recently, another tag's, and one that only looks alike stay.
+        assert!(fresh.exists() && other_tag.exists() && lookalike.exists());
+        assert!(target.exists());
+    }
 }

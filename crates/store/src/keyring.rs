@@ -49,6 +49,20 @@ pub(crate) fn load_kek(key_id: &str) -> Result<Zeroizing<[u8; 32]>, String> {
     Ok(kek)
 }
 
+/// Removes the key of `key_id`: one made for a database that was then not created (another
+/// process's creation won, or the creation failed). Best effort: an entry left behind holds a
+/// key that wraps nothing.
+#[cfg(feature = "os-keyring")]
+pub(crate) fn delete_kek(key_id: &str) {
+    if let Ok(entry) = keyring::Entry::new(KEYRING_SERVICE, &account(key_id)) {
+        let _ = entry.delete_credential();
+    }
+}
+
+/// Without the `os-keyring` feature there is no keyring.
+#[cfg(not(feature = "os-keyring"))]
+pub(crate) fn delete_kek(_key_id: &str) {}
+
 /// Without the `os-keyring` feature there is no keyring.
 #[cfg(not(feature = "os-keyring"))]
 pub(crate) fn create_kek(_key_id: &str) -> Result<Zeroizing<[u8; 32]>, String> {

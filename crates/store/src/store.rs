@@ -965,10 +965,10 @@ fn refuse_foreign(conn: &Connection, path: &Path) -> Result<(), StoreError> {
 /// file, as [`Store::open`] allows.
 fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
     let path = &config.path;
-    // Unique to this call: threads of one process may create the same database at once.
-    static CREATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = CREATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let tmp = beside(path, &format!(".creating-{}-{n}", std::process::id()));
+    // Leftovers of creators killed mid-way; then a name unique to this call (threads of one
+    // process may create the same database at once).
+    agent_runtime_core::fs::remove_stale_temps(path, "creating");
+    let tmp = agent_runtime_core::fs::temp_beside(path, "creating");
     let remove_tmp = || {
         for suffix in ["", "-wal", "-shm", "-journal"] {
             let _ = std::fs::remove_file(beside(&tmp, suffix));
@@ -980,6 +980,14 @@ fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
         path: path.clone(),
         detail,
     };
+    // The OS keyring entry this creation made, removed unless this creation's file is the one
+    // linked into place: a creation that fails or loses the race leaves no key behind.
+    let mut keyring_entry: Option<String> = None;
+    let forget_key = |entry: Option<String>| {
+        if let Some(key_id) = entry {
+            crate::keyring::delete_kek(&key_id);
+        }
+    };
     let built = (|| {
         let conn = Connection::open_with_flags(
             &tmp,
@@ -989,16 +997,20 @@ fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
         )
         .map_err(|e| failed(format!("cannot create {}: {e}", tmp.display())))?;
         set_pragmas(&conn, path, true)?;
-        init_schema(&conn, config)?;
+        keyring_entry = init_schema(&conn, config)?;
         // Closing the last connection checkpoints the write-ahead log into the file.
         conn.close().map_err(|(_, e)| sqlite_error(path, e, None))
     })();
     if let Err(e) = built {
         remove_tmp();
+        forget_key(keyring_entry);
         return Err(e);
     }
     let linked = std::fs::hard_link(&tmp, path);
     remove_tmp();
+    if linked.is_err() {
+        forget_key(keyring_entry);
+    }
     match linked {
         Ok(()) => {
             // The new name is durable once its folder is.
@@ -1013,11 +1025,14 @@ fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
     }
 }
 
-fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError> {
+/// Writes the schema and, for a new database, its format marker and keys. Returns the id of the
+/// OS keyring entry it made, if it made one (removed again when it fails).
+fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<Option<String>, StoreError> {
     let path = &config.path;
     let err = |e| sqlite_error(path, e, None);
     // IMMEDIATE: two processes creating the same database at once serialize here.
     conn.execute_batch("BEGIN IMMEDIATE").map_err(err)?;
+    let mut keyring_entry: Option<String> = None;
     let result = (|| -> Result<(), StoreError> {
         conn.execute_batch(SCHEMA).map_err(err)?;
         match meta_string(conn, "format").map_err(err)? {
@@ -1075,6 +1090,7 @@ fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError
                                 keyring: Some(detail),
                             }
                         })?;
+                        keyring_entry = Some(key_id.clone());
                         put("key_source", b"os-keyring").map_err(err)?;
                         put("key_id", key_id.as_bytes()).map_err(err)?;
                         put("wrapped_key", &crypto::wrap_key(&kek, &data_key)).map_err(err)?;
@@ -1090,10 +1106,13 @@ fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<(), StoreError
         }
         Ok(())
     })();
-    match result {
-        Ok(()) => conn.execute_batch("COMMIT").map_err(err),
+    match result.and_then(|()| conn.execute_batch("COMMIT").map_err(err)) {
+        Ok(()) => Ok(keyring_entry),
         Err(e) => {
             let _ = conn.execute_batch("ROLLBACK");
+            if let Some(key_id) = keyring_entry {
+                crate::keyring::delete_kek(&key_id);
+            }
             Err(e)
         }
     }

@@ -790,6 +790,41 @@ impl<R: BufRead> Iterator for BundleLines<R> {
     }
 }
 
+/// Items gathered into batches of at most `max_items`, or of as many as reach `max_bytes`
+/// together, whichever comes first.
+struct Batches<T> {
+    max_items: usize,
+    max_bytes: u64,
+    batch: Vec<T>,
+    bytes: u64,
+}
+
+impl<T> Batches<T> {
+    fn new(max_items: usize, max_bytes: u64) -> Self {
+        Batches {
+            max_items,
+            max_bytes,
+            batch: Vec::with_capacity(max_items),
+            bytes: 0,
+        }
+    }
+
+    /// Adds `item` of `bytes`; the batch, when that filled it.
+    fn push(&mut self, item: T, bytes: u64) -> Option<Vec<T>> {
+        self.batch.push(item);
+        self.bytes += bytes;
+        (self.batch.len() >= self.max_items || self.bytes >= self.max_bytes).then(|| {
+            self.bytes = 0;
+            std::mem::replace(&mut self.batch, Vec::with_capacity(self.max_items))
+        })
+    }
+
+    /// What is left, if anything.
+    fn finish(self) -> Option<Vec<T>> {
+        (!self.batch.is_empty()).then_some(self.batch)
+    }
+}
+
 /// Verifies a bundle written by `export --format bundle`, offline: no database and no key.
 ///
 /// ```no_run
@@ -838,8 +873,9 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
     let mut read_error: Option<StoreError> = None;
     let result = ordered_parallel(
         |emit| {
-            let mut batch = Vec::with_capacity(BATCH);
-            let mut batch_bytes = 0u64;
+            // Bounded by bytes too: lines of up to 64 MiB each, a batch of them by count alone
+            // could hold tens of GiB.
+            let mut batches = Batches::new(BATCH, MAX_BUNDLE_LINE);
             for line in lines.by_ref() {
                 line_no += 1;
                 let line = line.map_err(io)?.map_err(|why| bad(line_no, why))?;
@@ -858,21 +894,15 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
                     trailer = Some((line_no, t.chain_head));
                     continue;
                 }
-                batch_bytes += line.len() as u64;
-                batch.push((line_no, line));
-                // Bounded by bytes too: lines of up to 64 MiB each, a batch of them by count
-                // alone could hold tens of GiB.
-                if (batch.len() == BATCH || batch_bytes >= MAX_BUNDLE_LINE)
-                    && !emit(std::mem::replace(&mut batch, Vec::with_capacity(BATCH)))
+                let bytes = line.len() as u64;
+                if let Some(full) = batches.push((line_no, line), bytes)
+                    && !emit(full)
                 {
                     return Ok(());
                 }
-                if batch.is_empty() {
-                    batch_bytes = 0;
-                }
             }
-            if !batch.is_empty() {
-                emit(batch);
+            if let Some(rest) = batches.finish() {
+                emit(rest);
             }
             Ok(())
         },
@@ -948,5 +978,27 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
             }
             Ok(report)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batches;
+
+    #[test]
+    fn batches_are_bounded_by_count_and_by_bytes() {
+        let mut batches = Batches::new(3, 100);
+        // Small items: three to a batch.
+        assert_eq!(batches.push(1, 1), None);
+        assert_eq!(batches.push(2, 1), None);
+        assert_eq!(batches.push(3, 1), Some(vec![1, 2, 3]));
+        // Large ones: as many as reach the bytes, however few.
+        assert_eq!(batches.push(4, 60), None);
+        assert_eq!(batches.push(5, 60), Some(vec![4, 5]));
+        assert_eq!(batches.push(6, 150), Some(vec![6]));
+        // The bytes count starts again with each batch.
+        assert_eq!(batches.push(7, 99), None);
+        assert_eq!(batches.finish(), Some(vec![7]));
+        assert_eq!(Batches::<u8>::new(3, 100).finish(), None);
     }
 }

@@ -164,4 +164,54 @@ fn data_key_in_the_os_keyring() {
         })
         .unwrap();
     assert_eq!(source, b"passphrase-argon2id");
+
+    // Eight threads create one database at once: each builds a copy with a key of its own in
+    // the keyring, one copy is linked into place, and the others' keys are removed with them.
+    let raced = dir.path().join("raced.db");
+    let barrier = std::sync::Barrier::new(8);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                barrier.wait();
+                Store::open(StoreConfig::new(&raced)).expect("every creator opens it");
+            });
+        }
+    });
+    let conn = rusqlite::Connection::open(&raced).unwrap();
+    let key_id: Vec<u8> = conn
+        .query_row("SELECT value FROM meta WHERE key = 'key_id'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    drop(conn);
+    let raced_account = format!("event-log-key-{}", String::from_utf8(key_id).unwrap());
+    let mut accounts = database_keys();
+    accounts.sort();
+    assert!(
+        accounts.contains(&raced_account),
+        "the database's key is kept: {accounts:?}"
+    );
+    // The keyring holds the raced database's key and the first one's (deleted above) no more:
+    // none of the seven losers' keys.
+    assert_eq!(accounts, vec![raced_account], "keys left in the keyring");
+    assert!(Store::open(StoreConfig::new(&raced)).is_ok());
+}
+
+/// The accounts of the database keys in the Secret Service (`event-log-key-ID`).
+fn database_keys() -> Vec<String> {
+    use dbus_secret_service::{EncryptionType, SecretService};
+    let ss = SecretService::connect(EncryptionType::Plain).expect("connect to the Secret Service");
+    let found = ss
+        .search_items(std::collections::HashMap::from([(
+            "service",
+            KEYRING_SERVICE,
+        )]))
+        .expect("search the Secret Service");
+    found
+        .unlocked
+        .iter()
+        .chain(&found.locked)
+        .filter_map(|item| item.get_attributes().ok()?.remove("username"))
+        .filter(|account| account.starts_with("event-log-key-"))
+        .collect()
 }
