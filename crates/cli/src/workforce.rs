@@ -89,6 +89,10 @@ pub struct ResumeArgs {
     /// Print the outcome as JSON.
     #[arg(long)]
     pub json: bool,
+    /// Go on in the current folder, not in the one the run started in (where its tools'
+    /// relative paths resolve).
+    #[arg(long)]
+    pub here: bool,
     #[command(flatten)]
     pub gateway: GatewayOpts,
 }
@@ -436,6 +440,7 @@ async fn options(
         // `{{ secrets.NAME }}` reads AGENT_RUNTIME_SECRET_NAME, which `main` moved out of the
         // environment into memory, and nothing else.
         secrets: crate::common::graph_secrets(),
+        labels: Default::default(),
     };
     Ok((opts, manager))
 }
@@ -596,7 +601,12 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     let head = store.head()?.map_or(0, |(seq, _)| seq);
     // A fixed default would give runs started in the same millisecond (a script starting
     // several at once) the same id; the one the run gets is recorded in it either way.
-    let seed = args.seed.unwrap_or_else(agent_runtime_core::os_random_u64);
+    // At most 53 bits: JSON readers that hold numbers as doubles (`jq` before 1.7, JavaScript)
+    // read such a seed back exactly, so a run can be repeated from `runs show --json`.
+    let seed = args
+        .seed
+        .unwrap_or_else(|| agent_runtime_core::os_random_u64() >> 11);
+    let labels = origin_labels(&args.gateway);
     drive(
         &store,
         seed,
@@ -604,7 +614,8 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         head,
         args.json,
         false,
-        |opts, token, controls| {
+        |mut opts, token, controls| {
+            opts.labels = labels;
             // Checked here, where the graph's text is at hand, so that an unknown tool is
             // named by line and column; the driver checks again, without them.
             let tools = graph
@@ -687,6 +698,92 @@ fn secret_looking_arguments(graph: &agent_runtime_workforce::TaskGraph) -> Vec<S
     found
 }
 
+/// The labels `run` records (see `RunOptions::labels`): the folder it runs in and the gateway
+/// files it was given, as absolute paths, so that `resume` can go on in the same surroundings
+/// (see [`go_where_started`]). Paths that are not UTF-8 are left out.
+fn origin_labels(gateway: &GatewayOpts) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut add = |key: &str, path: Option<PathBuf>| {
+        if let Some(text) = path.as_deref().and_then(std::path::Path::to_str) {
+            labels.insert(key.to_string(), text.to_string());
+        }
+    };
+    add("workspace", std::env::current_dir().ok());
+    let absolute = |p: &Option<PathBuf>| p.as_deref().and_then(|p| std::path::absolute(p).ok());
+    add("gateway_config", absolute(&gateway.config));
+    add("policy", absolute(&gateway.policy));
+    add("mcp_config", absolute(&gateway.mcp_config));
+    labels
+}
+
+/// Makes `resume` go on where the run started: in its folder (tools resolve relative paths
+/// against it, unless `--here`), with the gateway files it was given unless others are given
+/// now. Says so on standard error when that differs from how `resume` was called.
+fn go_where_started(
+    run_id: RunId,
+    labels: &BTreeMap<String, String>,
+    args: &mut ResumeArgs,
+) -> anyhow::Result<()> {
+    let gateway = &mut args.gateway;
+    for (key, flag, given) in [
+        ("gateway_config", "--config", &mut gateway.config),
+        ("policy", "--policy", &mut gateway.policy),
+        ("mcp_config", "--mcp-config", &mut gateway.mcp_config),
+    ] {
+        match (given.as_mut(), labels.get(key)) {
+            // Given now: from where this command runs.
+            (Some(path), _) => *path = std::path::absolute(&*path)?,
+            (None, Some(recorded)) => {
+                let recorded = PathBuf::from(recorded);
+                if !recorded.exists() {
+                    return Err(CliError::Failed(format!(
+                        "run {run_id} was started with {flag} {}, which is gone; pass {flag} to \
+                         resume it with another",
+                        recorded.display()
+                    ))
+                    .into());
+                }
+                eprintln!(
+                    "resume: with {flag} {}, as the run started",
+                    recorded.display()
+                );
+                *given = Some(recorded);
+            }
+            (None, None) => {}
+        }
+    }
+    let Some(folder) = labels.get("workspace").map(PathBuf::from) else {
+        return Ok(());
+    };
+    let here = std::env::current_dir().ok();
+    let same = |a: &std::path::Path, b: &std::path::Path| {
+        a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+    };
+    if args.here || here.as_deref().is_some_and(|h| same(h, &folder)) {
+        return Ok(());
+    }
+    if !folder.is_dir() {
+        return Err(CliError::Failed(format!(
+            "run {run_id} started in {}, which is gone: its tools' relative paths resolve \
+             there; create it, or pass --here to go on in this folder",
+            folder.display()
+        ))
+        .into());
+    }
+    std::env::set_current_dir(&folder).map_err(|e| {
+        CliError::Failed(format!(
+            "run {run_id} started in {}, which cannot be entered ({e}); pass --here to go on \
+             in this folder",
+            folder.display()
+        ))
+    })?;
+    eprintln!(
+        "resume: in {}, where the run started (--here: in this folder)",
+        folder.display()
+    );
+    Ok(())
+}
+
 /// What `run` and `resume` share: the gateway's tools, cancellation requests made after
 /// sequence number `requests_after`, Ctrl-C, the progress display and the final report.
 fn drive<Go, Fut>(
@@ -739,6 +836,8 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             ""
         } else if store.run_is_claimed(run_id)? {
             ", not finished: another process is driving it"
+        } else if is_simulation(&store, run_id)? {
+            ", not finished: the simulation was stopped"
         } else {
             ", not finished: resume it"
         };
@@ -753,17 +852,44 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn resume(args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    // Paths given here name files from where this command runs, which may not be where the
+    // run goes on (see `go_where_started`).
+    let global = GlobalArgs {
+        db: global.db.as_deref().map(std::path::absolute).transpose()?,
+        ..global.clone()
+    };
     let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
     // Requests made after the run's last own event were never acted on (the process that drove
     // it had died): they take effect now, as do those made while it resumes.
     let mut last_own = None;
-    each_own_event(&store, run_id, |e| last_own = Some(e.seq))?;
+    let mut created: Option<Value> = None;
+    each_own_event(&store, run_id, |e| {
+        if created.is_none() {
+            created = Some(e.payload.clone());
+        }
+        last_own = Some(e.seq)
+    })?;
     let after = match last_own {
         Some(seq) => seq,
         None => store.head()?.map_or(0, |(seq, _)| seq),
     };
+    if let Some(sim) = created.as_ref().and_then(|c| c.get("simulation")) {
+        let seed = sim.get("seed").and_then(Value::as_u64).unwrap_or_default();
+        return Err(CliError::Failed(format!(
+            "run {run_id} is a simulation (seed {seed}), which is not resumed: its virtual \
+             clock and synthetic calls live only in the process that ran it. `replay` checks \
+             what it recorded; `simulate` it again with --db naming another database (a \
+             simulation's run id follows from its seed)"
+        ))
+        .into());
+    }
+    let labels = created
+        .as_ref()
+        .map(driver::created_labels)
+        .unwrap_or_default();
+    go_where_started(run_id, &labels, &mut args)?;
     drive(
         &store,
         0,
@@ -848,6 +974,22 @@ fn each_own_event(
             f(e);
         }
     })
+}
+
+/// Whether the run is a simulation (its `run.created` holds the simulation's configuration):
+/// one that stopped is not resumed.
+fn is_simulation(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<bool> {
+    let first = query(
+        store,
+        EventQuery {
+            run_id: Some(run_id),
+            limit: Some(1),
+            ..EventQuery::default()
+        },
+    )?;
+    Ok(first
+        .first()
+        .is_some_and(|e| e.kind == EventKind::RunCreated && e.payload.get("simulation").is_some()))
 }
 
 /// A run's summary, from its own events.

@@ -654,10 +654,10 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         };
         yaml.push_str(&format!("  - {{ id: s{i}, tool: sleep, args: {{ ms: 250 }}, retry: {{ backoff: 1ms }}{needs} }}\n"));
     }
-    yaml.push_str(&format!(
-        "  - {{ id: write, tool: write_file, needs: [s7], args: {{ path: {:?}, text: \"done\" }}, retry: {{ backoff: 1ms }} }}\n",
-        out_file.display().to_string()
-    ));
+    // A path relative to the folder the run started in, where `resume` goes on from anywhere.
+    yaml.push_str(
+        "  - { id: write, tool: write_file, needs: [s7], args: { path: out.txt, text: \"done\" }, retry: { backoff: 1ms } }\n",
+    );
     std::fs::write(&flow, yaml).unwrap();
 
     // The gateway's default policy lets `write_file` write inside the workspace, which is the
@@ -717,14 +717,31 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .assert()
         .success()
         .stdout(predicate::str::contains("not finished: resume it"));
+    // The run recorded the folder it started in; resumed from another, it goes on there.
+    let created = &before[0];
+    assert_eq!(created.kind, EventKind::RunCreated);
+    assert_eq!(
+        created.payload["labels"]["workspace"]
+            .as_str()
+            .map(PathBuf::from),
+        Some(std::env::current_dir().unwrap().join(dir.path()))
+    );
+    let elsewhere = dir.path().join("elsewhere");
+    std::fs::create_dir(&elsewhere).unwrap();
     let out = cli(&db)
-        .current_dir(dir.path())
+        .current_dir(&elsewhere)
         .args(["resume", &run_id.to_string(), "--json"])
         .output()
         .unwrap();
     let outcome = succeeded(&out);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("resume: in "),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(outcome["status"], "completed");
     assert_eq!(std::fs::read_to_string(&out_file).unwrap(), "done");
+    assert!(!elsewhere.join("out.txt").exists());
     // The same outcome as a run that was never interrupted.
     let db2 = dir.path().join("uninterrupted.db");
     let out2 = cli(&db2)
@@ -752,6 +769,87 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .stdout(predicate::str::contains(
             outcome["log_hash"].as_str().unwrap(),
         ));
+}
+
+#[test]
+fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
+    use agent_runtime_workforce::{engine::Engine, sim};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    // A run whose process died before its first task, started in a folder since removed.
+    let started_in = dir.path().join("gone");
+    let graph = agent_runtime_workforce::graph::parse_graph(
+        "tasks:\n  - { id: a, tool: echo, args: { text: hi } }\n",
+        Path::new("g.yaml"),
+    )
+    .unwrap();
+    let config = dir.path().join("gateway.yaml");
+    let labels = [
+        ("workspace", started_in.to_str().unwrap()),
+        ("gateway_config", config.to_str().unwrap()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v.to_string()))
+    .collect();
+    let run_id = RunId::from_bytes([7; 16]);
+    let t0 = agent_runtime_core::Timestamp::from_unix_nanos(1_800_000_000_000_000_000);
+    let created = Engine::created_event_labelled(run_id, &graph, 1, t0, &labels);
+    // A simulation stopped after its first event.
+    let cfg = sim::SimConfig::new(10, 100, sim::Shape::Chain, 0.0, 5);
+    let sim_id = sim::run_id_of(&cfg);
+    let sim_created =
+        Engine::created_sim_event(sim_id, &cfg, &sim::synth_graph(&cfg), sim::SIM_EPOCH);
+    let store = Store::open(StoreConfig::plaintext(&db)).unwrap();
+    store.append_blocking(vec![created, sim_created]).unwrap();
+    drop(store);
+
+    // The gateway configuration it was started with is gone.
+    cli(&db)
+        .current_dir(dir.path())
+        .args(["resume", &run_id.to_string()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(format!(
+            "run {run_id} was started with --config {}, which is gone; pass --config",
+            config.display()
+        )));
+    // Back, it is used; the folder is still gone.
+    std::fs::write(&config, "{}\n").unwrap();
+    cli(&db)
+        .current_dir(dir.path())
+        .args(["resume", &run_id.to_string()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(format!(
+            "resume: with --config {}, as the run started",
+            config.display()
+        )))
+        .stderr(predicate::str::contains(format!(
+            "run {run_id} started in {}, which is gone",
+            started_in.display()
+        )));
+    // --here: it goes on in this folder.
+    cli(&db)
+        .current_dir(dir.path())
+        .args(["resume", &run_id.to_string(), "--here", "--json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("\"completed\""));
+
+    cli(&db)
+        .args(["replay", &sim_id.to_string()])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "not finished: the simulation was stopped",
+        ));
+    cli(&db)
+        .args(["resume", &sim_id.to_string()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(format!(
+            "run {sim_id} is a simulation (seed 5), which is not resumed"
+        )));
 }
 
 #[test]
@@ -1053,6 +1151,7 @@ fn a_claim_waits_off_the_async_threads() {
             models: std::sync::Arc::new(NoModels),
             observer: None,
             secrets: std::sync::Arc::new(agent_runtime_core::NoSecrets),
+            labels: Default::default(),
         };
         let err = driver::run_graph(graph, opts).await.unwrap_err();
         ticker.abort();

@@ -280,6 +280,7 @@ pub async fn live_agents(
         models: Arc::new(StaticModels(models)),
         observer: None,
         secrets: Arc::new(agent_runtime_core::NoSecrets),
+        labels: Default::default(),
     };
     let before = current_memory_bytes();
     let stop = agent_runtime_core::CancellationToken::new();

@@ -224,6 +224,36 @@ pub struct RunOptions {
     /// Where the `{{ secrets.NAME }}` of tool steps' arguments come from (see
     /// [`agent_runtime_core::SecretSource`]); [`agent_runtime_core::NoSecrets`] for none.
     pub secrets: Arc<dyn SecretSource>,
+    /// Facts about where a new run was started, recorded in its `run.created` (`labels`) for
+    /// the embedder to read back (see [`created_labels`]); the scheduler never reads them. The
+    /// command line records the folder it ran in and the gateway files it was given, so that
+    /// `resume` goes on in the same surroundings. Empty: nothing is recorded. Not secrets:
+    /// they are kept in clear in the log.
+    pub labels: BTreeMap<String, String>,
+}
+
+/// The labels a run was created with (see [`RunOptions::labels`]): empty for a run created
+/// without any, a simulation, or a log written before labels existed.
+///
+/// ```
+/// use agent_runtime_workforce::{driver::created_labels, engine::Engine, graph::parse_graph};
+/// # let t = agent_runtime_core::Timestamp::from_unix_nanos(0);
+/// let graph = parse_graph("tasks:\n  - {id: a, tool: echo, args: {}}\n", "g.yaml".as_ref()).unwrap();
+/// let labels = [("workspace".to_string(), "/srv/ws".to_string())].into();
+/// let created = Engine::created_event_labelled(agent_runtime_core::RunId::from_bytes([1; 16]), &graph, 7, t, &labels);
+/// assert_eq!(created_labels(&created.payload), labels);
+/// ```
+pub fn created_labels(payload: &serde_json::Value) -> BTreeMap<String, String> {
+    payload
+        .get("labels")
+        .and_then(serde_json::Value::as_object)
+        .map(|labels| {
+            labels
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// How a run ended.
@@ -441,7 +471,7 @@ pub async fn run_graph_controlled(
     check_fixed_args(&graph, opts.tools.as_ref())?;
     let now = opts.clock.now();
     let run_id = crate::engine::run_id_for(opts.seed, now);
-    let (validated, created) = validate_and_encode(&graph, run_id, opts.seed, now);
+    let (validated, created) = validate_and_encode(&graph, run_id, opts.seed, now, &opts.labels);
     validated.map_err(|e| EngineError::Graph(e.to_string()))?;
     // Held until the run is driven to its end: nobody may resume it meanwhile. Refused when
     // the id was drawn before (the same seed in the same millisecond): nothing is written.
@@ -483,8 +513,9 @@ fn validate_and_encode(
     run_id: RunId,
     seed: u64,
     now: agent_runtime_core::Timestamp,
+    labels: &BTreeMap<String, String>,
 ) -> (Result<(), crate::graph::GraphError>, EncodedEvent) {
-    let encode = || Engine::created_event_encoded(run_id, graph, seed, now);
+    let encode = || Engine::created_event_labelled_encoded(run_id, graph, seed, now, labels);
     if graph.tasks.len() < PARALLEL_START_TASKS {
         return (graph.validate(), encode());
     }
@@ -1846,6 +1877,7 @@ mod tests {
             models: Arc::new(NoModels),
             observer: None,
             secrets: Arc::new(agent_runtime_core::NoSecrets),
+            labels: Default::default(),
         };
         let out = rt.block_on(run_graph(graph, opts)).unwrap();
         let events = log.all();

@@ -549,6 +549,31 @@ impl Engine {
         seed: u64,
         time: Timestamp,
     ) -> EncodedEvent {
+        Engine::created_event_labelled_encoded(run_id, graph, seed, time, &BTreeMap::new())
+    }
+
+    /// [`Engine::created_event`] with the run's labels (see
+    /// [`crate::driver::RunOptions::labels`]), recorded as `labels` when there are any.
+    pub fn created_event_labelled(
+        run_id: RunId,
+        graph: &TaskGraph,
+        seed: u64,
+        time: Timestamp,
+        labels: &BTreeMap<String, String>,
+    ) -> NewEvent {
+        decoded(Engine::created_event_labelled_encoded(
+            run_id, graph, seed, time, labels,
+        ))
+    }
+
+    /// [`Engine::created_event_labelled`], encoded.
+    pub fn created_event_labelled_encoded(
+        run_id: RunId,
+        graph: &TaskGraph,
+        seed: u64,
+        time: Timestamp,
+        labels: &BTreeMap<String, String>,
+    ) -> EncodedEvent {
         // Written straight from the graph, without a `Value` of it (a large graph's start was
         // mostly building one); a graph always has a JSON form, so the fallback is never used.
         let mut graph_json = Vec::with_capacity(256 * graph.tasks.len().max(1));
@@ -564,6 +589,9 @@ impl Engine {
             time,
             |o| {
                 o.str("digest", &digest).canonical("graph", &graph_json);
+                if !labels.is_empty() {
+                    o.value("labels", &json!(labels));
+                }
                 match &graph.name {
                     Some(name) => o.str("name", name),
                     None => o.value("name", &Value::Null),

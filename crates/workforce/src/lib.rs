@@ -46,6 +46,7 @@
 //!     models: Arc::new(driver::NoModels),
 //!     observer: None,
 //!     secrets: Arc::new(agent_runtime_core::NoSecrets),
+//!     labels: Default::default(),
 //! })).unwrap();
 //! assert_eq!(outcome.outputs["b"]["text"], "hi!");
 //! ```

@@ -26,6 +26,7 @@ fn opts_at_t0(
         models: models(),
         observer: None,
         secrets: Arc::new(agent_runtime_core::NoSecrets),
+        labels: Default::default(),
     }
 }
 
@@ -453,6 +454,7 @@ fn resume_from(prefix: &[Envelope], seed_for_new: u64) -> (driver::Outcome, Vec<
                 models: models(),
                 observer: None,
                 secrets: Arc::new(agent_runtime_core::NoSecrets),
+                labels: Default::default(),
             };
             driver::resume(log.as_ref(), run_id, opts).await
         })
@@ -769,6 +771,7 @@ fn resume_retries_in_flight_attempts_through_their_policy() {
                 models: models(),
                 observer: None,
                 secrets: Arc::new(agent_runtime_core::NoSecrets),
+                labels: Default::default(),
             },
         ))
         .unwrap_err();

@@ -189,6 +189,7 @@ pub fn run(g: TaskGraph, seed: u64) -> (Outcome, Arc<MemoryLog>) {
                 models: models(),
                 observer: None,
                 secrets: Arc::new(agent_runtime_core::NoSecrets),
+                labels: Default::default(),
             };
             driver::run_graph(g, opts).await
         })
