@@ -200,5 +200,7 @@ fn one_line(err: &anyhow::Error) -> String {
             parts.push(text);
         }
     }
-    common::terminal_text(&parts.join(": ")).into_owned()
+    // However long what it quotes, an error stays a line a terminal can show.
+    let line = parts.join(": ");
+    common::terminal_text(&agent_runtime_core::names::cut_middle(&line, 2000)).into_owned()
 }

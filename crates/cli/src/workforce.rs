@@ -597,8 +597,6 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
              AGENT_RUNTIME_SECRET_NAME instead, see docs/workforce.md)"
         );
     }
-    let store = global.open_store()?;
-    let head = store.head()?.map_or(0, |(seq, _)| seq);
     // A fixed default would give runs started in the same millisecond (a script starting
     // several at once) the same id; the one the run gets is recorded in it either way.
     // At most 53 bits: JSON readers that hold numbers as doubles (`jq` before 1.7, JavaScript)
@@ -607,6 +605,30 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         .seed
         .unwrap_or_else(|| agent_runtime_core::os_random_u64() >> 11);
     let labels = origin_labels(&args.gateway);
+    // The run records its graph in one event, as JSON with YAML's aliases expanded, which may
+    // be far larger than the file: refused here, naming the file, rather than by the log once
+    // the run has begun.
+    let created_bytes = Engine::created_event_labelled_encoded(
+        RunId::from_bytes([0; 16]),
+        &graph,
+        seed,
+        Timestamp::from_unix_nanos(0),
+        &labels,
+    )
+    .payload_json()
+    .len();
+    if created_bytes > agent_runtime_store::MAX_PAYLOAD_BYTES {
+        return Err(CliError::Usage(format!(
+            "task graph {}: the run would record it as {created_bytes} bytes of JSON (YAML \
+             aliases written out), over the event log's limit of {} bytes for one event; \
+             make the graph smaller (large inputs belong in files its tools read)",
+            args.flow.display(),
+            agent_runtime_store::MAX_PAYLOAD_BYTES
+        ))
+        .into());
+    }
+    let store = global.open_store()?;
+    let head = store.head()?.map_or(0, |(seq, _)| seq);
     drive(
         &store,
         seed,

@@ -407,6 +407,15 @@ fn simulate_is_deterministic_in_its_seed() {
         a["tasks_done"].as_u64().unwrap() + a["tasks_skipped"].as_u64().unwrap(),
         300
     );
+    // -0 is 0: the same simulation, the same hash.
+    let rate = |r: &str| {
+        let out = cli(&db)
+            .args(["simulate", "--tasks", "50", "--failure-rate", r, "--json"])
+            .output()
+            .unwrap();
+        json_of(&out.stdout)["log_hash"].clone()
+    };
+    assert_eq!(rate("-0"), rate("0"));
     cli(&db)
         .args(["simulate", "--shape", "ring"])
         .assert()
@@ -424,7 +433,7 @@ fn simulate_is_deterministic_in_its_seed() {
         (
             "--agent-concurrency",
             "0",
-            "agent-concurrency and concurrency must be at least 1",
+            "agent-concurrency is 0; it must be at least 1",
         ),
     ] {
         cli(&db)
@@ -769,6 +778,34 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .stdout(predicate::str::contains(
             outcome["log_hash"].as_str().unwrap(),
         ));
+}
+
+#[test]
+fn a_graph_too_large_for_one_event_is_refused_before_anything_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    // A 1 MB string used twenty times: a small file whose recorded graph is 20 MB.
+    let flow = dir.path().join("aliases.yaml");
+    let mut args = format!("s0: &s \"{}\"", "x".repeat(1 << 20));
+    for i in 1..20 {
+        args.push_str(&format!(", s{i}: *s"));
+    }
+    std::fs::write(
+        &flow,
+        format!("tasks:\n  - {{ id: a, tool: noop, args: {{ {args} }} }}\n"),
+    )
+    .unwrap();
+    cli(&db)
+        .arg("run")
+        .arg(&flow)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(format!(
+            "task graph {}: the run would record it as",
+            flow.display()
+        )))
+        .stderr(predicate::str::contains("over the event log's limit"));
+    assert!(!db.exists(), "no database for a graph that cannot run");
 }
 
 #[test]

@@ -64,3 +64,35 @@ pub fn shown(arg: &str) -> std::borrow::Cow<'_, str> {
         Some((cut, _)) => format!("{}... ({} characters)", &arg[..cut], arg.chars().count()).into(),
     }
 }
+
+/// `text` with its middle cut out when it is longer than `max` characters: the first two thirds
+/// of `max` and the last third, around `... (N characters) ...`. For error messages that quote
+/// what they were given: the start says what is wrong, the end often what to do.
+///
+/// ```
+/// use agent_runtime_core::names::cut_middle;
+/// assert_eq!(cut_middle("short", 100), "short");
+/// let long = format!("start {} end", "x".repeat(1000));
+/// let cut = cut_middle(&long, 30);
+/// assert!(cut.starts_with("start xxxx") && cut.ends_with("xxx end"), "{cut}");
+/// assert!(cut.contains("... (1010 characters) ..."), "{cut}");
+/// ```
+pub fn cut_middle(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    let count = text.chars().count();
+    if count <= max {
+        return text.into();
+    }
+    let head = max * 2 / 3;
+    let tail = max - head;
+    let head_end = text.char_indices().nth(head).map_or(text.len(), |(i, _)| i);
+    let tail_start = text
+        .char_indices()
+        .nth(count - tail)
+        .map_or(text.len(), |(i, _)| i);
+    format!(
+        "{}... ({count} characters) ...{}",
+        &text[..head_end],
+        &text[tail_start..]
+    )
+    .into()
+}

@@ -44,6 +44,7 @@ pub struct TaskGraph {
 pub struct RunLimits {
     /// Tasks running at once, across the run.
     #[serde(default = "default_concurrency")]
+    #[schemars(range(min = 1))]
     pub concurrency: u32,
     /// Tasks in the run, declared and spawned together.
     #[serde(default = "default_max_tasks")]
@@ -53,10 +54,12 @@ pub struct RunLimits {
     pub max_spawn_depth: u32,
     /// Calls of one tool running at once, by tool name.
     #[serde(default)]
+    #[schemars(extend("additionalProperties" = {"type": "integer", "format": "uint32", "minimum": 1}))]
     pub tools: BTreeMap<String, u32>,
     /// Model calls to one provider running at once, by provider (the part of a model route
     /// before `/`).
     #[serde(default)]
+    #[schemars(extend("additionalProperties" = {"type": "integer", "format": "uint32", "minimum": 1}))]
     pub providers: BTreeMap<String, u32>,
     /// What the run may spend.
     #[serde(default)]
@@ -112,9 +115,11 @@ pub struct AgentSpec {
     pub tools: Vec<String>,
     /// Model calls per task attempt before it fails with `budget_exceeded`.
     #[serde(default = "default_max_turns")]
+    #[schemars(range(min = 1))]
     pub max_turns: u32,
     /// Tasks of this agent running at once.
     #[serde(default = "default_agent_concurrency")]
+    #[schemars(range(min = 1))]
     pub concurrency: u32,
 }
 
@@ -177,6 +182,7 @@ fn is_zero(v: &i32) -> bool {
 pub struct RetryPolicy {
     /// Attempts in all, the first included.
     #[serde(default = "default_attempts")]
+    #[schemars(range(min = 1))]
     pub max_attempts: u32,
     /// Delay before the first retry.
     #[serde(default = "default_backoff", with = "duration_str")]
@@ -457,6 +463,12 @@ enum Checks {
     Recorded,
 }
 
+/// The most characters of a field path or a message a [`GraphError`] shows: what a graph
+/// quotes back (a value, a name) may be a pasted megabyte.
+const MAX_SHOWN: usize = 300;
+
+use agent_runtime_core::names::cut_middle;
+
 /// A task graph that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
 pub enum GraphError {
@@ -469,7 +481,11 @@ pub enum GraphError {
         source: std::io::Error,
     },
     /// The file is not valid YAML/JSON, or a field has the wrong shape.
-    #[error("{at}: {field}: {message}")]
+    #[error(
+        "{at}: {}: {}",
+        cut_middle(field, MAX_SHOWN),
+        cut_middle(message, MAX_SHOWN)
+    )]
     Syntax {
         /// Where.
         at: Location,
@@ -479,7 +495,11 @@ pub enum GraphError {
         message: String,
     },
     /// The graph is well formed but does not make sense.
-    #[error("{at}: {field}: {message}")]
+    #[error(
+        "{at}: {}: {}",
+        cut_middle(field, MAX_SHOWN),
+        cut_middle(message, MAX_SHOWN)
+    )]
     Invalid {
         /// Where (the best location found for the field).
         at: Location,
@@ -585,7 +605,8 @@ pub fn read_graph_source(
         .read_to_end(&mut bytes)
         .map_err(io)?;
     if bytes.len() > MAX_GRAPH_BYTES {
-        let json = bytes.trim_ascii_start().starts_with(b"{");
+        let start = bytes.strip_prefix(BOM.as_bytes()).unwrap_or(&bytes);
+        let json = is_json(path, start.trim_ascii_start().starts_with(b"{"));
         return Err(too_large(path, json));
     }
     let text = String::from_utf8(bytes).map_err(|e| not_utf8(path, &e))?;
@@ -634,13 +655,29 @@ fn too_large(file: &Path, json: bool) -> GraphError {
     }
 }
 
-/// Parses and validates a task graph from `text`; `file` names it in errors. JSON when the text
-/// starts with `{`, YAML otherwise (JSON is YAML, but serde_json reports better positions).
-/// Refuses a text over [`MAX_GRAPH_BYTES`] (JSON) or [`MAX_YAML_GRAPH_BYTES`] (YAML), and YAML
-/// nested deeper than [`MAX_YAML_FLOW_DEPTH`](agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH),
-/// before parsing it (see [`agent_runtime_core::yaml`]).
+/// The byte order mark some editors (on Windows, mostly) put at the start of a UTF-8 file.
+const BOM: &str = "\u{feff}";
+
+/// Whether a graph is read as JSON: a `.json` file is, a `.yaml` or `.yml` file is not, and
+/// anything else (standard input, other names) is when its text starts with `{`.
+fn is_json(file: &Path, starts_with_brace: bool) -> bool {
+    match file.extension().and_then(|e| e.to_str()) {
+        Some(e) if e.eq_ignore_ascii_case("json") => true,
+        Some(e) if e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml") => false,
+        _ => starts_with_brace,
+    }
+}
+
+/// Parses and validates a task graph from `text`; `file` names it in errors. JSON for a `.json`
+/// file, YAML for a `.yaml` or `.yml` one, and otherwise JSON when the text starts with `{`
+/// (JSON is YAML, but serde_json reports better positions); a byte order mark at the start is
+/// passed over. Refuses a text over [`MAX_GRAPH_BYTES`] (JSON) or [`MAX_YAML_GRAPH_BYTES`]
+/// (YAML), and YAML nested deeper than
+/// [`MAX_YAML_FLOW_DEPTH`](agent_runtime_core::yaml::MAX_YAML_FLOW_DEPTH), before parsing it
+/// (see [`agent_runtime_core::yaml`]).
 pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
-    let json = text.trim_start().starts_with('{');
+    let text = text.strip_prefix(BOM).unwrap_or(text);
+    let json = is_json(file, text.trim_start().starts_with('{'));
     if text.len()
         > (if json {
             MAX_GRAPH_BYTES
@@ -1713,6 +1750,71 @@ mod tests {
     }
 
     #[test]
+    fn the_format_follows_the_extension_then_the_text() {
+        let yaml = "tasks:\n  - { id: a, tool: echo, args: {} }\n";
+        let json = r#"{"tasks": [{"id": "a", "tool": "echo", "args": {}}]}"#;
+        // `.json` is JSON: YAML in it is refused as JSON.
+        let e = parse_graph(yaml, Path::new("g.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("g.json:1:"), "{e}");
+        assert!(parse_graph(json, Path::new("g.JSON")).is_ok());
+        // `.yaml` is YAML, even when it starts with `{` (a flow mapping).
+        assert!(
+            parse_graph(
+                "{tasks: [{id: a, tool: echo, args: {}}]}",
+                Path::new("g.yaml")
+            )
+            .is_ok()
+        );
+        assert!(parse_graph(json, Path::new("g.yml")).is_ok());
+        // Other names (standard input): by the text.
+        assert!(parse_graph(json, Path::new("<stdin>")).is_ok());
+        assert!(parse_graph(yaml, Path::new("<stdin>")).is_ok());
+        // A byte order mark is passed over, in both formats.
+        for (text, file) in [(json, "bom.json"), (yaml, "bom.yaml"), (json, "<stdin>")] {
+            let with_bom = format!("\u{feff}{text}");
+            assert!(parse_graph(&with_bom, Path::new(file)).is_ok(), "{file}");
+        }
+        // Too large: judged by the format the name says.
+        let big = format!(
+            "\u{feff}{{\"tasks\": [], \"name\": \"{}\"}}",
+            "x".repeat(MAX_YAML_GRAPH_BYTES)
+        );
+        let e = read_graph_source(big.as_bytes(), Path::new("big.json"));
+        assert!(!matches!(e, Err(GraphError::TooLarge { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn errors_quote_long_values_short() {
+        let long = "x".repeat(200_000);
+        for text in [
+            format!("tasks: \"{long}\"\n"),
+            format!("tasks:\n  - {{ id: a, tool: {long}, args: {{}} }}\n"),
+            format!("tasks:\n  - {{ id: a, tool: echo, args: {{}}, needs: [{long}] }}\n"),
+            format!(
+                "tasks:\n  - {{ id: a, tool: echo, args: {{ t: \"{{{{ tasks.{long}.output }}}}\" }} }}\n"
+            ),
+        ] {
+            let e = parse(&text)
+                .and_then(|g| g.validate_in(&text, Path::new("flow.yaml")).map(|()| g))
+                .and_then(|g| {
+                    g.check_tools_in(&text, Path::new("flow.yaml"), &["echo".to_string()])
+                        .map(|()| g)
+                })
+                .map(|_| ())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.len() < 1000 && e.contains("characters)"),
+                "{}",
+                &e[..e.len().min(2000)]
+            );
+            assert!(e.starts_with("flow.yaml:"), "{}", &e[..200]);
+        }
+    }
+
+    #[test]
     fn parses_yaml_with_every_feature() {
         let g = parse(
             r#"
@@ -1860,7 +1962,10 @@ tasks:
             "{{\"tasks\": [], \"name\": \"{}\"}}",
             "x".repeat(MAX_YAML_GRAPH_BYTES)
         );
-        assert!(!matches!(parse(&json), Err(GraphError::TooLarge { .. })));
+        assert!(!matches!(
+            parse_graph(&json, Path::new("flow.json")),
+            Err(GraphError::TooLarge { .. })
+        ));
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("big.json");
         let mut big = String::from("{\"tasks\": [], \"name\": \"");

@@ -100,7 +100,12 @@ impl SimConfig {
             agents,
             tasks,
             shape,
-            failure_rate,
+            // -0 is 0, and is recorded as 0: the same simulation gets the same log hash.
+            failure_rate: if failure_rate == 0.0 {
+                0.0
+            } else {
+                failure_rate
+            },
             seed,
             agent_concurrency: 4,
             concurrency: None,
@@ -129,6 +134,8 @@ impl SimConfig {
     /// assert!(SimConfig::new(10, 100, Shape::Layered, 0.1, 1).check().is_ok());
     /// let err = SimConfig::new(10, u32::MAX, Shape::Layered, 0.1, 1).check().unwrap_err();
     /// assert!(err.contains("tasks"), "{err}");
+    /// // -0 is 0, recorded as 0.
+    /// assert!(SimConfig::new(10, 100, Shape::Chain, -0.0, 1).failure_rate.is_sign_positive());
     /// ```
     pub fn check(&self) -> Result<(), String> {
         let count = |name: &str, value: u64, max: u64| {
@@ -147,8 +154,11 @@ impl SimConfig {
                 self.failure_rate
             ));
         }
-        if self.agent_concurrency == 0 || self.concurrency == Some(0) {
-            return Err("agent_concurrency and concurrency must be at least 1".into());
+        if self.agent_concurrency == 0 {
+            return Err("agent_concurrency is 0; it must be at least 1".into());
+        }
+        if self.concurrency == Some(0) {
+            return Err("concurrency is 0; it must be at least 1".into());
         }
         if self.min_ms > self.max_ms || self.max_ms > Self::MAX_CALL_MS {
             return Err(format!(
