@@ -703,7 +703,22 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
             message: agent_runtime_core::yaml::too_deep(),
         });
     }
-    let graph: TaskGraph = if json {
+    let graph: TaskGraph = deserialize_located(text, file, json)?;
+    // Parsers keep the last of a key written twice in a mapping, silently dropping the first
+    // (a whole agent, an argument): refused, where the second one is.
+    deserialize_located::<NoDuplicateKeys>(text, file, json)?;
+    graph.validate_in(text, file)?;
+    Ok(graph)
+}
+
+/// `text` deserialized as `T` from JSON or YAML, an error naming the file, the line, the column
+/// and the field.
+fn deserialize_located<T: serde::de::DeserializeOwned>(
+    text: &str,
+    file: &Path,
+    json: bool,
+) -> Result<T, GraphError> {
+    Ok(if json {
         let mut de = serde_json::Deserializer::from_str(text);
         serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let (field, full) = (path_string(e.path()), e.path().to_string());
@@ -741,9 +756,88 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
                 message,
             }
         })?
-    };
-    graph.validate_in(text, file)?;
-    Ok(graph)
+    })
+}
+
+/// A document with no mapping that holds a key twice, at any depth (its content is not kept).
+struct NoDuplicateKeys;
+
+impl<'de> Deserialize<'de> for NoDuplicateKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(NoDuplicateKeys)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
+    type Value = NoDuplicateKeys;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i128<E>(self, _: i128) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u128<E>(self, _: u128) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_none<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<Value>()? {
+            let shown = match &key {
+                Value::String(k) => k.clone(),
+                other => other.to_string(),
+            };
+            // Compared as text, as the graph's JSON objects hold them: YAML's `1` and `"1"` are
+            // the same key there.
+            if !seen.insert(shown.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{shown}` (the later one would silently replace the earlier)"
+                )));
+            }
+            map.next_value::<NoDuplicateKeys>()?;
+        }
+        Ok(self)
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Self, A::Error> {
+        // A YAML tag (`!name value`): the value after it.
+        use serde::de::VariantAccess;
+        let (_, variant) = data.variant::<serde::de::IgnoredAny>()?;
+        variant.newtype_variant::<NoDuplicateKeys>()
+    }
 }
 
 /// The line (from 1) of the `---` that starts a second YAML document, if there is one.
@@ -1783,6 +1877,60 @@ mod tests {
         );
         let e = read_graph_source(big.as_bytes(), Path::new("big.json"));
         assert!(!matches!(e, Err(GraphError::TooLarge { .. })), "{e:?}");
+    }
+
+    #[test]
+    fn a_key_written_twice_in_a_mapping_is_refused() {
+        let yaml = |text: &str| parse(text).map(|_| ()).map_err(|e| e.to_string());
+        let json = |text: &str| {
+            parse_graph(text, Path::new("g.json"))
+                .map(|_| ())
+                .map_err(|e| e.to_string())
+        };
+        for (text, field, key) in [
+            (
+                "agents: {w: {model: a/b}, w: {model: c/d}}\ntasks:\n  - { id: t, agent: w, prompt: hi }\n",
+                "agents",
+                "w",
+            ),
+            (
+                "limits: {tools: {sleep: 1, sleep: 5}}\ntasks:\n  - { id: t, tool: sleep, args: {ms: 1} }\n",
+                "limits.tools",
+                "sleep",
+            ),
+            (
+                "tasks:\n  - { id: t, tool: echo, args: {x: 1, x: 2} }\n",
+                "tasks[0].args",
+                "x",
+            ),
+            (
+                "tasks:\n  - id: t\n    tool: echo\n    args: {}\n    on_failure: {continue_with: {t: 1, t: 2}}\n",
+                "tasks[0].on_failure.continue_with",
+                "t",
+            ),
+            (
+                "tasks:\n  - { id: t, tool: echo, args: {a: [{deep: 1, deep: 2}]} }\n",
+                "tasks[0].args.a[0]",
+                "deep",
+            ),
+        ] {
+            let e = yaml(text).unwrap_err();
+            assert!(
+                e.contains(&format!("{field}: duplicate key `{key}`")),
+                "{text}: {e}"
+            );
+        }
+        let e = json(r#"{"tasks": [{"id": "t", "tool": "echo", "args": {"x": 1, "x": 2}}]}"#)
+            .unwrap_err();
+        assert!(
+            e.starts_with("g.json:1:") && e.contains("tasks[0].args: duplicate key `x`"),
+            "{e}"
+        );
+        // YAML's `1` and `"1"` are one key of a JSON object.
+        let e = yaml("tasks:\n  - { id: t, tool: echo, args: {1: a, \"1\": b} }\n").unwrap_err();
+        assert!(e.contains("duplicate key `1`"), "{e}");
+        // The same key in two mappings is fine.
+        assert!(yaml("tasks:\n  - { id: t, tool: echo, args: {y: {x: 1}, z: {x: 1}} }\n").is_ok());
     }
 
     #[test]
