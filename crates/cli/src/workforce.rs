@@ -12,7 +12,7 @@ use agent_runtime_core::{
     NewEvent, RunId, SystemClock, Timestamp,
 };
 use agent_runtime_workforce::driver::{self, DriverError, NoModels, Observer, Outcome, RunOptions};
-use agent_runtime_workforce::engine::{Engine, RunStatus};
+use agent_runtime_workforce::engine::{Engine, RunStatus, TaskStatus};
 use agent_runtime_workforce::sim::{self, Shape, SimConfig};
 use agent_runtime_workforce::state::{RunFold, RunSummary};
 use agent_runtime_workforce::tools::ToolRegistry;
@@ -554,8 +554,25 @@ fn report_outcome(
             outln!("{}", terminal_text(line));
         }
     }
+    // A run whose tasks were cancelled (`cancel --task`) ends `completed` once the rest is
+    // done, but without what the cancelled tasks would have given: a script must not read
+    // that as success.
+    let cancelled: Vec<&str> = out
+        .tasks
+        .iter()
+        .filter(|t| t.status == TaskStatus::Cancelled)
+        .map(|t| t.id.as_str())
+        .collect();
     match out.status {
-        RunStatus::Completed => Ok(ExitCode::SUCCESS),
+        RunStatus::Completed if cancelled.is_empty() => Ok(ExitCode::SUCCESS),
+        RunStatus::Completed => Err(CliError::Failed(format!(
+            "run {} completed with {} task{} cancelled ({}): their outputs are missing",
+            out.run_id,
+            cancelled.len(),
+            if cancelled.len() == 1 { "" } else { "s" },
+            shown_list(&cancelled)
+        ))
+        .into()),
         RunStatus::Failed => Err(CliError::Failed(format!(
             "run {} failed: {}",
             out.run_id,
@@ -571,6 +588,19 @@ fn report_outcome(
             Err(CliError::Failed(format!("run {} did not finish", out.run_id)).into())
         }
     }
+}
+
+/// Up to five names, backquoted, and how many more.
+fn shown_list(names: &[&str]) -> String {
+    let mut shown: Vec<String> = names
+        .iter()
+        .take(5)
+        .map(|n| format!("`{}`", agent_runtime_core::names::shown(n)))
+        .collect();
+    if names.len() > 5 {
+        shown.push(format!("{} more", names.len() - 5));
+    }
+    shown.join(", ")
 }
 
 fn cancel_on_ctrl_c(token: CancellationToken) {
@@ -1082,9 +1112,20 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     };
     let appended = store.append_blocking(vec![request])?;
     let seq = appended.first().map_or(0, |a| a.seq);
-    let what = match &args.task {
-        Some(task) => format!("task `{task}` and everything downstream of it"),
-        None => "the run".to_string(),
+    let ended = args.task.as_ref().and_then(|task| {
+        summary
+            .tasks
+            .iter()
+            .find(|t| &t.id == task && t.ended.is_some())
+    });
+    let what = match (&args.task, ended) {
+        // Its result stands; what needs it has not run yet, and is what this cancels.
+        (Some(task), Some(row)) => format!(
+            "what is downstream of task `{task}` (which already ended: {})",
+            row.status
+        ),
+        (Some(task), None) => format!("task `{task}` and everything downstream of it"),
+        (None, _) => "the run".to_string(),
     };
     let when = if store.run_is_claimed(run_id)? {
         "the process running it records the cancellation".to_string()

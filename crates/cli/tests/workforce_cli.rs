@@ -996,6 +996,50 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
 }
 
 #[test]
+fn cancelling_below_an_ended_task_says_so_and_the_run_exits_1() {
+    let (dir, db, flow) = flow_in_tempdir(
+        "chain.yaml",
+        "tasks:\n\
+         - { id: a, tool: sleep, args: { ms: 1 } }\n\
+         - { id: b, tool: sleep, needs: [a], args: { ms: 600000 } }\n\
+         - { id: c, tool: echo, needs: [b], args: { x: 1 } }\n",
+    );
+    let mut child = spawn_run(&db, &flow, dir.path(), true);
+    let run_id = wait_for(&db, |all| {
+        let started = all
+            .iter()
+            .filter(|e| e.kind == EventKind::TaskStarted)
+            .count();
+        (started >= 2).then(|| all[0].run_id)
+    });
+    cli(&db)
+        .args(["cancel", &run_id.to_string(), "--task", "a"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(
+            "cancel what is downstream of task `a` (which already ended: completed)",
+        ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the run did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    // The run completes (its every task ended), but what `b` and `c` would give is missing.
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains(&format!(
+            "run {run_id} completed with 2 tasks cancelled (`b`, `c`): their outputs are missing"
+        )),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
     let (dir, db, flow) = flow_in_tempdir(
         "stuck.yaml",
@@ -1021,7 +1065,10 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
             "no process runs it now: the cancellation takes effect when it is resumed (`agent-runtime resume {id}`)"
         )));
     // Without the request, resume would retry `forever` and wait ten minutes.
-    let outcome = succeeded(&cli(&db).args(["resume", &id, "--json"]).output().unwrap());
+    // It completes, without the cancelled tasks' outputs: exit 1.
+    let out = cli(&db).args(["resume", &id, "--json"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let outcome = json_of(&out.stdout);
     assert_eq!(outcome["status"], "completed");
     assert_eq!(task_status(&outcome, "forever"), "cancelled");
     assert_eq!(task_status(&outcome, "after"), "cancelled");
