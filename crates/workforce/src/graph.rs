@@ -705,8 +705,9 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     }
     let graph: TaskGraph = deserialize_located(text, file, json)?;
     // Parsers keep the last of a key written twice in a mapping, silently dropping the first
-    // (a whole agent, an argument): refused, where the second one is.
-    deserialize_located::<NoDuplicateKeys>(text, file, json)?;
+    // (a whole agent, an argument), and JSON values turn YAML's `.nan` into `null`: refused,
+    // where they are.
+    deserialize_located::<AsJsonHoldsIt>(text, file, json)?;
     graph.validate_in(text, file)?;
     Ok(graph)
 }
@@ -759,17 +760,19 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// A document with no mapping that holds a key twice, at any depth (its content is not kept).
-struct NoDuplicateKeys;
+/// A document that the graph's JSON values hold as written (its content is not kept): no
+/// mapping with a key twice, at any depth, and no NaN or infinity (YAML's `.nan`, `.inf`),
+/// which a JSON value would turn into `null`.
+struct AsJsonHoldsIt;
 
-impl<'de> Deserialize<'de> for NoDuplicateKeys {
+impl<'de> Deserialize<'de> for AsJsonHoldsIt {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(NoDuplicateKeys)
+        d.deserialize_any(AsJsonHoldsIt)
     }
 }
 
-impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
-    type Value = NoDuplicateKeys;
+impl<'de> serde::de::Visitor<'de> for AsJsonHoldsIt {
+    type Value = AsJsonHoldsIt;
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("any value")
@@ -789,8 +792,14 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
     fn visit_u128<E>(self, _: u128) -> Result<Self, E> {
         Ok(self)
     }
-    fn visit_f64<E>(self, _: f64) -> Result<Self, E> {
-        Ok(self)
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self, E> {
+        if v.is_finite() {
+            Ok(self)
+        } else {
+            Err(E::custom(format!(
+                "{v} is no number JSON can hold (it would become null)"
+            )))
+        }
     }
     fn visit_str<E>(self, _: &str) -> Result<Self, E> {
         Ok(self)
@@ -811,7 +820,7 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
         d.deserialize_any(self)
     }
     fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<NoDuplicateKeys>()?.is_some() {}
+        while seq.next_element::<AsJsonHoldsIt>()?.is_some() {}
         Ok(self)
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
@@ -828,7 +837,7 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
                     "duplicate key `{shown}` (the later one would silently replace the earlier)"
                 )));
             }
-            map.next_value::<NoDuplicateKeys>()?;
+            map.next_value::<AsJsonHoldsIt>()?;
         }
         Ok(self)
     }
@@ -836,7 +845,7 @@ impl<'de> serde::de::Visitor<'de> for NoDuplicateKeys {
         // A YAML tag (`!name value`): the value after it.
         use serde::de::VariantAccess;
         let (_, variant) = data.variant::<serde::de::IgnoredAny>()?;
-        variant.newtype_variant::<NoDuplicateKeys>()
+        variant.newtype_variant::<AsJsonHoldsIt>()
     }
 }
 
@@ -1464,6 +1473,9 @@ impl TaskGraph {
                 let field = if t.agent.is_some() { "prompt" } else { "args" };
                 return Err(invalid(at, field, e));
             }
+            if authoring && let Some(e) = t.args.as_ref().and_then(template::template_in_key) {
+                return Err(invalid(at, "args", e));
+            }
             // `timeout: 0` often means "no limit" elsewhere; here it would end every attempt.
             if authoring && t.timeout == Some(Duration::ZERO) {
                 return Err(invalid(
@@ -1929,6 +1941,17 @@ mod tests {
         // YAML's `1` and `"1"` are one key of a JSON object.
         let e = yaml("tasks:\n  - { id: t, tool: echo, args: {1: a, \"1\": b} }\n").unwrap_err();
         assert!(e.contains("duplicate key `1`"), "{e}");
+        // YAML's NaN and infinities: no JSON number.
+        for v in [".nan", ".inf", "-.inf"] {
+            let e = yaml(&format!(
+                "tasks:\n  - {{ id: t, tool: echo, args: {{x: {v}}} }}\n"
+            ))
+            .unwrap_err();
+            assert!(
+                e.contains("tasks[0].args.x: ") && e.contains("is no number JSON can hold"),
+                "{e}"
+            );
+        }
         // The same key in two mappings is fine.
         assert!(yaml("tasks:\n  - { id: t, tool: echo, args: {y: {x: 1}, z: {x: 1}} }\n").is_ok());
     }

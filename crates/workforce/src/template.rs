@@ -310,6 +310,38 @@ impl Outputs for BTreeMap<String, Value> {
     }
 }
 
+/// The first object key in `v` that holds a template (`{{ tasks.a.output }}`), and where: keys
+/// are taken as written, so such a key would stay text and make no dependency.
+pub fn template_in_key(v: &Value) -> Option<String> {
+    fn walk(v: &Value, at: &mut String) -> Option<String> {
+        match v {
+            Value::Array(a) => a.iter().enumerate().find_map(|(i, x)| {
+                let len = at.len();
+                at.push_str(&format!("[{i}]"));
+                let found = walk(x, at);
+                at.truncate(len);
+                found
+            }),
+            Value::Object(m) => m.iter().find_map(|(k, x)| {
+                if scan(k).is_ok_and(|found| !found.is_empty()) {
+                    return Some(format!(
+                        "the key `{}` at args{at} holds a template; templates are read in values only",
+                        agent_runtime_core::names::shown(k)
+                    ));
+                }
+                let len = at.len();
+                at.push('.');
+                at.push_str(k);
+                let found = walk(x, at);
+                at.truncate(len);
+                found
+            }),
+            _ => None,
+        }
+    }
+    walk(v, &mut String::new())
+}
+
 /// Calls `f` with the value at `path` in the output of `task`, if there is one.
 fn lookup<R>(
     outputs: &(impl Outputs + ?Sized),
@@ -322,11 +354,18 @@ fn lookup<R>(
     for p in path {
         v = match v {
             Some(Value::Object(m)) => m.get(*p),
-            Some(Value::Array(a)) => p.parse::<usize>().ok().and_then(|i| a.get(i)),
+            // An index is written in digits alone, as JSON Pointer has it: `+1` or `01` are
+            // no index (which `usize::from_str` would take).
+            Some(Value::Array(a)) if is_index(p) => p.parse::<usize>().ok().and_then(|i| a.get(i)),
             _ => None,
         };
     }
     f(v)
+}
+
+/// Whether `p` is an array index as a path writes it: `0`, or digits without a leading zero.
+fn is_index(p: &str) -> bool {
+    p == "0" || (!p.starts_with('0') && !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// Renders the templates of a string against upstream outputs (task id to output).
@@ -401,6 +440,24 @@ mod tests {
             render(&json!({"k": ["{{ tasks.a.output.missing }}"]}), &o),
             json!({"k": [null]})
         );
+        // An index is digits alone: `+1`, `01` and `-0` are no index.
+        assert_eq!(render(&json!("{{ tasks.a.output.n.0 }}"), &o), json!(1));
+        for odd in ["+1", "01", "-0", " 1"] {
+            let t = format!("{{{{ tasks.a.output.n.{odd} }}}}");
+            assert_eq!(render(&json!(t), &o), Value::Null, "{odd}");
+        }
+    }
+
+    #[test]
+    fn a_template_in_a_key_is_named() {
+        assert_eq!(template_in_key(&json!({"k": "{{ tasks.a.output }}"})), None);
+        let e = template_in_key(&json!({"x": [{"{{ tasks.a.output.k }}": 1}]})).unwrap();
+        assert!(
+            e.contains("the key `{{ tasks.a.output.k }}` at args.x[0] holds a template"),
+            "{e}"
+        );
+        // Braces that are no template of ours are a key like any other.
+        assert_eq!(template_in_key(&json!({"${{ env.X }}": 1, "{x}": 2})), None);
     }
 
     #[test]
