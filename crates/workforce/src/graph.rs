@@ -1541,12 +1541,26 @@ impl TaskGraph {
         let held = self.fallback_targets();
         for (i, d) in deps.iter().enumerate() {
             if let Some(&f) = d.iter().find(|f| held.contains(f)) {
+                let task = &self.tasks[i];
+                let fallback = &self.tasks[f].id;
+                // The dependency is written in `needs`, or made by a template.
+                let field = if task.needs.iter().any(|n| n == fallback) {
+                    "needs"
+                } else if task.agent.is_some() {
+                    "prompt"
+                } else {
+                    "args"
+                };
+                let how = if field == "needs" {
+                    String::new()
+                } else {
+                    format!(" (its {field} use `{{{{ tasks.{fallback}.output }}}}`)")
+                };
                 return Err(invalid(
-                    Some((i, &self.tasks[i].id)),
-                    "needs",
+                    Some((i, &task.id)),
+                    field,
                     format!(
-                        "`{}` is a fallback task (it runs only when the task it stands in for fails), so no task can need it",
-                        self.tasks[f].id
+                        "`{fallback}` is a fallback task (it runs only when the task it stands in for fails), so no task can need it{how}"
                     ),
                 ));
             }
@@ -2453,6 +2467,15 @@ tasks:
             "  - {{ id: a, {fails}, on_failure: {{ fallback: b }} }}\n  - {{ id: b, tool: echo, args: {{}} }}\n  - {{ id: c, tool: echo, needs: [b], args: {{}} }}\n"
         ));
         assert!(e.contains("tasks[2].needs: `b` is a fallback task"), "{e}");
+        // Needed through a template: named as that, not as a `needs` nobody wrote.
+        let e = refused(&format!(
+            "  - {{ id: a, {fails}, on_failure: {{ fallback: b }} }}\n  - {{ id: b, tool: echo, args: {{}} }}\n  - {{ id: c, tool: echo, args: {{ v: '{{{{ tasks.b.output }}}}' }} }}\n"
+        ));
+        assert!(
+            e.contains("tasks[2].args: `b` is a fallback task")
+                && e.contains("(its args use `{{ tasks.b.output }}`)"),
+            "{e}"
+        );
         // The fallback needs the task it stands in for: directly, through a template, or
         // through another task.
         for b in [
