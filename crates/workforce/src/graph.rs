@@ -134,7 +134,8 @@ fn default_agent_concurrency() -> u32 {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskSpec {
-    /// Unique id: letters, digits, `_` and `-`.
+    /// Unique id: letters, digits, `_` and `-`, at most 128 of them.
+    #[schemars(length(min = 1, max = 128))]
     pub id: String,
     /// For an agent task: the agent's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1076,6 +1077,10 @@ fn locate_path(text: &str, file: &Path, path: &[&str]) -> Location {
     }
 }
 
+/// The longest task id or agent name a new graph may have (ids are ASCII: bytes are
+/// characters).
+pub const MAX_ID_LEN: usize = 128;
+
 fn valid_id(id: &str) -> bool {
     !id.is_empty()
         && id
@@ -1354,6 +1359,16 @@ impl TaskGraph {
                     format!("invalid agent name {name:?}: use letters, digits, _ and -"),
                 ));
             }
+            if authoring && name.len() > MAX_ID_LEN {
+                return Err(invalid(
+                    None,
+                    "agents",
+                    format!(
+                        "an agent name of {} characters: at most {MAX_ID_LEN}",
+                        name.len()
+                    ),
+                ));
+            }
             if a.concurrency == 0 || a.max_turns == 0 {
                 return Err(invalid(
                     None,
@@ -1379,6 +1394,18 @@ impl TaskGraph {
                     Some((i, &t.id)),
                     "id",
                     format!("invalid task id {:?}: use letters, digits, _ and -", t.id),
+                ));
+            }
+            // Ids are printed on every progress line and in every output: a long one is a
+            // mistake (a pasted value). Recorded graphs of older builds keep theirs.
+            if authoring && t.id.len() > MAX_ID_LEN {
+                return Err(invalid(
+                    Some((i, &t.id)),
+                    "id",
+                    format!(
+                        "a task id of {} characters: at most {MAX_ID_LEN}",
+                        t.id.len()
+                    ),
                 ));
             }
             if let Some(first) = ids.insert(&t.id, i) {
@@ -1968,6 +1995,30 @@ mod tests {
         }
         // The same key in two mappings is fine.
         assert!(yaml("tasks:\n  - { id: t, tool: echo, args: {y: {x: 1}, z: {x: 1}} }\n").is_ok());
+    }
+
+    #[test]
+    fn ids_are_at_most_128_characters() {
+        let task = |id: &str| format!("tasks:\n  - {{ id: {id}, tool: echo, args: {{}} }}\n");
+        assert!(parse(&task(&"t".repeat(MAX_ID_LEN))).is_ok());
+        let e = parse(&task(&"t".repeat(MAX_ID_LEN + 1)))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("a task id of 129 characters: at most 128"),
+            "{e}"
+        );
+        let e = parse(&format!(
+            "agents: {{ {}: {{ model: a/b }} }}\n{}",
+            "w".repeat(200),
+            task("t")
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("an agent name of 200 characters: at most 128"),
+            "{e}"
+        );
     }
 
     #[test]
