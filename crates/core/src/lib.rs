@@ -71,6 +71,7 @@ macro_rules! string_type {
 pub mod approval;
 pub mod canonical;
 pub mod context;
+pub mod document;
 pub mod error;
 pub mod event;
 pub mod fs;

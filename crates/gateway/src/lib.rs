@@ -86,5 +86,18 @@ pub(crate) fn yaml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Resul
     if let Some((line, column)) = flow_nesting_past(text, MAX_YAML_FLOW_DEPTH) {
         return Err(too_deep_message(line, column));
     }
-    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
+    let value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    // A key written twice (a rule's argument, an environment variable) would be dropped
+    // silently; see `agent_runtime_core::document`.
+    serde_yaml_ng::from_str::<agent_runtime_core::document::JsonFaithful>(text)
+        .map_err(|e| e.to_string())?;
+    Ok(value)
+}
+
+/// `serde_json::from_str`, refusing a key written twice (see [`yaml_from_str`]).
+pub(crate) fn json_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    let value = serde_json::from_str(text).map_err(|e| e.to_string())?;
+    serde_json::from_str::<agent_runtime_core::document::JsonFaithful>(text)
+        .map_err(|e| e.to_string())?;
+    Ok(value)
 }

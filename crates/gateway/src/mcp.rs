@@ -117,7 +117,7 @@ impl McpConfig {
         let config: McpConfig = if is_yaml(path) {
             crate::yaml_from_str(text)
         } else {
-            serde_json::from_str(text).map_err(|e| e.to_string())
+            crate::json_from_str(text)
         }
         .map_err(|message| GatewayError::Parse {
             what: path.display().to_string(),

@@ -373,6 +373,24 @@ fn desktop_mcp_servers_format_is_accepted() {
     assert!(err.to_string().contains("exactly one of"), "{err}");
     let y = McpConfig::parse("servers:\n  e:\n    command: node\n", Path::new("m.yaml")).unwrap();
     assert_eq!(y.servers["e"].command.as_deref(), Some("node"));
+    // A key written twice would drop the first silently: refused, in JSON and YAML.
+    let err = McpConfig::parse(
+        r#"{"mcpServers": {"x": {"command": "node", "env": {"TOKEN": "a", "TOKEN": "b"}}}}"#,
+        Path::new("m.json"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("m.json") && err.contains("duplicate key `TOKEN`"),
+        "{err}"
+    );
+    let err = McpConfig::parse(
+        "servers:\n  e:\n    command: node\n  e:\n    command: python\n",
+        Path::new("m.yaml"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("duplicate key `e`"), "{err}");
 }
 
 /// Entries that could only fail later (at connect, with the transport's own words) are refused

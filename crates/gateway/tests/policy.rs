@@ -724,6 +724,25 @@ fn without_defaults_nothing_is_allowed() {
 }
 
 #[test]
+fn a_configuration_key_written_twice_is_refused() {
+    // The second `path` would replace the first in the tool's input schema, silently.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &file,
+        "tools:\n  - name: t\n    description: d\n    risk: read\n    command: [cat]\n    input_schema:\n      type: object\n      properties:\n        path: { type: string }\n        path: { type: integer }\n",
+    )
+    .unwrap();
+    let err = agent_runtime_gateway::config::GatewayFile::load(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("gateway.yaml") && err.contains("duplicate key `path`"),
+        "{err}"
+    );
+}
+
+#[test]
 fn bad_policies_are_rejected_with_the_rule_named() {
     let base = Path::new("/");
     let err = Policy::from_yaml(

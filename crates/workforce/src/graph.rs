@@ -708,7 +708,7 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     // Parsers keep the last of a key written twice in a mapping, silently dropping the first
     // (a whole agent, an argument), and JSON values turn YAML's `.nan` into `null`: refused,
     // where they are.
-    deserialize_located::<AsJsonHoldsIt>(text, file, json)?;
+    deserialize_located::<agent_runtime_core::document::JsonFaithful>(text, file, json)?;
     graph.validate_in(text, file)?;
     Ok(graph)
 }
@@ -759,95 +759,6 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
             }
         })?
     })
-}
-
-/// A document that the graph's JSON values hold as written (its content is not kept): no
-/// mapping with a key twice, at any depth, and no NaN or infinity (YAML's `.nan`, `.inf`),
-/// which a JSON value would turn into `null`.
-struct AsJsonHoldsIt;
-
-impl<'de> Deserialize<'de> for AsJsonHoldsIt {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(AsJsonHoldsIt)
-    }
-}
-
-impl<'de> serde::de::Visitor<'de> for AsJsonHoldsIt {
-    type Value = AsJsonHoldsIt;
-
-    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-        f.write_str("any value")
-    }
-    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_i128<E>(self, _: i128) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_u128<E>(self, _: u128) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self, E> {
-        if v.is_finite() {
-            Ok(self)
-        } else {
-            Err(E::custom(format!(
-                "{v} is no number JSON can hold (it would become null)"
-            )))
-        }
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_bytes<E>(self, _: &[u8]) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_none<E>(self) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_unit<E>(self) -> Result<Self, E> {
-        Ok(self)
-    }
-    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(self)
-    }
-    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(self)
-    }
-    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
-        while seq.next_element::<AsJsonHoldsIt>()?.is_some() {}
-        Ok(self)
-    }
-    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
-        let mut seen = std::collections::HashSet::new();
-        while let Some(key) = map.next_key::<Value>()? {
-            let shown = match &key {
-                Value::String(k) => k.clone(),
-                other => other.to_string(),
-            };
-            // Compared as text, as the graph's JSON objects hold them: YAML's `1` and `"1"` are
-            // the same key there.
-            if !seen.insert(shown.clone()) {
-                return Err(serde::de::Error::custom(format!(
-                    "duplicate key `{shown}` (the later one would silently replace the earlier)"
-                )));
-            }
-            map.next_value::<AsJsonHoldsIt>()?;
-        }
-        Ok(self)
-    }
-    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Self, A::Error> {
-        // A YAML tag (`!name value`): the value after it.
-        use serde::de::VariantAccess;
-        let (_, variant) = data.variant::<serde::de::IgnoredAny>()?;
-        variant.newtype_variant::<AsJsonHoldsIt>()
-    }
 }
 
 /// The line (from 1) of the `---` that starts a second YAML document, if there is one.

@@ -1,0 +1,107 @@
+//! Checks of YAML and JSON documents for what their parsers pass over without a word.
+//!
+//! Deserialized into a struct or a JSON value, a mapping that holds a key twice keeps the last
+//! (a whole agent, a policy rule's argument, an environment variable silently gone), and YAML's
+//! `.nan` and `.inf` become `null` in a JSON value. Files a person writes (task graphs, the
+//! gateway's configuration, policies, MCP servers files) are read a second time as
+//! [`JsonFaithful`], whose errors name the place as the parser's do.
+//!
+//! ```
+//! use agent_runtime_core::document::JsonFaithful;
+//! assert!(serde_json::from_str::<JsonFaithful>(r#"{"a": {"x": 1}, "b": {"x": 1}}"#).is_ok());
+//! let err = serde_json::from_str::<JsonFaithful>(r#"{"a": 1, "a": 2}"#).unwrap_err();
+//! assert!(err.to_string().starts_with("duplicate key `a`"), "{err}");
+//! ```
+
+use serde::Deserialize;
+
+/// A document that the graph's JSON values hold as written (its content is not kept): no
+/// mapping with a key twice, at any depth, and no NaN or infinity (YAML's `.nan`, `.inf`),
+/// which a JSON value would turn into `null`.
+#[derive(Debug, Clone, Copy)]
+pub struct JsonFaithful;
+
+impl<'de> Deserialize<'de> for JsonFaithful {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(JsonFaithful)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonFaithful {
+    type Value = JsonFaithful;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_i128<E>(self, _: i128) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_u128<E>(self, _: u128) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self, E> {
+        if v.is_finite() {
+            Ok(self)
+        } else {
+            Err(E::custom(format!(
+                "{v} is no number JSON can hold (it would become null)"
+            )))
+        }
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_bytes<E>(self, _: &[u8]) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_none<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_unit<E>(self) -> Result<Self, E> {
+        Ok(self)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_newtype_struct<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(self)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self, A::Error> {
+        while seq.next_element::<JsonFaithful>()?.is_some() {}
+        Ok(self)
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<serde_json::Value>()? {
+            let shown = match &key {
+                serde_json::Value::String(k) => k.clone(),
+                other => other.to_string(),
+            };
+            // Compared as text, as JSON objects hold them: YAML's `1` and `"1"` are the same
+            // key there.
+            if !seen.insert(shown.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{}` (the later one would silently replace the earlier)",
+                    crate::names::shown(&shown)
+                )));
+            }
+            map.next_value::<JsonFaithful>()?;
+        }
+        Ok(self)
+    }
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<Self, A::Error> {
+        // A YAML tag (`!name value`): the value after it.
+        use serde::de::VariantAccess;
+        let (_, variant) = data.variant::<serde::de::IgnoredAny>()?;
+        variant.newtype_variant::<JsonFaithful>()
+    }
+}
