@@ -750,15 +750,21 @@ fn secret_looking_arguments(graph: &agent_runtime_workforce::TaskGraph) -> Vec<S
     found
 }
 
-/// The labels `run` records (see `RunOptions::labels`): the folder it runs in and the gateway
-/// files it was given, as absolute paths, so that `resume` can go on in the same surroundings
-/// (see [`go_where_started`]). Paths that are not UTF-8 are left out.
+/// The labels `run` and `resume` record (see `RunOptions::labels`): the folder they run in and
+/// the gateway files they were given, as absolute paths, so that a later `resume` can go on in
+/// the same surroundings (see [`go_where_started`]). A path that is not UTF-8 is recorded as
+/// `KEY_not_utf8`, shown with replacement characters: a resume cannot go back to it by itself.
 fn origin_labels(gateway: &GatewayOpts) -> BTreeMap<String, String> {
     let mut labels = BTreeMap::new();
-    let mut add = |key: &str, path: Option<PathBuf>| {
-        if let Some(text) = path.as_deref().and_then(std::path::Path::to_str) {
+    let mut add = |key: &str, path: Option<PathBuf>| match path.as_deref().map(|p| (p, p.to_str()))
+    {
+        Some((_, Some(text))) => {
             labels.insert(key.to_string(), text.to_string());
         }
+        Some((p, None)) => {
+            labels.insert(format!("{key}_not_utf8"), p.to_string_lossy().into_owned());
+        }
+        None => {}
     };
     add("workspace", std::env::current_dir().ok());
     let absolute = |p: &Option<PathBuf>| p.as_deref().and_then(|p| std::path::absolute(p).ok());
@@ -768,9 +774,23 @@ fn origin_labels(gateway: &GatewayOpts) -> BTreeMap<String, String> {
     labels
 }
 
-/// Makes `resume` go on where the run started: in its folder (tools resolve relative paths
-/// against it, unless `--here`), with the gateway files it was given unless others are given
-/// now. Says so on standard error when that differs from how `resume` was called.
+/// Whether `flag` is on this process's command line (`--config PATH` or `--config=PATH`), as
+/// opposed to filled in from its environment variable.
+fn on_command_line(flag: &str) -> bool {
+    std::env::args_os().skip(1).any(|a| {
+        a == flag
+            || a.to_str().is_some_and(|a| {
+                a.strip_prefix(flag)
+                    .is_some_and(|rest| rest.starts_with('='))
+            })
+    })
+}
+
+/// Makes `resume` go on where the run last went on (`labels`: of its creation, or of its last
+/// resume): in that folder (tools resolve relative paths against it, unless `--here`), with the
+/// gateway files used there unless others are given on the command line now (they win over
+/// `AGENT_RUNTIME_GATEWAY_CONFIG`, which may name a file relative to another folder). Says so
+/// on standard error when that differs from how `resume` was called.
 fn go_where_started(
     run_id: RunId,
     labels: &BTreeMap<String, String>,
@@ -782,36 +802,65 @@ fn go_where_started(
         ("policy", "--policy", &mut gateway.policy),
         ("mcp_config", "--mcp-config", &mut gateway.mcp_config),
     ] {
-        match (given.as_mut(), labels.get(key)) {
-            // Given now: from where this command runs.
-            (Some(path), _) => *path = std::path::absolute(&*path)?,
-            (None, Some(recorded)) => {
-                let recorded = PathBuf::from(recorded);
-                if !recorded.exists() {
-                    return Err(CliError::Failed(format!(
-                        "run {run_id} was started with {flag} {}, which is gone; pass {flag} to \
-                         resume it with another",
-                        recorded.display()
-                    ))
-                    .into());
-                }
-                eprintln!(
-                    "resume: with {flag} {}, as the run started",
-                    recorded.display()
-                );
-                *given = Some(recorded);
+        let explicit = given.is_some() && on_command_line(flag);
+        if explicit {
+            // From where this command runs.
+            if let Some(path) = given.as_mut() {
+                *path = std::path::absolute(&*path)?;
             }
-            (None, None) => {}
+            continue;
         }
+        if let Some(recorded) = labels.get(key) {
+            let recorded = PathBuf::from(recorded);
+            if !recorded.exists() {
+                return Err(CliError::Failed(format!(
+                    "run {run_id} was started with {flag} {}, which is gone; pass {flag} to \
+                     resume it with another",
+                    recorded.display()
+                ))
+                .into());
+            }
+            eprintln!(
+                "resume: with {flag} {}, as the run ran before",
+                recorded.display()
+            );
+            *given = Some(recorded);
+        } else if let Some(lossy) = labels.get(&format!("{key}_not_utf8")) {
+            return Err(CliError::Failed(format!(
+                "run {run_id} was started with {flag} {lossy}, a path that is not UTF-8, which \
+                 resume cannot find again by itself; pass {flag}"
+            ))
+            .into());
+        } else if let Some(path) = given.as_mut() {
+            // From the environment, and the run recorded no file: as `run` would read it.
+            *path = std::path::absolute(&*path)?;
+        }
+    }
+    if args.here {
+        return Ok(());
+    }
+    let here = std::env::current_dir().ok();
+    if let Some(lossy) = labels.get("workspace_not_utf8") {
+        if here
+            .as_deref()
+            .is_some_and(|h| h.to_string_lossy() == lossy.as_str())
+        {
+            return Ok(());
+        }
+        return Err(CliError::Failed(format!(
+            "run {run_id} started in {lossy}, a folder whose name is not UTF-8, which resume \
+             cannot find again by itself; resume it from there, or pass --here to go on in this \
+             folder"
+        ))
+        .into());
     }
     let Some(folder) = labels.get("workspace").map(PathBuf::from) else {
         return Ok(());
     };
-    let here = std::env::current_dir().ok();
     let same = |a: &std::path::Path, b: &std::path::Path| {
         a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
     };
-    if args.here || here.as_deref().is_some_and(|h| same(h, &folder)) {
+    if here.as_deref().is_some_and(|h| same(h, &folder)) {
         return Ok(());
     }
     if !folder.is_dir() {
@@ -830,7 +879,7 @@ fn go_where_started(
         ))
     })?;
     eprintln!(
-        "resume: in {}, where the run started (--here: in this folder)",
+        "resume: in {}, where the run ran before (--here: in this folder)",
         folder.display()
     );
     Ok(())
@@ -913,22 +962,44 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     };
     let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
-    // Requests made after the run's last own event were never acted on (the process that drove
-    // it had died): they take effect now, as do those made while it resumes.
+    // One pass over the run's events: where its last own event is (requests made after it were
+    // never acted on, the process that drove it had died: they take effect now, as do those
+    // made while it resumes), whether it ended or is a simulation, and where it last went on
+    // (the labels of its creation, then of each resume).
     let mut last_own = None;
-    let mut created: Option<Value> = None;
+    let mut fold: Option<Option<RunFold>> = None;
+    let mut simulation_seed: Option<u64> = None;
+    let mut labels = BTreeMap::new();
     each_own_event(&store, run_id, |e| {
-        if created.is_none() {
-            created = Some(e.payload.clone());
+        let fold = fold.get_or_insert_with(|| RunFold::new(e));
+        if let Some(fold) = fold {
+            fold.push(e);
+        }
+        if e.kind == EventKind::RunCreated
+            && let Some(sim) = e.payload.get("simulation")
+        {
+            simulation_seed = Some(sim.get("seed").and_then(Value::as_u64).unwrap_or_default());
+        }
+        if matches!(e.kind, EventKind::RunCreated | EventKind::RunResumed) {
+            let recorded = driver::created_labels(&e.payload);
+            if !recorded.is_empty() {
+                labels = recorded;
+            }
         }
         last_own = Some(e.seq)
     })?;
-    let after = match last_own {
-        Some(seq) => seq,
-        None => store.head()?.map_or(0, |(seq, _)| seq),
-    };
-    if let Some(sim) = created.as_ref().and_then(|c| c.get("simulation")) {
-        let seed = sim.get("seed").and_then(Value::as_u64).unwrap_or_default();
+    let summary = fold
+        .flatten()
+        .map(RunFold::finish)
+        .ok_or_else(|| no_run(run_id))?;
+    if summary.ended.is_some() {
+        return Err(CliError::Failed(format!(
+            "run {run_id} already ended ({}); nothing to resume",
+            summary.status
+        ))
+        .into());
+    }
+    if let Some(seed) = simulation_seed {
         return Err(CliError::Failed(format!(
             "run {run_id} is a simulation (seed {seed}), which is not resumed: its virtual \
              clock and synthetic calls live only in the process that ran it. `replay` checks \
@@ -937,11 +1008,13 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         ))
         .into());
     }
-    let labels = created
-        .as_ref()
-        .map(driver::created_labels)
-        .unwrap_or_default();
+    let after = match last_own {
+        Some(seq) => seq,
+        None => store.head()?.map_or(0, |(seq, _)| seq),
+    };
     go_where_started(run_id, &labels, &mut args)?;
+    // Recorded in `run.resumed`: a later resume goes on where this one did.
+    let here = origin_labels(&args.gateway);
     drive(
         &store,
         0,
@@ -949,7 +1022,8 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         after,
         args.json,
         true,
-        |opts, token, controls| {
+        |mut opts, token, controls| {
+            opts.labels = here;
             driver::resume_controlled(&store, run_id, opts, token, Some(controls))
         },
     )
@@ -1075,6 +1149,13 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         return Err(CliError::Failed(format!(
             "run {run_id} already ended ({}); nothing to cancel",
             summary.status
+        ))
+        .into());
+    }
+    if is_simulation(&store, run_id)? {
+        return Err(CliError::Failed(format!(
+            "run {run_id} is a simulation, which takes no requests (and is not resumed); \
+             nothing to cancel"
         ))
         .into());
     }

@@ -858,7 +858,7 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         .assert()
         .code(1)
         .stderr(predicate::str::contains(format!(
-            "resume: with --config {}, as the run started",
+            "resume: with --config {}, as the run ran before",
             config.display()
         )))
         .stderr(predicate::str::contains(format!(
@@ -887,6 +887,181 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         .stderr(predicate::str::contains(format!(
             "run {sim_id} is a simulation (seed 5), which is not resumed"
         )));
+    cli(&db)
+        .args(["cancel", &sim_id.to_string()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "is a simulation, which takes no requests",
+        ));
+    // A folder whose name is not UTF-8 is recorded as such, and a resume elsewhere is refused
+    // rather than going on in the wrong folder.
+    use std::os::unix::ffi::OsStrExt;
+    let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"odd-\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    let flow = dir.path().join("one.yaml");
+    std::fs::write(&flow, "tasks:\n  - { id: a, tool: echo, args: { x: 1 } }\n").unwrap();
+    // (The gateway's default workspace is the current folder, whose name its policy refuses:
+    // a configuration names another.)
+    std::fs::create_dir(dir.path().join("ws")).unwrap();
+    let gw = dir.path().join("gw-ws.yaml");
+    std::fs::write(&gw, "workspace: [ws]\n").unwrap();
+    cli(&db)
+        .current_dir(&odd)
+        .arg("run")
+        .arg(&flow)
+        .arg("--config")
+        .arg(&gw)
+        .assert()
+        .success();
+    let store = Store::open(StoreConfig::plaintext(&db).read_only()).unwrap();
+    let created = store
+        .query_blocking(&EventQuery {
+            kinds: vec![EventKind::RunCreated],
+            ..EventQuery::default()
+        })
+        .unwrap()
+        .pop()
+        .unwrap();
+    drop(store);
+    let lossy = created.payload["labels"]["workspace_not_utf8"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(lossy.ends_with("odd-\u{fffd}"), "{lossy}");
+    let labels = [("workspace_not_utf8".to_string(), lossy)].into();
+    let unfinished = RunId::from_bytes([8; 16]);
+    let store = Store::open(StoreConfig::plaintext(&db)).unwrap();
+    store
+        .append_blocking(vec![Engine::created_event_labelled(
+            unfinished, &graph, 1, t0, &labels,
+        )])
+        .unwrap();
+    drop(store);
+    cli(&db)
+        .current_dir(dir.path())
+        .args(["resume", &unfinished.to_string()])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains("a folder whose name is not UTF-8"));
+}
+
+/// `--here` and files given to a resume are where the run goes on from then: a later resume
+/// goes back there, not to where the run was created. A relative
+/// AGENT_RUNTIME_GATEWAY_CONFIG names a file from where `run` ran: the recorded path wins.
+#[test]
+fn a_later_resume_goes_on_where_the_last_one_did() {
+    use agent_runtime_workforce::engine::Engine;
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let (first, second) = (dir.path().join("first"), dir.path().join("second"));
+    std::fs::create_dir(&first).unwrap();
+    std::fs::create_dir(&second).unwrap();
+    std::fs::write(first.join("gw.yaml"), "{}\n").unwrap();
+    // Created in `first` with its gateway file, given through the environment.
+    let graph = agent_runtime_workforce::graph::parse_graph(
+        "tasks:\n  - { id: w, tool: write_file, args: { path: out.txt, text: hi } }\n",
+        Path::new("g.yaml"),
+    )
+    .unwrap();
+    let labels = [
+        ("workspace", first.to_str().unwrap().to_string()),
+        (
+            "gateway_config",
+            first.join("gw.yaml").to_str().unwrap().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let run_id = RunId::from_bytes([9; 16]);
+    let t0 = agent_runtime_core::Timestamp::from_unix_nanos(1_800_000_000_000_000_000);
+    let store = Store::open(StoreConfig::plaintext(&db)).unwrap();
+    store
+        .append_blocking(vec![Engine::created_event_labelled(
+            run_id, &graph, 1, t0, &labels,
+        )])
+        .unwrap();
+    drop(store);
+    // Resumed from `second` with the variable naming `gw.yaml` relative to there (no such
+    // file): the recorded file is used, in `first`.
+    let out = cli(&db)
+        .current_dir(&second)
+        .env("AGENT_RUNTIME_GATEWAY_CONFIG", "gw.yaml")
+        .args(["resume", &run_id.to_string(), "--here", "--json"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("resume: with --config"), "{stderr}");
+    // `--here`: the file is written in `second`, and `run.resumed` records that.
+    assert!(second.join("out.txt").exists() && !first.join("out.txt").exists());
+    let resumed = events(&db, run_id)
+        .into_iter()
+        .find(|e| e.kind == EventKind::RunResumed)
+        .unwrap();
+    assert_eq!(
+        resumed.payload["labels"]["workspace"]
+            .as_str()
+            .map(PathBuf::from),
+        Some(second.clone())
+    );
+    // With real processes: run in `first`, killed; resumed `--here` in `second`, killed; the
+    // next resume, from a third folder, goes on in `second`.
+    let db = dir.path().join("killed.db");
+    let flow = dir.path().join("slow.yaml");
+    std::fs::write(
+        &flow,
+        "tasks:\n  - { id: s, tool: sleep, args: { ms: 600000 }, retry: { max_attempts: 5, backoff: 1ms } }\n",
+    )
+    .unwrap();
+    let mut child = spawn_run(&db, &flow, &first, false);
+    let run_id = wait_for(&db, |all| {
+        all.iter()
+            .any(|e| e.kind == EventKind::TaskStarted)
+            .then(|| all[0].run_id)
+    });
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let mut resume = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+        .current_dir(&second)
+        .env_remove("AGENT_RUNTIME_DB")
+        .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+        .arg("--db")
+        .arg(&db)
+        .args(["--plaintext", "resume", &run_id.to_string(), "--here"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for(&db, |all| {
+        (all.iter()
+            .filter(|e| e.kind == EventKind::TaskStarted)
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    resume.kill().unwrap();
+    resume.wait().unwrap();
+    cli(&db)
+        .args(["cancel", &run_id.to_string()])
+        .assert()
+        .success();
+    let third = dir.path().join("third");
+    std::fs::create_dir(&third).unwrap();
+    let out = cli(&db)
+        .current_dir(&third)
+        .args(["resume", &run_id.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(&format!(
+            "resume: in {}, where the run ran before",
+            second.display()
+        )),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -81,19 +81,16 @@ impl<'de> serde::de::Visitor<'de> for JsonFaithful {
     }
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self, A::Error> {
         let mut seen = std::collections::HashSet::new();
-        while let Some(key) = map.next_key::<serde_json::Value>()? {
-            let shown = match &key {
-                serde_json::Value::String(k) => k.clone(),
-                other => other.to_string(),
-            };
-            // Compared as text, as JSON objects hold them: YAML's `1` and `"1"` are the same
-            // key there.
-            if !seen.insert(shown.clone()) {
+        // Keys are read as text, as the maps and JSON objects the files are read into read
+        // them: YAML's `3.1` and `3.10` are two keys there, `1` and `"1"` one.
+        while let Some(key) = map.next_key::<String>()? {
+            if seen.contains(&key) {
                 return Err(serde::de::Error::custom(format!(
                     "duplicate key `{}` (the later one would silently replace the earlier)",
-                    crate::names::shown(&shown)
+                    crate::names::shown(&key)
                 )));
             }
+            seen.insert(key);
             map.next_value::<JsonFaithful>()?;
         }
         Ok(self)
@@ -103,5 +100,100 @@ impl<'de> serde::de::Visitor<'de> for JsonFaithful {
         use serde::de::VariantAccess;
         let (_, variant) = data.variant::<serde::de::IgnoredAny>()?;
         variant.newtype_variant::<JsonFaithful>()
+    }
+}
+
+/// [`JsonFaithful`] for the values of some top-level keys only, for files that other programs
+/// share (an MCP servers file a desktop host also reads): their other sections are theirs, and
+/// a key twice there replaces nothing this runtime reads.
+///
+/// ```
+/// use serde::de::DeserializeSeed;
+/// use agent_runtime_core::document::JsonFaithfulUnder;
+/// let check = |text: &str| {
+///     JsonFaithfulUnder(&["servers"]).deserialize(&mut serde_json::Deserializer::from_str(text))
+/// };
+/// assert!(check(r#"{"theme": 1, "theme": 2, "servers": {"a": {}}}"#).is_ok());
+/// assert!(check(r#"{"servers": {"a": {}, "a": {}}}"#).is_err());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct JsonFaithfulUnder<'a>(pub &'a [&'a str]);
+
+impl<'de> serde::de::DeserializeSeed<'de> for JsonFaithfulUnder<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for JsonFaithfulUnder<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a mapping")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        let mut seen = std::collections::HashSet::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if !self.0.contains(&key.as_str()) {
+                map.next_value::<serde::de::IgnoredAny>()?;
+                continue;
+            }
+            if !seen.insert(key.clone()) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate key `{key}` (the later one would silently replace the earlier)"
+                )));
+            }
+            map.next_value::<JsonFaithful>()?;
+        }
+        Ok(())
+    }
+    // Anything else is not this check's to judge: the file's own parse says what is wrong.
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+        Ok(())
+    }
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
+    }
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(text: &str) -> Result<(), String> {
+        serde_json::from_str::<JsonFaithful>(text)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn keys_are_compared_as_text_at_any_depth_and_quoted_short() {
+        assert!(json(r#"{"3.1": "old", "3.10": "new"}"#).is_ok());
+        let e = json(r#"{"x": {"a": 1, "b": [{"k": 1, "k": 2}]}}"#).unwrap_err();
+        assert!(e.starts_with("duplicate key `k`"), "{e}");
+        let long = "k".repeat(500);
+        let e = json(&format!(r#"{{"{long}": 1, "{long}": 2}}"#)).unwrap_err();
+        assert!(e.len() < 300, "{e}");
     }
 }

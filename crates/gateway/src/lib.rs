@@ -79,25 +79,48 @@ pub use registry::{RegisteredTool, Registry};
 pub use sandbox::{CommandTool, CommandToolConfig, Limits, SandboxSettings};
 
 /// `serde_yaml_ng::from_str`, after refusing text nested too deep for the YAML parser to take
-/// in reasonable time (see [`agent_runtime_core::yaml`]); errors as text, for the caller to
-/// place.
+/// in reasonable time (see [`agent_runtime_core::yaml`]), and refusing a key written twice (a
+/// rule's argument, an environment variable would be dropped silently; see
+/// [`agent_runtime_core::document`]); errors as text, for the caller to place.
 pub(crate) fn yaml_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+    yaml_from_str_checking(text, &[])
+}
+
+/// [`yaml_from_str`], checking for keys written twice only under the top-level `keys` when
+/// there are some (see [`agent_runtime_core::document::JsonFaithfulUnder`]).
+pub(crate) fn yaml_from_str_checking<T: serde::de::DeserializeOwned>(
+    text: &str,
+    keys: &[&str],
+) -> Result<T, String> {
+    use agent_runtime_core::document::{JsonFaithful, JsonFaithfulUnder};
     use agent_runtime_core::yaml::{MAX_YAML_FLOW_DEPTH, flow_nesting_past, too_deep_message};
+    use serde::de::DeserializeSeed;
     if let Some((line, column)) = flow_nesting_past(text, MAX_YAML_FLOW_DEPTH) {
         return Err(too_deep_message(line, column));
     }
     let value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
-    // A key written twice (a rule's argument, an environment variable) would be dropped
-    // silently; see `agent_runtime_core::document`.
-    serde_yaml_ng::from_str::<agent_runtime_core::document::JsonFaithful>(text)
-        .map_err(|e| e.to_string())?;
+    if keys.is_empty() {
+        serde_yaml_ng::from_str::<JsonFaithful>(text).map(|_| ())
+    } else {
+        JsonFaithfulUnder(keys).deserialize(serde_yaml_ng::Deserializer::from_str(text))
+    }
+    .map_err(|e| e.to_string())?;
     Ok(value)
 }
 
-/// `serde_json::from_str`, refusing a key written twice (see [`yaml_from_str`]).
-pub(crate) fn json_from_str<T: serde::de::DeserializeOwned>(text: &str) -> Result<T, String> {
+/// `serde_json::from_str`, checking for keys written twice as [`yaml_from_str_checking`] does.
+pub(crate) fn json_from_str_checking<T: serde::de::DeserializeOwned>(
+    text: &str,
+    keys: &[&str],
+) -> Result<T, String> {
+    use agent_runtime_core::document::{JsonFaithful, JsonFaithfulUnder};
+    use serde::de::DeserializeSeed;
     let value = serde_json::from_str(text).map_err(|e| e.to_string())?;
-    serde_json::from_str::<agent_runtime_core::document::JsonFaithful>(text)
-        .map_err(|e| e.to_string())?;
+    if keys.is_empty() {
+        serde_json::from_str::<JsonFaithful>(text).map(|_| ())
+    } else {
+        JsonFaithfulUnder(keys).deserialize(&mut serde_json::Deserializer::from_str(text))
+    }
+    .map_err(|e| e.to_string())?;
     Ok(value)
 }

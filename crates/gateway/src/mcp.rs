@@ -94,6 +94,10 @@ pub struct McpServerConfig {
     pub disabled: bool,
 }
 
+/// The keys a servers file holds its servers under (`mcpServers`, as desktop hosts write it,
+/// or `servers`).
+const SERVERS_KEYS: &[&str] = &["mcpServers", "servers"];
+
 /// The MCP servers file.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct McpConfig {
@@ -114,10 +118,12 @@ impl McpConfig {
 
     /// Parses a servers file; `path` names it in errors and picks the format.
     pub fn parse(text: &str, path: &Path) -> Result<McpConfig, GatewayError> {
+        // Only the servers are checked for keys written twice: the file's other sections may
+        // belong to another program that shares it (a desktop host's settings).
         let config: McpConfig = if is_yaml(path) {
-            crate::yaml_from_str(text)
+            crate::yaml_from_str_checking(text, SERVERS_KEYS)
         } else {
-            crate::json_from_str(text)
+            crate::json_from_str_checking(text, SERVERS_KEYS)
         }
         .map_err(|message| GatewayError::Parse {
             what: path.display().to_string(),

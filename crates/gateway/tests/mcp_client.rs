@@ -391,6 +391,13 @@ fn desktop_mcp_servers_format_is_accepted() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("duplicate key `e`"), "{err}");
+    // Sections of a shared file that other programs read are theirs to judge.
+    let shared = McpConfig::parse(
+        r#"{"preferences": {"theme": "dark", "theme": "light"}, "mcpServers": {"x": {"command": "node"}}}"#,
+        Path::new("m.json"),
+    )
+    .unwrap();
+    assert_eq!(shared.servers.len(), 1);
 }
 
 /// Entries that could only fail later (at connect, with the transport's own words) are refused

@@ -67,5 +67,5 @@ pub use error::StoreError;
 pub use export::{ExportFormat, ExportSummary};
 pub use keyring::KEYRING_SERVICE;
 pub use stats::Stats;
-pub use store::{PendingBatch, RunLock, Store, WriterStats};
+pub use store::{MAX_DB_NAME_BYTES, PendingBatch, RunLock, Store, WriterStats};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify_bundle};

@@ -396,6 +396,19 @@ impl Store {
         if (config.read_only || config.must_exist) && !path.exists() {
             return Err(StoreError::NotFound { path });
         }
+        // SQLite puts `NAME-wal` and `NAME-shm` beside the database, and the store its run
+        // claims in `NAME-runs/`: a name that leaves no room for them would be created and then
+        // be of no use.
+        let name_len = path.file_name().map_or(0, |n| n.len());
+        if !config.read_only && name_len > MAX_DB_NAME_BYTES {
+            return Err(StoreError::Open {
+                path,
+                detail: format!(
+                    "a database's file name may have at most {MAX_DB_NAME_BYTES} bytes (this one \
+                     has {name_len}), leaving room for the -wal, -shm and -runs beside it"
+                ),
+            });
+        }
         if !config.read_only
             && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         {
@@ -1007,8 +1020,15 @@ fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
         return Err(e);
     }
     let linked = std::fs::hard_link(&tmp, path);
+    // A link that reports EEXIST may still be ours (a retried link on a network file system):
+    // the key is forgotten only when the file in place is another creator's.
+    let ours = match &linked {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => same_file(&tmp, path),
+        Err(_) => false,
+    };
     remove_tmp();
-    if linked.is_err() {
+    if !ours {
         forget_key(keyring_entry);
     }
     match linked {
@@ -1027,6 +1047,19 @@ fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
 
 /// Writes the schema and, for a new database, its format marker and keys. Returns the id of the
 /// OS keyring entry it made, if it made one (removed again when it fails).
+/// The longest file name an event database may have: file systems take 255 bytes, and the
+/// store puts `NAME-runs` (5 more) beside it.
+pub const MAX_DB_NAME_BYTES: usize = 250;
+
+/// Whether two paths name one file (the same device and inode).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<Option<String>, StoreError> {
     let path = &config.path;
     let err = |e| sqlite_error(path, e, None);

@@ -308,6 +308,30 @@ fn truncated_database_file_is_named() {
 }
 
 #[test]
+fn a_database_name_without_room_for_its_neighbours_is_refused_leaving_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ok = dir
+        .path()
+        .join("d".repeat(agent_runtime_store::MAX_DB_NAME_BYTES));
+    drop(Store::open(StoreConfig::plaintext(&ok)).expect("250 bytes leave room"));
+    for len in [agent_runtime_store::MAX_DB_NAME_BYTES + 1, 255] {
+        let path = dir.path().join("n".repeat(len));
+        let err = Store::open(StoreConfig::plaintext(&path)).unwrap_err();
+        assert!(
+            err.to_string().contains("may have at most 250 bytes"),
+            "{err}"
+        );
+        assert!(!path.exists(), "nothing is created");
+    }
+    let left: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().starts_with('n') || n.to_string_lossy().starts_with(".n"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+}
+
+#[test]
 fn a_file_that_is_not_a_database_is_named() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("junk.db");

@@ -224,16 +224,17 @@ pub struct RunOptions {
     /// Where the `{{ secrets.NAME }}` of tool steps' arguments come from (see
     /// [`agent_runtime_core::SecretSource`]); [`agent_runtime_core::NoSecrets`] for none.
     pub secrets: Arc<dyn SecretSource>,
-    /// Facts about where a new run was started, recorded in its `run.created` (`labels`) for
-    /// the embedder to read back (see [`created_labels`]); the scheduler never reads them. The
-    /// command line records the folder it ran in and the gateway files it was given, so that
-    /// `resume` goes on in the same surroundings. Empty: nothing is recorded. Not secrets:
-    /// they are kept in clear in the log.
+    /// Facts about where a run was started or resumed, recorded in its `run.created` or
+    /// `run.resumed` (`labels`) for the embedder to read back (see [`created_labels`]); the
+    /// scheduler never reads them. The command line records the folder it ran in and the
+    /// gateway files it was given, so that `resume` goes on in the same surroundings. Empty:
+    /// nothing is recorded. Not secrets: they are kept in clear in the log.
     pub labels: BTreeMap<String, String>,
 }
 
-/// The labels a run was created with (see [`RunOptions::labels`]): empty for a run created
-/// without any, a simulation, or a log written before labels existed.
+/// The labels a `run.created` or `run.resumed` payload records (see [`RunOptions::labels`]):
+/// empty for a run created or resumed without any, a simulation, or a log written before
+/// labels existed. The latest event's labels are where the run last went on.
 ///
 /// ```
 /// use agent_runtime_workforce::{driver::created_labels, engine::Engine, graph::parse_graph};
@@ -987,7 +988,12 @@ pub async fn resume_controlled(
             .filter_map(Effect::call)
             .filter(|c| engine.is_in_flight(*c))
             .collect();
-        let resumed = engine.resumed_event_unstarted(opts.clock.now(), &calls);
+        let mut resumed = engine.resumed_event_unstarted(opts.clock.now(), &calls);
+        // Where this resume goes on (see `RunOptions::labels`): a later resume starts from the
+        // latest labels, not the creation's.
+        if !opts.labels.is_empty() {
+            resumed.payload["labels"] = serde_json::json!(opts.labels);
+        }
         // The recorded events were folded in whole pumps; from here on, as in a fresh run.
         engine.set_pump_step(Some(PUMP_STEP));
         engine.apply(&resumed)?;

@@ -1890,6 +1890,20 @@ mod tests {
             e.starts_with("g.json:1:") && e.contains("tasks[0].args: duplicate key `x`"),
             "{e}"
         );
+        // Keys as text, as the graph's values read them: `3.1` and `3.10` are two keys; `1`
+        // and `"1"`, `.nan` and `".nan"`, `0x10` and `"0x10"` one each.
+        assert!(yaml("tasks:\n  - { id: t, tool: echo, args: {3.1: old, 3.10: new} }\n").is_ok());
+        for (a, b, key) in [
+            (".nan", "\".nan\"", ".nan"),
+            ("0x10", "\"0x10\"", "0x10"),
+            ("~", "\"~\"", "~"),
+        ] {
+            let e = yaml(&format!(
+                "tasks:\n  - {{ id: t, tool: echo, args: {{{a}: x, {b}: y}} }}\n"
+            ))
+            .unwrap_err();
+            assert!(e.contains(&format!("duplicate key `{key}`")), "{a}: {e}");
+        }
         // YAML's `1` and `"1"` are one key of a JSON object.
         let e = yaml("tasks:\n  - { id: t, tool: echo, args: {1: a, \"1\": b} }\n").unwrap_err();
         assert!(e.contains("duplicate key `1`"), "{e}");
