@@ -748,6 +748,12 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
             );
             let (line, column) = yaml_key_at(text, &last_key(&full), line, column);
             let message = strip_position(&inner.to_string(), &full);
+            // A key written twice is reported where its mapping starts: the second one is
+            // the mistake.
+            let (line, column) = match duplicated_key(&message) {
+                Some(key) => yaml_second_key_at(text, key, line, column).unwrap_or((line, column)),
+                None => (line, column),
+            };
             GraphError::Syntax {
                 at: Location {
                     file: file.to_path_buf(),
@@ -806,6 +812,46 @@ fn yaml_key_at(text: &str, key: &str, line: usize, column: usize) -> (usize, usi
             .map(|(i, _)| (n + 1, i + 1))
     });
     found.unwrap_or((line, column))
+}
+
+/// The key a "duplicate field `K`" (serde) or "duplicate key `K`" (the document check)
+/// message names.
+fn duplicated_key(message: &str) -> Option<&str> {
+    ["duplicate field `", "duplicate key `"]
+        .iter()
+        .find_map(|start| message.split_once(start))
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(key, _)| key)
+        .filter(|key| !key.is_empty())
+}
+
+/// The line and column of the second `key:` at or after `line`:`column` (1-based): in the
+/// mapping that starts there, the key written again.
+fn yaml_second_key_at(text: &str, key: &str, line: usize, column: usize) -> Option<(usize, usize)> {
+    if line == 0 {
+        return None;
+    }
+    let pattern = format!("{key}:");
+    text.lines()
+        .enumerate()
+        .skip(line - 1)
+        .flat_map(|(n, l)| {
+            let from = if n + 1 == line {
+                column.saturating_sub(1)
+            } else {
+                0
+            };
+            l.match_indices(pattern.as_str())
+                .filter(move |(i, _)| {
+                    *i >= from
+                        && !i
+                            .checked_sub(1)
+                            .map(|b| l.as_bytes()[b])
+                            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+                })
+                .map(move |(i, _)| (n + 1, i + 1))
+        })
+        .nth(1)
 }
 
 /// Segments of a field path shown before the rest is elided: a value nested a hundred levels
@@ -1884,6 +1930,21 @@ mod tests {
                 "{text}: {e}"
             );
         }
+        // Located at the second one.
+        let e = yaml("tasks:\n  - id: t\n    tool: echo\n    args: {}\n    args: { x: 1 }\n")
+            .unwrap_err();
+        assert!(
+            e.starts_with("flow.yaml:5:5: tasks[0]: duplicate field `args`"),
+            "{e}"
+        );
+        let e = yaml(
+            "tasks:\n  - id: t\n    tool: echo\n    args:\n      x: 1\n      y: 2\n      x: 3\n",
+        )
+        .unwrap_err();
+        assert!(
+            e.starts_with("flow.yaml:7:7: tasks[0].args: duplicate key `x`"),
+            "{e}"
+        );
         let e = json(r#"{"tasks": [{"id": "t", "tool": "echo", "args": {"x": 1, "x": 2}}]}"#)
             .unwrap_err();
         assert!(
