@@ -305,6 +305,11 @@ fn remove_stale_etc_copies(tmp: &Path) {
 fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) -> Vec<String> {
     let mut a: Vec<String> = [
         "--unshare-all",
+        // Started by root, bubblewrap keeps every capability for the command (uid 0 inside is
+        // root outside): it could remount the read-only binds read-write and write the host's
+        // files, or raise its own cgroup limits. Nothing a tool does needs one.
+        "--cap-drop",
+        "ALL",
         "--die-with-parent",
         "--new-session",
         "--setenv",
@@ -1074,8 +1079,6 @@ struct CgroupPool {
 /// A cgroup with no process in it, ready for a call.
 struct PooledCgroup {
     dir: PathBuf,
-    /// The `pids.max` it holds.
-    max: u64,
     /// The `max` count of `pids.events` when it was emptied (the counter never goes down).
     events: u64,
 }
@@ -1174,7 +1177,6 @@ struct Cgroup {
     dir: PathBuf,
     procs_fd: i32,
     procs_file: Option<std::fs::File>,
-    max: u64,
     /// `pids.events` `max` count before the call.
     events: u64,
     removed: bool,
@@ -1187,9 +1189,9 @@ impl Cgroup {
         let pooled = pool.free.lock().unwrap_or_else(|p| p.into_inner()).pop();
         let (dir, events) = match pooled {
             Some(p) => {
-                if p.max != max
-                    && let Err(e) = std::fs::write(p.dir.join("pids.max"), max.to_string())
-                {
+                // Written for every call, even when the limit is the same: what the last call
+                // left in the file is not trusted (a command with capabilities could raise it).
+                if let Err(e) = std::fs::write(p.dir.join("pids.max"), max.to_string()) {
                     let _ = std::fs::remove_dir(&p.dir);
                     return Err(format!("{}: {e}", p.dir.display()));
                 }
@@ -1220,7 +1222,6 @@ impl Cgroup {
                     dir,
                     procs_fd,
                     procs_file: Some(file),
-                    max,
                     events,
                     removed: false,
                 })
@@ -1243,7 +1244,6 @@ impl Cgroup {
                 if free.len() < CGROUP_POOL_MAX {
                     free.push(PooledCgroup {
                         dir: self.dir.clone(),
-                        max: self.max,
                         events: pids_events_max(&self.dir),
                     });
                     self.removed = true;

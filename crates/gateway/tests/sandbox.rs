@@ -128,6 +128,49 @@ async fn writing_outside_the_roots_fails() {
     assert!(!Path::new("/usr/evil").exists() && !Path::new("/etc/evil").exists());
 }
 
+/// Started by root (as CI runs), the command must not keep root's capabilities: with them it
+/// could remount a read-only bind read-write and write the host's files, or lift its own
+/// process limit.
+#[tokio::test]
+async fn the_command_has_no_capabilities_and_cannot_remount_or_raise_its_limits() {
+    let env = env();
+    let read_only = env.root.join("ro");
+    std::fs::create_dir_all(&read_only).unwrap();
+    std::fs::write(read_only.join("f.txt"), "orig").unwrap();
+    let config = CommandToolConfig {
+        input_schema: json!({"type": "object", "properties": {"script": {"type": "string"}}}),
+        read_roots: vec![read_only.clone()],
+        ..exec_config(
+            "caps",
+            vec!["/bin/sh".into(), "-c".into(), "{script}".into()],
+        )
+    };
+    let tool = CommandTool::new(config, env.settings.clone(), &mut Redactor::new()).unwrap();
+    let script = format!(
+        "grep CapEff /proc/self/status; \
+         mount -o remount,bind,rw {ro} && echo REMOUNTED; echo x > {ro}/f.txt; \
+         mount -o remount,bind,rw /usr && echo USR_REMOUNTED; \
+         mkdir -p /tmp/c && mount -t cgroup -o pids none /tmp/c && echo CGROUP_MOUNTED",
+        ro = read_only.display()
+    );
+    let v = ok(tool
+        .run(
+            json!({"script": script}),
+            CallContext::new(Actor::System),
+            SandboxMode::Bubblewrap,
+        )
+        .await);
+    let out = v["stdout"].as_str().unwrap();
+    assert!(out.contains("CapEff:\t0000000000000000"), "{v}");
+    for escaped in ["REMOUNTED", "USR_REMOUNTED", "CGROUP_MOUNTED"] {
+        assert!(!out.contains(escaped), "{escaped}: {v}");
+    }
+    assert_eq!(
+        std::fs::read_to_string(read_only.join("f.txt")).unwrap(),
+        "orig"
+    );
+}
+
 #[tokio::test]
 async fn reading_outside_the_read_roots_fails() {
     let env = env();
