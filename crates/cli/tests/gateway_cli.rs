@@ -268,6 +268,55 @@ fn a_policy_without_a_workspace_uses_the_gateways() {
     assert_eq!(v["decision"]["rule"], "default.write-inside", "{v}");
 }
 
+/// The policy judges a relative path against the first workspace root; `read_file` and
+/// `write_file` must open that same file, not one under the folder the command runs in.
+#[test]
+fn file_tools_open_the_path_the_policy_judged() {
+    let env = Env::new();
+    let root = env.dir.path();
+    std::fs::create_dir_all(root.join("ws/secret")).unwrap();
+    std::fs::write(root.join("ws/secret/key"), "TOPSECRET").unwrap();
+    std::fs::create_dir_all(root.join("ws/pub")).unwrap();
+    std::os::unix::fs::symlink("../secret", root.join("ws/pub/up")).unwrap();
+    std::fs::write(
+        root.join("policy.yaml"),
+        "workspace: [\"ws\"]\nrules:\n  - id: no-secret\n    when: [ { path_inside: { arg: \"@paths\", roots: [\"ws/secret\"] } } ]\n    effect: deny\n",
+    )
+    .unwrap();
+    let call = |cwd: &Path, tool: &str, args: &str| {
+        env.cmd()
+            .current_dir(cwd)
+            .args(["tools", "call", tool, "--args", args, "--config"])
+            .arg(env.config())
+            .output()
+            .unwrap()
+    };
+    // From `ws/pub`, `up/key` is the secret for the process, but the policy judged
+    // `ws/up/key`: the tool opens that (which does not exist), never the secret.
+    let out = call(&root.join("ws/pub"), "read_file", r#"{"path":"up/key"}"#);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success() && !all.contains("TOPSECRET"), "{all}");
+    assert!(all.contains("ws/up/key"), "{all}");
+    // A relative write from another folder lands in the workspace, where it was judged.
+    std::fs::create_dir_all(root.join("other")).unwrap();
+    let out = call(
+        &root.join("other"),
+        "write_file",
+        r#"{"path":"written.txt","text":"x"}"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(root.join("ws/written.txt").exists());
+    assert!(!root.join("other/written.txt").exists());
+}
+
 #[test]
 fn policy_check_names_the_rule() {
     let env = Env::new();

@@ -39,6 +39,11 @@ pub struct CallContext {
     /// with `[REDACTED]`, as it does its own secrets. Empty for most calls. Never printed by
     /// `Debug`.
     pub secrets: Vec<String>,
+    /// The folder relative paths in the call's arguments are relative to: the gateway sets
+    /// its policy's first workspace root, which the policy judged them against, so that a tool
+    /// working in this process (`read_file`, `write_file`) opens what was judged rather than a
+    /// path under the process's working folder. `None`: the process's working folder.
+    pub workdir: Option<std::sync::Arc<std::path::Path>>,
 }
 
 impl std::fmt::Debug for CallContext {
@@ -51,6 +56,7 @@ impl std::fmt::Debug for CallContext {
             .field("timeout", &self.timeout)
             .field("progress", &self.progress.is_some())
             .field("secrets", &self.secrets.len())
+            .field("workdir", &self.workdir)
             .finish_non_exhaustive()
     }
 }
@@ -66,6 +72,25 @@ impl CallContext {
             timeout: None,
             progress: None,
             secrets: Vec::new(),
+            workdir: None,
+        }
+    }
+
+    /// `path` as the call means it: joined to [`CallContext::workdir`] when relative and the
+    /// caller set one, as it is otherwise.
+    ///
+    /// ```
+    /// use agent_runtime_core::{Actor, CallContext};
+    /// let mut ctx = CallContext::new(Actor::System);
+    /// assert_eq!(ctx.path("a.txt"), std::path::Path::new("a.txt"));
+    /// ctx.workdir = Some(std::path::Path::new("/ws").into());
+    /// assert_eq!(ctx.path("a.txt"), std::path::Path::new("/ws/a.txt"));
+    /// assert_eq!(ctx.path("/etc/x"), std::path::Path::new("/etc/x"));
+    /// ```
+    pub fn path(&self, path: &str) -> std::path::PathBuf {
+        match &self.workdir {
+            Some(dir) if std::path::Path::new(path).is_relative() => dir.join(path),
+            _ => std::path::PathBuf::from(path),
         }
     }
 

@@ -652,7 +652,14 @@ impl Gateway {
             (args, Value::Null)
         };
         let result = self
-            .execute(&entry, call_args, &ctx, timeout, decision.sandbox)
+            .execute(
+                &entry,
+                call_args,
+                &ctx,
+                timeout,
+                decision.sandbox,
+                policy.base(),
+            )
             .await;
         let result = match result {
             Ok(out) => {
@@ -715,11 +722,15 @@ impl Gateway {
         ctx: &CallContext,
         timeout: Duration,
         sandbox: SandboxMode,
+        judged_against: &std::sync::Arc<std::path::Path>,
     ) -> Result<ToolOutput, ToolError> {
         let name = &entry.descriptor().name;
         let mut child = ctx.clone();
         child.cancel = ctx.cancel.child_token();
         child.timeout = Some(timeout);
+        // Relative paths mean what the policy judged, not the process's working folder (nor a
+        // folder the caller names: the policy is what decided).
+        child.workdir = Some(judged_against.clone());
         let token = child.cancel.clone();
         let fut = async {
             match entry.command() {

@@ -426,6 +426,8 @@ struct CompiledRule {
 pub struct Policy {
     rules: Vec<CompiledRule>,
     workspace: Vec<PathBuf>,
+    /// The first workspace root (`/` without one): what relative paths are judged against.
+    base: std::sync::Arc<Path>,
 }
 
 /// One line of [`Policy::explain`].
@@ -553,7 +555,14 @@ impl Policy {
             }
             rules.push(CompiledRule { rule, conditions });
         }
-        Ok(Policy { rules, workspace })
+        let base = workspace
+            .first()
+            .map_or_else(|| Path::new("/").into(), |root| root.as_path().into());
+        Ok(Policy {
+            rules,
+            workspace,
+            base,
+        })
     }
 
     /// The resolved workspace roots.
@@ -566,14 +575,17 @@ impl Policy {
         self.rules.iter().map(|r| &r.rule)
     }
 
+    /// The folder relative paths in arguments are judged against: the first workspace root
+    /// (`/` without one). The gateway hands it to the tools it calls
+    /// (`CallContext::workdir`), so that they open what was judged.
+    pub fn base(&self) -> &std::sync::Arc<Path> {
+        &self.base
+    }
+
     /// Decides about one call. With no matching rule (only possible with `defaults: false`),
     /// the call is denied by the implicit rule `default.deny`.
     pub fn decide(&self, input: &PolicyInput<'_>) -> Decision {
-        let base = self
-            .workspace
-            .first()
-            .map(PathBuf::as_path)
-            .unwrap_or(Path::new("/"));
+        let base = &*self.base;
         for r in &self.rules {
             if self.rule_matches(r, input, base) {
                 return Decision {
@@ -596,11 +608,7 @@ impl Policy {
 
     /// Every rule with whether it matches, in order (for `policy check`).
     pub fn explain(&self, input: &PolicyInput<'_>) -> Vec<RuleTrace> {
-        let base = self
-            .workspace
-            .first()
-            .map(PathBuf::as_path)
-            .unwrap_or(Path::new("/"));
+        let base = &*self.base;
         self.rules
             .iter()
             .map(|r| RuleTrace {

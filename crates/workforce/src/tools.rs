@@ -8,6 +8,7 @@
 //! fails with `class` and `message`, for trying failure policies).
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -258,16 +259,18 @@ impl Tool for Native {
                 }
             }
             Which::ReadFile => {
-                let path = arg_str(&args, "path")?.to_string();
+                // Relative to where the gateway's policy judged it (see `CallContext::workdir`).
+                let path = ctx.path(arg_str(&args, "path")?);
                 let text = off_the_runtime(&ctx, move || read_text_file(&path)).await?;
                 let bytes = text.len();
                 Ok(ToolOutput::new(json!({"text": text, "bytes": bytes})))
             }
             Which::WriteFile => {
-                let path = arg_str(&args, "path")?.to_string();
+                let given = arg_str(&args, "path")?;
+                let path = ctx.path(given);
                 let text = arg_str(&args, "text")?.to_string();
                 let bytes = text.len();
-                let out = json!({"path": path, "bytes": bytes});
+                let out = json!({"path": given, "bytes": bytes});
                 off_the_runtime(&ctx, move || write_text_file(&path, &text)).await?;
                 Ok(ToolOutput::new(out))
             }
@@ -314,7 +317,7 @@ async fn off_the_runtime<T: Send + 'static>(
 /// Checked before the open so the message says what the path is (opening a pipe without a
 /// reader fails with a bare "No such device or address"); [`open_regular`] checks the handle
 /// again, as the path may be replaced in between. A path that does not exist yet is fine.
-fn regular_file(path: &str, verb: &str) -> Result<(), ToolError> {
+fn regular_file(path: &Path, verb: &str) -> Result<(), ToolError> {
     match std::fs::metadata(path) {
         Ok(m) => is_regular(path, verb, m).map(drop),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -323,12 +326,12 @@ fn regular_file(path: &str, verb: &str) -> Result<(), ToolError> {
 }
 
 /// A file tool's failure: `cannot VERB PATH: WHY`.
-fn cannot(verb: &str, path: &str, why: impl std::fmt::Display) -> ToolError {
-    ClassifiedError::tool(format!("cannot {verb} {path}: {why}"))
+fn cannot(verb: &str, path: &Path, why: impl std::fmt::Display) -> ToolError {
+    ClassifiedError::tool(format!("cannot {verb} {}: {why}", path.display()))
 }
 
 fn is_regular(
-    path: &str,
+    path: &Path,
     verb: &str,
     m: std::fs::Metadata,
 ) -> Result<std::fs::Metadata, ToolError> {
@@ -348,7 +351,7 @@ fn is_regular(
 /// [`regular_file`] may have been replaced by a pipe or a device before the open. Writing
 /// opens without truncating, so nothing is lost if the check refuses.
 fn open_regular(
-    path: &str,
+    path: &Path,
     verb: &str,
     options: &mut std::fs::OpenOptions,
 ) -> Result<(std::fs::File, std::fs::Metadata), ToolError> {
@@ -385,11 +388,12 @@ fn open_regular(
     Ok((file, meta))
 }
 
-fn read_text_file(path: &str) -> Result<String, ToolError> {
+fn read_text_file(path: &Path) -> Result<String, ToolError> {
     use std::io::Read;
     let too_large = |size: u64| {
         ClassifiedError::tool(format!(
-            "cannot read {path}: it has {size} bytes, over read_file's limit of {READ_FILE_MAX_BYTES}"
+            "cannot read {}: it has {size} bytes, over read_file's limit of {READ_FILE_MAX_BYTES}",
+            path.display()
         ))
     };
     // No check by path first, as writing has: the open waits for nothing and is checked.
@@ -407,13 +411,14 @@ fn read_text_file(path: &str) -> Result<String, ToolError> {
     }
     String::from_utf8(bytes).map_err(|e| {
         ClassifiedError::tool(format!(
-            "cannot read {path}: not UTF-8 text (byte {} is not)",
+            "cannot read {}: not UTF-8 text (byte {} is not)",
+            path.display(),
             e.utf8_error().valid_up_to()
         ))
     })
 }
 
-fn write_text_file(path: &str, text: &str) -> Result<(), ToolError> {
+fn write_text_file(path: &Path, text: &str) -> Result<(), ToolError> {
     use std::io::Write;
     regular_file(path, "write")?;
     let (mut file, _) = open_regular(
@@ -525,7 +530,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.txt").to_string_lossy().into_owned();
         let (file, _) = open_regular(
-            &path,
+            Path::new(&path),
             "write",
             std::fs::OpenOptions::new().write(true).create(true),
         )
@@ -546,11 +551,15 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let path = fifo.clone();
         std::thread::spawn(move || {
-            let read = open_regular(&path, "read", std::fs::OpenOptions::new().read(true))
-                .map(|_| ())
-                .map_err(|e| e.message);
+            let read = open_regular(
+                Path::new(&path),
+                "read",
+                std::fs::OpenOptions::new().read(true),
+            )
+            .map(|_| ())
+            .map_err(|e| e.message);
             let write = open_regular(
-                &path,
+                Path::new(&path),
                 "write",
                 std::fs::OpenOptions::new().write(true).create(true),
             )
