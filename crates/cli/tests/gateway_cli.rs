@@ -317,6 +317,51 @@ fn file_tools_open_the_path_the_policy_judged() {
     assert!(!root.join("other/written.txt").exists());
 }
 
+/// A server that cannot be reached: its tools are unavailable (exit 1), not unknown (exit 2),
+/// and what is shown of it holds neither the URL's secrets nor rmcp's type names.
+#[test]
+fn an_unreachable_mcp_server_is_named_without_its_url_secrets() {
+    let env = Env::new();
+    let servers = env.dir.path().join("servers.json");
+    std::fs::write(
+        &servers,
+        r#"{"mcpServers": {
+            "dead": {"command": "/bin/false"},
+            "web": {"url": "http://user:hunter2pw@127.0.0.1:1/mcp?token=qs-secret-999", "startup_timeout_ms": 3000}
+        }}"#,
+    )
+    .unwrap();
+    let check = |args: &[&str], code: i32| {
+        let out = env
+            .cmd()
+            .args(args)
+            .arg("--mcp-config")
+            .arg(&servers)
+            .output()
+            .unwrap();
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {all}");
+        for leaked in ["hunter2pw", "qs-secret-999", "rmcp::"] {
+            assert!(!all.contains(leaked), "{args:?} shows {leaked}: {all}");
+        }
+        all
+    };
+    let all = check(&["tools", "call", "dead.anything", "--args", "{}"], 1);
+    assert!(
+        all.contains("\"dead.anything\" is a tool of MCP server \"dead\", which cannot be reached"),
+        "{all}"
+    );
+    let all = check(&["tools", "call", "web.anything", "--args", "{}"], 1);
+    assert!(all.contains("http://127.0.0.1:1/mcp?..."), "{all}");
+    check(&["mcp", "list", "--tools"], 0);
+    let all = check(&["mcp", "list", "--json"], 0);
+    assert!(all.contains("http://127.0.0.1:1/mcp?..."), "{all}");
+}
+
 #[test]
 fn policy_check_names_the_rule() {
     let env = Env::new();

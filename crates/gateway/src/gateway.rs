@@ -269,6 +269,18 @@ impl Gateway {
     }
 
     fn unknown(&self, name: &str) -> ToolError {
+        // A tool of an MCP server that could not be reached is not unknown: it is unavailable
+        // now, and may be later.
+        if let Some((server, why)) = self.inner.registry.unreachable_source(name) {
+            return ClassifiedError::new(
+                ErrorClass::ToolError,
+                format!(
+                    "{name:?} is a tool of MCP server {server:?}, which cannot be reached: {}",
+                    why.strip_prefix(&format!("MCP server {server:?}: "))
+                        .unwrap_or(&why)
+                ),
+            );
+        }
         let names = self.inner.registry.names();
         let shown: Vec<&str> = names.iter().take(20).map(String::as_str).collect();
         ClassifiedError::new(

@@ -451,7 +451,7 @@ impl McpServer {
                 tokio::time::timeout(self.startup_timeout(), init)
                     .await
                     .map_err(|_| self.err("no answer to initialize in time"))?
-                    .map_err(|e| self.err(format!("initialize failed: {e}")))?
+                    .map_err(|e| self.err(format!("initialize failed: {}", transport_error(e))))?
             }
             (None, Some(url)) => {
                 install_crypto_provider();
@@ -477,7 +477,7 @@ impl McpServer {
                 tokio::time::timeout(self.startup_timeout(), init)
                     .await
                     .map_err(|_| self.err("no answer to initialize in time"))?
-                    .map_err(|e| self.err(format!("initialize failed: {e}")))?
+                    .map_err(|e| self.err(format!("initialize failed: {}", transport_error(e))))?
             }
             (None, None) => return Err(self.err("neither command nor url")),
         };
@@ -536,7 +536,7 @@ impl McpServer {
         let listed = tokio::time::timeout(self.timeout(), client.peer().list_all_tools())
             .await
             .map_err(|_| self.err("tools/list timed out"))?
-            .map_err(|e| self.err(format!("tools/list failed: {e}")))?;
+            .map_err(|e| self.err(format!("tools/list failed: {}", transport_error(e))))?;
         let mut out: Vec<Arc<dyn Tool>> = Vec::new();
         for t in listed {
             let ann = t.annotations.as_ref();
@@ -666,7 +666,7 @@ impl McpServer {
                     format!("{remote}: {}", e.message),
                 )
             }
-            other => fail(format!("{remote}: {other}")),
+            other => fail(format!("{remote}: {}", transport_error(other))),
         })?;
         let result = match result {
             ServerResult::CallToolResult(r) => r,
@@ -872,9 +872,21 @@ async fn connect_and_register(
     server: &Arc<McpServer>,
     registry: &Registry,
 ) -> Result<Vec<GatewayError>, GatewayError> {
-    server.connect().await?;
-    let tools = server.tools().await?;
-    Ok(registry.replace_source(&server.name, tools))
+    let connected = async {
+        server.connect().await?;
+        server.tools().await
+    }
+    .await;
+    match connected {
+        Ok(tools) => {
+            registry.set_unreachable(&server.name, None);
+            Ok(registry.replace_source(&server.name, tools))
+        }
+        Err(e) => {
+            registry.set_unreachable(&server.name, Some(e.to_string()));
+            Err(e)
+        }
+    }
 }
 
 async fn supervise(server: Arc<McpServer>, registry: Arc<Registry>) {
@@ -913,14 +925,111 @@ async fn supervise(server: Arc<McpServer>, registry: Arc<Registry>) {
     }
 }
 
+/// A server's URL as it may be shown: without the user and password, the query and the
+/// fragment, which often carry a token (`https://host/mcp?token=...`). Text that is no URL is
+/// shown as `(invalid URL)`.
+///
+/// ```
+/// use agent_runtime_gateway::mcp::shown_url;
+/// assert_eq!(shown_url("https://u:pw@example.com:8443/mcp?token=t#x"), "https://example.com:8443/mcp?...");
+/// assert_eq!(shown_url("http://127.0.0.1:1/mcp"), "http://127.0.0.1:1/mcp");
+/// ```
+pub fn shown_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut u) => {
+            let had_query = u.query().is_some() || u.fragment().is_some();
+            let _ = u.set_username("");
+            let _ = u.set_password(None);
+            u.set_query(None);
+            u.set_fragment(None);
+            let mut shown = u.to_string();
+            if had_query {
+                shown.push_str("?...");
+            }
+            shown
+        }
+        Err(_) => "(invalid URL)".into(),
+    }
+}
+
+/// An error of the MCP transport as it may be shown: the server's URL (which may hold a
+/// token) and anything else that looks like one cut to [`shown_url`]'s form, and rmcp's type
+/// names (`Transport [rmcp::transport::worker::WorkerTransport<...>]`) left out.
+fn transport_error(e: impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text.as_str();
+    while !rest.is_empty() {
+        let next_url = ["http://", "https://"]
+            .iter()
+            .filter_map(|s| rest.find(s))
+            .min();
+        let next_type = rest.find(" [rmcp::");
+        match (next_url, next_type) {
+            (Some(u), t) if t.is_none_or(|t| u < t) => {
+                out.push_str(&rest[..u]);
+                let end = rest[u..]
+                    .find(|c: char| c.is_whitespace() || c == ')' || c == '"')
+                    .map_or(rest.len(), |e| u + e);
+                out.push_str(&shown_url(&rest[u..end]));
+                rest = &rest[end..];
+            }
+            (_, Some(t)) => {
+                out.push_str(&rest[..t]);
+                // Past the bracket that closes the one opened, nested `<...>` and all.
+                let mut depth = 0usize;
+                let mut end = rest.len();
+                for (i, c) in rest[t + 1..].char_indices() {
+                    match c {
+                        '[' => depth += 1,
+                        ']' => {
+                            depth -= 1;
+                            if depth == 0 {
+                                end = t + 1 + i + 1;
+                                break;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                rest = &rest[end..];
+            }
+            _ => {
+                out.push_str(rest);
+                rest = "";
+            }
+        }
+    }
+    out
+}
+
 /// A summary of a server for `mcp list`.
 pub fn describe_server(name: &str, s: &McpServerConfig) -> Value {
     json!({
         "name": name,
         "transport": if s.url.is_some() { "streamable_http" } else { "stdio" },
-        "command": s.command, "args": s.args, "url": s.url,
+        "command": s.command, "args": s.args, "url": s.url.as_deref().map(shown_url),
         "env": s.env.keys().collect::<Vec<_>>(),
         "headers": s.headers.keys().collect::<Vec<_>>(),
         "disabled": s.disabled,
     })
+}
+
+#[cfg(test)]
+mod shown_tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_show_no_url_secret_nor_rmcp_types() {
+        let raw = "Send message error Transport [rmcp::transport::worker::WorkerTransport<rmcp::transport::streamable_http_client::StreamableHttpClientWorker<reqwest::async_impl::client::Client>>] error: Client error: error sending request for url (http://user:hunter2@127.0.0.1:1/mcp?token=qs-secret-999)";
+        let shown = transport_error(raw);
+        assert_eq!(
+            shown,
+            "Send message error Transport error: Client error: error sending request for url (http://127.0.0.1:1/mcp?...)"
+        );
+        assert_eq!(transport_error("plain words"), "plain words");
+        // An unclosed bracket drops the rest rather than showing half a type.
+        assert_eq!(transport_error("x [rmcp::a<b"), "x");
+        assert_eq!(shown_url("not a url"), "(invalid URL)");
+    }
 }

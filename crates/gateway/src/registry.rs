@@ -133,6 +133,9 @@ pub fn check_name(name: &str) -> Result<(), GatewayError> {
 #[derive(Default)]
 pub struct Registry {
     tools: RwLock<BTreeMap<String, Arc<RegisteredTool>>>,
+    /// Sources (MCP servers) that could not be reached, with why: a call of one of their tools
+    /// says so, rather than that the tool is unknown.
+    unreachable: RwLock<BTreeMap<String, String>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -154,6 +157,27 @@ impl Registry {
     /// An empty registry.
     pub fn new() -> Self {
         Registry::default()
+    }
+
+    /// Records that `source` (an MCP server, whose tools are named `source.TOOL`) cannot be
+    /// reached and why, or, with `None`, that it can again.
+    pub fn set_unreachable(&self, source: &str, why: Option<String>) {
+        let mut map = self.unreachable.write().unwrap_or_else(|p| p.into_inner());
+        match why {
+            Some(why) => {
+                map.insert(source.to_string(), why);
+            }
+            None => {
+                map.remove(source);
+            }
+        }
+    }
+
+    /// The unreachable source a tool name belongs to (`source.TOOL`), and why it is.
+    pub fn unreachable_source(&self, tool: &str) -> Option<(String, String)> {
+        let (source, _) = tool.split_once('.')?;
+        let map = self.unreachable.read().unwrap_or_else(|p| p.into_inner());
+        map.get(source).map(|why| (source.to_string(), why.clone()))
     }
 
     fn entry(
