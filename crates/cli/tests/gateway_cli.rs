@@ -481,6 +481,68 @@ fn configuration_mistakes_exit_2_naming_the_file() {
         .stderr(predicate::str::contains(
             "servers.json: MCP server \"srv\": `headers` are sent to `url` servers only",
         ));
+
+    // Limits no call could live with, refused when the file is read.
+    let tool = |extra: &str| {
+        format!(
+            "tools:\n  - name: t\n    description: d\n    risk: read\n    input_schema: {{ type: object }}\n    command: [/bin/true]\n{extra}"
+        )
+    };
+    for (text, says) in [
+        (
+            tool("    limits: { memory_mb: 0 }\n"),
+            "limits.memory_mb is 0; it must be between 1 and",
+        ),
+        (
+            tool("    limits: { processes: 18446744073709551615 }\n"),
+            "limits.processes is 18446744073709551615",
+        ),
+        (
+            tool("    success_exit_codes: [0, 300]\n"),
+            "success_exit_codes holds 300",
+        ),
+        (
+            "limits: { default_timeout_ms: 0 }\n".to_string(),
+            "limits.default_timeout_ms is 0",
+        ),
+    ] {
+        let file = env.dir.path().join("limits.yaml");
+        std::fs::write(&file, &text).unwrap();
+        env.cmd()
+            .args(["tools", "list", "--config"])
+            .arg(&file)
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(says));
+    }
+    // A file past 4 MiB (or a device that never ends) and one that is not UTF-8.
+    let big = env.dir.path().join("big.yaml");
+    std::fs::write(&big, "#".repeat(5 << 20)).unwrap();
+    for (file, says) in [
+        (
+            big.as_path(),
+            "over 4 MiB, the most a configuration file may have",
+        ),
+        (Path::new("/dev/zero"), "over 4 MiB"),
+    ] {
+        env.cmd()
+            .args(["tools", "list", "--config"])
+            .arg(file)
+            .timeout(std::time::Duration::from_secs(60))
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(says));
+    }
+    let latin1 = env.dir.path().join("latin1.yaml");
+    std::fs::write(&latin1, b"workspace: [\"ws\"]\n# caf\xe9\n").unwrap();
+    env.cmd()
+        .args(["tools", "list", "--config"])
+        .arg(&latin1)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "not UTF-8 text (byte 0xe9 at line 2 column 6)",
+        ));
 }
 
 fn npm() -> PathBuf {

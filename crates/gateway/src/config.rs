@@ -84,15 +84,31 @@ pub struct GatewayFile {
 impl GatewayFile {
     /// Reads a configuration file; relative paths in it are made relative to its folder.
     pub fn load(path: &Path) -> Result<GatewayFile, GatewayError> {
-        let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::read_config_text(path)?;
         let mut file: GatewayFile =
             crate::yaml_from_str(&text).map_err(|message| GatewayError::Parse {
                 what: path.display().to_string(),
                 message,
             })?;
+        // Zero would end every call at once, cap every output to nothing, or deny every ask.
+        for (field, zero) in [
+            (
+                "default_timeout_ms",
+                file.limits.default_timeout_ms == Some(0),
+            ),
+            ("max_output_bytes", file.limits.max_output_bytes == Some(0)),
+            (
+                "approval_timeout_ms",
+                file.limits.approval_timeout_ms == Some(0),
+            ),
+        ] {
+            if zero {
+                return Err(GatewayError::Parse {
+                    what: path.display().to_string(),
+                    message: format!("limits.{field} is 0; it must be at least 1"),
+                });
+            }
+        }
         let base = crate::policy::base_dir(path)?;
         let fix = |p: &mut PathBuf| {
             if p.is_relative() {

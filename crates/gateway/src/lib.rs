@@ -78,6 +78,45 @@ pub use redact::Redactor;
 pub use registry::{RegisteredTool, Registry};
 pub use sandbox::{CommandTool, CommandToolConfig, Limits, SandboxSettings};
 
+/// The largest configuration, policy or MCP servers file read: far more than any written by
+/// hand, and a bound on what `--config /dev/zero` can make the process hold.
+pub const MAX_CONFIG_BYTES: u64 = 4 * 1024 * 1024;
+
+/// A configuration file's text: at most [`MAX_CONFIG_BYTES`], UTF-8 (a file that is not is
+/// named with the line and column of its first bad byte).
+pub(crate) fn read_config_text(path: &std::path::Path) -> Result<String, GatewayError> {
+    use std::io::Read;
+    let io = |source| GatewayError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::File::open(path).map_err(io)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    let bad = |message: String| GatewayError::Parse {
+        what: path.display().to_string(),
+        message,
+    };
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(bad(format!(
+            "over {} MiB, the most a configuration file may have",
+            MAX_CONFIG_BYTES >> 20
+        )));
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let before = String::from_utf8_lossy(&e.as_bytes()[..at]);
+        let line = before.matches('\n').count() + 1;
+        let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        bad(format!(
+            "not UTF-8 text (byte 0x{:02x} at line {line} column {column}); save the file as UTF-8",
+            e.as_bytes()[at]
+        ))
+    })
+}
+
 /// `serde_yaml_ng::from_str`, after refusing text nested too deep for the YAML parser to take
 /// in reasonable time (see [`agent_runtime_core::yaml`]), and refusing a key written twice (a
 /// rule's argument, an environment variable would be dropped silently; see

@@ -109,10 +109,7 @@ pub struct McpConfig {
 impl McpConfig {
     /// Reads a servers file (JSON, or YAML when the name ends in `.yaml`/`.yml`).
     pub fn load(path: &Path) -> Result<McpConfig, GatewayError> {
-        let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::read_config_text(path)?;
         McpConfig::parse(&text, path)
     }
 

@@ -509,10 +509,7 @@ impl Policy {
     /// gateway passes its own, so that policy and sandbox agree on it); empty means the
     /// current directory.
     pub fn load_in(path: &Path, workspace: &[PathBuf]) -> Result<Policy, GatewayError> {
-        let text = std::fs::read_to_string(path).map_err(|source| GatewayError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let text = crate::read_config_text(path)?;
         let base = base_dir(path)?;
         Policy::from_yaml_in(&text, &base, workspace).map_err(|e| match e {
             GatewayError::Parse { message, .. } => GatewayError::Parse {

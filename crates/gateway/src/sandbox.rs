@@ -68,6 +68,32 @@ pub struct Limits {
     pub wall_ms: u64,
 }
 
+impl Limits {
+    /// Checks every limit is one the kernel can apply and a call can live with: at least 1,
+    /// and at most what Linux takes (4,194,304 processes, 1,048,576 open files) or a year of
+    /// time. A limit of 0 would fail every call in a misleading way (`memory_mb: 0` reads as a
+    /// crash), one past the kernel's only when a call starts.
+    pub fn check(&self) -> Result<(), String> {
+        const YEAR_SECS: u64 = 365 * 24 * 3600;
+        for (field, value, max) in [
+            ("cpu_secs", self.cpu_secs, YEAR_SECS),
+            ("memory_mb", self.memory_mb, 1 << 30),
+            ("processes", self.processes, 4_194_304),
+            ("file_size_mb", self.file_size_mb, 1 << 30),
+            ("open_files", self.open_files, 1 << 20),
+            ("output_bytes", self.output_bytes as u64, 1 << 32),
+            ("wall_ms", self.wall_ms, YEAR_SECS * 1000),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(format!(
+                    "limits.{field} is {value}; it must be between 1 and {max}"
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Limits {
@@ -443,6 +469,17 @@ impl CommandTool {
             return Err(bad(
                 "success_exit_codes is empty, so no call could succeed; leave it out to have every exit status returned as output".into(),
             ));
+        }
+        config.limits.check().map_err(bad)?;
+        if let Some(code) = config
+            .success_exit_codes
+            .iter()
+            .flatten()
+            .find(|c| !(0..=255).contains(*c))
+        {
+            return Err(bad(format!(
+                "success_exit_codes holds {code}; an exit status is between 0 and 255"
+            )));
         }
         let mut env = Vec::new();
         for (k, v) in &config.env {

@@ -57,10 +57,14 @@ impl McpConfig {
         // a waiter go on to read what is no longer the file.
         let folder = std::fs::File::open(&dir).map_err(write)?;
         folder.lock().map_err(write)?;
-        let text = match std::fs::read_to_string(&target) {
+        let text = match crate::read_config_text(&target) {
             Ok(text) => text,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            Err(e) => return Err(read(e)),
+            Err(GatewayError::Read { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                String::new()
+            }
+            Err(e) => return Err(e),
         };
         // A blank file (just created with `touch`) is an empty list of servers.
         if !text.trim().is_empty() {
