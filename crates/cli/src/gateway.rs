@@ -444,7 +444,7 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 v => outln!("{}", serde_json::to_string_pretty(v)?),
             }
             if out.truncated {
-                eprintln!("note: output truncated to the gateway's cap");
+                eprintln!("note: output truncated (at the tool's or the gateway's output limit)");
             }
             Ok(ExitCode::SUCCESS)
         }

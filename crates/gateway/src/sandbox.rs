@@ -742,7 +742,10 @@ impl CommandTool {
         let stderr = String::from_utf8_lossy(&err.unwrap_or_default()).into_owned();
         if overflow {
             return Ok(ToolOutput {
+                // Marked in the value too: a caller reading the output (a task downstream, an
+                // MCP client's structured content) sees that it was cut.
                 value: json!({"exit_code": null, "stdout": stdout, "stderr": stderr,
+                              "truncated": true,
                               "note": format!("output limit of {cap} bytes reached; process tree killed")}),
                 truncated: true,
             });

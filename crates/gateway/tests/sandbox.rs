@@ -345,6 +345,7 @@ async fn a_flood_of_output_is_capped() {
     };
     let out = run(&env, limits, "yes flood").await.unwrap();
     assert!(out.truncated);
+    assert_eq!(out.value["truncated"], true, "the value says so too");
     assert_eq!(out.value["stdout"].as_str().unwrap().len(), 10_000);
     assert!(
         out.value["note"].as_str().unwrap().contains("output limit"),
