@@ -246,6 +246,9 @@ fn parse_args(text: &str) -> anyhow::Result<Value> {
 }
 
 fn agent(name: &str) -> anyhow::Result<Actor> {
+    // `--agent agent:reviewer` names the agent `reviewer`, as it is written in rules, not
+    // `agent:agent:reviewer`, which no rule for `agent:rev*` would match.
+    let name = name.strip_prefix("agent:").unwrap_or(name);
     format!("agent:{name}")
         .parse()
         .map_err(|e| CliError::Usage(format!("--agent: {e}")).into())

@@ -362,6 +362,33 @@ fn an_unreachable_mcp_server_is_named_without_its_url_secrets() {
     assert!(all.contains("http://127.0.0.1:1/mcp?..."), "{all}");
 }
 
+/// `--agent agent:reviewer` is the agent `reviewer`, as rules name it.
+#[test]
+fn an_agent_given_with_its_prefix_is_that_agent() {
+    let env = Env::new();
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples/policy.yaml");
+    for agent in ["reviewer", "agent:reviewer"] {
+        let out = env
+            .cmd()
+            .args([
+                "policy",
+                "check",
+                "--json",
+                "--tool",
+                "write_file",
+                "--agent",
+                agent,
+            ])
+            .args(["--args", r#"{"path":"x","text":"y"}"#, "--policy"])
+            .arg(&examples)
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(v["decision"]["rule"], "reviewers-read-only", "{agent}: {v}");
+    }
+}
+
 #[test]
 fn policy_check_names_the_rule() {
     let env = Env::new();

@@ -717,7 +717,12 @@ impl Gateway {
                 Ok(agent_runtime_core::ApprovalDecision {
                     approved: false,
                     decided_by: Actor::System,
-                    reason: Some(format!("nobody answered within {} s", wait.as_secs())),
+                    reason: Some(match wait.as_millis() {
+                        ms if ms % 1000 == 0 => {
+                            format!("nobody answered within {} s", ms / 1000)
+                        }
+                        ms => format!("nobody answered within {ms} ms"),
+                    }),
                 })
             }
             _ = ctx.cancel.cancelled() => {
