@@ -518,7 +518,7 @@ fn configuration_mistakes_exit_2_naming_the_file() {
     for (text, says) in [
         (
             tool("    limits: { memory_mb: 0 }\n"),
-            "limits.memory_mb is 0; it must be between 1 and",
+            "limits.memory_mb is 0; it must be between 16 and",
         ),
         (
             tool("    limits: { processes: 18446744073709551615 }\n"),

@@ -474,7 +474,12 @@ impl McpServer {
                 tokio::time::timeout(self.startup_timeout(), init)
                     .await
                     .map_err(|_| self.err("no answer to initialize in time"))?
-                    .map_err(|e| self.err(format!("initialize failed: {}", transport_error(e))))?
+                    .map_err(|e| {
+                        self.err(format!(
+                            "initialize failed: {}",
+                            transport_error_of(e, Some(url))
+                        ))
+                    })?
             }
             (None, None) => return Err(self.err("neither command nor url")),
         };
@@ -533,7 +538,12 @@ impl McpServer {
         let listed = tokio::time::timeout(self.timeout(), client.peer().list_all_tools())
             .await
             .map_err(|_| self.err("tools/list timed out"))?
-            .map_err(|e| self.err(format!("tools/list failed: {}", transport_error(e))))?;
+            .map_err(|e| {
+                self.err(format!(
+                    "tools/list failed: {}",
+                    transport_error_of(e, self.config.url.as_deref())
+                ))
+            })?;
         let mut out: Vec<Arc<dyn Tool>> = Vec::new();
         for t in listed {
             let ann = t.annotations.as_ref();
@@ -663,7 +673,10 @@ impl McpServer {
                     format!("{remote}: {}", e.message),
                 )
             }
-            other => fail(format!("{remote}: {}", transport_error(other))),
+            other => fail(format!(
+                "{remote}: {}",
+                transport_error_of(other, self.config.url.as_deref())
+            )),
         })?;
         let result = match result {
             ServerResult::CallToolResult(r) => r,
@@ -953,7 +966,24 @@ pub fn shown_url(raw: &str) -> String {
 /// token) and anything else that looks like one cut to [`shown_url`]'s form, and rmcp's type
 /// names (`Transport [rmcp::transport::worker::WorkerTransport<...>]`) left out.
 fn transport_error(e: impl std::fmt::Display) -> String {
-    let text = e.to_string();
+    transport_error_of(e, None)
+}
+
+/// [`transport_error`] of a server at `url`: its password, query and fragment are replaced
+/// wherever they appear first, since a URL's end cannot be told from the text around it (a
+/// query may hold `)` or a space, encoded or not).
+fn transport_error_of(e: impl std::fmt::Display, url: Option<&str>) -> String {
+    let mut text = e.to_string();
+    if let Some(u) = url.and_then(|u| url::Url::parse(u).ok()) {
+        for secret in [u.password(), u.query(), u.fragment()]
+            .into_iter()
+            .flatten()
+        {
+            if !secret.is_empty() {
+                text = text.replace(secret, "...");
+            }
+        }
+    }
     let mut out = String::with_capacity(text.len());
     let mut rest = text.as_str();
     while !rest.is_empty() {
@@ -1025,6 +1055,13 @@ mod shown_tests {
             "Send message error Transport error: Client error: error sending request for url (http://127.0.0.1:1/mcp?...)"
         );
         assert_eq!(transport_error("plain words"), "plain words");
+        // A `)` inside the query ends no URL: the configured URL's secrets go first.
+        let url = "http://127.0.0.1:1/mcp?token=a&x=(y)secret31#f)secret11";
+        let shown = transport_error_of(
+            "error sending request for url (http://127.0.0.1:1/mcp?token=a&x=(y)secret31#f)secret11)",
+            Some(url),
+        );
+        assert!(!shown.contains("secret"), "{shown}");
         // An unclosed bracket drops the rest rather than showing half a type.
         assert_eq!(transport_error("x [rmcp::a<b"), "x");
         assert_eq!(shown_url("not a url"), "(invalid URL)");

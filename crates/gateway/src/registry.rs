@@ -173,11 +173,28 @@ impl Registry {
         }
     }
 
-    /// The unreachable source a tool name belongs to (`source.TOOL`), and why it is.
+    /// The unreachable source a tool name belongs to (`source.TOOL`), and why it is. Server
+    /// names may hold dots (`my.srv`): the longest unreachable name the tool's name starts
+    /// with, and only when no registered tool's source is longer still (a typo of a tool of a
+    /// reachable `my.fs` is no tool of an unreachable `my`).
     pub fn unreachable_source(&self, tool: &str) -> Option<(String, String)> {
-        let (source, _) = tool.split_once('.')?;
-        let map = self.unreachable.read().unwrap_or_else(|p| p.into_inner());
-        map.get(source).map(|why| (source.to_string(), why.clone()))
+        let owns = |source: &str| {
+            tool.strip_prefix(source)
+                .is_some_and(|rest| rest.len() > 1 && rest.starts_with('.'))
+        };
+        let found = {
+            let map = self.unreachable.read().unwrap_or_else(|p| p.into_inner());
+            map.iter()
+                .filter(|(source, _)| owns(source))
+                .max_by_key(|(source, _)| source.len())
+                .map(|(source, why)| (source.clone(), why.clone()))
+        }?;
+        let tools = self.tools.read().unwrap_or_else(|p| p.into_inner());
+        let longer_reachable = tools.keys().any(|name| {
+            name.rsplit_once('.')
+                .is_some_and(|(source, _)| source.len() > found.0.len() && owns(source))
+        });
+        (!longer_reachable).then_some(found)
     }
 
     fn entry(
@@ -282,5 +299,32 @@ impl Registry {
     /// Whether no tool is registered.
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod unreachable_tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_unreachable_source_owns_a_tool_name() {
+        let r = Registry::new();
+        r.set_unreachable("my.srv", Some("down".into()));
+        assert_eq!(
+            r.unreachable_source("my.srv.x"),
+            Some(("my.srv".into(), "down".into()))
+        );
+        assert_eq!(r.unreachable_source("my.srvx.y"), None);
+        assert_eq!(r.unreachable_source("my.srv."), None);
+        r.set_unreachable("my", Some("gone".into()));
+        assert_eq!(
+            r.unreachable_source("my.other"),
+            Some(("my".into(), "gone".into()))
+        );
+        r.set_unreachable("my.srv", None);
+        assert_eq!(
+            r.unreachable_source("my.srv.x"),
+            Some(("my".into(), "gone".into()))
+        );
     }
 }

@@ -69,29 +69,46 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// Checks every limit is one the kernel can apply and a call can live with: at least 1,
-    /// and at most what Linux takes (4,194,304 processes, 1,048,576 open files) or a year of
-    /// time. A limit of 0 would fail every call in a misleading way (`memory_mb: 0` reads as a
-    /// crash), one past the kernel's only when a call starts.
+    /// Checks every limit is one the kernel can apply and a call can live with: at least 1
+    /// (16 for `memory_mb` and `open_files`, which the loader and bubblewrap need some of), and
+    /// at most what Linux takes (4,194,304 processes; open files up to this process's hard
+    /// limit) or a year of time. Past these every call would fail, in misleading ways
+    /// (`memory_mb: 0` reads as a crash), when it starts rather than when the file is read.
     pub fn check(&self) -> Result<(), String> {
         const YEAR_SECS: u64 = 365 * 24 * 3600;
-        for (field, value, max) in [
-            ("cpu_secs", self.cpu_secs, YEAR_SECS),
-            ("memory_mb", self.memory_mb, 1 << 30),
-            ("processes", self.processes, 4_194_304),
-            ("file_size_mb", self.file_size_mb, 1 << 30),
-            ("open_files", self.open_files, 1 << 20),
-            ("output_bytes", self.output_bytes as u64, 1 << 32),
-            ("wall_ms", self.wall_ms, YEAR_SECS * 1000),
+        // A process may not raise its open files past its own hard limit: bwrap would fail
+        // to start with every call.
+        let open_files_max = hard_open_files_limit().unwrap_or(1 << 20).min(1 << 20);
+        // The lows: the loader and bubblewrap need a few files and some address space before
+        // the command runs, and below these fail with errors that point elsewhere.
+        for (field, value, min, max) in [
+            ("cpu_secs", self.cpu_secs, 1, YEAR_SECS),
+            ("memory_mb", self.memory_mb, 16, 1 << 30),
+            ("processes", self.processes, 1, 4_194_304),
+            ("file_size_mb", self.file_size_mb, 1, 1 << 30),
+            ("open_files", self.open_files, 16, open_files_max),
+            ("output_bytes", self.output_bytes as u64, 1, 1 << 32),
+            ("wall_ms", self.wall_ms, 1, YEAR_SECS * 1000),
         ] {
-            if !(1..=max).contains(&value) {
+            if !(min..=max).contains(&value) {
                 return Err(format!(
-                    "limits.{field} is {value}; it must be between 1 and {max}"
+                    "limits.{field} is {value}; it must be between {min} and {max}"
                 ));
             }
         }
         Ok(())
     }
+}
+
+/// This process's hard `RLIMIT_NOFILE`, which no child may exceed.
+fn hard_open_files_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a valid, writable rlimit.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+    (rc == 0).then_some(limit.rlim_max)
 }
 
 impl Default for Limits {
@@ -389,9 +406,25 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
         }
     }
     a.extend(
-        ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-            .iter()
-            .map(|s| s.to_string()),
+        [
+            "--proc",
+            "/proc",
+            // A fresh /proc still holds the host's sysctls and SysRq trigger, which the real
+            // uid 0 a root-started sandbox runs as may write without any capability
+            // (`kernel/core_pattern` runs a program as root on the next crash): read-only.
+            "--ro-bind",
+            "/proc/sys",
+            "/proc/sys",
+            "--ro-bind-try",
+            "/proc/sysrq-trigger",
+            "/proc/sysrq-trigger",
+            "--dev",
+            "/dev",
+            "--tmpfs",
+            "/tmp",
+        ]
+        .iter()
+        .map(|s| s.to_string()),
     );
     for r in settings.read_roots.iter().chain(extra_read) {
         a.extend([

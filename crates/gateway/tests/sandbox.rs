@@ -150,7 +150,9 @@ async fn the_command_has_no_capabilities_and_cannot_remount_or_raise_its_limits(
         "grep CapEff /proc/self/status; \
          mount -o remount,bind,rw {ro} && echo REMOUNTED; echo x > {ro}/f.txt; \
          mount -o remount,bind,rw /usr && echo USR_REMOUNTED; \
-         mkdir -p /tmp/c && mount -t cgroup -o pids none /tmp/c && echo CGROUP_MOUNTED",
+         mkdir -p /tmp/c && mount -t cgroup -o pids none /tmp/c && echo CGROUP_MOUNTED; \
+         cat /proc/sys/vm/swappiness > /tmp/s && cat /tmp/s > /proc/sys/vm/swappiness && echo SYSCTL_WRITTEN; \
+         echo h > /proc/sysrq-trigger && echo SYSRQ_WRITTEN",
         ro = read_only.display()
     );
     let v = ok(tool
@@ -162,7 +164,13 @@ async fn the_command_has_no_capabilities_and_cannot_remount_or_raise_its_limits(
         .await);
     let out = v["stdout"].as_str().unwrap();
     assert!(out.contains("CapEff:\t0000000000000000"), "{v}");
-    for escaped in ["REMOUNTED", "USR_REMOUNTED", "CGROUP_MOUNTED"] {
+    for escaped in [
+        "REMOUNTED",
+        "USR_REMOUNTED",
+        "CGROUP_MOUNTED",
+        "SYSCTL_WRITTEN",
+        "SYSRQ_WRITTEN",
+    ] {
         assert!(!out.contains(escaped), "{escaped}: {v}");
     }
     assert_eq!(
