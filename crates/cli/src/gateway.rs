@@ -21,7 +21,7 @@ use agent_runtime_gateway::{Gateway, GatewayError};
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::common::{CliError, GlobalArgs};
+use crate::common::{CliError, GlobalArgs, terminal_text};
 
 /// Gateway subcommands (flattened into the top level).
 #[derive(Subcommand)]
@@ -493,6 +493,14 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
         risk.map(|r| format!("{r:?}").to_lowercase())
             .unwrap_or_default()
     );
+    // As the policy saw them (after the pre-call hooks), redacted, on one line.
+    outln!(
+        "arguments:  {}",
+        terminal_text(&agent_runtime_core::names::cut_middle(
+            &report.arguments.to_string(),
+            500
+        ))
+    );
     outln!("decision:   {}", d.effect.as_str());
     outln!("rule:       {} (decided by {})", d.rule, report.decided_by);
     outln!("reason:     {}", d.reason);
@@ -645,6 +653,21 @@ fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
 
 fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let actor = agent(&a.agent)?;
+    // A bad address is bad input (exit 2), found before anything is opened; a name
+    // (`localhost:8808`) is checked once it is bound.
+    if let Some(addr) = a
+        .http
+        .as_deref()
+        .and_then(|h| h.parse::<std::net::SocketAddr>().ok())
+        && !addr.ip().is_loopback()
+    {
+        return Err(CliError::Usage(format!(
+            "--http {addr}: the MCP endpoint has no authentication, so it listens on loopback \
+             addresses only (127.0.0.1, [::1]); put a proxy with authentication in front of it \
+             to reach it from elsewhere"
+        ))
+        .into());
+    }
     let rt = runtime()?;
     let store = global.open_store()?;
     rt.block_on(async {

@@ -407,6 +407,9 @@ fn policy_check_names_the_rule() {
         .success()
         .stdout(
             predicate::str::contains("decision:   deny")
+                .and(predicate::str::contains(
+                    r#"arguments:  {"script":"ls; rm -rf /"}"#,
+                ))
                 .and(predicate::str::contains("no-shell-meta"))
                 .and(predicate::str::contains(
                     "shell metacharacters are not allowed",
@@ -560,6 +563,14 @@ fn configuration_mistakes_exit_2_naming_the_file() {
             .code(2)
             .stderr(predicate::str::contains(says));
     }
+    // Serving beyond loopback is bad input, refused before anything is opened.
+    env.cmd()
+        .args(["mcp", "serve", "--http", "0.0.0.0:0"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "--http 0.0.0.0:0: the MCP endpoint has no authentication",
+        ));
     let latin1 = env.dir.path().join("latin1.yaml");
     std::fs::write(&latin1, b"workspace: [\"ws\"]\n# caf\xe9\n").unwrap();
     env.cmd()
