@@ -767,11 +767,22 @@ fn origin_labels(gateway: &GatewayOpts) -> BTreeMap<String, String> {
         None => {}
     };
     add("workspace", std::env::current_dir().ok());
-    let absolute = |p: &Option<PathBuf>| p.as_deref().and_then(|p| std::path::absolute(p).ok());
-    add("gateway_config", absolute(&gateway.config));
-    add("policy", absolute(&gateway.policy));
-    add("mcp_config", absolute(&gateway.mcp_config));
+    for (key, _, path) in gateway_files(gateway) {
+        add(
+            key,
+            path.as_deref().and_then(|p| std::path::absolute(p).ok()),
+        );
+    }
     labels
+}
+
+/// The gateway files a run is given, each with its label and its flag.
+fn gateway_files(gateway: &GatewayOpts) -> [(&'static str, &'static str, &Option<PathBuf>); 3] {
+    [
+        ("gateway_config", "--config", &gateway.config),
+        ("policy", "--policy", &gateway.policy),
+        ("mcp_config", "--mcp-config", &gateway.mcp_config),
+    ]
 }
 
 /// Whether `flag` is on this process's command line (`--config PATH` or `--config=PATH`), as
@@ -796,21 +807,13 @@ fn go_where_started(
     labels: &BTreeMap<String, String>,
     args: &mut ResumeArgs,
 ) -> anyhow::Result<()> {
-    let gateway = &mut args.gateway;
-    for (key, flag, given) in [
-        ("gateway_config", "--config", &mut gateway.config),
-        ("policy", "--policy", &mut gateway.policy),
-        ("mcp_config", "--mcp-config", &mut gateway.mcp_config),
-    ] {
-        let explicit = given.is_some() && on_command_line(flag);
-        if explicit {
-            // From where this command runs.
-            if let Some(path) = given.as_mut() {
-                *path = std::path::absolute(&*path)?;
-            }
-            continue;
-        }
-        if let Some(recorded) = labels.get(key) {
+    // Each file as resume will use it, decided from the labels and the command line, then set.
+    let mut chosen: Vec<Option<PathBuf>> = Vec::with_capacity(3);
+    for (key, flag, given) in gateway_files(&args.gateway) {
+        let file = if given.is_some() && on_command_line(flag) {
+            // Given now: from where this command runs.
+            given.as_deref().map(std::path::absolute).transpose()?
+        } else if let Some(recorded) = labels.get(key) {
             let recorded = PathBuf::from(recorded);
             if !recorded.exists() {
                 return Err(CliError::Failed(format!(
@@ -824,17 +827,23 @@ fn go_where_started(
                 "resume: with {flag} {}, as the run ran before",
                 recorded.display()
             );
-            *given = Some(recorded);
+            Some(recorded)
         } else if let Some(lossy) = labels.get(&format!("{key}_not_utf8")) {
             return Err(CliError::Failed(format!(
                 "run {run_id} was started with {flag} {lossy}, a path that is not UTF-8, which \
                  resume cannot find again by itself; pass {flag}"
             ))
             .into());
-        } else if let Some(path) = given.as_mut() {
+        } else {
             // From the environment, and the run recorded no file: as `run` would read it.
-            *path = std::path::absolute(&*path)?;
-        }
+            given.as_deref().map(std::path::absolute).transpose()?
+        };
+        chosen.push(file);
+    }
+    if let [config, policy, mcp_config] = &mut chosen[..] {
+        args.gateway.config = config.take();
+        args.gateway.policy = policy.take();
+        args.gateway.mcp_config = mcp_config.take();
     }
     if args.here {
         return Ok(());
@@ -967,14 +976,9 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     // made while it resumes), whether it ended or is a simulation, and where it last went on
     // (the labels of its creation, then of each resume).
     let mut last_own = None;
-    let mut fold: Option<Option<RunFold>> = None;
     let mut simulation_seed: Option<u64> = None;
     let mut labels = BTreeMap::new();
-    each_own_event(&store, run_id, |e| {
-        let fold = fold.get_or_insert_with(|| RunFold::new(e));
-        if let Some(fold) = fold {
-            fold.push(e);
-        }
+    let summary = run_summary_and(&store, run_id, |e| {
         if e.kind == EventKind::RunCreated
             && let Some(sim) = e.payload.get("simulation")
         {
@@ -988,10 +992,6 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         }
         last_own = Some(e.seq)
     })?;
-    let summary = fold
-        .flatten()
-        .map(RunFold::finish)
-        .ok_or_else(|| no_run(run_id))?;
     if summary.ended.is_some() {
         return Err(CliError::Failed(format!(
             "run {run_id} already ended ({}); nothing to resume",
@@ -1120,12 +1120,22 @@ fn is_simulation(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::R
 
 /// A run's summary, from its own events.
 fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
+    run_summary_and(store, run_id, |_| {})
+}
+
+/// [`run_summary`], handing each of the run's own events to `also` in the same pass.
+fn run_summary_and(
+    store: &agent_runtime_store::Store,
+    run_id: RunId,
+    mut also: impl FnMut(&agent_runtime_core::Envelope),
+) -> anyhow::Result<RunSummary> {
     let mut fold: Option<Option<RunFold>> = None;
     each_own_event(store, run_id, |e| {
         let fold = fold.get_or_insert_with(|| RunFold::new(e));
         if let Some(fold) = fold {
             fold.push(e);
         }
+        also(e);
     })?;
     fold.flatten()
         .map(RunFold::finish)

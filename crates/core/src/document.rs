@@ -85,10 +85,7 @@ impl<'de> serde::de::Visitor<'de> for JsonFaithful {
         // them: YAML's `3.1` and `3.10` are two keys there, `1` and `"1"` one.
         while let Some(key) = map.next_key::<String>()? {
             if seen.contains(&key) {
-                return Err(serde::de::Error::custom(format!(
-                    "duplicate key `{}` (the later one would silently replace the earlier)",
-                    crate::names::shown(&key)
-                )));
+                return Err(duplicate(&key));
             }
             seen.insert(key);
             map.next_value::<JsonFaithful>()?;
@@ -101,6 +98,14 @@ impl<'de> serde::de::Visitor<'de> for JsonFaithful {
         let (_, variant) = data.variant::<serde::de::IgnoredAny>()?;
         variant.newtype_variant::<JsonFaithful>()
     }
+}
+
+/// The error for a key written twice in one mapping, quoting it short.
+fn duplicate<E: serde::de::Error>(key: &str) -> E {
+    E::custom(format!(
+        "duplicate key `{}` (the later one would silently replace the earlier)",
+        crate::names::shown(key)
+    ))
 }
 
 /// [`JsonFaithful`] for the values of some top-level keys only, for files that other programs
@@ -141,9 +146,7 @@ impl<'de> serde::de::Visitor<'de> for JsonFaithfulUnder<'_> {
                 continue;
             }
             if !seen.insert(key.clone()) {
-                return Err(serde::de::Error::custom(format!(
-                    "duplicate key `{key}` (the later one would silently replace the earlier)"
-                )));
+                return Err(duplicate(&key));
             }
             map.next_value::<JsonFaithful>()?;
         }

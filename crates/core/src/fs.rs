@@ -146,7 +146,10 @@ pub fn temp_beside(target: &Path, tag: &str) -> PathBuf {
 fn temp_prefix(target: &Path, tag: &str) -> std::ffi::OsString {
     use std::os::unix::ffi::{OsStrExt, OsStringExt};
     let name = target.file_name().map(OsStrExt::as_bytes).unwrap_or(b"");
-    let room = NAME_MAX - SQLITE_SUFFIX_ROOM - (tag.len() + 2 * 20 + 3) - 1;
+    // Saturating: a tag too long to leave room keeps no byte of the name rather than panic.
+    let room = NAME_MAX
+        .saturating_sub(SQLITE_SUFFIX_ROOM + tag.len() + 2 * 20 + 3)
+        .saturating_sub(1);
     let mut prefix = Vec::with_capacity(1 + name.len().min(room));
     prefix.push(b'.');
     prefix.extend_from_slice(&name[..name.len().min(room)]);

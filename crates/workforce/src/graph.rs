@@ -798,20 +798,12 @@ fn last_key(path: &str) -> String {
 /// mapping holding it, lines before the key. Searches forward from the reported line; keeps the
 /// parser's position when the key is not found.
 fn yaml_key_at(text: &str, key: &str, line: usize, column: usize) -> (usize, usize) {
-    if key.is_empty() || line == 0 {
+    if key.is_empty() {
         return (line, column);
     }
-    let pattern = format!("{key}:");
-    let found = text.lines().enumerate().skip(line - 1).find_map(|(n, l)| {
-        l.match_indices(&pattern)
-            .find(|(i, _)| {
-                // The key itself, not the end of a longer one (`my_timeout:`).
-                let before = i.checked_sub(1).map(|b| l.as_bytes()[b]);
-                !before.is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
-            })
-            .map(|(i, _)| (n + 1, i + 1))
-    });
-    found.unwrap_or((line, column))
+    yaml_keys_from(text, key, line, 1)
+        .next()
+        .unwrap_or((line, column))
 }
 
 /// The key a "duplicate field `K`" (serde) or "duplicate key `K`" (the document check)
@@ -828,14 +820,24 @@ fn duplicated_key(message: &str) -> Option<&str> {
 /// The line and column of the second `key:` at or after `line`:`column` (1-based): in the
 /// mapping that starts there, the key written again.
 fn yaml_second_key_at(text: &str, key: &str, line: usize, column: usize) -> Option<(usize, usize)> {
-    if line == 0 {
-        return None;
-    }
+    yaml_keys_from(text, key, line, column).nth(1)
+}
+
+/// Each place (line, column; 1-based) where `key:` is written as a key at or after
+/// `line`:`column`: the key itself, not the end of a longer one (`my_timeout:`). None for a
+/// position the parser did not give (line 0).
+fn yaml_keys_from<'a>(
+    text: &'a str,
+    key: &str,
+    line: usize,
+    column: usize,
+) -> impl Iterator<Item = (usize, usize)> + 'a {
     let pattern = format!("{key}:");
     text.lines()
         .enumerate()
-        .skip(line - 1)
-        .flat_map(|(n, l)| {
+        .skip(line.max(1) - 1)
+        .take(if line == 0 { 0 } else { usize::MAX })
+        .flat_map(move |(n, l)| {
             let from = if n + 1 == line {
                 column.saturating_sub(1)
             } else {
@@ -850,8 +852,8 @@ fn yaml_second_key_at(text: &str, key: &str, line: usize, column: usize) -> Opti
                             .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
                 })
                 .map(move |(i, _)| (n + 1, i + 1))
+                .collect::<Vec<_>>()
         })
-        .nth(1)
 }
 
 /// Segments of a field path shown before the rest is elided: a value nested a hundred levels
