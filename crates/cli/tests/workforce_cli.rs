@@ -808,6 +808,18 @@ fn a_graph_too_large_for_one_event_is_refused_before_anything_is_written() {
     assert!(!db.exists(), "no database for a graph that cannot run");
 }
 
+/// `resume RUN_ID` from `cwd`, which must be refused (exit 1); its standard error.
+fn resume_refused(db: &Path, cwd: &Path, run_id: RunId) -> String {
+    let out = cli(db)
+        .current_dir(cwd)
+        .args(["resume", &run_id.to_string()])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    stderr
+}
+
 #[test]
 fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
     use agent_runtime_workforce::{engine::Engine, sim};
@@ -841,30 +853,29 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
     drop(store);
 
     // The gateway configuration it was started with is gone.
-    cli(&db)
-        .current_dir(dir.path())
-        .args(["resume", &run_id.to_string()])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(format!(
+    let stderr = resume_refused(&db, dir.path(), run_id);
+    assert!(
+        stderr.contains(&format!(
             "run {run_id} was started with --config {}, which is gone; pass --config",
             config.display()
-        )));
+        )),
+        "{stderr}"
+    );
     // Back, it is used; the folder is still gone.
     std::fs::write(&config, "{}\n").unwrap();
-    cli(&db)
-        .current_dir(dir.path())
-        .args(["resume", &run_id.to_string()])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(format!(
+    let stderr = resume_refused(&db, dir.path(), run_id);
+    for says in [
+        format!(
             "resume: with --config {}, as the run ran before",
             config.display()
-        )))
-        .stderr(predicate::str::contains(format!(
+        ),
+        format!(
             "run {run_id} started in {}, which is gone",
             started_in.display()
-        )));
+        ),
+    ] {
+        assert!(stderr.contains(&says), "{stderr}");
+    }
     // --here: it goes on in this folder.
     cli(&db)
         .current_dir(dir.path())
@@ -880,13 +891,13 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         .stdout(predicate::str::contains(
             "not finished: the simulation was stopped",
         ));
-    cli(&db)
-        .args(["resume", &sim_id.to_string()])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains(format!(
+    let stderr = resume_refused(&db, dir.path(), sim_id);
+    assert!(
+        stderr.contains(&format!(
             "run {sim_id} is a simulation (seed 5), which is not resumed"
-        )));
+        )),
+        "{stderr}"
+    );
     cli(&db)
         .args(["cancel", &sim_id.to_string()])
         .assert()
@@ -938,12 +949,11 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         )])
         .unwrap();
     drop(store);
-    cli(&db)
-        .current_dir(dir.path())
-        .args(["resume", &unfinished.to_string()])
-        .assert()
-        .code(1)
-        .stderr(predicate::str::contains("a folder whose name is not UTF-8"));
+    let stderr = resume_refused(&db, dir.path(), unfinished);
+    assert!(
+        stderr.contains("a folder whose name is not UTF-8"),
+        "{stderr}"
+    );
 }
 
 /// `--here` and files given to a resume are where the run goes on from then: a later resume
