@@ -67,6 +67,7 @@ pub mod policy;
 pub mod redact;
 pub mod registry;
 pub mod sandbox;
+mod seccomp;
 
 pub use error::GatewayError;
 pub use gateway::{

@@ -14,6 +14,8 @@
 //!   bound read-only. Nothing else of the host exists inside.
 //! - **Environment**: cleared; only `PATH`, `HOME=/tmp`, `LANG`, `TMPDIR` and the tool's declared
 //!   variables.
+//! - **System calls**: a seccomp filter refuses every way of giving a file the set-user-ID or
+//!   set-group-ID bit (see `seccomp.rs`): started by root, a command's files are root's.
 //! - **Limits**: `RLIMIT_CPU`, `RLIMIT_AS` (memory), `RLIMIT_FSIZE`, `RLIMIT_NOFILE`, no core
 //!   files; the number of processes by a pids cgroup when one can be created, else by
 //!   `RLIMIT_NPROC` (which the kernel does not apply to root, so root without a pids cgroup is
@@ -29,6 +31,7 @@
 //! allowed it says `sandbox: none`.
 
 use std::collections::BTreeMap;
+use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -209,6 +212,23 @@ impl SandboxSettings {
     }
 }
 
+/// The pipe holding the seccomp filter for `bwrap --seccomp` (see [`crate::seccomp`]), or
+/// `None` where no filter can be built (an architecture other than x86-64 and aarch64) and the
+/// gateway does not run as root, whom the filter is for; root is refused there.
+fn seccomp_filter() -> Result<Option<std::os::fd::OwnedFd>, ToolError> {
+    match crate::seccomp::program() {
+        Ok(_) => crate::seccomp::program_fd()
+            .map(Some)
+            .map_err(sandbox_error),
+        // SAFETY: geteuid has no preconditions.
+        Err(why) if unsafe { libc::geteuid() } == 0 => Err(sandbox_error(format!(
+            "{why}, and without it a command run as root could leave a set-user-ID file \
+             in the workspace; run the gateway as an ordinary user"
+        ))),
+        Err(_) => Ok(None),
+    }
+}
+
 /// Finds `program` on `PATH`.
 pub fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -232,6 +252,17 @@ pub fn probe(settings: &SandboxSettings) -> Result<(), String> {
         );
     };
     let mut cmd = std::process::Command::new(bwrap);
+    // With the seccomp filter, as every call has it: a kernel without seccomp fails here.
+    let filter = seccomp_filter().map_err(|e| e.message)?;
+    if let Some(fd) = &filter {
+        use std::os::unix::process::CommandExt;
+        let fd = fd.as_raw_fd();
+        cmd.arg("--seccomp").arg(fd.to_string());
+        // SAFETY: the closure only calls fcntl, which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(move || crate::seccomp::inherit(fd));
+        }
+    }
     cmd.args(bwrap_args(settings, &[], Path::new("/")))
         .arg("true")
         .stdin(Stdio::null())
@@ -599,6 +630,8 @@ impl CommandTool {
         let limits = &self.config.limits;
         let chdir = &self.chdir;
         let mut cgroup = None;
+        // The seccomp filter's pipe: open until bwrap has started (and read it).
+        let mut filter = None;
         let mut cmd = match mode {
             SandboxMode::Bubblewrap => {
                 let Some(bwrap) = &self.settings.bwrap else {
@@ -609,6 +642,10 @@ impl CommandTool {
                     ));
                 };
                 let mut cmd = tokio::process::Command::new(bwrap);
+                filter = seccomp_filter()?;
+                if let Some(fd) = &filter {
+                    cmd.arg("--seccomp").arg(fd.as_raw_fd().to_string());
+                }
                 cmd.args(&self.bwrap_argv)
                     .args(&argv)
                     .env_clear()
@@ -651,10 +688,16 @@ impl CommandTool {
             nofile: limits.open_files,
             nproc,
         };
-        // SAFETY: the closure only calls async-signal-safe functions (setrlimit, getpid, write)
-        // and allocates nothing.
+        let filter_fd = filter.as_ref().map(|fd| fd.as_raw_fd());
+        // SAFETY: the closure only calls async-signal-safe functions (fcntl, setrlimit, getpid,
+        // write) and allocates nothing.
         unsafe {
-            cmd.pre_exec(move || rl.apply(procs_fd));
+            cmd.pre_exec(move || {
+                if let Some(fd) = filter_fd {
+                    crate::seccomp::inherit(fd)?;
+                }
+                rl.apply(procs_fd)
+            });
         }
         crate::child::with_default_thp(&mut cmd);
         cmd.stdin(if stdin.is_some() {
@@ -688,6 +731,7 @@ impl CommandTool {
             }
         })?;
         let pid = child.id();
+        drop(filter);
         if let Some(cg) = &mut cgroup {
             cg.close_procs_fd();
         }

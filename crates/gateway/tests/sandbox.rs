@@ -179,6 +179,69 @@ async fn the_command_has_no_capabilities_and_cannot_remount_or_raise_its_limits(
     );
 }
 
+/// Started by root (as CI runs), a file the command makes in the workspace is root's outside
+/// too: with its set-user-ID bit it would be a root shell for whoever reaches the workspace.
+/// No way of setting that bit (or set-group-ID) works; other modes do.
+#[tokio::test]
+async fn no_file_gets_a_set_user_or_group_id_bit() {
+    let env = env();
+    let script = r#"
+cp /bin/sh sh1 && chmod 4755 sh1; echo "chmod=$?"
+cp /bin/sh sh2 && chmod g+s sh2; echo "chmod_g=$?"
+cp /bin/sh sh3 && chmod u+s,g+s sh3; echo "chmod_ug=$?"
+install -m 4755 /bin/sh sh4; echo "install=$?"
+mkdir d && chmod 2775 d; echo "dir=$?"
+/usr/bin/python3 - <<'PY'
+import ctypes, errno, os, stat
+libc = ctypes.CDLL(None, use_errno=True)
+def refused(what, f):
+    try:
+        f()
+        print(what, "ALLOWED")
+    except PermissionError:
+        print(what, "refused")
+refused("open", lambda: os.close(os.open("o1", os.O_CREAT | os.O_WRONLY, 0o4755)))
+refused("open_g", lambda: os.close(os.open("o2", os.O_CREAT | os.O_WRONLY, 0o2755)))
+refused("mknod", lambda: os.mknod("n1", stat.S_IFREG | 0o4755))
+refused("fchmod", lambda: os.fchmod(os.open("sh1", os.O_RDONLY), 0o6755))
+refused("chmod_dirfd", lambda: os.chmod("sh1", 0o4755, dir_fd=os.open(".", os.O_RDONLY)))
+def raw(what, nr, *args):
+    r = libc.syscall(ctypes.c_long(nr), *args)
+    print(what, "refused" if r == -1 and ctypes.get_errno() == errno.EPERM else "ALLOWED %d %d" % (r, ctypes.get_errno()))
+raw("x32_chmod", 0x40000000 | 90, b"sh1", 0o4755)
+raw("x32_open", 0x40000000 | 2, b"o3", os.O_CREAT | os.O_WRONLY, 0o4755)
+raw("fchmodat2", 452, -100, b"sh1", 0o4755, 0)
+raw("openat2", 437, -100, b"o4", 0, 0)
+raw("io_uring_setup", 425, 8, 0)
+os.chmod("sh1", 0o755); print("plain_chmod ok")
+os.chmod("d", 0o1777); print("sticky ok")
+PY
+for f in sh1 sh2 sh3 sh4 d o1 o2 o3 n1; do [ -e $f ] && stat -c "%n %a" $f; done
+"#;
+    let v = ok(run(&env, Limits::default(), script).await);
+    let out = v["stdout"].as_str().unwrap();
+    for line in ["chmod=1", "chmod_g=1", "chmod_ug=1", "dir=1"] {
+        assert!(out.contains(line), "{line}: {v}");
+    }
+    assert!(!out.contains("install=0"), "{v}");
+    assert!(!out.contains("ALLOWED"), "{v}");
+    for line in ["plain_chmod ok", "sticky ok", "sh1 755", "d 1777"] {
+        assert!(out.contains(line), "{line}: {v}");
+    }
+    // Whatever the script said, nothing in the workspace has either bit.
+    for e in std::fs::read_dir(&env.ws).unwrap() {
+        use std::os::unix::fs::PermissionsExt;
+        let e = e.unwrap();
+        let mode = e.metadata().unwrap().permissions().mode();
+        assert_eq!(
+            mode & 0o6000,
+            0,
+            "{:?} has mode {mode:o}: {v}",
+            e.file_name()
+        );
+    }
+}
+
 #[tokio::test]
 async fn reading_outside_the_read_roots_fails() {
     let env = env();

@@ -1,0 +1,192 @@
+//! The seccomp filter the sandbox installs (through `bwrap --seccomp FD`) before the command runs.
+//!
+//! Dropping every capability is not enough when the gateway runs as root: a file's owner needs
+//! no capability to set its set-user-ID or set-group-ID bit, and a file the command creates in
+//! the workspace belongs to root outside the sandbox too. `cp /usr/bin/sh x; chmod 4755 x`
+//! would leave a root shell for anyone who can reach the workspace. The filter refuses
+//! (`EPERM`) every system call that could give a file those bits:
+//!
+//! - `chmod`, `fchmod`, `fchmodat`, `fchmodat2`, `creat`, `open`, `openat`, `mknod` and
+//!   `mknodat` when their mode holds `S_ISUID` or `S_ISGID` (an ordinary `chmod 755` or
+//!   `chmod +t` works);
+//! - `openat2`, whose mode sits in a structure the filter cannot read, and io_uring, whose
+//!   operations (an `openat` among them) no filter sees.
+//!
+//! The x32 numbers of the same calls (`__X32_SYSCALL_BIT`) are refused alike, and calls of any
+//! other architecture (a 32-bit `int 0x80`) kill the process: both would otherwise pass a
+//! filter written for x86-64's numbers.
+//!
+//! The BPF program is built with `seccompiler` (rust-vmm's compiler, used by Firecracker)
+//! once per process, for x86-64 and aarch64; elsewhere there is none and the sandbox runs
+//! without it (documented in docs/sandbox.md).
+
+use std::io::Write;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+/// The filter's BPF program as the bytes `bwrap --seccomp` reads, or why it cannot be built.
+pub(crate) fn program() -> Result<&'static [u8], String> {
+    static PROGRAM: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
+    PROGRAM.get_or_init(build).as_deref().map_err(|e| e.clone())
+}
+
+/// A pipe's read end holding the program, for `bwrap --seccomp FD`. It is close-on-exec: the
+/// child that is to read it clears that flag on its own copy (see [`inherit`]), so no other
+/// child started meanwhile gets it.
+#[cfg(target_os = "linux")]
+pub(crate) fn program_fd() -> Result<OwnedFd, String> {
+    let program = program()?;
+    let mut fds = [0; 2];
+    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(format!(
+            "cannot make a pipe for the seccomp filter: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // The program is a few hundred bytes, far below a pipe's capacity: the write cannot block.
+    std::fs::File::from(write)
+        .write_all(program)
+        .map_err(|e| format!("cannot write the seccomp filter to its pipe: {e}"))?;
+    Ok(read)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub(crate) fn program_fd() -> Result<OwnedFd, String> {
+    Err("the seccomp filter needs Linux".into())
+}
+
+/// In a child between fork and exec: lets `fd` survive the exec. Async-signal-safe.
+pub(crate) fn inherit(fd: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor number has no memory-safety preconditions.
+    if unsafe { libc::fcntl(fd, libc::F_SETFD, 0) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
+fn build() -> Result<Vec<u8>, String> {
+    use seccompiler::{
+        BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
+        SeccompRule,
+    };
+    use std::collections::BTreeMap;
+
+    let fail = |e: seccompiler::BackendError| format!("cannot build the seccomp filter: {e}");
+    // A rule per bit: rules of one call are alternatives, conditions of one rule all hold.
+    let mode_rules = |arg: u8| -> Result<Vec<SeccompRule>, String> {
+        [libc::S_ISUID, libc::S_ISGID]
+            .into_iter()
+            .map(|bit| {
+                let bit = u64::from(bit);
+                SeccompCondition::new(
+                    arg,
+                    SeccompCmpArgLen::Dword,
+                    SeccompCmpOp::MaskedEq(bit),
+                    bit,
+                )
+                .and_then(|c| SeccompRule::new(vec![c]))
+                .map_err(fail)
+            })
+            .collect()
+    };
+    // (call, index of its mode argument); `None`: refused whatever its arguments.
+    let mut calls: Vec<(i64, Option<u8>)> = vec![
+        (libc::SYS_fchmod, Some(1)),
+        (libc::SYS_fchmodat, Some(2)),
+        (libc::SYS_fchmodat2, Some(2)),
+        (libc::SYS_openat, Some(3)),
+        (libc::SYS_mknodat, Some(2)),
+        (libc::SYS_openat2, None),
+        (libc::SYS_io_uring_setup, None),
+        (libc::SYS_io_uring_enter, None),
+        (libc::SYS_io_uring_register, None),
+    ];
+    #[cfg(target_arch = "x86_64")]
+    {
+        calls.extend([
+            (libc::SYS_chmod, Some(1)),
+            (libc::SYS_creat, Some(1)),
+            (libc::SYS_open, Some(2)),
+            (libc::SYS_mknod, Some(1)),
+        ]);
+        // The x32 ABI reaches the same calls with this bit set in the number; the filter's
+        // architecture check (AUDIT_ARCH_X86_64) cannot tell them apart.
+        const X32_SYSCALL_BIT: i64 = 0x4000_0000;
+        let x32: Vec<_> = calls
+            .iter()
+            .map(|&(nr, arg)| (nr | X32_SYSCALL_BIT, arg))
+            .collect();
+        calls.extend(x32);
+    }
+    let mut rules = BTreeMap::new();
+    for (nr, arg) in calls {
+        rules.insert(nr, arg.map(mode_rules).transpose()?.unwrap_or_default());
+    }
+    let arch = std::env::consts::ARCH.try_into().map_err(fail)?;
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EPERM as u32),
+        arch,
+    )
+    .map_err(fail)?;
+    let program: BpfProgram = filter.try_into().map_err(fail)?;
+    // `struct sock_filter` as the kernel (and bwrap) read it: u16 code, u8 jt, u8 jf, u32 k,
+    // in this machine's byte order.
+    let mut bytes = Vec::with_capacity(program.len() * 8);
+    for insn in &program {
+        bytes.extend_from_slice(&insn.code.to_ne_bytes());
+        bytes.push(insn.jt);
+        bytes.push(insn.jf);
+        bytes.extend_from_slice(&insn.k.to_ne_bytes());
+    }
+    Ok(bytes)
+}
+
+#[cfg(not(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+)))]
+fn build() -> Result<Vec<u8>, String> {
+    Err(format!(
+        "no seccomp filter is built for {}",
+        std::env::consts::ARCH
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_program_is_whole_instructions_and_within_the_kernels_limit() {
+        let p = program().unwrap();
+        assert!(
+            !p.is_empty() && p.len().is_multiple_of(8),
+            "{} bytes",
+            p.len()
+        );
+        // BPF_MAXINSNS
+        assert!(p.len() / 8 <= 4096);
+    }
+
+    #[test]
+    fn the_pipe_holds_the_program_and_closes_on_exec() {
+        use std::io::Read;
+        use std::os::fd::AsRawFd;
+        let fd = program_fd().unwrap();
+        // SAFETY: fcntl on an open descriptor.
+        let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        let mut read = Vec::new();
+        std::fs::File::from(fd).read_to_end(&mut read).unwrap();
+        assert_eq!(read, program().unwrap());
+    }
+}
