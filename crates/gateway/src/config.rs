@@ -58,7 +58,8 @@ pub struct GatewayFile {
     /// names none).
     #[serde(default)]
     pub workspace: Vec<PathBuf>,
-    /// Extra read-only roots for every command tool.
+    /// Extra read-only roots for every command tool, whose files read-only tools may also
+    /// read without approval (the policy's `$read_roots`).
     #[serde(default)]
     pub read_roots: Vec<PathBuf>,
     /// The policy file.
@@ -183,7 +184,13 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     let policy = match &policy_path {
         Some(p) => Policy::load_in(p, &workspace).map_err(|e| e.in_file(p))?,
         None => Policy::defaults(workspace.clone())?,
-    };
+    }
+    // The folders every command tool may read are ones the file tools may read too.
+    .with_read_roots(&file.read_roots)
+    .map_err(|e| match &opts.config {
+        Some(p) => e.in_file(p),
+        None => e,
+    })?;
     let write_roots: Vec<PathBuf> = workspace
         .iter()
         .map(|w| {

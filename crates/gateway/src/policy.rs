@@ -5,7 +5,8 @@
 //!
 //! | rule | when | effect |
 //! | --- | --- | --- |
-//! | `default.read` | risk `read` | allow |
+//! | `default.read-outside` | risk `read`, some path argument outside the workspace and the read roots | ask |
+//! | `default.read` | risk `read`, every path argument inside (or none to check) | allow |
 //! | `default.write-inside` | risk `write`, every path argument inside the workspace | allow |
 //! | `default.write-outside` | risk `write`, some path argument outside the workspace | deny |
 //! | `default.write-unknown` | risk `write`, no path argument to check | ask |
@@ -167,14 +168,16 @@ pub enum Condition {
     PathInside {
         /// Which arguments hold paths.
         arg: ArgSelector,
-        /// Roots; `$workspace` stands for the workspace roots.
+        /// Roots; `$workspace` stands for the workspace roots, `$read_roots` for the read roots
+        /// ([`Policy::with_read_roots`]).
         roots: Vec<String>,
     },
     /// Some selected path resolves outside all of `roots` (or cannot be resolved safely).
     PathOutside {
         /// Which arguments hold paths.
         arg: ArgSelector,
-        /// Roots; `$workspace` stands for the workspace roots.
+        /// Roots; `$workspace` stands for the workspace roots, `$read_roots` for the read roots
+        /// ([`Policy::with_read_roots`]).
         roots: Vec<String>,
     },
     /// The command's program (its first word, or the first array element) matches a glob, by
@@ -426,6 +429,8 @@ struct CompiledRule {
 pub struct Policy {
     rules: Vec<CompiledRule>,
     workspace: Vec<PathBuf>,
+    /// Folders outside the workspace whose files may be read: `$read_roots` in rules.
+    read_roots: Vec<PathBuf>,
     /// The first workspace root (`/` without one): what relative paths are judged against.
     base: std::sync::Arc<Path>,
 }
@@ -484,7 +489,8 @@ impl Policy {
                     c
                 {
                     for r in roots.iter_mut() {
-                        if r != "$workspace" && Path::new(r.as_str()).is_relative() {
+                        if !ROOT_TOKENS.contains(&r.as_str()) && Path::new(r.as_str()).is_relative()
+                        {
                             *r = base.join(r.as_str()).display().to_string();
                         }
                     }
@@ -546,10 +552,7 @@ impl Policy {
                     message: "duplicate rule id".into(),
                 });
             }
-            let mut conditions = Vec::new();
-            for c in &rule.when {
-                conditions.push(compile(c, &workspace, &rule.id, rule.effect)?);
-            }
+            let conditions = compile_all(&rule, &workspace, &[])?;
             rules.push(CompiledRule { rule, conditions });
         }
         let base = workspace
@@ -558,8 +561,37 @@ impl Policy {
         Ok(Policy {
             rules,
             workspace,
+            read_roots: Vec::new(),
             base,
         })
+    }
+
+    /// The policy with `roots` as its read roots, the folders outside the workspace whose
+    /// files read-only tools may read without approval (`$read_roots` in a rule's roots;
+    /// the default rule `default.read-outside` asks about reads anywhere else). The gateway
+    /// passes its configuration's `read_roots`, the folders every command tool sees.
+    ///
+    /// ```
+    /// # use agent_runtime_gateway::Policy;
+    /// # let dir = std::env::temp_dir();
+    /// let policy = Policy::defaults(vec![dir.clone()])?.with_read_roots(&["/usr/share/dict".into()])?;
+    /// assert_eq!(policy.read_roots().len(), 1);
+    /// # Ok::<(), agent_runtime_gateway::GatewayError>(())
+    /// ```
+    pub fn with_read_roots(mut self, roots: &[PathBuf]) -> Result<Policy, GatewayError> {
+        self.read_roots = roots
+            .iter()
+            .map(|r| resolve_root(r))
+            .collect::<Result<_, _>>()?;
+        for r in &mut self.rules {
+            r.conditions = compile_all(&r.rule, &self.workspace, &self.read_roots)?;
+        }
+        Ok(self)
+    }
+
+    /// The resolved read roots (see [`Policy::with_read_roots`]).
+    pub fn read_roots(&self) -> &[PathBuf] {
+        &self.read_roots
     }
 
     /// The resolved workspace roots.
@@ -672,15 +704,21 @@ fn resolve_root(root: &Path) -> Result<PathBuf, GatewayError> {
     })
 }
 
+/// The words that stand for roots the policy is given rather than paths of the file.
+const ROOT_TOKENS: &[&str] = &["$workspace", "$read_roots"];
+
 fn expand_roots(
     roots: &[String],
     workspace: &[PathBuf],
+    read_roots: &[PathBuf],
     rule: &str,
 ) -> Result<Vec<PathBuf>, GatewayError> {
     let mut out = Vec::new();
     for r in roots {
         if r == "$workspace" {
             out.extend(workspace.iter().cloned());
+        } else if r == "$read_roots" {
+            out.extend(read_roots.iter().cloned());
         } else {
             out.push(
                 resolve_root(Path::new(r)).map_err(|e| GatewayError::Policy {
@@ -693,19 +731,31 @@ fn expand_roots(
     Ok(out)
 }
 
+fn compile_all(
+    rule: &Rule,
+    workspace: &[PathBuf],
+    read_roots: &[PathBuf],
+) -> Result<Vec<(Compiled, ArgSelector)>, GatewayError> {
+    rule.when
+        .iter()
+        .map(|c| compile(c, workspace, read_roots, &rule.id, rule.effect))
+        .collect()
+}
+
 fn compile(
     c: &Condition,
     workspace: &[PathBuf],
+    read_roots: &[PathBuf],
     rule: &str,
     effect: Effect,
 ) -> Result<(Compiled, ArgSelector), GatewayError> {
     Ok(match c {
         Condition::PathInside { arg, roots } => (
-            Compiled::PathInside(expand_roots(roots, workspace, rule)?),
+            Compiled::PathInside(expand_roots(roots, workspace, read_roots, rule)?),
             arg.clone(),
         ),
         Condition::PathOutside { arg, roots } => (
-            Compiled::PathOutside(expand_roots(roots, workspace, rule)?),
+            Compiled::PathOutside(expand_roots(roots, workspace, read_roots, rule)?),
             arg.clone(),
         ),
         Condition::Program { arg, any } => (
@@ -869,12 +919,25 @@ fn default_rules() -> Vec<Rule> {
             sandbox: None,
         };
     vec![
+        // Read-only tools read anything the process can (the file tools run in-process, and
+        // a gateway run as root reads /etc/shadow): outside the folders it was given, a
+        // person decides.
+        rule(
+            "default.read-outside",
+            RiskClass::Read,
+            vec![Condition::PathOutside {
+                arg: paths(),
+                roots: vec!["$workspace".into(), "$read_roots".into()],
+            }],
+            Effect::Ask,
+            "reading outside the workspace and the read roots (the configuration's `read_roots`) needs approval",
+        ),
         rule(
             "default.read",
             RiskClass::Read,
             vec![],
             Effect::Allow,
-            "read-only tools are allowed",
+            "read-only tools are allowed inside the workspace and the read roots",
         ),
         rule(
             "default.write-inside",

@@ -42,6 +42,14 @@ fn everything(timeout_ms: Option<u64>) -> McpServerConfig {
 }
 
 async fn start(servers: Vec<(&str, McpServerConfig)>) -> (Gateway, McpManager, Arc<MemoryLog>) {
+    start_reading(servers, &[]).await
+}
+
+/// [`start`], with `read_roots` as the policy's read roots.
+async fn start_reading(
+    servers: Vec<(&str, McpServerConfig)>,
+    read_roots: &[std::path::PathBuf],
+) -> (Gateway, McpManager, Arc<MemoryLog>) {
     let config = McpConfig {
         servers: servers
             .into_iter()
@@ -60,7 +68,12 @@ async fn start(servers: Vec<(&str, McpServerConfig)>) -> (Gateway, McpManager, A
     let ws = std::path::Path::new(env!("CARGO_TARGET_TMPDIR")).join("mcp-client-workspace");
     std::fs::create_dir_all(&ws).unwrap();
     let gw = GatewayBuilder::new(registry, log.clone())
-        .policy(Policy::defaults(vec![ws]).unwrap())
+        .policy(
+            Policy::defaults(vec![ws])
+                .unwrap()
+                .with_read_roots(read_roots)
+                .unwrap(),
+        )
         .redactor(redactor)
         .build()
         .unwrap();
@@ -301,7 +314,10 @@ async fn filesystem_server_reads_inside_its_roots_only() {
         args: vec![server_js("server-filesystem"), root.display().to_string()],
         ..McpServerConfig::default()
     };
-    let (gw, manager, _log) = start(vec![("files", fs)]).await;
+    // The policy lets reads of the server's root and /etc through; the server refuses the
+    // latter itself.
+    let (gw, manager, _log) =
+        start_reading(vec![("files", fs)], &[root.clone(), "/etc".into()]).await;
     let d = gw
         .registry()
         .get("files.read_text_file")
@@ -338,6 +354,21 @@ async fn filesystem_server_reads_inside_its_roots_only() {
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::ToolError, "{err}");
+    // A read outside the workspace and the read roots is the gateway's to refuse first: it
+    // asks, and with no one to ask it is denied.
+    let err = gw
+        .call(
+            "files.read_text_file",
+            json!({"path": "/usr/share/common-licenses/GPL-3"}),
+            ctx(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::ApprovalDenied, "{err}");
+    assert!(
+        err.message.contains("reading outside the workspace"),
+        "{err}"
+    );
     // The gateway's own policy still applies to MCP tools: a write outside the workspace is denied.
     let err = gw
         .call(

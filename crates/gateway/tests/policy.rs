@@ -688,11 +688,37 @@ fn reads_and_defaults() {
             Ask,
             "read-outside-asks",
         ),
+        // Without a rule of its own, a read-only tool may read the workspace; anywhere else
+        // (through a symlink too) a person decides.
         (
             "other.read",
             RiskClass::Read,
             a,
             json!({"path": "/etc/shadow"}),
+            Ask,
+            "default.read-outside",
+        ),
+        (
+            "other.read",
+            RiskClass::Read,
+            a,
+            json!({"paths": ["a.txt", "etc-link/passwd"]}),
+            Ask,
+            "default.read-outside",
+        ),
+        (
+            "other.read",
+            RiskClass::Read,
+            a,
+            json!({"file": "sub/../a.txt"}),
+            Allow,
+            "default.read",
+        ),
+        (
+            "other.read",
+            RiskClass::Read,
+            a,
+            json!({"query": "/etc/shadow"}),
             Allow,
             "default.read",
         ),
@@ -707,6 +733,64 @@ fn reads_and_defaults() {
         ),
     ];
     check(&f, &cases);
+}
+
+/// The read roots (the gateway's configured `read_roots`) are read like the workspace, and
+/// `$read_roots` names them in a rule.
+#[test]
+fn read_roots_are_readable_without_asking() {
+    use Effect::*;
+    let mut f = fixture();
+    let shared = f.root.join("outside");
+    f.policy = Policy::from_yaml(
+        &format!(
+            "{POLICY}  - id: no-writes-in-read-roots\n    risk: [write]\n    when: [ {{ path_inside: {{ arg: path, roots: [\"$read_roots\"] }} }} ]\n    effect: deny\n"
+        ),
+        &f.root,
+    )
+    .unwrap()
+    .with_read_roots(std::slice::from_ref(&shared))
+    .unwrap();
+    assert_eq!(f.policy.read_roots(), std::slice::from_ref(&shared));
+    let a = "agent:any";
+    let inside = shared.join("notes.txt").display().to_string();
+    check(
+        &f,
+        &[
+            (
+                "other.read",
+                RiskClass::Read,
+                a,
+                json!({"path": inside}),
+                Allow,
+                "default.read",
+            ),
+            (
+                "other.read",
+                RiskClass::Read,
+                a,
+                json!({"path": "escape/notes.txt"}),
+                Allow,
+                "default.read",
+            ),
+            (
+                "other.read",
+                RiskClass::Read,
+                a,
+                json!({"path": "/etc/shadow"}),
+                Ask,
+                "default.read-outside",
+            ),
+            (
+                "fs.write",
+                RiskClass::Write,
+                a,
+                json!({"path": inside}),
+                Deny,
+                "no-writes-in-read-roots",
+            ),
+        ],
+    );
 }
 
 #[test]
