@@ -56,6 +56,56 @@ pub fn too_deep_message(line: usize, column: usize) -> String {
     format!("line {line} column {column}: {}", too_deep())
 }
 
+/// The key a "duplicate field `K`" (serde) or "duplicate key `K`" (the document check)
+/// message names.
+pub fn duplicated_key(message: &str) -> Option<&str> {
+    ["duplicate field `", "duplicate key `"]
+        .iter()
+        .find_map(|start| message.split_once(start))
+        .and_then(|(_, rest)| rest.split_once('`'))
+        .map(|(key, _)| key)
+        .filter(|key| !key.is_empty())
+}
+
+/// The line and column of the second `key:` at or after `line`:`column` (1-based): in the
+/// mapping that starts there, the key written again.
+pub fn second_key_at(text: &str, key: &str, line: usize, column: usize) -> Option<(usize, usize)> {
+    key_positions(text, key, line, column).nth(1)
+}
+
+/// Each place (line, column; 1-based) where `key:` is written as a key at or after
+/// `line`:`column`: the key itself, not the end of a longer one (`my_timeout:`). None for a
+/// position the parser did not give (line 0).
+pub fn key_positions<'a>(
+    text: &'a str,
+    key: &str,
+    line: usize,
+    column: usize,
+) -> impl Iterator<Item = (usize, usize)> + 'a {
+    let pattern = format!("{key}:");
+    text.lines()
+        .enumerate()
+        .skip(line.max(1) - 1)
+        .take(if line == 0 { 0 } else { usize::MAX })
+        .flat_map(move |(n, l)| {
+            let from = if n + 1 == line {
+                column.saturating_sub(1)
+            } else {
+                0
+            };
+            l.match_indices(pattern.as_str())
+                .filter(move |(i, _)| {
+                    *i >= from
+                        && !i
+                            .checked_sub(1)
+                            .map(|b| l.as_bytes()[b])
+                            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
+                })
+                .map(move |(i, _)| (n + 1, i + 1))
+                .collect::<Vec<_>>()
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

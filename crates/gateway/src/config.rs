@@ -194,9 +194,15 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     let write_roots: Vec<PathBuf> = workspace
         .iter()
         .map(|w| {
-            std::fs::canonicalize(w).map_err(|source| GatewayError::Read {
-                path: w.clone(),
-                source,
+            std::fs::canonicalize(w).map_err(|source| {
+                let e = GatewayError::Workspace {
+                    root: w.clone(),
+                    source,
+                };
+                match &opts.config {
+                    Some(p) => e.in_file(p),
+                    None => e,
+                }
             })
         })
         .collect::<Result<_, _>>()?;

@@ -42,6 +42,14 @@ pub enum GatewayError {
     /// Two tools have the same registry name.
     #[error("tool {0:?} is registered twice")]
     Duplicate(String),
+    /// A workspace root cannot be used (it does not exist, or is not reachable).
+    #[error("workspace root {}: {source}", root.display())]
+    Workspace {
+        /// The root as configured (made absolute).
+        root: PathBuf,
+        /// Why it cannot be used.
+        source: std::io::Error,
+    },
     /// A policy rule is unusable.
     #[error("policy rule {rule:?}: {message}")]
     Policy {

@@ -138,14 +138,30 @@ pub(crate) fn yaml_from_str_checking<T: serde::de::DeserializeOwned>(
     if let Some((line, column)) = flow_nesting_past(text, MAX_YAML_FLOW_DEPTH) {
         return Err(too_deep_message(line, column));
     }
-    let value = serde_yaml_ng::from_str(text).map_err(|e| e.to_string())?;
+    // The faithfulness check first: it names the line of a key written twice, where serde's
+    // own "duplicate field" of a struct's field has no position.
     if keys.is_empty() {
         serde_yaml_ng::from_str::<JsonFaithful>(text).map(|_| ())
     } else {
         JsonFaithfulUnder(keys).deserialize(serde_yaml_ng::Deserializer::from_str(text))
     }
-    .map_err(|e| e.to_string())?;
-    Ok(value)
+    .map_err(|e| {
+        let message = e.to_string();
+        // The parser places a key written twice in the top-level mapping nowhere, and others
+        // where their mapping starts: the second key is the mistake.
+        let Some(key) = agent_runtime_core::yaml::duplicated_key(&message) else {
+            return message;
+        };
+        let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
+        match agent_runtime_core::yaml::second_key_at(text, key, line, column) {
+            Some((line, column)) => format!(
+                "{} at line {line} column {column}",
+                message.split(" at line ").next().unwrap_or(&message)
+            ),
+            None => message,
+        }
+    })?;
+    serde_yaml_ng::from_str(text).map_err(|e| e.to_string())
 }
 
 /// `serde_json::from_str`, checking for keys written twice as [`yaml_from_str_checking`] does.
@@ -155,12 +171,11 @@ pub(crate) fn json_from_str_checking<T: serde::de::DeserializeOwned>(
 ) -> Result<T, String> {
     use agent_runtime_core::document::{JsonFaithful, JsonFaithfulUnder};
     use serde::de::DeserializeSeed;
-    let value = serde_json::from_str(text).map_err(|e| e.to_string())?;
     if keys.is_empty() {
         serde_json::from_str::<JsonFaithful>(text).map(|_| ())
     } else {
         JsonFaithfulUnder(keys).deserialize(&mut serde_json::Deserializer::from_str(text))
     }
     .map_err(|e| e.to_string())?;
-    Ok(value)
+    serde_json::from_str(text).map_err(|e| e.to_string())
 }

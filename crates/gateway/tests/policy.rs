@@ -821,7 +821,45 @@ fn a_configuration_key_written_twice_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("gateway.yaml") && err.contains("duplicate key `path`"),
+        err.contains("gateway.yaml")
+            && err.contains("duplicate key `path`")
+            && err.contains("at line 10 column 9"),
+        "{err}"
+    );
+    // A top-level key written twice is placed at the second one too (the parser places it
+    // nowhere), and a field the file's type knows is checked before serde's own "duplicate
+    // field", which has no place.
+    std::fs::write(
+        &file,
+        "# the workspace\nworkspace: [\".\"]\nread_roots: []\nworkspace: [\"x\"]\n",
+    )
+    .unwrap();
+    let err = agent_runtime_gateway::config::GatewayFile::load(&file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("duplicate key `workspace`") && err.contains("at line 4 column 1"),
+        "{err}"
+    );
+}
+
+/// A workspace root that does not exist is named, with the configuration file that names it.
+#[test]
+fn a_missing_workspace_root_names_the_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    std::fs::write(&file, "workspace: [\"nope\"]\n").unwrap();
+    let opts = agent_runtime_gateway::config::Options {
+        config: Some(file.clone()),
+        ..Default::default()
+    };
+    let err = agent_runtime_gateway::config::assemble(&opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with(&format!("{}: workspace root ", file.display()))
+            && err.contains("nope")
+            && err.contains("No such file"),
         "{err}"
     );
 }

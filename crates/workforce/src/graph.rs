@@ -750,8 +750,9 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
             let message = strip_position(&inner.to_string(), &full);
             // A key written twice is reported where its mapping starts: the second one is
             // the mistake.
-            let (line, column) = match duplicated_key(&message) {
-                Some(key) => yaml_second_key_at(text, key, line, column).unwrap_or((line, column)),
+            let (line, column) = match agent_runtime_core::yaml::duplicated_key(&message) {
+                Some(key) => agent_runtime_core::yaml::second_key_at(text, key, line, column)
+                    .unwrap_or((line, column)),
                 None => (line, column),
             };
             GraphError::Syntax {
@@ -801,59 +802,9 @@ fn yaml_key_at(text: &str, key: &str, line: usize, column: usize) -> (usize, usi
     if key.is_empty() {
         return (line, column);
     }
-    yaml_keys_from(text, key, line, 1)
+    agent_runtime_core::yaml::key_positions(text, key, line, 1)
         .next()
         .unwrap_or((line, column))
-}
-
-/// The key a "duplicate field `K`" (serde) or "duplicate key `K`" (the document check)
-/// message names.
-fn duplicated_key(message: &str) -> Option<&str> {
-    ["duplicate field `", "duplicate key `"]
-        .iter()
-        .find_map(|start| message.split_once(start))
-        .and_then(|(_, rest)| rest.split_once('`'))
-        .map(|(key, _)| key)
-        .filter(|key| !key.is_empty())
-}
-
-/// The line and column of the second `key:` at or after `line`:`column` (1-based): in the
-/// mapping that starts there, the key written again.
-fn yaml_second_key_at(text: &str, key: &str, line: usize, column: usize) -> Option<(usize, usize)> {
-    yaml_keys_from(text, key, line, column).nth(1)
-}
-
-/// Each place (line, column; 1-based) where `key:` is written as a key at or after
-/// `line`:`column`: the key itself, not the end of a longer one (`my_timeout:`). None for a
-/// position the parser did not give (line 0).
-fn yaml_keys_from<'a>(
-    text: &'a str,
-    key: &str,
-    line: usize,
-    column: usize,
-) -> impl Iterator<Item = (usize, usize)> + 'a {
-    let pattern = format!("{key}:");
-    text.lines()
-        .enumerate()
-        .skip(line.max(1) - 1)
-        .take(if line == 0 { 0 } else { usize::MAX })
-        .flat_map(move |(n, l)| {
-            let from = if n + 1 == line {
-                column.saturating_sub(1)
-            } else {
-                0
-            };
-            l.match_indices(pattern.as_str())
-                .filter(move |(i, _)| {
-                    *i >= from
-                        && !i
-                            .checked_sub(1)
-                            .map(|b| l.as_bytes()[b])
-                            .is_some_and(|b| b.is_ascii_alphanumeric() || b == b'_')
-                })
-                .map(move |(i, _)| (n + 1, i + 1))
-                .collect::<Vec<_>>()
-        })
 }
 
 /// Segments of a field path shown before the rest is elided: a value nested a hundred levels
