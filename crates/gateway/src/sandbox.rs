@@ -229,6 +229,31 @@ fn seccomp_filter() -> Result<Option<std::os::fd::OwnedFd>, ToolError> {
     }
 }
 
+/// In a child between fork and exec: marks every descriptor above stderr close-on-exec, so
+/// that none this process inherited open (a shell's `exec 7</`, a parent's leaked pipe)
+/// reaches the command: a descriptor of a folder outside the sandbox is a way out of it
+/// (`/proc/self/fd/7/...`). Async-signal-safe. The seccomp filter's pipe is let through after.
+fn close_inherited_descriptors() {
+    // SAFETY: close_range with integer arguments touches no memory.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    if !marked {
+        // Before Linux 5.11: one by one, up to this process's limit of open files.
+        // SAFETY: sysconf and fcntl on descriptor numbers touch no memory.
+        let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(3, 1 << 20) as libc::c_int;
+        for fd in 3..max {
+            // SAFETY: as above; a number that is no descriptor fails with EBADF.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+}
+
 /// Finds `program` on `PATH`.
 pub fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -258,9 +283,12 @@ pub fn probe(settings: &SandboxSettings) -> Result<(), String> {
         use std::os::unix::process::CommandExt;
         let fd = fd.as_raw_fd();
         cmd.arg("--seccomp").arg(fd.to_string());
-        // SAFETY: the closure only calls fcntl, which is async-signal-safe.
+        // SAFETY: the closure only calls close_range and fcntl, which are async-signal-safe.
         unsafe {
-            cmd.pre_exec(move || crate::seccomp::inherit(fd));
+            cmd.pre_exec(move || {
+                close_inherited_descriptors();
+                crate::seccomp::inherit(fd)
+            });
         }
     }
     cmd.args(bwrap_args(settings, &[], Path::new("/")))
@@ -402,6 +430,14 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
     .iter()
     .map(|s| s.to_string())
     .collect();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // Root's command could make a user namespace of its own, in which it has every
+        // capability again (`setcap` writes file capabilities there; only newer kernels refuse
+        // the mapping that would make them count outside). bubblewrap forbids new ones when it
+        // made the user namespace itself.
+        a.extend(["--unshare-user", "--disable-userns"].map(String::from));
+    }
     for dir in SYSTEM_DIRS {
         let p = Path::new(dir);
         match std::fs::symlink_metadata(p) {
@@ -693,6 +729,7 @@ impl CommandTool {
         // write) and allocates nothing.
         unsafe {
             cmd.pre_exec(move || {
+                close_inherited_descriptors();
                 if let Some(fd) = filter_fd {
                     crate::seccomp::inherit(fd)?;
                 }

@@ -242,6 +242,49 @@ for f in sh1 sh2 sh3 sh4 d o1 o2 o3 n1; do [ -e $f ] && stat -c "%n %a" $f; done
     }
 }
 
+/// A descriptor this process holds open without close-on-exec (as a shell's `exec 7</` leaves
+/// one) does not reach the command: through `/proc/self/fd/N/...` it would be a way out.
+#[tokio::test]
+async fn descriptors_the_gateway_inherited_do_not_reach_the_command() {
+    let env = env();
+    let outside = std::ffi::CString::new(env.root.join("outside").to_str().unwrap()).unwrap();
+    // SAFETY: a NUL-terminated path; the descriptor is closed below.
+    let fd = unsafe { libc::open(outside.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    assert!(fd >= 0);
+    let script = format!(
+        "ls /proc/self/fd; cat /proc/self/fd/{fd}/secret.txt; echo x > /proc/self/fd/{fd}/escaped.txt"
+    );
+    let v = ok(run(&env, Limits::default(), &script).await);
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    let out = v["stdout"].as_str().unwrap();
+    assert!(!out.contains("TOP-SECRET"), "{v}");
+    assert!(!env.root.join("outside/escaped.txt").exists(), "{v}");
+    // Only stdin, stdout, stderr and the listing's own descriptor are open.
+    let fds: Vec<&str> = out.split_whitespace().collect();
+    assert!(fds.len() <= 4, "{v}");
+}
+
+/// Started by root, the command cannot make a user namespace of its own (in which it would
+/// have every capability back, and could write file capabilities).
+#[tokio::test]
+async fn a_root_started_command_cannot_make_a_user_namespace() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        // For an ordinary user a namespace of its own gives nothing the user lacks outside.
+        return;
+    }
+    let env = env();
+    let v = ok(run(
+        &env,
+        Limits::default(),
+        "/usr/bin/python3 -c 'import ctypes; print(\"unshare\", ctypes.CDLL(None, use_errno=True).unshare(0x10000000), ctypes.get_errno())'",
+    )
+    .await);
+    let out = v["stdout"].as_str().unwrap();
+    assert!(out.starts_with("unshare -1 "), "{v}");
+}
+
 #[tokio::test]
 async fn reading_outside_the_read_roots_fails() {
     let env = env();
