@@ -44,6 +44,14 @@ pub struct CallContext {
     /// working in this process (`read_file`, `write_file`) opens what was judged rather than a
     /// path under the process's working folder. `None`: the process's working folder.
     pub workdir: Option<std::sync::Arc<std::path::Path>>,
+    /// The paths the gateway's policy judged for this call: a path argument's text, and the
+    /// path it resolved to then (every symlink followed, `..` applied; see the gateway's
+    /// `paths::resolve`). A tool working in this process opens the judged path with no
+    /// symlink followed ([`crate::fs::open_no_symlinks`]), so that a symlink put in the way
+    /// after the judgement (by a command of the same run) cannot take the open out of the
+    /// workspace. `None`, or a path not in it: the policy judged no path of that text.
+    pub judged_paths:
+        Option<std::sync::Arc<std::collections::BTreeMap<String, std::path::PathBuf>>>,
 }
 
 impl std::fmt::Debug for CallContext {
@@ -57,6 +65,7 @@ impl std::fmt::Debug for CallContext {
             .field("progress", &self.progress.is_some())
             .field("secrets", &self.secrets.len())
             .field("workdir", &self.workdir)
+            .field("judged_paths", &self.judged_paths)
             .finish_non_exhaustive()
     }
 }
@@ -73,11 +82,13 @@ impl CallContext {
             progress: None,
             secrets: Vec::new(),
             workdir: None,
+            judged_paths: None,
         }
     }
 
-    /// `path` as the call means it: joined to [`CallContext::workdir`] when relative and the
-    /// caller set one, as it is otherwise.
+    /// `path` as the call means it: the path the policy judged for it if it judged one
+    /// ([`CallContext::judged`]), else joined to [`CallContext::workdir`] when relative and the
+    /// caller set one, else as it is.
     ///
     /// ```
     /// use agent_runtime_core::{Actor, CallContext};
@@ -88,10 +99,22 @@ impl CallContext {
     /// assert_eq!(ctx.path("/etc/x"), std::path::Path::new("/etc/x"));
     /// ```
     pub fn path(&self, path: &str) -> std::path::PathBuf {
+        if let Some(judged) = self.judged(path) {
+            return judged.to_path_buf();
+        }
         match &self.workdir {
             Some(dir) if std::path::Path::new(path).is_relative() => dir.join(path),
             _ => std::path::PathBuf::from(path),
         }
+    }
+
+    /// The path the policy judged for the argument text `path`, if it judged one (see
+    /// [`CallContext::judged_paths`]): open it with [`crate::fs::open_no_symlinks`].
+    pub fn judged(&self, path: &str) -> Option<&std::path::Path> {
+        self.judged_paths
+            .as_ref()
+            .and_then(|m| m.get(path))
+            .map(|p| p.as_path())
     }
 
     /// Reports progress if anyone listens; never blocks and never fails.

@@ -2,7 +2,8 @@
 //! programs (the gateway's MCP servers file, the command line's exports); both need the same
 //! care, written once here: the new content goes to a file beside the target and is renamed
 //! over it, so a crash, a full disk or a failed export leaves the old file or the new one; a
-//! symbolic link stays a link; the replaced file's permissions are kept.
+//! symbolic link stays a link; the replaced file's permissions are kept. And opening a path a
+//! policy judged exactly as judged ([`open_no_symlinks`]).
 
 use std::fs::File;
 use std::io;
@@ -201,6 +202,92 @@ pub fn remove_stale_temps(target: &Path, tag: &str) -> usize {
     removed
 }
 
+/// Opens the absolute `path` with `flags` (`libc::O_RDONLY`, `O_WRONLY | O_CREAT`, ...; `mode`
+/// for a file it creates) following no symbolic link in any of its parts: each folder is
+/// opened below the one before with `O_NOFOLLOW`, and a link anywhere fails the open (`ELOOP`
+/// or `ENOTDIR`; [`is_link_in_the_way`] tells). For a path that was resolved (its links
+/// followed) when it was judged: the open then reaches what was judged or nothing, whatever
+/// was put in the way since.
+///
+/// Written with `openat(2)` rather than taken from a crate: the standard library has no
+/// `openat`, and `cap-std`, which does this among much else, would be a large dependency for
+/// one function. (`openat2`'s `RESOLVE_NO_SYMLINKS` does the same in one call from Linux 5.6.)
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("no-symlinks-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// # let dir = std::fs::canonicalize(&dir).unwrap();
+/// use agent_runtime_core::fs::open_no_symlinks;
+/// std::fs::write(dir.join("real.txt"), "x").unwrap();
+/// # let _ = std::fs::remove_file(dir.join("link.txt"));
+/// std::os::unix::fs::symlink("real.txt", dir.join("link.txt")).unwrap();
+/// assert!(open_no_symlinks(&dir.join("real.txt"), libc::O_RDONLY, 0).is_ok());
+/// assert!(open_no_symlinks(&dir.join("link.txt"), libc::O_RDONLY, 0).is_err());
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+#[cfg(unix)]
+pub fn open_no_symlinks(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> io::Result<File> {
+    use std::ffi::CString;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::Component;
+    let invalid = |why: &str| io::Error::new(io::ErrorKind::InvalidInput, why.to_string());
+    if !path.is_absolute() {
+        return Err(invalid("not an absolute path"));
+    }
+    let mut names = Vec::new();
+    for c in path.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => names
+                .push(CString::new(n.as_bytes()).map_err(|_| invalid("a NUL byte in the path"))?),
+            // A judged path has none: it was resolved.
+            _ => return Err(invalid("`.` or `..` in a path that should be resolved")),
+        }
+    }
+    let Some(last) = names.pop() else {
+        return Err(invalid("the root is no file"));
+    };
+    let open_at = |dir: libc::c_int, name: &CString, flags: libc::c_int| -> io::Result<OwnedFd> {
+        // SAFETY: `name` is NUL-terminated and outlives the call; `dir` is AT_FDCWD or an
+        // open descriptor the caller owns.
+        let fd = unsafe { libc::openat(dir, name.as_ptr(), flags, libc::c_uint::from(mode)) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: openat returned a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    };
+    use std::os::fd::AsRawFd;
+    let root = CString::new("/").map_err(|_| invalid("root"))?;
+    // A folder is opened only to open below it: without read permission where O_PATH exists.
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    const DIR_ACCESS: libc::c_int = libc::O_PATH;
+    #[cfg(not(any(target_os = "linux", target_os = "android")))]
+    const DIR_ACCESS: libc::c_int = libc::O_RDONLY;
+    let dir_flags = DIR_ACCESS | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    let mut dir = open_at(libc::AT_FDCWD, &root, dir_flags)?;
+    for name in &names {
+        dir = open_at(dir.as_raw_fd(), name, dir_flags)?;
+    }
+    let file = open_at(
+        dir.as_raw_fd(),
+        &last,
+        flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+    )?;
+    Ok(File::from(file))
+}
+
+/// Whether an [`open_no_symlinks`] of `path` failed with `error` because a part of `path` is a
+/// symbolic link (rather than, say, a regular file where a folder should be).
+#[cfg(unix)]
+pub fn is_link_in_the_way(path: &Path, error: &io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::ELOOP | libc::ENOTDIR))
+        && path
+            .ancestors()
+            .any(|p| std::fs::symlink_metadata(p).is_ok_and(|m| m.file_type().is_symlink()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -242,5 +329,54 @@ mod tests {
         // A file written recently, another tag's, and one that only looks alike stay.
         assert!(fresh.exists() && other_tag.exists() && lookalike.exists());
         assert!(target.exists());
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn opening_with_no_symlinks_refuses_a_link_anywhere_in_the_path() {
+        use std::io::Read;
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        std::fs::create_dir_all(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f.txt"), "inside").unwrap();
+        std::fs::create_dir_all(root.join("out")).unwrap();
+        std::fs::write(root.join("out/f.txt"), "outside").unwrap();
+        let mut text = String::new();
+        open_no_symlinks(&root.join("a/b/f.txt"), libc::O_RDONLY, 0)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        assert_eq!(text, "inside");
+        // A folder of the path swapped for a link (as a command could do between a policy's
+        // judgement and the open): refused, and said to be a link in the way.
+        std::fs::rename(root.join("a/b"), root.join("a/b-moved")).unwrap();
+        std::os::unix::fs::symlink(root.join("out"), root.join("a/b")).unwrap();
+        let judged = root.join("a/b/f.txt");
+        let err = open_no_symlinks(&judged, libc::O_RDONLY, 0).unwrap_err();
+        assert!(is_link_in_the_way(&judged, &err), "{err}");
+        // The last part a link: refused too, and never created through.
+        std::os::unix::fs::symlink(root.join("out/new.txt"), root.join("a/new.txt")).unwrap();
+        let target = root.join("a/new.txt");
+        let err = open_no_symlinks(&target, libc::O_WRONLY | libc::O_CREAT, 0o644).unwrap_err();
+        assert!(is_link_in_the_way(&target, &err), "{err}");
+        assert!(!root.join("out/new.txt").exists());
+        // A new file where nothing is in the way is created.
+        open_no_symlinks(
+            &root.join("a/made.txt"),
+            libc::O_WRONLY | libc::O_CREAT,
+            0o644,
+        )
+        .unwrap();
+        assert!(root.join("a/made.txt").is_file());
+        // A file where a folder should be is no link.
+        let under_file = root.join("a/made.txt/x");
+        let err = open_no_symlinks(&under_file, libc::O_RDONLY, 0).unwrap_err();
+        assert!(!is_link_in_the_way(&under_file, &err), "{err}");
+        for bad in ["relative.txt", "/a/../b", "/"] {
+            assert!(
+                open_no_symlinks(Path::new(bad), libc::O_RDONLY, 0).is_err(),
+                "{bad}"
+            );
+        }
     }
 }

@@ -344,6 +344,7 @@ impl Gateway {
                     rule: format!("hook:{hook}"),
                     reason,
                     sandbox: SandboxMode::Bubblewrap,
+                    paths: Default::default(),
                 },
                 format!("hook:{hook}"),
             ),
@@ -664,14 +665,7 @@ impl Gateway {
             (args, Value::Null)
         };
         let result = self
-            .execute(
-                &entry,
-                call_args,
-                &ctx,
-                timeout,
-                decision.sandbox,
-                policy.base(),
-            )
+            .execute(&entry, call_args, &ctx, timeout, decision, policy.base())
             .await;
         let result = match result {
             Ok(out) => {
@@ -738,9 +732,14 @@ impl Gateway {
         args: Value,
         ctx: &CallContext,
         timeout: Duration,
-        sandbox: SandboxMode,
+        decision: Decision,
         judged_against: &std::sync::Arc<std::path::Path>,
     ) -> Result<ToolOutput, ToolError> {
+        let Decision {
+            sandbox,
+            paths: judged_paths,
+            ..
+        } = decision;
         let name = &entry.descriptor().name;
         let mut child = ctx.clone();
         child.cancel = ctx.cancel.child_token();
@@ -748,6 +747,9 @@ impl Gateway {
         // Relative paths mean what the policy judged, not the process's working folder (nor a
         // folder the caller names: the policy is what decided).
         child.workdir = Some(judged_against.clone());
+        // And a path the policy resolved is opened as resolved, with no link followed: a link
+        // put in its way since (by a command of the same run) cannot take the open elsewhere.
+        child.judged_paths = (!judged_paths.is_empty()).then(|| std::sync::Arc::new(judged_paths));
         let token = child.cancel.clone();
         let fut = async {
             match entry.command() {

@@ -10,7 +10,9 @@ const MAX_SYMLINKS: usize = 40;
 
 /// Resolves `path` (relative paths against `base`) to an absolute path with every existing
 /// symlink followed and every `.` and `..` applied in order; components that do not exist are
-/// kept as written. Returns `None` for paths that can never be safe (NUL bytes, symlink loops).
+/// kept as written. Returns `None` for paths that can never be safe (NUL bytes, symlink loops)
+/// and for paths with a part that cannot be looked at (longer than the system takes, in a
+/// folder this process may not search), which may be a link.
 ///
 /// ```
 /// use agent_runtime_gateway::paths::resolve;
@@ -53,7 +55,18 @@ pub fn resolve(path: &str, base: &Path) -> Option<PathBuf> {
                     queue.push_front(r);
                 }
             }
-            _ => cur = next,
+            Ok(_) => cur = next,
+            // What does not exist (or sits under a file) is kept as written: opening it fails.
+            Err(e)
+                if e.kind() == std::io::ErrorKind::NotFound
+                    || e.raw_os_error() == Some(libc::ENOTDIR) =>
+            {
+                cur = next
+            }
+            // Anything else (a path too long to look at, a folder this process may not search)
+            // leaves the component unknown: it may be a link the kernel follows, so the path
+            // resolves to nothing, which every rule takes for outside.
+            Err(_) => return None,
         }
     }
     Some(cur)
@@ -114,5 +127,44 @@ mod tests {
         assert_eq!(resolve("loopish", &ws).unwrap(), Path::new("/"));
         std::os::unix::fs::symlink("self", ws.join("self")).unwrap();
         assert!(resolve("self/x", &ws).is_none());
+    }
+
+    /// A link whose resolved path is longer than the system looks at (`ENAMETOOLONG`) is not
+    /// taken for a file that is not a link: the kernel follows the short path given, and it
+    /// leads out.
+    #[test]
+    fn a_part_that_cannot_be_looked_at_resolves_to_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let ws = root.join("ws");
+        // Folders nested until the path is nearly 4,096 bytes long, made one level at a time
+        // below the one before.
+        let mut deep = ws.clone();
+        std::fs::create_dir_all(&deep).unwrap();
+        let name = std::ffi::CString::new("d".repeat(200)).unwrap();
+        let ws_c = std::ffi::CString::new(ws.to_str().unwrap()).unwrap();
+        // SAFETY: NUL-terminated strings that outlive the calls; each descriptor is closed
+        // once the next is open.
+        unsafe {
+            let mut fd = libc::open(ws_c.as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
+            assert!(fd >= 0);
+            // A link's target may have 4,095 bytes at most.
+            while deep.as_os_str().len() + 201 < 4090 {
+                assert_eq!(libc::mkdirat(fd, name.as_ptr(), 0o755), 0);
+                let next = libc::openat(fd, name.as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
+                assert!(next >= 0);
+                libc::close(fd);
+                fd = next;
+                deep.push("d".repeat(200));
+            }
+            libc::close(fd);
+        }
+        // `ws/far` is a link to the deep folder: `far/NAME` resolves to a path too long to
+        // look at, which the kernel opens through the link all the same.
+        std::os::unix::fs::symlink(&deep, ws.join("far")).unwrap();
+        let long = format!("far/{}", "x".repeat(200));
+        assert!(std::fs::symlink_metadata(deep.join("x".repeat(200))).is_err());
+        assert_eq!(resolve(&long, &ws), None);
+        assert_eq!(resolve("missing/x", &ws), Some(ws.join("missing/x")));
     }
 }

@@ -100,7 +100,8 @@ impl<'de> Deserialize<'de> for ArgSelector {
     }
 }
 
-/// Top-level argument keys that `@paths` selects.
+/// Top-level argument keys that `@paths` selects, in any letter case and with or without `_`
+/// and `-` between words (see [`is_path_key`]).
 pub const PATH_KEYS: &[&str] = &[
     "path",
     "paths",
@@ -119,6 +120,16 @@ pub const PATH_KEYS: &[&str] = &[
     "from",
     "to",
     "output",
+    "folder",
+    "pathname",
+    "dir_path",
+    "directory_path",
+    "source_path",
+    "destination_path",
+    "target_path",
+    "input_path",
+    "output_path",
+    "working_directory",
 ];
 
 impl ArgSelector {
@@ -134,8 +145,15 @@ impl ArgSelector {
         let mut out = Vec::new();
         for key in self.keys() {
             if key == "@paths" {
-                for k in PATH_KEYS {
-                    collect_strings(args.get(*k), &mut out);
+                // Every top-level key that is one of PATH_KEYS written in another case or
+                // style (`filePath`, `FILE-PATH`, `file_path`): tools name their arguments
+                // as their authors like, and a path the policy does not see is not judged.
+                if let Value::Object(map) = args {
+                    for (k, v) in map {
+                        if is_path_key(k) {
+                            collect_strings(Some(v), &mut out);
+                        }
+                    }
                 }
             } else if key.starts_with('/') {
                 collect_strings(args.pointer(key), &mut out);
@@ -145,6 +163,18 @@ impl ArgSelector {
         }
         out
     }
+}
+
+/// Whether the argument key `key` is one of [`PATH_KEYS`], letter case, `_` and `-` aside.
+pub fn is_path_key(key: &str) -> bool {
+    let folded = |k: &str| -> String {
+        k.chars()
+            .filter(|c| !matches!(c, '_' | '-'))
+            .map(|c| c.to_ascii_lowercase())
+            .collect()
+    };
+    let key = folded(key);
+    PATH_KEYS.iter().any(|k| folded(k) == key)
 }
 
 fn collect_strings<'a>(v: Option<&'a Value>, out: &mut Vec<&'a str>) {
@@ -385,6 +415,37 @@ pub struct Decision {
     pub reason: String,
     /// The sandbox mode the rule grants (command tools only).
     pub sandbox: SandboxMode,
+    /// The paths the decision judged: each path argument's text a path condition looked at,
+    /// and what it resolved to (absent when it resolved to nothing safe). The gateway hands
+    /// them to the tool (`CallContext::judged_paths`), which opens them as judged.
+    #[serde(skip)]
+    pub paths: std::collections::BTreeMap<String, PathBuf>,
+}
+
+/// Each path a decision resolved, once: every rule sees the same resolution of one text, and
+/// the tool is given it.
+#[derive(Default)]
+struct Resolutions(std::cell::RefCell<std::collections::BTreeMap<String, Option<PathBuf>>>);
+
+impl Resolutions {
+    fn resolve(&self, path: &str, base: &Path) -> Option<PathBuf> {
+        if let Some(known) = self.0.borrow().get(path) {
+            return known.clone();
+        }
+        let resolved = resolve(path, base);
+        self.0
+            .borrow_mut()
+            .insert(path.to_string(), resolved.clone());
+        resolved
+    }
+
+    fn into_judged(self) -> std::collections::BTreeMap<String, PathBuf> {
+        self.0
+            .into_inner()
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (k, v)))
+            .collect()
+    }
 }
 
 /// What a policy is asked about.
@@ -615,8 +676,9 @@ impl Policy {
     /// the call is denied by the implicit rule `default.deny`.
     pub fn decide(&self, input: &PolicyInput<'_>) -> Decision {
         let base = &*self.base;
+        let resolutions = Resolutions::default();
         for r in &self.rules {
-            if self.rule_matches(r, input, base) {
+            if self.rule_matches(r, input, base, &resolutions) {
                 return Decision {
                     effect: r.rule.effect,
                     rule: r.rule.id.clone(),
@@ -624,6 +686,7 @@ impl Policy {
                         format!("rule {} says {}", r.rule.id, r.rule.effect.as_str())
                     }),
                     sandbox: r.rule.sandbox.unwrap_or_default(),
+                    paths: resolutions.into_judged(),
                 };
             }
         }
@@ -632,23 +695,31 @@ impl Policy {
             rule: "default.deny".into(),
             reason: "no rule allows this call".into(),
             sandbox: SandboxMode::Bubblewrap,
+            paths: resolutions.into_judged(),
         }
     }
 
     /// Every rule with whether it matches, in order (for `policy check`).
     pub fn explain(&self, input: &PolicyInput<'_>) -> Vec<RuleTrace> {
         let base = &*self.base;
+        let resolutions = Resolutions::default();
         self.rules
             .iter()
             .map(|r| RuleTrace {
                 rule: r.rule.id.clone(),
-                matched: self.rule_matches(r, input, base),
+                matched: self.rule_matches(r, input, base, &resolutions),
                 effect: r.rule.effect,
             })
             .collect()
     }
 
-    fn rule_matches(&self, r: &CompiledRule, input: &PolicyInput<'_>, base: &Path) -> bool {
+    fn rule_matches(
+        &self,
+        r: &CompiledRule,
+        input: &PolicyInput<'_>,
+        base: &Path,
+        resolutions: &Resolutions,
+    ) -> bool {
         let rule = &r.rule;
         if !rule.tools.is_empty() && !any_match(&rule.tools, input.tool) {
             return false;
@@ -661,7 +732,7 @@ impl Policy {
         }
         r.conditions
             .iter()
-            .all(|(c, sel)| condition_matches(c, sel, input.arguments, base))
+            .all(|(c, sel)| condition_matches(c, sel, input.arguments, base, resolutions))
     }
 }
 
@@ -777,8 +848,8 @@ fn lower(v: &[String]) -> Vec<String> {
     v.iter().map(|s| s.to_ascii_lowercase()).collect()
 }
 
-fn inside_any(path: &str, roots: &[PathBuf], base: &Path) -> bool {
-    match resolve(path, base) {
+fn inside_any(path: &str, roots: &[PathBuf], base: &Path, resolutions: &Resolutions) -> bool {
+    match resolutions.resolve(path, base) {
         Some(p) => roots.iter().any(|r| is_within(&p, r)),
         None => false,
     }
@@ -863,16 +934,25 @@ fn url_host(text: &str) -> Option<String> {
         .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
 }
 
-fn condition_matches(c: &Compiled, sel: &ArgSelector, args: &Value, base: &Path) -> bool {
+fn condition_matches(
+    c: &Compiled,
+    sel: &ArgSelector,
+    args: &Value,
+    base: &Path,
+    resolutions: &Resolutions,
+) -> bool {
     match c {
         Compiled::PathInside(roots) => {
             let paths = sel.strings(args);
-            !paths.is_empty() && paths.iter().all(|p| inside_any(p, roots, base))
+            !paths.is_empty()
+                && paths
+                    .iter()
+                    .all(|p| inside_any(p, roots, base, resolutions))
         }
         Compiled::PathOutside(roots) => sel
             .strings(args)
             .iter()
-            .any(|p| !inside_any(p, roots, base)),
+            .any(|p| !inside_any(p, roots, base, resolutions)),
         Compiled::Program {
             globs,
             by_base_name,
@@ -937,7 +1017,7 @@ fn default_rules() -> Vec<Rule> {
             RiskClass::Read,
             vec![],
             Effect::Allow,
-            "read-only tools are allowed inside the workspace and the read roots",
+            "read-only tools are allowed inside the workspace and the read roots, and when no path argument is given",
         ),
         rule(
             "default.write-inside",

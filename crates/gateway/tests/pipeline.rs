@@ -891,3 +891,87 @@ tools:
     assert!(!text.contains(&hex), "{text}");
     assert!(!text.contains(&secret), "{text}");
 }
+
+/// The tool is handed the paths the policy judged, as they resolved when it judged them: a
+/// link put in the way while the call waited for approval (a command of the same run can do
+/// that) does not change what the tool is told to open.
+#[tokio::test]
+async fn the_tool_gets_the_paths_as_the_policy_resolved_them() {
+    /// What the tool saw: the judged path of its argument, and the path it would open.
+    type Seen = Option<(Option<std::path::PathBuf>, std::path::PathBuf)>;
+    struct Reader {
+        d: ToolDescriptor,
+        judged: Arc<std::sync::Mutex<Seen>>,
+    }
+    #[async_trait::async_trait]
+    impl Tool for Reader {
+        fn descriptor(&self) -> &ToolDescriptor {
+            &self.d
+        }
+        async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
+            let given = args["path"].as_str().unwrap_or_default();
+            *self.judged.lock().unwrap() =
+                Some((ctx.judged(given).map(|p| p.to_path_buf()), ctx.path(given)));
+            Ok(ToolOutput::new(json!({})))
+        }
+    }
+    /// Approves after moving the folder aside and putting a link to the outside in its place.
+    struct SwapThenApprove(std::path::PathBuf, std::path::PathBuf);
+    #[async_trait::async_trait]
+    impl ApprovalSink for SwapThenApprove {
+        async fn request(
+            &self,
+            _r: ApprovalRequest,
+            _c: CancellationToken,
+        ) -> Result<ApprovalDecision, ApprovalError> {
+            let sub = self.0.join("sub");
+            std::fs::rename(&sub, self.0.join("sub-moved")).unwrap();
+            std::os::unix::fs::symlink(&self.1, &sub).unwrap();
+            Ok(ApprovalDecision {
+                approved: true,
+                decided_by: Actor::Person("ann".into()),
+                reason: None,
+            })
+        }
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    let ws = root.join("ws");
+    std::fs::create_dir_all(ws.join("sub")).unwrap();
+    std::fs::create_dir_all(root.join("out")).unwrap();
+    let judged = Arc::new(std::sync::Mutex::new(None));
+    let reader = Reader {
+        d: ToolDescriptor {
+            name: "fs.read".into(),
+            description: "test".into(),
+            input_schema: json!({"type": "object", "properties": {"path": {"type": "string"}}}),
+            output_schema: None,
+            risk: RiskClass::Read,
+            source: ToolSource::Native,
+        },
+        judged: judged.clone(),
+    };
+    let reg = Arc::new(Registry::new());
+    reg.register(Arc::new(reader)).unwrap();
+    let policy = Policy::from_yaml(
+        "workspace: [ws]\nrules:\n  - id: ask-inside\n    when: [ { path_inside: { arg: path, roots: [\"$workspace\"] } } ]\n    effect: ask\n",
+        &root,
+    )
+    .unwrap();
+    let gw = GatewayBuilder::new(reg, Arc::new(MemoryLog::default()))
+        .policy(policy)
+        .approval(Arc::new(SwapThenApprove(ws.clone(), root.join("out"))))
+        .build()
+        .unwrap();
+    gw.call("fs.read", json!({"path": "sub/a.txt"}), ctx())
+        .await
+        .unwrap();
+    let (judged, path) = judged.lock().unwrap().clone().unwrap();
+    assert_eq!(judged.as_deref(), Some(ws.join("sub/a.txt").as_path()));
+    assert_eq!(path, ws.join("sub/a.txt"));
+    // Resolved now, the same text leads out of the workspace.
+    assert_eq!(
+        agent_runtime_gateway::paths::resolve("sub/a.txt", &ws).unwrap(),
+        root.join("out/a.txt")
+    );
+}

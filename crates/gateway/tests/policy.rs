@@ -714,6 +714,23 @@ fn reads_and_defaults() {
             Allow,
             "default.read",
         ),
+        // A path key in another case or style is a path key (an MCP tool's `filePath`).
+        (
+            "other.read",
+            RiskClass::Read,
+            a,
+            json!({"filePath": "/etc/shadow"}),
+            Ask,
+            "default.read-outside",
+        ),
+        (
+            "other.read",
+            RiskClass::Read,
+            a,
+            json!({"Working-Directory": "/root"}),
+            Ask,
+            "default.read-outside",
+        ),
         (
             "other.read",
             RiskClass::Read,

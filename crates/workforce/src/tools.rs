@@ -259,19 +259,23 @@ impl Tool for Native {
                 }
             }
             Which::ReadFile => {
-                // Relative to where the gateway's policy judged it (see `CallContext::workdir`).
-                let path = ctx.path(arg_str(&args, "path")?);
-                let text = off_the_runtime(&ctx, move || read_text_file(&path)).await?;
+                // What the gateway's policy judged (see `CallContext::judged_paths`), opened
+                // with no link followed; else relative to where it judged (`workdir`).
+                let given = arg_str(&args, "path")?;
+                let path = ctx.path(given);
+                let judged = ctx.judged(given).is_some();
+                let text = off_the_runtime(&ctx, move || read_text_file(&path, judged)).await?;
                 let bytes = text.len();
                 Ok(ToolOutput::new(json!({"text": text, "bytes": bytes})))
             }
             Which::WriteFile => {
                 let given = arg_str(&args, "path")?;
                 let path = ctx.path(given);
+                let judged = ctx.judged(given).is_some();
                 let text = arg_str(&args, "text")?.to_string();
                 let bytes = text.len();
                 let out = json!({"path": given, "bytes": bytes});
-                off_the_runtime(&ctx, move || write_text_file(&path, &text)).await?;
+                off_the_runtime(&ctx, move || write_text_file(&path, &text, judged)).await?;
                 Ok(ToolOutput::new(out))
             }
             Which::Fail => {
@@ -346,28 +350,73 @@ fn is_regular(
     Err(cannot(verb, path, format_args!("it is {what}")))
 }
 
+/// How a file tool opens its file.
+#[derive(Clone, Copy)]
+enum Access {
+    Read,
+    /// Created if missing, not truncated (see [`open_regular`]).
+    Write,
+}
+
 /// Opens `path` without waiting for a pipe's other end (`O_NONBLOCK`, which changes nothing
 /// for a regular file) and checks that what was opened is a regular file: a path checked by
 /// [`regular_file`] may have been replaced by a pipe or a device before the open. Writing
-/// opens without truncating, so nothing is lost if the check refuses.
+/// opens without truncating, so nothing is lost if the check refuses. A `judged` path (one the
+/// gateway's policy resolved) is opened following no link
+/// ([`agent_runtime_core::fs::open_no_symlinks`]): a link in its way now was put there since.
 fn open_regular(
     path: &Path,
     verb: &str,
-    options: &mut std::fs::OpenOptions,
+    access: Access,
+    judged: bool,
 ) -> Result<(std::fs::File, std::fs::Metadata), ToolError> {
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::custom_flags(options, libc::O_NONBLOCK);
-    let opened = match options.open(path) {
-        // A file under a lease (a Samba oplock, an NFS delegation) refuses a non-blocking open
-        // until the lease is broken; a pipe never answers so, so the open may wait for it.
+    let open = |nonblocking: bool| -> std::io::Result<std::fs::File> {
         #[cfg(unix)]
-        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
-            std::os::unix::fs::OpenOptionsExt::custom_flags(options, 0);
+        {
+            let flags = match access {
+                Access::Read => libc::O_RDONLY,
+                Access::Write => libc::O_WRONLY | libc::O_CREAT,
+            } | if nonblocking { libc::O_NONBLOCK } else { 0 };
+            if judged {
+                return agent_runtime_core::fs::open_no_symlinks(path, flags, 0o666);
+            }
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut options = std::fs::OpenOptions::new();
+            match access {
+                Access::Read => options.read(true),
+                Access::Write => options.write(true).create(true),
+            };
+            options.custom_flags(flags & libc::O_NONBLOCK).open(path)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (nonblocking, judged);
+            let mut options = std::fs::OpenOptions::new();
+            match access {
+                Access::Read => options.read(true),
+                Access::Write => options.write(true).create(true),
+            };
             options.open(path)
         }
+    };
+    let opened = match open(true) {
+        // A file under a lease (a Samba oplock, an NFS delegation) refuses a non-blocking open
+        // until the lease is broken; a pipe never answers so, so the open may wait for it.
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => open(false),
         other => other,
     };
-    let file = opened.map_err(|e| cannot(verb, path, e))?;
+    let file = opened.map_err(|e| {
+        #[cfg(unix)]
+        if judged && agent_runtime_core::fs::is_link_in_the_way(path, &e) {
+            return cannot(
+                verb,
+                path,
+                "a part of the path became a symbolic link after the policy judged it; \
+                 the path is not followed",
+            );
+        }
+        cannot(verb, path, e)
+    })?;
     let meta = file.metadata().map_err(|e| cannot(verb, path, e))?;
     let meta = is_regular(path, verb, meta)?;
     // Blocking again for the reads and writes: a regular file ignores the flag on local
@@ -388,7 +437,7 @@ fn open_regular(
     Ok((file, meta))
 }
 
-fn read_text_file(path: &Path) -> Result<String, ToolError> {
+fn read_text_file(path: &Path, judged: bool) -> Result<String, ToolError> {
     use std::io::Read;
     let too_large = |size: u64| {
         ClassifiedError::tool(format!(
@@ -397,7 +446,7 @@ fn read_text_file(path: &Path) -> Result<String, ToolError> {
         ))
     };
     // No check by path first, as writing has: the open waits for nothing and is checked.
-    let (file, meta) = open_regular(path, "read", std::fs::OpenOptions::new().read(true))?;
+    let (file, meta) = open_regular(path, "read", Access::Read, judged)?;
     if meta.len() > READ_FILE_MAX_BYTES {
         return Err(too_large(meta.len()));
     }
@@ -418,14 +467,10 @@ fn read_text_file(path: &Path) -> Result<String, ToolError> {
     })
 }
 
-fn write_text_file(path: &Path, text: &str) -> Result<(), ToolError> {
+fn write_text_file(path: &Path, text: &str, judged: bool) -> Result<(), ToolError> {
     use std::io::Write;
     regular_file(path, "write")?;
-    let (mut file, _) = open_regular(
-        path,
-        "write",
-        std::fs::OpenOptions::new().write(true).create(true),
-    )?;
+    let (mut file, _) = open_regular(path, "write", Access::Write, judged)?;
     file.set_len(0).map_err(|e| cannot("write", path, e))?;
     file.write_all(text.as_bytes())
         .map_err(|e| cannot("write", path, e))
@@ -529,12 +574,7 @@ mod tests {
         use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.txt").to_string_lossy().into_owned();
-        let (file, _) = open_regular(
-            Path::new(&path),
-            "write",
-            std::fs::OpenOptions::new().write(true).create(true),
-        )
-        .unwrap();
+        let (file, _) = open_regular(Path::new(&path), "write", Access::Write, false).unwrap();
         // SAFETY: reading the flags of a descriptor `file` owns.
         let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
         assert!(flags >= 0 && flags & libc::O_NONBLOCK == 0, "{flags:#x}");
@@ -546,40 +586,87 @@ mod tests {
     #[test]
     fn a_pipe_swapped_in_after_the_check_is_refused_without_waiting() {
         let dir = tempfile::tempdir().unwrap();
-        let fifo = dir.path().join("swapped").to_string_lossy().into_owned();
+        let dir = std::fs::canonicalize(dir.path()).unwrap();
+        let fifo = dir.join("swapped").to_string_lossy().into_owned();
         make_fifo(&fifo);
         let (tx, rx) = std::sync::mpsc::channel();
         let path = fifo.clone();
         std::thread::spawn(move || {
-            let read = open_regular(
-                Path::new(&path),
-                "read",
-                std::fs::OpenOptions::new().read(true),
-            )
-            .map(|_| ())
-            .map_err(|e| e.message);
-            let write = open_regular(
-                Path::new(&path),
-                "write",
-                std::fs::OpenOptions::new().write(true).create(true),
-            )
-            .map(|_| ())
-            .map_err(|e| e.message);
-            let _ = tx.send((read, write));
+            // Opened as a judged path (following no link) and as any other: the same checks.
+            for judged in [false, true] {
+                let read = open_regular(Path::new(&path), "read", Access::Read, judged)
+                    .map(|_| ())
+                    .map_err(|e| e.message);
+                let write = open_regular(Path::new(&path), "write", Access::Write, judged)
+                    .map(|_| ())
+                    .map_err(|e| e.message);
+                let _ = tx.send((read, write));
+            }
         });
-        let (read, write) = rx
-            .recv_timeout(std::time::Duration::from_secs(20))
-            .expect("opening a pipe waited for its other end");
+        for _ in [false, true] {
+            let (read, write) = rx
+                .recv_timeout(std::time::Duration::from_secs(20))
+                .expect("opening a pipe waited for its other end");
+            assert!(
+                read.unwrap_err()
+                    .ends_with("not a regular file (a pipe, socket or device)")
+            );
+            // With no reader, opening to write fails at once (ENXIO) rather than waiting.
+            assert!(
+                write
+                    .unwrap_err()
+                    .starts_with(&format!("cannot write {fifo}: "))
+            );
+        }
+    }
+
+    /// A path the policy judged is opened as judged: a folder of it swapped for a link since
+    /// (as a command of the same run could do) fails the call, for reading and for writing,
+    /// and nothing outside is read or written.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_judged_path_is_not_followed_through_a_link_put_in_its_way() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = std::fs::canonicalize(dir.path()).unwrap();
+        let ws = root.join("ws");
+        std::fs::create_dir_all(ws.join("sub")).unwrap();
+        std::fs::write(ws.join("sub/a.txt"), "inside").unwrap();
+        std::fs::create_dir_all(root.join("out")).unwrap();
+        std::fs::write(root.join("out/a.txt"), "SECRET").unwrap();
+        let mut ctx = CallContext::new(Actor::System);
+        ctx.workdir = Some(ws.as_path().into());
+        ctx.judged_paths = Some(std::sync::Arc::new(
+            [("sub/a.txt".to_string(), ws.join("sub/a.txt"))].into(),
+        ));
+        let reader = Native::read_file();
+        let read = || reader.call(json!({"path": "sub/a.txt"}), ctx.clone());
+        assert_eq!(read().await.unwrap().value["text"], "inside");
+        std::fs::rename(ws.join("sub"), ws.join("sub-moved")).unwrap();
+        std::os::unix::fs::symlink(root.join("out"), ws.join("sub")).unwrap();
+        let err = read().await.unwrap_err();
         assert!(
-            read.unwrap_err()
-                .ends_with("not a regular file (a pipe, socket or device)")
+            err.message
+                .contains("became a symbolic link after the policy judged it"),
+            "{err}"
         );
-        // With no reader, opening to write fails at once (ENXIO) rather than waiting.
-        assert!(
-            write
-                .unwrap_err()
-                .starts_with(&format!("cannot write {fifo}: "))
+        let err = Native::write_file()
+            .call(
+                json!({"path": "sub/a.txt", "text": "overwritten"}),
+                ctx.clone(),
+            )
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("symbolic link"), "{err}");
+        assert_eq!(
+            std::fs::read_to_string(root.join("out/a.txt")).unwrap(),
+            "SECRET"
         );
+        // A path the policy did not judge is opened as before, links followed.
+        let v = Native::read_file()
+            .call(json!({"path": ws.join("sub/a.txt")}), ctx.clone())
+            .await
+            .unwrap();
+        assert_eq!(v.value["text"], "SECRET");
     }
 
     /// A cancelled call ends at once, whatever its file work is doing.
