@@ -254,6 +254,22 @@ fn close_inherited_descriptors() {
     }
 }
 
+/// Whether the `bwrap` at `path` knows `--disable-userns` (bubblewrap 0.8 and later), asked
+/// once per binary: an option an older one does not know would fail every call.
+fn can_disable_userns(path: &Path) -> bool {
+    static KNOWN: std::sync::Mutex<BTreeMap<PathBuf, bool>> =
+        std::sync::Mutex::new(BTreeMap::new());
+    let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
+    *known.entry(path.to_path_buf()).or_insert_with(|| {
+        std::process::Command::new(path)
+            .arg("--help")
+            .stdin(Stdio::null())
+            .stderr(Stdio::null())
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--disable-userns"))
+    })
+}
+
 /// Finds `program` on `PATH`.
 pub fn find_in_path(program: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
@@ -431,11 +447,12 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
     .map(|s| s.to_string())
     .collect();
     // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } == 0 {
+    let root = unsafe { libc::geteuid() } == 0;
+    if root && settings.bwrap.as_deref().is_some_and(can_disable_userns) {
         // Root's command could make a user namespace of its own, in which it has every
-        // capability again (`setcap` writes file capabilities there; only newer kernels refuse
-        // the mapping that would make them count outside). bubblewrap forbids new ones when it
-        // made the user namespace itself.
+        // capability again (`setcap` writes file capabilities there; only kernels from 5.12
+        // refuse the mapping that would make them count outside). bubblewrap forbids new ones
+        // (from 0.8) when it made the user namespace itself.
         a.extend(["--unshare-user", "--disable-userns"].map(String::from));
     }
     for dir in SYSTEM_DIRS {
