@@ -372,32 +372,26 @@ fn open_regular(
 ) -> Result<(std::fs::File, std::fs::Metadata), ToolError> {
     let open = |nonblocking: bool| -> std::io::Result<std::fs::File> {
         #[cfg(unix)]
-        {
-            let flags = match access {
+        let nonblocking = if nonblocking { libc::O_NONBLOCK } else { 0 };
+        #[cfg(unix)]
+        if judged {
+            let access = match access {
                 Access::Read => libc::O_RDONLY,
                 Access::Write => libc::O_WRONLY | libc::O_CREAT,
-            } | if nonblocking { libc::O_NONBLOCK } else { 0 };
-            if judged {
-                return agent_runtime_core::fs::open_no_symlinks(path, flags, 0o666);
-            }
-            use std::os::unix::fs::OpenOptionsExt;
-            let mut options = std::fs::OpenOptions::new();
-            match access {
-                Access::Read => options.read(true),
-                Access::Write => options.write(true).create(true),
             };
-            options.custom_flags(flags & libc::O_NONBLOCK).open(path)
+            // The mode `OpenOptions` gives a new file too.
+            return agent_runtime_core::fs::open_no_symlinks(path, access | nonblocking, 0o666);
         }
+        let mut options = std::fs::OpenOptions::new();
+        match access {
+            Access::Read => options.read(true),
+            Access::Write => options.write(true).create(true),
+        };
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, nonblocking);
         #[cfg(not(unix))]
-        {
-            let _ = (nonblocking, judged);
-            let mut options = std::fs::OpenOptions::new();
-            match access {
-                Access::Read => options.read(true),
-                Access::Write => options.write(true).create(true),
-            };
-            options.open(path)
-        }
+        let _ = (nonblocking, judged);
+        options.open(path)
     };
     let opened = match open(true) {
         // A file under a lease (a Samba oplock, an NFS delegation) refuses a non-blocking open
