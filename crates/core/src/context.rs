@@ -46,12 +46,13 @@ pub struct CallContext {
     pub workdir: Option<std::sync::Arc<std::path::Path>>,
     /// The paths the gateway's policy judged for this call: a path argument's text, and the
     /// path it resolved to then (every symlink followed, `..` applied; see the gateway's
-    /// `paths::resolve`). A tool working in this process opens the judged path with no
-    /// symlink followed ([`crate::fs::open_no_symlinks`]), so that a symlink put in the way
-    /// after the judgement (by a command of the same run) cannot take the open out of the
-    /// workspace. `None`, or a path not in it: the policy judged no path of that text.
+    /// `paths::resolve`), or `None` when it resolved to nothing safe (a part that could not be
+    /// looked at). A tool working in this process opens the judged path with no symlink
+    /// followed ([`crate::fs::open_no_symlinks`]), so that a symlink put in the way after the
+    /// judgement (by a command of the same run) cannot take the open out of the workspace, and
+    /// refuses a path that resolved to nothing. See [`CallContext::judged`].
     pub judged_paths:
-        Option<std::sync::Arc<std::collections::BTreeMap<String, std::path::PathBuf>>>,
+        Option<std::sync::Arc<std::collections::BTreeMap<String, Option<std::path::PathBuf>>>>,
 }
 
 impl std::fmt::Debug for CallContext {
@@ -99,7 +100,7 @@ impl CallContext {
     /// assert_eq!(ctx.path("/etc/x"), std::path::Path::new("/etc/x"));
     /// ```
     pub fn path(&self, path: &str) -> std::path::PathBuf {
-        if let Some(judged) = self.judged(path) {
+        if let Judged::Resolved(judged) = self.judged(path) {
             return judged.to_path_buf();
         }
         match &self.workdir {
@@ -108,13 +109,13 @@ impl CallContext {
         }
     }
 
-    /// The path the policy judged for the argument text `path`, if it judged one (see
-    /// [`CallContext::judged_paths`]): open it with [`crate::fs::open_no_symlinks`].
-    pub fn judged(&self, path: &str) -> Option<&std::path::Path> {
-        self.judged_paths
-            .as_ref()
-            .and_then(|m| m.get(path))
-            .map(|p| p.as_path())
+    /// What the policy made of the argument text `path` (see [`CallContext::judged_paths`]).
+    pub fn judged(&self, path: &str) -> Judged<'_> {
+        match self.judged_paths.as_ref().and_then(|m| m.get(path)) {
+            None => Judged::NotJudged,
+            Some(Some(p)) => Judged::Resolved(p),
+            Some(None) => Judged::Unresolvable,
+        }
     }
 
     /// Reports progress if anyone listens; never blocks and never fails.
@@ -123,6 +124,19 @@ impl CallContext {
             let _ = tx.send(progress);
         }
     }
+}
+
+/// What a call's policy made of one path argument ([`CallContext::judged`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Judged<'a> {
+    /// No policy judged it (a call made without the gateway): open it as given.
+    NotJudged,
+    /// It resolved to this path, which is what was judged: open it following no link
+    /// ([`crate::fs::open_no_symlinks`]).
+    Resolved(&'a std::path::Path),
+    /// It resolved to nothing safe (a part that could not be looked at, a loop of links): do
+    /// not open it, as what the kernel would open was not judged.
+    Unresolvable,
 }
 
 /// A progress report from a long call.

@@ -415,11 +415,12 @@ pub struct Decision {
     pub reason: String,
     /// The sandbox mode the rule grants (command tools only).
     pub sandbox: SandboxMode,
-    /// The paths the decision judged: each path argument's text a path condition looked at,
-    /// and what it resolved to (absent when it resolved to nothing safe). The gateway hands
-    /// them to the tool (`CallContext::judged_paths`), which opens them as judged.
+    /// The paths the decision judged: each path argument's text (every `@paths` argument, and
+    /// any other a path condition looked at), and what it resolved to (`None`: nothing safe).
+    /// The gateway hands them to the tool (`CallContext::judged_paths`), which opens them as
+    /// judged.
     #[serde(skip)]
-    pub paths: std::collections::BTreeMap<String, PathBuf>,
+    pub paths: std::collections::BTreeMap<String, Option<PathBuf>>,
 }
 
 /// Each path a decision resolved, once: every rule sees the same resolution of one text, and
@@ -439,12 +440,17 @@ impl Resolutions {
         resolved
     }
 
-    fn into_judged(self) -> std::collections::BTreeMap<String, PathBuf> {
-        self.0
-            .into_inner()
-            .into_iter()
-            .filter_map(|(k, v)| v.map(|v| (k, v)))
-            .collect()
+    /// Every resolution made, after resolving the `@paths` arguments no rule looked at: the
+    /// tool opens each as resolved here, whichever rule decided.
+    fn into_judged(
+        self,
+        args: &Value,
+        base: &Path,
+    ) -> std::collections::BTreeMap<String, Option<PathBuf>> {
+        for p in ArgSelector::One("@paths".into()).strings(args) {
+            self.resolve(p, base);
+        }
+        self.0.into_inner()
     }
 }
 
@@ -463,8 +469,18 @@ pub struct PolicyInput<'a> {
 
 #[derive(Clone, Debug)]
 enum Compiled {
-    PathInside(Vec<PathBuf>),
-    PathOutside(Vec<PathBuf>),
+    /// Paths inside the roots. `refusing` (a deny or ask rule): one path inside, or one that
+    /// resolves to nothing, is enough; else (an allow rule) every path must be inside.
+    PathInside {
+        roots: Vec<PathBuf>,
+        refusing: bool,
+    },
+    /// Paths outside the roots, read on the same safe side: `refusing`, one path outside (or
+    /// resolving to nothing) is enough; else every path must resolve outside.
+    PathOutside {
+        roots: Vec<PathBuf>,
+        refusing: bool,
+    },
     Program {
         globs: Vec<String>,
         /// Whether a program given by path also matches by its file's base name: for deny and
@@ -686,7 +702,7 @@ impl Policy {
                         format!("rule {} says {}", r.rule.id, r.rule.effect.as_str())
                     }),
                     sandbox: r.rule.sandbox.unwrap_or_default(),
-                    paths: resolutions.into_judged(),
+                    paths: resolutions.into_judged(input.arguments, base),
                 };
             }
         }
@@ -695,7 +711,7 @@ impl Policy {
             rule: "default.deny".into(),
             reason: "no rule allows this call".into(),
             sandbox: SandboxMode::Bubblewrap,
-            paths: resolutions.into_judged(),
+            paths: resolutions.into_judged(input.arguments, base),
         }
     }
 
@@ -822,11 +838,17 @@ fn compile(
 ) -> Result<(Compiled, ArgSelector), GatewayError> {
     Ok(match c {
         Condition::PathInside { arg, roots } => (
-            Compiled::PathInside(expand_roots(roots, workspace, read_roots, rule)?),
+            Compiled::PathInside {
+                roots: expand_roots(roots, workspace, read_roots, rule)?,
+                refusing: effect != Effect::Allow,
+            },
             arg.clone(),
         ),
         Condition::PathOutside { arg, roots } => (
-            Compiled::PathOutside(expand_roots(roots, workspace, read_roots, rule)?),
+            Compiled::PathOutside {
+                roots: expand_roots(roots, workspace, read_roots, rule)?,
+                refusing: effect != Effect::Allow,
+            },
             arg.clone(),
         ),
         Condition::Program { arg, any } => (
@@ -846,13 +868,6 @@ fn compile(
 
 fn lower(v: &[String]) -> Vec<String> {
     v.iter().map(|s| s.to_ascii_lowercase()).collect()
-}
-
-fn inside_any(path: &str, roots: &[PathBuf], base: &Path, resolutions: &Resolutions) -> bool {
-    match resolutions.resolve(path, base) {
-        Some(p) => roots.iter().any(|r| is_within(&p, r)),
-        None => false,
-    }
 }
 
 /// The words of a command: an array of strings as given, or a string split on whitespace with
@@ -942,17 +957,35 @@ fn condition_matches(
     resolutions: &Resolutions,
 ) -> bool {
     match c {
-        Compiled::PathInside(roots) => {
+        // Read on the safe side: a deny or ask rule matches when one path says so (or cannot be
+        // resolved), an allow rule only when every path does; `{path: secret, file: other}`
+        // must not slip past a deny rule on the secret's folder.
+        Compiled::PathInside { roots, refusing } => {
+            let inside = |p: &&str| {
+                resolutions
+                    .resolve(p, base)
+                    .map(|p| roots.iter().any(|r| is_within(&p, r)))
+            };
             let paths = sel.strings(args);
-            !paths.is_empty()
-                && paths
-                    .iter()
-                    .all(|p| inside_any(p, roots, base, resolutions))
+            if *refusing {
+                paths.iter().any(|p| inside(p).unwrap_or(true))
+            } else {
+                !paths.is_empty() && paths.iter().all(|p| inside(p).unwrap_or(false))
+            }
         }
-        Compiled::PathOutside(roots) => sel
-            .strings(args)
-            .iter()
-            .any(|p| !inside_any(p, roots, base, resolutions)),
+        Compiled::PathOutside { roots, refusing } => {
+            let outside = |p: &&str| {
+                resolutions
+                    .resolve(p, base)
+                    .map(|p| !roots.iter().any(|r| is_within(&p, r)))
+            };
+            let paths = sel.strings(args);
+            if *refusing {
+                paths.iter().any(|p| outside(p).unwrap_or(true))
+            } else {
+                !paths.is_empty() && paths.iter().all(|p| outside(p).unwrap_or(false))
+            }
+        }
         Compiled::Program {
             globs,
             by_base_name,

@@ -810,6 +810,91 @@ fn read_roots_are_readable_without_asking() {
     );
 }
 
+/// Path conditions are read on the safe side: one path is enough for a deny or ask rule (a
+/// second, harmless path argument must not hide the first), and a path that cannot be resolved
+/// counts for them; an allow rule needs every path, resolved.
+#[test]
+fn path_conditions_lean_to_refusing() {
+    use Effect::*;
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    std::fs::create_dir_all(root.join("ws/private")).unwrap();
+    std::os::unix::fs::symlink("loop", root.join("ws/loop")).unwrap();
+    let f = Fixture {
+        policy: Policy::from_yaml(
+            "workspace: [ws]\nrules:\n  - id: no-private\n    when: [ { path_inside: { arg: \"@paths\", roots: [ws/private] } } ]\n    effect: deny\n  - id: reads-inside\n    tools: [fs.read]\n    when: [ { path_inside: { arg: \"@paths\", roots: [\"$workspace\"] } } ]\n    effect: allow\n  - id: reads-ask\n    tools: [fs.read]\n    effect: ask\n",
+            &root,
+        )
+        .unwrap(),
+        root,
+        _dir: dir,
+    };
+    let a = "agent:any";
+    check(
+        &f,
+        &[
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"path": "private/key", "file": "pub.txt"}),
+                Deny,
+                "no-private",
+            ),
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"path": "loop/key"}),
+                Deny,
+                "no-private",
+            ),
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"path": "pub.txt", "file": "/etc/passwd"}),
+                Ask,
+                "reads-ask",
+            ),
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"path": "pub.txt"}),
+                Allow,
+                "reads-inside",
+            ),
+        ],
+    );
+    // Every path argument is resolved for the tool, whichever rule decided, and one that
+    // resolves to nothing is handed on as such.
+    let actor: Actor = a.parse().unwrap();
+    let d = f.policy.decide(&PolicyInput {
+        tool: "fs.read",
+        risk: RiskClass::Read,
+        actor: &actor,
+        arguments: &json!({"path": "pub.txt", "Output": "sub/../o.txt"}),
+    });
+    assert_eq!(d.rule, "reads-inside");
+    let ws = f.root.join("ws");
+    assert_eq!(d.paths["pub.txt"], Some(ws.join("pub.txt")));
+    assert_eq!(d.paths["sub/../o.txt"], Some(ws.join("o.txt")));
+    let d = Policy::from_yaml(
+        "workspace: [ws]\nrules: [ { id: all, effect: allow } ]\n",
+        &f.root,
+    )
+    .unwrap()
+    .decide(&PolicyInput {
+        tool: "fs.read",
+        risk: RiskClass::Read,
+        actor: &actor,
+        arguments: &json!({"path": "loop/x"}),
+    });
+    assert_eq!(d.rule, "all");
+    assert_eq!(d.paths["loop/x"], None);
+}
+
 #[test]
 fn without_defaults_nothing_is_allowed() {
     let dir = tempfile::tempdir().unwrap();

@@ -8,12 +8,12 @@
 //! fails with `class` and `message`, for trying failure policies).
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::{
-    CallContext, ClassifiedError, ErrorClass, RiskClass, Tool, ToolDescriptor, ToolError,
+    CallContext, ClassifiedError, ErrorClass, Judged, RiskClass, Tool, ToolDescriptor, ToolError,
     ToolOutput, ToolSource, ToolSpec, async_trait,
 };
 use serde_json::{Value, json};
@@ -262,16 +262,14 @@ impl Tool for Native {
                 // What the gateway's policy judged (see `CallContext::judged_paths`), opened
                 // with no link followed; else relative to where it judged (`workdir`).
                 let given = arg_str(&args, "path")?;
-                let path = ctx.path(given);
-                let judged = ctx.judged(given).is_some();
+                let (path, judged) = judged_path(&ctx, given, "read")?;
                 let text = off_the_runtime(&ctx, move || read_text_file(&path, judged)).await?;
                 let bytes = text.len();
                 Ok(ToolOutput::new(json!({"text": text, "bytes": bytes})))
             }
             Which::WriteFile => {
                 let given = arg_str(&args, "path")?;
-                let path = ctx.path(given);
-                let judged = ctx.judged(given).is_some();
+                let (path, judged) = judged_path(&ctx, given, "write")?;
                 let text = arg_str(&args, "text")?.to_string();
                 let bytes = text.len();
                 let out = json!({"path": given, "bytes": bytes});
@@ -291,6 +289,22 @@ impl Tool for Native {
                 Err(ClassifiedError::new(class, message))
             }
         }
+    }
+}
+
+/// The path a file tool opens for the argument `given`, and whether it is the path the policy
+/// judged (to be opened following no link); a path that resolved to nothing safe when judged
+/// is refused, as what the kernel would open was not what the policy looked at.
+fn judged_path(ctx: &CallContext, given: &str, verb: &str) -> Result<(PathBuf, bool), ToolError> {
+    match ctx.judged(given) {
+        Judged::Resolved(path) => Ok((path.to_path_buf(), true)),
+        Judged::NotJudged => Ok((ctx.path(given), false)),
+        Judged::Unresolvable => Err(cannot(
+            verb,
+            &ctx.path(given),
+            "the policy could not resolve the path (a part of it is too long to look at, \
+             cannot be searched, or is a loop of links), so it is not opened",
+        )),
     }
 }
 
@@ -630,7 +644,11 @@ mod tests {
         let mut ctx = CallContext::new(Actor::System);
         ctx.workdir = Some(ws.as_path().into());
         ctx.judged_paths = Some(std::sync::Arc::new(
-            [("sub/a.txt".to_string(), ws.join("sub/a.txt"))].into(),
+            [
+                ("sub/a.txt".to_string(), Some(ws.join("sub/a.txt"))),
+                ("far/x".to_string(), None),
+            ]
+            .into(),
         ));
         let reader = Native::read_file();
         let read = || reader.call(json!({"path": "sub/a.txt"}), ctx.clone());
@@ -661,6 +679,12 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(v.value["text"], "SECRET");
+        // A path the policy could not resolve is not opened at all.
+        let err = Native::read_file()
+            .call(json!({"path": "far/x"}), ctx.clone())
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("could not resolve the path"), "{err}");
     }
 
     /// A cancelled call ends at once, whatever its file work is doing.
