@@ -1,20 +1,54 @@
 //! What every process the gateway starts (command tools, MCP servers, hooks) gets before it
 //! runs.
 
-/// Gives a child process the system's transparent-huge-page policy back. The `agent-runtime`
-/// binary turns huge pages off for itself (see its `main.rs`), and Linux keeps that setting
-/// through `fork` and `execve`: without this, every tool, MCP server and hook it starts (a
-/// database, a JVM, a browser) would run without the huge pages the host grants them.
-pub(crate) fn with_default_thp(cmd: &mut tokio::process::Command) {
+/// Prepares a child before it runs (one pre-exec hook, registered first where others follow):
+/// the system's transparent-huge-page policy back, and no descriptor this process inherited.
+///
+/// Huge pages: the `agent-runtime` binary turns them off for itself (see its `main.rs`), and
+/// Linux keeps that setting through `fork` and `execve`: without this, every tool, MCP server
+/// and hook it starts (a database, a JVM, a browser) would run without the huge pages the host
+/// grants them.
+pub(crate) fn prepare(cmd: &mut tokio::process::Command) {
     #[cfg(target_os = "linux")]
-    // SAFETY: the closure makes one prctl call, which is async-signal-safe, and allocates
-    // nothing. A failure (an old kernel) only leaves the inherited setting, so it is ignored.
+    // SAFETY: the closure makes prctl, close_range and fcntl calls, which are
+    // async-signal-safe, and allocates nothing. A failed prctl (an old kernel) only leaves the
+    // inherited setting, so it is ignored.
     unsafe {
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
+            close_inherited_descriptors();
             Ok(())
         });
     }
     #[cfg(not(target_os = "linux"))]
     let _ = cmd;
+}
+
+/// In a child between fork and exec: marks every descriptor above stderr close-on-exec, so
+/// that none this process inherited open (a shell's `exec 7</`, a parent's leaked pipe)
+/// reaches the command: a descriptor of a folder outside the sandbox is a way out of it
+/// (`/proc/self/fd/7/...`), and to an MCP server or a hook one it should not hold. Async-signal-
+/// safe. (The sandbox's seccomp filter pipe is let through after this.)
+pub(crate) fn close_inherited_descriptors() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: close_range with integer arguments touches no memory.
+    let marked = unsafe {
+        libc::syscall(
+            libc::SYS_close_range,
+            3u32,
+            u32::MAX,
+            libc::CLOSE_RANGE_CLOEXEC,
+        )
+    } == 0;
+    #[cfg(not(target_os = "linux"))]
+    let marked = false;
+    if !marked {
+        // Before Linux 5.11: one by one, up to this process's limit of open files.
+        // SAFETY: sysconf and fcntl on descriptor numbers touch no memory.
+        let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(3, 1 << 20) as libc::c_int;
+        for fd in 3..max {
+            // SAFETY: as above; a number that is no descriptor fails with EBADF.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
 }

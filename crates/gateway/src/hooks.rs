@@ -175,7 +175,7 @@ impl CommandHook {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true);
-        crate::child::with_default_thp(&mut cmd);
+        crate::child::prepare(&mut cmd);
         let mut child = cmd
             .spawn()
             .map_err(|e| self.fail(format!("cannot start: {e}")))?;

@@ -437,7 +437,7 @@ impl McpServer {
                 if let Some(cwd) = &self.config.cwd {
                     cmd.current_dir(cwd);
                 }
-                crate::child::with_default_thp(&mut cmd);
+                crate::child::prepare(&mut cmd);
                 let (transport, _stderr) = rmcp::transport::TokioChildProcess::builder(cmd)
                     .stderr(std::process::Stdio::null())
                     .spawn()

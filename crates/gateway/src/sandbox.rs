@@ -229,31 +229,6 @@ fn seccomp_filter() -> Result<Option<std::os::fd::OwnedFd>, ToolError> {
     }
 }
 
-/// In a child between fork and exec: marks every descriptor above stderr close-on-exec, so
-/// that none this process inherited open (a shell's `exec 7</`, a parent's leaked pipe)
-/// reaches the command: a descriptor of a folder outside the sandbox is a way out of it
-/// (`/proc/self/fd/7/...`). Async-signal-safe. The seccomp filter's pipe is let through after.
-fn close_inherited_descriptors() {
-    // SAFETY: close_range with integer arguments touches no memory.
-    let marked = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            3u32,
-            u32::MAX,
-            libc::CLOSE_RANGE_CLOEXEC,
-        )
-    } == 0;
-    if !marked {
-        // Before Linux 5.11: one by one, up to this process's limit of open files.
-        // SAFETY: sysconf and fcntl on descriptor numbers touch no memory.
-        let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(3, 1 << 20) as libc::c_int;
-        for fd in 3..max {
-            // SAFETY: as above; a number that is no descriptor fails with EBADF.
-            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-        }
-    }
-}
-
 /// Whether the `bwrap` at `path` knows `--disable-userns` (bubblewrap 0.8 and later), asked
 /// once per binary: an option an older one does not know would fail every call.
 fn can_disable_userns(path: &Path) -> bool {
@@ -302,7 +277,7 @@ pub fn probe(settings: &SandboxSettings) -> Result<(), String> {
         // SAFETY: the closure only calls close_range and fcntl, which are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
-                close_inherited_descriptors();
+                crate::child::close_inherited_descriptors();
                 crate::seccomp::inherit(fd)
             });
         }
@@ -743,17 +718,17 @@ impl CommandTool {
         };
         let filter_fd = filter.as_ref().map(|fd| fd.as_raw_fd());
         // SAFETY: the closure only calls async-signal-safe functions (fcntl, setrlimit, getpid,
-        // write) and allocates nothing.
+        // write) and allocates nothing. After `child::prepare`'s, which closes the descriptors
+        // this process inherited: the filter's pipe is let through after that.
+        crate::child::prepare(&mut cmd);
         unsafe {
             cmd.pre_exec(move || {
-                close_inherited_descriptors();
                 if let Some(fd) = filter_fd {
                     crate::seccomp::inherit(fd)?;
                 }
                 rl.apply(procs_fd)
             });
         }
-        crate::child::with_default_thp(&mut cmd);
         cmd.stdin(if stdin.is_some() {
             Stdio::piped()
         } else {

@@ -688,6 +688,29 @@ async fn external_hooks_speak_json_and_fail_closed() {
     );
 }
 
+/// A hook (run outside the sandbox) gets none of the descriptors the gateway inherited open
+/// either.
+#[tokio::test]
+async fn a_hook_gets_no_inherited_descriptor() {
+    let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let dir = std::ffi::CString::new("/").unwrap();
+    // SAFETY: a NUL-terminated path; the descriptor is closed below. No O_CLOEXEC, as a shell's
+    // `exec 7</` leaves it.
+    let fd = unsafe { libc::open(dir.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+    assert!(fd >= 0);
+    let script = format!(
+        r#"cat >/dev/null; if [ -e /proc/self/fd/{fd} ]; then echo '{{"action":"deny","reason":"inherited {fd}"}}'; else echo '{{"action":"continue"}}'; fi"#
+    );
+    let gw = gateway(vec![t], Arc::new(MemoryLog::default()))
+        .hook(sh_hook("fds", &script))
+        .build()
+        .unwrap();
+    let r = gw.call("t.read", json!({"text": "x"}), ctx()).await;
+    // SAFETY: closing the descriptor opened above.
+    unsafe { libc::close(fd) };
+    r.unwrap();
+}
+
 /// A log that takes `accepts` appends, then refuses every one.
 struct BrokenSink {
     accepts: AtomicUsize,
