@@ -66,7 +66,11 @@ impl std::fmt::Debug for CallContext {
             .field("progress", &self.progress.is_some())
             .field("secrets", &self.secrets.len())
             .field("workdir", &self.workdir)
-            .field("judged_paths", &self.judged_paths)
+            // Their keys are argument text, which may hold a secret a task graph put in.
+            .field(
+                "judged_paths",
+                &self.judged_paths.as_ref().map_or(0, |m| m.len()),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -89,7 +93,9 @@ impl CallContext {
 
     /// `path` as the call means it: the path the policy judged for it if it judged one
     /// ([`CallContext::judged`]), else joined to [`CallContext::workdir`] when relative and the
-    /// caller set one, else as it is.
+    /// caller set one, else as it is. A tool that opens files should ask
+    /// [`CallContext::judged`] first: a judged path is to be opened following no link, and one
+    /// the policy could not resolve ([`Judged::Unresolvable`]) not at all.
     ///
     /// ```
     /// use agent_runtime_core::{Actor, CallContext};

@@ -45,7 +45,11 @@ pub(crate) fn close_inherited_descriptors() {
     if !marked {
         // Before Linux 5.11: one by one, up to this process's limit of open files.
         // SAFETY: sysconf and fcntl on descriptor numbers touch no memory.
-        let max = unsafe { libc::sysconf(libc::_SC_OPEN_MAX) }.clamp(3, 1 << 20) as libc::c_int;
+        let max = match unsafe { libc::sysconf(libc::_SC_OPEN_MAX) } {
+            // Unknown: as far as a usual hard limit goes.
+            n if n <= 3 => 1 << 16,
+            n => n.min(1 << 20),
+        } as libc::c_int;
         for fd in 3..max {
             // SAFETY: as above; a number that is no descriptor fails with EBADF.
             unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };

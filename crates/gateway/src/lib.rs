@@ -153,7 +153,14 @@ pub(crate) fn yaml_from_str_checking<T: serde::de::DeserializeOwned>(
             return message;
         };
         let (line, column) = e.location().map_or((1, 1), |l| (l.line(), l.column()));
-        match agent_runtime_core::yaml::second_key_at(text, key, line, column) {
+        // A block mapping's keys stand at its column: not a nested key of the same name, nor
+        // one in a comment. A flow mapping's (`{a: 1, a: 2}`) do not, and are searched for
+        // anywhere after its start.
+        let second = agent_runtime_core::yaml::key_positions(text, key, line, column)
+            .filter(|&(_, c)| c == column)
+            .nth(1)
+            .or_else(|| agent_runtime_core::yaml::second_key_at(text, key, line, column));
+        match second {
             Some((line, column)) => format!(
                 "{} at line {line} column {column}",
                 message.split(" at line ").next().unwrap_or(&message)

@@ -469,17 +469,13 @@ pub struct PolicyInput<'a> {
 
 #[derive(Clone, Debug)]
 enum Compiled {
-    /// Paths inside the roots. `refusing` (a deny or ask rule): one path inside, or one that
-    /// resolves to nothing, is enough; else (an allow rule) every path must be inside.
-    PathInside {
+    /// Paths inside (`inside`) or outside the roots. `any`: one matching path is enough and
+    /// one that resolves to nothing counts as matching; else every path (at least one) must
+    /// resolve and match. See [`path_condition_any`] for which rules read it which way.
+    Path {
         roots: Vec<PathBuf>,
-        refusing: bool,
-    },
-    /// Paths outside the roots, read on the same safe side: `refusing`, one path outside (or
-    /// resolving to nothing) is enough; else every path must resolve outside.
-    PathOutside {
-        roots: Vec<PathBuf>,
-        refusing: bool,
+        inside: bool,
+        any: bool,
     },
     Program {
         globs: Vec<String>,
@@ -658,7 +654,15 @@ impl Policy {
     pub fn with_read_roots(mut self, roots: &[PathBuf]) -> Result<Policy, GatewayError> {
         self.read_roots = roots
             .iter()
-            .map(|r| resolve_root(r))
+            .map(|r| {
+                resolve_root(r).map_err(|e| match e {
+                    GatewayError::Policy { message, .. } => GatewayError::Policy {
+                        rule: "read_roots".into(),
+                        message,
+                    },
+                    other => other,
+                })
+            })
             .collect::<Result<_, _>>()?;
         for r in &mut self.rules {
             r.conditions = compile_all(&r.rule, &self.workspace, &self.read_roots)?;
@@ -838,16 +842,18 @@ fn compile(
 ) -> Result<(Compiled, ArgSelector), GatewayError> {
     Ok(match c {
         Condition::PathInside { arg, roots } => (
-            Compiled::PathInside {
+            Compiled::Path {
                 roots: expand_roots(roots, workspace, read_roots, rule)?,
-                refusing: effect != Effect::Allow,
+                inside: true,
+                any: path_condition_any(true, effect),
             },
             arg.clone(),
         ),
         Condition::PathOutside { arg, roots } => (
-            Compiled::PathOutside {
+            Compiled::Path {
                 roots: expand_roots(roots, workspace, read_roots, rule)?,
-                refusing: effect != Effect::Allow,
+                inside: false,
+                any: path_condition_any(false, effect),
             },
             arg.clone(),
         ),
@@ -864,6 +870,20 @@ fn compile(
         Condition::UrlHostNotIn { arg, hosts } => (Compiled::UrlNotIn(lower(hosts)), arg.clone()),
         Condition::Matches { arg, any } => (Compiled::Matches(any.clone()), arg.clone()),
     })
+}
+
+/// Whether a path condition in a rule of `effect` matches on one path (and on a path that
+/// resolves to nothing) rather than needing every path: read on the side that refuses more.
+/// `path_inside` in a deny rule: one path inside is enough (`{path: secret, file: notes}` must
+/// not slip past it). `path_outside` in a deny or ask rule: one path outside is enough. An
+/// allow rule needs every path. `path_inside` in an ask rule keeps needing every path: asking
+/// about more calls could take them from a later deny to a person.
+fn path_condition_any(inside: bool, effect: Effect) -> bool {
+    match effect {
+        Effect::Deny => true,
+        Effect::Ask => !inside,
+        Effect::Allow => false,
+    }
 }
 
 fn lower(v: &[String]) -> Vec<String> {
@@ -957,33 +977,17 @@ fn condition_matches(
     resolutions: &Resolutions,
 ) -> bool {
     match c {
-        // Read on the safe side: a deny or ask rule matches when one path says so (or cannot be
-        // resolved), an allow rule only when every path does; `{path: secret, file: other}`
-        // must not slip past a deny rule on the secret's folder.
-        Compiled::PathInside { roots, refusing } => {
-            let inside = |p: &&str| {
+        Compiled::Path { roots, inside, any } => {
+            let matches = |p: &&str| {
                 resolutions
                     .resolve(p, base)
-                    .map(|p| roots.iter().any(|r| is_within(&p, r)))
+                    .map(|p| roots.iter().any(|r| is_within(&p, r)) == *inside)
             };
             let paths = sel.strings(args);
-            if *refusing {
-                paths.iter().any(|p| inside(p).unwrap_or(true))
+            if *any {
+                paths.iter().any(|p| matches(p).unwrap_or(true))
             } else {
-                !paths.is_empty() && paths.iter().all(|p| inside(p).unwrap_or(false))
-            }
-        }
-        Compiled::PathOutside { roots, refusing } => {
-            let outside = |p: &&str| {
-                resolutions
-                    .resolve(p, base)
-                    .map(|p| !roots.iter().any(|r| is_within(&p, r)))
-            };
-            let paths = sel.strings(args);
-            if *refusing {
-                paths.iter().any(|p| outside(p).unwrap_or(true))
-            } else {
-                !paths.is_empty() && paths.iter().all(|p| outside(p).unwrap_or(false))
+                !paths.is_empty() && paths.iter().all(|p| matches(p).unwrap_or(false))
             }
         }
         Compiled::Program {

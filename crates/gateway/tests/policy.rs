@@ -933,14 +933,14 @@ fn a_configuration_key_written_twice_is_refused() {
     // field", which has no place.
     std::fs::write(
         &file,
-        "# the workspace\nworkspace: [\".\"]\nread_roots: []\nworkspace: [\"x\"]\n",
+        "# workspace: [a]\nworkspace: [\".\"]\ntools:\n  - name: t\n    workspace: 1\nread_roots: []\nworkspace: [\"x\"]\n",
     )
     .unwrap();
     let err = agent_runtime_gateway::config::GatewayFile::load(&file)
         .unwrap_err()
         .to_string();
     assert!(
-        err.contains("duplicate key `workspace`") && err.contains("at line 4 column 1"),
+        err.contains("duplicate key `workspace`") && err.contains("at line 7 column 1"),
         "{err}"
     );
 }
