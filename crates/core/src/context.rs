@@ -50,7 +50,7 @@ pub struct CallContext {
     /// looked at). A tool working in this process opens the judged path with no symlink
     /// followed ([`crate::fs::open_no_symlinks`]), so that a symlink put in the way after the
     /// judgement (by a command of the same run) cannot take the open out of the workspace, and
-    /// refuses a path that resolved to nothing. See [`CallContext::judged`].
+    /// refuses a path that resolved to nothing. See [`CallContext::file`].
     pub judged_paths:
         Option<std::sync::Arc<std::collections::BTreeMap<String, Option<std::path::PathBuf>>>>,
 }
@@ -92,10 +92,10 @@ impl CallContext {
     }
 
     /// `path` as the call means it: the path the policy judged for it if it judged one
-    /// ([`CallContext::judged`]), else joined to [`CallContext::workdir`] when relative and the
-    /// caller set one, else as it is. A tool that opens files should ask
-    /// [`CallContext::judged`] first: a judged path is to be opened following no link, and one
-    /// the policy could not resolve ([`Judged::Unresolvable`]) not at all.
+    /// ([`CallContext::judged_paths`]), else joined to [`CallContext::workdir`] when relative and the
+    /// caller set one, else as it is. A tool that opens files should use [`CallContext::file`]
+    /// instead: a judged path is to be opened following no link, and one the policy could not
+    /// resolve not at all.
     ///
     /// ```
     /// use agent_runtime_core::{Actor, CallContext};
@@ -106,8 +106,8 @@ impl CallContext {
     /// assert_eq!(ctx.path("/etc/x"), std::path::Path::new("/etc/x"));
     /// ```
     pub fn path(&self, path: &str) -> std::path::PathBuf {
-        if let Judged::Resolved(judged) = self.judged(path) {
-            return judged.to_path_buf();
+        if let Some(Some(judged)) = self.judged_paths.as_ref().and_then(|m| m.get(path)) {
+            return judged.clone();
         }
         match &self.workdir {
             Some(dir) if std::path::Path::new(path).is_relative() => dir.join(path),
@@ -115,12 +115,42 @@ impl CallContext {
         }
     }
 
-    /// What the policy made of the argument text `path` (see [`CallContext::judged_paths`]).
-    pub fn judged(&self, path: &str) -> Judged<'_> {
+    /// The file the path argument `path` names, as the call's policy judged it (see
+    /// [`CallContext::judged_paths`]), for a tool working in this process to open with
+    /// [`FileTarget::open`]. Refused when the policy could not resolve the path: what the
+    /// kernel would open is not what the policy looked at.
+    ///
+    /// ```
+    /// use agent_runtime_core::{Actor, CallContext};
+    /// # let dir = std::env::temp_dir().join(format!("file-target-doc-{}", std::process::id()));
+    /// # std::fs::create_dir_all(&dir).unwrap();
+    /// # let dir = std::fs::canonicalize(&dir).unwrap();
+    /// # std::fs::write(dir.join("notes.txt"), "hello").unwrap();
+    /// let mut ctx = CallContext::new(Actor::System);
+    /// // What the gateway sets for a call whose policy resolved `notes.txt`:
+    /// ctx.judged_paths = Some(std::sync::Arc::new(
+    ///     [("notes.txt".to_string(), Some(dir.join("notes.txt")))].into(),
+    /// ));
+    /// let target = ctx.file("notes.txt").unwrap();
+    /// assert!(target.is_judged());
+    /// let mut text = String::new();
+    /// std::io::Read::read_to_string(&mut target.open(libc::O_RDONLY, 0).unwrap(), &mut text).unwrap();
+    /// assert_eq!(text, "hello");
+    /// # std::fs::remove_dir_all(&dir).unwrap();
+    /// ```
+    pub fn file(&self, path: &str) -> Result<FileTarget, UnresolvedPath> {
         match self.judged_paths.as_ref().and_then(|m| m.get(path)) {
-            None => Judged::NotJudged,
-            Some(Some(p)) => Judged::Resolved(p),
-            Some(None) => Judged::Unresolvable,
+            None => Ok(FileTarget {
+                path: self.path(path),
+                judged: false,
+            }),
+            Some(Some(p)) => Ok(FileTarget {
+                path: p.clone(),
+                judged: true,
+            }),
+            Some(None) => Err(UnresolvedPath {
+                path: self.path(path),
+            }),
         }
     }
 
@@ -132,17 +162,65 @@ impl CallContext {
     }
 }
 
-/// What a call's policy made of one path argument ([`CallContext::judged`]).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Judged<'a> {
-    /// No policy judged it (a call made without the gateway): open it as given.
-    NotJudged,
-    /// It resolved to this path, which is what was judged: open it following no link
-    /// ([`crate::fs::open_no_symlinks`]).
-    Resolved(&'a std::path::Path),
-    /// It resolved to nothing safe (a part that could not be looked at, a loop of links): do
-    /// not open it, as what the kernel would open was not judged.
-    Unresolvable,
+/// A file a tool is to open, as its call's policy judged it ([`CallContext::file`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileTarget {
+    path: std::path::PathBuf,
+    judged: bool,
+}
+
+impl FileTarget {
+    /// The path to open: the one the policy resolved, or as given (joined to the call's
+    /// working folder) when no policy judged it.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+
+    /// Whether a policy judged the path (then it is opened following no link).
+    pub fn is_judged(&self) -> bool {
+        self.judged
+    }
+
+    /// Opens the file with `open(2)`'s `flags` (`libc::O_RDONLY`, `O_WRONLY | O_CREAT`, ...;
+    /// `mode` for a file it creates; close-on-exec always). A judged path is opened following
+    /// no link ([`crate::fs::open_no_symlinks`]): a link found in its way was put there after
+    /// the judgement, and [`crate::fs::is_link_in_the_way`] tells the error apart.
+    #[cfg(unix)]
+    pub fn open(&self, flags: libc::c_int, mode: libc::mode_t) -> std::io::Result<std::fs::File> {
+        if self.judged {
+            return crate::fs::open_no_symlinks(&self.path, flags, mode);
+        }
+        use std::os::unix::ffi::OsStrExt;
+        let path = std::ffi::CString::new(self.path.as_os_str().as_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "a NUL byte in the path")
+        })?;
+        // SAFETY: `path` is NUL-terminated and outlives the call.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                flags | libc::O_CLOEXEC,
+                libc::c_uint::from(mode),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: open returned a new descriptor that nothing else owns.
+        Ok(unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+    }
+}
+
+/// A path argument its call's policy could not resolve ([`CallContext::file`]): a part of it
+/// too long to look at, in a folder that cannot be searched, or a loop of links.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the policy could not resolve {} (a part of it too long to look at, in a folder that cannot \
+     be searched, or a loop of links), so it is not opened",
+    path.display()
+)]
+pub struct UnresolvedPath {
+    /// The path as given (joined to the call's working folder).
+    pub path: std::path::PathBuf,
 }
 
 /// A progress report from a long call.

@@ -933,10 +933,8 @@ async fn the_tool_gets_the_paths_as_the_policy_resolved_them() {
         }
         async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
             let given = args["path"].as_str().unwrap_or_default();
-            let judged = match ctx.judged(given) {
-                agent_runtime_core::Judged::Resolved(p) => Some(p.to_path_buf()),
-                _ => None,
-            };
+            let target = ctx.file(given).unwrap();
+            let judged = target.is_judged().then(|| target.path().to_path_buf());
             *self.judged.lock().unwrap() = Some((judged, ctx.path(given)));
             Ok(ToolOutput::new(json!({})))
         }

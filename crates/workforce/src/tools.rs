@@ -8,13 +8,13 @@
 //! fails with `class` and `message`, for trying failure policies).
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::{
-    CallContext, ClassifiedError, ErrorClass, Judged, RiskClass, Tool, ToolDescriptor, ToolError,
-    ToolOutput, ToolSource, ToolSpec, async_trait,
+    CallContext, ClassifiedError, ErrorClass, FileTarget, RiskClass, Tool, ToolDescriptor,
+    ToolError, ToolOutput, ToolSource, ToolSpec, async_trait,
 };
 use serde_json::{Value, json};
 
@@ -262,18 +262,22 @@ impl Tool for Native {
                 // What the gateway's policy judged (see `CallContext::judged_paths`), opened
                 // with no link followed; else relative to where it judged (`workdir`).
                 let given = arg_str(&args, "path")?;
-                let (path, judged) = judged_path(&ctx, given, "read")?;
-                let text = off_the_runtime(&ctx, move || read_text_file(&path, judged)).await?;
+                let target = ctx
+                    .file(given)
+                    .map_err(|e| ClassifiedError::tool(e.to_string()))?;
+                let text = off_the_runtime(&ctx, move || read_text_file(&target)).await?;
                 let bytes = text.len();
                 Ok(ToolOutput::new(json!({"text": text, "bytes": bytes})))
             }
             Which::WriteFile => {
                 let given = arg_str(&args, "path")?;
-                let (path, judged) = judged_path(&ctx, given, "write")?;
+                let target = ctx
+                    .file(given)
+                    .map_err(|e| ClassifiedError::tool(e.to_string()))?;
                 let text = arg_str(&args, "text")?.to_string();
                 let bytes = text.len();
                 let out = json!({"path": given, "bytes": bytes});
-                off_the_runtime(&ctx, move || write_text_file(&path, &text, judged)).await?;
+                off_the_runtime(&ctx, move || write_text_file(&target, &text)).await?;
                 Ok(ToolOutput::new(out))
             }
             Which::Fail => {
@@ -289,22 +293,6 @@ impl Tool for Native {
                 Err(ClassifiedError::new(class, message))
             }
         }
-    }
-}
-
-/// The path a file tool opens for the argument `given`, and whether it is the path the policy
-/// judged (to be opened following no link); a path that resolved to nothing safe when judged
-/// is refused, as what the kernel would open was not what the policy looked at.
-fn judged_path(ctx: &CallContext, given: &str, verb: &str) -> Result<(PathBuf, bool), ToolError> {
-    match ctx.judged(given) {
-        Judged::Resolved(path) => Ok((path.to_path_buf(), true)),
-        Judged::NotJudged => Ok((ctx.path(given), false)),
-        Judged::Unresolvable => Err(cannot(
-            verb,
-            &ctx.path(given),
-            "the policy could not resolve the path (a part of it is too long to look at, \
-             cannot be searched, or is a loop of links), so it is not opened",
-        )),
     }
 }
 
@@ -375,37 +363,36 @@ enum Access {
 /// Opens `path` without waiting for a pipe's other end (`O_NONBLOCK`, which changes nothing
 /// for a regular file) and checks that what was opened is a regular file: a path checked by
 /// [`regular_file`] may have been replaced by a pipe or a device before the open. Writing
-/// opens without truncating, so nothing is lost if the check refuses. A `judged` path (one the
-/// gateway's policy resolved) is opened following no link
-/// ([`agent_runtime_core::fs::open_no_symlinks`]): a link in its way now was put there since.
+/// opens without truncating, so nothing is lost if the check refuses. A path the gateway's
+/// policy judged is opened following no link ([`FileTarget::open`]): a link in its way now was
+/// put there since.
 fn open_regular(
-    path: &Path,
+    target: &FileTarget,
     verb: &str,
     access: Access,
-    judged: bool,
 ) -> Result<(std::fs::File, std::fs::Metadata), ToolError> {
+    let path = target.path();
     let open = |nonblocking: bool| -> std::io::Result<std::fs::File> {
         #[cfg(unix)]
-        let nonblocking = if nonblocking { libc::O_NONBLOCK } else { 0 };
-        #[cfg(unix)]
-        if judged {
+        {
             let access = match access {
                 Access::Read => libc::O_RDONLY,
                 Access::Write => libc::O_WRONLY | libc::O_CREAT,
             };
-            // The mode `OpenOptions` gives a new file too.
-            return agent_runtime_core::fs::open_no_symlinks(path, access | nonblocking, 0o666);
+            let nonblocking = if nonblocking { libc::O_NONBLOCK } else { 0 };
+            // The mode `OpenOptions` gives a new file.
+            target.open(access | nonblocking, 0o666)
         }
-        let mut options = std::fs::OpenOptions::new();
-        match access {
-            Access::Read => options.read(true),
-            Access::Write => options.write(true).create(true),
-        };
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::custom_flags(&mut options, nonblocking);
         #[cfg(not(unix))]
-        let _ = (nonblocking, judged);
-        options.open(path)
+        {
+            let _ = nonblocking;
+            let mut options = std::fs::OpenOptions::new();
+            match access {
+                Access::Read => options.read(true),
+                Access::Write => options.write(true).create(true),
+            };
+            options.open(path)
+        }
     };
     let opened = match open(true) {
         // A file under a lease (a Samba oplock, an NFS delegation) refuses a non-blocking open
@@ -415,7 +402,7 @@ fn open_regular(
     };
     let file = opened.map_err(|e| {
         #[cfg(unix)]
-        if judged && agent_runtime_core::fs::is_link_in_the_way(path, &e) {
+        if target.is_judged() && agent_runtime_core::fs::is_link_in_the_way(path, &e) {
             return cannot(
                 verb,
                 path,
@@ -445,7 +432,8 @@ fn open_regular(
     Ok((file, meta))
 }
 
-fn read_text_file(path: &Path, judged: bool) -> Result<String, ToolError> {
+fn read_text_file(target: &FileTarget) -> Result<String, ToolError> {
+    let path = target.path();
     use std::io::Read;
     let too_large = |size: u64| {
         ClassifiedError::tool(format!(
@@ -454,7 +442,7 @@ fn read_text_file(path: &Path, judged: bool) -> Result<String, ToolError> {
         ))
     };
     // No check by path first, as writing has: the open waits for nothing and is checked.
-    let (file, meta) = open_regular(path, "read", Access::Read, judged)?;
+    let (file, meta) = open_regular(target, "read", Access::Read)?;
     if meta.len() > READ_FILE_MAX_BYTES {
         return Err(too_large(meta.len()));
     }
@@ -475,14 +463,15 @@ fn read_text_file(path: &Path, judged: bool) -> Result<String, ToolError> {
     })
 }
 
-fn write_text_file(path: &Path, text: &str, judged: bool) -> Result<(), ToolError> {
+fn write_text_file(target: &FileTarget, text: &str) -> Result<(), ToolError> {
+    let path = target.path();
     use std::io::Write;
     // Not for a judged path: the check by name would follow a link put in its way (and tell
     // what lies outside); the open refuses that, and checks what it opened.
-    if !judged {
+    if !target.is_judged() {
         regular_file(path, "write")?;
     }
-    let (mut file, _) = open_regular(path, "write", Access::Write, judged)?;
+    let (mut file, _) = open_regular(target, "write", Access::Write)?;
     file.set_len(0).map_err(|e| cannot("write", path, e))?;
     file.write_all(text.as_bytes())
         .map_err(|e| cannot("write", path, e))
@@ -586,7 +575,8 @@ mod tests {
         use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f.txt").to_string_lossy().into_owned();
-        let (file, _) = open_regular(Path::new(&path), "write", Access::Write, false).unwrap();
+        let target = CallContext::new(Actor::System).file(&path).unwrap();
+        let (file, _) = open_regular(&target, "write", Access::Write).unwrap();
         // SAFETY: reading the flags of a descriptor `file` owns.
         let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
         assert!(flags >= 0 && flags & libc::O_NONBLOCK == 0, "{flags:#x}");
@@ -605,11 +595,16 @@ mod tests {
         let path = fifo.clone();
         std::thread::spawn(move || {
             // Opened as a judged path (following no link) and as any other: the same checks.
-            for judged in [false, true] {
-                let read = open_regular(Path::new(&path), "read", Access::Read, judged)
+            let mut judged = CallContext::new(Actor::System);
+            judged.judged_paths = Some(std::sync::Arc::new(
+                [(path.clone(), Some(std::path::PathBuf::from(&path)))].into(),
+            ));
+            for ctx in [CallContext::new(Actor::System), judged] {
+                let target = ctx.file(&path).unwrap();
+                let read = open_regular(&target, "read", Access::Read)
                     .map(|_| ())
                     .map_err(|e| e.message);
-                let write = open_regular(Path::new(&path), "write", Access::Write, judged)
+                let write = open_regular(&target, "write", Access::Write)
                     .map(|_| ())
                     .map_err(|e| e.message);
                 let _ = tx.send((read, write));
@@ -688,7 +683,7 @@ mod tests {
             .call(json!({"path": "far/x"}), ctx.clone())
             .await
             .unwrap_err();
-        assert!(err.message.contains("could not resolve the path"), "{err}");
+        assert!(err.message.contains("could not resolve"), "{err}");
     }
 
     /// A cancelled call ends at once, whatever its file work is doing.
