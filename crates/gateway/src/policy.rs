@@ -167,14 +167,18 @@ impl ArgSelector {
 
 /// Whether the argument key `key` is one of [`PATH_KEYS`], letter case, `_` and `-` aside.
 pub fn is_path_key(key: &str) -> bool {
-    let folded = |k: &str| -> String {
+    fn folded(k: &str) -> String {
         k.chars()
             .filter(|c| !matches!(c, '_' | '-'))
             .map(|c| c.to_ascii_lowercase())
             .collect()
-    };
+    }
+    // Asked for every argument key of every path condition: the list is folded once.
+    static FOLDED: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
     let key = folded(key);
-    PATH_KEYS.iter().any(|k| folded(k) == key)
+    FOLDED
+        .get_or_init(|| PATH_KEYS.iter().map(|k| folded(k)).collect())
+        .contains(&key)
 }
 
 fn collect_strings<'a>(v: Option<&'a Value>, out: &mut Vec<&'a str>) {
@@ -1047,7 +1051,7 @@ fn default_rules() -> Vec<Rule> {
                 roots: vec!["$workspace".into(), "$read_roots".into()],
             }],
             Effect::Ask,
-            "reading outside the workspace and the read roots (the configuration's `read_roots`) needs approval",
+            "reading outside the workspace and the configuration's read_roots needs approval",
         ),
         rule(
             "default.read",
