@@ -529,8 +529,11 @@ impl McpServer {
         self.current().await.is_some_and(|c| !closed(&c))
     }
 
-    /// Lists the server's tools as registry tools.
-    pub async fn tools(self: &Arc<Self>) -> Result<Vec<Arc<dyn Tool>>, GatewayError> {
+    /// Lists the server's tools as registry tools, and a warning for each tool left out because
+    /// its registry name ([`namespaced`]) is an earlier tool's.
+    pub async fn tools(
+        self: &Arc<Self>,
+    ) -> Result<(Vec<Arc<dyn Tool>>, Vec<GatewayError>), GatewayError> {
         let client = self
             .current()
             .await
@@ -545,7 +548,20 @@ impl McpServer {
                 ))
             })?;
         let mut out: Vec<Arc<dyn Tool>> = Vec::new();
+        let mut named: BTreeMap<String, String> = BTreeMap::new();
+        let mut left_out = Vec::new();
         for t in listed {
+            let name = namespaced(&self.name, &t.name);
+            if let Some(first) = named.get(&name) {
+                left_out.push(self.err(format!(
+                    "its tools {first:?} and {:?} both become {name:?} (names are lower-cased, \
+                     characters other than a-z, 0-9, `_`, `.` and `-` made `_`); only {first:?} \
+                     can be called",
+                    t.name
+                )));
+                continue;
+            }
+            named.insert(name.clone(), t.name.to_string());
             let ann = t.annotations.as_ref();
             let risk = self.config.risk.unwrap_or_else(|| {
                 if ann.and_then(|a| a.read_only_hint) == Some(true) {
@@ -557,7 +573,7 @@ impl McpServer {
                 }
             });
             let descriptor = ToolDescriptor {
-                name: namespaced(&self.name, &t.name),
+                name,
                 description: t.description.as_deref().unwrap_or_default().to_string(),
                 input_schema: Value::Object((*t.input_schema).clone()),
                 output_schema: t
@@ -575,7 +591,7 @@ impl McpServer {
                 server: self.clone(),
             }));
         }
-        Ok(out)
+        Ok((out, left_out))
     }
 
     async fn call(
@@ -888,9 +904,10 @@ async fn connect_and_register(
     }
     .await;
     match connected {
-        Ok(tools) => {
+        Ok((tools, mut warnings)) => {
             registry.set_unreachable(&server.name, None);
-            Ok(registry.replace_source(&server.name, tools))
+            warnings.extend(registry.replace_source(&server.name, tools));
+            Ok(warnings)
         }
         Err(e) => {
             registry.set_unreachable(&server.name, Some(e.to_string()));
@@ -904,7 +921,7 @@ async fn supervise(server: Arc<McpServer>, registry: Arc<Registry>) {
     loop {
         tokio::select! {
             _ = server.tools_changed.notified() => {
-                if let Ok(tools) = server.tools().await {
+                if let Ok((tools, _)) = server.tools().await {
                     registry.replace_source(&server.name, tools);
                 }
                 continue;

@@ -959,3 +959,54 @@ async fn streamable_http_headers_and_tokens_are_sent_and_redacted() {
     assert_eq!(redactor.redact_str(&secret), "[REDACTED]");
     drop(manager);
 }
+
+/// A server whose tool names become one registry name (`Die Now!` and `die_now_` are both
+/// `x.die_now_`): the first is registered, and the warning names both, so the user knows
+/// which one a call reaches. The server is a few lines of Python speaking MCP over stdio.
+#[tokio::test]
+async fn tool_names_that_become_one_are_named_in_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("server.py");
+    std::fs::write(
+        &script,
+        r#"import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    if "id" not in m:
+        continue
+    if m["method"] == "initialize":
+        r = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
+             "serverInfo": {"name": "twins", "version": "1"}}
+    elif m["method"] == "tools/list":
+        r = {"tools": [{"name": n, "inputSchema": {"type": "object"}} for n in ["Die Now!", "die_now_", "other"]]}
+    else:
+        r = {}
+    print(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": r}), flush=True)
+"#,
+    )
+    .unwrap();
+    let config = McpConfig {
+        servers: [(
+            "x".to_string(),
+            McpServerConfig {
+                command: Some("/usr/bin/python3".into()),
+                args: vec![script.display().to_string()],
+                ..McpServerConfig::default()
+            },
+        )]
+        .into(),
+    };
+    let registry = Arc::new(Registry::new());
+    let (manager, errors) = McpManager::start(&config, registry.clone(), &mut Redactor::new())
+        .await
+        .unwrap();
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 1, "{text:?}");
+    assert!(
+        text[0].contains(r#""Die Now!" and "die_now_" both become "x.die_now_""#)
+            && text[0].contains(r#"only "Die Now!" can be called"#),
+        "{text:?}"
+    );
+    assert!(registry.get("x.die_now_").is_some() && registry.get("x.other").is_some());
+    manager.shutdown().await;
+}
