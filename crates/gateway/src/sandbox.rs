@@ -212,37 +212,81 @@ impl SandboxSettings {
     }
 }
 
-/// The pipe holding the seccomp filter for `bwrap --seccomp` (see [`crate::seccomp`]), or
-/// `None` where no filter can be built (an architecture other than x86-64 and aarch64) and the
-/// gateway does not run as root, whom the filter is for; root is refused there.
-fn seccomp_filter() -> Result<Option<std::os::fd::OwnedFd>, ToolError> {
-    match crate::seccomp::program() {
-        Ok(_) => crate::seccomp::program_fd()
-            .map(Some)
-            .map_err(sandbox_error),
-        // SAFETY: geteuid has no preconditions.
-        Err(why) if unsafe { libc::geteuid() } == 0 => Err(sandbox_error(format!(
-            "{why}, and without it a command run as root could leave a set-user-ID file \
-             in the workspace; run the gateway as an ordinary user"
-        ))),
-        Err(_) => Ok(None),
+/// The seccomp programs' pipes for one start of bubblewrap, and the options naming them.
+#[derive(Default)]
+struct SeccompPipes {
+    /// Open until bubblewrap has started (and read them).
+    fds: Vec<std::os::fd::OwnedFd>,
+    /// `--add-seccomp-fd N` for each, or `--seccomp N` for the one.
+    args: Vec<String>,
+}
+
+impl SeccompPipes {
+    /// The descriptors' numbers (-1 for none), for the child to let through without
+    /// allocating.
+    fn raw(&self) -> [libc::c_int; 2] {
+        let mut raw = [-1; 2];
+        for (slot, fd) in raw.iter_mut().zip(&self.fds) {
+            *slot = fd.as_raw_fd();
+        }
+        raw
     }
 }
 
-/// Whether the `bwrap` at `path` knows `--disable-userns` (bubblewrap 0.8 and later), asked
-/// once per binary: an option an older one does not know would fail every call.
-fn can_disable_userns(path: &Path) -> bool {
-    static KNOWN: std::sync::Mutex<BTreeMap<PathBuf, bool>> =
+/// The pipes holding the seccomp programs for the `bwrap` at `bwrap` (see [`crate::seccomp`]):
+/// two (`--add-seccomp-fd`, bubblewrap 0.5 and later), or the combined one (`--seccomp`).
+/// None where no program can be built (an architecture other than x86-64 and aarch64) and the
+/// gateway does not run as root, whom the filter is for; root is refused there.
+fn seccomp_filter(bwrap: &Path) -> Result<SeccompPipes, ToolError> {
+    use crate::seccomp::{Program, program, program_fd};
+    let (option, programs): (&str, &[Program]) = if bwrap_knows(bwrap, "--add-seccomp-fd") {
+        ("--add-seccomp-fd", &[Program::Modes, Program::Unsupported])
+    } else {
+        ("--seccomp", &[Program::Combined])
+    };
+    let mut pipes = SeccompPipes::default();
+    for &which in programs {
+        match program(which) {
+            Ok(bytes) => {
+                let fd = program_fd(bytes).map_err(sandbox_error)?;
+                pipes.args.push(option.into());
+                pipes.args.push(fd.as_raw_fd().to_string());
+                pipes.fds.push(fd);
+            }
+            // SAFETY: geteuid has no preconditions.
+            Err(why) if unsafe { libc::geteuid() } == 0 => {
+                return Err(sandbox_error(format!(
+                    "{why}, and without it a command run as root could leave a set-user-ID \
+                     file in the workspace; run the gateway as an ordinary user"
+                )));
+            }
+            Err(_) => return Ok(SeccompPipes::default()),
+        }
+    }
+    Ok(pipes)
+}
+
+/// Whether the `bwrap` at `path` knows `option` (`--disable-userns` from bubblewrap 0.8,
+/// `--add-seccomp-fd` from 0.5), asked once per binary and option: an option an older one does
+/// not know would fail every call.
+fn bwrap_knows(path: &Path, option: &'static str) -> bool {
+    static KNOWN: std::sync::Mutex<BTreeMap<(PathBuf, &'static str), bool>> =
         std::sync::Mutex::new(BTreeMap::new());
     let mut known = KNOWN.lock().unwrap_or_else(|p| p.into_inner());
-    *known.entry(path.to_path_buf()).or_insert_with(|| {
-        std::process::Command::new(path)
-            .arg("--help")
-            .stdin(Stdio::null())
-            .stderr(Stdio::null())
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("--disable-userns"))
-    })
+    *known
+        .entry((path.to_path_buf(), option))
+        .or_insert_with(|| {
+            std::process::Command::new(path)
+                .arg("--help")
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .is_ok_and(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .any(|w| w == option)
+                })
+        })
 }
 
 /// Finds `program` on `PATH`.
@@ -269,16 +313,19 @@ pub fn probe(settings: &SandboxSettings) -> Result<(), String> {
     };
     let mut cmd = std::process::Command::new(bwrap);
     // With the seccomp filter, as every call has it: a kernel without seccomp fails here.
-    let filter = seccomp_filter().map_err(|e| e.message)?;
-    if let Some(fd) = &filter {
+    let filter = seccomp_filter(bwrap).map_err(|e| e.message)?;
+    cmd.args(&filter.args);
+    let raw = filter.raw();
+    {
         use std::os::unix::process::CommandExt;
-        let fd = fd.as_raw_fd();
-        cmd.arg("--seccomp").arg(fd.to_string());
         // SAFETY: the closure only calls close_range and fcntl, which are async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
                 crate::child::close_inherited_descriptors();
-                crate::seccomp::inherit(fd)
+                for fd in raw.into_iter().filter(|fd| *fd >= 0) {
+                    crate::seccomp::inherit(fd)?;
+                }
+                Ok(())
             });
         }
     }
@@ -423,7 +470,12 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
     .collect();
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    if root && settings.bwrap.as_deref().is_some_and(can_disable_userns) {
+    if root
+        && settings
+            .bwrap
+            .as_deref()
+            .is_some_and(|b| bwrap_knows(b, "--disable-userns"))
+    {
         // Root's command could make a user namespace of its own, in which it has every
         // capability again (`setcap` writes file capabilities there; only kernels from 5.12
         // refuse the mapping that would make them count outside). bubblewrap forbids new ones
@@ -658,8 +710,8 @@ impl CommandTool {
         let limits = &self.config.limits;
         let chdir = &self.chdir;
         let mut cgroup = None;
-        // The seccomp filter's pipe: open until bwrap has started (and read it).
-        let mut filter = None;
+        // The seccomp programs' pipes: open until bwrap has started (and read them).
+        let mut filter = SeccompPipes::default();
         let mut cmd = match mode {
             SandboxMode::Bubblewrap => {
                 let Some(bwrap) = &self.settings.bwrap else {
@@ -670,10 +722,8 @@ impl CommandTool {
                     ));
                 };
                 let mut cmd = tokio::process::Command::new(bwrap);
-                filter = seccomp_filter()?;
-                if let Some(fd) = &filter {
-                    cmd.arg("--seccomp").arg(fd.as_raw_fd().to_string());
-                }
+                filter = seccomp_filter(bwrap)?;
+                cmd.args(&filter.args);
                 cmd.args(&self.bwrap_argv)
                     .args(&argv)
                     .env_clear()
@@ -716,14 +766,14 @@ impl CommandTool {
             nofile: limits.open_files,
             nproc,
         };
-        let filter_fd = filter.as_ref().map(|fd| fd.as_raw_fd());
+        let filter_fds = filter.raw();
         // SAFETY: the closure only calls async-signal-safe functions (fcntl, setrlimit, getpid,
         // write) and allocates nothing. After `child::prepare`'s, which closes the descriptors
         // this process inherited: the filter's pipe is let through after that.
         crate::child::prepare(&mut cmd);
         unsafe {
             cmd.pre_exec(move || {
-                if let Some(fd) = filter_fd {
+                for fd in filter_fds.into_iter().filter(|fd| *fd >= 0) {
                     crate::seccomp::inherit(fd)?;
                 }
                 rl.apply(procs_fd)

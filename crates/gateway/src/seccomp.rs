@@ -1,4 +1,4 @@
-//! The seccomp filter the sandbox installs (through `bwrap --seccomp FD`) before the command runs.
+//! The seccomp filter the sandbox installs (through bubblewrap) before the command runs.
 //!
 //! Dropping every capability is not enough when the gateway runs as root: a file's owner needs
 //! no capability to set its set-user-ID or set-group-ID bit, and a file the command creates in
@@ -10,7 +10,11 @@
 //!   `mknodat` when their mode holds `S_ISUID` or `S_ISGID` (an ordinary `chmod 755` or
 //!   `chmod +t` works);
 //! - `openat2`, whose mode sits in a structure the filter cannot read, and io_uring, whose
-//!   operations (an `openat` among them) no filter sees.
+//!   operations (an `openat` among them) no filter sees: with `ENOSYS`, as a kernel without
+//!   them answers, so that programs fall back to `openat` and ordinary reads and writes. That
+//!   takes a second program (one program has one errno), which bubblewrap takes from 0.5
+//!   (`--add-seccomp-fd`, repeatable); an older one gets a single program refusing both with
+//!   `EPERM` (`--seccomp`).
 //!
 //! The x32 numbers of the same calls (`__X32_SYSCALL_BIT`) are refused alike, and calls of any
 //! other architecture (a 32-bit `int 0x80`) kill the process: both would otherwise pass a
@@ -24,18 +28,42 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-/// The filter's BPF program as the bytes `bwrap --seccomp` reads, or why it cannot be built.
-pub(crate) fn program() -> Result<&'static [u8], String> {
-    static PROGRAM: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
-    PROGRAM.get_or_init(build).as_deref().map_err(|e| e.clone())
+/// Which of the filter's BPF programs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Program {
+    /// Set-ID modes refused with `EPERM`.
+    Modes,
+    /// `openat2` and io_uring answered with `ENOSYS`.
+    Unsupported,
+    /// Both in one, with `EPERM`: for a bubblewrap that takes one program only.
+    Combined,
 }
 
-/// A pipe's read end holding the program, for `bwrap --seccomp FD`. It is close-on-exec: the
-/// child that is to read it clears that flag on its own copy (see [`inherit`]), so no other
-/// child started meanwhile gets it.
+/// A program's bytes, as bubblewrap reads them from a descriptor, or why it cannot be built
+/// (built once per process).
+pub(crate) fn program(which: Program) -> Result<&'static [u8], String> {
+    static PROGRAMS: OnceLock<[Result<Vec<u8>, String>; 3]> = OnceLock::new();
+    let [modes, unsupported, combined] = PROGRAMS.get_or_init(|| {
+        [
+            build(Program::Modes),
+            build(Program::Unsupported),
+            build(Program::Combined),
+        ]
+    });
+    match which {
+        Program::Modes => modes,
+        Program::Unsupported => unsupported,
+        Program::Combined => combined,
+    }
+    .as_deref()
+    .map_err(|e| e.clone())
+}
+
+/// A pipe's read end holding `program`, for bubblewrap to read. It is close-on-exec: the child
+/// that is to read it clears that flag on its own copy (see [`inherit`]), so no other child
+/// started meanwhile gets it.
 #[cfg(target_os = "linux")]
-pub(crate) fn program_fd() -> Result<OwnedFd, String> {
-    let program = program()?;
+pub(crate) fn program_fd(program: &[u8]) -> Result<OwnedFd, String> {
     let mut fds = [0; 2];
     // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
     if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
@@ -55,7 +83,7 @@ pub(crate) fn program_fd() -> Result<OwnedFd, String> {
 }
 
 #[cfg(not(target_os = "linux"))]
-pub(crate) fn program_fd() -> Result<OwnedFd, String> {
+pub(crate) fn program_fd(_program: &[u8]) -> Result<OwnedFd, String> {
     Err("the seccomp filter needs Linux".into())
 }
 
@@ -72,7 +100,7 @@ pub(crate) fn inherit(fd: libc::c_int) -> std::io::Result<()> {
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
 ))]
-fn build() -> Result<Vec<u8>, String> {
+fn build(which: Program) -> Result<Vec<u8>, String> {
     use seccompiler::{
         BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
         SeccompRule,
@@ -128,13 +156,24 @@ fn build() -> Result<Vec<u8>, String> {
     }
     let mut rules = BTreeMap::new();
     for (nr, arg) in calls {
-        rules.insert(nr, arg.map(mode_rules).transpose()?.unwrap_or_default());
+        let wanted = match which {
+            Program::Modes => arg.is_some(),
+            Program::Unsupported => arg.is_none(),
+            Program::Combined => true,
+        };
+        if wanted {
+            rules.insert(nr, arg.map(mode_rules).transpose()?.unwrap_or_default());
+        }
     }
+    let errno = match which {
+        Program::Unsupported => libc::ENOSYS,
+        Program::Modes | Program::Combined => libc::EPERM,
+    };
     let arch = std::env::consts::ARCH.try_into().map_err(fail)?;
     let filter = SeccompFilter::new(
         rules,
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
+        SeccompAction::Errno(errno as u32),
         arch,
     )
     .map_err(fail)?;
@@ -155,7 +194,7 @@ fn build() -> Result<Vec<u8>, String> {
     target_os = "linux",
     any(target_arch = "x86_64", target_arch = "aarch64")
 )))]
-fn build() -> Result<Vec<u8>, String> {
+fn build(_which: Program) -> Result<Vec<u8>, String> {
     Err(format!(
         "no seccomp filter is built for {}",
         std::env::consts::ARCH
@@ -167,27 +206,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_program_is_whole_instructions_and_within_the_kernels_limit() {
-        let p = program().unwrap();
-        assert!(
-            !p.is_empty() && p.len().is_multiple_of(8),
-            "{} bytes",
-            p.len()
-        );
-        // Written whole into an empty pipe without waiting for a reader.
-        assert!(p.len() <= libc::PIPE_BUF, "{} bytes", p.len());
+    fn the_programs_are_whole_instructions_and_fit_a_pipe() {
+        for which in [Program::Modes, Program::Unsupported, Program::Combined] {
+            let p = program(which).unwrap();
+            assert!(
+                !p.is_empty() && p.len().is_multiple_of(8),
+                "{which:?}: {} bytes",
+                p.len()
+            );
+            // Written whole into an empty pipe without waiting for a reader.
+            assert!(p.len() <= libc::PIPE_BUF, "{which:?}: {} bytes", p.len());
+        }
+        // The two halves are each smaller than the whole.
+        let len = |w| program(w).unwrap().len();
+        assert!(len(Program::Modes) < len(Program::Combined));
+        assert!(len(Program::Unsupported) < len(Program::Modes));
     }
 
     #[test]
     fn the_pipe_holds_the_program_and_closes_on_exec() {
         use std::io::Read;
         use std::os::fd::AsRawFd;
-        let fd = program_fd().unwrap();
+        let program = program(Program::Modes).unwrap();
+        let fd = program_fd(program).unwrap();
         // SAFETY: fcntl on an open descriptor.
         let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
         assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
         let mut read = Vec::new();
         std::fs::File::from(fd).read_to_end(&mut read).unwrap();
-        assert_eq!(read, program().unwrap());
+        assert_eq!(read, program);
     }
 }
