@@ -152,11 +152,7 @@ fn run_prints_outputs_and_replay_gives_the_same_hash() {
     assert!(requested > 0);
     assert_eq!(decided, requested, "one policy decision per tool call");
 
-    cli(&db)
-        .args(["replay", &run_id])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains(&hash));
+    replay_says(&db, &run_id, &hash);
     cli(&db)
         .args(["runs", "list"])
         .assert()
@@ -687,13 +683,11 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .assert()
         .success()
         .stdout(predicate::str::contains("status:   running"));
-    cli(&db)
-        .args(["replay", &run_id.to_string()])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains(
-            "not finished: another process is driving it",
-        ));
+    replay_says(
+        &db,
+        &run_id.to_string(),
+        "not finished: another process is driving it",
+    );
     cli(&db)
         .current_dir(dir.path())
         .args(["resume", &run_id.to_string()])
@@ -721,11 +715,7 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .assert()
         .success()
         .stdout(predicate::str::contains("interrupted"));
-    cli(&db)
-        .args(["replay", &run_id.to_string()])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains("not finished: resume it"));
+    replay_says(&db, &run_id.to_string(), "not finished: resume it");
     // The run recorded the folder it started in; resumed from another, it goes on there.
     let created = &before[0];
     assert_eq!(created.kind, EventKind::RunCreated);
@@ -771,13 +761,11 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         assert_eq!(starts, 1, "a task completed before the kill ran again");
     }
     assert!(after.iter().any(|e| e.kind == EventKind::RunResumed));
-    cli(&db)
-        .args(["replay", &run_id.to_string()])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains(
-            outcome["log_hash"].as_str().unwrap(),
-        ));
+    replay_says(
+        &db,
+        &run_id.to_string(),
+        outcome["log_hash"].as_str().unwrap(),
+    );
 }
 
 #[test]
@@ -809,6 +797,15 @@ fn a_graph_too_large_for_one_event_is_refused_before_anything_is_written() {
 }
 
 /// `resume RUN_ID` from `cwd`, which must be refused (exit 1); its standard error.
+/// Replays `run_id` and checks what it prints (a log hash, or why the run cannot be replayed).
+fn replay_says(db: &Path, run_id: &str, says: &str) {
+    cli(db)
+        .args(["replay", run_id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(says));
+}
+
 fn resume_refused(db: &Path, cwd: &Path, run_id: RunId) -> String {
     let out = cli(db)
         .current_dir(cwd)
@@ -884,13 +881,11 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         .success()
         .stdout(predicate::str::contains("\"completed\""));
 
-    cli(&db)
-        .args(["replay", &sim_id.to_string()])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains(
-            "not finished: the simulation was stopped",
-        ));
+    replay_says(
+        &db,
+        &sim_id.to_string(),
+        "not finished: the simulation was stopped",
+    );
     let stderr = resume_refused(&db, dir.path(), sim_id);
     assert!(
         stderr.contains(&format!(
@@ -1165,13 +1160,7 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
         .stdout(predicate::str::contains(
             "cancelled with `slow` and its subtree: too slow",
         ));
-    cli(&db)
-        .args(["replay", &id])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains(
-            outcome["log_hash"].as_str().unwrap(),
-        ));
+    replay_says(&db, &id, outcome["log_hash"].as_str().unwrap());
     // An ended run cannot be cancelled.
     cli(&db)
         .args(["cancel", &id])
@@ -1291,13 +1280,7 @@ fn a_cancel_requested_while_no_process_drives_the_run_takes_effect_on_resume() {
             .all(|(k, _)| *k != EventKind::TaskStarted),
         "{started_after:?}"
     );
-    cli(&db)
-        .args(["replay", &id])
-        .assert()
-        .success()
-        .stdout(predicate::str::contains(
-            outcome["log_hash"].as_str().unwrap(),
-        ));
+    replay_says(&db, &id, outcome["log_hash"].as_str().unwrap());
 }
 
 /// `{{ secrets.NAME }}` end to end: `run` reads AGENT_RUNTIME_SECRET_NAME, the tool gets the

@@ -166,6 +166,11 @@ impl std::fmt::Debug for Assembled {
 
 /// Loads configuration, policy and command tools.
 pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
+    // What the configuration file declares is wrong in that file.
+    let in_config = |e: GatewayError| match &opts.config {
+        Some(p) => e.in_file(p),
+        None => e,
+    };
     let file = match &opts.config {
         Some(p) => GatewayFile::load(p)?,
         None => GatewayFile::default(),
@@ -187,22 +192,15 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     }
     // The folders every command tool may read are ones the file tools may read too.
     .with_read_roots(&file.read_roots)
-    .map_err(|e| match &opts.config {
-        Some(p) => e.in_file(p),
-        None => e,
-    })?;
+    .map_err(in_config)?;
     let write_roots: Vec<PathBuf> = workspace
         .iter()
         .map(|w| {
             std::fs::canonicalize(w).map_err(|source| {
-                let e = GatewayError::Workspace {
+                in_config(GatewayError::Workspace {
                     root: w.clone(),
                     source,
-                };
-                match &opts.config {
-                    Some(p) => e.in_file(p),
-                    None => e,
-                }
+                })
             })
         })
         .collect::<Result<_, _>>()?;
@@ -214,11 +212,6 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
         }
     }
     let mut redactor = Redactor::new();
-    // What the configuration file declares is wrong in that file.
-    let in_config = |e: GatewayError| match &opts.config {
-        Some(p) => e.in_file(p),
-        None => e,
-    };
     for t in file.tools {
         let tool = CommandTool::new(t, sandbox.clone(), &mut redactor).map_err(in_config)?;
         registry.register_command(tool).map_err(in_config)?;
