@@ -306,7 +306,10 @@ impl Gateway {
             .get(name)
             .ok_or_else(|| self.unknown(name))?;
         entry.validate(&args)?;
-        let (args, hook_denial) = self.run_pre_hooks(&entry, name, args, actor).await?;
+        let (args, hook_denial) = self
+            .run_pre_hooks(&entry, name, args, actor)
+            .await
+            .map_err(|failure| failure.error)?;
         let policy = self.policy();
         let input = PolicyInput {
             tool: name,
@@ -354,14 +357,16 @@ impl Gateway {
         (decision, decided_by)
     }
 
-    /// Pre-call hooks; returns the final arguments, or the denying hook and its reason.
+    /// Pre-call hooks; returns the final arguments, or the denying hook and its reason. A hook
+    /// that fails (or rewrites the arguments into something the tool refuses) ends the call:
+    /// the error comes with the hook's name, for the call's record.
     async fn run_pre_hooks(
         &self,
         entry: &RegisteredTool,
         name: &str,
         mut args: Value,
         actor: &Actor,
-    ) -> Result<(Value, Option<(String, String)>), ToolError> {
+    ) -> Result<(Value, Option<(String, String)>), HookFailure> {
         for hook in &self.inner.hooks {
             if !hook.applies_to(name) {
                 continue;
@@ -371,21 +376,25 @@ impl Gateway {
                 actor,
                 arguments: &args,
             };
-            match hook.pre_call(&call).await? {
+            let failed = |error: ToolError| HookFailure {
+                hook: hook.name().to_string(),
+                error,
+            };
+            match hook.pre_call(&call).await.map_err(failed)? {
                 PreAction::Continue => {}
                 PreAction::Deny(reason) => {
                     return Ok((args, Some((hook.name().to_string(), reason))));
                 }
                 PreAction::Rewrite(new_args) => {
                     entry.validate(&new_args).map_err(|e| {
-                        ClassifiedError::new(
+                        failed(ClassifiedError::new(
                             e.class,
                             format!(
                                 "hook {} rewrote the arguments badly: {}",
                                 hook.name(),
                                 e.message
                             ),
-                        )
+                        ))
                     })?;
                     args = new_args;
                 }
@@ -517,10 +526,29 @@ impl Gateway {
         let (args, hook_denial) = if hooks_apply {
             match self.run_pre_hooks(&entry, name, args, &ctx.actor).await {
                 Ok(v) => v,
-                Err(err) => {
-                    batch.push(self.failed_event(&rec, &err));
+                Err(HookFailure { hook, error }) => {
+                    // Hooks fail closed: the failure is the hook's decision to refuse the
+                    // call, recorded as one, so that an audit of policy decisions sees every
+                    // refusal and who made it.
+                    let error = redacted_error(&rec.redactor, error);
+                    let envelope = PolicyEnvelope {
+                        subject: ctx.actor.clone(),
+                        tool: name.to_string(),
+                        arguments_digest: requested_digest,
+                        rule: format!("hook:{hook}"),
+                        effect: Effect::Deny,
+                        reason: error.message.clone(),
+                        decided_by: format!("hook:{hook}"),
+                    };
+                    batch.push(self.event(
+                        &rec,
+                        Actor::System,
+                        EventKind::PolicyDecided,
+                        serde_json::to_value(&envelope).unwrap_or(Value::Null),
+                    ));
+                    batch.push(self.failed_event(&rec, &error));
                     self.append(batch).await?;
-                    return Err(err);
+                    return Err(error);
                 }
             }
         } else {
@@ -818,6 +846,12 @@ impl Gateway {
             ))
         })
     }
+}
+
+/// A pre-call hook that failed, and how: the call ends, refused by that hook.
+struct HookFailure {
+    hook: String,
+    error: ToolError,
 }
 
 /// `err` as the caller gets it: message and details redacted, then the message cut at

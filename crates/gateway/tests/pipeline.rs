@@ -665,6 +665,25 @@ async fn external_hooks_speak_json_and_fail_closed() {
             "{script}: {}",
             err.message
         );
+        // A failing hook refuses the call as a denying one does: the log records the hook's
+        // decision, then the failure.
+        let kinds: Vec<EventKind> = log.all().iter().map(|e| e.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                EventKind::ToolRequested,
+                EventKind::PolicyDecided,
+                EventKind::ToolFailed
+            ],
+            "{script}"
+        );
+        let decided = &log.all()[1].payload;
+        assert_eq!(decided["decided_by"], json!("hook:ext"), "{script}");
+        assert_eq!(decided["effect"], json!("deny"), "{script}");
+        assert!(
+            decided["reason"].as_str().unwrap().contains(want.unwrap()),
+            "{script}: {decided}"
+        );
     }
     assert_eq!(h.calls.load(Ordering::SeqCst), 0);
 
