@@ -44,31 +44,56 @@ impl CliError {
     }
 }
 
-/// `text` made safe to print on one terminal line: each control character is written as the
-/// escape Rust's `char::escape_default` gives it, everything else is left as it is.
+/// `text` made safe to print on one terminal line: each control character, and each
+/// invisible character that changes how the text around it reads, is written as the escape
+/// Rust's `char::escape_default` gives it; everything else is left as it is.
 ///
 /// Control characters are those of Unicode's `Cc` category ([`char::is_control`]): C0 (U+0000
 /// to U+001F, with newline, carriage return, tab and ESC), DEL (U+007F) and C1 (U+0080 to
-/// U+009F, where U+009B is a CSI on some terminals). Newline, carriage return and tab become
-/// `\n`, `\r` and `\t`, the others `\u{1b}`-style escapes. So a graph's name, a tool's message or
-/// an error read from the event log can neither break a line or a table nor send escape
-/// sequences (clear the screen, retitle the window) to the user's terminal. A backslash is left
-/// as it is: the result is for reading, not for turning back into the text (that is what
-/// `--json` is for). Text without control characters, the usual case, is borrowed.
+/// U+009F, where U+009B is a CSI on some terminals). The invisible ones (see
+/// [`is_invisible_format`]) are the bidirectional controls, which reorder what follows them (a
+/// name ending in U+202E turns the rest of a table's row around), and the zero-width spaces and
+/// marks, which make two different texts look alike. Newline, carriage return and tab become
+/// `\n`, `\r` and `\t`, the others `\u{1b}`-style escapes. So a graph's name, a tool's message,
+/// an approval's arguments or an error read from the event log can neither break a line or a
+/// table, nor send escape sequences (clear the screen, retitle the window) to the user's
+/// terminal, nor show something other than what it holds. A backslash is left as it is: the
+/// result is for reading, not for turning back into the text (that is what `--json` is for).
+/// Text without such characters, the usual case, is borrowed.
 pub fn terminal_text(text: &str) -> Cow<'_, str> {
-    let Some(first) = text.find(char::is_control) else {
+    let escaped = |c: char| c.is_control() || is_invisible_format(c);
+    let Some(first) = text.find(escaped) else {
         return Cow::Borrowed(text);
     };
     let mut out = String::with_capacity(text.len() + 8);
     out.push_str(&text[..first]);
     for c in text[first..].chars() {
-        if c.is_control() {
+        if escaped(c) {
             out.extend(c.escape_default());
         } else {
             out.push(c);
         }
     }
     Cow::Owned(out)
+}
+
+/// The invisible format characters [`terminal_text`] escapes: the bidirectional marks,
+/// embeddings, overrides and isolates (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to
+/// U+2069), the zero-width space and no-break space (U+200B, U+FEFF) and the invisible
+/// operators (U+2060 to U+2064). The zero-width joiner and non-joiner (U+200C, U+200D) are left:
+/// emoji sequences and several scripts need them, and they reorder nothing.
+pub fn is_invisible_format(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061C}'
+            | '\u{200B}'
+            | '\u{200E}'
+            | '\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{2064}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{FEFF}'
+    )
 }
 
 /// The store's passphrase, moved out of the environment by [`take_secrets_from_env`].
@@ -275,5 +300,12 @@ mod tests {
         }
         // The last character before C1 and the first after it are not controls.
         assert_eq!(terminal_text("\u{7e}\u{a0}"), "\u{7e}\u{a0}");
+        // Bidirectional controls and zero-width spaces are escaped; joiners are not.
+        assert_eq!(
+            terminal_text("txt.\u{202e}fdp\u{200b}\u{2066}"),
+            "txt.\\u{202e}fdp\\u{200b}\\u{2066}"
+        );
+        let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
+        assert!(matches!(terminal_text(family), Cow::Borrowed(_)));
     }
 }

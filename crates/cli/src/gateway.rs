@@ -5,15 +5,13 @@
 //! the safe defaults) and `--mcp-config` (default: the configuration's, else
 //! `.agent-runtime/mcp.json` when it exists).
 
-use std::io::{BufRead, IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use agent_runtime_core::{
-    Actor, ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, CallContext,
-    CancellationToken, ClassifiedError, ErrorClass, EventSink, MemoryLog,
+    Actor, ApprovalSink, CallContext, CancellationToken, ErrorClass, EventSink, MemoryLog,
 };
 use agent_runtime_gateway::config::{Options, assemble};
 use agent_runtime_gateway::mcp::{McpConfig, McpManager, McpServerConfig, describe_server};
@@ -22,6 +20,7 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::common::{CliError, GlobalArgs, terminal_text};
+use crate::terminal::TerminalApproval;
 
 /// Gateway subcommands (flattened into the top level).
 #[derive(Subcommand)]
@@ -254,53 +253,6 @@ fn agent(name: &str) -> anyhow::Result<Actor> {
         .map_err(|e| CliError::Usage(format!("--agent: {e}")).into())
 }
 
-/// Asks on the terminal; denies (decided by `system`) when there is no terminal.
-pub(crate) struct TerminalApproval;
-
-#[agent_runtime_core::async_trait]
-impl ApprovalSink for TerminalApproval {
-    async fn request(
-        &self,
-        request: ApprovalRequest,
-        cancel: CancellationToken,
-    ) -> Result<ApprovalDecision, ApprovalError> {
-        if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
-            return Ok(ApprovalDecision {
-                approved: false,
-                decided_by: Actor::System,
-                reason: Some(format!("no terminal to ask about {}: denied", request.tool)),
-            });
-        }
-        let ask = tokio::task::spawn_blocking(move || {
-            let mut err = std::io::stderr();
-            let _ = writeln!(
-                err,
-                "\n{} wants to call {} ({:?}) with\n{}\nbecause policy says: {}\nAllow? [y/N] ",
-                request.subject,
-                request.tool,
-                request.risk,
-                serde_json::to_string_pretty(&request.arguments).unwrap_or_default(),
-                request.reason
-            );
-            let mut line = String::new();
-            let _ = std::io::stdin().lock().read_line(&mut line);
-            matches!(line.trim(), "y" | "Y" | "yes")
-        });
-        tokio::select! {
-            r = ask => {
-                let approved = r.unwrap_or(false);
-                let who = std::env::var("USER").unwrap_or_else(|_| "terminal".into());
-                Ok(ApprovalDecision {
-                    approved,
-                    decided_by: Actor::Person(who),
-                    reason: Some(if approved { "approved on the terminal" } else { "denied on the terminal" }.into()),
-                })
-            }
-            _ = cancel.cancelled() => Err(ClassifiedError::new(ErrorClass::Cancelled, "approval request cancelled")),
-        }
-    }
-}
-
 /// Builds the gateway only to look at it (nothing is called, so nothing is recorded), and shuts
 /// its MCP servers down again.
 async fn inspect<T>(opts: &GatewayOpts, look: impl FnOnce(&Gateway) -> T) -> anyhow::Result<T> {
@@ -430,12 +382,7 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         .await?;
         let mut ctx = CallContext::new(actor);
         ctx.timeout = a.timeout_ms.map(Duration::from_millis);
-        let cancel = ctx.cancel.clone();
-        tokio::spawn(async move {
-            if tokio::signal::ctrl_c().await.is_ok() {
-                cancel.cancel();
-            }
-        });
+        crate::terminal::cancel_on_ctrl_c(ctx.cancel.clone());
         let r = gw.call(&a.name, args, ctx).await;
         manager.shutdown().await;
         anyhow::Ok(r)
@@ -684,12 +631,7 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         let r = match &a.http {
             Some(addr) => {
                 let stop = CancellationToken::new();
-                let on_signal = stop.clone();
-                tokio::spawn(async move {
-                    if tokio::signal::ctrl_c().await.is_ok() {
-                        on_signal.cancel();
-                    }
-                });
+                crate::terminal::cancel_on_ctrl_c(stop.clone());
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
                     if let Ok(bound) = rx.await {

@@ -22,6 +22,7 @@ mod bench;
 mod common;
 mod demo;
 mod gateway;
+mod terminal;
 mod workforce;
 
 use std::process::ExitCode;

@@ -1,7 +1,7 @@
 //! Workforce subcommands: run, replay, resume, runs, simulate, and `bench workforce`.
 
 use std::collections::BTreeMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use agent_runtime_core::{
     CancellationToken, EncodedEvent, EventKind, EventQuery, EventSink, EventSource, MemoryLog,
-    NewEvent, RunId, SystemClock, Timestamp,
+    NewEvent, RunId, SystemClock, TaskId, Timestamp,
 };
 use agent_runtime_workforce::driver::{self, DriverError, NoModels, Observer, Outcome, RunOptions};
 use agent_runtime_workforce::engine::{Engine, RunStatus, TaskStatus};
@@ -20,7 +20,8 @@ use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
 use crate::common::{CliError, GlobalArgs, terminal_text};
-use crate::gateway::{GatewayOpts, TerminalApproval};
+use crate::gateway::GatewayOpts;
+use crate::terminal::{TerminalApproval, cancel_on_ctrl_c};
 
 /// Workforce subcommands (flattened into the top level).
 #[derive(Subcommand)]
@@ -268,129 +269,182 @@ fn driver_error(e: DriverError) -> anyhow::Error {
 }
 
 /// Live progress: one rewritten line on a terminal, plain lines otherwise (on stderr).
+///
+/// The line's counts are the engine's own: a tally of every task's state (see [`Engine::tally`])
+/// taken at the first batch, then kept up to date for each task an event touches, so they hold
+/// after a resume (tasks done before the crash count) and after a subtree's cancellation (tasks
+/// that never started are not taken from `running`). The line is cut to the terminal's width (a
+/// wrapped line cannot be rewritten) and not redrawn while an approval prompt is open.
 struct Progress {
     tty: bool,
-    state: Mutex<Counts>,
+    state: Mutex<ProgressState>,
 }
 
+/// The state and attempts each task of a run was counted with, by task.
+type CountedStates = std::collections::HashMap<TaskId, (agent_runtime_workforce::TaskStatus, u32)>;
+
 #[derive(Default)]
-struct Counts {
-    done: u64,
-    running: i64,
-    failed: u64,
-    retried: u64,
-    skipped: u64,
+struct ProgressState {
+    /// The tally, and the state each task was counted in.
+    tally: Option<(agent_runtime_workforce::TaskTally, CountedStates)>,
+    /// Plain lines held while an approval prompt is open, printed after it.
+    held: Vec<String>,
+}
+
+impl ProgressState {
+    fn tally(
+        &mut self,
+        events: &[EncodedEvent],
+        engine: &Engine,
+    ) -> agent_runtime_workforce::TaskTally {
+        let (tally, counted) = self.tally.get_or_insert_with(|| {
+            let mut tally = agent_runtime_workforce::TaskTally::default();
+            let counted = engine
+                .task_states()
+                .map(|(id, status, attempts)| {
+                    tally.add(status, attempts);
+                    (id, (status, attempts))
+                })
+                .collect();
+            (tally, counted)
+        });
+        for task in events.iter().filter_map(EncodedEvent::task_id) {
+            let Some(now) = engine.task_state(task) else {
+                continue;
+            };
+            let before = counted.insert(task, now);
+            if before != Some(now) {
+                if let Some((status, attempts)) = before {
+                    tally.remove(status, attempts);
+                }
+                tally.add(now.0, now.1);
+            }
+        }
+        *tally
+    }
 }
 
 impl Progress {
     fn new() -> Self {
         Progress {
-            tty: std::io::stderr().is_terminal(),
-            state: Mutex::new(Counts::default()),
+            tty: crate::terminal::stderr_is_smart_terminal(),
+            state: Mutex::new(ProgressState::default()),
         }
     }
     fn finish(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut err = std::io::stderr().lock();
+        for line in state.held.drain(..) {
+            let _ = writeln!(err, "{line}");
+        }
         if self.tty {
-            eprintln!();
+            let _ = writeln!(err);
         }
     }
 }
 
+/// The progress line's text, cut to `columns` (less one: writing the last column makes some
+/// terminals wrap).
+fn progress_line(t: &agent_runtime_workforce::TaskTally, columns: Option<usize>) -> String {
+    let mut line = format!(
+        "done {}  running {}  failed {}  retried {}  skipped {}",
+        t.completed, t.running, t.failed, t.retried, t.skipped
+    );
+    if t.cancelled > 0 {
+        line.push_str(&format!("  cancelled {}", t.cancelled));
+    }
+    if let Some(columns) = columns {
+        // ASCII only: bytes are columns.
+        line.truncate(columns.saturating_sub(1));
+    }
+    line
+}
+
 impl Observer for Progress {
     fn on_events(&self, events: &[EncodedEvent], engine: &Engine) {
-        let mut c = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut err = std::io::stderr().lock();
-        for e in events {
-            let kind = e.kind();
-            if !matches!(
-                kind,
-                EventKind::TaskStarted
-                    | EventKind::TaskCompleted
-                    | EventKind::TaskFailed
-                    | EventKind::TaskRetryScheduled
-                    | EventKind::TaskSkipped
-                    | EventKind::TaskCancelled
-                    | EventKind::TaskSpawned
-            ) {
-                continue;
-            }
-            // The log's bytes are canonical JSON the engine wrote; a payload that does not parse
-            // only loses its details on this line.
-            let payload: serde_json::Value =
-                serde_json::from_slice(e.payload_json()).unwrap_or_default();
-            let name = e.task_id().and_then(|t| engine.task_name(t)).unwrap_or("");
-            let line = match kind {
-                EventKind::TaskStarted => {
-                    c.running += 1;
-                    let attempt = payload["attempt"].as_u64().unwrap_or(1);
-                    Some(if attempt > 1 {
-                        format!("task {name}: started (attempt {attempt})")
-                    } else {
-                        format!("task {name}: started")
-                    })
-                }
-                EventKind::TaskCompleted => {
-                    c.done += 1;
-                    if payload.get("substituted").is_none() {
-                        c.running -= 1;
-                        Some(format!("task {name}: completed"))
-                    } else {
-                        let policy = e.task_id().and_then(|t| engine.on_failure_of(t));
-                        Some(format!(
-                            "task {name}: completed ({})",
-                            agent_runtime_workforce::state::substitution_note(policy)
-                        ))
-                    }
-                }
-                EventKind::TaskFailed => {
-                    c.running -= 1;
-                    c.failed += 1;
-                    Some(format!(
-                        "task {name}: failed ({}: {})",
-                        payload["class"].as_str().unwrap_or("?"),
-                        payload["message"].as_str().unwrap_or("")
-                    ))
-                }
-                EventKind::TaskRetryScheduled => {
-                    c.retried += 1;
-                    Some(format!(
-                        "task {name}: retry in {} ms",
-                        payload["delay_ms"].as_u64().unwrap_or(0)
-                    ))
-                }
-                EventKind::TaskSkipped => {
-                    c.skipped += 1;
-                    Some(format!(
-                        "task {name}: skipped ({})",
-                        payload["reason"].as_str().unwrap_or("")
-                    ))
-                }
-                EventKind::TaskCancelled if payload.get("request").is_none() => {
-                    c.running -= 1;
-                    Some(format!("task {name}: cancelled"))
-                }
-                EventKind::TaskSpawned => Some(format!("task {name}: spawned")),
-                _ => None,
-            };
-            // A message or reason comes from a tool or the graph: its control characters are escaped.
-            if !self.tty
-                && let Some(l) = line
-            {
-                let _ = writeln!(err, "{}", terminal_text(&l));
-            }
-        }
         if self.tty {
-            let _ = write!(
-                err,
-                "\r\x1b[2Kdone {}  running {}  failed {}  retried {}  skipped {}",
-                c.done,
-                c.running.max(0),
-                c.failed,
-                c.retried,
-                c.skipped
-            );
-            let _ = err.flush();
+            let tally = state.tally(events, engine);
+            if !crate::terminal::prompt_open() {
+                let line = progress_line(&tally, crate::terminal::stderr_columns());
+                let _ = write!(err, "\r\x1b[2K{line}");
+                let _ = err.flush();
+            }
+            return;
         }
+        for e in events {
+            if let Some(line) = plain_line(e, engine) {
+                // A message or reason comes from a tool or the graph: its control characters
+                // are escaped.
+                state.held.push(terminal_text(&line).into_owned());
+            }
+        }
+        if !crate::terminal::prompt_open() {
+            for line in state.held.drain(..) {
+                let _ = writeln!(err, "{line}");
+            }
+        }
+    }
+}
+
+/// The plain line an event gets when stderr is not a terminal, if any.
+fn plain_line(e: &EncodedEvent, engine: &Engine) -> Option<String> {
+    let kind = e.kind();
+    if !matches!(
+        kind,
+        EventKind::TaskStarted
+            | EventKind::TaskCompleted
+            | EventKind::TaskFailed
+            | EventKind::TaskRetryScheduled
+            | EventKind::TaskSkipped
+            | EventKind::TaskCancelled
+            | EventKind::TaskSpawned
+    ) {
+        return None;
+    }
+    // The log's bytes are canonical JSON the engine wrote; a payload that does not parse only
+    // loses its details on this line.
+    let payload: serde_json::Value = serde_json::from_slice(e.payload_json()).unwrap_or_default();
+    let name = e.task_id().and_then(|t| engine.task_name(t)).unwrap_or("");
+    match kind {
+        EventKind::TaskStarted => {
+            let attempt = payload["attempt"].as_u64().unwrap_or(1);
+            Some(if attempt > 1 {
+                format!("task {name}: started (attempt {attempt})")
+            } else {
+                format!("task {name}: started")
+            })
+        }
+        EventKind::TaskCompleted => {
+            if payload.get("substituted").is_none() {
+                Some(format!("task {name}: completed"))
+            } else {
+                let policy = e.task_id().and_then(|t| engine.on_failure_of(t));
+                Some(format!(
+                    "task {name}: completed ({})",
+                    agent_runtime_workforce::state::substitution_note(policy)
+                ))
+            }
+        }
+        EventKind::TaskFailed => Some(format!(
+            "task {name}: failed ({}: {})",
+            payload["class"].as_str().unwrap_or("?"),
+            payload["message"].as_str().unwrap_or("")
+        )),
+        EventKind::TaskRetryScheduled => Some(format!(
+            "task {name}: retry in {} ms",
+            payload["delay_ms"].as_u64().unwrap_or(0)
+        )),
+        EventKind::TaskSkipped => Some(format!(
+            "task {name}: skipped ({})",
+            payload["reason"].as_str().unwrap_or("")
+        )),
+        EventKind::TaskCancelled if payload.get("request").is_none() => {
+            Some(format!("task {name}: cancelled"))
+        }
+        EventKind::TaskSpawned => Some(format!("task {name}: spawned")),
+        _ => None,
     }
 }
 
@@ -601,14 +655,6 @@ fn shown_list(names: &[&str]) -> String {
         shown.push(format!("{} more", names.len() - 5));
     }
     shown.join(", ")
-}
-
-fn cancel_on_ctrl_c(token: CancellationToken) {
-    tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_ok() {
-            token.cancel();
-        }
-    });
 }
 
 fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -1721,5 +1767,48 @@ mod number_tests {
         assert_eq!(super::short_number(1.0), "1");
         assert_eq!(super::short_number(1e-320), "1e-320");
         assert_eq!(super::short_number(0.000001), "1e-6");
+    }
+}
+
+#[cfg(test)]
+mod progress_tests {
+    use super::*;
+    use agent_runtime_workforce::{TaskTally, parse_graph};
+
+    /// Cancelling a subtree takes from `running` only the tasks that were running; the tally
+    /// followed per event stays the engine's own.
+    #[test]
+    fn the_tally_follows_a_subtree_s_cancellation() {
+        let graph = parse_graph(
+            "tasks:
+  - {id: x, tool: sleep, args: {ms: 100}}
+  - {id: a, tool: sleep, args: {ms: 100}}
+  - {id: b, tool: sleep, args: {ms: 100}, needs: [a]}
+  - {id: c, tool: sleep, args: {ms: 100}, needs: [b]}
+",
+            std::path::Path::new("t.yaml"),
+        )
+        .unwrap();
+        let t0 = Timestamp::from_unix_nanos(1_767_225_600_000_000_000);
+        let mut engine = Engine::start(RunId::from_bytes([7; 16]), graph, 1, t0);
+        let mut state = ProgressState::default();
+        let events: Vec<EncodedEvent> = engine.drain_events().collect();
+        let started = state.tally(&events, &engine);
+        assert_eq!((started.running, started.waiting), (2, 2), "{started:?}");
+
+        let cancel = engine.cancel_task_event(t0, "me", "a", None).unwrap();
+        engine.apply(&cancel).unwrap();
+        let mut events: Vec<EncodedEvent> = vec![EncodedEvent::new(cancel)];
+        events.extend(engine.drain_events());
+        let after = state.tally(&events, &engine);
+        assert_eq!(after, engine.tally());
+        assert_eq!(
+            after,
+            TaskTally {
+                running: 1,
+                cancelled: 3,
+                ..TaskTally::default()
+            }
+        );
     }
 }

@@ -535,6 +535,55 @@ pub struct TaskView {
     pub attempts: u32,
 }
 
+/// How many tasks of a run are in each state (see [`Engine::tally`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TaskTally {
+    /// Completed (with an output, or its `continue_with` substitute).
+    pub completed: u64,
+    /// With an attempt running.
+    pub running: u64,
+    /// Failed for good (some waiting for their fallback task).
+    pub failed: u64,
+    /// Skipped.
+    pub skipped: u64,
+    /// Cancelled.
+    pub cancelled: u64,
+    /// Not started yet, or waiting for a slot or a retry.
+    pub waiting: u64,
+    /// Attempts after the first, over every task (an attempt a crash interrupted counts).
+    pub retried: u64,
+}
+
+impl TaskTally {
+    /// Counts a task in `status` that started `attempts` attempts.
+    pub fn add(&mut self, status: TaskStatus, attempts: u32) {
+        *self.of(status) += 1;
+        self.retried += u64::from(attempts.saturating_sub(1));
+    }
+    /// Takes back what [`TaskTally::add`] counted.
+    pub fn remove(&mut self, status: TaskStatus, attempts: u32) {
+        let count = self.of(status);
+        *count = count.saturating_sub(1);
+        self.retried = self
+            .retried
+            .saturating_sub(u64::from(attempts.saturating_sub(1)));
+    }
+    fn of(&mut self, status: TaskStatus) -> &mut u64 {
+        match status {
+            TaskStatus::Completed => &mut self.completed,
+            TaskStatus::Running => &mut self.running,
+            TaskStatus::Failed | TaskStatus::AwaitingFallback => &mut self.failed,
+            TaskStatus::Skipped => &mut self.skipped,
+            TaskStatus::Cancelled => &mut self.cancelled,
+            TaskStatus::Pending
+            | TaskStatus::Held
+            | TaskStatus::Ready
+            | TaskStatus::Blocked
+            | TaskStatus::WaitingRetry => &mut self.waiting,
+        }
+    }
+}
+
 impl Engine {
     /// The `run.created` event that starts a run of `graph` with `seed` at `time`.
     pub fn created_event(run_id: RunId, graph: &TaskGraph, seed: u64, time: Timestamp) -> NewEvent {
@@ -901,6 +950,28 @@ impl Engine {
                 attempts: t.attempt,
             })
             .collect()
+    }
+    /// How many tasks are in each state now: what a progress display shows. One pass over the
+    /// tasks, allocating nothing. A display that redraws per event takes
+    /// [`Engine::task_states`] once and follows events with [`Engine::task_state`].
+    pub fn tally(&self) -> TaskTally {
+        let mut tally = TaskTally::default();
+        for t in &self.tasks {
+            tally.add(t.status, t.attempt);
+        }
+        tally
+    }
+    /// A task's state and the attempts it started, by its id: with [`TaskTally::add`] and
+    /// [`TaskTally::remove`], a display keeps a tally up to date per event.
+    pub fn task_state(&self, task_id: TaskId) -> Option<(TaskStatus, u32)> {
+        self.index_of_task_id(task_id).map(|i| {
+            let t = &self.tasks[i as usize];
+            (t.status, t.attempt)
+        })
+    }
+    /// Every task's id, state and attempts started, in declaration then spawn order.
+    pub fn task_states(&self) -> impl Iterator<Item = (TaskId, TaskStatus, u32)> + '_ {
+        self.tasks.iter().map(|t| (t.task_id, t.status, t.attempt))
     }
     /// The graph id of a task.
     pub fn task_name(&self, task_id: TaskId) -> Option<&str> {

@@ -67,7 +67,7 @@ pub mod state;
 pub mod template;
 pub mod tools;
 
-pub use engine::{Effect, Engine, EngineError, RunStatus, TaskStatus};
+pub use engine::{Effect, Engine, EngineError, RunStatus, TaskStatus, TaskTally};
 pub use graph::{
     GraphError, TaskGraph, load_graph, load_graph_source, parse_graph, read_graph_source,
 };

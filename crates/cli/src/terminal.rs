@@ -1,0 +1,189 @@
+//! The person at the terminal: approval prompts, the interrupt key, and what the live
+//! progress line may draw.
+//!
+//! A run may ask for several approvals at once (its tasks call tools concurrently), a call
+//! may be cancelled while its question is on the screen, and the progress line redraws itself
+//! all along. So the terminal has one reader of its lines (a thread of its own, which nothing
+//! waits for at exit), prompts take turns, and while one is open the progress line keeps still.
+
+use std::io::{BufRead, IsTerminal, Write};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use agent_runtime_core::{
+    Actor, ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, CancellationToken,
+    ClassifiedError, ErrorClass,
+};
+use tokio::sync::Mutex;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+use crate::common::terminal_text;
+
+/// Whether an approval prompt is on the screen: the progress line does not redraw over it.
+static PROMPT_OPEN: AtomicBool = AtomicBool::new(false);
+
+/// Whether an approval prompt is on the screen now.
+pub(crate) fn prompt_open() -> bool {
+    PROMPT_OPEN.load(Ordering::Acquire)
+}
+
+/// Whether stderr is a terminal that understands cursor movement: not one whose `TERM` is
+/// `dumb` (Emacs' shell, some CI logs), which shows escape sequences as text.
+pub(crate) fn stderr_is_smart_terminal() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("TERM").is_none_or(|t| t != "dumb")
+}
+
+/// The width of the terminal on stderr, in columns, when it has one.
+pub(crate) fn stderr_columns() -> Option<usize> {
+    // SAFETY: TIOCGWINSZ writes a `winsize` into the one passed; stderr stays open.
+    let mut size: libc::winsize = unsafe { std::mem::zeroed() };
+    let ok = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut size) } == 0;
+    (ok && size.ws_col > 0).then_some(usize::from(size.ws_col))
+}
+
+/// The lines typed on the terminal, read by one thread for the whole process and handed to
+/// whichever prompt is open; the lock makes prompts take turns. A plain thread rather than
+/// `spawn_blocking`: a read that no prompt waits for any more must not hold the runtime's
+/// shutdown (the process would hang until Enter), and its next line goes to the next prompt.
+fn typed_lines() -> &'static Mutex<UnboundedReceiver<String>> {
+    static LINES: OnceLock<Mutex<UnboundedReceiver<String>>> = OnceLock::new();
+    LINES.get_or_init(|| {
+        let (tx, rx) = unbounded_channel();
+        let spawned = std::thread::Builder::new()
+            .name("terminal-input".into())
+            .spawn(move || {
+                let stdin = std::io::stdin();
+                loop {
+                    let mut line = String::new();
+                    match stdin.lock().read_line(&mut line) {
+                        // End of input: dropping the sender tells the prompt.
+                        Ok(0) | Err(_) => break,
+                        Ok(_) => {
+                            if tx.send(line).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            });
+        // Without the thread, the sender is gone and every prompt reads "end of input": denied.
+        drop(spawned);
+        Mutex::new(rx)
+    })
+}
+
+/// The text of a prompt, every piece that comes from a graph, a tool or a rule with its
+/// control and invisible characters escaped (see [`terminal_text`]): what the person reads is
+/// what the call will get. The arguments keep the lines of their pretty JSON.
+fn prompt_text(request: &ApprovalRequest) -> String {
+    let arguments = serde_json::to_string_pretty(&request.arguments).unwrap_or_default();
+    let arguments: Vec<_> = arguments.lines().map(terminal_text).collect();
+    format!(
+        "{} wants to call {} ({:?}) with\n{}\nbecause policy says: {}\nAllow? [y/N] ",
+        terminal_text(&request.subject.to_string()),
+        terminal_text(&request.tool),
+        request.risk,
+        arguments.join("\n"),
+        terminal_text(&request.reason)
+    )
+}
+
+/// Asks on the terminal, one question at a time; denies (decided by `system`) when there is
+/// no terminal.
+pub(crate) struct TerminalApproval;
+
+#[agent_runtime_core::async_trait]
+impl ApprovalSink for TerminalApproval {
+    async fn request(
+        &self,
+        request: ApprovalRequest,
+        cancel: CancellationToken,
+    ) -> Result<ApprovalDecision, ApprovalError> {
+        if !std::io::stdin().is_terminal() || !std::io::stderr().is_terminal() {
+            return Ok(ApprovalDecision {
+                approved: false,
+                decided_by: Actor::System,
+                reason: Some(format!(
+                    "no terminal to ask about {}: denied",
+                    terminal_text(&request.tool)
+                )),
+            });
+        }
+        let withdrawn =
+            || ClassifiedError::new(ErrorClass::Cancelled, "approval request cancelled");
+        let mut lines = tokio::select! {
+            lines = typed_lines().lock() => lines,
+            _ = cancel.cancelled() => return Err(withdrawn()),
+        };
+        // What was typed before this question was asked answers nothing.
+        while lines.try_recv().is_ok() {}
+        let mut open = OpenPrompt::show(&prompt_text(&request));
+        let line = tokio::select! {
+            line = lines.recv() => line,
+            _ = cancel.cancelled() => return Err(withdrawn()),
+        };
+        open.answered = true;
+        if line.is_none() {
+            eprintln!("\n(no more input: denied)");
+        }
+        let approved = line
+            .as_deref()
+            .is_some_and(|l| matches!(l.trim(), "y" | "Y" | "yes"));
+        let who = std::env::var("USER").unwrap_or_else(|_| "terminal".into());
+        Ok(ApprovalDecision {
+            approved,
+            decided_by: Actor::Person(who),
+            reason: Some(
+                if approved {
+                    "approved on the terminal"
+                } else {
+                    "denied on the terminal"
+                }
+                .into(),
+            ),
+        })
+    }
+}
+
+/// A question on the screen. Dropped unanswered (its call was cancelled, or timed out and its
+/// future dropped), it says so, so that nobody answers a question no longer asked; either way
+/// the progress line may draw again.
+struct OpenPrompt {
+    answered: bool,
+}
+
+impl OpenPrompt {
+    fn show(text: &str) -> OpenPrompt {
+        PROMPT_OPEN.store(true, Ordering::Release);
+        let mut err = std::io::stderr().lock();
+        // Clear the progress line the question starts on; the cursor stays after it.
+        let _ = write!(err, "\r\x1b[2K\n{text}");
+        let _ = err.flush();
+        OpenPrompt { answered: false }
+    }
+}
+
+impl Drop for OpenPrompt {
+    fn drop(&mut self) {
+        if !self.answered {
+            eprintln!("\n(withdrawn: the call was cancelled or timed out)");
+        }
+        PROMPT_OPEN.store(false, Ordering::Release);
+    }
+}
+
+/// Cancels `token` at the first interrupt (Ctrl-C); a second one ends the process at once
+/// (exit 130, as a shell reports an interrupted command) for when cancelling takes too long:
+/// what was committed stays in the log, as after `kill -9`.
+pub(crate) fn cancel_on_ctrl_c(token: CancellationToken) {
+    tokio::spawn(async move {
+        if tokio::signal::ctrl_c().await.is_err() {
+            return;
+        }
+        token.cancel();
+        if tokio::signal::ctrl_c().await.is_ok() {
+            eprintln!("\ninterrupted twice: stopping now");
+            std::process::exit(130);
+        }
+    });
+}

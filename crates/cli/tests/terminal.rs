@@ -1,0 +1,291 @@
+//! What a person at a terminal sees and types: approval prompts, the interrupt key and the
+//! progress line, through a real pseudo-terminal.
+//!
+//! The terminal is opened with libc's `openpty` rather than `portable-pty`, which would bring a
+//! third major version of `nix` into the lock file for these few calls.
+
+#![cfg(target_os = "linux")]
+
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A child process whose terminal is the slave side of a pseudo-terminal; everything it
+/// writes there is gathered from the master side by a thread.
+struct Terminal {
+    master: std::fs::File,
+    child: Child,
+    screen: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Terminal {
+    fn spawn(args: &[&str], cwd: &Path, cols: u16, env: &[(&str, &str)]) -> Terminal {
+        let mut master = -1;
+        let mut slave = -1;
+        let size = libc::winsize {
+            ws_row: 40,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        // SAFETY: openpty writes two descriptors into the integers passed; the name buffer
+        // and the termios are optional (null).
+        let rc = unsafe {
+            libc::openpty(
+                &mut master,
+                &mut slave,
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                &size,
+            )
+        };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: both descriptors were just opened and are owned here alone.
+        let (master, slave) =
+            unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        let mut cmd = Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"));
+        cmd.args(args)
+            .current_dir(cwd)
+            .env_remove("AGENT_RUNTIME_DB")
+            .env("TERM", "xterm")
+            .stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        // SAFETY: only async-signal-safe calls between fork and exec: a new session, whose
+        // controlling terminal is the pseudo-terminal (stdin), so that Ctrl-C typed on it
+        // reaches the child as SIGINT.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY as _, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().unwrap();
+        drop(cmd);
+        let master = std::fs::File::from(master);
+        let screen = Arc::new(Mutex::new(Vec::new()));
+        let mut reader = master.try_clone().unwrap();
+        let gathered = screen.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            // EIO once the child and every copy of the slave side are gone.
+            while let Ok(n) = reader.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                gathered.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Terminal {
+            master,
+            child,
+            screen,
+        }
+    }
+
+    fn screen(&self) -> String {
+        String::from_utf8_lossy(&self.screen.lock().unwrap()).into_owned()
+    }
+
+    /// Waits until `needle` has appeared `times` times on the screen.
+    fn wait_for(&self, needle: &str, times: usize) -> String {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            let screen = self.screen();
+            if screen.matches(needle).count() >= times {
+                return screen;
+            }
+            assert!(
+                Instant::now() < until,
+                "{needle:?} did not appear {times} times; the screen:\n{screen}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn type_text(&mut self, text: &str) {
+        self.master.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// Waits for the child to end (it must, within a minute: a hang fails the test).
+    fn wait(&mut self) -> ExitStatus {
+        let until = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                // Let the reader take the last output.
+                std::thread::sleep(Duration::from_millis(100));
+                return status;
+            }
+            if Instant::now() > until {
+                let _ = self.child.kill();
+                panic!("the process did not end; the screen:\n{}", self.screen());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A workspace folder (the run's current directory), with a graph, and a folder outside it
+/// holding two files whose reading needs approval.
+fn setup(graph: &str) -> (tempfile::TempDir, tempfile::TempDir) {
+    let ws = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::write(outside.path().join("one.txt"), "first-secret").unwrap();
+    std::fs::write(outside.path().join("two.txt"), "second-secret").unwrap();
+    let graph = graph.replace("OUT", outside.path().to_str().unwrap());
+    std::fs::write(ws.path().join("flow.yaml"), graph).unwrap();
+    (ws, outside)
+}
+
+fn run_args(ws: &Path) -> Vec<String> {
+    vec![
+        "--db".into(),
+        ws.join("events.db").to_str().unwrap().into(),
+        "--plaintext".into(),
+        "run".into(),
+        "flow.yaml".into(),
+        "--seed".into(),
+        "1".into(),
+    ]
+}
+
+fn spawn_run(ws: &Path, cols: u16, env: &[(&str, &str)]) -> Terminal {
+    let args = run_args(ws);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Terminal::spawn(&args, ws, cols, env)
+}
+
+/// Two calls needing approval at once: one question at a time, and each answer goes to the
+/// question on the screen.
+#[test]
+fn approvals_are_asked_one_at_a_time_and_answered_in_turn() {
+    let (ws, _outside) = setup(
+        "tasks:
+  - {id: one, tool: read_file, args: {path: OUT/one.txt}, on_failure: skip}
+  - {id: two, tool: read_file, args: {path: OUT/two.txt}, on_failure: skip}
+",
+    );
+    let mut term = spawn_run(ws.path(), 100, &[]);
+    let screen = term.wait_for("Allow? [y/N]", 1);
+    // Time for a second question to appear, were they not taking turns.
+    std::thread::sleep(Duration::from_millis(500));
+    let screen_later = term.screen();
+    assert_eq!(
+        screen_later.matches("Allow? [y/N]").count(),
+        1,
+        "{screen_later}"
+    );
+    let (asked, other, asked_text, other_text) = if screen.contains("one.txt") {
+        ("one.txt", "two.txt", "first-secret", "second-secret")
+    } else {
+        ("two.txt", "one.txt", "second-secret", "first-secret")
+    };
+    assert!(!screen.contains(other), "{screen}");
+    term.type_text("y\r");
+    let screen = term.wait_for("Allow? [y/N]", 2);
+    let second = &screen[screen.find("Allow? [y/N]").unwrap() + 1..];
+    assert!(second.contains(other), "{screen}");
+    assert!(!second.contains(asked), "{screen}");
+    term.type_text("n\r");
+    let status = term.wait();
+    let screen = term.screen();
+    assert!(status.success(), "{status}: {screen}");
+    assert!(screen.contains(asked_text), "{screen}");
+    assert!(!screen.contains(other_text), "{screen}");
+}
+
+/// Ctrl-C while a question is open: the question is withdrawn and the run ends cancelled,
+/// without waiting for Enter. The question shows what it asks about with its control
+/// characters escaped.
+#[test]
+fn ctrl_c_withdraws_an_open_question_and_ends_the_run() {
+    let (ws, _outside) = setup(
+        "tasks:
+  - {id: peek, tool: read_file, args: {path: \"OUT/x\\u009b31m\\u202ey\"}}
+  - {id: nap, tool: sleep, args: {ms: 60000}}
+",
+    );
+    let mut term = spawn_run(ws.path(), 100, &[]);
+    let screen = term.wait_for("Allow? [y/N]", 1);
+    assert!(screen.contains(r"x\u{9b}31m\u{202e}y"), "{screen}");
+    assert!(!screen.contains('\u{9b}'), "{screen}");
+    assert!(!screen.contains('\u{202e}'), "{screen}");
+    term.type_text("\x03");
+    let status = term.wait();
+    let screen = term.screen();
+    assert_eq!(status.code(), Some(1), "{screen}");
+    assert!(screen.contains("withdrawn"), "{screen}");
+    assert!(screen.contains("cancelled"), "{screen}");
+}
+
+/// A question whose call timed out is withdrawn; the retry asks again, and the answer typed
+/// then goes to the retry's question.
+#[test]
+fn a_timed_out_question_does_not_take_the_retry_s_answer() {
+    let (ws, _outside) = setup(
+        "tasks:
+  - id: peek
+    tool: read_file
+    args: {path: OUT/one.txt}
+    timeout: 1s
+    retry: {max_attempts: 2, on: [timeout], backoff: 10ms}
+",
+    );
+    let mut term = spawn_run(ws.path(), 100, &[]);
+    term.wait_for("Allow? [y/N]", 1);
+    term.wait_for("withdrawn", 1);
+    term.wait_for("Allow? [y/N]", 2);
+    term.type_text("y\r");
+    let status = term.wait();
+    let screen = term.screen();
+    assert!(status.success(), "{status}: {screen}");
+    assert!(screen.contains("first-secret"), "{screen}");
+}
+
+/// The progress line fits a narrow terminal (a wrapped line cannot be redrawn in place); on a
+/// `dumb` terminal there are plain lines and no cursor movement.
+#[test]
+fn the_progress_line_fits_the_terminal_and_dumb_terminals_get_plain_lines() {
+    let graph = "tasks:
+  - {id: a, tool: sleep, args: {ms: 100}}
+  - {id: b, tool: sleep, args: {ms: 100}, needs: [a]}
+  - {id: c, tool: sleep, args: {ms: 100}, needs: [b]}
+";
+    let (ws, _outside) = setup(graph);
+    let mut term = spawn_run(ws.path(), 20, &[]);
+    assert!(term.wait().success(), "{}", term.screen());
+    let screen = term.screen();
+    let drawn: Vec<&str> = screen
+        .split("\r\x1b[2K")
+        .skip(1)
+        .map(|s| s.split(['\r', '\n']).next().unwrap_or(""))
+        .collect();
+    assert!(drawn.len() >= 2, "{screen:?}");
+    for line in &drawn {
+        assert!(line.len() <= 19, "{line:?} in {screen:?}");
+    }
+    assert!(drawn.last().unwrap().starts_with("done 3"), "{screen:?}");
+
+    let (ws, _outside) = setup(graph);
+    let mut term = spawn_run(ws.path(), 80, &[("TERM", "dumb")]);
+    assert!(term.wait().success(), "{}", term.screen());
+    let screen = term.screen();
+    assert!(!screen.contains('\x1b'), "{screen:?}");
+    assert!(screen.contains("task c: completed"), "{screen:?}");
+}
