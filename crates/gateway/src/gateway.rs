@@ -886,7 +886,7 @@ pub fn cap_output(mut out: ToolOutput, max: usize) -> Result<ToolOutput, usize> 
     if matches!(out.value, Value::Null | Value::Bool(_) | Value::Number(_)) {
         return Ok(out);
     }
-    let size = json_size(&out.value);
+    let size = agent_runtime_core::canonical::json_size(&out.value);
     if size <= max {
         return Ok(out);
     }
@@ -900,26 +900,9 @@ pub fn cap_output(mut out: ToolOutput, max: usize) -> Result<ToolOutput, usize> 
         o.insert("truncated".into(), Value::Bool(true));
     }
     // Every byte cut took at least one off the JSON, and the mark was counted in.
-    debug_assert!(json_size(&out.value) <= max);
+    debug_assert!(agent_runtime_core::canonical::json_size(&out.value) <= max);
     out.truncated = true;
     Ok(out)
-}
-
-/// The size of `value` as JSON text, measured without building the text.
-fn json_size(value: &Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut size = Count(0);
-    let _ = serde_json::to_writer(&mut size, value);
-    size.0
 }
 
 /// The bytes `s` takes inside a JSON string as serde_json writes it: `"`, `\` and the control

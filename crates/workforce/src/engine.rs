@@ -535,6 +535,13 @@ pub struct TaskView {
     pub attempts: u32,
 }
 
+/// The most bytes a tool step's arguments may have once rendered (as compact JSON). Its
+/// `tool.requested` event records them, and an event the log refuses would stop the run where it
+/// stands, again at each `resume`: over this, the attempt fails as `invalid_arguments` instead,
+/// and the task's failure policy decides. Below the store's 16 MiB payload limit, with room for
+/// the rest of the event.
+pub const MAX_RENDERED_ARGS_BYTES: usize = 15 * 1024 * 1024;
+
 /// How many tasks of a run are in each state (see [`Engine::tally`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TaskTally {
@@ -1533,6 +1540,15 @@ impl Engine {
                 spec.args.as_ref().unwrap_or(&Value::Null),
                 &KeptOutputs(self),
             );
+            let size = agent_runtime_core::canonical::json_size(&args);
+            if size > MAX_RENDERED_ARGS_BYTES {
+                let message = format!(
+                    "its arguments, rendered from upstream outputs, are {size} bytes of JSON, \
+                     over the {MAX_RENDERED_ARGS_BYTES} a call's arguments may have"
+                );
+                self.attempt_failed(idx, ErrorClass::InvalidArguments, message);
+                return;
+            }
             let call = self.new_call(
                 idx,
                 CallKind::Tool,

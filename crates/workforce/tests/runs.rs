@@ -216,6 +216,40 @@ tasks:
     assert_eq!(out.outputs["use"], json!({"got": "default"}));
 }
 
+/// Arguments rendered past what a call's event may record fail the attempt as
+/// `invalid_arguments` (the failure policy decides), instead of an event the log refuses, which
+/// would stop the run at every resume.
+#[test]
+fn arguments_rendered_too_large_fail_the_attempt() {
+    let mib = "x".repeat(1024 * 1024);
+    let parts = vec!["{{ tasks.big.output.text }}"; 16].join("\", \"");
+    let (out, log) = run(
+        graph(&format!(
+            r#"
+tasks:
+  - {{ id: big, tool: fail, args: {{}}, on_failure: {{ continue_with: {{ text: "{mib}" }} }} }}
+  - {{ id: huge, tool: concat, args: {{ parts: ["{parts}"] }}, on_failure: skip }}
+  - {{ id: fine, tool: echo, args: {{ n: 1 }}, needs: [big] }}
+"#
+        )),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(status_of(&out, "huge"), TaskStatus::Skipped);
+    assert_eq!(status_of(&out, "fine"), TaskStatus::Completed);
+    let failed = events(&log)
+        .into_iter()
+        .find(|e| e.kind == EventKind::TaskFailed && e.payload["class"] == "invalid_arguments")
+        .expect("the attempt's failure");
+    let message = failed.payload["message"].as_str().unwrap();
+    assert!(
+        message.contains("16777") && message.contains("15728640"),
+        "{message}"
+    );
+    // Nothing recorded the arguments.
+    assert_eq!(count(&events(&log), EventKind::ToolRequested, "huge"), 0);
+}
+
 #[test]
 fn fallback_runs_in_place_and_unused_fallbacks_are_skipped() {
     let (out, log) = run(
