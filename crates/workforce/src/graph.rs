@@ -722,7 +722,7 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
 ) -> Result<T, GraphError> {
     Ok(if json {
         let mut de = serde_json::Deserializer::from_str(text);
-        serde_path_to_error::deserialize(&mut de).map_err(|e| {
+        let graph = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
             let message = strip_position(&inner.to_string(), &full);
@@ -735,7 +735,19 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
                 field,
                 message,
             }
-        })?
+        })?;
+        // Text after the graph (a second object, a stray bracket) is refused, as a second YAML
+        // document is: it is not what the person meant to run.
+        de.end().map_err(|e| GraphError::Syntax {
+            at: Location {
+                file: file.to_path_buf(),
+                line: e.line(),
+                column: e.column(),
+            },
+            field: "(top level)".into(),
+            message: "text after the end of the graph (one JSON value per file)".into(),
+        })?;
+        graph
     } else {
         let de = serde_yaml_ng::Deserializer::from_str(text);
         serde_path_to_error::deserialize(de).map_err(|e| {
@@ -1840,6 +1852,25 @@ mod tests {
         );
         let e = read_graph_source(big.as_bytes(), Path::new("big.json"));
         assert!(!matches!(e, Err(GraphError::TooLarge { .. })), "{e:?}");
+        // Text after the graph is refused where it starts, from a file or standard input.
+        for file in ["g.json", "<stdin>"] {
+            for (after, column) in [
+                ("{\"tasks\": [{\"id\": \"b\", \"tool\": \"fail\"}]}", 53),
+                ("]]}", 53),
+                (" trailing", 54),
+            ] {
+                let text = format!("{json}{after}\n");
+                let e = parse_graph(&text, Path::new(file)).unwrap_err().to_string();
+                assert!(
+                    e.starts_with(&format!(
+                        "{file}:1:{column}: (top level): text after the end"
+                    )),
+                    "{text}: {e}"
+                );
+            }
+            // Whitespace after it is fine.
+            assert!(parse_graph(&format!("{json}\n\n  \n"), Path::new(file)).is_ok());
+        }
     }
 
     #[test]
