@@ -527,11 +527,11 @@ pub enum GraphError {
         hint: &'static str,
     },
     /// The dependencies form a cycle.
-    #[error("{at}: tasks: dependency cycle {}", cycle_text(path))]
+    #[error("{at}: tasks: {}", cycle_text(path))]
     Cycle {
-        /// Where the first task of the cycle is declared.
+        /// Where the first task of the cycle declares what it needs.
         at: Location,
-        /// The task ids of the cycle, the first repeated at the end.
+        /// The task ids of the cycle, each needing the next, the first repeated at the end.
         path: Vec<String>,
     },
 }
@@ -540,15 +540,20 @@ pub enum GraphError {
 /// it leaves out between (a cycle through 50,000 tasks made an error line of half a megabyte).
 fn cycle_text(path: &[String]) -> String {
     const ENDS: usize = 8;
-    if path.len() <= 2 * ENDS + 1 {
-        return path.join(" -> ");
+    if let [one, _] = path {
+        return format!("task `{one}` needs itself");
     }
-    format!(
-        "{} -> ... ({} more) ... -> {}",
-        path[..ENDS].join(" -> "),
-        path.len() - 2 * ENDS,
-        path[path.len() - ENDS..].join(" -> ")
-    )
+    let shown = if path.len() <= 2 * ENDS + 1 {
+        path.join(" -> ")
+    } else {
+        format!(
+            "{} -> ... ({} more) ... -> {}",
+            path[..ENDS].join(" -> "),
+            path.len() - 2 * ENDS,
+            path[path.len() - ENDS..].join(" -> ")
+        )
+    };
+    format!("dependency cycle {shown} (each task needs the next)")
 }
 
 /// The largest task graph accepted, in bytes (16 MiB: a JSON graph of about 100,000 tasks).
@@ -1516,9 +1521,15 @@ impl TaskGraph {
         }
         if let Some(cycle) = find_cycle(&deps) {
             let at = locate(text, file, Some(&self.tasks[cycle[0]].id), "needs");
+            // The search follows dependents; the path reads as the graph is written: each
+            // task needs the next, starting where the error points.
             return Err(GraphError::Cycle {
                 at,
-                path: cycle.iter().map(|&i| self.tasks[i].id.clone()).collect(),
+                path: cycle
+                    .iter()
+                    .rev()
+                    .map(|&i| self.tasks[i].id.clone())
+                    .collect(),
             });
         }
         if authoring
@@ -2544,9 +2555,16 @@ tasks:
             other => panic!("{other}"),
         }
         assert!(
-            e.to_string().contains("dependency cycle a -> b -> c -> a"),
+            e.to_string()
+                .contains("dependency cycle a -> c -> b -> a (each task needs the next)"),
             "{e}"
         );
+        let e =
+            parse("tasks:\n  - { id: z, tool: echo }\n  - { id: a, tool: echo, needs: [z, a] }\n")
+                .unwrap_err()
+                .to_string();
+        assert!(e.starts_with("flow.yaml:3:"), "{e}");
+        assert!(e.ends_with("tasks: task `a` needs itself"), "{e}");
         // A long cycle keeps its ends, and its full path stays in the error's field.
         let mut yaml = "tasks:\n".to_string();
         for i in 0..1000 {
