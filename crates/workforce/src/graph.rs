@@ -1410,6 +1410,9 @@ impl TaskGraph {
                     });
                 }
             }
+            if authoring && let Err((field, message)) = template::check_paths(t) {
+                return Err(invalid(at, &field, message));
+            }
             for r in t.template_refs() {
                 if !ids.contains_key(r.as_str()) {
                     let field = if t.agent.is_some() { "prompt" } else { "args" };
@@ -2435,6 +2438,49 @@ tasks:
 
     /// `continue_with` is a value used as written: a template in it is refused rather than
     /// recorded as the task's output, text and all.
+    /// A space or a filter inside a template's path would look up a field of that name and
+    /// render `null`: refused where it is written.
+    #[test]
+    fn template_paths_with_spaces_or_filters_are_refused() {
+        for (template, field, says) in [
+            (
+                "{{ tasks.a.output.x | upper }}",
+                "args.v",
+                "has a filter (`|`)",
+            ),
+            (
+                "{{ tasks.a.output.arr. 1 }}",
+                "args.v",
+                "has a space inside its path (` 1`)",
+            ),
+            (
+                "{{ tasks. a .output }}",
+                "args.v",
+                "has a space inside its path (` a `)",
+            ),
+        ] {
+            let e = parse(&format!(
+                "tasks:\n  - {{ id: a, tool: echo, args: {{}} }}\n  - id: b\n    tool: echo\n    args:\n      v: \"{template}\"\n"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(e.starts_with("flow.yaml:6:7: "), "{e}");
+            assert!(e.contains(&format!("tasks[1].{field}: ")), "{e}");
+            assert!(e.contains(says), "{e}");
+        }
+        let e = parse(
+            "agents: {w: {model: m/x}}\ntasks:\n  - { id: a, tool: echo, args: {} }\n  - { id: b, agent: w, prompt: \"say {{ tasks.a.output.text|x }}\" }\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tasks[1].prompt: ") && e.contains("filter"),
+            "{e}"
+        );
+        // Spaces around the whole template are fine.
+        parse("tasks:\n  - { id: a, tool: echo, args: {} }\n  - { id: b, tool: echo, args: { v: \"{{tasks.a.output.x}} {{  tasks.a.output  }}\" } }\n").unwrap();
+    }
+
     #[test]
     fn a_template_in_continue_with_is_refused() {
         let e = parse(

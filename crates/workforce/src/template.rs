@@ -229,6 +229,62 @@ pub fn check(task: &TaskSpec) -> Result<(), String> {
     Ok(())
 }
 
+/// The authoring checks of a new graph's templates, beyond [`check`]: each part of a
+/// template's path is a name or an index, without spaces (`{{ tasks. a .output }}`,
+/// `{{ tasks.a.output.arr. 1 }}`) or filters (`{{ tasks.a.output.x | upper }}`), which would
+/// otherwise look up a field of that name and render `null`. Errors with the field
+/// (`prompt`, `args.path.to[0]`) and the message. Recorded graphs are not held to this: their
+/// templates render as they did.
+pub fn check_paths(task: &TaskSpec) -> Result<(), (String, String)> {
+    fn in_str(s: &str) -> Result<(), String> {
+        for found in scan(s).unwrap_or_default() {
+            let inner = s[found.start + 2..found.end - 2].trim();
+            let parts = std::iter::once(found.task).chain(found.path.iter().copied());
+            for part in parts {
+                if part.contains('|') {
+                    return Err(format!(
+                        "template `{{{{ {inner} }}}}` has a filter (`|`): templates take a path only, such as {{{{ tasks.ID.output.FIELD }}}}"
+                    ));
+                }
+                if part.contains(char::is_whitespace) {
+                    return Err(format!(
+                        "template `{{{{ {inner} }}}}` has a space inside its path (`{part}`)"
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+    fn walk(v: &Value, at: &mut String) -> Result<(), (String, String)> {
+        match v {
+            Value::String(s) => in_str(s).map_err(|e| (format!("args{at}"), e)),
+            Value::Array(a) => a.iter().enumerate().try_for_each(|(i, x)| {
+                let len = at.len();
+                at.push_str(&format!("[{i}]"));
+                let r = walk(x, at);
+                at.truncate(len);
+                r
+            }),
+            Value::Object(m) => m.iter().try_for_each(|(k, x)| {
+                let len = at.len();
+                at.push('.');
+                at.push_str(k);
+                let r = walk(x, at);
+                at.truncate(len);
+                r
+            }),
+            _ => Ok(()),
+        }
+    }
+    if let Some(p) = &task.prompt {
+        in_str(p).map_err(|e| ("prompt".to_string(), e))?;
+    }
+    if let Some(a) = &task.args {
+        walk(a, &mut String::new())?;
+    }
+    Ok(())
+}
+
 /// The value of secret `name` from `secrets`, if it may go into a call. Errors (naming the
 /// secret, never its value) when it is not set, or too short to redact: a value the redactor
 /// would not replace could come back in the call's result and be recorded, so it is refused
