@@ -96,6 +96,41 @@ pub fn is_invisible_format(c: char) -> bool {
     )
 }
 
+/// How many terminal columns `text` takes: a CJK character or an emoji two, a combining mark
+/// none. What table columns are padded by, so that rows with wide names line up.
+pub fn columns_of(text: &str) -> usize {
+    unicode_width::UnicodeWidthStr::width(text)
+}
+
+/// `text` cut to at most `max` columns, ending with `…` when cut.
+pub fn cut_to_columns(text: &str, max: usize) -> Cow<'_, str> {
+    if columns_of(text) <= max {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::new();
+    let mut used = 0;
+    for c in text.chars() {
+        let w = unicode_width::UnicodeWidthChar::width(c).unwrap_or(0);
+        if used + w > max.saturating_sub(1) {
+            break;
+        }
+        used += w;
+        out.push(c);
+    }
+    out.push('…');
+    Cow::Owned(out)
+}
+
+/// `text` followed by spaces up to `width` columns (none when it is wider).
+pub fn padded(text: &str, width: usize) -> String {
+    let mut out = text.to_string();
+    out.extend(std::iter::repeat_n(
+        ' ',
+        width.saturating_sub(columns_of(text)),
+    ));
+    out
+}
+
 /// The store's passphrase, moved out of the environment by [`take_secrets_from_env`].
 static PASSPHRASE: OnceLock<agent_runtime_store::Passphrase> = OnceLock::new();
 
@@ -307,5 +342,16 @@ mod tests {
         );
         let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
         assert!(matches!(terminal_text(family), Cow::Borrowed(_)));
+    }
+
+    #[test]
+    fn columns_count_wide_characters_twice() {
+        assert_eq!(columns_of("abc"), 3);
+        assert_eq!(columns_of("日本語🎉"), 8);
+        assert_eq!(padded("日本", 6), "日本  ");
+        assert_eq!(padded("toolong", 3), "toolong");
+        assert_eq!(cut_to_columns("日本語の名前", 7), "日本語…");
+        assert_eq!(cut_to_columns("abcdef", 4), "abc…");
+        assert!(matches!(cut_to_columns("abc", 3), Cow::Borrowed("abc")));
     }
 }

@@ -19,7 +19,7 @@ use agent_runtime_workforce::tools::ToolRegistry;
 use clap::{Args, Subcommand};
 use serde_json::{Value, json};
 
-use crate::common::{CliError, GlobalArgs, terminal_text};
+use crate::common::{CliError, GlobalArgs, columns_of, cut_to_columns, padded, terminal_text};
 use crate::gateway::GatewayOpts;
 use crate::terminal::{TerminalApproval, cancel_on_ctrl_c};
 
@@ -620,11 +620,19 @@ fn report_outcome(
     match out.status {
         RunStatus::Completed if cancelled.is_empty() => Ok(ExitCode::SUCCESS),
         RunStatus::Completed => Err(CliError::Failed(format!(
-            "run {} completed with {} task{} cancelled ({}): their outputs are missing",
+            "run {} completed with {} cancelled ({}): {} missing",
             out.run_id,
-            cancelled.len(),
-            if cancelled.len() == 1 { "" } else { "s" },
-            shown_list(&cancelled)
+            if cancelled.len() == 1 {
+                "1 task".to_string()
+            } else {
+                format!("{} tasks", cancelled.len())
+            },
+            shown_list(&cancelled),
+            if cancelled.len() == 1 {
+                "its output is"
+            } else {
+                "their outputs are"
+            }
         ))
         .into()),
         RunStatus::Failed => Err(CliError::Failed(format!(
@@ -1322,42 +1330,36 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         outln!("no runs");
         return Ok(ExitCode::SUCCESS);
     }
-    // The name column is as wide as the longest name, up to 40 characters (longer names are
-    // cut, with `…`), so that the columns after it line up.
+    // The name column is as wide as the longest name, up to 40 columns (longer names are cut,
+    // with `…`), so that the columns after it line up; wide characters count twice.
     const NAME_MAX: usize = 40;
     let names: Vec<String> = summaries
         .iter()
         .map(|s| {
             // Escaped first, so that the column is as wide as what is printed.
-            let name = terminal_text(s.name.as_deref().unwrap_or_default()).into_owned();
-            if name.chars().count() > NAME_MAX {
-                let mut cut: String = name.chars().take(NAME_MAX - 1).collect();
-                cut.push('…');
-                cut
-            } else {
-                name
-            }
+            let name = terminal_text(s.name.as_deref().unwrap_or_default());
+            cut_to_columns(&name, NAME_MAX).into_owned()
         })
         .collect();
     let width = names
         .iter()
-        .map(|n| n.chars().count())
+        .map(|n| columns_of(n))
         .max()
         .unwrap_or(0)
         .max(4);
     outln!(
-        "{:<36}  {:<width$}  {:<11}  {:<19}  {:>9}",
+        "{:<36}  {}  {:<11}  {:<19}  {:>9}",
         "RUN",
-        "NAME",
+        padded("NAME", width),
         "STATUS",
         "CREATED (UTC)",
         "DURATION"
     );
     for (s, name) in summaries.iter().zip(&names) {
         outln!(
-            "{:<36}  {:<width$}  {:<11}  {:<19}  {:>9}",
+            "{:<36}  {}  {:<11}  {:<19}  {:>9}",
             s.run_id.to_string(),
-            name,
+            padded(name, width),
             s.status,
             short_time(s.created),
             duration(s)
@@ -1368,9 +1370,19 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 
 /// A run without an end is `interrupted` in its events; it is `running` while a process
 /// holds its claim (see `Store::claim_run`).
+/// Unclaimed, its tasks that were running when the process stopped are `interrupted` too:
+/// nothing runs them until `resume`, which sends them through their retry policy.
 fn mark_running(store: &agent_runtime_store::Store, s: &mut RunSummary) -> anyhow::Result<()> {
-    if s.status == "interrupted" && store.run_is_claimed(s.run_id)? {
-        s.status = "running".into();
+    if s.status == "interrupted" {
+        if store.run_is_claimed(s.run_id)? {
+            s.status = "running".into();
+        } else {
+            for t in &mut s.tasks {
+                if t.status == "running" {
+                    t.status = "interrupted".into();
+                }
+            }
+        }
     }
     Ok(())
 }
@@ -1402,14 +1414,22 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
         outln!("error:    {}", terminal_text(e));
     }
     outln!();
+    // The task column is as wide as the longest id (ids are printed escaped, as every text
+    // from the log is), so that the columns after it line up.
+    let ids: Vec<String> = s
+        .tasks
+        .iter()
+        .map(|t| terminal_text(&t.id).into_owned())
+        .collect();
+    let width = ids.iter().map(|i| columns_of(i)).max().unwrap_or(0).max(4);
     outln!(
-        "{:<24}  {:<10}  {:>8}  {:>10}  ERROR",
-        "TASK",
+        "{}  {:<11}  {:>8}  {:>10}  ERROR",
+        padded("TASK", width),
         "STATUS",
         "ATTEMPTS",
         "DURATION"
     );
-    for t in &s.tasks {
+    for (t, id) in s.tasks.iter().zip(&ids) {
         let d = match (t.started, t.ended) {
             (Some(a), Some(b)) => format!("{:.3}s", b.saturating_duration_since(a).as_secs_f64()),
             _ => "-".into(),
@@ -1420,8 +1440,8 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
             (e, note) => e.clone().or_else(|| note.clone()).unwrap_or_default(),
         };
         outln!(
-            "{:<24}  {:<10}  {:>8}  {:>10}  {}",
-            t.id,
+            "{}  {:<11}  {:>8}  {:>10}  {}",
+            padded(id, width),
             t.status,
             t.attempts,
             d,

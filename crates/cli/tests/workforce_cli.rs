@@ -715,6 +715,29 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .assert()
         .success()
         .stdout(predicate::str::contains("interrupted"));
+    // Nothing runs the tasks that were in flight: `runs show` says they were interrupted.
+    let shown = cli(&db)
+        .args(["runs", "show", &run_id.to_string(), "--json"])
+        .output()
+        .unwrap();
+    let shown = json_of(&shown.stdout);
+    let statuses: Vec<&str> = shown["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    let ended = |k: EventKind| matches!(k, EventKind::TaskCompleted | EventKind::TaskFailed);
+    let in_flight = before
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskStarted)
+        .any(|s| {
+            !before
+                .iter()
+                .any(|e| ended(e.kind) && e.task_id == s.task_id)
+        });
+    assert!(!statuses.contains(&"running"), "{statuses:?}");
+    assert_eq!(statuses.contains(&"interrupted"), in_flight, "{statuses:?}");
     replay_says(&db, &run_id.to_string(), "not finished: resume it");
     // The run recorded the folder it started in; resumed from another, it goes on there.
     let created = &before[0];
