@@ -187,6 +187,23 @@ fn tools_call_through_the_pipeline() {
         .args(["tools", "call", "builtin.echo", "--args", "not json"])
         .assert()
         .code(2);
+    // The native tools take only their own arguments: a stray `path` is refused as such,
+    // not judged as a file to read (which asked for approval).
+    for (tool, args) in [
+        ("concat", r#"{"parts":["a"],"path":"/etc/passwd"}"#),
+        ("sleep", r#"{"ms":1,"path":"/etc/passwd"}"#),
+        ("read_file", r#"{"path":"x","file":"/etc/passwd"}"#),
+    ] {
+        env.cmd()
+            .args(["tools", "call", tool, "--args", args])
+            .assert()
+            .code(2)
+            .stderr(
+                predicate::str::contains("invalid_arguments").and(predicate::str::contains(
+                    "Additional properties are not allowed",
+                )),
+            );
+    }
     // A write inside the workspace runs (sandboxed); outside it is denied.
     env.cmd()
         .args([

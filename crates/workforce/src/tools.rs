@@ -163,7 +163,7 @@ impl Native {
             "concat",
             "Joins `parts` with `sep` (default empty) into {text}.",
             RiskClass::Read,
-            json!({"type": "object", "properties": {"parts": {"type": "array"}, "sep": {"type": "string"}}, "required": ["parts"]}),
+            json!({"type": "object", "properties": {"parts": {"type": "array"}, "sep": {"type": "string"}}, "required": ["parts"], "additionalProperties": false}),
         )
     }
     /// `sleep`: waits `ms` milliseconds.
@@ -173,7 +173,7 @@ impl Native {
             "sleep",
             "Waits `ms` milliseconds, then returns {slept_ms}.",
             RiskClass::Read,
-            json!({"type": "object", "properties": {"ms": {"type": "integer", "minimum": 0}}, "required": ["ms"]}),
+            json!({"type": "object", "properties": {"ms": {"type": "integer", "minimum": 0}}, "required": ["ms"], "additionalProperties": false}),
         )
     }
     /// `read_file`: reads a UTF-8 file.
@@ -183,7 +183,7 @@ impl Native {
             "read_file",
             "Reads the UTF-8 file at `path` into {text, bytes}.",
             RiskClass::Read,
-            json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}),
+            json!({"type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"], "additionalProperties": false}),
         )
     }
     /// `write_file`: writes `text` to `path` (idempotent).
@@ -193,7 +193,7 @@ impl Native {
             "write_file",
             "Writes `text` to the file at `path` (replacing it) and returns {path, bytes}.",
             RiskClass::Write,
-            json!({"type": "object", "properties": {"path": {"type": "string"}, "text": {"type": "string"}}, "required": ["path", "text"]}),
+            json!({"type": "object", "properties": {"path": {"type": "string"}, "text": {"type": "string"}}, "required": ["path", "text"], "additionalProperties": false}),
         )
     }
     /// `fail`: always fails.
@@ -203,7 +203,7 @@ impl Native {
             "fail",
             "Always fails with error class `class` (default tool_error) and `message`.",
             RiskClass::Read,
-            json!({"type": "object", "properties": {"class": {"type": "string"}, "message": {"type": "string"}}}),
+            json!({"type": "object", "properties": {"class": {"type": "string"}, "message": {"type": "string"}}, "additionalProperties": false}),
         )
     }
 }
