@@ -329,7 +329,7 @@ fn a_failed_run_exits_1_and_bad_graphs_exit_2_with_a_location() {
     };
     refused(
         "tasks:\n  - id: fetch\n    tool: echo\n  - id: b\n    tool: echo\n    needs: [fetc]\n",
-        "bad.yaml:6:5: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)",
+        "bad.yaml:6:13: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)",
     );
     refused(
         "tasks:\n  - { id: a, tool: echo, needs: [b] }\n  - { id: b, tool: echo, needs: [a] }\n",

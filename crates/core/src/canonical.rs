@@ -556,6 +556,31 @@ impl ser::Serializer for MapKey<'_> {
     }
 }
 
+/// The size of `value` as compact JSON text (as `serde_json::to_vec` writes it), measured
+/// without building the text.
+///
+/// ```
+/// use agent_runtime_core::canonical::json_size;
+/// let v = serde_json::json!({"a": [1, "x\n"]});
+/// assert_eq!(json_size(&v), serde_json::to_vec(&v).unwrap().len());
+/// ```
+pub fn json_size(value: &serde_json::Value) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len();
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut size = Count(0);
+    // Writing to a counter cannot fail, and a `Value` always serializes.
+    let _ = serde_json::to_writer(&mut size, value);
+    size.0
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::{BTreeMap, HashMap};
@@ -712,29 +737,4 @@ mod tests {
             .is_err()
         );
     }
-}
-
-/// The size of `value` as compact JSON text (as `serde_json::to_vec` writes it), measured
-/// without building the text.
-///
-/// ```
-/// use agent_runtime_core::canonical::json_size;
-/// let v = serde_json::json!({"a": [1, "x\n"]});
-/// assert_eq!(json_size(&v), serde_json::to_vec(&v).unwrap().len());
-/// ```
-pub fn json_size(value: &serde_json::Value) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-            self.0 += b.len();
-            Ok(b.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut size = Count(0);
-    // Writing to a counter cannot fail, and a `Value` always serializes.
-    let _ = serde_json::to_writer(&mut size, value);
-    size.0
 }

@@ -538,12 +538,9 @@ pub enum GraphError {
 
 /// A cycle's path as `a -> b -> c -> a`; a long one keeps its ends and says how many tasks
 /// it leaves out between (a cycle through 50,000 tasks made an error line of half a megabyte).
-fn cycle_text(path: &[String]) -> String {
+fn cycle_path(path: &[String]) -> String {
     const ENDS: usize = 8;
-    if let [one, _] = path {
-        return format!("task `{one}` needs itself");
-    }
-    let shown = if path.len() <= 2 * ENDS + 1 {
+    if path.len() <= 2 * ENDS + 1 {
         path.join(" -> ")
     } else {
         format!(
@@ -552,8 +549,18 @@ fn cycle_text(path: &[String]) -> String {
             path.len() - 2 * ENDS,
             path[path.len() - ENDS..].join(" -> ")
         )
-    };
-    format!("dependency cycle {shown} (each task needs the next)")
+    }
+}
+
+/// The message of [`GraphError::Cycle`].
+fn cycle_text(path: &[String]) -> String {
+    if let [one, _] = path {
+        return format!("task `{one}` needs itself");
+    }
+    format!(
+        "dependency cycle {} (each task needs the next)",
+        cycle_path(path)
+    )
 }
 
 /// The largest task graph accepted, in bytes (16 MiB: a JSON graph of about 100,000 tasks).
@@ -905,10 +912,27 @@ fn task_error(
     message: String,
 ) -> GraphError {
     GraphError::Invalid {
-        at: locate(text, file, Some(id), located_at),
+        at: locate_field(text, file, &format!("tasks[{i}].{located_at}"), None)
+            .unwrap_or_else(|| locate(text, file, Some(id), located_at)),
         field: format!("tasks[{i}].{field}"),
         message,
     }
+}
+
+/// Where the field at `path` (`tasks[1].needs`) is written in `text`, found through the
+/// parser (see [`crate::positions`]); with `item`, the item of that list with this text
+/// (`fetc` in `needs: [fetch, fetc]`). `None` when the parser cannot place it.
+fn locate_field(text: &str, file: &Path, path: &str, item: Option<&str>) -> Option<Location> {
+    let positions = crate::positions::Positions::of(text);
+    let (line, column) = match item {
+        Some(item) => positions.find_item(path, item),
+        None => positions.find(path),
+    }?;
+    Some(Location {
+        file: file.to_path_buf(),
+        line,
+        column,
+    })
 }
 
 /// Finds the best location of a task's field in the source text: the line of the task's `id`,
@@ -1041,7 +1065,14 @@ impl TaskGraph {
             }
         }
         let unknown_at = |path: &[&str], field: String, tool: &str| GraphError::Invalid {
-            at: locate_path(text, file, path),
+            at: match path {
+                // A tool in an agent's list: that item.
+                ["agents", agent, "tools", item] => {
+                    locate_field(text, file, &format!("agents.{agent}.tools"), Some(item))
+                }
+                _ => locate_field(text, file, &path.join("."), None),
+            }
+            .unwrap_or_else(|| locate_path(text, file, path)),
             field,
             message: unknown_tool(tool, available),
         };
@@ -1234,7 +1265,8 @@ impl TaskGraph {
             let key = field.rsplit('.').next().unwrap_or(field);
             let key = key.split('[').next().unwrap_or(key);
             GraphError::Invalid {
-                at: locate(text, file, tid, key),
+                at: locate_field(text, file, &fpath, None)
+                    .unwrap_or_else(|| locate(text, file, tid, key)),
                 field: fpath,
                 message,
             }
@@ -1338,7 +1370,8 @@ impl TaskGraph {
             if let Some(first) = ids.insert(&t.id, i) {
                 // Located at the second task with the id, which is the one in error.
                 return Err(GraphError::Invalid {
-                    at: locate_nth(text, file, Some((&t.id, 1)), "id"),
+                    at: locate_field(text, file, &format!("tasks[{i}].id"), None)
+                        .unwrap_or_else(|| locate_nth(text, file, Some((&t.id, 1)), "id")),
                     field: format!("tasks[{i}].id"),
                     message: format!("duplicate task id `{}` (tasks[{first}] has it)", t.id),
                 });
@@ -1396,16 +1429,21 @@ impl TaskGraph {
                 }
             }
             for n in &t.needs {
+                let needs_path = format!("tasks[{i}].needs");
+                let item_at = || {
+                    locate_field(text, file, &needs_path, Some(n))
+                        .unwrap_or_else(|| locate(text, file, Some(&t.id), "needs"))
+                };
                 if !ids.contains_key(n.as_str()) {
-                    return Err(invalid(
-                        at,
-                        "needs",
-                        format!("unknown task `{n}`{}", suggestion(n, names())),
-                    ));
+                    return Err(GraphError::Invalid {
+                        at: item_at(),
+                        field: needs_path.clone(),
+                        message: format!("unknown task `{n}`{}", suggestion(n, names())),
+                    });
                 }
                 if n == &t.id {
                     return Err(GraphError::Cycle {
-                        at: locate(text, file, Some(&t.id), "needs"),
+                        at: item_at(),
                         path: vec![n.clone(), n.clone()],
                     });
                 }
@@ -1523,7 +1561,9 @@ impl TaskGraph {
             }
         }
         if let Some(cycle) = find_cycle(&deps) {
-            let at = locate(text, file, Some(&self.tasks[cycle[0]].id), "needs");
+            let first = cycle[0];
+            let at = locate_field(text, file, &format!("tasks[{first}].needs"), None)
+                .unwrap_or_else(|| locate(text, file, Some(&self.tasks[first].id), "needs"));
             // The search follows dependents; the path reads as the graph is written: each
             // task needs the next, starting where the error points.
             return Err(GraphError::Cycle {
@@ -1581,7 +1621,7 @@ impl TaskGraph {
                 "fallback `{}` could never run for `{}`: it waits for it, through dependencies and fallbacks ({})",
                 self.tasks[fallback].id,
                 self.tasks[task].id,
-                cycle_text(&path)
+                cycle_path(&path)
             ),
         ))
     }
@@ -2387,6 +2427,45 @@ tasks:
         assert!(e.contains("tasks[0].tool"), "{e}");
     }
 
+    /// Errors found after reading are placed by the field's path through the parser, not by
+    /// searching the text for something that looks like it.
+    #[test]
+    fn errors_are_placed_by_path_not_by_text() {
+        // The first task's `timeout` comes before its id; the second task has one too.
+        let e = parse("tasks:\n  - timeout: 0s\n    id: b\n    tool: echo\n  - id: c\n    tool: echo\n    timeout: 1s\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("flow.yaml:2:5: tasks[0].timeout: "), "{e}");
+        // Minified JSON, as a program writes it.
+        let json =
+            r#"{"tasks":[{"id":"a","tool":"echo"},{"id":"b","tool":"echo","needs":["zz"]}]}"#;
+        let e = parse_graph(json, Path::new("g.json"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("g.json:1:69: tasks[1].needs: unknown task `zz`"),
+            "{e}"
+        );
+        // Extra spaces after `id:`.
+        let e = parse("tasks:\n  - id:    a\n    tool: echo\n    needs: [zz]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("flow.yaml:4:13: "), "{e}");
+        // A task written twice through an alias: the alias.
+        let e = parse("tasks:\n  - &t\n    id: a\n    tool: echo\n  - *t\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("flow.yaml:5:5: tasks[1].id: duplicate task id"),
+            "{e}"
+        );
+        // Columns count characters, not bytes.
+        let e = parse("tasks:\n  - { id: a, tool: echo, args: {t: 日本語}, needs: [zz] }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("flow.yaml:2:50: "), "{e}");
+    }
+
     #[test]
     fn unknown_reference_suggests_the_closest_name() {
         let e = parse(
@@ -2396,7 +2475,7 @@ tasks:
         .to_string();
         assert_eq!(
             e,
-            "flow.yaml:6:5: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)"
+            "flow.yaml:6:13: tasks[1].needs: unknown task `fetc` (did you mean `fetch`?)"
         );
         let e = parse("tasks:\n  - id: fetch\n    tool: echo\n  - id: b\n    tool: echo\n    args: { x: \"{{ tasks.fech.output }}\" }\n")
             .unwrap_err()
@@ -2633,7 +2712,7 @@ tasks:
         let e = parse("tasks:\n  - { id: a, tool: x, needs: [a] }\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("cycle a -> a"), "{e}");
+        assert!(e.contains("task `a` needs itself"), "{e}");
         let e = parse("tasks:\n  - { id: a, tool: x }\n  - { id: a, tool: x }\n")
             .unwrap_err()
             .to_string();

@@ -62,6 +62,7 @@ pub mod driver;
 pub mod engine;
 pub mod graph;
 mod hashing;
+mod positions;
 pub mod sim;
 pub mod state;
 pub mod template;
