@@ -288,6 +288,10 @@ impl<'de> Deserialize<'de> for OnFailure {
                 Some((k, _)) if k == "fallback" => {
                     Err(D::Error::custom("fallback must name a task"))
                 }
+                // `{ skip: true }`: a policy without a value is written as a word.
+                Some((k, _)) if k == "skip" || k == "fail_run" => Err(D::Error::custom(format!(
+                    "`{k}` takes no value: write `on_failure: {k}`; {EXPECTED}"
+                ))),
                 Some((k, _)) => Err(D::Error::custom(format!(
                     "unknown policy `{k}`{}; {EXPECTED}",
                     suggestion(k, ["continue_with", "fallback"])
@@ -2143,6 +2147,13 @@ tasks:
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("flow.yaml:2:26: tasks[0].on_failure"), "{e}");
+        let e = parse("tasks:\n  - { id: a, tool: echo, on_failure: { skip: true } }\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("tasks[0].on_failure: `skip` takes no value: write `on_failure: skip`"),
+            "{e}"
+        );
     }
 
     /// Deeply nested YAML is refused before the parser sees it (the parser's time grows with
