@@ -741,7 +741,11 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
         let graph = serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
-            let message = strip_position(&inner.to_string(), &full);
+            let mut message = strip_position(&inner.to_string(), &full);
+            // serde_json's message for a comment is about what it expected there instead.
+            if inner.is_syntax() && json_comment_at(text, inner.line(), inner.column()) {
+                message = "JSON has no comments (a YAML graph may have them)".into();
+            }
             GraphError::Syntax {
                 at: Location {
                     file: file.to_path_buf(),
@@ -794,6 +798,21 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
             }
         })?
     })
+}
+
+/// Whether a comment (`//` or `/*`) starts at or just after `line`:`column` (from 1;
+/// serde_json's place for an error, which is the character it stopped at).
+fn json_comment_at(text: &str, line: usize, column: usize) -> bool {
+    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
+        return false;
+    };
+    let from = l
+        .char_indices()
+        .nth(column.saturating_sub(1))
+        .map_or(l.len(), |(i, _)| i);
+    let rest = l[from..].trim_start();
+    let before = l[..from].trim_end();
+    rest.starts_with("//") || rest.starts_with("/*") || before.ends_with('/')
 }
 
 /// The line (from 1) of the `---` that starts a second YAML document, if there is one.
@@ -1910,6 +1929,16 @@ mod tests {
         );
         let e = read_graph_source(big.as_bytes(), Path::new("big.json"));
         assert!(!matches!(e, Err(GraphError::TooLarge { .. })), "{e:?}");
+        // A comment in JSON is named as such.
+        for text in [
+            "{\n  // the tasks\n  \"tasks\": []\n}\n",
+            "{\"tasks\": [ /* none */ ]}",
+        ] {
+            let e = parse_graph(text, Path::new("g.json"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("JSON has no comments"), "{text}: {e}");
+        }
         // Text after the graph is refused where it starts, from a file or standard input.
         for file in ["g.json", "<stdin>"] {
             for (after, column) in [
