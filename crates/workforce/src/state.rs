@@ -196,7 +196,9 @@ pub struct RunSummary {
     pub retries: u32,
     /// Tasks, in graph then spawn order.
     pub tasks: Vec<TaskRow>,
-    /// Outputs of the final tasks, when completed.
+    /// Outputs of the final tasks (those nothing depends on) that completed: all of them for a
+    /// completed run, those that got that far for a failed or cancelled one; `null` while the
+    /// run has not ended.
     pub outputs: Value,
     /// Why it failed (`task `T` failed: CLASS: MESSAGE`), or why it was cancelled and by whom
     /// (`REASON (person:NAME)`).
@@ -233,8 +235,14 @@ pub struct RunFold {
     summary: RunSummary,
     /// Whether tasks are folded (see [`RunFold::run_only`]).
     tasks: bool,
-    /// The declared tasks' `on_failure`, by row (all the fold needs of the graph).
+    /// The declared tasks' `on_failure`, by row.
     policies: Vec<OnFailure>,
+    /// Whether a task (by row) has tasks depending on it: the others' outputs are the run's
+    /// final outputs. Spawned tasks have none.
+    depended_on: Vec<bool>,
+    /// The outputs of the final tasks that completed, by row: the outputs of a run that
+    /// failed or was cancelled (a completed run's `run.completed` carries its own).
+    final_outputs: BTreeMap<usize, Value>,
     rows: BTreeMap<TaskId, usize>,
     order: Vec<TaskRow>,
 }
@@ -280,7 +288,16 @@ impl RunFold {
         let mut rows: BTreeMap<TaskId, usize> = BTreeMap::new();
         let mut order: Vec<TaskRow> = Vec::new();
         let mut policies = Vec::new();
+        let mut depended_on = Vec::new();
         if let Some(g) = graph {
+            depended_on = vec![false; g.tasks.len()];
+            for deps in g.dependencies() {
+                for d in deps {
+                    if let Some(flag) = depended_on.get_mut(d) {
+                        *flag = true;
+                    }
+                }
+            }
             // Declared tasks' ids are a pure function of run.created: regenerate them.
             let ids = declared_task_ids(first, &g);
             for (t, tid) in g.tasks.into_iter().zip(ids) {
@@ -297,6 +314,8 @@ impl RunFold {
             summary,
             tasks,
             policies,
+            depended_on,
+            final_outputs: BTreeMap::new(),
             rows,
             order,
         })
@@ -356,6 +375,12 @@ impl RunFold {
         }
         if let Some(r) = row {
             apply_task_event(&mut self.order[r], e, self.policies.get(r));
+            if e.kind == EventKind::TaskCompleted
+                && !self.depended_on.get(r).copied().unwrap_or(false)
+                && let Some(output) = e.payload.get("output")
+            {
+                self.final_outputs.insert(r, output.clone());
+            }
         }
     }
 
@@ -365,13 +390,30 @@ impl RunFold {
         if s.status == "running" && s.ended.is_none() {
             s.status = "interrupted".into();
         }
+        // A run that failed or was cancelled has the outputs of its final tasks that completed,
+        // as `run` prints them.
+        if self.tasks && matches!(s.status.as_str(), "failed" | "cancelled") {
+            let outputs: serde_json::Map<String, Value> = self
+                .final_outputs
+                .into_iter()
+                .filter(|(r, _)| self.order[*r].status == "completed")
+                .map(|(r, v)| (self.order[r].id.clone(), v))
+                .collect();
+            s.outputs = Value::Object(outputs);
+        }
         s.tasks = self.order;
         // The tasks an ended run left open were cancelled with it, as the engine's outcome says,
         // though no event names them: those it never started, and those waiting for a retry.
         if s.ended.is_some() {
+            let why = match s.status.as_str() {
+                "failed" => "the run failed first",
+                "cancelled" => "the run was cancelled first",
+                _ => "the run ended first",
+            };
             for t in &mut s.tasks {
                 if matches!(t.status.as_str(), "pending" | "retrying") {
                     t.status = "cancelled".into();
+                    t.error.get_or_insert_with(|| why.to_string());
                 }
             }
         }
@@ -437,6 +479,11 @@ fn apply_task_event(row: &mut TaskRow, e: &Envelope, policy: Option<&OnFailure>)
         EventKind::TaskSkipped => {
             row.status = "skipped".into();
             row.ended = Some(e.time);
+            // A task skipped after failing keeps its failure; one skipped because of an upstream
+            // task says which.
+            if let Some(reason) = e.payload.get("reason").and_then(Value::as_str) {
+                row.error.get_or_insert_with(|| reason.to_string());
+            }
         }
         EventKind::TaskCancelled if e.payload.get("request").is_none() => {
             row.status = "cancelled".into();

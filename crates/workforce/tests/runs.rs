@@ -815,7 +815,7 @@ fn resume_retries_in_flight_attempts_through_their_policy() {
 #[test]
 fn cancelling_a_run_stops_everything() {
     let g = graph(
-        "tasks:\n  - { id: a, tool: sleep, args: { ms: 5000 } }\n  - { id: b, tool: sleep, args: { ms: 5000 } }\n  - { id: c, tool: echo, needs: [a], args: {} }\n  - { id: r, tool: fail, args: { message: m }, retry: { max_attempts: 3, backoff: 10s } }\n",
+        "tasks:\n  - { id: a, tool: sleep, args: { ms: 5000 } }\n  - { id: b, tool: sleep, args: { ms: 5000 } }\n  - { id: c, tool: echo, needs: [a], args: {} }\n  - { id: r, tool: fail, args: { message: m }, retry: { max_attempts: 3, backoff: 10s } }\n  - { id: done, tool: echo, args: { v: 1 } }\n",
     );
     let log = Arc::new(MemoryLog::default());
     let token = CancellationToken::new();
@@ -838,7 +838,13 @@ fn cancelling_a_run_stops_everything() {
             .count(),
         2
     );
-    assert!(ev.iter().all(|e| e.kind != EventKind::ToolCompleted));
+    // Only `done`'s call completed.
+    assert_eq!(
+        ev.iter()
+            .filter(|e| e.kind == EventKind::ToolCompleted)
+            .count(),
+        1
+    );
     assert_eq!(
         driver::replay_events(&ev).unwrap().status,
         RunStatus::Cancelled
@@ -864,6 +870,10 @@ fn cancelling_a_run_stops_everything() {
     assert_eq!(row("a").status, "cancelled");
     assert!(row("a").error.is_some_and(|e| !e.is_empty()));
     assert_eq!(row("c").status, "cancelled");
+    assert_eq!(row("c").error.as_deref(), Some("the run was cancelled first"));
+    // The final task that completed first: its output, in the outcome and in `runs show`.
+    assert_eq!(out.outputs["done"], json!({"v": 1}));
+    assert_eq!(summary.outputs, json!(out.outputs));
     // `r` failed once and was waiting for its retry: cancelled with the run, in the outcome and
     // in `runs show` alike, not left `retrying`.
     assert!(ev.iter().any(|e| e.kind == EventKind::TaskRetryScheduled));
