@@ -870,7 +870,10 @@ fn cancelling_a_run_stops_everything() {
     assert_eq!(row("a").status, "cancelled");
     assert!(row("a").error.is_some_and(|e| !e.is_empty()));
     assert_eq!(row("c").status, "cancelled");
-    assert_eq!(row("c").error.as_deref(), Some("the run was cancelled first"));
+    assert_eq!(
+        row("c").error.as_deref(),
+        Some("the run was cancelled first")
+    );
     // The final task that completed first: its output, in the outcome and in `runs show`.
     assert_eq!(out.outputs["done"], json!({"v": 1}));
     assert_eq!(summary.outputs, json!(out.outputs));
