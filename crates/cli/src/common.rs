@@ -96,6 +96,16 @@ pub fn is_invisible_format(c: char) -> bool {
     )
 }
 
+/// The person at this terminal, as events name them: `person:$USER`, or `person:terminal`
+/// when `USER` is unset or empty (`person:` would not read back).
+pub fn person() -> agent_runtime_core::Actor {
+    let name = std::env::var("USER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| "terminal".into());
+    agent_runtime_core::Actor::Person(name)
+}
+
 /// How many terminal columns `text` takes: a CJK character or an emoji two, a combining mark
 /// none. What table columns are padded by, so that rows with wide names line up.
 pub fn columns_of(text: &str) -> usize {

@@ -129,10 +129,9 @@ impl ApprovalSink for TerminalApproval {
         let approved = line
             .as_deref()
             .is_some_and(|l| matches!(l.trim(), "y" | "Y" | "yes"));
-        let who = std::env::var("USER").unwrap_or_else(|_| "terminal".into());
         Ok(ApprovalDecision {
             approved,
-            decided_by: Actor::Person(who),
+            decided_by: crate::common::person(),
             reason: Some(
                 if approved {
                     "approved on the terminal"

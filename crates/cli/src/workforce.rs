@@ -1232,7 +1232,6 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
         return Err(CliError::Usage(format!("run {run_id} has no task `{task}`{hint}")).into());
     }
-    let who = std::env::var("USER").unwrap_or_else(|_| "terminal".into());
     let mut payload = serde_json::Map::new();
     if let Some(task) = &args.task {
         payload.insert("task".into(), Value::from(task.as_str()));
@@ -1250,7 +1249,7 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let request = NewEvent {
         run_id,
         task_id: None,
-        actor: agent_runtime_core::Actor::Person(who),
+        actor: crate::common::person(),
         kind: EventKind::RunCancelRequested,
         time: agent_runtime_core::Clock::now(&SystemClock),
         payload: Value::Object(payload),

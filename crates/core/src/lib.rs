@@ -113,4 +113,6 @@ pub use sink::{
 };
 pub use time::{Clock, ManualClock, SystemClock, Timestamp, process_cpu_ns, thread_cpu_ns};
 pub use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
-pub use tool::{RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource};
+pub use tool::{
+    MAX_ARGUMENT_BYTES, RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource,
+};

@@ -6,6 +6,11 @@ use serde_json::Value;
 use crate::context::CallContext;
 use crate::error::{ClassifiedError, ErrorClass};
 
+/// The most bytes of JSON a call's arguments may have: the call's `tool.requested` event
+/// records them, and the store's events hold at most 16 MiB of payload. Larger arguments are
+/// refused as `invalid_arguments` before anything runs (a file's content belongs in a file).
+pub const MAX_ARGUMENT_BYTES: usize = 15 * 1024 * 1024;
+
 /// How much harm a tool can do; the safe default policy keys on it.
 #[derive(
     Clone,

@@ -423,9 +423,15 @@ impl Gateway {
     fn failed_event(&self, rec: &CallRecord<'_>, err: &ToolError) -> NewEvent {
         // The name is the caller's text until it is found in the registry: redacted too.
         let tool = rec.redactor.redact_str(rec.tool);
+        // An empty name (a caller's mistake) is no actor: `tool:` would not read back.
+        let actor = if tool.is_empty() {
+            Actor::System
+        } else {
+            Actor::Tool(tool.clone())
+        };
         self.event(
             rec,
-            Actor::Tool(tool.clone()),
+            actor,
             EventKind::ToolFailed,
             json!({"tool": tool, "call_id": rec.call_id, "class": err.class,
                    "message": rec.redactor.redact_str(&err.message)}),
@@ -504,6 +510,27 @@ impl Gateway {
             )
         };
         let requested = |args: &Value| requested_with(args, &digest_of(args));
+        let size = agent_runtime_core::canonical::json_size(&args);
+        if size > agent_runtime_core::MAX_ARGUMENT_BYTES {
+            let err = ClassifiedError::new(
+                ErrorClass::InvalidArguments,
+                format!(
+                    "the arguments are {size} bytes of JSON; a call's may have at most {}",
+                    agent_runtime_core::MAX_ARGUMENT_BYTES
+                ),
+            );
+            // Recorded by their size and digest: they would not fit an event.
+            let requested = self.event(
+                &rec,
+                ctx.actor.clone(),
+                EventKind::ToolRequested,
+                json!({"tool": rec.redactor.redact_str(name), "call_id": rec.call_id,
+                       "arguments_digest": digest_of(&args), "arguments_bytes": size}),
+            );
+            self.append(vec![requested, self.failed_event(&rec, &err)])
+                .await?;
+            return Err(err);
+        }
         let Some(entry) = inner.registry.get(name) else {
             let err = redacted_error(&rec.redactor, self.unknown(name));
             self.append(vec![requested(&args), self.failed_event(&rec, &err)])

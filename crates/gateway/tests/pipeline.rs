@@ -269,6 +269,45 @@ async fn checking_arguments_validates_as_a_call_and_records_nothing() {
     assert_eq!(log.all().len(), seen_by_call, "a check recorded events");
 }
 
+/// A call of the empty name is refused and recorded with actors that read back (`tool:` would
+/// not: one such event made `audit tail` fail on the whole database).
+#[tokio::test]
+async fn an_empty_tool_name_is_recorded_with_an_actor_that_reads_back() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let err = gw.call("", json!({}), ctx()).await.unwrap_err();
+    assert!(err.message.contains("unknown tool"), "{}", err.message);
+    let events = log.all();
+    assert!(!events.is_empty());
+    for e in events {
+        let text = e.actor.to_string();
+        assert_eq!(text.parse::<Actor>().ok(), Some(e.actor.clone()), "{text}");
+    }
+}
+
+/// Arguments too large for their event are refused as such, recorded by size and digest,
+/// not reported as a log failure.
+#[tokio::test]
+async fn arguments_too_large_to_record_are_refused_as_arguments() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let big = "x".repeat(agent_runtime_core::MAX_ARGUMENT_BYTES);
+    let err = gw
+        .call("t.read", json!({ "text": big }), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments);
+    assert!(err.message.contains("bytes of JSON"), "{}", err.message);
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    let events = log.all();
+    assert_eq!(events[0].kind, EventKind::ToolRequested);
+    assert!(events[0].payload.get("arguments").is_none());
+    assert!(events[0].payload["arguments_bytes"].as_u64().unwrap() > big.len() as u64);
+    assert_eq!(events[1].kind, EventKind::ToolFailed);
+}
+
 #[tokio::test]
 async fn denied_call_is_recorded_and_not_run() {
     let log = Arc::new(MemoryLog::default());

@@ -535,12 +535,11 @@ pub struct TaskView {
     pub attempts: u32,
 }
 
-/// The most bytes a tool step's arguments may have once rendered (as compact JSON). Its
-/// `tool.requested` event records them, and an event the log refuses would stop the run where it
-/// stands, again at each `resume`: over this, the attempt fails as `invalid_arguments` instead,
-/// and the task's failure policy decides. Below the store's 16 MiB payload limit, with room for
-/// the rest of the event.
-pub const MAX_RENDERED_ARGS_BYTES: usize = 15 * 1024 * 1024;
+/// The most bytes a tool step's arguments may have once rendered (as compact JSON): a call's
+/// ([`agent_runtime_core::MAX_ARGUMENT_BYTES`]). Its `tool.requested` event records them, and an
+/// event the log refuses would stop the run where it stands, again at each `resume`: over this,
+/// the attempt fails as `invalid_arguments` instead, and the task's failure policy decides.
+pub const MAX_RENDERED_ARGS_BYTES: usize = agent_runtime_core::MAX_ARGUMENT_BYTES;
 
 /// How many tasks of a run are in each state (see [`Engine::tally`]).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
