@@ -147,6 +147,19 @@ impl std::fmt::Debug for Registry {
 }
 
 fn compile(descriptor: &ToolDescriptor) -> Result<jsonschema::Validator, GatewayError> {
+    // Arguments are always an object, and MCP clients refuse a tool list in which one tool's
+    // `inputSchema` has another `type` (the TypeScript SDK refuses the whole list): a schema
+    // for anything else could never be met, and is refused here, naming the tool.
+    if let Some(kind) = descriptor.input_schema.get("type")
+        && kind != "object"
+    {
+        return Err(GatewayError::InvalidTool {
+            name: descriptor.name.clone(),
+            message: format!(
+                "input schema has type {kind}; a tool's arguments are an object (type: object)"
+            ),
+        });
+    }
     jsonschema::validator_for(&descriptor.input_schema).map_err(|e| GatewayError::InvalidTool {
         name: descriptor.name.clone(),
         message: format!("input schema does not compile: {e}"),

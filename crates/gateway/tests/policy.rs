@@ -1098,3 +1098,38 @@ fn the_example_policy_and_mcp_file_load() {
     let m = agent_runtime_gateway::mcp::McpConfig::load(&root.join("mcp.json")).unwrap();
     assert_eq!(m.servers.len(), 2);
 }
+
+/// A tool whose input schema is not for an object could never be called (arguments are an
+/// object) and makes MCP clients refuse the whole tool list: refused, naming the tool.
+#[test]
+fn a_tool_schema_for_anything_but_an_object_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gateway.yaml");
+    for (schema, ok) in [
+        ("{ type: array }", false),
+        ("{ type: [object, \"null\"] }", false),
+        ("{}", true),
+        ("{ type: object }", true),
+    ] {
+        std::fs::write(
+            &file,
+            format!(
+                "workspace: [{ws}]\ntools:\n  - name: t.list\n    description: d\n    risk: read\n    command: [cat]\n    input_schema: {schema}\n",
+                ws = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let r = agent_runtime_gateway::config::assemble(&agent_runtime_gateway::config::Options {
+            config: Some(file.clone()),
+            ..Default::default()
+        });
+        match (r, ok) {
+            (Ok(_), true) => {}
+            (Err(e), false) => {
+                let e = e.to_string();
+                assert!(e.contains("t.list") && e.contains("type: object"), "{e}");
+            }
+            (r, _) => panic!("{schema}: {:?}", r.map(|_| ()).map_err(|e| e.to_string())),
+        }
+    }
+}

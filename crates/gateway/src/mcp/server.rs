@@ -100,10 +100,15 @@ impl GatewayServer {
 }
 
 fn tool_json(d: &ToolDescriptor) -> Value {
-    let schema = if d.input_schema.is_object() {
-        d.input_schema.clone()
-    } else {
-        json!({"type": "object"})
+    // MCP requires `"type": "object"`; a schema without a type (`{}`, or `true`) gets it.
+    let schema = match &d.input_schema {
+        Value::Object(o) if o.contains_key("type") => d.input_schema.clone(),
+        Value::Object(o) => {
+            let mut o = o.clone();
+            o.insert("type".into(), json!("object"));
+            Value::Object(o)
+        }
+        _ => json!({"type": "object"}),
     };
     let mut t = json!({
         "name": d.name,
@@ -253,5 +258,31 @@ pub async fn serve_http(
                 _ = stop.cancelled() => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// MCP requires `"type": "object"`: a schema without a type gets it, others keep theirs.
+    #[test]
+    fn a_listed_input_schema_always_has_its_type() {
+        let mut d = crate::builtin::builtins()[0].descriptor().clone();
+        for (schema, listed) in [
+            (json!({}), json!({"type": "object"})),
+            (
+                json!({"properties": {"a": {}}}),
+                json!({"type": "object", "properties": {"a": {}}}),
+            ),
+            (json!(true), json!({"type": "object"})),
+            (
+                json!({"type": "object", "required": ["a"]}),
+                json!({"type": "object", "required": ["a"]}),
+            ),
+        ] {
+            d.input_schema = schema;
+            assert_eq!(tool_json(&d)["inputSchema"], listed);
+        }
     }
 }
