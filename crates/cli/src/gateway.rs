@@ -617,7 +617,7 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     }
     let rt = runtime()?;
     let store = global.open_store()?;
-    rt.block_on(async {
+    let served = rt.block_on(async {
         // Nobody can be asked from here (stdin carries the protocol, or there is no terminal
         // behind an HTTP server): `ask` means deny.
         let (gw, manager) = build(
@@ -631,7 +631,7 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         let r = match &a.http {
             Some(addr) => {
                 let stop = CancellationToken::new();
-                crate::terminal::cancel_on_ctrl_c(stop.clone());
+                crate::terminal::cancel_on_ctrl_c_or_term(stop.clone());
                 let (tx, rx) = tokio::sync::oneshot::channel();
                 tokio::spawn(async move {
                     if let Ok(bound) = rx.await {
@@ -641,11 +641,20 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 agent_runtime_gateway::mcp::server::serve_http(gw, actor, addr, stop, Some(tx))
                     .await
             }
-            None => agent_runtime_gateway::mcp::server::serve_stdio(gw, actor).await,
+            None => {
+                let stop = CancellationToken::new();
+                crate::terminal::cancel_on_ctrl_c_or_term(stop.clone());
+                agent_runtime_gateway::mcp::server::serve_stdio_until(gw, actor, stop).await
+            }
         };
         manager.shutdown().await;
         r.map_err(gateway_error)
-    })?;
+    });
+    // Stopped by a signal, the session leaves tokio's stdin reader blocked in a read on a
+    // thread of the runtime's, which dropping the runtime would wait for (until the client
+    // writes a line or closes its end): everything else has ended, so it is left behind.
+    rt.shutdown_background();
+    served?;
     Ok(ExitCode::SUCCESS)
 }
 

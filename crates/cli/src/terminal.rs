@@ -14,6 +14,7 @@ use agent_runtime_core::{
     Actor, ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, CancellationToken,
     ClassifiedError, ErrorClass,
 };
+use tokio::signal::unix::{SignalKind, signal};
 use tokio::sync::Mutex;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -175,14 +176,41 @@ impl Drop for OpenPrompt {
 /// (exit 130, as a shell reports an interrupted command) for when cancelling takes too long:
 /// what was committed stays in the log, as after `kill -9`.
 pub(crate) fn cancel_on_ctrl_c(token: CancellationToken) {
+    cancel_on_signals(token, false);
+}
+
+/// [`cancel_on_ctrl_c`], and SIGTERM does the same: for a server (`mcp serve`), which its host
+/// stops with SIGTERM and which has no `resume`, so it should end its calls and record their
+/// outcomes rather than die in the middle. (A run is resumable: there SIGTERM stays a crash.)
+pub(crate) fn cancel_on_ctrl_c_or_term(token: CancellationToken) {
+    cancel_on_signals(token, true);
+}
+
+fn cancel_on_signals(token: CancellationToken, term: bool) {
     tokio::spawn(async move {
-        if tokio::signal::ctrl_c().await.is_err() {
+        let mut terminate = if term {
+            signal(SignalKind::terminate()).ok()
+        } else {
+            None
+        };
+        if !next_signal(&mut terminate).await {
             return;
         }
         token.cancel();
-        if tokio::signal::ctrl_c().await.is_ok() {
+        if next_signal(&mut terminate).await {
             eprintln!("\ninterrupted twice: stopping now");
             std::process::exit(130);
         }
     });
+}
+
+/// Waits for Ctrl-C, or SIGTERM when `terminate` listens for it; false when no signal can come.
+async fn next_signal(terminate: &mut Option<tokio::signal::unix::Signal>) -> bool {
+    match terminate {
+        Some(t) => tokio::select! {
+            r = tokio::signal::ctrl_c() => r.is_ok(),
+            r = t.recv() => r.is_some(),
+        },
+        None => tokio::signal::ctrl_c().await.is_ok(),
+    }
 }

@@ -719,6 +719,130 @@ fn mcp_serve_answers_malformed_params_with_invalid_params() {
     assert_eq!(errors[&4]["code"], -32601, "{errors:?}");
 }
 
+/// Over stdio the server answers every request, also one it cannot read (not UTF-8, nested
+/// too deep) with a parse error carrying its id; a notification before `initialize` does not
+/// end the session; and SIGTERM ends it the way closing stdin does: the call in flight is
+/// cancelled and its outcome recorded.
+#[test]
+fn mcp_serve_stdio_answers_what_it_cannot_read_and_ends_its_calls_on_sigterm() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gateway.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "workspace: [{}]\ntools:\n  - name: t.wait\n    description: waits\n    risk: read\n    input_schema: {{ type: object }}\n    command: [sleep, \"30\"]\n",
+            dir.path().display()
+        ),
+    )
+    .unwrap();
+    let db = dir.path().join("events.db");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+        .current_dir(dir.path())
+        .arg("--db")
+        .arg(&db)
+        .args(["--plaintext", "mcp", "serve", "--stdio", "--config"])
+        .arg(&config)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let deep = format!(
+        r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"t.wait","arguments":{{"a":{}1{}}}}}}}"#,
+        "[".repeat(300),
+        "]".repeat(300)
+    );
+    let mut lines: Vec<Vec<u8>> = vec![
+        br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":9}}"#.to_vec(),
+        br#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#.to_vec(),
+        br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#.to_vec(),
+        b"{\"jsonrpc\":\"2.0\",\"id\":3,\"method\":\"tools/call\",\"params\":{\"name\":\"t.wait\",\"arguments\":{\"p\":\"a\xff\"}}}".to_vec(),
+    ];
+    lines.push(deep.into_bytes());
+    lines.push(
+        serde_json::to_vec(
+            &serde_json::json!({"jsonrpc": "2.0", "id": 6, "method": "tools/call",
+            "params": {"name": "builtin.echo", "arguments": {"text": "x".repeat(300_000)}}}),
+        )
+        .unwrap(),
+    );
+    lines.push(br#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"t.wait","arguments":{}}}"#.to_vec());
+    for line in &lines {
+        stdin.write_all(line).unwrap();
+        stdin.write_all(b"\n").unwrap();
+    }
+    stdin.flush().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut answers = std::collections::BTreeMap::new();
+    while answers.len() < 4 {
+        let line = rx
+            .recv_timeout(std::time::Duration::from_secs(30))
+            .expect("an answer within 30 s");
+        let v: Value = serde_json::from_str(&line).unwrap();
+        if let Some(id) = v["id"].as_i64() {
+            answers.insert(id, v);
+        }
+    }
+    assert!(
+        answers[&1]["result"]["serverInfo"].is_object(),
+        "{answers:?}"
+    );
+    for id in [3, 4] {
+        assert_eq!(answers[&id]["error"]["code"], -32700, "{answers:?}");
+    }
+    // A result cut to the output limit says so, in its text and its `_meta`.
+    let cut = &answers[&6]["result"];
+    assert_eq!(cut["_meta"]["agent-runtime/truncated"], true);
+    assert!(
+        cut["content"][0]["text"]
+            .as_str()
+            .unwrap()
+            .ends_with("[truncated: the output was over the gateway's limit]")
+    );
+    // The call is running (its tool.started is recorded): stop the server.
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let kinds = || -> Vec<String> {
+        let out = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+            .arg("--db")
+            .arg(&db)
+            .args(["--plaintext", "audit", "tail", "--json"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|e| e["kind"].as_str().map(String::from))
+            .collect()
+    };
+    while !kinds().iter().any(|k| k == "tool.started") {
+        assert!(std::time::Instant::now() < until, "the call never started");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    // SAFETY: signalling the child spawned above.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(std::time::Instant::now() < until, "no exit after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    let kinds = kinds();
+    assert!(kinds.iter().any(|k| k == "tool.failed"), "{kinds:?}");
+}
+
 #[test]
 fn mcp_serve_stdio_interoperates_with_the_typescript_sdk() {
     let npm = npm();

@@ -75,6 +75,14 @@ pub enum GatewayError {
         /// What went wrong.
         message: String,
     },
+    /// Serving the registry over MCP (`mcp serve`) failed.
+    #[error("serving MCP over {transport}: {message}")]
+    Serve {
+        /// `stdio`, or `http ADDRESS`.
+        transport: String,
+        /// What went wrong.
+        message: String,
+    },
 }
 
 impl GatewayError {
@@ -96,6 +104,9 @@ impl GatewayError {
     /// failure to reach something it names (an MCP server that does not answer) or to write a
     /// file.
     pub fn is_configuration(&self) -> bool {
-        !matches!(self, GatewayError::Mcp { .. } | GatewayError::Write { .. })
+        !matches!(
+            self,
+            GatewayError::Mcp { .. } | GatewayError::Serve { .. } | GatewayError::Write { .. }
+        )
     }
 }

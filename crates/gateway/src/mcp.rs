@@ -55,6 +55,7 @@ use crate::registry::Registry;
 
 mod edit;
 pub mod server;
+mod stdio;
 
 /// One MCP server as configured.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

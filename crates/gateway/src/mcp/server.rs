@@ -24,12 +24,69 @@ use crate::gateway::Gateway;
 pub struct GatewayServer {
     gateway: Gateway,
     actor: Actor,
+    in_flight: std::sync::Arc<InFlight>,
+}
+
+/// The calls a server is running, so that a session that ends can wait for their outcomes to
+/// be recorded (the SDK cancels them, and each records `tool.failed`) before the process ends.
+#[derive(Debug, Default)]
+struct InFlight {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+/// One call counted in [`InFlight`] while it lives.
+struct Counted(std::sync::Arc<InFlight>);
+
+impl Counted {
+    fn new(in_flight: &std::sync::Arc<InFlight>) -> Counted {
+        in_flight
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Counted(in_flight.clone())
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if self
+            .0
+            .count
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl GatewayServer {
     /// A server exposing `gateway`'s registry; calls are made as `actor`.
     pub fn new(gateway: Gateway, actor: Actor) -> Self {
-        GatewayServer { gateway, actor }
+        GatewayServer {
+            gateway,
+            actor,
+            in_flight: Default::default(),
+        }
+    }
+
+    /// Waits until no call runs, at most `max`.
+    pub async fn settled(&self, max: std::time::Duration) {
+        let until = tokio::time::Instant::now() + max;
+        loop {
+            let idle = self.in_flight.idle.notified();
+            if self
+                .in_flight
+                .count
+                .load(std::sync::atomic::Ordering::Acquire)
+                == 0
+            {
+                return;
+            }
+            if tokio::time::timeout_at(until, idle).await.is_err() {
+                return;
+            }
+        }
     }
 
     fn tools(&self) -> Result<ListToolsResult, McpError> {
@@ -43,6 +100,7 @@ impl GatewayServer {
         request: CallToolRequestParams,
         context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, McpError> {
+        let _counted = Counted::new(&self.in_flight);
         let mut ctx = CallContext::new(self.actor.clone());
         ctx.cancel = context.ct.child_token();
         let args = Value::Object(request.arguments.unwrap_or_default());
@@ -81,9 +139,19 @@ impl GatewayServer {
                     Value::String(s) => s.clone(),
                     other => other.to_string(),
                 };
+                // A result cut to the gateway's output limit says so where a client and a
+                // model both see it: in the text, and in `_meta`.
+                let text = if out.truncated {
+                    format!("{text}\n[truncated: the output was over the gateway's limit]")
+                } else {
+                    text
+                };
                 let mut r = json!({"content": [{"type": "text", "text": text}], "isError": false});
                 if out.value.is_object() {
                     r["structuredContent"] = out.value.clone();
+                }
+                if out.truncated {
+                    r["_meta"] = json!({"agent-runtime/truncated": true});
                 }
                 r
             }
@@ -188,17 +256,49 @@ impl ServerHandler for GatewayServer {
 
 /// Serves `gateway` over this process's stdin and stdout until the client disconnects.
 pub async fn serve_stdio(gateway: Gateway, actor: Actor) -> Result<(), GatewayError> {
-    let err = |m: String| GatewayError::Mcp {
-        server: "stdio".into(),
+    serve_stdio_until(gateway, actor, agent_runtime_core::CancellationToken::new()).await
+}
+
+/// [`serve_stdio`] until `stop` is cancelled too (the CLI cancels it on SIGTERM and Ctrl-C):
+/// then the input ends as if the client had closed it, so the calls in flight are cancelled
+/// and their outcomes recorded before it returns. Lines that do not parse are answered with a
+/// JSON-RPC parse error, notifications before `initialize` are dropped, and the session ends
+/// when stdout cannot be written (see [`super::stdio`]).
+pub async fn serve_stdio_until(
+    gateway: Gateway,
+    actor: Actor,
+    stop: agent_runtime_core::CancellationToken,
+) -> Result<(), GatewayError> {
+    let err = |m: String| GatewayError::Serve {
+        transport: "stdio".into(),
         message: m,
     };
-    let running = GatewayServer::new(gateway, actor)
-        .serve(rmcp::transport::stdio())
-        .await
-        .map_err(|e| err(format!("initialize failed: {e}")))?;
-    running.waiting().await.map_err(|e| err(e.to_string()))?;
-    Ok(())
+    let server = GatewayServer::new(gateway, actor);
+    let calls = server.clone();
+    let served = super::stdio::framed(
+        tokio::io::stdin(),
+        tokio::io::stdout(),
+        stop,
+        |sdk_in, sdk_out| async move {
+            let running = match server.serve((sdk_in, sdk_out)).await {
+                Ok(running) => running,
+                // The client left before initializing: nothing was served, nothing is wrong.
+                Err(rmcp::service::ServerInitializeError::ConnectionClosed(_)) => return Ok(()),
+                Err(e) => return Err(err(format!("the client's initialize failed: {e}"))),
+            };
+            running.waiting().await.map_err(|e| err(e.to_string()))?;
+            Ok(())
+        },
+    )
+    .await;
+    // The session has ended and cancelled its calls: let them record their outcomes.
+    calls.settled(SETTLE).await;
+    served
 }
+
+/// How long a session that ended waits for its cancelled calls to record their outcomes (a
+/// sandboxed command gets SIGTERM, then SIGKILL after a grace period).
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves `gateway` as a streamable HTTP MCP endpoint on `addr` (for example `127.0.0.1:8808`)
 /// until `stop` is cancelled. `bound` receives the address actually bound (useful with port 0).
@@ -214,8 +314,8 @@ pub async fn serve_http(
 ) -> Result<(), GatewayError> {
     use rmcp::transport::streamable_http_server::session::local::LocalSessionManager;
     use rmcp::transport::{StreamableHttpServerConfig, StreamableHttpService};
-    let err = |m: String| GatewayError::Mcp {
-        server: format!("http {addr}"),
+    let err = |m: String| GatewayError::Serve {
+        transport: format!("http {addr}"),
         message: m,
     };
     let listener = tokio::net::TcpListener::bind(addr)
