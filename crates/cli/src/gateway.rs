@@ -450,7 +450,23 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     );
     outln!("decision:   {}", d.effect.as_str());
     outln!("rule:       {} (decided by {})", d.rule, report.decided_by);
-    outln!("reason:     {}", d.reason);
+    outln!("reason:     {}", terminal_text(&d.reason));
+    // What each path argument was judged as: a path that cannot be resolved (a NUL byte, a
+    // part too long, a leading `~`, a link loop) counts as outside the workspace.
+    for (given, resolved) in &d.paths {
+        match resolved {
+            Some(p) => outln!(
+                "path:       {} -> {}",
+                terminal_text(given),
+                terminal_text(&p.to_string_lossy())
+            ),
+            None => outln!(
+                "path:       {} -> cannot be resolved (a NUL byte, a part too long, a leading `~` \
+                 or a link loop): counts as outside",
+                terminal_text(given)
+            ),
+        }
+    }
     if let Some(first) = report.trace.iter().position(|t| t.matched) {
         outln!("rules in order (first match decides):");
         for (i, t) in report.trace.iter().enumerate() {

@@ -8,10 +8,18 @@ use std::path::{Component, Path, PathBuf};
 /// How many symlinks one resolution may follow before it gives up (as `ELOOP`).
 const MAX_SYMLINKS: usize = 40;
 
+/// Whether `path` starts with `~` or `~user`: a folder of that name here for a native or
+/// command tool, but a home folder for a shell or an MCP server that expands it (the reference
+/// filesystem server does). No one resolution is right for every tool, so such a path resolves
+/// to nothing, which policy rules count as outside (`./~/x` names a folder called `~`).
+fn names_a_home(path: &str) -> bool {
+    path.starts_with('~')
+}
+
 /// Resolves `path` (relative paths against `base`) to an absolute path with every existing
 /// symlink followed and every `.` and `..` applied in order; components that do not exist are
-/// kept as written. Returns `None` for paths that can never be safe (NUL bytes, symlink loops)
-/// and for paths with a part that cannot be looked at (longer than the system takes, in a
+/// kept as written. Returns `None` for paths that can never be safe (NUL bytes, symlink loops,
+/// a leading `~`: see [`names_a_home`]) and for paths with a part that cannot be looked at (longer than the system takes, in a
 /// folder this process may not search), which may be a link.
 ///
 /// ```
@@ -20,7 +28,7 @@ const MAX_SYMLINKS: usize = 40;
 /// assert_eq!(resolve("a/../../etc", Path::new("/work/ws")).unwrap(), Path::new("/work/etc"));
 /// ```
 pub fn resolve(path: &str, base: &Path) -> Option<PathBuf> {
-    if path.contains('\0') {
+    if path.contains('\0') || names_a_home(path) {
         return None;
     }
     let start = Path::new(path);
@@ -108,6 +116,14 @@ mod tests {
             Path::new("/etc/passwd")
         );
         assert!(resolve("a\0b", base).is_none());
+        // A home folder for some tools, a folder named `~` for others: no one answer.
+        assert!(resolve("~/.ssh/id_ed25519", base).is_none());
+        assert!(resolve("~root/x", base).is_none());
+        assert!(resolve("~", base).is_none());
+        assert_eq!(
+            resolve("./~/x", base).unwrap(),
+            Path::new("/nonexistent-base/ws/~/x")
+        );
     }
 
     #[test]
