@@ -55,6 +55,47 @@ pub fn is_secret_key(key: &str) -> bool {
     SECRET_KEY_PARTS.iter().any(|p| lower.contains(p))
 }
 
+/// The values `value` holds under secret keys (see [`is_secret_key`]): every string (and
+/// number) in them, at any depth. A call's redactor registers them, so that a value hidden
+/// because of its key is hidden wherever else it shows up in the call (another argument, the
+/// tool's output), as a configured secret is.
+///
+/// ```
+/// use agent_runtime_core::secret::keyed_secret_values;
+/// let args = serde_json::json!({"token": "tk-123456", "auth": {"password": ["pw-9876"]}, "x": "tk-123456"});
+/// assert_eq!(keyed_secret_values(&args), ["pw-9876", "tk-123456"]);
+/// ```
+pub fn keyed_secret_values(value: &Value) -> Vec<String> {
+    fn leaves(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Number(n) => out.push(n.to_string()),
+            Value::Array(items) => items.iter().for_each(|x| leaves(x, out)),
+            Value::Object(map) => map.values().for_each(|x| leaves(x, out)),
+            Value::Bool(_) | Value::Null => {}
+        }
+    }
+    fn walk(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::Object(map) => {
+                for (k, x) in map {
+                    if is_secret_key(k) {
+                        leaves(x, out);
+                    } else {
+                        walk(x, out);
+                    }
+                }
+            }
+            Value::Array(items) => items.iter().for_each(|x| walk(x, out)),
+            _ => {}
+        }
+    }
+    let mut out = Vec::new();
+    walk(value, &mut out);
+    out.dedup();
+    out
+}
+
 impl Redactor {
     /// A redactor that knows no secret values (key names still apply).
     pub fn new() -> Self {

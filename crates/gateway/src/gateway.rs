@@ -478,10 +478,20 @@ impl Gateway {
         ctx: CallContext,
     ) -> Result<ToolOutput, ToolError> {
         let inner = &*self.inner;
-        let redactor = if ctx.secrets.is_empty() {
-            std::borrow::Cow::Borrowed(&inner.redactor)
+        // Values under secret keys (`token`, `password`) are secrets of this call wherever
+        // else they show up: in another argument, in the tool's output.
+        let keyed = agent_runtime_core::secret::keyed_secret_values(&args);
+        let call_secrets = !ctx.secrets.is_empty() || !keyed.is_empty();
+        let redactor = if call_secrets {
+            std::borrow::Cow::Owned(
+                inner
+                    .redactor
+                    .clone()
+                    .with_secrets(&ctx.secrets)
+                    .with_secrets(&keyed),
+            )
         } else {
-            std::borrow::Cow::Owned(inner.redactor.clone().with_secrets(&ctx.secrets))
+            std::borrow::Cow::Borrowed(&inner.redactor)
         };
         let rec = CallRecord {
             run_id: ctx.run_id.unwrap_or(inner.run_id),
@@ -493,7 +503,7 @@ impl Gateway {
         // A digest of arguments that hold the call's own secrets would let anyone holding the
         // log confirm a guessed secret: those are digested as redacted.
         let digest_of = |args: &Value| {
-            if ctx.secrets.is_empty() {
+            if !call_secrets {
                 PolicyEnvelope::digest_arguments(args)
             } else {
                 PolicyEnvelope::digest_arguments(&rec.redactor.redact_values(args))

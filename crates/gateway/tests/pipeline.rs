@@ -308,6 +308,29 @@ async fn arguments_too_large_to_record_are_refused_as_arguments() {
     assert_eq!(events[1].kind, EventKind::ToolFailed);
 }
 
+/// A value hidden because of its key (`api_key`) is a secret of the call wherever else it
+/// shows up: another argument, the output, the digest.
+#[tokio::test]
+async fn a_value_under_a_secret_key_is_hidden_everywhere_in_its_call() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let out = gw
+        .call(
+            "t.read",
+            json!({"api_key": "argsecret999", "text": "key=argsecret999"}),
+            ctx(),
+        )
+        .await
+        .unwrap();
+    // Redacted in the output returned too, as a configured secret is; the log has it nowhere.
+    assert_eq!(out.value["text"], "key=[REDACTED]");
+    let recorded =
+        serde_json::to_string(&log.all().iter().map(|e| &e.payload).collect::<Vec<_>>()).unwrap();
+    assert!(!recorded.contains("argsecret999"), "{recorded}");
+    assert!(recorded.contains("key=[REDACTED]"), "{recorded}");
+}
+
 #[tokio::test]
 async fn denied_call_is_recorded_and_not_run() {
     let log = Arc::new(MemoryLog::default());

@@ -271,11 +271,21 @@ fn write_paths_inside_and_outside_the_workspace() {
                 Allow,
                 "default.write-inside",
             ),
+            // A home folder to a tool that expands `~`, a folder named `~` to one that does
+            // not: no one resolution, so outside.
             (
                 "fs.write",
                 Write,
                 a,
                 json!({"path": "~/x"}),
+                Deny,
+                "default.write-outside",
+            ),
+            (
+                "fs.write",
+                Write,
+                a,
+                json!({"path": "./~/x"}),
                 Allow,
                 "default.write-inside",
             ),
