@@ -85,14 +85,14 @@ pub struct DescribeArgs {
 pub struct CallArgs {
     /// The tool's registry name.
     name: String,
-    /// The arguments, as a JSON object.
+    /// The arguments, as a JSON object; `-` reads them from standard input, `@PATH` from a file.
     #[arg(long, default_value = "{}")]
     args: String,
     /// The agent the call is made for (recorded as `agent:NAME`; policy rules may match it).
     #[arg(long, default_value = "cli")]
     agent: String,
-    /// Time limit in milliseconds.
-    #[arg(long)]
+    /// Time limit in milliseconds (at least 1).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     timeout_ms: Option<u64>,
     #[command(flatten)]
     opts: GatewayOpts,
@@ -151,9 +151,10 @@ pub struct McpAddArgs {
 
 /// Arguments of `mcp serve`.
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("transport").required(true).args(["stdio", "http"])))]
 pub struct McpServeArgs {
-    /// Speak MCP on stdin and stdout.
-    #[arg(long, required_unless_present = "http")]
+    /// Speak MCP on stdin and stdout (this or `--http`).
+    #[arg(long)]
     stdio: bool,
     /// Listen for streamable HTTP on this address (`127.0.0.1:8808`; port 0 picks one).
     #[arg(long, value_name = "ADDR", conflicts_with = "stdio")]
@@ -178,7 +179,7 @@ pub struct CheckArgs {
     /// The tool's registry name.
     #[arg(long)]
     tool: String,
-    /// The arguments, as a JSON object.
+    /// The arguments, as a JSON object; `-` reads them from standard input, `@PATH` from a file.
     #[arg(long, default_value = "{}")]
     args: String,
     /// The agent the call would be made for.
@@ -235,9 +236,27 @@ fn gateway_error(e: GatewayError) -> anyhow::Error {
     }
 }
 
-fn parse_args(text: &str) -> anyhow::Result<Value> {
-    let v: Value = serde_json::from_str(text)
-        .map_err(|e| CliError::Usage(format!("--args is not valid JSON: {e}")))?;
+/// `--args`: a JSON object, or `-` for standard input, or `@PATH` for a file (arguments longer
+/// than a command line takes: Linux caps one word at 128 KiB).
+fn parse_args(given: &str) -> anyhow::Result<Value> {
+    let read = |what: &str, r: std::io::Result<String>| {
+        r.map_err(|e| CliError::Usage(format!("--args {what}: cannot read it: {e}")))
+    };
+    let (text, from) = match given {
+        "-" => (
+            read("-", std::io::read_to_string(std::io::stdin().lock()))?,
+            " (standard input)".to_string(),
+        ),
+        _ => match given.strip_prefix('@') {
+            Some(path) => (
+                read(given, std::fs::read_to_string(path))?,
+                format!(" ({path})"),
+            ),
+            None => (given.to_string(), String::new()),
+        },
+    };
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| CliError::Usage(format!("--args{from} is not valid JSON: {e}")))?;
     if !v.is_object() {
         return Err(CliError::Usage("--args must be a JSON object".into()).into());
     }

@@ -187,6 +187,33 @@ fn tools_call_through_the_pipeline() {
         .args(["tools", "call", "builtin.echo", "--args", "not json"])
         .assert()
         .code(2);
+    // Arguments from standard input or a file (past a command line's 128 KiB a word).
+    let long = "y".repeat(200_000);
+    env.cmd()
+        .args(["tools", "call", "builtin.echo", "--args", "-"])
+        .write_stdin(format!(r#"{{"text":"{long}"}}"#))
+        .assert()
+        .success()
+        .stdout(format!("{long}\n"));
+    let file = env.dir.path().join("args.json");
+    std::fs::write(&file, r#"{"text":"from a file"}"#).unwrap();
+    env.cmd()
+        .args(["tools", "call", "builtin.echo", "--args"])
+        .arg(format!("@{}", file.display()))
+        .assert()
+        .success()
+        .stdout("from a file\n");
+    env.cmd()
+        .args(["tools", "call", "builtin.echo", "--args", "@no-such.json"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "--args @no-such.json: cannot read it",
+        ));
+    env.cmd()
+        .args(["tools", "call", "builtin.echo", "--timeout-ms", "0"])
+        .assert()
+        .code(2);
     // The native tools take only their own arguments: a stray `path` is refused as such,
     // not judged as a file to read (which asked for approval).
     for (tool, args) in [
