@@ -1232,6 +1232,17 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         );
         return Err(CliError::Usage(format!("run {run_id} has no task `{task}`{hint}")).into());
     }
+    if let Some(task) = &args.task
+        && summary
+            .tasks
+            .iter()
+            .any(|t| &t.id == task && t.status == "cancelled")
+    {
+        return Err(CliError::Failed(format!(
+            "task `{task}` of run {run_id} is already cancelled; nothing to cancel"
+        ))
+        .into());
+    }
     let mut payload = serde_json::Map::new();
     if let Some(task) = &args.task {
         payload.insert("task".into(), Value::from(task.as_str()));
@@ -1372,10 +1383,10 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
 /// Unclaimed, its tasks that were running when the process stopped are `interrupted` too:
 /// nothing runs them until `resume`, which sends them through their retry policy.
 fn mark_running(store: &agent_runtime_store::Store, s: &mut RunSummary) -> anyhow::Result<()> {
-    if s.status == "interrupted" {
+    if s.status == "interrupted" || s.status == "stopped" {
         if store.run_is_claimed(s.run_id)? {
             s.status = "running".into();
-        } else {
+        } else if s.status == "interrupted" {
             for t in &mut s.tasks {
                 if t.status == "running" {
                     t.status = "interrupted".into();

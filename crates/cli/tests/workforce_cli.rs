@@ -916,6 +916,16 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         )),
         "{stderr}"
     );
+    // Listed as stopped, not as `interrupted` (whose meaning is "resume it").
+    let listed = cli(&db).args(["runs", "list", "--json"]).output().unwrap();
+    let listed = json_of(&listed.stdout);
+    let sim_row = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["run_id"] == sim_id.to_string())
+        .unwrap();
+    assert_eq!(sim_row["status"], "stopped", "{sim_row}");
     cli(&db)
         .args(["cancel", &sim_id.to_string()])
         .assert()
@@ -1134,6 +1144,14 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
             .any(|e| e.kind == EventKind::TaskCancelled && e.payload.get("request").is_none())
             .then_some(())
     });
+    // Asked again: already done, nothing recorded.
+    cli(&db)
+        .args(["cancel", &id, "--task", "slow"])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(
+            "is already cancelled; nothing to cancel",
+        ));
     cli(&db)
         .args(["cancel", &id, "--reason", "enough"])
         .assert()

@@ -19,8 +19,9 @@ fn names_a_home(path: &str) -> bool {
 /// Resolves `path` (relative paths against `base`) to an absolute path with every existing
 /// symlink followed and every `.` and `..` applied in order; components that do not exist are
 /// kept as written. Returns `None` for paths that can never be safe (NUL bytes, symlink loops,
-/// a leading `~`: see [`names_a_home`]) and for paths with a part that cannot be looked at (longer than the system takes, in a
-/// folder this process may not search), which may be a link.
+/// a leading `~`, which a shell or an MCP server may expand to a home folder where a native
+/// tool sees a folder named `~`) and for paths with a part that cannot be looked at (longer
+/// than the system takes, in a folder this process may not search), which may be a link.
 ///
 /// ```
 /// use agent_runtime_gateway::paths::resolve;

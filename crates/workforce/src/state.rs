@@ -182,8 +182,9 @@ pub struct RunSummary {
     pub name: Option<String>,
     /// The seed.
     pub seed: u64,
-    /// `completed`, `failed`, `cancelled`, or `interrupted` (no end in the events). Whether an
-    /// unended run is still being driven is not in its events: the command line asks the
+    /// `completed`, `failed`, `cancelled`, or `interrupted` (no end in the events; `stopped`
+    /// for a simulation, which is not resumed). Whether an unended run is still being driven is
+    /// not in its events: the command line asks the
     /// store whether the run is claimed (`Store::run_is_claimed`) and shows `running` then.
     pub status: String,
     /// When it was created.
@@ -235,6 +236,8 @@ pub struct RunFold {
     summary: RunSummary,
     /// Whether tasks are folded (see [`RunFold::run_only`]).
     tasks: bool,
+    /// Whether the run is a simulation's (which `resume` does not take up).
+    simulation: bool,
     /// The declared tasks' `on_failure`, by row.
     policies: Vec<OnFailure>,
     /// Whether a task (by row) has tasks depending on it: the others' outputs are the run's
@@ -313,6 +316,7 @@ impl RunFold {
         Some(RunFold {
             summary,
             tasks,
+            simulation: p.get("simulation").is_some(),
             policies,
             depended_on,
             final_outputs: BTreeMap::new(),
@@ -388,7 +392,13 @@ impl RunFold {
     pub fn finish(self) -> RunSummary {
         let mut s = self.summary;
         if s.status == "running" && s.ended.is_none() {
-            s.status = "interrupted".into();
+            // A simulation is not resumed: one without an end was stopped.
+            s.status = if self.simulation {
+                "stopped"
+            } else {
+                "interrupted"
+            }
+            .into();
         }
         // A run that failed or was cancelled has the outputs of its final tasks that completed,
         // as `run` prints them.

@@ -366,8 +366,9 @@ impl Outputs for BTreeMap<String, Value> {
     }
 }
 
-/// The first object key in `v` that holds a template (`{{ tasks.a.output }}`), and where: keys
-/// are taken as written, so such a key would stay text and make no dependency.
+/// The first object key in `v` that holds a template (`{{ tasks.a.output }}` or
+/// `{{ secrets.NAME }}`), and where: keys are taken as written, so such a key would stay text
+/// and make no dependency.
 pub fn template_in_key(v: &Value) -> Option<String> {
     fn walk(v: &Value, at: &mut String) -> Option<String> {
         match v {
@@ -379,7 +380,9 @@ pub fn template_in_key(v: &Value) -> Option<String> {
                 found
             }),
             Value::Object(m) => m.iter().find_map(|(k, x)| {
-                if scan(k).is_ok_and(|found| !found.is_empty()) {
+                // `{{ secrets.NAME }}` too: a key is never filled in, and would record the
+                // template as it is where the secret was meant.
+                if scan(k).is_ok_and(|found| !found.is_empty()) || names_secret_str(k) {
                     return Some(format!(
                         "the key `{}` at args{at} holds a template; templates are read in values only",
                         agent_runtime_core::names::shown(k)
@@ -507,6 +510,12 @@ mod tests {
         );
         // Braces that are no template of ours are a key like any other.
         assert_eq!(template_in_key(&json!({"${{ env.X }}": 1, "{x}": 2})), None);
+        // A secret in a key would never be filled in.
+        let e = template_in_key(&json!({"{{ secrets.ABC }}": 1})).unwrap();
+        assert!(
+            e.contains("the key `{{ secrets.ABC }}` at args holds a template"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -263,7 +263,7 @@ pub async fn serve_stdio(gateway: Gateway, actor: Actor) -> Result<(), GatewayEr
 /// then the input ends as if the client had closed it, so the calls in flight are cancelled
 /// and their outcomes recorded before it returns. Lines that do not parse are answered with a
 /// JSON-RPC parse error, notifications before `initialize` are dropped, and the session ends
-/// when stdout cannot be written (see [`super::stdio`]).
+/// when stdout cannot be written.
 pub async fn serve_stdio_until(
     gateway: Gateway,
     actor: Actor,
