@@ -779,7 +779,12 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
                 |l| (l.line(), l.column()),
             );
             let (line, column) = yaml_key_at(text, &last_key(&full), line, column);
-            let message = strip_position(&inner.to_string(), &full);
+            let mut message = strip_position(&inner.to_string(), &full);
+            if message.starts_with("unknown field `<<`") {
+                message = "YAML merge keys (`<<: *anchor`) are not read here: write the fields \
+                           out (an alias of a whole value, `*anchor`, works)"
+                    .into();
+            }
             // A key written twice is reported where its mapping starts: the second one is
             // the mistake.
             let (line, column) = match agent_runtime_core::yaml::duplicated_key(&message) {
@@ -2176,6 +2181,13 @@ tasks:
             .unwrap_err()
             .to_string();
         assert!(e.starts_with("flow.yaml:2:26: tasks[0].on_failure"), "{e}");
+        let e = parse("tasks:\n  - &t { id: a, tool: echo }\n  - <<: *t\n    id: b\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("YAML merge keys (`<<: *anchor`) are not read here"),
+            "{e}"
+        );
         let e = parse("tasks:\n  - { id: a, tool: echo, on_failure: { skip: true } }\n")
             .unwrap_err()
             .to_string();
