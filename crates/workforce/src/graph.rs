@@ -725,8 +725,63 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     // (a whole agent, an argument), and JSON values turn YAML's `.nan` into `null`: refused,
     // where they are.
     deserialize_located::<agent_runtime_core::document::JsonFaithful>(text, file, json)?;
+    // JSON's parser reads an integer past 64 bits as the nearest float, silently (YAML's
+    // refuses it): refused too, where it is.
+    if json && let Some((line, column, literal)) = lossy_integer(text) {
+        return Err(GraphError::Syntax {
+            at: Location {
+                file: file.to_path_buf(),
+                line,
+                column,
+            },
+            field: "(top level)".into(),
+            message: format!(
+                "the integer {} does not fit in 64 bits and would be rounded; write it as a string",
+                agent_runtime_core::names::shown(literal)
+            ),
+        });
+    }
     graph.validate_in(text, file)?;
     Ok(graph)
+}
+
+/// The first integer literal of a JSON text (outside strings) that fits neither `i64` nor
+/// `u64`, with its line and column (from 1, in characters).
+fn lossy_integer(text: &str) -> Option<(usize, usize, &str)> {
+    let b = text.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'"' => {
+                i += 1;
+                while i < b.len() && b[i] != b'"' {
+                    i += if b[i] == b'\\' { 2 } else { 1 };
+                }
+                i += 1;
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                i += 1;
+                while i < b.len() && matches!(b[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-')
+                {
+                    i += 1;
+                }
+                let literal = &text[start..i];
+                let integer = !literal.contains(['.', 'e', 'E']);
+                if integer && literal.parse::<i64>().is_err() && literal.parse::<u64>().is_err() {
+                    let before = &text[..start];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before[before.rfind('\n').map_or(0, |n| n + 1)..]
+                        .chars()
+                        .count()
+                        + 1;
+                    return Some((line, column, literal));
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// `text` deserialized as `T` from JSON or YAML, an error naming the file, the line, the column
@@ -1934,6 +1989,30 @@ mod tests {
         );
         let e = read_graph_source(big.as_bytes(), Path::new("big.json"));
         assert!(!matches!(e, Err(GraphError::TooLarge { .. })), "{e:?}");
+        // An integer past 64 bits would be rounded: refused where it is.
+        let e = parse_graph(
+            "{\"tasks\": [{\"id\": \"a\", \"tool\": \"echo\", \"args\": {\"s\": \"99999999999999999999\", \"n\": 18446744073709551616}}]}",
+            Path::new("g.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.starts_with(
+                "g.json:1:83: (top level): the integer 18446744073709551616 does not fit"
+            ),
+            "{e}"
+        );
+        for fine in [
+            "18446744073709551615",
+            "-9223372036854775808",
+            "1e30",
+            "1.5",
+        ] {
+            let text = format!(
+                "{{\"tasks\": [{{\"id\": \"a\", \"tool\": \"echo\", \"args\": {{\"n\": {fine}}}}}]}}"
+            );
+            assert!(parse_graph(&text, Path::new("g.json")).is_ok(), "{fine}");
+        }
         // A comment in JSON is named as such.
         for text in [
             "{\n  // the tasks\n  \"tasks\": []\n}\n",
