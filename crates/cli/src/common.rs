@@ -77,22 +77,33 @@ pub fn terminal_text(text: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// The invisible format characters [`terminal_text`] escapes: the bidirectional marks,
-/// embeddings, overrides and isolates (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to
-/// U+2069), the zero-width space and no-break space (U+200B, U+FEFF) and the invisible
-/// operators (U+2060 to U+2064). The zero-width joiner and non-joiner (U+200C, U+200D) are left:
-/// emoji sequences and several scripts need them, and they reorder nothing.
+/// The invisible characters [`terminal_text`] escapes: the bidirectional marks, embeddings,
+/// overrides and isolates (U+061C, U+200E, U+200F, U+202A to U+202E, U+2066 to U+2069), the
+/// zero-width space and no-break space (U+200B, U+FEFF), the invisible operators (U+2060 to
+/// U+2064), the soft hyphen (U+00AD), the line and paragraph separators (U+2028, U+2029, which
+/// some terminals break lines at), the Hangul fillers that render as blanks (U+115F, U+1160,
+/// U+3164, U+FFA0) and the tag characters (U+E0000 to U+E007F, which can carry hidden ASCII).
+/// The zero-width joiner and non-joiner (U+200C, U+200D) are left: emoji sequences and several
+/// scripts need them, and they reorder nothing.
 pub fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
-        '\u{061C}'
+        '\u{00AD}'
+            | '\u{061C}'
+            | '\u{115F}'
+            | '\u{1160}'
             | '\u{200B}'
             | '\u{200E}'
             | '\u{200F}'
+            | '\u{2028}'
+            | '\u{2029}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{2064}'
             | '\u{2066}'..='\u{2069}'
+            | '\u{3164}'
             | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{E0000}'..='\u{E007F}'
     )
 }
 
@@ -349,6 +360,10 @@ mod tests {
         assert_eq!(
             terminal_text("txt.\u{202e}fdp\u{200b}\u{2066}"),
             "txt.\\u{202e}fdp\\u{200b}\\u{2066}"
+        );
+        assert_eq!(
+            terminal_text("a\u{2028}b\u{e0041}\u{ad}"),
+            "a\\u{2028}b\\u{e0041}\\u{ad}"
         );
         let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
         assert!(matches!(terminal_text(family), Cow::Borrowed(_)));

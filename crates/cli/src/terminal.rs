@@ -119,7 +119,9 @@ impl ApprovalSink for TerminalApproval {
         // What was typed before this question was asked answers nothing.
         while lines.try_recv().is_ok() {}
         let mut open = OpenPrompt::show(&prompt_text(&request));
+        // An answer typed as the call is cancelled still counts as given (and is recorded).
         let line = tokio::select! {
+            biased;
             line = lines.recv() => line,
             _ = cancel.cancelled() => return Err(withdrawn()),
         };
@@ -166,14 +168,20 @@ impl OpenPrompt {
 impl Drop for OpenPrompt {
     fn drop(&mut self) {
         if !self.answered {
-            eprintln!("\n(withdrawn: the call was cancelled or timed out)");
+            // Not `eprintln!`, which panics when stderr fails (a terminal hung up): a panic in
+            // a drop while unwinding aborts the process.
+            let _ = writeln!(
+                std::io::stderr(),
+                "\n(withdrawn: the call was cancelled or timed out)"
+            );
         }
         PROMPT_OPEN.store(false, Ordering::Release);
     }
 }
 
 /// Cancels `token` at the first interrupt (Ctrl-C); a second one ends the process at once
-/// (exit 130, as a shell reports an interrupted command) for when cancelling takes too long:
+/// (exit 130, as a shell reports an interrupted command; 143 after SIGTERM, where it counts)
+/// for when cancelling takes too long:
 /// what was committed stays in the log, as after `kill -9`.
 pub(crate) fn cancel_on_ctrl_c(token: CancellationToken) {
     cancel_on_signals(token, false);
@@ -193,24 +201,26 @@ fn cancel_on_signals(token: CancellationToken, term: bool) {
         } else {
             None
         };
-        if !next_signal(&mut terminate).await {
+        if next_signal(&mut terminate).await.is_none() {
             return;
         }
         token.cancel();
-        if next_signal(&mut terminate).await {
-            eprintln!("\ninterrupted twice: stopping now");
-            std::process::exit(130);
+        if let Some(code) = next_signal(&mut terminate).await {
+            let _ = writeln!(std::io::stderr(), "\nasked twice to stop: stopping now");
+            std::process::exit(code);
         }
     });
 }
 
-/// Waits for Ctrl-C, or SIGTERM when `terminate` listens for it; false when no signal can come.
-async fn next_signal(terminate: &mut Option<tokio::signal::unix::Signal>) -> bool {
+/// Waits for Ctrl-C, or SIGTERM when `terminate` listens for it, and gives the exit status a
+/// shell reports for a command that signal ended (130, 143); `None` when no signal can come.
+async fn next_signal(terminate: &mut Option<tokio::signal::unix::Signal>) -> Option<i32> {
+    let interrupt = async { tokio::signal::ctrl_c().await.ok().map(|()| 130) };
     match terminate {
         Some(t) => tokio::select! {
-            r = tokio::signal::ctrl_c() => r.is_ok(),
-            r = t.recv() => r.is_some(),
+            code = interrupt => code,
+            r = t.recv() => r.map(|()| 143),
         },
-        None => tokio::signal::ctrl_c().await.is_ok(),
+        None => interrupt.await,
     }
 }

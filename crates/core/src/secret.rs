@@ -55,31 +55,89 @@ pub fn is_secret_key(key: &str) -> bool {
     SECRET_KEY_PARTS.iter().any(|p| lower.contains(p))
 }
 
-/// The values `value` holds under secret keys (see [`is_secret_key`]): every string (and
-/// number) in them, at any depth. A call's redactor registers them, so that a value hidden
+/// Whether an object key is the name of a credential, not merely a word that contains one:
+/// `token`, `api_key`, `access-token`, `clientSecret`, `password`, but not `max_tokens`,
+/// `tokenizer` or `secret_santa_budget`. The key is compared lower-cased, with `-` and a
+/// case change read as `_`, against the names below, whole or as the last part after a `_`.
+pub fn is_credential_key(key: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "passphrase",
+        "apikey",
+        "api_key",
+        "authorization",
+        "cookie",
+        "credential",
+        "credentials",
+        "private_key",
+        "privatekey",
+    ];
+    let mut folded = String::with_capacity(key.len() + 4);
+    let mut prev_lower = false;
+    for c in key.chars() {
+        if c.is_ascii_uppercase() && prev_lower {
+            folded.push('_');
+        }
+        prev_lower = c.is_ascii_lowercase() || c.is_ascii_digit();
+        folded.push(if c == '-' {
+            '_'
+        } else {
+            c.to_ascii_lowercase()
+        });
+    }
+    NAMES.iter().any(|n| {
+        folded == *n
+            || folded
+                .strip_suffix(n)
+                .is_some_and(|head| head.ends_with('_'))
+    })
+}
+
+/// The most values a call's arguments register as its secrets (see [`keyed_secret_values`]):
+/// each is looked for in every string the call records, so their number is bounded.
+pub const MAX_KEYED_SECRETS: usize = 16;
+
+/// The shortest value [`keyed_secret_values`] takes: a credential is longer; shorter strings
+/// under such keys (`"none"`, `"true"`) would redact ordinary words.
+pub const MIN_KEYED_SECRET_LEN: usize = 8;
+
+/// The values `value` holds under credential keys (see [`is_credential_key`]): strings of at
+/// least [`MIN_KEYED_SECRET_LEN`] bytes, at any depth below such a key, at most
+/// [`MAX_KEYED_SECRETS`] of them. A call's redactor registers them, so that a value hidden
 /// because of its key is hidden wherever else it shows up in the call (another argument, the
 /// tool's output), as a configured secret is.
 ///
 /// ```
 /// use agent_runtime_core::secret::keyed_secret_values;
-/// let args = serde_json::json!({"token": "tk-123456", "auth": {"password": ["pw-9876"]}, "x": "tk-123456"});
-/// assert_eq!(keyed_secret_values(&args), ["pw-9876", "tk-123456"]);
+/// let args = serde_json::json!({
+///     "token": "tk-12345678", "auth": {"password": ["pw-98765432"]},
+///     "max_tokens": "40960000", "x": "tk-12345678",
+/// });
+/// assert_eq!(keyed_secret_values(&args), ["pw-98765432", "tk-12345678"]);
 /// ```
 pub fn keyed_secret_values(value: &Value) -> Vec<String> {
     fn leaves(v: &Value, out: &mut Vec<String>) {
         match v {
-            Value::String(s) => out.push(s.clone()),
-            Value::Number(n) => out.push(n.to_string()),
+            Value::String(s)
+                if s.len() >= MIN_KEYED_SECRET_LEN
+                    && out.len() < MAX_KEYED_SECRETS
+                    && !out.contains(s) =>
+            {
+                out.push(s.clone());
+            }
             Value::Array(items) => items.iter().for_each(|x| leaves(x, out)),
             Value::Object(map) => map.values().for_each(|x| leaves(x, out)),
-            Value::Bool(_) | Value::Null => {}
+            _ => {}
         }
     }
     fn walk(v: &Value, out: &mut Vec<String>) {
         match v {
             Value::Object(map) => {
                 for (k, x) in map {
-                    if is_secret_key(k) {
+                    if is_credential_key(k) {
                         leaves(x, out);
                     } else {
                         walk(x, out);
@@ -92,7 +150,6 @@ pub fn keyed_secret_values(value: &Value) -> Vec<String> {
     }
     let mut out = Vec::new();
     walk(value, &mut out);
-    out.dedup();
     out
 }
 
@@ -333,6 +390,49 @@ impl SecretSource for StaticSecrets {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credential_keys_are_names_not_words_containing_them() {
+        for key in [
+            "token",
+            "api_key",
+            "apiKey",
+            "API-KEY",
+            "access_token",
+            "accessToken",
+            "client-secret",
+            "clientSecret",
+            "password",
+            "db_password",
+            "Authorization",
+            "private_key",
+            "credentials",
+        ] {
+            assert!(is_credential_key(key), "{key}");
+        }
+        for key in [
+            "max_tokens",
+            "tokens",
+            "tokenizer",
+            "n_tokens",
+            "secret_santa",
+            "passwordless",
+            "cookies_enabled",
+            "text",
+            "path",
+        ] {
+            assert!(!is_credential_key(key), "{key}");
+        }
+    }
+
+    #[test]
+    fn keyed_values_are_few_and_long_enough() {
+        let many: Vec<String> = (0..1000).map(|i| format!("value-{i:08}")).collect();
+        let args = serde_json::json!({"tokens": many, "token": many, "password": "short", "secret": 12345678});
+        let found = keyed_secret_values(&args);
+        assert_eq!(found.len(), MAX_KEYED_SECRETS);
+        assert!(found.iter().all(|v| v.len() >= MIN_KEYED_SECRET_LEN));
+    }
     use serde_json::json;
 
     #[test]

@@ -797,15 +797,16 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
             let (field, full) = (path_string(e.path()), e.path().to_string());
             let inner = e.into_inner();
             let mut message = strip_position(&inner.to_string(), &full);
+            let column = char_column(text, inner.line(), inner.column());
             // serde_json's message for a comment is about what it expected there instead.
-            if inner.is_syntax() && json_comment_at(text, inner.line(), inner.column()) {
+            if inner.is_syntax() && json_comment_at(text, inner.line(), column) {
                 message = "JSON has no comments (a YAML graph may have them)".into();
             }
             GraphError::Syntax {
                 at: Location {
                     file: file.to_path_buf(),
                     line: inner.line(),
-                    column: inner.column(),
+                    column,
                 },
                 field,
                 message,
@@ -813,14 +814,21 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
         })?;
         // Text after the graph (a second object, a stray bracket) is refused, as a second YAML
         // document is: it is not what the person meant to run.
-        de.end().map_err(|e| GraphError::Syntax {
-            at: Location {
-                file: file.to_path_buf(),
-                line: e.line(),
-                column: e.column(),
-            },
-            field: "(top level)".into(),
-            message: "text after the end of the graph (one JSON value per file)".into(),
+        de.end().map_err(|e| {
+            let column = char_column(text, e.line(), e.column());
+            GraphError::Syntax {
+                at: Location {
+                    file: file.to_path_buf(),
+                    line: e.line(),
+                    column,
+                },
+                field: "(top level)".into(),
+                message: if json_comment_at(text, e.line(), column) {
+                    "JSON has no comments (a YAML graph may have them)".into()
+                } else {
+                    "text after the end of the graph (one JSON value per file)".into()
+                },
+            }
         })?;
         graph
     } else {
@@ -860,7 +868,19 @@ fn deserialize_located<T: serde::de::DeserializeOwned>(
     })
 }
 
-/// Whether a comment (`//` or `/*`) starts at or just after `line`:`column` (from 1;
+/// The column in characters (from 1) of serde_json's column in bytes on `line` (from 1).
+fn char_column(text: &str, line: usize, byte_column: usize) -> usize {
+    let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
+        return byte_column;
+    };
+    let mut end = byte_column.saturating_sub(1).min(l.len());
+    while !l.is_char_boundary(end) {
+        end -= 1;
+    }
+    l[..end].chars().count() + 1
+}
+
+/// Whether a comment (`//` or `/*`) starts at or just after `line`:`column` (from 1, in characters;
 /// serde_json's place for an error, which is the character it stopped at).
 fn json_comment_at(text: &str, line: usize, column: usize) -> bool {
     let Some(l) = text.lines().nth(line.saturating_sub(1)) else {
@@ -2013,10 +2033,20 @@ mod tests {
             );
             assert!(parse_graph(&text, Path::new("g.json")).is_ok(), "{fine}");
         }
+        // Columns count characters, as the other errors' do.
+        let e = parse_graph(
+            "{\"name\": \"日本語\", \"tasks\": nope}",
+            Path::new("u.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("u.json:1:27: "), "{e}");
         // A comment in JSON is named as such.
         for text in [
             "{\n  // the tasks\n  \"tasks\": []\n}\n",
             "{\"tasks\": [ /* none */ ]}",
+            "{\"tasks\": [{\"id\": \"a\", \"tool\": \"echo\", \"args\": {\"t\": \"日本語日本語\"}}, // c\n]}",
+            "{\"tasks\": [{\"id\": \"a\", \"tool\": \"echo\"}]} // the end\n",
         ] {
             let e = parse_graph(text, Path::new("g.json"))
                 .unwrap_err()
@@ -2646,8 +2676,6 @@ tasks:
         assert!(e.contains("tasks[0].timeout: must be at least 1ms"), "{e}");
     }
 
-    /// `continue_with` is a value used as written: a template in it is refused rather than
-    /// recorded as the task's output, text and all.
     /// A space or a filter inside a template's path would look up a field of that name and
     /// render `null`: refused where it is written.
     #[test]
@@ -2691,6 +2719,8 @@ tasks:
         parse("tasks:\n  - { id: a, tool: echo, args: {} }\n  - { id: b, tool: echo, args: { v: \"{{tasks.a.output.x}} {{  tasks.a.output  }}\" } }\n").unwrap();
     }
 
+    /// `continue_with` is a value used as written: a template in it is refused rather than
+    /// recorded as the task's output, text and all.
     #[test]
     fn a_template_in_continue_with_is_refused() {
         let e = parse(

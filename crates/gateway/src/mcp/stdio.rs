@@ -25,11 +25,19 @@ pub const MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 enum Line {
     /// A whole line, without its newline.
     Text(Vec<u8>),
-    /// A line longer than [`MAX_MESSAGE_BYTES`], passed over.
-    TooLong,
+    /// A line longer than [`MAX_MESSAGE_BYTES`], passed over: its first [`KEPT_OF_LONG`]
+    /// bytes, where its id usually is.
+    TooLong(Vec<u8>),
     /// End of input.
     End,
 }
+
+/// How long answers still go out once the session is over (the client's input ended, or the
+/// server was told to stop), for a client that does not take them.
+const WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// How much of a line too long to read is kept, to find its id in.
+const KEPT_OF_LONG: usize = 64 * 1024;
 
 /// Reads the next line, keeping at most [`MAX_MESSAGE_BYTES`] of it.
 async fn next_line<R: AsyncRead + Unpin>(input: &mut BufReader<R>) -> std::io::Result<Line> {
@@ -39,7 +47,7 @@ async fn next_line<R: AsyncRead + Unpin>(input: &mut BufReader<R>) -> std::io::R
         let buf = input.fill_buf().await?;
         if buf.is_empty() {
             return Ok(if too_long {
-                Line::TooLong
+                Line::TooLong(line)
             } else if line.is_empty() {
                 Line::End
             } else {
@@ -53,7 +61,7 @@ async fn next_line<R: AsyncRead + Unpin>(input: &mut BufReader<R>) -> std::io::R
         if !too_long {
             if line.len() + chunk.len() > MAX_MESSAGE_BYTES {
                 too_long = true;
-                line = Vec::new();
+                line.truncate(KEPT_OF_LONG);
             } else {
                 line.extend_from_slice(chunk);
             }
@@ -62,7 +70,7 @@ async fn next_line<R: AsyncRead + Unpin>(input: &mut BufReader<R>) -> std::io::R
         input.consume(used);
         if ended.is_some() {
             return Ok(if too_long {
-                Line::TooLong
+                Line::TooLong(line)
             } else {
                 Line::Text(line)
             });
@@ -82,9 +90,13 @@ fn parse_error(id: Value, message: String) -> Vec<u8> {
     line
 }
 
+/// The longest string id a parse error gives back.
+const MAX_SALVAGED_ID: usize = 1024;
+
 /// The `id` of a top-level JSON object in `text` that does not parse as a whole, when it is a
-/// number or a plain string: found by a scan that tracks strings and nesting only, so that a
-/// request whose parameters are broken still gets its answer.
+/// whole number or a string (of at most [`MAX_SALVAGED_ID`] bytes): found by a scan that
+/// tracks strings and nesting only, so that a request whose parameters are broken still gets
+/// its answer. The first `id` key counts.
 fn salvage_id(text: &str) -> Value {
     let b = text.as_bytes();
     let (mut depth, mut i) = (0usize, 0usize);
@@ -104,8 +116,17 @@ fn salvage_id(text: &str) -> Value {
                     if let Some(rest) = rest.strip_prefix(':') {
                         let mut de = serde_json::Deserializer::from_str(rest.trim_start())
                             .into_iter::<Value>();
-                        if let Some(Ok(id @ (Value::Number(_) | Value::String(_)))) = de.next() {
-                            return id;
+                        match de.next() {
+                            // An id the client can match: a whole number, or a string of
+                            // reasonable size (not a number written with a fraction or an
+                            // exponent, nor `-0`, which the parser reads as a float).
+                            Some(Ok(Value::Number(n))) if n.is_i64() || n.is_u64() => {
+                                return Value::Number(n);
+                            }
+                            Some(Ok(Value::String(id))) if id.len() <= MAX_SALVAGED_ID => {
+                                return Value::String(id);
+                            }
+                            _ => return Value::Null,
                         }
                     }
                 }
@@ -185,6 +206,7 @@ where
     // The client's lines, judged, to the SDK; our own answers to the writer.
     let reading = {
         let session = session.clone();
+        let answers = answers.clone();
         tokio::spawn(async move {
             let mut input = BufReader::new(input);
             let mut initialized = false;
@@ -195,10 +217,10 @@ where
                 };
                 let line = match line {
                     Ok(Line::Text(line)) => line,
-                    Ok(Line::TooLong) => {
+                    Ok(Line::TooLong(start)) => {
                         let _ = answers.send(parse_error(
-                            Value::Null,
-                            format!("the message is over {MAX_MESSAGE_BYTES} bytes"),
+                            salvage_id(&String::from_utf8_lossy(&start)),
+                            format!("Parse error: the message is over {MAX_MESSAGE_BYTES} bytes"),
                         ));
                         continue;
                     }
@@ -211,7 +233,11 @@ where
                             feed.write_all(b"\n").await?;
                             feed.flush().await
                         };
-                        if fed.await.is_err() {
+                        let fed = tokio::select! {
+                            r = fed => r.is_ok(),
+                            _ = session.cancelled() => false,
+                        };
+                        if !fed {
                             break;
                         }
                     }
@@ -226,31 +252,53 @@ where
         })
     };
 
-    // The SDK's lines and ours, whole lines each, to stdout.
+    // The SDK's lines, whole, into the same queue as our answers: read by a task of their own,
+    // so that no line is cut by a read given up half way (`read_until` is not cancel-safe) and
+    // the SDK never waits on a client that does not read.
+    // (The relay takes the last sender: the queue closes when it and the reader are done.)
+    let relaying = {
+        tokio::spawn(async move {
+            let mut from_sdk = BufReader::new(from_sdk);
+            loop {
+                let mut line = Vec::new();
+                match from_sdk.read_until(b'\n', &mut line).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        if answers.send(line).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        })
+    };
+    // Every line out to stdout, in the order queued. It ends when both the reader and the
+    // relay are done (the queue closes), or when stdout fails; once the session has been over
+    // for WRITE_GRACE, what the client has not taken is given up (a client that stopped
+    // reading must not keep a stopped server alive).
+    let abandon = CancellationToken::new();
+    {
+        let (session, abandon) = (session.clone(), abandon.clone());
+        tokio::spawn(async move {
+            session.cancelled().await;
+            tokio::time::sleep(WRITE_GRACE).await;
+            abandon.cancel();
+        });
+    }
     let writing = {
         let session = session.clone();
         tokio::spawn(async move {
-            let mut from_sdk = BufReader::new(from_sdk);
-            let mut sdk_open = true;
-            loop {
-                let mut line = Vec::new();
-                let next = tokio::select! {
-                    n = from_sdk.read_until(b'\n', &mut line), if sdk_open => match n {
-                        Ok(0) | Err(_) => { sdk_open = false; continue; }
-                        Ok(_) => line,
-                    },
-                    a = answered.recv() => match a {
-                        Some(a) => a,
-                        None if sdk_open => continue,
-                        None => break,
-                    },
-                    else => break,
-                };
+            while let Some(next) = answered.recv().await {
                 let written = async {
                     output.write_all(&next).await?;
                     output.flush().await
                 };
-                if written.await.is_err() {
+                let written = tokio::select! {
+                    biased;
+                    r = written => r.is_ok(),
+                    _ = abandon.cancelled() => false,
+                };
+                if !written {
                     // Nobody reads the answers: end the session rather than run calls whose
                     // results nobody will see.
                     session.cancel();
@@ -263,7 +311,7 @@ where
     let result = serve(sdk_in, sdk_out).await;
     session.cancel();
     let _ = reading.await;
-    // The writer ends once the SDK's side has closed and every answer of ours is out.
+    let _ = relaying.await;
     let _ = writing.await;
     result
 }
@@ -280,6 +328,11 @@ mod tests {
             (br#"{"jsonrpc":"2.0","id":"x","method":"m","params":{"p":"a\ud800"}}"#, json!("x")),
             (br#"{"params":{"s":"\"id\": 9"},"id":4,"method":"m","x":[[["#, json!(4)),
             (b"garbage", Value::Null),
+            // Ids a client could not match are not made up: a float, a number past 64 bits.
+            (br#"{"id":1.5,"method":"m","params":{"p":"a\ud800"}}"#, Value::Null),
+            (br#"{"id":123456789012345678901234,"method":"m","x":"\ud800"}"#, Value::Null),
+            (br#"{"id":-0,"method":"m","x":"\ud800"}"#, Value::Null),
+            (br#"{"id":-7,"method":"m","x":"\ud800"}"#, json!(-7)),
         ] {
             let Verdict::Answer(a) = judge(line, &mut init) else {
                 panic!("{}", String::from_utf8_lossy(line));
@@ -315,6 +368,72 @@ mod tests {
         assert!(matches!(judge(note, &mut init), Verdict::Forward));
     }
 
+    /// The SDK's long lines and our own answers come out whole, however they interleave, and
+    /// the session ends when the client's input does.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn answers_come_out_whole_and_the_session_ends_with_the_input() {
+        let (mut client, input) = tokio::io::duplex(1 << 16);
+        let (output, mut from_server) = tokio::io::duplex(1 << 16);
+        // A stand-in for the SDK: answers each line it gets with 300 KB of JSON.
+        let sdk = |sdk_in: tokio::io::DuplexStream, mut sdk_out: tokio::io::DuplexStream| async move {
+            let mut lines = BufReader::new(sdk_in).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let mut answer = serde_json::to_vec(
+                    &json!({"jsonrpc": "2.0", "id": v["id"], "result": "x".repeat(300_000)}),
+                )
+                .unwrap();
+                answer.push(b'\n');
+                sdk_out.write_all(&answer).await.unwrap();
+            }
+            Ok::<(), ()>(())
+        };
+        let served = tokio::spawn(framed(input, output, CancellationToken::new(), sdk));
+        let reading = tokio::spawn(async move {
+            let mut out = Vec::new();
+            tokio::io::AsyncReadExt::read_to_end(&mut from_server, &mut out)
+                .await
+                .unwrap();
+            out
+        });
+        client
+            .write_all(br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#)
+            .await
+            .unwrap();
+        client.write_all(b"\n").await.unwrap();
+        for id in 1..=10 {
+            let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"m\"}}\n");
+            client.write_all(line.as_bytes()).await.unwrap();
+            for _ in 0..20 {
+                client.write_all(b"garbage\n").await.unwrap();
+            }
+        }
+        drop(client);
+        tokio::time::timeout(std::time::Duration::from_secs(30), served)
+            .await
+            .expect("the session ends with its input")
+            .unwrap()
+            .unwrap();
+        let out = reading.await.unwrap();
+        let lines: Vec<&[u8]> = out
+            .split(|&b| b == b'\n')
+            .filter(|l| !l.is_empty())
+            .collect();
+        assert_eq!(lines.len(), 11 + 200);
+        for line in lines {
+            let v: Value = serde_json::from_slice(line).unwrap_or_else(|e| {
+                panic!(
+                    "{e}: {}",
+                    String::from_utf8_lossy(&line[..80.min(line.len())])
+                )
+            });
+            assert!(
+                v.get("result").is_some() || v["error"]["code"] == -32700,
+                "{v}"
+            );
+        }
+    }
+
     #[tokio::test]
     async fn a_long_line_is_passed_over_and_the_next_read() {
         let mut text = vec![b'x'; MAX_MESSAGE_BYTES + 10];
@@ -322,7 +441,7 @@ mod tests {
         let mut input = BufReader::new(&text[..]);
         assert!(matches!(
             next_line(&mut input).await.unwrap(),
-            Line::TooLong
+            Line::TooLong(start) if start.len() == KEPT_OF_LONG
         ));
         assert!(matches!(next_line(&mut input).await.unwrap(), Line::Text(l) if l == b"next"));
         assert!(matches!(next_line(&mut input).await.unwrap(), Line::End));
