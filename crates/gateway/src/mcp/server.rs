@@ -25,6 +25,8 @@ pub struct GatewayServer {
     gateway: Gateway,
     actor: Actor,
     in_flight: std::sync::Arc<InFlight>,
+    /// Cancels every call at once (the server was told to stop).
+    stop: agent_runtime_core::CancellationToken,
 }
 
 /// The calls a server is running, so that a session that ends can wait for their outcomes to
@@ -33,6 +35,15 @@ pub struct GatewayServer {
 struct InFlight {
     count: std::sync::atomic::AtomicUsize,
     idle: tokio::sync::Notify,
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// One call counted in [`InFlight`] while it lives.
@@ -67,7 +78,15 @@ impl GatewayServer {
             gateway,
             actor,
             in_flight: Default::default(),
+            stop: agent_runtime_core::CancellationToken::new(),
         }
+    }
+
+    /// This server with its calls cancelled as soon as `stop` is (a signal), rather than when
+    /// the SDK gives up on them.
+    pub fn stopped_by(mut self, stop: &agent_runtime_core::CancellationToken) -> Self {
+        self.stop = stop.child_token();
+        self
     }
 
     /// Waits until no call runs, at most `max`.
@@ -102,7 +121,17 @@ impl GatewayServer {
     ) -> Result<CallToolResponse, McpError> {
         let _counted = Counted::new(&self.in_flight);
         let mut ctx = CallContext::new(self.actor.clone());
-        ctx.cancel = context.ct.child_token();
+        // Cancelled by the client (`notifications/cancelled`, through the SDK) or by the
+        // server's stop, whichever comes first.
+        ctx.cancel = self.stop.child_token();
+        let link = {
+            let (by_client, cancel) = (context.ct.clone(), ctx.cancel.clone());
+            tokio::spawn(async move {
+                by_client.cancelled().await;
+                cancel.cancel();
+            })
+        };
+        let _unlink = AbortOnDrop(link);
         let args = Value::Object(request.arguments.unwrap_or_default());
         let forward = match context.meta.get_progress_token() {
             Some(token) => {
@@ -273,7 +302,7 @@ pub async fn serve_stdio_until(
         transport: "stdio".into(),
         message: m,
     };
-    let server = GatewayServer::new(gateway, actor);
+    let server = GatewayServer::new(gateway, actor).stopped_by(&stop);
     let calls = server.clone();
     let served = super::stdio::framed(
         tokio::io::stdin(),
@@ -336,7 +365,7 @@ pub async fn serve_http(
     }
     let mut config = StreamableHttpServerConfig::default();
     config.cancellation_token = stop.child_token();
-    let server = GatewayServer::new(gateway, actor);
+    let server = GatewayServer::new(gateway, actor).stopped_by(&stop);
     let service = StreamableHttpService::new(
         move || Ok(server.clone()),
         std::sync::Arc::new(LocalSessionManager::default()),
