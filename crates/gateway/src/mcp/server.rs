@@ -302,12 +302,14 @@ pub async fn serve_stdio_until(
         transport: "stdio".into(),
         message: m,
     };
-    let server = GatewayServer::new(gateway, actor).stopped_by(&stop);
+    let calls_stop = stop.child_token();
+    let server = GatewayServer::new(gateway, actor).stopped_by(&calls_stop);
     let calls = server.clone();
     let served = super::stdio::framed(
         tokio::io::stdin(),
         tokio::io::stdout(),
         stop,
+        calls_stop,
         |sdk_in, sdk_out| async move {
             let running = match server.serve((sdk_in, sdk_out)).await {
                 Ok(running) => running,

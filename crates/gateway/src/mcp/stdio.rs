@@ -36,6 +36,9 @@ enum Line {
 /// server was told to stop), for a client that does not take them.
 const WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Lines queued for stdout before the SDK and the reader wait for the client to take them.
+const QUEUED_LINES: usize = 16;
+
 /// How much of a line too long to read is kept, to find its id in.
 const KEPT_OF_LONG: usize = 64 * 1024;
 
@@ -80,10 +83,15 @@ async fn next_line<R: AsyncRead + Unpin>(input: &mut BufReader<R>) -> std::io::R
 
 /// The JSON-RPC error answering a message that could not be read.
 fn parse_error(id: Value, message: String) -> Vec<u8> {
+    error_line(id, -32700, message)
+}
+
+/// A JSON-RPC error answer, as a line.
+fn error_line(id: Value, code: i64, message: String) -> Vec<u8> {
     let mut line = serde_json::to_vec(&json!({
         "jsonrpc": "2.0",
         "id": id,
-        "error": {"code": -32700, "message": message},
+        "error": {"code": code, "message": message},
     }))
     .unwrap_or_default();
     line.push(b'\n');
@@ -172,9 +180,34 @@ fn judge(line: &[u8], initialized: &mut bool) -> Verdict {
         // Batches and stray values: the SDK answers them.
         return Verdict::Forward;
     };
-    let is_request = m.contains_key("method") && m.contains_key("id");
+    let id = m.get("id").filter(|id| {
+        matches!(id, Value::String(_)) || id.as_i64().is_some() || id.as_u64().is_some()
+    });
+    // What the SDK would answer without an id (the client could not match it): answered here
+    // with it. A notification so malformed is dropped (notifications get no answer).
+    let malformed = if m.get("jsonrpc") != Some(&json!("2.0")) {
+        Some("`jsonrpc` must be \"2.0\"")
+    } else if m.contains_key("method") && !m["method"].is_string() {
+        Some("`method` must be a string")
+    } else if m.get("params").is_some_and(|p| !p.is_object()) {
+        Some("`params` must be an object")
+    } else {
+        None
+    };
+    if let Some(why) = malformed {
+        return match id {
+            Some(id) if m.contains_key("method") => Verdict::Answer(error_line(
+                id.clone(),
+                -32600,
+                format!("Invalid Request: {why}"),
+            )),
+            Some(_) => Verdict::Forward,
+            None => Verdict::Drop,
+        };
+    }
+    let is_request = m.contains_key("method") && id.is_some();
     if !*initialized {
-        if m.get("method").and_then(Value::as_str) == Some("initialize") {
+        if is_request && m.get("method").and_then(Value::as_str) == Some("initialize") {
             *initialized = true;
         } else if !is_request {
             return Verdict::Drop;
@@ -185,11 +218,13 @@ fn judge(line: &[u8], initialized: &mut bool) -> Verdict {
 
 /// Serves a session of the SDK's `service` over `input` and `output` (stdin and stdout) until
 /// the client closes its input, stdout fails, or `stop` is cancelled; see the module's notes.
-/// `serve` starts the SDK's side on the given pair of pipes and resolves when the session ends.
+/// `serve` starts the SDK's side on the given pair of pipes and resolves when the session ends;
+/// `calls` is cancelled when stdout fails (the calls' results could not reach anyone).
 pub(crate) async fn framed<R, W, F, Fut, E>(
     input: R,
     mut output: W,
     stop: CancellationToken,
+    calls: CancellationToken,
     serve: F,
 ) -> Result<(), E>
 where
@@ -200,7 +235,9 @@ where
 {
     let (sdk_in, mut feed) = tokio::io::duplex(1 << 16);
     let (sdk_out, from_sdk) = tokio::io::duplex(1 << 16);
-    let (answers, mut answered) = mpsc::unbounded_channel::<Vec<u8>>();
+    // Bounded: a client that does not read holds up the SDK and this reader, rather than
+    // making the queue grow with everything it sends.
+    let (answers, mut answered) = mpsc::channel::<Vec<u8>>(QUEUED_LINES);
     let session = stop.child_token();
 
     // The client's lines, judged, to the SDK; our own answers to the writer.
@@ -218,10 +255,14 @@ where
                 let line = match line {
                     Ok(Line::Text(line)) => line,
                     Ok(Line::TooLong(start)) => {
-                        let _ = answers.send(parse_error(
+                        let answer = parse_error(
                             salvage_id(&String::from_utf8_lossy(&start)),
                             format!("Parse error: the message is over {MAX_MESSAGE_BYTES} bytes"),
-                        ));
+                        );
+                        tokio::select! {
+                            _ = answers.send(answer) => {}
+                            _ = session.cancelled() => break,
+                        }
                         continue;
                     }
                     Ok(Line::End) | Err(_) => break,
@@ -242,7 +283,10 @@ where
                         }
                     }
                     Verdict::Answer(a) => {
-                        let _ = answers.send(a);
+                        tokio::select! {
+                            _ = answers.send(a) => {}
+                            _ = session.cancelled() => break,
+                        }
                     }
                     Verdict::Drop => {}
                 }
@@ -264,7 +308,7 @@ where
                 match from_sdk.read_until(b'\n', &mut line).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
-                        if answers.send(line).is_err() {
+                        if answers.send(line).await.is_err() {
                             break;
                         }
                     }
@@ -288,7 +332,12 @@ where
     let writing = {
         let session = session.clone();
         tokio::spawn(async move {
+            let mut writable = true;
             while let Some(next) = answered.recv().await {
+                if !writable {
+                    // Taken off the queue and dropped, so that the SDK can finish.
+                    continue;
+                }
                 let written = async {
                     output.write_all(&next).await?;
                     output.flush().await
@@ -299,10 +348,11 @@ where
                     _ = abandon.cancelled() => false,
                 };
                 if !written {
-                    // Nobody reads the answers: end the session rather than run calls whose
-                    // results nobody will see.
+                    // Nobody reads the answers: end the session and its calls rather than run
+                    // calls whose results nobody will see.
+                    writable = false;
+                    calls.cancel();
                     session.cancel();
-                    break;
                 }
             }
         })
@@ -353,6 +403,31 @@ mod tests {
     }
 
     #[test]
+    fn requests_the_sdk_would_answer_without_an_id_are_answered_here() {
+        let mut init = true;
+        for (line, id) in [
+            (
+                &br#"{"jsonrpc":"2.0","id":21,"method":"tools/list","params":[]}"#[..],
+                json!(21),
+            ),
+            (br#"{"id":"a","method":"tools/list"}"#, json!("a")),
+            (br#"{"jsonrpc":"2.0","id":25,"method":5}"#, json!(25)),
+        ] {
+            let Verdict::Answer(a) = judge(line, &mut init) else {
+                panic!("{}", String::from_utf8_lossy(line));
+            };
+            let a: Value = serde_json::from_slice(&a).unwrap();
+            assert_eq!(
+                (a["id"].clone(), a["error"]["code"].clone()),
+                (id, json!(-32600)),
+                "{a}"
+            );
+        }
+        let note = br#"{"jsonrpc":"2.0","method":"notifications/cancelled","params":"x"}"#;
+        assert!(matches!(judge(note, &mut init), Verdict::Drop));
+    }
+
+    #[test]
     fn notifications_before_initialize_are_dropped() {
         let mut init = false;
         let note =
@@ -362,6 +437,10 @@ mod tests {
         assert!(matches!(judge(response, &mut init), Verdict::Drop));
         let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
         assert!(matches!(judge(ping, &mut init), Verdict::Forward));
+        // A notification named `initialize` initializes nothing.
+        let not_a_request = br#"{"jsonrpc":"2.0","method":"initialize","params":{}}"#;
+        assert!(matches!(judge(not_a_request, &mut init), Verdict::Drop));
+        assert!(!init);
         let initialize = br#"{"jsonrpc":"2.0","id":2,"method":"initialize","params":{}}"#;
         assert!(matches!(judge(initialize, &mut init), Verdict::Forward));
         assert!(init);
@@ -388,7 +467,13 @@ mod tests {
             }
             Ok::<(), ()>(())
         };
-        let served = tokio::spawn(framed(input, output, CancellationToken::new(), sdk));
+        let served = tokio::spawn(framed(
+            input,
+            output,
+            CancellationToken::new(),
+            CancellationToken::new(),
+            sdk,
+        ));
         let reading = tokio::spawn(async move {
             let mut out = Vec::new();
             tokio::io::AsyncReadExt::read_to_end(&mut from_server, &mut out)
