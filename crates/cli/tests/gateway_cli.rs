@@ -682,36 +682,31 @@ fn mcp_add_list_and_call_a_server() {
         .stdout("Echo: via mcp\n");
 }
 
-/// Malformed params of a method the server has are "invalid params" (-32602), not "method not
-/// found" (-32601), which would send a client looking for a method that is there; a method it
-/// does not have is still -32601.
-#[test]
-fn mcp_serve_answers_malformed_params_with_invalid_params() {
-    use std::io::{BufRead, BufReader, Write};
-    let env = Env::new();
+/// `mcp serve --stdio` in `cwd` with `db` and `config`: the child, its stdin, and the lines it
+/// answers with, read on a thread, so that a server that never answers fails a test instead of
+/// hanging it.
+fn serve_stdio(
+    cwd: &Path,
+    db: &Path,
+    config: &Path,
+) -> (
+    std::process::Child,
+    std::process::ChildStdin,
+    std::sync::mpsc::Receiver<String>,
+) {
+    use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
-        .current_dir(env.dir.path())
+        .current_dir(cwd)
         .arg("--db")
-        .arg(env.dir.path().join("events.db"))
+        .arg(db)
         .args(["--plaintext", "mcp", "serve", "--stdio", "--config"])
-        .arg(env.config())
+        .arg(config)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    for line in [
-        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
-        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
-        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":5,"arguments":{"k":"hunter2-secret"}}}"#,
-        r#"{"jsonrpc":"2.0","id":4,"method":"no/such/method"}"#,
-    ] {
-        writeln!(stdin, "{line}").unwrap();
-    }
-    stdin.flush().unwrap();
-    // Answers are read on a thread, so that a server that never answers fails the test
-    // instead of hanging it.
+    let stdin = child.stdin.take().unwrap();
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -721,6 +716,30 @@ fn mcp_serve_answers_malformed_params_with_invalid_params() {
             }
         }
     });
+    (child, stdin, rx)
+}
+
+/// Malformed params of a method the server has are "invalid params" (-32602), not "method not
+/// found" (-32601), which would send a client looking for a method that is there; a method it
+/// does not have is still -32601.
+#[test]
+fn mcp_serve_answers_malformed_params_with_invalid_params() {
+    use std::io::Write;
+    let env = Env::new();
+    let (mut child, mut stdin, rx) = serve_stdio(
+        env.dir.path(),
+        &env.dir.path().join("events.db"),
+        &env.config(),
+    );
+    for line in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#,
+        r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#,
+        r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":5,"arguments":{"k":"hunter2-secret"}}}"#,
+        r#"{"jsonrpc":"2.0","id":4,"method":"no/such/method"}"#,
+    ] {
+        writeln!(stdin, "{line}").unwrap();
+    }
+    stdin.flush().unwrap();
     let mut errors = std::collections::BTreeMap::new();
     while errors.len() < 2 {
         let line = rx
@@ -752,7 +771,7 @@ fn mcp_serve_answers_malformed_params_with_invalid_params() {
 /// cancelled and its outcome recorded.
 #[test]
 fn mcp_serve_stdio_answers_what_it_cannot_read_and_ends_its_calls_on_sigterm() {
-    use std::io::{BufRead, BufReader, Write};
+    use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gateway.yaml");
     std::fs::write(
@@ -764,18 +783,7 @@ fn mcp_serve_stdio_answers_what_it_cannot_read_and_ends_its_calls_on_sigterm() {
     )
     .unwrap();
     let db = dir.path().join("events.db");
-    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
-        .current_dir(dir.path())
-        .arg("--db")
-        .arg(&db)
-        .args(["--plaintext", "mcp", "serve", "--stdio", "--config"])
-        .arg(&config)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
+    let (mut child, mut stdin, rx) = serve_stdio(dir.path(), &db, &config);
     let deep = format!(
         r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"t.wait","arguments":{{"a":{}1{}}}}}}}"#,
         "[".repeat(300),
@@ -801,15 +809,6 @@ fn mcp_serve_stdio_answers_what_it_cannot_read_and_ends_its_calls_on_sigterm() {
         stdin.write_all(b"\n").unwrap();
     }
     stdin.flush().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
     let mut answers = std::collections::BTreeMap::new();
     while answers.len() < 4 {
         let line = rx

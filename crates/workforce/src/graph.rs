@@ -1975,6 +1975,11 @@ mod tests {
         parse_graph(text, Path::new("flow.yaml"))
     }
 
+    /// The error `text` (as `flow.yaml`) is refused with.
+    fn refusal(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
     #[test]
     fn the_format_follows_the_extension_then_the_text() {
         let yaml = "tasks:\n  - { id: a, tool: echo, args: {} }\n";
@@ -2593,9 +2598,9 @@ tasks:
     #[test]
     fn errors_are_placed_by_path_not_by_text() {
         // The first task's `timeout` comes before its id; the second task has one too.
-        let e = parse("tasks:\n  - timeout: 0s\n    id: b\n    tool: echo\n  - id: c\n    tool: echo\n    timeout: 1s\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal(
+            "tasks:\n  - timeout: 0s\n    id: b\n    tool: echo\n  - id: c\n    tool: echo\n    timeout: 1s\n",
+        );
         assert!(e.starts_with("flow.yaml:2:5: tasks[0].timeout: "), "{e}");
         // Minified JSON, as a program writes it.
         let json =
@@ -2608,22 +2613,16 @@ tasks:
             "{e}"
         );
         // Extra spaces after `id:`.
-        let e = parse("tasks:\n  - id:    a\n    tool: echo\n    needs: [zz]\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - id:    a\n    tool: echo\n    needs: [zz]\n");
         assert!(e.starts_with("flow.yaml:4:13: "), "{e}");
         // A task written twice through an alias: the alias.
-        let e = parse("tasks:\n  - &t\n    id: a\n    tool: echo\n  - *t\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - &t\n    id: a\n    tool: echo\n  - *t\n");
         assert!(
             e.starts_with("flow.yaml:5:5: tasks[1].id: duplicate task id"),
             "{e}"
         );
         // Columns count characters, not bytes.
-        let e = parse("tasks:\n  - { id: a, tool: echo, args: {t: 日本語}, needs: [zz] }\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - { id: a, tool: echo, args: {t: 日本語}, needs: [zz] }\n");
         assert!(e.starts_with("flow.yaml:2:50: "), "{e}");
     }
 

@@ -179,52 +179,30 @@ pub fn names_secrets(v: &Value) -> bool {
 /// Checks every template of a task is well formed, and that secrets are named only where a
 /// call, and nothing recorded, gets their values.
 pub fn check(task: &TaskSpec) -> Result<(), String> {
-    fn walk(v: &Value, at: &mut String) -> Result<(), String> {
-        match v {
-            Value::String(s) => {
-                let templates = scan(s)?;
-                for (_, _, name) in secret_refs(s) {
-                    if name.is_empty()
-                        || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                    {
-                        return Err(format!(
-                            "secret name `{name}` at args{at} must be letters, digits and `_`"
-                        ));
-                    }
-                    if !templates.is_empty() {
-                        // The upstream output would be rendered into the recorded string, and
-                        // could bring a `{{ secrets.NAME }}` of its own.
-                        return Err(format!(
-                            "args{at} names a secret and takes an upstream output; a string may do one or the other"
-                        ));
-                    }
-                }
-                Ok(())
+    let in_arg = |s: &str, at: &str| -> Result<(), String> {
+        let templates = scan(s)?;
+        for (_, _, name) in secret_refs(s) {
+            if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+                return Err(format!(
+                    "secret name `{name}` at args{at} must be letters, digits and `_`"
+                ));
             }
-            Value::Array(a) => a.iter().enumerate().try_for_each(|(i, x)| {
-                let len = at.len();
-                at.push_str(&format!("[{i}]"));
-                let r = walk(x, at);
-                at.truncate(len);
-                r
-            }),
-            Value::Object(m) => m.iter().try_for_each(|(k, x)| {
-                let len = at.len();
-                at.push('.');
-                at.push_str(k);
-                let r = walk(x, at);
-                at.truncate(len);
-                r
-            }),
-            _ => Ok(()),
+            if !templates.is_empty() {
+                // The upstream output would be rendered into the recorded string, and could
+                // bring a `{{ secrets.NAME }}` of its own.
+                return Err(format!(
+                    "args{at} names a secret and takes an upstream output; a string may do one or the other"
+                ));
+            }
         }
-    }
+        Ok(())
+    };
     if let Some(p) = &task.prompt {
         scan(p)?;
         refuse_secrets(p, "a prompt")?;
     }
     if let Some(a) = &task.args {
-        walk(a, &mut String::new())?;
+        each_string(a, &mut String::new(), &mut |s, at| in_arg(s, at))?;
     }
     Ok(())
 }
@@ -255,34 +233,43 @@ pub fn check_paths(task: &TaskSpec) -> Result<(), (String, String)> {
         }
         Ok(())
     }
-    fn walk(v: &Value, at: &mut String) -> Result<(), (String, String)> {
-        match v {
-            Value::String(s) => in_str(s).map_err(|e| (format!("args{at}"), e)),
-            Value::Array(a) => a.iter().enumerate().try_for_each(|(i, x)| {
-                let len = at.len();
-                at.push_str(&format!("[{i}]"));
-                let r = walk(x, at);
-                at.truncate(len);
-                r
-            }),
-            Value::Object(m) => m.iter().try_for_each(|(k, x)| {
-                let len = at.len();
-                at.push('.');
-                at.push_str(k);
-                let r = walk(x, at);
-                at.truncate(len);
-                r
-            }),
-            _ => Ok(()),
-        }
-    }
     if let Some(p) = &task.prompt {
         in_str(p).map_err(|e| ("prompt".to_string(), e))?;
     }
     if let Some(a) = &task.args {
-        walk(a, &mut String::new())?;
+        each_string(a, &mut String::new(), &mut |s, at| {
+            in_str(s).map_err(|e| (format!("args{at}"), e))
+        })?;
     }
     Ok(())
+}
+
+/// Calls `f` with each string in `v` and where it is (`.key[0]`, appended to `at`), stopping
+/// at the first error.
+fn each_string<E>(
+    v: &Value,
+    at: &mut String,
+    f: &mut dyn FnMut(&str, &str) -> Result<(), E>,
+) -> Result<(), E> {
+    match v {
+        Value::String(s) => f(s, at),
+        Value::Array(a) => a.iter().enumerate().try_for_each(|(i, x)| {
+            let len = at.len();
+            at.push_str(&format!("[{i}]"));
+            let r = each_string(x, at, f);
+            at.truncate(len);
+            r
+        }),
+        Value::Object(m) => m.iter().try_for_each(|(k, x)| {
+            let len = at.len();
+            at.push('.');
+            at.push_str(k);
+            let r = each_string(x, at, f);
+            at.truncate(len);
+            r
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The value of secret `name` from `secrets`, if it may go into a call. Errors (naming the
