@@ -2269,42 +2269,30 @@ tasks:
 
     #[test]
     fn syntax_errors_name_line_column_and_field() {
-        let e = parse("tasks:\n  - id: a\n    tool: echo\n    nedds: [b]\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - id: a\n    tool: echo\n    nedds: [b]\n");
         assert!(e.starts_with("flow.yaml:4:"), "{e}");
         assert!(e.contains("tasks[0]"), "{e}");
         assert!(e.contains("nedds"), "{e}");
-        let e = parse("tasks:\n  - id: a\n    tool: echo\n    timeout: soon\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - id: a\n    tool: echo\n    timeout: soon\n");
         // The field once: the YAML parser's own path (`tasks[0]`) is not repeated. And at the
         // field's line: the parser points at the task's mapping, two lines up.
         assert!(
             e.starts_with("flow.yaml:4:5: tasks[0].timeout: invalid duration \"soon\""),
             "{e}"
         );
-        let e = parse("tasks:\n  - id: a\n    tool: echo\n    args: {}\n    on_failure: maybe\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - id: a\n    tool: echo\n    args: {}\n    on_failure: maybe\n");
         assert!(
             e.starts_with("flow.yaml:5:5: tasks[0].on_failure: unknown policy `maybe`"),
             "{e}"
         );
-        let e = parse("tasks:\n  - { id: a, tool: echo, on_failure: maybe }\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - { id: a, tool: echo, on_failure: maybe }\n");
         assert!(e.starts_with("flow.yaml:2:26: tasks[0].on_failure"), "{e}");
-        let e = parse("tasks:\n  - &t { id: a, tool: echo }\n  - <<: *t\n    id: b\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - &t { id: a, tool: echo }\n  - <<: *t\n    id: b\n");
         assert!(
             e.contains("YAML merge keys (`<<: *anchor`) are not read here"),
             "{e}"
         );
-        let e = parse("tasks:\n  - { id: a, tool: echo, on_failure: { skip: true } }\n")
-            .unwrap_err()
-            .to_string();
+        let e = refusal("tasks:\n  - { id: a, tool: echo, on_failure: { skip: true } }\n");
         assert!(
             e.contains("tasks[0].on_failure: `skip` takes no value: write `on_failure: skip`"),
             "{e}"
