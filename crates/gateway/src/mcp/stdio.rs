@@ -39,6 +39,53 @@ const WRITE_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 /// Lines queued for stdout before the SDK and the reader wait for the client to take them.
 const QUEUED_LINES: usize = 16;
 
+/// Requests handed to the SDK and not answered yet, at most: the SDK queues the answers of
+/// everything it reads, so a client that sends without reading would otherwise grow it
+/// without bound.
+const MAX_OUTSTANDING: usize = 256;
+
+/// The requests the SDK has not answered yet (see [`MAX_OUTSTANDING`]).
+#[derive(Default)]
+struct Outstanding {
+    count: std::sync::atomic::AtomicUsize,
+    freed: tokio::sync::Notify,
+}
+
+impl Outstanding {
+    /// Waits for room for one more request, and takes it; false if `session` ends first.
+    async fn admit(&self, session: &CancellationToken) -> bool {
+        use std::sync::atomic::Ordering;
+        loop {
+            let freed = self.freed.notified();
+            if self.count.load(Ordering::Acquire) < MAX_OUTSTANDING {
+                self.count.fetch_add(1, Ordering::AcqRel);
+                return true;
+            }
+            tokio::select! {
+                _ = freed => {}
+                _ = session.cancelled() => return false,
+            }
+        }
+    }
+
+    /// One request will not be waited for any more (answered, or cancelled: the SDK does not
+    /// answer a cancelled request).
+    fn release(&self) {
+        use std::sync::atomic::Ordering;
+        let _ = self
+            .count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        self.freed.notify_waiters();
+    }
+}
+
+/// What the relay needs to know of the SDK's line: whether it answers a request.
+#[derive(serde::Deserialize)]
+struct Probe {
+    id: Option<serde::de::IgnoredAny>,
+    method: Option<serde::de::IgnoredAny>,
+}
+
 /// How much of a line too long to read is kept, to find its id in.
 const KEPT_OF_LONG: usize = 64 * 1024;
 
@@ -150,6 +197,11 @@ fn salvage_id(text: &str) -> Value {
 enum Verdict {
     /// Pass it to the SDK.
     Forward,
+    /// Pass this request to the SDK, which will answer it.
+    ForwardRequest,
+    /// Pass this `notifications/cancelled` to the SDK, which will then not answer the request
+    /// it names.
+    ForwardCancel,
     /// Answer it ourselves and pass it over.
     Answer(Vec<u8>),
     /// Pass it over without an answer (a notification or response before `initialize`).
@@ -213,7 +265,13 @@ fn judge(line: &[u8], initialized: &mut bool) -> Verdict {
             return Verdict::Drop;
         }
     }
-    Verdict::Forward
+    if is_request {
+        Verdict::ForwardRequest
+    } else if m.get("method").and_then(Value::as_str) == Some("notifications/cancelled") {
+        Verdict::ForwardCancel
+    } else {
+        Verdict::Forward
+    }
 }
 
 /// Serves a session of the SDK's `service` over `input` and `output` (stdin and stdout) until
@@ -239,11 +297,13 @@ where
     // making the queue grow with everything it sends.
     let (answers, mut answered) = mpsc::channel::<Vec<u8>>(QUEUED_LINES);
     let session = stop.child_token();
+    let outstanding = std::sync::Arc::new(Outstanding::default());
 
     // The client's lines, judged, to the SDK; our own answers to the writer.
     let reading = {
         let session = session.clone();
         let answers = answers.clone();
+        let outstanding = outstanding.clone();
         tokio::spawn(async move {
             let mut input = BufReader::new(input);
             let mut initialized = false;
@@ -267,8 +327,14 @@ where
                     }
                     Ok(Line::End) | Err(_) => break,
                 };
-                match judge(&line, &mut initialized) {
-                    Verdict::Forward => {
+                let verdict = judge(&line, &mut initialized);
+                match verdict {
+                    Verdict::ForwardRequest if !outstanding.admit(&session).await => break,
+                    Verdict::ForwardCancel => outstanding.release(),
+                    _ => {}
+                }
+                match verdict {
+                    Verdict::Forward | Verdict::ForwardRequest | Verdict::ForwardCancel => {
                         let fed = async {
                             feed.write_all(&line).await?;
                             feed.write_all(b"\n").await?;
@@ -301,6 +367,7 @@ where
     // the SDK never waits on a client that does not read.
     // (The relay takes the last sender: the queue closes when it and the reader are done.)
     let relaying = {
+        let outstanding = outstanding.clone();
         tokio::spawn(async move {
             let mut from_sdk = BufReader::new(from_sdk);
             loop {
@@ -308,8 +375,13 @@ where
                 match from_sdk.read_until(b'\n', &mut line).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
+                        let answer = serde_json::from_slice::<Probe>(&line)
+                            .is_ok_and(|p| p.id.is_some() && p.method.is_none());
                         if answers.send(line).await.is_err() {
                             break;
+                        }
+                        if answer {
+                            outstanding.release();
                         }
                     }
                 }
@@ -436,15 +508,20 @@ mod tests {
         let response = br#"{"jsonrpc":"2.0","id":1,"result":{}}"#;
         assert!(matches!(judge(response, &mut init), Verdict::Drop));
         let ping = br#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
-        assert!(matches!(judge(ping, &mut init), Verdict::Forward));
+        assert!(matches!(judge(ping, &mut init), Verdict::ForwardRequest));
         // A notification named `initialize` initializes nothing.
         let not_a_request = br#"{"jsonrpc":"2.0","method":"initialize","params":{}}"#;
         assert!(matches!(judge(not_a_request, &mut init), Verdict::Drop));
         assert!(!init);
         let initialize = br#"{"jsonrpc":"2.0","id":2,"method":"initialize","params":{}}"#;
-        assert!(matches!(judge(initialize, &mut init), Verdict::Forward));
+        assert!(matches!(
+            judge(initialize, &mut init),
+            Verdict::ForwardRequest
+        ));
         assert!(init);
-        assert!(matches!(judge(note, &mut init), Verdict::Forward));
+        assert!(matches!(judge(note, &mut init), Verdict::ForwardCancel));
+        let initialized = br#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#;
+        assert!(matches!(judge(initialized, &mut init), Verdict::Forward));
     }
 
     /// The SDK's long lines and our own answers come out whole, however they interleave, and
@@ -517,6 +594,67 @@ mod tests {
                 "{v}"
             );
         }
+    }
+
+    /// A client that sends without reading is held back once MAX_OUTSTANDING requests wait
+    /// for their answers: the SDK is not handed more.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_that_does_not_read_is_held_back() {
+        let (mut client, input) = tokio::io::duplex(1 << 20);
+        let (output, _never_read) = tokio::io::duplex(1 << 10);
+        let handed = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let seen = handed.clone();
+        let sdk = move |sdk_in: tokio::io::DuplexStream, mut sdk_out: tokio::io::DuplexStream| async move {
+            // Answers every request from a queue of its own, as the SDK does, without waiting
+            // for its answers to be taken.
+            let mut lines = BufReader::new(sdk_in).lines();
+            let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+            tokio::spawn(async move {
+                while let Some(a) = rx.recv().await {
+                    if sdk_out.write_all(&a).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            while let Ok(Some(line)) = lines.next_line().await {
+                seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let v: Value = serde_json::from_str(&line).unwrap();
+                let mut a =
+                    serde_json::to_vec(&json!({"jsonrpc": "2.0", "id": v["id"], "result": {}}))
+                        .unwrap();
+                a.push(b'\n');
+                let _ = tx.send(a);
+            }
+            Ok::<(), ()>(())
+        };
+        let stop = CancellationToken::new();
+        let served = tokio::spawn(framed(
+            input,
+            output,
+            stop.clone(),
+            CancellationToken::new(),
+            sdk,
+        ));
+        client
+            .write_all(br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#)
+            .await
+            .unwrap();
+        client.write_all(b"\n").await.unwrap();
+        for id in 1..=2000 {
+            let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"m\"}}\n");
+            client.write_all(line.as_bytes()).await.unwrap();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let handed = handed.load(std::sync::atomic::Ordering::SeqCst);
+        // What fits in the output's queues and pipes, plus MAX_OUTSTANDING waiting.
+        assert!(handed <= MAX_OUTSTANDING + QUEUED_LINES + 64, "{handed}");
+        stop.cancel();
+        drop(client);
+        tokio::time::timeout(std::time::Duration::from_secs(30), served)
+            .await
+            .expect("a stopped session ends though its client reads nothing")
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
