@@ -318,16 +318,47 @@ impl Gateway {
             arguments: &args,
         };
         let trace = policy.explain(&input);
-        let (decision, decided_by) =
-            self.decide(&policy, hook_denial, &input, &self.inner.redactor);
+        let (redactor, _) = self.call_redactor(&args, &[]);
+        let (mut decision, decided_by) = self.decide(&policy, hook_denial, &input, &redactor);
+        // A report is shown and printed: redacted as the call's events would be, the paths
+        // the policy resolved too (they are argument text).
+        decision.paths = std::mem::take(&mut decision.paths)
+            .into_iter()
+            .map(|(given, resolved)| {
+                let resolved = resolved
+                    .map(|p| std::path::PathBuf::from(redactor.redact_str(&p.to_string_lossy())));
+                (redactor.redact_str(&given), resolved)
+            })
+            .collect();
         Ok(CheckReport {
             tool: name.to_string(),
-            // A report is shown and printed: redacted as the call's event would be.
-            arguments: self.inner.redactor.redact(&args),
+            arguments: redactor.redact(&args),
             decision,
             decided_by,
             trace,
         })
+    }
+
+    /// The redactor of a call of `args` with the call's own `secrets`: the gateway's, and
+    /// the values under credential keys (`token`, `api_key`), which are secrets of the call
+    /// wherever else they show up (another argument, the tool's output). Also whether the
+    /// call has secrets of its own.
+    fn call_redactor(
+        &self,
+        args: &Value,
+        secrets: &[String],
+    ) -> (std::borrow::Cow<'_, Redactor>, bool) {
+        let keyed = agent_runtime_core::secret::keyed_secret_values(args);
+        if secrets.is_empty() && keyed.is_empty() {
+            return (std::borrow::Cow::Borrowed(&self.inner.redactor), false);
+        }
+        let redactor = self
+            .inner
+            .redactor
+            .clone()
+            .with_secrets(secrets)
+            .with_secrets(&keyed);
+        (std::borrow::Cow::Owned(redactor), true)
     }
 
     /// The decision on a call and who made it: a pre-call hook's denial if one denied, else
@@ -478,21 +509,7 @@ impl Gateway {
         ctx: CallContext,
     ) -> Result<ToolOutput, ToolError> {
         let inner = &*self.inner;
-        // Values under secret keys (`token`, `password`) are secrets of this call wherever
-        // else they show up: in another argument, in the tool's output.
-        let keyed = agent_runtime_core::secret::keyed_secret_values(&args);
-        let call_secrets = !ctx.secrets.is_empty() || !keyed.is_empty();
-        let redactor = if call_secrets {
-            std::borrow::Cow::Owned(
-                inner
-                    .redactor
-                    .clone()
-                    .with_secrets(&ctx.secrets)
-                    .with_secrets(&keyed),
-            )
-        } else {
-            std::borrow::Cow::Borrowed(&inner.redactor)
-        };
+        let (redactor, call_secrets) = self.call_redactor(&args, &ctx.secrets);
         let rec = CallRecord {
             run_id: ctx.run_id.unwrap_or(inner.run_id),
             task_id: ctx.task_id,

@@ -323,6 +323,19 @@ async fn a_value_under_a_secret_key_is_hidden_everywhere_in_its_call() {
         )
         .await
         .unwrap();
+    // A check's report, which is printed, has it nowhere either: not in the arguments, nor
+    // in the paths the policy resolved.
+    let report = gw
+        .check(
+            "t.read",
+            json!({"api_key": "argsecret999", "path": "dir/argsecret999"}),
+            &Actor::Agent("a".into()),
+        )
+        .await
+        .unwrap();
+    let shown = format!("{:?} {:?}", report.arguments, report.decision.paths);
+    assert!(report.decision.paths.len() == 1, "{shown}");
+    assert!(!shown.contains("argsecret999"), "{shown}");
     // Redacted in the output returned too, as a configured secret is; the log has it nowhere.
     assert_eq!(out.value["text"], "key=[REDACTED]");
     let recorded =
