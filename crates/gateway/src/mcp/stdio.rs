@@ -524,6 +524,22 @@ mod tests {
         assert!(matches!(judge(initialized, &mut init), Verdict::Forward));
     }
 
+    /// Writes an `initialize` request, then requests 1 to `count`, each followed by `garbage`
+    /// lines that do not parse.
+    async fn send_requests(client: &mut tokio::io::DuplexStream, count: u32, garbage: usize) {
+        client
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":0,\"method\":\"initialize\",\"params\":{}}\n")
+            .await
+            .unwrap();
+        for id in 1..=count {
+            let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"m\"}}\n");
+            client.write_all(line.as_bytes()).await.unwrap();
+            for _ in 0..garbage {
+                client.write_all(b"garbage\n").await.unwrap();
+            }
+        }
+    }
+
     /// The SDK's long lines and our own answers come out whole, however they interleave, and
     /// the session ends when the client's input does.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -558,18 +574,7 @@ mod tests {
                 .unwrap();
             out
         });
-        client
-            .write_all(br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#)
-            .await
-            .unwrap();
-        client.write_all(b"\n").await.unwrap();
-        for id in 1..=10 {
-            let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"m\"}}\n");
-            client.write_all(line.as_bytes()).await.unwrap();
-            for _ in 0..20 {
-                client.write_all(b"garbage\n").await.unwrap();
-            }
-        }
+        send_requests(&mut client, 10, 20).await;
         drop(client);
         tokio::time::timeout(std::time::Duration::from_secs(30), served)
             .await
@@ -635,15 +640,7 @@ mod tests {
             CancellationToken::new(),
             sdk,
         ));
-        client
-            .write_all(br#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{}}"#)
-            .await
-            .unwrap();
-        client.write_all(b"\n").await.unwrap();
-        for id in 1..=2000 {
-            let line = format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"m\"}}\n");
-            client.write_all(line.as_bytes()).await.unwrap();
-        }
+        send_requests(&mut client, 2000, 0).await;
         tokio::time::sleep(std::time::Duration::from_millis(500)).await;
         let handed = handed.load(std::sync::atomic::Ordering::SeqCst);
         // What fits in the output's queues and pipes, plus MAX_OUTSTANDING waiting.
