@@ -1009,121 +1009,30 @@ pub fn unknown_tool(tool: &str, available: &[String]) -> String {
 /// absent (a missing `args` is shown at the step's `tool`).
 fn task_error(
     (text, file): (&str, &Path),
-    (i, id): (usize, &str),
+    i: usize,
     field: &str,
     located_at: &str,
     message: String,
 ) -> GraphError {
     GraphError::Invalid {
-        at: locate_field(text, file, &format!("tasks[{i}].{located_at}"), None)
-            .unwrap_or_else(|| locate(text, file, Some(id), located_at)),
+        at: locate_field(text, file, &format!("tasks[{i}].{located_at}"), None),
         field: format!("tasks[{i}].{field}"),
         message,
     }
 }
 
 /// Where the field at `path` (`tasks[1].needs`) is written in `text`, found through the
-/// parser (see [`crate::positions`]); with `item`, the item of that list with this text
-/// (`fetc` in `needs: [fetch, fetc]`). `None` when the parser cannot place it.
-fn locate_field(text: &str, file: &Path, path: &str, item: Option<&str>) -> Option<Location> {
+/// parser (see [`crate::positions`]), or the nearest field around it that is written (the
+/// task, for a field it lacks; the alias a task came from); with `item`, the item of that list
+/// with this text (`fetc` in `needs: [fetch, fetc]`). 0:0 when not even the path's first key
+/// is written (a graph built in code has no text).
+fn locate_field(text: &str, file: &Path, path: &str, item: Option<&str>) -> Location {
     let positions = crate::positions::Positions::of(text);
     let (line, column) = match item {
         Some(item) => positions.find_item(path, item),
         None => positions.find(path),
-    }?;
-    Some(Location {
-        file: file.to_path_buf(),
-        line,
-        column,
-    })
-}
-
-/// Finds the best location of a task's field in the source text: the line of the task's `id`,
-/// then the first line after it mentioning `field`. Best effort: 0:0 when nothing matches.
-fn locate(text: &str, file: &Path, task: Option<&str>, field: &str) -> Location {
-    locate_nth(text, file, task.map(|id| (id, 0)), field)
-}
-
-/// [`locate`] for the `nth` task (from 0) with that id: a duplicate id is the second one.
-fn locate_nth(text: &str, file: &Path, task: Option<(&str, usize)>, field: &str) -> Location {
-    let mut start_line = 0;
-    if let Some((id, nth)) = task {
-        let pats = [
-            format!("id: {id}"),
-            format!("\"id\": \"{id}\""),
-            format!("id: \"{id}\""),
-            format!("id: '{id}'"),
-        ];
-        if let Some((n, _)) = text
-            .lines()
-            .enumerate()
-            .filter(|(_, l)| {
-                pats.iter().any(|p| {
-                    l.find(p.as_str()).is_some_and(|i| {
-                        let rest = &l[i + p.len()..];
-                        rest.is_empty() || rest.starts_with([' ', ',', '}', '"', '\'', '#'])
-                    })
-                })
-            })
-            .nth(nth)
-        {
-            start_line = n;
-        } else {
-            return Location {
-                file: file.to_path_buf(),
-                line: 0,
-                column: 0,
-            };
-        }
     }
-    let keys = [format!("{field}:"), format!("\"{field}\"")];
-    for (n, l) in text.lines().enumerate().skip(start_line) {
-        if let Some(col) = keys.iter().filter_map(|k| l.find(k.as_str())).min() {
-            return Location {
-                file: file.to_path_buf(),
-                line: n + 1,
-                column: col + 1,
-            };
-        }
-    }
-    Location {
-        file: file.to_path_buf(),
-        line: start_line + 1,
-        column: 1,
-    }
-}
-
-/// Where the keys `path` lead in `text`, each looked for (as `KEY:` or `"KEY"`, or as a bare
-/// word for the last, a list item) at or after the one before: `agents` then `w` then `tools`.
-/// Best effort, as [`locate`]: the last key found, or 0:0 when the first is not.
-fn locate_path(text: &str, file: &Path, path: &[&str]) -> Location {
-    let lines: Vec<&str> = text.lines().collect();
-    let mut at: Option<(usize, usize)> = None;
-    for (k, key) in path.iter().enumerate() {
-        let pats = if k + 1 == path.len() {
-            vec![format!("{key}:"), format!("\"{key}\""), key.to_string()]
-        } else {
-            vec![format!("{key}:"), format!("\"{key}\"")]
-        };
-        let (from_line, from_col) = at.map_or((0, 0), |(l, c)| (l, c + 1));
-        let found = lines.iter().enumerate().skip(from_line).find_map(|(n, l)| {
-            let start = if n == from_line {
-                from_col.min(l.len())
-            } else {
-                0
-            };
-            let rest = l.get(start..)?;
-            pats.iter()
-                .filter_map(|p| rest.find(p.as_str()))
-                .min()
-                .map(|c| (n, start + c))
-        });
-        match found {
-            Some(pos) => at = Some(pos),
-            None => break,
-        }
-    }
-    let (line, column) = at.map_or((0, 0), |(l, c)| (l + 1, c + 1));
+    .unwrap_or((0, 0));
     Location {
         file: file.to_path_buf(),
         line,
@@ -1160,7 +1069,7 @@ impl TaskGraph {
             {
                 return Err(task_error(
                     (text, file),
-                    (i, &t.id),
+                    i,
                     "tool",
                     "tool",
                     unknown_tool(tool, available),
@@ -1174,8 +1083,7 @@ impl TaskGraph {
                     locate_field(text, file, &format!("agents.{agent}.tools"), Some(item))
                 }
                 _ => locate_field(text, file, &path.join("."), None),
-            }
-            .unwrap_or_else(|| locate_path(text, file, path)),
+            },
             field,
             message: unknown_tool(tool, available),
         };
@@ -1240,13 +1148,7 @@ impl TaskGraph {
                 }
             });
             if let Some(message) = refused {
-                return Err(task_error(
-                    (text, file),
-                    (i, &t.id),
-                    "args",
-                    "args",
-                    message,
-                ));
+                return Err(task_error((text, file), i, "args", "args", message));
             }
         }
         Ok(())
@@ -1273,7 +1175,7 @@ impl TaskGraph {
             if !has_provider(&provider) {
                 return Err(task_error(
                     (text, file),
-                    (i, &t.id),
+                    i,
                     "agent",
                     "agent",
                     format!(
@@ -1317,7 +1219,7 @@ impl TaskGraph {
         file: &Path,
         mut check: impl FnMut(&str, &Value) -> Result<(), String>,
     ) -> Result<(), GraphError> {
-        for (i, id, tool, args) in self.fixed_tool_args() {
+        for (i, _, tool, args) in self.fixed_tool_args() {
             if let Err(message) = check(tool, args) {
                 let (located_at, message) = if self.tasks[i].args.is_some() {
                     ("args", message)
@@ -1327,13 +1229,7 @@ impl TaskGraph {
                         format!("missing, and `{tool}` needs them: {message}"),
                     )
                 };
-                return Err(task_error(
-                    (text, file),
-                    (i, id),
-                    "args",
-                    located_at,
-                    message,
-                ));
+                return Err(task_error((text, file), i, "args", located_at, message));
             }
         }
         Ok(())
@@ -1361,15 +1257,12 @@ impl TaskGraph {
     fn checked(&self, text: &str, file: &Path, checks: Checks) -> Result<(), GraphError> {
         let authoring = checks == Checks::New;
         let invalid = |task: Option<(usize, &str)>, field: &str, message: String| {
-            let (fpath, tid) = match task {
-                Some((i, id)) => (format!("tasks[{i}].{field}"), Some(id)),
-                None => (field.to_string(), None),
+            let fpath = match task {
+                Some((i, _)) => format!("tasks[{i}].{field}"),
+                None => field.to_string(),
             };
-            let key = field.rsplit('.').next().unwrap_or(field);
-            let key = key.split('[').next().unwrap_or(key);
             GraphError::Invalid {
-                at: locate_field(text, file, &fpath, None)
-                    .unwrap_or_else(|| locate(text, file, tid, key)),
+                at: locate_field(text, file, &fpath, None),
                 field: fpath,
                 message,
             }
@@ -1473,8 +1366,7 @@ impl TaskGraph {
             if let Some(first) = ids.insert(&t.id, i) {
                 // Located at the second task with the id, which is the one in error.
                 return Err(GraphError::Invalid {
-                    at: locate_field(text, file, &format!("tasks[{i}].id"), None)
-                        .unwrap_or_else(|| locate_nth(text, file, Some((&t.id, 1)), "id")),
+                    at: locate_field(text, file, &format!("tasks[{i}].id"), None),
                     field: format!("tasks[{i}].id"),
                     message: format!("duplicate task id `{}` (tasks[{first}] has it)", t.id),
                 });
@@ -1533,10 +1425,7 @@ impl TaskGraph {
             }
             for n in &t.needs {
                 let needs_path = format!("tasks[{i}].needs");
-                let item_at = || {
-                    locate_field(text, file, &needs_path, Some(n))
-                        .unwrap_or_else(|| locate(text, file, Some(&t.id), "needs"))
-                };
+                let item_at = || locate_field(text, file, &needs_path, Some(n));
                 if !ids.contains_key(n.as_str()) {
                     return Err(GraphError::Invalid {
                         at: item_at(),
@@ -1665,8 +1554,7 @@ impl TaskGraph {
         }
         if let Some(cycle) = find_cycle(&deps) {
             let first = cycle[0];
-            let at = locate_field(text, file, &format!("tasks[{first}].needs"), None)
-                .unwrap_or_else(|| locate(text, file, Some(&self.tasks[first].id), "needs"));
+            let at = locate_field(text, file, &format!("tasks[{first}].needs"), None);
             // The search follows dependents; the path reads as the graph is written: each
             // task needs the next, starting where the error points.
             return Err(GraphError::Cycle {
