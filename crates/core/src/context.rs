@@ -211,11 +211,13 @@ impl FileTarget {
 }
 
 /// A path argument its call's policy could not resolve ([`CallContext::file`]): a part of it
-/// too long to look at, in a folder that cannot be searched, or a loop of links.
+/// too long to look at, in a folder that cannot be searched, a loop of links, or a leading `~`
+/// (a home folder to some tools, a folder named `~` to others).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error(
     "the policy could not resolve {} (a part of it too long to look at, in a folder that cannot \
-     be searched, or a loop of links), so it is not opened",
+     be searched, a loop of links, or a leading `~`: write `./~/...` for a folder named `~`), \
+     so it is not opened",
     path.display()
 )]
 pub struct UnresolvedPath {

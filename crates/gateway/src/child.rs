@@ -8,12 +8,13 @@
 /// Linux keeps that setting through `fork` and `execve`: without this, every tool, MCP server
 /// and hook it starts (a database, a JVM, a browser) would run without the huge pages the host
 /// grants them.
-pub(crate) fn prepare(cmd: &mut tokio::process::Command) {
+pub(crate) fn prepare(cmd: &mut std::process::Command) {
     #[cfg(target_os = "linux")]
     // SAFETY: the closure makes prctl, close_range and fcntl calls, which are
     // async-signal-safe, and allocates nothing. A failed prctl (an old kernel) only leaves the
     // inherited setting, so it is ignored.
     unsafe {
+        use std::os::unix::process::CommandExt;
         cmd.pre_exec(|| {
             libc::prctl(libc::PR_SET_THP_DISABLE, 0, 0, 0, 0);
             close_inherited_descriptors();

@@ -175,7 +175,7 @@ impl CommandHook {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true);
-        crate::child::prepare(&mut cmd);
+        crate::child::prepare(cmd.as_std_mut());
         let mut child = cmd
             .spawn()
             .map_err(|e| self.fail(format!("cannot start: {e}")))?;

@@ -438,7 +438,7 @@ impl McpServer {
                 if let Some(cwd) = &self.config.cwd {
                     cmd.current_dir(cwd);
                 }
-                crate::child::prepare(&mut cmd);
+                crate::child::prepare(cmd.as_std_mut());
                 let (transport, _stderr) = rmcp::transport::TokioChildProcess::builder(cmd)
                     .stderr(std::process::Stdio::null())
                     .spawn()

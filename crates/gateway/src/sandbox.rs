@@ -316,17 +316,12 @@ pub fn probe(settings: &SandboxSettings) -> Result<(), String> {
     let filter = seccomp_filter(bwrap).map_err(|e| e.message)?;
     cmd.args(&filter.args);
     let raw = filter.raw();
+    crate::child::prepare(&mut cmd);
     {
         use std::os::unix::process::CommandExt;
-        // SAFETY: the closure only calls close_range and fcntl, which are async-signal-safe.
+        // SAFETY: the closure only calls fcntl, which is async-signal-safe.
         unsafe {
-            cmd.pre_exec(move || {
-                crate::child::close_inherited_descriptors();
-                for fd in raw.into_iter().filter(|fd| *fd >= 0) {
-                    crate::seccomp::inherit(fd)?;
-                }
-                Ok(())
-            });
+            cmd.pre_exec(move || crate::seccomp::inherit_all(raw));
         }
     }
     cmd.args(bwrap_args(settings, &[], Path::new("/")))
@@ -770,12 +765,10 @@ impl CommandTool {
         // SAFETY: the closure only calls async-signal-safe functions (fcntl, setrlimit, getpid,
         // write) and allocates nothing. After `child::prepare`'s, which closes the descriptors
         // this process inherited: the filter's pipe is let through after that.
-        crate::child::prepare(&mut cmd);
+        crate::child::prepare(cmd.as_std_mut());
         unsafe {
             cmd.pre_exec(move || {
-                for fd in filter_fds.into_iter().filter(|fd| *fd >= 0) {
-                    crate::seccomp::inherit(fd)?;
-                }
+                crate::seccomp::inherit_all(filter_fds)?;
                 rl.apply(procs_fd)
             });
         }

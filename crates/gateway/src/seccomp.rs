@@ -25,7 +25,7 @@
 //! without it (documented in docs/sandbox.md).
 
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 
 /// Which of the filter's BPF programs.
@@ -59,32 +59,27 @@ pub(crate) fn program(which: Program) -> Result<&'static [u8], String> {
     .map_err(|e| e.clone())
 }
 
-/// A pipe's read end holding `program`, for bubblewrap to read. It is close-on-exec: the child
-/// that is to read it clears that flag on its own copy (see [`inherit`]), so no other child
-/// started meanwhile gets it.
-#[cfg(target_os = "linux")]
+/// A pipe's read end holding `program`, for bubblewrap to read. It is close-on-exec (as
+/// `std::io::pipe` makes both ends): the child that is to read it clears that flag on its own
+/// copy (see [`inherit`]), so no other child started meanwhile gets it.
 pub(crate) fn program_fd(program: &[u8]) -> Result<OwnedFd, String> {
-    let mut fds = [0; 2];
-    // SAFETY: `fds` is a valid array of two ints for pipe2 to fill.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(format!(
-            "cannot make a pipe for the seccomp filter: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    // SAFETY: pipe2 succeeded, so both descriptors are open and owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read, mut write) =
+        std::io::pipe().map_err(|e| format!("cannot make a pipe for the seccomp filter: {e}"))?;
     // The program is about 300 instructions (2.4 KB), within PIPE_BUF, which even a pipe the
     // system gave one page holds: the write cannot block (a test holds the size).
-    std::fs::File::from(write)
+    write
         .write_all(program)
         .map_err(|e| format!("cannot write the seccomp filter to its pipe: {e}"))?;
-    Ok(read)
+    Ok(OwnedFd::from(read))
 }
 
-#[cfg(not(target_os = "linux"))]
-pub(crate) fn program_fd(_program: &[u8]) -> Result<OwnedFd, String> {
-    Err("the seccomp filter needs Linux".into())
+/// In a child between fork and exec: lets each of `fds` that is open (not -1) survive the
+/// exec. Async-signal-safe.
+pub(crate) fn inherit_all(fds: [libc::c_int; 2]) -> std::io::Result<()> {
+    for fd in fds.into_iter().filter(|fd| *fd >= 0) {
+        inherit(fd)?;
+    }
+    Ok(())
 }
 
 /// In a child between fork and exec: lets `fd` survive the exec. Async-signal-safe.
