@@ -248,25 +248,25 @@ pub fn open_no_symlinks(path: &Path, flags: libc::c_int, mode: libc::mode_t) -> 
     let Some(last) = names.pop() else {
         return Err(invalid("the root is no file"));
     };
-    let open_at = |dir: libc::c_int, name: &CString, flags: libc::c_int| -> io::Result<OwnedFd> {
-        // SAFETY: `name` is NUL-terminated and outlives the call; `dir` is AT_FDCWD or an
-        // open descriptor the caller owns.
-        let fd = unsafe { libc::openat(dir, name.as_ptr(), flags, libc::c_uint::from(mode)) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: openat returned a new descriptor that nothing else owns.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    };
+    let open_at =
+        |dir: libc::c_int, name: &std::ffi::CStr, flags: libc::c_int| -> io::Result<OwnedFd> {
+            // SAFETY: `name` is NUL-terminated and outlives the call; `dir` is AT_FDCWD or an
+            // open descriptor the caller owns.
+            let fd = unsafe { libc::openat(dir, name.as_ptr(), flags, libc::c_uint::from(mode)) };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // SAFETY: openat returned a new descriptor that nothing else owns.
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
     use std::os::fd::AsRawFd;
-    let root = CString::new("/").map_err(|_| invalid("root"))?;
     // A folder is opened only to open below it: without read permission where O_PATH exists.
     #[cfg(any(target_os = "linux", target_os = "android"))]
     const DIR_ACCESS: libc::c_int = libc::O_PATH;
     #[cfg(not(any(target_os = "linux", target_os = "android")))]
     const DIR_ACCESS: libc::c_int = libc::O_RDONLY;
     let dir_flags = DIR_ACCESS | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
-    let mut dir = open_at(libc::AT_FDCWD, &root, dir_flags)?;
+    let mut dir = open_at(libc::AT_FDCWD, c"/", dir_flags)?;
     for name in &names {
         dir = open_at(dir.as_raw_fd(), name, dir_flags)?;
     }
