@@ -720,6 +720,20 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
             message: agent_runtime_core::yaml::too_deep(),
         });
     }
+    // Before the types read it: their error for an array task would be about a missing field.
+    if json && let Some(path) = array_for_object(text) {
+        return Err(GraphError::Syntax {
+            at: locate_field(text, file, &path, None),
+            field: if path.is_empty() {
+                "(top level)".into()
+            } else {
+                path
+            },
+            message: "an array where an object belongs (a JSON graph names each field, as a \
+                      YAML one does)"
+                .into(),
+        });
+    }
     let graph: TaskGraph = deserialize_located(text, file, json)?;
     // Parsers keep the last of a key written twice in a mapping, silently dropping the first
     // (a whole agent, an argument), and JSON values turn YAML's `.nan` into `null`: refused,
@@ -743,6 +757,125 @@ pub fn parse_graph(text: &str, file: &Path) -> Result<TaskGraph, GraphError> {
     }
     graph.validate_in(text, file)?;
     Ok(graph)
+}
+
+/// The field path of the first array in a JSON graph where the schema wants an object
+/// (`(top level)` is the empty path).
+///
+/// serde's derived structs also take an array of their fields in order, and JSON's reader
+/// offers it: `"limits": [4]` would read as `concurrency: 4`, silently. YAML's reader and the
+/// published schema refuse it; the schema (generated from the types, so never out of step)
+/// says where arrays may be.
+fn array_for_object(text: &str) -> Option<String> {
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    let schema = SCHEMA.get_or_init(task_graph_schema);
+    let value: Value = serde_json::from_str(text).ok()?;
+    let mut path = String::new();
+    array_where_schema_has_none(&value, schema, schema, &mut path).then_some(path)
+}
+
+/// Follows `$ref` (`#/$defs/X`, the only kind the generated schema has).
+fn resolved<'a>(schema: &'a Value, root: &'a Value) -> &'a Value {
+    let mut s = schema;
+    // A bound, in case a definition refers to itself.
+    for _ in 0..8 {
+        let Some(name) = s
+            .get("$ref")
+            .and_then(Value::as_str)
+            .and_then(|r| r.strip_prefix("#/$defs/"))
+        else {
+            break;
+        };
+        match root.get("$defs").and_then(|d| d.get(name)) {
+            Some(next) => s = next,
+            None => break,
+        }
+    }
+    s
+}
+
+/// The schema's alternatives (`anyOf`, `oneOf`), resolved; `s` itself when it has none.
+fn alternatives<'a>(s: &'a Value, root: &'a Value) -> Vec<&'a Value> {
+    let listed: Vec<&Value> = ["anyOf", "oneOf"]
+        .iter()
+        .filter_map(|k| s.get(*k).and_then(Value::as_array))
+        .flatten()
+        .map(|a| resolved(a, root))
+        .collect();
+    if listed.is_empty() { vec![s] } else { listed }
+}
+
+/// Whether a schema (resolved, without alternatives) admits a value of JSON type `kind`.
+fn admits(s: &Value, kind: &str) -> bool {
+    match s.get("type") {
+        Some(Value::String(t)) => t == kind,
+        Some(Value::Array(ts)) => ts.iter().any(|t| t == kind),
+        // No type: a constant or an enumeration of scalars admits no container; anything else
+        // (an argument's value, `continue_with`'s) admits all.
+        _ => s.get("const").is_none() && s.get("enum").is_none(),
+    }
+}
+
+/// Walks `value` beside `schema`, extending `path`; true (with `path` at it) at the first array
+/// where its schema admits an object and no array.
+fn array_where_schema_has_none(
+    value: &Value,
+    schema: &Value,
+    root: &Value,
+    path: &mut String,
+) -> bool {
+    let choices = alternatives(resolved(schema, root), root);
+    match value {
+        Value::Array(items) => {
+            let Some(list) = choices.iter().find(|s| admits(s, "array")) else {
+                // An array for a string or a number is the types' to name.
+                return choices.iter().any(|s| admits(s, "object"));
+            };
+            let Some(item_schema) = list.get("items") else {
+                return false;
+            };
+            let len = path.len();
+            for (i, item) in items.iter().enumerate() {
+                path.push_str(&format!("[{i}]"));
+                if array_where_schema_has_none(item, item_schema, root, path) {
+                    return true;
+                }
+                path.truncate(len);
+            }
+            false
+        }
+        Value::Object(fields) => {
+            // Of an enum's object forms, the one that names the first field (`fallback`,
+            // `continue_with`).
+            let object = choices.iter().filter(|s| admits(s, "object")).find(|s| {
+                fields.keys().next().is_none_or(|k| {
+                    s.get("properties").and_then(|p| p.get(k)).is_some()
+                        || s.get("additionalProperties").is_some_and(Value::is_object)
+                })
+            });
+            let Some(object) = object else { return false };
+            let len = path.len();
+            for (key, field) in fields {
+                let field_schema = match object.get("properties").and_then(|p| p.get(key)) {
+                    Some(s) => s,
+                    None => match object.get("additionalProperties") {
+                        Some(s) if s.is_object() => s,
+                        _ => continue,
+                    },
+                };
+                if !path.is_empty() {
+                    path.push('.');
+                }
+                path.push_str(key);
+                if array_where_schema_has_none(field, field_schema, root, path) {
+                    return true;
+                }
+                path.truncate(len);
+            }
+            false
+        }
+        _ => false,
+    }
 }
 
 /// The first integer literal of a JSON text (outside strings) that fits neither `i64` nor
@@ -2212,6 +2345,58 @@ tasks:
             g.tasks[0].args.as_ref().unwrap()["y"],
             serde_json::json!([[[[1]]]])
         );
+    }
+
+    /// serde reads a struct from an array of its fields in order; a JSON graph must not: `limits:
+    /// [4]` ran with a concurrency of 4. Refused where written, as YAML refuses it; arrays where
+    /// the schema has them (needs, retry classes, argument values) still read.
+    #[test]
+    fn a_json_array_in_place_of_an_object_is_refused_where_it_is() {
+        let at = |text: &str| {
+            let e = parse_graph(text, Path::new("flow.json")).unwrap_err();
+            let GraphError::Syntax { at, field, message } = &e else {
+                panic!("{e:?}")
+            };
+            assert!(message.contains("an array where an object belongs"), "{e}");
+            (field.clone(), at.line, at.column)
+        };
+        assert_eq!(
+            at(r#"{"limits": [4], "tasks": [{"id": "a", "tool": "echo"}]}"#),
+            ("limits".into(), 1, 2)
+        );
+        assert_eq!(
+            at("{\"tasks\": [\n  {\"id\": \"a\", \"tool\": \"echo\"},\n  [\"b\", null, null]\n]}"),
+            ("tasks[1]".into(), 3, 3)
+        );
+        assert_eq!(
+            at(r#"{"tasks": [{"id": "a", "tool": "echo", "retry": [3]}]}"#).0,
+            "tasks[0].retry"
+        );
+        assert_eq!(
+            at(r#"{"limits": {"budget": [1, 2]}, "tasks": [{"id": "a", "tool": "echo"}]}"#).0,
+            "limits.budget"
+        );
+        assert_eq!(
+            at(r#"{"agents": {"w": ["do it"]}, "tasks": [{"id": "a", "agent": "w"}]}"#).0,
+            "agents.w"
+        );
+        // An array for a string: the types say what belongs there.
+        let e = parse_graph(
+            r#"{"tasks": [{"id": "b", "tool": "echo"}, {"id": "a", "tool": "echo", "on_failure": {"fallback": ["b"]}}]}"#,
+            Path::new("flow.json"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("tasks[1].on_failure: fallback must name a task"),
+            "{e}"
+        );
+        assert_eq!(at(r#"[{"id": "a", "tool": "echo"}]"#).0, "(top level)");
+        let fine = r#"{"tasks": [{"id": "a", "tool": "echo", "args": {"x": [[1], {"y": []}]},
+            "retry": {"max_attempts": 2, "on": ["timeout"]}},
+            {"id": "b", "tool": "echo", "needs": ["a"], "on_failure": {"continue_with": [1, 2]}}]}"#;
+        let g = parse_graph(fine, Path::new("flow.json")).unwrap();
+        assert_eq!(g.tasks[1].needs, vec!["a".to_string()]);
     }
 
     /// A JSON graph nested past serde_json's limit says so, with a field path cut short
