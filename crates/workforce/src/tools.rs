@@ -410,6 +410,16 @@ fn open_regular(
                  the path is not followed",
             );
         }
+        // Opening a pipe that has no reader to write, without waiting, fails so (as does a
+        // device file with no device): the bare "No such device or address" says neither.
+        #[cfg(unix)]
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return cannot(
+                verb,
+                path,
+                "it is not a regular file (a pipe with no reader, or a device)",
+            );
+        }
         cannot(verb, path, e)
     })?;
     let meta = file.metadata().map_err(|e| cannot(verb, path, e))?;
@@ -684,6 +694,38 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.message.contains("could not resolve"), "{err}");
+    }
+
+    /// Writing to a judged path that is a pipe with no reader (no pre-check there, so that no
+    /// stat follows a link) says what it is, not the bare "No such device or address".
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_judged_path_that_is_a_pipe_is_named_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = std::fs::canonicalize(dir.path()).unwrap();
+        let fifo = ws.join("pipe");
+        make_fifo(&fifo.to_string_lossy());
+        let mut ctx = CallContext::new(Actor::System);
+        ctx.workdir = Some(ws.as_path().into());
+        ctx.judged_paths = Some(std::sync::Arc::new(
+            [("pipe".to_string(), Some(fifo.clone()))].into(),
+        ));
+        let err = Native::write_file()
+            .call(json!({"path": "pipe", "text": "x"}), ctx.clone())
+            .await
+            .unwrap_err();
+        assert!(
+            err.message.contains("cannot write")
+                && err
+                    .message
+                    .contains("not a regular file (a pipe with no reader"),
+            "{err}"
+        );
+        let err = Native::read_file()
+            .call(json!({"path": "pipe"}), ctx)
+            .await
+            .unwrap_err();
+        assert!(err.message.contains("not a regular file"), "{err}");
     }
 
     /// A cancelled call ends at once, whatever its file work is doing.
