@@ -18,7 +18,8 @@ use crate::registry::{RegisteredTool, Registry};
 /// Limits of the pipeline.
 #[derive(Clone, Debug)]
 pub struct GatewayConfig {
-    /// Time limit of a call when neither the caller nor the tool sets a shorter one.
+    /// Time limit of a call when neither the caller nor the tool sets one (when either does,
+    /// the shorter of theirs is the limit).
     pub default_timeout: Duration,
     /// Largest output returned and recorded, in bytes of JSON; longer outputs are truncated.
     pub max_output_bytes: usize,
@@ -721,15 +722,14 @@ impl Gateway {
             Effect::Allow => {}
         }
 
-        let timeout = [
-            ctx.timeout,
-            entry.timeout(),
-            Some(inner.config.default_timeout),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(inner.config.default_timeout);
+        // The caller's limit (a task's `timeout`, `--timeout-ms`) and the tool's own, the
+        // shorter; the gateway's default only where neither sets one: a graph asking ten
+        // minutes for a build step gets them (a tool's own limit is the way to cap one).
+        let timeout = [ctx.timeout, entry.timeout()]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or(inner.config.default_timeout);
         batch.push(self.event(
             &rec,
             Actor::Tool(name.to_string()),

@@ -432,6 +432,37 @@ async fn timeout_stops_the_tool() {
     );
 }
 
+/// The gateway's default limit is for calls that set none: a caller's longer limit (a task's
+/// `timeout`) is kept, and a tool's own shorter one still caps it.
+#[tokio::test]
+async fn the_default_timeout_applies_only_where_no_limit_is_set() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.slow", RiskClass::Read, Behaviour::Sleep);
+    let gw = gateway(vec![t], log.clone())
+        .config(agent_runtime_gateway::GatewayConfig {
+            default_timeout: Duration::from_millis(20),
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let started_with = |log: &MemoryLog| {
+        log.all()
+            .iter()
+            .rev()
+            .find(|e| e.kind == EventKind::ToolStarted)
+            .map(|e| e.payload["timeout_ms"].clone())
+    };
+    let err = gw.call("t.slow", json!({}), ctx()).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Timeout, "{err}");
+    assert_eq!(started_with(&log), Some(json!(20)));
+    let mut c = ctx();
+    c.timeout = Some(Duration::from_millis(150));
+    let err = gw.call("t.slow", json!({}), c).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Timeout, "{err}");
+    assert!(err.message.contains("150 ms"), "{err}");
+    assert_eq!(started_with(&log), Some(json!(150)));
+}
+
 #[tokio::test]
 async fn cancellation_reaches_the_tool() {
     let log = Arc::new(MemoryLog::default());
