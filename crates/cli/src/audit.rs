@@ -247,9 +247,14 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     args.filter.resolve_run(&store, &mut query)?;
     // `-o -` is standard output, as for most tools, not a file named `-`.
     let output = args.output.as_ref().filter(|p| p.as_os_str() != "-");
+    // The summary goes beside the data only when the data went to a file: a device or pipe
+    // (`-o /dev/stdout | ...`) may be standard output itself, where the line would end up in
+    // the export (and make a bundle fail verification).
+    let mut summary_to_stdout = output.is_some();
     let summary = match output {
         Some(path) => match ExportTarget::of(path)? {
             ExportTarget::Stream => {
+                summary_to_stdout = false;
                 // A device or a pipe (`/dev/stdout`, a FIFO): written as it is. Renaming a file
                 // onto it would replace the device node itself.
                 let file = std::fs::OpenOptions::new()
@@ -289,7 +294,7 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             output.map_or("standard output".into(), |p| p.display().to_string())
         )
     };
-    if output.is_some() {
+    if summary_to_stdout {
         outln!("{line}")
     } else {
         eprintln!("{line}")
