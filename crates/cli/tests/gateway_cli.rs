@@ -433,6 +433,42 @@ fn an_agent_given_with_its_prefix_is_that_agent() {
     }
 }
 
+/// The commands that `examples/gateway.yaml` and `examples/policy.yaml` show in their comments
+/// run, and decide as the rules they point at say (one once named a tool no example defined).
+#[test]
+fn the_example_configuration_decides_as_its_comments_say() {
+    let env = Env::new();
+    let examples = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples");
+    let mut shown = Vec::new();
+    for file in ["gateway.yaml", "policy.yaml"] {
+        let text = std::fs::read_to_string(examples.join(file)).unwrap();
+        shown.extend(text.lines().filter_map(|l| {
+            l.strip_prefix("#   agent-runtime policy check --config examples/gateway.yaml --tool sh.run --args '")
+                .and_then(|rest| rest.strip_suffix('\''))
+                .map(str::to_string)
+        }));
+    }
+    assert_eq!(shown.len(), 3, "{shown:?}");
+    for (args, rule) in [
+        (r#"{"command":"ls; rm -rf /"}"#, "no-shell-tricks"),
+        (r#"{"command":"git status"}"#, "git-read-only"),
+    ] {
+        assert!(shown.iter().any(|s| s == args), "{args} is not shown");
+        let out = env
+            .cmd()
+            .args([
+                "policy", "check", "--json", "--tool", "sh.run", "--args", args,
+            ])
+            .arg("--config")
+            .arg(examples.join("gateway.yaml"))
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout)
+            .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+        assert_eq!(v["decision"]["rule"], rule, "{args}: {v}");
+    }
+}
+
 #[test]
 fn policy_check_names_the_rule() {
     let env = Env::new();
