@@ -232,6 +232,14 @@ pub(crate) fn sqlite_error(
                     "it does not begin as an SQLite database does: not an event database, \
                      or one whose first page was overwritten"
                         .to_string()
+                } else if let Some((size, expected)) = cut_short(path) {
+                    // SQLite refuses even to read its schema then: its "malformed" says nothing
+                    // of what happened, nor that no event can be read.
+                    format!(
+                        "it is shorter than its own header says ({size} of {expected} bytes): \
+                         the file was cut off, and SQLite reads nothing of it; restore it from \
+                         a bundle or a backup"
+                    )
                 } else {
                     e.to_string()
                 };
@@ -268,6 +276,30 @@ fn begins_as_sqlite(path: &std::path::Path) -> bool {
         Ok(()) => &header == b"SQLite format 3\0",
         Err(e) => e.kind() != std::io::ErrorKind::UnexpectedEof,
     }
+}
+
+/// The file's size and the size its SQLite header gives (page size × page count), when the
+/// file is the shorter: cut off. (In WAL mode the header's count only grows at a checkpoint, so
+/// a whole file is never shorter than it.)
+fn cut_short(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::io::Read;
+    let mut header = [0u8; 32];
+    let mut file = std::fs::File::open(path).ok()?;
+    file.read_exact(&mut header).ok()?;
+    if &header[..16] != b"SQLite format 3\0" {
+        return None;
+    }
+    // Offsets 16 (page size, big-endian; 1 means 65,536) and 28 (pages), per the file format.
+    let page_size = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536,
+        n => u64::from(n),
+    };
+    let pages = u64::from(u32::from_be_bytes([
+        header[28], header[29], header[30], header[31],
+    ]));
+    let expected = page_size * pages;
+    let size = file.metadata().ok()?.len();
+    (size < expected).then_some((size, expected))
 }
 
 /// An error while reading the log in order: unless SQLite says only that it cannot read now
