@@ -1,16 +1,20 @@
-//! `agent-runtime demo`: the first main job. Writes a small run's worth of events, verifies the
-//! chain and exports it, and says where everything is.
+//! `agent-runtime demo`: the first main job. Runs a small task graph for real (the scheduler,
+//! the gateway's policy in front of every tool call, the event log), replays it from the log,
+//! verifies the chain, exports the run, and says where everything is.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
-use agent_runtime_core::{Actor, Clock, EventKind, EventQuery, IdGenerator, NewEvent, SystemClock};
+use agent_runtime_core::{EventQuery, EventSink, SystemClock};
+use agent_runtime_gateway::{GatewayBuilder, Policy, Registry};
 use agent_runtime_store::ExportFormat;
+use agent_runtime_workforce::driver::{self, NoModels, RunOptions};
+use agent_runtime_workforce::tools::ToolRegistry;
 use anyhow::Context;
 use clap::Args;
-use serde_json::json;
 
-use crate::common::GlobalArgs;
+use crate::common::{CliError, GlobalArgs};
 
 #[derive(Args)]
 pub struct DemoArgs {
@@ -19,117 +23,82 @@ pub struct DemoArgs {
     pub output: Option<PathBuf>,
 }
 
+/// The demo's graph: native tools only (no file, no program, no network), a retried failure and
+/// a failure policy, a template from upstream outputs.
+const DEMO_GRAPH: &str = r#"name: demo
+tasks:
+  - id: fetch
+    tool: echo
+    args: { text: "Agents work on a task graph." }
+  - id: flaky
+    tool: fail
+    args: { class: tool_error, message: "upstream is down" }
+    retry: { max_attempts: 2, backoff: 10ms, on: [tool_error] }
+    on_failure: { continue_with: { text: "a cached answer" } }
+  - id: summarize
+    tool: concat
+    needs: [fetch, flaky]
+    args:
+      sep: " / "
+      parts: ["{{ tasks.fetch.output.text }}", "{{ tasks.flaky.output.text }}"]
+"#;
+
 pub fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+    let graph = agent_runtime_workforce::graph::parse_graph(DEMO_GRAPH, Path::new("<demo>"))
+        .map_err(|e| CliError::Failed(format!("the demo's own graph: {e}")))?;
     let store = global.open_store()?;
-    let clock = std::sync::Arc::new(SystemClock);
-    let ids = IdGenerator::random(clock.clone());
-    let run_id = ids.run_id();
-    let (fetch, summarize) = (ids.task_id(), ids.task_id());
-    let ev = |task, actor: Actor, kind, payload| NewEvent {
-        run_id,
-        task_id: task,
-        actor,
-        kind,
-        time: clock.now(),
-        payload,
-    };
-    let researcher = Actor::Agent("researcher".into());
-    let writer = Actor::Agent("writer".into());
-    let events = vec![
-        ev(
-            None,
-            Actor::System,
-            EventKind::RunCreated,
-            json!({"graph": "demo", "tasks": ["fetch", "summarize"]}),
-        ),
-        ev(None, Actor::System, EventKind::RunStarted, json!({})),
-        ev(
-            Some(fetch),
-            Actor::System,
-            EventKind::TaskSpawned,
-            json!({"name": "fetch", "agent": "researcher"}),
-        ),
-        ev(
-            Some(fetch),
-            researcher.clone(),
-            EventKind::TaskStarted,
-            json!({"attempt": 1}),
-        ),
-        ev(
-            Some(fetch),
-            researcher.clone(),
-            EventKind::ToolRequested,
-            json!({"tool": "read_file", "arguments": {"path": "notes.md"}}),
-        ),
-        ev(
-            Some(fetch),
-            Actor::System,
-            EventKind::PolicyDecided,
-            json!({"rule": "default", "effect": "allow", "reason": "read tools are allowed"}),
-        ),
-        ev(
-            Some(fetch),
-            Actor::Tool("read_file".into()),
-            EventKind::ToolCompleted,
-            json!({"output": {"text": "Agents work on a task graph."}}),
-        ),
-        ev(
-            Some(fetch),
-            researcher,
-            EventKind::TaskCompleted,
-            json!({"output": {"text": "Agents work on a task graph."}}),
-        ),
-        ev(
-            Some(summarize),
-            Actor::System,
-            EventKind::TaskSpawned,
-            json!({"name": "summarize", "agent": "writer", "needs": ["fetch"]}),
-        ),
-        ev(
-            Some(summarize),
-            writer.clone(),
-            EventKind::TaskStarted,
-            json!({"attempt": 1}),
-        ),
-        ev(
-            Some(summarize),
-            writer.clone(),
-            EventKind::ModelRequested,
-            json!({"route": "local", "messages": 2}),
-        ),
-        ev(
-            Some(summarize),
-            writer.clone(),
-            EventKind::ModelCompleted,
-            json!({"text": "A graph of tasks, run by agents.", "usage": {"input_tokens": 21, "output_tokens": 8}}),
-        ),
-        ev(
-            Some(summarize),
-            writer,
-            EventKind::TaskCompleted,
-            json!({"output": {"text": "A graph of tasks, run by agents."}}),
-        ),
-        ev(
-            None,
-            Actor::System,
-            EventKind::RunCompleted,
-            json!({"tasks_done": 2}),
-        ),
-    ];
-    let n = events.len();
-    let landed = store.append_blocking(events)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (outcome, replayed) = rt.block_on(async {
+        // Hermetic: the native tools and the default policy, whatever gateway configuration
+        // the folder has (the demo's tools touch no file, run no program and open no socket).
+        let sink: Arc<dyn EventSink> = Arc::new(store.clone());
+        let registry = Arc::new(Registry::new());
+        for tool in agent_runtime_workforce::tools::native_tools() {
+            registry.register(tool)?;
+        }
+        let gateway = GatewayBuilder::new(registry, sink.clone())
+            .policy(Policy::defaults(vec![std::env::current_dir()?])?)
+            .build()?;
+        let opts = RunOptions {
+            // As `run` draws one: a fixed seed would give two demos started in the same
+            // millisecond the same run id.
+            seed: agent_runtime_core::os_random_u64() >> 11,
+            sink,
+            clock: Arc::new(SystemClock),
+            tools: Arc::new(ToolRegistry::from_tools(gateway.tool_handles())),
+            models: Arc::new(NoModels),
+            observer: None,
+            secrets: Arc::new(agent_runtime_core::secret::NoSecrets),
+            labels: Default::default(),
+        };
+        let outcome = driver::run_graph(graph, opts).await?;
+        let replayed = driver::replay(&store, outcome.run_id).await?;
+        anyhow::Ok((outcome, replayed))
+    })?;
+    let run_id = outcome.run_id;
     let report = store.verify()?;
     let output = args
         .output
         .unwrap_or_else(|| store.path().with_file_name(format!("demo-{run_id}.jsonl")));
-    let file = std::fs::File::create(&output)
-        .with_context(|| format!("cannot create {}", output.display()))?;
     let query = EventQuery {
         run_id: Some(run_id),
         ..Default::default()
     };
-    let summary = store.export(&query, ExportFormat::Jsonl, file)?;
-    outln!("run        {run_id}");
+    // Written as `audit export -o` writes: whole or not at all, and `0600` when new (it holds
+    // the payloads in clear).
+    let summary = agent_runtime_core::fs::replace(&output, |f| {
+        store
+            .export(&query, ExportFormat::Jsonl, f)
+            .map_err(anyhow::Error::from)
+    })
+    .with_context(|| format!("cannot write {}", output.display()))?;
+    let status = format!("{:?}", outcome.status).to_lowercase();
+    outln!(
+        "run        {run_id} ({status}: {} tasks)",
+        outcome.tasks.len()
+    );
     outln!(
         "database   {} ({})",
         store.path().display(),
@@ -140,10 +109,18 @@ pub fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
     );
     outln!(
-        "appended   {n} events, sequence {}..{}",
-        landed[0].seq,
-        landed[n - 1].seq
+        "outputs    {}",
+        serde_json::to_string(&outcome.outputs).unwrap_or_default()
     );
+    outln!(
+        "replayed   {} events match, log hash {}",
+        replayed.events,
+        replayed.log_hash
+    );
+    if replayed.log_hash != outcome.log_hash {
+        outln!("replay FAILED: the run's log hash was {}", outcome.log_hash);
+        return Ok(ExitCode::from(1));
+    }
     match &report.problem {
         None => outln!(
             "verified   {} events, chain head {}",
@@ -160,9 +137,8 @@ pub fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         summary.events,
         output.display()
     );
-    outln!(
-        "next       agent-runtime audit tail --db {} --run {run_id}",
-        store.path().display()
-    );
+    let db = store.path().display();
+    outln!("next       agent-runtime runs show --db {db} {run_id}");
+    outln!("           agent-runtime audit tail --db {db} --run {run_id}");
     Ok(ExitCode::SUCCESS)
 }

@@ -46,7 +46,7 @@ enum Command {
     /// Inspect, verify and export the audit log.
     #[command(subcommand)]
     Audit(audit::AuditCommand),
-    /// Write a small run's worth of events, verify the chain and export it.
+    /// Run a small task graph (native tools), replay it, verify the chain and export the run.
     Demo(demo::DemoArgs),
     #[command(flatten)]
     Workforce(workforce::WorkforceCommand),

@@ -18,8 +18,8 @@ fn demo(dir: &tempfile::TempDir) -> std::path::PathBuf {
         .arg("demo")
         .assert()
         .success()
-        .stdout(predicate::str::contains("verified   14 events"))
-        .stdout(predicate::str::contains("exported   14 events"));
+        .stdout(predicate::str::contains("verified   39 events"))
+        .stdout(predicate::str::contains("exported   39 events"));
     db
 }
 
@@ -27,6 +27,36 @@ fn demo(dir: &tempfile::TempDir) -> std::path::PathBuf {
 fn demo_then_verify_tail_stats_export() {
     let dir = tempfile::tempdir().unwrap();
     let db = demo(&dir);
+    // The demo's run is a real one: it replays, and `runs show` names its tasks.
+    cli(&db)
+        .args(["replay", "last"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("23 events match (completed)"));
+    cli(&db)
+        .args(["runs", "show", "last"])
+        .assert()
+        .success()
+        .stdout(
+            predicate::str::contains("summarize  completed")
+                .and(predicate::str::contains("output from continue_with")),
+        );
+    // Its export holds payloads in clear: only its owner may read it.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let export = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.to_string_lossy().ends_with(".jsonl"))
+            .unwrap();
+        let mode = std::fs::metadata(&export).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", export.display());
+        assert_eq!(
+            std::fs::read_to_string(&export).unwrap().lines().count(),
+            39
+        );
+    }
     cli(&db)
         .args(["audit", "verify"])
         .assert()
@@ -51,7 +81,7 @@ fn demo_then_verify_tail_stats_export() {
         .assert()
         .success()
         .stdout(
-            predicate::str::contains("\"events\":14")
+            predicate::str::contains("\"events\":39")
                 .and(predicate::str::contains("\"encrypted\":true")),
         );
     let out = dir.path().join("x.jsonl");
@@ -61,7 +91,7 @@ fn demo_then_verify_tail_stats_export() {
         .assert()
         .success();
     let text = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(text.lines().count(), 2);
+    assert_eq!(text.lines().count(), 3);
     let otlp = dir.path().join("x.otlp.jsonl");
     cli(&db)
         .args(["audit", "export", "--format", "otlp", "-o"])
@@ -93,7 +123,7 @@ fn bundle_verifies_offline_without_key_or_database() {
         .arg(&bundle)
         .assert()
         .success()
-        .stdout(predicate::str::contains("14 events"));
+        .stdout(predicate::str::contains("39 events"));
 
     // A bundle that is not well formed was checked and found not intact: exit 1, naming the
     // line. Only one that cannot be read at all is "not verified" (exit 3).
@@ -108,7 +138,7 @@ fn bundle_verifies_offline_without_key_or_database() {
     for (content, says) in [
         (with_line_3(""), "line 3: an empty line"),
         (with_line_3("garbage"), "line 3: not an audit envelope"),
-        (cut_mid_line.to_string(), "line 16:"),
+        (cut_mid_line.to_string(), "line 41:"),
     ] {
         let bad = dir.path().join("bad.bundle");
         std::fs::write(&bad, content).unwrap();
@@ -519,7 +549,7 @@ fn tail_follow_sees_events_another_process_appends() {
     // The newest matching event first: once it is printed, the follower is following.
     let first = next("first line");
     assert!(
-        first.trim_start().starts_with("14 ") && first.contains("run.completed"),
+        first.trim_start().starts_with("39 ") && first.contains("run.completed"),
         "{first}"
     );
     // Another process appends a second run.
@@ -529,8 +559,8 @@ fn tail_follow_sees_events_another_process_appends() {
     let _ = follower.wait();
     assert!(second.contains("run.completed"), "{second}");
     assert!(
-        second.trim_start().starts_with("28 "),
-        "the second run's last event is sequence 28: {second}"
+        second.trim_start().starts_with("78 "),
+        "the second run's last event is sequence 78: {second}"
     );
 }
 
@@ -603,10 +633,10 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
         .assert()
         .success()
         .stdout("")
-        .stderr(predicate::str::contains("exported 14 events"));
+        .stderr(predicate::str::contains("exported 39 events"));
     // Checked before joining: a reader of a FIFO that was replaced would wait forever.
     assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
-    assert_eq!(reader.join().unwrap().lines().count(), 14);
+    assert_eq!(reader.join().unwrap().lines().count(), 39);
     assert!(!dir.path().join("events.fifo.partial").exists());
 
     let real = dir.path().join("real.jsonl");
@@ -624,7 +654,7 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
             .file_type()
             .is_symlink()
     );
-    assert_eq!(std::fs::read_to_string(&real).unwrap().lines().count(), 14);
+    assert_eq!(std::fs::read_to_string(&real).unwrap().lines().count(), 39);
     // A link to a file not there yet: the file is created, the link stays.
     let dangling = dir.path().join("dangling.jsonl");
     std::os::unix::fs::symlink("made-by-export.jsonl", &dangling).unwrap();
@@ -640,7 +670,7 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
             .is_symlink()
     );
     let made = dir.path().join("made-by-export.jsonl");
-    assert_eq!(std::fs::read_to_string(&made).unwrap().lines().count(), 14);
+    assert_eq!(std::fs::read_to_string(&made).unwrap().lines().count(), 39);
 
     cli(&db)
         .args(["audit", "export", "-o"])
@@ -660,7 +690,7 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
         String::from_utf8_lossy(&out.get_output().stdout)
             .lines()
             .count(),
-        14
+        39
     );
     assert!(!dir.path().join("-").exists());
 
@@ -670,7 +700,7 @@ fn export_writes_through_pipes_and_links_without_replacing_them() {
         .args(["audit", "export", "--format", "bundle", "-o", "/dev/stdout"])
         .assert()
         .success()
-        .stderr(predicate::str::contains("exported 14 events"));
+        .stderr(predicate::str::contains("exported 39 events"));
     let bundle = dir.path().join("piped.bundle");
     std::fs::write(&bundle, &out.get_output().stdout).unwrap();
     cli(&db)
@@ -791,7 +821,7 @@ fn readers_work_on_read_only_media() {
     };
     reader(&db, &["audit", "verify"])
         .success()
-        .stdout(predicate::str::contains("14 events"));
+        .stdout(predicate::str::contains("39 events"));
     reader(&db, &["runs", "list"]).success();
     reader(&db, &["audit", "export", "--format", "bundle"])
         .success()
