@@ -684,7 +684,15 @@ impl Engine {
             .payload
             .get("seed")
             .and_then(Value::as_u64)
-            .ok_or_else(|| bad(event.kind, "no seed"))?;
+            .ok_or_else(|| {
+                // What older `agent-runtime demo`s wrote, or another program: events of a run
+                // that this scheduler never drove, which there is nothing to re-execute against.
+                bad(
+                    event.kind,
+                    "no seed: this run was not made by the scheduler (an older \
+                     `agent-runtime demo` wrote such runs), so it cannot be replayed or resumed",
+                )
+            })?;
         let graph = graph_of_created(&event.payload)?;
         Ok(Self::build(event.run_id, graph, seed, event.time, None))
     }
@@ -2564,6 +2572,25 @@ pub fn split_route(route: &str) -> (String, String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A run another program wrote (an older `demo`: a `run.created` without a seed) is named
+    /// as such, not as a bare missing field.
+    #[test]
+    fn a_run_the_scheduler_did_not_make_says_so() {
+        let created = NewEvent {
+            run_id: RunId::from_bytes([7; 16]),
+            task_id: None,
+            actor: Actor::System,
+            kind: EventKind::RunCreated,
+            time: Timestamp::from_unix_nanos(0),
+            payload: json!({"graph": "demo", "tasks": ["fetch", "summarize"]}),
+        };
+        let e = Engine::create(&created).err().unwrap().to_string();
+        assert!(
+            e.contains("no seed: this run was not made by the scheduler"),
+            "{e}"
+        );
+    }
 
     #[test]
     fn key_order_is_the_id_order() {
