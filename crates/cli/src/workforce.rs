@@ -996,20 +996,20 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     } else {
         // A run that has not ended is either still being driven or was interrupted; only the
         // second wants a resume (which the first would refuse).
-        let unfinished = if report.finished {
-            ""
+        // Named as `runs list` names them: the log alone says `running` for all three.
+        let status = if report.finished {
+            format!("{:?}", report.status).to_lowercase()
         } else if store.run_is_claimed(run_id)? {
-            ", not finished: another process is driving it"
+            "running, not finished: another process is driving it".into()
         } else if is_simulation(&store, run_id)? {
-            ", not finished: the simulation was stopped"
+            "stopped, not finished: the simulation was stopped".into()
         } else {
-            ", not finished: resume it"
+            "interrupted, not finished: resume it".into()
         };
         outln!(
-            "replay of run {}: {} events match ({}{unfinished})",
+            "replay of run {}: {} events match ({status})",
             report.run_id,
             report.events,
-            format!("{:?}", report.status).to_lowercase(),
         );
         outln!("log hash: {}", report.log_hash);
     }

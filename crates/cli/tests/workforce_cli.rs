@@ -686,7 +686,7 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
     replay_says(
         &db,
         &run_id.to_string(),
-        "not finished: another process is driving it",
+        "(running, not finished: another process is driving it)",
     );
     cli(&db)
         .current_dir(dir.path())
@@ -738,7 +738,11 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         });
     assert!(!statuses.contains(&"running"), "{statuses:?}");
     assert_eq!(statuses.contains(&"interrupted"), in_flight, "{statuses:?}");
-    replay_says(&db, &run_id.to_string(), "not finished: resume it");
+    replay_says(
+        &db,
+        &run_id.to_string(),
+        "(interrupted, not finished: resume it)",
+    );
     // The run recorded the folder it started in; resumed from another, it goes on there.
     let created = &before[0];
     assert_eq!(created.kind, EventKind::RunCreated);
@@ -907,7 +911,7 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
     replay_says(
         &db,
         &sim_id.to_string(),
-        "not finished: the simulation was stopped",
+        "(stopped, not finished: the simulation was stopped)",
     );
     let stderr = resume_refused(&db, dir.path(), sim_id);
     assert!(
