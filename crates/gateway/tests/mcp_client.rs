@@ -622,10 +622,15 @@ fn adding_to_a_yaml_file_writes_yaml_and_refuses_to_drop_comments() {
     let err = McpConfig::add_server(&path, "b", &stdio("npx"))
         .unwrap_err()
         .to_string();
-    assert!(
-        err.contains("has comments") && err.contains("b:\n  command: npx"),
-        "{err}"
-    );
+    // The entry is on the error's one line, and pastes in as it is.
+    let entry = err
+        .split_once("servers key by hand: ")
+        .map(|(_, e)| e)
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(err.contains("has comments") && !err.contains('\n'), "{err}");
+    let pasted = format!("{commented}  {entry}\n");
+    let doc: serde_json::Value = serde_yaml_ng::from_str(&pasted).unwrap();
+    assert_eq!(doc["servers"]["b"]["command"], "npx", "{pasted}");
     assert_eq!(std::fs::read_to_string(&path).unwrap(), commented);
 }
 

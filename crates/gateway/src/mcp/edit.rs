@@ -132,15 +132,16 @@ fn with_server_json(text: &str, name: &str, server: &McpServerConfig) -> Result<
 fn with_server_yaml(text: &str, name: &str, server: &McpServerConfig) -> Result<String, String> {
     use serde_yaml_ng::{Mapping, Value};
     if has_yaml_comment(text) {
-        let entry = serde_yaml_ng::to_string(&Mapping::from_iter([(
-            Value::String(name.to_string()),
-            serde_yaml_ng::to_value(server).map_err(|e| e.to_string())?,
-        )]))
-        .map_err(|e| e.to_string())?;
+        // In YAML's flow style (JSON is that), so that the entry stays on the error's one
+        // line and pastes as it is under the servers key.
+        let entry = format!(
+            "{}: {}",
+            serde_json::to_string(name).map_err(|e| e.to_string())?,
+            serde_json::to_string(server).map_err(|e| e.to_string())?
+        );
         return Err(format!(
             "the file has comments, which rewriting it would lose; add the server under its \
-             servers key by hand:\n{}",
-            entry.trim_end()
+             servers key by hand: {entry}"
         ));
     }
     let mut doc: Value = if text.trim().is_empty() {
