@@ -552,7 +552,21 @@ fn configuration_mistakes_exit_2_naming_the_file() {
         .arg(env.config())
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("policy.yaml").and(predicate::str::contains("version 7")));
+        // `FILE: WHAT`, as the configuration's own mistakes are reported.
+        .stderr(predicate::str::starts_with(format!(
+            "error: {}: version 7 is not a policy format",
+            policy.display()
+        )));
+    std::fs::remove_file(&policy).unwrap();
+    env.cmd()
+        .args(["tools", "list", "--config"])
+        .arg(env.config())
+        .assert()
+        .code(2)
+        .stderr(predicate::str::starts_with(format!(
+            "error: {}: cannot read it: ",
+            policy.display()
+        )));
 
     let add = |extra: &[&str]| {
         let mut c = env.cmd();

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
     /// A file could not be read.
-    #[error("reading {path}: {source}")]
+    #[error("{path}: cannot read it: {source}")]
     Read {
         /// The file.
         path: PathBuf,
@@ -16,7 +16,7 @@ pub enum GatewayError {
         source: std::io::Error,
     },
     /// A file could not be written (an MCP servers file being changed).
-    #[error("writing {path}: {source}")]
+    #[error("{path}: cannot write it: {source}")]
     Write {
         /// The file.
         path: PathBuf,
@@ -24,7 +24,7 @@ pub enum GatewayError {
         source: std::io::Error,
     },
     /// A configuration or policy file did not parse.
-    #[error("parsing {what}: {message}")]
+    #[error("{what}: {message}")]
     Parse {
         /// Which file or document.
         what: String,
