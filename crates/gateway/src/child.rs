@@ -25,6 +25,39 @@ pub(crate) fn prepare(cmd: &mut std::process::Command) {
     let _ = cmd;
 }
 
+/// Makes the child die (SIGKILL) when the thread that starts it does, from before it runs.
+///
+/// A command tool must not outlive the process that runs it: `resume` would run it again
+/// beside the orphan, and nothing would enforce its limits. bubblewrap's `--die-with-parent`
+/// asks the same, but only once bwrap runs: a parent killed between `fork` and that point left
+/// the sandbox running under init, finishing its side effect. Here the request is made in the
+/// child before `exec`, and a parent already gone by then (the request would never fire) ends
+/// the child at once. Linux ties the signal to the starting thread: the gateway starts
+/// commands from its async tasks, whose runtime threads live as long as the calls can.
+pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: getpid has no preconditions.
+        let parent = unsafe { libc::getpid() };
+        // SAFETY: prctl, getppid and _exit are async-signal-safe; the closure allocates
+        // nothing.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::_exit(137);
+                }
+                Ok(())
+            });
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = cmd;
+}
+
 /// In a child between fork and exec: marks every descriptor above stderr close-on-exec, so
 /// that none this process inherited open (a shell's `exec 7</`, a parent's leaked pipe)
 /// reaches the command: a descriptor of a folder outside the sandbox is a way out of it

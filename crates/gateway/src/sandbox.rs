@@ -766,6 +766,7 @@ impl CommandTool {
         // write) and allocates nothing. After `child::prepare`'s, which closes the descriptors
         // this process inherited: the filter's pipe is let through after that.
         crate::child::prepare(cmd.as_std_mut());
+        crate::child::die_with_parent(cmd.as_std_mut());
         unsafe {
             cmd.pre_exec(move || {
                 crate::seccomp::inherit_all(filter_fds)?;

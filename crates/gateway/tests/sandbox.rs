@@ -831,3 +831,65 @@ async fn success_exit_codes_turn_other_statuses_into_failures() {
         "{err}"
     );
 }
+
+/// The processes whose command line is exactly `argv`.
+fn processes_running(argv: &[&str]) -> Vec<u32> {
+    let wanted: Vec<u8> = argv
+        .iter()
+        .flat_map(|a| [a.as_bytes(), b"\0"].concat())
+        .collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == wanted))
+        .collect()
+}
+
+/// A command does not outlive what started it: the thread that started the call goes away
+/// without ending it (as when the process running a task is killed), and the command is killed,
+/// in the sandbox and without one. (A process killed while bwrap was still starting once left
+/// the sandbox running under init; `resume` then ran the tool a second time beside it.)
+#[test]
+fn a_command_dies_with_the_thread_that_started_it() {
+    let env = env();
+    for (mode, secs) in [
+        (SandboxMode::Bubblewrap, "7771"),
+        (SandboxMode::None, "7772"),
+    ] {
+        let tool = sh_tool(&env, Limits::default());
+        let started = env.ws.join(format!("started-{secs}"));
+        let script = format!("touch {}; exec sleep {secs}", started.display());
+        let starter = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let mut call = Box::pin(tool.run(
+                json!({ "script": script }),
+                CallContext::new(Actor::System),
+                mode,
+            ));
+            rt.block_on(async {
+                while !started.exists() {
+                    tokio::select! {
+                        r = &mut call => panic!("{mode:?}: the call ended: {r:?}"),
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(10)) => {}
+                    }
+                }
+            });
+            // Neither the call nor its runtime is dropped (dropping would kill the command):
+            // only the thread ends, as it would with its process.
+            std::mem::forget(call);
+            std::mem::forget(rt);
+        });
+        starter.join().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while !processes_running(&["sleep", secs]).is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{mode:?}: `sleep {secs}` still runs after the thread that started it ended"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
