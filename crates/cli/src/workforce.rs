@@ -507,12 +507,17 @@ async fn options(
 /// store closes (and checkpoints).
 fn follow_cancel_requests(
     store: &agent_runtime_store::Store,
+    pending: Vec<driver::ControlRequest>,
     mut after: u64,
 ) -> anyhow::Result<(
     tokio::sync::mpsc::UnboundedReceiver<driver::ControlRequest>,
     StopOnDrop,
 )> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    // Older than any request after `after`: queued first.
+    for request in pending {
+        let _ = tx.send(request);
+    }
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let store = store.clone();
     let poll = move |after: &mut u64| {
@@ -717,6 +722,7 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         &store,
         seed,
         &args.gateway,
+        Vec::new(),
         head,
         args.json,
         false,
@@ -954,6 +960,7 @@ fn drive<Go, Fut>(
     store: &agent_runtime_store::Store,
     seed: u64,
     gateway: &GatewayOpts,
+    pending: Vec<driver::ControlRequest>,
     requests_after: u64,
     json_out: bool,
     resuming: bool,
@@ -968,7 +975,7 @@ where
     Fut: std::future::Future<Output = Result<Outcome, DriverError>>,
 {
     let progress = Arc::new(Progress::new());
-    let (controls, _follower) = follow_cancel_requests(store, requests_after)?;
+    let (controls, _follower) = follow_cancel_requests(store, pending, requests_after)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
@@ -1032,7 +1039,15 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let mut last_own = None;
     let mut simulation_seed: Option<u64> = None;
     let mut labels = BTreeMap::new();
+    // The task cancellations the run carried out, by whom and of which task, where.
+    let mut carried_out: Vec<(u64, String, String)> = Vec::new();
     let summary = run_summary_and(&store, run_id, |e| {
+        if e.kind == EventKind::TaskCancelled
+            && let agent_runtime_core::Actor::Person(by) = &e.actor
+            && let Some(task) = e.payload.get("task").and_then(Value::as_str)
+        {
+            carried_out.push((e.seq, by.clone(), task.to_string()));
+        }
         if e.kind == EventKind::RunCreated
             && let Some(sim) = e.payload.get("simulation")
         {
@@ -1066,6 +1081,7 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         Some(seq) => seq,
         None => store.head()?.map_or(0, |(seq, _)| seq),
     };
+    let pending = requests_not_carried_out(&store, run_id, after, &carried_out)?;
     go_where_started(run_id, &labels, &mut args)?;
     // Recorded in `run.resumed`: a later resume goes on where this one did.
     let here = origin_labels(&args.gateway);
@@ -1073,6 +1089,7 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         &store,
         0,
         &args.gateway,
+        pending,
         after,
         args.json,
         true,
@@ -1081,6 +1098,48 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
             driver::resume_controlled(&store, run_id, opts, token, Some(controls))
         },
     )
+}
+
+/// The cancellation requests for `run_id` made before `before` (the run's last own event)
+/// that the process driving it never carried out: it polls for requests a few times a second,
+/// so one made just before it died may have been acknowledged to the person (`cancel` exits 0)
+/// and not seen. A whole-run request was never carried out, or the run would have ended; a
+/// task's was if the run recorded that person's cancellation of that task after it.
+fn requests_not_carried_out(
+    store: &agent_runtime_store::Store,
+    run_id: RunId,
+    before: u64,
+    carried_out: &[(u64, String, String)],
+) -> anyhow::Result<Vec<driver::ControlRequest>> {
+    let requests = query(
+        store,
+        EventQuery {
+            run_id: Some(run_id),
+            kinds: vec![EventKind::RunCancelRequested],
+            ..EventQuery::default()
+        },
+    )?;
+    let mut matched = vec![false; carried_out.len()];
+    let mut pending = Vec::new();
+    for e in requests.iter().filter(|e| e.seq <= before) {
+        let Some(request) = driver::ControlRequest::from_event(e) else {
+            continue;
+        };
+        if let driver::ControlRequest::CancelTask { by, task, .. } = &request {
+            let done = carried_out
+                .iter()
+                .enumerate()
+                .find(|(i, (seq, who, what))| {
+                    !matched[*i] && *seq > e.seq && who == by && what == task
+                });
+            if let Some((i, _)) = done {
+                matched[i] = true;
+                continue;
+            }
+        }
+        pending.push(request);
+    }
+    Ok(pending)
 }
 
 fn query(
@@ -1840,5 +1899,58 @@ mod progress_tests {
                 ..TaskTally::default()
             }
         );
+    }
+}
+
+#[cfg(test)]
+mod resume_tests {
+    use super::*;
+    use agent_runtime_core::{Actor, NewEvent};
+
+    /// Requests the dead process never carried out are found for the resume: a whole-run
+    /// request (carried out, the run would have ended), a task's without that person's
+    /// cancellation of that task after it; not one it carried out, nor one after the run's last
+    /// own event (the resume's follower reads those).
+    #[test]
+    fn requests_acknowledged_but_not_carried_out_are_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = agent_runtime_store::Store::open(agent_runtime_store::StoreConfig::plaintext(
+            dir.path().join("events.db"),
+        ))
+        .unwrap();
+        let run_id = RunId::from_bytes([9; 16]);
+        let other = RunId::from_bytes([8; 16]);
+        let request = |run_id, by: &str, task: Option<&str>| NewEvent {
+            run_id,
+            task_id: None,
+            actor: Actor::Person(by.into()),
+            kind: EventKind::RunCancelRequested,
+            time: Timestamp::from_unix_nanos(0),
+            payload: match task {
+                Some(t) => json!({"task": t}),
+                None => json!({}),
+            },
+        };
+        let landed = store
+            .append_blocking(vec![
+                request(run_id, "ann", Some("a")),    // 1: carried out at 5
+                request(run_id, "ann", Some("b")),    // 2: not
+                request(run_id, "bob", None),         // 3: a whole-run request
+                request(other, "ann", Some("c")),     // 4: another run's
+                request(run_id, "ann", Some("a")),    // 5: again, after the first was
+                request(run_id, "ann", Some("late")), // 6: after the last own event
+            ])
+            .unwrap();
+        assert_eq!(landed.last().map(|a| a.seq), Some(6));
+        let carried_out = vec![(5, "ann".to_string(), "a".to_string())];
+        let pending = requests_not_carried_out(&store, run_id, 5, &carried_out).unwrap();
+        let shown: Vec<String> = pending
+            .iter()
+            .map(|r| match r {
+                driver::ControlRequest::CancelTask { by, task, .. } => format!("{by}:{task}"),
+                driver::ControlRequest::CancelRun { by, .. } => format!("{by}:run"),
+            })
+            .collect();
+        assert_eq!(shown, ["ann:b", "bob:run", "ann:a"]);
     }
 }
