@@ -1326,6 +1326,12 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     };
     let appended = store.append_blocking(vec![request])?;
     let seq = appended.first().map_or(0, |a| a.seq);
+    // The run may have ended between the check above and the request's landing (a run a few
+    // milliseconds from its end): the request is then recorded after the end, and nothing
+    // reads it. Said, rather than "asked".
+    // The run may end between the checks above and the request's landing, or before its
+    // process reads the request (it does a few times a second): what became of it is waited
+    // for briefly, so that "asked" is not said of a request nothing will read.
     let ended = args.task.as_ref().and_then(|task| {
         summary
             .tasks
@@ -1341,7 +1347,25 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         (Some(task), None) => format!("task `{task}` and everything downstream of it"),
         (None, _) => "the run".to_string(),
     };
-    let when = if store.run_is_claimed(run_id)? {
+    let claimed = store.run_is_claimed(run_id)?;
+    match request_outcome(&store, run_id, seq, args.task.as_deref(), claimed)? {
+        RequestOutcome::CarriedOut => {
+            match &args.task {
+                Some(_) => outln!("cancelled {what} in run {run_id} (request: event {seq})"),
+                None => outln!("cancelled run {run_id} (request: event {seq})"),
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        RequestOutcome::EndedFirst(status) => {
+            return Err(CliError::Failed(format!(
+                "run {run_id} ended ({status}) before it read the request (event {seq}); \
+                 nothing was cancelled"
+            ))
+            .into());
+        }
+        RequestOutcome::Pending => {}
+    }
+    let when = if claimed {
         "the process running it records the cancellation".to_string()
     } else {
         format!(
@@ -1350,6 +1374,81 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     };
     outln!("asked run {run_id} to cancel {what} (event {seq}); {when}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// What became of a cancellation request (event `seq`).
+enum RequestOutcome {
+    /// The run recorded the cancellation after it.
+    CarriedOut,
+    /// The run ended (with this status) without carrying it out.
+    EndedFirst(String),
+    /// Neither yet (or no process drives the run).
+    Pending,
+}
+
+/// How long `cancel` waits to see its request carried out: the driving process reads requests
+/// every 150 ms, so only one that is stuck (or a machine that is) makes it wait this long.
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Waits up to [`CANCEL_WAIT`] (not at all when no process drives the run) for the run to carry
+/// out the request at `seq`, or to end without it.
+fn request_outcome(
+    store: &agent_runtime_store::Store,
+    run_id: RunId,
+    seq: u64,
+    task: Option<&str>,
+    claimed: bool,
+) -> anyhow::Result<RequestOutcome> {
+    // Ended before the request: its end comes before `seq`, where the loop does not look.
+    let summary = run_summary(store, run_id)?;
+    if summary.ended.is_some() {
+        return Ok(RequestOutcome::EndedFirst(summary.status));
+    }
+    let deadline = Instant::now() + CANCEL_WAIT;
+    let by = crate::common::person();
+    loop {
+        let events = query(
+            store,
+            EventQuery {
+                run_id: Some(run_id),
+                after_seq: Some(seq),
+                kinds: vec![
+                    EventKind::RunCompleted,
+                    EventKind::RunFailed,
+                    EventKind::RunCancelled,
+                    EventKind::TaskCancelled,
+                ],
+                ..EventQuery::default()
+            },
+        )?;
+        for e in &events {
+            let ours = e.actor == by;
+            match e.kind {
+                EventKind::TaskCancelled
+                    if ours
+                        && task.is_some()
+                        && e.payload.get("task").and_then(Value::as_str) == task =>
+                {
+                    return Ok(RequestOutcome::CarriedOut);
+                }
+                EventKind::RunCancelled if ours && task.is_none() => {
+                    return Ok(RequestOutcome::CarriedOut);
+                }
+                EventKind::RunCompleted => {
+                    return Ok(RequestOutcome::EndedFirst("completed".into()));
+                }
+                EventKind::RunFailed => return Ok(RequestOutcome::EndedFirst("failed".into())),
+                EventKind::RunCancelled => {
+                    return Ok(RequestOutcome::EndedFirst("cancelled".into()));
+                }
+                _ => {}
+            }
+        }
+        if !claimed || Instant::now() >= deadline {
+            return Ok(RequestOutcome::Pending);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }
 
 fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
