@@ -722,8 +722,10 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         &store,
         seed,
         &args.gateway,
-        Vec::new(),
-        head,
+        Requests {
+            pending: Vec::new(),
+            after: head,
+        },
         args.json,
         false,
         |mut opts, token, controls| {
@@ -956,12 +958,18 @@ fn go_where_started(
 
 /// What `run` and `resume` share: the gateway's tools, cancellation requests made after
 /// sequence number `requests_after`, Ctrl-C, the progress display and the final report.
+/// The cancellation requests a run or resume takes: `pending` first (made before `after` and
+/// never carried out), then each one made after sequence number `after`.
+struct Requests {
+    pending: Vec<driver::ControlRequest>,
+    after: u64,
+}
+
 fn drive<Go, Fut>(
     store: &agent_runtime_store::Store,
     seed: u64,
     gateway: &GatewayOpts,
-    pending: Vec<driver::ControlRequest>,
-    requests_after: u64,
+    requests: Requests,
     json_out: bool,
     resuming: bool,
     go: Go,
@@ -975,7 +983,7 @@ where
     Fut: std::future::Future<Output = Result<Outcome, DriverError>>,
 {
     let progress = Arc::new(Progress::new());
-    let (controls, _follower) = follow_cancel_requests(store, pending, requests_after)?;
+    let (controls, _follower) = follow_cancel_requests(store, requests.pending, requests.after)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
@@ -1089,8 +1097,7 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         &store,
         0,
         &args.gateway,
-        pending,
-        after,
+        Requests { pending, after },
         args.json,
         true,
         |mut opts, token, controls| {
