@@ -289,6 +289,8 @@ struct ProgressState {
     tally: Option<(agent_runtime_workforce::TaskTally, CountedStates)>,
     /// Plain lines held while an approval prompt is open, printed after it.
     held: Vec<String>,
+    /// The run, once an event of it is durable: what a failure names for `resume`.
+    run_id: Option<RunId>,
 }
 
 impl ProgressState {
@@ -363,6 +365,7 @@ fn progress_line(t: &agent_runtime_workforce::TaskTally, columns: Option<usize>)
 impl Observer for Progress {
     fn on_events(&self, events: &[EncodedEvent], engine: &Engine) {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.run_id = Some(engine.run_id());
         let mut err = std::io::stderr().lock();
         if self.tty {
             let tally = state.tally(events, engine);
@@ -995,7 +998,23 @@ where
         anyhow::Ok(out)
     })?;
     progress.finish();
-    let out = out.map_err(driver_error)?;
+    let out = out.map_err(|e| {
+        // The log failed under a run that exists (its first events are durable): the run is
+        // left as a crash leaves it, and the error says how to go on with it (without
+        // `--json`, the run's id is printed only at its end).
+        let run_id = progress
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run_id;
+        match (&e, run_id) {
+            (DriverError::Log(_), Some(run_id)) => anyhow::Error::new(e).context(format!(
+                "run {run_id} stopped (resumable: `agent-runtime resume {run_id}` once the \
+                 cause is fixed)"
+            )),
+            _ => driver_error(e),
+        }
+    })?;
     report_outcome(&out, json_out, started.elapsed(), resuming)
 }
 

@@ -1675,3 +1675,47 @@ tasks:
     let tail = printable("audit tail", &out.stdout);
     assert!(tail.contains(r"csi\u{9b}31m"), "{tail}");
 }
+
+/// A run whose log fails under it (its disk is full) stops with one line that names the run and
+/// how to go on with it: without `--json`, its id would otherwise be printed only at its end.
+/// The disk is a small tmpfs in a mount namespace of the command's own (needs root, as CI has;
+/// elsewhere this test checks nothing and says so).
+#[test]
+fn a_run_stopped_by_its_log_names_itself_for_resume() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let small = dir.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let mut graph = String::from("name: fills\ntasks:\n");
+    for i in 0..60 {
+        graph.push_str(&format!(
+            "  - {{ id: t{i}, tool: echo, args: {{ text: \"{}\" }} }}\n",
+            "x".repeat(3000)
+        ));
+    }
+    let flow = write_flow(dir.path(), "fills.yaml", &graph);
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount -t tmpfs -o size=600k tmpfs "$1" && exec "$2" --db "$1/e.db" --plaintext run "$3""#)
+        .arg("sh")
+        .arg(&small)
+        .arg(&bin)
+        .arg(&flow)
+        .env_remove("AGENT_RUNTIME_DB")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with("error: run ")
+            && last.contains(" stopped (resumable: `agent-runtime resume ")
+            && last.contains("database or disk is full"),
+        "{stderr}"
+    );
+}
