@@ -52,8 +52,9 @@ pub struct GatewayBuilder {
 }
 
 impl GatewayBuilder {
-    /// A builder recording into `events`, with the safe default policy, no hooks and an approval
-    /// sink that denies everything.
+    /// A builder recording into `events`, with the safe default policy and no workspace (every
+    /// write is denied until [`GatewayBuilder::policy`] gives one: `Policy::defaults(vec![root])`),
+    /// no hooks and an approval sink that denies everything.
     pub fn new(registry: Arc<Registry>, events: Arc<dyn EventSink>) -> Self {
         GatewayBuilder {
             registry,

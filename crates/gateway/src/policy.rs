@@ -529,8 +529,13 @@ const SHELL_META: &[char] = &[
 
 impl Policy {
     /// The safe defaults alone, with `workspace` as the workspace roots.
+    ///
+    /// No roots means no workspace: no path is inside one, so writes are denied and reads of
+    /// paths outside the read roots ask. The process's working folder is never taken for one
+    /// here (an app started from a file manager runs in `/`); the command line and policy
+    /// files, which document that default, pass it themselves.
     pub fn defaults(workspace: Vec<PathBuf>) -> Result<Policy, GatewayError> {
-        Policy::from_file(PolicyFile::default(), workspace_or_cwd(workspace)?)
+        Policy::from_file(PolicyFile::default(), workspace)
     }
 
     /// Parses a policy from YAML; relative workspace roots are taken from `base`.

@@ -415,6 +415,34 @@ async fn ask_without_a_person_is_denied_and_with_one_runs() {
     assert_eq!(kinds(&log).last(), Some(&EventKind::ToolCompleted));
 }
 
+/// A gateway built without a policy has no workspace: a library never takes the process's
+/// working folder for one (it once did, so a relative path was written where the process
+/// happened to run).
+#[tokio::test]
+async fn without_a_policy_no_write_is_inside_a_workspace() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.write", RiskClass::Write, Behaviour::Echo);
+    let reg = Arc::new(Registry::new());
+    reg.register(t).unwrap();
+    let gw = GatewayBuilder::new(reg, log.clone()).build().unwrap();
+    let here = std::env::current_dir().unwrap().join("x.txt");
+    for path in ["x.txt".to_string(), here.display().to_string()] {
+        let err = gw
+            .call("t.write", json!({"path": path}), ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::PolicyDenied, "{path}: {err}");
+    }
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    assert!(
+        envelopes(&log)
+            .iter()
+            .all(|e| e.effect == Effect::Deny && e.rule == "default.write-outside"),
+        "{:?}",
+        envelopes(&log)
+    );
+}
+
 #[tokio::test]
 async fn timeout_stops_the_tool() {
     let log = Arc::new(MemoryLog::default());
