@@ -802,6 +802,9 @@ impl Tool for McpTool {
 
 /// Connects configured servers, registers their tools, follows `tools/list_changed` and
 /// restarts servers that exit, with exponential backoff.
+///
+/// Keep it for as long as the servers' tools are used: dropping it stops the supervision.
+#[must_use = "dropping the manager stops supervising the MCP servers"]
 pub struct McpManager {
     servers: Vec<Arc<McpServer>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,

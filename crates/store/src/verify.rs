@@ -827,6 +827,12 @@ impl<T> Batches<T> {
 
 /// Verifies a bundle written by `export --format bundle`, offline: no database and no key.
 ///
+/// A clean report says the bundle is whole and consistent with itself: every event hashes to
+/// what it claims and links to the one before, up to the chain head it names. It does not say
+/// the bundle is the log it claims to be: whoever rewrites events can recompute every hash.
+/// Compare `report.head` with a head you obtained another way (from the log's owner, a
+/// published or earlier checkpoint); events up to a head you trust cannot have been changed.
+///
 /// ```no_run
 /// let report = agent_runtime_store::verify_bundle(std::path::Path::new("audit.bundle.jsonl")).unwrap();
 /// assert!(report.problem.is_none());

@@ -1,6 +1,12 @@
-//! A small tool registry and native tools, so graphs of direct tool steps run end to end before
-//! the gateway lands. The gateway replaces [`ToolRegistry`] behind the
-//! [`ToolInvoker`] seam.
+//! The registry a run calls its tools through ([`ToolRegistry`], the driver's
+//! [`ToolInvoker`]), and the native tools.
+//!
+//! A run should reach its tools through the gateway, so that every call is validated, judged
+//! by the policy, sandboxed and recorded: build the registry from the gateway's handles,
+//! `ToolRegistry::from_tools(gateway.tool_handles())` (as `agent-runtime run` does). The list
+//! is taken when the run starts: a tool registered later (an MCP server that connects late) is
+//! not in it. A registry of native tools alone (`with_native_tools`) is for tests and the
+//! simulator: its calls pass no policy.
 //!
 //! Native tools: `echo` (returns its arguments), `concat` (joins `parts` with `sep`), `sleep`
 //! (waits `ms` milliseconds, cancellable), `read_file` (`path` to `{text, bytes}`), `write_file`
