@@ -1025,20 +1025,27 @@ fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let report = rt
         .block_on(driver::replay(&store, run_id))
         .map_err(driver_error)?;
-    if args.json {
-        outln!("{}", serde_json::to_string_pretty(&report)?);
+    // A run that has not ended is either still being driven, or was interrupted (a resume
+    // finishes it), or is a simulation that was stopped (not resumed). Named as `runs list`
+    // names them: the log alone says `running` for all three.
+    let (state, why) = if report.finished {
+        (format!("{:?}", report.status).to_lowercase(), "")
+    } else if store.run_is_claimed(run_id)? {
+        ("running".into(), "another process is driving it")
+    } else if is_simulation(&store, run_id)? {
+        ("stopped".into(), "the simulation was stopped")
     } else {
-        // A run that has not ended is either still being driven or was interrupted; only the
-        // second wants a resume (which the first would refuse).
-        // Named as `runs list` names them: the log alone says `running` for all three.
+        ("interrupted".into(), "resume it")
+    };
+    if args.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["status"] = Value::from(state);
+        outln!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
         let status = if report.finished {
-            format!("{:?}", report.status).to_lowercase()
-        } else if store.run_is_claimed(run_id)? {
-            "running, not finished: another process is driving it".into()
-        } else if is_simulation(&store, run_id)? {
-            "stopped, not finished: the simulation was stopped".into()
+            state
         } else {
-            "interrupted, not finished: resume it".into()
+            format!("{state}, not finished: {why}")
         };
         outln!(
             "replay of run {}: {} events match ({status})",
@@ -1562,18 +1569,19 @@ fn runs_list(json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// A run without an end is `interrupted` in its events; it is `running` while a process
-/// holds its claim (see `Store::claim_run`).
-/// Unclaimed, its tasks that were running when the process stopped are `interrupted` too:
-/// nothing runs them until `resume`, which sends them through their retry policy.
+/// A run without an end is `interrupted` in its events (a simulation `stopped`); it is
+/// `running` while a process holds its claim (see `Store::claim_run`).
+/// Unclaimed, its tasks that were running when the process stopped take the run's word:
+/// nothing runs them (until `resume`, which sends them through their retry policy; a stopped
+/// simulation is not resumed).
 fn mark_running(store: &agent_runtime_store::Store, s: &mut RunSummary) -> anyhow::Result<()> {
     if s.status == "interrupted" || s.status == "stopped" {
         if store.run_is_claimed(s.run_id)? {
             s.status = "running".into();
-        } else if s.status == "interrupted" {
+        } else {
             for t in &mut s.tasks {
                 if t.status == "running" {
-                    t.status = "interrupted".into();
+                    t.status = s.status.clone();
                 }
             }
         }

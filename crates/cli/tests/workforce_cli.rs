@@ -831,6 +831,16 @@ fn replay_says(db: &Path, run_id: &str, says: &str) {
         .assert()
         .success()
         .stdout(predicate::str::contains(says));
+    // An unfinished run's state, `(STATE, not finished: ...)`, is also `--json`'s `status`.
+    if let Some(rest) = says.strip_prefix('(')
+        && let Some((state, _)) = rest.split_once(", not finished")
+    {
+        let out = cli(db)
+            .args(["replay", run_id, "--json"])
+            .assert()
+            .success();
+        assert_eq!(json_of(&out.get_output().stdout)["status"], state, "{says}");
+    }
 }
 
 fn resume_refused(db: &Path, cwd: &Path, run_id: RunId) -> String {
@@ -867,13 +877,20 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
     let run_id = RunId::from_bytes([7; 16]);
     let t0 = agent_runtime_core::Timestamp::from_unix_nanos(1_800_000_000_000_000_000);
     let created = Engine::created_event_labelled(run_id, &graph, 1, t0, &labels);
-    // A simulation stopped after its first event.
+    // A simulation stopped with its first task started.
     let cfg = sim::SimConfig::new(10, 100, sim::Shape::Chain, 0.0, 5);
     let sim_id = sim::run_id_of(&cfg);
     let sim_created =
         Engine::created_sim_event(sim_id, &cfg, &sim::synth_graph(&cfg), sim::SIM_EPOCH);
+    let mut sim_engine = Engine::create(&sim_created).unwrap();
+    let mut appended = vec![created, sim_created];
+    appended.extend(sim_engine.drain_events().map(|e| e.to_new_event().unwrap()));
+    assert!(
+        appended.iter().any(|e| e.kind == EventKind::TaskStarted),
+        "the simulation's first task starts with it"
+    );
     let store = Store::open(StoreConfig::plaintext(&db)).unwrap();
-    store.append_blocking(vec![created, sim_created]).unwrap();
+    store.append_blocking(appended).unwrap();
     drop(store);
 
     // The gateway configuration it was started with is gone.
@@ -930,6 +947,20 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         .find(|r| r["run_id"] == sim_id.to_string())
         .unwrap();
     assert_eq!(sim_row["status"], "stopped", "{sim_row}");
+    // Its task in flight is stopped with it, not `running`: nothing runs it.
+    let shown = cli(&db)
+        .args(["runs", "show", &sim_id.to_string(), "--json"])
+        .output()
+        .unwrap();
+    let shown = json_of(&shown.stdout);
+    let statuses: Vec<&str> = shown["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap())
+        .collect();
+    assert!(!statuses.contains(&"running"), "{statuses:?}");
+    assert!(statuses.contains(&"stopped"), "{statuses:?}");
     cli(&db)
         .args(["cancel", &sim_id.to_string()])
         .assert()

@@ -132,7 +132,7 @@ pub enum StoreError {
     },
     /// A run is being driven by someone else (see [`crate::Store::claim_run`]).
     #[error(
-        "run {run_id} is being driven by {holder} (its claim is in {}-runs); wait for it to end, or stop it, before resuming",
+        "run {run_id} is being driven by {holder} (its claim is in {}-runs); wait for it to end, or stop it",
         path.display()
     )]
     RunClaimed {
@@ -146,7 +146,7 @@ pub enum StoreError {
     /// A new run was to be created under an id the log already holds (see
     /// `EventSink::claim_new_run`); nothing was written.
     #[error(
-        "event database {path}: run {run_id} is already in it; a new run needs a new id (the same seed in the same millisecond, or a simulation configuration run again, draws the same one)",
+        "event database {path}: run {run_id} is already in it; a new run needs a new id (a run's id follows from its seed and the millisecond it starts, a simulation's from its seed alone)",
         path = path.display()
     )]
     RunExists {

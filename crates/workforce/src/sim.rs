@@ -329,12 +329,7 @@ pub async fn simulate(cfg: &SimConfig, sink: Arc<dyn EventSink>) -> Result<SimRe
     let run_id = run_id_of(cfg);
     let _claim = crate::driver::claim(&sink, run_id, true)
         .await
-        .map_err(|e| {
-            SimError::Log(format!(
-                "{} (a simulation's run id follows from its seed)",
-                e.message
-            ))
-        })?;
+        .map_err(|e| SimError::Log(e.message))?;
     let graph = synth_graph(cfg);
     let started = Instant::now();
     // The engine's own CPU time, summed over the stretches between awaits (the task may move
