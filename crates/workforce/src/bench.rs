@@ -47,13 +47,15 @@ impl EventSink for NullSink {
     }
 }
 
-/// One simulator measurement.
+/// One simulator measurement; its peak memory is its own (the peak starts over first, so an
+/// earlier point's does not count).
 pub async fn sim_point(
     tasks: u32,
     agents: u32,
     shape: Shape,
     sink: Arc<dyn EventSink>,
 ) -> Result<SimReport, crate::sim::SimError> {
+    crate::sim::reset_peak_memory();
     simulate(&SimConfig::new(agents, tasks, shape, 0.0, 1), sink).await
 }
 

@@ -201,7 +201,8 @@ pub struct SimReport {
     /// building events, handing batches on), while hashing and the log run on other threads.
     /// `None` where the platform has no per-thread CPU clock.
     pub scheduler_cpu_ns_per_task: Option<f64>,
-    /// Peak resident memory of the process (Linux `VmHWM`), bytes.
+    /// Peak resident memory of the process (Linux `VmHWM`: since it started, or since
+    /// [`reset_peak_memory`]), bytes.
     pub peak_memory_bytes: Option<u64>,
     /// Events written.
     pub events: u64,
@@ -554,7 +555,15 @@ pub fn run_id_of(cfg: &SimConfig) -> agent_runtime_core::RunId {
     crate::engine::run_id_for(cfg.seed, SIM_EPOCH)
 }
 
-/// The process's peak resident memory (Linux `VmHWM`), when known.
+/// Starts the process's peak resident memory over from what it holds now (Linux: `5` to
+/// `/proc/self/clear_refs`), so that [`peak_memory_bytes`] measures what comes after: a
+/// benchmark's sections one by one, not the largest of all so far. Does nothing elsewhere.
+pub fn reset_peak_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// The process's peak resident memory (Linux `VmHWM`, since the process started or the last
+/// [`reset_peak_memory`]), when known.
 pub fn peak_memory_bytes() -> Option<u64> {
     proc_status_kb("VmHWM:").map(|kb| kb * 1024)
 }

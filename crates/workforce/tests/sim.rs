@@ -124,3 +124,28 @@ fn a_log_that_refuses_a_batch_stops_the_simulation_with_its_message() {
         );
     }
 }
+
+/// A benchmark's sections measure their own peak memory: after `reset_peak_memory` the peak is
+/// what the process holds now, not the largest it ever held (a section after a large one was
+/// reported with the large one's peak).
+#[cfg(target_os = "linux")]
+#[test]
+fn the_peak_memory_starts_over_when_reset() {
+    use agent_runtime_workforce::sim::{peak_memory_bytes, reset_peak_memory};
+    // Large beside what the other tests of this binary hold at once (they run meanwhile).
+    const BIG: usize = 256 << 20;
+    // Touched page by page, then freed (a block this large is its own mapping, returned whole).
+    let mut block = vec![0u8; BIG];
+    for i in (0..BIG).step_by(4096) {
+        block[i] = 1;
+    }
+    std::hint::black_box(&block);
+    let with_block = peak_memory_bytes().unwrap();
+    drop(block);
+    reset_peak_memory();
+    let after = peak_memory_bytes().unwrap();
+    assert!(
+        after + (BIG as u64) / 2 < with_block,
+        "peak {after} after the reset, {with_block} with the block"
+    );
+}
