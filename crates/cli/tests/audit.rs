@@ -471,16 +471,30 @@ fn bench_store_prints_json_with_a_baseline() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
 
-/// No iterations would report a p50 of 0 µs, which reads as the goal met: refused.
+/// No iterations would report a p50 of 0 µs, which reads as the goal met, and billions would
+/// never end while the in-memory log grows: both refused, naming the range; so are appenders
+/// past 64.
 #[test]
-fn bench_gateway_refuses_zero_iterations() {
-    Command::cargo_bin("agent-runtime")
-        .unwrap()
-        .args(["bench", "gateway", "--iterations", "0"])
-        .timeout(std::time::Duration::from_secs(30))
-        .assert()
-        .code(2)
-        .stderr(predicate::str::contains("--iterations must be at least 1"));
+fn bench_counts_out_of_range_are_refused() {
+    for args in [
+        &["bench", "gateway", "--iterations", "0"][..],
+        &["bench", "gateway", "--iterations", "4294967295"],
+        &["bench", "store", "--appenders", "100000"],
+        &["bench", "store", "--appenders", "0"],
+    ] {
+        let range = if args[1] == "gateway" {
+            "1..=200000"
+        } else {
+            "1..=64"
+        };
+        Command::cargo_bin("agent-runtime")
+            .unwrap()
+            .args(args)
+            .timeout(std::time::Duration::from_secs(30))
+            .assert()
+            .code(2)
+            .stderr(predicate::str::contains(args[2]).and(predicate::str::contains(range)));
+    }
 }
 
 /// Sizes the bench could not hold are refused before any event is built (a payload of 100 GB
