@@ -120,11 +120,15 @@ pub enum RunsCommand {
 /// Arguments of `simulate`.
 #[derive(Args)]
 pub struct SimulateArgs {
-    /// Agents.
-    #[arg(long, default_value_t = 10)]
+    /// Agents (1 to 1,000,000).
+    // Negative numbers are taken as values here too, so that `-1` is told the range rather
+    // than "unexpected argument".
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SimConfig::MAX_AGENTS)))]
     pub agents: u32,
-    /// Tasks.
-    #[arg(long, default_value_t = 1000)]
+    /// Tasks (1 to 10,000,000).
+    #[arg(long, default_value_t = 1000, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(SimConfig::MAX_TASKS)))]
     pub tasks: u32,
     /// Graph shape: chain, fanout, layered or random.
     #[arg(long, default_value = "layered")]
@@ -137,8 +141,9 @@ pub struct SimulateArgs {
     /// Seed of the graph, durations, failures and run.
     #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
     pub seed: u64,
-    /// Tasks of one agent at once.
-    #[arg(long, default_value_t = 4)]
+    /// Tasks of one agent at once (at least 1).
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true,
+          value_parser = clap::value_parser!(u32).range(1..))]
     pub agent_concurrency: u32,
     /// Where the events go: `memory` (kept until the end), `store` (the database, --db) or
     /// `none` (dropped: measures the scheduler alone).
@@ -1654,7 +1659,10 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
 }
 
 fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
-    let shape: Shape = args.shape.parse().map_err(CliError::Usage)?;
+    let shape: Shape = args
+        .shape
+        .parse()
+        .map_err(|e| CliError::Usage(format!("--shape: {e}")))?;
     let cfg = SimConfig {
         agent_concurrency: args.agent_concurrency,
         ..SimConfig::new(args.agents, args.tasks, shape, args.failure_rate, args.seed)

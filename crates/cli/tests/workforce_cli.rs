@@ -416,11 +416,25 @@ fn simulate_is_deterministic_in_its_seed() {
         .args(["simulate", "--shape", "ring"])
         .assert()
         .code(2)
-        .stderr(predicate::str::contains("unknown shape"));
-    // Sizes past the simulator's bounds are refused before anything is built.
+        .stderr(predicate::str::contains("--shape: unknown shape `ring`"));
+    // Sizes past the simulator's bounds are refused before anything is built, naming the flag
+    // and its range.
     for (flag, value, says) in [
-        ("--tasks", "4000000000", "tasks is 4000000000"),
-        ("--agents", "0", "agents is 0"),
+        (
+            "--tasks",
+            "4000000000",
+            "'--tasks <TASKS>': 4000000000 is not in 1..=10000000",
+        ),
+        (
+            "--agents",
+            "0",
+            "'--agents <AGENTS>': 0 is not in 1..=1000000",
+        ),
+        (
+            "--agents",
+            "-1",
+            "'--agents <AGENTS>': -1 is not in 1..=1000000",
+        ),
         ("--failure-rate", "1.5", "failure-rate is 1.5"),
         // A negative value is a value, not an unknown flag `-0`.
         ("--failure-rate", "-0.1", "failure-rate is -0.1"),
@@ -429,7 +443,7 @@ fn simulate_is_deterministic_in_its_seed() {
         (
             "--agent-concurrency",
             "0",
-            "agent-concurrency is 0; it must be at least 1",
+            "'--agent-concurrency <AGENT_CONCURRENCY>': 0 is not in 1..=4294967295",
         ),
     ] {
         cli(&db)
