@@ -1687,10 +1687,13 @@ fn simulate(args: SimulateArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         outln!("{}", serde_json::to_string_pretty(&report)?);
         return Ok(ExitCode::SUCCESS);
     }
+    let s = |n: u32| if n == 1 { "" } else { "s" };
     outln!(
-        "simulated {} tasks over {} agents ({}, failure rate {}, seed {})",
+        "simulated {} task{} over {} agent{} ({}, failure rate {}, seed {})",
         cfg.tasks,
+        s(cfg.tasks),
         cfg.agents,
+        s(cfg.agents),
         shape,
         short_number(cfg.failure_rate),
         cfg.seed
