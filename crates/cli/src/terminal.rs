@@ -79,8 +79,14 @@ fn typed_lines() -> &'static Mutex<UnboundedReceiver<String>> {
 fn prompt_text(request: &ApprovalRequest) -> String {
     let arguments = serde_json::to_string_pretty(&request.arguments).unwrap_or_default();
     let arguments: Vec<_> = arguments.lines().map(terminal_text).collect();
+    // Which task asks, as the graph names it: two tasks of one agent ask alike otherwise.
+    let task = request
+        .task_name
+        .as_deref()
+        .map(|t| format!(" (task `{}`)", terminal_text(t)))
+        .unwrap_or_default();
     format!(
-        "{} wants to call {} ({:?}) with\n{}\nbecause policy says: {}\nAllow? [y/N] ",
+        "{}{task} wants to call {} ({:?}) with\n{}\nbecause policy says: {}\nAllow? [y/N] ",
         terminal_text(&request.subject.to_string()),
         terminal_text(&request.tool),
         request.risk,

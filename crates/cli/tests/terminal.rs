@@ -197,6 +197,12 @@ fn approvals_are_asked_one_at_a_time_and_answered_in_turn() {
         ("two.txt", "one.txt", "second-secret", "first-secret")
     };
     assert!(!screen.contains(other), "{screen}");
+    // The question names the task that asks, as the graph does.
+    let task = if asked == "one.txt" { "one" } else { "two" };
+    assert!(
+        screen.contains(&format!("(task `{task}`) wants to call read_file")),
+        "{screen}"
+    );
     term.type_text("y\r");
     let screen = term.wait_for("Allow? [y/N]", 2);
     let second = &screen[screen.find("Allow? [y/N]").unwrap() + 1..];

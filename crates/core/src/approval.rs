@@ -18,6 +18,10 @@ pub struct ApprovalRequest {
     pub run_id: Option<RunId>,
     /// The task, if any.
     pub task_id: Option<TaskId>,
+    /// The task's id in its graph (`review`), when the caller gave it: what a person knows the
+    /// task by.
+    #[serde(default)]
+    pub task_name: Option<String>,
     /// Who wants to make the call.
     pub subject: Actor,
     /// The tool.

@@ -26,6 +26,8 @@ pub struct CallContext {
     pub run_id: Option<RunId>,
     /// The task the call belongs to, if any.
     pub task_id: Option<TaskId>,
+    /// That task's id in its graph (`fetch`), for people: an approval question names it.
+    pub task_name: Option<String>,
     /// Who is calling.
     pub actor: Actor,
     /// Cancelled when the caller gives up.
@@ -61,6 +63,7 @@ impl std::fmt::Debug for CallContext {
         f.debug_struct("CallContext")
             .field("run_id", &self.run_id)
             .field("task_id", &self.task_id)
+            .field("task_name", &self.task_name)
             .field("actor", &self.actor)
             .field("timeout", &self.timeout)
             .field("progress", &self.progress.is_some())
@@ -81,6 +84,7 @@ impl CallContext {
         CallContext {
             run_id: None,
             task_id: None,
+            task_name: None,
             actor,
             cancel: CancellationToken::new(),
             timeout: None,

@@ -662,6 +662,7 @@ impl Gateway {
                     id: inner.ids.event_id(),
                     run_id: ctx.run_id,
                     task_id: ctx.task_id,
+                    task_name: ctx.task_name.clone(),
                     subject: ctx.actor.clone(),
                     tool: name.to_string(),
                     arguments: rec.redactor.redact(&args),

@@ -1190,7 +1190,8 @@ impl Driver {
         let (tx, mut rx) = mpsc::unbounded_channel::<Done>();
         // Calls are started by a task of their own (see `CallStarter`); it ends when `launch`
         // is dropped with this function.
-        let (launch, starts) = mpsc::unbounded_channel::<(Effect, CancellationToken)>();
+        let (launch, starts) =
+            mpsc::unbounded_channel::<(Effect, CancellationToken, Option<Arc<str>>)>();
         let run_secrets = run_secret_values(engine.graph_ref(), self.opts.secrets.as_ref());
         tokio::spawn(
             CallStarter {
@@ -1301,7 +1302,7 @@ impl Driver {
             } else if batch.is_empty() && pending.is_empty() {
                 // Nothing new to record: effects (if any) wait for nothing.
                 for (_, effect) in std::mem::take(&mut effects) {
-                    self.perform(effect, &launch);
+                    self.perform(effect, engine, &launch);
                 }
             }
             if pumping {
@@ -1418,7 +1419,7 @@ impl Driver {
             o.on_events(events, engine);
         }
         for effect in done.effects {
-            self.perform(effect, launch);
+            self.perform(effect, engine, launch);
         }
     }
 
@@ -1439,26 +1440,28 @@ impl Driver {
 
     /// Hands a call to the [`CallStarter`] with a fresh token, kept to cancel the call; a
     /// cancellation cancels that token.
-    fn perform(&mut self, effect: Effect, launch: &Launch) {
+    fn perform(&mut self, effect: Effect, engine: &Engine, launch: &Launch) {
         match effect {
             Effect::Cancel { call } => {
                 if let Some(token) = self.inflight.remove(&call) {
                     token.cancel();
                 }
             }
-            Effect::CallTool { call, .. } | Effect::CallModel { call, .. } => {
+            Effect::CallTool { call, task_id, .. } | Effect::CallModel { call, task_id, .. } => {
                 let token = CancellationToken::new();
                 self.inflight.insert(call, token.clone());
+                let task = engine.task_name(task_id).map(Arc::from);
                 // The starter lives as long as `launch`; were it gone, the call would simply
                 // never answer, as when the run ends.
-                let _ = launch.send((effect, token));
+                let _ = launch.send((effect, token, task));
             }
         }
     }
 }
 
 /// Where the driver hands the calls to start.
-type Launch = mpsc::UnboundedSender<(Effect, CancellationToken)>;
+/// A call to start, its token, and its task's id in the graph (for the call's context).
+type Launch = mpsc::UnboundedSender<(Effect, CancellationToken, Option<Arc<str>>)>;
 
 /// Starts the calls the driver hands it, on a task of its own: building a call's context and
 /// request and spawning its task was a sixth of the driver's instructions in a burst of 10,000
@@ -1500,8 +1503,11 @@ fn run_secret_values(graph: &TaskGraph, source: &dyn SecretSource) -> Vec<String
 }
 
 impl CallStarter {
-    async fn run(mut self, mut starts: mpsc::UnboundedReceiver<(Effect, CancellationToken)>) {
-        while let Some((effect, token)) = starts.recv().await {
+    async fn run(
+        mut self,
+        mut starts: mpsc::UnboundedReceiver<(Effect, CancellationToken, Option<Arc<str>>)>,
+    ) {
+        while let Some((effect, token, task)) = starts.recv().await {
             // The embedder's code that runs here: `ToolInvoker::spec`, for a model call's tool
             // list, and `SecretSource::secret`, for a tool step that names secrets. A panic
             // there fails that call, as a panicking call does, instead of ending this task or
@@ -1517,7 +1523,7 @@ impl CallStarter {
                 _ => None,
             };
             let started = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                self.start(effect, token)
+                self.start(effect, token, task)
             }));
             if let (Err(panic), Some((call, tool))) = (started, may_panic) {
                 let _ = self.done.send(match tool {
@@ -1572,6 +1578,7 @@ impl CallStarter {
         &self,
         actor: Actor,
         task_id: agent_runtime_core::TaskId,
+        task: Option<Arc<str>>,
         timeout: Option<Duration>,
         token: &CancellationToken,
     ) -> CallContext {
@@ -1579,6 +1586,7 @@ impl CallStarter {
         ctx.cancel = token.clone();
         ctx.run_id = Some(self.run_id);
         ctx.task_id = Some(task_id);
+        ctx.task_name = task.map(|t| t.to_string());
         ctx.timeout = timeout;
         ctx
     }
@@ -1598,7 +1606,7 @@ impl CallStarter {
         }));
     }
 
-    fn start(&mut self, effect: Effect, token: CancellationToken) {
+    fn start(&mut self, effect: Effect, token: CancellationToken, task: Option<Arc<str>>) {
         match effect {
             Effect::Cancel { .. } => {}
             Effect::CallTool {
@@ -1611,7 +1619,7 @@ impl CallStarter {
                 timeout,
                 ..
             } => {
-                let mut ctx = self.context(actor, task_id, timeout, &token);
+                let mut ctx = self.context(actor, task_id, task, timeout, &token);
                 let tools = self.tools.clone();
                 let name = tool.clone();
                 // The call alone gets the secrets' values; what it returns is redacted before
@@ -1681,7 +1689,7 @@ impl CallStarter {
                 ..
             } => {
                 let actor = Actor::Agent(String::from(&*agent));
-                let ctx = self.context(actor, task_id, timeout, &token);
+                let ctx = self.context(actor, task_id, task, timeout, &token);
                 let request = ModelRequest {
                     model: String::from(&*model),
                     messages,

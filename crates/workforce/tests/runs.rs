@@ -2396,3 +2396,46 @@ fn runs_recorded_before_newer_graph_checks_still_resume_and_replay() {
         assert_eq!(report.status, out.status, "{what}");
     }
 }
+
+/// A call's context names its task as the graph does (`fetch`), for what the call asks a
+/// person: two tasks of one agent, or two tool steps, would otherwise ask alike.
+#[test]
+fn a_call_knows_its_task_by_its_graph_id() {
+    use agent_runtime_core::{
+        CallContext, RiskClass, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource,
+        async_trait,
+    };
+
+    struct Name(ToolDescriptor);
+    #[async_trait]
+    impl Tool for Name {
+        fn descriptor(&self) -> &ToolDescriptor {
+            &self.0
+        }
+        async fn call(
+            &self,
+            _args: serde_json::Value,
+            ctx: CallContext,
+        ) -> Result<ToolOutput, ToolError> {
+            Ok(ToolOutput::new(json!({ "task": ctx.task_name })))
+        }
+    }
+    let mut tools = agent_runtime_workforce::tools::ToolRegistry::with_native_tools();
+    tools.register(Arc::new(Name(ToolDescriptor {
+        name: "name".into(),
+        description: "returns the task its context names".into(),
+        input_schema: json!({"type": "object"}),
+        output_schema: None,
+        risk: RiskClass::Read,
+        source: ToolSource::Native,
+    })));
+    let log = Arc::new(MemoryLog::default());
+    let out = rt()
+        .block_on(driver::run_graph(
+            graph("tasks:\n  - { id: fetch, tool: name }\n  - { id: report, tool: name, needs: [fetch] }\n"),
+            opts_at_t0(log, Arc::new(tools)),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(out.status, RunStatus::Completed);
+    assert_eq!(out.outputs["report"], json!({"task": "report"}));
+}
