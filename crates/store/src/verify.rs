@@ -843,9 +843,23 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
         path: path.to_path_buf(),
         source,
     })?;
-    let mut lines = BundleLines {
-        reader: std::io::BufReader::new(file),
-    };
+    verify_bundle_from(std::io::BufReader::new(file), path)
+}
+
+/// [`verify_bundle`] of a bundle read from `reader` (received over a network, held in memory):
+/// `name` stands for it in errors (`<received>`, say).
+///
+/// ```
+/// let bundle = b"{\"agent_runtime_bundle\":1}\n{\"chain_head\":{\"seq\":0,\"hash\":\"0000000000000000000000000000000000000000000000000000000000000000\"}}\n";
+/// let report = agent_runtime_store::verify_bundle_from(&bundle[..], "<received>".as_ref()).unwrap();
+/// assert_eq!((report.events, report.problem), (0, None));
+/// ```
+pub fn verify_bundle_from<R: BufRead + Send>(
+    reader: R,
+    name: &Path,
+) -> Result<VerifyReport, StoreError> {
+    let path = name;
+    let mut lines = BundleLines { reader };
     let bad = |line: u64, detail: String| StoreError::BadBundle {
         path: path.to_path_buf(),
         line,

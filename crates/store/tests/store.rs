@@ -493,6 +493,22 @@ fn bundle_verifies_offline_and_catches_edits() {
     std::fs::write(&bundle, &edited).unwrap();
     let p = verify_bundle(&bundle).unwrap().problem.unwrap();
     assert_eq!((p.seq, p.kind), (1234, ProblemKind::PayloadChanged));
+    // Received rather than on disk: the same verdicts, the given name in errors.
+    let from_memory = |bytes: &str| {
+        agent_runtime_store::verify_bundle_from(bytes.as_bytes(), "<received>".as_ref())
+    };
+    let whole = from_memory(&text).unwrap();
+    assert_eq!(
+        (whole.events, whole.problem, whole.head),
+        (3000, None, report.head)
+    );
+    let p = from_memory(&edited).unwrap().problem.unwrap();
+    assert_eq!((p.seq, p.kind), (1234, ProblemKind::PayloadChanged));
+    let err = from_memory("hello\n").unwrap_err().to_string();
+    assert!(
+        err.contains("<received>") && err.contains("line 1"),
+        "{err}"
+    );
     // Drop an event.
     let mut dropped = lines.clone();
     dropped.remove(100); // line 100 is seq 100 (line 0 is the header)
