@@ -264,7 +264,9 @@ pub(crate) fn resolve_run_id(
 fn driver_error(e: DriverError) -> anyhow::Error {
     match e {
         DriverError::Unavailable(m) => CliError::Usage(m).into(),
-        DriverError::Arguments { .. } => CliError::Usage(e.to_string()).into(),
+        DriverError::Arguments { .. } | DriverError::Graph(_) => {
+            CliError::Usage(e.to_string()).into()
+        }
         DriverError::NoRun(id) => no_run(id),
         DriverError::Finished { .. } | DriverError::Diverged { .. } | DriverError::Claimed(_) => {
             CliError::Failed(e.to_string()).into()

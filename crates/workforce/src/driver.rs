@@ -286,6 +286,10 @@ pub enum DriverError {
     /// The engine rejected the log.
     #[error(transparent)]
     Engine(#[from] EngineError),
+    /// A graph given to [`run_graph`] (built in code, say) is invalid: a cycle, an unknown
+    /// task, a bad limit. Nothing was recorded.
+    #[error("invalid task graph: {0}")]
+    Graph(crate::graph::GraphError),
     /// The graph names a tool or provider that is not available.
     #[error("{0}")]
     Unavailable(String),
@@ -473,7 +477,7 @@ pub async fn run_graph_controlled(
     let now = opts.clock.now();
     let run_id = crate::engine::run_id_for(opts.seed, now);
     let (validated, created) = validate_and_encode(&graph, run_id, opts.seed, now, &opts.labels);
-    validated.map_err(|e| EngineError::Graph(e.to_string()))?;
+    validated.map_err(DriverError::Graph)?;
     // Held until the run is driven to its end: nobody may resume it meanwhile. Refused when
     // the id was drawn before (the same seed in the same millisecond): nothing is written.
     let _claim = claim(&opts.sink, run_id, true)

@@ -2439,3 +2439,31 @@ fn a_call_knows_its_task_by_its_graph_id() {
     assert_eq!(out.status, RunStatus::Completed);
     assert_eq!(out.outputs["report"], json!({"task": "report"}));
 }
+
+/// A graph built in code that does not validate is refused as a graph, with its typed error
+/// (it was an engine error about `run.created`, which nothing had recorded), and nothing is
+/// written.
+#[test]
+fn an_invalid_graph_given_to_run_graph_is_refused_as_one() {
+    let mut g = graph("tasks:\n  - { id: a, tool: echo }\n  - { id: b, tool: echo, needs: [a] }\n");
+    g.tasks[0].needs = vec!["b".into()];
+    let log = Arc::new(MemoryLog::default());
+    let err = rt()
+        .block_on(driver::run_graph(
+            g,
+            opts_at_t0(
+                log.clone(),
+                Arc::new(agent_runtime_workforce::tools::ToolRegistry::with_native_tools()),
+            ),
+        ))
+        .unwrap_err();
+    match &err {
+        driver::DriverError::Graph(agent_runtime_workforce::graph::GraphError::Cycle {
+            path,
+            ..
+        }) => assert_eq!(path.len(), 3, "{err}"),
+        other => panic!("{other}"),
+    }
+    assert!(err.to_string().starts_with("invalid task graph: "), "{err}");
+    assert!(log.all().is_empty());
+}
