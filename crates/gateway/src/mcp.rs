@@ -344,6 +344,8 @@ pub struct McpServer {
     name: String,
     config: McpServerConfig,
     env: Vec<(String, String)>,
+    /// Redacts the values `${NAME}` put in `env` from what the server prints on stderr.
+    stderr_redactor: agent_runtime_core::Redactor,
     headers: Vec<(String, String)>,
     client: tokio::sync::RwLock<Option<Arc<Client>>>,
     progress: ProgressMap,
@@ -377,8 +379,14 @@ impl McpServer {
             })
         };
         let mut env = Vec::new();
+        // What `${NAME}` brought in: what the server's own words (its stderr) must not show.
+        let mut secrets = Vec::new();
         for (k, v) in &config.env {
-            env.push((k.clone(), expand(v)?));
+            let value = expand(v)?;
+            if v.contains("${") {
+                secrets.push(value.clone());
+            }
+            env.push((k.clone(), value));
         }
         let mut headers = Vec::new();
         for (k, v) in &config.headers {
@@ -388,6 +396,7 @@ impl McpServer {
             name: name.to_string(),
             config,
             env,
+            stderr_redactor: agent_runtime_core::Redactor::new().with_secrets(&secrets),
             headers,
             client: tokio::sync::RwLock::new(None),
             progress: Arc::default(),
@@ -439,17 +448,32 @@ impl McpServer {
                     cmd.current_dir(cwd);
                 }
                 crate::child::prepare(cmd.as_std_mut());
-                let (transport, _stderr) = rmcp::transport::TokioChildProcess::builder(cmd)
-                    .stderr(std::process::Stdio::null())
+                // A server still working when this process dies (killed mid-run) would go on
+                // acting beside the resume that retries its call.
+                crate::child::die_with_parent(cmd.as_std_mut());
+                let (transport, stderr) = rmcp::transport::TokioChildProcess::builder(cmd)
+                    .stderr(std::process::Stdio::piped())
                     .spawn()
                     .map_err(|e| self.err(format!("cannot start {program}: {e}")))?;
                 self.pid
                     .store(transport.id().unwrap_or(0), Ordering::Relaxed);
+                // Its last lines on stderr say why a server that fails to start failed ("Cannot
+                // find module", "no such directory"); read all along, so the pipe never fills.
+                let tail = StderrTail::follow(stderr);
                 let init = handler.serve(transport);
-                tokio::time::timeout(self.startup_timeout(), init)
-                    .await
-                    .map_err(|_| self.err("no answer to initialize in time"))?
-                    .map_err(|e| self.err(format!("initialize failed: {}", transport_error(e))))?
+                match tokio::time::timeout(self.startup_timeout(), init).await {
+                    Err(_) => {
+                        return Err(self.err(
+                            tail.after("no answer to initialize in time", &self.stderr_redactor)
+                                .await,
+                        ));
+                    }
+                    Ok(Err(e)) => {
+                        let why = format!("initialize failed: {}", transport_error(e));
+                        return Err(self.err(tail.after(&why, &self.stderr_redactor).await));
+                    }
+                    Ok(Ok(client)) => client,
+                }
             }
             (None, Some(url)) => {
                 install_crypto_provider();
@@ -797,6 +821,92 @@ impl Tool for McpTool {
 
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         self.server.call(&self.remote, args, ctx).await
+    }
+}
+
+/// The last lines a stdio server printed on stderr, read all along by a task of its own.
+struct StderrTail {
+    lines: Arc<Mutex<StderrLines>>,
+    /// Dropped, it goes on reading (a running server's stderr must not fill its pipe), until
+    /// the server ends.
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The first line that reads as an error (a stack trace's message comes before the trace's
+/// last lines), and the last lines.
+#[derive(Default)]
+struct StderrLines {
+    first_error: Option<String>,
+    last: std::collections::VecDeque<String>,
+}
+
+impl StderrTail {
+    /// Lines kept, and characters of each.
+    const LINES: usize = 3;
+    const CHARS: usize = 300;
+
+    fn follow(stderr: Option<tokio::process::ChildStderr>) -> StderrTail {
+        let lines: Arc<Mutex<StderrLines>> = Arc::default();
+        let reader = stderr.map(|stderr| {
+            let lines = lines.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncBufReadExt;
+                let mut stderr = tokio::io::BufReader::new(stderr);
+                let mut buf = Vec::new();
+                loop {
+                    buf.clear();
+                    // Bounded: a line without end is cut, not held whole.
+                    let read = tokio::io::AsyncReadExt::take(&mut stderr, 64 * 1024)
+                        .read_until(b'\n', &mut buf)
+                        .await;
+                    match read {
+                        Ok(0) | Err(_) => return,
+                        Ok(_) => {
+                            let text = String::from_utf8_lossy(&buf);
+                            let text = text.trim();
+                            if text.is_empty() {
+                                continue;
+                            }
+                            let line: String = text.chars().take(Self::CHARS).collect();
+                            let mut kept = lines.lock().unwrap_or_else(|p| p.into_inner());
+                            if kept.first_error.is_none()
+                                && (line.contains("Error") || line.contains("error"))
+                            {
+                                kept.first_error = Some(line.clone());
+                            }
+                            if kept.last.len() == Self::LINES {
+                                kept.last.pop_front();
+                            }
+                            kept.last.push_back(line);
+                        }
+                    }
+                }
+            })
+        });
+        StderrTail { lines, reader }
+    }
+
+    /// `why`, and what the server last said on stderr, if anything: waits a moment for the
+    /// server's last words (it has usually just exited) to be read.
+    async fn after(mut self, why: &str, redactor: &agent_runtime_core::Redactor) -> String {
+        if let Some(reader) = self.reader.take() {
+            let _ = tokio::time::timeout(Duration::from_millis(500), reader).await;
+        }
+        let kept = self.lines.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.last.is_empty() {
+            return why.to_string();
+        }
+        let mut said: Vec<&str> = Vec::new();
+        if let Some(first) = &kept.first_error
+            && !kept.last.contains(first)
+        {
+            said.extend([first.as_str(), "..."]);
+        }
+        said.extend(kept.last.iter().map(String::as_str));
+        format!(
+            "{why}; its stderr ended: {}",
+            redactor.redact_str(&said.join(" | "))
+        )
     }
 }
 

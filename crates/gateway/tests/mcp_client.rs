@@ -271,7 +271,19 @@ async fn broken_servers_give_clear_errors_and_never_hang() {
                 "quits".to_string(),
                 McpServerConfig {
                     command: Some("/bin/sh".into()),
-                    args: vec!["-c".into(), "exit 1".into()],
+                    // Why it quits, on stderr (a stack trace's message, then its last lines),
+                    // with a secret the configuration brought in.
+                    args: vec![
+                        "-c".into(),
+                        "echo 'starting' >&2; echo \"Error: cannot log in as $TOKEN\" >&2; \
+                         echo '    at login (server.js:1)' >&2; echo '    at main (server.js:2)' >&2; \
+                         echo '    at run (server.js:3)' >&2; echo 'Node.js v20' >&2; exit 1"
+                            .into(),
+                    ],
+                    // A host variable every test machine has, standing in for a token.
+                    env: [("TOKEN".to_string(), "${PATH}".to_string())]
+                        .into_iter()
+                        .collect(),
                     timeout_ms: Some(1000),
                     startup_timeout_ms: Some(1000),
                     ..McpServerConfig::default()
@@ -294,7 +306,18 @@ async fn broken_servers_give_clear_errors_and_never_hang() {
     let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
     assert_eq!(text.len(), 3, "{text:?}");
     assert!(text.iter().any(|t| t.contains("\"garbage\"")), "{text:?}");
-    assert!(text.iter().any(|t| t.contains("\"quits\"")), "{text:?}");
+    // A server that fails to start says why, in its own last words: its first error line and
+    // its last lines, the secret redacted.
+    assert!(
+        text.iter().any(|t| t.contains("\"quits\"")
+            && t.contains(
+                "its stderr ended: Error: cannot log in as [REDACTED] | ... | \
+                 at main (server.js:2) | at run (server.js:3) | Node.js v20"
+            )),
+        "{text:?}"
+    );
+    let path = std::env::var("PATH").unwrap();
+    assert!(!text.iter().any(|t| t.contains(&path)), "{text:?}");
     assert!(
         text.iter()
             .any(|t| t.contains("\"missing\"") && t.contains("cannot start")),
@@ -1014,4 +1037,63 @@ for line in sys.stdin:
     );
     assert!(registry.get("x.die_now_").is_some() && registry.get("x.other").is_some());
     manager.shutdown().await;
+}
+
+/// A stdio server does not outlive what started it: the thread that started the manager goes
+/// away without stopping it (as when the process is killed mid-run), and the server is killed.
+/// (One busy when its run was killed went on acting beside the resume that retried its call.)
+#[test]
+fn a_server_dies_with_the_thread_that_started_it() {
+    // Found by an environment variable of its own: other tests start the same server.
+    let marker = format!("AGENT_RUNTIME_ORPHAN_TEST={}", std::process::id());
+    let value = marker.split_once('=').unwrap().1.to_string();
+    let starter = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let config = McpConfig {
+            servers: [(
+                "e".to_string(),
+                McpServerConfig {
+                    env: [("AGENT_RUNTIME_ORPHAN_TEST".to_string(), value)]
+                        .into_iter()
+                        .collect(),
+                    ..everything(None)
+                },
+            )]
+            .into_iter()
+            .collect(),
+        };
+        let (manager, errors) = rt
+            .block_on(McpManager::start(
+                &config,
+                Arc::new(Registry::new()),
+                &mut Redactor::new(),
+            ))
+            .unwrap();
+        assert!(errors.is_empty(), "{errors:?}");
+        // Neither the manager nor its runtime is dropped (that would stop the server): only
+        // the thread ends.
+        std::mem::forget(manager);
+        std::mem::forget(rt);
+    });
+    starter.join().unwrap();
+    let running = || {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+            .any(|pid| {
+                std::fs::read(format!("/proc/{pid}/environ"))
+                    .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == marker.as_bytes()))
+            })
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while running() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the server still runs after the thread that started it ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
