@@ -318,6 +318,7 @@ impl Gateway {
             risk: entry.descriptor().risk,
             actor,
             arguments: &args,
+            relative_paths: relative_paths_of(&entry),
         };
         let trace = policy.explain(&input);
         let (redactor, _) = self.call_redactor(&args, &[]);
@@ -620,6 +621,7 @@ impl Gateway {
                 risk,
                 actor: &ctx.actor,
                 arguments: &args,
+                relative_paths: relative_paths_of(&entry),
             },
             &rec.redactor,
         );
@@ -1063,6 +1065,15 @@ impl Tool for GatewayTool {
 
     fn check_args(&self, args: &Value) -> Result<(), ToolError> {
         self.gateway.check_args(&self.descriptor.name, args)
+    }
+}
+
+/// Where `tool` takes relative paths from: an MCP server from a folder of its own, which the
+/// policy cannot judge against.
+fn relative_paths_of(tool: &RegisteredTool) -> crate::policy::RelativePaths {
+    match tool.descriptor().source {
+        agent_runtime_core::ToolSource::Mcp { .. } => crate::policy::RelativePaths::Unknown,
+        _ => crate::policy::RelativePaths::Base,
     }
 }
 

@@ -74,7 +74,7 @@ pub use gateway::{
     CheckReport, Gateway, GatewayBuilder, GatewayConfig, GatewayTool, MAX_ERROR_BYTES, cap_output,
 };
 pub use hooks::{CommandHook, CommandHookConfig, Hook, HookCall, PostAction, PreAction};
-pub use policy::{Decision, Policy, PolicyInput, SandboxMode};
+pub use policy::{Decision, Policy, PolicyInput, RelativePaths, SandboxMode};
 pub use redact::Redactor;
 pub use registry::{RegisteredTool, Registry};
 pub use sandbox::{CommandTool, CommandToolConfig, Limits, SandboxSettings};

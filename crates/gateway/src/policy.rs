@@ -430,15 +430,30 @@ pub struct Decision {
 /// Each path a decision resolved, once: every rule sees the same resolution of one text, and
 /// the tool is given it.
 #[derive(Default)]
-struct Resolutions(std::cell::RefCell<std::collections::BTreeMap<String, Option<PathBuf>>>);
+struct Resolutions {
+    known: std::cell::RefCell<std::collections::BTreeMap<String, Option<PathBuf>>>,
+    /// Relative paths resolve to nothing (see [`RelativePaths::Unknown`]).
+    relative_unknown: bool,
+}
 
 impl Resolutions {
+    fn new(relative_paths: RelativePaths) -> Resolutions {
+        Resolutions {
+            known: Default::default(),
+            relative_unknown: relative_paths == RelativePaths::Unknown,
+        }
+    }
+
     fn resolve(&self, path: &str, base: &Path) -> Option<PathBuf> {
-        if let Some(known) = self.0.borrow().get(path) {
+        if let Some(known) = self.known.borrow().get(path) {
             return known.clone();
         }
-        let resolved = resolve(path, base);
-        self.0
+        let resolved = if self.relative_unknown && !Path::new(path).is_absolute() {
+            None
+        } else {
+            resolve(path, base)
+        };
+        self.known
             .borrow_mut()
             .insert(path.to_string(), resolved.clone());
         resolved
@@ -454,7 +469,7 @@ impl Resolutions {
         for p in ArgSelector::One("@paths".into()).strings(args) {
             self.resolve(p, base);
         }
-        self.0.into_inner()
+        self.known.into_inner()
     }
 }
 
@@ -469,6 +484,22 @@ pub struct PolicyInput<'a> {
     pub actor: &'a Actor,
     /// The validated arguments.
     pub arguments: &'a Value,
+    /// Where the tool takes a relative path in its arguments from.
+    pub relative_paths: RelativePaths,
+}
+
+/// Where a tool takes a relative path in its arguments from: what the policy must judge it
+/// against, or whether it can.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RelativePaths {
+    /// The policy's base ([`Policy::base`], the first workspace root): the tools the gateway
+    /// hands it (`CallContext::workdir`) and the commands it starts there.
+    #[default]
+    Base,
+    /// A folder the gateway does not know: an MCP server resolves a relative path against its
+    /// own working folder, wherever it was started (or a remote machine's). Such a path is
+    /// judged to resolve to nothing, as outside every root: a read asks, a write is denied.
+    Unknown,
 }
 
 #[derive(Clone, Debug)]
@@ -705,7 +736,7 @@ impl Policy {
     /// the call is denied by the implicit rule `default.deny`.
     pub fn decide(&self, input: &PolicyInput<'_>) -> Decision {
         let base = &*self.base;
-        let resolutions = Resolutions::default();
+        let resolutions = Resolutions::new(input.relative_paths);
         for r in &self.rules {
             if self.rule_matches(r, input, base, &resolutions) {
                 return Decision {
@@ -731,7 +762,7 @@ impl Policy {
     /// Every rule with whether it matches, in order (for `policy check`).
     pub fn explain(&self, input: &PolicyInput<'_>) -> Vec<RuleTrace> {
         let base = &*self.base;
-        let resolutions = Resolutions::default();
+        let resolutions = Resolutions::new(input.relative_paths);
         self.rules
             .iter()
             .map(|r| RuleTrace {

@@ -402,6 +402,24 @@ async fn filesystem_server_reads_inside_its_roots_only() {
         .await
         .unwrap_err();
     assert_eq!(err.class, ErrorClass::PolicyDenied, "{err}");
+    // A relative path is the server's to resolve, against a folder of its own the policy does
+    // not know (it was judged against the workspace, and the server read or wrote elsewhere):
+    // judged as resolving to nothing, outside. A read asks; a write is denied.
+    let err = gw
+        .call("files.read_text_file", json!({"path": "hello.txt"}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::ApprovalDenied, "{err}");
+    let err = gw
+        .call(
+            "files.write_file",
+            json!({"path": "x.txt", "content": "x"}),
+            ctx(),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::PolicyDenied, "{err}");
+    assert!(!std::path::Path::new("x.txt").exists());
     manager.shutdown().await;
 }
 

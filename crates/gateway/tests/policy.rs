@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 
 use agent_runtime_core::{Actor, Effect, RiskClass};
-use agent_runtime_gateway::policy::{Policy, PolicyInput};
+use agent_runtime_gateway::policy::{Policy, PolicyInput, RelativePaths};
 use serde_json::{Value, json};
 
 const POLICY: &str = r#"
@@ -80,6 +80,7 @@ fn decide(f: &Fixture, tool: &str, risk: RiskClass, actor: &str, args: &Value) -
         risk,
         actor: &actor,
         arguments: args,
+        relative_paths: Default::default(),
     });
     (d.effect, d.rule)
 }
@@ -885,6 +886,7 @@ fn path_conditions_lean_to_refusing() {
         risk: RiskClass::Read,
         actor: &actor,
         arguments: &json!({"path": "pub.txt", "Output": "sub/../o.txt"}),
+        relative_paths: Default::default(),
     });
     assert_eq!(d.rule, "reads-inside");
     let ws = f.root.join("ws");
@@ -900,6 +902,7 @@ fn path_conditions_lean_to_refusing() {
         risk: RiskClass::Read,
         actor: &actor,
         arguments: &json!({"path": "loop/x"}),
+        relative_paths: Default::default(),
     });
     assert_eq!(d.rule, "all");
     assert_eq!(d.paths["loop/x"], None);
@@ -915,6 +918,7 @@ fn without_defaults_nothing_is_allowed() {
         risk: RiskClass::Read,
         actor: &actor,
         arguments: &json!({}),
+        relative_paths: Default::default(),
     });
     assert_eq!((d.effect, d.rule.as_str()), (Effect::Deny, "default.deny"));
 }
@@ -1073,6 +1077,7 @@ fn explain_lists_every_rule() {
         risk: RiskClass::Exec,
         actor: &actor,
         arguments: &args,
+        relative_paths: Default::default(),
     });
     assert_eq!(trace[0].rule, "no-shell-meta");
     assert!(trace[0].matched);
@@ -1091,6 +1096,7 @@ fn the_example_policy_and_mcp_file_load() {
         risk: RiskClass::Exec,
         actor: &actor,
         arguments: &args,
+        relative_paths: Default::default(),
     });
     assert_eq!(
         (d.effect, d.rule.as_str()),
@@ -1103,6 +1109,7 @@ fn the_example_policy_and_mcp_file_load() {
         risk: RiskClass::Read,
         actor: &actor,
         arguments: &args,
+        relative_paths: Default::default(),
     });
     assert_eq!(d.rule, "no-secrets-folder");
     let m = agent_runtime_gateway::mcp::McpConfig::load(&root.join("mcp.json")).unwrap();
@@ -1142,4 +1149,44 @@ fn a_tool_schema_for_anything_but_an_object_is_refused() {
             (r, _) => panic!("{schema}: {:?}", r.map(|_| ()).map_err(|e| e.to_string())),
         }
     }
+}
+
+/// A relative path of a tool that resolves it against a folder the gateway does not know (an
+/// MCP server's) resolves to nothing: judged outside, where it would have been judged inside
+/// the workspace for a tool of the gateway's own. An absolute path is judged as ever.
+#[test]
+fn a_relative_path_of_a_tool_with_an_unknown_folder_is_judged_outside() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = std::fs::canonicalize(dir.path()).unwrap();
+    let policy = Policy::defaults(vec![ws.clone()]).unwrap();
+    let actor = Actor::Agent("a".into());
+    let decide = |path: &str, relative_paths| {
+        let args = json!({ "path": path });
+        let d = policy.decide(&PolicyInput {
+            tool: "files.write_file",
+            risk: RiskClass::Write,
+            actor: &actor,
+            arguments: &args,
+            relative_paths,
+        });
+        (d.effect, d.rule, d.paths.get(path).cloned().flatten())
+    };
+    assert_eq!(
+        decide("notes.txt", RelativePaths::Base),
+        (
+            Effect::Allow,
+            "default.write-inside".to_string(),
+            Some(ws.join("notes.txt"))
+        )
+    );
+    assert_eq!(
+        decide("notes.txt", RelativePaths::Unknown),
+        (Effect::Deny, "default.write-outside".to_string(), None)
+    );
+    let inside = ws.join("notes.txt").display().to_string();
+    assert_eq!(
+        decide(&inside, RelativePaths::Unknown).0,
+        Effect::Allow,
+        "an absolute path is judged as it is"
+    );
 }
