@@ -687,13 +687,25 @@ impl McpServer {
                     tokio::time::timeout(Duration::from_secs(1), peer.notify_cancelled(note)).await;
             }
         };
+        // A caller that drops this call instead of cancelling its token (the gateway's own
+        // time limit, a run's driver ending a task's attempt) would leave the server working
+        // on it: dropped unanswered, the request is cancelled at the server too.
+        let mut unanswered = CancelOnDrop {
+            peer: Some(peer.clone()),
+            id: id.clone(),
+        };
         let result = tokio::select! {
-            r = handle.await_response() => r,
+            r = handle.await_response() => {
+                unanswered.peer = None;
+                r
+            }
             _ = ctx.cancel.cancelled() => {
+                unanswered.peer = None;
                 cancel_remote("cancelled by the caller").await;
                 return Err(ClassifiedError::new(ErrorClass::Cancelled, format!("call to {}.{remote} cancelled", self.name)));
             }
             _ = tokio::time::sleep(limit) => {
+                unanswered.peer = None;
                 cancel_remote("timed out").await;
                 self.suspect.store(true, Ordering::Relaxed);
                 return Err(ClassifiedError::new(
@@ -701,7 +713,10 @@ impl McpServer {
                     format!("MCP server {} did not answer {remote} within {} ms", self.name, limit.as_millis()),
                 ));
             }
-            _ = closed => return Err(fail(format!("stopped during the call to {remote}; it will be restarted"))),
+            _ = closed => {
+                unanswered.peer = None;
+                return Err(fail(format!("stopped during the call to {remote}; it will be restarted")));
+            }
         };
         drop(guard);
         let result = result.map_err(|e| match e {
@@ -821,6 +836,32 @@ impl Tool for McpTool {
 
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         self.server.call(&self.remote, args, ctx).await
+    }
+}
+
+/// Sends `notifications/cancelled` for a request when dropped armed (`peer` set): its call was
+/// dropped before an answer came.
+struct CancelOnDrop {
+    peer: Option<rmcp::service::Peer<RoleClient>>,
+    id: rmcp::model::RequestId,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        let Some(peer) = self.peer.take() else {
+            return;
+        };
+        // Not awaited here (a drop cannot): a task of its own, bounded like the others.
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            let note = CancelledNotificationParam::new(
+                Some(self.id.clone()),
+                Some("the caller gave up on the call".into()),
+            );
+            rt.spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(1), peer.notify_cancelled(note)).await;
+            });
+        }
     }
 }
 

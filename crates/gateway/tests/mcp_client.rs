@@ -1115,3 +1115,54 @@ fn a_server_dies_with_the_thread_that_started_it() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A call its caller drops unanswered (the gateway's own time limit, a run's driver ending a
+/// task's attempt; not a cancelled token) is cancelled at the server too: it was left working,
+/// and a retry ran beside it.
+#[tokio::test]
+async fn a_dropped_call_is_cancelled_at_the_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("cancelled.json");
+    // A server of a few lines: it never answers `slow`, and notes the cancellation it gets.
+    let server = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    method = m.get("method")
+    if method == "initialize":
+        out = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
+               "serverInfo": {"name": "py", "version": "1"}}
+    elif method == "tools/list":
+        out = {"tools": [{"name": "slow", "inputSchema": {"type": "object"},
+                          "annotations": {"readOnlyHint": True}}]}
+    elif method == "notifications/cancelled":
+        open(sys.argv[1], "w").write(json.dumps(m["params"]))
+        continue
+    else:
+        continue
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": out}) + "\n")
+    sys.stdout.flush()
+"#;
+    let config = McpServerConfig {
+        command: Some("/usr/bin/python3".into()),
+        args: vec!["-c".into(), server.into(), marker.display().to_string()],
+        ..McpServerConfig::default()
+    };
+    let (gw, manager, _log) = start(vec![("py", config)]).await;
+    let call = gw.call("py.slow", json!({}), ctx());
+    if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), call).await {
+        panic!("the server never answers, yet: {r:?}");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no notifications/cancelled reached the server"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let note: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&marker).unwrap()).unwrap();
+    assert!(note.get("requestId").is_some(), "{note}");
+    manager.shutdown().await;
+}
