@@ -1071,8 +1071,15 @@ async fn connect_and_register(
     }
 }
 
+/// How long a server must stay up for its restarts' wait to start over from
+/// [`BACKOFF_START`]: one that dies right after each start (it answers `initialize`, then
+/// exits) would otherwise be restarted every few hundred milliseconds for ever.
+const STABLE_AFTER: Duration = Duration::from_secs(10);
+
 async fn supervise(server: Arc<McpServer>, registry: Arc<Registry>) {
     let mut backoff = BACKOFF_START;
+    // Started (or tried) just before.
+    let mut up_since = Some(std::time::Instant::now());
     loop {
         tokio::select! {
             _ = server.tools_changed.notified() => {
@@ -1094,16 +1101,19 @@ async fn supervise(server: Arc<McpServer>, registry: Arc<Registry>) {
             }
         }
         if server.is_up().await {
-            backoff = BACKOFF_START;
+            if up_since.is_some_and(|t| t.elapsed() >= STABLE_AFTER) {
+                backoff = BACKOFF_START;
+            }
             continue;
         }
         *server.client.write().await = None;
         tokio::time::sleep(backoff).await;
-        if connect_and_register(&server, &registry).await.is_err() {
-            backoff = (backoff * 2).min(BACKOFF_MAX);
-        } else {
-            backoff = BACKOFF_START;
-        }
+        // Each restart of a server that did not stay up waits twice as long as the last.
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+        up_since = connect_and_register(&server, &registry)
+            .await
+            .ok()
+            .map(|_| std::time::Instant::now());
     }
 }
 

@@ -1166,3 +1166,41 @@ for line in sys.stdin:
     assert!(note.get("requestId").is_some(), "{note}");
     manager.shutdown().await;
 }
+
+/// A server that answers `initialize`, then exits, is restarted with a growing wait (200 ms,
+/// 400, 800, 1,600 ...), not every few hundred milliseconds for ever: its successful start
+/// does not count as having stayed up.
+#[tokio::test]
+async fn a_server_that_dies_after_each_start_is_restarted_ever_more_slowly() {
+    let dir = tempfile::tempdir().unwrap();
+    let starts = dir.path().join("starts");
+    let server = r#"
+import json, sys, threading, os
+open(sys.argv[1], "a").write("start\n")
+for line in sys.stdin:
+    m = json.loads(line)
+    method = m.get("method")
+    if method == "initialize":
+        out = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
+               "serverInfo": {"name": "py", "version": "1"}}
+    elif method == "tools/list":
+        out = {"tools": []}
+        threading.Timer(0.1, lambda: os._exit(0)).start()
+    else:
+        continue
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": out}) + "\n")
+    sys.stdout.flush()
+"#;
+    let config = McpServerConfig {
+        command: Some("/usr/bin/python3".into()),
+        args: vec!["-c".into(), server.into(), starts.display().to_string()],
+        ..McpServerConfig::default()
+    };
+    let (_gw, manager, _log) = start(vec![("dies", config)]).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let count = std::fs::read_to_string(&starts).unwrap().lines().count();
+    manager.shutdown().await;
+    // Restarting at once after each start's 0.1 s of life is a dozen starts in 5 s; with the
+    // wait doubling, the first start and four restarts (at about 0.3, 0.8, 1.7 and 3.4 s).
+    assert!((2..=6).contains(&count), "{count} starts in 5 s");
+}
