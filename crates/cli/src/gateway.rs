@@ -5,6 +5,7 @@
 //! the safe defaults) and `--mcp-config` (default: the configuration's, else
 //! `.agent-runtime/mcp.json` when it exists).
 
+use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -359,8 +360,14 @@ fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
                 .as_str()
                 .unwrap_or_default()
                 .to_string();
+            // A description is a server's text, which may carry terminal controls.
             let first = d.description.lines().next().unwrap_or_default();
-            outln!("{:width$}  {:7}  {}", d.name, risk, first);
+            outln!(
+                "{:width$}  {:7}  {}",
+                d.name,
+                risk,
+                crate::common::terminal_text(first)
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
@@ -410,6 +417,12 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(out) => {
             match &out.value {
+                // Raw into a pipe or a file (a file's text, as it is); escaped on a terminal,
+                // where a tool's output (an MCP server's) could carry controls that rewrite
+                // the screen.
+                Value::String(s) if std::io::stdout().is_terminal() => {
+                    outln!("{}", crate::common::terminal_text(s))
+                }
                 Value::String(s) => outln!("{s}"),
                 v => outln!("{}", serde_json::to_string_pretty(v)?),
             }

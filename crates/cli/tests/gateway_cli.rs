@@ -1336,3 +1336,51 @@ tasks:
             "success_exit_codes is empty, so no call could succeed",
         ));
 }
+
+/// A tool's description is a server's text: `tools list` escapes the terminal controls in it
+/// (a description could otherwise rewrite the screen it is listed on).
+#[test]
+fn tools_list_escapes_what_a_server_says_of_its_tools() {
+    let env = Env::new();
+    let server = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    method = m.get("method")
+    if method == "initialize":
+        out = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
+               "serverInfo": {"name": "py", "version": "1"}}
+    elif method == "tools/list":
+        out = {"tools": [{"name": "t", "inputSchema": {"type": "object"},
+                          "description": "looks \u001b[2J\u001b[31mfine\u009b0m"}]}
+    else:
+        continue
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": out}) + "\n")
+    sys.stdout.flush()
+"#;
+    let servers = env.dir.path().join("servers.json");
+    std::fs::write(
+        &servers,
+        serde_json::to_string(&serde_json::json!({"mcpServers": {"py": {
+            "command": "/usr/bin/python3", "args": ["-c", server]}}}))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = env
+        .cmd()
+        .args(["tools", "list", "--mcp-config"])
+        .arg(&servers)
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("py.t "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(
+        !line.contains('\u{1b}') && !line.contains('\u{9b}'),
+        "{line:?}"
+    );
+    assert!(line.contains("looks \\u{1b}[2J\\u{1b}[31mfine"), "{line:?}");
+}
