@@ -144,4 +144,11 @@ pub trait Tool: Send + Sync {
         let _ = args;
         Ok(())
     }
+
+    /// The tool's own time limit for one call, if it has one (an MCP server's `timeout_ms`):
+    /// the shorter of it and the caller's bounds the call, and is what a gateway records as the
+    /// call's limit. The default: none.
+    fn time_limit(&self) -> Option<std::time::Duration> {
+        None
+    }
 }

@@ -837,6 +837,10 @@ impl Tool for McpTool {
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         self.server.call(&self.remote, args, ctx).await
     }
+
+    fn time_limit(&self) -> Option<Duration> {
+        Some(self.server.timeout())
+    }
 }
 
 /// Sends `notifications/cancelled` for a request when dropped armed (`peer` set): its call was

@@ -1204,3 +1204,30 @@ for line in sys.stdin:
     // wait doubling, the first start and four restarts (at about 0.3, 0.8, 1.7 and 3.4 s).
     assert!((2..=6).contains(&count), "{count} starts in 5 s");
 }
+
+/// An MCP call's recorded limit is the one that holds: the server's `timeout_ms` when the
+/// caller's is longer or unset (it recorded the gateway's default, 120 s, where 60 s held).
+#[tokio::test]
+async fn an_mcp_call_records_the_limit_that_holds() {
+    let (gw, manager, log) = start(vec![("everything", everything(Some(4321)))]).await;
+    for caller in [
+        None,
+        Some(Duration::from_secs(600)),
+        Some(Duration::from_millis(1234)),
+    ] {
+        let mut c = ctx();
+        c.timeout = caller;
+        gw.call("everything.echo", json!({"message": "hi"}), c)
+            .await
+            .unwrap();
+        let started = log
+            .all()
+            .into_iter()
+            .rev()
+            .find(|e| e.kind == EventKind::ToolStarted)
+            .unwrap();
+        let want = caller.map_or(4321, |t| t.as_millis().min(4321) as u64);
+        assert_eq!(started.payload["timeout_ms"], want, "caller {caller:?}");
+    }
+    manager.shutdown().await;
+}
