@@ -979,16 +979,28 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 impl McpManager {
     /// Connects every enabled server of `config` and registers its tools in `registry`.
-    /// Servers that fail to start are reported (with the error) and retried in the background.
+    /// Servers that fail to start are reported (with the error) and retried in the background;
+    /// one whose entry cannot be used (a `${NAME}` that is not set) is reported and left out,
+    /// its tools' calls saying why. The error is for what concerns every server.
     pub async fn start(
         config: &McpConfig,
         registry: Arc<Registry>,
         redactor: &mut Redactor,
     ) -> Result<(McpManager, Vec<GatewayError>), GatewayError> {
         let mut servers = Vec::new();
+        let mut unusable = Vec::new();
         for (name, cfg) in &config.servers {
-            if !cfg.disabled {
-                servers.push(McpServer::new(name, cfg.clone(), redactor)?);
+            if cfg.disabled {
+                continue;
+            }
+            match McpServer::new(name, cfg.clone(), redactor) {
+                Ok(server) => servers.push(server),
+                // A server that cannot be set up (a `${NAME}` that is not set) is unavailable,
+                // and says why to whoever calls its tools; it holds up no other tool.
+                Err(e) => {
+                    registry.set_unreachable(name, Some(e.to_string()));
+                    unusable.push(e);
+                }
             }
         }
         // Connect all at once: a slow or broken server costs its own timeout, not the sum.
@@ -1011,7 +1023,7 @@ impl McpManager {
             }
         }
         results.sort_by_key(|(i, _)| *i);
-        let mut errors = Vec::new();
+        let mut errors = unusable;
         for (_, r) in results {
             match r {
                 Ok(errs) => errors.extend(errs),

@@ -1231,3 +1231,50 @@ async fn an_mcp_call_records_the_limit_that_holds() {
     }
     manager.shutdown().await;
 }
+
+/// One server whose entry cannot be used (a `${NAME}` that is not set) holds up nothing else:
+/// it is reported, the other servers start, and a call of its tools says why it is missing.
+#[tokio::test]
+async fn a_server_with_an_unset_variable_is_left_out_alone() {
+    let config = McpConfig {
+        servers: [
+            ("everything".to_string(), everything(None)),
+            (
+                "unset".to_string(),
+                McpServerConfig {
+                    command: Some("/bin/true".into()),
+                    env: [(
+                        "TOKEN".to_string(),
+                        "${AGENT_RUNTIME_TEST_SURELY_NOT_SET}".to_string(),
+                    )]
+                    .into_iter()
+                    .collect(),
+                    ..McpServerConfig::default()
+                },
+            ),
+        ]
+        .into_iter()
+        .collect(),
+    };
+    let registry = Arc::new(Registry::new());
+    let (manager, errors) = McpManager::start(&config, registry.clone(), &mut Redactor::new())
+        .await
+        .unwrap();
+    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    assert_eq!(text.len(), 1, "{text:?}");
+    assert!(
+        text[0].contains("\"unset\"")
+            && text[0].contains("AGENT_RUNTIME_TEST_SURELY_NOT_SET is not set"),
+        "{text:?}"
+    );
+    assert!(registry.get("everything.echo").is_some());
+    let gw = GatewayBuilder::new(registry, Arc::new(MemoryLog::default()))
+        .build()
+        .unwrap();
+    let err = gw
+        .call("unset.anything", json!({}), ctx())
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("is not set"), "{err}");
+    manager.shutdown().await;
+}
