@@ -498,7 +498,21 @@ async fn options(
         seed,
         sink,
         clock: Arc::new(SystemClock),
-        tools: Arc::new(ToolRegistry::from_tools(gw.tool_handles())),
+        tools: Arc::new(
+            ToolRegistry::from_tools(gw.tool_handles()).with_unavailable({
+                // A tool of an MCP server that cannot be reached is missing, not unknown.
+                let registry = gw.registry().clone();
+                move |tool| {
+                    registry.unreachable_source(tool).map(|(server, why)| {
+                        let why = why
+                            .strip_prefix(&format!("MCP server {server:?}: "))
+                            .unwrap_or(&why)
+                            .to_string();
+                        format!("MCP server {server:?} cannot be reached: {why}")
+                    })
+                }
+            }),
+        ),
         models: Arc::new(NoModels),
         observer: Some(progress),
         // `{{ secrets.NAME }}` reads AGENT_RUNTIME_SECRET_NAME, which `main` moved out of the
@@ -743,7 +757,9 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
             // Checked here, where the graph's text is at hand, so that an unknown tool is
             // named by line and column; the driver checks again, without them.
             let tools = graph
-                .check_tools_in(&text, &args.flow, &opts.tools.names())
+                .check_tools_in_explained(&text, &args.flow, &opts.tools.names(), &|t| {
+                    opts.tools.unavailable(t)
+                })
                 .and_then(|()| {
                     graph.check_args_in(&text, &args.flow, |tool, a| {
                         opts.tools.check_args(tool, a).map_err(|e| e.message)

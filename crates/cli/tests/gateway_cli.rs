@@ -1384,3 +1384,36 @@ for line in sys.stdin:
     );
     assert!(line.contains("looks \\u{1b}[2J\\u{1b}[31mfine"), "{line:?}");
 }
+
+/// A graph that calls a tool of an MCP server that cannot be reached is refused saying so,
+/// where the tool is named (it said "unknown tool", listing every other tool).
+#[test]
+fn a_run_needing_an_unreachable_server_says_it_cannot_be_reached() {
+    let env = Env::new();
+    let servers = env.dir.path().join("servers.json");
+    std::fs::write(
+        &servers,
+        r#"{"mcpServers": {"down": {"command": "/bin/sh",
+            "args": ["-c", "echo 'Error: no licence' >&2; exit 1"], "startup_timeout_ms": 5000}}}"#,
+    )
+    .unwrap();
+    let flow = env.dir.path().join("flow.yaml");
+    std::fs::write(&flow, "tasks:\n  - id: a\n    tool: down.echo\n").unwrap();
+    let out = env
+        .cmd()
+        .args(["run", "flow.yaml", "--config"])
+        .arg(env.config())
+        .arg("--mcp-config")
+        .arg(&servers)
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(
+        last.contains("flow.yaml:3:5: tasks[0].tool: tool `down.echo` is not available now: MCP server \"down\" cannot be reached: initialize failed")
+            && last.contains("Error: no licence"),
+        "{stderr}"
+    );
+}

@@ -56,6 +56,12 @@ pub trait ToolInvoker: Send + Sync {
         let _ = (name, args);
         Ok(())
     }
+    /// Why a tool not among [`ToolInvoker::names`] is missing, when that is known (a tool of an
+    /// MCP server that cannot be reached now); `None`, the default: it is unknown.
+    fn unavailable(&self, name: &str) -> Option<String> {
+        let _ = name;
+        None
+    }
 }
 
 /// Finds the model provider for the provider part of a route (`openai` in `openai/gpt-4o`).
@@ -379,17 +385,19 @@ pub fn check_available(
             return Err(DriverError::Unavailable(format!(
                 "task `{}`: {}",
                 t.id,
-                crate::graph::unknown_tool(tool, &names)
+                crate::graph::missing_tool(tool, &names, &|n| tools.unavailable(n))
             )));
         }
     }
     for (name, a) in &graph.agents {
         for tool in &a.tools {
             if tool != SPAWN_TOOL && !known(tool) {
-                return Err(DriverError::Unavailable(format!(
-                    "agent `{name}`: unknown tool `{tool}`{}",
-                    hint(tool)
-                )));
+                return Err(DriverError::Unavailable(match tools.unavailable(tool) {
+                    Some(why) => {
+                        format!("agent `{name}`: tool `{tool}` is not available now: {why}")
+                    }
+                    None => format!("agent `{name}`: unknown tool `{tool}`{}", hint(tool)),
+                }));
             }
         }
         let used = graph.tasks.iter().any(|t| t.agent.as_deref() == Some(name));

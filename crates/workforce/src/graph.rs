@@ -1137,6 +1137,19 @@ pub fn unknown_tool(tool: &str, available: &[String]) -> String {
     )
 }
 
+/// Why `tool` is not among `available`: what `why_missing` says of it (a server that cannot be
+/// reached), else that it is unknown.
+pub fn missing_tool(
+    tool: &str,
+    available: &[String],
+    why_missing: &dyn Fn(&str) -> Option<String>,
+) -> String {
+    match why_missing(tool) {
+        Some(why) => format!("tool `{tool}` is not available now: {why}"),
+        None => unknown_tool(tool, available),
+    }
+}
+
 /// The error for field `tasks[i].FIELD` of task `id`, located in `text` (read from `file`) at
 /// the task's `located_at` key: usually the field itself, or another key when the field is
 /// absent (a missing `args` is shown at the step's `tool`).
@@ -1195,6 +1208,21 @@ impl TaskGraph {
         file: &Path,
         available: &[String],
     ) -> Result<(), GraphError> {
+        self.check_tools_in_explained(text, file, available, &|_| None)
+    }
+
+    /// [`TaskGraph::check_tools_in`], where `why_missing` may say why a tool is not among
+    /// `available` (see `driver::ToolInvoker::unavailable`: an MCP server that cannot be
+    /// reached): the error then says so, instead of calling the tool unknown.
+    pub fn check_tools_in_explained(
+        &self,
+        text: &str,
+        file: &Path,
+        available: &[String],
+        why_missing: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<(), GraphError> {
+        let unknown_tool =
+            |tool: &str, available: &[String]| missing_tool(tool, available, why_missing);
         let known = |tool: &str| available.iter().any(|a| a == tool);
         for (i, t) in self.tasks.iter().enumerate() {
             if let TaskKind::Tool { tool, .. } = t.kind()

@@ -30,12 +30,29 @@ use crate::driver::ToolInvoker;
 #[derive(Clone, Default)]
 pub struct ToolRegistry {
     tools: BTreeMap<String, Arc<dyn Tool>>,
+    /// Why a tool not here is missing, when the tools' source knows (see
+    /// [`ToolRegistry::with_unavailable`]).
+    unavailable: Option<WhyMissing>,
 }
+
+/// Says why a tool is missing, when known.
+type WhyMissing = Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 impl ToolRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// This registry, with `why` saying why a tool not in it is missing (the gateway's
+    /// registry knows the tools of an MCP server that cannot be reached now): a run that needs
+    /// one is refused with that reason, rather than told the tool is unknown.
+    pub fn with_unavailable(
+        mut self,
+        why: impl Fn(&str) -> Option<String> + Send + Sync + 'static,
+    ) -> Self {
+        self.unavailable = Some(Arc::new(why));
+        self
     }
 
     /// A registry with every native tool of this module.
@@ -88,6 +105,10 @@ impl ToolInvoker for ToolRegistry {
 
     fn check_args(&self, name: &str, args: &Value) -> Result<(), ToolError> {
         self.get(name)?.check_args(args)
+    }
+
+    fn unavailable(&self, name: &str) -> Option<String> {
+        self.unavailable.as_ref().and_then(|why| why(name))
     }
 }
 
