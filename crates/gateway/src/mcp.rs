@@ -127,10 +127,28 @@ impl McpConfig {
             what: path.display().to_string(),
             message,
         })?;
-        for (name, server) in &config.servers {
-            check_server(name, server).map_err(|e| e.in_file(path))?;
+        // A desktop host's file names servers as people do (`GitHub`, `Brave Search`): read
+        // as registry names, the way tool names are, rather than refusing the whole file.
+        let mut servers = BTreeMap::new();
+        let mut written_as: BTreeMap<String, String> = BTreeMap::new();
+        for (written, server) in config.servers {
+            let name = registry_name(&written);
+            if let Some(first) = written_as.get(&name) {
+                return Err(GatewayError::Mcp {
+                    server: written.clone(),
+                    message: format!(
+                        "the servers {first:?} and {written:?} are both named {name:?} here \
+                         (server names are lower-cased, other characters than a-z, 0-9, '_', \
+                         '.' and '-' made '_'): rename one"
+                    ),
+                }
+                .in_file(path));
+            }
+            check_server(&name, &server).map_err(|e| e.in_file(path))?;
+            written_as.insert(name.clone(), written);
+            servers.insert(name, server);
         }
-        Ok(config)
+        Ok(McpConfig { servers })
     }
 
     /// Writes the file (JSON, or YAML when the name ends in `.yaml`/`.yml`) in the
@@ -270,8 +288,17 @@ fn install_crypto_provider() {
 /// A registry name for a server's tool: `server.tool`, the tool's name lower-cased with other
 /// characters than `a-z0-9_.-` replaced by `_`.
 pub fn namespaced(server: &str, tool: &str) -> String {
-    let t: String = tool
-        .chars()
+    format!("{server}.{}", registry_name(tool))
+}
+
+/// `name` lower-cased, other characters than `a-z0-9_.-` replaced by `_`: what a server's or
+/// a tool's name is in the registry.
+///
+/// ```
+/// assert_eq!(agent_runtime_gateway::mcp::registry_name("Brave Search"), "brave_search");
+/// ```
+pub fn registry_name(name: &str) -> String {
+    name.chars()
         .map(|c| {
             let c = c.to_ascii_lowercase();
             if c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-') {
@@ -280,8 +307,7 @@ pub fn namespaced(server: &str, tool: &str) -> String {
                 '_'
             }
         })
-        .collect();
-    format!("{server}.{t}")
+        .collect()
 }
 
 type ProgressMap = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<Progress>>>>;

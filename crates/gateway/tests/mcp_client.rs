@@ -548,11 +548,37 @@ fn a_disabled_entry_is_checked_for_its_name_only() {
     let c = McpConfig::parse(text, Path::new("mcp.json")).unwrap();
     assert_eq!(c.servers.len(), 2);
     let err = McpConfig::parse(
-        r#"{"mcpServers": {"Bad Name": {"disabled": true}}}"#,
+        r#"{"mcpServers": {"": {"disabled": true}}}"#,
         Path::new("mcp.json"),
     )
     .unwrap_err();
     assert!(err.to_string().contains("server names are"), "{err}");
+}
+
+/// A desktop host's names (`GitHub`, `Brave Search`) are read as registry names, as tool names
+/// are, rather than refusing the whole file; two that become one name are refused, naming both.
+#[test]
+fn server_names_as_people_write_them_are_read_as_registry_names() {
+    let c = McpConfig::parse(
+        r#"{"mcpServers": {"GitHub": {"command": "gh-mcp"}, "Brave Search": {"command": "brave"}}}"#,
+        Path::new("claude_desktop_config.json"),
+    )
+    .unwrap();
+    assert_eq!(
+        c.servers.keys().collect::<Vec<_>>(),
+        ["brave_search", "github"]
+    );
+    let err = McpConfig::parse(
+        r#"{"mcpServers": {"GitHub": {"command": "a"}, "github": {"command": "b"}}}"#,
+        Path::new("mcp.json"),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.starts_with("mcp.json: ")
+            && err.contains("\"GitHub\" and \"github\" are both named \"github\""),
+        "{err}"
+    );
 }
 
 fn dir_names(dir: &Path) -> Vec<String> {
