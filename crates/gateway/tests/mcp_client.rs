@@ -435,12 +435,13 @@ fn desktop_mcp_servers_format_is_accepted() {
         c.servers["everything"].args[1],
         "@modelcontextprotocol/server-everything"
     );
-    let err = McpConfig::parse(
+    // A name as a person writes it is read as a registry name.
+    let named = McpConfig::parse(
         r#"{"mcpServers": {"Bad Name": {"command": "x"}}}"#,
         Path::new("m.json"),
     )
-    .unwrap_err();
-    assert!(err.to_string().contains("Bad Name"), "{err}");
+    .unwrap();
+    assert!(named.servers.contains_key("bad_name"), "{named:?}");
     let err = McpConfig::parse(r#"{"mcpServers": {"x": {}}}"#, Path::new("m.json")).unwrap_err();
     assert!(err.to_string().contains("exactly one of"), "{err}");
     let y = McpConfig::parse("servers:\n  e:\n    command: node\n", Path::new("m.yaml")).unwrap();
