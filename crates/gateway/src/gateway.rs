@@ -837,6 +837,7 @@ impl Gateway {
         // put in its way since (by a command of the same run) cannot take the open elsewhere.
         child.judged_paths = (!judged_paths.is_empty()).then(|| std::sync::Arc::new(judged_paths));
         let token = child.cancel.clone();
+        let enforces_own_limit = entry.command().is_some() || entry.tool().time_limit().is_some();
         let fut = async {
             match entry.command() {
                 Some(cmd) => cmd.run(args, child, sandbox).await,
@@ -850,9 +851,10 @@ impl Gateway {
                 Err(ClassifiedError::new(ErrorClass::Cancelled, format!("{name} cancelled by its caller")))
             }
             r = fut => r,
-            // Command tools enforce the same limit themselves and report which limit was hit;
-            // this is the backstop.
-            _ = tokio::time::sleep(if entry.command().is_some() { timeout + Duration::from_millis(500) } else { timeout }) => {
+            // Command tools and tools with a limit of their own (an MCP server's) enforce the
+            // same limit themselves, report which limit was hit, and act on it (an MCP client
+            // checks the session of a server that did not answer): this is the backstop.
+            _ = tokio::time::sleep(if enforces_own_limit { timeout + Duration::from_millis(500) } else { timeout }) => {
                 token.cancel();
                 Err(ClassifiedError::new(
                     ErrorClass::Timeout,
