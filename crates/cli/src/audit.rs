@@ -252,35 +252,11 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     // the export (and make a bundle fail verification).
     let mut summary_to_stdout = output.is_some();
     let summary = match output {
-        Some(path) => match ExportTarget::of(path)? {
-            ExportTarget::Stream => {
-                summary_to_stdout = false;
-                // A device or a pipe (`/dev/stdout`, a FIFO): written as it is. Renaming a file
-                // onto it would replace the device node itself.
-                let file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(path)
-                    .with_context(|| format!("cannot open {}", path.display()))?;
-                store.export(&query, format, file)?
-            }
-            ExportTarget::File => {
-                let target = agent_runtime_core::fs::link_target(path)
-                    .with_context(|| format!("cannot resolve {}", path.display()))?;
-                refuse_the_database(path, &target, store.path())?;
-                // Written beside the target and renamed onto it: a failed export leaves no
-                // half file, and the replaced file's permissions are kept.
-                agent_runtime_core::fs::replace(path, |f| {
-                    store.export(&query, format, f).map_err(anyhow::Error::from)
-                })
-                .map_err(|e| {
-                    if e.is::<std::io::Error>() {
-                        e.context(format!("cannot write {}", path.display()))
-                    } else {
-                        e
-                    }
-                })?
-            }
-        },
+        Some(path) => {
+            let (summary, to_stream) = export_to(&store, &query, format, path)?;
+            summary_to_stdout = !to_stream;
+            summary
+        }
         None => store.export(&query, format, std::io::stdout().lock())?,
     };
     let line = if args.json {
@@ -300,6 +276,60 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         eprintln!("{line}")
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Exports `query` as `format` to `path` as `audit export -o` does: a device or a pipe
+/// (`/dev/stdout`, a FIFO) written in place, a regular file (new or existing, through a link)
+/// written beside it and renamed onto it, never the database being exported or a companion of
+/// it. Says whether it went to a stream (where a summary line must not follow it).
+pub(crate) fn export_to(
+    store: &agent_runtime_store::Store,
+    query: &EventQuery,
+    format: ExportFormat,
+    path: &std::path::Path,
+) -> anyhow::Result<(agent_runtime_store::ExportSummary, bool)> {
+    Ok(match ExportTarget::of(path)? {
+        ExportTarget::Stream => {
+            // Renaming a file onto a device would replace the device node itself.
+            let file = std::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            (store.export(query, format, file)?, true)
+        }
+        ExportTarget::File => {
+            let target = agent_runtime_core::fs::link_target(path)
+                .with_context(|| format!("cannot resolve {}", path.display()))?;
+            refuse_the_database(path, &target, store.path())?;
+            // Written beside the target and renamed onto it: a failed export leaves no half
+            // file, and the replaced file's permissions are kept.
+            let summary = agent_runtime_core::fs::replace(path, |f| {
+                store.export(query, format, f).map_err(anyhow::Error::from)
+            })
+            .map_err(|e| {
+                if e.is::<std::io::Error>() {
+                    e.context(format!("cannot write {}", path.display()))
+                } else {
+                    e
+                }
+            })?;
+            (summary, false)
+        }
+    })
+}
+
+/// What [`export_to`] would refuse of `path`, checked before anything is done (the demo runs a
+/// graph before it exports).
+pub(crate) fn check_export_target(
+    store: &agent_runtime_store::Store,
+    path: &std::path::Path,
+) -> anyhow::Result<()> {
+    if let ExportTarget::File = ExportTarget::of(path)? {
+        let target = agent_runtime_core::fs::link_target(path)
+            .with_context(|| format!("cannot resolve {}", path.display()))?;
+        refuse_the_database(path, &target, store.path())?;
+    }
+    Ok(())
 }
 
 /// Where an export to a named output goes.

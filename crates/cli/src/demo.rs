@@ -11,7 +11,6 @@ use agent_runtime_gateway::{GatewayBuilder, Policy, Registry};
 use agent_runtime_store::ExportFormat;
 use agent_runtime_workforce::driver::{self, NoModels, RunOptions};
 use agent_runtime_workforce::tools::ToolRegistry;
-use anyhow::Context;
 use clap::Args;
 
 use crate::common::{CliError, GlobalArgs};
@@ -47,6 +46,10 @@ pub fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let graph = agent_runtime_workforce::graph::parse_graph(DEMO_GRAPH, Path::new("<demo>"))
         .map_err(|e| CliError::Failed(format!("the demo's own graph: {e}")))?;
     let store = global.open_store()?;
+    // An output the export would refuse (the database itself) is refused before the run.
+    if let Some(path) = &args.output {
+        crate::audit::check_export_target(&store, path)?;
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -86,14 +89,9 @@ pub fn run(args: DemoArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         run_id: Some(run_id),
         ..Default::default()
     };
-    // Written as `audit export -o` writes: whole or not at all, and `0600` when new (it holds
-    // the payloads in clear).
-    let summary = agent_runtime_core::fs::replace(&output, |f| {
-        store
-            .export(&query, ExportFormat::Jsonl, f)
-            .map_err(anyhow::Error::from)
-    })
-    .with_context(|| format!("cannot write {}", output.display()))?;
+    // Written as `audit export -o` writes: a file whole or not at all, `0600` when new (it
+    // holds the payloads in clear), a device or pipe in place, never the database itself.
+    let (summary, _) = crate::audit::export_to(&store, &query, ExportFormat::Jsonl, &output)?;
     let status = format!("{:?}", outcome.status).to_lowercase();
     outln!(
         "run        {run_id} ({status}: {} tasks)",

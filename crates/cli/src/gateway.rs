@@ -330,7 +330,8 @@ pub(crate) async fn build(
         .map_err(gateway_error)?;
     if !quiet {
         for e in errors {
-            eprintln!("warning: {e}");
+            // The error may quote a server's own words (its stderr): escaped.
+            eprintln!("warning: {}", crate::common::terminal_text(&e.to_string()));
         }
     }
     Ok((gateway, manager))
@@ -346,6 +347,19 @@ pub fn run(cmd: GatewayCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         GatewayCommand::Mcp(McpCommand::Serve(a)) => mcp_serve(a, global),
         GatewayCommand::Policy(PolicyCommand::Check(a)) => check(a),
     }
+}
+
+/// JSON for standard output: as it is into a pipe or a file; on a terminal, line by line with
+/// what JSON leaves raw (DEL, C1 controls such as U+009B, bidirectional controls) escaped, as
+/// a server's text may carry them.
+fn for_stdout(json: &str) -> String {
+    if !std::io::stdout().is_terminal() {
+        return json.to_string();
+    }
+    json.lines()
+        .map(crate::common::terminal_text)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn list(a: ListArgs) -> anyhow::Result<ExitCode> {
@@ -381,7 +395,7 @@ fn describe(a: DescribeArgs) -> anyhow::Result<ExitCode> {
     }))?;
     match d {
         (Some(d), _) => {
-            outln!("{}", serde_json::to_string_pretty(&d)?);
+            outln!("{}", for_stdout(&serde_json::to_string_pretty(&d)?));
             Ok(ExitCode::SUCCESS)
         }
         (None, names) => Err(CliError::Usage(format!(
@@ -424,7 +438,7 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                     outln!("{}", crate::common::terminal_text(s))
                 }
                 Value::String(s) => outln!("{s}"),
-                v => outln!("{}", serde_json::to_string_pretty(v)?),
+                v => outln!("{}", for_stdout(&serde_json::to_string_pretty(v)?)),
             }
             if out.truncated {
                 eprintln!("note: output truncated (at the tool's or the gateway's output limit)");
@@ -614,7 +628,7 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
                 }
             }
             if let Some(e) = s["error"].as_str() {
-                outln!("    error: {e}");
+                outln!("    error: {}", crate::common::terminal_text(e));
             }
         }
     }

@@ -57,6 +57,21 @@ fn demo_then_verify_tail_stats_export() {
             39
         );
     }
+    // `-o` the database itself is refused before anything runs, as `audit export` refuses it;
+    // a device is written in place.
+    cli(&db)
+        .args(["demo", "-o"])
+        .arg(&db)
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "is the event database being exported",
+        ));
+    cli(&db)
+        .args(["audit", "stats", "--json"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("\"events\":39"));
     cli(&db)
         .args(["audit", "verify"])
         .assert()
@@ -103,6 +118,12 @@ fn demo_then_verify_tail_stats_export() {
             .unwrap()
             .contains("resourceLogs")
     );
+    // A device is written in place, never replaced by a file (as root, a rename would).
+    cli(&db)
+        .args(["demo", "-o", "/dev/null"])
+        .assert()
+        .success();
+    assert!(!std::fs::metadata("/dev/null").unwrap().is_file());
 }
 
 #[test]

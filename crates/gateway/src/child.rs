@@ -33,7 +33,10 @@ pub(crate) fn prepare(cmd: &mut std::process::Command) {
 /// the sandbox running under init, finishing its side effect. Here the request is made in the
 /// child before `exec`, and a parent already gone by then (the request would never fire) ends
 /// the child at once. Linux ties the signal to the starting thread: the gateway starts
-/// commands from its async tasks, whose runtime threads live as long as the calls can.
+/// commands and hooks from the call's own task, on a runtime thread that outlives the call,
+/// and MCP servers from the manager's tasks (see `McpManager`: its runtime's threads must live
+/// as long as the servers). Only the child itself: what it starts (a launcher's server) is
+/// not covered.
 pub(crate) fn die_with_parent(cmd: &mut std::process::Command) {
     #[cfg(target_os = "linux")]
     {

@@ -176,6 +176,7 @@ impl CommandHook {
             .stderr(Stdio::null())
             .kill_on_drop(true);
         crate::child::prepare(cmd.as_std_mut());
+        crate::child::die_with_parent(cmd.as_std_mut());
         let mut child = cmd
             .spawn()
             .map_err(|e| self.fail(format!("cannot start: {e}")))?;

@@ -370,8 +370,9 @@ pub struct McpServer {
     name: String,
     config: McpServerConfig,
     env: Vec<(String, String)>,
-    /// Redacts the values `${NAME}` put in `env` from what the server prints on stderr.
-    stderr_redactor: agent_runtime_core::Redactor,
+    /// Redacts the values of the entry's `env` and `headers` from what the server prints on
+    /// stderr.
+    stderr_redactor: Redactor,
     headers: Vec<(String, String)>,
     client: tokio::sync::RwLock<Option<Arc<Client>>>,
     progress: ProgressMap,
@@ -404,25 +405,33 @@ impl McpServer {
                 message: format!("environment variable {var} is not set"),
             })
         };
+        // What the server's own words (its stderr) must not show: every value its entry gives
+        // it, whether from `${NAME}` or written in (a desktop host's file holds tokens as
+        // they are), and each variable's value alone (`Bearer ${TOKEN}`: the token).
+        let mut stderr_redactor = Redactor::new();
         let mut env = Vec::new();
-        // What `${NAME}` brought in: what the server's own words (its stderr) must not show.
-        let mut secrets = Vec::new();
         for (k, v) in &config.env {
             let value = expand(v)?;
-            if v.contains("${") {
-                secrets.push(value.clone());
+            for secret in crate::redact::referenced_env_values(v) {
+                stderr_redactor.add_secret(secret);
             }
+            stderr_redactor.add_secret(value.clone());
             env.push((k.clone(), value));
         }
         let mut headers = Vec::new();
         for (k, v) in &config.headers {
-            headers.push((k.clone(), expand(v)?));
+            let value = expand(v)?;
+            for secret in crate::redact::referenced_env_values(v) {
+                stderr_redactor.add_secret(secret);
+            }
+            stderr_redactor.add_secret(value.clone());
+            headers.push((k.clone(), value));
         }
         Ok(Arc::new(McpServer {
             name: name.to_string(),
             config,
             env,
-            stderr_redactor: agent_runtime_core::Redactor::new().with_secrets(&secrets),
+            stderr_redactor,
             headers,
             client: tokio::sync::RwLock::new(None),
             progress: Arc::default(),
@@ -485,18 +494,15 @@ impl McpServer {
                     .store(transport.id().unwrap_or(0), Ordering::Relaxed);
                 // Its last lines on stderr say why a server that fails to start failed ("Cannot
                 // find module", "no such directory"); read all along, so the pipe never fills.
-                let tail = StderrTail::follow(stderr);
+                let tail = StderrTail::follow(stderr, self.stderr_redactor.clone());
                 let init = handler.serve(transport);
                 match tokio::time::timeout(self.startup_timeout(), init).await {
                     Err(_) => {
-                        return Err(self.err(
-                            tail.after("no answer to initialize in time", &self.stderr_redactor)
-                                .await,
-                        ));
+                        return Err(self.err(tail.after("no answer to initialize in time").await));
                     }
                     Ok(Err(e)) => {
                         let why = format!("initialize failed: {}", transport_error(e));
-                        return Err(self.err(tail.after(&why, &self.stderr_redactor).await));
+                        return Err(self.err(tail.after(&why).await));
                     }
                     Ok(Ok(client)) => client,
                 }
@@ -916,7 +922,8 @@ impl StderrTail {
     const LINES: usize = 3;
     const CHARS: usize = 300;
 
-    fn follow(stderr: Option<tokio::process::ChildStderr>) -> StderrTail {
+    /// Follows `stderr`, keeping its lines redacted by `redactor` (before they are cut).
+    fn follow(stderr: Option<tokio::process::ChildStderr>, redactor: Redactor) -> StderrTail {
         let lines: Arc<Mutex<StderrLines>> = Arc::default();
         let reader = stderr.map(|stderr| {
             let lines = lines.clone();
@@ -938,7 +945,11 @@ impl StderrTail {
                             if text.is_empty() {
                                 continue;
                             }
-                            let line: String = text.chars().take(Self::CHARS).collect();
+                            let line: String = redactor
+                                .redact_str(text)
+                                .chars()
+                                .take(Self::CHARS)
+                                .collect();
                             let mut kept = lines.lock().unwrap_or_else(|p| p.into_inner());
                             if kept.first_error.is_none()
                                 && (line.contains("Error") || line.contains("error"))
@@ -959,7 +970,7 @@ impl StderrTail {
 
     /// `why`, and what the server last said on stderr, if anything: waits a moment for the
     /// server's last words (it has usually just exited) to be read.
-    async fn after(mut self, why: &str, redactor: &agent_runtime_core::Redactor) -> String {
+    async fn after(mut self, why: &str) -> String {
         if let Some(reader) = self.reader.take() {
             let _ = tokio::time::timeout(Duration::from_millis(500), reader).await;
         }
@@ -974,10 +985,7 @@ impl StderrTail {
             said.extend([first.as_str(), "..."]);
         }
         said.extend(kept.last.iter().map(String::as_str));
-        format!(
-            "{why}; its stderr ended: {}",
-            redactor.redact_str(&said.join(" | "))
-        )
+        format!("{why}; its stderr ended: {}", said.join(" | "))
     }
 }
 
@@ -985,6 +993,9 @@ impl StderrTail {
 /// restarts servers that exit, with exponential backoff.
 ///
 /// Keep it for as long as the servers' tools are used: dropping it stops the supervision.
+/// Start it on a runtime whose threads live as long as the servers should: a stdio server is
+/// killed when the thread that started it ends (it must not outlive a process killed
+/// mid-run), so not from a thread of tokio's blocking pool, nor a short-lived runtime.
 #[must_use = "dropping the manager stops supervising the MCP servers"]
 pub struct McpManager {
     servers: Vec<Arc<McpServer>>,
@@ -1019,6 +1030,9 @@ impl McpManager {
             if cfg.disabled {
                 continue;
             }
+            // An entry built in code that is not usable is the caller's mistake, as a file's
+            // is when it is read.
+            check_server(name, cfg)?;
             match McpServer::new(name, cfg.clone(), redactor) {
                 Ok(server) => servers.push(server),
                 // A server that cannot be set up (a `${NAME}` that is not set) is unavailable,

@@ -275,13 +275,17 @@ async fn broken_servers_give_clear_errors_and_never_hang() {
                     // with a secret the configuration brought in.
                     args: vec![
                         "-c".into(),
-                        "echo 'starting' >&2; echo \"Error: cannot log in as $TOKEN\" >&2; \
+                        "echo 'starting' >&2; echo \"Error: cannot log in as $TOKEN ($PATH, $KEY)\" >&2; \
                          echo '    at login (server.js:1)' >&2; echo '    at main (server.js:2)' >&2; \
                          echo '    at run (server.js:3)' >&2; echo 'Node.js v20' >&2; exit 1"
                             .into(),
                     ],
-                    // A host variable every test machine has, standing in for a token.
-                    env: [("TOKEN".to_string(), "${PATH}".to_string())]
+                    // A host variable every test machine has, standing in for a token, in a
+                    // longer value; and a token written in, as desktop hosts' files hold them.
+                    env: [
+                        ("TOKEN".to_string(), "Bearer ${PATH}".to_string()),
+                        ("KEY".to_string(), "ghp_written_in_token_123".to_string()),
+                    ]
                         .into_iter()
                         .collect(),
                     timeout_ms: Some(1000),
@@ -311,13 +315,18 @@ async fn broken_servers_give_clear_errors_and_never_hang() {
     assert!(
         text.iter().any(|t| t.contains("\"quits\"")
             && t.contains(
-                "its stderr ended: Error: cannot log in as [REDACTED] | ... | \
+                "its stderr ended: Error: cannot log in as [REDACTED] ([REDACTED], [REDACTED]) | ... | \
                  at main (server.js:2) | at run (server.js:3) | Node.js v20"
             )),
         "{text:?}"
     );
     let path = std::env::var("PATH").unwrap();
-    assert!(!text.iter().any(|t| t.contains(&path)), "{text:?}");
+    assert!(
+        !text
+            .iter()
+            .any(|t| t.contains(&path) || t.contains("ghp_written")),
+        "{text:?}"
+    );
     assert!(
         text.iter()
             .any(|t| t.contains("\"missing\"") && t.contains("cannot start")),
