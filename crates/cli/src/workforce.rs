@@ -982,8 +982,6 @@ fn go_where_started(
     Ok(())
 }
 
-/// What `run` and `resume` share: the gateway's tools, cancellation requests made after
-/// sequence number `requests_after`, Ctrl-C, the progress display and the final report.
 /// The cancellation requests a run or resume takes: `pending` first (made before `after` and
 /// never carried out), then each one made after sequence number `after`.
 struct Requests {
@@ -991,6 +989,8 @@ struct Requests {
     after: u64,
 }
 
+/// What `run` and `resume` share: the gateway's tools, the cancellation `requests`, Ctrl-C,
+/// the progress display and the final report.
 fn drive<Go, Fut>(
     store: &agent_runtime_store::Store,
     seed: u64,
@@ -1382,9 +1382,6 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     };
     let appended = store.append_blocking(vec![request])?;
     let seq = appended.first().map_or(0, |a| a.seq);
-    // The run may have ended between the check above and the request's landing (a run a few
-    // milliseconds from its end): the request is then recorded after the end, and nothing
-    // reads it. Said, rather than "asked".
     // The run may end between the checks above and the request's landing, or before its
     // process reads the request (it does a few times a second): what became of it is waited
     // for briefly, so that "asked" is not said of a request nothing will read.

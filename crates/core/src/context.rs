@@ -27,7 +27,7 @@ pub struct CallContext {
     /// The task the call belongs to, if any.
     pub task_id: Option<TaskId>,
     /// That task's id in its graph (`fetch`), for people: an approval question names it.
-    pub task_name: Option<String>,
+    pub task_name: Option<std::sync::Arc<str>>,
     /// Who is calling.
     pub actor: Actor,
     /// Cancelled when the caller gives up.

@@ -273,13 +273,11 @@ impl Gateway {
     fn unknown(&self, name: &str) -> ToolError {
         // A tool of an MCP server that could not be reached is not unknown: it is unavailable
         // now, and may be later.
-        if let Some((server, why)) = self.inner.registry.unreachable_source(name) {
+        if let Some((server, why)) = self.inner.registry.unreachable_reason(name) {
             return ClassifiedError::new(
                 ErrorClass::ToolError,
                 format!(
-                    "{name:?} is a tool of MCP server {server:?}, which cannot be reached: {}",
-                    why.strip_prefix(&format!("MCP server {server:?}: "))
-                        .unwrap_or(&why)
+                    "{name:?} is a tool of MCP server {server:?}, which cannot be reached: {why}"
                 ),
             );
         }
@@ -664,7 +662,7 @@ impl Gateway {
                     id: inner.ids.event_id(),
                     run_id: ctx.run_id,
                     task_id: ctx.task_id,
-                    task_name: ctx.task_name.clone(),
+                    task_name: ctx.task_name.as_deref().map(str::to_string),
                     subject: ctx.actor.clone(),
                     tool: name.to_string(),
                     arguments: rec.redactor.redact(&args),

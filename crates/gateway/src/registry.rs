@@ -214,6 +214,18 @@ impl Registry {
         (!longer_reachable).then_some(found)
     }
 
+    /// [`Registry::unreachable_source`], the reason without the `MCP server "NAME": ` it
+    /// usually starts with (for a sentence that names the server itself).
+    pub fn unreachable_reason(&self, tool: &str) -> Option<(String, String)> {
+        self.unreachable_source(tool).map(|(server, why)| {
+            let why = why
+                .strip_prefix(&format!("MCP server {server:?}: "))
+                .unwrap_or(&why)
+                .to_string();
+            (server, why)
+        })
+    }
+
     fn entry(
         tool: Arc<dyn Tool>,
         command: Option<Arc<CommandTool>>,

@@ -232,7 +232,9 @@ pub(crate) fn sqlite_error(
                     "it does not begin as an SQLite database does: not an event database, \
                      or one whose first page was overwritten"
                         .to_string()
-                } else if let Some((size, expected)) = cut_short(path) {
+                } else if let Some((size, expected)) =
+                    after_seq.is_none().then(|| cut_short(path)).flatten()
+                {
                     // SQLite refuses even to read its schema then: its "malformed" says nothing
                     // of what happened, nor that no event can be read.
                     format!(

@@ -1598,7 +1598,7 @@ impl CallStarter {
         ctx.cancel = token.clone();
         ctx.run_id = Some(self.run_id);
         ctx.task_id = Some(task_id);
-        ctx.task_name = task.map(|t| t.to_string());
+        ctx.task_name = task;
         ctx.timeout = timeout;
         ctx
     }
