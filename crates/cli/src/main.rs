@@ -71,6 +71,18 @@ static GLOBAL: MiMallocPlain = MiMallocPlain;
 /// bytes; larger alignments keep the aligned calls.
 struct MiMallocPlain;
 
+/// Hands the memory mimalloc holds freed back to the system (`mi_collect(true)`), so that a
+/// bench section's peak memory starts from what is in use, not from what an earlier section
+/// left cached. Declared here: the `libmimalloc-sys` binding is behind a feature (and a
+/// dependency) for this one function, which the linked mimalloc has either way.
+pub(crate) fn return_freed_memory() {
+    unsafe extern "C" {
+        fn mi_collect(force: bool);
+    }
+    // SAFETY: mimalloc's own function, taking a flag; it only frees what is free already.
+    unsafe { mi_collect(true) }
+}
+
 /// The alignment every mimalloc block has.
 const MI_MIN_ALIGN: usize = 8;
 

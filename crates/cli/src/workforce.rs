@@ -1823,6 +1823,7 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 "simulator: {sim_tasks} tasks, 1000 agents, layered, no log (baseline)"
             ));
             let null = sim_point(sim_tasks, 1000, Shape::Layered, Arc::new(NullSink)).await?;
+            crate::return_freed_memory();
             say("simulator: same, in-memory log");
             let memory = sim_point(
                 sim_tasks,
@@ -1831,6 +1832,9 @@ pub fn bench(args: BenchArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 Arc::new(MemoryLog::default()),
             )
             .await?;
+            // What the in-memory log held is freed: returned, so that this point's peak is its
+            // own (the allocator keeps freed memory resident otherwise).
+            crate::return_freed_memory();
             say("simulator: same, writing to the store");
             let before = store.writer_stats();
             let stored =
