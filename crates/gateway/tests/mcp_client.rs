@@ -80,6 +80,63 @@ async fn start_reading(
     (gw, manager, log)
 }
 
+/// A stdio MCP server of a few lines of Python (`/usr/bin/python3`): it answers `initialize`,
+/// answers `tools/list` with `tools` (a Python expression) after running `on_list`, runs
+/// `on_notification` for a message without an id (`m`, its `method`), and answers nothing else;
+/// `on_start` runs first, and `sys.argv[1]` is `arg`. One line each, Python.
+struct PythonServer<'a> {
+    tools: &'a str,
+    on_start: &'a str,
+    on_list: &'a str,
+    on_notification: &'a str,
+    arg: &'a Path,
+}
+
+impl<'a> PythonServer<'a> {
+    fn new(arg: &'a Path) -> Self {
+        PythonServer {
+            tools: "[]",
+            on_start: "pass",
+            on_list: "pass",
+            on_notification: "pass",
+            arg,
+        }
+    }
+}
+
+fn python_server(s: PythonServer<'_>) -> McpServerConfig {
+    let script = format!(
+        r#"
+import json, os, sys, threading
+{on_start}
+for line in sys.stdin:
+    m = json.loads(line)
+    method = m.get("method")
+    if method == "initialize":
+        out = {{"protocolVersion": m["params"]["protocolVersion"], "capabilities": {{"tools": {{}}}},
+               "serverInfo": {{"name": "py", "version": "1"}}}}
+    elif method == "tools/list":
+        out = {{"tools": {tools}}}
+        {on_list}
+    else:
+        if "id" not in m:
+            {on_notification}
+        continue
+    sys.stdout.write(json.dumps({{"jsonrpc": "2.0", "id": m["id"], "result": out}}) + "\n")
+    sys.stdout.flush()
+"#,
+        on_start = s.on_start,
+        tools = s.tools,
+        on_list = s.on_list,
+        on_notification = s.on_notification,
+    );
+    McpServerConfig {
+        command: Some("/usr/bin/python3".into()),
+        args: vec!["-c".into(), script, s.arg.display().to_string()],
+        ..McpServerConfig::default()
+    }
+}
+
 fn ctx() -> CallContext {
     CallContext::new(Actor::Agent("tester".into()))
 }
@@ -1159,31 +1216,13 @@ fn a_server_dies_with_the_thread_that_started_it() {
 async fn a_dropped_call_is_cancelled_at_the_server() {
     let dir = tempfile::tempdir().unwrap();
     let marker = dir.path().join("cancelled.json");
-    // A server of a few lines: it never answers `slow`, and notes the cancellation it gets.
-    let server = r#"
-import json, sys
-for line in sys.stdin:
-    m = json.loads(line)
-    method = m.get("method")
-    if method == "initialize":
-        out = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
-               "serverInfo": {"name": "py", "version": "1"}}
-    elif method == "tools/list":
-        out = {"tools": [{"name": "slow", "inputSchema": {"type": "object"},
-                          "annotations": {"readOnlyHint": True}}]}
-    elif method == "notifications/cancelled":
-        open(sys.argv[1], "w").write(json.dumps(m["params"]))
-        continue
-    else:
-        continue
-    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": out}) + "\n")
-    sys.stdout.flush()
-"#;
-    let config = McpServerConfig {
-        command: Some("/usr/bin/python3".into()),
-        args: vec!["-c".into(), server.into(), marker.display().to_string()],
-        ..McpServerConfig::default()
-    };
+    // It never answers `slow`, and notes the cancellation it gets.
+    let config = python_server(PythonServer {
+        tools: r#"[{"name": "slow", "inputSchema": {"type": "object"},
+                    "annotations": {"readOnlyHint": True}}]"#,
+        on_notification: r#"if method == "notifications/cancelled": open(sys.argv[1], "w").write(json.dumps(m["params"]))"#,
+        ..PythonServer::new(&marker)
+    });
     let (gw, manager, _log) = start(vec![("py", config)]).await;
     let call = gw.call("py.slow", json!({}), ctx());
     if let Ok(r) = tokio::time::timeout(Duration::from_millis(300), call).await {
@@ -1210,28 +1249,12 @@ for line in sys.stdin:
 async fn a_server_that_dies_after_each_start_is_restarted_ever_more_slowly() {
     let dir = tempfile::tempdir().unwrap();
     let starts = dir.path().join("starts");
-    let server = r#"
-import json, sys, threading, os
-open(sys.argv[1], "a").write("start\n")
-for line in sys.stdin:
-    m = json.loads(line)
-    method = m.get("method")
-    if method == "initialize":
-        out = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
-               "serverInfo": {"name": "py", "version": "1"}}
-    elif method == "tools/list":
-        out = {"tools": []}
-        threading.Timer(0.1, lambda: os._exit(0)).start()
-    else:
-        continue
-    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": out}) + "\n")
-    sys.stdout.flush()
-"#;
-    let config = McpServerConfig {
-        command: Some("/usr/bin/python3".into()),
-        args: vec!["-c".into(), server.into(), starts.display().to_string()],
-        ..McpServerConfig::default()
-    };
+    // It notes each start, and exits 0.1 s after listing its tools.
+    let config = python_server(PythonServer {
+        on_start: r#"open(sys.argv[1], "a").write("start\n")"#,
+        on_list: "threading.Timer(0.1, lambda: os._exit(0)).start()",
+        ..PythonServer::new(&starts)
+    });
     let (_gw, manager, _log) = start(vec![("dies", config)]).await;
     tokio::time::sleep(Duration::from_secs(5)).await;
     let count = std::fs::read_to_string(&starts).unwrap().lines().count();
