@@ -419,7 +419,7 @@ pub fn check_limited_tools(graph: &TaskGraph, tools: &dyn ToolInvoker) -> Result
     match graph.limits.tools.keys().find(|t| !names.contains(t)) {
         Some(tool) => Err(DriverError::Unavailable(format!(
             "limits.tools: {}",
-            crate::graph::unknown_tool(tool, &names)
+            crate::graph::missing_tool(tool, &names, &|n| tools.unavailable(n))
         ))),
         None => Ok(()),
     }
