@@ -638,14 +638,20 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
 fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
     let path = mcp_path(&a.opts)?;
     let pairs = |flag: &str, what: &str, items: &[String]| {
-        items
-            .iter()
-            .map(|kv| {
-                kv.split_once('=')
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .ok_or_else(|| CliError::Usage(format!("{flag} {kv:?}: expected {what}=VALUE")))
-            })
-            .collect::<Result<std::collections::BTreeMap<_, _>, _>>()
+        let mut out = std::collections::BTreeMap::new();
+        for kv in items {
+            let (k, v) = kv
+                .split_once('=')
+                .ok_or_else(|| CliError::Usage(format!("{flag} {kv:?}: expected {what}=VALUE")))?;
+            // Given twice, one value would be dropped without a word (as a key written twice
+            // in the file is refused).
+            if out.insert(k.to_string(), v.to_string()).is_some() {
+                return Err(CliError::Usage(format!(
+                    "{flag}: {what} {k:?} is given twice"
+                )));
+            }
+        }
+        Ok(out)
     };
     let server = McpServerConfig {
         command: a.command,

@@ -583,6 +583,9 @@ fn configuration_mistakes_exit_2_naming_the_file() {
     add(&["--command", "node", "--env", "=value"])
         .code(2)
         .stderr(predicate::str::contains("name \"\" is empty"));
+    add(&["--command", "node", "--env", "A=1", "--env", "A=2"])
+        .code(2)
+        .stderr(predicate::str::contains("--env: KEY \"A\" is given twice"));
     add(&["--command", "node", "--timeout-ms", "0"])
         .code(2)
         .stderr(predicate::str::contains("`timeout_ms` must be at least 1"));
