@@ -730,17 +730,8 @@ fn a_run_killed_with_sigkill_resumes_without_redoing_completed_tasks() {
         .success()
         .stdout(predicate::str::contains("interrupted"));
     // Nothing runs the tasks that were in flight: `runs show` says they were interrupted.
-    let shown = cli(&db)
-        .args(["runs", "show", &run_id.to_string(), "--json"])
-        .output()
-        .unwrap();
-    let shown = json_of(&shown.stdout);
-    let statuses: Vec<&str> = shown["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["status"].as_str().unwrap())
-        .collect();
+    let statuses = task_statuses(&db, run_id);
+    let statuses: Vec<&str> = statuses.iter().map(String::as_str).collect();
     let ended = |k: EventKind| matches!(k, EventKind::TaskCompleted | EventKind::TaskFailed);
     let in_flight = before
         .iter()
@@ -839,6 +830,20 @@ fn a_graph_too_large_for_one_event_is_refused_before_anything_is_written() {
 
 /// `resume RUN_ID` from `cwd`, which must be refused (exit 1); its standard error.
 /// Replays `run_id` and checks what it prints (a log hash, or why the run cannot be replayed).
+/// Each task's status in `runs show RUN_ID --json`, in its order.
+fn task_statuses(db: &Path, run_id: RunId) -> Vec<String> {
+    let shown = cli(db)
+        .args(["runs", "show", &run_id.to_string(), "--json"])
+        .output()
+        .unwrap();
+    json_of(&shown.stdout)["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["status"].as_str().unwrap().to_string())
+        .collect()
+}
+
 fn replay_says(db: &Path, run_id: &str, says: &str) {
     cli(db)
         .args(["replay", run_id])
@@ -962,17 +967,8 @@ fn resume_refuses_a_vanished_start_folder_and_a_stopped_simulation() {
         .unwrap();
     assert_eq!(sim_row["status"], "stopped", "{sim_row}");
     // Its task in flight is stopped with it, not `running`: nothing runs it.
-    let shown = cli(&db)
-        .args(["runs", "show", &sim_id.to_string(), "--json"])
-        .output()
-        .unwrap();
-    let shown = json_of(&shown.stdout);
-    let statuses: Vec<&str> = shown["tasks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|t| t["status"].as_str().unwrap())
-        .collect();
+    let statuses = task_statuses(&db, sim_id);
+    let statuses: Vec<&str> = statuses.iter().map(String::as_str).collect();
     assert!(!statuses.contains(&"running"), "{statuses:?}");
     assert!(statuses.contains(&"stopped"), "{statuses:?}");
     cli(&db)

@@ -137,6 +137,16 @@ for line in sys.stdin:
     }
 }
 
+/// Starts the servers of `config` into a registry of their own; what `start` reported, as text.
+async fn start_reporting(config: &McpConfig) -> (McpManager, Arc<Registry>, Vec<String>) {
+    let registry = Arc::new(Registry::new());
+    let (manager, errors) = McpManager::start(config, registry.clone(), &mut Redactor::new())
+        .await
+        .unwrap();
+    let text = errors.iter().map(|e| e.to_string()).collect();
+    (manager, registry, text)
+}
+
 fn ctx() -> CallContext {
     CallContext::new(Actor::Agent("tester".into()))
 }
@@ -1135,11 +1145,7 @@ for line in sys.stdin:
         )]
         .into(),
     };
-    let registry = Arc::new(Registry::new());
-    let (manager, errors) = McpManager::start(&config, registry.clone(), &mut Redactor::new())
-        .await
-        .unwrap();
-    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let (manager, registry, text) = start_reporting(&config).await;
     assert_eq!(text.len(), 1, "{text:?}");
     assert!(
         text[0].contains(r#""Die Now!" and "die_now_" both become "x.die_now_""#)
@@ -1315,11 +1321,7 @@ async fn a_server_with_an_unset_variable_is_left_out_alone() {
         .into_iter()
         .collect(),
     };
-    let registry = Arc::new(Registry::new());
-    let (manager, errors) = McpManager::start(&config, registry.clone(), &mut Redactor::new())
-        .await
-        .unwrap();
-    let text: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+    let (manager, registry, text) = start_reporting(&config).await;
     assert_eq!(text.len(), 1, "{text:?}");
     assert!(
         text[0].contains("\"unset\"")
