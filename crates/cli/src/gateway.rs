@@ -349,14 +349,15 @@ pub fn run(cmd: GatewayCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     }
 }
 
-/// JSON for standard output: as it is into a pipe or a file; on a terminal, line by line with
-/// what JSON leaves raw (DEL, C1 controls such as U+009B, bidirectional controls) escaped, as
-/// a server's text may carry them.
-fn for_stdout(json: &str) -> String {
+/// Text a tool or server gave (its output, JSON of it) for standard output: as it is into a
+/// pipe or a file; on a terminal, line by line with its controls escaped (DEL, C1 such as
+/// U+009B, which JSON leaves raw, bidirectional controls), so it can not rewrite the screen,
+/// and its lines kept.
+fn for_stdout(text: &str) -> String {
     if !std::io::stdout().is_terminal() {
-        return json.to_string();
+        return text.to_string();
     }
-    json.lines()
+    text.lines()
         .map(crate::common::terminal_text)
         .collect::<Vec<_>>()
         .join("\n")
@@ -431,13 +432,8 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     match result {
         Ok(out) => {
             match &out.value {
-                // Raw into a pipe or a file (a file's text, as it is); escaped on a terminal,
-                // where a tool's output (an MCP server's) could carry controls that rewrite
-                // the screen.
-                Value::String(s) if std::io::stdout().is_terminal() => {
-                    outln!("{}", crate::common::terminal_text(s))
-                }
-                Value::String(s) => outln!("{s}"),
+                // A file's text as it is into a pipe; on a terminal line by line, escaped.
+                Value::String(s) => outln!("{}", for_stdout(s)),
                 v => outln!("{}", for_stdout(&serde_json::to_string_pretty(v)?)),
             }
             if out.truncated {

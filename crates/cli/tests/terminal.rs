@@ -295,3 +295,32 @@ fn the_progress_line_fits_the_terminal_and_dumb_terminals_get_plain_lines() {
     assert!(!screen.contains('\x1b'), "{screen:?}");
     assert!(screen.contains("task c: completed"), "{screen:?}");
 }
+
+/// `tools call` on a terminal: a tool's text keeps its lines (a file read shows as a file), and
+/// its controls are escaped (a tool's output cannot clear the screen); into a pipe it is as it
+/// is (see `gateway_cli`).
+#[test]
+fn a_tool_s_text_on_a_terminal_keeps_its_lines_and_loses_its_controls() {
+    let ws = tempfile::tempdir().unwrap();
+    let db = ws.path().join("events.db");
+    let args = [
+        "--db",
+        db.to_str().unwrap(),
+        "--plaintext",
+        "tools",
+        "call",
+        "builtin.echo",
+        "--args",
+        r#"{"text": "first line\nsecond \u001b[2J line"}"#,
+    ];
+    let mut term = Terminal::spawn(&args, ws.path(), 100, &[]);
+    let status = term.wait();
+    let screen = term.screen();
+    assert!(status.success(), "{status}: {screen}");
+    assert!(!screen.contains('\u{1b}'), "{screen:?}");
+    let lines: Vec<&str> = screen.lines().map(|l| l.trim_end_matches('\r')).collect();
+    assert!(
+        lines.contains(&"first line") && lines.contains(&"second \\u{1b}[2J line"),
+        "{screen:?}"
+    );
+}
