@@ -288,7 +288,7 @@ pub(crate) fn export_to(
     format: ExportFormat,
     path: &std::path::Path,
 ) -> anyhow::Result<(agent_runtime_store::ExportSummary, bool)> {
-    Ok(match ExportTarget::of(path)? {
+    Ok(match check_export_target(store, path)? {
         ExportTarget::Stream => {
             // Renaming a file onto a device would replace the device node itself.
             let file = std::fs::OpenOptions::new()
@@ -298,9 +298,6 @@ pub(crate) fn export_to(
             (store.export(query, format, file)?, true)
         }
         ExportTarget::File => {
-            let target = agent_runtime_core::fs::link_target(path)
-                .with_context(|| format!("cannot resolve {}", path.display()))?;
-            refuse_the_database(path, &target, store.path())?;
             // Written beside the target and renamed onto it: a failed export leaves no half
             // file, and the replaced file's permissions are kept.
             let summary = agent_runtime_core::fs::replace(path, |f| {
@@ -318,22 +315,23 @@ pub(crate) fn export_to(
     })
 }
 
-/// What [`export_to`] would refuse of `path`, checked before anything is done (the demo runs a
-/// graph before it exports).
+/// Where an export to `path` goes, refusing what [`export_to`] refuses (a folder, the
+/// database being exported or a companion of it): the demo checks before it runs a graph.
 pub(crate) fn check_export_target(
     store: &agent_runtime_store::Store,
     path: &std::path::Path,
-) -> anyhow::Result<()> {
-    if let ExportTarget::File = ExportTarget::of(path)? {
+) -> anyhow::Result<ExportTarget> {
+    let kind = ExportTarget::of(path)?;
+    if let ExportTarget::File = kind {
         let target = agent_runtime_core::fs::link_target(path)
             .with_context(|| format!("cannot resolve {}", path.display()))?;
         refuse_the_database(path, &target, store.path())?;
     }
-    Ok(())
+    Ok(kind)
 }
 
 /// Where an export to a named output goes.
-enum ExportTarget {
+pub(crate) enum ExportTarget {
     /// A regular file, new or existing (see [`agent_runtime_core::fs::replace`]): written
     /// beside it and renamed onto it; a symbolic link is followed, so the file it names is
     /// replaced or made and the link stays.
