@@ -48,15 +48,19 @@ impl EventSink for NullSink {
 }
 
 /// One simulator measurement; its peak memory is its own (the peak starts over first, so an
-/// earlier point's does not count).
+/// earlier point's does not count), or unknown (`None`) where the peak cannot start over.
 pub async fn sim_point(
     tasks: u32,
     agents: u32,
     shape: Shape,
     sink: Arc<dyn EventSink>,
 ) -> Result<SimReport, crate::sim::SimError> {
-    crate::sim::reset_peak_memory();
-    simulate(&SimConfig::new(agents, tasks, shape, 0.0, 1), sink).await
+    let own_peak = crate::sim::reset_peak_memory();
+    let mut report = simulate(&SimConfig::new(agents, tasks, shape, 0.0, 1), sink).await?;
+    if !own_peak {
+        report.peak_memory_bytes = None;
+    }
+    Ok(report)
 }
 
 /// What the live-agents measurement found.

@@ -557,9 +557,10 @@ pub fn run_id_of(cfg: &SimConfig) -> agent_runtime_core::RunId {
 
 /// Starts the process's peak resident memory over from what it holds now (Linux: `5` to
 /// `/proc/self/clear_refs`), so that [`peak_memory_bytes`] measures what comes after: a
-/// benchmark's sections one by one, not the largest of all so far. Does nothing elsewhere.
-pub fn reset_peak_memory() {
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
+/// benchmark's sections one by one, not the largest of all so far. Whether it could (not
+/// where `/proc` is missing or read-only: other systems, some sandboxes).
+pub fn reset_peak_memory() -> bool {
+    std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
 /// The process's peak resident memory (Linux `VmHWM`, since the process started or the last
