@@ -835,7 +835,7 @@ impl Gateway {
         // put in its way since (by a command of the same run) cannot take the open elsewhere.
         child.judged_paths = (!judged_paths.is_empty()).then(|| std::sync::Arc::new(judged_paths));
         let token = child.cancel.clone();
-        let enforces_own_limit = entry.command().is_some() || entry.tool().time_limit().is_some();
+        let enforces_own_limit = entry.timeout().is_some();
         let fut = async {
             match entry.command() {
                 Some(cmd) => cmd.run(args, child, sandbox).await,

@@ -50,10 +50,7 @@ impl RegisteredTool {
     /// The tool's own time limit, if it declares one (a command's `wall_ms`, an MCP server's
     /// `timeout_ms`, any tool's [`Tool::time_limit`]).
     pub fn timeout(&self) -> Option<Duration> {
-        self.command
-            .as_ref()
-            .and_then(|c| c.timeout())
-            .or_else(|| self.tool.time_limit())
+        self.tool.time_limit()
     }
 
     /// Checks `args` against the input schema; the error lists what is wrong and where, in

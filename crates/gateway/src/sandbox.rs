@@ -1527,6 +1527,10 @@ impl Tool for CommandTool {
     async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         self.run(args, ctx, SandboxMode::Bubblewrap).await
     }
+
+    fn time_limit(&self) -> Option<Duration> {
+        self.timeout()
+    }
 }
 
 #[cfg(test)]
