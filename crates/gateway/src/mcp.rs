@@ -711,34 +711,24 @@ impl McpServer {
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         };
-        let cancel_remote = |reason: &str| {
-            let peer = peer.clone();
-            let note = CancelledNotificationParam::new(Some(id.clone()), Some(reason.to_string()));
-            async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), peer.notify_cancelled(note)).await;
-            }
-        };
-        // A caller that drops this call instead of cancelling its token (the gateway's own
-        // time limit, a run's driver ending a task's attempt) would leave the server working
-        // on it: dropped unanswered, the request is cancelled at the server too.
-        let mut unanswered = CancelOnDrop {
+        // Cancelled at the server however the call ends unanswered: here (the caller's token,
+        // the server's limit), or by a caller that drops it (the gateway's own time limit, a
+        // run's driver ending a task's attempt), which would leave the server working on it.
+        let unanswered = CancelOnDrop {
             peer: Some(peer.clone()),
             id: id.clone(),
         };
         let result = tokio::select! {
             r = handle.await_response() => {
-                unanswered.peer = None;
+                unanswered.disarm();
                 r
             }
             _ = ctx.cancel.cancelled() => {
-                unanswered.peer = None;
-                cancel_remote("cancelled by the caller").await;
+                unanswered.cancel("cancelled by the caller").await;
                 return Err(ClassifiedError::new(ErrorClass::Cancelled, format!("call to {}.{remote} cancelled", self.name)));
             }
             _ = tokio::time::sleep(limit) => {
-                unanswered.peer = None;
-                cancel_remote("timed out").await;
+                unanswered.cancel("timed out").await;
                 self.suspect.store(true, Ordering::Relaxed);
                 return Err(ClassifiedError::new(
                     ErrorClass::Timeout,
@@ -746,7 +736,7 @@ impl McpServer {
                 ));
             }
             _ = closed => {
-                unanswered.peer = None;
+                unanswered.disarm();
                 return Err(fail(format!("stopped during the call to {remote}; it will be restarted")));
             }
         };
@@ -882,23 +872,46 @@ struct CancelOnDrop {
     id: rmcp::model::RequestId,
 }
 
+impl CancelOnDrop {
+    /// The call ended with its answer or with its session: nothing to cancel.
+    fn disarm(mut self) {
+        self.peer = None;
+    }
+
+    /// Cancels the request at the server now, waiting (at most a second) for the notification
+    /// to go out.
+    async fn cancel(mut self, reason: &str) {
+        if let Some(peer) = self.peer.take() {
+            notify_cancelled(peer, self.id.clone(), reason).await;
+        }
+    }
+}
+
 impl Drop for CancelOnDrop {
     fn drop(&mut self) {
         let Some(peer) = self.peer.take() else {
             return;
         };
-        // Not awaited here (a drop cannot): a task of its own, bounded like the others.
+        // Not awaited here (a drop cannot): a task of its own.
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
-            let note = CancelledNotificationParam::new(
-                Some(self.id.clone()),
-                Some("the caller gave up on the call".into()),
-            );
-            rt.spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(1), peer.notify_cancelled(note)).await;
-            });
+            rt.spawn(notify_cancelled(
+                peer,
+                self.id.clone(),
+                "the caller gave up on the call",
+            ));
         }
     }
+}
+
+/// Sends `notifications/cancelled` for request `id`, giving up after a second (a server that
+/// does not read holds nothing up).
+async fn notify_cancelled(
+    peer: rmcp::service::Peer<RoleClient>,
+    id: rmcp::model::RequestId,
+    reason: &str,
+) {
+    let note = CancelledNotificationParam::new(Some(id), Some(reason.to_string()));
+    let _ = tokio::time::timeout(Duration::from_secs(1), peer.notify_cancelled(note)).await;
 }
 
 /// The last lines a stdio server printed on stderr, read all along by a task of its own.
