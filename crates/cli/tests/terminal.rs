@@ -240,8 +240,8 @@ fn ctrl_c_withdraws_an_open_question_and_ends_the_run() {
     assert!(screen.contains("cancelled"), "{screen}");
 }
 
-/// A question whose call timed out is withdrawn; the retry asks again, and the answer typed
-/// then goes to the retry's question.
+/// A question nobody answered in time (the gateway's `approval_timeout_ms`) is withdrawn; the
+/// retry asks again, and the answer typed then goes to the retry's question.
 #[test]
 fn a_timed_out_question_does_not_take_the_retry_s_answer() {
     let (ws, _outside) = setup(
@@ -249,11 +249,18 @@ fn a_timed_out_question_does_not_take_the_retry_s_answer() {
   - id: peek
     tool: read_file
     args: {path: OUT/one.txt}
-    timeout: 1s
-    retry: {max_attempts: 2, on: [timeout], backoff: 10ms}
+    retry: {max_attempts: 2, on: [approval_denied], backoff: 10ms}
 ",
     );
-    let mut term = spawn_run(ws.path(), 100, &[]);
+    std::fs::write(
+        ws.path().join("gateway.yaml"),
+        "limits: {approval_timeout_ms: 1000}\n",
+    )
+    .unwrap();
+    let mut args = run_args(ws.path());
+    args.extend(["--config".to_string(), "gateway.yaml".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut term = Terminal::spawn(&args, ws.path(), 100, &[]);
     term.wait_for("Allow? [y/N]", 1);
     term.wait_for("withdrawn", 1);
     term.wait_for("Allow? [y/N]", 2);
@@ -261,6 +268,26 @@ fn a_timed_out_question_does_not_take_the_retry_s_answer() {
     let status = term.wait();
     let screen = term.screen();
     assert!(status.success(), "{status}: {screen}");
+    assert!(screen.contains("first-secret"), "{screen}");
+}
+
+/// A person taking longer to answer than the task's `timeout` does not time the task out: the
+/// attempt's clock stands still while the question is open.
+#[test]
+fn the_time_a_question_stays_open_is_not_the_task_s() {
+    let (ws, _outside) = setup(
+        "tasks:
+  - {id: peek, tool: read_file, args: {path: OUT/one.txt}, timeout: 500ms}
+",
+    );
+    let mut term = spawn_run(ws.path(), 100, &[]);
+    term.wait_for("Allow? [y/N]", 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    term.type_text("y\r");
+    let status = term.wait();
+    let screen = term.screen();
+    assert!(status.success(), "{status}: {screen}");
+    assert!(!screen.contains("withdrawn"), "{screen}");
     assert!(screen.contains("first-secret"), "{screen}");
 }
 

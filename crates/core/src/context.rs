@@ -55,6 +55,11 @@ pub struct CallContext {
     /// refuses a path that resolved to nothing. See [`CallContext::file`].
     pub judged_paths:
         Option<std::sync::Arc<std::collections::BTreeMap<String, Option<std::path::PathBuf>>>>,
+    /// Whom to tell while the call waits for a person (an approval question), so that the
+    /// caller can stop a clock of its own meanwhile: the workforce does not count that wait
+    /// against a task's `timeout`. Whoever asks a person on the call's behalf (the gateway)
+    /// holds [`CallContext::waiting_for_person`]'s guard while the question is open.
+    pub waits: Option<WaitReporter>,
 }
 
 impl std::fmt::Debug for CallContext {
@@ -69,6 +74,7 @@ impl std::fmt::Debug for CallContext {
             .field("progress", &self.progress.is_some())
             .field("secrets", &self.secrets.len())
             .field("workdir", &self.workdir)
+            .field("waits", &self.waits.as_ref().map(|w| w.call))
             // Their keys are argument text, which may hold a secret a task graph put in.
             .field(
                 "judged_paths",
@@ -92,7 +98,40 @@ impl CallContext {
             secrets: Vec::new(),
             workdir: None,
             judged_paths: None,
+            waits: None,
         }
+    }
+
+    /// Marks the call as waiting for a person until the returned guard is dropped, telling
+    /// [`CallContext::waits`] (if set) now and then. Dropped however the wait ends (an answer,
+    /// a timeout, the call's future dropped), so the caller's clock never stays stopped.
+    ///
+    /// ```
+    /// use std::sync::{Arc, Mutex};
+    /// use agent_runtime_core::{Actor, CallContext, WaitListener, WaitReporter};
+    ///
+    /// #[derive(Default)]
+    /// struct Log(Mutex<Vec<(u64, bool)>>);
+    /// impl WaitListener for Log {
+    ///     fn waiting(&self, call: u64, waiting: bool) {
+    ///         self.0.lock().unwrap().push((call, waiting));
+    ///     }
+    /// }
+    ///
+    /// let log = Arc::new(Log::default());
+    /// let mut ctx = CallContext::new(Actor::System);
+    /// ctx.waits = Some(WaitReporter { listener: log.clone(), call: 7 });
+    /// {
+    ///     let _asking = ctx.waiting_for_person();
+    ///     assert_eq!(*log.0.lock().unwrap(), [(7, true)]);
+    /// }
+    /// assert_eq!(*log.0.lock().unwrap(), [(7, true), (7, false)]);
+    /// ```
+    pub fn waiting_for_person(&self) -> PersonWait<'_> {
+        if let Some(w) = &self.waits {
+            w.listener.waiting(w.call, true);
+        }
+        PersonWait(self.waits.as_ref())
     }
 
     /// `path` as the call means it: the path the policy judged for it if it judged one
@@ -162,6 +201,45 @@ impl CallContext {
     pub fn report_progress(&self, progress: Progress) {
         if let Some(tx) = &self.progress {
             let _ = tx.send(progress);
+        }
+    }
+}
+
+/// Told when a call begins and ends waiting for a person ([`CallContext::waits`]).
+///
+/// Called on the thread of whoever asks; it should not block (the workforce sends on a
+/// channel).
+pub trait WaitListener: Send + Sync {
+    /// `call` ([`WaitReporter::call`]) began (`true`) or stopped (`false`) waiting.
+    fn waiting(&self, call: u64, waiting: bool);
+}
+
+/// A [`WaitListener`] and the number it knows one call by.
+#[derive(Clone)]
+pub struct WaitReporter {
+    /// Whom to tell.
+    pub listener: std::sync::Arc<dyn WaitListener>,
+    /// The call, as the listener numbers calls.
+    pub call: u64,
+}
+
+impl std::fmt::Debug for WaitReporter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WaitReporter")
+            .field("call", &self.call)
+            .finish_non_exhaustive()
+    }
+}
+
+/// While alive, its call counts as waiting for a person; see
+/// [`CallContext::waiting_for_person`].
+#[must_use = "the wait ends when this is dropped"]
+pub struct PersonWait<'a>(Option<&'a WaitReporter>);
+
+impl Drop for PersonWait<'_> {
+    fn drop(&mut self) {
+        if let Some(w) = self.0 {
+            w.listener.waiting(w.call, false);
         }
     }
 }

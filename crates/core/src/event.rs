@@ -198,6 +198,11 @@ event_kinds! {
     TaskSkipped => "task.skipped",
     /// A task was cancelled.
     TaskCancelled => "task.cancelled",
+    /// A call of a task's attempt began waiting for a person (payload: `call`, `for`:
+    /// `approval`): the attempt's `timeout` stops counting until every such wait has ended.
+    TaskPaused => "task.paused",
+    /// A call's wait for a person ended (payload: `call`); see [`EventKind::TaskPaused`].
+    TaskUnpaused => "task.unpaused",
     /// A tool call was requested (payload: tool, argument digest).
     ToolRequested => "tool.requested",
     /// Policy decided on a tool call (payload: a `PolicyEnvelope`).

@@ -91,7 +91,9 @@ pub mod yaml;
 pub use approval::{ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, DenyAll};
 pub use async_trait::async_trait;
 pub use canonical::{CanonicalError, write_canonical};
-pub use context::{CallContext, FileTarget, Progress, UnresolvedPath};
+pub use context::{
+    CallContext, FileTarget, PersonWait, Progress, UnresolvedPath, WaitListener, WaitReporter,
+};
 pub use error::{ClassifiedError, ErrorClass};
 pub use event::{
     Actor, EncodedEvent, Envelope, EventKind, Hash32, NewEvent, ObjectWriter, Slot,

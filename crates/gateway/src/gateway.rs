@@ -678,7 +678,10 @@ impl Gateway {
                 ));
                 self.append(std::mem::take(&mut batch)).await?;
                 let request_id = request.id.to_string();
+                // The caller's clock (a task's timeout) stands still while a person reads.
+                let asking = ctx.waiting_for_person();
                 let answer = self.ask(request, &ctx).await;
+                drop(asking);
                 let (approved, by, why) = match &answer {
                     Ok(d) => (
                         d.approved,

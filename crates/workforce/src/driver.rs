@@ -178,6 +178,7 @@ pub fn is_workforce_event(kind: agent_runtime_core::EventKind, payload: &Value) 
         | K::TaskCancelled
         | K::ClockObserved
         | K::RandomDrawn => true,
+        K::TaskPaused | K::TaskUnpaused => payload.get("call").is_some_and(Value::is_u64),
         K::ToolRequested
         | K::ToolCompleted
         | K::ToolFailed
@@ -1205,6 +1206,7 @@ impl Driver {
         let (launch, starts) =
             mpsc::unbounded_channel::<(Effect, CancellationToken, Option<Arc<str>>)>();
         let run_secrets = run_secret_values(engine.graph_ref(), self.opts.secrets.as_ref());
+        let (waits_tx, mut waits) = mpsc::unbounded_channel::<(u64, bool)>();
         tokio::spawn(
             CallStarter {
                 secrets: self.opts.secrets.clone(),
@@ -1216,6 +1218,7 @@ impl Driver {
                 specs: FastMap::default(),
                 agent_specs: FastMap::default(),
                 done: tx,
+                waits: Arc::new(WaitSender(waits_tx)),
             }
             .run(starts),
         );
@@ -1373,6 +1376,13 @@ impl Driver {
                         None => continue,
                     }
                 }
+                // Before results: a call's wait ended before its result was sent.
+                Some((call, waiting)) = waits.recv(), if !finished => {
+                    match engine.wait_event(call, waiting, self.opts.clock.now()) {
+                        Some(event) => Ok(event),
+                        None => continue,
+                    }
+                }
                 Some(done) = rx.recv(), if !finished => Err(done),
                 _ = tokio::time::sleep(wait.unwrap_or(Duration::from_secs(3600))), if wait.is_some() => {
                     let now = self.opts.clock.now();
@@ -1491,6 +1501,19 @@ struct CallStarter {
     /// A redactor of `run_secrets`, built once.
     redactor: Arc<agent_runtime_core::Redactor>,
     done: mpsc::UnboundedSender<Done>,
+    /// Where tool calls report their waits for a person (one shared listener: a call's
+    /// context carries it and the call's number, no allocation per call).
+    waits: Arc<dyn agent_runtime_core::WaitListener>,
+}
+
+/// Hands a call's waits for a person to the driver's loop, which records them as inputs
+/// (`task.paused`, `task.unpaused`): the attempt's timeout does not count them.
+struct WaitSender(mpsc::UnboundedSender<(u64, bool)>);
+
+impl agent_runtime_core::WaitListener for WaitSender {
+    fn waiting(&self, call: u64, waiting: bool) {
+        let _ = self.0.send((call, waiting));
+    }
 }
 
 /// The values of the secrets the run's tool steps name, those its source has. Every tool
@@ -1632,6 +1655,10 @@ impl CallStarter {
                 ..
             } => {
                 let mut ctx = self.context(actor, task_id, task, timeout, &token);
+                ctx.waits = Some(agent_runtime_core::WaitReporter {
+                    listener: self.waits.clone(),
+                    call,
+                });
                 let tools = self.tools.clone();
                 let name = tool.clone();
                 // The call alone gets the secrets' values; what it returns is redacted before

@@ -40,7 +40,9 @@ pub fn is_input(e: &NewEvent) -> bool {
         | EventKind::ToolFailed
         | EventKind::ModelCompleted
         | EventKind::ModelFailed
-        | EventKind::ClockObserved => true,
+        | EventKind::ClockObserved
+        | EventKind::TaskPaused
+        | EventKind::TaskUnpaused => true,
         // Cancellation requests come from a person; the engine's own are by the system.
         EventKind::RunCancelled | EventKind::TaskCancelled => matches!(e.actor, Actor::Person(_)),
         _ => false,
@@ -298,6 +300,13 @@ struct Attempt {
     /// The conversation buffer of an earlier attempt in this slot, emptied, kept when no call
     /// held it any more: the next agent attempt here fills it instead of allocating one.
     spare_messages: Option<Arc<Vec<Message>>>,
+    /// When its `timeout` ends it, pushed back by the time its calls waited for a person.
+    deadline: Option<Timestamp>,
+    /// How many of its calls wait for a person now (`task.paused`): its clock stands still
+    /// while any does.
+    waiting_calls: u32,
+    /// Since when its clock stands still.
+    waiting_since: Timestamp,
 }
 
 /// One task of the run. Kept small, as a run may hold a hundred thousand: what only some tasks
@@ -388,6 +397,8 @@ struct CallInfo {
     resource: Option<String>,
     /// For a tool call (boxed: model calls, the most, need none of it).
     request: Option<Box<ToolRequest>>,
+    /// Whether it waits for a person (between its `task.paused` and `task.unpaused`).
+    waiting: bool,
 }
 
 /// What a tool call sends, and the model's id for it.
@@ -1083,10 +1094,7 @@ impl Engine {
                     let t = &self.tasks[task as usize];
                     t.status == TaskStatus::WaitingRetry && t.attempt == attempt
                 }
-                Timer::Timeout { task, attempt } => {
-                    let t = &self.tasks[task as usize];
-                    t.status == TaskStatus::Running && t.attempt == attempt
-                }
+                Timer::Timeout { task, attempt } => self.timeout_due_at(task, attempt) == Some(*at),
             };
             if live && self.status == RunStatus::Running {
                 return Some(*at);
@@ -1094,6 +1102,20 @@ impl Engine {
             self.timers.pop();
         }
         None
+    }
+
+    /// When the running attempt `attempt` of `task` times out: `None` if it no longer runs,
+    /// has no timeout, or its clock stands still (a call waits for a person).
+    fn timeout_due_at(&self, task: u32, attempt: u32) -> Option<Timestamp> {
+        let t = &self.tasks[task as usize];
+        if t.status != TaskStatus::Running || t.attempt != attempt {
+            return None;
+        }
+        let a = &self.attempts[t.running? as usize];
+        if a.waiting_calls > 0 {
+            return None;
+        }
+        a.deadline
     }
 
     /// Whether `call` is started and not answered.
@@ -1117,6 +1139,28 @@ impl Engine {
             time,
             json!({"reason": "timer"}),
         )
+    }
+
+    /// The `task.paused` input (`waiting`) or `task.unpaused` one for `call`, which began or
+    /// stopped waiting for a person's answer to an approval question; `None` when the call is
+    /// not in flight (answered or cancelled meanwhile: nothing to record).
+    pub fn wait_event(&self, call: u64, waiting: bool, time: Timestamp) -> Option<NewEvent> {
+        let info = self.calls.get(&call).filter(|c| c.started)?;
+        // Only a change is recorded: a second "began" for a waiting call, or an "ended" for
+        // one that does not wait, says nothing.
+        if info.waiting == waiting {
+            return None;
+        }
+        let (kind, payload) = if waiting {
+            (
+                EventKind::TaskPaused,
+                json!({"call": call, "for": "approval"}),
+            )
+        } else {
+            (EventKind::TaskUnpaused, json!({"call": call}))
+        };
+        let task_id = self.tasks[info.task as usize].task_id;
+        Some(self.input(Some(task_id), Actor::System, kind, time, payload))
     }
 
     /// The `run.resumed` input.
@@ -1370,6 +1414,16 @@ impl Engine {
             }
             EventKind::ModelFailed => self.on_model_result(call()?, Err(failure())),
             EventKind::ClockObserved => self.on_tick(),
+            EventKind::TaskPaused => self.call_waits(call()?),
+            EventKind::TaskUnpaused => {
+                let call = call()?;
+                if let Some(info) = self.calls.get_mut(&call)
+                    && std::mem::take(&mut info.waiting)
+                {
+                    let task = info.task;
+                    self.wait_ended(task);
+                }
+            }
             EventKind::RunResumed => {
                 let unstarted: std::collections::BTreeSet<u64> = event
                     .payload
@@ -1520,8 +1574,10 @@ impl Engine {
         self.emit_object(Some(task_id), actor, EventKind::TaskStarted, |o| {
             o.u64("attempt", attempt.into());
         });
-        if let Some(d) = timeout {
-            let at = self.now.saturating_add(d);
+        let deadline = timeout.map(|d| self.now.saturating_add(d));
+        let a = &mut self.attempts[slot as usize];
+        (a.deadline, a.waiting_calls) = (deadline, 0);
+        if let Some(at) = deadline {
             self.push_timer(at, Timer::Timeout { task: idx, attempt });
         }
         let t = &self.tasks[idx as usize];
@@ -1595,12 +1651,55 @@ impl Engine {
                 started: false,
                 resource,
                 request: request.map(Box::new),
+                waiting: false,
             },
         );
         if let Some(attempt) = self.attempt_mut(task) {
             attempt.calls.push(call);
         }
         call
+    }
+
+    /// `task.paused` for `call`: its attempt's clock stands still from now until every call
+    /// of it that waits for a person has stopped. A call not in flight (answered meanwhile)
+    /// changes nothing.
+    fn call_waits(&mut self, call: u64) {
+        let now = self.now;
+        let Some(info) = self
+            .calls
+            .get_mut(&call)
+            .filter(|c| c.started && !c.waiting)
+        else {
+            return;
+        };
+        info.waiting = true;
+        let task = info.task;
+        if let Some(a) = self.attempt_mut(task) {
+            if a.waiting_calls == 0 {
+                a.waiting_since = now;
+            }
+            a.waiting_calls += 1;
+        }
+    }
+
+    /// One call of `task`'s attempt stopped waiting for a person; when none waits any more,
+    /// the attempt's deadline moves back by the time its clock stood still.
+    fn wait_ended(&mut self, task: u32) {
+        let now = self.now;
+        let attempt = self.tasks[task as usize].attempt;
+        let Some(a) = self.attempt_mut(task) else {
+            return;
+        };
+        a.waiting_calls = a.waiting_calls.saturating_sub(1);
+        if a.waiting_calls > 0 {
+            return;
+        }
+        let Some(deadline) = a.deadline else {
+            return;
+        };
+        let moved = deadline.saturating_add(now.saturating_duration_since(a.waiting_since));
+        a.deadline = Some(moved);
+        self.push_timer(moved, Timer::Timeout { task, attempt });
     }
 
     /// The running attempt of a task.
@@ -1734,6 +1833,10 @@ impl Engine {
     /// Ends a call: frees its slot and lets the best waiter in.
     fn end_call(&mut self, call: u64, cancel: bool) -> Option<CallInfo> {
         let info = self.calls.remove(&call)?;
+        // Its `task.unpaused`, if it comes, finds no call: its wait ends here.
+        if info.waiting {
+            self.wait_ended(info.task);
+        }
         if let Some(attempt) = self.attempt_mut(info.task) {
             attempt.calls.retain(|&c| c != call);
         }
@@ -2114,8 +2217,11 @@ impl Engine {
                     }
                 }
                 Timer::Timeout { task, attempt } => {
-                    let t = &self.tasks[task as usize];
-                    if t.status == TaskStatus::Running && t.attempt == attempt {
+                    // A deadline pushed back by a wait for a person has a timer of its own.
+                    if self
+                        .timeout_due_at(task, attempt)
+                        .is_some_and(|due| due <= self.now)
+                    {
                         let d = self.graph.tasks[task as usize].timeout.unwrap_or_default();
                         self.attempt_failed(
                             task,

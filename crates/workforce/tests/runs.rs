@@ -320,6 +320,57 @@ tasks:
     assert!(ev.iter().any(|e| e.kind == EventKind::ClockObserved));
 }
 
+/// The time a call waits for a person (an approval question) does not count against its
+/// task's `timeout`: the attempt's clock stands still from `task.paused` to `task.unpaused`,
+/// and the work after the answer gets what remained of the budget. Replay agrees.
+#[test]
+fn a_wait_for_a_person_does_not_count_against_the_timeout() {
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - { id: asked, tool: flaky, args: { key: a, ask_ms: 300, ms: 60 }, timeout: 100ms }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed, "{:?}", out.tasks);
+    let ev = events(&log);
+    let kinds: Vec<EventKind> = ev
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::TaskPaused | EventKind::TaskUnpaused))
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, [EventKind::TaskPaused, EventKind::TaskUnpaused]);
+    let paused = ev.iter().find(|e| e.kind == EventKind::TaskPaused).unwrap();
+    assert_eq!(paused.payload["for"], "approval");
+    assert!(paused.payload["call"].is_u64(), "{:?}", paused.payload);
+    let report = driver::replay_events(&ev).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(report.status, RunStatus::Completed);
+
+    // The same wait with more work after it than the budget left: the attempt ends 100 ms of
+    // work after it began, the 300 ms of waiting not counted.
+    let (out, log) = run(
+        graph(
+            r#"
+tasks:
+  - { id: asked, tool: flaky, args: { key: a, ask_ms: 300, ms: 150 }, timeout: 100ms }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Failed);
+    let ev = events(&log);
+    let time_of = |k: EventKind| ev.iter().find(|e| e.kind == k).unwrap().time;
+    let failed = ev.iter().find(|e| e.kind == EventKind::TaskFailed).unwrap();
+    assert_eq!(failed.payload["class"], "timeout");
+    assert_eq!(
+        time_of(EventKind::TaskFailed).saturating_duration_since(time_of(EventKind::TaskStarted)),
+        Duration::from_millis(400)
+    );
+    driver::replay_events(&ev).unwrap_or_else(|e| panic!("{e}"));
+}
+
 const MIXED: &str = r#"
 limits: { concurrency: 3, tools: { flaky: 2 } }
 agents:

@@ -16,8 +16,8 @@ use agent_runtime_workforce::tools::ToolRegistry;
 use serde_json::{Value, json};
 
 /// `flaky`: fails with `class` (default tool_error) the first `fail` times it is called with the
-/// same `key`, then returns `{key, calls}`; waits `ms` (tokio time) first; panics when `panic`
-/// is given.
+/// same `key`, then returns `{key, calls}`; waits `ms` (tokio time) first, and before that
+/// `ask_ms` as if a person were reading an approval question; panics when `panic` is given.
 pub struct Flaky {
     d: ToolDescriptor,
     calls: Mutex<BTreeMap<String, u64>>,
@@ -44,9 +44,13 @@ impl Tool for Flaky {
     fn descriptor(&self) -> &ToolDescriptor {
         &self.d
     }
-    async fn call(&self, args: Value, _ctx: CallContext) -> Result<ToolOutput, ToolError> {
+    async fn call(&self, args: Value, ctx: CallContext) -> Result<ToolOutput, ToolError> {
         if args.get("panic").is_some() {
             panic!("flaky was asked to panic");
+        }
+        if let Some(ms) = args.get("ask_ms").and_then(Value::as_u64) {
+            let _asking = ctx.waiting_for_person();
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         }
         if let Some(ms) = args.get("ms").and_then(Value::as_u64) {
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
