@@ -563,33 +563,54 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
         .collect();
     if a.tools {
         let rt = runtime()?;
-        let tools = rt.block_on(async {
+        let (tools, errors, unreachable) = rt.block_on(async {
             let registry = Arc::new(agent_runtime_gateway::Registry::new());
             let mut redactor = agent_runtime_gateway::Redactor::new();
             let (manager, errors) = McpManager::start(&config, registry.clone(), &mut redactor)
                 .await
                 .map_err(gateway_error)?;
             manager.shutdown().await;
-            anyhow::Ok((registry.descriptors(), errors))
+            let unreachable: Vec<(String, Option<String>)> = config
+                .servers
+                .keys()
+                .map(|n| (n.clone(), registry.source_unreachable(n)))
+                .collect();
+            anyhow::Ok((registry.descriptors(), errors, unreachable))
         })?;
+        let mut errors: Vec<Option<GatewayError>> = errors.into_iter().map(Some).collect();
         for s in &mut servers {
             let name = s["name"].as_str().unwrap_or_default().to_string();
             let prefix = format!("{name}.");
             s["tools"] = json!(
                 tools
-                    .0
                     .iter()
                     .filter(|d| d.name.starts_with(&prefix))
                     .map(|d| &d.name)
                     .collect::<Vec<_>>()
             );
-            if let Some(e) = tools
-                .1
+            // Why the server cannot be used is its error; what it reported while its tools
+            // were registered (a tool skipped, two names alike) are warnings: the rest work.
+            let why = unreachable
                 .iter()
-                .find(|e| e.to_string().contains(&format!("{name:?}")))
-            {
-                s["error"] = json!(e.to_string());
+                .find(|(n, _)| *n == name)
+                .and_then(|(_, why)| why.clone());
+            let mine: Vec<String> = errors
+                .iter_mut()
+                .filter(|e| e.as_ref().is_some_and(|e| error_of_server(e, &name)))
+                .filter_map(Option::take)
+                .map(|e| e.to_string())
+                .filter(|e| Some(e) != why.as_ref())
+                .collect();
+            if let Some(why) = why {
+                s["error"] = json!(why);
             }
+            if !mine.is_empty() {
+                s["warnings"] = json!(mine);
+            }
+        }
+        // Nothing reported is dropped: what names no listed server is said on its own.
+        for e in errors.into_iter().flatten() {
+            eprintln!("warning: {}", crate::common::terminal_text(&e.to_string()));
         }
     }
     if a.json {
@@ -626,9 +647,28 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
             if let Some(e) = s["error"].as_str() {
                 outln!("    error: {}", crate::common::terminal_text(e));
             }
+            for w in s["warnings"].as_array().into_iter().flatten() {
+                let w = w.as_str().unwrap_or_default();
+                outln!("    warning: {}", crate::common::terminal_text(w));
+            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether an error [`McpManager::start`] reported is about server `name`: one it names, or
+/// one about a tool of it (`"NAME.TOOL"`, quoted as errors quote names).
+fn error_of_server(e: &GatewayError, name: &str) -> bool {
+    match e {
+        GatewayError::Mcp { server, .. } => server == name,
+        GatewayError::Duplicate(tool) => tool
+            .strip_prefix(name)
+            .is_some_and(|rest| rest.starts_with('.')),
+        other => {
+            let text = other.to_string();
+            text.contains(&format!("{name:?}")) || text.contains(&format!("\"{name}."))
+        }
+    }
 }
 
 fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {

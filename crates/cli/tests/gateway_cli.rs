@@ -1388,6 +1388,92 @@ for line in sys.stdin:
     assert!(line.contains("looks \\u{1b}[2J\\u{1b}[31mfine"), "{line:?}");
 }
 
+/// `mcp list --tools`: a server that cannot be started has its `error`; what a connected
+/// server's tools list brought up (two names alike, a schema that is no object) are its
+/// `warnings`, every one of them, under the server they concern, and its other tools listed.
+#[test]
+fn mcp_list_tells_a_server_s_warnings_from_its_error() {
+    let env = Env::new();
+    let server = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    method = m.get("method")
+    if method == "initialize":
+        out = {"protocolVersion": m["params"]["protocolVersion"], "capabilities": {"tools": {}},
+               "serverInfo": {"name": "py", "version": "1"}}
+    elif method == "tools/list":
+        s = {"type": "object"}
+        out = {"tools": [{"name": "dup", "inputSchema": s}, {"name": "Dup", "inputSchema": s},
+                         {"name": "ok", "inputSchema": s}, {"name": "bad", "inputSchema": {"type": 5}}]}
+    else:
+        continue
+    sys.stdout.write(json.dumps({"jsonrpc": "2.0", "id": m["id"], "result": out}) + "\n")
+    sys.stdout.flush()
+"#;
+    let servers = env.dir.path().join("servers.json");
+    std::fs::write(
+        &servers,
+        serde_json::to_string(&serde_json::json!({"mcpServers": {
+            "py": {"command": "/usr/bin/python3", "args": ["-c", server]},
+            "gone": {"command": "/nonexistent/server"}}}))
+        .unwrap(),
+    )
+    .unwrap();
+    let out = env
+        .cmd()
+        .args(["mcp", "list", "--tools", "--json", "--mcp-config"])
+        .arg(&servers)
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let of = |name: &str| {
+        v["servers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["name"] == name)
+            .unwrap()
+            .clone()
+    };
+    let (py, gone) = (of("py"), of("gone"));
+    assert_eq!(py["tools"], serde_json::json!(["py.dup", "py.ok"]), "{py}");
+    assert!(py.get("error").is_none(), "{py}");
+    let warnings = py["warnings"].as_array().unwrap();
+    assert_eq!(warnings.len(), 2, "{py}");
+    assert!(
+        warnings[0].as_str().unwrap().contains("both become"),
+        "{py}"
+    );
+    assert!(warnings[1].as_str().unwrap().contains("py.bad"), "{py}");
+    assert!(
+        gone["error"]
+            .as_str()
+            .unwrap()
+            .contains("/nonexistent/server"),
+        "{gone}"
+    );
+    assert!(gone.get("warnings").is_none(), "{gone}");
+
+    let out = env
+        .cmd()
+        .args(["mcp", "list", "--tools", "--mcp-config"])
+        .arg(&servers)
+        .timeout(std::time::Duration::from_secs(60))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("    warning: ").count(), 2, "{stdout}");
+    assert_eq!(stdout.matches("    error: ").count(), 1, "{stdout}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A graph that calls a tool of an MCP server that cannot be reached is refused saying so,
 /// where the tool is named (it said "unknown tool", listing every other tool).
 #[test]

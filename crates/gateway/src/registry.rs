@@ -187,6 +187,16 @@ impl Registry {
         }
     }
 
+    /// Why the source (an MCP server's name) cannot be reached, or `None` when it can (or is
+    /// not known).
+    pub fn source_unreachable(&self, source: &str) -> Option<String> {
+        self.unreachable
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(source)
+            .cloned()
+    }
+
     /// The unreachable source a tool name belongs to (`source.TOOL`), and why it is. Server
     /// names may hold dots (`my.srv`): the longest unreachable name the tool's name starts
     /// with, and only when no registered tool's source is longer still (a typo of a tool of a
