@@ -283,6 +283,7 @@ async fn inspect<T>(opts: &GatewayOpts, look: impl FnOnce(&Gateway) -> T) -> any
         Arc::new(TerminalApproval),
         false,
         Natives::WithWorkforce,
+        Servers::All,
     )
     .await?;
     let out = look(&gw);
@@ -303,14 +304,39 @@ pub(crate) enum Natives {
     ConfiguredOnly,
 }
 
-/// Builds the gateway and connects MCP servers; MCP failures are printed as warnings unless
-/// `quiet`.
+/// Which of the configured MCP servers a command starts.
+#[derive(Clone, Debug)]
+pub(crate) enum Servers {
+    /// Every enabled one: a command that lists or serves every tool.
+    All,
+    /// Those owning one of these tools (`SERVER.TOOL`): a command that calls only these
+    /// neither starts nor waits for any other (a server that never answers `initialize`
+    /// held up every command for its startup timeout).
+    Owning(Vec<String>),
+}
+
+impl Servers {
+    /// Whether the server configured as `name` is started.
+    fn starts(&self, name: &str) -> bool {
+        match self {
+            Servers::All => true,
+            Servers::Owning(tools) => {
+                let prefix = format!("{}.", agent_runtime_gateway::mcp::registry_name(name));
+                tools.iter().any(|t| t.starts_with(&prefix))
+            }
+        }
+    }
+}
+
+/// Builds the gateway and connects the MCP servers `servers` names; MCP failures are printed
+/// as warnings unless `quiet`.
 pub(crate) async fn build(
     opts: &GatewayOpts,
     events: Arc<dyn EventSink>,
     approval: Arc<dyn ApprovalSink>,
     quiet: bool,
     natives: Natives,
+    servers: Servers,
 ) -> anyhow::Result<(Gateway, McpManager)> {
     let assembled = assemble(&options(opts)).map_err(gateway_error)?;
     let registry = assembled.registry.clone();
@@ -321,9 +347,10 @@ pub(crate) async fn build(
             }
         }
     }
-    let (gateway, mcp) = assembled
+    let (gateway, mut mcp) = assembled
         .into_gateway(events, approval)
         .map_err(gateway_error)?;
+    mcp.servers.retain(|name, _| servers.starts(name));
     let mut redactor = gateway.redactor().clone();
     let (manager, errors) = McpManager::start(&mcp, registry, &mut redactor)
         .await
@@ -420,6 +447,7 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             Arc::new(TerminalApproval),
             false,
             Natives::WithWorkforce,
+            Servers::Owning(vec![a.name.clone()]),
         )
         .await?;
         let mut ctx = CallContext::new(actor);
@@ -459,6 +487,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
             Arc::new(TerminalApproval),
             true,
             Natives::WithWorkforce,
+            Servers::Owning(vec![a.tool.clone()]),
         )
         .await?;
         let risk = gw.registry().get(&a.tool).map(|e| e.descriptor().risk);
@@ -731,6 +760,7 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             Arc::new(agent_runtime_core::DenyAll),
             false,
             Natives::ConfiguredOnly,
+            Servers::All,
         )
         .await?;
         let r = match &a.http {

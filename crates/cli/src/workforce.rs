@@ -484,14 +484,17 @@ async fn options(
     seed: u64,
     gateway: &GatewayOpts,
     progress: Arc<Progress>,
+    tools: Vec<String>,
 ) -> anyhow::Result<(RunOptions, agent_runtime_gateway::mcp::McpManager)> {
     let sink: Arc<dyn EventSink> = Arc::new(store.clone());
+    // Only the MCP servers of the tools the graph calls are started.
     let (gw, manager) = crate::gateway::build(
         gateway,
         sink.clone(),
         Arc::new(TerminalApproval),
         false,
         crate::gateway::Natives::WithWorkforce,
+        crate::gateway::Servers::Owning(tools),
     )
     .await?;
     let opts = RunOptions {
@@ -752,6 +755,7 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
         },
         args.json,
         false,
+        graph.tool_names().into_iter().map(String::from).collect(),
         |mut opts, token, controls| {
             opts.labels = labels;
             // Checked here, where the graph's text is at hand, so that an unknown tool is
@@ -998,6 +1002,7 @@ fn drive<Go, Fut>(
     requests: Requests,
     json_out: bool,
     resuming: bool,
+    tools: Vec<String>,
     go: Go,
 ) -> anyhow::Result<ExitCode>
 where
@@ -1013,7 +1018,7 @@ where
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
-        let (opts, mcp) = options(store, seed, gateway, progress.clone()).await?;
+        let (opts, mcp) = options(store, seed, gateway, progress.clone(), tools).await?;
         let token = CancellationToken::new();
         cancel_on_ctrl_c(token.clone());
         let out = go(opts, token, controls).await;
@@ -1098,7 +1103,14 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let mut labels = BTreeMap::new();
     // The task cancellations the run carried out, by whom and of which task, where.
     let mut carried_out: Vec<(u64, String, String)> = Vec::new();
+    // The tools its graph calls: only their MCP servers are started.
+    let mut tools: Vec<String> = Vec::new();
     let summary = run_summary_and(&store, run_id, |e| {
+        if e.kind == EventKind::RunCreated
+            && let Ok(graph) = agent_runtime_workforce::engine::graph_of_created(&e.payload)
+        {
+            tools = graph.tool_names().into_iter().map(String::from).collect();
+        }
         if e.kind == EventKind::TaskCancelled
             && let agent_runtime_core::Actor::Person(by) = &e.actor
             && let Some(task) = e.payload.get("task").and_then(Value::as_str)
@@ -1149,6 +1161,7 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         Requests { pending, after },
         args.json,
         true,
+        tools,
         |mut opts, token, controls| {
             opts.labels = here;
             driver::resume_controlled(&store, run_id, opts, token, Some(controls))

@@ -1474,6 +1474,63 @@ for line in sys.stdin:
     );
 }
 
+/// A command that calls tools starts only the MCP servers those tools belong to: a server
+/// that never answers `initialize` held up every `run` and `tools call` for its startup
+/// timeout, and a server that is not needed is not a process started for nothing. (The server
+/// here notes that it was started in a file, and never answers.)
+#[test]
+fn only_the_mcp_servers_of_the_tools_called_are_started() {
+    let env = Env::new();
+    let marker = env.dir.path().join("started");
+    let servers = env.dir.path().join("servers.json");
+    std::fs::write(
+        &servers,
+        serde_json::to_string(&serde_json::json!({"mcpServers": {"mute": {
+            "command": "/bin/sh",
+            "args": ["-c", "echo >> \"$0\"; exec sleep 600", marker],
+            "startup_timeout_ms": 500}}}))
+        .unwrap(),
+    )
+    .unwrap();
+    let with_servers = |c: &mut Command| {
+        c.arg("--mcp-config").arg(&servers);
+    };
+    let mut call = env.cmd();
+    call.args(["tools", "call", "echo", "--args", r#"{"text":"hi"}"#]);
+    with_servers(&mut call);
+    call.assert().success();
+    let mut check = env.cmd();
+    check.args([
+        "policy",
+        "check",
+        "--tool",
+        "echo",
+        "--args",
+        r#"{"text":"hi"}"#,
+    ]);
+    with_servers(&mut check);
+    check.assert().success();
+    let outcome = env.run_json(
+        "tasks: [ { id: a, tool: echo, args: { text: hi } } ]\n",
+        &["--mcp-config".as_ref(), servers.as_os_str()],
+    );
+    assert_eq!(outcome["status"], "completed", "{outcome}");
+    assert!(
+        !marker.exists(),
+        "a server no tool of the command needs was started"
+    );
+
+    // Calling one of its tools starts it (and names it when it does not answer).
+    let mut call = env.cmd();
+    call.args(["tools", "call", "mute.anything", "--args", "{}"]);
+    with_servers(&mut call);
+    let out = call.output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("\"mute\""), "{stderr}");
+    assert!(marker.exists());
+}
+
 /// A graph that calls a tool of an MCP server that cannot be reached is refused saying so,
 /// where the tool is named (it said "unknown tool", listing every other tool).
 #[test]

@@ -1198,6 +1198,34 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl TaskGraph {
+    /// Every tool the graph's tasks may call, sorted: its tool steps' and its agents' (whose
+    /// sub-tasks are agent tasks too), without the workforce's own `spawn_task`. What a runtime
+    /// must offer for it to run: a host can start only the MCP servers these belong to.
+    ///
+    /// ```
+    /// let g = agent_runtime_workforce::parse_graph(
+    ///     "agents: { w: { model: p/m, tools: [files.read, echo, spawn_task] } }\n\
+    ///      tasks: [ { id: a, tool: git.status }, { id: b, agent: w, prompt: go } ]",
+    ///     std::path::Path::new("g.yaml"),
+    /// ).unwrap();
+    /// assert_eq!(g.tool_names(), ["echo", "files.read", "git.status"]);
+    /// ```
+    pub fn tool_names(&self) -> Vec<&str> {
+        let steps = self.tasks.iter().filter_map(|t| match t.kind() {
+            TaskKind::Tool { tool, .. } => Some(tool),
+            TaskKind::Agent { .. } => None,
+        });
+        let agents = self
+            .agents
+            .values()
+            .flat_map(|a| a.tools.iter().map(String::as_str));
+        let all: BTreeSet<&str> = steps
+            .chain(agents)
+            .filter(|t| *t != crate::engine::SPAWN_TOOL)
+            .collect();
+        all.into_iter().collect()
+    }
+
     /// Checks that every tool step names one of `available` (a runtime's tools), locating the
     /// first that does not in `text` (the graph's source, read from `file`), with the closest
     /// name as a suggestion. What `driver::check_available` also checks, without a location,
