@@ -714,6 +714,12 @@ fn mcp_add_list_and_call_a_server() {
         .assert()
         .code(2)
         .stderr(predicate::str::contains("already"));
+    // A name as a person writes it is refused, with the one its tools would be listed under.
+    env.cmd()
+        .args(["mcp", "add", "My Server", "--command", "node"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("(`my_server` is one)"));
     env.cmd()
         .args(["mcp", "list", "--tools"])
         .assert()

@@ -194,7 +194,16 @@ pub fn check_server(name: &str, s: &McpServerConfig) -> Result<(), GatewayError>
         })
     };
     if crate::registry::check_name(name).is_err() {
-        return fail("server names are 1-128 characters of a-z, 0-9, '_', '.', '-'".into());
+        // The name a host's file with this entry would have it under (see `registry_name`).
+        let usable = registry_name(name);
+        let hint = if crate::registry::check_name(&usable).is_ok() {
+            format!(" (`{usable}` is one)")
+        } else {
+            String::new()
+        };
+        return fail(format!(
+            "server names are 1-128 characters of a-z, 0-9, '_', '.', '-'{hint}"
+        ));
     }
     // An entry switched off (often a stale one, in a file a desktop host shares) is never
     // started: it must not stop the file from loading.
