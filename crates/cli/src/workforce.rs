@@ -61,9 +61,9 @@ pub struct CancelArgs {
 pub struct RunArgs {
     /// The task graph file (`.yaml`, `.yml` or `.json`), or `-` for standard input.
     pub flow: PathBuf,
-    /// Seed of the run's ids, retry jitter and other random draws (default: a random one; the
-    /// run records its seed, see `runs show`).
-    #[arg(long, allow_negative_numbers = true)]
+    /// Seed of the run's ids, retry jitter and other random draws, at most 2^53 - 1 (default:
+    /// a random one; the run records its seed, see `runs show`).
+    #[arg(long, allow_negative_numbers = true, value_parser = seed_parser())]
     pub seed: Option<u64>,
     /// Print the outcome as JSON.
     #[arg(long)]
@@ -138,8 +138,8 @@ pub struct SimulateArgs {
     // "unexpected argument '-0'".
     #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub failure_rate: f64,
-    /// Seed of the graph, durations, failures and run.
-    #[arg(long, default_value_t = 0, allow_negative_numbers = true)]
+    /// Seed of the graph, durations, failures and run, at most 2^53 - 1.
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = seed_parser())]
     pub seed: u64,
     /// Tasks of one agent at once (at least 1).
     #[arg(long, default_value_t = 4, allow_negative_numbers = true,
@@ -181,6 +181,15 @@ pub enum BenchPart {
     Simulator,
     /// Simulator cost per task as the task count grows.
     Scaling,
+}
+
+/// The largest seed: 2^53 - 1. Runs record their seed as a JSON number, and readers that hold
+/// numbers as doubles (JavaScript, `jq` before 1.7) read a larger one back changed, so that
+/// the run could not be repeated from what `runs show --json` printed.
+pub const MAX_SEED: u64 = (1 << 53) - 1;
+
+fn seed_parser() -> clap::builder::RangedU64ValueParser<u64> {
+    clap::value_parser!(u64).range(0..=MAX_SEED)
 }
 
 pub fn run(cmd: WorkforceCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -719,7 +728,7 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     // read such a seed back exactly, so a run can be repeated from `runs show --json`.
     let seed = args
         .seed
-        .unwrap_or_else(|| agent_runtime_core::os_random_u64() >> 11);
+        .unwrap_or_else(|| agent_runtime_core::os_random_u64() & MAX_SEED);
     let labels = origin_labels(&args.gateway);
     // The run records its graph in one event, as JSON with YAML's aliases expanded, which may
     // be far larger than the file: refused here, naming the file, rather than by the log once

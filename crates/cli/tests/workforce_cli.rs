@@ -439,6 +439,12 @@ fn simulate_is_deterministic_in_its_seed() {
         // A negative value is a value, not an unknown flag `-0`.
         ("--failure-rate", "-0.1", "failure-rate is -0.1"),
         ("--seed", "-1", "invalid value '-1' for '--seed <SEED>'"),
+        // A JSON reader holding numbers as doubles would read it back as another seed.
+        (
+            "--seed",
+            "9007199254740992",
+            "9007199254740992 is not in 0..=9007199254740991",
+        ),
         // Refused as the library refuses it, not run as 1.
         (
             "--agent-concurrency",
@@ -453,6 +459,13 @@ fn simulate_is_deterministic_in_its_seed() {
             .code(2)
             .stderr(predicate::str::contains(says));
     }
+    cli(&db)
+        .args(["run", "flow.yaml", "--seed", "9007199254740992"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "9007199254740992 is not in 0..=9007199254740991",
+        ));
 }
 
 /// A simulation's run id follows from its seed, so two processes simulating one seed into one
