@@ -80,7 +80,8 @@ impl<W: Write> Write for CountingWriter<W> {
 }
 
 impl Store {
-    /// Writes the events matching `query` to `out` in `format`.
+    /// Writes the events matching `query` to `out` in `format`, on the calling thread (it
+    /// blocks until done; see the crate docs).
     ///
     /// A bundle must hold the chain from its start, so it takes no filter: `query` must be the
     /// default (the whole log).

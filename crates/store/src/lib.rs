@@ -40,6 +40,13 @@
 //! assert!(report.problem.is_none());
 //! ```
 //!
+//! **Which methods block.** [`Store::append`] and [`Store::append_encoded`] (and the
+//! [`EventSink`](agent_runtime_core::EventSink) methods)
+//! are async: the writer thread does the work. [`Store::open`] (file I/O, and Argon2id for an
+//! encrypted database: tens of milliseconds), [`Store::verify`], [`Store::export`],
+//! [`verify_bundle`], the `*_blocking` methods and the queries do their work on the calling
+//! thread: from async code, call them in `tokio::task::spawn_blocking`.
+//!
 //! What it does not do: decide what to record (capabilities do), or keep secrets out of payloads
 //! (callers redact before appending).
 

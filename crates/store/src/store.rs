@@ -382,6 +382,9 @@ fn meta_string(conn: &Connection, key: &str) -> rusqlite::Result<Option<String>>
 impl Store {
     /// Opens (creating when needed, unless read-only) the database `config` names.
     ///
+    /// Blocks the calling thread (file I/O, and for an encrypted database the passphrase's
+    /// key derivation); from async code, call it in `tokio::task::spawn_blocking`.
+    ///
     /// Errors: the file cannot be created; it is not an event database or is damaged; it is
     /// encrypted and no passphrase was given, or the wrong one; a new encrypted database has no
     /// key source.

@@ -284,7 +284,7 @@ impl Store {
     /// and the recorded head. Decrypts every payload, spreading the work over the cores.
     ///
     /// A returned report with a `problem` means the log was changed; `Err` means it could not be
-    /// read at all.
+    /// read at all. Blocks the calling thread until the whole log is read (see the crate docs).
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let path = self.inner.path.clone();
         let (recorded_head, bounds, index) = {
