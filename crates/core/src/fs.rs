@@ -72,7 +72,7 @@ pub fn replace<T, E: From<io::Error>>(
     path: &Path,
     write: impl FnOnce(&mut File) -> Result<T, E>,
 ) -> Result<T, E> {
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
     let target = link_target(path)?;
     let mode = match std::fs::metadata(&target) {
         Ok(m) => m.permissions().mode() & 0o7777,
@@ -85,11 +85,8 @@ pub fn replace<T, E: From<io::Error>>(
     let dir = folder_of(&target);
     remove_stale_temps(&target, "partial");
     let tmp = temp_beside(&target, "partial");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&tmp)?;
+    // Locked while written: a writer stopped by Ctrl-C leaves a file the next one removes.
+    let mut file = create_locked_temp(&tmp)?;
     let result = (|| -> Result<T, E> {
         // The mode given at creation is filtered by the umask; the replaced file's is exact.
         file.set_permissions(std::fs::Permissions::from_mode(mode))?;
@@ -157,11 +154,55 @@ fn temp_prefix(target: &Path, tag: &str) -> std::ffi::OsString {
     std::ffi::OsString::from_vec(prefix)
 }
 
-/// Removes the temporary files that [`temp_beside`] named for `target` and `tag` and that no
-/// one has written for [`STALE_TEMP_AFTER`]: leftovers of a process killed while it wrote
-/// (a `kill -9` mid-export or mid-creation). Another process's file still being written is
-/// never this old. Best effort: what cannot be listed or removed stays. Returns how many were
-/// removed.
+/// How old a temporary file that nobody holds locked ([`create_locked_temp`]) must be before
+/// [`remove_stale_temps`] takes it for a leftover: its writer locks it right after creating it.
+pub const ABANDONED_TEMP_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Creates `path` (a name from [`temp_beside`]; it must not exist) for writing, readable by its
+/// owner only, and locks it (`flock`) for as long as the returned file stays open: its writer is
+/// then known to be alive, and [`remove_stale_temps`] takes a file that nobody holds for a
+/// leftover (a writer killed by Ctrl-C or `kill -9`) within seconds rather than after
+/// [`STALE_TEMP_AFTER`]. Where the file system cannot lock, the file is created unlocked and
+/// only its age counts.
+///
+/// ```
+/// # let dir = std::env::temp_dir().join(format!("locked-temp-doc-{}", std::process::id()));
+/// # std::fs::create_dir_all(&dir).unwrap();
+/// use agent_runtime_core::fs::{create_locked_temp, temp_beside};
+/// let tmp = temp_beside(&dir.join("events.db"), "creating");
+/// let held = create_locked_temp(&tmp).unwrap();
+/// // Another open of it cannot take the lock while `held` is open.
+/// let other = std::fs::File::open(&tmp).unwrap();
+/// assert!(other.try_lock().is_err());
+/// drop(held);
+/// assert!(other.try_lock().is_ok());
+/// # std::fs::remove_dir_all(&dir).unwrap();
+/// ```
+pub fn create_locked_temp(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    // A file system without locks leaves the age rule alone to judge it.
+    let _ = file.try_lock();
+    Ok(file)
+}
+
+/// Whether nobody holds the file at `path` locked ([`create_locked_temp`]): `false` when it
+/// is locked, cannot be opened, or the file system cannot tell.
+fn nobody_holds(path: &Path) -> bool {
+    std::fs::File::open(path).is_ok_and(|f| f.try_lock().is_ok())
+}
+
+/// Removes the temporary files that [`temp_beside`] named for `target` and `tag` whose writer
+/// is gone: leftovers of a process killed while it wrote (Ctrl-C or `kill -9` mid-export or
+/// mid-creation). A writer that made its file with [`create_locked_temp`] is gone once nobody
+/// holds that file and it is [`ABANDONED_TEMP_AFTER`] old (SQLite's `-wal`, `-shm` and
+/// `-journal` beside it go with it); any file nobody has written for [`STALE_TEMP_AFTER`] is
+/// taken for a leftover too (a file system without locks, an older writer). Best effort: what
+/// cannot be listed or removed stays. Returns how many were removed.
 pub fn remove_stale_temps(target: &Path, tag: &str) -> usize {
     use std::os::unix::ffi::OsStrExt;
     let mut prefix = temp_prefix(target, tag);
@@ -188,14 +229,25 @@ pub fn remove_stale_temps(target: &Path, tag: &str) -> usize {
         {
             continue;
         }
-        let stale = entry
+        let Some(age) = entry
             .metadata()
             .ok()
             .filter(std::fs::Metadata::is_file)
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.elapsed().ok())
-            .is_some_and(|age| age >= STALE_TEMP_AFTER);
-        if stale && std::fs::remove_file(entry.path()).is_ok() {
+        else {
+            continue;
+        };
+        // The writer's own file, which it holds locked while it writes (the name without
+        // SQLite's suffix): gone, or held by nobody.
+        let writers_file = {
+            let mut name = prefix.clone();
+            name.push(std::ffi::OsStr::from_bytes(rest));
+            folder_of(target).join(name)
+        };
+        let abandoned =
+            age >= ABANDONED_TEMP_AFTER && (!writers_file.exists() || nobody_holds(&writers_file));
+        if (abandoned || age >= STALE_TEMP_AFTER) && std::fs::remove_file(entry.path()).is_ok() {
             removed += 1;
         }
     }
@@ -329,6 +381,36 @@ mod tests {
         // A file written recently, another tag's, and one that only looks alike stay.
         assert!(fresh.exists() && other_tag.exists() && lookalike.exists());
         assert!(target.exists());
+
+        // Seconds old: a file its writer holds stays, with SQLite's files beside it; one
+        // nobody holds (its writer was stopped) goes, and so do those beside it.
+        let a_while_ago = std::time::SystemTime::now() - ABANDONED_TEMP_AFTER * 2;
+        let age = |path: &Path| {
+            std::fs::File::options()
+                .write(true)
+                .open(path)
+                .unwrap()
+                .set_modified(a_while_ago)
+                .unwrap();
+        };
+        let held_path = temp_beside(&target, "partial");
+        let held = create_locked_temp(&held_path).unwrap();
+        let held_wal = PathBuf::from(format!("{}-wal", held_path.display()));
+        std::fs::write(&held_wal, "").unwrap();
+        let left_path = temp_beside(&target, "partial");
+        drop(create_locked_temp(&left_path).unwrap());
+        let left_journal = PathBuf::from(format!("{}-journal", left_path.display()));
+        std::fs::write(&left_journal, "").unwrap();
+        for path in [&held_path, &held_wal, &left_path, &left_journal, &fresh] {
+            age(path);
+        }
+        // `fresh` was never locked: nobody holds it either.
+        assert_eq!(remove_stale_temps(&target, "partial"), 3);
+        assert!(held_path.exists() && held_wal.exists());
+        assert!(!left_path.exists() && !left_journal.exists() && !fresh.exists());
+        drop(held);
+        assert_eq!(remove_stale_temps(&target, "partial"), 2);
+        assert!(!held_path.exists() && !held_wal.exists());
     }
 
     #[cfg(unix)]

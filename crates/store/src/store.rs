@@ -992,6 +992,13 @@ fn create_whole(config: &StoreConfig) -> Result<(), StoreError> {
     };
     // A leftover of a crashed process that had this process id and count.
     remove_tmp();
+    // Held (locked) until the end: while it is, other openers know this creation is alive,
+    // and once this process is gone (Ctrl-C mid-way) they remove what it left at once.
+    // SQLite opens the empty file as a new database.
+    let _held = agent_runtime_core::fs::create_locked_temp(&tmp).map_err(|e| StoreError::Open {
+        path: path.clone(),
+        detail: format!("cannot create {}: {e}", tmp.display()),
+    })?;
     let failed = |detail: String| StoreError::Open {
         path: path.clone(),
         detail,

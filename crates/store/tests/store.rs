@@ -948,3 +948,59 @@ fn verify_beside_a_busy_writer_reports_no_damage() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     appender.join().unwrap();
 }
+
+/// A creation stopped mid-way (Ctrl-C, `kill -9`) leaves its temporary database beside the
+/// target; the next open removes it within seconds once nobody holds it, rather than an hour
+/// later, and leaves alone one whose creator is alive (here a process holding it as
+/// `create_locked_temp` does).
+#[cfg(target_os = "linux")]
+#[test]
+fn a_creation_stopped_mid_way_leaves_nothing_once_its_process_is_gone() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("events.db");
+    let leftover = dir.path().join(".events.db.creating-4000001-0");
+    std::fs::write(&leftover, "").unwrap();
+    let leftover_wal = dir.path().join(".events.db.creating-4000001-0-wal");
+    std::fs::write(&leftover_wal, "").unwrap();
+    let mut creator = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-c",
+            "import fcntl, sys, time\n\
+             f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX)\n\
+             print('held', flush=True); time.sleep(120)",
+        ])
+        .arg(dir.path().join(".events.db.creating-4000002-0"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(creator.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "held");
+    let alive = dir.path().join(".events.db.creating-4000002-0");
+    let seconds_ago = std::time::SystemTime::now() - Duration::from_secs(30);
+    for p in [&leftover, &leftover_wal, &alive] {
+        std::fs::File::options()
+            .write(true)
+            .open(p)
+            .unwrap()
+            .set_modified(seconds_ago)
+            .unwrap();
+    }
+    drop(Store::open(StoreConfig::plaintext(&path)).unwrap());
+    assert!(!leftover.exists() && !leftover_wal.exists());
+    assert!(alive.exists(), "a live creation's file was removed");
+    creator.kill().unwrap();
+    creator.wait().unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&alive)
+        .unwrap()
+        .set_modified(seconds_ago)
+        .unwrap();
+    std::fs::remove_file(&path).unwrap();
+    drop(Store::open(StoreConfig::plaintext(&path)).unwrap());
+    assert!(!alive.exists());
+}
