@@ -757,14 +757,16 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
     drive(
         &store,
         seed,
-        &args.gateway,
+        RunGateway {
+            opts: &args.gateway,
+            tools: graph.tool_names().into_iter().map(String::from).collect(),
+        },
         Requests {
             pending: Vec::new(),
             after: head,
         },
         args.json,
         false,
-        graph.tool_names().into_iter().map(String::from).collect(),
         |mut opts, token, controls| {
             opts.labels = labels;
             // Checked here, where the graph's text is at hand, so that an unknown tool is
@@ -1002,16 +1004,22 @@ struct Requests {
     after: u64,
 }
 
+/// The gateway a run calls its tools through, and the tools its graph calls: only their MCP
+/// servers are started.
+struct RunGateway<'a> {
+    opts: &'a GatewayOpts,
+    tools: Vec<String>,
+}
+
 /// What `run` and `resume` share: the gateway's tools, the cancellation `requests`, Ctrl-C,
 /// the progress display and the final report.
 fn drive<Go, Fut>(
     store: &agent_runtime_store::Store,
     seed: u64,
-    gateway: &GatewayOpts,
+    gateway: RunGateway<'_>,
     requests: Requests,
     json_out: bool,
     resuming: bool,
-    tools: Vec<String>,
     go: Go,
 ) -> anyhow::Result<ExitCode>
 where
@@ -1027,7 +1035,8 @@ where
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
-        let (opts, mcp) = options(store, seed, gateway, progress.clone(), tools).await?;
+        let (opts, mcp) =
+            options(store, seed, gateway.opts, progress.clone(), gateway.tools).await?;
         let token = CancellationToken::new();
         cancel_on_ctrl_c(token.clone());
         let out = go(opts, token, controls).await;
@@ -1166,11 +1175,13 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     drive(
         &store,
         0,
-        &args.gateway,
+        RunGateway {
+            opts: &args.gateway,
+            tools,
+        },
         Requests { pending, after },
         args.json,
         true,
-        tools,
         |mut opts, token, controls| {
             opts.labels = here;
             driver::resume_controlled(&store, run_id, opts, token, Some(controls))
