@@ -14,6 +14,7 @@ macro_rules! error_classes {
         /// What kind of failure something was, for retry decisions and reporting.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, schemars::JsonSchema)]
         #[serde(rename_all = "snake_case")]
+        #[non_exhaustive]
         pub enum ErrorClass {
             $($(#[$doc])* $variant,)*
         }

@@ -141,6 +141,7 @@ macro_rules! event_kinds {
         /// The string forms (`run.started`, `tool.completed`, ...) are stable: they are stored,
         /// exported and queried by.
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+        #[non_exhaustive]
         pub enum EventKind {
             $($(#[$doc])* #[serde(rename = $name)] $variant,)*
         }

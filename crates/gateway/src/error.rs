@@ -6,6 +6,7 @@ use std::path::PathBuf;
 ///
 /// Messages say what was being done and to which file or tool; they never contain secret values.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GatewayError {
     /// A file could not be read.
     #[error("{path}: cannot read it: {source}")]

@@ -197,6 +197,7 @@ fn collect_strings<'a>(v: Option<&'a Value>, out: &mut Vec<&'a str>) {
 /// map with one key, the condition's name: `- path_outside: { arg: path, roots: [$workspace] }`.
 #[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case", try_from = "ConditionMap")]
+#[non_exhaustive]
 pub enum Condition {
     /// Every selected path (at least one) resolves inside one of `roots`.
     PathInside {

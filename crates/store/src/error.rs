@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum StoreError {
     /// The database file or its directory could not be created or opened.
     #[error("cannot open event database {path}: {detail}")]

@@ -19,6 +19,7 @@ const OTLP_RECORDS_PER_LINE: usize = 512;
 
 /// An export format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum ExportFormat {
     /// One audit envelope (the published schema) per line.
     Jsonl,

@@ -28,6 +28,7 @@ const REORDER_WINDOW: u64 = 64;
 /// What is wrong at the first broken place in a chain.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum ProblemKind {
     /// An event's content differs from what was hashed.
     PayloadChanged,

@@ -286,6 +286,7 @@ pub struct Outcome {
 
 /// Why a run could not be driven.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum DriverError {
     /// The log refused an append or a read.
     #[error("event log: {0}")]

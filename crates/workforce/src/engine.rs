@@ -51,6 +51,7 @@ pub fn is_input(e: &NewEvent) -> bool {
 
 /// An engine that cannot go on: the log does not describe a run it understands.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum EngineError {
     /// An input event is malformed.
     #[error("event {kind}: {message}")]

@@ -476,6 +476,7 @@ use agent_runtime_core::names::cut_middle;
 
 /// A task graph that cannot be used, with where and why.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum GraphError {
     /// The file could not be read.
     #[error("cannot read task graph {}: {source}", path.display())]

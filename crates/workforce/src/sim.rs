@@ -297,6 +297,7 @@ pub fn synth_graph(cfg: &SimConfig) -> TaskGraph {
 
 /// A simulation that could not run.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum SimError {
     /// The engine refused the graph or an event.
     #[error(transparent)]
