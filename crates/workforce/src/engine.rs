@@ -1433,9 +1433,14 @@ impl Engine {
                     .map(|calls| calls.iter().filter_map(Value::as_u64).collect())
                     .unwrap_or_default();
                 for i in 0..self.tasks.len() as u32 {
-                    if self.tasks[i as usize].status == TaskStatus::Running
-                        && !self.only_unstarted_calls(i, &unstarted)
-                    {
+                    if self.tasks[i as usize].status != TaskStatus::Running {
+                        continue;
+                    }
+                    if self.only_unstarted_calls(i, &unstarted) {
+                        // Its calls are made now: its time starts over, and the time the
+                        // process was gone does not count.
+                        self.restart_clock(i);
+                    } else {
                         self.attempt_failed(
                             i,
                             ErrorClass::Interrupted,
@@ -1683,6 +1688,21 @@ impl Engine {
         }
     }
 
+    /// Gives the running attempt of `task` its whole `timeout` again from now.
+    fn restart_clock(&mut self, task: u32) {
+        let Some(d) = self.graph.tasks[task as usize].timeout else {
+            return;
+        };
+        let (attempt, at) = (
+            self.tasks[task as usize].attempt,
+            self.now.saturating_add(d),
+        );
+        if let Some(a) = self.attempt_mut(task) {
+            a.deadline = Some(at);
+            self.push_timer(at, Timer::Timeout { task, attempt });
+        }
+    }
+
     /// One call of `task`'s attempt stopped waiting for a person; when none waits any more,
     /// the attempt's deadline moves back by the time its clock stood still.
     fn wait_ended(&mut self, task: u32) {
@@ -1888,6 +1908,21 @@ impl Engine {
         }
     }
 
+    /// A ready task leaves without starting (cancelled, skipped): a slot that [`Engine::admit`]
+    /// or [`Engine::admit_agent`] let it in for goes to the next waiter. (Nobody else would
+    /// offer it: slots are offered when they are released, and the run stalled with tasks
+    /// blocked behind a free slot.)
+    fn pass_on_slots(&mut self, idx: u32) {
+        match self.tasks[idx as usize].agent {
+            Some(a) => self.admit_agent(a),
+            None => {
+                if let Some(tool) = self.graph.tasks[idx as usize].tool.clone() {
+                    self.admit(CallKind::Tool, &tool);
+                }
+            }
+        }
+    }
+
     fn admit_agent(&mut self, a: u32) {
         loop {
             let slot = &mut self.agents[a as usize].slot;
@@ -1943,7 +1978,10 @@ impl Engine {
         if let Some(slot) = self.tasks[idx as usize].running {
             let mut calls = std::mem::take(&mut self.attempts[slot as usize].calls);
             // The slot stays the task's until its calls are ended: ending one can start another
-            // call waiting for the same resource, and that call reads the conversation.
+            // call waiting for the same resource, and that call reads the conversation. Its own
+            // calls not yet started end first (they hold no slot): a started one's slot would
+            // otherwise start one of them, recorded as requested, made and cancelled at once.
+            calls.sort_by_key(|c| self.calls.get(c).is_some_and(|info| info.started));
             for &c in &calls {
                 self.end_call(c, true);
             }
@@ -2334,7 +2372,9 @@ impl Engine {
                 Some(task_id),
                 Actor::System,
                 EventKind::TaskRetryScheduled,
-                json!({"attempt": attempt + 1, "delay_ms": delay.as_millis() as u64, "class": class}),
+                json!({"attempt": attempt + 1,
+                       "delay_ms": u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                       "class": class}),
             );
             self.push_timer(at, Timer::Retry { task: idx, attempt });
             return;
@@ -2345,10 +2385,16 @@ impl Engine {
     /// `min(backoff * 2^(attempt-1), max_backoff) * (1 + jitter * u)`, `u` uniform in
     /// `[-1, 1)`, drawn from the run's random source and recorded.
     fn backoff(&mut self, p: &RetryPolicy, attempt: u32, task_id: TaskId) -> Duration {
-        let base = p
-            .backoff
-            .saturating_mul(1u32 << (attempt.saturating_sub(1)).min(20))
-            .min(p.max_backoff);
+        // Doubled `attempt - 1` times, or until it reaches `max_backoff` (or `Duration::MAX`,
+        // within 94 doublings of a nanosecond).
+        let mut base = p.backoff;
+        for _ in 1..attempt {
+            if base >= p.max_backoff || base.is_zero() {
+                break;
+            }
+            base = base.saturating_mul(2);
+        }
+        let base = base.min(p.max_backoff);
         if p.jitter <= 0.0 || base.is_zero() {
             return base;
         }
@@ -2415,12 +2461,12 @@ impl Engine {
                 continue;
             }
             let was_open = t.status != TaskStatus::Held;
+            let was_ready = t.status == TaskStatus::Ready;
             if t.status == TaskStatus::Running {
                 self.end_attempt(i);
             }
-            let t = &mut self.tasks[i as usize];
-            t.status = TaskStatus::Skipped;
-            let task_id = t.task_id;
+            self.tasks[i as usize].status = TaskStatus::Skipped;
+            let task_id = self.tasks[i as usize].task_id;
             let name = self.graph.tasks[i as usize].id.clone();
             if was_open {
                 self.open = self.open.saturating_sub(1);
@@ -2431,6 +2477,9 @@ impl Engine {
                 EventKind::TaskSkipped,
                 json!({"reason": reason}),
             );
+            if was_ready {
+                self.pass_on_slots(i);
+            }
             let mut next: Vec<u32> = self.dependents.get(i as usize).to_vec();
             next.extend(self.fallback_owners.remove(&i).unwrap_or_default());
             // Reverse so that the stack visits them in declaration order.
@@ -2474,10 +2523,10 @@ impl Engine {
             return;
         }
         let was_open = t.status != TaskStatus::Held;
+        let was_ready = t.status == TaskStatus::Ready;
         self.end_attempt(i);
-        let t = &mut self.tasks[i as usize];
-        t.status = TaskStatus::Cancelled;
-        let task_id = t.task_id;
+        self.tasks[i as usize].status = TaskStatus::Cancelled;
+        let task_id = self.tasks[i as usize].task_id;
         if was_open {
             self.open = self.open.saturating_sub(1);
         }
@@ -2487,6 +2536,9 @@ impl Engine {
             EventKind::TaskCancelled,
             json!({"reason": reason}),
         );
+        if was_ready {
+            self.pass_on_slots(i);
+        }
     }
 
     fn fail_run(&mut self, task: &str, class: ErrorClass, message: &str) {

@@ -6,7 +6,9 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agent_runtime_core::{Actor, CancellationToken, Envelope, EventKind, MemoryLog, TaskId};
+use agent_runtime_core::{
+    Actor, CancellationToken, Envelope, EventKind, MemoryLog, TaskId, Timestamp,
+};
 use agent_runtime_workforce::driver::{self, ControlRequest, DriverError, RunOptions, TokioClock};
 use agent_runtime_workforce::engine::{Engine, RunStatus, TaskStatus};
 use agent_runtime_workforce::state::{RunSummary, check_limits};
@@ -972,6 +974,152 @@ fn cancelling_a_subtree_leaves_the_rest_running() {
     let views = engine.task_views();
     assert_eq!(views[2].status, TaskStatus::Cancelled);
     assert_eq!(views[3].status, TaskStatus::Completed);
+}
+
+/// The call numbers of the tool calls among `effects`, by tool step.
+fn tool_calls(effects: Vec<agent_runtime_workforce::Effect>) -> Vec<u64> {
+    effects
+        .into_iter()
+        .filter_map(|e| match e {
+            agent_runtime_workforce::Effect::CallTool { call, .. } => Some(call),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A slot freed by a cancellation that `admit` hands to a waiting task which the same
+/// cancellation then cancels goes on to the next waiter: it was lost, and the run stalled with
+/// a task blocked behind a free slot (and stalled again on resume).
+#[test]
+fn a_slot_handed_to_a_task_cancelled_before_it_starts_goes_to_the_next() {
+    let g = graph(
+        "limits: { concurrency: 4, tools: { flaky: 1 } }
+tasks:
+  - { id: r, tool: echo, args: {} }
+  - { id: x, tool: echo, args: {} }
+  - { id: b, tool: flaky, args: { key: b }, needs: [r], priority: 10 }
+  - { id: c, tool: flaky, args: { key: c }, needs: [r], priority: 5 }
+  - { id: d, tool: flaky, args: { key: d }, needs: [x], priority: 1 }
+",
+    );
+    let created = Engine::created_event(agent_runtime_core::RunId::from_bytes([4; 16]), &g, 1, T0);
+    let mut engine = Engine::create(&created).unwrap();
+    let first = tool_calls(engine.drain_effects().collect());
+    assert_eq!(first.len(), 2, "r and x start");
+    for call in first {
+        let done = engine.tool_result_event(call, "echo", T0, Ok(json!({})));
+        engine.apply(&done).unwrap();
+    }
+    // b holds the one flaky slot; c and d wait for it.
+    let running = tool_calls(engine.drain_effects().collect());
+    assert_eq!(running.len(), 1, "b alone");
+    let cancel = engine.cancel_task_event(T0, "ann", "r", None).unwrap();
+    engine.apply(&cancel).unwrap();
+    let started = tool_calls(engine.drain_effects().collect());
+    assert_eq!(
+        started.len(),
+        1,
+        "d gets the slot b freed: {:?}",
+        engine.task_views()
+    );
+    let done = engine.tool_result_event(started[0], "flaky", T0, Ok(json!({})));
+    engine.apply(&done).unwrap();
+    assert_eq!(engine.status(), RunStatus::Completed);
+    let views = engine.task_views();
+    let status = |id: &str| views.iter().find(|v| v.id == id).unwrap().status;
+    assert_eq!(
+        [status("b"), status("c"), status("d")],
+        [
+            TaskStatus::Cancelled,
+            TaskStatus::Cancelled,
+            TaskStatus::Completed
+        ]
+    );
+}
+
+/// An attempt whose calls were never made when the process died goes on in `resume`, which
+/// makes them: its `timeout` starts over then, and the time the process was gone does not
+/// count (it timed out at the first tick after the resume).
+#[test]
+fn a_kept_attempt_gets_its_timeout_again_on_resume() {
+    let g = graph("tasks:\n  - { id: t, tool: sleep, args: { ms: 20 }, timeout: 800ms }\n");
+    let created = Engine::created_event(agent_runtime_core::RunId::from_bytes([5; 16]), &g, 1, T0);
+    let mut engine = Engine::create(&created).unwrap();
+    let calls = tool_calls(engine.drain_effects().collect());
+    assert_eq!(calls.len(), 1);
+    let later = |ms: u64| Timestamp::from_unix_nanos(T0.as_unix_nanos() + ms * 1_000_000);
+    let resumed = engine.resumed_event_unstarted(later(10_000), &calls);
+    engine.apply(&resumed).unwrap();
+    assert_eq!(engine.next_deadline(), Some(later(10_800)));
+    engine.apply(&engine.clock_event(later(10_500))).unwrap();
+    assert_eq!(engine.status(), RunStatus::Running);
+    let done = engine.tool_result_event(calls[0], "sleep", later(10_520), Ok(json!({})));
+    engine.apply(&done).unwrap();
+    assert_eq!(engine.status(), RunStatus::Completed);
+}
+
+/// Backoff doubles until `max_backoff` however many retries came before (it stopped doubling
+/// after the 21st), and a delay too long for milliseconds in a u64 is recorded as the most
+/// there are rather than wrapped around.
+#[test]
+fn backoff_doubles_to_its_cap_and_huge_delays_are_recorded_whole() {
+    let (_, log) = run(
+        graph(
+            "tasks:\n  - { id: a, tool: fail, args: { message: x }, retry: { max_attempts: 24, backoff: 1us, max_backoff: 1h, jitter: 0 }, on_failure: skip }\n",
+        ),
+        1,
+    );
+    let delays: Vec<u64> = events(&log)
+        .iter()
+        .filter(|e| e.kind == EventKind::TaskRetryScheduled)
+        .map(|e| e.payload["delay_ms"].as_u64().unwrap())
+        .collect();
+    assert_eq!(delays.len(), 23);
+    assert_eq!(&delays[19..], [524, 1048, 2097, 4194]);
+
+    let (_, log) = run(
+        graph(
+            "tasks:\n  - { id: a, tool: fail, args: { message: x }, retry: { max_attempts: 2, backoff: 18446744073709551615s, max_backoff: 18446744073709551615s, jitter: 0 }, on_failure: skip }\n",
+        ),
+        1,
+    );
+    let scheduled = events(&log)
+        .into_iter()
+        .find(|e| e.kind == EventKind::TaskRetryScheduled)
+        .unwrap();
+    assert_eq!(scheduled.payload["delay_ms"], json!(u64::MAX));
+}
+
+/// An attempt that ends (here by its timeout) with one call running and another queued for
+/// the same limited tool ends the queued one first: the slot the running one frees is not
+/// handed to its own queued call, which was recorded as requested, made and cancelled at once.
+#[test]
+fn an_ending_attempt_does_not_start_its_own_queued_call() {
+    let (out, log) = run(
+        graph(
+            r#"
+limits: { tools: { flaky: 1 } }
+agents:
+  w: { model: script/m, tools: [flaky] }
+tasks:
+  - { id: t, agent: w, prompt: "slow twice", timeout: 100ms, on_failure: skip }
+"#,
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    let ev = events(&log);
+    let failed = ev.iter().find(|e| e.kind == EventKind::TaskFailed).unwrap();
+    assert_eq!(failed.payload["class"], "timeout");
+    let requested = ev
+        .iter()
+        .filter(|e| e.kind == EventKind::ToolRequested)
+        .count();
+    assert_eq!(
+        requested, 1,
+        "only the call that held the slot was requested"
+    );
+    driver::replay_events(&ev).unwrap_or_else(|e| panic!("{e}"));
 }
 
 #[test]

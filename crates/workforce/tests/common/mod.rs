@@ -81,7 +81,8 @@ impl Tool for Flaky {
 
 /// A scripted model: on a user turn it calls the first tool offered with `{"text": PROMPT}`
 /// (or `spawn_task` when the prompt says "spawn"); after tool results it answers with the
-/// results joined. A prompt containing "loop" always asks for a tool (to hit max_turns).
+/// results joined. A prompt containing "loop" always asks for a tool (to hit max_turns); one
+/// containing "twice" asks for two calls at once, and "slow" adds `ms: 1000` to their arguments.
 pub struct ScriptModel;
 
 #[async_trait]
@@ -120,14 +121,21 @@ impl ModelProvider for ScriptModel {
                     .find(|t| t.name != "spawn_task")
                     .map(|t| t.name.clone())
                     .unwrap_or_default();
-                (name, json!({"text": user}))
+                let mut arguments = json!({"text": user});
+                if user.contains("slow") {
+                    arguments["ms"] = json!(1000);
+                }
+                (name, arguments)
             };
             let mut message = Message::new(Role::Assistant, "");
-            message.tool_calls = vec![ToolCall {
-                id: format!("c{}", req.messages.len()),
-                name,
-                arguments,
-            }];
+            let calls = if user.contains("twice") { 2 } else { 1 };
+            message.tool_calls = (0..calls)
+                .map(|i| ToolCall {
+                    id: format!("c{}-{i}", req.messages.len()),
+                    name: name.clone(),
+                    arguments: arguments.clone(),
+                })
+                .collect();
             return Ok(ModelResponse {
                 message,
                 finish: FinishReason::ToolCalls,
