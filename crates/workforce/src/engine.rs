@@ -1376,6 +1376,7 @@ impl Engine {
             return Err(bad(event.kind, "not an input event of a running engine"));
         }
         self.finish_pump();
+        let before = self.now;
         if !self.enter_input(event.time) {
             return Ok(());
         }
@@ -1432,21 +1433,23 @@ impl Engine {
                     .and_then(Value::as_array)
                     .map(|calls| calls.iter().filter_map(Value::as_u64).collect())
                     .unwrap_or_default();
-                for i in 0..self.tasks.len() as u32 {
-                    if self.tasks[i as usize].status != TaskStatus::Running {
-                        continue;
-                    }
-                    if self.only_unstarted_calls(i, &unstarted) {
-                        // Its calls are made now: its time starts over, and the time the
-                        // process was gone does not count.
-                        self.restart_clock(i);
-                    } else {
-                        self.attempt_failed(
-                            i,
-                            ErrorClass::Interrupted,
-                            "the process stopped while this attempt was in flight".into(),
-                        );
-                    }
+                // Which attempts were in flight is decided for all before any fails: failing
+                // one frees its slots, which starts calls of attempts that were waiting.
+                let (in_flight, kept): (Vec<u32>, Vec<u32>) = (0..self.tasks.len() as u32)
+                    .filter(|&i| self.tasks[i as usize].status == TaskStatus::Running)
+                    .partition(|&i| !self.only_unstarted_calls(i, &unstarted));
+                // The others go on, their calls made now: the time the process was gone (since
+                // the last input it recorded) does not count against their timeouts.
+                let gone = self.now.saturating_duration_since(before);
+                for i in kept {
+                    self.move_deadline(i, gone);
+                }
+                for i in in_flight {
+                    self.attempt_failed(
+                        i,
+                        ErrorClass::Interrupted,
+                        "the process stopped while this attempt was in flight".into(),
+                    );
                 }
             }
             EventKind::RunCancelled => {
@@ -1477,21 +1480,18 @@ impl Engine {
         Ok(())
     }
 
-    /// Whether every call the running attempt of `task` has started is one of `unstarted`
-    /// (and it has started one): then nothing of the attempt reached the world.
+    /// Whether every call the running attempt of `task` has started is one of `unstarted`, or
+    /// it has started none (its call waits for a slot): then nothing of the attempt is in
+    /// flight, whatever its earlier calls did (their results are in the log).
     fn only_unstarted_calls(&self, task: u32, unstarted: &std::collections::BTreeSet<u64>) -> bool {
-        if unstarted.is_empty() {
-            return false;
-        }
         let Some(slot) = self.tasks[task as usize].running else {
             return false;
         };
-        let mut started = self.attempts[slot as usize]
+        self.attempts[slot as usize]
             .calls
             .iter()
             .filter(|c| self.calls.get(c).is_some_and(|info| info.started))
-            .peekable();
-        started.peek().is_some() && started.all(|c| unstarted.contains(c))
+            .all(|c| unstarted.contains(c))
     }
 
     /// What every applied input does last: start what can start, end the run if it is done.
@@ -1688,26 +1688,24 @@ impl Engine {
         }
     }
 
-    /// Gives the running attempt of `task` its whole `timeout` again from now.
-    fn restart_clock(&mut self, task: u32) {
-        let Some(d) = self.graph.tasks[task as usize].timeout else {
+    /// Moves the deadline of the running attempt of `task` (if it has one) `by` later.
+    fn move_deadline(&mut self, task: u32, by: Duration) {
+        let attempt = self.tasks[task as usize].attempt;
+        let Some(a) = self.attempt_mut(task) else {
             return;
         };
-        let (attempt, at) = (
-            self.tasks[task as usize].attempt,
-            self.now.saturating_add(d),
-        );
-        if let Some(a) = self.attempt_mut(task) {
-            a.deadline = Some(at);
-            self.push_timer(at, Timer::Timeout { task, attempt });
-        }
+        let Some(deadline) = a.deadline else {
+            return;
+        };
+        let at = deadline.saturating_add(by);
+        a.deadline = Some(at);
+        self.push_timer(at, Timer::Timeout { task, attempt });
     }
 
     /// One call of `task`'s attempt stopped waiting for a person; when none waits any more,
     /// the attempt's deadline moves back by the time its clock stood still.
     fn wait_ended(&mut self, task: u32) {
         let now = self.now;
-        let attempt = self.tasks[task as usize].attempt;
         let Some(a) = self.attempt_mut(task) else {
             return;
         };
@@ -1715,12 +1713,8 @@ impl Engine {
         if a.waiting_calls > 0 {
             return;
         }
-        let Some(deadline) = a.deadline else {
-            return;
-        };
-        let moved = deadline.saturating_add(now.saturating_duration_since(a.waiting_since));
-        a.deadline = Some(moved);
-        self.push_timer(moved, Timer::Timeout { task, attempt });
+        let waited = now.saturating_duration_since(a.waiting_since);
+        self.move_deadline(task, waited);
     }
 
     /// The running attempt of a task.

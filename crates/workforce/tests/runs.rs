@@ -1058,6 +1058,43 @@ fn a_kept_attempt_gets_its_timeout_again_on_resume() {
     assert_eq!(engine.status(), RunStatus::Completed);
 }
 
+/// On resume, an agent attempt whose model call waits for its provider's slot has nothing in
+/// flight and goes on (it failed as interrupted, as the attempt whose call was made does).
+#[test]
+fn an_attempt_whose_call_waits_for_a_slot_goes_on_after_resume() {
+    let g = graph(
+        "limits: { providers: { script: 1 } }
+agents:
+  w: { model: script/m, tools: [] }
+tasks:
+  - { id: a, agent: w, prompt: one, on_failure: skip }
+  - { id: b, agent: w, prompt: two, on_failure: skip }
+",
+    );
+    let created = Engine::created_event(agent_runtime_core::RunId::from_bytes([6; 16]), &g, 1, T0);
+    let mut engine = Engine::create(&created).unwrap();
+    let made: Vec<_> = engine.drain_effects().collect();
+    assert_eq!(made.len(), 1, "one model call has the provider's slot");
+    engine.drain_events();
+    let resumed = engine.resumed_event_unstarted(T0, &[]);
+    engine.apply(&resumed).unwrap();
+    let all: Vec<_> = engine.drain_events().collect();
+    let failed: Vec<_> = all
+        .iter()
+        .filter(|e| e.kind() == EventKind::TaskFailed)
+        .map(|e| String::from_utf8_lossy(e.payload_json()).into_owned())
+        .collect();
+    assert_eq!(
+        failed.len(),
+        1,
+        "only the attempt whose call was made: {failed:?}"
+    );
+    let views = engine.task_views();
+    let status = |id: &str| views.iter().find(|v| v.id == id).unwrap().status;
+    assert_eq!(status("b"), TaskStatus::Running);
+    assert_eq!(views.iter().find(|v| v.id == "b").unwrap().attempts, 1);
+}
+
 /// Backoff doubles until `max_backoff` however many retries came before (it stopped doubling
 /// after the 21st), and a delay too long for milliseconds in a u64 is recorded as the most
 /// there are rather than wrapped around.
