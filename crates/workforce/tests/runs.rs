@@ -1038,8 +1038,8 @@ tasks:
 }
 
 /// An attempt whose calls were never made when the process died goes on in `resume`, which
-/// makes them: its `timeout` starts over then, and the time the process was gone does not
-/// count (it timed out at the first tick after the resume).
+/// makes them: the time the process was gone does not count against its `timeout` (it timed
+/// out at the first tick after the resume).
 #[test]
 fn a_kept_attempt_gets_its_timeout_again_on_resume() {
     let g = graph("tasks:\n  - { id: t, tool: sleep, args: { ms: 20 }, timeout: 800ms }\n");
