@@ -807,10 +807,107 @@ pub(crate) fn write_json_number(n: &serde_json::Number, out: &mut Vec<u8>) {
         write_integer(out, u);
     } else if let Some(i) = n.as_i64() {
         write_integer(out, i);
+    } else if let Some(f) = n.as_f64() {
+        write_float(out, f);
     } else {
         // Writing a number into a Vec cannot fail.
         let _ = serde_json::to_writer(&mut *out, n);
     }
+}
+
+/// Writes a float in the canonical form: its shortest round-trip digits `d1 d2 ... dn` (the
+/// fewest that read back as the same float; of two candidates as near, the even one, as
+/// ECMAScript's `Number.prototype.toString` picks them) and decimal exponent `e` (the value is
+/// `d1.d2...dn × 10^e`), laid out in plain decimal when `-5 <= e < 16`, with `.0` after a whole
+/// number (`100.0`, `0.00001`, `123.456`), and in scientific form otherwise, the exponent
+/// always signed (`1e+16`, `1.5e-7`); a minus sign first when negative (`-0.0` too).
+///
+/// Laid out here rather than left to `serde_json`, whose float output changed between versions
+/// (`1e16`, then `1e+16`): the form the chain hashes must not move with a dependency. It is
+/// the form `serde_json` 1.0.154 writes. The digits come from `ryu` (Rust's own `{:e}` breaks
+/// ties upwards, `1658206780088562.3` where this form has `.2`).
+///
+/// ```
+/// let canonical = |v: f64| String::from_utf8(agent_runtime_core::canonical_json(&serde_json::json!(v))).unwrap();
+/// assert_eq!(canonical(1.0), "1.0");
+/// assert_eq!(canonical(1e15), "1000000000000000.0");
+/// assert_eq!(canonical(1e16), "1e+16");
+/// assert_eq!(canonical(0.00001), "0.00001");
+/// assert_eq!(canonical(-1.5e-7), "-1.5e-7");
+/// ```
+pub(crate) fn write_float(out: &mut Vec<u8>, f: f64) {
+    if !f.is_finite() {
+        // JSON has no such number (a `Value` never holds one).
+        out.extend_from_slice(b"null");
+        return;
+    }
+    let (digits, exp) = float_digits(f.abs());
+    if f.is_sign_negative() {
+        out.push(b'-');
+    }
+    if (-5..16).contains(&exp) {
+        if exp < 0 {
+            out.extend_from_slice(b"0.");
+            out.extend(std::iter::repeat_n(b'0', (-exp - 1) as usize));
+            out.extend_from_slice(&digits);
+        } else {
+            let whole = exp as usize + 1;
+            if digits.len() <= whole {
+                out.extend_from_slice(&digits);
+                out.extend(std::iter::repeat_n(b'0', whole - digits.len()));
+                out.extend_from_slice(b".0");
+            } else {
+                out.extend_from_slice(&digits[..whole]);
+                out.push(b'.');
+                out.extend_from_slice(&digits[whole..]);
+            }
+        }
+    } else {
+        out.push(digits[0]);
+        if digits.len() > 1 {
+            out.push(b'.');
+            out.extend_from_slice(&digits[1..]);
+        }
+        out.push(b'e');
+        out.push(if exp < 0 { b'-' } else { b'+' });
+        write_integer(out, exp.unsigned_abs());
+    }
+}
+
+/// The shortest round-trip digits of a finite, non-negative float, without leading or
+/// trailing zeros (`0` for zero), and the decimal exponent of the first: `(b"15", -7)` for
+/// `1.5e-7`. Read off `ryu`'s text, whatever layout it chooses.
+fn float_digits(f: f64) -> (Vec<u8>, i32) {
+    let mut buffer = ryu::Buffer::new();
+    let text = buffer.format_finite(f).as_bytes();
+    let (mantissa, exp) = match text.iter().position(|&b| b == b'e' || b == b'E') {
+        Some(at) => (
+            &text[..at],
+            std::str::from_utf8(&text[at + 1..])
+                .ok()
+                .and_then(|e| e.parse::<i32>().ok())
+                .unwrap_or(0),
+        ),
+        None => (text, 0),
+    };
+    let point = mantissa
+        .iter()
+        .position(|&b| b == b'.')
+        .unwrap_or(mantissa.len());
+    let all: Vec<u8> = mantissa
+        .iter()
+        .copied()
+        .filter(u8::is_ascii_digit)
+        .collect();
+    let leading = all.iter().take_while(|&&d| d == b'0').count();
+    if leading == all.len() {
+        return (vec![b'0'], 0);
+    }
+    let digits: Vec<u8> = all[leading..].to_vec();
+    let end = digits.len() - digits.iter().rev().take_while(|&&d| d == b'0').count();
+    // The first significant digit stands `point - 1 - leading` places from the units.
+    let first = point as i32 - 1 - leading as i32 + exp;
+    (digits[..end].to_vec(), first)
 }
 
 /// Writes an integer in decimal, as `serde_json` does (both use `itoa`).
@@ -1100,6 +1197,72 @@ impl Slot<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn float_text(f: f64) -> String {
+        let mut out = Vec::new();
+        write_float(&mut out, f);
+        String::from_utf8(out).unwrap()
+    }
+
+    /// The canonical form of floats, pinned: the chain hashes it, so it must not move.
+    #[test]
+    fn floats_have_one_pinned_form() {
+        for (value, text) in [
+            (0.0, "0.0"),
+            (-0.0, "-0.0"),
+            (1.0, "1.0"),
+            (100.0, "100.0"),
+            (0.1, "0.1"),
+            (123456.789, "123456.789"),
+            (1e15, "1000000000000000.0"),
+            (9.999e15, "9999000000000000.0"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (12345678901234567890.0, "1.2345678901234567e+19"),
+            (f64::MAX, "1.7976931348623157e+308"),
+            (1e-4, "0.0001"),
+            (1e-5, "0.00001"),
+            (1.2345e-5, "0.000012345"),
+            (1e-6, "1e-6"),
+            (-1.5e-7, "-1.5e-7"),
+            (5e-324, "5e-324"),
+            (2.2250738585072014e-308, "2.2250738585072014e-308"),
+        ] {
+            assert_eq!(float_text(value), text, "{value:e}");
+        }
+    }
+
+    /// The pinned form is what `serde_json` (the version in Cargo.lock) writes, over random
+    /// bit patterns: logs written before the form was pinned hash the same. Should a newer
+    /// `serde_json` write floats otherwise, this fails while the canonical form stays; the
+    /// comparison may then go.
+    #[test]
+    fn the_pinned_float_form_is_serde_json_s() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        for _ in 0..200_000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let f = f64::from_bits(x);
+            if !f.is_finite() {
+                continue;
+            }
+            assert_eq!(
+                float_text(f),
+                serde_json::to_string(&f).unwrap(),
+                "{:#x}",
+                x
+            );
+        }
+        for digits in 1..17 {
+            for exp in -330..310 {
+                let f: f64 = format!("{}e{exp}", "7".repeat(digits)).parse().unwrap();
+                if f.is_finite() {
+                    assert_eq!(float_text(f), serde_json::to_string(&f).unwrap(), "{f:e}");
+                }
+            }
+        }
+    }
 
     fn event(payload: Value) -> NewEvent {
         NewEvent {
