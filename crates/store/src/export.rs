@@ -218,31 +218,66 @@ impl Store {
 /// writes (a test holds it to that), without parsing the payload: the stored payload is already
 /// canonical JSON. This is what makes export fast.
 fn write_envelope_line(r: &RawRow, payload: &[u8], out: &mut Vec<u8>) {
+    write_line(
+        &LineParts {
+            seq: r.seq,
+            run_id: r.run_id,
+            task_id: r.task_id,
+            actor: &r.actor,
+            kind: &r.kind,
+            time_ns: r.time_ns,
+            payload,
+            prev_hash: &r.prev_hash,
+            hash: &r.hash,
+        },
+        out,
+    );
+    out.push(b'\n');
+}
+
+/// What one jsonl or bundle line is made of.
+pub(crate) struct LineParts<'a> {
+    pub seq: u64,
+    pub run_id: [u8; 16],
+    pub task_id: Option<[u8; 16]>,
+    pub actor: &'a str,
+    pub kind: &'a str,
+    pub time_ns: u64,
+    /// The canonical payload JSON.
+    pub payload: &'a [u8],
+    pub prev_hash: &'a [u8],
+    pub hash: &'a [u8],
+}
+
+/// An envelope as a jsonl or bundle line, without its newline: the one form an export writes,
+/// which [`verify_bundle`](crate::verify_bundle) also holds every line to (what the hash does
+/// not cover, a field added or a time written another way, is a change too).
+pub(crate) fn write_line(p: &LineParts<'_>, out: &mut Vec<u8>) {
     use std::io::Write as _;
     let _ = write!(
         out,
         "{{\"seq\":{},\"run_id\":\"{}\"",
-        r.seq,
-        RunId::from_bytes(r.run_id)
+        p.seq,
+        RunId::from_bytes(p.run_id)
     );
-    if let Some(t) = r.task_id {
+    if let Some(t) = p.task_id {
         let _ = write!(out, ",\"task_id\":\"{}\"", TaskId::from_bytes(t));
     }
     out.extend_from_slice(b",\"actor\":");
-    let _ = serde_json::to_writer(&mut *out, &r.actor);
+    let _ = serde_json::to_writer(&mut *out, p.actor);
     out.extend_from_slice(b",\"kind\":");
-    let _ = serde_json::to_writer(&mut *out, &r.kind);
+    let _ = serde_json::to_writer(&mut *out, p.kind);
     let _ = write!(
         out,
         ",\"time\":\"{}\",\"payload\":",
-        Timestamp::from_unix_nanos(r.time_ns)
+        Timestamp::from_unix_nanos(p.time_ns)
     );
-    out.extend_from_slice(payload);
+    out.extend_from_slice(p.payload);
     out.extend_from_slice(b",\"prev_hash\":\"");
-    push_hex(out, &r.prev_hash);
+    push_hex(out, p.prev_hash);
     out.extend_from_slice(b"\",\"hash\":\"");
-    push_hex(out, &r.hash);
-    out.extend_from_slice(b"\"}\n");
+    push_hex(out, p.hash);
+    out.extend_from_slice(b"\"}");
 }
 
 /// Lowercase hex of `bytes` appended to `out` (the `hex` crate's iterator is slow on this path).

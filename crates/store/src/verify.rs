@@ -847,6 +847,29 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
     verify_bundle_from(std::io::BufReader::new(file), path)
 }
 
+/// Whether `line` is the very line an export writes for `env` (see `export::write_line`).
+fn is_exported_form(env: &Envelope, line: &str) -> bool {
+    let kind = env.kind.as_str();
+    let actor = env.actor.to_string();
+    let payload = agent_runtime_core::canonical_json(&env.payload);
+    let mut expected = Vec::with_capacity(line.len());
+    crate::export::write_line(
+        &crate::export::LineParts {
+            seq: env.seq,
+            run_id: *env.run_id.as_bytes(),
+            task_id: env.task_id.map(|t| *t.as_bytes()),
+            actor: &actor,
+            kind,
+            time_ns: env.time.as_unix_nanos(),
+            payload: &payload,
+            prev_hash: &env.prev_hash.0,
+            hash: &env.hash.0,
+        },
+        &mut expected,
+    );
+    expected == line.as_bytes()
+}
+
 /// [`verify_bundle`] of a bundle read from `reader` (received over a network, held in memory):
 /// `name` stands for it in errors (`<received>`, say).
 ///
@@ -933,10 +956,16 @@ pub fn verify_bundle_from<R: BufRead + Send>(
                 .map(|(n, l)| match serde_json::from_str::<Envelope>(&l) {
                     Ok(env) => {
                         let body = env.to_new_event().canonical_body();
-                        let outcome = if chain_hash(&env.prev_hash, env.seq, &body) == env.hash {
-                            Outcome::Ok
-                        } else {
+                        let outcome = if chain_hash(&env.prev_hash, env.seq, &body) != env.hash {
                             Outcome::HashMismatch { body }
+                        } else if !is_exported_form(&env, &l) {
+                            Outcome::Malformed(format!(
+                                "line {n} is not as an export writes it: something the hash does \
+                                 not cover was changed (a field added, a key given twice, a \
+                                 time, hash or id written another way)"
+                            ))
+                        } else {
+                            Outcome::Ok
                         };
                         Ok(Checked {
                             seq: env.seq,

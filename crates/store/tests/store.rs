@@ -532,6 +532,98 @@ fn bundle_verifies_offline_and_catches_edits() {
     assert!(store.export(&q, ExportFormat::Bundle, Vec::new()).is_err());
 }
 
+/// What the hash does not cover in a bundle line is held to the form an export writes: a field
+/// added, a payload key given twice (a reader keeping the first would see another value), a
+/// time, hash or id written another way each made `verify --bundle` say ok.
+#[test]
+fn a_bundle_line_changed_outside_the_hash_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::plaintext(dir.path().join("b.db"))).unwrap();
+    store.append_blocking(events(1, 20)).unwrap();
+    let mut out = Vec::new();
+    store
+        .export(&EventQuery::default(), ExportFormat::Bundle, &mut out)
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    // Line 7 holds seq 7 (line 0 is the header).
+    let line = lines[7];
+    assert!(line.starts_with("{\"seq\":7,"), "{line}");
+    let time = line
+        .split("\"time\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let hash = line
+        .split("\"hash\":\"")
+        .last()
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let run = line
+        .split("\"run_id\":\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    let payload_key = line
+        .split("\"payload\":{\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .next()
+        .unwrap();
+    for (what, changed) in [
+        (
+            "a field added",
+            line.replacen("{\"seq\":7,", "{\"seq\":7,\"approved_by\":\"CFO\",", 1),
+        ),
+        (
+            "a payload key given twice",
+            line.replacen(
+                "\"payload\":{",
+                &format!("\"payload\":{{\"{payload_key}\":999,"),
+                1,
+            ),
+        ),
+        (
+            "a time with an offset",
+            line.replacen(time, &time.replace('Z', "+00:00"), 1),
+        ),
+        (
+            "an upper-case hash",
+            line.replacen(hash, &hash.to_uppercase(), 1),
+        ),
+        (
+            "an id without hyphens",
+            line.replacen(run, &run.replace('-', ""), 1),
+        ),
+        ("a space", line.replacen("\"seq\":7,", "\"seq\": 7,", 1)),
+    ] {
+        assert_ne!(changed, line, "{what}");
+        let mut edited = lines.clone();
+        edited[7] = &changed;
+        let bytes = edited.join("\n") + "\n";
+        let report =
+            agent_runtime_store::verify_bundle_from(bytes.as_bytes(), "<edited>".as_ref()).unwrap();
+        let p = report.problem.unwrap_or_else(|| panic!("{what}: ok"));
+        assert_eq!(
+            (p.seq, p.kind),
+            (7, ProblemKind::PayloadChanged),
+            "{what}: {p:?}"
+        );
+        assert!(
+            p.detail.contains("not as an export writes it"),
+            "{what}: {}",
+            p.detail
+        );
+    }
+}
+
 #[test]
 fn every_exported_line_is_valid_against_the_published_schema() {
     let schema_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
