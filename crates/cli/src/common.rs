@@ -82,13 +82,26 @@ pub fn terminal_text(text: &str) -> Cow<'_, str> {
 /// zero-width space and no-break space (U+200B, U+FEFF), the invisible operators (U+2060 to
 /// U+2064), the soft hyphen (U+00AD), the line and paragraph separators (U+2028, U+2029, which
 /// some terminals break lines at), the Hangul fillers that render as blanks (U+115F, U+1160,
-/// U+3164, U+FFA0) and the tag characters (U+E0000 to U+E007F, which can carry hidden ASCII).
-/// The zero-width joiner and non-joiner (U+200C, U+200D) are left: emoji sequences and several
-/// scripts need them, and they reorder nothing.
+/// U+3164, U+FFA0) and the braille blank (U+2800), the tag characters (U+E0000 to U+E007F,
+/// which can carry hidden ASCII), and the other characters that draw nothing yet make two
+/// texts differ: the combining grapheme joiner (U+034F), the Mongolian variation selectors and
+/// vowel separator (U+180B to U+180F), the deprecated format controls (U+206A to U+206F), the
+/// variation selectors (U+FE00 to U+FE0F, U+E0100 to U+E01EF: an emoji then shows its selector
+/// escaped), the interlinear annotation marks (U+FFF9 to U+FFFB) and the musical format
+/// controls (U+1D173 to U+1D17A). The zero-width joiner and non-joiner (U+200C, U+200D) are
+/// left: emoji sequences and several scripts need them, and they reorder nothing.
 pub fn is_invisible_format(c: char) -> bool {
     matches!(
         c,
         '\u{00AD}'
+            | '\u{034F}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{206A}'..='\u{206F}'
+            | '\u{2800}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FFF9}'..='\u{FFFB}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0100}'..='\u{E01EF}'
             | '\u{061C}'
             | '\u{115F}'
             | '\u{1160}'
@@ -367,6 +380,22 @@ mod tests {
         );
         let family = "\u{1f468}\u{200d}\u{1f469}\u{200d}\u{1f467}";
         assert!(matches!(terminal_text(family), Cow::Borrowed(_)));
+        // Characters that draw nothing yet make two texts differ (found in an approval
+        // question): each escaped.
+        for c in [
+            '\u{180e}',
+            '\u{206a}',
+            '\u{206e}',
+            '\u{fe0f}',
+            '\u{34f}',
+            '\u{fff9}',
+            '\u{2800}',
+            '\u{1d173}',
+            '\u{e0100}',
+        ] {
+            let text = format!("a{c}b");
+            assert_eq!(terminal_text(&text), format!("a{}b", c.escape_default()));
+        }
     }
 
     #[test]

@@ -77,7 +77,8 @@ fn typed_lines() -> &'static Mutex<UnboundedReceiver<String>> {
 /// control and invisible characters escaped (see [`terminal_text`]): what the person reads is
 /// what the call will get. The arguments keep the lines of their pretty JSON.
 fn prompt_text(request: &ApprovalRequest) -> String {
-    let arguments = serde_json::to_string_pretty(&request.arguments).unwrap_or_default();
+    let arguments =
+        serde_json::to_string_pretty(&shortened(&request.arguments)).unwrap_or_default();
     let arguments: Vec<_> = arguments.lines().map(terminal_text).collect();
     // Which task asks, as the graph names it: two tasks of one agent ask alike otherwise.
     let task = request
@@ -95,8 +96,55 @@ fn prompt_text(request: &ApprovalRequest) -> String {
     )
 }
 
+/// The longest string an approval question shows whole, in characters; a longer one shows its
+/// start and end and how much is left out. (A 200,000-character argument scrolled the question
+/// itself off the screen.)
+const SHOWN_STRING_CHARS: usize = 2_000;
+
+/// `value` with every string longer than [`SHOWN_STRING_CHARS`] cut to its first and last
+/// thousand characters around a note of how many are not shown, so that the person sees that
+/// something is left out (and may deny for that reason).
+fn shortened(value: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match value {
+        Value::String(text) => {
+            let chars = text.chars().count();
+            if chars <= SHOWN_STRING_CHARS {
+                return value.clone();
+            }
+            let half = SHOWN_STRING_CHARS / 2;
+            let head: String = text.chars().take(half).collect();
+            let tail: String = text.chars().skip(chars - half).collect();
+            Value::String(format!(
+                "{head} [... {} characters not shown ...] {tail}",
+                chars - 2 * half
+            ))
+        }
+        Value::Array(items) => Value::Array(items.iter().map(shortened).collect()),
+        Value::Object(map) => {
+            Value::Object(map.iter().map(|(k, v)| (k.clone(), shortened(v))).collect())
+        }
+        other => other.clone(),
+    }
+}
+
+/// How long after a question appears a typed line is taken for one typed before it could be
+/// read (keys typed on after the previous answer, an Enter pressed twice) and ignored, so that
+/// it cannot decide a question nobody has seen.
+const READING_TIME: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What a typed line says: `y` or `yes` approve, `n`, `no` or an empty line deny (any case);
+/// anything else answers nothing.
+fn answer_of(line: &str) -> Option<bool> {
+    match line.trim().to_ascii_lowercase().as_str() {
+        "y" | "yes" => Some(true),
+        "" | "n" | "no" => Some(false),
+        _ => None,
+    }
+}
+
 /// Asks on the terminal, one question at a time; denies (decided by `system`) when there is
-/// no terminal.
+/// no terminal, or once its input has ended.
 pub(crate) struct TerminalApproval;
 
 #[agent_runtime_core::async_trait]
@@ -125,19 +173,36 @@ impl ApprovalSink for TerminalApproval {
         // What was typed before this question was asked answers nothing.
         while lines.try_recv().is_ok() {}
         let mut open = OpenPrompt::show(&prompt_text(&request));
-        // An answer typed as the call is cancelled still counts as given (and is recorded).
-        let line = tokio::select! {
-            biased;
-            line = lines.recv() => line,
-            _ = cancel.cancelled() => return Err(withdrawn()),
+        let shown = std::time::Instant::now();
+        let approved = loop {
+            // An answer typed as the call is cancelled still counts as given (and is recorded).
+            let line = tokio::select! {
+                biased;
+                line = lines.recv() => line,
+                _ = cancel.cancelled() => return Err(withdrawn()),
+            };
+            let Some(line) = line else {
+                // Nobody can answer any more (Ctrl-D, the terminal closed): the person did not
+                // decide this, and the record says so.
+                open.answered = true;
+                eprintln!("\n(the terminal's input has ended: denied)");
+                return Ok(ApprovalDecision {
+                    approved: false,
+                    decided_by: Actor::System,
+                    reason: Some("the terminal's input had ended: denied without asking".into()),
+                });
+            };
+            if shown.elapsed() < READING_TIME {
+                eprint!("(typed before the question could be read: ignored)\nAllow? [y/N] ");
+                continue;
+            }
+            match answer_of(&line) {
+                Some(approved) => break approved,
+                None => eprint!("(answer y or n)\nAllow? [y/N] "),
+            }
         };
         open.answered = true;
-        if line.is_none() {
-            eprintln!("\n(no more input: denied)");
-        }
-        let approved = line
-            .as_deref()
-            .is_some_and(|l| matches!(l.trim(), "y" | "Y" | "yes"));
+        eprintln!("{}", if approved { "(approved)" } else { "(denied)" });
         Ok(ApprovalDecision {
             approved,
             decided_by: crate::common::person(),
@@ -164,8 +229,12 @@ impl OpenPrompt {
     fn show(text: &str) -> OpenPrompt {
         PROMPT_OPEN.store(true, Ordering::Release);
         let mut err = std::io::stderr().lock();
-        // Clear the progress line the question starts on; the cursor stays after it.
-        let _ = write!(err, "\r\x1b[2K\n{text}");
+        // Clear the progress line the question starts on (a dumb terminal has none, and would
+        // show the escape as text); the cursor stays after it.
+        if stderr_is_smart_terminal() {
+            let _ = write!(err, "\r\x1b[2K");
+        }
+        let _ = write!(err, "\n{text}");
         let _ = err.flush();
         OpenPrompt { answered: false }
     }

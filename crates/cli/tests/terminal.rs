@@ -116,6 +116,13 @@ impl Terminal {
         self.master.write_all(text.as_bytes()).unwrap();
     }
 
+    /// Types `text` as a person answering the question just shown: after reading it (a line
+    /// typed within half a second of a question is ignored).
+    fn answer(&mut self, text: &str) {
+        std::thread::sleep(Duration::from_millis(700));
+        self.type_text(text);
+    }
+
     /// Waits for the child to end (it must, within a minute: a hang fails the test).
     fn wait(&mut self) -> ExitStatus {
         let until = Instant::now() + Duration::from_secs(60);
@@ -203,17 +210,95 @@ fn approvals_are_asked_one_at_a_time_and_answered_in_turn() {
         screen.contains(&format!("(task `{task}`) wants to call read_file")),
         "{screen}"
     );
-    term.type_text("y\r");
+    term.answer("y\r");
     let screen = term.wait_for("Allow? [y/N]", 2);
     let second = &screen[screen.find("Allow? [y/N]").unwrap() + 1..];
     assert!(second.contains(other), "{screen}");
     assert!(!second.contains(asked), "{screen}");
-    term.type_text("n\r");
+    term.answer("n\r");
     let status = term.wait();
     let screen = term.screen();
     assert!(status.success(), "{status}: {screen}");
     assert!(screen.contains(asked_text), "{screen}");
     assert!(!screen.contains(other_text), "{screen}");
+}
+
+/// A question takes only an answer typed once it could be read: keys typed on after the last
+/// answer (or an Enter pressed twice) decided the next question unseen. An answer is `y` or `n`
+/// in any case; anything else is asked again; the decision is shown. Once the terminal's input
+/// ends (Ctrl-D), a question is denied as the system's decision, not the person's.
+#[test]
+fn a_question_takes_only_an_answer_typed_after_it_could_be_read() {
+    let (ws, _outside) = setup(
+        "tasks:
+  - {id: one, tool: read_file, args: {path: OUT/one.txt}, on_failure: skip}
+  - {id: two, tool: read_file, args: {path: OUT/two.txt}, needs: [one], on_failure: skip}
+",
+    );
+    let mut term = spawn_run(ws.path(), 100, &[("USER", "ana")]);
+    term.wait_for("Allow? [y/N]", 1);
+    term.type_text("y\r");
+    term.wait_for("(typed before the question could be read: ignored)", 1);
+    term.answer("maybe\r");
+    term.wait_for("(answer y or n)", 1);
+    term.answer("YES\r");
+    term.wait_for("(approved)", 1);
+    term.wait_for("two.txt", 1);
+    term.answer("\x04");
+    term.wait_for("(the terminal's input has ended: denied)", 1);
+    let status = term.wait();
+    let screen = term.screen();
+    assert!(status.success(), "{status}: {screen}");
+    assert!(screen.contains("1 completed, 1 skipped"), "{screen}");
+    let out = Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+        .arg("--db")
+        .arg(ws.path().join("events.db"))
+        .args(["--plaintext", "audit", "export", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    let decided: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "approval.decided")
+        .collect();
+    assert_eq!(decided.len(), 2, "{decided:?}");
+    assert_eq!(
+        (&decided[0]["actor"], &decided[0]["payload"]["approved"]),
+        (&serde_json::json!("person:ana"), &serde_json::json!(true))
+    );
+    assert_eq!(
+        (&decided[1]["actor"], &decided[1]["payload"]["approved"]),
+        (&serde_json::json!("system"), &serde_json::json!(false))
+    );
+}
+
+/// On a `dumb` terminal (Emacs' shell, a CI log) a question sends no escape sequence either;
+/// a long argument is shown by its start and end, saying how much is left out, instead of
+/// scrolling the question off the screen.
+#[test]
+fn a_question_on_a_dumb_terminal_is_plain_and_long_arguments_are_cut() {
+    let long = format!("{}MIDDLE{}", "a".repeat(3000), "z".repeat(3000));
+    let (ws, _outside) = setup(&format!(
+        "tasks:\n  - {{id: w, tool: show, args: {{s: {long}}}, on_failure: skip}}\n"
+    ));
+    // A command tool: running one asks under the default policy.
+    std::fs::write(
+        ws.path().join("gateway.yaml"),
+        "tools:\n  - name: show\n    risk: exec\n    input_schema: {type: object, properties: {s: {type: string}}}\n    command: [printf, '%s', '{s}']\n",
+    )
+    .unwrap();
+    let mut args = run_args(ws.path());
+    args.extend(["--config".to_string(), "gateway.yaml".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut term = Terminal::spawn(&args, ws.path(), 100, &[("TERM", "dumb")]);
+    let screen = term.wait_for("Allow? [y/N]", 1);
+    assert!(!screen.contains('\x1b'), "{screen:?}");
+    assert!(screen.contains("characters not shown"), "{screen}");
+    assert!(!screen.contains("MIDDLE"), "{screen}");
+    assert!(screen.len() < 5_000, "{} bytes on the screen", screen.len());
+    term.answer("n\r");
+    assert!(term.wait().success(), "{}", term.screen());
+    assert!(!term.screen().contains('\x1b'), "{:?}", term.screen());
 }
 
 /// Ctrl-C while a question is open: the question is withdrawn and the run ends cancelled,
@@ -264,7 +349,7 @@ fn a_timed_out_question_does_not_take_the_retry_s_answer() {
     term.wait_for("Allow? [y/N]", 1);
     term.wait_for("withdrawn", 1);
     term.wait_for("Allow? [y/N]", 2);
-    term.type_text("y\r");
+    term.answer("y\r");
     let status = term.wait();
     let screen = term.screen();
     assert!(status.success(), "{status}: {screen}");
@@ -283,7 +368,7 @@ fn the_time_a_question_stays_open_is_not_the_task_s() {
     let mut term = spawn_run(ws.path(), 100, &[]);
     term.wait_for("Allow? [y/N]", 1);
     std::thread::sleep(Duration::from_millis(1500));
-    term.type_text("y\r");
+    term.answer("y\r");
     let status = term.wait();
     let screen = term.screen();
     assert!(status.success(), "{status}: {screen}");
