@@ -68,6 +68,10 @@ error_classes! {
     BudgetExceeded => "budget_exceeded",
     /// A session failed (terminal died, browser crashed).
     SessionError => "session_error",
+    /// The event log refused a call's audit events (a full disk, say): the call did not run,
+    /// or it ran and its outcome is not recorded. A run that meets it stops, resumable, as
+    /// when its own events are refused, rather than fail the task.
+    AuditUnavailable => "audit_unavailable",
     /// A bug or an unexpected state in the runtime.
     Internal => "internal",
 }

@@ -489,7 +489,7 @@ impl Gateway {
             .map(|_| ())
             .map_err(|e| {
                 ClassifiedError::new(
-                    ErrorClass::Internal,
+                    ErrorClass::AuditUnavailable,
                     format!(
                         "audit log unavailable, {consequence}: {}",
                         self.inner.redactor.redact_str(&e.message)

@@ -930,7 +930,7 @@ async fn nothing_runs_unrecorded() {
         .build()
         .unwrap();
     let err = gw.call("t.read", json!({}), ctx()).await.unwrap_err();
-    assert_eq!(err.class, ErrorClass::Internal);
+    assert_eq!(err.class, ErrorClass::AuditUnavailable);
     assert!(
         err.message.contains("audit log unavailable, call not run"),
         "{}",

@@ -1399,14 +1399,14 @@ impl Driver {
                     engine.apply(&event)?;
                     EncodedEvent::new(event)
                 }
-                Err(done) => self.record_result(engine, done),
+                Err(done) => self.record_result(engine, done)?,
             });
             // Group-record: every result already waiting goes into the same batch, each
             // followed by what the engine derived from it; effects wait for the append.
             while batch.len() < MAX_BATCH && !engine.is_finished() && !engine.is_pumping() {
                 let Ok(done) = rx.try_recv() else { break };
                 take_derived(engine, &mut batch, &mut effects);
-                let input = self.record_result(engine, done);
+                let input = self.record_result(engine, done)?;
                 batch.push(input);
                 // A piece that became durable meanwhile lets its calls start now rather than
                 // after this stretch (thousands of results in a burst).
@@ -1447,7 +1447,26 @@ impl Driver {
     }
 
     /// Applies a call's result to the engine and returns the input event recording it.
-    fn record_result(&mut self, engine: &mut Engine, done: Done) -> EncodedEvent {
+    /// Records a call's result, or stops the run when the call could not be audited: the log
+    /// is failing (a full disk), and the run stops resumable, as when its own events are
+    /// refused, rather than fail the task (the failure would be recorded once space came back,
+    /// and the run would end failed for good).
+    fn record_result(
+        &mut self,
+        engine: &mut Engine,
+        done: Done,
+    ) -> Result<EncodedEvent, DriverError> {
+        if let Done::Tool {
+            result: Err((ErrorClass::AuditUnavailable, message)),
+            ..
+        } = &done
+        {
+            return Err(DriverError::Log(message.clone()));
+        }
+        Ok(self.record_unchecked(engine, done))
+    }
+
+    fn record_unchecked(&mut self, engine: &mut Engine, done: Done) -> EncodedEvent {
         let now = self.opts.clock.now();
         match done {
             Done::Tool { call, tool, result } => {

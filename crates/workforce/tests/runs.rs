@@ -296,6 +296,29 @@ fn a_long_fallback_chain_completes() {
     assert_eq!(status_of(&out, "f0"), TaskStatus::Completed);
 }
 
+/// A tool call whose audit events the log refused (`audit_unavailable`: a full disk) stops the
+/// run as a refused event of its own does, resumable, instead of failing the task: the failure
+/// would be recorded once space came back, and the run would end failed for good.
+#[test]
+fn a_call_the_log_could_not_audit_stops_the_run_resumable() {
+    let log = Arc::new(MemoryLog::default());
+    let g = graph(
+        "tasks:\n  - { id: a, tool: flaky, args: { key: a, fail: 1, class: audit_unavailable } }\n",
+    );
+    let out = rt().block_on(driver::run_graph(g, opts_at_t0(log.clone(), registry())));
+    match out {
+        Err(DriverError::Log(message)) => assert!(message.contains("a failure 1"), "{message}"),
+        other => panic!("{other:?}"),
+    }
+    let ev = events(&log);
+    assert!(
+        !ev.iter().any(|e| e.kind == EventKind::TaskFailed),
+        "{:?}",
+        ev.iter().map(|e| e.kind).collect::<Vec<_>>()
+    );
+    assert!(ev.iter().any(|e| e.kind == EventKind::ToolRequested));
+}
+
 #[test]
 fn timeouts_fail_attempts_and_are_retried_as_timeout() {
     let (out, log) = run(
