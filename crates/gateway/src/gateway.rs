@@ -198,6 +198,76 @@ struct CallRecord<'a> {
     redactor: std::borrow::Cow<'a, Redactor>,
 }
 
+/// Where a call stands whose request is recorded and whose outcome is not yet: when the
+/// caller drops the call there (its task timed out, the run was cancelled, a question was
+/// withdrawn), the drop records how it ended, so that the audit trail never holds a request,
+/// a question or a start without its end.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Pending {
+    /// Nothing to close (not recorded yet, or its outcome is).
+    Settled,
+    /// `approval.requested` is recorded; the answer is not.
+    Asking,
+    /// `tool.started` is recorded (or its decision, before it starts).
+    Running,
+}
+
+/// Records the end of a call dropped unfinished (see [`Pending`]).
+struct Unfinished {
+    inner: Arc<Inner>,
+    run_id: RunId,
+    task_id: Option<agent_runtime_core::TaskId>,
+    tool: String,
+    call_id: String,
+    request_id: Option<String>,
+    pending: Pending,
+}
+
+impl Drop for Unfinished {
+    fn drop(&mut self) {
+        if self.pending == Pending::Settled {
+            return;
+        }
+        // Appending is async: a task of the runtime the call ran on does it. (Without one, at
+        // the end of a process, there is nothing to do it with.)
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let event = |actor: Actor, kind: EventKind, payload: Value| NewEvent {
+            run_id: self.run_id,
+            task_id: self.task_id,
+            actor,
+            kind,
+            time: self.inner.clock.now(),
+            payload,
+        };
+        let mut events = Vec::with_capacity(2);
+        let why = if self.pending == Pending::Asking {
+            let why = "the call was cancelled before anyone answered (its caller gave up: a \
+                       timeout, a cancellation)";
+            events.push(event(
+                Actor::System,
+                EventKind::ApprovalDecided,
+                json!({"request_id": self.request_id, "call_id": self.call_id, "approved": false,
+                       "decided_by": "system", "reason": why}),
+            ));
+            why
+        } else {
+            "the call was cancelled while it ran (its caller gave up: a timeout, a cancellation)"
+        };
+        events.push(event(
+            Actor::Tool(self.tool.clone()),
+            EventKind::ToolFailed,
+            json!({"tool": self.tool, "call_id": self.call_id, "class": ErrorClass::Cancelled,
+                   "message": why}),
+        ));
+        let sink = self.inner.events.clone();
+        runtime.spawn(async move {
+            let _ = sink.append(events).await;
+        });
+    }
+}
+
 impl Gateway {
     /// The registry.
     pub fn registry(&self) -> &Arc<Registry> {
@@ -518,6 +588,15 @@ impl Gateway {
             call_id: inner.ids.event_id().to_string(),
             redactor,
         };
+        let mut unfinished = Unfinished {
+            inner: self.inner.clone(),
+            run_id: rec.run_id,
+            task_id: rec.task_id,
+            tool: rec.redactor.redact_str(name),
+            call_id: rec.call_id.clone(),
+            request_id: None,
+            pending: Pending::Settled,
+        };
         // A digest of arguments that hold the call's own secrets would let anyone holding the
         // log confirm a guessed secret: those are digested as redacted.
         let digest_of = |args: &Value| {
@@ -678,10 +757,15 @@ impl Gateway {
                 ));
                 self.append(std::mem::take(&mut batch)).await?;
                 let request_id = request.id.to_string();
+                (unfinished.request_id, unfinished.pending) =
+                    (Some(request_id.clone()), Pending::Asking);
                 // The caller's clock (a task's timeout) stands still while a person reads.
                 let asking = ctx.waiting_for_person();
                 let answer = self.ask(request, &ctx).await;
                 drop(asking);
+                // Answered (or timed out, or withdrawn by a cancellation that reached the ask):
+                // the decision is recorded below, not by the drop.
+                unfinished.pending = Pending::Settled;
                 let (approved, by, why) = match &answer {
                     Ok(d) => (
                         d.approved,
@@ -742,7 +826,11 @@ impl Gateway {
             json!({"tool": name, "call_id": rec.call_id, "timeout_ms": timeout.as_millis() as u64,
                    "sandbox": entry.command().map(|_| decision.sandbox)}),
         ));
+        // The answer (if one was asked) is in this batch: dropped from here on, the call
+        // ends as a cancelled run, not as an unanswered question.
+        unfinished.pending = Pending::Settled;
         self.append(batch).await?;
+        unfinished.pending = Pending::Running;
 
         let started = Instant::now();
         // The arguments are kept for the post-call hooks only; without any, they move.
@@ -762,6 +850,8 @@ impl Gateway {
             Err(e) => Err(e),
         };
         let elapsed_us = started.elapsed().as_micros() as u64;
+        // Its outcome is recorded below (or the log refused it, which the caller hears).
+        unfinished.pending = Pending::Settled;
         match result {
             Ok(out) => {
                 self.append_outcome(vec![self.event(

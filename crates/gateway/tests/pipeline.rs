@@ -491,6 +491,108 @@ async fn the_default_timeout_applies_only_where_no_limit_is_set() {
     assert_eq!(started_with(&log), Some(json!(150)));
 }
 
+/// A call its caller drops unfinished (a task's timeout, a cancelled run: the workforce drops
+/// the call's future) still gets its end in the audit trail: a question nobody answered is
+/// decided by the system, and a started call fails as cancelled. Both were left open.
+#[tokio::test]
+async fn a_call_dropped_unfinished_records_how_it_ended() {
+    struct NeverAnswers;
+    #[async_trait::async_trait]
+    impl ApprovalSink for NeverAnswers {
+        async fn request(
+            &self,
+            _r: ApprovalRequest,
+            cancel: CancellationToken,
+        ) -> Result<ApprovalDecision, ApprovalError> {
+            cancel.cancelled().await;
+            Err(agent_runtime_core::ClassifiedError::new(
+                ErrorClass::Cancelled,
+                "withdrawn",
+            ))
+        }
+    }
+    let settle = || tokio::time::sleep(Duration::from_millis(50));
+
+    // Dropped while its question is open.
+    let log = Arc::new(MemoryLog::default());
+    let (t, h) = tool("t.exec", RiskClass::Exec, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone())
+        .approval(Arc::new(NeverAnswers))
+        .build()
+        .unwrap();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        gw.call("t.exec", json!({}), ctx()),
+    )
+    .await;
+    assert!(dropped.is_err(), "the call waits for its answer");
+    settle().await;
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+    let events = log.all();
+    assert_eq!(
+        events.iter().map(|e| e.kind).collect::<Vec<_>>(),
+        [
+            EventKind::ToolRequested,
+            EventKind::PolicyDecided,
+            EventKind::ApprovalRequested,
+            EventKind::ApprovalDecided,
+            EventKind::ToolFailed
+        ]
+    );
+    let decided = &events[3];
+    assert_eq!(decided.actor, Actor::System);
+    assert_eq!(decided.payload["approved"], false);
+    assert_eq!(
+        decided.payload["request_id"],
+        events[2].payload["request_id"]
+    );
+    assert_eq!(events[4].payload["class"], "cancelled");
+    assert_eq!(events[4].payload["call_id"], events[0].payload["call_id"]);
+    verify_chain(&log);
+
+    // Dropped while it runs.
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.slow", RiskClass::Read, Behaviour::Sleep);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        gw.call("t.slow", json!({}), ctx()),
+    )
+    .await;
+    assert!(dropped.is_err());
+    settle().await;
+    let events = log.all();
+    assert_eq!(
+        events.last().unwrap().kind,
+        EventKind::ToolFailed,
+        "{:?}",
+        kinds(&log)
+    );
+    assert_eq!(events.last().unwrap().payload["class"], "cancelled");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::ToolStarted)
+            .count(),
+        1
+    );
+
+    // A call that ends on its own records its end once.
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    gw.call("t.read", json!({}), ctx()).await.unwrap();
+    settle().await;
+    assert_eq!(kinds(&log).last(), Some(&EventKind::ToolCompleted));
+    assert_eq!(
+        kinds(&log)
+            .iter()
+            .filter(|k| **k == EventKind::ToolFailed)
+            .count(),
+        0
+    );
+}
+
 #[tokio::test]
 async fn cancellation_reaches_the_tool() {
     let log = Arc::new(MemoryLog::default());
@@ -911,7 +1013,7 @@ async fn an_outcome_that_cannot_be_recorded_says_the_call_ran() {
         .build()
         .unwrap();
     let err = gw.call("t.read", json!({}), ctx()).await.unwrap_err();
-    assert_eq!(err.class, ErrorClass::Internal);
+    assert_eq!(err.class, ErrorClass::AuditUnavailable);
     assert_eq!(h.calls.load(Ordering::SeqCst), 1);
     assert!(
         err.message
