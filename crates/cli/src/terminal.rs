@@ -259,17 +259,23 @@ impl Drop for OpenPrompt {
 /// for when cancelling takes too long:
 /// what was committed stays in the log, as after `kill -9`.
 pub(crate) fn cancel_on_ctrl_c(token: CancellationToken) {
-    cancel_on_signals(token, false);
+    on_signals(move || token.cancel(), false);
+}
+
+/// Calls `first` at the first interrupt (Ctrl-C); a second one ends the process at once, as
+/// [`cancel_on_ctrl_c`] does.
+pub(crate) fn on_ctrl_c(first: impl FnOnce() + Send + 'static) {
+    on_signals(first, false);
 }
 
 /// [`cancel_on_ctrl_c`], and SIGTERM does the same: for a server (`mcp serve`), which its host
 /// stops with SIGTERM and which has no `resume`, so it should end its calls and record their
 /// outcomes rather than die in the middle. (A run is resumable: there SIGTERM stays a crash.)
 pub(crate) fn cancel_on_ctrl_c_or_term(token: CancellationToken) {
-    cancel_on_signals(token, true);
+    on_signals(move || token.cancel(), true);
 }
 
-fn cancel_on_signals(token: CancellationToken, term: bool) {
+fn on_signals(first: impl FnOnce() + Send + 'static, term: bool) {
     tokio::spawn(async move {
         let mut terminate = if term {
             signal(SignalKind::terminate()).ok()
@@ -279,7 +285,7 @@ fn cancel_on_signals(token: CancellationToken, term: bool) {
         if next_signal(&mut terminate).await.is_none() {
             return;
         }
-        token.cancel();
+        first();
         if let Some(code) = next_signal(&mut terminate).await {
             let _ = writeln!(std::io::stderr(), "\nasked twice to stop: stopping now");
             std::process::exit(code);

@@ -21,7 +21,7 @@ use serde_json::{Value, json};
 
 use crate::common::{CliError, GlobalArgs, columns_of, cut_to_columns, padded, terminal_text};
 use crate::gateway::GatewayOpts;
-use crate::terminal::{TerminalApproval, cancel_on_ctrl_c};
+use crate::terminal::TerminalApproval;
 
 /// Workforce subcommands (flattened into the top level).
 #[derive(Subcommand)]
@@ -547,9 +547,11 @@ fn follow_cancel_requests(
     mut after: u64,
 ) -> anyhow::Result<(
     tokio::sync::mpsc::UnboundedReceiver<driver::ControlRequest>,
+    tokio::sync::mpsc::UnboundedSender<driver::ControlRequest>,
     StopOnDrop,
 )> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let also = tx.clone();
     // Older than any request after `after`: queued first.
     for request in pending {
         let _ = tx.send(request);
@@ -592,6 +594,7 @@ fn follow_cancel_requests(
         })?;
     Ok((
         rx,
+        also,
         StopOnDrop {
             stop: Some(stop),
             handle: Some(handle),
@@ -1031,14 +1034,28 @@ where
     Fut: std::future::Future<Output = Result<Outcome, DriverError>>,
 {
     let progress = Arc::new(Progress::new());
-    let (controls, _follower) = follow_cancel_requests(store, requests.pending, requests.after)?;
+    let (controls, requests_tx, _follower) =
+        follow_cancel_requests(store, requests.pending, requests.after)?;
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
         let (opts, mcp) =
             options(store, seed, gateway.opts, progress.clone(), gateway.tools).await?;
         let token = CancellationToken::new();
-        cancel_on_ctrl_c(token.clone());
+        // Ctrl-C is a cancellation request by the person at the terminal, recorded as theirs
+        // (`person:$USER`), as `cancel` from another terminal is; a second one ends the
+        // process at once.
+        let by = match crate::common::person() {
+            agent_runtime_core::Actor::Person(name) => name,
+            other => other.to_string(),
+        };
+        crate::terminal::on_ctrl_c(move || {
+            let _ = requests_tx.send(driver::ControlRequest::CancelRun {
+                run_id: None,
+                by,
+                reason: "interrupted (Ctrl-C)".into(),
+            });
+        });
         let out = go(opts, token, controls).await;
         mcp.shutdown().await;
         anyhow::Ok(out)

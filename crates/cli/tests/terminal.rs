@@ -312,7 +312,7 @@ fn ctrl_c_withdraws_an_open_question_and_ends_the_run() {
   - {id: nap, tool: sleep, args: {ms: 60000}}
 ",
     );
-    let mut term = spawn_run(ws.path(), 100, &[]);
+    let mut term = spawn_run(ws.path(), 100, &[("USER", "ana")]);
     let screen = term.wait_for("Allow? [y/N]", 1);
     assert!(screen.contains(r"x\u{9b}31m\u{202e}y"), "{screen}");
     assert!(!screen.contains('\u{9b}'), "{screen}");
@@ -323,6 +323,21 @@ fn ctrl_c_withdraws_an_open_question_and_ends_the_run() {
     assert_eq!(status.code(), Some(1), "{screen}");
     assert!(screen.contains("withdrawn"), "{screen}");
     assert!(screen.contains("cancelled"), "{screen}");
+    // The cancellation is the person's at the terminal, as `cancel`'s would be.
+    let out = Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+        .arg("--db")
+        .arg(ws.path().join("events.db"))
+        .args(["--plaintext", "audit", "export", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    let cancelled: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == "run.cancelled")
+        .collect();
+    assert_eq!(cancelled.len(), 1, "{cancelled:?}");
+    assert_eq!(cancelled[0]["actor"], "person:ana");
+    assert_eq!(cancelled[0]["payload"]["reason"], "interrupted (Ctrl-C)");
 }
 
 /// A question nobody answered in time (the gateway's `approval_timeout_ms`) is withdrawn; the
