@@ -149,6 +149,11 @@ pub(crate) struct TerminalApproval;
 
 #[agent_runtime_core::async_trait]
 impl ApprovalSink for TerminalApproval {
+    /// Questions take turns on the one terminal: each has its whole time once shown.
+    fn times_answers(&self) -> bool {
+        true
+    }
+
     async fn request(
         &self,
         request: ApprovalRequest,
@@ -174,12 +179,34 @@ impl ApprovalSink for TerminalApproval {
         while lines.try_recv().is_ok() {}
         let mut open = OpenPrompt::show(&prompt_text(&request));
         let shown = std::time::Instant::now();
+        // The time to answer counts from here, not from the call: a question that waited its
+        // turn behind others has all of it (see `times_answers`).
+        let answer_within = request
+            .answer_within_ms
+            .map(std::time::Duration::from_millis);
+        let expired = async {
+            match answer_within {
+                Some(limit) => tokio::time::sleep_until((shown + limit).into()).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expired);
         let approved = loop {
             // An answer typed as the call is cancelled still counts as given (and is recorded).
             let line = tokio::select! {
                 biased;
                 line = lines.recv() => line,
                 _ = cancel.cancelled() => return Err(withdrawn()),
+                _ = &mut expired => {
+                    open.answered = true;
+                    let why = agent_runtime_gateway::nobody_answered(answer_within.unwrap_or_default());
+                    eprintln!("\n({why}: denied)");
+                    return Ok(ApprovalDecision {
+                        approved: false,
+                        decided_by: Actor::System,
+                        reason: Some(why),
+                    });
+                }
             };
             let Some(line) = line else {
                 // Nobody can answer any more (Ctrl-D, the terminal closed): the person did not

@@ -362,13 +362,51 @@ fn a_timed_out_question_does_not_take_the_retry_s_answer() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut term = Terminal::spawn(&args, ws.path(), 100, &[]);
     term.wait_for("Allow? [y/N]", 1);
-    term.wait_for("withdrawn", 1);
+    term.wait_for("(nobody answered within 1 s: denied)", 1);
     term.wait_for("Allow? [y/N]", 2);
     term.answer("y\r");
     let status = term.wait();
     let screen = term.screen();
     assert!(status.success(), "{status}: {screen}");
     assert!(screen.contains("first-secret"), "{screen}");
+}
+
+/// A question has its whole `approval_timeout_ms` from when it is shown: one that waited its
+/// turn behind another ran out before anyone saw it (recorded as "nobody answered").
+#[test]
+fn a_question_waiting_its_turn_has_its_whole_time_once_shown() {
+    let (ws, _outside) = setup(
+        "tasks:
+  - {id: one, tool: read_file, args: {path: OUT/one.txt}, on_failure: skip}
+  - {id: two, tool: read_file, args: {path: OUT/two.txt}, on_failure: skip}
+",
+    );
+    std::fs::write(
+        ws.path().join("gateway.yaml"),
+        "limits: {approval_timeout_ms: 2500}\n",
+    )
+    .unwrap();
+    let mut args = run_args(ws.path());
+    args.extend(["--config".to_string(), "gateway.yaml".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut term = Terminal::spawn(&args, ws.path(), 100, &[]);
+    term.wait_for("Allow? [y/N]", 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    term.type_text("y\r");
+    term.wait_for("(approved)", 1);
+    // The second question, asked at the same time as the first, is on the screen now; 2.2 s
+    // after its call its time has not run out, as it counts from here.
+    term.wait_for("Allow? [y/N]", 2);
+    term.answer("y\r");
+    term.wait_for("(approved)", 2);
+    let status = term.wait();
+    let screen = term.screen();
+    assert!(status.success(), "{status}: {screen}");
+    assert!(!screen.contains("nobody answered"), "{screen}");
+    assert!(
+        screen.contains("first-secret") && screen.contains("second-secret"),
+        "{screen}"
+    );
 }
 
 /// A person taking longer to answer than the task's `timeout` does not time the task out: the

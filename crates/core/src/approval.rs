@@ -32,6 +32,12 @@ pub struct ApprovalRequest {
     pub risk: RiskClass,
     /// Why policy asks (the rule's reason).
     pub reason: String,
+    /// How long the person has to answer, in milliseconds (the gateway's
+    /// `approval_timeout_ms`). A sink that [times answers itself](ApprovalSink::times_answers)
+    /// counts it from when the person is shown the question; the gateway otherwise counts it
+    /// from the call.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub answer_within_ms: Option<u64>,
 }
 
 /// A person's answer.
@@ -52,7 +58,10 @@ pub type ApprovalError = ClassifiedError;
 ///
 /// # Contract
 /// - **Timeouts**: the sink may wait as long as a person takes; the caller bounds the wait and
-///   cancels `cancel` when it gives up, after which the sink should withdraw the question.
+///   cancels `cancel` when it gives up, after which the sink should withdraw the question. A
+///   sink that shows questions one at a time (one terminal) should time each answer itself,
+///   from when it is shown ([`ApprovalSink::times_answers`]): the caller's bound counts from
+///   the call, so a question queued behind others could run out before anyone saw it.
 /// - **Cancellation**: on `cancel`, return an error of class `cancelled`.
 /// - **Errors**: a sink that cannot ask anyone returns a denial decided by `system`, not an error,
 ///   so that "nobody to ask" is recorded as a decision.
@@ -64,6 +73,14 @@ pub trait ApprovalSink: Send + Sync {
         request: ApprovalRequest,
         cancel: CancellationToken,
     ) -> Result<ApprovalDecision, ApprovalError>;
+
+    /// Whether this sink ends a question itself once [`ApprovalRequest::answer_within_ms`] has
+    /// passed since the person was shown it (a denial decided by `system`), so that the caller
+    /// sets no limit of its own beyond its cancellation. `false` by default: the caller limits
+    /// the whole wait.
+    fn times_answers(&self) -> bool {
+        false
+    }
 }
 
 /// A sink that denies everything: the default where there is no person to ask.

@@ -268,6 +268,20 @@ impl Drop for Unfinished {
     }
 }
 
+/// The reason of a question nobody answered within `wait`: whole seconds when it is some.
+///
+/// ```
+/// # use std::time::Duration;
+/// assert_eq!(agent_runtime_gateway::nobody_answered(Duration::from_secs(600)), "nobody answered within 600 s");
+/// assert_eq!(agent_runtime_gateway::nobody_answered(Duration::from_millis(1500)), "nobody answered within 1500 ms");
+/// ```
+pub fn nobody_answered(wait: std::time::Duration) -> String {
+    match wait.as_millis() {
+        ms if ms % 1000 == 0 => format!("nobody answered within {} s", ms / 1000),
+        ms => format!("nobody answered within {ms} ms"),
+    }
+}
+
 impl Gateway {
     /// The registry.
     pub fn registry(&self) -> &Arc<Registry> {
@@ -747,6 +761,10 @@ impl Gateway {
                     arguments: rec.redactor.redact(&args),
                     risk,
                     reason: decision.reason.clone(),
+                    answer_within_ms: Some(
+                        u64::try_from(inner.config.approval_timeout.as_millis())
+                            .unwrap_or(u64::MAX),
+                    ),
                 };
                 batch.push(self.event(
                     &rec,
@@ -880,20 +898,24 @@ impl Gateway {
     ) -> Result<agent_runtime_core::ApprovalDecision, ToolError> {
         let cancel = ctx.cancel.child_token();
         let wait = self.inner.config.approval_timeout;
-        let fut = self.inner.approval.request(request, cancel.clone());
+        let sink = &self.inner.approval;
+        let fut = sink.request(request, cancel.clone());
+        // A sink that times answers from when it shows them gets no limit here: counted from
+        // the call, a question queued behind others ran out before anyone saw it.
+        let limit = async {
+            if sink.times_answers() {
+                std::future::pending::<()>().await;
+            }
+            tokio::time::sleep(wait).await;
+        };
         tokio::select! {
             r = fut => r,
-            _ = tokio::time::sleep(wait) => {
+            _ = limit => {
                 cancel.cancel();
                 Ok(agent_runtime_core::ApprovalDecision {
                     approved: false,
                     decided_by: Actor::System,
-                    reason: Some(match wait.as_millis() {
-                        ms if ms % 1000 == 0 => {
-                            format!("nobody answered within {} s", ms / 1000)
-                        }
-                        ms => format!("nobody answered within {ms} ms"),
-                    }),
+                    reason: Some(nobody_answered(wait)),
                 })
             }
             _ = ctx.cancel.cancelled() => {

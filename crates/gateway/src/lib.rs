@@ -72,6 +72,7 @@ mod seccomp;
 pub use error::GatewayError;
 pub use gateway::{
     CheckReport, Gateway, GatewayBuilder, GatewayConfig, GatewayTool, MAX_ERROR_BYTES, cap_output,
+    nobody_answered,
 };
 pub use hooks::{CommandHook, CommandHookConfig, Hook, HookCall, PostAction, PreAction};
 pub use policy::{Decision, Policy, PolicyInput, RelativePaths, SandboxMode};

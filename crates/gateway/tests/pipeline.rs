@@ -593,6 +593,47 @@ async fn a_call_dropped_unfinished_records_how_it_ended() {
     );
 }
 
+/// A sink that times answers itself (from when it shows the question) gets no limit from the
+/// gateway: its answer after longer than `approval_timeout` counts; another sink's does not.
+#[tokio::test]
+async fn a_sink_that_times_answers_gets_no_limit_of_the_gateway_s() {
+    struct Slow(bool);
+    #[async_trait::async_trait]
+    impl ApprovalSink for Slow {
+        async fn request(
+            &self,
+            r: ApprovalRequest,
+            _cancel: CancellationToken,
+        ) -> Result<ApprovalDecision, ApprovalError> {
+            assert_eq!(r.answer_within_ms, Some(50));
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Ok(ApprovalDecision {
+                approved: true,
+                decided_by: Actor::Person("ann".into()),
+                reason: None,
+            })
+        }
+        fn times_answers(&self) -> bool {
+            self.0
+        }
+    }
+    for times_answers in [true, false] {
+        let log = Arc::new(MemoryLog::default());
+        let (t, h) = tool("t.exec", RiskClass::Exec, Behaviour::Echo);
+        let gw = gateway(vec![t], log.clone())
+            .approval(Arc::new(Slow(times_answers)))
+            .config(agent_runtime_gateway::GatewayConfig {
+                approval_timeout: Duration::from_millis(50),
+                ..Default::default()
+            })
+            .build()
+            .unwrap();
+        let r = gw.call("t.exec", json!({}), ctx()).await;
+        assert_eq!(r.is_ok(), times_answers, "{r:?}");
+        assert_eq!(h.calls.load(Ordering::SeqCst), usize::from(times_answers));
+    }
+}
+
 #[tokio::test]
 async fn cancellation_reaches_the_tool() {
     let log = Arc::new(MemoryLog::default());
