@@ -1650,8 +1650,11 @@ fn mark_running(store: &agent_runtime_store::Store, s: &mut RunSummary) -> anyho
             s.status = "running".into();
         } else {
             for t in &mut s.tasks {
-                if t.status == "running" {
+                if t.status == "running"
+                    || t.status == agent_runtime_workforce::state::WAITING_FOR_APPROVAL
+                {
                     t.status = s.status.clone();
+                    t.waiting_calls = 0;
                 }
             }
         }

@@ -160,7 +160,18 @@ pub struct TaskRow {
     /// came from (see [`substitution_note`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub substituted: Option<String>,
+    /// How many of its running attempt's calls wait for a person's approval now (`task.paused`
+    /// without its `task.unpaused`); its `status` is then `waiting for approval`.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub waiting_calls: u32,
 }
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+/// The status of a task whose attempt waits for a person's answer (see [`TaskRow::waiting_calls`]).
+pub const WAITING_FOR_APPROVAL: &str = "waiting for approval";
 
 /// Where the output of a task that failed for good and still completed came from: its
 /// `on_failure` policy, as `runs show` and the progress lines say it. `None` when the policy is
@@ -464,7 +475,23 @@ fn failure_text(payload: &Value) -> String {
 }
 
 fn apply_task_event(row: &mut TaskRow, e: &Envelope, policy: Option<&OnFailure>) {
+    // Whatever ends or restarts an attempt ends its waits.
+    if !matches!(e.kind, EventKind::TaskPaused | EventKind::TaskUnpaused)
+        && e.kind.as_str().starts_with("task.")
+    {
+        row.waiting_calls = 0;
+    }
     match e.kind {
+        EventKind::TaskPaused => {
+            row.waiting_calls += 1;
+            row.status = WAITING_FOR_APPROVAL.into();
+        }
+        EventKind::TaskUnpaused => {
+            row.waiting_calls = row.waiting_calls.saturating_sub(1);
+            if row.waiting_calls == 0 && row.status == WAITING_FOR_APPROVAL {
+                row.status = "running".into();
+            }
+        }
         EventKind::TaskStarted => {
             row.status = "running".into();
             row.attempts += 1;

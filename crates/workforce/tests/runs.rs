@@ -370,6 +370,12 @@ tasks:
     let paused = ev.iter().find(|e| e.kind == EventKind::TaskPaused).unwrap();
     assert_eq!(paused.payload["for"], "approval");
     assert!(paused.payload["call"].is_u64(), "{:?}", paused.payload);
+    // `runs show` of the run as it stood during the wait says so; once answered, running.
+    let at = |kind: EventKind| ev.iter().position(|e| e.kind == kind).unwrap();
+    let during = RunSummary::fold(&ev[..=at(EventKind::TaskPaused)]).unwrap();
+    assert_eq!(during.tasks[0].status, "waiting for approval");
+    let after = RunSummary::fold(&ev[..=at(EventKind::TaskUnpaused)]).unwrap();
+    assert_eq!(after.tasks[0].status, "running");
     let report = driver::replay_events(&ev).unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(report.status, RunStatus::Completed);
 
