@@ -702,6 +702,14 @@ impl Gateway {
         } else {
             (args, None)
         };
+        // A command line that cannot be made (a word over the system's limit) fails now, not
+        // after a person was asked to approve a call that could never run.
+        if let Some(Err(err)) = entry.command().map(|c| c.render(&args)) {
+            let err = redacted_error(&rec.redactor, err);
+            batch.push(self.failed_event(&rec, &err));
+            self.append(batch).await?;
+            return Err(err);
+        }
         let policy = self.policy();
         let risk = entry.descriptor().risk;
         let (decision, decided_by) = self.decide(

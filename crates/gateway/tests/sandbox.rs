@@ -793,6 +793,59 @@ async fn the_longest_word_linux_takes_runs_and_one_more_byte_is_refused() {
     );
 }
 
+/// A command line that cannot be made is refused before anyone is asked to approve the call
+/// (a person approved a 200,000-byte word that could then never run).
+#[tokio::test]
+async fn a_command_that_cannot_be_made_is_refused_before_asking() {
+    struct Counting(std::sync::atomic::AtomicUsize);
+    #[async_trait::async_trait]
+    impl agent_runtime_core::ApprovalSink for Counting {
+        async fn request(
+            &self,
+            _r: agent_runtime_core::ApprovalRequest,
+            _cancel: agent_runtime_core::CancellationToken,
+        ) -> Result<agent_runtime_core::ApprovalDecision, agent_runtime_core::ApprovalError>
+        {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(agent_runtime_core::ApprovalDecision {
+                approved: true,
+                decided_by: Actor::Person("ann".into()),
+                reason: None,
+            })
+        }
+    }
+    let env = env();
+    let reg = Arc::new(Registry::new());
+    reg.register_command(sh_tool(&env, Limits::default()))
+        .unwrap();
+    let asked = Arc::new(Counting(std::sync::atomic::AtomicUsize::new(0)));
+    let log = Arc::new(MemoryLog::default());
+    // The default policy asks before an exec tool runs.
+    let gw = GatewayBuilder::new(reg, log.clone())
+        .policy(Policy::defaults(vec![env.ws.clone()]).unwrap())
+        .approval(asked.clone())
+        .build()
+        .unwrap();
+    let err = gw
+        .call(
+            "sh.run",
+            json!({"script": "x".repeat(200_000)}),
+            CallContext::new(Actor::Agent("a".into())),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::InvalidArguments, "{err}");
+    assert_eq!(asked.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let kinds: Vec<_> = log.all().iter().map(|e| e.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            agent_runtime_core::EventKind::ToolRequested,
+            agent_runtime_core::EventKind::ToolFailed
+        ]
+    );
+}
+
 /// With `success_exit_codes`, another status or a signal fails the call, naming the status and
 /// the last line of stderr; a listed status is output.
 #[tokio::test]
