@@ -22,6 +22,28 @@ pub struct Appended {
 pub struct SinkError {
     /// What went wrong and where, in one line.
     pub message: String,
+    /// Whether the log will never take these events (one too large, a time it cannot store):
+    /// trying again cannot help. `false` when it could not take them now (a full disk, a
+    /// read-only file), which may pass.
+    pub refused: bool,
+}
+
+impl SinkError {
+    /// An error of a log that could not take events now; see [`SinkError::refused`].
+    pub fn new(message: impl Into<String>) -> SinkError {
+        SinkError {
+            message: message.into(),
+            refused: false,
+        }
+    }
+
+    /// An error of a log that will never take these events; see [`SinkError::refused`].
+    pub fn refused(message: impl Into<String>) -> SinkError {
+        SinkError {
+            message: message.into(),
+            refused: true,
+        }
+    }
 }
 
 /// Appends events to a log.
@@ -46,9 +68,7 @@ pub trait EventSink: Send + Sync {
             .iter()
             .map(EncodedEvent::to_new_event)
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| SinkError {
-                message: format!("an encoded event's payload is not JSON: {e}"),
-            })?;
+            .map_err(|e| SinkError::new(format!("an encoded event's payload is not JSON: {e}")))?;
         self.append(decoded).await
     }
 
@@ -183,12 +203,10 @@ impl AppendStream {
     /// which names the failure.
     pub fn check(&self) -> Result<(), SinkError> {
         match self.failure() {
-            Some(cause) => Err(SinkError {
-                message: format!(
-                    "an earlier batch of this stream failed to append ({cause}), so later ones \
+            Some(cause) => Err(SinkError::new(format!(
+                "an earlier batch of this stream failed to append ({cause}), so later ones \
                      are refused (the log must not have a gap)"
-                ),
-            }),
+            ))),
             None => Ok(()),
         }
     }
@@ -346,19 +364,16 @@ impl EventSink for MemoryLog {
     }
 
     async fn append_encoded(&self, events: Vec<EncodedEvent>) -> Result<Vec<Appended>, SinkError> {
-        self.append_encoded_now(events).map_err(|e| SinkError {
-            message: format!("an encoded event's payload is not JSON: {e}"),
-        })
+        self.append_encoded_now(events)
+            .map_err(|e| SinkError::new(format!("an encoded event's payload is not JSON: {e}")))
     }
 
     fn claim_new_run(&self, run_id: RunId) -> Result<RunClaim, SinkError> {
         let log = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if log.iter().any(|(e, _)| e.run_id() == run_id) {
-            return Err(SinkError {
-                message: format!(
-                    "run {run_id} is already in the in-memory log; a new run needs a new id"
-                ),
-            });
+            return Err(SinkError::new(format!(
+                "run {run_id} is already in the in-memory log; a new run needs a new id"
+            )));
         }
         Ok(RunClaim::unguarded())
     }
@@ -408,9 +423,7 @@ mod tests {
         impl EventSink for Flaky {
             async fn append(&self, events: Vec<NewEvent>) -> Result<Vec<Appended>, SinkError> {
                 if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-                    return Err(SinkError {
-                        message: "disk full".into(),
-                    });
+                    return Err(SinkError::new("disk full"));
                 }
                 Ok(self.0.append_now(events))
             }

@@ -242,23 +242,34 @@ impl Drop for Unfinished {
             payload,
         };
         let mut events = Vec::with_capacity(2);
-        let why = if self.pending == Pending::Asking {
-            let why = "the call was cancelled before anyone answered (its caller gave up: a \
-                       timeout, a cancellation)";
+        // Unwinding from a panic (a tool's, caught by the caller) is no cancellation.
+        let panicked = std::thread::panicking();
+        let why = match (panicked, self.pending) {
+            (true, Pending::Asking) => {
+                "the call panicked while asking (its caller reports the panic)"
+            }
+            (true, _) => "the call panicked (its caller reports the panic)",
+            (false, Pending::Asking) => {
+                "the call was cancelled before anyone answered (its caller gave up: a timeout, a \
+                 cancellation)"
+            }
+            (false, _) => {
+                "the call was cancelled while it ran (its caller gave up: a timeout, a cancellation)"
+            }
+        };
+        if self.pending == Pending::Asking {
             events.push(event(
                 Actor::System,
                 EventKind::ApprovalDecided,
                 json!({"request_id": self.request_id, "call_id": self.call_id, "approved": false,
                        "decided_by": "system", "reason": why}),
             ));
-            why
-        } else {
-            "the call was cancelled while it ran (its caller gave up: a timeout, a cancellation)"
-        };
+        }
         events.push(event(
             Actor::Tool(self.tool.clone()),
             EventKind::ToolFailed,
-            json!({"tool": self.tool, "call_id": self.call_id, "class": ErrorClass::Cancelled,
+            json!({"tool": self.tool, "call_id": self.call_id,
+                   "class": if panicked { ErrorClass::Internal } else { ErrorClass::Cancelled },
                    "message": why}),
         ));
         let sink = self.inner.events.clone();
@@ -572,8 +583,15 @@ impl Gateway {
             .await
             .map(|_| ())
             .map_err(|e| {
+                // A log that will never take these events (one too large) is no passing
+                // trouble: stopping the run for a resume that meets it again would not help.
+                let class = if e.refused {
+                    ErrorClass::Internal
+                } else {
+                    ErrorClass::AuditUnavailable
+                };
                 ClassifiedError::new(
-                    ErrorClass::AuditUnavailable,
+                    class,
                     format!(
                         "audit log unavailable, {consequence}: {}",
                         self.inner.redactor.redact_str(&e.message)

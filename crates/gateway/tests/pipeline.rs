@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use agent_runtime_core::CancellationToken;
 use agent_runtime_core::{
-    Actor, ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, CallContext, Effect,
-    Envelope, ErrorClass, EventKind, EventSink, Hash32, MemoryLog, NewEvent, PolicyEnvelope,
-    RiskClass, SinkError, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource,
+    Actor, Appended, ApprovalDecision, ApprovalError, ApprovalRequest, ApprovalSink, CallContext,
+    Effect, Envelope, ErrorClass, EventKind, EventSink, Hash32, MemoryLog, NewEvent,
+    PolicyEnvelope, RiskClass, SinkError, Tool, ToolDescriptor, ToolError, ToolOutput, ToolSource,
 };
 use agent_runtime_gateway::{
     CommandHook, CommandHookConfig, Gateway, GatewayBuilder, GatewayConfig, Hook, HookCall, Policy,
@@ -25,6 +25,8 @@ enum Behaviour {
     Leak,
     /// Fails with the argument `text` as its message.
     Fail,
+    /// Panics.
+    Panic,
 }
 
 struct TestTool {
@@ -61,6 +63,7 @@ impl Tool for TestTool {
                 }
             }
             Behaviour::Big => Ok(ToolOutput::new(json!("é".repeat(10_000)))),
+            Behaviour::Panic => panic!("the test tool panics"),
             Behaviour::Leak => Ok(ToolOutput::new(
                 json!({"note": "the key is hunter2-secret", "token_count": 3}),
             )),
@@ -634,6 +637,48 @@ async fn a_sink_that_times_answers_gets_no_limit_of_the_gateway_s() {
     }
 }
 
+/// A call that unwinds from a panic (the workforce catches a tool's) records its end as a panic,
+/// not as a cancellation; a log that will never take the events (one too large) is an internal
+/// error, not `audit_unavailable`, which stops a run for a resume that would meet it again.
+#[tokio::test]
+async fn a_panic_and_a_refusing_log_are_recorded_for_what_they_are() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.boom", RiskClass::Read, Behaviour::Panic);
+    let gw = gateway(vec![t], log.clone()).build().unwrap();
+    let joined = tokio::spawn(async move { gw.call("t.boom", json!({}), ctx()).await }).await;
+    assert!(joined.unwrap_err().is_panic());
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let last = log.all().pop().unwrap();
+    assert_eq!(last.kind, EventKind::ToolFailed);
+    assert_eq!(last.payload["class"], "internal", "{:?}", last.payload);
+    assert!(
+        last.payload["message"]
+            .as_str()
+            .unwrap()
+            .contains("panicked")
+    );
+
+    struct Refusing;
+    #[async_trait::async_trait]
+    impl EventSink for Refusing {
+        async fn append(&self, _events: Vec<NewEvent>) -> Result<Vec<Appended>, SinkError> {
+            Err(SinkError::refused(
+                "an event of 20000000 bytes is over the limit",
+            ))
+        }
+    }
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let reg = Arc::new(Registry::new());
+    reg.register(t).unwrap();
+    let gw = GatewayBuilder::new(reg, Arc::new(Refusing))
+        .build()
+        .unwrap();
+    let err = gw.call("t.read", json!({}), ctx()).await.unwrap_err();
+    assert_eq!(err.class, ErrorClass::Internal, "{err}");
+    assert!(err.message.contains("over the limit"), "{err}");
+    assert_eq!(h.calls.load(Ordering::SeqCst), 0);
+}
+
 #[tokio::test]
 async fn cancellation_reaches_the_tool() {
     let log = Arc::new(MemoryLog::default());
@@ -1037,9 +1082,7 @@ impl EventSink for BrokenSink {
                     hash: Hash32::GENESIS,
                 })
                 .collect()),
-            Err(_) => Err(SinkError {
-                message: "disk on fire".into(),
-            }),
+            Err(_) => Err(SinkError::new("disk on fire")),
         }
     }
 }

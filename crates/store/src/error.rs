@@ -210,8 +210,13 @@ pub enum StoreError {
 
 impl From<StoreError> for agent_runtime_core::SinkError {
     fn from(e: StoreError) -> Self {
+        let refused = matches!(
+            e,
+            StoreError::TooLarge { .. } | StoreError::TimeOutOfRange { .. }
+        );
         agent_runtime_core::SinkError {
             message: e.to_string(),
+            refused,
         }
     }
 }

@@ -334,6 +334,8 @@ fn empty_append_and_oversized_payload() {
     big.payload = serde_json::json!({"blob": "y".repeat(17 * 1024 * 1024)});
     let err = store.append_blocking(vec![event(1, 2), big]).unwrap_err();
     assert!(matches!(err, StoreError::TooLarge { .. }), "{err}");
+    // As a sink's error: refused for good (trying again cannot help), unlike a full disk.
+    assert!(agent_runtime_core::SinkError::from(err).refused);
     // The batch was refused whole: nothing half-written.
     assert_eq!(store.head().unwrap(), None);
     // A time past what the log stores (2262) is refused, not stored unreadable.

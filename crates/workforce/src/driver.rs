@@ -361,9 +361,9 @@ pub(crate) async fn claim(
     };
     match tokio::runtime::Handle::try_current() {
         Ok(rt) => rt.spawn_blocking(take).await.unwrap_or_else(|e| {
-            Err(agent_runtime_core::SinkError {
-                message: format!("claiming run {run_id} failed: {e}"),
-            })
+            Err(agent_runtime_core::SinkError::new(format!(
+                "claiming run {run_id} failed: {e}"
+            )))
         }),
         Err(_) => take(),
     }
@@ -979,6 +979,9 @@ pub async fn resume_controlled(
             status: format!("{:?}", engine.status()).to_lowercase(),
         });
     }
+    // The last time the log knew of: the downtime counts from here (see `run.resumed`'s
+    // `since`), whatever the queued requests below record first.
+    let since = engine.now();
     // Requests made while no process drove the run act before `run.resumed`: a task cancelled
     // meanwhile is cancelled, not failed as interrupted (which, without a retry, failed the
     // whole run before the cancel was read).
@@ -1002,7 +1005,7 @@ pub async fn resume_controlled(
             .filter_map(Effect::call)
             .filter(|c| engine.is_in_flight(*c))
             .collect();
-        let mut resumed = engine.resumed_event_unstarted(opts.clock.now(), &calls);
+        let mut resumed = engine.resumed_event_since(opts.clock.now(), &calls, Some(since));
         // Where this resume goes on (see `RunOptions::labels`): a later resume starts from the
         // latest labels, not the creation's.
         if !opts.labels.is_empty() {
@@ -1404,6 +1407,18 @@ impl Driver {
             // Group-record: every result already waiting goes into the same batch, each
             // followed by what the engine derived from it; effects wait for the append.
             while batch.len() < MAX_BATCH && !engine.is_finished() && !engine.is_pumping() {
+                // A call's wait for a person ends before its result is sent: taken first, as
+                // the select above takes it, so that `task.unpaused` comes before the result
+                // (else it was dropped, the call having ended, and `runs show` kept the task
+                // waiting for approval).
+                if let Ok((call, waiting)) = waits.try_recv() {
+                    if let Some(event) = engine.wait_event(call, waiting, self.opts.clock.now()) {
+                        take_derived(engine, &mut batch, &mut effects);
+                        engine.apply(&event)?;
+                        batch.push(EncodedEvent::new(event));
+                    }
+                    continue;
+                }
                 let Ok(done) = rx.try_recv() else { break };
                 take_derived(engine, &mut batch, &mut effects);
                 let input = self.record_result(engine, done)?;

@@ -1174,7 +1174,22 @@ impl Engine {
     /// past the log's end (see `refold` in the driver) were not. Their attempts are kept, not
     /// failed as interrupted, and the resuming driver makes the calls.
     pub fn resumed_event_unstarted(&self, time: Timestamp, unstarted: &[u64]) -> NewEvent {
+        self.resumed_event_since(time, unstarted, None)
+    }
+
+    /// [`Engine::resumed_event_unstarted`], saying `since` when the run's log last knew the
+    /// time before its process stopped: the attempts that go on do not count the time since
+    /// against their `timeout` (without it, the time of the input before `run.resumed`).
+    pub fn resumed_event_since(
+        &self,
+        time: Timestamp,
+        unstarted: &[u64],
+        since: Option<Timestamp>,
+    ) -> NewEvent {
         let mut payload = json!({"in_flight": self.in_flight()});
+        if let Some(since) = since {
+            payload["since"] = json!(since);
+        }
         if !unstarted.is_empty() {
             let mut calls = unstarted.to_vec();
             calls.sort_unstable();
@@ -1440,7 +1455,15 @@ impl Engine {
                     .partition(|&i| !self.only_unstarted_calls(i, &unstarted));
                 // The others go on, their calls made now: the time the process was gone (since
                 // the last input it recorded) does not count against their timeouts.
-                let gone = self.now.saturating_duration_since(before);
+                // From the last time the log knew of before the process stopped: `since`, as
+                // the resume recorded it (requests it applied first moved the clock on), else
+                // the input before this one.
+                let since = event
+                    .payload
+                    .get("since")
+                    .and_then(|v| Timestamp::deserialize(v).ok())
+                    .unwrap_or(before);
+                let gone = self.now.saturating_duration_since(since);
                 for i in kept {
                     self.move_deadline(i, gone);
                 }

@@ -312,6 +312,9 @@ impl Tool for Native {
                     .get("class")
                     .and_then(Value::as_str)
                     .and_then(|c| c.parse().ok())
+                    // Only the gateway says the log could not audit a call (the run stops on
+                    // it): a tool that says so is a tool failing.
+                    .filter(|c| *c != ErrorClass::AuditUnavailable)
                     .unwrap_or(ErrorClass::ToolError);
                 let message = args
                     .get("message")

@@ -1087,6 +1087,49 @@ fn a_kept_attempt_gets_its_timeout_again_on_resume() {
     assert_eq!(engine.status(), RunStatus::Completed);
 }
 
+/// The downtime counts from the last time the log knew of before the process stopped (the
+/// resume's `since`), not from the cancellation requests it applies first, which move the
+/// clock to the resume's time: with one queued, a kept attempt timed out at once.
+#[test]
+fn a_kept_attempt_s_downtime_counts_from_before_queued_requests() {
+    let g = graph(
+        "tasks:\n  - { id: t, tool: sleep, args: { ms: 20 }, timeout: 800ms }\n  - { id: u, tool: sleep, args: { ms: 20 } }\n",
+    );
+    let created = Engine::created_event(agent_runtime_core::RunId::from_bytes([7; 16]), &g, 1, T0);
+    let mut engine = Engine::create(&created).unwrap();
+    let calls = tool_calls(engine.drain_effects().collect());
+    assert_eq!(calls.len(), 2);
+    let later = |ms: u64| Timestamp::from_unix_nanos(T0.as_unix_nanos() + ms * 1_000_000);
+    let since = engine.now();
+    let cancel = engine
+        .cancel_task_event(later(10_000), "ann", "u", None)
+        .unwrap();
+    engine.apply(&cancel).unwrap();
+    let resumed = engine.resumed_event_since(later(10_000), &calls[..1], Some(since));
+    engine.apply(&resumed).unwrap();
+    assert_eq!(engine.next_deadline(), Some(later(10_800)));
+    engine.apply(&engine.clock_event(later(10_500))).unwrap();
+    assert_eq!(engine.status(), RunStatus::Running);
+}
+
+/// The native `fail` tool cannot say the log failed to audit it (only the gateway says so, and
+/// a run stops on it): asked to, it fails as a tool.
+#[test]
+fn the_fail_tool_cannot_claim_the_log_failed() {
+    let (out, log) = run(
+        graph(
+            "tasks:\n  - { id: a, tool: fail, args: { class: audit_unavailable }, on_failure: skip }\n",
+        ),
+        1,
+    );
+    assert_eq!(out.status, RunStatus::Completed);
+    let failed = events(&log)
+        .into_iter()
+        .find(|e| e.kind == EventKind::TaskFailed)
+        .unwrap();
+    assert_eq!(failed.payload["class"], "tool_error");
+}
+
 /// On resume, an agent attempt whose model call waits for its provider's slot has nothing in
 /// flight and goes on (it failed as interrupted, as the attempt whose call was made does).
 #[test]
@@ -1946,9 +1989,9 @@ impl agent_runtime_core::EventSink for QueueSink {
             .fetch_max(now, std::sync::atomic::Ordering::SeqCst);
         self.queue.send((events, reply)).unwrap();
         Ok(Box::pin(async move {
-            landed.await.map_err(|_| agent_runtime_core::SinkError {
-                message: "the test log stopped".into(),
-            })
+            landed
+                .await
+                .map_err(|_| agent_runtime_core::SinkError::new("the test log stopped"))
         }))
     }
 }

@@ -231,9 +231,9 @@ impl agent_runtime_core::EventSink for RefusingLog {
             .fetch_update(SeqCst, SeqCst, |n| n.checked_sub(1))
             .is_err()
         {
-            return Err(agent_runtime_core::SinkError {
-                message: "disk full at /var/log/events.db".into(),
-            });
+            return Err(agent_runtime_core::SinkError::new(
+                "disk full at /var/log/events.db",
+            ));
         }
         Ok(vec![
             agent_runtime_core::Appended {
