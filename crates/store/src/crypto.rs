@@ -31,6 +31,12 @@ const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
 /// Associated data of the wrapped data key.
 const WRAP_AD: &[u8] = b"agent-runtime data key v1";
+/// The associated data of a data key wrapped by a build that authenticates the log's head
+/// (database format 3): a key that opens under it says the head must carry its tag, which
+/// nobody without the key can then remove unnoticed.
+const WRAP_AD_HEAD: &[u8] = b"agent-runtime data key v2, head authenticated";
+/// The context of the key that tags the log's head, derived from the data key.
+const HEAD_KEY_CONTEXT: &str = "agent-runtime event log head v1";
 
 /// The ChaCha20-Poly1305 key and nonce that XChaCha20-Poly1305 with `key` and `nonce` reduces to.
 fn xchacha(key: &[u8; 32], nonce: &[u8; NONCE_LEN]) -> Option<(LessSafeKey, Nonce)> {
@@ -199,34 +205,59 @@ pub(crate) fn derive_kek(
     Ok(out)
 }
 
-/// Wraps `data_key` under `kek`: `nonce ‖ ciphertext ‖ tag`.
+/// Wraps `data_key` under `kek`: `nonce ‖ ciphertext ‖ tag`, marked as a key whose log's
+/// head is authenticated (see [`WRAP_AD_HEAD`]).
 pub(crate) fn wrap_key(kek: &[u8; 32], data_key: &[u8; 32]) -> Vec<u8> {
     let mut out = Vec::with_capacity(NONCE_LEN + 32 + TAG_LEN);
-    seal_into(kek, data_key, WRAP_AD, &mut out);
+    seal_into(kek, data_key, WRAP_AD_HEAD, &mut out);
     out
 }
 
-/// Unwraps a data key; `None` when `kek` is not the key it was wrapped under.
-pub(crate) fn unwrap_key(kek: &[u8; 32], wrapped: &[u8]) -> Option<Zeroizing<[u8; 32]>> {
+/// Unwraps a data key, and says whether its log's head must be authenticated (a key wrapped
+/// by this build; one of format 2 was not); `None` when `kek` is not the key it was wrapped
+/// under.
+pub(crate) fn unwrap_key(kek: &[u8; 32], wrapped: &[u8]) -> Option<(Zeroizing<[u8; 32]>, bool)> {
     let mut plain = Zeroizing::new(Vec::with_capacity(48));
-    if !open_into_raw(kek, wrapped, WRAP_AD, &mut plain) || plain.len() != 32 {
+    let head_required = if open_into_raw(kek, wrapped, WRAP_AD_HEAD, &mut plain) {
+        true
+    } else if open_into_raw(kek, wrapped, WRAP_AD, &mut plain) {
+        false
+    } else {
+        return None;
+    };
+    if plain.len() != 32 {
         return None;
     }
     let mut key = Zeroizing::new([0u8; 32]);
     key.copy_from_slice(&plain);
-    Some(key)
+    Some((key, head_required))
 }
 
-/// Seals and opens payloads under one data key.
+/// Seals and opens payloads under one data key, and tags the log's head with a key derived
+/// from it.
 pub(crate) struct PayloadCipher {
     key: Zeroizing<[u8; 32]>,
+    head_key: Zeroizing<[u8; 32]>,
+    /// Whether the head must carry its tag (see [`unwrap_key`]).
+    pub(crate) head_required: bool,
 }
 
 impl PayloadCipher {
-    pub(crate) fn new(data_key: &[u8; 32]) -> Self {
+    pub(crate) fn new(data_key: &[u8; 32], head_required: bool) -> Self {
         PayloadCipher {
             key: Zeroizing::new(*data_key),
+            head_key: Zeroizing::new(blake3::derive_key(HEAD_KEY_CONTEXT, data_key)),
+            head_required,
         }
+    }
+
+    /// The tag of the log's head: keyed BLAKE3 of `u64_be(seq) ‖ hash`. Only a holder of the
+    /// key can make it, so a log cut short or rewritten by anyone else no longer matches it.
+    pub(crate) fn head_tag(&self, seq: u64, hash: &[u8; 32]) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_keyed(&self.head_key);
+        h.update(&seq.to_be_bytes());
+        h.update(hash);
+        *h.finalize().as_bytes()
     }
 
     /// `0x01 ‖ nonce ‖ ciphertext ‖ tag` of `plaintext`, bound to `header`.
@@ -279,14 +310,18 @@ mod tests {
 
     #[test]
     fn seal_open_round_trip_and_binding() {
-        let c = PayloadCipher::new(&[7; 32]);
+        let c = PayloadCipher::new(&[7; 32], true);
         let sealed = c.seal(b"hello", b"hdr");
         assert_eq!(c.open(&sealed, b"hdr").as_deref(), Some(&b"hello"[..]));
         assert!(c.open(&sealed, b"other").is_none());
         let mut flipped = sealed.clone();
         flipped[30] ^= 1;
         assert!(c.open(&flipped, b"hdr").is_none());
-        assert!(PayloadCipher::new(&[8; 32]).open(&sealed, b"hdr").is_none());
+        assert!(
+            PayloadCipher::new(&[8; 32], true)
+                .open(&sealed, b"hdr")
+                .is_none()
+        );
         assert!(c.open(&[], b"hdr").is_none());
     }
 
@@ -299,7 +334,7 @@ mod tests {
         let reference = chacha20poly1305::XChaCha20Poly1305::new(&chacha20poly1305::Key::from(key));
         for len in [0usize, 1, 63, 64, 65, 560, 4097] {
             let msg: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
-            let sealed = PayloadCipher::new(&key).seal(&msg, b"header");
+            let sealed = PayloadCipher::new(&key, true).seal(&msg, b"header");
             let nonce: [u8; NONCE_LEN] = sealed[1..25].try_into().unwrap();
             let opened = reference
                 .decrypt(
@@ -337,7 +372,7 @@ mod tests {
         };
         let kek = derive_kek(b"pw", b"0123456789abcdef", CHEAP).unwrap();
         let wrapped = wrap_key(&kek, &[3; 32]);
-        assert_eq!(*unwrap_key(&kek, &wrapped).unwrap(), [3; 32]);
+        assert_eq!(*unwrap_key(&kek, &wrapped).unwrap().0, [3; 32]);
         let other = derive_kek(b"pw2", b"0123456789abcdef", CHEAP).unwrap();
         assert!(unwrap_key(&other, &wrapped).is_none());
     }

@@ -108,7 +108,7 @@ impl Store {
         if format == ExportFormat::Bundle {
             // A bundle says "the whole chain": not of a log whose end was cut off.
             let reader = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
-            crate::store::check_tail(&reader, &path)?;
+            crate::store::check_tail(&reader, &path, self.inner.cipher.as_deref())?;
         }
         let mut out = CountingWriter {
             inner: std::io::BufWriter::with_capacity(1 << 20, out),

@@ -17,9 +17,20 @@ use crate::crypto::{self, KdfParams, PayloadCipher};
 use crate::error::{StoreError, sqlite_error};
 use crate::frame::{EventRecord, FrameBuilder, MAX_FRAME_EVENTS};
 
-/// The on-disk format this build writes and reads: 2 is frames (see [`crate::frame`]); 1 was a
-/// row per event.
+/// The on-disk format this build writes for a plaintext log, and reads: 2 is frames (see
+/// [`crate::frame`]); 1 was a row per event.
 pub(crate) const FORMAT: &str = "2";
+/// The format of an encrypted log this build creates: 2, with the head tagged under a key
+/// derived from the data key (`head_tag`; the data key is wrapped as one whose head is tagged).
+/// A build that reads only 2 refuses it by its format, rather than take its key for a wrong one.
+pub(crate) const FORMAT_HEAD_TAGGED: &str = "3";
+
+/// The formats this build reads, as its errors name them.
+const FORMATS_READ: &str = "2 or 3";
+
+fn is_known_format(f: &str) -> bool {
+    f == FORMAT || f == FORMAT_HEAD_TAGGED
+}
 /// Most events one group commit takes; more wait for the next.
 const MAX_BATCH_EVENTS: usize = 16 * 1024;
 /// Requests queued for the writer before appenders wait (backpressure).
@@ -465,7 +476,7 @@ impl Store {
         };
         if !config.read_only {
             // The next commit would record a new head over the evidence of the cut.
-            check_tail(&conn, &path)?;
+            check_tail(&conn, &path, cipher.as_deref())?;
         }
         let (last_tx, last_rx) = watch::channel(head.map_or(0, |h| h.0));
 
@@ -486,8 +497,8 @@ impl Store {
                 .name("agent-runtime-store-writer".into())
                 .spawn({
                     let counters = counters.clone();
-                    let encrypted = cipher.is_some();
-                    move || writer_loop(writer_conn, wpath, rx, replies, counters, encrypted)
+                    let cipher = cipher.clone();
+                    move || writer_loop(writer_conn, wpath, rx, replies, counters, cipher)
                 })
                 .map_err(|e| StoreError::Open {
                     path: path.clone(),
@@ -1079,12 +1090,12 @@ fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<Option<String>
     let result = (|| -> Result<(), StoreError> {
         conn.execute_batch(SCHEMA).map_err(err)?;
         match meta_string(conn, "format").map_err(err)? {
-            Some(f) if f == FORMAT => return Ok(()),
+            Some(f) if is_known_format(&f) => return Ok(()),
             Some(f) => {
                 return Err(StoreError::Format {
                     path: path.clone(),
                     found: f,
-                    expected: FORMAT.into(),
+                    expected: FORMATS_READ.into(),
                 });
             }
             None => {}
@@ -1096,7 +1107,11 @@ fn init_schema(conn: &Connection, config: &StoreConfig) -> Result<Option<String>
             )
             .map(|_| ())
         };
-        put("format", FORMAT.as_bytes()).map_err(err)?;
+        let format = match config.encryption {
+            Encryption::Plaintext => FORMAT,
+            Encryption::Encrypted => FORMAT_HEAD_TAGGED,
+        };
+        put("format", format.as_bytes()).map_err(err)?;
         match config.encryption {
             Encryption::Plaintext => put("encryption", b"none").map_err(err)?,
             Encryption::Encrypted => {
@@ -1181,12 +1196,12 @@ fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCiphe
         e => err(e),
     })?;
     match format {
-        Some(f) if f == FORMAT => {}
+        Some(f) if is_known_format(&f) => {}
         Some(f) => {
             return Err(StoreError::Format {
                 path: path.clone(),
                 found: f,
-                expected: FORMAT.into(),
+                expected: FORMATS_READ.into(),
             });
         }
         None => return Err(foreign("no format marker".into())),
@@ -1238,9 +1253,9 @@ fn unlock(conn: &Connection, config: &StoreConfig) -> Result<Option<PayloadCiphe
                     });
                 }
             };
-            let data_key = crypto::unwrap_key(&kek, &wrapped)
+            let (data_key, head_required) = crypto::unwrap_key(&kek, &wrapped)
                 .ok_or_else(|| StoreError::WrongKey { path: path.clone() })?;
-            Ok(Some(PayloadCipher::new(&data_key)))
+            Ok(Some(PayloadCipher::new(&data_key, head_required)))
         }
         other => Err(StoreError::Format {
             path: path.clone(),
@@ -1300,13 +1315,23 @@ pub(crate) fn read_head(
 /// newest events is past the newest event present (`present`), which no commit, crash or
 /// rollback leaves, only a change behind the store's back. A writer would record a new head over
 /// that evidence, and a bundle would hand out the shorter chain as a whole one.
-pub(crate) fn check_tail(conn: &Connection, path: &Path) -> Result<(), StoreError> {
+///
+/// In an encrypted log whose head is tagged (format 3), the head present must also carry the
+/// tag its writer made: a log cut short with its recorded head lowered to match, or rewritten,
+/// by someone without the key is refused alike.
+pub(crate) fn check_tail(
+    conn: &Connection,
+    path: &Path,
+    cipher: Option<&PayloadCipher>,
+) -> Result<(), StoreError> {
     // One read transaction: both heads from one snapshot, though other processes commit.
     let tx = conn
         .unchecked_transaction()
         .map_err(|e| sqlite_error(path, e, None))?;
-    let present = read_head(&tx, path)?.map_or(0, |h| h.0);
+    let head = read_head(&tx, path)?;
+    let present = head.map_or(0, |h| h.0);
     let recorded = read_recorded_head(&tx, path)?;
+    let tag = read_head_tag(&tx, path)?;
     drop(tx);
     match recorded {
         Some(recorded) if recorded > present => Err(StoreError::Damaged {
@@ -1320,7 +1345,20 @@ pub(crate) fn check_tail(conn: &Connection, path: &Path) -> Result<(), StoreErro
             ),
         }),
         _ => Ok(()),
+    }?;
+    if let (Some(cipher), Some((seq, hash))) = (cipher.filter(|c| c.head_required), head)
+        && tag.as_deref() != Some(&cipher.head_tag(seq, &hash.0)[..])
+    {
+        return Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            after_seq: Some(present),
+            detail: "its newest event is not the head its writer tagged: events were cut off its \
+                     end, or it was rewritten, by someone without its key. Nothing is written to \
+                     it or bundled from it, so that the evidence stays; `audit verify` reports it"
+                .into(),
+        });
     }
+    Ok(())
 }
 
 /// The head recorded in `meta` at each commit: lets verify notice events cut off the end.
@@ -1331,6 +1369,11 @@ pub(crate) fn read_recorded_head(
     let v = get_meta(conn, "head_seq").map_err(|e| sqlite_error(path, e, None))?;
     Ok(v.and_then(|b| <[u8; 8]>::try_from(b.as_slice()).ok())
         .map(u64::from_be_bytes))
+}
+
+/// The tag of the head that the writer recorded with it (an encrypted log of format 3).
+pub(crate) fn read_head_tag(conn: &Connection, path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    get_meta(conn, "head_tag").map_err(|e| sqlite_error(path, e, None))
 }
 
 /// The SQL and arguments that select the frames which may hold events matching `query`, in
@@ -1704,7 +1747,7 @@ fn writer_loop(
     mut rx: mpsc::Receiver<WriteRequest>,
     replies: Replies,
     counters: Arc<WriterCounters>,
-    encrypted: bool,
+    cipher: Option<Arc<PayloadCipher>>,
 ) {
     let mut batch: Vec<WriteRequest> = Vec::new();
     let mut frame = FrameBuilder::new();
@@ -1754,7 +1797,7 @@ fn writer_loop(
             }
             continue;
         }
-        match commit_batch(&mut conn, &path, &batch, &mut frame, encrypted) {
+        match commit_batch(&mut conn, &path, &batch, &mut frame, cipher.as_deref()) {
             Ok((results, head)) => {
                 counters
                     .commits
@@ -1831,8 +1874,9 @@ fn commit_batch(
     path: &Path,
     batch: &[WriteRequest],
     frame: &mut FrameBuilder,
-    encrypted: bool,
+    cipher: Option<&PayloadCipher>,
 ) -> Result<(Vec<Vec<Appended>>, u64), String> {
+    let encrypted = cipher.is_some();
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
         .map_err(|e| e.to_string())?;
@@ -1908,6 +1952,15 @@ fn commit_batch(
         [&seq.to_be_bytes()[..]],
     )
     .map_err(|e| e.to_string())?;
+    // The head's tag, which only a holder of the key can make: verify finds a log cut short or
+    // rewritten by anyone else (see `docs/audit-format.md`).
+    if let Some(cipher) = cipher.filter(|c| c.head_required) {
+        tx.execute(
+            "INSERT INTO meta(key, value) VALUES ('head_tag', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [&cipher.head_tag(seq, &prev.0)[..]],
+        )
+        .map_err(|e| e.to_string())?;
+    }
     tx.commit().map_err(|e| e.to_string())?;
     Ok((results, seq))
 }

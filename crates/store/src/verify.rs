@@ -288,7 +288,7 @@ impl Store {
     /// read at all. Blocks the calling thread until the whole log is read (see the crate docs).
     pub fn verify(&self) -> Result<VerifyReport, StoreError> {
         let path = self.inner.path.clone();
-        let (recorded_head, bounds, index) = {
+        let (recorded_head, head_tag, bounds, index) = {
             let reader = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
             // One snapshot for the head, the index and the bounds: a frame another process
             // commits meanwhile would otherwise fall inside the bounds with its index rows
@@ -298,6 +298,7 @@ impl Store {
                 .map_err(|e| crate::error::sqlite_error(&path, e, None))?;
             let reader = &*snapshot;
             let head = read_recorded_head(reader, &path)?;
+            let head_tag = crate::store::read_head_tag(reader, &path)?;
             // An index that cannot be read is reported after the chain is checked.
             let index = read_run_index(reader, &path);
             let bounds: Option<(i64, i64)> = reader
@@ -312,7 +313,7 @@ impl Store {
                 .ok()
                 .map(|(lo, hi)| (lo.unwrap_or(1), hi.unwrap_or(0)));
             drop(snapshot);
-            (head, bounds, index)
+            (head, head_tag, bounds, index)
         };
         let index_ok = index.as_ref().ok();
         let mut checker = ChainChecker::new();
@@ -399,6 +400,33 @@ impl Store {
             return Err(e);
         }
         let mut report = checker.finish(recorded_head, "database");
+        // The head's tag, which only a holder of the key makes: a chain that is whole but was
+        // cut short or rewritten by someone without it (the chain's hashes need no key) ends
+        // at another head.
+        if report.problem.is_none()
+            && let Some(cipher) = self.inner.cipher.as_ref().filter(|c| c.head_required)
+            && report.last_seq > 0
+        {
+            let expected = cipher.head_tag(report.last_seq, &report.head.0);
+            let detail = match head_tag {
+                Some(tag) if tag[..] == expected[..] => None,
+                Some(_) => Some(
+                    "the log ends at another head than the one its writer tagged: events were \
+                     cut off its end, or it was rewritten, by someone without its key",
+                ),
+                None => Some(
+                    "the log's head has no tag, which every commit of its writer leaves: it was \
+                     removed, and the events may have been cut off or rewritten",
+                ),
+            };
+            if let Some(detail) = detail {
+                report.problem = Some(Problem {
+                    seq: report.last_seq,
+                    kind: ProblemKind::ChainBroken,
+                    detail: detail.into(),
+                });
+            }
+        }
         // Index rows for frames that do not exist (every frame's own rows were checked above),
         // or an index that cannot be read: after the chain's own problems, a cut-off end
         // included, which leave such rows behind.

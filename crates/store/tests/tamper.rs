@@ -553,7 +553,11 @@ fn a_database_of_the_row_per_event_format_is_refused_by_name() {
     match &err {
         StoreError::Format {
             found, expected, ..
-        } => assert_eq!((found.as_str(), expected.as_str()), ("1", "2"), "{err}"),
+        } => assert_eq!(
+            (found.as_str(), expected.as_str()),
+            ("1", "2 or 3"),
+            "{err}"
+        ),
         other => panic!("expected a format error, got {other}"),
     }
 }
@@ -613,4 +617,55 @@ fn frames_with_columns_of_the_wrong_type_are_named() {
     // Verify names it too (it read the log past it before, by another path, and said ok).
     let p = problem(&path);
     assert_eq!((p.seq, p.kind), (50, ProblemKind::Damaged), "{p}");
+}
+
+/// An encrypted log's head carries a tag only a holder of its key can make: cutting events off
+/// its end and lowering `head_seq` with them, rewriting the chain after a deletion, or removing
+/// the tag, each of which keeps the chain whole (its hashes need no key), is named.
+#[test]
+fn a_log_cut_short_without_its_key_is_named_by_its_head_tag() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = in_two_frames(&dir, 10, 5);
+    let format: Vec<u8> = tamper_conn(&path)
+        .query_row("SELECT value FROM meta WHERE key = 'format'", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(format, b"3");
+    assert!(report(&path).problem.is_none());
+    // The second frame (events 11 to 15) goes, and the head with it, as one who knows the
+    // format (but not the key) would do it.
+    let conn = tamper_conn(&path);
+    conn.execute_batch(
+        "DELETE FROM frames WHERE first_seq = 11; DELETE FROM frame_runs WHERE first_seq = 11;",
+    )
+    .unwrap();
+    conn.execute(
+        "UPDATE meta SET value = ?1 WHERE key = 'head_seq'",
+        [&10u64.to_be_bytes()[..]],
+    )
+    .unwrap();
+    drop(conn);
+    let p = problem(&path);
+    assert_eq!((p.seq, p.kind), (10, ProblemKind::ChainBroken), "{p:?}");
+    assert!(p.detail.contains("without its key"), "{}", p.detail);
+    // No writer opens it (its next commit would tag the shorter chain), and no bundle is made.
+    let err = Store::open(encrypted_config(&path, "test passphrase")).unwrap_err();
+    assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+    assert!(err.to_string().contains("without its key"), "{err}");
+    let reader = Store::open(encrypted_config(&path, "test passphrase").read_only()).unwrap();
+    let bundle = reader.export(
+        &agent_runtime_core::EventQuery::default(),
+        agent_runtime_store::ExportFormat::Bundle,
+        Vec::new(),
+    );
+    assert!(bundle.is_err());
+    drop(reader);
+    // Without the tag at all: named too.
+    tamper_conn(&path)
+        .execute_batch("DELETE FROM meta WHERE key = 'head_tag'")
+        .unwrap();
+    let p = problem(&path);
+    assert_eq!((p.seq, p.kind), (10, ProblemKind::ChainBroken), "{p:?}");
+    assert!(p.detail.contains("no tag"), "{}", p.detail);
 }
