@@ -120,6 +120,31 @@ pub fn is_invisible_format(c: char) -> bool {
     )
 }
 
+/// The event database of this process and the files SQLite keeps beside it, which the
+/// gateway protects from tools (see `gateway::config::protected_paths`).
+static EVENT_DATABASE: std::sync::OnceLock<Vec<std::path::PathBuf>> = std::sync::OnceLock::new();
+
+/// Records the event database's path (once, at start).
+pub fn set_event_database(db: &std::path::Path) {
+    let with = |suffix: &str| {
+        let mut name = db.as_os_str().to_owned();
+        name.push(suffix);
+        std::path::PathBuf::from(name)
+    };
+    let _ = EVENT_DATABASE.set(vec![
+        db.to_path_buf(),
+        with("-wal"),
+        with("-shm"),
+        with("-journal"),
+        with("-runs"),
+    ]);
+}
+
+/// The event database's files, as recorded by [`set_event_database`].
+pub fn event_database_files() -> Vec<std::path::PathBuf> {
+    EVENT_DATABASE.get().cloned().unwrap_or_default()
+}
+
 /// The person at this terminal, as events name them: `person:$USER`, or `person:terminal`
 /// when `USER` is unset or empty (`person:` would not read back).
 pub fn person() -> agent_runtime_core::Actor {

@@ -227,6 +227,7 @@ fn options(opts: &GatewayOpts) -> Options {
         config,
         policy: opts.policy.clone(),
         mcp,
+        protected: crate::common::event_database_files(),
     }
 }
 

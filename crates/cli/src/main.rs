@@ -143,6 +143,8 @@ fn main() -> ExitCode {
             return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
         }
     };
+    // The event database is the runtime's own: no tool of this process may change it.
+    crate::common::set_event_database(cli.global.store_config().path());
     let result = match cli.command {
         Command::Audit(cmd) => audit::run(cmd, &cli.global),
         Command::Demo(args) => demo::run(args, &cli.global),

@@ -1537,6 +1537,79 @@ fn only_the_mcp_servers_of_the_tools_called_are_started() {
     assert!(marker.exists());
 }
 
+/// No tool may change what the runtime trusts: its configuration, policy and hooks (a hook and
+/// an MCP server run outside the sandbox, nobody asked), the `.agent-runtime` folder the next
+/// start loads them from, or its event database. An agent rewrote the policy inside its
+/// workspace with `write_file`, or through a sandboxed command, and ran as root unsandboxed.
+#[test]
+fn tools_cannot_change_the_runtime_s_own_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir(&ws).unwrap();
+    let config = "workspace: [\".\"]\npolicy: policy.yaml\ntools:\n  - name: sh.run\n    risk: exec\n    input_schema: { type: object, properties: { script: { type: string } }, required: [script] }\n    command: [\"/bin/sh\", \"-c\", \"{script}\"]\n";
+    let policy = "rules:\n  - id: allow-sh\n    tools: [\"sh.run\"]\n    effect: allow\n";
+    std::fs::write(ws.join("gateway.yaml"), config).unwrap();
+    std::fs::write(ws.join("policy.yaml"), policy).unwrap();
+    let call = |tool: &str, args: &str| {
+        let mut c = Command::cargo_bin("agent-runtime").unwrap();
+        c.current_dir(&ws)
+            .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+            .args([
+                "--db",
+                "events.db",
+                "--plaintext",
+                "tools",
+                "call",
+                tool,
+                "--config",
+            ])
+            .arg("gateway.yaml")
+            .args(["--args", args]);
+        c.output().unwrap()
+    };
+    for path in [
+        "policy.yaml",
+        "gateway.yaml",
+        ".agent-runtime/gateway.yaml",
+        "events.db-wal",
+    ] {
+        let out = call(
+            "write_file",
+            &format!(r#"{{"path": "{path}", "text": "rules: []"}}"#),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{path}: {stderr}");
+        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+    }
+    let out = call(
+        "sh.run",
+        r#"{"script": "echo evil >> policy.yaml; echo hooks > .agent-runtime/gateway.yaml; echo ok > fine.txt"}"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("Read-only file system"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("policy.yaml")).unwrap(),
+        policy
+    );
+    assert!(!ws.join(".agent-runtime/gateway.yaml").exists());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("fine.txt")).unwrap(),
+        "ok\n"
+    );
+    // Reading them is not changing them.
+    let out = call("read_file", r#"{"path": "policy.yaml"}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A graph that calls a tool of an MCP server that cannot be reached is refused saying so,
 /// where the tool is named (it said "unknown tool", listing every other tool).
 #[test]

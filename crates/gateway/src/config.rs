@@ -136,6 +136,60 @@ pub struct Options {
     pub policy: Option<PathBuf>,
     /// An MCP servers file overriding the configuration's.
     pub mcp: Option<PathBuf>,
+    /// More files and folders no tool may change (the CLI's event database), besides the
+    /// configuration's own (see [`protected_paths`]).
+    pub protected: Vec<PathBuf>,
+}
+
+/// The name of the folder in a workspace root that holds the runtime's configuration
+/// (`.agent-runtime/gateway.yaml`, `.agent-runtime/mcp.json`), which the command line loads
+/// from the folder it runs in.
+pub const CONFIG_FOLDER: &str = ".agent-runtime";
+
+/// What no tool may change, resolved: the configuration file, the policy file, the MCP servers
+/// file, the hooks' programs, each workspace root's [`CONFIG_FOLDER`], and `extra`. The runtime
+/// trusts these (a hook and an MCP server run outside the sandbox, nobody asked): an agent
+/// that could rewrite them inside its workspace would give itself anything at the next start.
+/// The gateway denies a write to them (rule `default.protected`), and the sandbox binds them
+/// read-only over the writable roots.
+pub fn protected_paths(
+    files: &[&Path],
+    hook_programs: &[&str],
+    workspace: &[PathBuf],
+    extra: &[PathBuf],
+) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    let mut add = |p: &Path| {
+        // A file not there yet is protected by the name it will have.
+        let resolved =
+            std::fs::canonicalize(p).unwrap_or_else(|_| match (p.parent(), p.file_name()) {
+                (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
+                    Path::new(".")
+                } else {
+                    dir
+                })
+                .map(|d| d.join(name))
+                .unwrap_or_else(|_| p.to_path_buf()),
+                _ => p.to_path_buf(),
+            });
+        if !out.contains(&resolved) {
+            out.push(resolved);
+        }
+    };
+    for f in files {
+        add(f);
+    }
+    // A hook given as a path (not a name looked up on PATH).
+    for program in hook_programs.iter().filter(|p| p.contains('/')) {
+        add(Path::new(program));
+    }
+    for root in workspace {
+        add(&root.join(CONFIG_FOLDER));
+    }
+    for p in extra {
+        add(p);
+    }
+    out
 }
 
 /// Everything loaded from the configuration, before MCP servers are connected.
@@ -204,7 +258,25 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
             })
         })
         .collect::<Result<_, _>>()?;
-    let sandbox = Arc::new(SandboxSettings::new(write_roots, file.read_roots.clone()));
+    let mcp_path = opts.mcp.clone().or(file.mcp.clone());
+    let hook_programs: Vec<&str> = file
+        .hooks
+        .iter()
+        .filter_map(|h| h.command.first().map(String::as_str))
+        .collect();
+    let files: Vec<&Path> = [
+        opts.config.as_deref(),
+        policy_path.as_deref(),
+        mcp_path.as_deref(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let protected = protected_paths(&files, &hook_programs, &write_roots, &opts.protected);
+    let sandbox = Arc::new(
+        SandboxSettings::new(write_roots, file.read_roots.clone())
+            .with_protected(protected.clone()),
+    );
     let registry = Arc::new(Registry::new());
     if file.builtins.unwrap_or(true) {
         for t in builtin::builtins() {
@@ -222,7 +294,6 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
         .map(CommandHook::new)
         .collect::<Result<Vec<_>, _>>()
         .map_err(in_config)?;
-    let mcp_path = opts.mcp.clone().or(file.mcp.clone());
     let mcp = match &mcp_path {
         Some(p) => McpConfig::load(p)?,
         None => McpConfig::default(),
@@ -236,7 +307,10 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
             }
         }
     }
-    let mut config = GatewayConfig::default();
+    let mut config = GatewayConfig {
+        protected,
+        ..GatewayConfig::default()
+    };
     if let Some(ms) = file.limits.default_timeout_ms {
         config.default_timeout = Duration::from_millis(ms);
     }

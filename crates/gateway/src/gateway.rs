@@ -25,6 +25,10 @@ pub struct GatewayConfig {
     pub max_output_bytes: usize,
     /// How long an approval may take before the call is denied.
     pub approval_timeout: Duration,
+    /// Files and folders (resolved) no tool may change: a call whose judged path falls inside
+    /// one is denied, unless the tool only reads (rule `default.protected`). See
+    /// [`crate::config::protected_paths`].
+    pub protected: Vec<std::path::PathBuf>,
 }
 
 impl Default for GatewayConfig {
@@ -33,6 +37,7 @@ impl Default for GatewayConfig {
             default_timeout: Duration::from_secs(120),
             max_output_bytes: 256 * 1024,
             approval_timeout: Duration::from_secs(600),
+            protected: Vec::new(),
         }
     }
 }
@@ -467,7 +472,7 @@ impl Gateway {
         input: &PolicyInput<'_>,
         redactor: &Redactor,
     ) -> (Decision, String) {
-        let (mut decision, decided_by) = match hook_denial {
+        let (mut decision, mut decided_by) = match hook_denial {
             Some((hook, reason)) => (
                 Decision {
                     effect: Effect::Deny,
@@ -480,6 +485,24 @@ impl Gateway {
             ),
             None => (policy.decide(input), "policy".to_string()),
         };
+        // Before any rule: what the runtime trusts is no tool's to change.
+        if decision.effect != Effect::Deny
+            && input.risk != agent_runtime_core::RiskClass::Read
+            && let Some(path) = decision
+                .paths
+                .values()
+                .flatten()
+                .find(|p| self.inner.config.protected.iter().any(|q| p.starts_with(q)))
+        {
+            decision.effect = Effect::Deny;
+            decision.rule = "default.protected".into();
+            decision.reason = format!(
+                "{} is the runtime's own configuration, policy, hook or event log: no tool may \
+                 change it",
+                path.display()
+            );
+            decided_by = "policy".into();
+        }
         decision.reason = redactor.redact_str(&decision.reason);
         (decision, decided_by)
     }

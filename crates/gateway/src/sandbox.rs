@@ -199,6 +199,10 @@ pub struct SandboxSettings {
     pub read_roots: Vec<PathBuf>,
     /// The `bwrap` binary, if found.
     pub bwrap: Option<PathBuf>,
+    /// Files and folders inside the workspace roots that commands may read and not change:
+    /// the runtime's own configuration, policy, hooks and event log (see
+    /// [`crate::config::protected_paths`]), bound read-only over the writable roots.
+    pub protected: Vec<PathBuf>,
 }
 
 impl SandboxSettings {
@@ -208,7 +212,14 @@ impl SandboxSettings {
             write_roots,
             read_roots,
             bwrap: find_in_path("bwrap"),
+            protected: Vec::new(),
         }
+    }
+
+    /// These settings keeping `protected` read-only to commands.
+    pub fn with_protected(mut self, protected: Vec<PathBuf>) -> Self {
+        self.protected = protected;
+        self
     }
 }
 
@@ -545,6 +556,28 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
             w.display().to_string(),
             w.display().to_string(),
         ]);
+    }
+    // Mounted over the writable roots: a command that rewrote the runtime's configuration,
+    // policy or hooks there would run unsandboxed at the next start (a hook runs outside the
+    // sandbox, with no one asked).
+    for p in &settings.protected {
+        if !settings.write_roots.iter().any(|w| p.starts_with(w)) {
+            continue;
+        }
+        // A workspace root's configuration folder that is not there yet is made (empty), so
+        // that it can be kept read-only: a command must not create one for the next start to
+        // load.
+        if p.file_name() == Some(std::ffi::OsStr::new(crate::config::CONFIG_FOLDER)) && !p.exists()
+        {
+            let _ = std::fs::create_dir(p);
+        }
+        if p.exists() {
+            a.extend([
+                "--ro-bind".into(),
+                p.display().to_string(),
+                p.display().to_string(),
+            ]);
+        }
     }
     // The root bwrap builds is a tmpfs: make it read-only once everything is mounted, so only
     // the workspace roots and the private /tmp are writable.
@@ -1550,6 +1583,7 @@ mod tests {
             write_roots: vec![ws],
             read_roots: vec![],
             bwrap: None,
+            protected: vec![],
         };
         let args = bwrap_args(&settings, &[], Path::new("/"));
         if let Some(copy) = etc_copy() {
@@ -1561,6 +1595,7 @@ mod tests {
             write_roots: vec![std::env::temp_dir()],
             read_roots: vec![],
             bwrap: None,
+            protected: vec![],
         };
         let args = bwrap_args(&settings, &[], Path::new("/"));
         assert_eq!(etc_target(&args), None);
