@@ -632,6 +632,23 @@ fn url_host_allow_list() {
             Deny,
             "fetch-others",
         ),
+        // The other way round: example.com to the WHATWG parser, 127.0.0.1 to curl.
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "http://example.com\\@127.0.0.1:8765/internal.txt"}),
+            Deny,
+            "fetch-others",
+        ),
+        (
+            "web.fetch",
+            Network,
+            a,
+            json!({"url": "https://exam\tple.com/"}),
+            Deny,
+            "fetch-others",
+        ),
         (
             "web.fetch",
             Network,
