@@ -652,10 +652,12 @@ impl Gateway {
             request_id: None,
             pending: Pending::Settled,
         };
-        // A digest of arguments that hold the call's own secrets would let anyone holding the
-        // log confirm a guessed secret: those are digested as redacted.
+        // A digest of arguments that hold a secret (the call's own, or one the gateway knows:
+        // a `${VAR}` of its configuration) would let anyone holding the log confirm a guessed
+        // secret: arguments are digested as redacted whenever there are secrets to redact
+        // (arguments without any digest as they are).
         let digest_of = |args: &Value| {
-            if !call_secrets {
+            if !call_secrets && !rec.redactor.has_secrets() {
                 PolicyEnvelope::digest_arguments(args)
             } else {
                 PolicyEnvelope::digest_arguments(&rec.redactor.redact_values(args))

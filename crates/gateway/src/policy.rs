@@ -598,6 +598,14 @@ impl Policy {
         }
         // Roots in rules, like the workspace, are relative to the policy file.
         for rule in &mut file.rules {
+            // A caller written without its kind (`reviewer`) is an agent (`agent:reviewer`), as
+            // the command line's `--agent` reads it: as written it matched no caller, and the
+            // rule never applied, without a word.
+            for a in rule.agents.iter_mut() {
+                if !a.contains(':') && a != "*" {
+                    *a = format!("agent:{a}");
+                }
+            }
             for c in &mut rule.when {
                 if let Condition::PathInside { roots, .. } | Condition::PathOutside { roots, .. } =
                     c

@@ -806,6 +806,30 @@ async fn secrets_never_reach_the_log() {
     assert!(text.contains("[REDACTED]"));
 }
 
+/// The arguments' digest is of the redacted arguments when they hold a secret the gateway
+/// knows (a `${VAR}` of its configuration), as for the call's own: a digest of the plain ones
+/// let anyone holding the log confirm a guessed secret.
+#[tokio::test]
+async fn an_argument_digest_does_not_confirm_a_guessed_secret() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let mut r = Redactor::new();
+    r.add_secret("hunter2-secret");
+    let gw = gateway(vec![t], log.clone()).redactor(r).build().unwrap();
+    gw.call("t.read", json!({"text": "hunter2-secret"}), ctx())
+        .await
+        .unwrap();
+    let requested = log
+        .all()
+        .into_iter()
+        .find(|e| e.kind == EventKind::ToolRequested)
+        .unwrap();
+    let digest = requested.payload["arguments_digest"].clone();
+    let of = |v: Value| json!(PolicyEnvelope::digest_arguments(&v));
+    assert_ne!(digest, of(json!({"text": "hunter2-secret"})));
+    assert_eq!(digest, of(json!({"text": "[REDACTED]"})));
+}
+
 /// An error the gateway itself makes quotes what the caller sent (a schema error the value it
 /// refuses, an unknown tool its name): what the caller gets back is redacted as the log is.
 #[tokio::test]

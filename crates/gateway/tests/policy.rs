@@ -940,6 +940,38 @@ fn without_defaults_nothing_is_allowed() {
     assert_eq!((d.effect, d.rule.as_str()), (Effect::Deny, "default.deny"));
 }
 
+/// A caller written without its kind is an agent: `agents: [reviewer]` matched no caller (all
+/// are `agent:NAME`, `person:NAME` or `system`), so its deny rule never applied.
+#[test]
+fn a_caller_written_without_its_kind_is_an_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = Policy::from_yaml(
+        "rules:\n  - id: reviewer-reads-only\n    agents: [reviewer, \"rev*er2\"]\n    risk: [write]\n    effect: deny\n",
+        dir.path(),
+    )
+    .unwrap();
+    for (name, denied) in [
+        ("agent:reviewer", true),
+        ("agent:reviewer2", true),
+        ("agent:writer", false),
+    ] {
+        let actor: Actor = name.parse().unwrap();
+        let d = p.decide(&PolicyInput {
+            tool: "write_file",
+            risk: RiskClass::Write,
+            actor: &actor,
+            arguments: &json!({"path": "x"}),
+            relative_paths: Default::default(),
+        });
+        assert_eq!(
+            d.rule == "reviewer-reads-only",
+            denied,
+            "{name}: {}",
+            d.rule
+        );
+    }
+}
+
 #[test]
 fn a_configuration_key_written_twice_is_refused() {
     // The second `path` would replace the first in the tool's input schema, silently.
