@@ -233,6 +233,56 @@ impl Redactor {
         self.walk(value, false)
     }
 
+    /// `value` (an output cut short) with every string's end that is the start of a secret
+    /// value, at least [`Redactor::MIN_SECRET_LEN`] bytes of it, replaced too: a secret cut in
+    /// two where the output was cut is not one [`Redactor::redact_values`] recognizes, and its
+    /// start would stay in the clear.
+    ///
+    /// ```
+    /// use agent_runtime_core::Redactor;
+    /// let mut r = Redactor::new();
+    /// r.add_secret("SuperSecretToken-1234");
+    /// let cut = serde_json::json!({"stdout": "padding...SuperSecretTo"});
+    /// assert_eq!(r.redact_cut_ends(&cut)["stdout"], "padding...[REDACTED]");
+    /// ```
+    pub fn redact_cut_ends(&self, value: &Value) -> Value {
+        let value = self.redact_values(value);
+        self.cut_ends(&value)
+    }
+
+    fn cut_ends(&self, value: &Value) -> Value {
+        match value {
+            Value::Object(map) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| (k.clone(), self.cut_ends(v)))
+                    .collect(),
+            ),
+            Value::Array(items) => Value::Array(items.iter().map(|v| self.cut_ends(v)).collect()),
+            Value::String(text) => {
+                // The longest start of any value that the text ends with.
+                let cut = self
+                    .values
+                    .iter()
+                    .filter_map(|v| {
+                        (Self::MIN_SECRET_LEN..v.len())
+                            .rev()
+                            .filter(|&n| v.is_char_boundary(n))
+                            .find(|&n| text.ends_with(&v[..n]))
+                    })
+                    .max();
+                match cut {
+                    Some(n) => {
+                        let mut t = text[..text.len() - n].to_string();
+                        t.push_str(REDACTED);
+                        Value::String(t)
+                    }
+                    None => value.clone(),
+                }
+            }
+            other => other.clone(),
+        }
+    }
+
     /// `value` with secret keys and secret values replaced.
     pub fn redact(&self, value: &Value) -> Value {
         self.walk(value, true)

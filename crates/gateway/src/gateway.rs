@@ -1060,7 +1060,13 @@ impl Gateway {
             }
         }
         if redactor.has_secrets() {
-            out.value = redactor.redact_values(&out.value);
+            // An output the tool cut short (a command's `output_bytes`) may end in the start of
+            // a secret cut in two, which the secret's whole form does not match.
+            out.value = if out.truncated {
+                redactor.redact_cut_ends(&out.value)
+            } else {
+                redactor.redact_values(&out.value)
+            };
         }
         cap_output(out, self.inner.config.max_output_bytes).map_err(|size| {
             ClassifiedError::tool(format!(

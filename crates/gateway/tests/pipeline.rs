@@ -27,6 +27,8 @@ enum Behaviour {
     Fail,
     /// Panics.
     Panic,
+    /// Returns output cut short in the middle of the secret `hunter2-secret`.
+    CutSecret,
 }
 
 struct TestTool {
@@ -64,6 +66,10 @@ impl Tool for TestTool {
             }
             Behaviour::Big => Ok(ToolOutput::new(json!("é".repeat(10_000)))),
             Behaviour::Panic => panic!("the test tool panics"),
+            Behaviour::CutSecret => Ok(ToolOutput {
+                value: json!({"stdout": "padding hunter2-se", "truncated": true}),
+                truncated: true,
+            }),
             Behaviour::Leak => Ok(ToolOutput::new(
                 json!({"note": "the key is hunter2-secret", "token_count": 3}),
             )),
@@ -828,6 +834,21 @@ async fn an_argument_digest_does_not_confirm_a_guessed_secret() {
     let of = |v: Value| json!(PolicyEnvelope::digest_arguments(&v));
     assert_ne!(digest, of(json!({"text": "hunter2-secret"})));
     assert_eq!(digest, of(json!({"text": "[REDACTED]"})));
+}
+
+/// An output the tool cut short in the middle of a secret keeps nothing of it: the secret's
+/// start was returned and recorded in the clear, not being the secret's whole form.
+#[tokio::test]
+async fn a_secret_cut_in_two_by_an_output_limit_is_redacted() {
+    let log = Arc::new(MemoryLog::default());
+    let (t, _h) = tool("t.cut", RiskClass::Read, Behaviour::CutSecret);
+    let mut r = Redactor::new();
+    r.add_secret("hunter2-secret");
+    let gw = gateway(vec![t], log.clone()).redactor(r).build().unwrap();
+    let out = gw.call("t.cut", json!({}), ctx()).await.unwrap();
+    assert_eq!(out.value["stdout"], "padding [REDACTED]");
+    let text = serde_json::to_string(&log.all()).unwrap();
+    assert!(!text.contains("hunter2-se"), "{text}");
 }
 
 /// An error the gateway itself makes quotes what the caller sent (a schema error the value it
