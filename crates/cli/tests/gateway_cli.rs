@@ -1610,6 +1610,57 @@ fn tools_cannot_change_the_runtime_s_own_files() {
     );
 }
 
+/// A command writes a relative path where the policy judged it: in the policy's workspace,
+/// when that is not the configuration's (it wrote `protected/x` in the configuration's root, a
+/// folder a deny rule protected, while the policy judged it in its own).
+#[test]
+fn a_command_writes_a_relative_path_where_the_policy_judged_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("ws/sub/protected")).unwrap();
+    std::fs::create_dir_all(d.join("ws/protected")).unwrap();
+    std::fs::write(
+        d.join("cfg.yaml"),
+        "workspace: [\"ws\"]\npolicy: pol.yaml\ntools:\n  - name: put\n    risk: write\n    input_schema: { type: object, properties: { path: { type: string }, text: { type: string } }, required: [path, text] }\n    command: [\"sh\", \"-c\", \"printf '%s' \\\"$1\\\" > \\\"$2\\\"\", \"sh\", \"{text}\", \"{path}\"]\n",
+    )
+    .unwrap();
+    std::fs::write(
+        d.join("pol.yaml"),
+        "workspace: [\"ws/sub\"]\nrules:\n  - id: protect\n    when: [ { path_inside: { arg: \"@paths\", roots: [\"ws/protected\"] } } ]\n    effect: deny\n",
+    )
+    .unwrap();
+    let out = Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .current_dir(d)
+        .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+        .args([
+            "--db",
+            "e.db",
+            "--plaintext",
+            "tools",
+            "call",
+            "put",
+            "--config",
+            "cfg.yaml",
+        ])
+        .args(["--args", r#"{"path": "protected/x", "text": "pwn"}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !d.join("ws/protected/x").exists(),
+        "written where the policy did not look"
+    );
+    assert_eq!(
+        std::fs::read_to_string(d.join("ws/sub/protected/x")).unwrap(),
+        "pwn"
+    );
+}
+
 /// A graph that calls a tool of an MCP server that cannot be reached is refused saying so,
 /// where the tool is named (it said "unknown tool", listing every other tool).
 #[test]

@@ -736,7 +736,15 @@ impl CommandTool {
             None => None,
         };
         let limits = &self.config.limits;
-        let chdir = &self.chdir;
+        // Where the policy judged the call's relative paths (`CallContext::workdir`: its first
+        // workspace root), when commands may write there: a policy whose workspace is not the
+        // configuration's judged `protected/x` in one folder while the command wrote it in
+        // another.
+        let chdir: &Path = ctx
+            .workdir
+            .as_deref()
+            .filter(|w| self.settings.write_roots.iter().any(|r| w.starts_with(r)))
+            .unwrap_or(&self.chdir);
         let mut cgroup = None;
         // The seccomp programs' pipes: open until bwrap has started (and read them).
         let mut filter = SeccompPipes::default();
@@ -752,7 +760,11 @@ impl CommandTool {
                 let mut cmd = tokio::process::Command::new(bwrap);
                 filter = seccomp_filter(bwrap)?;
                 cmd.args(&filter.args);
-                cmd.args(&self.bwrap_argv)
+                // The options end with `--chdir ROOT --`, built once for the first root.
+                let (options, _) = self.bwrap_argv.split_at(self.bwrap_argv.len() - 3);
+                cmd.args(options)
+                    .args([std::ffi::OsStr::new("--chdir"), chdir.as_os_str()])
+                    .arg("--")
                     .args(&argv)
                     .env_clear()
                     .envs(self.env.iter().cloned());
