@@ -449,11 +449,25 @@ fn the_example_configuration_decides_as_its_comments_say() {
         }));
     }
     assert_eq!(shown.len(), 3, "{shown:?}");
-    for (args, rule) in [
-        (r#"{"command":"ls; rm -rf /"}"#, "no-shell-tricks"),
-        (r#"{"command":"git status"}"#, "git-read-only"),
+    for (args, rule, shown_in_example) in [
+        (r#"{"command":"ls; rm -rf /"}"#, "no-shell-tricks", true),
+        (r#"{"command":"git status"}"#, "git-inspect", true),
+        // `argument` matches any later word: these carried `status` past the allow rule.
+        (
+            r#"{"command":"git -c core.fsmonitor=evil.sh status"}"#,
+            "git-writing-or-running",
+            false,
+        ),
+        (
+            r#"{"command":"git clean -fdx -e status"}"#,
+            "git-writing-or-running",
+            false,
+        ),
     ] {
-        assert!(shown.iter().any(|s| s == args), "{args} is not shown");
+        assert!(
+            !shown_in_example || shown.iter().any(|s| s == args),
+            "{args} is not shown"
+        );
         let out = env
             .cmd()
             .args([

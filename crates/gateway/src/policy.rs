@@ -23,7 +23,7 @@
 //!       - shell_metacharacters: { arg: command }
 //!     effect: deny
 //!     reason: shell metacharacters are not allowed
-//!   - id: git-read-only
+//!   - id: git-inspect
 //!     tools: ["sh.run"]
 //!     when:
 //!       - program: { arg: command, any: ["git"] }
