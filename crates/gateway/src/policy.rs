@@ -744,10 +744,27 @@ impl Policy {
     /// Decides about one call. With no matching rule (only possible with `defaults: false`),
     /// the call is denied by the implicit rule `default.deny`.
     pub fn decide(&self, input: &PolicyInput<'_>) -> Decision {
+        self.decide_from(0, input)
+    }
+
+    /// The decision of the rules from the `first` on.
+    fn decide_from(&self, first: usize, input: &PolicyInput<'_>) -> Decision {
         let base = &*self.base;
         let resolutions = Resolutions::new(input.relative_paths);
-        for r in &self.rules {
-            if self.rule_matches(r, input, base, &resolutions) {
+        for (i, r) in self.rules.iter().enumerate().skip(first) {
+            if self.rule_matches(r, input, base, &resolutions, false) {
+                // An ask rule's `path_inside` takes a call with one path inside (a harmless
+                // second path must not carry the first past it, to a later allow). Matched
+                // that way only, it never loosens what the later rules decide: a call they
+                // deny stays denied rather than go to a person.
+                if r.rule.effect == Effect::Ask
+                    && !self.rule_matches(r, input, base, &resolutions, true)
+                {
+                    let rest = self.decide_from(i + 1, input);
+                    if rest.effect == Effect::Deny {
+                        return rest;
+                    }
+                }
                 return Decision {
                     effect: r.rule.effect,
                     rule: r.rule.id.clone(),
@@ -776,7 +793,7 @@ impl Policy {
             .iter()
             .map(|r| RuleTrace {
                 rule: r.rule.id.clone(),
-                matched: self.rule_matches(r, input, base, &resolutions),
+                matched: self.rule_matches(r, input, base, &resolutions, false),
                 effect: r.rule.effect,
             })
             .collect()
@@ -788,6 +805,7 @@ impl Policy {
         input: &PolicyInput<'_>,
         base: &Path,
         resolutions: &Resolutions,
+        every_path_inside: bool,
     ) -> bool {
         let rule = &r.rule;
         if !rule.tools.is_empty() && !any_match(&rule.tools, input.tool) {
@@ -799,9 +817,16 @@ impl Policy {
         if !rule.agents.is_empty() && !any_match(&rule.agents, &input.actor.to_string()) {
             return false;
         }
-        r.conditions
-            .iter()
-            .all(|(c, sel)| condition_matches(c, sel, input.arguments, base, resolutions))
+        r.conditions.iter().all(|(c, sel)| {
+            condition_matches(
+                c,
+                sel,
+                input.arguments,
+                base,
+                resolutions,
+                every_path_inside,
+            )
+        })
     }
 }
 
@@ -924,13 +949,13 @@ fn compile(
 /// Whether a path condition in a rule of `effect` matches on one path (and on a path that
 /// resolves to nothing) rather than needing every path: read on the side that refuses more.
 /// `path_inside` in a deny rule: one path inside is enough (`{path: secret, file: notes}` must
-/// not slip past it). `path_outside` in a deny or ask rule: one path outside is enough. An
-/// allow rule needs every path. `path_inside` in an ask rule keeps needing every path: asking
-/// about more calls could take them from a later deny to a person.
-fn path_condition_any(inside: bool, effect: Effect) -> bool {
+/// not slip past it). `path_outside` in a deny or ask rule: one path outside is enough, and
+/// so is `path_inside` in an ask rule (`{paths: [secrets/key, a.txt]}` was not asked about, and
+/// a later allow took it), which then never loosens a later deny (see [`Policy::decide`]). An
+/// allow rule needs every path.
+fn path_condition_any(_inside: bool, effect: Effect) -> bool {
     match effect {
-        Effect::Deny => true,
-        Effect::Ask => !inside,
+        Effect::Deny | Effect::Ask => true,
         Effect::Allow => false,
     }
 }
@@ -1028,22 +1053,26 @@ fn url_host(text: &str) -> Option<String> {
         .map(|h| h.trim_end_matches('.').to_ascii_lowercase())
 }
 
+/// Whether condition `c` matches; `every_path_inside` reads a `path_inside` as needing every
+/// path, whatever its rule's effect (see [`Policy::decide`]).
 fn condition_matches(
     c: &Compiled,
     sel: &ArgSelector,
     args: &Value,
     base: &Path,
     resolutions: &Resolutions,
+    every_path_inside: bool,
 ) -> bool {
     match c {
         Compiled::Path { roots, inside, any } => {
+            let any = *any && !(every_path_inside && *inside);
             let matches = |p: &&str| {
                 resolutions
                     .resolve(p, base)
                     .map(|p| roots.iter().any(|r| is_within(&p, r)) == *inside)
             };
             let paths = sel.strings(args);
-            if *any {
+            if any {
                 paths.iter().any(|p| matches(p).unwrap_or(true))
             } else {
                 !paths.is_empty() && paths.iter().all(|p| matches(p).unwrap_or(false))

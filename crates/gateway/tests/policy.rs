@@ -925,6 +925,65 @@ fn path_conditions_lean_to_refusing() {
     assert_eq!(d.paths["loop/x"], None);
 }
 
+/// An ask rule's `path_inside` takes a call with one path inside: a harmless second path carried
+/// the first past it to a later allow (`cat secrets/key a.txt` read the key, nobody asked).
+/// Taken that way only, it never loosens a later deny.
+#[test]
+fn an_ask_rule_guarding_a_folder_takes_a_call_with_one_path_in_it() {
+    use Effect::*;
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    std::fs::create_dir_all(root.join("ws/secrets")).unwrap();
+    let f = Fixture {
+        policy: Policy::from_yaml(
+            "workspace: [ws]\nrules:\n  - id: ask-before-secrets\n    when: [ { path_inside: { arg: \"@paths\", roots: [ws/secrets] } } ]\n    effect: ask\n  - id: no-etc\n    when: [ { path_inside: { arg: \"@paths\", roots: [/etc] } } ]\n    effect: deny\n",
+            &root,
+        )
+        .unwrap(),
+        root,
+        _dir: dir,
+    };
+    let a = "agent:any";
+    check(
+        &f,
+        &[
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"paths": ["secrets/key"]}),
+                Ask,
+                "ask-before-secrets",
+            ),
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"paths": ["secrets/key", "a.txt"]}),
+                Ask,
+                "ask-before-secrets",
+            ),
+            // One path inside, and one a later rule denies: denied, not asked.
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"paths": ["secrets/key", "/etc/shadow"]}),
+                Deny,
+                "no-etc",
+            ),
+            (
+                "fs.read",
+                RiskClass::Read,
+                a,
+                json!({"paths": ["a.txt"]}),
+                Allow,
+                "default.read",
+            ),
+        ],
+    );
+}
+
 #[test]
 fn without_defaults_nothing_is_allowed() {
     let dir = tempfile::tempdir().unwrap();
