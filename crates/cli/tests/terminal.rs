@@ -172,6 +172,21 @@ fn run_args(ws: &Path) -> Vec<String> {
     ]
 }
 
+/// The events of `kind` in the run database of workspace `ws`, as `audit export` gives them.
+fn recorded(ws: &Path, kind: &str) -> Vec<serde_json::Value> {
+    let out = Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+        .arg("--db")
+        .arg(ws.join("events.db"))
+        .args(["--plaintext", "audit", "export", "--format", "jsonl"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .filter(|e| e["kind"] == kind)
+        .collect()
+}
+
 fn spawn_run(ws: &Path, cols: u16, env: &[(&str, &str)]) -> Terminal {
     let args = run_args(ws);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -250,17 +265,7 @@ fn a_question_takes_only_an_answer_typed_after_it_could_be_read() {
     let screen = term.screen();
     assert!(status.success(), "{status}: {screen}");
     assert!(screen.contains("1 completed, 1 skipped"), "{screen}");
-    let out = Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
-        .arg("--db")
-        .arg(ws.path().join("events.db"))
-        .args(["--plaintext", "audit", "export", "--format", "jsonl"])
-        .output()
-        .unwrap();
-    let decided: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|e| e["kind"] == "approval.decided")
-        .collect();
+    let decided = recorded(ws.path(), "approval.decided");
     assert_eq!(decided.len(), 2, "{decided:?}");
     assert_eq!(
         (&decided[0]["actor"], &decided[0]["payload"]["approved"]),
@@ -324,17 +329,7 @@ fn ctrl_c_withdraws_an_open_question_and_ends_the_run() {
     assert!(screen.contains("withdrawn"), "{screen}");
     assert!(screen.contains("cancelled"), "{screen}");
     // The cancellation is the person's at the terminal, as `cancel`'s would be.
-    let out = Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
-        .arg("--db")
-        .arg(ws.path().join("events.db"))
-        .args(["--plaintext", "audit", "export", "--format", "jsonl"])
-        .output()
-        .unwrap();
-    let cancelled: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
-        .filter(|e| e["kind"] == "run.cancelled")
-        .collect();
+    let cancelled = recorded(ws.path(), "run.cancelled");
     assert_eq!(cancelled.len(), 1, "{cancelled:?}");
     assert_eq!(cancelled[0]["actor"], "person:ana");
     assert_eq!(cancelled[0]["payload"]["reason"], "interrupted (Ctrl-C)");

@@ -218,41 +218,15 @@ impl Store {
 /// writes (a test holds it to that), without parsing the payload: the stored payload is already
 /// canonical JSON. This is what makes export fast.
 fn write_envelope_line(r: &RawRow, payload: &[u8], out: &mut Vec<u8>) {
-    write_line(
-        &LineParts {
-            seq: r.seq,
-            run_id: r.run_id,
-            task_id: r.task_id,
-            actor: &r.actor,
-            kind: &r.kind,
-            time_ns: r.time_ns,
-            payload,
-            prev_hash: &r.prev_hash,
-            hash: &r.hash,
-        },
-        out,
-    );
+    write_line(&r.as_record(), payload, out);
     out.push(b'\n');
 }
 
-/// What one jsonl or bundle line is made of.
-pub(crate) struct LineParts<'a> {
-    pub seq: u64,
-    pub run_id: [u8; 16],
-    pub task_id: Option<[u8; 16]>,
-    pub actor: &'a str,
-    pub kind: &'a str,
-    pub time_ns: u64,
-    /// The canonical payload JSON.
-    pub payload: &'a [u8],
-    pub prev_hash: &'a [u8],
-    pub hash: &'a [u8],
-}
-
-/// An envelope as a jsonl or bundle line, without its newline: the one form an export writes,
-/// which [`verify_bundle`](crate::verify_bundle) also holds every line to (what the hash does
-/// not cover, a field added or a time written another way, is a change too).
-pub(crate) fn write_line(p: &LineParts<'_>, out: &mut Vec<u8>) {
+/// An envelope as a jsonl or bundle line, without its newline, from the record's fields and
+/// `payload` (the canonical payload JSON; the record's own may be sealed): the one form an
+/// export writes, which [`verify_bundle`](crate::verify_bundle) also holds every line to (what
+/// the hash does not cover, a field added or a time written another way, is a change too).
+pub(crate) fn write_line(p: &crate::frame::EventRecord<'_>, payload: &[u8], out: &mut Vec<u8>) {
     use std::io::Write as _;
     let _ = write!(
         out,
@@ -272,7 +246,7 @@ pub(crate) fn write_line(p: &LineParts<'_>, out: &mut Vec<u8>) {
         ",\"time\":\"{}\",\"payload\":",
         Timestamp::from_unix_nanos(p.time_ns)
     );
-    out.extend_from_slice(p.payload);
+    out.extend_from_slice(payload);
     out.extend_from_slice(b",\"prev_hash\":\"");
     push_hex(out, p.prev_hash);
     out.extend_from_slice(b"\",\"hash\":\"");

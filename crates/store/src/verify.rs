@@ -882,17 +882,20 @@ fn is_exported_form(env: &Envelope, line: &str) -> bool {
     let payload = agent_runtime_core::canonical_json(&env.payload);
     let mut expected = Vec::with_capacity(line.len());
     crate::export::write_line(
-        &crate::export::LineParts {
+        &crate::frame::EventRecord {
             seq: env.seq,
             run_id: *env.run_id.as_bytes(),
             task_id: env.task_id.map(|t| *t.as_bytes()),
             actor: &actor,
             kind,
             time_ns: env.time.as_unix_nanos(),
-            payload: &payload,
+            // Not part of a line.
+            header: &[],
+            payload: &[],
             prev_hash: &env.prev_hash.0,
             hash: &env.hash.0,
         },
+        &payload,
         &mut expected,
     );
     expected == line.as_bytes()
