@@ -298,6 +298,14 @@ pub fn nobody_answered(wait: std::time::Duration) -> String {
     }
 }
 
+/// Whether `path` lies in a folder named like the runtime's configuration folder
+/// (`.agent-runtime`), at any depth: the command line loads its configuration from such a
+/// folder in the folder it runs in, which may be any folder of a workspace.
+fn is_config_folder_path(path: &std::path::Path) -> bool {
+    path.components()
+        .any(|c| c.as_os_str() == crate::config::CONFIG_FOLDER)
+}
+
 impl Gateway {
     /// The registry.
     pub fn registry(&self) -> &Arc<Registry> {
@@ -485,23 +493,39 @@ impl Gateway {
             ),
             None => (policy.decide(input), "policy".to_string()),
         };
-        // Before any rule: what the runtime trusts is no tool's to change.
-        if decision.effect != Effect::Deny
-            && input.risk != agent_runtime_core::RiskClass::Read
-            && let Some(path) = decision
+        // Before any rule: what the runtime trusts is no tool's to change. Only a built-in tool
+        // that reads (`read_file`) may name it: any other may write whatever its risk says (an
+        // MCP server marks a writing tool read-only as it likes). A path that resolved to
+        // nothing (an MCP tool's relative path, a leading `~`) could be one of them.
+        let reads_only =
+            input.risk == agent_runtime_core::RiskClass::Read
+                && self.inner.registry.get(input.tool).is_some_and(|e| {
+                    e.descriptor().source == agent_runtime_core::ToolSource::Native
+                });
+        if decision.effect != Effect::Deny && !reads_only {
+            let protected = &self.inner.config.protected;
+            let hit = decision
                 .paths
-                .values()
-                .flatten()
-                .find(|p| self.inner.config.protected.iter().any(|q| p.starts_with(q)))
-        {
-            decision.effect = Effect::Deny;
-            decision.rule = "default.protected".into();
-            decision.reason = format!(
-                "{} is the runtime's own configuration, policy, hook or event log: no tool may \
-                 change it",
-                path.display()
-            );
-            decided_by = "policy".into();
+                .iter()
+                .find_map(|(text, resolved)| match resolved {
+                    Some(p) => protected
+                        .iter()
+                        .any(|q| p.starts_with(q) || is_config_folder_path(p))
+                        .then(|| format!("{} is", p.display())),
+                    None if !protected.is_empty() => Some(format!(
+                        "{text} resolves to nothing the gateway can judge, so it could be"
+                    )),
+                    None => None,
+                });
+            if let Some(what) = hit {
+                decision.effect = Effect::Deny;
+                decision.rule = "default.protected".into();
+                decision.reason = format!(
+                    "{what} the runtime's own configuration, policy, hook or event log, which no \
+                     tool may change (give an absolute path outside them)"
+                );
+                decided_by = "policy".into();
+            }
         }
         decision.reason = redactor.redact_str(&decision.reason);
         (decision, decided_by)

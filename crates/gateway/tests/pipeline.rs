@@ -85,6 +85,16 @@ struct Handles {
 }
 
 fn tool(name: &str, risk: RiskClass, behaviour: Behaviour) -> (Arc<dyn Tool>, Handles) {
+    tool_from(name, risk, behaviour, ToolSource::Native)
+}
+
+/// [`tool`] with another source (an MCP server's, say).
+fn tool_from(
+    name: &str,
+    risk: RiskClass,
+    behaviour: Behaviour,
+    source: ToolSource,
+) -> (Arc<dyn Tool>, Handles) {
     let h = Handles {
         calls: Arc::default(),
         seen: Arc::default(),
@@ -101,7 +111,7 @@ fn tool(name: &str, risk: RiskClass, behaviour: Behaviour) -> (Arc<dyn Tool>, Ha
                 "additionalProperties": false}),
             output_schema: None,
             risk,
-            source: ToolSource::Native,
+            source,
         },
         calls: h.calls.clone(),
         seen: h.seen.clone(),
@@ -849,6 +859,49 @@ async fn a_secret_cut_in_two_by_an_output_limit_is_redacted() {
     assert_eq!(out.value["stdout"], "padding [REDACTED]");
     let text = serde_json::to_string(&log.all()).unwrap();
     assert!(!text.contains("hunter2-se"), "{text}");
+}
+
+/// What the runtime trusts is no tool's to change, whatever the tool says of its own risk: an
+/// MCP tool marked read-only that names a protected file is denied (one rewrote the policy),
+/// as is one whose path resolves to nothing (a relative path of an MCP tool could be the
+/// policy) and any path in a configuration folder at any depth; the built-in reader may read.
+#[tokio::test]
+async fn protected_files_are_no_tool_s_to_change_whatever_its_risk() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    std::fs::write(root.join("policy.yaml"), "rules: []\n").unwrap();
+    let mcp = ToolSource::Mcp {
+        server: "files".into(),
+    };
+    let (writer, writes) = tool_from("files.write", RiskClass::Read, Behaviour::Echo, mcp);
+    let (reader, reads) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let log = Arc::new(MemoryLog::default());
+    let gw = gateway(vec![writer, reader], log.clone())
+        .policy(Policy::from_yaml("rules:\n  - { id: allow-all, effect: allow }\n", &root).unwrap())
+        .config(agent_runtime_gateway::GatewayConfig {
+            protected: vec![root.join("policy.yaml")],
+            ..Default::default()
+        })
+        .build()
+        .unwrap();
+    let policy = root.join("policy.yaml").display().to_string();
+    let sub = root
+        .join("pkg/.agent-runtime/gateway.yaml")
+        .display()
+        .to_string();
+    for path in [policy.as_str(), "policy.yaml", sub.as_str()] {
+        let err = gw
+            .call("files.write", json!({"path": path}), ctx())
+            .await
+            .unwrap_err();
+        assert_eq!(err.class, ErrorClass::PolicyDenied, "{path}: {err}");
+        assert!(err.message.contains("default.protected"), "{path}: {err}");
+    }
+    assert_eq!(writes.calls.load(Ordering::SeqCst), 0);
+    gw.call("t.read", json!({"path": policy}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(reads.calls.load(Ordering::SeqCst), 1);
 }
 
 /// An error the gateway itself makes quotes what the caller sent (a schema error the value it

@@ -436,6 +436,7 @@ impl Store {
         {
             create_whole(&config)?;
         }
+        refuse_planted_journal(&path)?;
         let flags = if config.read_only {
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX
         } else {
@@ -965,6 +966,30 @@ fn is_blank(conn: &Connection, path: &Path) -> Result<bool, StoreError> {
 
 /// Refuses an existing SQLite file that is not an event database (it has tables of its own),
 /// before anything (journal mode, schema, format marker) is written into it.
+/// Refuses a database with a rollback journal beside it (`NAME-journal`, not empty). An event
+/// log is in WAL mode from its creation (built under another name), so SQLite never writes one
+/// for it; one that is there was put there, and SQLite would play it back at the next open,
+/// rewriting the log's pages as whoever wrote it chose (a command with write access to the
+/// folder replaced the end of the log that way, and verify said ok).
+fn refuse_planted_journal(path: &Path) -> Result<(), StoreError> {
+    let mut journal = path.as_os_str().to_owned();
+    journal.push("-journal");
+    match std::fs::metadata(&journal) {
+        Ok(m) if m.len() > 0 => Err(StoreError::Damaged {
+            path: path.to_path_buf(),
+            after_seq: None,
+            detail: format!(
+                "a rollback journal lies beside it ({}), which SQLite never writes for an event \
+                 log (it is in WAL mode) and would play back over its pages: it was put there. \
+                 Nothing was opened; keep the journal as evidence, move it away and run `audit \
+                 verify`",
+                std::path::Path::new(&journal).display()
+            ),
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn refuse_foreign(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let foreign: Option<String> = conn
         .query_row(

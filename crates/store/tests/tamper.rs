@@ -669,3 +669,28 @@ fn a_log_cut_short_without_its_key_is_named_by_its_head_tag() {
     assert_eq!((p.seq, p.kind), (10, ProblemKind::ChainBroken), "{p:?}");
     assert!(p.detail.contains("no tag"), "{}", p.detail);
 }
+
+/// A rollback journal put beside the log (SQLite never writes one for it: it is in WAL mode)
+/// would be played back over its pages at the next open, rewriting the log as its author chose:
+/// the log is refused, naming it, and the journal is left as evidence.
+#[test]
+fn a_rollback_journal_put_beside_the_log_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = filled(&dir, 5);
+    let journal = dir.path().join("t.db-journal");
+    std::fs::write(&journal, vec![0xd9u8; 4096]).unwrap();
+    for read_only in [false, true] {
+        let config = encrypted_config(&path, "test passphrase");
+        let config = if read_only {
+            config.read_only()
+        } else {
+            config
+        };
+        let err = Store::open(config).unwrap_err();
+        assert!(matches!(err, StoreError::Damaged { .. }), "{err}");
+        assert!(err.to_string().contains("rollback journal"), "{err}");
+    }
+    assert_eq!(std::fs::read(&journal).unwrap().len(), 4096);
+    std::fs::remove_file(&journal).unwrap();
+    assert!(report(&path).problem.is_none());
+}
