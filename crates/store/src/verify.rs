@@ -876,10 +876,9 @@ pub fn verify_bundle(path: &Path) -> Result<VerifyReport, StoreError> {
 }
 
 /// Whether `line` is the very line an export writes for `env` (see `export::write_line`).
-fn is_exported_form(env: &Envelope, line: &str) -> bool {
+fn is_exported_form(env: &Envelope, payload: &[u8], line: &str) -> bool {
     let kind = env.kind.as_str();
     let actor = env.actor.to_string();
-    let payload = agent_runtime_core::canonical_json(&env.payload);
     let mut expected = Vec::with_capacity(line.len());
     crate::export::write_line(
         &crate::frame::EventRecord {
@@ -895,7 +894,7 @@ fn is_exported_form(env: &Envelope, line: &str) -> bool {
             prev_hash: &env.prev_hash.0,
             hash: &env.hash.0,
         },
-        &payload,
+        payload,
         &mut expected,
     );
     expected == line.as_bytes()
@@ -986,10 +985,20 @@ pub fn verify_bundle_from<R: BufRead + Send>(
                 .into_iter()
                 .map(|(n, l)| match serde_json::from_str::<Envelope>(&l) {
                     Ok(env) => {
-                        let body = env.to_new_event().canonical_body();
-                        let outcome = if chain_hash(&env.prev_hash, env.seq, &body) != env.hash {
+                        // The payload's canonical bytes once, for the hash and the line's form.
+                        let header = env.to_new_event().canonical_header();
+                        let payload = agent_runtime_core::canonical_json(&env.payload);
+                        let outcome = if chain_hash_parts(
+                            &env.prev_hash,
+                            env.seq,
+                            &header,
+                            &payload,
+                        ) != env.hash
+                        {
+                            let mut body = header;
+                            push_canonical_payload(&mut body, &payload);
                             Outcome::HashMismatch { body }
-                        } else if !is_exported_form(&env, &l) {
+                        } else if !is_exported_form(&env, &payload, &l) {
                             Outcome::Malformed(format!(
                                 "line {n} is not as an export writes it: something the hash does \
                                  not cover was changed (a field added, a key given twice, a \
