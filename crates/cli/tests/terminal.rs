@@ -187,6 +187,15 @@ fn recorded(ws: &Path, kind: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
+/// [`spawn_run`] with `--config gateway.yaml`, the file written with `config` first.
+fn spawn_run_configured(ws: &Path, config: &str, env: &[(&str, &str)]) -> Terminal {
+    std::fs::write(ws.join("gateway.yaml"), config).unwrap();
+    let mut args = run_args(ws);
+    args.extend(["--config".to_string(), "gateway.yaml".to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Terminal::spawn(&args, ws, 100, env)
+}
+
 fn spawn_run(ws: &Path, cols: u16, env: &[(&str, &str)]) -> Terminal {
     let args = run_args(ws);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -287,15 +296,11 @@ fn a_question_on_a_dumb_terminal_is_plain_and_long_arguments_are_cut() {
         "tasks:\n  - {{id: w, tool: show, args: {{s: {long}}}, on_failure: skip}}\n"
     ));
     // A command tool: running one asks under the default policy.
-    std::fs::write(
-        ws.path().join("gateway.yaml"),
+    let mut term = spawn_run_configured(
+        ws.path(),
         "tools:\n  - name: show\n    risk: exec\n    input_schema: {type: object, properties: {s: {type: string}}}\n    command: [printf, '%s', '{s}']\n",
-    )
-    .unwrap();
-    let mut args = run_args(ws.path());
-    args.extend(["--config".to_string(), "gateway.yaml".to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut term = Terminal::spawn(&args, ws.path(), 100, &[("TERM", "dumb")]);
+        &[("TERM", "dumb")],
+    );
     let screen = term.wait_for("Allow? [y/N]", 1);
     assert!(!screen.contains('\x1b'), "{screen:?}");
     assert!(screen.contains("characters not shown"), "{screen}");
@@ -347,15 +352,7 @@ fn a_timed_out_question_does_not_take_the_retry_s_answer() {
     retry: {max_attempts: 2, on: [approval_denied], backoff: 10ms}
 ",
     );
-    std::fs::write(
-        ws.path().join("gateway.yaml"),
-        "limits: {approval_timeout_ms: 1000}\n",
-    )
-    .unwrap();
-    let mut args = run_args(ws.path());
-    args.extend(["--config".to_string(), "gateway.yaml".to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut term = Terminal::spawn(&args, ws.path(), 100, &[]);
+    let mut term = spawn_run_configured(ws.path(), "limits: {approval_timeout_ms: 1000}\n", &[]);
     term.wait_for("Allow? [y/N]", 1);
     term.wait_for("(nobody answered within 1 s: denied)", 1);
     term.wait_for("Allow? [y/N]", 2);
@@ -376,15 +373,7 @@ fn a_question_waiting_its_turn_has_its_whole_time_once_shown() {
   - {id: two, tool: read_file, args: {path: OUT/two.txt}, on_failure: skip}
 ",
     );
-    std::fs::write(
-        ws.path().join("gateway.yaml"),
-        "limits: {approval_timeout_ms: 2500}\n",
-    )
-    .unwrap();
-    let mut args = run_args(ws.path());
-    args.extend(["--config".to_string(), "gateway.yaml".to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut term = Terminal::spawn(&args, ws.path(), 100, &[]);
+    let mut term = spawn_run_configured(ws.path(), "limits: {approval_timeout_ms: 2500}\n", &[]);
     term.wait_for("Allow? [y/N]", 1);
     std::thread::sleep(Duration::from_millis(1500));
     term.type_text("y\r");
