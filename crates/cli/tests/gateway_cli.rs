@@ -1624,6 +1624,46 @@ fn tools_cannot_change_the_runtime_s_own_files() {
     );
 }
 
+/// A protected file in a folder of the workspace stays where it is: the folder cannot be renamed
+/// away and replaced by one holding another policy (`mv conf conf.old && mkdir conf ...`, which
+/// ran the next call unsandboxed), while the folder's other files stay writable.
+#[test]
+fn a_folder_holding_the_configuration_cannot_be_renamed_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let ws = dir.path().join("ws");
+    std::fs::create_dir_all(ws.join("conf")).unwrap();
+    let config = "workspace: [\"..\"]\npolicy: policy.yaml\ntools:\n  - name: sh.run\n    risk: exec\n    input_schema: { type: object, properties: { script: { type: string } }, required: [script] }\n    command: [\"/bin/sh\", \"-c\", \"{script}\"]\n";
+    let policy = "rules:\n  - id: allow-sh\n    tools: [\"sh.run\"]\n    effect: allow\n";
+    std::fs::write(ws.join("conf/gateway.yaml"), config).unwrap();
+    std::fs::write(ws.join("conf/policy.yaml"), policy).unwrap();
+    let out = Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .current_dir(&ws)
+        .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+        .args(["--db", "../events.db", "--plaintext", "tools", "call", "sh.run"])
+        .args(["--config", "conf/gateway.yaml", "--args"])
+        .arg(r#"{"script": "mv conf conf.old; echo mv=$?; echo notes > conf/notes.txt; echo write=$?"}"#)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!stdout.contains("mv=0"), "{stdout}");
+    assert!(stdout.contains("write=0"), "{stdout}");
+    assert!(!ws.join("conf.old").exists());
+    assert_eq!(
+        std::fs::read_to_string(ws.join("conf/policy.yaml")).unwrap(),
+        policy
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("conf/notes.txt")).unwrap(),
+        "notes\n"
+    );
+}
+
 /// A command writes a relative path where the policy judged it: in the policy's workspace,
 /// when that is not the configuration's (it wrote `protected/x` in the configuration's root, a
 /// folder a deny rule protected, while the policy judged it in its own).

@@ -560,10 +560,12 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
     // Mounted over the writable roots: a command that rewrote the runtime's configuration,
     // policy or hooks there would run unsandboxed at the next start (a hook runs outside the
     // sandbox, with no one asked).
+    let mut pinned: Vec<&Path> = Vec::new();
+    let mut read_only: Vec<&Path> = Vec::new();
     for p in &settings.protected {
-        if !settings.write_roots.iter().any(|w| p.starts_with(w)) {
+        let Some(root) = settings.write_roots.iter().find(|w| p.starts_with(w)) else {
             continue;
-        }
+        };
         // A workspace root's configuration folder that is not there yet is made (empty), so
         // that it can be kept read-only: a command must not create one for the next start to
         // load.
@@ -571,13 +573,35 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
         {
             let _ = std::fs::create_dir(p);
         }
-        if p.exists() {
-            a.extend([
-                "--ro-bind".into(),
-                p.display().to_string(),
-                p.display().to_string(),
-            ]);
+        if !p.exists() {
+            continue;
         }
+        // Every folder between the root and the file is bound onto itself (still writable), so
+        // that it is a mount point, which cannot be renamed: a read-only file in a folder that
+        // can be renamed away (`mv conf conf.old && mkdir conf ...`) protects nothing.
+        for folder in p.ancestors().skip(1).take_while(|a| *a != root.as_path()) {
+            if !pinned.contains(&folder) && folder.is_dir() {
+                pinned.push(folder);
+            }
+        }
+        read_only.push(p);
+    }
+    // Folders outermost first, then the files: a later bind of a folder would hide an earlier
+    // one of a file in it.
+    pinned.sort_by_key(|f| f.components().count());
+    for f in pinned {
+        a.extend([
+            "--bind".into(),
+            f.display().to_string(),
+            f.display().to_string(),
+        ]);
+    }
+    for p in read_only {
+        a.extend([
+            "--ro-bind".into(),
+            p.display().to_string(),
+            p.display().to_string(),
+        ]);
     }
     // The root bwrap builds is a tmpfs: make it read-only once everything is mounted, so only
     // the workspace roots and the private /tmp are writable.
