@@ -508,10 +508,17 @@ impl Gateway {
                 .paths
                 .iter()
                 .find_map(|(text, resolved)| match resolved {
+                    // In one, or, for a tool that may write, a folder holding one (moved or
+                    // removed, it takes the file along); a reader may list such a folder.
                     Some(p) => protected
                         .iter()
-                        .any(|q| p.starts_with(q) || is_config_folder_path(p))
-                        .then(|| format!("{} is", p.display())),
+                        .any(|q| {
+                            p.starts_with(q)
+                                || is_config_folder_path(p)
+                                || (input.risk != agent_runtime_core::RiskClass::Read
+                                    && q.starts_with(p))
+                        })
+                        .then(|| format!("{} is or holds", p.display())),
                     None if !protected.is_empty() => Some(format!(
                         "{text} resolves to nothing the gateway can judge, so it could be"
                     )),

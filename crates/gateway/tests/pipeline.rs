@@ -873,10 +873,11 @@ async fn protected_files_are_no_tool_s_to_change_whatever_its_risk() {
     let mcp = ToolSource::Mcp {
         server: "files".into(),
     };
-    let (writer, writes) = tool_from("files.write", RiskClass::Read, Behaviour::Echo, mcp);
+    let (writer, writes) = tool_from("files.write", RiskClass::Read, Behaviour::Echo, mcp.clone());
+    let (mover, moves) = tool_from("files.move", RiskClass::Write, Behaviour::Echo, mcp);
     let (reader, reads) = tool("t.read", RiskClass::Read, Behaviour::Echo);
     let log = Arc::new(MemoryLog::default());
-    let gw = gateway(vec![writer, reader], log.clone())
+    let gw = gateway(vec![writer, mover, reader], log.clone())
         .policy(Policy::from_yaml("rules:\n  - { id: allow-all, effect: allow }\n", &root).unwrap())
         .config(agent_runtime_gateway::GatewayConfig {
             protected: vec![root.join("policy.yaml")],
@@ -898,6 +899,19 @@ async fn protected_files_are_no_tool_s_to_change_whatever_its_risk() {
         assert!(err.message.contains("default.protected"), "{path}: {err}");
     }
     assert_eq!(writes.calls.load(Ordering::SeqCst), 0);
+    // The folder holding it, to a tool that may write: moved away, it takes the policy along
+    // (an MCP server's `move` of the configuration's folder, then a new one in its place). A
+    // reader may still name the folder (to list it).
+    let folder = root.display().to_string();
+    let err = gw
+        .call("files.move", json!({"path": folder}), ctx())
+        .await
+        .unwrap_err();
+    assert!(err.message.contains("default.protected"), "{err}");
+    assert_eq!(moves.calls.load(Ordering::SeqCst), 0);
+    gw.call("files.write", json!({"path": folder}), ctx())
+        .await
+        .unwrap();
     gw.call("t.read", json!({"path": policy}), ctx())
         .await
         .unwrap();
