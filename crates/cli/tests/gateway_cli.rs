@@ -1551,22 +1551,42 @@ fn only_the_mcp_servers_of_the_tools_called_are_started() {
     assert!(marker.exists());
 }
 
-/// No tool may change what the runtime trusts: its configuration, policy and hooks (a hook and
-/// an MCP server run outside the sandbox, nobody asked), the `.agent-runtime` folder the next
-/// start loads them from, or its event database. An agent rewrote the policy inside its
-/// workspace with `write_file`, or through a sandboxed command, and ran as root unsandboxed.
-#[test]
-fn tools_cannot_change_the_runtime_s_own_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = dir.path().join("ws");
-    std::fs::create_dir(&ws).unwrap();
-    let config = "workspace: [\".\"]\npolicy: policy.yaml\ntools:\n  - name: sh.run\n    risk: exec\n    input_schema: { type: object, properties: { script: { type: string } }, required: [script] }\n    command: [\"/bin/sh\", \"-c\", \"{script}\"]\n";
-    let policy = "rules:\n  - id: allow-sh\n    tools: [\"sh.run\"]\n    effect: allow\n";
-    std::fs::write(ws.join("gateway.yaml"), config).unwrap();
-    std::fs::write(ws.join("policy.yaml"), policy).unwrap();
-    let call = |tool: &str, args: &str| {
-        let mut c = Command::cargo_bin("agent-runtime").unwrap();
-        c.current_dir(&ws)
+/// The policy of [`ShWorkspace`]: `sh.run` may run anything (in the sandbox).
+const ALLOW_SH: &str = "rules:\n  - id: allow-sh\n    tools: [\"sh.run\"]\n    effect: allow\n";
+
+/// A workspace `ws` in a temporary folder whose configuration and policy ([`ALLOW_SH`]) lie
+/// inside it, in `conf` (`""`: its root), declaring `sh.run` (`/bin/sh -c {script}`); the
+/// event database is `ws/events.db`.
+struct ShWorkspace {
+    _dir: tempfile::TempDir,
+    ws: PathBuf,
+    config: PathBuf,
+}
+
+impl ShWorkspace {
+    fn new(conf: &str) -> ShWorkspace {
+        let dir = tempfile::tempdir().unwrap();
+        let ws = dir.path().join("ws");
+        std::fs::create_dir_all(ws.join(conf)).unwrap();
+        let root = if conf.is_empty() { "." } else { ".." };
+        let config = format!(
+            "workspace: [\"{root}\"]\npolicy: policy.yaml\ntools:\n  - name: sh.run\n    risk: exec\n    input_schema: {{ type: object, properties: {{ script: {{ type: string }} }}, required: [script] }}\n    command: [\"/bin/sh\", \"-c\", \"{{script}}\"]\n"
+        );
+        std::fs::write(ws.join(conf).join("gateway.yaml"), config).unwrap();
+        std::fs::write(ws.join(conf).join("policy.yaml"), ALLOW_SH).unwrap();
+        let config = Path::new(conf).join("gateway.yaml");
+        ShWorkspace {
+            _dir: dir,
+            ws,
+            config,
+        }
+    }
+
+    /// `tools call TOOL --args ARGS` with the configuration, run in the workspace.
+    fn call(&self, tool: &str, args: &str) -> std::process::Output {
+        Command::cargo_bin("agent-runtime")
+            .unwrap()
+            .current_dir(&self.ws)
             .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
             .args([
                 "--db",
@@ -1577,10 +1597,21 @@ fn tools_cannot_change_the_runtime_s_own_files() {
                 tool,
                 "--config",
             ])
-            .arg("gateway.yaml")
-            .args(["--args", args]);
-        c.output().unwrap()
-    };
+            .arg(&self.config)
+            .args(["--args", args])
+            .output()
+            .unwrap()
+    }
+}
+
+/// No tool may change what the runtime trusts: its configuration, policy and hooks (a hook and
+/// an MCP server run outside the sandbox, nobody asked), the `.agent-runtime` folder the next
+/// start loads them from, or its event database. An agent rewrote the policy inside its
+/// workspace with `write_file`, or through a sandboxed command, and ran as root unsandboxed.
+#[test]
+fn tools_cannot_change_the_runtime_s_own_files() {
+    let sh = ShWorkspace::new("");
+    let (ws, call) = (&sh.ws, |tool: &str, args: &str| sh.call(tool, args));
     for path in [
         "policy.yaml",
         "gateway.yaml",
@@ -1608,7 +1639,7 @@ fn tools_cannot_change_the_runtime_s_own_files() {
     assert!(stdout.contains("Read-only file system"), "{stdout}");
     assert_eq!(
         std::fs::read_to_string(ws.join("policy.yaml")).unwrap(),
-        policy
+        ALLOW_SH
     );
     assert!(!ws.join(".agent-runtime/gateway.yaml").exists());
     assert_eq!(
@@ -1629,22 +1660,12 @@ fn tools_cannot_change_the_runtime_s_own_files() {
 /// ran the next call unsandboxed), while the folder's other files stay writable.
 #[test]
 fn a_folder_holding_the_configuration_cannot_be_renamed_away() {
-    let dir = tempfile::tempdir().unwrap();
-    let ws = dir.path().join("ws");
-    std::fs::create_dir_all(ws.join("conf")).unwrap();
-    let config = "workspace: [\"..\"]\npolicy: policy.yaml\ntools:\n  - name: sh.run\n    risk: exec\n    input_schema: { type: object, properties: { script: { type: string } }, required: [script] }\n    command: [\"/bin/sh\", \"-c\", \"{script}\"]\n";
-    let policy = "rules:\n  - id: allow-sh\n    tools: [\"sh.run\"]\n    effect: allow\n";
-    std::fs::write(ws.join("conf/gateway.yaml"), config).unwrap();
-    std::fs::write(ws.join("conf/policy.yaml"), policy).unwrap();
-    let out = Command::cargo_bin("agent-runtime")
-        .unwrap()
-        .current_dir(&ws)
-        .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
-        .args(["--db", "../events.db", "--plaintext", "tools", "call", "sh.run"])
-        .args(["--config", "conf/gateway.yaml", "--args"])
-        .arg(r#"{"script": "mv conf conf.old; echo mv=$?; echo notes > conf/notes.txt; echo write=$?"}"#)
-        .output()
-        .unwrap();
+    let sh = ShWorkspace::new("conf");
+    let ws = &sh.ws;
+    let out = sh.call(
+        "sh.run",
+        r#"{"script": "mv conf conf.old; echo mv=$?; echo notes > conf/notes.txt; echo write=$?"}"#,
+    );
     assert!(
         out.status.success(),
         "{}",
@@ -1656,7 +1677,7 @@ fn a_folder_holding_the_configuration_cannot_be_renamed_away() {
     assert!(!ws.join("conf.old").exists());
     assert_eq!(
         std::fs::read_to_string(ws.join("conf/policy.yaml")).unwrap(),
-        policy
+        ALLOW_SH
     );
     assert_eq!(
         std::fs::read_to_string(ws.join("conf/notes.txt")).unwrap(),

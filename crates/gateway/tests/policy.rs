@@ -73,6 +73,22 @@ fn fixture() -> Fixture {
     }
 }
 
+/// A fixture of `policy` (its paths relative to a fresh folder), with the folder `ws/FOLDER`
+/// made for each of `folders`, and whatever `prepare` adds to that folder.
+fn fixture_of(policy: &str, folders: &[&str], prepare: impl FnOnce(&Path)) -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let root = std::fs::canonicalize(dir.path()).unwrap();
+    for f in folders {
+        std::fs::create_dir_all(root.join("ws").join(f)).unwrap();
+    }
+    prepare(&root);
+    Fixture {
+        policy: Policy::from_yaml(policy, &root).unwrap(),
+        root,
+        _dir: dir,
+    }
+}
+
 fn decide(f: &Fixture, tool: &str, risk: RiskClass, actor: &str, args: &Value) -> (Effect, String) {
     let actor: Actor = actor.parse().unwrap();
     let d = f.policy.decide(&PolicyInput {
@@ -844,19 +860,11 @@ fn read_roots_are_readable_without_asking() {
 #[test]
 fn path_conditions_lean_to_refusing() {
     use Effect::*;
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    std::fs::create_dir_all(root.join("ws/private")).unwrap();
-    std::os::unix::fs::symlink("loop", root.join("ws/loop")).unwrap();
-    let f = Fixture {
-        policy: Policy::from_yaml(
-            "workspace: [ws]\nrules:\n  - id: no-private\n    when: [ { path_inside: { arg: \"@paths\", roots: [ws/private] } } ]\n    effect: deny\n  - id: reads-inside\n    tools: [fs.read]\n    when: [ { path_inside: { arg: \"@paths\", roots: [\"$workspace\"] } } ]\n    effect: allow\n  - id: reads-ask\n    tools: [fs.read]\n    effect: ask\n",
-            &root,
-        )
-        .unwrap(),
-        root,
-        _dir: dir,
-    };
+    let f = fixture_of(
+        "workspace: [ws]\nrules:\n  - id: no-private\n    when: [ { path_inside: { arg: \"@paths\", roots: [ws/private] } } ]\n    effect: deny\n  - id: reads-inside\n    tools: [fs.read]\n    when: [ { path_inside: { arg: \"@paths\", roots: [\"$workspace\"] } } ]\n    effect: allow\n  - id: reads-ask\n    tools: [fs.read]\n    effect: ask\n",
+        &["private"],
+        |root| std::os::unix::fs::symlink("loop", root.join("ws/loop")).unwrap(),
+    );
     let a = "agent:any";
     check(
         &f,
@@ -931,18 +939,11 @@ fn path_conditions_lean_to_refusing() {
 #[test]
 fn an_ask_rule_guarding_a_folder_takes_a_call_with_one_path_in_it() {
     use Effect::*;
-    let dir = tempfile::tempdir().unwrap();
-    let root = std::fs::canonicalize(dir.path()).unwrap();
-    std::fs::create_dir_all(root.join("ws/secrets")).unwrap();
-    let f = Fixture {
-        policy: Policy::from_yaml(
-            "workspace: [ws]\nrules:\n  - id: ask-before-secrets\n    when: [ { path_inside: { arg: \"@paths\", roots: [ws/secrets] } } ]\n    effect: ask\n  - id: no-etc\n    when: [ { path_inside: { arg: \"@paths\", roots: [/etc] } } ]\n    effect: deny\n",
-            &root,
-        )
-        .unwrap(),
-        root,
-        _dir: dir,
-    };
+    let f = fixture_of(
+        "workspace: [ws]\nrules:\n  - id: ask-before-secrets\n    when: [ { path_inside: { arg: \"@paths\", roots: [ws/secrets] } } ]\n    effect: ask\n  - id: no-etc\n    when: [ { path_inside: { arg: \"@paths\", roots: [/etc] } } ]\n    effect: deny\n",
+        &["secrets"],
+        |_| {},
+    );
     let a = "agent:any";
     check(
         &f,
