@@ -126,18 +126,7 @@ static EVENT_DATABASE: std::sync::OnceLock<Vec<std::path::PathBuf>> = std::sync:
 
 /// Records the event database's path (once, at start).
 pub fn set_event_database(db: &std::path::Path) {
-    let with = |suffix: &str| {
-        let mut name = db.as_os_str().to_owned();
-        name.push(suffix);
-        std::path::PathBuf::from(name)
-    };
-    let _ = EVENT_DATABASE.set(vec![
-        db.to_path_buf(),
-        with("-wal"),
-        with("-shm"),
-        with("-journal"),
-        with("-runs"),
-    ]);
+    let _ = EVENT_DATABASE.set(agent_runtime_store::database_files(db));
 }
 
 /// The event database's files, as recorded by [`set_event_database`].

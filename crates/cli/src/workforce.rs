@@ -515,11 +515,7 @@ async fn options(
                 // A tool of an MCP server that cannot be reached is missing, not unknown.
                 let registry = gw.registry().clone();
                 move |tool| {
-                    registry.unreachable_source(tool).map(|(server, why)| {
-                        let why = why
-                            .strip_prefix(&format!("MCP server {server:?}: "))
-                            .unwrap_or(&why)
-                            .to_string();
+                    registry.unreachable_reason(tool).map(|(server, why)| {
                         format!("MCP server {server:?} cannot be reached: {why}")
                     })
                 }
@@ -1502,10 +1498,28 @@ fn request_outcome(
     task: Option<&str>,
     claimed: bool,
 ) -> anyhow::Result<RequestOutcome> {
-    // Ended before the request: its end comes before `seq`, where the loop does not look.
-    let summary = run_summary(store, run_id)?;
-    if summary.ended.is_some() {
-        return Ok(RequestOutcome::EndedFirst(summary.status));
+    // Ended before the request: its end comes before `seq`, where the loop does not look. (An
+    // end after `seq` is the loop's to read: the run may have carried out the request already,
+    // and the whole run's summary then said "ended first, nothing cancelled".)
+    let ends = query(
+        store,
+        EventQuery {
+            run_id: Some(run_id),
+            kinds: vec![
+                EventKind::RunCompleted,
+                EventKind::RunFailed,
+                EventKind::RunCancelled,
+            ],
+            ..EventQuery::default()
+        },
+    )?;
+    if let Some(end) = ends.iter().find(|e| e.seq < seq) {
+        let status = match end.kind {
+            EventKind::RunCompleted => "completed",
+            EventKind::RunFailed => "failed",
+            _ => "cancelled",
+        };
+        return Ok(RequestOutcome::EndedFirst(status.into()));
     }
     let deadline = Instant::now() + CANCEL_WAIT;
     let by = crate::common::person();

@@ -255,7 +255,7 @@ impl Drop for Unfinished {
             }
             (true, _) => "the call panicked (its caller reports the panic)",
             (false, Pending::Asking) => {
-                "the call was cancelled before anyone answered (its caller gave up: a timeout, a \
+                "the call was cancelled before an answer to its question was recorded (its caller gave up: a timeout, a \
                  cancellation)"
             }
             (false, _) => {
@@ -510,15 +510,13 @@ impl Gateway {
                 .find_map(|(text, resolved)| match resolved {
                     // In one, or, for a tool that may write, a folder holding one (moved or
                     // removed, it takes the file along); a reader may list such a folder.
-                    Some(p) => protected
-                        .iter()
-                        .any(|q| {
+                    Some(p) => ((!protected.is_empty() && is_config_folder_path(p))
+                        || protected.iter().any(|q| {
                             p.starts_with(q)
-                                || is_config_folder_path(p)
                                 || (input.risk != agent_runtime_core::RiskClass::Read
                                     && q.starts_with(p))
-                        })
-                        .then(|| format!("{} is or holds", p.display())),
+                        }))
+                    .then(|| format!("{} is or holds", p.display())),
                     None if !protected.is_empty() => Some(format!(
                         "{text} resolves to nothing the gateway can judge, so it could be"
                     )),
@@ -863,9 +861,9 @@ impl Gateway {
                 let asking = ctx.waiting_for_person();
                 let answer = self.ask(request, &ctx).await;
                 drop(asking);
-                // Answered (or timed out, or withdrawn by a cancellation that reached the ask):
-                // the decision is recorded below, not by the drop.
-                unfinished.pending = Pending::Settled;
+                // The decision is recorded below; until its append is done, a drop records one
+                // too (a store commits what it was handed even if the call is dropped: an end
+                // twice rather than none).
                 let (approved, by, why) = match &answer {
                     Ok(d) => (
                         d.approved,
@@ -905,6 +903,7 @@ impl Gateway {
                     };
                     batch.push(self.failed_event(&rec, &err));
                     self.append(batch).await?;
+                    unfinished.pending = Pending::Settled;
                     return Err(err);
                 }
             }
@@ -926,9 +925,11 @@ impl Gateway {
             json!({"tool": name, "call_id": rec.call_id, "timeout_ms": timeout.as_millis() as u64,
                    "sandbox": entry.command().map(|_| decision.sandbox)}),
         ));
-        // The answer (if one was asked) is in this batch: dropped from here on, the call
-        // ends as a cancelled run, not as an unanswered question.
-        unfinished.pending = Pending::Settled;
+        // The answer (if one was asked) is in this batch: a drop during its append records
+        // the question's end as well as the call's.
+        if unfinished.pending == Pending::Settled {
+            unfinished.pending = Pending::Running;
+        }
         self.append(batch).await?;
         unfinished.pending = Pending::Running;
 

@@ -430,7 +430,7 @@ pub struct Decision {
 
 /// Each path a decision resolved, once: every rule sees the same resolution of one text, and
 /// the tool is given it.
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Resolutions {
     known: std::cell::RefCell<std::collections::BTreeMap<String, Option<PathBuf>>>,
     /// Relative paths resolve to nothing (see [`RelativePaths::Unknown`]).
@@ -744,13 +744,19 @@ impl Policy {
     /// Decides about one call. With no matching rule (only possible with `defaults: false`),
     /// the call is denied by the implicit rule `default.deny`.
     pub fn decide(&self, input: &PolicyInput<'_>) -> Decision {
-        self.decide_from(0, input)
+        let resolutions = Resolutions::new(input.relative_paths);
+        self.decide_from(0, input, resolutions)
     }
 
-    /// The decision of the rules from the `first` on.
-    fn decide_from(&self, first: usize, input: &PolicyInput<'_>) -> Decision {
+    /// The decision of the rules from the `first` on, with the paths resolved so far (every
+    /// rule sees one resolution of a path's text).
+    fn decide_from(
+        &self,
+        first: usize,
+        input: &PolicyInput<'_>,
+        resolutions: Resolutions,
+    ) -> Decision {
         let base = &*self.base;
-        let resolutions = Resolutions::new(input.relative_paths);
         for (i, r) in self.rules.iter().enumerate().skip(first) {
             if self.rule_matches(r, input, base, &resolutions, false) {
                 // An ask rule's `path_inside` takes a call with one path inside (a harmless
@@ -760,7 +766,7 @@ impl Policy {
                 if r.rule.effect == Effect::Ask
                     && !self.rule_matches(r, input, base, &resolutions, true)
                 {
-                    let rest = self.decide_from(i + 1, input);
+                    let rest = self.decide_from(i + 1, input, resolutions.clone());
                     if rest.effect == Effect::Deny {
                         return rest;
                     }
@@ -919,7 +925,7 @@ fn compile(
             Compiled::Path {
                 roots: expand_roots(roots, workspace, read_roots, rule)?,
                 inside: true,
-                any: path_condition_any(true, effect),
+                any: path_condition_any(effect),
             },
             arg.clone(),
         ),
@@ -927,7 +933,7 @@ fn compile(
             Compiled::Path {
                 roots: expand_roots(roots, workspace, read_roots, rule)?,
                 inside: false,
-                any: path_condition_any(false, effect),
+                any: path_condition_any(effect),
             },
             arg.clone(),
         ),
@@ -953,7 +959,7 @@ fn compile(
 /// so is `path_inside` in an ask rule (`{paths: [secrets/key, a.txt]}` was not asked about, and
 /// a later allow took it), which then never loosens a later deny (see [`Policy::decide`]). An
 /// allow rule needs every path.
-fn path_condition_any(_inside: bool, effect: Effect) -> bool {
+fn path_condition_any(effect: Effect) -> bool {
     match effect {
         Effect::Deny | Effect::Ask => true,
         Effect::Allow => false,

@@ -74,5 +74,5 @@ pub use error::StoreError;
 pub use export::{ExportFormat, ExportSummary};
 pub use keyring::KEYRING_SERVICE;
 pub use stats::Stats;
-pub use store::{MAX_DB_NAME_BYTES, PendingBatch, RunLock, Store, WriterStats};
+pub use store::{MAX_DB_NAME_BYTES, PendingBatch, RunLock, Store, WriterStats, database_files};
 pub use verify::{Problem, ProblemKind, VerifyReport, verify_bundle, verify_bundle_from};

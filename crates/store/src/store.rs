@@ -964,16 +964,13 @@ fn is_blank(conn: &Connection, path: &Path) -> Result<bool, StoreError> {
         .map_err(|e| sqlite_error(path, e, None))
 }
 
-/// Refuses an existing SQLite file that is not an event database (it has tables of its own),
-/// before anything (journal mode, schema, format marker) is written into it.
 /// Refuses a database with a rollback journal beside it (`NAME-journal`, not empty). An event
 /// log is in WAL mode from its creation (built under another name), so SQLite never writes one
 /// for it; one that is there was put there, and SQLite would play it back at the next open,
 /// rewriting the log's pages as whoever wrote it chose (a command with write access to the
 /// folder replaced the end of the log that way, and verify said ok).
 fn refuse_planted_journal(path: &Path) -> Result<(), StoreError> {
-    let mut journal = path.as_os_str().to_owned();
-    journal.push("-journal");
+    let journal = beside(path, "-journal");
     match std::fs::metadata(&journal) {
         Ok(m) if m.len() > 0 => Err(StoreError::Damaged {
             path: path.to_path_buf(),
@@ -983,13 +980,15 @@ fn refuse_planted_journal(path: &Path) -> Result<(), StoreError> {
                  log (it is in WAL mode) and would play back over its pages: it was put there. \
                  Nothing was opened; keep the journal as evidence, move it away and run `audit \
                  verify`",
-                std::path::Path::new(&journal).display()
+                journal.display()
             ),
         }),
         _ => Ok(()),
     }
 }
 
+/// Refuses an existing SQLite file that is not an event database (it has tables of its own),
+/// before anything (journal mode, schema, format marker) is written into it.
 fn refuse_foreign(conn: &Connection, path: &Path) -> Result<(), StoreError> {
     let foreign: Option<String> = conn
         .query_row(
@@ -1569,6 +1568,21 @@ fn names_file(path: &Path, file: &std::fs::File) -> bool {
         let _ = (path, file);
         true
     }
+}
+
+/// Every file and folder of the event database at `db`: itself, SQLite's `-wal`, `-shm` and
+/// `-journal`, and the run claims' `-runs` (what a gateway keeps its tools from changing).
+///
+/// ```
+/// let files = agent_runtime_store::database_files(std::path::Path::new("/d/e.db"));
+/// assert_eq!(files[1], std::path::Path::new("/d/e.db-wal"));
+/// assert_eq!(files.len(), 5);
+/// ```
+pub fn database_files(db: &Path) -> Vec<PathBuf> {
+    ["", "-wal", "-shm", "-journal", "-runs"]
+        .iter()
+        .map(|suffix| beside(db, suffix))
+        .collect()
 }
 
 /// The file or folder named as the database with `suffix` added (`PATH-wal`, `PATH-runs`).
