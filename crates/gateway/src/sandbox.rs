@@ -335,8 +335,8 @@ pub fn probe(settings: &SandboxSettings) -> Result<(), String> {
             cmd.pre_exec(move || crate::seccomp::inherit_all(raw));
         }
     }
-    cmd.args(bwrap_args(settings, &[], Path::new("/")))
-        .arg("true")
+    cmd.args(bwrap_args(settings, &[]))
+        .args(["--chdir", "/", "true"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -448,7 +448,7 @@ fn remove_stale_etc_copies(tmp: &Path) {
     }
 }
 
-fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) -> Vec<String> {
+fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf]) -> Vec<String> {
     let mut a: Vec<String> = [
         "--unshare-all",
         // Started by root, bubblewrap keeps every capability for the command (uid 0 inside is
@@ -606,7 +606,6 @@ fn bwrap_args(settings: &SandboxSettings, extra_read: &[PathBuf], chdir: &Path) 
     // The root bwrap builds is a tmpfs: make it read-only once everything is mounted, so only
     // the workspace roots and the private /tmp are writable.
     a.extend(["--remount-ro".into(), "/".into()]);
-    a.extend(["--chdir".into(), chdir.display().to_string()]);
     a
 }
 
@@ -619,7 +618,7 @@ pub struct CommandTool {
     env: Vec<(String, String)>,
     /// Where the command starts: the first workspace root.
     chdir: PathBuf,
-    /// `bwrap`'s options up to the command, built once: the settings never change.
+    /// `bwrap`'s options up to `--chdir` and the command, built once: the settings never change.
     bwrap_argv: Vec<String>,
 }
 
@@ -699,8 +698,7 @@ impl CommandTool {
         // The tool's environment (its secrets among it) is not put on bwrap's command line,
         // which every local user can read in /proc: bwrap gets it as its own environment,
         // cleared of everything else, and passes it on.
-        let mut bwrap_argv = bwrap_args(&settings, &config.read_roots, &chdir);
-        bwrap_argv.push("--".into());
+        let bwrap_argv = bwrap_args(&settings, &config.read_roots);
         Ok(CommandTool {
             descriptor,
             config,
@@ -784,9 +782,7 @@ impl CommandTool {
                 let mut cmd = tokio::process::Command::new(bwrap);
                 filter = seccomp_filter(bwrap)?;
                 cmd.args(&filter.args);
-                // The options end with `--chdir ROOT --`, built once for the first root.
-                let (options, _) = self.bwrap_argv.split_at(self.bwrap_argv.len() - 3);
-                cmd.args(options)
+                cmd.args(&self.bwrap_argv)
                     .args([std::ffi::OsStr::new("--chdir"), chdir.as_os_str()])
                     .arg("--")
                     .args(&argv)
@@ -1621,7 +1617,7 @@ mod tests {
             bwrap: None,
             protected: vec![],
         };
-        let args = bwrap_args(&settings, &[], Path::new("/"));
+        let args = bwrap_args(&settings, &[]);
         if let Some(copy) = etc_copy() {
             assert_eq!(etc_target(&args), Some(copy.to_str().unwrap()));
             assert!(!args.iter().any(|a| a == "/etc/passwd"));
@@ -1633,7 +1629,7 @@ mod tests {
             bwrap: None,
             protected: vec![],
         };
-        let args = bwrap_args(&settings, &[], Path::new("/"));
+        let args = bwrap_args(&settings, &[]);
         assert_eq!(etc_target(&args), None);
         assert!(
             args.windows(3)
