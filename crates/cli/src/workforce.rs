@@ -54,6 +54,11 @@ pub struct CancelArgs {
     /// a whole run: "cancelled by the user").
     #[arg(long)]
     pub reason: Option<String>,
+    /// How many seconds to wait to see the running process carry the request out (0: record
+    /// it and return). The request stands either way; only what is printed differs.
+    #[arg(long, value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub wait: u64,
 }
 
 /// Arguments of `run`.
@@ -1447,7 +1452,8 @@ fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         (None, _) => "the run".to_string(),
     };
     let claimed = store.run_is_claimed(run_id)?;
-    match request_outcome(&store, run_id, seq, args.task.as_deref(), claimed)? {
+    let wait = std::time::Duration::from_secs(args.wait);
+    match request_outcome(&store, run_id, seq, args.task.as_deref(), claimed, wait)? {
         RequestOutcome::CarriedOut => {
             match &args.task {
                 Some(_) => outln!("cancelled {what} in run {run_id} (request: event {seq})"),
@@ -1485,18 +1491,16 @@ enum RequestOutcome {
     Pending,
 }
 
-/// How long `cancel` waits to see its request carried out: the driving process reads requests
-/// every 150 ms, so only one that is stuck (or a machine that is) makes it wait this long.
-const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Waits up to [`CANCEL_WAIT`] (not at all when no process drives the run) for the run to carry
-/// out the request at `seq`, or to end without it.
+/// Waits up to `wait` (not at all when no process drives the run) for the run to carry out the
+/// request at `seq`, or to end without it. The driving process reads requests every 150 ms, so
+/// only one that is stuck (or a machine that is) makes `cancel` wait its whole `--wait`.
 fn request_outcome(
     store: &agent_runtime_store::Store,
     run_id: RunId,
     seq: u64,
     task: Option<&str>,
     claimed: bool,
+    wait: std::time::Duration,
 ) -> anyhow::Result<RequestOutcome> {
     // Ended before the request: its end comes before `seq`, where the loop does not look. (An
     // end after `seq` is the loop's to read: the run may have carried out the request already,
@@ -1521,7 +1525,7 @@ fn request_outcome(
         };
         return Ok(RequestOutcome::EndedFirst(status.into()));
     }
-    let deadline = Instant::now() + CANCEL_WAIT;
+    let deadline = Instant::now() + wait;
     let by = crate::common::person();
     loop {
         let events = query(

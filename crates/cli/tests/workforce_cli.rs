@@ -23,6 +23,10 @@ fn cli(db: &Path) -> Command {
     c
 }
 
+/// `cancel`'s wait for its request to be carried out, long enough for a loaded machine (its
+/// default, 5 s, was once too short in CI).
+const PATIENT: [&str; 2] = ["--wait", "120"];
+
 fn json_of(out: &[u8]) -> Value {
     serde_json::from_slice(out).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(out)))
 }
@@ -1190,6 +1194,7 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
 
     cli(&db)
         .args(["cancel", &id, "--task", "slow", "--reason", "too slow"])
+        .args(PATIENT)
         .assert()
         .success()
         // `cancel` waits to see the running process carry it out.
@@ -1212,6 +1217,7 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
         ));
     cli(&db)
         .args(["cancel", &id, "--reason", "enough"])
+        .args(PATIENT)
         .assert()
         .success()
         .stdout(predicate::str::starts_with(format!(
@@ -1298,6 +1304,7 @@ fn cancelling_below_an_ended_task_says_so_and_the_run_exits_1() {
     });
     cli(&db)
         .args(["cancel", &run_id.to_string(), "--task", "a"])
+        .args(PATIENT)
         .assert()
         .success()
         .stdout(predicate::str::starts_with(format!(
@@ -1322,6 +1329,54 @@ fn cancelling_below_an_ended_task_says_so_and_the_run_exits_1() {
         )),
         "{stderr}"
     );
+}
+
+#[test]
+fn cancel_with_wait_0_records_the_request_and_returns_at_once() {
+    let (dir, db, flow) = flow_in_tempdir(
+        "slow.yaml",
+        "tasks:\n- { id: slow, tool: sleep, args: { ms: 600000 } }\n",
+    );
+    let mut child = spawn_run(&db, &flow, dir.path(), true);
+    let run_id = wait_for(&db, |all| {
+        all.iter()
+            .any(|e| e.kind == EventKind::TaskStarted)
+            .then(|| all[0].run_id)
+    });
+    let id = run_id.to_string();
+    // Out of range: refused before anything is recorded.
+    cli(&db)
+        .args(["cancel", &id, "--wait", "3601"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("--wait"));
+    cli(&db)
+        .args(["cancel", &id, "--wait", "0"])
+        .assert()
+        .success()
+        .stdout(predicate::str::starts_with(format!(
+            "asked run {id} to cancel the run (event "
+        )))
+        .stdout(predicate::str::contains(
+            "the process running it records the cancellation",
+        ));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the run did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(1));
+    let requests = events(&db, run_id)
+        .into_iter()
+        .filter(|e| e.kind == EventKind::RunCancelRequested)
+        .count();
+    assert_eq!(requests, 1, "the refused --wait recorded nothing");
+    assert!(events(&db, run_id)
+        .iter()
+        .any(|e| e.kind == EventKind::RunCancelled));
 }
 
 #[test]
