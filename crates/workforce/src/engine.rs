@@ -303,10 +303,8 @@ struct Attempt {
     spare_messages: Option<Arc<Vec<Message>>>,
     /// When its `timeout` ends it, pushed back by the time its calls waited for a person.
     deadline: Option<Timestamp>,
-    /// How many of its calls wait for a person now (`task.paused`): its clock stands still
-    /// while any does.
-    waiting_calls: u32,
-    /// Since when its clock stands still.
+    /// Since when its clock stands still: set when the first of its calls starts waiting for
+    /// a person (`task.paused`); it stands still while any does ([`Engine::attempt_waits`]).
     waiting_since: Timestamp,
 }
 
@@ -1112,11 +1110,10 @@ impl Engine {
         if t.status != TaskStatus::Running || t.attempt != attempt {
             return None;
         }
-        let a = &self.attempts[t.running? as usize];
-        if a.waiting_calls > 0 {
+        if self.attempt_waits(task) {
             return None;
         }
-        a.deadline
+        self.attempts[t.running? as usize].deadline
     }
 
     /// Whether `call` is started and not answered.
@@ -1605,7 +1602,7 @@ impl Engine {
         });
         let deadline = timeout.map(|d| self.now.saturating_add(d));
         let a = &mut self.attempts[slot as usize];
-        (a.deadline, a.waiting_calls) = (deadline, 0);
+        a.deadline = deadline;
         if let Some(at) = deadline {
             self.push_timer(at, Timer::Timeout { task: idx, attempt });
         }
@@ -1694,21 +1691,33 @@ impl Engine {
     /// changes nothing.
     fn call_waits(&mut self, call: u64) {
         let now = self.now;
-        let Some(info) = self
+        let Some(task) = self
             .calls
-            .get_mut(&call)
+            .get(&call)
             .filter(|c| c.started && !c.waiting)
+            .map(|c| c.task)
         else {
             return;
         };
-        info.waiting = true;
-        let task = info.task;
-        if let Some(a) = self.attempt_mut(task) {
-            if a.waiting_calls == 0 {
-                a.waiting_since = now;
-            }
-            a.waiting_calls += 1;
+        let first = !self.attempt_waits(task);
+        if let Some(info) = self.calls.get_mut(&call) {
+            info.waiting = true;
         }
+        if first && let Some(a) = self.attempt_mut(task) {
+            a.waiting_since = now;
+        }
+    }
+
+    /// Whether a call of the running attempt of `task` waits for a person: its clock stands
+    /// still then. Counted from the calls (an attempt has few) rather than kept in step.
+    fn attempt_waits(&self, task: u32) -> bool {
+        let Some(slot) = self.tasks[task as usize].running else {
+            return false;
+        };
+        self.attempts[slot as usize]
+            .calls
+            .iter()
+            .any(|c| self.calls.get(c).is_some_and(|info| info.waiting))
     }
 
     /// Moves the deadline of the running attempt of `task` (if it has one) `by` later.
@@ -1725,17 +1734,17 @@ impl Engine {
         self.push_timer(at, Timer::Timeout { task, attempt });
     }
 
-    /// One call of `task`'s attempt stopped waiting for a person; when none waits any more,
-    /// the attempt's deadline moves back by the time its clock stood still.
+    /// One call of `task`'s attempt stopped waiting for a person (its `waiting` is cleared,
+    /// or it is gone); when none waits any more, the attempt's deadline moves back by the time
+    /// its clock stood still.
     fn wait_ended(&mut self, task: u32) {
         let now = self.now;
+        if self.attempt_waits(task) {
+            return;
+        }
         let Some(a) = self.attempt_mut(task) else {
             return;
         };
-        a.waiting_calls = a.waiting_calls.saturating_sub(1);
-        if a.waiting_calls > 0 {
-            return;
-        }
         let waited = now.saturating_duration_since(a.waiting_since);
         self.move_deadline(task, waited);
     }
