@@ -1374,9 +1374,11 @@ fn cancel_with_wait_0_records_the_request_and_returns_at_once() {
         .filter(|e| e.kind == EventKind::RunCancelRequested)
         .count();
     assert_eq!(requests, 1, "the refused --wait recorded nothing");
-    assert!(events(&db, run_id)
-        .iter()
-        .any(|e| e.kind == EventKind::RunCancelled));
+    assert!(
+        events(&db, run_id)
+            .iter()
+            .any(|e| e.kind == EventKind::RunCancelled)
+    );
 }
 
 #[test]

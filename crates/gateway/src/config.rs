@@ -159,19 +159,15 @@ pub fn protected_paths(
     extra: &[PathBuf],
 ) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
+    let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let mut add = |p: &Path| {
-        // A file not there yet is protected by the name it will have.
-        let resolved =
-            std::fs::canonicalize(p).unwrap_or_else(|_| match (p.parent(), p.file_name()) {
-                (Some(dir), Some(name)) => std::fs::canonicalize(if dir.as_os_str().is_empty() {
-                    Path::new(".")
-                } else {
-                    dir
-                })
-                .map(|d| d.join(name))
-                .unwrap_or_else(|_| p.to_path_buf()),
-                _ => p.to_path_buf(),
-            });
+        // Resolved as the policy resolves what tools name (a file not there yet is protected
+        // by the name it will have); one it cannot resolve (not UTF-8, a leading `~`) is
+        // protected as written, made absolute.
+        let resolved = p
+            .to_str()
+            .and_then(|text| crate::paths::resolve(text, &base))
+            .unwrap_or_else(|| base.join(p));
         if !out.contains(&resolved) {
             out.push(resolved);
         }
@@ -347,5 +343,39 @@ impl Assembled {
             b = b.hook(Arc::new(h));
         }
         Ok((b.build()?, self.mcp))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Protected paths are resolved as the policy resolves what tools name: through links,
+    /// also for a file not there yet under a folder not there yet; what cannot be resolved is
+    /// still protected, as written and absolute.
+    #[test]
+    fn protected_paths_are_resolved_like_tool_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        std::fs::create_dir(&real).unwrap();
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let real = std::fs::canonicalize(&real).unwrap();
+        let not_yet = link.join("not-yet/policy.yaml");
+        let out = protected_paths(
+            &[&not_yet],
+            &["~/hooks/check", "on-path"],
+            &[link.clone()],
+            &[],
+        );
+        let cwd = std::env::current_dir().unwrap();
+        assert_eq!(
+            out,
+            vec![
+                real.join("not-yet/policy.yaml"),
+                cwd.join("~/hooks/check"),
+                real.join(CONFIG_FOLDER),
+            ]
+        );
     }
 }

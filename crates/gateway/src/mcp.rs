@@ -408,34 +408,37 @@ impl McpServer {
         redactor: &mut Redactor,
     ) -> Result<Arc<Self>, GatewayError> {
         check_server(name, &config)?;
-        let mut expand = |v: &str| {
-            crate::redact::expand_env(v, redactor).map_err(|var| GatewayError::Mcp {
-                server: name.to_string(),
-                message: format!("environment variable {var} is not set"),
-            })
-        };
+        Self::from_checked(name, config, redactor)
+    }
+
+    /// [`McpServer::new`] of an entry [`check_server`] accepted.
+    fn from_checked(
+        name: &str,
+        config: McpServerConfig,
+        redactor: &mut Redactor,
+    ) -> Result<Arc<Self>, GatewayError> {
         // What the server's own words (its stderr) must not show: every value its entry gives
         // it, whether from `${NAME}` or written in (a desktop host's file holds tokens as
         // they are), and each variable's value alone (`Bearer ${TOKEN}`: the token).
         let mut stderr_redactor = Redactor::new();
-        let mut env = Vec::new();
-        for (k, v) in &config.env {
-            let value = expand(v)?;
-            for secret in crate::redact::referenced_env_values(v) {
-                stderr_redactor.add_secret(secret);
+        let mut expand_all = |entries: &BTreeMap<String, String>| {
+            let mut expanded = Vec::with_capacity(entries.len());
+            for (k, v) in entries {
+                let value =
+                    crate::redact::expand_env(v, redactor).map_err(|var| GatewayError::Mcp {
+                        server: name.to_string(),
+                        message: format!("environment variable {var} is not set"),
+                    })?;
+                for secret in crate::redact::referenced_env_values(v) {
+                    stderr_redactor.add_secret(secret);
+                }
+                stderr_redactor.add_secret(value.clone());
+                expanded.push((k.clone(), value));
             }
-            stderr_redactor.add_secret(value.clone());
-            env.push((k.clone(), value));
-        }
-        let mut headers = Vec::new();
-        for (k, v) in &config.headers {
-            let value = expand(v)?;
-            for secret in crate::redact::referenced_env_values(v) {
-                stderr_redactor.add_secret(secret);
-            }
-            stderr_redactor.add_secret(value.clone());
-            headers.push((k.clone(), value));
-        }
+            Ok::<_, GatewayError>(expanded)
+        };
+        let env = expand_all(&config.env)?;
+        let headers = expand_all(&config.headers)?;
         Ok(Arc::new(McpServer {
             name: name.to_string(),
             config,
@@ -1055,7 +1058,7 @@ impl McpManager {
             // An entry built in code that is not usable is the caller's mistake, as a file's
             // is when it is read.
             check_server(name, cfg)?;
-            match McpServer::new(name, cfg.clone(), redactor) {
+            match McpServer::from_checked(name, cfg.clone(), redactor) {
                 Ok(server) => servers.push(server),
                 // A server that cannot be set up (a `${NAME}` that is not set) is unavailable,
                 // and says why to whoever calls its tools; it holds up no other tool.
