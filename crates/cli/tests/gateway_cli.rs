@@ -1655,6 +1655,62 @@ fn tools_cannot_change_the_runtime_s_own_files() {
     );
 }
 
+/// What a hook or a local MCP server loads that its command names is protected like the
+/// configuration: a hook `sh hooks/check.sh` runs outside the sandbox, so a command that
+/// rewrote `hooks/check.sh` ran its code unsandboxed at the next call, nobody asked.
+#[test]
+fn files_that_hooks_and_mcp_servers_load_are_protected() {
+    let sh = ShWorkspace::new("");
+    let ws = &sh.ws;
+    std::fs::create_dir_all(ws.join("hooks")).unwrap();
+    std::fs::create_dir_all(ws.join("mcp")).unwrap();
+    let hook = "cat > /dev/null; echo '{\"action\":\"continue\"}'\n";
+    std::fs::write(ws.join("hooks/check.sh"), hook).unwrap();
+    std::fs::write(ws.join("mcp/server.js"), "// a server\n").unwrap();
+    std::fs::write(
+        ws.join("mcp.json"),
+        r#"{"mcpServers": {"local": {"command": "node", "args": ["--no-warnings", "server.js", "."], "cwd": "mcp"}}}"#,
+    )
+    .unwrap();
+    let mut config = std::fs::read_to_string(ws.join("gateway.yaml")).unwrap();
+    config.push_str(
+        "mcp: mcp.json\nhooks:\n  - name: check\n    command: [\"sh\", \"hooks/check.sh\"]\n    phases: [pre]\n",
+    );
+    std::fs::write(ws.join("gateway.yaml"), config).unwrap();
+    for path in ["hooks/check.sh", "mcp/server.js"] {
+        let out = sh.call(
+            "write_file",
+            &format!(r#"{{"path": "{path}", "text": "evil"}}"#),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+    }
+    let out = sh.call(
+        "sh.run",
+        r#"{"script": "echo 'touch /tmp/owned' > hooks/check.sh; echo hook=$?; echo x >> mcp/server.js; echo srv=$?; echo ok > hooks/notes.txt; echo notes=$?"}"#,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !stdout.contains("hook=0") && !stdout.contains("srv=0"),
+        "{stdout}"
+    );
+    // The folders holding them, and the server's argument `.` (a folder), stay writable.
+    assert!(stdout.contains("notes=0"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join("hooks/check.sh")).unwrap(),
+        hook
+    );
+    assert_eq!(
+        std::fs::read_to_string(ws.join("mcp/server.js")).unwrap(),
+        "// a server\n"
+    );
+}
+
 /// A protected file in a folder of the workspace stays where it is: the folder cannot be renamed
 /// away and replaced by one holding another policy (`mv conf conf.old && mkdir conf ...`, which
 /// ran the next call unsandboxed), while the folder's other files stay writable.

@@ -146,18 +146,14 @@ pub struct Options {
 /// from the folder it runs in.
 pub const CONFIG_FOLDER: &str = ".agent-runtime";
 
-/// What no tool may change, resolved: the configuration file, the policy file, the MCP servers
-/// file, the hooks' programs, each workspace root's [`CONFIG_FOLDER`], and `extra`. The runtime
-/// trusts these (a hook and an MCP server run outside the sandbox, nobody asked): an agent
-/// that could rewrite them inside its workspace would give itself anything at the next start.
+/// What no tool may change, resolved: `files` (the configuration file, the policy file, the MCP
+/// servers file, and what [`command_files`] finds of the hooks and MCP servers), each workspace
+/// root's [`CONFIG_FOLDER`], and `extra`. The runtime trusts these (a hook and an MCP server
+/// run outside the sandbox, nobody asked): an agent that could rewrite them inside its
+/// workspace would give itself anything at the next start, or at the next hook it runs.
 /// The gateway denies a write to them (rule `default.protected`), and the sandbox binds them
 /// read-only over the writable roots.
-pub fn protected_paths(
-    files: &[&Path],
-    hook_programs: &[&str],
-    workspace: &[PathBuf],
-    extra: &[PathBuf],
-) -> Vec<PathBuf> {
+pub fn protected_paths(files: &[&Path], workspace: &[PathBuf], extra: &[PathBuf]) -> Vec<PathBuf> {
     let mut out: Vec<PathBuf> = Vec::new();
     let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let mut add = |p: &Path| {
@@ -175,15 +171,50 @@ pub fn protected_paths(
     for f in files {
         add(f);
     }
-    // A hook given as a path (not a name looked up on PATH).
-    for program in hook_programs.iter().filter(|p| p.contains('/')) {
-        add(Path::new(program));
-    }
     for root in workspace {
         add(&root.join(CONFIG_FOLDER));
     }
     for p in extra {
         add(p);
+    }
+    out
+}
+
+/// The files a command run outside the sandbox (a hook, an MCP server) loads that its
+/// configuration names: its program when given as a path (not a name looked up on `PATH`),
+/// and each argument that names a file there now (`sh hooks/check.sh`, `node mcp/server.js`;
+/// not folders: a filesystem server's root is an argument, and must stay writable). Relative
+/// ones are taken from `cwd` (the process's folder when `None`), as the command will.
+///
+/// What it loads that its arguments do not name (a module `python3 -m` finds, a package `npx`
+/// runs from `node_modules`, a script inside `sh -c '...'`) is not found: such commands are
+/// as safe as what they load, which a workspace's agents may be able to write (see
+/// docs/sandbox.md).
+///
+/// ```
+/// let dir = tempfile::tempdir().unwrap();
+/// std::fs::write(dir.path().join("check.sh"), "exit 0").unwrap();
+/// let command = ["sh".to_string(), "check.sh".into(), "--strict".into(), ".".into()];
+/// let files = agent_runtime_gateway::config::command_files(&command, Some(dir.path()));
+/// assert_eq!(files, [dir.path().join("check.sh")]);
+/// ```
+pub fn command_files(command: &[String], cwd: Option<&Path>) -> Vec<PathBuf> {
+    let Some((program, args)) = command.split_first() else {
+        return Vec::new();
+    };
+    let at = |arg: &str| match cwd {
+        Some(dir) => dir.join(arg),
+        None => PathBuf::from(arg),
+    };
+    let mut out = Vec::new();
+    if program.contains('/') {
+        out.push(at(program));
+    }
+    for arg in args {
+        let path = at(arg);
+        if !arg.is_empty() && !arg.starts_with('-') && path.is_file() && !out.contains(&path) {
+            out.push(path);
+        }
     }
     out
 }
@@ -255,10 +286,29 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
         })
         .collect::<Result<_, _>>()?;
     let mcp_path = opts.mcp.clone().or(file.mcp.clone());
-    let hook_programs: Vec<&str> = file
+    let mcp = match &mcp_path {
+        Some(p) => McpConfig::load(p)?,
+        None => McpConfig::default(),
+    };
+    // What hooks and MCP servers load: they run outside the sandbox, with no one asked.
+    let loaded: Vec<PathBuf> = file
         .hooks
         .iter()
-        .filter_map(|h| h.command.first().map(String::as_str))
+        .flat_map(|h| command_files(&h.command, None))
+        .chain(
+            mcp.servers
+                .values()
+                .filter(|s| !s.disabled)
+                .flat_map(|s| match &s.command {
+                    Some(program) => {
+                        let command: Vec<String> = std::iter::once(program.clone())
+                            .chain(s.args.clone())
+                            .collect();
+                        command_files(&command, s.cwd.as_deref())
+                    }
+                    None => Vec::new(),
+                }),
+        )
         .collect();
     let files: Vec<&Path> = [
         opts.config.as_deref(),
@@ -267,8 +317,9 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     ]
     .into_iter()
     .flatten()
+    .chain(loaded.iter().map(PathBuf::as_path))
     .collect();
-    let protected = protected_paths(&files, &hook_programs, &write_roots, &opts.protected);
+    let protected = protected_paths(&files, &write_roots, &opts.protected);
     let sandbox = Arc::new(
         SandboxSettings::new(write_roots, file.read_roots.clone())
             .with_protected(protected.clone()),
@@ -290,10 +341,6 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
         .map(CommandHook::new)
         .collect::<Result<Vec<_>, _>>()
         .map_err(in_config)?;
-    let mcp = match &mcp_path {
-        Some(p) => McpConfig::load(p)?,
-        None => McpConfig::default(),
-    };
     // MCP servers' `${VAR}` values, in their environment and in their HTTP headers (a bearer
     // token), are secrets of this gateway too: a tool may echo them.
     for server in mcp.servers.values() {
@@ -362,12 +409,8 @@ mod tests {
         std::os::unix::fs::symlink(&real, &link).unwrap();
         let real = std::fs::canonicalize(&real).unwrap();
         let not_yet = link.join("not-yet/policy.yaml");
-        let out = protected_paths(
-            &[&not_yet],
-            &["~/hooks/check", "on-path"],
-            &[link.clone()],
-            &[],
-        );
+        let hook = PathBuf::from("~/hooks/check");
+        let out = protected_paths(&[&not_yet, &hook], &[link.clone()], &[]);
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
             out,
