@@ -124,9 +124,86 @@ pub fn is_invisible_format(c: char) -> bool {
 /// gateway protects from tools (see `gateway::config::protected_paths`).
 static EVENT_DATABASE: std::sync::OnceLock<Vec<std::path::PathBuf>> = std::sync::OnceLock::new();
 
-/// Records the event database's path (once, at start).
+/// Records the event database's path (once, at start). Its files and the trust book beside it
+/// are protected from tools.
 pub fn set_event_database(db: &std::path::Path) {
-    let _ = EVENT_DATABASE.set(agent_runtime_store::database_files(db));
+    let mut files = agent_runtime_store::database_files(db);
+    files.push(trust_book_path(db));
+    let _ = EVENT_DATABASE.set(files);
+}
+
+/// Where the command line keeps its [`TrustBook`](agent_runtime_gateway::trust::TrustBook):
+/// beside the event database (`events.db-trust.json`), which is outside the workspace by
+/// default and protected from tools where it is not.
+pub fn trust_book_path(db: &std::path::Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-trust.json");
+    PathBuf::from(name)
+}
+
+/// This process's trust book, beside the event database [`set_event_database`] recorded.
+pub fn trust_book() -> Option<agent_runtime_gateway::trust::TrustBook> {
+    let db = EVENT_DATABASE.get()?.first()?;
+    Some(agent_runtime_gateway::trust::TrustBook::new(
+        trust_book_path(db),
+    ))
+}
+
+/// The session of this process over the files the runtime trusts, begun when it builds a
+/// gateway (its tools may run from then on) and ended by `main` once the command is done.
+static TRUST_SESSION: std::sync::Mutex<Option<agent_runtime_gateway::trust::Watch>> =
+    std::sync::Mutex::new(None);
+
+/// Begins this process's trust session over `files` (at most one: a second call adds none).
+pub fn begin_trust_session(files: &[PathBuf]) -> anyhow::Result<()> {
+    let Some(book) = trust_book() else {
+        return Ok(());
+    };
+    let mut session = TRUST_SESSION
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if session.is_some() {
+        return Ok(());
+    }
+    match book.begin(files) {
+        Ok(watch) => {
+            *session = Some(watch);
+            Ok(())
+        }
+        Err(e) => Err(CliError::Usage(terminal_text(&e.to_string()).into_owned()).into()),
+    }
+}
+
+/// Ends this process's trust session, if one began, and says which trusted files changed
+/// during it (the next start refuses until a person accepts them).
+pub fn end_trust_session() {
+    let watch = TRUST_SESSION
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    let Some(watch) = watch else {
+        return;
+    };
+    match watch.end() {
+        Ok(changes) if changes.is_empty() => {}
+        Ok(changes) => {
+            for c in &changes {
+                eprintln!(
+                    "warning: {} changed while this process ran tools",
+                    terminal_text(&c.path.display().to_string())
+                );
+            }
+            eprintln!(
+                "warning: the runtime trusts these files (hooks and MCP servers run outside \
+                 the sandbox): the next start refuses until you read them and accept them with \
+                 `agent-runtime trust`"
+            );
+        }
+        Err(e) => eprintln!(
+            "warning: the trusted files could not be checked at the end: {}",
+            terminal_text(&e.to_string())
+        ),
+    }
 }
 
 /// The event database's files, as recorded by [`set_event_database`].

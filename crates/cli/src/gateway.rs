@@ -35,6 +35,18 @@ pub enum GatewayCommand {
     /// Check what the policy decides about a call, and why.
     #[command(subcommand)]
     Policy(PolicyCommand),
+    /// Accept the runtime's own files (configuration, policy, MCP servers file, what hooks and
+    /// MCP servers load) as they are now, after they changed while a process ran tools: until
+    /// then, every command that would run tools refuses to start.
+    Trust(TrustArgs),
+}
+
+/// Arguments of `trust`.
+#[derive(Args, Debug)]
+pub struct TrustArgs {
+    /// Only list what changed; accept nothing.
+    #[arg(long)]
+    pub list: bool,
 }
 
 /// Where the gateway's configuration comes from.
@@ -340,6 +352,18 @@ pub(crate) async fn build(
     servers: Servers,
 ) -> anyhow::Result<(Gateway, McpManager)> {
     let assembled = assemble(&options(opts)).map_err(gateway_error)?;
+    // Before any hook or MCP server runs. The default configuration files count even when
+    // they are not there: one that appears is loaded by the next start.
+    let mut trusted = assembled.trusted.clone();
+    if let Ok(cwd) = std::env::current_dir() {
+        for default in [DEFAULT_CONFIG, DEFAULT_MCP] {
+            let path = cwd.join(default);
+            if !trusted.contains(&path) {
+                trusted.push(path);
+            }
+        }
+    }
+    crate::common::begin_trust_session(&trusted)?;
     let registry = assembled.registry.clone();
     if natives == Natives::WithWorkforce {
         for tool in agent_runtime_workforce::tools::native_tools() {
@@ -374,7 +398,40 @@ pub fn run(cmd: GatewayCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         GatewayCommand::Mcp(McpCommand::Add(a)) => mcp_add(a),
         GatewayCommand::Mcp(McpCommand::Serve(a)) => mcp_serve(a, global),
         GatewayCommand::Policy(PolicyCommand::Check(a)) => check(a),
+        GatewayCommand::Trust(a) => trust(a),
     }
+}
+
+fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
+    let Some(book) = crate::common::trust_book() else {
+        return Err(
+            CliError::Usage("no event database to keep the trust record beside".into()).into(),
+        );
+    };
+    let result = if a.list {
+        book.pending()
+    } else {
+        book.accept()
+    };
+    let changes =
+        result.map_err(|e| CliError::Failed(terminal_text(&e.to_string()).into_owned()))?;
+    if changes.is_empty() {
+        outln!("no trusted file changed while tools ran; nothing to accept");
+        return Ok(ExitCode::SUCCESS);
+    }
+    for c in &changes {
+        outln!("{}", terminal_text(&c.to_string()));
+    }
+    if a.list {
+        outln!("not accepted yet: read them, then `agent-runtime trust`");
+    } else {
+        outln!(
+            "accepted {} change{} as the files are now",
+            changes.len(),
+            if changes.len() == 1 { "" } else { "s" }
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Text a tool or server gave (its output, JSON of it) for standard output: as it is into a

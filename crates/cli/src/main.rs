@@ -152,6 +152,8 @@ fn main() -> ExitCode {
         Command::Gateway(cmd) => gateway::run(cmd, &cli.global),
         Command::Bench(cmd) => bench::run(cmd, &cli.global),
     };
+    // After everything the command started (tools, MCP servers) has stopped.
+    crate::common::end_trust_session();
     match result {
         Ok(code) => code,
         // Output written through a writer rather than `outln!` (exports, `audit tail`).

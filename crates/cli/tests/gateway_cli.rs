@@ -1711,6 +1711,88 @@ fn files_that_hooks_and_mcp_servers_load_are_protected() {
     );
 }
 
+/// What gets past the protection is caught before it is used: a policy file changed while a
+/// process ran tools (here by a tool a rule lets run unsandboxed, one of the known ways
+/// around it) is named at the end, and every later start refuses until a person accepts it
+/// with `trust`. Edits between runs need nothing.
+#[test]
+fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
+    let sh = ShWorkspace::new("");
+    let ws = &sh.ws;
+    let unsandboxed = format!("{ALLOW_SH}    sandbox: none\n");
+    std::fs::write(ws.join("policy.yaml"), &unsandboxed).unwrap();
+    let trust = |args: &[&str]| {
+        Command::cargo_bin("agent-runtime")
+            .unwrap()
+            .current_dir(ws)
+            .args(["--db", "events.db", "trust"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // A person's edit between runs needs no acceptance.
+    let out = sh.call("sh.run", r#"{"script": "echo fine"}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(ws.join("policy.yaml"), format!("{unsandboxed}# reviewed\n")).unwrap();
+
+    let out = sh.call(
+        "sh.run",
+        r#"{"script": "echo '  - { id: all, effect: allow }' >> policy.yaml"}"#,
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("policy.yaml changed while this process ran tools")
+            && stderr.contains("`agent-runtime trust`"),
+        "{stderr}"
+    );
+    for _ in 0..2 {
+        let out = sh.call("sh.run", r#"{"script": "echo ran > ran.txt"}"#);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(
+            stderr.contains("policy.yaml was changed during the session of process"),
+            "{stderr}"
+        );
+        assert!(!ws.join("ran.txt").exists(), "a refused start ran the tool");
+    }
+    let listed = trust(&["--list"]);
+    let stdout = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        stdout.contains("policy.yaml was changed") && stdout.contains("not accepted yet"),
+        "{stdout}"
+    );
+    assert_eq!(
+        sh.call("sh.run", r#"{"script": "true"}"#).status.code(),
+        Some(2)
+    );
+    let accepted = trust(&[]);
+    let stdout = String::from_utf8_lossy(&accepted.stdout);
+    assert!(
+        accepted.status.success() && stdout.contains("accepted 1 change"),
+        "{stdout}"
+    );
+    let out = sh.call("sh.run", r#"{"script": "echo ran > ran.txt"}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(ws.join("ran.txt").exists());
+    let again = trust(&[]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to accept"));
+    // The record is the runtime's own: a tool may not write it.
+    let out = sh.call(
+        "write_file",
+        r#"{"path": "events.db-trust.json", "text": "{}"}"#,
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("default.protected"));
+}
+
 /// A protected file in a folder of the workspace stays where it is: the folder cannot be renamed
 /// away and replaced by one holding another policy (`mv conf conf.old && mkdir conf ...`, which
 /// ran the next call unsandboxed), while the folder's other files stay writable.

@@ -157,13 +157,7 @@ pub fn protected_paths(files: &[&Path], workspace: &[PathBuf], extra: &[PathBuf]
     let mut out: Vec<PathBuf> = Vec::new();
     let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let mut add = |p: &Path| {
-        // Resolved as the policy resolves what tools name (a file not there yet is protected
-        // by the name it will have); one it cannot resolve (not UTF-8, a leading `~`) is
-        // protected as written, made absolute.
-        let resolved = p
-            .to_str()
-            .and_then(|text| crate::paths::resolve(text, &base))
-            .unwrap_or_else(|| base.join(p));
+        let resolved = resolve_trusted(p, &base);
         if !out.contains(&resolved) {
             out.push(resolved);
         }
@@ -178,6 +172,14 @@ pub fn protected_paths(files: &[&Path], workspace: &[PathBuf], extra: &[PathBuf]
         add(p);
     }
     out
+}
+
+/// `p` resolved as the policy resolves what tools name (a file not there yet keeps the name it
+/// will have); one it cannot resolve (not UTF-8, a leading `~`) as written, made absolute.
+fn resolve_trusted(p: &Path, base: &Path) -> PathBuf {
+    p.to_str()
+        .and_then(|text| crate::paths::resolve(text, base))
+        .unwrap_or_else(|| base.join(p))
 }
 
 /// The files a command run outside the sandbox (a hook, an MCP server) loads that its
@@ -235,6 +237,10 @@ pub struct Assembled {
     pub mcp: McpConfig,
     /// Sandbox settings.
     pub sandbox: Arc<SandboxSettings>,
+    /// The files the runtime trusts, resolved: the configuration, policy and MCP servers files
+    /// and what [`command_files`] finds of the hooks and MCP servers. A process that runs
+    /// tools watches them for changes ([`crate::trust`]).
+    pub trusted: Vec<PathBuf>,
 }
 
 impl std::fmt::Debug for Assembled {
@@ -320,6 +326,14 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     .chain(loaded.iter().map(PathBuf::as_path))
     .collect();
     let protected = protected_paths(&files, &write_roots, &opts.protected);
+    let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
+    let mut trusted: Vec<PathBuf> = Vec::new();
+    for f in &files {
+        let resolved = resolve_trusted(f, &base);
+        if !trusted.contains(&resolved) {
+            trusted.push(resolved);
+        }
+    }
     let sandbox = Arc::new(
         SandboxSettings::new(write_roots, file.read_roots.clone())
             .with_protected(protected.clone()),
@@ -371,6 +385,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
         config,
         mcp,
         sandbox,
+        trusted,
     })
 }
 
@@ -410,7 +425,7 @@ mod tests {
         let real = std::fs::canonicalize(&real).unwrap();
         let not_yet = link.join("not-yet/policy.yaml");
         let hook = PathBuf::from("~/hooks/check");
-        let out = protected_paths(&[&not_yet, &hook], &[link.clone()], &[]);
+        let out = protected_paths(&[&not_yet, &hook], std::slice::from_ref(&link), &[]);
         let cwd = std::env::current_dir().unwrap();
         assert_eq!(
             out,

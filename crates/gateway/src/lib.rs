@@ -68,6 +68,7 @@ pub mod redact;
 pub mod registry;
 pub mod sandbox;
 mod seccomp;
+pub mod trust;
 
 pub use error::GatewayError;
 pub use gateway::{
