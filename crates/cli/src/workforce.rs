@@ -282,9 +282,10 @@ fn driver_error(e: DriverError) -> anyhow::Error {
             CliError::Usage(e.to_string()).into()
         }
         DriverError::NoRun(id) => no_run(id),
-        DriverError::Finished { .. } | DriverError::Diverged { .. } | DriverError::Claimed(_) => {
-            CliError::Failed(e.to_string()).into()
-        }
+        DriverError::Finished { .. }
+        | DriverError::Diverged { .. }
+        | DriverError::Claimed(_)
+        | DriverError::NewerLog { .. } => CliError::Failed(e.to_string()).into(),
         other => anyhow::Error::new(other),
     }
 }

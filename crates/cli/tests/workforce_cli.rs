@@ -1331,6 +1331,74 @@ fn cancelling_below_an_ended_task_says_so_and_the_run_exits_1() {
     );
 }
 
+/// A log that a newer build wrote (an event of a kind this build does not know, under a run)
+/// is still listed, shown, tailed, verified and exported; replay (and resume) refuse the run
+/// by naming the event, rather than replaying past what they cannot judge.
+#[test]
+fn a_run_with_an_event_kind_from_a_newer_build_is_read_and_not_replayed() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ev.db");
+    let out = cli(&db)
+        .arg("run")
+        .arg(examples().join("hello.yaml"))
+        .args(["--seed", "5", "--json"])
+        .output()
+        .unwrap();
+    let run_id: RunId = succeeded(&out)["run_id"].as_str().unwrap().parse().unwrap();
+    let id = run_id.to_string();
+    let newer = EventKind::read("task.handed_over").unwrap();
+    let store = Store::open(StoreConfig::plaintext(&db)).unwrap();
+    let appended = store
+        .append_blocking(vec![agent_runtime_core::NewEvent {
+            run_id,
+            task_id: None,
+            actor: agent_runtime_core::Actor::System,
+            kind: newer,
+            time: agent_runtime_core::Timestamp::from_unix_nanos(1_900_000_000_000_000_000),
+            payload: serde_json::json!({ "to": "agent:other" }),
+        }])
+        .unwrap();
+    let seq = appended[0].seq;
+    drop(store);
+
+    cli(&db)
+        .args(["runs", "list"])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains(&id));
+    cli(&db)
+        .args(["runs", "show", &id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("sentence"));
+    cli(&db)
+        .args(["audit", "tail", "--run", &id])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("task.handed_over"));
+    cli(&db).args(["audit", "verify"]).assert().success();
+    let exported = cli(&db)
+        .args(["audit", "export", "--format", "jsonl", "--run", &id])
+        .output()
+        .unwrap();
+    assert!(exported.status.success());
+    assert!(String::from_utf8_lossy(&exported.stdout).contains("\"task.handed_over\""));
+    // (Resume reads the run through the same reader, after it checked that the run goes on.)
+    cli(&db)
+        .args(["replay", &id])
+        .assert()
+        .code(1)
+        .stderr(predicate::str::contains(format!(
+            "holds an event of kind `task.handed_over` (seq {seq}), which this build does not know"
+        )));
+    // What people type is still checked strictly.
+    cli(&db)
+        .args(["audit", "tail", "--kind", "task.handed_over"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains("unknown event kind"));
+}
+
 #[test]
 fn cancel_with_wait_0_records_the_request_and_returns_at_once() {
     let (dir, db, flow) = flow_in_tempdir(

@@ -139,11 +139,19 @@ macro_rules! event_kinds {
         /// What kind of fact an event records.
         ///
         /// The string forms (`run.started`, `tool.completed`, ...) are stable: they are stored,
-        /// exported and queried by.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, schemars::JsonSchema)]
+        /// exported and queried by. A kind this build does not know, read from a log a newer
+        /// build wrote, is [`EventKind::Unknown`] (see [`EventKind::read`]).
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
         #[non_exhaustive]
         pub enum EventKind {
             $($(#[$doc])* #[serde(rename = $name)] $variant,)*
+            /// A kind this build does not know, as it was written: read from a log that a newer
+            /// build wrote. Its events verify, export and list unchanged; folds of a run's
+            /// state pass over them, and replay and resume refuse a run that holds one. Made by
+            /// [`EventKind::read`]; this build records one only when handed one (events copied
+            /// from another log).
+            #[schemars(skip)]
+            Unknown(&'static str),
         }
 
         impl EventKind {
@@ -152,7 +160,7 @@ macro_rules! event_kinds {
 
             /// The stable string form.
             pub const fn as_str(self) -> &'static str {
-                match self { $(EventKind::$variant => $name,)* }
+                match self { $(EventKind::$variant => $name,)* EventKind::Unknown(name) => name }
             }
         }
 
@@ -273,6 +281,80 @@ fn suggestion_or_examples(input: &str) -> String {
 impl fmt::Display for EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// How many distinct unknown kinds one process keeps ([`EventKind::read`] interns each once):
+/// a newer build adds a few; a log with more is refused rather than grown without end.
+const MAX_UNKNOWN_KINDS: usize = 256;
+
+impl EventKind {
+    /// The kind written as `s` in a stored or exported event: a known one, or one this build
+    /// does not know ([`EventKind::Unknown`]) when `s` is shaped like a kind (1 to 64 of
+    /// `a-z`, `0-9`, `_`, `.`, `-`, starting with a letter), so that a log a newer build wrote
+    /// can still be listed, shown, verified and exported. [`str::parse`] is for what people
+    /// type, and refuses what it does not know with a suggestion.
+    ///
+    /// ```
+    /// use agent_runtime_core::EventKind;
+    /// assert_eq!(EventKind::read("task.completed").unwrap(), EventKind::TaskCompleted);
+    /// let newer = EventKind::read("task.handed_over").unwrap();
+    /// assert!(!newer.is_known());
+    /// assert_eq!(newer.as_str(), "task.handed_over");
+    /// assert!(EventKind::read("Task Completed").is_err());
+    /// ```
+    pub fn read(s: &str) -> Result<EventKind, EventKindError> {
+        if let Ok(kind) = s.parse() {
+            return Ok(kind);
+        }
+        let shaped = (1..=64).contains(&s.len())
+            && s.starts_with(|c: char| c.is_ascii_lowercase())
+            && s.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'.' | b'-')
+            });
+        if !shaped {
+            return Err(EventKindError {
+                input: s.to_string(),
+            });
+        }
+        static UNKNOWN: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
+            std::sync::Mutex::new(std::collections::BTreeSet::new());
+        let mut known = UNKNOWN
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(name) = known.get(s) {
+            return Ok(EventKind::Unknown(name));
+        }
+        if known.len() >= MAX_UNKNOWN_KINDS {
+            return Err(EventKindError {
+                input: s.to_string(),
+            });
+        }
+        // Leaked once per distinct name, at most MAX_UNKNOWN_KINDS of them: `EventKind` stays
+        // `Copy`, which every fold and filter relies on.
+        let name: &'static str = Box::leak(s.to_string().into_boxed_str());
+        known.insert(name);
+        Ok(EventKind::Unknown(name))
+    }
+
+    /// Whether this build knows the kind (it is not [`EventKind::Unknown`]).
+    pub const fn is_known(self) -> bool {
+        !matches!(self, EventKind::Unknown(_))
+    }
+}
+
+impl Serialize for EventKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+/// Read as [`EventKind::read`] reads: an exported event of a kind this build does not know
+/// is [`EventKind::Unknown`], not an error.
+impl<'de> Deserialize<'de> for EventKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        EventKind::read(&text).map_err(serde::de::Error::custom)
     }
 }
 

@@ -893,7 +893,7 @@ impl Store {
         let payload =
             serde_json::from_slice(plain).map_err(|e| bad(format!("payload is not JSON: {e}")))?;
         let actor: Actor = r.actor.parse().map_err(|e| bad(format!("{e}")))?;
-        let kind: EventKind = r.kind.parse().map_err(|e| bad(format!("{e}")))?;
+        let kind = EventKind::read(r.kind).map_err(|e| bad(format!("{e}")))?;
         Ok(Envelope {
             seq: r.seq,
             run_id: RunId::from_bytes(r.run_id),

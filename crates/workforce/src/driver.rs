@@ -341,6 +341,36 @@ pub enum DriverError {
     /// in the log (see [`EventSink::claim_new_run`]): the log's own message.
     #[error("{0}")]
     Claimed(String),
+    /// The run holds an event of a kind this build does not know ([`EventKind::Unknown`]): a
+    /// newer build wrote it, and only such a build can replay or resume the run.
+    ///
+    /// [`EventKind::Unknown`]: agent_runtime_core::EventKind::Unknown
+    #[error(
+        "run {run_id} holds an event of kind `{kind}` (seq {seq}), which this build does not \
+         know: a newer build wrote it; replay or resume the run with that build"
+    )]
+    NewerLog {
+        /// The run.
+        run_id: RunId,
+        /// The event's sequence number.
+        seq: u64,
+        /// Its kind, as written.
+        kind: String,
+    },
+}
+
+/// Refuses an event of a kind this build does not know ([`DriverError::NewerLog`]): the
+/// scheduler cannot tell whether it was one of its inputs, so no replay or resume over it is
+/// sound.
+fn known_kind(e: &Envelope) -> Result<(), DriverError> {
+    if e.kind.is_known() {
+        return Ok(());
+    }
+    Err(DriverError::NewerLog {
+        run_id: e.run_id,
+        seq: e.seq,
+        kind: e.kind.as_str().to_string(),
+    })
 }
 
 /// Claims `run_id` in the log for the caller, who drives it: a new run (see
@@ -581,6 +611,7 @@ pub async fn load_run(
         })
         .await
         .map_err(|e| DriverError::Log(e.message))?;
+    events.iter().try_for_each(known_kind)?;
     // A run id with only other parts' records (a stray cancellation request, say) is no run.
     let events: Vec<Envelope> = events
         .into_iter()
@@ -707,6 +738,7 @@ impl<'a> Recorded<'a> {
                     // this loop would never end: only later events count, and a page without
                     // one is the end.
                     let before = *after_seq;
+                    page.iter().try_for_each(known_kind)?;
                     let new = page.iter().filter(|e| e.seq > before).count();
                     *exhausted = page.len() < limit || new == 0;
                     if let Some(last) = page.iter().map(|e| e.seq).max() {
@@ -909,6 +941,7 @@ fn replay_report(run_id: RunId, refolded: Refolded, hasher: &LogHasher) -> Repla
 
 /// [`replay`] over events already loaded (one run's, in order).
 pub fn replay_events(events: &[Envelope]) -> Result<ReplayReport, DriverError> {
+    events.iter().try_for_each(known_kind)?;
     // Other parts' records under the run's id (the gateway's audit trail) are not replayed.
     let owned: Vec<Envelope>;
     let events = if events
