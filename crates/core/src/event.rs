@@ -140,7 +140,7 @@ macro_rules! event_kinds {
         ///
         /// The string forms (`run.started`, `tool.completed`, ...) are stable: they are stored,
         /// exported and queried by. A kind this build does not know, read from a log a newer
-        /// build wrote, is [`EventKind::Unknown`] (see [`EventKind::read`]).
+        /// build wrote, is `EventKind::Unknown` (see `EventKind::read`).
         #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, schemars::JsonSchema)]
         #[non_exhaustive]
         pub enum EventKind {
