@@ -124,29 +124,22 @@ pub fn is_invisible_format(c: char) -> bool {
 /// gateway protects from tools (see `gateway::config::protected_paths`).
 static EVENT_DATABASE: std::sync::OnceLock<Vec<std::path::PathBuf>> = std::sync::OnceLock::new();
 
-/// Records the event database's path (once, at start). Its files and the trust book beside it
-/// are protected from tools.
+/// Records the event database's path (once, at start). Its files and the trust book are
+/// protected from tools.
 pub fn set_event_database(db: &std::path::Path) {
     let mut files = agent_runtime_store::database_files(db);
-    files.push(trust_book_path(db));
+    files.extend(trust_book().files());
     let _ = EVENT_DATABASE.set(files);
 }
 
-/// Where the command line keeps its [`TrustBook`](agent_runtime_gateway::trust::TrustBook):
-/// beside the event database (`events.db-trust.json`), which is outside the workspace by
-/// default and protected from tools where it is not.
-pub fn trust_book_path(db: &std::path::Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push("-trust.json");
-    PathBuf::from(name)
-}
-
-/// This process's trust book, beside the event database [`set_event_database`] recorded.
-pub fn trust_book() -> Option<agent_runtime_gateway::trust::TrustBook> {
-    let db = EVENT_DATABASE.get()?.first()?;
-    Some(agent_runtime_gateway::trust::TrustBook::new(
-        trust_book_path(db),
-    ))
+/// The user's [`TrustBook`](agent_runtime_gateway::trust::TrustBook): `agent-runtime/trust.json`
+/// under the user's data directory (where the default event database is), one for every
+/// database and folder the user runs in, so that a change recorded by one start is seen by
+/// every later one. Protected from tools where a workspace holds it.
+pub fn trust_book() -> agent_runtime_gateway::trust::TrustBook {
+    agent_runtime_gateway::trust::TrustBook::new(
+        agent_runtime_store::default_db_path().with_file_name("trust.json"),
+    )
 }
 
 /// The session of this process over the files the runtime trusts, begun when it builds a
@@ -156,9 +149,7 @@ static TRUST_SESSION: std::sync::Mutex<Option<agent_runtime_gateway::trust::Watc
 
 /// Begins this process's trust session over `files` (at most one: a second call adds none).
 pub fn begin_trust_session(files: &[PathBuf]) -> anyhow::Result<()> {
-    let Some(book) = trust_book() else {
-        return Ok(());
-    };
+    let book = trust_book();
     let mut session = TRUST_SESSION
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);

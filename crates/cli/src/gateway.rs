@@ -47,6 +47,9 @@ pub struct TrustArgs {
     /// Only list what changed; accept nothing.
     #[arg(long)]
     pub list: bool,
+    /// Every change, not only those of files under the current folder.
+    #[arg(long)]
+    pub all: bool,
 }
 
 /// Where the gateway's configuration comes from.
@@ -403,30 +406,42 @@ pub fn run(cmd: GatewayCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode>
 }
 
 fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
-    let Some(book) = crate::common::trust_book() else {
-        return Err(
-            CliError::Usage("no event database to keep the trust record beside".into()).into(),
-        );
+    let book = crate::common::trust_book();
+    let here = std::env::current_dir()?;
+    let here = std::fs::canonicalize(&here).unwrap_or(here);
+    let mine = |c: &agent_runtime_gateway::trust::Change| a.all || c.path.starts_with(&here);
+    let failed = |e: agent_runtime_gateway::trust::TrustError| {
+        CliError::Failed(terminal_text(&e.to_string()).into_owned())
     };
-    let result = if a.list {
-        book.pending()
+    let (changes, elsewhere) = if a.list {
+        let all = book.pending().map_err(failed)?;
+        let (mine, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|c| mine(c));
+        (mine, others.len())
     } else {
-        book.accept()
+        let accepted = book.accept(mine).map_err(failed)?;
+        let others = book.pending().map_err(failed)?.len();
+        (accepted, others)
     };
-    let changes =
-        result.map_err(|e| CliError::Failed(terminal_text(&e.to_string()).into_owned()))?;
+    let others = match elsewhere {
+        0 => String::new(),
+        n => format!(
+            " ({n} change{} to files outside {}: `agent-runtime trust --all`)",
+            if n == 1 { "" } else { "s" },
+            terminal_text(&here.display().to_string())
+        ),
+    };
     if changes.is_empty() {
-        outln!("no trusted file changed while tools ran; nothing to accept");
+        outln!("no trusted file here changed while tools ran; nothing to accept{others}");
         return Ok(ExitCode::SUCCESS);
     }
     for c in &changes {
         outln!("{}", terminal_text(&c.to_string()));
     }
     if a.list {
-        outln!("not accepted yet: read them, then `agent-runtime trust`");
+        outln!("not accepted yet: read them, then `agent-runtime trust`{others}");
     } else {
         outln!(
-            "accepted {} change{} as the files are now",
+            "accepted {} change{} as the files are now{others}",
             changes.len(),
             if changes.len() == 1 { "" } else { "s" }
         );

@@ -1582,11 +1582,18 @@ impl ShWorkspace {
         }
     }
 
+    /// The user's data folder of the commands run here (where the trust record is kept):
+    /// inside the workspace, so that what tools may do to it shows.
+    fn data_home(&self) -> PathBuf {
+        self.ws.join("data")
+    }
+
     /// `tools call TOOL --args ARGS` with the configuration, run in the workspace.
     fn call(&self, tool: &str, args: &str) -> std::process::Output {
         Command::cargo_bin("agent-runtime")
             .unwrap()
             .current_dir(&self.ws)
+            .env("XDG_DATA_HOME", self.data_home())
             .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
             .args([
                 "--db",
@@ -1725,6 +1732,7 @@ fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
         Command::cargo_bin("agent-runtime")
             .unwrap()
             .current_dir(ws)
+            .env("XDG_DATA_HOME", sh.data_home())
             .args(["--db", "events.db", "trust"])
             .args(args)
             .output()
@@ -1785,12 +1793,42 @@ fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
     assert!(ws.join("ran.txt").exists());
     let again = trust(&[]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to accept"));
-    // The record is the runtime's own: a tool may not write it.
-    let out = sh.call(
-        "write_file",
-        r#"{"path": "events.db-trust.json", "text": "{}"}"#,
+    // The record (kept in the user's data folder, here inside the workspace) is the
+    // runtime's own: a tool may not write it, nor its lock.
+    for path in [
+        "data/agent-runtime/trust.json",
+        "data/agent-runtime/trust.json.lock",
+    ] {
+        let out = sh.call(
+            "write_file",
+            &format!(r#"{{"path": "{path}", "text": "{{}}"}}"#),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+    }
+}
+
+/// A trusted file with a second name in the workspace (a hard link made before the run) is
+/// refused at the start: a tool could change it through that name, which nothing protects.
+#[test]
+fn a_trusted_file_with_another_name_in_the_workspace_is_refused() {
+    let sh = ShWorkspace::new("");
+    std::fs::hard_link(sh.ws.join("policy.yaml"), sh.ws.join("notes.txt")).unwrap();
+    let out = sh.call("sh.run", r#"{"script": "echo ran > ran.txt"}"#);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("policy.yaml: has 2 names (hard links)"),
+        "{stderr}"
     );
-    assert!(String::from_utf8_lossy(&out.stderr).contains("default.protected"));
+    assert!(!sh.ws.join("ran.txt").exists());
+    std::fs::remove_file(sh.ws.join("notes.txt")).unwrap();
+    let out = sh.call("sh.run", r#"{"script": "echo ran > ran.txt"}"#);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A protected file in a folder of the workspace stays where it is: the folder cannot be renamed

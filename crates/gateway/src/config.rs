@@ -182,6 +182,36 @@ fn resolve_trusted(p: &Path, base: &Path) -> PathBuf {
         .unwrap_or_else(|| base.join(p))
 }
 
+/// Refuses a trusted file inside a workspace root that has more than one name (hard links): a
+/// tool could change it through another name, which neither the policy nor the sandbox knows
+/// to protect (a link made before the run; the sandbox refuses to make new ones across its
+/// mounts). Files outside the roots are left alone: tools cannot write there anyway, and
+/// system programs are often linked so (`/usr/bin/perl`).
+fn refuse_hard_linked(trusted: &[PathBuf], write_roots: &[PathBuf]) -> Result<(), GatewayError> {
+    use std::os::unix::fs::MetadataExt;
+    for f in trusted {
+        if !write_roots.iter().any(|r| f.starts_with(r)) {
+            continue;
+        }
+        if let Ok(meta) = std::fs::metadata(f)
+            && meta.is_file()
+            && meta.nlink() > 1
+        {
+            return Err(GatewayError::Parse {
+                what: f.display().to_string(),
+                message: format!(
+                    "has {} names (hard links): a tool could change it through another one, \
+                     and the runtime trusts it (a hook or an MCP server runs it, or it is \
+                     configuration); give it a single name (`cp FILE FILE.new && mv FILE.new \
+                     FILE`)",
+                    meta.nlink()
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// The files a command run outside the sandbox (a hook, an MCP server) loads that its
 /// configuration names: its program when given as a path (not a name looked up on `PATH`),
 /// and each argument that names a file there now (`sh hooks/check.sh`, `node mcp/server.js`;
@@ -334,6 +364,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
             trusted.push(resolved);
         }
     }
+    refuse_hard_linked(&trusted, &write_roots)?;
     let sandbox = Arc::new(
         SandboxSettings::new(write_roots, file.read_roots.clone())
             .with_protected(protected.clone()),

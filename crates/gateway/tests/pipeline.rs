@@ -1068,6 +1068,54 @@ fn sh_hook(name: &str, script: &str) -> Arc<dyn Hook> {
     )
 }
 
+/// A hook's script (named by its command) that changes under a running gateway is not run:
+/// the call is denied, even when the script was put back between (a tool rewrote it through a
+/// name the protection did not know, and the hook ran it outside the sandbox).
+#[tokio::test]
+async fn a_hook_whose_script_changed_since_the_start_is_not_run() {
+    let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
+    let dir = tempfile::tempdir().unwrap();
+    let script = dir.path().join("check.sh");
+    let ran = dir.path().join("ran");
+    let good = "cat >/dev/null; echo '{\"action\":\"continue\"}'\n";
+    std::fs::write(&script, good).unwrap();
+    let hook = CommandHook::new(CommandHookConfig {
+        name: "check".into(),
+        command: vec!["/bin/sh".into(), script.display().to_string()],
+        tools: vec![],
+        phases: vec![],
+        timeout_ms: Some(5000),
+    })
+    .unwrap();
+    let log = Arc::new(MemoryLog::default());
+    let gw = gateway(vec![t], log.clone())
+        .hook(Arc::new(hook))
+        .build()
+        .unwrap();
+    gw.call("t.read", json!({"text": "x"}), ctx())
+        .await
+        .unwrap();
+    std::fs::write(&script, format!("touch {}; {good}", ran.display())).unwrap();
+    let err = gw
+        .call("t.read", json!({"text": "x"}), ctx())
+        .await
+        .unwrap_err();
+    assert_eq!(err.class, ErrorClass::PolicyDenied);
+    assert!(
+        err.message
+            .contains("check.sh changed since the gateway started"),
+        "{}",
+        err.message
+    );
+    assert!(!ran.exists(), "the changed script ran");
+    // Put back as it was: it runs again.
+    std::fs::write(&script, good).unwrap();
+    gw.call("t.read", json!({"text": "x"}), ctx())
+        .await
+        .unwrap();
+    assert_eq!(h.calls.load(Ordering::SeqCst), 2);
+}
+
 #[tokio::test]
 async fn external_hooks_speak_json_and_fail_closed() {
     let (t, h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
