@@ -230,20 +230,45 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 fn options(opts: &GatewayOpts) -> Options {
-    let config = opts
-        .config
-        .clone()
-        .or_else(|| Some(PathBuf::from(DEFAULT_CONFIG)).filter(|p| p.exists()));
+    options_found(opts).0
+}
+
+/// [`options`], and whether the configuration was found in the current folder
+/// (`.agent-runtime/`) rather than named (`--config`, `--mcp-config`): a found one is loaded
+/// only as a person accepted it (see [`found_configuration`]).
+fn options_found(opts: &GatewayOpts) -> (Options, bool) {
+    let mut found = false;
+    let config = opts.config.clone().or_else(|| {
+        let default = PathBuf::from(DEFAULT_CONFIG);
+        found = default.exists();
+        found.then_some(default)
+    });
     let mut mcp = opts.mcp_config.clone();
     if mcp.is_none() && config.is_none() {
         mcp = Some(PathBuf::from(DEFAULT_MCP)).filter(|p| p.exists());
+        found = mcp.is_some();
     }
-    Options {
+    let options = Options {
         config,
         policy: opts.policy.clone(),
         mcp,
         protected: crate::common::event_database_files(),
+    };
+    (options, found)
+}
+
+/// The files a configuration found in the current folder (see [`options_found`]) makes the
+/// runtime trust, resolved (`None` when the configuration is named, or there is none). A
+/// tool can make or change a `.agent-runtime` folder below a workspace root, which a start run
+/// from there would load: such a configuration, and every file it names, is loaded only as a
+/// person accepted it (`agent-runtime trust`), as `direnv` does with `.envrc`.
+fn found_configuration(opts: &GatewayOpts) -> anyhow::Result<Option<Vec<PathBuf>>> {
+    let (options, found) = options_found(opts);
+    if !found {
+        return Ok(None);
     }
+    let assembled = assemble(&options).map_err(gateway_error)?;
+    Ok(Some(assembled.trusted))
 }
 
 fn gateway_error(e: GatewayError) -> anyhow::Error {
@@ -354,7 +379,13 @@ pub(crate) async fn build(
     natives: Natives,
     servers: Servers,
 ) -> anyhow::Result<(Gateway, McpManager)> {
-    let assembled = assemble(&options(opts)).map_err(gateway_error)?;
+    let (options, found) = options_found(opts);
+    let assembled = assemble(&options).map_err(gateway_error)?;
+    if found {
+        crate::common::trust_book()
+            .check_found(&assembled.trusted)
+            .map_err(|e| CliError::Usage(terminal_text(&e.to_string()).into_owned()))?;
+    }
     // Before any hook or MCP server runs. The default configuration files count even when
     // they are not there: one that appears is loaded by the next start.
     let mut trusted = assembled.trusted.clone();
@@ -413,6 +444,25 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
     let failed = |e: agent_runtime_gateway::trust::TrustError| {
         CliError::Failed(terminal_text(&e.to_string()).into_owned())
     };
+    // The configuration found here, if any, as it is now (after a person read it).
+    let found = if a.list {
+        None
+    } else {
+        found_configuration(&GatewayOpts::default())?
+    };
+    if let Some(files) = &found {
+        let newly = book.accept_found(files).map_err(failed)?;
+        if !newly.is_empty() {
+            outln!(
+                "accepted the configuration found here as it is now: {}",
+                newly
+                    .iter()
+                    .map(|p| terminal_text(&p.display().to_string()).into_owned())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
     let (changes, elsewhere) = if a.list {
         let all = book.pending().map_err(failed)?;
         let (mine, others): (Vec<_>, Vec<_>) = all.into_iter().partition(|c| mine(c));
@@ -431,7 +481,9 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     if changes.is_empty() {
-        outln!("no trusted file here changed while tools ran; nothing to accept{others}");
+        if found.is_none() || a.list {
+            outln!("no trusted file here changed while tools ran; nothing to accept{others}");
+        }
         return Ok(ExitCode::SUCCESS);
     }
     for c in &changes {
@@ -640,9 +692,16 @@ fn mcp_path(opts: &GatewayOpts) -> anyhow::Result<PathBuf> {
     let o = options(opts);
     if let Some(c) = &o.config {
         let file = agent_runtime_gateway::config::GatewayFile::load(c).map_err(gateway_error)?;
-        if let Some(m) = file.mcp {
-            return Ok(m);
-        }
+        return match file.mcp {
+            Some(m) => Ok(m),
+            // `.agent-runtime/mcp.json` is not loaded beside a configuration, which names its
+            // own servers file: writing it there would add a server nothing starts.
+            None => Err(CliError::Usage(format!(
+                "{} names no MCP servers file: add `mcp: mcp.json` to it, or pass --mcp-config",
+                terminal_text(&c.display().to_string())
+            ))
+            .into()),
+        };
     }
     Ok(PathBuf::from(DEFAULT_MCP))
 }
@@ -800,8 +859,26 @@ fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
         timeout_ms: a.timeout_ms,
         ..McpServerConfig::default()
     };
+    // A configuration found here that the person had accepted (or none yet) stays accepted
+    // with the server the person adds now; one nobody accepted stays so.
+    let book = crate::common::trust_book();
+    let was_accepted = match found_configuration(&a.opts).ok().flatten() {
+        Some(files) => book.check_found(&files).is_ok(),
+        None => true,
+    };
     McpConfig::add_server(&path, &a.name, &server).map_err(gateway_error)?;
     outln!("added {} to {}", a.name, path.display());
+    if let Some(files) = found_configuration(&a.opts)? {
+        if was_accepted {
+            book.accept_found(&files)
+                .map_err(|e| CliError::Failed(terminal_text(&e.to_string()).into_owned()))?;
+        } else {
+            eprintln!(
+                "note: the configuration found here was not accepted before this change: read \
+                 it, then `agent-runtime trust`"
+            );
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }
 

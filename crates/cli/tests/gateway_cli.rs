@@ -1808,6 +1808,73 @@ fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
     }
 }
 
+/// A configuration the runtime finds by itself (`.agent-runtime/` in the folder it runs in) is
+/// loaded only as a person accepted it: a sandboxed tool can make one in any folder below a
+/// workspace root (only the root's own is kept read-only), and a start run from there loaded
+/// it and ran its hooks outside the sandbox.
+#[test]
+fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
+    let sh = ShWorkspace::new("");
+    let marker = sh.ws.join("hook-ran");
+    let planted = format!(
+        "hooks:\n  - name: planted\n    command: [\"/bin/sh\", \"-c\", \"touch {}; cat >/dev/null; echo '{{\\\"action\\\":\\\"continue\\\"}}'\"]\n",
+        marker.display()
+    );
+    let script = format!(
+        "mkdir -p sub/.agent-runtime && cat > sub/.agent-runtime/gateway.yaml <<'EOF'\n{planted}EOF\necho made=$?"
+    );
+    let out = sh.call(
+        "sh.run",
+        &serde_json::json!({ "script": script }).to_string(),
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("made=0"));
+    let sub = sh.ws.join("sub");
+    let in_sub = |args: &[&str]| {
+        Command::cargo_bin("agent-runtime")
+            .unwrap()
+            .current_dir(&sub)
+            .env("XDG_DATA_HOME", sh.data_home())
+            .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+            .args(["--db", "../events.db", "--plaintext"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let call = ["tools", "call", "echo", "--args", r#"{"x": 1}"#];
+    let out = in_sub(&call);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(
+            "the configuration found here is not accepted as it is now (new or changed: "
+        ) && stderr.contains("sub/.agent-runtime/gateway.yaml"),
+        "{stderr}"
+    );
+    assert!(!marker.exists(), "the planted hook ran");
+    // A person who read it accepts it; then it is loaded (and its hook runs).
+    let accepted = in_sub(&["trust"]);
+    let stdout = String::from_utf8_lossy(&accepted.stdout);
+    assert!(
+        stdout.contains("accepted the configuration found here"),
+        "{stdout}"
+    );
+    let out = in_sub(&call);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(marker.exists());
+    // `mcp add` does not write a servers file the configuration would not load.
+    let add = in_sub(&["mcp", "add", "x", "--command", "node"]);
+    assert_eq!(add.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&add.stderr).contains("names no MCP servers file"));
+    assert!(!sub.join(".agent-runtime/mcp.json").exists());
+    // Changed again (by anyone): accepted again first.
+    std::fs::write(sub.join(".agent-runtime/gateway.yaml"), "hooks: []\n").unwrap();
+    assert_eq!(in_sub(&call).status.code(), Some(2));
+}
+
 /// A trusted file with a second name in the workspace (a hard link made before the run) is
 /// refused at the start: a tool could change it through that name, which nothing protects.
 #[test]

@@ -62,6 +62,21 @@ pub enum TrustError {
         /// The system's error.
         source: std::io::Error,
     },
+    /// Configuration files found where the process runs (not named by the person) that
+    /// nobody accepted yet: see [`TrustBook::check_found`].
+    #[error(
+        "the configuration found here is not accepted as it is now (new or changed: {}): a \
+         configuration the runtime finds by itself in the folder it runs in is loaded only \
+         once you have accepted it and the files it names, and again after each change (a tool \
+         working in a workspace above this folder could have made or changed them; name a file \
+         with --config to load it without this). Read them, then run `agent-runtime trust` in \
+         this folder",
+        paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    )]
+    NotAccepted {
+        /// The files.
+        paths: Vec<PathBuf>,
+    },
     /// The book is not one this build reads (damaged, or from a newer one): nothing is
     /// trusted until it is looked at.
     #[error(
@@ -212,6 +227,20 @@ struct Book {
     /// Changes nobody accepted yet.
     #[serde(default)]
     changed: Vec<Change>,
+    /// Configuration files found in the folder a process ran in that a person accepted
+    /// ([`TrustBook::accept_found`]).
+    #[serde(default)]
+    accepted_found: Vec<Accepted>,
+}
+
+/// A found configuration file a person accepted.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Accepted {
+    #[serde(with = "path_text")]
+    path: PathBuf,
+    /// As it was accepted: an edit (anyone's) needs accepting again, as `direnv allow` does.
+    fingerprint: Fingerprint,
 }
 
 const BOOK_VERSION: u32 = 1;
@@ -394,6 +423,61 @@ impl TrustBook {
         })
     }
 
+    /// Refuses ([`TrustError::NotAccepted`]) the configuration files in `found` (those the
+    /// process found by itself in the folder it runs in, such as `.agent-runtime/gateway.yaml`,
+    /// rather than ones a person named) that a person has not accepted with
+    /// [`TrustBook::accept_found`], or that changed since (the sandbox keeps a workspace
+    /// root's own `.agent-runtime` folder read-only, but a tool can make or change one in any
+    /// folder below it, which a later start run from there would load, and which no session
+    /// that started elsewhere watches).
+    pub fn check_found(&self, found: &[PathBuf]) -> Result<(), TrustError> {
+        if found.is_empty() {
+            return Ok(());
+        }
+        let now: Vec<(PathBuf, Fingerprint)> =
+            found.iter().map(|f| (f.clone(), fingerprint(f))).collect();
+        self.update(|book| {
+            let missing: Vec<PathBuf> = now
+                .iter()
+                .filter(|(f, fp)| {
+                    !book
+                        .accepted_found
+                        .iter()
+                        .any(|a| &a.path == f && &a.fingerprint == fp)
+                })
+                .map(|(f, _)| f.clone())
+                .collect();
+            if missing.is_empty() {
+                Ok(())
+            } else {
+                Err(TrustError::NotAccepted { paths: missing })
+            }
+        })
+    }
+
+    /// Accepts configuration files found in a folder as they are now (see
+    /// [`TrustBook::check_found`]): a person read them, or wrote them with the runtime's own
+    /// command (`mcp add`). Returns those not accepted so before.
+    pub fn accept_found(&self, found: &[PathBuf]) -> Result<Vec<PathBuf>, TrustError> {
+        let now: Vec<(PathBuf, Fingerprint)> =
+            found.iter().map(|f| (f.clone(), fingerprint(f))).collect();
+        self.update(|book| {
+            let mut new = Vec::new();
+            for (path, fp) in now {
+                match book.accepted_found.iter_mut().find(|a| a.path == path) {
+                    Some(a) if a.fingerprint == fp => continue,
+                    Some(a) => a.fingerprint = fp,
+                    None => book.accepted_found.push(Accepted {
+                        path: path.clone(),
+                        fingerprint: fp,
+                    }),
+                }
+                new.push(path);
+            }
+            Ok(new)
+        })
+    }
+
     /// Accepts the files of the changes `which` selects as they are now: forgets those changes
     /// (returned). Sessions whose process died are settled first; live ones go on (and a change
     /// they see later is recorded when they end).
@@ -450,13 +534,15 @@ impl TrustBook {
         // A change to a file whose folder is gone (a temporary workspace deleted, a project
         // removed) can hold nothing up any more: no start loads from a folder that is not
         // there, and one made again later is a person's.
-        book.changed
-            .retain(|c| c.path.parent().is_none_or(|folder| folder.is_dir()));
+        let there = |path: &Path| path.parent().is_none_or(|folder| folder.is_dir());
+        book.changed.retain(|c| there(&c.path));
+        book.accepted_found.retain(|a| there(&a.path));
         let out = change(&mut book);
         // Written even when `change` refused (dead sessions settled meanwhile are kept), and
         // only when something changed: looking makes no file.
         let text = serde_json::to_vec_pretty(&book).map_err(|e| io(std::io::Error::other(e)))?;
-        let empty = book.sessions.is_empty() && book.changed.is_empty();
+        let empty =
+            book.sessions.is_empty() && book.changed.is_empty() && book.accepted_found.is_empty();
         if empty {
             // Nothing to keep: no file left behind (a test suite's runs leave none).
             if read.is_some() {
@@ -735,6 +821,7 @@ mod tests {
                     files,
                 }],
                 changed: vec![],
+                accepted_found: vec![],
             };
             std::fs::write(&book_path, serde_json::to_vec(&planted).unwrap()).unwrap();
         };
@@ -794,6 +881,39 @@ mod tests {
         book.begin(&files(&a)).unwrap().end().unwrap();
         // Nothing pending, no session: no file left.
         assert!(!book.path().exists());
+    }
+
+    /// A configuration found in the folder a process runs in is refused until accepted; then
+    /// it is loaded, whatever later edits between sessions. A file of a folder that is gone
+    /// is forgotten.
+    #[test]
+    fn found_configurations_wait_for_acceptance() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("sub/.agent-runtime");
+        std::fs::create_dir_all(&sub).unwrap();
+        let found = vec![sub.join("gateway.yaml")];
+        std::fs::write(&found[0], "hooks: []").unwrap();
+        let book = TrustBook::new(dir.path().join("trust.json"));
+        let err = book.check_found(&found).unwrap_err().to_string();
+        assert!(
+            err.contains("not accepted as it is now (new or changed: /"),
+            "{err}"
+        );
+        assert!(!book.path().exists(), "a refusal records nothing");
+        assert_eq!(book.accept_found(&found).unwrap(), found);
+        assert!(book.accept_found(&found).unwrap().is_empty());
+        book.check_found(&found).unwrap();
+        // Changed (by anyone, at any time): accepted again before it is loaded.
+        std::fs::write(&found[0], "hooks: [{ name: x, command: [sh] }]").unwrap();
+        assert!(book.check_found(&found).is_err());
+        assert_eq!(book.accept_found(&found).unwrap(), found);
+        book.check_found(&found).unwrap();
+        // Its folder gone, the acceptance goes with it.
+        std::fs::remove_dir_all(dir.path().join("sub")).unwrap();
+        book.pending().unwrap();
+        std::fs::create_dir_all(&sub).unwrap();
+        std::fs::write(&found[0], "hooks: [{ name: x, command: [sh] }]").unwrap();
+        assert!(book.check_found(&found).is_err());
     }
 
     /// A pending change to a file whose folder is gone is forgotten (a deleted project's).
