@@ -60,6 +60,8 @@ rules:
         let mut c = Command::cargo_bin("agent-runtime").unwrap();
         c.current_dir(self.dir.path())
             .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+            // The user's data folder (the trust record) is the test's own.
+            .env("XDG_DATA_HOME", self.dir.path().join("data"))
             .arg("--db")
             .arg(self.dir.path().join("events.db"))
             .arg("--plaintext");
