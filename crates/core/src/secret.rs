@@ -21,6 +21,9 @@ pub const REDACTED: &str = "[REDACTED]";
 pub struct Redactor {
     /// What is replaced: each secret and its encoded forms, longest first.
     values: Vec<String>,
+    /// The base64 forms among them, also looked for across line breaks: `base64` and MIME
+    /// wrap their output every 76 characters, PEM every 64.
+    wrapped: Vec<String>,
     /// Secrets registered (their forms not counted).
     secrets: usize,
 }
@@ -189,6 +192,11 @@ impl Redactor {
         }
         self.secrets += 1;
         let forms = encoded_forms(&v);
+        for form in base64_forms(v.as_bytes()) {
+            if !self.wrapped.contains(&form) {
+                self.wrapped.push(form);
+            }
+        }
         self.values.push(v);
         for form in forms {
             if !self.values.contains(&form) {
@@ -212,7 +220,19 @@ impl Redactor {
         !self.values.is_empty()
     }
 
-    /// `text` with every registered secret value replaced.
+    /// `text` with every registered secret value replaced, base64 forms also where a line
+    /// break falls inside them (the line breaks inside such a form go with it).
+    ///
+    /// ```
+    /// use agent_runtime_core::Redactor;
+    /// let mut r = Redactor::new();
+    /// r.add_secret("sk-proj-0123456789abcdef0123456789abcdef0123456789abcdef");
+    /// // `base64` of a line holding it, wrapped at 76 characters as `base64` does.
+    /// let wrapped = "dG9rZW49c2stcHJvai0wMTIzNDU2Nzg5YWJjZGVmMDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlh\nYmNkZWYK\n";
+    /// let shown = r.redact_str(wrapped);
+    /// assert!(shown.starts_with("dG9rZW49[REDACTED]"), "{shown}");
+    /// assert!(!shown.contains("c2stcHJvai0wMTIz"));
+    /// ```
     pub fn redact_str(&self, text: &str) -> String {
         let mut out = text.to_string();
         for v in &self.values {
@@ -220,6 +240,50 @@ impl Redactor {
                 out = out.replace(v.as_str(), REDACTED);
             }
         }
+        if !self.wrapped.is_empty() && out.contains('\n') {
+            out = self.redact_wrapped(&out);
+        }
+        out
+    }
+
+    /// `text` with the base64 forms that a line break (`\n` or `\r\n`) splits replaced: they
+    /// are looked for in the text with its line breaks left out, and each one found is replaced
+    /// in the text, from its first character to its last.
+    fn redact_wrapped(&self, text: &str) -> String {
+        // The text without its line breaks (still UTF-8: only ASCII bytes are left out), and
+        // where each of its bytes is in `text`.
+        let mut joined = String::with_capacity(text.len());
+        let mut at = Vec::with_capacity(text.len());
+        for (i, c) in text.char_indices() {
+            if c != '\n' && c != '\r' {
+                joined.push(c);
+                at.extend(std::iter::repeat_n(i, c.len_utf8()));
+            }
+        }
+        let mut spans: Vec<(usize, usize)> = Vec::new();
+        for form in &self.wrapped {
+            for (start, _) in joined.match_indices(form.as_str()) {
+                let last = start + form.len() - 1;
+                spans.push((at[start], at[last] + 1));
+            }
+        }
+        if spans.is_empty() {
+            return text.to_string();
+        }
+        spans.sort_unstable();
+        let mut out = String::with_capacity(text.len());
+        let mut done = 0;
+        for (start, end) in spans {
+            if end <= done {
+                continue;
+            }
+            if start >= done {
+                out.push_str(&text[done..start]);
+                out.push_str(REDACTED);
+            }
+            done = end;
+        }
+        out.push_str(&text[done..]);
         out
     }
 
@@ -319,15 +383,36 @@ impl Redactor {
 /// bits (see [`Redactor::add_secret`]); percent-encoding and JSON escaping keep every byte of
 /// the value, so they carry as much as it does.
 fn encoded_forms(value: &str) -> Vec<String> {
-    use base64::Engine as _;
     let bytes = value.as_bytes();
-    /// Characters that carry 32 bits or more: 4 bits each in hex, 6 in base64.
+    /// Characters that carry 32 bits or more: 4 bits each in hex.
     const MIN_HEX: usize = 8;
-    const MIN_BASE64: usize = 6;
     let mut forms = Vec::new();
     if 2 * bytes.len() >= MIN_HEX {
         forms.extend([hex::encode(bytes), hex::encode_upper(bytes)]);
     }
+    forms.extend(base64_forms(bytes));
+    let mut percent = String::with_capacity(value.len() * 3);
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            percent.push(char::from(b));
+        } else {
+            percent.push_str(&format!("%{b:02X}"));
+        }
+    }
+    forms.push(percent);
+    let quoted = serde_json::Value::String(value.to_string()).to_string();
+    forms.push(quoted[1..quoted.len() - 1].to_string());
+    forms.retain(|f| f != value);
+    forms
+}
+
+/// The base64 forms of `bytes` (see [`encoded_forms`]): in the standard and the URL-safe
+/// alphabet, at each of the three places a value can start within a 3-byte group, the
+/// characters its bits alone decide, when they carry 32 bits or more (6 characters).
+fn base64_forms(bytes: &[u8]) -> Vec<String> {
+    use base64::Engine as _;
+    const MIN_BASE64: usize = 6;
+    let mut forms = Vec::new();
     for engine in [
         &base64::engine::general_purpose::STANDARD_NO_PAD,
         &base64::engine::general_purpose::URL_SAFE_NO_PAD,
@@ -341,22 +426,13 @@ fn encoded_forms(value: &str) -> Vec<String> {
             let first = (8 * offset).div_ceil(6);
             let end = 8 * (offset + bytes.len()) / 6;
             if let Some(core) = text.get(first..end).filter(|c| c.len() >= MIN_BASE64) {
-                forms.push(core.to_string());
+                let core = core.to_string();
+                if !forms.contains(&core) {
+                    forms.push(core);
+                }
             }
         }
     }
-    let mut percent = String::with_capacity(value.len() * 3);
-    for &b in bytes {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            percent.push(char::from(b));
-        } else {
-            percent.push_str(&format!("%{b:02X}"));
-        }
-    }
-    forms.push(percent);
-    let quoted = serde_json::Value::String(value.to_string()).to_string();
-    forms.push(quoted[1..quoted.len() - 1].to_string());
-    forms.retain(|f| f != value);
     forms
 }
 
@@ -573,6 +649,50 @@ mod tests {
                 "{prefix:?}: {encoded}"
             );
         }
+    }
+
+    /// Base64 that wraps its lines (`base64`, MIME at 76 characters, PEM at 64, with `\n` or
+    /// `\r\n`) is caught wherever the break falls in the secret's form; text around it, and
+    /// lines without a secret, are left as they are.
+    #[test]
+    fn base64_split_by_line_breaks_is_redacted() {
+        use base64::Engine as _;
+        let secret = "ghp_Zx81uQmT0aVdNc7RkPw2sLeYb9HfJg4KiO3n";
+        let r = Redactor::new().with_secrets(&[secret.to_string()]);
+        for prefix in ["", "a", "ab", "Authorization: token "] {
+            let encoded = base64::engine::general_purpose::STANDARD
+                .encode(format!("{prefix}{secret} and more text after it to wrap"));
+            for width in [8, 64, 76] {
+                for newline in ["\n", "\r\n"] {
+                    let wrapped: Vec<&str> = encoded
+                        .as_bytes()
+                        .chunks(width)
+                        .map(|c| std::str::from_utf8(c).unwrap())
+                        .collect();
+                    let text = format!("head\n{}{newline}tail", wrapped.join(newline));
+                    let shown = r.redact_str(&text);
+                    assert!(shown.contains(REDACTED), "{prefix:?} {width}: {shown}");
+                    let left: String = shown
+                        .replace(REDACTED, "\u{0}")
+                        .chars()
+                        .filter(|c| *c != '\n' && *c != '\r')
+                        .collect();
+                    // No 8 characters of the secret's form stay in the clear.
+                    for form in base64_forms(secret.as_bytes()) {
+                        for piece in form.as_bytes().windows(8) {
+                            let piece = std::str::from_utf8(piece).unwrap();
+                            assert!(!left.contains(piece), "{prefix:?} {width}: {shown}");
+                        }
+                    }
+                    assert!(
+                        shown.starts_with("head\n") && shown.ends_with("tail"),
+                        "{shown}"
+                    );
+                }
+            }
+        }
+        let plain = "line one\nline two\n";
+        assert_eq!(r.redact_str(plain), plain);
     }
 
     #[test]
