@@ -125,8 +125,9 @@ fn task_status(outcome: &Value, task: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn run_prints_outputs_and_replay_gives_the_same_hash() {
+/// `run examples/hello.yaml --seed 5 --json` into a new database in a temporary folder: the
+/// folder (kept while it lives), the database, the command's output.
+fn hello_run() -> (tempfile::TempDir, PathBuf, std::process::Output) {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("ev.db");
     let out = cli(&db)
@@ -135,6 +136,12 @@ fn run_prints_outputs_and_replay_gives_the_same_hash() {
         .args(["--seed", "5", "--json"])
         .output()
         .unwrap();
+    (dir, db, out)
+}
+
+#[test]
+fn run_prints_outputs_and_replay_gives_the_same_hash() {
+    let (_dir, db, out) = hello_run();
     let outcome = succeeded(&out);
     assert_eq!(outcome["status"], "completed");
     assert_eq!(outcome["outputs"]["sentence"]["text"], "Hello, world!");
@@ -559,14 +566,7 @@ fn last_is_the_run_begun_last_even_a_simulation() {
 /// is named with the place, and sent to `audit verify`, which names the damage.
 #[test]
 fn a_run_without_its_start_is_named_with_its_place() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let out = cli(&db)
-        .arg("run")
-        .arg(examples().join("hello.yaml"))
-        .arg("--json")
-        .output()
-        .unwrap();
+    let (_dir, db, out) = hello_run();
     let id = succeeded(&out)["run_id"].as_str().unwrap().to_string();
     let conn = rusqlite::Connection::open(&db).unwrap();
     let frames: i64 = conn
@@ -1336,14 +1336,7 @@ fn cancelling_below_an_ended_task_says_so_and_the_run_exits_1() {
 /// by naming the event, rather than replaying past what they cannot judge.
 #[test]
 fn a_run_with_an_event_kind_from_a_newer_build_is_read_and_not_replayed() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = dir.path().join("ev.db");
-    let out = cli(&db)
-        .arg("run")
-        .arg(examples().join("hello.yaml"))
-        .args(["--seed", "5", "--json"])
-        .output()
-        .unwrap();
+    let (_dir, db, out) = hello_run();
     let run_id: RunId = succeeded(&out)["run_id"].as_str().unwrap().parse().unwrap();
     let id = run_id.to_string();
     let newer = EventKind::read("task.handed_over").unwrap();
