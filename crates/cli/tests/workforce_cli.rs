@@ -63,6 +63,19 @@ fn spawn_run(db: &Path, flow: &Path, cwd: &Path, json: bool) -> std::process::Ch
     c.spawn().unwrap()
 }
 
+/// Waits for a run started with [`spawn_run`] to exit (a bound on waiting, not a timing
+/// assertion).
+fn wait_exit(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "the run did not stop");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Polls the store until `what` finds something in the run's events (a bound on waiting, not
 /// a timing assertion).
 fn wait_for<T>(db: &Path, what: impl Fn(&[agent_runtime_core::Envelope]) -> Option<T>) -> T {
@@ -1231,17 +1244,7 @@ fn cancel_from_another_process_stops_a_subtree_and_replay_agrees() {
         .stderr(predicate::str::contains(
             "already ended (cancelled); nothing to cancel",
         ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the run did not stop after cancel"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut child);
     let mut stdout = String::new();
     std::io::Read::read_to_string(&mut child.stdout.take().unwrap(), &mut stdout).unwrap();
     assert!(!status.success(), "a cancelled run exits non-zero");
@@ -1311,14 +1314,7 @@ fn cancelling_below_an_ended_task_says_so_and_the_run_exits_1() {
             "cancelled what is downstream of task `a` (which already ended: completed) in run \
              {run_id} (request: event "
         )));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the run did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut child);
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     // The run completes (its every task ended), but what `b` and `c` would give is missing.
@@ -1421,14 +1417,7 @@ fn cancel_with_wait_0_records_the_request_and_returns_at_once() {
         .stdout(predicate::str::contains(
             "the process running it records the cancellation",
         ));
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "the run did not stop");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = wait_exit(&mut child);
     assert_eq!(status.code(), Some(1));
     let requests = events(&db, run_id)
         .into_iter()
