@@ -1243,7 +1243,7 @@ impl Driver {
         let (launch, starts) =
             mpsc::unbounded_channel::<(Effect, CancellationToken, Option<Arc<str>>)>();
         let run_secrets = run_secret_values(engine.graph_ref(), self.opts.secrets.as_ref());
-        let (waits_tx, mut waits) = mpsc::unbounded_channel::<(u64, bool)>();
+        let (waits_tx, mut waits) = mpsc::unbounded_channel::<(u64, bool, Timestamp)>();
         tokio::spawn(
             CallStarter {
                 secrets: self.opts.secrets.clone(),
@@ -1255,7 +1255,10 @@ impl Driver {
                 specs: FastMap::default(),
                 agent_specs: FastMap::default(),
                 done: tx,
-                waits: Arc::new(WaitSender(waits_tx)),
+                waits: Arc::new(WaitSender {
+                    to: waits_tx,
+                    clock: self.opts.clock.clone(),
+                }),
             }
             .run(starts),
         );
@@ -1414,8 +1417,8 @@ impl Driver {
                     }
                 }
                 // Before results: a call's wait ended before its result was sent.
-                Some((call, waiting)) = waits.recv(), if !finished => {
-                    match engine.wait_event(call, waiting, self.opts.clock.now()) {
+                Some((call, waiting, at)) = waits.recv(), if !finished => {
+                    match engine.wait_event_since(call, waiting, self.opts.clock.now(), at) {
                         Some(event) => Ok(event),
                         None => continue,
                     }
@@ -1444,8 +1447,9 @@ impl Driver {
                 // the select above takes it, so that `task.unpaused` comes before the result
                 // (else it was dropped, the call having ended, and `runs show` kept the task
                 // waiting for approval).
-                if let Ok((call, waiting)) = waits.try_recv() {
-                    if let Some(event) = engine.wait_event(call, waiting, self.opts.clock.now()) {
+                if let Ok((call, waiting, at)) = waits.try_recv() {
+                    let now = self.opts.clock.now();
+                    if let Some(event) = engine.wait_event_since(call, waiting, now, at) {
                         take_derived(engine, &mut batch, &mut effects);
                         engine.apply(&event)?;
                         batch.push(EncodedEvent::new(event));
@@ -1576,11 +1580,16 @@ struct CallStarter {
 
 /// Hands a call's waits for a person to the driver's loop, which records them as inputs
 /// (`task.paused`, `task.unpaused`): the attempt's timeout does not count them.
-struct WaitSender(mpsc::UnboundedSender<(u64, bool)>);
+/// Each report carries the clock's reading when it was made: the wait is recorded a moment
+/// later, and counts from then.
+struct WaitSender {
+    to: mpsc::UnboundedSender<(u64, bool, Timestamp)>,
+    clock: Arc<dyn Clock>,
+}
 
 impl agent_runtime_core::WaitListener for WaitSender {
     fn waiting(&self, call: u64, waiting: bool) {
-        let _ = self.0.send((call, waiting));
+        let _ = self.to.send((call, waiting, self.clock.now()));
     }
 }
 

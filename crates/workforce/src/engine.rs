@@ -1143,6 +1143,21 @@ impl Engine {
     /// stopped waiting for a person's answer to an approval question; `None` when the call is
     /// not in flight (answered or cancelled meanwhile: nothing to record).
     pub fn wait_event(&self, call: u64, waiting: bool, time: Timestamp) -> Option<NewEvent> {
+        self.wait_event_since(call, waiting, time, time)
+    }
+
+    /// [`Engine::wait_event`] of a wait that began at `since` (read when the call reported
+    /// it), before the event is recorded at `time`: a `task.paused` says so (`since`), and the
+    /// attempt's clock stands still from then. Without it, a question asked just before the
+    /// attempt's deadline and recorded just after it had the attempt time out right after the
+    /// person answered.
+    pub fn wait_event_since(
+        &self,
+        call: u64,
+        waiting: bool,
+        time: Timestamp,
+        since: Timestamp,
+    ) -> Option<NewEvent> {
         let info = self.calls.get(&call).filter(|c| c.started)?;
         // Only a change is recorded: a second "began" for a waiting call, or an "ended" for
         // one that does not wait, says nothing.
@@ -1150,10 +1165,11 @@ impl Engine {
             return None;
         }
         let (kind, payload) = if waiting {
-            (
-                EventKind::TaskPaused,
-                json!({"call": call, "for": "approval"}),
-            )
+            let mut payload = json!({"call": call, "for": "approval"});
+            if since < time {
+                payload["since"] = json!(since);
+            }
+            (EventKind::TaskPaused, payload)
         } else {
             (EventKind::TaskUnpaused, json!({"call": call}))
         };
@@ -1428,7 +1444,16 @@ impl Engine {
             }
             EventKind::ModelFailed => self.on_model_result(call()?, Err(failure())),
             EventKind::ClockObserved => self.on_tick(),
-            EventKind::TaskPaused => self.call_waits(call()?),
+            EventKind::TaskPaused => {
+                // From when the call began to wait, if that was before this event (not before
+                // the attempt's own start: a wait cannot stand still what had not begun).
+                let since = event
+                    .payload
+                    .get("since")
+                    .and_then(|v| Timestamp::deserialize(v).ok())
+                    .map_or(self.now, |since| since.min(self.now));
+                self.call_waits(call()?, since);
+            }
             EventKind::TaskUnpaused => {
                 let call = call()?;
                 if let Some(info) = self.calls.get_mut(&call)
@@ -1689,8 +1714,7 @@ impl Engine {
     /// `task.paused` for `call`: its attempt's clock stands still from now until every call
     /// of it that waits for a person has stopped. A call not in flight (answered meanwhile)
     /// changes nothing.
-    fn call_waits(&mut self, call: u64) {
-        let now = self.now;
+    fn call_waits(&mut self, call: u64, since: Timestamp) {
         let Some(task) = self
             .calls
             .get(&call)
@@ -1704,7 +1728,7 @@ impl Engine {
             info.waiting = true;
         }
         if first && let Some(a) = self.attempt_mut(task) {
-            a.waiting_since = now;
+            a.waiting_since = since;
         }
     }
 
