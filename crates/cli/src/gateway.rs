@@ -379,13 +379,16 @@ pub(crate) async fn build(
     natives: Natives,
     servers: Servers,
 ) -> anyhow::Result<(Gateway, McpManager)> {
-    let (options, found) = options_found(opts);
-    let assembled = assemble(&options).map_err(gateway_error)?;
-    if found {
+    // A configuration found here is loaded only as a person accepted it: its own files, as
+    // `trust` accepts them (files named with --policy or --mcp-config are the person's choice).
+    if options_found(opts).1
+        && let Some(own) = found_configuration(&GatewayOpts::default())?
+    {
         crate::common::trust_book()
-            .check_found(&assembled.trusted)
+            .check_found(&own)
             .map_err(|e| CliError::Usage(terminal_text(&e.to_string()).into_owned()))?;
     }
+    let assembled = assemble(&options(opts)).map_err(gateway_error)?;
     // Before any hook or MCP server runs. The default configuration files count even when
     // they are not there: one that appears is loaded by the next start.
     let mut trusted = assembled.trusted.clone();
@@ -448,10 +451,22 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
     let found = if a.list {
         None
     } else {
-        found_configuration(&GatewayOpts::default())?
+        match found_configuration(&GatewayOpts::default()) {
+            Ok(found) => found,
+            Err(e) => {
+                eprintln!(
+                    "warning: the configuration found here cannot be loaded, so it is not \
+                     accepted: {}",
+                    terminal_text(&e.to_string())
+                );
+                None
+            }
+        }
     };
+    let mut found_newly = 0;
     if let Some(files) = &found {
         let newly = book.accept_found(files).map_err(failed)?;
+        found_newly = newly.len();
         if !newly.is_empty() {
             outln!(
                 "accepted the configuration found here as it is now: {}",
@@ -481,7 +496,7 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
         ),
     };
     if changes.is_empty() {
-        if found.is_none() || a.list {
+        if found_newly == 0 {
             outln!("no trusted file here changed while tools ran; nothing to accept{others}");
         }
         return Ok(ExitCode::SUCCESS);
@@ -862,9 +877,12 @@ fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
     // A configuration found here that the person had accepted (or none yet) stays accepted
     // with the server the person adds now; one nobody accepted stays so.
     let book = crate::common::trust_book();
-    let was_accepted = match found_configuration(&a.opts).ok().flatten() {
-        Some(files) => book.check_found(&files).is_ok(),
-        None => true,
+    let was_accepted = match found_configuration(&a.opts) {
+        Ok(Some(files)) => book.check_found(&files).is_ok(),
+        Ok(None) => true,
+        // One that cannot even be loaded was nobody's to accept (a planted configuration
+        // naming a servers file not made yet).
+        Err(_) => false,
     };
     McpConfig::add_server(&path, &a.name, &server).map_err(gateway_error)?;
     outln!("added {} to {}", a.name, path.display());

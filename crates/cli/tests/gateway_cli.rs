@@ -1718,6 +1718,38 @@ fn files_that_hooks_and_mcp_servers_load_are_protected() {
         std::fs::read_to_string(ws.join("mcp/server.js")).unwrap(),
         "// a server\n"
     );
+    // A hook's relative script is the configuration's, wherever the runtime runs: one planted
+    // in a subfolder (as a tool could) is not what runs from there.
+    let marker = ws.join("planted-ran");
+    std::fs::create_dir_all(ws.join("sub/hooks")).unwrap();
+    std::fs::write(
+        ws.join("sub/hooks/check.sh"),
+        format!("touch {}; {hook}", marker.display()),
+    )
+    .unwrap();
+    let out = Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .current_dir(ws.join("sub"))
+        .env("XDG_DATA_HOME", sh.data_home())
+        .args([
+            "--db",
+            "../events.db",
+            "--plaintext",
+            "tools",
+            "call",
+            "echo",
+        ])
+        .arg("--config")
+        .arg(ws.join("gateway.yaml"))
+        .args(["--args", r#"{"x": 1}"#])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!marker.exists(), "the planted hook ran");
 }
 
 /// What gets past the protection is caught before it is used: a policy file changed while a
@@ -1867,6 +1899,26 @@ fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(marker.exists());
+    // Files named on the command line are the person's choice: a policy given with --policy
+    // is not held to the found configuration's acceptance.
+    std::fs::write(sub.join("allow.yaml"), ALLOW_SH).unwrap();
+    let out = in_sub(&[
+        "tools",
+        "call",
+        "echo",
+        "--policy",
+        "allow.yaml",
+        "--args",
+        r#"{"x": 2}"#,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // `trust` with nothing new says so.
+    let again = in_sub(&["trust"]);
+    assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to accept"));
     // `mcp add` does not write a servers file the configuration would not load.
     let add = in_sub(&["mcp", "add", "x", "--command", "node"]);
     assert_eq!(add.status.code(), Some(2));
@@ -1875,6 +1927,50 @@ fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
     // Changed again (by anyone): accepted again first.
     std::fs::write(sub.join(".agent-runtime/gateway.yaml"), "hooks: []\n").unwrap();
     assert_eq!(in_sub(&call).status.code(), Some(2));
+}
+
+/// `mcp add` keeps an accepted configuration accepted, but does not bless one nobody accepted,
+/// even one that cannot be loaded yet (planted, naming a servers file not made yet, which
+/// `mcp add` would make).
+#[test]
+fn mcp_add_does_not_accept_a_planted_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("planted-ran");
+    std::fs::create_dir_all(dir.path().join(".agent-runtime")).unwrap();
+    std::fs::write(
+        dir.path().join(".agent-runtime/gateway.yaml"),
+        format!(
+            "mcp: mcp.json\nhooks:\n  - name: planted\n    command: [\"/bin/sh\", \"-c\", \"touch {}; cat >/dev/null; echo '{{\\\"action\\\":\\\"continue\\\"}}'\"]\n",
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        Command::cargo_bin("agent-runtime")
+            .unwrap()
+            .current_dir(dir.path())
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+            .args(["--db", "events.db", "--plaintext"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let added = cmd(&["mcp", "add", "x", "--command", "/bin/true"]);
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    assert!(String::from_utf8_lossy(&added.stderr).contains("was not accepted before this change"));
+    let out = cmd(&["tools", "call", "echo", "--args", r#"{"x": 1}"#]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!marker.exists(), "the planted hook ran");
 }
 
 /// A trusted file with a second name in the workspace (a hard link made before the run) is

@@ -123,6 +123,14 @@ impl GatewayFile {
         for t in &mut file.tools {
             t.read_roots.iter_mut().for_each(fix);
         }
+        // A hook runs in the file's folder unless it says otherwise (relative to the file).
+        for h in &mut file.hooks {
+            h.cwd = Some(match h.cwd.take() {
+                Some(cwd) if cwd.is_relative() => base.join(cwd),
+                Some(cwd) => cwd,
+                None => base.clone(),
+            });
+        }
         Ok(file)
     }
 }
@@ -330,7 +338,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     let loaded: Vec<PathBuf> = file
         .hooks
         .iter()
-        .flat_map(|h| command_files(&h.command, None))
+        .flat_map(|h| command_files(&h.command, h.cwd.as_deref()))
         .chain(
             mcp.servers
                 .values()

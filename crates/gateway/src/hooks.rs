@@ -115,6 +115,12 @@ pub struct CommandHookConfig {
     /// How long the hook may take, in milliseconds (default 5000).
     #[serde(default)]
     pub timeout_ms: Option<u64>,
+    /// The folder it runs in, where its relative program and arguments are: in a
+    /// configuration file, relative to the file's folder, which is also the default (so a
+    /// hook `sh hooks/check.sh` is the configuration's own script wherever the runtime runs);
+    /// built in code, the process's folder when `None`.
+    #[serde(default)]
+    pub cwd: Option<PathBuf>,
 }
 
 /// A hook run as an external command speaking JSON on stdin and stdout.
@@ -152,9 +158,18 @@ impl CommandHook {
                     what: format!("hook {}", config.name),
                     message: "command is empty".into(),
                 })?;
+        // A relative program given as a path is the one in `cwd` (what the system makes of
+        // one with a working folder set differs between systems).
+        let program = match &config.cwd {
+            Some(cwd) if program.contains('/') => cwd.join(program),
+            _ => PathBuf::from(program),
+        };
         Ok(CommandHook {
-            program: PathBuf::from(program),
-            pinned: crate::trust::Pinned::take(crate::config::command_files(&config.command, None)),
+            program,
+            pinned: crate::trust::Pinned::take(crate::config::command_files(
+                &config.command,
+                config.cwd.as_deref(),
+            )),
             config,
         })
     }
@@ -186,6 +201,9 @@ impl CommandHook {
             }
         }
         let mut cmd = tokio::process::Command::new(&self.program);
+        if let Some(cwd) = &self.config.cwd {
+            cmd.current_dir(cwd);
+        }
         cmd.args(&self.config.command[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())

@@ -111,7 +111,16 @@ impl McpConfig {
     /// Reads a servers file (JSON, or YAML when the name ends in `.yaml`/`.yml`).
     pub fn load(path: &Path) -> Result<McpConfig, GatewayError> {
         let text = crate::read_config_text(path)?;
-        McpConfig::parse(&text, path)
+        let mut config = McpConfig::parse(&text, path)?;
+        // A relative `cwd` is relative to the file, as every path in the runtime's files is
+        // (without one, a server starts in the folder the runtime runs in).
+        let base = crate::policy::base_dir(path)?;
+        for server in config.servers.values_mut() {
+            if let Some(cwd) = server.cwd.as_mut().filter(|c| c.is_relative()) {
+                *cwd = base.join(&*cwd);
+            }
+        }
+        Ok(config)
     }
 
     /// Parses a servers file; `path` names it in errors and picks the format.

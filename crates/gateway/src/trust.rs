@@ -97,7 +97,8 @@ fn changed_message(changes: &[Change]) -> String {
     format!(
         "the runtime's own files changed while an earlier process ran tools: {}. A tool may \
          have changed them, and hooks and MCP servers run outside the sandbox with nobody \
-         asked: read them, then accept them as they are with `agent-runtime trust`",
+         asked: read them, then accept them as they are with `agent-runtime trust` in their \
+         folder (or `agent-runtime trust --all`)",
         listed.join("; ")
     )
 }

@@ -1063,6 +1063,7 @@ fn sh_hook(name: &str, script: &str) -> Arc<dyn Hook> {
             tools: vec![],
             phases: vec![],
             timeout_ms: Some(5000),
+            cwd: None,
         })
         .unwrap(),
     )
@@ -1085,6 +1086,7 @@ async fn a_hook_whose_script_changed_since_the_start_is_not_run() {
         tools: vec![],
         phases: vec![],
         timeout_ms: Some(5000),
+        cwd: None,
     })
     .unwrap();
     let log = Arc::new(MemoryLog::default());
