@@ -2801,6 +2801,53 @@ mod tests {
         );
     }
 
+    /// A wait for a person counts from when the call reported it, not from when the driver
+    /// recorded it: asked at 90 ms of a 100 ms budget and recorded at 110 ms, the attempt has
+    /// 10 ms left once answered (it timed out at once when the wait counted from 110 ms).
+    #[test]
+    fn a_wait_counts_from_when_it_began_not_when_it_was_recorded() {
+        let graph = crate::graph::parse_graph(
+            "tasks:\n  - { id: a, tool: slow, args: {}, timeout: 100ms }\n",
+            std::path::Path::new("g.yaml"),
+        )
+        .unwrap();
+        let t0 = Timestamp::from_unix_nanos(1_000_000_000_000);
+        let ms = |n: u64| t0.saturating_add(Duration::from_millis(n));
+        let mut engine = Engine::start(RunId::from_bytes([1; 16]), graph, 1, t0);
+        let call = engine
+            .drain_effects()
+            .find_map(|e| match e {
+                Effect::CallTool { call, .. } => Some(call),
+                _ => None,
+            })
+            .unwrap();
+        engine.drain_events().for_each(drop);
+        assert_eq!(engine.next_deadline(), Some(ms(100)));
+        let paused = engine
+            .wait_event_since(call, true, ms(110), ms(90))
+            .unwrap();
+        assert_eq!(paused.payload["since"], json!(ms(90)));
+        engine.apply(&paused).unwrap();
+        assert_eq!(engine.next_deadline(), None, "the clock stands still");
+        let unpaused = engine.wait_event(call, false, ms(500)).unwrap();
+        engine.apply(&unpaused).unwrap();
+        assert_eq!(engine.next_deadline(), Some(ms(510)));
+        // Recorded when it began: no `since`, as before.
+        let mut engine = Engine::start(
+            RunId::from_bytes([2; 16]),
+            crate::graph::parse_graph(
+                "tasks:\n  - { id: a, tool: slow, args: {}, timeout: 100ms }\n",
+                std::path::Path::new("g.yaml"),
+            )
+            .unwrap(),
+            1,
+            t0,
+        );
+        engine.drain_effects().for_each(drop);
+        let paused = engine.wait_event(call, true, ms(50)).unwrap();
+        assert!(paused.payload.get("since").is_none());
+    }
+
     #[test]
     fn key_order_is_the_id_order() {
         let ids = [
