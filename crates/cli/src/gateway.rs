@@ -448,23 +448,26 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
         CliError::Failed(terminal_text(&e.to_string()).into_owned())
     };
     // The configuration found here, if any, as it is now (after a person read it).
-    let found = if a.list {
-        None
-    } else {
-        match found_configuration(&GatewayOpts::default()) {
-            Ok(found) => found,
-            Err(e) => {
-                eprintln!(
-                    "warning: the configuration found here cannot be loaded, so it is not \
-                     accepted: {}",
-                    terminal_text(&e.to_string())
-                );
-                None
-            }
+    let found = match found_configuration(&GatewayOpts::default()) {
+        Ok(found) => found,
+        Err(e) => {
+            eprintln!(
+                "warning: the configuration found here cannot be loaded, so it is not \
+                 accepted: {}",
+                terminal_text(&e.to_string())
+            );
+            None
         }
     };
     let mut found_newly = 0;
-    if let Some(files) = &found {
+    if a.list {
+        if let Some(files) = &found
+            && let Err(e) = book.check_found(files)
+        {
+            found_newly = 1;
+            outln!("{}", terminal_text(&e.to_string()));
+        }
+    } else if let Some(files) = &found {
         let newly = book.accept_found(files).map_err(failed)?;
         found_newly = newly.len();
         if !newly.is_empty() {
@@ -876,25 +879,39 @@ fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
     };
     // A configuration found here that the person had accepted (or none yet) stays accepted
     // with the server the person adds now; one nobody accepted stays so.
+    // Judged as `build` and `trust` judge it: the found configuration's own files.
     let book = crate::common::trust_book();
-    let was_accepted = match found_configuration(&a.opts) {
-        Ok(Some(files)) => book.check_found(&files).is_ok(),
-        Ok(None) => true,
-        // One that cannot even be loaded was nobody's to accept (a planted configuration
-        // naming a servers file not made yet).
-        Err(_) => false,
-    };
+    let into_found = a.opts.config.is_none() && a.opts.mcp_config.is_none();
+    let was_accepted = !into_found
+        || match found_configuration(&GatewayOpts::default()) {
+            Ok(Some(files)) => book.check_found(&files).is_ok(),
+            Ok(None) => true,
+            // One that cannot even be loaded was nobody's to accept (a planted configuration
+            // naming a servers file not made yet).
+            Err(_) => false,
+        };
     McpConfig::add_server(&path, &a.name, &server).map_err(gateway_error)?;
     outln!("added {} to {}", a.name, path.display());
-    if let Some(files) = found_configuration(&a.opts)? {
-        if was_accepted {
-            book.accept_found(&files)
-                .map_err(|e| CliError::Failed(terminal_text(&e.to_string()).into_owned()))?;
-        } else {
-            eprintln!(
+    // The server is added whatever follows: what follows only says so.
+    if into_found {
+        match found_configuration(&GatewayOpts::default()) {
+            Ok(Some(files)) if was_accepted => {
+                if let Err(e) = book.accept_found(&files) {
+                    eprintln!(
+                        "warning: the configuration found here could not be kept accepted: {}",
+                        terminal_text(&e.to_string())
+                    );
+                }
+            }
+            Ok(Some(_)) => eprintln!(
                 "note: the configuration found here was not accepted before this change: read \
                  it, then `agent-runtime trust`"
-            );
+            ),
+            Ok(None) => {}
+            Err(e) => eprintln!(
+                "note: the configuration found here cannot be loaded: {}",
+                terminal_text(&e.to_string())
+            ),
         }
     }
     Ok(ExitCode::SUCCESS)

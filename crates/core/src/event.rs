@@ -151,7 +151,7 @@ macro_rules! event_kinds {
             /// [`EventKind::read`]; this build records one only when handed one (events copied
             /// from another log).
             #[schemars(skip)]
-            Unknown(&'static str),
+            Unknown(UnknownKind),
         }
 
         impl EventKind {
@@ -160,7 +160,7 @@ macro_rules! event_kinds {
 
             /// The stable string form.
             pub const fn as_str(self) -> &'static str {
-                match self { $(EventKind::$variant => $name,)* EventKind::Unknown(name) => name }
+                match self { $(EventKind::$variant => $name,)* EventKind::Unknown(kind) => kind.0 }
             }
         }
 
@@ -169,7 +169,7 @@ macro_rules! event_kinds {
             fn from_str(s: &str) -> Result<Self, Self::Err> {
                 match s {
                     $($name => Ok(EventKind::$variant),)*
-                    _ => Err(EventKindError { input: s.to_string() }),
+                    _ => Err(EventKindError { input: s.to_string(), too_many: false }),
                 }
             }
         }
@@ -208,7 +208,8 @@ event_kinds! {
     /// A task was cancelled.
     TaskCancelled => "task.cancelled",
     /// A call of a task's attempt began waiting for a person (payload: `call`, `for`:
-    /// `approval`): the attempt's `timeout` stops counting until every such wait has ended.
+    /// `approval`, and `since` when the wait began before the event was recorded): the
+    /// attempt's `timeout` stops counting from then until every such wait has ended.
     TaskPaused => "task.paused",
     /// A call's wait for a person ended (payload: `call`); see [`EventKind::TaskPaused`].
     TaskUnpaused => "task.unpaused",
@@ -265,10 +266,19 @@ event_kinds! {
 #[error(
     "unknown event kind {:?}{}",
     crate::names::shown(input),
-    suggestion_or_examples(input)
+    if *too_many {
+        format!(
+            " (this process has met {MAX_UNKNOWN_KINDS} kinds it does not know already, the \
+             most it keeps: the log is not one a newer build of this runtime wrote)"
+        )
+    } else {
+        suggestion_or_examples(input)
+    }
 )]
 pub struct EventKindError {
     input: String,
+    /// Refused by [`EventKind::read`] for the number of unknown kinds met, not its shape.
+    too_many: bool,
 }
 
 fn suggestion_or_examples(input: &str) -> String {
@@ -281,6 +291,19 @@ fn suggestion_or_examples(input: &str) -> String {
 impl fmt::Display for EventKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// The name of an event kind this build does not know ([`EventKind::Unknown`]), as it was
+/// written: made only by [`EventKind::read`], so it is always shaped like a kind and never the
+/// name of a known one (which would compare unequal to that kind).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct UnknownKind(&'static str);
+
+impl UnknownKind {
+    /// The kind's name.
+    pub const fn as_str(self) -> &'static str {
+        self.0
     }
 }
 
@@ -315,6 +338,7 @@ impl EventKind {
         if !shaped {
             return Err(EventKindError {
                 input: s.to_string(),
+                too_many: false,
             });
         }
         static UNKNOWN: std::sync::Mutex<std::collections::BTreeSet<&'static str>> =
@@ -323,18 +347,19 @@ impl EventKind {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if let Some(name) = known.get(s) {
-            return Ok(EventKind::Unknown(name));
+            return Ok(EventKind::Unknown(UnknownKind(name)));
         }
         if known.len() >= MAX_UNKNOWN_KINDS {
             return Err(EventKindError {
                 input: s.to_string(),
+                too_many: true,
             });
         }
         // Leaked once per distinct name, at most MAX_UNKNOWN_KINDS of them: `EventKind` stays
         // `Copy`, which every fold and filter relies on.
         let name: &'static str = Box::leak(s.to_string().into_boxed_str());
         known.insert(name);
-        Ok(EventKind::Unknown(name))
+        Ok(EventKind::Unknown(UnknownKind(name)))
     }
 
     /// Whether this build knows the kind (it is not [`EventKind::Unknown`]).

@@ -96,7 +96,7 @@ pub use context::{
 };
 pub use error::{ClassifiedError, ErrorClass};
 pub use event::{
-    Actor, EncodedEvent, Envelope, EventKind, Hash32, NewEvent, ObjectWriter, Slot,
+    Actor, EncodedEvent, Envelope, EventKind, Hash32, NewEvent, ObjectWriter, Slot, UnknownKind,
     canonical_header, canonical_json, chain_hash, chain_hash_parts, push_canonical_payload,
     write_canonical_header, write_canonical_json,
 };

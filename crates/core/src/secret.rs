@@ -240,7 +240,7 @@ impl Redactor {
                 out = out.replace(v.as_str(), REDACTED);
             }
         }
-        if !self.wrapped.is_empty() && out.contains('\n') {
+        if !self.wrapped.is_empty() && breaks_base64(&out) {
             out = self.redact_wrapped(&out);
         }
         out
@@ -251,20 +251,23 @@ impl Redactor {
     /// in the text, from its first character to its last.
     fn redact_wrapped(&self, text: &str) -> String {
         // The text without its line breaks (still UTF-8: only ASCII bytes are left out), and
-        // where each of its bytes is in `text`.
+        // for each byte left out, where it would have been in the joined text: a byte at `j`
+        // of the joined text is at `j` plus the number of those at or before `j` in `text`.
         let mut joined = String::with_capacity(text.len());
-        let mut at = Vec::with_capacity(text.len());
-        for (i, c) in text.char_indices() {
-            if c != '\n' && c != '\r' {
+        let mut breaks: Vec<usize> = Vec::new();
+        for c in text.chars() {
+            if c == '\n' || c == '\r' {
+                breaks.push(joined.len());
+            } else {
                 joined.push(c);
-                at.extend(std::iter::repeat_n(i, c.len_utf8()));
             }
         }
+        let at = |j: usize| j + breaks.partition_point(|&b| b <= j);
         let mut spans: Vec<(usize, usize)> = Vec::new();
         for form in &self.wrapped {
             for (start, _) in joined.match_indices(form.as_str()) {
                 let last = start + form.len() - 1;
-                spans.push((at[start], at[last] + 1));
+                spans.push((at(start), at(last) + 1));
             }
         }
         if spans.is_empty() {
@@ -404,6 +407,24 @@ fn encoded_forms(value: &str) -> Vec<String> {
     forms.push(quoted[1..quoted.len() - 1].to_string());
     forms.retain(|f| f != value);
     forms
+}
+
+/// Whether a line break in `text` has base64 on both sides (`\r\n` counted as one): only then
+/// can a base64 form run across it. Most text with line breaks (logs, prose, JSON) is passed
+/// by this look alone.
+fn breaks_base64(text: &str) -> bool {
+    let is_b64 = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'-' | b'_');
+    let bytes = text.as_bytes();
+    bytes.iter().enumerate().any(|(i, &b)| {
+        b == b'\n'
+            && i + 1 < bytes.len()
+            && is_b64(bytes[i + 1])
+            && match i.checked_sub(1).map(|p| bytes[p]) {
+                Some(b'\r') => i >= 2 && is_b64(bytes[i - 2]),
+                Some(p) => is_b64(p),
+                None => false,
+            }
+    })
 }
 
 /// The base64 forms of `bytes` (see [`encoded_forms`]): in the standard and the URL-safe

@@ -222,9 +222,12 @@ fn refuse_hard_linked(trusted: &[PathBuf], write_roots: &[PathBuf]) -> Result<()
 
 /// The files a command run outside the sandbox (a hook, an MCP server) loads that its
 /// configuration names: its program when given as a path (not a name looked up on `PATH`),
-/// and each argument that names a file there now (`sh hooks/check.sh`, `node mcp/server.js`;
-/// not folders: a filesystem server's root is an argument, and must stay writable). Relative
-/// ones are taken from `cwd` (the process's folder when `None`), as the command will.
+/// and each argument that names code there now: a file that may be run (its mode says so) or
+/// whose name says it is a script (`sh hooks/check.sh`, `node mcp/server.js`; see
+/// [`SCRIPT_EXTENSIONS`]). Not folders (a filesystem server's root is an argument, and must
+/// stay writable), nor data files (a SQLite server's `--db-path data.db`, which it writes
+/// itself). Relative ones are taken from `cwd` (the process's folder when `None`), as the
+/// command will.
 ///
 /// What it loads that its arguments do not name (a module `python3 -m` finds, a package `npx`
 /// runs from `node_modules`, a script inside `sh -c '...'`) is not found: such commands are
@@ -234,7 +237,8 @@ fn refuse_hard_linked(trusted: &[PathBuf], write_roots: &[PathBuf]) -> Result<()
 /// ```
 /// let dir = tempfile::tempdir().unwrap();
 /// std::fs::write(dir.path().join("check.sh"), "exit 0").unwrap();
-/// let command = ["sh".to_string(), "check.sh".into(), "--strict".into(), ".".into()];
+/// std::fs::write(dir.path().join("notes.db"), "").unwrap();
+/// let command = ["sh".to_string(), "check.sh".into(), "--strict".into(), ".".into(), "notes.db".into()];
 /// let files = agent_runtime_gateway::config::command_files(&command, Some(dir.path()));
 /// assert_eq!(files, [dir.path().join("check.sh")]);
 /// ```
@@ -252,11 +256,32 @@ pub fn command_files(command: &[String], cwd: Option<&Path>) -> Vec<PathBuf> {
     }
     for arg in args {
         let path = at(arg);
-        if !arg.is_empty() && !arg.starts_with('-') && path.is_file() && !out.contains(&path) {
+        if !arg.is_empty() && !arg.starts_with('-') && is_code(&path) && !out.contains(&path) {
             out.push(path);
         }
     }
     out
+}
+
+/// The names of scripts an interpreter loads (`node server.js`, `python3 hook.py`): what
+/// [`command_files`] counts as code without the mode saying so.
+pub const SCRIPT_EXTENSIONS: &[&str] = &[
+    "sh", "bash", "zsh", "fish", "py", "pyc", "js", "mjs", "cjs", "ts", "mts", "cts", "rb", "pl",
+    "pm", "php", "lua", "tcl", "jar", "wasm", "awk", "sed", "r", "jl", "exs", "ex", "ps1",
+];
+
+/// Whether `path` is a file that is code: runnable by its mode, or a script by its name.
+fn is_code(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(meta) = std::fs::metadata(path) else {
+        return false;
+    };
+    meta.is_file()
+        && (meta.permissions().mode() & 0o111 != 0
+            || path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| SCRIPT_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str())))
 }
 
 /// Everything loaded from the configuration, before MCP servers are connected.

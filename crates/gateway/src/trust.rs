@@ -186,7 +186,35 @@ type Fingerprint = Option<String>;
 /// assert_eq!(pinned.moved(), Some(script.as_path()));
 /// ```
 #[derive(Clone, Debug, Default)]
-pub struct Pinned(Vec<(PathBuf, Fingerprint)>);
+pub struct Pinned(Vec<(PathBuf, Fingerprint, Option<Stamp>)>);
+
+/// What `stat` says of a file that changes with any write to it: device, inode, size, and
+/// modification and change times (the change time cannot be set back by the writer). Equal,
+/// the file is taken as unchanged without reading it again: a hook run with a 100 MB
+/// interpreter given as a path would otherwise hash it at every call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    size: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).ok()?;
+        let ns = |s: i64, n: i64| i128::from(s) * 1_000_000_000 + i128::from(n);
+        Some(Stamp {
+            dev: m.dev(),
+            ino: m.ino(),
+            size: m.size(),
+            mtime_ns: ns(m.mtime(), m.mtime_nsec()),
+            ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+        })
+    }
+}
 
 impl Pinned {
     /// The files' fingerprints now.
@@ -195,8 +223,10 @@ impl Pinned {
             files
                 .into_iter()
                 .map(|f| {
+                    // Stamped before it is read: a write while it is read changes the stamp.
+                    let stamp = Stamp::of(&f);
                     let fp = fingerprint(&f);
-                    (f, fp)
+                    (f, fp, stamp)
                 })
                 .collect(),
         )
@@ -206,8 +236,11 @@ impl Pinned {
     pub fn moved(&self) -> Option<&Path> {
         self.0
             .iter()
-            .find(|(path, before)| fingerprint(path) != *before)
-            .map(|(path, _)| path.as_path())
+            .find(|(path, before, stamp)| {
+                let now = Stamp::of(path);
+                !(now.is_some() && now == *stamp) && fingerprint(path) != *before
+            })
+            .map(|(path, _, _)| path.as_path())
     }
 
     /// Whether no file is pinned.
@@ -420,7 +453,11 @@ impl TrustBook {
     pub fn pending(&self) -> Result<Vec<Change>, TrustError> {
         self.update(|book| {
             settle_dead_sessions(book);
-            Ok(book.changed.clone())
+            let mut all = book.changed.clone();
+            for live in &book.sessions {
+                all.extend(compare(live, SessionState::Running));
+            }
+            Ok(all)
         })
     }
 
@@ -485,10 +522,25 @@ impl TrustBook {
     pub fn accept(&self, which: impl Fn(&Change) -> bool) -> Result<Vec<Change>, TrustError> {
         self.update(|book| {
             settle_dead_sessions(book);
-            let (accepted, kept) = std::mem::take(&mut book.changed)
-                .into_iter()
-                .partition(|c| which(c));
+            let (mut accepted, kept): (Vec<Change>, Vec<Change>) =
+                std::mem::take(&mut book.changed)
+                    .into_iter()
+                    .partition(|c| which(c));
             book.changed = kept;
+            // A file that moved under a session still running: its mark becomes the file as
+            // it is now, which the session's end then takes for accepted (a start it held up
+            // goes ahead at once).
+            for live in &mut book.sessions {
+                for change in compare(live, SessionState::Running) {
+                    if !which(&change) {
+                        continue;
+                    }
+                    if let Some(mark) = live.files.iter_mut().find(|m| m.path == change.path) {
+                        mark.fingerprint = fingerprint(&change.path);
+                    }
+                    accepted.push(change);
+                }
+            }
             Ok(accepted)
         })
     }
@@ -615,8 +667,25 @@ impl Watch {
         self.ended = true;
         let session = &self.session;
         self.book.update(|book| {
-            book.sessions.retain(|s| s.id != session.id);
-            let changes = compare(session, SessionState::Ended);
+            // The book's copy: what a person accepted while the session ran (see
+            // `TrustBook::accept`). Compared with what the session began with, kept here: a
+            // copy that is gone or emptied accepts nothing.
+            let copy = book
+                .sessions
+                .iter()
+                .position(|s| s.id == session.id)
+                .map(|at| book.sessions.remove(at));
+            let accepted = |c: &Change| {
+                copy.as_ref().is_some_and(|s| {
+                    s.files
+                        .iter()
+                        .any(|m| m.path == c.path && m.fingerprint == fingerprint(&c.path))
+                })
+            };
+            let changes: Vec<Change> = compare(session, SessionState::Ended)
+                .into_iter()
+                .filter(|c| !accepted(c))
+                .collect();
             for c in &changes {
                 if !book.changed.contains(c) {
                     book.changed.push(c.clone());
@@ -857,10 +926,36 @@ mod tests {
         let err = book.begin(&files(dir.path())).unwrap_err().to_string();
         assert!(err.contains("policy.yaml was created"), "{err}");
         assert!(err.contains("(still running)"), "{err}");
-        assert!(book.pending().unwrap().is_empty());
+        // `pending` lists it, as the still-running sessions' (nothing recorded yet).
+        let pending = book.pending().unwrap();
+        assert_eq!(pending.len(), 2);
+        assert!(pending.iter().all(|c| c.session == SessionState::Running));
         assert_eq!(first.end().unwrap().len(), 1);
         assert_eq!(second.end().unwrap().len(), 1);
         assert_eq!(book.pending().unwrap().len(), 2);
+    }
+
+    /// A person who changed a file while a long session runs (an `mcp serve`) can accept it
+    /// at once: the start it held up goes ahead, and the session's end takes the change for
+    /// accepted.
+    #[test]
+    fn a_change_under_a_running_session_can_be_accepted_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let book = TrustBook::new(dir.path().join("trust.json"));
+        let serving = book.begin(&files(dir.path())).unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), "edited").unwrap();
+        assert!(book.begin(&files(dir.path())).is_err());
+        let accepted = book.accept(|_| true).unwrap();
+        assert_eq!(accepted.len(), 1);
+        assert_eq!(accepted[0].session, SessionState::Running);
+        book.begin(&files(dir.path())).unwrap().end().unwrap();
+        assert!(serving.end().unwrap().is_empty());
+        assert!(book.pending().unwrap().is_empty());
+        // A change after the acceptance is one again.
+        let serving = book.begin(&files(dir.path())).unwrap();
+        book.accept(|_| true).unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), "again").unwrap();
+        assert_eq!(serving.end().unwrap().len(), 1);
     }
 
     /// A change to another project's files does not hold this one up, and accepting can be

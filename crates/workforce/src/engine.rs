@@ -306,6 +306,9 @@ struct Attempt {
     /// Since when its clock stands still: set when the first of its calls starts waiting for
     /// a person (`task.paused`); it stands still while any does ([`Engine::attempt_waits`]).
     waiting_since: Timestamp,
+    /// Since when its clock runs: its start, or the end of its last wait. A wait recorded
+    /// with an earlier `since` counts from here, so no stretch is counted twice.
+    clock_from: Timestamp,
 }
 
 /// One task of the run. Kept small, as a run may hold a hundred thousand: what only some tasks
@@ -1445,8 +1448,8 @@ impl Engine {
             EventKind::ModelFailed => self.on_model_result(call()?, Err(failure())),
             EventKind::ClockObserved => self.on_tick(),
             EventKind::TaskPaused => {
-                // From when the call began to wait, if that was before this event (not before
-                // the attempt's own start: a wait cannot stand still what had not begun).
+                // From when the call began to wait, if that was before this event (and not
+                // before the attempt's clock last started: see `call_waits`).
                 let since = event
                     .payload
                     .get("since")
@@ -1628,6 +1631,7 @@ impl Engine {
         let deadline = timeout.map(|d| self.now.saturating_add(d));
         let a = &mut self.attempts[slot as usize];
         a.deadline = deadline;
+        a.clock_from = self.now;
         if let Some(at) = deadline {
             self.push_timer(at, Timer::Timeout { task: idx, attempt });
         }
@@ -1728,7 +1732,7 @@ impl Engine {
             info.waiting = true;
         }
         if first && let Some(a) = self.attempt_mut(task) {
-            a.waiting_since = since;
+            a.waiting_since = since.max(a.clock_from);
         }
     }
 
@@ -1770,6 +1774,7 @@ impl Engine {
             return;
         };
         let waited = now.saturating_duration_since(a.waiting_since);
+        a.clock_from = now;
         self.move_deadline(task, waited);
     }
 
@@ -2832,6 +2837,15 @@ mod tests {
         let unpaused = engine.wait_event(call, false, ms(500)).unwrap();
         engine.apply(&unpaused).unwrap();
         assert_eq!(engine.next_deadline(), Some(ms(510)));
+        // A second wait whose `since` is before the first one ended counts from that end:
+        // no stretch counts twice.
+        let paused = engine
+            .wait_event_since(call, true, ms(505), ms(450))
+            .unwrap();
+        engine.apply(&paused).unwrap();
+        let unpaused = engine.wait_event(call, false, ms(600)).unwrap();
+        engine.apply(&unpaused).unwrap();
+        assert_eq!(engine.next_deadline(), Some(ms(610)));
         // Recorded when it began: no `since`, as before.
         let mut engine = Engine::start(
             RunId::from_bytes([2; 16]),
