@@ -1752,6 +1752,51 @@ fn files_that_hooks_and_mcp_servers_load_are_protected() {
     assert!(!marker.exists(), "the planted hook ran");
 }
 
+/// What a person's own `git` runs from a workspace's repository (its hooks, its configuration,
+/// which can name programs: `core.fsmonitor`, `core.hooksPath`) is kept from tools: a command
+/// that wrote `.git/hooks/pre-commit` ran its code as the person at their next commit.
+#[test]
+fn a_workspace_repository_s_hooks_and_configuration_are_protected() {
+    let sh = ShWorkspace::new("");
+    let ws = &sh.ws;
+    std::fs::create_dir_all(ws.join(".git/hooks")).unwrap();
+    std::fs::create_dir_all(ws.join(".githooks")).unwrap();
+    let config = "[core]\n\thooksPath = .githooks\n";
+    std::fs::write(ws.join(".git/config"), config).unwrap();
+    for path in [
+        ".git/hooks/pre-commit",
+        ".git/config",
+        ".githooks/pre-commit",
+    ] {
+        let out = sh.call(
+            "write_file",
+            &format!(r#"{{"path": "{path}", "text": "evil"}}"#),
+        );
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+    }
+    let out = sh.call(
+        "sh.run",
+        r#"{"script": "echo x > .git/hooks/pre-commit; echo h=$?; echo '\tfsmonitor = evil' >> .git/config; echo c=$?; echo x > .githooks/pre-commit; echo p=$?; echo ok > .git/description; echo d=$?"}"#,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for refused in ["h=0", "c=0", "p=0"] {
+        assert!(!stdout.contains(refused), "{stdout}");
+    }
+    // The rest of the repository stays the tools' (git writes objects, refs, its index).
+    assert!(stdout.contains("d=0"), "{stdout}");
+    assert_eq!(
+        std::fs::read_to_string(ws.join(".git/config")).unwrap(),
+        config
+    );
+    assert!(!ws.join(".git/hooks/pre-commit").exists());
+}
+
 /// What gets past the protection is caught before it is used: a policy file changed while a
 /// process ran tools (here by a tool a rule lets run unsandboxed, one of the known ways
 /// around it) is named at the end, and every later start refuses until a person accepts it

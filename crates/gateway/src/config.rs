@@ -156,7 +156,8 @@ pub const CONFIG_FOLDER: &str = ".agent-runtime";
 
 /// What no tool may change, resolved: `files` (the configuration file, the policy file, the MCP
 /// servers file, and what [`command_files`] finds of the hooks and MCP servers), each workspace
-/// root's [`CONFIG_FOLDER`], and `extra`. The runtime trusts these (a hook and an MCP server
+/// root's [`CONFIG_FOLDER`] and what `git` runs from its repository ([`git_run_paths`]), and
+/// `extra`. The runtime trusts these (a hook and an MCP server
 /// run outside the sandbox, nobody asked): an agent that could rewrite them inside its
 /// workspace would give itself anything at the next start, or at the next hook it runs.
 /// The gateway denies a write to them (rule `default.protected`), and the sandbox binds them
@@ -175,9 +176,61 @@ pub fn protected_paths(files: &[&Path], workspace: &[PathBuf], extra: &[PathBuf]
     }
     for root in workspace {
         add(&root.join(CONFIG_FOLDER));
+        for p in git_run_paths(root) {
+            add(&p);
+        }
     }
     for p in extra {
         add(p);
+    }
+    out
+}
+
+/// What a person's own `git` runs from the repository at `root`, outside any sandbox: its
+/// configuration (`core.fsmonitor`, `core.pager`, a diff driver's `textconv`, `core.hooksPath`)
+/// and its hooks folder (or the one `core.hooksPath` names). A tool that rewrote them would
+/// run its code as the person at their next `git status` or `git commit`. For a `.git`
+/// folder, or a `.git` file naming one (`gitdir:`, a worktree's or a submodule's), and the
+/// shared one it names (`commondir`). Nothing for a folder that is no repository yet (a
+/// repository an agent makes is the agent's).
+pub fn git_run_paths(root: &Path) -> Vec<PathBuf> {
+    let dot_git = root.join(".git");
+    let git_dir = if dot_git.is_dir() {
+        dot_git
+    } else {
+        // A worktree or a submodule: `gitdir: PATH` (relative to the root).
+        let Some(dir) = std::fs::read_to_string(&dot_git).ok().and_then(|text| {
+            text.lines()
+                .find_map(|l| l.strip_prefix("gitdir:"))
+                .map(|d| root.join(d.trim()))
+        }) else {
+            return Vec::new();
+        };
+        dir
+    };
+    let mut dirs = vec![git_dir.clone()];
+    if let Ok(common) = std::fs::read_to_string(git_dir.join("commondir")) {
+        dirs.push(git_dir.join(common.trim()));
+    }
+    let mut out = Vec::new();
+    for dir in dirs {
+        let config = dir.join("config");
+        out.push(dir.join("hooks"));
+        // `core.hooksPath` moves the hooks (relative to the working tree's root).
+        if let Ok(text) = std::fs::read_to_string(&config) {
+            for line in text.lines() {
+                let line = line.trim();
+                if let Some((key, value)) = line.split_once('=')
+                    && key.trim().eq_ignore_ascii_case("hookspath")
+                {
+                    let value = value.trim().trim_matches('"');
+                    if !value.is_empty() && !value.starts_with('~') {
+                        out.push(root.join(value));
+                    }
+                }
+            }
+        }
+        out.push(config);
     }
     out
 }
@@ -475,6 +528,41 @@ impl Assembled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A worktree's `.git` file names its folder, which names the shared one: the hooks and
+    /// configuration of both are what `git` runs there, and a `core.hooksPath`.
+    #[test]
+    fn git_run_paths_follow_a_worktree_to_the_shared_repository() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("main");
+        let wt = dir.path().join("wt");
+        std::fs::create_dir_all(main.join(".git/worktrees/wt")).unwrap();
+        std::fs::create_dir_all(&wt).unwrap();
+        std::fs::write(
+            main.join(".git/config"),
+            "[core]\n\thooksPath = \"tools/hooks\"\n",
+        )
+        .unwrap();
+        std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
+        std::fs::write(
+            wt.join(".git"),
+            format!("gitdir: {}\n", main.join(".git/worktrees/wt").display()),
+        )
+        .unwrap();
+        let own = main.join(".git/worktrees/wt");
+        let shared = own.join("../..");
+        assert_eq!(
+            git_run_paths(&wt),
+            vec![
+                own.join("hooks"),
+                own.join("config"),
+                shared.join("hooks"),
+                wt.join("tools/hooks"),
+                shared.join("config"),
+            ]
+        );
+        assert!(git_run_paths(dir.path()).is_empty(), "no repository");
+    }
 
     /// Protected paths are resolved as the policy resolves what tools name: through links,
     /// also for a file not there yet under a folder not there yet; what cannot be resolved is
