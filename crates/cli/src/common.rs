@@ -165,9 +165,72 @@ pub fn begin_trust_session(files: &[PathBuf]) -> anyhow::Result<()> {
     }
 }
 
+/// What a person's own `git` would run from the workspace roots' repositories, as it was when
+/// this process began to run tools (see [`watch_git`]).
+static GIT_WATCH: std::sync::Mutex<Option<agent_runtime_gateway::trust::Pinned>> =
+    std::sync::Mutex::new(None);
+
+/// Pins what a person's `git` runs from each root's repository (its configuration, hooks,
+/// submodules' configuration and hooks, and a `.git` not there yet), so that the end of the
+/// process says what changed: git has ways to run code the sandbox does not close (a nested
+/// repository, `commondir`), and the person should look before they run git there.
+pub fn watch_git(roots: &[PathBuf]) {
+    let mut watch = GIT_WATCH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if watch.is_some() {
+        return;
+    }
+    let mut paths = Vec::new();
+    for root in roots {
+        let dot_git = root.join(".git");
+        if !dot_git.exists() {
+            paths.push(dot_git);
+            continue;
+        }
+        for p in agent_runtime_gateway::config::git_run_paths(root) {
+            if p.file_name() == Some(std::ffi::OsStr::new("modules"))
+                && let Ok(modules) = std::fs::read_dir(&p)
+            {
+                for m in modules.flatten() {
+                    paths.push(m.path().join("config"));
+                    paths.push(m.path().join("hooks"));
+                }
+            }
+            paths.push(p);
+        }
+    }
+    *watch = Some(agent_runtime_gateway::trust::Pinned::take(paths));
+}
+
 /// Ends this process's trust session, if one began, and says which trusted files changed
-/// during it (the next start refuses until a person accepts them).
+/// during it (the next start refuses until a person accepts them), and what changed of what
+/// a person's `git` runs.
 pub fn end_trust_session() {
+    let git = GIT_WATCH
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(git) = git {
+        let moved = git.moved_all();
+        for path in &moved {
+            eprintln!(
+                "warning: {} changed while this process ran tools",
+                terminal_text(&path.display().to_string())
+            );
+        }
+        if !moved.is_empty() {
+            eprintln!(
+                "warning: a person's `git` runs what a repository's configuration and hooks name, \
+                 outside any sandbox: look at them before you run git there (or run it with \
+                 `-c core.hooksPath=/dev/null -c core.fsmonitor=false`)"
+            );
+        }
+    }
+    end_trust_file_session();
+}
+
+fn end_trust_file_session() {
     let watch = TRUST_SESSION
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)

@@ -401,6 +401,7 @@ pub(crate) async fn build(
         }
     }
     crate::common::begin_trust_session(&trusted)?;
+    crate::common::watch_git(&assembled.sandbox.write_roots);
     let registry = assembled.registry.clone();
     if natives == Natives::WithWorkforce {
         for tool in agent_runtime_workforce::tools::native_tools() {

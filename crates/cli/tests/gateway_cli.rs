@@ -1759,14 +1759,18 @@ fn files_that_hooks_and_mcp_servers_load_are_protected() {
 fn a_workspace_repository_s_hooks_and_configuration_are_protected() {
     let sh = ShWorkspace::new("");
     let ws = &sh.ws;
-    std::fs::create_dir_all(ws.join(".git/hooks")).unwrap();
+    // No hooks folder (git works without one): it is made, to be kept read-only.
+    std::fs::create_dir_all(ws.join(".git/modules/lib")).unwrap();
     std::fs::create_dir_all(ws.join(".githooks")).unwrap();
-    let config = "[core]\n\thooksPath = .githooks\n";
+    let config = "[core]\n\thooksPath = .githooks ; ours\n";
     std::fs::write(ws.join(".git/config"), config).unwrap();
+    std::fs::write(ws.join(".git/modules/lib/config"), "[core]\n").unwrap();
     for path in [
         ".git/hooks/pre-commit",
         ".git/config",
         ".githooks/pre-commit",
+        ".git/modules/lib/config",
+        ".git/commondir",
     ] {
         let out = sh.call(
             "write_file",
@@ -1795,6 +1799,23 @@ fn a_workspace_repository_s_hooks_and_configuration_are_protected() {
         config
     );
     assert!(!ws.join(".git/hooks/pre-commit").exists());
+    // What cannot be kept read-only (a file not there yet) is named at the end when it
+    // appears: `commondir` sends git to another repository, the tool's.
+    let out = sh.call(
+        "sh.run",
+        r#"{"script": "echo evil > .git/commondir; echo m=$?; echo x >> .git/modules/lib/config; echo s=$?"}"#,
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains("m=0") && !stdout.contains("s=0"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(".git/commondir changed while this process ran tools")
+            && stderr.contains("look at them before you run git there"),
+        "{stderr}"
+    );
 }
 
 /// What gets past the protection is caught before it is used: a policy file changed while a

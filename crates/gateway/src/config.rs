@@ -188,13 +188,17 @@ pub fn protected_paths(files: &[&Path], workspace: &[PathBuf], extra: &[PathBuf]
 
 /// What a person's own `git` runs from the repository at `root`, outside any sandbox: its
 /// configuration (`core.fsmonitor`, `core.pager`, a diff driver's `textconv`, `core.hooksPath`)
-/// and its hooks folder (or the one `core.hooksPath` names). A tool that rewrote them would
-/// run its code as the person at their next `git status` or `git commit`. For a `.git`
-/// folder, or a `.git` file naming one (`gitdir:`, a worktree's or a submodule's), and the
-/// shared one it names (`commondir`). Nothing for a folder that is no repository yet (a
-/// repository an agent makes is the agent's).
+/// with what it includes (`include.path`, `includeIf`) and a worktree's own
+/// (`config.worktree`), its hooks folder (or the one `core.hooksPath` names), its submodules'
+/// repositories (`.git/modules`), and `commondir`, which sends git to another repository. For a
+/// `.git` folder, or a `.git` file naming one (`gitdir:`, a worktree's or a submodule's: the
+/// file too), and the shared one it names. A tool that rewrote them would run its code as the
+/// person at their next `git status` or `git commit`. Nothing for a folder that is no
+/// repository yet, and not a repository below the root (see docs/sandbox.md: git has ways
+/// this does not close).
 pub fn git_run_paths(root: &Path) -> Vec<PathBuf> {
     let dot_git = root.join(".git");
+    let mut out = Vec::new();
     let git_dir = if dot_git.is_dir() {
         dot_git
     } else {
@@ -206,33 +210,75 @@ pub fn git_run_paths(root: &Path) -> Vec<PathBuf> {
         }) else {
             return Vec::new();
         };
+        out.push(dot_git);
         dir
     };
     let mut dirs = vec![git_dir.clone()];
     if let Ok(common) = std::fs::read_to_string(git_dir.join("commondir")) {
         dirs.push(git_dir.join(common.trim()));
     }
-    let mut out = Vec::new();
     for dir in dirs {
         let config = dir.join("config");
-        out.push(dir.join("hooks"));
-        // `core.hooksPath` moves the hooks (relative to the working tree's root).
-        if let Ok(text) = std::fs::read_to_string(&config) {
-            for line in text.lines() {
-                let line = line.trim();
-                if let Some((key, value)) = line.split_once('=')
-                    && key.trim().eq_ignore_ascii_case("hookspath")
-                {
-                    let value = value.trim().trim_matches('"');
-                    if !value.is_empty() && !value.starts_with('~') {
-                        out.push(root.join(value));
-                    }
-                }
+        for name in ["hooks", "modules", "commondir", "config.worktree"] {
+            out.push(dir.join(name));
+        }
+        for (key, value) in git_config_values(&config) {
+            if value.is_empty() || value.starts_with('~') {
+                continue;
+            }
+            match key.as_str() {
+                // Relative to the working tree's root.
+                "hookspath" => out.push(root.join(value)),
+                // Relative to the file that names it.
+                "path" => out.push(dir.join(value)),
+                _ => {}
             }
         }
         out.push(config);
     }
     out
+}
+
+/// The `key = value` lines of a git configuration file, keys lower-cased, values with their
+/// quotes and trailing comments (`;`, `#` outside quotes) taken off: only as much of git's
+/// format as finding `core.hooksPath` and `include.path` needs.
+fn git_config_values(config: &Path) -> Vec<(String, String)> {
+    let Ok(text) = std::fs::read_to_string(config) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((key, raw)) = line.trim().split_once('=') else {
+            continue;
+        };
+        let mut value = String::new();
+        let mut quoted = false;
+        for c in raw.trim().chars() {
+            match c {
+                '"' => quoted = !quoted,
+                ';' | '#' if !quoted => break,
+                c => value.push(c),
+            }
+        }
+        out.push((key.trim().to_ascii_lowercase(), value.trim().to_string()));
+    }
+    out
+}
+
+/// Makes the hooks folder of each root's repository where it is missing (git works without
+/// one), so that it can be kept read-only: a command could otherwise make it, and the hooks in
+/// it, for the person's next commit.
+pub fn make_git_hooks_folders(roots: &[PathBuf]) {
+    for root in roots {
+        for p in git_run_paths(root) {
+            if p.file_name() == Some(std::ffi::OsStr::new("hooks"))
+                && !p.exists()
+                && p.parent().is_some_and(Path::is_dir)
+            {
+                let _ = std::fs::create_dir(&p);
+            }
+        }
+    }
 }
 
 /// `p` resolved as the policy resolves what tools name (a file not there yet keeps the name it
@@ -307,13 +353,71 @@ pub fn command_files(command: &[String], cwd: Option<&Path>) -> Vec<PathBuf> {
     if program.contains('/') {
         out.push(at(program));
     }
+    // An interpreter's first operand is its script, whatever its name and mode (`sh
+    // hooks/check`), and node finds `server` as `server.js` too.
+    let name = Path::new(program)
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("");
+    let interpreter = INTERPRETERS
+        .iter()
+        .any(|i| name == *i || name.strip_prefix(i).is_some_and(is_version));
+    let mut script_seen = false;
     for arg in args {
+        if arg.is_empty() || arg.starts_with('-') {
+            continue;
+        }
         let path = at(arg);
-        if !arg.is_empty() && !arg.starts_with('-') && is_code(&path) && !out.contains(&path) {
+        let script = interpreter && !script_seen;
+        if script {
+            script_seen = true;
+            if name.starts_with("node") || name == "bun" || name == "deno" {
+                for ext in ["js", "mjs", "cjs"] {
+                    let with = at(&format!("{arg}.{ext}"));
+                    if with.is_file() && !out.contains(&with) {
+                        out.push(with);
+                    }
+                }
+            }
+        }
+        if (is_code(&path) || (script && path.is_file())) && !out.contains(&path) {
             out.push(path);
         }
     }
     out
+}
+
+/// Programs whose first operand is a script they run (with a version after the name:
+/// `python3.12`, `ruby3.1`).
+const INTERPRETERS: &[&str] = &[
+    "sh",
+    "bash",
+    "dash",
+    "zsh",
+    "ksh",
+    "fish",
+    "python",
+    "node",
+    "nodejs",
+    "bun",
+    "deno",
+    "perl",
+    "ruby",
+    "php",
+    "lua",
+    "luajit",
+    "Rscript",
+    "tclsh",
+    "awk",
+    "gawk",
+    "osascript",
+    "pwsh",
+];
+
+/// Whether `s` is a version suffix (`3`, `3.12`, `-3.12`).
+fn is_version(s: &str) -> bool {
+    let s = s.strip_prefix('-').unwrap_or(s);
+    !s.is_empty() && s.chars().all(|c| c.is_ascii_digit() || c == '.')
 }
 
 /// The names of scripts an interpreter loads (`node server.js`, `python3 hook.py`): what
@@ -441,6 +545,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     .flatten()
     .chain(loaded.iter().map(PathBuf::as_path))
     .collect();
+    make_git_hooks_folders(&write_roots);
     let protected = protected_paths(&files, &write_roots, &opts.protected);
     let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
     let mut trusted: Vec<PathBuf> = Vec::new();
@@ -529,6 +634,32 @@ impl Assembled {
 mod tests {
     use super::*;
 
+    /// An interpreter's first operand is its script whatever its name or mode; node's
+    /// `server` is `server.js` too; data files and folders stay out.
+    #[test]
+    fn command_files_take_an_interpreter_s_script_and_no_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        for f in ["check", "server.js", "data.db", "notes.txt"] {
+            std::fs::write(d.join(f), "x").unwrap();
+        }
+        let cmd = |words: &[&str]| -> Vec<String> { words.iter().map(|w| w.to_string()).collect() };
+        assert_eq!(
+            command_files(&cmd(&["sh", "check", "notes.txt"]), Some(d)),
+            [d.join("check")]
+        );
+        assert_eq!(
+            command_files(&cmd(&["python3.12", "-u", "check"]), Some(d)),
+            [d.join("check")]
+        );
+        assert_eq!(
+            command_files(&cmd(&["node", "--no-warnings", "server", "."]), Some(d)),
+            [d.join("server.js")]
+        );
+        assert!(command_files(&cmd(&["mcp-sqlite", "--db-path", "data.db"]), Some(d)).is_empty());
+        assert!(command_files(&cmd(&["sh", "-c", "cat check"]), Some(d)).is_empty());
+    }
+
     /// A worktree's `.git` file names its folder, which names the shared one: the hooks and
     /// configuration of both are what `git` runs there, and a `core.hooksPath`.
     #[test]
@@ -540,7 +671,7 @@ mod tests {
         std::fs::create_dir_all(&wt).unwrap();
         std::fs::write(
             main.join(".git/config"),
-            "[core]\n\thooksPath = \"tools/hooks\"\n",
+            "[core]\n\thooksPath = \"tools/hooks\" ; moved\n[include]\n\tpath = ../shared.gitconfig\n",
         )
         .unwrap();
         std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
@@ -551,16 +682,18 @@ mod tests {
         .unwrap();
         let own = main.join(".git/worktrees/wt");
         let shared = own.join("../..");
-        assert_eq!(
-            git_run_paths(&wt),
-            vec![
-                own.join("hooks"),
-                own.join("config"),
-                shared.join("hooks"),
-                wt.join("tools/hooks"),
-                shared.join("config"),
-            ]
-        );
+        let per_dir =
+            |d: &Path| ["hooks", "modules", "commondir", "config.worktree"].map(|n| d.join(n));
+        let mut want = vec![wt.join(".git")];
+        want.extend(per_dir(&own));
+        want.push(own.join("config"));
+        want.extend(per_dir(&shared));
+        want.extend([
+            wt.join("tools/hooks"),
+            shared.join("../shared.gitconfig"),
+            shared.join("config"),
+        ]);
+        assert_eq!(git_run_paths(&wt), want);
         assert!(git_run_paths(dir.path()).is_empty(), "no repository");
     }
 

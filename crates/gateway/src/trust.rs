@@ -199,6 +199,7 @@ struct Stamp {
     size: u64,
     mtime_ns: i128,
     ctime_ns: i128,
+    folder: bool,
 }
 
 impl Stamp {
@@ -212,6 +213,7 @@ impl Stamp {
             size: m.size(),
             mtime_ns: ns(m.mtime(), m.mtime_nsec()),
             ctime_ns: ns(m.ctime(), m.ctime_nsec()),
+            folder: m.is_dir(),
         })
     }
 }
@@ -234,13 +236,20 @@ impl Pinned {
 
     /// The first file whose bytes (or presence) differ from when they were taken.
     pub fn moved(&self) -> Option<&Path> {
+        self.moved_all().into_iter().next()
+    }
+
+    /// Every file (or folder: its entries) whose bytes or presence differ from when taken.
+    pub fn moved_all(&self) -> Vec<&Path> {
         self.0
             .iter()
-            .find(|(path, before, stamp)| {
-                let now = Stamp::of(path);
+            .filter(|(path, before, stamp)| {
+                // A folder's stamp says nothing of a file in it changing: it is read again.
+                let now = Stamp::of(path).filter(|s| !s.folder);
                 !(now.is_some() && now == *stamp) && fingerprint(path) != *before
             })
             .map(|(path, _, _)| path.as_path())
+            .collect()
     }
 
     /// Whether no file is pinned.
@@ -748,6 +757,28 @@ fn compare(session: &Session, state: SessionState) -> Vec<Change> {
 /// The BLAKE3 of the file's bytes (links followed), `None` when there is no file; one that
 /// cannot be read gets a fingerprint saying so, which differs from any content's.
 pub(crate) fn fingerprint(path: &Path) -> Fingerprint {
+    // A folder (a hooks folder): its entries' names and their fingerprints, one level deep.
+    if std::fs::metadata(path).is_ok_and(|m| m.is_dir()) {
+        let Ok(entries) = std::fs::read_dir(path) else {
+            return Some("unreadable folder".into());
+        };
+        let mut names: Vec<std::ffi::OsString> = entries
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect();
+        names.sort();
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(b"folder\0");
+        for name in names {
+            let entry = path.join(&name);
+            hasher.update(name.as_encoded_bytes());
+            hasher.update(b"\0");
+            if entry.is_file() {
+                hasher.update(fingerprint(&entry).unwrap_or_default().as_bytes());
+            }
+            hasher.update(b"\0");
+        }
+        return Some(format!("folder:{}", hasher.finalize().to_hex()));
+    }
     let mut file = match std::fs::File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
