@@ -167,8 +167,58 @@ pub fn begin_trust_session(files: &[PathBuf]) -> anyhow::Result<()> {
 
 /// What a person's own `git` would run from the workspace roots' repositories, as it was when
 /// this process began to run tools (see [`watch_git`]).
-static GIT_WATCH: std::sync::Mutex<Option<agent_runtime_gateway::trust::Pinned>> =
-    std::sync::Mutex::new(None);
+static GIT_WATCH: std::sync::Mutex<Option<GitWatch>> = std::sync::Mutex::new(None);
+
+/// See [`watch_git`].
+struct GitWatch {
+    pinned: agent_runtime_gateway::trust::Pinned,
+    roots: Vec<PathBuf>,
+    /// The repositories below the roots when the process began (see [`nested_repositories`]).
+    nested: std::collections::BTreeSet<PathBuf>,
+}
+
+/// How deep below a root [`nested_repositories`] looks, and how many folders at most: enough
+/// for `sub/.git` or `vendor/lib/.git`, bounded for a workspace with a huge tree.
+const NESTED_DEPTH: usize = 3;
+const NESTED_FOLDERS: usize = 20_000;
+
+/// The `.git` entries below `roots` (not the roots' own), to `NESTED_DEPTH` levels, leaving
+/// out folders that hold no one's repositories (`node_modules`, `target`, `.git` itself): a
+/// repository a command made there runs its configuration and hooks when the person's `git
+/// status` at the root enters it.
+fn nested_repositories(roots: &[PathBuf]) -> std::collections::BTreeSet<PathBuf> {
+    let mut found = std::collections::BTreeSet::new();
+    let mut queue: std::collections::VecDeque<(PathBuf, usize)> =
+        roots.iter().map(|r| (r.clone(), 0)).collect();
+    let mut seen = 0;
+    while let Some((dir, depth)) = queue.pop_front() {
+        seen += 1;
+        if seen > NESTED_FOLDERS {
+            break;
+        }
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Ok(kind) = entry.file_type() else {
+                continue;
+            };
+            if name == ".git" {
+                if depth > 0 {
+                    found.insert(entry.path());
+                }
+            } else if kind.is_dir()
+                && depth < NESTED_DEPTH
+                && name != "node_modules"
+                && name != "target"
+            {
+                queue.push_back((entry.path(), depth + 1));
+            }
+        }
+    }
+    found
+}
 
 /// Pins what a person's `git` runs from each root's repository (its configuration, hooks,
 /// submodules' configuration and hooks, and a `.git` not there yet), so that the end of the
@@ -200,7 +250,11 @@ pub fn watch_git(roots: &[PathBuf]) {
             paths.push(p);
         }
     }
-    *watch = Some(agent_runtime_gateway::trust::Pinned::take(paths));
+    *watch = Some(GitWatch {
+        pinned: agent_runtime_gateway::trust::Pinned::take(paths),
+        roots: roots.to_vec(),
+        nested: nested_repositories(roots),
+    });
 }
 
 /// Ends this process's trust session, if one began, and says which trusted files changed
@@ -212,14 +266,24 @@ pub fn end_trust_session() {
         .unwrap_or_else(std::sync::PoisonError::into_inner)
         .take();
     if let Some(git) = git {
-        let moved = git.moved_all();
+        let moved = git.pinned.moved_all();
         for path in &moved {
             eprintln!(
                 "warning: {} changed while this process ran tools",
                 terminal_text(&path.display().to_string())
             );
         }
-        if !moved.is_empty() {
+        let appeared: Vec<PathBuf> = nested_repositories(&git.roots)
+            .difference(&git.nested)
+            .cloned()
+            .collect();
+        for path in &appeared {
+            eprintln!(
+                "warning: a repository appeared at {} while this process ran tools",
+                terminal_text(&path.display().to_string())
+            );
+        }
+        if !moved.is_empty() || !appeared.is_empty() {
             eprintln!(
                 "warning: a person's `git` runs what a repository's configuration and hooks name, \
                  outside any sandbox: look at them before you run git there (or run it with \

@@ -1816,6 +1816,18 @@ fn a_workspace_repository_s_hooks_and_configuration_are_protected() {
             && stderr.contains("look at them before you run git there"),
         "{stderr}"
     );
+    // A repository made below the root (`git status` at the root enters it) is named too.
+    let out = sh.call("sh.run", r#"{"script": "mkdir -p vendor/lib/.git"}"#);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("a repository appeared at ") && stderr.contains("vendor/lib/.git"),
+        "{stderr}"
+    );
+    let out = sh.call("sh.run", r#"{"script": "true"}"#);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("appeared"),
+        "one there before is not new"
+    );
 }
 
 /// What gets past the protection is caught before it is used: a policy file changed while a
