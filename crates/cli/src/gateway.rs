@@ -221,6 +221,10 @@ pub struct BenchArgs {
 }
 
 const DEFAULT_CONFIG: &str = ".agent-runtime/gateway.yaml";
+
+/// How long a command waits at its end for the ends of dropped calls to be appended (see
+/// `Gateway::ends_in_flight`): each is one append.
+pub(crate) const ENDS_WAIT: Duration = Duration::from_secs(10);
 const DEFAULT_MCP: &str = ".agent-runtime/mcp.json";
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -598,6 +602,7 @@ fn call(a: CallArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         ctx.timeout = a.timeout_ms.map(Duration::from_millis);
         crate::terminal::cancel_on_ctrl_c(ctx.cancel.clone());
         let r = gw.call(&a.name, args, ctx).await;
+        let _ = tokio::time::timeout(ENDS_WAIT, gw.ends_in_flight().recorded()).await;
         manager.shutdown().await;
         anyhow::Ok(r)
     })?;
@@ -949,6 +954,7 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             Servers::All,
         )
         .await?;
+        let ends = gw.ends_in_flight();
         let r = match &a.http {
             Some(addr) => {
                 let stop = CancellationToken::new();
@@ -968,6 +974,8 @@ fn mcp_serve(a: McpServeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
                 agent_runtime_gateway::mcp::server::serve_stdio_until(gw, actor, stop).await
             }
         };
+        // Calls the clients left unfinished (a client gone mid-call) get their ends first.
+        let _ = tokio::time::timeout(ENDS_WAIT, ends.recorded()).await;
         manager.shutdown().await;
         r.map_err(gateway_error)
     });

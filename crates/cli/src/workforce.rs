@@ -500,7 +500,11 @@ async fn options(
     gateway: &GatewayOpts,
     progress: Arc<Progress>,
     tools: Vec<String>,
-) -> anyhow::Result<(RunOptions, agent_runtime_gateway::mcp::McpManager)> {
+) -> anyhow::Result<(
+    RunOptions,
+    agent_runtime_gateway::mcp::McpManager,
+    agent_runtime_gateway::EndsInFlight,
+)> {
     let sink: Arc<dyn EventSink> = Arc::new(store.clone());
     // Only the MCP servers of the tools the graph calls are started.
     let (gw, manager) = crate::gateway::build(
@@ -534,7 +538,7 @@ async fn options(
         secrets: crate::common::graph_secrets(),
         labels: Default::default(),
     };
-    Ok((opts, manager))
+    Ok((opts, manager, gw.ends_in_flight()))
 }
 
 /// Cancellation requests for any run, from `run.cancel_requested` events that `agent-runtime
@@ -1041,7 +1045,7 @@ where
     let rt = runtime()?;
     let started = Instant::now();
     let out = rt.block_on(async {
-        let (opts, mcp) =
+        let (opts, mcp, ends) =
             options(store, seed, gateway.opts, progress.clone(), gateway.tools).await?;
         let token = CancellationToken::new();
         // Ctrl-C is a cancellation request by the person at the terminal, recorded as theirs
@@ -1059,6 +1063,9 @@ where
             });
         });
         let out = go(opts, token, controls).await;
+        // The ends of calls the run dropped (timed out, cancelled) are appended by tasks of
+        // their own: in the log before the runtime goes.
+        let _ = tokio::time::timeout(crate::gateway::ENDS_WAIT, ends.recorded()).await;
         mcp.shutdown().await;
         anyhow::Ok(out)
     })?;

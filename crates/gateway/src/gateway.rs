@@ -145,8 +145,43 @@ impl GatewayBuilder {
                 redactor: self.redactor,
                 config: self.config,
                 run_id,
+                ends: EndsInFlight::default(),
             }),
         })
+    }
+}
+
+/// The ends of dropped calls still being appended (see [`Unfinished`]), which
+/// [`Gateway::ends_recorded`] waits for.
+#[derive(Clone, Debug, Default)]
+pub struct EndsInFlight(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
+
+/// One end being appended: counted from its start until it is dropped (appended, failed, or
+/// its task dropped with its runtime).
+struct EndInFlight(EndsInFlight);
+
+impl Drop for EndInFlight {
+    fn drop(&mut self) {
+        self.0.0.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.0.1.notify_waiters();
+    }
+}
+
+impl EndsInFlight {
+    fn start(&self) -> EndInFlight {
+        self.0.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        EndInFlight(self.clone())
+    }
+
+    /// Waits until every end begun so far is appended (or its append failed).
+    pub async fn recorded(&self) {
+        loop {
+            let notified = self.0.1.notified();
+            if self.0.0.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -161,6 +196,7 @@ struct Inner {
     redactor: Redactor,
     config: GatewayConfig,
     run_id: RunId,
+    ends: EndsInFlight,
 }
 
 /// The tool gateway: one pipeline for every call (validate, hooks, policy, approval, execute
@@ -278,8 +314,10 @@ impl Drop for Unfinished {
                    "message": why}),
         ));
         let sink = self.inner.events.clone();
+        let end = self.inner.ends.start();
         runtime.spawn(async move {
             let _ = sink.append(events).await;
+            drop(end);
         });
     }
 }
@@ -324,6 +362,14 @@ impl Gateway {
     /// Replaces the policy (calls already past their decision are not affected).
     pub fn set_policy(&self, policy: Policy) {
         *self.inner.policy.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(policy);
+    }
+
+    /// What waits for the ends of calls dropped unfinished to be recorded (each is appended by
+    /// a task of its own, see [`Gateway::call`]): await [`EndsInFlight::recorded`] before the
+    /// runtime shuts down, or an end may not be in the log. Shared by every clone of the
+    /// gateway and of its tools.
+    pub fn ends_in_flight(&self) -> EndsInFlight {
+        self.inner.ends.clone()
     }
 
     /// The redactor.

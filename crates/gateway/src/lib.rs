@@ -72,8 +72,8 @@ pub mod trust;
 
 pub use error::GatewayError;
 pub use gateway::{
-    CheckReport, Gateway, GatewayBuilder, GatewayConfig, GatewayTool, MAX_ERROR_BYTES, cap_output,
-    nobody_answered,
+    CheckReport, EndsInFlight, Gateway, GatewayBuilder, GatewayConfig, GatewayTool,
+    MAX_ERROR_BYTES, cap_output, nobody_answered,
 };
 pub use hooks::{CommandHook, CommandHookConfig, Hook, HookCall, PostAction, PreAction};
 pub use policy::{Decision, Policy, PolicyInput, RelativePaths, SandboxMode};

@@ -530,7 +530,6 @@ async fn a_call_dropped_unfinished_records_how_it_ended() {
             ))
         }
     }
-    let settle = || tokio::time::sleep(Duration::from_millis(50));
 
     // Dropped while its question is open.
     let log = Arc::new(MemoryLog::default());
@@ -545,7 +544,8 @@ async fn a_call_dropped_unfinished_records_how_it_ended() {
     )
     .await;
     assert!(dropped.is_err(), "the call waits for its answer");
-    settle().await;
+    // Each end is appended by a task of its own: waited for, not slept on.
+    gw.ends_in_flight().recorded().await;
     assert_eq!(h.calls.load(Ordering::SeqCst), 0);
     let events = log.all();
     assert_eq!(
@@ -579,7 +579,7 @@ async fn a_call_dropped_unfinished_records_how_it_ended() {
     )
     .await;
     assert!(dropped.is_err());
-    settle().await;
+    gw.ends_in_flight().recorded().await;
     let events = log.all();
     assert_eq!(
         events.last().unwrap().kind,
@@ -601,7 +601,7 @@ async fn a_call_dropped_unfinished_records_how_it_ended() {
     let (t, _h) = tool("t.read", RiskClass::Read, Behaviour::Echo);
     let gw = gateway(vec![t], log.clone()).build().unwrap();
     gw.call("t.read", json!({}), ctx()).await.unwrap();
-    settle().await;
+    gw.ends_in_flight().recorded().await;
     assert_eq!(kinds(&log).last(), Some(&EventKind::ToolCompleted));
     assert_eq!(
         kinds(&log)
