@@ -314,7 +314,7 @@ fn end_trust_file_session() {
             eprintln!(
                 "warning: the runtime trusts these files (hooks and MCP servers run outside \
                  the sandbox): the next start refuses until you read them and accept them with \
-                 `agent-runtime trust`"
+                 `agent-runtime trust` in their folder"
             );
         }
         Err(e) => eprintln!(

@@ -383,29 +383,7 @@ pub(crate) async fn build(
     natives: Natives,
     servers: Servers,
 ) -> anyhow::Result<(Gateway, McpManager)> {
-    // A configuration found here is loaded only as a person accepted it: its own files, as
-    // `trust` accepts them (files named with --policy or --mcp-config are the person's choice).
-    if options_found(opts).1
-        && let Some(own) = found_configuration(&GatewayOpts::default())?
-    {
-        crate::common::trust_book()
-            .check_found(&own)
-            .map_err(|e| CliError::Usage(terminal_text(&e.to_string()).into_owned()))?;
-    }
-    let assembled = assemble(&options(opts)).map_err(gateway_error)?;
-    // Before any hook or MCP server runs. The default configuration files count even when
-    // they are not there: one that appears is loaded by the next start.
-    let mut trusted = assembled.trusted.clone();
-    if let Ok(cwd) = std::env::current_dir() {
-        for default in [DEFAULT_CONFIG, DEFAULT_MCP] {
-            let path = cwd.join(default);
-            if !trusted.contains(&path) {
-                trusted.push(path);
-            }
-        }
-    }
-    crate::common::begin_trust_session(&trusted)?;
-    crate::common::watch_git(&assembled.sandbox.write_roots);
+    let assembled = prepare_start(opts)?;
     let registry = assembled.registry.clone();
     if natives == Natives::WithWorkforce {
         for tool in agent_runtime_workforce::tools::native_tools() {
@@ -431,6 +409,36 @@ pub(crate) async fn build(
     Ok((gateway, manager))
 }
 
+/// What every command that may run a hook, an MCP server or a tool does first: refuses a
+/// found configuration nobody accepted, loads the configuration, and begins the process's
+/// trust session (see docs/gateway.md, Trusted files).
+fn prepare_start(opts: &GatewayOpts) -> anyhow::Result<agent_runtime_gateway::config::Assembled> {
+    // A configuration found here is loaded only as a person accepted it: its own files, as
+    // `trust` accepts them (files named with --policy or --mcp-config are the person's choice).
+    if options_found(opts).1
+        && let Some(own) = found_configuration(&GatewayOpts::default())?
+    {
+        crate::common::trust_book()
+            .check_found(&own)
+            .map_err(|e| CliError::Usage(terminal_text(&e.to_string()).into_owned()))?;
+    }
+    let assembled = assemble(&options(opts)).map_err(gateway_error)?;
+    // Before any hook or MCP server runs. The default configuration files count even when
+    // they are not there: one that appears is loaded by the next start.
+    let mut trusted = assembled.trusted.clone();
+    if let Ok(cwd) = std::env::current_dir() {
+        for default in [DEFAULT_CONFIG, DEFAULT_MCP] {
+            let path = cwd.join(default);
+            if !trusted.contains(&path) {
+                trusted.push(path);
+            }
+        }
+    }
+    crate::common::begin_trust_session(&trusted)?;
+    crate::common::watch_git(&assembled.sandbox.write_roots);
+    Ok(assembled)
+}
+
 pub fn run(cmd: GatewayCommand, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     match cmd {
         GatewayCommand::Tools(ToolsCommand::List(a)) => list(a),
@@ -452,15 +460,13 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
     let failed = |e: agent_runtime_gateway::trust::TrustError| {
         CliError::Failed(terminal_text(&e.to_string()).into_owned())
     };
-    // The configuration found here, if any, as it is now (after a person read it).
+    // The configuration found here, if any, as it is now (after a person read it). One that
+    // cannot be loaded is not accepted, and `trust` says so by its exit once the rest is done.
+    let mut unloadable = None;
     let found = match found_configuration(&GatewayOpts::default()) {
         Ok(found) => found,
         Err(e) => {
-            eprintln!(
-                "warning: the configuration found here cannot be loaded, so it is not \
-                 accepted: {}",
-                terminal_text(&e.to_string())
-            );
+            unloadable = Some(e.to_string());
             None
         }
     };
@@ -498,16 +504,28 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
     let others = match elsewhere {
         0 => String::new(),
         n => format!(
-            " ({n} change{} to files outside {}: `agent-runtime trust --all`)",
+            " ({n} change{} to files outside {}: `agent-runtime trust --list --all` shows them)",
             if n == 1 { "" } else { "s" },
             terminal_text(&here.display().to_string())
         ),
     };
+    let unloadable = unloadable.map(|why| {
+        CliError::Usage(format!(
+            "the configuration found here cannot be loaded, so it is not accepted: {}; fix it \
+             (a servers file it names and that is not there yet: `agent-runtime mcp add`), \
+             then run `agent-runtime trust` again",
+            terminal_text(&why)
+        ))
+    });
     if changes.is_empty() {
-        if found_newly == 0 {
-            outln!("no trusted file here changed while tools ran; nothing to accept{others}");
+        if found_newly == 0 && unloadable.is_none() {
+            let scope = if a.all { "" } else { " here" };
+            outln!("no trusted file{scope} changed while tools ran; nothing to accept{others}");
         }
-        return Ok(ExitCode::SUCCESS);
+        return match unloadable {
+            Some(e) => Err(e.into()),
+            None => Ok(ExitCode::SUCCESS),
+        };
     }
     for c in &changes {
         outln!("{}", terminal_text(&c.to_string()));
@@ -521,7 +539,10 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
             if changes.len() == 1 { "" } else { "s" }
         );
     }
-    Ok(ExitCode::SUCCESS)
+    match unloadable {
+        Some(e) => Err(e.into()),
+        None => Ok(ExitCode::SUCCESS),
+    }
 }
 
 /// Text a tool or server gave (its output, JSON of it) for standard output: as it is into a
@@ -747,6 +768,8 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
         .map(|(n, s)| describe_server(n, s))
         .collect();
     if a.tools {
+        // It starts the servers: as every command that does.
+        prepare_start(&a.opts)?;
         let rt = runtime()?;
         let (tools, errors, unreachable) = rt.block_on(async {
             let registry = Arc::new(agent_runtime_gateway::Registry::new());

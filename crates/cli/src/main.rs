@@ -176,6 +176,9 @@ const BROKEN_PIPE_EXIT: u8 = 141;
 fn write_stdout(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
     if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        // The process ends here: its trust session too, or the next start would take it for
+        // one that died (`... | head`).
+        common::end_trust_session();
         if e.kind() == std::io::ErrorKind::BrokenPipe {
             std::process::exit(i32::from(BROKEN_PIPE_EXIT));
         }

@@ -2007,6 +2007,39 @@ fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
     assert_eq!(in_sub(&call).status.code(), Some(2));
 }
 
+/// A command whose reader went away (`tools list | head`) ends its trust session as it exits:
+/// a person's edit after it needs nothing (it was taken for a dead process's, and refused).
+#[test]
+fn a_command_ended_by_a_closed_pipe_ends_its_session() {
+    let sh = ShWorkspace::new("");
+    let mut child = std::process::Command::new(assert_cmd::cargo::cargo_bin("agent-runtime"))
+        .current_dir(&sh.ws)
+        .env("XDG_DATA_HOME", sh.data_home())
+        .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+        .args([
+            "--db",
+            "events.db",
+            "--plaintext",
+            "tools",
+            "list",
+            "--config",
+        ])
+        .arg(&sh.config)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let status = child.wait().unwrap();
+    std::fs::write(sh.ws.join("policy.yaml"), format!("{ALLOW_SH}# edited\n")).unwrap();
+    let out = sh.call("sh.run", r#"{"script": "true"}"#);
+    assert!(
+        out.status.success(),
+        "after {status:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// `mcp add` keeps an accepted configuration accepted, but does not bless one nobody accepted,
 /// even one that cannot be loaded yet (planted, naming a servers file not made yet, which
 /// `mcp add` would make).
@@ -2049,6 +2082,53 @@ fn mcp_add_does_not_accept_a_planted_configuration() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!marker.exists(), "the planted hook ran");
+}
+
+/// `mcp list --tools` starts the servers: a found servers file nobody accepted is refused
+/// there too; and `trust` of a found configuration that cannot be loaded says so by its exit.
+#[test]
+fn mcp_list_tools_and_trust_hold_to_acceptance() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = dir.path().join("server-ran");
+    std::fs::create_dir_all(dir.path().join(".agent-runtime")).unwrap();
+    std::fs::write(
+        dir.path().join(".agent-runtime/mcp.json"),
+        format!(
+            r#"{{"mcpServers": {{"z": {{"command": "/bin/sh", "args": ["-c", "touch {}"]}}}}}}"#,
+            marker.display()
+        ),
+    )
+    .unwrap();
+    let cmd = |args: &[&str]| {
+        Command::cargo_bin("agent-runtime")
+            .unwrap()
+            .current_dir(dir.path())
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+            .args(["--db", "events.db", "--plaintext"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = cmd(&["mcp", "list", "--tools"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("not accepted as it is now"), "{stderr}");
+    assert!(!marker.exists(), "the server was started");
+    // A configuration naming a servers file not made yet cannot be accepted: said by exit 2.
+    std::fs::remove_file(dir.path().join(".agent-runtime/mcp.json")).unwrap();
+    std::fs::write(
+        dir.path().join(".agent-runtime/gateway.yaml"),
+        "mcp: servers.json\n",
+    )
+    .unwrap();
+    let out = cmd(&["trust"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("cannot be loaded, so it is not accepted"),
+        "{stderr}"
+    );
 }
 
 /// A trusted file with a second name in the workspace (a hard link made before the run) is

@@ -125,11 +125,22 @@ impl GatewayFile {
         }
         // A hook runs in the file's folder unless it says otherwise (relative to the file).
         for h in &mut file.hooks {
-            h.cwd = Some(match h.cwd.take() {
+            let cwd = match h.cwd.take() {
                 Some(cwd) if cwd.is_relative() => base.join(cwd),
                 Some(cwd) => cwd,
                 None => base.clone(),
-            });
+            };
+            if !cwd.is_dir() {
+                return Err(GatewayError::Parse {
+                    what: path.display().to_string(),
+                    message: format!(
+                        "hook {:?}: its cwd {} is not a folder",
+                        h.name,
+                        cwd.display()
+                    ),
+                });
+            }
+            h.cwd = Some(cwd);
         }
         Ok(file)
     }
@@ -633,6 +644,31 @@ impl Assembled {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A hook's folder is its configuration file's unless it names one, relative to the file;
+    /// one that is not there is refused when the file is read, not at the first call.
+    #[test]
+    fn a_hook_runs_in_its_file_s_folder_and_a_missing_one_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("conf");
+        std::fs::create_dir_all(conf.join("hooks")).unwrap();
+        let path = conf.join("gateway.yaml");
+        std::fs::write(&path, "hooks:\n  - { name: a, command: [sh, x.sh] }\n  - { name: b, command: [sh, x.sh], cwd: hooks }\n").unwrap();
+        let file = GatewayFile::load(&path).unwrap();
+        let base = std::fs::canonicalize(&conf).unwrap();
+        assert_eq!(file.hooks[0].cwd.as_deref(), Some(base.as_path()));
+        assert_eq!(file.hooks[1].cwd, Some(base.join("hooks")));
+        std::fs::write(
+            &path,
+            "hooks:\n  - { name: a, command: [sh, x.sh], cwd: nosuch }\n",
+        )
+        .unwrap();
+        let err = GatewayFile::load(&path).unwrap_err().to_string();
+        assert!(
+            err.contains("hook \"a\": its cwd") && err.contains("nosuch is not a folder"),
+            "{err}"
+        );
+    }
 
     /// An interpreter's first operand is its script whatever its name or mode; node's
     /// `server` is `server.js` too; data files and folders stay out.

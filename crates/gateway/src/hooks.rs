@@ -207,13 +207,38 @@ impl CommandHook {
         cmd.args(&self.config.command[1..])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .kill_on_drop(true);
         crate::child::prepare(cmd.as_std_mut());
         crate::child::die_with_parent(cmd.as_std_mut());
-        let mut child = cmd
-            .spawn()
-            .map_err(|e| self.fail(format!("cannot start: {e}")))?;
+        let mut child = cmd.spawn().map_err(|e| {
+            self.fail(format!(
+                "cannot start {} (in {}): {e}",
+                self.program.display(),
+                self.config
+                    .cwd
+                    .as_deref()
+                    .map_or_else(|| ".".to_string(), |c| c.display().to_string())
+            ))
+        })?;
+        // Read all along (a hook that writes much there must not block on a full pipe); its
+        // last line says why a failing hook failed.
+        let stderr = child.stderr.take().map(|mut err| {
+            tokio::spawn(async move {
+                let mut tail: Vec<u8> = Vec::new();
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = err.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    tail.extend_from_slice(&buf[..n]);
+                    if tail.len() > 8192 {
+                        tail.drain(..tail.len() - 4096);
+                    }
+                }
+                tail
+            })
+        });
         let body = serde_json::to_vec(&input).map_err(|e| self.fail(e))?;
         let mut stdin = child.stdin.take().ok_or_else(|| self.fail("no stdin"))?;
         let mut stdout = child.stdout.take().ok_or_else(|| self.fail("no stdout"))?;
@@ -230,7 +255,23 @@ impl CommandHook {
             .map_err(|_| self.fail(format!("no answer within {} ms", timeout.as_millis())))?
             .map_err(|e| self.fail(e))?;
         if !status.success() {
-            return Err(self.fail(format!("exited with {status}")));
+            let said = match stderr {
+                Some(task) => task.await.unwrap_or_default(),
+                None => Vec::new(),
+            };
+            let said = String::from_utf8_lossy(&said);
+            let last = said.lines().rev().find(|l| !l.trim().is_empty()).map(|l| {
+                let l = l.trim();
+                let mut cut: String = l.chars().take(300).collect();
+                if cut.len() < l.len() {
+                    cut.push_str("...");
+                }
+                cut
+            });
+            return Err(self.fail(match last {
+                Some(line) => format!("exited with {status}; its stderr ended: {line}"),
+                None => format!("exited with {status}"),
+            }));
         }
         serde_json::from_slice(&out).map_err(|e| self.fail(format!("invalid JSON reply: {e}")))
     }

@@ -95,7 +95,7 @@ pub enum TrustError {
 fn changed_message(changes: &[Change]) -> String {
     let listed: Vec<String> = changes.iter().map(Change::to_string).collect();
     format!(
-        "the runtime's own files changed while an earlier process ran tools: {}. A tool may \
+        "the runtime's own files changed while another process ran tools: {}. A tool may \
          have changed them, and hooks and MCP servers run outside the sandbox with nobody \
          asked: read them, then accept them as they are with `agent-runtime trust` in their \
          folder (or `agent-runtime trust --all`)",

@@ -1127,6 +1127,10 @@ async fn external_hooks_speak_json_and_fail_closed() {
             Some("not today"),
         ),
         (r#"cat >/dev/null; exit 3"#, Some("hook ext failed")),
+        (
+            r#"cat >/dev/null; echo 'bad thing happened' >&2; exit 1"#,
+            Some("exited with exit status: 1; its stderr ended: bad thing happened"),
+        ),
         (r#"cat >/dev/null; echo 'not json'"#, Some("invalid JSON")),
         (
             r#"cat >/dev/null; echo '{"action":"explode"}'"#,
