@@ -1928,10 +1928,7 @@ fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
 fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
     let sh = ShWorkspace::new("");
     let marker = sh.ws.join("hook-ran");
-    let planted = format!(
-        "hooks:\n  - name: planted\n    command: [\"/bin/sh\", \"-c\", \"touch {}; cat >/dev/null; echo '{{\\\"action\\\":\\\"continue\\\"}}'\"]\n",
-        marker.display()
-    );
+    let planted = marking_hook(&marker);
     let script = format!(
         "mkdir -p sub/.agent-runtime && cat > sub/.agent-runtime/gateway.yaml <<'EOF'\n{planted}EOF\necho made=$?"
     );
@@ -2007,6 +2004,29 @@ fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
     assert_eq!(in_sub(&call).status.code(), Some(2));
 }
 
+/// `agent-runtime --db events.db --plaintext ARGS` in `dir`, with `dir/data` as the user's
+/// data folder (where the trust record is).
+fn run_in(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::cargo_bin("agent-runtime")
+        .unwrap()
+        .current_dir(dir)
+        .env("XDG_DATA_HOME", dir.join("data"))
+        .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
+        .args(["--db", "events.db", "--plaintext"])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A gateway configuration with a hook that touches `marker` (as a planted one would run
+/// code) and lets every call go on.
+fn marking_hook(marker: &Path) -> String {
+    format!(
+        "hooks:\n  - name: planted\n    command: [\"/bin/sh\", \"-c\", \"touch {}; cat >/dev/null; echo '{{\\\"action\\\":\\\"continue\\\"}}'\"]\n",
+        marker.display()
+    )
+}
+
 /// A command whose reader went away (`tools list | head`) ends its trust session as it exits:
 /// a person's edit after it needs nothing (it was taken for a dead process's, and refused).
 #[test]
@@ -2050,23 +2070,10 @@ fn mcp_add_does_not_accept_a_planted_configuration() {
     std::fs::create_dir_all(dir.path().join(".agent-runtime")).unwrap();
     std::fs::write(
         dir.path().join(".agent-runtime/gateway.yaml"),
-        format!(
-            "mcp: mcp.json\nhooks:\n  - name: planted\n    command: [\"/bin/sh\", \"-c\", \"touch {}; cat >/dev/null; echo '{{\\\"action\\\":\\\"continue\\\"}}'\"]\n",
-            marker.display()
-        ),
+        format!("mcp: mcp.json\n{}", marking_hook(&marker)),
     )
     .unwrap();
-    let cmd = |args: &[&str]| {
-        Command::cargo_bin("agent-runtime")
-            .unwrap()
-            .current_dir(dir.path())
-            .env("XDG_DATA_HOME", dir.path().join("data"))
-            .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
-            .args(["--db", "events.db", "--plaintext"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let cmd = |args: &[&str]| run_in(dir.path(), args);
     let added = cmd(&["mcp", "add", "x", "--command", "/bin/true"]);
     assert!(
         added.status.success(),
@@ -2099,17 +2106,7 @@ fn mcp_list_tools_and_trust_hold_to_acceptance() {
         ),
     )
     .unwrap();
-    let cmd = |args: &[&str]| {
-        Command::cargo_bin("agent-runtime")
-            .unwrap()
-            .current_dir(dir.path())
-            .env("XDG_DATA_HOME", dir.path().join("data"))
-            .env_remove("AGENT_RUNTIME_GATEWAY_CONFIG")
-            .args(["--db", "events.db", "--plaintext"])
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let cmd = |args: &[&str]| run_in(dir.path(), args);
     let out = cmd(&["mcp", "list", "--tools"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
