@@ -151,8 +151,8 @@ impl GatewayBuilder {
     }
 }
 
-/// The ends of dropped calls still being appended (see [`Unfinished`]), which
-/// [`Gateway::ends_recorded`] waits for.
+/// The ends of calls dropped unfinished still being appended (each by a task of its own), which
+/// [`EndsInFlight::recorded`] waits for: see [`Gateway::ends_in_flight`].
 #[derive(Clone, Debug, Default)]
 pub struct EndsInFlight(Arc<(std::sync::atomic::AtomicUsize, tokio::sync::Notify)>);
 
