@@ -173,33 +173,36 @@ static GIT_WATCH: std::sync::Mutex<Option<GitWatch>> = std::sync::Mutex::new(Non
 struct GitWatch {
     pinned: agent_runtime_gateway::trust::Pinned,
     roots: Vec<PathBuf>,
-    /// The repositories below the roots when the process began (see [`nested_repositories`]).
-    nested: std::collections::BTreeSet<PathBuf>,
+    /// The repositories below the roots when the process began (see [`nested_repositories`]);
+    /// `None` when the roots were too large to look through.
+    nested: Option<std::collections::BTreeSet<PathBuf>>,
 }
 
-/// How deep below a root [`nested_repositories`] looks, and how many folders at most: enough
-/// for `sub/.git` or `vendor/lib/.git`, bounded for a workspace with a huge tree.
+/// How deep below a root [`nested_repositories`] looks, and how many entries it reads at most:
+/// enough for `sub/.git` or `vendor/lib/.git`, bounded for a workspace with a huge tree.
 const NESTED_DEPTH: usize = 3;
-const NESTED_FOLDERS: usize = 20_000;
+const NESTED_ENTRIES: usize = 200_000;
 
 /// The `.git` entries below `roots` (not the roots' own), to `NESTED_DEPTH` levels, leaving
 /// out folders that hold no one's repositories (`node_modules`, `target`, `.git` itself): a
 /// repository a command made there runs its configuration and hooks when the person's `git
 /// status` at the root enters it.
-fn nested_repositories(roots: &[PathBuf]) -> std::collections::BTreeSet<PathBuf> {
+/// `None` when the roots hold more than `NESTED_ENTRIES` entries in those levels (a partial
+/// look would compare two different parts of the tree).
+fn nested_repositories(roots: &[PathBuf]) -> Option<std::collections::BTreeSet<PathBuf>> {
     let mut found = std::collections::BTreeSet::new();
     let mut queue: std::collections::VecDeque<(PathBuf, usize)> =
         roots.iter().map(|r| (r.clone(), 0)).collect();
     let mut seen = 0;
     while let Some((dir, depth)) = queue.pop_front() {
-        seen += 1;
-        if seen > NESTED_FOLDERS {
-            break;
-        }
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
         };
         for entry in entries.flatten() {
+            seen += 1;
+            if seen > NESTED_ENTRIES {
+                return None;
+            }
             let name = entry.file_name();
             let Ok(kind) = entry.file_type() else {
                 continue;
@@ -217,7 +220,7 @@ fn nested_repositories(roots: &[PathBuf]) -> std::collections::BTreeSet<PathBuf>
             }
         }
     }
-    found
+    Some(found)
 }
 
 /// Pins what a person's `git` runs from each root's repository (its configuration, hooks,
@@ -273,10 +276,10 @@ pub fn end_trust_session() {
                 terminal_text(&path.display().to_string())
             );
         }
-        let appeared: Vec<PathBuf> = nested_repositories(&git.roots)
-            .difference(&git.nested)
-            .cloned()
-            .collect();
+        let appeared: Vec<PathBuf> = match (&git.nested, nested_repositories(&git.roots)) {
+            (Some(before), Some(now)) => now.difference(before).cloned().collect(),
+            _ => Vec::new(),
+        };
         for path in &appeared {
             eprintln!(
                 "warning: a repository appeared at {} while this process ran tools",

@@ -383,7 +383,15 @@ pub(crate) async fn build(
     natives: Natives,
     servers: Servers,
 ) -> anyhow::Result<(Gateway, McpManager)> {
-    let assembled = prepare_start(opts)?;
+    // Files read and hashed, folders walked, the trust record's lock waited for: off the
+    // async threads.
+    let multi_thread = tokio::runtime::Handle::try_current()
+        .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+    let assembled = if multi_thread {
+        tokio::task::block_in_place(|| prepare_start(opts))?
+    } else {
+        prepare_start(opts)?
+    };
     let registry = assembled.registry.clone();
     if natives == Natives::WithWorkforce {
         for tool in agent_runtime_workforce::tools::native_tools() {

@@ -175,7 +175,9 @@ const BROKEN_PIPE_EXIT: u8 = 141;
 /// Writes a command's output (see `outln!`).
 fn write_stdout(args: std::fmt::Arguments<'_>) {
     use std::io::Write;
-    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+    // The lock is let go before what follows (which prints on stderr, and ends the session).
+    let written = std::io::stdout().lock().write_fmt(args);
+    if let Err(e) = written {
         // The process ends here: its trust session too, or the next start would take it for
         // one that died (`... | head`).
         common::end_trust_session();

@@ -208,64 +208,142 @@ pub fn protected_paths(files: &[&Path], workspace: &[PathBuf], extra: &[PathBuf]
 /// repository yet, and not a repository below the root (see docs/sandbox.md: git has ways
 /// this does not close).
 pub fn git_run_paths(root: &Path) -> Vec<PathBuf> {
-    let dot_git = root.join(".git");
-    let mut out = Vec::new();
-    let git_dir = if dot_git.is_dir() {
-        dot_git
-    } else {
-        // A worktree or a submodule: `gitdir: PATH` (relative to the root).
-        let Some(dir) = std::fs::read_to_string(&dot_git).ok().and_then(|text| {
-            text.lines()
-                .find_map(|l| l.strip_prefix("gitdir:"))
-                .map(|d| root.join(d.trim()))
-        }) else {
-            return Vec::new();
-        };
-        out.push(dot_git);
-        dir
+    let Some(repo) = GitRepo::at(root) else {
+        return Vec::new();
     };
-    let mut dirs = vec![git_dir.clone()];
-    if let Ok(common) = std::fs::read_to_string(git_dir.join("commondir")) {
-        dirs.push(git_dir.join(common.trim()));
+    let mut out = Vec::new();
+    if let Some(file) = &repo.dot_git_file {
+        out.push(file.clone());
     }
-    for dir in dirs {
-        let config = dir.join("config");
+    for dir in &repo.dirs {
         for name in ["hooks", "modules", "commondir", "config.worktree"] {
             out.push(dir.join(name));
         }
-        for (key, value) in git_config_values(&config) {
+    }
+    out.extend(repo.hooks_paths.iter().cloned());
+    out.extend(repo.config_files.iter().cloned());
+    out
+}
+
+/// The hooks folders git uses for the repository at `root`: `core.hooksPath`'s, or the
+/// shared repository's `hooks` (a worktree's own is not read).
+pub fn git_hooks_folders(root: &Path) -> Vec<PathBuf> {
+    let Some(repo) = GitRepo::at(root) else {
+        return Vec::new();
+    };
+    if !repo.hooks_paths.is_empty() {
+        return repo.hooks_paths;
+    }
+    repo.dirs
+        .last()
+        .map(|d| vec![d.join("hooks")])
+        .unwrap_or_default()
+}
+
+/// What [`git_run_paths`] reads of a repository.
+struct GitRepo {
+    /// A worktree's or a submodule's `.git` file.
+    dot_git_file: Option<PathBuf>,
+    /// Its git folder, then the shared one (`commondir`).
+    dirs: Vec<PathBuf>,
+    /// Its configuration files: `config` of each folder and what they include.
+    config_files: Vec<PathBuf>,
+    /// The folders `core.hooksPath` names.
+    hooks_paths: Vec<PathBuf>,
+}
+
+impl GitRepo {
+    fn at(root: &Path) -> Option<GitRepo> {
+        let dot_git = root.join(".git");
+        let (git_dir, dot_git_file) = if dot_git.is_dir() {
+            (dot_git, None)
+        } else {
+            // A worktree or a submodule: `gitdir: PATH` (relative to the root).
+            let dir = std::fs::read_to_string(&dot_git).ok().and_then(|text| {
+                text.lines()
+                    .find_map(|l| l.strip_prefix("gitdir:"))
+                    .map(|d| root.join(d.trim()))
+            })?;
+            (dir, Some(dot_git))
+        };
+        let mut dirs = vec![git_dir.clone()];
+        if let Ok(common) = std::fs::read_to_string(git_dir.join("commondir")) {
+            dirs.push(git_dir.join(common.trim()));
+        }
+        let mut repo = GitRepo {
+            dot_git_file,
+            dirs: dirs.clone(),
+            config_files: Vec::new(),
+            hooks_paths: Vec::new(),
+        };
+        for dir in &dirs {
+            repo.read_config(root, &dir.join("config"), 0);
+        }
+        Some(repo)
+    }
+
+    /// Reads one configuration file: its hooks path, and the files it includes (at most 10
+    /// deep, as git).
+    fn read_config(&mut self, root: &Path, config: &Path, depth: usize) {
+        if self.config_files.iter().any(|c| c == config) {
+            return;
+        }
+        self.config_files.push(config.to_path_buf());
+        if depth >= 10 {
+            return;
+        }
+        for (key, value) in git_config_values(config) {
             if value.is_empty() || value.starts_with('~') {
                 continue;
             }
             match key.as_str() {
                 // Relative to the working tree's root.
-                "hookspath" => out.push(root.join(value)),
+                "hookspath" => self.hooks_paths.push(root.join(&value)),
                 // Relative to the file that names it.
-                "path" => out.push(dir.join(value)),
+                "path" => {
+                    let included = folder_of_file(config).join(&value);
+                    self.read_config(root, &included, depth + 1);
+                }
                 _ => {}
             }
         }
-        out.push(config);
     }
-    out
 }
 
-/// The `key = value` lines of a git configuration file, keys lower-cased, values with their
-/// quotes and trailing comments (`;`, `#` outside quotes) taken off: only as much of git's
-/// format as finding `core.hooksPath` and `include.path` needs.
+/// The folder holding `file`.
+fn folder_of_file(file: &Path) -> PathBuf {
+    file.parent().map(Path::to_path_buf).unwrap_or_default()
+}
+
+/// The `key = value` lines of a git configuration file, keys lower-cased (a `[section]`
+/// written before the key on its line left out), values with their quotes, escapes and
+/// trailing comments (`;`, `#` outside quotes) taken off: only as much of git's format as
+/// finding `core.hooksPath` and `include.path` needs.
 fn git_config_values(config: &Path) -> Vec<(String, String)> {
     let Ok(text) = std::fs::read_to_string(config) else {
         return Vec::new();
     };
     let mut out = Vec::new();
     for line in text.lines() {
-        let Some((key, raw)) = line.trim().split_once('=') else {
+        let mut line = line.trim();
+        if line.starts_with('[')
+            && let Some(end) = line.find(']')
+        {
+            line = line[end + 1..].trim();
+        }
+        let Some((key, raw)) = line.split_once('=') else {
             continue;
         };
         let mut value = String::new();
         let mut quoted = false;
-        for c in raw.trim().chars() {
+        let mut chars = raw.trim().chars();
+        while let Some(c) = chars.next() {
             match c {
+                '\\' => {
+                    if let Some(next) = chars.next() {
+                        value.push(next);
+                    }
+                }
                 '"' => quoted = !quoted,
                 ';' | '#' if !quoted => break,
                 c => value.push(c),
@@ -276,17 +354,17 @@ fn git_config_values(config: &Path) -> Vec<(String, String)> {
     out
 }
 
-/// Makes the hooks folder of each root's repository where it is missing (git works without
-/// one), so that it can be kept read-only: a command could otherwise make it, and the hooks in
-/// it, for the person's next commit.
+/// Makes the hooks folder git uses for each root's repository where it is missing (git works
+/// without one), when it lies inside a root, so that it can be kept read-only: a command could
+/// otherwise make it, and the hooks in it, for the person's next commit.
 pub fn make_git_hooks_folders(roots: &[PathBuf]) {
     for root in roots {
-        for p in git_run_paths(root) {
-            if p.file_name() == Some(std::ffi::OsStr::new("hooks"))
-                && !p.exists()
-                && p.parent().is_some_and(Path::is_dir)
+        for folder in git_hooks_folders(root) {
+            if !folder.exists()
+                && roots.iter().any(|r| folder.starts_with(r))
+                && folder.parent().is_some_and(Path::is_dir)
             {
-                let _ = std::fs::create_dir(&p);
+                let _ = std::fs::create_dir(&folder);
             }
         }
     }
@@ -374,8 +452,18 @@ pub fn command_files(command: &[String], cwd: Option<&Path>) -> Vec<PathBuf> {
         .iter()
         .any(|i| name == *i || name.strip_prefix(i).is_some_and(is_version));
     let mut script_seen = false;
+    let mut skip_value = false;
     for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
         if arg.is_empty() || arg.starts_with('-') {
+            // An option whose value is the next word (`node --env-file .env server`).
+            skip_value = interpreter && OPTIONS_WITH_VALUES.contains(&arg.as_str());
+            continue;
+        }
+        // `deno run x.ts`, `bun run x.js`: the subcommand is no script.
+        if interpreter && !script_seen && arg == "run" && (name == "deno" || name == "bun") {
             continue;
         }
         let path = at(arg);
@@ -423,6 +511,24 @@ const INTERPRETERS: &[&str] = &[
     "gawk",
     "osascript",
     "pwsh",
+];
+
+/// Interpreters' options that take the next word as their value (so it is no script).
+const OPTIONS_WITH_VALUES: &[&str] = &[
+    "--env-file",
+    "-r",
+    "--require",
+    "--import",
+    "--loader",
+    "--experimental-loader",
+    "-W",
+    "-X",
+    "--config",
+    "--inspect-port",
+    "--conditions",
+    "-C",
+    "--title",
+    "--input-type",
 ];
 
 /// Whether `s` is a version suffix (`3`, `3.12`, `-3.12`).
@@ -693,6 +799,19 @@ mod tests {
             [d.join("server.js")]
         );
         assert!(command_files(&cmd(&["mcp-sqlite", "--db-path", "data.db"]), Some(d)).is_empty());
+        // An option's value is no script; `deno run`'s subcommand neither.
+        assert_eq!(
+            command_files(&cmd(&["node", "--env-file", "data.db", "server"]), Some(d)),
+            [d.join("server.js")]
+        );
+        assert_eq!(
+            command_files(&cmd(&["python3", "-W", "ignore", "check"]), Some(d)),
+            [d.join("check")]
+        );
+        assert_eq!(
+            command_files(&cmd(&["deno", "run", "server.js"]), Some(d)),
+            [d.join("server.js")]
+        );
         assert!(command_files(&cmd(&["sh", "-c", "cat check"]), Some(d)).is_empty());
     }
 
@@ -707,7 +826,13 @@ mod tests {
         std::fs::create_dir_all(&wt).unwrap();
         std::fs::write(
             main.join(".git/config"),
-            "[core]\n\thooksPath = \"tools/hooks\" ; moved\n[include]\n\tpath = ../shared.gitconfig\n",
+            "[core]\n\tfsmonitor = false ; ours\n[include]\n\tpath = ../shared.gitconfig\n",
+        )
+        .unwrap();
+        // An included file moves the hooks (on one line with its section, quoted, escaped).
+        std::fs::write(
+            main.join("shared.gitconfig"),
+            "[core] hooksPath = \"tools/h\\\"ooks\" # moved\n",
         )
         .unwrap();
         std::fs::write(main.join(".git/worktrees/wt/commondir"), "../..\n").unwrap();
@@ -722,14 +847,18 @@ mod tests {
             |d: &Path| ["hooks", "modules", "commondir", "config.worktree"].map(|n| d.join(n));
         let mut want = vec![wt.join(".git")];
         want.extend(per_dir(&own));
-        want.push(own.join("config"));
         want.extend(per_dir(&shared));
         want.extend([
-            wt.join("tools/hooks"),
-            shared.join("../shared.gitconfig"),
+            wt.join("tools/h\"ooks"),
+            own.join("config"),
             shared.join("config"),
+            shared.join("../shared.gitconfig"),
         ]);
         assert_eq!(git_run_paths(&wt), want);
+        // The hooks git uses: the moved ones; without a move, the shared repository's.
+        assert_eq!(git_hooks_folders(&wt), [wt.join("tools/h\"ooks")]);
+        std::fs::write(main.join("shared.gitconfig"), "").unwrap();
+        assert_eq!(git_hooks_folders(&wt), [shared.join("hooks")]);
         assert!(git_run_paths(dir.path()).is_empty(), "no repository");
     }
 

@@ -173,7 +173,8 @@ impl EndsInFlight {
         EndInFlight(self.clone())
     }
 
-    /// Waits until every end begun so far is appended (or its append failed).
+    /// Waits until no end is being appended (each appended, or its append failed): ends begun
+    /// meanwhile are waited for too.
     pub async fn recorded(&self) {
         loop {
             let notified = self.0.1.notified();

@@ -223,20 +223,24 @@ impl CommandHook {
         })?;
         // Read all along (a hook that writes much there must not block on a full pipe); its
         // last line says why a failing hook failed.
+        let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
         let stderr = child.stderr.take().map(|mut err| {
+            let said = said.clone();
             tokio::spawn(async move {
-                let mut tail: Vec<u8> = Vec::new();
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = err.read(&mut buf).await {
                     if n == 0 {
                         break;
                     }
+                    let mut tail = said
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
                     tail.extend_from_slice(&buf[..n]);
                     if tail.len() > 8192 {
-                        tail.drain(..tail.len() - 4096);
+                        let cut = tail.len() - 4096;
+                        tail.drain(..cut);
                     }
                 }
-                tail
             })
         });
         let body = serde_json::to_vec(&input).map_err(|e| self.fail(e))?;
@@ -255,10 +259,18 @@ impl CommandHook {
             .map_err(|_| self.fail(format!("no answer within {} ms", timeout.as_millis())))?
             .map_err(|e| self.fail(e))?;
         if !status.success() {
-            let said = match stderr {
-                Some(task) => task.await.unwrap_or_default(),
-                None => Vec::new(),
-            };
+            // A process the hook left behind may hold its stderr open: what was said by then.
+            if let Some(mut task) = stderr
+                && tokio::time::timeout(Duration::from_millis(200), &mut task)
+                    .await
+                    .is_err()
+            {
+                task.abort();
+            }
+            let said = said
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone();
             let said = String::from_utf8_lossy(&said);
             let last = said.lines().rev().find(|l| !l.trim().is_empty()).map(|l| {
                 let l = l.trim();
@@ -272,6 +284,9 @@ impl CommandHook {
                 Some(line) => format!("exited with {status}; its stderr ended: {line}"),
                 None => format!("exited with {status}"),
             }));
+        }
+        if let Some(task) = stderr {
+            task.abort();
         }
         serde_json::from_slice(&out).map_err(|e| self.fail(format!("invalid JSON reply: {e}")))
     }

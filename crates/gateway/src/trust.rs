@@ -236,20 +236,25 @@ impl Pinned {
 
     /// The first file whose bytes (or presence) differ from when they were taken.
     pub fn moved(&self) -> Option<&Path> {
-        self.moved_all().into_iter().next()
+        self.0
+            .iter()
+            .find(|(path, before, stamp)| Self::differs(path, before, stamp))
+            .map(|(path, _, _)| path.as_path())
     }
 
     /// Every file (or folder: its entries) whose bytes or presence differ from when taken.
     pub fn moved_all(&self) -> Vec<&Path> {
         self.0
             .iter()
-            .filter(|(path, before, stamp)| {
-                // A folder's stamp says nothing of a file in it changing: it is read again.
-                let now = Stamp::of(path).filter(|s| !s.folder);
-                !(now.is_some() && now == *stamp) && fingerprint(path) != *before
-            })
+            .filter(|(path, before, stamp)| Self::differs(path, before, stamp))
             .map(|(path, _, _)| path.as_path())
             .collect()
+    }
+
+    fn differs(path: &Path, before: &Fingerprint, stamp: &Option<Stamp>) -> bool {
+        // A folder's stamp says nothing of a file in it changing: it is read again.
+        let now = Stamp::of(path).filter(|s| !s.folder);
+        !(now.is_some() && now == *stamp) && fingerprint(path) != *before
     }
 
     /// Whether no file is pinned.

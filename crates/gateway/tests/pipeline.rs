@@ -1131,6 +1131,11 @@ async fn external_hooks_speak_json_and_fail_closed() {
             r#"cat >/dev/null; echo 'bad thing happened' >&2; exit 1"#,
             Some("exited with exit status: 1; its stderr ended: bad thing happened"),
         ),
+        // A process it left behind holds its stderr open: the call is not held up by it.
+        (
+            r#"cat >/dev/null; sleep 30 >/dev/null & echo 'left one behind' >&2; exit 1"#,
+            Some("its stderr ended: left one behind"),
+        ),
         (r#"cat >/dev/null; echo 'not json'"#, Some("invalid JSON")),
         (
             r#"cat >/dev/null; echo '{"action":"explode"}'"#,
@@ -1143,10 +1148,14 @@ async fn external_hooks_speak_json_and_fail_closed() {
             .hook(sh_hook("ext", script))
             .build()
             .unwrap();
-        let err = gw
-            .call("t.read", json!({"text": "x"}), ctx())
-            .await
-            .unwrap_err();
+        // A bound on waiting (the left-behind process sleeps 30 s), not a timing assertion.
+        let err = tokio::time::timeout(
+            Duration::from_secs(20),
+            gw.call("t.read", json!({"text": "x"}), ctx()),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("{script}: the call was held up"))
+        .unwrap_err();
         assert_eq!(err.class, ErrorClass::PolicyDenied, "{script}");
         assert!(
             err.message.contains(want.unwrap()),
