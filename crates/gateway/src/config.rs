@@ -637,20 +637,12 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     let loaded: Vec<PathBuf> = file
         .hooks
         .iter()
-        .flat_map(|h| command_files(&h.command, h.cwd.as_deref()))
+        .flat_map(CommandHookConfig::loaded_files)
         .chain(
             mcp.servers
                 .values()
                 .filter(|s| !s.disabled)
-                .flat_map(|s| match &s.command {
-                    Some(program) => {
-                        let command: Vec<String> = std::iter::once(program.clone())
-                            .chain(s.args.clone())
-                            .collect();
-                        command_files(&command, s.cwd.as_deref())
-                    }
-                    None => Vec::new(),
-                }),
+                .flat_map(crate::mcp::McpServerConfig::loaded_files),
         )
         .collect();
     let files: Vec<&Path> = [

@@ -18,7 +18,7 @@
 //!       | {"action":"replace","output":...}
 //! ```
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -123,6 +123,13 @@ pub struct CommandHookConfig {
     pub cwd: Option<PathBuf>,
 }
 
+impl CommandHookConfig {
+    /// What the hook's command loads that it names (see [`crate::config::command_files`]).
+    pub fn loaded_files(&self) -> Vec<PathBuf> {
+        crate::config::command_files(&self.command, self.cwd.as_deref())
+    }
+}
+
 /// A hook run as an external command speaking JSON on stdin and stdout.
 #[derive(Clone, Debug)]
 pub struct CommandHook {
@@ -166,10 +173,7 @@ impl CommandHook {
         };
         Ok(CommandHook {
             program,
-            pinned: crate::trust::Pinned::take(crate::config::command_files(
-                &config.command,
-                config.cwd.as_deref(),
-            )),
+            pinned: crate::trust::Pinned::take(config.loaded_files()),
             config,
         })
     }
@@ -187,19 +191,7 @@ impl CommandHook {
 
     async fn exchange(&self, input: Value) -> Result<HookReply, ToolError> {
         let timeout = Duration::from_millis(self.config.timeout_ms.unwrap_or(5000));
-        if !self.pinned.is_empty() {
-            let pinned = self.pinned.clone();
-            let moved = tokio::task::spawn_blocking(move || pinned.moved().map(Path::to_path_buf))
-                .await
-                .map_err(|e| self.fail(e))?;
-            if let Some(path) = moved {
-                return Err(self.fail(format!(
-                    "{} changed since the gateway started (a tool may have changed it; it \
-                     runs outside the sandbox): restart to load it",
-                    path.display()
-                )));
-            }
-        }
+        self.pinned.refuse_moved().await.map_err(|e| self.fail(e))?;
         let mut cmd = tokio::process::Command::new(&self.program);
         if let Some(cwd) = &self.config.cwd {
             cmd.current_dir(cwd);

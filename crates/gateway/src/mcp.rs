@@ -95,6 +95,20 @@ pub struct McpServerConfig {
     pub disabled: bool,
 }
 
+impl McpServerConfig {
+    /// What the server's command loads that it names, for a local server (see
+    /// [`crate::config::command_files`]); nothing for a remote one.
+    pub fn loaded_files(&self) -> Vec<PathBuf> {
+        let Some(program) = &self.command else {
+            return Vec::new();
+        };
+        let command: Vec<String> = std::iter::once(program.clone())
+            .chain(self.args.iter().cloned())
+            .collect();
+        crate::config::command_files(&command, self.cwd.as_deref())
+    }
+}
+
 /// The keys a servers file holds its servers under (`mcpServers`, as desktop hosts write it,
 /// or `servers`).
 const SERVERS_KEYS: &[&str] = &["mcpServers", "servers"];
@@ -451,18 +465,7 @@ impl McpServer {
         };
         let env = expand_all(&config.env)?;
         let headers = expand_all(&config.headers)?;
-        let pinned = match &config.command {
-            Some(program) => {
-                let command: Vec<String> = std::iter::once(program.clone())
-                    .chain(config.args.iter().cloned())
-                    .collect();
-                crate::trust::Pinned::take(crate::config::command_files(
-                    &command,
-                    config.cwd.as_deref(),
-                ))
-            }
-            None => crate::trust::Pinned::default(),
-        };
+        let pinned = crate::trust::Pinned::take(config.loaded_files());
         Ok(Arc::new(McpServer {
             pinned,
             name: name.to_string(),
@@ -508,21 +511,7 @@ impl McpServer {
         };
         let client = match (&self.config.command, &self.config.url) {
             (Some(program), _) => {
-                if !self.pinned.is_empty() {
-                    let pinned = self.pinned.clone();
-                    let moved = tokio::task::spawn_blocking(move || {
-                        pinned.moved().map(std::path::Path::to_path_buf)
-                    })
-                    .await
-                    .map_err(|e| self.err(e))?;
-                    if let Some(path) = moved {
-                        return Err(self.err(format!(
-                            "{} changed since the gateway started (a tool may have changed it; \
-                             the server runs outside the sandbox): not started; restart to load it",
-                            path.display()
-                        )));
-                    }
-                }
+                self.pinned.refuse_moved().await.map_err(|e| self.err(e))?;
                 let mut cmd = tokio::process::Command::new(program);
                 cmd.args(&self.config.args).env_clear();
                 for keep in ["PATH", "HOME", "LANG", "TMPDIR", "NODE_PATH"] {

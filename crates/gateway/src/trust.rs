@@ -257,6 +257,26 @@ impl Pinned {
         !(now.is_some() && now == *stamp) && fingerprint(path) != *before
     }
 
+    /// [`Pinned::moved`] off the async threads, as what a hook or an MCP server answers before
+    /// it starts: `Err` names the file that moved.
+    pub async fn refuse_moved(&self) -> Result<(), String> {
+        if self.is_empty() {
+            return Ok(());
+        }
+        let pinned = self.clone();
+        let moved = tokio::task::spawn_blocking(move || pinned.moved().map(Path::to_path_buf))
+            .await
+            .map_err(|e| e.to_string())?;
+        match moved {
+            None => Ok(()),
+            Some(path) => Err(format!(
+                "{} changed since the gateway started (a tool may have changed it, and it runs \
+                 outside the sandbox): not started; restart to load it",
+                path.display()
+            )),
+        }
+    }
+
     /// Whether no file is pinned.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
@@ -1085,12 +1105,23 @@ mod tests {
         let book = TrustBook::new(dir.path().join("trust.json"));
         let held = std::fs::File::create(&book.files()[1]).unwrap();
         held.lock().unwrap();
-        // (The wait is LOCK_WAIT; released from another thread before it runs out.)
-        let release = std::thread::spawn(move || {
-            std::thread::sleep(std::time::Duration::from_millis(200));
-            drop(held);
-        });
-        book.begin(&files(dir.path())).unwrap().end().unwrap();
+        // (The wait is LOCK_WAIT; released from another thread before it runs out.) The flag
+        // is set before the release: a `begin` that did not wait would find it unset.
+        let released = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let release = {
+            let released = released.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                released.store(true, std::sync::atomic::Ordering::SeqCst);
+                drop(held);
+            })
+        };
+        let watch = book.begin(&files(dir.path())).unwrap();
+        assert!(
+            released.load(std::sync::atomic::Ordering::SeqCst),
+            "began while the lock was held"
+        );
+        watch.end().unwrap();
         release.join().unwrap();
     }
 
