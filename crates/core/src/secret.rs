@@ -191,8 +191,9 @@ impl Redactor {
             return;
         }
         self.secrets += 1;
-        let forms = encoded_forms(&v);
-        for form in base64_forms(v.as_bytes()) {
+        let base64 = base64_forms(v.as_bytes());
+        let forms = encoded_forms(&v, &base64);
+        for form in base64 {
             if !self.wrapped.contains(&form) {
                 self.wrapped.push(form);
             }
@@ -387,8 +388,9 @@ impl Redactor {
 /// can start within a 3-byte group, percent-encoding (RFC 3986, upper-case hex) and JSON string
 /// escaping. Forms equal to the value are left out, and so are forms that carry fewer than 32
 /// bits (see [`Redactor::add_secret`]); percent-encoding and JSON escaping keep every byte of
-/// the value, so they carry as much as it does.
-fn encoded_forms(value: &str) -> Vec<String> {
+/// the value, so they carry as much as it does. `base64` is [`base64_forms`] of the value, made
+/// once by the caller, which also looks for them across line breaks.
+fn encoded_forms(value: &str, base64: &[String]) -> Vec<String> {
     let bytes = value.as_bytes();
     /// Characters that carry 32 bits or more: 4 bits each in hex.
     const MIN_HEX: usize = 8;
@@ -396,7 +398,7 @@ fn encoded_forms(value: &str) -> Vec<String> {
     if 2 * bytes.len() >= MIN_HEX {
         forms.extend([hex::encode(bytes), hex::encode_upper(bytes)]);
     }
-    forms.extend(base64_forms(bytes));
+    forms.extend_from_slice(base64);
     let mut percent = String::with_capacity(value.len() * 3);
     for &b in bytes {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
