@@ -478,18 +478,19 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
-    let mut found_newly = 0;
+    // Whether something was said of the found configuration (so not "nothing to accept").
+    let mut said_of_found = false;
     if a.list {
         if let Some(files) = &found
             && let Err(e) = book.check_found(files)
         {
-            found_newly = 1;
+            said_of_found = true;
             outln!("{}", terminal_text(&e.to_string()));
         }
     } else if let Some(files) = &found {
         let newly = book.accept_found(files).map_err(failed)?;
-        found_newly = newly.len();
-        if !newly.is_empty() {
+        said_of_found = !newly.is_empty();
+        if said_of_found {
             outln!(
                 "accepted the configuration found here as it is now: {}",
                 newly
@@ -526,7 +527,7 @@ fn trust(a: TrustArgs) -> anyhow::Result<ExitCode> {
         ))
     });
     if changes.is_empty() {
-        if found_newly == 0 && unloadable.is_none() {
+        if !said_of_found && unloadable.is_none() {
             let scope = if a.all { "" } else { " here" };
             outln!("no trusted file{scope} changed while tools ran; nothing to accept{others}");
         }
