@@ -87,11 +87,7 @@ rules:
             .args(extra)
             .output()
             .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        assert_ok(&out);
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -108,6 +104,16 @@ rules:
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
+}
+
+/// Asserts that a command succeeded, showing its stderr when it did not.
+#[track_caller]
+fn assert_ok(out: &std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -302,11 +308,7 @@ fn a_policy_without_a_workspace_uses_the_gateways() {
     // Beside the workspace `ws` (inside the working directory, but not the workspace).
     let beside = env.dir.path().join("beside.txt").display().to_string();
     let out = check(&beside);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let v: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["decision"]["rule"], "default.write-outside", "{v}");
     let inside = env.dir.path().join("ws/in.txt").display().to_string();
@@ -354,11 +356,7 @@ fn file_tools_open_the_path_the_policy_judged() {
         "write_file",
         r#"{"path":"written.txt","text":"x"}"#,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(root.join("ws/written.txt").exists());
     assert!(!root.join("other/written.txt").exists());
 }
@@ -1639,11 +1637,7 @@ fn tools_cannot_change_the_runtime_s_own_files() {
         "sh.run",
         r#"{"script": "echo evil >> policy.yaml; echo hooks > .agent-runtime/gateway.yaml; echo ok > fine.txt"}"#,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("Read-only file system"), "{stdout}");
     assert_eq!(
@@ -1657,11 +1651,7 @@ fn tools_cannot_change_the_runtime_s_own_files() {
     );
     // Reading them is not changing them.
     let out = call("read_file", r#"{"path": "policy.yaml"}"#);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 }
 
 /// What a hook or a local MCP server loads that its command names is protected like the
@@ -1699,11 +1689,7 @@ fn files_that_hooks_and_mcp_servers_load_are_protected() {
         r#"{"script": "echo 'touch /tmp/owned' > hooks/check.sh; echo hook=$?; echo x >> mcp/server.js; echo srv=$?; echo ok > hooks/notes.txt; echo notes=$?"}"#,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(
         !stdout.contains("hook=0") && !stdout.contains("srv=0"),
         "{stdout}"
@@ -1744,11 +1730,7 @@ fn files_that_hooks_and_mcp_servers_load_are_protected() {
         .args(["--args", r#"{"x": 1}"#])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(!marker.exists(), "the planted hook ran");
 }
 
@@ -1784,11 +1766,7 @@ fn a_workspace_repository_s_hooks_and_configuration_are_protected() {
         r#"{"script": "echo x > .git/hooks/pre-commit; echo h=$?; echo '\tfsmonitor = evil' >> .git/config; echo c=$?; echo x > .githooks/pre-commit; echo p=$?; echo ok > .git/description; echo d=$?"}"#,
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     for refused in ["h=0", "c=0", "p=0"] {
         assert!(!stdout.contains(refused), "{stdout}");
     }
@@ -1852,11 +1830,7 @@ fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
     };
     // A person's edit between runs needs no acceptance.
     let out = sh.call("sh.run", r#"{"script": "echo fine"}"#);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     std::fs::write(ws.join("policy.yaml"), format!("{unsandboxed}# reviewed\n")).unwrap();
 
     let out = sh.call(
@@ -1897,11 +1871,7 @@ fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
         "{stdout}"
     );
     let out = sh.call("sh.run", r#"{"script": "echo ran > ran.txt"}"#);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(ws.join("ran.txt").exists());
     let again = trust(&[]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to accept"));
@@ -1968,11 +1938,7 @@ fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
         "{stdout}"
     );
     let out = in_sub(&call);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(marker.exists());
     // Files named on the command line are the person's choice: a policy given with --policy
     // is not held to the found configuration's acceptance.
@@ -1986,11 +1952,7 @@ fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
         "--args",
         r#"{"x": 2}"#,
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     // `trust` with nothing new says so.
     let again = in_sub(&["trust"]);
     assert!(String::from_utf8_lossy(&again.stdout).contains("nothing to accept"));
@@ -2075,11 +2037,7 @@ fn mcp_add_does_not_accept_a_planted_configuration() {
     .unwrap();
     let cmd = |args: &[&str]| run_in(dir.path(), args);
     let added = cmd(&["mcp", "add", "x", "--command", "/bin/true"]);
-    assert!(
-        added.status.success(),
-        "{}",
-        String::from_utf8_lossy(&added.stderr)
-    );
+    assert_ok(&added);
     assert!(String::from_utf8_lossy(&added.stderr).contains("was not accepted before this change"));
     let out = cmd(&["tools", "call", "echo", "--args", r#"{"x": 1}"#]);
     assert_eq!(
@@ -2144,11 +2102,7 @@ fn a_trusted_file_with_another_name_in_the_workspace_is_refused() {
     assert!(!sh.ws.join("ran.txt").exists());
     std::fs::remove_file(sh.ws.join("notes.txt")).unwrap();
     let out = sh.call("sh.run", r#"{"script": "echo ran > ran.txt"}"#);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
 }
 
 /// A protected file in a folder of the workspace stays where it is: the folder cannot be renamed
@@ -2162,11 +2116,7 @@ fn a_folder_holding_the_configuration_cannot_be_renamed_away() {
         "sh.run",
         r#"{"script": "mv conf conf.old; echo mv=$?; echo notes > conf/notes.txt; echo write=$?"}"#,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(!stdout.contains("mv=0"), "{stdout}");
     assert!(stdout.contains("write=0"), "{stdout}");
@@ -2217,11 +2167,7 @@ fn a_command_writes_a_relative_path_where_the_policy_judged_it() {
         .args(["--args", r#"{"path": "protected/x", "text": "pwn"}"#])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_ok(&out);
     assert!(
         !d.join("ws/protected/x").exists(),
         "written where the policy did not look"
