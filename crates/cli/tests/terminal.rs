@@ -365,6 +365,10 @@ fn a_timed_out_question_does_not_take_the_retry_s_answer() {
 
 /// A question has its whole `approval_timeout_ms` from when it is shown: one that waited its
 /// turn behind another ran out before anyone saw it (recorded as "nobody answered").
+///
+/// Timings: each question is answered 2.5 s after it is shown (1.5 s inside its 4 s), and the
+/// second one 5 s after both were asked, a second past the point where time counted from the
+/// asking would have run out.
 #[test]
 fn a_question_waiting_its_turn_has_its_whole_time_once_shown() {
     let (ws, _outside) = setup(
@@ -373,15 +377,15 @@ fn a_question_waiting_its_turn_has_its_whole_time_once_shown() {
   - {id: two, tool: read_file, args: {path: OUT/two.txt}, on_failure: skip}
 ",
     );
-    let mut term = spawn_run_configured(ws.path(), "limits: {approval_timeout_ms: 2500}\n", &[]);
+    let mut term = spawn_run_configured(ws.path(), "limits: {approval_timeout_ms: 4000}\n", &[]);
     term.wait_for("Allow? [y/N]", 1);
-    std::thread::sleep(Duration::from_millis(1500));
+    std::thread::sleep(Duration::from_millis(2500));
     term.type_text("y\r");
     term.wait_for("(approved)", 1);
-    // The second question, asked at the same time as the first, is on the screen now; 2.2 s
-    // after its call its time has not run out, as it counts from here.
+    // The second question, asked at the same time as the first, is on the screen now.
     term.wait_for("Allow? [y/N]", 2);
-    term.answer("y\r");
+    std::thread::sleep(Duration::from_millis(2500));
+    term.type_text("y\r");
     term.wait_for("(approved)", 2);
     let status = term.wait();
     let screen = term.screen();
