@@ -257,7 +257,9 @@ fn export(args: ExportArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
             summary_to_stdout = !to_stream;
             summary
         }
-        None => store.export(&query, format, std::io::stdout().lock())?,
+        None => store
+            .export(&query, format, std::io::stdout().lock())
+            .map_err(|e| naming_output(e, "to standard output"))?,
     };
     let line = if args.json {
         serde_json::json!({"events": summary.events, "bytes": summary.bytes, "format": args.format, "output": output}).to_string()
@@ -295,13 +297,18 @@ pub(crate) fn export_to(
                 .write(true)
                 .open(path)
                 .with_context(|| format!("cannot open {}", path.display()))?;
-            (store.export(query, format, file)?, true)
+            let summary = store
+                .export(query, format, file)
+                .map_err(|e| naming_output(e, &path.display().to_string()))?;
+            (summary, true)
         }
         ExportTarget::File => {
             // Written beside the target and renamed onto it: a failed export leaves no half
             // file, and the replaced file's permissions are kept.
             let summary = agent_runtime_core::fs::replace(path, |f| {
-                store.export(query, format, f).map_err(anyhow::Error::from)
+                store
+                    .export(query, format, f)
+                    .map_err(|e| naming_output(e, &path.display().to_string()))
             })
             .map_err(|e| {
                 if e.is::<std::io::Error>() {
@@ -313,6 +320,17 @@ pub(crate) fn export_to(
             (summary, false)
         }
     })
+}
+
+/// An export's failure to write its output named by that output (`out`: a path, or "to
+/// standard output"), which the store does not know; other errors as they are.
+fn naming_output(e: agent_runtime_store::StoreError, out: &str) -> anyhow::Error {
+    match e {
+        agent_runtime_store::StoreError::ExportOutput { source, .. } => {
+            anyhow::Error::new(source).context(format!("cannot write {out}"))
+        }
+        other => other.into(),
+    }
 }
 
 /// Where an export to `path` goes, refusing what [`export_to`] refuses (a folder, the
@@ -427,41 +445,16 @@ pub fn human_line(e: &Envelope) -> String {
     }
 }
 
+/// Events `audit tail` reads and prints at a time.
+const TAIL_PAGE: usize = 4096;
+
 fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let mut query = args.filter.to_query()?;
     let store = global.open_store_read_only()?;
     args.filter.resolve_run(&store, &mut query)?;
     // The newest N matching events: find where they start, then read forward.
     let head = store.head()?.map_or(0, |h| h.0);
-    let mut start = 0u64;
-    if args.lines > 0 {
-        let mut q = query.clone();
-        q.after_seq = Some(0);
-        // Walk back in pages from the head until N matching events are behind us.
-        let mut from = head;
-        let mut found = 0usize;
-        while from > 0 && found < args.lines {
-            let page_start = from.saturating_sub(4096);
-            let mut pq = query.clone();
-            pq.after_seq = Some(page_start);
-            pq.limit = Some((from - page_start) as usize);
-            let page = store.query_blocking(&pq)?;
-            let page: Vec<_> = page.into_iter().filter(|e| e.seq <= from).collect();
-            for e in page.iter().rev() {
-                found += 1;
-                start = e.seq - 1;
-                if found == args.lines {
-                    break;
-                }
-            }
-            from = page_start;
-        }
-        if found == 0 {
-            start = head;
-        }
-    } else {
-        start = head;
-    }
+    let start = store.start_of_last(&query, args.lines, head)?;
     let mut out = std::io::stdout().lock();
     let mut print = |events: &[Envelope]| -> std::io::Result<()> {
         for e in events {
@@ -474,12 +467,24 @@ fn tail(args: TailArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
         }
         out.flush()
     };
-    let mut q = query.clone();
-    q.after_seq = Some(start);
-    let first = store.query_blocking(&q)?;
-    let mut last = first.last().map_or(start, |e| e.seq).max(start);
-    // A reader that went away (a closed pipe) ends the command with 141, see `main`.
-    print(&first)?;
+    // Read and printed a page at a time: `-n 1000000` held a million events at once.
+    let mut last = start;
+    loop {
+        let mut q = query.clone();
+        q.after_seq = Some(last);
+        q.limit = Some(TAIL_PAGE);
+        let page = store.query_blocking(&q)?;
+        // A reader that went away (a closed pipe) ends the command with 141, see `main`.
+        print(&page)?;
+        match page.last() {
+            Some(e) if page.len() == TAIL_PAGE && e.seq < head => last = e.seq,
+            Some(e) => {
+                last = e.seq;
+                break;
+            }
+            None => break,
+        }
+    }
     if !args.follow {
         return Ok(ExitCode::SUCCESS);
     }

@@ -135,6 +135,7 @@ fn main() -> ExitCode {
     // SAFETY: nothing has started a thread yet.
     unsafe { common::take_secrets_from_env() };
     no_transparent_huge_pages();
+    writes_past_the_file_size_limit_fail();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -209,6 +210,27 @@ fn no_transparent_huge_pages() {
     // SAFETY: PR_SET_THP_DISABLE takes its flag as an unsigned long and touches no memory; an
     // error (an old kernel) is ignored.
     let _ = unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1 as libc::c_ulong, 0, 0, 0) };
+}
+
+/// Makes a write past the file size limit (`ulimit -f`) fail with an error (`EFBIG`) that the
+/// command reports, rather than end the process at once with SIGXFSZ, no message and no chance
+/// to finish what it was writing. A handler that does nothing, not `SIG_IGN`: an ignored signal
+/// stays ignored in the programs this process starts (tools, MCP servers, hooks), a handled one
+/// goes back to the default there.
+fn writes_past_the_file_size_limit_fail() {
+    #[cfg(unix)]
+    {
+        extern "C" fn nothing(_: libc::c_int) {}
+        // SAFETY: nothing has started a thread yet; the handler touches nothing, so it is
+        // async-signal-safe; `action` is fully initialized before use.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = nothing as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGXFSZ, &action, std::ptr::null_mut());
+        }
+    }
 }
 
 /// The error and its causes on one line, without a backtrace, with control characters escaped

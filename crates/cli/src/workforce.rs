@@ -389,8 +389,9 @@ impl Observer for Progress {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.run_id = Some(engine.run_id());
         let mut err = std::io::stderr().lock();
+        // Kept without a terminal too: a stop of the run says how many tasks were running.
+        let tally = state.tally(events, engine);
         if self.tty {
-            let tally = state.tally(events, engine);
             if !crate::terminal::prompt_open() {
                 let line = progress_line(&tally, crate::terminal::stderr_columns());
                 let _ = write!(err, "\r\x1b[2K{line}");
@@ -775,7 +776,7 @@ fn run_flow(mut args: RunArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> 
             after: head,
         },
         args.json,
-        false,
+        None,
         |mut opts, token, controls| {
             opts.labels = labels;
             // Checked here, where the graph's text is at hand, so that an unknown tool is
@@ -1028,7 +1029,7 @@ fn drive<Go, Fut>(
     gateway: RunGateway<'_>,
     requests: Requests,
     json_out: bool,
-    resuming: bool,
+    resuming: Option<RunId>,
     go: Go,
 ) -> anyhow::Result<ExitCode>
 where
@@ -1074,20 +1075,35 @@ where
         // The log failed under a run that exists (its first events are durable): the run is
         // left as a crash leaves it, and the error says how to go on with it (without
         // `--json`, the run's id is printed only at its end).
-        let run_id = progress
-            .state
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .run_id;
+        let (run_id, running) = {
+            let state = progress.state.lock().unwrap_or_else(|p| p.into_inner());
+            let running = state.tally.as_ref().map_or(0, |(tally, _)| tally.running);
+            (state.run_id.or(resuming), running)
+        };
         match (&e, run_id) {
-            (DriverError::Log(_), Some(run_id)) => anyhow::Error::new(e).context(format!(
-                "run {run_id} stopped (resumable: `agent-runtime resume {run_id}` once the \
-                 cause is fixed)"
-            )),
+            (DriverError::Log(_), Some(run_id)) => {
+                // A stop says "resumable"; what the resume does with the calls in flight
+                // (the log cannot hold whether they ran) is said too, since a task without
+                // `retry` then fails.
+                let in_flight = match running {
+                    0 => String::new(),
+                    1 => "; the call of the 1 task running counts as interrupted there, and \
+                          goes on only as that task's `retry` allows"
+                        .to_string(),
+                    n => format!(
+                        "; the calls of the {n} tasks running count as interrupted there, and \
+                         go on only as each task's `retry` allows"
+                    ),
+                };
+                anyhow::Error::new(e).context(format!(
+                    "run {run_id} stopped (resumable: `agent-runtime resume {run_id}` once the \
+                     cause is fixed{in_flight})"
+                ))
+            }
             _ => driver_error(e),
         }
     })?;
-    report_outcome(&out, json_out, started.elapsed(), resuming)
+    report_outcome(&out, json_out, started.elapsed(), resuming.is_some())
 }
 
 fn replay(args: ReplayArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
@@ -1207,7 +1223,7 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         },
         Requests { pending, after },
         args.json,
-        true,
+        Some(run_id),
         |mut opts, token, controls| {
             opts.labels = here;
             driver::resume_controlled(&store, run_id, opts, token, Some(controls))

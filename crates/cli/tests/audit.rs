@@ -876,3 +876,78 @@ fn readers_work_on_read_only_media() {
         set_mode(folder, 0o755);
     }
 }
+
+/// On a full disk: the readers still read a database that was closed cleanly (SQLite could not
+/// make its shared-memory file, and every command said only "disk I/O error"), a run says the
+/// disk is full, and an export names the file it could not write. The disk is a 2 MiB tmpfs in
+/// a mount namespace of the test's own (`unshare`).
+#[test]
+fn on_a_full_disk_readers_read_and_writers_say_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    std::fs::write(
+        dir.path().join("flow.yaml"),
+        "tasks:\n  - {id: a, tool: echo, args: {text: hi}}\n",
+    )
+    .unwrap();
+    // Each command's exit code and standard error land beside the disk, in files named after
+    // it; the script goes on after a failure.
+    let script = r#"
+set -u
+mount -t tmpfs -o size=2m tmpfs disk || exit 90
+cmd() { name=$1; shift; "$BIN" --db disk/e.db "$@" > "$name.out" 2> "$name.err"; echo $? > "$name.rc"; }
+cmd demo demo
+dd if=/dev/zero of=disk/fill bs=4k 2>/dev/null
+cmd list runs list
+cmd verify audit verify
+cmd export audit export -o disk/out.jsonl
+cmd run run flow.yaml
+ls -a disk > listing.txt
+umount disk
+"#;
+    std::fs::create_dir(dir.path().join("disk")).unwrap();
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut unshare = std::process::Command::new("unshare");
+    unshare.arg("--mount");
+    if !root {
+        unshare.arg("--map-root-user");
+    }
+    let status = unshare
+        .args(["bash", "-c", script])
+        .current_dir(dir.path())
+        .env("BIN", &bin)
+        .env("AGENT_RUNTIME_PASSPHRASE", "cli test passphrase")
+        .env("XDG_DATA_HOME", dir.path().join("data"))
+        .env_remove("AGENT_RUNTIME_DB")
+        .status()
+        .unwrap();
+    assert!(status.success(), "the script failed: {status}");
+    let read = |name: &str, ext: &str| {
+        std::fs::read_to_string(dir.path().join(format!("{name}.{ext}"))).unwrap_or_default()
+    };
+    let rc = |name: &str| read(name, "rc").trim().to_string();
+    assert_eq!(rc("demo"), "0", "{}", read("demo", "err"));
+    assert_eq!(rc("list"), "0", "{}", read("list", "err"));
+    assert_eq!(rc("verify"), "0", "{}", read("verify", "err"));
+    assert!(
+        read("verify", "out").contains("39 events"),
+        "{}",
+        read("verify", "out")
+    );
+    assert_eq!(rc("export"), "1", "{}", read("export", "err"));
+    assert!(
+        read("export", "err").starts_with("error: cannot write disk/out.jsonl: No space left"),
+        "{}",
+        read("export", "err")
+    );
+    assert_eq!(rc("run"), "1", "{}", read("run", "err"));
+    assert!(
+        read("run", "err").contains("(the disk holding disk is full: 0 bytes free)"),
+        "{}",
+        read("run", "err")
+    );
+    // The failed export left nothing behind, neither the file nor a part of it.
+    let listing = std::fs::read_to_string(dir.path().join("listing.txt")).unwrap();
+    assert!(!listing.contains("out.jsonl"), "{listing}");
+}

@@ -1881,3 +1881,50 @@ fn a_run_stopped_by_its_log_names_itself_for_resume() {
         "{stderr}"
     );
 }
+
+/// A write past the file size limit (`ulimit -f`) stops the run with an error line that names
+/// the limit and what the resume will do with the tasks running (it ended the process with
+/// SIGXFSZ, exit 153 and no message); the resume, without the limit, finishes the run.
+#[test]
+fn a_run_stopped_by_the_file_size_limit_says_so_and_resumes() {
+    let mut yaml = String::from("tasks:\n");
+    for i in 0..300 {
+        yaml.push_str(&format!(
+            "  - {{id: t{i}, tool: echo, args: {{text: '{}'}}, retry: {{max_attempts: 3, backoff: 1ms}}}}\n",
+            "x".repeat(300)
+        ));
+    }
+    let (dir, db, flow) = flow_in_tempdir("many.yaml", &yaml);
+    let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
+    // bash: its `ulimit -f` counts KiB (a POSIX sh may count 512-byte blocks).
+    let out = std::process::Command::new("bash")
+        .arg("-c")
+        .arg(r#"ulimit -f 256 && exec "$0" --db "$1" --plaintext run "$2""#)
+        .arg(&bin)
+        .arg(&db)
+        .arg(&flow)
+        .env_remove("AGENT_RUNTIME_DB")
+        .env("XDG_DATA_HOME", dir.path().join("data"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: run "), "{stderr}");
+    for part in [
+        "stopped (resumable: `agent-runtime resume",
+        "count as interrupted there",
+        "(this process may not write past 262144 bytes of a file (`ulimit -f`))",
+    ] {
+        assert!(last.contains(part), "{part:?} missing: {stderr}");
+    }
+    let outcome = succeeded(
+        &cli(&db)
+            .env("XDG_DATA_HOME", dir.path().join("data"))
+            .args(["resume", "last", "--json"])
+            .output()
+            .unwrap(),
+    );
+    assert_eq!(outcome["status"], "completed", "{outcome}");
+    assert_eq!(task_status(&outcome, "t299"), "completed");
+}

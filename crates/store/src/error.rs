@@ -196,6 +196,15 @@ pub enum StoreError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// Writing an export's output failed (a full disk, a closed pipe): the output is named by
+    /// the caller, which knows it; the database is named here.
+    #[error("cannot write the export of {database}: {source}")]
+    ExportOutput {
+        /// The database being exported.
+        database: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A bundle or export file that cannot be parsed.
     #[error("{path} line {line}: {detail}")]
     BadBundle {
@@ -271,7 +280,90 @@ pub(crate) fn sqlite_error(
     }
     StoreError::Sqlite {
         path: path.to_path_buf(),
-        detail: e.to_string(),
+        detail: sqlite_detail(path, &e),
+    }
+}
+
+/// What SQLite said, followed for an I/O failure by what the file system says of it
+/// ([`io_hint`]).
+pub(crate) fn sqlite_detail(path: &std::path::Path, e: &rusqlite::Error) -> String {
+    use rusqlite::ffi::ErrorCode;
+    let detail = e.to_string();
+    if let rusqlite::Error::SqliteFailure(f, _) = e
+        && matches!(
+            f.code,
+            ErrorCode::SystemIoFailure | ErrorCode::CannotOpen | ErrorCode::DiskFull
+        )
+        && let Some(hint) = io_hint(path)
+    {
+        return format!("{detail} ({hint})");
+    }
+    detail
+}
+
+/// Bytes free below which a disk counts as full for [`io_hint`]: SQLite needs a few pages
+/// (16 KiB each) and its shared-memory file (32 KiB) to go on.
+const LOW_SPACE: u64 = 1 << 20;
+
+/// What the file system says about a failed write or open of `path`, to follow SQLite's
+/// "disk I/O error" and "unable to open database file", which do not say why: SQLite reports a
+/// full disk that way when it cannot grow its shared-memory file, a file size limit (`ulimit
+/// -f`) as an I/O error, and a file system out of inodes as a file it cannot open. `None` when
+/// none of these holds, or it cannot be told.
+pub(crate) fn io_hint(path: &std::path::Path) -> Option<String> {
+    #[cfg(unix)]
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => std::path::Path::new("."),
+        };
+        let mut hints = Vec::new();
+        let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+        // SAFETY: all-zero bytes are a valid `statvfs` (plain integers).
+        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+        // SAFETY: `c_dir` is NUL-terminated and `st` is a valid place to write to.
+        if unsafe { libc::statvfs(c_dir.as_ptr(), &mut st) } == 0 {
+            // The field types differ between platforms (u32 or u64).
+            #[allow(clippy::useless_conversion)]
+            let (blocks, block_size, files, free_files) = (
+                u64::from(st.f_bavail),
+                u64::from(st.f_frsize),
+                u64::from(st.f_files),
+                u64::from(st.f_favail),
+            );
+            let free = blocks.saturating_mul(block_size);
+            if free < LOW_SPACE {
+                hints.push(format!(
+                    "the disk holding {} is full: {free} bytes free",
+                    dir.display()
+                ));
+            } else if files > 0 && free_files == 0 {
+                hints.push(format!(
+                    "the file system holding {} has no free inodes",
+                    dir.display()
+                ));
+            }
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: `limit` is a valid place to write to.
+        if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
+            && limit.rlim_cur != libc::RLIM_INFINITY
+        {
+            hints.push(format!(
+                "this process may not write past {} bytes of a file (`ulimit -f`)",
+                limit.rlim_cur
+            ));
+        }
+        (!hints.is_empty()).then(|| hints.join("; "))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        None
     }
 }
 

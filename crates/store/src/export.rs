@@ -93,9 +93,8 @@ impl Store {
         out: impl Write,
     ) -> Result<ExportSummary, StoreError> {
         let path = self.inner.path.clone();
-        let io_err = |source| StoreError::Io {
-            what: "cannot write export for",
-            path: path.clone(),
+        let io_err = |source| StoreError::ExportOutput {
+            database: path.clone(),
             source,
         };
         if format == ExportFormat::Bundle && *query != EventQuery::default() {

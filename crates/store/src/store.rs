@@ -14,7 +14,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{Durability, Encryption, StoreConfig};
 use crate::crypto::{self, KdfParams, PayloadCipher};
-use crate::error::{StoreError, sqlite_error};
+use crate::error::{StoreError, sqlite_detail, sqlite_error};
 use crate::frame::{EventRecord, FrameBuilder, MAX_FRAME_EVENTS};
 
 /// The on-disk format this build writes for a plaintext log, and reads: 2 is frames (see
@@ -70,10 +70,20 @@ CREATE TRIGGER IF NOT EXISTS frame_runs_append_only_delete BEFORE DELETE ON fram
 /// The page cache is 2 MiB: the writer only appends frames, whose pages it never reads again,
 /// and the few b-tree pages it does read stay hot; a larger cache only filled with written
 /// pages (8 MiB cost a live run of 10,000 agents about 500 bytes of memory per agent and 10 %
-/// more page faults). A larger auto-checkpoint threshold makes checkpoints (which copy the WAL
-/// into the main file and fsync it) rarer and larger.
-pub(crate) const WRITER_TUNING: &str =
-    "PRAGMA cache_size = -2048; PRAGMA wal_autocheckpoint = 16384; PRAGMA temp_store = MEMORY;";
+/// more page faults).
+///
+/// The write-ahead log is checkpointed into the database once it holds 1,024 pages (16 MiB)
+/// and cut back to 16 MiB when it starts over, so a database needs about 16 MiB of disk beyond
+/// its own size while a process writes it. Each commit appends whole pages, so a run of small
+/// commits (an interactive run: a few events each) grows the log about 17 times faster than the
+/// data: with the 16,384 pages (256 MiB) it waited for before, a 3,000-task run whose database
+/// ends at 11 MB held a 177 MB log, and could not finish on a disk with 50 MB free. Such a
+/// checkpoint is cheap (it copies each page once, and small commits rewrite the same pages);
+/// a bulk writer (the simulator) pays for copying its data into the database as it goes,
+/// rather than when the store closes. A checkpoint on a thread of its own was tried: under a
+/// writer that never pauses it never caught up far enough for the log to start over.
+pub(crate) const WRITER_TUNING: &str = "PRAGMA cache_size = -2048; PRAGMA wal_autocheckpoint = \
+     1024; PRAGMA journal_size_limit = 16777216; PRAGMA temp_store = MEMORY;";
 
 /// The columns every frame reader selects, in this order.
 pub(crate) const FRAME_COLUMNS: &str = "first_seq, last_seq, prev_hash, last_hash, body";
@@ -334,7 +344,10 @@ fn open_reader(path: &Path) -> Result<(Connection, bool), StoreError> {
         Err(rusqlite::Error::SqliteFailure(f, _))
             if matches!(
                 f.code,
-                rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen
+                rusqlite::ErrorCode::ReadOnly
+                    | rusqlite::ErrorCode::CannotOpen
+                    // A full disk: SQLite could not grow the shared-memory file.
+                    | rusqlite::ErrorCode::SystemIoFailure
             ) =>
         {
             drop(conn);
@@ -344,10 +357,11 @@ fn open_reader(path: &Path) -> Result<(Connection, bool), StoreError> {
                     path: path.to_path_buf(),
                     detail: format!(
                         "cannot read it here: its write-ahead log ({}) holds events, and reading \
-                         them needs a file beside it ({}) that cannot be created in this folder; \
+                         them needs a file beside it ({}) that cannot be made here{}; \
                          copy the database with its -wal file to a folder you can write",
                         wal.display(),
-                        beside(path, "-shm").display()
+                        beside(path, "-shm").display(),
+                        crate::error::io_hint(path).map_or(String::new(), |h| format!(" ({h})")),
                     ),
                 });
             }
@@ -857,6 +871,49 @@ impl Store {
             Ok(true)
         })?;
         Ok(out)
+    }
+
+    /// Where the last `n` events matching `query` (its `after_seq` and `limit` aside) at or
+    /// before sequence number `up_to` begin: the `after_seq` that reads them (the sequence
+    /// number before the first of them), or `up_to` when none matches. What `audit tail`
+    /// starts from.
+    ///
+    /// Walks back from `up_to` in windows that double in size, each read only up to where the
+    /// one before began and without decoding payloads: the cost is that of the events walked
+    /// over, where reading each window to the end of the log made a rare filter quadratic
+    /// (2.5 minutes for 4 million events).
+    pub fn start_of_last(
+        &self,
+        query: &EventQuery,
+        n: usize,
+        up_to: u64,
+    ) -> Result<u64, StoreError> {
+        if n == 0 {
+            return Ok(up_to);
+        }
+        let conn = self.inner.reader.lock().unwrap_or_else(|p| p.into_inner());
+        let mut hi = up_to;
+        let mut window = 4096u64;
+        // Newest first: sequence numbers of matches found so far.
+        let mut found: Vec<u64> = Vec::new();
+        while hi > 0 && found.len() < n {
+            let lo = hi.saturating_sub(window);
+            let mut q = query.clone();
+            q.after_seq = Some(lo);
+            q.limit = None;
+            let mut page = Vec::new();
+            scan_events(&conn, &self.inner.path, &q, &mut |r| {
+                if r.seq > hi {
+                    return Ok(false);
+                }
+                page.push(r.seq);
+                Ok(true)
+            })?;
+            found.extend(page.iter().rev().take(n - found.len()));
+            hi = lo;
+            window = (window * 2).min(1 << 20);
+        }
+        Ok(found.last().map_or(up_to, |first| first - 1))
     }
 
     /// The plaintext canonical payload of a record, decrypted into `scratch` when sealed.
@@ -1918,7 +1975,7 @@ fn commit_batch(
     let encrypted = cipher.is_some();
     let tx = conn
         .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| sqlite_detail(path, &e))?;
     // Re-read the head inside the write lock: another process may have appended since.
     let head = read_head(&tx, path).map_err(|e| e.to_string())?;
     let (mut seq, mut prev) = head.unwrap_or((0, Hash32::GENESIS));
@@ -1926,10 +1983,10 @@ fn commit_batch(
     {
         let mut insert_frame = tx
             .prepare_cached("INSERT INTO frames (first_seq, last_seq, min_time, max_time, prev_hash, last_hash, body) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| sqlite_detail(path, &e))?;
         let mut insert_run = tx
             .prepare_cached("INSERT OR IGNORE INTO frame_runs (run_id, first_seq) VALUES (?1, ?2)")
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| sqlite_detail(path, &e))?;
         let mut flush = |frame: &mut FrameBuilder| -> Result<(), String> {
             if frame.is_empty() {
                 return Ok(());
@@ -1946,11 +2003,11 @@ fn commit_batch(
                     &frame.last_hash.0[..],
                     &frame.body,
                 ])
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| sqlite_detail(path, &e))?;
             for run in &frame.runs {
                 insert_run
                     .execute(params![&run[..], first])
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| sqlite_detail(path, &e))?;
             }
             frame.reset();
             Ok(())
@@ -1990,7 +2047,7 @@ fn commit_batch(
         "INSERT INTO meta(key, value) VALUES ('head_seq', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
         [&seq.to_be_bytes()[..]],
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(|e| sqlite_detail(path, &e))?;
     // The head's tag, which only a holder of the key can make: verify finds a log cut short or
     // rewritten by anyone else (see `docs/audit-format.md`).
     if let Some(cipher) = cipher.filter(|c| c.head_required) {
@@ -1998,9 +2055,9 @@ fn commit_batch(
             "INSERT INTO meta(key, value) VALUES ('head_tag', ?1) ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             [&cipher.head_tag(seq, &prev.0)[..]],
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| sqlite_detail(path, &e))?;
     }
-    tx.commit().map_err(|e| e.to_string())?;
+    tx.commit().map_err(|e| sqlite_detail(path, &e))?;
     Ok((results, seq))
 }
 

@@ -226,6 +226,68 @@ fn queries_across_frames_and_interleaved_runs() {
     assert_eq!(store.verify().unwrap().events, 5000);
 }
 
+/// `start_of_last` finds where the newest N matches begin as reading every match would, for
+/// filters common and rare, across its windows (4,096 events, then doubling) and frames.
+#[test]
+fn start_of_last_agrees_with_reading_every_match() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(StoreConfig::plaintext(dir.path().join("t.db"))).unwrap();
+    let batch: Vec<_> = (1..=20_000u64)
+        .map(|i| event(1 + (i % 2) as u8, i))
+        .collect();
+    store.append_blocking(batch).unwrap();
+    let run1 = RunId::from_bytes([1; 16]);
+    let queries = [
+        EventQuery::default(),
+        EventQuery {
+            kinds: vec![EventKind::TaskStarted],
+            ..Default::default()
+        },
+        EventQuery {
+            run_id: Some(run1),
+            kinds: vec![EventKind::TaskStarted],
+            ..Default::default()
+        },
+        // Matches only near the start: the walk goes through every window.
+        EventQuery {
+            until: Some(Timestamp::from_unix_nanos(30_000_000_000)),
+            ..Default::default()
+        },
+        EventQuery {
+            kinds: vec![EventKind::RunCompleted],
+            ..Default::default()
+        },
+    ];
+    for query in &queries {
+        let every: Vec<u64> = store
+            .query_blocking(query)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        for (n, up_to) in [
+            (0, 20_000),
+            (1, 20_000),
+            (20, 20_000),
+            (5_000, 20_000),
+            (50_000, 20_000),
+            (3, 9_001),
+        ] {
+            let upto: Vec<u64> = every.iter().copied().filter(|&s| s <= up_to).collect();
+            let expected = if n == 0 || upto.is_empty() {
+                up_to
+            } else {
+                upto[upto.len().saturating_sub(n)] - 1
+            };
+            assert_eq!(
+                store.start_of_last(query, n, up_to).unwrap(),
+                expected,
+                "{query:?}, n {n}, up to {up_to}"
+            );
+        }
+    }
+}
+
 /// Appending events already encoded is the same as appending them: same hashes, same envelopes.
 #[tokio::test]
 async fn encoded_appends_store_what_plain_appends_store() {
