@@ -72,18 +72,24 @@ CREATE TRIGGER IF NOT EXISTS frame_runs_append_only_delete BEFORE DELETE ON fram
 /// pages (8 MiB cost a live run of 10,000 agents about 500 bytes of memory per agent and 10 %
 /// more page faults).
 ///
-/// The write-ahead log is checkpointed into the database once it holds 1,024 pages (16 MiB)
-/// and cut back to 16 MiB when it starts over, so a database needs about 16 MiB of disk beyond
-/// its own size while a process writes it. Each commit appends whole pages, so a run of small
-/// commits (an interactive run: a few events each) grows the log about 17 times faster than the
-/// data: with the 16,384 pages (256 MiB) it waited for before, a 3,000-task run whose database
-/// ends at 11 MB held a 177 MB log, and could not finish on a disk with 50 MB free. Such a
-/// checkpoint is cheap (it copies each page once, and small commits rewrite the same pages);
-/// a bulk writer (the simulator) pays for copying its data into the database as it goes,
-/// rather than when the store closes. A checkpoint on a thread of its own was tried: under a
-/// writer that never pauses it never caught up far enough for the log to start over.
+/// The write-ahead log is cut back to [`WAL_LIMIT`] when it starts over. With
+/// [`Durability::Full`] a thread of the store's own checkpoints it once it passes that (see
+/// [`Checkpointer`]), and the writer's own checkpoint at 4,096 pages (64 MiB) is a backstop;
+/// [`Durability::Normal`] has the writer checkpoint at [`WAL_LIMIT`] ([`NORMAL_CHECKPOINT`]).
 pub(crate) const WRITER_TUNING: &str = "PRAGMA cache_size = -2048; PRAGMA wal_autocheckpoint = \
-     1024; PRAGMA journal_size_limit = 16777216; PRAGMA temp_store = MEMORY;";
+     4096; PRAGMA journal_size_limit = 16777216; PRAGMA temp_store = MEMORY;";
+
+/// The size of write-ahead log past which it is copied into the database (checkpointed), and
+/// to which it is cut back when it starts over: a database needs about this much disk beyond
+/// its own size while a process writes it. Each commit appends whole pages, so a run of small
+/// commits (an interactive run: a few events each) grows the log about 17 times faster than
+/// the data: with no checkpoint before 256 MiB, as before, a 3,000-task run whose database ends
+/// at 11 MB held a 177 MB log, and could not finish on a disk with 50 MB free.
+const WAL_LIMIT: u64 = 16 << 20;
+
+/// The writer's own checkpoint with [`Durability::Normal`], which has no [`Checkpointer`]:
+/// [`WAL_LIMIT`] in 16 KiB pages.
+const NORMAL_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 1024;";
 
 /// The columns every frame reader selects, in this order.
 pub(crate) const FRAME_COLUMNS: &str = "first_seq, last_seq, prev_hash, last_hash, body";
@@ -506,7 +512,12 @@ impl Store {
                 Durability::Full => {
                     Replies::AfterSync(WalSyncer::start(&path, last_tx, counters.clone())?)
                 }
-                Durability::Normal => Replies::AtCommit(last_tx),
+                Durability::Normal => {
+                    writer_conn
+                        .execute_batch(NORMAL_CHECKPOINT)
+                        .map_err(|e| sqlite_error(&path, e, None))?;
+                    Replies::AtCommit(last_tx)
+                }
             };
             let handle = std::thread::Builder::new()
                 .name("agent-runtime-store-writer".into())
@@ -1722,6 +1733,7 @@ fn wal_sync_loop(
     failed: &std::sync::OnceLock<String>,
 ) {
     let mut wal: Option<std::fs::File> = None;
+    let checkpointer = Checkpointer::start(db);
     while let Ok(first) = rx.recv() {
         let mut done = vec![first];
         done.extend(rx.try_iter());
@@ -1746,6 +1758,14 @@ fn wal_sync_loop(
                     }
                 }
                 drop(spent);
+                if let Some(checkpointer) = &checkpointer
+                    && wal
+                        .as_ref()
+                        .and_then(|f| f.metadata().ok())
+                        .is_some_and(|m| m.len() > WAL_LIMIT)
+                {
+                    checkpointer.wake();
+                }
                 counters
                     .sync_cpu_ns
                     .store(cpu_now(), std::sync::atomic::Ordering::Relaxed);
@@ -1757,6 +1777,72 @@ fn wal_sync_loop(
                 }
             }
         }
+    }
+    if let Some(checkpointer) = checkpointer {
+        checkpointer.stop();
+    }
+}
+
+/// Copies the write-ahead log into the database on a thread and connection of its own, when
+/// the sync thread sees the log past [`WAL_LIMIT`]. SQLite's automatic checkpoint runs in the
+/// commit that passes its limit: the writer took no batch while it copied 16 MiB and fsynced
+/// the database (the simulator's store point rose by about a quarter). Here a passive
+/// checkpoint copies what is there without blocking the writer; then a `RESTART` one copies
+/// what the writer appended meanwhile (little) and has the log start over, holding the writer
+/// off for that long only. A passive checkpoint alone never lets the log start over under a
+/// writer that never pauses (tried: the simulator's log grew to 72 MB).
+struct Checkpointer {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    /// `None` when the thread cannot start: the writer's own checkpoint remains.
+    fn start(db: &Path) -> Option<Checkpointer> {
+        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let db = db.to_path_buf();
+        let thread = std::thread::Builder::new()
+            .name("agent-runtime-store-checkpoint".into())
+            .spawn(move || {
+                let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                // Opened at the first wake: most stores never need it.
+                let mut conn: Option<Connection> = None;
+                while woken.recv().is_ok() {
+                    if conn.is_none() {
+                        conn = Connection::open_with_flags(&db, flags)
+                            .and_then(|c| {
+                                // The log is synced before each copy, the database after it.
+                                c.execute_batch("PRAGMA synchronous = NORMAL;")?;
+                                // How long the `RESTART` waits for the writer's commit (and
+                                // for readers of the old log) before it gives up until the
+                                // next wake.
+                                c.busy_timeout(Duration::from_secs(1))?;
+                                Ok(c)
+                            })
+                            .ok();
+                    }
+                    // A failure (a full disk, a reader holding the log) leaves the log to grow
+                    // until the next wake, or the writer's own checkpoint.
+                    if let Some(c) = &conn {
+                        let _ = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                        let _ = c.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
+                    }
+                }
+            })
+            .ok()?;
+        Some(Checkpointer { wake, thread })
+    }
+
+    /// Asks for a checkpoint; one already asked for and not begun covers this one.
+    fn wake(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Ends the thread, closing its connection: the writer's, closed after it, then
+    /// checkpoints the log and removes it.
+    fn stop(self) {
+        drop(self.wake);
+        let _ = self.thread.join();
     }
 }
 

@@ -226,6 +226,40 @@ fn queries_across_frames_and_interleaved_runs() {
     assert_eq!(store.verify().unwrap().events, 5000);
 }
 
+/// Many small commits (an interactive run's) keep the write-ahead log near 16 MiB, with either
+/// durability (a checkpointing thread with `Full`, the writer's own checkpoint with `Normal`):
+/// it grew to 256 MiB before its first checkpoint, 17 times the data's size.
+#[test]
+fn the_write_ahead_log_stays_near_16_mib_under_small_commits() {
+    for durability in [
+        agent_runtime_store::Durability::Full,
+        agent_runtime_store::Durability::Normal,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("w.db");
+        let wal = dir.path().join("w.db-wal");
+        let store = Store::open(StoreConfig::plaintext(&db).durability(durability)).unwrap();
+        let mut peak = 0;
+        // Each commit appends whole 16 KiB pages: about 3 for an event of 8 KiB, so 800
+        // commits write about 38 MiB of log for 6.4 MB of events.
+        for i in 0..800u64 {
+            let mut e = event(1, i);
+            e.payload = serde_json::json!({"i": i, "text": "x".repeat(8000)});
+            store.append_blocking(vec![e]).unwrap();
+            peak = peak.max(std::fs::metadata(&wal).map_or(0, |m| m.len()));
+        }
+        assert!(
+            peak > 15 << 20,
+            "{durability:?}: the log never got near its limit: {peak}"
+        );
+        assert!(
+            peak < 24 << 20,
+            "{durability:?}: the log grew to {peak} bytes"
+        );
+        assert_eq!(store.verify().unwrap().events, 800, "{durability:?}");
+    }
+}
+
 /// `start_of_last` finds where the newest N matches begin as reading every match would, for
 /// filters common and rare, across its windows (4,096 events, then doubling) and frames.
 #[test]
