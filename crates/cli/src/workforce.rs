@@ -1154,6 +1154,12 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     };
     let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
+    if let Some(status) = ended_as(&store, run_id)? {
+        return Err(CliError::Failed(format!(
+            "run {run_id} already ended ({status}); nothing to resume"
+        ))
+        .into());
+    }
     // One pass over the run's events: where its last own event is (requests made after it were
     // never acted on, the process that drove it had died: they take effect now, as do those
     // made while it resumes), whether it ended or is a simulation, and where it last went on
@@ -1363,6 +1369,31 @@ fn is_simulation(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::R
 }
 
 /// A run's summary, from its own events.
+/// How the run ended (`completed`, `failed`, `cancelled`), if it did: from its end event alone,
+/// found through the run's index without folding the run. `resume` and `cancel` refuse an
+/// ended run with it before they fold the rest: for a run of a million tasks that fold took
+/// 11 to 13 s and 0.7 GB, only to refuse.
+fn ended_as(
+    store: &agent_runtime_store::Store,
+    run_id: RunId,
+) -> anyhow::Result<Option<&'static str>> {
+    let end = store.query_blocking(&EventQuery {
+        run_id: Some(run_id),
+        kinds: vec![
+            EventKind::RunCompleted,
+            EventKind::RunFailed,
+            EventKind::RunCancelled,
+        ],
+        limit: Some(1),
+        ..Default::default()
+    })?;
+    Ok(end.first().map(|e| match e.kind {
+        EventKind::RunCompleted => "completed",
+        EventKind::RunFailed => "failed",
+        _ => "cancelled",
+    }))
+}
+
 fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
     run_summary_and(store, run_id, |_| {})
 }
@@ -1398,6 +1429,12 @@ fn no_run(name: impl std::fmt::Display) -> anyhow::Error {
 fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
+    if let Some(status) = ended_as(&store, run_id)? {
+        return Err(CliError::Failed(format!(
+            "run {run_id} already ended ({status}); nothing to cancel"
+        ))
+        .into());
+    }
     let summary = run_summary(&store, run_id)?;
     if summary.ended.is_some() {
         return Err(CliError::Failed(format!(

@@ -1928,3 +1928,26 @@ fn a_run_stopped_by_the_file_size_limit_says_so_and_resumes() {
     assert_eq!(outcome["status"], "completed", "{outcome}");
     assert_eq!(task_status(&outcome, "t299"), "completed");
 }
+
+/// `resume` and `cancel` of a run that ended refuse it from its end event, naming how it ended.
+#[test]
+fn resume_and_cancel_refuse_an_ended_run() {
+    let (_dir, db, out) = hello_run();
+    let run_id = json_of(&out.stdout)["run_id"].as_str().unwrap().to_string();
+    for (args, says) in [
+        (
+            vec!["resume", run_id.as_str()],
+            "already ended (completed); nothing to resume",
+        ),
+        (
+            vec!["cancel", run_id.as_str()],
+            "already ended (completed); nothing to cancel",
+        ),
+    ] {
+        cli(&db)
+            .args(&args)
+            .assert()
+            .code(1)
+            .stderr(predicate::str::contains(format!("run {run_id} {says}")));
+    }
+}
