@@ -116,6 +116,11 @@ pub enum RunsCommand {
     Show {
         /// The run's id, 4 or more of its first hex digits, or `last`.
         run_id: String,
+        /// Only the tasks in these states (repeat it, or separate them with commas): pending,
+        /// running, waiting-for-approval, retrying, completed, failed, skipped, cancelled,
+        /// interrupted, stopped.
+        #[arg(long, value_delimiter = ',', value_name = "STATUS")]
+        status: Vec<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -203,9 +208,11 @@ pub fn run(cmd: WorkforceCommand, global: &GlobalArgs) -> anyhow::Result<ExitCod
         WorkforceCommand::Replay(args) => replay(args, global),
         WorkforceCommand::Resume(args) => resume(args, global),
         WorkforceCommand::Runs(RunsCommand::List { json }) => runs_list(json, global),
-        WorkforceCommand::Runs(RunsCommand::Show { run_id, json }) => {
-            runs_show(&run_id, json, global)
-        }
+        WorkforceCommand::Runs(RunsCommand::Show {
+            run_id,
+            status,
+            json,
+        }) => runs_show(&run_id, &status, json, global),
         WorkforceCommand::Simulate(args) => simulate(args, global),
         WorkforceCommand::Cancel(args) => cancel(args, global),
     }
@@ -1741,11 +1748,57 @@ fn mark_running(store: &agent_runtime_store::Store, s: &mut RunSummary) -> anyho
     Ok(())
 }
 
-fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
+/// The states a task of `runs show` can be in, as `--status` names them.
+const TASK_STATES: [&str; 10] = [
+    "pending",
+    "running",
+    "waiting-for-approval",
+    "retrying",
+    "completed",
+    "failed",
+    "skipped",
+    "cancelled",
+    "interrupted",
+    "stopped",
+];
+
+/// `runs show --status` values as the table writes them (`waiting for approval`), refusing an
+/// unknown one with the closest state.
+fn task_states(wanted: &[String]) -> anyhow::Result<Vec<String>> {
+    wanted
+        .iter()
+        .map(|w| {
+            let w = w.trim().to_ascii_lowercase().replace(['_', ' '], "-");
+            if TASK_STATES.contains(&w.as_str()) {
+                Ok(w.replace('-', " "))
+            } else {
+                let hint = agent_runtime_workforce::graph::suggestion(&w, TASK_STATES);
+                Err(CliError::Usage(format!(
+                    "--status: unknown task state `{}`{hint} (one of {})",
+                    agent_runtime_core::names::shown(&w),
+                    TASK_STATES.join(", ")
+                ))
+                .into())
+            }
+        })
+        .collect()
+}
+
+fn runs_show(
+    run_id: &str,
+    status: &[String],
+    json_out: bool,
+    global: &GlobalArgs,
+) -> anyhow::Result<ExitCode> {
+    let wanted = task_states(status)?;
     let store = global.open_store_read_only()?;
     let run_id = resolve_run_id(&store, run_id)?;
     let mut s = run_summary(&store, run_id)?;
     mark_running(&store, &mut s)?;
+    let all_tasks = s.tasks.len();
+    if !wanted.is_empty() {
+        s.tasks.retain(|t| wanted.contains(&t.status));
+    }
     if json_out {
         outln!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(ExitCode::SUCCESS);
@@ -1766,6 +1819,13 @@ fn runs_show(run_id: &str, json_out: bool, global: &GlobalArgs) -> anyhow::Resul
     outln!("events:   {}  retries: {}", s.events, s.retries);
     if let Some(e) = &s.error {
         outln!("error:    {}", terminal_text(e));
+    }
+    if !wanted.is_empty() {
+        outln!(
+            "tasks:    {} of {all_tasks} ({})",
+            s.tasks.len(),
+            wanted.join(", ")
+        );
     }
     outln!();
     // The task column is as wide as the longest id (ids are printed escaped, as every text

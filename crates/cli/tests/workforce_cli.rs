@@ -1951,3 +1951,63 @@ fn resume_and_cancel_refuse_an_ended_run() {
             .stderr(predicate::str::contains(format!("run {run_id} {says}")));
     }
 }
+
+/// `runs show --status` keeps the table to the tasks in those states and says how many of all
+/// it shows; an unknown state is refused with the closest one.
+#[test]
+fn runs_show_lists_only_the_tasks_in_the_states_asked_for() {
+    let (dir, db, flow) = flow_in_tempdir(
+        "mixed.yaml",
+        "tasks:
+  - {id: fine, tool: echo, args: {text: ok}}
+  - {id: also_fine, tool: echo, args: {text: ok}}
+  - {id: broken, tool: read_file, args: {path: missing.txt}, on_failure: skip}
+",
+    );
+    let out = cli(&db)
+        .current_dir(dir.path())
+        .env("XDG_DATA_HOME", dir.path().join("data"))
+        .arg("run")
+        .arg(&flow)
+        .output()
+        .unwrap();
+    assert_succeeded(&out);
+    let shown = cli(&db)
+        .args(["runs", "show", "last", "--status", "skipped"])
+        .output()
+        .unwrap();
+    assert_succeeded(&shown);
+    let text = String::from_utf8_lossy(&shown.stdout);
+    assert!(text.contains("tasks:    1 of 3 (skipped)"), "{text}");
+    assert!(
+        text.contains("broken") && !text.contains("also_fine"),
+        "{text}"
+    );
+    let json = succeeded(
+        &cli(&db)
+            .args([
+                "runs",
+                "show",
+                "last",
+                "--status",
+                "completed,failed",
+                "--json",
+            ])
+            .output()
+            .unwrap(),
+    );
+    let ids: Vec<&str> = json["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["fine", "also_fine"]);
+    cli(&db)
+        .args(["runs", "show", "last", "--status", "complete"])
+        .assert()
+        .code(2)
+        .stderr(predicate::str::contains(
+            "--status: unknown task state `complete` (did you mean `completed`?)",
+        ));
+}
