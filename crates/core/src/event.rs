@@ -466,17 +466,12 @@ impl NewEvent {
     /// Appends [`NewEvent::canonical_body`] to `out` without intermediate allocations: the
     /// header, the actor and the canonical payload are written in place.
     pub fn write_canonical_body(&self, out: &mut Vec<u8>) {
-        write_header(
+        write_body(
             out,
-            &self.run_id,
-            self.task_id.as_ref(),
-            ActorText::Parsed(&self.actor),
-            self.kind.as_str(),
+            (&self.run_id, self.task_id.as_ref(), &self.actor, self.kind),
             self.time,
+            &self.payload,
         );
-        let at = reserve_len(out);
-        write_canonical_json(&self.payload, out);
-        patch_len(out, at);
     }
 
     /// The canonical bytes of the metadata (run, task, actor, kind, time), without the payload:
@@ -790,11 +785,20 @@ impl Envelope {
 
     /// The hash this envelope should have given its fields and `prev_hash`.
     pub fn computed_hash(&self) -> Hash32 {
-        chain_hash(
-            &self.prev_hash,
-            self.seq,
-            &self.to_new_event().canonical_body(),
-        )
+        let mut body = Vec::with_capacity(128);
+        self.write_canonical_body(&mut body);
+        chain_hash(&self.prev_hash, self.seq, &body)
+    }
+
+    /// Appends the event's canonical body ([`NewEvent::canonical_body`] of
+    /// [`Envelope::to_new_event`]) to `out`, without copying the payload.
+    pub fn write_canonical_body(&self, out: &mut Vec<u8>) {
+        write_body(
+            out,
+            (&self.run_id, self.task_id.as_ref(), &self.actor, self.kind),
+            self.time,
+            &self.payload,
+        );
     }
 
     /// The event without its place in the log.
@@ -808,6 +812,27 @@ impl Envelope {
             payload: self.payload.clone(),
         }
     }
+}
+
+/// Appends the canonical body of an event with these fields to `out`: its header, then its
+/// length-prefixed canonical payload. What [`NewEvent`] and [`Envelope`] both write.
+fn write_body(
+    out: &mut Vec<u8>,
+    (run_id, task_id, actor, kind): (&RunId, Option<&TaskId>, &Actor, EventKind),
+    time: Timestamp,
+    payload: &Value,
+) {
+    write_header(
+        out,
+        run_id,
+        task_id,
+        ActorText::Parsed(actor),
+        kind.as_str(),
+        time,
+    );
+    let at = reserve_len(out);
+    write_canonical_json(payload, out);
+    patch_len(out, at);
 }
 
 /// `BLAKE3(prev_hash ‖ u64_be(seq) ‖ body)`, where `body` is [`NewEvent::canonical_body`].
@@ -1664,6 +1689,26 @@ mod tests {
         note_with(|o| {
             o.u64("turn", 1).u64("call", 2);
         });
+    }
+
+    /// An envelope writes the canonical body its event would, without copying the payload.
+    #[test]
+    fn an_envelope_writes_its_event_s_canonical_body() {
+        for task in [None, Some(TaskId::from_bytes([7; 16]))] {
+            let event = NewEvent {
+                run_id: RunId::from_bytes([2; 16]),
+                task_id: task,
+                actor: Actor::Tool("ré\"ad".into()),
+                kind: EventKind::ToolCompleted,
+                time: Timestamp::from_unix_nanos(1_764_254_213_000_000_001),
+                payload: serde_json::json!({"b": [1, 2.5, null], "a": "x\u{1}"}),
+            };
+            let env = Envelope::seal(3, Hash32([9; 32]), event.clone());
+            let mut body = Vec::new();
+            env.write_canonical_body(&mut body);
+            assert_eq!(body, event.canonical_body());
+            assert_eq!(env.computed_hash(), env.hash);
+        }
     }
 
     /// The one-call paths for bodies that fit one BLAKE3 chunk hash the same bytes as the
