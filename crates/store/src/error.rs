@@ -294,7 +294,7 @@ pub(crate) fn sqlite_detail(path: &std::path::Path, e: &rusqlite::Error) -> Stri
             f.code,
             ErrorCode::SystemIoFailure | ErrorCode::CannotOpen | ErrorCode::DiskFull
         )
-        && let Some(hint) = io_hint(path)
+        && let Some(hint) = io_hint(path, f.code != ErrorCode::CannotOpen)
     {
         return format!("{detail} ({hint})");
     }
@@ -308,9 +308,10 @@ const LOW_SPACE: u64 = 1 << 20;
 /// What the file system says about a failed write or open of `path`, to follow SQLite's
 /// "disk I/O error" and "unable to open database file", which do not say why: SQLite reports a
 /// full disk that way when it cannot grow its shared-memory file, a file size limit (`ulimit
-/// -f`) as an I/O error, and a file system out of inodes as a file it cannot open. `None` when
-/// none of these holds, or it cannot be told.
-pub(crate) fn io_hint(path: &std::path::Path) -> Option<String> {
+/// -f`) as an I/O error, and a file system out of inodes as a file it cannot open. The limit is
+/// named only for a failed write (`writing`) of a database or log grown within 1 MiB of it.
+/// `None` when none of these holds, or it cannot be told.
+pub(crate) fn io_hint(path: &std::path::Path, writing: bool) -> Option<String> {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;
@@ -326,14 +327,16 @@ pub(crate) fn io_hint(path: &std::path::Path) -> Option<String> {
         if unsafe { libc::statvfs(c_dir.as_ptr(), &mut st) } == 0 {
             // The field types differ between platforms (u32 or u64).
             #[allow(clippy::useless_conversion)]
-            let (blocks, block_size, files, free_files) = (
+            let (size, blocks, block_size, files, free_files) = (
+                u64::from(st.f_blocks),
                 u64::from(st.f_bavail),
                 u64::from(st.f_frsize),
                 u64::from(st.f_files),
                 u64::from(st.f_favail),
             );
             let free = blocks.saturating_mul(block_size);
-            if free < LOW_SPACE {
+            // A file system that reports no size at all (some FUSE mounts) says nothing.
+            if size > 0 && free < LOW_SPACE {
                 hints.push(format!(
                     "the disk holding {} is full: {free} bytes free",
                     dir.display()
@@ -349,9 +352,16 @@ pub(crate) fn io_hint(path: &std::path::Path) -> Option<String> {
             rlim_cur: 0,
             rlim_max: 0,
         };
-        // SAFETY: `limit` is a valid place to write to.
-        if unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
+        let largest = [path.to_path_buf(), crate::store::beside(path, "-wal")]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok().map(|m| m.len()))
+            .max()
+            .unwrap_or(0);
+        if writing
+            // SAFETY: `limit` is a valid place to write to.
+            && unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut limit) } == 0
             && limit.rlim_cur != libc::RLIM_INFINITY
+            && largest.saturating_add(LOW_SPACE) >= limit.rlim_cur
         {
             hints.push(format!(
                 "this process may not write past {} bytes of a file (`ulimit -f`)",
@@ -362,7 +372,7 @@ pub(crate) fn io_hint(path: &std::path::Path) -> Option<String> {
     }
     #[cfg(not(unix))]
     {
-        let _ = path;
+        let _ = (path, writing);
         None
     }
 }

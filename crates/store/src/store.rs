@@ -87,6 +87,10 @@ pub(crate) const WRITER_TUNING: &str = "PRAGMA cache_size = -2048; PRAGMA wal_au
 /// at 11 MB held a 177 MB log, and could not finish on a disk with 50 MB free.
 const WAL_LIMIT: u64 = 16 << 20;
 
+/// How long a `RESTART` checkpoint waits for the writer's commit and for readers of the old
+/// log, holding new commits off meanwhile (see [`Checkpointer`]).
+const RESTART_WAIT: Duration = Duration::from_millis(20);
+
 /// The writer's own checkpoint with [`Durability::Normal`], which has no [`Checkpointer`]:
 /// [`WAL_LIMIT`] in 16 KiB pages.
 const NORMAL_CHECKPOINT: &str = "PRAGMA wal_autocheckpoint = 1024;";
@@ -350,10 +354,14 @@ fn open_reader(path: &Path) -> Result<(Connection, bool), StoreError> {
         Err(rusqlite::Error::SqliteFailure(f, _))
             if matches!(
                 f.code,
-                rusqlite::ErrorCode::ReadOnly
-                    | rusqlite::ErrorCode::CannotOpen
-                    // A full disk: SQLite could not grow the shared-memory file.
-                    | rusqlite::ErrorCode::SystemIoFailure
+                rusqlite::ErrorCode::ReadOnly | rusqlite::ErrorCode::CannotOpen
+            ) || matches!(
+                // A full disk: SQLite could not make or grow the shared-memory file. Other
+                // I/O errors (a failing disk, broken locks) are not read past.
+                f.extended_code,
+                rusqlite::ffi::SQLITE_IOERR_SHMOPEN
+                    | rusqlite::ffi::SQLITE_IOERR_SHMSIZE
+                    | rusqlite::ffi::SQLITE_IOERR_SHMMAP
             ) =>
         {
             drop(conn);
@@ -367,7 +375,8 @@ fn open_reader(path: &Path) -> Result<(Connection, bool), StoreError> {
                          copy the database with its -wal file to a folder you can write",
                         wal.display(),
                         beside(path, "-shm").display(),
-                        crate::error::io_hint(path).map_or(String::new(), |h| format!(" ({h})")),
+                        crate::error::io_hint(path, false)
+                            .map_or(String::new(), |h| format!(" ({h})")),
                     ),
                 });
             }
@@ -1759,12 +1768,13 @@ fn wal_sync_loop(
                 }
                 drop(spent);
                 if let Some(checkpointer) = &checkpointer
-                    && wal
+                    && let Some(len) = wal
                         .as_ref()
                         .and_then(|f| f.metadata().ok())
-                        .is_some_and(|m| m.len() > WAL_LIMIT)
+                        .map(|m| m.len())
+                        .filter(|&len| len > WAL_LIMIT)
                 {
-                    checkpointer.wake();
+                    checkpointer.wake(len);
                 }
                 counters
                     .sync_cpu_ns
@@ -1791,15 +1801,21 @@ fn wal_sync_loop(
 /// what the writer appended meanwhile (little) and has the log start over, holding the writer
 /// off for that long only. A passive checkpoint alone never lets the log start over under a
 /// writer that never pauses (tried: the simulator's log grew to 72 MB).
+///
+/// A `RESTART` also waits for readers of the old log (an export, a verify, `audit tail`) and
+/// holds new commits off meanwhile, so it waits [`RESTART_WAIT`] at most, and after one that
+/// could not finish the thread lets the log grow by another [`WAL_LIMIT`] before it tries
+/// again: with a 1 s wait at every wake, a long export in another process held the writer to
+/// about one commit a second.
 struct Checkpointer {
-    wake: std::sync::mpsc::SyncSender<()>,
+    wake: std::sync::mpsc::SyncSender<u64>,
     thread: JoinHandle<()>,
 }
 
 impl Checkpointer {
     /// `None` when the thread cannot start: the writer's own checkpoint remains.
     fn start(db: &Path) -> Option<Checkpointer> {
-        let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+        let (wake, woken) = std::sync::mpsc::sync_channel::<u64>(1);
         let db = db.to_path_buf();
         let thread = std::thread::Builder::new()
             .name("agent-runtime-store-checkpoint".into())
@@ -1807,35 +1823,47 @@ impl Checkpointer {
                 let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 // Opened at the first wake: most stores never need it.
                 let mut conn: Option<Connection> = None;
-                while woken.recv().is_ok() {
+                // The log's size below which no checkpoint is tried again after one failed.
+                let mut retry_above = 0u64;
+                while let Ok(len) = woken.recv() {
+                    if len <= retry_above {
+                        continue;
+                    }
                     if conn.is_none() {
                         conn = Connection::open_with_flags(&db, flags)
                             .and_then(|c| {
                                 // The log is synced before each copy, the database after it.
                                 c.execute_batch("PRAGMA synchronous = NORMAL;")?;
-                                // How long the `RESTART` waits for the writer's commit (and
-                                // for readers of the old log) before it gives up until the
-                                // next wake.
-                                c.busy_timeout(Duration::from_secs(1))?;
+                                c.busy_timeout(RESTART_WAIT)?;
                                 Ok(c)
                             })
                             .ok();
                     }
                     // A failure (a full disk, a reader holding the log) leaves the log to grow
-                    // until the next wake, or the writer's own checkpoint.
-                    if let Some(c) = &conn {
-                        let _ = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
-                        let _ = c.query_row("PRAGMA wal_checkpoint(RESTART)", [], |_| Ok(()));
-                    }
+                    // by another limit, or to the writer's own checkpoint.
+                    let finished = |mode: &str| {
+                        conn.as_ref().is_some_and(|c| {
+                            c.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| {
+                                r.get::<_, i64>(0)
+                            })
+                            .is_ok_and(|busy| busy == 0)
+                        })
+                    };
+                    retry_above = if finished("PASSIVE") && finished("RESTART") {
+                        0
+                    } else {
+                        len.saturating_add(WAL_LIMIT)
+                    };
                 }
             })
             .ok()?;
         Some(Checkpointer { wake, thread })
     }
 
-    /// Asks for a checkpoint; one already asked for and not begun covers this one.
-    fn wake(&self) {
-        let _ = self.wake.try_send(());
+    /// Asks for a checkpoint of a log of `len` bytes; one already asked for and not begun
+    /// covers this one.
+    fn wake(&self, len: u64) {
+        let _ = self.wake.try_send(len);
     }
 
     /// Ends the thread, closing its connection: the writer's, closed after it, then
