@@ -93,3 +93,10 @@ pub(crate) fn close_inherited_descriptors() {
         }
     }
 }
+
+/// The last line of a process's stderr that says something, trimmed: what a failing command
+/// or hook says last is usually why it failed. Not cut: the gateway cuts long messages after
+/// redacting them, so that no cut goes through a secret and leaves part of it readable.
+pub(crate) fn last_said(stderr: &str) -> Option<&str> {
+    stderr.lines().rev().map(str::trim).find(|l| !l.is_empty())
+}

@@ -264,15 +264,7 @@ impl CommandHook {
                 .unwrap_or_else(std::sync::PoisonError::into_inner)
                 .clone();
             let said = String::from_utf8_lossy(&said);
-            let last = said.lines().rev().find(|l| !l.trim().is_empty()).map(|l| {
-                let l = l.trim();
-                let mut cut: String = l.chars().take(300).collect();
-                if cut.len() < l.len() {
-                    cut.push_str("...");
-                }
-                cut
-            });
-            return Err(self.fail(match last {
+            return Err(self.fail(match crate::child::last_said(&said) {
                 Some(line) => format!("exited with {status}; its stderr ended: {line}"),
                 None => format!("exited with {status}"),
             }));

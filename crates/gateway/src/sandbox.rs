@@ -1095,7 +1095,7 @@ fn kill_tree(
 /// what a command says last is usually why it failed. Not cut here: the gateway cuts long
 /// messages after redacting them, so no cut goes through a secret.
 fn last_line(stderr: &str) -> String {
-    match stderr.lines().rev().map(str::trim).find(|l| !l.is_empty()) {
+    match crate::child::last_said(stderr) {
         None => String::new(),
         Some(line) => format!(": {line}"),
     }

@@ -804,11 +804,21 @@ pub(crate) fn fingerprint(path: &Path) -> Fingerprint {
         }
         return Some(format!("folder:{}", hasher.finalize().to_hex()));
     }
-    let mut file = match std::fs::File::open(path) {
+    // Opened without waiting, then looked at through the open file: a FIFO (or a link to a
+    // device) put where a trusted file was would block the open or never end the read, and the
+    // checks run under the record's lock, where every other process waits.
+    let mut open = std::fs::OpenOptions::new();
+    open.read(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::custom_flags(&mut open, libc::O_NONBLOCK);
+    let mut file = match open.open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(format!("unreadable: {}", e.kind())),
     };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Some("not a regular file".into());
+    }
     let mut hasher = blake3::Hasher::new();
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -852,6 +862,23 @@ mod tests {
 
     fn files(dir: &Path) -> Vec<PathBuf> {
         vec![dir.join("policy.yaml"), dir.join("gateway.yaml")]
+    }
+
+    /// A FIFO where a trusted file was is fingerprinted at once, as something else than any
+    /// content: opening it to read waited for a writer that never came.
+    #[test]
+    fn a_fifo_in_a_trusted_file_s_place_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("policy.yaml");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: `c` is a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(fingerprint(&fifo)));
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("fingerprinting a FIFO hung");
+        assert_eq!(got.as_deref(), Some("not a regular file"));
     }
 
     #[test]
