@@ -1532,14 +1532,21 @@ impl Engine {
     /// it has started none (its call waits for a slot): then nothing of the attempt is in
     /// flight, whatever its earlier calls did (their results are in the log).
     fn only_unstarted_calls(&self, task: u32, unstarted: &std::collections::BTreeSet<u64>) -> bool {
-        let Some(slot) = self.tasks[task as usize].running else {
-            return false;
-        };
-        self.attempts[slot as usize]
-            .calls
-            .iter()
-            .filter(|c| self.calls.get(c).is_some_and(|info| info.started))
-            .all(|c| unstarted.contains(c))
+        self.tasks[task as usize].running.is_some()
+            && self
+                .running_calls(task)
+                .filter(|(_, info)| info.started)
+                .all(|(c, _)| unstarted.contains(&c))
+    }
+
+    /// The calls of the running attempt of `task` that the engine still tracks, with what it
+    /// knows of each; none when no attempt runs.
+    fn running_calls(&self, task: u32) -> impl Iterator<Item = (u64, &CallInfo)> + '_ {
+        self.tasks[task as usize]
+            .running
+            .into_iter()
+            .flat_map(move |slot| &self.attempts[slot as usize].calls)
+            .filter_map(move |&c| self.calls.get(&c).map(|info| (c, info)))
     }
 
     /// What every applied input does last: start what can start, end the run if it is done.
@@ -1739,13 +1746,7 @@ impl Engine {
     /// Whether a call of the running attempt of `task` waits for a person: its clock stands
     /// still then. Counted from the calls (an attempt has few) rather than kept in step.
     fn attempt_waits(&self, task: u32) -> bool {
-        let Some(slot) = self.tasks[task as usize].running else {
-            return false;
-        };
-        self.attempts[slot as usize]
-            .calls
-            .iter()
-            .any(|c| self.calls.get(c).is_some_and(|info| info.waiting))
+        self.running_calls(task).any(|(_, info)| info.waiting)
     }
 
     /// Moves the deadline of the running attempt of `task` (if it has one) `by` later.
