@@ -739,25 +739,19 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn mcp_path(opts: &GatewayOpts) -> anyhow::Result<PathBuf> {
+/// The MCP servers file the options name: `--mcp-config`, the configuration's `mcp:`, or the
+/// default. `Err(CONFIGURATION)` when a configuration names none: it has no servers then
+/// (`.agent-runtime/mcp.json` is not loaded beside a configuration, which names its own).
+fn mcp_path(opts: &GatewayOpts) -> anyhow::Result<Result<PathBuf, PathBuf>> {
     if let Some(p) = &opts.mcp_config {
-        return Ok(p.clone());
+        return Ok(Ok(p.clone()));
     }
     let o = options(opts);
     if let Some(c) = &o.config {
         let file = agent_runtime_gateway::config::GatewayFile::load(c).map_err(gateway_error)?;
-        return match file.mcp {
-            Some(m) => Ok(m),
-            // `.agent-runtime/mcp.json` is not loaded beside a configuration, which names its
-            // own servers file: writing it there would add a server nothing starts.
-            None => Err(CliError::Usage(format!(
-                "{} names no MCP servers file: add `mcp: mcp.json` to it, or pass --mcp-config",
-                terminal_text(&c.display().to_string())
-            ))
-            .into()),
-        };
+        return Ok(file.mcp.ok_or_else(|| c.clone()));
     }
-    Ok(PathBuf::from(DEFAULT_MCP))
+    Ok(Ok(PathBuf::from(DEFAULT_MCP)))
 }
 
 fn load_mcp(path: &Path) -> anyhow::Result<McpConfig> {
@@ -769,16 +763,22 @@ fn load_mcp(path: &Path) -> anyhow::Result<McpConfig> {
 }
 
 fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
+    if a.tools {
+        // It starts the servers: as every command that does, with the configuration checked
+        // before it is read for them.
+        prepare_start(&a.opts)?;
+    }
     let path = mcp_path(&a.opts)?;
-    let config = load_mcp(&path)?;
+    let config = match &path {
+        Ok(path) => load_mcp(path)?,
+        Err(_) => McpConfig::default(),
+    };
     let mut servers: Vec<Value> = config
         .servers
         .iter()
         .map(|(n, s)| describe_server(n, s))
         .collect();
     if a.tools {
-        // It starts the servers: as every command that does.
-        prepare_start(&a.opts)?;
         let rt = runtime()?;
         let (tools, errors, unreachable) = rt.block_on(async {
             let registry = Arc::new(agent_runtime_gateway::Registry::new());
@@ -833,10 +833,16 @@ fn mcp_list(a: McpListArgs) -> anyhow::Result<ExitCode> {
     if a.json {
         outln!(
             "{}",
-            serde_json::to_string_pretty(&json!({"file": path, "servers": servers}))?
+            serde_json::to_string_pretty(&json!({"file": path.as_ref().ok(), "servers": servers}))?
         );
     } else if servers.is_empty() {
-        outln!("no MCP servers in {}", path.display());
+        match &path {
+            Ok(path) => outln!("no MCP servers in {}", path.display()),
+            Err(config) => outln!(
+                "no MCP servers: {} names no servers file",
+                terminal_text(&config.display().to_string())
+            ),
+        }
     } else {
         for s in &servers {
             let target = s["url"].as_str().map(String::from).unwrap_or_else(|| {
@@ -889,7 +895,14 @@ fn error_of_server(e: &GatewayError, name: &str) -> bool {
 }
 
 fn mcp_add(a: McpAddArgs) -> anyhow::Result<ExitCode> {
-    let path = mcp_path(&a.opts)?;
+    // Writing `.agent-runtime/mcp.json` beside a configuration that names no servers file
+    // would add a server nothing starts.
+    let path = mcp_path(&a.opts)?.map_err(|c| {
+        CliError::Usage(format!(
+            "{} names no MCP servers file: add `mcp: mcp.json` to it, or pass --mcp-config",
+            terminal_text(&c.display().to_string())
+        ))
+    })?;
     let pairs = |flag: &str, what: &str, items: &[String]| {
         let mut out = std::collections::BTreeMap::new();
         for kv in items {

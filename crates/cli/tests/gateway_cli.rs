@@ -1961,6 +1961,15 @@ fn a_configuration_found_below_a_workspace_root_waits_for_acceptance() {
     assert_eq!(add.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&add.stderr).contains("names no MCP servers file"));
     assert!(!sub.join(".agent-runtime/mcp.json").exists());
+    // `mcp list` of it lists no servers, as it has none (it refused the configuration).
+    let list = in_sub(&["mcp", "list"]);
+    assert_ok(&list);
+    assert!(
+        String::from_utf8_lossy(&list.stdout).contains("no MCP servers: ")
+            && String::from_utf8_lossy(&list.stdout).contains("names no servers file"),
+        "{}",
+        String::from_utf8_lossy(&list.stdout)
+    );
     // Changed again (by anyone): accepted again first.
     std::fs::write(sub.join(".agent-runtime/gateway.yaml"), "hooks: []\n").unwrap();
     assert_eq!(in_sub(&call).status.code(), Some(2));
