@@ -396,9 +396,8 @@ impl Observer for Progress {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         state.run_id = Some(engine.run_id());
         let mut err = std::io::stderr().lock();
-        // Kept without a terminal too: a stop of the run says how many tasks were running.
-        let tally = state.tally(events, engine);
         if self.tty {
+            let tally = state.tally(events, engine);
             if !crate::terminal::prompt_open() {
                 let line = progress_line(&tally, crate::terminal::stderr_columns());
                 let _ = write!(err, "\r\x1b[2K{line}");
@@ -1082,13 +1081,24 @@ where
         // The log failed under a run that exists (its first events are durable): the run is
         // left as a crash leaves it, and the error says how to go on with it (without
         // `--json`, the run's id is printed only at its end).
-        let (run_id, running) = {
-            let state = progress.state.lock().unwrap_or_else(|p| p.into_inner());
-            let running = state.tally.as_ref().map_or(0, |(tally, _)| tally.running);
-            (state.run_id.or(resuming), running)
-        };
+        let run_id = progress
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .run_id
+            .or(resuming);
         match (&e, run_id) {
             (DriverError::Log(_), Some(run_id)) => {
+                // Counted from the log, on this rare path, rather than kept for every run.
+                let running = run_summary(store, run_id).map_or(0, |s| {
+                    s.tasks
+                        .iter()
+                        .filter(|t| {
+                            t.status == "running"
+                                || t.status == agent_runtime_workforce::state::WAITING_FOR_APPROVAL
+                        })
+                        .count()
+                });
                 // A stop says "resumable"; what the resume does with the calls in flight
                 // (the log cannot hold whether they ran) is said too, since a task without
                 // `retry` then fails.
@@ -1161,15 +1171,15 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     };
     let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
-    if let Some(status) = ended_as(&store, run_id)? {
-        return Err(CliError::Failed(format!(
-            "run {run_id} already ended ({status}); nothing to resume"
-        ))
-        .into());
+    if let Some((_, status)) = ended_as(&store, run_id)? {
+        return Err(driver_error(DriverError::Finished {
+            run_id,
+            status: status.into(),
+        }));
     }
     // One pass over the run's events: where its last own event is (requests made after it were
     // never acted on, the process that drove it had died: they take effect now, as do those
-    // made while it resumes), whether it ended or is a simulation, and where it last went on
+    // made while it resumes), whether it is a simulation, and where it last went on
     // (the labels of its creation, then of each resume).
     let mut last_own = None;
     let mut simulation_seed: Option<u64> = None;
@@ -1178,7 +1188,7 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
     let mut carried_out: Vec<(u64, String, String)> = Vec::new();
     // The tools its graph calls: only their MCP servers are started.
     let mut tools: Vec<String> = Vec::new();
-    let summary = run_summary_and(&store, run_id, |e| {
+    run_summary_and(&store, run_id, |e| {
         if e.kind == EventKind::RunCreated
             && let Ok(graph) = agent_runtime_workforce::engine::graph_of_created(&e.payload)
         {
@@ -1203,13 +1213,8 @@ fn resume(mut args: ResumeArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode>
         }
         last_own = Some(e.seq)
     })?;
-    if summary.ended.is_some() {
-        return Err(CliError::Failed(format!(
-            "run {run_id} already ended ({}); nothing to resume",
-            summary.status
-        ))
-        .into());
-    }
+    // A run that ended since `ended_as` looked (its process was finishing it) is refused by the
+    // driver, which claims the run first: `DriverError::Finished`, the same words.
     if let Some(seed) = simulation_seed {
         return Err(CliError::Failed(format!(
             "run {run_id} is a simulation (seed {seed}), which is not resumed: its virtual \
@@ -1375,32 +1380,44 @@ fn is_simulation(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::R
         .is_some_and(|e| e.kind == EventKind::RunCreated && e.payload.get("simulation").is_some()))
 }
 
-/// A run's summary, from its own events.
-/// How the run ended (`completed`, `failed`, `cancelled`), if it did: from its end event alone,
-/// found through the run's index without folding the run. `resume` and `cancel` refuse an
-/// ended run with it before they fold the rest: for a run of a million tasks that fold took
-/// 11 to 13 s and 0.7 GB, only to refuse.
+/// The kinds of event that end a run.
+const RUN_ENDS: [EventKind; 3] = [
+    EventKind::RunCompleted,
+    EventKind::RunFailed,
+    EventKind::RunCancelled,
+];
+
+/// How a run that ended with an event of `kind` ended, as `runs show` says it; `None` for
+/// other kinds.
+fn end_status(kind: EventKind) -> Option<&'static str> {
+    match kind {
+        EventKind::RunCompleted => Some("completed"),
+        EventKind::RunFailed => Some("failed"),
+        EventKind::RunCancelled => Some("cancelled"),
+        _ => None,
+    }
+}
+
+/// Where and how the run ended (`completed`, `failed`, `cancelled`), if it did: from its end
+/// event alone, found through the run's index without folding the run. `resume` and `cancel`
+/// refuse an ended run with it before they fold the rest: for a run of a million tasks that
+/// fold took 11 to 13 s and 0.7 GB, only to refuse.
 fn ended_as(
     store: &agent_runtime_store::Store,
     run_id: RunId,
-) -> anyhow::Result<Option<&'static str>> {
+) -> anyhow::Result<Option<(u64, &'static str)>> {
     let end = store.query_blocking(&EventQuery {
         run_id: Some(run_id),
-        kinds: vec![
-            EventKind::RunCompleted,
-            EventKind::RunFailed,
-            EventKind::RunCancelled,
-        ],
+        kinds: RUN_ENDS.to_vec(),
         limit: Some(1),
         ..Default::default()
     })?;
-    Ok(end.first().map(|e| match e.kind {
-        EventKind::RunCompleted => "completed",
-        EventKind::RunFailed => "failed",
-        _ => "cancelled",
-    }))
+    Ok(end
+        .first()
+        .and_then(|e| end_status(e.kind).map(|status| (e.seq, status))))
 }
 
+/// A run's summary, from its own events.
 fn run_summary(store: &agent_runtime_store::Store, run_id: RunId) -> anyhow::Result<RunSummary> {
     run_summary_and(store, run_id, |_| {})
 }
@@ -1436,19 +1453,19 @@ fn no_run(name: impl std::fmt::Display) -> anyhow::Error {
 fn cancel(args: CancelArgs, global: &GlobalArgs) -> anyhow::Result<ExitCode> {
     let store = global.open_existing_store()?;
     let run_id = resolve_run_id(&store, &args.run_id)?;
-    if let Some(status) = ended_as(&store, run_id)? {
-        return Err(CliError::Failed(format!(
+    let nothing_to_cancel = |status: &str| -> anyhow::Error {
+        CliError::Failed(format!(
             "run {run_id} already ended ({status}); nothing to cancel"
         ))
-        .into());
+        .into()
+    };
+    if let Some((_, status)) = ended_as(&store, run_id)? {
+        return Err(nothing_to_cancel(status));
     }
     let summary = run_summary(&store, run_id)?;
+    // It may have ended while it was folded (seconds, for a large run): no request after its end.
     if summary.ended.is_some() {
-        return Err(CliError::Failed(format!(
-            "run {run_id} already ended ({}); nothing to cancel",
-            summary.status
-        ))
-        .into());
+        return Err(nothing_to_cancel(&summary.status));
     }
     if is_simulation(&store, run_id)? {
         return Err(CliError::Failed(format!(
@@ -1573,24 +1590,7 @@ fn request_outcome(
     // Ended before the request: its end comes before `seq`, where the loop does not look. (An
     // end after `seq` is the loop's to read: the run may have carried out the request already,
     // and the whole run's summary then said "ended first, nothing cancelled".)
-    let ends = query(
-        store,
-        EventQuery {
-            run_id: Some(run_id),
-            kinds: vec![
-                EventKind::RunCompleted,
-                EventKind::RunFailed,
-                EventKind::RunCancelled,
-            ],
-            ..EventQuery::default()
-        },
-    )?;
-    if let Some(end) = ends.iter().find(|e| e.seq < seq) {
-        let status = match end.kind {
-            EventKind::RunCompleted => "completed",
-            EventKind::RunFailed => "failed",
-            _ => "cancelled",
-        };
+    if let Some((_, status)) = ended_as(store, run_id)?.filter(|&(end, _)| end < seq) {
         return Ok(RequestOutcome::EndedFirst(status.into()));
     }
     let deadline = Instant::now() + wait;
@@ -1601,12 +1601,7 @@ fn request_outcome(
             EventQuery {
                 run_id: Some(run_id),
                 after_seq: Some(seq),
-                kinds: vec![
-                    EventKind::RunCompleted,
-                    EventKind::RunFailed,
-                    EventKind::RunCancelled,
-                    EventKind::TaskCancelled,
-                ],
+                kinds: [RUN_ENDS.as_slice(), &[EventKind::TaskCancelled]].concat(),
                 ..EventQuery::default()
             },
         )?;
@@ -1623,14 +1618,11 @@ fn request_outcome(
                 EventKind::RunCancelled if ours && task.is_none() => {
                     return Ok(RequestOutcome::CarriedOut);
                 }
-                EventKind::RunCompleted => {
-                    return Ok(RequestOutcome::EndedFirst("completed".into()));
+                kind => {
+                    if let Some(status) = end_status(kind) {
+                        return Ok(RequestOutcome::EndedFirst(status.into()));
+                    }
                 }
-                EventKind::RunFailed => return Ok(RequestOutcome::EndedFirst("failed".into())),
-                EventKind::RunCancelled => {
-                    return Ok(RequestOutcome::EndedFirst("cancelled".into()));
-                }
-                _ => {}
             }
         }
         if !claimed || Instant::now() >= deadline {
