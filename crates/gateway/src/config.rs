@@ -125,11 +125,8 @@ impl GatewayFile {
         }
         // A hook runs in the file's folder unless it says otherwise (relative to the file).
         for h in &mut file.hooks {
-            let cwd = match h.cwd.take() {
-                Some(cwd) if cwd.is_relative() => base.join(cwd),
-                Some(cwd) => cwd,
-                None => base.clone(),
-            };
+            let cwd = h.cwd.get_or_insert_with(|| base.clone());
+            fix(cwd);
             if !cwd.is_dir() {
                 return Err(GatewayError::Parse {
                     what: path.display().to_string(),
@@ -140,7 +137,6 @@ impl GatewayFile {
                     ),
                 });
             }
-            h.cwd = Some(cwd);
         }
         Ok(file)
     }
@@ -174,25 +170,25 @@ pub const CONFIG_FOLDER: &str = ".agent-runtime";
 /// The gateway denies a write to them (rule `default.protected`), and the sandbox binds them
 /// read-only over the writable roots.
 pub fn protected_paths(files: &[&Path], workspace: &[PathBuf], extra: &[PathBuf]) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = Vec::new();
     let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let mut add = |p: &Path| {
-        let resolved = resolve_trusted(p, &base);
+    let mut all: Vec<PathBuf> = files.iter().map(|f| f.to_path_buf()).collect();
+    for root in workspace {
+        all.push(root.join(CONFIG_FOLDER));
+        all.extend(git_run_paths(root));
+    }
+    all.extend(extra.iter().cloned());
+    resolved_once(all.iter().map(PathBuf::as_path), &base)
+}
+
+/// `paths` resolved as trusted files are ([`resolve_trusted`], against `base`), each once, in
+/// order: the first entries of [`protected_paths`], and what [`Assembled::trusted`] holds.
+fn resolved_once<'a>(paths: impl IntoIterator<Item = &'a Path>, base: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = Vec::new();
+    for p in paths {
+        let resolved = resolve_trusted(p, base);
         if !out.contains(&resolved) {
             out.push(resolved);
         }
-    };
-    for f in files {
-        add(f);
-    }
-    for root in workspace {
-        add(&root.join(CONFIG_FOLDER));
-        for p in git_run_paths(root) {
-            add(&p);
-        }
-    }
-    for p in extra {
-        add(p);
     }
     out
 }
@@ -301,18 +297,13 @@ impl GitRepo {
                 "hookspath" => self.hooks_paths.push(root.join(&value)),
                 // Relative to the file that names it.
                 "path" => {
-                    let included = folder_of_file(config).join(&value);
+                    let included = agent_runtime_core::fs::folder_of(config).join(&value);
                     self.read_config(root, &included, depth + 1);
                 }
                 _ => {}
             }
         }
     }
-}
-
-/// The folder holding `file`.
-fn folder_of_file(file: &Path) -> PathBuf {
-    file.parent().map(Path::to_path_buf).unwrap_or_default()
 }
 
 /// The `key = value` lines of a git configuration file, keys lower-cased (a `[section]`
@@ -657,13 +648,7 @@ pub fn assemble(opts: &Options) -> Result<Assembled, GatewayError> {
     make_git_hooks_folders(&write_roots);
     let protected = protected_paths(&files, &write_roots, &opts.protected);
     let base = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("/"));
-    let mut trusted: Vec<PathBuf> = Vec::new();
-    for f in &files {
-        let resolved = resolve_trusted(f, &base);
-        if !trusted.contains(&resolved) {
-            trusted.push(resolved);
-        }
-    }
+    let trusted = resolved_once(files.iter().copied(), &base);
     refuse_hard_linked(&trusted, &write_roots)?;
     let sandbox = Arc::new(
         SandboxSettings::new(write_roots, file.read_roots.clone())

@@ -429,19 +429,24 @@ impl TrustBook {
     pub fn begin(&self, files: &[PathBuf]) -> Result<Watch, TrustError> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
         let pid = std::process::id();
-        let id = format!(
-            "{pid}-{}-{}",
-            process_start(pid).unwrap_or(0),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let marks: Vec<Mark> = files
-            .iter()
-            .map(|f| Mark {
-                path: f.clone(),
-                fingerprint: fingerprint(f),
-            })
-            .collect();
-        let began = SystemClock.now();
+        let pid_start = process_start(pid);
+        let session = Session {
+            id: format!(
+                "{pid}-{}-{}",
+                pid_start.unwrap_or(0),
+                NEXT.fetch_add(1, Ordering::Relaxed)
+            ),
+            pid,
+            pid_start,
+            began: SystemClock.now(),
+            files: files
+                .iter()
+                .map(|f| Mark {
+                    path: f.clone(),
+                    fingerprint: fingerprint(f),
+                })
+                .collect(),
+        };
         self.update(|book| {
             settle_dead_sessions(book);
             let mut holding: Vec<Change> = book
@@ -460,24 +465,12 @@ impl TrustBook {
             if !holding.is_empty() {
                 return Err(TrustError::Changed { changes: holding });
             }
-            book.sessions.push(Session {
-                id: id.clone(),
-                pid,
-                pid_start: process_start(pid),
-                began,
-                files: marks.clone(),
-            });
+            book.sessions.push(session.clone());
             Ok(())
         })?;
         Ok(Watch {
             book: self.clone(),
-            session: Session {
-                id,
-                pid,
-                pid_start: process_start(pid),
-                began,
-                files: marks,
-            },
+            session,
             ended: false,
         })
     }
@@ -837,7 +830,11 @@ pub(crate) fn fingerprint(path: &Path) -> Fingerprint {
 
 /// The start time of process `pid` in clock ticks since boot (field 22 of `/proc/PID/stat`).
 fn process_start(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    start_time_of_stat(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// The start time (field 22) of a `/proc/PID/stat` line.
+fn start_time_of_stat(stat: &str) -> Option<u64> {
     // The command name (field 2) is in parentheses and may hold spaces or parentheses: the
     // fields after it start after the last `)`.
     let rest = &stat[stat.rfind(')')? + 1..];
@@ -1191,6 +1188,11 @@ mod tests {
 
     #[test]
     fn process_start_reads_past_a_name_with_parentheses() {
+        // A command named `a) b (c` (a name may hold both): fields 3 to 22 follow it.
+        let fields: Vec<String> = (3..=22).map(|n| n.to_string()).collect();
+        let line = format!("12 (a) b (c) {} 99 100\n", fields.join(" "));
+        assert_eq!(start_time_of_stat(&line), Some(22));
+        assert_eq!(start_time_of_stat("12 (no end"), None);
         let own = process_start(std::process::id());
         assert!(own.is_some());
         assert!(is_alive(std::process::id(), own));

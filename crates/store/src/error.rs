@@ -315,10 +315,7 @@ pub(crate) fn io_hint(path: &std::path::Path, writing: bool) -> Option<String> {
     #[cfg(unix)]
     {
         use std::os::unix::ffi::OsStrExt;
-        let dir = match path.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => std::path::Path::new("."),
-        };
+        let dir = agent_runtime_core::fs::folder_of(path);
         let mut hints = Vec::new();
         let c_dir = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
         // SAFETY: all-zero bytes are a valid `statvfs` (plain integers).
