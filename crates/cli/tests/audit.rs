@@ -1,11 +1,22 @@
 //! The `audit` and `demo` commands, driven as a person would from a shell.
 
+mod common;
+
 use assert_cmd::Command;
+use common::closed_pipe;
 use predicates::prelude::*;
 
+/// `agent-runtime --db DB` with a passphrase, and the user's data folder (the trust record of
+/// `demo`, which runs tools) beside the database, not the real user's.
 fn cli(db: &std::path::Path) -> Command {
     let mut cmd = Command::cargo_bin("agent-runtime").unwrap();
     cmd.env("AGENT_RUNTIME_PASSPHRASE", "cli test passphrase")
+        .env(
+            "XDG_DATA_HOME",
+            db.parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("data"),
+        )
         .env_remove("AGENT_RUNTIME_DB")
         .arg("--db")
         .arg(db);
@@ -597,19 +608,6 @@ fn tail_follow_sees_events_another_process_appends() {
         second.trim_start().starts_with("78 "),
         "the second run's last event is sequence 78: {second}"
     );
-}
-
-/// A standard output whose reader is already gone (`agent-runtime ... | head -0`).
-#[cfg(unix)]
-fn closed_pipe() -> std::process::Stdio {
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors `pipe` writes.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-    // SAFETY: both descriptors were just made and are owned by nobody else.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    drop(read);
-    std::process::Stdio::from(write)
 }
 
 #[cfg(unix)]

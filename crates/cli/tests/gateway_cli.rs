@@ -3,7 +3,11 @@
 //! The MCP tests need node and `.test-deps/npm` (run `scripts/test-deps.sh`); they fail naming
 //! what is missing.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::assert_ok;
 
 use assert_cmd::Command;
 use predicates::prelude::*;
@@ -104,16 +108,6 @@ rules:
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
     }
-}
-
-/// Asserts that a command succeeded, showing its stderr when it did not.
-#[track_caller]
-fn assert_ok(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
 }
 
 #[test]
@@ -2016,12 +2010,13 @@ fn a_command_ended_by_a_closed_pipe_ends_its_session() {
             "--config",
         ])
         .arg(&sh.config)
-        .stdout(std::process::Stdio::piped())
+        .stdout(common::closed_pipe())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    drop(child.stdout.take());
     let status = child.wait().unwrap();
+    // Ended by the closed pipe, as `main` ends such a command.
+    assert_eq!(status.code(), Some(141));
     std::fs::write(sh.ws.join("policy.yaml"), format!("{ALLOW_SH}# edited\n")).unwrap();
     let out = sh.call("sh.run", r#"{"script": "true"}"#);
     assert!(

@@ -1,7 +1,11 @@
 //! `agent-runtime run / replay / resume / runs / simulate` end to end, with a plaintext database
 //! in a temporary directory.
 
+mod common;
+
 use std::path::{Path, PathBuf};
+
+use common::assert_ok;
 use std::time::{Duration, Instant};
 
 use agent_runtime_core::{EventKind, EventQuery, RunId};
@@ -14,13 +18,21 @@ fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../examples")
 }
 
+/// `agent-runtime --db DB --plaintext`, with the user's data folder (where the trust record
+/// of each command that runs tools is) beside the database, not the real user's.
 fn cli(db: &Path) -> Command {
     let mut c = Command::cargo_bin("agent-runtime").unwrap();
     c.env_remove("AGENT_RUNTIME_DB")
+        .env("XDG_DATA_HOME", data_home(db))
         .arg("--db")
         .arg(db)
         .arg("--plaintext");
     c
+}
+
+/// The user's data folder the tests' commands get: beside the database.
+fn data_home(db: &Path) -> PathBuf {
+    db.parent().unwrap_or(Path::new(".")).join("data")
 }
 
 /// `cancel`'s wait for its request to be carried out, long enough for a loaded machine (its
@@ -95,18 +107,9 @@ fn wait_for<T>(db: &Path, what: impl Fn(&[agent_runtime_core::Envelope]) -> Opti
     }
 }
 
-/// Checks that a command succeeded, showing its stderr if not.
-fn assert_succeeded(out: &std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// The JSON a command printed, after checking it succeeded.
 fn succeeded(out: &std::process::Output) -> Value {
-    assert_succeeded(out);
+    assert_ok(out);
     json_of(&out.stdout)
 }
 
@@ -632,7 +635,7 @@ fn bench_workforce_live_prints_its_commits() {
         .args(["bench", "workforce", "--quick", "--only", "live"])
         .output()
         .unwrap();
-    assert_succeeded(&out);
+    assert_ok(&out);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text
         .lines()
@@ -1775,7 +1778,7 @@ tasks:
         text.into_owned()
     };
     let out = cli(&db).arg("run").arg(&flow).output().unwrap();
-    assert_succeeded(&out);
+    assert_ok(&out);
     let stdout = printable("run's stdout", &out.stdout);
     let stderr = printable("run's stderr", &out.stderr);
     assert!(stdout.contains(r"csi\u{9b}31m"), "{stdout}");
@@ -1785,13 +1788,13 @@ tasks:
     );
 
     let out = cli(&db).args(["runs", "list"]).output().unwrap();
-    assert_succeeded(&out);
+    assert_ok(&out);
     let list = printable("runs list", &out.stdout);
     assert_eq!(list.lines().count(), 2, "{list}");
     assert!(list.contains(NAME), "{list}");
 
     let out = cli(&db).args(["runs", "show", "last"]).output().unwrap();
-    assert_succeeded(&out);
+    assert_ok(&out);
     let show = printable("runs show", &out.stdout);
     assert!(show.contains(&format!("name:     {NAME}\n")), "{show}");
     let row = show
@@ -1819,7 +1822,7 @@ tasks:
         .unwrap_or_else(|| panic!("no error line: {stderr}"));
     assert!(error.contains(MESSAGE), "{stderr}");
     let out = cli(&db).args(["runs", "show", "last"]).output().unwrap();
-    assert_succeeded(&out);
+    assert_ok(&out);
     let show = printable("runs show of the failed run", &out.stdout);
     let error = show
         .lines()
@@ -1832,7 +1835,7 @@ tasks:
         .args(["audit", "tail", "-n", "100"])
         .output()
         .unwrap();
-    assert_succeeded(&out);
+    assert_ok(&out);
     let tail = printable("audit tail", &out.stdout);
     assert!(tail.contains(r"csi\u{9b}31m"), "{tail}");
 }
@@ -1894,7 +1897,7 @@ fn a_run_stopped_by_the_file_size_limit_says_so_and_resumes() {
             "x".repeat(300)
         ));
     }
-    let (dir, db, flow) = flow_in_tempdir("many.yaml", &yaml);
+    let (_dir, db, flow) = flow_in_tempdir("many.yaml", &yaml);
     let bin = assert_cmd::cargo::cargo_bin("agent-runtime");
     // bash: its `ulimit -f` counts KiB (a POSIX sh may count 512-byte blocks).
     let out = std::process::Command::new("bash")
@@ -1904,7 +1907,7 @@ fn a_run_stopped_by_the_file_size_limit_says_so_and_resumes() {
         .arg(&db)
         .arg(&flow)
         .env_remove("AGENT_RUNTIME_DB")
-        .env("XDG_DATA_HOME", dir.path().join("data"))
+        .env("XDG_DATA_HOME", data_home(&db))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -1920,7 +1923,6 @@ fn a_run_stopped_by_the_file_size_limit_says_so_and_resumes() {
     }
     let outcome = succeeded(
         &cli(&db)
-            .env("XDG_DATA_HOME", dir.path().join("data"))
             .args(["resume", "last", "--json"])
             .output()
             .unwrap(),
@@ -1966,17 +1968,16 @@ fn runs_show_lists_only_the_tasks_in_the_states_asked_for() {
     );
     let out = cli(&db)
         .current_dir(dir.path())
-        .env("XDG_DATA_HOME", dir.path().join("data"))
         .arg("run")
         .arg(&flow)
         .output()
         .unwrap();
-    assert_succeeded(&out);
+    assert_ok(&out);
     let shown = cli(&db)
         .args(["runs", "show", "last", "--status", "skipped"])
         .output()
         .unwrap();
-    assert_succeeded(&shown);
+    assert_ok(&shown);
     let text = String::from_utf8_lossy(&shown.stdout);
     assert!(text.contains("tasks:    1 of 3 (skipped)"), "{text}");
     assert!(
