@@ -100,3 +100,16 @@ pub(crate) fn close_inherited_descriptors() {
 pub(crate) fn last_said(stderr: &str) -> Option<&str> {
     stderr.lines().rev().map(str::trim).find(|l| !l.is_empty())
 }
+
+/// How long a failed process's stderr is still read after it exited, for its last words: a
+/// process it left behind may hold the pipe open, and must not hold the caller up.
+pub(crate) const STDERR_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Aborts a task when dropped.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

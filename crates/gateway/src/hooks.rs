@@ -216,9 +216,11 @@ impl CommandHook {
         // Read all along (a hook that writes much there must not block on a full pipe); its
         // last line says why a failing hook failed.
         let said = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+        // Aborted however this ends (a timeout, a write error): a process the hook left
+        // behind may keep the pipe open for long.
         let stderr = child.stderr.take().map(|mut err| {
             let said = said.clone();
-            tokio::spawn(async move {
+            crate::child::AbortOnDrop(tokio::spawn(async move {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = err.read(&mut buf).await {
                     if n == 0 {
@@ -233,7 +235,7 @@ impl CommandHook {
                         tail.drain(..cut);
                     }
                 }
-            })
+            }))
         });
         let body = serde_json::to_vec(&input).map_err(|e| self.fail(e))?;
         let mut stdin = child.stdin.take().ok_or_else(|| self.fail("no stdin"))?;
@@ -252,12 +254,8 @@ impl CommandHook {
             .map_err(|e| self.fail(e))?;
         if !status.success() {
             // A process the hook left behind may hold its stderr open: what was said by then.
-            if let Some(mut task) = stderr
-                && tokio::time::timeout(Duration::from_millis(200), &mut task)
-                    .await
-                    .is_err()
-            {
-                task.abort();
+            if let Some(mut task) = stderr {
+                let _ = tokio::time::timeout(crate::child::STDERR_GRACE, &mut task.0).await;
             }
             let said = said
                 .lock()
@@ -269,9 +267,7 @@ impl CommandHook {
                 None => format!("exited with {status}"),
             }));
         }
-        if let Some(task) = stderr {
-            task.abort();
-        }
+        drop(stderr);
         serde_json::from_slice(&out).map_err(|e| self.fail(format!("invalid JSON reply: {e}")))
     }
 }

@@ -1026,7 +1026,7 @@ impl StderrTail {
     /// server's last words (it has usually just exited) to be read.
     async fn after(mut self, why: &str) -> String {
         if let Some(reader) = self.reader.take() {
-            let _ = tokio::time::timeout(Duration::from_millis(500), reader).await;
+            let _ = tokio::time::timeout(crate::child::STDERR_GRACE, reader).await;
         }
         let kept = self.lines.lock().unwrap_or_else(|p| p.into_inner());
         if kept.last.is_empty() {

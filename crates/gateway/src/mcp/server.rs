@@ -37,15 +37,6 @@ struct InFlight {
     idle: tokio::sync::Notify,
 }
 
-/// Aborts a task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// One call counted in [`InFlight`] while it lives.
 struct Counted(std::sync::Arc<InFlight>);
 
@@ -131,7 +122,7 @@ impl GatewayServer {
                 cancel.cancel();
             })
         };
-        let _unlink = AbortOnDrop(link);
+        let _unlink = crate::child::AbortOnDrop(link);
         let args = Value::Object(request.arguments.unwrap_or_default());
         let forward = match context.meta.get_progress_token() {
             Some(token) => {
