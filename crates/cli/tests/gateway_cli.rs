@@ -1558,6 +1558,17 @@ struct ShWorkspace {
 }
 
 impl ShWorkspace {
+    /// Asserts that a tool may not write `path` (relative to the workspace): the gateway's
+    /// `default.protected` rule refuses it.
+    #[track_caller]
+    fn assert_write_refused(&self, path: &str) {
+        let args = serde_json::json!({"path": path, "text": "evil"}).to_string();
+        let out = self.call("write_file", &args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{path}: {stderr}");
+        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+    }
+
     fn new(conf: &str) -> ShWorkspace {
         let dir = tempfile::tempdir().unwrap();
         let ws = dir.path().join("ws");
@@ -1619,13 +1630,7 @@ fn tools_cannot_change_the_runtime_s_own_files() {
         ".agent-runtime/gateway.yaml",
         "events.db-wal",
     ] {
-        let out = call(
-            "write_file",
-            &format!(r#"{{"path": "{path}", "text": "rules: []"}}"#),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{path}: {stderr}");
-        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+        sh.assert_write_refused(path);
     }
     let out = call(
         "sh.run",
@@ -1671,12 +1676,7 @@ fn files_that_hooks_and_mcp_servers_load_are_protected() {
     );
     std::fs::write(ws.join("gateway.yaml"), config).unwrap();
     for path in ["hooks/check.sh", "mcp/server.js"] {
-        let out = sh.call(
-            "write_file",
-            &format!(r#"{{"path": "{path}", "text": "evil"}}"#),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+        sh.assert_write_refused(path);
     }
     let out = sh.call(
         "sh.run",
@@ -1748,12 +1748,7 @@ fn a_workspace_repository_s_hooks_and_configuration_are_protected() {
         ".git/modules/lib/config",
         ".git/commondir",
     ] {
-        let out = sh.call(
-            "write_file",
-            &format!(r#"{{"path": "{path}", "text": "evil"}}"#),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+        sh.assert_write_refused(path);
     }
     let out = sh.call(
         "sh.run",
@@ -1875,12 +1870,7 @@ fn a_trusted_file_changed_while_tools_ran_is_refused_until_accepted() {
         "data/agent-runtime/trust.json",
         "data/agent-runtime/trust.json.lock",
     ] {
-        let out = sh.call(
-            "write_file",
-            &format!(r#"{{"path": "{path}", "text": "{{}}"}}"#),
-        );
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("default.protected"), "{path}: {stderr}");
+        sh.assert_write_refused(path);
     }
 }
 
